@@ -1,0 +1,43 @@
+# Conveyor's only entry point. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help dev test check lint typecheck unit proto proto-check clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv with Conveyor and its development tools
+
+dev: $(STAMP)  ## Run Conveyor locally: embedded PostgreSQL, a server and a demo worker
+	$(BIN)/conveyor dev
+
+test: $(STAMP)  ## Run the whole test suite: lint, types, generated code, every test
+	$(MAKE) --no-print-directory lint typecheck proto-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)  ## mypy --strict on src
+	$(BIN)/mypy src
+
+proto: $(STAMP)  ## Regenerate the protobuf and gRPC code from the .proto files
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src \
+		--mypy_out=src --mypy_grpc_out=src src/conveyor/protocol/v1/conveyor.proto
+
+proto-check: $(STAMP)  ## Fail if the committed generated code is stale
+	$(BIN)/python -m pytest -q tests/unit/test_protocol_generated.py
+
+clean:  ## Remove the virtualenv and caches (keeps .conveyor/ data)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

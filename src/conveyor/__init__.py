@@ -1,0 +1,35 @@
+"""Conveyor: a durable distributed task queue for Python, on PostgreSQL, over gRPC.
+
+The public surface is what this module exports; everything else is internal.
+
+    from conveyor import Client, Task, Worker
+
+    with Client("localhost:50051") as client:
+        task_id = client.enqueue_task(Task(type="send_email", payload=b"..."))
+"""
+
+__version__ = "0.1.0"
+
+from conveyor import errors
+from conveyor.client.async_client import AsyncClient
+from conveyor.client.channel import RetryPolicy
+from conveyor.client.sync_client import Client
+from conveyor.errors import ConveyorError
+from conveyor.types import Task, TaskEvent, TaskState, TaskStatus
+from conveyor.worker.context import TaskContext
+from conveyor.worker.runtime import Worker
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConveyorError",
+    "RetryPolicy",
+    "Task",
+    "TaskContext",
+    "TaskEvent",
+    "TaskState",
+    "TaskStatus",
+    "Worker",
+    "__version__",
+    "errors",
+]

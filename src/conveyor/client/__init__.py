@@ -1,0 +1,1 @@
+"""Producers' clients (`Client`, `AsyncClient`) and the channel helpers workers share."""

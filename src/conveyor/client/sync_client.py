@@ -1,0 +1,109 @@
+"""Client: the blocking producer API (enqueue, status, cancel) over a gRPC channel."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Self
+
+import grpc
+
+from conveyor.client import core
+from conveyor.client.channel import CHANNEL_OPTIONS, AddressRing, RetryPolicy, parse_addresses
+from conveyor.errors import ServerUnavailable
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+    from conveyor.types import Task, TaskStatus
+
+
+class Client:
+    """Enqueue tasks, read their status, cancel them.
+
+    Args:
+        server: "host:port", "host1:port,host2:port", or a list. Defaults to the
+            CONVEYOR_SERVER environment variable, then localhost:50051.
+        retry: Deadlines and retry schedule for transient failures.
+
+    Every call has a deadline; transient failures are retried on the next server with
+    backoff until `retry.total_timeout`, then raise ServerUnavailable. Retrying is safe:
+    an enqueue carries its task ids, so a repeat returns the existing tasks.
+    """
+
+    def __init__(
+        self, server: str | Sequence[str] | None = None, *, retry: RetryPolicy | None = None
+    ) -> None:
+        """Prepare channels; connections open lazily on the first call."""
+        self._ring = AddressRing(parse_addresses(server))
+        self._retry = retry or RetryPolicy()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _stub(self) -> pb_grpc.TaskServiceStub:
+        address = self._ring.current
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return pb_grpc.TaskServiceStub(channel)
+
+    def _call(self, method: str, request: Any) -> Any:
+        give_up_at = time.monotonic() + self._retry.total_timeout.total_seconds()
+        delays = self._retry.delays()
+        while True:
+            remaining = give_up_at - time.monotonic()
+            timeout = min(self._retry.call_timeout.total_seconds(), max(remaining, 0.05))
+            try:
+                return getattr(self._stub(), method)(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                if not core.is_transient(exc):
+                    raise core.translate(exc) from None
+                delay = next(delays)
+                if time.monotonic() + delay >= give_up_at:
+                    raise ServerUnavailable(
+                        f"no Conveyor server answered {method} within "
+                        f"{self._retry.total_timeout.total_seconds():g}s "
+                        f"(tried {', '.join(self._ring.addresses)}): {exc.details()}"  # type: ignore[attr-defined]
+                    ) from None
+                self._ring.advance()
+                time.sleep(delay)
+
+    def enqueue_task(self, task: Task) -> str:
+        """Enqueue one task; return its id."""
+        return self.enqueue_tasks([task])[0]
+
+    def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
+        """Enqueue many tasks in as few round trips as possible; return their ids in order."""
+        ids: list[str] = []
+        for request in core.enqueue_batches(tasks):
+            ids.extend(self._call("EnqueueTasks", request).task_ids)
+        return ids
+
+    def get_task_status(self, task_id: str, *, history: bool = False) -> TaskStatus:
+        """The task's current status (and its event history if asked)."""
+        response = self._call("GetTask", core.get_request(task_id, history=history))
+        return core.status_from_response(response)
+
+    def cancel_task(self, task_id: str) -> TaskStatus:
+        """Cancel a queued or running task; raises TaskAlreadyFinished if it has finished."""
+        return core.status_from_response(self._call("CancelTask", core.cancel_request(task_id)))
+
+    def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Self:
+        """Use as a context manager; closes on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the client."""
+        self.close()

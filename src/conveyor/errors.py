@@ -1,0 +1,88 @@
+"""Conveyor's exception tree: every error a caller can catch, one class per cause.
+
+```
+ConveyorError
+├── ConfigError            a component was configured with an impossible value
+├── InvalidTask            the request is malformed (bad type, id, timeout, payload too large)
+├── TaskNotFound           no task has this id
+├── TaskAlreadyFinished    the task is in a final state; it cannot be cancelled
+├── LeaseLost              the (task, lease) pair is no longer current: fencing rejected it
+├── ServerUnavailable      no server answered in time (network, restart, database down)
+├── SchemaMismatch         the database schema is older or newer than this release
+└── HandlerError           raised *by handlers*: fail the attempt with a clean message
+    └── PermanentFailure   fail the task for good, without spending the remaining retries
+```
+
+Each class's docstring is its default message; context is kept in attributes so callers
+never parse strings. The gRPC mapping of these classes lives in `conveyor.protocol.status`.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Conveyor failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        """Use the class docstring as the message when none is given."""
+        super().__init__(message or (type(self).__doc__ or type(self).__name__).strip())
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0])
+
+
+class ConfigError(ConveyorError):
+    """Invalid configuration."""
+
+
+class InvalidTask(ConveyorError):
+    """The task or request is invalid."""
+
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
+        """Record which field was wrong, when one field is to blame."""
+        super().__init__(message)
+        self.field = field
+
+
+class TaskNotFound(ConveyorError):
+    """No task has this id."""
+
+    def __init__(self, message: str | None = None, *, task_id: str | None = None) -> None:
+        """Keep the id that was looked up."""
+        super().__init__(message or (f"task {task_id} not found" if task_id else None))
+        self.task_id = task_id
+
+
+class TaskAlreadyFinished(ConveyorError):
+    """The task has already finished."""
+
+    def __init__(
+        self, message: str | None = None, *, task_id: str | None = None, state: str | None = None
+    ) -> None:
+        """Keep the id and the final state the task is in."""
+        default = f"task {task_id} already finished ({state})" if task_id and state else None
+        super().__init__(message or default)
+        self.task_id = task_id
+        self.state = state
+
+
+class LeaseLost(ConveyorError):
+    """The lease is no longer current; the outcome was not applied."""
+
+
+class ServerUnavailable(ConveyorError):
+    """No Conveyor server could be reached."""
+
+
+class SchemaMismatch(ConveyorError):
+    """The database schema does not match this version of Conveyor."""
+
+
+class HandlerError(ConveyorError):
+    """The task handler failed."""
+
+
+class PermanentFailure(HandlerError):
+    """The task failed and must not be retried."""

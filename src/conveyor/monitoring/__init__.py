@@ -1,0 +1,1 @@
+"""Monitoring: Prometheus metrics and the HTTP health/status endpoints. Imports only leaves."""

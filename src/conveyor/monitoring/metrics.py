@@ -1,0 +1,70 @@
+"""Every Prometheus metric the server exports, in one registry per server instance.
+
+A registry per instance (not the global default) lets several servers live in one process,
+as they do in tests. Labels are bounded: task types are the application's own finite set,
+RPC methods and outcomes are fixed lists.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ServerMetrics:
+    """The server's metrics. Methods are cheap and never block."""
+
+    def __init__(self) -> None:
+        """Create the metrics in a private registry."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rpc_duration = Histogram(
+            "conveyor_rpc_duration_seconds",
+            "Server-side duration of gRPC calls, by method and status code.",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tasks_enqueued = Counter(
+            "conveyor_tasks_enqueued_total",
+            "Tasks created by enqueue calls (an idempotent repeat is not counted).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.task_outcomes = Counter(
+            "conveyor_task_outcomes_total",
+            "Attempt outcomes applied: succeeded, failed, retried, timed_out, lease_expired, "
+            "released, cancelled.",
+            ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.stale_completions = Counter(
+            "conveyor_stale_completions_rejected_total",
+            "Reports and heartbeats rejected because their lease was no longer current.",
+            registry=self.registry,
+        )
+        self.tasks_by_state = Gauge(
+            "conveyor_tasks",
+            "Tasks by state, sampled from the database.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.workers_by_state = Gauge(
+            "conveyor_workers",
+            "Registered workers by state, sampled from the database.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.db_pool_in_use = Gauge(
+            "conveyor_db_pool_connections_in_use",
+            "Database connections checked out of this server's pool.",
+            registry=self.registry,
+        )
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """Record one finished RPC."""
+        self.rpc_duration.labels(method, code).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

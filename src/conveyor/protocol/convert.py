@@ -1,0 +1,120 @@
+"""Conversions between the leaf types (`conveyor.types`) and protobuf messages.
+
+The only hand-written module that imports the generated `*_pb2` code, besides the
+servicers and stubs that must name the generated service classes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.types import Task, TaskEvent, TaskState, TaskStatus
+
+STATE_TO_PB: Final = {
+    TaskState.QUEUED: pb.TASK_STATE_QUEUED,
+    TaskState.RUNNING: pb.TASK_STATE_RUNNING,
+    TaskState.SUCCEEDED: pb.TASK_STATE_SUCCEEDED,
+    TaskState.FAILED: pb.TASK_STATE_FAILED,
+    TaskState.CANCELLED: pb.TASK_STATE_CANCELLED,
+}
+STATE_FROM_PB: Final = {value: key for key, value in STATE_TO_PB.items()}
+
+
+def duration(value: timedelta) -> Duration:
+    """A protobuf Duration for `value`."""
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp for `value` (None stays None: the field is left unset)."""
+    if value is None:
+        return None
+    message = Timestamp()
+    message.FromDatetime(value)
+    return message
+
+
+def from_timestamp(message: Timestamp) -> datetime:
+    """An aware UTC datetime from a Timestamp."""
+    return message.ToDatetime(tzinfo=UTC)
+
+
+def task_to_spec(task: Task, task_id: str) -> pb.TaskSpec:
+    """The wire form of a task about to be enqueued under `task_id`."""
+    return pb.TaskSpec(
+        id=task_id,
+        type=task.type,
+        payload=task.payload,
+        timeout=duration(task.timeout_delta),
+        max_retries=task.max_retries,
+    )
+
+
+def status_from_info(info: pb.TaskInfo) -> TaskStatus:
+    """A TaskStatus from the wire form."""
+    return TaskStatus(
+        id=info.id,
+        type=info.type,
+        state=STATE_FROM_PB[info.state],
+        attempts=info.attempts,
+        max_retries=info.max_retries,
+        created_at=from_timestamp(info.created_at),
+        started_at=from_timestamp(info.started_at) if info.HasField("started_at") else None,
+        finished_at=from_timestamp(info.finished_at) if info.HasField("finished_at") else None,
+        last_error=info.last_error or None,
+        worker_id=info.worker_id or None,
+        result=info.result if info.has_result else None,
+        timeout=info.timeout.ToTimedelta(),
+        available_at=(
+            from_timestamp(info.available_at) if info.HasField("available_at") else None
+        ),
+        history=tuple(
+            TaskEvent(
+                at=from_timestamp(event.at),
+                event=event.event,
+                state=STATE_FROM_PB[event.state],
+                attempt=event.attempt,
+                worker_id=event.worker_id or None,
+                detail=event.detail or None,
+            )
+            for event in info.history
+        ),
+    )
+
+
+def status_to_info(status: TaskStatus) -> pb.TaskInfo:
+    """The wire form of a TaskStatus."""
+    return pb.TaskInfo(
+        id=status.id,
+        type=status.type,
+        state=STATE_TO_PB[status.state],
+        attempts=status.attempts,
+        max_retries=status.max_retries,
+        created_at=timestamp(status.created_at),
+        started_at=timestamp(status.started_at),
+        finished_at=timestamp(status.finished_at),
+        last_error=status.last_error or "",
+        worker_id=status.worker_id or "",
+        result=status.result or b"",
+        has_result=status.result is not None,
+        timeout=duration(status.timeout),
+        available_at=timestamp(status.available_at),
+        history=[
+            pb.TaskEvent(
+                at=timestamp(event.at),
+                event=event.event,
+                state=STATE_TO_PB[event.state],
+                attempt=event.attempt,
+                worker_id=event.worker_id or "",
+                detail=event.detail or "",
+            )
+            for event in status.history
+        ],
+    )

@@ -1,0 +1,77 @@
+"""One table maps Conveyor errors to gRPC status codes, in both directions.
+
+Servers raise typed errors and `abort_with` turns them into a status with the error's
+message; clients and workers turn a status back into the same typed error with
+`error_from_status`, so a caller catches `TaskNotFound` whether it came from local
+validation or from a server two hops away.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import grpc
+
+from conveyor.errors import (
+    ConfigError,
+    ConveyorError,
+    InvalidTask,
+    LeaseLost,
+    SchemaMismatch,
+    ServerUnavailable,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
+
+ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
+    InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    TaskNotFound: grpc.StatusCode.NOT_FOUND,
+    TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
+    ServerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SchemaMismatch: grpc.StatusCode.UNAVAILABLE,
+}
+
+# FAILED_PRECONDITION is shared by two errors; a prefix in the message tells them apart
+# without a second channel (trailing metadata would do, but is easy for proxies to drop).
+_LEASE_LOST_PREFIX: Final = "lease lost: "
+_ALREADY_FINISHED_PREFIX: Final = "already finished: "
+
+TRANSIENT_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message that carry `error` over the wire."""
+    for cls in type(error).__mro__:
+        code = ERROR_STATUS.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            break
+    else:
+        code = grpc.StatusCode.UNKNOWN
+    message = error.message
+    if isinstance(error, LeaseLost):
+        message = _LEASE_LOST_PREFIX + message
+    elif isinstance(error, TaskAlreadyFinished):
+        message = _ALREADY_FINISHED_PREFIX + message
+    return code, message
+
+
+def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorError:
+    """The typed error a client raises for a non-OK status."""
+    message = details or code.name
+    match code:
+        case grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidTask(message)
+        case grpc.StatusCode.NOT_FOUND:
+            return TaskNotFound(message)
+        case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_LEASE_LOST_PREFIX):
+            return LeaseLost(message.removeprefix(_LEASE_LOST_PREFIX))
+        case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_ALREADY_FINISHED_PREFIX):
+            return TaskAlreadyFinished(message.removeprefix(_ALREADY_FINISHED_PREFIX))
+        case grpc.StatusCode.UNAVAILABLE | grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServerUnavailable(f"{code.name}: {message}")
+        case _:
+            return ConveyorError(f"{code.name}: {message}")

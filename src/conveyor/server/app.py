@@ -1,0 +1,173 @@
+"""ConveyorServer: the composition root of a server process; owns the start and stop order.
+
+Start: database (schema checked) -> notifier -> gRPC services -> HTTP -> maintenance.
+Stop (SIGTERM): health NOT_SERVING and long polls answered at once -> gRPC stops accepting
+and finishes in-flight calls within the grace period -> maintenance -> HTTP -> notifier ->
+database. A stop before start, or a second stop, does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conveyor import __version__
+from conveyor.errors import ConveyorError
+from conveyor.monitoring.http import HttpServer
+from conveyor.monitoring.metrics import ServerMetrics
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.config import ServerConfig, split_host_port
+from conveyor.server.database import Database
+from conveyor.server.maintenance.lease_reaper import LeaseReaper
+from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
+from conveyor.server.notifier import TaskNotifier
+from conveyor.server.task_service import TaskService
+from conveyor.server.worker_service import WorkerService
+from conveyor.storage import migrate, queries
+
+log = logging.getLogger("conveyor.server")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+# Room for a full batch of maximum-size payloads; per-task limits are checked in the service.
+MIN_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ConveyorServer:
+    """One server process: gRPC + HTTP in front of the database."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        """Build the components; nothing starts until `start`."""
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.database = Database(config)
+        self.notifier = TaskNotifier(config.database_url, self.database.server_settings())
+        self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
+        self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
+        self.maintenance = [
+            LeaseReaper(config, self.database, self.metrics),
+            WorkerSweeper(config, self.database),
+        ]
+        self.health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
+        self._started_at = time.time()
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self, *, startup_timeout: float = 30.0) -> None:
+        """Connect, check the schema, and start serving."""
+        from datetime import timedelta  # noqa: PLC0415 - keep the import list short
+
+        await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
+        self.notifier.start()
+        message_bytes = max(MIN_MESSAGE_BYTES, self.config.max_payload_bytes * 2 + 1024 * 1024)
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_bytes),
+                ("grpc.max_send_message_length", message_bytes),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_TaskServiceServicer_to_server(self.task_service, self._grpc)
+        pb_grpc.add_WorkerServiceServicer_to_server(self.worker_service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_listen)
+        if not self.grpc_port:
+            raise ConveyorError(f"cannot listen on {self.config.grpc_listen}")
+        await self._grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.http_listen is not None:
+            host, port = split_host_port(self.config.http_listen)
+            self._http = HttpServer(self, host, port)
+            self.http_port = await self._http.start()
+        for service in self.maintenance:
+            service.start()
+        log.info(
+            "conveyor server %s serving gRPC on port %s, HTTP on port %s",
+            self.config.server_id,
+            self.grpc_port,
+            self.http_port,
+            extra={"event": "server_started"},
+        )
+
+    async def stop(self) -> None:
+        """Stop gracefully (see the module docstring for the order)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        self.worker_service.start_draining()
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.shutdown_grace.total_seconds())
+        for service in self.maintenance:
+            await service.stop()
+        if self._http is not None:
+            await self._http.stop()
+        await self.notifier.stop()
+        await self.database.close()
+        log.info("conveyor server %s stopped", self.config.server_id, extra={"event": "stopped"})
+
+    async def wait_stopped(self) -> None:
+        """Return once `stop` has been called."""
+        await self._stopped.wait()
+
+    # --- StatusSource, for the HTTP endpoints -------------------------------------------
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when the database answers with the expected schema and we are not draining."""
+        checks: dict[str, Any] = {"draining": self.worker_service.draining}
+        try:
+            async with self.database.connection() as conn:
+                checks["schema_version"] = await migrate.check_schema(conn)
+            checks["database"] = "ok"
+        except ConveyorError as exc:
+            checks["database"] = exc.message
+        ready = checks["database"] == "ok" and not self.worker_service.draining
+        return ready, checks
+
+    async def status(self) -> dict[str, Any]:
+        """Version, identity, and the task and worker counts."""
+        document: dict[str, Any] = {
+            "version": __version__,
+            "server_id": self.config.server_id,
+            "uptime_seconds": round(time.time() - self._started_at, 1),
+            "draining": self.worker_service.draining,
+            "listening_for_notifications": self.notifier.listening.is_set(),
+        }
+        try:
+            async with self.database.connection() as conn:
+                tasks = await queries.task_count_by_state(conn)
+                workers = await queries.worker_count_by_state(conn)
+            document["database"] = "ok"
+            document["tasks"] = tasks
+            document["workers"] = workers
+            for state, count in tasks.items():
+                self.metrics.tasks_by_state.labels(state).set(count)
+            for state, count in workers.items():
+                self.metrics.workers_by_state.labels(state).set(count)
+        except ConveyorError as exc:
+            document["database"] = exc.message
+        return document
+
+    def metrics_text(self) -> bytes:
+        """Prometheus text for /metrics."""
+        self.metrics.db_pool_in_use.set(self.database.pool_in_use())
+        return self.metrics.render()

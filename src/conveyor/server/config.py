@@ -1,0 +1,115 @@
+"""ServerConfig: every setting of a server process, validated once, with named defaults.
+
+Only `conveyor.cli` reads the environment; everything else receives this object.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Final
+
+from conveyor.errors import ConfigError
+
+DEFAULT_GRPC_LISTEN: Final = "127.0.0.1:50051"
+DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8080"
+DEFAULT_LEASE_TTL: Final = timedelta(seconds=30)
+# How long past an attempt's deadline the server waits for the worker's own timeout report
+# before the reaper takes the task back.
+DEFAULT_DEADLINE_GRACE: Final = timedelta(seconds=10)
+DEFAULT_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
+# 1 s, 2 s, 4 s ... capped: three retries finish well within a minute.
+DEFAULT_RETRY_BACKOFF_BASE: Final = timedelta(seconds=1)
+DEFAULT_RETRY_BACKOFF_CAP: Final = timedelta(minutes=5)
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+DEFAULT_MAX_BATCH: Final = 1000
+DEFAULT_MAX_LEASE_WAIT: Final = timedelta(seconds=30)
+DEFAULT_MAX_LEASE_BATCH: Final = 256
+DEFAULT_POLL_INTERVAL: Final = timedelta(seconds=1)
+DEFAULT_REAPER_INTERVAL: Final = timedelta(seconds=1)
+DEFAULT_WORKER_LOST_AFTER: Final = timedelta(seconds=30)
+DEFAULT_STATEMENT_TIMEOUT: Final = timedelta(seconds=10)
+DEFAULT_POOL_ACQUIRE_TIMEOUT: Final = timedelta(seconds=5)
+DEFAULT_POOL_MAX_SIZE: Final = 20
+DEFAULT_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
+
+
+def default_server_id() -> str:
+    """host-pid-random: unique per process, readable in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Settings of one server process. See docs/operations.md for each one."""
+
+    database_url: str
+    grpc_listen: str = DEFAULT_GRPC_LISTEN
+    http_listen: str | None = DEFAULT_HTTP_LISTEN
+    server_id: str = field(default_factory=default_server_id)
+    migrate: bool = False
+    lease_ttl: timedelta = DEFAULT_LEASE_TTL
+    deadline_grace: timedelta = DEFAULT_DEADLINE_GRACE
+    heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL
+    retry_backoff_base: timedelta = DEFAULT_RETRY_BACKOFF_BASE
+    retry_backoff_cap: timedelta = DEFAULT_RETRY_BACKOFF_CAP
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_lease_wait: timedelta = DEFAULT_MAX_LEASE_WAIT
+    max_lease_batch: int = DEFAULT_MAX_LEASE_BATCH
+    poll_interval: timedelta = DEFAULT_POLL_INTERVAL
+    reaper_interval: timedelta = DEFAULT_REAPER_INTERVAL
+    worker_lost_after: timedelta = DEFAULT_WORKER_LOST_AFTER
+    statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT
+    pool_acquire_timeout: timedelta = DEFAULT_POOL_ACQUIRE_TIMEOUT
+    pool_max_size: int = DEFAULT_POOL_MAX_SIZE
+    shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE
+
+    def __post_init__(self) -> None:
+        """Reject impossible combinations before anything starts."""
+        if not self.database_url:
+            raise ConfigError("database_url is required")
+        positive = {
+            "lease_ttl": self.lease_ttl,
+            "heartbeat_interval": self.heartbeat_interval,
+            "retry_backoff_base": self.retry_backoff_base,
+            "poll_interval": self.poll_interval,
+            "reaper_interval": self.reaper_interval,
+            "worker_lost_after": self.worker_lost_after,
+            "statement_timeout": self.statement_timeout,
+            "pool_acquire_timeout": self.pool_acquire_timeout,
+        }
+        for name, value in positive.items():
+            if value <= timedelta(0):
+                raise ConfigError(f"{name} must be positive")
+        if self.deadline_grace < timedelta(0) or self.max_lease_wait < timedelta(0):
+            raise ConfigError("deadline_grace and max_lease_wait must not be negative")
+        if self.retry_backoff_cap < self.retry_backoff_base:
+            raise ConfigError("retry_backoff_cap must be at least retry_backoff_base")
+        if self.heartbeat_interval * 2 > self.lease_ttl:
+            raise ConfigError(
+                "heartbeat_interval must be at most half of lease_ttl, or a single lost "
+                "heartbeat would cost a worker its leases"
+            )
+        for name, number in (
+            ("max_payload_bytes", self.max_payload_bytes),
+            ("max_batch", self.max_batch),
+            ("max_lease_batch", self.max_lease_batch),
+            ("pool_max_size", self.pool_max_size),
+        ):
+            if number < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        split_host_port(self.grpc_listen)
+        if self.http_listen is not None:
+            split_host_port(self.http_listen)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 hosts in brackets), or raise ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:  # noqa: PLR2004
+        raise ConfigError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" means all interfaces

@@ -1,0 +1,137 @@
+"""The server's connection to PostgreSQL: a bounded pool, timeouts, and error translation.
+
+Every statement runs with a statement timeout, every pool acquire with a deadline, and
+every driver exception that means "the database is not reachable right now" becomes
+`ServerUnavailable`, which gRPC callers see as UNAVAILABLE and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from conveyor.errors import ServerUnavailable
+from conveyor.storage import migrate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from datetime import timedelta
+
+    from conveyor.server.config import ServerConfig
+
+log = logging.getLogger("conveyor.server.database")
+
+# Exceptions that mean the database (or our connection to it) is unavailable, as opposed
+# to a bad query. asyncpg raises OSError subclasses for refused connections.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+)
+
+
+class Database:
+    """A pool of connections, created by `connect` and closed by `close`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        """Keep the config; `connect` opens the pool."""
+        self._config = config
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    @property
+    def url(self) -> str:
+        """The database URL (for the LISTEN connection)."""
+        return self._config.database_url
+
+    def server_settings(self) -> dict[str, str]:
+        """Session settings for every connection Conveyor opens."""
+        timeout_ms = int(self._config.statement_timeout.total_seconds() * 1000)
+        return {
+            "application_name": f"conveyor-server {self._config.server_id}"[:63],
+            "statement_timeout": str(timeout_ms),
+            # A crashed server must not hold row locks: idle transactions are ended.
+            "idle_in_transaction_session_timeout": str(max(timeout_ms, 1000) * 3),
+        }
+
+    async def connect(self, *, startup_timeout: timedelta) -> None:
+        """Open the pool, retrying while the database starts; check (or apply) the schema."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + startup_timeout.total_seconds()
+        delay = 0.1
+        while True:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._config.database_url,
+                    min_size=1,
+                    max_size=self._config.pool_max_size,
+                    server_settings=self.server_settings(),
+                    timeout=self._config.pool_acquire_timeout.total_seconds(),
+                )
+                break
+            except UNAVAILABLE_ERRORS as exc:
+                if loop.time() + delay > give_up_at:
+                    raise ServerUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+                log.warning(
+                    "database not reachable, retrying",
+                    extra={"event": "database_retry", "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        async with self.connection() as conn:
+            if self._config.migrate:
+                applied = await migrate.migrate(conn)
+                for migration in applied:
+                    log.info(
+                        "applied migration %04d_%s",
+                        migration.version,
+                        migration.name,
+                        extra={"event": "migration_applied"},
+                    )
+            await migrate.check_schema(conn)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; unavailability surfaces as ServerUnavailable."""
+        if self._pool is None:
+            raise ServerUnavailable("the server is not connected to PostgreSQL")
+        try:
+            async with self._pool.acquire(
+                timeout=self._config.pool_acquire_timeout.total_seconds()
+            ) as conn:
+                yield conn
+        except UNAVAILABLE_ERRORS as exc:
+            raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        """A pooled connection inside a transaction."""
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def ping(self) -> None:
+        """Raise ServerUnavailable unless a trivial query succeeds."""
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    def pool_in_use(self) -> int:
+        """Connections currently checked out of the pool."""
+        if self._pool is None:
+            return 0
+        return self._pool.get_size() - self._pool.get_idle_size()
+
+    async def close(self) -> None:
+        """Close the pool, waiting briefly for connections in use."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except TimeoutError:
+                pool.terminate()

@@ -1,0 +1,1 @@
+"""Maintenance loops: one per module. Safe to run on every server at once (see each module)."""

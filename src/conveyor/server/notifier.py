@@ -1,0 +1,110 @@
+"""Task wake-ups: a LISTEN connection plus an in-process broadcast that long polls wait on.
+
+Enqueues (and releases) send one payload-free `NOTIFY conveyor_task_ready` per commit.
+Every server LISTENs on a dedicated connection and, on each notification, wakes every
+`LeaseTasks` call waiting in this process, so a new task starts within milliseconds on
+whichever worker polls first. When the LISTEN connection is lost, long polls fall back to
+polling every `poll_interval` until it is re-established; no wake-up is ever required for
+correctness, only for latency.
+
+States of the listener:
+
+    disconnected --connect ok--> listening --connection lost--> disconnected (retry, backoff)
+         any state --stop()--> stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+import asyncpg
+
+from conveyor.server.database import UNAVAILABLE_ERRORS
+
+log = logging.getLogger("conveyor.server.notifier")
+
+CHANNEL: Final = "conveyor_task_ready"
+
+
+class TaskNotifier:
+    """Broadcasts "tasks may be available" to waiters in this process."""
+
+    def __init__(self, database_url: str, server_settings: dict[str, str]) -> None:
+        """Nothing connects until `start`."""
+        self._url = database_url
+        self._settings = server_settings
+        self._generation = 0
+        self._event = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    @property
+    def generation(self) -> int:
+        """Increments on every wake-up; take it before looking for work, pass it to `wait`."""
+        return self._generation
+
+    def wake(self) -> None:
+        """Wake every waiter (a notification arrived, or this process made work available)."""
+        self._generation += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, since: int, timeout: float) -> None:
+        """Return at the next wake-up after generation `since`, or after `timeout` seconds."""
+        if self._generation != since:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+    def start(self) -> None:
+        """Start listening in the background (idempotent)."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._listen_forever(), name="task-notifier")
+
+    async def stop(self) -> None:
+        """Stop listening and wake every waiter so it can finish (safe to call twice)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        self.wake()
+
+    def _on_notification(self, *_args: Any) -> None:
+        self.wake()
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while True:
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(self._url, server_settings=self._settings, timeout=5)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notification)
+                self.listening.set()
+                delay = 0.1
+                # Tasks may have become available while we were not listening.
+                self.wake()
+                log.debug("listening for task notifications", extra={"event": "listen_started"})
+                while not lost.is_set():
+                    # The termination listener only fires when the driver notices; a cheap
+                    # query every few seconds makes it notice a silently dead connection.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=5)
+                    if not lost.is_set():
+                        await conn.fetchval("SELECT 1", timeout=5)
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning(
+                    "task notification listener lost; polling until it is back",
+                    extra={"event": "listen_lost", "error": str(exc)},
+                )
+            finally:
+                self.listening.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

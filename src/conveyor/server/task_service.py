@@ -1,0 +1,170 @@
+"""TaskService: the producers' API (enqueue, get, cancel), validated and applied in SQL."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
+from conveyor.protocol import convert
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.rpc import rpc_method
+from conveyor.storage import queries
+from conveyor.types import (
+    TaskEvent,
+    TaskState,
+    TaskStatus,
+    normalize_task_id,
+    validate_max_retries,
+    validate_task_type,
+    validate_timeout,
+)
+
+if TYPE_CHECKING:
+    from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.config import ServerConfig
+    from conveyor.server.database import Database
+    from conveyor.server.notifier import TaskNotifier
+
+log = logging.getLogger("conveyor.server.tasks")
+
+
+def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
+    """A TaskStatus from a `task_get` row and optional `task_event_list` rows."""
+    return TaskStatus(
+        id=str(row["id"]),
+        type=row["type"],
+        state=TaskState(row["state"]),
+        attempts=row["attempt"],
+        max_retries=row["max_retries"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        last_error=row["last_error"],
+        worker_id=row["worker_id"],
+        result=row["result"],
+        timeout=row["timeout"],
+        available_at=row["available_at"],
+        history=tuple(
+            TaskEvent(
+                at=event["at"],
+                event=event["event"],
+                state=TaskState(event["state"]),
+                attempt=event["attempt"],
+                worker_id=event["worker_id"],
+                detail=event["detail"],
+            )
+            for event in events or ()
+        ),
+    )
+
+
+class TaskService(pb_grpc.TaskServiceServicer):
+    """Enqueue, inspect and cancel tasks."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        database: Database,
+        notifier: TaskNotifier,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Wire the service to its collaborators."""
+        self.config = config
+        self.database = database
+        self.notifier = notifier
+        self.metrics = metrics
+
+    def _validated(self, spec: pb.TaskSpec, index: int) -> queries.NewTask:
+        where = f"tasks[{index}]"
+        try:
+            if not spec.id:
+                raise InvalidTask("task id is required (clients generate a UUIDv7)", field="id")
+            task_id = normalize_task_id(spec.id)
+            validate_task_type(spec.type)
+            if not spec.HasField("timeout"):
+                raise InvalidTask("timeout is required", field="timeout")
+            timeout = validate_timeout(spec.timeout.ToTimedelta())
+            validate_max_retries(spec.max_retries)
+        except InvalidTask as exc:
+            raise InvalidTask(f"{where}: {exc.message}", field=exc.field) from None
+        if len(spec.payload) > self.config.max_payload_bytes:
+            raise InvalidTask(
+                f"{where}: payload is {len(spec.payload)} bytes; the limit is "
+                f"{self.config.max_payload_bytes}",
+                field="payload",
+            )
+        return queries.NewTask(
+            id=task_id,
+            type=spec.type,
+            payload=spec.payload,
+            timeout=timeout,
+            max_retries=spec.max_retries,
+        )
+
+    @rpc_method("EnqueueTasks")
+    async def EnqueueTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.EnqueueTasksRequest, context: Any
+    ) -> pb.EnqueueTasksResponse:
+        """Insert a batch of tasks in one statement; idempotent per id."""
+        if not request.tasks:
+            raise InvalidTask("no tasks to enqueue")
+        if len(request.tasks) > self.config.max_batch:
+            raise InvalidTask(
+                f"{len(request.tasks)} tasks in one call; the limit is {self.config.max_batch}"
+            )
+        tasks = [self._validated(spec, i) for i, spec in enumerate(request.tasks)]
+        async with self.database.connection() as conn:
+            rows = await queries.task_insert_many(conn, tasks)
+        created = [bool(row["created"]) for row in rows]
+        for task, was_created in zip(tasks, created, strict=True):
+            if was_created:
+                self.metrics.tasks_enqueued.labels(task.type).inc()
+        if any(created):
+            # Long polls in this process need not wait for the NOTIFY round trip.
+            self.notifier.wake()
+        return pb.EnqueueTasksResponse(task_ids=[str(row["id"]) for row in rows], created=created)
+
+    @rpc_method("GetTask")
+    async def GetTask(  # noqa: N802 - gRPC method name
+        self, request: pb.GetTaskRequest, context: Any
+    ) -> pb.GetTaskResponse:
+        """One task, with its history if asked."""
+        task_id = normalize_task_id(request.task_id)
+        async with self.database.connection() as conn:
+            row = await queries.task_get(conn, task_id=task_id)
+            if row is None:
+                raise TaskNotFound(task_id=task_id)
+            events = (
+                await queries.task_event_list(conn, task_id=task_id)
+                if request.include_history
+                else None
+            )
+        return pb.GetTaskResponse(task=convert.status_to_info(status_from_row(row, events)))
+
+    @rpc_method("CancelTask")
+    async def CancelTask(  # noqa: N802 - gRPC method name
+        self, request: pb.CancelTaskRequest, context: Any
+    ) -> pb.CancelTaskResponse:
+        """Cancel a queued or running task. Cancelling a cancelled task is a no-op."""
+        task_id = normalize_task_id(request.task_id)
+        async with self.database.transaction() as conn:
+            locked = await queries.task_lock_for_cancel(conn, task_id=task_id)
+            if locked is None:
+                raise TaskNotFound(task_id=task_id)
+            state = TaskState(locked["state"])
+            if state in (TaskState.SUCCEEDED, TaskState.FAILED):
+                raise TaskAlreadyFinished(task_id=task_id, state=state.value)
+            if state is not TaskState.CANCELLED:
+                detail = (
+                    f"cancelled while running attempt {locked['attempt']} on "
+                    f"{locked['worker_id']}; its lease is revoked"
+                    if state is TaskState.RUNNING
+                    else "cancelled while queued"
+                )
+                await queries.task_cancel(conn, task_id=task_id, detail=detail)
+            row = await queries.task_get(conn, task_id=task_id)
+        if state is not TaskState.CANCELLED:
+            self.metrics.task_outcomes.labels(row["type"], "cancelled").inc()
+        return pb.CancelTaskResponse(task=convert.status_to_info(status_from_row(row)))

@@ -1,0 +1,313 @@
+"""WorkerService: registration, the leasing long poll, heartbeats and result reports.
+
+Fencing lives here: a heartbeat or report names (task_id, lease_id), and the SQL applies it
+only while that lease is the task's current one. A report for a lease that was revoked
+(cancel), expired (reaper) or replaced (another attempt) is refused with
+FAILED_PRECONDITION and leaves the task untouched, so a late or duplicate worker can never
+overwrite the outcome of the attempt that replaced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.errors import InvalidTask, LeaseLost, TaskNotFound
+from conveyor.protocol import convert
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.rpc import rpc_method
+from conveyor.storage import queries
+from conveyor.types import TaskState, normalize_task_id, validate_task_type
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.config import ServerConfig
+    from conveyor.server.database import Database
+    from conveyor.server.notifier import TaskNotifier
+
+log = logging.getLogger("conveyor.server.workers")
+
+MAX_WORKER_ID_LENGTH: Final = 200
+MAX_ERROR_LENGTH: Final = 8000
+MAX_TASK_TYPES: Final = 1000
+
+
+def _clean_error(error: str) -> str:
+    # PostgreSQL text cannot hold NUL; an error string is for humans, so trim it too.
+    cleaned = error.replace("\x00", "\\x00")
+    if len(cleaned) > MAX_ERROR_LENGTH:
+        cleaned = cleaned[:MAX_ERROR_LENGTH] + "... (truncated)"
+    return cleaned or "error"
+
+
+def _worker_id(value: str) -> str:
+    if not value or len(value) > MAX_WORKER_ID_LENGTH or "\x00" in value:
+        raise InvalidTask(f"worker_id must be 1 to {MAX_WORKER_ID_LENGTH} characters")
+    return value
+
+
+def _task_types(values: Sequence[str]) -> list[str]:
+    if not values:
+        raise InvalidTask("a worker must name at least one task type")
+    if len(values) > MAX_TASK_TYPES:
+        raise InvalidTask(f"at most {MAX_TASK_TYPES} task types per worker")
+    return sorted({validate_task_type(value) for value in values})
+
+
+class WorkerService(pb_grpc.WorkerServiceServicer):
+    """The workers' API."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        database: Database,
+        notifier: TaskNotifier,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Wire the service to its collaborators."""
+        self.config = config
+        self.database = database
+        self.notifier = notifier
+        self.metrics = metrics
+        self.draining = False
+        self._backoff = queries.Backoff(
+            base=config.retry_backoff_base, cap=config.retry_backoff_cap
+        )
+
+    def start_draining(self) -> None:
+        """Answer every waiting and future long poll at once, with no tasks."""
+        self.draining = True
+        self.notifier.wake()
+
+    @rpc_method("RegisterWorker")
+    async def RegisterWorker(  # noqa: N802 - gRPC method name
+        self, request: pb.RegisterWorkerRequest, context: Any
+    ) -> pb.RegisterWorkerResponse:
+        """Record (or refresh) a worker as active."""
+        worker_id = _worker_id(request.worker_id)
+        task_types = _task_types(request.task_types)
+        if request.concurrency < 1:
+            raise InvalidTask("concurrency must be at least 1")
+        async with self.database.connection() as conn:
+            await queries.worker_register(
+                conn,
+                worker_id=worker_id,
+                host=request.host[:255] or "unknown",
+                pid=min(request.pid, 2**31 - 1),
+                task_types=task_types,
+                concurrency=min(request.concurrency, 2**31 - 1),
+                version=request.version[:64] or "unknown",
+            )
+        log.info(
+            "worker %s registered for %s",
+            worker_id,
+            ", ".join(task_types),
+            extra={"event": "worker_registered", "worker_id": worker_id},
+        )
+        return pb.RegisterWorkerResponse(
+            heartbeat_interval=convert.duration(self.config.heartbeat_interval),
+            lease_duration=convert.duration(self.config.lease_ttl),
+        )
+
+    @rpc_method("LeaseTasks")
+    async def LeaseTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.LeaseTasksRequest, context: Any
+    ) -> pb.LeaseTasksResponse:
+        """Lease up to max_tasks tasks, waiting up to `wait` for the first one."""
+        worker_id = _worker_id(request.worker_id)
+        task_types = _task_types(request.task_types)
+        if request.max_tasks < 1:
+            raise InvalidTask("max_tasks must be at least 1")
+        limit = min(request.max_tasks, self.config.max_lease_batch)
+        wait = request.wait.ToTimedelta() if request.HasField("wait") else timedelta(0)
+        wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + wait.total_seconds()
+        poll = self.config.poll_interval.total_seconds()
+        while not self.draining:
+            generation = self.notifier.generation
+            rows = await self._claim(worker_id, task_types, limit)
+            if rows:
+                return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
+            remaining = give_up_at - loop.time()
+            if remaining <= 0:
+                break
+            await self.notifier.wait(generation, min(remaining, poll))
+        return pb.LeaseTasksResponse()
+
+    async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
+        # If the caller goes away (worker stopping, deadline) while the claim is in flight,
+        # the claim may still commit. Shield it, and hand back whatever it leased, so no
+        # task waits for a lease expiry because a reply could not be delivered.
+        claim = asyncio.ensure_future(self._claim_now(worker_id, task_types, limit))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            rows = await claim
+            await self._release_undelivered(rows)
+            raise
+
+    async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
+        async with self.database.connection() as conn:
+            return await queries.task_claim(
+                conn,
+                task_types=task_types,
+                limit=limit,
+                worker_id=worker_id,
+                lease_ttl=self.config.lease_ttl,
+                deadline_grace=self.config.deadline_grace,
+            )
+
+    async def _release_undelivered(self, rows: list[Any]) -> None:
+        async with self.database.connection() as conn:
+            for row in rows:
+                await queries.task_release(
+                    conn,
+                    task_id=str(row["id"]),
+                    lease_id=str(row["lease_id"]),
+                    reason="lease not delivered: the worker went away during the claim",
+                )
+
+    @staticmethod
+    def _lease(row: Any) -> pb.Lease:
+        return pb.Lease(
+            task_id=str(row["id"]),
+            lease_id=str(row["lease_id"]),
+            type=row["type"],
+            payload=row["payload"],
+            attempt=row["attempt"],
+            max_retries=row["max_retries"],
+            timeout=convert.duration(row["timeout"]),
+            lease_expires_at=convert.timestamp(row["lease_expires_at"]),
+            deadline=convert.timestamp(row["deadline_at"]),
+        )
+
+    @rpc_method("Heartbeat")
+    async def Heartbeat(  # noqa: N802 - gRPC method name
+        self, request: pb.HeartbeatRequest, context: Any
+    ) -> pb.HeartbeatResponse:
+        """Extend the named leases; tell the worker which ones it must stop."""
+        worker_id = _worker_id(request.worker_id)
+        leases = [
+            (normalize_task_id(ref.task_id), normalize_task_id(ref.lease_id))
+            for ref in request.leases
+        ]
+        async with self.database.connection() as conn:
+            await queries.worker_touch(conn, worker_id=worker_id)
+            lost = (
+                await queries.task_lease_extend(
+                    conn,
+                    leases=leases,
+                    lease_ttl=self.config.lease_ttl,
+                    deadline_grace=self.config.deadline_grace,
+                )
+                if leases
+                else []
+            )
+        stop = []
+        for row in lost:
+            reason = (
+                pb.STOP_REASON_CANCELLED
+                if row["state"] == TaskState.CANCELLED.value
+                else pb.STOP_REASON_LEASE_LOST
+            )
+            if reason == pb.STOP_REASON_LEASE_LOST:
+                self.metrics.stale_completions.inc()
+            stop.append(
+                pb.LeaseToStop(
+                    task_id=str(row["task_id"]), lease_id=str(row["lease_id"]), reason=reason
+                )
+            )
+        return pb.HeartbeatResponse(stop=stop)
+
+    @rpc_method("ReportResult")
+    async def ReportResult(  # noqa: N802 - gRPC method name
+        self, request: pb.ReportResultRequest, context: Any
+    ) -> pb.ReportResultResponse:
+        """Apply an attempt's outcome if its lease is still current (fencing)."""
+        _worker_id(request.worker_id)
+        task_id = normalize_task_id(request.task_id)
+        lease_id = normalize_task_id(request.lease_id)
+        if len(request.result) > self.config.max_payload_bytes:
+            raise InvalidTask(
+                f"result is {len(request.result)} bytes; the limit is "
+                f"{self.config.max_payload_bytes}"
+            )
+        async with self.database.connection() as conn:
+            row = await self._apply(conn, request, task_id, lease_id)
+            if row is None:
+                current = await queries.task_get(conn, task_id=task_id)
+        if row is None:
+            if current is None:
+                raise TaskNotFound(task_id=task_id)
+            self.metrics.stale_completions.inc()
+            log.info(
+                "rejected a report for task %s: lease %s is not current (task is %s)",
+                task_id,
+                lease_id,
+                current["state"],
+                extra={"event": "stale_report_rejected", "task_id": task_id},
+            )
+            raise LeaseLost(
+                f"lease {lease_id} of task {task_id} is no longer current "
+                f"(the task is {current['state']}); the outcome was not applied"
+            )
+        state = TaskState(row["state"])
+        return pb.ReportResultResponse(state=convert.STATE_TO_PB[state])
+
+    async def _apply(
+        self, conn: Any, request: pb.ReportResultRequest, task_id: str, lease_id: str
+    ) -> Any:
+        outcome = request.outcome
+        if outcome == pb.OUTCOME_SUCCEEDED:
+            row = await queries.task_succeed(
+                conn,
+                task_id=task_id,
+                lease_id=lease_id,
+                result=request.result if request.has_result else None,
+            )
+            label = "succeeded"
+        elif outcome in (pb.OUTCOME_FAILED, pb.OUTCOME_TIMED_OUT):
+            event = "timed_out" if outcome == pb.OUTCOME_TIMED_OUT else "failed"
+            row = await queries.task_fail(
+                conn,
+                task_id=task_id,
+                lease_id=lease_id,
+                error=_clean_error(request.error),
+                event=event,
+                retryable=not request.non_retryable,
+                backoff=self._backoff,
+            )
+            label = event if row is None or row["state"] == "failed" else "retried"
+        elif outcome == pb.OUTCOME_RELEASED:
+            row = await queries.task_release(
+                conn,
+                task_id=task_id,
+                lease_id=lease_id,
+                reason=_clean_error(request.error or "handed back by the worker"),
+            )
+            label = "released"
+            if row is not None:
+                self.notifier.wake()
+        else:
+            raise InvalidTask(f"unknown outcome {outcome}")
+        if row is not None:
+            self.metrics.task_outcomes.labels(row["type"], label).inc()
+        return row
+
+    @rpc_method("UnregisterWorker")
+    async def UnregisterWorker(  # noqa: N802 - gRPC method name
+        self, request: pb.UnregisterWorkerRequest, context: Any
+    ) -> pb.UnregisterWorkerResponse:
+        """Mark a worker stopped (it said goodbye)."""
+        worker_id = _worker_id(request.worker_id)
+        async with self.database.connection() as conn:
+            await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
+        log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
+        return pb.UnregisterWorkerResponse()
+

@@ -1,0 +1,1 @@
+"""Storage: the PostgreSQL schema (migrations), the runtime queries, and the embedded cluster."""

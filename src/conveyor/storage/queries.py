@@ -1,0 +1,236 @@
+"""Typed access to the runtime queries in `queries.sql`: one function per named query.
+
+The SQL text is parsed once at import. Functions take an asyncpg connection (or pool) and
+keyword arguments, convert Python values at this edge (timedelta to seconds, str ids to
+UUIDs), and return asyncpg records. Nothing else in Conveyor holds SQL.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import asyncpg
+
+_NAME_LINE: Final = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _parse(text: str) -> dict[str, str]:
+    parts = _NAME_LINE.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+SQL: Final[dict[str, str]] = _parse(
+    resources.files("conveyor.storage").joinpath("queries.sql").read_text(encoding="utf-8")
+)
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One row for `task_insert_many`; already validated by the caller."""
+
+    id: str
+    type: str
+    payload: bytes
+    timeout: timedelta
+    max_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry delay: `min(cap, base * 2**(attempt-1))`, then jittered to 50-100 % of that."""
+
+    base: timedelta
+    cap: timedelta
+
+
+def _seconds(value: timedelta) -> float:
+    return value.total_seconds()
+
+
+def _uuids(values: Sequence[str]) -> list[uuid.UUID]:
+    return [uuid.UUID(v) for v in values]
+
+
+async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[asyncpg.Record]:
+    """Insert tasks in one statement; idempotent per id. Returns (id, created) in order."""
+    return list(
+        await conn.fetch(
+            SQL["task_insert_many"],
+            _uuids([t.id for t in tasks]),
+            [t.type for t in tasks],
+            [t.payload for t in tasks],
+            [_seconds(t.timeout) for t in tasks],
+            [t.max_retries for t in tasks],
+        )
+    )
+
+
+async def task_claim(
+    conn: Any,
+    *,
+    task_types: Sequence[str],
+    limit: int,
+    worker_id: str,
+    lease_ttl: timedelta,
+    deadline_grace: timedelta,
+) -> list[asyncpg.Record]:
+    """Lease up to `limit` of the oldest available tasks of the given types."""
+    return list(
+        await conn.fetch(
+            SQL["task_claim"],
+            list(task_types),
+            limit,
+            worker_id,
+            _seconds(lease_ttl),
+            _seconds(deadline_grace),
+        )
+    )
+
+
+async def task_succeed(
+    conn: Any, *, task_id: str, lease_id: str, result: bytes | None
+) -> asyncpg.Record | None:
+    """Finish the attempt holding `lease_id` as succeeded. None: the lease is not current."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_succeed"], uuid.UUID(task_id), uuid.UUID(lease_id), result
+    )
+    return row
+
+
+async def task_fail(
+    conn: Any,
+    *,
+    task_id: str,
+    lease_id: str,
+    error: str,
+    event: str,
+    retryable: bool,
+    backoff: Backoff,
+) -> asyncpg.Record | None:
+    """Fail the attempt holding `lease_id`; queue a retry if allowed. None: lease not current."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_fail"],
+        uuid.UUID(task_id),
+        uuid.UUID(lease_id),
+        error,
+        event,
+        retryable,
+        _seconds(backoff.base),
+        _seconds(backoff.cap),
+    )
+    return row
+
+
+async def task_release(
+    conn: Any, *, task_id: str, lease_id: str, reason: str
+) -> asyncpg.Record | None:
+    """Hand a lease back without spending its attempt. None: the lease is not current."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason
+    )
+    return row
+
+
+async def task_lock_for_cancel(conn: Any, *, task_id: str) -> asyncpg.Record | None:
+    """Lock a task row for the rest of the transaction. None: no such task."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_lock_for_cancel"], uuid.UUID(task_id)
+    )
+    return row
+
+
+async def task_cancel(conn: Any, *, task_id: str, detail: str) -> asyncpg.Record | None:
+    """Cancel a live task. None: it was not live."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_cancel"], uuid.UUID(task_id), detail
+    )
+    return row
+
+
+async def task_lease_extend(
+    conn: Any,
+    *,
+    leases: Sequence[tuple[str, str]],
+    lease_ttl: timedelta,
+    deadline_grace: timedelta,
+) -> list[asyncpg.Record]:
+    """Extend current leases; return (task_id, lease_id, state) of those no longer held."""
+    return list(
+        await conn.fetch(
+            SQL["task_lease_extend"],
+            _uuids([task_id for task_id, _ in leases]),
+            _uuids([lease_id for _, lease_id in leases]),
+            _seconds(lease_ttl),
+            _seconds(deadline_grace),
+        )
+    )
+
+
+async def task_reap_expired(conn: Any, *, limit: int, backoff: Backoff) -> list[asyncpg.Record]:
+    """Return up to `limit` tasks with expired leases to the queue (or fail them)."""
+    return list(
+        await conn.fetch(
+            SQL["task_reap_expired"], limit, _seconds(backoff.base), _seconds(backoff.cap)
+        )
+    )
+
+
+async def task_get(conn: Any, *, task_id: str) -> asyncpg.Record | None:
+    """One task by id."""
+    row: asyncpg.Record | None = await conn.fetchrow(SQL["task_get"], uuid.UUID(task_id))
+    return row
+
+
+async def task_event_list(conn: Any, *, task_id: str) -> list[asyncpg.Record]:
+    """A task's history, oldest first."""
+    return list(await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id)))
+
+
+async def task_count_by_state(conn: Any) -> dict[str, int]:
+    """Number of tasks in each state."""
+    return {row["state"]: row["tasks"] for row in await conn.fetch(SQL["task_count_by_state"])}
+
+
+async def worker_register(
+    conn: Any,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    task_types: Sequence[str],
+    concurrency: int,
+    version: str,
+) -> None:
+    """Insert or refresh a worker as active."""
+    await conn.execute(
+        SQL["worker_register"], worker_id, host, pid, list(task_types), concurrency, version
+    )
+
+
+async def worker_touch(conn: Any, *, worker_id: str) -> None:
+    """Record a heartbeat."""
+    await conn.execute(SQL["worker_touch"], worker_id)
+
+
+async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:
+    """Set a worker's state (draining, stopped)."""
+    await conn.execute(SQL["worker_set_state"], worker_id, state)
+
+
+async def worker_mark_lost(conn: Any, *, silence: timedelta) -> list[str]:
+    """Mark workers silent for longer than `silence` as lost; return their ids."""
+    return [row["id"] for row in await conn.fetch(SQL["worker_mark_lost"], _seconds(silence))]
+
+
+async def worker_count_by_state(conn: Any) -> dict[str, int]:
+    """Number of workers in each state."""
+    rows = await conn.fetch(SQL["worker_count_by_state"])
+    return {row["state"]: row["workers"] for row in rows}

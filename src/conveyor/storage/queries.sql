@@ -1,0 +1,241 @@
+-- Every query Conveyor runs at runtime, one "-- name:" block each, named noun first.
+-- Values are always bind parameters. A state change and its history row are written by
+-- the same statement, so they commit or roll back together.
+
+-- name: task_insert_many
+-- $1 ids, $2 types, $3 payloads, $4 timeouts (seconds), $5 max_retries; one element per task.
+-- Returns each input id with whether this statement created it (false: the id existed).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[])
+        WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, ord)
+), inserted AS (
+    INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries)
+    SELECT id, type, payload, make_interval(secs => timeout_s), max_retries
+    FROM input
+    ORDER BY ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt)
+    SELECT id, 'enqueued', 'queued', 0 FROM inserted
+), wake AS (
+    -- One payload-free notification per commit wakes every long poll.
+    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_inserted
+)
+SELECT input.id, inserted.id IS NOT NULL AS created, (SELECT count(*) FROM wake) AS woken
+FROM input LEFT JOIN inserted ON inserted.id = input.id
+ORDER BY input.ord;
+
+-- name: task_claim
+-- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s).
+-- Oldest first within each type (the claim index, one probe per type), then oldest overall.
+WITH candidates AS (
+    SELECT c.id, c.seq
+    FROM unnest($1::text[]) AS wanted (type)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.seq
+        FROM conveyor_tasks AS t
+        WHERE t.state = 'queued' AND t.type = wanted.type AND t.available_at <= now()
+        ORDER BY t.seq
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.seq
+    LIMIT $2
+), claimed AS (
+    UPDATE conveyor_tasks AS t
+    SET state = 'running',
+        attempt = t.attempt + 1,
+        worker_id = $3,
+        lease_id = gen_random_uuid(),
+        started_at = now(),
+        deadline_at = now() + t.timeout,
+        lease_expires_at = least(
+            now() + make_interval(secs => $4), now() + t.timeout + make_interval(secs => $5)
+        )
+    FROM candidates
+    WHERE t.id = candidates.id
+    RETURNING t.id, t.seq, t.type, t.payload, t.attempt, t.max_retries, t.timeout,
+              t.lease_id, t.lease_expires_at, t.deadline_at
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
+    SELECT id, 'started', 'running', attempt, $3 FROM claimed
+)
+SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at
+FROM claimed
+ORDER BY seq;
+
+-- name: task_succeed
+-- $1 task id, $2 lease id, $3 result (nullable).
+WITH done AS (
+    UPDATE conveyor_tasks
+    SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    WHERE id = $1 AND lease_id = $2 AND state = 'running'
+    RETURNING id, type, state, attempt, worker_id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
+    SELECT id, 'succeeded', state, attempt, worker_id FROM done
+)
+SELECT type, state FROM done;
+
+-- name: task_fail
+-- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
+-- $6 backoff base (s), $7 backoff cap (s).
+-- Retries while attempts remain: back to queued after an exponential backoff with jitter
+-- (half fixed, half random, so the delay still grows while retries spread out).
+WITH done AS (
+    UPDATE conveyor_tasks AS t
+    SET state = CASE WHEN $5 AND t.attempt < t.max_retries + 1
+                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+        available_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1
+            THEN now() + make_interval(
+                secs => least($7::float8, $6::float8 * power(2, t.attempt - 1))
+                        * (0.5 + random() * 0.5))
+            ELSE t.available_at END,
+        finished_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
+        last_error = $3,
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    WHERE t.id = $1 AND t.lease_id = $2 AND t.state = 'running'
+    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
+    SELECT id, $4, state, attempt, worker_id, $3 FROM done
+)
+SELECT type, state, available_at FROM done;
+
+-- name: task_release
+-- $1 task id, $2 lease id, $3 reason. Hands a lease back without spending the attempt.
+WITH done AS (
+    UPDATE conveyor_tasks
+    SET state = 'queued', attempt = attempt - 1, available_at = now(),
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    WHERE id = $1 AND lease_id = $2 AND state = 'running'
+    RETURNING id, type, state, attempt, worker_id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
+    SELECT id, 'released', state, attempt + 1, worker_id, $3 FROM done
+), wake AS (
+    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
+)
+SELECT type, state, (SELECT count(*) FROM wake) AS woken FROM done;
+
+-- name: task_lock_for_cancel
+SELECT id, state, attempt, worker_id FROM conveyor_tasks WHERE id = $1 FOR UPDATE;
+
+-- name: task_cancel
+-- $1 task id, $2 detail. Only called on a live task locked by task_lock_for_cancel.
+WITH done AS (
+    UPDATE conveyor_tasks
+    SET state = 'cancelled', finished_at = now(),
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    WHERE id = $1 AND state IN ('queued', 'running')
+    RETURNING id, state, attempt, worker_id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
+    SELECT id, 'cancelled', state, attempt, worker_id, $2 FROM done
+)
+SELECT state FROM done;
+
+-- name: task_lease_extend
+-- $1 task ids, $2 lease ids (pairwise), $3 lease ttl (s), $4 grace after deadline (s).
+-- Extends the leases that are still current and unexpired; returns every named lease that
+-- is not, with the task's state (cancelled, or anything else: the lease was lost).
+WITH named AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS n (task_id, lease_id)
+), extended AS (
+    UPDATE conveyor_tasks AS t
+    SET lease_expires_at = least(
+        now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
+    )
+    FROM named
+    WHERE t.id = named.task_id AND t.lease_id = named.lease_id
+      AND t.state = 'running' AND t.lease_expires_at > now()
+    RETURNING t.id
+)
+SELECT named.task_id, named.lease_id, t.state
+FROM named LEFT JOIN conveyor_tasks AS t ON t.id = named.task_id
+WHERE named.task_id NOT IN (SELECT id FROM extended);
+
+-- name: task_reap_expired
+-- $1 batch size, $2 backoff base (s), $3 backoff cap (s).
+-- Running tasks whose lease ran out go back to the queue (or fail, out of attempts).
+-- The history says whether the attempt outlived its timeout or its worker went silent.
+WITH expired AS (
+    SELECT id, deadline_at <= now() AS timed_out
+    FROM conveyor_tasks
+    WHERE state = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE conveyor_tasks AS t
+    SET state = CASE WHEN t.attempt < t.max_retries + 1
+                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+        available_at = CASE WHEN t.attempt < t.max_retries + 1
+            THEN now() + make_interval(
+                secs => least($3::float8, $2::float8 * power(2, t.attempt - 1))
+                        * (0.5 + random() * 0.5))
+            ELSE t.available_at END,
+        finished_at = CASE WHEN t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
+        last_error = CASE WHEN expired.timed_out
+            THEN 'TimeoutError: attempt exceeded its timeout of ' || t.timeout::text
+                 || ' and its worker did not report it'
+            ELSE 'LeaseExpired: worker ' || coalesce(t.worker_id, '?')
+                 || ' stopped renewing its lease' END,
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    FROM expired
+    WHERE t.id = expired.id
+    RETURNING t.id, t.state, t.attempt, t.worker_id, t.last_error, expired.timed_out
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
+    SELECT id, CASE WHEN timed_out THEN 'timed_out' ELSE 'lease_expired' END,
+           state, attempt, worker_id, last_error
+    FROM done
+)
+SELECT id, state FROM done;
+
+-- name: task_get
+SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
+       finished_at, last_error, worker_id, result
+FROM conveyor_tasks
+WHERE id = $1;
+
+-- name: task_event_list
+SELECT at, event, state, attempt, worker_id, detail
+FROM conveyor_task_events
+WHERE task_id = $1
+ORDER BY id;
+
+-- name: task_count_by_state
+SELECT state, count(*) AS tasks FROM conveyor_tasks GROUP BY state;
+
+-- name: worker_register
+-- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version.
+INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO UPDATE
+SET host = excluded.host, pid = excluded.pid, task_types = excluded.task_types,
+    concurrency = excluded.concurrency, version = excluded.version,
+    state = 'active', last_heartbeat_at = now();
+
+-- name: worker_touch
+-- A heartbeat from a worker that was swept as lost revives it: it is demonstrably alive.
+UPDATE conveyor_workers
+SET last_heartbeat_at = now(), state = CASE WHEN state = 'lost' THEN 'active' ELSE state END
+WHERE id = $1;
+
+-- name: worker_set_state
+UPDATE conveyor_workers SET state = $2, last_heartbeat_at = now() WHERE id = $1;
+
+-- name: worker_mark_lost
+-- $1 silence (s) after which an active or draining worker is presumed lost.
+UPDATE conveyor_workers
+SET state = 'lost'
+WHERE state IN ('active', 'draining')
+  AND last_heartbeat_at < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: worker_count_by_state
+SELECT state, count(*) AS workers FROM conveyor_workers GROUP BY state;

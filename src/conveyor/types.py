@@ -1,0 +1,176 @@
+"""Leaf value types shared by clients, workers and the server: Task, TaskState, TaskStatus.
+
+Validation of what a producer may submit lives here too (`Task.__post_init__`), so the
+client rejects a bad task before any network call and the server applies the same rules
+to whatever arrives on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from conveyor.errors import InvalidTask
+
+TASK_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+DEFAULT_MAX_RETRIES = 3
+# Ceilings that keep integer columns and timers sane; real limits are far below.
+MAX_TIMEOUT = timedelta(days=7)
+MAX_RETRIES_LIMIT = 1000
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life. QUEUED and RUNNING are live; the rest are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the task can no longer change state by itself."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+def new_task_id() -> str:
+    """Return a new UUIDv7 string: time-ordered, so ids sort roughly by creation."""
+    unix_ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (unix_ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= (rand >> 68) << 64  # 12 bits of rand_a
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)  # 62 bits of rand_b
+    return str(uuid.UUID(int=value))
+
+
+def normalize_task_id(task_id: str) -> str:
+    """Return the canonical form of a task id, or raise InvalidTask if it is not a UUID."""
+    if not isinstance(task_id, str):
+        raise InvalidTask(f"task id must be a string, not {type(task_id).__name__}", field="id")
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        shown = task_id if len(task_id) <= 64 else task_id[:64] + "..."
+        raise InvalidTask(f"malformed task id {shown!r}: expected a UUID", field="id") from None
+
+
+def validate_task_type(task_type: object) -> str:
+    """Return `task_type` if it is a valid type name, else raise InvalidTask."""
+    if not isinstance(task_type, str):
+        raise InvalidTask("task type must be a string", field="type")
+    if not task_type:
+        raise InvalidTask("task type must not be empty", field="type")
+    if len(task_type) > 128:  # noqa: PLR2004 - the documented limit
+        raise InvalidTask(
+            f"task type is {len(task_type)} characters long; the limit is 128", field="type"
+        )
+    if not TASK_TYPE_PATTERN.fullmatch(task_type):
+        raise InvalidTask(
+            f"task type {task_type!r} may only contain letters, digits and _ . : -", field="type"
+        )
+    return task_type
+
+
+def validate_timeout(timeout: object) -> timedelta:
+    """Coerce seconds or a timedelta to a positive timedelta, or raise InvalidTask."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
+        raise InvalidTask("timeout must be a timedelta or a number of seconds", field="timeout")
+    value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+    if value <= timedelta(0):
+        raise InvalidTask(f"timeout must be positive, got {value.total_seconds()}s", field="timeout")
+    if value > MAX_TIMEOUT:
+        raise InvalidTask(f"timeout may be at most {MAX_TIMEOUT}", field="timeout")
+    return value
+
+
+def validate_max_retries(max_retries: object) -> int:
+    """Return `max_retries` if it is an integer in range, else raise InvalidTask."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise InvalidTask("max_retries must be an integer", field="max_retries")
+    if not 0 <= max_retries <= MAX_RETRIES_LIMIT:
+        raise InvalidTask(
+            f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}, got {max_retries}",
+            field="max_retries",
+        )
+    return max_retries
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A unit of work to enqueue.
+
+    Attributes:
+        type: What kind of work; selects the handler. 1-128 characters of `[A-Za-z0-9_.:-]`.
+        payload: Opaque bytes handed to the handler. The server never interprets them.
+        timeout: Time allowed per attempt (a timedelta or seconds).
+        max_retries: Attempts after the first one; a task runs at most `1 + max_retries` times.
+        id: A UUID. Generated (UUIDv7) when absent; enqueueing the same id twice returns the
+            existing task instead of creating a second one.
+    """
+
+    type: str
+    payload: bytes = b""
+    timeout: timedelta | float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        """Validate every field, so a bad task fails before it is sent."""
+        validate_task_type(self.type)
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise InvalidTask("payload must be bytes", field="payload")
+        object.__setattr__(self, "payload", bytes(self.payload))
+        object.__setattr__(self, "timeout", validate_timeout(self.timeout))
+        validate_max_retries(self.max_retries)
+        if self.id is not None:
+            object.__setattr__(self, "id", normalize_task_id(self.id))
+
+    @property
+    def timeout_delta(self) -> timedelta:
+        """The timeout as a timedelta (always, after validation)."""
+        assert isinstance(self.timeout, timedelta)  # noqa: S101 - normalised in __post_init__
+        return self.timeout
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One row of a task's history: a state change or a notable moment of an attempt."""
+
+    at: datetime
+    event: str
+    state: TaskState
+    attempt: int
+    worker_id: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """A snapshot of a task as the server last stored it."""
+
+    id: str
+    type: str
+    state: TaskState
+    attempts: int
+    max_retries: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    last_error: str | None
+    worker_id: str | None
+    result: bytes | None
+    timeout: timedelta = DEFAULT_TIMEOUT
+    available_at: datetime | None = None
+    history: tuple[TaskEvent, ...] = field(default=())

@@ -1,0 +1,43 @@
+"""TaskContext: what a handler knows about the attempt it is running."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskContext:
+    """The attempt a handler is running.
+
+    Attributes:
+        task_id: The task's id.
+        task_type: The task's type.
+        attempt: 1 for the first attempt, 2 for the first retry, and so on.
+        max_retries: Retries allowed after the first attempt.
+        lease_id: The fencing token of this attempt. It changes on every attempt; use
+            (task_id, attempt) or lease_id to make side effects idempotent.
+        deadline: When this attempt times out (UTC, by the database clock).
+        cancelled: Set when the task is cancelled, its lease is lost, its timeout passes or
+            the worker shuts down. Sync handlers should check it in long loops; async
+            handlers are also cancelled outright.
+        logger: A logger whose records carry the task id, type, attempt and worker id.
+    """
+
+    task_id: str
+    task_type: str
+    attempt: int
+    max_retries: int
+    lease_id: str
+    deadline: datetime
+    logger: logging.LoggerAdapter[logging.Logger]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def time_left(self) -> timedelta:
+        """Time until the deadline (negative once it has passed)."""
+        return self.deadline - datetime.now(UTC)

@@ -1,0 +1,668 @@
+"""Worker: leases tasks over gRPC, runs their handlers, heartbeats, and shuts down gracefully.
+
+The worker runs an asyncio event loop in a background thread (or in the caller's thread
+under `run`). Async handlers run on that loop; sync handlers run in a thread pool of
+`concurrency` threads. Three activities share the loop:
+
+- the lease loop long-polls `LeaseTasks` for as many tasks as it has free slots (never
+  more: no prefetch hoarding);
+- one asyncio task per attempt runs the handler under its timeout and reports the outcome;
+- the heartbeat loop extends the leases of running attempts and stops those the server
+  says are cancelled or lost. If no heartbeat gets through for a whole lease duration,
+  the worker stops its own handlers: it can no longer claim to hold their leases.
+
+Life cycle:
+
+    new --start()--> registering --registered--> running --stop()--> draining --> stopped
+                          |                                              |
+                          +--stop() or fatal error-----------------------+
+
+Draining: no new leases; in-flight attempts get `drain_timeout` to finish; the rest are
+cancelled and their leases handed back (RELEASED), so the server re-queues them at once
+without spending an attempt.
+
+A sync handler cannot be interrupted. When it outlives its timeout or is cancelled, the
+worker reports the attempt (timed out, or handed back) at once so the task is not held up,
+sets `ctx.cancelled`, and keeps the thread's slot occupied until the function returns, so
+the worker never runs more than `concurrency` handlers at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+
+from conveyor import __version__
+from conveyor.client.channel import CHANNEL_OPTIONS, AddressRing, RetryPolicy, parse_addresses
+from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
+from conveyor.protocol import convert
+from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.worker.context import TaskContext
+from conveyor.worker.registry import HandlerRegistry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from concurrent.futures import Future
+
+    from conveyor.worker.registry import Handler, RegisteredHandler
+
+log = logging.getLogger("conveyor.worker")
+
+DEFAULT_CONCURRENCY: Final = 4
+DEFAULT_DRAIN_TIMEOUT: Final = timedelta(seconds=30)
+DEFAULT_LEASE_WAIT: Final = timedelta(seconds=20)
+DEFAULT_START_TIMEOUT: Final = timedelta(seconds=30)
+# Used until the server tells us its own values at registration.
+FALLBACK_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
+FALLBACK_LEASE_DURATION: Final = timedelta(seconds=30)
+CALL_TIMEOUT: Final = 10.0
+
+
+def default_worker_id() -> str:
+    """host-pid-random: unique per process and readable in `conveyor workers`."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _result_bytes(value: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"handler returned {type(value).__name__}; return bytes or None")
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One leased attempt in this worker."""
+
+    lease: pb.Lease
+    ctx: TaskContext
+    handler_future: asyncio.Future[Any] | None = None
+    thread_future: Future[Any] | None = None
+    # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
+    stop_reason: str | None = None
+    reported: bool = False
+    # Set once the outcome is reported (or known to be unreportable): the lease is settled.
+    settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    runner: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.ctx.cancelled.set()
+        if self.handler_future is not None and not self.handler_future.done():
+            self.handler_future.cancel()
+
+
+class Worker:
+    """Runs handlers for the task types registered on it.
+
+    Args:
+        server: "host:port", "host1:port,host2:port" or a list; defaults to the
+            CONVEYOR_SERVER environment variable, then localhost:50051.
+        concurrency: Most attempts in flight at once.
+        drain_timeout: How long `stop` lets in-flight attempts finish before handing
+            them back.
+        lease_wait: How long one lease long poll waits on the server for work.
+        worker_id: Defaults to host-pid-random.
+    """
+
+    def __init__(
+        self,
+        server: str | Sequence[str] | None = None,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        drain_timeout: timedelta = DEFAULT_DRAIN_TIMEOUT,
+        lease_wait: timedelta = DEFAULT_LEASE_WAIT,
+        worker_id: str | None = None,
+    ) -> None:
+        """Configure the worker; nothing connects until `start` or `run`."""
+        self.registry = HandlerRegistry()
+        self.worker_id = worker_id or default_worker_id()
+        self.configure(
+            server=server,
+            concurrency=concurrency,
+            drain_timeout=drain_timeout,
+            lease_wait=lease_wait,
+        )
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._start_error: BaseException | None = None
+        self._runtime: _Runtime | None = None
+
+    def configure(
+        self,
+        *,
+        server: str | Sequence[str] | None = None,
+        concurrency: int | None = None,
+        drain_timeout: timedelta | None = None,
+        lease_wait: timedelta | None = None,
+    ) -> None:
+        """Change settings before start (the CLI's flags override a module's Worker this way).
+
+        `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first).
+        """
+        if getattr(self, "_thread", None) is not None:
+            raise ConfigError("configure() must be called before start()")
+        if server is not None or not hasattr(self, "addresses"):
+            self.addresses = parse_addresses(server)
+        if concurrency is not None:
+            if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+                raise ConfigError("concurrency must be an integer")
+            if concurrency < 1:
+                raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+            self.concurrency = concurrency
+        if drain_timeout is not None:
+            if drain_timeout < timedelta(0):
+                raise ConfigError("drain_timeout must not be negative")
+            self.drain_timeout = drain_timeout
+        if lease_wait is not None:
+            if lease_wait <= timedelta(0):
+                raise ConfigError("lease_wait must be positive")
+            self.lease_wait = lease_wait
+
+    def register_handler(self, task_type: str, fn: Handler) -> None:
+        """Run `fn(ctx, payload) -> bytes | None` for tasks of `task_type`."""
+        self.registry.register(task_type, fn)
+
+    def handler(self, task_type: str) -> Callable[[Handler], Handler]:
+        """Decorator form of `register_handler`."""
+
+        def decorate(fn: Handler) -> Handler:
+            self.register_handler(task_type, fn)
+            return fn
+
+        return decorate
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self, timeout: timedelta = DEFAULT_START_TIMEOUT) -> None:
+        """Start in a background thread; return once registered with a server and leasing.
+
+        Raises:
+            ConfigError: no handler is registered, or the worker was already started.
+            ServerUnavailable: no server accepted the registration within `timeout`.
+        """
+        if not self.registry.task_types():
+            raise ConfigError("register at least one handler before starting the worker")
+        if self._thread is not None:
+            raise ConfigError("this worker was already started")
+        self._runtime = _Runtime(self, timeout)
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
+        )
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def _thread_main(self) -> None:
+        assert self._runtime is not None  # noqa: S101 - set by start()
+        try:
+            asyncio.run(self._runtime.main(self._on_started))
+        except BaseException as exc:
+            if not self._started.is_set():
+                self._start_error = exc
+            else:
+                log.exception("worker crashed", extra={"event": "worker_crashed"})
+        finally:
+            self._started.set()
+            self._stopped.set()
+
+    def _on_started(self, error: BaseException | None) -> None:
+        self._start_error = error
+        self._started.set()
+
+    def stop(self, timeout: timedelta | None = None) -> None:
+        """Stop gracefully: stop leasing, drain, hand back the rest, unregister.
+
+        Blocks until done, or until `timeout` (default: drain_timeout plus a margin).
+        """
+        if self._thread is None or self._runtime is None:
+            return
+        self._runtime.request_stop()
+        limit = timeout if timeout is not None else self.drain_timeout + timedelta(seconds=15)
+        self._thread.join(limit.total_seconds())
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker is started and not yet stopped."""
+        return self._started.is_set() and not self._stopped.is_set()
+
+    def busy_threads(self) -> int:
+        """Sync handlers still running (e.g. past their timeout, ignoring cancellation)."""
+        return self._runtime.busy_threads if self._runtime else 0
+
+    def run(self) -> None:
+        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits)."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if stop_requested.is_set():
+                log.warning("second signal: exiting without draining", extra={"event": "abort"})
+                os._exit(1)
+            log.info(
+                "received %s; stopping gracefully (signal again to exit at once)",
+                signal.Signals(signum).name,
+                extra={"event": "stop_requested"},
+            )
+            stop_requested.set()
+
+        previous = {
+            sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            self.start()
+            while not stop_requested.wait(0.5):
+                if self._stopped.is_set():
+                    break
+            self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _Runtime:
+    """The asyncio side of a Worker: lives and dies inside the worker's event loop."""
+
+    def __init__(self, worker: Worker, start_timeout: timedelta) -> None:
+        self.worker = worker
+        self.start_timeout = start_timeout
+        self.ring = AddressRing(worker.addresses)
+        self.retry = RetryPolicy()
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.attempts: dict[str, _Attempt] = {}
+        self.busy = 0
+        self.busy_threads = 0
+        self.heartbeat_interval = FALLBACK_HEARTBEAT_INTERVAL
+        self.lease_duration = FALLBACK_LEASE_DURATION
+        self.pool = ThreadPoolExecutor(
+            max_workers=worker.concurrency, thread_name_prefix="conveyor-handler"
+        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event: asyncio.Event | None = None
+        self.slot_freed: asyncio.Event | None = None
+        self.log = logging.LoggerAdapter(log, {"worker_id": worker.worker_id})
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Thread-safe: ask the runtime to drain and stop."""
+        loop, event = self.loop, self.stop_event
+        if loop is not None and event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(event.set)
+
+    def stub(self) -> pb_grpc.WorkerServiceStub:
+        address = self.ring.current
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channels[address] = channel
+        return pb_grpc.WorkerServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
+        """One RPC on the current server; a transient failure moves to the next server."""
+        try:
+            return await getattr(self.stub(), method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                self.ring.advance()
+            raise
+
+    # --- main -----------------------------------------------------------------------------
+
+    async def main(self, on_started: Callable[[BaseException | None], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.slot_freed = asyncio.Event()
+        try:
+            await self.register()
+        except BaseException as exc:
+            on_started(exc)
+            await self.close_channels()
+            return
+        on_started(None)
+        heartbeat = asyncio.create_task(self.heartbeat_loop(), name="heartbeat")
+        leasing = asyncio.create_task(self.lease_loop(), name="lease-loop")
+        await self.stop_event.wait()
+        self.log.info("draining", extra={"event": "worker_draining"})
+        leasing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leasing
+        await self.drain()
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.call(
+                "UnregisterWorker",
+                pb.UnregisterWorkerRequest(worker_id=self.worker.worker_id),
+                timeout=3,
+            )
+        await self.close_channels()
+        # Threads of sync handlers that ignore cancellation are left to finish on their own.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.log.info("stopped", extra={"event": "worker_stopped"})
+
+    async def close_channels(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
+
+    async def register(self) -> None:
+        assert self.loop is not None and self.stop_event is not None  # noqa: S101
+        request = pb.RegisterWorkerRequest(
+            worker_id=self.worker.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            task_types=self.worker.registry.task_types(),
+            concurrency=self.worker.concurrency,
+            version=__version__,
+        )
+        give_up_at = self.loop.time() + self.start_timeout.total_seconds()
+        delays = self.retry.delays()
+        while True:
+            try:
+                response = await self.call("RegisterWorker", request)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT_CODES:
+                    raise error_from_status(exc.code(), exc.details()) from None
+                if self.loop.time() >= give_up_at or self.stop_event.is_set():
+                    raise ServerUnavailable(
+                        f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
+                        f"worker within {self.start_timeout.total_seconds():g}s: {exc.details()}"
+                    ) from None
+                await asyncio.sleep(next(delays))
+        if response.HasField("heartbeat_interval"):
+            self.heartbeat_interval = response.heartbeat_interval.ToTimedelta()
+        if response.HasField("lease_duration"):
+            self.lease_duration = response.lease_duration.ToTimedelta()
+        self.log.info(
+            "registered with %s for %s (concurrency %d)",
+            self.ring.current,
+            ", ".join(request.task_types),
+            self.worker.concurrency,
+            extra={"event": "worker_registered"},
+        )
+
+    # --- leasing --------------------------------------------------------------------------
+
+    async def lease_loop(self) -> None:
+        assert self.slot_freed is not None  # noqa: S101
+        delays = self.retry.delays()
+        wait = self.worker.lease_wait
+        while True:
+            while self.busy >= self.worker.concurrency:
+                self.slot_freed.clear()
+                await self.slot_freed.wait()
+            request = pb.LeaseTasksRequest(
+                worker_id=self.worker.worker_id,
+                task_types=self.worker.registry.task_types(),
+                max_tasks=self.worker.concurrency - self.busy,
+                wait=convert.duration(wait),
+            )
+            try:
+                response = await self.call(
+                    "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                level = logging.DEBUG if exc.code() in TRANSIENT_CODES else logging.ERROR
+                self.log.log(
+                    level,
+                    "lease call failed: %s %s",
+                    exc.code().name,
+                    exc.details(),
+                    extra={"event": "lease_failed"},
+                )
+                await asyncio.sleep(next(delays))
+                continue
+            delays = self.retry.delays()
+            for lease in response.leases:
+                self.begin(lease)
+
+    def begin(self, lease: pb.Lease) -> None:
+        deadline = convert.from_timestamp(lease.deadline)
+        ctx = TaskContext(
+            task_id=lease.task_id,
+            task_type=lease.type,
+            attempt=lease.attempt,
+            max_retries=lease.max_retries,
+            lease_id=lease.lease_id,
+            deadline=deadline,
+            logger=logging.LoggerAdapter(
+                logging.getLogger(f"conveyor.task.{lease.type}"),
+                {
+                    "task_id": lease.task_id,
+                    "task_type": lease.type,
+                    "attempt": lease.attempt,
+                    "worker_id": self.worker.worker_id,
+                },
+            ),
+        )
+        attempt = _Attempt(lease=lease, ctx=ctx)
+        self.attempts[lease.task_id] = attempt
+        self.busy += 1
+        attempt.runner = asyncio.create_task(self.execute(attempt), name=f"task-{lease.task_id}")
+
+    # --- running an attempt ---------------------------------------------------------------
+
+    async def execute(self, attempt: _Attempt) -> None:
+        lease = attempt.lease
+        try:
+            report = await self.run_handler(attempt)
+            if report is not None:
+                await self.report(attempt, report)
+            attempt.settled.set()
+            if attempt.thread_future is not None and not attempt.thread_future.done():
+                # The slot stays taken until the thread really ends (see module docstring).
+                await asyncio.wrap_future(attempt.thread_future)
+        except BaseException:  # noqa: S110 - the outcome is already reported or abandoned
+            pass
+        finally:
+            attempt.settled.set()
+            self.attempts.pop(lease.task_id, None)
+            self.busy -= 1
+            if self.slot_freed is not None:
+                self.slot_freed.set()
+
+    async def run_handler(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
+        """Run the handler under its timeout; return the report to send (None: send none)."""
+        lease = attempt.lease
+        handler = self.worker.registry.get(lease.type)
+        if handler is None:  # never leased in practice: we only ask for registered types
+            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="no handler on this worker")
+        timeout = lease.timeout.ToTimedelta().total_seconds()
+        attempt.handler_future = self.launch(handler, attempt)
+        done, _ = await asyncio.wait({attempt.handler_future}, timeout=timeout)
+        if not done:
+            attempt.stop("timeout")
+            self.log.warning(
+                "task %s attempt %d timed out after %gs",
+                lease.task_id,
+                lease.attempt,
+                timeout,
+                extra={"event": "task_timed_out", "task_id": lease.task_id},
+            )
+            return self.outcome(
+                attempt,
+                pb.OUTCOME_TIMED_OUT,
+                error=f"TimeoutError: the handler ran past its timeout of {timeout:g}s",
+            )
+        future = attempt.handler_future
+        if future.cancelled() or attempt.stop_reason in ("cancelled", "lease_lost"):
+            if attempt.stop_reason == "shutdown":
+                return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+            return None  # the lease is gone; nothing may be reported
+        error = future.exception()
+        if error is None:
+            try:
+                result = _result_bytes(future.result())
+            except TypeError as exc:
+                return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
+            return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
+        if attempt.stop_reason == "shutdown":
+            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+        attempt.ctx.logger.info(
+            "attempt failed: %s", _describe(error), extra={"event": "task_attempt_failed"}
+        )
+        return self.outcome(
+            attempt,
+            pb.OUTCOME_FAILED,
+            error=_describe(error),
+            non_retryable=isinstance(error, PermanentFailure),
+        )
+
+    def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
+        payload = attempt.lease.payload
+        if handler.is_async:
+            return asyncio.ensure_future(handler.fn(attempt.ctx, payload))
+        assert self.loop is not None  # noqa: S101
+        self.busy_threads += 1
+        thread_future = self.pool.submit(handler.fn, attempt.ctx, payload)
+        thread_future.add_done_callback(lambda _f: self._thread_done())
+        attempt.thread_future = thread_future
+        return asyncio.wrap_future(thread_future, loop=self.loop)
+
+    def _thread_done(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._decrement_threads)
+
+    def _decrement_threads(self) -> None:
+        self.busy_threads -= 1
+
+    def outcome(
+        self,
+        attempt: _Attempt,
+        outcome: pb.Outcome.ValueType,
+        *,
+        result: bytes | None = None,
+        error: str = "",
+        non_retryable: bool = False,
+    ) -> pb.ReportResultRequest:
+        return pb.ReportResultRequest(
+            worker_id=self.worker.worker_id,
+            task_id=attempt.lease.task_id,
+            lease_id=attempt.lease.lease_id,
+            outcome=outcome,
+            result=result or b"",
+            has_result=result is not None,
+            error=error,
+            non_retryable=non_retryable,
+        )
+
+    async def report(self, attempt: _Attempt, request: pb.ReportResultRequest) -> None:
+        """Send the outcome, retrying transient failures while the lease can still be valid."""
+        assert self.loop is not None  # noqa: S101
+        give_up_at = self.loop.time() + self.lease_duration.total_seconds()
+        delays = self.retry.delays()
+        while True:
+            try:
+                await self.call("ReportResult", request)
+                attempt.reported = True
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    attempt.ctx.logger.info(
+                        "outcome refused, the lease is no longer ours: %s",
+                        exc.details(),
+                        extra={"event": "report_rejected"},
+                    )
+                    return
+                if exc.code() not in TRANSIENT_CODES or self.loop.time() >= give_up_at:
+                    attempt.ctx.logger.error(
+                        "could not report the outcome: %s %s",
+                        exc.code().name,
+                        exc.details(),
+                        extra={"event": "report_failed"},
+                    )
+                    return
+                await asyncio.sleep(next(delays))
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        assert self.loop is not None  # noqa: S101
+        last_success = self.loop.time()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval.total_seconds())
+            held = [a for a in self.attempts.values() if not a.reported]
+            request = pb.HeartbeatRequest(
+                worker_id=self.worker.worker_id,
+                leases=[
+                    pb.LeaseRef(task_id=a.lease.task_id, lease_id=a.lease.lease_id) for a in held
+                ],
+            )
+            try:
+                response = await self.call("Heartbeat", request)
+            except grpc.aio.AioRpcError as exc:
+                silent_for = self.loop.time() - last_success
+                self.log.warning(
+                    "heartbeat failed (%s); silent for %.1fs",
+                    exc.code().name,
+                    silent_for,
+                    extra={"event": "heartbeat_failed"},
+                )
+                if silent_for >= self.lease_duration.total_seconds():
+                    for attempt in held:
+                        self.abandon(attempt, "lease_lost")
+                continue
+            last_success = self.loop.time()
+            for stop in response.stop:
+                attempt = self.attempts.get(stop.task_id)
+                if attempt is not None and attempt.lease.lease_id == stop.lease_id:
+                    reason = "cancelled" if stop.reason == pb.STOP_REASON_CANCELLED else "lease_lost"
+                    self.abandon(attempt, reason)
+
+    def abandon(self, attempt: _Attempt, reason: str) -> None:
+        if attempt.stop_reason is not None:
+            return
+        attempt.ctx.logger.warning(
+            "stopping task %s: %s",
+            attempt.lease.task_id,
+            "it was cancelled" if reason == "cancelled" else "its lease was lost",
+            extra={"event": f"task_{reason}"},
+        )
+        attempt.stop(reason)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        runners = [a.runner for a in self.attempts.values() if a.runner is not None]
+        if runners:
+            await asyncio.wait(runners, timeout=self.worker.drain_timeout.total_seconds())
+        remaining = [a for a in self.attempts.values() if a.runner and not a.runner.done()]
+        for attempt in remaining:
+            self.log.info(
+                "handing back task %s", attempt.lease.task_id, extra={"event": "task_released"}
+            )
+            attempt.stop("shutdown")
+        # Each stopped attempt reports RELEASED from its own runner. Wait for the reports,
+        # not for sync threads that ignore cancellation: their leases are already handed back.
+        settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
+        if settled:
+            await asyncio.wait(settled, timeout=15)
