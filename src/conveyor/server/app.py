@@ -63,6 +63,7 @@ class ConveyorServer:
         self._started_at = time.time()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self, *, startup_timeout: float = 30.0) -> None:
@@ -109,10 +110,12 @@ class ConveyorServer:
         )
 
     async def stop(self) -> None:
-        """Stop gracefully (see the module docstring for the order)."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        """Stop gracefully (see the module docstring for the order); callers all wait for it."""
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         self.worker_service.start_draining()
         if self._grpc is not None:
@@ -124,9 +127,10 @@ class ConveyorServer:
         await self.notifier.stop()
         await self.database.close()
         log.info("conveyor server %s stopped", self.config.server_id, extra={"event": "stopped"})
+        self._stopped.set()
 
     async def wait_stopped(self) -> None:
-        """Return once `stop` has been called."""
+        """Return once the server has stopped completely."""
         await self._stopped.wait()
 
     # --- StatusSource, for the HTTP endpoints -------------------------------------------

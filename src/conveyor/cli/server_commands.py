@@ -1,0 +1,167 @@
+"""`conveyor server`, `conveyor migrate` and `conveyor dev`: running the server side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import asyncpg
+import click
+
+from conveyor.cli.database_option import database_url_option, resolve_database
+from conveyor.errors import ServerUnavailable
+from conveyor.server.app import ConveyorServer
+from conveyor.server.config import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ServerConfig
+from conveyor.storage import migrate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from conveyor.storage.embedded import EmbeddedPostgres
+
+
+async def _serve(
+    config: ServerConfig, on_started: Callable[[ConveyorServer], None] | None = None
+) -> None:
+    server = ConveyorServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    click.echo(
+        f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
+        f"{server.grpc_port}"
+        + (f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
+           if config.http_listen else ""),
+        err=True,
+    )
+    if on_started is not None:
+        # In a thread: the callback may block on calls that this very loop must answer.
+        await loop.run_in_executor(None, on_started, server)
+    await server.wait_stopped()
+
+
+def _host(listen: str | None) -> str:
+    return (listen or "").rpartition(":")[0] or "0.0.0.0"  # noqa: S104 - display only
+
+
+def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
+    if embedded is not None:
+        with contextlib.suppress(Exception):
+            embedded.stop()
+
+
+@click.command()
+@database_url_option
+@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True,
+              metavar="HOST:PORT", help="gRPC address (0.0.0.0:PORT for every interface).")
+@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True,
+              metavar="HOST:PORT", help="HTTP address for /healthz /readyz /status /metrics.")
+@click.option("--migrate", "apply_migrations", is_flag=True,
+              help="Apply pending schema migrations before serving.")
+@click.option("--lease-ttl", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="Seconds a lease lasts without a heartbeat.")
+@click.option("--retry-backoff-base", type=click.FloatRange(min=0.001), default=1.0,
+              show_default=True, help="Seconds before the first retry (doubles each time).")
+@click.option("--retry-backoff-cap", type=click.FloatRange(min=0.001), default=300.0,
+              show_default=True, help="Longest delay between retries, in seconds.")
+@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=1024 * 1024,
+              show_default=True, help="Largest payload (and result) accepted.")
+def server(
+    database_url: str | None,
+    grpc_listen: str,
+    http_listen: str,
+    apply_migrations: bool,
+    lease_ttl: float,
+    retry_backoff_base: float,
+    retry_backoff_cap: float,
+    max_payload_bytes: int,
+) -> None:
+    """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL."""
+    url, embedded = resolve_database(database_url)
+    try:
+        config = ServerConfig(
+            database_url=url,
+            grpc_listen=grpc_listen,
+            http_listen=http_listen,
+            # The embedded cluster is private to this machine: keep it migrated.
+            migrate=apply_migrations or embedded is not None,
+            lease_ttl=timedelta(seconds=lease_ttl),
+            heartbeat_interval=min(timedelta(seconds=3), timedelta(seconds=lease_ttl / 3)),
+            retry_backoff_base=timedelta(seconds=retry_backoff_base),
+            retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
+            max_payload_bytes=max_payload_bytes,
+        )
+        asyncio.run(_serve(config))
+    finally:
+        _stop_embedded(embedded)
+
+
+@click.command("migrate")
+@database_url_option
+def migrate_command(database_url: str | None) -> None:
+    """Apply pending schema migrations (idempotent; safe from several processes at once)."""
+    url, embedded = resolve_database(database_url)
+
+    async def run() -> list[migrate.Migration]:
+        try:
+            conn = await asyncpg.connect(url, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ServerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            return await migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(run())
+    finally:
+        _stop_embedded(embedded)
+    if applied:
+        for migration in applied:
+            click.echo(f"applied {migration.version:04d}_{migration.name}")
+    else:
+        click.echo(f"schema is up to date (version {migrate.latest_version()})")
+
+
+@click.command()
+@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True,
+              metavar="HOST:PORT")
+@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True,
+              metavar="HOST:PORT")
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Concurrency of the demo worker.")
+def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
+    """Run everything locally: embedded PostgreSQL, a server and a demo worker."""
+    from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only
+
+    url, embedded = resolve_database(None)
+    config = ServerConfig(
+        database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
+    )
+    demo = build_demo_worker(concurrency=concurrency)
+
+    def start_demo(server: ConveyorServer) -> None:
+        demo.configure(server=f"127.0.0.1:{server.grpc_port}")
+        demo.start(timeout=timedelta(seconds=10))
+        address = f"localhost:{server.grpc_port}"
+        click.echo(
+            "\nConveyor is running.\n"
+            f"  gRPC:    {address}\n"
+            f"  status:  http://localhost:{server.http_port}/status\n"
+            f"  worker:  demo worker ({', '.join(demo.registry.task_types())})\n\n"
+            "Try, in another terminal (with .venv/bin on your PATH):\n"
+            f"  conveyor enqueue demo.echo --payload hello --server {address}\n"
+            f"  conveyor status <ID> --history --server {address}\n\n"
+            "Ctrl-C stops everything.\n",
+            err=True,
+        )
+
+    try:
+        asyncio.run(_serve(config, on_started=start_demo))
+    finally:
+        demo.stop(timeout=timedelta(seconds=10))
+        _stop_embedded(embedded)

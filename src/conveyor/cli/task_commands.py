@@ -1,0 +1,160 @@
+"""`conveyor enqueue`, `conveyor status` and `conveyor cancel`: the producer's view."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.client.sync_client import Client
+from conveyor.errors import InvalidTask
+from conveyor.types import DEFAULT_MAX_RETRIES, Task
+
+if TYPE_CHECKING:
+    from conveyor.types import TaskStatus
+
+server_option = click.option(
+    "--server", envvar="CONVEYOR_SERVER", default=None, metavar="ADDR",
+    help="Server address(es), comma separated (default: CONVEYOR_SERVER or localhost:50051).",
+)
+
+
+@click.command()
+@click.argument("task_type", metavar="TYPE")
+@click.option("--payload", default=None, help="Payload as text (UTF-8).")
+@click.option("--payload-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the payload from a file ('-' for stdin).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds allowed per attempt.")
+@click.option("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, show_default=True)
+@click.option("--id", "task_id", default=None, help="Task id (UUID); generated if absent.")
+@server_option
+def enqueue(
+    task_type: str,
+    payload: str | None,
+    payload_file: Path | None,
+    timeout: float,
+    max_retries: int,
+    task_id: str | None,
+    server: str | None,
+) -> None:
+    """Enqueue a task of TYPE and print its id."""
+    if payload is not None and payload_file is not None:
+        raise InvalidTask("give --payload or --payload-file, not both")
+    if payload_file is not None:
+        data = (
+            click.get_binary_stream("stdin").read()
+            if str(payload_file) == "-"
+            else _read(payload_file)
+        )
+    else:
+        data = (payload or "").encode()
+    task = Task(
+        type=task_type,
+        payload=data,
+        timeout=timedelta(seconds=timeout) if timeout > 0 else timeout,
+        max_retries=max_retries,
+        id=task_id,
+    )
+    with Client(server) as client:
+        click.echo(client.enqueue_task(task))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidTask(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _preview(data: bytes | None, limit: int = 200) -> str | None:
+    if data is None:
+        return None
+    text = data[:limit].decode("utf-8", errors="backslashreplace")
+    return text + ("..." if len(data) > limit else "")
+
+
+def status_document(status: TaskStatus) -> dict[str, Any]:
+    """The JSON form of a status, as printed by `conveyor status --json`."""
+    return {
+        "id": status.id,
+        "type": status.type,
+        "state": status.state.value,
+        "attempts": status.attempts,
+        "max_retries": status.max_retries,
+        "timeout_seconds": status.timeout.total_seconds(),
+        "created_at": _iso(status.created_at),
+        "available_at": _iso(status.available_at),
+        "started_at": _iso(status.started_at),
+        "finished_at": _iso(status.finished_at),
+        "worker_id": status.worker_id,
+        "last_error": status.last_error,
+        "result": _preview(status.result, limit=10_000),
+        "history": [
+            {
+                "at": _iso(event.at),
+                "event": event.event,
+                "state": event.state.value,
+                "attempt": event.attempt,
+                "worker_id": event.worker_id,
+                "detail": event.detail,
+            }
+            for event in status.history
+        ],
+    }
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--history", is_flag=True, help="Include every event of the task.")
+@server_option
+def status(task_id: str, as_json: bool, history: bool, server: str | None) -> None:
+    """Show a task's state (and its history)."""
+    with Client(server) as client:
+        found = client.get_task_status(task_id, history=history)
+    if as_json:
+        document = status_document(found)
+        if not history:
+            document.pop("history")
+        click.echo(json.dumps(document, indent=2))
+        return
+    console = Console()
+    summary = Table.grid(padding=(0, 2))
+    for key, value in status_document(found).items():
+        if key != "history" and value is not None:
+            summary.add_row(f"[bold]{key}[/]", str(value))
+    console.print(summary)
+    if history:
+        table = Table(title="history")
+        for column in ("at", "event", "state", "attempt", "worker", "detail"):
+            table.add_column(column)
+        for event in found.history:
+            table.add_row(
+                event.at.isoformat(timespec="milliseconds"),
+                event.event,
+                event.state.value,
+                str(event.attempt),
+                event.worker_id or "",
+                event.detail or "",
+            )
+        console.print(table)
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@server_option
+def cancel(task_id: str, server: str | None) -> None:
+    """Cancel a queued or running task."""
+    with Client(server) as client:
+        found = client.cancel_task(task_id)
+    click.echo(f"{found.id} {found.state.value}")

@@ -1,0 +1,181 @@
+"""Plain helpers shared by tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll `condition` until it returns a truthy value; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """`wait_for` for coroutines: `condition` may be sync or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (works for TCP and Unix-socket URLs)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def run_sql(url: str, *statements: str) -> None:
+    """Run statements on `url` with a throwaway connection."""
+
+    async def go() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+class Db:
+    """Synchronous helpers for tests to read and seed the database directly."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async def go() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.url)
+            try:
+                return list(await conn.fetch(query, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def fetchval(self, query: str, *args: Any) -> Any:
+        rows = self.fetch(query, *args)
+        return rows[0][0] if rows else None
+
+    def execute(self, query: str, *args: Any) -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(self.url)
+            try:
+                await conn.execute(query, *args)
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    def task(self, task_id: str) -> asyncpg.Record:
+        rows = self.fetch("SELECT * FROM conveyor_tasks WHERE id = $1::uuid", task_id)
+        assert rows, f"task {task_id} is not in the database"
+        return rows[0]
+
+    def events(self, task_id: str) -> list[asyncpg.Record]:
+        return self.fetch(
+            "SELECT * FROM conveyor_task_events WHERE task_id = $1::uuid ORDER BY id", task_id
+        )
+
+
+
+def conveyor_command(*args: str) -> list[str]:
+    """The argv to run the `conveyor` CLI with this interpreter."""
+    return [sys.executable, "-m", "conveyor", *args]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: tests/ importable, unbuffered output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Ledger:
+    """The handlers' independent record of real executions (see tests/worker_apps.py)."""
+
+    path: Path
+
+    def entries(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                event, task_id, attempt, lease_id, pid, at = line.split("\t")
+                rows.append(
+                    {
+                        "event": event,
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "lease_id": lease_id,
+                        "pid": pid,
+                        "at": at,
+                    }
+                )
+        return rows
+
+    def started(self) -> list[dict[str, str]]:
+        return [row for row in self.entries() if row["event"] == "start"]
+
+    def finished(self) -> list[dict[str, str]]:
+        return [row for row in self.entries() if row["event"] == "end"]
+
+
+
+def wait_final(client: Any, task_id: str, *, timeout: float = 30.0) -> Any:
+    """Wait until a task reaches a final state; return its status (with history)."""
+    return wait_for(
+        lambda: (status := client.get_task_status(task_id, history=True)).state.is_final
+        and status,
+        timeout=timeout,
+        what=f"task {task_id} to finish",
+    )
