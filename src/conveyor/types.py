@@ -23,6 +23,7 @@ DEFAULT_MAX_RETRIES = 3
 # Ceilings that keep integer columns and timers sane; real limits are far below.
 MAX_TIMEOUT = timedelta(days=7)
 MAX_RETRIES_LIMIT = 1000
+_SHOWN_ID_LENGTH = 64  # of a malformed id, in error messages
 
 
 class TaskState(enum.StrEnum):
@@ -62,7 +63,7 @@ def normalize_task_id(task_id: str) -> str:
     try:
         return str(uuid.UUID(task_id))
     except ValueError:
-        shown = task_id if len(task_id) <= 64 else task_id[:64] + "..."
+        shown = task_id if len(task_id) <= _SHOWN_ID_LENGTH else task_id[:_SHOWN_ID_LENGTH] + "..."
         raise InvalidTask(f"malformed task id {shown!r}: expected a UUID", field="id") from None
 
 
@@ -89,7 +90,9 @@ def validate_timeout(timeout: object) -> timedelta:
         raise InvalidTask("timeout must be a timedelta or a number of seconds", field="timeout")
     value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
     if value <= timedelta(0):
-        raise InvalidTask(f"timeout must be positive, got {value.total_seconds()}s", field="timeout")
+        raise InvalidTask(
+            f"timeout must be positive, got {value.total_seconds()}s", field="timeout"
+        )
     if value > MAX_TIMEOUT:
         raise InvalidTask(f"timeout may be at most {MAX_TIMEOUT}", field="timeout")
     return value

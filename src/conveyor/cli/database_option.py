@@ -1,5 +1,7 @@
-"""Where the server's database comes from: --database-url, CONVEYOR_DATABASE_URL, or an
-embedded PostgreSQL kept in ./.conveyor/ so local data survives restarts.
+"""Where the server's database comes from.
+
+In order: --database-url, CONVEYOR_DATABASE_URL, or an embedded PostgreSQL kept in
+./.conveyor/ so local data survives restarts.
 """
 
 from __future__ import annotations

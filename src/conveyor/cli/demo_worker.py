@@ -1,14 +1,19 @@
-"""The demo worker `conveyor dev` runs: three task types that show the happy path, a slow
-cancellable task, and retries. Also runnable as `conveyor worker conveyor.cli.demo_worker:worker`.
+"""The demo worker that `conveyor dev` runs.
+
+Three task types show the happy path, a slow cancellable task, and retries. Also runnable
+as `conveyor worker conveyor.cli.demo_worker:worker`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from conveyor.errors import PermanentFailure
-from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
+
+if TYPE_CHECKING:
+    from conveyor.worker.context import TaskContext
 
 
 def echo(ctx: TaskContext, payload: bytes) -> bytes:

@@ -1,5 +1,7 @@
-"""The `conveyor` click group: wires the command modules together and turns every Conveyor
-error into one line on stderr and exit status 1 (never a traceback).
+"""The `conveyor` click group.
+
+It wires the command modules together and turns every Conveyor error into one line on
+stderr and exit status 1 (never a traceback).
 """
 
 from __future__ import annotations

@@ -34,8 +34,11 @@ async def _serve(
     click.echo(
         f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
         f"{server.grpc_port}"
-        + (f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
-           if config.http_listen else ""),
+        + (
+            f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
+            if config.http_listen
+            else ""
+        ),
         err=True,
     )
     if on_started is not None:
@@ -56,20 +59,54 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 
 @click.command()
 @database_url_option
-@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True,
-              metavar="HOST:PORT", help="gRPC address (0.0.0.0:PORT for every interface).")
-@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True,
-              metavar="HOST:PORT", help="HTTP address for /healthz /readyz /status /metrics.")
-@click.option("--migrate", "apply_migrations", is_flag=True,
-              help="Apply pending schema migrations before serving.")
-@click.option("--lease-ttl", type=click.FloatRange(min=1), default=30, show_default=True,
-              help="Seconds a lease lasts without a heartbeat.")
-@click.option("--retry-backoff-base", type=click.FloatRange(min=0.001), default=1.0,
-              show_default=True, help="Seconds before the first retry (doubles each time).")
-@click.option("--retry-backoff-cap", type=click.FloatRange(min=0.001), default=300.0,
-              show_default=True, help="Longest delay between retries, in seconds.")
-@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=1024 * 1024,
-              show_default=True, help="Largest payload (and result) accepted.")
+@click.option(
+    "--grpc-listen",
+    default=DEFAULT_GRPC_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="gRPC address (0.0.0.0:PORT for every interface).",
+)
+@click.option(
+    "--http-listen",
+    default=DEFAULT_HTTP_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="HTTP address for /healthz /readyz /status /metrics.",
+)
+@click.option(
+    "--migrate",
+    "apply_migrations",
+    is_flag=True,
+    help="Apply pending schema migrations before serving.",
+)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=1),
+    default=30,
+    show_default=True,
+    help="Seconds a lease lasts without a heartbeat.",
+)
+@click.option(
+    "--retry-backoff-base",
+    type=click.FloatRange(min=0.001),
+    default=1.0,
+    show_default=True,
+    help="Seconds before the first retry (doubles each time).",
+)
+@click.option(
+    "--retry-backoff-cap",
+    type=click.FloatRange(min=0.001),
+    default=300.0,
+    show_default=True,
+    help="Longest delay between retries, in seconds.",
+)
+@click.option(
+    "--max-payload-bytes",
+    type=click.IntRange(min=1),
+    default=1024 * 1024,
+    show_default=True,
+    help="Largest payload (and result) accepted.",
+)
 def server(
     database_url: str | None,
     grpc_listen: str,
@@ -128,12 +165,15 @@ def migrate_command(database_url: str | None) -> None:
 
 
 @click.command()
-@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True,
-              metavar="HOST:PORT")
-@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True,
-              metavar="HOST:PORT")
-@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Concurrency of the demo worker.")
+@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Concurrency of the demo worker.",
+)
 def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
     """Run everything locally: embedded PostgreSQL, a server and a demo worker."""
     from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only

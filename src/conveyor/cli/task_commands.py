@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
     from conveyor.types import TaskStatus
 
 server_option = click.option(
-    "--server", envvar="CONVEYOR_SERVER", default=None, metavar="ADDR",
+    "--server",
+    envvar="CONVEYOR_SERVER",
+    default=None,
+    metavar="ADDR",
     help="Server address(es), comma separated (default: CONVEYOR_SERVER or localhost:50051).",
 )
 
@@ -27,10 +31,15 @@ server_option = click.option(
 @click.command()
 @click.argument("task_type", metavar="TYPE")
 @click.option("--payload", default=None, help="Payload as text (UTF-8).")
-@click.option("--payload-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Read the payload from a file ('-' for stdin).")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds allowed per attempt.")
+@click.option(
+    "--payload-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the payload from a file ('-' for stdin).",
+)
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="Seconds allowed per attempt."
+)
 @click.option("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, show_default=True)
 @click.option("--id", "task_id", default=None, help="Task id (UUID); generated if absent.")
 @server_option
@@ -47,11 +56,7 @@ def enqueue(
     if payload is not None and payload_file is not None:
         raise InvalidTask("give --payload or --payload-file, not both")
     if payload_file is not None:
-        data = (
-            click.get_binary_stream("stdin").read()
-            if str(payload_file) == "-"
-            else _read(payload_file)
-        )
+        data = _read_stdin() if str(payload_file) == "-" else _read(payload_file)
     else:
         data = (payload or "").encode()
     task = Task(
@@ -63,6 +68,10 @@ def enqueue(
     )
     with Client(server) as client:
         click.echo(client.enqueue_task(task))
+
+
+def _read_stdin() -> bytes:
+    return sys.stdin.buffer.read()
 
 
 def _read(path: Path) -> bytes:

@@ -40,7 +40,7 @@ class AsyncClient:
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return pb_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
+        return pb_grpc.TaskServiceStub(channel)
 
     async def _call(self, method: str, request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -88,7 +88,7 @@ class AsyncClient:
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():
-            await channel.close()
+            await channel.close(grace=None)
         self._channels.clear()
 
     async def __aenter__(self) -> Self:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from conveyor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 DEFAULT_SERVER: Final = "localhost:50051"
 SERVER_ENV: Final = "CONVEYOR_SERVER"

@@ -1,13 +1,12 @@
-"""The I/O-free core shared by `Client` and `AsyncClient`: request building, response
-conversion and error translation. Both clients call the same functions, so their behaviour
-cannot drift apart.
+"""The I/O-free core shared by `Client` and `AsyncClient`.
+
+Request building, response conversion and error translation. Both clients call the same
+functions, so their behaviour cannot drift apart.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-import grpc
 
 from conveyor.errors import ConveyorError, InvalidTask
 from conveyor.protocol import convert
@@ -17,6 +16,8 @@ from conveyor.types import Task, TaskStatus, new_task_id, normalize_task_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import grpc
 
 MAX_BATCH = 1000
 
@@ -58,9 +59,9 @@ def status_from_response(response: pb.GetTaskResponse | pb.CancelTaskResponse) -
 
 def is_transient(error: grpc.RpcError) -> bool:
     """Whether a failed call may succeed if retried (possibly on another server)."""
-    return error.code() in TRANSIENT_CODES  # type: ignore[attr-defined]
+    return error.code() in TRANSIENT_CODES
 
 
 def translate(error: grpc.RpcError) -> ConveyorError:
     """The typed Conveyor error for a failed call."""
-    return error_from_status(error.code(), error.details())  # type: ignore[attr-defined]
+    return error_from_status(error.code(), error.details())

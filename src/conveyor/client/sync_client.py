@@ -64,7 +64,7 @@ class Client:
                     raise ServerUnavailable(
                         f"no Conveyor server answered {method} within "
                         f"{self._retry.total_timeout.total_seconds():g}s "
-                        f"(tried {', '.join(self._ring.addresses)}): {exc.details()}"  # type: ignore[attr-defined]
+                        f"(tried {', '.join(self._ring.addresses)}): {exc.details()}"
                     ) from None
                 self._ring.advance()
                 time.sleep(delay)

@@ -40,9 +40,7 @@ def create_app(source: StatusSource) -> web.Application:
 
     async def readyz(_request: web.Request) -> web.Response:
         ready, checks = await source.readiness()
-        return web.json_response(
-            {"ready": ready, "checks": checks}, status=200 if ready else 503
-        )
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def status(_request: web.Request) -> web.Response:
         return web.json_response(await source.status())

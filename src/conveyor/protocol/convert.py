@@ -72,9 +72,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
         worker_id=info.worker_id or None,
         result=info.result if info.has_result else None,
         timeout=info.timeout.ToTimedelta(),
-        available_at=(
-            from_timestamp(info.available_at) if info.HasField("available_at") else None
-        ),
+        available_at=(from_timestamp(info.available_at) if info.HasField("available_at") else None),
         history=tuple(
             TaskEvent(
                 at=from_timestamp(event.at),

@@ -38,15 +38,13 @@ ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
 _LEASE_LOST_PREFIX: Final = "lease lost: "
 _ALREADY_FINISHED_PREFIX: Final = "already finished: "
 
-TRANSIENT_CODES: Final = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-)
+TRANSIENT_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message that carry `error` over the wire."""
     for cls in type(error).__mro__:
-        code = ERROR_STATUS.get(cls)  # type: ignore[arg-type]
+        code = ERROR_STATUS.get(cls)
         if code is not None:
             break
     else:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -57,7 +58,7 @@ class ConveyorServer:
             LeaseReaper(config, self.database, self.metrics),
             WorkerSweeper(config, self.database),
         ]
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._started_at = time.time()

@@ -83,7 +83,7 @@ class TaskNotifier:
             try:
                 conn = await asyncpg.connect(self._url, server_settings=self._settings, timeout=5)
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _conn: lost.set())
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notification)
                 self.listening.set()
                 delay = 0.1

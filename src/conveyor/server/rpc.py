@@ -1,5 +1,7 @@
-"""The RPC boundary: every servicer method runs inside `rpc_method`, which times the call and
-turns typed errors and driver failures into gRPC statuses with a one-line message.
+"""The RPC boundary, where errors become gRPC statuses.
+
+Every servicer method runs inside `rpc_method`, which times the call and turns typed
+errors and driver failures into gRPC statuses with a one-line message.
 
 A client therefore never sees a stack trace: INVALID_ARGUMENT, NOT_FOUND,
 FAILED_PRECONDITION and UNAVAILABLE carry Conveyor's own messages, and anything unforeseen
@@ -50,9 +52,7 @@ def rpc_method(
             except ConveyorError as exc:
                 code, message = status_for(exc)
                 if isinstance(exc, ServerUnavailable):
-                    log.warning(
-                        "%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"}
-                    )
+                    log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})
                 await context.abort(code, message)
                 raise  # abort raises; this keeps type checkers content
             except grpc.aio.AbortError:

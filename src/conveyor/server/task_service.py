@@ -77,30 +77,29 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self.metrics = metrics
 
     def _validated(self, spec: pb.TaskSpec, index: int) -> queries.NewTask:
-        where = f"tasks[{index}]"
+        """The task at `index` of a request, validated; errors name the index."""
         try:
-            if not spec.id:
-                raise InvalidTask("task id is required (clients generate a UUIDv7)", field="id")
-            task_id = normalize_task_id(spec.id)
-            validate_task_type(spec.type)
-            if not spec.HasField("timeout"):
-                raise InvalidTask("timeout is required", field="timeout")
-            timeout = validate_timeout(spec.timeout.ToTimedelta())
-            validate_max_retries(spec.max_retries)
+            return self._parse_spec(spec)
         except InvalidTask as exc:
-            raise InvalidTask(f"{where}: {exc.message}", field=exc.field) from None
+            raise InvalidTask(f"tasks[{index}]: {exc.message}", field=exc.field) from None
+
+    def _parse_spec(self, spec: pb.TaskSpec) -> queries.NewTask:
+        if not spec.id:
+            raise InvalidTask("task id is required (clients generate a UUIDv7)", field="id")
+        if not spec.HasField("timeout"):
+            raise InvalidTask("timeout is required", field="timeout")
         if len(spec.payload) > self.config.max_payload_bytes:
             raise InvalidTask(
-                f"{where}: payload is {len(spec.payload)} bytes; the limit is "
+                f"payload is {len(spec.payload)} bytes; the limit is "
                 f"{self.config.max_payload_bytes}",
                 field="payload",
             )
         return queries.NewTask(
-            id=task_id,
-            type=spec.type,
+            id=normalize_task_id(spec.id),
+            type=validate_task_type(spec.type),
             payload=spec.payload,
-            timeout=timeout,
-            max_retries=spec.max_retries,
+            timeout=validate_timeout(spec.timeout.ToTimedelta()),
+            max_retries=validate_max_retries(spec.max_retries),
         )
 
     @rpc_method("EnqueueTasks")
@@ -165,6 +164,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 )
                 await queries.task_cancel(conn, task_id=task_id, detail=detail)
             row = await queries.task_get(conn, task_id=task_id)
+        if row is None:  # impossible inside the transaction that locked it; keeps mypy honest
+            raise TaskNotFound(task_id=task_id)
         if state is not TaskState.CANCELLED:
             self.metrics.task_outcomes.labels(row["type"], "cancelled").inc()
         return pb.CancelTaskResponse(task=convert.status_to_info(status_from_row(row)))

