@@ -17,28 +17,19 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-
-from conveyor.server.app import ConveyorServer
-from conveyor.server.config import ServerConfig
-from conveyor.storage import migrate
-from conveyor.storage.embedded import EmbeddedPostgres
-
 from helpers import (
     REPO_ROOT,
     Db,
@@ -48,6 +39,11 @@ from helpers import (
     run_sql,
     with_database,
 )
+
+from conveyor.server.app import ConveyorServer
+from conveyor.server.config import ServerConfig
+from conveyor.storage import migrate
+from conveyor.storage.embedded import EmbeddedPostgres
 
 
 @dataclass
@@ -144,8 +140,6 @@ def server_config_for_tests(database_url: str, **overrides: Any) -> ServerConfig
         shutdown_grace=timedelta(seconds=2),
     )
     return replace(config, **overrides)
-
-
 
 
 class ServerThread:
@@ -287,7 +281,9 @@ class ChildProcess:
 
 
 @pytest.fixture
-def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., ChildProcess]]:
+def processes(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ChildProcess]]:
     """Start child processes that are stopped (SIGTERM, then SIGKILL) after the test.
 
     `processes(argv, name="worker-1", **env)`; their combined output is attached to the
@@ -334,13 +330,22 @@ def spawn_worker(
     counter = iter(range(1, 1000))
 
     def spawn(
-        address: str, *, concurrency: int = 4, app: str = "worker", name: str | None = None, **env: str
+        address: str,
+        *,
+        concurrency: int = 4,
+        app: str = "worker",
+        name: str | None = None,
+        **env: str,
     ) -> ChildProcess:
         label = name or f"worker-{next(counter)}"
         return processes(
             conveyor_command(
-                "worker", f"worker_apps:{app}", "--server", address,
-                "--concurrency", str(concurrency),
+                "worker",
+                f"worker_apps:{app}",
+                "--server",
+                address,
+                "--concurrency",
+                str(concurrency),
             ),
             name=label,
             CONVEYOR_TEST_LEDGER=str(ledger.path),

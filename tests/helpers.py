@@ -121,7 +121,6 @@ class Db:
         )
 
 
-
 def conveyor_command(*args: str) -> list[str]:
     """The argv to run the `conveyor` CLI with this interpreter."""
     return [sys.executable, "-m", "conveyor", *args]
@@ -130,9 +129,7 @@ def conveyor_command(*args: str) -> list[str]:
 def process_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: tests/ importable, unbuffered output."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -170,12 +167,10 @@ class Ledger:
         return [row for row in self.entries() if row["event"] == "end"]
 
 
-
 def wait_final(client: Any, task_id: str, *, timeout: float = 30.0) -> Any:
     """Wait until a task reaches a final state; return its status (with history)."""
     return wait_for(
-        lambda: (status := client.get_task_status(task_id, history=True)).state.is_final
-        and status,
+        lambda: (status := client.get_task_status(task_id, history=True)).state.is_final and status,
         timeout=timeout,
         what=f"task {task_id} to finish",
     )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from conveyor.errors import ServerUnavailable
-from conveyor.storage import migrate
+from conveyor.storage import migrate, queries
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -119,7 +119,7 @@ class Database:
     async def ping(self) -> None:
         """Raise ServerUnavailable unless a trivial query succeeds."""
         async with self.connection() as conn:
-            await conn.fetchval("SELECT 1")
+            await queries.database_ping(conn)
 
     def pool_in_use(self) -> int:
         """Connections currently checked out of the pool."""

@@ -23,6 +23,7 @@ from typing import Any, Final
 import asyncpg
 
 from conveyor.server.database import UNAVAILABLE_ERRORS
+from conveyor.storage import queries
 
 log = logging.getLogger("conveyor.server.notifier")
 
@@ -96,7 +97,7 @@ class TaskNotifier:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=5)
                     if not lost.is_set():
-                        await conn.fetchval("SELECT 1", timeout=5)
+                        await queries.database_ping(conn, timeout=5)
             except UNAVAILABLE_ERRORS as exc:
                 log.warning(
                     "task notification listener lost; polling until it is back",

@@ -239,3 +239,6 @@ RETURNING id;
 
 -- name: worker_count_by_state
 SELECT state, count(*) AS workers FROM conveyor_workers GROUP BY state;
+
+-- name: database_ping
+SELECT 1;

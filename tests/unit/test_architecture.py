@@ -1,0 +1,103 @@
+"""Structural rules of the codebase, checked rather than hoped for.
+
+Imports flow one way: `types` and `errors` are leaves; `storage` and `protocol` import only
+leaves; `client` and `worker` never import `storage` or `server`; `monitoring` imports only
+leaves; `cli` sits on top. SQL lives only in `storage/`.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "conveyor"
+
+# layer -> the conveyor layers it may import (besides itself)
+ALLOWED = {
+    "types": {"errors"},
+    "errors": set(),
+    "storage": {"types", "errors"},
+    "protocol": {"types", "errors"},
+    "monitoring": {"types", "errors"},
+    "client": {"types", "errors", "protocol"},
+    "worker": {"types", "errors", "protocol", "client"},
+    "server": {"types", "errors", "protocol", "storage", "monitoring"},
+    "cli": {"types", "errors", "protocol", "storage", "monitoring", "client", "worker", "server"},
+}
+
+
+def layer_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0].removesuffix(".py")
+
+
+def conveyor_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "conveyor" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def source_files() -> list[Path]:
+    """Every hand-written module in a layer (the package root re-exports, so it is exempt)."""
+    layered = [path for path in PACKAGE.rglob("*.py") if "_pb2" not in path.name]
+    return [
+        path for path in layered if path.parent != PACKAGE or path.name in {"types.py", "errors.py"}
+    ]
+
+
+class TestImportDirection:
+    @pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+    def test_module_imports_only_lower_layers(self, path: Path) -> None:
+        """Each module imports only the layers its own layer may depend on."""
+        layer = layer_of(path)
+        assert layer in ALLOWED, f"unknown layer {layer}: add it to ALLOWED"
+        forbidden = conveyor_imports(path) - ALLOWED[layer] - {layer, "__version__"}
+        assert not forbidden, f"{path.name} ({layer}) imports {sorted(forbidden)}"
+
+
+SQL_KEYWORDS = re.compile(r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM)\s", re.IGNORECASE)
+
+
+class TestSqlLivesInStorage:
+    def test_no_sql_outside_the_storage_package(self) -> None:
+        """SQL text appears only in storage/ (queries.sql, migrations, migrate.py)."""
+        offenders = [
+            f"{path.relative_to(PACKAGE)}: {node.value[:60]!r}"
+            for path in PACKAGE.rglob("*.py")
+            if "storage" not in path.parts and "_pb2" not in path.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and SQL_KEYWORDS.search(node.value)
+        ]
+        assert not offenders
+
+    def test_every_named_query_has_a_function(self) -> None:
+        """queries.py exposes one function per `-- name:` block, and no block is orphaned."""
+        from conveyor.storage import queries  # noqa: PLC0415
+
+        missing = [name for name in queries.SQL if not callable(getattr(queries, name, None))]
+        assert not missing
+
+    def test_every_module_has_a_docstring(self) -> None:
+        """Each module opens with a paragraph saying what it owns."""
+        undocumented = [
+            str(path.relative_to(PACKAGE))
+            for path in PACKAGE.rglob("*.py")
+            if "_pb2" not in path.name and not ast.get_docstring(ast.parse(path.read_text()))
+        ]
+        assert not undocumented

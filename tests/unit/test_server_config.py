@@ -1,0 +1,87 @@
+"""ServerConfig rejects impossible settings before anything starts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from conveyor.client.channel import RetryPolicy, parse_addresses
+from conveyor.errors import ConfigError
+from conveyor.server.config import ServerConfig, split_host_port
+
+
+class TestServerConfig:
+    def test_defaults_are_valid(self) -> None:
+        """A database URL is all a server needs."""
+        config = ServerConfig(database_url="postgresql://localhost/x")
+        assert config.lease_ttl == timedelta(seconds=30)
+        assert config.max_payload_bytes == 1024 * 1024
+
+    @pytest.mark.parametrize(
+        ("overrides", "fragment"),
+        [
+            ({"database_url": ""}, "database_url"),
+            ({"lease_ttl": timedelta(0)}, "lease_ttl"),
+            ({"heartbeat_interval": timedelta(seconds=20)}, "half of lease_ttl"),
+            ({"retry_backoff_cap": timedelta(milliseconds=1)}, "retry_backoff_cap"),
+            ({"max_payload_bytes": 0}, "max_payload_bytes"),
+            ({"grpc_listen": "nonsense"}, "HOST:PORT"),
+            ({"http_listen": "host:99999"}, "HOST:PORT"),
+        ],
+    )
+    def test_impossible_settings_raise_config_error(
+        self, overrides: dict[str, object], fragment: str
+    ) -> None:
+        """Each bad setting is named in the error."""
+        settings: dict[str, object] = {"database_url": "postgresql://localhost/x", **overrides}
+        with pytest.raises(ConfigError, match=fragment):
+            ServerConfig(**settings)  # type: ignore[arg-type]
+
+    def test_listen_addresses_split_into_host_and_port(self) -> None:
+        """IPv6 brackets are removed; an empty host means every interface."""
+        assert split_host_port("127.0.0.1:50051") == ("127.0.0.1", 50051)
+        assert split_host_port("[::1]:8080") == ("::1", 8080)
+        assert split_host_port(":8080") == ("0.0.0.0", 8080)  # noqa: S104
+
+
+class TestAddresses:
+    def test_comma_separated_addresses_are_split(self) -> None:
+        """'a:1, b:2' is two addresses."""
+        assert parse_addresses("a:1, b:2") == ["a:1", "b:2"]
+
+    def test_environment_supplies_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """CONVEYOR_SERVER is read when no address is given, else localhost:50051."""
+        monkeypatch.delenv("CONVEYOR_SERVER", raising=False)
+        assert parse_addresses(None) == ["localhost:50051"]
+        monkeypatch.setenv("CONVEYOR_SERVER", "h1:1,h2:2")
+        assert parse_addresses(None) == ["h1:1", "h2:2"]
+
+    @pytest.mark.parametrize("bad", ["", "nohost", "host:", "host:port", ":123"])
+    def test_malformed_addresses_raise_config_error(self, bad: str) -> None:
+        """Addresses must be HOST:PORT."""
+        with pytest.raises(ConfigError):
+            parse_addresses(bad)
+
+
+class TestRetryPolicy:
+    def test_delays_have_full_jitter_under_a_doubling_ceiling(self) -> None:
+        """Each delay lies in [0, min(cap, base * 2**n)]."""
+        policy = RetryPolicy(
+            backoff_base=timedelta(milliseconds=100), backoff_cap=timedelta(seconds=1)
+        )
+        delays = policy.delays()
+        ceilings = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+        for ceiling in ceilings:
+            delay = next(delays)
+            assert 0 <= delay <= ceiling
+
+    def test_jitter_spreads_retries(self) -> None:
+        """Many clients retrying at once do not pick the same delay."""
+        first_delays = {next(RetryPolicy().delays()) for _ in range(200)}
+        assert len(first_delays) > 150
+
+    def test_non_positive_durations_are_rejected(self) -> None:
+        """A zero total timeout is a configuration error."""
+        with pytest.raises(ConfigError):
+            RetryPolicy(total_timeout=timedelta(0))

@@ -1,0 +1,115 @@
+"""Task validation and ids: the rules every producer hits before the network."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from conveyor import Task, TaskState
+from conveyor.errors import InvalidTask
+from conveyor.types import new_task_id, normalize_task_id
+
+
+class TestTaskValidation:
+    def test_defaults_match_the_documented_contract(self) -> None:
+        """A Task has an empty payload, a 5 minute timeout and 3 retries by default."""
+        task = Task(type="send_email")
+        assert task.payload == b""
+        assert task.timeout == timedelta(minutes=5)
+        assert task.max_retries == 3
+        assert task.id is None
+
+    @pytest.mark.parametrize("name", ["a", "send_email", "x.y:z-1", "A" * 128])
+    def test_valid_type_names_are_accepted(self, name: str) -> None:
+        """Types of 1-128 characters from [A-Za-z0-9_.:-] are valid."""
+        assert Task(type=name).type == name
+
+    @pytest.mark.parametrize(
+        ("name", "fragment"),
+        [
+            ("", "must not be empty"),
+            ("A" * 129, "limit is 128"),
+            ("has space", "may only contain"),
+            ("semi;colon", "may only contain"),
+            ("ünicode", "may only contain"),
+            ("quote'; DROP TABLE x;--", "may only contain"),
+        ],
+    )
+    def test_invalid_type_names_are_rejected_with_the_reason(
+        self, name: str, fragment: str
+    ) -> None:
+        """Each bad type name raises InvalidTask saying what is wrong."""
+        with pytest.raises(InvalidTask, match=fragment) as raised:
+            Task(type=name)
+        assert raised.value.field == "type"
+
+    def test_timeout_in_seconds_is_converted_to_a_timedelta(self) -> None:
+        """`timeout=2.5` means 2.5 seconds."""
+        assert Task(type="t", timeout=2.5).timeout == timedelta(seconds=2.5)
+
+    @pytest.mark.parametrize("timeout", [0, -1, timedelta(seconds=-3), timedelta(days=8)])
+    def test_out_of_range_timeouts_are_rejected(self, timeout: object) -> None:
+        """Zero, negative and absurdly long timeouts raise InvalidTask."""
+        with pytest.raises(InvalidTask) as raised:
+            Task(type="t", timeout=timeout)  # type: ignore[arg-type]
+        assert raised.value.field == "timeout"
+
+    @pytest.mark.parametrize("value", [-1, 1001, 1.5, True, "3"])
+    def test_bad_max_retries_is_rejected(self, value: object) -> None:
+        """max_retries must be an int between 0 and 1000."""
+        with pytest.raises(InvalidTask):
+            Task(type="t", max_retries=value)  # type: ignore[arg-type]
+
+    def test_payload_must_be_bytes(self) -> None:
+        """A str payload is a mistake worth catching: encoding is the caller's choice."""
+        with pytest.raises(InvalidTask, match="bytes"):
+            Task(type="t", payload="text")  # type: ignore[arg-type]
+
+    def test_bytearray_payload_is_frozen_to_bytes(self) -> None:
+        """Mutable buffers are copied so the task cannot change after validation."""
+        buffer = bytearray(b"abc")
+        task = Task(type="t", payload=buffer)
+        buffer[0] = ord("z")
+        assert task.payload == b"abc"
+
+    def test_explicit_id_is_normalised(self) -> None:
+        """An upper-case UUID is stored in canonical form."""
+        value = str(uuid.uuid4())
+        assert Task(type="t", id=value.upper()).id == value
+
+    def test_malformed_id_is_rejected(self) -> None:
+        """Ids must be UUIDs; the message shows the bad value."""
+        with pytest.raises(InvalidTask, match="not-a-uuid"):
+            Task(type="t", id="not-a-uuid")
+
+
+class TestTaskIds:
+    def test_generated_ids_are_uuid_version_7(self) -> None:
+        """New ids are RFC 9562 UUIDv7: version 7, RFC 4122 variant."""
+        parsed = uuid.UUID(new_task_id())
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+
+    def test_generated_ids_are_unique_and_time_ordered(self) -> None:
+        """Ids made later sort later at millisecond resolution, and never repeat."""
+        ids = [new_task_id() for _ in range(2000)]
+        assert len(set(ids)) == len(ids)
+        prefixes = [uuid.UUID(i).int >> 80 for i in ids]  # the 48-bit millisecond timestamp
+        assert prefixes == sorted(prefixes)
+
+    def test_normalize_rejects_non_strings(self) -> None:
+        """A non-string id is a type error reported as InvalidTask."""
+        with pytest.raises(InvalidTask):
+            normalize_task_id(123)  # type: ignore[arg-type]
+
+
+class TestTaskState:
+    def test_only_succeeded_failed_and_cancelled_are_final(self) -> None:
+        """is_final separates live states from final ones."""
+        assert {state for state in TaskState if state.is_final} == {
+            TaskState.SUCCEEDED,
+            TaskState.FAILED,
+            TaskState.CANCELLED,
+        }
