@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help dev test check lint typecheck unit proto proto-check clean
+.PHONY: help install dev test lint typecheck proto proto-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ dev: $(STAMP)  ## Run Conveyor locally: embedded PostgreSQL, a server and a demo
 	$(BIN)/conveyor dev
 
 test: $(STAMP)  ## Run the whole test suite: lint, types, generated code, every test
-	$(MAKE) --no-print-directory lint typecheck proto-check
+	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
