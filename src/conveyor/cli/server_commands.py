@@ -24,13 +24,22 @@ if TYPE_CHECKING:
 
 
 async def _serve(
-    config: ServerConfig, on_started: Callable[[ConveyorServer], None] | None = None
+    config: ServerConfig,
+    on_started: Callable[[ConveyorServer], None] | None = None,
+    before_stop: Callable[[], None] | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM. Callbacks run in a thread: they may block on this loop."""
     server = ConveyorServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
+
+    async def shut_down() -> None:
+        if before_stop is not None:
+            await loop.run_in_executor(None, before_stop)
+        await server.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shut_down()))
     click.echo(
         f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
         f"{server.grpc_port}"
@@ -42,7 +51,6 @@ async def _serve(
         err=True,
     )
     if on_started is not None:
-        # In a thread: the callback may block on calls that this very loop must answer.
         await loop.run_in_executor(None, on_started, server)
     await server.wait_stopped()
 
@@ -201,7 +209,14 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
         )
 
     try:
-        asyncio.run(_serve(config, on_started=start_demo))
+        # The worker stops first, while the server can still take its handed-back leases.
+        asyncio.run(
+            _serve(
+                config,
+                on_started=start_demo,
+                before_stop=lambda: demo.stop(timeout=timedelta(seconds=10)),
+            )
+        )
     finally:
         demo.stop(timeout=timedelta(seconds=10))
         _stop_embedded(embedded)

@@ -216,8 +216,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 if row["state"] == TaskState.CANCELLED.value
                 else pb.STOP_REASON_LEASE_LOST
             )
-            if reason == pb.STOP_REASON_LEASE_LOST:
-                self.metrics.stale_completions.inc()
             stop.append(
                 pb.LeaseToStop(
                     task_id=str(row["task_id"]), lease_id=str(row["lease_id"]), reason=reason

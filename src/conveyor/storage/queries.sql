@@ -187,14 +187,14 @@ WITH expired AS (
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     FROM expired
     WHERE t.id = expired.id
-    RETURNING t.id, t.state, t.attempt, t.worker_id, t.last_error, expired.timed_out
+    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.last_error, expired.timed_out
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
     SELECT id, CASE WHEN timed_out THEN 'timed_out' ELSE 'lease_expired' END,
            state, attempt, worker_id, last_error
     FROM done
 )
-SELECT id, state FROM done;
+SELECT id, type, state, timed_out FROM done;
 
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,

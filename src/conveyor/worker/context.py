@@ -20,8 +20,10 @@ class TaskContext:
         task_type: The task's type.
         attempt: 1 for the first attempt, 2 for the first retry, and so on.
         max_retries: Retries allowed after the first attempt.
-        lease_id: The fencing token of this attempt. It changes on every attempt; use
-            (task_id, attempt) or lease_id to make side effects idempotent.
+        lease_id: The fencing token of this attempt; it changes on every attempt. Use
+            task_id as the idempotency key of an effect that must happen once per task
+            (a task can run again after a lease expiry, with a new attempt and lease_id);
+            use lease_id only to tell attempts apart in your own records.
         deadline: When this attempt times out (UTC, by the database clock).
         cancelled: Set when the task is cancelled, its lease is lost, its timeout passes or
             the worker shuts down. Sync handlers should check it in long loops; async

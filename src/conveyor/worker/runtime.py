@@ -475,17 +475,28 @@ class _Runtime:
             if report is not None:
                 await self.report(attempt, report)
             attempt.settled.set()
-            if attempt.thread_future is not None and not attempt.thread_future.done():
-                # The slot stays taken until the thread really ends (see module docstring).
-                await asyncio.wrap_future(attempt.thread_future)
-        except BaseException:  # noqa: S110 - the outcome is already reported or abandoned
-            pass
+            await self.handler_ended(attempt)
+        except Exception:
+            self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
         finally:
             attempt.settled.set()
             self.attempts.pop(lease.task_id, None)
             self.busy -= 1
             if self.slot_freed is not None:
                 self.slot_freed.set()
+
+    async def handler_ended(self, attempt: _Attempt) -> None:
+        """Wait until the handler has really stopped running: until then it holds its slot.
+
+        A sync handler's thread cannot be interrupted, and an async handler may swallow its
+        cancellation; either way the outcome is already reported, but the worker must not
+        start more handlers than `concurrency` (see the module docstring).
+        """
+        if attempt.thread_future is not None and not attempt.thread_future.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(attempt.thread_future)
+        elif attempt.handler_future is not None and not attempt.handler_future.done():
+            await asyncio.wait({attempt.handler_future})
 
     async def run_handler(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
         """Run the handler under its timeout; return the report to send (None: send none)."""
@@ -588,6 +599,19 @@ class _Runtime:
             try:
                 await self.call("ReportResult", request)
             except grpc.aio.AioRpcError as exc:
+                if (
+                    exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    and request.outcome == pb.OUTCOME_SUCCEEDED
+                ):
+                    # The result itself was refused (too large): the attempt failed, and
+                    # running it again would produce the same result.
+                    request = self.outcome(
+                        attempt,
+                        pb.OUTCOME_FAILED,
+                        error=f"InvalidTask: the result was refused: {exc.details()}",
+                        non_retryable=True,
+                    )
+                    continue
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     attempt.ctx.logger.info(
                         "outcome refused, the lease is no longer ours: %s",
@@ -615,7 +639,8 @@ class _Runtime:
         last_success = self.loop.time()
         while True:
             await asyncio.sleep(self.heartbeat_interval.total_seconds())
-            held = [a for a in self.attempts.values() if not a.reported]
+            # Attempts stopped or reported no longer hold a lease worth extending.
+            held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
             request = pb.HeartbeatRequest(
                 worker_id=self.worker.worker_id,
                 leases=[
@@ -623,7 +648,9 @@ class _Runtime:
                 ],
             )
             try:
-                response = await self.call("Heartbeat", request)
+                # Short deadline: a heartbeat that cannot get through must be noticed well
+                # within the lease, not after a long call timeout.
+                response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
             except grpc.aio.AioRpcError as exc:
                 silent_for = self.loop.time() - last_success
                 self.log.warning(
@@ -639,9 +666,17 @@ class _Runtime:
             last_success = self.loop.time()
             for stop in response.stop:
                 stopped = self.attempts.get(stop.task_id)
-                if stopped is not None and stopped.lease.lease_id == stop.lease_id:
+                if (
+                    stopped is not None
+                    and stopped.lease.lease_id == stop.lease_id
+                    and not stopped.reported
+                ):
                     cancelled = stop.reason == pb.STOP_REASON_CANCELLED
                     self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
+
+    def heartbeat_timeout(self) -> float:
+        """Deadline of one heartbeat call: a quarter of the lease, at most CALL_TIMEOUT."""
+        return max(0.5, min(CALL_TIMEOUT, self.lease_duration.total_seconds() / 4))
 
     def abandon(self, attempt: _Attempt, reason: str) -> None:
         if attempt.stop_reason is not None:

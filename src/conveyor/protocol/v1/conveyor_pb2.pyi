@@ -148,8 +148,8 @@ class TaskEvent(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     event: _builtins.str
-    """enqueued, started, succeeded, failed, retry_scheduled, timed_out,
-    cancelled, lease_expired, released.
+    """enqueued, started, succeeded, failed, timed_out, lease_expired, released,
+    cancelled. A retry shows as failed/timed_out/lease_expired with state QUEUED.
     """
     attempt: _builtins.int
     worker_id: _builtins.str

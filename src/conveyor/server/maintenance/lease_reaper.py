@@ -45,6 +45,8 @@ class LeaseReaper(PeriodicService):
                     conn, limit=BATCH_SIZE, backoff=self._backoff
                 )
             for row in rows:
+                outcome = "timed_out" if row["timed_out"] else "lease_expired"
+                self._metrics.task_outcomes.labels(row["type"], outcome).inc()
                 log.info(
                     "lease of task %s expired; task is now %s",
                     row["id"],

@@ -34,7 +34,7 @@ CREATE TABLE conveyor_tasks (
     CONSTRAINT conveyor_tasks_running_has_lease CHECK (
         (state = 'running') = (lease_id IS NOT NULL AND lease_expires_at IS NOT NULL)
     )
-) WITH (fillfactor = 80);  -- room for HOT updates: most updates touch no indexed column
+) WITH (fillfactor = 80);  -- free space on each page for the updated row versions
 
 -- The claim: oldest queued task of a type. Partial, so it holds only the backlog.
 CREATE INDEX conveyor_tasks_claim_idx ON conveyor_tasks (type, seq) WHERE state = 'queued';
