@@ -529,11 +529,15 @@ class _Runtime:
         """The report for a handler that has returned, raised or been cancelled."""
         if attempt.stop_reason in ("cancelled", "lease_lost"):
             return None  # the lease is gone; nothing may be reported
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or (error is not None and attempt.stop_reason == "shutdown"):
+        error: BaseException | None = (
+            asyncio.CancelledError() if future.cancelled() else future.exception()
+        )
+        if error is not None and attempt.stop_reason == "shutdown":
             # Stopped by the shutdown before it could finish: hand the task back.
             return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
         if error is not None:
+            # Includes a handler cancelled by something other than this worker: that is a
+            # failed attempt like any other, retried within max_retries.
             attempt.ctx.logger.info(
                 "attempt failed: %s", _describe(error), extra={"event": "task_attempt_failed"}
             )

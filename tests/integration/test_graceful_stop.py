@@ -1,0 +1,339 @@
+"""Worker life cycle: draining on stop, handing back unfinished work, concurrency, config."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from helpers import wait_final, wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.errors import ConfigError, ServerUnavailable
+
+
+def worker_state(db, worker: Worker) -> str | None:
+    return db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
+
+
+class TestDrainOnStop:
+    def test_stop_lets_a_short_in_flight_task_finish(self, server, client: Client, db) -> None:
+        """stop() with a 5 s drain timeout waits for a 0.5 s task, which ends SUCCEEDED."""
+        started = threading.Event()
+
+        async def short(ctx, payload):
+            started.set()
+            await asyncio.sleep(0.5)
+            return b"drained"
+
+        worker = Worker(server.address, concurrency=1, drain_timeout=timedelta(seconds=5))
+        worker.register_handler("short", short)
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="short"))
+            wait_for(started.is_set, timeout=10, what="the handler to start")
+        finally:
+            worker.stop()
+
+        assert worker.running is False
+        row = db.task(task_id)
+        assert row["state"] == "succeeded"
+        assert row["result"] == b"drained"
+        assert row["attempt"] == 1
+        status = client.get_task_status(task_id, history=True)
+        assert status.state is TaskState.SUCCEEDED
+        assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
+
+
+class TestHandBackOnStop:
+    def test_stop_hands_back_a_long_task_without_spending_its_attempt(
+        self, server, client: Client, db
+    ) -> None:
+        """A task outliving the drain timeout is RELEASED to QUEUED at once, attempt unspent."""
+        started = threading.Event()
+        saw_cancelled = threading.Event()
+
+        async def endless(ctx, payload):
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                saw_cancelled.set()
+                raise
+            return b"never"
+
+        worker = Worker(server.address, concurrency=1, drain_timeout=timedelta(milliseconds=300))
+        worker.register_handler("endless", endless)
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="endless", max_retries=0))
+            wait_for(started.is_set, timeout=10, what="the handler to start")
+            assert db.task(task_id)["state"] == "running"
+            began = time.monotonic()
+        finally:
+            worker.stop()
+        stop_took = time.monotonic() - began
+
+        # Checked right after stop returns: no waiting for the 30 s lease to expire.
+        row = db.task(task_id)
+        assert stop_took < 5
+        assert worker.running is False
+        assert saw_cancelled.is_set()
+        assert row["state"] == "queued"
+        assert row["attempt"] == 0
+        assert row["lease_id"] is None
+        events = db.events(task_id)
+        assert [e["event"] for e in events] == ["enqueued", "started", "released"]
+        assert events[-1]["state"] == "queued"
+        assert events[-1]["attempt"] == 1
+        assert events[-1]["worker_id"] == worker.worker_id
+
+        seen_attempts: list[int] = []
+
+        def quick(ctx, payload):
+            seen_attempts.append(ctx.attempt)
+            return b"finished by the second"
+
+        second = Worker(server.address, concurrency=1)
+        second.register_handler("endless", quick)
+        second.start()
+        try:
+            status = wait_final(client, task_id)
+        finally:
+            second.stop()
+
+        # max_retries=0: had the released attempt been spent, no attempt would remain.
+        assert status.state is TaskState.SUCCEEDED
+        assert status.attempts == 1
+        assert status.result == b"finished by the second"
+        assert status.worker_id == second.worker_id
+        assert seen_attempts == [1]
+
+    def test_stop_hands_back_a_sync_handler_without_waiting_for_its_thread(
+        self, server, client: Client, db
+    ) -> None:
+        """A sync handler ignoring cancellation is handed back at once; stop does not wait."""
+        started = threading.Event()
+        finished = threading.Event()
+
+        def stubborn(ctx, payload):
+            started.set()
+            try:
+                time.sleep(4)  # the work; it ignores ctx.cancelled on purpose
+            finally:
+                finished.set()
+            return b"too late"
+
+        worker = Worker(server.address, concurrency=1, drain_timeout=timedelta(milliseconds=300))
+        worker.register_handler("stubborn", stubborn)
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="stubborn"))
+            wait_for(started.is_set, timeout=10, what="the handler to start")
+            began = time.monotonic()
+        finally:
+            worker.stop()
+        stop_took = time.monotonic() - began
+
+        row = db.task(task_id)
+        still_running = not finished.is_set()
+        wait_for(finished.is_set, timeout=10, what="the handler thread to return")
+        assert stop_took < 3
+        assert still_running
+        assert row["state"] == "queued"
+        assert row["attempt"] == 0
+        assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+        # The thread's late return reports nothing: the lease was handed back.
+        assert db.task(task_id)["state"] == "queued"
+
+
+class TestNoLeasingAfterStop:
+    def test_stopped_worker_leases_nothing_more(self, server, client: Client, db) -> None:
+        """Tasks enqueued after stop() stay QUEUED: the stopped worker leases nothing."""
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("mine", lambda _ctx, _payload: b"ok")
+        worker.start()
+        try:
+            first = client.enqueue_task(Task(type="mine"))
+            assert wait_final(client, first).state is TaskState.SUCCEEDED
+            began = time.monotonic()
+        finally:
+            worker.stop()
+        # The worker was idle in a 20 s lease long poll: stop must not wait it out.
+        assert time.monotonic() - began < 5
+        assert worker.running is False
+
+        later = client.enqueue_task(Task(type="mine"))
+        # A sentinel worker for another type proves the system kept working meanwhile.
+        sentinel_worker = Worker(server.address, concurrency=1)
+        sentinel_worker.register_handler("sentinel", lambda _ctx, _payload: b"ok")
+        sentinel_worker.start()
+        try:
+            sentinel = client.enqueue_task(Task(type="sentinel"))
+            assert wait_final(client, sentinel).state is TaskState.SUCCEEDED
+        finally:
+            sentinel_worker.stop()
+
+        row = db.task(later)
+        assert row["state"] == "queued"
+        assert row["attempt"] == 0
+        assert [e["event"] for e in db.events(later)] == ["enqueued"]
+
+
+class TestWorkerRow:
+    def test_worker_row_goes_to_stopped_after_stop(self, server, db) -> None:
+        """The worker's row in conveyor_workers is 'active' while running, 'stopped' after."""
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("mine", lambda _ctx, _payload: None)
+        worker.start()
+        try:
+            assert worker.running is True
+            assert worker_state(db, worker) == "active"
+            types = db.fetchval(
+                "SELECT task_types FROM conveyor_workers WHERE id = $1", worker.worker_id
+            )
+            assert list(types) == ["mine"]
+        finally:
+            worker.stop()
+
+        assert worker_state(db, worker) == "stopped"
+
+
+class TestConcurrency:
+    def test_at_most_concurrency_handlers_run_at_once(self, server, client: Client) -> None:
+        """With concurrency=3, 10 async tasks never run more than 3 at a time (and do overlap)."""
+        lock = threading.Lock()
+        running = 0
+        peak = 0
+
+        async def tracked(ctx, payload):
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            try:
+                await asyncio.sleep(0.2)  # the work
+            finally:
+                with lock:
+                    running -= 1
+            return payload
+
+        task_ids = client.enqueue_tasks(
+            [Task(type="tracked", payload=str(i).encode()) for i in range(10)]
+        )
+        worker = Worker(server.address, concurrency=3)
+        worker.register_handler("tracked", tracked)
+        worker.start()
+        try:
+            statuses = [wait_final(client, task_id) for task_id in task_ids]
+        finally:
+            worker.stop()
+
+        assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 10
+        assert [s.result for s in statuses] == [str(i).encode() for i in range(10)]
+        assert all(s.attempts == 1 for s in statuses)
+        assert 2 <= peak <= 3, peak
+
+    def test_at_most_concurrency_sync_handlers_run_at_once(self, server, client: Client) -> None:
+        """With concurrency=2, 6 sync tasks never run more than 2 at a time (and do overlap)."""
+        lock = threading.Lock()
+        running = 0
+        peak = 0
+
+        def tracked(ctx, payload):
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            try:
+                time.sleep(0.2)  # the work
+            finally:
+                with lock:
+                    running -= 1
+            return payload
+
+        task_ids = client.enqueue_tasks([Task(type="tracked-sync") for _ in range(6)])
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("tracked-sync", tracked)
+        worker.start()
+        try:
+            statuses = [wait_final(client, task_id) for task_id in task_ids]
+        finally:
+            worker.stop()
+
+        assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 6
+        assert peak == 2, peak
+
+
+class TestOnlyRegisteredTypes:
+    def test_worker_never_leases_a_type_it_has_no_handler_for(
+        self, server, client: Client, db
+    ) -> None:
+        """A worker with a handler for 'mine' only runs 'mine'; an 'other' task stays QUEUED."""
+        other = client.enqueue_task(Task(type="other"))
+        mine = client.enqueue_task(Task(type="mine"))
+
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("mine", lambda _ctx, _payload: b"mine")
+        worker.start()
+        try:
+            status = wait_final(client, mine)
+            other_row = db.task(other)
+        finally:
+            worker.stop()
+
+        assert status.state is TaskState.SUCCEEDED
+        assert other_row["state"] == "queued"
+        assert other_row["attempt"] == 0
+        assert [e["event"] for e in db.events(other)] == ["enqueued"]
+        assert db.task(other)["state"] == "queued"
+
+
+class TestConfiguration:
+    @pytest.mark.parametrize("bad_type", ["", "has space", "semi;colon", "x" * 129])
+    def test_registering_an_invalid_type_name_raises_config_error(self, bad_type: str) -> None:
+        """register_handler rejects a type name outside the documented pattern."""
+        worker = Worker("127.0.0.1:1")
+        with pytest.raises(ConfigError):
+            worker.register_handler(bad_type, lambda _ctx, _payload: None)
+        assert worker.registry.task_types() == []
+
+    def test_registering_a_type_twice_raises_config_error(self) -> None:
+        """A second handler for the same type raises ConfigError; the first one stays."""
+
+        def first(ctx, payload):
+            return b"first"
+
+        worker = Worker("127.0.0.1:1")
+        worker.register_handler("dup", first)
+        with pytest.raises(ConfigError):
+            worker.register_handler("dup", lambda _ctx, _payload: b"second")
+        registered = worker.registry.get("dup")
+        assert registered is not None
+        assert registered.fn is first
+
+    def test_starting_without_handlers_raises_config_error(self, server) -> None:
+        """start() with no handler registered raises ConfigError before connecting."""
+        worker = Worker(server.address)
+        try:
+            with pytest.raises(ConfigError):
+                worker.start(timeout=timedelta(seconds=5))
+            assert worker.running is False
+        finally:
+            worker.stop()
+
+    def test_starting_with_no_server_raises_server_unavailable(self) -> None:
+        """start() raises ServerUnavailable when no server answers within its timeout."""
+        worker = Worker("127.0.0.1:1")
+        worker.register_handler("mine", lambda _ctx, _payload: None)
+        began = time.monotonic()
+        try:
+            with pytest.raises(ServerUnavailable):
+                worker.start(timeout=timedelta(seconds=1))
+            took = time.monotonic() - began
+            assert worker.running is False
+        finally:
+            worker.stop()
+        assert took < 10
