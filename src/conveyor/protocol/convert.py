@@ -12,6 +12,7 @@ from typing import Final
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.types import Task, TaskEvent, TaskState, TaskStatus
 
@@ -30,6 +31,16 @@ def duration(value: timedelta) -> Duration:
     message = Duration()
     message.FromTimedelta(value)
     return message
+
+
+def from_duration(message: Duration, *, field: str) -> timedelta:
+    """A timedelta from a Duration received from a peer; InvalidTask if out of range."""
+    try:
+        return message.ToTimedelta()
+    except (OverflowError, ValueError):
+        raise InvalidTask(
+            f"{field} is out of range ({message.seconds}s {message.nanos}ns)", field=field
+        ) from None
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

@@ -51,11 +51,13 @@ class ConveyorServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.database = Database(config)
-        self.notifier = TaskNotifier(config.database_url, self.database.server_settings())
+        self.notifier = TaskNotifier(
+            config.database_url, self.database.server_settings(), publish=self._publish_ready
+        )
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
         self.maintenance = [
-            LeaseReaper(config, self.database, self.metrics),
+            LeaseReaper(config, self.database, self.metrics, self.notifier),
             WorkerSweeper(config, self.database),
         ]
         self.health = health_aio.HealthServicer()
@@ -129,6 +131,14 @@ class ConveyorServer:
         await self.database.close()
         log.info("conveyor server %s stopped", self.config.server_id, extra={"event": "stopped"})
         self._stopped.set()
+
+    async def _publish_ready(self) -> None:
+        """NOTIFY every server (this one included) that tasks became available."""
+        try:
+            async with self.database.connection() as conn:
+                await queries.task_ready_notify(conn)
+        except ConveyorError as exc:
+            log.debug("could not publish a wake-up: %s", exc, extra={"event": "notify_failed"})
 
     async def wait_stopped(self) -> None:
         """Return once the server has stopped completely."""

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
 from conveyor.server.database import UNAVAILABLE_ERRORS
 from conveyor.storage import queries
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("conveyor.server.notifier")
 
@@ -33,10 +37,19 @@ CHANNEL: Final = "conveyor_task_ready"
 class TaskNotifier:
     """Broadcasts "tasks may be available" to waiters in this process."""
 
-    def __init__(self, database_url: str, server_settings: dict[str, str]) -> None:
-        """Nothing connects until `start`."""
+    def __init__(
+        self,
+        database_url: str,
+        server_settings: dict[str, str],
+        publish: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Nothing connects until `start`. `publish` sends the NOTIFY to every server."""
         self._url = database_url
         self._settings = server_settings
+        self._publish = publish
+        self._due: list[float] = []  # loop times of scheduled wake-ups (a heap)
+        self._timer: asyncio.TimerHandle | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._event = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -52,6 +65,38 @@ class TaskNotifier:
         self._generation += 1
         event, self._event = self._event, asyncio.Event()
         event.set()
+
+    def wake_after(self, seconds: float) -> None:
+        """Wake every server's waiters in `seconds` (when a retry's backoff ends).
+
+        Without this, a retried task would start only at the next fallback poll. Nearby
+        wake-ups are coalesced into one timer; if this server dies first, the other
+        servers' polls still find the task.
+        """
+        loop = asyncio.get_running_loop()
+        heapq.heappush(self._due, loop.time() + max(seconds, 0.0))
+        self._arm(loop)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._due:
+            return
+        if self._timer is not None and self._timer.when() <= self._due[0]:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(self._due[0], self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        while self._due and self._due[0] <= now + 0.005:
+            heapq.heappop(self._due)
+        self.wake()
+        if self._publish is not None:
+            task = asyncio.ensure_future(self._publish())
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+        self._arm(loop)
 
     async def wait(self, since: int, timeout: float) -> None:
         """Return at the next wake-up after generation `since`, or after `timeout` seconds."""
@@ -72,6 +117,10 @@ class TaskNotifier:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
         self.wake()
 
     def _on_notification(self, *_args: Any) -> None:

@@ -98,7 +98,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             id=normalize_task_id(spec.id),
             type=validate_task_type(spec.type),
             payload=spec.payload,
-            timeout=validate_timeout(spec.timeout.ToTimedelta()),
+            timeout=validate_timeout(convert.from_duration(spec.timeout, field="timeout")),
             max_retries=validate_max_retries(spec.max_retries),
         )
 

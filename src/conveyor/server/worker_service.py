@@ -124,7 +124,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if request.max_tasks < 1:
             raise InvalidTask("max_tasks must be at least 1")
         limit = min(request.max_tasks, self.config.max_lease_batch)
-        wait = request.wait.ToTimedelta() if request.HasField("wait") else timedelta(0)
+        wait = (
+            convert.from_duration(request.wait, field="wait")
+            if request.HasField("wait")
+            else timedelta(0)
+        )
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + wait.total_seconds()
@@ -282,6 +286,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 backoff=self._backoff,
             )
             label = event if row is None or row["state"] == "failed" else "retried"
+            if row is not None and label == "retried":
+                self.notifier.wake_after(row["retry_in"])
         elif outcome == pb.OUTCOME_RELEASED:
             row = await queries.task_release(
                 conn,

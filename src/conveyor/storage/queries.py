@@ -198,6 +198,11 @@ async def task_count_by_state(conn: Any) -> dict[str, int]:
     return {row["state"]: row["tasks"] for row in await conn.fetch(SQL["task_count_by_state"])}
 
 
+async def task_ready_notify(conn: Any) -> None:
+    """Wake every server's long polls."""
+    await conn.execute(SQL["task_ready_notify"])
+
+
 async def database_ping(conn: Any, *, timeout: float | None = None) -> None:
     """A trivial round trip: raises if the connection is unusable."""
     await conn.fetchval(SQL["database_ping"], timeout=timeout)

@@ -103,7 +103,9 @@ WITH done AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
     SELECT id, $4, state, attempt, worker_id, $3 FROM done
 )
-SELECT type, state, available_at FROM done;
+-- retry_in: seconds until a retry is due, by the database clock (servers' clocks may skew).
+SELECT type, state, available_at, extract(epoch FROM available_at - now())::float8 AS retry_in
+FROM done;
 
 -- name: task_release
 -- $1 task id, $2 lease id, $3 reason. Hands a lease back without spending the attempt.
@@ -187,14 +189,16 @@ WITH expired AS (
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     FROM expired
     WHERE t.id = expired.id
-    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.last_error, expired.timed_out
+    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.last_error, expired.timed_out,
+              t.available_at
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
     SELECT id, CASE WHEN timed_out THEN 'timed_out' ELSE 'lease_expired' END,
            state, attempt, worker_id, last_error
     FROM done
 )
-SELECT id, type, state, timed_out FROM done;
+SELECT id, type, state, timed_out, extract(epoch FROM available_at - now())::float8 AS retry_in
+FROM done;
 
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
@@ -239,6 +243,10 @@ RETURNING id;
 
 -- name: worker_count_by_state
 SELECT state, count(*) AS workers FROM conveyor_workers GROUP BY state;
+
+-- name: task_ready_notify
+-- Wakes every server's long polls (a retry's backoff ended).
+SELECT pg_notify('conveyor_task_ready', '');
 
 -- name: database_ping
 SELECT 1;

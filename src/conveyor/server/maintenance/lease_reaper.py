@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
+    from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.reaper")
 
@@ -28,10 +29,17 @@ class LeaseReaper(PeriodicService):
 
     name = "lease-reaper"
 
-    def __init__(self, config: ServerConfig, database: Database, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        database: Database,
+        metrics: ServerMetrics,
+        notifier: TaskNotifier,
+    ) -> None:
         """Reap every `reaper_interval`."""
         super().__init__(config.reaper_interval)
         self._database = database
+        self._notifier = notifier
         self._metrics = metrics
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
@@ -47,6 +55,8 @@ class LeaseReaper(PeriodicService):
             for row in rows:
                 outcome = "timed_out" if row["timed_out"] else "lease_expired"
                 self._metrics.task_outcomes.labels(row["type"], outcome).inc()
+                if row["state"] == "queued":
+                    self._notifier.wake_after(row["retry_in"])
                 log.info(
                     "lease of task %s expired; task is now %s",
                     row["id"],
