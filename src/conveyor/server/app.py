@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -32,6 +32,9 @@ from conveyor.server.notifier import TaskNotifier
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
 from conveyor.storage import migrate, queries
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("conveyor.server")
 
@@ -119,18 +122,35 @@ class ConveyorServer:
         await asyncio.shield(self._stopping)
 
     async def _stop(self) -> None:
-        await self.health.enter_graceful_shutdown()
+        # Every step runs whatever the previous one did: a process told to stop must stop.
         self.worker_service.start_draining()
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("health", self.health.enter_graceful_shutdown),
+            ("grpc", self._stop_grpc),
+            *((service.name, service.stop) for service in self.maintenance),
+            ("http", self._stop_http),
+            ("notifier", self.notifier.stop),
+            ("database", self.database.close),
+        ]
+        try:
+            for name, step in steps:
+                try:
+                    await step()
+                except Exception:
+                    log.exception("stopping %s failed", name, extra={"event": "stop_failed"})
+            log.info(
+                "conveyor server %s stopped", self.config.server_id, extra={"event": "stopped"}
+            )
+        finally:
+            self._stopped.set()
+
+    async def _stop_grpc(self) -> None:
         if self._grpc is not None:
             await self._grpc.stop(self.config.shutdown_grace.total_seconds())
-        for service in self.maintenance:
-            await service.stop()
+
+    async def _stop_http(self) -> None:
         if self._http is not None:
             await self._http.stop()
-        await self.notifier.stop()
-        await self.database.close()
-        log.info("conveyor server %s stopped", self.config.server_id, extra={"event": "stopped"})
-        self._stopped.set()
 
     async def _publish_ready(self) -> None:
         """NOTIFY every server (this one included) that tasks became available."""

@@ -115,7 +115,7 @@ class TaskNotifier:
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
         if self._timer is not None:
             self._timer.cancel()
@@ -151,6 +151,15 @@ class TaskNotifier:
                 log.warning(
                     "task notification listener lost; polling until it is back",
                     extra={"event": "listen_lost", "error": str(exc)},
+                )
+            except Exception as exc:
+                # Any other failure (database dropped, login refused, too many connections)
+                # must not end the listener for good: log it and retry with backoff.
+                log.warning(
+                    "task notification listener failed (%s: %s); retrying",
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "listen_failed"},
                 )
             finally:
                 self.listening.clear()

@@ -4,11 +4,14 @@
 
 -- name: task_insert_many
 -- $1 ids, $2 types, $3 payloads, $4 timeouts (seconds), $5 max_retries; one element per task.
--- Returns each input id with whether this statement created it (false: the id existed).
-WITH input AS (
+-- Returns each input id with whether this statement created it (false: the id existed, or
+-- repeats an earlier id of the same batch).
+WITH raw AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[])
         WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, ord)
+), input AS (
+    SELECT *, row_number() OVER (PARTITION BY id ORDER BY ord) = 1 AS first_of_id FROM raw
 ), inserted AS (
     INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries)
     SELECT id, type, payload, make_interval(secs => timeout_s), max_retries
@@ -23,7 +26,8 @@ WITH input AS (
     -- One payload-free notification per commit wakes every long poll.
     SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_inserted
 )
-SELECT input.id, inserted.id IS NOT NULL AS created, (SELECT count(*) FROM wake) AS woken
+SELECT input.id, inserted.id IS NOT NULL AND input.first_of_id AS created,
+       (SELECT count(*) FROM wake) AS woken
 FROM input LEFT JOIN inserted ON inserted.id = input.id
 ORDER BY input.ord;
 

@@ -1,0 +1,155 @@
+"""The `conveyor` command line as a user runs it: real processes, real output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import pytest
+from helpers import conveyor_command, free_port, process_env, wait_final
+
+from conveyor import Task, TaskState
+
+COMMANDS = ("server", "migrate", "worker", "enqueue", "status", "cancel", "dev")
+
+
+def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `conveyor ARGS...` to completion and capture its output."""
+    return subprocess.run(
+        conveyor_command(*args),
+        env=process_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit status 1, nothing on stdout, exactly one `error: ...` line on stderr."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+class TestHelp:
+    def test_help_lists_every_command(self):
+        out = assert_ok(run("--help"))
+        listed = {
+            line.split()[0] for line in out.split("Commands:", 1)[1].splitlines() if line.strip()
+        }
+        assert listed >= set(COMMANDS), out
+
+
+@pytest.mark.slow
+class TestTaskCommands:
+    def test_enqueue_status_and_cancel(self, server, client, db):
+        """enqueue prints the new id; status shows it queued (with history); cancel cancels."""
+        out = assert_ok(run("enqueue", "demo-type", "--payload", "hi", "--server", server.address))
+        lines = out.splitlines()
+        assert len(lines) == 1
+        task_id = lines[0]
+        assert str(uuid.UUID(task_id)) == task_id
+        row = db.task(task_id)
+        assert (row["type"], bytes(row["payload"]), row["state"]) == ("demo-type", b"hi", "queued")
+
+        document = json.loads(
+            assert_ok(run("status", task_id, "--json", "--server", server.address))
+        )
+        assert document["id"] == task_id
+        assert document["type"] == "demo-type"
+        assert document["state"] == "queued"
+        assert document["attempts"] == 0
+        assert "history" not in document
+
+        document = json.loads(
+            assert_ok(run("status", task_id, "--json", "--history", "--server", server.address))
+        )
+        assert document["state"] == "queued"
+        assert [event["event"] for event in document["history"]] == ["enqueued"]
+        assert document["history"][0]["state"] == "queued"
+
+        out = assert_ok(run("cancel", task_id, "--server", server.address))
+        assert out.split() == [task_id, "cancelled"]
+        assert client.get_task_status(task_id).state is TaskState.CANCELLED
+        assert db.task(task_id)["state"] == "cancelled"
+
+    def test_server_address_from_the_environment(self, server, client):
+        out = assert_ok(run("enqueue", "env-type", CONVEYOR_SERVER=server.address))
+        assert client.get_task_status(out.strip()).type == "env-type"
+
+    @pytest.mark.parametrize(
+        ("args", "expected"),
+        [
+            (("enqueue", "bad type!"), "may only contain"),
+            (("enqueue", "x", "--timeout", "-1"), "timeout must be positive"),
+            (("status", "not-a-uuid"), "malformed task id"),
+            (("cancel", "not-a-uuid"), "malformed task id"),
+            (("enqueue", "x", "--payload-file", "/nonexistent"), "cannot read /nonexistent"),
+        ],
+        ids=["bad-type", "negative-timeout", "status-bad-id", "cancel-bad-id", "missing-file"],
+    )
+    def test_bad_input_is_one_error_line(self, server, db, args, expected):
+        line = assert_one_error_line(run(*args, "--server", server.address))
+        assert expected in line
+        assert db.fetchval("SELECT count(*) FROM conveyor_tasks") == 0
+
+    def test_status_of_unknown_task(self, server):
+        task_id = str(uuid.uuid4())
+        line = assert_one_error_line(run("status", task_id, "--server", server.address))
+        assert task_id in line
+        assert "not found" in line
+
+    def test_cancel_of_a_finished_task(self, server, client, spawn_worker):
+        spawn_worker(server.address, concurrency=1)
+        task_id = client.enqueue_task(Task(type="noop", payload=b"done"))
+        assert wait_final(client, task_id).state is TaskState.SUCCEEDED
+
+        line = assert_one_error_line(run("cancel", task_id, "--server", server.address))
+        assert task_id in line
+        assert "already finished" in line
+        assert client.get_task_status(task_id).state is TaskState.SUCCEEDED
+
+    def test_unreachable_server(self):
+        """The client retries for its 30 s budget, then gives up with one line."""
+        line = assert_one_error_line(run("enqueue", "x", "--server", "127.0.0.1:1", timeout=45))
+        assert "127.0.0.1:1" in line
+
+
+@pytest.mark.slow
+class TestServerCommands:
+    def test_migrate_applies_then_reports_up_to_date(self, empty_database_url):
+        out = assert_ok(run("migrate", "--database-url", empty_database_url))
+        assert out.splitlines() == ["applied 0001_initial"]
+        out = assert_ok(run("migrate", "--database-url", empty_database_url))
+        assert out.splitlines() == ["schema is up to date (version 1)"]
+
+    def test_server_refuses_an_unmigrated_database(self, empty_database_url):
+        result = run(
+            "server",
+            "--database-url",
+            empty_database_url,
+            "--grpc-listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+        )
+        line = assert_one_error_line(result)
+        assert "conveyor migrate" in line
+
+    def test_worker_with_unknown_module(self):
+        line = assert_one_error_line(
+            run("worker", "nosuchmodule:worker", "--server", "127.0.0.1:1")
+        )
+        assert "nosuchmodule" in line

@@ -1,0 +1,246 @@
+"""The monitoring endpoints, schema migrations, and the server's schema check at start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor import Client, Task, __version__
+from conveyor.errors import SchemaMismatch
+from conveyor.server.app import ConveyorServer
+from conveyor.server.config import ServerConfig
+from conveyor.storage import migrate
+
+
+def http_get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET, including error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def sample(body: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text exposition (None when absent)."""
+    for family in text_string_to_metric_families(body):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    status, _, body = http_get(url)
+    return status, json.loads(body)
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+class TestHealthz:
+    def test_healthz_is_ok(self, server) -> None:
+        """GET /healthz answers 200 while the server runs."""
+        status, document = get_json(f"{server.http_url}/healthz")
+        assert status == 200
+        assert document == {"status": "ok"}
+
+
+class TestReadyz:
+    def test_readyz_reports_ready_with_the_schema_version(self, server) -> None:
+        """GET /readyz answers 200, ready true, database ok, schema_version 1."""
+        status, document = get_json(f"{server.http_url}/readyz")
+        assert status == 200
+        assert document["ready"] is True
+        assert document["checks"]["schema_version"] == 1
+        assert document["checks"]["database"] == "ok"
+        assert document["checks"]["draining"] is False
+
+    def test_readyz_is_503_while_draining(self, server) -> None:
+        """Once the server starts draining, /readyz answers 503 with ready false."""
+
+        async def drain() -> None:
+            server.server.worker_service.start_draining()
+
+        server.call(drain)
+        status, document = get_json(f"{server.http_url}/readyz")
+        assert status == 503
+        assert document["ready"] is False
+        assert document["checks"]["draining"] is True
+        # Alive is not the same as ready.
+        assert get_json(f"{server.http_url}/healthz")[0] == 200
+
+
+class TestStatus:
+    def test_status_counts_tasks_by_state(self, server, client: Client) -> None:
+        """GET /status carries the version, the server id and task counts by state."""
+        ids = client.enqueue_tasks([Task(type="status.t") for _ in range(3)])
+        client.cancel_task(ids[0])
+        status, document = get_json(f"{server.http_url}/status")
+        assert status == 200
+        assert document["version"] == __version__
+        assert document["server_id"] == server.config.server_id
+        assert document["database"] == "ok"
+        assert document["tasks"] == {"queued": 2, "cancelled": 1}
+
+    def test_status_of_an_empty_queue(self, server) -> None:
+        """With no tasks, /status reports no task counts at all."""
+        _, document = get_json(f"{server.http_url}/status")
+        assert document["tasks"] == {}
+
+
+class TestMetrics:
+    def test_metrics_is_prometheus_text(self, server, client: Client) -> None:
+        """GET /metrics is Prometheus text with RPC durations and enqueue counts."""
+        client.enqueue_tasks([Task(type="metrics.t") for _ in range(3)])
+        status, content_type, body = http_get(f"{server.http_url}/metrics")
+        assert status == 200
+        assert content_type.startswith("text/plain")
+        assert "# TYPE conveyor_rpc_duration_seconds histogram" in body
+        assert "# TYPE conveyor_tasks_enqueued_total counter" in body
+        count = sample(
+            body, "conveyor_rpc_duration_seconds_count", method="EnqueueTasks", code="OK"
+        )
+        assert count == 1
+        assert sample(body, "conveyor_tasks_enqueued_total", type="metrics.t") == 3
+
+    def test_idempotent_repeat_is_not_counted(self, server, client: Client) -> None:
+        """Enqueueing an existing id again does not raise conveyor_tasks_enqueued_total."""
+        task = Task(type="metrics.once", id="00000000-0000-4000-8000-000000000001")
+        client.enqueue_task(task)
+        client.enqueue_task(task)
+        _, _, body = http_get(f"{server.http_url}/metrics")
+        assert sample(body, "conveyor_tasks_enqueued_total", type="metrics.once") == 1
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+async def ledger(url: str) -> list[int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate.applied_versions(conn)
+    finally:
+        await conn.close()
+
+
+async def migrate_once(url: str) -> list[int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [m.version for m in await migrate.migrate(conn)]
+    finally:
+        await conn.close()
+
+
+class TestMigrate:
+    async def test_concurrent_migrations_apply_once(self, empty_database_url) -> None:
+        """Five concurrent migrate() calls: one applies version 1, the others apply nothing."""
+        connections = [await asyncpg.connect(empty_database_url) for _ in range(5)]
+        try:
+            results = await asyncio.gather(*(migrate.migrate(conn) for conn in connections))
+        finally:
+            for conn in connections:
+                await conn.close()
+        applied = sorted([m.version for m in result] for result in results)
+        assert applied == [[], [], [], [], [1]]
+        assert await ledger(empty_database_url) == [1]
+
+    async def test_second_run_applies_nothing(self, empty_database_url) -> None:
+        """After a successful migration, migrating again applies nothing."""
+        assert await migrate_once(empty_database_url) == [1]
+        assert await migrate_once(empty_database_url) == []
+        assert await ledger(empty_database_url) == [1]
+
+    async def test_migrated_schema_has_the_tables(self, empty_database_url) -> None:
+        """Migration creates the tasks, events and workers tables and passes check_schema."""
+        await migrate_once(empty_database_url)
+        conn = await asyncpg.connect(empty_database_url)
+        try:
+            for table in ("conveyor_tasks", "conveyor_task_events", "conveyor_workers"):
+                assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+            assert await migrate.check_schema(conn) == migrate.latest_version() == 1
+        finally:
+            await conn.close()
+
+    async def test_migrate_refuses_a_newer_database(self, empty_database_url) -> None:
+        """migrate() on a database with a newer ledger entry raises SchemaMismatch."""
+        await migrate_once(empty_database_url)
+        conn = await asyncpg.connect(empty_database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO conveyor_schema_migrations (version, name) VALUES (999, 'future')"
+            )
+            with pytest.raises(SchemaMismatch, match="newer"):
+                await migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+
+def bare_config(url: str, **overrides: Any) -> ServerConfig:
+    """A server on `url` with no HTTP listener and an ephemeral gRPC port."""
+    return ServerConfig(database_url=url, grpc_listen="127.0.0.1:0", http_listen=None, **overrides)
+
+
+class TestServerSchemaCheck:
+    async def test_unmigrated_database_is_refused(self, empty_database_url) -> None:
+        """A server on a database with no schema fails to start, telling you to migrate."""
+        server = ConveyorServer(bare_config(empty_database_url))
+        try:
+            with pytest.raises(SchemaMismatch) as caught:
+                await server.start(startup_timeout=5)
+        finally:
+            await server.stop()
+        assert "conveyor migrate" in caught.value.message
+        assert server.grpc_port is None
+        # Refusing to start did not create anything.
+        assert await ledger(empty_database_url) == []
+
+    async def test_migrate_flag_migrates_and_starts(self, empty_database_url) -> None:
+        """With migrate=True the server applies the schema and starts serving."""
+        server = ConveyorServer(bare_config(empty_database_url, migrate=True))
+        try:
+            await server.start(startup_timeout=5)
+            assert server.grpc_port
+            ready, checks = await server.readiness()
+        finally:
+            await server.stop()
+        assert ready is True
+        assert checks["schema_version"] == 1
+        assert await ledger(empty_database_url) == [1]
+
+    async def test_newer_database_is_refused(self, empty_database_url) -> None:
+        """A server on a database migrated by a newer Conveyor fails with 'newer'."""
+        await migrate_once(empty_database_url)
+        conn = await asyncpg.connect(empty_database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO conveyor_schema_migrations (version, name) VALUES (999, 'future')"
+            )
+        finally:
+            await conn.close()
+        server = ConveyorServer(bare_config(empty_database_url))
+        try:
+            with pytest.raises(SchemaMismatch) as caught:
+                await server.start(startup_timeout=5)
+        finally:
+            await server.stop()
+        assert "newer" in caught.value.message
+        assert "999" in caught.value.message
+
+    async def test_migrated_database_starts_without_the_flag(self, database_url) -> None:
+        """A server on an already migrated database starts without migrate=True."""
+        server = ConveyorServer(bare_config(database_url))
+        try:
+            await server.start(startup_timeout=5)
+            ready, _ = await server.readiness()
+        finally:
+            await server.stop()
+        assert ready is True

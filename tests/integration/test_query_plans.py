@@ -1,0 +1,291 @@
+"""Every per-task query is served by an index, never by a sequential scan of a big table.
+
+A database with 20,000 tasks (mostly finished, a small backlog and a few running) and their
+history is analysed once; each query of `conveyor.storage.queries.SQL` that touches one task
+(or the backlog, or the expired leases) is then EXPLAINed with realistic parameters inside a
+transaction that is rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+from helpers import run_sql, with_database
+
+from conveyor.storage.queries import SQL
+
+BIG_TABLES = frozenset({"conveyor_tasks", "conveyor_task_events"})
+
+SEED_TASKS = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
+    finished_at, worker_id, lease_id, lease_expires_at, deadline_at, payload, result
+)
+SELECT
+    gen_random_uuid(),
+    CASE WHEN (g / 7) % 2 = 0 THEN 'a' ELSE 'b' END,
+    CASE WHEN g % 100 = 0 THEN 'queued'
+         WHEN g % 400 = 1 THEN 'running'
+         ELSE 'succeeded' END::conveyor_task_state,
+    CASE WHEN g % 100 = 0 THEN 0 ELSE 1 END,
+    3,
+    interval '60 seconds',
+    now() - interval '2 hours' + g * interval '100 milliseconds',
+    now() - interval '2 hours' + g * interval '100 milliseconds',
+    CASE WHEN g % 100 <> 0 THEN now() - interval '1 hour' END,
+    CASE WHEN g % 100 <> 0 AND g % 400 <> 1 THEN now() - interval '59 minutes' END,
+    CASE WHEN g % 100 <> 0 THEN 'worker-' || (g % 8) END,
+    CASE WHEN g % 400 = 1 THEN gen_random_uuid() END,
+    -- Half of the running tasks' leases have already expired.
+    CASE WHEN g % 800 = 1 THEN now() - interval '5 seconds'
+         WHEN g % 400 = 1 THEN now() + interval '30 seconds' END,
+    CASE WHEN g % 400 = 1 THEN now() + interval '1 minute' END,
+    convert_to('payload ' || g, 'UTF8'),
+    CASE WHEN g % 100 <> 0 AND g % 400 <> 1 THEN convert_to('result ' || g, 'UTF8') END
+FROM generate_series(1, 20000) AS g
+"""
+
+SEED_EVENTS = """
+INSERT INTO conveyor_task_events (task_id, at, event, state, attempt, worker_id)
+SELECT t.id, t.created_at + e.n * interval '1 second',
+       (ARRAY['enqueued', 'started', 'succeeded'])[e.n + 1],
+       (ARRAY['queued', 'running', 'succeeded'])[e.n + 1]::conveyor_task_state,
+       least(e.n, 1), t.worker_id
+FROM conveyor_tasks AS t
+CROSS JOIN generate_series(0, 2) AS e (n)
+WHERE e.n = 0 OR t.state <> 'queued'
+"""
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """The seeded database and a few of its rows to use as parameters."""
+
+    url: str
+    queued_id: uuid.UUID
+    running_id: uuid.UUID
+    running_lease_id: uuid.UUID
+    succeeded_id: uuid.UUID
+
+
+@pytest.fixture(scope="module")
+def seeded(pg_cluster) -> Iterator[Seeded]:
+    """One migrated database with 20,000 tasks and their history, analysed (module-wide)."""
+    name = f"conveyor_plans_{uuid.uuid4().hex[:12]}"
+    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
+    url = with_database(pg_cluster.admin_url, name)
+    try:
+        run_sql(
+            url, SEED_TASKS, SEED_EVENTS, "ANALYZE conveyor_tasks", "ANALYZE conveyor_task_events"
+        )
+
+        async def pick() -> Seeded:
+            conn = await asyncpg.connect(url)
+            try:
+                counts = {
+                    row["state"]: row["n"]
+                    for row in await conn.fetch(
+                        "SELECT state::text, count(*) AS n FROM conveyor_tasks GROUP BY state"
+                    )
+                }
+                assert counts == {"succeeded": 19750, "queued": 200, "running": 50}
+                queued = await conn.fetchval(
+                    "SELECT id FROM conveyor_tasks WHERE state = 'queued' LIMIT 1"
+                )
+                running = await conn.fetchrow(
+                    "SELECT id, lease_id FROM conveyor_tasks WHERE state = 'running' LIMIT 1"
+                )
+                succeeded = await conn.fetchval(
+                    "SELECT id FROM conveyor_tasks WHERE state = 'succeeded' LIMIT 1"
+                )
+            finally:
+                await conn.close()
+            return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
+
+        yield asyncio.run(pick())
+    finally:
+        with contextlib.suppress(Exception):
+            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def plan_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every plan node under `node` (a plan, a list of plans, or EXPLAIN's JSON document)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from plan_nodes(item)
+    elif isinstance(node, dict):
+        if "Node Type" in node:
+            yield node
+        for key in ("Plan", "Plans"):
+            if key in node:
+                yield from plan_nodes(node[key])
+
+
+def seq_scans_on_big_tables(plan: Any) -> list[str]:
+    """The big tables a plan reads with a sequential scan."""
+    return [
+        node.get("Relation Name", "?")
+        for node in plan_nodes(plan)
+        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") in BIG_TABLES
+    ]
+
+
+def indexes_used(plan: Any) -> set[str]:
+    """Names of every index a plan scans."""
+    return {node["Index Name"] for node in plan_nodes(plan) if "Index Name" in node}
+
+
+async def explain(url: str, sql: str, *args: Any, before: str | None = None) -> Any:
+    """EXPLAIN (FORMAT JSON) `sql` with `args`, in a transaction that is rolled back.
+
+    `before` is a statement run first in the same transaction (and rolled back with it).
+    """
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            if before is not None:
+                await conn.execute(before)
+            raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+        finally:
+            await transaction.rollback()
+    finally:
+        await conn.close()
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
+    """Realistic parameters for each per-task query (see the casts in queries.sql)."""
+    running, lease = seeded.running_id, seeded.running_lease_id
+    return {
+        "task_claim": (["a", "b"], 10, "worker-1", 30.0, 10.0),
+        "task_get": (seeded.succeeded_id,),
+        "task_event_list": (seeded.succeeded_id,),
+        "task_succeed": (running, lease, b"result"),
+        "task_fail": (running, lease, "ValueError: boom", "failed", True, 1.0, 300.0),
+        "task_release": (running, lease, "handed back"),
+        "task_cancel": (seeded.queued_id, "cancelled while queued"),
+        "task_lease_extend": ([running], [lease], 30.0, 10.0),
+        "task_reap_expired": (500, 1.0, 300.0),
+        "task_lock_for_cancel": (seeded.queued_id,),
+    }
+
+
+PER_TASK_QUERIES = [
+    "task_claim",
+    "task_get",
+    "task_event_list",
+    "task_succeed",
+    "task_fail",
+    "task_release",
+    "task_cancel",
+    "task_lease_extend",
+    "task_reap_expired",
+    "task_lock_for_cancel",
+]
+
+
+class TestPlanWalker:
+    async def test_walker_finds_a_seq_scan_when_there_is_one(self, seeded: Seeded) -> None:
+        """A query no index can serve is reported, so the checks below are able to fail."""
+        plan = await explain(
+            seeded.url, "SELECT id FROM conveyor_tasks WHERE payload = $1", b"payload 7"
+        )
+        assert seq_scans_on_big_tables(plan) == ["conveyor_tasks"]
+
+    async def test_walker_finds_nested_nodes_and_index_names(self, seeded: Seeded) -> None:
+        """The walker reaches nodes under CTEs and subplans and collects their index names."""
+        plan = await explain(
+            seeded.url,
+            "WITH x AS (SELECT id FROM conveyor_tasks WHERE id = $1) "
+            "SELECT * FROM conveyor_task_events WHERE task_id IN (SELECT id FROM x)",
+            seeded.succeeded_id,
+        )
+        assert {"conveyor_tasks_pkey", "conveyor_task_events_task_idx"} <= indexes_used(plan)
+        assert len(list(plan_nodes(plan))) >= 3
+
+    async def test_claim_without_its_index_is_caught(self, seeded: Seeded) -> None:
+        """With conveyor_tasks_claim_idx dropped (rolled back), task_claim is flagged."""
+        plan = await explain(
+            seeded.url,
+            SQL["task_claim"],
+            *parameters(seeded)["task_claim"],
+            before="DROP INDEX conveyor_tasks_claim_idx",
+        )
+        assert "conveyor_tasks_claim_idx" not in indexes_used(plan)
+        assert "conveyor_tasks" in seq_scans_on_big_tables(plan)
+
+
+class TestPerTaskQueriesUseIndexes:
+    def test_every_per_task_query_is_checked(self) -> None:
+        """The queries checked here exist in queries.sql under these names."""
+        assert set(PER_TASK_QUERIES) <= set(SQL)
+
+    @pytest.mark.parametrize("name", PER_TASK_QUERIES)
+    async def test_no_sequential_scan_of_a_big_table(self, seeded: Seeded, name: str) -> None:
+        """The query's plan reads conveyor_tasks and conveyor_task_events only through indexes."""
+        plan = await explain(seeded.url, SQL[name], *parameters(seeded)[name])
+        assert seq_scans_on_big_tables(plan) == [], json.dumps(plan, indent=1)
+        assert indexes_used(plan), json.dumps(plan, indent=1)
+
+
+class TestSpecificIndexes:
+    async def test_claim_uses_the_claim_index(self, seeded: Seeded) -> None:
+        """task_claim finds the backlog through conveyor_tasks_claim_idx."""
+        plan = await explain(seeded.url, SQL["task_claim"], *parameters(seeded)["task_claim"])
+        assert "conveyor_tasks_claim_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+
+    async def test_reaper_uses_the_lease_expiry_index(self, seeded: Seeded) -> None:
+        """task_reap_expired finds expired leases through conveyor_tasks_lease_expiry_idx."""
+        plan = await explain(
+            seeded.url, SQL["task_reap_expired"], *parameters(seeded)["task_reap_expired"]
+        )
+        assert "conveyor_tasks_lease_expiry_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+
+    async def test_history_uses_the_events_index(self, seeded: Seeded) -> None:
+        """task_event_list reads one task's history through conveyor_task_events_task_idx."""
+        plan = await explain(
+            seeded.url, SQL["task_event_list"], *parameters(seeded)["task_event_list"]
+        )
+        assert "conveyor_task_events_task_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+
+    @pytest.mark.parametrize(
+        "name", ["task_get", "task_succeed", "task_fail", "task_release", "task_cancel"]
+    )
+    async def test_single_task_queries_use_the_primary_key(self, seeded: Seeded, name) -> None:
+        """Queries on one task by id go through conveyor_tasks_pkey."""
+        plan = await explain(seeded.url, SQL[name], *parameters(seeded)[name])
+        assert "conveyor_tasks_pkey" in indexes_used(plan), json.dumps(plan, indent=1)
+
+
+class TestExplainChangesNothing:
+    async def test_data_is_unchanged_after_explaining_every_query(self, seeded: Seeded) -> None:
+        """EXPLAINing the data-modifying queries (rolled back) leaves every row as it was."""
+        query = (
+            "SELECT state::text, count(*) AS n, count(lease_id) AS leases "
+            "FROM conveyor_tasks GROUP BY state ORDER BY state"
+        )
+
+        async def snapshot() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(seeded.url)
+            try:
+                tasks = [tuple(row) for row in await conn.fetch(query)]
+                events = await conn.fetchval("SELECT count(*) FROM conveyor_task_events")
+            finally:
+                await conn.close()
+            return [*tasks, ("events", events)]
+
+        before = await snapshot()
+        params = parameters(seeded)
+        for name in PER_TASK_QUERIES:
+            await explain(seeded.url, SQL[name], *params[name])
+        assert await snapshot() == before
