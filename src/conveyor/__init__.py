@@ -15,7 +15,7 @@ from conveyor.client.async_client import AsyncClient
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
 from conveyor.errors import ConveyorError
-from conveyor.types import Task, TaskEvent, TaskState, TaskStatus
+from conveyor.types import Task, TaskEvent, TaskState, TaskStatus, WorkerInfo
 from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
 
@@ -30,6 +30,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "Worker",
+    "WorkerInfo",
     "__version__",
     "errors",
 ]

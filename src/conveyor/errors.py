@@ -8,6 +8,7 @@ ConveyorError
 ├── TaskAlreadyFinished    the task is in a final state; it cannot be cancelled
 ├── LeaseLost              the (task, lease) pair is no longer current: fencing rejected it
 ├── ServerUnavailable      no server answered in time (network, restart, database down)
+│   └── CircuitOpen        every server's circuit breaker is open: failing fast
 ├── SchemaMismatch         the database schema is older or newer than this release
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
@@ -74,6 +75,15 @@ class LeaseLost(ConveyorError):
 
 class ServerUnavailable(ConveyorError):
     """No Conveyor server could be reached."""
+
+
+class CircuitOpen(ServerUnavailable):
+    """Every server failed repeatedly; calls fail fast until a probe succeeds."""
+
+    def __init__(self, message: str | None = None, *, retry_in: float = 0.0) -> None:
+        """Keep when the next probe is allowed."""
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 class SchemaMismatch(ConveyorError):

@@ -177,3 +177,25 @@ class TaskStatus:
     timeout: timedelta = DEFAULT_TIMEOUT
     available_at: datetime | None = None
     history: tuple[TaskEvent, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A registered worker as the server last heard of it.
+
+    `state` is active, draining (stopping gracefully), lost (missed its heartbeats) or
+    stopped. `loop_lag_ms` is the longest its event loop was blocked between its last two
+    heartbeats: a large value means an async handler runs blocking code.
+    """
+
+    id: str
+    host: str
+    pid: int
+    task_types: tuple[str, ...]
+    concurrency: int
+    version: str
+    state: str
+    started_at: datetime
+    last_heartbeat_at: datetime
+    in_flight: int
+    loop_lag_ms: int

@@ -18,6 +18,8 @@ from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
 from conveyor.storage import migrate
 
+ALL_VERSIONS = [m.version for m in migrate.available_migrations()]
+
 
 def http_get(url: str) -> tuple[int, str, str]:
     """(status, content type, body) of a GET, including error statuses."""
@@ -56,11 +58,11 @@ class TestHealthz:
 
 class TestReadyz:
     def test_readyz_reports_ready_with_the_schema_version(self, server) -> None:
-        """GET /readyz answers 200, ready true, database ok, schema_version 1."""
+        """GET /readyz answers 200, ready true, database ok, the latest schema version."""
         status, document = get_json(f"{server.http_url}/readyz")
         assert status == 200
         assert document["ready"] is True
-        assert document["checks"]["schema_version"] == 1
+        assert document["checks"]["schema_version"] == migrate.latest_version()
         assert document["checks"]["database"] == "ok"
         assert document["checks"]["draining"] is False
 
@@ -142,7 +144,7 @@ async def migrate_once(url: str) -> list[int]:
 
 class TestMigrate:
     async def test_concurrent_migrations_apply_once(self, empty_database_url) -> None:
-        """Five concurrent migrate() calls: one applies version 1, the others apply nothing."""
+        """Five concurrent migrate() calls: one applies every version, the others nothing."""
         connections = [await asyncpg.connect(empty_database_url) for _ in range(5)]
         try:
             results = await asyncio.gather(*(migrate.migrate(conn) for conn in connections))
@@ -150,14 +152,14 @@ class TestMigrate:
             for conn in connections:
                 await conn.close()
         applied = sorted([m.version for m in result] for result in results)
-        assert applied == [[], [], [], [], [1]]
-        assert await ledger(empty_database_url) == [1]
+        assert applied == [[], [], [], [], ALL_VERSIONS]
+        assert await ledger(empty_database_url) == ALL_VERSIONS
 
     async def test_second_run_applies_nothing(self, empty_database_url) -> None:
         """After a successful migration, migrating again applies nothing."""
-        assert await migrate_once(empty_database_url) == [1]
+        assert await migrate_once(empty_database_url) == ALL_VERSIONS
         assert await migrate_once(empty_database_url) == []
-        assert await ledger(empty_database_url) == [1]
+        assert await ledger(empty_database_url) == ALL_VERSIONS
 
     async def test_migrated_schema_has_the_tables(self, empty_database_url) -> None:
         """Migration creates the tasks, events and workers tables and passes check_schema."""
@@ -166,7 +168,7 @@ class TestMigrate:
         try:
             for table in ("conveyor_tasks", "conveyor_task_events", "conveyor_workers"):
                 assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
-            assert await migrate.check_schema(conn) == migrate.latest_version() == 1
+            assert await migrate.check_schema(conn) == migrate.latest_version() == ALL_VERSIONS[-1]
         finally:
             await conn.close()
 
@@ -213,8 +215,8 @@ class TestServerSchemaCheck:
         finally:
             await server.stop()
         assert ready is True
-        assert checks["schema_version"] == 1
-        assert await ledger(empty_database_url) == [1]
+        assert checks["schema_version"] == migrate.latest_version()
+        assert await ledger(empty_database_url) == ALL_VERSIONS
 
     async def test_newer_database_is_refused(self, empty_database_url) -> None:
         """A server on a database migrated by a newer Conveyor fails with 'newer'."""

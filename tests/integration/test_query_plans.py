@@ -174,9 +174,10 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_fail": (running, lease, "ValueError: boom", "failed", True, 1.0, 300.0),
         "task_release": (running, lease, "handed back"),
         "task_cancel": (seeded.queued_id, "cancelled while queued"),
-        "task_lease_extend": ([running], [lease], 30.0, 10.0),
-        "task_reap_expired": (500, 1.0, 300.0),
+        "task_lease_extend": ([running], [lease], 30.0, 10.0, ["50%"]),
+        "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
         "task_lock_for_cancel": (seeded.queued_id,),
+        "worker_sweep_lost": (15.0, "server-1", 1),
     }
 
 
@@ -191,6 +192,7 @@ PER_TASK_QUERIES = [
     "task_lease_extend",
     "task_reap_expired",
     "task_lock_for_cancel",
+    "worker_sweep_lost",
 ]
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from conveyor.client.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from conveyor.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from conveyor.errors import ConfigError
 
 

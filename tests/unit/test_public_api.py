@@ -18,6 +18,7 @@ EXPECTED_EXPORTS = [
     "TaskState",
     "TaskStatus",
     "Worker",
+    "WorkerInfo",
     "__version__",
     "errors",
 ]
@@ -44,9 +45,13 @@ class TestPublicSurface:
             }
 
         assert methods(conveyor.Client) == methods(conveyor.AsyncClient)
-        assert {"enqueue_task", "enqueue_tasks", "get_task_status", "cancel_task"} <= methods(
-            conveyor.Client
-        )
+        assert {
+            "enqueue_task",
+            "enqueue_tasks",
+            "get_task_status",
+            "cancel_task",
+            "list_workers",
+        } <= methods(conveyor.Client)
 
     def test_async_client_methods_are_coroutines(self) -> None:
         """Every public AsyncClient method is awaited."""

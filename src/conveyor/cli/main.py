@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from conveyor import __version__
-from conveyor.cli import server_commands, task_commands, worker_command
+from conveyor.cli import cluster_commands, server_commands, task_commands, worker_command
 from conveyor.errors import ConveyorError
 
 
@@ -58,6 +58,7 @@ for command in (
     task_commands.enqueue,
     task_commands.status,
     task_commands.cancel,
+    cluster_commands.workers,
 ):
     cli.add_command(command)
 

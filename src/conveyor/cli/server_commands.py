@@ -14,7 +14,12 @@ import click
 from conveyor.cli.database_option import database_url_option, resolve_database
 from conveyor.errors import ServerUnavailable
 from conveyor.server.app import ConveyorServer
-from conveyor.server.config import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ServerConfig
+from conveyor.server.config import (
+    DEFAULT_GRPC_LISTEN,
+    DEFAULT_HTTP_LISTEN,
+    ServerConfig,
+    default_server_id,
+)
 from conveyor.storage import migrate
 
 if TYPE_CHECKING:
@@ -115,6 +120,34 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     show_default=True,
     help="Largest payload (and result) accepted.",
 )
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Seconds between worker heartbeats (default: 3, at most lease-ttl / 3).",
+)
+@click.option(
+    "--worker-lost-after",
+    type=click.FloatRange(min=0.01),
+    default=15.0,
+    show_default=True,
+    help="Seconds of heartbeat silence before a worker is lost.",
+)
+@click.option(
+    "--leader-ttl",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a leader's lease lasts; a dead leader is replaced within it.",
+)
+@click.option(
+    "--reaper-interval",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between lease-reaper and sweeper rounds.",
+)
+@click.option("--server-id", default=None, help="This server's id (default: host-pid-random).")
 def server(
     database_url: str | None,
     grpc_listen: str,
@@ -124,6 +157,11 @@ def server(
     retry_backoff_base: float,
     retry_backoff_cap: float,
     max_payload_bytes: int,
+    heartbeat_interval: float | None,
+    worker_lost_after: float,
+    leader_ttl: float,
+    reaper_interval: float,
+    server_id: str | None,
 ) -> None:
     """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL."""
     url, embedded = resolve_database(database_url)
@@ -135,10 +173,15 @@ def server(
             # The embedded cluster is private to this machine: keep it migrated.
             migrate=apply_migrations or embedded is not None,
             lease_ttl=timedelta(seconds=lease_ttl),
-            heartbeat_interval=min(timedelta(seconds=3), timedelta(seconds=lease_ttl / 3)),
+            heartbeat_interval=timedelta(seconds=heartbeat_interval or min(3.0, lease_ttl / 3)),
             retry_backoff_base=timedelta(seconds=retry_backoff_base),
             retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
             max_payload_bytes=max_payload_bytes,
+            worker_lost_after=timedelta(seconds=worker_lost_after),
+            leader_ttl=timedelta(seconds=leader_ttl),
+            leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
+            reaper_interval=timedelta(seconds=reaper_interval),
+            server_id=server_id or default_server_id(),
         )
         asyncio.run(_serve(config))
     finally:

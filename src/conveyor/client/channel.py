@@ -1,9 +1,12 @@
-"""Server addresses, gRPC channel options and the retry schedule, shared by clients and workers.
+"""Server addresses, gRPC channel options and the retry loop, shared by clients and workers.
 
 A client or worker takes one address or several ("host1:50051,host2:50051"). Calls go to
 the current address; a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED) moves to the next
 one and retries after an exponential backoff with full jitter, so a fleet reconnecting
-after a server restart spreads out instead of arriving at once.
+after a server restart spreads out instead of arriving at once. Each address has a circuit
+breaker: an address that keeps failing is skipped until its probe time, and when every
+address is open the loop waits for the first probe if the retry budget allows, else fails
+fast with CircuitOpen.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final
 
-from conveyor.errors import ConfigError
+from conveyor.breaker import BreakerPolicy, CircuitBreaker
+from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
+from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
+
+    import grpc
 
 DEFAULT_SERVER: Final = "localhost:50051"
 SERVER_ENV: Final = "CONVEYOR_SERVER"
@@ -84,11 +91,12 @@ class RetryPolicy:
 
 
 class AddressRing:
-    """The addresses in rotation; `advance` moves to the next after a transient failure."""
+    """The addresses in rotation, each with its circuit breaker."""
 
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], breaker: BreakerPolicy | None = None) -> None:
         """Start at a random address so clients spread across servers."""
         self.addresses = list(addresses)
+        self.breakers = {address: CircuitBreaker(breaker) for address in self.addresses}
         self._index = random.randrange(len(self.addresses))
 
     @property
@@ -100,3 +108,102 @@ class AddressRing:
         """Move to the next address and return it."""
         self._index = (self._index + 1) % len(self.addresses)
         return self.current
+
+    def pick(self) -> str | None:
+        """The first address from the current one whose breaker lets a call through."""
+        for _ in self.addresses:
+            if self.breakers[self.current].allow():
+                return self.current
+            self.advance()
+        return None
+
+    def next_probe_in(self) -> float:
+        """Seconds until some open breaker lets a probe through."""
+        return min(breaker.retry_in() for breaker in self.breakers.values())
+
+    def record(self, address: str, *, reachable: bool) -> None:
+        """Feed a call's outcome to the address's breaker; move on after a failure."""
+        breaker = self.breakers[address]
+        if reachable:
+            breaker.record_success()
+            return
+        breaker.record_failure()
+        if address == self.current:
+            self.advance()
+
+
+def is_transient(error: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed if retried (possibly on another server)."""
+    return error.code() in TRANSIENT_CODES
+
+
+class RetryLoop:
+    """The decisions of one call with retries, without the I/O (shared by sync and async).
+
+    Use: `step()` says which address to call or how long to sleep first; report the call's
+    outcome with `succeeded` or `failed` (which raises the typed error when giving up).
+    """
+
+    def __init__(
+        self,
+        ring: AddressRing,
+        policy: RetryPolicy,
+        method: str,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        """Start the retry budget now."""
+        self._ring = ring
+        self._policy = policy
+        self._method = method
+        self._clock = clock
+        self._give_up_at = clock() + policy.total_timeout.total_seconds()
+        self._delays = policy.delays()
+        self._sleep = 0.0
+
+    def step(self) -> tuple[str | None, float]:
+        """(address, 0) to call now, or (None, seconds) to sleep before asking again."""
+        if self._sleep > 0:
+            delay, self._sleep = self._sleep, 0.0
+            return None, delay
+        address = self._ring.pick()
+        if address is not None:
+            return address, 0.0
+        wait = self._ring.next_probe_in()
+        if self._clock() + wait >= self._give_up_at:
+            raise CircuitOpen(
+                f"{self._method}: every server ({', '.join(self._ring.addresses)}) failed "
+                f"repeatedly; next probe in {wait:.1f}s",
+                retry_in=wait,
+            )
+        return None, max(wait, 0.01)
+
+    def call_timeout(self) -> float:
+        """The deadline for the next call: the per-call timeout within the remaining budget."""
+        remaining = self._give_up_at - self._clock()
+        return min(self._policy.call_timeout.total_seconds(), max(remaining, 0.05))
+
+    def succeeded(self, address: str) -> None:
+        """The call got an answer."""
+        self._ring.record(address, reachable=True)
+
+    def failed(self, address: str, error: grpc.RpcError) -> None:
+        """Record a failed call; raise the typed error unless it is worth retrying."""
+        if not is_transient(error):
+            self._ring.record(address, reachable=True)  # the server answered
+            raise translate(error)
+        self._ring.record(address, reachable=False)
+        delay = next(self._delays)
+        if self._clock() + delay >= self._give_up_at:
+            raise ServerUnavailable(
+                f"no Conveyor server answered {self._method} within "
+                f"{self._policy.total_timeout.total_seconds():g}s "
+                f"(tried {', '.join(self._ring.addresses)}): "
+                f"{error.details()}"
+            ) from None
+        self._sleep = delay
+
+
+def translate(error: grpc.RpcError) -> ConveyorError:
+    """The typed Conveyor error for a failed call."""
+    return error_from_status(error.code(), error.details())

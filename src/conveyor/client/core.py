@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from conveyor.errors import ConveyorError, InvalidTask
+from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
-from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.types import Task, TaskStatus, new_task_id, normalize_task_id
+from conveyor.types import Task, TaskStatus, WorkerInfo, new_task_id, normalize_task_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import grpc
 
 MAX_BATCH = 1000
 
@@ -57,11 +55,13 @@ def status_from_response(response: pb.GetTaskResponse | pb.CancelTaskResponse) -
     return convert.status_from_info(response.task)
 
 
-def is_transient(error: grpc.RpcError) -> bool:
-    """Whether a failed call may succeed if retried (possibly on another server)."""
-    return error.code() in TRANSIENT_CODES
+def list_workers_request(*, include_stopped: bool, limit: int) -> pb.ListWorkersRequest:
+    """A ListWorkers request."""
+    if limit < 1:
+        raise InvalidTask("limit must be at least 1")
+    return pb.ListWorkersRequest(include_stopped=include_stopped, limit=limit)
 
 
-def translate(error: grpc.RpcError) -> ConveyorError:
-    """The typed Conveyor error for a failed call."""
-    return error_from_status(error.code(), error.details())
+def workers_from_response(response: pb.ListWorkersResponse) -> list[WorkerInfo]:
+    """The workers carried by a response."""
+    return [convert.worker_from_pb(info) for info in response.workers]

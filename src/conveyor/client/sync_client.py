@@ -8,15 +8,21 @@ from typing import TYPE_CHECKING, Any, Self
 import grpc
 
 from conveyor.client import core
-from conveyor.client.channel import CHANNEL_OPTIONS, AddressRing, RetryPolicy, parse_addresses
-from conveyor.errors import ServerUnavailable
+from conveyor.client.channel import (
+    CHANNEL_OPTIONS,
+    AddressRing,
+    RetryLoop,
+    RetryPolicy,
+    parse_addresses,
+)
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
 
-    from conveyor.types import Task, TaskStatus
+    from conveyor.breaker import BreakerPolicy
+    from conveyor.types import Task, TaskStatus, WorkerInfo
 
 
 class Client:
@@ -26,48 +32,49 @@ class Client:
         server: "host:port", "host1:port,host2:port", or a list. Defaults to the
             CONVEYOR_SERVER environment variable, then localhost:50051.
         retry: Deadlines and retry schedule for transient failures.
+        breaker: When a server's circuit opens, and for how long.
 
     Every call has a deadline; transient failures are retried on the next server with
-    backoff until `retry.total_timeout`, then raise ServerUnavailable. Retrying is safe:
-    an enqueue carries its task ids, so a repeat returns the existing tasks.
+    backoff until `retry.total_timeout`, then raise ServerUnavailable (CircuitOpen when
+    every server's breaker is open and no probe is due within the budget). Retrying is
+    safe: an enqueue carries its task ids, so a repeat returns the existing tasks.
     """
 
     def __init__(
-        self, server: str | Sequence[str] | None = None, *, retry: RetryPolicy | None = None
+        self,
+        server: str | Sequence[str] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
         """Prepare channels; connections open lazily on the first call."""
-        self._ring = AddressRing(parse_addresses(server))
+        self._ring = AddressRing(parse_addresses(server), breaker)
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
 
-    def _stub(self) -> pb_grpc.TaskServiceStub:
-        address = self._ring.current
+    def _stub(self, address: str, service: str = "TaskService") -> Any:
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return pb_grpc.TaskServiceStub(channel)
+        return getattr(pb_grpc, f"{service}Stub")(channel)
 
-    def _call(self, method: str, request: Any) -> Any:
-        give_up_at = time.monotonic() + self._retry.total_timeout.total_seconds()
-        delays = self._retry.delays()
+    def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
+        attempts = RetryLoop(self._ring, self._retry, method, clock=time.monotonic)
         while True:
-            remaining = give_up_at - time.monotonic()
-            timeout = min(self._retry.call_timeout.total_seconds(), max(remaining, 0.05))
+            address, pause = attempts.step()
+            if address is None:
+                time.sleep(pause)
+                continue
             try:
-                return getattr(self._stub(), method)(request, timeout=timeout)
+                response = getattr(self._stub(address, service), method)(
+                    request, timeout=attempts.call_timeout()
+                )
             except grpc.RpcError as exc:
-                if not core.is_transient(exc):
-                    raise core.translate(exc) from None
-                delay = next(delays)
-                if time.monotonic() + delay >= give_up_at:
-                    raise ServerUnavailable(
-                        f"no Conveyor server answered {method} within "
-                        f"{self._retry.total_timeout.total_seconds():g}s "
-                        f"(tried {', '.join(self._ring.addresses)}): {exc.details()}"
-                    ) from None
-                self._ring.advance()
-                time.sleep(delay)
+                attempts.failed(address, exc)
+                continue
+            attempts.succeeded(address)
+            return response
 
     def enqueue_task(self, task: Task) -> str:
         """Enqueue one task; return its id."""
@@ -88,6 +95,12 @@ class Client:
     def cancel_task(self, task_id: str) -> TaskStatus:
         """Cancel a queued or running task; raises TaskAlreadyFinished if it has finished."""
         return core.status_from_response(self._call("CancelTask", core.cancel_request(task_id)))
+
+    def list_workers(self, *, include_stopped: bool = False, limit: int = 500) -> list[WorkerInfo]:
+        """Registered workers, newest first (stopped ones only if asked)."""
+        request = core.list_workers_request(include_stopped=include_stopped, limit=limit)
+        response = self._call("ListWorkers", request, service="AdminService")
+        return core.workers_from_response(response)
 
     def close(self) -> None:
         """Close every channel."""

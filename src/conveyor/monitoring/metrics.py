@@ -55,6 +55,16 @@ class ServerMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.is_leader = Gauge(
+            "conveyor_leader",
+            "1 while this server holds the maintenance role, else 0.",
+            registry=self.registry,
+        )
+        self.leader_term = Gauge(
+            "conveyor_leader_term",
+            "The term under which this server last led (0 if never).",
+            registry=self.registry,
+        )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_connections_in_use",
             "Database connections checked out of this server's pool.",
@@ -64,6 +74,13 @@ class ServerMetrics:
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""
         self.rpc_duration.labels(method, code).observe(seconds)
+
+    def set_leadership(self, proof: object | None) -> None:
+        """Track leadership changes (`proof` has a `term` while leading, None otherwise)."""
+        self.is_leader.set(0 if proof is None else 1)
+        term = getattr(proof, "term", None)
+        if term is not None:
+            self.leader_term.set(term)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

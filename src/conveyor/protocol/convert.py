@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.types import Task, TaskEvent, TaskState, TaskStatus
+from conveyor.types import Task, TaskEvent, TaskState, TaskStatus, WorkerInfo
 
 STATE_TO_PB: Final = {
     TaskState.QUEUED: pb.TASK_STATE_QUEUED,
@@ -126,4 +126,21 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
             )
             for event in status.history
         ],
+    )
+
+
+def worker_from_pb(info: pb.WorkerInfo) -> WorkerInfo:
+    """A WorkerInfo from the wire form."""
+    return WorkerInfo(
+        id=info.id,
+        host=info.host,
+        pid=info.pid,
+        task_types=tuple(info.task_types),
+        concurrency=info.concurrency,
+        version=info.version,
+        state=info.state,
+        started_at=from_timestamp(info.started_at),
+        last_heartbeat_at=from_timestamp(info.last_heartbeat_at),
+        in_flight=info.in_flight,
+        loop_lag_ms=info.loop_lag_ms,
     )

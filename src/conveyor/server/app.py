@@ -1,9 +1,11 @@
 """ConveyorServer: the composition root of a server process; owns the start and stop order.
 
-Start: database (schema checked) -> notifier -> gRPC services -> HTTP -> maintenance.
-Stop (SIGTERM): health NOT_SERVING and long polls answered at once -> gRPC stops accepting
-and finishes in-flight calls within the grace period -> maintenance -> HTTP -> notifier ->
-database. A stop before start, or a second stop, does nothing.
+Start: database (schema checked) -> notifier -> leader election -> gRPC services -> HTTP ->
+maintenance loops (which act only while this server leads).
+Stop (SIGTERM): long polls answered at once and health NOT_SERVING -> leadership resigned
+(the next leader need not wait for the TTL) -> gRPC stops accepting and finishes in-flight
+calls within the grace period -> maintenance -> HTTP -> notifier -> database. Every step
+runs even if an earlier one failed. A stop before start, or a second stop, does nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from conveyor.monitoring.http import HttpServer
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.admin_service import AdminService
 from conveyor.server.config import ServerConfig, split_host_port
 from conveyor.server.database import Database
+from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
@@ -41,6 +45,7 @@ log = logging.getLogger("conveyor.server")
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["TaskService"].full_name,
     pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 # Room for a full batch of maximum-size payloads; per-task limits are checked in the service.
 MIN_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -54,14 +59,25 @@ class ConveyorServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.database = Database(config)
+        self.elector = LeaderElector(
+            database=self.database,
+            server_id=config.server_id,
+            ttl=config.leader_ttl,
+            retry_interval=config.leader_retry_interval,
+            on_change=self.metrics.set_leadership,
+        )
         self.notifier = TaskNotifier(
-            config.database_url, self.database.server_settings(), publish=self._publish_ready
+            config.database_url,
+            self.database.server_settings(),
+            publish=self._publish_ready,
+            on_leader_resigned=self.elector.wake,
         )
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
+        self.admin_service = AdminService(self.database, self.elector, self.metrics)
         self.maintenance = [
-            LeaseReaper(config, self.database, self.metrics, self.notifier),
-            WorkerSweeper(config, self.database),
+            LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
+            WorkerSweeper(config, self.database, self.elector),
         ]
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -78,6 +94,7 @@ class ConveyorServer:
 
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         self.notifier.start()
+        self.elector.start()
         message_bytes = max(MIN_MESSAGE_BYTES, self.config.max_payload_bytes * 2 + 1024 * 1024)
         self._grpc = grpc.aio.server(
             options=[
@@ -91,6 +108,7 @@ class ConveyorServer:
         )
         pb_grpc.add_TaskServiceServicer_to_server(self.task_service, self._grpc)
         pb_grpc.add_WorkerServiceServicer_to_server(self.worker_service, self._grpc)
+        pb_grpc.add_AdminServiceServicer_to_server(self.admin_service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
@@ -126,6 +144,7 @@ class ConveyorServer:
         self.worker_service.start_draining()
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("health", self.health.enter_graceful_shutdown),
+            ("leadership", self.elector.stop),
             ("grpc", self._stop_grpc),
             *((service.name, service.stop) for service in self.maintenance),
             ("http", self._stop_http),
@@ -183,6 +202,8 @@ class ConveyorServer:
         document: dict[str, Any] = {
             "version": __version__,
             "server_id": self.config.server_id,
+            "is_leader": self.elector.is_leader,
+            "leader": None,
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "draining": self.worker_service.draining,
             "listening_for_notifications": self.notifier.listening.is_set(),
@@ -191,6 +212,15 @@ class ConveyorServer:
             async with self.database.connection() as conn:
                 tasks = await queries.task_count_by_state(conn)
                 workers = await queries.worker_count_by_state(conn)
+            leader = await self.elector.current_leader()
+            if leader is not None:
+                document["leader"] = {
+                    "server_id": leader.holder,
+                    "term": leader.term,
+                    "active": leader.active,
+                    "elected_at": leader.elected_at.isoformat(),
+                    "expires_at": leader.expires_at.isoformat(),
+                }
             document["database"] = "ok"
             document["tasks"] = tasks
             document["workers"] = workers

@@ -30,7 +30,17 @@ DEFAULT_MAX_LEASE_WAIT: Final = timedelta(seconds=30)
 DEFAULT_MAX_LEASE_BATCH: Final = 256
 DEFAULT_POLL_INTERVAL: Final = timedelta(seconds=1)
 DEFAULT_REAPER_INTERVAL: Final = timedelta(seconds=1)
-DEFAULT_WORKER_LOST_AFTER: Final = timedelta(seconds=30)
+# Five missed heartbeats at the default interval: long enough that a slow network does not
+# cause false rescues, short enough to beat the 30 s lease by half.
+DEFAULT_WORKER_LOST_AFTER: Final = timedelta(seconds=15)
+# A dead leader is replaced within this (plus one campaign interval).
+DEFAULT_LEADER_TTL: Final = timedelta(seconds=10)
+DEFAULT_LEADER_RETRY_INTERVAL: Final = timedelta(seconds=1)
+# Elections and worker heartbeats get their own small pool, so a pool exhausted by
+# producers cannot starve them (which would cost workers their leases).
+DEFAULT_PRIORITY_POOL_SIZE: Final = 3
+DEFAULT_DB_BREAKER_FAILURES: Final = 5
+DEFAULT_DB_BREAKER_RESET: Final = timedelta(seconds=2)
 DEFAULT_STATEMENT_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_POOL_ACQUIRE_TIMEOUT: Final = timedelta(seconds=5)
 DEFAULT_POOL_MAX_SIZE: Final = 20
@@ -66,12 +76,24 @@ class ServerConfig:
     statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT
     pool_acquire_timeout: timedelta = DEFAULT_POOL_ACQUIRE_TIMEOUT
     pool_max_size: int = DEFAULT_POOL_MAX_SIZE
+    priority_pool_size: int = DEFAULT_PRIORITY_POOL_SIZE
     shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE
+    leader_ttl: timedelta = DEFAULT_LEADER_TTL
+    leader_retry_interval: timedelta = DEFAULT_LEADER_RETRY_INTERVAL
+    db_breaker_failures: int = DEFAULT_DB_BREAKER_FAILURES
+    db_breaker_reset: timedelta = DEFAULT_DB_BREAKER_RESET
 
     def __post_init__(self) -> None:
         """Reject impossible combinations before anything starts."""
         if not self.database_url:
             raise ConfigError("database_url is required")
+        self._check_durations()
+        self._check_counts()
+        split_host_port(self.grpc_listen)
+        if self.http_listen is not None:
+            split_host_port(self.http_listen)
+
+    def _check_durations(self) -> None:
         positive = {
             "lease_ttl": self.lease_ttl,
             "heartbeat_interval": self.heartbeat_interval,
@@ -81,6 +103,9 @@ class ServerConfig:
             "worker_lost_after": self.worker_lost_after,
             "statement_timeout": self.statement_timeout,
             "pool_acquire_timeout": self.pool_acquire_timeout,
+            "leader_ttl": self.leader_ttl,
+            "leader_retry_interval": self.leader_retry_interval,
+            "db_breaker_reset": self.db_breaker_reset,
         }
         for name, value in positive.items():
             if value <= timedelta(0):
@@ -94,17 +119,20 @@ class ServerConfig:
                 "heartbeat_interval must be at most half of lease_ttl, or a single lost "
                 "heartbeat would cost a worker its leases"
             )
+        if self.leader_retry_interval >= self.leader_ttl:
+            raise ConfigError("leader_retry_interval must be shorter than leader_ttl")
+
+    def _check_counts(self) -> None:
         for name, number in (
             ("max_payload_bytes", self.max_payload_bytes),
             ("max_batch", self.max_batch),
             ("max_lease_batch", self.max_lease_batch),
             ("pool_max_size", self.pool_max_size),
+            ("priority_pool_size", self.priority_pool_size),
+            ("db_breaker_failures", self.db_breaker_failures),
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        split_host_port(self.grpc_listen)
-        if self.http_listen is not None:
-            split_host_port(self.http_listen)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -1,8 +1,16 @@
-"""The server's connection to PostgreSQL: a bounded pool, timeouts, and error translation.
+"""The server's connection to PostgreSQL.
+
+Bounded pools, timeouts, a circuit breaker, and error translation.
 
 Every statement runs with a statement timeout, every pool acquire with a deadline, and
 every driver exception that means "the database is not reachable right now" becomes
-`ServerUnavailable`, which gRPC callers see as UNAVAILABLE and retry.
+`ServerUnavailable`, which gRPC callers see as UNAVAILABLE and retry. Two pools: the main
+one for requests, and a small reserved one (`priority_connection`) for leader elections and
+worker heartbeats, so a burst of producers cannot starve the calls that keep leases alive.
+
+A circuit breaker sits in front of both: after consecutive connection failures it opens,
+and calls fail at once with UNAVAILABLE instead of each waiting out a connect timeout; one
+probe at a time then tests whether PostgreSQL is back.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import ServerUnavailable
 from conveyor.storage import migrate, queries
 
@@ -45,6 +54,13 @@ class Database:
         """Keep the config; `connect` opens the pool."""
         self._config = config
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._priority_pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self.breaker = CircuitBreaker(
+            BreakerPolicy(
+                failure_threshold=config.db_breaker_failures,
+                reset_timeout=config.db_breaker_reset,
+            )
+        )
 
     @property
     def url(self) -> str:
@@ -68,13 +84,8 @@ class Database:
         delay = 0.1
         while True:
             try:
-                self._pool = await asyncpg.create_pool(
-                    self._config.database_url,
-                    min_size=1,
-                    max_size=self._config.pool_max_size,
-                    server_settings=self.server_settings(),
-                    timeout=self._config.pool_acquire_timeout.total_seconds(),
-                )
+                self._pool = await self._create_pool(self._config.pool_max_size)
+                self._priority_pool = await self._create_pool(self._config.priority_pool_size)
                 break
             except UNAVAILABLE_ERRORS as exc:
                 if loop.time() + delay > give_up_at:
@@ -97,18 +108,50 @@ class Database:
                     )
             await migrate.check_schema(conn)
 
+    async def _create_pool(self, size: int) -> asyncpg.Pool[asyncpg.Record]:
+        return await asyncpg.create_pool(
+            self._config.database_url,
+            min_size=1,
+            max_size=size,
+            server_settings=self.server_settings(),
+            timeout=self._config.pool_acquire_timeout.total_seconds(),
+        )
+
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
         """A pooled connection; unavailability surfaces as ServerUnavailable."""
-        if self._pool is None:
+        async with self._acquire(self._pool) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def priority_connection(self) -> AsyncIterator[Any]:
+        """A connection from the reserved pool (elections, heartbeats)."""
+        async with self._acquire(self._priority_pool) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self, pool: asyncpg.Pool[asyncpg.Record] | None) -> AsyncIterator[Any]:
+        if pool is None:
             raise ServerUnavailable("the server is not connected to PostgreSQL")
+        if not self.breaker.allow():
+            raise ServerUnavailable(
+                "database unavailable (circuit open after repeated failures; next probe in "
+                f"{self.breaker.retry_in():.1f}s)"
+            )
         try:
-            async with self._pool.acquire(
+            async with pool.acquire(
                 timeout=self._config.pool_acquire_timeout.total_seconds()
             ) as conn:
                 yield conn
         except UNAVAILABLE_ERRORS as exc:
+            self.breaker.record_failure()
             raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            # Any other outcome (a business error, a cancelled call) means PostgreSQL answered.
+            self.breaker.record_success()
+            raise
+        else:
+            self.breaker.record_success()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
@@ -128,9 +171,10 @@ class Database:
         return self._pool.get_size() - self._pool.get_idle_size()
 
     async def close(self) -> None:
-        """Close the pool, waiting briefly for connections in use."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        """Close the pools, waiting briefly for connections in use."""
+        pools = [pool for pool in (self._pool, self._priority_pool) if pool is not None]
+        self._pool = self._priority_pool = None
+        for pool in pools:
             try:
                 await asyncio.wait_for(pool.close(), timeout=5)
             except TimeoutError:

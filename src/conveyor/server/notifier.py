@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.notifier")
 
 CHANNEL: Final = "conveyor_task_ready"
+LEADER_CHANNEL: Final = "conveyor_leader_resigned"
 
 
 class TaskNotifier:
@@ -42,11 +43,17 @@ class TaskNotifier:
         database_url: str,
         server_settings: dict[str, str],
         publish: Callable[[], Awaitable[None]] | None = None,
+        on_leader_resigned: Callable[[], None] | None = None,
     ) -> None:
-        """Nothing connects until `start`. `publish` sends the NOTIFY to every server."""
+        """Nothing connects until `start`.
+
+        `publish` sends the wake-up NOTIFY to every server; `on_leader_resigned` is called
+        when a leader gives up its role, so this server can campaign at once.
+        """
         self._url = database_url
         self._settings = server_settings
         self._publish = publish
+        self._on_leader_resigned = on_leader_resigned
         self._due: list[float] = []  # loop times of scheduled wake-ups (a heap)
         self._timer: asyncio.TimerHandle | None = None
         self._publishing: set[asyncio.Task[None]] = set()
@@ -126,6 +133,10 @@ class TaskNotifier:
     def _on_notification(self, *_args: Any) -> None:
         self.wake()
 
+    def _on_leader_notification(self, *_args: Any) -> None:
+        if self._on_leader_resigned is not None:
+            self._on_leader_resigned()
+
     async def _listen_forever(self) -> None:
         delay = 0.1
         while True:
@@ -135,6 +146,8 @@ class TaskNotifier:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notification)
+                if self._on_leader_resigned is not None:
+                    await conn.add_listener(LEADER_CHANNEL, self._on_leader_notification)
                 self.listening.set()
                 delay = 0.1
                 # Tasks may have become available while we were not listening.

@@ -198,11 +198,22 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """Extend the named leases; tell the worker which ones it must stop."""
         worker_id = _worker_id(request.worker_id)
         leases = [
-            (normalize_task_id(ref.task_id), normalize_task_id(ref.lease_id))
+            (
+                normalize_task_id(ref.task_id),
+                normalize_task_id(ref.lease_id),
+                _clean_error(ref.progress) if ref.has_progress else None,
+            )
             for ref in request.leases
         ]
-        async with self.database.connection() as conn:
-            await queries.worker_touch(conn, worker_id=worker_id)
+        # The reserved pool: a heartbeat that waits behind producers costs leases.
+        async with self.database.priority_connection() as conn:
+            await queries.worker_touch(
+                conn,
+                worker_id=worker_id,
+                draining=request.draining,
+                in_flight=min(request.in_flight, 2**31 - 1),
+                loop_lag_ms=min(request.loop_lag_ms, 2**31 - 1),
+            )
             lost = (
                 await queries.task_lease_extend(
                     conn,

@@ -157,27 +157,46 @@ async def task_cancel(conn: Any, *, task_id: str, detail: str) -> asyncpg.Record
 async def task_lease_extend(
     conn: Any,
     *,
-    leases: Sequence[tuple[str, str]],
+    leases: Sequence[tuple[str, str, str | None]],
     lease_ttl: timedelta,
     deadline_grace: timedelta,
 ) -> list[asyncpg.Record]:
-    """Extend current leases; return (task_id, lease_id, state) of those no longer held."""
+    """Extend current leases (task_id, lease_id, progress or None).
+
+    Returns (task_id, lease_id, state) of the named leases no longer held.
+    """
     return list(
         await conn.fetch(
             SQL["task_lease_extend"],
-            _uuids([task_id for task_id, _ in leases]),
-            _uuids([lease_id for _, lease_id in leases]),
+            _uuids([task_id for task_id, _, _ in leases]),
+            _uuids([lease_id for _, lease_id, _ in leases]),
             _seconds(lease_ttl),
             _seconds(deadline_grace),
+            [progress for _, _, progress in leases],
         )
     )
 
 
-async def task_reap_expired(conn: Any, *, limit: int, backoff: Backoff) -> list[asyncpg.Record]:
-    """Return up to `limit` tasks with expired leases to the queue (or fail them)."""
+@dataclass(frozen=True, slots=True)
+class LeaderProof:
+    """The (holder, term) a leader-only statement must still hold to write anything."""
+
+    holder: str
+    term: int
+
+
+async def task_reap_expired(
+    conn: Any, *, limit: int, backoff: Backoff, leader: LeaderProof
+) -> list[asyncpg.Record]:
+    """Leader only: return up to `limit` tasks with expired leases to the queue (or fail them)."""
     return list(
         await conn.fetch(
-            SQL["task_reap_expired"], limit, _seconds(backoff.base), _seconds(backoff.cap)
+            SQL["task_reap_expired"],
+            limit,
+            _seconds(backoff.base),
+            _seconds(backoff.cap),
+            leader.holder,
+            leader.term,
         )
     )
 
@@ -224,9 +243,11 @@ async def worker_register(
     )
 
 
-async def worker_touch(conn: Any, *, worker_id: str) -> None:
-    """Record a heartbeat."""
-    await conn.execute(SQL["worker_touch"], worker_id)
+async def worker_touch(
+    conn: Any, *, worker_id: str, draining: bool, in_flight: int, loop_lag_ms: int
+) -> None:
+    """Record a heartbeat and what the worker says about itself."""
+    await conn.execute(SQL["worker_touch"], worker_id, draining, in_flight, loop_lag_ms)
 
 
 async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:
@@ -234,9 +255,39 @@ async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:
     await conn.execute(SQL["worker_set_state"], worker_id, state)
 
 
-async def worker_mark_lost(conn: Any, *, silence: timedelta) -> list[str]:
-    """Mark workers silent for longer than `silence` as lost; return their ids."""
-    return [row["id"] for row in await conn.fetch(SQL["worker_mark_lost"], _seconds(silence))]
+async def worker_sweep_lost(
+    conn: Any, *, silence: timedelta, leader: LeaderProof
+) -> list[asyncpg.Record]:
+    """Leader only: mark silent workers lost and end their leases; (id, leases) per worker."""
+    return list(
+        await conn.fetch(SQL["worker_sweep_lost"], _seconds(silence), leader.holder, leader.term)
+    )
+
+
+async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[asyncpg.Record]:
+    """Workers, newest first; stopped ones only if asked."""
+    return list(await conn.fetch(SQL["worker_list"], include_stopped, limit))
+
+
+async def leader_attempt_elect(
+    conn: Any, *, name: str, holder: str, ttl: timedelta
+) -> asyncpg.Record | None:
+    """Take or renew the role; the row (term, expires_at) if `holder` leads afterwards."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["leader_attempt_elect"], name, holder, _seconds(ttl)
+    )
+    return row
+
+
+async def leader_resign(conn: Any, *, name: str, holder: str) -> None:
+    """Give the role up now (if held) and wake the other servers."""
+    await conn.execute(SQL["leader_resign"], name, holder)
+
+
+async def leader_get(conn: Any, *, name: str) -> asyncpg.Record | None:
+    """The role's current row."""
+    row: asyncpg.Record | None = await conn.fetchrow(SQL["leader_get"], name)
+    return row
 
 
 async def worker_count_by_state(conn: Any) -> dict[str, int]:

@@ -145,16 +145,19 @@ WITH done AS (
 SELECT state FROM done;
 
 -- name: task_lease_extend
--- $1 task ids, $2 lease ids (pairwise), $3 lease ttl (s), $4 grace after deadline (s).
+-- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s),
+-- $4 grace after deadline (s).
 -- Extends the leases that are still current and unexpired; returns every named lease that
 -- is not, with the task's state (cancelled, or anything else: the lease was lost).
 WITH named AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS n (task_id, lease_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $5::text[]) AS n (task_id, lease_id, progress)
 ), extended AS (
     UPDATE conveyor_tasks AS t
     SET lease_expires_at = least(
-        now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
-    )
+            now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
+        ),
+        progress = coalesce(named.progress, t.progress),
+        progress_at = CASE WHEN named.progress IS NULL THEN t.progress_at ELSE now() END
     FROM named
     WHERE t.id = named.task_id AND t.lease_id = named.lease_id
       AND t.state = 'running' AND t.lease_expires_at > now()
@@ -165,13 +168,18 @@ FROM named LEFT JOIN conveyor_tasks AS t ON t.id = named.task_id
 WHERE named.task_id NOT IN (SELECT id FROM extended);
 
 -- name: task_reap_expired
--- $1 batch size, $2 backoff base (s), $3 backoff cap (s).
+-- $1 batch size, $2 backoff base (s), $3 backoff cap (s), $4 leader id, $5 leader term.
+-- Leader only: writes nothing unless ($4, $5) still holds the maintenance role.
 -- Running tasks whose lease ran out go back to the queue (or fail, out of attempts).
 -- The history says whether the attempt outlived its timeout or its worker went silent.
-WITH expired AS (
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $4 AND term = $5 AND expires_at > now()
+    FOR SHARE
+), expired AS (
     SELECT id, deadline_at <= now() AS timed_out
     FROM conveyor_tasks
-    WHERE state = 'running' AND lease_expires_at < now()
+    WHERE state = 'running' AND lease_expires_at < now() AND EXISTS (SELECT 1 FROM leader)
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -229,21 +237,87 @@ SET host = excluded.host, pid = excluded.pid, task_types = excluded.task_types,
     state = 'active', last_heartbeat_at = now();
 
 -- name: worker_touch
--- A heartbeat from a worker that was swept as lost revives it: it is demonstrably alive.
+-- $1 id, $2 draining, $3 in flight, $4 loop lag (ms).
+-- A heartbeat from a worker that was swept as lost revives it: it is demonstrably alive
+-- (its old leases stay lost; fencing refuses them).
 UPDATE conveyor_workers
-SET last_heartbeat_at = now(), state = CASE WHEN state = 'lost' THEN 'active' ELSE state END
+SET last_heartbeat_at = now(),
+    state = CASE WHEN $2 THEN 'draining' WHEN state = 'stopped' THEN state ELSE 'active' END,
+    in_flight = $3,
+    loop_lag_ms = $4
 WHERE id = $1;
 
 -- name: worker_set_state
 UPDATE conveyor_workers SET state = $2, last_heartbeat_at = now() WHERE id = $1;
 
--- name: worker_mark_lost
--- $1 silence (s) after which an active or draining worker is presumed lost.
-UPDATE conveyor_workers
-SET state = 'lost'
-WHERE state IN ('active', 'draining')
-  AND last_heartbeat_at < now() - make_interval(secs => $1)
-RETURNING id;
+-- name: worker_sweep_lost
+-- $1 silence (s) after which an active or draining worker is presumed lost, $2 leader id,
+-- $3 leader term. Leader only. Marks silent workers lost and ends their leases now, so the
+-- reaper's next round requeues their tasks instead of waiting out the lease. Fencing keeps
+-- this safe if the worker was only slow: its next report or heartbeat is refused.
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $2 AND term = $3 AND expires_at > now()
+    FOR SHARE
+), lost AS (
+    UPDATE conveyor_workers
+    SET state = 'lost'
+    WHERE state IN ('active', 'draining')
+      AND last_heartbeat_at < now() - make_interval(secs => $1)
+      AND EXISTS (SELECT 1 FROM leader)
+    RETURNING id
+), released AS (
+    UPDATE conveyor_tasks
+    SET lease_expires_at = now()
+    WHERE state = 'running' AND worker_id IN (SELECT id FROM lost) AND lease_expires_at > now()
+    RETURNING worker_id
+)
+SELECT lost.id, (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
+FROM lost;
+
+-- name: worker_list
+SELECT id, host, pid, task_types, concurrency, version, state, started_at, last_heartbeat_at,
+       in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for
+FROM conveyor_workers
+WHERE $1 OR state IN ('active', 'draining', 'lost')
+ORDER BY started_at DESC
+LIMIT $2;
+
+-- name: leader_attempt_elect
+-- $1 role, $2 holder, $3 ttl (s). Takes the role if it is free or expired; renews it if
+-- $2 holds it. The term grows whenever the holder changes or the lease had lapsed. Returns
+-- the term when $2 leads afterwards, no row otherwise.
+WITH attempt AS (
+    INSERT INTO conveyor_leader AS l (name, holder, term, elected_at, expires_at)
+    VALUES ($1, $2, 1, now(), now() + make_interval(secs => $3))
+    ON CONFLICT (name) DO UPDATE
+    SET holder = excluded.holder,
+        term = CASE WHEN l.holder = excluded.holder AND l.expires_at > now()
+                    THEN l.term ELSE l.term + 1 END,
+        elected_at = CASE WHEN l.holder = excluded.holder AND l.expires_at > now()
+                          THEN l.elected_at ELSE now() END,
+        expires_at = excluded.expires_at
+    WHERE l.expires_at <= now() OR l.holder = excluded.holder
+    RETURNING l.name, l.holder, l.term, l.elected_at, l.expires_at
+), new_term AS (
+    -- Only a new term is recorded; a duplicate (name, term) would be an error, not hidden.
+    INSERT INTO conveyor_leader_terms (name, term, holder, elected_at)
+    SELECT name, term, holder, elected_at FROM attempt WHERE elected_at = now()
+)
+SELECT term, expires_at FROM attempt;
+
+-- name: leader_resign
+-- $1 role, $2 holder. Ends the lease now and tells the other servers to campaign at once.
+WITH resigned AS (
+    UPDATE conveyor_leader SET expires_at = now() WHERE name = $1 AND holder = $2
+    RETURNING name
+)
+SELECT pg_notify('conveyor_leader_resigned', '') FROM resigned;
+
+-- name: leader_get
+SELECT holder, term, elected_at, expires_at, expires_at > now() AS active
+FROM conveyor_leader
+WHERE name = $1;
 
 -- name: worker_count_by_state
 SELECT state, count(*) AS workers FROM conveyor_workers GROUP BY state;

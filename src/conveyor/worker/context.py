@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Callable
+
+
+def _no_progress_sink(_details: str | None) -> None:
+    """Where progress goes when a context is built outside a worker (tests)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +44,20 @@ class TaskContext:
     deadline: datetime
     logger: logging.LoggerAdapter[logging.Logger]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    _progress_sink: Callable[[str | None], None] = field(
+        default=_no_progress_sink, repr=False, compare=False
+    )
+
+    def heartbeat(self, details: str | None = None) -> None:
+        """Prove progress: renew this attempt's lease now and record `details` on the task.
+
+        Leases are renewed by the worker anyway while the handler runs; call this from long
+        handlers to make progress visible (`conveyor status`) and to renew at once after a
+        long stretch. Safe from sync handlers (any thread) and async ones; never blocks.
+        """
+        if details is not None and not isinstance(details, str):
+            raise TypeError("heartbeat details must be a str (serialise structured data)")
+        self._progress_sink(details)
 
     def time_left(self) -> timedelta:
         """Time until the deadline (negative once it has passed)."""

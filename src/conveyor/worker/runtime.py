@@ -45,7 +45,12 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from conveyor import __version__
-from conveyor.client.channel import CHANNEL_OPTIONS, AddressRing, RetryPolicy, parse_addresses
+from conveyor.client.channel import (
+    CHANNEL_OPTIONS,
+    AddressRing,
+    RetryPolicy,
+    parse_addresses,
+)
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.protocol import convert
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
@@ -53,6 +58,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.worker.context import TaskContext
 from conveyor.worker.registry import HandlerRegistry
+from conveyor.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -70,6 +76,16 @@ DEFAULT_START_TIMEOUT: Final = timedelta(seconds=30)
 FALLBACK_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
 FALLBACK_LEASE_DURATION: Final = timedelta(seconds=30)
 CALL_TIMEOUT: Final = 10.0
+# A handler calling ctx.heartbeat() in a tight loop must not flood the server.
+MIN_HEARTBEAT_SPACING: Final = 0.2
+
+
+class _Unreachable(Exception):
+    """No server answered: a transient gRPC failure, or every server's breaker is open."""
+
+    def __init__(self, detail: str, retry_in: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_in = retry_in
 
 
 def default_worker_id() -> str:
@@ -101,6 +117,8 @@ class _Attempt:
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
     reported: bool = False
+    # Progress from ctx.heartbeat(details), sent with the next heartbeat.
+    progress: str | None = None
     # Set once the outcome is reported (or known to be unreportable): the lease is settled.
     settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -301,6 +319,9 @@ class _Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event: asyncio.Event | None = None
         self.slot_freed: asyncio.Event | None = None
+        self.heartbeat_now: asyncio.Event | None = None
+        self.draining = False
+        self.watchdog: LoopWatchdog | None = None
         self.log = logging.LoggerAdapter(log, {"worker_id": worker.worker_id})
 
     # --- plumbing -------------------------------------------------------------------------
@@ -312,8 +333,7 @@ class _Runtime:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(event.set)
 
-    def stub(self) -> pb_grpc.WorkerServiceStub:
-        address = self.ring.current
+    def stub(self, address: str) -> pb_grpc.WorkerServiceStub:
         channel = self.channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -321,13 +341,27 @@ class _Runtime:
         return pb_grpc.WorkerServiceStub(channel)
 
     async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
-        """One RPC on the current server; a transient failure moves to the next server."""
+        """One RPC on a server whose breaker allows it.
+
+        Raises:
+            _Unreachable: no server answered (the next call goes to the next server).
+            grpc.aio.AioRpcError: the server answered with an error status.
+        """
+        address = self.ring.pick()
+        if address is None:
+            raise _Unreachable(
+                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
+            )
         try:
-            return await getattr(self.stub(), method)(request, timeout=timeout)
+            response = await getattr(self.stub(address), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
-                self.ring.advance()
+                self.ring.record(address, reachable=False)
+                raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+            self.ring.record(address, reachable=True)
             raise
+        self.ring.record(address, reachable=True)
+        return response
 
     # --- main -----------------------------------------------------------------------------
 
@@ -335,17 +369,22 @@ class _Runtime:
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         self.slot_freed = asyncio.Event()
+        self.heartbeat_now = asyncio.Event()
         try:
             await self.register()
         except BaseException as exc:
             on_started(exc)
             await self.close_channels()
             return
+        self.watchdog = LoopWatchdog(self.loop)
+        self.watchdog.start()
         on_started(None)
         heartbeat = asyncio.create_task(self.heartbeat_loop(), name="heartbeat")
         leasing = asyncio.create_task(self.lease_loop(), name="lease-loop")
         await self.stop_event.wait()
         self.log.info("draining", extra={"event": "worker_draining"})
+        self.draining = True
+        self.heartbeat_now.set()  # tell the servers at once: this worker takes no more work
         leasing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await leasing
@@ -353,12 +392,14 @@ class _Runtime:
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
             await self.call(
                 "UnregisterWorker",
                 pb.UnregisterWorkerRequest(worker_id=self.worker.worker_id),
                 timeout=3,
             )
+        if self.watchdog is not None:
+            self.watchdog.stop()
         await self.close_channels()
         # Threads of sync handlers that ignore cancellation are left to finish on their own.
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -387,21 +428,21 @@ class _Runtime:
                 response = await self.call("RegisterWorker", request)
                 break
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in TRANSIENT_CODES:
-                    raise error_from_status(exc.code(), exc.details()) from None
+                raise error_from_status(exc.code(), exc.details()) from None
+            except _Unreachable as exc:
                 if self.loop.time() >= give_up_at or self.stop_event.is_set():
                     raise ServerUnavailable(
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
-                        f"worker within {self.start_timeout.total_seconds():g}s: {exc.details()}"
+                        f"worker within {self.start_timeout.total_seconds():g}s: {exc}"
                     ) from None
-                await asyncio.sleep(next(delays))
+                await asyncio.sleep(exc.retry_in or next(delays))
         if response.HasField("heartbeat_interval"):
             self.heartbeat_interval = response.heartbeat_interval.ToTimedelta()
         if response.HasField("lease_duration"):
             self.lease_duration = response.lease_duration.ToTimedelta()
         self.log.info(
             "registered with %s for %s (concurrency %d)",
-            self.ring.current,
+            ", ".join(self.ring.addresses),
             ", ".join(request.task_types),
             self.worker.concurrency,
             extra={"event": "worker_registered"},
@@ -427,14 +468,16 @@ class _Runtime:
                 response = await self.call(
                     "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
                 )
+            except _Unreachable as exc:
+                self.log.debug("lease call failed: %s", exc, extra={"event": "lease_failed"})
+                await asyncio.sleep(exc.retry_in or next(delays))
+                continue
             except grpc.aio.AioRpcError as exc:
-                level = logging.DEBUG if exc.code() in TRANSIENT_CODES else logging.ERROR
-                self.log.log(
-                    level,
-                    "lease call failed: %s %s",
+                self.log.error(  # noqa: TRY400 - the status says it all
+                    "lease call refused: %s %s",
                     exc.code().name,
                     exc.details(),
-                    extra={"event": "lease_failed"},
+                    extra={"event": "lease_refused"},
                 )
                 await asyncio.sleep(next(delays))
                 continue
@@ -445,6 +488,7 @@ class _Runtime:
     def begin(self, lease: pb.Lease) -> None:
         deadline = convert.from_timestamp(lease.deadline)
         ctx = TaskContext(
+            _progress_sink=lambda details: self.report_progress(lease.task_id, details),
             task_id=lease.task_id,
             task_type=lease.type,
             attempt=lease.attempt,
@@ -602,6 +646,13 @@ class _Runtime:
         while True:
             try:
                 await self.call("ReportResult", request)
+            except _Unreachable as exc:
+                if self.loop.time() >= give_up_at:
+                    attempt.ctx.logger.error(  # noqa: TRY400 - no traceback to add
+                        "could not report the outcome: %s", exc, extra={"event": "report_failed"}
+                    )
+                    return
+                await asyncio.sleep(exc.retry_in or next(delays))
             except grpc.aio.AioRpcError as exc:
                 if (
                     exc.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -623,15 +674,13 @@ class _Runtime:
                         extra={"event": "report_rejected"},
                     )
                     return
-                if exc.code() not in TRANSIENT_CODES or self.loop.time() >= give_up_at:
-                    attempt.ctx.logger.error(  # noqa: TRY400 - the status says it all
-                        "could not report the outcome: %s %s",
-                        exc.code().name,
-                        exc.details(),
-                        extra={"event": "report_failed"},
-                    )
-                    return
-                await asyncio.sleep(next(delays))
+                attempt.ctx.logger.error(  # noqa: TRY400 - the status says it all
+                    "the outcome was refused: %s %s",
+                    exc.code().name,
+                    exc.details(),
+                    extra={"event": "report_failed"},
+                )
+                return
             else:
                 attempt.reported = True
                 return
@@ -640,26 +689,42 @@ class _Runtime:
 
     async def heartbeat_loop(self) -> None:
         assert self.loop is not None  # noqa: S101
+        assert self.heartbeat_now is not None  # noqa: S101
         last_success = self.loop.time()
         while True:
-            await asyncio.sleep(self.heartbeat_interval.total_seconds())
+            # Every interval, or at once when a handler reports progress or draining begins.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.heartbeat_now.wait(), self.heartbeat_interval.total_seconds()
+                )
+            self.heartbeat_now.clear()
             # Attempts stopped or reported no longer hold a lease worth extending.
             held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
+            sent_progress = {a: a.progress for a in held if a.progress is not None}
             request = pb.HeartbeatRequest(
                 worker_id=self.worker.worker_id,
                 leases=[
-                    pb.LeaseRef(task_id=a.lease.task_id, lease_id=a.lease.lease_id) for a in held
+                    pb.LeaseRef(
+                        task_id=a.lease.task_id,
+                        lease_id=a.lease.lease_id,
+                        progress=a.progress or "",
+                        has_progress=a.progress is not None,
+                    )
+                    for a in held
                 ],
+                draining=self.draining,
+                in_flight=self.busy,
+                loop_lag_ms=self.watchdog.take_max_lag_ms() if self.watchdog else 0,
             )
             try:
                 # Short deadline: a heartbeat that cannot get through must be noticed well
                 # within the lease, not after a long call timeout.
                 response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
-            except grpc.aio.AioRpcError as exc:
+            except (_Unreachable, grpc.aio.AioRpcError) as exc:
                 silent_for = self.loop.time() - last_success
                 self.log.warning(
                     "heartbeat failed (%s); silent for %.1fs",
-                    exc.code().name,
+                    exc,
                     silent_for,
                     extra={"event": "heartbeat_failed"},
                 )
@@ -668,6 +733,9 @@ class _Runtime:
                         self.abandon(attempt, "lease_lost")
                 continue
             last_success = self.loop.time()
+            for attempt, progress in sent_progress.items():
+                if attempt.progress == progress:
+                    attempt.progress = None
             for stop in response.stop:
                 stopped = self.attempts.get(stop.task_id)
                 if (
@@ -677,6 +745,24 @@ class _Runtime:
                 ):
                     cancelled = stop.reason == pb.STOP_REASON_CANCELLED
                     self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
+            await asyncio.sleep(MIN_HEARTBEAT_SPACING)
+
+    def report_progress(self, task_id: str, details: str | None) -> None:
+        """Thread-safe: ctx.heartbeat(details) from a handler."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._record_progress, task_id, details)
+
+    def _record_progress(self, task_id: str, details: str | None) -> None:
+        attempt = self.attempts.get(task_id)
+        if attempt is None:
+            return
+        if details is not None:
+            attempt.progress = details
+        if self.heartbeat_now is not None:
+            self.heartbeat_now.set()
 
     def heartbeat_timeout(self) -> float:
         """Deadline of one heartbeat call: a quarter of the lease, at most CALL_TIMEOUT."""

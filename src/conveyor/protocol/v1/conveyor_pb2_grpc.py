@@ -445,3 +445,124 @@ class WorkerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """---------------------------------------------------------------- operators
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListWorkers = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListWorkers',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.GetLeader = channel.unary_unary(
+                '/conveyor.v1.AdminService/GetLeader',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """---------------------------------------------------------------- operators
+
+    """
+
+    def ListWorkers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLeader(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeader,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'conveyor.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('conveyor.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """---------------------------------------------------------------- operators
+
+    """
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListWorkers',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/GetLeader',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -173,3 +173,40 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conveyor_pb2.UnregisterWorkerResponse, _abc.Awaitable[_conveyor_pb2.UnregisterWorkerResponse]]: ...
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminServiceStub:
+    """---------------------------------------------------------------- operators"""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ListWorkersRequest, _conveyor_pb2.ListWorkersResponse]
+    GetLeader: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]
+
+@_typing.type_check_only
+class AdminServiceAsyncStub(AdminServiceStub):
+    """---------------------------------------------------------------- operators"""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ListWorkersRequest, _conveyor_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    GetLeader: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]  # type: ignore[assignment]
+
+class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- operators"""
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _conveyor_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ListWorkersResponse, _abc.Awaitable[_conveyor_pb2.ListWorkersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLeader(
+        self,
+        request: _conveyor_pb2.GetLeaderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.GetLeaderResponse, _abc.Awaitable[_conveyor_pb2.GetLeaderResponse]]: ...
+
+def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,8 +1,7 @@
 """Lease reaper: returns running tasks whose lease expired to the queue, or fails them.
 
-Each round is one statement that locks expired rows with SKIP LOCKED, so several servers
-running it at once never process the same task twice; leader election (issue #3) will make
-it a leader-only loop to save the duplicate queries, not for correctness.
+Leader only. Each round is one statement fenced by the leader's term (see leadership.py):
+a server that lost the role, even without knowing it yet, writes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
+    from conveyor.server.leadership import LeaderElector
     from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.reaper")
@@ -35,9 +35,11 @@ class LeaseReaper(PeriodicService):
         database: Database,
         metrics: ServerMetrics,
         notifier: TaskNotifier,
+        elector: LeaderElector,
     ) -> None:
-        """Reap every `reaper_interval`."""
+        """Reap every `reaper_interval` while this server leads."""
         super().__init__(config.reaper_interval)
+        self._elector = elector
         self._database = database
         self._notifier = notifier
         self._metrics = metrics
@@ -47,10 +49,10 @@ class LeaseReaper(PeriodicService):
 
     async def tick(self) -> None:
         """Reap until no expired lease is left (in batches)."""
-        while True:
+        while (leader := self._elector.leadership) is not None:
             async with self._database.connection() as conn:
                 rows = await queries.task_reap_expired(
-                    conn, limit=BATCH_SIZE, backoff=self._backoff
+                    conn, limit=BATCH_SIZE, backoff=self._backoff, leader=leader
                 )
             for row in rows:
                 outcome = "timed_out" if row["timed_out"] else "lease_expired"

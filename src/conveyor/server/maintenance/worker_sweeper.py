@@ -1,7 +1,9 @@
-"""Worker sweeper: marks workers that stopped heartbeating as lost.
+"""Worker sweeper: marks workers that stopped heartbeating as lost and ends their leases.
 
-Only bookkeeping for now: a lost worker's leases expire by themselves and the lease reaper
-takes them back. Idempotent, so every server may run it.
+Leader only, fenced by the leader's term. Ending a lost worker's leases at once (instead of
+waiting out the lease) is what makes recovery fast; it is safe because of fencing: if the
+worker was merely slow, its next heartbeat learns the leases are gone and its reports are
+refused, so no attempt gets two outcomes.
 """
 
 from __future__ import annotations
@@ -15,28 +17,35 @@ from conveyor.storage import queries
 if TYPE_CHECKING:
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
+    from conveyor.server.leadership import LeaderElector
 
 log = logging.getLogger("conveyor.server.sweeper")
 
 
 class WorkerSweeper(PeriodicService):
-    """Marks silent workers lost."""
+    """Marks silent workers lost and releases their leases."""
 
     name = "worker-sweeper"
 
-    def __init__(self, config: ServerConfig, database: Database) -> None:
+    def __init__(self, config: ServerConfig, database: Database, elector: LeaderElector) -> None:
         """Sweep every `reaper_interval`; silence beyond `worker_lost_after` means lost."""
         super().__init__(config.reaper_interval)
         self._database = database
+        self._elector = elector
         self._silence = config.worker_lost_after
 
     async def tick(self) -> None:
-        """Mark silent workers lost."""
+        """Mark silent workers lost (if this server leads)."""
+        leader = self._elector.leadership
+        if leader is None:
+            return
         async with self._database.connection() as conn:
-            lost = await queries.worker_mark_lost(conn, silence=self._silence)
-        for worker_id in lost:
+            lost = await queries.worker_sweep_lost(conn, silence=self._silence, leader=leader)
+        for row in lost:
             log.warning(
-                "worker %s missed its heartbeats; marked lost",
-                worker_id,
-                extra={"event": "worker_lost", "worker_id": worker_id},
+                "worker %s missed its heartbeats for %ss; marked lost, %d lease(s) released",
+                row["id"],
+                self._silence.total_seconds(),
+                row["leases"],
+                extra={"event": "worker_lost", "worker_id": row["id"]},
             )

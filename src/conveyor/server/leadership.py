@@ -1,0 +1,181 @@
+"""LeaderElector: which server runs the singleton maintenance work, decided by PostgreSQL.
+
+The role is a row in `conveyor_leader` (see migration 0002). A server takes it when it is
+free or expired and renews it every `leader_ttl / 3`, with the database's clock judging
+expiry, so skewed server clocks cannot make two leaders. `term` grows on every change of
+holder and after any lapse, and is the fencing token of leader-only writes: each one checks
+(holder, term, expires_at > now()) in the same statement, holding the row FOR SHARE, so a
+leader that was paused (SIGSTOP, GC, a partition) past its lease writes nothing with its old
+term even if it still believes it leads.
+
+    follower --elected--> leader --renewal refused or failing past the lease--> follower
+    leader --resign() (shutdown)--> follower; NOTIFY lets the others take over at once
+    any --stop()--> stopped
+
+The elector also steps down on its own when it has not renewed for a whole TTL (measured
+on the local monotonic clock from the last successful renewal), which keeps a partitioned
+leader from running loops that the database would refuse anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.errors import ConveyorError
+from conveyor.storage import queries
+from conveyor.storage.queries import LeaderProof
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime, timedelta
+
+    from conveyor.server.database import Database
+
+log = logging.getLogger("conveyor.server.leadership")
+
+MAINTENANCE_ROLE: Final = "maintenance"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderInfo:
+    """Who leads, as the database says."""
+
+    holder: str
+    term: int
+    elected_at: datetime
+    expires_at: datetime
+    active: bool
+
+
+class LeaderElector:
+    """Campaigns for the maintenance role and tells its holder's loops whether to run."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        server_id: str,
+        ttl: timedelta,
+        retry_interval: timedelta,
+        on_change: Callable[[LeaderProof | None], None] | None = None,
+    ) -> None:
+        """Nothing runs until `start`."""
+        self._database = database
+        self.server_id = server_id
+        self.ttl = ttl
+        self._retry_interval = retry_interval
+        self._on_change = on_change
+        self._leadership: LeaderProof | None = None
+        self._renewed_at = 0.0
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()
+
+    @property
+    def leadership(self) -> LeaderProof | None:
+        """The current proof of leadership, or None when following (or lapsed locally)."""
+        if self._leadership is not None and self._lapsed():
+            self._set(None, reason="no successful renewal for a whole TTL")
+        return self._leadership
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this server believes it leads (the database still fences every write)."""
+        return self.leadership is not None
+
+    def _lapsed(self) -> bool:
+        return time.monotonic() - self._renewed_at >= self.ttl.total_seconds()
+
+    def wake(self) -> None:
+        """Campaign now (the leader resigned)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Begin campaigning (idempotent)."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="leader-elector")
+
+    async def stop(self, *, resign: bool = True) -> None:
+        """Stop campaigning; resign at once so another server takes over without waiting."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        if resign and self._leadership is not None:
+            with contextlib.suppress(ConveyorError):
+                async with self._database.priority_connection() as conn:
+                    await queries.leader_resign(conn, name=MAINTENANCE_ROLE, holder=self.server_id)
+                log.info("resigned leadership", extra={"event": "leader_resigned"})
+        self._set(None, reason="stopped")
+        self.started.clear()
+
+    async def _run(self) -> None:
+        self.started.set()
+        while True:
+            await self._campaign()
+            interval = (
+                self.ttl.total_seconds() / 3
+                if self._leadership is not None
+                else self._retry_interval.total_seconds()
+            )
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def _campaign(self) -> None:
+        attempt_started = time.monotonic()
+        try:
+            async with self._database.priority_connection() as conn:
+                row = await queries.leader_attempt_elect(
+                    conn, name=MAINTENANCE_ROLE, holder=self.server_id, ttl=self.ttl
+                )
+        except ConveyorError as exc:
+            log.warning("leader election round failed: %s", exc, extra={"event": "election_failed"})
+            # A leader that cannot renew keeps its role only until the lease would lapse.
+            _ = self.leadership
+            return
+        if row is None:
+            self._set(None, reason="another server holds the role")
+            return
+        self._renewed_at = attempt_started
+        self._set(LeaderProof(holder=self.server_id, term=int(row["term"])), reason="elected")
+
+    def _set(self, leadership: LeaderProof | None, *, reason: str) -> None:
+        if leadership == self._leadership:
+            return
+        previous, self._leadership = self._leadership, leadership
+        if leadership is not None:
+            log.info(
+                "this server leads (term %d)",
+                leadership.term,
+                extra={"event": "leader_elected", "term": leadership.term},
+            )
+        elif previous is not None:
+            log.warning(
+                "this server no longer leads (term %d): %s",
+                previous.term,
+                reason,
+                extra={"event": "leader_lost", "term": previous.term},
+            )
+        if self._on_change is not None:
+            self._on_change(leadership)
+
+    async def current_leader(self) -> LeaderInfo | None:
+        """Who leads according to the database (None before any election)."""
+        async with self._database.priority_connection() as conn:
+            row: Any = await queries.leader_get(conn, name=MAINTENANCE_ROLE)
+        if row is None:
+            return None
+        return LeaderInfo(
+            holder=row["holder"],
+            term=int(row["term"]),
+            elected_at=row["elected_at"],
+            expires_at=row["expires_at"],
+            active=bool(row["active"]),
+        )

@@ -1,0 +1,93 @@
+"""LoopWatchdog: notices when the worker's event loop is blocked, and says so.
+
+An `async def` handler that calls blocking code (time.sleep, a sync HTTP client, heavy CPU)
+stops the whole event loop: no other handler runs and no heartbeat goes out, so the server
+eventually marks the worker lost. This thread measures how late the loop runs a scheduled
+callback; when that exceeds `warn_after` it logs a warning from outside the loop (the loop
+cannot log while blocked), and the worst lag since the last heartbeat is reported to the
+server with the next heartbeat, where `conveyor workers` shows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger("conveyor.worker.watchdog")
+
+DEFAULT_PERIOD: Final = 0.5
+DEFAULT_WARN_AFTER: Final = 1.0
+
+
+class LoopWatchdog:
+    """Probes an event loop from a daemon thread."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        period: float = DEFAULT_PERIOD,
+        warn_after: float = DEFAULT_WARN_AFTER,
+    ) -> None:
+        """Nothing runs until `start`."""
+        self._loop = loop
+        self._period = period
+        self._warn_after = warn_after
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._max_lag = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name="conveyor-loop-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start probing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop probing (returns at once; the thread ends within one period)."""
+        self._stopping.set()
+
+    def take_max_lag_ms(self) -> int:
+        """The worst lag seen since the previous call, in milliseconds (then reset)."""
+        with self._lock:
+            lag, self._max_lag = self._max_lag, 0.0
+        return int(lag * 1000)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._period):
+            probe = threading.Event()
+            sent = time.monotonic()
+            try:
+                self._loop.call_soon_threadsafe(probe.set)
+            except RuntimeError:  # the loop is closed: the worker is gone
+                return
+            warned = False
+            while not probe.wait(self._warn_after):
+                if self._stopping.is_set():
+                    return
+                if not warned:
+                    log.warning(
+                        "the worker's event loop has been blocked for %.1fs: an async handler "
+                        "is running blocking code (make it a plain def handler, or await a "
+                        "non-blocking call); heartbeats cannot go out meanwhile",
+                        time.monotonic() - sent,
+                        extra={"event": "event_loop_blocked"},
+                    )
+                    warned = True
+            lag = time.monotonic() - sent
+            with self._lock:
+                self._max_lag = max(self._max_lag, lag)
+            if warned:
+                with contextlib.suppress(Exception):
+                    log.warning(
+                        "the worker's event loop ran again after %.1fs blocked",
+                        lag,
+                        extra={"event": "event_loop_unblocked"},
+                    )
