@@ -177,6 +177,8 @@ class TaskStatus:
     timeout: timedelta = DEFAULT_TIMEOUT
     available_at: datetime | None = None
     history: tuple[TaskEvent, ...] = field(default=())
+    progress: str | None = None
+    progress_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

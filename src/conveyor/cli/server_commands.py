@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -58,6 +59,12 @@ async def _serve(
     if on_started is not None:
         await loop.run_in_executor(None, on_started, server)
     await server.wait_stopped()
+
+
+def _failpoints_from_env() -> frozenset[str]:
+    """CONVEYOR_FAILPOINTS=a,b arms test crash points (see conveyor/server/failpoints.py)."""
+    raw = os.environ.get("CONVEYOR_FAILPOINTS", "")
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
 
 
 def _host(listen: str | None) -> str:
@@ -182,6 +189,7 @@ def server(
             leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
             reaper_interval=timedelta(seconds=reaper_interval),
             server_id=server_id or default_server_id(),
+            failpoints=_failpoints_from_env(),
         )
         asyncio.run(_serve(config))
     finally:

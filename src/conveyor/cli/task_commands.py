@@ -107,6 +107,8 @@ def status_document(status: TaskStatus) -> dict[str, Any]:
         "finished_at": _iso(status.finished_at),
         "worker_id": status.worker_id,
         "last_error": status.last_error,
+        "progress": status.progress,
+        "progress_at": _iso(status.progress_at),
         "result": _preview(status.result, limit=10_000),
         "history": [
             {

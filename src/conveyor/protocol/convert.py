@@ -84,6 +84,8 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
         result=info.result if info.has_result else None,
         timeout=info.timeout.ToTimedelta(),
         available_at=(from_timestamp(info.available_at) if info.HasField("available_at") else None),
+        progress=info.progress or None,
+        progress_at=from_timestamp(info.progress_at) if info.HasField("progress_at") else None,
         history=tuple(
             TaskEvent(
                 at=from_timestamp(event.at),
@@ -115,6 +117,8 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
         has_result=status.result is not None,
         timeout=duration(status.timeout),
         available_at=timestamp(status.available_at),
+        progress=status.progress or "",
+        progress_at=timestamp(status.progress_at),
         history=[
             pb.TaskEvent(
                 at=timestamp(event.at),

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Final
 
 from conveyor.errors import ConfigError
+from conveyor.server import failpoints
 
 DEFAULT_GRPC_LISTEN: Final = "127.0.0.1:50051"
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8080"
@@ -82,6 +83,8 @@ class ServerConfig:
     leader_retry_interval: timedelta = DEFAULT_LEADER_RETRY_INTERVAL
     db_breaker_failures: int = DEFAULT_DB_BREAKER_FAILURES
     db_breaker_reset: timedelta = DEFAULT_DB_BREAKER_RESET
+    # Test-only crash points (see server/failpoints.py); empty in production.
+    failpoints: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         """Reject impossible combinations before anything starts."""
@@ -89,6 +92,9 @@ class ServerConfig:
             raise ConfigError("database_url is required")
         self._check_durations()
         self._check_counts()
+        unknown = self.failpoints - failpoints.KNOWN
+        if unknown:
+            raise ConfigError(f"unknown failpoints: {', '.join(sorted(unknown))}")
         split_host_port(self.grpc_listen)
         if self.http_listen is not None:
             split_host_port(self.http_listen)

@@ -9,6 +9,7 @@ from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server import failpoints
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import (
@@ -46,6 +47,8 @@ def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
         result=row["result"],
         timeout=row["timeout"],
         available_at=row["available_at"],
+        progress=row["progress"],
+        progress_at=row["progress_at"],
         history=tuple(
             TaskEvent(
                 at=event["at"],
@@ -116,6 +119,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         tasks = [self._validated(spec, i) for i, spec in enumerate(request.tasks)]
         async with self.database.connection() as conn:
             rows = await queries.task_insert_many(conn, tasks)
+        failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
         created = [bool(row["created"]) for row in rows]
         for task, was_created in zip(tasks, created, strict=True):
             if was_created:

@@ -18,6 +18,7 @@ from conveyor.errors import InvalidTask, LeaseLost, TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server import failpoints
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
@@ -137,6 +138,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             generation = self.notifier.generation
             rows = await self._claim(worker_id, task_types, limit)
             if rows:
+                failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
             remaining = give_up_at - loop.time()
             if remaining <= 0:

@@ -214,7 +214,7 @@ FROM done;
 
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
-       finished_at, last_error, worker_id, result
+       finished_at, last_error, worker_id, result, progress, progress_at
 FROM conveyor_tasks
 WHERE id = $1;
 

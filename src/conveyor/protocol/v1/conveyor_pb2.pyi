@@ -194,6 +194,8 @@ class TaskInfo(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PROGRESS_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     state: Global___TaskState.ValueType
@@ -203,6 +205,8 @@ class TaskInfo(_message.Message):
     worker_id: _builtins.str
     result: _builtins.bytes
     has_result: _builtins.bool
+    progress: _builtins.str
+    """The latest ctx.heartbeat(details) of a handler, and when it came."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -215,6 +219,8 @@ class TaskInfo(_message.Message):
     def available_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]: ...
+    @_builtins.property
+    def progress_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -233,10 +239,12 @@ class TaskInfo(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         available_at: _timestamp_pb2.Timestamp | None = ...,
         history: _abc.Iterable[Global___TaskEvent] | None = ...,
+        progress: _builtins.str = ...,
+        progress_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "progress_at", b"progress_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
