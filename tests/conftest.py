@@ -34,6 +34,7 @@ from helpers import (
     REPO_ROOT,
     Db,
     Ledger,
+    ServerProcess,
     conveyor_command,
     process_env,
     run_sql,
@@ -353,3 +354,26 @@ def spawn_worker(
         )
 
     return spawn
+
+
+@pytest.fixture
+def server_process(
+    database_url: str, processes: Callable[..., Any]
+) -> Callable[..., ServerProcess]:
+    """Start real `conveyor server` processes: `server_process()` -> a ready ServerProcess.
+
+    `server_process(*extra_args, database_url=..., name=...)`; stopped after the test.
+    `database_url` is requested before `processes` so that the processes are stopped
+    before the test's database is dropped.
+    """
+    counter = iter(range(1, 1000))
+
+    def start(
+        *extra_args: str, database_url: str = database_url, name: str | None = None
+    ) -> ServerProcess:
+        label = name or f"server{next(counter)}"
+        return ServerProcess(
+            processes, database_url, extra_args=tuple(extra_args), name=label
+        ).start()
+
+    return start

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,3 +177,102 @@ def wait_final(client: Any, task_id: str, *, timeout: float = 30.0) -> Any:
         timeout=timeout,
         what=f"task {task_id} to finish",
     )
+
+
+READY_TIMEOUT = 30.0
+
+
+class ServerProcess:
+    """A `conveyor server` child process that can be stopped and started again.
+
+    Every start runs a new process on the same gRPC and HTTP ports and the same database,
+    so clients and workers that know `address` can reconnect to it.
+    """
+
+    def __init__(
+        self,
+        spawn: Callable[..., Any],
+        database_url: str,
+        *,
+        extra_args: tuple[str, ...] = (),
+        name: str = "server",
+    ) -> None:
+        self._spawn = spawn
+        self.database_url = database_url
+        self.port = free_port()
+        self.http_port = free_port()
+        self.extra_args = extra_args
+        self.name = name
+        self.generation = 0
+        self.process: Any = None  # the current ChildProcess
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return int(self.process.pid)
+
+    def argv(self) -> list[str]:
+        return conveyor_command(
+            "server",
+            "--database-url",
+            self.database_url,
+            "--grpc-listen",
+            self.address,
+            "--http-listen",
+            f"127.0.0.1:{self.http_port}",
+            "--retry-backoff-base",
+            "0.05",
+            "--retry-backoff-cap",
+            "0.4",
+            *self.extra_args,
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.process.poll() is None
+
+    def start(self, *, timeout: float = READY_TIMEOUT) -> ServerProcess:
+        """Start a new server process on the same ports; return once it is ready."""
+        assert not self.running(), "the server process is already running"
+        self.generation += 1
+        self.process = self._spawn(self.argv(), name=f"{self.name}-{self.generation}")
+        self.wait_ready(timeout=timeout)
+        return self
+
+    def ready(self) -> bool:
+        """Whether GET /readyz answers 200 (the database is reachable, schema checked)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/readyz", timeout=2) as response:  # noqa: S310 - our own http:// URL
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, *, timeout: float = READY_TIMEOUT) -> None:
+        def check() -> bool:
+            if self.process is not None and self.process.process.poll() is not None:
+                pytest.fail(
+                    f"server process exited with {self.process.process.returncode} before "
+                    f"it was ready:\n{self.process.output()}"
+                )
+            return self.ready()
+
+        wait_for(check, timeout=timeout, interval=0.05, what=f"{self.http_url}/readyz to be 200")
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 30) -> int:
+        """Send `sig` to the server process (by PID) and return its exit status."""
+        assert self.process is not None
+        self.process.signal(sig)
+        return int(self.process.wait(timeout))
+
+    def restart(self, *, timeout: float = READY_TIMEOUT) -> int:
+        """SIGTERM the process, start a new one on the same ports; return the old exit status."""
+        status = self.stop()
+        self.start(timeout=timeout)
+        return status
