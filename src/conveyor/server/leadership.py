@@ -157,7 +157,8 @@ class LeaderElector:
                 extra={"event": "leader_elected", "term": leadership.term},
             )
         elif previous is not None:
-            log.warning(
+            log.log(
+                logging.INFO if reason == "stopped" else logging.WARNING,
                 "this server no longer leads (term %d): %s",
                 previous.term,
                 reason,
