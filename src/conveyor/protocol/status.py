@@ -38,7 +38,13 @@ ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
 _LEASE_LOST_PREFIX: Final = "lease lost: "
 _ALREADY_FINISHED_PREFIX: Final = "already finished: "
 
-TRANSIENT_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Worth retrying on another server. CANCELLED is here because Conveyor's clients never
+# cancel their own calls: a CANCELLED status comes from a server that is shutting down and
+# dropped calls it had received but not started (grpc/grpc#41785). Every call is safe to
+# repeat (enqueue is idempotent by id, reports are fenced).
+TRANSIENT_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 
 def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:

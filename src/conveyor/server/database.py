@@ -138,11 +138,9 @@ class Database:
                 "database unavailable (circuit open after repeated failures; next probe in "
                 f"{self.breaker.retry_in():.1f}s)"
             )
+        conn = await self._checkout(pool)
         try:
-            async with pool.acquire(
-                timeout=self._config.pool_acquire_timeout.total_seconds()
-            ) as conn:
-                yield conn
+            yield conn
         except UNAVAILABLE_ERRORS as exc:
             self.breaker.record_failure()
             raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
@@ -152,6 +150,30 @@ class Database:
             raise
         else:
             self.breaker.record_success()
+        finally:
+            await pool.release(conn)
+
+    async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record]) -> Any:
+        """A connection from `pool`; a full pool is "busy", not "database down"."""
+        timeout = self._config.pool_acquire_timeout.total_seconds()
+        try:
+            return await pool.acquire(timeout=timeout)
+        except TimeoutError as exc:
+            if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+                # Every connection is in use: local contention. Counting it against the
+                # database would let a burst of producers open the breaker and cut off
+                # the heartbeats and elections the reserved pool exists to protect.
+                self.breaker.record_success()
+                raise ServerUnavailable(
+                    f"server busy: no database connection free within {timeout:g}s"
+                ) from exc
+            self.breaker.record_failure()
+            raise ServerUnavailable(
+                f"database unavailable: connect timed out ({timeout:g}s)"
+            ) from exc
+        except UNAVAILABLE_ERRORS as exc:
+            self.breaker.record_failure()
+            raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:

@@ -1,0 +1,496 @@
+"""Leader election among servers sharing one database, and the fencing of leader-only writes.
+
+The maintenance role is a row in `conveyor_leader`; its term is the fencing token of the
+reaper's and the sweeper's statements. These tests look at the role from every side an
+operator can (/status, /metrics, AdminService.GetLeader, the tables) and call the fenced
+statements directly with stale, expired and valid proofs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import wait_for
+
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.storage import queries
+
+TYPE = "lead.job"
+BACKOFF = queries.Backoff(base=timedelta(milliseconds=50), cap=timedelta(milliseconds=400))
+
+
+def get_json(url: str) -> dict[str, Any]:
+    """GET a JSON document from one of our own HTTP endpoints."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - our own http:// URL
+        document: dict[str, Any] = json.loads(response.read())
+    return document
+
+
+def status(server) -> dict[str, Any]:
+    """The server's /status document."""
+    return get_json(f"{server.http_url}/status")
+
+
+def server_id(server) -> str:
+    """The server's configured id."""
+    return str(server.config.server_id)
+
+
+def metric_value(server, name: str) -> float:
+    """The value of an unlabelled metric on the server's /metrics."""
+    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match[1])
+
+
+@contextlib.contextmanager
+def channel_to(address: str) -> Iterator[grpc.Channel]:
+    """A raw channel that is closed afterwards."""
+    channel = grpc.insecure_channel(address)
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+def leased_task(address: str, worker_id: str) -> pb.Lease:
+    """Enqueue one task, register `worker_id` and lease the task to it (raw gRPC)."""
+    with channel_to(address) as channel:
+        tasks = pb_grpc.TaskServiceStub(channel)
+        workers = pb_grpc.WorkerServiceStub(channel)
+        spec = pb.TaskSpec(
+            id=str(uuid.uuid4()),
+            type=TYPE,
+            payload=b"x",
+            timeout=Duration(seconds=60),
+            max_retries=3,
+        )
+        tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=[spec]), timeout=10)
+        workers.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                worker_id=worker_id, host="h", pid=1, task_types=[TYPE], concurrency=1, version="t"
+            ),
+            timeout=10,
+        )
+        leases = workers.LeaseTasks(
+            pb.LeaseTasksRequest(worker_id=worker_id, task_types=[TYPE], max_tasks=1),
+            timeout=10,
+        ).leases
+    assert len(leases) == 1, leases
+    return leases[0]
+
+
+def run_on_connection(url: str, work: Any) -> Any:
+    """Run `await work(conn)` on a fresh asyncpg connection (closed afterwards)."""
+
+    async def go() -> Any:
+        conn = await asyncpg.connect(url)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def reap(url: str, proof: queries.LeaderProof) -> list[asyncpg.Record]:
+    """Call the fenced reaper statement with `proof`."""
+    return run_on_connection(
+        url, lambda conn: queries.task_reap_expired(conn, limit=10, backoff=BACKOFF, leader=proof)
+    )
+
+
+def sweep(url: str, proof: queries.LeaderProof) -> list[asyncpg.Record]:
+    """Call the fenced sweeper statement with `proof` (silence: 10 min)."""
+    return run_on_connection(
+        url,
+        lambda conn: queries.worker_sweep_lost(conn, silence=timedelta(minutes=10), leader=proof),
+    )
+
+
+def expire_lease(db, task_id: str) -> None:
+    """Make the task's lease look expired one second ago."""
+    db.execute(
+        "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
+        "WHERE id = $1::uuid",
+        task_id,
+    )
+
+
+def silence_worker(db, worker_id: str) -> None:
+    """Make the worker's last heartbeat look an hour old."""
+    db.execute(
+        "UPDATE conveyor_workers SET last_heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        worker_id,
+    )
+
+
+class TestSingleServer:
+    def test_lone_server_becomes_leader_and_says_so_everywhere(self, server) -> None:
+        """A server alone on its database leads within moments: /status, /metrics, GetLeader."""
+        me = server_id(server)
+        document = wait_for(
+            lambda: (doc := status(server))["is_leader"] and doc,
+            timeout=3,
+            what="the lone server to lead",
+        )
+        assert document["server_id"] == me
+        assert document["leader"]["server_id"] == me
+        assert document["leader"]["term"] >= 1
+        assert document["leader"]["active"] is True
+
+        assert metric_value(server, "conveyor_leader") == 1.0
+        assert metric_value(server, "conveyor_leader_term") == document["leader"]["term"]
+
+        with channel_to(server.address) as channel:
+            answer = pb_grpc.AdminServiceStub(channel).GetLeader(pb.GetLeaderRequest(), timeout=10)
+        assert answer.leader_id == me
+        assert answer.server_id == me
+        assert answer.term == document["leader"]["term"]
+        assert answer.active is True
+        assert answer.expires_at.ToDatetime() > answer.elected_at.ToDatetime()
+
+
+class TestTwoServers:
+    def test_one_leader_and_fast_takeover_after_a_graceful_stop(self, start_server, db) -> None:
+        """Of two servers exactly one leads; stopping it hands the role over well within the TTL."""
+        settings = {
+            "leader_ttl": timedelta(seconds=2),
+            "leader_retry_interval": timedelta(milliseconds=200),
+        }
+        first = start_server(**settings)
+        second = start_server(**settings)
+        servers = [first, second]
+
+        def one_leader() -> bool:
+            flags = [status(s)["is_leader"] for s in servers]
+            return flags.count(True) == 1
+
+        wait_for(one_leader, timeout=5, what="exactly one of the two servers to lead")
+        documents = [status(s) for s in servers]
+        assert [doc["is_leader"] for doc in documents].count(True) == 1
+        leader, follower = (first, second) if documents[0]["is_leader"] else (second, first)
+        old_term = status(leader)["leader"]["term"]
+        # Both servers agree on who leads.
+        assert {doc["leader"]["server_id"] for doc in documents} == {server_id(leader)}
+        # The follower must hear the resignation NOTIFY for the quick takeover.
+        wait_for(
+            lambda: status(follower)["listening_for_notifications"],
+            timeout=5,
+            what="the follower to LISTEN",
+        )
+
+        leader.stop()
+        stopped_at = time.monotonic()
+        takeover = wait_for(
+            lambda: (doc := status(follower))["is_leader"] and doc,
+            timeout=5,
+            what="the follower to take over",
+        )
+        took = time.monotonic() - stopped_at
+
+        assert took < 1.5, f"takeover took {took:.2f}s: the resignation was not acted upon"
+        assert takeover["leader"]["server_id"] == server_id(follower)
+        assert takeover["leader"]["term"] > old_term
+
+        terms = [
+            (row["term"], row["holder"])
+            for row in db.fetch(
+                "SELECT term, holder FROM conveyor_leader_terms "
+                "WHERE name = 'maintenance' ORDER BY term"
+            )
+        ]
+        assert terms == [
+            (old_term, server_id(leader)),
+            (takeover["leader"]["term"], server_id(follower)),
+        ]
+        assert len({term for term, _ in terms}) == len(terms)
+        row = db.fetch("SELECT holder, term FROM conveyor_leader WHERE name = 'maintenance'")[0]
+        assert (row["holder"], row["term"]) == (server_id(follower), takeover["leader"]["term"])
+
+    def test_resignation_notify_wakes_the_follower_without_waiting_for_its_retry(
+        self, start_server
+    ) -> None:
+        """With a 9 s campaign interval, the follower still takes over at once: NOTIFY woke it."""
+        settings = {
+            "leader_ttl": timedelta(seconds=10),
+            "leader_retry_interval": timedelta(seconds=9),
+        }
+        leader = start_server(**settings)
+        wait_for(lambda: status(leader)["is_leader"], timeout=5, what="the first server to lead")
+        follower = start_server(**settings)
+        wait_for(
+            lambda: status(follower)["listening_for_notifications"],
+            timeout=5,
+            what="the follower to LISTEN",
+        )
+        assert status(follower)["is_leader"] is False
+        old_term = status(leader)["leader"]["term"]
+
+        leader.stop()
+        stopped_at = time.monotonic()
+        takeover = wait_for(
+            lambda: (doc := status(follower))["is_leader"] and doc,
+            timeout=12,
+            what="the follower to take over",
+        )
+        took = time.monotonic() - stopped_at
+
+        # Without the wake-up the follower would campaign next ~9 s after it started.
+        assert took < 1.5, f"takeover took {took:.2f}s: the NOTIFY did not wake the follower"
+        assert takeover["leader"]["term"] == old_term + 1
+
+
+class TestFencedMaintenanceWrites:
+    def test_stale_term_or_wrong_holder_writes_nothing(
+        self, start_server, db, database_url: str
+    ) -> None:
+        """The reaper and sweeper statements change nothing unless (holder, term) is current."""
+        # Maintenance ticks once at start, then not for an hour: the test drives it by hand.
+        server = start_server(reaper_interval=timedelta(hours=1))
+        wait_for(lambda: status(server)["is_leader"], timeout=5, what="the server to lead")
+        row = db.fetch("SELECT holder, term FROM conveyor_leader WHERE name = 'maintenance'")[0]
+        holder, term = row["holder"], int(row["term"])
+        assert holder == server_id(server)
+
+        reaped_lease = leased_task(server.address, "w-reap")
+        expire_lease(db, reaped_lease.task_id)
+        swept_lease = leased_task(server.address, "w-sweep")
+        silence_worker(db, "w-sweep")
+        swept_before = dict(db.task(swept_lease.task_id))
+
+        stale = [
+            queries.LeaderProof(holder=holder, term=term - 1),
+            queries.LeaderProof(holder=holder, term=term + 1),
+            queries.LeaderProof(holder=holder, term=999),
+            queries.LeaderProof(holder="someone-else", term=term),
+        ]
+        for proof in stale:
+            assert reap(database_url, proof) == [], proof
+            assert sweep(database_url, proof) == [], proof
+        reaped_row = db.task(reaped_lease.task_id)
+        assert (reaped_row["state"], str(reaped_row["lease_id"])) == (
+            "running",
+            reaped_lease.lease_id,
+        )
+        assert [e["event"] for e in db.events(reaped_lease.task_id)] == ["enqueued", "started"]
+        assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = 'w-sweep'") == "active"
+        assert dict(db.task(swept_lease.task_id)) == swept_before
+
+        valid = queries.LeaderProof(holder=holder, term=term)
+        swept = sweep(database_url, valid)
+        assert [(r["id"], r["leases"]) for r in swept] == [("w-sweep", 1)]
+        assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = 'w-sweep'") == "lost"
+        assert db.fetchval(
+            "SELECT lease_expires_at <= now() FROM conveyor_tasks WHERE id = $1::uuid",
+            swept_lease.task_id,
+        )
+
+        reaped = reap(database_url, valid)
+        assert sorted(str(r["id"]) for r in reaped) == sorted(
+            [reaped_lease.task_id, swept_lease.task_id]
+        )
+        for lease in (reaped_lease, swept_lease):
+            row = db.task(lease.task_id)
+            assert (row["state"], row["lease_id"]) == ("queued", None)
+            assert db.events(lease.task_id)[-1]["event"] == "lease_expired"
+
+    def test_expired_leader_lease_writes_nothing(self, db, database_url: str) -> None:
+        """A proof naming the right holder and term is refused once the role's lease has lapsed."""
+        # No server runs here: nobody renews or takes over the role behind the test's back.
+        holder, term = "paused-leader", 7
+
+        async def seed(conn: Any) -> tuple[str, str]:
+            await queries.task_insert_many(
+                conn,
+                [
+                    queries.NewTask(
+                        id=str(uuid.uuid4()),
+                        type=TYPE,
+                        payload=b"x",
+                        timeout=timedelta(seconds=60),
+                        max_retries=3,
+                    )
+                    for _ in range(2)
+                ],
+            )
+            for worker_id in ("w-reap", "w-sweep"):
+                await queries.worker_register(
+                    conn,
+                    worker_id=worker_id,
+                    host="h",
+                    pid=1,
+                    task_types=[TYPE],
+                    concurrency=1,
+                    version="t",
+                )
+            claimed = [
+                await queries.task_claim(
+                    conn,
+                    task_types=[TYPE],
+                    limit=1,
+                    worker_id=worker_id,
+                    lease_ttl=timedelta(seconds=30),
+                    deadline_grace=timedelta(seconds=10),
+                )
+                for worker_id in ("w-reap", "w-sweep")
+            ]
+            return str(claimed[0][0]["id"]), str(claimed[1][0]["id"])
+
+        reaped_id, swept_id = run_on_connection(database_url, seed)
+        expire_lease(db, reaped_id)
+        silence_worker(db, "w-sweep")
+        db.execute(
+            "INSERT INTO conveyor_leader (name, holder, term, elected_at, expires_at) "
+            "VALUES ('maintenance', $1, $2, now() - interval '1 minute', "
+            "now() - interval '1 second')",
+            holder,
+            term,
+        )
+        proof = queries.LeaderProof(holder=holder, term=term)
+        swept_before = dict(db.task(swept_id))
+
+        assert reap(database_url, proof) == []
+        assert sweep(database_url, proof) == []
+        assert db.task(reaped_id)["state"] == "running"
+        assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = 'w-sweep'") == "active"
+        assert dict(db.task(swept_id)) == swept_before
+
+        # The same proof works while the lease is live: the refusal above was the lapse.
+        db.execute(
+            "UPDATE conveyor_leader SET expires_at = now() + interval '1 minute' "
+            "WHERE name = 'maintenance'"
+        )
+        assert [(r["id"], r["leases"]) for r in sweep(database_url, proof)] == [("w-sweep", 1)]
+        assert sorted(str(r["id"]) for r in reap(database_url, proof)) == sorted(
+            [reaped_id, swept_id]
+        )
+        assert db.task(reaped_id)["state"] == "queued"
+        assert db.task(swept_id)["state"] == "queued"
+
+
+class TestReservedPool:
+    def test_heartbeat_succeeds_while_the_main_pool_is_exhausted(self, start_server, db) -> None:
+        """With every main-pool connection held, a Heartbeat still answers via the priority pool."""
+        # Maintenance would time out on the exhausted pool and count towards the database
+        # breaker; keep it idle so this test sees only the pool behaviour.
+        server = start_server(
+            pool_max_size=2,
+            pool_acquire_timeout=timedelta(seconds=1),
+            reaper_interval=timedelta(hours=1),
+        )
+        database = server.server.database
+        with channel_to(server.address) as channel:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            tasks = pb_grpc.TaskServiceStub(channel)
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id="w-pool", host="h", pid=1, task_types=[TYPE], concurrency=1
+                ),
+                timeout=10,
+            )
+
+            async def hold_both() -> list[Any]:
+                pool = database._pool
+                return [await pool.acquire(timeout=5) for _ in range(pool.get_max_size())]
+
+            held = server.call(hold_both)
+            try:
+                assert len(held) == 2
+                assert database.pool_in_use() == 2
+                # The main pool really is exhausted: a request that needs it gives up.
+                with pytest.raises(grpc.RpcError) as caught:
+                    tasks.GetTask(pb.GetTaskRequest(task_id=str(uuid.uuid4())), timeout=10)
+                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+                started = time.monotonic()
+                response = workers.Heartbeat(
+                    pb.HeartbeatRequest(worker_id="w-pool", in_flight=0), timeout=5
+                )
+                took = time.monotonic() - started
+            finally:
+
+                async def release_all() -> None:
+                    for conn in held:
+                        await database._pool.release(conn)
+
+                server.call(release_all)
+
+        assert list(response.stop) == []
+        assert took < 1.0, f"the heartbeat took {took:.2f}s"
+        assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = 'w-pool'") == "active"
+
+    def test_producers_timing_out_on_the_main_pool_do_not_cut_off_heartbeats(
+        self, start_server, db
+    ) -> None:
+        """A burst of requests timing out on the exhausted main pool leaves heartbeats working."""
+        server = start_server(
+            pool_max_size=2,
+            pool_acquire_timeout=timedelta(seconds=1),
+            reaper_interval=timedelta(hours=1),
+        )
+        database = server.server.database
+        burst = database.breaker.policy.failure_threshold + 1
+        with channel_to(server.address) as channel:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            tasks = pb_grpc.TaskServiceStub(channel)
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id="w-burst", host="h", pid=1, task_types=[TYPE], concurrency=1
+                ),
+                timeout=10,
+            )
+
+            async def hold_both() -> list[Any]:
+                pool = database._pool
+                return [await pool.acquire(timeout=5) for _ in range(pool.get_max_size())]
+
+            held = server.call(hold_both)
+            try:
+                # More producers than the breaker's threshold, all waiting on the pool at once.
+                calls = [
+                    tasks.GetTask.future(pb.GetTaskRequest(task_id=str(uuid.uuid4())), timeout=10)
+                    for _ in range(burst)
+                ]
+                codes = []
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        call.result()
+                    codes.append(caught.value.code())
+                assert codes == [grpc.StatusCode.UNAVAILABLE] * burst
+
+                started = time.monotonic()
+                try:
+                    response = workers.Heartbeat(
+                        pb.HeartbeatRequest(worker_id="w-burst"), timeout=5
+                    )
+                    outcome: Any = list(response.stop)
+                except grpc.RpcError as error:
+                    outcome = (error.code(), error.details())
+                took = time.monotonic() - started
+            finally:
+
+                async def release_all() -> None:
+                    for conn in held:
+                        await database._pool.release(conn)
+
+                server.call(release_all)
+
+        assert outcome == [], f"the heartbeat was refused: {outcome}"
+        assert took < 1.0, f"the heartbeat took {took:.2f}s"

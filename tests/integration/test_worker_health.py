@@ -1,0 +1,305 @@
+"""Worker health as the server sees it: heartbeats, the lost-worker sweeper, draining,
+event-loop lag, handler progress, and the `conveyor workers` listing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import process_env, wait_final, wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+
+TYPE = "health.job"
+
+
+@contextlib.contextmanager
+def stubs(address: str) -> Iterator[tuple[pb_grpc.TaskServiceStub, pb_grpc.WorkerServiceStub]]:
+    """Raw TaskService and WorkerService stubs on a channel closed afterwards."""
+    channel = grpc.insecure_channel(address)
+    try:
+        yield pb_grpc.TaskServiceStub(channel), pb_grpc.WorkerServiceStub(channel)
+    finally:
+        channel.close()
+
+
+def worker_row(db, worker_id: str) -> Any:
+    """The worker's row in conveyor_workers (None if absent)."""
+    rows = db.fetch("SELECT * FROM conveyor_workers WHERE id = $1", worker_id)
+    return rows[0] if rows else None
+
+
+@contextlib.contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    """Start `worker`; stop it afterwards whatever happens."""
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+class TestSweeper:
+    def test_silent_worker_is_marked_lost_and_its_lease_released_early(
+        self, start_server, db
+    ) -> None:
+        """A worker silent past worker_lost_after is lost; its task is requeued long before 30 s."""
+        server = start_server(
+            worker_lost_after=timedelta(seconds=1), reaper_interval=timedelta(milliseconds=100)
+        )
+        with stubs(server.address) as (tasks, workers):
+            task_id = str(uuid.uuid4())
+            tasks.EnqueueTasks(
+                pb.EnqueueTasksRequest(
+                    tasks=[
+                        pb.TaskSpec(
+                            id=task_id,
+                            type=TYPE,
+                            payload=b"x",
+                            timeout=Duration(seconds=120),
+                            max_retries=3,
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id="w-silent", host="h", pid=1, task_types=[TYPE], concurrency=1
+                ),
+                timeout=10,
+            )
+            [lease] = workers.LeaseTasks(
+                pb.LeaseTasksRequest(worker_id="w-silent", task_types=[TYPE], max_tasks=1),
+                timeout=10,
+            ).leases
+            leased_at = time.monotonic()
+            lease_ends_in = db.fetchval(
+                "SELECT extract(epoch FROM lease_expires_at - now()) FROM conveyor_tasks "
+                "WHERE id = $1::uuid",
+                task_id,
+            )
+            assert lease_ends_in > 25  # the default 30 s lease
+
+            wait_for(
+                lambda: worker_row(db, "w-silent")["state"] == "lost",
+                timeout=10,
+                what="the silent worker to be marked lost",
+            )
+
+            def requeued() -> bool:
+                row = db.task(task_id)
+                events = [event["event"] for event in db.events(task_id)]
+                return row["state"] == "queued" and "lease_expired" in events
+
+            wait_for(requeued, timeout=10, what="the lost worker's task to be requeued")
+            took = time.monotonic() - leased_at
+            assert took < 5, f"the task came back after {took:.1f}s"
+            row = db.task(task_id)
+            assert (row["lease_id"], row["attempt"]) == (None, 1)
+            expired = db.events(task_id)[-1]
+            assert (expired["event"], expired["state"], expired["worker_id"]) == (
+                "lease_expired",
+                "queued",
+                "w-silent",
+            )
+
+            beat = workers.Heartbeat(
+                pb.HeartbeatRequest(
+                    worker_id="w-silent",
+                    leases=[pb.LeaseRef(task_id=lease.task_id, lease_id=lease.lease_id)],
+                ),
+                timeout=10,
+            )
+            revived = worker_row(db, "w-silent")
+
+        assert [(s.task_id, s.lease_id, s.reason) for s in beat.stop] == [
+            (task_id, lease.lease_id, pb.STOP_REASON_LEASE_LOST)
+        ]
+        assert revived["state"] == "active"
+        assert db.task(task_id)["state"] == "queued"
+
+
+class TestDraining:
+    def test_draining_worker_shows_draining_then_stopped_with_in_flight(
+        self, start_server, db
+    ) -> None:
+        """A draining Worker's row says draining (in_flight = running handlers), then stopped."""
+        server = start_server(
+            heartbeat_interval=timedelta(milliseconds=200), lease_ttl=timedelta(seconds=5)
+        )
+        release = threading.Event()
+        started = threading.Semaphore(0)
+
+        def blocking(_ctx: Any, payload: bytes) -> bytes:
+            started.release()
+            assert release.wait(30), "the test never released the handler"
+            return payload
+
+        worker = Worker(server.address, concurrency=3)
+        worker.register_handler(TYPE, blocking)
+        stopper: threading.Thread | None = None
+        with running(worker), Client(server.address) as client:
+            try:
+                ids = [client.enqueue_task(Task(type=TYPE, payload=b"p")) for _ in range(2)]
+                for _ in ids:
+                    assert started.acquire(timeout=10), "a handler did not start"
+                wait_for(
+                    lambda: worker_row(db, worker.worker_id)["in_flight"] == 2,
+                    timeout=5,
+                    what="in_flight to report the two running handlers",
+                )
+                assert worker_row(db, worker.worker_id)["state"] == "active"
+
+                stopper = threading.Thread(target=worker.stop, name="stopper")
+                stopper.start()
+                draining = wait_for(
+                    lambda: (
+                        (row := worker_row(db, worker.worker_id))["state"] == "draining" and row
+                    ),
+                    timeout=5,
+                    what="the worker row to say draining",
+                )
+                assert draining["in_flight"] == 2
+                assert stopper.is_alive(), "stop() returned while handlers were still blocked"
+            finally:
+                release.set()
+                if stopper is not None:
+                    stopper.join(30)
+            assert stopper is not None
+            assert not stopper.is_alive()
+            statuses = [wait_final(client, task_id) for task_id in ids]
+
+        assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 2
+        final = worker_row(db, worker.worker_id)
+        assert final["state"] == "stopped"
+
+
+class TestLoopLag:
+    def test_blocking_async_handler_is_reported_as_loop_lag(
+        self, server, client: Client, db, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An async handler that blocks the loop shows up as loop_lag_ms >= 1000 and a warning."""
+        caplog.set_level(logging.WARNING, logger="conveyor.worker.watchdog")
+
+        async def blocker(_ctx: Any, _payload: bytes) -> bytes:
+            time.sleep(1.5)  # noqa: ASYNC251 - blocks the event loop on purpose
+            return b"done"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler(TYPE, blocker)
+        with running(worker):
+            task_id = client.enqueue_task(Task(type=TYPE))
+            assert wait_final(client, task_id).state is TaskState.SUCCEEDED
+
+            # The worst lag is reported once, with the next heartbeat: catch both views of it
+            # before a later heartbeat replaces it.
+            def lag_reported() -> tuple[int, int] | None:
+                row = worker_row(db, worker.worker_id)
+                listed = {w.id: w for w in client.list_workers()}.get(worker.worker_id)
+                if row["loop_lag_ms"] >= 1000 and listed and listed.loop_lag_ms >= 1000:
+                    return row["loop_lag_ms"], listed.loop_lag_ms
+                return None
+
+            row_lag, listed_lag = wait_for(
+                lag_reported, timeout=15, interval=0.05, what="loop_lag_ms >= 1000"
+            )
+
+        assert 1000 <= row_lag < 10_000
+        assert 1000 <= listed_lag < 10_000
+        warnings = [
+            record
+            for record in caplog.records
+            if record.name == "conveyor.worker.watchdog" and record.levelno == logging.WARNING
+        ]
+        assert any("blocked" in record.getMessage() for record in warnings), [
+            record.getMessage() for record in caplog.records
+        ]
+        assert any(record.threadName == "conveyor-loop-watchdog" for record in warnings)
+
+
+class TestProgress:
+    def test_ctx_heartbeat_records_progress_at_once(self, server, client: Client) -> None:
+        """ctx.heartbeat("step 1 of 3") reaches the task within 2 s (not the 3 s interval)."""
+        release = threading.Event()
+        reported = threading.Event()
+        seen: dict[str, Any] = {}
+
+        def handler(ctx: Any, _payload: bytes) -> bytes:
+            try:
+                ctx.heartbeat(123)
+            except TypeError as exc:
+                seen["type_error"] = exc
+            ctx.heartbeat("step 1 of 3")
+            seen["reported_at"] = time.monotonic()
+            reported.set()
+            assert release.wait(30), "the test never released the handler"
+            return b"ok"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler(TYPE, handler)
+        with running(worker):
+            try:
+                task_id = client.enqueue_task(Task(type=TYPE))
+                assert reported.wait(10), "the handler did not run"
+                status = wait_for(
+                    lambda: (s := client.get_task_status(task_id)).progress == "step 1 of 3" and s,
+                    timeout=10,
+                    what="the progress report to reach the task",
+                )
+                arrived_after = time.monotonic() - seen["reported_at"]
+            finally:
+                release.set()
+            final = wait_final(client, task_id)
+
+        assert arrived_after < 2.0, f"progress arrived after {arrived_after:.2f}s"
+        assert status.state is TaskState.RUNNING
+        assert status.progress_at is not None
+        assert status.started_at is not None
+        assert status.progress_at >= status.started_at
+        assert isinstance(seen.get("type_error"), TypeError)
+        assert final.state is TaskState.SUCCEEDED
+
+
+class TestWorkersCommand:
+    def test_cli_lists_a_running_worker(self, server) -> None:
+        """`conveyor workers` (JSON and table) lists a running worker, active, with its types."""
+        worker = Worker(server.address, concurrency=2, worker_id=f"cli-{uuid.uuid4().hex[:8]}")
+        worker.register_handler(TYPE, lambda _ctx, payload: payload)
+        worker.register_handler("health.other", lambda _ctx, payload: payload)
+        env = process_env(COLUMNS="250")
+        base = [sys.executable, "-m", "conveyor", "workers", "--server", server.address]
+        with running(worker):
+            as_json = subprocess.run(
+                [*base, "--json"], capture_output=True, text=True, timeout=60, env=env, check=False
+            )
+            as_table = subprocess.run(
+                base, capture_output=True, text=True, timeout=60, env=env, check=False
+            )
+
+        assert as_json.returncode == 0, as_json.stderr
+        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)}
+        assert worker.worker_id in listed, listed
+        entry = listed[worker.worker_id]
+        assert entry["state"] == "active"
+        assert sorted(entry["task_types"]) == sorted([TYPE, "health.other"])
+        assert entry["concurrency"] == 2
+        assert entry["in_flight"] == 0
+
+        assert as_table.returncode == 0, as_table.stderr
+        assert worker.worker_id in as_table.stdout, as_table.stdout
