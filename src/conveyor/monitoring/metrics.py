@@ -40,7 +40,7 @@ class ServerMetrics:
         )
         self.stale_completions = Counter(
             "conveyor_stale_completions_rejected_total",
-            "Reports and heartbeats rejected because their lease was no longer current.",
+            "Outcome reports refused because their lease was no longer current (fencing).",
             registry=self.registry,
         )
         self.tasks_by_state = Gauge(

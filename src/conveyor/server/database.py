@@ -44,6 +44,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.QueryCanceledError,
     asyncpg.AdminShutdownError,
+    # A connection whose backend was terminated mid-operation can report its broken state
+    # this way ("cannot switch to state ..."), on the next statement or on release.
+    asyncpg.InternalClientError,
 )
 
 
@@ -151,7 +154,21 @@ class Database:
         else:
             self.breaker.record_success()
         finally:
+            await self._release(pool, conn)
+
+    @staticmethod
+    async def _release(pool: asyncpg.Pool[asyncpg.Record], conn: Any) -> None:
+        """Return a connection; a broken one is dropped. Never fails the call it served."""
+        try:
             await pool.release(conn)
+        except Exception as exc:
+            log.warning(
+                "dropping a broken database connection: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"event": "connection_dropped"},
+            )
+            conn.terminate()
 
     async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record]) -> Any:
         """A connection from `pool`; a full pool is "busy", not "database down"."""

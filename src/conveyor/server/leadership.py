@@ -125,8 +125,11 @@ class LeaderElector:
                 else self._retry_interval.total_seconds()
             )
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the event fires, and stop() would then hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
 
     async def _campaign(self) -> None:
         attempt_started = time.monotonic()

@@ -109,8 +109,11 @@ class TaskNotifier:
         """Return at the next wake-up after generation `since`, or after `timeout` seconds."""
         if self._generation != since:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the event fires.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
 
     def start(self) -> None:
         """Start listening in the background (idempotent)."""
@@ -157,7 +160,8 @@ class TaskNotifier:
                     # The termination listener only fires when the driver notices; a cheap
                     # query every few seconds makes it notice a silently dead connection.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=5)
+                        async with asyncio.timeout(5):
+                            await lost.wait()
                     if not lost.is_set():
                         await queries.database_ping(conn, timeout=5)
             except UNAVAILABLE_ERRORS as exc:

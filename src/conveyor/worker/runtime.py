@@ -390,8 +390,8 @@ class _Runtime:
             await leasing
         await self.drain()
         heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+        # Bounded: whatever the heartbeat loop is doing, the worker must finish stopping.
+        await asyncio.wait({heartbeat}, timeout=5)
         with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
             await self.call(
                 "UnregisterWorker",
@@ -693,10 +693,11 @@ class _Runtime:
         last_success = self.loop.time()
         while True:
             # Every interval, or at once when a handler reports progress or draining begins.
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation that ends this loop if it arrives as the event fires.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.heartbeat_now.wait(), self.heartbeat_interval.total_seconds()
-                )
+                async with asyncio.timeout(self.heartbeat_interval.total_seconds()):
+                    await self.heartbeat_now.wait()
             self.heartbeat_now.clear()
             # Attempts stopped or reported no longer hold a lease worth extending.
             held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]

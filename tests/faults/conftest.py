@@ -1,0 +1,136 @@
+"""Fixtures of the fault-injection suite (the machinery lives in faults/cluster.py).
+
+`cluster`: the scenario's processes, proxies and clients (`faults.cluster.Cluster`). When the
+scenario ends, the invariants are checked against the ledger and the database while every
+process still runs (`check_invariants`: acknowledged tasks all reach a final state within
+a bound, none is lost, one outcome per attempt, re-runs only after an expiry, release or
+failure in the history, attempts within 1 + max_retries, one leader per term), a row of the
+results table is kept, and everything is stopped: workers with SIGKILL (the scenario is
+over; a drain would only cost time), proxies, clients, then servers with SIGTERM.
+
+At the end of the run `pytest_terminal_summary` prints the results table and writes it as
+JSON to test-artifacts/faults.json (git-ignored). Columns: tasks (rows in conveyor_tasks),
+executions (ledger 'start' rows: real handler runs), duplicates (executions beyond the
+first of each task; each must be explained by an expiry, release or failure in the task's
+history), lost (acknowledged tasks missing or not final within the bound), recover (s)
+(each scenario's own measure, recorded with `cluster.record_recovery`: from the fault to
+the moment the affected tasks ran again elsewhere, a new leader led, /readyz answered
+200 again, or the server listened again; in the soak the worst fault), result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from faults.cluster import (
+    ARTIFACT,
+    FINAL_STATE_TIMEOUT,
+    RESULTS,
+    Cluster,
+    Summary,
+    check_invariants,
+)
+from helpers import REPO_ROOT, Db, Ledger
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+def scenario_outcome(item: pytest.Item) -> str:
+    """passed, failed or skipped (from the reports tests/conftest.py keeps on the item)."""
+    setup = getattr(item, "rep_setup", None)
+    call = getattr(item, "rep_call", None)
+    if setup is not None and setup.skipped:
+        return "skipped"
+    if call is None:
+        return "failed"  # the setup failed
+    return str(call.outcome)
+
+
+@pytest.fixture
+def cluster(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    processes: Callable[..., Any],
+    ledger: Ledger,
+    db: Db,
+) -> Iterator[Cluster]:
+    """The scenario's cluster; invariants are checked and a result row kept afterwards."""
+    name = request.node.name.removeprefix("test_")
+    started = time.monotonic()
+    cluster = Cluster(processes, database_url, ledger, db, scenario=name)
+    try:
+        yield cluster
+    finally:
+        outcome = scenario_outcome(request.node)
+        summary = Summary()
+        try:
+            summary = check_invariants(db, ledger, cluster.acked, timeout=FINAL_STATE_TIMEOUT)
+        finally:
+            cluster.stop_everything()
+            RESULTS.append(
+                {
+                    "scenario": name,
+                    "tasks": summary.tasks,
+                    "executions": summary.executions,
+                    "duplicates": summary.duplicates,
+                    "lost": summary.lost,
+                    "recover_s": (
+                        None
+                        if cluster.recovery_seconds is None
+                        else round(cluster.recovery_seconds, 2)
+                    ),
+                    "result": "failed" if summary.violations else outcome,
+                    "violations": len(summary.violations),
+                    "seconds": round(time.monotonic() - started, 1),
+                    "notes": "; ".join(cluster.notes),
+                }
+            )
+    if summary.violations:
+        pytest.fail(
+            f"{len(summary.violations)} invariant violation(s):\n"
+            + "\n".join(summary.violations[:40])
+        )
+
+
+@pytest.fixture
+def faketime() -> str:
+    """The `faketime` command; the scenario is skipped when it is not installed.
+
+    .ci/run installs it (Debian package `faketime`); locally: apt-get install -y faketime.
+    """
+    path = shutil.which("faketime")
+    if path is None:
+        pytest.skip("faketime is not installed (apt-get install -y faketime)")
+    return path
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    columns = ("scenario", "tasks", "executions", "duplicates", "lost", "recover_s", "result")
+    headers = ("scenario", "tasks", "executions", "duplicates", "lost", "recover (s)", "result")
+    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: list[str] | tuple[str, ...]) -> str:
+        return "  ".join(
+            value.ljust(width) if i == 0 else value.rjust(width)
+            for i, (value, width) in enumerate(zip(values, widths, strict=True))
+        )
+
+    return [line(headers), *(line(row) for row in cells)]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the results table and write it to test-artifacts/faults.json."""
+    if not RESULTS:
+        return
+    terminalreporter.write_sep("=", "fault injection results")
+    for text in _table(RESULTS):
+        terminalreporter.write_line(text)
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    ARTIFACT.write_text(json.dumps({"results": RESULTS}, indent=2) + "\n")
+    terminalreporter.write_line(f"written to {ARTIFACT.relative_to(REPO_ROOT)}")

@@ -1,0 +1,140 @@
+"""PostgreSQL crashes under load, and every server connection is terminated.
+
+`pg_ctl stop -m immediate` needs the embedded cluster (skipped with an external one).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers import wait_final, wait_for
+
+from conveyor import Task, TaskState
+
+OUTAGE = 2.0  # seconds PostgreSQL stays down
+TASKS = 40
+
+
+def producer(cluster, client, stop: threading.Event, errors: list[BaseException]) -> None:
+    """Enqueue a task every 100 ms until stopped; the cluster remembers what was acked."""
+    while not stop.is_set():
+        try:
+            cluster.enqueue_one(client, Task(type="sleep", payload=b"0.2"))
+        except Exception as exc:  # recorded: the test expects none (clients retry for 60 s)
+            errors.append(exc)
+        stop.wait(0.1)
+
+
+@pytest.mark.slow
+def test_postgres_immediate_stop_under_load(cluster, pg_cluster):
+    """Crash PostgreSQL (pg_ctl stop -m immediate) with tasks running, queued and arriving.
+
+    /readyz answers 503 while it is down and 200 again once it is back; every task
+    acknowledged before, during (a producer keeps enqueueing and retrying) and after the
+    outage completes.
+    """
+    if pg_cluster.embedded is None:
+        pytest.skip("stopping PostgreSQL needs the embedded cluster")
+    server = cluster.server()
+    workers = [cluster.worker(server, concurrency=4) for _ in range(2)]
+    cluster.wait_registered(*workers)
+    client = cluster.client(server)
+    before = cluster.enqueue(client, [Task(type="sleep", payload=b"0.5") for _ in range(TASKS)])
+    wait_for(
+        lambda: len(cluster.ledger.finished()) >= 8,
+        timeout=20,
+        what="the load to get going",
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    feeder = threading.Thread(
+        target=producer, args=(cluster, cluster.client(server), stop, errors), daemon=True
+    )
+    feeder.start()
+    try:
+        running = cluster.db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE state='running'")
+        assert running > 0, "nothing was running when PostgreSQL stopped"
+        down_at = time.monotonic()
+        pg_cluster.embedded.stop(mode="immediate")
+        try:
+            wait_for(
+                lambda: server.get("/readyz")[0] == 503,
+                timeout=15,
+                interval=0.05,
+                what="/readyz to fail",
+            )
+            assert server.get("/healthz")[0] == 200  # alive, just not ready
+            # The fault itself: PostgreSQL stays down for a while.
+            time.sleep(max(0.0, down_at + OUTAGE - time.monotonic()))
+        finally:
+            pg_cluster.embedded.start()
+        back_at = time.monotonic()
+        wait_for(lambda: server.get("/readyz")[0] == 200, timeout=30, what="/readyz to recover")
+        cluster.record_recovery(time.monotonic() - back_at)
+        # New work flows again before the producer stops.
+        after = cluster.enqueue_one(client, Task(type="noop", payload=b"after"))
+        assert wait_final(client, after, timeout=30).state is TaskState.SUCCEEDED
+    finally:
+        stop.set()
+        feeder.join(90)
+    assert not feeder.is_alive()
+    assert errors == [], f"the producer's enqueues failed: {errors[:3]}"
+    cluster.notes.append(f"{len(cluster.acked) - TASKS - 1} enqueued by the producer")
+
+    finals = [wait_final(client, task_id, timeout=60) for task_id in before]
+    assert {s.state for s in finals} == {TaskState.SUCCEEDED}
+    assert server.running()
+
+
+@pytest.mark.slow
+def test_terminate_every_server_backend(cluster):
+    """pg_terminate_backend on every server connection: the pool and LISTEN reconnect.
+
+    A task enqueued afterwards starts within 2 s (the LISTEN connection is back, or the
+    long poll's own polling finds it) and completes.
+    """
+    server = cluster.server()
+    worker = cluster.worker(server, concurrency=2)
+    cluster.wait_registered(worker)
+    client = cluster.client(server)
+    warmup = cluster.enqueue_one(client, Task(type="noop"))
+    assert wait_final(client, warmup, timeout=10).state is TaskState.SUCCEEDED
+    wait_for(
+        lambda: (server.status() or {}).get("listening_for_notifications"),
+        timeout=10,
+        what="the server to listen",
+    )
+
+    backends = "application_name LIKE 'conveyor-server%' AND datname = current_database()"
+    terminated = {
+        row["pid"]
+        for row in cluster.db.fetch(
+            f"SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE {backends}"  # noqa: S608 - constant text
+        )
+    }
+    cut_at = time.monotonic()
+    assert len(terminated) >= 3, terminated  # main pool, priority pool, LISTEN
+
+    def reconnected() -> bool:
+        """A new LISTEN connection (its last statement is a LISTEN) and a new pool one."""
+        status = server.status() or {}
+        rows = cluster.db.fetch(f"SELECT pid, query FROM pg_stat_activity WHERE {backends}")  # noqa: S608
+        new = [row for row in rows if row["pid"] not in terminated]
+        listening = [row for row in new if row["query"].upper().startswith("LISTEN")]
+        return bool(status.get("listening_for_notifications") and listening and len(new) > 1)
+
+    wait_for(reconnected, timeout=15, interval=0.05, what="the server to reconnect")
+    cluster.record_recovery(time.monotonic() - cut_at)
+
+    task_id = cluster.enqueue_one(client, Task(type="noop", payload=b"prompt"))
+    acked_at = time.time()
+    run = cluster.wait_starts(task_id, timeout=10)[0]
+    delay = float(run["at"]) - acked_at
+    assert delay < 2.0, f"the task started {delay:.2f}s after it was enqueued"
+    status = wait_final(client, task_id, timeout=10)
+    assert status.state is TaskState.SUCCEEDED
+    assert status.result == b"prompt"
+    assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
+    assert worker.process.poll() is None
