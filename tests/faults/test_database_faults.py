@@ -7,14 +7,33 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
+import grpc
 import pytest
 from helpers import wait_final, wait_for
 
 from conveyor import Task, TaskState
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 OUTAGE = 2.0  # seconds PostgreSQL stays down
 TASKS = 40
+
+
+def assert_unavailable_within_deadline(address: str) -> None:
+    """A call while PostgreSQL is down gets UNAVAILABLE well within its deadline."""
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = pb_grpc.TaskServiceStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetTask(pb.GetTaskRequest(task_id=str(uuid.uuid4())), timeout=8)
+        elapsed = time.monotonic() - started
+    finally:
+        channel.close()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value
+    assert elapsed < 7, f"UNAVAILABLE took {elapsed:.1f}s"
 
 
 def producer(cluster, client, stop: threading.Event, errors: list[BaseException]) -> None:
@@ -66,6 +85,7 @@ def test_postgres_immediate_stop_under_load(cluster, pg_cluster):
                 what="/readyz to fail",
             )
             assert server.get("/healthz")[0] == 200  # alive, just not ready
+            assert_unavailable_within_deadline(server.address)
             # The fault itself: PostgreSQL stays down for a while.
             time.sleep(max(0.0, down_at + OUTAGE - time.monotonic()))
         finally:
