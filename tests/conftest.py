@@ -139,6 +139,7 @@ def server_config_for_tests(database_url: str, **overrides: Any) -> ServerConfig
         retry_backoff_cap=timedelta(milliseconds=400),
         reaper_interval=timedelta(milliseconds=200),
         shutdown_grace=timedelta(seconds=2),
+        stats_interval=timedelta(milliseconds=200),
     )
     return replace(config, **overrides)
 

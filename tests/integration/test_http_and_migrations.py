@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import asyncpg
 import pytest
+from helpers import wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor import Client, Task, __version__
-from conveyor.errors import SchemaMismatch
+from conveyor import Client, Task, Worker, __version__
+from conveyor.errors import PermanentFailure, SchemaMismatch
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
 from conveyor.storage import migrate
@@ -81,22 +83,93 @@ class TestReadyz:
         assert get_json(f"{server.http_url}/healthz")[0] == 200
 
 
+def sampled_status(server, condition) -> dict:
+    """The first /status document (sampled after now) for which `condition` holds."""
+    asked_at = time.time()
+
+    def fresh():
+        _, document = get_json(f"{server.http_url}/status")
+        sampled = document.get("sampled_at") or 0
+        return document if sampled > asked_at and condition(document) else None
+
+    return wait_for(fresh, timeout=10, what="a /status sample that satisfies the test")
+
+
 class TestStatus:
-    def test_status_counts_tasks_by_state(self, server, client: Client) -> None:
-        """GET /status carries the version, the server id and task counts by state."""
+    def test_status_counts_the_live_queue_by_type(self, server, client: Client) -> None:
+        """GET /status carries the version, the server id and live task counts by type."""
         ids = client.enqueue_tasks([Task(type="status.t") for _ in range(3)])
         client.cancel_task(ids[0])
-        status, document = get_json(f"{server.http_url}/status")
-        assert status == 200
+        document = sampled_status(server, lambda d: d["queue"]["queued"] == 2)
         assert document["version"] == __version__
         assert document["server_id"] == server.config.server_id
         assert document["database"] == "ok"
-        assert document["tasks"] == {"queued": 2, "cancelled": 1}
+        assert document["queue"]["by_type"]["status.t"]["queued"] == 2
+        assert document["queue"]["by_type"]["status.t"]["running"] == 0
+        assert document["oldest_queued_seconds"] >= 0
+        assert document["queue"]["by_type"]["status.t"]["oldest_queued_seconds"] >= 0
 
     def test_status_of_an_empty_queue(self, server) -> None:
-        """With no tasks, /status reports no task counts at all."""
-        _, document = get_json(f"{server.http_url}/status")
-        assert document["tasks"] == {}
+        """With no tasks, /status reports an empty queue and no throughput."""
+        document = sampled_status(server, lambda _d: True)
+        assert document["queue"] == {"queued": 0, "running": 0, "by_type": {}}
+        assert document["last_minute"]["throughput_per_second"] == 0
+        assert document["last_minute"]["failure_rate"] == 0
+
+    def test_status_reports_throughput_and_failure_rate(self, server, client: Client) -> None:
+        """Outcomes of the last minute give throughput and the failure rate."""
+        worker = Worker(server.address, concurrency=4)
+        worker.register_handler("ok", lambda _ctx, _p: b"")
+
+        def fail(_ctx, _payload):
+            raise PermanentFailure("no")
+
+        worker.register_handler("bad", fail)
+        worker.start()
+        try:
+            ids = client.enqueue_tasks([Task(type="ok") for _ in range(3)])
+            ids += client.enqueue_tasks([Task(type="bad")])
+            for task_id in ids:
+                wait_final(client, task_id)
+        finally:
+            worker.stop()
+        document = sampled_status(server, lambda d: d["last_minute"]["failed"] == 1)
+        minute = document["last_minute"]
+        assert minute["succeeded"] == 3
+        assert minute["started"] == 4
+        assert minute["failure_rate"] == 0.25
+        assert minute["throughput_per_second"] == round(4 / 60, 3)
+        assert document["workers"].get("stopped") == 1
+
+
+class TestSampledMetrics:
+    def test_live_queue_gauges_and_oldest_age_are_sampled(self, server, client: Client) -> None:
+        """conveyor_tasks{state,type} and the oldest queued age come from the sampler."""
+        client.enqueue_tasks([Task(type="gauge.t") for _ in range(2)])
+        sampled_status(server, lambda d: d["queue"]["queued"] == 2)
+        _, _, body = http_get(f"{server.http_url}/metrics")
+        assert sample(body, "conveyor_tasks", state="queued", type="gauge.t") == 2
+        assert sample(body, "conveyor_tasks", state="running", type="gauge.t") == 0
+        assert sample(body, "conveyor_oldest_queued_task_age_seconds", type="gauge.t") >= 0
+        assert sample(body, "conveyor_stats_sampled_timestamp_seconds") > 0
+
+    def test_queue_wait_and_duration_histograms_observe_each_attempt(
+        self, server, client: Client
+    ) -> None:
+        """A run task adds one queue-wait and one duration observation for its type."""
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("hist.t", lambda _ctx, _p: b"")
+        worker.start()
+        try:
+            wait_final(client, client.enqueue_task(Task(type="hist.t")))
+        finally:
+            worker.stop()
+        _, _, body = http_get(f"{server.http_url}/metrics")
+        assert sample(body, "conveyor_task_queue_wait_seconds_count", type="hist.t") == 1
+        assert (
+            sample(body, "conveyor_task_duration_seconds_count", type="hist.t", outcome="succeeded")
+            == 1
+        )
 
 
 class TestMetrics:

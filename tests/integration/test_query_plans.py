@@ -178,6 +178,8 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
         "task_lock_for_cancel": (seeded.queued_id,),
         "worker_sweep_lost": (15.0, "server-1", 1),
+        "task_live_stats": (),
+        "task_event_rates": (60.0,),
     }
 
 
@@ -193,6 +195,8 @@ PER_TASK_QUERIES = [
     "task_reap_expired",
     "task_lock_for_cancel",
     "worker_sweep_lost",
+    "task_live_stats",
+    "task_event_rates",
 ]
 
 

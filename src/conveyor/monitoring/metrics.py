@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Tasks run from milliseconds to hours.
+_TASK_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 
 
 class ServerMetrics:
@@ -45,8 +47,33 @@ class ServerMetrics:
         )
         self.tasks_by_state = Gauge(
             "conveyor_tasks",
-            "Tasks by state, sampled from the database.",
-            ["state"],
+            "Live tasks (queued, running) by state and type, sampled from the database.",
+            ["state", "type"],
+            registry=self.registry,
+        )
+        self.oldest_queued = Gauge(
+            "conveyor_oldest_queued_task_age_seconds",
+            "How long the oldest available queued task of each type has waited (sampled).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "conveyor_task_queue_wait_seconds",
+            "Time from a task becoming available (enqueue, or end of backoff) to its start.",
+            ["type"],
+            buckets=_TASK_BUCKETS,
+            registry=self.registry,
+        )
+        self.task_duration = Histogram(
+            "conveyor_task_duration_seconds",
+            "Time from an attempt's start to its reported outcome, by type and outcome.",
+            ["type", "outcome"],
+            buckets=_TASK_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_sample = Gauge(
+            "conveyor_stats_sampled_timestamp_seconds",
+            "When the database-derived gauges were last sampled (Unix time).",
             registry=self.registry,
         )
         self.workers_by_state = Gauge(

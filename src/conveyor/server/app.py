@@ -33,6 +33,7 @@ from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
+from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
 from conveyor.storage import migrate, queries
@@ -75,9 +76,11 @@ class ConveyorServer:
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
         self.admin_service = AdminService(self.database, self.elector, self.metrics)
+        self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
             WorkerSweeper(config, self.database, self.elector),
+            self.stats,
         ]
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -198,7 +201,7 @@ class ConveyorServer:
         return ready, checks
 
     async def status(self) -> dict[str, Any]:
-        """Version, identity, and the task and worker counts."""
+        """Version, identity, leadership, and the last stats sample (no query per request)."""
         document: dict[str, Any] = {
             "version": __version__,
             "server_id": self.config.server_id,
@@ -207,11 +210,9 @@ class ConveyorServer:
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "draining": self.worker_service.draining,
             "listening_for_notifications": self.notifier.listening.is_set(),
+            **self.stats.snapshot.as_status(),
         }
         try:
-            async with self.database.connection() as conn:
-                tasks = await queries.task_count_by_state(conn)
-                workers = await queries.worker_count_by_state(conn)
             leader = await self.elector.current_leader()
             if leader is not None:
                 document["leader"] = {
@@ -222,12 +223,6 @@ class ConveyorServer:
                     "expires_at": leader.expires_at.isoformat(),
                 }
             document["database"] = "ok"
-            document["tasks"] = tasks
-            document["workers"] = workers
-            for state, count in tasks.items():
-                self.metrics.tasks_by_state.labels(state).set(count)
-            for state, count in workers.items():
-                self.metrics.workers_by_state.labels(state).set(count)
         except ConveyorError as exc:
             document["database"] = exc.message
         return document

@@ -42,6 +42,7 @@ DEFAULT_LEADER_RETRY_INTERVAL: Final = timedelta(seconds=1)
 DEFAULT_PRIORITY_POOL_SIZE: Final = 3
 DEFAULT_DB_BREAKER_FAILURES: Final = 5
 DEFAULT_DB_BREAKER_RESET: Final = timedelta(seconds=2)
+DEFAULT_STATS_INTERVAL: Final = timedelta(seconds=5)
 DEFAULT_STATEMENT_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_POOL_ACQUIRE_TIMEOUT: Final = timedelta(seconds=5)
 DEFAULT_POOL_MAX_SIZE: Final = 20
@@ -83,6 +84,7 @@ class ServerConfig:
     leader_retry_interval: timedelta = DEFAULT_LEADER_RETRY_INTERVAL
     db_breaker_failures: int = DEFAULT_DB_BREAKER_FAILURES
     db_breaker_reset: timedelta = DEFAULT_DB_BREAKER_RESET
+    stats_interval: timedelta = DEFAULT_STATS_INTERVAL
     # Test-only crash points (see server/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
 
@@ -112,6 +114,7 @@ class ServerConfig:
             "leader_ttl": self.leader_ttl,
             "leader_retry_interval": self.leader_retry_interval,
             "db_breaker_reset": self.db_breaker_reset,
+            "stats_interval": self.stats_interval,
         }
         for name, value in positive.items():
             if value <= timedelta(0):

@@ -139,6 +139,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             rows = await self._claim(worker_id, task_types, limit)
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
+                for row in rows:
+                    self.metrics.queue_wait.labels(row["type"]).observe(max(row["waited"], 0.0))
                 return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
             remaining = give_up_at - loop.time()
             if remaining <= 0:
@@ -315,6 +317,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             raise InvalidTask(f"unknown outcome {outcome}")
         if row is not None:
             self.metrics.task_outcomes.labels(row["type"], label).inc()
+            if "ran_for" in row:
+                self.metrics.task_duration.labels(row["type"], label).observe(
+                    max(row["ran_for"], 0.0)
+                )
         return row
 
     @rpc_method("UnregisterWorker")

@@ -227,6 +227,17 @@ async def database_ping(conn: Any, *, timeout: float | None = None) -> None:
     await conn.fetchval(SQL["database_ping"], timeout=timeout)
 
 
+async def task_live_stats(conn: Any) -> list[asyncpg.Record]:
+    """Per type: queued, running, oldest available queued age (s)."""
+    return list(await conn.fetch(SQL["task_live_stats"]))
+
+
+async def task_event_rates(conn: Any, *, window: timedelta) -> asyncpg.Record:
+    """Outcome counts (succeeded, failed, retried, started) over the last `window`."""
+    row: asyncpg.Record = await conn.fetchrow(SQL["task_event_rates"], _seconds(window))
+    return row
+
+
 async def worker_register(
     conn: Any,
     *,

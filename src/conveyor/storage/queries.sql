@@ -61,12 +61,15 @@ WITH candidates AS (
     FROM candidates
     WHERE t.id = candidates.id
     RETURNING t.id, t.seq, t.type, t.payload, t.attempt, t.max_retries, t.timeout,
-              t.lease_id, t.lease_expires_at, t.deadline_at
+              t.lease_id, t.lease_expires_at, t.deadline_at,
+              -- queue wait: from becoming available (enqueue, or end of backoff) to start
+              extract(epoch FROM now() - t.available_at)::float8 AS waited
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
     SELECT id, 'started', 'running', attempt, $3 FROM claimed
 )
-SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at
+SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at,
+       waited
 FROM claimed
 ORDER BY seq;
 
@@ -77,12 +80,13 @@ WITH done AS (
     SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     WHERE id = $1 AND lease_id = $2 AND state = 'running'
-    RETURNING id, type, state, attempt, worker_id
+    RETURNING id, type, state, attempt, worker_id,
+              extract(epoch FROM now() - started_at)::float8 AS ran_for
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
     SELECT id, 'succeeded', state, attempt, worker_id FROM done
 )
-SELECT type, state FROM done;
+SELECT type, state, ran_for FROM done;
 
 -- name: task_fail
 -- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
@@ -102,13 +106,15 @@ WITH done AS (
         last_error = $3,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     WHERE t.id = $1 AND t.lease_id = $2 AND t.state = 'running'
-    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at
+    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at,
+              extract(epoch FROM now() - t.started_at)::float8 AS ran_for
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
     SELECT id, $4, state, attempt, worker_id, $3 FROM done
 )
 -- retry_in: seconds until a retry is due, by the database clock (servers' clocks may skew).
-SELECT type, state, available_at, extract(epoch FROM available_at - now())::float8 AS retry_in
+SELECT type, state, available_at, ran_for,
+       extract(epoch FROM available_at - now())::float8 AS retry_in
 FROM done;
 
 -- name: task_release
@@ -226,6 +232,39 @@ ORDER BY id;
 
 -- name: task_count_by_state
 SELECT state, count(*) AS tasks FROM conveyor_tasks GROUP BY state;
+
+-- name: task_live_stats
+-- Per type: queued (available now or waiting for a backoff), running, and how long the
+-- oldest available queued task has waited. Each half reads one partial index (live rows
+-- only), however many finished tasks the table holds.
+SELECT type,
+       sum(queued)::bigint AS queued,
+       sum(running)::bigint AS running,
+       max(oldest)::float8 AS oldest_queued_seconds
+FROM (
+    SELECT type, count(*) AS queued, 0 AS running,
+           coalesce(extract(epoch FROM now() - min(available_at)
+                    FILTER (WHERE available_at <= now())), 0) AS oldest
+    FROM conveyor_tasks
+    WHERE state = 'queued'
+    GROUP BY type
+    UNION ALL
+    SELECT type, 0, count(*), 0
+    FROM conveyor_tasks
+    WHERE state = 'running'
+    GROUP BY type
+) AS live
+GROUP BY type;
+
+-- name: task_event_rates
+-- Outcomes over the last $1 seconds, cluster-wide, from the history (index on `at`).
+SELECT count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
+           AS retried,
+       count(*) FILTER (WHERE event = 'started') AS started
+FROM conveyor_task_events
+WHERE at > now() - make_interval(secs => $1);
 
 -- name: worker_register
 -- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version.

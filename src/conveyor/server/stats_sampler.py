@@ -1,0 +1,115 @@
+"""StatsSampler: reads the database-derived numbers on a schedule, never per scrape.
+
+Every `stats_interval` it samples live tasks by state and type, the age of the oldest
+available queued task per type, workers by state, and cluster-wide outcome counts over the
+last minute, then sets the gauges and keeps the snapshot that `/status` serves. A scrape or
+a status request therefore costs no query, however often it comes. Runs on every server
+(each exports its own /metrics); the queries read only live rows and the recent history.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.server.service import PeriodicService
+from conveyor.storage import queries
+
+if TYPE_CHECKING:
+    from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.database import Database
+
+RATE_WINDOW: Final = timedelta(minutes=1)
+
+
+@dataclass
+class StatsSnapshot:
+    """The last sample; `taken_at` is 0 before the first one."""
+
+    taken_at: float = 0.0
+    queued: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+    oldest_queued_seconds: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)
+    last_minute: dict[str, int] = field(default_factory=dict)
+
+    def as_status(self) -> dict[str, Any]:
+        """The `/status` fields built from this sample."""
+        finished = self.last_minute.get("succeeded", 0) + self.last_minute.get("failed", 0)
+        return {
+            "sampled_at": self.taken_at or None,
+            "queue": {
+                "queued": sum(self.queued.values()),
+                "running": sum(self.running.values()),
+                "by_type": {
+                    task_type: {
+                        "queued": self.queued.get(task_type, 0),
+                        "running": self.running.get(task_type, 0),
+                        "oldest_queued_seconds": round(
+                            self.oldest_queued_seconds.get(task_type, 0.0), 3
+                        ),
+                    }
+                    for task_type in sorted(set(self.queued) | set(self.running))
+                },
+            },
+            "oldest_queued_seconds": round(max(self.oldest_queued_seconds.values(), default=0), 3),
+            "workers": self.workers,
+            "last_minute": {
+                **self.last_minute,
+                "throughput_per_second": round(finished / RATE_WINDOW.total_seconds(), 3),
+                "failure_rate": round(self.last_minute.get("failed", 0) / finished, 4)
+                if finished
+                else 0.0,
+            },
+        }
+
+
+class StatsSampler(PeriodicService):
+    """Samples the database into gauges and a status snapshot."""
+
+    name = "stats-sampler"
+
+    def __init__(self, interval: timedelta, database: Database, metrics: ServerMetrics) -> None:
+        """Sample every `interval`."""
+        super().__init__(interval)
+        self._database = database
+        self._metrics = metrics
+        self.snapshot = StatsSnapshot()
+        self._known_types: set[str] = set()
+
+    async def tick(self) -> None:
+        """Take one sample."""
+        async with self._database.connection() as conn:
+            live = await queries.task_live_stats(conn)
+            workers = await queries.worker_count_by_state(conn)
+            rates = await queries.task_event_rates(conn, window=RATE_WINDOW)
+        snapshot = StatsSnapshot(
+            taken_at=time.time(),
+            queued={row["type"]: row["queued"] for row in live},
+            running={row["type"]: row["running"] for row in live},
+            oldest_queued_seconds={row["type"]: row["oldest_queued_seconds"] for row in live},
+            workers=workers,
+            last_minute=dict(rates),
+        )
+        self._publish(snapshot)
+        self.snapshot = snapshot
+
+    def _publish(self, snapshot: StatsSnapshot) -> None:
+        metrics = self._metrics
+        # A type whose queue drained must read 0, not keep its last value.
+        self._known_types |= set(snapshot.queued) | set(snapshot.running)
+        for task_type in self._known_types:
+            metrics.tasks_by_state.labels("queued", task_type).set(
+                snapshot.queued.get(task_type, 0)
+            )
+            metrics.tasks_by_state.labels("running", task_type).set(
+                snapshot.running.get(task_type, 0)
+            )
+            metrics.oldest_queued.labels(task_type).set(
+                snapshot.oldest_queued_seconds.get(task_type, 0.0)
+            )
+        for state in ("active", "draining", "lost", "stopped"):
+            metrics.workers_by_state.labels(state).set(snapshot.workers.get(state, 0))
+        metrics.last_sample.set(snapshot.taken_at)
