@@ -158,17 +158,20 @@ class Database:
 
     @staticmethod
     async def _release(pool: asyncpg.Pool[asyncpg.Record], conn: Any) -> None:
-        """Return a connection; a broken one is dropped. Never fails the call it served."""
+        """Return a connection to the pool. Never fails the call it served.
+
+        When resetting a broken connection fails, asyncpg terminates it and frees its pool
+        slot itself before re-raising; the next acquire opens a fresh connection.
+        """
         try:
             await pool.release(conn)
         except Exception as exc:
             log.warning(
-                "dropping a broken database connection: %s: %s",
+                "dropped a broken database connection: %s: %s",
                 type(exc).__name__,
                 exc,
                 extra={"event": "connection_dropped"},
             )
-            conn.terminate()
 
     async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record]) -> Any:
         """A connection from `pool`; a full pool is "busy", not "database down"."""
