@@ -179,6 +179,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_lock_for_cancel": (seeded.queued_id,),
         "worker_sweep_lost": (15.0, "server-1", 1),
         "task_live_stats": (),
+        "task_explain": (seeded.queued_id, 15.0),
         "task_event_rates": (60.0,),
     }
 
@@ -196,6 +197,7 @@ PER_TASK_QUERIES = [
     "task_lock_for_cancel",
     "worker_sweep_lost",
     "task_live_stats",
+    "task_explain",
     "task_event_rates",
 ]
 

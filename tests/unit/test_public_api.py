@@ -51,6 +51,7 @@ class TestPublicSurface:
             "get_task_status",
             "cancel_task",
             "list_workers",
+            "explain_task",
         } <= methods(conveyor.Client)
 
     def test_async_client_methods_are_coroutines(self) -> None:

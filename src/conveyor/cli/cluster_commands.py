@@ -1,4 +1,4 @@
-"""`conveyor workers`: what the cluster looks like to an operator."""
+"""`conveyor workers` and `conveyor tasks explain`: what the cluster looks like to an operator."""
 
 from __future__ import annotations
 
@@ -64,3 +64,19 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
             loop,
         )
     Console().print(table)
+
+
+@click.group()
+def tasks() -> None:
+    """Inspect tasks."""
+
+
+@tasks.command("explain")
+@click.argument("task_id", metavar="ID")
+@server_option
+def explain(task_id: str, server: str | None) -> None:
+    """Say in plain words why a task is where it is."""
+    with Client(server) as client:
+        reasons = client.explain_task(task_id)
+    for reason in reasons:
+        click.echo(f"- {reason}")

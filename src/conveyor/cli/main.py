@@ -59,6 +59,7 @@ for command in (
     task_commands.status,
     task_commands.cancel,
     cluster_commands.workers,
+    cluster_commands.tasks,
 ):
     cli.add_command(command)
 

@@ -97,6 +97,12 @@ class AsyncClient:
         response = await self._call("ListWorkers", request, service="AdminService")
         return core.workers_from_response(response)
 
+    async def explain_task(self, task_id: str) -> list[str]:
+        """Why the task is where it is, in plain sentences, most important first."""
+        request = core.explain_request(task_id)
+        response = await self._call("ExplainTask", request, service="AdminService")
+        return list(response.reasons)
+
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():

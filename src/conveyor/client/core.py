@@ -65,3 +65,8 @@ def list_workers_request(*, include_stopped: bool, limit: int) -> pb.ListWorkers
 def workers_from_response(response: pb.ListWorkersResponse) -> list[WorkerInfo]:
     """The workers carried by a response."""
     return [convert.worker_from_pb(info) for info in response.workers]
+
+
+def explain_request(task_id: str) -> pb.ExplainTaskRequest:
+    """An ExplainTask request for a validated id."""
+    return pb.ExplainTaskRequest(task_id=normalize_task_id(task_id))

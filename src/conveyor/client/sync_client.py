@@ -102,6 +102,11 @@ class Client:
         response = self._call("ListWorkers", request, service="AdminService")
         return core.workers_from_response(response)
 
+    def explain_task(self, task_id: str) -> list[str]:
+        """Why the task is where it is, in plain sentences, most important first."""
+        response = self._call("ExplainTask", core.explain_request(task_id), service="AdminService")
+        return list(response.reasons)
+
     def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.errors import TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.explanation import explain
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
+from conveyor.types import TaskState, normalize_task_id
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
@@ -22,8 +27,15 @@ MAX_WORKER_LIMIT: Final = 10_000
 class AdminService(pb_grpc.AdminServiceServicer):
     """Read-only operator queries for now; control actions come with the dashboard."""
 
-    def __init__(self, database: Database, elector: LeaderElector, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        database: Database,
+        elector: LeaderElector,
+        metrics: ServerMetrics,
+        worker_lost_after: timedelta,
+    ) -> None:
         """Wire the service to its collaborators."""
+        self.worker_lost_after = worker_lost_after
         self.database = database
         self.elector = elector
         self.metrics = metrics
@@ -72,4 +84,20 @@ class AdminService(pb_grpc.AdminServiceServicer):
             expires_at=convert.timestamp(leader.expires_at),
             active=leader.active,
             server_id=self.elector.server_id,
+        )
+
+    @rpc_method("ExplainTask")
+    async def ExplainTask(  # noqa: N802 - gRPC method name
+        self, request: pb.ExplainTaskRequest, context: Any
+    ) -> pb.ExplainTaskResponse:
+        """Why a task is where it is."""
+        task_id = normalize_task_id(request.task_id)
+        async with self.database.connection() as conn:
+            row = await queries.task_explain(
+                conn, task_id=task_id, live_within=self.worker_lost_after
+            )
+        if row is None:
+            raise TaskNotFound(task_id=task_id)
+        return pb.ExplainTaskResponse(
+            state=convert.STATE_TO_PB[TaskState(row["state"])], reasons=explain(row)
         )

@@ -75,7 +75,9 @@ class ConveyorServer:
         )
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
-        self.admin_service = AdminService(self.database, self.elector, self.metrics)
+        self.admin_service = AdminService(
+            self.database, self.elector, self.metrics, config.worker_lost_after
+        )
         self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),

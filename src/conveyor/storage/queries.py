@@ -227,6 +227,14 @@ async def database_ping(conn: Any, *, timeout: float | None = None) -> None:
     await conn.fetchval(SQL["database_ping"], timeout=timeout)
 
 
+async def task_explain(conn: Any, *, task_id: str, live_within: timedelta) -> asyncpg.Record | None:
+    """Everything needed to explain where a task is and why (None: no such task)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_explain"], uuid.UUID(task_id), _seconds(live_within)
+    )
+    return row
+
+
 async def task_live_stats(conn: Any) -> list[asyncpg.Record]:
     """Per type: queued, running, oldest available queued age (s)."""
     return list(await conn.fetch(SQL["task_live_stats"]))

@@ -367,3 +367,32 @@ SELECT pg_notify('conveyor_task_ready', '');
 
 -- name: database_ping
 SELECT 1;
+
+-- name: task_explain
+-- $1 task id, $2 worker silence (s) after which a worker does not count as live.
+-- Everything `conveyor tasks explain` needs, in one round trip. The position counts use
+-- the claim index (type, seq) WHERE state = 'queued'.
+SELECT t.id, t.type, t.state, t.attempt, t.max_retries, t.worker_id, t.last_error,
+       t.progress, t.progress_at, t.created_at, t.started_at, t.finished_at,
+       t.available_at > now() AS backing_off,
+       extract(epoch FROM t.available_at - now())::float8 AS available_in,
+       extract(epoch FROM now() - t.started_at)::float8 AS running_for,
+       extract(epoch FROM t.lease_expires_at - now())::float8 AS lease_left,
+       (SELECT count(*) FROM conveyor_tasks AS o
+        WHERE o.state = 'queued' AND o.type = t.type AND o.seq < t.seq
+          AND o.available_at <= now()) AS ahead,
+       (SELECT count(*) FROM conveyor_workers AS w
+        WHERE w.state = 'active' AND t.type = ANY (w.task_types)
+          AND w.last_heartbeat_at > now() - make_interval(secs => $2)) AS live_workers,
+       (SELECT coalesce(sum(w.concurrency), 0) FROM conveyor_workers AS w
+        WHERE w.state = 'active' AND t.type = ANY (w.task_types)
+          AND w.last_heartbeat_at > now() - make_interval(secs => $2)) AS live_slots,
+       (SELECT extract(epoch FROM now() - w.last_heartbeat_at)::float8
+        FROM conveyor_workers AS w WHERE w.id = t.worker_id) AS worker_silent_for,
+       (SELECT w.state FROM conveyor_workers AS w WHERE w.id = t.worker_id) AS worker_state,
+       (SELECT e.event FROM conveyor_task_events AS e
+        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_event,
+       (SELECT e.detail FROM conveyor_task_events AS e
+        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_detail
+FROM conveyor_tasks AS t
+WHERE t.id = $1;

@@ -468,6 +468,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.SerializeToString,
                 response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.FromString,
                 _registered_method=True)
+        self.ExplainTask = channel.unary_unary(
+                '/conveyor.v1.AdminService/ExplainTask',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -487,6 +492,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainTask(self, request, context):
+        """Why a task is where it is, in plain sentences (`conveyor tasks explain`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -499,6 +511,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetLeader,
                     request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.FromString,
                     response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.SerializeToString,
+            ),
+            'ExplainTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainTask,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -557,6 +574,33 @@ class AdminService:
             '/conveyor.v1.AdminService/GetLeader',
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderRequest.SerializeToString,
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ExplainTask',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

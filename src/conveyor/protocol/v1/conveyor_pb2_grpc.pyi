@@ -183,6 +183,8 @@ class AdminServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ListWorkersRequest, _conveyor_pb2.ListWorkersResponse]
     GetLeader: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]
+    ExplainTask: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ExplainTaskRequest, _conveyor_pb2.ExplainTaskResponse]
+    """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -191,6 +193,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListWorkers: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ListWorkersRequest, _conveyor_pb2.ListWorkersResponse]  # type: ignore[assignment]
     GetLeader: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]  # type: ignore[assignment]
+    ExplainTask: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ExplainTaskRequest, _conveyor_pb2.ExplainTaskResponse]  # type: ignore[assignment]
+    """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- operators"""
@@ -208,5 +212,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _conveyor_pb2.GetLeaderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_conveyor_pb2.GetLeaderResponse, _abc.Awaitable[_conveyor_pb2.GetLeaderResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ExplainTask(
+        self,
+        request: _conveyor_pb2.ExplainTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ExplainTaskResponse, _abc.Awaitable[_conveyor_pb2.ExplainTaskResponse]]:
+        """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

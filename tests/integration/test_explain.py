@@ -1,0 +1,118 @@
+"""`explain_task` / `conveyor tasks explain`: why a task is where it is, on real components."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from datetime import timedelta
+
+import pytest
+from helpers import conveyor_command, process_env, wait_final, wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.errors import InvalidTask, TaskNotFound
+
+
+def text(reasons: list[str]) -> str:
+    return "\n".join(reasons)
+
+
+class TestExplainQueued:
+    def test_a_task_behind_others_with_no_worker_says_both(self, client: Client) -> None:
+        """Position in the queue and the missing worker are both named."""
+        ids = client.enqueue_tasks([Task(type="explain.q") for _ in range(3)])
+        reasons = client.explain_task(ids[2])
+        assert "waiting behind 2 older available task(s) of type 'explain.q'" in reasons[0]
+        assert "no live worker handles type 'explain.q'" in text(reasons)
+        assert "next in line" in client.explain_task(ids[0])[0]
+
+    def test_a_live_worker_for_the_type_is_counted(self, server, client: Client) -> None:
+        """With a worker registered for the type, the explanation names it, not its absence."""
+        gate = threading.Event()
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("explain.busy", lambda _ctx, _p: gate.wait(10) and b"")
+        worker.start()
+        try:
+            first = client.enqueue_task(Task(type="explain.busy"))
+            wait_for(lambda: client.get_task_status(first).state is TaskState.RUNNING)
+            second = client.enqueue_task(Task(type="explain.busy"))
+            reasons = client.explain_task(second)
+            assert "1 live worker(s) handle type 'explain.busy' with 1 slot(s)" in text(reasons)
+            assert "no live worker" not in text(reasons)
+            running = client.explain_task(first)
+            assert f"on worker {worker.worker_id}" in running[0]
+            assert "last heartbeat was" in text(running)
+        finally:
+            gate.set()
+            worker.stop()
+
+    def test_a_task_waiting_out_its_backoff_says_when_it_becomes_available(
+        self, start_server
+    ) -> None:
+        """A failed attempt with retries left is explained as a backoff, with the error."""
+        server = start_server(
+            retry_backoff_base=timedelta(seconds=30), retry_backoff_cap=timedelta(seconds=60)
+        )
+        worker = Worker(server.address, concurrency=1)
+
+        def fail(_ctx, _payload):
+            raise ValueError("try later")
+
+        worker.register_handler("explain.retry", fail)
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="explain.retry"))
+            worker.start()
+            try:
+                wait_for(
+                    lambda: (
+                        client.get_task_status(task_id).attempts == 1
+                        and client.get_task_status(task_id).state is TaskState.QUEUED
+                    )
+                )
+            finally:
+                worker.stop()
+            reasons = client.explain_task(task_id)
+        assert "waiting for its retry backoff" in reasons[0]
+        assert "ValueError: try later" in reasons[0]
+
+
+class TestExplainFinished:
+    def test_finished_tasks_are_explained_by_their_outcome(self, server, client: Client) -> None:
+        """Succeeded and cancelled tasks say so, with when."""
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("explain.ok", lambda _ctx, _p: b"")
+        worker.start()
+        try:
+            done = client.enqueue_task(Task(type="explain.ok"))
+            wait_final(client, done)
+        finally:
+            worker.stop()
+        assert client.explain_task(done)[0].startswith("succeeded after 1 attempt(s)")
+        cancelled = client.enqueue_task(Task(type="explain.never"))
+        client.cancel_task(cancelled)
+        assert client.explain_task(cancelled)[0].startswith("cancelled at")
+
+    def test_unknown_and_malformed_ids_are_typed_errors(self, client: Client) -> None:
+        """NOT_FOUND and INVALID_ARGUMENT come back as TaskNotFound and InvalidTask."""
+        with pytest.raises(TaskNotFound):
+            client.explain_task("00000000-0000-4000-8000-000000000099")
+        with pytest.raises(InvalidTask):
+            client.explain_task("nope")
+
+
+class TestExplainCli:
+    def test_cli_prints_one_line_per_reason(self, server, client: Client) -> None:
+        """`conveyor tasks explain ID` prints the reasons as a list and exits 0."""
+        task_id = client.enqueue_task(Task(type="explain.cli"))
+        result = subprocess.run(
+            conveyor_command("tasks", "explain", task_id, "--server", server.address),
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == "- next in line for type 'explain.cli'"
+        assert any("no live worker handles type 'explain.cli'" in line for line in lines)
