@@ -24,7 +24,7 @@ import asyncpg
 
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import ServerUnavailable
-from conveyor.storage import migrate, queries
+from conveyor.storage import migrate
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -200,11 +200,6 @@ class Database:
         """A pooled connection inside a transaction."""
         async with self.connection() as conn, conn.transaction():
             yield conn
-
-    async def ping(self) -> None:
-        """Raise ServerUnavailable unless a trivial query succeeds."""
-        async with self.connection() as conn:
-            await queries.database_ping(conn)
 
     def pool_in_use(self) -> int:
         """Connections currently checked out of the pool."""

@@ -212,11 +212,6 @@ async def task_event_list(conn: Any, *, task_id: str) -> list[asyncpg.Record]:
     return list(await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id)))
 
 
-async def task_count_by_state(conn: Any) -> dict[str, int]:
-    """Number of tasks in each state."""
-    return {row["state"]: row["tasks"] for row in await conn.fetch(SQL["task_count_by_state"])}
-
-
 async def task_ready_notify(conn: Any) -> None:
     """Wake every server's long polls."""
     await conn.execute(SQL["task_ready_notify"])

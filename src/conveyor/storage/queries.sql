@@ -230,9 +230,6 @@ FROM conveyor_task_events
 WHERE task_id = $1
 ORDER BY id;
 
--- name: task_count_by_state
-SELECT state, count(*) AS tasks FROM conveyor_tasks GROUP BY state;
-
 -- name: task_live_stats
 -- Per type: queued (available now or waiting for a backoff), running, and how long the
 -- oldest available queued task has waited. Each half reads one partial index (live rows
