@@ -15,20 +15,36 @@ from conveyor.client.async_client import AsyncClient
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
 from conveyor.errors import ConveyorError
-from conveyor.types import Task, TaskEvent, TaskState, TaskStatus, WorkerInfo
+from conveyor.types import (
+    BulkResult,
+    ClusterStatus,
+    PausedType,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskState,
+    TaskStatus,
+    TypeStatus,
+    WorkerInfo,
+)
 from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
 
 __all__ = [
     "AsyncClient",
+    "BulkResult",
     "Client",
+    "ClusterStatus",
     "ConveyorError",
+    "PausedType",
     "RetryPolicy",
     "Task",
     "TaskContext",
     "TaskEvent",
+    "TaskPage",
     "TaskState",
     "TaskStatus",
+    "TypeStatus",
     "Worker",
     "WorkerInfo",
     "__version__",

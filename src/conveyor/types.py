@@ -179,6 +179,73 @@ class TaskStatus:
     history: tuple[TaskEvent, ...] = field(default=())
     progress: str | None = None
     progress_at: datetime | None = None
+    # Only when asked for (`get_task_status(payload=True)`).
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of a task listing, newest first.
+
+    `next_page_token` is None on the last page; pass it back to get the next one.
+    """
+
+    tasks: tuple[TaskStatus, ...]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a retry or cancel by ids or by filter did.
+
+    With a filter and `dry_run`, `matched` is how many tasks the action would apply to and
+    nothing changed. By ids, `changed_ids` lists those changed and `skipped` those left
+    alone, with the state that made the action not apply (a succeeded task is not retried).
+    """
+
+    matched: int
+    changed: int
+    changed_ids: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, TaskState], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PausedType:
+    """A task type that is not being leased, since when and why."""
+
+    type: str
+    paused_at: datetime
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TypeStatus:
+    """The live queue of one task type."""
+
+    type: str
+    queued: int
+    running: int
+    oldest_queued_seconds: float
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """The numbers behind `/status`, as one server sampled them at `sampled_at`."""
+
+    version: str
+    server_id: str
+    is_leader: bool
+    leader_id: str | None
+    leader_term: int
+    sampled_at: datetime | None
+    types: tuple[TypeStatus, ...]
+    workers: dict[str, int]
+    succeeded_last_minute: int
+    failed_last_minute: int
+    retried_last_minute: int
+    started_last_minute: int
+    paused_types: tuple[PausedType, ...]
 
 
 @dataclass(frozen=True, slots=True)

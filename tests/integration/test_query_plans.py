@@ -14,13 +14,17 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from helpers import run_sql, with_database
 
-from conveyor.storage.queries import SQL
+from conveyor.storage.queries import FIRST_PAGE, SQL
+from conveyor.types import TaskState
+
+ALL_STATES = [state.value for state in TaskState]
 
 BIG_TABLES = frozenset({"conveyor_tasks", "conveyor_task_events"})
 
@@ -181,6 +185,15 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_live_stats": (),
         "task_explain": (seeded.queued_id, 15.0),
         "task_event_rates": (60.0,),
+        "task_list_by_state": (["failed", "succeeded"], FIRST_PAGE, 51),
+        "task_list_by_type_and_state": (list(ALL_STATES), FIRST_PAGE, 51, "a"),
+        "task_count_by_state": (["failed", "cancelled"],),
+        "task_count_by_type_and_state": (["failed", "cancelled"], "b"),
+        "task_states_get": ([seeded.queued_id, seeded.succeeded_id],),
+        "task_retry_many": ([seeded.succeeded_id], "retried by an operator"),
+        "task_cancel_many": ([seeded.queued_id, running], "cancelled by an operator"),
+        "task_payload_get": (seeded.succeeded_id,),
+        "task_event_minutes": (datetime.now(UTC) - timedelta(hours=1),),
     }
 
 
@@ -199,6 +212,15 @@ PER_TASK_QUERIES = [
     "task_live_stats",
     "task_explain",
     "task_event_rates",
+    "task_list_by_state",
+    "task_list_by_type_and_state",
+    "task_count_by_state",
+    "task_count_by_type_and_state",
+    "task_states_get",
+    "task_retry_many",
+    "task_cancel_many",
+    "task_payload_get",
+    "task_event_minutes",
 ]
 
 
@@ -222,12 +244,13 @@ class TestPlanWalker:
         assert len(list(plan_nodes(plan))) >= 3
 
     async def test_claim_without_its_index_is_caught(self, seeded: Seeded) -> None:
-        """With conveyor_tasks_claim_idx dropped (rolled back), task_claim is flagged."""
+        """With every index on state dropped (rolled back), task_claim is flagged."""
         plan = await explain(
             seeded.url,
             SQL["task_claim"],
             *parameters(seeded)["task_claim"],
-            before="DROP INDEX conveyor_tasks_claim_idx",
+            before="DROP INDEX conveyor_tasks_claim_idx, conveyor_tasks_state_seq_idx, "
+            "conveyor_tasks_type_state_seq_idx",
         )
         assert "conveyor_tasks_claim_idx" not in indexes_used(plan)
         assert "conveyor_tasks" in seq_scans_on_big_tables(plan)
@@ -258,6 +281,23 @@ class TestSpecificIndexes:
             seeded.url, SQL["task_reap_expired"], *parameters(seeded)["task_reap_expired"]
         )
         assert "conveyor_tasks_lease_expiry_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+
+    @pytest.mark.parametrize("name", ["task_list_by_state", "task_list_by_type_and_state"])
+    async def test_listings_read_the_index_in_queue_order(self, seeded: Seeded, name: str) -> None:
+        """A page is read newest first straight off a (state, seq) index and cut by a LIMIT:
+        no sort of every matching task, so a page costs the same on 100,000 tasks."""
+        plan = await explain(seeded.url, SQL[name], *parameters(seeded)[name])
+        listed = json.dumps(plan, indent=1)
+        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
+        assert scans, listed
+        for scan in scans:
+            assert scan.get("Index Name") in {
+                "conveyor_tasks_state_seq_idx",
+                "conveyor_tasks_type_state_seq_idx",
+            }, listed
+            assert scan.get("Scan Direction") == "Backward", listed
+        limits = [n for n in plan_nodes(plan) if n["Node Type"] == "Limit"]
+        assert any(any(child in scans for child in n.get("Plans", [])) for n in limits), listed
 
     async def test_history_uses_the_events_index(self, seeded: Seeded) -> None:
         """task_event_list reads one task's history through conveyor_task_events_task_idx."""

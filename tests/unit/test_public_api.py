@@ -9,14 +9,19 @@ from conveyor import errors
 
 EXPECTED_EXPORTS = [
     "AsyncClient",
+    "BulkResult",
     "Client",
+    "ClusterStatus",
     "ConveyorError",
+    "PausedType",
     "RetryPolicy",
     "Task",
     "TaskContext",
     "TaskEvent",
+    "TaskPage",
     "TaskState",
     "TaskStatus",
+    "TypeStatus",
     "Worker",
     "WorkerInfo",
     "__version__",
@@ -52,11 +57,18 @@ class TestPublicSurface:
             "cancel_task",
             "list_workers",
             "explain_task",
+            "get_status",
+            "list_tasks",
+            "retry_tasks",
+            "cancel_tasks",
+            "pause_type",
+            "resume_type",
         } <= methods(conveyor.Client)
 
     def test_async_client_methods_are_coroutines(self) -> None:
         """Every public AsyncClient method is awaited."""
-        for name in ("enqueue_task", "enqueue_tasks", "get_task_status", "cancel_task", "close"):
+        public = [name for name in dir(conveyor.AsyncClient) if not name.startswith("_")]
+        for name in public:
             assert inspect.iscoroutinefunction(getattr(conveyor.AsyncClient, name)), name
 
 

@@ -6,15 +6,26 @@ functions, so their behaviour cannot drift apart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.types import Task, TaskStatus, WorkerInfo, new_task_id, normalize_task_id
+from conveyor.types import (
+    BulkResult,
+    ClusterStatus,
+    Task,
+    TaskPage,
+    TaskState,
+    TaskStatus,
+    WorkerInfo,
+    new_task_id,
+    normalize_task_id,
+    validate_task_type,
+)
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+# A filter's states: one state, several, or None for every state the call applies to.
+StatesArg = TaskState | str | Sequence[TaskState | str] | None
 
 
 MAX_BATCH = 1000
@@ -40,9 +51,11 @@ def enqueue_batches(tasks: Sequence[Task]) -> list[pb.EnqueueTasksRequest]:
     ]
 
 
-def get_request(task_id: str, *, history: bool) -> pb.GetTaskRequest:
+def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:
     """A GetTask request for a validated id."""
-    return pb.GetTaskRequest(task_id=normalize_task_id(task_id), include_history=history)
+    return pb.GetTaskRequest(
+        task_id=normalize_task_id(task_id), include_history=history, include_payload=payload
+    )
 
 
 def cancel_request(task_id: str) -> pb.CancelTaskRequest:
@@ -70,3 +83,81 @@ def workers_from_response(response: pb.ListWorkersResponse) -> list[WorkerInfo]:
 def explain_request(task_id: str) -> pb.ExplainTaskRequest:
     """An ExplainTask request for a validated id."""
     return pb.ExplainTaskRequest(task_id=normalize_task_id(task_id))
+
+
+def _states(states: StatesArg) -> list[TaskState]:
+    if states is None:
+        return []
+    items = [states] if isinstance(states, (TaskState, str)) else list(states)
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(TaskState(item))
+        except ValueError:
+            known = ", ".join(state.value for state in TaskState)
+            raise InvalidTask(f"unknown task state {item!r} (one of {known})") from None
+    return parsed
+
+
+def task_filter(states: StatesArg, task_type: str | None) -> pb.TaskFilter:
+    """A validated TaskFilter."""
+    return pb.TaskFilter(
+        states=convert.states_to_pb(_states(states)),
+        type=validate_task_type(task_type) if task_type is not None else "",
+    )
+
+
+def list_tasks_request(
+    states: StatesArg, task_type: str | None, limit: int, page_token: str | None
+) -> pb.ListTasksRequest:
+    """A ListTasks request."""
+    if limit < 1:
+        raise InvalidTask("limit must be at least 1")
+    return pb.ListTasksRequest(
+        filter=task_filter(states, task_type), limit=limit, page_token=page_token or ""
+    )
+
+
+def page_from_response(response: pb.ListTasksResponse) -> TaskPage:
+    """The page carried by a ListTasks response."""
+    return TaskPage(
+        tasks=tuple(convert.status_from_info(info) for info in response.tasks),
+        next_page_token=response.next_page_token or None,
+    )
+
+
+def bulk_request(
+    task_ids: Sequence[str],
+    *,
+    states: StatesArg,
+    task_type: str | None,
+    dry_run: bool,
+    limit: int,
+    reason: str,
+) -> pb.BulkTaskRequest:
+    """A retry or cancel request: by ids, or by a filter when no ids are given."""
+    if isinstance(task_ids, str):
+        raise InvalidTask("task_ids must be a list of ids, not one string")
+    if limit < 0:
+        raise InvalidTask("limit must not be negative")
+    by_filter = states is not None or task_type is not None
+    if task_ids and by_filter:
+        raise InvalidTask("give either task ids or a filter (states/type), not both")
+    if not task_ids and not by_filter:
+        raise InvalidTask("give task ids, or a filter: states and/or type")
+    request = pb.BulkTaskRequest(dry_run=dry_run, limit=limit, reason=reason)
+    if task_ids:
+        request.task_ids.extend(normalize_task_id(task_id) for task_id in task_ids)
+    else:
+        request.filter.CopyFrom(task_filter(states, task_type))
+    return request
+
+
+def bulk_from_response(response: pb.BulkTaskResponse) -> BulkResult:
+    """The result carried by a RetryTasks or CancelTasks response."""
+    return convert.bulk_result_from_pb(response)
+
+
+def status_from_get_status(response: pb.GetStatusResponse) -> ClusterStatus:
+    """The cluster status carried by a GetStatus response."""
+    return convert.cluster_status_from_pb(response)

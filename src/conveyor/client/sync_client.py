@@ -15,14 +15,17 @@ from conveyor.client.channel import (
     RetryPolicy,
     parse_addresses,
 )
+from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.types import validate_task_type
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
 
     from conveyor.breaker import BreakerPolicy
-    from conveyor.types import Task, TaskStatus, WorkerInfo
+    from conveyor.client.core import StatesArg
+    from conveyor.types import BulkResult, ClusterStatus, Task, TaskPage, TaskStatus, WorkerInfo
 
 
 class Client:
@@ -87,9 +90,12 @@ class Client:
             ids.extend(self._call("EnqueueTasks", request).task_ids)
         return ids
 
-    def get_task_status(self, task_id: str, *, history: bool = False) -> TaskStatus:
-        """The task's current status (and its event history if asked)."""
-        response = self._call("GetTask", core.get_request(task_id, history=history))
+    def get_task_status(
+        self, task_id: str, *, history: bool = False, payload: bool = False
+    ) -> TaskStatus:
+        """The task's current status (with its event history and payload if asked)."""
+        request = core.get_request(task_id, history=history, payload=payload)
+        response = self._call("GetTask", request)
         return core.status_from_response(response)
 
     def cancel_task(self, task_id: str) -> TaskStatus:
@@ -106,6 +112,71 @@ class Client:
         """Why the task is where it is, in plain sentences, most important first."""
         response = self._call("ExplainTask", core.explain_request(task_id), service="AdminService")
         return list(response.reasons)
+
+    def get_status(self) -> ClusterStatus:
+        """The cluster's numbers as the answering server last sampled them (see /status)."""
+        response = self._call("GetStatus", pb.GetStatusRequest(), service="AdminService")
+        return core.status_from_get_status(response)
+
+    def list_tasks(
+        self,
+        *,
+        states: StatesArg = None,
+        type: str | None = None,  # noqa: A002 - the filter is the task's `type`
+        limit: int = 50,
+        page_token: str | None = None,
+    ) -> TaskPage:
+        """One page of tasks, newest first; pass `next_page_token` back for the next."""
+        request = core.list_tasks_request(states, type, limit, page_token)
+        return core.page_from_response(self._call("ListTasks", request, service="AdminService"))
+
+    def retry_tasks(
+        self,
+        task_ids: Sequence[str] = (),
+        *,
+        states: StatesArg = None,
+        type: str | None = None,  # noqa: A002 - the filter is the task's `type`
+        dry_run: bool = False,
+        limit: int = 0,
+        reason: str = "",
+    ) -> BulkResult:
+        """Re-queue FAILED or CANCELLED tasks as a new series of attempts.
+
+        By ids, or by a filter (states and/or type) when no ids are given; `dry_run`
+        counts what the filter matches. Recorded in each task's history with `reason`.
+        """
+        request = core.bulk_request(
+            task_ids, states=states, task_type=type, dry_run=dry_run, limit=limit, reason=reason
+        )
+        return core.bulk_from_response(self._call("RetryTasks", request, service="AdminService"))
+
+    def cancel_tasks(
+        self,
+        task_ids: Sequence[str] = (),
+        *,
+        states: StatesArg = None,
+        type: str | None = None,  # noqa: A002 - the filter is the task's `type`
+        dry_run: bool = False,
+        limit: int = 0,
+        reason: str = "",
+    ) -> BulkResult:
+        """Cancel QUEUED or RUNNING tasks, by ids or by a filter (see `retry_tasks`)."""
+        request = core.bulk_request(
+            task_ids, states=states, task_type=type, dry_run=dry_run, limit=limit, reason=reason
+        )
+        return core.bulk_from_response(self._call("CancelTasks", request, service="AdminService"))
+
+    def pause_type(self, task_type: str, *, reason: str = "") -> bool:
+        """Stop leasing `task_type` (running tasks finish); False if already paused."""
+        request = pb.PauseTypeRequest(type=validate_task_type(task_type), reason=reason)
+        response = self._call("PauseType", request, service="AdminService")
+        return bool(response.changed)
+
+    def resume_type(self, task_type: str) -> bool:
+        """Lease `task_type` again; False if it was not paused."""
+        request = pb.ResumeTypeRequest(type=validate_task_type(task_type))
+        response = self._call("ResumeType", request, service="AdminService")
+        return bool(response.changed)
 
     def close(self) -> None:
         """Close every channel."""

@@ -92,6 +92,19 @@ class ServerMetrics:
             "The term under which this server last led (0 if never).",
             registry=self.registry,
         )
+        self.type_paused = Gauge(
+            "conveyor_task_type_paused",
+            "1 for each task type an operator paused (not leased until resumed), sampled.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.operator_actions = Counter(
+            "conveyor_operator_actions_total",
+            "Operator actions applied through this server: tasks retried or cancelled in "
+            "bulk or by id, types paused or resumed.",
+            ["action"],
+            registry=self.registry,
+        )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_connections_in_use",
             "Database connections checked out of this server's pool.",

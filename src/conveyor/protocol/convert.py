@@ -7,14 +7,27 @@ servicers and stubs that must name the generated service classes.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.types import Task, TaskEvent, TaskState, TaskStatus, WorkerInfo
+from conveyor.types import (
+    BulkResult,
+    ClusterStatus,
+    PausedType,
+    Task,
+    TaskEvent,
+    TaskState,
+    TaskStatus,
+    TypeStatus,
+    WorkerInfo,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 STATE_TO_PB: Final = {
     TaskState.QUEUED: pb.TASK_STATE_QUEUED,
@@ -86,6 +99,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
         available_at=(from_timestamp(info.available_at) if info.HasField("available_at") else None),
         progress=info.progress or None,
         progress_at=from_timestamp(info.progress_at) if info.HasField("progress_at") else None,
+        payload=info.payload if info.has_payload else None,
         history=tuple(
             TaskEvent(
                 at=from_timestamp(event.at),
@@ -119,6 +133,8 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
         available_at=timestamp(status.available_at),
         progress=status.progress or "",
         progress_at=timestamp(status.progress_at),
+        payload=status.payload or b"",
+        has_payload=status.payload is not None,
         history=[
             pb.TaskEvent(
                 at=timestamp(event.at),
@@ -147,4 +163,115 @@ def worker_from_pb(info: pb.WorkerInfo) -> WorkerInfo:
         last_heartbeat_at=from_timestamp(info.last_heartbeat_at),
         in_flight=info.in_flight,
         loop_lag_ms=info.loop_lag_ms,
+    )
+
+
+def states_to_pb(states: Sequence[TaskState]) -> list[pb.TaskState.ValueType]:
+    """Wire values of task states."""
+    return [STATE_TO_PB[state] for state in states]
+
+
+def states_from_pb(values: Sequence[int]) -> list[TaskState]:
+    """Task states from wire values; InvalidTask names an unknown one."""
+    states = []
+    for value in values:
+        state = STATE_FROM_PB.get(value)  # type: ignore[call-overload]
+        if state is None:
+            raise InvalidTask(f"unknown task state {value}", field="states")
+        states.append(state)
+    return states
+
+
+def paused_type_to_pb(paused: PausedType) -> pb.PausedType:
+    """The wire form of a paused type."""
+    return pb.PausedType(
+        type=paused.type, paused_at=timestamp(paused.paused_at), reason=paused.reason or ""
+    )
+
+
+def paused_type_from_pb(message: pb.PausedType) -> PausedType:
+    """A PausedType from the wire form."""
+    return PausedType(
+        type=message.type,
+        paused_at=from_timestamp(message.paused_at),
+        reason=message.reason or None,
+    )
+
+
+def bulk_result_to_pb(result: BulkResult) -> pb.BulkTaskResponse:
+    """The wire form of a bulk action's result."""
+    return pb.BulkTaskResponse(
+        matched=result.matched,
+        changed=result.changed,
+        changed_ids=list(result.changed_ids),
+        skipped=[
+            pb.SkippedTask(task_id=task_id, state=STATE_TO_PB[state])
+            for task_id, state in result.skipped
+        ],
+    )
+
+
+def bulk_result_from_pb(message: pb.BulkTaskResponse) -> BulkResult:
+    """A BulkResult from the wire form."""
+    return BulkResult(
+        matched=message.matched,
+        changed=message.changed,
+        changed_ids=tuple(message.changed_ids),
+        skipped=tuple((item.task_id, STATE_FROM_PB[item.state]) for item in message.skipped),
+    )
+
+
+def cluster_status_to_pb(status: ClusterStatus) -> pb.GetStatusResponse:
+    """The wire form of the cluster status."""
+    return pb.GetStatusResponse(
+        version=status.version,
+        server_id=status.server_id,
+        is_leader=status.is_leader,
+        leader_id=status.leader_id or "",
+        leader_term=status.leader_term,
+        sampled_at=timestamp(status.sampled_at),
+        types=[
+            pb.TypeStatus(
+                type=item.type,
+                queued=item.queued,
+                running=item.running,
+                oldest_queued_seconds=item.oldest_queued_seconds,
+                paused=item.paused,
+            )
+            for item in status.types
+        ],
+        workers=status.workers,
+        succeeded_last_minute=status.succeeded_last_minute,
+        failed_last_minute=status.failed_last_minute,
+        retried_last_minute=status.retried_last_minute,
+        started_last_minute=status.started_last_minute,
+        paused_types=[paused_type_to_pb(paused) for paused in status.paused_types],
+    )
+
+
+def cluster_status_from_pb(message: pb.GetStatusResponse) -> ClusterStatus:
+    """A ClusterStatus from the wire form."""
+    return ClusterStatus(
+        version=message.version,
+        server_id=message.server_id,
+        is_leader=message.is_leader,
+        leader_id=message.leader_id or None,
+        leader_term=message.leader_term,
+        sampled_at=from_timestamp(message.sampled_at) if message.HasField("sampled_at") else None,
+        types=tuple(
+            TypeStatus(
+                type=item.type,
+                queued=item.queued,
+                running=item.running,
+                oldest_queued_seconds=item.oldest_queued_seconds,
+                paused=item.paused,
+            )
+            for item in message.types
+        ),
+        workers=dict(message.workers),
+        succeeded_last_minute=message.succeeded_last_minute,
+        failed_last_minute=message.failed_last_minute,
+        retried_last_minute=message.retried_last_minute,
+        started_last_minute=message.started_last_minute,
+        paused_types=tuple(paused_type_from_pb(item) for item in message.paused_types),
     )

@@ -1,31 +1,46 @@
-"""AdminService: what operators ask of the cluster (workers, leadership) over gRPC."""
+"""AdminService: what operators ask of and do to the cluster over gRPC.
+
+Reads (workers, leadership, status, task listings, explanations) and actions (retry,
+cancel, pause, resume). The rules live in `TaskControl`, shared with the dashboard; this
+module only translates between protobuf and it.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import TaskNotFound
+from conveyor.errors import InvalidTask, TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.control import TaskControl, TaskFilter
 from conveyor.server.explanation import explain
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from datetime import timedelta
 
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
+    from conveyor.types import ClusterStatus
 
 DEFAULT_WORKER_LIMIT: Final = 500
 MAX_WORKER_LIMIT: Final = 10_000
+DEFAULT_TASK_PAGE: Final = 50
+
+
+def _filter(message: pb.TaskFilter) -> TaskFilter:
+    return TaskFilter(
+        states=tuple(convert.states_from_pb(message.states)), task_type=message.type or None
+    )
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    """Read-only operator queries for now; control actions come with the dashboard."""
+    """Operator queries and actions."""
 
     def __init__(
         self,
@@ -33,12 +48,17 @@ class AdminService(pb_grpc.AdminServiceServicer):
         elector: LeaderElector,
         metrics: ServerMetrics,
         worker_lost_after: timedelta,
+        *,
+        control: TaskControl,
+        cluster_status: Callable[[], Awaitable[ClusterStatus]],
     ) -> None:
         """Wire the service to its collaborators."""
         self.worker_lost_after = worker_lost_after
         self.database = database
         self.elector = elector
         self.metrics = metrics
+        self.control = control
+        self.cluster_status = cluster_status
 
     @rpc_method("ListWorkers")
     async def ListWorkers(  # noqa: N802 - gRPC method name
@@ -101,3 +121,69 @@ class AdminService(pb_grpc.AdminServiceServicer):
         return pb.ExplainTaskResponse(
             state=convert.STATE_TO_PB[TaskState(row["state"])], reasons=explain(row)
         )
+
+    @rpc_method("GetStatus")
+    async def GetStatus(  # noqa: N802 - gRPC method name
+        self, request: pb.GetStatusRequest, context: Any
+    ) -> pb.GetStatusResponse:
+        """The numbers behind /status."""
+        return convert.cluster_status_to_pb(await self.cluster_status())
+
+    @rpc_method("ListTasks")
+    async def ListTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.ListTasksRequest, context: Any
+    ) -> pb.ListTasksResponse:
+        """One page of tasks, newest first."""
+        page = await self.control.list_tasks(
+            _filter(request.filter),
+            limit=request.limit or DEFAULT_TASK_PAGE,
+            page_token=request.page_token,
+        )
+        return pb.ListTasksResponse(
+            tasks=[convert.status_to_info(status) for status in page.tasks],
+            next_page_token=page.next_page_token or "",
+        )
+
+    @rpc_method("RetryTasks")
+    async def RetryTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.BulkTaskRequest, context: Any
+    ) -> pb.BulkTaskResponse:
+        """Re-queue failed or cancelled tasks."""
+        result = await self.control.retry_tasks(**_bulk_arguments(request))
+        return convert.bulk_result_to_pb(result)
+
+    @rpc_method("CancelTasks")
+    async def CancelTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.BulkTaskRequest, context: Any
+    ) -> pb.BulkTaskResponse:
+        """Cancel queued or running tasks."""
+        result = await self.control.cancel_tasks(**_bulk_arguments(request))
+        return convert.bulk_result_to_pb(result)
+
+    @rpc_method("PauseType")
+    async def PauseType(  # noqa: N802 - gRPC method name
+        self, request: pb.PauseTypeRequest, context: Any
+    ) -> pb.PauseTypeResponse:
+        """Stop leasing a type."""
+        changed = await self.control.pause_type(request.type, request.reason)
+        return pb.PauseTypeResponse(changed=changed)
+
+    @rpc_method("ResumeType")
+    async def ResumeType(  # noqa: N802 - gRPC method name
+        self, request: pb.ResumeTypeRequest, context: Any
+    ) -> pb.ResumeTypeResponse:
+        """Lease a paused type again."""
+        return pb.ResumeTypeResponse(changed=await self.control.resume_type(request.type))
+
+
+def _bulk_arguments(request: pb.BulkTaskRequest) -> dict[str, Any]:
+    has_filter = request.HasField("filter")
+    if request.task_ids and has_filter:
+        raise InvalidTask("give either task ids or a filter, not both")
+    return {
+        "task_ids": list(request.task_ids),
+        "task_filter": _filter(request.filter) if has_filter else None,
+        "dry_run": request.dry_run,
+        "limit": request.limit,
+        "reason": request.reason,
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,6 +29,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.admin_service import AdminService
 from conveyor.server.config import ServerConfig, split_host_port
+from conveyor.server.control import TaskControl
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
@@ -37,6 +39,7 @@ from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
 from conveyor.storage import migrate, queries
+from conveyor.types import ClusterStatus, TypeStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -75,10 +78,18 @@ class ConveyorServer:
         )
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
-        self.admin_service = AdminService(
-            self.database, self.elector, self.metrics, config.worker_lost_after
+        self.control = TaskControl(
+            self.database, self.notifier, self.metrics, config.worker_lost_after
         )
         self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
+        self.admin_service = AdminService(
+            self.database,
+            self.elector,
+            self.metrics,
+            config.worker_lost_after,
+            control=self.control,
+            cluster_status=self.cluster_status,
+        )
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
             WorkerSweeper(config, self.database, self.elector),
@@ -228,6 +239,45 @@ class ConveyorServer:
         except ConveyorError as exc:
             document["database"] = exc.message
         return document
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The status numbers as typed values, for AdminService.GetStatus and the dashboard.
+
+        From the last stats sample, except leadership and paused types, which are read now
+        (an operator who just paused a type expects to see it paused).
+        """
+        snapshot = self.stats.snapshot
+        leader = await self.elector.current_leader()
+        paused = await self.control.paused_types()
+        paused_names = {item.type for item in paused}
+        names = sorted(set(snapshot.queued) | set(snapshot.running) | paused_names)
+        last_minute = snapshot.last_minute
+        return ClusterStatus(
+            version=__version__,
+            server_id=self.config.server_id,
+            is_leader=self.elector.is_leader,
+            leader_id=leader.holder if leader is not None and leader.active else None,
+            leader_term=leader.term if leader is not None else 0,
+            sampled_at=datetime.fromtimestamp(snapshot.taken_at, UTC)
+            if snapshot.taken_at
+            else None,
+            types=tuple(
+                TypeStatus(
+                    type=name,
+                    queued=snapshot.queued.get(name, 0),
+                    running=snapshot.running.get(name, 0),
+                    oldest_queued_seconds=snapshot.oldest_queued_seconds.get(name, 0.0),
+                    paused=name in paused_names,
+                )
+                for name in names
+            ),
+            workers=dict(snapshot.workers),
+            succeeded_last_minute=last_minute.get("succeeded", 0),
+            failed_last_minute=last_minute.get("failed", 0),
+            retried_last_minute=last_minute.get("retried", 0),
+            started_last_minute=last_minute.get("started", 0),
+            paused_types=tuple(paused),
+        )
 
     def metrics_text(self) -> bytes:
         """Prometheus text for /metrics."""

@@ -17,9 +17,19 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
+def _paused(row: Any, consequence: str) -> str:
+    why = f" ({row['paused_reason']})" if row["paused_reason"] else ""
+    return (
+        f"its type {row['type']!r} is paused{why} since {row['paused_at'].isoformat()}: "
+        f"{consequence} until `conveyor resume {row['type']}`"
+    )
+
+
 def _queued(row: Any) -> list[str]:
     reasons = []
     task_type = row["type"]
+    if row["paused_at"] is not None:
+        reasons.append(_paused(row, "no worker leases it"))
     if row["backing_off"]:
         reasons.append(
             f"waiting for its retry backoff: it becomes available in "
@@ -73,6 +83,8 @@ def _running(row: Any) -> list[str]:
         reasons.append(f"its lease runs for {_ago(lease_left)} more unless renewed")
     if row["progress"] is not None:
         reasons.append(f"last progress report: {row['progress']}")
+    if row["paused_at"] is not None:
+        reasons.append(_paused(row, "this attempt may finish, but no new one starts"))
     return reasons
 
 

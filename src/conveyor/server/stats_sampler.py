@@ -1,8 +1,10 @@
 """StatsSampler: reads the database-derived numbers on a schedule, never per scrape.
 
 Every `stats_interval` it samples live tasks by state and type, the age of the oldest
-available queued task per type, workers by state, and cluster-wide outcome counts over the
-last minute, then sets the gauges and keeps the snapshot that `/status` serves. A scrape or
+available queued task per type, workers by state, paused types, cluster-wide outcome counts
+over the last minute, and outcome counts per minute over the last hour (for the dashboard's
+charts: only the current minute is re-read each time, each past minute once more after it
+ends), then sets the gauges and keeps the snapshot that `/status` serves. A scrape or
 a status request therefore costs no query, however often it comes. Runs on every server
 (each exports its own /metrics); the queries read only live rows and the recent history.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.server.service import PeriodicService
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from conveyor.server.database import Database
 
 RATE_WINDOW: Final = timedelta(minutes=1)
+CHART_WINDOW: Final = timedelta(hours=1)
+OUTCOMES: Final = ("succeeded", "failed", "retried", "started")
 
 
 @dataclass
@@ -34,6 +38,13 @@ class StatsSnapshot:
     oldest_queued_seconds: dict[str, float] = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
     last_minute: dict[str, int] = field(default_factory=dict)
+    paused: dict[str, str | None] = field(default_factory=dict)
+    # Minute start -> outcome -> count, oldest first, over CHART_WINDOW.
+    minutes: dict[datetime, dict[str, int]] = field(default_factory=dict)
+
+    def types(self) -> list[str]:
+        """Every type with live tasks or paused, by name."""
+        return sorted(set(self.queued) | set(self.running) | set(self.paused))
 
     def as_status(self) -> dict[str, Any]:
         """The `/status` fields built from this sample."""
@@ -50,10 +61,12 @@ class StatsSnapshot:
                         "oldest_queued_seconds": round(
                             self.oldest_queued_seconds.get(task_type, 0.0), 3
                         ),
+                        "paused": task_type in self.paused,
                     }
-                    for task_type in sorted(set(self.queued) | set(self.running))
+                    for task_type in self.types()
                 },
             },
+            "paused_types": sorted(self.paused),
             "oldest_queued_seconds": round(max(self.oldest_queued_seconds.values(), default=0), 3),
             "workers": self.workers,
             "last_minute": {
@@ -78,6 +91,9 @@ class StatsSampler(PeriodicService):
         self._metrics = metrics
         self.snapshot = StatsSnapshot()
         self._known_types: set[str] = set()
+        self._minutes: dict[datetime, dict[str, int]] = {}
+        # Every minute before this one has been read after it ended: it is final.
+        self._settled: datetime | None = None
 
     async def tick(self) -> None:
         """Take one sample."""
@@ -85,6 +101,8 @@ class StatsSampler(PeriodicService):
             live = await queries.task_live_stats(conn)
             workers = await queries.worker_count_by_state(conn)
             rates = await queries.task_event_rates(conn, window=RATE_WINDOW)
+            paused = await queries.paused_type_list(conn)
+            minutes = await self._sample_minutes(conn)
         snapshot = StatsSnapshot(
             taken_at=time.time(),
             queued={row["type"]: row["queued"] for row in live},
@@ -92,14 +110,33 @@ class StatsSampler(PeriodicService):
             oldest_queued_seconds={row["type"]: row["oldest_queued_seconds"] for row in live},
             workers=workers,
             last_minute=dict(rates),
+            paused={row["type"]: row["reason"] for row in paused},
+            minutes=minutes,
         )
         self._publish(snapshot)
         self.snapshot = snapshot
+
+    async def _sample_minutes(self, conn: Any) -> dict[datetime, dict[str, int]]:
+        """Outcomes per minute over CHART_WINDOW, re-reading only minutes not yet final."""
+        current = datetime.now(UTC).replace(second=0, microsecond=0)
+        since = self._settled if self._settled is not None else current - CHART_WINDOW
+        rows = await queries.task_event_minutes(conn, since=since)
+        horizon = current - CHART_WINDOW
+        self._minutes = {
+            minute: counts for minute, counts in self._minutes.items() if horizon <= minute < since
+        }
+        for row in rows:
+            self._minutes[row["minute"]] = {outcome: row[outcome] for outcome in OUTCOMES}
+        self._settled = current
+        return dict(sorted(self._minutes.items()))
 
     def _publish(self, snapshot: StatsSnapshot) -> None:
         metrics = self._metrics
         # A type whose queue drained must read 0, not keep its last value.
         self._known_types |= set(snapshot.queued) | set(snapshot.running)
+        for task_type in self._known_types | set(snapshot.paused):
+            metrics.type_paused.labels(task_type).set(1 if task_type in snapshot.paused else 0)
+        self._known_types |= set(snapshot.paused)
         for task_type in self._known_types:
             metrics.tasks_by_state.labels("queued", task_type).set(
                 snapshot.queued.get(task_type, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
@@ -144,7 +145,13 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 if request.include_history
                 else None
             )
-        return pb.GetTaskResponse(task=convert.status_to_info(status_from_row(row, events)))
+            payload = (
+                await queries.task_payload_get(conn, task_id=task_id)
+                if request.include_payload
+                else None
+            )
+        status = replace(status_from_row(row, events), payload=payload)
+        return pb.GetTaskResponse(task=convert.status_to_info(status))
 
     @rpc_method("CancelTask")
     async def CancelTask(  # noqa: N802 - gRPC method name

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from datetime import timedelta
+    from datetime import datetime, timedelta
 
     import asyncpg
 
@@ -42,6 +42,8 @@ class NewTask:
     payload: bytes
     timeout: timedelta
     max_retries: int
+    # W3C trace context of the producer as a JSON object text, or None.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,10 @@ def _uuids(values: Sequence[str]) -> list[uuid.UUID]:
     return [uuid.UUID(v) for v in values]
 
 
+# The keyset of a first page: every seq is below it.
+FIRST_PAGE: Final = 2**63 - 1
+
+
 async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[asyncpg.Record]:
     """Insert tasks in one statement; idempotent per id. Returns (id, created) in order."""
     return list(
@@ -70,6 +76,7 @@ async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[asyncpg.
             [t.payload for t in tasks],
             [_seconds(t.timeout) for t in tasks],
             [t.max_retries for t in tasks],
+            [t.trace_context for t in tasks],
         )
     )
 
@@ -308,3 +315,81 @@ async def worker_count_by_state(conn: Any) -> dict[str, int]:
     """Number of workers in each state."""
     rows = await conn.fetch(SQL["worker_count_by_state"])
     return {row["state"]: row["workers"] for row in rows}
+
+
+async def task_list_by_state(
+    conn: Any, *, states: Sequence[str], before_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    """Tasks in `states` with seq below `before_seq`, newest first."""
+    return list(await conn.fetch(SQL["task_list_by_state"], list(states), before_seq, limit))
+
+
+async def task_list_by_type_and_state(
+    conn: Any, *, states: Sequence[str], task_type: str, before_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    """Tasks of `task_type` in `states` with seq below `before_seq`, newest first."""
+    return list(
+        await conn.fetch(
+            SQL["task_list_by_type_and_state"], list(states), before_seq, limit, task_type
+        )
+    )
+
+
+async def task_count_by_state(conn: Any, *, states: Sequence[str]) -> int:
+    """How many tasks are in `states`."""
+    count: int = await conn.fetchval(SQL["task_count_by_state"], list(states))
+    return count
+
+
+async def task_count_by_type_and_state(conn: Any, *, states: Sequence[str], task_type: str) -> int:
+    """How many tasks of `task_type` are in `states`."""
+    count: int = await conn.fetchval(SQL["task_count_by_type_and_state"], list(states), task_type)
+    return count
+
+
+async def task_states_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, str]:
+    """The state of each of `task_ids` that exists, by id."""
+    rows = await conn.fetch(SQL["task_states_get"], _uuids(task_ids))
+    return {str(row["id"]): row["state"] for row in rows}
+
+
+async def task_retry_many(
+    conn: Any, *, task_ids: Sequence[str], detail: str
+) -> list[asyncpg.Record]:
+    """Re-queue the failed or cancelled tasks among `task_ids`; returns (id, type) of each."""
+    return list(await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail))
+
+
+async def task_cancel_many(
+    conn: Any, *, task_ids: Sequence[str], detail: str
+) -> list[asyncpg.Record]:
+    """Cancel the queued or running tasks among `task_ids`; returns (id, type) of each."""
+    return list(await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail))
+
+
+async def task_payload_get(conn: Any, *, task_id: str) -> bytes | None:
+    """A task's payload (None: no such task)."""
+    payload: bytes | None = await conn.fetchval(SQL["task_payload_get"], uuid.UUID(task_id))
+    return payload
+
+
+async def paused_type_set(conn: Any, *, task_type: str, reason: str | None) -> bool:
+    """Pause a type; False if it already was."""
+    paused_at = await conn.fetchval(SQL["paused_type_set"], task_type, reason)
+    return paused_at is not None
+
+
+async def paused_type_clear(conn: Any, *, task_type: str) -> bool:
+    """Resume a type (and wake long polls); False if it was not paused."""
+    rows = await conn.fetch(SQL["paused_type_clear"], task_type)
+    return bool(rows)
+
+
+async def paused_type_list(conn: Any) -> list[asyncpg.Record]:
+    """Paused types with when and why, by name."""
+    return list(await conn.fetch(SQL["paused_type_list"]))
+
+
+async def task_event_minutes(conn: Any, *, since: datetime) -> list[asyncpg.Record]:
+    """Outcome counts per minute since `since`, oldest first."""
+    return list(await conn.fetch(SQL["task_event_minutes"], since))

@@ -3,18 +3,20 @@
 -- the same statement, so they commit or roll back together.
 
 -- name: task_insert_many
--- $1 ids, $2 types, $3 payloads, $4 timeouts (seconds), $5 max_retries; one element per task.
+-- $1 ids, $2 types, $3 payloads, $4 timeouts (seconds), $5 max_retries, $6 trace contexts
+-- (JSON text or NULL); one element per task.
 -- Returns each input id with whether this statement created it (false: the id existed, or
 -- repeats an earlier id of the same batch).
 WITH raw AS (
     SELECT *
-    FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[])
-        WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, ord)
+    FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[], $6::text[])
+        WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, trace_context, ord)
 ), input AS (
     SELECT *, row_number() OVER (PARTITION BY id ORDER BY ord) = 1 AS first_of_id FROM raw
 ), inserted AS (
-    INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries)
-    SELECT id, type, payload, make_interval(secs => timeout_s), max_retries
+    INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, trace_context)
+    SELECT id, type, payload, make_interval(secs => timeout_s), max_retries,
+           trace_context::jsonb
     FROM input
     ORDER BY ord
     ON CONFLICT (id) DO NOTHING
@@ -34,6 +36,7 @@ ORDER BY input.ord;
 -- name: task_claim
 -- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s).
 -- Oldest first within each type (the claim index, one probe per type), then oldest overall.
+-- Paused types are skipped (a primary-key probe each).
 WITH candidates AS (
     SELECT c.id, c.seq
     FROM unnest($1::text[]) AS wanted (type)
@@ -45,6 +48,7 @@ WITH candidates AS (
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ) AS c
+    WHERE NOT EXISTS (SELECT 1 FROM conveyor_paused_types AS p WHERE p.type = wanted.type)
     ORDER BY c.seq
     LIMIT $2
 ), claimed AS (
@@ -61,7 +65,7 @@ WITH candidates AS (
     FROM candidates
     WHERE t.id = candidates.id
     RETURNING t.id, t.seq, t.type, t.payload, t.attempt, t.max_retries, t.timeout,
-              t.lease_id, t.lease_expires_at, t.deadline_at,
+              t.lease_id, t.lease_expires_at, t.deadline_at, t.trace_context::text AS trace_context,
               -- queue wait: from becoming available (enqueue, or end of backoff) to start
               extract(epoch FROM now() - t.available_at)::float8 AS waited
 ), history AS (
@@ -69,7 +73,7 @@ WITH candidates AS (
     SELECT id, 'started', 'running', attempt, $3 FROM claimed
 )
 SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at,
-       waited
+       waited, trace_context
 FROM claimed
 ORDER BY seq;
 
@@ -390,6 +394,132 @@ SELECT t.id, t.type, t.state, t.attempt, t.max_retries, t.worker_id, t.last_erro
        (SELECT e.event FROM conveyor_task_events AS e
         WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_event,
        (SELECT e.detail FROM conveyor_task_events AS e
-        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_detail
+        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_detail,
+       p.paused_at, p.reason AS paused_reason
 FROM conveyor_tasks AS t
+LEFT JOIN conveyor_paused_types AS p ON p.type = t.type
 WHERE t.id = $1;
+
+-- name: task_list_by_state
+-- $1 states, $2 keyset: only tasks with seq below it, $3 limit. Newest first.
+-- One range scan of (state, seq) per state, merged.
+SELECT t.id, t.seq, t.type, t.state, t.attempt, t.max_retries, t.timeout, t.created_at,
+       t.available_at, t.started_at, t.finished_at, t.last_error, t.worker_id,
+       NULL::bytea AS result, t.progress, t.progress_at
+FROM unnest($1::conveyor_task_state[]) AS wanted (state)
+CROSS JOIN LATERAL (
+    SELECT * FROM conveyor_tasks AS c
+    WHERE c.state = wanted.state AND c.seq < $2
+    ORDER BY c.seq DESC
+    LIMIT $3
+) AS t
+ORDER BY t.seq DESC
+LIMIT $3;
+
+-- name: task_list_by_type_and_state
+-- $1 states, $2 keyset: only tasks with seq below it, $3 limit, $4 type. Newest first.
+-- One range scan of (type, state, seq) per state, merged.
+SELECT t.id, t.seq, t.type, t.state, t.attempt, t.max_retries, t.timeout, t.created_at,
+       t.available_at, t.started_at, t.finished_at, t.last_error, t.worker_id,
+       NULL::bytea AS result, t.progress, t.progress_at
+FROM unnest($1::conveyor_task_state[]) AS wanted (state)
+CROSS JOIN LATERAL (
+    SELECT * FROM conveyor_tasks AS c
+    WHERE c.type = $4 AND c.state = wanted.state AND c.seq < $2
+    ORDER BY c.seq DESC
+    LIMIT $3
+) AS t
+ORDER BY t.seq DESC
+LIMIT $3;
+
+-- name: task_count_by_state
+-- $1 states. For a bulk action's confirmation; an index-only scan of (state, seq).
+SELECT count(*) FROM conveyor_tasks WHERE state = ANY ($1::conveyor_task_state[]);
+
+-- name: task_count_by_type_and_state
+-- $1 states, $2 type. An index-only scan of (type, state, seq).
+SELECT count(*) FROM conveyor_tasks WHERE type = $2 AND state = ANY ($1::conveyor_task_state[]);
+
+-- name: task_states_get
+-- $1 task ids. The current state of each that exists.
+SELECT id, state FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
+
+-- name: task_retry_many
+-- $1 task ids, $2 detail. FAILED or CANCELLED -> QUEUED as a new series of attempts: the
+-- attempt count starts again, and the task joins the back of its queue (a new seq), so a
+-- bulk retry of old failures does not jump ahead of work enqueued meanwhile. Tasks in other
+-- states are left alone (the caller reports them). Recorded as `retried` in the history.
+WITH target AS (
+    SELECT id FROM conveyor_tasks
+    WHERE id = ANY ($1::uuid[]) AND state IN ('failed', 'cancelled')
+    ORDER BY seq
+    FOR UPDATE
+), done AS (
+    UPDATE conveyor_tasks AS t
+    SET state = 'queued', attempt = 0, seq = DEFAULT, available_at = now(),
+        started_at = NULL, finished_at = NULL, worker_id = NULL, result = NULL,
+        progress = NULL, progress_at = NULL
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id, t.type
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail)
+    SELECT id, 'retried', 'queued', 0, $2 FROM done
+), wake AS (
+    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
+)
+SELECT id, type, (SELECT count(*) FROM wake) AS woken FROM done;
+
+-- name: task_cancel_many
+-- $1 task ids, $2 detail. QUEUED or RUNNING -> CANCELLED; a running attempt's lease is
+-- revoked at once (its worker learns it at its next heartbeat). Others are left alone.
+WITH target AS (
+    SELECT id FROM conveyor_tasks
+    WHERE id = ANY ($1::uuid[]) AND state IN ('queued', 'running')
+    ORDER BY seq
+    FOR UPDATE
+), done AS (
+    UPDATE conveyor_tasks AS t
+    SET state = 'cancelled', finished_at = now(),
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id, t.type, t.attempt, t.worker_id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
+    SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2 FROM done
+)
+SELECT id, type FROM done;
+
+-- name: task_payload_get
+SELECT payload FROM conveyor_tasks WHERE id = $1;
+
+-- name: paused_type_set
+-- $1 type, $2 reason. Returns whether this call paused it (false: it already was).
+INSERT INTO conveyor_paused_types (type, reason) VALUES ($1, $2)
+ON CONFLICT (type) DO NOTHING
+RETURNING paused_at;
+
+-- name: paused_type_clear
+-- $1 type. Wakes every long poll: the type's queued tasks are claimable again.
+WITH resumed AS (
+    DELETE FROM conveyor_paused_types WHERE type = $1 RETURNING type
+)
+SELECT pg_notify('conveyor_task_ready', '') FROM resumed;
+
+-- name: paused_type_list
+SELECT type, paused_at, reason FROM conveyor_paused_types ORDER BY type;
+
+-- name: task_event_minutes
+-- Outcomes per minute since $1, for the dashboard's throughput and failure charts (index
+-- on `at`). Same definitions as task_event_rates.
+SELECT date_trunc('minute', at) AS minute,
+       count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
+           AS retried,
+       count(*) FILTER (WHERE event = 'started') AS started
+FROM conveyor_task_events
+WHERE at >= $1
+GROUP BY 1
+ORDER BY 1;

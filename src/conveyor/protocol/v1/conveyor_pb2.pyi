@@ -104,11 +104,32 @@ Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 class TaskSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-generated UUID (v7 by default). Enqueueing the same id twice
     returns the existing task: this is what makes a retried enqueue safe.
@@ -120,6 +141,12 @@ class TaskSpec(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """Per attempt."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the producer (traceparent, tracestate), handed to the
+        handler so its spans join the producer's trace. At most 8 entries of 512 bytes.
+        """
+
     def __init__(
         self,
         *,
@@ -128,10 +155,11 @@ class TaskSpec(_message.Message):
         payload: _builtins.bytes = ...,
         timeout: _duration_pb2.Duration | None = ...,
         max_retries: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "max_retries", b"max_retries", "payload", b"payload", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "max_retries", b"max_retries", "payload", b"payload", "timeout", b"timeout", "trace_context", b"trace_context", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +224,8 @@ class TaskInfo(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     PROGRESS_AT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    HAS_PAYLOAD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     state: Global___TaskState.ValueType
@@ -207,6 +237,9 @@ class TaskInfo(_message.Message):
     has_result: _builtins.bool
     progress: _builtins.str
     """The latest ctx.heartbeat(details) of a handler, and when it came."""
+    payload: _builtins.bytes
+    """Only when asked (GetTaskRequest.include_payload)."""
+    has_payload: _builtins.bool
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -241,10 +274,12 @@ class TaskInfo(_message.Message):
         history: _abc.Iterable[Global___TaskEvent] | None = ...,
         progress: _builtins.str = ...,
         progress_at: _timestamp_pb2.Timestamp | None = ...,
+        payload: _builtins.bytes = ...,
+        has_payload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "progress_at", b"progress_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,17 +339,20 @@ class GetTaskRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_HISTORY_FIELD_NUMBER: _builtins.int
+    INCLUDE_PAYLOAD_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     include_history: _builtins.bool
+    include_payload: _builtins.bool
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         include_history: _builtins.bool = ...,
+        include_payload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_history", b"include_history", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_history", b"include_history", "include_payload", b"include_payload", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,6 +512,26 @@ Global___LeaseTasksRequest: _TypeAlias = LeaseTasksRequest  # noqa: Y015
 class Lease(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
@@ -483,6 +541,7 @@ class Lease(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     lease_id: _builtins.str
     type: _builtins.str
@@ -497,6 +556,10 @@ class Lease(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Deadline of this attempt by the database clock."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The producer's trace context (TaskSpec.trace_context)."""
+
     def __init__(
         self,
         *,
@@ -509,10 +572,11 @@ class Lease(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "max_retries", b"max_retries", "payload", b"payload", "task_id", b"task_id", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "max_retries", b"max_retries", "payload", b"payload", "task_id", b"task_id", "timeout", b"timeout", "trace_context", b"trace_context", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -705,6 +769,419 @@ class ReportResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportResultResponse: _TypeAlias = ReportResultResponse  # noqa: Y015
+
+@_typing.final
+class TaskFilter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Empty: every type."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskState.ValueType]:
+        """Empty: every state the call applies to."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[Global___TaskState.ValueType] | None = ...,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["states", b"states", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskFilter: _TypeAlias = TaskFilter  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Default 50, at most 1000."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page."""
+    @_builtins.property
+    def filter(self) -> Global___TaskFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___TaskFilter | None = ...,
+        limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this is the last page."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
+        """Newest first, without history, result or payload."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___TaskInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class BulkTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Count what a filter matches; change nothing."""
+    limit: _builtins.int
+    """Stop after this many tasks (filter only; 0: no limit)."""
+    reason: _builtins.str
+    """Recorded in each task's history."""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Either task ids (at most 1000) or a filter, not both."""
+
+    @_builtins.property
+    def filter(self) -> Global___TaskFilter: ...
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        filter: Global___TaskFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "reason", b"reason", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkTaskRequest: _TypeAlias = BulkTaskRequest  # noqa: Y015
+
+@_typing.final
+class SkippedTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    state: Global___TaskState.ValueType
+    """The task's state, which the action does not apply to."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedTask: _TypeAlias = SkippedTask  # noqa: Y015
+
+@_typing.final
+class BulkTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    CHANGED_IDS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    """Tasks the filter matched (dry run), or tasks changed."""
+    changed: _builtins.int
+    @_builtins.property
+    def changed_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """By id only: the ids changed, and those left alone because of their state."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedTask]: ...
+    def __init__(
+        self,
+        *,
+        matched: _builtins.int = ...,
+        changed: _builtins.int = ...,
+        changed_ids: _abc.Iterable[_builtins.str] | None = ...,
+        skipped: _abc.Iterable[Global___SkippedTask] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "changed_ids", b"changed_ids", "matched", b"matched", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkTaskResponse: _TypeAlias = BulkTaskResponse  # noqa: Y015
+
+@_typing.final
+class PausedType(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["paused_at", b"paused_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused_at", b"paused_at", "reason", b"reason", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PausedType: _TypeAlias = PausedType  # noqa: Y015
+
+@_typing.final
+class PauseTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseTypeRequest: _TypeAlias = PauseTypeRequest  # noqa: Y015
+
+@_typing.final
+class PauseTypeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when the type was already paused."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseTypeResponse: _TypeAlias = PauseTypeResponse  # noqa: Y015
+
+@_typing.final
+class ResumeTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeTypeRequest: _TypeAlias = ResumeTypeRequest  # noqa: Y015
+
+@_typing.final
+class ResumeTypeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when the type was not paused."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeTypeResponse: _TypeAlias = ResumeTypeResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class TypeStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_SECONDS_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    queued: _builtins.int
+    running: _builtins.int
+    oldest_queued_seconds: _builtins.float
+    """How long the oldest available queued task has waited."""
+    paused: _builtins.bool
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+        oldest_queued_seconds: _builtins.float = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_seconds", b"oldest_queued_seconds", "paused", b"paused", "queued", b"queued", "running", b"running", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TypeStatus: _TypeAlias = TypeStatus  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WorkersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_ID_FIELD_NUMBER: _builtins.int
+    LEADER_TERM_FIELD_NUMBER: _builtins.int
+    SAMPLED_AT_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    FAILED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    RETRIED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    STARTED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    PAUSED_TYPES_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    server_id: _builtins.str
+    """The server that answered."""
+    is_leader: _builtins.bool
+    leader_id: _builtins.str
+    leader_term: _builtins.int
+    succeeded_last_minute: _builtins.int
+    """Cluster-wide outcomes over the last minute."""
+    failed_last_minute: _builtins.int
+    retried_last_minute: _builtins.int
+    started_last_minute: _builtins.int
+    @_builtins.property
+    def sampled_at(self) -> _timestamp_pb2.Timestamp:
+        """When the numbers below were sampled (every server samples on an interval)."""
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]: ...
+    @_builtins.property
+    def workers(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Workers by state: active, draining, lost, stopped."""
+
+    @_builtins.property
+    def paused_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedType]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        server_id: _builtins.str = ...,
+        is_leader: _builtins.bool = ...,
+        leader_id: _builtins.str = ...,
+        leader_term: _builtins.int = ...,
+        sampled_at: _timestamp_pb2.Timestamp | None = ...,
+        types: _abc.Iterable[Global___TypeStatus] | None = ...,
+        workers: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        succeeded_last_minute: _builtins.int = ...,
+        failed_last_minute: _builtins.int = ...,
+        retried_last_minute: _builtins.int = ...,
+        started_last_minute: _builtins.int = ...,
+        paused_types: _abc.Iterable[Global___PausedType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class ExplainTaskRequest(_message.Message):

@@ -473,6 +473,36 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.SerializeToString,
                 response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/conveyor.v1.AdminService/GetStatus',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListTasks',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.RetryTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/RetryTasks',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.FromString,
+                _registered_method=True)
+        self.CancelTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/CancelTasks',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.FromString,
+                _registered_method=True)
+        self.PauseType = channel.unary_unary(
+                '/conveyor.v1.AdminService/PauseType',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeResponse.FromString,
+                _registered_method=True)
+        self.ResumeType = channel.unary_unary(
+                '/conveyor.v1.AdminService/ResumeType',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -499,6 +529,47 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The numbers behind /status: queue by type, workers, rates, leadership.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Tasks newest first, filtered by state and type, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTasks(self, request, context):
+        """FAILED or CANCELLED -> QUEUED as a new series of attempts, by id or filter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTasks(self, request, context):
+        """QUEUED or RUNNING -> CANCELLED, by id or filter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseType(self, request, context):
+        """A paused type is not leased; its queued tasks wait, running ones finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeType(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -516,6 +587,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ExplainTask,
                     request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.FromString,
                     response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'RetryTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTasks,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.SerializeToString,
+            ),
+            'CancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTasks,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.SerializeToString,
+            ),
+            'PauseType': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseType,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeResponse.SerializeToString,
+            ),
+            'ResumeType': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeType,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -601,6 +702,168 @@ class AdminService:
             '/conveyor.v1.AdminService/ExplainTask',
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskRequest.SerializeToString,
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ExplainTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/GetStatus',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListTasks',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/RetryTasks',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/CancelTasks',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.BulkTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/PauseType',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.PauseTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ResumeType',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ResumeTypeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -185,6 +185,17 @@ class AdminServiceStub:
     GetLeader: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]
     ExplainTask: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ExplainTaskRequest, _conveyor_pb2.ExplainTaskResponse]
     """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.GetStatusRequest, _conveyor_pb2.GetStatusResponse]
+    """The numbers behind /status: queue by type, workers, rates, leadership."""
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ListTasksRequest, _conveyor_pb2.ListTasksResponse]
+    """Tasks newest first, filtered by state and type, paged."""
+    RetryTasks: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.BulkTaskRequest, _conveyor_pb2.BulkTaskResponse]
+    """FAILED or CANCELLED -> QUEUED as a new series of attempts, by id or filter."""
+    CancelTasks: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.BulkTaskRequest, _conveyor_pb2.BulkTaskResponse]
+    """QUEUED or RUNNING -> CANCELLED, by id or filter."""
+    PauseType: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.PauseTypeRequest, _conveyor_pb2.PauseTypeResponse]
+    """A paused type is not leased; its queued tasks wait, running ones finish."""
+    ResumeType: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ResumeTypeRequest, _conveyor_pb2.ResumeTypeResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -195,6 +206,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetLeader: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.GetLeaderRequest, _conveyor_pb2.GetLeaderResponse]  # type: ignore[assignment]
     ExplainTask: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ExplainTaskRequest, _conveyor_pb2.ExplainTaskResponse]  # type: ignore[assignment]
     """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
+    GetStatus: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.GetStatusRequest, _conveyor_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """The numbers behind /status: queue by type, workers, rates, leadership."""
+    ListTasks: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ListTasksRequest, _conveyor_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """Tasks newest first, filtered by state and type, paged."""
+    RetryTasks: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.BulkTaskRequest, _conveyor_pb2.BulkTaskResponse]  # type: ignore[assignment]
+    """FAILED or CANCELLED -> QUEUED as a new series of attempts, by id or filter."""
+    CancelTasks: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.BulkTaskRequest, _conveyor_pb2.BulkTaskResponse]  # type: ignore[assignment]
+    """QUEUED or RUNNING -> CANCELLED, by id or filter."""
+    PauseType: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.PauseTypeRequest, _conveyor_pb2.PauseTypeResponse]  # type: ignore[assignment]
+    """A paused type is not leased; its queued tasks wait, running ones finish."""
+    ResumeType: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ResumeTypeRequest, _conveyor_pb2.ResumeTypeResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- operators"""
@@ -220,5 +242,52 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conveyor_pb2.ExplainTaskResponse, _abc.Awaitable[_conveyor_pb2.ExplainTaskResponse]]:
         """Why a task is where it is, in plain sentences (`conveyor tasks explain`)."""
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _conveyor_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.GetStatusResponse, _abc.Awaitable[_conveyor_pb2.GetStatusResponse]]:
+        """The numbers behind /status: queue by type, workers, rates, leadership."""
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _conveyor_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ListTasksResponse, _abc.Awaitable[_conveyor_pb2.ListTasksResponse]]:
+        """Tasks newest first, filtered by state and type, paged."""
+
+    @_abc_1.abstractmethod
+    def RetryTasks(
+        self,
+        request: _conveyor_pb2.BulkTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.BulkTaskResponse, _abc.Awaitable[_conveyor_pb2.BulkTaskResponse]]:
+        """FAILED or CANCELLED -> QUEUED as a new series of attempts, by id or filter."""
+
+    @_abc_1.abstractmethod
+    def CancelTasks(
+        self,
+        request: _conveyor_pb2.BulkTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.BulkTaskResponse, _abc.Awaitable[_conveyor_pb2.BulkTaskResponse]]:
+        """QUEUED or RUNNING -> CANCELLED, by id or filter."""
+
+    @_abc_1.abstractmethod
+    def PauseType(
+        self,
+        request: _conveyor_pb2.PauseTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.PauseTypeResponse, _abc.Awaitable[_conveyor_pb2.PauseTypeResponse]]:
+        """A paused type is not leased; its queued tasks wait, running ones finish."""
+
+    @_abc_1.abstractmethod
+    def ResumeType(
+        self,
+        request: _conveyor_pb2.ResumeTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ResumeTypeResponse, _abc.Awaitable[_conveyor_pb2.ResumeTypeResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

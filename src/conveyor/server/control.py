@@ -1,0 +1,353 @@
+"""TaskControl: what operators do to tasks and types, shared by AdminService and the dashboard.
+
+Listing (newest first, keyset-paged by queue order, filtered by state and type), a task's
+full detail, retry and cancel by ids or by filter, pause and resume of a type. Every action
+is a set-based statement that writes its history rows itself, so a bulk action of 100,000
+tasks is a few hundred statements of `BULK_BATCH` tasks each, each its own short
+transaction: no long lock, and an interrupted bulk action leaves every task either done or
+untouched. The gRPC and HTTP layers only translate; the rules live here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.errors import InvalidTask, TaskNotFound
+from conveyor.server.explanation import explain
+from conveyor.server.task_service import status_from_row
+from conveyor.storage import queries
+from conveyor.types import (
+    BulkResult,
+    PausedType,
+    TaskPage,
+    TaskState,
+    TaskStatus,
+    normalize_task_id,
+    validate_task_type,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+    from datetime import timedelta
+
+    import asyncpg
+
+    from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.database import Database
+    from conveyor.server.notifier import TaskNotifier
+
+log = logging.getLogger("conveyor.server.control")
+
+DEFAULT_PAGE: Final = 50
+MAX_PAGE: Final = 1000
+MAX_IDS: Final = 1000
+# Tasks per statement of a bulk action by filter: large enough to be fast, small enough
+# that each transaction's locks are brief.
+BULK_BATCH: Final = 500
+MAX_REASON: Final = 1000
+
+RETRYABLE: Final = (TaskState.FAILED, TaskState.CANCELLED)
+CANCELLABLE: Final = (TaskState.QUEUED, TaskState.RUNNING)
+ALL_STATES: Final = tuple(TaskState)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Which tasks a listing or bulk action covers. Empty `states`: every state it allows."""
+
+    states: tuple[TaskState, ...] = ()
+    task_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDetail:
+    """A task with its history, payload and explanation: what `tasks show` and the UI show."""
+
+    status: TaskStatus
+    explanation: tuple[str, ...]
+    paused: PausedType | None
+
+
+async def _list(
+    conn: Any, states: Sequence[str], task_type: str | None, before_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    """Each filter shape has its own query, so each is planned on its own index."""
+    if task_type is None:
+        return await queries.task_list_by_state(
+            conn, states=states, before_seq=before_seq, limit=limit
+        )
+    return await queries.task_list_by_type_and_state(
+        conn, states=states, task_type=task_type, before_seq=before_seq, limit=limit
+    )
+
+
+def parse_page_token(token: str) -> int:
+    """The keyset behind a page token (the queue position to continue below)."""
+    if not token:
+        return queries.FIRST_PAGE
+    if not token.isdigit() or len(token) > 19:  # noqa: PLR2004 - digits of a bigint
+        raise InvalidTask(f"malformed page token {token[:40]!r}", field="page_token")
+    return int(token)
+
+
+def _reason(text: str, default: str) -> str:
+    text = text.strip()
+    if len(text) > MAX_REASON:
+        raise InvalidTask(f"reason is {len(text)} characters; the limit is {MAX_REASON}")
+    return text or default
+
+
+class TaskControl:
+    """Operator queries and actions on tasks and task types."""
+
+    def __init__(
+        self,
+        database: Database,
+        notifier: TaskNotifier,
+        metrics: ServerMetrics,
+        worker_lost_after: timedelta,
+    ) -> None:
+        """Wire to the database; `notifier` wakes local long polls after a retry or resume."""
+        self._database = database
+        self._notifier = notifier
+        self._metrics = metrics
+        self._worker_lost_after = worker_lost_after
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def list_tasks(
+        self, task_filter: TaskFilter, *, limit: int = DEFAULT_PAGE, page_token: str = ""
+    ) -> TaskPage:
+        """One page of tasks, newest first."""
+        if limit < 1:
+            raise InvalidTask("limit must be at least 1", field="limit")
+        limit = min(limit, MAX_PAGE)
+        states = task_filter.states or ALL_STATES
+        task_type = validate_task_type(task_filter.task_type) if task_filter.task_type else None
+        async with self._database.connection() as conn:
+            rows = await _list(
+                conn,
+                [state.value for state in states],
+                task_type,
+                parse_page_token(page_token),
+                limit + 1,  # one more than asked: is there a next page?
+            )
+        page = rows[:limit]
+        next_token = str(page[-1]["seq"]) if len(rows) > limit else None
+        return TaskPage(
+            tasks=tuple(status_from_row(row) for row in page), next_page_token=next_token
+        )
+
+    async def task_detail(self, task_id: str) -> TaskDetail:
+        """Everything about one task, in one connection."""
+        task_id = normalize_task_id(task_id)
+        async with self._database.connection() as conn:
+            row = await queries.task_get(conn, task_id=task_id)
+            if row is None:
+                raise TaskNotFound(task_id=task_id)
+            events = await queries.task_event_list(conn, task_id=task_id)
+            payload = await queries.task_payload_get(conn, task_id=task_id)
+            why = await queries.task_explain(
+                conn, task_id=task_id, live_within=self._worker_lost_after
+            )
+        status = status_from_row(row, events)
+        paused = None
+        if why is not None and why["paused_at"] is not None:
+            paused = PausedType(
+                type=status.type, paused_at=why["paused_at"], reason=why["paused_reason"]
+            )
+        return TaskDetail(
+            status=replace(status, payload=payload),
+            explanation=tuple(explain(why)) if why is not None else (),
+            paused=paused,
+        )
+
+    async def paused_types(self) -> list[PausedType]:
+        """Every paused type, by name."""
+        async with self._database.connection() as conn:
+            rows = await queries.paused_type_list(conn)
+        return [
+            PausedType(type=row["type"], paused_at=row["paused_at"], reason=row["reason"])
+            for row in rows
+        ]
+
+    # --- acting --------------------------------------------------------------------------
+
+    async def retry_tasks(
+        self,
+        *,
+        task_ids: Sequence[str] = (),
+        task_filter: TaskFilter | None = None,
+        dry_run: bool = False,
+        limit: int = 0,
+        reason: str = "",
+    ) -> BulkResult:
+        """Re-queue failed or cancelled tasks as a new series of attempts."""
+        detail = _reason(reason, "retried by an operator")
+        return await self._bulk(
+            "retry",
+            queries.task_retry_many,
+            RETRYABLE,
+            task_ids,
+            task_filter,
+            dry_run,
+            limit,
+            detail,
+        )
+
+    async def cancel_tasks(
+        self,
+        *,
+        task_ids: Sequence[str] = (),
+        task_filter: TaskFilter | None = None,
+        dry_run: bool = False,
+        limit: int = 0,
+        reason: str = "",
+    ) -> BulkResult:
+        """Cancel queued or running tasks (running leases are revoked at once)."""
+        detail = _reason(reason, "cancelled by an operator")
+        return await self._bulk(
+            "cancel",
+            queries.task_cancel_many,
+            CANCELLABLE,
+            task_ids,
+            task_filter,
+            dry_run,
+            limit,
+            detail,
+        )
+
+    async def pause_type(self, task_type: str, reason: str = "") -> bool:
+        """Stop leasing `task_type`; False if it was already paused."""
+        task_type = validate_task_type(task_type)
+        async with self._database.connection() as conn:
+            changed = await queries.paused_type_set(
+                conn, task_type=task_type, reason=_reason(reason, "") or None
+            )
+        if changed:
+            self._metrics.operator_actions.labels("pause").inc()
+            log.info("type %s paused", task_type, extra={"event": "type_paused"})
+        return changed
+
+    async def resume_type(self, task_type: str) -> bool:
+        """Lease `task_type` again; False if it was not paused."""
+        task_type = validate_task_type(task_type)
+        async with self._database.connection() as conn:
+            changed = await queries.paused_type_clear(conn, task_type=task_type)
+        if changed:
+            self._notifier.wake()
+            self._metrics.operator_actions.labels("resume").inc()
+            log.info("type %s resumed", task_type, extra={"event": "type_resumed"})
+        return changed
+
+    async def _bulk(  # noqa: PLR0917 - private; the public methods name every argument
+        self,
+        action: str,
+        apply: Callable[..., Awaitable[list[asyncpg.Record]]],
+        applicable: tuple[TaskState, ...],
+        task_ids: Sequence[str],
+        task_filter: TaskFilter | None,
+        dry_run: bool,
+        limit: int,
+        detail: str,
+    ) -> BulkResult:
+        if bool(task_ids) == (task_filter is not None):
+            raise InvalidTask(f"{action}: give either task ids or a filter")
+        if task_filter is None:
+            if dry_run:
+                raise InvalidTask(f"{action}: a dry run needs a filter, not ids")
+            result = await self._by_ids(action, apply, task_ids, detail)
+        else:
+            result = await self._by_filter(
+                action, apply, applicable, task_filter, dry_run, limit, detail
+            )
+        if result.changed:
+            self._metrics.operator_actions.labels(action).inc(result.changed)
+            log.info("%s applied to %d task(s)", action, result.changed, extra={"event": action})
+        return result
+
+    async def _by_ids(
+        self,
+        action: str,
+        apply: Callable[..., Awaitable[list[asyncpg.Record]]],
+        task_ids: Sequence[str],
+        detail: str,
+    ) -> BulkResult:
+        if len(task_ids) > MAX_IDS:
+            raise InvalidTask(f"{len(task_ids)} task ids in one call; the limit is {MAX_IDS}")
+        ids = list(dict.fromkeys(normalize_task_id(task_id) for task_id in task_ids))
+        async with self._database.transaction() as conn:
+            known = await queries.task_states_get(conn, task_ids=ids)
+            missing = [task_id for task_id in ids if task_id not in known]
+            if missing:
+                raise TaskNotFound(task_id=missing[0])
+            rows = await apply(conn, task_ids=ids, detail=detail)
+            changed = {str(row["id"]) for row in rows}
+            # Read again under the action's locks: the state that made each one not apply.
+            now = await queries.task_states_get(
+                conn, task_ids=[task_id for task_id in ids if task_id not in changed]
+            )
+        self._after_change(action, rows)
+        return BulkResult(
+            matched=len(ids),
+            changed=len(changed),
+            changed_ids=tuple(task_id for task_id in ids if task_id in changed),
+            skipped=tuple((task_id, TaskState(state)) for task_id, state in now.items()),
+        )
+
+    async def _by_filter(  # noqa: PLR0917 - private helper of _bulk
+        self,
+        action: str,
+        apply: Callable[..., Awaitable[list[asyncpg.Record]]],
+        applicable: tuple[TaskState, ...],
+        task_filter: TaskFilter,
+        dry_run: bool,
+        limit: int,
+        detail: str,
+    ) -> BulkResult:
+        states = task_filter.states or applicable
+        wrong = [state.value for state in states if state not in applicable]
+        if wrong:
+            allowed = " or ".join(state.value for state in applicable)
+            raise InvalidTask(f"{action} applies to {allowed} tasks, not {', '.join(wrong)}")
+        task_type = validate_task_type(task_filter.task_type) if task_filter.task_type else None
+        state_names = [state.value for state in states]
+        if dry_run:
+            async with self._database.connection() as conn:
+                count = (
+                    await queries.task_count_by_state(conn, states=state_names)
+                    if task_type is None
+                    else await queries.task_count_by_type_and_state(
+                        conn, states=state_names, task_type=task_type
+                    )
+                )
+            return BulkResult(matched=min(count, limit) if limit else count, changed=0)
+        changed = 0
+        # Only tasks that matched when the action began: work enqueued (or re-queued by this
+        # very action) meanwhile is not swept up, so the loop always ends.
+        ceiling = queries.FIRST_PAGE
+        while not limit or changed < limit:
+            batch = BULK_BATCH if not limit else min(BULK_BATCH, limit - changed)
+            async with self._database.transaction() as conn:
+                rows = await _list(conn, state_names, task_type, ceiling, batch)
+                if not rows:
+                    break
+                if ceiling == queries.FIRST_PAGE:
+                    ceiling = rows[0]["seq"] + 1
+                done = await apply(conn, task_ids=[str(row["id"]) for row in rows], detail=detail)
+            # A listed task that did not change left the filtered states meanwhile; it is
+            # not listed again, so the loop still moves on.
+            self._after_change(action, done)
+            changed += len(done)
+        return BulkResult(matched=changed, changed=changed)
+
+    def _after_change(self, action: str, rows: Sequence[asyncpg.Record]) -> None:
+        if not rows:
+            return
+        if action == "retry":
+            self._notifier.wake()
+        else:
+            for row in rows:
+                self._metrics.task_outcomes.labels(row["type"], "cancelled").inc()
