@@ -184,6 +184,15 @@ class TaskStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskDetail:
+    """A task with its history, payload and explanation: what the dashboard shows of it."""
+
+    status: TaskStatus
+    explanation: tuple[str, ...]
+    paused: PausedType | None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskPage:
     """One page of a task listing, newest first.
 

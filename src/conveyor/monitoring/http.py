@@ -1,4 +1,4 @@
-"""The server's HTTP endpoints: /healthz (alive), /readyz (can serve), /status (JSON), /metrics.
+"""The server's HTTP endpoints: /healthz, /readyz, /status (JSON), /metrics, and the /ui dashboard.
 
 This module knows nothing of the database or gRPC: the server hands it a `StatusSource`
 that answers the questions, so the endpoints stay thin and testable on their own.
@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from conveyor.monitoring.dashboard.views import Dashboard
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from conveyor.monitoring.dashboard.views import DashboardSource
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -32,8 +36,8 @@ class StatusSource(Protocol):
         ...
 
 
-def create_app(source: StatusSource) -> web.Application:
-    """The aiohttp application serving the monitoring endpoints."""
+def create_app(source: StatusSource, dashboard: DashboardSource | None = None) -> web.Application:
+    """The aiohttp application serving the monitoring endpoints (and /ui if given a source)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -59,15 +63,23 @@ def create_app(source: StatusSource) -> web.Application:
     ]
     for path, handler in routes:
         app.router.add_get(path, handler)
+    if dashboard is not None:
+        Dashboard(dashboard).register(app)
     return app
 
 
 class HttpServer:
     """Runs `create_app(source)` on one address until stopped."""
 
-    def __init__(self, source: StatusSource, host: str, port: int) -> None:
+    def __init__(
+        self,
+        source: StatusSource,
+        host: str,
+        port: int,
+        dashboard: DashboardSource | None = None,
+    ) -> None:
         """Nothing listens until `start`."""
-        self._runner = web.AppRunner(create_app(source), access_log=None)
+        self._runner = web.AppRunner(create_app(source, dashboard), access_log=None)
         self._host = host
         self._port = port
         self.port: int | None = None

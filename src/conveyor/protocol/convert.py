@@ -149,6 +149,23 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
     )
 
 
+def worker_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
+    """The wire form of a WorkerInfo."""
+    return pb.WorkerInfo(
+        id=info.id,
+        host=info.host,
+        pid=info.pid,
+        task_types=list(info.task_types),
+        concurrency=info.concurrency,
+        version=info.version,
+        state=info.state,
+        started_at=timestamp(info.started_at),
+        last_heartbeat_at=timestamp(info.last_heartbeat_at),
+        in_flight=info.in_flight,
+        loop_lag_ms=info.loop_lag_ms,
+    )
+
+
 def worker_from_pb(info: pb.WorkerInfo) -> WorkerInfo:
     """A WorkerInfo from the wire form."""
     return WorkerInfo(

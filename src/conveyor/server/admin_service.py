@@ -66,28 +66,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.ListWorkersResponse:
         """Registered workers, newest first (stopped ones only if asked)."""
         limit = min(request.limit or DEFAULT_WORKER_LIMIT, MAX_WORKER_LIMIT)
-        async with self.database.connection() as conn:
-            rows = await queries.worker_list(
-                conn, include_stopped=request.include_stopped, limit=limit
-            )
-        return pb.ListWorkersResponse(
-            workers=[
-                pb.WorkerInfo(
-                    id=row["id"],
-                    host=row["host"],
-                    pid=row["pid"],
-                    task_types=row["task_types"],
-                    concurrency=row["concurrency"],
-                    version=row["version"],
-                    state=row["state"],
-                    started_at=convert.timestamp(row["started_at"]),
-                    last_heartbeat_at=convert.timestamp(row["last_heartbeat_at"]),
-                    in_flight=row["in_flight"],
-                    loop_lag_ms=row["loop_lag_ms"],
-                )
-                for row in rows
-            ]
-        )
+        workers = await self.control.workers(include_stopped=request.include_stopped, limit=limit)
+        return pb.ListWorkersResponse(workers=[convert.worker_to_pb(info) for info in workers])
 
     @rpc_method("GetLeader")
     async def GetLeader(  # noqa: N802 - gRPC method name

@@ -30,6 +30,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.admin_service import AdminService
 from conveyor.server.config import ServerConfig, split_host_port
 from conveyor.server.control import TaskControl
+from conveyor.server.dashboard_backend import DashboardBackend
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
@@ -137,7 +138,12 @@ class ConveyorServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
-            self._http = HttpServer(self, host, port)
+            dashboard = (
+                DashboardBackend(self.control, self.stats, self.cluster_status)
+                if self.config.dashboard
+                else None
+            )
+            self._http = HttpServer(self, host, port, dashboard)
             self.http_port = await self._http.start()
         for service in self.maintenance:
             service.start()

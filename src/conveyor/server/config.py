@@ -61,6 +61,9 @@ class ServerConfig:
     database_url: str
     grpc_listen: str = DEFAULT_GRPC_LISTEN
     http_listen: str | None = DEFAULT_HTTP_LISTEN
+    # The /ui dashboard on the HTTP port. It can act (retry, cancel, pause) and has no login
+    # until the security work lands, which is why the HTTP port binds to loopback by default.
+    dashboard: bool = True
     server_id: str = field(default_factory=default_server_id)
     migrate: bool = False
     lease_ttl: timedelta = DEFAULT_LEASE_TTL

@@ -21,9 +21,10 @@ from conveyor.storage import queries
 from conveyor.types import (
     BulkResult,
     PausedType,
+    TaskDetail,
     TaskPage,
     TaskState,
-    TaskStatus,
+    WorkerInfo,
     normalize_task_id,
     validate_task_type,
 )
@@ -59,15 +60,6 @@ class TaskFilter:
 
     states: tuple[TaskState, ...] = ()
     task_type: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskDetail:
-    """A task with its history, payload and explanation: what `tasks show` and the UI show."""
-
-    status: TaskStatus
-    explanation: tuple[str, ...]
-    paused: PausedType | None
 
 
 async def _list(
@@ -163,6 +155,27 @@ class TaskControl:
             explanation=tuple(explain(why)) if why is not None else (),
             paused=paused,
         )
+
+    async def workers(self, *, include_stopped: bool, limit: int) -> list[WorkerInfo]:
+        """Registered workers, newest first (stopped ones only if asked)."""
+        async with self._database.connection() as conn:
+            rows = await queries.worker_list(conn, include_stopped=include_stopped, limit=limit)
+        return [
+            WorkerInfo(
+                id=row["id"],
+                host=row["host"],
+                pid=row["pid"],
+                task_types=tuple(row["task_types"]),
+                concurrency=row["concurrency"],
+                version=row["version"],
+                state=row["state"],
+                started_at=row["started_at"],
+                last_heartbeat_at=row["last_heartbeat_at"],
+                in_flight=row["in_flight"],
+                loop_lag_ms=row["loop_lag_ms"],
+            )
+            for row in rows
+        ]
 
     async def paused_types(self) -> list[PausedType]:
         """Every paused type, by name."""

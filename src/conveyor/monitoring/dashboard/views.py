@@ -1,0 +1,320 @@
+"""The dashboard's pages and actions under /ui, rendered on the server with Jinja2.
+
+Pages: overview (throughput and failures per minute over the last hour, the queue by type
+with pause and resume, workers), tasks (filters, search by id, keyset pages), a task's
+detail (its timeline of attempts as a chart, its explanation, payload preview, history,
+retry or cancel), and workers. Every page costs a bounded number of indexed queries or
+none (the overview reads the stats sampler's snapshot), so it stays fast on millions of
+tasks. Actions are HTML form POSTs answered with a redirect (post/redirect/get); a POST
+whose Origin is another site is refused, which stops cross-site form submissions until
+logins and CSRF tokens arrive with the security work. The data comes from a
+`DashboardSource`, so this module knows nothing of the database or gRPC.
+"""
+
+from __future__ import annotations
+
+import string
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import quote, urlencode, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable, TaskNotFound
+from conveyor.monitoring.dashboard.charts import task_timeline, throughput_chart
+from conveyor.types import TaskState
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from conveyor.types import (
+        BulkResult,
+        ClusterStatus,
+        TaskDetail,
+        TaskPage,
+        WorkerInfo,
+    )
+
+PAGE_SIZE: Final = 50
+PAYLOAD_PREVIEW: Final = 2000
+_PRINTABLE: Final = frozenset(string.printable)
+
+
+class DashboardSource(Protocol):
+    """What the dashboard asks of the server."""
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The status numbers (sampled)."""
+        ...
+
+    def chart_minutes(self) -> dict[datetime, dict[str, int]]:
+        """Outcomes per minute over the last hour (sampled)."""
+        ...
+
+    async def list_tasks(
+        self, states: tuple[TaskState, ...], task_type: str | None, limit: int, page_token: str
+    ) -> TaskPage:
+        """One page of tasks, newest first."""
+        ...
+
+    async def task_detail(self, task_id: str) -> TaskDetail:
+        """A task with history, payload and explanation."""
+        ...
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Registered workers that are not stopped."""
+        ...
+
+    async def retry_task(self, task_id: str) -> BulkResult:
+        """Retry one failed or cancelled task."""
+        ...
+
+    async def cancel_task(self, task_id: str) -> BulkResult:
+        """Cancel one queued or running task."""
+        ...
+
+    async def pause_type(self, task_type: str) -> bool:
+        """Stop leasing a type."""
+        ...
+
+    async def resume_type(self, task_type: str) -> bool:
+        """Lease a type again."""
+        ...
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:  # noqa: PLR2004 - seconds read best below a minute
+        return f"{seconds:.1f}s"
+    if seconds < 3600:  # noqa: PLR2004 - minutes below an hour
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _since(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return _age(max((datetime.now(UTC) - moment).total_seconds(), 0)) + " ago"
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def payload_preview(payload: bytes | None) -> tuple[str, str]:
+    """(how it is shown, the preview): UTF-8 text when it is printable text, else hex."""
+    if payload is None:
+        return ("none", "")
+    head = payload[:PAYLOAD_PREVIEW]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ("hex", head.hex(" "))
+    if all(char in _PRINTABLE or char.isprintable() for char in text):
+        return ("text", text)
+    return ("hex", head.hex(" "))
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("conveyor.monitoring.dashboard", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "svg"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["age"] = _age
+    environment.filters["since"] = _since
+    environment.filters["when"] = _when
+    return environment
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Whether a POST comes from a page of this dashboard (browsers always send Origin)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser form (curl, scripts): no ambient credentials to abuse
+    return urlsplit(origin).netloc == request.host
+
+
+class Dashboard:
+    """Registers the /ui routes on an aiohttp application."""
+
+    def __init__(self, source: DashboardSource) -> None:
+        """Pages read from `source`."""
+        self._source = source
+        self._templates = _environment()
+
+    def register(self, app: web.Application) -> None:
+        """Add every dashboard route to `app`."""
+        get: list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("/ui", self.overview),
+            ("/ui/", self.overview),
+            ("/ui/tasks", self.tasks),
+            ("/ui/tasks/{task_id}", self.task),
+            ("/ui/workers", self.workers),
+            ("/ui/static/style.css", self.stylesheet),
+        ]
+        for path, handler in get:
+            app.router.add_get(path, self._guarded(handler))
+        post: list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("/ui/tasks/{task_id}/retry", self.retry),
+            ("/ui/tasks/{task_id}/cancel", self.cancel),
+            ("/ui/types/{task_type}/pause", self.pause),
+            ("/ui/types/{task_type}/resume", self.resume),
+        ]
+        for path, handler in post:
+            app.router.add_post(path, self._guarded(handler))
+
+    def _guarded(
+        self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """Turn Conveyor errors into an error page with a fitting HTTP status."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if request.method == "POST" and not _same_origin(request):
+                return self._error(403, "This action was submitted from another site.")
+            try:
+                return await handler(request)
+            except TaskNotFound as exc:
+                return self._error(404, exc.message)
+            except InvalidTask as exc:
+                return self._error(400, exc.message)
+            except ServerUnavailable as exc:
+                return self._error(503, exc.message)
+            except ConveyorError as exc:
+                return self._error(500, exc.message)
+
+        return guarded
+
+    def _render(self, template: str, *, http_status: int = 200, **context: Any) -> web.Response:
+        defaults = {"now": datetime.now(UTC), "refresh": False, "notice": None}
+        body = self._templates.get_template(template).render({**defaults, **context})
+        return web.Response(text=body, status=http_status, content_type="text/html")
+
+    def _error(self, status: int, message: str) -> web.Response:
+        return self._render("error.html", http_status=status, page="error", message=message)
+
+    # --- pages ---------------------------------------------------------------------------
+
+    async def overview(self, request: web.Request) -> web.Response:
+        """Charts, the queue by type, workers."""
+        status = await self._source.cluster_status()
+        chart = throughput_chart(self._source.chart_minutes(), now=datetime.now(UTC))
+        finished = status.succeeded_last_minute + status.failed_last_minute
+        return self._render(
+            "overview.html",
+            page="overview",
+            status=status,
+            chart=chart,
+            queued=sum(item.queued for item in status.types),
+            running=sum(item.running for item in status.types),
+            oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
+            failure_rate=status.failed_last_minute / finished if finished else 0.0,
+            notice=request.query.get("notice"),
+            refresh=True,
+        )
+
+    async def tasks(self, request: web.Request) -> web.StreamResponse:
+        """The task list with filters, search by id and keyset paging."""
+        search = request.query.get("id", "").strip()
+        if search:
+            raise web.HTTPSeeOther(f"/ui/tasks/{quote(search, safe='')}")
+        try:
+            states = tuple(TaskState(value) for value in request.query.getall("state", []))
+        except ValueError:
+            raise InvalidTask("unknown task state in the filter") from None
+        task_type = request.query.get("type", "").strip() or None
+        cursor = request.query.get("page", "")
+        page = await self._source.list_tasks(states, task_type, PAGE_SIZE, cursor)
+        filters = [("state", state.value) for state in states]
+        if task_type:
+            filters.append(("type", task_type))
+        next_query = None
+        if page.next_page_token:
+            next_query = urlencode([*filters, ("page", page.next_page_token)])
+        return self._render(
+            "tasks.html",
+            page="tasks",
+            tasks=page.tasks,
+            states=list(TaskState),
+            selected={state.value for state in states},
+            task_type=task_type or "",
+            next_query=next_query,
+            first_query=urlencode(filters),
+            first_page=not cursor,
+        )
+
+    async def task(self, request: web.Request) -> web.Response:
+        """One task: timeline chart, explanation, payload, history, actions."""
+        detail = await self._source.task_detail(request.match_info["task_id"])
+        status = detail.status
+        kind, preview = payload_preview(status.payload)
+        return self._render(
+            "task.html",
+            page="tasks",
+            task=status,
+            detail=detail,
+            timeline=task_timeline(
+                status.history, now=datetime.now(UTC), live=not status.state.is_final
+            ),
+            payload_kind=kind,
+            payload_preview=preview,
+            payload_size=len(status.payload or b""),
+            can_retry=status.state in (TaskState.FAILED, TaskState.CANCELLED),
+            can_cancel=status.state in (TaskState.QUEUED, TaskState.RUNNING),
+            notice=request.query.get("notice"),
+        )
+
+    async def workers(self, _request: web.Request) -> web.Response:
+        """Workers with their state, load and last heartbeat."""
+        return self._render(
+            "workers.html", page="workers", workers=await self._source.workers(), refresh=True
+        )
+
+    async def stylesheet(self, _request: web.Request) -> web.Response:
+        """The one stylesheet (cached by the browser for an hour)."""
+        loader = self._templates.loader
+        assert loader is not None  # noqa: S101 - set in _environment
+        css, _, _ = loader.get_source(self._templates, "style.css")
+        response = web.Response(text=css, content_type="text/css")
+        response.headers["Cache-Control"] = "max-age=3600"
+        return response
+
+    # --- actions -------------------------------------------------------------------------
+
+    async def retry(self, request: web.Request) -> web.StreamResponse:
+        """Retry a failed or cancelled task, then show it."""
+        task_id = request.match_info["task_id"]
+        result = await self._source.retry_task(task_id)
+        notice = (
+            "Retried: queued again as a new series of attempts."
+            if result.changed
+            else ("Not retried: only failed or cancelled tasks can be retried.")
+        )
+        raise web.HTTPSeeOther(f"/ui/tasks/{task_id}?{urlencode({'notice': notice})}")
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """Cancel a queued or running task, then show it."""
+        task_id = request.match_info["task_id"]
+        result = await self._source.cancel_task(task_id)
+        notice = (
+            "Cancelled."
+            if result.changed
+            else ("Not cancelled: only queued or running tasks can be cancelled.")
+        )
+        raise web.HTTPSeeOther(f"/ui/tasks/{task_id}?{urlencode({'notice': notice})}")
+
+    async def pause(self, request: web.Request) -> web.StreamResponse:
+        """Pause a type, then back to the overview."""
+        task_type = request.match_info["task_type"]
+        changed = await self._source.pause_type(task_type)
+        notice = f"Paused {task_type}." if changed else f"{task_type} was already paused."
+        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice})}")
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        """Resume a type, then back to the overview."""
+        task_type = request.match_info["task_type"]
+        changed = await self._source.resume_type(task_type)
+        notice = f"Resumed {task_type}." if changed else f"{task_type} was not paused."
+        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice})}")

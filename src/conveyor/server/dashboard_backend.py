@@ -1,0 +1,86 @@
+"""DashboardBackend: answers the dashboard's questions from TaskControl and the stats sampler.
+
+The dashboard (in `monitoring`) knows nothing of the database; this adapter gives it the
+same operations AdminService offers over gRPC, and records that an action came from it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from conveyor.server.control import TaskControl, TaskFilter
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from datetime import datetime
+
+    from conveyor.server.stats_sampler import StatsSampler
+    from conveyor.types import (
+        BulkResult,
+        ClusterStatus,
+        TaskDetail,
+        TaskPage,
+        TaskState,
+        WorkerInfo,
+    )
+
+WORKER_LIMIT: Final = 500
+
+
+class DashboardBackend:
+    """The server side of `monitoring.dashboard.views.DashboardSource`."""
+
+    def __init__(
+        self,
+        control: TaskControl,
+        stats: StatsSampler,
+        cluster_status: Callable[[], Awaitable[ClusterStatus]],
+    ) -> None:
+        """Read through `control` and the sampler's last snapshot."""
+        self._control = control
+        self._stats = stats
+        self._cluster_status = cluster_status
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The status numbers (sampled)."""
+        return await self._cluster_status()
+
+    def chart_minutes(self) -> dict[datetime, dict[str, int]]:
+        """Outcomes per minute over the last hour (sampled)."""
+        return self._stats.snapshot.minutes
+
+    async def list_tasks(
+        self, states: tuple[TaskState, ...], task_type: str | None, limit: int, page_token: str
+    ) -> TaskPage:
+        """One page of tasks, newest first."""
+        return await self._control.list_tasks(
+            TaskFilter(states=states, task_type=task_type), limit=limit, page_token=page_token
+        )
+
+    async def task_detail(self, task_id: str) -> TaskDetail:
+        """A task with history, payload and explanation."""
+        return await self._control.task_detail(task_id)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Registered workers that are not stopped."""
+        return await self._control.workers(include_stopped=False, limit=WORKER_LIMIT)
+
+    async def retry_task(self, task_id: str) -> BulkResult:
+        """Retry one failed or cancelled task."""
+        return await self._control.retry_tasks(
+            task_ids=[task_id], reason="retried from the dashboard"
+        )
+
+    async def cancel_task(self, task_id: str) -> BulkResult:
+        """Cancel one queued or running task."""
+        return await self._control.cancel_tasks(
+            task_ids=[task_id], reason="cancelled from the dashboard"
+        )
+
+    async def pause_type(self, task_type: str) -> bool:
+        """Stop leasing a type."""
+        return await self._control.pause_type(task_type, "paused from the dashboard")
+
+    async def resume_type(self, task_type: str) -> bool:
+        """Lease a type again."""
+        return await self._control.resume_type(task_type)

@@ -1,0 +1,113 @@
+"""Chart geometry of the dashboard: pure functions, checked without a server or browser."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from conveyor.monitoring.dashboard.charts import (
+    CHART_HEIGHT,
+    CHART_WIDTH,
+    LABEL_WIDTH,
+    task_timeline,
+    throughput_chart,
+)
+from conveyor.monitoring.dashboard.views import payload_preview
+from conveyor.types import TaskEvent, TaskState
+
+NOW = datetime(2026, 11, 29, 12, 30, 20, tzinfo=UTC)
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+
+def event(seconds: float, name: str, state: TaskState, attempt: int = 0, detail=None):
+    worker = "w-1" if attempt else None
+    return TaskEvent(T0 + timedelta(seconds=seconds), name, state, attempt, worker, detail)
+
+
+class TestThroughputChart:
+    def test_bars_stack_per_minute_and_scale_to_a_round_peak(self) -> None:
+        minute = NOW.replace(second=0)
+        chart = throughput_chart({minute: {"succeeded": 30, "retried": 5, "failed": 10}}, now=NOW)
+        by_kind = {shape.kind: shape for shape in chart.shapes}
+        assert set(by_kind) == {"succeeded", "retried", "failed"}
+        # 45 in the minute: the axis tops at 50.
+        assert [tick.text for tick in chart.y_ticks] == ["0", "25", "50"]
+        assert by_kind["succeeded"].height == pytest.approx(CHART_HEIGHT * 30 / 50)
+        # Stacked: each bar starts where the one below it ends.
+        assert by_kind["retried"].y + by_kind["retried"].height == pytest.approx(
+            by_kind["succeeded"].y
+        )
+        assert by_kind["failed"].y + by_kind["failed"].height == pytest.approx(by_kind["retried"].y)
+        # The current minute is the rightmost slot.
+        assert by_kind["succeeded"].x > CHART_WIDTH - CHART_WIDTH / 60
+        assert chart.total == 45
+
+    def test_minutes_outside_the_window_are_not_drawn(self) -> None:
+        old = NOW.replace(second=0) - timedelta(minutes=61)
+        chart = throughput_chart({old: {"succeeded": 9}}, now=NOW)
+        assert chart.shapes == ()
+        assert chart.total == 0
+        assert chart.y_ticks[-1].text == "1"
+
+
+class TestTaskTimeline:
+    def test_a_retried_task_has_a_row_per_attempt_and_waits_on_the_queue_row(self) -> None:
+        events = [
+            event(0, "enqueued", TaskState.QUEUED),
+            event(1, "started", TaskState.RUNNING, 1),
+            event(3, "failed", TaskState.QUEUED, 1, "ValueError: x"),
+            event(5, "started", TaskState.RUNNING, 2),
+            event(10, "succeeded", TaskState.SUCCEEDED, 2),
+        ]
+        chart = task_timeline(events, now=NOW, live=False)
+        assert [row.text for row in chart.rows] == ["queue", "attempt 1 · w-1", "attempt 2 · w-1"]
+        kinds = [(shape.kind, round(shape.x), round(shape.width)) for shape in chart.shapes]
+        scale = (CHART_WIDTH - LABEL_WIDTH) / 10
+        assert kinds == [
+            ("waiting", LABEL_WIDTH, round(1 * scale)),
+            ("failed", round(LABEL_WIDTH + 1 * scale), round(2 * scale)),
+            ("waiting", round(LABEL_WIDTH + 3 * scale), round(2 * scale)),
+            ("succeeded", round(LABEL_WIDTH + 5 * scale), round(5 * scale)),
+        ]
+        assert "ValueError: x" in chart.shapes[1].title
+        assert chart.x_ticks[-1].text == "+10.0 s"
+
+    def test_a_running_task_is_drawn_up_to_now(self) -> None:
+        events = [
+            event(0, "enqueued", TaskState.QUEUED),
+            event(2, "started", TaskState.RUNNING, 1),
+        ]
+        now = T0 + timedelta(seconds=12)
+        chart = task_timeline(events, now=now, live=True)
+        running = [shape for shape in chart.shapes if shape.kind == "running"]
+        assert len(running) == 1
+        assert running[0].x + running[0].width == pytest.approx(CHART_WIDTH)
+
+    def test_cancelled_while_queued_closes_the_wait(self) -> None:
+        events = [
+            event(0, "enqueued", TaskState.QUEUED),
+            event(4, "cancelled", TaskState.CANCELLED),
+        ]
+        chart = task_timeline(events, now=NOW, live=False)
+        assert [shape.kind for shape in chart.shapes] == ["waiting"]
+        assert "cancelled" in chart.shapes[0].title
+        assert [row.text for row in chart.rows] == ["queue"]
+
+    def test_no_events_draws_nothing(self) -> None:
+        assert task_timeline([], now=NOW, live=True).shapes == ()
+
+
+class TestPayloadPreview:
+    @pytest.mark.parametrize(
+        ("payload", "expected"),
+        [
+            (None, ("none", "")),
+            (b'{"to": "a@b.c"}', ("text", '{"to": "a@b.c"}')),
+            ("héllo\n".encode(), ("text", "héllo\n")),
+            (bytes([0, 1, 255]), ("hex", "00 01 ff")),
+            (b"\x00text", ("hex", "00 74 65 78 74")),
+        ],
+    )
+    def test_text_when_printable_else_hex(self, payload, expected) -> None:
+        assert payload_preview(payload) == expected
