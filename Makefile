@@ -26,8 +26,8 @@ test: $(STAMP)  ## Run the whole test suite: lint, types, generated code, every 
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 typecheck: $(STAMP)  ## mypy --strict on src
 	$(BIN)/mypy src

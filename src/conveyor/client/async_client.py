@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
-from conveyor.client import core
+from conveyor.client import core, tracing
 from conveyor.client.channel import (
     CHANNEL_OPTIONS,
     AddressRing,
@@ -78,8 +78,10 @@ class AsyncClient:
     async def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
         """Enqueue many tasks in as few round trips as possible; return their ids in order."""
         ids: list[str] = []
-        for request in core.enqueue_batches(tasks):
-            ids.extend((await self._call("EnqueueTasks", request)).task_ids)
+        types = [getattr(task, "type", "?") for task in tasks]
+        with tracing.enqueue_span(types, len(tasks)) as trace_context:
+            for request in core.enqueue_batches(tasks, trace_context):
+                ids.extend((await self._call("EnqueueTasks", request)).task_ids)
         return ids
 
     async def get_task_status(

@@ -31,7 +31,9 @@ StatesArg = TaskState | str | Sequence[TaskState | str] | None
 MAX_BATCH = 1000
 
 
-def enqueue_request(tasks: Sequence[Task]) -> pb.EnqueueTasksRequest:
+def enqueue_request(
+    tasks: Sequence[Task], trace_context: dict[str, str] | None = None
+) -> pb.EnqueueTasksRequest:
     """Validate and number tasks; ids are fixed here so every retry sends the same ones."""
     if not tasks:
         raise InvalidTask("no tasks to enqueue")
@@ -39,14 +41,18 @@ def enqueue_request(tasks: Sequence[Task]) -> pb.EnqueueTasksRequest:
         if not isinstance(task, Task):
             raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
     return pb.EnqueueTasksRequest(
-        tasks=[convert.task_to_spec(task, task.id or new_task_id()) for task in tasks]
+        tasks=[
+            convert.task_to_spec(task, task.id or new_task_id(), trace_context) for task in tasks
+        ]
     )
 
 
-def enqueue_batches(tasks: Sequence[Task]) -> list[pb.EnqueueTasksRequest]:
+def enqueue_batches(
+    tasks: Sequence[Task], trace_context: dict[str, str] | None = None
+) -> list[pb.EnqueueTasksRequest]:
     """Split a large enqueue into requests the server accepts."""
     return [
-        enqueue_request(tasks[start : start + MAX_BATCH])
+        enqueue_request(tasks[start : start + MAX_BATCH], trace_context)
         for start in range(0, max(len(tasks), 1), MAX_BATCH)
     ]
 

@@ -70,7 +70,9 @@ def from_timestamp(message: Timestamp) -> datetime:
     return message.ToDatetime(tzinfo=UTC)
 
 
-def task_to_spec(task: Task, task_id: str) -> pb.TaskSpec:
+def task_to_spec(
+    task: Task, task_id: str, trace_context: dict[str, str] | None = None
+) -> pb.TaskSpec:
     """The wire form of a task about to be enqueued under `task_id`."""
     return pb.TaskSpec(
         id=task_id,
@@ -78,6 +80,7 @@ def task_to_spec(task: Task, task_id: str) -> pb.TaskSpec:
         payload=task.payload,
         timeout=duration(task.timeout_delta),
         max_retries=task.max_retries,
+        trace_context=trace_context,
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.protocol import convert
@@ -24,12 +25,19 @@ from conveyor.types import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
     from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.tasks")
+
+# W3C trace context needs two entries (traceparent, tracestate); room for a few more.
+MAX_TRACE_ENTRIES: Final = 8
+MAX_TRACE_KEY: Final = 64
+MAX_TRACE_VALUE: Final = 512
 
 
 def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
@@ -62,6 +70,25 @@ def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
             for event in events or ()
         ),
     )
+
+
+def _trace_context(entries: Mapping[str, str]) -> str | None:
+    """The producer's W3C trace context as JSON, bounded: it rides along with every lease."""
+    if not entries:
+        return None
+    if len(entries) > MAX_TRACE_ENTRIES:
+        raise InvalidTask(
+            f"trace_context has {len(entries)} entries; the limit is {MAX_TRACE_ENTRIES}",
+            field="trace_context",
+        )
+    for key, value in entries.items():
+        if len(key) > MAX_TRACE_KEY or len(value) > MAX_TRACE_VALUE:
+            raise InvalidTask(
+                f"trace_context entry {key[:MAX_TRACE_KEY]!r} is too long (keys up to "
+                f"{MAX_TRACE_KEY} characters, values up to {MAX_TRACE_VALUE})",
+                field="trace_context",
+            )
+    return json.dumps(dict(entries), sort_keys=True)
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
@@ -104,6 +131,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             payload=spec.payload,
             timeout=validate_timeout(convert.from_duration(spec.timeout, field="timeout")),
             max_retries=validate_max_retries(spec.max_retries),
+            trace_context=_trace_context(spec.trace_context),
         )
 
     @rpc_method("EnqueueTasks")

@@ -10,6 +10,7 @@ overwrite the outcome of the attempt that replaced it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -193,6 +194,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             timeout=convert.duration(row["timeout"]),
             lease_expires_at=convert.timestamp(row["lease_expires_at"]),
             deadline=convert.timestamp(row["deadline_at"]),
+            trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
         )
 
     @rpc_method("Heartbeat")

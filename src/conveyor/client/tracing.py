@@ -1,0 +1,84 @@
+"""OpenTelemetry trace propagation from enqueue to handler, when `opentelemetry-api` is present.
+
+Install the `otel` extra (or any OpenTelemetry setup) and a task's handler span joins the
+trace of the code that enqueued it: the client opens a PRODUCER span around the enqueue and
+sends its W3C trace context (traceparent, tracestate) with each task; the server stores it
+opaquely; the worker opens a CONSUMER span around each attempt, parented on it. Without the
+package every function here is a no-op, so Conveyor does not depend on OpenTelemetry.
+Spans follow the OpenTelemetry messaging conventions (`messaging.system`, operation names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+try:
+    from opentelemetry import propagate, trace
+except ImportError:  # the optional extra is not installed
+    propagate = None  # type: ignore[assignment]
+    trace = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+TRACER_NAME = "conveyor"
+
+
+def enabled() -> bool:
+    """Whether OpenTelemetry is importable here."""
+    return propagate is not None
+
+
+@contextlib.contextmanager
+def enqueue_span(task_types: list[str], count: int) -> Iterator[dict[str, str]]:
+    """A PRODUCER span for one enqueue call; yields the trace context to send with its tasks."""
+    if propagate is None or trace is None:
+        yield {}
+        return
+    names = sorted(set(task_types))
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        f"send {names[0]}" if len(names) == 1 else "send",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "conveyor",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": ",".join(names),
+            "messaging.batch.message_count": count,
+        },
+    ):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        yield carrier
+
+
+@contextlib.contextmanager
+def handler_span(
+    *,
+    task_type: str,
+    task_id: str,
+    attempt: int,
+    worker_id: str,
+    trace_context: Mapping[str, str],
+) -> Iterator[Any]:
+    """A CONSUMER span around one attempt, child of the producer's span when it sent one."""
+    if propagate is None or trace is None:
+        yield None
+        return
+    parent = propagate.extract(dict(trace_context)) if trace_context else None
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        f"process {task_type}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "conveyor",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": task_type,
+            "messaging.message.id": task_id,
+            "conveyor.attempt": attempt,
+            "conveyor.worker.id": worker_id,
+        },
+    ) as span:
+        yield span
