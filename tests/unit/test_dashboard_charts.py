@@ -10,6 +10,7 @@ from conveyor.monitoring.dashboard.charts import (
     CHART_HEIGHT,
     CHART_WIDTH,
     LABEL_WIDTH,
+    failure_chart,
     task_timeline,
     throughput_chart,
 )
@@ -49,6 +50,23 @@ class TestThroughputChart:
         assert chart.shapes == ()
         assert chart.total == 0
         assert chart.y_ticks[-1].text == "1"
+
+
+class TestFailureChart:
+    def test_bar_height_is_the_failed_share_of_finished_tasks(self) -> None:
+        minute = NOW.replace(second=0)
+        earlier = minute - timedelta(minutes=2)
+        chart = failure_chart(
+            {
+                minute: {"succeeded": 3, "failed": 1, "retried": 7},
+                earlier: {"succeeded": 5},
+            },
+            now=NOW,
+        )
+        (bar,) = chart.shapes  # a minute without failures draws no bar
+        assert bar.height == pytest.approx(CHART_HEIGHT * 0.25)
+        assert bar.y + bar.height == pytest.approx(CHART_HEIGHT)
+        assert "25% failed (1 of 4)" in bar.title
 
 
 class TestTaskTimeline:

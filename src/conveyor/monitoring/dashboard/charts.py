@@ -116,6 +116,46 @@ def throughput_chart(
     )
 
 
+def failure_chart(
+    minutes: Mapping[datetime, Mapping[str, int]], *, now: datetime, span: int = 60
+) -> Chart:
+    """Bars per minute of the share of finished tasks that failed for good (0-100 %)."""
+    end = now.replace(second=0, microsecond=0)
+    slot_width = CHART_WIDTH / span
+    shapes = []
+    for index in range(span):
+        slot = end - timedelta(minutes=span - 1 - index)
+        counts = minutes.get(slot, {})
+        failed = counts.get("failed", 0)
+        finished = failed + counts.get("succeeded", 0)
+        if not failed:
+            continue
+        share = failed / finished
+        shapes.append(
+            Shape(
+                x=index * slot_width + 1,
+                y=CHART_HEIGHT * (1 - share),
+                width=max(slot_width - 2, 1),
+                height=CHART_HEIGHT * share,
+                kind="failed",
+                title=f"{slot:%H:%M} UTC: {share:.0%} failed ({failed} of {finished})",
+            )
+        )
+    x_ticks = tuple(
+        Tick(position=index * slot_width, text=f"{end - timedelta(minutes=span - 1 - index):%H:%M}")
+        for index in range(0, span, max(span // 6, 1))
+    )
+    y_ticks = (Tick(CHART_HEIGHT, "0%"), Tick(CHART_HEIGHT / 2, "50%"), Tick(0, "100%"))
+    return Chart(
+        width=CHART_WIDTH,
+        height=CHART_HEIGHT,
+        shapes=tuple(shapes),
+        x_ticks=x_ticks,
+        y_ticks=y_ticks,
+        total=len(shapes),
+    )
+
+
 def _duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"

@@ -22,7 +22,7 @@ import jinja2
 from aiohttp import web
 
 from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable, TaskNotFound
-from conveyor.monitoring.dashboard.charts import task_timeline, throughput_chart
+from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
 from conveyor.types import TaskState
 
 if TYPE_CHECKING:
@@ -200,13 +200,15 @@ class Dashboard:
     async def overview(self, request: web.Request) -> web.Response:
         """Charts, the queue by type, workers."""
         status = await self._source.cluster_status()
-        chart = throughput_chart(self._source.chart_minutes(), now=datetime.now(UTC))
+        minutes = self._source.chart_minutes()
+        now = datetime.now(UTC)
         finished = status.succeeded_last_minute + status.failed_last_minute
         return self._render(
             "overview.html",
             page="overview",
             status=status,
-            chart=chart,
+            chart=throughput_chart(minutes, now=now),
+            failures=failure_chart(minutes, now=now),
             queued=sum(item.queued for item in status.types),
             running=sum(item.running for item in status.types),
             oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
