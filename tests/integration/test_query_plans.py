@@ -190,8 +190,15 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_count_by_state": (["failed", "cancelled"],),
         "task_count_by_type_and_state": (["failed", "cancelled"], "b"),
         "task_states_get": ([seeded.queued_id, seeded.succeeded_id],),
-        "task_retry_many": ([seeded.succeeded_id], "retried by an operator"),
-        "task_cancel_many": ([seeded.queued_id, running], "cancelled by an operator"),
+        "task_retry_many": ([seeded.succeeded_id], "retried by an operator", ["failed"]),
+        "task_cancel_many": (
+            [seeded.queued_id, running],
+            "cancelled by an operator",
+            ["queued", "running"],
+        ),
+        "task_list_oldest_by_state": (["queued", "running"], 0, FIRST_PAGE, 500),
+        "task_list_oldest_by_type_and_state": (["queued"], 100, FIRST_PAGE, 500, "b"),
+        "task_seq_last": (),
         "task_payload_get": (seeded.succeeded_id,),
         "task_event_minutes": (datetime.now(UTC) - timedelta(hours=1),),
     }
@@ -219,6 +226,8 @@ PER_TASK_QUERIES = [
     "task_states_get",
     "task_retry_many",
     "task_cancel_many",
+    "task_list_oldest_by_state",
+    "task_list_oldest_by_type_and_state",
     "task_payload_get",
     "task_event_minutes",
 ]

@@ -75,11 +75,35 @@ async def _list(
     )
 
 
+async def _list_oldest(
+    conn: Any,
+    *,
+    states: Sequence[str],
+    task_type: str | None,
+    after_seq: int,
+    through_seq: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    if task_type is None:
+        return await queries.task_list_oldest_by_state(
+            conn, states=states, after_seq=after_seq, through_seq=through_seq, limit=limit
+        )
+    return await queries.task_list_oldest_by_type_and_state(
+        conn,
+        states=states,
+        task_type=task_type,
+        after_seq=after_seq,
+        through_seq=through_seq,
+        limit=limit,
+    )
+
+
 def parse_page_token(token: str) -> int:
     """The keyset behind a page token (the queue position to continue below)."""
     if not token:
         return queries.FIRST_PAGE
-    if not token.isdigit() or len(token) > 19:  # noqa: PLR2004 - digits of a bigint
+    # isascii: str.isdigit() also accepts digits int() cannot read, such as "²".
+    if not (token.isascii() and token.isdigit()) or not 0 < int(token) <= queries.FIRST_PAGE:
         raise InvalidTask(f"malformed page token {token[:40]!r}", field="page_token")
     return int(token)
 
@@ -116,7 +140,8 @@ class TaskControl:
         if limit < 1:
             raise InvalidTask("limit must be at least 1", field="limit")
         limit = min(limit, MAX_PAGE)
-        states = task_filter.states or ALL_STATES
+        # A state named twice would be scanned twice: each task listed once.
+        states = tuple(dict.fromkeys(task_filter.states)) or ALL_STATES
         task_type = validate_task_type(task_filter.task_type) if task_filter.task_type else None
         async with self._database.connection() as conn:
             rows = await _list(
@@ -271,7 +296,7 @@ class TaskControl:
         if task_filter is None:
             if dry_run:
                 raise InvalidTask(f"{action}: a dry run needs a filter, not ids")
-            result = await self._by_ids(action, apply, task_ids, detail)
+            result = await self._by_ids(action, apply, applicable, task_ids, detail)
         else:
             result = await self._by_filter(
                 action, apply, applicable, task_filter, dry_run, limit, detail
@@ -285,6 +310,7 @@ class TaskControl:
         self,
         action: str,
         apply: Callable[..., Awaitable[list[asyncpg.Record]]],
+        applicable: tuple[TaskState, ...],
         task_ids: Sequence[str],
         detail: str,
     ) -> BulkResult:
@@ -296,7 +322,12 @@ class TaskControl:
             missing = [task_id for task_id in ids if task_id not in known]
             if missing:
                 raise TaskNotFound(task_id=missing[0])
-            rows = await apply(conn, task_ids=ids, detail=detail)
+            rows = await apply(
+                conn,
+                task_ids=ids,
+                detail=detail,
+                states=[state.value for state in applicable],
+            )
             changed = {str(row["id"]) for row in rows}
             # Read again under the action's locks: the state that made each one not apply.
             now = await queries.task_states_get(
@@ -320,7 +351,7 @@ class TaskControl:
         limit: int,
         detail: str,
     ) -> BulkResult:
-        states = task_filter.states or applicable
+        states = tuple(dict.fromkeys(task_filter.states)) or applicable
         wrong = [state.value for state in states if state not in applicable]
         if wrong:
             allowed = " or ".join(state.value for state in applicable)
@@ -338,20 +369,34 @@ class TaskControl:
                 )
             return BulkResult(matched=min(count, limit) if limit else count, changed=0)
         changed = 0
-        # Only tasks that matched when the action began: work enqueued (or re-queued by this
-        # very action) meanwhile is not swept up, so the loop always ends.
-        ceiling = queries.FIRST_PAGE
+        # Oldest first, in queue order, and only tasks that existed when the action began:
+        # work enqueued (or re-queued by this very action) meanwhile is not swept up, and the
+        # cursor only moves forward, so the loop always ends.
+        async with self._database.connection() as conn:
+            ceiling = await queries.task_seq_last(conn)
+        cursor = 0
         while not limit or changed < limit:
             batch = BULK_BATCH if not limit else min(BULK_BATCH, limit - changed)
             async with self._database.transaction() as conn:
-                rows = await _list(conn, state_names, task_type, ceiling, batch)
+                rows = await _list_oldest(
+                    conn,
+                    states=state_names,
+                    task_type=task_type,
+                    after_seq=cursor,
+                    through_seq=ceiling,
+                    limit=batch,
+                )
                 if not rows:
                     break
-                if ceiling == queries.FIRST_PAGE:
-                    ceiling = rows[0]["seq"] + 1
-                done = await apply(conn, task_ids=[str(row["id"]) for row in rows], detail=detail)
-            # A listed task that did not change left the filtered states meanwhile; it is
-            # not listed again, so the loop still moves on.
+                cursor = rows[-1]["seq"]
+                # `apply` re-checks each state under its row lock: a task that left the
+                # filtered states since it was listed is left alone.
+                done = await apply(
+                    conn,
+                    task_ids=[str(row["id"]) for row in rows],
+                    detail=detail,
+                    states=state_names,
+                )
             self._after_change(action, done)
             changed += len(done)
         return BulkResult(matched=changed, changed=changed)

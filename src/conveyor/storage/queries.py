@@ -354,17 +354,56 @@ async def task_states_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, st
 
 
 async def task_retry_many(
-    conn: Any, *, task_ids: Sequence[str], detail: str
+    conn: Any, *, task_ids: Sequence[str], detail: str, states: Sequence[str]
 ) -> list[asyncpg.Record]:
-    """Re-queue the failed or cancelled tasks among `task_ids`; returns (id, type) of each."""
-    return list(await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail))
+    """Re-queue the tasks among `task_ids` in `states`; returns (id, type) of each."""
+    return list(await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail, list(states)))
 
 
 async def task_cancel_many(
-    conn: Any, *, task_ids: Sequence[str], detail: str
+    conn: Any, *, task_ids: Sequence[str], detail: str, states: Sequence[str]
 ) -> list[asyncpg.Record]:
-    """Cancel the queued or running tasks among `task_ids`; returns (id, type) of each."""
-    return list(await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail))
+    """Cancel the tasks among `task_ids` in `states`; returns (id, type) of each."""
+    return list(await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail, list(states)))
+
+
+async def task_seq_last(conn: Any) -> int:
+    """The highest queue position handed out so far (0 before the first task)."""
+    last: int = await conn.fetchval(SQL["task_seq_last"])
+    return last
+
+
+async def task_list_oldest_by_state(
+    conn: Any, *, states: Sequence[str], after_seq: int, through_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    """(id, seq) of tasks in `states` with after_seq < seq <= through_seq, oldest first."""
+    return list(
+        await conn.fetch(
+            SQL["task_list_oldest_by_state"], list(states), after_seq, through_seq, limit
+        )
+    )
+
+
+async def task_list_oldest_by_type_and_state(
+    conn: Any,
+    *,
+    states: Sequence[str],
+    task_type: str,
+    after_seq: int,
+    through_seq: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """(id, seq) of tasks of `task_type` in `states` in the seq range, oldest first."""
+    return list(
+        await conn.fetch(
+            SQL["task_list_oldest_by_type_and_state"],
+            list(states),
+            after_seq,
+            through_seq,
+            limit,
+            task_type,
+        )
+    )
 
 
 async def task_payload_get(conn: Any, *, task_id: str) -> bytes | None:

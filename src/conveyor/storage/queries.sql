@@ -445,22 +445,28 @@ SELECT count(*) FROM conveyor_tasks WHERE type = $2 AND state = ANY ($1::conveyo
 SELECT id, state FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 
 -- name: task_retry_many
--- $1 task ids, $2 detail. FAILED or CANCELLED -> QUEUED as a new series of attempts: the
--- attempt count starts again, and the task joins the back of its queue (a new seq), so a
--- bulk retry of old failures does not jump ahead of work enqueued meanwhile. Tasks in other
--- states are left alone (the caller reports them). Recorded as `retried` in the history.
+-- $1 task ids, $2 detail, $3 states it applies to (failed and/or cancelled). Those tasks go
+-- back to QUEUED as a new series of attempts: the attempt count starts again, and the task
+-- joins the back of its queue with a new seq, drawn in the tasks' original order, so a bulk
+-- retry of old failures neither jumps ahead of work enqueued meanwhile nor scrambles its
+-- own order. Tasks in other states are left alone (the caller reports them). Recorded as
+-- `retried` in the history.
 WITH target AS (
-    SELECT id FROM conveyor_tasks
-    WHERE id = ANY ($1::uuid[]) AND state IN ('failed', 'cancelled')
+    SELECT id, seq FROM conveyor_tasks
+    WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
+      AND state IN ('failed', 'cancelled')
     ORDER BY seq
     FOR UPDATE
+), renumbered AS (
+    SELECT id, nextval(pg_get_serial_sequence('conveyor_tasks', 'seq')) AS new_seq
+    FROM (SELECT id, seq FROM target ORDER BY seq) AS oldest_first
 ), done AS (
     UPDATE conveyor_tasks AS t
-    SET state = 'queued', attempt = 0, seq = DEFAULT, available_at = now(),
+    SET state = 'queued', attempt = 0, seq = renumbered.new_seq, available_at = now(),
         started_at = NULL, finished_at = NULL, worker_id = NULL, result = NULL,
         progress = NULL, progress_at = NULL
-    FROM target
-    WHERE t.id = target.id
+    FROM renumbered
+    WHERE t.id = renumbered.id
     RETURNING t.id, t.type
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail)
@@ -471,11 +477,14 @@ WITH target AS (
 SELECT id, type, (SELECT count(*) FROM wake) AS woken FROM done;
 
 -- name: task_cancel_many
--- $1 task ids, $2 detail. QUEUED or RUNNING -> CANCELLED; a running attempt's lease is
--- revoked at once (its worker learns it at its next heartbeat). Others are left alone.
+-- $1 task ids, $2 detail, $3 states it applies to (queued and/or running). Those tasks are
+-- CANCELLED; a running attempt's lease is revoked at once (its worker learns it at its next
+-- heartbeat). Others are left alone: a cancel of queued tasks never touches one that was
+-- claimed since it was listed.
 WITH target AS (
     SELECT id FROM conveyor_tasks
-    WHERE id = ANY ($1::uuid[]) AND state IN ('queued', 'running')
+    WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
+      AND state IN ('queued', 'running')
     ORDER BY seq
     FOR UPDATE
 ), done AS (
@@ -490,6 +499,37 @@ WITH target AS (
     SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2 FROM done
 )
 SELECT id, type FROM done;
+
+-- name: task_seq_last
+-- The highest queue position handed out so far: a bulk action covers tasks up to it.
+SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('conveyor_tasks', 'seq')), 0);
+
+-- name: task_list_oldest_by_state
+-- $1 states, $2 only seq above it (the cursor), $3 only seq up to it, $4 limit. Oldest
+-- first: a bulk action walks its tasks in queue order. One range scan per state, merged.
+SELECT t.id, t.seq
+FROM unnest($1::conveyor_task_state[]) AS wanted (state)
+CROSS JOIN LATERAL (
+    SELECT c.id, c.seq FROM conveyor_tasks AS c
+    WHERE c.state = wanted.state AND c.seq > $2 AND c.seq <= $3
+    ORDER BY c.seq
+    LIMIT $4
+) AS t
+ORDER BY t.seq
+LIMIT $4;
+
+-- name: task_list_oldest_by_type_and_state
+-- $1 states, $2 only seq above it, $3 only seq up to it, $4 limit, $5 type. Oldest first.
+SELECT t.id, t.seq
+FROM unnest($1::conveyor_task_state[]) AS wanted (state)
+CROSS JOIN LATERAL (
+    SELECT c.id, c.seq FROM conveyor_tasks AS c
+    WHERE c.type = $5 AND c.state = wanted.state AND c.seq > $2 AND c.seq <= $3
+    ORDER BY c.seq
+    LIMIT $4
+) AS t
+ORDER BY t.seq
+LIMIT $4;
 
 -- name: task_payload_get
 SELECT payload FROM conveyor_tasks WHERE id = $1;
