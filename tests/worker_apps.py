@@ -9,6 +9,7 @@ count real executions from it, independently of what the queue reports.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -77,6 +78,35 @@ def permanent_fail(ctx: TaskContext, payload: bytes) -> bytes:
     raise PermanentFailure("this input can never succeed")
 
 
+def fail_once(ctx: TaskContext, payload: bytes) -> bytes:
+    """Fail the first attempt with an error quoting the payload; succeed on the next."""
+    record("start", ctx)
+    if ctx.attempt == 1:
+        raise RuntimeError(f"first attempt fails on purpose: {payload.decode()}")
+    record("end", ctx)
+    return b"done on attempt %d" % ctx.attempt
+
+
+# A plain stdlib logger, as an application's own code would use: not ctx.logger.
+app_log = logging.getLogger("worker_apps.handler")
+
+
+def log_line(ctx: TaskContext, payload: bytes) -> bytes:
+    """Log one line with the application's own logger, from a handler thread."""
+    record("start", ctx)
+    app_log.info("handling %s", payload.decode(), extra={"event": "handler_says"})
+    record("end", ctx)
+    return payload
+
+
+async def async_log_line(ctx: TaskContext, payload: bytes) -> bytes:
+    """Log one line with the application's own logger, on the worker's event loop."""
+    record("start", ctx)
+    app_log.info("handling %s", payload.decode(), extra={"event": "handler_says"})
+    record("end", ctx)
+    return payload
+
+
 def build(concurrency: int = 4) -> Worker:
     worker = Worker(concurrency=concurrency)
     for name, fn in {
@@ -87,6 +117,9 @@ def build(concurrency: int = 4) -> Worker:
         "flaky": flaky,
         "always_fail": always_fail,
         "permanent_fail": permanent_fail,
+        "fail_once": fail_once,
+        "log_line": log_line,
+        "async_log_line": async_log_line,
     }.items():
         worker.register_handler(name, fn)
     return worker

@@ -188,7 +188,7 @@ class Dashboard:
         return guarded
 
     def _render(self, template: str, *, http_status: int = 200, **context: Any) -> web.Response:
-        defaults = {"now": datetime.now(UTC), "refresh": False, "notice": None}
+        defaults = {"now": datetime.now(UTC), "refresh": None, "notice": None}
         body = self._templates.get_template(template).render({**defaults, **context})
         return web.Response(text=body, status=http_status, content_type="text/html")
 
@@ -214,7 +214,7 @@ class Dashboard:
             oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
             failure_rate=status.failed_last_minute / finished if finished else 0.0,
             notice=request.query.get("notice"),
-            refresh=True,
+            refresh="/ui",
         )
 
     async def tasks(self, request: web.Request) -> web.StreamResponse:
@@ -271,7 +271,10 @@ class Dashboard:
     async def workers(self, _request: web.Request) -> web.Response:
         """Workers with their state, load and last heartbeat."""
         return self._render(
-            "workers.html", page="workers", workers=await self._source.workers(), refresh=True
+            "workers.html",
+            page="workers",
+            workers=await self._source.workers(),
+            refresh="/ui/workers",
         )
 
     async def stylesheet(self, _request: web.Request) -> web.Response:
