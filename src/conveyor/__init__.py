@@ -15,6 +15,8 @@ from conveyor.client.async_client import AsyncClient
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
 from conveyor.errors import ConveyorError
+from conveyor.logs import ContextFilter as LogContextFilter
+from conveyor.logs import configure_logging
 from conveyor.types import (
     BulkResult,
     ClusterStatus,
@@ -36,6 +38,7 @@ __all__ = [
     "Client",
     "ClusterStatus",
     "ConveyorError",
+    "LogContextFilter",
     "PausedType",
     "RetryPolicy",
     "Task",
@@ -48,5 +51,6 @@ __all__ = [
     "Worker",
     "WorkerInfo",
     "__version__",
+    "configure_logging",
     "errors",
 ]

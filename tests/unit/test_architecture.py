@@ -1,8 +1,8 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
-Imports flow one way: `types`, `errors` and `breaker` are leaves; `storage` and `protocol`
-import only leaves; `client` and `worker` never import `storage` or `server`; `monitoring`
-imports only leaves; `cli` sits on top. SQL lives only in `storage/`.
+Imports flow one way: `types`, `errors`, `breaker` and `logs` are leaves; `storage` and
+`protocol` import only leaves; `client` and `worker` never import `storage` or `server`;
+`monitoring` imports only leaves; `cli` sits on top. SQL lives only in `storage/`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ ALLOWED = {
     "types": {"errors"},
     "errors": set(),
     "breaker": {"errors"},
-    "storage": {"types", "errors"},
-    "protocol": {"types", "errors"},
-    "monitoring": {"types", "errors"},
-    "client": {"types", "errors", "breaker", "protocol"},
-    "worker": {"types", "errors", "breaker", "protocol", "client"},
-    "server": {"types", "errors", "breaker", "protocol", "storage", "monitoring"},
+    "logs": {"errors"},
+    "storage": {"types", "errors", "logs"},
+    "protocol": {"types", "errors", "logs"},
+    "monitoring": {"types", "errors", "logs"},
+    "client": {"types", "errors", "logs", "breaker", "protocol"},
+    "worker": {"types", "errors", "logs", "breaker", "protocol", "client"},
+    "server": {"types", "errors", "logs", "breaker", "protocol", "storage", "monitoring"},
     "cli": {
-        *("types", "errors", "breaker", "protocol", "storage"),
+        *("types", "errors", "logs", "breaker", "protocol", "storage"),
         *("monitoring", "client", "worker", "server"),
     },
 }
@@ -61,7 +62,7 @@ def source_files() -> list[Path]:
     return [
         path
         for path in layered
-        if path.parent != PACKAGE or path.name in {"types.py", "errors.py", "breaker.py"}
+        if path.parent != PACKAGE or path.name in {"types.py", "errors.py", "breaker.py", "logs.py"}
     ]
 
 

@@ -13,6 +13,7 @@ EXPECTED_EXPORTS = [
     "Client",
     "ClusterStatus",
     "ConveyorError",
+    "LogContextFilter",
     "PausedType",
     "RetryPolicy",
     "Task",
@@ -25,6 +26,7 @@ EXPECTED_EXPORTS = [
     "Worker",
     "WorkerInfo",
     "__version__",
+    "configure_logging",
     "errors",
 ]
 

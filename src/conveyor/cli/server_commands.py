@@ -28,13 +28,22 @@ if TYPE_CHECKING:
 
     from conveyor.storage.embedded import EmbeddedPostgres
 
+# Where the `conveyor` group leaves the chosen log format in click's context meta.
+LOG_FORMAT_KEY = "conveyor.log_format"
+
 
 async def _serve(
     config: ServerConfig,
     on_started: Callable[[ConveyorServer], None] | None = None,
     before_stop: Callable[[], None] | None = None,
+    *,
+    announce: bool = True,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Callbacks run in a thread: they may block on this loop."""
+    """Serve until SIGINT/SIGTERM. Callbacks run in a thread: they may block on this loop.
+
+    `announce=False` skips the one-line banner, for JSON logs: every stderr line must be a
+    JSON object there, and the server logs the same facts as a record anyway.
+    """
     server = ConveyorServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -46,16 +55,17 @@ async def _serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shut_down()))
-    click.echo(
-        f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
-        f"{server.grpc_port}"
-        + (
-            f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
-            if config.http_listen
-            else ""
-        ),
-        err=True,
-    )
+    if announce:
+        click.echo(
+            f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
+            f"{server.grpc_port}"
+            + (
+                f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
+                if config.http_listen
+                else ""
+            ),
+            err=True,
+        )
     if on_started is not None:
         await loop.run_in_executor(None, on_started, server)
     await server.wait_stopped()
@@ -191,7 +201,8 @@ def server(
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),
         )
-        asyncio.run(_serve(config))
+        json_logs = click.get_current_context().meta.get(LOG_FORMAT_KEY) == "json"
+        asyncio.run(_serve(config, announce=not json_logs))
     finally:
         _stop_embedded(embedded)
 

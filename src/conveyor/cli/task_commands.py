@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from conveyor.cli import output
 from conveyor.client.sync_client import Client
 from conveyor.errors import InvalidTask
 from conveyor.types import DEFAULT_MAX_RETRIES, Task
@@ -139,11 +139,11 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
             document.pop("history")
         click.echo(json.dumps(document, indent=2))
         return
-    console = Console()
+    console = output.console()
     summary = Table.grid(padding=(0, 2))
     for key, value in status_document(found).items():
         if key != "history" and value is not None:
-            summary.add_row(f"[bold]{key}[/]", str(value))
+            summary.add_row(f"[bold]{key}[/]", output.plain(value))
     console.print(summary)
     if history:
         table = Table(title="history")
@@ -156,7 +156,7 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
                 event.state.value,
                 str(event.attempt),
                 event.worker_id or "",
-                event.detail or "",
+                output.plain(event.detail),
             )
         console.print(table)
 

@@ -1,4 +1,8 @@
-"""`conveyor worker MODULE:ATTR`: import a Worker from user code and run it until signalled."""
+"""`conveyor worker MODULE:ATTR`: import a Worker from user code and run it until signalled.
+
+The command's flags override the Worker's own settings: servers, concurrency, and the
+address of its Prometheus metrics endpoint.
+"""
 
 from __future__ import annotations
 
@@ -54,17 +58,44 @@ def load_worker(spec: str) -> Worker:
     default=None,
     help="Most tasks in flight (overrides the Worker's).",
 )
-def worker(spec: str, server: str | None, concurrency: int | None) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    envvar="CONVEYOR_WORKER_METRICS_PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port, logged).",
+)
+@click.option(
+    "--metrics-host",
+    default=None,
+    envvar="CONVEYOR_WORKER_METRICS_HOST",
+    metavar="HOST",
+    help="Address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 for every interface).",
+)
+def worker(
+    spec: str,
+    server: str | None,
+    concurrency: int | None,
+    metrics_port: int | None,
+    metrics_host: str | None,
+) -> None:
     """Run the Worker at MODULE:ATTR until SIGINT or SIGTERM, then stop gracefully."""
     found = load_worker(spec)
-    found.configure(server=server, concurrency=concurrency)
+    found.configure(
+        server=server,
+        concurrency=concurrency,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
     found.run()
     stuck = found.busy_threads()
     if stuck:
         # Their tasks were handed back or reported; only the threads remain. Python cannot
         # kill a thread, and waiting could be forever.
         log.warning(
-            "exiting with %d sync handler(s) still running; their leases are settled", stuck
+            "exiting with %d sync handler(s) still running; their leases are settled",
+            stuck,
+            extra={"event": "exit_with_busy_threads", "worker_id": found.worker_id},
         )
         logging.shutdown()
         os._exit(0)

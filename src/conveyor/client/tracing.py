@@ -82,3 +82,12 @@ def handler_span(
         },
     ) as span:
         yield span
+
+
+def record_outcome(span: Any, outcome: str, error: str | None) -> None:
+    """Mark a handler span with the attempt's outcome; anything but success is an error."""
+    if span is None or trace is None:
+        return
+    span.set_attribute("conveyor.outcome", outcome)
+    if outcome != "succeeded":
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error or outcome))

@@ -33,7 +33,9 @@ class TaskContext:
         cancelled: Set when the task is cancelled, its lease is lost, its timeout passes or
             the worker shuts down. Sync handlers should check it in long loops; async
             handlers are also cancelled outright.
-        logger: A logger whose records carry the task id, type, attempt and worker id.
+        logger: A logger whose records carry the task id, type, attempt, lease id and worker
+            id (records from any logger inside the handler carry them too, under the
+            `conveyor` CLI or with `conveyor.logs.ContextFilter` installed).
     """
 
     task_id: str

@@ -25,12 +25,19 @@ A sync handler cannot be interrupted. When it outlives its timeout or is cancell
 worker reports the attempt (timed out, or handed back) at once so the task is not held up,
 sets `ctx.cancelled`, and keeps the thread's slot occupied until the function returns, so
 the worker never runs more than `concurrency` handlers at the same time.
+
+Observability: every log line about an attempt is emitted inside `log_context` with the
+task's id, type, attempt, lease and the worker's id, and sync handlers run in a copy of that
+context, so the user's own log lines inside a handler carry the same fields. With
+`metrics_port`, the worker serves its Prometheus metrics (worker/metrics.py) over HTTP for
+as long as it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -45,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from conveyor import __version__
+from conveyor.client import tracing
 from conveyor.client.channel import (
     CHANNEL_OPTIONS,
     AddressRing,
@@ -52,11 +60,13 @@ from conveyor.client.channel import (
     parse_addresses,
 )
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
+from conveyor.logs import ContextAdapter, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.worker.context import TaskContext
+from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
 from conveyor.worker.watchdog import LoopWatchdog
 
@@ -66,12 +76,14 @@ if TYPE_CHECKING:
 
     from conveyor.worker.registry import Handler, RegisteredHandler
 
-log = logging.getLogger("conveyor.worker")
+# Records carry the bound log context even where no ContextFilter is installed.
+log = ContextAdapter(logging.getLogger("conveyor.worker"))
 
 DEFAULT_CONCURRENCY: Final = 4
 DEFAULT_DRAIN_TIMEOUT: Final = timedelta(seconds=30)
 DEFAULT_LEASE_WAIT: Final = timedelta(seconds=20)
 DEFAULT_START_TIMEOUT: Final = timedelta(seconds=30)
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 # Used until the server tells us its own values at registration.
 FALLBACK_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
 FALLBACK_LEASE_DURATION: Final = timedelta(seconds=30)
@@ -96,6 +108,28 @@ def default_worker_id() -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _checked_concurrency(concurrency: object) -> int:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        raise ConfigError("concurrency must be an integer")
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+    return concurrency
+
+
+def _checked_host(host: object) -> str:
+    if not isinstance(host, str) or not host:
+        raise ConfigError("metrics_host must be a non-empty string")
+    return host
+
+
+def _checked_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigError("metrics_port must be an integer")
+    if not 0 <= port <= 65535:  # noqa: PLR2004 - the TCP port range
+        raise ConfigError(f"metrics_port must be between 0 and 65535, got {port}")
+    return port
 
 
 def _result_bytes(value: object) -> bytes | None:
@@ -142,6 +176,15 @@ class Worker:
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
         worker_id: Defaults to host-pid-random.
+        metrics_port: Serve Prometheus metrics at http://metrics_host:metrics_port/metrics
+            while the worker runs (None: do not serve; 0: any free port). After `start`,
+            this attribute holds the port actually bound.
+        metrics_host: The address the metrics endpoint listens on (loopback by default;
+            0.0.0.0 for every interface).
+
+    Attributes:
+        metrics: The worker's Prometheus metrics; `metrics.registry` can also be served
+            by the application itself.
     """
 
     def __init__(
@@ -152,16 +195,23 @@ class Worker:
         drain_timeout: timedelta = DEFAULT_DRAIN_TIMEOUT,
         lease_wait: timedelta = DEFAULT_LEASE_WAIT,
         worker_id: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = DEFAULT_METRICS_HOST,
     ) -> None:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
         self.worker_id = worker_id or default_worker_id()
+        self.metrics = WorkerMetrics()
+        self.metrics_port: int | None = None
         self.configure(
             server=server,
             concurrency=concurrency,
             drain_timeout=drain_timeout,
             lease_wait=lease_wait,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
+        self._metrics_server: MetricsServer | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopped = threading.Event()
@@ -175,21 +225,20 @@ class Worker:
         concurrency: int | None = None,
         drain_timeout: timedelta | None = None,
         lease_wait: timedelta | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ) -> None:
         """Change settings before start (the CLI's flags override a module's Worker this way).
 
-        `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first).
+        `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first);
+        any other None keeps the current value.
         """
         if getattr(self, "_thread", None) is not None:
             raise ConfigError("configure() must be called before start()")
         if server is not None or not hasattr(self, "addresses"):
             self.addresses = parse_addresses(server)
         if concurrency is not None:
-            if isinstance(concurrency, bool) or not isinstance(concurrency, int):
-                raise ConfigError("concurrency must be an integer")
-            if concurrency < 1:
-                raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
-            self.concurrency = concurrency
+            self.concurrency = _checked_concurrency(concurrency)
         if drain_timeout is not None:
             if drain_timeout < timedelta(0):
                 raise ConfigError("drain_timeout must not be negative")
@@ -198,6 +247,10 @@ class Worker:
             if lease_wait <= timedelta(0):
                 raise ConfigError("lease_wait must be positive")
             self.lease_wait = lease_wait
+        if metrics_port is not None:
+            self.metrics_port = _checked_port(metrics_port)
+        if metrics_host is not None:
+            self.metrics_host = _checked_host(metrics_host)
 
     def register_handler(self, task_type: str, fn: Handler) -> None:
         """Run `fn(ctx, payload) -> bytes | None` for tasks of `task_type`."""
@@ -218,13 +271,15 @@ class Worker:
         """Start in a background thread; return once registered with a server and leasing.
 
         Raises:
-            ConfigError: no handler is registered, or the worker was already started.
+            ConfigError: no handler is registered, the worker was already started, or the
+                metrics port cannot be bound.
             ServerUnavailable: no server accepted the registration within `timeout`.
         """
         if not self.registry.task_types():
             raise ConfigError("register at least one handler before starting the worker")
         if self._thread is not None:
             raise ConfigError("this worker was already started")
+        self._serve_metrics()
         self._runtime = _Runtime(self, timeout)
         self._thread = threading.Thread(
             target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
@@ -235,18 +290,41 @@ class Worker:
             self._thread.join()
             raise self._start_error
 
+    def _serve_metrics(self) -> None:
+        if self.metrics_port is None:
+            return
+        server = MetricsServer(self.metrics.registry, self.metrics_host, self.metrics_port)
+        self.metrics_port = server.start()
+        self._metrics_server = server
+        log.info(
+            "serving metrics on http://%s:%d/metrics",
+            self.metrics_host,
+            self.metrics_port,
+            extra={
+                "event": "metrics_serving",
+                "worker_id": self.worker_id,
+                "metrics_port": self.metrics_port,
+            },
+        )
+
     def _thread_main(self) -> None:
         assert self._runtime is not None  # noqa: S101 - set by start()
-        try:
-            asyncio.run(self._runtime.main(self._on_started))
-        except BaseException as exc:
-            if not self._started.is_set():
-                self._start_error = exc
-            else:
-                log.exception("worker crashed", extra={"event": "worker_crashed"})
-        finally:
-            self._started.set()
-            self._stopped.set()
+        # Bound here, every line of this worker carries its id: asyncio tasks inherit it,
+        # and handler threads get a copy of their attempt's context.
+        with log_context(worker_id=self.worker_id):
+            try:
+                asyncio.run(self._runtime.main(self._on_started))
+            except BaseException as exc:
+                if not self._started.is_set():
+                    self._start_error = exc
+                else:
+                    log.exception("worker crashed", extra={"event": "worker_crashed"})
+            finally:
+                # Scrapes keep working through the drain; the endpoint goes with the worker.
+                if self._metrics_server is not None:
+                    self._metrics_server.stop()
+                self._started.set()
+                self._stopped.set()
 
     def _on_started(self, error: BaseException | None) -> None:
         self._start_error = error
@@ -278,12 +356,15 @@ class Worker:
 
         def on_signal(signum: int, _frame: object) -> None:
             if stop_requested.is_set():
-                log.warning("second signal: exiting without draining", extra={"event": "abort"})
+                log.warning(
+                    "second signal: exiting without draining",
+                    extra={"event": "abort", "worker_id": self.worker_id},
+                )
                 os._exit(1)
             log.info(
                 "received %s; stopping gracefully (signal again to exit at once)",
                 signal.Signals(signum).name,
-                extra={"event": "stop_requested"},
+                extra={"event": "stop_requested", "worker_id": self.worker_id},
             )
             stop_requested.set()
 
@@ -322,7 +403,13 @@ class _Runtime:
         self.heartbeat_now: asyncio.Event | None = None
         self.draining = False
         self.watchdog: LoopWatchdog | None = None
-        self.log = logging.LoggerAdapter(log, {"worker_id": worker.worker_id})
+        self.log = log
+        self.metrics = worker.metrics
+        self.metrics.prepare(
+            task_types=worker.registry.task_types(),
+            concurrency=worker.concurrency,
+            breakers=self.ring.breakers,
+        )
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -376,7 +463,7 @@ class _Runtime:
             on_started(exc)
             await self.close_channels()
             return
-        self.watchdog = LoopWatchdog(self.loop)
+        self.watchdog = LoopWatchdog(self.loop, on_lag=self.metrics.event_loop_lag.set)
         self.watchdog.start()
         on_started(None)
         heartbeat = asyncio.create_task(self.heartbeat_loop(), name="heartbeat")
@@ -495,39 +582,76 @@ class _Runtime:
             max_retries=lease.max_retries,
             lease_id=lease.lease_id,
             deadline=deadline,
-            logger=logging.LoggerAdapter(
+            logger=ContextAdapter(
                 logging.getLogger(f"conveyor.task.{lease.type}"),
                 {
                     "task_id": lease.task_id,
                     "task_type": lease.type,
                     "attempt": lease.attempt,
                     "worker_id": self.worker.worker_id,
+                    "lease_id": lease.lease_id,
                 },
             ),
         )
         attempt = _Attempt(lease=lease, ctx=ctx)
         self.attempts[lease.task_id] = attempt
         self.busy += 1
+        self.metrics.tasks_in_flight.inc()
+        self.metrics.tasks_leased.labels(lease.type).inc()
         attempt.runner = asyncio.create_task(self.execute(attempt), name=f"task-{lease.task_id}")
 
     # --- running an attempt ---------------------------------------------------------------
 
     async def execute(self, attempt: _Attempt) -> None:
         lease = attempt.lease
-        try:
-            report = await self.run_handler(attempt)
-            if report is not None:
-                await self.report(attempt, report)
-            attempt.settled.set()
-            await self.handler_ended(attempt)
-        except Exception:
-            self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
-        finally:
-            attempt.settled.set()
-            self.attempts.pop(lease.task_id, None)
-            self.busy -= 1
-            if self.slot_freed is not None:
-                self.slot_freed.set()
+        assert self.loop is not None  # noqa: S101
+        # This runner is its own asyncio task: the fields bound here reach everything it
+        # logs and, through `launch`, the handler.
+        with self.attempt_log_context(attempt):
+            try:
+                self.log.debug("task started", extra={"event": "task_started"})
+                started = self.loop.time()
+                # The span is current while the handler runs, so spans the handler opens
+                # are its children, in the producer's trace.
+                with tracing.handler_span(
+                    task_type=lease.type,
+                    task_id=lease.task_id,
+                    attempt=lease.attempt,
+                    worker_id=self.worker.worker_id,
+                    trace_context=lease.trace_context,
+                ) as span:
+                    report = await self.run_handler(attempt)
+                    outcome = _outcome_label(attempt, report)
+                    tracing.record_outcome(span, outcome, report.error if report else None)
+                took = self.loop.time() - started
+                self.metrics.observe_handler(lease.type, outcome, took)
+                if outcome == "succeeded":
+                    self.log.debug(
+                        "task succeeded in %.3fs", took, extra={"event": "task_succeeded"}
+                    )
+                if report is not None:
+                    await self.report(attempt, report)
+                attempt.settled.set()
+                await self.handler_ended(attempt)
+            except Exception:
+                self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
+            finally:
+                attempt.settled.set()
+                self.attempts.pop(lease.task_id, None)
+                self.busy -= 1
+                self.metrics.tasks_in_flight.dec()
+                if self.slot_freed is not None:
+                    self.slot_freed.set()
+
+    def attempt_log_context(self, attempt: _Attempt) -> contextlib.AbstractContextManager[None]:
+        """Bind the attempt's fields for the log lines about it (the worker id is bound)."""
+        lease = attempt.lease
+        return log_context(
+            task_id=lease.task_id,
+            task_type=lease.type,
+            attempt=lease.attempt,
+            lease_id=lease.lease_id,
+        )
 
     async def handler_ended(self, attempt: _Attempt) -> None:
         """Wait until the handler has really stopped running: until then it holds its slot.
@@ -559,7 +683,7 @@ class _Runtime:
             lease.task_id,
             lease.attempt,
             timeout,
-            extra={"event": "task_timed_out", "task_id": lease.task_id},
+            extra={"event": "task_timed_out"},
         )
         return self.outcome(
             attempt,
@@ -604,7 +728,12 @@ class _Runtime:
             return asyncio.ensure_future(coroutine)
         assert self.loop is not None  # noqa: S101
         self.busy_threads += 1
-        thread_future = self.pool.submit(handler.fn, attempt.ctx, payload)
+        self.metrics.sync_handlers_running.inc()
+        # ThreadPoolExecutor does not carry context variables into its threads: run the
+        # handler in a copy of this attempt's, so its own log lines carry the task fields.
+        thread_future = self.pool.submit(
+            contextvars.copy_context().run, handler.fn, attempt.ctx, payload
+        )
         thread_future.add_done_callback(lambda _f: self._thread_done())
         attempt.thread_future = thread_future
         return asyncio.wrap_future(thread_future, loop=self.loop)
@@ -617,6 +746,7 @@ class _Runtime:
 
     def _decrement_threads(self) -> None:
         self.busy_threads -= 1
+        self.metrics.sync_handlers_running.dec()
 
     def outcome(
         self,
@@ -648,6 +778,7 @@ class _Runtime:
                 await self.call("ReportResult", request)
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at:
+                    self.metrics.reports_failed.inc()
                     attempt.ctx.logger.error(  # noqa: TRY400 - no traceback to add
                         "could not report the outcome: %s", exc, extra={"event": "report_failed"}
                     )
@@ -668,12 +799,14 @@ class _Runtime:
                     )
                     continue
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self.metrics.reports_rejected.inc()
                     attempt.ctx.logger.info(
                         "outcome refused, the lease is no longer ours: %s",
                         exc.details(),
                         extra={"event": "report_rejected"},
                     )
                     return
+                self.metrics.reports_failed.inc()
                 attempt.ctx.logger.error(  # noqa: TRY400 - the status says it all
                     "the outcome was refused: %s %s",
                     exc.code().name,
@@ -722,6 +855,7 @@ class _Runtime:
                 # within the lease, not after a long call timeout.
                 response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
             except (_Unreachable, grpc.aio.AioRpcError) as exc:
+                self.metrics.heartbeat_failures.inc()
                 silent_for = self.loop.time() - last_success
                 self.log.warning(
                     "heartbeat failed (%s); silent for %.1fs",
@@ -772,12 +906,14 @@ class _Runtime:
     def abandon(self, attempt: _Attempt, reason: str) -> None:
         if attempt.stop_reason is not None:
             return
-        attempt.ctx.logger.warning(
-            "stopping task %s: %s",
-            attempt.lease.task_id,
-            "it was cancelled" if reason == "cancelled" else "its lease was lost",
-            extra={"event": f"task_{reason}"},
-        )
+        # Called from the heartbeat loop, outside the attempt's own context.
+        with self.attempt_log_context(attempt):
+            self.log.warning(
+                "stopping task %s: %s",
+                attempt.lease.task_id,
+                "it was cancelled" if reason == "cancelled" else "its lease was lost",
+                extra={"event": f"task_{reason}"},
+            )
         attempt.stop(reason)
 
     # --- shutdown -------------------------------------------------------------------------
@@ -788,12 +924,31 @@ class _Runtime:
             await asyncio.wait(runners, timeout=self.worker.drain_timeout.total_seconds())
         remaining = [a for a in self.attempts.values() if a.runner and not a.runner.done()]
         for attempt in remaining:
-            self.log.info(
-                "handing back task %s", attempt.lease.task_id, extra={"event": "task_released"}
-            )
+            with self.attempt_log_context(attempt):
+                self.log.info(
+                    "handing back task %s",
+                    attempt.lease.task_id,
+                    extra={"event": "task_released"},
+                )
             attempt.stop("shutdown")
         # Each stopped attempt reports RELEASED from its own runner. Wait for the reports,
         # not for sync threads that ignore cancellation: their leases are already handed back.
         settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
         if settled:
             await asyncio.wait(settled, timeout=15)
+
+
+_REPORTED_OUTCOMES: Final = {
+    pb.OUTCOME_SUCCEEDED: "succeeded",
+    pb.OUTCOME_FAILED: "failed",
+    pb.OUTCOME_TIMED_OUT: "timed_out",
+    pb.OUTCOME_RELEASED: "released",
+}
+
+
+def _outcome_label(attempt: _Attempt, report: pb.ReportResultRequest | None) -> str:
+    """The `outcome` label of a handler run (see OUTCOMES in worker/metrics.py)."""
+    if report is None:
+        # Nothing may be reported only when the lease went away under the handler.
+        return "cancelled" if attempt.stop_reason == "cancelled" else "lease_lost"
+    return _REPORTED_OUTCOMES.get(report.outcome, "failed")

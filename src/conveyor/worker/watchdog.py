@@ -5,12 +5,15 @@ stops the whole event loop: no other handler runs and no heartbeat goes out, so 
 eventually marks the worker lost. This thread measures how late the loop runs a scheduled
 callback; when that exceeds `warn_after` it logs a warning from outside the loop (the loop
 cannot log while blocked), and the worst lag since the last heartbeat is reported to the
-server with the next heartbeat, where `conveyor workers` shows it.
+server with the next heartbeat, where `conveyor workers` shows it. Each measurement also
+goes to an optional `on_lag` callback (the worker's lag gauge), and, while the loop stays
+blocked, the time blocked so far, so a scrape during the block already shows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
 log = logging.getLogger("conveyor.worker.watchdog")
 
@@ -34,16 +38,23 @@ class LoopWatchdog:
         *,
         period: float = DEFAULT_PERIOD,
         warn_after: float = DEFAULT_WARN_AFTER,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
         """Nothing runs until `start`."""
         self._loop = loop
         self._period = period
         self._warn_after = warn_after
+        self._on_lag = on_lag
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._max_lag = 0.0
+        # The thread runs in a copy of its creator's context, so its warnings carry the
+        # worker's log fields (worker_id) like the loop's own lines.
         self._thread = threading.Thread(
-            target=self._run, name="conveyor-loop-watchdog", daemon=True
+            target=contextvars.copy_context().run,
+            args=(self._run,),
+            name="conveyor-loop-watchdog",
+            daemon=True,
         )
 
     def start(self) -> None:
@@ -72,6 +83,7 @@ class LoopWatchdog:
             while not probe.wait(self._warn_after):
                 if self._stopping.is_set():
                     return
+                self._report(time.monotonic() - sent)
                 if not warned:
                     log.warning(
                         "the worker's event loop has been blocked for %.1fs: an async handler "
@@ -84,6 +96,7 @@ class LoopWatchdog:
             lag = time.monotonic() - sent
             with self._lock:
                 self._max_lag = max(self._max_lag, lag)
+            self._report(lag)
             if warned:
                 with contextlib.suppress(Exception):
                     log.warning(
@@ -91,3 +104,8 @@ class LoopWatchdog:
                         lag,
                         extra={"event": "event_loop_unblocked"},
                     )
+
+    def _report(self, lag: float) -> None:
+        if self._on_lag is not None:
+            with contextlib.suppress(Exception):  # a broken callback must not stop the probes
+                self._on_lag(lag)

@@ -1,0 +1,119 @@
+"""Shared output helpers of the operator commands: the console, times, payload previews, errors.
+
+Every command that prints a table takes its console from `console()`, formats times with
+`when()`, wraps text that came from users or handlers in `plain()` so rich never reads it
+as markup, and reports a bad request with `fail()`: one `error: ...` line on stderr and
+exit status 1, the same contract ConveyorGroup gives typed errors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sys
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.text import Text
+
+# Piped output has no terminal width to fit: rich's fallback of 80 columns would fold task
+# ids in the middle, which breaks grep and copy-paste. COLUMNS still wins when set.
+PIPE_WIDTH = 200
+PREVIEW_BYTES = 200
+# Whitespace a text preview may contain; any other control character (an escape sequence
+# could restyle or clear the operator's terminal) makes the payload shown as hex instead.
+_PRINTABLE_CONTROLS = frozenset("\t\n\r")
+
+
+def console() -> Console:
+    """A console on stdout, wide enough not to fold ids when output is piped."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with status 1."""
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+def when(value: datetime | None, *, precise: bool = False) -> str:
+    """A timestamp in UTC for tables: seconds, or milliseconds when `precise`; "-" if None."""
+    if value is None:
+        return "-"
+    shown = value.astimezone(UTC).isoformat(
+        sep=" ", timespec="milliseconds" if precise else "seconds"
+    )
+    return shown.removesuffix("+00:00") + "Z"
+
+
+def short_when(value: datetime | None, today: datetime) -> str:
+    """A timestamp in UTC for a narrow column: the time alone if it is on `today`'s date."""
+    if value is None:
+        return "-"
+    value = value.astimezone(UTC)
+    if value.date() == today.astimezone(UTC).date():
+        return value.strftime("%H:%M:%S")
+    return value.strftime("%Y-%m-%d %H:%M")
+
+
+def iso(value: datetime | None) -> str | None:
+    """A timestamp for JSON output: ISO 8601, or None."""
+    return value.isoformat() if value is not None else None
+
+
+def plain(value: object, *, fold: bool = False) -> Text:
+    """Text rich prints as is: a payload or an error message may contain `[tags]`.
+
+    With `fold`, a word longer than the line (a hex dump) is broken across lines instead
+    of being cut with an ellipsis.
+    """
+    return Text("" if value is None else str(value), overflow="fold" if fold else None)
+
+
+def truncate(text: str | None, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _as_text(data: bytes, *, complete: bool) -> str | None:
+    # An incremental decoder tolerates a multi-byte character cut by the preview's end,
+    # which a plain decode would wrongly report as binary.
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
+    except UnicodeDecodeError:
+        return None
+    if any(unicodedata.category(char) == "Cc" and char not in _PRINTABLE_CONTROLS for char in text):
+        return None
+    return text
+
+
+def preview(data: bytes | None) -> dict[str, Any] | None:
+    """The first PREVIEW_BYTES of a payload or result: UTF-8 text when it is text, else hex."""
+    if data is None:
+        return None
+    head = data[:PREVIEW_BYTES]
+    text = _as_text(head, complete=len(data) <= PREVIEW_BYTES)
+    return {
+        "size": len(data),
+        "encoding": "utf-8" if text is not None else "hex",
+        "preview": text if text is not None else head.hex(),
+        "truncated": len(data) > PREVIEW_BYTES,
+    }
+
+
+def describe_preview(shown: dict[str, Any]) -> str:
+    """One line saying what `preview` returned: size, encoding, and whether it is cut."""
+    size = shown["size"]
+    if not size:
+        return "empty"
+    kind = "UTF-8 text" if shown["encoding"] == "utf-8" else "binary, shown as hex"
+    cut = f", first {PREVIEW_BYTES} shown" if shown["truncated"] else ""
+    return f"{size} byte(s), {kind}{cut}"
