@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
+# Where the CLI records the chosen format (click context meta), for commands that print.
+LOG_FORMAT_KEY: Final = "conveyor.log_format"
 
 # The fields `log_context` binds, in the order the formats show them.
 CONTEXT_FIELDS: Final = ("worker_id", "task_id", "task_type", "attempt", "lease_id")

@@ -14,6 +14,7 @@ import click
 
 from conveyor.cli.database_option import database_url_option, resolve_database
 from conveyor.errors import ServerUnavailable
+from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
     DEFAULT_GRPC_LISTEN,
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from conveyor.storage.embedded import EmbeddedPostgres
 
 # Where the `conveyor` group leaves the chosen log format in click's context meta.
-LOG_FORMAT_KEY = "conveyor.log_format"
 
 
 async def _serve(
