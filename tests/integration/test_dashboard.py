@@ -319,3 +319,9 @@ class TestDisabled:
         server = start_server(dashboard=False)
         assert fetch(f"{server.http_url}/ui")[0] == 404
         assert fetch(f"{server.http_url}/healthz")[0] == 200
+
+    def test_conveyor_server_no_dashboard_flag(self, server_process) -> None:
+        """`conveyor server --no-dashboard`: a real process whose HTTP port has no /ui."""
+        process = server_process("--no-dashboard")
+        assert fetch(f"{process.http_url}/ui")[0] == 404
+        assert fetch(f"{process.http_url}/metrics")[0] == 200

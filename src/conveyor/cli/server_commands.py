@@ -101,7 +101,15 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     default=DEFAULT_HTTP_LISTEN,
     show_default=True,
     metavar="HOST:PORT",
-    help="HTTP address for /healthz /readyz /status /metrics.",
+    help="HTTP address for /healthz /readyz /status /metrics and the /ui dashboard.",
+)
+@click.option(
+    "--dashboard/--no-dashboard",
+    default=True,
+    show_default=True,
+    envvar="CONVEYOR_DASHBOARD",
+    help="Serve the /ui dashboard on the HTTP address. It can retry, cancel and pause and "
+    "has no login yet: turn it off when the HTTP address is reachable by others.",
 )
 @click.option(
     "--migrate",
@@ -169,6 +177,7 @@ def server(
     database_url: str | None,
     grpc_listen: str,
     http_listen: str,
+    dashboard: bool,
     apply_migrations: bool,
     lease_ttl: float,
     retry_backoff_base: float,
@@ -187,6 +196,7 @@ def server(
             database_url=url,
             grpc_listen=grpc_listen,
             http_listen=http_listen,
+            dashboard=dashboard,
             # The embedded cluster is private to this machine: keep it migrated.
             migrate=apply_migrations or embedded is not None,
             lease_ttl=timedelta(seconds=lease_ttl),
