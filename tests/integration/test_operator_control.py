@@ -1037,3 +1037,28 @@ class TestAsyncClient:
             assert status.server_id == server.config.server_id
             assert await client.resume_type(task_type) is True
             assert (await client.get_status()).paused_types == ()
+
+
+# --- hostile input ------------------------------------------------------------------------
+
+
+class TestHostileInput:
+    """Inputs PostgreSQL or Python would choke on come back as INVALID_ARGUMENT, not INTERNAL."""
+
+    def test_a_reason_with_nul_is_invalid(self, client: Client, admin_stub) -> None:
+        task_id = client.enqueue_task(Task(type="hostile.t"))
+        with pytest.raises(InvalidTask, match="NUL"):
+            client.cancel_tasks([task_id], reason="a\x00b")
+        with pytest.raises(InvalidTask, match="NUL"):
+            client.pause_type("hostile.t", reason="\x00")
+        message = invalid_argument(
+            admin_stub.RetryTasks,
+            pb.BulkTaskRequest(filter=pb.TaskFilter(type="hostile.t"), reason="x\x00"),
+        )
+        assert "NUL" in message
+        assert state_of(client, task_id) is TaskState.QUEUED
+        assert client.get_status().paused_types == ()
+
+    def test_a_page_token_of_thousands_of_digits_is_invalid(self, client: Client) -> None:
+        with pytest.raises(InvalidTask, match="malformed page token"):
+            client.list_tasks(page_token="9" * 5000)

@@ -278,6 +278,57 @@ class TestPerTaskQueriesUseIndexes:
         assert indexes_used(plan), json.dumps(plan, indent=1)
 
 
+@pytest.fixture(scope="module")
+def skewed(pg_cluster) -> Iterator[str]:
+    """A backlog of 50,000 tasks of one type and 5 of another, analysed: the shape in which
+    a planner guessing "half the queued rows are of the wanted type" would walk the whole
+    backlog through (state, seq) instead of probing the claim index."""
+    name = f"conveyor_skew_{uuid.uuid4().hex[:12]}"
+    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
+    url = with_database(pg_cluster.admin_url, name)
+    try:
+        run_sql(
+            url,
+            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
+            "SELECT gen_random_uuid(), 'bulk', '', interval '60 seconds', 3 "
+            "FROM generate_series(1, 50000)",
+            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
+            "SELECT gen_random_uuid(), 'rare', '', interval '60 seconds', 3 "
+            "FROM generate_series(1, 5)",
+            "ANALYZE conveyor_tasks",
+        )
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class TestClaimUnderASkewedBacklog:
+    @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+    @pytest.mark.parametrize("wanted", [["rare"], ["absent"], ["rare", "bulk"]])
+    async def test_the_claim_probes_its_index_whatever_the_backlog(
+        self, skewed: str, plan_mode: str, wanted: list[str]
+    ) -> None:
+        """A worker for a quiet type never scans the busy type's backlog, in the custom plan
+        and in the generic plan asyncpg's prepared statements may switch to."""
+        plan = await explain(
+            skewed,
+            SQL["task_claim"],
+            wanted,
+            10,
+            "worker-1",
+            30.0,
+            10.0,
+            before=f"SET LOCAL plan_cache_mode = {plan_mode}",
+        )
+        used = indexes_used(plan)
+        assert "conveyor_tasks_claim_idx" in used, json.dumps(plan, indent=1)
+        assert not used & {
+            "conveyor_tasks_state_seq_idx",
+            "conveyor_tasks_type_state_seq_idx",
+        }, json.dumps(plan, indent=1)
+
+
 class TestSpecificIndexes:
     async def test_claim_uses_the_claim_index(self, seeded: Seeded) -> None:
         """task_claim finds the backlog through conveyor_tasks_claim_idx."""

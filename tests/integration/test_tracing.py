@@ -139,7 +139,42 @@ class TestPropagation:
         assert all(s.parent.span_id == send.context.span_id for s in processes)
 
 
+class TestWhatTravels:
+    def test_only_the_w3c_trace_context_is_stored_not_baggage(
+        self, spans, tracer, client, db
+    ) -> None:
+        """Baggage can be large and is the producer's business: it stays behind."""
+        baggage = pytest.importorskip("opentelemetry.baggage")
+        context = pytest.importorskip("opentelemetry.context")
+        token = context.attach(baggage.set_baggage("user.session", "x" * 600))
+        try:
+            with tracer.start_as_current_span("checkout"):
+                task_id = client.enqueue_task(Task(type="trace.untouched"))
+        finally:
+            context.detach(token)
+        stored = db.fetchval(
+            "SELECT trace_context::text FROM conveyor_tasks WHERE id = $1::uuid", task_id
+        )
+        assert stored is not None
+        assert '"traceparent"' in stored
+        assert "baggage" not in stored
+
+
 class TestServerLimits:
+    def test_nul_in_trace_context_is_invalid(self, server) -> None:
+        spec = pb.TaskSpec(
+            id="0190b5d2-0000-7000-8000-0000000000ab",
+            type="trace.async",
+            timeout={"seconds": 10},
+            trace_context={"traceparent": "00-\x00"},
+        )
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.TaskServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.EnqueueTasks(pb.EnqueueTasksRequest(tasks=[spec]), timeout=10)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "NUL" in raised.value.details()
+
     def test_oversized_trace_context_is_invalid(self, server) -> None:
         """The context rides along with every lease, so its size is bounded."""
         spec = pb.TaskSpec(

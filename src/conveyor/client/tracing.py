@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
 TRACER_NAME = "conveyor"
+TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 
 
 def enabled() -> bool:
@@ -50,7 +51,9 @@ def enqueue_span(task_types: list[str], count: int) -> Iterator[dict[str, str]]:
     ):
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        yield carrier
+        # Only the W3C trace context travels: baggage can be large and is the producer's
+        # business, and every entry is stored with the task and sent with each lease.
+        yield {key: value for key, value in carrier.items() if key in TRACE_KEYS}
 
 
 @contextlib.contextmanager

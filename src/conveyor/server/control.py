@@ -102,8 +102,13 @@ def parse_page_token(token: str) -> int:
     """The keyset behind a page token (the queue position to continue below)."""
     if not token:
         return queries.FIRST_PAGE
-    # isascii: str.isdigit() also accepts digits int() cannot read, such as "²".
-    if not (token.isascii() and token.isdigit()) or not 0 < int(token) <= queries.FIRST_PAGE:
+    # isascii: str.isdigit() also accepts digits int() cannot read, such as "²"; the length
+    # check comes first because int() refuses strings of thousands of digits.
+    if (
+        len(token) > len(str(queries.FIRST_PAGE))
+        or not (token.isascii() and token.isdigit())
+        or not 0 < int(token) <= queries.FIRST_PAGE
+    ):
         raise InvalidTask(f"malformed page token {token[:40]!r}", field="page_token")
     return int(token)
 
@@ -112,6 +117,8 @@ def _reason(text: str, default: str) -> str:
     text = text.strip()
     if len(text) > MAX_REASON:
         raise InvalidTask(f"reason is {len(text)} characters; the limit is {MAX_REASON}")
+    if "\x00" in text:
+        raise InvalidTask("reason must not contain NUL characters")
     return text or default
 
 

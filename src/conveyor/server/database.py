@@ -49,6 +49,14 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
+# The database is fine but this transaction lost a race (two statements locking the same
+# rows in different orders, or a serialization conflict): retrying the call succeeds, so
+# it is UNAVAILABLE (transient) for the caller, and no reason to open the breaker.
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
 
 class Database:
     """A pool of connections, created by `connect` and closed by `close`."""
@@ -147,6 +155,9 @@ class Database:
         except UNAVAILABLE_ERRORS as exc:
             self.breaker.record_failure()
             raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+        except CONFLICT_ERRORS as exc:
+            self.breaker.record_success()
+            raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
         except BaseException:
             # Any other outcome (a business error, a cancelled call) means PostgreSQL answered.
             self.breaker.record_success()

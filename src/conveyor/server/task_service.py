@@ -82,6 +82,10 @@ def _trace_context(entries: Mapping[str, str]) -> str | None:
             field="trace_context",
         )
     for key, value in entries.items():
+        if "\x00" in key or "\x00" in value:
+            raise InvalidTask(
+                "trace_context must not contain NUL characters", field="trace_context"
+            )
         if len(key) > MAX_TRACE_KEY or len(value) > MAX_TRACE_VALUE:
             raise InvalidTask(
                 f"trace_context entry {key[:MAX_TRACE_KEY]!r} is too long (keys up to "

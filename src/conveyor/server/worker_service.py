@@ -270,7 +270,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 task_id,
                 lease_id,
                 current["state"],
-                extra={"event": "stale_report_rejected", "task_id": task_id},
+                extra={
+                    "event": "stale_report_rejected",
+                    "task_id": task_id,
+                    "task_type": current["type"],
+                    "attempt": current["attempt"],
+                    "worker_id": request.worker_id,
+                },
             )
             raise LeaseLost(
                 f"lease {lease_id} of task {task_id} is no longer current "

@@ -219,7 +219,8 @@ WITH leader AS (
            state, attempt, worker_id, last_error
     FROM done
 )
-SELECT id, type, state, timed_out, extract(epoch FROM available_at - now())::float8 AS retry_in
+SELECT id, type, state, timed_out, attempt, worker_id,
+       extract(epoch FROM available_at - now())::float8 AS retry_in
 FROM done;
 
 -- name: task_get
@@ -455,7 +456,7 @@ WITH target AS (
     SELECT id, seq FROM conveyor_tasks
     WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
       AND state IN ('failed', 'cancelled')
-    ORDER BY seq
+    ORDER BY id  -- one lock order for every multi-row writer: no deadlock between them
     FOR UPDATE
 ), renumbered AS (
     SELECT id, nextval(pg_get_serial_sequence('conveyor_tasks', 'seq')) AS new_seq
@@ -485,7 +486,7 @@ WITH target AS (
     SELECT id FROM conveyor_tasks
     WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
       AND state IN ('queued', 'running')
-    ORDER BY seq
+    ORDER BY id  -- one lock order for every multi-row writer: no deadlock between them
     FOR UPDATE
 ), done AS (
     UPDATE conveyor_tasks AS t

@@ -833,7 +833,12 @@ class _Runtime:
                     await self.heartbeat_now.wait()
             self.heartbeat_now.clear()
             # Attempts stopped or reported no longer hold a lease worth extending.
-            held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
+            # Sorted by task id, the order in which bulk cancels and retries lock rows, so a
+            # heartbeat and an operator's action do not deadlock on the same tasks.
+            held = sorted(
+                (a for a in self.attempts.values() if a.stop_reason is None and not a.reported),
+                key=lambda a: a.lease.task_id,
+            )
             sent_progress = {a: a.progress for a in held if a.progress is not None}
             request = pb.HeartbeatRequest(
                 worker_id=self.worker.worker_id,

@@ -63,7 +63,13 @@ class LeaseReaper(PeriodicService):
                     "lease of task %s expired; task is now %s",
                     row["id"],
                     row["state"],
-                    extra={"event": "lease_expired", "task_id": str(row["id"])},
+                    extra={
+                        "event": outcome,
+                        "task_id": str(row["id"]),
+                        "task_type": row["type"],
+                        "attempt": row["attempt"],
+                        "worker_id": row["worker_id"],
+                    },
                 )
             if len(rows) < BATCH_SIZE:
                 return
