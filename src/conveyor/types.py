@@ -216,6 +216,10 @@ class BulkResult:
     changed: int
     changed_ids: tuple[str, ...] = ()
     skipped: tuple[tuple[str, TaskState], ...] = ()
+    # By filter: the point in the queue the count or the action covered up to. Pass a dry
+    # run's `as_of` to the action so it covers the tasks that were counted, not newer ones.
+    # A cursor, not part of the outcome: results with the same counts compare equal.
+    as_of: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

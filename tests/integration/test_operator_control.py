@@ -1062,3 +1062,50 @@ class TestHostileInput:
     def test_a_page_token_of_thousands_of_digits_is_invalid(self, client: Client) -> None:
         with pytest.raises(InvalidTask, match="malformed page token"):
             client.list_tasks(page_token="9" * 5000)
+
+
+class TestBulkWindows:
+    def test_as_of_a_dry_run_covers_only_the_tasks_counted(self, client: Client) -> None:
+        """Tasks that come to match after the count are left for another run."""
+        counted = client.enqueue_tasks([Task(type="win.asof") for _ in range(4)])
+        dry = client.cancel_tasks(type="win.asof", dry_run=True)
+        assert dry.matched == 4
+        assert dry.as_of is not None
+        later = client.enqueue_tasks([Task(type="win.asof") for _ in range(3)])
+        result = client.cancel_tasks(type="win.asof", as_of=dry.as_of)
+        assert (result.matched, result.changed) == (4, 4)
+        assert {state_of(client, task_id) for task_id in counted} == {TaskState.CANCELLED}
+        assert {state_of(client, task_id) for task_id in later} == {TaskState.QUEUED}
+
+    def test_a_call_resumes_after_its_cursor_and_stops_at_its_ceiling(
+        self, client: Client, admin_stub, db
+    ) -> None:
+        """The wire form: after_seq and through_seq bound the walk; the reply says where
+        it stopped, so a repeated call resumes there instead of starting over."""
+        ids = client.enqueue_tasks([Task(type="win.raw") for _ in range(6)])
+        seqs = [
+            db.fetchval("SELECT seq FROM conveyor_tasks WHERE id = $1::uuid", task_id)
+            for task_id in ids
+        ]
+        request = pb.BulkTaskRequest(
+            filter=pb.TaskFilter(type="win.raw"), after_seq=seqs[1], through_seq=seqs[4]
+        )
+        response = admin_stub.CancelTasks(request, timeout=10)
+        assert (response.changed, response.complete) == (3, True)
+        assert response.next_after_seq == seqs[4]
+        assert [state_of(client, task_id) for task_id in ids] == [
+            TaskState.QUEUED,
+            TaskState.QUEUED,
+            TaskState.CANCELLED,
+            TaskState.CANCELLED,
+            TaskState.CANCELLED,
+            TaskState.QUEUED,
+        ]
+        # The same call again (a lost reply, retried) changes nothing more.
+        assert admin_stub.CancelTasks(request, timeout=10).changed == 0
+
+    def test_malformed_as_of_is_invalid(self, client: Client) -> None:
+        with pytest.raises(InvalidTask, match="as_of"):
+            client.retry_tasks(type="win.asof", as_of="yesterday")
+        with pytest.raises(InvalidTask, match="as_of"):
+            client.retry_tasks(["0190b5d2-0000-7000-8000-000000000001"], as_of="12")

@@ -338,9 +338,10 @@ def _by_filter(
 ) -> None:
     chosen = " or ".join(states) if states else action.states_text
     what = f"state {chosen}" + (f", type {task_type}" if task_type else "")
-    matched = action.call(
+    counted = action.call(
         client, states=states or None, type=task_type, dry_run=True, limit=limit or 0
-    ).matched
+    )
+    matched = counted.matched
     click.echo(f"{matched} task(s) match: {what}" + (f" (at most {limit})" if limit else ""))
     if not matched:
         return
@@ -352,10 +353,15 @@ def _by_filter(
             )
         if not click.confirm(f"{action.verb.capitalize()} {matched} task(s)?", err=True):
             output.fail(f"not confirmed; no task {action.past}")
-    # At most what the operator saw and agreed to: tasks that came to match after the count
-    # (new failures, say) are left for another run.
+    # What the operator saw and agreed to: only tasks enqueued before the count (as_of), and
+    # at most as many as counted; tasks that came to match since are left for another run.
     result = action.call(
-        client, states=states or None, type=task_type, limit=matched, reason=reason
+        client,
+        states=states or None,
+        type=task_type,
+        limit=matched,
+        reason=reason,
+        as_of=counted.as_of,
     )
     click.echo(f"{result.changed} task(s) {action.past}")
 

@@ -140,6 +140,7 @@ def bulk_request(
     dry_run: bool,
     limit: int,
     reason: str,
+    as_of: str | None = None,
 ) -> pb.BulkTaskRequest:
     """A retry or cancel request: by ids, or by a filter when no ids are given."""
     if isinstance(task_ids, str):
@@ -151,17 +152,63 @@ def bulk_request(
         raise InvalidTask("give either task ids or a filter (states/type), not both")
     if not task_ids and not by_filter:
         raise InvalidTask("give task ids, or a filter: states and/or type")
+    if as_of is not None and (task_ids or not as_of.isascii() or not as_of.isdigit()):
+        raise InvalidTask("as_of is the as_of of a dry run's result, and only with a filter")
     request = pb.BulkTaskRequest(dry_run=dry_run, limit=limit, reason=reason)
     if task_ids:
         request.task_ids.extend(normalize_task_id(task_id) for task_id in task_ids)
     else:
         request.filter.CopyFrom(task_filter(states, task_type))
+        request.through_seq = int(as_of) if as_of else 0
     return request
 
 
-def bulk_from_response(response: pb.BulkTaskResponse) -> BulkResult:
-    """The result carried by a RetryTasks or CancelTasks response."""
-    return convert.bulk_result_from_pb(response)
+class BulkTally:
+    """Adds up a bulk action that the server answers in several short calls.
+
+    A call by filter stops after a couple of seconds and says where (`next_after_seq`);
+    `next_request` continues from there, over the same tasks (`through_seq`) and within what
+    is left of the limit. A call repeated after a lost reply resumes from the same place, so
+    nothing is done twice; its changes are then missing from the total (they were made by
+    the call whose reply was lost).
+    """
+
+    def __init__(self, request: pb.BulkTaskRequest) -> None:
+        """Start with the first request."""
+        self._request = request
+        self._changed = 0
+        self._first: pb.BulkTaskResponse | None = None
+        self._through_seq = 0
+
+    def next_request(self, response: pb.BulkTaskResponse) -> pb.BulkTaskRequest | None:
+        """Count `response`; the request that continues the action, or None when done."""
+        if self._first is None:
+            self._first = response
+        self._changed += response.changed
+        self._through_seq = response.through_seq or self._through_seq
+        request = self._request
+        if response.complete or request.dry_run or request.task_ids:
+            return None
+        follow_up = pb.BulkTaskRequest()
+        follow_up.CopyFrom(request)
+        follow_up.through_seq = response.through_seq
+        follow_up.after_seq = response.next_after_seq
+        if request.limit:
+            follow_up.limit = request.limit - self._changed
+            if follow_up.limit <= 0:
+                return None
+        return follow_up
+
+    def result(self) -> BulkResult:
+        """The whole action's result."""
+        assert self._first is not None  # noqa: S101 - next_request ran at least once
+        first = convert.bulk_result_from_pb(self._first)
+        if self._request.task_ids:
+            return first
+        as_of = str(self._through_seq) if self._through_seq else None
+        if self._request.dry_run:
+            return BulkResult(matched=first.matched, changed=0, as_of=as_of)
+        return BulkResult(matched=self._changed, changed=self._changed, as_of=as_of)
 
 
 def status_from_get_status(response: pb.GetStatusResponse) -> ClusterStatus:

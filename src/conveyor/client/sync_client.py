@@ -141,16 +141,31 @@ class Client:
         dry_run: bool = False,
         limit: int = 0,
         reason: str = "",
+        as_of: str | None = None,
     ) -> BulkResult:
         """Re-queue FAILED or CANCELLED tasks as a new series of attempts.
 
         By ids, or by a filter (states and/or type) when no ids are given; `dry_run`
-        counts what the filter matches. Recorded in each task's history with `reason`.
+        counts what the filter matches, and passing its result's `as_of` to the action makes
+        it cover only the tasks counted (not those enqueued since). A filter is worked
+        through oldest first in several short calls. Recorded in each task's history with
+        `reason`.
         """
-        request = core.bulk_request(
-            task_ids, states=states, task_type=type, dry_run=dry_run, limit=limit, reason=reason
+        request: pb.BulkTaskRequest | None = core.bulk_request(
+            task_ids,
+            states=states,
+            task_type=type,
+            dry_run=dry_run,
+            limit=limit,
+            reason=reason,
+            as_of=as_of,
         )
-        return core.bulk_from_response(self._call("RetryTasks", request, service="AdminService"))
+        assert request is not None  # noqa: S101 - for the type checker
+        tally = core.BulkTally(request)
+        while request is not None:
+            response = self._call("RetryTasks", request, service="AdminService")
+            request = tally.next_request(response)
+        return tally.result()
 
     def cancel_tasks(
         self,
@@ -161,12 +176,24 @@ class Client:
         dry_run: bool = False,
         limit: int = 0,
         reason: str = "",
+        as_of: str | None = None,
     ) -> BulkResult:
         """Cancel QUEUED or RUNNING tasks, by ids or by a filter (see `retry_tasks`)."""
-        request = core.bulk_request(
-            task_ids, states=states, task_type=type, dry_run=dry_run, limit=limit, reason=reason
+        request: pb.BulkTaskRequest | None = core.bulk_request(
+            task_ids,
+            states=states,
+            task_type=type,
+            dry_run=dry_run,
+            limit=limit,
+            reason=reason,
+            as_of=as_of,
         )
-        return core.bulk_from_response(self._call("CancelTasks", request, service="AdminService"))
+        assert request is not None  # noqa: S101 - for the type checker
+        tally = core.BulkTally(request)
+        while request is not None:
+            response = self._call("CancelTasks", request, service="AdminService")
+            request = tally.next_request(response)
+        return tally.result()
 
     def pause_type(self, task_type: str, *, reason: str = "") -> bool:
         """Stop leasing `task_type` (running tasks finish); False if already paused."""

@@ -13,7 +13,7 @@ from conveyor.errors import InvalidTask, TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
-from conveyor.server.control import TaskControl, TaskFilter
+from conveyor.server.control import BulkProgress, BulkScope, TaskControl, TaskFilter
 from conveyor.server.explanation import explain
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
@@ -129,16 +129,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.BulkTaskRequest, context: Any
     ) -> pb.BulkTaskResponse:
         """Re-queue failed or cancelled tasks."""
-        result = await self.control.retry_tasks(**_bulk_arguments(request))
-        return convert.bulk_result_to_pb(result)
+        progress = await self.control.retry_tasks(_scope(request), reason=request.reason)
+        return _bulk_response(progress)
 
     @rpc_method("CancelTasks")
     async def CancelTasks(  # noqa: N802 - gRPC method name
         self, request: pb.BulkTaskRequest, context: Any
     ) -> pb.BulkTaskResponse:
         """Cancel queued or running tasks."""
-        result = await self.control.cancel_tasks(**_bulk_arguments(request))
-        return convert.bulk_result_to_pb(result)
+        progress = await self.control.cancel_tasks(_scope(request), reason=request.reason)
+        return _bulk_response(progress)
 
     @rpc_method("PauseType")
     async def PauseType(  # noqa: N802 - gRPC method name
@@ -156,14 +156,23 @@ class AdminService(pb_grpc.AdminServiceServicer):
         return pb.ResumeTypeResponse(changed=await self.control.resume_type(request.type))
 
 
-def _bulk_arguments(request: pb.BulkTaskRequest) -> dict[str, Any]:
+def _scope(request: pb.BulkTaskRequest) -> BulkScope:
     has_filter = request.HasField("filter")
     if request.task_ids and has_filter:
         raise InvalidTask("give either task ids or a filter, not both")
-    return {
-        "task_ids": list(request.task_ids),
-        "task_filter": _filter(request.filter) if has_filter else None,
-        "dry_run": request.dry_run,
-        "limit": request.limit,
-        "reason": request.reason,
-    }
+    return BulkScope(
+        task_ids=tuple(request.task_ids),
+        task_filter=_filter(request.filter) if has_filter else None,
+        dry_run=request.dry_run,
+        limit=request.limit,
+        through_seq=request.through_seq,
+        after_seq=request.after_seq,
+    )
+
+
+def _bulk_response(progress: BulkProgress) -> pb.BulkTaskResponse:
+    response = convert.bulk_result_to_pb(progress.result)
+    response.through_seq = progress.through_seq
+    response.next_after_seq = progress.next_after_seq
+    response.complete = progress.complete
+    return response

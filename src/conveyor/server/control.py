@@ -10,6 +10,7 @@ untouched. The gRPC and HTTP layers only translate; the rules live here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
@@ -47,6 +48,9 @@ MAX_IDS: Final = 1000
 # Tasks per statement of a bulk action by filter: large enough to be fast, small enough
 # that each transaction's locks are brief.
 BULK_BATCH: Final = 500
+# Longest one bulk call keeps working before it returns its cursor (well inside the
+# clients' 10 s call deadline, so a large action is many short calls, never a timeout).
+BULK_CALL_BUDGET: Final = 2.0
 MAX_REASON: Final = 1000
 
 RETRYABLE: Final = (TaskState.FAILED, TaskState.CANCELLED)
@@ -60,6 +64,35 @@ class TaskFilter:
 
     states: tuple[TaskState, ...] = ()
     task_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkScope:
+    """What a retry or cancel covers: ids, or a filter walked in queue order.
+
+    A filter covers the tasks enqueued up to queue position `through_seq` (0: as of now;
+    a dry run returns the position it counted at, so the action covers what the operator
+    saw) and resumes after `after_seq` (0: from the oldest). One call works for at most
+    `BULK_CALL_BUDGET`, then returns where it stopped: every call is short, and a call
+    repeated after a lost reply resumes from the same place instead of starting over.
+    """
+
+    task_ids: tuple[str, ...] = ()
+    task_filter: TaskFilter | None = None
+    dry_run: bool = False
+    limit: int = 0
+    through_seq: int = 0
+    after_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BulkProgress:
+    """A bulk call's result and, for a filter, where the walk stands."""
+
+    result: BulkResult
+    through_seq: int = 0
+    next_after_seq: int = 0
+    complete: bool = True
 
 
 async def _list(
@@ -220,49 +253,15 @@ class TaskControl:
 
     # --- acting --------------------------------------------------------------------------
 
-    async def retry_tasks(
-        self,
-        *,
-        task_ids: Sequence[str] = (),
-        task_filter: TaskFilter | None = None,
-        dry_run: bool = False,
-        limit: int = 0,
-        reason: str = "",
-    ) -> BulkResult:
+    async def retry_tasks(self, scope: BulkScope, *, reason: str = "") -> BulkProgress:
         """Re-queue failed or cancelled tasks as a new series of attempts."""
         detail = _reason(reason, "retried by an operator")
-        return await self._bulk(
-            "retry",
-            queries.task_retry_many,
-            RETRYABLE,
-            task_ids,
-            task_filter,
-            dry_run,
-            limit,
-            detail,
-        )
+        return await self._bulk("retry", queries.task_retry_many, RETRYABLE, scope, detail)
 
-    async def cancel_tasks(
-        self,
-        *,
-        task_ids: Sequence[str] = (),
-        task_filter: TaskFilter | None = None,
-        dry_run: bool = False,
-        limit: int = 0,
-        reason: str = "",
-    ) -> BulkResult:
+    async def cancel_tasks(self, scope: BulkScope, *, reason: str = "") -> BulkProgress:
         """Cancel queued or running tasks (running leases are revoked at once)."""
         detail = _reason(reason, "cancelled by an operator")
-        return await self._bulk(
-            "cancel",
-            queries.task_cancel_many,
-            CANCELLABLE,
-            task_ids,
-            task_filter,
-            dry_run,
-            limit,
-            detail,
-        )
+        return await self._bulk("cancel", queries.task_cancel_many, CANCELLABLE, scope, detail)
 
     async def pause_type(self, task_type: str, reason: str = "") -> bool:
         """Stop leasing `task_type`; False if it was already paused."""
@@ -287,31 +286,33 @@ class TaskControl:
             log.info("type %s resumed", task_type, extra={"event": "type_resumed"})
         return changed
 
-    async def _bulk(  # noqa: PLR0917 - private; the public methods name every argument
+    async def _bulk(
         self,
         action: str,
         apply: Callable[..., Awaitable[list[asyncpg.Record]]],
         applicable: tuple[TaskState, ...],
-        task_ids: Sequence[str],
-        task_filter: TaskFilter | None,
-        dry_run: bool,
-        limit: int,
+        scope: BulkScope,
         detail: str,
-    ) -> BulkResult:
-        if bool(task_ids) == (task_filter is not None):
+    ) -> BulkProgress:
+        if bool(scope.task_ids) == (scope.task_filter is not None):
             raise InvalidTask(f"{action}: give either task ids or a filter")
-        if task_filter is None:
-            if dry_run:
+        if scope.limit < 0 or scope.through_seq < 0 or scope.after_seq < 0:
+            raise InvalidTask(f"{action}: limit and queue positions must not be negative")
+        if scope.task_filter is None:
+            if scope.dry_run:
                 raise InvalidTask(f"{action}: a dry run needs a filter, not ids")
-            result = await self._by_ids(action, apply, applicable, task_ids, detail)
-        else:
-            result = await self._by_filter(
-                action, apply, applicable, task_filter, dry_run, limit, detail
+            progress = BulkProgress(
+                await self._by_ids(action, apply, applicable, scope.task_ids, detail)
             )
+        else:
+            progress = await self._by_filter(
+                action, apply, applicable, scope, scope.task_filter, detail
+            )
+        result = progress.result
         if result.changed:
             self._metrics.operator_actions.labels(action).inc(result.changed)
             log.info("%s applied to %d task(s)", action, result.changed, extra={"event": action})
-        return result
+        return progress
 
     async def _by_ids(
         self,
@@ -353,11 +354,10 @@ class TaskControl:
         action: str,
         apply: Callable[..., Awaitable[list[asyncpg.Record]]],
         applicable: tuple[TaskState, ...],
+        scope: BulkScope,
         task_filter: TaskFilter,
-        dry_run: bool,
-        limit: int,
         detail: str,
-    ) -> BulkResult:
+    ) -> BulkProgress:
         states = tuple(dict.fromkeys(task_filter.states)) or applicable
         wrong = [state.value for state in states if state not in applicable]
         if wrong:
@@ -365,8 +365,12 @@ class TaskControl:
             raise InvalidTask(f"{action} applies to {allowed} tasks, not {', '.join(wrong)}")
         task_type = validate_task_type(task_filter.task_type) if task_filter.task_type else None
         state_names = [state.value for state in states]
-        if dry_run:
-            async with self._database.connection() as conn:
+        limit = scope.limit
+        async with self._database.connection() as conn:
+            # Only tasks that existed when the action began (or at its dry run): work
+            # enqueued, or re-queued by this very action, meanwhile is not swept up.
+            ceiling = scope.through_seq or await queries.task_seq_last(conn)
+            if scope.dry_run:
                 count = (
                     await queries.task_count_by_state(conn, states=state_names)
                     if task_type is None
@@ -374,15 +378,21 @@ class TaskControl:
                         conn, states=state_names, task_type=task_type
                     )
                 )
-            return BulkResult(matched=min(count, limit) if limit else count, changed=0)
+                matched = min(count, limit) if limit else count
+                return BulkProgress(BulkResult(matched=matched, changed=0), through_seq=ceiling)
         changed = 0
-        # Oldest first, in queue order, and only tasks that existed when the action began:
-        # work enqueued (or re-queued by this very action) meanwhile is not swept up, and the
-        # cursor only moves forward, so the loop always ends.
-        async with self._database.connection() as conn:
-            ceiling = await queries.task_seq_last(conn)
-        cursor = 0
+        cursor = scope.after_seq
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + BULK_CALL_BUDGET
+        # Oldest first, in queue order; the cursor only moves forward, so the walk ends.
         while not limit or changed < limit:
+            if loop.time() > give_up_at:
+                return BulkProgress(
+                    BulkResult(matched=changed, changed=changed),
+                    through_seq=ceiling,
+                    next_after_seq=cursor,
+                    complete=False,
+                )
             batch = BULK_BATCH if not limit else min(BULK_BATCH, limit - changed)
             async with self._database.transaction() as conn:
                 rows = await _list_oldest(
@@ -406,7 +416,11 @@ class TaskControl:
                 )
             self._after_change(action, done)
             changed += len(done)
-        return BulkResult(matched=changed, changed=changed)
+        return BulkProgress(
+            BulkResult(matched=changed, changed=changed),
+            through_seq=ceiling,
+            next_after_seq=cursor,
+        )
 
     def _after_change(self, action: str, rows: Sequence[asyncpg.Record]) -> None:
         if not rows:

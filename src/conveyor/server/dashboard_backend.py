@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.control import TaskControl, TaskFilter
+from conveyor.server.control import BulkScope, TaskControl, TaskFilter
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -67,15 +67,17 @@ class DashboardBackend:
 
     async def retry_task(self, task_id: str) -> BulkResult:
         """Retry one failed or cancelled task."""
-        return await self._control.retry_tasks(
-            task_ids=[task_id], reason="retried from the dashboard"
+        progress = await self._control.retry_tasks(
+            BulkScope(task_ids=(task_id,)), reason="retried from the dashboard"
         )
+        return progress.result
 
     async def cancel_task(self, task_id: str) -> BulkResult:
         """Cancel one queued or running task."""
-        return await self._control.cancel_tasks(
-            task_ids=[task_id], reason="cancelled from the dashboard"
+        progress = await self._control.cancel_tasks(
+            BulkScope(task_ids=(task_id,)), reason="cancelled from the dashboard"
         )
+        return progress.result
 
     async def pause_type(self, task_type: str) -> bool:
         """Stop leasing a type."""

@@ -859,12 +859,22 @@ class BulkTaskRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     """Count what a filter matches; change nothing."""
     limit: _builtins.int
     """Stop after this many tasks (filter only; 0: no limit)."""
     reason: _builtins.str
     """Recorded in each task's history."""
+    through_seq: _builtins.int
+    """Filter only: cover tasks enqueued up to this queue position (a dry run's
+    through_seq, so the action covers what the operator counted); 0: as of now.
+    """
+    after_seq: _builtins.int
+    """Filter only: resume after this queue position (a previous response's
+    next_after_seq); 0: from the oldest.
+    """
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Either task ids (at most 1000) or a filter, not both."""
@@ -879,10 +889,12 @@ class BulkTaskRequest(_message.Message):
         dry_run: _builtins.bool = ...,
         limit: _builtins.int = ...,
         reason: _builtins.str = ...,
+        through_seq: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "reason", b"reason", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "reason", b"reason", "task_ids", b"task_ids", "through_seq", b"through_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -919,9 +931,20 @@ class BulkTaskResponse(_message.Message):
     CHANGED_FIELD_NUMBER: _builtins.int
     CHANGED_IDS_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
     matched: _builtins.int
     """Tasks the filter matched (dry run), or tasks changed."""
     changed: _builtins.int
+    through_seq: _builtins.int
+    """Filter only: the queue position the action covers up to (pass it back)."""
+    next_after_seq: _builtins.int
+    """Filter only: where this call stopped; resume with after_seq = this."""
+    complete: _builtins.bool
+    """False when the call stopped at its time budget: call again to go on. A
+    call repeated with the same after_seq (after a lost reply) is safe.
+    """
     @_builtins.property
     def changed_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """By id only: the ids changed, and those left alone because of their state."""
@@ -935,10 +958,13 @@ class BulkTaskResponse(_message.Message):
         changed: _builtins.int = ...,
         changed_ids: _abc.Iterable[_builtins.str] | None = ...,
         skipped: _abc.Iterable[Global___SkippedTask] | None = ...,
+        through_seq: _builtins.int = ...,
+        next_after_seq: _builtins.int = ...,
+        complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "changed_ids", b"changed_ids", "matched", b"matched", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "changed_ids", b"changed_ids", "complete", b"complete", "matched", b"matched", "next_after_seq", b"next_after_seq", "skipped", b"skipped", "through_seq", b"through_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
