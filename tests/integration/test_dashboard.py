@@ -234,7 +234,9 @@ class TestActions:
         assert f'action="/ui/tasks/{task_id}/cancel"' in body
         status, headers, _ = fetch(f"{server.http_url}/ui/tasks/{task_id}/cancel", method="POST")
         assert status == 303
-        assert headers["Location"].startswith(f"/ui/tasks/{task_id}?notice=")
+        assert headers["Location"] == f"/ui/tasks/{task_id}?notice=cancelled"
+        _, _, page = fetch(f"{server.http_url}{headers['Location']}")
+        assert '<p class="notice" role="status">Cancelled.</p>' in page
         final = client.get_task_status(task_id, history=True)
         assert final.state is TaskState.CANCELLED
         assert final.history[-1].detail == "cancelled from the dashboard"
@@ -256,7 +258,7 @@ class TestActions:
             assert wait_final(client, task_id).state is TaskState.FAILED
             status, headers, _ = fetch(f"{server.http_url}/ui/tasks/{task_id}/retry", method="POST")
             assert status == 303
-            assert "Retried" in urllib.parse.unquote_plus(headers["Location"])
+            assert headers["Location"] == f"/ui/tasks/{task_id}?notice=retried"
             final = wait_for(
                 lambda: (
                     (s := client.get_task_status(task_id, history=True)).state
@@ -275,16 +277,20 @@ class TestActions:
         task_id = client.enqueue_task(Task(type="ui.idle"))
         status, headers, _ = fetch(f"{server.http_url}/ui/tasks/{task_id}/retry", method="POST")
         assert status == 303
-        assert "Not retried" in urllib.parse.unquote_plus(headers["Location"])
+        assert headers["Location"] == f"/ui/tasks/{task_id}?notice=not-retried"
+        _, _, page = fetch(f"{server.http_url}{headers['Location']}")
+        assert "Not retried: only failed or cancelled tasks can be retried." in page
         assert client.get_task_status(task_id).state is TaskState.QUEUED
 
     def test_pause_and_resume_a_type(self, server, client) -> None:
         status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.p/pause", method="POST")
-        assert (status, headers["Location"]) == (303, "/ui?notice=Paused+ui.p.")
+        assert (status, headers["Location"]) == (303, "/ui?notice=paused&type=ui.p")
+        _, _, page = fetch(f"{server.http_url}{headers['Location']}")
+        assert "Paused ui.p." in page
         assert [p.type for p in client.get_status().paused_types] == ["ui.p"]
         assert client.get_status().paused_types[0].reason == "paused from the dashboard"
         status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.p/resume", method="POST")
-        assert (status, headers["Location"]) == (303, "/ui?notice=Resumed+ui.p.")
+        assert (status, headers["Location"]) == (303, "/ui?notice=resumed&type=ui.p")
         assert client.get_status().paused_types == ()
 
     def test_a_post_from_another_site_is_refused(self, server, client) -> None:
@@ -325,3 +331,40 @@ class TestDisabled:
         process = server_process("--no-dashboard")
         assert fetch(f"{process.http_url}/ui")[0] == 404
         assert fetch(f"{process.http_url}/metrics")[0] == 200
+
+
+class TestHardening:
+    """Until logins arrive (issue #6), the dashboard defends what a loopback page can."""
+
+    def test_another_host_name_is_refused_against_dns_rebinding(self, server) -> None:
+        port = server.http_url.rsplit(":", 1)[1]
+        status, _, body = fetch(f"{server.http_url}/ui", headers={"Host": f"evil.example:{port}"})
+        assert status == 421
+        assert "--dashboard-allowed-host" in body
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+            assert fetch(f"{server.http_url}/ui", headers={"Host": host})[0] == 200, host
+        # The monitoring endpoints are not the dashboard's: scrapers use any name.
+        assert fetch(f"{server.http_url}/metrics", headers={"Host": "prom.internal"})[0] == 200
+
+    def test_a_listed_host_name_is_served(self, start_server) -> None:
+        server = start_server(dashboard_allowed_hosts=frozenset({"queue.internal"}))
+        status, _, _ = fetch(f"{server.http_url}/ui", headers={"Host": "queue.internal:8080"})
+        assert status == 200
+
+    def test_pages_cannot_be_framed_or_cached(self, server, client) -> None:
+        task_id = client.enqueue_task(Task(type="ui.idle"))
+        for path in ("/ui", f"/ui/tasks/{task_id}", "/ui/tasks/not-a-uuid"):
+            _, headers, _ = fetch(f"{server.http_url}{path}")
+            assert headers["X-Frame-Options"] == "DENY", path
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+            assert headers["Cache-Control"] == "no-store", path
+        status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.h/pause", method="POST")
+        assert status == 303
+        assert headers["X-Frame-Options"] == "DENY"
+
+    def test_a_notice_is_chosen_by_code_never_taken_from_the_url(self, server) -> None:
+        _, _, body = fetch(f"{server.http_url}/ui?notice=Your+session+expired%2C+call+555")
+        assert "session expired" not in body
+        assert 'class="notice"' not in body
+        _, _, body = fetch(f"{server.http_url}/ui?notice=paused&type=%3Cb%3Ex")
+        assert "Paused the type." in body

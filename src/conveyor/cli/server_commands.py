@@ -112,6 +112,15 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     "has no login yet: turn it off when the HTTP address is reachable by others.",
 )
 @click.option(
+    "--dashboard-allowed-host",
+    "dashboard_allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    envvar="CONVEYOR_DASHBOARD_ALLOWED_HOSTS",
+    help="A host name the dashboard may be opened under (repeatable; IP addresses and "
+    "localhost always work). Other names are refused, against DNS rebinding.",
+)
+@click.option(
     "--migrate",
     "apply_migrations",
     is_flag=True,
@@ -178,6 +187,7 @@ def server(
     grpc_listen: str,
     http_listen: str,
     dashboard: bool,
+    dashboard_allowed_hosts: tuple[str, ...],
     apply_migrations: bool,
     lease_ttl: float,
     retry_backoff_base: float,
@@ -197,6 +207,7 @@ def server(
             grpc_listen=grpc_listen,
             http_listen=http_listen,
             dashboard=dashboard,
+            dashboard_allowed_hosts=frozenset(dashboard_allowed_hosts),
             # The embedded cluster is private to this machine: keep it migrated.
             migrate=apply_migrations or embedded is not None,
             lease_ttl=timedelta(seconds=lease_ttl),

@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from conveyor.monitoring.dashboard.views import Dashboard
-
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from conveyor.monitoring.dashboard.views import DashboardSource
+    from conveyor.monitoring.dashboard.views import Dashboard
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,7 +34,7 @@ class StatusSource(Protocol):
         ...
 
 
-def create_app(source: StatusSource, dashboard: DashboardSource | None = None) -> web.Application:
+def create_app(source: StatusSource, dashboard: Dashboard | None = None) -> web.Application:
     """The aiohttp application serving the monitoring endpoints (and /ui if given a source)."""
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -64,7 +62,7 @@ def create_app(source: StatusSource, dashboard: DashboardSource | None = None) -
     for path, handler in routes:
         app.router.add_get(path, handler)
     if dashboard is not None:
-        Dashboard(dashboard).register(app)
+        dashboard.register(app)
     return app
 
 
@@ -76,7 +74,7 @@ class HttpServer:
         source: StatusSource,
         host: str,
         port: int,
-        dashboard: DashboardSource | None = None,
+        dashboard: Dashboard | None = None,
     ) -> None:
         """Nothing listens until `start`."""
         self._runner = web.AppRunner(create_app(source, dashboard), access_log=None)

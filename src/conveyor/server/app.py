@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor import __version__
 from conveyor.errors import ConveyorError
+from conveyor.monitoring.dashboard.views import Dashboard
 from conveyor.monitoring.http import HttpServer
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -139,7 +140,10 @@ class ConveyorServer:
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
             dashboard = (
-                DashboardBackend(self.control, self.stats, self.cluster_status)
+                Dashboard(
+                    DashboardBackend(self.control, self.stats, self.cluster_status),
+                    allowed_hosts=self.config.dashboard_allowed_hosts,
+                )
                 if self.config.dashboard
                 else None
             )

@@ -64,6 +64,9 @@ class ServerConfig:
     # The /ui dashboard on the HTTP port. It can act (retry, cancel, pause) and has no login
     # until the security work lands, which is why the HTTP port binds to loopback by default.
     dashboard: bool = True
+    # Host names (besides IP addresses and localhost) the dashboard answers to; any other
+    # Host header is refused, which defeats DNS rebinding against a loopback dashboard.
+    dashboard_allowed_hosts: frozenset[str] = frozenset()
     server_id: str = field(default_factory=default_server_id)
     migrate: bool = False
     lease_ttl: timedelta = DEFAULT_LEASE_TTL

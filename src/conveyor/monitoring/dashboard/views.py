@@ -13,6 +13,7 @@ logins and CSRF tokens arrive with the security work. The data comes from a
 
 from __future__ import annotations
 
+import ipaddress
 import string
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable, TaskNotFound
 from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
-from conveyor.types import TaskState
+from conveyor.types import TASK_TYPE_PATTERN, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -129,6 +130,64 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
+# Notices are chosen by code, never taken as text from the URL: a crafted link cannot make
+# the dashboard display a message of an attacker's choosing.
+NOTICES: Final = {
+    "retried": "Retried: queued again as a new series of attempts.",
+    "not-retried": "Not retried: only failed or cancelled tasks can be retried.",
+    "cancelled": "Cancelled.",
+    "not-cancelled": "Not cancelled: only queued or running tasks can be cancelled.",
+    "paused": "Paused {type}.",
+    "already-paused": "{type} was already paused.",
+    "resumed": "Resumed {type}.",
+    "not-paused": "{type} was not paused.",
+}
+# Every dashboard response: no framing (clickjacking), no third-party anything, no caching
+# of pages that show payloads.
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def _notice(request: web.Request) -> str | None:
+    template = NOTICES.get(request.query.get("notice", ""))
+    if template is None:
+        return None
+    task_type = request.query.get("type", "")
+    return template.format(type=task_type if TASK_TYPE_PATTERN.fullmatch(task_type) else "the type")
+
+
+def _host_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    """Whether the Host header names this dashboard, which defeats DNS rebinding.
+
+    A rebinding attack reaches a loopback dashboard under the attacker's own domain name;
+    an IP literal or `localhost` cannot be such a name, and other names must be listed
+    (`--dashboard-allowed-host`).
+    """
+    hostname = urlsplit(f"//{request.host}").hostname or ""
+    if hostname == "localhost" or hostname in allowed:
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+def _http_status(error: ConveyorError) -> int:
+    if isinstance(error, TaskNotFound):
+        return 404
+    if isinstance(error, InvalidTask):
+        return 400
+    if isinstance(error, ServerUnavailable):
+        return 503
+    return 500
+
+
 def _same_origin(request: web.Request) -> bool:
     """Whether a POST comes from a page of this dashboard (browsers always send Origin)."""
     origin = request.headers.get("Origin")
@@ -140,9 +199,12 @@ def _same_origin(request: web.Request) -> bool:
 class Dashboard:
     """Registers the /ui routes on an aiohttp application."""
 
-    def __init__(self, source: DashboardSource) -> None:
-        """Pages read from `source`."""
+    def __init__(
+        self, source: DashboardSource, *, allowed_hosts: frozenset[str] = frozenset()
+    ) -> None:
+        """Pages read from `source`; served under IP addresses, localhost and `allowed_hosts`."""
         self._source = source
+        self._allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
         self._templates = _environment()
 
     def register(self, app: web.Application) -> None:
@@ -172,25 +234,37 @@ class Dashboard:
         """Turn Conveyor errors into an error page with a fitting HTTP status."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                response = await answer(request)
+            except web.HTTPException as redirect:  # post/redirect/get
+                redirect.headers.update(SECURITY_HEADERS)
+                raise
+            response.headers.update(SECURITY_HEADERS)
+            return response
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            if not _host_allowed(request, self._allowed_hosts):
+                return self._error(
+                    421,
+                    f"This dashboard is not served under the name {request.host!r}. Open it by "
+                    "IP address or localhost, or start the server with "
+                    "--dashboard-allowed-host NAME.",
+                )
             if request.method == "POST" and not _same_origin(request):
                 return self._error(403, "This action was submitted from another site.")
             try:
                 return await handler(request)
-            except TaskNotFound as exc:
-                return self._error(404, exc.message)
-            except InvalidTask as exc:
-                return self._error(400, exc.message)
-            except ServerUnavailable as exc:
-                return self._error(503, exc.message)
             except ConveyorError as exc:
-                return self._error(500, exc.message)
+                return self._error(_http_status(exc), exc.message)
 
         return guarded
 
     def _render(self, template: str, *, http_status: int = 200, **context: Any) -> web.Response:
         defaults = {"now": datetime.now(UTC), "refresh": None, "notice": None}
         body = self._templates.get_template(template).render({**defaults, **context})
-        return web.Response(text=body, status=http_status, content_type="text/html")
+        response = web.Response(text=body, status=http_status, content_type="text/html")
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def _error(self, status: int, message: str) -> web.Response:
         return self._render("error.html", http_status=status, page="error", message=message)
@@ -213,7 +287,7 @@ class Dashboard:
             running=sum(item.running for item in status.types),
             oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
             failure_rate=status.failed_last_minute / finished if finished else 0.0,
-            notice=request.query.get("notice"),
+            notice=_notice(request),
             refresh="/ui",
         )
 
@@ -265,7 +339,7 @@ class Dashboard:
             payload_size=len(status.payload or b""),
             can_retry=status.state in (TaskState.FAILED, TaskState.CANCELLED),
             can_cancel=status.state in (TaskState.QUEUED, TaskState.RUNNING),
-            notice=request.query.get("notice"),
+            notice=_notice(request),
         )
 
     async def workers(self, _request: web.Request) -> web.Response:
@@ -292,34 +366,26 @@ class Dashboard:
         """Retry a failed or cancelled task, then show it."""
         task_id = request.match_info["task_id"]
         result = await self._source.retry_task(task_id)
-        notice = (
-            "Retried: queued again as a new series of attempts."
-            if result.changed
-            else ("Not retried: only failed or cancelled tasks can be retried.")
-        )
-        raise web.HTTPSeeOther(f"/ui/tasks/{task_id}?{urlencode({'notice': notice})}")
+        notice = "retried" if result.changed else "not-retried"
+        raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """Cancel a queued or running task, then show it."""
         task_id = request.match_info["task_id"]
         result = await self._source.cancel_task(task_id)
-        notice = (
-            "Cancelled."
-            if result.changed
-            else ("Not cancelled: only queued or running tasks can be cancelled.")
-        )
-        raise web.HTTPSeeOther(f"/ui/tasks/{task_id}?{urlencode({'notice': notice})}")
+        notice = "cancelled" if result.changed else "not-cancelled"
+        raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
         """Pause a type, then back to the overview."""
         task_type = request.match_info["task_type"]
         changed = await self._source.pause_type(task_type)
-        notice = f"Paused {task_type}." if changed else f"{task_type} was already paused."
-        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice})}")
+        notice = "paused" if changed else "already-paused"
+        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
 
     async def resume(self, request: web.Request) -> web.StreamResponse:
         """Resume a type, then back to the overview."""
         task_type = request.match_info["task_type"]
         changed = await self._source.resume_type(task_type)
-        notice = f"Resumed {task_type}." if changed else f"{task_type} was not paused."
-        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice})}")
+        notice = "resumed" if changed else "not-paused"
+        raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
