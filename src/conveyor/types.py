@@ -190,6 +190,8 @@ class TaskDetail:
     status: TaskStatus
     explanation: tuple[str, ...]
     paused: PausedType | None
+    # `status.payload` holds only the payload's first bytes; this is its whole size.
+    payload_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,6 +200,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_list_oldest_by_type_and_state": (["queued"], 100, FIRST_PAGE, 500, "b"),
         "task_seq_last": (),
         "task_payload_get": (seeded.succeeded_id,),
+        "task_payload_head": (seeded.succeeded_id, 2000),
         "task_event_minutes": (datetime.now(UTC) - timedelta(hours=1),),
     }
 
@@ -229,6 +230,7 @@ PER_TASK_QUERIES = [
     "task_list_oldest_by_state",
     "task_list_oldest_by_type_and_state",
     "task_payload_get",
+    "task_payload_head",
     "task_event_minutes",
 ]
 

@@ -118,14 +118,17 @@ class TestTaskTimeline:
 
 class TestPayloadPreview:
     @pytest.mark.parametrize(
-        ("payload", "expected"),
+        ("head", "size", "expected"),
         [
-            (None, ("none", "")),
-            (b'{"to": "a@b.c"}', ("text", '{"to": "a@b.c"}')),
-            ("héllo\n".encode(), ("text", "héllo\n")),
-            (bytes([0, 1, 255]), ("hex", "00 01 ff")),
-            (b"\x00text", ("hex", "00 74 65 78 74")),
+            (None, 0, ("none", "")),
+            (b'{"to": "a@b.c"}', 15, ("text", '{"to": "a@b.c"}')),
+            ("héllo\n".encode(), 7, ("text", "héllo\n")),
+            (bytes([0, 1, 255]), 3, ("hex", "00 01 ff")),
+            (b"\x00text", 5, ("hex", "00 74 65 78 74")),
+            (b"\x1b[2Jclear", 11, ("hex", "1b 5b 32 4a 63 6c 65 61 72")),
+            # A preview cut inside a two-byte character is still text.
+            ("aé".encode()[:2], 3, ("text", "a")),
         ],
     )
-    def test_text_when_printable_else_hex(self, payload, expected) -> None:
-        assert payload_preview(payload) == expected
+    def test_text_when_printable_else_hex(self, head, size, expected) -> None:
+        assert payload_preview(head, size) == expected

@@ -8,7 +8,6 @@ exit status 1, the same contract ConveyorGroup gives typed errors.
 
 from __future__ import annotations
 
-import codecs
 import os
 import sys
 import unicodedata
@@ -19,13 +18,12 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from conveyor.monitoring.preview import as_text
+
 # Piped output has no terminal width to fit: rich's fallback of 80 columns would fold task
 # ids in the middle, which breaks grep and copy-paste. COLUMNS still wins when set.
 PIPE_WIDTH = 200
 PREVIEW_BYTES = 200
-# Whitespace a text preview may contain; any other control character (an escape sequence
-# could restyle or clear the operator's terminal) makes the payload shown as hex instead.
-_PRINTABLE_CONTROLS = frozenset("\t\n\r")
 
 
 def console() -> Console:
@@ -66,33 +64,36 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def inert(text: str) -> str:
+    """`text` with terminal control and bidi-format characters shown as escapes.
+
+    Error messages, progress reports and history details come from handlers: an escape
+    sequence in one must not clear the operator's screen or rewrite what it shows.
+    """
+    return "".join(
+        char
+        if char in "\t\n" or unicodedata.category(char) not in ("Cc", "Cf")
+        else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def plain(value: object, *, fold: bool = False) -> Text:
-    """Text rich prints as is: a payload or an error message may contain `[tags]`.
+    """Text rich prints as is: a payload or an error may hold `[tags]` or escapes (`inert`).
 
     With `fold`, a word longer than the line (a hex dump) is broken across lines instead
     of being cut with an ellipsis.
     """
-    return Text("" if value is None else str(value), overflow="fold" if fold else None)
+    text = "" if value is None else inert(str(value))
+    return Text(text, overflow="fold" if fold else None)
 
 
 def truncate(text: str | None, width: int) -> str:
     """`text` on one line, cut to `width` characters with an ellipsis."""
     if not text:
         return ""
-    line = " ".join(text.split())
+    line = " ".join(inert(text).split())
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _as_text(data: bytes, *, complete: bool) -> str | None:
-    # An incremental decoder tolerates a multi-byte character cut by the preview's end,
-    # which a plain decode would wrongly report as binary.
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
-    except UnicodeDecodeError:
-        return None
-    if any(unicodedata.category(char) == "Cc" and char not in _PRINTABLE_CONTROLS for char in text):
-        return None
-    return text
 
 
 def preview(data: bytes | None) -> dict[str, Any] | None:
@@ -100,7 +101,7 @@ def preview(data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
     head = data[:PREVIEW_BYTES]
-    text = _as_text(head, complete=len(data) <= PREVIEW_BYTES)
+    text = as_text(head, complete=len(data) <= PREVIEW_BYTES)
     return {
         "size": len(data),
         "encoding": "utf-8" if text is not None else "hex",

@@ -235,7 +235,7 @@ def explain(task_id: str, server: str | None) -> None:
     with Client(server) as client:
         reasons = client.explain_task(task_id)
     for reason in reasons:
-        click.echo(f"- {reason}")
+        click.echo(f"- {output.inert(reason)}")
 
 
 # --- retry and cancel ------------------------------------------------------------------

@@ -52,6 +52,8 @@ BULK_BATCH: Final = 500
 # clients' 10 s call deadline, so a large action is many short calls, never a timeout).
 BULK_CALL_BUDGET: Final = 2.0
 MAX_REASON: Final = 1000
+# Of a payload, the dashboard shows this much (and its size).
+PAYLOAD_PREVIEW_BYTES: Final = 2000
 
 RETRYABLE: Final = (TaskState.FAILED, TaskState.CANCELLED)
 CANCELLABLE: Final = (TaskState.QUEUED, TaskState.RUNNING)
@@ -198,14 +200,19 @@ class TaskControl:
         )
 
     async def task_detail(self, task_id: str) -> TaskDetail:
-        """Everything about one task, in one connection."""
+        """Everything about one task, read from one snapshot so the parts agree."""
         task_id = normalize_task_id(task_id)
-        async with self._database.connection() as conn:
+        async with (
+            self._database.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             row = await queries.task_get(conn, task_id=task_id)
             if row is None:
                 raise TaskNotFound(task_id=task_id)
             events = await queries.task_event_list(conn, task_id=task_id)
-            payload = await queries.task_payload_get(conn, task_id=task_id)
+            payload = await queries.task_payload_head(
+                conn, task_id=task_id, length=PAYLOAD_PREVIEW_BYTES
+            )
             why = await queries.task_explain(
                 conn, task_id=task_id, live_within=self._worker_lost_after
             )
@@ -216,9 +223,10 @@ class TaskControl:
                 type=status.type, paused_at=why["paused_at"], reason=why["paused_reason"]
             )
         return TaskDetail(
-            status=replace(status, payload=payload),
+            status=replace(status, payload=payload["head"] if payload else None),
             explanation=tuple(explain(why)) if why is not None else (),
             paused=paused,
+            payload_size=payload["size"] if payload else 0,
         )
 
     async def workers(self, *, include_stopped: bool, limit: int) -> list[WorkerInfo]:

@@ -171,8 +171,12 @@ class LeaderElector:
             self._on_change(leadership)
 
     async def current_leader(self) -> LeaderInfo | None:
-        """Who leads according to the database (None before any election)."""
-        async with self._database.priority_connection() as conn:
+        """Who leads according to the database (None before any election).
+
+        Read through the main pool: status pages and `conveyor stats` poll this, and the
+        reserved pool is kept for elections and heartbeats.
+        """
+        async with self._database.connection() as conn:
             row: Any = await queries.leader_get(conn, name=MAINTENANCE_ROLE)
         if row is None:
             return None

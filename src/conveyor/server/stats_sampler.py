@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.server.service import PeriodicService
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from conveyor.server.database import Database
 
 RATE_WINDOW: Final = timedelta(minutes=1)
+SETTLE_DELAY: Final = timedelta(seconds=10)
 CHART_WINDOW: Final = timedelta(hours=1)
 OUTCOMES: Final = ("succeeded", "failed", "retried", "started")
 
@@ -79,6 +80,10 @@ class StatsSnapshot:
         }
 
 
+def _minute(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
 class StatsSampler(PeriodicService):
     """Samples the database into gauges and a status snapshot."""
 
@@ -117,11 +122,17 @@ class StatsSampler(PeriodicService):
         self.snapshot = snapshot
 
     async def _sample_minutes(self, conn: Any) -> dict[datetime, dict[str, int]]:
-        """Outcomes per minute over CHART_WINDOW, re-reading only minutes not yet final."""
-        current = datetime.now(UTC).replace(second=0, microsecond=0)
-        since = self._settled if self._settled is not None else current - CHART_WINDOW
+        """Outcomes per minute over CHART_WINDOW, re-reading only minutes not yet final.
+
+        Minutes are judged by the database's clock, which stamps the events, and a minute
+        is final only once read SETTLE_DELAY after it ended: an event is stamped when its
+        transaction starts, so it may commit a little after its minute is over.
+        """
+        now = await queries.database_now(conn)
+        current = _minute(now - SETTLE_DELAY)
+        since = self._settled if self._settled is not None else _minute(now) - CHART_WINDOW
         rows = await queries.task_event_minutes(conn, since=since)
-        horizon = current - CHART_WINDOW
+        horizon = _minute(now) - CHART_WINDOW
         self._minutes = {
             minute: counts for minute, counts in self._minutes.items() if horizon <= minute < since
         }

@@ -432,3 +432,17 @@ async def paused_type_list(conn: Any) -> list[asyncpg.Record]:
 async def task_event_minutes(conn: Any, *, since: datetime) -> list[asyncpg.Record]:
     """Outcome counts per minute since `since`, oldest first."""
     return list(await conn.fetch(SQL["task_event_minutes"], since))
+
+
+async def database_now(conn: Any) -> datetime:
+    """The database's clock: the one every event's `at` comes from."""
+    now: datetime = await conn.fetchval(SQL["database_now"])
+    return now
+
+
+async def task_payload_head(conn: Any, *, task_id: str, length: int) -> asyncpg.Record | None:
+    """(head, size): a payload's first `length` bytes and its whole size (None: no task)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_payload_head"], uuid.UUID(task_id), length
+    )
+    return row

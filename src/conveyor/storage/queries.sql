@@ -535,6 +535,13 @@ LIMIT $4;
 -- name: task_payload_get
 SELECT payload FROM conveyor_tasks WHERE id = $1;
 
+-- name: task_payload_head
+-- $1 task id, $2 bytes. The payload's beginning and its whole size, for a preview: a page
+-- showing a task need not carry a payload of a megabyte.
+SELECT substring(payload FROM 1 FOR $2) AS head, octet_length(payload) AS size
+FROM conveyor_tasks
+WHERE id = $1;
+
 -- name: paused_type_set
 -- $1 type, $2 reason. Returns whether this call paused it (false: it already was).
 INSERT INTO conveyor_paused_types (type, reason) VALUES ($1, $2)
@@ -550,6 +557,9 @@ SELECT pg_notify('conveyor_task_ready', '') FROM resumed;
 
 -- name: paused_type_list
 SELECT type, paused_at, reason FROM conveyor_paused_types ORDER BY type;
+
+-- name: database_now
+SELECT now();
 
 -- name: task_event_minutes
 -- Outcomes per minute since $1, for the dashboard's throughput and failure charts (index

@@ -14,7 +14,6 @@ logins and CSRF tokens arrive with the security work. The data comes from a
 from __future__ import annotations
 
 import ipaddress
-import string
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import quote, urlencode, urlsplit
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable, TaskNotFound
 from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
+from conveyor.monitoring.preview import as_text
 from conveyor.types import TASK_TYPE_PATTERN, TaskState
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 PAGE_SIZE: Final = 50
 PAYLOAD_PREVIEW: Final = 2000
-_PRINTABLE: Final = frozenset(string.printable)
 
 
 class DashboardSource(Protocol):
@@ -102,16 +101,12 @@ def _when(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
-def payload_preview(payload: bytes | None) -> tuple[str, str]:
-    """(how it is shown, the preview): UTF-8 text when it is printable text, else hex."""
-    if payload is None:
+def payload_preview(head: bytes | None, size: int) -> tuple[str, str]:
+    """(how it is shown, the preview) of a payload's first bytes: text, else hex."""
+    if head is None:
         return ("none", "")
-    head = payload[:PAYLOAD_PREVIEW]
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return ("hex", head.hex(" "))
-    if all(char in _PRINTABLE or char.isprintable() for char in text):
+    text = as_text(head, complete=len(head) >= size)
+    if text is not None:
         return ("text", text)
     return ("hex", head.hex(" "))
 
@@ -325,7 +320,7 @@ class Dashboard:
         """One task: timeline chart, explanation, payload, history, actions."""
         detail = await self._source.task_detail(request.match_info["task_id"])
         status = detail.status
-        kind, preview = payload_preview(status.payload)
+        kind, preview = payload_preview(status.payload, detail.payload_size)
         return self._render(
             "task.html",
             page="tasks",
@@ -336,7 +331,7 @@ class Dashboard:
             ),
             payload_kind=kind,
             payload_preview=preview,
-            payload_size=len(status.payload or b""),
+            payload_size=detail.payload_size,
             can_retry=status.state in (TaskState.FAILED, TaskState.CANCELLED),
             can_cancel=status.state in (TaskState.QUEUED, TaskState.RUNNING),
             notice=_notice(request),
