@@ -112,7 +112,7 @@ class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
         """Merge the extras."""
-        kwargs["extra"] = {**_fields.get(), **(self.extra or {}), **kwargs.get("extra", {})}
+        kwargs["extra"] = {**_fields.get(), **(self.extra or {}), **(kwargs.get("extra") or {})}
         return msg, kwargs
 
 

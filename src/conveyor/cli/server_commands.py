@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
     from conveyor.storage.embedded import EmbeddedPostgres
 
-# Where the `conveyor` group leaves the chosen log format in click's context meta.
-
 
 async def _serve(
     config: ServerConfig,

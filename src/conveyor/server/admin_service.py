@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import InvalidTask, TaskNotFound
+from conveyor.errors import TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -158,8 +158,6 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
 def _scope(request: pb.BulkTaskRequest) -> BulkScope:
     has_filter = request.HasField("filter")
-    if request.task_ids and has_filter:
-        raise InvalidTask("give either task ids or a filter, not both")
     return BulkScope(
         task_ids=tuple(request.task_ids),
         task_filter=_filter(request.filter) if has_filter else None,

@@ -158,7 +158,7 @@ class MetricsServer:
         return int(self._server.server_port)
 
     def stop(self) -> None:
-        """Stop listening and wait for the server thread (within half a second)."""
+        """Stop listening and wait for the server thread (it ends within one poll interval)."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is None:

@@ -280,11 +280,17 @@ class Worker:
         if self._thread is not None:
             raise ConfigError("this worker was already started")
         self._serve_metrics()
-        self._runtime = _Runtime(self, timeout)
-        self._thread = threading.Thread(
-            target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
-        )
-        self._thread.start()
+        try:
+            self._runtime = _Runtime(self, timeout)
+            self._thread = threading.Thread(
+                target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
+            )
+            self._thread.start()
+        except BaseException:
+            # The thread that would stop the metrics endpoint never ran: stop it here.
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            raise
         self._started.wait()
         if self._start_error is not None:
             self._thread.join()

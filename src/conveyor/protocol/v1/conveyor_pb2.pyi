@@ -144,7 +144,8 @@ class TaskSpec(_message.Message):
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context of the producer (traceparent, tracestate), handed to the
-        handler so its spans join the producer's trace. At most 8 entries of 512 bytes.
+        handler so its spans join the producer's trace. At most 8 entries; keys up
+        to 64 characters, values up to 512.
         """
 
     def __init__(
