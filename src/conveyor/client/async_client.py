@@ -149,7 +149,7 @@ class AsyncClient:
         through oldest first in several short calls. Recorded in each task's history with
         `reason`.
         """
-        request: pb.BulkTaskRequest | None = core.bulk_request(
+        request = core.bulk_request(
             task_ids,
             states=states,
             task_type=type,
@@ -158,12 +158,7 @@ class AsyncClient:
             reason=reason,
             as_of=as_of,
         )
-        assert request is not None  # noqa: S101 - for the type checker
-        tally = core.BulkTally(request)
-        while request is not None:
-            response = await self._call("RetryTasks", request, service="AdminService")
-            request = tally.next_request(response)
-        return tally.result()
+        return await self._bulk("RetryTasks", request)
 
     async def cancel_tasks(
         self,
@@ -177,7 +172,7 @@ class AsyncClient:
         as_of: str | None = None,
     ) -> BulkResult:
         """Cancel QUEUED or RUNNING tasks, by ids or by a filter (see `retry_tasks`)."""
-        request: pb.BulkTaskRequest | None = core.bulk_request(
+        request = core.bulk_request(
             task_ids,
             states=states,
             task_type=type,
@@ -186,11 +181,15 @@ class AsyncClient:
             reason=reason,
             as_of=as_of,
         )
-        assert request is not None  # noqa: S101 - for the type checker
+        return await self._bulk("CancelTasks", request)
+
+    async def _bulk(self, method: str, request: pb.BulkTaskRequest) -> BulkResult:
+        """Run a bulk action to its end: a filter is answered in several short calls."""
         tally = core.BulkTally(request)
-        while request is not None:
-            response = await self._call("CancelTasks", request, service="AdminService")
-            request = tally.next_request(response)
+        follow_up: pb.BulkTaskRequest | None = request
+        while follow_up is not None:
+            response = await self._call(method, follow_up, service="AdminService")
+            follow_up = tally.next_request(response)
         return tally.result()
 
     async def pause_type(self, task_type: str, *, reason: str = "") -> bool:

@@ -151,7 +151,7 @@ class Client:
         through oldest first in several short calls. Recorded in each task's history with
         `reason`.
         """
-        request: pb.BulkTaskRequest | None = core.bulk_request(
+        request = core.bulk_request(
             task_ids,
             states=states,
             task_type=type,
@@ -160,12 +160,7 @@ class Client:
             reason=reason,
             as_of=as_of,
         )
-        assert request is not None  # noqa: S101 - for the type checker
-        tally = core.BulkTally(request)
-        while request is not None:
-            response = self._call("RetryTasks", request, service="AdminService")
-            request = tally.next_request(response)
-        return tally.result()
+        return self._bulk("RetryTasks", request)
 
     def cancel_tasks(
         self,
@@ -179,7 +174,7 @@ class Client:
         as_of: str | None = None,
     ) -> BulkResult:
         """Cancel QUEUED or RUNNING tasks, by ids or by a filter (see `retry_tasks`)."""
-        request: pb.BulkTaskRequest | None = core.bulk_request(
+        request = core.bulk_request(
             task_ids,
             states=states,
             task_type=type,
@@ -188,11 +183,15 @@ class Client:
             reason=reason,
             as_of=as_of,
         )
-        assert request is not None  # noqa: S101 - for the type checker
+        return self._bulk("CancelTasks", request)
+
+    def _bulk(self, method: str, request: pb.BulkTaskRequest) -> BulkResult:
+        """Run a bulk action to its end: a filter is answered in several short calls."""
         tally = core.BulkTally(request)
-        while request is not None:
-            response = self._call("CancelTasks", request, service="AdminService")
-            request = tally.next_request(response)
+        follow_up: pb.BulkTaskRequest | None = request
+        while follow_up is not None:
+            response = self._call(method, follow_up, service="AdminService")
+            follow_up = tally.next_request(response)
         return tally.result()
 
     def pause_type(self, task_type: str, *, reason: str = "") -> bool:

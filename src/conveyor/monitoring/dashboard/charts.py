@@ -72,6 +72,15 @@ def _nice_ceiling(value: int) -> int:
         magnitude *= 10
 
 
+def _minute_ticks(end: datetime, span: int) -> tuple[Tick, ...]:
+    """About six HH:MM labels along a per-minute axis ending at minute `end`."""
+    slot_width = CHART_WIDTH / span
+    return tuple(
+        Tick(position=index * slot_width, text=f"{end - timedelta(minutes=span - 1 - index):%H:%M}")
+        for index in range(0, span, max(span // 6, 1))
+    )
+
+
 def throughput_chart(
     minutes: Mapping[datetime, Mapping[str, int]], *, now: datetime, span: int = 60
 ) -> Chart:
@@ -100,10 +109,7 @@ def throughput_chart(
                     title=f"{slot:%H:%M} UTC: {count[kind]} {kind}",
                 )
             )
-    x_ticks = tuple(
-        Tick(position=index * slot_width, text=f"{slots[index]:%H:%M}")
-        for index in range(0, span, max(span // 6, 1))
-    )
+    x_ticks = _minute_ticks(end, span)
     y_ticks = (Tick(CHART_HEIGHT, "0"), Tick(CHART_HEIGHT / 2, f"{peak / 2:g}"), Tick(0, f"{peak}"))
     return Chart(
         width=CHART_WIDTH,
@@ -141,10 +147,7 @@ def failure_chart(
                 title=f"{slot:%H:%M} UTC: {share:.0%} failed ({failed} of {finished})",
             )
         )
-    x_ticks = tuple(
-        Tick(position=index * slot_width, text=f"{end - timedelta(minutes=span - 1 - index):%H:%M}")
-        for index in range(0, span, max(span // 6, 1))
-    )
+    x_ticks = _minute_ticks(end, span)
     y_ticks = (Tick(CHART_HEIGHT, "0%"), Tick(CHART_HEIGHT / 2, "50%"), Tick(0, "100%"))
     return Chart(
         width=CHART_WIDTH,
