@@ -201,6 +201,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_seq_last": (),
         "task_payload_get": (seeded.succeeded_id,),
         "task_payload_head": (seeded.succeeded_id, 2000),
+        "task_prune_finished": (1800.0, 1000, "server-1", 1),
         "task_event_minutes": (datetime.now(UTC) - timedelta(hours=1),),
     }
 
@@ -231,6 +232,7 @@ PER_TASK_QUERIES = [
     "task_list_oldest_by_type_and_state",
     "task_payload_get",
     "task_payload_head",
+    "task_prune_finished",
     "task_event_minutes",
 ]
 

@@ -179,6 +179,15 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     show_default=True,
     help="Seconds between lease-reaper and sweeper rounds.",
 )
+@click.option(
+    "--retention-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    envvar="CONVEYOR_RETENTION_DAYS",
+    help="Delete finished tasks and their history this many days after they finish "
+    "(0: keep them forever).",
+)
 @click.option("--server-id", default=None, help="This server's id (default: host-pid-random).")
 def server(
     database_url: str | None,
@@ -195,6 +204,7 @@ def server(
     worker_lost_after: float,
     leader_ttl: float,
     reaper_interval: float,
+    retention_days: float,
     server_id: str | None,
 ) -> None:
     """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL."""
@@ -217,6 +227,7 @@ def server(
             leader_ttl=timedelta(seconds=leader_ttl),
             leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
             reaper_interval=timedelta(seconds=reaper_interval),
+            retention=timedelta(days=retention_days) if retention_days else None,
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),
         )

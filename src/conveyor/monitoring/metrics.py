@@ -105,6 +105,12 @@ class ServerMetrics:
             ["action"],
             registry=self.registry,
         )
+        self.tasks_pruned = Counter(
+            "conveyor_tasks_pruned_total",
+            "Finished tasks deleted with their history by the retention policy, by state.",
+            ["state"],
+            registry=self.registry,
+        )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_connections_in_use",
             "Database connections checked out of this server's pool.",

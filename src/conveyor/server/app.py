@@ -35,6 +35,7 @@ from conveyor.server.dashboard_backend import DashboardBackend
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
+from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
 from conveyor.server.stats_sampler import StatsSampler
@@ -97,6 +98,16 @@ class ConveyorServer:
             WorkerSweeper(config, self.database, self.elector),
             self.stats,
         ]
+        if config.retention is not None:
+            self.maintenance.append(
+                RetentionPruner(
+                    config.retention_interval,
+                    config.retention,
+                    self.database,
+                    self.elector,
+                    self.metrics,
+                )
+            )
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpServer | None = None

@@ -47,6 +47,10 @@ DEFAULT_STATEMENT_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_POOL_ACQUIRE_TIMEOUT: Final = timedelta(seconds=5)
 DEFAULT_POOL_MAX_SIZE: Final = 20
 DEFAULT_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
+# Finished tasks (and their history) are kept this long, then pruned by the leader: long
+# enough to inspect last week's failures, short enough that the hot table stays small.
+DEFAULT_RETENTION: Final = timedelta(days=7)
+DEFAULT_RETENTION_INTERVAL: Final = timedelta(seconds=30)
 
 
 def default_server_id() -> str:
@@ -91,6 +95,9 @@ class ServerConfig:
     db_breaker_failures: int = DEFAULT_DB_BREAKER_FAILURES
     db_breaker_reset: timedelta = DEFAULT_DB_BREAKER_RESET
     stats_interval: timedelta = DEFAULT_STATS_INTERVAL
+    # None: keep finished tasks forever.
+    retention: timedelta | None = DEFAULT_RETENTION
+    retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL
     # Test-only crash points (see server/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
 
@@ -121,6 +128,7 @@ class ServerConfig:
             "leader_retry_interval": self.leader_retry_interval,
             "db_breaker_reset": self.db_breaker_reset,
             "stats_interval": self.stats_interval,
+            "retention_interval": self.retention_interval,
         }
         for name, value in positive.items():
             if value <= timedelta(0):
@@ -134,6 +142,8 @@ class ServerConfig:
                 "heartbeat_interval must be at most half of lease_ttl, or a single lost "
                 "heartbeat would cost a worker its leases"
             )
+        if self.retention is not None and self.retention <= timedelta(0):
+            raise ConfigError("retention must be positive (or None to keep finished tasks)")
         if self.leader_retry_interval >= self.leader_ttl:
             raise ConfigError("leader_retry_interval must be shorter than leader_ttl")
 

@@ -446,3 +446,16 @@ async def task_payload_head(conn: Any, *, task_id: str, length: int) -> asyncpg.
         SQL["task_payload_head"], uuid.UUID(task_id), length
     )
     return row
+
+
+async def task_prune_finished(
+    conn: Any, *, retention: timedelta, limit: int, leader: LeaderProof
+) -> dict[str, int]:
+    """Leader only: delete up to `limit` tasks finished longer ago than `retention`."""
+    rows = await conn.fetch(
+        SQL["task_prune_finished"], _seconds(retention), limit, leader.holder, leader.term
+    )
+    pruned: dict[str, int] = {}
+    for row in rows:
+        pruned[row["state"]] = pruned.get(row["state"], 0) + 1
+    return pruned

@@ -268,6 +268,33 @@ SELECT count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
 FROM conveyor_task_events
 WHERE at > now() - make_interval(secs => $1);
 
+-- name: task_prune_finished
+-- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
+-- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
+-- (state, seq) index, with their history (ON DELETE CASCADE). Returns the deleted states.
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
+    FOR SHARE
+), doomed AS (
+    SELECT old.id
+    FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) AS final (state)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.seq FROM conveyor_tasks AS t
+        WHERE t.state = final.state
+          AND t.finished_at < now() - make_interval(secs => $1)
+          AND EXISTS (SELECT 1 FROM leader)
+        ORDER BY t.seq
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS old
+    ORDER BY old.seq
+    LIMIT $2
+)
+DELETE FROM conveyor_tasks
+WHERE id IN (SELECT id FROM doomed)
+RETURNING state;
+
 -- name: worker_register
 -- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version.
 INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version)

@@ -1,0 +1,75 @@
+"""Retention: the leader deletes finished tasks, and their history, once they are old enough.
+
+A task that succeeded, failed or was cancelled more than `retention` ago (7 days by
+default) is deleted with its history, in batches, oldest first, each batch one short
+fenced statement (it writes nothing unless this server still holds its term). Keeping the
+hot table to live tasks and recent history is what keeps every per-task query fast at any
+age of the deployment; operators who need the history longer export it first or raise
+the retention (`--retention-days`, 0 to keep everything).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+from conveyor.server.service import PeriodicService
+from conveyor.storage import queries
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.database import Database
+    from conveyor.server.leadership import LeaderElector
+
+log = logging.getLogger("conveyor.server.retention")
+
+BATCH_SIZE: Final = 1000
+# Batches per round: a backlog of old tasks (a first run on a long-lived database) is
+# worked off over several rounds, never in one long burst of deletes.
+MAX_BATCHES_PER_ROUND: Final = 20
+
+
+class RetentionPruner(PeriodicService):
+    """Deletes finished tasks older than the retention (if this server leads)."""
+
+    name = "retention"
+
+    def __init__(
+        self,
+        interval: timedelta,
+        retention: timedelta,
+        database: Database,
+        elector: LeaderElector,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Prune every `interval` what finished more than `retention` ago."""
+        super().__init__(interval)
+        self._retention = retention
+        self._database = database
+        self._elector = elector
+        self._metrics = metrics
+
+    async def tick(self) -> None:
+        """Delete old finished tasks, a batch at a time."""
+        for _ in range(MAX_BATCHES_PER_ROUND):
+            leader = self._elector.leadership
+            if leader is None:
+                return
+            async with self._database.connection() as conn:
+                pruned = await queries.task_prune_finished(
+                    conn, retention=self._retention, limit=BATCH_SIZE, leader=leader
+                )
+            for state, count in pruned.items():
+                self._metrics.tasks_pruned.labels(state).inc(count)
+            total = sum(pruned.values())
+            if total:
+                log.info(
+                    "pruned %d finished task(s) older than %s",
+                    total,
+                    self._retention,
+                    extra={"event": "tasks_pruned"},
+                )
+            if total < BATCH_SIZE:
+                return

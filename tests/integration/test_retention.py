@@ -1,0 +1,69 @@
+"""Retention: the leader deletes finished tasks, with their history, once old enough.
+
+Tasks are finished through the API (cancelled), then some are aged by moving their
+finished_at back in the database; the pruner must delete exactly those, with their history,
+and leave live tasks and recently finished ones alone.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from datetime import timedelta
+
+from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor import Client, Task, TaskState
+
+
+def pruned_metric(http_url: str, state: str) -> float | None:
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    for family in text_string_to_metric_families(body):
+        for found in family.samples:
+            if found.name == "conveyor_tasks_pruned_total" and found.labels == {"state": state}:
+                return found.value
+    return None
+
+
+def test_old_finished_tasks_are_pruned_with_their_history(start_server, db) -> None:
+    server = start_server(
+        retention=timedelta(hours=1), retention_interval=timedelta(milliseconds=200)
+    )
+    with Client(server.address) as client:
+        finished = client.enqueue_tasks([Task(type="keep.t") for _ in range(6)])
+        client.cancel_tasks(finished, reason="finished for the test")
+        live = client.enqueue_tasks([Task(type="keep.t") for _ in range(2)])
+        aged, recent = finished[:4], finished[4:]
+        db.execute(
+            "UPDATE conveyor_tasks SET finished_at = now() - interval '2 hours' "
+            "WHERE id = ANY($1::uuid[])",
+            aged,
+        )
+
+        def remaining() -> set[str]:
+            rows = db.fetch("SELECT id::text FROM conveyor_tasks WHERE type = 'keep.t'")
+            return {row["id"] for row in rows}
+
+        wait_for(lambda: remaining() == set(recent + live), what="the aged tasks to be pruned")
+        assert (
+            db.fetchval(
+                "SELECT count(*) FROM conveyor_task_events WHERE task_id = ANY($1::uuid[])",
+                aged,
+            )
+            == 0
+        )
+        assert {client.get_task_status(task_id).state for task_id in recent} == {
+            TaskState.CANCELLED
+        }
+        assert {client.get_task_status(task_id).state for task_id in live} == {TaskState.QUEUED}
+    assert pruned_metric(server.http_url, "cancelled") == 4
+
+
+def test_retention_is_on_by_default_and_can_be_turned_off(start_server) -> None:
+    """Seven days unless told otherwise; retention=None runs no pruner at all."""
+    default = start_server()
+    assert [s.name for s in default.server.maintenance].count("retention") == 1
+    assert default.server.config.retention == timedelta(days=7)
+    kept = start_server(retention=None)
+    assert "retention" not in [s.name for s in kept.server.maintenance]
