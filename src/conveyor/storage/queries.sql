@@ -292,7 +292,9 @@ WITH leader AS (
     LIMIT $2
 )
 DELETE FROM conveyor_tasks
-WHERE id IN (SELECT id FROM doomed)
+-- An array, not IN (subquery): the delete is then primary-key probes, never a hash join
+-- over a scan of the whole table.
+WHERE id = ANY (ARRAY(SELECT id FROM doomed))
 RETURNING state;
 
 -- name: worker_register
