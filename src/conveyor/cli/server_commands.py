@@ -188,6 +188,12 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Delete finished tasks and their history this many days after they finish "
     "(0: keep them forever).",
 )
+@click.option(
+    "--group-commit/--no-group-commit",
+    default=True,
+    show_default=True,
+    help="Let concurrent enqueues share one insert and commit (off only to measure it).",
+)
 @click.option("--server-id", default=None, help="This server's id (default: host-pid-random).")
 def server(
     database_url: str | None,
@@ -205,6 +211,7 @@ def server(
     leader_ttl: float,
     reaper_interval: float,
     retention_days: float,
+    group_commit: bool,
     server_id: str | None,
 ) -> None:
     """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL."""
@@ -228,6 +235,7 @@ def server(
             leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
             reaper_interval=timedelta(seconds=reaper_interval),
             retention=timedelta(days=retention_days) if retention_days else None,
+            group_commit=group_commit,
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),
         )

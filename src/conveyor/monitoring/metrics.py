@@ -105,6 +105,12 @@ class ServerMetrics:
             ["action"],
             registry=self.registry,
         )
+        self.enqueue_group_size = Histogram(
+            "conveyor_enqueue_group_calls",
+            "EnqueueTasks calls that shared one insert statement and commit (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.tasks_pruned = Counter(
             "conveyor_tasks_pruned_total",
             "Finished tasks deleted with their history by the retention policy, by state.",

@@ -12,6 +12,7 @@ from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
+from conveyor.server.group_commit import EnqueueGroupCommit
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import (
@@ -110,6 +111,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self.database = database
         self.notifier = notifier
         self.metrics = metrics
+        self.group_commit = EnqueueGroupCommit(database, metrics)
 
     def _validated(self, spec: pb.TaskSpec, index: int) -> queries.NewTask:
         """The task at `index` of a request, validated; errors name the index."""
@@ -150,8 +152,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 f"{len(request.tasks)} tasks in one call; the limit is {self.config.max_batch}"
             )
         tasks = [self._validated(spec, i) for i, spec in enumerate(request.tasks)]
-        async with self.database.connection() as conn:
-            rows = await queries.task_insert_many(conn, tasks)
+        if self.config.group_commit:
+            rows = await self.group_commit.insert(tasks)
+        else:
+            async with self.database.connection() as conn:
+                rows = await queries.task_insert_many(conn, tasks)
         failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
         created = [bool(row["created"]) for row in rows]
         for task, was_created in zip(tasks, created, strict=True):
