@@ -463,3 +463,65 @@ class TestLeaseValidation:
         """LeaseTasks without a worker id is INVALID_ARGUMENT."""
         error = rpc_error(stubs.lease, "", wait=0)
         assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TestSuccessReportsInOneStatement:
+    """Concurrent success reports share a statement (group commit) and keep fencing exact."""
+
+    def test_racing_duplicate_reports_of_one_lease_apply_once(self, server, stubs: Stubs, db):
+        """Eight identical success reports at once: one applies, seven are refused as stale,
+        and the history has one `succeeded`."""
+        stubs.enqueue()
+        lease = stubs.lease_one("w-dup")
+
+        def report(_index: int) -> grpc.StatusCode:
+            try:
+                stubs.report("w-dup", lease, pb.OUTCOME_SUCCEEDED, result=b"r", has_result=True)
+            except grpc.RpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            codes = list(pool.map(report, range(8)))
+        assert codes.count(grpc.StatusCode.OK) == 1
+        assert codes.count(grpc.StatusCode.FAILED_PRECONDITION) == 7
+        row = snapshot(db, lease.task_id)
+        assert row["state"] == "succeeded"
+        assert bytes(row["result"]) == b"r"
+        assert (
+            db.fetchval(
+                "SELECT count(*) FROM conveyor_task_events "
+                "WHERE task_id = $1::uuid AND event = 'succeeded'",
+                lease.task_id,
+            )
+            == 1
+        )
+
+    def test_many_workers_reporting_at_once_share_statements(self, server, stubs: Stubs, db):
+        """48 successes reported concurrently: all applied, in fewer statements than reports,
+        each with its own result."""
+        ids = stubs.enqueue(count=48)
+        stubs.register("w-many")
+        leases = stubs.lease("w-many", max_tasks=48)
+        assert sorted(lease.task_id for lease in leases) == sorted(ids)
+        before = metric_value(server.http_url, "conveyor_report_group_calls_count")
+
+        def report(lease: pb.Lease) -> None:
+            stubs.report(
+                "w-many",
+                lease,
+                pb.OUTCOME_SUCCEEDED,
+                result=lease.task_id.encode(),
+                has_result=True,
+            )
+
+        with ThreadPoolExecutor(max_workers=48) as pool:
+            list(pool.map(report, leases))
+        statements = metric_value(server.http_url, "conveyor_report_group_calls_count") - before
+        assert 0 < statements < 48
+        rows = db.fetch(
+            "SELECT id::text, state::text, result FROM conveyor_tasks WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+        assert {row["state"] for row in rows} == {"succeeded"}
+        assert all(bytes(row["result"]) == row["id"].encode() for row in rows)

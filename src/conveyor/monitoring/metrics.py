@@ -111,6 +111,12 @@ class ServerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.report_group_size = Histogram(
+            "conveyor_report_group_calls",
+            "Success reports that shared one update statement and commit (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.tasks_pruned = Counter(
             "conveyor_tasks_pruned_total",
             "Finished tasks deleted with their history by the retention policy, by state.",

@@ -1,76 +1,77 @@
-"""Group commit of enqueues: concurrent EnqueueTasks calls share one INSERT and one commit.
+"""Group commit: concurrent calls that write the same kind of row share one statement.
 
-Each enqueue must be durable before it is acknowledged, so each costs a WAL flush; with
-many producers sending one task each, those flushes are the limit. Here, calls that arrive
-while an insert is in flight wait for it and then go together in the next statement (at
-most `max_in_flight` statements run at once, each of at most `max_rows` tasks). A lone
-call is inserted at once: batching costs latency only when there is a queue to batch.
+Each durable write costs a WAL flush before it may be acknowledged; with many producers
+enqueuing one task each, or many handlers reporting success at once, those flushes are the
+limit. A `GroupCommit` runs one statement at a time per slot (at most `max_in_flight`):
+calls that arrive while statements are in flight wait and then go together in the next one
+(at most `max_items` items). A lone call runs at once: batching costs latency only when
+there is a queue to batch.
 
-Every call still gets exactly its own answer: its tasks' rows, in its order, with
-`created` as if it had run alone (the statement keeps the first occurrence of an id, so
-two calls racing with the same id see one `true` and one `false`, as they would
-sequentially). If the statement fails, every call in it fails with the same error; a
-client's retry is safe because enqueue is idempotent per task id.
+Used for enqueues (`task_insert_many`) and for success reports (`task_succeed_many`). Every
+call still gets exactly its own rows, in its order, as if it had run alone: the statements
+return one row per input item, in input order, and decide duplicates by first occurrence.
+If a statement fails, every call in it fails with the same error; callers retry safely
+because both writes are idempotent (an enqueue per task id, a report per lease).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from conveyor.errors import ServerUnavailable
-from conveyor.storage import queries
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
-    import asyncpg
-
-    from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
 
 DEFAULT_MAX_IN_FLIGHT: Final = 2
-DEFAULT_MAX_ROWS: Final = 5000
+DEFAULT_MAX_ITEMS: Final = 5000
+
+Item = TypeVar("Item")
 
 
 @dataclass
-class _Waiting:
-    tasks: Sequence[queries.NewTask]
-    answer: asyncio.Future[list[asyncpg.Record]] = field(
+class _Waiting(Generic[Item]):
+    items: Sequence[Item]
+    answer: asyncio.Future[list[Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
-class EnqueueGroupCommit:
-    """Coalesces concurrent inserts of new tasks into shared statements."""
+class GroupCommit(Generic[Item]):
+    """Coalesces concurrent calls of one statement into shared executions."""
 
     def __init__(
         self,
         database: Database,
-        metrics: ServerMetrics,
+        statement: Callable[[Any, list[Item]], Awaitable[Sequence[Any]]],
+        observe_group: Callable[[int], None],
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_rows: int = DEFAULT_MAX_ROWS,
+        max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
-        """Insert through `database`; record each statement's size in `metrics`."""
+        """`statement(conn, items)` returns one row per item, in order."""
         self._database = database
-        self._metrics = metrics
+        self._statement = statement
+        self._observe_group = observe_group
         self._max_in_flight = max_in_flight
-        self._max_rows = max_rows
-        self._waiting: list[_Waiting] = []
+        self._max_items = max_items
+        self._waiting: list[_Waiting[Item]] = []
         self._in_flight = 0
         # References to the running flushes (asyncio keeps only weak ones).
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def insert(self, tasks: Sequence[queries.NewTask]) -> list[asyncpg.Record]:
-        """Insert `tasks` (committed when this returns); their (id, created) rows in order."""
-        waiting = _Waiting(tasks)
+    async def submit(self, items: Sequence[Item]) -> list[Any]:
+        """Write `items` (committed when this returns); their rows, in order."""
+        waiting: _Waiting[Item] = _Waiting(items)
         self._waiting.append(waiting)
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             # Its own task: a caller that gives up (cancelled call) must not abandon the
-            # statement that carries other callers' tasks.
+            # statement that carries other callers' items.
             flush = asyncio.get_running_loop().create_task(self._flush())
             self._flushes.add(flush)
             flush.add_done_callback(self._flushes.discard)
@@ -81,7 +82,7 @@ class EnqueueGroupCommit:
             while self._waiting:
                 await self._run(self._take_group())
         except BaseException:
-            # Cancelled: the server is stopping, and nothing will insert what still waits.
+            # Cancelled: the server is stopping, and nothing will write what still waits.
             for waiting in self._waiting:
                 if not waiting.answer.done():
                     waiting.answer.set_exception(
@@ -92,22 +93,22 @@ class EnqueueGroupCommit:
         finally:
             self._in_flight -= 1
 
-    def _take_group(self) -> list[_Waiting]:
-        group: list[_Waiting] = []
-        rows = 0
+    def _take_group(self) -> list[_Waiting[Item]]:
+        group: list[_Waiting[Item]] = []
+        count = 0
         while self._waiting:
-            size = len(self._waiting[0].tasks)
-            if group and rows + size > self._max_rows:
+            size = len(self._waiting[0].items)
+            if group and count + size > self._max_items:
                 break
             group.append(self._waiting.pop(0))
-            rows += size
+            count += size
         return group
 
-    async def _run(self, group: list[_Waiting]) -> None:
-        tasks = [task for waiting in group for task in waiting.tasks]
+    async def _run(self, group: list[_Waiting[Item]]) -> None:
+        items = [item for waiting in group for item in waiting.items]
         try:
             async with self._database.connection() as conn:
-                rows = await queries.task_insert_many(conn, tasks)
+                rows = await self._statement(conn, items)
         except BaseException as exc:
             for waiting in group:
                 if not waiting.answer.done():
@@ -117,10 +118,10 @@ class EnqueueGroupCommit:
             if not isinstance(exc, Exception):
                 raise
             return
-        self._metrics.enqueue_group_size.observe(len(group))
+        self._observe_group(len(group))
         start = 0
         for waiting in group:
-            end = start + len(waiting.tasks)
+            end = start + len(waiting.items)
             if not waiting.answer.done():
-                waiting.answer.set_result(rows[start:end])
+                waiting.answer.set_result(list(rows[start:end]))
             start = end

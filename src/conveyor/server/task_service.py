@@ -12,7 +12,7 @@ from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
-from conveyor.server.group_commit import EnqueueGroupCommit
+from conveyor.server.group_commit import GroupCommit
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import (
@@ -111,7 +111,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self.database = database
         self.notifier = notifier
         self.metrics = metrics
-        self.group_commit = EnqueueGroupCommit(database, metrics)
+        self.group_commit: GroupCommit[queries.NewTask] = GroupCommit(
+            database, queries.task_insert_many, metrics.enqueue_group_size.observe
+        )
 
     def _validated(self, spec: pb.TaskSpec, index: int) -> queries.NewTask:
         """The task at `index` of a request, validated; errors name the index."""
@@ -153,7 +155,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             )
         tasks = [self._validated(spec, i) for i, spec in enumerate(request.tasks)]
         if self.config.group_commit:
-            rows = await self.group_commit.insert(tasks)
+            rows = await self.group_commit.submit(tasks)
         else:
             async with self.database.connection() as conn:
                 rows = await queries.task_insert_many(conn, tasks)

@@ -20,6 +20,7 @@ from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
+from conveyor.server.group_commit import GroupCommit
 from conveyor.server.rpc import rpc_method
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
@@ -79,6 +80,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.draining = False
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
+        )
+        # Successes reported at the same time share one statement and one commit.
+        self.succeed_commit: GroupCommit[queries.Success] = GroupCommit(
+            database, queries.task_succeed_many, metrics.report_group_size.observe
         )
 
     def start_draining(self) -> None:
@@ -257,11 +262,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 f"result is {len(request.result)} bytes; the limit is "
                 f"{self.config.max_payload_bytes}"
             )
-        async with self.database.connection() as conn:
-            row = await self._apply(conn, request, task_id, lease_id)
-            if row is None:
-                current = await queries.task_get(conn, task_id=task_id)
+        if request.outcome == pb.OUTCOME_SUCCEEDED and self.config.group_commit:
+            row = await self._succeed(request, task_id, lease_id)
+        else:
+            async with self.database.connection() as conn:
+                row = await self._apply(conn, request, task_id, lease_id)
         if row is None:
+            async with self.database.connection() as conn:
+                current = await queries.task_get(conn, task_id=task_id)
             if current is None:
                 raise TaskNotFound(task_id=task_id)
             self.metrics.stale_completions.inc()
@@ -284,6 +292,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
         state = TaskState(row["state"])
         return pb.ReportResultResponse(state=convert.STATE_TO_PB[state])
+
+    async def _succeed(self, request: pb.ReportResultRequest, task_id: str, lease_id: str) -> Any:
+        """A success, applied together with the other successes reported meanwhile."""
+        result = request.result if request.has_result else None
+        (row,) = await self.succeed_commit.submit(
+            [queries.Success(task_id=task_id, lease_id=lease_id, result=result)]
+        )
+        if not row["applied"]:
+            return None
+        self.metrics.task_outcomes.labels(row["type"], "succeeded").inc()
+        self.metrics.task_duration.labels(row["type"], "succeeded").observe(
+            max(row["ran_for"], 0.0)
+        )
+        return row
 
     async def _apply(
         self, conn: Any, request: pb.ReportResultRequest, task_id: str, lease_id: str

@@ -459,3 +459,25 @@ async def task_prune_finished(
     for row in rows:
         pruned[row["state"]] = pruned.get(row["state"], 0) + 1
     return pruned
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    """One success report for `task_succeed_many`."""
+
+    task_id: str
+    lease_id: str
+    result: bytes | None
+
+
+async def task_succeed_many(conn: Any, reports: Sequence[Success]) -> list[asyncpg.Record]:
+    """Apply success reports in one statement; one (task_id, applied, type, ...) per report."""
+    return list(
+        await conn.fetch(
+            SQL["task_succeed_many"],
+            _uuids([r.task_id for r in reports]),
+            _uuids([r.lease_id for r in reports]),
+            [r.result if r.result is not None else b"" for r in reports],
+            [r.result is not None for r in reports],
+        )
+    )

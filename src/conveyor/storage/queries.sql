@@ -92,6 +92,41 @@ WITH done AS (
 )
 SELECT type, state, ran_for FROM done;
 
+-- name: task_succeed_many
+-- $1 task ids, $2 lease ids, $3 results (NULL: none), $4 has_result flags, one element per
+-- report. Applies every success whose lease is current, in one statement (group commit of
+-- concurrent reports). Returns one row per input, in input order: `applied` says whether
+-- that report took effect (false: fencing refused it, or an earlier report of the same
+-- task in this statement already did). Rows are locked in task id order, the order of
+-- heartbeats and bulk actions, so concurrent statements do not deadlock.
+WITH input AS (
+    SELECT *, row_number() OVER (PARTITION BY task_id ORDER BY ord) = 1 AS first_of_task
+    FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::boolean[])
+        WITH ORDINALITY AS i (task_id, lease_id, result, has_result, ord)
+), target AS (
+    SELECT t.id, input.lease_id, input.result, input.has_result
+    FROM input JOIN conveyor_tasks AS t ON t.id = input.task_id
+    WHERE input.first_of_task AND t.lease_id = input.lease_id AND t.state = 'running'
+    ORDER BY t.id
+    FOR UPDATE OF t
+), done AS (
+    UPDATE conveyor_tasks AS t
+    SET state = 'succeeded', finished_at = now(),
+        result = CASE WHEN target.has_result THEN target.result END, last_error = NULL,
+        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    FROM target
+    WHERE t.id = target.id AND t.lease_id = target.lease_id AND t.state = 'running'
+    RETURNING t.id, t.type, t.state, t.attempt, t.worker_id,
+              extract(epoch FROM now() - t.started_at)::float8 AS ran_for
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
+    SELECT id, 'succeeded', state, attempt, worker_id FROM done
+)
+SELECT input.task_id, done.id IS NOT NULL AND input.first_of_task AS applied,
+       done.type, done.state, done.ran_for
+FROM input LEFT JOIN done ON done.id = input.task_id
+ORDER BY input.ord;
+
 -- name: task_fail
 -- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
 -- $6 backoff base (s), $7 backoff cap (s).
