@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test lint typecheck proto proto-check clean
+.PHONY: help install dev test lint typecheck proto proto-check bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +39,13 @@ proto: $(STAMP)  ## Regenerate the protobuf and gRPC code from the .proto files
 
 proto-check: $(STAMP)  ## Fail if the committed generated code is stale
 	$(BIN)/python -m pytest -q tests/unit/test_protocol_generated.py
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## Benchmark Conveyor against its peers (BENCH_ARGS=--quick for a smoke run)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:  ## Remove the virtualenv and caches (keeps .conveyor/ data)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

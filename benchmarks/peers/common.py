@@ -1,0 +1,592 @@
+"""Shared plumbing for the peer adapters (PgQueuer, Procrastinate, Dramatiq, Celery).
+
+Each adapter is run by the harness as
+
+    .venv/bin/python benchmarks/peers/<system>.py --workload W --pg-url URL --redis-url URL
+        [--tasks N] [--rate R] [--seconds S]
+
+and prints exactly one JSON object on its last stdout line. Everything else (logs, worker
+output) goes to stderr.
+
+Timing is the same for every system: the task function records ``time.time()`` at its start
+and at its end and appends one line ``<task id> <start> <finish>`` to a file opened with
+``O_APPEND`` (one ``write`` per line, atomic for short lines on Linux). Workers find the file
+through the ``PEER_BENCH_TIMING_FILE`` environment variable, inherited from the adapter.
+
+An adapter file is named after the library it benchmarks, so when run as a script it would
+shadow that library (``sys.path[0]`` is this directory). Each adapter therefore replaces
+``sys.path[0]`` with ``benchmarks/`` before importing anything else, and imports this module
+as ``peers.common``; worker processes get ``benchmarks/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Self
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+
+WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk")
+TIMING_ENV = "PEER_BENCH_TIMING_FILE"
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1]
+CONCURRENT_PRODUCERS = 32
+WORKER_PROCESSES = 2
+DEFAULT_HARD_TIMEOUT = 600.0
+WATCHDOG_GRACE = 20.0  # seconds past the hard timeout before the watchdog thread steps in
+
+
+# --- Arguments and output ----------------------------------------------------------------
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the harness contract's arguments (plus a few adapter-internal ones)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workload", choices=WORKLOADS)
+    parser.add_argument("--pg-url", default=os.environ.get("CONVEYOR_TEST_DATABASE_URL", ""))
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--tasks", type=int, default=20_000, help="w1: tasks pre-queued")
+    parser.add_argument("--rate", type=float, default=200.0, help="w2: enqueues per second")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="w2: 30 by default; w3: 10 by default"
+    )
+    parser.add_argument("--batch-size", type=int, default=1000, help="w3-bulk: tasks per call")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_HARD_TIMEOUT,
+        help="hard limit on the whole run, in seconds; workers are killed when it expires",
+    )
+    # Internal: the adapter re-executes itself with --role worker to start a worker process.
+    parser.add_argument("--role", choices=("bench", "worker"), default="bench")
+    args = parser.parse_args(argv)
+    if args.role == "bench" and args.workload is None:
+        parser.error("--workload is required")
+    if args.seconds is None:
+        args.seconds = 30.0 if args.workload == "w2" else 10.0
+    return args
+
+
+def log(message: str) -> None:
+    """Write a progress line to stderr (stdout is reserved for the result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the result as the last stdout line."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def unsupported(reason: str) -> dict[str, Any]:
+    """The result of a workload the system cannot run."""
+    return {"unsupported": reason}
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 by the nearest-rank method (None when there are no values)."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    ordered = sorted(values)
+    result: dict[str, float | None] = {}
+    for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        rank = max(1, math.ceil(fraction * len(ordered)))
+        result[name] = round(ordered[rank - 1], 3)
+    return result
+
+
+class HardTimeoutError(Exception):
+    """The run exceeded its hard time limit."""
+
+
+def _on_alarm(signum: int, frame: object) -> NoReturn:
+    del frame
+    if signum == signal.SIGTERM:
+        raise HardTimeoutError("terminated (SIGTERM)")
+    raise HardTimeoutError("hard timeout expired")
+
+
+def main_wrapper(
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    description: str,
+    worker: Callable[[argparse.Namespace], None] | None = None,
+) -> None:
+    """Parse arguments, run the workload under a hard timeout, and print its JSON result.
+
+    ``run`` must stop every process it started (use :class:`Processes` as a context manager).
+    On an exception, ``{"error": ...}`` is printed and the exit status is 1. With
+    ``--role worker``, ``worker`` runs instead (killed by SIGALRM at the hard timeout).
+    """
+    args = parse_args(description)
+    if args.role == "worker":
+        if worker is None:
+            sys.exit("this adapter has no worker role")
+        signal.setitimer(signal.ITIMER_REAL, args.timeout)  # default action: terminate
+        worker(args)
+        return
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_alarm)  # the harness giving up: clean up the same way
+    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    # Backstop for an event loop that swallows the SIGALRM exception (uvloop does).
+    watchdog = threading.Timer(args.timeout + WATCHDOG_GRACE, _watchdog_exit)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        result = run(args)
+    except BaseException as exc:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        traceback.print_exc(file=sys.stderr)
+        if isinstance(exc, TimeoutError):  # asyncio.wait_for in the async adapters
+            emit({"error": f"HardTimeoutError: hard timeout of {args.timeout:g} s expired"})
+        else:
+            emit({"error": f"{type(exc).__name__}: {exc}"})
+        sys.exit(1)
+    finally:
+        watchdog.cancel()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    emit(result)
+
+
+def _watchdog_exit() -> None:
+    """Kill every worker group, report the timeout and exit at once (from a thread)."""
+    for procs in _live:
+        for proc in procs.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    log("watchdog: hard timeout expired; workers killed")
+    emit({"error": "HardTimeoutError: hard timeout expired (watchdog)"})
+    os._exit(1)
+
+
+# --- Timing file -------------------------------------------------------------------------
+
+_timing_fd: int | None = None
+_timing_lock = threading.Lock()
+
+
+def record(task_id: int, started: float, finished: float) -> None:
+    """Append one timing line for a task; called inside the task function, in the worker."""
+    global _timing_fd  # noqa: PLW0603 - one descriptor per worker process, opened lazily
+    if _timing_fd is None:
+        with _timing_lock:
+            if _timing_fd is None:
+                _timing_fd = os.open(os.environ[TIMING_ENV], os.O_WRONLY | os.O_APPEND)
+    os.write(_timing_fd, f"{task_id} {started:.6f} {finished:.6f}\n".encode())
+
+
+@contextlib.contextmanager
+def timing_file() -> Iterator[Path]:
+    """Create an empty timing file, export its path to workers, and delete it afterwards."""
+    fd, name = tempfile.mkstemp(prefix="peer-bench-", suffix=".timings")
+    os.close(fd)
+    path = Path(name)
+    path.chmod(0o666)  # workers may run as another user
+    os.environ[TIMING_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_timings(path: Path) -> dict[int, tuple[float, float]]:
+    """Task id -> (start, finish), from complete lines only."""
+    timings: dict[int, tuple[float, float]] = {}
+    with path.open("rb") as f:
+        data = f.read()
+    for line in data.split(b"\n"):
+        parts = line.split()
+        if len(parts) == 3:
+            timings[int(parts[0])] = (float(parts[1]), float(parts[2]))
+    return timings
+
+
+def count_lines(path: Path) -> int:
+    """The number of complete timing lines written so far."""
+    with path.open("rb") as f:
+        return f.read().count(b"\n")
+
+
+def wait_for_tasks(
+    path: Path, expected: int, timeout: float, alive: Callable[[], None] | None = None
+) -> int:
+    """Wait until ``expected`` timing lines exist or ``timeout`` passes; return the count.
+
+    ``alive`` is called on each poll and should raise if the workers died.
+    """
+    deadline = time.monotonic() + timeout
+    last_count, last_progress = -1, time.monotonic()
+    while True:
+        count = count_lines(path)
+        if count >= expected:
+            return count
+        now = time.monotonic()
+        if count != last_count:
+            last_count, last_progress = count, now
+        if now >= deadline:
+            log(f"timed out waiting for tasks: {count}/{expected} done")
+            return count
+        if now - last_progress > 60:
+            log(f"no progress for 60 s: {count}/{expected} done")
+            return count
+        if alive is not None:
+            alive()
+        time.sleep(0.05)
+
+
+def w1_result(path: Path, expected: int) -> dict[str, Any]:
+    """Tasks/s from the first task start to the last task finish."""
+    timings = read_timings(path)
+    if len(timings) < expected:
+        raise RuntimeError(f"only {len(timings)} of {expected} tasks completed")
+    first_start = min(start for start, _ in timings.values())
+    last_finish = max(finish for _, finish in timings.values())
+    return {
+        "tasks_per_second": round(len(timings) / (last_finish - first_start), 1),
+        "tasks": len(timings),
+        "seconds": round(last_finish - first_start, 3),
+    }
+
+
+def w2_result(path: Path, enqueued_at: dict[int, float]) -> dict[str, Any]:
+    """Enqueue->start and enqueue->finish percentiles, in milliseconds."""
+    timings = read_timings(path)
+    start_ms, finish_ms = [], []
+    for task_id, before_enqueue in enqueued_at.items():
+        if task_id in timings:
+            started, finished = timings[task_id]
+            start_ms.append((started - before_enqueue) * 1000)
+            finish_ms.append((finished - before_enqueue) * 1000)
+    result: dict[str, Any] = {
+        "start_ms": percentiles(start_ms),
+        "finish_ms": percentiles(finish_ms),
+        "tasks": len(start_ms),
+    }
+    if len(start_ms) < len(enqueued_at):
+        result["lost"] = len(enqueued_at) - len(start_ms)
+    return result
+
+
+def throughput(count: int, elapsed: float) -> dict[str, Any]:
+    """A w3 result."""
+    return {"tasks_per_second": round(count / elapsed, 1), "tasks": count}
+
+
+# --- Producers ---------------------------------------------------------------------------
+
+
+def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> dict[int, float]:
+    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``; return i -> time before call.
+
+    Open loop: the schedule does not slip when a call is slow (late calls go out at once).
+    """
+    enqueued_at: dict[int, float] = {}
+    total = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(total):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        enqueued_at[i] = time.time()
+        enqueue(i)
+    return enqueued_at
+
+
+async def paced_async(
+    rate: float, seconds: float, enqueue: Callable[[int], Awaitable[object]]
+) -> dict[int, float]:
+    """The asyncio twin of :func:`paced`."""
+    import asyncio  # noqa: PLC0415 - only the asyncio adapters need it
+
+    enqueued_at: dict[int, float] = {}
+    total = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(total):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        enqueued_at[i] = time.time()
+        await enqueue(i)
+    return enqueued_at
+
+
+def sequential(seconds: float, enqueue: Callable[[int], object]) -> dict[str, Any]:
+    """Single enqueues, one after another, for ``seconds``."""
+    count = 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        enqueue(count)
+        count += 1
+    return throughput(count, time.monotonic() - t0)
+
+
+def threaded(
+    seconds: float,
+    make_enqueue: Callable[[], Callable[[int], object]],
+    producers: int = CONCURRENT_PRODUCERS,
+) -> dict[str, Any]:
+    """``producers`` threads doing single enqueues for ``seconds``.
+
+    ``make_enqueue`` is called once per thread (inside it) to build that thread's enqueue
+    function, so each producer may hold its own client or connection.
+    """
+    counts = [0] * producers
+    errors: list[BaseException] = []
+    ready = threading.Barrier(producers + 1)
+    stop = threading.Event()
+
+    def produce(slot: int) -> None:
+        try:
+            enqueue = make_enqueue()
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+            raise
+        ready.wait()
+        base = slot * 1_000_000_000
+        try:
+            while not stop.is_set():
+                enqueue(base + counts[slot])
+                counts[slot] += 1
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(producers)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    elapsed = time.monotonic() - t0
+    if errors:
+        raise RuntimeError(f"a producer failed: {errors[0]!r}") from errors[0]
+    return throughput(sum(counts), elapsed)
+
+
+async def concurrent_async(
+    seconds: float,
+    enqueue: Callable[[int], Awaitable[object]],
+    producers: int = CONCURRENT_PRODUCERS,
+) -> dict[str, Any]:
+    """``producers`` asyncio tasks doing single enqueues for ``seconds``."""
+    import asyncio  # noqa: PLC0415 - only the asyncio adapters need it
+
+    counts = [0] * producers
+    stop = asyncio.Event()
+
+    async def produce(slot: int) -> None:
+        base = slot * 1_000_000_000
+        while not stop.is_set():
+            await enqueue(base + counts[slot])
+            counts[slot] += 1
+
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(produce(i)) for i in range(producers)]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return throughput(sum(counts), time.monotonic() - t0)
+
+
+def bulk(seconds: float, batch_size: int, enqueue_batch: Callable[[list[int]], None]) -> dict:
+    """Bulk enqueues of ``batch_size`` tasks, one after another, for ``seconds``."""
+    count = 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        enqueue_batch(list(range(count, count + batch_size)))
+        count += batch_size
+    result = throughput(count, time.monotonic() - t0)
+    result["batch_size"] = batch_size
+    return result
+
+
+async def bulk_async(
+    seconds: float, batch_size: int, enqueue_batch: Callable[[list[int]], Awaitable[object]]
+) -> dict[str, Any]:
+    """The asyncio twin of :func:`bulk`."""
+    count = 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        await enqueue_batch(list(range(count, count + batch_size)))
+        count += batch_size
+    result = throughput(count, time.monotonic() - t0)
+    result["batch_size"] = batch_size
+    return result
+
+
+# --- Worker processes --------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_live: list[Processes] = []  # for the watchdog
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the adapter dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for worker processes: benchmarks/ importable, unbuffered output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(BENCHMARKS_DIR), env.get("PYTHONPATH", "")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+class Processes:
+    """Worker processes started by an adapter, each in its own process group.
+
+    Used as a context manager: on exit every group gets SIGTERM, then SIGKILL after a grace
+    period, so children the worker forked (Celery's pool, Dramatiq's processes) go too.
+    """
+
+    def __init__(self) -> None:
+        """Start with no processes."""
+        self.procs: list[subprocess.Popen[bytes]] = []
+        _live.append(self)
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` with its output on our stderr."""
+        log("starting: " + " ".join(cmd))
+        proc = subprocess.Popen(
+            cmd,
+            env=env if env is not None else worker_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            stderr=sys.stderr.fileno(),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only ctypes prctl, no locks taken
+        )
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        """Raise if a worker exited."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {proc.args!r} exited with status {proc.returncode}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs:
+            # The group may outlive its leader (forked pool children): kill it in any case.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.procs.clear()
+        with contextlib.suppress(ValueError):
+            _live.remove(self)
+
+    def __enter__(self) -> Self:
+        """Return self."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop every process, even on error or timeout."""
+        # A hard timeout arriving during cleanup must not cut it short.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.stop()
+
+
+def self_command(script: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The command that re-runs an adapter script as a worker."""
+    return [
+        sys.executable,
+        script,
+        "--role",
+        "worker",
+        "--pg-url",
+        args.pg_url,
+        "--redis-url",
+        args.redis_url,
+        # Past the adapter's own limit, which stops the workers first; this is the backstop.
+        "--timeout",
+        str(args.timeout + 60),
+        *extra,
+    ]
+
+
+def run_sync_workload(
+    args: argparse.Namespace,
+    enqueue: Callable[[int], object],
+    start_workers: Callable[[Processes], None],
+    *,
+    no_bulk_reason: str,
+    make_enqueue: Callable[[], Callable[[int], object]] | None = None,
+) -> dict[str, Any]:
+    """Every workload for a system with a blocking, thread-safe single enqueue and no bulk API.
+
+    w1 pre-queues with single enqueues (there is no bulk call), then starts the workers.
+    ``make_enqueue`` builds one producer's enqueue function for w3-concurrent (default: share
+    ``enqueue``).
+    """
+    workload = args.workload
+    if workload == "w1":
+        with timing_file() as path, Processes() as procs:
+            for i in range(args.tasks):
+                enqueue(i)
+            log(f"enqueued {args.tasks}; starting workers")
+            start_workers(procs)
+            wait_for_tasks(path, args.tasks, args.timeout, procs.check_alive)
+            return w1_result(path, args.tasks)
+    if workload == "w2":
+        with timing_file() as path, Processes() as procs:
+            start_workers(procs)
+            for i in range(-20, 0):
+                enqueue(i)
+            if wait_for_tasks(path, 20, 60, procs.check_alive) < 20:
+                raise RuntimeError("workers did not start")
+            time.sleep(2)  # let every worker process come up
+            enqueued_at = paced(args.rate, args.seconds, enqueue)
+            wait_for_tasks(path, len(enqueued_at) + 20, 30, procs.check_alive)
+            return w2_result(path, enqueued_at)
+    if workload == "w3-single":
+        return sequential(args.seconds, enqueue)
+    if workload == "w3-concurrent":
+        return threaded(args.seconds, make_enqueue or (lambda: enqueue))
+    if workload == "w3-bulk":
+        return unsupported(no_bulk_reason)
+    raise ValueError(workload)
+
+
+def flush_redis(url: str) -> None:
+    """Empty the Redis database the run uses."""
+    import redis  # noqa: PLC0415 - only the Redis adapters need it
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()

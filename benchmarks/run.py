@@ -1,0 +1,647 @@
+"""Conveyor against its peers, on the same machine in the same run.
+
+    make bench                                   # the full run (median of 3)
+    .venv/bin/python benchmarks/run.py --quick   # a short smoke run (1 repeat, short loads)
+    .venv/bin/python benchmarks/run.py --systems conveyor --workloads w1,w3-bulk
+
+Starts its own infrastructure: a throwaway PostgreSQL 15 cluster with durable defaults
+(fsync and synchronous_commit on), through scripts/with-postgres15.sh (this script re-runs
+itself under it), and a redis-server on a free loopback port (Debian's; installed with
+apt-get when missing and running as root). Every system gets a fresh database
+(CREATE DATABASE) and an empty Redis (FLUSHALL) for every run of every workload.
+
+Each system runs as a subprocess behind one contract, so the numbers come from the same
+definitions:
+
+    .venv/bin/python benchmarks/peers/<system>.py --workload {w1,w2,w3-single,w3-concurrent,
+        w3-bulk} --pg-url URL --redis-url URL [--tasks N] [--rate R] [--seconds S]
+
+prints one JSON object on its last stdout line: `{"tasks_per_second": x}` (w1, w3-*),
+`{"start_ms": {"p50", "p95", "p99"}, "finish_ms": {...}}` (w2), or `{"unsupported": why}`.
+Conveyor's own side is benchmarks/conveyor_workloads.py (its docstring defines the
+workloads). A system whose script is missing or fails is shown as n/a with the error.
+
+Workloads: W1 end to end (20,000 no-op tasks enqueued in bulk, then drained; first start
+to last finish), W2 latency (one enqueue at a time at 200/s and 1,000/s while workers run;
+enqueue->start and enqueue->finish percentiles), W3 enqueue (sequential single calls, 32
+concurrent single-task producers, the bulk API). Prints a table per workload, with each
+value's median and spread over the repeats and the ratio to Conveyor, and writes
+benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+WITH_PG = REPO / "scripts" / "with-postgres15.sh"
+INSIDE_ENV = "CONVEYOR_BENCH_INSIDE_PG"
+
+SYSTEMS = ("conveyor", "pgqueuer", "procrastinate", "celery", "dramatiq")
+REDIS_SYSTEMS = ("celery", "dramatiq")
+
+console = Console(width=160)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row group of the report: which contract workload, with which arguments."""
+
+    key: str
+    contract: str
+    title: str
+    kind: str  # "throughput" or "latency"
+    target: str
+
+
+WORKLOADS = {
+    w.key: w
+    for w in (
+        Workload(
+            "w1",
+            "w1",
+            "W1 end to end: {tasks:,} no-op tasks enqueued in bulk, then drained (tasks/s)",
+            "throughput",
+            "target: >= 1.0x PgQueuer (2 worker processes)",
+        ),
+        Workload(
+            "w2-200",
+            "w2",
+            "W2 latency at 200/s for {w2_seconds:g} s (ms)",
+            "latency",
+            "target: start p50 <= 2 ms, p99 <= 10 ms",
+        ),
+        Workload(
+            "w2-1000",
+            "w2",
+            "W2 latency at 1,000/s for {w2_seconds:g} s (ms)",
+            "latency",
+            "",
+        ),
+        Workload(
+            "w3-single",
+            "w3-single",
+            "W3 sequential single enqueue calls for {w3_seconds:g} s (tasks/s)",
+            "throughput",
+            "target: >= 2,000/s",
+        ),
+        Workload(
+            "w3-concurrent",
+            "w3-concurrent",
+            "W3 32 concurrent single-task producers for {w3_seconds:g} s (tasks/s)",
+            "throughput",
+            "target: >= 10,000/s",
+        ),
+        Workload(
+            "w3-bulk",
+            "w3-bulk",
+            "W3 bulk enqueue for {w3_seconds:g} s (tasks/s)",
+            "throughput",
+            "target: >= 1.2x PgQueuer's bulk",
+        ),
+    )
+}
+LATENCY_PERCENTILES = ("p50", "p95", "p99")
+
+
+# --- Infrastructure ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def reexec_under_postgres() -> None:
+    """Run this same command again inside scripts/with-postgres15.sh (never returns)."""
+    env = {**os.environ, INSIDE_ENV: "1"}
+    argv = [str(WITH_PG), sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    os.execve(str(WITH_PG), argv, env)  # noqa: S606 - our own script, fixed arguments
+
+
+def ensure_redis_server() -> str | None:
+    """The redis-server binary, installing Debian's package when missing (root only)."""
+    found = shutil.which("redis-server")
+    if found or os.geteuid() != 0:
+        return found
+    console.print("[yellow]redis-server missing: apt-get install -y redis-server[/]")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "redis-server"]
+    if subprocess.run(install, env=env, check=False, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, capture_output=True)
+        subprocess.run(install, env=env, check=False, capture_output=True)
+    return shutil.which("redis-server")
+
+
+class Redis:
+    """A redis-server with its default settings on a free loopback port, data in a temp dir."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="conveyor-bench-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if self.command("PING") == "+PONG":
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def command(self, *words: str) -> str:
+        """Send one command in RESP; return the first reply line."""
+        payload = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(payload.encode())
+            return sock.recv(65536).decode(errors="replace").split("\r\n", 1)[0]
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "--version"], capture_output=True, check=False).stdout
+        return next((w[2:] for w in out.decode().split() if w.startswith("v=")), "?")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def database_url(base: str, name: str) -> str:
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def admin(base_url: str, sql: str) -> Any:
+    conn = await asyncpg.connect(base_url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+# --- Running one system on one workload ----------------------------------------------------
+
+
+def script_for(system: str) -> Path:
+    if system == "conveyor":
+        return BENCH_DIR / "conveyor_workloads.py"
+    return BENCH_DIR / "peers" / f"{system}.py"
+
+
+def contract_args(workload: Workload, args: argparse.Namespace) -> tuple[list[str], float]:
+    """The contract's arguments for this workload, and a bound on the whole run."""
+    if workload.contract == "w1":
+        return ["--tasks", str(args.tasks)], args.w1_timeout
+    if workload.contract == "w2":
+        rate = workload.key.split("-")[1]
+        return ["--rate", rate, "--seconds", f"{args.w2_seconds:g}"], args.w2_seconds + 240
+    return ["--seconds", f"{args.w3_seconds:g}"], args.w3_seconds + 180
+
+
+def last_json_line(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.strip():
+            value = json.loads(line)
+            if not isinstance(value, dict):
+                raise TypeError("the last stdout line is not a JSON object")
+            return value
+    raise ValueError("no output")
+
+
+def error_summary(stderr: str, returncode: int | None) -> str:
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    tail = lines[-1] if lines else "no output on stderr"
+    return f"exit {returncode}: {tail}" if returncode is not None else tail
+
+
+def run_system(
+    system: str, workload: Workload, pg_url: str, redis_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Run one system's script once; its JSON, or {"error": ...}."""
+    script = script_for(system)
+    if not script.exists():
+        return {"error": f"{script.relative_to(REPO)} not found"}
+    extra, timeout = contract_args(workload, args)
+    argv = [sys.executable, str(script), "--workload", workload.contract]
+    argv += ["--pg-url", pg_url, "--redis-url", redis_url, *extra]
+    if system == "conveyor":
+        argv += args.conveyor_args
+    # Its own session, so a run that overstays is stopped with every process it started.
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return {"error": f"timed out after {timeout:.0f}s", "stderr_tail": stderr[-2000:]}
+    if process.returncode != 0:
+        return {
+            "error": error_summary(stderr, process.returncode),
+            "stderr_tail": stderr[-2000:],
+        }
+    try:
+        return last_json_line(stdout)
+    except (ValueError, TypeError) as exc:
+        return {"error": f"bad output: {exc}", "stdout_tail": stdout[-500:]}
+
+
+def run_once(
+    system: str,
+    workload: Workload,
+    repeat: int,
+    *,
+    base_url: str,
+    redis: Redis | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    name = f"bench_{system}_{workload.key.replace('-', '_')}_{repeat}"
+    asyncio.run(admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(admin(base_url, f'CREATE DATABASE "{name}"'))
+    if redis is not None:
+        redis.command("FLUSHALL")
+    redis_url = redis.url if redis is not None else "redis://127.0.0.1:1/0"
+    started = time.monotonic()
+    try:
+        result = run_system(system, workload, database_url(base_url, name), redis_url, args)
+    finally:
+        asyncio.run(admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+# --- Summaries and the report --------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "n": len(values),
+    }
+
+
+def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and spread over the successful runs; the error when none succeeded."""
+    good = [r for r in runs if "error" not in r and "unsupported" not in r]
+    if not good:
+        for key in ("unsupported", "error"):
+            found = next((r[key] for r in runs if key in r), None)
+            if found is not None:
+                return {key: found}
+        return {"error": "no runs"}
+    summary: dict[str, Any] = {"failed_runs": len(runs) - len(good)}
+    if workload.kind == "throughput":
+        summary["tasks_per_second"] = spread([r["tasks_per_second"] for r in good])
+    else:
+        for key in ("start_ms", "finish_ms"):
+            summary[key] = {p: spread([r[key][p] for r in good]) for p in LATENCY_PERCENTILES}
+        rates = [r["achieved_rate"] for r in good if r.get("achieved_rate") is not None]
+        if rates:
+            summary["achieved_rate"] = spread(rates)
+    return summary
+
+
+def headline(workload: Workload, summary: dict[str, Any]) -> list[float] | None:
+    """The numbers the ratio is computed on: tasks/s, or start p50 and p99 (ms)."""
+    if "error" in summary or "unsupported" in summary:
+        return None
+    if workload.kind == "throughput":
+        return [summary["tasks_per_second"]["median"]]
+    return [summary["start_ms"]["p50"]["median"], summary["start_ms"]["p99"]["median"]]
+
+
+def advantage(workload: Workload, conveyor: float, other: float) -> float | None:
+    """How many times better Conveyor is (> 1: Conveyor leads)."""
+    if conveyor <= 0 or other <= 0:
+        return None
+    return conveyor / other if workload.kind == "throughput" else other / conveyor
+
+
+def fmt_ratio(ratio: float | None, suffix: str = "") -> str:
+    return "-" if ratio is None else f"{ratio:.3g}x{suffix}"
+
+
+def fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def fmt_spread(stats: dict[str, float]) -> str:
+    if stats["n"] == 1:
+        return fmt(stats["median"])
+    return f"{fmt(stats['median'])} [dim]({fmt(stats['min'])}-{fmt(stats['max'])})[/]"
+
+
+def ratio_cells(workload: Workload, system: str, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    own = headline(workload, summaries.get("conveyor", {"error": "not run"}))
+    mine = headline(workload, summaries[system])
+    width = 1 if workload.kind == "throughput" else 2
+    if own is None or mine is None:
+        return ["-"] * width
+    if system != "conveyor":
+        ratios = [advantage(workload, c, o) for c, o in zip(own, mine, strict=True)]
+        return [fmt_ratio(r) for r in ratios]
+    peers = [headline(workload, s) for name, s in summaries.items() if name != "conveyor"]
+    cells = []
+    for index in range(width):
+        values = [p[index] for p in peers if p is not None]
+        if not values:
+            cells.append("no peer")
+            continue
+        best = max(values) if workload.kind == "throughput" else min(values)
+        ratio = advantage(workload, own[index], best)
+        cells.append(fmt_ratio(ratio, " vs best"))
+    return cells
+
+
+def table_for(
+    workload: Workload, summaries: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> Table:
+    table = Table(title=workload.title.format(**vars(args)), title_justify="left", min_width=100)
+    table.add_column("system")
+    if workload.kind == "throughput":
+        table.add_column("tasks/s", justify="right")
+        table.add_column("Conveyor ratio", justify="right")
+    else:
+        for key in ("start", "finish"):
+            for p in LATENCY_PERCENTILES:
+                table.add_column(f"{key} {p}", justify="right")
+        table.add_column("sent/s", justify="right")
+        table.add_column("ratio p50", justify="right")
+        table.add_column("ratio p99", justify="right")
+    width = 2 if workload.kind == "throughput" else 9
+    for system, summary in summaries.items():
+        problem = summary.get("unsupported") or summary.get("error")
+        if problem is not None:
+            label = "unsupported" if "unsupported" in summary else "n/a"
+            table.add_row(system, f"{label}: {str(problem)[:90]}", *[""] * (width - 1))
+            continue
+        if workload.kind == "throughput":
+            values = [fmt_spread(summary["tasks_per_second"])]
+        else:
+            values = [
+                fmt_spread(summary[key][p])
+                for key in ("start_ms", "finish_ms")
+                for p in LATENCY_PERCENTILES
+            ]
+            sent = summary.get("achieved_rate")
+            values.append(fmt(sent["median"]) if sent else "-")
+        failed = summary["failed_runs"]
+        label = system + (f" [red]({failed} failed)[/]" if failed else "")
+        table.add_row(label, *values, *ratio_cells(workload, system, summaries))
+    return table
+
+
+def caption(workload: Workload) -> str:
+    text = "median (min-max) over the repeats; ratio: how many times better Conveyor is"
+    if workload.kind == "latency":
+        text += " (on start p50, p99); sent/s: the enqueue rate achieved"
+    return f"[dim]{text}[/]" + (f"\n[dim]{workload.target}[/]" if workload.target else "")
+
+
+def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
+    """Conveyor's process RSS: idle (before W2's load) and under W1's load."""
+    rows = []
+    for key, label in (
+        ("idle_worker_rss_mib", "worker, idle (W2 before the load)"),
+        ("idle_server_rss_mib", "server, idle (W2 before the load)"),
+        ("load_worker_rss_mib", "worker, peak during W1"),
+        ("load_server_rss_mib", "server, peak during W1"),
+    ):
+        values = [
+            run[key]
+            for workload in results.values()
+            for run in workload.get("conveyor", {}).get("runs", [])
+            if run.get(key) is not None
+        ]
+        if values:
+            rows.append((label, fmt(statistics.median(values))))
+    if not rows:
+        return None
+    table = Table(
+        title="Conveyor memory (RSS, MiB, median); target: idle worker <= 60 MiB",
+        title_justify="left",
+        min_width=100,
+    )
+    table.add_column("process")
+    table.add_column("MiB", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def machine_info(base_url: str, redis: Redis | None) -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = "?"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f"{kib / 1024 / 1024:.1f} GiB"
+    settings = asyncio.run(
+        admin(
+            base_url,
+            "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings"
+            " WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes',"
+            " 'shared_buffers', 'max_connections')",
+        )
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "postgresql": asyncio.run(admin(base_url, "SHOW server_version")),
+        "postgresql_settings": settings,
+        "redis": redis.version() if redis is not None else None,
+        "conveyor_commit": commit,
+    }
+
+
+# --- Main ----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 repeat, short loads (smoke).")
+    parser.add_argument("--repeat", type=int, default=None, help="Runs per cell (default 3).")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma separated.")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma separated.")
+    parser.add_argument("--tasks", type=int, default=None, help="W1 tasks (default 20,000).")
+    parser.add_argument("--w2-seconds", type=float, default=None, help="Default 30 (quick 10).")
+    parser.add_argument("--w3-seconds", type=float, default=None, help="Default 10 (quick 3).")
+    parser.add_argument("--w1-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--conveyor-arg",
+        dest="conveyor_args",
+        action="append",
+        default=[],
+        help="Passed on to conveyor_workloads.py, e.g. --conveyor-arg=--concurrency=32.",
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=None,
+        help="Use this PostgreSQL (a superuser URL) instead of starting a throwaway cluster.",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.tasks = args.tasks or 20_000
+    args.w2_seconds = args.w2_seconds or (10.0 if args.quick else 30.0)
+    args.w3_seconds = args.w3_seconds or (3.0 if args.quick else 10.0)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    base_url = args.pg_url or os.environ.get("CONVEYOR_TEST_DATABASE_URL")
+    if args.pg_url is None and os.environ.get(INSIDE_ENV) != "1":
+        reexec_under_postgres()
+    if not base_url:
+        sys.exit("no PostgreSQL: CONVEYOR_TEST_DATABASE_URL is not set")
+
+    redis: Redis | None = None
+    if any(s in REDIS_SYSTEMS for s in args.systems):
+        binary = ensure_redis_server()
+        if binary is None:
+            console.print("[red]redis-server unavailable: Redis peers will fail[/]")
+        else:
+            redis = Redis(binary)
+            redis.start()
+    try:
+        machine = machine_info(base_url, redis)
+        console.print(
+            f"[bold]Machine[/]: {machine['cores']} cores ({machine['cpu']}), {machine['memory']}, "
+            f"PostgreSQL {machine['postgresql']} ({machine['postgresql_settings']}), "
+            f"Redis {machine['redis'] or '-'}, Python {machine['python']}, "
+            f"Conveyor {machine['conveyor_commit']}"
+        )
+        console.print(
+            f"repeats: {args.repeat}, W1 tasks: {args.tasks:,}, W2: {args.w2_seconds:g} s, "
+            f"W3: {args.w3_seconds:g} s; systems: {', '.join(args.systems)}\n"
+        )
+        results: dict[str, dict[str, Any]] = {}
+        for key in args.workloads:
+            workload = WORKLOADS[key]
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
+            # Repeats interleave the systems, so a slow drift hits them all alike.
+            for repeat in range(args.repeat):
+                for system in args.systems:
+                    result = run_once(
+                        system, workload, repeat, base_url=base_url, redis=redis, args=args
+                    )
+                    runs[system].append(result)
+                    console.log(f"{key} {system} #{repeat + 1}: {brief(result)}")
+            summaries = {s: summarize(workload, r) for s, r in runs.items()}
+            results[key] = {s: {"summary": summaries[s], "runs": runs[s]} for s in args.systems}
+            console.print(table_for(workload, summaries, args))
+            console.print(caption(workload))
+            console.print()
+        memory = memory_table(results)
+        if memory is not None:
+            console.print(memory)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine,
+            "settings": {
+                "repeat": args.repeat,
+                "quick": args.quick,
+                "tasks": args.tasks,
+                "w2_seconds": args.w2_seconds,
+                "w3_seconds": args.w3_seconds,
+                "systems": args.systems,
+                "conveyor_args": args.conveyor_args,
+            },
+            "results": results,
+        }
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        console.print(f"\nwrote {args.out}")
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def brief(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"[red]error[/] {result['error'][:120]}"
+    if "unsupported" in result:
+        return f"unsupported: {result['unsupported']}"
+    if "tasks_per_second" in result:
+        return f"{result['tasks_per_second']:,.0f} tasks/s ({result['wall_seconds']} s)"
+    start, finish = result["start_ms"], result["finish_ms"]
+    return (
+        f"start p50 {start['p50']} p99 {start['p99']} ms, finish p50 {finish['p50']} "
+        f"p99 {finish['p99']} ms ({result['wall_seconds']} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
