@@ -28,14 +28,20 @@ MAX_NAMED_TYPES = 5
 
 
 def enabled() -> bool:
-    """Whether OpenTelemetry is importable here."""
-    return propagate is not None
+    """Whether spans would be recorded: OpenTelemetry is importable and configured.
+
+    With the API installed but no SDK (a tracer provider) set up, every span would be a
+    no-op that still costs a few percent of a worker's time per task: skip the work.
+    """
+    return trace is not None and not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider
+    )
 
 
 @contextlib.contextmanager
 def enqueue_span(task_types: list[str], count: int) -> Iterator[dict[str, str]]:
     """A PRODUCER span for one enqueue call; yields the trace context to send with its tasks."""
-    if propagate is None or trace is None:
+    if propagate is None or trace is None or not enabled():
         yield {}
         return
     # A batch names its types; a few are enough to recognise it.
@@ -68,7 +74,7 @@ def handler_span(
     trace_context: Mapping[str, str],
 ) -> Iterator[Any]:
     """A CONSUMER span around one attempt, child of the producer's span when it sent one."""
-    if propagate is None or trace is None:
+    if propagate is None or trace is None or not enabled():
         yield None
         return
     parent = propagate.extract(dict(trace_context)) if trace_context else None

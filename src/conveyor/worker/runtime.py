@@ -395,6 +395,7 @@ class _Runtime:
         self.ring = AddressRing(worker.addresses)
         self.retry = RetryPolicy()
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
         self.attempts: dict[str, _Attempt] = {}
         self.busy = 0
         self.busy_threads = 0
@@ -427,11 +428,13 @@ class _Runtime:
                 loop.call_soon_threadsafe(event.set)
 
     def stub(self, address: str) -> pb_grpc.WorkerServiceStub:
-        channel = self.channels.get(address)
-        if channel is None:
+        # One stub per channel: building one per call showed up in profiles (~2 %).
+        stub = self.stubs.get(address)
+        if stub is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self.channels[address] = channel
-        return pb_grpc.WorkerServiceStub(channel)
+            stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
+        return stub
 
     async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
         """One RPC on a server whose breaker allows it.
@@ -502,6 +505,7 @@ class _Runtime:
         for channel in self.channels.values():
             await channel.close(grace=None)
         self.channels.clear()
+        self.stubs.clear()
 
     async def register(self) -> None:
         assert self.loop is not None  # noqa: S101
