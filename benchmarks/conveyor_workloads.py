@@ -99,8 +99,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
 class Cluster:
     """A `conveyor server` process and, on demand, `conveyor worker` processes."""
 
-    def __init__(self, pg_url: str, logs: Path) -> None:
+    def __init__(self, pg_url: str, logs: Path, server_args: list[str] | None = None) -> None:
         self.pg_url = pg_url
+        # Extra `conveyor server` flags, to measure one lever at a time (--no-group-commit).
+        self.server_args = server_args or []
         self.logs = logs
         self.grpc_port = free_port()
         self.http_port = free_port()
@@ -139,6 +141,7 @@ class Cluster:
                 self.address,
                 "--http-listen",
                 f"127.0.0.1:{self.http_port}",
+                *self.server_args,
             ],
         )
         deadline = time.monotonic() + START_TIMEOUT
@@ -330,7 +333,7 @@ async def w3(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as logs:
-        cluster = Cluster(args.pg_url, Path(logs))
+        cluster = Cluster(args.pg_url, Path(logs), args.server_arg)
         try:
             await cluster.start_server()
             conn = await asyncpg.connect(args.pg_url)
@@ -363,6 +366,12 @@ def main() -> None:
     parser.add_argument("--worker-processes", type=int, default=DEFAULT_WORKER_PROCESSES)
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--timeout", type=float, default=600.0, help="Bound on a W1 drain.")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="A `conveyor server` flag, e.g. --server-arg=--no-group-commit (repeatable).",
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))), flush=True)
 

@@ -58,6 +58,19 @@ CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def _end_open_transaction(conn: Any) -> None:
+    """What a connection needs before it goes back to the pool: no open transaction.
+
+    asyncpg's default reset (unlock advisory locks, close cursors, UNLISTEN, RESET ALL) is
+    one more round trip per call, measured at several percent of the server's time; Conveyor
+    never leaves that session state on a pooled connection (its advisory lock is
+    transaction-scoped, LISTEN has a connection of its own, no SET outside a transaction),
+    so only a transaction left open by a cancelled call needs ending.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """A pool of connections, created by `connect` and closed by `close`."""
 
@@ -126,6 +139,7 @@ class Database:
             max_size=size,
             server_settings=self.server_settings(),
             timeout=self._config.pool_acquire_timeout.total_seconds(),
+            reset=_end_open_transaction,
         )
 
     @contextlib.asynccontextmanager
