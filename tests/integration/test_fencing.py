@@ -21,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -525,3 +526,89 @@ class TestSuccessReportsInOneStatement:
         )
         assert {row["state"] for row in rows} == {"succeeded"}
         assert all(bytes(row["result"]) == row["id"].encode() for row in rows)
+
+
+class TestReportResultsBatch:
+    def test_each_report_in_a_batch_gets_its_own_answer(self, server, stubs: Stubs, db):
+        """Mixed outcomes in one call: applied or refused one by one, answers in order."""
+        stubs.enqueue(count=3)
+        stubs.register("w-batch")
+        first, second, third = stubs.lease("w-batch", max_tasks=3)
+        stale = pb.ReportResultRequest(
+            worker_id="w-batch",
+            task_id=third.task_id,
+            lease_id=str(uuid.uuid4()),
+            outcome=pb.OUTCOME_SUCCEEDED,
+        )
+        request = pb.ReportResultsRequest(
+            worker_id="w-batch",
+            reports=[
+                pb.ReportResultRequest(
+                    worker_id="w-batch",
+                    task_id=first.task_id,
+                    lease_id=first.lease_id,
+                    outcome=pb.OUTCOME_SUCCEEDED,
+                ),
+                pb.ReportResultRequest(
+                    worker_id="w-batch",
+                    task_id=second.task_id,
+                    lease_id=second.lease_id,
+                    outcome=pb.OUTCOME_FAILED,
+                    error="ValueError: boom",
+                ),
+                stale,
+                pb.ReportResultRequest(
+                    worker_id="someone-else",
+                    task_id=third.task_id,
+                    lease_id=third.lease_id,
+                    outcome=pb.OUTCOME_SUCCEEDED,
+                ),
+            ],
+        )
+        outcomes = stubs.workers.ReportResults(request, timeout=10).outcomes
+        assert [grpc.StatusCode.OK.value[0] if o.code == 0 else o.code for o in outcomes] == [
+            grpc.StatusCode.OK.value[0],
+            grpc.StatusCode.OK.value[0],
+            grpc.StatusCode.FAILED_PRECONDITION.value[0],
+            grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        ]
+        assert outcomes[0].state == pb.TASK_STATE_SUCCEEDED
+        assert outcomes[1].state == pb.TASK_STATE_QUEUED  # a retry is scheduled
+        assert "no longer current" in outcomes[2].message
+        assert snapshot(db, first.task_id)["state"] == "succeeded"
+        assert snapshot(db, second.task_id)["state"] == "queued"
+        assert snapshot(db, third.task_id)["state"] == "running"  # neither report applied
+
+    def test_a_busy_worker_reports_in_batches(self, server):
+        """A real worker finishing many tasks at once sends ReportResults, and every task
+        ends succeeded exactly once."""
+        from conveyor import Client, Task, TaskState, Worker  # noqa: PLC0415
+
+        worker = Worker(server.address, concurrency=32)
+        worker.register_handler("batch.noop", lambda _ctx, payload: payload)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                ids = client.enqueue_tasks([Task(type="batch.noop") for _ in range(400)])
+                wait_for(
+                    lambda: all(
+                        client.get_task_status(task_id).state is TaskState.SUCCEEDED
+                        for task_id in ids
+                    ),
+                    timeout=60,
+                    what="every task to succeed",
+                )
+        finally:
+            worker.stop()
+        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:  # noqa: S310
+            body = response.read().decode()
+        calls = {
+            sample.labels["method"]: sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == "conveyor_rpc_duration_seconds_count"
+            and sample.labels["code"] == "OK"
+        }
+        # 400 reports in far fewer calls: most went in batches.
+        assert calls.get("ReportResults", 0) >= 1, calls
+        assert calls.get("ReportResults", 0) + calls.get("ReportResult", 0) < 400, calls

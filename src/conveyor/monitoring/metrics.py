@@ -113,7 +113,7 @@ class ServerMetrics:
         )
         self.report_group_size = Histogram(
             "conveyor_report_group_calls",
-            "Success reports that shared one update statement and commit (group commit).",
+            "Success reports applied together by one statement and commit (group commit).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )

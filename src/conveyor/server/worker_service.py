@@ -15,8 +15,9 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import InvalidTask, LeaseLost, TaskNotFound
+from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, TaskNotFound
 from conveyor.protocol import convert
+from conveyor.protocol.status import status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
@@ -38,6 +39,10 @@ log = logging.getLogger("conveyor.server.workers")
 MAX_WORKER_ID_LENGTH: Final = 200
 MAX_ERROR_LENGTH: Final = 8000
 MAX_TASK_TYPES: Final = 1000
+MAX_REPORTS_PER_CALL: Final = 1000
+# Outcomes other than success (failures, releases) of one ReportResults call applied at
+# once: each takes a connection, and a burst of failures must not take the whole pool.
+REPORT_CONCURRENCY: Final = 4
 
 
 def _clean_error(error: str) -> str:
@@ -255,6 +260,44 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.ReportResultResponse:
         """Apply an attempt's outcome if its lease is still current (fencing)."""
         _worker_id(request.worker_id)
+        return await self._report(request)
+
+    @rpc_method("ReportResults")
+    async def ReportResults(  # noqa: N802 - gRPC method name
+        self, request: pb.ReportResultsRequest, context: Any
+    ) -> pb.ReportResultsResponse:
+        """Apply several outcomes, each fenced on its own; one answer per report, in order.
+
+        They are applied concurrently, so the successes among them share one statement
+        through the group commit; the other outcomes, rarer, take a connection each, a few
+        at a time.
+        """
+        worker_id = _worker_id(request.worker_id)
+        if len(request.reports) > MAX_REPORTS_PER_CALL:
+            raise InvalidTask(
+                f"{len(request.reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
+            )
+        others = asyncio.Semaphore(REPORT_CONCURRENCY)
+
+        async def outcome_of(report: pb.ReportResultRequest) -> pb.ReportOutcome:
+            try:
+                if report.worker_id != worker_id:
+                    raise InvalidTask("each report must carry the call's worker_id")
+                if report.outcome == pb.OUTCOME_SUCCEEDED:
+                    answer = await self._report(report)
+                else:
+                    async with others:
+                        answer = await self._report(report)
+            except ConveyorError as exc:
+                code, message = status_for(exc)
+                return pb.ReportOutcome(code=code.value[0], message=message)
+            return pb.ReportOutcome(code=0, state=answer.state)
+
+        outcomes = await asyncio.gather(*(outcome_of(report) for report in request.reports))
+        return pb.ReportResultsResponse(outcomes=outcomes)
+
+    async def _report(self, request: pb.ReportResultRequest) -> pb.ReportResultResponse:
+        """One outcome, applied if its lease is current; ConveyorError otherwise."""
         task_id = normalize_task_id(request.task_id)
         lease_id = normalize_task_id(request.lease_id)
         if len(request.result) > self.config.max_payload_bytes:

@@ -68,6 +68,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.worker.context import TaskContext
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
+from conveyor.worker.reporting import Refused, ReportBatcher
 from conveyor.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
@@ -396,6 +397,7 @@ class _Runtime:
         self.retry = RetryPolicy()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self.reports = ReportBatcher(worker.worker_id, self.call)
         self.attempts: dict[str, _Attempt] = {}
         self.busy = 0
         self.busy_threads = 0
@@ -785,7 +787,7 @@ class _Runtime:
         delays = self.retry.delays()
         while True:
             try:
-                await self.call("ReportResult", request)
+                await self.reports.send(request)
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at:
                     self.metrics.reports_failed.inc()
@@ -794,7 +796,7 @@ class _Runtime:
                     )
                     return
                 await asyncio.sleep(exc.retry_in or next(delays))
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, Refused) as exc:
                 if (
                     exc.code() == grpc.StatusCode.INVALID_ARGUMENT
                     and request.outcome == pb.OUTCOME_SUCCEEDED

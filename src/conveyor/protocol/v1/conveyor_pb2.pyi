@@ -772,6 +772,81 @@ class ReportResultResponse(_message.Message):
 Global___ReportResultResponse: _TypeAlias = ReportResultResponse  # noqa: Y015
 
 @_typing.final
+class ReportResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportResultRequest]:
+        """At most 1000; each report's worker_id must equal this one."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        reports: _abc.Iterable[Global___ReportResultRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResultsRequest: _TypeAlias = ReportResultsRequest  # noqa: Y015
+
+@_typing.final
+class ReportOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """OK (0) when applied; otherwise the status ReportResult would have answered
+    for this report alone (FAILED_PRECONDITION: the lease is no longer current).
+    """
+    message: _builtins.str
+    state: Global___TaskState.ValueType
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcome: _TypeAlias = ReportOutcome  # noqa: Y015
+
+@_typing.final
+class ReportResultsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportOutcome]:
+        """One per report, in request order."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___ReportOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResultsResponse: _TypeAlias = ReportResultsResponse  # noqa: Y015
+
+@_typing.final
 class TaskFilter(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -223,6 +223,11 @@ class WorkerServiceStub:
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultRequest.SerializeToString,
                 response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultResponse.FromString,
                 _registered_method=True)
+        self.ReportResults = channel.unary_unary(
+                '/conveyor.v1.WorkerService/ReportResults',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsResponse.FromString,
+                _registered_method=True)
         self.UnregisterWorker = channel.unary_unary(
                 '/conveyor.v1.WorkerService/UnregisterWorker',
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerRequest.SerializeToString,
@@ -264,6 +269,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportResults(self, request, context):
+        """Several outcomes in one call (the worker sends together what finished
+        together); each is applied and fenced on its own, as by ReportResult.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UnregisterWorker(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -292,6 +305,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReportResult,
                     request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultRequest.FromString,
                     response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultResponse.SerializeToString,
+            ),
+            'ReportResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportResults,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsResponse.SerializeToString,
             ),
             'UnregisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.UnregisterWorker,
@@ -409,6 +427,33 @@ class WorkerService:
             '/conveyor.v1.WorkerService/ReportResult',
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultRequest.SerializeToString,
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.WorkerService/ReportResults',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.ReportResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -107,6 +107,10 @@ class WorkerServiceStub:
     """Applies the outcome of one attempt if (task_id, lease_id) is still the
     current lease; FAILED_PRECONDITION otherwise (fencing).
     """
+    ReportResults: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ReportResultsRequest, _conveyor_pb2.ReportResultsResponse]
+    """Several outcomes in one call (the worker sends together what finished
+    together); each is applied and fenced on its own, as by ReportResult.
+    """
     UnregisterWorker: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.UnregisterWorkerRequest, _conveyor_pb2.UnregisterWorkerResponse]
 
 @_typing.type_check_only
@@ -124,6 +128,10 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     ReportResult: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ReportResultRequest, _conveyor_pb2.ReportResultResponse]  # type: ignore[assignment]
     """Applies the outcome of one attempt if (task_id, lease_id) is still the
     current lease; FAILED_PRECONDITION otherwise (fencing).
+    """
+    ReportResults: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ReportResultsRequest, _conveyor_pb2.ReportResultsResponse]  # type: ignore[assignment]
+    """Several outcomes in one call (the worker sends together what finished
+    together); each is applied and fenced on its own, as by ReportResult.
     """
     UnregisterWorker: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.UnregisterWorkerRequest, _conveyor_pb2.UnregisterWorkerResponse]  # type: ignore[assignment]
 
@@ -163,6 +171,16 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conveyor_pb2.ReportResultResponse, _abc.Awaitable[_conveyor_pb2.ReportResultResponse]]:
         """Applies the outcome of one attempt if (task_id, lease_id) is still the
         current lease; FAILED_PRECONDITION otherwise (fencing).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportResults(
+        self,
+        request: _conveyor_pb2.ReportResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ReportResultsResponse, _abc.Awaitable[_conveyor_pb2.ReportResultsResponse]]:
+        """Several outcomes in one call (the worker sends together what finished
+        together); each is applied and fenced on its own, as by ReportResult.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,110 @@
+"""ReportBatcher's rules, driven by a scripted `call` function (the transport is tested end
+to end in tests/integration/test_fencing.py; here, only what the batcher decides)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.worker.reporting import Refused, ReportBatcher
+
+
+def report(task: str) -> pb.ReportResultRequest:
+    return pb.ReportResultRequest(worker_id="w", task_id=task, outcome=pb.OUTCOME_SUCCEEDED)
+
+
+class Server:
+    """Answers like a server would; records what it was sent."""
+
+    def __init__(self, *, knows_batches: bool = True, refuse: frozenset[str] = frozenset()):
+        self.knows_batches = knows_batches
+        self.refuse = refuse
+        self.calls: list[tuple[str, list[str]]] = []
+        self.gate = asyncio.Event()
+        self.first_in_flight = asyncio.Event()
+
+    async def call(self, method: str, request):
+        if method == "ReportResults":
+            tasks = [r.task_id for r in request.reports]
+            self.calls.append((method, tasks))
+            if not self.knows_batches:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata()
+                )
+            return pb.ReportResultsResponse(
+                outcomes=[
+                    pb.ReportOutcome(
+                        code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="stale"
+                    )
+                    if task in self.refuse
+                    else pb.ReportOutcome(code=0)
+                    for task in tasks
+                ]
+            )
+        self.calls.append((method, [request.task_id]))
+        self.first_in_flight.set()
+        await self.gate.wait()  # held in flight, so the others queue up behind it
+        return pb.ReportResultResponse()
+
+
+async def send_all(batcher: ReportBatcher, server: Server, tasks: list[str]) -> list:
+    """The first report goes out alone (held in flight); the others queue behind it."""
+    first = asyncio.ensure_future(batcher.send(report(tasks[0])))
+    await server.first_in_flight.wait()
+    rest = [asyncio.ensure_future(batcher.send(report(task))) for task in tasks[1:]]
+    await asyncio.sleep(0)  # let them reach the queue before the first call returns
+    server.gate.set()
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+class TestReportBatcher:
+    def test_a_lone_report_goes_alone_and_the_queue_goes_together(self) -> None:
+        async def scenario():
+            server = Server(refuse=frozenset({"c"}))
+            results = await send_all(ReportBatcher("w", server.call), server, ["a", "b", "c"])
+            return server.calls, results
+
+        calls, results = asyncio.run(scenario())
+        assert calls == [("ReportResult", ["a"]), ("ReportResults", ["b", "c"])]
+        assert results[0] is None
+        assert results[1] is None
+        assert isinstance(results[2], Refused)
+        assert results[2].code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert results[2].details() == "stale"
+
+    def test_an_old_server_gets_one_report_per_call(self) -> None:
+        async def scenario():
+            server = Server(knows_batches=False)
+            batcher = ReportBatcher("w", server.call)
+            results = await send_all(batcher, server, ["a", "b", "c"])
+            return server.calls, results
+
+        calls, results = asyncio.run(scenario())
+        assert results == [None, None, None]
+        assert calls == [
+            ("ReportResult", ["a"]),
+            ("ReportResults", ["b", "c"]),
+            ("ReportResult", ["b"]),
+            ("ReportResult", ["c"]),
+        ]
+
+    def test_a_failed_call_fails_every_report_in_it(self) -> None:
+        class Down(Exception):
+            pass
+
+        async def call(_method, _request):
+            raise Down
+
+        async def scenario():
+            batcher = ReportBatcher("w", call)
+            return await asyncio.gather(
+                batcher.send(report("a")), batcher.send(report("b")), return_exceptions=True
+            )
+
+        results = asyncio.run(scenario())
+        assert [type(result) for result in results] == [Down, Down]
+        with pytest.raises(Down):
+            raise results[0]
