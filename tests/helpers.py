@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,13 @@ class ServerProcess:
         status = self.stop()
         self.start(timeout=timeout)
         return status
+
+
+@contextlib.contextmanager
+def running(worker: Any) -> Iterator[Any]:
+    """Start an in-process `conveyor.Worker`; stop it afterwards whatever happens."""
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()

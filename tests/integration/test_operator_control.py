@@ -5,7 +5,6 @@ a real server, real PostgreSQL and real workers.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import async_wait_for, free_port, wait_final, wait_for
+from helpers import async_wait_for, free_port, running, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import conveyor
@@ -47,16 +46,6 @@ UNKNOWN_ID = "00000000-0000-4000-8000-00000000beef"
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
-    """Start `worker`; stop it afterwards whatever happens."""
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 class Runs:

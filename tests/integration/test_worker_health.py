@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import process_env, wait_final, wait_for
+from helpers import process_env, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -42,16 +42,6 @@ def worker_row(db, worker_id: str) -> Any:
     """The worker's row in conveyor_workers (None if absent)."""
     rows = db.fetch("SELECT * FROM conveyor_workers WHERE id = $1", worker_id)
     return rows[0] if rows else None
-
-
-@contextlib.contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
-    """Start `worker`; stop it afterwards whatever happens."""
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 class TestSweeper:

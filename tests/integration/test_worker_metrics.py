@@ -9,18 +9,16 @@ serves the same from a real process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from helpers import conveyor_command, free_port, wait_final, wait_for
+from helpers import conveyor_command, free_port, running, wait_final, wait_for
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -66,16 +64,6 @@ def duration_count(metrics: Scrape, task_type: str, outcome: str) -> float:
     return metrics.value(
         "conveyor_worker_handler_duration_seconds_count", type=task_type, outcome=outcome
     )
-
-
-@contextlib.contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
-    """Start `worker`; stop it afterwards whatever happens."""
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 def ok(_ctx: TaskContext, payload: bytes) -> bytes:
