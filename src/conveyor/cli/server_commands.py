@@ -43,16 +43,21 @@ async def _serve(
     JSON object there, and the server logs the same facts as a record anyway.
     """
     server = ConveyorServer(config)
-    await server.start()
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM that arrives while the server starts (or just after it
+    # says it has) must still stop it gracefully, not kill it.
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
 
     async def shut_down() -> None:
+        await stop_requested.wait()
         if before_stop is not None:
             await loop.run_in_executor(None, before_stop)
         await server.stop()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shut_down()))
+    stopping = asyncio.ensure_future(shut_down())
     if announce:
         click.echo(
             f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
@@ -67,6 +72,10 @@ async def _serve(
     if on_started is not None:
         await loop.run_in_executor(None, on_started, server)
     await server.wait_stopped()
+    if stop_requested.is_set():
+        await stopping  # let the shutdown it started finish
+    else:
+        stopping.cancel()
 
 
 def _failpoints_from_env() -> frozenset[str]:
