@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import TaskNotFound
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.control import BulkProgress, BulkScope, TaskControl, TaskFilter
-from conveyor.server.explanation import explain
 from conveyor.server.rpc import rpc_method
-from conveyor.storage import queries
-from conveyor.types import TaskState, normalize_task_id
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -91,16 +87,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.ExplainTaskRequest, context: Any
     ) -> pb.ExplainTaskResponse:
         """Why a task is where it is."""
-        task_id = normalize_task_id(request.task_id)
-        async with self.database.connection() as conn:
-            row = await queries.task_explain(
-                conn, task_id=task_id, live_within=self.worker_lost_after
-            )
-        if row is None:
-            raise TaskNotFound(task_id=task_id)
-        return pb.ExplainTaskResponse(
-            state=convert.STATE_TO_PB[TaskState(row["state"])], reasons=explain(row)
-        )
+        state, reasons = await self.control.explain_task(request.task_id)
+        return pb.ExplainTaskResponse(state=convert.STATE_TO_PB[state], reasons=reasons)
 
     @rpc_method("GetStatus")
     async def GetStatus(  # noqa: N802 - gRPC method name

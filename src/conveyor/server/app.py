@@ -42,7 +42,7 @@ from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
 from conveyor.storage import migrate, queries
-from conveyor.types import ClusterStatus, TypeStatus
+from conveyor.types import ClusterStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -270,8 +270,6 @@ class ConveyorServer:
         snapshot = self.stats.snapshot
         leader = await self.elector.current_leader()
         paused = await self.control.paused_types()
-        paused_names = {item.type for item in paused}
-        names = sorted(set(snapshot.queued) | set(snapshot.running) | paused_names)
         last_minute = snapshot.last_minute
         return ClusterStatus(
             version=__version__,
@@ -282,16 +280,7 @@ class ConveyorServer:
             sampled_at=datetime.fromtimestamp(snapshot.taken_at, UTC)
             if snapshot.taken_at
             else None,
-            types=tuple(
-                TypeStatus(
-                    type=name,
-                    queued=snapshot.queued.get(name, 0),
-                    running=snapshot.running.get(name, 0),
-                    oldest_queued_seconds=snapshot.oldest_queued_seconds.get(name, 0.0),
-                    paused=name in paused_names,
-                )
-                for name in names
-            ),
+            types=snapshot.type_statuses({item.type for item in paused}),
             workers=dict(snapshot.workers),
             succeeded_last_minute=last_minute.get("succeeded", 0),
             failed_last_minute=last_minute.get("failed", 0),

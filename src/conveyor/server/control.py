@@ -199,6 +199,17 @@ class TaskControl:
             tasks=tuple(status_from_row(row) for row in page), next_page_token=next_token
         )
 
+    async def explain_task(self, task_id: str) -> tuple[TaskState, list[str]]:
+        """A task's state and why it is there, in sentences (one indexed query)."""
+        task_id = normalize_task_id(task_id)
+        async with self._database.connection() as conn:
+            row = await queries.task_explain(
+                conn, task_id=task_id, live_within=self._worker_lost_after
+            )
+        if row is None:
+            raise TaskNotFound(task_id=task_id)
+        return TaskState(row["state"]), explain(row)
+
     async def task_detail(self, task_id: str) -> TaskDetail:
         """Everything about one task, read from one snapshot so the parts agree."""
         task_id = normalize_task_id(task_id)

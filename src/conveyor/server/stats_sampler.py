@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.server.service import PeriodicService
 from conveyor.storage import queries
+from conveyor.types import TypeStatus
 
 if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
@@ -46,6 +47,19 @@ class StatsSnapshot:
     def types(self) -> list[str]:
         """Every type with live tasks or paused, by name."""
         return sorted(set(self.queued) | set(self.running) | set(self.paused))
+
+    def type_statuses(self, paused: set[str]) -> tuple[TypeStatus, ...]:
+        """The live queue of each type, with `paused` (read fresher than this sample)."""
+        return tuple(
+            TypeStatus(
+                type=name,
+                queued=self.queued.get(name, 0),
+                running=self.running.get(name, 0),
+                oldest_queued_seconds=self.oldest_queued_seconds.get(name, 0.0),
+                paused=name in paused,
+            )
+            for name in sorted(set(self.queued) | set(self.running) | paused)
+        )
 
     def as_status(self) -> dict[str, Any]:
         """The `/status` fields built from this sample."""
