@@ -72,9 +72,16 @@ def handler_span(
     attempt: int,
     worker_id: str,
     trace_context: Mapping[str, str],
+    traced: bool | None = None,
 ) -> Iterator[Any]:
-    """A CONSUMER span around one attempt, child of the producer's span when it sent one."""
-    if propagate is None or trace is None or not enabled():
+    """A CONSUMER span around one attempt, child of the producer's span when it sent one.
+
+    `traced` is `enabled()` when the caller already asked (a worker asks once per batch of
+    leases: asking costs an environment lookup in the OpenTelemetry API, per task otherwise).
+    """
+    if traced is None:
+        traced = enabled()
+    if propagate is None or trace is None or not traced:
         yield None
         return
     parent = propagate.extract(dict(trace_context)) if trace_context else None

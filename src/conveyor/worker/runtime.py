@@ -6,7 +6,10 @@ under `run`). Async handlers run on that loop; sync handlers run in a thread poo
 
 - the lease loop long-polls `LeaseTasks` for as many tasks as it has free slots (never
   more: no prefetch hoarding);
-- one asyncio task per attempt runs the handler under its timeout and reports the outcome;
+- one asyncio task per attempt runs the handler under its timeout and reports the outcome.
+  The slot is free as soon as the handler returns, so the next task runs while the
+  outcome is being committed (reports of attempts that finished together share one
+  `ReportResults` call); at most `concurrency` outcomes may be in delivery at once;
 - the heartbeat loop extends the leases of running attempts and stops those the server
   says are cancelled or lost. If no heartbeat gets through for a whole lease duration,
   the worker stops its own handlers: it can no longer claim to hold their leases.
@@ -152,6 +155,11 @@ class _Attempt:
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
     reported: bool = False
+    # Whether the attempt still counts against `concurrency`: from its lease until its
+    # handler has stopped, not until its outcome is delivered.
+    holds_slot: bool = False
+    # Whether to open a span for it (tracing.enabled(), asked once per batch of leases).
+    traced: bool = False
     # Progress from ctx.heartbeat(details), sent with the next heartbeat.
     progress: str | None = None
     # Set once the outcome is reported (or known to be unreportable): the lease is settled.
@@ -172,7 +180,8 @@ class Worker:
     Args:
         server: "host:port", "host1:port,host2:port" or a list; defaults to the
             CONVEYOR_SERVER environment variable, then localhost:50051.
-        concurrency: Most attempts in flight at once.
+        concurrency: Most handlers running at once (a finished attempt whose outcome is
+            still being delivered holds its lease but not a slot).
         drain_timeout: How long `stop` lets in-flight attempts finish before handing
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
@@ -399,7 +408,10 @@ class _Runtime:
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
         self.reports = ReportBatcher(worker.worker_id, self.call)
         self.attempts: dict[str, _Attempt] = {}
+        # Handlers holding a slot (at most `concurrency`), and finished attempts whose
+        # outcome is still being delivered (they hold a lease, not a slot).
         self.busy = 0
+        self.unreported = 0
         self.busy_threads = 0
         self.heartbeat_interval = FALLBACK_HEARTBEAT_INTERVAL
         self.lease_duration = FALLBACK_LEASE_DURATION
@@ -554,7 +566,12 @@ class _Runtime:
         delays = self.retry.delays()
         wait = self.worker.lease_wait
         while True:
-            while self.busy >= self.worker.concurrency:
+            # Outcomes still on their way to the server count against the lease loop too:
+            # if reports stall (a server unreachable), the worker stops taking new work
+            # after one slot-full of them instead of piling up leases it cannot report.
+            while (
+                self.busy >= self.worker.concurrency or self.unreported >= self.worker.concurrency
+            ):
                 self.slot_freed.clear()
                 await self.slot_freed.wait()
             request = pb.LeaseTasksRequest(
@@ -581,10 +598,11 @@ class _Runtime:
                 await asyncio.sleep(next(delays))
                 continue
             delays = self.retry.delays()
+            traced = tracing.enabled() if response.leases else False
             for lease in response.leases:
-                self.begin(lease)
+                self.begin(lease, traced=traced)
 
-    def begin(self, lease: pb.Lease) -> None:
+    def begin(self, lease: pb.Lease, *, traced: bool) -> None:
         deadline = convert.from_timestamp(lease.deadline)
         ctx = TaskContext(
             _progress_sink=lambda details: self.report_progress(lease.task_id, details),
@@ -605,9 +623,10 @@ class _Runtime:
                 },
             ),
         )
-        attempt = _Attempt(lease=lease, ctx=ctx)
+        attempt = _Attempt(lease=lease, ctx=ctx, traced=traced)
         self.attempts[lease.task_id] = attempt
         self.busy += 1
+        attempt.holds_slot = True
         self.metrics.tasks_in_flight.inc()
         self.metrics.tasks_leased.labels(lease.type).inc()
         attempt.runner = asyncio.create_task(self.execute(attempt), name=f"task-{lease.task_id}")
@@ -631,6 +650,7 @@ class _Runtime:
                     attempt=lease.attempt,
                     worker_id=self.worker.worker_id,
                     trace_context=lease.trace_context,
+                    traced=attempt.traced,
                 ) as span:
                     report = await self.run_handler(attempt)
                     outcome = _outcome_label(attempt, report)
@@ -641,7 +661,18 @@ class _Runtime:
                     self.log.debug(
                         "task succeeded in %.3fs", took, extra={"event": "task_succeeded"}
                     )
-                if report is not None:
+                if report is not None and self.handler_stopped(attempt):
+                    # The handler is done: its slot can run the next task while the outcome
+                    # travels to the server and is committed. The lease stays ours (and
+                    # heartbeated) until the report is settled.
+                    self.free_slot(attempt)
+                    self.unreported += 1
+                    try:
+                        await self.report(attempt, report)
+                    finally:
+                        self.unreported -= 1
+                        self.wake_lease_loop()
+                elif report is not None:
                     await self.report(attempt, report)
                 attempt.settled.set()
                 await self.handler_ended(attempt)
@@ -650,10 +681,26 @@ class _Runtime:
             finally:
                 attempt.settled.set()
                 self.attempts.pop(lease.task_id, None)
-                self.busy -= 1
+                self.free_slot(attempt)
                 self.metrics.tasks_in_flight.dec()
-                if self.slot_freed is not None:
-                    self.slot_freed.set()
+
+    @staticmethod
+    def handler_stopped(attempt: _Attempt) -> bool:
+        """Whether the handler has really returned (a sync thread past its timeout has not)."""
+        if attempt.thread_future is not None:
+            return attempt.thread_future.done()
+        return attempt.handler_future is None or attempt.handler_future.done()
+
+    def free_slot(self, attempt: _Attempt) -> None:
+        """Give the attempt's handler slot back, once."""
+        if attempt.holds_slot:
+            attempt.holds_slot = False
+            self.busy -= 1
+            self.wake_lease_loop()
+
+    def wake_lease_loop(self) -> None:
+        if self.slot_freed is not None:
+            self.slot_freed.set()
 
     def attempt_log_context(self, attempt: _Attempt) -> contextlib.AbstractContextManager[None]:
         """Bind the attempt's fields for the log lines about it (the worker id is bound)."""
