@@ -268,36 +268,80 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.ReportResultsResponse:
         """Apply several outcomes, each fenced on its own; one answer per report, in order.
 
-        They are applied concurrently, so the successes among them share one statement
-        through the group commit; the other outcomes, rarer, take a connection each, a few
-        at a time.
+        The successes among them go to the group commit as one submission, so they share
+        one statement with each other and with other calls' successes; the other outcomes,
+        rarer, take a connection each, a few at a time. Handing the successes over together
+        rather than one coroutine each halved the server's own time per report in the
+        drain benchmark.
         """
         worker_id = _worker_id(request.worker_id)
         if len(request.reports) > MAX_REPORTS_PER_CALL:
             raise InvalidTask(
                 f"{len(request.reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
             )
-        others = asyncio.Semaphore(REPORT_CONCURRENCY)
+        outcomes: list[pb.ReportOutcome | None] = [None] * len(request.reports)
+        successes, others = self._sort_reports(worker_id, request.reports, outcomes)
+        limit = asyncio.Semaphore(REPORT_CONCURRENCY)
 
-        async def outcome_of(report: pb.ReportResultRequest) -> pb.ReportOutcome:
+        async def one_by_one(index: int, report: pb.ReportResultRequest) -> None:
+            async with limit:
+                try:
+                    answer = await self._report(report)
+                except ConveyorError as exc:
+                    outcomes[index] = _refused(exc)
+                else:
+                    outcomes[index] = pb.ReportOutcome(code=0, state=answer.state)
+
+        async def together() -> None:
+            rows = await self._succeed_many([success for _, success in successes])
+            for (index, success), row in zip(successes, rows, strict=True):
+                if row is not None:
+                    outcomes[index] = pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
+                    continue
+                try:
+                    raise await self._refusal(success.task_id, success.lease_id, worker_id)
+                except ConveyorError as exc:
+                    outcomes[index] = _refused(exc)
+
+        await asyncio.gather(
+            *([together()] if successes else []),
+            *(one_by_one(index, report) for index, report in others),
+        )
+        answered = [outcome for outcome in outcomes if outcome is not None]
+        assert len(answered) == len(outcomes)  # noqa: S101 - every report gets one answer
+        return pb.ReportResultsResponse(outcomes=answered)
+
+    def _sort_reports(
+        self,
+        worker_id: str,
+        reports: Sequence[pb.ReportResultRequest],
+        outcomes: list[pb.ReportOutcome | None],
+    ) -> tuple[list[tuple[int, queries.Success]], list[tuple[int, pb.ReportResultRequest]]]:
+        """Split reports into successes for the group commit and the rest, by position.
+
+        A malformed report is answered in `outcomes` at once and goes in neither list.
+        """
+        successes: list[tuple[int, queries.Success]] = []
+        others: list[tuple[int, pb.ReportResultRequest]] = []
+        for index, report in enumerate(reports):
             try:
                 if report.worker_id != worker_id:
                     raise InvalidTask("each report must carry the call's worker_id")
-                if report.outcome == pb.OUTCOME_SUCCEEDED:
-                    answer = await self._report(report)
-                else:
-                    async with others:
-                        answer = await self._report(report)
+                task_id, lease_id = self._checked_ids(report)
             except ConveyorError as exc:
-                code, message = status_for(exc)
-                return pb.ReportOutcome(code=code.value[0], message=message)
-            return pb.ReportOutcome(code=0, state=answer.state)
+                outcomes[index] = _refused(exc)
+                continue
+            if report.outcome == pb.OUTCOME_SUCCEEDED and self.config.group_commit:
+                result = report.result if report.has_result else None
+                successes.append(
+                    (index, queries.Success(task_id=task_id, lease_id=lease_id, result=result))
+                )
+            else:
+                others.append((index, report))
+        return successes, others
 
-        outcomes = await asyncio.gather(*(outcome_of(report) for report in request.reports))
-        return pb.ReportResultsResponse(outcomes=outcomes)
-
-    async def _report(self, request: pb.ReportResultRequest) -> pb.ReportResultResponse:
-        """One outcome, applied if its lease is current; ConveyorError otherwise."""
+    def _checked_ids(self, request: pb.ReportResultRequest) -> tuple[str, str]:
+        """The report's task and lease ids, canonical; InvalidTask for a malformed report."""
         task_id = normalize_task_id(request.task_id)
         lease_id = normalize_task_id(request.lease_id)
         if len(request.result) > self.config.max_payload_bytes:
@@ -305,50 +349,63 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 f"result is {len(request.result)} bytes; the limit is "
                 f"{self.config.max_payload_bytes}"
             )
+        return task_id, lease_id
+
+    async def _report(self, request: pb.ReportResultRequest) -> pb.ReportResultResponse:
+        """One outcome, applied if its lease is current; ConveyorError otherwise."""
+        task_id, lease_id = self._checked_ids(request)
         if request.outcome == pb.OUTCOME_SUCCEEDED and self.config.group_commit:
-            row = await self._succeed(request, task_id, lease_id)
+            result = request.result if request.has_result else None
+            (row,) = await self._succeed_many(
+                [queries.Success(task_id=task_id, lease_id=lease_id, result=result)]
+            )
         else:
             async with self.database.connection() as conn:
                 row = await self._apply(conn, request, task_id, lease_id)
         if row is None:
-            async with self.database.connection() as conn:
-                current = await queries.task_get(conn, task_id=task_id)
-            if current is None:
-                raise TaskNotFound(task_id=task_id)
-            self.metrics.stale_completions.inc()
-            log.info(
-                "rejected a report for task %s: lease %s is not current (task is %s)",
-                task_id,
-                lease_id,
-                current["state"],
-                extra={
-                    "event": "stale_report_rejected",
-                    "task_id": task_id,
-                    "task_type": current["type"],
-                    "attempt": current["attempt"],
-                    "worker_id": request.worker_id,
-                },
-            )
-            raise LeaseLost(
-                f"lease {lease_id} of task {task_id} is no longer current "
-                f"(the task is {current['state']}); the outcome was not applied"
-            )
+            raise await self._refusal(task_id, lease_id, request.worker_id)
         state = TaskState(row["state"])
         return pb.ReportResultResponse(state=convert.STATE_TO_PB[state])
 
-    async def _succeed(self, request: pb.ReportResultRequest, task_id: str, lease_id: str) -> Any:
-        """A success, applied together with the other successes reported meanwhile."""
-        result = request.result if request.has_result else None
-        (row,) = await self.succeed_commit.submit(
-            [queries.Success(task_id=task_id, lease_id=lease_id, result=result)]
+    async def _refusal(self, task_id: str, lease_id: str, worker_id: str) -> ConveyorError:
+        """Why a report was not applied: the task is unknown, or the lease is not current."""
+        async with self.database.connection() as conn:
+            current = await queries.task_get(conn, task_id=task_id)
+        if current is None:
+            return TaskNotFound(task_id=task_id)
+        self.metrics.stale_completions.inc()
+        log.info(
+            "rejected a report for task %s: lease %s is not current (task is %s)",
+            task_id,
+            lease_id,
+            current["state"],
+            extra={
+                "event": "stale_report_rejected",
+                "task_id": task_id,
+                "task_type": current["type"],
+                "attempt": current["attempt"],
+                "worker_id": worker_id,
+            },
         )
-        if not row["applied"]:
-            return None
-        self.metrics.task_outcomes.labels(row["type"], "succeeded").inc()
-        self.metrics.task_duration.labels(row["type"], "succeeded").observe(
-            max(row["ran_for"], 0.0)
+        return LeaseLost(
+            f"lease {lease_id} of task {task_id} is no longer current "
+            f"(the task is {current['state']}); the outcome was not applied"
         )
-        return row
+
+    async def _succeed_many(self, successes: list[queries.Success]) -> list[Any]:
+        """Successes, applied together with those reported meanwhile: each row, or None."""
+        rows = await self.succeed_commit.submit(successes)
+        applied: list[Any] = []
+        for row in rows:
+            if not row["applied"]:
+                applied.append(None)
+                continue
+            self.metrics.task_outcomes.labels(row["type"], "succeeded").inc()
+            self.metrics.task_duration.labels(row["type"], "succeeded").observe(
+                max(row["ran_for"], 0.0)
+            )
+            applied.append(row)
+        return applied
 
     async def _apply(
         self, conn: Any, request: pb.ReportResultRequest, task_id: str, lease_id: str
@@ -406,3 +463,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
+
+
+def _refused(exc: ConveyorError) -> pb.ReportOutcome:
+    """The answer to one report of a ReportResults call that was not applied."""
+    code, message = status_for(exc)
+    return pb.ReportOutcome(code=code.value[0], message=message)
