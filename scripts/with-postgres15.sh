@@ -15,6 +15,8 @@
 #                   server (PostgreSQL refuses to run as root). Default: `postgres`
 #                   if that user exists, else `conveyor-ci`, created if missing.
 #                   When not run as root, the server runs as the calling user.
+#   PG15_EXTRA_ARGS extra `postgres` options, word-split, for profiling (for example
+#                   "-c shared_preload_libraries=pg_stat_statements"). Never set by CI.
 set -euo pipefail
 
 readonly PG15_BINDIR="${PG15_BINDIR:-/usr/lib/postgresql/15/bin}"
@@ -149,7 +151,7 @@ for attempt in $(seq 1 "$START_ATTEMPTS"); do
     candidate="$(free_port)"
     # fsync, synchronous_commit and full_page_writes keep their durable defaults.
     as_pg "$PG15_BINDIR/postgres" -D "$pg_data" -p "$candidate" -c fsync=on \
-        </dev/null >>"$pg_log" 2>&1 &
+        ${PG15_EXTRA_ARGS:-} </dev/null >>"$pg_log" 2>&1 &
     pg_pid=$!
     for _ in $(seq 1 120); do
         if "$PG15_BINDIR/pg_isready" -q -h 127.0.0.1 -p "$candidate" -d postgres \
