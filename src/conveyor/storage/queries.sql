@@ -306,7 +306,8 @@ WHERE at > now() - make_interval(secs => $1);
 -- name: task_prune_finished
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
 -- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
--- (state, seq) index, with their history (ON DELETE CASCADE). Returns the deleted states.
+-- (state, seq) index, with their history (by its primary key, in the same statement).
+-- Returns the deleted states.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
@@ -325,11 +326,16 @@ WITH leader AS (
     ) AS old
     ORDER BY old.seq
     LIMIT $2
+), doomed_ids AS (
+    SELECT ARRAY(SELECT id FROM doomed) AS ids
+), history AS (
+    DELETE FROM conveyor_task_events
+    WHERE task_id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
 )
 DELETE FROM conveyor_tasks
--- An array, not IN (subquery): the delete is then primary-key probes, never a hash join
+-- An array, not IN (subquery): the deletes are then primary-key probes, never a hash join
 -- over a scan of the whole table.
-WHERE id = ANY (ARRAY(SELECT id FROM doomed))
+WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
 RETURNING state;
 
 -- name: worker_register
