@@ -117,6 +117,13 @@ class ServerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.lease_claims = Counter(
+            "conveyor_lease_claims_total",
+            "Claims made by LeaseTasks long polls, by result: tasks (leased some), empty "
+            "(found none), skipped (woken for types another claim had just found empty).",
+            ["result"],
+            registry=self.registry,
+        )
         self.tasks_pruned = Counter(
             "conveyor_tasks_pruned_total",
             "Finished tasks deleted with their history by the retention policy, by state.",

@@ -23,6 +23,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.group_commit import GroupCommit
 from conveyor.server.rpc import rpc_method
+from conveyor.server.wake_rounds import WakeRounds
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
 
@@ -81,6 +82,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.config = config
         self.database = database
         self.notifier = notifier
+        self.wake_rounds = WakeRounds(lambda: notifier.generation)
         self.metrics = metrics
         self.draining = False
         self._backoff = queries.Backoff(
@@ -145,9 +147,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + wait.total_seconds()
         poll = self.config.poll_interval.total_seconds()
+        woken = False
         while not self.draining:
-            generation = self.notifier.generation
-            rows = await self._claim(worker_id, task_types, limit)
+            if woken:
+                # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
+                generation, claimed = await self.wake_rounds.claim(
+                    task_types, limit, lambda: self._claim(worker_id, task_types, limit)
+                )
+            else:
+                generation = self.notifier.generation
+                claimed = await self._claim(worker_id, task_types, limit)
+            rows = claimed or []
+            self.metrics.lease_claims.labels(
+                "skipped" if claimed is None else "tasks" if rows else "empty"
+            ).inc()
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
@@ -157,6 +170,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if remaining <= 0:
                 break
             await self.notifier.wait(generation, min(remaining, poll))
+            woken = self.notifier.generation != generation
         return pb.LeaseTasksResponse()
 
     async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:

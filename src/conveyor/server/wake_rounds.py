@@ -1,0 +1,67 @@
+"""WakeRounds: after a wake-up, waiting long polls claim one after another, not all at once.
+
+A notification ("tasks may be available") wakes every `LeaseTasks` call waiting in this
+server. If each ran its claim at once, one new task would cost as many claim statements as
+there are waiting workers, all but one finding nothing: with 50 idle workers, 50 claims per
+enqueue, a storm that grows with the fleet. Instead the woken calls take turns, and a round
+remembers which task types a claim found empty:
+
+- a claim that got fewer tasks than it asked for has seen every claimable task of its types
+  (as of that claim), so those types are *drained* for the rest of the round;
+- a woken call whose types are all drained goes back to waiting without a statement;
+- any other woken call claims in its turn (a full batch means more may remain, so the next
+  call claims too).
+
+A round is one notifier generation: a newer wake-up (new tasks committed after the drained
+claims looked) starts a fresh round with nothing drained, so no task is left waiting for a
+wake-up that was skipped. Only wake-ups go through the rounds; a long poll's first claim
+and its fallback polls (`poll_interval`, which covers lost notifications) claim directly.
+The cost is that woken claims in one server run in sequence; they would contend for the
+same rows and CPU if run together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+
+class WakeRounds:
+    """Serialises woken claims in this process and skips those for drained task types."""
+
+    def __init__(self, generation: Callable[[], int]) -> None:
+        """`generation` reads the notifier's current generation (one round per value)."""
+        self._generation = generation
+        self._turn = asyncio.Lock()
+        self._round = -1
+        self._drained: set[str] = set()
+        self.skipped = 0  # woken claims not run because their types were drained
+
+    async def claim(
+        self,
+        task_types: Sequence[str],
+        limit: int,
+        claim: Callable[[], Awaitable[list[Any]]],
+    ) -> tuple[int, list[Any] | None]:
+        """Run `claim` in turn unless its types are drained this round.
+
+        Returns the generation the decision belongs to (wait for a wake-up after it) and
+        the claimed rows, or None when the claim was skipped.
+        """
+        async with self._turn:
+            # Read under the lock: a wake-up that arrived while this call waited for its
+            # turn starts a new round, and this call then claims.
+            generation = self._generation()
+            if generation != self._round:
+                self._round = generation
+                self._drained = set()
+            if self._drained.issuperset(task_types):
+                self.skipped += 1
+                return generation, None
+            rows = await claim()
+            if len(rows) < limit:
+                self._drained.update(task_types)
+            return generation, rows

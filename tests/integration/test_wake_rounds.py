@@ -1,0 +1,169 @@
+"""Wake rounds: a new task wakes the waiting long polls, but not a claim statement each.
+
+Real server, real PostgreSQL, raw gRPC long polls. The fallback poll is set to a minute,
+so every lease here comes from a wake-up, never from a poll that happened to run.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+
+LONG_POLL = 30  # seconds each test poll may wait on the server
+WAITERS = 8
+
+
+def claims(http_url: str) -> dict[str, float]:
+    """conveyor_lease_claims_total by result."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "conveyor_lease_claims_total"
+    }
+
+
+class Fleet:
+    """Raw long polls against one server, each from its own registered worker."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.tasks = pb_grpc.TaskServiceStub(self.channel)
+        self.workers = pb_grpc.WorkerServiceStub(self.channel)
+        self.pool = ThreadPoolExecutor(max_workers=WAITERS + 2)
+
+    def close(self) -> None:
+        # Closing the channel first cancels the polls still waiting on the server.
+        self.channel.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def poll(self, worker_id: str, task_type: str, max_tasks: int = 4) -> Future[list[str]]:
+        """Register `worker_id` and start one long poll; its future gives the leased ids."""
+        self.workers.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                worker_id=worker_id,
+                host="test-host",
+                pid=1,
+                task_types=[task_type],
+                concurrency=max_tasks,
+                version="test",
+            ),
+            timeout=10,
+        )
+        request = pb.LeaseTasksRequest(
+            worker_id=worker_id,
+            task_types=[task_type],
+            max_tasks=max_tasks,
+            wait=Duration(seconds=LONG_POLL),
+        )
+
+        def call() -> list[str]:
+            response = self.workers.LeaseTasks(request, timeout=LONG_POLL + 10)
+            return [lease.task_id for lease in response.leases]
+
+        return self.pool.submit(call)
+
+    def enqueue(self, task_type: str) -> str:
+        spec = pb.TaskSpec(
+            id=str(uuid.uuid4()), type=task_type, timeout=Duration(seconds=60), max_retries=0
+        )
+        self.tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=[spec]), timeout=10)
+        return spec.id
+
+
+@pytest.fixture
+def quiet_server(start_server):
+    """A server whose fallback poll never fires during a test."""
+    return start_server(poll_interval=timedelta(minutes=1))
+
+
+@pytest.fixture
+def fleet(quiet_server):
+    connected = Fleet(quiet_server.address)
+    yield connected
+    connected.close()
+
+
+def test_one_task_costs_one_claim_not_one_per_waiting_poll(quiet_server, fleet) -> None:
+    """Eight idle polls, one new task: it is leased once, and the other seven polls go
+    back to waiting without running a claim each (without rounds: 7 empty claims per
+    wake-up, and an enqueue wakes twice, in-process and through NOTIFY)."""
+    polls = [fleet.poll(f"rounds-{n}", "rounds.a") for n in range(WAITERS)]
+    # Each poll's first claim finds nothing; then all eight are waiting.
+    wait_for(
+        lambda: claims(quiet_server.http_url).get("empty", 0) >= WAITERS,
+        what="every poll to make its first, empty claim",
+    )
+    before = claims(quiet_server.http_url)
+    task_id = fleet.enqueue("rounds.a")
+    done = wait_for(lambda: [p for p in polls if p.done()] or None, what="the task's lease")
+    assert [p.result() for p in done] == [[task_id]]
+    # Every poll takes part in the round that leased the task: it claims, or it skips.
+    # Without rounds the seven others would have run seven empty claims by then.
+
+    def delta() -> dict[str, float]:
+        now = claims(quiet_server.http_url)
+        return {key: now.get(key, 0) - before.get(key, 0) for key in ("tasks", "empty", "skipped")}
+
+    def all_took_part() -> dict[str, float] | None:
+        now = delta()
+        return now if sum(now.values()) >= WAITERS else None
+
+    settled = wait_for(all_took_part, what="every poll to claim or skip")
+    assert settled["tasks"] == 1
+    # One more claim is allowed: the NOTIFY of the same commit may start a second round.
+    assert settled["empty"] <= 1, settled
+    assert settled["skipped"] >= WAITERS - 2, settled
+    assert sum(p.done() for p in polls) == 1, "a poll returned without a task"
+
+
+def test_a_poll_for_another_type_is_not_skipped(quiet_server, fleet) -> None:
+    """Polls for type a find nothing when a b task arrives; the b poll still gets it at
+    once, not at the fallback poll a minute later."""
+    a_polls = [fleet.poll(f"rounds-a-{n}", "rounds.a") for n in range(4)]
+    b_poll = fleet.poll("rounds-b", "rounds.b")
+    wait_for(
+        lambda: claims(quiet_server.http_url).get("empty", 0) >= 5,
+        what="every poll to make its first, empty claim",
+    )
+    task_id = fleet.enqueue("rounds.b")
+    assert b_poll.result(timeout=10) == [task_id]
+    assert not any(p.done() for p in a_polls)
+
+
+def test_a_stream_of_single_enqueues_is_leased_promptly(quiet_server, fleet) -> None:
+    """Tasks enqueued one at a time while polls come and go: each is leased on a wake-up
+    (never left for the fallback poll because an earlier round found the queue empty)."""
+    leased: list[str] = []
+    sent: list[str] = []
+    for n in range(20):
+        empty_before = claims(quiet_server.http_url).get("empty", 0)
+        polls = [fleet.poll(f"stream-{n}-{k}", "rounds.s", max_tasks=1) for k in range(3)]
+        wait_for(
+            lambda empty_before=empty_before: (
+                claims(quiet_server.http_url).get("empty", 0) >= empty_before + 3
+            ),
+            what="the polls to be waiting",
+        )
+        sent.append(fleet.enqueue("rounds.s"))
+        first = wait_for(lambda polls=polls: [p for p in polls if p.done()] or None, timeout=10)
+        leased.extend(first[0].result())
+        # The other two polls may take later tasks; end them with a task of their own each.
+        rest = [p for p in polls if not p.done()]
+        sent.extend(fleet.enqueue("rounds.s") for _ in rest)
+        for poll in rest:
+            leased.extend(poll.result(timeout=10))
+    assert sorted(leased) == sorted(sent)
