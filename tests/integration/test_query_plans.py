@@ -185,7 +185,6 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "worker_sweep_lost": (15.0, "server-1", 1),
         "task_live_stats": (),
         "task_explain": (seeded.queued_id, 15.0),
-        "task_event_rates": (60.0,),
         "task_list_by_state": (["failed", "succeeded"], FIRST_PAGE, 51),
         "task_list_by_type_and_state": (list(ALL_STATES), FIRST_PAGE, 51, "a"),
         "task_count_by_state": (["failed", "cancelled"],),
@@ -203,7 +202,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_payload_get": (seeded.succeeded_id,),
         "task_payload_head": (seeded.succeeded_id, 2000),
         "task_prune_finished": (1800.0, 1000, "server-1", 1),
-        "task_event_minutes": (datetime.now(UTC) - timedelta(hours=1),),
+        "task_event_buckets": (datetime.now(UTC) - timedelta(seconds=20), 5.0),
     }
 
 
@@ -222,7 +221,6 @@ PER_TASK_QUERIES = [
     "worker_sweep_lost",
     "task_live_stats",
     "task_explain",
-    "task_event_rates",
     "task_list_by_state",
     "task_list_by_type_and_state",
     "task_count_by_state",
@@ -235,7 +233,7 @@ PER_TASK_QUERIES = [
     "task_payload_get",
     "task_payload_head",
     "task_prune_finished",
-    "task_event_minutes",
+    "task_event_buckets",
 ]
 
 

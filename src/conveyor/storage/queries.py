@@ -242,12 +242,6 @@ async def task_live_stats(conn: Any) -> list[asyncpg.Record]:
     return list(await conn.fetch(SQL["task_live_stats"]))
 
 
-async def task_event_rates(conn: Any, *, window: timedelta) -> asyncpg.Record:
-    """Outcome counts (succeeded, failed, retried, started) over the last `window`."""
-    row: asyncpg.Record = await conn.fetchrow(SQL["task_event_rates"], _seconds(window))
-    return row
-
-
 async def worker_register(
     conn: Any,
     *,
@@ -429,9 +423,11 @@ async def paused_type_list(conn: Any) -> list[asyncpg.Record]:
     return list(await conn.fetch(SQL["paused_type_list"]))
 
 
-async def task_event_minutes(conn: Any, *, since: datetime) -> list[asyncpg.Record]:
-    """Outcome counts per minute since `since`, oldest first."""
-    return list(await conn.fetch(SQL["task_event_minutes"], since))
+async def task_event_buckets(
+    conn: Any, *, since: datetime, width: timedelta
+) -> list[asyncpg.Record]:
+    """Outcome counts per `width` bucket of the history since `since`, oldest first."""
+    return list(await conn.fetch(SQL["task_event_buckets"], since, _seconds(width)))
 
 
 async def database_now(conn: Any) -> datetime:

@@ -293,16 +293,6 @@ FROM (
 ) AS live
 GROUP BY type;
 
--- name: task_event_rates
--- Outcomes over the last $1 seconds, cluster-wide, from the history (index on `at`).
-SELECT count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE state = 'failed') AS failed,
-       count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
-           AS retried,
-       count(*) FILTER (WHERE event = 'started') AS started
-FROM conveyor_task_events
-WHERE at > now() - make_interval(secs => $1);
-
 -- name: task_prune_finished
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
 -- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
@@ -631,10 +621,11 @@ SELECT type, paused_at, reason FROM conveyor_paused_types ORDER BY type;
 -- name: database_now
 SELECT now();
 
--- name: task_event_minutes
--- Outcomes per minute since $1, for the dashboard's throughput and failure charts (index
--- on `at`). Same definitions as task_event_rates.
-SELECT date_trunc('minute', at) AS minute,
+-- name: task_event_buckets
+-- $1 since, $2 bucket width (s, dividing a minute). Outcome counts of the history since $1
+-- per bucket, oldest first (index on `at`); buckets are aligned to whole minutes.
+-- `retried`: a failed or timed-out attempt, or an expired lease, that went back to the queue.
+SELECT date_bin(make_interval(secs => $2), at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
        count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE state = 'failed') AS failed,
        count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
