@@ -18,6 +18,32 @@ its last stdout line, as benchmarks/peers/<system>.py do:
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
   tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed.
+- w4: scale. A backlog of `--queued` tasks (1,000,000; run.py also runs 10,000 to compare),
+  then, with the server running:
+  - lease latency: a probe in this process registers as a worker and calls the real
+    WorkerService.LeaseTasks for 1 task with wait 0, `--probes` times in a row (after a
+    warm-up), reporting each success with ReportResults; `lease_ms` is the p50/p95/p99 of
+    the LeaseTasks call alone (client clock), with no worker running (`idle`), and again
+    back to back for as long as the workers drain (`load`). Every probe must get a task.
+  - throughput: the regular worker processes (Cluster.start_workers) drain `--drain` tasks
+    (20,000, at most half the backlog; run.py drains 5,000 at both depths) off the
+    backlog; `tasks_per_second` = drain / (the drain-th worker finished_at - the first
+    worker started_at), database timestamps as in w1.
+  - memory: server RSS idle (after the idle probe, workers not started); server and worker
+    RSS idle with the workers registered and long-polling while the task type is paused
+    (PauseType, so they find nothing), then the peak under the drain once it is resumed.
+  - `claim_plan`: EXPLAIN ANALYZE of Conveyor's task_claim (a worker's batch of 64, in a
+    transaction rolled back), with the server's generic plan and a custom one, before the
+    drain and after it (when the drained tasks' index entries are dead at the head of the
+    queue), summed up as the scan that finds the candidates, its buffers and the time.
+  The backlog is built with SQL, not with EnqueueTasks: a million tasks through the bulk
+  RPC would take minutes before the measurement starts. It is the same rows all the same:
+  it runs Conveyor's own enqueue statement (task_insert_many from queries.sql, through
+  benchmarks/conveyor_sql.py) with server-made arrays of 50,000 tasks as a bare
+  Task(type="bench.noop") sends them (UUIDv7 ids, empty payload, default timeout and
+  retries), history rows included, on one connection per core; then VACUUM ANALYZE, the
+  state autovacuum would bring a table that has been filled over time to, and a
+  CHECKPOINT, so the build's dirty pages are not written during the measurement.
 
 Extra keys (process RSS in MiB, the achieved rate) are informational; run.py keeps them.
 """
@@ -36,26 +62,40 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import asyncpg
+import grpc
 
-from conveyor import AsyncClient, Task
+from conveyor import AsyncClient, Task, __version__
+from conveyor.client.channel import CHANNEL_OPTIONS
+from conveyor.protocol import convert
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.storage.queries import SQL
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from apps import NOOP_TYPE  # noqa: E402 - benchmarks/ is not a package
+import conveyor_sql  # noqa: E402 - benchmarks/ is not a package
+from apps import NOOP_TYPE  # noqa: E402
 
 CONVEYOR = Path(sys.executable).parent / "conveyor"
-WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk")
+WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk", "w4")
 BULK_BATCH = 1000
 PRODUCERS = 32
 # Workers sized for the machine: one process per core, each with this many slots.
 DEFAULT_WORKER_PROCESSES = max(1, os.cpu_count() or 1)
 DEFAULT_CONCURRENCY = 64
 START_TIMEOUT = 60.0
+# W4: tasks per backlog statement (one transaction each); the probe and the drain.
+BACKLOG_CHUNK = 50_000
+PROBE_WARMUP = 20
+DRAIN_POLL = 0.25
+DRAIN_STALL = 30.0  # seconds without a finished task before a W4 drain is declared stuck
+MIN_LOAD_PROBES = 20
 
 
 def free_port() -> int:
@@ -175,8 +215,12 @@ class Cluster:
             for index, process in enumerate(self.workers):
                 if process.poll() is not None:
                     raise RuntimeError(f"worker {index} exited:\n{self.tail(f'worker-{index}')}")
-            running = [w for w in await client.list_workers() if w.state == "active"]
-            if len(running) >= processes:
+            # Ours by pid: other registered workers (W4's probe) must not count.
+            pids = {process.pid for process in self.workers}
+            running = [
+                w for w in await client.list_workers() if w.state == "active" and w.pid in pids
+            ]
+            if len(running) >= len(self.workers):
                 return
             await asyncio.sleep(0.05)
         raise RuntimeError(f"workers not registered in {START_TIMEOUT}s:\n{self.tail('worker-0')}")
@@ -190,20 +234,34 @@ class Cluster:
             "worker_rss_mib": max(known) if known else None,
         }
 
+    @staticmethod
+    def _terminate(group: list[subprocess.Popen[bytes]]) -> None:
+        for process in group:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in group:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop_workers(self) -> None:
+        """Stop the workers gracefully (they finish and report what they hold)."""
+        self._terminate(self.workers)
+
     def stop(self) -> None:
         # Workers first, while the server can still take their handed-back leases.
-        for group in (self.workers, [self.server] if self.server else []):
-            for process in group:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in group:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        self._terminate(self.workers)
+        self._terminate([self.server] if self.server else [])
         for log in self._files:
             log.close()
+
+
+def peak(samples: list[dict[str, float | None]], key: str) -> float | None:
+    """The largest of the RSS samples' `key` (None when no sample has it)."""
+    values = [value for sample in samples if (value := sample[key]) is not None]
+    return max(values) if values else None
 
 
 async def wait_finished(conn: asyncpg.Connection, expected: int, timeout: float) -> None:
@@ -242,18 +300,14 @@ async def w1(
         "SELECT min(started_at) AS first, max(finished_at) AS last,"
         " count(*) FILTER (WHERE state = 'succeeded') AS ok FROM conveyor_tasks"
     )
+    assert row is not None  # an aggregate always returns its row
     elapsed = (row["last"] - row["first"]).total_seconds()
-
-    def peak(key: str) -> float | None:
-        values = [s[key] for s in samples if s[key] is not None]
-        return max(values) if values else None
-
     return {
         "tasks_per_second": round(args.tasks / elapsed, 1),
         "succeeded": row["ok"],
         "drain_seconds": round(elapsed, 3),
-        "load_server_rss_mib": peak("server_rss_mib"),
-        "load_worker_rss_mib": peak("worker_rss_mib"),
+        "load_server_rss_mib": peak(samples, "server_rss_mib"),
+        "load_worker_rss_mib": peak(samples, "worker_rss_mib"),
     }
 
 
@@ -331,6 +385,258 @@ async def w3(
     return {"tasks_per_second": round(done / elapsed, 1), "tasks": done}
 
 
+# --- W4: scale ------------------------------------------------------------------------------
+
+
+async def build_backlog(pg_url: str, queued: int) -> float:
+    """`queued` tasks through Conveyor's own insert statement; returns the seconds it took.
+
+    Chunks of BACKLOG_CHUNK, one transaction each, spread over one connection per core:
+    the insert is CPU-bound in PostgreSQL (the index entries of every task and history row).
+    """
+    chunks = [min(BACKLOG_CHUNK, queued - start) for start in range(0, queued, BACKLOG_CHUNK)]
+    started = time.monotonic()
+
+    async def insert(conn: asyncpg.Connection) -> None:
+        while chunks:
+            count = chunks.pop()
+            await conn.execute(conveyor_sql.insert_many(NOOP_TYPE, str(count)))
+
+    conns = [await asyncpg.connect(pg_url) for _ in range(max(1, os.cpu_count() or 1))]
+    try:
+        await asyncio.gather(*(insert(conn) for conn in conns))
+        for table in ("conveyor_tasks", "conveyor_task_events"):
+            await conns[0].execute(f"VACUUM ANALYZE {table}")
+        # The build leaves about a gigabyte of WAL and dirty pages per million tasks: flush
+        # them now, or the checkpoint they trigger lands in the measurement.
+        await conns[0].execute("CHECKPOINT")
+    finally:
+        for conn in conns:
+            await conn.close()
+    return round(time.monotonic() - started, 1)
+
+
+class LeaseProbe:
+    """A worker of one slot made of bare RPCs: times LeaseTasks, then reports the success."""
+
+    def __init__(self, address: str) -> None:
+        self.worker_id = f"w4-probe-{os.getpid()}"
+        self.leased = 0  # tasks this probe leased and reported: not part of the workers' drain
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.WorkerServiceStub(self.channel)
+        self.lease_request = pb.LeaseTasksRequest(
+            worker_id=self.worker_id,
+            task_types=[NOOP_TYPE],
+            max_tasks=1,
+            wait=convert.duration(timedelta(0)),
+        )
+
+    async def register(self) -> None:
+        """Register (again: a probe silent for long is swept as lost; this revives it)."""
+        await self.stub.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                worker_id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                task_types=[NOOP_TYPE],
+                concurrency=1,
+                version=__version__,
+            ),
+            timeout=10,
+        )
+
+    async def once(self) -> float:
+        """One lease of one task, in milliseconds; the task is then reported succeeded."""
+        started = time.perf_counter()
+        response = await self.stub.LeaseTasks(self.lease_request, timeout=10)
+        elapsed = (time.perf_counter() - started) * 1000
+        if len(response.leases) != 1:
+            raise RuntimeError(f"the probe leased {len(response.leases)} tasks, expected 1")
+        lease = response.leases[0]
+        self.leased += 1
+        report = pb.ReportResultRequest(
+            worker_id=self.worker_id,
+            task_id=lease.task_id,
+            lease_id=lease.lease_id,
+            outcome=pb.OUTCOME_SUCCEEDED,
+        )
+        answer = await self.stub.ReportResults(
+            pb.ReportResultsRequest(worker_id=self.worker_id, reports=[report]), timeout=10
+        )
+        if answer.outcomes[0].code != 0:
+            raise RuntimeError(f"the probe's report was refused: {answer.outcomes[0].message}")
+        return elapsed
+
+    async def run(self, count: int) -> list[float]:
+        """`count` leases back to back, after a warm-up; their latencies."""
+        for _ in range(PROBE_WARMUP):
+            await self.once()
+        return [await self.once() for _ in range(count)]
+
+    async def run_until(self, stop: asyncio.Event) -> list[float]:
+        """Leases back to back until `stop` is set; their latencies."""
+        samples = []
+        while not stop.is_set():
+            samples.append(await self.once())
+        return samples
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [node]
+    for child in node.get("Plans", []):
+        found += _plan_nodes(child)
+    return found
+
+
+async def claim_plan(conn: asyncpg.Connection, limit: int) -> dict[str, Any]:
+    """EXPLAIN ANALYZE of task_claim as the server runs it, rolled back, summed up.
+
+    The server's statements are prepared (asyncpg), so after five runs PostgreSQL may switch
+    to a generic plan: both the generic and a custom plan are shown.
+    """
+    await conn.execute(f"PREPARE w4_claim AS {SQL['task_claim']}")
+    summary: dict[str, Any] = {"limit": limit}
+    try:
+        for mode in ("generic", "custom"):
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(f"SET LOCAL plan_cache_mode = force_{mode}_plan")
+                raw = await conn.fetchval(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE w4_claim("
+                    f"ARRAY[{conveyor_sql.sql_literal(NOOP_TYPE)}], {limit}, 'w4-explain',"
+                    f" {conveyor_sql.LEASE_TTL_S}, {conveyor_sql.DEADLINE_GRACE_S})"
+                )
+            finally:
+                # The plan is what is measured: the tasks it claimed stay queued.
+                await transaction.rollback()
+            summary[mode] = summarize_plan(json.loads(raw) if isinstance(raw, str) else raw)
+    finally:
+        await conn.execute("DEALLOCATE w4_claim")
+    return summary
+
+
+def summarize_plan(explained: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scan that finds the claim's candidates, its buffers, and the statement's times."""
+    top = explained[0]
+    nodes = _plan_nodes(top["Plan"])
+    candidates = next((n for n in nodes if n.get("Subplan Name") == "CTE candidates"), top["Plan"])
+    scan = next(
+        (n for n in _plan_nodes(candidates) if n.get("Relation Name") == "conveyor_tasks"), {}
+    )
+    return {
+        "scan": " ".join(part for part in (scan.get("Node Type"), scan.get("Index Name")) if part),
+        "scan_rows": scan.get("Actual Rows"),
+        "scan_rows_removed": scan.get("Rows Removed by Filter", 0),
+        "scan_buffers": scan.get("Shared Hit Blocks", 0) + scan.get("Shared Read Blocks", 0),
+        "buffers": top["Plan"].get("Shared Hit Blocks", 0)
+        + top["Plan"].get("Shared Read Blocks", 0),
+        "planning_ms": round(top.get("Planning Time", 0.0), 3),
+        "execution_ms": round(top.get("Execution Time", 0.0), 3),
+    }
+
+
+async def drain_under_load(
+    cluster: Cluster,
+    conn: asyncpg.Connection,
+    client: AsyncClient,
+    probe: LeaseProbe,
+    args: argparse.Namespace,
+) -> tuple[list[float], list[dict[str, float | None]]]:
+    """Resume the paused type; probe leases back to back while the workers drain.
+
+    Returns the probe's latencies and the RSS samples taken meanwhile.
+    """
+    drain = args.drain
+    succeeded_before = await conn.fetchval(
+        "SELECT count(*) FROM conveyor_tasks WHERE state = 'succeeded'"
+    )
+    probed_before = probe.leased
+    await client.resume_type(NOOP_TYPE)
+    # As many probes as the drain lasts for, back to back: one call in flight.
+    stop_probing = asyncio.Event()
+    loaded = asyncio.create_task(probe.run_until(stop_probing))
+    samples: list[dict[str, float | None]] = []
+    deadline = time.monotonic() + args.timeout
+    last, progress_at = -1, time.monotonic()
+    while True:
+        samples.append(cluster.rss())
+        done = await conn.fetchval("SELECT count(*) FROM conveyor_tasks WHERE state = 'succeeded'")
+        # The probe's own successes are not the workers' drain.
+        drained = done - succeeded_before - (probe.leased - probed_before)
+        if drained >= drain or loaded.done():
+            break
+        now = time.monotonic()
+        if drained != last:
+            last, progress_at = drained, now
+        if now > deadline or now - progress_at > DRAIN_STALL:
+            stop_probing.set()
+            raise RuntimeError(f"only {drained} of {drain} tasks drained in time")
+        await asyncio.sleep(DRAIN_POLL)
+    stop_probing.set()
+    load_ms = await loaded  # raises if a probe failed
+    if len(load_ms) < MIN_LOAD_PROBES:
+        raise RuntimeError(f"only {len(load_ms)} lease probes under load: drain more (--drain)")
+    return load_ms, samples
+
+
+async def w4(
+    cluster: Cluster, conn: asyncpg.Connection, args: argparse.Namespace
+) -> dict[str, Any]:
+    build_seconds = await build_backlog(args.pg_url, args.queued)
+    queued = await conn.fetchval("SELECT count(*) FROM conveyor_tasks WHERE state = 'queued'")
+    if queued != args.queued:
+        raise RuntimeError(f"the backlog holds {queued} queued tasks, not {args.queued}")
+    plan_before = await claim_plan(conn, args.concurrency)
+    probe = LeaseProbe(cluster.address)
+    try:
+        await probe.register()
+        idle_ms = await probe.run(args.probes)
+        idle_server = cluster.rss()["server_rss_mib"]
+        async with AsyncClient(cluster.address) as client:
+            # Workers registered and long-polling, with nothing they may lease: idle.
+            await client.pause_type(NOOP_TYPE, reason="w4: idle memory")
+            await cluster.start_workers(client, args.worker_processes, args.concurrency)
+            await asyncio.sleep(1.0)
+            idle = cluster.rss()
+            await probe.register()
+            load_ms, samples = await drain_under_load(cluster, conn, client, probe, args)
+        cluster.stop_workers()
+    finally:
+        await probe.close()
+    row = await conn.fetchrow(
+        "SELECT min(started_at) AS first, (SELECT finished_at FROM conveyor_tasks"
+        "  WHERE state = 'succeeded' AND worker_id <> $1"
+        "  ORDER BY finished_at OFFSET $2 - 1 LIMIT 1) AS last"
+        " FROM conveyor_tasks WHERE state = 'succeeded' AND worker_id <> $1",
+        probe.worker_id,
+        args.drain,
+    )
+    if row is None or row["last"] is None:
+        raise RuntimeError(f"fewer than {args.drain} tasks finished by the workers")
+    elapsed = (row["last"] - row["first"]).total_seconds()
+    plan_after = await claim_plan(conn, args.concurrency)
+
+    return {
+        "queued": args.queued,
+        "backlog_build_seconds": build_seconds,
+        "lease_ms": {"idle": percentiles(idle_ms), "load": percentiles(load_ms)},
+        "probes": {"idle": len(idle_ms), "load": len(load_ms)},
+        "tasks_per_second": round(args.drain / elapsed, 1),
+        "drained": args.drain,
+        "drain_seconds": round(elapsed, 3),
+        "idle_server_rss_mib": idle_server,
+        "idle_workers_server_rss_mib": idle["server_rss_mib"],
+        "idle_worker_rss_mib": idle["worker_rss_mib"],
+        "load_server_rss_mib": peak(samples, "server_rss_mib"),
+        "load_worker_rss_mib": peak(samples, "worker_rss_mib"),
+        "claim_plan": {"before_drain": plan_before, "after_drain": plan_after},
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as logs:
         cluster = Cluster(args.pg_url, Path(logs), args.server_arg)
@@ -342,6 +648,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     return await w1(cluster, conn, args)
                 if args.workload == "w2":
                     return await w2(cluster, conn, args)
+                if args.workload == "w4":
+                    return await w4(cluster, conn, args)
                 return await w3(cluster, conn, args)
             finally:
                 await conn.close()
@@ -365,7 +673,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--worker-processes", type=int, default=DEFAULT_WORKER_PROCESSES)
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    parser.add_argument("--timeout", type=float, default=600.0, help="Bound on a W1 drain.")
+    parser.add_argument("--timeout", type=float, default=600.0, help="Bound on a W1/W4 drain.")
+    parser.add_argument("--queued", type=int, default=1_000_000, help="W4 backlog.")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=300,
+        help="W4 idle lease probes (under load: while it drains).",
+    )
+    parser.add_argument(
+        "--drain",
+        type=int,
+        default=None,
+        help="W4 tasks drained by the workers (default 20,000, at most half the backlog).",
+    )
     parser.add_argument(
         "--server-arg",
         action="append",
@@ -373,6 +694,11 @@ def main() -> None:
         help="A `conveyor server` flag, e.g. --server-arg=--no-group-commit (repeatable).",
     )
     args = parser.parse_args()
+    if args.drain is None:
+        args.drain = min(20_000, args.queued // 2)
+    if args.workload == "w4" and args.drain + args.probes + PROBE_WARMUP > args.queued * 3 // 4:
+        # The drain and the probes must leave a backlog: the depth is what is measured.
+        parser.error("--drain + --probes must stay within three quarters of --queued")
     print(json.dumps(asyncio.run(run(args))), flush=True)
 
 

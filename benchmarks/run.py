@@ -27,6 +27,17 @@ enqueue->start and enqueue->finish percentiles), W3 enqueue (sequential single c
 concurrent single-task producers, the bulk API). Prints a table per workload, with each
 value's median and spread over the repeats and the ratio to Conveyor, and writes
 benchmarks/results/latest.json.
+
+Two more rows are Conveyor's (or the database's) alone, with no peer:
+
+- W4 scale (`w4-10k`, `w4-1m`; `--workloads w4` selects both): conveyor_workloads.py
+  `--workload w4` with 10,000 and then `--w4-queued` (1,000,000) tasks queued: LeaseTasks
+  latency idle and under load, the drain rate of the same `--w4-drain` tasks (5,000, half
+  the small backlog) at both depths, server and worker RSS, and the claim's plan. The
+  table gives the 1M / 10k ratio of the lease p50 (target: at most 1.5x).
+- `pgbench`: benchmarks/pgbench_limit.py, PostgreSQL's own limit for Conveyor's enqueue,
+  claim and complete statements (single-row and in batches of 100), and Conveyor's W1 as a
+  fraction of the batched limit (stretch target: two thirds) when W1 ran in the same run.
 """
 
 from __future__ import annotations
@@ -74,8 +85,11 @@ class Workload:
     key: str
     contract: str
     title: str
-    kind: str  # "throughput" or "latency"
+    kind: str  # "throughput", "latency", "scale" (W4) or "limit" (pgbench)
     target: str
+    # The only systems that run it (None: every selected system). "postgresql" is the
+    # database alone, run whatever --systems says.
+    only: tuple[str, ...] | None = None
 
 
 WORKLOADS = {
@@ -123,8 +137,35 @@ WORKLOADS = {
             "throughput",
             "target: >= 1.2x PgQueuer's bulk",
         ),
+        Workload(
+            "w4-10k",
+            "w4",
+            "W4 scale with 10,000 tasks queued",
+            "scale",
+            "",
+            only=("conveyor",),
+        ),
+        Workload(
+            "w4-1m",
+            "w4",
+            "W4 scale with {w4_queued:,} tasks queued",
+            "scale",
+            "target: lease latency at 1M queued within 1.5x of that at 10k",
+            only=("conveyor",),
+        ),
+        Workload(
+            "pgbench",
+            "pgbench",
+            "PostgreSQL limit (pgbench, Conveyor's statements)",
+            "limit",
+            "stretch target: Conveyor's W1 >= two thirds of the batched limit",
+            only=("postgresql",),
+        ),
     )
 }
+W4_SMALL = 10_000
+W4_TARGET = 1.5  # the issue: lease latency at 1M queued within 1.5x of that at 10k
+POSTGRESQL = "postgresql"  # the pseudo-system of the pgbench row: the database alone
 LATENCY_PERCENTILES = ("p50", "p95", "p99")
 
 
@@ -224,6 +265,8 @@ async def admin(base_url: str, sql: str) -> Any:
 
 
 def script_for(system: str) -> Path:
+    if system == POSTGRESQL:
+        return BENCH_DIR / "pgbench_limit.py"
     if system == "conveyor":
         return BENCH_DIR / "conveyor_workloads.py"
     return BENCH_DIR / "peers" / f"{system}.py"
@@ -236,6 +279,14 @@ def contract_args(workload: Workload, args: argparse.Namespace) -> tuple[list[st
     if workload.contract == "w2":
         rate = workload.key.split("-")[1]
         return ["--rate", rate, "--seconds", f"{args.w2_seconds:g}"], args.w2_seconds + 240
+    if workload.contract == "w4":
+        queued = W4_SMALL if workload.key == "w4-10k" else args.w4_queued
+        extra = ["--queued", str(queued), "--drain", str(args.w4_drain)]
+        # The backlog takes about a minute per million tasks on 2 busy cores.
+        return [*extra, "--probes", str(args.w4_probes)], 300 + queued / 2000
+    if workload.contract == "pgbench":
+        extra = ["--seconds", f"{args.pgbench_seconds:g}", "--clients", str(args.pgbench_clients)]
+        return extra, 2 * args.pgbench_seconds + 180
     return ["--seconds", f"{args.w3_seconds:g}"], args.w3_seconds + 180
 
 
@@ -263,8 +314,11 @@ def run_system(
     if not script.exists():
         return {"error": f"{script.relative_to(REPO)} not found"}
     extra, timeout = contract_args(workload, args)
-    argv = [sys.executable, str(script), "--workload", workload.contract]
-    argv += ["--pg-url", pg_url, "--redis-url", redis_url, *extra]
+    if system == POSTGRESQL:
+        argv = [sys.executable, str(script), "--pg-url", pg_url, *extra]
+    else:
+        argv = [sys.executable, str(script), "--workload", workload.contract]
+        argv += ["--pg-url", pg_url, "--redis-url", redis_url, *extra]
     if system == "conveyor":
         argv += args.conveyor_args
     # Its own session, so a run that overstays is stopped with every process it started.
@@ -331,6 +385,21 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def spread_tree(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and spread of every number in the runs' results, nested keys kept."""
+    first = runs[0]
+    tree: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, dict):
+            tree[key] = spread_tree([r[key] for r in runs if isinstance(r.get(key), dict)])
+        elif isinstance(value, (int, float)):
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            tree[key] = spread(values)
+    return tree
+
+
 def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and spread over the successful runs; the error when none succeeded."""
     good = [r for r in runs if "error" not in r and "unsupported" not in r]
@@ -341,6 +410,9 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 return {key: found}
         return {"error": "no runs"}
     summary: dict[str, Any] = {"failed_runs": len(runs) - len(good)}
+    if workload.kind in ("scale", "limit"):
+        summary.update(spread_tree(good))
+        return summary
     if workload.kind == "throughput":
         summary["tasks_per_second"] = spread([r["tasks_per_second"] for r in good])
     else:
@@ -449,6 +521,179 @@ def caption(workload: Workload) -> str:
     return f"[dim]{text}[/]" + (f"\n[dim]{workload.target}[/]" if workload.target else "")
 
 
+def systems_for(workload: Workload, args: argparse.Namespace) -> list[str]:
+    if workload.only is None:
+        return list(args.systems)
+    return [s for s in workload.only if s == POSTGRESQL or s in args.systems]
+
+
+def first_good(results: dict[str, dict[str, Any]], key: str, system: str) -> dict[str, Any]:
+    """The summary of one cell, and its first successful run (for the non-numeric parts)."""
+    entry = results.get(key, {}).get(system)
+    if entry is None:
+        return {}
+    good = [r for r in entry["runs"] if "error" not in r and "unsupported" not in r]
+    return {"summary": entry["summary"], "run": good[0] if good else None}
+
+
+def med(stats: dict[str, Any], *path: str) -> float | None:
+    """The median at `path` in a spread_tree summary (None if missing)."""
+    node: Any = stats
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node.get("median") if isinstance(node, dict) else None
+
+
+def cell(value: float | None) -> str:
+    return "-" if value is None else fmt(value)
+
+
+def scale_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[Any]:
+    """W4: one row per backlog depth, then the 1M / 10k ratios and the claim's plan."""
+    keys = [k for k in ("w4-10k", "w4-1m") if k in results]
+    if not keys:
+        return []
+    table = Table(
+        title=f"W4 scale: LeaseTasks of 1 task with wait 0 (ms), idle and while the workers "
+        f"drain {args.w4_drain:,} tasks; drain tasks/s; RSS MiB (idle / load)",
+        title_justify="left",
+        min_width=100,
+    )
+    for name in ("queued", "lease p50", "p95", "p99", "load p50", "load p99", "drain /s"):
+        table.add_column(name, justify="right")
+    for name in ("server RSS", "worker RSS", "backlog built"):
+        table.add_column(name, justify="right")
+    summaries: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        found = first_good(results, key, "conveyor")
+        summary = found.get("summary", {"error": "not run"})
+        queued = W4_SMALL if key == "w4-10k" else args.w4_queued
+        problem = summary.get("error") or summary.get("unsupported")
+        if problem is not None:
+            table.add_row(f"{queued:,}", f"n/a: {str(problem)[:90]}", *[""] * 8)
+            continue
+        summaries[key] = summary
+        table.add_row(
+            f"{queued:,}",
+            *(cell(med(summary, "lease_ms", "idle", q)) for q in LATENCY_PERCENTILES),
+            cell(med(summary, "lease_ms", "load", "p50")),
+            cell(med(summary, "lease_ms", "load", "p99")),
+            fmt_spread(summary["tasks_per_second"]),
+            f"{cell(med(summary, 'idle_workers_server_rss_mib'))} / "
+            f"{cell(med(summary, 'load_server_rss_mib'))}",
+            f"{cell(med(summary, 'idle_worker_rss_mib'))} / "
+            f"{cell(med(summary, 'load_worker_rss_mib'))}",
+            f"{cell(med(summary, 'backlog_build_seconds'))} s",
+        )
+    notes = [
+        (
+            "median over the repeats; lease: the probe's LeaseTasks call alone, client clock; "
+            "drain: the same number of tasks at both depths, database timestamps"
+        ),
+        *scale_notes(results, summaries, args),
+    ]
+    return [table, *(f"[dim]{note}[/]" for note in notes)]
+
+
+def scale_notes(
+    results: dict[str, dict[str, Any]],
+    summaries: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+) -> list[str]:
+    """The 1M / 10k ratios, and the claim's plan before and after each drain."""
+    notes = []
+    small, large = summaries.get("w4-10k"), summaries.get("w4-1m")
+    if small and large:
+        parts = []
+        for label, path in (
+            ("lease p50 idle", ("lease_ms", "idle", "p50")),
+            ("lease p50 under load", ("lease_ms", "load", "p50")),
+            ("lease p99 idle", ("lease_ms", "idle", "p99")),
+            ("drain tasks/s", ("tasks_per_second",)),
+        ):
+            low, high = med(small, *path), med(large, *path)
+            if low and high:
+                parts.append(f"{label} {high / low:.2f}x")
+        low, high = med(small, "lease_ms", "idle", "p50"), med(large, "lease_ms", "idle", "p50")
+        verdict = "met" if low and high and high / low <= W4_TARGET else "not met"
+        notes.append(
+            f"{args.w4_queued:,} queued / {W4_SMALL:,} queued: "
+            + ", ".join(parts)
+            + f" (target: lease p50 idle <= {W4_TARGET:g}x: {verdict})"
+        )
+    for key in summaries:
+        run = first_good(results, key, "conveyor").get("run")
+        plans = (run or {}).get("claim_plan", {})
+        for moment in ("before_drain", "after_drain"):
+            plan = plans.get(moment, {}).get("generic")
+            if plan:
+                notes.append(
+                    f"{key} task_claim of {plans[moment]['limit']} (generic plan) "
+                    f"{moment.replace('_', ' ')}: {plan['scan']}, {plan['scan_buffers']} "
+                    f"buffers in the scan, {plan['buffers']} in all, {plan['execution_ms']} ms"
+                )
+    return notes
+
+
+def limit_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[Any]:
+    """pgbench with Conveyor's statements, and Conveyor's W1 as a fraction of the batch."""
+    found = first_good(results, "pgbench", POSTGRESQL)
+    if not found:
+        return []
+    summary = found["summary"]
+    table = Table(
+        title=f"PostgreSQL limit (pgbench, Conveyor's statements): -c {args.pgbench_clients} "
+        f"-j {int(med(summary, 'jobs') or 0)} -T {args.pgbench_seconds:g} -M prepared, durable",
+        title_justify="left",
+        min_width=100,
+    )
+    table.add_column("mode")
+    table.add_column("tasks/s", justify="right")
+    table.add_column("pgbench tps", justify="right")
+    table.add_column("ms per statement: enqueue / claim / complete", justify="right")
+    table.add_column("Conveyor W1 as a fraction", justify="right")
+    problem = summary.get("error") or summary.get("unsupported")
+    if problem is not None:
+        table.add_row("pgbench", f"n/a: {str(problem)[:90]}", "", "", "")
+        return [table]
+    w1 = headline(WORKLOADS["w1"], results.get("w1", {}).get("conveyor", {}).get("summary", {}))
+    good = [r for r in results["pgbench"][POSTGRESQL]["runs"] if "error" not in r]
+    for key, label in (
+        ("single_row", "single-row (3 transactions per task)"),
+        ("batched", f"batched ({int(med(summary, 'batch') or 0)} per statement)"),
+    ):
+        if key not in summary:
+            continue
+        latencies = [r[key]["statement_latency_ms"] for r in good if key in r]
+        per_statement = (
+            " / ".join(fmt(statistics.median(column)) for column in zip(*latencies, strict=True))
+            if latencies
+            else "-"
+        )
+        limit = med(summary, key, "tasks_per_second")
+        fraction = f"{w1[0] / limit:.0%}" if w1 and limit else "-"
+        table.add_row(
+            label,
+            fmt_spread(summary[key]["tasks_per_second"]),
+            cell(med(summary, key, "tps")),
+            per_statement,
+            fraction,
+        )
+    notes = [
+        (
+            "tasks/s: tasks recorded as succeeded / pgbench's measured time; each statement is "
+            "Conveyor's own (queries.sql), its $N parameters rewritten into SQL expressions"
+        )
+    ]
+    if w1 is None:
+        notes.append("Conveyor's W1 did not run in this invocation: add w1 for the fraction")
+    else:
+        notes.append(f"Conveyor W1: {fmt(w1[0])} tasks/s; {WORKLOADS['pgbench'].target}")
+    return [table, *(f"[dim]{note}[/]" for note in notes)]
+
+
 def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
     """Conveyor's process RSS: idle (before W2's load) and under W1's load."""
     rows = []
@@ -460,7 +705,8 @@ def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
     ):
         values = [
             run[key]
-            for workload in results.values()
+            for name, workload in results.items()
+            if WORKLOADS[name].kind in ("throughput", "latency")  # W4 has its own table
             for run in workload.get("conveyor", {}).get("runs", [])
             if run.get(key) is not None
         ]
@@ -528,11 +774,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 repeat, short loads (smoke).")
     parser.add_argument("--repeat", type=int, default=None, help="Runs per cell (default 3).")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma separated.")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma separated.")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"Comma separated, of {', '.join(WORKLOADS)}; w2, w3 or w4 selects its rows.",
+    )
     parser.add_argument("--tasks", type=int, default=None, help="W1 tasks (default 20,000).")
     parser.add_argument("--w2-seconds", type=float, default=None, help="Default 30 (quick 10).")
     parser.add_argument("--w3-seconds", type=float, default=None, help="Default 10 (quick 3).")
     parser.add_argument("--w1-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--w4-queued", type=int, default=1_000_000, help="W4's large backlog (default 1M)."
+    )
+    parser.add_argument(
+        "--w4-drain",
+        type=int,
+        default=W4_SMALL // 2,
+        help="W4 tasks drained at each depth (default 5,000: half the small backlog).",
+    )
+    parser.add_argument(
+        "--w4-probes", type=int, default=None, help="W4 idle lease probes (300, quick 100)."
+    )
+    parser.add_argument(
+        "--pgbench-seconds", type=float, default=None, help="pgbench -T per mode (10, quick 5)."
+    )
+    parser.add_argument("--pgbench-clients", type=int, default=8, help="pgbench -c.")
     parser.add_argument(
         "--conveyor-arg",
         dest="conveyor_args",
@@ -552,11 +818,46 @@ def parse_args() -> argparse.Namespace:
     args.w2_seconds = args.w2_seconds or (10.0 if args.quick else 30.0)
     args.w3_seconds = args.w3_seconds or (3.0 if args.quick else 10.0)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = [w for w in args.workloads if w not in WORKLOADS]
-    if unknown:
-        parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    args.w4_probes = args.w4_probes or (100 if args.quick else 300)
+    args.pgbench_seconds = args.pgbench_seconds or (5.0 if args.quick else 10.0)
+    chosen: list[str] = []
+    for name in (w.strip() for w in args.workloads.split(",") if w.strip()):
+        # A family name (w2, w3, w4) selects each of its rows.
+        family = [k for k in WORKLOADS if k == name or k.startswith(f"{name}-")]
+        if not family:
+            parser.error(f"unknown workload {name!r}; choose from {list(WORKLOADS)} or w2, w3, w4")
+        chosen += [k for k in family if k not in chosen]
+    args.workloads = chosen
     return args
+
+
+def run_workloads(
+    args: argparse.Namespace, base_url: str, redis: Redis | None
+) -> dict[str, dict[str, Any]]:
+    """Every selected workload on every system it applies to; prints the peer tables."""
+    results: dict[str, dict[str, Any]] = {}
+    for key in args.workloads:
+        workload = WORKLOADS[key]
+        systems = systems_for(workload, args)
+        if not systems:
+            console.print(f"[yellow]{key}: skipped, only {', '.join(workload.only or [])}[/]")
+            continue
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+        # Repeats interleave the systems, so a slow drift hits them all alike.
+        for repeat in range(args.repeat):
+            for system in systems:
+                result = run_once(
+                    system, workload, repeat, base_url=base_url, redis=redis, args=args
+                )
+                runs[system].append(result)
+                console.log(f"{key} {system} #{repeat + 1}: {brief(result)}")
+        summaries = {s: summarize(workload, r) for s, r in runs.items()}
+        results[key] = {s: {"summary": summaries[s], "runs": runs[s]} for s in systems}
+        if workload.kind in ("throughput", "latency"):
+            console.print(table_for(workload, summaries, args))
+            console.print(caption(workload))
+            console.print()
+    return results
 
 
 def main() -> None:
@@ -585,25 +886,15 @@ def main() -> None:
         )
         console.print(
             f"repeats: {args.repeat}, W1 tasks: {args.tasks:,}, W2: {args.w2_seconds:g} s, "
-            f"W3: {args.w3_seconds:g} s; systems: {', '.join(args.systems)}\n"
+            f"W3: {args.w3_seconds:g} s, W4: {W4_SMALL:,} and {args.w4_queued:,} queued, "
+            f"{args.w4_probes} probes, {args.w4_drain:,} drained, pgbench: "
+            f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}\n"
         )
-        results: dict[str, dict[str, Any]] = {}
-        for key in args.workloads:
-            workload = WORKLOADS[key]
-            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
-            # Repeats interleave the systems, so a slow drift hits them all alike.
-            for repeat in range(args.repeat):
-                for system in args.systems:
-                    result = run_once(
-                        system, workload, repeat, base_url=base_url, redis=redis, args=args
-                    )
-                    runs[system].append(result)
-                    console.log(f"{key} {system} #{repeat + 1}: {brief(result)}")
-            summaries = {s: summarize(workload, r) for s, r in runs.items()}
-            results[key] = {s: {"summary": summaries[s], "runs": runs[s]} for s in args.systems}
-            console.print(table_for(workload, summaries, args))
-            console.print(caption(workload))
-            console.print()
+        results = run_workloads(args, base_url, redis)
+        # W4 and the pgbench limit compare across workloads: printed once all have run.
+        for part in (*scale_report(results, args), *limit_report(results, args)):
+            console.print(part)
+        console.print()
         memory = memory_table(results)
         if memory is not None:
             console.print(memory)
@@ -617,6 +908,11 @@ def main() -> None:
                 "tasks": args.tasks,
                 "w2_seconds": args.w2_seconds,
                 "w3_seconds": args.w3_seconds,
+                "w4_queued": args.w4_queued,
+                "w4_drain": args.w4_drain,
+                "w4_probes": args.w4_probes,
+                "pgbench_seconds": args.pgbench_seconds,
+                "pgbench_clients": args.pgbench_clients,
                 "systems": args.systems,
                 "conveyor_args": args.conveyor_args,
             },
@@ -634,6 +930,20 @@ def brief(result: dict[str, Any]) -> str:
         return f"[red]error[/] {result['error'][:120]}"
     if "unsupported" in result:
         return f"unsupported: {result['unsupported']}"
+    if "lease_ms" in result:
+        idle, load = result["lease_ms"]["idle"], result["lease_ms"]["load"]
+        return (
+            f"{result['queued']:,} queued: lease p50 {idle['p50']} p99 {idle['p99']} ms idle, "
+            f"p50 {load['p50']} p99 {load['p99']} ms under load; drain "
+            f"{result['tasks_per_second']:,.0f} tasks/s ({result['wall_seconds']} s)"
+        )
+    if "batched" in result or "single_row" in result:
+        modes = [
+            f"{label} {result[key]['tasks_per_second']:,.0f} tasks/s"
+            for key, label in (("single_row", "single-row"), ("batched", "batched"))
+            if key in result
+        ]
+        return f"pgbench {', '.join(modes)} ({result['wall_seconds']} s)"
     if "tasks_per_second" in result:
         return f"{result['tasks_per_second']:,.0f} tasks/s ({result['wall_seconds']} s)"
     start, finish = result["start_ms"], result["finish_ms"]
