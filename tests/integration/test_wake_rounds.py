@@ -167,3 +167,38 @@ def test_a_stream_of_single_enqueues_is_leased_promptly(quiet_server, fleet) -> 
         for poll in rest:
             leased.extend(poll.result(timeout=10))
     assert sorted(leased) == sorted(sent)
+
+
+def test_a_new_poll_after_a_drained_round_waits_without_claiming(quiet_server, fleet) -> None:
+    """A worker polls again as soon as it has its leases; when the round that leased them
+    found the queue empty, that poll waits for the next wake-up instead of claiming, and
+    still gets the next task."""
+    first = fleet.poll("again-1", "rounds.r")
+    wait_for(lambda: claims(quiet_server.http_url).get("empty", 0) >= 1, what="the first poll")
+    task_id = fleet.enqueue("rounds.r")
+    assert first.result(timeout=10) == [task_id]  # got 1 of the 4 it asked for: drained
+    before = claims(quiet_server.http_url)
+    again = fleet.poll("again-1", "rounds.r")
+    wait_for(
+        lambda: claims(quiet_server.http_url).get("skipped", 0) > before.get("skipped", 0),
+        what="the new poll to skip its first claim",
+    )
+    assert claims(quiet_server.http_url).get("empty", 0) == before.get("empty", 0)
+    next_id = fleet.enqueue("rounds.r")
+    assert again.result(timeout=10) == [next_id]
+
+
+def test_an_enqueue_on_one_server_wakes_long_polls_on_another(start_server) -> None:
+    """Servers ignore the echo of their own NOTIFY (they woke their polls already), never
+    another server's: a task enqueued through A starts on B's poll at once."""
+    server_a = start_server(poll_interval=timedelta(minutes=1))
+    server_b = start_server(poll_interval=timedelta(minutes=1))
+    via_a, via_b = Fleet(server_a.address), Fleet(server_b.address)
+    try:
+        poll = via_b.poll("other-server", "rounds.x")
+        wait_for(lambda: claims(server_b.http_url).get("empty", 0) >= 1, what="B's poll")
+        task_id = via_a.enqueue("rounds.x")
+        assert poll.result(timeout=10) == [task_id]
+    finally:
+        via_a.close()
+        via_b.close()

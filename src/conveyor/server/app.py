@@ -78,6 +78,7 @@ class ConveyorServer:
             self.database.server_settings(),
             publish=self._publish_ready,
             on_leader_resigned=self.elector.wake,
+            own_backends=self.database.backend_pids,
         )
         self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)

@@ -79,6 +79,9 @@ class Database:
         self._config = config
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._priority_pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # PostgreSQL backend pids of the pooled connections: a NOTIFY from one of them was
+        # sent by this server, which has already woken its own long polls.
+        self.backend_pids: set[int] = set()
         self.breaker = CircuitBreaker(
             BreakerPolicy(
                 failure_threshold=config.db_breaker_failures,
@@ -140,7 +143,14 @@ class Database:
             server_settings=self.server_settings(),
             timeout=self._config.pool_acquire_timeout.total_seconds(),
             reset=_end_open_transaction,
+            init=self._track_backend,
         )
+
+    async def _track_backend(self, conn: Any) -> None:
+        """Remember the PostgreSQL backend of each pooled connection while it is open."""
+        pid = conn.get_server_pid()
+        self.backend_pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self.backend_pids.discard(pid))
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:

@@ -27,7 +27,7 @@ from conveyor.server.database import UNAVAILABLE_ERRORS
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Container
 
 log = logging.getLogger("conveyor.server.notifier")
 
@@ -44,16 +44,20 @@ class TaskNotifier:
         server_settings: dict[str, str],
         publish: Callable[[], Awaitable[None]] | None = None,
         on_leader_resigned: Callable[[], None] | None = None,
+        own_backends: Container[int] = frozenset(),
     ) -> None:
         """Nothing connects until `start`.
 
         `publish` sends the wake-up NOTIFY to every server; `on_leader_resigned` is called
         when a leader gives up its role, so this server can campaign at once.
+        `own_backends` holds the backend pids of this server's own connections: their task
+        notifications are echoes of wake-ups this server already gave its long polls.
         """
         self._url = database_url
         self._settings = server_settings
         self._publish = publish
         self._on_leader_resigned = on_leader_resigned
+        self._own_backends = own_backends
         self._due: list[float] = []  # loop times of scheduled wake-ups (a heap)
         self._timer: asyncio.TimerHandle | None = None
         self._publishing: set[asyncio.Task[None]] = set()
@@ -133,8 +137,12 @@ class TaskNotifier:
         self._due.clear()
         self.wake()
 
-    def _on_notification(self, *_args: Any) -> None:
-        self.wake()
+    def _on_notification(self, _conn: Any, pid: int, *_args: Any) -> None:
+        # Every statement this server runs that makes tasks available is followed by a
+        # local wake(); its NOTIFY is for the other servers. Waking again on the echo would
+        # start a second round of claims for the same tasks (see wake_rounds.py).
+        if pid not in self._own_backends:
+            self.wake()
 
     def _on_leader_notification(self, *_args: Any) -> None:
         if self._on_leader_resigned is not None:

@@ -14,8 +14,10 @@ remembers which task types a claim found empty:
 
 A round is one notifier generation: a newer wake-up (new tasks committed after the drained
 claims looked) starts a fresh round with nothing drained, so no task is left waiting for a
-wake-up that was skipped. Only wake-ups go through the rounds; a long poll's first claim
-and its fallback polls (`poll_interval`, which covers lost notifications) claim directly.
+wake-up that was skipped. A long poll's first claim is skipped too when the current round
+has already drained its types (a worker polls again as soon as it receives its leases, and
+that claim would find nothing); otherwise it claims directly, as do the fallback polls
+(`poll_interval`), which cover tasks that became available without a wake-up.
 The cost is that woken claims in one server run in sequence; they would contend for the
 same rows and CPU if run together.
 """
@@ -65,3 +67,7 @@ class WakeRounds:
             if len(rows) < limit:
                 self._drained.update(task_types)
             return generation, rows
+
+    def drained(self, task_types: Sequence[str]) -> bool:
+        """Whether a claim since the latest wake-up found every one of `task_types` empty."""
+        return self._round == self._generation() and self._drained.issuperset(task_types)

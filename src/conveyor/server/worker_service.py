@@ -147,16 +147,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + wait.total_seconds()
         poll = self.config.poll_interval.total_seconds()
-        woken = False
+        woken, first = False, True
         while not self.draining:
             if woken:
                 # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
                 generation, claimed = await self.wake_rounds.claim(
                     task_types, limit, lambda: self._claim(worker_id, task_types, limit)
                 )
+            elif first and self.wake_rounds.drained(task_types):
+                # Nothing new since a claim found these types empty: wait for a wake-up.
+                generation, claimed = self.notifier.generation, None
             else:
                 generation = self.notifier.generation
                 claimed = await self._claim(worker_id, task_types, limit)
+            first = False
             rows = claimed or []
             self.metrics.lease_claims.labels(
                 "skipped" if claimed is None else "tasks" if rows else "empty"
@@ -205,6 +209,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     lease_id=str(row["lease_id"]),
                     reason="lease not delivered: the worker went away during the claim",
                 )
+        if rows:
+            self.notifier.wake()
 
     @staticmethod
     def _lease(row: Any) -> pb.Lease:
