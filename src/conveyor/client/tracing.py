@@ -20,7 +20,7 @@ except ImportError:  # the optional extra is not installed
     trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
 TRACER_NAME = "conveyor"
 TRACE_KEYS = frozenset({"traceparent", "tracestate"})
@@ -39,8 +39,11 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def enqueue_span(task_types: list[str], count: int) -> Iterator[dict[str, str]]:
-    """A PRODUCER span for one enqueue call; yields the trace context to send with its tasks."""
+def enqueue_span(task_types: Iterable[str], count: int) -> Iterator[dict[str, str]]:
+    """A PRODUCER span for one enqueue call; yields the trace context to send with its tasks.
+
+    `task_types` is read only when spans are recorded (a generator costs nothing otherwise).
+    """
     if propagate is None or trace is None or not enabled():
         yield {}
         return

@@ -10,6 +10,9 @@ there is a queue to batch.
 Used for enqueues (`task_insert_many`) and for success reports (`task_succeed_many`). Every
 call still gets exactly its own rows, in its order, as if it had run alone: the statements
 return one row per input item, in input order, and decide duplicates by first occurrence.
+A call that runs alone hands its items to the statement as they are; calls that share a
+statement are joined by `combine` (by default into one list; enqueues join their column
+batches instead, so a bulk call never becomes a thousand objects).
 If a statement fails, every call in it fails with the same error; callers retry safely
 because both writes are idempotent (an enqueue per task id, a report per lease).
 """
@@ -33,6 +36,10 @@ DEFAULT_MAX_ITEMS: Final = 5000
 Item = TypeVar("Item")
 
 
+def _concatenated(parts: list[Sequence[Item]]) -> list[Item]:
+    return [item for part in parts for item in part]
+
+
 @dataclass
 class _Waiting(Generic[Item]):
     items: Sequence[Item]
@@ -47,16 +54,22 @@ class GroupCommit(Generic[Item]):
     def __init__(
         self,
         database: Database,
-        statement: Callable[[Any, list[Item]], Awaitable[Sequence[Any]]],
+        statement: Callable[[Any, Sequence[Item]], Awaitable[Sequence[Any]]],
         observe_group: Callable[[int], None],
         *,
+        combine: Callable[[list[Sequence[Item]]], Sequence[Item]] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
-        """`statement(conn, items)` returns one row per item, in order."""
+        """`statement(conn, items)` returns one row per item, in order.
+
+        `combine` joins the items of several calls into the items of one statement, in
+        order (default: one list).
+        """
         self._database = database
         self._statement = statement
         self._observe_group = observe_group
+        self._combine = combine or _concatenated
         self._max_in_flight = max_in_flight
         self._max_items = max_items
         self._waiting: list[_Waiting[Item]] = []
@@ -105,7 +118,7 @@ class GroupCommit(Generic[Item]):
         return group
 
     async def _run(self, group: list[_Waiting[Item]]) -> None:
-        items = [item for waiting in group for item in waiting.items]
+        items = group[0].items if len(group) == 1 else self._combine([w.items for w in group])
         try:
             async with self._database.connection() as conn:
                 rows = await self._statement(conn, items)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, overload
+
+import asyncpg
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
     from datetime import datetime, timedelta
-
-    import asyncpg
 
 _NAME_LINE: Final = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -47,6 +47,82 @@ class NewTask:
 
 
 @dataclass(frozen=True, slots=True)
+class NewTasks(Sequence[NewTask]):
+    """Rows for `task_insert_many` as one sequence per field, all of the same length.
+
+    What a bulk enqueue builds: the statement takes one array per field, and a thousand
+    tasks then cost six lists instead of a thousand objects (which the garbage collector
+    would also have to walk while they live). Reading it by index gives NewTask rows. Ids
+    must be in canonical form (`normalize_task_id`): repeats within a batch are found by
+    comparing them as text.
+    """
+
+    ids: Sequence[str]
+    types: Sequence[str]
+    payloads: Sequence[bytes]
+    timeouts: Sequence[timedelta]
+    max_retries: Sequence[int]
+    trace_contexts: Sequence[str | None]
+
+    @classmethod
+    def of(cls, tasks: Sequence[NewTask]) -> NewTasks:
+        """`tasks` as columns (returned as they are if they already are)."""
+        if isinstance(tasks, NewTasks):
+            return tasks
+        return cls(
+            [t.id for t in tasks],
+            [t.type for t in tasks],
+            [t.payload for t in tasks],
+            [t.timeout for t in tasks],
+            [t.max_retries for t in tasks],
+            [t.trace_context for t in tasks],
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[Sequence[NewTask]]) -> NewTasks:
+        """One batch with the rows of `batches`, in order (for a shared statement)."""
+        if len(batches) == 1:
+            return cls.of(batches[0])
+        parts = [cls.of(batch) for batch in batches]
+        return cls(
+            [value for part in parts for value in part.ids],
+            [value for part in parts for value in part.types],
+            [value for part in parts for value in part.payloads],
+            [value for part in parts for value in part.timeouts],
+            [value for part in parts for value in part.max_retries],
+            [value for part in parts for value in part.trace_contexts],
+        )
+
+    def __len__(self) -> int:
+        """The number of tasks."""
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> NewTask: ...
+    @overload
+    def __getitem__(self, index: slice) -> NewTasks: ...
+    def __getitem__(self, index: int | slice) -> NewTask | NewTasks:
+        """One task, or a slice of the batch."""
+        if isinstance(index, slice):
+            return NewTasks(
+                self.ids[index],
+                self.types[index],
+                self.payloads[index],
+                self.timeouts[index],
+                self.max_retries[index],
+                self.trace_contexts[index],
+            )
+        return NewTask(
+            self.ids[index],
+            self.types[index],
+            self.payloads[index],
+            self.timeouts[index],
+            self.max_retries[index],
+            self.trace_contexts[index],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Backoff:
     """Retry delay: `min(cap, base * 2**(attempt-1))`, then jittered to 50-100 % of that."""
 
@@ -66,19 +142,85 @@ def _uuids(values: Sequence[str]) -> list[uuid.UUID]:
 FIRST_PAGE: Final = 2**63 - 1
 
 
-async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[asyncpg.Record]:
-    """Insert tasks in one statement; idempotent per id. Returns (id, created) in order."""
-    return list(
-        await conn.fetch(
-            SQL["task_insert_many"],
-            _uuids([t.id for t in tasks]),
-            [t.type for t in tasks],
-            [t.payload for t in tasks],
-            [_seconds(t.timeout) for t in tasks],
-            [t.max_retries for t in tasks],
-            [t.trace_context for t in tasks],
-        )
+def _one_or_each(values: Sequence[Any]) -> Sequence[Any]:
+    """`values`, or just its first element when every element equals it (see queries.sql)."""
+    return values[:1] if values.count(values[0]) == len(values) else values
+
+
+def _insert_arguments(batch: NewTasks) -> tuple[Sequence[Any], ...]:
+    """The six arrays of `task_insert_many` and `task_insert_skipping_taken`."""
+    return (
+        batch.ids,  # canonical UUID text: asyncpg encodes it without a uuid.UUID per id
+        _one_or_each(batch.types),
+        _one_or_each(batch.payloads),
+        [timeout.total_seconds() for timeout in _one_or_each(batch.timeouts)],
+        _one_or_each(batch.max_retries),
+        _one_or_each(batch.trace_contexts),
     )
+
+
+# Batches at least this large first try the insert that assumes every id is new. Small ones
+# (single enqueues, often repeating an id on purpose) go straight to the statement that
+# skips taken ids: the saving is per task, and a failed attempt costs a round trip and an
+# error in PostgreSQL's log.
+NEW_IDS_FIRST_FROM: Final = 64
+
+
+async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[bool]:
+    """Insert tasks in one statement, in order; idempotent per id.
+
+    Returns, for each task in order, whether this call created it (False: the id was
+    already taken, or repeats an earlier task of the same batch).
+
+    A large batch of distinct ids, outside a transaction, first runs `task_insert_many`,
+    which assumes every id is new; if one is taken (a repeated call, or a race with another
+    call for the same id) that statement inserts nothing, and `task_insert_skipping_taken`
+    runs instead. Either way one statement commits the whole batch.
+    """
+    if not tasks:
+        return []
+    batch = NewTasks.of(tasks)
+    distinct = len(set(batch.ids)) == len(batch)
+    in_transaction = getattr(conn, "is_in_transaction", None)
+    if (
+        distinct
+        and len(batch) >= NEW_IDS_FIRST_FROM
+        and not (in_transaction is not None and in_transaction())
+    ):
+        try:
+            await conn.fetchval(SQL["task_insert_many"], *_insert_arguments(batch))
+        except asyncpg.UniqueViolationError:
+            pass  # an id is taken: the statement inserted nothing
+        else:
+            return [True] * len(batch)
+    return await _insert_skipping_taken(conn, batch, distinct=distinct)
+
+
+async def task_insert_skipping_taken(conn: Any, tasks: Sequence[NewTask]) -> list[bool]:
+    """Insert tasks in one statement, in order, skipping ids already taken.
+
+    Returns, for each task in order, whether this statement created it (False: the id was
+    already taken, or repeats an earlier task of the same batch).
+    """
+    if not tasks:
+        return []
+    batch = NewTasks.of(tasks)
+    return await _insert_skipping_taken(conn, batch, distinct=len(set(batch.ids)) == len(batch))
+
+
+async def _insert_skipping_taken(conn: Any, batch: NewTasks, *, distinct: bool) -> list[bool]:
+    row = await conn.fetchrow(SQL["task_insert_skipping_taken"], *_insert_arguments(batch))
+    created = [True] * len(batch)
+    for position in row["skipped"]:
+        created[position - 1] = False
+    if not distinct:
+        # A repeated id: only its first occurrence can have been created by this statement.
+        seen: set[str] = set()
+        for index, task_id in enumerate(batch.ids):
+            if task_id in seen:
+                created[index] = False
+            seen.add(task_id)
+    return created
 
 
 async def task_claim(
