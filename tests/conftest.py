@@ -222,6 +222,20 @@ def server(start_server: Callable[..., ServerThread]) -> ServerThread:
 
 
 @pytest.fixture
+def task_stub(server: ServerThread) -> Iterator[Any]:
+    """A raw TaskService stub on its own channel."""
+    import grpc  # noqa: PLC0415 - only the tests that use raw stubs need it
+
+    from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    channel = grpc.insecure_channel(server.address)
+    try:
+        yield pb_grpc.TaskServiceStub(channel)
+    finally:
+        channel.close()
+
+
+@pytest.fixture
 def client(server: ServerThread) -> Iterator[Any]:
     """A sync Client connected to `server`."""
     from conveyor import Client  # noqa: PLC0415

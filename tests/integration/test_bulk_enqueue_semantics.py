@@ -52,16 +52,6 @@ def spec(task_id: str | None = None, **fields: Any) -> pb.TaskSpec:
     return pb.TaskSpec(**values)
 
 
-@pytest.fixture
-def task_stub(server):
-    """A raw TaskService stub on its own channel."""
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield pb_grpc.TaskServiceStub(channel)
-    finally:
-        channel.close()
-
-
 def enqueue(stub: Any, specs: list[pb.TaskSpec]) -> pb.EnqueueTasksResponse:
     response: pb.EnqueueTasksResponse = stub.EnqueueTasks(
         pb.EnqueueTasksRequest(tasks=specs), timeout=30

@@ -61,16 +61,6 @@ def assert_clean_status(error: grpc.RpcError, code: grpc.StatusCode) -> str:
     return details
 
 
-@pytest.fixture
-def task_stub(server):
-    """A raw TaskService stub on its own channel."""
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield pb_grpc.TaskServiceStub(channel)
-    finally:
-        channel.close()
-
-
 def spec(**fields: Any) -> pb.TaskSpec:
     """A valid TaskSpec unless `fields` override something."""
     values: dict[str, Any] = {

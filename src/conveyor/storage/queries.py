@@ -103,23 +103,17 @@ class NewTasks(Sequence[NewTask]):
     def __getitem__(self, index: slice) -> NewTasks: ...
     def __getitem__(self, index: int | slice) -> NewTask | NewTasks:
         """One task, or a slice of the batch."""
-        if isinstance(index, slice):
-            return NewTasks(
-                self.ids[index],
-                self.types[index],
-                self.payloads[index],
-                self.timeouts[index],
-                self.max_retries[index],
-                self.trace_contexts[index],
-            )
-        return NewTask(
-            self.ids[index],
-            self.types[index],
-            self.payloads[index],
-            self.timeouts[index],
-            self.max_retries[index],
-            self.trace_contexts[index],
+        columns: tuple[Sequence[Any], ...] = (
+            self.ids,
+            self.types,
+            self.payloads,
+            self.timeouts,
+            self.max_retries,
+            self.trace_contexts,
         )
+        if isinstance(index, slice):
+            return NewTasks(*(column[index] for column in columns))
+        return NewTask(*(column[index] for column in columns))
 
 
 @dataclass(frozen=True, slots=True)
