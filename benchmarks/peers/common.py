@@ -287,16 +287,20 @@ def throughput(count: int, elapsed: float) -> dict[str, Any]:
 # --- Producers ---------------------------------------------------------------------------
 
 
-def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> dict[int, float]:
-    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``; return i -> time before call.
+def _schedule(rate: float, seconds: float) -> Iterator[tuple[int, float]]:
+    """(i, seconds to wait before call i) for ``rate`` calls a second over ``seconds``.
 
     Open loop: the schedule does not slip when a call is slow (late calls go out at once).
     """
-    enqueued_at: dict[int, float] = {}
-    total = int(rate * seconds)
     t0 = time.monotonic()
-    for i in range(total):
-        delay = t0 + i / rate - time.monotonic()
+    for i in range(int(rate * seconds)):
+        yield i, t0 + i / rate - time.monotonic()
+
+
+def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> dict[int, float]:
+    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``; return i -> time before call."""
+    enqueued_at: dict[int, float] = {}
+    for i, delay in _schedule(rate, seconds):
         if delay > 0:
             time.sleep(delay)
         enqueued_at[i] = time.time()
@@ -311,10 +315,7 @@ async def paced_async(
     import asyncio  # noqa: PLC0415 - only the asyncio adapters need it
 
     enqueued_at: dict[int, float] = {}
-    total = int(rate * seconds)
-    t0 = time.monotonic()
-    for i in range(total):
-        delay = t0 + i / rate - time.monotonic()
+    for i, delay in _schedule(rate, seconds):
         if delay > 0:
             await asyncio.sleep(delay)
         enqueued_at[i] = time.time()
@@ -329,6 +330,19 @@ def sequential(seconds: float, enqueue: Callable[[int], object]) -> dict[str, An
     deadline = t0 + seconds
     while time.monotonic() < deadline:
         enqueue(count)
+        count += 1
+    return throughput(count, time.monotonic() - t0)
+
+
+async def sequential_async(
+    seconds: float, enqueue: Callable[[int], Awaitable[object]]
+) -> dict[str, Any]:
+    """The asyncio twin of :func:`sequential`."""
+    count = 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        await enqueue(count)
         count += 1
     return throughput(count, time.monotonic() - t0)
 

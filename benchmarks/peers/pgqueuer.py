@@ -121,13 +121,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 return common.w2_result(path, enqueued_at)
         if workload == "w3-single":
-            count = 0
-            t0 = time.monotonic()
-            deadline = t0 + args.seconds
-            while time.monotonic() < deadline:
-                await queries.enqueue(ENTRYPOINT, str(count).encode())
-                count += 1
-            return common.throughput(count, time.monotonic() - t0)
+            return await common.sequential_async(
+                args.seconds, lambda i: queries.enqueue(ENTRYPOINT, str(i).encode())
+            )
         if workload == "w3-concurrent":
             async with asyncpg.create_pool(
                 args.pg_url,

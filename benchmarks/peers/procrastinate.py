@@ -107,13 +107,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await wait_for(path, len(enqueued_at) + 20, 30, procs)
                 return common.w2_result(path, enqueued_at)
         if workload == "w3-single":
-            count = 0
-            t0 = time.monotonic()
-            deadline = t0 + args.seconds
-            while time.monotonic() < deadline:
-                await noop.defer_async(task_id=count)
-                count += 1
-            return common.throughput(count, time.monotonic() - t0)
+            return await common.sequential_async(
+                args.seconds, lambda i: noop.defer_async(task_id=i)
+            )
         if workload == "w3-concurrent":
             return await common.concurrent_async(
                 args.seconds, lambda i: noop.defer_async(task_id=i)
