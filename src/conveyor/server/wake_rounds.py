@@ -40,7 +40,6 @@ class WakeRounds:
         self._turn = asyncio.Lock()
         self._round = -1
         self._drained: set[str] = set()
-        self.skipped = 0  # woken claims not run because their types were drained
 
     async def claim(
         self,
@@ -60,8 +59,7 @@ class WakeRounds:
             if generation != self._round:
                 self._round = generation
                 self._drained = set()
-            if self._drained.issuperset(task_types):
-                self.skipped += 1
+            if self.drained(task_types):
                 return generation, None
             rows = await claim()
             if len(rows) < limit:

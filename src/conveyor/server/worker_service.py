@@ -315,13 +315,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         async def together() -> None:
             rows = await self._succeed_many([success for _, success in successes])
             for (index, success), row in zip(successes, rows, strict=True):
-                if row is not None:
-                    outcomes[index] = pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
-                    continue
-                try:
-                    raise await self._refusal(success.task_id, success.lease_id, worker_id)
-                except ConveyorError as exc:
-                    outcomes[index] = _refused(exc)
+                outcomes[index] = (
+                    pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
+                    if row is not None
+                    else _refused(await self._refusal(success.task_id, success.lease_id, worker_id))
+                )
 
         await asyncio.gather(
             *([together()] if successes else []),
