@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Final
 
 from conveyor.errors import InvalidTask
 
@@ -44,16 +45,34 @@ class TaskState(enum.StrEnum):
 _FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
 
+# The RFC 4122 variant digit ("8", "9", "a" or "b") for a random hex digit.
+_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def new_task_ids(count: int) -> list[str]:
+    """`count` new UUIDv7 strings for one batch, each laid out as `new_task_id`'s.
+
+    48 bits of Unix milliseconds (one reading for the batch), version 7, the RFC 4122
+    variant and 74 random bits, in canonical form; one `os.urandom` call for the whole
+    batch instead of a read and a `uuid.UUID` per id.
+    """
+    unix_ms = time.time_ns() // 1_000_000
+    stamp = f"{unix_ms & 0xFFFF_FFFF_FFFF:012x}"
+    head = f"{stamp[:8]}-{stamp[8:]}-7"
+    # 20 random hex digits per id, of which 19 are used: 3 (rand_a), one for the 2 random
+    # bits of the variant digit, then 15 (the rest of rand_b).
+    rand = os.urandom(10 * count).hex()
+    variant = _VARIANT_DIGIT
+    return [
+        f"{head}{rand[i : i + 3]}-{variant[rand[i + 3]]}{rand[i + 4 : i + 7]}-"
+        f"{rand[i + 7 : i + 19]}"
+        for i in range(0, 20 * count, 20)
+    ]
+
+
 def new_task_id() -> str:
     """Return a new UUIDv7 string: time-ordered, so ids sort roughly by creation."""
-    unix_ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (unix_ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version 7
-    value |= (rand >> 68) << 64  # 12 bits of rand_a
-    value |= 0b10 << 62  # RFC 4122 variant
-    value |= rand & ((1 << 62) - 1)  # 62 bits of rand_b
-    return str(uuid.UUID(int=value))
+    return new_task_ids(1)[0]
 
 
 def normalize_task_id(task_id: str) -> str:

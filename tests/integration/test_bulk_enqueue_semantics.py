@@ -30,12 +30,12 @@ from conveyor.client.core import (
     MAX_REQUEST_BYTES,
     enqueue_batches,
     enqueue_request,
-    new_task_ids,
 )
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.storage import queries
+from conveyor.types import new_task_ids
 
 BATCH = 1000
 

@@ -6,8 +6,6 @@ functions, so their behaviour cannot drift apart.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -22,6 +20,7 @@ from conveyor.types import (
     TaskState,
     TaskStatus,
     WorkerInfo,
+    new_task_ids,
     normalize_task_id,
     validate_task_type,
 )
@@ -41,30 +40,6 @@ MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
 # What a task adds to a request besides its payload and type (id, timeout, retries, the
 # framing of each field), rounded up; the same for each trace context entry.
 _TASK_FRAMING_BYTES: Final = 64
-
-# The RFC 4122 variant digit ("8", "9", "a" or "b") for a random hex digit.
-_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
-
-
-def new_task_ids(count: int) -> list[str]:
-    """`count` new UUIDv7 strings for one batch, laid out as `new_task_id` lays one out.
-
-    48 bits of Unix milliseconds (one reading for the batch), version 7, the RFC 4122
-    variant and 74 random bits, in canonical form; one `os.urandom` call for the whole
-    batch instead of a read and a `uuid.UUID` per id.
-    """
-    unix_ms = time.time_ns() // 1_000_000
-    stamp = f"{unix_ms & 0xFFFF_FFFF_FFFF:012x}"
-    head = f"{stamp[:8]}-{stamp[8:]}-7"
-    # 20 random hex digits per id, of which 19 are used: 3 (rand_a), one for the 2 random
-    # bits of the variant digit, then 15 (the rest of rand_b).
-    rand = os.urandom(10 * count).hex()
-    variant = _VARIANT_DIGIT
-    return [
-        f"{head}{rand[i : i + 3]}-{variant[rand[i + 3]]}{rand[i + 4 : i + 7]}-"
-        f"{rand[i + 7 : i + 19]}"
-        for i in range(0, 20 * count, 20)
-    ]
 
 
 def enqueue_request(

@@ -175,12 +175,8 @@ async def task_insert_many(conn: Any, tasks: Sequence[NewTask]) -> list[bool]:
         return []
     batch = NewTasks.of(tasks)
     distinct = len(set(batch.ids)) == len(batch)
-    in_transaction = getattr(conn, "is_in_transaction", None)
-    if (
-        distinct
-        and len(batch) >= NEW_IDS_FIRST_FROM
-        and not (in_transaction is not None and in_transaction())
-    ):
+    # Inside a caller's transaction a failed attempt would abort that transaction too.
+    if distinct and len(batch) >= NEW_IDS_FIRST_FROM and not conn.is_in_transaction():
         try:
             await conn.fetchval(SQL["task_insert_many"], *_insert_arguments(batch))
         except asyncpg.UniqueViolationError:
