@@ -10,6 +10,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import AsyncClient, Task
+from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import new_task_id
@@ -30,25 +31,51 @@ def group_histogram(http_url: str) -> tuple[float, float]:
     return values[f"{GROUP_METRIC}_count"], values[f"{GROUP_METRIC}_sum"]
 
 
-def test_concurrent_single_enqueues_share_statements(server, db) -> None:
-    """64 calls at once: every task is created once, each call gets its own id back, and
-    fewer statements than calls ran."""
+def _group_delta(http_url: str, before: tuple[float, float]) -> tuple[float, float]:
+    """(statements, calls) since `before`."""
+    after = group_histogram(http_url)
+    return after[0] - before[0], after[1] - before[1]
 
-    async def enqueue_all() -> list[tuple[str, str]]:
-        async with AsyncClient(server.address) as client:
+
+def invalid_enqueue_calls(http_url: str) -> float:
+    """EnqueueTasks calls the server answered INVALID_ARGUMENT."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return sum(
+        found.value
+        for family in text_string_to_metric_families(body)
+        for found in family.samples
+        if found.name == "conveyor_rpc_duration_seconds_count"
+        and found.labels.get("method") == "EnqueueTasks"
+        and found.labels.get("code") == "INVALID_ARGUMENT"
+    )
+
+
+def test_concurrent_single_enqueue_calls_share_statements(server, db) -> None:
+    """64 EnqueueTasks calls at once: every task is created once, each call gets its own id
+    back, and fewer statements than calls ran."""
+
+    async def enqueue_all() -> list[tuple[str, list[str]]]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.TaskServiceStub(channel)
             ids = [new_task_id() for _ in range(64)]
-            returned = await asyncio.gather(
-                *(client.enqueue_task(Task(type="group.t", id=task_id)) for task_id in ids)
+            responses = await asyncio.gather(
+                *(
+                    stub.EnqueueTasks(
+                        pb.EnqueueTasksRequest(
+                            tasks=[pb.TaskSpec(id=task_id, type="group.t", timeout={"seconds": 9})]
+                        ),
+                        timeout=10,
+                    )
+                    for task_id in ids
+                )
             )
-        return list(zip(ids, returned, strict=True))
+        return [(task_id, list(r.task_ids)) for task_id, r in zip(ids, responses, strict=True)]
 
     before = group_histogram(server.http_url)
     pairs = asyncio.run(enqueue_all())
-    assert all(sent == got for sent, got in pairs)
-    statements, calls = (
-        after - earlier
-        for after, earlier in zip(group_histogram(server.http_url), before, strict=True)
-    )
+    assert all([sent] == got for sent, got in pairs)
+    statements, calls = _group_delta(server.http_url, before)
     assert calls == 64
     assert statements < calls, "no two calls shared a statement"
     assert db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE type = 'group.t'") == 64
@@ -59,6 +86,64 @@ def test_concurrent_single_enqueues_share_statements(server, db) -> None:
         )
         == 64
     )
+
+
+def test_concurrent_enqueues_on_one_async_client_share_requests(server, db) -> None:
+    """An AsyncClient joins the enqueues of coroutines that wait together into one request:
+    the server sees fewer calls than tasks, and each coroutine still gets its own id."""
+
+    async def enqueue_all() -> list[tuple[str, str]]:
+        async with AsyncClient(server.address) as client:
+            ids = [new_task_id() for _ in range(64)]
+            returned = await asyncio.gather(
+                *(
+                    client.enqueue_task(
+                        Task(type="group.client", id=task_id, payload=task_id.encode())
+                    )
+                    for task_id in ids
+                )
+            )
+        return list(zip(ids, returned, strict=True))
+
+    before = group_histogram(server.http_url)
+    pairs = asyncio.run(enqueue_all())
+    assert all(sent == got for sent, got in pairs)
+    _statements, calls = _group_delta(server.http_url, before)
+    assert 1 <= calls < 64, f"{calls} requests for 64 concurrent enqueues"
+    rows = db.fetch("SELECT id::text, payload FROM conveyor_tasks WHERE type = 'group.client'")
+    # Each task kept its own payload through the joined request.
+    assert sorted((row["id"], bytes(row["payload"])) for row in rows) == sorted(
+        (task_id, task_id.encode()) for task_id, _ in pairs
+    )
+
+
+def test_a_bad_task_in_a_joined_request_fails_only_its_own_call(start_server, db) -> None:
+    """The server refuses one coroutine's task (over its payload limit, which the client does
+    not know): that call raises InvalidTask, and the calls it was joined with succeed."""
+    server = start_server(max_payload_bytes=1024)
+
+    async def enqueue_all() -> list[str | BaseException]:
+        async with AsyncClient(server.address) as client:
+            return await asyncio.gather(
+                *(
+                    client.enqueue_task(
+                        Task(type="group.split", payload=b"x" * (2048 if index == 5 else 16))
+                    )
+                    for index in range(12)
+                ),
+                return_exceptions=True,
+            )
+
+    answers = asyncio.run(enqueue_all())
+    assert isinstance(answers[5], InvalidTask)
+    assert "payload" in str(answers[5])
+    others = [answer for index, answer in enumerate(answers) if index != 5]
+    assert all(isinstance(answer, str) for answer in others)
+    stored = db.fetch("SELECT id::text FROM conveyor_tasks WHERE type = 'group.split'")
+    assert sorted(row["id"] for row in stored) == sorted(others)
+    # The 12 calls were joined first: the server refused one request of several tasks.
+    refused = invalid_enqueue_calls(server.http_url)
+    assert refused >= 2, "the bad task was never in a joined request"
 
 
 def test_racing_calls_with_one_id_create_it_once(server, db) -> None:

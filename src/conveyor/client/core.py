@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from conveyor.errors import InvalidTask
+from conveyor.errors import InvalidTask, ServerUnavailable
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.types import (
@@ -106,6 +106,39 @@ def enqueue_batches(
         size += task_size
     requests.append(enqueue_request(tasks[start:], trace_context))
     return requests
+
+
+# A request's share of MAX_REQUEST_BYTES when calls are joined into one (see
+# `request_weight`): every task weighs at least this, so a joined request also stays
+# within MAX_BATCH tasks.
+_TASK_WEIGHT: Final = MAX_REQUEST_BYTES // MAX_BATCH
+
+
+def task_count(request: pb.EnqueueTasksRequest) -> int:
+    """How many tasks (and so ids in the answer) a request carries."""
+    return len(request.tasks)
+
+
+def request_weight(request: pb.EnqueueTasksRequest) -> int:
+    """A request's weight, out of MAX_REQUEST_BYTES, when concurrent enqueues are joined."""
+    return max(len(request.tasks) * _TASK_WEIGHT, request.ByteSize())
+
+
+def joined_requests(requests: list[pb.EnqueueTasksRequest]) -> pb.EnqueueTasksRequest:
+    """One request carrying the tasks of several, in order (each keeps its trace context)."""
+    joined = pb.EnqueueTasksRequest()
+    for request in requests:
+        joined.tasks.extend(request.tasks)
+    return joined
+
+
+def may_concern_one_call(error: Exception) -> bool:
+    """Whether a joined request's error may be about some of its calls' tasks only.
+
+    An unavailable server fails every call alike; anything else (an invalid task, one
+    over a limit) is answered per call, by sending each on its own.
+    """
+    return not isinstance(error, ServerUnavailable)
 
 
 def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -27,10 +27,13 @@ from conveyor.errors import ServerUnavailable
 from conveyor.storage import migrate
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from datetime import timedelta
 
     from conveyor.server.config import ServerConfig
+
+Batch = TypeVar("Batch")
+Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.server.database")
 
@@ -157,6 +160,17 @@ class Database:
         """A pooled connection; unavailability surfaces as ServerUnavailable."""
         async with self._acquire(self._pool) as conn:
             yield conn
+
+    def bind(
+        self, statement: Callable[[Any, Batch], Awaitable[Result]]
+    ) -> Callable[[Batch], Awaitable[Result]]:
+        """`statement(conn, batch)` as `write(batch)` on a pooled connection (for a GroupCommit)."""
+
+        async def run(batch: Batch) -> Result:
+            async with self.connection() as conn:
+                return await statement(conn, batch)
+
+        return run
 
     @contextlib.asynccontextmanager
     async def priority_connection(self) -> AsyncIterator[Any]:

@@ -31,6 +31,11 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
+def server_stopping() -> ServerUnavailable:
+    """The answer to a call the server will not finish because it is stopping."""
+    return ServerUnavailable("the server is stopping; retry on another")
+
+
 def rpc_method(
     name: str,
 ) -> Callable[

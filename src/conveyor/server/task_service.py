@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Final
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
+from conveyor.group_commit import GroupCommit
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
-from conveyor.server.group_commit import GroupCommit
-from conveyor.server.rpc import rpc_method
+from conveyor.server.rpc import rpc_method, server_stopping
 from conveyor.storage import queries
 from conveyor.types import (
     MAX_RETRIES_LIMIT,
@@ -130,11 +130,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self.database = database
         self.notifier = notifier
         self.metrics = metrics
-        self.group_commit: GroupCommit[queries.NewTask] = GroupCommit(
-            database,
-            queries.task_insert_many,
-            metrics.enqueue_group_size.observe,
+        self.group_commit: GroupCommit[queries.NewTasks, bool] = GroupCommit(
+            database.bind(queries.task_insert_many),
             combine=queries.NewTasks.concat,
+            count=len,
+            stopped=server_stopping,
+            observe_group=metrics.enqueue_group_size.observe,
         )
         # Values that passed validation before: a batch usually repeats one type and one
         # timeout a thousand times, and each is checked once.

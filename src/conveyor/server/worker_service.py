@@ -16,13 +16,13 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, TaskNotFound
+from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
 from conveyor.protocol.status import status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
-from conveyor.server.group_commit import GroupCommit
-from conveyor.server.rpc import rpc_method
+from conveyor.server.rpc import rpc_method, server_stopping
 from conveyor.server.wake_rounds import WakeRounds
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
@@ -89,8 +89,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
         # Successes reported at the same time share one statement and one commit.
-        self.succeed_commit: GroupCommit[queries.Success] = GroupCommit(
-            database, queries.task_succeed_many, metrics.report_group_size.observe
+        self.succeed_commit: GroupCommit[Sequence[queries.Success], Any] = GroupCommit(
+            database.bind(queries.task_succeed_many),
+            combine=concatenated,
+            count=len,
+            stopped=server_stopping,
+            observe_group=metrics.report_group_size.observe,
         )
 
     def start_draining(self) -> None:
