@@ -101,7 +101,9 @@ class GroupCommit(Generic[Batch, Row]):
             self._flushes.add(flush)
             flush.add_done_callback(self._flushes.discard)
         try:
-            return await asyncio.shield(waiting.answer)
+            # Not shielded: a caller that gives up cancels only its own answer, which the
+            # write then leaves alone (it answers only futures that are not done).
+            return await waiting.answer
         except asyncio.CancelledError:
             # Not yet taken into a write: it never will be.
             if waiting in self._waiting:

@@ -42,6 +42,30 @@ MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
 _TASK_FRAMING_BYTES: Final = 64
 
 
+# Request templates for tasks without a trace context, by (type, timeout, retries): a
+# producer enqueues a few kinds of task over and over, and building a TaskSpec with its
+# Duration costs more than copying one. Bounded (cleared when full) against endless kinds.
+_TEMPLATE_LIMIT: Final = 1024
+_templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
+
+
+def _template(task: Task, trace_context: dict[str, str] | None) -> pb.TaskSpec:
+    key = (task.type, task.timeout_delta, task.max_retries)
+    template = None if trace_context else _templates.get(key)
+    if template is None:
+        template = pb.TaskSpec(
+            type=task.type,
+            timeout=convert.duration(task.timeout_delta),
+            max_retries=task.max_retries,
+            trace_context=trace_context,
+        )
+        if not trace_context:
+            if len(_templates) >= _TEMPLATE_LIMIT:
+                _templates.clear()
+            _templates[key] = template
+    return template
+
+
 def enqueue_request(
     tasks: Sequence[Task], trace_context: dict[str, str] | None = None
 ) -> pb.EnqueueTasksRequest:
@@ -63,12 +87,7 @@ def enqueue_request(
         key = (task.type, task.timeout_delta, task.max_retries)
         template = templates.get(key)
         if template is None:
-            template = templates[key] = pb.TaskSpec(
-                type=task.type,
-                timeout=convert.duration(task.timeout_delta),
-                max_retries=task.max_retries,
-                trace_context=context,
-            )
+            template = templates[key] = _template(task, context)
         spec = add()
         spec.CopyFrom(template)
         spec.id = task.id or fresh_id
@@ -85,6 +104,8 @@ def enqueue_batches(
     A request holds at most MAX_BATCH tasks and, by estimate, MAX_REQUEST_BYTES (a task
     larger than that goes alone).
     """
+    if len(tasks) == 1:  # one task goes alone, however large
+        return [enqueue_request(tasks, trace_context)]
     for task in tasks:
         if not isinstance(task, Task):
             raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
