@@ -13,6 +13,7 @@ import asyncpg
 import click
 
 from conveyor.cli.database_option import database_url_option, resolve_database
+from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.errors import ServerUnavailable
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
@@ -249,6 +250,7 @@ def server(
             failpoints=_failpoints_from_env(),
         )
         json_logs = click.get_current_context().meta.get(LOG_FORMAT_KEY) == "json"
+        tune_for_long_running_process()
         asyncio.run(_serve(config, announce=not json_logs))
     finally:
         _stop_embedded(embedded)
@@ -317,6 +319,7 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
             err=True,
         )
 
+    tune_for_long_running_process()
     try:
         # The worker stops first, while the server can still take its handed-back leases.
         asyncio.run(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.errors import ConfigError
 from conveyor.worker.runtime import Worker
 
@@ -87,6 +88,7 @@ def worker(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    tune_for_long_running_process()
     found.run()
     stuck = found.busy_threads()
     if stuck:
