@@ -8,11 +8,13 @@ together in the next one (up to `max_weight`, by default one unit per row). A lo
 runs at once: batching costs latency only when there is a queue to batch.
 
 Used by the server for enqueues (`task_insert_many`) and success reports
-(`task_succeed_many`), and by `AsyncClient` for concurrent enqueues (one `EnqueueTasks`
-request for the calls that wait together). Every call still gets exactly its own rows, in
-its order, as if it had run alone: the writes return one row per input row, in input
-order, and decide duplicates by first occurrence. A call that runs alone hands its batch
-to the write as it is; calls that share a write are joined by `combine`.
+(`task_succeed_many`), and by the clients for concurrent enqueues (one `EnqueueTasks`
+request for the calls that wait together): `GroupCommit` for coroutines (`AsyncClient`,
+the server), `BlockingGroupCommit` for threads (`Client`), with the same rules. Every call
+still gets exactly its own rows, in its order, as if it had run alone: the writes return
+one row per input row, in input order, and decide duplicates by first occurrence. A call
+that runs alone hands its batch to the write as it is; calls that share a write are joined
+by `combine`.
 
 If a shared write fails, every call in it fails with the same error, unless `split_on`
 says the error may concern only some of them (one invalid task among many callers'):
@@ -23,11 +25,12 @@ because every such write is idempotent (an enqueue per task id, a report per lea
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 DEFAULT_MAX_IN_FLIGHT: Final = 2
 DEFAULT_MAX_WEIGHT: Final = 5000
@@ -43,10 +46,38 @@ def concatenated(parts: list[Sequence[Item]]) -> list[Item]:
 
 
 @dataclass
-class _Waiting(Generic[Batch, Row]):
+class _Call(Generic[Batch, Row]):
     batch: Batch
     rows: int
     weight: int
+
+
+Call = TypeVar("Call", bound=_Call[Any, Any])
+
+
+def _take_group(waiting: list[Call], max_weight: int) -> list[Call]:
+    """The calls at the head of `waiting` that fit in one write (at least one), removed."""
+    group: list[Call] = []
+    weight = 0
+    while waiting:
+        if group and weight + waiting[0].weight > max_weight:
+            break
+        group.append(waiting.pop(0))
+        weight += group[-1].weight
+    return group
+
+
+def _answers(group: list[Call], rows: Sequence[Row]) -> Iterator[tuple[Call, list[Row]]]:
+    """Each call of a shared write with its own rows."""
+    start = 0
+    for call in group:
+        end = start + call.rows
+        yield call, list(rows[start:end])
+        start = end
+
+
+@dataclass
+class _Waiting(_Call[Batch, Row]):
     answer: asyncio.Future[list[Row]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -122,7 +153,7 @@ class GroupCommit(Generic[Batch, Row]):
     async def _flush(self) -> None:
         try:
             while self._waiting:
-                await self._run(self._take_group())
+                await self._run(_take_group(self._waiting, self._max_weight))
         except BaseException:
             # Cancelled: the owner is stopping, and nothing will write what still waits.
             self._fail(self._waiting, self._stopped())
@@ -130,16 +161,6 @@ class GroupCommit(Generic[Batch, Row]):
             raise
         finally:
             self._in_flight -= 1
-
-    def _take_group(self) -> list[_Waiting[Batch, Row]]:
-        group: list[_Waiting[Batch, Row]] = []
-        weight = 0
-        while self._waiting:
-            if group and weight + self._waiting[0].weight > self._max_weight:
-                break
-            group.append(self._waiting.pop(0))
-            weight += group[-1].weight
-        return group
 
     async def _run(self, group: list[_Waiting[Batch, Row]]) -> None:
         batch = group[0].batch if len(group) == 1 else self._combine([w.batch for w in group])
@@ -157,15 +178,122 @@ class GroupCommit(Generic[Batch, Row]):
             raise
         if self._observe_group is not None:
             self._observe_group(len(group))
-        start = 0
-        for waiting in group:
-            end = start + waiting.rows
+        for waiting, own_rows in _answers(group, rows):
             if not waiting.answer.done():
-                waiting.answer.set_result(list(rows[start:end]))
-            start = end
+                waiting.answer.set_result(own_rows)
 
     @staticmethod
     def _fail(group: list[_Waiting[Batch, Row]], error: Exception) -> None:
         for waiting in group:
             if not waiting.answer.done():
                 waiting.answer.set_exception(error)
+
+
+@dataclass
+class _Blocked(_Call[Batch, Row]):
+    # Set for a wake-up (answered, or asked to lead); the fields below say which.
+    woken: threading.Event = field(default_factory=threading.Event)
+    leads: bool = False
+    done: bool = False
+    answer: list[Row] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class BlockingGroupCommit(Generic[Batch, Row]):
+    """`GroupCommit` for threads: the same rules, with the waiting threads doing the writes.
+
+    There is no flusher thread. A call that finds a slot free leads: it writes groups
+    (FIFO, so its own call is among them) until its own call is answered, then passes its
+    slot to the oldest call still waiting, which leads in turn. No thread writes for others
+    for longer than it takes its own call to go through.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Batch], Sequence[Row]],
+        *,
+        combine: Callable[[list[Batch]], Batch],
+        count: Callable[[Batch], int],
+        stopped: Callable[[], Exception],
+        weigh: Callable[[Batch], int] | None = None,
+        split_on: Callable[[Exception], bool] | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_weight: int = DEFAULT_MAX_WEIGHT,
+    ) -> None:
+        """The arguments of `GroupCommit`, with a blocking `write`."""
+        self._write = write
+        self._combine = combine
+        self._count = count
+        self._stopped = stopped
+        self._weigh = weigh or count
+        self._split_on = split_on
+        self._max_in_flight = max_in_flight
+        self._max_weight = max_weight
+        self._lock = threading.Lock()
+        self._waiting: list[_Blocked[Batch, Row]] = []
+        self._in_flight = 0
+
+    def submit(self, batch: Batch) -> list[Row]:
+        """Write `batch` (committed when this returns); its rows, in order."""
+        call: _Blocked[Batch, Row] = _Blocked(batch, self._count(batch), self._weigh(batch))
+        with self._lock:
+            self._waiting.append(call)
+            if self._in_flight < self._max_in_flight:
+                self._in_flight += 1
+                call.leads = True
+        while True:
+            if call.leads and not call.done:
+                self._lead(call)
+            if call.done:
+                break
+            # The flags are the truth; the event only wakes this thread to re-read them.
+            call.woken.wait()
+            call.woken.clear()
+        if call.error is not None:
+            raise call.error
+        return call.answer
+
+    def _lead(self, own: _Blocked[Batch, Row]) -> None:
+        try:
+            while not own.done:
+                with self._lock:
+                    group = _take_group(self._waiting, self._max_weight)
+                if not group:
+                    break  # another leader holds our call: wait for its answer
+                self._run(group)
+        finally:
+            own.leads = False
+            with self._lock:
+                self._in_flight -= 1
+                successor = next((call for call in self._waiting if not call.leads), None)
+                if successor is not None:
+                    self._in_flight += 1
+                    successor.leads = True
+                    successor.woken.set()
+
+    def _run(self, group: list[_Blocked[Batch, Row]]) -> None:
+        batch = group[0].batch if len(group) == 1 else self._combine([c.batch for c in group])
+        try:
+            rows = self._write(batch)
+        except Exception as exc:
+            if len(group) > 1 and self._split_on is not None and self._split_on(exc):
+                for call in group:
+                    self._run([call])
+                return
+            self._settle(group, error=exc)
+            return
+        except BaseException:
+            # Interrupted (KeyboardInterrupt in the leading thread): the others must not
+            # wait for an answer that will not come.
+            self._settle(group, error=self._stopped())
+            raise
+        for call, own_rows in _answers(group, rows):
+            call.answer = own_rows
+            self._settle([call])
+
+    @staticmethod
+    def _settle(group: list[_Blocked[Batch, Row]], *, error: Exception | None = None) -> None:
+        for call in group:
+            call.error = error
+            call.done = True
+            call.woken.set()

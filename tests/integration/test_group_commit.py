@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor import AsyncClient, Task
+from conveyor import AsyncClient, Client, Task
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -144,6 +144,32 @@ def test_a_bad_task_in_a_joined_request_fails_only_its_own_call(start_server, db
     # The 12 calls were joined first: the server refused one request of several tasks.
     refused = invalid_enqueue_calls(server.http_url)
     assert refused >= 2, "the bad task was never in a joined request"
+
+
+def test_threads_sharing_one_client_share_requests(server, db) -> None:
+    """The sync Client joins the enqueues of threads that wait together, as AsyncClient
+    does for coroutines: fewer requests than calls, each thread its own ids; a task the
+    server refuses fails only its own call."""
+    bad_index = 17
+
+    def enqueue(index: int) -> str | BaseException:
+        payload = b"x" * (2 * 1024 * 1024 if index == bad_index else 8)
+        try:
+            return client.enqueue_task(Task(type="group.threads", payload=payload))
+        except InvalidTask as exc:
+            return exc
+
+    before = group_histogram(server.http_url)
+    with Client(server.address) as client, ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(enqueue, range(64)))
+    assert isinstance(answers[bad_index], InvalidTask)
+    ids = [answer for index, answer in enumerate(answers) if index != bad_index]
+    assert all(isinstance(answer, str) for answer in ids)
+    assert len(set(ids)) == 63
+    _statements, calls = _group_delta(server.http_url, before)
+    assert calls < 63, f"{calls} requests for 63 accepted enqueues from 16 threads"
+    stored = db.fetch("SELECT id::text FROM conveyor_tasks WHERE type = 'group.threads'")
+    assert sorted(row["id"] for row in stored) == sorted(ids)
 
 
 def test_racing_calls_with_one_id_create_it_once(server, db) -> None:

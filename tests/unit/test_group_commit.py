@@ -4,12 +4,14 @@ tested end to end in tests/integration/test_group_commit.py; here, only what it 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
 
 import pytest
 
 from conveyor.errors import InvalidTask, ServerUnavailable
-from conveyor.group_commit import GroupCommit, concatenated
+from conveyor.group_commit import BlockingGroupCommit, GroupCommit, concatenated
 
 
 class Store:
@@ -146,3 +148,93 @@ def test_close_fails_the_waiting_calls_with_the_stopped_error() -> None:
         assert store.writes == [["a"]]
 
     asyncio.run(scenario())
+
+
+# --- BlockingGroupCommit: the same rules for threads ----------------------------------------
+
+
+class BlockingStore:
+    """A blocking write that records (thread name, items); held at `gate` while it is shut."""
+
+    def __init__(self, *, refuse: frozenset[str] = frozenset()) -> None:
+        self.refuse = refuse
+        self.writes: list[tuple[str, list[str]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.began = threading.Event()
+
+    def write(self, batch: Sequence[str]) -> list[tuple[str, bool]]:
+        self.writes.append((threading.current_thread().name, list(batch)))
+        self.began.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        bad = self.refuse.intersection(batch)
+        if bad:
+            raise InvalidTask(f"bad item {min(bad)}")
+        return [(item, True) for item in batch]
+
+
+def blocking_commit(
+    store: BlockingStore, *, split: bool = False
+) -> BlockingGroupCommit[Sequence[str], tuple[str, bool]]:
+    return BlockingGroupCommit(
+        store.write,
+        combine=concatenated,
+        count=len,
+        stopped=lambda: ServerUnavailable("stopped"),
+        split_on=(lambda exc: isinstance(exc, InvalidTask)) if split else None,
+        max_in_flight=1,
+    )
+
+
+def run_threads(
+    commit: BlockingGroupCommit[Sequence[str], tuple[str, bool]],
+    store: BlockingStore,
+    batches: dict[str, list[str]],
+) -> dict[str, object]:
+    """The first batch's thread writes alone (gated) while the others queue up behind it, in
+    order; then the gate opens. Each thread's answer (rows or exception), by thread name."""
+    answers: dict[str, object] = {}
+
+    def call(batch: list[str]) -> None:
+        try:
+            answers[threading.current_thread().name] = commit.submit(batch)
+        except Exception as exc:
+            answers[threading.current_thread().name] = exc
+
+    store.gate.clear()
+    (first, first_batch), *rest = batches.items()
+    threads = [threading.Thread(target=call, args=(first_batch,), name=first)]
+    threads[0].start()
+    assert store.began.wait(10)
+    for queued, (name, batch) in enumerate(rest, start=1):
+        threads.append(threading.Thread(target=call, args=(batch,), name=name))
+        threads[-1].start()
+        # One at a time, so they queue in this order.
+        deadline = time.monotonic() + 10
+        while len(commit._waiting) < queued:
+            assert time.monotonic() < deadline, f"{name} never queued"
+            time.sleep(0.001)
+    store.gate.set()
+    for thread in threads:
+        thread.join(10)
+    return answers
+
+
+def test_threads_that_wait_together_share_a_write_led_by_the_oldest() -> None:
+    store = BlockingStore()
+    commit = blocking_commit(store)
+    answers = run_threads(commit, store, {"A": ["a"], "B": ["b", "c"], "C": ["d"]})
+    assert answers == {"A": [("a", True)], "B": [("b", True), ("c", True)], "C": [("d", True)]}
+    # A wrote only its own call and returned; B, the oldest waiting, led the next write.
+    assert store.writes == [("A", ["a"]), ("B", ["b", "c", "d"])]
+
+
+def test_threads_get_their_own_errors_when_split_on_says_so() -> None:
+    store = BlockingStore(refuse=frozenset({"bad"}))
+    commit = blocking_commit(store, split=True)
+    answers = run_threads(commit, store, {"A": ["a"], "B": ["b"], "X": ["bad"], "C": ["c"]})
+    assert answers["A"] == [("a", True)]
+    assert answers["B"] == [("b", True)]
+    assert isinstance(answers["X"], InvalidTask)
+    assert answers["C"] == [("c", True)]
+    assert commit._in_flight == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Self
 
@@ -15,6 +16,8 @@ from conveyor.client.channel import (
     RetryPolicy,
     parse_addresses,
 )
+from conveyor.errors import ServerUnavailable
+from conveyor.group_commit import BlockingGroupCommit
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
@@ -54,12 +57,28 @@ class Client:
         self._ring = AddressRing(parse_addresses(server), breaker)
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+        # Threads that enqueue while this client's requests are in flight go together in
+        # one request, as in AsyncClient (see conveyor/group_commit.py).
+        self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
+            self._send_enqueue,
+            combine=core.joined_requests,
+            count=core.task_count,
+            weigh=core.request_weight,
+            max_weight=core.MAX_REQUEST_BYTES,
+            split_on=core.may_concern_one_call,
+            stopped=lambda: ServerUnavailable("another thread's enqueue was interrupted"),
+        )
 
     def _stub(self, address: str, service: str = "TaskService") -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            # Threads may share a client: one channel per address, never two.
+            with self._channels_lock:
+                channel = self._channels.get(address)
+                if channel is None:
+                    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                    self._channels[address] = channel
         return getattr(pb_grpc, f"{service}Stub")(channel)
 
     def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
@@ -89,8 +108,11 @@ class Client:
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
             for request in core.enqueue_batches(tasks, trace_context):
-                ids.extend(self._call("EnqueueTasks", request).task_ids)
+                ids.extend(self._enqueues.submit(request))
         return ids
+
+    def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
+        return self._call("EnqueueTasks", request).task_ids  # type: ignore[no-any-return]
 
     def get_task_status(
         self, task_id: str, *, history: bool = False, payload: bool = False
