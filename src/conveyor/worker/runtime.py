@@ -94,6 +94,13 @@ FALLBACK_LEASE_DURATION: Final = timedelta(seconds=30)
 CALL_TIMEOUT: Final = 10.0
 # A handler calling ctx.heartbeat() in a tight loop must not flood the server.
 MIN_HEARTBEAT_SPACING: Final = 0.2
+# How many slot-fulls of outcomes may be on their way to the server before the worker
+# stops leasing. Two: the reports of one slot-full travel and commit while the next
+# slot-full runs. With one, a worker whose handlers are quick sat idle for a report's round
+# trip and commit after every batch (W1 drained 2,559-3,524 tasks/s against 2,995-4,268
+# with two, alternating runs). A worker thus holds at most three slot-fulls of leases: one
+# running and two reporting, every one heartbeated.
+REPORTING_SLOT_FULLS: Final = 2
 
 
 class _Unreachable(Exception):
@@ -568,9 +575,11 @@ class _Runtime:
         while True:
             # Outcomes still on their way to the server count against the lease loop too:
             # if reports stall (a server unreachable), the worker stops taking new work
-            # after one slot-full of them instead of piling up leases it cannot report.
+            # after REPORTING_SLOT_FULLS slot-fulls of them instead of piling up leases it
+            # cannot report.
             while (
-                self.busy >= self.worker.concurrency or self.unreported >= self.worker.concurrency
+                self.busy >= self.worker.concurrency
+                or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency
             ):
                 self.slot_freed.clear()
                 await self.slot_freed.wait()
