@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -34,32 +35,37 @@ class Store:
         return [(item, True) for item in batch]
 
 
-def group_commit(
-    store: Store, *, split: bool = False, max_weight: int = 100
-) -> GroupCommit[Sequence[str], tuple[str, bool]]:
-    return GroupCommit(
-        store.write,
-        combine=concatenated,
-        count=len,
-        stopped=lambda: ServerUnavailable("stopped"),
-        split_on=(lambda exc: isinstance(exc, InvalidTask)) if split else None,
-        max_in_flight=1,
-        max_weight=max_weight,
-    )
+def options(*, split: bool = False, max_weight: int = 100) -> dict[str, Any]:
+    """The settings under test, the same for both kinds: one write in flight."""
+    return {
+        "combine": concatenated,
+        "count": len,
+        "stopped": lambda: ServerUnavailable("stopped"),
+        "split_on": (lambda exc: isinstance(exc, InvalidTask)) if split else None,
+        "max_in_flight": 1,
+        "max_weight": max_weight,
+    }
 
 
-async def _started(store: Store) -> None:
-    """Until the first write has begun (bounded)."""
+Commit = GroupCommit[Sequence[str], tuple[str, bool]]
+
+
+async def first_write_held(
+    first: list[str], store: Store | None = None, **settings: Any
+) -> tuple[Store, Commit, asyncio.Future[list[tuple[str, bool]]]]:
+    """A group commit whose first write (of `first`) has begun and waits at the gate; calls
+    submitted now queue behind it."""
+    store = store or Store()
+    commit: Commit = GroupCommit(store.write, **options(**settings))
+    store.gate.clear()
+    call = asyncio.ensure_future(commit.submit(first))
     await asyncio.wait_for(store.began.wait(), 5)
+    return store, commit, call
 
 
 def test_calls_that_wait_together_share_a_write_and_each_gets_its_own_rows() -> None:
     async def scenario() -> None:
-        store = Store()
-        commit = group_commit(store)
-        store.gate.clear()
-        first = asyncio.ensure_future(commit.submit(["a"]))
-        await _started(store)
+        store, commit, first = await first_write_held(["a"])
         rest = [asyncio.ensure_future(commit.submit(batch)) for batch in (["b", "c"], ["d"])]
         await asyncio.sleep(0)
         store.gate.set()
@@ -72,11 +78,7 @@ def test_calls_that_wait_together_share_a_write_and_each_gets_its_own_rows() -> 
 
 def test_a_group_stops_at_max_weight_but_a_heavy_call_still_goes_alone() -> None:
     async def scenario() -> None:
-        store = Store()
-        commit = group_commit(store, max_weight=3)
-        store.gate.clear()
-        first = asyncio.ensure_future(commit.submit(["x"]))
-        await _started(store)
+        store, commit, first = await first_write_held(["x"], max_weight=3)
         calls = [
             asyncio.ensure_future(commit.submit(batch))
             for batch in (["a", "b"], ["c", "d"], ["e", "f", "g", "h"])
@@ -91,11 +93,9 @@ def test_a_group_stops_at_max_weight_but_a_heavy_call_still_goes_alone() -> None
 
 def test_an_error_about_one_call_is_answered_per_call_when_split_on_says_so() -> None:
     async def scenario(split: bool) -> list[object]:
-        store = Store(refuse=frozenset({"bad"}))
-        commit = group_commit(store, split=split)
-        store.gate.clear()
-        first = asyncio.ensure_future(commit.submit(["a"]))
-        await _started(store)
+        store, commit, first = await first_write_held(
+            ["a"], Store(refuse=frozenset({"bad"})), split=split
+        )
         calls = [asyncio.ensure_future(commit.submit(b)) for b in (["b"], ["bad"], ["c"])]
         await asyncio.sleep(0)
         store.gate.set()
@@ -113,11 +113,7 @@ def test_an_error_about_one_call_is_answered_per_call_when_split_on_says_so() ->
 
 def test_a_call_cancelled_before_its_write_began_is_never_written() -> None:
     async def scenario() -> None:
-        store = Store()
-        commit = group_commit(store)
-        store.gate.clear()
-        first = asyncio.ensure_future(commit.submit(["a"]))
-        await _started(store)
+        store, commit, first = await first_write_held(["a"])
         given_up = asyncio.ensure_future(commit.submit(["gone"]))
         kept = asyncio.ensure_future(commit.submit(["b"]))
         await asyncio.sleep(0)
@@ -134,11 +130,7 @@ def test_a_call_cancelled_before_its_write_began_is_never_written() -> None:
 
 def test_close_fails_the_waiting_calls_with_the_stopped_error() -> None:
     async def scenario() -> None:
-        store = Store()
-        commit = group_commit(store)
-        store.gate.clear()
-        in_flight = asyncio.ensure_future(commit.submit(["a"]))
-        await _started(store)
+        store, commit, in_flight = await first_write_held(["a"])
         waiting = asyncio.ensure_future(commit.submit(["b"]))
         await asyncio.sleep(0)
         await commit.close()
@@ -176,14 +168,7 @@ class BlockingStore:
 def blocking_commit(
     store: BlockingStore, *, split: bool = False
 ) -> BlockingGroupCommit[Sequence[str], tuple[str, bool]]:
-    return BlockingGroupCommit(
-        store.write,
-        combine=concatenated,
-        count=len,
-        stopped=lambda: ServerUnavailable("stopped"),
-        split_on=(lambda exc: isinstance(exc, InvalidTask)) if split else None,
-        max_in_flight=1,
-    )
+    return BlockingGroupCommit(store.write, **options(split=split))
 
 
 def run_threads(

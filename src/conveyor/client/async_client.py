@@ -53,12 +53,8 @@ class AsyncClient:
         # round trip per task would cap them at a few hundred a second.
         self._enqueues: GroupCommit[pb.EnqueueTasksRequest, str] = GroupCommit(
             self._send_enqueue,
-            combine=core.joined_requests,
-            count=core.task_count,
-            weigh=core.request_weight,
-            max_weight=core.MAX_REQUEST_BYTES,
-            split_on=core.may_concern_one_call,
             stopped=lambda: ServerUnavailable("the client was closed"),
+            **core.ENQUEUE_JOINING,
         )
 
     def _stub(self, address: str, service: str = "TaskService") -> Any:

@@ -6,8 +6,8 @@ functions, so their behaviour cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, TypedDict
 
 from conveyor.errors import InvalidTask, ServerUnavailable
 from conveyor.protocol import convert
@@ -160,6 +160,25 @@ def may_concern_one_call(error: Exception) -> bool:
     over a limit) is answered per call, by sending each on its own.
     """
     return not isinstance(error, ServerUnavailable)
+
+
+class EnqueueJoining(TypedDict):
+    """How both clients join concurrent enqueues (the arguments of their group commit)."""
+
+    combine: Callable[[list[pb.EnqueueTasksRequest]], pb.EnqueueTasksRequest]
+    count: Callable[[pb.EnqueueTasksRequest], int]
+    weigh: Callable[[pb.EnqueueTasksRequest], int]
+    max_weight: int
+    split_on: Callable[[Exception], bool]
+
+
+ENQUEUE_JOINING: Final[EnqueueJoining] = {
+    "combine": joined_requests,
+    "count": task_count,
+    "weigh": request_weight,
+    "max_weight": MAX_REQUEST_BYTES,
+    "split_on": may_concern_one_call,
+}
 
 
 def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:

@@ -62,12 +62,8 @@ class Client:
         # one request, as in AsyncClient (see conveyor/group_commit.py).
         self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
             self._send_enqueue,
-            combine=core.joined_requests,
-            count=core.task_count,
-            weigh=core.request_weight,
-            max_weight=core.MAX_REQUEST_BYTES,
-            split_on=core.may_concern_one_call,
             stopped=lambda: ServerUnavailable("another thread's enqueue was interrupted"),
+            **core.ENQUEUE_JOINING,
         )
 
     def _stub(self, address: str, service: str = "TaskService") -> Any:
