@@ -25,6 +25,7 @@ because every such write is idempotent (an enqueue per task id, a report per lea
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
@@ -45,7 +46,8 @@ def concatenated(parts: list[Sequence[Item]]) -> list[Item]:
     return [item for part in parts for item in part]
 
 
-@dataclass
+# eq=False: calls are found and removed by identity, never compared by their batches.
+@dataclass(eq=False)
 class _Call(Generic[Batch, Row]):
     batch: Batch
     rows: int
@@ -69,6 +71,9 @@ def _take_group(waiting: list[Call], max_weight: int) -> list[Call]:
 
 def _answers(group: list[Call], rows: Sequence[Row]) -> Iterator[tuple[Call, list[Row]]]:
     """Each call of a shared write with its own rows."""
+    expected = sum(call.rows for call in group)
+    if len(rows) != expected:
+        raise RuntimeError(f"the write returned {len(rows)} rows for {expected}")
     start = 0
     for call in group:
         end = start + call.rows
@@ -76,7 +81,21 @@ def _answers(group: list[Call], rows: Sequence[Row]) -> Iterator[tuple[Call, lis
         start = end
 
 
-@dataclass
+def _own(error: Exception) -> Exception:
+    """A copy of a shared write's error for one caller, caused by the original.
+
+    Each caller raises its own object: raising one object from several callers would
+    rewrite its context and traceback under the others.
+    """
+    try:
+        mine = copy.copy(error)
+    except Exception:  # an error that cannot be copied is shared as it is
+        return error
+    mine.__cause__ = error
+    return mine
+
+
+@dataclass(eq=False)
 class _Waiting(_Call[Batch, Row]):
     answer: asyncio.Future[list[Row]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -142,13 +161,18 @@ class GroupCommit(Generic[Batch, Row]):
             raise
 
     async def close(self) -> None:
-        """Cancel the writes in flight; calls still waiting get `stopped()`."""
+        """Cancel the writes in flight; calls still waiting get `stopped()`.
+
+        The group commit can be used again afterwards (a client reopens its channels).
+        """
         flushes = list(self._flushes)
         for flush in flushes:
             flush.cancel()
         await asyncio.gather(*flushes, return_exceptions=True)
         self._fail(self._waiting, self._stopped())
         self._waiting.clear()
+        # A flush cancelled before it started never ran the `finally` that frees its slot.
+        self._in_flight = 0
 
     async def _flush(self) -> None:
         try:
@@ -163,9 +187,22 @@ class GroupCommit(Generic[Batch, Row]):
             self._in_flight -= 1
 
     async def _run(self, group: list[_Waiting[Batch, Row]]) -> None:
+        """Write `group` and answer each of its calls, whatever happens."""
+        # A caller cancelled while its group was being taken has nobody to answer.
+        group = [waiting for waiting in group if not waiting.answer.done()]
+        try:
+            if group:
+                await self._write_group(group)
+        finally:
+            # Cancelled half way (a split interrupted): no call may wait for ever.
+            unanswered = [waiting for waiting in group if not waiting.answer.done()]
+            if unanswered:
+                self._fail(unanswered, self._stopped())
+
+    async def _write_group(self, group: list[_Waiting[Batch, Row]]) -> None:
         batch = group[0].batch if len(group) == 1 else self._combine([w.batch for w in group])
         try:
-            rows = await self._write(batch)
+            answers = list(_answers(group, await self._write(batch)))
         except Exception as exc:
             if len(group) > 1 and self._split_on is not None and self._split_on(exc):
                 for waiting in group:
@@ -173,23 +210,20 @@ class GroupCommit(Generic[Batch, Row]):
                 return
             self._fail(group, exc)
             return
-        except BaseException:
-            self._fail(group, self._stopped())
-            raise
         if self._observe_group is not None:
             self._observe_group(len(group))
-        for waiting, own_rows in _answers(group, rows):
+        for waiting, own_rows in answers:
             if not waiting.answer.done():
                 waiting.answer.set_result(own_rows)
 
     @staticmethod
     def _fail(group: list[_Waiting[Batch, Row]], error: Exception) -> None:
-        for waiting in group:
+        for index, waiting in enumerate(group):
             if not waiting.answer.done():
-                waiting.answer.set_exception(error)
+                waiting.answer.set_exception(error if index == 0 else _own(error))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Blocked(_Call[Batch, Row]):
     # Set for a wake-up (answered, or asked to lead); the fields below say which.
     woken: threading.Event = field(default_factory=threading.Event)
@@ -241,14 +275,27 @@ class BlockingGroupCommit(Generic[Batch, Row]):
             if self._in_flight < self._max_in_flight:
                 self._in_flight += 1
                 call.leads = True
-        while True:
-            if call.leads and not call.done:
-                self._lead(call)
-            if call.done:
-                break
-            # The flags are the truth; the event only wakes this thread to re-read them.
-            call.woken.wait()
-            call.woken.clear()
+        try:
+            while True:
+                if call.leads:
+                    # Even when another leader has answered this call meanwhile: leading
+                    # (at once) is what hands the slot on.
+                    self._lead(call)
+                if call.done:
+                    break
+                # The flags are the truth; the event only wakes this thread to re-read them.
+                call.woken.wait()
+                call.woken.clear()
+        finally:
+            if not call.done or call.leads:
+                # Interrupted (KeyboardInterrupt) while waiting, or handed the lead then
+                # interrupted before leading: leave the queue, and pass any slot on.
+                with self._lock:
+                    if call in self._waiting:
+                        self._waiting.remove(call)
+                    if call.leads:
+                        call.leads = False
+                        self._hand_on_slot()
         if call.error is not None:
             raise call.error
         return call.answer
@@ -262,19 +309,34 @@ class BlockingGroupCommit(Generic[Batch, Row]):
                     break  # another leader holds our call: wait for its answer
                 self._run(group)
         finally:
-            own.leads = False
             with self._lock:
-                self._in_flight -= 1
-                successor = next((call for call in self._waiting if not call.leads), None)
-                if successor is not None:
-                    self._in_flight += 1
-                    successor.leads = True
-                    successor.woken.set()
+                own.leads = False
+                self._hand_on_slot()
+
+    def _hand_on_slot(self) -> None:
+        """Free a slot and give it to the oldest call waiting without one (lock held)."""
+        self._in_flight -= 1
+        successor = next((call for call in self._waiting if not call.leads), None)
+        if successor is not None:
+            self._in_flight += 1
+            successor.leads = True
+            successor.woken.set()
 
     def _run(self, group: list[_Blocked[Batch, Row]]) -> None:
+        """Write `group` and answer each of its calls, whatever happens."""
+        try:
+            self._write_group(group)
+        finally:
+            # Interrupted half way (KeyboardInterrupt in the leading thread): the others
+            # must not wait for an answer that will not come.
+            unanswered = [call for call in group if not call.done]
+            if unanswered:
+                self._settle(unanswered, error=self._stopped())
+
+    def _write_group(self, group: list[_Blocked[Batch, Row]]) -> None:
         batch = group[0].batch if len(group) == 1 else self._combine([c.batch for c in group])
         try:
-            rows = self._write(batch)
+            answers = list(_answers(group, self._write(batch)))
         except Exception as exc:
             if len(group) > 1 and self._split_on is not None and self._split_on(exc):
                 for call in group:
@@ -282,18 +344,14 @@ class BlockingGroupCommit(Generic[Batch, Row]):
                 return
             self._settle(group, error=exc)
             return
-        except BaseException:
-            # Interrupted (KeyboardInterrupt in the leading thread): the others must not
-            # wait for an answer that will not come.
-            self._settle(group, error=self._stopped())
-            raise
-        for call, own_rows in _answers(group, rows):
+        for call, own_rows in answers:
             call.answer = own_rows
             self._settle([call])
 
     @staticmethod
     def _settle(group: list[_Blocked[Batch, Row]], *, error: Exception | None = None) -> None:
-        for call in group:
-            call.error = error
+        for index, call in enumerate(group):
+            if error is not None:
+                call.error = error if index == 0 else _own(error)
             call.done = True
             call.woken.set()

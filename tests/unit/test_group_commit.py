@@ -4,6 +4,7 @@ tested end to end in tests/integration/test_group_commit.py; here, only what it 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -24,10 +25,16 @@ class Store:
         self.gate = asyncio.Event()
         self.gate.set()
         self.began = asyncio.Event()
+        # A write of exactly this batch shuts the gate behind it and sets `held`.
+        self.hold: list[str] | None = None
+        self.held = asyncio.Event()
 
     async def write(self, batch: Sequence[str]) -> list[tuple[str, bool]]:
         self.writes.append(list(batch))
         self.began.set()
+        if list(batch) == self.hold:
+            self.gate.clear()
+            self.held.set()
         await self.gate.wait()
         bad = self.refuse.intersection(batch)
         if bad:
@@ -223,3 +230,81 @@ def test_threads_get_their_own_errors_when_split_on_says_so() -> None:
     assert isinstance(answers["X"], InvalidTask)
     assert answers["C"] == [("c", True)]
     assert commit._in_flight == 0
+
+
+def test_each_caller_of_a_failed_shared_write_gets_its_own_error_object() -> None:
+    async def scenario() -> list[object]:
+        store, commit, first = await first_write_held(["a"], Store(refuse=frozenset({"b"})))
+        calls = [asyncio.ensure_future(commit.submit(batch)) for batch in (["b"], ["c"])]
+        await asyncio.sleep(0)
+        store.gate.set()
+        await first
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    errors = asyncio.run(scenario())
+    assert all(isinstance(error, InvalidTask) for error in errors)
+    # One object raised by several callers would rewrite its traceback under the others.
+    assert errors[0] is not errors[1]
+    assert str(errors[0]) == str(errors[1])
+
+
+def test_close_before_a_flush_starts_frees_its_slot() -> None:
+    async def scenario() -> None:
+        commit: Commit = GroupCommit(Store().write, **options())
+        call = asyncio.ensure_future(commit.submit(["a"]))
+        await asyncio.sleep(0)  # the call queued and scheduled a flush, not yet run
+        await commit.close()
+        with pytest.raises(ServerUnavailable, match="stopped"):
+            await call
+        # Usable again (a client reopens its channels after close).
+        assert await asyncio.wait_for(commit.submit(["b"]), 5) == [("b", True)]
+
+    asyncio.run(scenario())
+
+
+def test_close_during_a_split_answers_every_call_of_the_group() -> None:
+    async def scenario() -> list[object]:
+        store, commit, first = await first_write_held(
+            ["a"], Store(refuse=frozenset({"bad"})), split=True
+        )
+        calls = [asyncio.ensure_future(commit.submit(b)) for b in (["b"], ["bad"], ["c"])]
+        await asyncio.sleep(0)
+        store.hold = ["b"]  # the first call sent again on its own: hold it there
+        store.gate.set()
+        await first
+        await asyncio.wait_for(store.held.wait(), 5)
+        await commit.close()
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+
+    answers = asyncio.run(scenario())
+    assert all(isinstance(answer, ServerUnavailable) for answer in answers), answers
+
+
+THREADS, CALLS = 12, 100
+
+
+def test_many_threads_with_two_slots_hand_every_slot_back() -> None:
+    """Leaders hand their slots on while other leaders answer the calls they were handed
+    to: whatever the interleaving, every call is answered and no slot is lost."""
+    store = BlockingStore()
+    jitter = random.Random(5)
+
+    def write(batch: Sequence[str]) -> list[tuple[str, bool]]:
+        # Writes of uneven length, so leaders finish in every order.
+        time.sleep(jitter.random() / 2000)
+        return store.write(batch)
+
+    commit = BlockingGroupCommit(write, **{**options(), "max_in_flight": 2})
+    answers: list[list[tuple[str, bool]]] = []
+
+    def producer(index: int) -> None:
+        answers.extend(commit.submit([f"{index}-{call}"]) for call in range(CALLS))
+
+    threads = [threading.Thread(target=producer, args=(index,)) for index in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == THREADS * CALLS
+    assert commit._in_flight == 0
+    assert not commit._waiting

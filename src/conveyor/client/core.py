@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, TypedDict
 
-from conveyor.errors import InvalidTask, ServerUnavailable
+from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.types import (
@@ -156,10 +156,12 @@ def joined_requests(requests: list[pb.EnqueueTasksRequest]) -> pb.EnqueueTasksRe
 def may_concern_one_call(error: Exception) -> bool:
     """Whether a joined request's error may be about some of its calls' tasks only.
 
-    An unavailable server fails every call alike; anything else (an invalid task, one
-    over a limit) is answered per call, by sending each on its own.
+    Only an invalid task (INVALID_ARGUMENT: one call's task over a server limit the client
+    cannot know, such as the payload limit) is answered per call, by sending each call on
+    its own. Anything else (unavailable, internal, refused credentials) concerns the whole
+    request, and splitting it would only multiply the round trips.
     """
-    return not isinstance(error, ServerUnavailable)
+    return isinstance(error, InvalidTask)
 
 
 class EnqueueJoining(TypedDict):

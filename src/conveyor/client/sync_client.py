@@ -44,6 +44,10 @@ class Client:
     backoff until `retry.total_timeout`, then raise ServerUnavailable (CircuitOpen when
     every server's breaker is open and no probe is due within the budget). Retrying is
     safe: an enqueue carries its task ids, so a repeat returns the existing tasks.
+
+    Share one client between threads: enqueues made while others are in flight go
+    together in one request. Such an enqueue first waits for a request in flight, so in an
+    outage it can take up to twice `retry.total_timeout` to raise.
     """
 
     def __init__(
@@ -226,9 +230,11 @@ class Client:
 
     def close(self) -> None:
         """Close every channel."""
-        for channel in self._channels.values():
+        with self._channels_lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
             channel.close()
-        self._channels.clear()
 
     def __enter__(self) -> Self:
         """Use as a context manager; closes on exit."""

@@ -95,7 +95,7 @@ class ServerConfig:
     db_breaker_failures: int = DEFAULT_DB_BREAKER_FAILURES
     db_breaker_reset: timedelta = DEFAULT_DB_BREAKER_RESET
     stats_interval: timedelta = DEFAULT_STATS_INTERVAL
-    # Concurrent enqueues share one insert and commit (see server/group_commit.py); off only
+    # Concurrent enqueues share one insert and commit (see conveyor/group_commit.py); off only
     # to measure what it gains.
     group_commit: bool = True
     # None: keep finished tasks forever.
