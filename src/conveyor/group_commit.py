@@ -200,8 +200,8 @@ class GroupCommit(Generic[Batch, Row]):
                 self._fail(unanswered, self._stopped())
 
     async def _write_group(self, group: list[_Waiting[Batch, Row]]) -> None:
-        batch = group[0].batch if len(group) == 1 else self._combine([w.batch for w in group])
         try:
+            batch = group[0].batch if len(group) == 1 else self._combine([w.batch for w in group])
             answers = list(_answers(group, await self._write(batch)))
         except Exception as exc:
             if len(group) > 1 and self._split_on is not None and self._split_on(exc):
@@ -334,8 +334,8 @@ class BlockingGroupCommit(Generic[Batch, Row]):
                 self._settle(unanswered, error=self._stopped())
 
     def _write_group(self, group: list[_Blocked[Batch, Row]]) -> None:
-        batch = group[0].batch if len(group) == 1 else self._combine([c.batch for c in group])
         try:
+            batch = group[0].batch if len(group) == 1 else self._combine([c.batch for c in group])
             answers = list(_answers(group, self._write(batch)))
         except Exception as exc:
             if len(group) > 1 and self._split_on is not None and self._split_on(exc):
