@@ -42,28 +42,12 @@ MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
 _TASK_FRAMING_BYTES: Final = 64
 
 
-# Request templates for tasks without a trace context, by (type, timeout, retries): a
-# producer enqueues a few kinds of task over and over, and building a TaskSpec with its
-# Duration costs more than copying one. Bounded (cleared when full) against endless kinds.
+# Request templates for tasks without a trace context, by (type, timeout, retries), kept
+# across calls: a producer enqueues a few kinds of task over and over, and building a
+# TaskSpec with its Duration costs more than copying one. Bounded (cleared when full)
+# against endless kinds.
 _TEMPLATE_LIMIT: Final = 1024
 _templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
-
-
-def _template(task: Task, trace_context: dict[str, str] | None) -> pb.TaskSpec:
-    key = (task.type, task.timeout_delta, task.max_retries)
-    template = None if trace_context else _templates.get(key)
-    if template is None:
-        template = pb.TaskSpec(
-            type=task.type,
-            timeout=convert.duration(task.timeout_delta),
-            max_retries=task.max_retries,
-            trace_context=trace_context,
-        )
-        if not trace_context:
-            if len(_templates) >= _TEMPLATE_LIMIT:
-                _templates.clear()
-            _templates[key] = template
-    return template
 
 
 def enqueue_request(
@@ -81,13 +65,21 @@ def enqueue_request(
     # Duration built per task.
     request = pb.EnqueueTasksRequest()
     add = request.tasks.add
-    templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
     context = trace_context or None
+    # A traced request's templates carry its trace context: they serve this call only.
+    templates = _templates if context is None else {}
     for task, fresh_id in zip(tasks, new_task_ids(len(tasks)), strict=True):
         key = (task.type, task.timeout_delta, task.max_retries)
         template = templates.get(key)
         if template is None:
-            template = templates[key] = _template(task, context)
+            if len(templates) >= _TEMPLATE_LIMIT:
+                templates.clear()
+            template = templates[key] = pb.TaskSpec(
+                type=task.type,
+                timeout=convert.duration(task.timeout_delta),
+                max_retries=task.max_retries,
+                trace_context=context,
+            )
         spec = add()
         spec.CopyFrom(template)
         spec.id = task.id or fresh_id
