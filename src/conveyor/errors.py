@@ -7,6 +7,9 @@ ConveyorError
 ├── TaskNotFound           no task has this id
 ├── TaskAlreadyFinished    the task is in a final state; it cannot be cancelled
 ├── LeaseLost              the (task, lease) pair is no longer current: fencing rejected it
+├── Unauthenticated        no credentials, or credentials the server does not accept
+├── PermissionDenied       the credentials are valid but their role may not do this
+├── LimitExceeded          a configured limit refused the request (rate, streams)
 ├── ServerUnavailable      no server answered in time (network, restart, database down)
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
 ├── SchemaMismatch         the database schema is older or newer than this release
@@ -71,6 +74,18 @@ class TaskAlreadyFinished(ConveyorError):
 
 class LeaseLost(ConveyorError):
     """The lease is no longer current; the outcome was not applied."""
+
+
+class Unauthenticated(ConveyorError):
+    """The server did not accept the credentials (missing, unknown, or expired token)."""
+
+
+class PermissionDenied(ConveyorError):
+    """The credentials are valid, but their role or task types do not allow this."""
+
+
+class LimitExceeded(ConveyorError):
+    """A configured limit refused the request; retry later or send less."""
 
 
 class ServerUnavailable(ConveyorError):

@@ -1,8 +1,9 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
 Imports flow one way: `types`, `errors`, `breaker`, `logs` and `group_commit` are leaves;
-`storage` and `protocol` import only leaves; `client` and `worker` never import `storage` or
-`server`; `monitoring` imports only leaves; `cli` sits on top. SQL lives only in `storage/`.
+`auth` needs only `errors` and `types`; `storage` and `protocol` import only leaves; `client`
+and `worker` never import `storage` or `server`; `monitoring` imports only leaves and `auth`;
+`cli` sits on top. SQL lives only in `storage/`.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ ALLOWED = {
     "breaker": {"errors"},
     "logs": {"errors"},
     "group_commit": set(),
+    "auth": {"errors", "types"},
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
-    "monitoring": {"types", "errors", "logs"},
+    "monitoring": {"types", "errors", "logs", "auth"},
     "client": {"types", "errors", "logs", "breaker", "group_commit", "protocol"},
     "worker": {"types", "errors", "logs", "breaker", "group_commit", "protocol", "client"},
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        "monitoring",
+        *("monitoring", "auth"),
     },
     "cli": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "client", "worker", "server"),
+        *("monitoring", "client", "worker", "server", "auth"),
     },
 }
 
@@ -67,7 +69,8 @@ def source_files() -> list[Path]:
         path
         for path in layered
         if path.parent != PACKAGE
-        or path.name in {"types.py", "errors.py", "breaker.py", "logs.py", "group_commit.py"}
+        or path.name
+        in {"types.py", "errors.py", "breaker.py", "logs.py", "group_commit.py", "auth.py"}
     ]
 
 

@@ -45,6 +45,12 @@ class ServerMetrics:
             "Outcome reports refused because their lease was no longer current (fencing).",
             registry=self.registry,
         )
+        self.auth_refusals = Counter(
+            "conveyor_auth_refusals_total",
+            "Calls refused by authentication (unauthenticated) or by role (permission_denied).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.tasks_by_state = Gauge(
             "conveyor_tasks",
             "Live tasks (queued, running) by state and type, sampled from the database.",

@@ -17,10 +17,13 @@ from conveyor.errors import (
     ConveyorError,
     InvalidTask,
     LeaseLost,
+    LimitExceeded,
+    PermissionDenied,
     SchemaMismatch,
     ServerUnavailable,
     TaskAlreadyFinished,
     TaskNotFound,
+    Unauthenticated,
 )
 
 ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
@@ -31,6 +34,9 @@ ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
     LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
     ServerUnavailable: grpc.StatusCode.UNAVAILABLE,
     SchemaMismatch: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # FAILED_PRECONDITION is shared by two errors; a prefix in the message tells them apart
@@ -75,6 +81,12 @@ def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorErr
             return LeaseLost(message.removeprefix(_LEASE_LOST_PREFIX))
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_ALREADY_FINISHED_PREFIX):
             return TaskAlreadyFinished(message.removeprefix(_ALREADY_FINISHED_PREFIX))
+        case grpc.StatusCode.UNAUTHENTICATED:
+            return Unauthenticated(message)
+        case grpc.StatusCode.PERMISSION_DENIED:
+            return PermissionDenied(message)
+        case grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return LimitExceeded(message)
         case grpc.StatusCode.UNAVAILABLE | grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"{code.name}: {message}")
         case _:

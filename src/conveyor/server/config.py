@@ -5,15 +5,19 @@ Only `conveyor.cli` reads the environment; everything else receives this object.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from conveyor.errors import ConfigError
 from conveyor.server import failpoints
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_GRPC_LISTEN: Final = "127.0.0.1:50051"
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8080"
@@ -65,8 +69,11 @@ class ServerConfig:
     database_url: str
     grpc_listen: str = DEFAULT_GRPC_LISTEN
     http_listen: str | None = DEFAULT_HTTP_LISTEN
-    # The /ui dashboard on the HTTP port. It can act (retry, cancel, pause) and has no login
-    # until the security work lands, which is why the HTTP port binds to loopback by default.
+    # /metrics on an address of its own (typically internal to the cluster), served without
+    # authentication there; None keeps it on http_listen, behind a token when auth is on.
+    metrics_listen: str | None = None
+    # The /ui dashboard on the HTTP port. It can act (retry, cancel, pause): with a tokens
+    # file it asks for a login; without one it is for loopback only (see `exposure_problems`).
     dashboard: bool = True
     # Host names (besides IP addresses and localhost) the dashboard answers to; any other
     # Host header is refused, which defeats DNS rebinding against a loopback dashboard.
@@ -101,6 +108,19 @@ class ServerConfig:
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL
+    # Security (docs/security.md). Accepted tokens, re-read when the file changes; None turns
+    # authentication off, which only a loopback server or an --insecure one may do.
+    tokens_file: Path | None = None
+    # TLS for gRPC and HTTP: a PEM certificate chain and its key. With a client CA, gRPC
+    # clients must present a certificate it signed (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Serve on a non-loopback address without TLS or tokens anyway (a trusted network).
+    insecure: bool = False
+    # Signs dashboard session cookies. Servers behind one load balancer need the same one;
+    # None draws a random one at start-up (sessions then end when the server restarts).
+    session_secret: bytes | None = None
     # Test-only crash points (see server/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
 
@@ -113,9 +133,56 @@ class ServerConfig:
         unknown = self.failpoints - failpoints.KNOWN
         if unknown:
             raise ConfigError(f"unknown failpoints: {', '.join(sorted(unknown))}")
-        split_host_port(self.grpc_listen)
-        if self.http_listen is not None:
-            split_host_port(self.http_listen)
+        for address in (self.grpc_listen, self.http_listen, self.metrics_listen):
+            if address is not None:
+                split_host_port(address)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("TLS needs both a certificate and its key")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("a client CA (mutual TLS) needs the server's own certificate too")
+        problems = self.exposure_problems()
+        if problems and not self.insecure:
+            raise ConfigError(
+                "; ".join(problems) + ". Configure TLS (--tls-cert, --tls-key) and tokens "
+                "(--tokens-file), or pass --insecure if this network is trusted"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether gRPC and HTTP are served over TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def authentication(self) -> bool:
+        """Whether callers must present a token."""
+        return self.tokens_file is not None
+
+    def exposure_problems(self) -> list[str]:
+        """Why this server would be unsafe to run as configured; empty when it is not.
+
+        A server reachable from other machines must encrypt (tokens and payloads cross the
+        network) and authenticate (whoever can enqueue or report controls the fleet). On
+        loopback neither is required: that is `conveyor dev` and a developer's laptop.
+        """
+        exposed = [
+            f"{what} listens on {address}, which is not a loopback address"
+            for what, address in (
+                ("gRPC", self.grpc_listen),
+                ("HTTP", self.http_listen),
+                ("metrics", self.metrics_listen),
+            )
+            if address is not None and not is_loopback(split_host_port(address)[0])
+        ]
+        if not exposed:
+            return []
+        missing = [
+            name
+            for name, present in (("TLS", self.tls), ("authentication", self.authentication))
+            if not present
+        ]
+        if not missing:
+            return []
+        return [*exposed, f"without {' and '.join(missing)}"]
 
     def _check_durations(self) -> None:
         positive = {
@@ -161,6 +228,16 @@ class ServerConfig:
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def split_host_port(address: str) -> tuple[str, int]:
