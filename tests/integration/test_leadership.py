@@ -339,6 +339,7 @@ class TestFencedMaintenanceWrites:
                     task_types=[TYPE],
                     concurrency=1,
                     version="t",
+                    principal=None,
                 )
             claimed = [
                 await queries.task_claim(

@@ -69,24 +69,28 @@ def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
+# Codes that carry exactly one error class each (FAILED_PRECONDITION and UNAVAILABLE need
+# a closer look, below).
+_ERROR_FOR_CODE: Final[dict[grpc.StatusCode, type[ConveyorError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidTask,
+    grpc.StatusCode.NOT_FOUND: TaskNotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+}
+
+
 def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorError:
     """The typed error a client raises for a non-OK status."""
     message = details or code.name
+    simple = _ERROR_FOR_CODE.get(code)
+    if simple is not None:
+        return simple(message)
     match code:
-        case grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidTask(message)
-        case grpc.StatusCode.NOT_FOUND:
-            return TaskNotFound(message)
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_LEASE_LOST_PREFIX):
             return LeaseLost(message.removeprefix(_LEASE_LOST_PREFIX))
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_ALREADY_FINISHED_PREFIX):
             return TaskAlreadyFinished(message.removeprefix(_ALREADY_FINISHED_PREFIX))
-        case grpc.StatusCode.UNAUTHENTICATED:
-            return Unauthenticated(message)
-        case grpc.StatusCode.PERMISSION_DENIED:
-            return PermissionDenied(message)
-        case grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return LimitExceeded(message)
         case grpc.StatusCode.UNAVAILABLE | grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"{code.name}: {message}")
         case _:

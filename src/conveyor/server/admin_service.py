@@ -14,6 +14,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.control import BulkProgress, BulkScope, TaskControl, TaskFilter
 from conveyor.server.rpc import rpc_method
+from conveyor.server.security import OPEN_GATE, Gate
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -37,6 +38,9 @@ def _filter(message: pb.TaskFilter) -> TaskFilter:
 
 class AdminService(pb_grpc.AdminServiceServicer):
     """Operator queries and actions."""
+
+    # Who may call (see rpc.rpc_method); open until the server installs its own gate.
+    gate: Gate = OPEN_GATE
 
     def __init__(
         self,

@@ -38,6 +38,7 @@ from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
+from conveyor.server.security import Gate, grpc_credentials
 from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
@@ -65,6 +66,7 @@ class ConveyorServer:
         """Build the components; nothing starts until `start`."""
         self.config = config
         self.metrics = ServerMetrics()
+        self.gate = Gate.from_config(config, self.metrics)
         self.database = Database(config)
         self.elector = LeaderElector(
             database=self.database,
@@ -94,6 +96,8 @@ class ConveyorServer:
             control=self.control,
             cluster_status=self.cluster_status,
         )
+        for service in (self.task_service, self.worker_service, self.admin_service):
+            service.gate = self.gate
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
             WorkerSweeper(config, self.database, self.elector),
@@ -143,7 +147,12 @@ class ConveyorServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_listen)
+        credentials = grpc_credentials(self.config)
+        self.grpc_port = (
+            self._grpc.add_secure_port(self.config.grpc_listen, credentials)
+            if credentials is not None
+            else self._grpc.add_insecure_port(self.config.grpc_listen)
+        )
         if not self.grpc_port:
             raise ConveyorError(f"cannot listen on {self.config.grpc_listen}")
         await self._grpc.start()

@@ -1,7 +1,8 @@
 """The RPC boundary, where errors become gRPC statuses.
 
-Every servicer method runs inside `rpc_method`, which times the call and turns typed
-errors and driver failures into gRPC statuses with a one-line message.
+Every servicer method runs inside `rpc_method`, which admits the caller through the
+servicer's gate (authentication and role, see `security.Gate`), times the call, and turns
+typed errors and driver failures into gRPC statuses with a one-line message.
 
 A client therefore never sees a stack trace: INVALID_ARGUMENT, NOT_FOUND,
 FAILED_PRECONDITION and UNAVAILABLE carry Conveyor's own messages, and anything unforeseen
@@ -19,11 +20,13 @@ import grpc
 
 from conveyor.errors import ConveyorError, ServerUnavailable
 from conveyor.protocol.status import status_for
+from conveyor.server.security import enter_call, leave_call
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from conveyor.monitoring.metrics import ServerMetrics
+    from conveyor.server.security import Gate
 
 log = logging.getLogger("conveyor.server.rpc")
 
@@ -50,9 +53,13 @@ def rpc_method(
         @functools.wraps(method)
         async def wrapper(self: Any, request: Request, context: Any) -> Response:
             metrics: ServerMetrics = self.metrics
+            gate: Gate = self.gate
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            caller = None
             try:
+                if gate.enabled:
+                    caller = enter_call(gate.admit(name, context.invocation_metadata()))
                 return await method(self, request, context)
             except ConveyorError as exc:
                 code, message = status_for(exc)
@@ -71,6 +78,8 @@ def rpc_method(
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
+                if caller is not None:
+                    leave_call(caller)
                 metrics.observe_rpc(name, code.name, time.perf_counter() - started)
 
         return wrapper

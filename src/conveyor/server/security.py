@@ -100,6 +100,10 @@ class Gate:
             self._metrics.auth_refusals.labels(reason).inc()
 
 
+# A servicer's gate until the server installs the configured one: nobody is asked for a token.
+OPEN_GATE: Final = Gate(None)
+
+
 def enter_call(principal: Principal) -> object:
     """Make `principal` the caller for the current task; returns a token for `leave_call`."""
     return _CALLER.set(principal)

@@ -19,6 +19,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.rpc import rpc_method, server_stopping
+from conveyor.server.security import OPEN_GATE, Gate
 from conveyor.storage import queries
 from conveyor.types import (
     MAX_RETRIES_LIMIT,
@@ -117,6 +118,9 @@ def _trace_context(entries: Mapping[str, str]) -> str | None:
 
 class TaskService(pb_grpc.TaskServiceServicer):
     """Enqueue, inspect and cancel tasks."""
+
+    # Who may call (see rpc.rpc_method); open until the server installs its own gate.
+    gate: Gate = OPEN_GATE
 
     def __init__(
         self,

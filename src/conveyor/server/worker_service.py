@@ -4,7 +4,9 @@ Fencing lives here: a heartbeat or report names (task_id, lease_id), and the SQL
 only while that lease is the task's current one. A report for a lease that was revoked
 (cancel), expired (reaper) or replaced (another attempt) is refused with
 FAILED_PRECONDITION and leaves the task untouched, so a late or duplicate worker can never
-overwrite the outcome of the attempt that replaced it.
+overwrite the outcome of the attempt that replaced it. Reports and heartbeats are fenced by
+the holding worker's id as well, and with authentication on, a worker id belongs to the
+principal that registered it: no other credentials can lease, heartbeat or report for it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, TaskNotFound
+from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
 from conveyor.protocol.status import status_for
@@ -23,6 +25,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.rpc import rpc_method, server_stopping
+from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
@@ -44,6 +47,10 @@ MAX_REPORTS_PER_CALL: Final = 1000
 # Outcomes other than success (failures, releases) of one ReportResults call applied at
 # once: each takes a connection, and a burst of failures must not take the whole pool.
 REPORT_CONCURRENCY: Final = 4
+# Worker id -> principal, remembered so a worker's calls do not each look up its owner. A
+# worker keeps its id for its whole life, and a new one is a new entry: at this many the
+# memory is cleared and refilled from the database, one lookup per live worker.
+MAX_REMEMBERED_OWNERS: Final = 10_000
 
 
 def _clean_error(error: str) -> str:
@@ -71,6 +78,9 @@ def _task_types(values: Sequence[str]) -> list[str]:
 class WorkerService(pb_grpc.WorkerServiceServicer):
     """The workers' API."""
 
+    # Who may call (see rpc.rpc_method); open until the server installs its own gate.
+    gate: Gate = OPEN_GATE
+
     def __init__(
         self,
         config: ServerConfig,
@@ -85,6 +95,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.wake_rounds = WakeRounds(lambda: notifier.generation)
         self.metrics = metrics
         self.draining = False
+        self._owners: dict[str, str] = {}
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
@@ -111,8 +122,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         task_types = _task_types(request.task_types)
         if request.concurrency < 1:
             raise InvalidTask("concurrency must be at least 1")
+        principal = caller() if self.gate.enabled else None
+        if principal is not None:
+            principal.require_task_types(task_types)
         async with self.database.connection() as conn:
-            await queries.worker_register(
+            registered = await queries.worker_register(
                 conn,
                 worker_id=worker_id,
                 host=request.host[:255] or "unknown",
@@ -120,7 +134,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 task_types=task_types,
                 concurrency=min(request.concurrency, 2**31 - 1),
                 version=request.version[:64] or "unknown",
+                principal=principal.name if principal is not None else None,
             )
+        if not registered:
+            raise PermissionDenied(f"worker id {worker_id} is registered to another principal")
+        if principal is not None:
+            self._remember_owner(worker_id, principal.name)
         log.info(
             "worker %s registered for %s",
             worker_id,
@@ -141,6 +160,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         task_types = _task_types(request.task_types)
         if request.max_tasks < 1:
             raise InvalidTask("max_tasks must be at least 1")
+        if self.gate.enabled:
+            caller().require_task_types(task_types)
+            await self._check_owner(worker_id)
         limit = min(request.max_tasks, self.config.max_lease_batch)
         wait = (
             convert.from_duration(request.wait, field="wait")
@@ -190,7 +212,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             rows = await claim
-            await self._release_undelivered(rows)
+            await self._release_undelivered(rows, worker_id)
             raise
 
     async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
@@ -204,13 +226,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 deadline_grace=self.config.deadline_grace,
             )
 
-    async def _release_undelivered(self, rows: list[Any]) -> None:
+    async def _release_undelivered(self, rows: list[Any], worker_id: str) -> None:
         async with self.database.connection() as conn:
             for row in rows:
                 await queries.task_release(
                     conn,
                     task_id=str(row["id"]),
                     lease_id=str(row["lease_id"]),
+                    worker_id=worker_id,
                     reason="lease not delivered: the worker went away during the claim",
                 )
         if rows:
@@ -245,6 +268,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
             for ref in request.leases
         ]
+        if self.gate.enabled:
+            await self._check_owner(worker_id, priority=True)
         # The reserved pool: a heartbeat that waits behind producers costs leases.
         async with self.database.priority_connection() as conn:
             await queries.worker_touch(
@@ -257,6 +282,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             lost = (
                 await queries.task_lease_extend(
                     conn,
+                    worker_id=worker_id,
                     leases=leases,
                     lease_ttl=self.config.lease_ttl,
                     deadline_grace=self.config.deadline_grace,
@@ -283,7 +309,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self, request: pb.ReportResultRequest, context: Any
     ) -> pb.ReportResultResponse:
         """Apply an attempt's outcome if its lease is still current (fencing)."""
-        _worker_id(request.worker_id)
+        worker_id = _worker_id(request.worker_id)
+        if self.gate.enabled:
+            await self._check_owner(worker_id)
         return await self._report(request)
 
     @rpc_method("ReportResults")
@@ -299,6 +327,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         drain benchmark.
         """
         worker_id = _worker_id(request.worker_id)
+        if self.gate.enabled:
+            await self._check_owner(worker_id)
         if len(request.reports) > MAX_REPORTS_PER_CALL:
             raise InvalidTask(
                 f"{len(request.reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
@@ -355,9 +385,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 continue
             if report.outcome == pb.OUTCOME_SUCCEEDED and self.config.group_commit:
                 result = report.result if report.has_result else None
-                successes.append(
-                    (index, queries.Success(task_id=task_id, lease_id=lease_id, result=result))
-                )
+                successes.append((index, queries.Success(task_id, lease_id, worker_id, result)))
             else:
                 others.append((index, report))
         return successes, others
@@ -379,7 +407,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if request.outcome == pb.OUTCOME_SUCCEEDED and self.config.group_commit:
             result = request.result if request.has_result else None
             (row,) = await self._succeed_many(
-                [queries.Success(task_id=task_id, lease_id=lease_id, result=result)]
+                [queries.Success(task_id, lease_id, request.worker_id, result)]
             )
         else:
             async with self.database.connection() as conn:
@@ -438,6 +466,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 conn,
                 task_id=task_id,
                 lease_id=lease_id,
+                worker_id=request.worker_id,
                 result=request.result if request.has_result else None,
             )
             label = "succeeded"
@@ -447,6 +476,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 conn,
                 task_id=task_id,
                 lease_id=lease_id,
+                worker_id=request.worker_id,
                 error=_clean_error(request.error),
                 event=event,
                 retryable=not request.non_retryable,
@@ -460,6 +490,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 conn,
                 task_id=task_id,
                 lease_id=lease_id,
+                worker_id=request.worker_id,
                 reason=_clean_error(request.error or "handed back by the worker"),
             )
             label = "released"
@@ -481,10 +512,36 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.UnregisterWorkerResponse:
         """Mark a worker stopped (it said goodbye)."""
         worker_id = _worker_id(request.worker_id)
+        if self.gate.enabled:
+            await self._check_owner(worker_id)
         async with self.database.connection() as conn:
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
+
+    async def _check_owner(self, worker_id: str, *, priority: bool = False) -> None:
+        """PermissionDenied unless the caller is the principal `worker_id` belongs to."""
+        owner = self._owners.get(worker_id)
+        if owner is None:
+            connection = (
+                self.database.priority_connection() if priority else self.database.connection()
+            )
+            async with connection as conn:
+                registered, principal = await queries.worker_principal(conn, worker_id=worker_id)
+            if not registered:
+                raise PermissionDenied(
+                    f"worker {worker_id} is not registered; call RegisterWorker first"
+                )
+            # "": registered while authentication was off, so nobody's now.
+            owner = principal or ""
+            self._remember_owner(worker_id, owner)
+        if owner != caller().name:
+            raise PermissionDenied(f"worker {worker_id} belongs to another principal")
+
+    def _remember_owner(self, worker_id: str, principal: str) -> None:
+        if len(self._owners) >= MAX_REMEMBERED_OWNERS:
+            self._owners.clear()
+        self._owners[worker_id] = principal
 
 
 def _refused(exc: ConveyorError) -> pb.ReportOutcome:

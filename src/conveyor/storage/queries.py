@@ -236,11 +236,11 @@ async def task_claim(
 
 
 async def task_succeed(
-    conn: Any, *, task_id: str, lease_id: str, result: bytes | None
+    conn: Any, *, task_id: str, lease_id: str, worker_id: str, result: bytes | None
 ) -> asyncpg.Record | None:
-    """Finish the attempt holding `lease_id` as succeeded. None: the lease is not current."""
+    """Finish the attempt `worker_id` holds as succeeded. None: the lease is not current."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_succeed"], uuid.UUID(task_id), uuid.UUID(lease_id), result
+        SQL["task_succeed"], uuid.UUID(task_id), uuid.UUID(lease_id), result, worker_id
     )
     return row
 
@@ -250,6 +250,7 @@ async def task_fail(
     *,
     task_id: str,
     lease_id: str,
+    worker_id: str,
     error: str,
     event: str,
     retryable: bool,
@@ -265,16 +266,17 @@ async def task_fail(
         retryable,
         _seconds(backoff.base),
         _seconds(backoff.cap),
+        worker_id,
     )
     return row
 
 
 async def task_release(
-    conn: Any, *, task_id: str, lease_id: str, reason: str
+    conn: Any, *, task_id: str, lease_id: str, worker_id: str, reason: str
 ) -> asyncpg.Record | None:
     """Hand a lease back without spending its attempt. None: the lease is not current."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason
+        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason, worker_id
     )
     return row
 
@@ -296,11 +298,12 @@ async def task_cancel(conn: Any, *, task_id: str, detail: str) -> asyncpg.Record
 async def task_lease_extend(
     conn: Any,
     *,
+    worker_id: str,
     leases: Sequence[tuple[str, str, str | None]],
     lease_ttl: timedelta,
     deadline_grace: timedelta,
 ) -> list[asyncpg.Record]:
-    """Extend current leases (task_id, lease_id, progress or None).
+    """Extend the current leases `worker_id` holds (task_id, lease_id, progress or None).
 
     Returns (task_id, lease_id, state) of the named leases no longer held.
     """
@@ -312,6 +315,7 @@ async def task_lease_extend(
             _seconds(lease_ttl),
             _seconds(deadline_grace),
             [progress for _, _, progress in leases],
+            worker_id,
         )
     )
 
@@ -383,11 +387,26 @@ async def worker_register(
     task_types: Sequence[str],
     concurrency: int,
     version: str,
-) -> None:
-    """Insert or refresh a worker as active."""
-    await conn.execute(
-        SQL["worker_register"], worker_id, host, pid, list(task_types), concurrency, version
+    principal: str | None,
+) -> bool:
+    """Insert or refresh a worker as active; False if the id belongs to another principal."""
+    row = await conn.fetchrow(
+        SQL["worker_register"],
+        worker_id,
+        host,
+        pid,
+        list(task_types),
+        concurrency,
+        version,
+        principal,
     )
+    return row is not None
+
+
+async def worker_principal(conn: Any, *, worker_id: str) -> tuple[bool, str | None]:
+    """(registered, principal) of a worker id; the principal is None if auth was off."""
+    row = await conn.fetchrow(SQL["worker_principal"], worker_id)
+    return (row is not None, row["principal"] if row is not None else None)
 
 
 async def worker_touch(
@@ -595,6 +614,7 @@ class Success:
 
     task_id: str
     lease_id: str
+    worker_id: str
     result: bytes | None
 
 
@@ -607,5 +627,6 @@ async def task_succeed_many(conn: Any, reports: Sequence[Success]) -> list[async
             _uuids([r.lease_id for r in reports]),
             [r.result if r.result is not None else b"" for r in reports],
             [r.result is not None for r in reports],
+            [r.worker_id for r in reports],
         )
     )

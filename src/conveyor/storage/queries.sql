@@ -115,12 +115,14 @@ FROM claimed
 ORDER BY seq;
 
 -- name: task_succeed
--- $1 task id, $2 lease id, $3 result (nullable).
+-- $1 task id, $2 lease id, $3 result (nullable), $4 the reporting worker's id.
+-- Every report is fenced by (lease id, worker id): a lease id reported by any worker but
+-- the one that holds it is refused, even if it leaked.
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND state = 'running'
+    WHERE id = $1 AND lease_id = $2 AND state = 'running' AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id,
               extract(epoch FROM now() - started_at)::float8 AS ran_for
 ), history AS (
@@ -130,20 +132,21 @@ WITH done AS (
 SELECT type, state, ran_for FROM done;
 
 -- name: task_succeed_many
--- $1 task ids, $2 lease ids, $3 results (NULL: none), $4 has_result flags, one element per
--- report. Applies every success whose lease is current, in one statement (group commit of
+-- $1 task ids, $2 lease ids, $3 results (NULL: none), $4 has_result flags, $5 the reporting
+-- workers' ids, one element per report. Applies every success whose lease is current, in one statement (group commit of
 -- concurrent reports). Returns one row per input, in input order: `applied` says whether
 -- that report took effect (false: fencing refused it, or an earlier report of the same
 -- task in this statement already did). Rows are locked in task id order, the order of
 -- heartbeats and bulk actions, so concurrent statements do not deadlock.
 WITH input AS (
     SELECT *, row_number() OVER (PARTITION BY task_id ORDER BY ord) = 1 AS first_of_task
-    FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::boolean[])
-        WITH ORDINALITY AS i (task_id, lease_id, result, has_result, ord)
+    FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::boolean[], $5::text[])
+        WITH ORDINALITY AS i (task_id, lease_id, result, has_result, worker_id, ord)
 ), target AS (
     SELECT t.id, input.lease_id, input.result, input.has_result
     FROM input JOIN conveyor_tasks AS t ON t.id = input.task_id
     WHERE input.first_of_task AND t.lease_id = input.lease_id AND t.state = 'running'
+      AND t.worker_id = input.worker_id
     ORDER BY t.id
     FOR UPDATE OF t
 ), done AS (
@@ -166,7 +169,7 @@ ORDER BY input.ord;
 
 -- name: task_fail
 -- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
--- $6 backoff base (s), $7 backoff cap (s).
+-- $6 backoff base (s), $7 backoff cap (s), $8 the reporting worker's id.
 -- Retries while attempts remain: back to queued after an exponential backoff with jitter
 -- (half fixed, half random, so the delay still grows while retries spread out).
 WITH done AS (
@@ -181,7 +184,7 @@ WITH done AS (
         finished_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
         last_error = $3,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE t.id = $1 AND t.lease_id = $2 AND t.state = 'running'
+    WHERE t.id = $1 AND t.lease_id = $2 AND t.state = 'running' AND t.worker_id = $8
     RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at,
               extract(epoch FROM now() - t.started_at)::float8 AS ran_for
 ), history AS (
@@ -194,12 +197,13 @@ SELECT type, state, available_at, ran_for,
 FROM done;
 
 -- name: task_release
--- $1 task id, $2 lease id, $3 reason. Hands a lease back without spending the attempt.
+-- $1 task id, $2 lease id, $3 reason, $4 the holding worker's id. Hands a lease back without
+-- spending the attempt.
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'queued', attempt = attempt - 1, available_at = now(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND state = 'running'
+    WHERE id = $1 AND lease_id = $2 AND state = 'running' AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
@@ -228,8 +232,8 @@ SELECT state FROM done;
 
 -- name: task_lease_extend
 -- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s),
--- $4 grace after deadline (s).
--- Extends the leases that are still current and unexpired; returns every named lease that
+-- $4 grace after deadline (s), $6 the heartbeating worker's id.
+-- Extends the leases that are still current, unexpired and held by that worker; returns every named lease that
 -- is not, with the task's state (cancelled, or anything else: the lease was lost).
 WITH named AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $5::text[]) AS n (task_id, lease_id, progress)
@@ -242,7 +246,7 @@ WITH named AS (
         progress_at = CASE WHEN named.progress IS NULL THEN t.progress_at ELSE now() END
     FROM named
     WHERE t.id = named.task_id AND t.lease_id = named.lease_id
-      AND t.state = 'running' AND t.lease_expires_at > now()
+      AND t.state = 'running' AND t.lease_expires_at > now() AND t.worker_id = $6
     RETURNING t.id
 )
 SELECT named.task_id, named.lease_id, t.state
@@ -366,13 +370,21 @@ WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
 RETURNING state;
 
 -- name: worker_register
--- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version.
-INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version)
-VALUES ($1, $2, $3, $4, $5, $6)
+-- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version, $7 principal (NULL when
+-- authentication is off). A worker id stays with the principal that first registered it:
+-- registering it again under another principal changes nothing and returns no row.
+INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version, principal)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (id) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, task_types = excluded.task_types,
     concurrency = excluded.concurrency, version = excluded.version,
-    state = 'active', last_heartbeat_at = now();
+    state = 'active', last_heartbeat_at = now()
+WHERE conveyor_workers.principal IS NOT DISTINCT FROM excluded.principal
+RETURNING id;
+
+-- name: worker_principal
+-- $1 id. Whose the worker id is (no row: never registered).
+SELECT principal FROM conveyor_workers WHERE id = $1;
 
 -- name: worker_touch
 -- $1 id, $2 draining, $3 in flight, $4 loop lag (ms).
