@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from conveyor import errors
 from conveyor.client.async_client import AsyncClient
-from conveyor.client.channel import RetryPolicy
+from conveyor.client.channel import RetryPolicy, TlsConfig
 from conveyor.client.sync_client import Client
 from conveyor.errors import ConveyorError
 from conveyor.logs import ContextFilter as LogContextFilter
@@ -47,6 +47,7 @@ __all__ = [
     "TaskPage",
     "TaskState",
     "TaskStatus",
+    "TlsConfig",
     "TypeStatus",
     "Worker",
     "WorkerInfo",

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 TOKEN_PREFIX: Final = "cvy"  # noqa: S105 - a prefix, not a secret
 TOKEN_PATTERN: Final = re.compile(r"^cvy_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
-# How often a TokenFile looks at its file for changes; a rotated token is live within this.
+# How often a TokenFile looks at its file for changes by default; a rotated token is live
+# within this. A look is one stat() call, made by the next request after the interval.
 RELOAD_CHECK_SECONDS: Final = 2.0
 
 
@@ -212,6 +213,14 @@ class TokenRegistry:
         """How many tokens are accepted."""
         return len(self._entries)
 
+    def entries(self) -> list[TokenEntry]:
+        """The accepted tokens' entries, in file order."""
+        return list(self._entries.values())
+
+    def entry(self, token_id: str) -> TokenEntry | None:
+        """The entry with this public id, if any (for sessions that refer to a token by id)."""
+        return self._entries.get(token_id)
+
     @classmethod
     def from_toml(cls, text: str, source: str = "tokens") -> TokenRegistry:
         """Parse a tokens file (see docs/security.md for its format)."""
@@ -257,7 +266,7 @@ class TokenFile:
     """A TokenRegistry read from a file and read again when the file changes.
 
     Rotation needs no restart: edit the file (or replace it, as a Kubernetes secret mount
-    does) and the new set is live within RELOAD_CHECK_SECONDS. A file that fails to parse
+    does) and the new set is live within `check_interval` seconds. A file that fails to parse
     keeps the previous set in force and reports the error through `on_error`: a typo must
     not lock every client out.
     """
@@ -267,15 +276,19 @@ class TokenFile:
         path: Path,
         *,
         on_error: Callable[[ConfigError], None] | None = None,
+        check_interval: float = RELOAD_CHECK_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Read the file now; a missing or invalid file at start-up is a ConfigError."""
         self.path = path
         self._on_error = on_error
+        self._check_interval = check_interval
         self._clock = clock
         self._signature = self._stat()
         self.registry = self._read()
         self._checked_at = clock()
+        # Why the file's current contents are not in force, if they are not.
+        self.last_error: ConfigError | None = None
 
     def _stat(self) -> tuple[int, int, int]:
         try:
@@ -294,7 +307,7 @@ class TokenFile:
     def current(self) -> TokenRegistry:
         """The registry, re-read first if the file changed since the last look."""
         now = self._clock()
-        if now - self._checked_at < RELOAD_CHECK_SECONDS:
+        if now - self._checked_at < self._check_interval:
             return self.registry
         self._checked_at = now
         try:
@@ -302,7 +315,9 @@ class TokenFile:
             if signature != self._signature:
                 self.registry = self._read()
                 self._signature = signature
+                self.last_error = None
         except ConfigError as exc:
+            self.last_error = exc
             if self._on_error is not None:
                 self._on_error(exc)
         return self.registry

@@ -22,6 +22,7 @@ EXPECTED_EXPORTS = [
     "TaskPage",
     "TaskState",
     "TaskStatus",
+    "TlsConfig",
     "TypeStatus",
     "Worker",
     "WorkerInfo",

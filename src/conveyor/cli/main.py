@@ -32,6 +32,7 @@ COMMANDS: Final = {
     "stats": "cluster_commands:stats",
     "pause": "cluster_commands:pause",
     "resume": "cluster_commands:resume",
+    "token": "token_commands:token",
 }
 
 

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -64,7 +65,8 @@ async def _serve(
             f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
             f"{server.grpc_port}"
             + (
-                f", HTTP on http://{_host(config.http_listen)}:{server.http_port}/status"
+                f", HTTP on {'https' if config.tls else 'http'}://"
+                f"{_host(config.http_listen)}:{server.http_port}/status"
                 if config.http_listen
                 else ""
             ),
@@ -83,6 +85,12 @@ def _failpoints_from_env() -> frozenset[str]:
     """CONVEYOR_FAILPOINTS=a,b arms test crash points (see conveyor/server/failpoints.py)."""
     raw = os.environ.get("CONVEYOR_FAILPOINTS", "")
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def _session_secret() -> bytes | None:
+    """CONVEYOR_SESSION_SECRET: dashboard sessions valid on every server that shares it."""
+    secret = os.environ.get("CONVEYOR_SESSION_SECRET", "")
+    return secret.encode() if secret else None
 
 
 def _host(listen: str | None) -> str:
@@ -116,8 +124,7 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     default=True,
     show_default=True,
     envvar="CONVEYOR_DASHBOARD",
-    help="Serve the /ui dashboard on the HTTP address. It can retry, cancel and pause and "
-    "has no login yet: turn it off when the HTTP address is reachable by others.",
+    help="Serve the /ui dashboard on the HTTP address (with a login when --tokens-file is given).",
 )
 @click.option(
     "--dashboard-allowed-host",
@@ -204,6 +211,48 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     show_default=True,
     help="Let concurrent enqueues share one insert and commit (off only to measure it).",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    envvar="CONVEYOR_METRICS_LISTEN",
+    help="Serve /metrics on this address instead, without a token (an internal network).",
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CONVEYOR_TOKENS_FILE",
+    help="Accepted tokens (see `conveyor token create`); callers must present one. "
+    "Re-read when it changes.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CONVEYOR_TLS_CERT",
+    help="PEM certificate chain: serve gRPC and HTTP over TLS.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CONVEYOR_TLS_KEY",
+    help="The private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CONVEYOR_TLS_CLIENT_CA",
+    help="Require gRPC clients to present a certificate signed by this CA (mutual TLS).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="CONVEYOR_INSECURE",
+    help="Serve a non-loopback address without TLS or tokens (a trusted network only).",
+)
 @click.option("--server-id", default=None, help="This server's id (default: host-pid-random).")
 def server(
     database_url: str | None,
@@ -222,9 +271,19 @@ def server(
     reaper_interval: float,
     retention_days: float,
     group_commit: bool,
+    metrics_listen: str | None,
+    tokens_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    insecure: bool,
     server_id: str | None,
 ) -> None:
-    """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL."""
+    """Run a Conveyor server (gRPC + HTTP) in front of PostgreSQL.
+
+    On a loopback address it needs nothing more. On any other address it refuses to start
+    without TLS and tokens (docs/security.md), unless told --insecure.
+    """
     url, embedded = resolve_database(database_url)
     try:
         config = ServerConfig(
@@ -246,6 +305,13 @@ def server(
             reaper_interval=timedelta(seconds=reaper_interval),
             retention=timedelta(days=retention_days) if retention_days else None,
             group_commit=group_commit,
+            metrics_listen=metrics_listen,
+            tokens_file=tokens_file,
+            tls_cert_file=tls_cert,
+            tls_key_file=tls_key,
+            tls_client_ca_file=tls_client_ca,
+            insecure=insecure,
+            session_secret=_session_secret(),
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),
         )

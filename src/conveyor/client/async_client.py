@@ -9,10 +9,11 @@ import grpc
 
 from conveyor.client import core, tracing
 from conveyor.client.channel import (
-    CHANNEL_OPTIONS,
     AddressRing,
+    Credentials,
     RetryLoop,
     RetryPolicy,
+    TlsConfig,
     parse_addresses,
 )
 from conveyor.errors import ServerUnavailable
@@ -41,11 +42,15 @@ class AsyncClient:
         self,
         server: str | Sequence[str] | None = None,
         *,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
     ) -> None:
         """Prepare channels; connections open lazily on the first call."""
         self._ring = AddressRing(parse_addresses(server), breaker)
+        self._credentials = Credentials.resolve(token, tls)
+        self._metadata = self._credentials.metadata
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Enqueues from concurrent coroutines that wait while others are in flight go
@@ -60,7 +65,7 @@ class AsyncClient:
     def _stub(self, address: str, service: str = "TaskService") -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._credentials.open_channel(address, aio=True)
             self._channels[address] = channel
         return getattr(pb_grpc, f"{service}Stub")(channel)
 
@@ -73,7 +78,7 @@ class AsyncClient:
                 continue
             try:
                 response = await getattr(self._stub(address, service), method)(
-                    request, timeout=attempts.call_timeout()
+                    request, timeout=attempts.call_timeout(), metadata=self._metadata
                 )
             except grpc.aio.AioRpcError as exc:
                 attempts.failed(address, exc)

@@ -7,6 +7,12 @@ after a server restart spreads out instead of arriving at once. Each address has
 breaker: an address that keeps failing is skipped until its probe time, and when every
 address is open the loop waits for the first probe if the retry budget allows, else fails
 fast with CircuitOpen.
+
+`Credentials` is how a client or worker proves who it is and checks who it talks to: a
+bearer token sent with every call, and TLS (the server's certificate checked against a CA,
+optionally a client certificate for mutual TLS). Both come from arguments or, when those
+are not given, from the CONVEYOR_TOKEN / CONVEYOR_TOKEN_FILE and CONVEYOR_TLS* environment
+variables, so the CLI and a deployed application need no code for it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal, overload
+
+import grpc
+import grpc.aio
 
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
@@ -24,10 +34,16 @@ from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    import grpc
-
 DEFAULT_SERVER: Final = "localhost:50051"
 SERVER_ENV: Final = "CONVEYOR_SERVER"
+TOKEN_ENV: Final = "CONVEYOR_TOKEN"  # noqa: S105 - a variable's name, not a secret
+TOKEN_FILE_ENV: Final = "CONVEYOR_TOKEN_FILE"  # noqa: S105 - likewise
+# "1" (or "true"): TLS with the system's trusted roots; a CA file implies TLS too.
+TLS_ENV: Final = "CONVEYOR_TLS"
+TLS_CA_ENV: Final = "CONVEYOR_TLS_CA"
+TLS_CERT_ENV: Final = "CONVEYOR_TLS_CERT"
+TLS_KEY_ENV: Final = "CONVEYOR_TLS_KEY"
+TLS_SERVER_NAME_ENV: Final = "CONVEYOR_TLS_SERVER_NAME"
 MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 CHANNEL_OPTIONS: Final = [
@@ -42,6 +58,121 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.enable_retries", 0),
 ]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TlsConfig:
+    """TLS towards the servers.
+
+    Attributes:
+        ca_file: PEM file of the CA that signed the servers' certificates; None trusts the
+            system's roots.
+        cert_file: This client's certificate chain (PEM), for servers that require mutual TLS.
+        key_file: The key of `cert_file`.
+        server_name: The name to expect in the server's certificate when it differs from the
+            address dialled (connecting by IP address, or through a tunnel).
+    """
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        """A client certificate needs its key, and the other way round."""
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("a TLS client certificate needs its key (cert_file and key_file)")
+
+    @classmethod
+    def from_env(cls) -> TlsConfig | None:
+        """The TLS settings in CONVEYOR_TLS*, or None if they ask for none."""
+        ca, cert, key = (os.environ.get(n) or None for n in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV))
+        wanted = os.environ.get(TLS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+        if not (wanted or ca or cert or key):
+            return None
+        return cls(
+            ca_file=ca,
+            cert_file=cert,
+            key_file=key,
+            server_name=os.environ.get(TLS_SERVER_NAME_ENV) or None,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC credentials these settings describe (files are read now)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca_file, "TLS CA"),
+            private_key=_read_pem(self.key_file, "TLS key"),
+            certificate_chain=_read_pem(self.cert_file, "TLS certificate"),
+        )
+
+
+def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client or worker presents to the servers, and how it checks them.
+
+    Build with `Credentials.resolve`, which falls back on the environment.
+    """
+
+    token: str | None = None
+    tls: TlsConfig | None = None
+
+    @classmethod
+    def resolve(cls, token: str | None = None, tls: TlsConfig | bool | None = None) -> Credentials:
+        """Arguments first, then CONVEYOR_TOKEN, CONVEYOR_TOKEN_FILE and CONVEYOR_TLS*.
+
+        `tls=False` turns TLS off whatever the environment says; `tls=True` uses the
+        system's trusted roots.
+        """
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        if token is None and os.environ.get(TOKEN_FILE_ENV):
+            content = _read_pem(os.environ[TOKEN_FILE_ENV], "token file") or b""
+            token = content.decode(errors="replace")
+        if token is not None:
+            token = token.strip()
+            # A header value must be visible ASCII; anything else is a pasting accident.
+            if not token or not all(33 <= ord(c) < 127 for c in token):  # noqa: PLR2004
+                raise ConfigError("the token must be printable ASCII with no spaces")
+        settings = (
+            TlsConfig.from_env() if tls is None else TlsConfig() if tls is True else tls or None
+        )
+        return cls(token=token, tls=settings)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The metadata every call carries (the bearer token), or None."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def channel_options(self) -> list[tuple[str, object]]:
+        """CHANNEL_OPTIONS, plus the expected server name when TLS overrides it."""
+        if self.tls is not None and self.tls.server_name:
+            return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.tls.server_name)]
+        return list(CHANNEL_OPTIONS)
+
+    @overload
+    def open_channel(self, address: str, *, aio: Literal[True]) -> grpc.aio.Channel: ...
+    @overload
+    def open_channel(self, address: str, *, aio: Literal[False]) -> grpc.Channel: ...
+    def open_channel(self, address: str, *, aio: bool) -> grpc.aio.Channel | grpc.Channel:
+        """A channel to `address`, over TLS if configured."""
+        options = self.channel_options()
+        if self.tls is None:
+            if aio:
+                return grpc.aio.insecure_channel(address, options=options)
+            return grpc.insecure_channel(address, options=options)
+        credentials = self.tls.channel_credentials()
+        if aio:
+            return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.secure_channel(address, credentials, options=options)
 
 
 def parse_addresses(server: str | Sequence[str] | None) -> list[str]:

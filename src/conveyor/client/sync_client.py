@@ -10,10 +10,11 @@ import grpc
 
 from conveyor.client import core, tracing
 from conveyor.client.channel import (
-    CHANNEL_OPTIONS,
     AddressRing,
+    Credentials,
     RetryLoop,
     RetryPolicy,
+    TlsConfig,
     parse_addresses,
 )
 from conveyor.errors import ServerUnavailable
@@ -38,6 +39,12 @@ class Client:
         server: "host:port", "host1:port,host2:port", or a list. Defaults to the
             CONVEYOR_SERVER environment variable, then localhost:50051.
         retry: Deadlines and retry schedule for transient failures.
+        token: The bearer token to present (see docs/security.md). Defaults to the
+            CONVEYOR_TOKEN environment variable, then the file named by CONVEYOR_TOKEN_FILE;
+            none at all suits a server without authentication (local development).
+        tls: TLS towards the servers: a TlsConfig, True for the system's trusted roots,
+            False for plain text. Defaults to the CONVEYOR_TLS* environment variables,
+            then plain text.
         breaker: When a server's circuit opens, and for how long.
 
     Every call has a deadline; transient failures are retried on the next server with
@@ -54,11 +61,15 @@ class Client:
         self,
         server: str | Sequence[str] | None = None,
         *,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
     ) -> None:
         """Prepare channels; connections open lazily on the first call."""
         self._ring = AddressRing(parse_addresses(server), breaker)
+        self._credentials = Credentials.resolve(token, tls)
+        self._metadata = self._credentials.metadata
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -77,7 +88,7 @@ class Client:
             with self._channels_lock:
                 channel = self._channels.get(address)
                 if channel is None:
-                    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                    channel = self._credentials.open_channel(address, aio=False)
                     self._channels[address] = channel
         return getattr(pb_grpc, f"{service}Stub")(channel)
 
@@ -90,7 +101,7 @@ class Client:
                 continue
             try:
                 response = getattr(self._stub(address, service), method)(
-                    request, timeout=attempts.call_timeout()
+                    request, timeout=attempts.call_timeout(), metadata=self._metadata
                 )
             except grpc.RpcError as exc:
                 attempts.failed(address, exc)

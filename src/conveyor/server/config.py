@@ -55,6 +55,7 @@ DEFAULT_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
 # enough to inspect last week's failures, short enough that the hot table stays small.
 DEFAULT_RETENTION: Final = timedelta(days=7)
 DEFAULT_RETENTION_INTERVAL: Final = timedelta(seconds=30)
+DEFAULT_TOKENS_CHECK_INTERVAL: Final = timedelta(seconds=2)
 
 
 def default_server_id() -> str:
@@ -111,6 +112,8 @@ class ServerConfig:
     # Security (docs/security.md). Accepted tokens, re-read when the file changes; None turns
     # authentication off, which only a loopback server or an --insecure one may do.
     tokens_file: Path | None = None
+    # How soon a change to the tokens file takes effect (one stat() per interval).
+    tokens_check_interval: timedelta = DEFAULT_TOKENS_CHECK_INTERVAL
     # TLS for gRPC and HTTP: a PEM certificate chain and its key. With a client CA, gRPC
     # clients must present a certificate it signed (mutual TLS).
     tls_cert_file: Path | None = None
@@ -199,6 +202,7 @@ class ServerConfig:
             "db_breaker_reset": self.db_breaker_reset,
             "stats_interval": self.stats_interval,
             "retention_interval": self.retention_interval,
+            "tokens_check_interval": self.tokens_check_interval,
         }
         for name, value in positive.items():
             if value <= timedelta(0):

@@ -61,7 +61,12 @@ class Gate:
                 extra={"event": "tokens_reload_failed"},
             )
 
-        return cls(TokenFile(config.tokens_file, on_error=report), metrics)
+        tokens = TokenFile(
+            config.tokens_file,
+            on_error=report,
+            check_interval=config.tokens_check_interval.total_seconds(),
+        )
+        return cls(tokens, metrics)
 
     @property
     def enabled(self) -> bool:

@@ -57,9 +57,10 @@ import grpc
 from conveyor import __version__
 from conveyor.client import tracing
 from conveyor.client.channel import (
-    CHANNEL_OPTIONS,
     AddressRing,
+    Credentials,
     RetryPolicy,
+    TlsConfig,
     parse_addresses,
 )
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
@@ -119,6 +120,24 @@ def default_worker_id() -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _updated_credentials(
+    current: Credentials | None, token: str | None, tls: TlsConfig | bool | None
+) -> Credentials:
+    """The credentials after a `configure` call.
+
+    The first call reads the environment for what it is not given; later calls change only
+    what they are given.
+    """
+    if current is None:
+        return Credentials.resolve(token, tls)
+    if token is None and tls is None:
+        return current
+    return Credentials.resolve(
+        token if token is not None else current.token,
+        tls if tls is not None else (current.tls or False),
+    )
 
 
 def _checked_concurrency(concurrency: object) -> int:
@@ -198,6 +217,10 @@ class Worker:
             this attribute holds the port actually bound.
         metrics_host: The address the metrics endpoint listens on (loopback by default;
             0.0.0.0 for every interface).
+        token: The worker's bearer token (role `worker`); defaults to CONVEYOR_TOKEN, then
+            the file named by CONVEYOR_TOKEN_FILE.
+        tls: TLS towards the servers (TlsConfig, True for the system's roots, False for
+            plain text); defaults to the CONVEYOR_TLS* environment variables.
 
     Attributes:
         metrics: The worker's Prometheus metrics; `metrics.registry` can also be served
@@ -214,6 +237,8 @@ class Worker:
         worker_id: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = DEFAULT_METRICS_HOST,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
@@ -227,6 +252,8 @@ class Worker:
             lease_wait=lease_wait,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            token=token,
+            tls=tls,
         )
         self._metrics_server: MetricsServer | None = None
         self._thread: threading.Thread | None = None
@@ -244,16 +271,20 @@ class Worker:
         lease_wait: timedelta | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         """Change settings before start (the CLI's flags override a module's Worker this way).
 
-        `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first);
+        `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first),
+        and likewise for `token` and `tls` (which read CONVEYOR_TOKEN and CONVEYOR_TLS*);
         any other None keeps the current value.
         """
         if getattr(self, "_thread", None) is not None:
             raise ConfigError("configure() must be called before start()")
         if server is not None or not hasattr(self, "addresses"):
             self.addresses = parse_addresses(server)
+        self.credentials = _updated_credentials(getattr(self, "credentials", None), token, tls)
         if concurrency is not None:
             self.concurrency = _checked_concurrency(concurrency)
         if drain_timeout is not None:
@@ -410,6 +441,7 @@ class _Runtime:
         self.worker = worker
         self.start_timeout = start_timeout
         self.ring = AddressRing(worker.addresses)
+        self.metadata = worker.credentials.metadata
         self.retry = RetryPolicy()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
@@ -452,7 +484,7 @@ class _Runtime:
         # One stub per channel: building one per call showed up in profiles (~2 %).
         stub = self.stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self.worker.credentials.open_channel(address, aio=True)
             self.channels[address] = channel
             stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
         return stub
@@ -470,7 +502,9 @@ class _Runtime:
                 "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
             )
         try:
-            response = await getattr(self.stub(address), method)(request, timeout=timeout)
+            response = await getattr(self.stub(address), method)(
+                request, timeout=timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 self.ring.record(address, reachable=False)

@@ -1,0 +1,127 @@
+"""`conveyor token create` and `conveyor token list`: managing the tokens file.
+
+A new token is printed once, on stdout, and only its SHA-256 digest is written to the file,
+so the file can be read by whoever runs the servers without granting anything. Rotation is
+`create` with the same name, moving the clients to the new token, then `revoke` of the old
+id; servers re-read the file within seconds, so no restart is involved.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+
+from conveyor.auth import Role, TokenRegistry, new_token
+from conveyor.errors import ConfigError
+
+tokens_file_option = click.option(
+    "--file",
+    "tokens_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    envvar="CONVEYOR_TOKENS_FILE",
+    help="The tokens file the servers read (--tokens-file of `conveyor server`).",
+)
+
+
+@click.group()
+def token() -> None:
+    """Create, list and revoke access tokens."""
+
+
+@token.command()
+@tokens_file_option
+@click.option("--name", required=True, help="Who the token is for (kept across rotations).")
+@click.option(
+    "--role",
+    type=click.Choice([role.value for role in Role]),
+    required=True,
+    help="producer: enqueue, status, cancel. worker: run tasks. viewer: read only. "
+    "admin: everything.",
+)
+@click.option(
+    "--expires-in-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="The token stops working after this many days (default: never).",
+)
+@click.option(
+    "--task-type",
+    "task_types",
+    multiple=True,
+    metavar="TYPE",
+    help="Limit a worker token to these task types (repeatable).",
+)
+def create(
+    tokens_file: Path,
+    name: str,
+    role: str,
+    expires_in_days: float | None,
+    task_types: tuple[str, ...],
+) -> None:
+    """Add a token to the tokens file and print it (once: only its digest is kept)."""
+    registry = _read(tokens_file) if tokens_file.exists() else TokenRegistry([])
+    expires_at = (
+        datetime.now(UTC).replace(microsecond=0) + timedelta(days=expires_in_days)
+        if expires_in_days is not None
+        else None
+    )
+    secret, entry = new_token(
+        name, Role(role), expires_at=expires_at, task_types=task_types or None
+    )
+    TokenRegistry([*registry.entries(), entry])  # refuses a clashing id before writing
+    # Created private: the digests grant nothing, but the names and roles are nobody's business.
+    descriptor = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a") as file:
+        file.write(("\n" if registry.entries() else "") + entry.as_toml())
+    click.echo(secret)
+    click.echo(
+        f"token {entry.token_id} ({entry.role.value}) for {entry.name!r} added to {tokens_file}"
+        + (f"; expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""),
+        err=True,
+    )
+
+
+@token.command("list")
+@tokens_file_option
+def list_tokens(tokens_file: Path) -> None:
+    """List the tokens in the file (ids, names, roles, expiry: never secrets)."""
+    now = datetime.now(UTC)
+    for entry in _read(tokens_file).entries():
+        expiry = "never" if entry.expires_at is None else f"{entry.expires_at:%Y-%m-%d %H:%M}"
+        if entry.expires_at is not None and entry.expires_at <= now:
+            expiry += " (expired)"
+        types = ",".join(sorted(entry.task_types)) if entry.task_types else "*"
+        click.echo(
+            f"{entry.token_id}  {entry.role.value:<8}  {entry.name}  "
+            f"expires {expiry}  types {types}"
+        )
+
+
+@token.command()
+@tokens_file_option
+@click.argument("token_id", metavar="ID")
+def revoke(tokens_file: Path, token_id: str) -> None:
+    """Remove the token with this id; servers stop accepting it within seconds."""
+    registry = _read(tokens_file)
+    kept = [entry for entry in registry.entries() if entry.token_id != token_id]
+    if len(kept) == len(registry.entries()):
+        raise ConfigError(f"no token with id {token_id!r} in {tokens_file}")
+    # Write a new file and rename it over the old one: a server never reads half a file.
+    temporary = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write("\n".join(entry.as_toml() for entry in kept))
+    temporary.replace(tokens_file)
+    click.echo(f"token {token_id} revoked", err=True)
+
+
+def _read(path: Path) -> TokenRegistry:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return TokenRegistry.from_toml(text, str(path))

@@ -1,0 +1,424 @@
+"""Authentication and roles on a real server: tokens, what each role may call, worker binding.
+
+Each test starts a server with a tokens file written by `conveyor.auth.new_token` (exactly
+what `conveyor token create` writes), and calls it through the real clients, a real
+`Worker`, or raw gRPC stubs when the point is to send what the library never would (another
+worker's id or lease).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.auth import Role, TokenEntry, new_token
+from conveyor.errors import ConfigError, PermissionDenied, Unauthenticated
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from conftest import ServerThread
+
+
+class Tokens:
+    """A tokens file under test: add and remove tokens, as an operator would.
+
+    Once a server reads the file (`server` set), each change waits until that server has
+    picked it up, which happens within the server's tokens_check_interval.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: list[TokenEntry] = []
+        self.path.write_text("")
+        self.server: ServerThread | None = None
+
+    def add(self, name: str, role: Role, **options: Any) -> str:
+        token, entry = new_token(name, role, **options)
+        self.entries.append(entry)
+        self._write()
+        self._wait_until_read(entry.token_id, present=True)
+        return token
+
+    def remove(self, token: str) -> None:
+        token_id = token.split("_")[1]
+        self.entries = [entry for entry in self.entries if entry.token_id != token_id]
+        self._write()
+        self._wait_until_read(token_id, present=False)
+
+    def _wait_until_read(self, token_id: str, *, present: bool) -> None:
+        if self.server is None or self.server.server is None:
+            return
+        tokens = self.server.server.gate.tokens
+        assert tokens is not None
+        wait_for(
+            lambda: (tokens.current().entry(token_id) is not None) == present,
+            what=f"the server to {'accept' if present else 'drop'} token {token_id}",
+        )
+
+    def _write(self) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text("\n".join(entry.as_toml() for entry in self.entries))
+        temporary.replace(self.path)
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Tokens:
+    return Tokens(tmp_path / "tokens.toml")
+
+
+@pytest.fixture
+def secured(start_server: Callable[..., ServerThread], tokens: Tokens) -> ServerThread:
+    """A server that requires tokens (its tokens file is `tokens`)."""
+    tokens.add("bootstrap-admin", Role.ADMIN)
+    tokens.server = start_server(
+        tokens_file=tokens.path, tokens_check_interval=timedelta(milliseconds=20)
+    )
+    return tokens.server
+
+
+@pytest.fixture
+def stubs(secured: ServerThread) -> Iterator[tuple[Any, Any]]:
+    """Raw WorkerService and TaskService stubs on the secured server."""
+    channel = grpc.insecure_channel(secured.address)
+    yield pb_grpc.WorkerServiceStub(channel), pb_grpc.TaskServiceStub(channel)
+    channel.close()
+
+
+def spec(task_id: str) -> pb.TaskSpec:
+    return pb.TaskSpec(id=task_id, type="t", payload=b"p", timeout=Duration(seconds=60))
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def refused_code(call: Callable[[], Any]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()  # type: ignore[no-any-return]
+
+
+class TestAuthentication:
+    def test_calls_without_a_valid_token_are_unauthenticated(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """No token, a malformed one, a forged one and an expired one: all UNAUTHENTICATED."""
+        expired = tokens.add("old", Role.PRODUCER, expires_at=datetime.now(UTC) - timedelta(1))
+        forged = tokens.add("real", Role.PRODUCER)[:-4] + "AAAA"
+        task = Task(type="t", payload=b"x")
+        for token, message in (
+            (None, "no token"),
+            ("not-a-token", "not valid"),
+            (forged, "not valid"),
+            (expired, "expired"),
+        ):
+            with (
+                Client(secured.address, token=token) as client,
+                pytest.raises(Unauthenticated) as caught,
+            ):
+                client.enqueue_task(task)
+            assert message in caught.value.message
+        assert secured.server is not None
+        refusals = secured.server.metrics.auth_refusals.labels("unauthenticated")._value.get()
+        assert refusals >= 4
+
+    def test_a_token_added_to_the_file_works_and_a_removed_one_stops_without_restart(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """Rotation: two tokens of one name work side by side; removing the old ends it."""
+        old = tokens.add("billing", Role.PRODUCER)
+        with Client(secured.address, token=old) as old_client:
+            assert _accepted(old_client)
+            new = tokens.add("billing", Role.PRODUCER)
+            with Client(secured.address, token=new) as new_client:
+                assert _accepted(new_client)
+                assert _accepted(old_client)
+                tokens.remove(old)
+                assert not _accepted(old_client)
+                assert _accepted(new_client)
+
+    def test_a_broken_tokens_file_keeps_the_previous_tokens_valid(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """A typo in the file must not lock every client out."""
+        producer = tokens.add("billing", Role.PRODUCER)
+        assert secured.server is not None
+        file = secured.server.gate.tokens
+        assert file is not None
+        with Client(secured.address, token=producer) as client:
+            assert _accepted(client)
+            tokens.path.write_text("[[token]\nthis is not toml")
+            wait_for(lambda: file.current() and file.last_error, what="the broken file to be read")
+            assert "not valid TOML" in str(file.last_error)
+            assert _accepted(client)
+            tokens.remove(producer)  # a valid file again: in force at once
+            assert file.last_error is None
+            assert not _accepted(client)
+
+
+def _accepted(client: Client) -> bool:
+    try:
+        client.enqueue_task(Task(type="t", payload=b""))
+    except Unauthenticated:
+        return False
+    return True
+
+
+class TestRoles:
+    def test_each_role_gets_exactly_its_permissions(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """producer: enqueue/status/cancel; viewer: read; admin: all; others: PERMISSION_DENIED."""
+        producer = tokens.add("app", Role.PRODUCER)
+        viewer = tokens.add("grafana", Role.VIEWER)
+        worker = tokens.add("fleet", Role.WORKER)
+        admin = tokens.add("ops", Role.ADMIN)
+        with Client(secured.address, token=producer) as client:
+            task_id = client.enqueue_task(Task(type="t", payload=b"x"))
+            assert client.get_task_status(task_id).state is TaskState.QUEUED
+            with pytest.raises(PermissionDenied, match="read_cluster"):
+                client.list_tasks()
+            with pytest.raises(PermissionDenied, match="operate"):
+                client.retry_tasks([task_id])
+            with pytest.raises(PermissionDenied):
+                client.pause_type("t")
+        with Client(secured.address, token=viewer) as client:
+            assert client.get_task_status(task_id).state is TaskState.QUEUED
+            assert [task.id for task in client.list_tasks().tasks] == [task_id]
+            assert client.get_status().server_id
+            with pytest.raises(PermissionDenied, match="enqueue"):
+                client.enqueue_task(Task(type="t", payload=b""))
+            with pytest.raises(PermissionDenied):
+                client.cancel_task(task_id)
+        with Client(secured.address, token=worker) as client:
+            with pytest.raises(PermissionDenied):
+                client.enqueue_task(Task(type="t", payload=b""))
+            with pytest.raises(PermissionDenied):
+                client.get_task_status(task_id)
+        with Client(secured.address, token=producer) as client:
+            client.cancel_task(task_id)
+        with Client(secured.address, token=admin) as client:
+            assert client.pause_type("t")
+            assert client.resume_type("t")
+            assert client.get_task_status(task_id).state is TaskState.CANCELLED
+        assert secured.server is not None
+        denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
+        assert denied >= 7
+
+    def test_a_worker_with_a_worker_token_runs_tasks(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """End to end with credentials on both sides: producer enqueues, worker runs."""
+        worker = Worker(secured.address, token=tokens.add("fleet", Role.WORKER), concurrency=2)
+        worker.register_handler("echo", lambda _ctx, payload: payload[::-1])
+        worker.start()
+        try:
+            with Client(secured.address, token=tokens.add("app", Role.PRODUCER)) as client:
+                task_id = client.enqueue_task(Task(type="echo", payload=b"abc"))
+                status = wait_for(
+                    lambda: (s := client.get_task_status(task_id)).state.is_final and s,
+                    what="the task to finish",
+                )
+        finally:
+            worker.stop()
+        assert status.state is TaskState.SUCCEEDED
+        assert status.result == b"cba"
+
+    def test_a_worker_cannot_start_with_the_wrong_role_or_types(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """A producer token, or a worker token limited to other types, fails start clearly."""
+        for token, message in (
+            (tokens.add("app", Role.PRODUCER), "work permission"),
+            (
+                tokens.add("mailers", Role.WORKER, task_types=["send_email"]),
+                "may not work on task types resize_image",
+            ),
+        ):
+            worker = Worker(secured.address, token=token)
+            worker.register_handler("resize_image", lambda _ctx, payload: payload)
+            with pytest.raises(PermissionDenied, match=message):
+                worker.start()
+            worker.stop()
+
+
+class TestWorkerBinding:
+    """A worker id belongs to the principal that registered it; leases to their worker."""
+
+    def register(self, stub: Any, token: str, worker_id: str) -> None:
+        stub.RegisterWorker(
+            pb.RegisterWorkerRequest(worker_id=worker_id, task_types=["t"], concurrency=1),
+            metadata=bearer(token),
+            timeout=10,
+        )
+
+    def test_another_principal_cannot_use_a_worker_id_or_report_its_lease(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """Worker B (other credentials) can neither act as A nor report A's lease as itself."""
+        workers, tasks = stubs
+        token_a, token_b = tokens.add("team-a", Role.WORKER), tokens.add("team-b", Role.WORKER)
+        producer = tokens.add("app", Role.PRODUCER)
+        task_id = str(uuid.uuid4())
+        tasks.EnqueueTasks(
+            pb.EnqueueTasksRequest(tasks=[spec(task_id)]),
+            metadata=bearer(producer),
+            timeout=10,
+        )
+        self.register(workers, token_a, "worker-a")
+        self.register(workers, token_b, "worker-b")
+        lease = workers.LeaseTasks(
+            pb.LeaseTasksRequest(worker_id="worker-a", task_types=["t"], max_tasks=1),
+            metadata=bearer(token_a),
+            timeout=10,
+        ).leases[0]
+        as_a = {"metadata": bearer(token_b), "timeout": 10}
+        report = pb.ReportResultRequest(
+            worker_id="worker-a",
+            task_id=task_id,
+            lease_id=lease.lease_id,
+            outcome=pb.OUTCOME_SUCCEEDED,
+        )
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert refused_code(lambda: workers.ReportResult(report, **as_a)) == denied
+        assert (
+            refused_code(
+                lambda: workers.ReportResults(
+                    pb.ReportResultsRequest(worker_id="worker-a", reports=[report]), **as_a
+                )
+            )
+            == denied
+        )
+        assert (
+            refused_code(
+                lambda: workers.LeaseTasks(
+                    pb.LeaseTasksRequest(worker_id="worker-a", task_types=["t"], max_tasks=1),
+                    **as_a,
+                )
+            )
+            == denied
+        )
+        heartbeat = pb.HeartbeatRequest(
+            worker_id="worker-a",
+            leases=[pb.LeaseRef(task_id=task_id, lease_id=lease.lease_id)],
+        )
+        assert refused_code(lambda: workers.Heartbeat(heartbeat, **as_a)) == denied
+        assert refused_code(lambda: self.register(workers, token_b, "worker-a")) == denied
+        # As itself, B's report of A's lease is fenced out by the worker id.
+        own = pb.ReportResultRequest(
+            worker_id="worker-b",
+            task_id=task_id,
+            lease_id=lease.lease_id,
+            outcome=pb.OUTCOME_FAILED,
+            error="forged",
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            workers.ReportResult(own, **as_a)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lease lost" in (caught.value.details() or "")
+        stopped = workers.Heartbeat(
+            pb.HeartbeatRequest(
+                worker_id="worker-b",
+                leases=[pb.LeaseRef(task_id=task_id, lease_id=lease.lease_id)],
+            ),
+            **as_a,
+        ).stop
+        assert [entry.task_id for entry in stopped] == [task_id]
+        # A itself still holds the lease and settles it.
+        answer = workers.ReportResult(report, metadata=bearer(token_a), timeout=10)
+        assert answer.state == pb.TASK_STATE_SUCCEEDED
+
+    def test_two_tokens_of_one_principal_share_its_workers(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """Binding is to the principal, not to one token: rotation keeps workers working."""
+        workers, _ = stubs
+        old, new = tokens.add("fleet", Role.WORKER), tokens.add("fleet", Role.WORKER)
+        self.register(workers, old, "worker-r")
+        answer = workers.LeaseTasks(
+            pb.LeaseTasksRequest(worker_id="worker-r", task_types=["t"], max_tasks=1),
+            metadata=bearer(new),
+            timeout=10,
+        )
+        assert list(answer.leases) == []
+
+    def test_unregistered_worker_ids_are_refused(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """With authentication on, a worker must register before it leases."""
+        workers, _ = stubs
+        token = tokens.add("fleet", Role.WORKER)
+        with pytest.raises(grpc.RpcError) as caught:
+            workers.LeaseTasks(
+                pb.LeaseTasksRequest(worker_id="never-registered", task_types=["t"], max_tasks=1),
+                metadata=bearer(token),
+                timeout=10,
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not registered" in (caught.value.details() or "")
+
+
+class TestFencingByWorkerWithoutAuthentication:
+    def test_a_lease_reported_under_another_worker_id_is_refused(
+        self, server: ServerThread
+    ) -> None:
+        """Even with authentication off, a report must come from the worker holding the lease."""
+        channel = grpc.insecure_channel(server.address)
+        workers, tasks = pb_grpc.WorkerServiceStub(channel), pb_grpc.TaskServiceStub(channel)
+        task_id = str(uuid.uuid4())
+        tasks.EnqueueTasks(
+            pb.EnqueueTasksRequest(tasks=[spec(task_id)]),
+            timeout=10,
+        )
+        lease = workers.LeaseTasks(
+            pb.LeaseTasksRequest(worker_id="holder", task_types=["t"], max_tasks=1), timeout=10
+        ).leases[0]
+        for outcome in (pb.OUTCOME_SUCCEEDED, pb.OUTCOME_FAILED, pb.OUTCOME_RELEASED):
+            report = pb.ReportResultRequest(
+                worker_id="intruder", task_id=task_id, lease_id=lease.lease_id, outcome=outcome
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                workers.ReportResult(report, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with Client(server.address) as client:
+            assert client.get_task_status(task_id).state is TaskState.RUNNING
+        channel.close()
+
+
+class TestExposure:
+    def test_a_non_loopback_server_needs_tls_and_tokens_or_insecure(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        """The refusal names what is missing; --insecure (or both) lets it start."""
+        with pytest.raises(ConfigError) as caught:
+            ServerConfig(database_url=database_url, grpc_listen="0.0.0.0:50051")
+        assert "not a loopback address" in caught.value.message
+        assert "without TLS and authentication" in caught.value.message
+        assert "--insecure" in caught.value.message
+        with pytest.raises(ConfigError, match="without TLS"):
+            ServerConfig(
+                database_url=database_url,
+                http_listen="10.1.2.3:8080",
+                tokens_file=tmp_path / "tokens.toml",
+            )
+        ServerConfig(database_url=database_url, grpc_listen="0.0.0.0:1", insecure=True)
+        ServerConfig(
+            database_url=database_url,
+            grpc_listen="[::]:1",
+            http_listen=None,
+            tokens_file=tmp_path / "tokens.toml",
+            tls_cert_file=tmp_path / "cert.pem",
+            tls_key_file=tmp_path / "key.pem",
+        )
