@@ -1,0 +1,147 @@
+"""TLS on gRPC, against a real server: clients and workers verify it, mutual TLS verifies them.
+
+Certificates come from a throwaway CA (trustme), written to files exactly as an operator
+would hand them to `conveyor server --tls-cert/--tls-key/--tls-client-ca`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+import trustme
+from helpers import wait_for
+
+from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
+from conveyor.auth import Role, new_token
+from conveyor.errors import ServerUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from conftest import ServerThread
+
+# Refusals are not retried for long: a wrong certificate will not become right.
+QUICK = RetryPolicy(total_timeout=timedelta(seconds=1), call_timeout=timedelta(seconds=1))
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "conveyor.internal")
+    client = ca.issue_cert("worker-17.example")
+    paths = Pki(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        other_ca=directory / "other-ca.pem",
+    )
+    ca.cert_pem.write_to_path(str(paths.ca))
+    other.cert_pem.write_to_path(str(paths.other_ca))
+    server.private_key_pem.write_to_path(str(paths.server_key))
+    paths.server_cert.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    client.private_key_pem.write_to_path(str(paths.client_key))
+    paths.client_cert.write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
+    return paths
+
+
+def enqueue(address: str, tls: TlsConfig | bool, **options: object) -> str:
+    with Client(address, tls=tls, retry=QUICK, **options) as client:  # type: ignore[arg-type]
+        return client.enqueue_task(Task(type="t", payload=b"over tls"))
+
+
+class TestServerTls:
+    @pytest.fixture
+    def tls_server(self, start_server: Callable[..., ServerThread], pki: Pki) -> ServerThread:
+        return start_server(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)
+
+    def test_a_client_that_trusts_the_ca_connects(self, tls_server: ServerThread, pki: Pki) -> None:
+        port = tls_server.address.rpartition(":")[2]
+        assert enqueue(f"localhost:{port}", TlsConfig(ca_file=pki.ca))
+        assert enqueue(f"127.0.0.1:{port}", TlsConfig(ca_file=pki.ca))
+
+    def test_the_expected_name_can_differ_from_the_address(
+        self, tls_server: ServerThread, pki: Pki
+    ) -> None:
+        """Dialling by IP or through a tunnel, the certificate's name is still checked."""
+        assert enqueue(
+            tls_server.address, TlsConfig(ca_file=pki.ca, server_name="conveyor.internal")
+        )
+        with pytest.raises(ServerUnavailable):
+            enqueue(tls_server.address, TlsConfig(ca_file=pki.ca, server_name="evil.example"))
+
+    def test_plain_text_and_an_untrusted_ca_are_refused(
+        self, tls_server: ServerThread, pki: Pki
+    ) -> None:
+        with pytest.raises(ServerUnavailable):
+            enqueue(tls_server.address, tls=False)
+        with pytest.raises(ServerUnavailable):
+            enqueue(tls_server.address, TlsConfig(ca_file=pki.other_ca))
+
+    def test_tls_settings_come_from_the_environment(
+        self, tls_server: ServerThread, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """CONVEYOR_TLS_CA is all a deployed app (or the CLI) needs."""
+        monkeypatch.setenv("CONVEYOR_TLS_CA", str(pki.ca))
+        with Client(tls_server.address, retry=QUICK) as client:
+            assert client.enqueue_task(Task(type="t", payload=b""))
+
+    def test_a_worker_runs_tasks_over_tls_with_a_token(
+        self, start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path
+    ) -> None:
+        """The production set-up end to end: TLS, tokens, a worker and a producer."""
+        worker_token, worker_entry = new_token("fleet", Role.WORKER)
+        app_token, app_entry = new_token("app", Role.PRODUCER)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(worker_entry.as_toml() + "\n" + app_entry.as_toml())
+        server = start_server(
+            tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tokens_file=tokens
+        )
+        tls = TlsConfig(ca_file=pki.ca)
+        worker = Worker(server.address, token=worker_token, tls=tls)
+        worker.register_handler("t", lambda _ctx, payload: payload.upper())
+        worker.start()
+        try:
+            with Client(server.address, token=app_token, tls=tls) as client:
+                task_id = client.enqueue_task(Task(type="t", payload=b"secret"))
+                status = wait_for(
+                    lambda: (s := client.get_task_status(task_id)).state.is_final and s,
+                    what="the task to finish",
+                )
+        finally:
+            worker.stop()
+        assert status.state is TaskState.SUCCEEDED
+        assert status.result == b"SECRET"
+
+
+class TestMutualTls:
+    def test_clients_without_a_certificate_from_the_ca_are_refused(
+        self, start_server: Callable[..., ServerThread], pki: Pki
+    ) -> None:
+        server = start_server(
+            tls_cert_file=pki.server_cert,
+            tls_key_file=pki.server_key,
+            tls_client_ca_file=pki.ca,
+        )
+        with pytest.raises(ServerUnavailable):
+            enqueue(server.address, TlsConfig(ca_file=pki.ca))
+        assert enqueue(
+            server.address,
+            TlsConfig(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key),
+        )
