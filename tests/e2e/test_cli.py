@@ -12,7 +12,7 @@ from helpers import conveyor_command, free_port, process_env, wait_final
 from conveyor import Task, TaskState
 from conveyor.storage import migrate
 
-COMMANDS = ("server", "migrate", "worker", "enqueue", "status", "cancel", "dev")
+COMMANDS = ("server", "migrate", "worker", "enqueue", "status", "cancel", "dev", "token")
 
 
 def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -156,3 +156,93 @@ class TestServerCommands:
             run("worker", "nosuchmodule:worker", "--server", "127.0.0.1:1")
         )
         assert "nosuchmodule" in line
+
+
+@pytest.mark.slow
+class TestSecurityCommands:
+    def test_token_create_list_revoke_and_use_from_the_environment(
+        self, start_server, tmp_path
+    ) -> None:
+        """The operator's loop: create a token, use it through CONVEYOR_TOKEN, revoke it."""
+        tokens = tmp_path / "tokens.toml"
+        token = assert_ok(
+            run("token", "create", "--file", str(tokens), "--name", "ops", "--role", "admin")
+        ).strip()
+        assert token.startswith("cvy_")
+        assert token not in tokens.read_text()
+        assert oct(tokens.stat().st_mode & 0o777) == "0o600"
+        producer = assert_ok(
+            run("token", "create", "--file", str(tokens), "--name", "app", "--role", "producer")
+        ).strip()
+        listed = assert_ok(run("token", "list", "--file", str(tokens)))
+        assert [line.split()[1:3] for line in listed.splitlines()] == [
+            ["admin", "ops"],
+            ["producer", "app"],
+        ]
+        server = start_server(tokens_file=tokens)
+        denied = assert_one_error_line(run("enqueue", "t", "--server", server.address))
+        assert "no token" in denied
+        task_id = assert_ok(
+            run("enqueue", "t", "--server", server.address, CONVEYOR_TOKEN=producer)
+        ).strip()
+        assert str(uuid.UUID(task_id)) == task_id
+        token_file = tmp_path / "admin.token"
+        token_file.write_text(token + "\n")
+        assert_ok(
+            run("tasks", "list", "--server", server.address, CONVEYOR_TOKEN_FILE=str(token_file))
+        )
+        assert "permission" in assert_one_error_line(
+            run("tasks", "list", "--server", server.address, CONVEYOR_TOKEN=producer)
+        )
+        assert_ok(run("token", "revoke", "--file", str(tokens), producer.split("_")[1]))
+        assert "app" not in assert_ok(run("token", "list", "--file", str(tokens)))
+
+    def test_worker_token_limited_to_types_and_bad_arguments(self, tmp_path) -> None:
+        tokens = tmp_path / "tokens.toml"
+        assert_ok(
+            run(
+                "token",
+                "create",
+                "--file",
+                str(tokens),
+                "--name",
+                "mailers",
+                "--role",
+                "worker",
+                "--task-type",
+                "send_email",
+                "--expires-in-days",
+                "30",
+            )
+        )
+        assert "send_email" in assert_ok(run("token", "list", "--file", str(tokens)))
+        assert "only worker tokens" in assert_one_error_line(
+            run(
+                "token",
+                "create",
+                "--file",
+                str(tokens),
+                "--name",
+                "x",
+                "--role",
+                "viewer",
+                "--task-type",
+                "a",
+            )
+        )
+        assert "token name must be" in assert_one_error_line(
+            run("token", "create", "--file", str(tokens), "--name", "a b", "--role", "admin")
+        )
+        assert "no token with id" in assert_one_error_line(
+            run("token", "revoke", "--file", str(tokens), "00000000")
+        )
+
+    def test_server_refuses_a_non_loopback_address_without_tls_and_tokens(
+        self, database_url
+    ) -> None:
+        """It says why and how to fix it, and exits 1 before touching anything."""
+        line = assert_one_error_line(
+            run("server", "--database-url", database_url, "--grpc-listen", "0.0.0.0:0")
+        )
+        assert "not a loopback address" in line
+        assert "--insecure" in line
