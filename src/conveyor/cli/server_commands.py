@@ -21,6 +21,8 @@ from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
     DEFAULT_GRPC_LISTEN,
     DEFAULT_HTTP_LISTEN,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_RATE_LIMIT,
     ServerConfig,
     default_server_id,
 )
@@ -248,6 +250,22 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Require gRPC clients to present a certificate signed by this CA (mutual TLS).",
 )
 @click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RATE_LIMIT,
+    show_default=True,
+    envvar="CONVEYOR_RATE_LIMIT",
+    help="Producer and operator requests per second per token, on each server (0: no "
+    "limit). Bursts up to twice this.",
+)
+@click.option(
+    "--max-concurrent-rpcs",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_CONCURRENT_RPCS,
+    show_default=True,
+    help="Calls in progress on this server at once (each worker holds one long poll).",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     envvar="CONVEYOR_INSECURE",
@@ -276,6 +294,8 @@ def server(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
+    rate_limit: float,
+    max_concurrent_rpcs: int,
     insecure: bool,
     server_id: str | None,
 ) -> None:
@@ -311,6 +331,9 @@ def server(
             tls_key_file=tls_key,
             tls_client_ca_file=tls_client_ca,
             insecure=insecure,
+            rate_limit=rate_limit or None,
+            rate_burst=max(1.0, rate_limit * 2),
+            max_concurrent_rpcs=max_concurrent_rpcs,
             session_secret=_session_secret(),
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),

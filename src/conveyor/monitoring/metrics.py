@@ -51,6 +51,12 @@ class ServerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.limit_refusals = Counter(
+            "conveyor_limit_refusals_total",
+            "Requests refused by a configured limit (request_rate, payload_size, batch_size).",
+            ["limit"],
+            registry=self.registry,
+        )
         self.tasks_by_state = Gauge(
             "conveyor_tasks",
             "Live tasks (queued, running) by state and type, sampled from the database.",

@@ -56,6 +56,16 @@ DEFAULT_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
 DEFAULT_RETENTION: Final = timedelta(days=7)
 DEFAULT_RETENTION_INTERVAL: Final = timedelta(seconds=30)
 DEFAULT_TOKENS_CHECK_INTERVAL: Final = timedelta(seconds=2)
+# Producer and operator requests per second per token, per server process. A client joins
+# concurrent enqueues into one request, so this is thousands of tasks a second; it exists
+# so one runaway script cannot take a server's whole CPU from everyone else.
+DEFAULT_RATE_LIMIT: Final = 2000.0
+DEFAULT_RATE_BURST: Final = 4000.0
+# Calls in progress on one server (long polls included: one per worker) and HTTP/2 streams
+# per connection. Beyond them gRPC answers RESOURCE_EXHAUSTED at once instead of queueing
+# without bound.
+DEFAULT_MAX_CONCURRENT_RPCS: Final = 10_000
+DEFAULT_MAX_STREAMS_PER_CONNECTION: Final = 256
 
 
 def default_server_id() -> str:
@@ -112,6 +122,11 @@ class ServerConfig:
     # Security (docs/security.md). Accepted tokens, re-read when the file changes; None turns
     # authentication off, which only a loopback server or an --insecure one may do.
     tokens_file: Path | None = None
+    # None: no metering (see server/security.py for what is metered and why).
+    rate_limit: float | None = DEFAULT_RATE_LIMIT
+    rate_burst: float = DEFAULT_RATE_BURST
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
     # How soon a change to the tokens file takes effect (one stat() per interval).
     tokens_check_interval: timedelta = DEFAULT_TOKENS_CHECK_INTERVAL
     # TLS for gRPC and HTTP: a PEM certificate chain and its key. With a client CA, gRPC
@@ -229,9 +244,13 @@ class ServerConfig:
             ("pool_max_size", self.pool_max_size),
             ("priority_pool_size", self.priority_pool_size),
             ("db_breaker_failures", self.db_breaker_failures),
+            ("max_concurrent_rpcs", self.max_concurrent_rpcs),
+            ("max_streams_per_connection", self.max_streams_per_connection),
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.rate_limit is not None and (self.rate_limit <= 0 or self.rate_burst < 1):
+            raise ConfigError("rate_limit must be positive and rate_burst at least 1")
 
 
 def is_loopback(host: str) -> bool:

@@ -7,22 +7,36 @@ is the *caller* for the rest of the call (`caller()`), which is how the worker s
 worker ids to principals and how history records who acted. With no tokens file the gate is
 open and every caller is `ANONYMOUS` (an admin): that is a loopback development server, or
 one its operator started with --insecure.
+
+The gate also meters requests: each token (all anonymous callers together when
+authentication is off) has a token bucket per server process, and a producer or operator
+call that finds it empty is refused with RESOURCE_EXHAUSTED. Worker calls are not metered:
+their rate is set by the protocol itself (one long poll, a heartbeat every few seconds,
+batched reports), and refusing a heartbeat would cost a worker its leases.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final
 
 import grpc
 
-from conveyor.auth import ANONYMOUS, Principal, TokenFile, bearer_token, permission_for
-from conveyor.errors import ConfigError, PermissionDenied, Unauthenticated
+from conveyor.auth import (
+    ANONYMOUS,
+    Permission,
+    Principal,
+    TokenFile,
+    bearer_token,
+    permission_for,
+)
+from conveyor.errors import ConfigError, LimitExceeded, PermissionDenied, Unauthenticated
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 
     from conveyor.monitoring.metrics import ServerMetrics
@@ -40,19 +54,54 @@ def caller() -> Principal:
     return _CALLER.get()
 
 
-class Gate:
-    """Authentication and role checks for RPCs (and, through `authenticate`, the dashboard)."""
+class RateLimiter:
+    """One token bucket per key: `rate` requests a second on average, bursts up to `burst`."""
 
-    def __init__(self, tokens: TokenFile | None, metrics: ServerMetrics | None = None) -> None:
-        """`tokens` None: the gate is open."""
+    def __init__(
+        self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Buckets start full."""
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """Spend one request; 0.0 if allowed, else the seconds until one would be."""
+        now = self._clock()
+        level, then = self._buckets.get(key, (self.burst, now))
+        level = min(self.burst, level + (now - then) * self.rate)
+        if level < 1:
+            self._buckets[key] = (level, now)
+            return (1 - level) / self.rate
+        self._buckets[key] = (level - 1, now)
+        return 0.0
+
+
+class Gate:
+    """Authentication, role checks and request metering for RPCs (and the dashboard's login)."""
+
+    def __init__(
+        self,
+        tokens: TokenFile | None,
+        metrics: ServerMetrics | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """`tokens` None: nobody is asked for a token. `limiter` None: no metering."""
         self.tokens = tokens
         self._metrics = metrics
+        self._limiter = limiter
 
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> Gate:
         """The gate a server's configuration asks for (reads the tokens file now)."""
+        limiter = (
+            RateLimiter(config.rate_limit, config.rate_burst)
+            if config.rate_limit is not None
+            else None
+        )
         if config.tokens_file is None:
-            return cls(None, metrics)
+            return cls(None, metrics, limiter)
 
         def report(error: ConfigError) -> None:
             log.error(
@@ -66,10 +115,15 @@ class Gate:
             on_error=report,
             check_interval=config.tokens_check_interval.total_seconds(),
         )
-        return cls(tokens, metrics)
+        return cls(tokens, metrics, limiter)
 
     @property
     def enabled(self) -> bool:
+        """Whether RPCs must pass through `admit` (tokens asked for, or requests metered)."""
+        return self.tokens is not None or self._limiter is not None
+
+    @property
+    def authenticating(self) -> bool:
         """Whether callers must present a token."""
         return self.tokens is not None
 
@@ -84,20 +138,30 @@ class Gate:
             raise
 
     def admit(self, rpc: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
-        """Authenticate an RPC's caller and check their role may call it."""
-        if self.tokens is None:
-            return ANONYMOUS
-        token = None
-        for key, value in metadata or ():
-            if key == AUTHORIZATION and isinstance(value, str):
-                token = bearer_token(value)
-                break
-        principal = self.authenticate(token)
-        try:
-            principal.require(permission_for(rpc), rpc)
-        except PermissionDenied:
-            self._count("permission_denied")
-            raise
+        """Authenticate an RPC's caller, check their role may call it, and meter the call."""
+        permission = permission_for(rpc)
+        principal = ANONYMOUS
+        if self.tokens is not None:
+            token = None
+            for key, value in metadata or ():
+                if key == AUTHORIZATION and isinstance(value, str):
+                    token = bearer_token(value)
+                    break
+            principal = self.authenticate(token)
+            try:
+                principal.require(permission, rpc)
+            except PermissionDenied:
+                self._count("permission_denied")
+                raise
+        if self._limiter is not None and permission is not Permission.WORK:
+            wait = self._limiter.take(principal.token_id or principal.name)
+            if wait:
+                if self._metrics is not None:
+                    self._metrics.limit_refusals.labels("request_rate").inc()
+                raise LimitExceeded(
+                    f"request rate limit of {self._limiter.rate:g}/s for "
+                    f"{_who(principal)} exceeded; retry in {wait * 1000:.0f} ms"
+                )
         return principal
 
     def _count(self, reason: str) -> None:
@@ -107,6 +171,12 @@ class Gate:
 
 # A servicer's gate until the server installs the configured one: nobody is asked for a token.
 OPEN_GATE: Final = Gate(None)
+
+
+def _who(principal: Principal) -> str:
+    if principal.token_id:
+        return f"token {principal.token_id} ({principal.name})"
+    return "anonymous callers"
 
 
 def enter_call(principal: Principal) -> object:

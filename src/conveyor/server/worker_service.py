@@ -122,7 +122,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         task_types = _task_types(request.task_types)
         if request.concurrency < 1:
             raise InvalidTask("concurrency must be at least 1")
-        principal = caller() if self.gate.enabled else None
+        principal = caller() if self.gate.authenticating else None
         if principal is not None:
             principal.require_task_types(task_types)
         async with self.database.connection() as conn:
@@ -160,7 +160,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         task_types = _task_types(request.task_types)
         if request.max_tasks < 1:
             raise InvalidTask("max_tasks must be at least 1")
-        if self.gate.enabled:
+        if self.gate.authenticating:
             caller().require_task_types(task_types)
             await self._check_owner(worker_id)
         limit = min(request.max_tasks, self.config.max_lease_batch)
@@ -268,7 +268,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
             for ref in request.leases
         ]
-        if self.gate.enabled:
+        if self.gate.authenticating:
             await self._check_owner(worker_id, priority=True)
         # The reserved pool: a heartbeat that waits behind producers costs leases.
         async with self.database.priority_connection() as conn:
@@ -310,7 +310,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.ReportResultResponse:
         """Apply an attempt's outcome if its lease is still current (fencing)."""
         worker_id = _worker_id(request.worker_id)
-        if self.gate.enabled:
+        if self.gate.authenticating:
             await self._check_owner(worker_id)
         return await self._report(request)
 
@@ -327,7 +327,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         drain benchmark.
         """
         worker_id = _worker_id(request.worker_id)
-        if self.gate.enabled:
+        if self.gate.authenticating:
             await self._check_owner(worker_id)
         if len(request.reports) > MAX_REPORTS_PER_CALL:
             raise InvalidTask(
@@ -512,7 +512,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.UnregisterWorkerResponse:
         """Mark a worker stopped (it said goodbye)."""
         worker_id = _worker_id(request.worker_id)
-        if self.gate.enabled:
+        if self.gate.authenticating:
             await self._check_owner(worker_id)
         async with self.database.connection() as conn:
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
