@@ -1,21 +1,33 @@
 """The server's HTTP endpoints: /healthz, /readyz, /status (JSON), /metrics, and the /ui dashboard.
 
-This module knows nothing of the database or gRPC: the server hands it a `StatusSource`
-that answers the questions, so the endpoints stay thin and testable on their own.
+/healthz and /readyz are always open: load balancers and orchestrators probe them without
+credentials, and they reveal only whether this server can serve. With authentication on,
+/status and /metrics need `Authorization: Bearer <token>` of a role that may read the
+cluster, refused with a JSON body (401 for no or a bad token, 403 for a role without the
+permission). /metrics may instead be served alone on an address of its own
+(`create_metrics_app`), typically one only the cluster's scraper can reach, without a token.
+Each address is served by an `HttpServer`, over TLS when given an SSL context. This module
+knows nothing of the database or gRPC: the server hands it a `StatusSource` that answers the
+questions, and an `authenticate` callable that turns a token into a principal.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
+from conveyor.auth import Permission, bearer_token
+from conveyor.errors import Unauthenticated
+
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable
 
+    from conveyor.auth import Principal
     from conveyor.monitoring.dashboard.views import Dashboard
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class StatusSource(Protocol):
@@ -34,8 +46,58 @@ class StatusSource(Protocol):
         ...
 
 
-def create_app(source: StatusSource, dashboard: Dashboard | None = None) -> web.Application:
-    """The aiohttp application serving the monitoring endpoints (and /ui if given a source)."""
+def _metrics_endpoint(source: StatusSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=source.metrics_text())
+        response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+        return response
+
+    return metrics
+
+
+def _refusal(status: int, error: str, message: str) -> web.Response:
+    response = web.json_response({"error": error, "message": message}, status=status)
+    if status == 401:  # noqa: PLR2004 - the one status that must name the scheme to use
+        response.headers["WWW-Authenticate"] = 'Bearer realm="conveyor"'
+    return response
+
+
+def _bearer_protected(
+    endpoint: Callable[[web.Request], Awaitable[web.Response]],
+    authenticate: Callable[[str | None], Principal],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`endpoint`, answered only for a bearer token of a role that may read the cluster."""
+
+    async def protected(request: web.Request) -> web.Response:
+        try:
+            principal = authenticate(bearer_token(request.headers.get("Authorization")))
+        except Unauthenticated as exc:
+            return _refusal(401, "unauthenticated", exc.message)
+        if not principal.may(Permission.READ_CLUSTER):
+            return _refusal(
+                403,
+                "permission_denied",
+                f"{request.path} needs the {Permission.READ_CLUSTER.value} permission, which "
+                f"the {principal.role.value} role of {principal.name!r} does not have",
+            )
+        return await endpoint(request)
+
+    return protected
+
+
+def create_app(
+    source: StatusSource,
+    dashboard: Dashboard | None = None,
+    *,
+    authenticate: Callable[[str | None], Principal] | None = None,
+    metrics: bool = True,
+) -> web.Application:
+    """The aiohttp application serving the monitoring endpoints (and /ui if given a source).
+
+    `authenticate` (a token to its principal, raising Unauthenticated) puts /status and
+    /metrics behind a bearer token; None leaves them open. `metrics` False leaves /metrics
+    out, for a server that serves it on an address of its own.
+    """
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -47,45 +109,52 @@ def create_app(source: StatusSource, dashboard: Dashboard | None = None) -> web.
     async def status(_request: web.Request) -> web.Response:
         return web.json_response(await source.status())
 
-    async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=source.metrics_text())
-        response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
-        return response
-
-    app = web.Application()
-    routes: list[tuple[str, Callable[[web.Request], Awaitable[web.Response]]]] = [
-        ("/healthz", healthz),
-        ("/readyz", readyz),
-        ("/status", status),
-        ("/metrics", metrics),
+    protected: list[tuple[str, Callable[[web.Request], Awaitable[web.Response]]]] = [
+        ("/status", status)
     ]
-    for path, handler in routes:
-        app.router.add_get(path, handler)
+    if metrics:
+        protected.append(("/metrics", _metrics_endpoint(source)))
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    for path, handler in protected:
+        app.router.add_get(
+            path, handler if authenticate is None else _bearer_protected(handler, authenticate)
+        )
     if dashboard is not None:
         dashboard.register(app)
     return app
 
 
+def create_metrics_app(source: StatusSource) -> web.Application:
+    """An application serving /metrics alone, without authentication (an internal address)."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics_endpoint(source))
+    return app
+
+
 class HttpServer:
-    """Runs `create_app(source)` on one address until stopped."""
+    """Runs an aiohttp application on one address until stopped."""
 
     def __init__(
         self,
-        source: StatusSource,
+        app: web.Application,
         host: str,
         port: int,
-        dashboard: Dashboard | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Nothing listens until `start`."""
-        self._runner = web.AppRunner(create_app(source, dashboard), access_log=None)
+        """Nothing listens until `start`; with `ssl_context` the address speaks HTTPS."""
+        self._runner = web.AppRunner(app, access_log=None)
         self._host = host
         self._port = port
+        self._ssl_context = ssl_context
         self.port: int | None = None
 
     async def start(self) -> int:
         """Listen; return the bound port (useful with port 0)."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.port

@@ -23,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor import __version__
 from conveyor.errors import ConveyorError
+from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
-from conveyor.monitoring.http import HttpServer
+from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -38,7 +39,7 @@ from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
-from conveyor.server.security import Gate, grpc_credentials
+from conveyor.server.security import Gate, grpc_credentials, http_ssl_context
 from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
@@ -121,6 +122,9 @@ class ConveyorServer:
         self.http_port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        # /metrics on an address of its own (config.metrics_listen), and the port it got.
+        self._metrics_http: HttpServer | None = None
+        self.metrics_port: int | None = None
 
     async def start(self, *, startup_timeout: float = 30.0) -> None:
         """Connect, check the schema, and start serving."""
@@ -131,14 +135,16 @@ class ConveyorServer:
         self.elector.start()
         message_bytes = max(MIN_MESSAGE_BYTES, self.config.max_payload_bytes * 2 + 1024 * 1024)
         self._grpc = grpc.aio.server(
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
             options=[
+                ("grpc.max_concurrent_streams", self.config.max_streams_per_connection),
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         pb_grpc.add_TaskServiceServicer_to_server(self.task_service, self._grpc)
         pb_grpc.add_WorkerServiceServicer_to_server(self.worker_service, self._grpc)
@@ -158,18 +164,37 @@ class ConveyorServer:
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        ssl_context = http_ssl_context(self.config)
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
+            authenticate = self.gate.authenticate if self.gate.authenticating else None
             dashboard = (
                 Dashboard(
                     DashboardBackend(self.control, self.stats, self.cluster_status),
                     allowed_hosts=self.config.dashboard_allowed_hosts,
+                    authenticate=authenticate,
+                    token_entry=token_entries(self.gate.tokens.current)
+                    if self.gate.tokens is not None
+                    else None,
+                    session_secret=self.config.session_secret,
                 )
                 if self.config.dashboard
                 else None
             )
-            self._http = HttpServer(self, host, port, dashboard)
+            app = create_app(
+                self,
+                dashboard,
+                authenticate=authenticate,
+                metrics=self.config.metrics_listen is None,
+            )
+            self._http = HttpServer(app, host, port, ssl_context=ssl_context)
             self.http_port = await self._http.start()
+        if self.config.metrics_listen is not None:
+            host, port = split_host_port(self.config.metrics_listen)
+            self._metrics_http = HttpServer(
+                create_metrics_app(self), host, port, ssl_context=ssl_context
+            )
+            self.metrics_port = await self._metrics_http.start()
         for service in self.maintenance:
             service.start()
         log.info(
@@ -215,8 +240,12 @@ class ConveyorServer:
             await self._grpc.stop(self.config.shutdown_grace.total_seconds())
 
     async def _stop_http(self) -> None:
-        if self._http is not None:
-            await self._http.stop()
+        try:
+            if self._http is not None:
+                await self._http.stop()
+        finally:
+            if self._metrics_http is not None:
+                await self._metrics_http.stop()
 
     async def _publish_ready(self) -> None:
         """NOTIFY every server (this one included) that tasks became available."""

@@ -1,0 +1,117 @@
+"""Request limits on a real server: per-token request rate, concurrent calls per server.
+
+A limit answers RESOURCE_EXHAUSTED with a message saying which limit and when to retry
+(the clients raise LimitExceeded), counts the refusal in a metric, and leaves everything
+else working: a worker keeps running tasks while its producer is being metered.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.errors import LimitExceeded
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.security import RateLimiter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from conftest import ServerThread
+
+
+class TestRateLimiter:
+    def test_bursts_then_the_average_rate(self) -> None:
+        now = [0.0]
+        limiter = RateLimiter(rate=10, burst=3, clock=lambda: now[0])
+        assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+        assert limiter.take("a") == pytest.approx(0.1)
+        assert limiter.take("b") == 0.0  # buckets are per key
+        now[0] = 0.1
+        assert limiter.take("a") == 0.0
+        assert limiter.take("a") > 0
+        now[0] = 100.0  # refills to the burst, not beyond
+        assert [limiter.take("a") for _ in range(4)][-1] > 0
+
+
+class TestRequestRate:
+    def test_a_producer_over_its_rate_is_refused_and_workers_are_not_metered(
+        self, start_server: Callable[..., ServerThread]
+    ) -> None:
+        server = start_server(rate_limit=2.0, rate_burst=3.0)
+        worker = Worker(server.address)
+        worker.register_handler("t", lambda _ctx, payload: payload)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                task_id = client.enqueue_task(Task(type="t", payload=b""))
+                for _ in range(2):  # the rest of the burst of 3
+                    client.get_task_status(task_id)
+                with pytest.raises(LimitExceeded) as caught:
+                    client.get_task_status(task_id)
+                assert "request rate limit of 2/s" in caught.value.message
+                assert "retry in" in caught.value.message
+                # The worker's calls (leases, reports) went through meanwhile.
+                wait_for(
+                    lambda: _final_state(client, task_id) is TaskState.SUCCEEDED,
+                    timeout=20,
+                    what="the task to succeed despite the producer's limit",
+                )
+        finally:
+            worker.stop()
+        assert server.server is not None
+        refused = server.server.metrics.limit_refusals.labels("request_rate")._value.get()
+        assert refused >= 1
+
+
+def _final_state(client: Client, task_id: str) -> TaskState | None:
+    try:
+        return client.get_task_status(task_id).state
+    except LimitExceeded:
+        return None  # still metered: ask again later
+
+
+class TestConcurrentCalls:
+    def test_calls_beyond_the_server_limit_are_refused_at_once(
+        self, start_server: Callable[..., ServerThread]
+    ) -> None:
+        """Two long polls hold the two slots; a third call is refused, not queued."""
+        server = start_server(max_concurrent_rpcs=2, rate_limit=None)
+        channel = grpc.insecure_channel(server.address)
+        workers = pb_grpc.WorkerServiceStub(channel)
+        polls = [
+            workers.LeaseTasks.future(
+                pb.LeaseTasksRequest(
+                    worker_id=f"w{n}", task_types=["idle"], max_tasks=1, wait=Duration(seconds=5)
+                ),
+                timeout=15,
+            )
+            for n in range(2)
+        ]
+        assert server.server is not None
+        claims = server.server.metrics.lease_claims
+        try:
+            # Both polls have made their first claim, so both hold a slot and wait.
+            wait_for(
+                lambda: sum(claims.labels(kind)._value.get() for kind in ("empty", "skipped")) >= 2,
+                timeout=5,
+                what="both long polls to be in progress",
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.TaskServiceStub(channel).GetTask(
+                    pb.GetTaskRequest(task_id="00000000-0000-0000-0000-000000000000"), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            for poll in polls:
+                assert list(poll.result().leases) == []
+            channel.close()
+        with Client(server.address) as client:  # slots free again
+            assert client.enqueue_task(Task(type="t", payload=b"", timeout=timedelta(seconds=5)))
