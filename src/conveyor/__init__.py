@@ -14,6 +14,7 @@ from conveyor import errors
 from conveyor.client.async_client import AsyncClient
 from conveyor.client.channel import RetryPolicy, TlsConfig
 from conveyor.client.sync_client import Client
+from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ConveyorError
 from conveyor.logs import ContextFilter as LogContextFilter
 from conveyor.logs import configure_logging
@@ -33,6 +34,7 @@ from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
 
 __all__ = [
+    "AesGcmCodec",
     "AsyncClient",
     "BulkResult",
     "Client",
@@ -40,6 +42,7 @@ __all__ = [
     "ConveyorError",
     "LogContextFilter",
     "PausedType",
+    "PayloadCodec",
     "RetryPolicy",
     "Task",
     "TaskContext",

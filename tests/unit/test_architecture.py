@@ -1,7 +1,7 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
 Imports flow one way: `types`, `errors`, `breaker`, `logs` and `group_commit` are leaves;
-`auth` needs only `errors` and `types`; `storage` and `protocol` import only leaves; `client`
+`codec` needs only `errors`, `auth` only `errors` and `types`; `storage` and `protocol` import only leaves; `client`
 and `worker` never import `storage` or `server`; `monitoring` imports only leaves and `auth`;
 `cli` sits on top. SQL lives only in `storage/`.
 """
@@ -24,18 +24,22 @@ ALLOWED = {
     "logs": {"errors"},
     "group_commit": set(),
     "auth": {"errors", "types"},
+    "codec": {"errors"},
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
-    "monitoring": {"types", "errors", "logs", "auth"},
-    "client": {"types", "errors", "logs", "breaker", "group_commit", "protocol"},
-    "worker": {"types", "errors", "logs", "breaker", "group_commit", "protocol", "client"},
+    "monitoring": {"types", "errors", "logs", "auth", "codec"},
+    "client": {"types", "errors", "logs", "breaker", "group_commit", "protocol", "codec"},
+    "worker": {
+        *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
+        "codec",
+    },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "auth"),
+        *("monitoring", "auth", "codec"),
     },
     "cli": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "client", "worker", "server", "auth"),
+        *("monitoring", "client", "worker", "server", "auth", "codec"),
     },
 }
 
@@ -70,7 +74,10 @@ def source_files() -> list[Path]:
         for path in layered
         if path.parent != PACKAGE
         or path.name
-        in {"types.py", "errors.py", "breaker.py", "logs.py", "group_commit.py", "auth.py"}
+        in {
+            *("types.py", "errors.py", "breaker.py", "logs.py", "group_commit.py"),
+            *("auth.py", "codec.py"),
+        }
     ]
 
 

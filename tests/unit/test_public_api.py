@@ -8,6 +8,7 @@ import conveyor
 from conveyor import errors
 
 EXPECTED_EXPORTS = [
+    "AesGcmCodec",
     "AsyncClient",
     "BulkResult",
     "Client",
@@ -15,6 +16,7 @@ EXPECTED_EXPORTS = [
     "ConveyorError",
     "LogContextFilter",
     "PausedType",
+    "PayloadCodec",
     "RetryPolicy",
     "Task",
     "TaskContext",

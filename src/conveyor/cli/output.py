@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from conveyor.codec import is_sealed, sealed_key_id
 from conveyor.monitoring.preview import as_text
 
 # Piped output has no terminal width to fit: rich's fallback of 80 columns would fold task
@@ -100,6 +101,13 @@ def preview(data: bytes | None) -> dict[str, Any] | None:
     """The first PREVIEW_BYTES of a payload or result: UTF-8 text when it is text, else hex."""
     if data is None:
         return None
+    if is_sealed(data):  # sealed by a codec whose key this process does not have
+        return {
+            "size": len(data),
+            "encoding": "sealed",
+            "preview": f"sealed with key {sealed_key_id(data) or '?'}",
+            "truncated": False,
+        }
     head = data[:PREVIEW_BYTES]
     text = as_text(head, complete=len(data) <= PREVIEW_BYTES)
     return {
@@ -115,6 +123,8 @@ def describe_preview(shown: dict[str, Any]) -> str:
     size = shown["size"]
     if not size:
         return "empty"
-    kind = "UTF-8 text" if shown["encoding"] == "utf-8" else "binary, shown as hex"
+    kind = {"utf-8": "UTF-8 text", "sealed": "encrypted (set CONVEYOR_PAYLOAD_KEYS to open)"}.get(
+        shown["encoding"], "binary, shown as hex"
+    )
     cut = f", first {PREVIEW_BYTES} shown" if shown["truncated"] else ""
     return f"{size} byte(s), {kind}{cut}"

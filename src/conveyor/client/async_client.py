@@ -16,6 +16,7 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
+from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -44,6 +45,7 @@ class AsyncClient:
         *,
         token: str | None = None,
         tls: TlsConfig | bool | None = None,
+        codec: PayloadCodec | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
     ) -> None:
@@ -51,6 +53,7 @@ class AsyncClient:
         self._ring = AddressRing(parse_addresses(server), breaker)
         self._credentials = Credentials.resolve(token, tls)
         self._metadata = self._credentials.metadata
+        self._codec = codec if codec is not None else AesGcmCodec.from_env()
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Enqueues from concurrent coroutines that wait while others are in flight go
@@ -95,7 +98,7 @@ class AsyncClient:
         ids: list[str] = []
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
-            for request in core.enqueue_batches(tasks, trace_context):
+            for request in core.enqueue_batches(tasks, trace_context, self._codec):
                 ids.extend(await self._enqueues.submit(request))
         return ids
 
@@ -109,12 +112,12 @@ class AsyncClient:
         """The task's current status (with its event history and payload if asked)."""
         request = core.get_request(task_id, history=history, payload=payload)
         response = await self._call("GetTask", request)
-        return core.status_from_response(response)
+        return core.status_from_response(response, self._codec)
 
     async def cancel_task(self, task_id: str) -> TaskStatus:
         """Cancel a queued or running task; raises TaskAlreadyFinished if it has finished."""
         request = core.cancel_request(task_id)
-        return core.status_from_response(await self._call("CancelTask", request))
+        return core.status_from_response(await self._call("CancelTask", request), self._codec)
 
     async def list_workers(
         self, *, include_stopped: bool = False, limit: int = 500
@@ -146,7 +149,7 @@ class AsyncClient:
         """One page of tasks, newest first; pass `next_page_token` back for the next."""
         request = core.list_tasks_request(states, type, limit, page_token)
         return core.page_from_response(
-            await self._call("ListTasks", request, service="AdminService")
+            await self._call("ListTasks", request, service="AdminService"), self._codec
         )
 
     async def retry_tasks(

@@ -6,9 +6,11 @@ functions, so their behaviour cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, TypedDict
 
+from conveyor.codec import SEALED_OVERHEAD, PayloadCodec, SealError, open_text
 from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -51,9 +53,15 @@ _templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
 
 
 def enqueue_request(
-    tasks: Sequence[Task], trace_context: dict[str, str] | None = None
+    tasks: Sequence[Task],
+    trace_context: dict[str, str] | None = None,
+    codec: PayloadCodec | None = None,
 ) -> pb.EnqueueTasksRequest:
-    """Validate and number tasks; ids are fixed here so every retry sends the same ones."""
+    """Validate and number tasks; ids are fixed here so every retry sends the same ones.
+
+    With a codec, payloads are sealed here, bound to their task's id: what leaves the
+    client is what the server stores.
+    """
     if not tasks:
         raise InvalidTask("no tasks to enqueue")
     for task in tasks:
@@ -83,13 +91,17 @@ def enqueue_request(
         spec = add()
         spec.CopyFrom(template)
         spec.id = task.id or fresh_id
-        if task.payload:
+        if codec is not None:
+            spec.payload = codec.seal(task.payload, field="payload", task_id=spec.id)
+        elif task.payload:
             spec.payload = task.payload
     return request
 
 
 def enqueue_batches(
-    tasks: Sequence[Task], trace_context: dict[str, str] | None = None
+    tasks: Sequence[Task],
+    trace_context: dict[str, str] | None = None,
+    codec: PayloadCodec | None = None,
 ) -> list[pb.EnqueueTasksRequest]:
     """Split a large enqueue into requests the server accepts, in order.
 
@@ -97,27 +109,33 @@ def enqueue_batches(
     larger than that goes alone).
     """
     if len(tasks) == 1:  # one task goes alone, however large
-        return [enqueue_request(tasks, trace_context)]
+        return [enqueue_request(tasks, trace_context, codec)]
     for task in tasks:
         if not isinstance(task, Task):
             raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
-    each = _TASK_FRAMING_BYTES + sum(
-        len(key) + len(value) + _TASK_FRAMING_BYTES for key, value in (trace_context or {}).items()
+    each = (
+        _TASK_FRAMING_BYTES
+        + (SEALED_OVERHEAD if codec is not None else 0)
+        + sum(
+            len(key) + len(value) + _TASK_FRAMING_BYTES
+            for key, value in (trace_context or {}).items()
+        )
     )
     sizes = [len(task.payload) + len(task.type) + each for task in tasks]
     if sum(sizes) <= MAX_REQUEST_BYTES:
         bounds = range(0, max(len(tasks), 1), MAX_BATCH)
         return [
-            enqueue_request(tasks[start : start + MAX_BATCH], trace_context) for start in bounds
+            enqueue_request(tasks[start : start + MAX_BATCH], trace_context, codec)
+            for start in bounds
         ]
     requests: list[pb.EnqueueTasksRequest] = []
     start = size = 0
     for end, task_size in enumerate(sizes):
         if end > start and (end - start == MAX_BATCH or size + task_size > MAX_REQUEST_BYTES):
-            requests.append(enqueue_request(tasks[start:end], trace_context))
+            requests.append(enqueue_request(tasks[start:end], trace_context, codec))
             start, size = end, 0
         size += task_size
-    requests.append(enqueue_request(tasks[start:], trace_context))
+    requests.append(enqueue_request(tasks[start:], trace_context, codec))
     return requests
 
 
@@ -187,9 +205,48 @@ def cancel_request(task_id: str) -> pb.CancelTaskRequest:
     return pb.CancelTaskRequest(task_id=normalize_task_id(task_id))
 
 
-def status_from_response(response: pb.GetTaskResponse | pb.CancelTaskResponse) -> TaskStatus:
-    """The TaskStatus carried by a response."""
-    return convert.status_from_info(response.task)
+def status_from_response(
+    response: pb.GetTaskResponse | pb.CancelTaskResponse, codec: PayloadCodec | None = None
+) -> TaskStatus:
+    """The TaskStatus carried by a response, opened with `codec` if given."""
+    status = convert.status_from_info(response.task)
+    return opened(status, codec) if codec is not None else status
+
+
+def opened(status: TaskStatus, codec: PayloadCodec) -> TaskStatus:
+    """`status` with its payload, result and error messages opened.
+
+    A payload or result that cannot be opened raises SealError: the application would act
+    on it. An error message that cannot be opened stays sealed: it is for people, and the
+    rest of the status is still worth having. Plain values pass through: tasks from
+    producers without a codec, and the server's own messages (a lease that expired).
+    """
+    task_id = status.id
+    return dataclasses.replace(
+        status,
+        payload=codec.open(status.payload, field="payload", task_id=task_id)
+        if status.payload is not None
+        else None,
+        result=codec.open(status.result, field="result", task_id=task_id)
+        if status.result is not None
+        else None,
+        last_error=_opened_text(codec, status.last_error, task_id),
+        history=tuple(
+            dataclasses.replace(event, detail=_opened_text(codec, event.detail, task_id))
+            if event.detail
+            else event
+            for event in status.history
+        ),
+    )
+
+
+def _opened_text(codec: PayloadCodec, text: str | None, task_id: str) -> str | None:
+    if not text:
+        return text
+    try:
+        return open_text(codec, text, field="error", task_id=task_id)
+    except SealError:
+        return text
 
 
 def list_workers_request(*, include_stopped: bool, limit: int) -> pb.ListWorkersRequest:
@@ -242,10 +299,13 @@ def list_tasks_request(
     )
 
 
-def page_from_response(response: pb.ListTasksResponse) -> TaskPage:
-    """The page carried by a ListTasks response."""
+def page_from_response(
+    response: pb.ListTasksResponse, codec: PayloadCodec | None = None
+) -> TaskPage:
+    """The page carried by a ListTasks response, its tasks opened with `codec` if given."""
+    statuses = (convert.status_from_info(info) for info in response.tasks)
     return TaskPage(
-        tasks=tuple(convert.status_from_info(info) for info in response.tasks),
+        tasks=tuple(opened(s, codec) if codec is not None else s for s in statuses),
         next_page_token=response.next_page_token or None,
     )
 

@@ -17,6 +17,7 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
+from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
 from conveyor.group_commit import BlockingGroupCommit
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -45,6 +46,9 @@ class Client:
         tls: TLS towards the servers: a TlsConfig, True for the system's trusted roots,
             False for plain text. Defaults to the CONVEYOR_TLS* environment variables,
             then plain text.
+        codec: Seals payloads before they leave and opens payloads, results and errors
+            read back (see conveyor.codec and docs/security.md). Defaults to an AesGcmCodec
+            from CONVEYOR_PAYLOAD_KEYS when that is set, else none.
         breaker: When a server's circuit opens, and for how long.
 
     Every call has a deadline; transient failures are retried on the next server with
@@ -63,6 +67,7 @@ class Client:
         *,
         token: str | None = None,
         tls: TlsConfig | bool | None = None,
+        codec: PayloadCodec | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
     ) -> None:
@@ -70,6 +75,7 @@ class Client:
         self._ring = AddressRing(parse_addresses(server), breaker)
         self._credentials = Credentials.resolve(token, tls)
         self._metadata = self._credentials.metadata
+        self._codec = codec if codec is not None else AesGcmCodec.from_env()
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -118,7 +124,7 @@ class Client:
         ids: list[str] = []
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
-            for request in core.enqueue_batches(tasks, trace_context):
+            for request in core.enqueue_batches(tasks, trace_context, self._codec):
                 ids.extend(self._enqueues.submit(request))
         return ids
 
@@ -131,11 +137,13 @@ class Client:
         """The task's current status (with its event history and payload if asked)."""
         request = core.get_request(task_id, history=history, payload=payload)
         response = self._call("GetTask", request)
-        return core.status_from_response(response)
+        return core.status_from_response(response, self._codec)
 
     def cancel_task(self, task_id: str) -> TaskStatus:
         """Cancel a queued or running task; raises TaskAlreadyFinished if it has finished."""
-        return core.status_from_response(self._call("CancelTask", core.cancel_request(task_id)))
+        return core.status_from_response(
+            self._call("CancelTask", core.cancel_request(task_id)), self._codec
+        )
 
     def list_workers(self, *, include_stopped: bool = False, limit: int = 500) -> list[WorkerInfo]:
         """Registered workers, newest first (stopped ones only if asked)."""
@@ -163,7 +171,9 @@ class Client:
     ) -> TaskPage:
         """One page of tasks, newest first; pass `next_page_token` back for the next."""
         request = core.list_tasks_request(states, type, limit, page_token)
-        return core.page_from_response(self._call("ListTasks", request, service="AdminService"))
+        return core.page_from_response(
+            self._call("ListTasks", request, service="AdminService"), self._codec
+        )
 
     def retry_tasks(
         self,

@@ -63,6 +63,7 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
+from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, log_context
 from conveyor.protocol import convert
@@ -102,6 +103,9 @@ MIN_HEARTBEAT_SPACING: Final = 0.2
 # with two, alternating runs). A worker thus holds at most three slot-fulls of leases: one
 # running and two reporting, every one heartbeated.
 REPORTING_SLOT_FULLS: Final = 2
+# Characters of an error message kept before it is sealed: sealed, it grows by a third and
+# must stay under the server's cut at 8,000 characters (a cut seal cannot be opened).
+MAX_SEALED_ERROR: Final = 5000
 
 
 class _Unreachable(Exception):
@@ -221,6 +225,9 @@ class Worker:
             the file named by CONVEYOR_TOKEN_FILE.
         tls: TLS towards the servers (TlsConfig, True for the system's roots, False for
             plain text); defaults to the CONVEYOR_TLS* environment variables.
+        codec: Opens sealed payloads before handlers see them, and seals results and
+            error messages before they are reported (conveyor.codec). Defaults to an
+            AesGcmCodec from CONVEYOR_PAYLOAD_KEYS when that is set, else none.
 
     Attributes:
         metrics: The worker's Prometheus metrics; `metrics.registry` can also be served
@@ -239,9 +246,11 @@ class Worker:
         metrics_host: str = DEFAULT_METRICS_HOST,
         token: str | None = None,
         tls: TlsConfig | bool | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
+        self.codec = codec if codec is not None else AesGcmCodec.from_env()
         self.worker_id = worker_id or default_worker_id()
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
@@ -816,6 +825,9 @@ class _Runtime:
                 pb.OUTCOME_FAILED,
                 error=_describe(error),
                 non_retryable=isinstance(error, PermanentFailure),
+                # Which key is missing is no secret, and must be readable by whoever has
+                # to deploy that key (this worker could not seal it for them anyway).
+                seal=not isinstance(error, SealError),
             )
         try:
             result = _result_bytes(future.result())
@@ -824,11 +836,21 @@ class _Runtime:
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
+        assert self.loop is not None  # noqa: S101
         payload = attempt.lease.payload
+        codec = self.worker.codec
+        if codec is not None:
+            try:
+                payload = codec.open(payload, field="payload", task_id=attempt.lease.task_id)
+            except SealError as exc:
+                # A failed attempt like a handler's exception: retried, perhaps on a worker
+                # that has the key, and the error says which key was missing.
+                unopened: asyncio.Future[Any] = self.loop.create_future()
+                unopened.set_exception(exc)
+                return unopened
         if handler.is_async:
             coroutine: Coroutine[Any, Any, Any] = handler.fn(attempt.ctx, payload)
             return asyncio.ensure_future(coroutine)
-        assert self.loop is not None  # noqa: S101
         self.busy_threads += 1
         self.metrics.sync_handlers_running.inc()
         # ThreadPoolExecutor does not carry context variables into its threads: run the
@@ -858,7 +880,16 @@ class _Runtime:
         result: bytes | None = None,
         error: str = "",
         non_retryable: bool = False,
+        seal: bool = True,
     ) -> pb.ReportResultRequest:
+        codec = self.worker.codec
+        if codec is not None and seal:
+            task_id = attempt.lease.task_id
+            if result is not None:
+                result = codec.seal(result, field="result", task_id=task_id)
+            if error:
+                # Cut before sealing: the server cuts long errors, and a cut seal cannot open.
+                error = seal_text(codec, error[:MAX_SEALED_ERROR], field="error", task_id=task_id)
         return pb.ReportResultRequest(
             worker_id=self.worker.worker_id,
             task_id=attempt.lease.task_id,

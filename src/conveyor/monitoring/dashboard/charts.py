@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
+from conveyor.codec import is_sealed_text
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -201,7 +203,9 @@ class _TimelineBuilder:
             self.rows.append(Tick((len(self.rows) + 0.5) * ROW_HEIGHT, label))
             self.running = (event.at, len(self.rows) - 1)
         elif self.running is not None and event.event in ATTEMPT_ENDINGS:
-            detail = f": {event.detail}" if event.detail else ""
+            # A worker with a codec seals its errors; the hover says so instead of base64.
+            shown = "(encrypted)" if event.detail and is_sealed_text(event.detail) else event.detail
+            detail = f": {shown}" if shown else ""
             start, row = self.running
             self.add(row, start, event.at, event.event, f"{event.event}{detail}")
             self.running = None

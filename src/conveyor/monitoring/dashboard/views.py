@@ -27,6 +27,7 @@ import jinja2
 from aiohttp import web
 
 from conveyor.auth import ANONYMOUS, Permission, Principal
+from conveyor.codec import is_sealed, is_sealed_text, sealed_key_id
 from conveyor.errors import (
     ConveyorError,
     InvalidTask,
@@ -113,14 +114,27 @@ def _since(moment: datetime | None) -> str:
     return _age(max((datetime.now(UTC) - moment).total_seconds(), 0)) + " ago"
 
 
+def _unsealed(text: str | None) -> str | None:
+    # A worker with a codec seals its error messages: say so rather than show base64.
+    if text and is_sealed_text(text):
+        return "(encrypted by the worker)"
+    return text
+
+
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def payload_preview(head: bytes | None, size: int) -> tuple[str, str]:
-    """(how it is shown, the preview) of a payload's first bytes: text, else hex."""
+    """(how it is shown, the preview) of a payload's first bytes: text, else hex.
+
+    A payload sealed by a client's codec is shown as such: the server has no key, and its
+    ciphertext as hex would only look like data.
+    """
     if head is None:
         return ("none", "")
+    if is_sealed(head):
+        return ("encrypted", f"encrypted by the producer (key {sealed_key_id(head) or '?'})")
     text = as_text(head, complete=len(head) >= size)
     if text is not None:
         return ("text", text)
@@ -138,6 +152,7 @@ def _environment() -> jinja2.Environment:
     environment.filters["age"] = _age
     environment.filters["since"] = _since
     environment.filters["when"] = _when
+    environment.filters["unsealed"] = _unsealed
     return environment
 
 

@@ -1,0 +1,205 @@
+"""Payload confidentiality: sealing payloads, results and error messages before they leave.
+
+A `PayloadCodec` runs in the client and the worker, never in the server. The client seals
+each payload before sending it; the worker opens it before the handler sees it, and seals
+the handler's result and error message before reporting them. The server, the database,
+the server's logs and the dashboard only ever hold sealed bytes, which the dashboard shows
+as "encrypted".
+
+`AesGcmCodec` seals with AES-256-GCM:
+
+- **Several keys, each with an id.** Sealed data names the key that sealed it, so keys can
+  rotate: add the new key first in the list (it seals from then on), keep the old ones
+  for opening what they sealed, and drop a key only once no live task needs it.
+- **Sealed data is bound to its task and its field** through GCM's associated data.
+  Someone with write access to the database cannot move a sealed payload to another task,
+  or pass a result off as a payload: opening fails.
+- **Data that was never sealed passes through unchanged.** Producers can then adopt the
+  codec one at a time; a worker still runs their plain payloads.
+
+Sealed bytes start with SEALED_MAGIC. Sealed text (error messages) starts with
+SEALED_TEXT_PREFIX, followed by the sealed bytes in base64url.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import re
+import uuid
+from typing import TYPE_CHECKING, Final, Protocol
+
+from conveyor.errors import ConfigError, ConveyorError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+SEALED_MAGIC: Final = b"\x00cvy-aesgcm1\x00"
+SEALED_TEXT_PREFIX: Final = "cvy-sealed:v1:"
+KEYS_ENV: Final = "CONVEYOR_PAYLOAD_KEYS"
+_NONCE_BYTES: Final = 12
+_TAG_BYTES: Final = 16
+# What sealing adds to a payload, at most: magic, key id, nonce and tag.
+SEALED_OVERHEAD: Final = len(SEALED_MAGIC) + 1 + 32 + _NONCE_BYTES + _TAG_BYTES
+_KEY_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class SealError(ConveyorError):
+    """Sealed data could not be opened: an unknown key, or data altered or moved."""
+
+
+def is_sealed(data: bytes) -> bool:
+    """Whether `data` was sealed by a codec (a cheap check of its first bytes)."""
+    return data.startswith(SEALED_MAGIC)
+
+
+def is_sealed_text(text: str) -> bool:
+    """Whether `text` is a sealed message."""
+    return text.startswith(SEALED_TEXT_PREFIX)
+
+
+def sealed_key_id(data: bytes) -> str | None:
+    """The id of the key that sealed `data`, or None if it is not sealed (or truncated)."""
+    if not is_sealed(data) or len(data) <= len(SEALED_MAGIC):
+        return None
+    start = len(SEALED_MAGIC) + 1
+    length = data[len(SEALED_MAGIC)]
+    key_id = data[start : start + length]
+    return key_id.decode("ascii", "replace") if len(key_id) == length else None
+
+
+class PayloadCodec(Protocol):
+    """Seals and opens the bytes and text a task carries. `field` and `task_id` bind them."""
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """The sealed form of `data`."""
+        ...
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """The original of sealed `data`; `data` itself if it was not sealed."""
+        ...
+
+
+def seal_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:
+    """A message sealed into text (errors are text in the database)."""
+    sealed = codec.seal(text.encode(), field=field, task_id=task_id)
+    return SEALED_TEXT_PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii")
+
+
+def open_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:
+    """The original of a sealed message; `text` itself if it was not sealed."""
+    if not is_sealed_text(text):
+        return text
+    try:
+        sealed = base64.b64decode(
+            text.removeprefix(SEALED_TEXT_PREFIX), altchars=b"-_", validate=True
+        )
+    except (binascii.Error, ValueError):
+        sealed = b""
+    if not is_sealed(sealed):
+        raise SealError(f"the sealed {field} of task {task_id} is damaged")
+    return codec.open(sealed, field=field, task_id=task_id).decode(errors="replace")
+
+
+class AesGcmCodec:
+    """AES-256-GCM with named keys; the first key seals, every key opens.
+
+    Args:
+        keys: (key id, 32-byte key) pairs, newest first. Ids are 1-32 characters of
+            [A-Za-z0-9_.-].
+
+    Needs the `cryptography` package (`pip install conveyor-tasks[crypto]`).
+    """
+
+    def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        """Check the keys; ConfigError for a bad id, a bad length, or no key at all."""
+        try:
+            from cryptography.hazmat.primitives.ciphers.aead import (  # noqa: PLC0415
+                AESGCM,
+            )
+        except ImportError:
+            raise ConfigError(
+                "AesGcmCodec needs the cryptography package: pip install 'conveyor-tasks[crypto]'"
+            ) from None
+        if not keys:
+            raise ConfigError("AesGcmCodec needs at least one key")
+        self._ciphers: dict[str, AESGCM] = {}
+        for key_id, key in keys:
+            if not _KEY_ID.match(key_id):
+                raise ConfigError(
+                    f"key id must be 1-32 characters of [A-Za-z0-9_.-], got {key_id!r}"
+                )
+            if len(key) != 32:  # noqa: PLR2004 - AES-256
+                raise ConfigError(f"key {key_id} must be 32 bytes (AES-256), not {len(key)}")
+            if key_id in self._ciphers:
+                raise ConfigError(f"key id {key_id} appears twice")
+            self._ciphers[key_id] = AESGCM(key)
+        self.current_key_id = keys[0][0]
+        self._header = (
+            SEALED_MAGIC + bytes([len(self.current_key_id)]) + self.current_key_id.encode()
+        )
+
+    @classmethod
+    def from_env(cls) -> AesGcmCodec | None:
+        """The codec CONVEYOR_PAYLOAD_KEYS describes, or None if it is not set.
+
+        The variable lists "id=BASE64KEY" items separated by commas, newest key first.
+        """
+        raw = os.environ.get(KEYS_ENV, "").strip()
+        if not raw:
+            return None
+        keys: list[tuple[str, bytes]] = []
+        for item in raw.split(","):
+            key_id, sep, encoded = item.strip().partition("=")
+            try:
+                key = base64.b64decode(encoded, validate=True) if sep else b""
+            except (binascii.Error, ValueError):
+                key = b""
+            if not key:
+                raise ConfigError(f"{KEYS_ENV}: expected id=BASE64KEY items, got {item.strip()!r}")
+            keys.append((key_id, key))
+        return cls(keys)
+
+    @staticmethod
+    def new_key() -> bytes:
+        """A fresh random 32-byte key."""
+        return os.urandom(32)
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """Encrypt and authenticate `data` under the current key."""
+        nonce = os.urandom(_NONCE_BYTES)
+        cipher = self._ciphers[self.current_key_id]
+        return self._header + nonce + cipher.encrypt(nonce, data, _bound_to(field, task_id))
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """Decrypt sealed `data` (SealError if it cannot be); plain data is returned as is."""
+        if not is_sealed(data):
+            return data
+        from cryptography.exceptions import InvalidTag  # noqa: PLC0415 - optional dependency
+
+        key_id = sealed_key_id(data)
+        cipher = self._ciphers.get(key_id or "")
+        if key_id is None or cipher is None:
+            raise SealError(
+                f"the {field} of task {task_id} was sealed with key {key_id!r}, which this "
+                f"codec does not have (it has {', '.join(sorted(self._ciphers))})"
+            )
+        start = len(SEALED_MAGIC) + 1 + len(key_id)
+        nonce, ciphertext = data[start : start + _NONCE_BYTES], data[start + _NONCE_BYTES :]
+        try:
+            return cipher.decrypt(nonce, ciphertext, _bound_to(field, task_id))
+        except (InvalidTag, ValueError):
+            raise SealError(
+                f"the {field} of task {task_id} does not open with key {key_id}: it was "
+                "altered, or belongs to another task or field"
+            ) from None
+
+
+def _bound_to(field: str, task_id: str) -> bytes:
+    # The canonical id: the client may have written it in capitals, the worker gets it back
+    # from the database in lower case.
+    with contextlib.suppress(ValueError):  # the server refuses a malformed id anyway
+        task_id = str(uuid.UUID(task_id))
+    return f"conveyor/v1/{field}/{task_id}".encode()

@@ -1,0 +1,135 @@
+"""Payload confidentiality end to end: a client and a worker with a codec, a real server.
+
+What the server, the database and the dashboard hold must be sealed; what the producer and
+the handler see must be the original; a worker without the key must fail the attempt
+saying which key it lacks; and keys must rotate without losing a task.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from helpers import wait_for
+
+from conveyor import AesGcmCodec, Client, Task, TaskState, Worker
+from conveyor.codec import is_sealed, is_sealed_text
+
+if TYPE_CHECKING:
+    from conftest import ServerThread
+    from helpers import Db
+
+SECRET = b"ssn=078-05-1120"
+OLD_KEY = ("k1", b"\x11" * 32)
+NEW_KEY = ("k2", b"\x22" * 32)
+
+
+def finished(client: Client, task_id: str) -> object:
+    return wait_for(
+        lambda: (status := client.get_task_status(task_id, history=True)).state.is_final and status,
+        what=f"task {task_id} to finish",
+    )
+
+
+def run_worker(server: ServerThread, codec: AesGcmCodec | None) -> Worker:
+    worker = Worker(server.address, codec=codec)
+
+    def echo(_ctx: object, payload: bytes) -> bytes:
+        assert payload == SECRET  # the handler sees the original
+        return b"result:" + payload
+
+    def leak(_ctx: object, payload: bytes) -> bytes:
+        raise ValueError(f"could not process {payload.decode()}")
+
+    worker.register_handler("echo", echo)
+    worker.register_handler("leak", leak)
+    worker.start()
+    return worker
+
+
+class TestPayloadEncryption:
+    def test_payload_result_and_error_are_sealed_everywhere_but_the_ends(
+        self, server: ServerThread, db: Db
+    ) -> None:
+        codec = AesGcmCodec([NEW_KEY])
+        worker = run_worker(server, codec)
+        try:
+            with Client(server.address, codec=codec) as client:
+                ok = client.enqueue_task(Task(type="echo", payload=SECRET))
+                failing = client.enqueue_task(Task(type="leak", payload=SECRET, max_retries=0))
+                ok_status = finished(client, ok)
+                failed_status = finished(client, failing)
+        finally:
+            worker.stop()
+        # The ends see the originals.
+        assert ok_status.state is TaskState.SUCCEEDED  # type: ignore[attr-defined]
+        assert ok_status.result == b"result:" + SECRET  # type: ignore[attr-defined]
+        assert failed_status.state is TaskState.FAILED  # type: ignore[attr-defined]
+        assert failed_status.last_error == (  # type: ignore[attr-defined]
+            f"ValueError: could not process {SECRET.decode()}"
+        )
+        # The database holds only sealed data.
+        for task_id in (ok, failing):
+            row = db.task(task_id)
+            assert is_sealed(bytes(row["payload"]))
+            assert SECRET not in bytes(row["payload"])
+        assert is_sealed(bytes(db.task(ok)["result"]))
+        assert SECRET not in bytes(db.task(ok)["result"])
+        assert is_sealed_text(db.task(failing)["last_error"])
+        details = [event["detail"] or "" for event in db.events(failing)]
+        assert any(is_sealed_text(detail) for detail in details)
+        assert not any(SECRET.decode() in detail for detail in details)
+        # The dashboard says "encrypted" and shows nothing of the secret.
+        with urllib.request.urlopen(f"{server.http_url}/ui/tasks/{failing}") as page:  # noqa: S310
+            html = page.read().decode()
+        assert "encrypted by the producer (key k2)" in html
+        assert "encrypted by the worker" in html
+        assert SECRET.decode() not in html
+
+    def test_a_worker_without_the_key_fails_the_attempt_and_names_the_key(
+        self, server: ServerThread
+    ) -> None:
+        worker = run_worker(server, AesGcmCodec([OLD_KEY]))
+        try:
+            with Client(server.address, codec=AesGcmCodec([NEW_KEY])) as client:
+                task_id = client.enqueue_task(
+                    Task(type="echo", payload=SECRET, max_retries=0, timeout=timedelta(seconds=5))
+                )
+                status = finished(client, task_id)
+        finally:
+            worker.stop()
+        assert status.state is TaskState.FAILED  # type: ignore[attr-defined]
+        assert "sealed with key 'k2', which this codec does not have" in (
+            status.last_error or ""  # type: ignore[attr-defined]
+        )
+
+    def test_keys_rotate_without_losing_tasks(self, server: ServerThread) -> None:
+        """Sealed under k1, enqueued before the rotation, run by a worker holding [k2, k1]."""
+        with Client(server.address, codec=AesGcmCodec([OLD_KEY])) as old_client:
+            before = old_client.enqueue_task(Task(type="echo", payload=SECRET))
+        rotated = AesGcmCodec([NEW_KEY, OLD_KEY])
+        worker = run_worker(server, rotated)
+        try:
+            with Client(server.address, codec=rotated) as client:
+                after = client.enqueue_task(Task(type="echo", payload=SECRET))
+                statuses = [finished(client, task_id) for task_id in (before, after)]
+        finally:
+            worker.stop()
+        assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 2  # type: ignore[attr-defined]
+        assert [s.result for s in statuses] == [b"result:" + SECRET] * 2  # type: ignore[attr-defined]
+
+    def test_plain_payloads_from_producers_without_a_codec_still_run(
+        self, server: ServerThread, db: Db
+    ) -> None:
+        worker = run_worker(server, AesGcmCodec([NEW_KEY]))
+        try:
+            with Client(server.address) as plain:
+                task_id = plain.enqueue_task(Task(type="echo", payload=SECRET))
+                status = finished(plain, task_id)
+        finally:
+            worker.stop()
+        assert status.state is TaskState.SUCCEEDED  # type: ignore[attr-defined]
+        # The worker sealed the result; the plain client shows it sealed, not garbled.
+        assert is_sealed(status.result or b"")  # type: ignore[attr-defined]
+        assert bytes(db.task(task_id)["payload"]) == SECRET

@@ -1,0 +1,117 @@
+"""conveyor.codec: AES-GCM sealing of payloads, results and errors, key rotation, binding."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from conveyor.codec import (
+    SEALED_OVERHEAD,
+    AesGcmCodec,
+    SealError,
+    is_sealed,
+    is_sealed_text,
+    open_text,
+    seal_text,
+    sealed_key_id,
+)
+from conveyor.errors import ConfigError
+
+TASK = "0191f3a2-7c4e-7d7a-9a55-5b1f2f0d0c01"
+OTHER_TASK = "0191f3a2-7c4e-7d7a-9a55-5b1f2f0d0c02"
+
+
+@pytest.fixture
+def codec() -> AesGcmCodec:
+    return AesGcmCodec([("k2", b"\x02" * 32), ("k1", b"\x01" * 32)])
+
+
+class TestSealing:
+    def test_round_trip_and_the_ciphertext_hides_the_data(self, codec: AesGcmCodec) -> None:
+        secret = b"card=4111111111111111"
+        sealed = codec.seal(secret, field="payload", task_id=TASK)
+        assert is_sealed(sealed)
+        assert secret not in sealed
+        assert sealed_key_id(sealed) == "k2"
+        assert len(sealed) <= len(secret) + SEALED_OVERHEAD
+        assert codec.open(sealed, field="payload", task_id=TASK) == secret
+        # Fresh nonce each time: equal payloads do not look equal in the database.
+        assert sealed != codec.seal(secret, field="payload", task_id=TASK)
+
+    def test_the_task_id_is_compared_in_canonical_form(self, codec: AesGcmCodec) -> None:
+        sealed = codec.seal(b"x", field="payload", task_id=TASK.upper())
+        assert codec.open(sealed, field="payload", task_id=TASK) == b"x"
+
+    def test_sealed_data_is_bound_to_its_task_and_field(self, codec: AesGcmCodec) -> None:
+        sealed = codec.seal(b"x", field="payload", task_id=TASK)
+        with pytest.raises(SealError, match="another task or field"):
+            codec.open(sealed, field="payload", task_id=OTHER_TASK)
+        with pytest.raises(SealError):
+            codec.open(sealed, field="result", task_id=TASK)
+
+    def test_altered_data_does_not_open(self, codec: AesGcmCodec) -> None:
+        sealed = bytearray(codec.seal(b"amount=10", field="payload", task_id=TASK))
+        sealed[-1] ^= 1
+        with pytest.raises(SealError, match="altered"):
+            codec.open(bytes(sealed), field="payload", task_id=TASK)
+
+    def test_plain_data_passes_through(self, codec: AesGcmCodec) -> None:
+        assert codec.open(b"plain", field="payload", task_id=TASK) == b"plain"
+        assert codec.open(b"", field="payload", task_id=TASK) == b""
+
+
+class TestKeys:
+    def test_rotation_new_key_seals_old_keys_still_open(self) -> None:
+        old = AesGcmCodec([("k1", b"\x01" * 32)])
+        sealed_before = old.seal(b"before", field="payload", task_id=TASK)
+        rotated = AesGcmCodec([("k2", b"\x02" * 32), ("k1", b"\x01" * 32)])
+        assert rotated.open(sealed_before, field="payload", task_id=TASK) == b"before"
+        sealed_after = rotated.seal(b"after", field="payload", task_id=TASK)
+        assert sealed_key_id(sealed_after) == "k2"
+        with pytest.raises(SealError, match="key 'k2', which this codec does not have"):
+            old.open(sealed_after, field="payload", task_id=TASK)
+
+    @pytest.mark.parametrize(
+        ("keys", "message"),
+        [
+            ([], "at least one key"),
+            ([("k1", b"short")], "must be 32 bytes"),
+            ([("bad id!", b"\x00" * 32)], "key id must be"),
+            ([("k", b"\x00" * 32), ("k", b"\x01" * 32)], "appears twice"),
+        ],
+    )
+    def test_bad_keys_are_config_errors(self, keys: list[tuple[str, bytes]], message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            AesGcmCodec(keys)
+
+    def test_keys_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("CONVEYOR_PAYLOAD_KEYS", raising=False)
+        assert AesGcmCodec.from_env() is None
+        new, old = AesGcmCodec.new_key(), AesGcmCodec.new_key()
+        monkeypatch.setenv(
+            "CONVEYOR_PAYLOAD_KEYS",
+            f"k2={base64.b64encode(new).decode()}, k1={base64.b64encode(old).decode()}",
+        )
+        codec = AesGcmCodec.from_env()
+        assert codec is not None
+        assert codec.current_key_id == "k2"
+        monkeypatch.setenv("CONVEYOR_PAYLOAD_KEYS", "k1=not-base64!")
+        with pytest.raises(ConfigError, match="id=BASE64KEY"):
+            AesGcmCodec.from_env()
+
+
+class TestText:
+    def test_errors_seal_into_text_and_back(self, codec: AesGcmCodec) -> None:
+        sealed = seal_text(codec, "ValueError: password=hunter2", field="error", task_id=TASK)
+        assert is_sealed_text(sealed)
+        assert "hunter2" not in sealed
+        assert sealed.isascii()
+        assert open_text(codec, sealed, field="error", task_id=TASK) == (
+            "ValueError: password=hunter2"
+        )
+        assert open_text(codec, "LeaseExpired: plain", field="error", task_id=TASK) == (
+            "LeaseExpired: plain"
+        )
+        with pytest.raises(SealError, match="damaged"):
+            open_text(codec, "cvy-sealed:v1:%%%", field="error", task_id=TASK)
