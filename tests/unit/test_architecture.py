@@ -123,3 +123,20 @@ class TestSqlLivesInStorage:
             if "_pb2" not in path.name and not ast.get_docstring(ast.parse(path.read_text()))
         ]
         assert not undocumented
+
+
+class TestNoUnsafeDeserialisation:
+    # Payloads are opaque bytes to the server, and nothing in Conveyor turns bytes from the
+    # wire or the database into objects: pickle, marshal and shelve would execute them.
+    UNSAFE = frozenset({"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle"})
+
+    @pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+    def test_no_module_imports_a_deserialiser_that_runs_code(self, path: Path) -> None:
+        tree = ast.parse(path.read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & self.UNSAFE, f"{path.name} imports {imported & self.UNSAFE}"
