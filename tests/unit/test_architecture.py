@@ -1,9 +1,9 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
 Imports flow one way: `types`, `errors`, `breaker`, `logs` and `group_commit` are leaves;
-`codec` needs only `errors`, `auth` only `errors` and `types`; `storage` and `protocol` import only leaves; `client`
-and `worker` never import `storage` or `server`; `monitoring` imports only leaves and `auth`;
-`cli` sits on top. SQL lives only in `storage/`.
+`codec` needs only `errors`, `auth` only `errors` and `types`; `storage` and `protocol`
+import only leaves; `client` and `worker` never import `storage` or `server`; `monitoring`
+imports only leaves, `auth` and `codec`; `cli` sits on top. SQL lives only in `storage/`.
 """
 
 from __future__ import annotations
