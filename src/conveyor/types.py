@@ -176,6 +176,8 @@ class TaskEvent:
     attempt: int
     worker_id: str | None
     detail: str | None
+    # Who caused it, for events people cause (cancelled, retried); None for the system's.
+    actor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +252,7 @@ class PausedType:
     type: str
     paused_at: datetime
     reason: str | None
+    paused_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,9 +289,13 @@ async def task_lock_for_cancel(conn: Any, *, task_id: str) -> asyncpg.Record | N
     return row
 
 
-async def task_cancel(conn: Any, *, task_id: str, detail: str) -> asyncpg.Record | None:
-    """Cancel a live task. None: it was not live."""
-    row: asyncpg.Record | None = await conn.fetchrow(SQL["task_cancel"], uuid.UUID(task_id), detail)
+async def task_cancel(
+    conn: Any, *, task_id: str, detail: str, actor: str | None = None
+) -> asyncpg.Record | None:
+    """Cancel a live task; `actor` is who asked. None: it was not live."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        SQL["task_cancel"], uuid.UUID(task_id), detail, actor
+    )
     return row
 
 
@@ -499,17 +503,31 @@ async def task_states_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, st
 
 
 async def task_retry_many(
-    conn: Any, *, task_ids: Sequence[str], detail: str, states: Sequence[str]
+    conn: Any,
+    *,
+    task_ids: Sequence[str],
+    detail: str,
+    states: Sequence[str],
+    actor: str | None = None,
 ) -> list[asyncpg.Record]:
     """Re-queue the tasks among `task_ids` in `states`; returns (id, type) of each."""
-    return list(await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail, list(states)))
+    return list(
+        await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail, list(states), actor)
+    )
 
 
 async def task_cancel_many(
-    conn: Any, *, task_ids: Sequence[str], detail: str, states: Sequence[str]
+    conn: Any,
+    *,
+    task_ids: Sequence[str],
+    detail: str,
+    states: Sequence[str],
+    actor: str | None = None,
 ) -> list[asyncpg.Record]:
     """Cancel the tasks among `task_ids` in `states`; returns (id, type) of each."""
-    return list(await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail, list(states)))
+    return list(
+        await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail, list(states), actor)
+    )
 
 
 async def task_seq_last(conn: Any) -> int:
@@ -557,16 +575,23 @@ async def task_payload_get(conn: Any, *, task_id: str) -> bytes | None:
     return payload
 
 
-async def paused_type_set(conn: Any, *, task_type: str, reason: str | None) -> bool:
-    """Pause a type; False if it already was."""
-    paused_at = await conn.fetchval(SQL["paused_type_set"], task_type, reason)
+async def paused_type_set(
+    conn: Any, *, task_type: str, reason: str | None, actor: str = "anonymous"
+) -> bool:
+    """Pause a type (and audit it); False if it already was."""
+    paused_at = await conn.fetchval(SQL["paused_type_set"], task_type, reason, actor)
     return paused_at is not None
 
 
-async def paused_type_clear(conn: Any, *, task_type: str) -> bool:
-    """Resume a type (and wake long polls); False if it was not paused."""
-    rows = await conn.fetch(SQL["paused_type_clear"], task_type)
+async def paused_type_clear(conn: Any, *, task_type: str, actor: str = "anonymous") -> bool:
+    """Resume a type (audit it, wake long polls); False if it was not paused."""
+    rows = await conn.fetch(SQL["paused_type_clear"], task_type, actor)
     return bool(rows)
+
+
+async def audit_log_list(conn: Any, *, limit: int) -> list[asyncpg.Record]:
+    """The latest operator actions on no single task (pause, resume), newest first."""
+    return list(await conn.fetch(SQL["audit_log_list"], limit))
 
 
 async def paused_type_list(conn: Any) -> list[asyncpg.Record]:

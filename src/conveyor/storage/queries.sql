@@ -217,7 +217,7 @@ SELECT type, state, (SELECT count(*) FROM wake) AS woken FROM done;
 SELECT id, state, attempt, worker_id FROM conveyor_tasks WHERE id = $1 FOR UPDATE;
 
 -- name: task_cancel
--- $1 task id, $2 detail. Only called on a live task locked by task_lock_for_cancel.
+-- $1 task id, $2 detail, $3 actor. Only called on a live task locked by task_lock_for_cancel.
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'cancelled', finished_at = now(),
@@ -225,8 +225,8 @@ WITH done AS (
     WHERE id = $1 AND state IN ('queued', 'running')
     RETURNING id, state, attempt, worker_id
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
-    SELECT id, 'cancelled', state, attempt, worker_id, $2 FROM done
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
+    SELECT id, 'cancelled', state, attempt, worker_id, $2, $3 FROM done
 )
 SELECT state FROM done;
 
@@ -306,7 +306,7 @@ FROM conveyor_tasks
 WHERE id = $1;
 
 -- name: task_event_list
-SELECT at, event, state, attempt, worker_id, detail
+SELECT at, event, state, attempt, worker_id, detail, actor
 FROM conveyor_task_events
 WHERE task_id = $1
 ORDER BY id;
@@ -555,7 +555,8 @@ SELECT count(*) FROM conveyor_tasks WHERE type = $2 AND state = ANY ($1::conveyo
 SELECT id, state FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 
 -- name: task_retry_many
--- $1 task ids, $2 detail, $3 states it applies to (failed and/or cancelled). Those tasks go
+-- $1 task ids, $2 detail, $3 states it applies to (failed and/or cancelled), $4 actor. Those
+-- tasks go
 -- back to QUEUED as a new series of attempts: the attempt count starts again, and the task
 -- joins the back of its queue with a new seq, drawn in the tasks' original order, so a bulk
 -- retry of old failures neither jumps ahead of work enqueued meanwhile nor scrambles its
@@ -579,15 +580,16 @@ WITH target AS (
     WHERE t.id = renumbered.id
     RETURNING t.id, t.type
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail)
-    SELECT id, 'retried', 'queued', 0, $2 FROM done
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail, actor)
+    SELECT id, 'retried', 'queued', 0, $2, $4 FROM done
 ), wake AS (
     SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
 )
 SELECT id, type, (SELECT count(*) FROM wake) AS woken FROM done;
 
 -- name: task_cancel_many
--- $1 task ids, $2 detail, $3 states it applies to (queued and/or running). Those tasks are
+-- $1 task ids, $2 detail, $3 states it applies to (queued and/or running), $4 actor. Those
+-- tasks are
 -- CANCELLED; a running attempt's lease is revoked at once (its worker learns it at its next
 -- heartbeat). Others are left alone: a cancel of queued tasks never touches one that was
 -- claimed since it was listed.
@@ -605,8 +607,8 @@ WITH target AS (
     WHERE t.id = target.id
     RETURNING t.id, t.type, t.attempt, t.worker_id
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
-    SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2 FROM done
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
+    SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2, $4 FROM done
 )
 SELECT id, type FROM done;
 
@@ -652,20 +654,35 @@ FROM conveyor_tasks
 WHERE id = $1;
 
 -- name: paused_type_set
--- $1 type, $2 reason. Returns whether this call paused it (false: it already was).
-INSERT INTO conveyor_paused_types (type, reason) VALUES ($1, $2)
-ON CONFLICT (type) DO NOTHING
-RETURNING paused_at;
+-- $1 type, $2 reason, $3 actor. Returns whether this call paused it (false: it already was);
+-- an effective pause is also written to the audit log.
+WITH paused AS (
+    INSERT INTO conveyor_paused_types (type, reason, paused_by) VALUES ($1, $2, $3)
+    ON CONFLICT (type) DO NOTHING
+    RETURNING paused_at
+), audit AS (
+    INSERT INTO conveyor_audit_log (actor, action, target, detail)
+    SELECT $3, 'pause', $1, $2 FROM paused
+)
+SELECT paused_at FROM paused;
 
 -- name: paused_type_clear
--- $1 type. Wakes every long poll: the type's queued tasks are claimable again.
+-- $1 type, $2 actor. Wakes every long poll: the type's queued tasks are claimable again. An
+-- effective resume is written to the audit log.
 WITH resumed AS (
     DELETE FROM conveyor_paused_types WHERE type = $1 RETURNING type
+), audit AS (
+    INSERT INTO conveyor_audit_log (actor, action, target)
+    SELECT $2, 'resume', type FROM resumed
 )
 SELECT pg_notify('conveyor_task_ready', '') FROM resumed;
 
 -- name: paused_type_list
-SELECT type, paused_at, reason FROM conveyor_paused_types ORDER BY type;
+SELECT type, paused_at, reason, paused_by FROM conveyor_paused_types ORDER BY type;
+
+-- name: audit_log_list
+-- $1 limit. The latest operator actions on no single task, newest first.
+SELECT at, actor, action, target, detail FROM conveyor_audit_log ORDER BY id DESC LIMIT $1;
 
 -- name: database_now
 SELECT now();

@@ -176,6 +176,7 @@ class TaskEvent(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     event: _builtins.str
     """enqueued, started, succeeded, failed, timed_out, lease_expired, released,
     cancelled. A retry shows as failed/timed_out/lease_expired with state QUEUED.
@@ -184,6 +185,10 @@ class TaskEvent(_message.Message):
     worker_id: _builtins.str
     detail: _builtins.str
     state: Global___TaskState.ValueType
+    actor: _builtins.str
+    """Who caused it, for events people cause (cancelled, retried): "name (token id)", or
+    "anonymous" without authentication. Empty for the system's own events.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -195,10 +200,11 @@ class TaskEvent(_message.Message):
         worker_id: _builtins.str = ...,
         detail: _builtins.str = ...,
         state: Global___TaskState.ValueType = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "detail", b"detail", "event", b"event", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "attempt", b"attempt", "detail", b"detail", "event", b"event", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1053,8 +1059,11 @@ class PausedType(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     PAUSED_AT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PAUSED_BY_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     reason: _builtins.str
+    paused_by: _builtins.str
+    """Who paused it (see TaskEvent.actor)."""
     @_builtins.property
     def paused_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1063,10 +1072,11 @@ class PausedType(_message.Message):
         type: _builtins.str = ...,
         paused_at: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        paused_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["paused_at", b"paused_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused_at", b"paused_at", "reason", b"reason", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused_at", b"paused_at", "paused_by", b"paused_by", "reason", b"reason", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
