@@ -226,7 +226,7 @@ class TestAtomicity:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    row = await conn.fetchrow(SQL["task_succeed"], task_id, lease_id, b"r")
+                    row = await conn.fetchrow(SQL["task_succeed"], task_id, lease_id, b"r", "w1")
                     state_inside = await conn.fetchval(
                         "SELECT state FROM conveyor_tasks WHERE id = $1", task_id
                     )
