@@ -54,6 +54,8 @@ BULK_CALL_BUDGET: Final = 2.0
 MAX_REASON: Final = 1000
 # Of a payload, the dashboard shows this much (and its size).
 PAYLOAD_PREVIEW_BYTES: Final = 2000
+# Queue positions are PostgreSQL bigints; the wire's uint64 reaches twice as far.
+MAX_QUEUE_POSITION: Final = 2**63 - 1
 
 RETRYABLE: Final = (TaskState.FAILED, TaskState.CANCELLED)
 CANCELLABLE: Final = (TaskState.QUEUED, TaskState.RUNNING)
@@ -317,6 +319,11 @@ class TaskControl:
             raise InvalidTask(f"{action}: give either task ids or a filter")
         if scope.limit < 0 or scope.through_seq < 0 or scope.after_seq < 0:
             raise InvalidTask(f"{action}: limit and queue positions must not be negative")
+        if max(scope.through_seq, scope.after_seq) > MAX_QUEUE_POSITION:
+            raise InvalidTask(
+                f"{action}: queue positions go up to {MAX_QUEUE_POSITION}, not "
+                f"{max(scope.through_seq, scope.after_seq)}"
+            )
         if scope.task_filter is None:
             if scope.dry_run:
                 raise InvalidTask(f"{action}: a dry run needs a filter, not ids")
