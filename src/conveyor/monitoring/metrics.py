@@ -1,13 +1,22 @@
 """Every Prometheus metric the server exports, in one registry per server instance.
 
 A registry per instance (not the global default) lets several servers live in one process,
-as they do in tests. Labels are bounded: task types are the application's own finite set,
-RPC methods and outcomes are fixed lists.
+as they do in tests. Labels are bounded: RPC methods and outcomes are fixed lists, and task
+types go through `type_label`, which names the first MAX_TYPE_LABELS types a server sees
+and counts every later one as OTHER_TYPES. Types are the application's own, usually a few
+dozen; the bound is against a producer that names a new type per task, which would
+otherwise grow every server's memory (and every scrape) for good.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MAX_TYPE_LABELS: Final = 1000
+# Not a valid task type name, so it cannot be mistaken for one.
+OTHER_TYPES: Final = "(other)"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Tasks run from milliseconds to hours.
@@ -20,6 +29,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._type_labels: set[str] = set()
         self.rpc_duration = Histogram(
             "conveyor_rpc_duration_seconds",
             "Server-side duration of gRPC calls, by method and status code.",
@@ -147,6 +157,15 @@ class ServerMetrics:
             "Database connections checked out of this server's pool.",
             registry=self.registry,
         )
+
+    def type_label(self, task_type: str) -> str:
+        """The label value for a task type: itself, or OTHER_TYPES past MAX_TYPE_LABELS."""
+        if task_type in self._type_labels:
+            return task_type
+        if len(self._type_labels) < MAX_TYPE_LABELS:
+            self._type_labels.add(task_type)
+            return task_type
+        return OTHER_TYPES
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""

@@ -28,7 +28,6 @@ from conveyor.monitoring.dashboard.views import Dashboard
 from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.admin_service import AdminService
 from conveyor.server.config import ServerConfig, split_host_port
 from conveyor.server.control import TaskControl
@@ -39,6 +38,7 @@ from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
+from conveyor.server.rpc import add_service
 from conveyor.server.security import Gate, grpc_credentials, http_ssl_context
 from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
@@ -146,9 +146,9 @@ class ConveyorServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        pb_grpc.add_TaskServiceServicer_to_server(self.task_service, self._grpc)
-        pb_grpc.add_WorkerServiceServicer_to_server(self.worker_service, self._grpc)
-        pb_grpc.add_AdminServiceServicer_to_server(self.admin_service, self._grpc)
+        add_service(self._grpc, self.task_service, "TaskService")
+        add_service(self._grpc, self.worker_service, "WorkerService")
+        add_service(self._grpc, self.admin_service, "AdminService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

@@ -455,4 +455,6 @@ class TaskControl:
             self._notifier.wake()
         else:
             for row in rows:
-                self._metrics.task_outcomes.labels(row["type"], "cancelled").inc()
+                self._metrics.task_outcomes.labels(
+                    self._metrics.type_label(row["type"]), "cancelled"
+                ).inc()

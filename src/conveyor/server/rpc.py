@@ -7,6 +7,11 @@ typed errors and driver failures into gRPC statuses with a one-line message.
 A client therefore never sees a stack trace: INVALID_ARGUMENT, NOT_FOUND,
 FAILED_PRECONDITION and UNAVAILABLE carry Conveyor's own messages, and anything unforeseen
 is logged here with its traceback and answered INTERNAL.
+
+`add_service` registers a servicer the way the generated `add_*_to_server` functions do,
+except for requests that do not decode (corrupt bytes, invalid UTF-8 in a string field):
+grpc.aio would answer those UNKNOWN before any of our code ran, and here they reach
+`rpc_method` as `Malformed` and are answered INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from conveyor.errors import ConveyorError, ServerUnavailable
+from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable
 from conveyor.protocol.status import status_for
+from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.security import enter_call, leave_call
 
 if TYPE_CHECKING:
@@ -37,6 +44,60 @@ Response = TypeVar("Response")
 def server_stopping() -> ServerUnavailable:
     """The answer to a call the server will not finish because it is stopping."""
     return ServerUnavailable("the server is stopping; retry on another")
+
+
+class Malformed:
+    """A request whose bytes did not decode; `rpc_method` answers it INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        """Keep what the decoder said."""
+        self.reason = reason
+
+
+def _decoder(message_type: Any) -> Callable[[bytes], Any]:
+    parse = message_type.FromString
+
+    def decode(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Malformed(str(exc) or "the bytes are not a valid message")
+
+    return decode
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: str) -> None:
+    """Serve `servicer` as the conveyor.v1 service named `service` (see the module docstring)."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name}: only unary methods are supported here")
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    # grpcio >= 1.62 looks registered methods up without the generic handlers' string
+    # matching, as the generated code does; the stubs do not know the method yet.
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(descriptor.full_name, handlers)
+
+
+def _admit(gate: Gate, name: str, request: object, context: Any) -> object | None:
+    """Let the caller in (or raise); the token to hand to `leave_call`, if one was entered."""
+    caller = enter_call(gate.admit(name, context.invocation_metadata())) if gate.enabled else None
+    if isinstance(request, Malformed):
+        if caller is not None:
+            leave_call(caller)
+        raise InvalidTask(f"malformed {name} request: {request.reason}")
+    return caller
 
 
 def rpc_method(
@@ -58,8 +119,7 @@ def rpc_method(
             code = grpc.StatusCode.OK
             caller = None
             try:
-                if gate.enabled:
-                    caller = enter_call(gate.admit(name, context.invocation_metadata()))
+                caller = _admit(gate, name, request, context)
                 return await method(self, request, context)
             except ConveyorError as exc:
                 code, message = status_for(exc)

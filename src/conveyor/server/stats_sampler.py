@@ -180,21 +180,26 @@ class StatsSampler(PeriodicService):
 
     def _publish(self, snapshot: StatsSnapshot) -> None:
         metrics = self._metrics
+        label = metrics.type_label
+        # By label: types past the metrics' bound are summed into one series (the oldest
+        # age is their oldest).
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        paused: set[str] = {label(task_type) for task_type in snapshot.paused}
+        for task_type, count in snapshot.queued.items():
+            queued[label(task_type)] = queued.get(label(task_type), 0) + count
+        for task_type, count in snapshot.running.items():
+            running[label(task_type)] = running.get(label(task_type), 0) + count
+        for task_type, age in snapshot.oldest_queued_seconds.items():
+            oldest[label(task_type)] = max(oldest.get(label(task_type), 0.0), age)
         # A type whose queue drained must read 0, not keep its last value.
-        self._known_types |= set(snapshot.queued) | set(snapshot.running)
-        for task_type in self._known_types | set(snapshot.paused):
-            metrics.type_paused.labels(task_type).set(1 if task_type in snapshot.paused else 0)
-        self._known_types |= set(snapshot.paused)
+        self._known_types |= set(queued) | set(running) | paused
         for task_type in self._known_types:
-            metrics.tasks_by_state.labels("queued", task_type).set(
-                snapshot.queued.get(task_type, 0)
-            )
-            metrics.tasks_by_state.labels("running", task_type).set(
-                snapshot.running.get(task_type, 0)
-            )
-            metrics.oldest_queued.labels(task_type).set(
-                snapshot.oldest_queued_seconds.get(task_type, 0.0)
-            )
+            metrics.type_paused.labels(task_type).set(1 if task_type in paused else 0)
+            metrics.tasks_by_state.labels("queued", task_type).set(queued.get(task_type, 0))
+            metrics.tasks_by_state.labels("running", task_type).set(running.get(task_type, 0))
+            metrics.oldest_queued.labels(task_type).set(oldest.get(task_type, 0.0))
         for state in ("active", "draining", "lost", "stopped"):
             metrics.workers_by_state.labels(state).set(snapshot.workers.get(state, 0))
         metrics.last_sample.set(snapshot.taken_at)

@@ -298,7 +298,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
         if any(created):
             for task_type, count in Counter(compress(batch.types, created)).items():
-                self.metrics.tasks_enqueued.labels(task_type).inc(count)
+                self.metrics.tasks_enqueued.labels(self.metrics.type_label(task_type)).inc(count)
             # Long polls in this process need not wait for the NOTIFY round trip.
             self.notifier.wake()
         return pb.EnqueueTasksResponse(task_ids=batch.ids, created=created)
@@ -351,5 +351,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         if row is None:  # impossible inside the transaction that locked it; keeps mypy honest
             raise TaskNotFound(task_id=task_id)
         if state is not TaskState.CANCELLED:
-            self.metrics.task_outcomes.labels(row["type"], "cancelled").inc()
+            self.metrics.task_outcomes.labels(
+                self.metrics.type_label(row["type"]), "cancelled"
+            ).inc()
         return pb.CancelTaskResponse(task=convert.status_to_info(status_from_row(row)))

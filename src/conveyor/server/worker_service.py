@@ -129,11 +129,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             registered = await queries.worker_register(
                 conn,
                 worker_id=worker_id,
-                host=request.host[:255] or "unknown",
+                # For people to read; PostgreSQL text cannot hold NUL.
+                host=request.host[:255].replace("\x00", "\\x00") or "unknown",
                 pid=min(request.pid, 2**31 - 1),
                 task_types=task_types,
                 concurrency=min(request.concurrency, 2**31 - 1),
-                version=request.version[:64] or "unknown",
+                version=request.version[:64].replace("\x00", "\\x00") or "unknown",
                 principal=principal.name if principal is not None else None,
             )
         if not registered:
@@ -194,7 +195,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
-                    self.metrics.queue_wait.labels(row["type"]).observe(max(row["waited"], 0.0))
+                    self.metrics.queue_wait.labels(self.metrics.type_label(row["type"])).observe(
+                        max(row["waited"], 0.0)
+                    )
                 return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
             remaining = give_up_at - loop.time()
             if remaining <= 0:
@@ -450,10 +453,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if not row["applied"]:
                 applied.append(None)
                 continue
-            self.metrics.task_outcomes.labels(row["type"], "succeeded").inc()
-            self.metrics.task_duration.labels(row["type"], "succeeded").observe(
-                max(row["ran_for"], 0.0)
-            )
+            self.metrics.task_outcomes.labels(
+                self.metrics.type_label(row["type"]), "succeeded"
+            ).inc()
+            self.metrics.task_duration.labels(
+                self.metrics.type_label(row["type"]), "succeeded"
+            ).observe(max(row["ran_for"], 0.0))
             applied.append(row)
         return applied
 
@@ -499,11 +504,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         else:
             raise InvalidTask(f"unknown outcome {outcome}")
         if row is not None:
-            self.metrics.task_outcomes.labels(row["type"], label).inc()
+            self.metrics.task_outcomes.labels(self.metrics.type_label(row["type"]), label).inc()
             if "ran_for" in row:
-                self.metrics.task_duration.labels(row["type"], label).observe(
-                    max(row["ran_for"], 0.0)
-                )
+                self.metrics.task_duration.labels(
+                    self.metrics.type_label(row["type"]), label
+                ).observe(max(row["ran_for"], 0.0))
         return row
 
     @rpc_method("UnregisterWorker")

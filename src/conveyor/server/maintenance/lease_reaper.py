@@ -56,7 +56,9 @@ class LeaseReaper(PeriodicService):
                 )
             for row in rows:
                 outcome = "timed_out" if row["timed_out"] else "lease_expired"
-                self._metrics.task_outcomes.labels(row["type"], outcome).inc()
+                self._metrics.task_outcomes.labels(
+                    self._metrics.type_label(row["type"]), outcome
+                ).inc()
                 if row["state"] == "queued":
                     self._notifier.wake_after(row["retry_in"])
                 log.info(
