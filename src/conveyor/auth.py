@@ -117,6 +117,11 @@ class Principal:
     token_id: str = ""
     task_types: frozenset[str] | None = None
 
+    @property
+    def actor(self) -> str:
+        """How history and the audit log name this principal: "name (token id)"."""
+        return f"{self.name} (token {self.token_id})" if self.token_id else self.name
+
     def may(self, permission: Permission) -> bool:
         """Whether the role grants `permission`."""
         return permission in ROLE_PERMISSIONS[self.role]

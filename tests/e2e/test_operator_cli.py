@@ -394,7 +394,7 @@ class TestPauseResumeAndStats:
 
         table = ok("stats", "--once")
         assert "async_noop" in table
-        assert "paused (maintenance)" in table
+        assert "paused (maintenance; by anonymous)" in table
         assert "1 succeeded, 0 failed" in table
 
         assert ok("resume", "async_noop") == "async_noop resumed\n"

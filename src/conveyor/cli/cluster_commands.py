@@ -127,7 +127,12 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
             for item in status.types
         ],
         "paused_types": [
-            {"type": item.type, "paused_at": output.iso(item.paused_at), "reason": item.reason}
+            {
+                "type": item.type,
+                "paused_at": output.iso(item.paused_at),
+                "reason": item.reason,
+                "paused_by": item.paused_by,
+            }
             for item in status.paused_types
         ],
         "workers": status.workers,
@@ -154,7 +159,12 @@ def render_stats(status: ClusterStatus) -> Group:
     header.append(f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}")
     sampled = f"sampled {output.when(status.sampled_at)}" if status.sampled_at else "no sample yet"
     header.append(f" · version {status.version} · {sampled}")
-    reasons = {paused.type: paused.reason for paused in status.paused_types}
+    reasons = {
+        paused.type: "; ".join(
+            filter(None, (paused.reason, paused.paused_by and f"by {paused.paused_by}"))
+        )
+        for paused in status.paused_types
+    }
     queue = Table(title="queue by type")
     queue.add_column("type")
     for column in ("queued", "running", "oldest queued"):

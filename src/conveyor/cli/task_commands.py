@@ -118,6 +118,7 @@ def status_document(status: TaskStatus) -> dict[str, Any]:
                 "attempt": event.attempt,
                 "worker_id": event.worker_id,
                 "detail": event.detail,
+                "by": event.actor,
             }
             for event in status.history
         ],
@@ -147,7 +148,7 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
     console.print(summary)
     if history:
         table = Table(title="history")
-        for column in ("at", "event", "state", "attempt", "worker", "detail"):
+        for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
             table.add_column(column)
         for event in found.history:
             table.add_row(
@@ -157,6 +158,7 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
                 str(event.attempt),
                 event.worker_id or "",
                 output.plain(event.detail),
+                output.plain(event.actor),
             )
         console.print(table)
 

@@ -111,6 +111,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
                 attempt=event.attempt,
                 worker_id=event.worker_id or None,
                 detail=event.detail or None,
+                actor=event.actor or None,
             )
             for event in info.history
         ),
@@ -146,6 +147,7 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
                 attempt=event.attempt,
                 worker_id=event.worker_id or "",
                 detail=event.detail or "",
+                actor=event.actor or "",
             )
             for event in status.history
         ],
@@ -205,7 +207,10 @@ def states_from_pb(values: Sequence[int]) -> list[TaskState]:
 def paused_type_to_pb(paused: PausedType) -> pb.PausedType:
     """The wire form of a paused type."""
     return pb.PausedType(
-        type=paused.type, paused_at=timestamp(paused.paused_at), reason=paused.reason or ""
+        type=paused.type,
+        paused_at=timestamp(paused.paused_at),
+        reason=paused.reason or "",
+        paused_by=paused.paused_by or "",
     )
 
 
@@ -215,6 +220,7 @@ def paused_type_from_pb(message: pb.PausedType) -> PausedType:
         type=message.type,
         paused_at=from_timestamp(message.paused_at),
         reason=message.reason or None,
+        paused_by=message.paused_by or None,
     )
 
 

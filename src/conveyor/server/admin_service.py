@@ -14,7 +14,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.control import BulkProgress, BulkScope, TaskControl, TaskFilter
 from conveyor.server.rpc import rpc_method
-from conveyor.server.security import OPEN_GATE, Gate
+from conveyor.server.security import OPEN_GATE, Gate, caller
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -121,7 +121,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.BulkTaskRequest, context: Any
     ) -> pb.BulkTaskResponse:
         """Re-queue failed or cancelled tasks."""
-        progress = await self.control.retry_tasks(_scope(request), reason=request.reason)
+        progress = await self.control.retry_tasks(
+            _scope(request), reason=request.reason, actor=caller().actor
+        )
         return _bulk_response(progress)
 
     @rpc_method("CancelTasks")
@@ -129,7 +131,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.BulkTaskRequest, context: Any
     ) -> pb.BulkTaskResponse:
         """Cancel queued or running tasks."""
-        progress = await self.control.cancel_tasks(_scope(request), reason=request.reason)
+        progress = await self.control.cancel_tasks(
+            _scope(request), reason=request.reason, actor=caller().actor
+        )
         return _bulk_response(progress)
 
     @rpc_method("PauseType")
@@ -137,7 +141,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.PauseTypeRequest, context: Any
     ) -> pb.PauseTypeResponse:
         """Stop leasing a type."""
-        changed = await self.control.pause_type(request.type, request.reason)
+        changed = await self.control.pause_type(request.type, request.reason, actor=caller().actor)
         return pb.PauseTypeResponse(changed=changed)
 
     @rpc_method("ResumeType")
@@ -145,7 +149,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.ResumeTypeRequest, context: Any
     ) -> pb.ResumeTypeResponse:
         """Lease a paused type again."""
-        return pb.ResumeTypeResponse(changed=await self.control.resume_type(request.type))
+        return pb.ResumeTypeResponse(
+            changed=await self.control.resume_type(request.type, actor=caller().actor)
+        )
 
 
 def _scope(request: pb.BulkTaskRequest) -> BulkScope:

@@ -11,6 +11,7 @@ untouched. The gRPC and HTTP layers only translate; the rules live here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
@@ -268,43 +269,53 @@ class TaskControl:
         async with self._database.connection() as conn:
             rows = await queries.paused_type_list(conn)
         return [
-            PausedType(type=row["type"], paused_at=row["paused_at"], reason=row["reason"])
+            PausedType(
+                type=row["type"],
+                paused_at=row["paused_at"],
+                reason=row["reason"],
+                paused_by=row["paused_by"],
+            )
             for row in rows
         ]
 
     # --- acting --------------------------------------------------------------------------
 
-    async def retry_tasks(self, scope: BulkScope, *, reason: str = "") -> BulkProgress:
+    # Every action names its actor ("name (token id)", see auth.Principal.actor): the history
+    # and the audit log record who did what.
+
+    async def retry_tasks(self, scope: BulkScope, *, reason: str = "", actor: str) -> BulkProgress:
         """Re-queue failed or cancelled tasks as a new series of attempts."""
         detail = _reason(reason, "retried by an operator")
-        return await self._bulk("retry", queries.task_retry_many, RETRYABLE, scope, detail)
+        apply = functools.partial(queries.task_retry_many, actor=actor)
+        return await self._bulk("retry", apply, RETRYABLE, scope, detail)
 
-    async def cancel_tasks(self, scope: BulkScope, *, reason: str = "") -> BulkProgress:
+    async def cancel_tasks(self, scope: BulkScope, *, reason: str = "", actor: str) -> BulkProgress:
         """Cancel queued or running tasks (running leases are revoked at once)."""
         detail = _reason(reason, "cancelled by an operator")
-        return await self._bulk("cancel", queries.task_cancel_many, CANCELLABLE, scope, detail)
+        apply = functools.partial(queries.task_cancel_many, actor=actor)
+        return await self._bulk("cancel", apply, CANCELLABLE, scope, detail)
 
-    async def pause_type(self, task_type: str, reason: str = "") -> bool:
+    async def pause_type(self, task_type: str, reason: str = "", *, actor: str) -> bool:
         """Stop leasing `task_type`; False if it was already paused."""
         task_type = validate_task_type(task_type)
         async with self._database.connection() as conn:
             changed = await queries.paused_type_set(
-                conn, task_type=task_type, reason=_reason(reason, "") or None
+                conn, task_type=task_type, reason=_reason(reason, "") or None, actor=actor
             )
         if changed:
             self._metrics.operator_actions.labels("pause").inc()
-            log.info("type %s paused", task_type, extra={"event": "type_paused"})
+            log.info("type %s paused by %s", task_type, actor, extra={"event": "type_paused"})
         return changed
 
-    async def resume_type(self, task_type: str) -> bool:
+    async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease `task_type` again; False if it was not paused."""
         task_type = validate_task_type(task_type)
         async with self._database.connection() as conn:
-            changed = await queries.paused_type_clear(conn, task_type=task_type)
+            changed = await queries.paused_type_clear(conn, task_type=task_type, actor=actor)
         if changed:
             self._notifier.wake()
             self._metrics.operator_actions.labels("resume").inc()
-            log.info("type %s resumed", task_type, extra={"event": "type_resumed"})
+            log.info("type %s resumed by %s", task_type, actor, extra={"event": "type_resumed"})
         return changed
 
     async def _bulk(

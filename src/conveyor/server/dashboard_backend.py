@@ -65,24 +65,24 @@ class DashboardBackend:
         """Registered workers that are not stopped."""
         return await self._control.workers(include_stopped=False, limit=WORKER_LIMIT)
 
-    async def retry_task(self, task_id: str) -> BulkResult:
+    async def retry_task(self, task_id: str, *, actor: str) -> BulkResult:
         """Retry one failed or cancelled task."""
         progress = await self._control.retry_tasks(
-            BulkScope(task_ids=(task_id,)), reason="retried from the dashboard"
+            BulkScope(task_ids=(task_id,)), reason="retried from the dashboard", actor=actor
         )
         return progress.result
 
-    async def cancel_task(self, task_id: str) -> BulkResult:
+    async def cancel_task(self, task_id: str, *, actor: str) -> BulkResult:
         """Cancel one queued or running task."""
         progress = await self._control.cancel_tasks(
-            BulkScope(task_ids=(task_id,)), reason="cancelled from the dashboard"
+            BulkScope(task_ids=(task_id,)), reason="cancelled from the dashboard", actor=actor
         )
         return progress.result
 
-    async def pause_type(self, task_type: str) -> bool:
+    async def pause_type(self, task_type: str, *, actor: str) -> bool:
         """Stop leasing a type."""
-        return await self._control.pause_type(task_type, "paused from the dashboard")
+        return await self._control.pause_type(task_type, "paused from the dashboard", actor=actor)
 
-    async def resume_type(self, task_type: str) -> bool:
+    async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease a type again."""
-        return await self._control.resume_type(task_type)
+        return await self._control.resume_type(task_type, actor=actor)

@@ -19,7 +19,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.rpc import rpc_method, server_stopping
-from conveyor.server.security import OPEN_GATE, Gate
+from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.storage import queries
 from conveyor.types import (
     MAX_RETRIES_LIMIT,
@@ -87,6 +87,7 @@ def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
                 attempt=event["attempt"],
                 worker_id=event["worker_id"],
                 detail=event["detail"],
+                actor=event["actor"],
             )
             for event in events or ()
         ),
@@ -346,7 +347,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
                     if state is TaskState.RUNNING
                     else "cancelled while queued"
                 )
-                await queries.task_cancel(conn, task_id=task_id, detail=detail)
+                await queries.task_cancel(
+                    conn, task_id=task_id, detail=detail, actor=caller().actor
+                )
             row = await queries.task_get(conn, task_id=task_id)
         if row is None:  # impossible inside the transaction that locked it; keeps mypy honest
             raise TaskNotFound(task_id=task_id)

@@ -83,19 +83,19 @@ class DashboardSource(Protocol):
         """Registered workers that are not stopped."""
         ...
 
-    async def retry_task(self, task_id: str) -> BulkResult:
+    async def retry_task(self, task_id: str, *, actor: str) -> BulkResult:
         """Retry one failed or cancelled task."""
         ...
 
-    async def cancel_task(self, task_id: str) -> BulkResult:
+    async def cancel_task(self, task_id: str, *, actor: str) -> BulkResult:
         """Cancel one queued or running task."""
         ...
 
-    async def pause_type(self, task_type: str) -> bool:
+    async def pause_type(self, task_type: str, *, actor: str) -> bool:
         """Stop leasing a type."""
         ...
 
-    async def resume_type(self, task_type: str) -> bool:
+    async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease a type again."""
         ...
 
@@ -199,6 +199,11 @@ class Visit:
     principal: Principal | None
     csrf: str = ""
     signed_in: bool = False
+
+    @property
+    def actor(self) -> str:
+        """Who the history records for an action (actions need a principal to get here)."""
+        return self.principal.actor if self.principal is not None else "unknown"
 
     @property
     def can_operate(self) -> bool:
@@ -639,34 +644,33 @@ class Dashboard:
         return response
 
     # --- actions -------------------------------------------------------------------------
-    # `visit.principal` is who acts; DashboardSource does not take it yet (see the report
-    # of the security work): history records the dashboard as the actor.
+    # `visit.principal` is who acts: the history and the audit log record it.
 
-    async def retry(self, request: web.Request, _visit: Visit) -> web.StreamResponse:
+    async def retry(self, request: web.Request, visit: Visit) -> web.StreamResponse:
         """Retry a failed or cancelled task, then show it."""
         task_id = request.match_info["task_id"]
-        result = await self._source.retry_task(task_id)
+        result = await self._source.retry_task(task_id, actor=visit.actor)
         notice = "retried" if result.changed else "not-retried"
         raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
-    async def cancel(self, request: web.Request, _visit: Visit) -> web.StreamResponse:
+    async def cancel(self, request: web.Request, visit: Visit) -> web.StreamResponse:
         """Cancel a queued or running task, then show it."""
         task_id = request.match_info["task_id"]
-        result = await self._source.cancel_task(task_id)
+        result = await self._source.cancel_task(task_id, actor=visit.actor)
         notice = "cancelled" if result.changed else "not-cancelled"
         raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
-    async def pause(self, request: web.Request, _visit: Visit) -> web.StreamResponse:
+    async def pause(self, request: web.Request, visit: Visit) -> web.StreamResponse:
         """Pause a type, then back to the overview."""
         task_type = request.match_info["task_type"]
-        changed = await self._source.pause_type(task_type)
+        changed = await self._source.pause_type(task_type, actor=visit.actor)
         notice = "paused" if changed else "already-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
 
-    async def resume(self, request: web.Request, _visit: Visit) -> web.StreamResponse:
+    async def resume(self, request: web.Request, visit: Visit) -> web.StreamResponse:
         """Resume a type, then back to the overview."""
         task_type = request.match_info["task_type"]
-        changed = await self._source.resume_type(task_type)
+        changed = await self._source.resume_type(task_type, actor=visit.actor)
         notice = "resumed" if changed else "not-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
 
