@@ -133,7 +133,9 @@ class Gate:
             return ANONYMOUS
         try:
             return self.tokens.authenticate(token)
-        except Unauthenticated:
+        except Unauthenticated as exc:
+            # Debug only: anyone can send these, and each would otherwise be a log line.
+            log.debug("refused a caller: %s", exc.message, extra={"event": "unauthenticated"})
             self._count("unauthenticated")
             raise
 
@@ -151,6 +153,14 @@ class Gate:
             try:
                 principal.require(permission, rpc)
             except PermissionDenied:
+                # A valid token used beyond its role: a misconfiguration or a probe, worth
+                # a line (only holders of valid tokens can cause these).
+                log.warning(
+                    "%s may not call %s",
+                    principal.actor,
+                    rpc,
+                    extra={"event": "permission_denied", "token_id": principal.token_id},
+                )
                 self._count("permission_denied")
                 raise
         if self._limiter is not None and permission is not Permission.WORK:
