@@ -332,6 +332,28 @@ class TokenFile:
         return self.current().authenticate(token)
 
 
+class FixedTokens:
+    """A TokenRegistry that never changes: tokens given in the environment (CONVEYOR_TOKENS).
+
+    Same interface as TokenFile. Rotating such tokens means restarting the servers one at a
+    time, which is why a file is the better home for them.
+    """
+
+    last_error: ConfigError | None = None
+
+    def __init__(self, registry: TokenRegistry) -> None:
+        """Serve `registry` for ever."""
+        self.registry = registry
+
+    def current(self) -> TokenRegistry:
+        """The registry."""
+        return self.registry
+
+    def authenticate(self, token: str | None) -> Principal:
+        """Authenticate against the fixed set."""
+        return self.registry.authenticate(token)
+
+
 def bearer_token(value: str | None) -> str | None:
     """The token in an `authorization` value ("Bearer <token>"), or None."""
     if not value:

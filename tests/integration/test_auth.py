@@ -422,3 +422,22 @@ class TestExposure:
             tls_cert_file=tmp_path / "cert.pem",
             tls_key_file=tmp_path / "key.pem",
         )
+
+
+class TestTokensFromTheEnvironment:
+    def test_tokens_given_as_text_authenticate_and_exclude_a_file(
+        self, start_server: Callable[..., ServerThread], tmp_path: Path
+    ) -> None:
+        """CONVEYOR_TOKENS (ServerConfig.tokens_toml): same format, fixed for the process."""
+        token, entry = new_token("app", Role.PRODUCER)
+        server = start_server(tokens_toml=entry.as_toml())
+        with Client(server.address, token=token) as client:
+            assert client.enqueue_task(Task(type="t", payload=b""))
+        with Client(server.address) as client, pytest.raises(Unauthenticated):
+            client.enqueue_task(Task(type="t", payload=b""))
+        with pytest.raises(ConfigError, match="not both"):
+            ServerConfig(
+                database_url="postgresql://x/y",
+                tokens_toml=entry.as_toml(),
+                tokens_file=tmp_path / "tokens.toml",
+            )

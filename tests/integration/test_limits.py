@@ -7,6 +7,7 @@ else working: a worker keeps running tasks while its producer is being metered.
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -115,3 +116,30 @@ class TestConcurrentCalls:
             channel.close()
         with Client(server.address) as client:  # slots free again
             assert client.enqueue_task(Task(type="t", payload=b"", timeout=timedelta(seconds=5)))
+
+
+class TestSizeLimits:
+    def test_payload_and_batch_refusals_are_counted(
+        self, start_server: Callable[..., ServerThread]
+    ) -> None:
+        """INVALID_ARGUMENT for the caller, a metric for the operator."""
+        server = start_server(max_payload_bytes=10, max_batch=2)
+        channel = grpc.insecure_channel(server.address)
+        tasks = pb_grpc.TaskServiceStub(channel)
+
+        def spec(payload: bytes = b"") -> pb.TaskSpec:
+            return pb.TaskSpec(
+                id=str(uuid.uuid4()), type="t", payload=payload, timeout=Duration(seconds=5)
+            )
+
+        for request, limit in (
+            (pb.EnqueueTasksRequest(tasks=[spec(b"x" * 11)]), "payload_size"),
+            (pb.EnqueueTasksRequest(tasks=[spec() for _ in range(3)]), "batch_size"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                tasks.EnqueueTasks(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the limit is" in (caught.value.details() or "")
+            assert server.server is not None
+            assert server.server.metrics.limit_refusals.labels(limit)._value.get() == 1
+        channel.close()

@@ -21,7 +21,10 @@ from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
     DEFAULT_GRPC_LISTEN,
     DEFAULT_HTTP_LISTEN,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_LEASE_BATCH,
+    DEFAULT_MAX_LEASE_WAIT,
     DEFAULT_RATE_LIMIT,
     ServerConfig,
     default_server_id,
@@ -172,6 +175,27 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Largest payload (and result) accepted.",
 )
 @click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BATCH,
+    show_default=True,
+    help="Most tasks in one enqueue call (clients split larger batches themselves).",
+)
+@click.option(
+    "--max-lease-wait",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_LEASE_WAIT.total_seconds(),
+    show_default=True,
+    help="Longest a worker's long poll may wait on this server, in seconds.",
+)
+@click.option(
+    "--max-lease-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_LEASE_BATCH,
+    show_default=True,
+    help="Most tasks one long poll leases.",
+)
+@click.option(
     "--heartbeat-interval",
     type=click.FloatRange(min=0.01),
     default=None,
@@ -283,6 +307,9 @@ def server(
     retry_backoff_base: float,
     retry_backoff_cap: float,
     max_payload_bytes: int,
+    max_batch: int,
+    max_lease_wait: float,
+    max_lease_batch: int,
     heartbeat_interval: float | None,
     worker_lost_after: float,
     leader_ttl: float,
@@ -319,6 +346,9 @@ def server(
             retry_backoff_base=timedelta(seconds=retry_backoff_base),
             retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
             max_payload_bytes=max_payload_bytes,
+            max_batch=max_batch,
+            max_lease_wait=timedelta(seconds=max_lease_wait),
+            max_lease_batch=max_lease_batch,
             worker_lost_after=timedelta(seconds=worker_lost_after),
             leader_ttl=timedelta(seconds=leader_ttl),
             leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
@@ -327,6 +357,7 @@ def server(
             group_commit=group_commit,
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
+            tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,
             tls_cert_file=tls_cert,
             tls_key_file=tls_key,
             tls_client_ca_file=tls_client_ca,

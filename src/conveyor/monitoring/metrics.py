@@ -63,7 +63,8 @@ class ServerMetrics:
         )
         self.limit_refusals = Counter(
             "conveyor_limit_refusals_total",
-            "Requests refused by a configured limit (request_rate, payload_size, batch_size).",
+            "Requests refused by a configured limit: request_rate (per token), payload_size "
+            "(a payload or result), batch_size (tasks per enqueue, reports per call).",
             ["limit"],
             registry=self.registry,
         )

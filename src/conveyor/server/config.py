@@ -122,6 +122,9 @@ class ServerConfig:
     # Security (docs/security.md). Accepted tokens, re-read when the file changes; None turns
     # authentication off, which only a loopback server or an --insecure one may do.
     tokens_file: Path | None = None
+    # The same TOML given as text (CONVEYOR_TOKENS: tokens in the environment, as container
+    # platforms hand out secrets); fixed for the process's life. At most one of the two.
+    tokens_toml: str | None = None
     # None: no metering (see server/security.py for what is metered and why).
     rate_limit: float | None = DEFAULT_RATE_LIMIT
     rate_burst: float = DEFAULT_RATE_BURST
@@ -154,6 +157,8 @@ class ServerConfig:
         for address in (self.grpc_listen, self.http_listen, self.metrics_listen):
             if address is not None:
                 split_host_port(address)
+        if self.tokens_file is not None and self.tokens_toml is not None:
+            raise ConfigError("give tokens as a file or in the environment, not both")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("TLS needs both a certificate and its key")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -173,7 +178,7 @@ class ServerConfig:
     @property
     def authentication(self) -> bool:
         """Whether callers must present a token."""
-        return self.tokens_file is not None
+        return self.tokens_file is not None or self.tokens_toml is not None
 
     def exposure_problems(self) -> list[str]:
         """Why this server would be unsafe to run as configured; empty when it is not.

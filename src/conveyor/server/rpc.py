@@ -92,7 +92,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: str) -> None
 
 def _admit(gate: Gate, name: str, request: object, context: Any) -> object | None:
     """Let the caller in (or raise); the token to hand to `leave_call`, if one was entered."""
-    caller = enter_call(gate.admit(name, context.invocation_metadata())) if gate.enabled else None
+    caller = enter_call(gate.admit(name, context.invocation_metadata)) if gate.enabled else None
     if isinstance(request, Malformed):
         if caller is not None:
             leave_call(caller)

@@ -27,9 +27,11 @@ import grpc
 
 from conveyor.auth import (
     ANONYMOUS,
+    FixedTokens,
     Permission,
     Principal,
     TokenFile,
+    TokenRegistry,
     bearer_token,
     permission_for,
 )
@@ -83,7 +85,7 @@ class Gate:
 
     def __init__(
         self,
-        tokens: TokenFile | None,
+        tokens: TokenFile | FixedTokens | None,
         metrics: ServerMetrics | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
@@ -100,6 +102,9 @@ class Gate:
             if config.rate_limit is not None
             else None
         )
+        if config.tokens_toml is not None:
+            registry = TokenRegistry.from_toml(config.tokens_toml, "CONVEYOR_TOKENS")
+            return cls(FixedTokens(registry), metrics, limiter)
         if config.tokens_file is None:
             return cls(None, metrics, limiter)
 
@@ -139,13 +144,16 @@ class Gate:
             self._count("unauthenticated")
             raise
 
-    def admit(self, rpc: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+    def admit(
+        self, rpc: str, metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None]
+    ) -> Principal:
         """Authenticate an RPC's caller, check their role may call it, and meter the call."""
         permission = permission_for(rpc)
         principal = ANONYMOUS
         if self.tokens is not None:
             token = None
-            for key, value in metadata or ():
+            # Read only here: without tokens, no call pays for copying its metadata.
+            for key, value in metadata() or ():
                 if key == AUTHORIZATION and isinstance(value, str):
                     token = bearer_token(value)
                     break

@@ -265,6 +265,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         if not spec.HasField("timeout"):
             raise InvalidTask("timeout is required", field="timeout")
         if len(spec.payload) > self.config.max_payload_bytes:
+            self.metrics.limit_refusals.labels("payload_size").inc()
             raise InvalidTask(
                 f"payload is {len(spec.payload)} bytes; the limit is "
                 f"{self.config.max_payload_bytes}",
@@ -287,6 +288,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         if not request.tasks:
             raise InvalidTask("no tasks to enqueue")
         if len(request.tasks) > self.config.max_batch:
+            self.metrics.limit_refusals.labels("batch_size").inc()
             raise InvalidTask(
                 f"{len(request.tasks)} tasks in one call; the limit is {self.config.max_batch}"
             )

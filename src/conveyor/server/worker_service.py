@@ -333,6 +333,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if self.gate.authenticating:
             await self._check_owner(worker_id)
         if len(request.reports) > MAX_REPORTS_PER_CALL:
+            self.metrics.limit_refusals.labels("batch_size").inc()
             raise InvalidTask(
                 f"{len(request.reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
             )
@@ -398,6 +399,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         task_id = normalize_task_id(request.task_id)
         lease_id = normalize_task_id(request.lease_id)
         if len(request.result) > self.config.max_payload_bytes:
+            self.metrics.limit_refusals.labels("payload_size").inc()
             raise InvalidTask(
                 f"result is {len(request.result)} bytes; the limit is "
                 f"{self.config.max_payload_bytes}"
