@@ -215,7 +215,7 @@ class TestLogin:
         assert is_login_redirect(fetch(f"{base}/ui/types/sec.p/pause", method="POST"))
         assert paused_types(db) == []
 
-    def test_admin_logs_in_and_sees_the_actions(self, secured, tokens) -> None:
+    def test_admin_logs_in_and_sees_the_actions(self, secured, tokens, db) -> None:
         base = secured.http_url
         task_id = enqueue(secured, tokens["alice"])
         answer = fetch(f"{base}/ui/login", method="POST", form={"token": tokens["alice"]})
@@ -233,6 +233,11 @@ class TestLogin:
         assert page.csrf()
         # Already signed in: the login page sends the visitor on.
         assert fetch(f"{base}/ui/login?next=/ui/workers", cookie=cookie).location == "/ui/workers"
+        # The login is on the record, naming the token by its id.
+        logins = db.fetch("SELECT actor, action, target FROM conveyor_audit_log")
+        assert [tuple(row) for row in logins] == [
+            (f"alice (token {tokens.entries['alice'].token_id})", "dashboard_login", "admin")
+        ]
 
     def test_viewer_logs_in_but_sees_no_actions(self, secured, tokens) -> None:
         base = secured.http_url

@@ -307,6 +307,13 @@ class TaskControl:
             log.info("type %s paused by %s", task_type, actor, extra={"event": "type_paused"})
         return changed
 
+    async def record(self, *, actor: str, action: str, target: str, detail: str = "") -> None:
+        """Write an action on no task or type of its own (a login) to the audit log."""
+        async with self._database.connection() as conn:
+            await queries.audit_log_add(
+                conn, actor=actor, action=action, target=target, detail=detail or None
+            )
+
     async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease `task_type` again; False if it was not paused."""
         task_type = validate_task_type(task_type)

@@ -83,6 +83,10 @@ class DashboardBackend:
         """Stop leasing a type."""
         return await self._control.pause_type(task_type, "paused from the dashboard", actor=actor)
 
+    async def record_login(self, *, actor: str, role: str) -> None:
+        """Write a dashboard login to the audit log."""
+        await self._control.record(actor=actor, action="dashboard_login", target=role)
+
     async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease a type again."""
         return await self._control.resume_type(task_type, actor=actor)

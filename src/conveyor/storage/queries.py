@@ -589,6 +589,13 @@ async def paused_type_clear(conn: Any, *, task_type: str, actor: str = "anonymou
     return bool(rows)
 
 
+async def audit_log_add(
+    conn: Any, *, actor: str, action: str, target: str, detail: str | None
+) -> None:
+    """Record an action of a person on no single task (a dashboard login)."""
+    await conn.execute(SQL["audit_log_add"], actor, action, target, detail)
+
+
 async def audit_log_list(conn: Any, *, limit: int) -> list[asyncpg.Record]:
     """The latest operator actions on no single task (pause, resume), newest first."""
     return list(await conn.fetch(SQL["audit_log_list"], limit))

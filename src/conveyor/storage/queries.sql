@@ -680,6 +680,10 @@ SELECT pg_notify('conveyor_task_ready', '') FROM resumed;
 -- name: paused_type_list
 SELECT type, paused_at, reason, paused_by FROM conveyor_paused_types ORDER BY type;
 
+-- name: audit_log_add
+-- $1 actor, $2 action, $3 target, $4 detail.
+INSERT INTO conveyor_audit_log (actor, action, target, detail) VALUES ($1, $2, $3, $4);
+
 -- name: audit_log_list
 -- $1 limit. The latest operator actions on no single task, newest first.
 SELECT at, actor, action, target, detail FROM conveyor_audit_log ORDER BY id DESC LIMIT $1;

@@ -95,6 +95,10 @@ class DashboardSource(Protocol):
         """Stop leasing a type."""
         ...
 
+    async def record_login(self, *, actor: str, role: str) -> None:
+        """Write a dashboard login to the audit log."""
+        ...
+
     async def resume_type(self, task_type: str, *, actor: str) -> bool:
         """Lease a type again."""
         ...
@@ -506,6 +510,8 @@ class Dashboard:
                 "dashboard. Log in with a viewer or admin token.",
             )
         value, max_age = self._sessions.issue(token, principal)
+        # A login opens what an admin token can do to everyone's tasks: on the record.
+        await self._source.record_login(actor=principal.actor, role=principal.role.value)
         response = _see_other(next_path)
         response.set_cookie(
             COOKIE_NAME,
