@@ -16,7 +16,8 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import wait_for
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import Client, RetryPolicy, Task, TaskState, Worker
+from conveyor.auth import Role, new_token
 from conveyor.errors import LimitExceeded
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -24,8 +25,13 @@ from conveyor.server.security import RateLimiter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from conftest import ServerThread
+
+
+# A short budget: the test wants to see the client give up, not wait for 30 s.
+QUICK = RetryPolicy(total_timeout=timedelta(seconds=1.5))
 
 
 class TestRateLimiter:
@@ -43,40 +49,67 @@ class TestRateLimiter:
 
 
 class TestRequestRate:
-    def test_a_producer_over_its_rate_is_refused_and_workers_are_not_metered(
-        self, start_server: Callable[..., ServerThread]
+    def test_the_client_waits_out_a_short_refill(
+        self, start_server: Callable[..., ServerThread], tmp_path: Path
     ) -> None:
-        server = start_server(rate_limit=2.0, rate_burst=3.0)
-        worker = Worker(server.address)
+        """Backpressure, not an error: a refill within the budget is waited for."""
+        token, entry = new_token("app", Role.PRODUCER)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(entry.as_toml())
+        server = start_server(tokens_file=tokens, rate_limit=20.0, rate_burst=1.0)
+        with Client(server.address, token=token) as client:
+            task_id = client.enqueue_task(Task(type="t", payload=b""))
+            for _ in range(5):  # each finds the bucket empty and waits ~50 ms
+                assert client.get_task_status(task_id).state is TaskState.QUEUED
+        assert server.server is not None
+        assert server.server.metrics.limit_refusals.labels("request_rate")._value.get() >= 1
+
+    def test_a_token_over_its_rate_is_refused_and_others_are_not_held_back(
+        self, start_server: Callable[..., ServerThread], tmp_path: Path
+    ) -> None:
+        """Per token: one producer's burst neither stops another producer nor the workers."""
+        (busy, busy_entry), (calm, calm_entry) = (
+            new_token("busy", Role.PRODUCER),
+            new_token("calm", Role.PRODUCER),
+        )
+        worker_token, worker_entry = new_token("fleet", Role.WORKER)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text("\n".join(e.as_toml() for e in (busy_entry, calm_entry, worker_entry)))
+        server = start_server(tokens_file=tokens, rate_limit=0.1, rate_burst=3.0)
+        worker = Worker(server.address, token=worker_token)
         worker.register_handler("t", lambda _ctx, payload: payload)
         worker.start()
         try:
-            with Client(server.address) as client:
+            with Client(server.address, token=busy, retry=QUICK) as client:
                 task_id = client.enqueue_task(Task(type="t", payload=b""))
                 for _ in range(2):  # the rest of the burst of 3
                     client.get_task_status(task_id)
+                # The next request would wait 10 s for a refill: past the client's budget.
                 with pytest.raises(LimitExceeded) as caught:
                     client.get_task_status(task_id)
-                assert "request rate limit of 2/s" in caught.value.message
-                assert "retry in" in caught.value.message
-                # The worker's calls (leases, reports) went through meanwhile.
-                wait_for(
-                    lambda: _final_state(client, task_id) is TaskState.SUCCEEDED,
-                    timeout=20,
-                    what="the task to succeed despite the producer's limit",
+                assert "request rate limit of 0.1/s" in caught.value.message
+            # Another token has its own bucket, and the worker ran the task meanwhile.
+            with Client(server.address, token=calm) as other:
+                status = wait_for(
+                    lambda: (s := other.get_task_status(task_id)).state.is_final and s,
+                    what="the task to finish",
                 )
+                assert status.state is TaskState.SUCCEEDED
         finally:
             worker.stop()
         assert server.server is not None
         refused = server.server.metrics.limit_refusals.labels("request_rate")._value.get()
         assert refused >= 1
 
-
-def _final_state(client: Client, task_id: str) -> TaskState | None:
-    try:
-        return client.get_task_status(task_id).state
-    except LimitExceeded:
-        return None  # still metered: ask again later
+    def test_without_tokens_nothing_is_metered(
+        self, start_server: Callable[..., ServerThread]
+    ) -> None:
+        """One shared bucket would let a busy script starve every other app: no metering."""
+        server = start_server(rate_limit=1.0, rate_burst=1.0)
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="t", payload=b""))
+            for _ in range(20):
+                assert client.get_task_status(task_id).state is TaskState.QUEUED
 
 
 class TestConcurrentCalls:

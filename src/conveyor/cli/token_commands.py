@@ -9,13 +9,18 @@ id; servers re-read the file within seconds, so no restart is involved.
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 import click
 
 from conveyor.auth import Role, TokenRegistry, new_token
 from conveyor.errors import ConfigError
+
+# A century: longer is "never", which is what leaving the option out says.
+MAX_DAYS: Final = 36_500
 
 tokens_file_option = click.option(
     "--file",
@@ -44,7 +49,7 @@ def token() -> None:
 )
 @click.option(
     "--expires-in-days",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True, max=MAX_DAYS),
     default=None,
     help="The token stops working after this many days (default: never).",
 )
@@ -73,10 +78,15 @@ def create(
         name, Role(role), expires_at=expires_at, task_types=task_types or None
     )
     TokenRegistry([*registry.entries(), entry])  # refuses a clashing id before writing
-    # Created private: the digests grant nothing, but the names and roles are nobody's business.
-    descriptor = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a") as file:
-        file.write(("\n" if registry.entries() else "") + entry.as_toml())
+    # Appending keeps the file's owner and mode, so servers running as another user can
+    # still read it. A new file is created private: the digests grant nothing, but the names
+    # and roles are nobody's business.
+    try:
+        descriptor = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "a") as file:
+            file.write(("\n" if registry.entries() else "") + entry.as_toml())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {tokens_file}: {exc.strerror}") from None
     click.echo(secret)
     click.echo(
         f"token {entry.token_id} ({entry.role.value}) for {entry.name!r} added to {tokens_file}"
@@ -110,13 +120,37 @@ def revoke(tokens_file: Path, token_id: str) -> None:
     kept = [entry for entry in registry.entries() if entry.token_id != token_id]
     if len(kept) == len(registry.entries()):
         raise ConfigError(f"no token with id {token_id!r} in {tokens_file}")
-    # Write a new file and rename it over the old one: a server never reads half a file.
-    temporary = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write("\n".join(entry.as_toml() for entry in kept))
-    temporary.replace(tokens_file)
+    _replace(tokens_file, "\n".join(entry.as_toml() for entry in kept))
     click.echo(f"token {token_id} revoked", err=True)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to a new file beside `path` and rename it over `path`.
+
+    A server never reads half a file that way. The new file takes the old one's mode, owner
+    and group: servers usually run as another user than the operator running this command,
+    and a file they cannot read would leave them on the old tokens (revoked one included).
+    """
+    try:
+        original = path.stat()
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise ConfigError(f"cannot rewrite {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fchmod(file.fileno(), original.st_mode & 0o777)
+            if (original.st_uid, original.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(file.fileno(), original.st_uid, original.st_gid)
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot rewrite {path} with its owner and mode kept ({exc.strerror}); run this "
+            "command as the file's owner or as root"
+        ) from None
 
 
 def _read(path: Path) -> TokenRegistry:
@@ -124,4 +158,6 @@ def _read(path: Path) -> TokenRegistry:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text, so not a tokens file") from None
     return TokenRegistry.from_toml(text, str(path))

@@ -29,7 +29,7 @@ import grpc.aio
 
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
-from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
+from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -320,6 +320,14 @@ class RetryLoop:
 
     def failed(self, address: str, error: grpc.RpcError) -> None:
         """Record a failed call; raise the typed error unless it is worth retrying."""
+        if is_backpressure(error.code(), error.details()):
+            # The server answered "not now" (rate or concurrency limit): it is healthy, so
+            # its breaker is left alone; wait and ask again while the budget lasts.
+            delay = next(self._delays)
+            if self._clock() + delay >= self._give_up_at:
+                raise translate(error)
+            self._sleep = delay
+            return
         if not is_transient(error):
             self._ring.record(address, reachable=True)  # the server answered
             raise translate(error)

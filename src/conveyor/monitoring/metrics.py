@@ -61,6 +61,12 @@ class ServerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.tokens_file_stale = Gauge(
+            "conveyor_tokens_file_stale",
+            "1 while the tokens file has changed but cannot be read or parsed: the previous "
+            "tokens stay in force, so a token revoked in the file is still accepted.",
+            registry=self.registry,
+        )
         self.limit_refusals = Counter(
             "conveyor_limit_refusals_total",
             "Requests refused by a configured limit: request_rate (per token), payload_size "

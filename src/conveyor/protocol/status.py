@@ -52,6 +52,18 @@ TRANSIENT_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 
+# RESOURCE_EXHAUSTED is also what gRPC answers for a message over its size limit, which no
+# retry will fix; these two refusals are backpressure, and a later retry is what they ask.
+RATE_LIMIT_PREFIX: Final = "request rate limit"
+_CONCURRENCY_LIMIT: Final = "Concurrent RPC limit exceeded!"
+
+
+def is_backpressure(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether a refusal means "not now": the server's rate or concurrency limit."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        (details or "").startswith(RATE_LIMIT_PREFIX) or details == _CONCURRENCY_LIMIT
+    )
+
 
 def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message that carry `error` over the wire."""

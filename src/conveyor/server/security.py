@@ -8,9 +8,9 @@ worker ids to principals and how history records who acted. With no tokens file 
 open and every caller is `ANONYMOUS` (an admin): that is a loopback development server, or
 one its operator started with --insecure.
 
-The gate also meters requests: each token (all anonymous callers together when
-authentication is off) has a token bucket per server process, and a producer or operator
-call that finds it empty is refused with RESOURCE_EXHAUSTED. Worker calls are not metered:
+The gate also meters requests when authentication is on: each token has a token bucket per
+server process, and a producer or operator call that finds it empty is refused with
+RESOURCE_EXHAUSTED (clients wait and retry within their budget). Worker calls are not metered:
 their rate is set by the protocol itself (one long poll, a heartbeat every few seconds,
 batched reports), and refusing a heartbeat would cost a worker its leases.
 """
@@ -36,6 +36,7 @@ from conveyor.auth import (
     permission_for,
 )
 from conveyor.errors import ConfigError, LimitExceeded, PermissionDenied, Unauthenticated
+from conveyor.protocol.status import RATE_LIMIT_PREFIX
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -97,9 +98,11 @@ class Gate:
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> Gate:
         """The gate a server's configuration asks for (reads the tokens file now)."""
+        # Metered per token, so only with tokens: without them every caller would share
+        # one bucket, and one busy script would starve every other application.
         limiter = (
             RateLimiter(config.rate_limit, config.rate_burst)
-            if config.rate_limit is not None
+            if config.rate_limit is not None and config.authentication
             else None
         )
         if config.tokens_toml is not None:
@@ -120,6 +123,8 @@ class Gate:
             on_error=report,
             check_interval=config.tokens_check_interval.total_seconds(),
         )
+        if metrics is not None:
+            metrics.tokens_file_stale.set_function(lambda: float(tokens.last_error is not None))
         return cls(tokens, metrics, limiter)
 
     @property
@@ -177,7 +182,7 @@ class Gate:
                 if self._metrics is not None:
                     self._metrics.limit_refusals.labels("request_rate").inc()
                 raise LimitExceeded(
-                    f"request rate limit of {self._limiter.rate:g}/s for "
+                    f"{RATE_LIMIT_PREFIX} of {self._limiter.rate:g}/s for "
                     f"{_who(principal)} exceeded; retry in {wait * 1000:.0f} ms"
                 )
         return principal

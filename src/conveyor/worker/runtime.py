@@ -67,7 +67,7 @@ from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, log_context
 from conveyor.protocol import convert
-from conveyor.protocol.status import TRANSIENT_CODES, error_from_status
+from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.worker.context import TaskContext
@@ -518,6 +518,10 @@ class _Runtime:
             if exc.code() in TRANSIENT_CODES:
                 self.ring.record(address, reachable=False)
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+            if is_backpressure(exc.code(), exc.details()):
+                # "Not now" from a healthy server: every caller of `call` retries an
+                # _Unreachable (a report within its lease, a heartbeat at its next beat).
+                raise _Unreachable(f"{address}: {exc.details()}", retry_in=0.1) from exc
             self.ring.record(address, reachable=True)
             raise
         self.ring.record(address, reachable=True)
