@@ -82,9 +82,18 @@ class PayloadCodec(Protocol):
         ...
 
 
+# Of a message, the UTF-8 bytes kept before sealing: sealed and in base64 it then stays
+# within the 8,000 characters the server keeps of an error or a progress report (a cut
+# seal could not be opened). 4 * ceil((5,900 + overhead) / 3) + prefix < 8,000.
+MAX_SEALED_TEXT_BYTES: Final = 5900
+
+
 def seal_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:
-    """A message sealed into text (errors are text in the database)."""
-    sealed = codec.seal(text.encode(), field=field, task_id=task_id)
+    """A message sealed into text (errors are text in the database), cut to fit first."""
+    data = text.encode()
+    if len(data) > MAX_SEALED_TEXT_BYTES:  # cut on a character boundary
+        data = data[:MAX_SEALED_TEXT_BYTES].decode(errors="ignore").encode()
+    sealed = codec.seal(data, field=field, task_id=task_id)
     return SEALED_TEXT_PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii")
 
 

@@ -7,13 +7,14 @@ saying which key it lacks; and keys must rotate without losing a task.
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from helpers import wait_for
 
-from conveyor import AesGcmCodec, Client, Task, TaskState, Worker
+from conveyor import AesGcmCodec, Client, Task, TaskContext, TaskState, Worker
 from conveyor.codec import is_sealed, is_sealed_text
 
 if TYPE_CHECKING:
@@ -86,6 +87,34 @@ class TestPayloadEncryption:
         assert "encrypted by the producer (key k2)" in html
         assert "encrypted by the worker" in html
         assert SECRET.decode() not in html
+
+    def test_progress_reports_are_sealed_too(self, server: ServerThread, db: Db) -> None:
+        """ctx.heartbeat(details) is stored on the task: sealed, and opened by the client."""
+        codec = AesGcmCodec([NEW_KEY])
+        worker = Worker(server.address, codec=codec)
+        release = threading.Event()
+
+        def report_then_wait(ctx: TaskContext, payload: bytes) -> bytes:
+            ctx.heartbeat(f"processing {payload.decode()}")
+            release.wait(20)
+            return b""
+
+        worker.register_handler("slow", report_then_wait)
+        worker.start()
+        try:
+            with Client(server.address, codec=codec) as client:
+                task_id = client.enqueue_task(Task(type="slow", payload=SECRET))
+                stored = wait_for(
+                    lambda: db.task(task_id)["progress"], what="the progress to be stored"
+                )
+                assert is_sealed_text(stored)
+                assert SECRET.decode() not in stored
+                assert client.get_task_status(task_id).progress == f"processing {SECRET.decode()}"
+                release.set()
+                assert finished(client, task_id).state is TaskState.SUCCEEDED  # type: ignore[attr-defined]
+        finally:
+            release.set()
+            worker.stop()
 
     def test_a_worker_without_the_key_fails_the_attempt_and_names_the_key(
         self, server: ServerThread

@@ -115,3 +115,17 @@ class TestText:
         )
         with pytest.raises(SealError, match="damaged"):
             open_text(codec, "cvy-sealed:v1:%%%", field="error", task_id=TASK)
+
+
+class TestLongText:
+    @pytest.mark.parametrize("character", ["a", "é", "日", "🙂"])
+    def test_a_long_message_is_cut_to_fit_the_servers_limit_and_still_opens(
+        self, codec: AesGcmCodec, character: str
+    ) -> None:
+        """The server keeps 8,000 characters of an error: a sealed one must fit whole."""
+        message = character * 9000
+        sealed = seal_text(codec, message, field="error", task_id=TASK)
+        assert len(sealed) <= 8000
+        opened = open_text(codec, sealed, field="error", task_id=TASK)
+        assert opened == message[: len(opened)]
+        assert len(opened.encode()) > 5000

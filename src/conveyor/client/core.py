@@ -231,6 +231,7 @@ def opened(status: TaskStatus, codec: PayloadCodec) -> TaskStatus:
         if status.result is not None
         else None,
         last_error=_opened_text(codec, status.last_error, task_id),
+        progress=_opened_text(codec, status.progress, task_id, field="progress"),
         history=tuple(
             dataclasses.replace(event, detail=_opened_text(codec, event.detail, task_id))
             if event.detail
@@ -240,11 +241,13 @@ def opened(status: TaskStatus, codec: PayloadCodec) -> TaskStatus:
     )
 
 
-def _opened_text(codec: PayloadCodec, text: str | None, task_id: str) -> str | None:
+def _opened_text(
+    codec: PayloadCodec, text: str | None, task_id: str, *, field: str = "error"
+) -> str | None:
     if not text:
         return text
     try:
-        return open_text(codec, text, field="error", task_id=task_id)
+        return open_text(codec, text, field=field, task_id=task_id)
     except SealError:
         return text
 

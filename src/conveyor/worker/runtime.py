@@ -103,9 +103,6 @@ MIN_HEARTBEAT_SPACING: Final = 0.2
 # with two, alternating runs). A worker thus holds at most three slot-fulls of leases: one
 # running and two reporting, every one heartbeated.
 REPORTING_SLOT_FULLS: Final = 2
-# Characters of an error message kept before it is sealed: sealed, it grows by a third and
-# must stay under the server's cut at 8,000 characters (a cut seal cannot be opened).
-MAX_SEALED_ERROR: Final = 5000
 
 
 class _Unreachable(Exception):
@@ -892,8 +889,7 @@ class _Runtime:
             if result is not None:
                 result = codec.seal(result, field="result", task_id=task_id)
             if error:
-                # Cut before sealing: the server cuts long errors, and a cut seal cannot open.
-                error = seal_text(codec, error[:MAX_SEALED_ERROR], field="error", task_id=task_id)
+                error = seal_text(codec, error, field="error", task_id=task_id)
         return pb.ReportResultRequest(
             worker_id=self.worker.worker_id,
             task_id=attempt.lease.task_id,
@@ -1037,7 +1033,12 @@ class _Runtime:
         if attempt is None:
             return
         if details is not None:
-            attempt.progress = details
+            codec = self.worker.codec
+            attempt.progress = (
+                seal_text(codec, details, field="progress", task_id=task_id)
+                if codec is not None
+                else details
+            )
         if self.heartbeat_now is not None:
             self.heartbeat_now.set()
 

@@ -121,7 +121,7 @@ def _since(moment: datetime | None) -> str:
 def _unsealed(text: str | None) -> str | None:
     # A worker with a codec seals its error messages: say so rather than show base64.
     if text and is_sealed_text(text):
-        return "(encrypted by the worker)"
+        return "(encrypted by the worker)"  # an error or a progress report
     return text
 
 
