@@ -441,3 +441,30 @@ class TestTokensFromTheEnvironment:
                 tokens_toml=entry.as_toml(),
                 tokens_file=tmp_path / "tokens.toml",
             )
+
+
+class TestIdsFromBeforeAuthentication:
+    def test_an_id_registered_without_tokens_can_be_taken_once_tokens_are_on(
+        self, start_server: Callable[..., ServerThread], tmp_path: Path
+    ) -> None:
+        """A fixed worker id survives turning authentication on; then it is bound."""
+        open_server = start_server()
+        team_a, entry_a = new_token("team-a", Role.WORKER)
+        team_b, entry_b = new_token("team-b", Role.WORKER)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(entry_a.as_toml() + "\n" + entry_b.as_toml())
+        secured = start_server(tokens_file=tokens)
+        request = pb.RegisterWorkerRequest(worker_id="mailer-0", task_types=["t"], concurrency=1)
+        with grpc.insecure_channel(open_server.address) as channel:
+            pb_grpc.WorkerServiceStub(channel).RegisterWorker(request, timeout=10)
+        with grpc.insecure_channel(secured.address) as channel:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            workers.RegisterWorker(request, metadata=bearer(team_a), timeout=10)
+            assert (
+                refused_code(
+                    lambda: workers.RegisterWorker(request, metadata=bearer(team_b), timeout=10)
+                )
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
+            lease = pb.LeaseTasksRequest(worker_id="mailer-0", task_types=["t"], max_tasks=1)
+            assert not workers.LeaseTasks(lease, metadata=bearer(team_a), timeout=10).leases

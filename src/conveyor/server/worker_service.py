@@ -138,7 +138,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 principal=principal.name if principal is not None else None,
             )
         if not registered:
-            raise PermissionDenied(f"worker id {worker_id} is registered to another principal")
+            raise PermissionDenied(
+                f"worker id {worker_id} is registered by another principal; give each worker "
+                "process its own id (the default is host-pid-random)"
+            )
         if principal is not None:
             self._remember_owner(worker_id, principal.name)
         log.info(
@@ -527,23 +530,28 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.UnregisterWorkerResponse()
 
     async def _check_owner(self, worker_id: str, *, priority: bool = False) -> None:
-        """PermissionDenied unless the caller is the principal `worker_id` belongs to."""
-        owner = self._owners.get(worker_id)
-        if owner is None:
-            connection = (
-                self.database.priority_connection() if priority else self.database.connection()
+        """PermissionDenied unless the caller is the principal `worker_id` belongs to.
+
+        The owner is remembered; a remembered owner that is not the caller is looked up
+        again before refusing, since another server may have let the caller take the id
+        meanwhile (one registered while authentication was off).
+        """
+        if self._owners.get(worker_id) == caller().name:
+            return
+        connection = self.database.priority_connection() if priority else self.database.connection()
+        async with connection as conn:
+            registered, principal = await queries.worker_principal(conn, worker_id=worker_id)
+        if not registered:
+            raise PermissionDenied(
+                f"worker {worker_id} is not registered; call RegisterWorker first"
             )
-            async with connection as conn:
-                registered, principal = await queries.worker_principal(conn, worker_id=worker_id)
-            if not registered:
-                raise PermissionDenied(
-                    f"worker {worker_id} is not registered; call RegisterWorker first"
-                )
-            # "": registered while authentication was off, so nobody's now.
-            owner = principal or ""
-            self._remember_owner(worker_id, owner)
-        if owner != caller().name:
-            raise PermissionDenied(f"worker {worker_id} belongs to another principal")
+        # "": registered while authentication was off, so nobody's until registered again.
+        self._remember_owner(worker_id, principal or "")
+        if principal != caller().name:
+            raise PermissionDenied(
+                f"worker {worker_id} was registered by another principal; a worker calls "
+                "with the credentials it registered with"
+            )
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:
