@@ -6,13 +6,14 @@ would hand them to `conveyor server --tls-cert/--tls-key/--tls-client-ca`.
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 import trustme
-from helpers import wait_for
+from helpers import conveyor_command, process_env, wait_for
 
 from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
 from conveyor.auth import Role, new_token
@@ -145,3 +146,48 @@ class TestMutualTls:
             server.address,
             TlsConfig(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key),
         )
+
+
+class TestBadFiles:
+    def test_a_bad_certificate_or_ca_is_a_one_line_config_error(
+        self, database_url: str, pki: Pki, tmp_path: Path
+    ) -> None:
+        """Not gRPC's "Failed to bind to address": the file and what is wrong with it."""
+        garbage = tmp_path / "garbage.pem"
+        garbage.write_text("not a certificate")
+        for options, message in (
+            ({"tls_cert_file": garbage, "tls_key_file": pki.server_key}, "certificate or key"),
+            ({"tls_cert_file": pki.server_cert, "tls_key_file": garbage}, "certificate or key"),
+            (
+                {
+                    "tls_cert_file": pki.server_cert,
+                    "tls_key_file": pki.server_key,
+                    "tls_client_ca_file": garbage,
+                },
+                "client CA",
+            ),
+        ):
+            result = subprocess.run(
+                conveyor_command(
+                    "server",
+                    "--database-url",
+                    database_url,
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                    *(
+                        f"--{key.removesuffix('_file').replace('_', '-')}={value}"
+                        for key, value in options.items()
+                    ),
+                ),
+                env=process_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.startswith("error: "), result.stderr
+            assert message in result.stderr
+            assert "Traceback" not in result.stderr

@@ -130,6 +130,8 @@ class ConveyorServer:
         """Connect, check the schema, and start serving."""
         from datetime import timedelta  # noqa: PLC0415 - keep the import list short
 
+        # Certificates first: a bad file is a one-line ConfigError before anything starts.
+        credentials = grpc_credentials(self.config)
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         self.notifier.start()
         self.elector.start()
@@ -153,7 +155,6 @@ class ConveyorServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        credentials = grpc_credentials(self.config)
         self.grpc_port = (
             self._grpc.add_secure_port(self.config.grpc_listen, credentials)
             if credentials is not None

@@ -216,6 +216,16 @@ def grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials for the gRPC port, or None for plain text."""
     if config.tls_cert_file is None or config.tls_key_file is None:
         return None
+    # gRPC takes any bytes here and fails later with "Failed to bind to address"; Python's
+    # ssl module says what is wrong with the files, so check them with it first.
+    http_ssl_context(config)
+    if config.tls_client_ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(config.tls_client_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the client CA {config.tls_client_ca_file}: {exc}"
+            ) from None
     key, chain = _read(config.tls_key_file), _read(config.tls_cert_file)
     client_ca = _read(config.tls_client_ca_file) if config.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
