@@ -339,6 +339,10 @@ class TestWorkerBinding:
         # A itself still holds the lease and settles it.
         answer = workers.ReportResult(report, metadata=bearer(token_a), timeout=10)
         assert answer.state == pb.TASK_STATE_SUCCEEDED
+        # Refusals past the gate (another worker's id) are counted like role refusals.
+        assert secured.server is not None
+        denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
+        assert denied >= 5  # noqa: PLR2004 - report, reports, lease, heartbeat, register
 
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from conveyor.errors import ConveyorError, InvalidTask, ServerUnavailable
+from conveyor.errors import ConveyorError, InvalidTask, PermissionDenied, ServerUnavailable
 from conveyor.protocol.status import status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server.security import caller as current_caller
 from conveyor.server.security import enter_call, leave_call
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ def rpc_method(
                 caller = _admit(gate, name, request, context)
                 return await method(self, request, context)
             except ConveyorError as exc:
+                if isinstance(exc, PermissionDenied) and caller is not None:
+                    # Refused past the gate (task types, another worker's id); the gate
+                    # notes its own refusals.
+                    gate.note_denied(name, exc, current_caller())
                 code, message = status_for(exc)
                 if isinstance(exc, ServerUnavailable):
                     log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})

@@ -94,6 +94,7 @@ class Gate:
         self.tokens = tokens
         self._metrics = metrics
         self._limiter = limiter
+        self._log_limiter = RateLimiter(rate=0.1, burst=5)
 
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> Gate:
@@ -165,16 +166,8 @@ class Gate:
             principal = self.authenticate(token)
             try:
                 principal.require(permission, rpc)
-            except PermissionDenied:
-                # A valid token used beyond its role: a misconfiguration or a probe, worth
-                # a line (only holders of valid tokens can cause these).
-                log.warning(
-                    "%s may not call %s",
-                    principal.actor,
-                    rpc,
-                    extra={"event": "permission_denied", "token_id": principal.token_id},
-                )
-                self._count("permission_denied")
+            except PermissionDenied as exc:
+                self.note_denied(rpc, exc, principal)
                 raise
         if self._limiter is not None and permission is not Permission.WORK:
             wait = self._limiter.take(principal.token_id or principal.name)
@@ -186,6 +179,22 @@ class Gate:
                     f"{_who(principal)} exceeded; retry in {wait * 1000:.0f} ms"
                 )
         return principal
+
+    def note_denied(self, rpc: str, refusal: PermissionDenied, principal: Principal) -> None:
+        """Count and log a PermissionDenied, whatever refused it (role, task types, worker).
+
+        A valid token used beyond its rights is a misconfiguration or a probe, worth a line;
+        at most a few a minute per token, so that no token holder can flood the log.
+        """
+        self._count("permission_denied")
+        if self._log_limiter.take(principal.token_id or principal.name) == 0.0:
+            log.warning(
+                "%s refused %s: %s",
+                rpc,
+                principal.actor,
+                refusal.message,
+                extra={"event": "permission_denied", "token_id": principal.token_id},
+            )
 
     def _count(self, reason: str) -> None:
         if self._metrics is not None:
