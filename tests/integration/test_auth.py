@@ -342,7 +342,7 @@ class TestWorkerBinding:
         # Refusals past the gate (another worker's id) are counted like role refusals.
         assert secured.server is not None
         denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
-        assert denied >= 5  # noqa: PLR2004 - report, reports, lease, heartbeat, register
+        assert denied >= 5  # report, reports, lease, heartbeat, register
 
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
