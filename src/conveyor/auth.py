@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 import time
@@ -352,6 +353,21 @@ class FixedTokens:
     def authenticate(self, token: str | None) -> Principal:
         """Authenticate against the fixed set."""
         return self.registry.authenticate(token)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (localhost, 127.0.0.0/8, ::1).
+
+    The line between "nothing needed" and "TLS and tokens required", for servers and for
+    clients about to send a token.
+    """
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def bearer_token(value: str | None) -> str | None:

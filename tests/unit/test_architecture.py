@@ -28,10 +28,12 @@ ALLOWED = {
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
     "monitoring": {"types", "errors", "logs", "auth", "codec"},
-    "client": {"types", "errors", "logs", "breaker", "group_commit", "protocol", "codec"},
+    "client": {
+        *("types", "errors", "logs", "breaker", "group_commit", "protocol", "codec", "auth"),
+    },
     "worker": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
-        "codec",
+        *("codec", "auth"),
     },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),

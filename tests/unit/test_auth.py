@@ -199,3 +199,23 @@ class TestRoles:
         assert len(registry) == 1
         with pytest.raises(Unauthenticated, match="expired"):
             registry.authenticate(token)
+
+
+class TestClearTextTokens:
+    def test_a_token_is_never_sent_in_clear_to_another_machine_unless_told(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from conveyor import Client, TlsConfig  # noqa: PLC0415 - the client side of the rule
+
+        token, _ = new_token("app", Role.PRODUCER)
+        for variable in ("CONVEYOR_TLS", "CONVEYOR_TLS_CA", "CONVEYOR_INSECURE"):
+            monkeypatch.delenv(variable, raising=False)
+        with pytest.raises(ConfigError, match="refusing to send a token in clear text"):
+            Client("10.0.0.5:50051", token=token)
+        # Loopback, TLS, no token, or an explicit trust in the network: all fine.
+        Client("127.0.0.1:50051", token=token).close()
+        Client("[::1]:50051", token=token).close()
+        Client("10.0.0.5:50051", token=token, tls=TlsConfig()).close()
+        Client("10.0.0.5:50051").close()
+        monkeypatch.setenv("CONVEYOR_INSECURE", "1")
+        Client("10.0.0.5:50051", token=token).close()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, Literal, overload
 import grpc
 import grpc.aio
 
+from conveyor.auth import is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
@@ -44,6 +45,7 @@ TLS_CA_ENV: Final = "CONVEYOR_TLS_CA"
 TLS_CERT_ENV: Final = "CONVEYOR_TLS_CERT"
 TLS_KEY_ENV: Final = "CONVEYOR_TLS_KEY"
 TLS_SERVER_NAME_ENV: Final = "CONVEYOR_TLS_SERVER_NAME"
+INSECURE_ENV: Final = "CONVEYOR_INSECURE"
 MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 CHANNEL_OPTIONS: Final = [
@@ -124,6 +126,9 @@ class Credentials:
 
     token: str | None = None
     tls: TlsConfig | None = None
+    # Send the token in clear text to other machines anyway (CONVEYOR_INSECURE=1): a network
+    # that is trusted, or encrypted by something else (a service mesh).
+    insecure: bool = False
 
     @classmethod
     def resolve(cls, token: str | None = None, tls: TlsConfig | bool | None = None) -> Credentials:
@@ -145,7 +150,20 @@ class Credentials:
         settings = (
             TlsConfig.from_env() if tls is None else TlsConfig() if tls is True else tls or None
         )
-        return cls(token=token, tls=settings)
+        insecure = os.environ.get(INSECURE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+        return cls(token=token, tls=settings, insecure=insecure)
+
+    def check(self, *addresses: str) -> None:
+        """ConfigError if these credentials would send a token in clear text to another host."""
+        if self.tls is not None or not self.token or self.insecure:
+            return
+        for address in addresses:
+            if not is_loopback(address.rpartition(":")[0]):
+                raise ConfigError(
+                    f"refusing to send a token in clear text to {address}: configure TLS "
+                    f"(tls=..., or {TLS_CA_ENV}/{TLS_ENV}), or set {INSECURE_ENV}=1 if this "
+                    "network is trusted"
+                )
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -163,8 +181,13 @@ class Credentials:
     @overload
     def open_channel(self, address: str, *, aio: Literal[False]) -> grpc.Channel: ...
     def open_channel(self, address: str, *, aio: bool) -> grpc.aio.Channel | grpc.Channel:
-        """A channel to `address`, over TLS if configured."""
+        """A channel to `address`, over TLS if configured.
+
+        A token is never sent in clear text to another machine unless told so: a client
+        that forgot its TLS settings gets a ConfigError here, not a leaked credential.
+        """
         options = self.channel_options()
+        self.check(address)
         if self.tls is None:
             if aio:
                 return grpc.aio.insecure_channel(address, options=options)

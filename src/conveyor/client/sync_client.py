@@ -74,6 +74,7 @@ class Client:
         """Prepare channels; connections open lazily on the first call."""
         self._ring = AddressRing(parse_addresses(server), breaker)
         self._credentials = Credentials.resolve(token, tls)
+        self._credentials.check(*self._ring.addresses)
         self._metadata = self._credentials.metadata
         self._codec = codec if codec is not None else AesGcmCodec.from_env()
         self._retry = retry or RetryPolicy()

@@ -5,7 +5,6 @@ Only `conveyor.cli` reads the environment; everything else receives this object.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import uuid
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final
 
+from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
 from conveyor.server import failpoints
 
@@ -256,16 +256,6 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.rate_limit is not None and (self.rate_limit <= 0 or self.rate_burst < 1):
             raise ConfigError("rate_limit must be positive and rate_burst at least 1")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names only this machine (localhost, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -291,6 +291,7 @@ class Worker:
         if server is not None or not hasattr(self, "addresses"):
             self.addresses = parse_addresses(server)
         self.credentials = _updated_credentials(getattr(self, "credentials", None), token, tls)
+        self.credentials.check(*self.addresses)
         if concurrency is not None:
             self.concurrency = _checked_concurrency(concurrency)
         if drain_timeout is not None:
