@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
+from helpers import wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.auth import Role, TokenEntry, new_token
@@ -227,10 +227,7 @@ class TestRoles:
         try:
             with Client(secured.address, token=tokens.add("app", Role.PRODUCER)) as client:
                 task_id = client.enqueue_task(Task(type="echo", payload=b"abc"))
-                status = wait_for(
-                    lambda: (s := client.get_task_status(task_id)).state.is_final and s,
-                    what="the task to finish",
-                )
+                status = wait_final(client, task_id)
         finally:
             worker.stop()
         assert status.state is TaskState.SUCCEEDED

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
+from helpers import wait_final, wait_for
 
 from conveyor import Client, RetryPolicy, Task, TaskState, Worker
 from conveyor.auth import Role, new_token
@@ -90,10 +90,7 @@ class TestRequestRate:
                 assert "request rate limit of 0.1/s" in caught.value.message
             # Another token has its own bucket, and the worker ran the task meanwhile.
             with Client(server.address, token=calm) as other:
-                status = wait_for(
-                    lambda: (s := other.get_task_status(task_id)).state.is_final and s,
-                    what="the task to finish",
-                )
+                status = wait_final(other, task_id)
                 assert status.state is TaskState.SUCCEEDED
         finally:
             worker.stop()

@@ -12,7 +12,7 @@ import urllib.request
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from helpers import wait_for
+from helpers import wait_final, wait_for
 
 from conveyor import AesGcmCodec, Client, Task, TaskContext, TaskState, Worker
 from conveyor.codec import is_sealed, is_sealed_text
@@ -24,13 +24,6 @@ if TYPE_CHECKING:
 SECRET = b"ssn=078-05-1120"
 OLD_KEY = ("k1", b"\x11" * 32)
 NEW_KEY = ("k2", b"\x22" * 32)
-
-
-def finished(client: Client, task_id: str) -> object:
-    return wait_for(
-        lambda: (status := client.get_task_status(task_id, history=True)).state.is_final and status,
-        what=f"task {task_id} to finish",
-    )
 
 
 def run_worker(server: ServerThread, codec: AesGcmCodec | None) -> Worker:
@@ -59,8 +52,8 @@ class TestPayloadEncryption:
             with Client(server.address, codec=codec) as client:
                 ok = client.enqueue_task(Task(type="echo", payload=SECRET))
                 failing = client.enqueue_task(Task(type="leak", payload=SECRET, max_retries=0))
-                ok_status = finished(client, ok)
-                failed_status = finished(client, failing)
+                ok_status = wait_final(client, ok)
+                failed_status = wait_final(client, failing)
         finally:
             worker.stop()
         # The ends see the originals.
@@ -111,7 +104,7 @@ class TestPayloadEncryption:
                 assert SECRET.decode() not in stored
                 assert client.get_task_status(task_id).progress == f"processing {SECRET.decode()}"
                 release.set()
-                assert finished(client, task_id).state is TaskState.SUCCEEDED  # type: ignore[attr-defined]
+                assert wait_final(client, task_id).state is TaskState.SUCCEEDED  # type: ignore[attr-defined]
         finally:
             release.set()
             worker.stop()
@@ -125,7 +118,7 @@ class TestPayloadEncryption:
                 task_id = client.enqueue_task(
                     Task(type="echo", payload=SECRET, max_retries=0, timeout=timedelta(seconds=5))
                 )
-                status = finished(client, task_id)
+                status = wait_final(client, task_id)
         finally:
             worker.stop()
         assert status.state is TaskState.FAILED  # type: ignore[attr-defined]
@@ -142,7 +135,7 @@ class TestPayloadEncryption:
         try:
             with Client(server.address, codec=rotated) as client:
                 after = client.enqueue_task(Task(type="echo", payload=SECRET))
-                statuses = [finished(client, task_id) for task_id in (before, after)]
+                statuses = [wait_final(client, task_id) for task_id in (before, after)]
         finally:
             worker.stop()
         assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 2  # type: ignore[attr-defined]
@@ -155,7 +148,7 @@ class TestPayloadEncryption:
         try:
             with Client(server.address) as plain:
                 task_id = plain.enqueue_task(Task(type="echo", payload=SECRET))
-                status = finished(plain, task_id)
+                status = wait_final(plain, task_id)
         finally:
             worker.stop()
         assert status.state is TaskState.SUCCEEDED  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trustme
-from helpers import conveyor_command, process_env, wait_for
+from helpers import conveyor_command, process_env, wait_final
 
 from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
 from conveyor.auth import Role, new_token
@@ -121,10 +121,7 @@ class TestServerTls:
         try:
             with Client(server.address, token=app_token, tls=tls) as client:
                 task_id = client.enqueue_task(Task(type="t", payload=b"secret"))
-                status = wait_for(
-                    lambda: (s := client.get_task_status(task_id)).state.is_final and s,
-                    what="the task to finish",
-                )
+                status = wait_final(client, task_id)
         finally:
             worker.stop()
         assert status.state is TaskState.SUCCEEDED
