@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import trustme
@@ -78,7 +79,7 @@ async def fresh_database(admin_url: str, name: str) -> str:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
     conn = await asyncpg.connect(url)
     try:
         await migrate.migrate(conn)
