@@ -82,19 +82,34 @@ class PayloadCodec(Protocol):
         ...
 
 
-# Of a message, the UTF-8 bytes kept before sealing: sealed and in base64 it then stays
-# within the 8,000 characters the server keeps of an error or a progress report (a cut
-# seal could not be opened). 4 * ceil((5,900 + overhead) / 3) + prefix < 8,000.
-MAX_SEALED_TEXT_BYTES: Final = 5900
+# The server keeps this many characters of an error or a progress report; a sealed message
+# must fit whole, since a cut seal cannot be opened.
+MAX_SEALED_TEXT: Final = 8000
+# A first cut before sealing, so a megabyte of traceback is not sealed only to be cut: with
+# AesGcmCodec's overhead it fits (4 * ceil((5,900 + 74) / 3) + prefix < 8,000).
+FIRST_CUT_BYTES: Final = 5900
 
 
 def seal_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:
-    """A message sealed into text (errors are text in the database), cut to fit first."""
-    data = text.encode()
-    if len(data) > MAX_SEALED_TEXT_BYTES:  # cut on a character boundary
-        data = data[:MAX_SEALED_TEXT_BYTES].decode(errors="ignore").encode()
-    sealed = codec.seal(data, field=field, task_id=task_id)
-    return SEALED_TEXT_PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii")
+    """A message sealed into text (errors are text in the database), cut to fit.
+
+    Cut on a character boundary, and again by whatever still does not fit: a codec of
+    another kind (one that carries a wrapped key, say) adds more than AesGcmCodec does.
+    """
+    data = _cut(text.encode(), FIRST_CUT_BYTES)
+    while True:
+        sealed = codec.seal(data, field=field, task_id=task_id)
+        encoded = SEALED_TEXT_PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii")
+        if len(encoded) <= MAX_SEALED_TEXT or not data:
+            return encoded
+        # Every 4 characters too many are 3 bytes; one more step of 4 for the padding.
+        data = _cut(data, len(data) - (len(encoded) - MAX_SEALED_TEXT) * 3 // 4 - 3)
+
+
+def _cut(data: bytes, limit: int) -> bytes:
+    if len(data) <= limit:
+        return data
+    return data[: max(limit, 0)].decode(errors="ignore").encode()
 
 
 def open_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:

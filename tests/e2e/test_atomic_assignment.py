@@ -31,6 +31,7 @@ def produce(address: str, index: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres_semantics  # SKIP LOCKED under competing claims
 def test_every_task_runs_exactly_once_across_competing_workers(server, db, ledger, spawn_worker):
     """2,000 tasks from 8 producers, 4 worker processes x 8 slots: each task runs once."""
     workers = [

@@ -29,6 +29,7 @@ def enqueue_one_by_one(client: Client) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres_semantics  # the claim's order follows the planner's index use
 class TestFifo:
     def test_backlog_runs_in_enqueue_order(self, server, client, db, ledger, spawn_worker):
         """30 tasks queued before any worker exists start in exactly their enqueue order."""

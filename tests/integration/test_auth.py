@@ -457,9 +457,22 @@ class TestIdsFromBeforeAuthentication:
         secured = start_server(tokens_file=tokens)
         request = pb.RegisterWorkerRequest(worker_id="mailer-0", task_types=["t"], concurrency=1)
         with grpc.insecure_channel(open_server.address) as channel:
-            pb_grpc.WorkerServiceStub(channel).RegisterWorker(request, timeout=10)
+            old = pb_grpc.WorkerServiceStub(channel)
+            old.RegisterWorker(request, timeout=10)
         with grpc.insecure_channel(secured.address) as channel:
             workers = pb_grpc.WorkerServiceStub(channel)
+            # While the old worker lives, its id is not handed to whoever asks first.
+            assert (
+                refused_code(
+                    lambda: workers.RegisterWorker(request, metadata=bearer(team_a), timeout=10)
+                )
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
+            # It stops (the process restarts with a token): the id is free to take.
+            with grpc.insecure_channel(open_server.address) as old_channel:
+                pb_grpc.WorkerServiceStub(old_channel).UnregisterWorker(
+                    pb.UnregisterWorkerRequest(worker_id="mailer-0"), timeout=10
+                )
             workers.RegisterWorker(request, metadata=bearer(team_a), timeout=10)
             assert (
                 refused_code(

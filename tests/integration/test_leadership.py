@@ -340,6 +340,7 @@ class TestFencedMaintenanceWrites:
                     concurrency=1,
                     version="t",
                     principal=None,
+                    gone_after=timedelta(seconds=15),
                 )
             claimed = [
                 await queries.task_claim(

@@ -1,13 +1,15 @@
-"""The circuit breaker's state machine, driven by a fake clock."""
+"""The circuit breaker's state machine, driven by a fake clock; and how backpressure meets it."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import grpc
 import pytest
 
 from conveyor.breaker import BreakerPolicy, BreakerState, CircuitBreaker
-from conveyor.errors import ConfigError
+from conveyor.client.channel import AddressRing, RetryLoop, RetryPolicy
+from conveyor.errors import ConfigError, LimitExceeded
 
 
 class FakeClock:
@@ -97,3 +99,55 @@ class TestCircuitBreaker:
         """A threshold below one or a zero timeout is a configuration error."""
         with pytest.raises(ConfigError):
             BreakerPolicy(**settings)  # type: ignore[arg-type]
+
+
+class _Refusal(grpc.RpcError):
+    """A call's error status as grpc raises it: what RetryLoop.failed is handed."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class TestBackpressureAndTheBreaker:
+    def test_a_probe_answered_not_now_closes_the_breaker(self, clock: FakeClock) -> None:
+        """The server answered, so it is reachable: a probe must not stay in flight for ever."""
+        ring = AddressRing(["a:1"])
+        ring.breakers["a:1"] = CircuitBreaker(
+            BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(seconds=1)), clock=clock
+        )
+        ring.record("a:1", reachable=False)
+        assert ring.pick() is None  # open
+        clock.now += 2
+        loop = RetryLoop(ring, RetryPolicy(), "GetTask", clock=clock)
+        address, _ = loop.step()
+        assert address == "a:1"  # the half-open probe
+        loop.failed(
+            "a:1",
+            _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!"),
+        )
+        assert ring.breakers["a:1"].state is BreakerState.CLOSED
+        assert ring.pick() == "a:1"
+
+    def test_backpressure_is_retried_then_raised_as_limit_exceeded(self, clock: FakeClock) -> None:
+        ring = AddressRing(["a:1"])
+        loop = RetryLoop(
+            ring, RetryPolicy(total_timeout=timedelta(seconds=1)), "GetTask", clock=clock
+        )
+        refusal = _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "request rate limit of 1/s")
+        loop.failed("a:1", refusal)  # within the budget: retried
+        clock.now += 5
+        with pytest.raises(LimitExceeded, match="request rate limit"):
+            loop.failed("a:1", refusal)
+        # A message too large for gRPC is RESOURCE_EXHAUSTED too, but no retry will help.
+        with pytest.raises(LimitExceeded, match="larger than max"):
+            RetryLoop(ring, RetryPolicy(), "EnqueueTasks", clock=clock).failed(
+                "a:1",
+                _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
+            )

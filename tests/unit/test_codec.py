@@ -129,3 +129,21 @@ class TestLongText:
         opened = open_text(codec, sealed, field="error", task_id=TASK)
         assert opened == message[: len(opened)]
         assert len(opened.encode()) > 5000
+
+    def test_a_codec_with_a_larger_envelope_still_fits(self) -> None:
+        """A codec carrying, say, a wrapped data key adds more than AES-GCM's 74 bytes."""
+
+        class Enveloped:
+            def __init__(self, inner: AesGcmCodec) -> None:
+                self.inner = inner
+
+            def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+                return self.inner.seal(data, field=field, task_id=task_id) + b"k" * 400
+
+            def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+                return self.inner.open(data[:-400], field=field, task_id=task_id)
+
+        codec = Enveloped(AesGcmCodec([("k1", b"\x01" * 32)]))
+        sealed = seal_text(codec, "x" * 9000, field="error", task_id=TASK)
+        assert len(sealed) <= 8000
+        assert set(open_text(codec, sealed, field="error", task_id=TASK)) == {"x"}

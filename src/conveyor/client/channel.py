@@ -344,8 +344,10 @@ class RetryLoop:
     def failed(self, address: str, error: grpc.RpcError) -> None:
         """Record a failed call; raise the typed error unless it is worth retrying."""
         if is_backpressure(error.code(), error.details()):
-            # The server answered "not now" (rate or concurrency limit): it is healthy, so
-            # its breaker is left alone; wait and ask again while the budget lasts.
+            # The server answered "not now" (rate or concurrency limit). It is reachable:
+            # record so, or a breaker whose probe this was would stay half open for good.
+            # Then wait and ask again while the budget lasts.
+            self._ring.record(address, reachable=True)
             delay = next(self._delays)
             if self._clock() + delay >= self._give_up_at:
                 raise translate(error)

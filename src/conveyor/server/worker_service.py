@@ -136,6 +136,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 concurrency=min(request.concurrency, 2**31 - 1),
                 version=request.version[:64].replace("\x00", "\\x00") or "unknown",
                 principal=principal.name if principal is not None else None,
+                gone_after=self.config.worker_lost_after,
             )
         if not registered:
             raise PermissionDenied(

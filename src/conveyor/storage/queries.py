@@ -392,6 +392,7 @@ async def worker_register(
     concurrency: int,
     version: str,
     principal: str | None,
+    gone_after: timedelta,
 ) -> bool:
     """Insert or refresh a worker as active; False if the id belongs to another principal."""
     row = await conn.fetchrow(
@@ -403,6 +404,7 @@ async def worker_register(
         concurrency,
         version,
         principal,
+        _seconds(gone_after),
     )
     return row is not None
 

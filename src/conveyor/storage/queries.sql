@@ -371,18 +371,23 @@ RETURNING state;
 
 -- name: worker_register
 -- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version, $7 principal (NULL when
--- authentication is off). A worker id stays with the principal that registered it:
--- registering it again under another principal changes nothing and returns no row. An id
--- registered while authentication was off belongs to nobody and may be taken; with
--- authentication off, ids are not bound at all.
+-- authentication is off), $8 silence (s) after which a worker counts as gone. A worker id
+-- stays with the principal that registered it: registering it again under another
+-- principal changes nothing and returns no row. An id registered while authentication was
+-- off belongs to nobody and may be taken, once its worker is gone (stopped, lost, or silent
+-- that long): a live one is not handed to whoever asks first. With authentication off, ids
+-- are not bound at all.
 INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version, principal)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (id) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, task_types = excluded.task_types,
     concurrency = excluded.concurrency, version = excluded.version,
     state = 'active', last_heartbeat_at = now(), principal = excluded.principal
-WHERE excluded.principal IS NULL OR conveyor_workers.principal IS NULL
+WHERE excluded.principal IS NULL
    OR conveyor_workers.principal = excluded.principal
+   OR (conveyor_workers.principal IS NULL
+       AND (conveyor_workers.state IN ('stopped', 'lost')
+            OR conveyor_workers.last_heartbeat_at < now() - make_interval(secs => $8)))
 RETURNING id;
 
 -- name: worker_principal

@@ -517,9 +517,13 @@ class _Runtime:
                 self.ring.record(address, reachable=False)
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
             if is_backpressure(exc.code(), exc.details()):
-                # "Not now" from a healthy server: every caller of `call` retries an
-                # _Unreachable (a report within its lease, a heartbeat at its next beat).
-                raise _Unreachable(f"{address}: {exc.details()}", retry_in=0.1) from exc
+                # "Not now" from a server that answered: its breaker hears it is reachable
+                # (a probe must not stay in flight for ever), and every caller of `call`
+                # retries an _Unreachable after its own jittered backoff (a report within
+                # its lease, a heartbeat at its next beat), so an overloaded server is not
+                # hammered in step.
+                self.ring.record(address, reachable=True)
+                raise _Unreachable(f"{address}: {exc.details()}") from exc
             self.ring.record(address, reachable=True)
             raise
         self.ring.record(address, reachable=True)
