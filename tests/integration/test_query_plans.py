@@ -192,6 +192,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_count_by_state": (["failed", "cancelled"],),
         "task_count_by_type_and_state": (["failed", "cancelled"], "b"),
         "task_states_get": ([seeded.queued_id, seeded.succeeded_id],),
+        "task_briefs_get": ([seeded.queued_id, running],),
         "task_retry_many": (
             [seeded.succeeded_id],
             "retried by an operator",
@@ -234,6 +235,7 @@ PER_TASK_QUERIES = [
     "task_count_by_state",
     "task_count_by_type_and_state",
     "task_states_get",
+    "task_briefs_get",
     "task_retry_many",
     "task_cancel_many",
     "task_list_oldest_by_state",

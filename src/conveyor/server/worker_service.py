@@ -356,12 +356,19 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
         async def together() -> None:
             rows = await self._succeed_many([success for _, success in successes])
+            refused: list[tuple[int, queries.Success]] = []
             for (index, success), row in zip(successes, rows, strict=True):
-                outcomes[index] = (
-                    pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
-                    if row is not None
-                    else _refused(await self._refusal(success.task_id, success.lease_id, worker_id))
-                )
+                if row is None:
+                    refused.append((index, success))
+                else:
+                    outcomes[index] = pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
+            # One lookup for all the refused: a call of a thousand stale (or forged)
+            # reports must not cost a thousand queries.
+            reasons = await self._refusals(
+                [(success.task_id, success.lease_id) for _, success in refused], worker_id
+            )
+            for (index, _), reason in zip(refused, reasons, strict=True):
+                outcomes[index] = _refused(reason)
 
         await asyncio.gather(
             *([together()] if successes else []),
@@ -428,28 +435,46 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     async def _refusal(self, task_id: str, lease_id: str, worker_id: str) -> ConveyorError:
         """Why a report was not applied: the task is unknown, or the lease is not current."""
+        (reason,) = await self._refusals([(task_id, lease_id)], worker_id)
+        return reason
+
+    async def _refusals(
+        self, reports: Sequence[tuple[str, str]], worker_id: str
+    ) -> list[ConveyorError]:
+        """Why each (task id, lease id) report was not applied, in one query."""
+        if not reports:
+            return []
         async with self.database.connection() as conn:
-            current = await queries.task_get(conn, task_id=task_id)
-        if current is None:
-            return TaskNotFound(task_id=task_id)
-        self.metrics.stale_completions.inc()
-        log.info(
-            "rejected a report for task %s: lease %s is not current (task is %s)",
-            task_id,
-            lease_id,
-            current["state"],
-            extra={
-                "event": "stale_report_rejected",
-                "task_id": task_id,
-                "task_type": current["type"],
-                "attempt": current["attempt"],
-                "worker_id": worker_id,
-            },
-        )
-        return LeaseLost(
-            f"lease {lease_id} of task {task_id} is no longer current "
-            f"(the task is {current['state']}); the outcome was not applied"
-        )
+            current = await queries.task_briefs_get(
+                conn, task_ids=[task_id for task_id, _ in reports]
+            )
+        reasons: list[ConveyorError] = []
+        for task_id, lease_id in reports:
+            task = current.get(task_id)
+            if task is None:
+                reasons.append(TaskNotFound(task_id=task_id))
+                continue
+            self.metrics.stale_completions.inc()
+            log.info(
+                "rejected a report for task %s: lease %s is not current (task is %s)",
+                task_id,
+                lease_id,
+                task["state"],
+                extra={
+                    "event": "stale_report_rejected",
+                    "task_id": task_id,
+                    "task_type": task["type"],
+                    "attempt": task["attempt"],
+                    "worker_id": worker_id,
+                },
+            )
+            reasons.append(
+                LeaseLost(
+                    f"lease {lease_id} of task {task_id} is no longer current "
+                    f"(the task is {task['state']}); the outcome was not applied"
+                )
+            )
+        return reasons
 
     async def _succeed_many(self, successes: list[queries.Success]) -> list[Any]:
         """Successes, applied together with those reported meanwhile: each row, or None."""

@@ -504,6 +504,12 @@ async def task_states_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, st
     return {str(row["id"]): row["state"] for row in rows}
 
 
+async def task_briefs_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+    """(type, state, attempt) of each of `task_ids` that exists, by id."""
+    rows = await conn.fetch(SQL["task_briefs_get"], _uuids(task_ids))
+    return {str(row["id"]): row for row in rows}
+
+
 async def task_retry_many(
     conn: Any,
     *,

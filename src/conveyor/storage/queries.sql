@@ -562,6 +562,10 @@ SELECT count(*) FROM conveyor_tasks WHERE type = $2 AND state = ANY ($1::conveyo
 -- $1 task ids. The current state of each that exists.
 SELECT id, state FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 
+-- name: task_briefs_get
+-- $1 task ids. Type, state and attempt of each that exists: why reports were refused.
+SELECT id, type, state, attempt FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
+
 -- name: task_retry_many
 -- $1 task ids, $2 detail, $3 states it applies to (failed and/or cancelled), $4 actor. Those
 -- tasks go
