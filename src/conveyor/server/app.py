@@ -39,7 +39,7 @@ from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
 from conveyor.server.rpc import add_service
-from conveyor.server.security import Gate, grpc_credentials, http_ssl_context
+from conveyor.server.security import Gate, tls_material
 from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
@@ -131,7 +131,7 @@ class ConveyorServer:
         from datetime import timedelta  # noqa: PLC0415 - keep the import list short
 
         # Certificates first: a bad file is a one-line ConfigError before anything starts.
-        credentials = grpc_credentials(self.config)
+        credentials, ssl_context = tls_material(self.config)
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         self.notifier.start()
         self.elector.start()
@@ -165,7 +165,6 @@ class ConveyorServer:
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        ssl_context = http_ssl_context(self.config)
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
             authenticate = self.gate.authenticate if self.gate.authenticating else None

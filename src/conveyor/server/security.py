@@ -221,13 +221,22 @@ def leave_call(token: object) -> None:
     _CALLER.reset(token)  # type: ignore[arg-type]
 
 
+def tls_material(
+    config: ServerConfig,
+) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
+    """The gRPC credentials and the HTTP TLS context, or (None, None) for plain text.
+
+    The HTTP context is built first: gRPC takes any bytes and fails later with "Failed to
+    bind to address", while Python's ssl module says what is wrong with the files.
+    """
+    context = http_ssl_context(config)
+    return (grpc_credentials(config) if context is not None else None), context
+
+
 def grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials for the gRPC port, or None for plain text."""
+    """TLS credentials for the gRPC port, or None for plain text (see `tls_material`)."""
     if config.tls_cert_file is None or config.tls_key_file is None:
         return None
-    # gRPC takes any bytes here and fails later with "Failed to bind to address"; Python's
-    # ssl module says what is wrong with the files, so check them with it first.
-    http_ssl_context(config)
     if config.tls_client_ca_file is not None:
         try:
             ssl.create_default_context(cafile=str(config.tls_client_ca_file))
