@@ -136,7 +136,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self.notifier = notifier
         self.metrics = metrics
         self.group_commit: GroupCommit[queries.NewTasks, bool] = GroupCommit(
-            database.bind(queries.task_insert_many),
+            database.bind(self._insert_and_wake),
             combine=queries.NewTasks.concat,
             count=len,
             stopped=server_stopping,
@@ -146,6 +146,16 @@ class TaskService(pb_grpc.TaskServiceServicer):
         # timeout a thousand times, and each is checked once.
         self._valid_types: set[str] = set()
         self._valid_timeouts: dict[tuple[int, int], timedelta] = {}
+
+    async def _insert_and_wake(self, conn: Any, batch: queries.NewTasks) -> list[bool]:
+        """Insert `batch`; wake this process's long polls as soon as it is committed."""
+        created = await queries.task_insert_many(conn, batch)
+        if any(created):
+            # Before the connection goes back to the pool and the callers resume: every
+            # step between the commit and the claim is part of a new task's start latency.
+            # Other servers hear the NOTIFY the insert sent.
+            self.notifier.wake()
+        return created
 
     def _parse_batch(self, specs: Sequence[pb.TaskSpec]) -> queries.NewTasks:
         """The tasks of a non-empty request, validated, in order.
@@ -297,13 +307,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
             created = await self.group_commit.submit(batch)
         else:
             async with self.database.connection() as conn:
-                created = await queries.task_insert_many(conn, batch)
+                created = await self._insert_and_wake(conn, batch)
         failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
         if any(created):
             for task_type, count in Counter(compress(batch.types, created)).items():
                 self.metrics.tasks_enqueued.labels(self.metrics.type_label(task_type)).inc(count)
-            # Long polls in this process need not wait for the NOTIFY round trip.
-            self.notifier.wake()
         return pb.EnqueueTasksResponse(task_ids=batch.ids, created=created)
 
     @rpc_method("GetTask")
