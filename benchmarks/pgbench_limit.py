@@ -5,7 +5,8 @@
 
 A task's life in the database is three statements, taken at run time from
 src/conveyor/storage/queries.sql: enqueue (`task_insert_many`), claim (`task_claim`) and
-complete (`task_succeed_many`), each with its history row and the enqueue's NOTIFY. This
+complete (`task_succeed_many`), with their history rows (the enqueue writes none: its
+`enqueued` event is the task row) and the enqueue's NOTIFY. This
 script runs them with PostgreSQL's pgbench, with no Python, no gRPC and no server in the
 way, on the benchmark's durable PostgreSQL (fsync and synchronous_commit on), in two modes:
 

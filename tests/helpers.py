@@ -121,7 +121,7 @@ class Db:
 
     def events(self, task_id: str) -> list[asyncpg.Record]:
         return self.fetch(
-            "SELECT * FROM conveyor_task_events WHERE task_id = $1::uuid ORDER BY id", task_id
+            "SELECT * FROM conveyor_task_history WHERE task_id = $1::uuid ORDER BY id", task_id
         )
 
 

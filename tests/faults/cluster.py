@@ -606,7 +606,7 @@ def check_invariants(db: Db, ledger: Ledger, acked: set[str], *, timeout: float)
     history: dict[str, list[Any]] = defaultdict(list)
     for row in db.fetch(
         "SELECT task_id::text AS task_id, event, state::text AS state, attempt"
-        " FROM conveyor_task_events ORDER BY id"
+        " FROM conveyor_task_history ORDER BY id"
     ):
         history[row["task_id"]].append(row)
     runs: dict[str, list[dict[str, str]]] = defaultdict(list)

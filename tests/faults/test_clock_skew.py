@@ -82,7 +82,7 @@ def test_clock_skew_on_workers_and_a_server(cluster, faketime):
     )
 
     events = cluster.db.fetch(
-        "SELECT event, count(*) AS n FROM conveyor_task_events GROUP BY event ORDER BY event"
+        "SELECT event, count(*) AS n FROM conveyor_task_history GROUP BY event ORDER BY event"
     )
     assert {row["event"]: row["n"] for row in events} == {
         "enqueued": len(ids),

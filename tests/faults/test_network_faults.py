@@ -121,7 +121,7 @@ def test_delay_and_loss_on_worker_links(cluster):
     cluster.notes.append(f"all {SHORT_TASKS} done in {time.monotonic() - began:.1f}s")
 
     events = cluster.db.fetch(
-        "SELECT event, count(*) AS n FROM conveyor_task_events GROUP BY event ORDER BY event"
+        "SELECT event, count(*) AS n FROM conveyor_task_history GROUP BY event ORDER BY event"
     )
     assert {row["event"]: row["n"] for row in events} == {
         "enqueued": SHORT_TASKS,

@@ -65,9 +65,9 @@ def stored_in_order(db: Any) -> list[str]:
 
 
 def enqueued_events(db: Any) -> dict[str, int]:
-    """Per task id: how many `enqueued` history rows it has."""
+    """Per task id: how many `enqueued` events its history has."""
     rows = db.fetch(
-        "SELECT task_id, count(*) AS n FROM conveyor_task_events WHERE event = 'enqueued' "
+        "SELECT task_id, count(*) AS n FROM conveyor_task_history WHERE event = 'enqueued' "
         "GROUP BY task_id"
     )
     return {str(row["task_id"]): row["n"] for row in rows}
@@ -214,7 +214,7 @@ class TestTakenAndRepeatedIds:
         assert list(again.task_ids) == [s.id for s in specs]
         assert list(again.created) == [False] * BATCH
         assert db.fetchval("SELECT count(*) FROM conveyor_tasks") == BATCH
-        assert db.fetchval("SELECT count(*) FROM conveyor_task_events") == BATCH
+        assert db.fetchval("SELECT count(*) FROM conveyor_task_history") == BATCH
 
     def test_taken_ids_in_a_new_batch_are_skipped_in_place(self, task_stub, db) -> None:
         """Every third id already exists: those are skipped, the rest created in order."""
@@ -316,7 +316,7 @@ class TestStatements:
             created = await queries.task_insert_many(conn, batch)
             assert created == [i != 42 for i in range(100)]
             assert await conn.fetchval("SELECT count(*) FROM conveyor_tasks") == 199
-            assert await conn.fetchval("SELECT count(*) FROM conveyor_task_events") == 199
+            assert await conn.fetchval("SELECT count(*) FROM conveyor_task_history") == 199
         finally:
             await conn.close()
 

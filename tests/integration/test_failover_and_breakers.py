@@ -247,7 +247,7 @@ class TestFailoverMidStream:
         assert final_address == server_b.address
         rows = db.fetch(
             "SELECT t.id::text AS id, t.payload, "
-            "(SELECT count(*) FROM conveyor_task_events AS e "
+            "(SELECT count(*) FROM conveyor_task_history AS e "
             " WHERE e.task_id = t.id AND e.event = 'enqueued') AS enqueued "
             "FROM conveyor_tasks AS t"
         )

@@ -81,8 +81,9 @@ def test_concurrent_single_enqueue_calls_share_statements(server, db) -> None:
     assert db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE type = 'group.t'") == 64
     assert (
         db.fetchval(
-            "SELECT count(*) FROM conveyor_task_events e JOIN conveyor_tasks t ON t.id = e.task_id "
-            "WHERE t.type = 'group.t' AND e.event = 'enqueued'"
+            "SELECT count(*) FROM conveyor_task_history e"
+            " JOIN conveyor_tasks t ON t.id = e.task_id"
+            " WHERE t.type = 'group.t' AND e.event = 'enqueued'"
         )
         == 64
     )
@@ -189,7 +190,7 @@ def test_racing_calls_with_one_id_create_it_once(server, db) -> None:
     assert created.count(True) == 1
     assert db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE id = $1::uuid", task_id) == 1
     assert (
-        db.fetchval("SELECT count(*) FROM conveyor_task_events WHERE task_id = $1::uuid", task_id)
+        db.fetchval("SELECT count(*) FROM conveyor_task_history WHERE task_id = $1::uuid", task_id)
         == 1
     )
 

@@ -1,5 +1,7 @@
 """Task history: every state change writes exactly one conveyor_task_events row, in the same
-transaction as the change itself.
+transaction as the change itself, except a task's first event, `enqueued`, which the history
+view (conveyor_task_history) makes from the task row: the task row is written by the same
+statement, and its `created_at` is the event's time.
 
 The same-transaction evidence is PostgreSQL's now(): it is the start time of the current
 transaction, so a history row written by the statement that changed the task carries
@@ -207,6 +209,52 @@ class TestSameTransaction:
         released = db.events(driver.task_id)[-1]
         assert released["event"] == "released"
         assert released["at"] == task["available_at"]
+
+
+class TestEnqueuedEvent:
+    """A task's `enqueued` event is its own row, seen through the history view."""
+
+    def test_an_enqueue_writes_no_history_row(self, driver: Driver, db) -> None:
+        """The view makes the one `enqueued` event (id 0, at created_at); the table has none."""
+        driver.enqueue()
+        stored = db.fetchval(
+            "SELECT count(*) FROM conveyor_task_events WHERE task_id = $1::uuid", driver.task_id
+        )
+        assert stored == 0
+        [event] = db.events(driver.task_id)
+        assert (event["id"], event["event"], event["state"], event["attempt"]) == (
+            0,
+            "enqueued",
+            "queued",
+            0,
+        )
+        assert event["at"] == db.task(driver.task_id)["created_at"]
+        assert (event["worker_id"], event["detail"], event["actor"]) == (None, None, None)
+
+    def test_a_task_enqueued_before_the_view_keeps_one_enqueued_event(
+        self, driver: Driver, db
+    ) -> None:
+        """A task with a written `enqueued` row (from before migration 0009) shows only that one."""
+        driver.enqueue()
+        db.execute(
+            "INSERT INTO conveyor_task_events (task_id, at, event, state, attempt)"
+            " SELECT id, created_at, 'enqueued', 'queued', 0 FROM conveyor_tasks"
+            " WHERE id = $1::uuid",
+            driver.task_id,
+        )
+        lease = driver.lease()
+        driver.report(lease, pb.OUTCOME_SUCCEEDED, result=b"ok", has_result=True)
+        events = db.events(driver.task_id)
+        assert [row["event"] for row in events] == ["enqueued", "started", "succeeded"]
+        assert events[0]["id"] > 0  # the written row, not a made-up one
+        answer = driver.tasks.GetTask(
+            pb.GetTaskRequest(task_id=driver.task_id, include_history=True), timeout=10
+        )
+        assert [event.event for event in answer.task.history] == [
+            "enqueued",
+            "started",
+            "succeeded",
+        ]
 
 
 class TestAtomicity:

@@ -487,7 +487,7 @@ class TestRetryByIds:
             "cancelled",
         ]
         assert events(client.get_task_status(queued_id, history=True)) == ["enqueued"]
-        assert db.fetchval("SELECT count(*) FROM conveyor_task_events") == 3
+        assert db.fetchval("SELECT count(*) FROM conveyor_task_history") == 3
 
         # The same ids without the unknown one do apply: the refusals above were no accident.
         assert client.retry_tasks([cancelled_id]).changed_ids == (cancelled_id,)
@@ -615,7 +615,7 @@ class TestRetryByFilter:
         status = client.get_task_status(task_id, history=True)
         assert status.state is TaskState.QUEUED
         assert events(status) == ["enqueued"]
-        assert db.fetchval("SELECT count(*) FROM conveyor_task_events") == 1
+        assert db.fetchval("SELECT count(*) FROM conveyor_task_history") == 1
 
 
 # --- cancel -------------------------------------------------------------------------------

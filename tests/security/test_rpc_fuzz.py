@@ -299,21 +299,21 @@ def assert_invariants(db: LiveDb) -> None:
         MAX_PAYLOAD,
     )
     assert broken == [], f"tasks in an impossible state: {broken[:5]}"
-    no_enqueued = db.fetch(
+    not_one_enqueued = db.fetch(
         """
         SELECT t.id FROM conveyor_tasks AS t
-        WHERE NOT EXISTS (SELECT FROM conveyor_task_events AS e
-                          WHERE e.task_id = t.id AND e.event = 'enqueued')
+        WHERE (SELECT count(*) FROM conveyor_task_history AS e
+               WHERE e.task_id = t.id AND e.event = 'enqueued') <> 1
         """
     )
-    assert no_enqueued == [], f"tasks without their 'enqueued' event: {no_enqueued[:5]}"
+    assert not_one_enqueued == [], f"tasks without one 'enqueued' event: {not_one_enqueued[:5]}"
     # The newest history row of a task is the change that put it where it is.
     disagreeing = db.fetch(
         """
         SELECT t.id, t.state::text AS state, last.event, last.state::text AS event_state
         FROM conveyor_tasks AS t
         CROSS JOIN LATERAL (SELECT e.event, e.state, e.attempt, e.worker_id
-                            FROM conveyor_task_events AS e WHERE e.task_id = t.id
+                            FROM conveyor_task_history AS e WHERE e.task_id = t.id
                             ORDER BY e.id DESC LIMIT 1) AS last
         WHERE last.state <> t.state
            OR (t.state = 'running' AND (last.event <> 'started' OR last.attempt <> t.attempt

@@ -1,6 +1,8 @@
 -- Every query Conveyor runs at runtime, one "-- name:" block each, named noun first.
 -- Values are always bind parameters. A state change and its history row are written by
--- the same statement, so they commit or roll back together.
+-- the same statement, so they commit or roll back together. The one exception is a task's
+-- first event, `enqueued`: the task row is its record, and readers see it through the
+-- view conveyor_task_history (migration 0009).
 
 -- name: task_insert_many
 -- $1 ids; $2 types, $3 payloads, $4 timeouts (seconds), $5 max_retries, $6 trace contexts
@@ -8,8 +10,8 @@
 -- has either one element per task too, or a single element that applies to every task (a
 -- batch mostly repeats one type, timeout and retry count: sending it once spares encoding
 -- and decoding a thousand copies).
--- Inserts the tasks in that order (their seq follows it), each with its 'enqueued' history
--- row, and wakes the long polls once. For ids that are all new: an id already taken fails
+-- Inserts the tasks in that order (their seq follows it) and wakes the long polls once.
+-- No history row: a task's `enqueued` event is read from its row (conveyor_task_history). For ids that are all new: an id already taken fails
 -- the whole statement with unique_violation and nothing is inserted; the caller then runs
 -- task_insert_skipping_taken. Deciding that per row instead (ON CONFLICT) costs a second
 -- index descent per task, about a sixth of the statement.
@@ -26,9 +28,6 @@ WITH inserted AS (
         WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, trace_context, ord)
     ORDER BY i.ord
     RETURNING id
-), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt)
-    SELECT id, 'enqueued', 'queued', 0 FROM inserted
 ), wake AS (
     -- One payload-free notification per commit wakes every long poll.
     SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_inserted
@@ -55,9 +54,6 @@ WITH inserted AS (
     ORDER BY i.ord
     ON CONFLICT (id) DO NOTHING
     RETURNING id
-), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt)
-    SELECT id, 'enqueued', 'queued', 0 FROM inserted
 ), wake AS (
     -- One payload-free notification per commit wakes every long poll.
     SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_inserted
@@ -306,8 +302,9 @@ FROM conveyor_tasks
 WHERE id = $1;
 
 -- name: task_event_list
+-- The history view: the `enqueued` event comes from the task row (migration 0009).
 SELECT at, event, state, attempt, worker_id, detail, actor
-FROM conveyor_task_events
+FROM conveyor_task_history
 WHERE task_id = $1
 ORDER BY id;
 
@@ -509,8 +506,9 @@ SELECT t.id, t.type, t.state, t.attempt, t.max_retries, t.worker_id, t.last_erro
        (SELECT extract(epoch FROM now() - w.last_heartbeat_at)::float8
         FROM conveyor_workers AS w WHERE w.id = t.worker_id) AS worker_silent_for,
        (SELECT w.state FROM conveyor_workers AS w WHERE w.id = t.worker_id) AS worker_state,
-       (SELECT e.event FROM conveyor_task_events AS e
-        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_event,
+       -- No history row yet: the task's only event is its `enqueued` (migration 0009).
+       coalesce((SELECT e.event FROM conveyor_task_events AS e
+                 WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1), 'enqueued') AS last_event,
        (SELECT e.detail FROM conveyor_task_events AS e
         WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_detail,
        p.paused_at, p.reason AS paused_reason
