@@ -8,8 +8,9 @@ from datetime import timedelta
 import pytest
 
 from conveyor import Task, TaskState
+from conveyor import types as types_module
 from conveyor.errors import InvalidTask
-from conveyor.types import new_task_id, normalize_task_id
+from conveyor.types import DEFAULT_TIMEOUT, new_task_id, normalize_task_id
 
 
 class TestTaskValidation:
@@ -73,6 +74,24 @@ class TestTaskValidation:
         task = Task(type="t", payload=buffer)
         buffer[0] = ord("z")
         assert task.payload == b"abc"
+
+    def test_types_seen_before_still_leave_bad_ones_refused(self) -> None:
+        """The cache of valid types speeds up repeats without letting a bad type through,
+        and it stays bounded however many types a program makes up."""
+        for index in range(3000):
+            Task(type=f"made.up.{index}")
+        assert 0 < len(types_module._KNOWN_TYPES) <= types_module._KNOWN_TYPES_LIMIT
+        with pytest.raises(InvalidTask, match="may only contain"):
+            Task(type="made up")
+        with pytest.raises(InvalidTask, match="string"):
+            Task(type=["made.up.1"])  # type: ignore[arg-type]
+
+    def test_the_default_timeout_and_a_given_one_are_both_checked_values(self) -> None:
+        """The default timeout is taken as it is; any other still goes through validation."""
+        assert Task(type="t").timeout is DEFAULT_TIMEOUT
+        assert Task(type="t", timeout=timedelta(minutes=5)).timeout == DEFAULT_TIMEOUT
+        with pytest.raises(InvalidTask):
+            Task(type="t", timeout=timedelta(0))
 
     def test_explicit_id_is_normalised(self) -> None:
         """An upper-case UUID is stored in canonical form."""
