@@ -9,7 +9,7 @@ Neither caller can bind values the way the server does. A statement's parameters
 ...) are therefore rewritten mechanically (`bind`): the values become SQL expressions in a
 CTE put at the head of the statement, `WITH bench_params AS MATERIALIZED (SELECT <value 1>
 AS p1, ...)`, and each `$N` becomes `(SELECT pN FROM bench_params)`. A statement may use a
-parameter more than once (task_insert_many reads its ids twice), and a value like "100 new
+parameter more than once (task_insert_skipping_taken reads its ids twice), and a value like "100 new
 ids" is volatile: the CTE computes each value once per execution, as a bound value is, and
 the planner sees it as it sees a parameter in a generic plan, a value known only at run
 time. Arrays are built by the database (`ARRAY(SELECT ... FROM generate_series)`,
@@ -63,7 +63,7 @@ SIGNATURES: Final[dict[str, dict[int, str | None]]] = {
         6: "text[]",
     },
     "task_claim": {1: "text[]", 2: None, 3: None, 4: None, 5: None},
-    "task_succeed_many": {1: "uuid[]", 2: "uuid[]", 3: "bytea[]", 4: "boolean[]"},
+    "task_succeed_many": {1: "uuid[]", 2: "uuid[]", 3: "bytea[]", 4: "boolean[]", 5: "text[]"},
 }
 
 
@@ -171,9 +171,10 @@ def claim(task_type: str, limit: str, worker_id: str) -> str:
     )
 
 
-def succeed_many(task_ids: str, lease_ids: str, count: str) -> str:
+def succeed_many(task_ids: str, lease_ids: str, count: str, worker_id: str) -> str:
     """task_succeed_many of the (task id, lease id) arrays given as SQL expressions, with no
-    results, as a no-op handler reports."""
+    results, as a no-op handler reports; `worker_id` is the reporting worker's id, an SQL
+    expression (the fencing checks it)."""
     return bind(
         "task_succeed_many",
         {
@@ -181,5 +182,6 @@ def succeed_many(task_ids: str, lease_ids: str, count: str) -> str:
             2: lease_ids,
             3: filled("''::bytea", count),
             4: filled("false", count),
+            5: filled(worker_id, count),
         },
     )

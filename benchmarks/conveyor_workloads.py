@@ -41,9 +41,9 @@ its last stdout line, as benchmarks/peers/<system>.py do:
   it runs Conveyor's own enqueue statement (task_insert_many from queries.sql, through
   benchmarks/conveyor_sql.py) with server-made arrays of 50,000 tasks as a bare
   Task(type="bench.noop") sends them (UUIDv7 ids, empty payload, default timeout and
-  retries), history rows included, on one connection per core; then VACUUM ANALYZE, the
-  state autovacuum would bring a table that has been filled over time to, and a
-  CHECKPOINT, so the build's dirty pages are not written during the measurement.
+  retries; like the server's, it writes no history row), on one connection per core; then
+  VACUUM ANALYZE, the state autovacuum would bring a table that has been filled over time
+  to, and a CHECKPOINT, so the build's dirty pages are not written during the measurement.
 
 Extra keys (process RSS in MiB, the achieved rate) are informational; run.py keeps them.
 """
@@ -392,7 +392,7 @@ async def build_backlog(pg_url: str, queued: int) -> float:
     """`queued` tasks through Conveyor's own insert statement; returns the seconds it took.
 
     Chunks of BACKLOG_CHUNK, one transaction each, spread over one connection per core:
-    the insert is CPU-bound in PostgreSQL (the index entries of every task and history row).
+    the insert is CPU-bound in PostgreSQL (the index entries of every task).
     """
     chunks = [min(BACKLOG_CHUNK, queued - start) for start in range(0, queued, BACKLOG_CHUNK)]
     started = time.monotonic()

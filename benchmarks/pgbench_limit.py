@@ -81,7 +81,7 @@ def single_script() -> str:
     """One task: enqueue, claim (its row saved by \\aset), complete; three transactions."""
     claim = conveyor_sql.claim(NOOP_TYPE, "1", WORKER_ID).rstrip().removesuffix(";")
     complete = conveyor_sql.succeed_many(
-        "ARRAY[:claimed_id::uuid]", "ARRAY[:claimed_lease_id::uuid]", "1"
+        "ARRAY[:claimed_id::uuid]", "ARRAY[:claimed_lease_id::uuid]", "1", WORKER_ID
     )
     return "\n".join(
         [
@@ -106,6 +106,7 @@ def batched_script(batch: int) -> str:
                 f"ARRAY(SELECT t.id {mine} ORDER BY t.id)",
                 f"ARRAY(SELECT t.lease_id {mine} ORDER BY t.id)",
                 str(batch),
+                WORKER_ID,
             ),
             "",
         ]

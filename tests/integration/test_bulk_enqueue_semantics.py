@@ -5,8 +5,8 @@ whole on a taken id); a batch with a taken or repeated id, or a small one, takes
 statement that skips taken ids (`task_insert_skipping_taken`). Columns that are the same
 for every task travel as one value. The server checks a common batch column by column and
 anything else task by task. Whichever way a batch goes, each task is stored once, with its
-own fields, its `enqueued` history row, in batch order, and the answer says which tasks the
-call created.
+own fields and its one `enqueued` event (read from its row), in batch order, and the answer
+says which tasks the call created.
 """
 
 from __future__ import annotations

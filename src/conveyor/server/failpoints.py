@@ -8,7 +8,8 @@ The only action is SIGKILL of the own process: a crash, not an exception, becaus
 exception would be handled and answered.
 
 Names: `lease.after_claim` (the claim committed, the reply not sent) and
-`enqueue.after_commit` (the tasks are committed, the reply not sent).
+`enqueue.after_commit` (the tasks are committed, the reply not sent; this server's long polls
+have already been woken, so a local worker may have claimed them).
 """
 
 from __future__ import annotations

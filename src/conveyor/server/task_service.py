@@ -148,7 +148,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._valid_timeouts: dict[tuple[int, int], timedelta] = {}
 
     async def _insert_and_wake(self, conn: Any, batch: queries.NewTasks) -> list[bool]:
-        """Insert `batch`; wake this process's long polls as soon as it is committed."""
+        """Insert `batch`; wake this process's long polls as soon as it is committed.
+
+        The insert is one statement on a connection outside any transaction, so it has
+        committed when it returns (inside a transaction the wake-up would come too early).
+        """
         created = await queries.task_insert_many(conn, batch)
         if any(created):
             # Before the connection goes back to the pool and the callers resume: every

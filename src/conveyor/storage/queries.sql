@@ -68,7 +68,8 @@ SELECT ARRAY(
 
 -- name: task_claim
 -- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s).
--- Oldest first within each type (the claim index, one probe per type), then oldest overall.
+-- Oldest first within each type (one range of (type, state, seq) per type), then oldest
+-- overall.
 -- Paused types are skipped (a primary-key probe each).
 WITH candidates AS (
     SELECT c.id, c.seq
@@ -310,8 +311,9 @@ ORDER BY id;
 
 -- name: task_live_stats
 -- Per type: queued (available now or waiting for a backoff), running, and how long the
--- oldest available queued task has waited. Each half reads one partial index (live rows
--- only), however many finished tasks the table holds.
+-- oldest available queued task has waited. Each half reads only live rows (the queued
+-- range of (state, seq), the partial index of running tasks), however many finished tasks
+-- the table holds.
 SELECT type,
        sum(queued)::bigint AS queued,
        sum(running)::bigint AS running,
@@ -486,8 +488,8 @@ SELECT 1;
 
 -- name: task_explain
 -- $1 task id, $2 worker silence (s) after which a worker does not count as live.
--- Everything `conveyor tasks explain` needs, in one round trip. The position counts use
--- the claim index (type, seq) WHERE state = 'queued'.
+-- Everything `conveyor tasks explain` needs, in one round trip. The position counts read
+-- the queued range of (type, state, seq).
 SELECT t.id, t.type, t.state, t.attempt, t.max_retries, t.worker_id, t.last_error,
        t.progress, t.progress_at, t.created_at, t.started_at, t.finished_at,
        t.available_at > now() AS backing_off,
