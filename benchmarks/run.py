@@ -658,7 +658,9 @@ def limit_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
     if problem is not None:
         table.add_row("pgbench", f"n/a: {str(problem)[:90]}", "", "", "")
         return [table]
-    w1 = headline(WORKLOADS["w1"], results.get("w1", {}).get("conveyor", {}).get("summary", {}))
+    w1_summary = results.get("w1", {}).get("conveyor", {}).get("summary", {})
+    # Without a W1 run in this invocation (--workloads pgbench), there is nothing to compare.
+    w1 = headline(WORKLOADS["w1"], w1_summary) if w1_summary else None
     good = [r for r in results["pgbench"][POSTGRESQL]["runs"] if "error" not in r]
     for key, label in (
         ("single_row", "single-row (3 transactions per task)"),
