@@ -11,8 +11,9 @@
 -- batch mostly repeats one type, timeout and retry count: sending it once spares encoding
 -- and decoding a thousand copies).
 -- Inserts the tasks in that order (their seq follows it) and wakes the long polls once.
--- No history row: a task's `enqueued` event is read from its row (conveyor_task_history). For ids that are all new: an id already taken fails
--- the whole statement with unique_violation and nothing is inserted; the caller then runs
+-- No history row: a task's `enqueued` event is read from its row (conveyor_task_history).
+-- For ids that are all new: an id already taken fails the whole statement with
+-- unique_violation and nothing is inserted; the caller then runs
 -- task_insert_skipping_taken. Deciding that per row instead (ON CONFLICT) costs a second
 -- index descent per task, about a sixth of the statement.
 WITH inserted AS (
