@@ -26,6 +26,7 @@ from conveyor.types import (
     TaskEvent,
     TaskState,
     TaskStatus,
+    known_task_type,
     normalize_task_id,
     validate_max_retries,
     validate_task_type,
@@ -142,9 +143,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
             stopped=server_stopping,
             observe_group=metrics.enqueue_group_size.observe,
         )
-        # Values that passed validation before: a batch usually repeats one type and one
-        # timeout a thousand times, and each is checked once.
-        self._valid_types: set[str] = set()
+        # Timeouts that passed validation before (types: conveyor.types.known_task_type): a
+        # batch usually repeats one type and one timeout a thousand times, each checked once.
         self._valid_timeouts: dict[tuple[int, int], timedelta] = {}
 
     async def _insert_and_wake(self, conn: Any, batch: queries.NewTasks) -> list[bool]:
@@ -219,14 +219,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
     def _known_types(self, types: set[str]) -> bool:
         """Whether every type is valid (remembering the new ones); False on a bad one."""
-        for task_type in types - self._valid_types:
-            try:
-                validate_task_type(task_type)
-            except InvalidTask:
-                return False
-            if len(self._valid_types) >= _CACHE_LIMIT:
-                self._valid_types.clear()
-            self._valid_types.add(task_type)
+        try:
+            for task_type in types:
+                known_task_type(task_type)
+        except InvalidTask:
+            return False
         return True
 
     def _learn_timeout(self, key: tuple[int, int]) -> timedelta | None:
