@@ -115,6 +115,30 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used, from /proc (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command's closing parenthesis, utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used by every live `postgres` process on the machine (the benchmark's cluster)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += cpu_seconds(int(entry.name))
+    return total
+
+
 def is_ready(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
         return bool(response.status == 200)
@@ -225,6 +249,14 @@ class Cluster:
             await asyncio.sleep(0.05)
         raise RuntimeError(f"workers not registered in {START_TIMEOUT}s:\n{self.tail('worker-0')}")
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the server, the workers together, and PostgreSQL."""
+        return {
+            "server": cpu_seconds(self.server.pid) if self.server else 0.0,
+            "workers": sum(cpu_seconds(w.pid) for w in self.workers),
+            "postgres": postgres_cpu_seconds(),
+        }
+
     def rss(self) -> dict[str, float | None]:
         """Server RSS and the largest worker RSS, in MiB."""
         worker_rss = [rss_mib(w.pid) for w in self.workers]
@@ -284,6 +316,9 @@ async def w1(
             count = min(BULK_BATCH, args.tasks - start)
             await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(count)])
         await cluster.start_workers(client, args.worker_processes, args.concurrency)
+        # Postgres backends that exit during the drain take their CPU with them, but the
+        # server's pool and the workers' connections live through it.
+        cpu_before = cluster.cpu()
         samples: list[dict[str, float | None]] = []
         deadline = time.monotonic() + args.timeout
         while True:
@@ -296,6 +331,7 @@ async def w1(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {done} of {args.tasks} tasks finished in time")
             await asyncio.sleep(0.2)
+        cpu_after = cluster.cpu()
     row = await conn.fetchrow(
         "SELECT min(started_at) AS first, max(finished_at) AS last,"
         " count(*) FILTER (WHERE state = 'succeeded') AS ok FROM conveyor_tasks"
@@ -306,6 +342,11 @@ async def w1(
         "tasks_per_second": round(args.tasks / elapsed, 1),
         "succeeded": row["ok"],
         "drain_seconds": round(elapsed, 3),
+        # CPU per drained task, by process group (includes up to one 0.2 s poll of idling).
+        "cpu_us_per_task": {
+            name: round((cpu_after[name] - cpu_before[name]) / args.tasks * 1e6, 1)
+            for name in cpu_before
+        },
         "load_server_rss_mib": peak(samples, "server_rss_mib"),
         "load_worker_rss_mib": peak(samples, "worker_rss_mib"),
     }
