@@ -14,14 +14,16 @@ import logging
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from conveyor import TaskContext
 from conveyor.logs import (
     ContextAdapter,
     ContextFilter,
+    bind_task_fields,
     configure_logging,
     context_fields,
     log_context,
@@ -337,3 +339,67 @@ class TestConfigureLogging:
     def test_unknown_format_is_refused(self) -> None:
         with pytest.raises(ValueError, match="unknown log format 'xml'"):
             make_handler("xml")  # type: ignore[arg-type]
+
+
+class TestTaskContextLaziness:
+    """The context builds its `cancelled` event and `logger` on first use, once."""
+
+    def make(self) -> TaskContext:
+        return TaskContext(
+            task_id="t-1",
+            task_type="mail.send",
+            attempt=2,
+            max_retries=3,
+            lease_id="l-1",
+            deadline=datetime.now(UTC),
+            worker_id="w-1",
+        )
+
+    def test_cancelled_is_one_event_whichever_thread_asks_first(self) -> None:
+        ctx = self.make()
+        seen: list[threading.Event] = []
+        barrier = threading.Barrier(8)
+
+        def ask() -> None:
+            barrier.wait()
+            seen.append(ctx.cancelled)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len({id(event) for event in seen}) == 1
+        ctx.cancelled.set()
+        assert all(event.is_set() for event in seen)
+
+    def test_logger_carries_the_attempt_fields(self, caplog: pytest.LogCaptureFixture) -> None:
+        ctx = self.make()
+        assert ctx.logger is ctx.logger
+        with caplog.at_level(logging.INFO, logger="conveyor.task.mail.send"):
+            ctx.logger.info("hello", extra={"event": "custom"})
+        (record,) = caplog.records
+        assert record.name == "conveyor.task.mail.send"
+        fields = {k: getattr(record, k) for k in ("task_id", "attempt", "lease_id", "worker_id")}
+        assert fields == {"task_id": "t-1", "attempt": 2, "lease_id": "l-1", "worker_id": "w-1"}
+        assert record.event == "custom"  # type: ignore[attr-defined]
+
+    def test_bound_task_fields_stay_in_their_asyncio_task(self) -> None:
+        async def attempt() -> Mapping[str, object]:
+            bind_task_fields(task_id="t-9", task_type="x", attempt=1, lease_id="l-9")
+            return dict(context_fields())
+
+        async def main() -> tuple[Mapping[str, object], Mapping[str, object]]:
+            with log_context(worker_id="w-1"):
+                inside = await asyncio.create_task(attempt())
+                return inside, dict(context_fields())
+
+        inside, after = asyncio.run(main())
+        assert inside == {
+            "worker_id": "w-1",
+            "task_id": "t-9",
+            "task_type": "x",
+            "attempt": 1,
+            "lease_id": "l-9",
+        }
+        assert after == {"worker_id": "w-1"}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from conveyor.logs import ContextAdapter
+
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Callable
 
 
@@ -16,9 +17,13 @@ def _no_progress_sink(_details: str | None) -> None:
     """Where progress goes when a context is built outside a worker (tests)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+# Guards the lazy creation of a context's `cancelled` event: a sync handler's thread and
+# the worker's event loop may both ask for it first, and they must get the same event.
+_CANCELLED_CREATION = threading.Lock()
+
+
 class TaskContext:
-    """The attempt a handler is running.
+    """The attempt a handler is running. Treat it as read-only.
 
     Attributes:
         task_id: The task's id.
@@ -36,19 +41,86 @@ class TaskContext:
         logger: A logger whose records carry the task id, type, attempt, lease id and worker
             id (records from any logger inside the handler carry them too, under the
             `conveyor` CLI or with `conveyor.logs.ContextFilter` installed).
+
+    A worker builds one per attempt, so it is a slotted class whose `cancelled` event and
+    `logger` are made when first used: most handlers touch neither, and building both for
+    every attempt was a tenth of a no-op task's cost in the worker.
     """
 
-    task_id: str
-    task_type: str
-    attempt: int
-    max_retries: int
-    lease_id: str
-    deadline: datetime
-    logger: logging.LoggerAdapter[logging.Logger]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    _progress_sink: Callable[[str | None], None] = field(
-        default=_no_progress_sink, repr=False, compare=False
+    __slots__ = (
+        "_cancelled",
+        "_logger",
+        "_progress_sink",
+        "_worker_id",
+        "attempt",
+        "deadline",
+        "lease_id",
+        "max_retries",
+        "task_id",
+        "task_type",
     )
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        task_type: str,
+        attempt: int,
+        max_retries: int,
+        lease_id: str,
+        deadline: datetime,
+        worker_id: str | None = None,
+        logger: logging.LoggerAdapter[logging.Logger] | None = None,
+        cancelled: threading.Event | None = None,
+        _progress_sink: Callable[[str | None], None] = _no_progress_sink,
+    ) -> None:
+        """Describe one attempt; `worker_id` goes on the default logger's records."""
+        self.task_id = task_id
+        self.task_type = task_type
+        self.attempt = attempt
+        self.max_retries = max_retries
+        self.lease_id = lease_id
+        self.deadline = deadline
+        self._worker_id = worker_id
+        self._logger = logger
+        self._cancelled = cancelled
+        self._progress_sink = _progress_sink
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when this attempt must stop (see the class docstring)."""
+        event = self._cancelled
+        if event is None:
+            with _CANCELLED_CREATION:
+                event = self._cancelled
+                if event is None:
+                    event = self._cancelled = threading.Event()
+        return event
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger for this attempt (see the class docstring)."""
+        logger = self._logger
+        if logger is None:
+            # Two threads racing here build two equal adapters; either is right.
+            logger = self._logger = ContextAdapter(
+                logging.getLogger(f"conveyor.task.{self.task_type}"),
+                {
+                    "task_id": self.task_id,
+                    "task_type": self.task_type,
+                    "attempt": self.attempt,
+                    "worker_id": self._worker_id,
+                    "lease_id": self.lease_id,
+                },
+            )
+        return logger
+
+    def __repr__(self) -> str:
+        """The attempt's identity, for logs and debuggers."""
+        return (
+            f"TaskContext(task_id={self.task_id!r}, task_type={self.task_type!r}, "
+            f"attempt={self.attempt}, lease_id={self.lease_id!r})"
+        )
 
     def heartbeat(self, details: str | None = None) -> None:
         """Prove progress: renew this attempt's lease now and record `details` on the task.

@@ -43,6 +43,10 @@ class WorkerMetrics:
     def __init__(self) -> None:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
+        # Labelled children by label values (a race builds one twice: labels() returns the
+        # same child either way).
+        self._leased_by_type: dict[str, Counter] = {}
+        self._duration_by_key: dict[tuple[str, str], Histogram] = {}
         self.tasks_in_flight = Gauge(
             "conveyor_worker_tasks_in_flight",
             "Attempts holding a slot: leased and not yet finished, including handlers past "
@@ -121,9 +125,27 @@ class WorkerMetrics:
             # Read at scrape time: the breaker is thread-safe and always current.
             self.breaker_open.labels(address).set_function(partial(_is_open, breaker))
 
+    def attempt_started(self, task_type: str) -> None:
+        """Count one leased attempt, in flight until `attempt_ended`."""
+        self.tasks_in_flight.inc()
+        # Labelled children are looked up once per type: `labels()` checks, joins and
+        # locks on every call, a few microseconds a task at a few thousand tasks a second.
+        child = self._leased_by_type.get(task_type)
+        if child is None:
+            child = self._leased_by_type[task_type] = self.tasks_leased.labels(task_type)
+        child.inc()
+
+    def attempt_ended(self) -> None:
+        """One attempt counted by `attempt_started` has ended."""
+        self.tasks_in_flight.dec()
+
     def observe_handler(self, task_type: str, outcome: str, seconds: float) -> None:
         """Record how one handler run ended and how long it took."""
-        self.handler_duration.labels(task_type, outcome).observe(seconds)
+        key = (task_type, outcome)
+        child = self._duration_by_key.get(key)
+        if child is None:
+            child = self._duration_by_key[key] = self.handler_duration.labels(*key)
+        child.observe(seconds)
 
 
 def _is_open(breaker: CircuitBreaker) -> float:

@@ -65,7 +65,7 @@ from conveyor.client.channel import (
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
-from conveyor.logs import ContextAdapter, log_context
+from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -103,6 +103,8 @@ MIN_HEARTBEAT_SPACING: Final = 0.2
 # with two, alternating runs). A worker thus holds at most three slot-fulls of leases: one
 # running and two reporting, every one heartbeated.
 REPORTING_SLOT_FULLS: Final = 2
+# What an untraced attempt runs its handler in: no span, and no generator to make one.
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 class _Unreachable(Exception):
@@ -661,33 +663,23 @@ class _Runtime:
                 self.begin(lease, traced=traced)
 
     def begin(self, lease: pb.Lease, *, traced: bool) -> None:
-        deadline = convert.from_timestamp(lease.deadline)
+        task_id = lease.task_id
         ctx = TaskContext(
-            _progress_sink=lambda details: self.report_progress(lease.task_id, details),
-            task_id=lease.task_id,
+            _progress_sink=lambda details: self.report_progress(task_id, details),
+            task_id=task_id,
             task_type=lease.type,
             attempt=lease.attempt,
             max_retries=lease.max_retries,
             lease_id=lease.lease_id,
-            deadline=deadline,
-            logger=ContextAdapter(
-                logging.getLogger(f"conveyor.task.{lease.type}"),
-                {
-                    "task_id": lease.task_id,
-                    "task_type": lease.type,
-                    "attempt": lease.attempt,
-                    "worker_id": self.worker.worker_id,
-                    "lease_id": lease.lease_id,
-                },
-            ),
+            deadline=convert.from_timestamp(lease.deadline),
+            worker_id=self.worker.worker_id,
         )
         attempt = _Attempt(lease=lease, ctx=ctx, traced=traced)
-        self.attempts[lease.task_id] = attempt
+        self.attempts[task_id] = attempt
         self.busy += 1
         attempt.holds_slot = True
-        self.metrics.tasks_in_flight.inc()
-        self.metrics.tasks_leased.labels(lease.type).inc()
-        attempt.runner = asyncio.create_task(self.execute(attempt), name=f"task-{lease.task_id}")
+        self.metrics.attempt_started(lease.type)
+        attempt.runner = asyncio.create_task(self.execute(attempt), name=f"task-{task_id}")
 
     # --- running an attempt ---------------------------------------------------------------
 
@@ -696,51 +688,58 @@ class _Runtime:
         assert self.loop is not None  # noqa: S101
         # This runner is its own asyncio task: the fields bound here reach everything it
         # logs and, through `launch`, the handler.
-        with self.attempt_log_context(attempt):
-            try:
-                self.log.debug("task started", extra={"event": "task_started"})
-                started = self.loop.time()
-                # The span is current while the handler runs, so spans the handler opens
-                # are its children, in the producer's trace.
-                with tracing.handler_span(
+        bind_task_fields(
+            task_id=lease.task_id,
+            task_type=lease.type,
+            attempt=lease.attempt,
+            lease_id=lease.lease_id,
+        )
+        try:
+            self.log.debug("task started", extra={"event": "task_started"})
+            started = self.loop.time()
+            # The span is current while the handler runs, so spans the handler opens
+            # are its children, in the producer's trace.
+            with (
+                tracing.handler_span(
                     task_type=lease.type,
                     task_id=lease.task_id,
                     attempt=lease.attempt,
                     worker_id=self.worker.worker_id,
                     trace_context=lease.trace_context,
-                    traced=attempt.traced,
-                ) as span:
-                    report = await self.run_handler(attempt)
-                    outcome = _outcome_label(attempt, report)
-                    tracing.record_outcome(span, outcome, report.error if report else None)
-                took = self.loop.time() - started
-                self.metrics.observe_handler(lease.type, outcome, took)
-                if outcome == "succeeded":
-                    self.log.debug(
-                        "task succeeded in %.3fs", took, extra={"event": "task_succeeded"}
-                    )
-                if report is not None and self.handler_stopped(attempt):
-                    # The handler is done: its slot can run the next task while the outcome
-                    # travels to the server and is committed. The lease stays ours (and
-                    # heartbeated) until the report is settled.
-                    self.free_slot(attempt)
-                    self.unreported += 1
-                    try:
-                        await self.report(attempt, report)
-                    finally:
-                        self.unreported -= 1
-                        self.wake_lease_loop()
-                elif report is not None:
-                    await self.report(attempt, report)
-                attempt.settled.set()
-                await self.handler_ended(attempt)
-            except Exception:
-                self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
-            finally:
-                attempt.settled.set()
-                self.attempts.pop(lease.task_id, None)
+                    traced=True,
+                )
+                if attempt.traced
+                else _NO_SPAN
+            ) as span:
+                report = await self.run_handler(attempt)
+                outcome = _outcome_label(attempt, report)
+                tracing.record_outcome(span, outcome, report.error if report else None)
+            took = self.loop.time() - started
+            self.metrics.observe_handler(lease.type, outcome, took)
+            if outcome == "succeeded":
+                self.log.debug("task succeeded in %.3fs", took, extra={"event": "task_succeeded"})
+            if report is not None and self.handler_stopped(attempt):
+                # The handler is done: its slot can run the next task while the outcome
+                # travels to the server and is committed. The lease stays ours (and
+                # heartbeated) until the report is settled.
                 self.free_slot(attempt)
-                self.metrics.tasks_in_flight.dec()
+                self.unreported += 1
+                try:
+                    await self.report(attempt, report)
+                finally:
+                    self.unreported -= 1
+                    self.wake_lease_loop()
+            elif report is not None:
+                await self.report(attempt, report)
+            attempt.settled.set()
+            await self.handler_ended(attempt)
+        except Exception:
+            self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
+        finally:
+            attempt.settled.set()
+            self.attempts.pop(lease.task_id, None)
+            self.free_slot(attempt)
+            self.metrics.attempt_ended()
 
     @staticmethod
     def handler_stopped(attempt: _Attempt) -> bool:
@@ -789,10 +788,9 @@ class _Runtime:
         handler = self.worker.registry.get(lease.type)
         if handler is None:  # never leased in practice: we only ask for registered types
             return self.outcome(attempt, pb.OUTCOME_RELEASED, error="no handler on this worker")
-        timeout = lease.timeout.ToTimedelta().total_seconds()
+        timeout = convert.seconds(lease.timeout)
         attempt.handler_future = self.launch(handler, attempt)
-        done, _ = await asyncio.wait({attempt.handler_future}, timeout=timeout)
-        if done:
+        if await _finished_within(attempt.handler_future, timeout):
             return self.settle(attempt, attempt.handler_future)
         attempt.stop("timeout")
         self.log.warning(
@@ -1092,6 +1090,31 @@ _REPORTED_OUTCOMES: Final = {
     pb.OUTCOME_TIMED_OUT: "timed_out",
     pb.OUTCOME_RELEASED: "released",
 }
+
+
+async def _finished_within(future: asyncio.Future[Any], timeout: float) -> bool:
+    """Wait until `future` is done or `timeout` seconds pass; whether it is done.
+
+    `asyncio.wait({future}, timeout=...)` for one future, without its set, its per-call
+    checks and its counter: it ran once per attempt. The future is not cancelled either way.
+    """
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(timeout, wake)
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
 
 
 def _outcome_label(attempt: _Attempt, report: pb.ReportResultRequest | None) -> str:
