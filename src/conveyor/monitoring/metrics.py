@@ -30,6 +30,11 @@ class ServerMetrics:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._type_labels: set[str] = set()
+        # Labelled children of the per-task series, by label values (bounded like the type
+        # labels): `labels()` checks, joins and locks on every call, which adds up to
+        # several microseconds a task when a few are recorded per task.
+        self._queue_wait_by_label: dict[str, Histogram] = {}
+        self._outcome_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.rpc_duration = Histogram(
             "conveyor_rpc_duration_seconds",
             "Server-side duration of gRPC calls, by method and status code.",
@@ -173,6 +178,25 @@ class ServerMetrics:
             self._type_labels.add(task_type)
             return task_type
         return OTHER_TYPES
+
+    def observe_queue_wait(self, task_type: str, seconds: float) -> None:
+        """How long one leased task waited in the queue."""
+        label = self.type_label(task_type)
+        child = self._queue_wait_by_label.get(label)
+        if child is None:
+            child = self._queue_wait_by_label[label] = self.queue_wait.labels(label)
+        child.observe(max(seconds, 0.0))
+
+    def observe_outcome(self, task_type: str, outcome: str, ran_for: float | None) -> None:
+        """Count one attempt's outcome and, when it ran (`ran_for`), how long it took."""
+        key = (self.type_label(task_type), outcome)
+        children = self._outcome_children.get(key)
+        if children is None:
+            children = (self.task_outcomes.labels(*key), self.task_duration.labels(*key))
+            self._outcome_children[key] = children
+        children[0].inc()
+        if ran_for is not None:
+            children[1].observe(max(ran_for, 0.0))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""

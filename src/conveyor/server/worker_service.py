@@ -199,9 +199,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
-                    self.metrics.queue_wait.labels(self.metrics.type_label(row["type"])).observe(
-                        max(row["waited"], 0.0)
-                    )
+                    self.metrics.observe_queue_wait(row["type"], row["waited"])
                 return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
             remaining = give_up_at - loop.time()
             if remaining <= 0:
@@ -484,12 +482,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if not row["applied"]:
                 applied.append(None)
                 continue
-            self.metrics.task_outcomes.labels(
-                self.metrics.type_label(row["type"]), "succeeded"
-            ).inc()
-            self.metrics.task_duration.labels(
-                self.metrics.type_label(row["type"]), "succeeded"
-            ).observe(max(row["ran_for"], 0.0))
+            self.metrics.observe_outcome(row["type"], "succeeded", row["ran_for"])
             applied.append(row)
         return applied
 
@@ -535,11 +528,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         else:
             raise InvalidTask(f"unknown outcome {outcome}")
         if row is not None:
-            self.metrics.task_outcomes.labels(self.metrics.type_label(row["type"]), label).inc()
-            if "ran_for" in row:
-                self.metrics.task_duration.labels(
-                    self.metrics.type_label(row["type"]), label
-                ).observe(max(row["ran_for"], 0.0))
+            self.metrics.observe_outcome(row["type"], label, row.get("ran_for"))
         return row
 
     @rpc_method("UnregisterWorker")

@@ -309,13 +309,16 @@ async def task_lease_extend(
 ) -> list[asyncpg.Record]:
     """Extend the current leases `worker_id` holds (task_id, lease_id, progress or None).
 
+    The ids must be canonical (`normalize_task_id`): asyncpg parses them in C, and more
+    strictly than `uuid.UUID`, which would cost more than the rest of the call.
+
     Returns (task_id, lease_id, state) of the named leases no longer held.
     """
     return list(
         await conn.fetch(
             SQL["task_lease_extend"],
-            _uuids([task_id for task_id, _, _ in leases]),
-            _uuids([lease_id for _, lease_id, _ in leases]),
+            [task_id for task_id, _, _ in leases],
+            [lease_id for _, lease_id, _ in leases],
             _seconds(lease_ttl),
             _seconds(deadline_grace),
             [progress for _, _, progress in leases],
@@ -659,12 +662,15 @@ class Success:
 
 
 async def task_succeed_many(conn: Any, reports: Sequence[Success]) -> list[asyncpg.Record]:
-    """Apply success reports in one statement; one (task_id, applied, type, ...) per report."""
+    """Apply success reports in one statement; one (task_id, applied, type, ...) per report.
+
+    The ids must be canonical (`normalize_task_id`), as for `task_lease_extend`.
+    """
     return list(
         await conn.fetch(
             SQL["task_succeed_many"],
-            _uuids([r.task_id for r in reports]),
-            _uuids([r.lease_id for r in reports]),
+            [r.task_id for r in reports],
+            [r.lease_id for r in reports],
             [r.result if r.result is not None else b"" for r in reports],
             [r.result is not None for r in reports],
             [r.worker_id for r in reports],
