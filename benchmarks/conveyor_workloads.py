@@ -64,7 +64,7 @@ import time
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -80,7 +80,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import conveyor_sql  # noqa: E402 - benchmarks/ is not a package
-from apps import NOOP_TYPE  # noqa: E402
+from apps import NOOP_TYPE, TIMED_TYPE  # noqa: E402
+from peers import common  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CONVEYOR = Path(sys.executable).parent / "conveyor"
 WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk", "w4")
@@ -363,34 +367,70 @@ async def w2(
     cluster: Cluster, conn: asyncpg.Connection, args: argparse.Namespace
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    async with AsyncClient(cluster.address) as client:
-        await cluster.start_workers(client, args.worker_processes, args.concurrency)
-        warm = await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(50)])
-        await wait_finished(conn, len(warm), 30)
-        await asyncio.sleep(1.0)
-        idle = cluster.rss()
-        total = int(args.rate * args.seconds)
-        calls: list[asyncio.Task[str]] = []
-        started = loop.time()
-        for index in range(total):
-            delay = started + index / args.rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            calls.append(asyncio.create_task(client.enqueue_task(Task(type=NOOP_TYPE))))
-        ids = await asyncio.gather(*calls)
-        sent_for = loop.time() - started
-        await wait_finished(conn, len(warm) + total, args.seconds + 60)
+    with common.timing_file() as timings:
+        async with AsyncClient(cluster.address) as client:
+            # The workers inherit the timing file's path (common.TIMING_ENV).
+            await cluster.start_workers(client, args.worker_processes, args.concurrency)
+            warm = await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(50)])
+            await wait_finished(conn, len(warm), 30)
+            await asyncio.sleep(1.0)
+            idle = cluster.rss()
+            total = int(args.rate * args.seconds)
+            calls: list[asyncio.Task[str]] = []
+            enqueued_at: dict[int, float] = {}
+            cpu_before = cluster.cpu()
+            producer_before = time.process_time()
+            started = loop.time()
+            for index in range(total):
+                delay = started + index / args.rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                # Stamped as the peers stamp (peers/common.py): just before the call.
+                enqueued_at[index] = time.time()
+                task = Task(type=TIMED_TYPE, payload=str(index).encode())
+                calls.append(asyncio.create_task(client.enqueue_task(task)))
+            ids = await asyncio.gather(*calls)
+            sent_for = loop.time() - started
+            await wait_finished(conn, len(warm) + total, args.seconds + 60)
+            cpu_after = cluster.cpu()
+            cpu_after["producer"] = time.process_time() - producer_before
+            cpu_before["producer"] = 0.0
+            ran = common.read_timings(timings)
     rows = await conn.fetch(
-        "SELECT extract(epoch FROM started_at - created_at) * 1000 AS start_ms,"
-        " extract(epoch FROM finished_at - created_at) * 1000 AS finish_ms"
+        "SELECT payload, extract(epoch FROM created_at) AS created,"
+        " extract(epoch FROM started_at) AS started, extract(epoch FROM finished_at) AS finished"
         " FROM conveyor_tasks WHERE id = ANY($1::uuid[])",
         ids,
     )
+    stamps = {
+        int(r["payload"]): (float(r["created"]), float(r["started"]), float(r["finished"]))
+        for r in rows
+    }
+    finished = {index: stamp[2] for index, stamp in stamps.items()}
+
+    def step(first: Callable[[int], float], then: Callable[[int], float]) -> dict[str, float]:
+        return percentiles([(then(i) - first(i)) * 1000 for i in enqueued_at])
+
     return {
-        "start_ms": percentiles([float(r["start_ms"]) for r in rows]),
-        "finish_ms": percentiles([float(r["finish_ms"]) for r in rows]),
+        # What the peers report: the producer's clock just before the call, to the
+        # handler's first line (start) and to the outcome's durable record (finish; the
+        # peers' finish is their function's return, which is earlier).
+        "start_ms": percentiles([(ran[i][0] - at) * 1000 for i, at in enqueued_at.items()]),
+        "finish_ms": percentiles([(finished[i] - at) * 1000 for i, at in enqueued_at.items()]),
+        # Where the start latency goes (the database's clock is the machine's): the call
+        # to the insert's transaction, that to the claim's, and the claim to the handler.
+        "steps_ms": {
+            "call_to_insert": step(enqueued_at.__getitem__, lambda i: stamps[i][0]),
+            "insert_to_claim": step(lambda i: stamps[i][0], lambda i: stamps[i][1]),
+            "claim_to_handler": step(lambda i: stamps[i][1], lambda i: ran[i][0]),
+        },
         "tasks": len(rows),
         "achieved_rate": round(total / sent_for, 1),
+        # CPU per task while the load ran, by process group (the producer is this process).
+        "cpu_us_per_task": {
+            name: round((cpu_after[name] - cpu_before[name]) / total * 1e6, 1)
+            for name in cpu_before
+        },
         "idle_server_rss_mib": idle["server_rss_mib"],
         "idle_worker_rss_mib": idle["worker_rss_mib"],
     }
