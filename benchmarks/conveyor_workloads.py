@@ -12,9 +12,12 @@ its last stdout line, as benchmarks/peers/<system>.py do:
   the workers start; `tasks_per_second` = tasks / (last finished_at - first started_at),
   both read from the database.
 - w2: one enqueue at a time at a fixed rate (open loop: each call is sent at its scheduled
-  time whether or not the previous one has returned) for S seconds while the workers run;
-  `start_ms` and `finish_ms` are the p50/p95/p99 of started_at - created_at and
-  finished_at - created_at, all database timestamps, so every clock is PostgreSQL's.
+  time whether or not the previous one has returned) for S seconds while the workers run.
+  Timed as the peers are (peers/common.py): `start_ms` is the p50/p95/p99 from the
+  producer's time.time() just before the call to the handler's first line (the `bench.timed`
+  handler appends it to a timing file); `finish_ms` runs to the outcome's durable record
+  (finished_at; PostgreSQL's clock is the machine's). `steps_ms` splits the start latency
+  at the insert's and the claim's transactions (created_at, started_at).
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
   tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed.
