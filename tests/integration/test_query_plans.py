@@ -172,6 +172,18 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
     running, lease = seeded.running_id, seeded.running_lease_id
     return {
         "task_claim": (["a", "b"], 10, "worker-1", 30.0, 10.0),
+        # Two new tasks, the first offered to a waiting worker (the FIFO probe per type).
+        "task_insert_leasing": (
+            [str(uuid.uuid4()), str(uuid.uuid4())],
+            ["a", "b"],
+            [b"payload"],
+            [60.0],
+            [3],
+            [None],
+            ["worker-1", None],
+            30.0,
+            10.0,
+        ),
         "task_get": (seeded.succeeded_id,),
         "task_event_list": (seeded.succeeded_id,),
         "task_succeed": (running, lease, b"result", "worker-1"),
@@ -217,6 +229,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
 
 PER_TASK_QUERIES = [
     "task_claim",
+    "task_insert_leasing",
     "task_get",
     "task_event_list",
     "task_succeed",

@@ -6,88 +6,18 @@ so every lease here comes from a wake-up, never from a poll that happened to run
 
 from __future__ import annotations
 
-import urllib.request
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
-import grpc
 import pytest
-from google.protobuf.duration_pb2 import Duration
 from helpers import wait_for
-from prometheus_client.parser import text_string_to_metric_families
-
-from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
-
-LONG_POLL = 30  # seconds each test poll may wait on the server
-WAITERS = 8
-
-
-def claims(http_url: str) -> dict[str, float]:
-    """conveyor_lease_claims_total by result."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return {
-        sample.labels["result"]: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.name == "conveyor_lease_claims_total"
-    }
-
-
-class Fleet:
-    """Raw long polls against one server, each from its own registered worker."""
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.tasks = pb_grpc.TaskServiceStub(self.channel)
-        self.workers = pb_grpc.WorkerServiceStub(self.channel)
-        self.pool = ThreadPoolExecutor(max_workers=WAITERS + 2)
-
-    def close(self) -> None:
-        # Closing the channel first cancels the polls still waiting on the server.
-        self.channel.close()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def poll(self, worker_id: str, task_type: str, max_tasks: int = 4) -> Future[list[str]]:
-        """Register `worker_id` and start one long poll; its future gives the leased ids."""
-        self.workers.RegisterWorker(
-            pb.RegisterWorkerRequest(
-                worker_id=worker_id,
-                host="test-host",
-                pid=1,
-                task_types=[task_type],
-                concurrency=max_tasks,
-                version="test",
-            ),
-            timeout=10,
-        )
-        request = pb.LeaseTasksRequest(
-            worker_id=worker_id,
-            task_types=[task_type],
-            max_tasks=max_tasks,
-            wait=Duration(seconds=LONG_POLL),
-        )
-
-        def call() -> list[str]:
-            response = self.workers.LeaseTasks(request, timeout=LONG_POLL + 10)
-            return [lease.task_id for lease in response.leases]
-
-        return self.pool.submit(call)
-
-    def enqueue(self, task_type: str) -> str:
-        spec = pb.TaskSpec(
-            id=str(uuid.uuid4()), type=task_type, timeout=Duration(seconds=60), max_retries=0
-        )
-        self.tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=[spec]), timeout=10)
-        return spec.id
+from long_polls import WAITERS, Fleet, claims
 
 
 @pytest.fixture
 def quiet_server(start_server):
-    """A server whose fallback poll never fires during a test."""
-    return start_server(poll_interval=timedelta(minutes=1))
+    """A server whose fallback poll never fires during a test, and whose enqueues leave
+    every task queued for the polls to claim (without handoff: see test_handoff.py)."""
+    return start_server(poll_interval=timedelta(minutes=1), handoff=False)
 
 
 @pytest.fixture

@@ -238,6 +238,12 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Let concurrent enqueues share one insert and commit (off only to measure it).",
 )
 @click.option(
+    "--handoff/--no-handoff",
+    default=True,
+    show_default=True,
+    help="Lease new tasks straight to the workers waiting for them (off only to measure it).",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -316,6 +322,7 @@ def server(
     reaper_interval: float,
     retention_days: float,
     group_commit: bool,
+    handoff: bool,
     metrics_listen: str | None,
     tokens_file: Path | None,
     tls_cert: Path | None,
@@ -355,6 +362,7 @@ def server(
             reaper_interval=timedelta(seconds=reaper_interval),
             retention=timedelta(days=retention_days) if retention_days else None,
             group_commit=group_commit,
+            handoff=handoff,
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,

@@ -154,7 +154,8 @@ class ServerMetrics:
         self.lease_claims = Counter(
             "conveyor_lease_claims_total",
             "Claims made by LeaseTasks long polls, by result: tasks (leased some), empty "
-            "(found none), skipped (woken for types another claim had just found empty).",
+            "(found none), skipped (woken for types another claim had just found empty), "
+            "handed_over (no claim: an enqueue leased its tasks to the waiting poll).",
             ["result"],
             registry=self.registry,
         )

@@ -83,8 +83,14 @@ class ConveyorServer:
             on_leader_resigned=self.elector.wake,
             own_backends=self.database.backend_pids,
         )
-        self.task_service = TaskService(config, self.database, self.notifier, self.metrics)
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
+        self.task_service = TaskService(
+            config,
+            self.database,
+            self.notifier,
+            self.metrics,
+            handoff=self.worker_service.handoff if config.handoff else None,
+        )
         self.control = TaskControl(
             self.database, self.notifier, self.metrics, config.worker_lost_after
         )
@@ -218,6 +224,8 @@ class ConveyorServer:
             ("health", self.health.enter_graceful_shutdown),
             ("leadership", self.elector.stop),
             ("grpc", self._stop_grpc),
+            # Leases enqueues handed to polls that went away, while the database is here.
+            ("handoff", self.worker_service.handoff.handed_back),
             *((service.name, service.stop) for service in self.maintenance),
             ("http", self._stop_http),
             ("notifier", self.notifier.stop),

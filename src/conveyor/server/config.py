@@ -116,6 +116,9 @@ class ServerConfig:
     # Concurrent enqueues share one insert and commit (see conveyor/group_commit.py); off only
     # to measure what it gains.
     group_commit: bool = True
+    # An enqueue leases its tasks straight to the long polls waiting for them in this
+    # server (see server/handoff.py); off only to measure what it gains.
+    handoff: bool = True
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL

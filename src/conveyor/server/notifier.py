@@ -62,7 +62,8 @@ class TaskNotifier:
         self._timer: asyncio.TimerHandle | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self._generation = 0
-        self._event = asyncio.Event()
+        # Resolved by the next wake-up; made when a waiter first needs it.
+        self._wakeup: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
@@ -74,8 +75,9 @@ class TaskNotifier:
     def wake(self) -> None:
         """Wake every waiter (a notification arrived, or this process made work available)."""
         self._generation += 1
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     def wake_after(self, seconds: float) -> None:
         """Wake every server's waiters in `seconds` (when a retry's backoff ends).
@@ -109,15 +111,23 @@ class TaskNotifier:
             task.add_done_callback(self._publishing.discard)
         self._arm(loop)
 
-    async def wait(self, since: int, timeout: float) -> None:
-        """Return at the next wake-up after generation `since`, or after `timeout` seconds."""
+    async def wait(
+        self, since: int, timeout: float, until: asyncio.Future[Any] | None = None
+    ) -> None:
+        """Return at the next wake-up after generation `since`, or after `timeout` seconds.
+
+        With `until`, return as soon as that future is done, too.
+        """
         if self._generation != since:
             return
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
-        # that arrives as the event fires.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._event.wait()
+        if self._wakeup is None:
+            self._wakeup = asyncio.get_running_loop().create_future()
+        waited: set[asyncio.Future[Any]] = {self._wakeup}
+        if until is not None:
+            waited.add(until)
+        # asyncio.wait neither cancels what it waits for nor swallows a cancellation of
+        # its caller (wait_for can, on Python 3.11).
+        await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
 
     def start(self) -> None:
         """Start listening in the background (idempotent)."""

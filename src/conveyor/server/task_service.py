@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
+    from conveyor.server.handoff import HandoffDesk, Offer
     from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.tasks")
@@ -130,12 +131,14 @@ class TaskService(pb_grpc.TaskServiceServicer):
         database: Database,
         notifier: TaskNotifier,
         metrics: ServerMetrics,
+        handoff: HandoffDesk | None = None,
     ) -> None:
-        """Wire the service to its collaborators."""
+        """Wire the service to its collaborators (`handoff`: the waiting polls' offers)."""
         self.config = config
         self.database = database
         self.notifier = notifier
         self.metrics = metrics
+        self.handoff = handoff
         self.group_commit: GroupCommit[queries.NewTasks, bool] = GroupCommit(
             database.bind(self._insert_and_wake),
             combine=queries.NewTasks.concat,
@@ -152,12 +155,52 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
         The insert is one statement on a connection outside any transaction, so it has
         committed when it returns (inside a transaction the wake-up would come too early).
+        A small batch first looks for long polls waiting for its types: the statement then
+        leases those tasks to them directly (see handoff.py).
         """
+        offers = (
+            self.handoff.reserve(batch.types)
+            if self.handoff is not None and len(batch) < queries.NEW_IDS_FIRST_FROM
+            else None
+        )
+        if offers is not None and any(offer is not None for offer in offers):
+            return await self._insert_and_hand_over(conn, batch, offers)
         created = await queries.task_insert_many(conn, batch)
         if any(created):
             # Before the connection goes back to the pool and the callers resume: every
             # step between the commit and the claim is part of a new task's start latency.
             # Other servers hear the NOTIFY the insert sent.
+            self.notifier.wake()
+        return created
+
+    async def _insert_and_hand_over(
+        self, conn: Any, batch: queries.NewTasks, offers: list[Offer | None]
+    ) -> list[bool]:
+        """Insert `batch`, leasing what it can to the polls whose `offers` were reserved."""
+        assert self.handoff is not None  # noqa: S101 - only called with offers from it
+        delivered: list[Any] | None = None
+        try:
+            rows = await queries.task_insert_leasing(
+                conn,
+                batch,
+                offered_to=[offer.worker_id if offer else None for offer in offers],
+                lease_ttl=self.config.lease_ttl,
+                deadline_grace=self.config.deadline_grace,
+            )
+            # A repeated id was created (and perhaps leased) at its first position only.
+            seen: set[str] = set()
+            created: list[bool] = []
+            delivered = []
+            for task_id, row in zip(batch.ids, rows, strict=True):
+                first = task_id not in seen
+                seen.add(task_id)
+                created.append(first and row["created"])
+                delivered.append(row if first else None)
+        finally:
+            # Polls get their leases (or nothing, if the statement failed) before this
+            # connection goes back to the pool and the callers resume, as with the wake-up.
+            self.handoff.settle(offers, delivered)
+        if any(row is not None and row["created"] and not row["leased"] for row in delivered):
             self.notifier.wake()
         return created
 

@@ -24,6 +24,7 @@ from conveyor.protocol.status import status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
+from conveyor.server.handoff import HandoffDesk
 from conveyor.server.rpc import rpc_method, server_stopping
 from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
@@ -99,6 +100,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
+        # Enqueues lease tasks straight to the polls waiting here (see handoff.py).
+        self.handoff = HandoffDesk(self._release_undelivered)
         # Successes reported at the same time share one statement and one commit.
         self.succeed_commit: GroupCommit[Sequence[queries.Success], Any] = GroupCommit(
             database.bind(queries.task_succeed_many),
@@ -111,6 +114,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def start_draining(self) -> None:
         """Answer every waiting and future long poll at once, with no tasks."""
         self.draining = True
+        self.handoff.close_all()
         self.notifier.wake()
 
     @rpc_method("RegisterWorker")
@@ -177,36 +181,68 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + wait.total_seconds()
-        poll = self.config.poll_interval.total_seconds()
         woken, first = False, True
         while not self.draining:
-            if woken:
-                # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
-                generation, claimed = await self.wake_rounds.claim(
-                    task_types, limit, lambda: self._claim(worker_id, task_types, limit)
-                )
-            elif first and self.wake_rounds.drained(task_types):
-                # Nothing new since a claim found these types empty: wait for a wake-up.
-                generation, claimed = self.notifier.generation, None
-            else:
-                generation = self.notifier.generation
-                claimed = await self._claim(worker_id, task_types, limit)
+            generation, claimed = await self._look(
+                worker_id, task_types, limit, woken=woken, first=first
+            )
             first = False
             rows = claimed or []
             self.metrics.lease_claims.labels(
                 "skipped" if claimed is None else "tasks" if rows else "empty"
             ).inc()
+            if not rows:
+                remaining = give_up_at - loop.time()
+                if remaining <= 0:
+                    break
+                rows = await self._wait(worker_id, task_types, limit, generation, remaining)
+                if rows:
+                    self.metrics.lease_claims.labels("handed_over").inc()
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
                     self.metrics.observe_queue_wait(row["type"], row["waited"])
                 return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
-            remaining = give_up_at - loop.time()
-            if remaining <= 0:
-                break
-            await self.notifier.wait(generation, min(remaining, poll))
             woken = self.notifier.generation != generation
         return pb.LeaseTasksResponse()
+
+    async def _look(
+        self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, first: bool
+    ) -> tuple[int, list[Any] | None]:
+        """Claim, or skip a claim that would find nothing: (generation, rows or None)."""
+        if woken:
+            # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
+            return await self.wake_rounds.claim(
+                task_types, limit, lambda: self._claim(worker_id, task_types, limit)
+            )
+        if first and self.wake_rounds.drained(task_types):
+            # Nothing new since a claim found these types empty: wait for a wake-up.
+            return self.notifier.generation, None
+        generation = self.notifier.generation
+        return generation, await self._claim(worker_id, task_types, limit)
+
+    async def _wait(
+        self, worker_id: str, task_types: list[str], limit: int, generation: int, remaining: float
+    ) -> list[Any]:
+        """Wait for a wake-up or a poll interval; the leases an enqueue handed over meanwhile.
+
+        While it waits the poll has an offer at the handoff desk (see handoff.py). An offer
+        an enqueue has reserved is settled by that enqueue's statement, so a poll that stops
+        waiting first waits for those rows, and one whose call is cancelled abandons them
+        to the desk, which hands them back.
+        """
+        offer = self.handoff.open(worker_id, task_types, limit)
+        try:
+            await self.notifier.wait(
+                generation,
+                min(remaining, self.config.poll_interval.total_seconds()),
+                until=offer.delivered,
+            )
+            pending = self.handoff.close(offer)
+            return await pending if pending is not None else []
+        except asyncio.CancelledError:
+            self.handoff.close(offer, abandon=True)
+            raise
 
     async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
         # If the caller goes away (worker stopping, deadline) while the claim is in flight,

@@ -213,6 +213,32 @@ async def _insert_skipping_taken(conn: Any, batch: NewTasks, *, distinct: bool) 
     return created
 
 
+async def task_insert_leasing(
+    conn: Any,
+    batch: NewTasks,
+    *,
+    offered_to: Sequence[str | None],
+    lease_ttl: timedelta,
+    deadline_grace: timedelta,
+) -> list[asyncpg.Record]:
+    """Insert `batch` like `task_insert_skipping_taken`, leasing offered tasks at once.
+
+    `offered_to` names, per task, the worker waiting for it (None: no one). Returns one row
+    per task in order: `created`, `leased`, and for a leased task the columns `task_claim`
+    returns. A repeated id reads as created (and leased) at each of its positions; only the
+    first can be.
+    """
+    return list(
+        await conn.fetch(
+            SQL["task_insert_leasing"],
+            *_insert_arguments(batch),
+            list(offered_to),
+            _seconds(lease_ttl),
+            _seconds(deadline_grace),
+        )
+    )
+
+
 async def task_claim(
     conn: Any,
     *,

@@ -67,6 +67,75 @@ SELECT ARRAY(
        ) AS skipped,
        (SELECT count(*) FROM wake) AS woken;
 
+-- name: task_insert_leasing
+-- The parameters of task_insert_skipping_taken, then $7 the worker each task is offered to
+-- (NULL: none), $8 lease ttl (s), $9 grace after deadline (s). Inserts like
+-- task_insert_skipping_taken, but a task offered to a worker (a long poll of this server
+-- waiting for its type) is inserted already leased to it, as task_claim would lease it,
+-- with its `started` event: the enqueue's own statement and commit hand it over, with no
+-- claim after it. Only when that keeps FIFO order and pauses: its type has no task queued
+-- and available (an older task would have to start first) and is not paused; otherwise the
+-- task is queued as usual. Returns one row per entry in order: `created` (false: the id was
+-- taken, or repeats an earlier entry), and for a task leased here the columns task_claim
+-- returns, with `leased` true.
+WITH given AS (
+    SELECT i.id, i.ord, i.worker_id,
+           CASE WHEN cardinality($2::text[]) = 1 THEN ($2::text[])[1] ELSE i.type END AS type,
+           CASE WHEN cardinality($3::bytea[]) = 1 THEN ($3::bytea[])[1] ELSE i.payload END
+               AS payload,
+           make_interval(secs => CASE WHEN cardinality($4::float8[]) = 1
+                                      THEN ($4::float8[])[1] ELSE i.timeout_s END) AS timeout,
+           CASE WHEN cardinality($5::integer[]) = 1 THEN ($5::integer[])[1] ELSE i.max_retries END
+               AS max_retries,
+           (CASE WHEN cardinality($6::text[]) = 1 THEN ($6::text[])[1] ELSE i.trace_context END)::jsonb
+               AS trace_context
+    FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[], $6::text[],
+                $7::text[])
+        WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, trace_context,
+                              worker_id, ord)
+), open_types AS (
+    -- Types a task may skip the queue for: nothing of theirs waits (a probe of
+    -- (type, state, seq) each) and they are not paused (a primary-key probe each).
+    SELECT DISTINCT g.type
+    FROM given AS g
+    WHERE g.worker_id IS NOT NULL
+      AND NOT EXISTS (SELECT FROM conveyor_tasks AS t
+                      WHERE t.type = g.type AND t.state = 'queued' AND t.available_at <= now())
+      AND NOT EXISTS (SELECT FROM conveyor_paused_types AS p WHERE p.type = g.type)
+), inserted AS (
+    INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, trace_context, state,
+                                attempt, worker_id, lease_id, started_at, deadline_at,
+                                lease_expires_at)
+    SELECT g.id, g.type, g.payload, g.timeout, g.max_retries, g.trace_context,
+           CASE WHEN o.type IS NULL THEN 'queued' ELSE 'running' END::conveyor_task_state,
+           CASE WHEN o.type IS NULL THEN 0 ELSE 1 END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE g.worker_id END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE gen_random_uuid() END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE now() END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE now() + g.timeout END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE least(
+               now() + make_interval(secs => $8), now() + g.timeout + make_interval(secs => $9)
+           ) END
+    FROM given AS g LEFT JOIN open_types AS o ON o.type = g.type AND g.worker_id IS NOT NULL
+    ORDER BY g.ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at,
+              deadline_at, trace_context::text AS trace_context, state, worker_id
+), history AS (
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
+    SELECT id, 'started', 'running', attempt, worker_id FROM inserted WHERE state = 'running'
+), wake AS (
+    -- Only tasks left queued need a long poll to claim them.
+    SELECT pg_notify('conveyor_task_ready', '')
+    FROM (SELECT 1 FROM inserted WHERE state = 'queued' LIMIT 1) AS any_queued
+)
+SELECT g.ord, i.id IS NOT NULL AS created, i.state = 'running' AS leased,
+       i.id, i.type, i.payload, i.attempt, i.max_retries, i.timeout, i.lease_id,
+       i.lease_expires_at, i.deadline_at, 0::float8 AS waited, i.trace_context,
+       (SELECT count(*) FROM wake) AS woken
+FROM given AS g LEFT JOIN inserted AS i ON i.id = g.id
+ORDER BY g.ord;
+
 -- name: task_claim
 -- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s).
 -- Oldest first within each type (one range of (type, state, seq) per type), then oldest
