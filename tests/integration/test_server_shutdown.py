@@ -83,9 +83,9 @@ class TestLongPollOnStop:
         polling = threading.Event()
         original_wait = core.notifier.wait
 
-        async def observed_wait(since: int, timeout: float) -> None:
+        async def observed_wait(since: int, timeout: float, until: Any = None) -> None:
             polling.set()
-            await original_wait(since, timeout)
+            await original_wait(since, timeout, until)
 
         # The instance attribute shadows the method: LeaseTasks calls this while it waits.
         core.notifier.wait = observed_wait
