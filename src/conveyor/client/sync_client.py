@@ -79,6 +79,7 @@ class Client:
         self._codec = codec if codec is not None else AesGcmCodec.from_env()
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
         self._channels_lock = threading.Lock()
         # Threads that enqueue while this client's requests are in flight go together in
         # one request, as in AsyncClient (see conveyor/group_commit.py).
@@ -89,15 +90,21 @@ class Client:
         )
 
     def _stub(self, address: str, service: str = "TaskService") -> Any:
-        channel = self._channels.get(address)
-        if channel is None:
-            # Threads may share a client: one channel per address, never two.
-            with self._channels_lock:
-                channel = self._channels.get(address)
-                if channel is None:
-                    channel = self._credentials.open_channel(address, aio=False)
-                    self._channels[address] = channel
-        return getattr(pb_grpc, f"{service}Stub")(channel)
+        # One stub per channel and service (see AsyncClient._stub).
+        stub = self._stubs.get((address, service))
+        if stub is not None:
+            return stub
+        # Threads may share a client: one channel per address, never two.
+        with self._channels_lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._credentials.open_channel(address, aio=False)
+                self._channels[address] = channel
+            stub = self._stubs.get((address, service))
+            if stub is None:
+                stub = getattr(pb_grpc, f"{service}Stub")(channel)
+                self._stubs[(address, service)] = stub
+        return stub
 
     def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
         attempts = RetryLoop(self._ring, self._retry, method, clock=time.monotonic)
@@ -255,6 +262,7 @@ class Client:
         with self._channels_lock:
             channels = list(self._channels.values())
             self._channels.clear()
+            self._stubs.clear()
         for channel in channels:
             channel.close()
 
