@@ -62,9 +62,11 @@ class HandoffDesk:
     def __init__(self, release: Callable[[list[Any], str], Awaitable[None]]) -> None:
         """`release(rows, worker_id)` hands back leases their poll can no longer deliver."""
         self._release = release
-        # Offers in the order their polls began to wait: the longest-waiting worker gets
-        # the next task, which spreads work over the fleet as the claims' turns do.
-        self._open: list[Offer] = []
+        # Open offers by task type, each in the order its polls began to wait (dicts as
+        # ordered sets): the longest-waiting worker gets the next task, which spreads work
+        # over the fleet as the claims' turns do, and a type no poll waits for costs one
+        # lookup however many polls wait for other types.
+        self._open: dict[str, dict[Offer, None]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -72,7 +74,8 @@ class HandoffDesk:
         """Leave an offer for a poll about to wait; `close` it when the wait ends."""
         offer = Offer(worker_id, frozenset(task_types), limit)
         if not self.closed:
-            self._open.append(offer)
+            for task_type in offer.task_types:
+                self._open.setdefault(task_type, {})[offer] = None
         return offer
 
     def reserve(self, task_types: Sequence[str]) -> list[Offer | None]:
@@ -84,15 +87,27 @@ class HandoffDesk:
         chosen: list[Offer | None] = [None] * len(task_types)
         if not self._open:
             return chosen
+        reserved: list[Offer] = []
         for index, task_type in enumerate(task_types):
-            for offer in self._open:
-                if task_type in offer.task_types and offer.reserved < offer.limit:
+            for offer in self._open.get(task_type, ()):
+                if offer.reserved < offer.limit:
+                    if offer.reserved == 0:
+                        reserved.append(offer)
                     offer.reserved += 1
                     chosen[index] = offer
                     break
         # A reserved offer takes no more tasks from other enqueues: its rows are pending.
-        self._open = [offer for offer in self._open if offer.reserved == 0]
+        for offer in reserved:
+            self._withdraw(offer)
         return chosen
+
+    def _withdraw(self, offer: Offer) -> None:
+        for task_type in offer.task_types:
+            waiting = self._open.get(task_type)
+            if waiting is not None:
+                waiting.pop(offer, None)
+                if not waiting:
+                    del self._open[task_type]
 
     def settle(self, chosen: Sequence[Offer | None], rows: Sequence[Any] | None) -> None:
         """Deliver each reserved offer the rows leased to it (`rows`: per task, or None).
@@ -125,8 +140,7 @@ class HandoffDesk:
         """
         offer.closed = True
         if offer.reserved == 0:
-            if offer in self._open:
-                self._open.remove(offer)
+            self._withdraw(offer)
             return None
         if offer.delivered.done():
             rows = offer.delivered.result()
