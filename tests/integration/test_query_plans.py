@@ -183,6 +183,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
             ["worker-1", None],
             30.0,
             10.0,
+            [str(uuid.uuid4()), None],
         ),
         "task_get": (seeded.succeeded_id,),
         "task_event_list": (seeded.succeeded_id,),

@@ -225,7 +225,7 @@ class ConveyorServer:
             ("leadership", self.elector.stop),
             ("grpc", self._stop_grpc),
             # Leases enqueues handed to polls that went away, while the database is here.
-            ("handoff", self.worker_service.handoff.handed_back),
+            ("handoff", self._hand_back_undelivered),
             *((service.name, service.stop) for service in self.maintenance),
             ("http", self._stop_http),
             ("notifier", self.notifier.stop),
@@ -242,6 +242,9 @@ class ConveyorServer:
             )
         finally:
             self._stopped.set()
+
+    async def _hand_back_undelivered(self) -> None:
+        await self.worker_service.handoff.handed_back(self.config.shutdown_grace.total_seconds())
 
     async def _stop_grpc(self) -> None:
         if self._grpc is not None:

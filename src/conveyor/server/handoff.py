@@ -30,14 +30,22 @@ poll whose call was cancelled abandons them, and the desk hands its leases back 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
 log = logging.getLogger("conveyor.server.handoff")
+
+# Why a handed-over lease went back to the queue (the `released` event's detail).
+POLL_ENDED: Final = (
+    "lease not delivered: the worker's long poll ended before the enqueue that leased it "
+    "the task had committed"
+)
+STATEMENT_FAILED: Final = "lease not delivered: the enqueue's statement failed as it ran"
 
 
 @dataclass(eq=False)
@@ -59,8 +67,8 @@ class Offer:
 class HandoffDesk:
     """The offers of this server's waiting long polls (all on one event loop)."""
 
-    def __init__(self, release: Callable[[list[Any], str], Awaitable[None]]) -> None:
-        """`release(rows, worker_id)` hands back leases their poll can no longer deliver."""
+    def __init__(self, release: Callable[[list[Any], str, str], Awaitable[None]]) -> None:
+        """`release(rows, worker_id, reason)` hands back leases no poll can deliver."""
         self._release = release
         # Open offers by task type, each in the order its polls began to wait (dicts as
         # ordered sets): the longest-waiting worker gets the next task, which spreads work
@@ -68,6 +76,11 @@ class HandoffDesk:
         # lookup however many polls wait for other types.
         self._open: dict[str, dict[Offer, None]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
+        # Reserved offers not yet settled, and an event set while there are none and no
+        # hand-back runs (what a stopping server waits for).
+        self._unsettled = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.closed = False
 
     def open(self, worker_id: str, task_types: Sequence[str], limit: int) -> Offer:
@@ -93,6 +106,8 @@ class HandoffDesk:
                 if offer.reserved < offer.limit:
                     if offer.reserved == 0:
                         reserved.append(offer)
+                        self._unsettled += 1
+                        self._quiet.clear()
                     offer.reserved += 1
                     chosen[index] = offer
                     break
@@ -109,69 +124,103 @@ class HandoffDesk:
                 if not waiting:
                     del self._open[task_type]
 
-    def settle(self, chosen: Sequence[Offer | None], rows: Sequence[Any] | None) -> None:
-        """Deliver each reserved offer the rows leased to it (`rows`: per task, or None).
+    def settle(self, chosen: Sequence[Offer | None], rows: Sequence[Any]) -> None:
+        """Deliver each reserved offer the rows its enqueue's statement leased to it.
 
-        `rows` is None when the statement failed: every offer then gets nothing, and its
-        poll claims as usual.
+        `rows` has one row per task (None for a position that can have no lease); a row
+        whose `leased` is false was queued, and its poll, woken, claims as usual.
         """
-        leased: dict[int, list[Any]] = {}
-        offers: dict[int, Offer] = {}
-        for index, offer in enumerate(chosen):
+        leased: dict[Offer, list[Any]] = {}
+        for offer, row in zip(chosen, rows, strict=True):
             if offer is None:
                 continue
-            offers[id(offer)] = offer
-            row = rows[index] if rows is not None else None
+            mine = leased.setdefault(offer, [])
             if row is not None and row["leased"]:
-                leased.setdefault(id(offer), []).append(row)
-        for key, offer in offers.items():
-            mine = leased.get(key, [])
-            if offer.abandoned:
-                if mine:
-                    self._hand_back(mine, offer.worker_id)
-            elif not offer.delivered.done():
-                offer.delivered.set_result(mine)
+                mine.append(row)
+        for offer, mine in leased.items():
+            self._deliver(offer, mine)
+
+    def settle_unknown(
+        self, chosen: Sequence[Offer | None], task_ids: Sequence[str], lease_ids: Sequence[Any]
+    ) -> None:
+        """Settle after a statement that raised: it may or may not have committed.
+
+        Every offered task is handed back by its lease id, which fencing makes a no-op for
+        a task that was never leased, and every poll gets nothing.
+        """
+        undecided: dict[Offer, list[Any]] = {}
+        for offer, task_id, lease_id in zip(chosen, task_ids, lease_ids, strict=True):
+            if offer is not None:
+                undecided.setdefault(offer, []).append({"id": task_id, "lease_id": lease_id})
+        for offer, rows in undecided.items():
+            self._hand_back(rows, offer.worker_id, STATEMENT_FAILED)
+            self._deliver(offer, [])
+
+    def _deliver(self, offer: Offer, rows: list[Any]) -> None:
+        self._unsettled -= 1
+        if offer.abandoned or offer.delivered.done():
+            # The poll's call is gone (a done future here was cancelled with it).
+            if rows:
+                self._hand_back(rows, offer.worker_id, POLL_ENDED)
+        else:
+            offer.delivered.set_result(rows)
+        self._check_quiet()
 
     def close(self, offer: Offer, *, abandon: bool = False) -> asyncio.Future[list[Any]] | None:
         """Withdraw an offer; its pending delivery if an enqueue has reserved it.
 
         With `abandon` (the poll's call is gone) a pending delivery is handed back when it
-        arrives, and None is returned.
+        arrives, and None is returned. Await a returned delivery through asyncio.shield: it
+        is the offer's own future, and a cancelled wait must not cancel it.
         """
         offer.closed = True
         if offer.reserved == 0:
             self._withdraw(offer)
             return None
-        if offer.delivered.done():
-            rows = offer.delivered.result()
-            if abandon and rows:
-                self._hand_back(rows, offer.worker_id)
-                return None
-            return None if abandon else offer.delivered
-        if abandon:
-            offer.abandoned = True
-            return None
-        return offer.delivered
+        delivered = offer.delivered
+        if not abandon:
+            return delivered
+        offer.abandoned = True
+        if delivered.done() and not delivered.cancelled() and delivered.result():
+            self._hand_back(delivered.result(), offer.worker_id, POLL_ENDED)
+        return None
 
     def close_all(self) -> None:
         """Take no more offers (the server is draining); reserved ones still settle."""
         self.closed = True
         self._open.clear()
 
-    async def handed_back(self) -> None:
-        """Until every hand-back started so far has finished (the server stops after it)."""
-        while self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+    async def handed_back(self, timeout: float) -> None:
+        """Until every reserved offer is settled and every hand-back has finished.
 
-    def _hand_back(self, rows: list[Any], worker_id: str) -> None:
-        task = asyncio.ensure_future(self._release(rows, worker_id))
+        A stopping server waits for this (at most `timeout` seconds) before it closes its
+        database pool: a hand-back needs a connection, and a lease that is not handed back
+        is only recovered when it expires, at the cost of an attempt.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._unsettled or self._releasing:
+                    if self._releasing:
+                        await asyncio.gather(*self._releasing, return_exceptions=True)
+                    else:
+                        self._quiet.clear()
+                        await self._quiet.wait()
+
+    def _check_quiet(self) -> None:
+        if not self._unsettled and not self._releasing:
+            self._quiet.set()
+
+    def _hand_back(self, rows: list[Any], worker_id: str, reason: str) -> None:
+        task = asyncio.ensure_future(self._release(rows, worker_id, reason))
         self._releasing.add(task)
         task.add_done_callback(self._released)
 
     def _released(self, task: asyncio.Task[None]) -> None:
         self._releasing.discard(task)
+        self._check_quiet()
         if not task.cancelled() and task.exception() is not None:
-            # The leases then expire and the reaper requeues them: late, not lost.
+            # The leases then expire and the reaper requeues them, at the cost of the
+            # attempt: late, not lost.
             log.warning(
                 "could not hand back undelivered leases: %s",
                 task.exception(),

@@ -62,8 +62,9 @@ class TaskNotifier:
         self._timer: asyncio.TimerHandle | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self._generation = 0
-        # Resolved by the next wake-up; made when a waiter first needs it.
-        self._wakeup: asyncio.Future[None] | None = None
+        # One future per waiting call, resolved by the next wake-up: a future shared by
+        # all would make each call's exit a linear search of every waiter's callback.
+        self._waiters: set[asyncio.Future[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
@@ -75,9 +76,10 @@ class TaskNotifier:
     def wake(self) -> None:
         """Wake every waiter (a notification arrived, or this process made work available)."""
         self._generation += 1
-        wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def wake_after(self, seconds: float) -> None:
         """Wake every server's waiters in `seconds` (when a retry's backoff ends).
@@ -120,14 +122,15 @@ class TaskNotifier:
         """
         if self._generation != since:
             return
-        if self._wakeup is None:
-            self._wakeup = asyncio.get_running_loop().create_future()
-        waited: set[asyncio.Future[Any]] = {self._wakeup}
-        if until is not None:
-            waited.add(until)
-        # asyncio.wait neither cancels what it waits for nor swallows a cancellation of
-        # its caller (wait_for can, on Python 3.11).
-        await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        waited: set[asyncio.Future[Any]] = {waiter} if until is None else {waiter, until}
+        try:
+            # asyncio.wait neither cancels what it waits for nor swallows a cancellation
+            # of its caller (wait_for can, on Python 3.11).
+            await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters.discard(waiter)
 
     def start(self) -> None:
         """Start listening in the background (idempotent)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import uuid
 from collections import Counter
 from dataclasses import replace
 from itertools import compress
@@ -177,32 +179,51 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self, conn: Any, batch: queries.NewTasks, offers: list[Offer | None]
     ) -> list[bool]:
         """Insert `batch`, leasing what it can to the polls whose `offers` were reserved."""
-        assert self.handoff is not None  # noqa: S101 - only called with offers from it
-        delivered: list[Any] | None = None
-        try:
-            rows = await queries.task_insert_leasing(
+        desk = self.handoff
+        assert desk is not None  # noqa: S101 - only called with offers from it
+        lease_ids = [str(uuid.uuid4()) if offer is not None else None for offer in offers]
+        # Shielded: a statement that may commit leases must end in their delivery or their
+        # hand-back, even if this call is cancelled (as the claim is, worker_service.py).
+        statement = asyncio.ensure_future(
+            queries.task_insert_leasing(
                 conn,
                 batch,
                 offered_to=[offer.worker_id if offer else None for offer in offers],
+                lease_ids=lease_ids,
                 lease_ttl=self.config.lease_ttl,
                 deadline_grace=self.config.deadline_grace,
             )
-            # A repeated id was created (and perhaps leased) at its first position only.
-            seen: set[str] = set()
-            created: list[bool] = []
-            delivered = []
-            for task_id, row in zip(batch.ids, rows, strict=True):
-                first = task_id not in seen
-                seen.add(task_id)
-                created.append(first and row["created"])
-                delivered.append(row if first else None)
-        finally:
-            # Polls get their leases (or nothing, if the statement failed) before this
-            # connection goes back to the pool and the callers resume, as with the wake-up.
-            self.handoff.settle(offers, delivered)
+        )
+        try:
+            rows = await asyncio.shield(statement)
+        except asyncio.CancelledError:
+            try:
+                rows = await statement
+            except Exception:
+                desk.settle_unknown(offers, batch.ids, lease_ids)
+            else:
+                desk.settle(offers, self._first_occurrences(batch, rows))
+            raise
+        except Exception:
+            desk.settle_unknown(offers, batch.ids, lease_ids)
+            raise
+        delivered = self._first_occurrences(batch, rows)
+        # Polls get their leases before this connection goes back to the pool and the
+        # callers resume, as with the wake-up.
+        desk.settle(offers, delivered)
         if any(row is not None and row["created"] and not row["leased"] for row in delivered):
             self.notifier.wake()
-        return created
+        return [row is not None and bool(row["created"]) for row in delivered]
+
+    @staticmethod
+    def _first_occurrences(batch: queries.NewTasks, rows: Sequence[Any]) -> list[Any]:
+        """`rows`, with None at every repeat of an id: only its first position was created."""
+        seen: set[str] = set()
+        first: list[Any] = []
+        for task_id, row in zip(batch.ids, rows, strict=True):
+            first.append(row if task_id not in seen else None)
+            seen.add(task_id)
+        return first
 
     def _parse_batch(self, specs: Sequence[pb.TaskSpec]) -> queries.NewTasks:
         """The tasks of a non-empty request, validated, in order.

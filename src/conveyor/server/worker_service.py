@@ -239,7 +239,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 until=offer.delivered,
             )
             pending = self.handoff.close(offer)
-            return await pending if pending is not None else []
+            # Shielded: the delivery is the offer's own future, which a cancelled wait
+            # would cancel too, and the desk could then not hand its leases back.
+            return await asyncio.shield(pending) if pending is not None else []
         except asyncio.CancelledError:
             self.handoff.close(offer, abandon=True)
             raise
@@ -267,7 +269,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 deadline_grace=self.config.deadline_grace,
             )
 
-    async def _release_undelivered(self, rows: list[Any], worker_id: str) -> None:
+    async def _release_undelivered(
+        self,
+        rows: list[Any],
+        worker_id: str,
+        reason: str = "lease not delivered: the worker went away during the claim",
+    ) -> None:
         async with self.database.connection() as conn:
             for row in rows:
                 await queries.task_release(
@@ -275,7 +282,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     task_id=str(row["id"]),
                     lease_id=str(row["lease_id"]),
                     worker_id=worker_id,
-                    reason="lease not delivered: the worker went away during the claim",
+                    reason=reason,
                 )
         if rows:
             self.notifier.wake()

@@ -218,15 +218,17 @@ async def task_insert_leasing(
     batch: NewTasks,
     *,
     offered_to: Sequence[str | None],
+    lease_ids: Sequence[str | None],
     lease_ttl: timedelta,
     deadline_grace: timedelta,
 ) -> list[asyncpg.Record]:
     """Insert `batch` like `task_insert_skipping_taken`, leasing offered tasks at once.
 
-    `offered_to` names, per task, the worker waiting for it (None: no one). Returns one row
-    per task in order: `created`, `leased`, and for a leased task the columns `task_claim`
-    returns. A repeated id reads as created (and leased) at each of its positions; only the
-    first can be.
+    `offered_to` names, per task, the worker waiting for it (None: no one), and
+    `lease_ids` the lease id it gets if it is leased. Returns one row per task in order:
+    `created`, `leased`, and for a leased task the columns `task_claim` returns. A
+    repeated id reads as created (and leased) at each of its positions; only the first can
+    be.
     """
     return list(
         await conn.fetch(
@@ -235,6 +237,7 @@ async def task_insert_leasing(
             list(offered_to),
             _seconds(lease_ttl),
             _seconds(deadline_grace),
+            list(lease_ids),
         )
     )
 

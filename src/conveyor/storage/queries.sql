@@ -69,7 +69,9 @@ SELECT ARRAY(
 
 -- name: task_insert_leasing
 -- The parameters of task_insert_skipping_taken, then $7 the worker each task is offered to
--- (NULL: none), $8 lease ttl (s), $9 grace after deadline (s). Inserts like
+-- (NULL: none), $8 lease ttl (s), $9 grace after deadline (s), $10 the lease id each
+-- offered task gets (made by the server, so it can hand the lease back by that id if it
+-- cannot tell whether the statement committed). Inserts like
 -- task_insert_skipping_taken, but a task offered to a worker (a long poll of this server
 -- waiting for its type) is inserted already leased to it, as task_claim would lease it,
 -- with its `started` event: the enqueue's own statement and commit hand it over, with no
@@ -79,7 +81,7 @@ SELECT ARRAY(
 -- taken, or repeats an earlier entry), and for a task leased here the columns task_claim
 -- returns, with `leased` true.
 WITH given AS (
-    SELECT i.id, i.ord, i.worker_id,
+    SELECT i.id, i.ord, i.worker_id, i.lease_id,
            CASE WHEN cardinality($2::text[]) = 1 THEN ($2::text[])[1] ELSE i.type END AS type,
            CASE WHEN cardinality($3::bytea[]) = 1 THEN ($3::bytea[])[1] ELSE i.payload END
                AS payload,
@@ -90,9 +92,9 @@ WITH given AS (
            (CASE WHEN cardinality($6::text[]) = 1 THEN ($6::text[])[1] ELSE i.trace_context END)::jsonb
                AS trace_context
     FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::float8[], $5::integer[], $6::text[],
-                $7::text[])
+                $7::text[], $10::uuid[])
         WITH ORDINALITY AS i (id, type, payload, timeout_s, max_retries, trace_context,
-                              worker_id, ord)
+                              worker_id, lease_id, ord)
 ), open_types AS (
     -- Types a task may skip the queue for: nothing of theirs waits (a probe of
     -- (type, state, seq) each) and they are not paused (a primary-key probe each).
@@ -110,13 +112,15 @@ WITH given AS (
            CASE WHEN o.type IS NULL THEN 'queued' ELSE 'running' END::conveyor_task_state,
            CASE WHEN o.type IS NULL THEN 0 ELSE 1 END,
            CASE WHEN o.type IS NULL THEN NULL ELSE g.worker_id END,
-           CASE WHEN o.type IS NULL THEN NULL ELSE gen_random_uuid() END,
+           CASE WHEN o.type IS NULL THEN NULL ELSE g.lease_id END,
            CASE WHEN o.type IS NULL THEN NULL ELSE now() END,
            CASE WHEN o.type IS NULL THEN NULL ELSE now() + g.timeout END,
            CASE WHEN o.type IS NULL THEN NULL ELSE least(
                now() + make_interval(secs => $8), now() + g.timeout + make_interval(secs => $9)
            ) END
-    FROM given AS g LEFT JOIN open_types AS o ON o.type = g.type AND g.worker_id IS NOT NULL
+    FROM given AS g
+    LEFT JOIN open_types AS o ON o.type = g.type AND g.worker_id IS NOT NULL
+                              AND g.lease_id IS NOT NULL
     ORDER BY g.ord
     ON CONFLICT (id) DO NOTHING
     RETURNING id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at,
