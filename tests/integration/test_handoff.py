@@ -51,6 +51,17 @@ def enqueue_many(fleet: Fleet, task_type: str, count: int) -> list[str]:
     return [spec.id for spec in specs]
 
 
+def report_success(fleet: Fleet, worker_id: str, task_id: str, lease_id: str) -> int:
+    """Report one success through ReportResults; the status code of its outcome."""
+    report = pb.ReportResultRequest(
+        worker_id=worker_id, task_id=task_id, lease_id=lease_id, outcome=pb.OUTCOME_SUCCEEDED
+    )
+    response = fleet.workers.ReportResults(
+        pb.ReportResultsRequest(worker_id=worker_id, reports=[report]), timeout=10
+    )
+    return int(response.outcomes[0].code)
+
+
 def test_a_waiting_poll_is_handed_the_new_task_without_a_claim(quiet_server, fleet, db) -> None:
     poll = fleet.poll("handoff-1", "handoff.a")
     waiting(quiet_server, 1)
@@ -76,36 +87,8 @@ def test_a_handed_over_lease_is_an_ordinary_lease(quiet_server, fleet, db) -> No
     task_id = fleet.enqueue("handoff.b")
     assert poll.result(timeout=10) == [task_id]
     lease_id = str(db.task(task_id)["lease_id"])
-    wrong = fleet.workers.ReportResults(
-        pb.ReportResultsRequest(
-            worker_id="handoff-2",
-            reports=[
-                pb.ReportResultRequest(
-                    worker_id="handoff-2",
-                    task_id=task_id,
-                    lease_id=str(uuid.uuid4()),
-                    outcome=pb.OUTCOME_SUCCEEDED,
-                )
-            ],
-        ),
-        timeout=10,
-    )
-    assert wrong.outcomes[0].code != 0
-    right = fleet.workers.ReportResults(
-        pb.ReportResultsRequest(
-            worker_id="handoff-2",
-            reports=[
-                pb.ReportResultRequest(
-                    worker_id="handoff-2",
-                    task_id=task_id,
-                    lease_id=lease_id,
-                    outcome=pb.OUTCOME_SUCCEEDED,
-                )
-            ],
-        ),
-        timeout=10,
-    )
-    assert right.outcomes[0].code == 0
+    assert report_success(fleet, "handoff-2", task_id, str(uuid.uuid4())) != 0
+    assert report_success(fleet, "handoff-2", task_id, lease_id) == 0
     assert db.task(task_id)["state"] == "succeeded"
 
 
