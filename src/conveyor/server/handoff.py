@@ -57,7 +57,6 @@ class Offer:
     limit: int
     # Tasks reserved for it by an enqueue in flight (0 while open).
     reserved: int = 0
-    closed: bool = False
     abandoned: bool = False
     delivered: asyncio.Future[list[Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -173,7 +172,6 @@ class HandoffDesk:
         arrives, and None is returned. Await a returned delivery through asyncio.shield: it
         is the offer's own future, and a cancelled wait must not cancel it.
         """
-        offer.closed = True
         if offer.reserved == 0:
             self._withdraw(offer)
             return None
