@@ -202,11 +202,17 @@ class TaskService(pb_grpc.TaskServiceServicer):
             except Exception:
                 desk.settle_unknown(offers, batch.ids, lease_ids)
             else:
-                desk.settle(offers, self._first_occurrences(batch, rows))
+                self._settle(desk, offers, batch, rows)
             raise
         except Exception:
             desk.settle_unknown(offers, batch.ids, lease_ids)
             raise
+        return self._settle(desk, offers, batch, rows)
+
+    def _settle(
+        self, desk: HandoffDesk, offers: list[Offer | None], batch: queries.NewTasks, rows: Any
+    ) -> list[bool]:
+        """Deliver the leases, wake the polls for what stayed queued; what was created."""
         delivered = self._first_occurrences(batch, rows)
         # Polls get their leases before this connection goes back to the pool and the
         # callers resume, as with the wake-up.
