@@ -1,9 +1,10 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
-Imports flow one way: `types`, `errors`, `breaker`, `logs` and `group_commit` are leaves;
-`codec` needs only `errors`, `auth` only `errors` and `types`; `storage` and `protocol`
-import only leaves; `client` and `worker` never import `storage` or `server`; `monitoring`
-imports only leaves, `auth` and `codec`; `cli` sits on top. SQL lives only in `storage/`.
+Imports flow one way: `types`, `errors`, `breaker`, `logs`, `group_commit` and
+`metric_children` are leaves; `codec` needs only `errors`, `auth` only `errors` and
+`types`; `storage` and `protocol` import only leaves; `client` and `worker` never import
+`storage` or `server`; `monitoring` imports only leaves, `auth` and `codec`; `cli` sits on
+top. SQL lives only in `storage/`.
 """
 
 from __future__ import annotations
@@ -23,21 +24,22 @@ ALLOWED = {
     "breaker": {"errors"},
     "logs": {"errors"},
     "group_commit": set(),
+    "metric_children": set(),
     "auth": {"errors", "types"},
     "codec": {"errors"},
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
-    "monitoring": {"types", "errors", "logs", "auth", "codec"},
+    "monitoring": {"types", "errors", "logs", "auth", "codec", "metric_children"},
     "client": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "codec", "auth"),
     },
     "worker": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
-        *("codec", "auth"),
+        *("codec", "auth", "metric_children"),
     },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "auth", "codec"),
+        *("monitoring", "auth", "codec", "metric_children"),
     },
     "cli": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),

@@ -14,6 +14,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from conveyor.metric_children import LabelledChildren
+
 MAX_TYPE_LABELS: Final = 1000
 # Not a valid task type name, so it cannot be mistaken for one.
 OTHER_TYPES: Final = "(other)"
@@ -30,11 +32,6 @@ class ServerMetrics:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._type_labels: set[str] = set()
-        # Labelled children of the per-task series, by label values (bounded like the type
-        # labels): `labels()` checks, joins and locks on every call, which adds up to
-        # several microseconds a task when a few are recorded per task.
-        self._queue_wait_by_label: dict[str, Histogram] = {}
-        self._outcome_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.rpc_duration = Histogram(
             "conveyor_rpc_duration_seconds",
             "Server-side duration of gRPC calls, by method and status code.",
@@ -170,6 +167,11 @@ class ServerMetrics:
             "Database connections checked out of this server's pool.",
             registry=self.registry,
         )
+        # The per-task and per-call series, through their children (LabelledChildren).
+        self._rpc_duration = LabelledChildren(self.rpc_duration)
+        self._queue_wait = LabelledChildren(self.queue_wait)
+        self._task_outcomes = LabelledChildren(self.task_outcomes)
+        self._task_duration = LabelledChildren(self.task_duration)
 
     def type_label(self, task_type: str) -> str:
         """The label value for a task type: itself, or OTHER_TYPES past MAX_TYPE_LABELS."""
@@ -182,26 +184,18 @@ class ServerMetrics:
 
     def observe_queue_wait(self, task_type: str, seconds: float) -> None:
         """How long one leased task waited in the queue."""
-        label = self.type_label(task_type)
-        child = self._queue_wait_by_label.get(label)
-        if child is None:
-            child = self._queue_wait_by_label[label] = self.queue_wait.labels(label)
-        child.observe(max(seconds, 0.0))
+        self._queue_wait(self.type_label(task_type)).observe(max(seconds, 0.0))
 
     def observe_outcome(self, task_type: str, outcome: str, ran_for: float | None) -> None:
         """Count one attempt's outcome and, when it ran (`ran_for`), how long it took."""
-        key = (self.type_label(task_type), outcome)
-        children = self._outcome_children.get(key)
-        if children is None:
-            children = (self.task_outcomes.labels(*key), self.task_duration.labels(*key))
-            self._outcome_children[key] = children
-        children[0].inc()
+        label = self.type_label(task_type)
+        self._task_outcomes(label, outcome).inc()
         if ran_for is not None:
-            children[1].observe(max(ran_for, 0.0))
+            self._task_duration(label, outcome).observe(max(ran_for, 0.0))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""
-        self.rpc_duration.labels(method, code).observe(seconds)
+        self._rpc_duration(method, code).observe(seconds)
 
     def set_leadership(self, proof: object | None) -> None:
         """Track leadership changes (`proof` has a `term` while leading, None otherwise)."""

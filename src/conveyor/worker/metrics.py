@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from conveyor.breaker import BreakerState
 from conveyor.errors import ConfigError
+from conveyor.metric_children import LabelledChildren
 
 if TYPE_CHECKING:
     import threading
@@ -43,10 +44,6 @@ class WorkerMetrics:
     def __init__(self) -> None:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
-        # Labelled children by label values (a race builds one twice: labels() returns the
-        # same child either way).
-        self._leased_by_type: dict[str, Counter] = {}
-        self._duration_by_key: dict[tuple[str, str], Histogram] = {}
         self.tasks_in_flight = Gauge(
             "conveyor_worker_tasks_in_flight",
             "Attempts holding a slot: leased and not yet finished, including handlers past "
@@ -77,6 +74,9 @@ class WorkerMetrics:
             buckets=_TASK_BUCKETS,
             registry=self.registry,
         )
+        # Per attempt, through their children: the labels are this worker's task types.
+        self._tasks_leased = LabelledChildren(self.tasks_leased)
+        self._handler_duration = LabelledChildren(self.handler_duration)
         self.reports_rejected = Counter(
             "conveyor_worker_reports_rejected_total",
             "Outcome reports the server refused because the lease was no longer this "
@@ -128,12 +128,7 @@ class WorkerMetrics:
     def attempt_started(self, task_type: str) -> None:
         """Count one leased attempt, in flight until `attempt_ended`."""
         self.tasks_in_flight.inc()
-        # Labelled children are looked up once per type: `labels()` checks, joins and
-        # locks on every call, a few microseconds a task at a few thousand tasks a second.
-        child = self._leased_by_type.get(task_type)
-        if child is None:
-            child = self._leased_by_type[task_type] = self.tasks_leased.labels(task_type)
-        child.inc()
+        self._tasks_leased(task_type).inc()
 
     def attempt_ended(self) -> None:
         """One attempt counted by `attempt_started` has ended."""
@@ -141,11 +136,7 @@ class WorkerMetrics:
 
     def observe_handler(self, task_type: str, outcome: str, seconds: float) -> None:
         """Record how one handler run ended and how long it took."""
-        key = (task_type, outcome)
-        child = self._duration_by_key.get(key)
-        if child is None:
-            child = self._duration_by_key[key] = self.handler_duration.labels(*key)
-        child.observe(seconds)
+        self._handler_duration(task_type, outcome).observe(seconds)
 
 
 def _is_open(breaker: CircuitBreaker) -> float:
