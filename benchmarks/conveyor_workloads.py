@@ -146,6 +146,11 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+def cpu_per_task(before: dict[str, float], after: dict[str, float], tasks: int) -> dict[str, float]:
+    """Microseconds of CPU per task, by process group, between two `Cluster.cpu()` reads."""
+    return {name: round((after[name] - before[name]) / tasks * 1e6, 1) for name in before}
+
+
 def is_ready(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
         return bool(response.status == 200)
@@ -357,10 +362,7 @@ async def w1(
         "succeeded": row["ok"],
         "drain_seconds": round(elapsed, 3),
         # CPU per drained task, by process group (includes up to one 0.2 s poll of idling).
-        "cpu_us_per_task": {
-            name: round((cpu_after[name] - cpu_before[name]) / args.tasks * 1e6, 1)
-            for name in cpu_before
-        },
+        "cpu_us_per_task": cpu_per_task(cpu_before, cpu_after, args.tasks),
         "load_server_rss_mib": peak(samples, "server_rss_mib"),
         "load_worker_rss_mib": peak(samples, "worker_rss_mib"),
     }
@@ -430,10 +432,7 @@ async def w2(
         "tasks": len(rows),
         "achieved_rate": round(total / sent_for, 1),
         # CPU per task while the load ran, by process group (the producer is this process).
-        "cpu_us_per_task": {
-            name: round((cpu_after[name] - cpu_before[name]) / total * 1e6, 1)
-            for name in cpu_before
-        },
+        "cpu_us_per_task": cpu_per_task(cpu_before, cpu_after, total),
         "idle_server_rss_mib": idle["server_rss_mib"],
         "idle_worker_rss_mib": idle["worker_rss_mib"],
     }
