@@ -85,6 +85,7 @@ RPC_PERMISSIONS: Final[Mapping[str, Permission]] = {
     "ReportResult": Permission.WORK,
     "ReportResults": Permission.WORK,
     "UnregisterWorker": Permission.WORK,
+    "Work": Permission.WORK,
     "ListWorkers": Permission.READ_CLUSTER,
     "GetLeader": Permission.READ_CLUSTER,
     "ExplainTask": Permission.READ_TASK,

@@ -341,6 +341,29 @@ class TestWorkerBinding:
         denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
         assert denied >= 5  # report, reports, lease, heartbeat, register
 
+    def test_a_work_stream_is_its_worker_s_alone(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """Work, like LeaseTasks: only the registering principal, only worker tokens, only
+        the types a limited token names."""
+        workers, _ = stubs
+        token_a, token_b = tokens.add("team-a", Role.WORKER), tokens.add("team-b", Role.WORKER)
+        producer = tokens.add("app", Role.PRODUCER)
+        limited = tokens.add("team-a", Role.WORKER, task_types=["t"])
+        self.register(workers, token_a, "worker-s")
+
+        def first_answers(token: str, task_types: list[str]) -> list[pb.WorkResponse]:
+            # One message then a half-close: an accepted stream answers once and ends OK.
+            request = pb.WorkRequest(worker_id="worker-s", task_types=task_types, grant=1)
+            return list(workers.Work(iter([request]), metadata=bearer(token), timeout=10))
+
+        assert first_answers(token_a, ["t"])[0] == pb.WorkResponse()
+        assert first_answers(limited, ["t"])[0] == pb.WorkResponse()
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert refused_code(lambda: first_answers(token_b, ["t"])) == denied
+        assert refused_code(lambda: first_answers(producer, ["t"])) == denied
+        assert refused_code(lambda: first_answers(limited, ["t", "other"])) == denied
+
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
     ) -> None:

@@ -174,6 +174,7 @@ class TestRoles:
             "ReportResult",
             "ReportResults",
             "UnregisterWorker",
+            "Work",
         }
         assert allowed[Role.VIEWER] == {
             "GetTask",

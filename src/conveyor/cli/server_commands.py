@@ -244,6 +244,12 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Lease new tasks straight to the workers waiting for them (off only to measure it).",
 )
 @click.option(
+    "--work-stream/--no-work-stream",
+    default=True,
+    show_default=True,
+    help="Serve workers one Work stream each (off: they long-poll; to measure or test it).",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -323,6 +329,7 @@ def server(
     retention_days: float,
     group_commit: bool,
     handoff: bool,
+    work_stream: bool,
     metrics_listen: str | None,
     tokens_file: Path | None,
     tls_cert: Path | None,
@@ -363,6 +370,7 @@ def server(
             retention=timedelta(days=retention_days) if retention_days else None,
             group_commit=group_commit,
             handoff=handoff,
+            work_stream=work_stream,
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,

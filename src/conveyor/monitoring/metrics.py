@@ -150,10 +150,23 @@ class ServerMetrics:
         )
         self.lease_claims = Counter(
             "conveyor_lease_claims_total",
-            "Claims made by LeaseTasks long polls, by result: tasks (leased some), empty "
-            "(found none), skipped (woken for types another claim had just found empty), "
-            "handed_over (no claim: an enqueue leased its tasks to the waiting poll).",
+            "Claims made for LeaseTasks long polls and Work streams, by result: tasks (leased "
+            "some), empty (found none), skipped (woken for types another claim had just found "
+            "empty), handed_over (no claim: an enqueue leased its tasks to the waiting poll).",
             ["result"],
+            registry=self.registry,
+        )
+        self.work_streams = Gauge(
+            "conveyor_work_streams",
+            "Work streams open on this server: workers leasing and reporting through it.",
+            registry=self.registry,
+        )
+        self.work_stream_messages = Counter(
+            "conveyor_work_stream_messages_total",
+            "Messages on Work streams, by kind: grant (room for leases, alone), reports (a "
+            "batch of outcomes, with any grant), leases (sent to a worker), answer (to a "
+            "batch of outcomes).",
+            ["kind"],
             registry=self.registry,
         )
         self.tasks_pruned = Counter(

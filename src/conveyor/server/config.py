@@ -119,6 +119,10 @@ class ServerConfig:
     # An enqueue leases its tasks straight to the long polls waiting for them in this
     # server (see server/handoff.py); off only to measure what it gains.
     handoff: bool = True
+    # Serve the Work stream (server/work_stream.py); off, workers fall back to LeaseTasks
+    # long polls and ReportResults calls, as with a server that predates it. Off only to
+    # measure what the stream gains, or to test that fallback.
+    work_stream: bool = True
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL

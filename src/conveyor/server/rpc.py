@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from conveyor.server.security import Gate
 
 log = logging.getLogger("conveyor.server.rpc")
+
+# What `context.read()` returns once a stream's client has half-closed (not in the stubs).
+EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -74,9 +77,14 @@ def add_service(server: grpc.aio.Server, servicer: object, service: str) -> None
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
-        if method.client_streaming or method.server_streaming:
-            raise TypeError(f"{method.full_name}: only unary methods are supported here")
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        if method.client_streaming != method.server_streaming:
+            raise TypeError(f"{method.full_name}: only unary and bidirectional methods here")
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_decoder(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
@@ -101,6 +109,44 @@ def _admit(gate: Gate, name: str, request: object, context: Any) -> object | Non
     return caller
 
 
+async def _answer(
+    service: Any, name: str, request: object, context: Any, body: Callable[[], Awaitable[Response]]
+) -> Response:
+    """Run `body()`, one call's work, behind the gate; its errors become statuses."""
+    metrics: ServerMetrics = service.metrics
+    gate: Gate = service.gate
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    caller = None
+    try:
+        caller = _admit(gate, name, request, context)
+        return await body()
+    except ConveyorError as exc:
+        if isinstance(exc, PermissionDenied) and caller is not None:
+            # Refused past the gate (task types, another worker's id); the gate notes its
+            # own refusals.
+            gate.note_denied(name, exc, current_caller())
+        code, message = status_for(exc)
+        if isinstance(exc, ServerUnavailable):
+            log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})
+        await context.abort(code, message)
+        raise  # abort raises; this keeps type checkers content
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", name, extra={"event": "rpc_internal_error"})
+        await context.abort(code, f"internal error in {name}; see the server log")
+        raise
+    except BaseException:  # cancelled: the caller went away or the server stops
+        code = grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        if caller is not None:
+            leave_call(caller)
+        metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+
+
 def rpc_method(
     name: str,
 ) -> Callable[
@@ -114,38 +160,30 @@ def rpc_method(
     ) -> Callable[[Any, Request, Any], Awaitable[Response]]:
         @functools.wraps(method)
         async def wrapper(self: Any, request: Request, context: Any) -> Response:
-            metrics: ServerMetrics = self.metrics
-            gate: Gate = self.gate
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            caller = None
-            try:
-                caller = _admit(gate, name, request, context)
-                return await method(self, request, context)
-            except ConveyorError as exc:
-                if isinstance(exc, PermissionDenied) and caller is not None:
-                    # Refused past the gate (task types, another worker's id); the gate
-                    # notes its own refusals.
-                    gate.note_denied(name, exc, current_caller())
-                code, message = status_for(exc)
-                if isinstance(exc, ServerUnavailable):
-                    log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})
-                await context.abort(code, message)
-                raise  # abort raises; this keeps type checkers content
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", name, extra={"event": "rpc_internal_error"})
-                await context.abort(code, f"internal error in {name}; see the server log")
-                raise
-            except BaseException:  # cancelled: the caller went away or the server stops
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if caller is not None:
-                    leave_call(caller)
-                metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+            return await _answer(
+                self, name, request, context, lambda: method(self, request, context)
+            )
+
+        return wrapper
+
+    return decorate
+
+
+def stream_method(
+    name: str,
+) -> Callable[[Callable[[Any, Any], Awaitable[None]]], Callable[[Any, Any, Any], Awaitable[None]]]:
+    """Decorate a bidirectional servicer method, `method(self, context)`, as `rpc_method` does.
+
+    The method reads its requests with `context.read()`, each decoded or a `Malformed`,
+    and writes with `context.write()`; a raised error ends the call with its status.
+    """
+
+    def decorate(
+        method: Callable[[Any, Any], Awaitable[None]],
+    ) -> Callable[[Any, Any, Any], Awaitable[None]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, _requests: object, context: Any) -> None:
+            await _answer(self, name, None, context, lambda: method(self, context))
 
         return wrapper
 

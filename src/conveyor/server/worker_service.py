@@ -17,6 +17,8 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+import grpc
+
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
@@ -25,9 +27,10 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.handoff import HandoffDesk
-from conveyor.server.rpc import rpc_method, server_stopping
+from conveyor.server.rpc import EOF, Malformed, rpc_method, server_stopping, stream_method
 from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
+from conveyor.server.work_stream import WorkStream
 from conveyor.storage import queries
 from conveyor.types import TaskState, normalize_task_id, validate_task_type
 
@@ -100,8 +103,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
+        # The Work calls open here (see work_stream.py), so draining can end them.
+        self.streams: set[WorkStream] = set()
         # Enqueues lease tasks straight to the polls waiting here (see handoff.py).
-        self.handoff = HandoffDesk(self._release_undelivered)
+        self.handoff = HandoffDesk(self.release_undelivered)
         # Successes reported at the same time share one statement and one commit.
         self.succeed_commit: GroupCommit[Sequence[queries.Success], Any] = GroupCommit(
             database.bind(queries.task_succeed_many),
@@ -112,9 +117,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         )
 
     def start_draining(self) -> None:
-        """Answer every waiting and future long poll at once, with no tasks."""
+        """Answer every waiting and future long poll at once, with no tasks; end the streams."""
         self.draining = True
         self.handoff.close_all()
+        for stream in self.streams:
+            stream.stop()
         self.notifier.wake()
 
     @rpc_method("RegisterWorker")
@@ -179,8 +186,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             else timedelta(0)
         )
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
+        give_up_at = asyncio.get_running_loop().time() + wait.total_seconds()
+        rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
+        return pb.LeaseTasksResponse(leases=[self.lease_message(row) for row in rows])
+
+    async def lease(
+        self, worker_id: str, task_types: list[str], limit: int, *, give_up_at: float | None
+    ) -> list[Any]:
+        """Lease up to `limit` tasks, waiting for the first until `give_up_at`.
+
+        None waits for as long as it takes. Returns none once the server drains; cancelled,
+        it leases nothing (what it had claimed is handed back).
+        """
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + wait.total_seconds()
+        poll_interval = self.config.poll_interval.total_seconds()
         woken, first = False, True
         while not self.draining:
             generation, claimed = await self._look(
@@ -192,7 +211,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 "skipped" if claimed is None else "tasks" if rows else "empty"
             ).inc()
             if not rows:
-                remaining = give_up_at - loop.time()
+                remaining = poll_interval if give_up_at is None else give_up_at - loop.time()
                 if remaining <= 0:
                     break
                 rows = await self._wait(worker_id, task_types, limit, generation, remaining)
@@ -202,9 +221,40 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
                     self.metrics.observe_queue_wait(row["type"], row["waited"])
-                return pb.LeaseTasksResponse(leases=[self._lease(row) for row in rows])
+                return rows
             woken = self.notifier.generation != generation
-        return pb.LeaseTasksResponse()
+        return []
+
+    # The generated base class declares the stream as a request iterator in, responses out;
+    # this one reads and writes through the context instead (see rpc.stream_method).
+    @stream_method("Work")
+    async def Work(self, context: Any) -> None:  # type: ignore[override]  # noqa: N802
+        """Lease as the worker grants room and apply its outcomes (see work_stream.py)."""
+        if not self.config.work_stream:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "this server has Work streams turned off; use LeaseTasks and ReportResults",
+            )
+        first = await context.read()
+        if first is EOF:
+            return
+        if isinstance(first, Malformed):
+            raise InvalidTask(f"malformed Work request: {first.reason}")
+        worker_id = _worker_id(first.worker_id)
+        task_types = _task_types(first.task_types)
+        if self.gate.authenticating:
+            caller().require_task_types(task_types)
+            await self._check_owner(worker_id)
+        if self.draining:
+            raise server_stopping()
+        stream = WorkStream(self, context, worker_id, task_types)
+        self.streams.add(stream)
+        self.metrics.work_streams.inc()
+        try:
+            await stream.serve(first)
+        finally:
+            self.streams.discard(stream)
+            self.metrics.work_streams.dec()
 
     async def _look(
         self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, first: bool
@@ -255,7 +305,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             rows = await claim
-            await self._release_undelivered(rows, worker_id)
+            await self.release_undelivered(rows, worker_id)
             raise
 
     async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
@@ -269,12 +319,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 deadline_grace=self.config.deadline_grace,
             )
 
-    async def _release_undelivered(
+    async def release_undelivered(
         self,
         rows: list[Any],
         worker_id: str,
         reason: str = "lease not delivered: the worker went away during the claim",
     ) -> None:
+        """Hand back leases that never reached their worker: queued again at once."""
         async with self.database.connection() as conn:
             for row in rows:
                 await queries.task_release(
@@ -288,7 +339,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.notifier.wake()
 
     @staticmethod
-    def _lease(row: Any) -> pb.Lease:
+    def lease_message(row: Any) -> pb.Lease:
+        """A leased row as the worker receives it."""
         return pb.Lease(
             task_id=str(row["id"]),
             lease_id=str(row["lease_id"]),
@@ -377,13 +429,19 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         worker_id = _worker_id(request.worker_id)
         if self.gate.authenticating:
             await self._check_owner(worker_id)
-        if len(request.reports) > MAX_REPORTS_PER_CALL:
+        return pb.ReportResultsResponse(outcomes=await self.report_many(worker_id, request.reports))
+
+    async def report_many(
+        self, worker_id: str, reports: Sequence[pb.ReportResultRequest]
+    ) -> list[pb.ReportOutcome]:
+        """One answer per report, in order (see ReportResults); the caller is checked."""
+        if len(reports) > MAX_REPORTS_PER_CALL:
             self.metrics.limit_refusals.labels("batch_size").inc()
             raise InvalidTask(
-                f"{len(request.reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
+                f"{len(reports)} reports in one call; the limit is {MAX_REPORTS_PER_CALL}"
             )
-        outcomes: list[pb.ReportOutcome | None] = [None] * len(request.reports)
-        successes, others = self._sort_reports(worker_id, request.reports, outcomes)
+        outcomes: list[pb.ReportOutcome | None] = [None] * len(reports)
+        successes, others = self._sort_reports(worker_id, reports, outcomes)
         limit = asyncio.Semaphore(REPORT_CONCURRENCY)
 
         async def one_by_one(index: int, report: pb.ReportResultRequest) -> None:
@@ -417,7 +475,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         )
         answered = [outcome for outcome in outcomes if outcome is not None]
         assert len(answered) == len(outcomes)  # noqa: S101 - every report gets one answer
-        return pb.ReportResultsResponse(outcomes=answered)
+        return answered
 
     def _sort_reports(
         self,

@@ -610,6 +610,76 @@ class LeaseTasksResponse(_message.Message):
 Global___LeaseTasksResponse: _TypeAlias = LeaseTasksResponse  # noqa: Y015
 
 @_typing.final
+class WorkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    REPORTS_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The first message names the worker and its task types; later ones may
+    leave both empty, and must not name another worker.
+    """
+    grant: _builtins.int
+    """Room for this many more leases: the server sends at most the sum of all
+    grants, less the leases it has sent, on this stream.
+    """
+    reports_id: _builtins.int
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportResultRequest]:
+        """Outcomes to apply, each fenced as by ReportResult; answered by one
+        WorkResponse carrying the same reports_id, one outcome per report.
+        """
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+        grant: _builtins.int = ...,
+        reports: _abc.Iterable[Global___ReportResultRequest] | None = ...,
+        reports_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "reports", b"reports", "reports_id", b"reports_id", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class WorkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    REPORTS_ID_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    reports_id: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]: ...
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportOutcome]: ...
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___Lease] | None = ...,
+        reports_id: _builtins.int = ...,
+        outcomes: _abc.Iterable[Global___ReportOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "outcomes", b"outcomes", "reports_id", b"reports_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkResponse: _TypeAlias = WorkResponse  # noqa: Y015
+
+@_typing.final
 class LeaseRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

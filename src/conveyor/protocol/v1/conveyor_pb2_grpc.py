@@ -233,6 +233,11 @@ class WorkerServiceStub:
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerRequest.SerializeToString,
                 response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.Work = channel.stream_stream(
+                '/conveyor.v1.WorkerService/Work',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -283,6 +288,17 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Work(self, request_iterator, context):
+        """One call for a worker's whole stay on a server: leases flow to the worker
+        as it grants room for them, outcomes flow to the server and are answered
+        on the same stream. Does the work of LeaseTasks and ReportResults (which
+        stay, for workers that predate it) without a call per task. The worker
+        half-closes to leave; the server ends the call OK when it stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +331,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.UnregisterWorker,
                     request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerRequest.FromString,
                     response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerResponse.SerializeToString,
+            ),
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +502,33 @@ class WorkerService:
             '/conveyor.v1.WorkerService/UnregisterWorker',
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerRequest.SerializeToString,
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.UnregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/conveyor.v1.WorkerService/Work',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.WorkResponse.FromString,
             options,
             channel_credentials,
             insecure,

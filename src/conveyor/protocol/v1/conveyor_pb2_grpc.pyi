@@ -112,6 +112,13 @@ class WorkerServiceStub:
     together); each is applied and fenced on its own, as by ReportResult.
     """
     UnregisterWorker: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.UnregisterWorkerRequest, _conveyor_pb2.UnregisterWorkerResponse]
+    Work: _grpc.StreamStreamMultiCallable[_conveyor_pb2.WorkRequest, _conveyor_pb2.WorkResponse]
+    """One call for a worker's whole stay on a server: leases flow to the worker
+    as it grants room for them, outcomes flow to the server and are answered
+    on the same stream. Does the work of LeaseTasks and ReportResults (which
+    stay, for workers that predate it) without a call per task. The worker
+    half-closes to leave; the server ends the call OK when it stops.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -134,6 +141,13 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     together); each is applied and fenced on its own, as by ReportResult.
     """
     UnregisterWorker: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.UnregisterWorkerRequest, _conveyor_pb2.UnregisterWorkerResponse]  # type: ignore[assignment]
+    Work: _aio.StreamStreamMultiCallable[_conveyor_pb2.WorkRequest, _conveyor_pb2.WorkResponse]  # type: ignore[assignment]
+    """One call for a worker's whole stay on a server: leases flow to the worker
+    as it grants room for them, outcomes flow to the server and are answered
+    on the same stream. Does the work of LeaseTasks and ReportResults (which
+    stay, for workers that predate it) without a call per task. The worker
+    half-closes to leave; the server ends the call OK when it stops.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------------ workers"""
@@ -189,6 +203,19 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _conveyor_pb2.UnregisterWorkerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_conveyor_pb2.UnregisterWorkerResponse, _abc.Awaitable[_conveyor_pb2.UnregisterWorkerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Work(
+        self,
+        request_iterator: _MaybeAsyncIterator[_conveyor_pb2.WorkRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conveyor_pb2.WorkResponse], _abc.AsyncIterator[_conveyor_pb2.WorkResponse]]:
+        """One call for a worker's whole stay on a server: leases flow to the worker
+        as it grants room for them, outcomes flow to the server and are answered
+        on the same stream. Does the work of LeaseTasks and ReportResults (which
+        stay, for workers that predate it) without a call per task. The worker
+        half-closes to leave; the server ends the call OK when it stops.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,176 @@
+"""WorkStream: one worker's `Work` call on this server, leases out and outcomes in.
+
+A worker grants room for leases (`grant`, a credit it adds to as its slots free up) and the
+stream leases that many tasks as they come, through the same long-poll machinery as
+`LeaseTasks` (claims, wake-ups, the handoff desk) but with no call per lease. Outcomes
+arrive as numbered batches and are applied as `ReportResults` applies them; each batch is
+answered on the stream with its number, in whatever order the batches finish.
+
+Why a stream: on this 2-core machine a unary call costs the server 0.7-1.1 ms of CPU and a
+stream message 0.15-0.25 ms (benchmarks/README, "Calls and messages"). A task that needed a
+lease call and a report call now needs three messages, and a lease reaches its worker
+without a round trip of call set-up.
+
+Delivery: leases the stream claimed but had not started writing when the call ended are
+handed back at once, like those of a cancelled long poll. A lease whose message was being
+written when the call broke is in the same place as a unary reply lost on the way: its lease
+expires and the task is retried, and fencing keeps whatever the worker did from counting
+twice. The stream ends OK when the worker half-closes (it is leaving) or the server drains;
+batches of outcomes received by then are applied and answered first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.errors import InvalidTask
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server.rpc import EOF, Malformed
+
+if TYPE_CHECKING:
+    from conveyor.server.worker_service import WorkerService
+
+# A worker grants at most its free slots plus what it may hold while reporting; no honest
+# worker comes near this, and a stream that does is refused rather than leasing the queue.
+MAX_CREDIT: Final = 100_000
+# Report batches applied at once for one stream. A worker sends its next batch when the
+# previous one is answered, so one is the norm; this bounds a misbehaving client.
+MAX_REPORT_BATCHES: Final = 16
+MESSAGE_KINDS: Final = ("grant", "reports", "leases", "answer")
+
+
+class WorkStream:
+    """Serves one `Work` call until the worker leaves, the server drains, or the call ends."""
+
+    def __init__(
+        self, service: WorkerService, context: Any, worker_id: str, task_types: list[str]
+    ) -> None:
+        """Bind the stream to its worker (already checked by the caller)."""
+        self._service = service
+        self._context = context
+        self._worker_id = worker_id
+        self._task_types = task_types
+        self._credit = 0
+        self._granted = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._reporting: set[asyncio.Task[None]] = set()
+        # Set when a batch of outcomes could not be applied: the call ends with its error,
+        # as a ReportResults call would, and the worker retries the batch elsewhere.
+        self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        messages = service.metrics.work_stream_messages
+        self._counted = {kind: messages.labels(kind) for kind in MESSAGE_KINDS}
+
+    def stop(self) -> None:
+        """The server drains: lease no more, answer what was received, end the call."""
+        self._granted.set()
+
+    async def serve(self, first: pb.WorkRequest) -> None:
+        """Run the stream; return when it should end OK, raise to end it with a status."""
+        self._take(first)
+        # An empty first answer: the stream is accepted (the worker's breaker hears the
+        # server is up even when no task comes for a long time).
+        await self._context.write(pb.WorkResponse())
+        leasing = asyncio.create_task(self._lease_loop(), name=f"work-lease-{self._worker_id}")
+        reading = asyncio.create_task(self._read_loop(), name=f"work-read-{self._worker_id}")
+        try:
+            await asyncio.wait(
+                {leasing, reading, self._failed}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            # Cancelling the lease loop hands back what it had claimed but not yet sent.
+            for task in (leasing, reading):
+                task.cancel()
+            await asyncio.gather(leasing, reading, return_exceptions=True)
+        for done in (self._failed, reading, leasing):
+            error = done.exception() if done.done() and not done.cancelled() else None
+            if error is not None:
+                raise error
+        # Leaving or draining: answer the outcomes already received before ending.
+        if self._reporting:
+            await asyncio.gather(*self._reporting, return_exceptions=True)
+        if self._failed.done():
+            raise self._failed.exception() or RuntimeError("unreachable")
+
+    def _take(self, request: pb.WorkRequest) -> None:
+        """Apply one request: its grant at once, its reports in their own task."""
+        if request.worker_id and request.worker_id != self._worker_id:
+            raise InvalidTask("a Work stream serves the one worker its first message named")
+        self._counted["reports" if request.reports else "grant"].inc()
+        if request.grant:
+            self._credit += request.grant
+            if self._credit > MAX_CREDIT:
+                raise InvalidTask(f"more than {MAX_CREDIT} leases granted on one stream")
+            self._granted.set()
+        if request.reports:
+            if not request.reports_id:
+                raise InvalidTask("a batch of reports needs a reports_id other than 0")
+            if len(self._reporting) >= MAX_REPORT_BATCHES:
+                raise InvalidTask(
+                    f"more than {MAX_REPORT_BATCHES} report batches unanswered on one stream"
+                )
+            task = asyncio.create_task(self._report(request.reports_id, request.reports))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
+
+    async def _read_loop(self) -> None:
+        while True:
+            request = await self._context.read()
+            if request is EOF:
+                return
+            if isinstance(request, Malformed):
+                raise InvalidTask(f"malformed Work request: {request.reason}")
+            self._take(request)
+
+    async def _lease_loop(self) -> None:
+        service = self._service
+        while not service.draining:
+            if self._credit <= 0:
+                self._granted.clear()
+                await self._granted.wait()
+                continue
+            limit = min(self._credit, service.config.max_lease_batch)
+            rows = await service.lease(self._worker_id, self._task_types, limit, give_up_at=None)
+            if not rows:
+                return  # the server drains
+            self._credit -= len(rows)
+            await self._deliver(rows)
+
+    async def _deliver(self, rows: list[Any]) -> None:
+        """Send leases; hand them back if the call ends before their message is written."""
+        message = pb.WorkResponse(leases=[self._service.lease_message(row) for row in rows])
+        writing = False
+        try:
+            async with self._write_lock:
+                writing = True
+                await self._context.write(message)
+            self._counted["leases"].inc()
+        except asyncio.CancelledError:
+            if not writing:
+                await asyncio.shield(self._hand_back(rows))
+            raise
+        except Exception:
+            # The call is over (grpc refuses writes to a finished call): nothing reached
+            # the worker.
+            await self._hand_back(rows)
+            raise
+
+    async def _hand_back(self, rows: list[Any]) -> None:
+        await self._service.release_undelivered(
+            rows, self._worker_id, reason="lease not delivered: the worker's stream ended"
+        )
+
+    async def _report(self, reports_id: int, reports: Any) -> None:
+        try:
+            outcomes = await self._service.report_many(self._worker_id, reports)
+        except Exception as exc:
+            if not self._failed.done():
+                self._failed.set_exception(exc)
+            return
+        # The call may be over (the worker went away); the outcomes are applied either way,
+        # and a worker that retries them on another stream is answered FAILED_PRECONDITION.
+        with contextlib.suppress(Exception):
+            async with self._write_lock:
+                await self._context.write(pb.WorkResponse(reports_id=reports_id, outcomes=outcomes))
+            self._counted["answer"].inc()

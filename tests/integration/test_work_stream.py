@@ -1,0 +1,320 @@
+"""The Work stream: leases as the worker grants room, outcomes answered on the same stream.
+
+Real server, real PostgreSQL, a raw bidirectional gRPC stream driven from the test (as
+test_handoff.py drives raw long polls). What must hold: never more leases than granted;
+every batch of outcomes answered with its number and one fenced outcome per report; the
+stream ends OK when the worker half-closes or the server stops, leasing nothing after; bad
+input ends it with INVALID_ARGUMENT; a server with streams off answers UNIMPLEMENTED, and a
+real worker then long-polls and still finishes its tasks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from helpers import wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+
+ENDED = object()  # what `RawStream.take` gives once the call has ended OK
+TAKE_TIMEOUT = 10.0
+
+
+class RawStream:
+    """One Work call from a test: `send` requests, `take` responses as they come."""
+
+    def __init__(self, stub: pb_grpc.WorkerServiceStub) -> None:
+        self._requests: queue.Queue[pb.WorkRequest | None] = queue.Queue()
+        self._responses: queue.Queue[Any] = queue.Queue()
+        self.call = stub.Work(self._outgoing(), timeout=60)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _outgoing(self) -> Any:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self._responses.put(response)
+            self._responses.put(ENDED)
+        except grpc.RpcError as exc:
+            self._responses.put(exc)
+
+    def send(self, **fields: Any) -> None:
+        self._requests.put(pb.WorkRequest(**fields))
+
+    def half_close(self) -> None:
+        self._requests.put(None)
+
+    def take(self, timeout: float = TAKE_TIMEOUT) -> Any:
+        """The next response, ENDED, or the RpcError the call ended with."""
+        return self._responses.get(timeout=timeout)
+
+    def nothing_within(self, seconds: float) -> bool:
+        try:
+            self._responses.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.half_close()
+
+
+@pytest.fixture
+def stubs(server):
+    channel = grpc.insecure_channel(server.address)
+    yield pb_grpc.TaskServiceStub(channel), pb_grpc.WorkerServiceStub(channel)
+    channel.close()
+
+
+def register(workers: pb_grpc.WorkerServiceStub, task_type: str) -> str:
+    worker_id = f"stream-test-{uuid.uuid4().hex[:8]}"
+    workers.RegisterWorker(
+        pb.RegisterWorkerRequest(
+            worker_id=worker_id, host="h", pid=1, task_types=[task_type], concurrency=4
+        ),
+        timeout=10,
+    )
+    return worker_id
+
+
+def enqueue(tasks: pb_grpc.TaskServiceStub, task_type: str, count: int) -> list[str]:
+    specs = [
+        pb.TaskSpec(id=str(uuid.uuid4()), type=task_type, timeout=Duration(seconds=60))
+        for _ in range(count)
+    ]
+    tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=specs), timeout=10)
+    return [spec.id for spec in specs]
+
+
+def opened(workers: pb_grpc.WorkerServiceStub, worker_id: str, task_type: str, grant: int):
+    """A stream past its empty first answer (the server accepted it)."""
+    stream = RawStream(workers)
+    stream.send(worker_id=worker_id, task_types=[task_type], grant=grant)
+    accepted = stream.take()
+    assert isinstance(accepted, pb.WorkResponse), accepted
+    assert accepted == pb.WorkResponse()
+    return stream
+
+
+def leases_until(stream: RawStream, count: int) -> list[pb.Lease]:
+    leases: list[pb.Lease] = []
+    while len(leases) < count:
+        response = stream.take()
+        assert isinstance(response, pb.WorkResponse), response
+        assert not response.reports_id
+        leases.extend(response.leases)
+    return leases
+
+
+def success(worker_id: str, lease: pb.Lease, lease_id: str | None = None) -> Any:
+    return pb.ReportResultRequest(
+        worker_id=worker_id,
+        task_id=lease.task_id,
+        lease_id=lease_id or lease.lease_id,
+        outcome=pb.OUTCOME_SUCCEEDED,
+        result=b"done",
+        has_result=True,
+    )
+
+
+class TestLeasing:
+    def test_leases_never_exceed_the_room_granted(self, stubs, db):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.grant")
+        ids = enqueue(tasks, "ws.grant", 5)
+        stream = opened(workers, worker_id, "ws.grant", grant=2)
+        try:
+            first = leases_until(stream, 2)
+            assert [lease.task_id for lease in first] == ids[:2]  # FIFO
+            assert stream.nothing_within(0.5)  # three more queued, no room for them
+            assert [db.task(task_id)["state"] for task_id in ids[2:]] == ["queued"] * 3
+            stream.send(grant=3)
+            rest = leases_until(stream, 3)
+            assert [lease.task_id for lease in rest] == ids[2:]
+            assert all(lease.lease_id and lease.type == "ws.grant" for lease in first + rest)
+        finally:
+            stream.close()
+
+    def test_a_task_enqueued_later_reaches_the_waiting_stream(self, stubs, db):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.later")
+        stream = opened(workers, worker_id, "ws.later", grant=1)
+        try:
+            assert stream.nothing_within(0.3)
+            (task_id,) = enqueue(tasks, "ws.later", 1)
+            (lease,) = leases_until(stream, 1)
+            assert lease.task_id == task_id
+            row = db.task(task_id)
+            assert row["state"] == "running"
+            assert row["worker_id"] == worker_id
+        finally:
+            stream.close()
+
+
+class TestReports:
+    def test_each_batch_is_answered_with_its_number_and_fenced(self, stubs, db):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.report")
+        ids = enqueue(tasks, "ws.report", 2)
+        stream = opened(workers, worker_id, "ws.report", grant=2)
+        try:
+            first, second = leases_until(stream, 2)
+            stale = str(uuid.uuid4())
+            stream.send(
+                reports=[success(worker_id, first), success(worker_id, second, lease_id=stale)],
+                reports_id=7,
+            )
+            answer = stream.take()
+            assert answer.reports_id == 7
+            assert not answer.leases
+            applied, refused = answer.outcomes
+            assert applied.code == grpc.StatusCode.OK.value[0]
+            assert applied.state == pb.TASK_STATE_SUCCEEDED
+            assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert "no longer current" in refused.message
+            assert db.task(ids[0])["state"] == "succeeded"
+            assert bytes(db.task(ids[0])["result"]) == b"done"
+            assert db.task(ids[1])["state"] == "running"  # the stale report changed nothing
+        finally:
+            stream.close()
+
+    def test_a_report_may_carry_room_for_the_next_lease(self, stubs):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.carry")
+        ids = enqueue(tasks, "ws.carry", 2)
+        stream = opened(workers, worker_id, "ws.carry", grant=1)
+        try:
+            (first,) = leases_until(stream, 1)
+            stream.send(reports=[success(worker_id, first)], reports_id=1, grant=1)
+            responses = [stream.take(), stream.take()]  # the answer and the next lease
+            answers = [r for r in responses if r.reports_id]
+            leases = [lease for r in responses for lease in r.leases]
+            assert [a.reports_id for a in answers] == [1]
+            assert [lease.task_id for lease in leases] == [ids[1]]
+        finally:
+            stream.close()
+
+
+class TestEnding:
+    def test_half_close_ends_the_stream_ok_and_leases_nothing_after(self, stubs, db):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.leave")
+        stream = opened(workers, worker_id, "ws.leave", grant=4)
+        stream.half_close()
+        assert stream.take() is ENDED
+        (task_id,) = enqueue(tasks, "ws.leave", 1)
+        # The granted room went with the stream: nothing leases the task.
+        wait_for(lambda: db.task(task_id)["state"] == "queued", what="the task queued")
+        assert db.task(task_id)["worker_id"] is None
+
+    def test_a_stopping_server_ends_its_streams_ok(self, start_server):
+        stopping = start_server()
+        channel = grpc.insecure_channel(stopping.address)
+        try:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            worker_id = register(workers, "ws.stop")
+            stream = opened(workers, worker_id, "ws.stop", grant=1)
+            stopping.stop()
+            assert stream.take() is ENDED
+        finally:
+            channel.close()
+
+
+class TestRefusals:
+    @pytest.mark.parametrize(
+        ("first", "message"),
+        [
+            ({"task_types": ["ws.bad"], "grant": 1}, "worker_id"),
+            ({"worker_id": "w", "grant": 1}, "at least one task type"),
+        ],
+        ids=["no worker id", "no task types"],
+    )
+    def test_a_bad_first_message_is_invalid_argument(self, stubs, first, message):
+        _, workers = stubs
+        stream = RawStream(workers)
+        stream.send(**first)
+        error = stream.take()
+        assert isinstance(error, grpc.RpcError), error
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.details()
+
+    def test_a_message_for_another_worker_is_invalid_argument(self, stubs):
+        _, workers = stubs
+        worker_id = register(workers, "ws.other")
+        stream = opened(workers, worker_id, "ws.other", grant=1)
+        stream.send(worker_id="someone-else", grant=1)
+        error = stream.take()
+        assert isinstance(error, grpc.RpcError), error
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one worker" in error.details()
+
+    def test_reports_without_a_number_are_invalid_argument(self, stubs):
+        tasks, workers = stubs
+        worker_id = register(workers, "ws.unnumbered")
+        enqueue(tasks, "ws.unnumbered", 1)
+        stream = opened(workers, worker_id, "ws.unnumbered", grant=1)
+        (lease,) = leases_until(stream, 1)
+        stream.send(reports=[success(worker_id, lease)])
+        error = stream.take()
+        assert isinstance(error, grpc.RpcError), error
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reports_id" in error.details()
+
+    def test_an_absurd_grant_is_invalid_argument(self, stubs):
+        _, workers = stubs
+        worker_id = register(workers, "ws.greedy")
+        stream = opened(workers, worker_id, "ws.greedy", grant=1)
+        stream.send(grant=2**31)
+        error = stream.take()
+        assert isinstance(error, grpc.RpcError), error
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "granted" in error.details()
+
+
+class TestServersWithoutTheStream:
+    def test_streams_off_answers_unimplemented(self, start_server):
+        server = start_server(work_stream=False)
+        channel = grpc.insecure_channel(server.address)
+        try:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            stream = RawStream(workers)
+            stream.send(worker_id="w", task_types=["ws.off"], grant=1)
+            error = stream.take()
+            assert isinstance(error, grpc.RpcError), error
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            channel.close()
+
+    def test_a_worker_long_polls_a_server_without_it(self, start_server):
+        server = start_server(work_stream=False)
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("ws.fallback", lambda _ctx, payload: payload[::-1])
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                ids = client.enqueue_tasks(
+                    [Task(type="ws.fallback", payload=f"t{n}".encode()) for n in range(10)]
+                )
+                wait_for(
+                    lambda: all(
+                        client.get_task_status(task_id).state is TaskState.SUCCEEDED
+                        for task_id in ids
+                    ),
+                    what="every task to succeed by long polls",
+                )
+                assert client.get_task_status(ids[3]).result == b"3t"
+        finally:
+            worker.stop()
