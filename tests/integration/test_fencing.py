@@ -579,11 +579,14 @@ class TestReportResultsBatch:
         assert snapshot(db, second.task_id)["state"] == "queued"
         assert snapshot(db, third.task_id)["state"] == "running"  # neither report applied
 
-    def test_a_busy_worker_reports_in_batches(self, server):
-        """A real worker finishing many tasks at once sends ReportResults, and every task
+    @pytest.mark.parametrize("work_stream", [True, False], ids=["stream", "calls"])
+    def test_a_busy_worker_reports_in_batches(self, start_server, work_stream):
+        """A real worker finishing many tasks at once sends its reports in batches (on its
+        Work stream, or in ReportResults calls on a server without one), and every task
         ends succeeded exactly once."""
         from conveyor import Client, Task, TaskState, Worker  # noqa: PLC0415
 
+        server = start_server(work_stream=work_stream)
         worker = Worker(server.address, concurrency=32)
         worker.register_handler("batch.noop", lambda _ctx, payload: payload)
         worker.start()
@@ -602,13 +605,27 @@ class TestReportResultsBatch:
             worker.stop()
         with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:  # noqa: S310
             body = response.read().decode()
+        samples = [
+            sample for family in text_string_to_metric_families(body) for sample in family.samples
+        ]
         calls = {
             sample.labels["method"]: sample.value
-            for family in text_string_to_metric_families(body)
-            for sample in family.samples
+            for sample in samples
             if sample.name == "conveyor_rpc_duration_seconds_count"
             and sample.labels["code"] == "OK"
         }
-        # 400 reports in far fewer calls: most went in batches.
-        assert calls.get("ReportResults", 0) >= 1, calls
-        assert calls.get("ReportResults", 0) + calls.get("ReportResult", 0) < 400, calls
+        batches = {
+            sample.labels["kind"]: sample.value
+            for sample in samples
+            if sample.name == "conveyor_work_stream_messages_total"
+        }
+        # 400 reports in far fewer batches, and each path used only when it should be.
+        if work_stream:
+            assert 1 <= batches.get("reports", 0) < 400, batches
+            assert batches["answer"] == batches["reports"], batches
+            assert calls.get("ReportResults", 0) + calls.get("ReportResult", 0) == 0, calls
+            assert calls.get("LeaseTasks", 0) == 0, calls
+        else:
+            assert 1 <= calls.get("ReportResults", 0) < 400, calls
+            assert calls.get("ReportResult", 0) == 0, calls
+            assert batches.get("reports", 0) == 0, batches

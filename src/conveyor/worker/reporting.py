@@ -4,7 +4,10 @@ Each attempt's outcome is one report. Sent one call each, reports cost a worker 
 of its time in gRPC call overhead at high throughput (profiled under the benchmark's
 drain). Here a report goes out at once when no report call is in flight; reports made while
 one is in flight wait for it and go together in the next `ReportResults` call (at most
-`MAX_BATCH`). Each report still gets its own answer: applied, or refused with the status
+`MAX_BATCH`). A lone report is a batch of one too, so that the runtime can carry every
+batch on its Work stream when one is open (`call` decides the path).
+
+Each report still gets its own answer: applied, or refused with the status
 `ReportResult` would have given it alone, raised as `Refused`. A failure of the whole call
 (no server answered) is raised to every report in it, and each retries on its own.
 
@@ -82,7 +85,7 @@ class ReportBatcher:
     async def _send_batch(
         self, batch: list[tuple[pb.ReportResultRequest, asyncio.Future[None]]]
     ) -> None:
-        if not self._batches_supported or len(batch) == 1:
+        if not self._batches_supported:
             await asyncio.gather(*(self._send_one(report, answer) for report, answer in batch))
             return
         request = pb.ReportResultsRequest(

@@ -75,6 +75,7 @@ from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
 from conveyor.worker.reporting import Refused, ReportBatcher
 from conveyor.worker.watchdog import LoopWatchdog
+from conveyor.worker.work_stream import StreamEnded, WorkStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -103,6 +104,14 @@ MIN_HEARTBEAT_SPACING: Final = 0.2
 # with two, alternating runs). A worker thus holds at most three slot-fulls of leases: one
 # running and two reporting, every one heartbeated.
 REPORTING_SLOT_FULLS: Final = 2
+# After a server answers UNIMPLEMENTED to the Work stream (it predates it, or has it turned
+# off), the worker long-polls for this long before trying the stream again, so a rolling
+# upgrade of the servers reaches workers without restarting them.
+STREAM_RETRY_AFTER: Final = 60.0
+# How long a stopping worker waits for its server to end the Work stream it half-closed
+# (answering the outcomes on it, handing back leases it had claimed but not sent). A server
+# that does not answer within this is unreachable: the outcomes are retried by call.
+STREAM_LEAVE_TIMEOUT: Final = 3.0
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
 
@@ -454,7 +463,13 @@ class _Runtime:
         self.retry = RetryPolicy()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
-        self.reports = ReportBatcher(worker.worker_id, self.call)
+        self.reports = ReportBatcher(worker.worker_id, self.report_call)
+        # The open Work stream, if any (see worker/work_stream.py), and when to try one
+        # again after a server without it.
+        self.stream: WorkStream | None = None
+        self.streams_retry_at = 0.0
+        # Leases that arrived after draining began, being handed back.
+        self.hand_backs: set[asyncio.Task[None]] = set()
         self.attempts: dict[str, _Attempt] = {}
         # Handlers holding a slot (at most `concurrency`), and finished attempts whose
         # outcome is still being delivered (they hold a lease, not a slot).
@@ -553,9 +568,7 @@ class _Runtime:
         self.log.info("draining", extra={"event": "worker_draining"})
         self.draining = True
         self.heartbeat_now.set()  # tell the servers at once: this worker takes no more work
-        leasing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leasing
+        await self.stop_leasing(leasing)
         await self.drain()
         heartbeat.cancel()
         # Bounded: whatever the heartbeat loop is doing, the worker must finish stopping.
@@ -620,35 +633,30 @@ class _Runtime:
     # --- leasing --------------------------------------------------------------------------
 
     async def lease_loop(self) -> None:
-        assert self.slot_freed is not None  # noqa: S101
+        """Take work for as long as the worker runs: on a Work stream, else by long polls."""
+        assert self.loop is not None  # noqa: S101
         delays = self.retry.delays()
-        wait = self.worker.lease_wait
-        while True:
-            # Outcomes still on their way to the server count against the lease loop too:
-            # if reports stall (a server unreachable), the worker stops taking new work
-            # after REPORTING_SLOT_FULLS slot-fulls of them instead of piling up leases it
-            # cannot report.
-            while (
-                self.busy >= self.worker.concurrency
-                or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency
-            ):
-                self.slot_freed.clear()
-                await self.slot_freed.wait()
-            request = pb.LeaseTasksRequest(
-                worker_id=self.worker.worker_id,
-                task_types=self.worker.registry.task_types(),
-                max_tasks=self.worker.concurrency - self.busy,
-                wait=convert.duration(wait),
-            )
+        while not self.draining:
+            polling = self.loop.time() < self.streams_retry_at
+            opened_at = self.loop.time()
             try:
-                response = await self.call(
-                    "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
-                )
+                if polling:
+                    await self.long_poll()
+                else:
+                    await self.work_on_stream()
             except _Unreachable as exc:
                 self.log.debug("lease call failed: %s", exc, extra={"event": "lease_failed"})
                 await asyncio.sleep(exc.retry_in or next(delays))
                 continue
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not polling:
+                    self.log.info(
+                        "the server has no Work stream; long-polling for %gs",
+                        STREAM_RETRY_AFTER,
+                        extra={"event": "stream_unsupported"},
+                    )
+                    self.streams_retry_at = self.loop.time() + STREAM_RETRY_AFTER
+                    continue
                 self.log.error(  # noqa: TRY400 - the status says it all
                     "lease call refused: %s %s",
                     exc.code().name,
@@ -657,10 +665,161 @@ class _Runtime:
                 )
                 await asyncio.sleep(next(delays))
                 continue
-            delays = self.retry.delays()
-            traced = tracing.enabled() if response.leases else False
-            for lease in response.leases:
-                self.begin(lease, traced=traced)
+            # A stream that ended OK (the server drains) is replaced at once, unless it was
+            # short-lived: a server ending streams as they come must not be hammered.
+            if polling or self.loop.time() - opened_at >= 1.0:
+                delays = self.retry.delays()
+            else:
+                await asyncio.sleep(next(delays))
+
+    def room(self, stream: WorkStream) -> int:
+        """How many more leases the worker can take on `stream` now."""
+        if self.draining or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency:
+            # Outcomes still on their way to the server count against leasing too: if
+            # reports stall (a server unreachable), the worker stops taking new work after
+            # REPORTING_SLOT_FULLS slot-fulls of them instead of piling up leases it
+            # cannot report.
+            return 0
+        return max(0, self.worker.concurrency - self.busy - stream.unfilled)
+
+    async def work_on_stream(self) -> None:
+        """Lease and report over one Work stream until it ends.
+
+        Raises:
+            _Unreachable: the server could not be reached, or the stream broke.
+            grpc.aio.AioRpcError: the server refused the stream.
+        """
+        assert self.slot_freed is not None  # noqa: S101
+        address = self.ring.pick()
+        if address is None:
+            raise _Unreachable(
+                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
+            )
+        # No request iterator: grpc.aio then lets us write and read as we go.
+        call = self.stub(address).Work(metadata=self.metadata)  # type: ignore[call-arg]
+        stream = WorkStream(call, self.on_leases)
+        granting: asyncio.Task[None] | None = None
+        try:
+            await stream.open(
+                self.worker.worker_id, self.worker.registry.task_types(), self.room(stream)
+            )
+            self.ring.record(address, reachable=True)
+            self.stream = stream
+            granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
+            await stream.read_all()
+        except grpc.aio.AioRpcError as exc:
+            self.ring.record(address, reachable=exc.code() not in TRANSIENT_CODES)
+            if exc.code() in TRANSIENT_CODES:
+                raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+            raise
+        except StreamEnded as exc:
+            self.ring.record(address, reachable=False)
+            raise _Unreachable(f"{address}: {exc}") from exc
+        finally:
+            if self.stream is stream:
+                self.stream = None
+            stream.close()
+            if granting is not None:
+                granting.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    async def grant_loop(self, stream: WorkStream) -> None:
+        """Grant the room slots free up, when no outcome report carries it first."""
+        assert self.slot_freed is not None  # noqa: S101
+        while stream.writable:
+            self.slot_freed.clear()
+            await self.slot_freed.wait()
+            # A handler that ends frees its slot and then reports: let the report go first,
+            # so the room rides in its message instead of one of its own.
+            await asyncio.sleep(0)
+            room = self.room(stream)
+            if room > 0:
+                with contextlib.suppress(StreamEnded):
+                    await stream.grant(room)
+
+    def on_leases(self, leases: Sequence[pb.Lease]) -> None:
+        """Leases from the stream: run them, or hand them back if the worker is leaving."""
+        if self.draining:
+            for lease in leases:
+                self.hand_back(lease)
+            return
+        traced = tracing.enabled()
+        for lease in leases:
+            self.begin(lease, traced=traced)
+
+    def hand_back(self, lease: pb.Lease) -> None:
+        """Release a lease that arrived too late to run (the worker drains)."""
+        request = pb.ReportResultRequest(
+            worker_id=self.worker.worker_id,
+            task_id=lease.task_id,
+            lease_id=lease.lease_id,
+            outcome=pb.OUTCOME_RELEASED,
+            error="handed back unstarted: the worker is stopping",
+        )
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
+                await self.call("ReportResult", request, timeout=3)
+
+        task = asyncio.create_task(release())
+        self.hand_backs.add(task)
+        task.add_done_callback(self.hand_backs.discard)
+
+    async def report_call(self, method: str, request: Any) -> Any:
+        """The report batcher's call: on the Work stream when one is open."""
+        stream = self.stream
+        if method != "ReportResults" or stream is None or not stream.writable:
+            return await self.call(method, request)
+        try:
+            return await stream.report(request, grant=self.room(stream))
+        except StreamEnded as exc:
+            raise _Unreachable(str(exc)) from exc
+
+    async def stop_leasing(self, leasing: asyncio.Task[None]) -> None:
+        """Take no more leases: half-close the stream, whose end also ends the lease loop.
+
+        Outcomes already sent on the stream are answered before the server ends it; those
+        of attempts still running go by ReportResults.
+        """
+        stream = self.stream
+        if stream is not None:
+            with contextlib.suppress(
+                StreamEnded, grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError
+            ):
+                async with asyncio.timeout(STREAM_LEAVE_TIMEOUT):
+                    await stream.leave()
+                    await asyncio.wait({leasing})
+        leasing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leasing
+
+    async def long_poll(self) -> None:
+        """One LeaseTasks long poll for as many tasks as there is room.
+
+        Raises:
+            _Unreachable: no server answered.
+            grpc.aio.AioRpcError: the server refused the call.
+        """
+        assert self.slot_freed is not None  # noqa: S101
+        while (
+            self.busy >= self.worker.concurrency
+            or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency
+        ):
+            self.slot_freed.clear()
+            await self.slot_freed.wait()
+        wait = self.worker.lease_wait
+        request = pb.LeaseTasksRequest(
+            worker_id=self.worker.worker_id,
+            task_types=self.worker.registry.task_types(),
+            max_tasks=self.worker.concurrency - self.busy,
+            wait=convert.duration(wait),
+        )
+        response = await self.call(
+            "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
+        )
+        traced = tracing.enabled() if response.leases else False
+        for lease in response.leases:
+            self.begin(lease, traced=traced)
 
     def begin(self, lease: pb.Lease, *, traced: bool) -> None:
         task_id = lease.task_id
@@ -1080,8 +1239,8 @@ class _Runtime:
         # Each stopped attempt reports RELEASED from its own runner. Wait for the reports,
         # not for sync threads that ignore cancellation: their leases are already handed back.
         settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
-        if settled:
-            await asyncio.wait(settled, timeout=15)
+        if settled or self.hand_backs:
+            await asyncio.wait([*settled, *self.hand_backs], timeout=15)
 
 
 _REPORTED_OUTCOMES: Final = {

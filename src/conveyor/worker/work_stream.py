@@ -1,0 +1,133 @@
+"""WorkStream: the worker's end of one `Work` call (see server/work_stream.py).
+
+The stream carries what the lease long poll and the report calls carried, as messages:
+grants of room for leases out, leases in, batches of outcomes out, their answers in. This
+class keeps the stream's books: how much room granted here is still unfilled (`unfilled`,
+which the runtime counts as taken, so a worker never holds more leases than it has room
+for), and which outcome batches await their answer. When the call ends, for any reason,
+every unanswered batch fails as unreachable, and the runtime retries each report on its own
+path, as after a failed `ReportResults` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+class StreamEnded(Exception):
+    """The call ended before a batch of outcomes on it was answered."""
+
+
+class WorkStream:
+    """Writes grants and outcome batches; reads leases and answers (`read_all`)."""
+
+    def __init__(self, call: Any, on_leases: Callable[[Sequence[pb.Lease]], None]) -> None:
+        """`call` is an open `Work` stream-stream call; `on_leases` gets each lease message."""
+        self._call = call
+        self._on_leases = on_leases
+        self._numbers = itertools.count(1)
+        self._answers: dict[int, asyncio.Future[pb.ReportResultsResponse]] = {}
+        self._write_lock = asyncio.Lock()
+        # Room granted on this stream that no lease has filled yet.
+        self.unfilled = 0
+        # False once the worker has half-closed (it is leaving) or the call has ended.
+        self.writable = True
+
+    async def open(self, worker_id: str, task_types: Sequence[str], grant: int) -> None:
+        """Send the first message; wait for the server's empty one saying it accepted."""
+        self.unfilled += grant
+        first = pb.WorkRequest(worker_id=worker_id, task_types=task_types, grant=grant)
+        try:
+            await self._write(first)
+        except StreamEnded:
+            await self._call.read()  # raises the status the call ended with, if any
+            raise
+        accepted = await self._call.read()
+        if accepted is EOF:
+            raise StreamEnded("the server ended the Work stream at once")
+        self._take(accepted)
+
+    async def grant(self, room: int) -> None:
+        """Add room for `room` more leases."""
+        self.unfilled += room
+        await self._write(pb.WorkRequest(grant=room))
+
+    async def report(
+        self, request: pb.ReportResultsRequest, grant: int
+    ) -> pb.ReportResultsResponse:
+        """Deliver a batch of outcomes (with any room freed meanwhile); their answers.
+
+        Raises StreamEnded if the call ends before they are answered: they may or may not
+        have been applied, and fencing makes a retry of an applied one a harmless refusal.
+        """
+        number = next(self._numbers)
+        answer: asyncio.Future[pb.ReportResultsResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._answers[number] = answer
+        self.unfilled += grant
+        try:
+            await self._write(
+                pb.WorkRequest(reports=request.reports, reports_id=number, grant=grant)
+            )
+            return await answer
+        finally:
+            self._answers.pop(number, None)
+
+    async def leave(self) -> None:
+        """Half-close: the server leases no more, answers what it got, and ends the call."""
+        async with self._write_lock:
+            if self.writable:
+                self.writable = False
+                await self._call.done_writing()
+
+    async def read_all(self) -> None:
+        """Read until the call ends: OK returns; an error status raises AioRpcError."""
+        try:
+            # grpc.aio's read() gives EOF only for a call that ended OK, and raises the
+            # status of one that did not.
+            while (response := await self._call.read()) is not EOF:
+                self._take(response)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The call is over: fail every unanswered batch, refuse new writes."""
+        self.writable = False
+        self.unfilled = 0
+        for answer in self._answers.values():
+            if not answer.done():
+                answer.set_exception(StreamEnded("the Work stream ended before the answer"))
+        self._answers.clear()
+
+    def _take(self, response: pb.WorkResponse) -> None:
+        if response.leases:
+            # A server never sends more than was granted; never count below zero if one did.
+            self.unfilled = max(0, self.unfilled - len(response.leases))
+            self._on_leases(response.leases)
+        if response.reports_id:
+            answer = self._answers.get(response.reports_id)
+            if answer is not None and not answer.done():
+                answer.set_result(pb.ReportResultsResponse(outcomes=response.outcomes))
+
+    async def _write(self, request: pb.WorkRequest) -> None:
+        async with self._write_lock:
+            if not self.writable:
+                raise StreamEnded("the Work stream is closed for writing")
+            try:
+                await self._call.write(request)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                # The call is over; `read_all` reports how it ended.
+                self.writable = False
+                raise StreamEnded(f"the Work stream ended: {exc}") from exc
