@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import urllib.request
 import uuid
 from typing import Any
 
@@ -19,6 +20,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -282,6 +284,47 @@ class TestRefusals:
         assert isinstance(error, grpc.RpcError), error
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "granted" in error.details()
+
+
+def stream_messages(http_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "conveyor_work_stream_messages_total"
+    }
+
+
+class TestARealWorker:
+    def test_room_rides_on_the_reports(self, server):
+        """One task at a time: a lease, a report carrying the freed room, an answer; no
+        grant messages beyond the opening one."""
+        worker = Worker(server.address, concurrency=4)
+        worker.register_handler("ws.real", lambda _ctx, payload: payload)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                for n in range(20):
+                    task_id = client.enqueue_task(Task(type="ws.real", payload=b"%d" % n))
+                    wait_for(
+                        lambda task_id=task_id: (
+                            client.get_task_status(task_id).state is TaskState.SUCCEEDED
+                        ),
+                        what=f"task {n} to succeed",
+                    )
+            wait_for(
+                lambda: stream_messages(server.http_url).get("answer", 0) >= 20,
+                what="the last answer to be counted",
+            )
+            counted = stream_messages(server.http_url)
+        finally:
+            worker.stop()
+        assert counted["leases"] == 20, counted
+        assert counted["reports"] == 20, counted
+        assert counted["answer"] == 20, counted
+        assert counted["grant"] <= 2, counted  # the opening, and at most one race
 
 
 class TestServersWithoutTheStream:

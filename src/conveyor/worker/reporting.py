@@ -62,6 +62,10 @@ class ReportBatcher:
         self._sender: asyncio.Task[None] | None = None
         self._batches_supported = True
 
+    def queued(self) -> bool:
+        """Whether reports wait for the call in flight (they go out when it is answered)."""
+        return bool(self._pending)
+
     async def send(self, report: pb.ReportResultRequest) -> None:
         """Deliver `report`; Refused if the server refused it, or the call's own error."""
         answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
