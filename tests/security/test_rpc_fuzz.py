@@ -2,7 +2,8 @@
 
 Issue 6, "Hostile input, tested". Hypothesis drives each RPC of TaskService,
 WorkerService and AdminService through raw gRPC stubs (not the client library, which
-refuses most of this before sending it) against one real server and database per module,
+refuses most of this before sending it) against one real server and database per module
+(the Work stream with a short sequence of messages on one call, read to its end),
 with what a careless or malicious peer could send: huge, negative and overflowing numbers
 (uint32 and uint64 maxima, durations of 2**63 seconds or negative nanos), empty, huge and
 NUL-laden strings, ids that are not UUIDs, unknown enum values, duplicate ids in a batch,
@@ -27,8 +28,10 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,6 +644,289 @@ def _code_of(value: int) -> tuple[int, str]:
     pytest.fail(f"ReportOutcome.code {value} is not a gRPC status code")
 
 
+# --- WorkerService: the Work stream -------------------------------------------------------
+#
+# One Work call per example: a short sequence of messages, hostile or sane, sent on the
+# stream, then a half-close (after a moment, now and then, for leases to come), and every
+# response read until the call ends. The server's rules (work_stream.py, WorkRequest's
+# comments) say how it must end: the opening message names a worker (1 to 200 characters,
+# no NUL) and 1 to 1000 valid task types; no later message names another worker; the room
+# granted and not yet filled stays within MAX_CREDIT; a batch of reports has a reports_id
+# other than 0 and at most 1000 reports. Anything else is refused INVALID_ARGUMENT; a
+# stream that keeps them all ends OK when the worker half-closes, every batch answered.
+
+WORK_METHOD = "Work"  # WorkerService's one stream (test_every_rpc_is_fuzzed)
+WORK_TYPE = "fuzz.work"  # kept stocked with queued tasks, for the streams to lease
+MAX_WORKER_ID = 200
+MAX_TASK_TYPES = 1000
+MAX_CREDIT = 100_000  # room for leases on one stream (grants less the leases sent)
+WORK_STOCK = 10  # queued tasks of WORK_TYPE before each example, at least
+
+grants = st.one_of(
+    uint32s,
+    st.sampled_from([MAX_CREDIT // 2 + 1, MAX_CREDIT, MAX_CREDIT + 1]),
+    st.integers(0, MAX_CREDIT),
+)
+
+
+@st.composite
+def work_requests(
+    draw: st.DrawFn, worker_id: str | None = None, *, calm: bool = False
+) -> pb.WorkRequest:
+    """A message of a Work stream: its opening one (`worker_id` None) or a later one.
+
+    A `calm` later message breaks no rule of the stream (its reports may still be hostile).
+    """
+    if worker_id is None:
+        worker_id = draw(sane_worker_ids)
+        naming: Any = st.just(worker_id)
+        # Sane, the types include WORK_TYPE, which has tasks to lease.
+        stocked = sane_task_types.map(lambda names: [*names, WORK_TYPE])
+        types: Any = (st.one_of(st.just([WORK_TYPE]), stocked), hostile_task_types)
+    else:
+        # Later messages may leave the worker out or repeat it; hostile, they name another
+        # (or, by chance, the same one).
+        naming = st.sampled_from(["", worker_id])
+        types = (st.just([]), hostile_task_types)
+    fields: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
+        "worker_id": (naming, st.one_of(sane_worker_ids, worker_ids)),
+        "task_types": types,
+        "grant": (st.integers(0, 3), grants),
+        "reports": (
+            st.lists(report_requests(worker_id), max_size=3),
+            st.lists(report_requests(), max_size=4),
+        ),
+        "reports_id": (st.integers(1, 1000), uint64s),
+    }
+    if calm:
+        fields = {name: (good, good) for name, (good, _) in fields.items()}
+    request = pb.WorkRequest(**sane_or_hostile(draw, fields))
+    if not calm and draw(st.sampled_from([False] * 15 + [True])):
+        # A batch over the limit, of small reports (as in worker_requests).
+        report = draw(report_requests(worker_id))
+        report.task_id, report.lease_id = report.task_id[:40], report.lease_id[:40]
+        report.result, report.error = report.result[:8], report.error[:8]
+        request.reports_id = draw(st.integers(1, 1000))
+        del request.reports[:]
+        request.reports.extend([report] * (MAX_REPORTS + 1))
+    return request
+
+
+@st.composite
+def work_sequences(draw: st.DrawFn) -> tuple[list[pb.WorkRequest], float]:
+    """1 to 5 messages for one stream, and how long to wait before half-closing it.
+
+    Half the streams break no rule after their opening message, so that enough of them
+    lease and have their reports answered.
+    """
+    opening = draw(work_requests())
+    calm = draw(st.booleans())
+    later = draw(st.lists(work_requests(opening.worker_id, calm=calm), max_size=4))
+    return [opening, *later], draw(st.sampled_from([0.0, 0.05, 0.05]))
+
+
+@dataclass
+class WorkExpected:
+    """What the server must do with a sequence of Work messages."""
+
+    codes: set[grpc.StatusCode]  # what the call may end with
+    accepted: bool  # the opening message is taken (an empty WorkResponse says so)
+    granted: int  # the most leases the stream may send
+    batches: Counter[tuple[int, int]]  # (reports_id, reports) of the batches it may answer
+    types: set[str]  # the task types its leases may have
+
+
+def opening_is_valid(opening: pb.WorkRequest) -> bool:
+    """Whether a stream's first message names a worker and its task types as LeaseTasks'."""
+    worker_id, types = opening.worker_id, opening.task_types
+    if not 0 < len(worker_id) <= MAX_WORKER_ID or "\x00" in worker_id:
+        return False
+    if not 0 < len(types) <= MAX_TASK_TYPES:
+        return False
+    try:
+        for task_type in types:
+            validate_task_type(task_type)
+    except InvalidTask:
+        return False
+    return True
+
+
+def work_expected(messages: list[pb.WorkRequest]) -> WorkExpected:
+    """The server's rules for a Work stream, applied to `messages` in order.
+
+    The server bounds the room left on a stream, its grants less the leases it has sent,
+    by MAX_CREDIT. How many it has sent when a grant arrives is up to timing, so grants
+    summing to more than MAX_CREDIT, each within it, may or may not be refused; one grant
+    over it always is.
+    """
+    opening, worker_id = messages[0], messages[0].worker_id
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if not opening_is_valid(opening):
+        return WorkExpected({invalid}, False, 0, Counter(), set())
+    expected = WorkExpected({grpc.StatusCode.OK}, True, 0, Counter(), set(opening.task_types))
+    for index, message in enumerate(messages):
+        named_another = bool(message.worker_id) and message.worker_id != worker_id
+        over_credit = message.grant > MAX_CREDIT
+        if not (named_another or over_credit):
+            expected.granted += message.grant  # taken before the reports are looked at
+            if expected.granted > MAX_CREDIT:
+                expected.codes.add(invalid)  # over, unless enough leases went out before
+        if named_another or over_credit or (message.reports and not message.reports_id):
+            # Refused here; the stream was accepted unless this is its opening message.
+            expected.codes = {invalid}
+            expected.accepted = index > 0
+            return expected
+        if len(message.reports) > MAX_REPORTS:
+            # Refused when the batch is applied: the call ends INVALID_ARGUMENT, the batch
+            # unanswered (the messages after it may still be taken).
+            expected.codes = {invalid}
+        elif message.reports:
+            expected.batches[message.reports_id, len(message.reports)] += 1
+    return expected
+
+
+def drive_work(
+    stubs: Stubs, messages: list[pb.WorkRequest], linger: float
+) -> tuple[grpc.StatusCode, str, list[pb.WorkResponse]]:
+    """Send `messages` on one Work call, wait `linger`, half-close; read it to its end.
+
+    (code, details, every response); the call is cancelled on the way out whatever
+    happened, so that no stream outlives its example.
+    """
+    leaving = threading.Event()
+
+    def requests() -> Iterator[pb.WorkRequest]:
+        yield from messages
+        leaving.wait(linger)  # then the iterator ends: the half-close
+
+    call = getattr(stubs.workers, WORK_METHOD)(requests(), timeout=CALL_TIMEOUT)
+    responses: list[pb.WorkResponse] = []
+    try:
+        responses.extend(call)  # what came before an error stays in the list
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", responses
+    finally:
+        leaving.set()
+        call.cancel()
+    return grpc.StatusCode.OK, "", responses
+
+
+def stock_work_type(stubs: Stubs, db: LiveDb) -> None:
+    """Queued tasks of WORK_TYPE for the next stream to lease (grants drain them)."""
+    (row,) = db.fetch(
+        "SELECT count(*) AS queued FROM conveyor_tasks WHERE type = $1 AND state = 'queued'",
+        WORK_TYPE,
+    )
+    if row["queued"] < WORK_STOCK:
+        specs = [
+            pb.TaskSpec(id=str(uuid.uuid4()), type=WORK_TYPE, timeout=Duration(seconds=600))
+            for _ in range(2 * WORK_STOCK)
+        ]
+        stubs.tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=specs), timeout=10)
+
+
+def _report_for(worker_id: str) -> pb.ReportResultRequest:
+    """A report of an unknown task, for the examples above."""
+    return pb.ReportResultRequest(
+        worker_id=worker_id,
+        task_id=str(uuid.UUID(int=3)),
+        lease_id=str(uuid.UUID(int=4)),
+        outcome=pb.OUTCOME_SUCCEEDED,
+    )
+
+
+def test_work_stream(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
+    # The leases a stream receives stay with its worker, as the "lease" fuzzer's do; the
+    # ones it claimed but never sent are handed back. assert_invariants checks both.
+    opening = pb.WorkRequest(worker_id=WORKER_B, task_types=[WORK_TYPE], grant=2)
+
+    @settings(FUZZ, max_examples=60)
+    @given(case=work_sequences())
+    @example(case=([opening, pb.WorkRequest(grant=U32)], 0.05))
+    # Over the limit unless the two leases of the opening grant went out first.
+    @example(case=([opening, pb.WorkRequest(grant=MAX_CREDIT - 2), pb.WorkRequest(grant=1)], 0))
+    @example(case=([opening, pb.WorkRequest(worker_id=WORKER_A, grant=1)], 0.05))
+    @example(
+        case=(
+            [
+                opening,
+                pb.WorkRequest(reports=[_report_for(WORKER_B)], reports_id=U64),
+                pb.WorkRequest(reports=[_report_for(WORKER_B)] * 2, reports_id=U64),
+                pb.WorkRequest(reports=[_report_for(WORKER_A)], reports_id=0),
+            ],
+            0,
+        )
+    )
+    @example(
+        case=([opening, pb.WorkRequest(reports=[_report_for(WORKER_B)] * 1001, reports_id=7)], 0)
+    )
+    # Reports in the opening message, each refused at once (another worker's): the batch
+    # must be answered before the stream ends OK.
+    @example(
+        case=(
+            [
+                pb.WorkRequest(
+                    worker_id=WORKER_B,
+                    task_types=[WORK_TYPE],
+                    reports=[_report_for(WORKER_A)],
+                    reports_id=1,
+                )
+            ],
+            0,
+        )
+    )
+    def hostile(case: tuple[list[pb.WorkRequest], float]) -> None:
+        messages, linger = case
+        stock_work_type(stubs, security_db)
+        expected = work_expected(messages)
+        code, details, responses = drive_work(stubs, messages, linger)
+        what = [message.ByteSize() for message in messages]
+        assert_documented(code, details, f"Work, messages of {what} bytes")
+        assert code in expected.codes, (code, details)
+        if not expected.accepted:
+            assert responses == []
+        elif code == grpc.StatusCode.OK or responses:
+            assert responses[0] == pb.WorkResponse(), responses[0]
+        unanswered = Counter(expected.batches)
+        leases: list[pb.Lease] = []
+        for response in responses[1:]:
+            if response.reports_id:
+                assert not response.leases
+                batch = response.reports_id, len(response.outcomes)
+                assert unanswered[batch] > 0, f"an answer to no batch sent: {batch}"
+                unanswered[batch] -= 1
+                for outcome in response.outcomes:
+                    status = grpc.StatusCode(_code_of(outcome.code))
+                    assert_documented(status, outcome.message, "Work reports")
+            else:
+                assert response.leases, response
+                assert not response.outcomes
+                leases.extend(response.leases)
+        if code == grpc.StatusCode.OK:
+            assert +unanswered == Counter(), f"batches never answered: {+unanswered}"
+        assert len(leases) <= expected.granted
+        assert {lease.type for lease in leases} <= expected.types
+        assert len({lease.task_id for lease in leases}) == len(leases)
+        stubs.assert_serving()
+
+    run_fuzz(hostile, stubs, security_db)
+
+
+def test_work_stream_room_limit(stubs: Stubs) -> None:
+    """MAX_CREDIT leases of room on a stream, exactly: a type with no tasks, so none go out."""
+    task_type = f"fuzz.none-{uuid.uuid4().hex[:8]}"
+    opening = pb.WorkRequest(worker_id=WORKER_B, task_types=[task_type], grant=MAX_CREDIT)
+    code, details, responses = drive_work(stubs, [opening, pb.WorkRequest(grant=0)], 0)
+    assert (code, responses) == (grpc.StatusCode.OK, [pb.WorkResponse()]), (code, details)
+    code, details, responses = drive_work(stubs, [opening, pb.WorkRequest(grant=1)], 0.05)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert responses == [pb.WorkResponse()]
+    opening.grant = MAX_CREDIT + 1
+    code, details, responses = drive_work(stubs, [opening], 0)
+    assert (code, responses) == (grpc.StatusCode.INVALID_ARGUMENT, []), (code, details)
+    stubs.assert_serving()
+
+
 # --- AdminService -------------------------------------------------------------------------
 
 states = st.one_of(st.integers(0, 5), st.sampled_from([-1, 6, 99, 2**31 - 1]))
@@ -987,12 +1273,16 @@ def test_every_rpc_is_fuzzed() -> None:
         "GetTask",
         "CancelTask",
     }
-    assert {method.name for method in services["WorkerService"].methods} == set(
-        WORKER_KINDS.values()
-    )
+    # The unary methods by worker_requests, the stream by work_sequences.
+    assert {method.name for method in services["WorkerService"].methods} == {
+        *WORKER_KINDS.values(),
+        WORK_METHOD,
+    }
     assert {method.name for method in services["AdminService"].methods} == set(ADMIN_REQUESTS)
     assert set(services) == {"TaskService", "WorkerService", "AdminService"}
-    assert len(METHODS) == 18
+    assert len(METHODS) == 19
+    # The raw-bytes tests send the stream's bodies on a stream (raw_call).
+    assert sorted(STREAMS) == [f"/conveyor.v1.WorkerService/{WORK_METHOD}"]
 
 
 # --- limits, exactly ----------------------------------------------------------------------
@@ -1101,6 +1391,15 @@ METHODS = [
     for service in pb.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 ]
+# Bidirectional methods (Work): their bodies go on a stream, one message each.
+STREAMS = {
+    f"/{service.full_name}/{method.name}"
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+    if method.client_streaming or method.server_streaming
+}
+# A sane opening message, for stream bodies to come after (past the opening checks).
+OPENING = pb.WorkRequest(worker_id=WORKER_B, task_types=[REAL_TYPE]).SerializeToString()
 INVALID_UTF8 = [b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"a\x80"]
 VARINT = 0
 LENGTH_DELIMITED = 2
@@ -1171,13 +1470,39 @@ def wire_message(descriptor: Any, depth: int = 0) -> st.SearchStrategy[bytes]:
 
 
 @st.composite
-def raw_requests(draw: st.DrawFn) -> tuple[str, Any, bytes]:
+def raw_requests(draw: st.DrawFn) -> tuple[str, Any, list[bytes]]:
+    """A method, its request type, and the bodies to send: one, or 1 to 3 on a stream."""
     path, descriptor = draw(st.sampled_from(METHODS))
-    return path, descriptor, draw(wire_message(descriptor))
+    if path not in STREAMS:
+        return path, descriptor, [draw(wire_message(descriptor))]
+    bodies = draw(st.lists(wire_message(descriptor), min_size=1, max_size=3))
+    opening = draw(st.sampled_from([[], [OPENING]]))
+    return path, descriptor, opening + bodies
 
 
 def request_class(descriptor: Any) -> Any:
     return getattr(pb, descriptor.name)
+
+
+def raw_call(stubs: Stubs, path: str, bodies: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    """Send `bodies`, unparsed, as the request (or on a stream, the requests) of `path`.
+
+    A stream is half-closed after them and read to its end (or cancelled on the way out).
+    """
+    if path not in STREAMS:
+        (body,) = bodies
+        code, _, details = stubs.raw(path, body)
+        return code, details
+    stream = stubs.channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+    call = stream(iter(bodies), timeout=CALL_TIMEOUT)
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    finally:
+        call.cancel()
+    return grpc.StatusCode.OK, ""
 
 
 def decodes(descriptor: Any, body: bytes) -> bool:
@@ -1191,11 +1516,15 @@ def decodes(descriptor: Any, body: bytes) -> bool:
 def test_raw_wire_format(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
     @settings(FUZZ, max_examples=150)
     @given(case=raw_requests())
-    def hostile(case: tuple[str, Any, bytes]) -> None:
-        path, descriptor, body = case
-        code, _, details = stubs.raw(path, body)
-        if decodes(descriptor, body):
-            assert_documented(code, details, (path, body[:200]))
+    def hostile(case: tuple[str, Any, list[bytes]]) -> None:
+        path, descriptor, bodies = case
+        code, details = raw_call(stubs, path, bodies)
+        if all(decodes(descriptor, body) for body in bodies):
+            assert_documented(code, details, (path, [body[:200] for body in bodies]))
+        elif path in STREAMS:
+            # A stream reads its messages one by one: a body that is not one ends it, if
+            # nothing before it did (and then INVALID_ARGUMENT as well).
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
         else:
             # A body that is not a message: answered UNKNOWN today, a known bug pinned by
             # test_undecodable_request_is_invalid_argument; never INTERNAL, and the server
@@ -1210,23 +1539,34 @@ def _undecodable_cases() -> list[Any]:
     cases = []
     for path, descriptor in METHODS:
         name = path.rsplit("/", 1)[1]
-        # Field 15 with wire type 7, which does not exist: corrupt wire format.
-        cases.append(pytest.param(path, b"\x7f", id=f"{name}-corrupt"))
-        cases.append(pytest.param(path, b"\x0a\x05ab", id=f"{name}-truncated"))
+        bodies = {
+            # Field 15 with wire type 7, which does not exist: corrupt wire format.
+            "corrupt": b"\x7f",
+            "truncated": b"\x0a\x05ab",
+        }
         strings = [
             field for field in descriptor.fields if field.type == FieldDescriptor.TYPE_STRING
         ]
         if strings:
-            body = length_delimited(strings[0].number, b"\xff\xfe")
-            cases.append(pytest.param(path, body, id=f"{name}-invalid-utf8"))
+            bodies["invalid-utf8"] = length_delimited(strings[0].number, b"\xff\xfe")
+        for kind, body in bodies.items():
+            cases.append(pytest.param(path, [body], id=f"{name}-{kind}"))
+            if path in STREAMS:
+                # After a good opening message, where the stream reads its later ones.
+                later = [OPENING, body]
+                cases.append(pytest.param(path, later, id=f"{name}-{kind}-after-opening"))
     return cases
 
 
-@pytest.mark.parametrize(("path", "body"), _undecodable_cases())
-def test_undecodable_request_is_invalid_argument(stubs: Stubs, path: str, body: bytes) -> None:
-    if decodes(dict(METHODS)[path], body):
-        pytest.fail(f"{body!r} is a valid request of {path}: not a case for this test")
-    code, _, details = stubs.raw(path, body)
+@pytest.mark.parametrize(("path", "bodies"), _undecodable_cases())
+def test_undecodable_request_is_invalid_argument(
+    stubs: Stubs, path: str, bodies: list[bytes]
+) -> None:
+    *good, body = bodies
+    descriptor = dict(METHODS)[path]
+    if decodes(descriptor, body) or not all(decodes(descriptor, each) for each in good):
+        pytest.fail(f"{bodies!r} is not bad only at its end for {path}: not a case for this test")
+    code, details = raw_call(stubs, path, bodies)
     stubs.assert_serving()
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
 

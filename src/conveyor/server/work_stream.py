@@ -32,8 +32,9 @@ from conveyor.server.rpc import EOF, Malformed
 if TYPE_CHECKING:
     from conveyor.server.worker_service import WorkerService
 
-# A worker grants at most its free slots plus what it may hold while reporting; no honest
-# worker comes near this, and a stream that does is refused rather than leasing the queue.
+# A worker grants at most its free slots; no honest worker comes near this much room open
+# (granted, not yet filled by leases), and a stream that does is refused rather than
+# leasing the queue.
 MAX_CREDIT: Final = 100_000
 # Report batches applied at once for one stream. A worker sends its next batch when the
 # previous one is answered, so one is the norm; this bounds a misbehaving client.
@@ -70,8 +71,11 @@ class WorkStream:
         """Run the stream; return when it should end OK, raise to end it with a status."""
         self._take(first)
         # An empty first answer: the stream is accepted (the worker's breaker hears the
-        # server is up even when no task comes for a long time).
-        await self._context.write(pb.WorkResponse())
+        # server is up even when no task comes for a long time). Under the lock like every
+        # write: gRPC refuses a second write while one is in flight, and a report batch in
+        # the first message may be answered at once (the fuzzer found that answer lost).
+        async with self._write_lock:
+            await self._context.write(pb.WorkResponse())
         leasing = asyncio.create_task(self._lease_loop(), name=f"work-lease-{self._worker_id}")
         reading = asyncio.create_task(self._read_loop(), name=f"work-read-{self._worker_id}")
         try:
@@ -101,7 +105,10 @@ class WorkStream:
         if request.grant:
             self._credit += request.grant
             if self._credit > MAX_CREDIT:
-                raise InvalidTask(f"more than {MAX_CREDIT} leases granted on one stream")
+                raise InvalidTask(
+                    f"more than {MAX_CREDIT} leases of room granted and not yet filled "
+                    "on one stream"
+                )
             self._granted.set()
         if request.reports:
             if not request.reports_id:
