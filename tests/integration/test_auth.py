@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import wait_final, wait_for
+from work_streams import RawStream
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.auth import Role, TokenEntry, new_token
@@ -363,6 +364,26 @@ class TestWorkerBinding:
         assert refused_code(lambda: first_answers(token_b, ["t"])) == denied
         assert refused_code(lambda: first_answers(producer, ["t"])) == denied
         assert refused_code(lambda: first_answers(limited, ["t", "other"])) == denied
+
+    def test_an_open_work_stream_ends_when_its_token_is_revoked(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """A stream is admitted again every second: revoking the token ends it, as it ends
+        the worker's unary calls."""
+        workers, _ = stubs
+        token = tokens.add("fleet", Role.WORKER)
+        self.register(workers, token, "worker-v")
+        stream = RawStream(workers, metadata=bearer(token))
+        try:
+            stream.send(worker_id="worker-v", task_types=["t"], grant=1)
+            assert stream.take() == pb.WorkResponse()
+            assert stream.nothing_within(1.5)  # still admitted, still open
+            tokens.remove(token)
+            ended = stream.take(timeout=10)
+            assert isinstance(ended, grpc.RpcError), ended
+            assert ended.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            stream.close()
 
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]

@@ -152,7 +152,7 @@ class HandoffDesk:
             if offer is not None:
                 undecided.setdefault(offer, []).append({"id": task_id, "lease_id": lease_id})
         for offer, rows in undecided.items():
-            self._hand_back(rows, offer.worker_id, STATEMENT_FAILED)
+            self.hand_back(rows, offer.worker_id, STATEMENT_FAILED)
             self._deliver(offer, [])
 
     def _deliver(self, offer: Offer, rows: list[Any]) -> None:
@@ -160,7 +160,7 @@ class HandoffDesk:
         if offer.abandoned or offer.delivered.done():
             # The poll's call is gone (a done future here was cancelled with it).
             if rows:
-                self._hand_back(rows, offer.worker_id, POLL_ENDED)
+                self.hand_back(rows, offer.worker_id, POLL_ENDED)
         else:
             offer.delivered.set_result(rows)
         self._check_quiet()
@@ -180,7 +180,7 @@ class HandoffDesk:
             return delivered
         offer.abandoned = True
         if delivered.done() and not delivered.cancelled() and delivered.result():
-            self._hand_back(delivered.result(), offer.worker_id, POLL_ENDED)
+            self.hand_back(delivered.result(), offer.worker_id, POLL_ENDED)
         return None
 
     def close_all(self) -> None:
@@ -208,7 +208,12 @@ class HandoffDesk:
         if not self._unsettled and not self._releasing:
             self._quiet.set()
 
-    def _hand_back(self, rows: list[Any], worker_id: str, reason: str) -> None:
+    def hand_back(self, rows: list[Any], worker_id: str, reason: str) -> None:
+        """Release leases that never reached their worker, in the background.
+
+        Tracked: a stopping server waits for it (`handed_back`) before closing its pool.
+        The Work streams hand back through here too.
+        """
         task = asyncio.ensure_future(self._release(rows, worker_id, reason))
         self._releasing.add(task)
         task.add_done_callback(self._released)

@@ -132,6 +132,8 @@ async def _answer(
         await context.abort(code, message)
         raise  # abort raises; this keeps type checkers content
     except grpc.aio.AbortError:
+        # Aborted inside the method (an RPC it does not serve here): count its own code.
+        code = context.code() or grpc.StatusCode.UNKNOWN
         raise
     except Exception:
         code = grpc.StatusCode.INTERNAL

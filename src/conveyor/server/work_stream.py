@@ -40,6 +40,10 @@ MAX_CREDIT: Final = 100_000
 # previous one is answered, so one is the norm; this bounds a misbehaving client.
 MAX_REPORT_BATCHES: Final = 16
 MESSAGE_KINDS: Final = ("grant", "reports", "leases", "answer")
+STREAM_ENDED: Final = "lease not delivered: the worker's stream ended"
+# How often an open stream's credentials are checked again when the server authenticates:
+# a revoked, expired or narrowed token must stop leasing as it stops unary calls.
+REAUTHENTICATE_EVERY: Final = 1.0
 
 
 class WorkStream:
@@ -60,6 +64,8 @@ class WorkStream:
         # Set when a batch of outcomes could not be applied: the call ends with its error,
         # as a ReportResults call would, and the worker retries the batch elsewhere.
         self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieved even when nobody awaits it any more (the call ended first).
+        self._failed.add_done_callback(lambda failed: failed.cancelled() or failed.exception())
         messages = service.metrics.work_stream_messages
         self._counted = {kind: messages.labels(kind) for kind in MESSAGE_KINDS}
 
@@ -78,16 +84,16 @@ class WorkStream:
             await self._context.write(pb.WorkResponse())
         leasing = asyncio.create_task(self._lease_loop(), name=f"work-lease-{self._worker_id}")
         reading = asyncio.create_task(self._read_loop(), name=f"work-read-{self._worker_id}")
+        checking = asyncio.create_task(self._check_loop(), name=f"work-auth-{self._worker_id}")
+        tasks = (leasing, reading, checking)
         try:
-            await asyncio.wait(
-                {leasing, reading, self._failed}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({*tasks, self._failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Cancelling the lease loop hands back what it had claimed but not yet sent.
-            for task in (leasing, reading):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(leasing, reading, return_exceptions=True)
-        for done in (self._failed, reading, leasing):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for done in (self._failed, checking, reading, leasing):
             error = done.exception() if done.done() and not done.cancelled() else None
             if error is not None:
                 raise error
@@ -120,6 +126,22 @@ class WorkStream:
             task = asyncio.create_task(self._report(request.reports_id, request.reports))
             self._reporting.add(task)
             task.add_done_callback(self._reporting.discard)
+
+    async def _check_loop(self) -> None:
+        """With authentication on, admit the stream's caller again every second.
+
+        A unary call is admitted per call; a stream lives for hours. Revoking a token,
+        letting it expire or narrowing its task types must end the worker's leasing within
+        the same bound as its calls (security.md, "Tokens"), so the stream asks the gate
+        again and ends with its refusal.
+        """
+        gate = self._service.gate
+        if not gate.authenticating:
+            await asyncio.Event().wait()  # nothing to check again: wait for the stream's end
+        while True:
+            await asyncio.sleep(REAUTHENTICATE_EVERY)
+            principal = gate.admit("Work", self._context.invocation_metadata)
+            principal.require_task_types(self._task_types)
 
     async def _read_loop(self) -> None:
         while True:
@@ -155,18 +177,18 @@ class WorkStream:
             self._counted["leases"].inc()
         except asyncio.CancelledError:
             if not writing:
-                await asyncio.shield(self._hand_back(rows))
+                self._hand_back(rows)
             raise
         except Exception:
             # The call is over (grpc refuses writes to a finished call): nothing reached
             # the worker.
-            await self._hand_back(rows)
+            self._hand_back(rows)
             raise
 
-    async def _hand_back(self, rows: list[Any]) -> None:
-        await self._service.release_undelivered(
-            rows, self._worker_id, reason="lease not delivered: the worker's stream ended"
-        )
+    def _hand_back(self, rows: list[Any]) -> None:
+        # Through the desk: in the background, so no cancellation interrupts it halfway,
+        # and awaited by a stopping server before its pool closes.
+        self._service.handoff.hand_back(rows, self._worker_id, STREAM_ENDED)
 
     async def _report(self, reports_id: int, reports: Any) -> None:
         try:

@@ -112,6 +112,9 @@ STREAM_RETRY_AFTER: Final = 60.0
 # (answering the outcomes on it, handing back leases it had claimed but not sent). A server
 # that does not answer within this is unreachable: the outcomes are retried by call.
 STREAM_LEAVE_TIMEOUT: Final = 3.0
+# Attempts to hand back a lease that arrived after draining began, before leaving it to
+# expire.
+HAND_BACK_TRIES: Final = 3
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
 
@@ -646,6 +649,8 @@ class _Runtime:
                     await self.work_on_stream()
             except _Unreachable as exc:
                 self.log.debug("lease call failed: %s", exc, extra={"event": "lease_failed"})
+                if self.loop.time() - opened_at >= 1.0:
+                    delays = self.retry.delays()  # a stream that served a while broke
                 await asyncio.sleep(exc.retry_in or next(delays))
                 continue
             except grpc.aio.AioRpcError as exc:
@@ -665,8 +670,11 @@ class _Runtime:
                 )
                 await asyncio.sleep(next(delays))
                 continue
-            # A stream that ended OK (the server drains) is replaced at once, unless it was
-            # short-lived: a server ending streams as they come must not be hammered.
+            # A stream that ended OK (the server drains) is replaced at once, on the next
+            # server, unless it was short-lived: a server ending streams as they come must
+            # not be hammered.
+            if not polling:
+                self.ring.advance()
             if polling or self.loop.time() - opened_at >= 1.0:
                 delays = self.retry.delays()
             else:
@@ -700,9 +708,15 @@ class _Runtime:
         stream = WorkStream(call, self.on_leases)
         granting: asyncio.Task[None] | None = None
         try:
-            await stream.open(
-                self.worker.worker_id, self.worker.registry.task_types(), self.room(stream)
-            )
+            try:
+                await stream.open(
+                    self.worker.worker_id, self.worker.registry.task_types(), self.room(stream)
+                )
+            except BaseException as exc:
+                if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
+                    # Stopped while opening: the breaker's probe, if this was one, ends.
+                    self.ring.record(address, reachable=False)
+                raise
             self.ring.record(address, reachable=True)
             self.stream = stream
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
@@ -711,6 +725,10 @@ class _Runtime:
             self.ring.record(address, reachable=exc.code() not in TRANSIENT_CODES)
             if exc.code() in TRANSIENT_CODES:
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+            if exc.code() == grpc.StatusCode.INTERNAL:
+                # grpc.aio turns a write that raced the server's end of the call into
+                # INTERNAL (grpc/grpc#43486): a stream to replace, not a refusal.
+                raise _Unreachable(f"{address}: {exc.details()}") from exc
             raise
         except StreamEnded as exc:
             self.ring.record(address, reachable=False)
@@ -727,11 +745,9 @@ class _Runtime:
         """Grant the room slots free up, when no outcome report carries it first."""
         assert self.slot_freed is not None  # noqa: S101
         while stream.writable:
+            # Checked before every wait, not only after a wake-up: slots freed while the
+            # stream opened, or while a grant was being written, still count.
             self.slot_freed.clear()
-            await self.slot_freed.wait()
-            # A handler that ends frees its slot and then reports: let the report go first,
-            # so the room rides in its message instead of one of its own.
-            await asyncio.sleep(0)
             room = self.room(stream)
             # Reports waiting behind the batch in flight will carry the room; while the
             # server still has room to fill, there is no hurry to send it alone (W2: a
@@ -739,6 +755,11 @@ class _Runtime:
             if room > 0 and not (stream.unfilled > 0 and self.reports.queued()):
                 with contextlib.suppress(StreamEnded):
                     await stream.grant(room)
+                continue
+            await self.slot_freed.wait()
+            # A handler that ends frees its slot and then reports: let the report go first,
+            # so the room rides in its message instead of one of its own.
+            await asyncio.sleep(0)
 
     def on_leases(self, leases: Sequence[pb.Lease]) -> None:
         """Leases from the stream: run them, or hand them back if the worker is leaving."""
@@ -761,8 +782,16 @@ class _Runtime:
         )
 
         async def release() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
-                await self.call("ReportResult", request, timeout=3)
+            delays = self.retry.delays()
+            for _ in range(HAND_BACK_TRIES):
+                try:
+                    await self.call("ReportResult", request, timeout=3)
+                except _Unreachable as exc:
+                    await asyncio.sleep(exc.retry_in or next(delays))
+                except grpc.aio.AioRpcError:
+                    return  # answered: released, or the lease is no longer ours anyway
+                else:
+                    return
 
         task = asyncio.create_task(release())
         self.hand_backs.add(task)
@@ -786,9 +815,9 @@ class _Runtime:
         """
         stream = self.stream
         if stream is not None:
-            with contextlib.suppress(
-                StreamEnded, grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError
-            ):
+            # Whatever half-closing raises (grpc.aio has several ways to say the call is
+            # over), the worker goes on stopping.
+            with contextlib.suppress(Exception):
                 async with asyncio.timeout(STREAM_LEAVE_TIMEOUT):
                     await stream.leave()
                     await asyncio.wait({leasing})

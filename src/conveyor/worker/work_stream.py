@@ -84,6 +84,10 @@ class WorkStream:
             return await answer
         finally:
             self._answers.pop(number, None)
+            # Failed by `close` while the write waited: retrieved, so never logged as lost.
+            if answer.done() and not answer.cancelled():
+                answer.exception()
+            answer.cancel()
 
     async def leave(self) -> None:
         """Half-close: the server leases no more, answers what it got, and ends the call."""
@@ -127,7 +131,15 @@ class WorkStream:
                 raise StreamEnded("the Work stream is closed for writing")
             try:
                 await self._call.write(request)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is being cancelled, not the write
+                # grpc.aio raises CancelledError from a write to a call cancelled locally
+                # (the worker replacing or leaving the stream): the message did not go.
+                self.writable = False
+                raise StreamEnded("the Work stream was cancelled") from None
+            except (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError) as exc:
                 # The call is over; `read_all` reports how it ended.
                 self.writable = False
                 raise StreamEnded(f"the Work stream ended: {exc}") from exc
