@@ -673,8 +673,8 @@ class _Runtime:
             # A stream that ended OK (the server drains) is replaced at once, on the next
             # server, unless it was short-lived: a server ending streams as they come must
             # not be hammered.
-            if not polling:
-                self.ring.advance()
+            if not polling and not self.draining:
+                self.ring.advance()  # not when the worker left: its last calls go here
             if polling or self.loop.time() - opened_at >= 1.0:
                 delays = self.retry.delays()
             else:
