@@ -25,6 +25,7 @@ ALLOWED = {
     "logs": {"errors"},
     "group_commit": set(),
     "metric_children": set(),
+    "event_loop": set(),
     "auth": {"errors", "types"},
     "codec": {"errors"},
     "storage": {"types", "errors", "logs"},
@@ -35,7 +36,7 @@ ALLOWED = {
     },
     "worker": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
-        *("codec", "auth", "metric_children"),
+        *("codec", "auth", "metric_children", "event_loop"),
     },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
@@ -43,7 +44,7 @@ ALLOWED = {
     },
     "cli": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "client", "worker", "server", "auth", "codec"),
+        *("monitoring", "client", "worker", "server", "auth", "codec", "event_loop"),
     },
 }
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import click
 
+from conveyor import event_loop
 from conveyor.cli.database_option import database_url_option, resolve_database
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.errors import ServerUnavailable
@@ -387,7 +388,7 @@ def server(
         )
         json_logs = click.get_current_context().meta.get(LOG_FORMAT_KEY) == "json"
         tune_for_long_running_process()
-        asyncio.run(_serve(config, announce=not json_logs))
+        event_loop.run(_serve(config, announce=not json_logs))
     finally:
         _stop_embedded(embedded)
 
@@ -458,7 +459,7 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
     tune_for_long_running_process()
     try:
         # The worker stops first, while the server can still take its handed-back leases.
-        asyncio.run(
+        event_loop.run(
             _serve(
                 config,
                 on_started=start_demo,

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from conveyor import __version__
+from conveyor import __version__, event_loop
 from conveyor.client import tracing
 from conveyor.client.channel import (
     AddressRing,
@@ -388,7 +388,7 @@ class Worker:
         # and handler threads get a copy of their attempt's context.
         with log_context(worker_id=self.worker_id):
             try:
-                asyncio.run(self._runtime.main(self._on_started))
+                event_loop.run(self._runtime.main(self._on_started))
             except BaseException as exc:
                 if not self._started.is_set():
                     self._start_error = exc
