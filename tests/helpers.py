@@ -54,6 +54,20 @@ async def async_wait_for(
         await asyncio.sleep(interval)
 
 
+def metric_by_label(http_url: str, sample: str, label: str) -> dict[str, float]:
+    """One sample of a server's /metrics, by the value of one label: {label value: value}."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return {
+        found.labels[label]: found.value
+        for family in text_string_to_metric_families(body)
+        for found in family.samples
+        if found.name == sample
+    }
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as sock:

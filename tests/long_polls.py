@@ -7,13 +7,12 @@ hold several waiting polls and see which one gets which task; `claims` reads
 
 from __future__ import annotations
 
-import urllib.request
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric_by_label
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -24,14 +23,7 @@ WAITERS = 8
 
 def claims(http_url: str) -> dict[str, float]:
     """conveyor_lease_claims_total by result."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return {
-        sample.labels["result"]: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.name == "conveyor_lease_claims_total"
-    }
+    return metric_by_label(http_url, "conveyor_lease_claims_total", "result")
 
 
 class Fleet:

@@ -10,15 +10,13 @@ real worker then long-polls and still finishes its tasks.
 
 from __future__ import annotations
 
-import urllib.request
 import uuid
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric_by_label, wait_for
 from work_streams import ENDED, RawStream
 
 from conveyor import Client, Task, TaskState, Worker
@@ -239,14 +237,7 @@ class TestRefusals:
 
 
 def stream_messages(http_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return {
-        sample.labels["kind"]: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.name == "conveyor_work_stream_messages_total"
-    }
+    return metric_by_label(http_url, "conveyor_work_stream_messages_total", "kind")
 
 
 class TestARealWorker:
