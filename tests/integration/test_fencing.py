@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
+from helpers import metric_by_label, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -28,6 +28,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 TYPE = "fence.job"
 STALE_METRIC = "conveyor_stale_completions_rejected_total"
+STREAM_MESSAGES = "conveyor_work_stream_messages_total"
 
 
 @dataclass
@@ -603,6 +604,14 @@ class TestReportResultsBatch:
                 )
         finally:
             worker.stop()
+        if work_stream:
+            # The server counts an answer once its write completes, which may be just after
+            # the worker has it.
+            def answered() -> bool:
+                counted = metric_by_label(server.http_url, STREAM_MESSAGES, "kind")
+                return counted.get("answer") == counted.get("reports")
+
+            wait_for(answered, what="every batch's answer to be counted")
         with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:  # noqa: S310
             body = response.read().decode()
         samples = [

@@ -281,10 +281,13 @@ class TestServersWithoutTheStream:
             error = stream.take()
             assert isinstance(error, grpc.RpcError), error
             assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-            # Counted under its own code, not as a stream that served and ended OK.
+            # Counted under its own code, not as a stream that served and ended OK (after
+            # the status has gone out: wait for it).
             assert server.server is not None
             refused = server.server.metrics.rpc_duration.labels("Work", "UNIMPLEMENTED")
-            assert refused._sum.get() > 0
+            wait_for(lambda: refused._sum.get() > 0, what="the refusal to be counted")
+            served = server.server.metrics.rpc_duration.labels("Work", "OK")
+            assert served._sum.get() == 0
         finally:
             channel.close()
 
