@@ -77,6 +77,7 @@ ROLE_PERMISSIONS: Final[Mapping[Role, frozenset[Permission]]] = {
 # refused to everyone but admins (see `permission_for`), so a new RPC is closed by default.
 RPC_PERMISSIONS: Final[Mapping[str, Permission]] = {
     "EnqueueTasks": Permission.ENQUEUE,
+    "EnqueueStream": Permission.ENQUEUE,
     "GetTask": Permission.READ_TASK,
     "CancelTask": Permission.CANCEL_TASK,
     "RegisterWorker": Permission.WORK,

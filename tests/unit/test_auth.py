@@ -166,7 +166,13 @@ class TestRoles:
             }
             for role in Role
         }
-        assert allowed[Role.PRODUCER] == {"EnqueueTasks", "GetTask", "CancelTask", "ExplainTask"}
+        assert allowed[Role.PRODUCER] == {
+            "EnqueueTasks",
+            "EnqueueStream",
+            "GetTask",
+            "CancelTask",
+            "ExplainTask",
+        }
         assert allowed[Role.WORKER] == {
             "RegisterWorker",
             "LeaseTasks",

@@ -251,6 +251,13 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Serve workers one Work stream each (off: they long-poll; to measure or test it).",
 )
 @click.option(
+    "--enqueue-stream/--no-enqueue-stream",
+    default=True,
+    show_default=True,
+    help="Serve clients' enqueues on one stream each (off: a call per enqueue; to measure "
+    "or test it).",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -331,6 +338,7 @@ def server(
     group_commit: bool,
     handoff: bool,
     work_stream: bool,
+    enqueue_stream: bool,
     metrics_listen: str | None,
     tokens_file: Path | None,
     tls_cert: Path | None,
@@ -372,6 +380,7 @@ def server(
             group_commit=group_commit,
             handoff=handoff,
             work_stream=work_stream,
+            enqueue_stream=enqueue_stream,
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,

@@ -161,6 +161,12 @@ class ServerMetrics:
             "Work streams open on this server: workers leasing and reporting through it.",
             registry=self.registry,
         )
+        self.enqueue_streams = Gauge(
+            "conveyor_enqueue_streams",
+            "EnqueueStream calls open on this server: clients enqueueing through it. Their "
+            "requests count in conveyor_rpc_duration_seconds as EnqueueTasks calls.",
+            registry=self.registry,
+        )
         self.work_stream_messages = Counter(
             "conveyor_work_stream_messages_total",
             "Messages on Work streams, by kind: grant (room for leases, alone), reports (a "

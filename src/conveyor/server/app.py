@@ -220,6 +220,7 @@ class ConveyorServer:
     async def _stop(self) -> None:
         # Every step runs whatever the previous one did: a process told to stop must stop.
         self.worker_service.start_draining()
+        self.task_service.start_draining()
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("health", self.health.enter_graceful_shutdown),
             ("leadership", self.elector.stop),

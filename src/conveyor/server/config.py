@@ -123,6 +123,10 @@ class ServerConfig:
     # long polls and ReportResults calls, as with a server that predates it. Off only to
     # measure what the stream gains, or to test that fallback.
     work_stream: bool = True
+    # Serve EnqueueStream (server/enqueue_stream.py); off, clients fall back to EnqueueTasks
+    # calls, as with a server that predates it. Off only to measure what the stream gains,
+    # or to test that fallback.
+    enqueue_stream: bool = True
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL

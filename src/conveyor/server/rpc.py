@@ -60,6 +60,17 @@ class Malformed:
         self.reason = reason
 
 
+class Refusal:
+    """The status a request is answered with instead of a response."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        """Keep the status."""
+        self.code = code
+        self.message = message
+
+
 def _decoder(message_type: Any) -> Callable[[bytes], Any]:
     parse = message_type.FromString
 
@@ -113,6 +124,21 @@ async def _answer(
     service: Any, name: str, request: object, context: Any, body: Callable[[], Awaitable[Response]]
 ) -> Response:
     """Run `body()`, one call's work, behind the gate; its errors become statuses."""
+    outcome = await attempt(service, name, request, context, body)
+    if isinstance(outcome, Refusal):
+        await context.abort(outcome.code, outcome.message)
+    return outcome  # type: ignore[return-value]  # abort raised for a Refusal
+
+
+async def attempt(
+    service: Any, name: str, request: object, context: Any, body: Callable[[], Awaitable[Response]]
+) -> Response | Refusal:
+    """Run `body()` as RPC `name` would be: its response, or the status it ends with.
+
+    The gate, the metrics and the error translation of a call, for a unary method and for
+    each request on a stream (`enqueue_stream.py`), which answers a refusal with a message
+    instead of ending the call.
+    """
     metrics: ServerMetrics = service.metrics
     gate: Gate = service.gate
     started = time.perf_counter()
@@ -129,8 +155,7 @@ async def _answer(
         code, message = status_for(exc)
         if isinstance(exc, ServerUnavailable):
             log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})
-        await context.abort(code, message)
-        raise  # abort raises; this keeps type checkers content
+        return Refusal(code, message)
     except grpc.aio.AbortError:
         # Aborted inside the method (an RPC it does not serve here): count its own code.
         code = context.code() or grpc.StatusCode.UNKNOWN
@@ -138,8 +163,7 @@ async def _answer(
     except Exception:
         code = grpc.StatusCode.INTERNAL
         log.exception("%s failed", name, extra={"event": "rpc_internal_error"})
-        await context.abort(code, f"internal error in {name}; see the server log")
-        raise
+        return Refusal(code, f"internal error in {name}; see the server log")
     except BaseException:  # cancelled: the caller went away or the server stops
         code = grpc.StatusCode.CANCELLED
         raise

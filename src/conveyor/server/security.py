@@ -12,7 +12,8 @@ The gate also meters requests when authentication is on: each token has a token 
 server process, and a producer or operator call that finds it empty is refused with
 RESOURCE_EXHAUSTED (clients wait and retry within their budget). Worker calls are not metered:
 their rate is set by the protocol itself (one long poll, a heartbeat every few seconds,
-batched reports), and refusing a heartbeat would cost a worker its leases.
+batched reports), and refusing a heartbeat would cost a worker its leases. A producer's
+enqueue stream is metered per request, not per stream.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.security")
 
 AUTHORIZATION: Final = "authorization"
+
+# Streams whose requests are each admitted, and metered, as the call they stand for
+# (server/enqueue_stream.py): opening one costs the caller nothing.
+METERED_PER_REQUEST: Final = frozenset({"EnqueueStream"})
 
 _CALLER: ContextVar[Principal] = ContextVar("conveyor_caller", default=ANONYMOUS)
 
@@ -169,7 +174,11 @@ class Gate:
             except PermissionDenied as exc:
                 self.note_denied(rpc, exc, principal)
                 raise
-        if self._limiter is not None and permission is not Permission.WORK:
+        if (
+            self._limiter is not None
+            and permission is not Permission.WORK
+            and rpc not in METERED_PER_REQUEST
+        ):
             wait = self._limiter.take(principal.token_id or principal.name)
             if wait:
                 if self._metrics is not None:

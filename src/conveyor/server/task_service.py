@@ -12,6 +12,7 @@ from dataclasses import replace
 from itertools import compress
 from typing import TYPE_CHECKING, Any, Final
 
+import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
@@ -20,7 +21,8 @@ from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
-from conveyor.server.rpc import rpc_method, server_stopping
+from conveyor.server.enqueue_stream import EnqueueStream
+from conveyor.server.rpc import rpc_method, server_stopping, stream_method
 from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.storage import queries
 from conveyor.types import (
@@ -148,6 +150,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
             stopped=server_stopping,
             observe_group=metrics.enqueue_group_size.observe,
         )
+        # The EnqueueStream calls open here (see enqueue_stream.py), so draining can end them.
+        self.streams: set[EnqueueStream] = set()
+        self.draining = False
         # Timeouts that passed validation before (types: conveyor.types.known_task_type): a
         # batch usually repeats one type and one timeout a thousand times, each checked once.
         self._valid_timeouts: dict[tuple[int, int], timedelta] = {}
@@ -366,6 +371,39 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self, request: pb.EnqueueTasksRequest, context: Any
     ) -> pb.EnqueueTasksResponse:
         """Insert a batch of tasks in one statement; idempotent per id."""
+        return await self.enqueue(request)
+
+    # The generated base class declares the stream as a request iterator in, responses out;
+    # this one reads and writes through the context instead (see rpc.stream_method).
+    @stream_method("EnqueueStream")
+    async def EnqueueStream(self, context: Any) -> None:  # type: ignore[override]  # noqa: N802
+        """Apply EnqueueTasks requests as they come, answering each (see enqueue_stream.py)."""
+        if not self.config.enqueue_stream:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "this server has enqueue streams turned off; use EnqueueTasks",
+            )
+        if self.draining:
+            raise server_stopping()
+        # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
+        await context.send_initial_metadata(())
+        stream = EnqueueStream(self, context)
+        self.streams.add(stream)
+        self.metrics.enqueue_streams.inc()
+        try:
+            await stream.serve()
+        finally:
+            self.streams.discard(stream)
+            self.metrics.enqueue_streams.dec()
+
+    def start_draining(self) -> None:
+        """End the enqueue streams once they have answered what they read."""
+        self.draining = True
+        for stream in self.streams:
+            stream.stop()
+
+    async def enqueue(self, request: pb.EnqueueTasksRequest) -> pb.EnqueueTasksResponse:
+        """An EnqueueTasks request's work, whether it came as a call or on a stream."""
         if not request.tasks:
             raise InvalidTask("no tasks to enqueue")
         if len(request.tasks) > self.config.max_batch:

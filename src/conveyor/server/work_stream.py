@@ -7,7 +7,7 @@ arrive as numbered batches and are applied as `ReportResults` applies them; each
 answered on the stream with its number, in whatever order the batches finish.
 
 Why a stream: on this 2-core machine a unary call costs the server 0.7-1.1 ms of CPU and a
-stream message 0.15-0.25 ms (benchmarks/README, "Calls and messages"). A task that needed a
+stream message 0.15-0.25 ms (docs/performance.md, "Calls and messages"). A task that needed a
 lease call and a report call now needs three messages, and a lease reaches its worker
 without a round trip of call set-up.
 

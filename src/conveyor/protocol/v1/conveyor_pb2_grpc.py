@@ -51,6 +51,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
+        self.EnqueueStream = channel.stream_stream(
+                '/conveyor.v1.TaskService/EnqueueStream',
+                request_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamRequest.SerializeToString,
+                response_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -79,6 +84,20 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueStream(self, request_iterator, context):
+        """EnqueueTasks requests on one long-lived call: each is numbered by the
+        client, applied exactly as EnqueueTasks applies it (admission, limits,
+        validation, one commit), and answered with its number and its own status,
+        in whatever order the requests finish. A request refused does not end the
+        call. Saves a producer that enqueues one task at a time the set-up of a
+        call per task. The client half-closes to leave; the server answers what it
+        has read and ends the call OK when it stops, and the client sends what was
+        left unanswered again (ids make that safe).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +115,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskRequest.FromString,
                     response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'EnqueueStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EnqueueStream,
+                    request_deserializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamRequest.FromString,
+                    response_serializer=conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +205,33 @@ class TaskService:
             '/conveyor.v1.TaskService/CancelTask',
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskRequest.SerializeToString,
             conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/conveyor.v1.TaskService/EnqueueStream',
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamRequest.SerializeToString,
+            conveyor_dot_protocol_dot_v1_dot_conveyor__pb2.EnqueueStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

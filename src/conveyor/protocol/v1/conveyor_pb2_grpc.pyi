@@ -45,6 +45,16 @@ class TaskServiceStub:
     """QUEUED or RUNNING -> CANCELLED. A running attempt's lease is revoked at
     once; its worker learns it on its next heartbeat.
     """
+    EnqueueStream: _grpc.StreamStreamMultiCallable[_conveyor_pb2.EnqueueStreamRequest, _conveyor_pb2.EnqueueStreamResponse]
+    """EnqueueTasks requests on one long-lived call: each is numbered by the
+    client, applied exactly as EnqueueTasks applies it (admission, limits,
+    validation, one commit), and answered with its number and its own status,
+    in whatever order the requests finish. A request refused does not end the
+    call. Saves a producer that enqueues one task at a time the set-up of a
+    call per task. The client half-closes to leave; the server answers what it
+    has read and ends the call OK when it stops, and the client sends what was
+    left unanswered again (ids make that safe).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -57,6 +67,16 @@ class TaskServiceAsyncStub(TaskServiceStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.CancelTaskRequest, _conveyor_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """QUEUED or RUNNING -> CANCELLED. A running attempt's lease is revoked at
     once; its worker learns it on its next heartbeat.
+    """
+    EnqueueStream: _aio.StreamStreamMultiCallable[_conveyor_pb2.EnqueueStreamRequest, _conveyor_pb2.EnqueueStreamResponse]  # type: ignore[assignment]
+    """EnqueueTasks requests on one long-lived call: each is numbered by the
+    client, applied exactly as EnqueueTasks applies it (admission, limits,
+    validation, one commit), and answered with its number and its own status,
+    in whatever order the requests finish. A request refused does not end the
+    call. Saves a producer that enqueues one task at a time the set-up of a
+    call per task. The client half-closes to leave; the server answers what it
+    has read and ends the call OK when it stops, and the client sends what was
+    left unanswered again (ids make that safe).
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -85,6 +105,22 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conveyor_pb2.CancelTaskResponse, _abc.Awaitable[_conveyor_pb2.CancelTaskResponse]]:
         """QUEUED or RUNNING -> CANCELLED. A running attempt's lease is revoked at
         once; its worker learns it on its next heartbeat.
+        """
+
+    @_abc_1.abstractmethod
+    def EnqueueStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_conveyor_pb2.EnqueueStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conveyor_pb2.EnqueueStreamResponse], _abc.AsyncIterator[_conveyor_pb2.EnqueueStreamResponse]]:
+        """EnqueueTasks requests on one long-lived call: each is numbered by the
+        client, applied exactly as EnqueueTasks applies it (admission, limits,
+        validation, one commit), and answered with its number and its own status,
+        in whatever order the requests finish. A request refused does not end the
+        call. Saves a producer that enqueues one task at a time the set-up of a
+        call per task. The client half-closes to leave; the server answers what it
+        has read and ends the call OK when it stops, and the client sends what was
+        left unanswered again (ids make that safe).
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
