@@ -1,13 +1,17 @@
-"""A raw `Work` stream driven from a test thread (see tests/integration/test_work_stream.py).
+"""Raw bidirectional streams driven from a test thread.
 
-`RawStream` sends requests as the test makes them and collects responses on a reader
-thread, so a test can wait for each with a deadline and see how the call ended.
+`RawStream` is one `Work` call (see tests/integration/test_work_stream.py) and
+`RawEnqueueStream` one `EnqueueStream` call (tests/integration/test_enqueue_stream.py).
+Both send requests as the test makes them and collect responses on a reader thread, so a
+test can wait for each with a deadline and see how the call ended. `RawCall` is what they
+share, for a call opened some other way (unencoded bytes, say).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -15,17 +19,21 @@ import grpc
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
-ENDED = object()  # what `RawStream.take` gives once the call has ended OK
+ENDED = object()  # what `take` gives once the call has ended OK
 TAKE_TIMEOUT = 10.0
+CALL_TIMEOUT = 60.0
 
 
-class RawStream:
-    """One Work call from a test: `send` requests, `take` responses as they come."""
+class RawCall:
+    """One bidirectional call: `put` requests, `take` responses as they come.
 
-    def __init__(self, stub: pb_grpc.WorkerServiceStub, metadata: Any = None) -> None:
-        self._requests: queue.Queue[pb.WorkRequest | None] = queue.Queue()
+    `open_call` gets the iterator of requests and returns the call (a response iterator).
+    """
+
+    def __init__(self, open_call: Callable[[Iterator[Any]], Any]) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
         self._responses: queue.Queue[Any] = queue.Queue()
-        self.call = stub.Work(self._outgoing(), timeout=60, metadata=metadata)
+        self.call = open_call(self._outgoing())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -41,8 +49,9 @@ class RawStream:
         except grpc.RpcError as exc:
             self._responses.put(exc)
 
-    def send(self, **fields: Any) -> None:
-        self._requests.put(pb.WorkRequest(**fields))
+    def put(self, request: Any) -> None:
+        """Send one request, as it is (a message, or bytes on a call without a serializer)."""
+        self._requests.put(request)
 
     def half_close(self) -> None:
         self._requests.put(None)
@@ -61,3 +70,27 @@ class RawStream:
     def close(self) -> None:
         self.call.cancel()
         self.half_close()
+
+
+class RawStream(RawCall):
+    """One Work call from a test: `send` requests, `take` responses as they come."""
+
+    def __init__(self, stub: pb_grpc.WorkerServiceStub, metadata: Any = None) -> None:
+        super().__init__(
+            lambda requests: stub.Work(requests, timeout=CALL_TIMEOUT, metadata=metadata)
+        )
+
+    def send(self, **fields: Any) -> None:
+        self.put(pb.WorkRequest(**fields))
+
+
+class RawEnqueueStream(RawCall):
+    """One EnqueueStream call from a test: numbered EnqueueTasks requests, their answers."""
+
+    def __init__(self, stub: pb_grpc.TaskServiceStub, metadata: Any = None) -> None:
+        super().__init__(
+            lambda requests: stub.EnqueueStream(requests, timeout=CALL_TIMEOUT, metadata=metadata)
+        )
+
+    def send(self, request_id: int, request: pb.EnqueueTasksRequest) -> None:
+        self.put(pb.EnqueueStreamRequest(request_id=request_id, request=request))

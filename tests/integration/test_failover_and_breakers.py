@@ -79,16 +79,26 @@ def shutting_down_server() -> Iterator[tuple[str, list[str]]]:
 
 
 def count_stub_calls(client: Any) -> list[str]:
-    """Record every address `client` builds a stub for (one per network attempt)."""
-    addresses: list[str] = []
-    original = client._stub
+    """Record the address of every network attempt `client` makes.
 
+    A call asks for a stub per attempt; an AsyncClient's enqueue attempt goes through
+    `_enqueue_once` (its enqueue stream, and a stub only for a server without streams,
+    which a dead address never says it is).
+    """
+    addresses: list[str] = []
+    for name in ("_stub", "_enqueue_once"):
+        original = getattr(client, name, None)
+        if original is not None:
+            setattr(client, name, _counting(original, addresses))
+    return addresses
+
+
+def _counting(method: Any, addresses: list[str]) -> Any:
     def counting(address: str, *args: Any, **kwargs: Any) -> Any:
         addresses.append(address)
-        return original(address, *args, **kwargs)
+        return method(address, *args, **kwargs)
 
-    client._stub = counting
-    return addresses
+    return counting
 
 
 class TestClientFailover:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
 
@@ -16,6 +16,7 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
+from conveyor.client.enqueue_stream import STREAM_RETRY_AFTER, EnqueueStream, StreamEnded
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
 from conveyor.group_commit import GroupCommit
@@ -24,12 +25,14 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from types import TracebackType
 
     from conveyor.breaker import BreakerPolicy
     from conveyor.client.core import StatesArg
     from conveyor.types import BulkResult, ClusterStatus, Task, TaskPage, TaskStatus, WorkerInfo
+
+Response = TypeVar("Response")
 
 
 class AsyncClient:
@@ -58,6 +61,10 @@ class AsyncClient:
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
+        # Enqueues go on one stream per server (see enqueue_stream.py), or as calls, until
+        # the time noted here, to a server that does not serve the stream.
+        self._enqueue_streams: dict[str, EnqueueStream] = {}
+        self._calls_only_until: dict[str, float] = {}
         # Enqueues from concurrent coroutines that wait while others are in flight go
         # together in one request: a web app's handlers each enqueue one task, and a
         # round trip per task would cap them at a few hundred a second.
@@ -67,20 +74,36 @@ class AsyncClient:
             **core.ENQUEUE_JOINING,
         )
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._credentials.open_channel(address, aio=True)
+            self._channels[address] = channel
+        return channel
+
     def _stub(self, address: str, service: str = "TaskService") -> Any:
         # One stub per channel and service: a stub builds a callable per method, which
         # cost more than the rest of a single enqueue's client-side work when made per call.
         stub = self._stubs.get((address, service))
         if stub is not None:
             return stub
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._credentials.open_channel(address, aio=True)
-            self._channels[address] = channel
-        stub = self._stubs[(address, service)] = getattr(pb_grpc, f"{service}Stub")(channel)
+        stub = self._stubs[(address, service)] = getattr(pb_grpc, f"{service}Stub")(
+            self._channel(address)
+        )
         return stub
 
     async def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
+        return await self._retrying(
+            method,
+            lambda address, timeout: getattr(self._stub(address, service), method)(
+                request, timeout=timeout, metadata=self._metadata
+            ),
+        )
+
+    async def _retrying(
+        self, method: str, attempt: Callable[[str, float], Awaitable[Response]]
+    ) -> Response:
+        """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         attempts = RetryLoop(self._ring, self._retry, method, clock=asyncio.get_running_loop().time)
         while True:
             address, pause = attempts.step()
@@ -88,10 +111,8 @@ class AsyncClient:
                 await asyncio.sleep(pause)
                 continue
             try:
-                response = await getattr(self._stub(address, service), method)(
-                    request, timeout=attempts.call_timeout(), metadata=self._metadata
-                )
-            except grpc.aio.AioRpcError as exc:
+                response = await attempt(address, attempts.call_timeout())
+            except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
                 attempts.failed(address, exc)
                 continue
             attempts.succeeded(address)
@@ -111,8 +132,34 @@ class AsyncClient:
         return ids
 
     async def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
-        response = await self._call("EnqueueTasks", request)
-        return response.task_ids  # type: ignore[no-any-return]
+        response = await self._retrying(
+            "EnqueueTasks", lambda address, timeout: self._enqueue_once(address, request, timeout)
+        )
+        return response.task_ids
+
+    async def _enqueue_once(
+        self, address: str, request: pb.EnqueueTasksRequest, timeout: float
+    ) -> pb.EnqueueTasksResponse:
+        """One attempt: on the address's enqueue stream, or as a call to a server without one."""
+        now = asyncio.get_running_loop().time()
+        if self._calls_only_until.get(address, 0.0) <= now:
+            stream = self._enqueue_streams.get(address)
+            if stream is None or stream.ended:
+                stream = EnqueueStream(self._channel(address), self._metadata)
+                self._enqueue_streams[address] = stream
+            try:
+                return await stream.send(request, timeout)
+            except StreamEnded as exc:
+                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                # A server that predates the stream, or has it turned off, read nothing:
+                # send the request as a call, and try the stream again later (it may have
+                # been upgraded meanwhile, in a rolling deploy).
+                self._calls_only_until[address] = now + STREAM_RETRY_AFTER
+        response: pb.EnqueueTasksResponse = await self._stub(address).EnqueueTasks(
+            request, timeout=timeout, metadata=self._metadata
+        )
+        return response
 
     async def get_task_status(
         self, task_id: str, *, history: bool = False, payload: bool = False
@@ -237,6 +284,9 @@ class AsyncClient:
     async def close(self) -> None:
         """Close every channel; enqueues still waiting fail with ServerUnavailable."""
         await self._enqueues.close()
+        for stream in self._enqueue_streams.values():
+            await stream.close()
+        self._enqueue_streams.clear()
         for channel in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()

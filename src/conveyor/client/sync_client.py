@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
 
@@ -17,6 +17,11 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
+from conveyor.client.enqueue_stream import (
+    STREAM_RETRY_AFTER,
+    BlockingEnqueueStream,
+    StreamEnded,
+)
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
 from conveyor.group_commit import BlockingGroupCommit
@@ -25,12 +30,14 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     from conveyor.breaker import BreakerPolicy
     from conveyor.client.core import StatesArg
     from conveyor.types import BulkResult, ClusterStatus, Task, TaskPage, TaskStatus, WorkerInfo
+
+Response = TypeVar("Response")
 
 
 class Client:
@@ -81,6 +88,9 @@ class Client:
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
         self._channels_lock = threading.Lock()
+        # Enqueues go on one stream per server, as in AsyncClient (see enqueue_stream.py).
+        self._enqueue_streams: dict[str, BlockingEnqueueStream] = {}
+        self._calls_only_until: dict[str, float] = {}
         # Threads that enqueue while this client's requests are in flight go together in
         # one request, as in AsyncClient (see conveyor/group_commit.py).
         self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
@@ -89,24 +99,37 @@ class Client:
             **core.ENQUEUE_JOINING,
         )
 
+    def _channel(self, address: str) -> grpc.Channel:
+        # Threads may share a client: one channel per address, never two (the caller holds
+        # the lock).
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._credentials.open_channel(address, aio=False)
+            self._channels[address] = channel
+        return channel
+
     def _stub(self, address: str, service: str = "TaskService") -> Any:
         # One stub per channel and service (see AsyncClient._stub).
         stub = self._stubs.get((address, service))
         if stub is not None:
             return stub
-        # Threads may share a client: one channel per address, never two.
         with self._channels_lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._credentials.open_channel(address, aio=False)
-                self._channels[address] = channel
             stub = self._stubs.get((address, service))
             if stub is None:
-                stub = getattr(pb_grpc, f"{service}Stub")(channel)
+                stub = getattr(pb_grpc, f"{service}Stub")(self._channel(address))
                 self._stubs[(address, service)] = stub
         return stub
 
     def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
+        return self._retrying(
+            method,
+            lambda address, timeout: getattr(self._stub(address, service), method)(
+                request, timeout=timeout, metadata=self._metadata
+            ),
+        )
+
+    def _retrying(self, method: str, attempt: Callable[[str, float], Response]) -> Response:
+        """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         attempts = RetryLoop(self._ring, self._retry, method, clock=time.monotonic)
         while True:
             address, pause = attempts.step()
@@ -114,10 +137,8 @@ class Client:
                 time.sleep(pause)
                 continue
             try:
-                response = getattr(self._stub(address, service), method)(
-                    request, timeout=attempts.call_timeout(), metadata=self._metadata
-                )
-            except grpc.RpcError as exc:
+                response = attempt(address, attempts.call_timeout())
+            except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
                 attempts.failed(address, exc)
                 continue
             attempts.succeeded(address)
@@ -137,7 +158,31 @@ class Client:
         return ids
 
     def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
-        return self._call("EnqueueTasks", request).task_ids  # type: ignore[no-any-return]
+        return self._retrying(
+            "EnqueueTasks", lambda address, timeout: self._enqueue_once(address, request, timeout)
+        ).task_ids
+
+    def _enqueue_once(
+        self, address: str, request: pb.EnqueueTasksRequest, timeout: float
+    ) -> pb.EnqueueTasksResponse:
+        """One attempt, as `AsyncClient._enqueue_once` makes it."""
+        now = time.monotonic()
+        if self._calls_only_until.get(address, 0.0) <= now:
+            with self._channels_lock:
+                stream = self._enqueue_streams.get(address)
+                if stream is None or stream.ended:
+                    stream = BlockingEnqueueStream(self._channel(address), self._metadata)
+                    self._enqueue_streams[address] = stream
+            try:
+                return stream.send(request, timeout)
+            except StreamEnded as exc:
+                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._calls_only_until[address] = now + STREAM_RETRY_AFTER
+        response: pb.EnqueueTasksResponse = self._stub(address).EnqueueTasks(
+            request, timeout=timeout, metadata=self._metadata
+        )
+        return response
 
     def get_task_status(
         self, task_id: str, *, history: bool = False, payload: bool = False
@@ -261,8 +306,12 @@ class Client:
         """Close every channel."""
         with self._channels_lock:
             channels = list(self._channels.values())
+            streams = list(self._enqueue_streams.values())
             self._channels.clear()
             self._stubs.clear()
+            self._enqueue_streams.clear()
+        for stream in streams:
+            stream.close()
         for channel in channels:
             channel.close()
 
