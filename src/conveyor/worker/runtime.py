@@ -680,15 +680,15 @@ class _Runtime:
             else:
                 await asyncio.sleep(next(delays))
 
-    def room(self, stream: WorkStream) -> int:
-        """How many more leases the worker can take on `stream` now."""
+    def room(self, unfilled: int = 0) -> int:
+        """How many more leases the worker can take now, less `unfilled` room granted."""
         if self.draining or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency:
             # Outcomes still on their way to the server count against leasing too: if
             # reports stall (a server unreachable), the worker stops taking new work after
             # REPORTING_SLOT_FULLS slot-fulls of them instead of piling up leases it
             # cannot report.
             return 0
-        return max(0, self.worker.concurrency - self.busy - stream.unfilled)
+        return max(0, self.worker.concurrency - self.busy - unfilled)
 
     async def work_on_stream(self) -> None:
         """Lease and report over one Work stream until it ends.
@@ -710,7 +710,9 @@ class _Runtime:
         try:
             try:
                 await stream.open(
-                    self.worker.worker_id, self.worker.registry.task_types(), self.room(stream)
+                    self.worker.worker_id,
+                    self.worker.registry.task_types(),
+                    self.room(stream.unfilled),
                 )
             except BaseException as exc:
                 if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
@@ -748,7 +750,7 @@ class _Runtime:
             # Checked before every wait, not only after a wake-up: slots freed while the
             # stream opened, or while a grant was being written, still count.
             self.slot_freed.clear()
-            room = self.room(stream)
+            room = self.room(stream.unfilled)
             # Reports waiting behind the batch in flight will carry the room; while the
             # server still has room to fill, there is no hurry to send it alone (W2: a
             # third of the tasks cost a grant message of their own before this).
@@ -803,7 +805,7 @@ class _Runtime:
         if method != "ReportResults" or stream is None or not stream.writable:
             return await self.call(method, request)
         try:
-            return await stream.report(request, grant=self.room(stream))
+            return await stream.report(request, grant=self.room(stream.unfilled))
         except StreamEnded as exc:
             raise _Unreachable(str(exc)) from exc
 
@@ -833,17 +835,16 @@ class _Runtime:
             grpc.aio.AioRpcError: the server refused the call.
         """
         assert self.slot_freed is not None  # noqa: S101
-        while (
-            self.busy >= self.worker.concurrency
-            or self.unreported >= REPORTING_SLOT_FULLS * self.worker.concurrency
-        ):
+        while (room := self.room()) <= 0:
+            if self.draining:
+                return
             self.slot_freed.clear()
             await self.slot_freed.wait()
         wait = self.worker.lease_wait
         request = pb.LeaseTasksRequest(
             worker_id=self.worker.worker_id,
             task_types=self.worker.registry.task_types(),
-            max_tasks=self.worker.concurrency - self.busy,
+            max_tasks=room,
             wait=convert.duration(wait),
         )
         response = await self.call(
