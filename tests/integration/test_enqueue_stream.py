@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import threading
 import urllib.request
@@ -732,6 +733,27 @@ class TestAsyncClientResilience:
         assert {row["id"]: bytes(row["payload"]) for row in stored} == sent
         assert {row["enqueued"] for row in stored} == {1}
         assert rpc_counts(server_b.http_url).get(("EnqueueTasks", "OK"), 0) >= 1
+
+
+class TestForgottenClients:
+    def test_a_sync_client_dropped_unclosed_leaves_no_stream_or_thread(self, server: Any) -> None:
+        """A `Client` made per web request and never closed must not leave its stream's
+        call and reader thread behind: once the client is collected, both end."""
+        client = Client(server.address)
+        client.enqueue_task(Task(type="es.forgotten"))
+        assert open_enqueue_streams(server.http_url) == 1
+        assert any(thread.name == "conveyor-enqueue-stream" for thread in threading.enumerate())
+        del client
+        gc.collect()
+        wait_for(lambda: open_enqueue_streams(server.http_url) == 0, what="the stream to end")
+        wait_for(
+            lambda: (
+                not any(
+                    thread.name == "conveyor-enqueue-stream" for thread in threading.enumerate()
+                )
+            ),
+            what="the reader thread to end",
+        )
 
 
 class TestRefusalsAtTheDoor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ STREAM_RETRY_AFTER: Final = 60.0
 # How long closing a client waits for the server to end its streams OK after the client
 # half-closes them, before it cancels them.
 CLOSE_TIMEOUT: Final = 1.0
+# The details grpc gives a call whose status it replaced after a write raced the end.
+GRPC_WRITE_RACE: Final = "Internal error from Core"
 _CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -116,7 +120,7 @@ class EnqueueStream:
                 await self._write(pb.EnqueueStreamRequest(request_id=number, request=request))
                 reply = await answer
         except TimeoutError:
-            self._call.cancel()
+            self._abandon()
             raise RequestFailed(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no answer on the enqueue stream in {timeout:g}s",
@@ -128,6 +132,12 @@ class EnqueueStream:
                 answer.exception()
             answer.cancel()
         return _response(reply)
+
+    def _abandon(self) -> None:
+        """A deadline passed: no request goes on this stream any more; end the call."""
+        if self._ended is None:
+            self._ended = _ended(grpc.StatusCode.UNAVAILABLE, "a request's deadline ended it")
+        self._call.cancel()
 
     async def close(self) -> None:
         """Half-close, so the server ends the call OK; cancel it if that takes too long.
@@ -149,11 +159,12 @@ class EnqueueStream:
     async def _write(self, request: pb.EnqueueStreamRequest) -> None:
         async with self._write_lock:
             if not self._accepted:
-                # Resolves when the server accepts the stream, or with its refusal.
-                await self._call.initial_metadata()
-                self._accepted = True
-            if self._ended is not None or self._call.done():
-                await asyncio.gather(self._reader, return_exceptions=True)
+                # Resolves when the server accepts the stream, or (empty) with its refusal;
+                # only the server's acceptance header says it is safe to write.
+                metadata = await self._call.initial_metadata()
+                self._accepted = _accepts(metadata)
+            if not self._accepted or self._ended is not None or self._call.done():
+                await self._reader_done()
                 raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "refused")
             try:
                 await self._call.write(request)
@@ -163,12 +174,17 @@ class EnqueueStream:
                     raise  # this task is being cancelled, not the write
                 # grpc.aio raises CancelledError from a write to a call cancelled locally
                 # (another request's deadline ended it): the message did not go.
-                await asyncio.gather(self._reader, return_exceptions=True)
+                await self._reader_done()
                 raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "cancelled") from None
             except (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError):
                 # The call is over; the reader says how it ended.
-                await asyncio.gather(self._reader, return_exceptions=True)
+                await self._reader_done()
                 raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "ended") from None
+
+    async def _reader_done(self) -> None:
+        # asyncio.wait, not gather: a sender cancelled while it waits must not cancel the
+        # reader, which every other request on the stream depends on.
+        await asyncio.wait({self._reader})
 
     async def _read_all(self) -> None:
         ended = _ended(grpc.StatusCode.UNAVAILABLE, "the client closed it")
@@ -187,7 +203,7 @@ class EnqueueStream:
         except asyncio.CancelledError:
             pass  # closed, or the call cancelled after a deadline
         finally:
-            self._ended = ended
+            self._ended = self._ended or ended
             for answer in self._answers.values():
                 if not answer.done():
                     answer.set_exception(ended)
@@ -215,6 +231,8 @@ class BlockingEnqueueStream:
         # Set once the server has accepted the stream, or the call has ended.
         self._accepted = threading.Event()
         self._ended: StreamEnded | None = None
+        # A forked child inherits the stream but not its threads: there it is over.
+        self._pid = os.getpid()
         self._reader = threading.Thread(
             target=self._read_all, name="conveyor-enqueue-stream", daemon=True
         )
@@ -223,14 +241,14 @@ class BlockingEnqueueStream:
     @property
     def ended(self) -> bool:
         """Whether the call is over (a new request needs a new stream)."""
-        return self._ended is not None
+        return self._ended is not None or os.getpid() != self._pid
 
     def send(self, request: pb.EnqueueTasksRequest, timeout: float) -> pb.EnqueueTasksResponse:
         """Send `request` and wait for its answer (see `EnqueueStream.send`)."""
         answer: Future[pb.EnqueueStreamResponse] = Future()
         started = time.monotonic()
         if not self._accepted.wait(timeout):
-            self._call.cancel()
+            self._abandon()
             raise RequestFailed(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the server did not accept the enqueue stream in {timeout:g}s",
@@ -244,7 +262,7 @@ class BlockingEnqueueStream:
             self._outgoing.put(pb.EnqueueStreamRequest(request_id=number, request=request))
             reply = answer.result(max(0.0, timeout - (time.monotonic() - started)))
         except FutureTimeout:
-            self._call.cancel()
+            self._abandon()
             raise RequestFailed(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no answer on the enqueue stream in {timeout:g}s",
@@ -254,6 +272,13 @@ class BlockingEnqueueStream:
                 self._answers.pop(number, None)
         return _response(reply)
 
+    def _abandon(self) -> None:
+        """A deadline passed: no request goes on this stream any more; end the call."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = _ended(grpc.StatusCode.UNAVAILABLE, "a request's deadline ended it")
+        self._call.cancel()
+
     def close(self) -> None:
         """Half-close, so the server ends the call OK; cancel it if that takes too long.
 
@@ -261,8 +286,13 @@ class BlockingEnqueueStream:
         """
         self._outgoing.put(None)
         self._reader.join(timeout=CLOSE_TIMEOUT)
-        self._call.cancel()
+        self.drop()
         self._reader.join(timeout=CLOSE_TIMEOUT)
+
+    def drop(self) -> None:
+        """End the call without waiting for anything (a client forgotten unclosed)."""
+        self._outgoing.put(None)
+        self._call.cancel()
 
     def _requests(self) -> Iterator[pb.EnqueueStreamRequest]:
         while (request := self._outgoing.get()) is not None:
@@ -271,8 +301,10 @@ class BlockingEnqueueStream:
     def _read_all(self) -> None:
         ended = _ended(grpc.StatusCode.UNAVAILABLE, "the server ended it (it is stopping); retry")
         try:
-            self._call.initial_metadata()  # the server accepted the stream, or refused it
-            self._accepted.set()
+            # The server accepted the stream (its header), or refused it: then the loop
+            # below raises the refusal, and `send` hears it once `_ended` is set.
+            if _accepts(self._call.initial_metadata()):
+                self._accepted.set()
             for reply in self._call:
                 with self._lock:
                     answer = self._answers.get(reply.request_id)
@@ -286,14 +318,14 @@ class BlockingEnqueueStream:
                 ended = _ended_by(code, exc.details() or "")
         finally:
             with self._lock:
-                self._ended = ended
+                self._ended = self._ended or ended
                 waiting = list(self._answers.values())
             self._accepted.set()
             # Stop gRPC's thread waiting on the queue for requests that will never go.
             self._outgoing.put(None)
             for answer in waiting:
                 if not answer.done():
-                    answer.set_exception(ended)
+                    answer.set_exception(self._ended)
 
 
 def _response(reply: pb.EnqueueStreamResponse) -> pb.EnqueueTasksResponse:
@@ -305,11 +337,17 @@ def _response(reply: pb.EnqueueStreamResponse) -> pb.EnqueueTasksResponse:
 
 def _ended_by(code: grpc.StatusCode, details: str) -> StreamEnded:
     """How a call that ended with this status fails its unanswered requests."""
-    if code is grpc.StatusCode.INTERNAL:
+    if code is grpc.StatusCode.INTERNAL and details == GRPC_WRITE_RACE:
         # A write raced the server's end of the call (grpc/grpc#36066, see the module's
-        # docstring): the stream broke; what it carried is sent again.
+        # docstring): the stream broke; what it carried is sent again. An INTERNAL the
+        # server itself sent carries its own message, and is not retried, as for a call.
         return _ended(grpc.StatusCode.UNAVAILABLE, f"the call broke ({details})")
     return StreamEnded(code, details)
+
+
+def _accepts(metadata: Any) -> bool:
+    """Whether a stream's initial metadata is the server's acceptance."""
+    return any(key == ENQUEUE_STREAM_ACCEPTED for key, _ in metadata or ())
 
 
 def _ended(code: grpc.StatusCode, how: str) -> StreamEnded:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
@@ -91,6 +92,10 @@ class Client:
         # Enqueues go on one stream per server, as in AsyncClient (see enqueue_stream.py).
         self._enqueue_streams: dict[str, BlockingEnqueueStream] = {}
         self._calls_only_until: dict[str, float] = {}
+        # A client dropped without close() (one per web request, say) must not leave its
+        # streams' threads and calls behind: they do not refer to the client, so it is
+        # collected, and this ends them.
+        weakref.finalize(self, _drop_streams, self._enqueue_streams)
         # Threads that enqueue while this client's requests are in flight go together in
         # one request, as in AsyncClient (see conveyor/group_commit.py).
         self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
@@ -327,3 +332,8 @@ class Client:
     ) -> None:
         """Close the client."""
         self.close()
+
+
+def _drop_streams(streams: dict[str, BlockingEnqueueStream]) -> None:
+    for stream in list(streams.values()):
+        stream.drop()

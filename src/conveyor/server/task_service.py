@@ -17,7 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.group_commit import GroupCommit
-from conveyor.protocol import convert
+from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
@@ -386,9 +386,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
         if self.draining:
             raise server_stopping()
         # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
         stream = EnqueueStream(self, context)
         self.streams.add(stream)
+        if self.draining:  # began while the metadata went out: stop it like the others
+            stream.stop()
         self.metrics.enqueue_streams.inc()
         try:
             await stream.serve()

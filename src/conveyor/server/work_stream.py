@@ -169,35 +169,35 @@ class WorkStream:
     async def _deliver(self, rows: list[Any]) -> None:
         """Send leases; hand them back if the call ends before their message is written."""
         message = pb.WorkResponse(leases=[self._service.lease_message(row) for row in rows])
-        started = False
         try:
-            async with self._write_lock:
-                started = True
-                # Shielded, and waited for even when this task is cancelled (the stream
-                # ending): grpc goes on with a write it has started and refuses any other
-                # on the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) until it completes, so
-                # an abandoned one lost the answers to batches still being applied. A
-                # stress test saw about one stream in 600 end OK without them.
-                write = asyncio.ensure_future(self._context.write(message))
-                try:
-                    await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    await asyncio.wait({write})
-                    if write.cancelled() or write.exception() is not None:
-                        self._hand_back(rows)
-                    else:
-                        self._counted["leases"].inc()
-                    raise
-            self._counted["leases"].inc()
+            await self._write_lock.acquire()
         except asyncio.CancelledError:
-            if not started:
-                self._hand_back(rows)
+            self._hand_back(rows)  # nothing was written
             raise
-        except Exception:
+        try:
+            # Shielded, and waited for even when this task is cancelled (the stream
+            # ending): grpc goes on with a write it has started and refuses any other on
+            # the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) until it completes, so an
+            # abandoned one lost the answers to batches still being applied. A stress test
+            # saw about one stream in 600 end OK without them. Once started, the write's
+            # own outcome settles its leases (sent, or handed back), whatever happens here.
+            write = asyncio.ensure_future(self._context.write(message))
+            write.add_done_callback(lambda written: self._settle(written, rows))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait({write})
+                raise
+        finally:
+            self._write_lock.release()
+
+    def _settle(self, write: asyncio.Future[None], rows: list[Any]) -> None:
+        if write.cancelled() or write.exception() is not None:
             # The call is over (grpc refuses writes to a finished call): nothing reached
             # the worker.
             self._hand_back(rows)
-            raise
+        else:
+            self._counted["leases"].inc()
 
     def _hand_back(self, rows: list[Any]) -> None:
         # Through the desk: in the background, so no cancellation interrupts it halfway,
