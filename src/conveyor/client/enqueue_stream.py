@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
+from conveyor.protocol.status import AnsweredStatus, code_from_number
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -53,25 +54,10 @@ STREAM_RETRY_AFTER: Final = 60.0
 CLOSE_TIMEOUT: Final = 1.0
 # The details grpc gives a call whose status it replaced after a write raced the end.
 GRPC_WRITE_RACE: Final = "Internal error from Core"
-_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class RequestFailed(grpc.RpcError):
+class RequestFailed(AnsweredStatus):
     """A request on the stream answered with a status other than OK, shaped like a call's."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        """Keep the status."""
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        """The request's status code."""
-        return self._code
-
-    def details(self) -> str:
-        """The request's status message."""
-        return self._details
 
 
 class StreamEnded(RequestFailed):
@@ -121,10 +107,7 @@ class EnqueueStream:
                 reply = await answer
         except TimeoutError:
             self._abandon()
-            raise RequestFailed(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer on the enqueue stream in {timeout:g}s",
-            ) from None
+            raise _deadline_passed(timeout) from None
         finally:
             self._answers.pop(number, None)
             # Failed by the reader while the write waited: retrieved, so never logged as lost.
@@ -263,10 +246,7 @@ class BlockingEnqueueStream:
             reply = answer.result(max(0.0, timeout - (time.monotonic() - started)))
         except FutureTimeout:
             self._abandon()
-            raise RequestFailed(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer on the enqueue stream in {timeout:g}s",
-            ) from None
+            raise _deadline_passed(timeout) from None
         finally:
             with self._lock:
                 self._answers.pop(number, None)
@@ -331,7 +311,7 @@ class BlockingEnqueueStream:
 def _response(reply: pb.EnqueueStreamResponse) -> pb.EnqueueTasksResponse:
     """The answer's response, or its status raised as RequestFailed."""
     if reply.code:
-        raise RequestFailed(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.message)
+        raise RequestFailed(code_from_number(reply.code), reply.message)
     return reply.response
 
 
@@ -343,6 +323,12 @@ def _ended_by(code: grpc.StatusCode, details: str) -> StreamEnded:
         # server itself sent carries its own message, and is not retried, as for a call.
         return _ended(grpc.StatusCode.UNAVAILABLE, f"the call broke ({details})")
     return StreamEnded(code, details)
+
+
+def _deadline_passed(timeout: float) -> RequestFailed:
+    return RequestFailed(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer on the enqueue stream in {timeout:g}s"
+    )
 
 
 def _accepts(metadata: Any) -> bool:

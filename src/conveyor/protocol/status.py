@@ -107,3 +107,33 @@ def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorErr
             return ServerUnavailable(f"{code.name}: {message}")
         case _:
             return ConveyorError(f"{code.name}: {message}")
+
+
+_CODES_BY_NUMBER: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_from_number(number: int) -> grpc.StatusCode:
+    """The status code a message carries as its number (UNKNOWN for one gRPC lacks)."""
+    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+class AnsweredStatus(grpc.RpcError):
+    """A status the server answered for one item of a batch or a stream, not for a call.
+
+    Shaped like a failed call's error (`code()`, `details()`), so whatever handles a failed
+    call handles it the same way.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        """Keep the status."""
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        """The status code."""
+        return self._code
+
+    def details(self) -> str:
+        """The server's message."""
+        return self._details

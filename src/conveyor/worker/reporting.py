@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from conveyor.protocol.status import AnsweredStatus, code_from_number
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -30,25 +31,8 @@ if TYPE_CHECKING:
 MAX_BATCH: Final = 256
 
 
-class Refused(Exception):
+class Refused(AnsweredStatus):
     """The server answered this report with an error status (like grpc.aio.AioRpcError)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        """Keep the status the server gave this report."""
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        """The report's status code."""
-        return self._code
-
-    def details(self) -> str:
-        """The server's message."""
-        return self._details
-
-
-_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ReportBatcher:
@@ -113,7 +97,7 @@ class ReportBatcher:
             if outcome.code == 0:
                 answer.set_result(None)
             else:
-                code = _CODES.get(outcome.code, grpc.StatusCode.UNKNOWN)
+                code = code_from_number(outcome.code)
                 answer.set_exception(Refused(code, outcome.message))
 
     async def _send_one(self, report: pb.ReportResultRequest, answer: asyncio.Future[None]) -> None:
