@@ -59,13 +59,18 @@ def shutting_down_server() -> Iterator[tuple[str, list[str]]]:
     """
     methods: list[str] = []
 
-    def drop(_request: bytes, context: grpc.ServicerContext) -> bytes:
+    def drop(_request: Any, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
         raise AssertionError  # abort raises
 
     class Dropping(grpc.GenericRpcHandler):
         def service(self, handler_call_details: Any) -> Any:
             methods.append(handler_call_details.method)
+            # A stream is dropped as it opens, before any message, as grpc-core drops it;
+            # a unary handler would first wait for a request the client never sends
+            # before the server accepts the stream.
+            if handler_call_details.method.endswith("Stream"):
+                return grpc.stream_stream_rpc_method_handler(drop)
             return grpc.unary_unary_rpc_method_handler(drop)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
