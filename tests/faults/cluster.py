@@ -308,9 +308,9 @@ class Cluster:
 
     # --- workers, proxies, clients -----------------------------------------------------------
 
-    def proxy(self, target: Any, *, name: str | None = None) -> FaultProxy:
+    def proxy(self, target: Any, *, name: str | None = None, seed: int | None = None) -> FaultProxy:
         """A pass-through FaultProxy to `target`; closed after the scenario."""
-        proxy = FaultProxy(address_of(target), name=self._label("proxy", name)).start()
+        proxy = FaultProxy(address_of(target), name=self._label("proxy", name), seed=seed).start()
         self.proxies.append(proxy)
         return proxy
 
