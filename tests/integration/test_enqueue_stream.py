@@ -21,6 +21,7 @@ import contextlib
 import gc
 import random
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -794,3 +795,87 @@ class TestRefusalsAtTheDoor:
                     outcome = str(exc)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         assert outcomes == {"enqueued": 100}
+
+
+# --- idle streams ---------------------------------------------------------------------------
+
+IDLE_AFTER = timedelta(seconds=0.5)
+
+
+class TestIdleStreams:
+    """A stream with no request for `enqueue_stream_idle` is ended OK by the server, and
+    the clients open a new one with their next enqueue: idle clients give their calls back."""
+
+    def test_an_idle_stream_ends_ok_once_idle_for_the_setting_and_not_while_used(
+        self, start_server: Any, db: Any
+    ) -> None:
+        idle_server = start_server(enqueue_stream_idle=IDLE_AFTER)
+        channel = grpc.insecure_channel(idle_server.address)
+        try:
+            stream = RawEnqueueStream(pb_grpc.TaskServiceStub(channel))
+            try:
+                # Requests more often than the idle setting, for three times as long: each is
+                # answered, and the stream stays open throughout.
+                began = time.monotonic()
+                request_id = 0
+                while time.monotonic() - began < 3 * IDLE_AFTER.total_seconds():
+                    request_id += 1
+                    stream.send(request_id, batch("es.idle", 1))
+                    assert answer(stream).code == OK
+                    last_answer_at = time.monotonic()
+                    assert stream.nothing_within(IDLE_AFTER.total_seconds() / 3)
+                assert stream.take() is ENDED
+                quiet_for = time.monotonic() - last_answer_at
+            finally:
+                stream.close()
+        finally:
+            channel.close()
+        assert request_id >= 4
+        # Ended for being idle: not before the setting, and well before the take's timeout.
+        assert IDLE_AFTER.total_seconds() * 0.9 <= quiet_for < 5, quiet_for
+        counts = rpc_counts(idle_server.http_url)
+        assert counts[("EnqueueStream", "OK")] == 1
+        assert counts[("EnqueueTasks", "OK")] == request_id
+
+    async def test_an_async_client_opens_a_new_stream_after_an_idle_end(
+        self, start_server: Any, db: Any
+    ) -> None:
+        idle_server = start_server(enqueue_stream_idle=IDLE_AFTER)
+        async with AsyncClient(idle_server.address) as client:
+            first = await client.enqueue_task(Task(type="es.idle"))
+            await async_wait_for(
+                lambda: open_enqueue_streams(idle_server.http_url) == 0,
+                what="the server to end the idle stream",
+            )
+            second = await client.enqueue_task(Task(type="es.idle"))
+            assert open_enqueue_streams(idle_server.http_url) == 1
+        assert {row["id"] for row in await rows_async(db, [first, second])} == {first, second}
+        # Two streams, each ended OK (the second by the client's close); no request failed
+        # and none fell back to a call.
+        await async_wait_for(
+            lambda: rpc_counts(idle_server.http_url).get(("EnqueueStream", "OK")) == 2,
+            what="both streams to be counted",
+        )
+        counts = rpc_counts(idle_server.http_url)
+        assert counts[("EnqueueTasks", "OK")] == 2
+        assert set(counts) == {("EnqueueStream", "OK"), ("EnqueueTasks", "OK")}, counts
+
+    def test_a_sync_client_opens_a_new_stream_after_an_idle_end(
+        self, start_server: Any, db: Any
+    ) -> None:
+        idle_server = start_server(enqueue_stream_idle=IDLE_AFTER)
+        with Client(idle_server.address) as client:
+            first = client.enqueue_task(Task(type="es.idle"))
+            wait_for(
+                lambda: open_enqueue_streams(idle_server.http_url) == 0,
+                what="the server to end the idle stream",
+            )
+            second = client.enqueue_task(Task(type="es.idle"))
+            assert open_enqueue_streams(idle_server.http_url) == 1
+        assert {row["id"] for row in rows(db, [first, second])} == {first, second}
+        wait_for(
+            lambda: rpc_counts(idle_server.http_url).get(("EnqueueStream", "OK")) == 2,
+            what="both streams to be counted",
+        )
+        counts = rpc_counts(idle_server.http_url)
+        assert set(counts) == {("EnqueueStream", "OK"), ("EnqueueTasks", "OK")}, counts

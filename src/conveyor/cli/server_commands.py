@@ -20,6 +20,7 @@ from conveyor.errors import ServerUnavailable
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
+    DEFAULT_ENQUEUE_STREAM_IDLE,
     DEFAULT_GRPC_LISTEN,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_MAX_BATCH,
@@ -258,6 +259,15 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     "or test it).",
 )
 @click.option(
+    "--enqueue-stream-idle",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_ENQUEUE_STREAM_IDLE.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    help="End a client's enqueue stream after this long without a request (it reopens one "
+    "with its next enqueue).",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -339,6 +349,7 @@ def server(
     handoff: bool,
     work_stream: bool,
     enqueue_stream: bool,
+    enqueue_stream_idle: float,
     metrics_listen: str | None,
     tokens_file: Path | None,
     tls_cert: Path | None,
@@ -381,6 +392,7 @@ def server(
             handoff=handoff,
             work_stream=work_stream,
             enqueue_stream=enqueue_stream,
+            enqueue_stream_idle=timedelta(seconds=enqueue_stream_idle),
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,

@@ -66,6 +66,10 @@ DEFAULT_RATE_BURST: Final = 4000.0
 # without bound.
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 10_000
 DEFAULT_MAX_STREAMS_PER_CONNECTION: Final = 256
+# An idle client's enqueue stream is ended after this long: long enough that a producer
+# enqueueing every few seconds keeps its stream, short enough that clients that went quiet
+# (or were dropped unclosed) give their calls back within a minute.
+DEFAULT_ENQUEUE_STREAM_IDLE: Final = timedelta(seconds=60)
 
 
 def default_server_id() -> str:
@@ -127,6 +131,9 @@ class ServerConfig:
     # calls, as with a server that predates it. Off only to measure what the stream gains,
     # or to test that fallback.
     enqueue_stream: bool = True
+    # An enqueue stream with no request for this long is ended OK (server/enqueue_stream.py):
+    # idle clients must not hold calls under max_concurrent_rpcs for good.
+    enqueue_stream_idle: timedelta = DEFAULT_ENQUEUE_STREAM_IDLE
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL
@@ -234,6 +241,7 @@ class ServerConfig:
             "stats_interval": self.stats_interval,
             "retention_interval": self.retention_interval,
             "tokens_check_interval": self.tokens_check_interval,
+            "enqueue_stream_idle": self.enqueue_stream_idle,
         }
         for name, value in positive.items():
             if value <= timedelta(0):

@@ -13,9 +13,13 @@ the status the call would have ended with; a refused request does not end the st
 Requests are applied concurrently, as concurrent calls would be, up to
 `MAX_UNANSWERED`; beyond that the stream stops reading, and HTTP/2 flow control holds the
 client back. The stream ends OK when the client half-closes or the server drains, after
-answering every request it has read. Requests it never read, and answers lost with a
-broken call, are the client's to send again: enqueues are idempotent per task id, so a
-request applied twice creates its tasks once.
+answering every request it has read, and the server ends an idle one (no request read and
+none unanswered for `enqueue_stream_idle`, a minute by default) the same way: an open
+client holds a call, and a fleet of clients that enqueue now and then, or were dropped
+without being closed, must not keep thousands of them open under `--max-concurrent-rpcs`.
+A client opens a new stream with its next enqueue. Requests the server never read, and
+answers lost with a broken call, are the client's to send again: enqueues are idempotent
+per task id, so a request applied twice creates its tasks once.
 """
 
 from __future__ import annotations
@@ -40,10 +44,16 @@ MAX_UNANSWERED: Final = 64
 class EnqueueStream:
     """Serves one `EnqueueStream` call until the client leaves or the server drains."""
 
-    def __init__(self, service: TaskService, context: Any) -> None:
-        """Bind the stream to its call (already admitted by the caller)."""
+    def __init__(self, service: TaskService, context: Any, idle_after: float) -> None:
+        """Bind the stream to its call (already admitted by the caller).
+
+        `idle_after`: seconds with no request read and none unanswered after which the
+        stream ends OK.
+        """
         self._service = service
         self._context = context
+        self._idle_after = idle_after
+        self._last_active = asyncio.get_running_loop().time()
         self._write_lock = asyncio.Lock()
         self._room = asyncio.Semaphore(MAX_UNANSWERED)
         self._applying: set[asyncio.Task[None]] = set()
@@ -60,17 +70,19 @@ class EnqueueStream:
         """Run the stream; return when it should end OK, raise to end it with a status."""
         reading = asyncio.create_task(self._read_loop(), name="enqueue-stream-read")
         stopping = asyncio.create_task(self._stopped.wait(), name="enqueue-stream-stop")
+        idling = asyncio.create_task(self._idle_watch(), name="enqueue-stream-idle")
+        tasks: tuple[asyncio.Task[Any], ...] = (reading, stopping, idling)
         try:
-            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             # The call itself ended (the client went away): no one is left to answer.
-            for task in self._applying:
-                task.cancel()
+            for applying in self._applying:
+                applying.cancel()
             raise
         finally:
-            reading.cancel()
-            stopping.cancel()
-            await asyncio.gather(reading, stopping, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         # Answer everything read, then end with the reader's error if it had one (a
         # request that breaks the protocol), or OK.
         if self._applying:
@@ -78,6 +90,16 @@ class EnqueueStream:
         error = None if reading.cancelled() else reading.exception()
         if error is not None:
             raise error
+
+    async def _idle_watch(self) -> None:
+        """Return once the stream has been idle for `idle_after` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # Requests being applied are activity; the clock restarts at their answers.
+            idle_for = 0.0 if self._in_use else loop.time() - self._last_active
+            if idle_for >= self._idle_after:
+                return
+            await asyncio.sleep(self._idle_after - idle_for)
 
     async def _read_loop(self) -> None:
         while True:
@@ -87,6 +109,7 @@ class EnqueueStream:
                 return
             if isinstance(request, Malformed):
                 raise InvalidTask(f"malformed EnqueueStream request: {request.reason}")
+            self._last_active = asyncio.get_running_loop().time()
             self._take(request)
 
     def _take(self, request: pb.EnqueueStreamRequest) -> None:
@@ -116,6 +139,7 @@ class EnqueueStream:
         else:
             reply = pb.EnqueueStreamResponse(request_id=request_id, response=outcome)
         self._in_use.discard(request_id)
+        self._last_active = asyncio.get_running_loop().time()
         # The call may be over (the client went away); the enqueue stands either way, and
         # the client's retry of it finds its tasks already there.
         with contextlib.suppress(Exception):

@@ -387,7 +387,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             raise server_stopping()
         # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
         await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
-        stream = EnqueueStream(self, context)
+        stream = EnqueueStream(self, context, self.config.enqueue_stream_idle.total_seconds())
         self.streams.add(stream)
         if self.draining:  # began while the metadata went out: stop it like the others
             stream.stop()
