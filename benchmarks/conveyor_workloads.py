@@ -20,7 +20,9 @@ its last stdout line, as benchmarks/peers/<system>.py do:
   at the insert's and the claim's transactions (created_at, started_at).
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
-  tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed.
+  tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed;
+  `cpu_us_per_task` splits the CPU the enqueues took between the server, PostgreSQL and
+  the producer (this process).
 - w4: scale. A backlog of `--queued` tasks (1,000,000; run.py also runs 10,000 to compare),
   then, with the server running:
   - lease latency: a probe in this process registers as a worker and calls the real
@@ -595,7 +597,9 @@ async def claim_plan(conn: asyncpg.Connection, limit: int) -> dict[str, Any]:
     """EXPLAIN ANALYZE of task_claim as the server runs it, rolled back, summed up.
 
     The server's statements are prepared (asyncpg), so after five runs PostgreSQL may switch
-    to a generic plan: both the generic and a custom plan are shown.
+    to a generic plan: both the generic and a custom plan are shown. The types are those the
+    workers ask for (apps.py handles two, and W4 queues only one): a plan that scans one
+    type's backlog to find another's shows here (migration 0011 says how it once did).
     """
     await conn.execute(f"PREPARE w4_claim AS {SQL['task_claim']}")
     summary: dict[str, Any] = {"limit": limit}
@@ -605,9 +609,10 @@ async def claim_plan(conn: asyncpg.Connection, limit: int) -> dict[str, Any]:
             await transaction.start()
             try:
                 await conn.execute(f"SET LOCAL plan_cache_mode = force_{mode}_plan")
+                types = ", ".join(map(conveyor_sql.sql_literal, (NOOP_TYPE, TIMED_TYPE)))
                 raw = await conn.fetchval(
                     "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE w4_claim("
-                    f"ARRAY[{conveyor_sql.sql_literal(NOOP_TYPE)}], {limit}, 'w4-explain',"
+                    f"ARRAY[{types}], {limit}, 'w4-explain',"
                     f" {conveyor_sql.LEASE_TTL_S}, {conveyor_sql.DEADLINE_GRACE_S})"
                 )
             finally:
