@@ -146,10 +146,20 @@ class TestTaskCommands:
         assert from_option < 12, from_option
         assert from_environment < 12, from_environment
 
-    def test_retry_for_must_be_positive(self):
-        result = run("--retry-for", "0", "enqueue", "x", "--server", "127.0.0.1:1")
+    @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300"])
+    def test_retry_for_must_be_a_positive_finite_number(self, value):
+        """A usage error (exit 2) naming the option, never a traceback from deep inside."""
+        result = run("--retry-for", value, "enqueue", "x", "--server", "127.0.0.1:1")
         assert result.returncode == 2, result.stderr
         assert "--retry-for" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize("option", ["--enqueue-stream-idle", "--lease-ttl", "--rate-limit"])
+    def test_server_durations_and_rates_refuse_non_finite_numbers(self, option):
+        result = run("server", option, "inf")
+        assert result.returncode == 2, result.stderr
+        assert option in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from work_streams import ENDED, RawCall, RawEnqueueStream
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task
 from conveyor.auth import Role, TokenEntry, new_token
+from conveyor.breaker import BreakerPolicy
 from conveyor.client import channel as channel_module
 from conveyor.client.enqueue_stream import STREAM_RETRY_AFTER
 from conveyor.errors import ConveyorError, LimitExceeded, PermissionDenied, Unauthenticated
@@ -859,6 +860,52 @@ class TestIdleStreams:
         counts = rpc_counts(idle_server.http_url)
         assert counts[("EnqueueTasks", "OK")] == 2
         assert set(counts) == {("EnqueueStream", "OK"), ("EnqueueTasks", "OK")}, counts
+
+    @pytest.mark.parametrize("kind", ["async", "sync"])
+    def test_an_enqueue_racing_the_idle_end_goes_again_at_once_and_counts_as_no_failure(
+        self, start_server: Any, db: Any, monkeypatch: pytest.MonkeyPatch, kind: str
+    ) -> None:
+        """A producer that enqueues about once per idle period sends some requests just as
+        the server ends the stream. Each goes again at once on a new stream: the caller
+        sees no error, and the retry loop no failure (so no backoff, no breaker mark, even
+        with a breaker that opens on the first failure)."""
+        failures: list[str] = []
+        original = channel_module.RetryLoop.failed
+
+        def counting(loop: Any, address: str, error: grpc.RpcError) -> None:
+            failures.append(f"{error.code()}: {error.details()}")
+            original(loop, address, error)
+
+        monkeypatch.setattr(channel_module.RetryLoop, "failed", counting)
+        idle = 0.3
+        idle_server = start_server(enqueue_stream_idle=timedelta(seconds=idle))
+        strict = BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(seconds=30))
+        # Around the idle end, a little before and after: the pacing is the workload.
+        pauses = [idle + offset / 1000 for offset in (-2, -1, 0, 1, 2, 3) * 2]
+        if kind == "async":
+
+            async def produce() -> list[str]:
+                async with AsyncClient(idle_server.address, breaker=strict) as client:
+                    ids = [await client.enqueue_task(Task(type="es.race"))]
+                    for pause in pauses:
+                        await asyncio.sleep(pause)
+                        ids.append(await client.enqueue_task(Task(type="es.race")))
+                    return ids
+
+            ids = asyncio.run(produce())
+        else:
+            with Client(idle_server.address, breaker=strict) as client:
+                ids = [client.enqueue_task(Task(type="es.race"))]
+                for pause in pauses:
+                    time.sleep(pause)
+                    ids.append(client.enqueue_task(Task(type="es.race")))
+        assert failures == []
+        assert {row["id"] for row in rows(db, ids)} == set(ids)
+        # The idle end did happen between enqueues, many times over.
+        wait_for(
+            lambda: rpc_counts(idle_server.http_url).get(("EnqueueStream", "OK"), 0) >= 6,
+            what="the idle streams to be counted",
+        )
 
     def test_a_sync_client_opens_a_new_stream_after_an_idle_end(
         self, start_server: Any, db: Any

@@ -236,6 +236,35 @@ class TestMigrate:
         assert await migrate_once(empty_database_url) == []
         assert await ledger(empty_database_url) == ALL_VERSIONS
 
+    async def test_applying_migrations_refreshes_the_task_tables_statistics(
+        self, empty_database_url
+    ) -> None:
+        """Migration 0011's pinned estimate counts from the next ANALYZE: migrate runs one
+        after its transaction commits, and the estimate is then in the statistics."""
+        await migrate_once(empty_database_url)
+        conn = await asyncpg.connect(empty_database_url)
+        try:
+            analyzed = await conn.fetchval(
+                "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'conveyor_tasks'"
+            )
+            assert analyzed is not None
+            await conn.execute(
+                "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
+                "SELECT gen_random_uuid(), 'only', '', interval '60 seconds', 3 "
+                "FROM generate_series(1, 500)"
+            )
+            await conn.execute("ANALYZE conveyor_tasks")
+            # One type in the table, yet the planner is told of 100.
+            assert (
+                await conn.fetchval(
+                    "SELECT n_distinct FROM pg_stats "
+                    "WHERE tablename = 'conveyor_tasks' AND attname = 'type'"
+                )
+                == 100
+            )
+        finally:
+            await conn.close()
+
     async def test_migrated_schema_has_the_tables(self, empty_database_url) -> None:
         """Migration creates the tasks, events and workers tables and passes check_schema."""
         await migrate_once(empty_database_url)

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
+from conveyor.cli.params import BoundedFloat
 from conveyor.cli.task_commands import open_client, server_option
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ def render_stats(status: ClusterStatus) -> Group:
 @click.command()
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.2),
+    type=BoundedFloat(min=0.2),
     default=2.0,
     show_default=True,
     help="Seconds between refreshes.",

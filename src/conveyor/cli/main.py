@@ -15,6 +15,7 @@ from typing import Any, Final, cast
 import click
 
 from conveyor import __version__
+from conveyor.cli.params import BoundedFloat
 from conveyor.errors import ConveyorError
 from conveyor.logs import LOG_FORMAT_KEY, LOG_FORMATS, LogFormat, configure_logging
 
@@ -85,12 +86,14 @@ class ConveyorGroup(click.Group):
 )
 @click.option(
     "--retry-for",
-    type=click.FloatRange(min=0, min_open=True),
+    type=BoundedFloat(min=0, min_open=True),
     default=DEFAULT_RETRY_FOR,
     show_default=True,
     envvar="CONVEYOR_RETRY_FOR",
     metavar="SECONDS",
-    help="How long a command keeps retrying a server it cannot reach before it gives up.",
+    help="How long a command that calls a server may wait for its answers, retries "
+    "included, before it gives up (not `conveyor worker`, which retries for as long as "
+    "it runs).",
 )
 @click.pass_context
 def cli(ctx: click.Context, log_level: str, log_format: str, retry_for: float) -> None:

@@ -16,6 +16,7 @@ import click
 from conveyor import event_loop
 from conveyor.cli.database_option import database_url_option, resolve_database
 from conveyor.cli.gc_policy import tune_for_long_running_process
+from conveyor.cli.params import BoundedFloat
 from conveyor.errors import ServerUnavailable
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
@@ -150,21 +151,21 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 )
 @click.option(
     "--lease-ttl",
-    type=click.FloatRange(min=1),
+    type=BoundedFloat(min=1),
     default=30,
     show_default=True,
     help="Seconds a lease lasts without a heartbeat.",
 )
 @click.option(
     "--retry-backoff-base",
-    type=click.FloatRange(min=0.001),
+    type=BoundedFloat(min=0.001),
     default=1.0,
     show_default=True,
     help="Seconds before the first retry (doubles each time).",
 )
 @click.option(
     "--retry-backoff-cap",
-    type=click.FloatRange(min=0.001),
+    type=BoundedFloat(min=0.001),
     default=300.0,
     show_default=True,
     help="Longest delay between retries, in seconds.",
@@ -185,7 +186,7 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 )
 @click.option(
     "--max-lease-wait",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(min=0),
     default=DEFAULT_MAX_LEASE_WAIT.total_seconds(),
     show_default=True,
     help="Longest a worker's long poll may wait on this server, in seconds.",
@@ -199,34 +200,34 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 )
 @click.option(
     "--heartbeat-interval",
-    type=click.FloatRange(min=0.01),
+    type=BoundedFloat(min=0.01),
     default=None,
     help="Seconds between worker heartbeats (default: 3, at most lease-ttl / 3).",
 )
 @click.option(
     "--worker-lost-after",
-    type=click.FloatRange(min=0.01),
+    type=BoundedFloat(min=0.01),
     default=15.0,
     show_default=True,
     help="Seconds of heartbeat silence before a worker is lost.",
 )
 @click.option(
     "--leader-ttl",
-    type=click.FloatRange(min=0.1),
+    type=BoundedFloat(min=0.1),
     default=10.0,
     show_default=True,
     help="Seconds a leader's lease lasts; a dead leader is replaced within it.",
 )
 @click.option(
     "--reaper-interval",
-    type=click.FloatRange(min=0.01),
+    type=BoundedFloat(min=0.01),
     default=1.0,
     show_default=True,
     help="Seconds between lease-reaper and sweeper rounds.",
 )
 @click.option(
     "--retention-days",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(min=0),
     default=7.0,
     show_default=True,
     envvar="CONVEYOR_RETENTION_DAYS",
@@ -260,7 +261,7 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 )
 @click.option(
     "--enqueue-stream-idle",
-    type=click.FloatRange(min=0, min_open=True),
+    type=BoundedFloat(min=0, min_open=True),
     default=DEFAULT_ENQUEUE_STREAM_IDLE.total_seconds(),
     show_default=True,
     metavar="SECONDS",
@@ -305,7 +306,7 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
 )
 @click.option(
     "--rate-limit",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(min=0),
     default=DEFAULT_RATE_LIMIT,
     show_default=True,
     envvar="CONVEYOR_RATE_LIMIT",

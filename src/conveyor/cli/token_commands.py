@@ -17,6 +17,7 @@ from typing import Final
 import click
 
 from conveyor.auth import Role, TokenRegistry, new_token
+from conveyor.cli.params import BoundedFloat
 from conveyor.errors import ConfigError
 
 # A century: longer is "never", which is what leaving the option out says.
@@ -49,7 +50,7 @@ def token() -> None:
 )
 @click.option(
     "--expires-in-days",
-    type=click.FloatRange(min=0, min_open=True, max=MAX_DAYS),
+    type=BoundedFloat(min=0, min_open=True, max=MAX_DAYS),
     default=None,
     help="The token stops working after this many days (default: never).",
 )

@@ -16,7 +16,13 @@ from conveyor.client.channel import (
     TlsConfig,
     parse_addresses,
 )
-from conveyor.client.enqueue_stream import STREAM_RETRY_AFTER, EnqueueStream, StreamEnded
+from conveyor.client.enqueue_stream import (
+    MIN_SEND_TIMEOUT,
+    STREAM_RETRY_AFTER,
+    EnqueueStream,
+    StreamEnded,
+    send_again_on_a_new_stream,
+)
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
 from conveyor.group_commit import GroupCommit
@@ -141,15 +147,22 @@ class AsyncClient:
         self, address: str, request: pb.EnqueueTasksRequest, timeout: float
     ) -> pb.EnqueueTasksResponse:
         """One attempt: on the address's enqueue stream, or as a call to a server without one."""
-        now = asyncio.get_running_loop().time()
-        if self._calls_only_until.get(address, 0.0) <= now:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + timeout
+        sent_again = False
+        while self._calls_only_until.get(address, 0.0) <= now:
             stream = self._enqueue_streams.get(address)
+            stream_was_new = stream is None or stream.ended
             if stream is None or stream.ended:
                 stream = EnqueueStream(self._channel(address), self._metadata)
                 self._enqueue_streams[address] = stream
             try:
-                return await stream.send(request, timeout)
+                return await stream.send(request, max(deadline - loop.time(), MIN_SEND_TIMEOUT))
             except StreamEnded as exc:
+                if not sent_again and send_again_on_a_new_stream(exc, stream_was_new):
+                    sent_again = True
+                    continue
                 if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 # A server that predates the stream, or has it turned off, read nothing:

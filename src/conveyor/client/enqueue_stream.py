@@ -9,8 +9,10 @@ CPU for the exchange. Each request is numbered and answered on its own with the 
 which `RetryLoop` treats exactly as a failed call.
 
 When the call ends, for any reason, every unanswered request fails with `StreamEnded`
-(transient, UNAVAILABLE, when the server ended it OK because it is stopping), and the
-client sends it again through its retry loop: enqueues are idempotent per task id. A
+(transient, UNAVAILABLE, when the server ended it OK because it had been idle or is
+stopping), and the client sends it again: at once on a new stream if the server ended one
+that had been open a while (it may just have been idle), else through its retry loop.
+Enqueues are idempotent per task id, so a request applied twice creates its tasks once. A
 request with no answer within its deadline ends the stream too, as a call's deadline ends
 the call, so a server that stopped answering is not used again through a stale stream.
 
@@ -49,11 +51,18 @@ METHOD: Final = "/conveyor.v1.TaskService/EnqueueStream"
 # After a server answers UNIMPLEMENTED (it predates the stream, or has it off), enqueues
 # to it go as calls for this long before the stream is tried again.
 STREAM_RETRY_AFTER: Final = 60.0
+# The least time a request sent again on a new stream is given (its attempt's deadline may
+# be nearly spent): enough for an answer from a server that is up.
+MIN_SEND_TIMEOUT: Final = 0.05
 # How long closing a client waits for the server to end its streams OK after the client
 # half-closes them, before it cancels them.
 CLOSE_TIMEOUT: Final = 1.0
 # The details grpc gives a call whose status it replaced after a write raced the end.
 GRPC_WRITE_RACE: Final = "Internal error from Core"
+# How an unanswered request fails when the server ended its stream OK: transient, so the
+# retry loop sends it again if it is not sent again at once (send_again_on_a_new_stream).
+SERVER_ENDED_CODE: Final = grpc.StatusCode.UNAVAILABLE
+SERVER_ENDED: Final = "the server ended it (it was idle, or the server is stopping); retry"
 
 
 class RequestFailed(AnsweredStatus):
@@ -61,7 +70,29 @@ class RequestFailed(AnsweredStatus):
 
 
 class StreamEnded(RequestFailed):
-    """The call ended before the request was answered; `code()` says how it ended."""
+    """The call ended before the request was answered; `code()` says how it ended.
+
+    `server_closed`: the server ended a stream it had accepted, because it had been idle or
+    because the server drains (or a write raced that end). A request that was written just
+    then is worth sending again at once on a new stream (`send_again_on_a_new_stream`).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, server_closed: bool = False) -> None:
+        """Keep the status and how the stream ended."""
+        super().__init__(code, details)
+        self.server_closed = server_closed
+
+
+def send_again_on_a_new_stream(error: StreamEnded, stream_was_new: bool) -> bool:
+    """Whether a request that failed with `error` goes again at once on a new stream.
+
+    A stream that had been open a while may have been ended by its server for being idle
+    just as the request went (enqueue_stream_idle): that is no failure of the server, and
+    must cost neither a backoff nor a mark against its circuit breaker. A new stream to a
+    server that is draining is refused at the door, and that failure then counts as any
+    other. A stream the client has just opened is not replaced twice.
+    """
+    return error.server_closed and not stream_was_new
 
 
 class EnqueueStream:
@@ -178,9 +209,7 @@ class EnqueueStream:
                 answer = self._answers.get(reply.request_id)
                 if answer is not None and not answer.done():
                     answer.set_result(reply)
-            ended = _ended(
-                grpc.StatusCode.UNAVAILABLE, "the server ended it (it is stopping); retry"
-            )
+            ended = _ended(SERVER_ENDED_CODE, SERVER_ENDED, server_closed=True)
         except grpc.aio.AioRpcError as exc:
             ended = _ended_by(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
@@ -279,7 +308,7 @@ class BlockingEnqueueStream:
             yield request
 
     def _read_all(self) -> None:
-        ended = _ended(grpc.StatusCode.UNAVAILABLE, "the server ended it (it is stopping); retry")
+        ended = _ended(SERVER_ENDED_CODE, SERVER_ENDED, server_closed=True)
         try:
             # The server accepted the stream (its header), or refused it: then the loop
             # below raises the refusal, and `send` hears it once `_ended` is set.
@@ -321,7 +350,9 @@ def _ended_by(code: grpc.StatusCode, details: str) -> StreamEnded:
         # A write raced the server's end of the call (grpc/grpc#36066, see the module's
         # docstring): the stream broke; what it carried is sent again. An INTERNAL the
         # server itself sent carries its own message, and is not retried, as for a call.
-        return _ended(grpc.StatusCode.UNAVAILABLE, f"the call broke ({details})")
+        return _ended(
+            grpc.StatusCode.UNAVAILABLE, f"the call broke ({details})", server_closed=True
+        )
     return StreamEnded(code, details)
 
 
@@ -336,5 +367,7 @@ def _accepts(metadata: Any) -> bool:
     return any(key == ENQUEUE_STREAM_ACCEPTED for key, _ in metadata or ())
 
 
-def _ended(code: grpc.StatusCode, how: str) -> StreamEnded:
-    return StreamEnded(code, f"the enqueue stream ended before the answer: {how}")
+def _ended(code: grpc.StatusCode, how: str, *, server_closed: bool = False) -> StreamEnded:
+    return StreamEnded(
+        code, f"the enqueue stream ended before the answer: {how}", server_closed=server_closed
+    )

@@ -19,9 +19,11 @@ from conveyor.client.channel import (
     parse_addresses,
 )
 from conveyor.client.enqueue_stream import (
+    MIN_SEND_TIMEOUT,
     STREAM_RETRY_AFTER,
     BlockingEnqueueStream,
     StreamEnded,
+    send_again_on_a_new_stream,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
@@ -172,15 +174,21 @@ class Client:
     ) -> pb.EnqueueTasksResponse:
         """One attempt, as `AsyncClient._enqueue_once` makes it."""
         now = time.monotonic()
-        if self._calls_only_until.get(address, 0.0) <= now:
+        deadline = now + timeout
+        sent_again = False
+        while self._calls_only_until.get(address, 0.0) <= now:
             with self._channels_lock:
                 stream = self._enqueue_streams.get(address)
+                stream_was_new = stream is None or stream.ended
                 if stream is None or stream.ended:
                     stream = BlockingEnqueueStream(self._channel(address), self._metadata)
                     self._enqueue_streams[address] = stream
             try:
-                return stream.send(request, timeout)
+                return stream.send(request, max(deadline - time.monotonic(), MIN_SEND_TIMEOUT))
             except StreamEnded as exc:
+                if not sent_again and send_again_on_a_new_stream(exc, stream_was_new):
+                    sent_again = True
+                    continue
                 if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 self._calls_only_until[address] = now + STREAM_RETRY_AFTER

@@ -8,12 +8,15 @@ Conveyor, instead of failing later on a missing column.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
 from conveyor.errors import SchemaMismatch
+
+log = logging.getLogger("conveyor.storage.migrate")
 
 # Arbitrary but fixed: "conveyor" in ASCII, so it will not collide with an application's lock.
 _MIGRATION_LOCK_KEY: Final = 0x636F6E7665796F72
@@ -30,6 +33,10 @@ _LEDGER_EXISTS: Final = "SELECT to_regclass('conveyor_schema_migrations') IS NOT
 _LEDGER_VERSIONS: Final = "SELECT version FROM conveyor_schema_migrations ORDER BY version"
 _LEDGER_RECORD: Final = "INSERT INTO conveyor_schema_migrations (version, name) VALUES ($1, $2)"
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
+# Run after migrations commit: a migration may change what the planner should know of the
+# task table (0011 pins an estimate that counts from the next ANALYZE). Outside their
+# transaction it takes only a SHARE UPDATE EXCLUSIVE lock, and reads a sample of pages.
+_REFRESH_STATISTICS: Final = "ANALYZE conveyor_tasks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,25 @@ async def applied_versions(conn: Any) -> list[int]:
 
 
 async def migrate(conn: Any) -> list[Migration]:
-    """Apply every pending migration in one transaction; return those applied."""
+    """Apply every pending migration in one transaction; return those applied.
+
+    Then, if any was applied, refresh the task table's planner statistics.
+    """
+    pending = await _apply_pending(conn)
+    if pending:
+        try:
+            await conn.execute(_REFRESH_STATISTICS)
+        except Exception as exc:
+            log.warning(
+                "migrations applied, but %s failed (%s): autovacuum will run it, or run it "
+                "yourself",
+                _REFRESH_STATISTICS,
+                exc,
+            )
+    return pending
+
+
+async def _apply_pending(conn: Any) -> list[Migration]:
     async with conn.transaction():
         await conn.execute(_LOCK, _MIGRATION_LOCK_KEY)
         await conn.execute(_LEDGER_DDL)

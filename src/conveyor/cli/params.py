@@ -1,0 +1,28 @@
+"""Click parameter types shared by the commands.
+
+`BoundedFloat` is the type of every number of seconds, rate or count of days on the command
+line: click's FloatRange lets `nan`, `inf` and numbers like 1e300 through, which no setting
+can mean and which then fail deep inside (`timedelta` overflows) with a traceback instead
+of a usage error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import click
+
+# Beyond any setting: 31 years in seconds, a billion requests a second.
+LARGEST: Final = 1e9
+
+
+class BoundedFloat(click.FloatRange):
+    """A FloatRange that also refuses nan, infinities and magnitudes beyond LARGEST."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Parse and range-check as FloatRange does, then refuse what no setting can be."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number) or abs(number) > LARGEST:
+            self.fail(f"{value!r} is not a finite number up to {LARGEST:g}", param, ctx)
+        return number
