@@ -130,7 +130,10 @@ class TestCountsMatchWhatRan:
             timed_out_for = metrics.value(
                 "conveyor_worker_handler_duration_seconds_sum", type=SLOW, outcome="timed_out"
             )
-            assert 0.3 <= timed_out_for < 3
+            # At least its 0.3 s timeout, less a clock's rounding: the timeout fires on the
+            # event loop's clock and the duration is measured on another (0.29999999999927
+            # seen once).
+            assert 0.3 - 1e-3 <= timed_out_for < 3
             fast_bucket = metrics.value(
                 "conveyor_worker_handler_duration_seconds_bucket",
                 type=OK,
