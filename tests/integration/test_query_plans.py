@@ -305,29 +305,36 @@ class TestPerTaskQueriesUseIndexes:
         assert indexes_used(plan), json.dumps(plan, indent=1)
 
 
-@pytest.fixture(scope="module")
-def skewed(pg_cluster) -> Iterator[str]:
-    """A backlog of 50,000 tasks of one type and 5 of another, analysed: the shape in which
-    a planner guessing "half the queued rows are of the wanted type" would walk the whole
-    backlog through (state, seq) instead of probing (type, state, seq)."""
-    name = f"conveyor_skew_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def backlog(pg_cluster: Any, name: str, tasks_by_type: dict[str, int]) -> Iterator[str]:
+    """A migrated database holding `tasks_by_type` queued tasks, analysed; dropped after."""
+    name = f"conveyor_{name}_{uuid.uuid4().hex[:12]}"
     run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
     url = with_database(pg_cluster.admin_url, name)
     try:
         run_sql(
             url,
-            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
-            "SELECT gen_random_uuid(), 'bulk', '', interval '60 seconds', 3 "
-            "FROM generate_series(1, 50000)",
-            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
-            "SELECT gen_random_uuid(), 'rare', '', interval '60 seconds', 3 "
-            "FROM generate_series(1, 5)",
+            *(
+                "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "  # noqa: S608 - test constants
+                f"SELECT gen_random_uuid(), '{task_type}', '', interval '60 seconds', 3 "
+                f"FROM generate_series(1, {count})"
+                for task_type, count in tasks_by_type.items()
+            ),
             "ANALYZE conveyor_tasks",
         )
         yield url
     finally:
         with contextlib.suppress(Exception):
             run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def skewed(pg_cluster) -> Iterator[str]:
+    """A backlog of 50,000 tasks of one type and 5 of another, analysed: the shape in which
+    a planner guessing "half the queued rows are of the wanted type" would walk the whole
+    backlog through (state, seq) instead of probing (type, state, seq)."""
+    with backlog(pg_cluster, "skew", {"bulk": 50_000, "rare": 5}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -337,21 +344,8 @@ def one_type(pg_cluster) -> Iterator[str]:
     claim for any type was estimated to match every queued row, and the planner walked
     (state, seq) with a filter on the type: 130-170 ms per claim at a million queued for a
     worker that also serves a type with no task (W4, eighth round)."""
-    name = f"conveyor_one_type_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
-    url = with_database(pg_cluster.admin_url, name)
-    try:
-        run_sql(
-            url,
-            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
-            "SELECT gen_random_uuid(), 'bulk', '', interval '60 seconds', 3 "
-            "FROM generate_series(1, 50000)",
-            "ANALYZE conveyor_tasks",
-        )
+    with backlog(pg_cluster, "one_type", {"bulk": 50_000}) as url:
         yield url
-    finally:
-        with contextlib.suppress(Exception):
-            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class TestClaimUnderASkewedBacklog:
