@@ -41,6 +41,7 @@ import grpc
 
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
 from conveyor.protocol.status import AnsweredStatus, code_from_number
+from conveyor.protocol.stream_writes import write_message
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -180,20 +181,12 @@ class EnqueueStream:
             if not self._accepted or self._ended is not None or self._call.done():
                 await self._reader_done()
                 raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "refused")
-            try:
-                await self._call.write(request)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this task is being cancelled, not the write
-                # grpc.aio raises CancelledError from a write to a call cancelled locally
-                # (another request's deadline ended it): the message did not go.
+            # A write that did not go (the call cancelled locally by another request's
+            # deadline, or over): the reader says how the call ended.
+            failure = await write_message(self._call, request)
+            if failure is not None:
                 await self._reader_done()
-                raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "cancelled") from None
-            except (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError):
-                # The call is over; the reader says how it ended.
-                await self._reader_done()
-                raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, "ended") from None
+                raise self._ended or _ended(grpc.StatusCode.UNAVAILABLE, failure)
 
     async def _reader_done(self) -> None:
         # asyncio.wait, not gather: a sender cancelled while it waits must not cancel the

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from conveyor.protocol.stream_writes import write_message
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -129,17 +130,9 @@ class WorkStream:
         async with self._write_lock:
             if not self.writable:
                 raise StreamEnded("the Work stream is closed for writing")
-            try:
-                await self._call.write(request)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this task is being cancelled, not the write
-                # grpc.aio raises CancelledError from a write to a call cancelled locally
-                # (the worker replacing or leaving the stream): the message did not go.
+            # A write that did not go: the call was cancelled locally (the worker replacing
+            # or leaving the stream), or is over (`read_all` reports how it ended).
+            failure = await write_message(self._call, request)
+            if failure is not None:
                 self.writable = False
-                raise StreamEnded("the Work stream was cancelled") from None
-            except (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError) as exc:
-                # The call is over; `read_all` reports how it ended.
-                self.writable = False
-                raise StreamEnded(f"the Work stream ended: {exc}") from exc
+                raise StreamEnded(f"the Work stream was {failure}")
