@@ -42,7 +42,7 @@ MAX_UNANSWERED: Final = 64
 
 
 class EnqueueStream:
-    """Serves one `EnqueueStream` call until the client leaves or the server drains."""
+    """Serves one `EnqueueStream` call until the client leaves, the server drains, or it idles."""
 
     def __init__(self, service: TaskService, context: Any, idle_after: float) -> None:
         """Bind the stream to its call (already admitted by the caller).
