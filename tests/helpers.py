@@ -301,3 +301,18 @@ def running(worker: Any) -> Iterator[Any]:
         yield worker
     finally:
         worker.stop()
+
+
+@contextlib.contextmanager
+def writes_blocked(database_url: str) -> Iterator[None]:
+    """Hold a SHARE lock on conveyor_tasks: reads go on, every insert and update of a task
+    waits until the block ends."""
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(database_url))
+    try:
+        loop.run_until_complete(conn.execute("BEGIN; LOCK TABLE conveyor_tasks IN SHARE MODE"))
+        yield
+        loop.run_until_complete(conn.execute("ROLLBACK"))
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()

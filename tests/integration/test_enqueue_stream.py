@@ -17,7 +17,6 @@ nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import random
 import threading
@@ -29,12 +28,11 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
-from helpers import async_wait_for, wait_for
+from helpers import async_wait_for, wait_for, writes_blocked
 from work_streams import ENDED, RawCall, RawEnqueueStream
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task
@@ -154,20 +152,6 @@ def rpc_counts(http_url: str, token: str | None = None) -> dict[tuple[str, str],
 def grown(before: dict[Any, float], after: dict[Any, float]) -> dict[Any, float]:
     """How much each count grew (zeros left out)."""
     return {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key)}
-
-
-@contextlib.contextmanager
-def inserts_blocked(database_url: str) -> Iterator[None]:
-    """Hold a SHARE lock on conveyor_tasks: reads go on, every insert waits until the end."""
-    loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(asyncpg.connect(database_url))
-    try:
-        loop.run_until_complete(conn.execute("BEGIN; LOCK TABLE conveyor_tasks IN SHARE MODE"))
-        yield
-        loop.run_until_complete(conn.execute("ROLLBACK"))
-    finally:
-        loop.run_until_complete(conn.close())
-        loop.close()
 
 
 class Tokens:
@@ -329,7 +313,7 @@ class TestProtocolErrors:
         first is still answered (OK, stored), then the call ends INVALID_ARGUMENT; the
         second's tasks are not stored."""
         first, second = batch("es.twice", 1), batch("es.twice", 1)
-        with inserts_blocked(database_url):
+        with writes_blocked(database_url):
             stream.send(5, first)
             stream.send(5, second)
             # Nothing can be answered while the insert waits for the lock.

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import metric_by_label, wait_for
+from helpers import metric_by_label, wait_for, writes_blocked
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -499,9 +499,16 @@ class TestSuccessReportsInOneStatement:
             == 1
         )
 
-    def test_many_workers_reporting_at_once_share_statements(self, server, stubs: Stubs, db):
+    def test_many_workers_reporting_at_once_share_statements(
+        self, server, stubs: Stubs, db, database_url: str
+    ):
         """48 successes reported concurrently: all applied, in fewer statements than reports,
-        each with its own result."""
+        each with its own result.
+
+        The task table is locked while they arrive, so the group commit's two statements in
+        flight wait and the reports behind them queue up to share the next one, as under
+        load; unlocked, a fast machine answered each report before the next arrived (48
+        statements for 48 reports, seen once)."""
         ids = stubs.enqueue(count=48)
         stubs.register("w-many")
         leases = stubs.lease("w-many", max_tasks=48)
@@ -518,7 +525,20 @@ class TestSuccessReportsInOneStatement:
             )
 
         with ThreadPoolExecutor(max_workers=48) as pool:
-            list(pool.map(report, leases))
+            with writes_blocked(database_url):
+                reported = [pool.submit(report, lease) for lease in leases]
+                wait_for(
+                    lambda: (
+                        db.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                        )
+                        >= 2
+                    ),
+                    what="both of the group commit's statements to wait on the lock",
+                )
+            for done in reported:
+                done.result()
         statements = metric_value(server.http_url, "conveyor_report_group_calls_count") - before
         assert 0 < statements < 48
         rows = db.fetch(
