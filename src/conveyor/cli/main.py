@@ -16,6 +16,7 @@ import click
 
 from conveyor import __version__
 from conveyor.cli.params import BoundedFloat
+from conveyor.client.channel import RetryPolicy
 from conveyor.errors import ConveyorError
 from conveyor.logs import LOG_FORMAT_KEY, LOG_FORMATS, LogFormat, configure_logging
 
@@ -37,7 +38,7 @@ COMMANDS: Final = {
 }
 # ctx.meta key of `--retry-for`, read by the commands that call a server (open_client).
 RETRY_FOR_KEY: Final = "conveyor.retry_for"
-DEFAULT_RETRY_FOR: Final = 30.0
+DEFAULT_RETRY_FOR: Final = RetryPolicy().total_timeout.total_seconds()
 
 
 class ConveyorGroup(click.Group):

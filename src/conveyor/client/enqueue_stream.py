@@ -208,10 +208,11 @@ class EnqueueStream:
         except asyncio.CancelledError:
             pass  # closed, or the call cancelled after a deadline
         finally:
+            # A deadline that abandoned the stream said first how it ended.
             self._ended = self._ended or ended
             for answer in self._answers.values():
                 if not answer.done():
-                    answer.set_exception(ended)
+                    answer.set_exception(self._ended)
 
 
 class BlockingEnqueueStream:
