@@ -8,8 +8,9 @@ the refusal's code and message), a refused request leaves the stream usable, and
 tasks are in the database once however often a request is sent; request_id 0, a number
 still in use and bytes that are no message end the stream INVALID_ARGUMENT; a half-close
 or a stopping server ends it OK after the answers; tokens, roles and the rate limit are
-checked for every request; a server with streams off answers UNIMPLEMENTED and the client
-then enqueues with calls; the open streams and each request are counted in /metrics; and
+checked for every request, and one token holds at most its cap of open streams (a client
+refused one enqueues with calls); a server with streams off answers UNIMPLEMENTED and the
+client then enqueues with calls; the open streams and each request are counted in /metrics; and
 an AsyncClient whose server goes away enqueues on the next one, losing and duplicating
 nothing.
 """
@@ -647,6 +648,143 @@ class TestRateLimit:
             ("EnqueueTasks", "RESOURCE_EXHAUSTED")
         ]
         assert refusals >= 2  # the first try and at least one retry
+
+
+# --- streams per token ---------------------------------------------------------------------
+
+STREAMS_PER_TOKEN = 2
+
+
+@pytest.fixture
+def capped(start_server: Any, tokens: Tokens) -> Any:
+    """A server with tokens that lets one token hold two enqueue streams (no rate limit)."""
+    tokens.admin = tokens.add("bootstrap-admin", Role.ADMIN)
+    tokens.server = start_server(
+        tokens_file=tokens.path,
+        tokens_check_interval=timedelta(milliseconds=20),
+        rate_limit=None,
+        max_enqueue_streams_per_token=STREAMS_PER_TOKEN,
+    )
+    return tokens.server
+
+
+def opened(stub: pb_grpc.TaskServiceStub, token: str, task_type: str) -> RawEnqueueStream:
+    """A raw stream with `token` that the server accepted: its first request was answered."""
+    stream = RawEnqueueStream(stub, metadata=bearer(token))
+    stream.send(1, batch(task_type, 1))
+    assert answer(stream).code == OK
+    return stream
+
+
+def stream_refusals(http_url: str, token: str) -> float:
+    """`conveyor_limit_refusals_total{limit="enqueue_streams"}` (0 before the first)."""
+    return sum(
+        sample.value
+        for sample in scrape(http_url, token)
+        if sample.name == "conveyor_limit_refusals_total"
+        and sample.labels["limit"] == "enqueue_streams"
+    )
+
+
+class TestStreamsPerToken:
+    """Open streams hold server slots that requests' metering never sees: with tokens, one
+    token holds at most `max_enqueue_streams_per_token` on a server, and a client refused
+    one enqueues with calls instead."""
+
+    def test_a_token_past_its_cap_is_refused_a_stream_and_others_are_not(
+        self, capped: Any, tokens: Tokens, db: Any
+    ) -> None:
+        """Two streams with one token are accepted; the third ends RESOURCE_EXHAUSTED at the
+        door, naming the limit, and stores nothing; another token still opens one; once one
+        of the two ends, the first token opens a stream again."""
+        app, other = tokens.add("app", Role.PRODUCER), tokens.add("other", Role.PRODUCER)
+        channel = grpc.insecure_channel(capped.address)
+        stub = pb_grpc.TaskServiceStub(channel)
+        streams = [opened(stub, app, "es.capped") for _ in range(STREAMS_PER_TOKEN)]
+        try:
+            refused_request = batch("es.capped", 1)
+            refused = RawEnqueueStream(stub, metadata=bearer(app))
+            refused.send(1, refused_request)
+            error = ended_with(refused)
+            refused.close()
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details().startswith("enqueue stream limit"), error.details()
+            assert f"{STREAMS_PER_TOKEN} enqueue streams open" in error.details()
+            assert rows(db, ids_of(refused_request)) == []
+            assert stream_refusals(capped.http_url, tokens.admin) == 1
+
+            streams.append(opened(stub, other, "es.capped"))
+            streams[0].half_close()
+            assert streams[0].take() is ENDED
+            wait_for(
+                lambda: open_enqueue_streams(capped.http_url, tokens.admin) == STREAMS_PER_TOKEN,
+                what="the ended stream to be counted out",
+            )
+            streams.append(opened(stub, app, "es.capped"))
+            assert stream_refusals(capped.http_url, tokens.admin) == 1
+        finally:
+            for stream in streams:
+                stream.close()
+            channel.close()
+
+    async def test_an_async_client_refused_a_stream_enqueues_with_calls(
+        self, capped: Any, tokens: Tokens, db: Any
+    ) -> None:
+        """With the token's two streams held elsewhere, an AsyncClient's enqueues succeed
+        as EnqueueTasks calls, and it does not ask for a stream again at each enqueue."""
+        app = tokens.add("app", Role.PRODUCER)
+        channel = grpc.insecure_channel(capped.address)
+        stub = pb_grpc.TaskServiceStub(channel)
+        held = [opened(stub, app, "es.capped") for _ in range(STREAMS_PER_TOKEN)]
+        try:
+            async with AsyncClient(capped.address, token=app) as client:
+                ids = [await client.enqueue_task(task("es.capped")) for _ in range(3)]
+                assert client._calls_only_until[capped.address] > 0
+                assert client._enqueue_streams[capped.address].ended
+        finally:
+            for stream in held:
+                stream.close()
+            channel.close()
+        assert [row["state"] for row in await rows_async(db, ids)] == ["queued"] * 3
+        assert stream_refusals(capped.http_url, tokens.admin) == 1
+
+    def test_a_blocking_client_refused_a_stream_enqueues_with_calls(
+        self, capped: Any, tokens: Tokens, db: Any
+    ) -> None:
+        """The same for the blocking `Client`."""
+        app = tokens.add("app", Role.PRODUCER)
+        channel = grpc.insecure_channel(capped.address)
+        stub = pb_grpc.TaskServiceStub(channel)
+        held = [opened(stub, app, "es.capped") for _ in range(STREAMS_PER_TOKEN)]
+        try:
+            with Client(capped.address, token=app) as client:
+                ids = [client.enqueue_task(task("es.capped")) for _ in range(3)]
+                assert client._calls_only_until[capped.address] > 0
+        finally:
+            for stream in held:
+                stream.close()
+            channel.close()
+        assert [row["state"] for row in rows(db, ids)] == ["queued"] * 3
+        assert stream_refusals(capped.http_url, tokens.admin) == 1
+
+    def test_without_tokens_streams_are_not_capped(self, start_server: Any) -> None:
+        """With authentication off every caller is the same anonymous admin: a cap would be
+        shared by every application, so there is none."""
+        server = start_server(max_enqueue_streams_per_token=1)
+        channel = grpc.insecure_channel(server.address)
+        stub = pb_grpc.TaskServiceStub(channel)
+        streams = []
+        try:
+            for _ in range(3):
+                stream = RawEnqueueStream(stub)
+                streams.append(stream)
+                stream.send(1, batch("es.uncapped", 1))
+                assert answer(stream).code == OK
+            assert open_enqueue_streams(server.http_url) == 3
+        finally:
+            for stream in streams:
+                stream.close()
+            channel.close()
 
 
 # --- the AsyncClient when servers go away -------------------------------------------------

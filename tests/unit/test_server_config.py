@@ -26,6 +26,7 @@ class TestServerConfig:
             ({"heartbeat_interval": timedelta(seconds=20)}, "half of lease_ttl"),
             ({"retry_backoff_cap": timedelta(milliseconds=1)}, "retry_backoff_cap"),
             ({"max_payload_bytes": 0}, "max_payload_bytes"),
+            ({"max_enqueue_streams_per_token": 0}, "max_enqueue_streams_per_token"),
             ({"grpc_listen": "nonsense"}, "HOST:PORT"),
             ({"http_listen": "host:99999"}, "HOST:PORT"),
         ],

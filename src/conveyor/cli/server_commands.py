@@ -26,6 +26,7 @@ from conveyor.server.config import (
     DEFAULT_HTTP_LISTEN,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN,
     DEFAULT_MAX_LEASE_BATCH,
     DEFAULT_MAX_LEASE_WAIT,
     DEFAULT_RATE_LIMIT,
@@ -321,6 +322,14 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Calls in progress on this server at once (each worker holds one long poll).",
 )
 @click.option(
+    "--max-enqueue-streams-per-token",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN,
+    show_default=True,
+    help="With tokens: enqueue streams one token may hold open on this server (0: no cap). "
+    "A client refused one enqueues with calls.",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     envvar="CONVEYOR_INSECURE",
@@ -358,6 +367,7 @@ def server(
     tls_client_ca: Path | None,
     rate_limit: float,
     max_concurrent_rpcs: int,
+    max_enqueue_streams_per_token: int,
     insecure: bool,
     server_id: str | None,
 ) -> None:
@@ -404,6 +414,7 @@ def server(
             rate_limit=rate_limit or None,
             rate_burst=max(1.0, rate_limit * 2),
             max_concurrent_rpcs=max_concurrent_rpcs,
+            max_enqueue_streams_per_token=max_enqueue_streams_per_token or None,
             session_secret=_session_secret(),
             server_id=server_id or default_server_id(),
             failpoints=_failpoints_from_env(),

@@ -17,11 +17,9 @@ from conveyor.client.channel import (
     parse_addresses,
 )
 from conveyor.client.enqueue_stream import (
-    MIN_SEND_TIMEOUT,
-    STREAM_RETRY_AFTER,
+    EnqueueRoute,
     EnqueueStream,
     StreamEnded,
-    send_again_on_a_new_stream,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
@@ -146,29 +144,19 @@ class AsyncClient:
     async def _enqueue_once(
         self, address: str, request: pb.EnqueueTasksRequest, timeout: float
     ) -> pb.EnqueueTasksResponse:
-        """One attempt: on the address's enqueue stream, or as a call to a server without one."""
+        """One attempt: on the address's enqueue stream, or as a call (see EnqueueRoute)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + timeout
-        sent_again = False
-        while self._calls_only_until.get(address, 0.0) <= now:
+        route = EnqueueRoute(self._calls_only_until, address, loop.time(), timeout)
+        while route.on_stream():
             stream = self._enqueue_streams.get(address)
             stream_was_new = stream is None or stream.ended
             if stream is None or stream.ended:
                 stream = EnqueueStream(self._channel(address), self._metadata)
                 self._enqueue_streams[address] = stream
             try:
-                return await stream.send(request, max(deadline - loop.time(), MIN_SEND_TIMEOUT))
+                return await stream.send(request, route.send_timeout(loop.time()))
             except StreamEnded as exc:
-                if not sent_again and send_again_on_a_new_stream(exc, stream_was_new):
-                    sent_again = True
-                    continue
-                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                # A server that predates the stream, or has it turned off, read nothing:
-                # send the request as a call, and try the stream again later (it may have
-                # been upgraded meanwhile, in a rolling deploy).
-                self._calls_only_until[address] = now + STREAM_RETRY_AFTER
+                route.stream_ended(exc, stream_was_new)
         response: pb.EnqueueTasksResponse = await self._stub(address).EnqueueTasks(
             request, timeout=timeout, metadata=self._metadata
         )

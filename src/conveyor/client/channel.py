@@ -47,6 +47,9 @@ TLS_KEY_ENV: Final = "CONVEYOR_TLS_KEY"
 TLS_SERVER_NAME_ENV: Final = "CONVEYOR_TLS_SERVER_NAME"
 INSECURE_ENV: Final = "CONVEYOR_INSECURE"
 MESSAGE_BYTES: Final = 64 * 1024 * 1024
+# The least deadline any call (or request on a stream) is given, even when its retry budget
+# is nearly spent: enough for an answer from a server that is up.
+MIN_CALL_TIMEOUT: Final = 0.05
 
 CHANNEL_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
@@ -335,7 +338,7 @@ class RetryLoop:
     def call_timeout(self) -> float:
         """The deadline for the next call: the per-call timeout within the remaining budget."""
         remaining = self._give_up_at - self._clock()
-        return min(self._policy.call_timeout.total_seconds(), max(remaining, 0.05))
+        return min(self._policy.call_timeout.total_seconds(), max(remaining, MIN_CALL_TIMEOUT))
 
     def succeeded(self, address: str) -> None:
         """The call got an answer."""

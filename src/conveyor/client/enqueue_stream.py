@@ -39,8 +39,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from conveyor.client.channel import MIN_CALL_TIMEOUT
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
-from conveyor.protocol.status import AnsweredStatus, code_from_number
+from conveyor.protocol.status import (
+    ENQUEUE_STREAM_LIMIT_PREFIX,
+    AnsweredStatus,
+    code_from_number,
+)
 from conveyor.protocol.stream_writes import write_message
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
@@ -49,19 +54,17 @@ if TYPE_CHECKING:
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 METHOD: Final = "/conveyor.v1.TaskService/EnqueueStream"
-# After a server answers UNIMPLEMENTED (it predates the stream, or has it off), enqueues
-# to it go as calls for this long before the stream is tried again.
+# After a server answers UNIMPLEMENTED (it predates the stream, or has it off) or refuses a
+# stream to the token (ENQUEUE_STREAM_LIMIT_PREFIX), enqueues to it go as calls for this
+# long before the stream is tried again.
 STREAM_RETRY_AFTER: Final = 60.0
-# The least time a request sent again on a new stream is given (its attempt's deadline may
-# be nearly spent): enough for an answer from a server that is up.
-MIN_SEND_TIMEOUT: Final = 0.05
 # How long closing a client waits for the server to end its streams OK after the client
 # half-closes them, before it cancels them.
 CLOSE_TIMEOUT: Final = 1.0
 # The details grpc gives a call whose status it replaced after a write raced the end.
 GRPC_WRITE_RACE: Final = "Internal error from Core"
 # How an unanswered request fails when the server ended its stream OK: transient, so the
-# retry loop sends it again if it is not sent again at once (send_again_on_a_new_stream).
+# retry loop sends it again if it is not sent again at once (EnqueueRoute).
 SERVER_ENDED_CODE: Final = grpc.StatusCode.UNAVAILABLE
 SERVER_ENDED: Final = "the server ended it (it was idle, or the server is stopping); retry"
 
@@ -75,7 +78,7 @@ class StreamEnded(RequestFailed):
 
     `server_closed`: the server ended a stream it had accepted, because it had been idle or
     because the server drains (or a write raced that end). A request that was written just
-    then is worth sending again at once on a new stream (`send_again_on_a_new_stream`).
+    then is worth sending again at once on a new stream (`EnqueueRoute`).
     """
 
     def __init__(self, code: grpc.StatusCode, details: str, *, server_closed: bool = False) -> None:
@@ -84,16 +87,63 @@ class StreamEnded(RequestFailed):
         self.server_closed = server_closed
 
 
-def send_again_on_a_new_stream(error: StreamEnded, stream_was_new: bool) -> bool:
-    """Whether a request that failed with `error` goes again at once on a new stream.
+class EnqueueRoute:
+    """How one enqueue attempt reaches one server: on its stream, or as a call.
 
-    A stream that had been open a while may have been ended by its server for being idle
-    just as the request went (enqueue_stream_idle): that is no failure of the server, and
-    must cost neither a backoff nor a mark against its circuit breaker. A new stream to a
-    server that is draining is refused at the door, and that failure then counts as any
-    other. A stream the client has just opened is not replaced twice.
+    Both clients make their attempts through this (`AsyncClient._enqueue_once` awaiting,
+    `Client._enqueue_once` blocking), so the rules live once:
+
+    - The request goes on the address's enqueue stream, unless that server said lately that
+      it has none (UNIMPLEMENTED: it predates the stream or has it off) or that this
+      client's token has as many open as it may (`ENQUEUE_STREAM_LIMIT_PREFIX`). Then it
+      goes as an `EnqueueTasks` call, and so do the next ones to that server for
+      `STREAM_RETRY_AFTER`: it may be upgraded meanwhile in a rolling deploy, or the
+      token's other streams may have ended.
+    - A stream that had been open a while may have been ended by its server for being idle
+      just as the request went (`enqueue_stream_idle`): that is no failure of the server,
+      and must cost neither a backoff nor a mark against its circuit breaker, so the
+      request goes again at once on a new stream, once. A new stream to a server that is
+      draining is refused at the door, and that failure counts as any other.
+    - Any other end of the stream fails the attempt, for the retry loop to judge.
     """
-    return error.server_closed and not stream_was_new
+
+    def __init__(
+        self, calls_only_until: dict[str, float], address: str, now: float, timeout: float
+    ) -> None:
+        """Start an attempt at `now` (the client's clock) with `timeout` seconds for it."""
+        self._calls_only_until = calls_only_until
+        self._address = address
+        self._now = now
+        self._deadline = now + timeout
+        self._sent_again = False
+
+    def on_stream(self) -> bool:
+        """Whether the request goes (again) on the stream rather than as a call."""
+        return self._calls_only_until.get(self._address, 0.0) <= self._now
+
+    def send_timeout(self, now: float) -> float:
+        """What is left of the attempt's time, at least `MIN_CALL_TIMEOUT`."""
+        return max(self._deadline - now, MIN_CALL_TIMEOUT)
+
+    def stream_ended(self, error: StreamEnded, stream_was_new: bool) -> None:
+        """The stream failed the request: return to send it again, raise `error` if not.
+
+        Whether it goes again on a new stream or as a call, `on_stream` says.
+        """
+        if error.server_closed and not stream_was_new and not self._sent_again:
+            self._sent_again = True
+            return
+        if error.code() is grpc.StatusCode.UNIMPLEMENTED or is_stream_limit(error):
+            self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
+            return
+        raise error
+
+
+def is_stream_limit(error: grpc.RpcError) -> bool:
+    """Whether the server refused a new stream because the token has as many as it may."""
+    return error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        error.details() or ""
+    ).startswith(ENQUEUE_STREAM_LIMIT_PREFIX)
 
 
 class EnqueueStream:

@@ -19,11 +19,9 @@ from conveyor.client.channel import (
     parse_addresses,
 )
 from conveyor.client.enqueue_stream import (
-    MIN_SEND_TIMEOUT,
-    STREAM_RETRY_AFTER,
     BlockingEnqueueStream,
+    EnqueueRoute,
     StreamEnded,
-    send_again_on_a_new_stream,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ServerUnavailable
@@ -173,10 +171,8 @@ class Client:
         self, address: str, request: pb.EnqueueTasksRequest, timeout: float
     ) -> pb.EnqueueTasksResponse:
         """One attempt, as `AsyncClient._enqueue_once` makes it."""
-        now = time.monotonic()
-        deadline = now + timeout
-        sent_again = False
-        while self._calls_only_until.get(address, 0.0) <= now:
+        route = EnqueueRoute(self._calls_only_until, address, time.monotonic(), timeout)
+        while route.on_stream():
             with self._channels_lock:
                 stream = self._enqueue_streams.get(address)
                 stream_was_new = stream is None or stream.ended
@@ -184,14 +180,9 @@ class Client:
                     stream = BlockingEnqueueStream(self._channel(address), self._metadata)
                     self._enqueue_streams[address] = stream
             try:
-                return stream.send(request, max(deadline - time.monotonic(), MIN_SEND_TIMEOUT))
+                return stream.send(request, route.send_timeout(time.monotonic()))
             except StreamEnded as exc:
-                if not sent_again and send_again_on_a_new_stream(exc, stream_was_new):
-                    sent_again = True
-                    continue
-                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                self._calls_only_until[address] = now + STREAM_RETRY_AFTER
+                route.stream_ended(exc, stream_was_new)
         response: pb.EnqueueTasksResponse = self._stub(address).EnqueueTasks(
             request, timeout=timeout, metadata=self._metadata
         )

@@ -66,6 +66,9 @@ DEFAULT_RATE_BURST: Final = 4000.0
 # without bound.
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 10_000
 DEFAULT_MAX_STREAMS_PER_CONNECTION: Final = 256
+# A token may hold a tenth of a server's call slots with enqueue streams: far more than the
+# clients of any one application need (one per Client), and too few to lock workers out.
+DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN: Final = 1_000
 # An idle client's enqueue stream is ended after this long: long enough that a producer
 # enqueueing every few seconds keeps its stream, short enough that clients that went quiet
 # (or were dropped unclosed) give their calls back within a minute.
@@ -134,6 +137,9 @@ class ServerConfig:
     # An enqueue stream with no request for this long is ended OK (server/enqueue_stream.py):
     # idle clients must not hold calls under max_concurrent_rpcs for good.
     enqueue_stream_idle: timedelta = DEFAULT_ENQUEUE_STREAM_IDLE
+    # With tokens, the enqueue streams one token may hold open on this server (one per
+    # client); a client refused a stream enqueues with calls. None: no cap.
+    max_enqueue_streams_per_token: int | None = DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL
@@ -273,6 +279,9 @@ class ServerConfig:
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        streams_cap = self.max_enqueue_streams_per_token
+        if streams_cap is not None and streams_cap < 1:
+            raise ConfigError("max_enqueue_streams_per_token must be at least 1 (None: no cap)")
         if self.rate_limit is not None and (self.rate_limit <= 0 or self.rate_burst < 1):
             raise ConfigError("rate_limit must be positive and rate_burst at least 1")
 

@@ -13,7 +13,8 @@ server process, and a producer or operator call that finds it empty is refused w
 RESOURCE_EXHAUSTED (clients wait and retry within their budget). Worker calls are not metered:
 their rate is set by the protocol itself (one long poll, a heartbeat every few seconds,
 batched reports), and refusing a heartbeat would cost a worker its leases. A producer's
-enqueue stream is metered per request, not per stream.
+enqueue stream is metered per request, not per stream; how many streams a token holds
+open is capped by the task service (`max_enqueue_streams_per_token`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ log = logging.getLogger("conveyor.server.security")
 AUTHORIZATION: Final = "authorization"
 
 # Streams whose requests are each admitted, and metered, as the call they stand for
-# (server/enqueue_stream.py): opening one costs the caller nothing.
+# (server/enqueue_stream.py): opening one takes nothing from the bucket (the open streams
+# themselves are capped per token: max_enqueue_streams_per_token).
 METERED_PER_REQUEST: Final = frozenset({"EnqueueStream"})
 
 _CALLER: ContextVar[Principal] = ContextVar("conveyor_caller", default=ANONYMOUS)

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
+from conveyor.errors import InvalidTask, LimitExceeded, TaskAlreadyFinished, TaskNotFound
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
+from conveyor.protocol.status import ENQUEUE_STREAM_LIMIT_PREFIX
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from datetime import timedelta
 
+    from conveyor.auth import Principal
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
@@ -152,6 +154,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         )
         # The EnqueueStream calls open here (see enqueue_stream.py), so draining can end them.
         self.streams: set[EnqueueStream] = set()
+        # Open enqueue streams by token id, for max_enqueue_streams_per_token.
+        self._streams_by_token: Counter[str] = Counter()
         self.draining = False
         # Timeouts that passed validation before (types: conveyor.types.known_task_type): a
         # batch usually repeats one type and one timeout a thousand times, each checked once.
@@ -385,18 +389,47 @@ class TaskService(pb_grpc.TaskServiceServicer):
             )
         if self.draining:
             raise server_stopping()
-        # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
-        await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
-        stream = EnqueueStream(self, context, self.config.enqueue_stream_idle.total_seconds())
-        self.streams.add(stream)
-        if self.draining:  # began while the metadata went out: stop it like the others
-            stream.stop()
-        self.metrics.enqueue_streams.inc()
+        token_id = self._count_stream_of(caller())
         try:
-            await stream.serve()
+            # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
+            await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
+            stream = EnqueueStream(self, context, self.config.enqueue_stream_idle.total_seconds())
+            self.streams.add(stream)
+            if self.draining:  # began while the metadata went out: stop it like the others
+                stream.stop()
+            self.metrics.enqueue_streams.inc()
+            try:
+                await stream.serve()
+            finally:
+                self.streams.discard(stream)
+                self.metrics.enqueue_streams.dec()
         finally:
-            self.streams.discard(stream)
-            self.metrics.enqueue_streams.dec()
+            if token_id is not None:
+                self._streams_by_token[token_id] -= 1
+                if not self._streams_by_token[token_id]:
+                    del self._streams_by_token[token_id]
+
+    def _count_stream_of(self, principal: Principal) -> str | None:
+        """Count a new stream against its token's cap, or refuse it; the token id counted.
+
+        Requests on a stream are metered one by one, but the stream itself holds one of the
+        server's `max_concurrent_rpcs` slots for as long as it is open, which a producer
+        could fill by opening streams and so lock out every worker. Only tokens are capped:
+        with authentication off every caller is the same anonymous admin, and one cap would
+        be shared by every application. A refused client enqueues with calls for a while
+        (EnqueueRoute), so a legitimate fleet past the cap still works, a call each.
+        """
+        limit = self.config.max_enqueue_streams_per_token
+        if not self.gate.authenticating or limit is None:
+            return None
+        if self._streams_by_token[principal.token_id] >= limit:
+            self.metrics.limit_refusals.labels("enqueue_streams").inc()
+            raise LimitExceeded(
+                f"{ENQUEUE_STREAM_LIMIT_PREFIX}: token {principal.token_id} has {limit} "
+                "enqueue streams open on this server; enqueue with EnqueueTasks calls"
+            )
+        self._streams_by_token[principal.token_id] += 1
+        return principal.token_id
 
     def start_draining(self) -> None:
         """End the enqueue streams once they have answered what they read."""
