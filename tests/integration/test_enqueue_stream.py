@@ -694,9 +694,10 @@ class TestStreamsPerToken:
     def test_a_token_past_its_cap_is_refused_a_stream_and_others_are_not(
         self, capped: Any, tokens: Tokens, db: Any
     ) -> None:
-        """Two streams with one token are accepted; the third ends RESOURCE_EXHAUSTED at the
-        door, naming the limit, and stores nothing; another token still opens one; once one
-        of the two ends, the first token opens a stream again."""
+        """Two streams with one token are accepted; the third ends UNIMPLEMENTED at the door
+        (what every client release takes as "enqueue with calls"), naming the limit, and
+        stores nothing; another token still opens one; once one of the two ends, the first
+        token opens a stream again."""
         app, other = tokens.add("app", Role.PRODUCER), tokens.add("other", Role.PRODUCER)
         channel = grpc.insecure_channel(capped.address)
         stub = pb_grpc.TaskServiceStub(channel)
@@ -707,7 +708,7 @@ class TestStreamsPerToken:
             refused.send(1, refused_request)
             error = ended_with(refused)
             refused.close()
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
             assert error.details().startswith("enqueue stream limit"), error.details()
             assert f"{STREAMS_PER_TOKEN} enqueue streams open" in error.details()
             assert rows(db, ids_of(refused_request)) == []

@@ -41,11 +41,7 @@ import grpc
 
 from conveyor.client.channel import MIN_CALL_TIMEOUT
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
-from conveyor.protocol.status import (
-    ENQUEUE_STREAM_LIMIT_PREFIX,
-    AnsweredStatus,
-    code_from_number,
-)
+from conveyor.protocol.status import AnsweredStatus, code_from_number
 from conveyor.protocol.stream_writes import write_message
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
@@ -54,9 +50,9 @@ if TYPE_CHECKING:
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 METHOD: Final = "/conveyor.v1.TaskService/EnqueueStream"
-# After a server answers UNIMPLEMENTED (it predates the stream, or has it off) or refuses a
-# stream to the token (ENQUEUE_STREAM_LIMIT_PREFIX), enqueues to it go as calls for this
-# long before the stream is tried again.
+# After a server answers UNIMPLEMENTED (it predates the stream, has it off, or will not give
+# the token another), enqueues to it go as calls for this long before the stream is tried
+# again.
 STREAM_RETRY_AFTER: Final = 60.0
 # How long closing a client waits for the server to end its streams OK after the client
 # half-closes them, before it cancels them.
@@ -93,10 +89,10 @@ class EnqueueRoute:
     Both clients make their attempts through this (`AsyncClient._enqueue_once` awaiting,
     `Client._enqueue_once` blocking), so the rules live once:
 
-    - The request goes on the address's enqueue stream, unless that server said lately that
-      it has none (UNIMPLEMENTED: it predates the stream or has it off) or that this
-      client's token has as many open as it may (`ENQUEUE_STREAM_LIMIT_PREFIX`). Then it
-      goes as an `EnqueueTasks` call, and so do the next ones to that server for
+    - The request goes on the address's enqueue stream, unless that server lately refused
+      one with UNIMPLEMENTED: it predates the stream, has it off, or this client's token
+      holds as many streams there as it may (`max_enqueue_streams_per_token`). Then it goes
+      as an `EnqueueTasks` call, and so do the next ones to that server for
       `STREAM_RETRY_AFTER`: it may be upgraded meanwhile in a rolling deploy, or the
       token's other streams may have ended.
     - A stream that had been open a while may have been ended by its server for being idle
@@ -133,17 +129,10 @@ class EnqueueRoute:
         if error.server_closed and not stream_was_new and not self._sent_again:
             self._sent_again = True
             return
-        if error.code() is grpc.StatusCode.UNIMPLEMENTED or is_stream_limit(error):
+        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
             self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
             return
         raise error
-
-
-def is_stream_limit(error: grpc.RpcError) -> bool:
-    """Whether the server refused a new stream because the token has as many as it may."""
-    return error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and (
-        error.details() or ""
-    ).startswith(ENQUEUE_STREAM_LIMIT_PREFIX)
 
 
 class EnqueueStream:

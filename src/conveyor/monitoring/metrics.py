@@ -71,7 +71,8 @@ class ServerMetrics:
         )
         self.limit_refusals = Counter(
             "conveyor_limit_refusals_total",
-            "Requests refused by a configured limit: request_rate (per token), payload_size "
+            "Requests refused by a configured limit: request_rate (per token), enqueue_streams "
+            "(streams open per token), payload_size "
             "(a payload or result), batch_size (tasks per enqueue, reports per call).",
             ["limit"],
             registry=self.registry,

@@ -55,10 +55,6 @@ TRANSIENT_CODES: Final = frozenset(
 # RESOURCE_EXHAUSTED is also what gRPC answers for a message over its size limit, which no
 # retry will fix; these two refusals are backpressure, and a later retry is what they ask.
 RATE_LIMIT_PREFIX: Final = "request rate limit"
-# A new enqueue stream refused because its token has `max_enqueue_streams_per_token` open on
-# that server: not backpressure to wait out, but a sign to enqueue with calls for a while
-# (client/enqueue_stream.py, EnqueueRoute).
-ENQUEUE_STREAM_LIMIT_PREFIX: Final = "enqueue stream limit"
 _CONCURRENCY_LIMIT: Final = "Concurrent RPC limit exceeded!"
 
 

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.errors import InvalidTask, LimitExceeded, TaskAlreadyFinished, TaskNotFound
+from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
-from conveyor.protocol.status import ENQUEUE_STREAM_LIMIT_PREFIX
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
@@ -389,7 +388,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             )
         if self.draining:
             raise server_stopping()
-        token_id = self._count_stream_of(caller())
+        token_id = await self._count_stream_of(caller(), context)
         try:
             # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
             await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
@@ -409,24 +408,30 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 if not self._streams_by_token[token_id]:
                     del self._streams_by_token[token_id]
 
-    def _count_stream_of(self, principal: Principal) -> str | None:
+    async def _count_stream_of(self, principal: Principal, context: Any) -> str | None:
         """Count a new stream against its token's cap, or refuse it; the token id counted.
 
         Requests on a stream are metered one by one, but the stream itself holds one of the
         server's `max_concurrent_rpcs` slots for as long as it is open, which a producer
         could fill by opening streams and so lock out every worker. Only tokens are capped:
         with authentication off every caller is the same anonymous admin, and one cap would
-        be shared by every application. A refused client enqueues with calls for a while
-        (EnqueueRoute), so a legitimate fleet past the cap still works, a call each.
+        be shared by every application.
+
+        The refusal is UNIMPLEMENTED, as from a server with streams off, not
+        RESOURCE_EXHAUSTED: every client that knows the stream, older releases included,
+        then enqueues with calls for a while (EnqueueRoute), so a legitimate fleet past the
+        cap still works, a call each, where a RESOURCE_EXHAUSTED that is no rate limit would
+        fail an older client's enqueue outright.
         """
         limit = self.config.max_enqueue_streams_per_token
         if not self.gate.authenticating or limit is None:
             return None
         if self._streams_by_token[principal.token_id] >= limit:
             self.metrics.limit_refusals.labels("enqueue_streams").inc()
-            raise LimitExceeded(
-                f"{ENQUEUE_STREAM_LIMIT_PREFIX}: token {principal.token_id} has {limit} "
-                "enqueue streams open on this server; enqueue with EnqueueTasks calls"
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"enqueue stream limit: token {principal.token_id} has {limit} enqueue "
+                "streams open on this server; use EnqueueTasks",
             )
         self._streams_by_token[principal.token_id] += 1
         return principal.token_id
