@@ -2,7 +2,8 @@
 
 A batch of distinct new ids takes the fast insert (`task_insert_many`, which fails as a
 whole on a taken id); a batch with a taken or repeated id, or a small one, takes the
-statement that skips taken ids (`task_insert_skipping_taken`). Columns that are the same
+statement that skips taken ids (`task_insert_skipping_taken`), and a lone task its one-row
+form (`task_insert_one`). Columns that are the same
 for every task travel as one value. The server checks a common batch column by column and
 anything else task by task. Whichever way a batch goes, each task is stored once, with its
 own fields and its one `enqueued` event (read from its row), in batch order, and the answer
@@ -332,6 +333,49 @@ class TestStatements:
                 assert created == [False] + [True] * 99
                 assert await conn.fetchval("SELECT count(*) FROM conveyor_tasks") == 199
         finally:
+            await conn.close()
+
+    async def test_a_lone_task_is_stored_whole_once_and_wakes_the_polls_once(self, database_url):
+        """One task goes through task_insert_one: every field stored as given, a repeat of
+        its id creates nothing and changes nothing, and only the insert that created it
+        sends the wake-up."""
+        conn = await asyncpg.connect(database_url)
+        listener = await asyncpg.connect(database_url)
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        # Callbacks get (connection, pid, channel, payload); the wake-up's payload is empty.
+        await listener.add_listener("conveyor_task_ready", lambda *args: heard.put_nowait(args[3]))
+        try:
+            trace = json.dumps({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
+            lone = queries.NewTask(
+                id=new_task_ids(1)[0],
+                type="bulk.lone",
+                payload=b"\x00lone",
+                timeout=timedelta(seconds=42.5),
+                max_retries=7,
+                trace_context=trace,
+            )
+            assert await queries.task_insert_many(conn, [lone]) == [True]
+            assert await asyncio.wait_for(heard.get(), timeout=10) == ""
+            again = queries.NewTask(lone.id, "bulk.other", b"other", timedelta(seconds=1), 0)
+            assert await queries.task_insert_many(conn, [again]) == [False]
+            row = await conn.fetchrow(
+                "SELECT type, payload, timeout, max_retries, trace_context::text AS trace, "
+                "state::text AS state FROM conveyor_tasks WHERE id = $1",
+                uuid.UUID(lone.id),
+            )
+            assert dict(row) == {
+                "type": "bulk.lone",
+                "payload": b"\x00lone",
+                "timeout": timedelta(seconds=42.5),
+                "max_retries": 7,
+                "trace": trace,
+                "state": "queued",
+            }
+            # A statement after the repeat, so its wake-up, had it sent one, came first.
+            await conn.execute("SELECT pg_notify('conveyor_task_ready', 'marker')")
+            assert await asyncio.wait_for(heard.get(), timeout=10) == "marker"
+        finally:
+            await listener.close()
             await conn.close()
 
     def test_columns_read_back_as_rows(self) -> None:

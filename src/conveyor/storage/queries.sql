@@ -67,6 +67,25 @@ SELECT ARRAY(
        ) AS skipped,
        (SELECT count(*) FROM wake) AS woken;
 
+-- name: task_insert_one
+-- $1 id, $2 type, $3 payload, $4 timeout (s), $5 max_retries, $6 trace context (JSON text
+-- or NULL). task_insert_skipping_taken for a batch of one, the common case of a producer
+-- enqueueing one task at a time: without the arrays, their unnest and the per-column
+-- CASE, PostgreSQL spends 20-40 µs less CPU on each (10 % of the statement), and
+-- sequential enqueues run 2-4 % faster (docs/performance.md, "The ninth round").
+-- Returns `created` (false: the id was already taken).
+WITH inserted AS (
+    INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, trace_context)
+    VALUES ($1::uuid, $2::text, $3::bytea, make_interval(secs => $4::float8), $5::integer,
+            $6::text::jsonb)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), wake AS (
+    -- One payload-free notification per commit wakes every long poll.
+    SELECT pg_notify('conveyor_task_ready', '') FROM inserted
+)
+SELECT EXISTS (SELECT FROM inserted) AS created, (SELECT count(*) FROM wake) AS woken;
+
 -- name: task_insert_leasing
 -- The parameters of task_insert_skipping_taken, then $7 the worker each task is offered to
 -- (NULL: none), $8 lease ttl (s), $9 grace after deadline (s), $10 the lease id each
