@@ -380,6 +380,81 @@ class TestClaimUnderASkewedBacklog:
         assert "conveyor_tasks_state_seq_idx" not in used, json.dumps(plan, indent=1)
 
 
+SEED_RUNNING = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, started_at, finished_at, worker_id,
+    lease_id, lease_expires_at, deadline_at, payload
+)
+SELECT
+    gen_random_uuid(), 't',
+    CASE WHEN g % 20 = 0 THEN 'running' ELSE 'succeeded' END::conveyor_task_state,
+    1, 3, interval '60 seconds', now(),
+    CASE WHEN g % 20 <> 0 THEN now() END,
+    'worker-' || (g % 8),
+    CASE WHEN g % 20 = 0 THEN gen_random_uuid() END,
+    CASE WHEN g % 20 = 0 THEN now() + interval '30 seconds' END,
+    CASE WHEN g % 20 = 0 THEN now() + interval '1 minute' END,
+    ''::bytea
+FROM generate_series(1, 100000) AS g
+"""
+
+
+@pytest.fixture(scope="module")
+def many_running(pg_cluster) -> Iterator[str]:
+    """100,000 tasks of which 5,000 are running, across 8 workers, analysed: a large fleet
+    busy with long tasks, in which every report batch and heartbeat names a few of them."""
+    name = f"conveyor_running_{uuid.uuid4().hex[:12]}"
+    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
+    url = with_database(pg_cluster.admin_url, name)
+    try:
+        run_sql(url, SEED_RUNNING, "ANALYZE conveyor_tasks")
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class TestBatchesByTask:
+    @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+    @pytest.mark.parametrize("count", [1, 64, 100, 500])
+    @pytest.mark.parametrize("name", ["task_succeed_many", "task_lease_extend"])
+    async def test_a_batch_probes_each_task_not_every_running_one(
+        self, many_running: str, name: str, count: int, plan_mode: str
+    ) -> None:
+        """A batch of reports or heartbeats reads each named task through the primary key.
+        As a join, the planner chose, from about 70 tasks up, to read all 5,000 running tasks
+        through the reaper's index and hash them (5-7 ms for 100 reports against 2-3)."""
+        conn = await asyncpg.connect(many_running)
+        try:
+            leases = await conn.fetch(
+                "SELECT id, lease_id FROM conveyor_tasks "
+                "WHERE state = 'running' AND worker_id = 'worker-4' LIMIT $1",
+                count,
+            )
+        finally:
+            await conn.close()
+        assert len(leases) == count
+        ids, lease_ids = [row["id"] for row in leases], [row["lease_id"] for row in leases]
+        args = {
+            "task_succeed_many": (
+                ids,
+                lease_ids,
+                [None] * count,
+                [False] * count,
+                ["worker-4"] * count,
+            ),
+            "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * count, "worker-4"),
+        }[name]
+        plan = await explain(
+            many_running, SQL[name], *args, before=f"SET LOCAL plan_cache_mode = {plan_mode}"
+        )
+        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
+        assert scans, json.dumps(plan, indent=1)
+        assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
+            "conveyor_tasks_pkey"
+        }, json.dumps(plan, indent=1)
+
+
 class TestSpecificIndexes:
     async def test_claim_uses_the_type_state_seq_index(self, seeded: Seeded) -> None:
         """task_claim finds the backlog through (type, state, seq), one range per type."""

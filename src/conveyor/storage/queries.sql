@@ -233,19 +233,28 @@ WITH input AS (
     FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::boolean[], $5::text[])
         WITH ORDINALITY AS i (task_id, lease_id, result, has_result, worker_id, ord)
 ), target AS (
+    -- One primary-key probe per report, locked in task id order. Written as a join, the
+    -- planner read batches of about 70 reports and more by scanning every running task
+    -- through the reaper's index and hashing them: at 5,000 running, 5-7 ms for 100 reports
+    -- where the probes take 2-3 (docs/performance.md, "The ninth round"). A locking LATERAL
+    -- subquery cannot be flattened into a join, so each report is one probe.
     SELECT t.id, input.lease_id, input.result, input.has_result
-    FROM input JOIN conveyor_tasks AS t ON t.id = input.task_id
-    WHERE input.first_of_task AND t.lease_id = input.lease_id AND t.state = 'running'
-      AND t.worker_id = input.worker_id
-    ORDER BY t.id
-    FOR UPDATE OF t
+    FROM (SELECT * FROM input WHERE first_of_task ORDER BY task_id) AS input
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM conveyor_tasks AS t
+        WHERE t.id = input.task_id AND t.lease_id = input.lease_id AND t.state = 'running'
+          AND t.worker_id = input.worker_id
+        FOR UPDATE
+    ) AS t
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = 'succeeded', finished_at = now(),
         result = CASE WHEN target.has_result THEN target.result END, last_error = NULL,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     FROM target
-    WHERE t.id = target.id AND t.lease_id = target.lease_id AND t.state = 'running'
+    -- The rows are locked and checked above. Saying `state = 'running'` again here would let
+    -- the planner scan every running task through the reaper's index instead of probing.
+    WHERE t.id = target.id AND t.lease_id = target.lease_id
     RETURNING t.id, t.type, t.state, t.attempt, t.worker_id,
               extract(epoch FROM now() - t.started_at)::float8 AS ran_for
 ), history AS (
@@ -327,16 +336,26 @@ SELECT state FROM done;
 -- is not, with the task's state (cancelled, or anything else: the lease was lost).
 WITH named AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $5::text[]) AS n (task_id, lease_id, progress)
+), current AS (
+    -- One primary-key probe per named lease, locked in task id order, as task_succeed_many
+    -- does and for the same reason: as a join, the planner scanned every running task.
+    SELECT t.id, named.lease_id, named.progress
+    FROM (SELECT * FROM named ORDER BY task_id) AS named
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM conveyor_tasks AS t
+        WHERE t.id = named.task_id AND t.lease_id = named.lease_id
+          AND t.state = 'running' AND t.lease_expires_at > now() AND t.worker_id = $6
+        FOR UPDATE
+    ) AS t
 ), extended AS (
     UPDATE conveyor_tasks AS t
     SET lease_expires_at = least(
             now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
         ),
-        progress = coalesce(named.progress, t.progress),
-        progress_at = CASE WHEN named.progress IS NULL THEN t.progress_at ELSE now() END
-    FROM named
-    WHERE t.id = named.task_id AND t.lease_id = named.lease_id
-      AND t.state = 'running' AND t.lease_expires_at > now() AND t.worker_id = $6
+        progress = coalesce(current.progress, t.progress),
+        progress_at = CASE WHEN current.progress IS NULL THEN t.progress_at ELSE now() END
+    FROM current
+    WHERE t.id = current.id AND t.lease_id = current.lease_id  -- locked and checked above
     RETURNING t.id
 )
 SELECT named.task_id, named.lease_id, t.state
