@@ -171,6 +171,33 @@ def claim(task_type: str, limit: str, worker_id: str) -> str:
     )
 
 
+# The claim's last lines, its projection of the rows it claimed (everything before it, the
+# claim's work, runs whatever the projection reads: data-modifying CTEs always run whole).
+_CLAIM_PROJECTION: Final = re.compile(r"\nSELECT [^;]*\nFROM claimed\nORDER BY seq;?\s*$")
+
+
+def claim_as_arrays(task_type: str, limit: str, worker_id: str) -> str:
+    """`claim`, projecting the claimed tasks as two arrays in one row, `ids` and `lease_ids`
+    (task id order; empty when it claimed nothing): what pgbench's `\\gset` can carry into
+    the completion, as the server carries the rows it claimed.
+
+    Raises:
+        SignatureChangedError: the claim no longer ends with its projection of `claimed`.
+    """
+    text = claim(task_type, limit, worker_id)
+    if not _CLAIM_PROJECTION.search(text):
+        raise SignatureChangedError(
+            "task_claim no longer ends with SELECT ... FROM claimed ORDER BY seq: update "
+            "benchmarks/conveyor_sql.py"
+        )
+    return _CLAIM_PROJECTION.sub(
+        "\nSELECT coalesce(array_agg(id ORDER BY id), '{}') AS ids,"
+        "\n       coalesce(array_agg(lease_id ORDER BY id), '{}') AS lease_ids"
+        "\nFROM claimed;",
+        text,
+    )
+
+
 def succeed_many(task_ids: str, lease_ids: str, count: str, worker_id: str) -> str:
     """task_succeed_many of the (task id, lease id) arrays given as SQL expressions, with no
     results, as a no-op handler reports; `worker_id` is the reporting worker's id, an SQL

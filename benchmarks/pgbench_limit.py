@@ -16,10 +16,11 @@ way, on the benchmark's durable PostgreSQL (fsync and synchronous_commit on), in
   snapshot sees): `\\aset` then keeps the previous values (the first time, `-D` zero
   ids), so the completion names a finished task and the fencing refuses it, a no-op.
 - batched: `--batch` tasks (100) per statement, three transactions per batch. pgbench cannot
-  carry a 100-row result into the next statement, so the completion reads the ids and
-  lease ids it claimed back by the claiming worker id (one probe of the partial index on
-  running tasks by worker, `conveyor_tasks_running_worker_idx`): a little more work than
-  the server does, which knows them.
+  carry a 100-row result into the next statement, so the claim's final projection (not its
+  work) is rewritten to return the claimed ids and lease ids as two arrays in one row,
+  which `\\gset` carries into the completion, as the server carries the rows it claimed.
+  (Until migration 0012 the completion read them back by the claiming worker through an
+  index of running tasks by worker, which Conveyor no longer has.)
 
 How the statements become pgbench scripts (benchmarks/conveyor_sql.py): each `$N` bind
 parameter is replaced mechanically by a SQL expression in parentheses: the ids by
@@ -96,16 +97,20 @@ def single_script() -> str:
 
 
 def batched_script(batch: int) -> str:
-    """`batch` tasks: enqueue, claim, complete, one statement and transaction each."""
-    mine = f"FROM conveyor_tasks AS t WHERE t.state = 'running' AND t.worker_id = ({WORKER_ID})"
+    """`batch` tasks: enqueue, claim (its rows saved as two arrays by \\gset), complete; one
+    statement and transaction each."""
+    claim = conveyor_sql.claim_as_arrays(NOOP_TYPE, str(batch), WORKER_ID)
     return "\n".join(
         [
             conveyor_sql.insert_many(NOOP_TYPE, str(batch)),
-            conveyor_sql.claim(NOOP_TYPE, str(batch), WORKER_ID),
+            claim.rstrip().removesuffix(";"),
+            # Always one row (empty arrays when the claim found nothing), so \\gset never
+            # aborts the client.
+            "\\gset claimed_",
             conveyor_sql.succeed_many(
-                f"ARRAY(SELECT t.id {mine} ORDER BY t.id)",
-                f"ARRAY(SELECT t.lease_id {mine} ORDER BY t.id)",
-                str(batch),
+                "(:claimed_ids)::uuid[]",
+                "(:claimed_lease_ids)::uuid[]",
+                "cardinality((:claimed_ids)::uuid[])",
                 WORKER_ID,
             ),
             "",
