@@ -198,20 +198,24 @@ async def task_insert_skipping_taken(conn: Any, tasks: Sequence[NewTask]) -> lis
     return await _insert_skipping_taken(conn, batch, distinct=len(set(batch.ids)) == len(batch))
 
 
+async def task_insert_one(conn: Any, task: NewTask) -> bool:
+    """Insert one task, idempotent per id; whether this statement created it."""
+    created: bool = await conn.fetchval(
+        SQL["task_insert_one"],
+        task.id,
+        task.type,
+        task.payload,
+        task.timeout.total_seconds(),
+        task.max_retries,
+        task.trace_context,
+    )
+    return created
+
+
 async def _insert_skipping_taken(conn: Any, batch: NewTasks, *, distinct: bool) -> list[bool]:
     if len(batch) == 1:
-        task = batch[0]
         # The common case of one task at a time gets a statement without arrays.
-        one_created: bool = await conn.fetchval(
-            SQL["task_insert_one"],
-            task.id,
-            task.type,
-            task.payload,
-            task.timeout.total_seconds(),
-            task.max_retries,
-            task.trace_context,
-        )
-        return [one_created]
+        return [await task_insert_one(conn, batch[0])]
     row = await conn.fetchrow(SQL["task_insert_skipping_taken"], *_insert_arguments(batch))
     created = [True] * len(batch)
     for position in row["skipped"]:
