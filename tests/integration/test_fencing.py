@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.storage import queries
+from conveyor.types import new_task_ids
 
 TYPE = "fence.job"
 STALE_METRIC = "conveyor_stale_completions_rejected_total"
@@ -498,6 +501,71 @@ class TestSuccessReportsInOneStatement:
             )
             == 1
         )
+
+    async def test_a_stale_report_first_in_a_statement_does_not_hide_the_current_one(
+        self, database_url: str
+    ) -> None:
+        """The group commit may put a late report of an old lease (its worker was presumed
+        lost, the task claimed again) before the current holder's report of the same task:
+        the current one applies, the stale one is refused, and duplicates of the current one
+        apply once. Before, only the first report of each task was considered, so the
+        holder was told its lease was lost and the task would have run again."""
+        conn = await asyncpg.connect(database_url)
+        try:
+            ids = new_task_ids(2)
+            tasks = [
+                queries.NewTask(task_id, "fence.stale", b"", timedelta(seconds=60), 3)
+                for task_id in ids
+            ]
+            assert await queries.task_insert_many(conn, tasks) == [True, True]
+            claimed = await queries.task_claim(
+                conn,
+                task_types=["fence.stale"],
+                limit=2,
+                worker_id="w-old",
+                lease_ttl=timedelta(seconds=30),
+                deadline_grace=timedelta(seconds=10),
+            )
+            old = {str(row["id"]): str(row["lease_id"]) for row in claimed}
+            assert sorted(old) == sorted(ids)
+            # The first task is claimed again by another worker (as after the sweep and the
+            # reaper): a new lease, a second attempt.
+            new_lease = str(uuid.uuid4())
+            await conn.execute(
+                "UPDATE conveyor_tasks SET lease_id = $2::uuid, worker_id = 'w-new', "
+                "attempt = 2 WHERE id = $1::uuid",
+                ids[0],
+                new_lease,
+            )
+            reports = [
+                queries.Success(ids[0], old[ids[0]], "w-old", b"stale"),
+                queries.Success(ids[1], old[ids[1]], "w-old", b"second task"),
+                queries.Success(ids[0], new_lease, "w-new", b"current"),
+                queries.Success(ids[0], new_lease, "w-new", b"current again"),
+            ]
+            rows = await queries.task_succeed_many(conn, reports)
+            assert [str(row["task_id"]) for row in rows] == [ids[0], ids[1], ids[0], ids[0]]
+            assert [row["applied"] for row in rows] == [False, True, True, False]
+            stored = {
+                str(row["id"]): (row["state"], bytes(row["result"]), row["worker_id"])
+                for row in await conn.fetch(
+                    "SELECT id, state::text, result, worker_id FROM conveyor_tasks "
+                    "WHERE id = ANY($1::uuid[])",
+                    ids,
+                )
+            }
+            assert stored == {
+                ids[0]: ("succeeded", b"current", "w-new"),
+                ids[1]: ("succeeded", b"second task", "w-old"),
+            }
+            succeeded_events = await conn.fetchval(
+                "SELECT count(*) FROM conveyor_task_events "
+                "WHERE task_id = ANY($1::uuid[]) AND event = 'succeeded'",
+                ids,
+            )
+            assert succeeded_events == 2
+        finally:
+            await conn.close()
 
     def test_many_workers_reporting_at_once_share_statements(
         self, server, stubs: Stubs, db, database_url: str

@@ -4,6 +4,7 @@ event-loop lag, handler progress, and the `conveyor workers` listing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -24,6 +26,8 @@ from helpers import process_env, running, wait_final, wait_for
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.storage import queries
+from conveyor.types import new_task_ids
 
 TYPE = "health.job"
 
@@ -45,6 +49,75 @@ def worker_row(db, worker_id: str) -> Any:
 
 
 class TestSweeper:
+    async def test_the_sweep_skips_a_lease_another_statement_holds(self, database_url) -> None:
+        """A lost worker's leases end at once, except one whose row another transaction
+        holds (a late report of the worker, an operator's cancel): the sweep skips it rather
+        than wait, so it cannot deadlock with such a statement, and the reaper ends that
+        lease when it expires."""
+        conn = await asyncpg.connect(database_url)
+        holder = await asyncpg.connect(database_url)
+        try:
+            registered = await queries.worker_register(
+                conn,
+                worker_id="w-gone",
+                host="h",
+                pid=1,
+                task_types=["sweep.t"],
+                concurrency=3,
+                version="test",
+                principal=None,
+                gone_after=timedelta(hours=1),
+            )
+            assert registered
+            ids = new_task_ids(3)
+            await queries.task_insert_many(
+                conn,
+                [queries.NewTask(i, "sweep.t", b"", timedelta(seconds=60), 3) for i in ids],
+            )
+            claimed = await queries.task_claim(
+                conn,
+                task_types=["sweep.t"],
+                limit=3,
+                worker_id="w-gone",
+                lease_ttl=timedelta(seconds=30),
+                deadline_grace=timedelta(seconds=10),
+            )
+            assert len(claimed) == 3
+            await conn.execute(
+                "UPDATE conveyor_workers SET last_heartbeat_at = now() - interval '1 minute' "
+                "WHERE id = 'w-gone'"
+            )
+            elected = await queries.leader_attempt_elect(
+                conn, name="maintenance", holder="sweep-test", ttl=timedelta(seconds=30)
+            )
+            assert elected is not None
+            leader = queries.LeaderProof("sweep-test", elected["term"])
+            held = holder.transaction()
+            await held.start()
+            try:
+                await holder.execute(
+                    "SELECT 1 FROM conveyor_tasks WHERE id = $1::uuid FOR UPDATE", ids[1]
+                )
+                swept = await asyncio.wait_for(
+                    queries.worker_sweep_lost(conn, silence=timedelta(seconds=15), leader=leader),
+                    timeout=10,
+                )
+            finally:
+                await held.rollback()
+            assert [(row["id"], row["leases"]) for row in swept] == [("w-gone", 2)]
+            ended = {
+                str(row["id"]): row["ended"]
+                for row in await conn.fetch(
+                    "SELECT id, lease_expires_at <= now() AS ended FROM conveyor_tasks "
+                    "WHERE id = ANY($1::uuid[])",
+                    ids,
+                )
+            }
+            assert ended == {ids[0]: True, ids[1]: False, ids[2]: True}
+        finally:
+            await holder.close()
+            await conn.close()
+
     def test_silent_worker_is_marked_lost_and_its_lease_released_early(
         self, start_server, db
     ) -> None:

@@ -71,8 +71,9 @@ SELECT ARRAY(
 -- $1 id, $2 type, $3 payload, $4 timeout (s), $5 max_retries, $6 trace context (JSON text
 -- or NULL). task_insert_skipping_taken for a batch of one, the common case of a producer
 -- enqueueing one task at a time: without the arrays, their unnest and the per-column
--- CASE, PostgreSQL spends 20-40 µs less CPU on each (10 % of the statement), and
--- sequential enqueues run 2-4 % faster (docs/performance.md, "The ninth round").
+-- CASE, PostgreSQL spends 35-75 µs less CPU on each (W3 sequential: 327-341 µs per enqueue
+-- against 376-402), and sequential enqueues run 4-8 % faster (docs/performance.md, "The
+-- ninth round").
 -- Returns `created` (false: the id was already taken).
 WITH inserted AS (
     INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, trace_context)
@@ -223,13 +224,14 @@ SELECT type, state, ran_for FROM done;
 
 -- name: task_succeed_many
 -- $1 task ids, $2 lease ids, $3 results (NULL: none), $4 has_result flags, $5 the reporting
--- workers' ids, one element per report. Applies every success whose lease is current, in one statement (group commit of
--- concurrent reports). Returns one row per input, in input order: `applied` says whether
--- that report took effect (false: fencing refused it, or an earlier report of the same
--- task in this statement already did). Rows are locked in task id order, the order of
--- heartbeats and bulk actions, so concurrent statements do not deadlock.
+-- workers' ids, one element per report. Applies every success whose lease is current, in
+-- one statement (group commit of concurrent reports). Returns one row per input, in input
+-- order: `applied` says whether that report took effect (false: fencing refused it, or an
+-- earlier report of the same task with a current lease in this statement already did).
+-- Rows are locked in task id order, the lock order of every multi-row writer, so
+-- concurrent statements do not deadlock.
 WITH input AS (
-    SELECT *, row_number() OVER (PARTITION BY task_id ORDER BY ord) = 1 AS first_of_task
+    SELECT *
     FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::boolean[], $5::text[])
         WITH ORDINALITY AS i (task_id, lease_id, result, has_result, worker_id, ord)
 ), target AS (
@@ -238,14 +240,19 @@ WITH input AS (
     -- through the reaper's index and hashing them: at 5,000 running, 5-7 ms for 100 reports
     -- where the probes take 2-3 (docs/performance.md, "The ninth round"). A locking LATERAL
     -- subquery cannot be flattened into a join, so each report is one probe.
-    SELECT t.id, input.lease_id, input.result, input.has_result
-    FROM (SELECT * FROM input WHERE first_of_task ORDER BY task_id) AS input
+    -- Of a task's reports, the first whose lease is current wins: a stale report of the
+    -- same task earlier in the batch (another worker's, joined by the group commit) must
+    -- not hide it, or the holder would be told its lease was lost and the task run again.
+    SELECT DISTINCT ON (input.task_id)
+           t.id, input.ord, input.lease_id, input.result, input.has_result
+    FROM (SELECT * FROM input ORDER BY task_id, ord) AS input
     CROSS JOIN LATERAL (
         SELECT t.id FROM conveyor_tasks AS t
         WHERE t.id = input.task_id AND t.lease_id = input.lease_id AND t.state = 'running'
           AND t.worker_id = input.worker_id
         FOR UPDATE
     ) AS t
+    ORDER BY input.task_id, input.ord
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = 'succeeded', finished_at = now(),
@@ -261,9 +268,10 @@ WITH input AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
     SELECT id, 'succeeded', state, attempt, worker_id FROM done
 )
-SELECT input.task_id, done.id IS NOT NULL AND input.first_of_task AS applied,
-       done.type, done.state, done.ran_for
-FROM input LEFT JOIN done ON done.id = input.task_id
+SELECT input.task_id, done.id IS NOT NULL AS applied, done.type, done.state, done.ran_for
+FROM input
+LEFT JOIN target ON target.ord = input.ord
+LEFT JOIN done ON done.id = target.id
 ORDER BY input.ord;
 
 -- name: task_fail
@@ -535,11 +543,21 @@ WITH leader AS (
       AND last_heartbeat_at < now() - make_interval(secs => $1)
       AND EXISTS (SELECT 1 FROM leader)
     RETURNING id
+), releasable AS (
+    -- Skips a row another statement holds (a late report or heartbeat of the worker, an
+    -- operator's cancel): never waits, so it cannot deadlock with them, and the reaper ends
+    -- a skipped lease when it expires.
+    SELECT t.id
+    FROM conveyor_tasks AS t
+    WHERE t.state = 'running' AND t.worker_id IN (SELECT id FROM lost)
+      AND t.lease_expires_at > now()
+    FOR UPDATE SKIP LOCKED
 ), released AS (
-    UPDATE conveyor_tasks
+    UPDATE conveyor_tasks AS t
     SET lease_expires_at = now()
-    WHERE state = 'running' AND worker_id IN (SELECT id FROM lost) AND lease_expires_at > now()
-    RETURNING worker_id
+    FROM releasable
+    WHERE t.id = releasable.id
+    RETURNING t.worker_id
 )
 SELECT lost.id, (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
 FROM lost;

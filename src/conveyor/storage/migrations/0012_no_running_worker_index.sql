@@ -1,8 +1,9 @@
 -- The sweeper finds a lost worker's leases among the running tasks; their own index goes.
 --
--- conveyor_tasks_running_worker_idx, (worker_id) WHERE state = 'running', served one query:
+-- conveyor_tasks_running_worker_idx, (worker_id) WHERE state = 'running', was made for
 -- worker_sweep_lost, which ends the leases of the workers it has just marked lost, a rare
--- event. Yet every claim added an entry to it, and its key has as many distinct values as
+-- event (the planner also used it for large batches of reports and heartbeats, which now
+-- probe each task by its primary key instead). Yet every claim added an entry to it, and its key has as many distinct values as
 -- there are workers, so every entry was a duplicate of thousands: PostgreSQL's btree
 -- deduplication merged them into posting lists, and each new entry then rewrote (and logged)
 -- a large posting tuple. Measured in W1 (20,000 tasks drained by two workers, 3 alternating
