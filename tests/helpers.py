@@ -20,6 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
+from conveyor.storage import queries
+from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
 
@@ -316,3 +320,26 @@ def writes_blocked(database_url: str) -> Iterator[None]:
     finally:
         loop.run_until_complete(conn.close())
         loop.close()
+
+
+async def enqueue_and_claim(
+    conn: Any, task_type: str, ids: list[str], worker_id: str
+) -> dict[str, str]:
+    """Insert tasks with these ids at statement level and claim them all for `worker_id`,
+    with the server's default lease; their lease ids by task id."""
+    tasks = [
+        queries.NewTask(task_id, task_type, b"", DEFAULT_TIMEOUT, DEFAULT_MAX_RETRIES)
+        for task_id in ids
+    ]
+    assert await queries.task_insert_many(conn, tasks) == [True] * len(ids)
+    claimed = await queries.task_claim(
+        conn,
+        task_types=[task_type],
+        limit=len(ids),
+        worker_id=worker_id,
+        lease_ttl=DEFAULT_LEASE_TTL,
+        deadline_grace=DEFAULT_DEADLINE_GRACE,
+    )
+    leases = {str(row["id"]): str(row["lease_id"]) for row in claimed}
+    assert sorted(leases) == sorted(ids)
+    return leases

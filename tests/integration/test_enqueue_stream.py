@@ -172,6 +172,15 @@ class Tokens:
         self._write(entry.token_id, present=True)
         return token
 
+    def serve(self, start_server: Any, **config: Any) -> Any:
+        """Start a server reading this file (changes seen within 20 ms), with a bootstrap
+        admin token for /metrics; `config` is the rest of its ServerConfig."""
+        self.admin = self.add("bootstrap-admin", Role.ADMIN)
+        self.server = start_server(
+            tokens_file=self.path, tokens_check_interval=timedelta(milliseconds=20), **config
+        )
+        return self.server
+
     def remove(self, token: str) -> None:
         token_id = token.split("_")[1]
         self.entries = [entry for entry in self.entries if entry.token_id != token_id]
@@ -505,14 +514,7 @@ def tokens(tmp_path: Any) -> Tokens:
 @pytest.fixture
 def secured(start_server: Any, tokens: Tokens) -> Any:
     """A server that requires tokens (its tokens file is `tokens`)."""
-    tokens.admin = tokens.add("bootstrap-admin", Role.ADMIN)
-    tokens.server = start_server(
-        tokens_file=tokens.path,
-        tokens_check_interval=timedelta(milliseconds=20),
-        rate_limit=RATE_LIMIT,
-        rate_burst=RATE_BURST,
-    )
-    return tokens.server
+    return tokens.serve(start_server, rate_limit=RATE_LIMIT, rate_burst=RATE_BURST)
 
 
 @pytest.fixture
@@ -658,14 +660,9 @@ STREAMS_PER_TOKEN = 2
 @pytest.fixture
 def capped(start_server: Any, tokens: Tokens) -> Any:
     """A server with tokens that lets one token hold two enqueue streams (no rate limit)."""
-    tokens.admin = tokens.add("bootstrap-admin", Role.ADMIN)
-    tokens.server = start_server(
-        tokens_file=tokens.path,
-        tokens_check_interval=timedelta(milliseconds=20),
-        rate_limit=None,
-        max_enqueue_streams_per_token=STREAMS_PER_TOKEN,
+    return tokens.serve(
+        start_server, rate_limit=None, max_enqueue_streams_per_token=STREAMS_PER_TOKEN
     )
-    return tokens.server
 
 
 def opened(stub: pb_grpc.TaskServiceStub, token: str, task_type: str) -> RawEnqueueStream:

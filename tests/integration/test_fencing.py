@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import metric_by_label, wait_for, writes_blocked
+from helpers import enqueue_and_claim, metric_by_label, wait_for, writes_blocked
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -513,21 +513,7 @@ class TestSuccessReportsInOneStatement:
         conn = await asyncpg.connect(database_url)
         try:
             ids = new_task_ids(2)
-            tasks = [
-                queries.NewTask(task_id, "fence.stale", b"", timedelta(seconds=60), 3)
-                for task_id in ids
-            ]
-            assert await queries.task_insert_many(conn, tasks) == [True, True]
-            claimed = await queries.task_claim(
-                conn,
-                task_types=["fence.stale"],
-                limit=2,
-                worker_id="w-old",
-                lease_ttl=timedelta(seconds=30),
-                deadline_grace=timedelta(seconds=10),
-            )
-            old = {str(row["id"]): str(row["lease_id"]) for row in claimed}
-            assert sorted(old) == sorted(ids)
+            old = await enqueue_and_claim(conn, "fence.stale", ids, "w-old")
             # The first task is claimed again by another worker (as after the sweep and the
             # reaper): a new lease, a second attempt.
             new_lease = str(uuid.uuid4())

@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import process_env, running, wait_final, wait_for
+from helpers import enqueue_and_claim, process_env, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -70,19 +70,7 @@ class TestSweeper:
             )
             assert registered
             ids = new_task_ids(3)
-            await queries.task_insert_many(
-                conn,
-                [queries.NewTask(i, "sweep.t", b"", timedelta(seconds=60), 3) for i in ids],
-            )
-            claimed = await queries.task_claim(
-                conn,
-                task_types=["sweep.t"],
-                limit=3,
-                worker_id="w-gone",
-                lease_ttl=timedelta(seconds=30),
-                deadline_grace=timedelta(seconds=10),
-            )
-            assert len(claimed) == 3
+            await enqueue_and_claim(conn, "sweep.t", ids, "w-gone")
             await conn.execute(
                 "UPDATE conveyor_workers SET last_heartbeat_at = now() - interval '1 minute' "
                 "WHERE id = 'w-gone'"
