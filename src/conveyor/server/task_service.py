@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -38,7 +39,7 @@ from conveyor.types import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
     from datetime import timedelta
 
     from conveyor.auth import Principal
@@ -388,8 +389,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             )
         if self.draining:
             raise server_stopping()
-        token_id = await self._count_stream_of(caller(), context)
-        try:
+        async with self._stream_slot_of(caller(), context):
             # Accepted: clients write nothing before this (client/enqueue_stream.py says why).
             await context.send_initial_metadata(((ENQUEUE_STREAM_ACCEPTED, "1"),))
             stream = EnqueueStream(self, context, self.config.enqueue_stream_idle.total_seconds())
@@ -402,14 +402,10 @@ class TaskService(pb_grpc.TaskServiceServicer):
             finally:
                 self.streams.discard(stream)
                 self.metrics.enqueue_streams.dec()
-        finally:
-            if token_id is not None:
-                self._streams_by_token[token_id] -= 1
-                if not self._streams_by_token[token_id]:
-                    del self._streams_by_token[token_id]
 
-    async def _count_stream_of(self, principal: Principal, context: Any) -> str | None:
-        """Count a new stream against its token's cap, or refuse it; the token id counted.
+    @contextlib.asynccontextmanager
+    async def _stream_slot_of(self, principal: Principal, context: Any) -> AsyncIterator[None]:
+        """Hold one of the token's enqueue stream slots while the stream is open, or refuse it.
 
         Requests on a stream are metered one by one, but the stream itself holds one of the
         server's `max_concurrent_rpcs` slots for as long as it is open, which a producer
@@ -425,16 +421,23 @@ class TaskService(pb_grpc.TaskServiceServicer):
         """
         limit = self.config.max_enqueue_streams_per_token
         if not self.gate.authenticating or limit is None:
-            return None
-        if self._streams_by_token[principal.token_id] >= limit:
+            yield
+            return
+        token_id = principal.token_id
+        if self._streams_by_token[token_id] >= limit:
             self.metrics.limit_refusals.labels("enqueue_streams").inc()
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"enqueue stream limit: token {principal.token_id} has {limit} enqueue "
-                "streams open on this server; use EnqueueTasks",
+                f"enqueue stream limit: token {token_id} has {limit} enqueue streams open on "
+                "this server; use EnqueueTasks",
             )
-        self._streams_by_token[principal.token_id] += 1
-        return principal.token_id
+        self._streams_by_token[token_id] += 1
+        try:
+            yield
+        finally:
+            self._streams_by_token[token_id] -= 1
+            if not self._streams_by_token[token_id]:
+                del self._streams_by_token[token_id]
 
     def start_draining(self) -> None:
         """End the enqueue streams once they have answered what they read."""
