@@ -35,6 +35,7 @@ from conveyor.server.dashboard_backend import DashboardBackend
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
+from conveyor.server.maintenance.planner_statistics import PlannerStatistics
 from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
@@ -108,6 +109,7 @@ class ConveyorServer:
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
             WorkerSweeper(config, self.database, self.elector),
+            PlannerStatistics(config, self.database, self.elector),
             self.stats,
         ]
         if config.retention is not None:

@@ -722,3 +722,14 @@ async def task_succeed_many(conn: Any, reports: Sequence[Success]) -> list[async
             [r.worker_id for r in reports],
         )
     )
+
+
+async def task_table_changes(conn: Any) -> asyncpg.Record:
+    """(changed, analyzed_rows) of conveyor_tasks since its statistics were last gathered."""
+    row: asyncpg.Record = await conn.fetchrow(SQL["task_table_changes"])
+    return row
+
+
+async def task_table_analyze(conn: Any) -> None:
+    """Gather conveyor_tasks' planner statistics now (skipped if autovacuum holds it)."""
+    await conn.execute(SQL["task_table_analyze"])

@@ -847,3 +847,18 @@ FROM conveyor_task_events
 WHERE at >= $1
 GROUP BY 1
 ORDER BY 1;
+
+-- name: task_table_changes
+-- How many rows of conveyor_tasks were inserted, updated or deleted since its statistics
+-- were last gathered, and how many rows those statistics counted (0 before the first).
+-- Read from PostgreSQL's cumulative statistics: no scan of the table.
+SELECT s.n_mod_since_analyze AS changed, greatest(c.reltuples, 0)::bigint AS analyzed_rows
+FROM pg_stat_user_tables AS s
+JOIN pg_class AS c ON c.oid = s.relid
+WHERE s.relid = 'conveyor_tasks'::regclass;
+
+-- name: task_table_analyze
+-- Gathers conveyor_tasks' planner statistics now (a sample of 30,000 rows at the default
+-- statistics target); skips the table rather than wait while autovacuum works on it.
+ANALYZE (SKIP_LOCKED) conveyor_tasks;
+

@@ -1,0 +1,80 @@
+"""Planner statistics: the leader gathers the task table's statistics when they fall behind.
+
+PostgreSQL plans every claim from statistics that autovacuum refreshes at most once a
+minute (`autovacuum_naptime`), and only after a tenth of the table changed. Between a
+burst of enqueues into a table its statistics call small (a fresh deployment, a backfill)
+and that refresh, the planner believes a type has one queued task, and a claim that
+should read 64 rows off `(type, state, seq)` in queue order instead reads every queued
+task of the type with a bitmap scan and sorts them: measured in W1 with 150,000 tasks, the
+claim went from 1-2 ms to 20-57 ms and the drain fell from about 10,000 to 4,800 tasks/s
+(docs/performance.md, "The ninth round"). So the leader looks at PostgreSQL's count of
+changed rows every `reaper_interval` (one row from its cumulative statistics, no scan) and
+runs `ANALYZE conveyor_tasks` once the changes since the last one reach a fifth of the
+rows it counted, and at least `MIN_CHANGED_ROWS`; never more often than
+`MIN_ANALYZE_INTERVAL`, so a busy steady table costs an ANALYZE (a 30,000-row sample,
+tens of milliseconds) every so often, not every second. Any server may run it; the leader
+alone does, to do it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+from conveyor.server.service import PeriodicService
+from conveyor.storage import queries
+
+if TYPE_CHECKING:
+    from conveyor.server.config import ServerConfig
+    from conveyor.server.database import Database
+    from conveyor.server.leadership import LeaderElector
+
+log = logging.getLogger("conveyor.server.planner_statistics")
+
+# Changes since the last ANALYZE, as a fraction of the rows it counted, that call for
+# another: the estimates then may be off by a fifth or more.
+STALE_FRACTION: Final = 0.2
+# Fewer changed rows than this never matter to a plan.
+MIN_CHANGED_ROWS: Final = 10_000
+MIN_ANALYZE_INTERVAL: Final = 10.0
+
+
+class PlannerStatistics(PeriodicService):
+    """Keeps conveyor_tasks' planner statistics close to its contents (if this server leads)."""
+
+    name = "planner-statistics"
+
+    def __init__(self, config: ServerConfig, database: Database, elector: LeaderElector) -> None:
+        """Look every `reaper_interval`."""
+        super().__init__(config.reaper_interval)
+        self._database = database
+        self._elector = elector
+        self._last_analyze = float("-inf")
+        self.analyzed = 0  # ANALYZEs run by this server, for tests and logs
+
+    async def tick(self) -> None:
+        """ANALYZE conveyor_tasks if its statistics fell behind (if this server leads)."""
+        if self._elector.leadership is None:
+            return
+        if time.monotonic() - self._last_analyze < MIN_ANALYZE_INTERVAL:
+            return
+        async with self._database.connection() as conn:
+            changes = await queries.task_table_changes(conn)
+            if changes is None or not stale(changes["changed"], changes["analyzed_rows"]):
+                return
+            self._last_analyze = time.monotonic()
+            await queries.task_table_analyze(conn)
+        self.analyzed += 1
+        log.info(
+            "gathered the task table's planner statistics: %d rows changed since the last, "
+            "which counted %d",
+            changes["changed"],
+            changes["analyzed_rows"],
+            extra={"event": "task_table_analyzed"},
+        )
+
+
+def stale(changed: int, analyzed_rows: int) -> bool:
+    """Whether `changed` rows since an ANALYZE that counted `analyzed_rows` call for another."""
+    return changed >= max(MIN_CHANGED_ROWS, STALE_FRACTION * analyzed_rows)
