@@ -83,13 +83,8 @@ class Seeded:
 @pytest.fixture(scope="module")
 def seeded(pg_cluster) -> Iterator[Seeded]:
     """One migrated database with 20,000 tasks and their history, analysed (module-wide)."""
-    name = f"conveyor_plans_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
-    url = with_database(pg_cluster.admin_url, name)
-    try:
-        run_sql(
-            url, SEED_TASKS, SEED_EVENTS, "ANALYZE conveyor_tasks", "ANALYZE conveyor_task_events"
-        )
+    statements = (SEED_TASKS, SEED_EVENTS, "ANALYZE conveyor_tasks", "ANALYZE conveyor_task_events")
+    with seeded_database(pg_cluster, "plans", *statements) as url:
 
         async def pick() -> Seeded:
             conn = await asyncpg.connect(url)
@@ -115,9 +110,6 @@ def seeded(pg_cluster) -> Iterator[Seeded]:
             return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
 
         yield asyncio.run(pick())
-    finally:
-        with contextlib.suppress(Exception):
-            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def plan_nodes(node: Any) -> Iterator[dict[str, Any]]:
@@ -306,26 +298,34 @@ class TestPerTaskQueriesUseIndexes:
 
 
 @contextlib.contextmanager
-def backlog(pg_cluster: Any, name: str, tasks_by_type: dict[str, int]) -> Iterator[str]:
-    """A migrated database holding `tasks_by_type` queued tasks, analysed; dropped after."""
+def seeded_database(pg_cluster: Any, name: str, *statements: str) -> Iterator[str]:
+    """A migrated database of its own, after `statements`; dropped afterwards."""
     name = f"conveyor_{name}_{uuid.uuid4().hex[:12]}"
     run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
     url = with_database(pg_cluster.admin_url, name)
     try:
-        run_sql(
-            url,
-            *(
-                "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "  # noqa: S608 - test constants
-                f"SELECT gen_random_uuid(), '{task_type}', '', interval '60 seconds', 3 "
-                f"FROM generate_series(1, {count})"
-                for task_type, count in tasks_by_type.items()
-            ),
-            "ANALYZE conveyor_tasks",
-        )
+        run_sql(url, *statements)
         yield url
     finally:
         with contextlib.suppress(Exception):
             run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def backlog(
+    pg_cluster: Any, name: str, tasks_by_type: dict[str, int]
+) -> contextlib.AbstractContextManager[str]:
+    """A migrated database holding `tasks_by_type` queued tasks, analysed; dropped after."""
+    return seeded_database(
+        pg_cluster,
+        name,
+        *(
+            "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "  # noqa: S608 - test constants
+            f"SELECT gen_random_uuid(), '{task_type}', '', interval '60 seconds', 3 "
+            f"FROM generate_series(1, {count})"
+            for task_type, count in tasks_by_type.items()
+        ),
+        "ANALYZE conveyor_tasks",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -403,15 +403,8 @@ FROM generate_series(1, 100000) AS g
 def many_running(pg_cluster) -> Iterator[str]:
     """100,000 tasks of which 5,000 are running, across 8 workers, analysed: a large fleet
     busy with long tasks, in which every report batch and heartbeat names a few of them."""
-    name = f"conveyor_running_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_cluster.template}"')
-    url = with_database(pg_cluster.admin_url, name)
-    try:
-        run_sql(url, SEED_RUNNING, "ANALYZE conveyor_tasks")
+    with seeded_database(pg_cluster, "running", SEED_RUNNING, "ANALYZE conveyor_tasks") as url:
         yield url
-    finally:
-        with contextlib.suppress(Exception):
-            run_sql(pg_cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class TestBatchesByTask:

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any, Final
 
 from conveyor.errors import SchemaMismatch
+from conveyor.storage import queries
 
 log = logging.getLogger("conveyor.storage.migrate")
 
@@ -33,10 +34,6 @@ _LEDGER_EXISTS: Final = "SELECT to_regclass('conveyor_schema_migrations') IS NOT
 _LEDGER_VERSIONS: Final = "SELECT version FROM conveyor_schema_migrations ORDER BY version"
 _LEDGER_RECORD: Final = "INSERT INTO conveyor_schema_migrations (version, name) VALUES ($1, $2)"
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
-# Run after migrations commit: a migration may change what the planner should know of the
-# task table (0011 pins an estimate that counts from the next ANALYZE). Outside their
-# transaction it takes only a SHARE UPDATE EXCLUSIVE lock, and reads a sample of pages.
-_REFRESH_STATISTICS: Final = "ANALYZE conveyor_tasks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +76,15 @@ async def migrate(conn: Any) -> list[Migration]:
     """
     pending = await _apply_pending(conn)
     if pending:
+        # After the migrations commit: one may change what the planner should know of the
+        # task table (0011 pins an estimate that counts from the next ANALYZE). Outside
+        # their transaction it takes only a SHARE UPDATE EXCLUSIVE lock.
         try:
-            await conn.execute(_REFRESH_STATISTICS)
+            await queries.task_table_analyze(conn)
         except Exception as exc:
             log.warning(
-                "migrations applied, but %s failed (%s): autovacuum will run it, or run it "
-                "yourself",
-                _REFRESH_STATISTICS,
+                "migrations applied, but ANALYZE conveyor_tasks failed (%s): autovacuum "
+                "will run it, or run it yourself",
                 exc,
             )
     return pending
