@@ -209,11 +209,17 @@ ORDER BY seq;
 -- $1 task id, $2 lease id, $3 result (nullable), $4 the reporting worker's id.
 -- Every report is fenced by (lease id, worker id): a lease id reported by any worker but
 -- the one that holds it is refused, even if it leaked.
+-- A matching lease id means the task is running (the table's CHECK ties `state = 'running'`
+-- to a lease), so this and every other report and heartbeat leave the state unnamed: with
+-- `state = 'running'` in the probe, statistics gathered while no task ran (after a burst of
+-- enqueues) made the planner read every running task through (state, seq), dead entries
+-- too, for each report instead of one primary-key probe (docs/performance.md, "The tenth
+-- round").
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND state = 'running' AND worker_id = $4
+    WHERE id = $1 AND lease_id = $2 AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id,
               extract(epoch FROM now() - started_at)::float8 AS ran_for
 ), history AS (
@@ -248,8 +254,8 @@ WITH input AS (
     FROM (SELECT * FROM input ORDER BY task_id, ord) AS input
     CROSS JOIN LATERAL (
         SELECT t.id FROM conveyor_tasks AS t
-        WHERE t.id = input.task_id AND t.lease_id = input.lease_id AND t.state = 'running'
-          AND t.worker_id = input.worker_id
+        WHERE t.id = input.task_id AND t.lease_id = input.lease_id
+          AND t.worker_id = input.worker_id  -- the lease implies 'running' (task_succeed)
         FOR UPDATE
     ) AS t
     ORDER BY input.task_id, input.ord
@@ -291,7 +297,7 @@ WITH done AS (
         finished_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
         last_error = $3,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE t.id = $1 AND t.lease_id = $2 AND t.state = 'running' AND t.worker_id = $8
+    WHERE t.id = $1 AND t.lease_id = $2 AND t.worker_id = $8  -- running: see task_succeed
     RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at,
               extract(epoch FROM now() - t.started_at)::float8 AS ran_for
 ), history AS (
@@ -310,7 +316,7 @@ WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'queued', attempt = attempt - 1, available_at = now(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND state = 'running' AND worker_id = $4
+    WHERE id = $1 AND lease_id = $2 AND worker_id = $4  -- running: see task_succeed
     RETURNING id, type, state, attempt, worker_id
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
@@ -351,8 +357,8 @@ WITH named AS (
     FROM (SELECT * FROM named ORDER BY task_id) AS named
     CROSS JOIN LATERAL (
         SELECT t.id FROM conveyor_tasks AS t
-        WHERE t.id = named.task_id AND t.lease_id = named.lease_id
-          AND t.state = 'running' AND t.lease_expires_at > now() AND t.worker_id = $6
+        WHERE t.id = named.task_id AND t.lease_id = named.lease_id  -- running: task_succeed
+          AND t.lease_expires_at > now() AND t.worker_id = $6
         FOR UPDATE
     ) AS t
 ), extended AS (
