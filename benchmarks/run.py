@@ -28,6 +28,12 @@ concurrent single-task producers, the bulk API). Prints a table per workload, wi
 value's median and spread over the repeats and the ratio to Conveyor, and writes
 benchmarks/results/latest.json.
 
+One row has fewer peers: `burst`, W1 with `--burst-tasks` (150,000) tasks, run by Conveyor
+and PgQueuer only (Procrastinate, Celery and Dramatiq would take minutes a run). It finds
+what a 20,000-task drain is too short to meet: the claim on statistics taken before the
+burst, and the dead index entries of a long drain (docs/performance.md, the ninth and tenth
+rounds).
+
 Two more rows are Conveyor's (or the database's) alone, with no peer:
 
 - W4 scale (`w4-10k`, `w4-1m`; `--workloads w4` selects both): conveyor_workloads.py
@@ -101,6 +107,16 @@ WORKLOADS = {
             "W1 end to end: {tasks:,} no-op tasks enqueued in bulk, then drained (tasks/s)",
             "throughput",
             "target: >= 1.0x PgQueuer (2 worker processes)",
+        ),
+        Workload(
+            "burst",
+            "w1",
+            "W1 after a burst: {burst_tasks:,} no-op tasks enqueued in bulk, then drained "
+            "(tasks/s)",
+            "throughput",
+            "no target: W1's 20,000 drain in a few seconds, before a burst's statistics and "
+            "dead index entries weigh on the claim; the peers that would take minutes sit out",
+            only=("conveyor", "pgqueuer"),
         ),
         Workload(
             "w2-200",
@@ -275,7 +291,8 @@ def script_for(system: str) -> Path:
 def contract_args(workload: Workload, args: argparse.Namespace) -> tuple[list[str], float]:
     """The contract's arguments for this workload, and a bound on the whole run."""
     if workload.contract == "w1":
-        return ["--tasks", str(args.tasks)], args.w1_timeout
+        tasks = args.burst_tasks if workload.key == "burst" else args.tasks
+        return ["--tasks", str(tasks)], args.w1_timeout
     if workload.contract == "w2":
         rate = workload.key.split("-")[1]
         return ["--rate", rate, "--seconds", f"{args.w2_seconds:g}"], args.w2_seconds + 240
@@ -782,6 +799,9 @@ def parse_args() -> argparse.Namespace:
         help=f"Comma separated, of {', '.join(WORKLOADS)}; w2, w3 or w4 selects its rows.",
     )
     parser.add_argument("--tasks", type=int, default=None, help="W1 tasks (default 20,000).")
+    parser.add_argument(
+        "--burst-tasks", type=int, default=None, help="The burst row's tasks (default 150,000)."
+    )
     parser.add_argument("--w2-seconds", type=float, default=None, help="Default 30 (quick 10).")
     parser.add_argument("--w3-seconds", type=float, default=None, help="Default 10 (quick 3).")
     parser.add_argument("--w1-timeout", type=float, default=900.0)
@@ -817,6 +837,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.tasks = args.tasks or 20_000
+    args.burst_tasks = args.burst_tasks or 150_000
     args.w2_seconds = args.w2_seconds or (10.0 if args.quick else 30.0)
     args.w3_seconds = args.w3_seconds or (3.0 if args.quick else 10.0)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -887,7 +908,8 @@ def main() -> None:
             f"Conveyor {machine['conveyor_commit']}"
         )
         console.print(
-            f"repeats: {args.repeat}, W1 tasks: {args.tasks:,}, W2: {args.w2_seconds:g} s, "
+            f"repeats: {args.repeat}, W1 tasks: {args.tasks:,} (burst {args.burst_tasks:,}), "
+            f"W2: {args.w2_seconds:g} s, "
             f"W3: {args.w3_seconds:g} s, W4: {W4_SMALL:,} and {args.w4_queued:,} queued, "
             f"{args.w4_probes} probes, {args.w4_drain:,} drained, pgbench: "
             f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}\n"
@@ -908,6 +930,7 @@ def main() -> None:
                 "repeat": args.repeat,
                 "quick": args.quick,
                 "tasks": args.tasks,
+                "burst_tasks": args.burst_tasks,
                 "w2_seconds": args.w2_seconds,
                 "w3_seconds": args.w3_seconds,
                 "w4_queued": args.w4_queued,
