@@ -21,7 +21,6 @@ from helpers import async_wait_for
 from conveyor.server.maintenance.planner_statistics import (
     MIN_CHANGED_ROWS,
     STALE_FRACTION,
-    PlannerStatistics,
     stale,
 )
 from conveyor.storage.queries import SQL
@@ -72,12 +71,11 @@ async def test_a_burst_of_enqueues_is_analyzed_and_the_claim_reads_its_index(
             )
             is not None
         )
-        (statistics,) = [
-            service
-            for service in server.server.maintenance
-            if isinstance(service, PlannerStatistics)
-        ]
-        assert statistics.analyzed >= 1
+        analyzed = server.server.metrics.registry.get_sample_value(
+            "conveyor_task_table_analyzed_total"
+        )
+        assert analyzed is not None
+        assert analyzed >= 1
         transaction = conn.transaction()
         await transaction.start()
         try:

@@ -16,7 +16,8 @@ from conveyor.server.config import ServerConfig
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.notifier import TaskNotifier
-from conveyor.server.service import PeriodicService
+from conveyor.server.service import LeaderDuty, PeriodicService
+from conveyor.storage.queries import LeaderProof
 
 CYCLES = 50
 
@@ -103,6 +104,57 @@ class TestLeaderElectorLifecycle:
         # Resigning ends the lease, so each new campaign starts a new term.
         assert terms == sorted(terms)
         assert len(set(terms)) == len(terms)
+
+
+class RecordingDuty(LeaderDuty):
+    name = "recording"
+
+    def __init__(self, database: Database, elector: LeaderElector) -> None:
+        super().__init__(timedelta(milliseconds=20), database, elector)
+        self.proofs: list[LeaderProof] = []
+
+    async def lead(self, leader: LeaderProof) -> None:
+        self.proofs.append(leader)
+
+
+class TestLeaderDuty:
+    async def test_only_the_leaders_duty_runs_and_a_successor_takes_it_over(
+        self, database: Database
+    ) -> None:
+        """Two servers' duties tick side by side: only the leader's runs, with its proof;
+        once it resigns, the other server's runs with the new term."""
+
+        def elector(server_id: str) -> LeaderElector:
+            return LeaderElector(
+                database=database,
+                server_id=server_id,
+                ttl=timedelta(seconds=5),
+                retry_interval=timedelta(milliseconds=50),
+            )
+
+        first, second = elector("first"), elector("second")
+        first.start()
+        await async_wait_for(lambda: first.is_leader, timeout=5)
+        second.start()
+        duties = [RecordingDuty(database, first), RecordingDuty(database, second)]
+        for duty in duties:
+            duty.start()
+        try:
+            await async_wait_for(lambda: duties[1].ticks >= 5, timeout=5)
+            assert duties[0].proofs
+            assert duties[1].proofs == []
+            leading = first.leadership
+            assert leading is not None
+            assert {proof.term for proof in duties[0].proofs} == {leading.term}
+            old_term = duties[0].proofs[-1].term
+            await first.stop()  # resigns
+            await async_wait_for(lambda: bool(duties[1].proofs), timeout=5)
+            assert duties[1].proofs[0].term > old_term
+        finally:
+            for duty in duties:
+                await duty.stop()
+            await second.stop()
+            await first.stop()
 
 
 class TestNotifierLifecycle:

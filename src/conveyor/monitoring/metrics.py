@@ -182,6 +182,12 @@ class ServerMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.task_table_analyzed = Counter(
+            "conveyor_task_table_analyzed_total",
+            "ANALYZEs of conveyor_tasks run by the leader because its planner statistics fell "
+            "behind its contents.",
+            registry=self.registry,
+        )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_connections_in_use",
             "Database connections checked out of this server's pool.",

@@ -109,7 +109,7 @@ class ConveyorServer:
         self.maintenance = [
             LeaseReaper(config, self.database, self.metrics, self.notifier, self.elector),
             WorkerSweeper(config, self.database, self.elector),
-            PlannerStatistics(config, self.database, self.elector),
+            PlannerStatistics(config, self.database, self.elector, self.metrics),
             self.stats,
         ]
         if config.retention is not None:

@@ -2,7 +2,10 @@
 
 `start` is idempotent, `stop` is safe before `start` and when called twice, and `started`
 is an event tests can wait on. A tick that raises is logged and the loop carries on: a
-maintenance loop must survive a database restart.
+maintenance loop must survive a database restart. `LeaderDuty` is the kind that only the
+leader runs (the reaper, the sweeper, retention, planner statistics): every server runs
+the loop, so a new leader takes the work over within one interval, and each round does
+nothing unless this server leads, with the proof its fenced statements carry.
 
     stopped --start()--> running --stop()--> stopped
                             |  every `interval`: tick(); errors logged, never fatal
@@ -17,6 +20,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from datetime import timedelta
+
+    from conveyor.server.database import Database
+    from conveyor.server.leadership import LeaderElector
+    from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.service")
 
@@ -62,3 +69,27 @@ class PeriodicService:
                 )
             self.ticks += 1
             await asyncio.sleep(self.interval.total_seconds())
+
+
+class LeaderDuty(PeriodicService):
+    """A PeriodicService whose rounds only the leader does: `lead` while this server leads."""
+
+    def __init__(self, interval: timedelta, database: Database, elector: LeaderElector) -> None:
+        """Every `interval`, `lead` with a proof of leadership, if this server holds one."""
+        super().__init__(interval)
+        self._database = database
+        self._elector = elector
+
+    async def tick(self) -> None:
+        """One round of `lead`, or nothing if another server leads."""
+        leader = self._elector.leadership
+        if leader is not None:
+            await self.lead(leader)
+
+    async def lead(self, leader: LeaderProof) -> None:
+        """One round of the leader's work; `leading()` again before each further batch."""
+        raise NotImplementedError
+
+    def leading(self) -> LeaderProof | None:
+        """The current proof of leadership, or None once this server no longer leads."""
+        return self._elector.leadership

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import PeriodicService
+from conveyor.server.service import LeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -18,13 +18,14 @@ if TYPE_CHECKING:
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
     from conveyor.server.notifier import TaskNotifier
+    from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.reaper")
 
 BATCH_SIZE: Final = 500
 
 
-class LeaseReaper(PeriodicService):
+class LeaseReaper(LeaderDuty):
     """Requeues (or fails) tasks whose lease ran out."""
 
     name = "lease-reaper"
@@ -38,18 +39,16 @@ class LeaseReaper(PeriodicService):
         elector: LeaderElector,
     ) -> None:
         """Reap every `reaper_interval` while this server leads."""
-        super().__init__(config.reaper_interval)
-        self._elector = elector
-        self._database = database
+        super().__init__(config.reaper_interval, database, elector)
         self._notifier = notifier
         self._metrics = metrics
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
 
-    async def tick(self) -> None:
+    async def lead(self, leader: LeaderProof) -> None:
         """Reap until no expired lease is left (in batches)."""
-        while (leader := self._elector.leadership) is not None:
+        while True:
             async with self._database.connection() as conn:
                 rows = await queries.task_reap_expired(
                     conn, limit=BATCH_SIZE, backoff=self._backoff, leader=leader
@@ -73,5 +72,7 @@ class LeaseReaper(PeriodicService):
                         "worker_id": row["worker_id"],
                     },
                 )
-            if len(rows) < BATCH_SIZE:
+            next_leader = self.leading()
+            if len(rows) < BATCH_SIZE or next_leader is None:
                 return
+            leader = next_leader

@@ -22,13 +22,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import PeriodicService
+from conveyor.server.service import LeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
+    from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
+    from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.planner_statistics")
 
@@ -40,23 +42,25 @@ MIN_CHANGED_ROWS: Final = 10_000
 MIN_ANALYZE_INTERVAL: Final = 10.0
 
 
-class PlannerStatistics(PeriodicService):
+class PlannerStatistics(LeaderDuty):
     """Keeps conveyor_tasks' planner statistics close to its contents (if this server leads)."""
 
     name = "planner-statistics"
 
-    def __init__(self, config: ServerConfig, database: Database, elector: LeaderElector) -> None:
-        """Look every `reaper_interval`."""
-        super().__init__(config.reaper_interval)
-        self._database = database
-        self._elector = elector
+    def __init__(
+        self,
+        config: ServerConfig,
+        database: Database,
+        elector: LeaderElector,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Look every `reaper_interval`; count each ANALYZE in `metrics`."""
+        super().__init__(config.reaper_interval, database, elector)
+        self._metrics = metrics
         self._last_analyze = float("-inf")
-        self.analyzed = 0  # ANALYZEs run by this server, for tests and logs
 
-    async def tick(self) -> None:
-        """ANALYZE conveyor_tasks if its statistics fell behind (if this server leads)."""
-        if self._elector.leadership is None:
-            return
+    async def lead(self, leader: LeaderProof) -> None:  # noqa: ARG002 - ANALYZE is not fenced
+        """ANALYZE conveyor_tasks if its statistics fell behind."""
         if time.monotonic() - self._last_analyze < MIN_ANALYZE_INTERVAL:
             return
         async with self._database.connection() as conn:
@@ -65,7 +69,7 @@ class PlannerStatistics(PeriodicService):
                 return
             self._last_analyze = time.monotonic()
             await queries.task_table_analyze(conn)
-        self.analyzed += 1
+        self._metrics.task_table_analyzed.inc()
         log.info(
             "gathered the task table's planner statistics: %d rows changed since the last, "
             "which counted %d",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import PeriodicService
+from conveyor.server.service import LeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
+    from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.retention")
 
@@ -31,7 +32,7 @@ BATCH_SIZE: Final = 1000
 MAX_BATCHES_PER_ROUND: Final = 20
 
 
-class RetentionPruner(PeriodicService):
+class RetentionPruner(LeaderDuty):
     """Deletes finished tasks older than the retention (if this server leads)."""
 
     name = "retention"
@@ -45,18 +46,13 @@ class RetentionPruner(PeriodicService):
         metrics: ServerMetrics,
     ) -> None:
         """Prune every `interval` what finished more than `retention` ago."""
-        super().__init__(interval)
+        super().__init__(interval, database, elector)
         self._retention = retention
-        self._database = database
-        self._elector = elector
         self._metrics = metrics
 
-    async def tick(self) -> None:
+    async def lead(self, leader: LeaderProof) -> None:
         """Delete old finished tasks, a batch at a time."""
         for _ in range(MAX_BATCHES_PER_ROUND):
-            leader = self._elector.leadership
-            if leader is None:
-                return
             async with self._database.connection() as conn:
                 pruned = await queries.task_prune_finished(
                     conn, retention=self._retention, limit=BATCH_SIZE, leader=leader
@@ -71,5 +67,7 @@ class RetentionPruner(PeriodicService):
                     self._retention,
                     extra={"event": "tasks_pruned"},
                 )
-            if total < BATCH_SIZE:
+            next_leader = self.leading()
+            if total < BATCH_SIZE or next_leader is None:
                 return
+            leader = next_leader

@@ -11,34 +11,30 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from conveyor.server.service import PeriodicService
+from conveyor.server.service import LeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
     from conveyor.server.config import ServerConfig
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
+    from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.sweeper")
 
 
-class WorkerSweeper(PeriodicService):
+class WorkerSweeper(LeaderDuty):
     """Marks silent workers lost and releases their leases."""
 
     name = "worker-sweeper"
 
     def __init__(self, config: ServerConfig, database: Database, elector: LeaderElector) -> None:
         """Sweep every `reaper_interval`; silence beyond `worker_lost_after` means lost."""
-        super().__init__(config.reaper_interval)
-        self._database = database
-        self._elector = elector
+        super().__init__(config.reaper_interval, database, elector)
         self._silence = config.worker_lost_after
 
-    async def tick(self) -> None:
-        """Mark silent workers lost (if this server leads)."""
-        leader = self._elector.leadership
-        if leader is None:
-            return
+    async def lead(self, leader: LeaderProof) -> None:
+        """Mark silent workers lost."""
         async with self._database.connection() as conn:
             lost = await queries.worker_sweep_lost(conn, silence=self._silence, leader=leader)
         for row in lost:
