@@ -536,6 +536,91 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
             await conn.close()
 
 
+SEED_FINISHED = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, started_at, finished_at, worker_id, payload
+)
+SELECT gen_random_uuid(), 't', 'succeeded', 1, 3, interval '60 seconds', now(), now(),
+       'worker-1', ''::bytea
+FROM generate_series(1, 50000)
+"""
+
+# After the ANALYZE: an incident's worth of failures and cancels, and some live tasks.
+SEED_INCIDENT = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, started_at, finished_at, worker_id,
+    lease_id, lease_expires_at, deadline_at, last_error, payload
+)
+SELECT gen_random_uuid(), 't',
+       (ARRAY['failed', 'cancelled', 'queued', 'running'])[g % 4 + 1]::conveyor_task_state,
+       CASE WHEN g % 4 = 2 THEN 0 WHEN g % 4 = 0 THEN 4 ELSE 1 END, 3, interval '60 seconds',
+       CASE WHEN g % 4 <> 2 THEN now() END, CASE WHEN g % 4 IN (0, 1) THEN now() END,
+       CASE WHEN g % 4 <> 2 THEN 'worker-1' END,
+       CASE WHEN g % 4 = 3 THEN gen_random_uuid() END,
+       CASE WHEN g % 4 = 3 THEN now() + interval '30 seconds' END,
+       CASE WHEN g % 4 = 3 THEN now() + interval '1 minute' END,
+       CASE WHEN g % 4 = 0 THEN 'ValueError: boom' END, ''::bytea
+FROM generate_series(1, 20000) AS g
+"""
+
+
+@pytest.fixture(scope="module")
+def incident_unseen(pg_cluster) -> Iterator[str]:
+    """50,000 succeeded tasks analyzed, then 5,000 each failed, cancelled, queued and running
+    that the statistics never saw: an incident an operator cleans up with a bulk retry or
+    cancel before the next ANALYZE (a fifth of the table must change for the leader's)."""
+    with seeded_database(
+        pg_cluster, "incident", SEED_FINISHED, "ANALYZE conveyor_tasks", SEED_INCIDENT
+    ) as url:
+        yield url
+
+
+class TestBulkActionsWhenTheStatisticsSawNoneOfTheirTasks:
+    @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+    @pytest.mark.parametrize(
+        ("name", "states"),
+        [
+            ("task_retry_many", ["failed", "cancelled"]),
+            ("task_cancel_many", ["queued", "running"]),
+        ],
+    )
+    async def test_a_page_probes_the_primary_key(
+        self, incident_unseen: str, name: str, states: list[str], plan_mode: str
+    ) -> None:
+        """A page of a bulk retry or cancel finds its tasks by id, whatever the statistics.
+
+        Named by `id = ANY` with `state = ANY` beside it, the planner that believed no task
+        was failed read every failed one through (state, seq) for each page: 5,000 here,
+        an incident's worth in production, for 500 ids."""
+        conn = await asyncpg.connect(incident_unseen)
+        try:
+            ids = [
+                row["id"]
+                for row in await conn.fetch(
+                    "SELECT id FROM conveyor_tasks WHERE state = ANY($1::conveyor_task_state[]) "
+                    "LIMIT 500",
+                    states,
+                )
+            ]
+        finally:
+            await conn.close()
+        assert len(ids) == 500
+        plan = await explain(
+            incident_unseen,
+            SQL[name],
+            ids,
+            "by an operator",
+            states,
+            "ops (token 6f0c3b1a)",
+            before=f"SET LOCAL plan_cache_mode = {plan_mode}",
+        )
+        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
+        assert scans, json.dumps(plan, indent=1)
+        assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
+            "conveyor_tasks_pkey"
+        }, json.dumps(plan, indent=1)
+
+
 class TestSpecificIndexes:
     async def test_claim_uses_the_type_state_seq_index(self, seeded: Seeded) -> None:
         """task_claim finds the backlog through (type, state, seq), one range per type."""

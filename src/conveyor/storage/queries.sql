@@ -711,11 +711,17 @@ SELECT id, type, state, attempt FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 -- own order. Tasks in other states are left alone (the caller reports them). Recorded as
 -- `retried` in the history.
 WITH target AS (
-    SELECT id, seq FROM conveyor_tasks
-    WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
-      AND state IN ('failed', 'cancelled')
-    ORDER BY id  -- one lock order for every multi-row writer: no deadlock between them
-    FOR UPDATE
+    -- One primary-key probe per named task, locked in task id order (the lock order of
+    -- every multi-row writer), the state checked on the locked row. Written as `id = ANY`
+    -- beside `state = ANY`, a planner whose statistics had seen none of these tasks (an
+    -- incident's failures, before the next ANALYZE) read every task in those states
+    -- through (state, seq) for each page (docs/performance.md, "The tenth round").
+    SELECT t.id, t.seq
+    FROM (SELECT DISTINCT n.id FROM unnest($1::uuid[]) AS n (id) ORDER BY n.id) AS named
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.seq, c.state FROM conveyor_tasks AS c WHERE c.id = named.id FOR UPDATE
+    ) AS t
+    WHERE t.state = ANY ($3::conveyor_task_state[]) AND t.state IN ('failed', 'cancelled')
 ), renumbered AS (
     SELECT id, nextval(pg_get_serial_sequence('conveyor_tasks', 'seq')) AS new_seq
     FROM (SELECT id, seq FROM target ORDER BY seq) AS oldest_first
@@ -742,11 +748,14 @@ SELECT id, type, (SELECT count(*) FROM wake) AS woken FROM done;
 -- heartbeat). Others are left alone: a cancel of queued tasks never touches one that was
 -- claimed since it was listed.
 WITH target AS (
-    SELECT id FROM conveyor_tasks
-    WHERE id = ANY ($1::uuid[]) AND state = ANY ($3::conveyor_task_state[])
-      AND state IN ('queued', 'running')
-    ORDER BY id  -- one lock order for every multi-row writer: no deadlock between them
-    FOR UPDATE
+    -- Probed by id and locked in id order, the state checked on the locked row: see
+    -- task_retry_many.
+    SELECT t.id
+    FROM (SELECT DISTINCT n.id FROM unnest($1::uuid[]) AS n (id) ORDER BY n.id) AS named
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.state FROM conveyor_tasks AS c WHERE c.id = named.id FOR UPDATE
+    ) AS t
+    WHERE t.state = ANY ($3::conveyor_task_state[]) AND t.state IN ('queued', 'running')
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = 'cancelled', finished_at = now(),
