@@ -139,6 +139,15 @@ def indexes_used(plan: Any) -> set[str]:
     return {node["Index Name"] for node in plan_nodes(plan) if "Index Name" in node}
 
 
+def assert_tasks_read_by_primary_key(plan: Any) -> None:
+    """`plan` reads conveyor_tasks, and only through its primary key (one probe per task)."""
+    scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
+    assert scans, json.dumps(plan, indent=1)
+    assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
+        "conveyor_tasks_pkey"
+    }, json.dumps(plan, indent=1)
+
+
 async def explain(url: str, sql: str, *args: Any, before: str | None = None) -> Any:
     """EXPLAIN (FORMAT JSON) `sql` with `args`, in a transaction that is rolled back.
 
@@ -441,11 +450,7 @@ class TestBatchesByTask:
         plan = await explain(
             many_running, SQL[name], *args, before=f"SET LOCAL plan_cache_mode = {plan_mode}"
         )
-        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
-        assert scans, json.dumps(plan, indent=1)
-        assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
-            "conveyor_tasks_pkey"
-        }, json.dumps(plan, indent=1)
+        assert_tasks_read_by_primary_key(plan)
 
 
 START_RUNNING_UNSEEN = """
@@ -509,11 +514,7 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
         plan = await explain(
             running_unseen, SQL[name], *args, before=f"SET LOCAL plan_cache_mode = {plan_mode}"
         )
-        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
-        assert scans, json.dumps(plan, indent=1)
-        assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
-            "conveyor_tasks_pkey"
-        }, json.dumps(plan, indent=1)
+        assert_tasks_read_by_primary_key(plan)
 
     @pytest.mark.parametrize(
         "change",
@@ -614,11 +615,7 @@ class TestBulkActionsWhenTheStatisticsSawNoneOfTheirTasks:
             "ops (token 6f0c3b1a)",
             before=f"SET LOCAL plan_cache_mode = {plan_mode}",
         )
-        scans = [n for n in plan_nodes(plan) if n.get("Relation Name") == "conveyor_tasks"]
-        assert scans, json.dumps(plan, indent=1)
-        assert {n.get("Index Name") for n in scans if n["Node Type"] != "ModifyTable"} == {
-            "conveyor_tasks_pkey"
-        }, json.dumps(plan, indent=1)
+        assert_tasks_read_by_primary_key(plan)
 
 
 class TestSpecificIndexes:
