@@ -712,3 +712,61 @@ class TestReportResultsBatch:
             assert 1 <= calls.get("ReportResults", 0) < 400, calls
             assert calls.get("ReportResult", 0) == 0, calls
             assert batches.get("reports", 0) == 0, batches
+
+
+class TestALeaseIdAloneIsNoLease:
+    @pytest.mark.parametrize("report", ["succeed", "succeed_many", "fail", "release"])
+    async def test_a_task_that_is_not_running_is_never_settled_by_a_report(
+        self, database_url: str, report: str
+    ) -> None:
+        """Reports name the lease and its expiry, not the state: the table's CHECK ties
+        `state = 'running'` to both, but a lease id alone on a task in another state would
+        pass it. Such a task (cancelled here) is left alone by every report naming it."""
+        task_id, lease_id = str(uuid.uuid4()), str(uuid.uuid4())
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO conveyor_tasks (id, type, state, attempt, max_retries, timeout, "
+                "started_at, finished_at, worker_id, lease_id, payload) "
+                "VALUES ($1::uuid, 'fence.odd', 'cancelled', 1, 3, interval '60 seconds', "
+                "now(), now(), 'w-odd', $2::uuid, '')",
+                task_id,
+                lease_id,
+            )
+            if report == "succeed":
+                row = await queries.task_succeed(
+                    conn, task_id=task_id, lease_id=lease_id, worker_id="w-odd", result=None
+                )
+                assert row is None
+            elif report == "succeed_many":
+                rows = await queries.task_succeed_many(
+                    conn, [queries.Success(task_id, lease_id, "w-odd", None)]
+                )
+                assert [row["applied"] for row in rows] == [False]
+            elif report == "fail":
+                row = await queries.task_fail(
+                    conn,
+                    task_id=task_id,
+                    lease_id=lease_id,
+                    worker_id="w-odd",
+                    error="ValueError: boom",
+                    event="failed",
+                    retryable=True,
+                    backoff=queries.Backoff(base=timedelta(seconds=1), cap=timedelta(seconds=5)),
+                )
+                assert row is None
+            else:
+                row = await queries.task_release(
+                    conn, task_id=task_id, lease_id=lease_id, worker_id="w-odd", reason="back"
+                )
+                assert row is None
+            state = await conn.fetchval(
+                "SELECT state::text FROM conveyor_tasks WHERE id = $1::uuid", task_id
+            )
+            events = await conn.fetchval(
+                "SELECT count(*) FROM conveyor_task_events WHERE task_id = $1::uuid", task_id
+            )
+        finally:
+            await conn.close()
+        assert state == "cancelled"
+        assert events == 0

@@ -209,17 +209,19 @@ ORDER BY seq;
 -- $1 task id, $2 lease id, $3 result (nullable), $4 the reporting worker's id.
 -- Every report is fenced by (lease id, worker id): a lease id reported by any worker but
 -- the one that holds it is refused, even if it leaked.
--- A matching lease id means the task is running (the table's CHECK ties `state = 'running'`
--- to a lease), so this and every other report and heartbeat leave the state unnamed: with
--- `state = 'running'` in the probe, statistics gathered while no task ran (after a burst of
--- enqueues) made the planner read every running task through (state, seq), dead entries
--- too, for each report instead of one primary-key probe (docs/performance.md, "The tenth
--- round").
+-- A lease (its id and its expiry) means the task is running: the table's CHECK
+-- `conveyor_tasks_running_has_lease` ties `state = 'running'` to both. So this and every
+-- other report and heartbeat name the lease and its expiry and leave the state unnamed:
+-- with `state = 'running'` in the probe, statistics gathered while no task ran (after a
+-- burst of enqueues) made the planner read every running task through (state, seq), dead
+-- entries too, for each report instead of one primary-key probe (docs/performance.md,
+-- "The tenth round"). The expiry is what the CHECK needs: a lease id alone on a task in
+-- another state would pass it.
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND worker_id = $4
+    WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id,
               extract(epoch FROM now() - started_at)::float8 AS ran_for
 ), history AS (
@@ -255,7 +257,8 @@ WITH input AS (
     CROSS JOIN LATERAL (
         SELECT t.id FROM conveyor_tasks AS t
         WHERE t.id = input.task_id AND t.lease_id = input.lease_id
-          AND t.worker_id = input.worker_id  -- the lease implies 'running' (task_succeed)
+          AND t.lease_expires_at IS NOT NULL  -- with the lease, 'running' (task_succeed)
+          AND t.worker_id = input.worker_id
         FOR UPDATE
     ) AS t
     ORDER BY input.task_id, input.ord
@@ -297,7 +300,8 @@ WITH done AS (
         finished_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
         last_error = $3,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE t.id = $1 AND t.lease_id = $2 AND t.worker_id = $8  -- running: see task_succeed
+    -- The lease and its expiry: the task is running (see task_succeed).
+    WHERE t.id = $1 AND t.lease_id = $2 AND t.lease_expires_at IS NOT NULL AND t.worker_id = $8
     RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at,
               extract(epoch FROM now() - t.started_at)::float8 AS ran_for
 ), history AS (
@@ -316,7 +320,8 @@ WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'queued', attempt = attempt - 1, available_at = now(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND lease_id = $2 AND worker_id = $4  -- running: see task_succeed
+    -- The lease and its expiry: the task is running (see task_succeed).
+    WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
@@ -357,8 +362,9 @@ WITH named AS (
     FROM (SELECT * FROM named ORDER BY task_id) AS named
     CROSS JOIN LATERAL (
         SELECT t.id FROM conveyor_tasks AS t
-        WHERE t.id = named.task_id AND t.lease_id = named.lease_id  -- running: task_succeed
-          AND t.lease_expires_at > now() AND t.worker_id = $6
+        WHERE t.id = named.task_id AND t.lease_id = named.lease_id
+          AND t.lease_expires_at > now()  -- with the lease, 'running' (task_succeed)
+          AND t.worker_id = $6
         FOR UPDATE
     ) AS t
 ), extended AS (
@@ -712,7 +718,8 @@ SELECT id, type, state, attempt FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 -- `retried` in the history.
 WITH target AS (
     -- One primary-key probe per named task, locked in task id order (the lock order of
-    -- every multi-row writer), the state checked on the locked row. Written as `id = ANY`
+    -- every multi-row writer), in the named states (PostgreSQL filters under the lock,
+    -- and again on the newest version of a row it waited for). Written as `id = ANY`
     -- beside `state = ANY`, a planner whose statistics had seen none of these tasks (an
     -- incident's failures, before the next ANALYZE) read every task in those states
     -- through (state, seq) for each page (docs/performance.md, "The tenth round").
@@ -748,7 +755,7 @@ SELECT id, type, (SELECT count(*) FROM wake) AS woken FROM done;
 -- heartbeat). Others are left alone: a cancel of queued tasks never touches one that was
 -- claimed since it was listed.
 WITH target AS (
-    -- Probed by id and locked in id order, the state checked on the locked row: see
+    -- Probed by id and locked in id order, in the named states: see
     -- task_retry_many.
     SELECT t.id
     FROM (SELECT DISTINCT n.id FROM unnest($1::uuid[]) AS n (id) ORDER BY n.id) AS named
