@@ -148,10 +148,40 @@ def assert_tasks_read_by_primary_key(plan: Any) -> None:
     }, json.dumps(plan, indent=1)
 
 
-async def explain(url: str, sql: str, *args: Any, before: str | None = None) -> Any:
+def sql_literal(value: Any) -> str:
+    """`value` as a quoted SQL literal PostgreSQL reads as whatever type it is used as."""
+    if value is None:
+        return "NULL"
+    return "'" + _text(value, in_array=False).replace("'", "''") + "'"
+
+
+def _text(value: Any, *, in_array: bool) -> str:
+    if isinstance(value, list | tuple):
+        return "{" + ",".join(_text(item, in_array=True) for item in value) + "}"
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes | bytearray):
+        text = "\\x" + bytes(value).hex()
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    if not in_array:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def explain(
+    url: str, sql: str, *args: Any, before: str | None = None, plan_mode: str | None = None
+) -> Any:
     """EXPLAIN (FORMAT JSON) `sql` with `args`, in a transaction that is rolled back.
 
     `before` is a statement run first in the same transaction (and rolled back with it).
+    `plan_mode` is a `plan_cache_mode`: with `force_generic_plan` the statement is PREPAREd
+    and its EXECUTE explained, since a statement EXPLAINed with bound parameters is always
+    planned for their values (the parameters are folded in, whatever `plan_cache_mode`
+    says); the server's statements are prepared, so after five runs PostgreSQL may plan
+    them without their values.
     """
     conn = await asyncpg.connect(url)
     try:
@@ -160,7 +190,16 @@ async def explain(url: str, sql: str, *args: Any, before: str | None = None) -> 
         try:
             if before is not None:
                 await conn.execute(before)
-            raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+            if plan_mode is not None:
+                await conn.execute(f"SET LOCAL plan_cache_mode = {plan_mode}")
+            if plan_mode == "force_generic_plan":
+                # EXECUTE takes no bound parameters: its arguments are written out, as
+                # literals of unknown type that PostgreSQL reads as the parameters' types.
+                await conn.execute(f"PREPARE explained AS {sql}")
+                values = ", ".join(map(sql_literal, args))
+                raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE explained({values})")
+            else:
+                raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
         finally:
             await transaction.rollback()
     finally:
@@ -382,7 +421,7 @@ class TestClaimUnderASkewedBacklog:
             "worker-1",
             30.0,
             10.0,
-            before=f"SET LOCAL plan_cache_mode = {plan_mode}",
+            plan_mode=plan_mode,
         )
         used = indexes_used(plan)
         assert "conveyor_tasks_type_state_seq_idx" in used, json.dumps(plan, indent=1)
@@ -447,9 +486,7 @@ class TestBatchesByTask:
             ),
             "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * count, "worker-4"),
         }[name]
-        plan = await explain(
-            many_running, SQL[name], *args, before=f"SET LOCAL plan_cache_mode = {plan_mode}"
-        )
+        plan = await explain(many_running, SQL[name], *args, plan_mode=plan_mode)
         assert_tasks_read_by_primary_key(plan)
 
 
@@ -492,8 +529,9 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
         With `state = 'running'` in the probe, a planner that believed no task was running
         read the running ones through (state, seq) for every report (the index's dead
         entries too): in W1 three runs in ten drained 25-30 % slower, with three times the
-        buffer reads per report. The lease id says the task runs (the table's CHECK ties
-        `state = 'running'` to a lease), so the probes do not name the state."""
+        buffer reads per report. A lease (its id and its expiry) says the task runs (the
+        table's CHECK ties `state = 'running'` to both), so the probes name the lease and
+        its expiry, not the state."""
         conn = await asyncpg.connect(running_unseen)
         try:
             leases = await conn.fetch(
@@ -511,9 +549,7 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
             "task_fail": (one, lease, "ValueError: boom", "failed", True, 1.0, 300.0, "worker-4"),
             "task_release": (one, lease, "handed back", "worker-4"),
         }[name]
-        plan = await explain(
-            running_unseen, SQL[name], *args, before=f"SET LOCAL plan_cache_mode = {plan_mode}"
-        )
+        plan = await explain(running_unseen, SQL[name], *args, plan_mode=plan_mode)
         assert_tasks_read_by_primary_key(plan)
 
     @pytest.mark.parametrize(
@@ -526,8 +562,9 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
     async def test_only_a_running_task_holds_a_lease(
         self, running_unseen: str, change: str
     ) -> None:
-        """The probes above leave the state unnamed because a lease id implies 'running':
-        the table refuses a lease on any other state, and a running task without one."""
+        """The probes above leave the state unnamed because a lease, id and expiry,
+        implies 'running': the table refuses one on any other state, and a running task
+        without one. (A lease id alone is no lease: test_fencing, TestALeaseIdAloneIsNoLease.)"""
         conn = await asyncpg.connect(running_unseen)
         try:
             async with conn.transaction():
@@ -613,7 +650,7 @@ class TestBulkActionsWhenTheStatisticsSawNoneOfTheirTasks:
             "by an operator",
             states,
             "ops (token 6f0c3b1a)",
-            before=f"SET LOCAL plan_cache_mode = {plan_mode}",
+            plan_mode=plan_mode,
         )
         assert_tasks_read_by_primary_key(plan)
 
