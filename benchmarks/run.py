@@ -714,19 +714,22 @@ def limit_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
 
 
 def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
-    """Conveyor's process RSS: idle (before W2's load) and under W1's load."""
+    """Conveyor's process RSS: idle (before W2's load), under W1's load and the burst's."""
     rows = []
-    for key, label in (
-        ("idle_worker_rss_mib", "worker, idle (W2 before the load)"),
-        ("idle_server_rss_mib", "server, idle (W2 before the load)"),
-        ("load_worker_rss_mib", "worker, peak during W1"),
-        ("load_server_rss_mib", "server, peak during W1"),
+    for key, label, workloads in (
+        ("idle_worker_rss_mib", "worker, idle (W2 before the load)", ("w2-200", "w2-1000")),
+        ("idle_server_rss_mib", "server, idle (W2 before the load)", ("w2-200", "w2-1000")),
+        ("load_worker_rss_mib", "worker, peak during W1", ("w1",)),
+        ("load_server_rss_mib", "server, peak during W1", ("w1",)),
+        ("load_worker_rss_mib", "worker, peak during the burst", ("burst",)),
+        ("load_server_rss_mib", "server, peak during the burst", ("burst",)),
     ):
+        # Each row from its own workload: the burst's 150,000 tasks are not W1's 20,000,
+        # and W4 has its own table.
         values = [
             run[key]
-            for name, workload in results.items()
-            if WORKLOADS[name].kind in ("throughput", "latency")  # W4 has its own table
-            for run in workload.get("conveyor", {}).get("runs", [])
+            for name in workloads
+            for run in results.get(name, {}).get("conveyor", {}).get("runs", [])
             if run.get(key) is not None
         ]
         if values:
