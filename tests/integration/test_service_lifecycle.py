@@ -12,9 +12,13 @@ from datetime import timedelta
 import pytest
 from helpers import async_wait_for
 
+from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.server.config import ServerConfig
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
+from conveyor.server.maintenance import lease_reaper, retention
+from conveyor.server.maintenance.lease_reaper import LeaseReaper
+from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.notifier import TaskNotifier
 from conveyor.server.service import LeaderDuty, PeriodicService
 from conveyor.storage.queries import LeaderProof
@@ -155,6 +159,110 @@ class TestLeaderDuty:
                 await duty.stop()
             await second.stop()
             await first.stop()
+
+
+EXPIRED_LEASES = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, started_at, worker_id, lease_id,
+    lease_expires_at, deadline_at, payload
+)
+SELECT gen_random_uuid(), 'reap.me', 'running', 1, 3, interval '60 seconds', now(), 'gone',
+       gen_random_uuid(), now() - interval '1 minute', now() + interval '1 minute', ''
+FROM generate_series(1, $1)
+"""
+
+
+class ReaperThatLosesTheLead(LeaseReaper):
+    """A real reaper whose server stops leading between its first batch and the next."""
+
+    def leading(self) -> LeaderProof | None:
+        return None
+
+
+OLD_FINISHED = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, started_at, finished_at, worker_id, payload
+)
+SELECT gen_random_uuid(), 'prune.me', 'succeeded', 1, 3, interval '60 seconds',
+       now() - interval '9 days', now() - interval '8 days', 'w', ''
+FROM generate_series(1, $1)
+"""
+
+
+class PrunerThatLosesTheLead(RetentionPruner):
+    """A real pruner whose server stops leading between its first batch and the next."""
+
+    def leading(self) -> LeaderProof | None:
+        return None
+
+
+class TestLeaderDutyBatches:
+    @pytest.mark.parametrize(
+        ("reaper_class", "left"),
+        [(LeaseReaper, 0), (ReaperThatLosesTheLead, 100)],
+    )
+    async def test_a_round_of_batches_stops_when_the_lead_is_lost(
+        self, database: Database, reaper_class: type[LeaseReaper], left: int
+    ) -> None:
+        """A round reaps batch after batch while its server leads, and no batch more once
+        it does not: 600 expired leases are one round of two batches for a leader, and
+        one batch (500) for a server that lost the lead after the first."""
+        elector = LeaderElector(
+            database=database,
+            server_id="reaper",
+            ttl=timedelta(seconds=5),
+            retry_interval=timedelta(milliseconds=50),
+        )
+        elector.start()
+        try:
+            await async_wait_for(lambda: elector.is_leader, timeout=5)
+            async with database.connection() as conn:
+                await conn.execute(EXPIRED_LEASES, lease_reaper.BATCH_SIZE + 100)
+            config = ServerConfig(database_url=database.url, http_listen=None)
+            notifier = TaskNotifier(database.url, database.server_settings())
+            reaper = reaper_class(config, database, ServerMetrics(), notifier, elector)
+            proof = elector.leadership
+            assert proof is not None
+            await reaper.lead(proof)
+            async with database.connection() as conn:
+                still_expired = await conn.fetchval(
+                    "SELECT count(*) FROM conveyor_tasks WHERE state = 'running'"
+                )
+        finally:
+            await elector.stop()
+        assert still_expired == left
+
+    @pytest.mark.parametrize(
+        ("pruner_class", "left"),
+        [(RetentionPruner, 0), (PrunerThatLosesTheLead, 100)],
+    )
+    async def test_retention_stops_between_batches_when_the_lead_is_lost(
+        self, database: Database, pruner_class: type[RetentionPruner], left: int
+    ) -> None:
+        """The same for retention: 1,100 tasks past it are two batches for a leader, one for
+        a server that lost the lead after the first."""
+        elector = LeaderElector(
+            database=database,
+            server_id="pruner",
+            ttl=timedelta(seconds=5),
+            retry_interval=timedelta(milliseconds=50),
+        )
+        elector.start()
+        try:
+            await async_wait_for(lambda: elector.is_leader, timeout=5)
+            async with database.connection() as conn:
+                await conn.execute(OLD_FINISHED, retention.BATCH_SIZE + 100)
+            pruner = pruner_class(
+                timedelta(hours=1), timedelta(days=7), database, elector, ServerMetrics()
+            )
+            proof = elector.leadership
+            assert proof is not None
+            await pruner.lead(proof)
+            async with database.connection() as conn:
+                kept = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
+        finally:
+            await elector.stop()
+        assert kept == left
 
 
 class TestNotifierLifecycle:
