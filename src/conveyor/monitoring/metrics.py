@@ -198,6 +198,8 @@ class ServerMetrics:
         self._queue_wait = LabelledChildren(self.queue_wait)
         self._task_outcomes = LabelledChildren(self.task_outcomes)
         self._task_duration = LabelledChildren(self.task_duration)
+        self._tasks_enqueued = LabelledChildren(self.tasks_enqueued)
+        self._lease_claims = LabelledChildren(self.lease_claims)
 
     def type_label(self, task_type: str) -> str:
         """The label value for a task type: itself, or OTHER_TYPES past MAX_TYPE_LABELS."""
@@ -207,6 +209,14 @@ class ServerMetrics:
             self._type_labels.add(task_type)
             return task_type
         return OTHER_TYPES
+
+    def count_enqueued(self, task_type: str, count: int) -> None:
+        """Count `count` tasks of `task_type` created by one enqueue."""
+        self._tasks_enqueued(self.type_label(task_type)).inc(count)
+
+    def count_claim(self, kind: str) -> None:
+        """Count one lease claim by what it found (see `lease_claims`)."""
+        self._lease_claims(kind).inc()
 
     def observe_queue_wait(self, task_type: str, seconds: float) -> None:
         """How long one leased task waited in the queue."""

@@ -463,7 +463,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
         if any(created):
             for task_type, count in Counter(compress(batch.types, created)).items():
-                self.metrics.tasks_enqueued.labels(self.metrics.type_label(task_type)).inc(count)
+                self.metrics.count_enqueued(task_type, count)
         return pb.EnqueueTasksResponse(task_ids=batch.ids, created=created)
 
     @rpc_method("GetTask")

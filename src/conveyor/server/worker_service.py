@@ -207,16 +207,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
             first = False
             rows = claimed or []
-            self.metrics.lease_claims.labels(
-                "skipped" if claimed is None else "tasks" if rows else "empty"
-            ).inc()
+            self.metrics.count_claim("skipped" if claimed is None else "tasks" if rows else "empty")
             if not rows:
                 remaining = poll_interval if give_up_at is None else give_up_at - loop.time()
                 if remaining <= 0:
                     break
                 rows = await self._wait(worker_id, task_types, limit, generation, remaining)
                 if rows:
-                    self.metrics.lease_claims.labels("handed_over").inc()
+                    self.metrics.count_claim("handed_over")
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
                 for row in rows:
