@@ -7,6 +7,8 @@ Start is idempotent, stop is safe before start and when repeated (the style brie
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -196,6 +198,29 @@ class PrunerThatLosesTheLead(RetentionPruner):
         return None
 
 
+@contextlib.asynccontextmanager
+async def leading(database: Database, server_id: str) -> AsyncIterator[LeaderElector]:
+    """A real elector of `database` that leads, for as long as the block runs."""
+    elector = LeaderElector(
+        database=database,
+        server_id=server_id,
+        ttl=timedelta(seconds=5),
+        retry_interval=timedelta(milliseconds=50),
+    )
+    elector.start()
+    try:
+        await async_wait_for(lambda: elector.is_leader, timeout=5)
+        yield elector
+    finally:
+        await elector.stop()
+
+
+async def count(database: Database, query: str) -> int:
+    async with database.connection() as conn:
+        value: int = await conn.fetchval(query)
+    return value
+
+
 class TestLeaderDutyBatches:
     @pytest.mark.parametrize(
         ("reaper_class", "left"),
@@ -207,15 +232,7 @@ class TestLeaderDutyBatches:
         """A round reaps batch after batch while its server leads, and no batch more once
         it does not: 600 expired leases are one round of two batches for a leader, and
         one batch (500) for a server that lost the lead after the first."""
-        elector = LeaderElector(
-            database=database,
-            server_id="reaper",
-            ttl=timedelta(seconds=5),
-            retry_interval=timedelta(milliseconds=50),
-        )
-        elector.start()
-        try:
-            await async_wait_for(lambda: elector.is_leader, timeout=5)
+        async with leading(database, "reaper") as elector:
             async with database.connection() as conn:
                 await conn.execute(EXPIRED_LEASES, lease_reaper.BATCH_SIZE + 100)
             config = ServerConfig(database_url=database.url, http_listen=None)
@@ -224,13 +241,8 @@ class TestLeaderDutyBatches:
             proof = elector.leadership
             assert proof is not None
             await reaper.lead(proof)
-            async with database.connection() as conn:
-                still_expired = await conn.fetchval(
-                    "SELECT count(*) FROM conveyor_tasks WHERE state = 'running'"
-                )
-        finally:
-            await elector.stop()
-        assert still_expired == left
+        running = "SELECT count(*) FROM conveyor_tasks WHERE state = 'running'"
+        assert await count(database, running) == left
 
     @pytest.mark.parametrize(
         ("pruner_class", "left"),
@@ -241,15 +253,7 @@ class TestLeaderDutyBatches:
     ) -> None:
         """The same for retention: 1,100 tasks past it are two batches for a leader, one for
         a server that lost the lead after the first."""
-        elector = LeaderElector(
-            database=database,
-            server_id="pruner",
-            ttl=timedelta(seconds=5),
-            retry_interval=timedelta(milliseconds=50),
-        )
-        elector.start()
-        try:
-            await async_wait_for(lambda: elector.is_leader, timeout=5)
+        async with leading(database, "pruner") as elector:
             async with database.connection() as conn:
                 await conn.execute(OLD_FINISHED, retention.BATCH_SIZE + 100)
             pruner = pruner_class(
@@ -258,11 +262,7 @@ class TestLeaderDutyBatches:
             proof = elector.leadership
             assert proof is not None
             await pruner.lead(proof)
-            async with database.connection() as conn:
-                kept = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
-        finally:
-            await elector.stop()
-        assert kept == left
+        assert await count(database, "SELECT count(*) FROM conveyor_tasks") == left
 
 
 class TestNotifierLifecycle:
