@@ -44,6 +44,16 @@ async def database(database_url: str):
     await db.close()
 
 
+def quick_elector(database: Database, server_id: str) -> LeaderElector:
+    """An elector of `database` (not started) that campaigns every 50 ms."""
+    return LeaderElector(
+        database=database,
+        server_id=server_id,
+        ttl=timedelta(seconds=5),
+        retry_interval=timedelta(milliseconds=50),
+    )
+
+
 class TestPeriodicService:
     async def test_many_start_stop_cycles_neither_hang_nor_raise(self) -> None:
         """50 cycles of start/stop, each bounded by a timeout, leave no task behind."""
@@ -92,12 +102,7 @@ class TestLeaderElectorLifecycle:
         """Each cycle elects this server and resigns on stop; terms only grow."""
         terms = []
         for _ in range(10):
-            elector = LeaderElector(
-                database=database,
-                server_id="lifecycle",
-                ttl=timedelta(seconds=5),
-                retry_interval=timedelta(milliseconds=50),
-            )
+            elector = quick_elector(database, "lifecycle")
             await elector.stop()  # before start: harmless
             elector.start()
             elector.start()
@@ -130,15 +135,7 @@ class TestLeaderDuty:
         """Two servers' duties tick side by side: only the leader's runs, with its proof;
         once it resigns, the other server's runs with the new term."""
 
-        def elector(server_id: str) -> LeaderElector:
-            return LeaderElector(
-                database=database,
-                server_id=server_id,
-                ttl=timedelta(seconds=5),
-                retry_interval=timedelta(milliseconds=50),
-            )
-
-        first, second = elector("first"), elector("second")
+        first, second = quick_elector(database, "first"), quick_elector(database, "second")
         first.start()
         await async_wait_for(lambda: first.is_leader, timeout=5)
         second.start()
@@ -201,12 +198,7 @@ class PrunerThatLosesTheLead(RetentionPruner):
 @contextlib.asynccontextmanager
 async def leading(database: Database, server_id: str) -> AsyncIterator[LeaderElector]:
     """A real elector of `database` that leads, for as long as the block runs."""
-    elector = LeaderElector(
-        database=database,
-        server_id=server_id,
-        ttl=timedelta(seconds=5),
-        retry_interval=timedelta(milliseconds=50),
-    )
+    elector = quick_elector(database, server_id)
     elector.start()
     try:
         await async_wait_for(lambda: elector.is_leader, timeout=5)
