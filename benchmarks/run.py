@@ -34,7 +34,13 @@ what a 20,000-task drain is too short to meet: the claim on statistics taken bef
 burst, and the dead index entries of a long drain (docs/performance.md, the ninth and tenth
 rounds).
 
-Two more rows are Conveyor's (or the database's) alone, with no peer:
+Three more rows are Conveyor's (or the database's, or the design's) alone, with no peer:
+
+- `w3-floor` (part of `--workloads w3`): benchmarks/enqueue_floor.py, the floor under W3
+  single. A bare grpc.aio stream server that runs Conveyor's one-task insert for each
+  message, with none of Conveyor's machinery, fed one request at a time: the most any
+  design with a Python gRPC server in front of PostgreSQL can do here. The report gives
+  Conveyor's W3 single and the sequential target as fractions of it.
 
 - W4 scale (`w4-10k`, `w4-1m`; `--workloads w4` selects both): conveyor_workloads.py
   `--workload w4` with 10,000 and then `--w4-queued` (1,000,000) tasks queued: LeaseTasks
@@ -93,8 +99,8 @@ class Workload:
     title: str
     kind: str  # "throughput", "latency", "scale" (W4) or "limit" (pgbench)
     target: str
-    # The only systems that run it (None: every selected system). "postgresql" is the
-    # database alone, run whatever --systems says.
+    # The only systems that run it (None: every selected system). The pseudo-systems
+    # ("postgresql", the database alone; "grpc-floor") run whatever --systems says.
     only: tuple[str, ...] | None = None
 
 
@@ -154,6 +160,15 @@ WORKLOADS = {
             "target: >= 1.2x PgQueuer's bulk",
         ),
         Workload(
+            "w3-floor",
+            "floor",
+            "The floor under W3 single: a bare gRPC stream server running Conveyor's insert",
+            "limit",
+            "no design with a Python gRPC server in front of PostgreSQL enqueues one task at a "
+            "time faster than this floor; the sequential target (2,000/s) is compared to it",
+            only=("grpc-floor",),
+        ),
+        Workload(
             "w4-10k",
             "w4",
             "W4 scale with 10,000 tasks queued",
@@ -182,6 +197,10 @@ WORKLOADS = {
 W4_SMALL = 10_000
 W4_TARGET = 1.5  # the issue: lease latency at 1M queued within 1.5x of that at 10k
 POSTGRESQL = "postgresql"  # the pseudo-system of the pgbench row: the database alone
+# The pseudo-system of the w3-floor row: Conveyor's transport and insert without Conveyor.
+FLOOR = "grpc-floor"
+PSEUDO_SYSTEMS = (POSTGRESQL, FLOOR)
+W3_SINGLE_TARGET = 2000.0
 LATENCY_PERCENTILES = ("p50", "p95", "p99")
 
 
@@ -283,6 +302,8 @@ async def admin(base_url: str, sql: str) -> Any:
 def script_for(system: str) -> Path:
     if system == POSTGRESQL:
         return BENCH_DIR / "pgbench_limit.py"
+    if system == FLOOR:
+        return BENCH_DIR / "enqueue_floor.py"
     if system == "conveyor":
         return BENCH_DIR / "conveyor_workloads.py"
     return BENCH_DIR / "peers" / f"{system}.py"
@@ -331,7 +352,7 @@ def run_system(
     if not script.exists():
         return {"error": f"{script.relative_to(REPO)} not found"}
     extra, timeout = contract_args(workload, args)
-    if system == POSTGRESQL:
+    if system in PSEUDO_SYSTEMS:
         argv = [sys.executable, str(script), "--pg-url", pg_url, *extra]
     else:
         argv = [sys.executable, str(script), "--workload", workload.contract]
@@ -541,7 +562,7 @@ def caption(workload: Workload) -> str:
 def systems_for(workload: Workload, args: argparse.Namespace) -> list[str]:
     if workload.only is None:
         return list(args.systems)
-    return [s for s in workload.only if s == POSTGRESQL or s in args.systems]
+    return [s for s in workload.only if s in PSEUDO_SYSTEMS or s in args.systems]
 
 
 def first_good(results: dict[str, dict[str, Any]], key: str, system: str) -> dict[str, Any]:
@@ -711,6 +732,43 @@ def limit_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
     else:
         notes.append(f"Conveyor W1: {fmt(w1[0])} tasks/s; {WORKLOADS['pgbench'].target}")
     return [table, *(f"[dim]{note}[/]" for note in notes)]
+
+
+def floor_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[Any]:
+    """The floor under W3 single, and Conveyor's W3 single and the target against it."""
+    found = first_good(results, "w3-floor", FLOOR)
+    if not found:
+        return []
+    summary = found["summary"]
+    table = Table(
+        title=f"{WORKLOADS['w3-floor'].title}, {args.w3_seconds:g} s (enqueues/s)",
+        title_justify="left",
+        min_width=100,
+    )
+    for name in ("", "enqueues/s", "client CPU µs each", "server CPU µs each", "of the floor"):
+        table.add_column(name, justify="right" if name else "left")
+    problem = summary.get("error") or summary.get("unsupported")
+    if problem is not None:
+        table.add_row("floor", f"n/a: {str(problem)[:90]}", "", "", "")
+        return [table]
+    floor = med(summary, "tasks_per_second")
+    table.add_row(
+        "floor (gRPC stream + one INSERT)",
+        fmt_spread(summary["tasks_per_second"]),
+        cell(med(summary, "client_cpu_us_per_task")),
+        cell(med(summary, "server_cpu_us_per_task")),
+        "100%",
+    )
+    conveyor = results.get("w3-single", {}).get("conveyor", {}).get("summary", {})
+    single = headline(WORKLOADS["w3-single"], conveyor) if conveyor else None
+    if single is not None:
+        fraction = f"{single[0] / floor:.0%}" if floor else "-"
+        table.add_row(
+            "Conveyor W3 single", fmt_spread(conveyor["tasks_per_second"]), "", "", fraction
+        )
+    target = f"{W3_SINGLE_TARGET / floor:.2g}x the floor" if floor else "-"
+    table.add_row("the target", fmt(W3_SINGLE_TARGET), "", "", target)
+    return [table, f"[dim]{WORKLOADS['w3-floor'].target}[/]"]
 
 
 def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
@@ -918,8 +976,13 @@ def main() -> None:
             f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}\n"
         )
         results = run_workloads(args, base_url, redis)
-        # W4 and the pgbench limit compare across workloads: printed once all have run.
-        for part in (*scale_report(results, args), *limit_report(results, args)):
+        # The floor, W4 and the pgbench limit compare across workloads: printed once all
+        # have run.
+        for part in (
+            *floor_report(results, args),
+            *scale_report(results, args),
+            *limit_report(results, args),
+        ):
             console.print(part)
         console.print()
         memory = memory_table(results)
