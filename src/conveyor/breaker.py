@@ -8,6 +8,7 @@ refused connection); an answer of any kind, even an error status, proves the pee
     open --reset_timeout elapsed--> half-open (one probe call is let through)
     half-open --probe succeeds--> closed
     half-open --probe fails--> open (for another reset_timeout)
+    half-open --probe abandoned (its caller gave up first)--> half-open, the next call probes
 
 Thread-safe: the sync Client may be shared by threads.
 """
@@ -106,6 +107,16 @@ class CircuitBreaker:
         with self._lock:
             self._state = BreakerState.CLOSED
             self._failures = 0
+            self._probe_in_flight = False
+
+    def record_abandoned(self) -> None:
+        """The call ended before any answer (its caller was cancelled): nothing was learned.
+
+        A probe in flight is released, so that the next call probes. Without this a
+        cancelled probe left the breaker half-open with a probe "in flight" for ever, and
+        refused every call to the peer from then on.
+        """
+        with self._lock:
             self._probe_in_flight = False
 
     def record_failure(self) -> None:

@@ -6,6 +6,7 @@ once with UNAVAILABLE, the way a crashed server's does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import threading
@@ -19,12 +20,13 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import free_port, wait_final
+from faults.proxy import FaultProxy
+from helpers import async_wait_for, free_port, wait_final
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task, TaskState, Worker
 from conveyor.breaker import BreakerPolicy, BreakerState
 from conveyor.client import channel as channel_module
-from conveyor.errors import CircuitOpen, ServerUnavailable
+from conveyor.errors import CircuitOpen, ServerUnavailable, TaskNotFound
 
 TYPE = "failover.job"
 
@@ -188,6 +190,43 @@ class TestCircuitOpen:
         assert second_took < 0.5, f"the second call took {second_took:.2f}s"
         assert len(attempts) == tried, "the second call went to the network"
         assert state is BreakerState.OPEN
+
+
+class TestAbandonedProbes:
+    async def test_async_client_recovers_after_its_probe_is_cancelled(self, server) -> None:
+        """The call that probes a half-open breaker is cancelled by its caller (an
+        asyncio.timeout around it). The breaker must let the next call probe: it used to
+        wait for the lost probe's verdict for ever, and refused every call once the server
+        was back (CircuitOpen until the client was rebuilt)."""
+        missing = str(uuid.uuid4())
+        breaker = BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(milliseconds=300))
+        retry = RetryPolicy(
+            call_timeout=timedelta(milliseconds=300),
+            total_timeout=timedelta(seconds=1),
+            backoff_base=timedelta(milliseconds=10),
+            backoff_cap=timedelta(milliseconds=50),
+        )
+        with FaultProxy(server.address, name="link") as link:
+            async with AsyncClient(link.address, breaker=breaker, retry=retry) as client:
+                state = client._ring.breakers[link.address]
+                with pytest.raises(TaskNotFound):  # an answer: the server is reachable
+                    await client.get_task_status(missing)
+                link.partition("blackhole")
+                with pytest.raises(ServerUnavailable):
+                    await client.get_task_status(missing)
+                await async_wait_for(
+                    lambda: state.state is BreakerState.HALF_OPEN,
+                    timeout=5,
+                    what="the breaker to half-open",
+                )
+                # The probe goes out, into the black hole, and its caller gives up on it.
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await client.get_task_status(missing)
+                link.pass_through()
+                with pytest.raises(TaskNotFound):
+                    await client.get_task_status(missing)
+                assert state.state is BreakerState.CLOSED
 
 
 class TestWorkerFailover:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from datetime import timedelta
 
 import grpc
@@ -92,6 +94,23 @@ class TestCircuitBreaker:
         clock.now += 1
         assert breaker.allow()
 
+    def test_an_abandoned_probe_lets_the_next_call_probe(
+        self, breaker: CircuitBreaker, clock: FakeClock
+    ) -> None:
+        """A probe whose caller gave up taught nothing: the next call probes instead.
+        Before record_abandoned, the breaker waited for the lost probe's verdict for ever."""
+        for _ in range(3):
+            breaker.record_failure()
+        clock.now += 10
+        assert breaker.allow()
+        assert not breaker.allow()
+        breaker.record_abandoned()
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert breaker.allow()
+        assert not breaker.allow()
+        breaker.record_success()
+        assert breaker.state is BreakerState.CLOSED
+
     @pytest.mark.parametrize(
         "settings", [{"failure_threshold": 0}, {"reset_timeout": timedelta(0)}]
     )
@@ -151,3 +170,44 @@ class TestBackpressureAndTheBreaker:
                 "a:1",
                 _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
             )
+
+
+class TestAddressRingAcrossThreads:
+    THREADS = 8
+    CALLS = 3000
+
+    def test_every_probe_is_settled_on_the_address_it_was_let_through(self) -> None:
+        """Threads sharing a sync Client pick an address, call it and record the outcome.
+        `pick` once read the rotation again after the breaker's `allow`: another thread's
+        move in between recorded the outcome against another address, and left the first
+        breaker's probe in flight for good (the address was never called again). Here
+        every outcome is recorded against the picked address, as the clients do; at the
+        end every breaker that is not open must let a call through. Before the fix 19 of
+        20 runs ended with a breaker refusing every call."""
+        addresses = ["a:1", "b:2", "c:3"]
+        # Failures open a breaker at once and it half-opens at once: a probe is in flight
+        # most of the time, the state in which a lost verdict shuts an address out.
+        policy = BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(microseconds=1))
+        ring = AddressRing(addresses, policy)
+
+        def calls(seed: int) -> None:
+            for call in range(self.CALLS):
+                address = ring.pick()
+                if address is not None:
+                    # Fail every third call: each opens its breaker, which half-opens.
+                    ring.record(address, reachable=(call + seed) % 3 != 0)
+
+        threads = [threading.Thread(target=calls, args=(n,)) for n in range(self.THREADS)]
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        finally:
+            sys.setswitchinterval(previous)
+        assert not any(thread.is_alive() for thread in threads)
+        # The reset timeout (1 µs) has passed: an open breaker lets a probe through now.
+        stuck = [address for address in addresses if not ring.breakers[address].allow()]
+        assert stuck == []

@@ -119,6 +119,11 @@ class AsyncClient:
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
                 attempts.failed(address, exc)
                 continue
+            except BaseException:
+                # Cancelled (an asyncio.timeout around the call, a task being stopped): the
+                # breaker must not wait for ever for this call's verdict if it was a probe.
+                attempts.abandoned(address)
+                raise
             attempts.succeeded(address)
             return response
 

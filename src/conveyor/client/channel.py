@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -248,13 +249,21 @@ class RetryPolicy:
 
 
 class AddressRing:
-    """The addresses in rotation, each with its circuit breaker."""
+    """The addresses in rotation, each with its circuit breaker.
+
+    Thread-safe, as the sync Client may be shared by threads: the rotation moves under a
+    lock, and `pick` returns the very address whose breaker let the call through. (It used
+    to read the rotation again after asking the breaker; another thread's move in between
+    sent the call, and its outcome, to another address, and left the first breaker's probe
+    in flight for good.)
+    """
 
     def __init__(self, addresses: Sequence[str], breaker: BreakerPolicy | None = None) -> None:
         """Start at a random address so clients spread across servers."""
         self.addresses = list(addresses)
         self.breakers = {address: CircuitBreaker(breaker) for address in self.addresses}
         self._index = random.randrange(len(self.addresses))
+        self._lock = threading.Lock()
 
     @property
     def current(self) -> str:
@@ -263,15 +272,21 @@ class AddressRing:
 
     def advance(self) -> str:
         """Move to the next address and return it."""
+        with self._lock:
+            return self._advance()
+
+    def _advance(self) -> str:
         self._index = (self._index + 1) % len(self.addresses)
-        return self.current
+        return self.addresses[self._index]
 
     def pick(self) -> str | None:
         """The first address from the current one whose breaker lets a call through."""
-        for _ in self.addresses:
-            if self.breakers[self.current].allow():
-                return self.current
-            self.advance()
+        with self._lock:
+            for _ in self.addresses:
+                address = self.addresses[self._index]
+                if self.breakers[address].allow():
+                    return address
+                self._advance()
         return None
 
     def next_probe_in(self) -> float:
@@ -285,8 +300,13 @@ class AddressRing:
             breaker.record_success()
             return
         breaker.record_failure()
-        if address == self.current:
-            self.advance()
+        with self._lock:
+            if address == self.addresses[self._index]:
+                self._advance()
+
+    def abandon(self, address: str) -> None:
+        """A call to `address` ended with no answer because its caller gave up."""
+        self.breakers[address].record_abandoned()
 
 
 def is_transient(error: grpc.RpcError) -> bool:
@@ -343,6 +363,10 @@ class RetryLoop:
     def succeeded(self, address: str) -> None:
         """The call got an answer."""
         self._ring.record(address, reachable=True)
+
+    def abandoned(self, address: str) -> None:
+        """The call ended with no answer and no error of its own (the caller was cancelled)."""
+        self._ring.abandon(address)
 
     def failed(self, address: str, error: grpc.RpcError) -> None:
         """Record a failed call; raise the typed error unless it is worth retrying."""

@@ -146,6 +146,10 @@ class Client:
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
                 attempts.failed(address, exc)
                 continue
+            except BaseException:
+                # Interrupted (KeyboardInterrupt): a probe's breaker must not wait for ever.
+                attempts.abandoned(address)
+                raise
             attempts.succeeded(address)
             return response
 

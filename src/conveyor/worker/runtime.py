@@ -546,6 +546,11 @@ class _Runtime:
                 raise _Unreachable(f"{address}: {exc.details()}") from exc
             self.ring.record(address, reachable=True)
             raise
+        except BaseException:
+            # Cancelled before an answer (a long poll when the worker stops): if the call
+            # was the breaker's probe, the next one probes instead of none ever again.
+            self.ring.abandon(address)
+            raise
         self.ring.record(address, reachable=True)
         return response
 
