@@ -306,6 +306,32 @@ class TestHeartbeat:
         # A lost lease is not revived by the heartbeat.
         assert db.task(task_id)["lease_expires_at"] == expired_at
 
+    def test_an_old_lease_is_lost_beside_the_same_tasks_new_one(self, start_server, db) -> None:
+        """A worker names a task's old lease (reaped while the attempt ran on) and the new
+        lease the same task got from it again. The new one is extended; the old one must be
+        told to stop. Matched by task id, the statement said nothing of the old lease."""
+        server = start_server(reaper_interval=timedelta(hours=1))
+        with connect(server.address) as stubs:
+            [task_id] = stubs.enqueue()
+            old = stubs.lease_one("w1")
+            db.execute(
+                "UPDATE conveyor_tasks SET state = 'queued', lease_id = NULL, "
+                "lease_expires_at = NULL, deadline_at = NULL WHERE id = $1::uuid",
+                task_id,
+            )  # as the reaper requeues it
+            new = stubs.lease("w1")[0]
+            assert (new.task_id, new.attempt) == (task_id, 2)
+            extended_before = db.task(task_id)["lease_expires_at"]
+
+            beat = stubs.heartbeat("w1", old, new)
+
+        assert [(s.task_id, s.lease_id, s.reason) for s in beat.stop] == [
+            (task_id, old.lease_id, pb.STOP_REASON_LEASE_LOST)
+        ]
+        row = db.task(task_id)
+        assert str(row["lease_id"]) == new.lease_id
+        assert row["lease_expires_at"] > extended_before
+
     def test_heartbeat_sorts_current_and_lost_leases(self, stubs: Stubs, db) -> None:
         """Of two named leases, only the one that is no longer current is returned in `stop`."""
         stubs.enqueue(count=2)

@@ -386,11 +386,14 @@ WITH named AS (
         progress_at = CASE WHEN current.progress IS NULL THEN t.progress_at ELSE now() END
     FROM current
     WHERE t.id = current.id AND t.lease_id = current.lease_id  -- locked and checked above
-    RETURNING t.id
+    RETURNING t.id, t.lease_id
 )
+-- By lease, not by task: a worker may name a task's old lease beside its new one (the task
+-- was reaped while the old attempt ran on, then leased to the same worker again), and the
+-- old one must be told to stop although the task's current lease was extended.
 SELECT named.task_id, named.lease_id, t.state
 FROM named LEFT JOIN conveyor_tasks AS t ON t.id = named.task_id
-WHERE named.task_id NOT IN (SELECT id FROM extended);
+WHERE (named.task_id, named.lease_id) NOT IN (SELECT id, lease_id FROM extended);
 
 -- name: task_reap_expired
 -- $1 batch size, $2 backoff base (s), $3 backoff cap (s), $4 leader id, $5 leader term.
