@@ -8,15 +8,19 @@ of outcomes in delivery (one reporting while the next runs), and then leases no 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import asyncpg
+import pytest
 from helpers import running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.errors import PermanentFailure
 
 TYPE = "backpressure.job"
 LOCK_KEY = 4242
@@ -91,3 +95,57 @@ def test_a_worker_whose_reports_stall_stops_leasing_after_two_slot_fulls(server,
         # The lock is gone: the stalled reports commit, and the worker takes the rest.
         for task_id in ids:
             assert wait_final(client, task_id).state == TaskState.SUCCEEDED
+
+
+REFUSED_TYPE = "refused.job"
+STALL_FAILURES_SQL = f"""
+CREATE FUNCTION refused_stall() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({LOCK_KEY});
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refused_stall BEFORE UPDATE ON conveyor_tasks FOR EACH ROW
+    WHEN (NEW.state = 'failed' AND NEW.type = '{REFUSED_TYPE}')
+    EXECUTE FUNCTION refused_stall();
+"""
+
+
+def test_a_report_answered_unavailable_alone_is_sent_again(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server answers one report of a batch with UNAVAILABLE when its database fails
+    that statement (here a statement timeout, while a lock holds the failure's update). The
+    outcome stands and must go again: it used to be dropped as refused, and the expired
+    lease then ran the attempt a second time (a PermanentFailure charged the card twice)."""
+    server = start_server(
+        statement_timeout=timedelta(seconds=1),
+        lease_ttl=timedelta(seconds=4),
+        heartbeat_interval=timedelta(seconds=1),
+    )
+    db.execute(STALL_FAILURES_SQL)
+    caplog.set_level(logging.INFO, logger="conveyor")
+    attempts: list[int] = []
+
+    def retried() -> bool:
+        return any(getattr(r, "event", None) == "report_retried" for r in caplog.records)
+
+    worker = Worker(server.address, concurrency=1)
+
+    @worker.handler(REFUSED_TYPE)
+    def charge(ctx, _payload: bytes) -> bytes:
+        attempts.append(ctx.attempt)
+        raise PermanentFailure("card declined")
+
+    with Client(server.address) as client, running(worker):
+        with advisory_lock_held(db.url):
+            task_id = client.enqueue_task(Task(type=REFUSED_TYPE, max_retries=3))
+            # Until the stalled failure report is cancelled by the statement timeout and
+            # the server answers it UNAVAILABLE (the lost outcome's lease would expire in 4 s).
+            wait_for(retried, timeout=15, what="the worker to send the refused outcome again")
+        status = wait_final(client, task_id)
+
+    assert attempts == [1]
+    assert status.state is TaskState.FAILED
+    assert status.attempts == 1
+    assert status.last_error == "PermanentFailure: card declined"
+    assert [event.event for event in status.history] == ["enqueued", "started", "failed"]

@@ -163,6 +163,66 @@ class TestSyncHandlerTimeout:
         assert [e.event for e in status.history][-1] == "timed_out"
 
 
+class TestTheSameTaskTwiceOnOneWorker:
+    def test_a_retry_leased_beside_its_timed_out_thread_keeps_its_heartbeats(
+        self, start_server
+    ) -> None:
+        """Attempt 1's sync handler ignores its timeout and runs on; the retry is leased to
+        the same worker and starts beside it. When attempt 1's thread ends at last, attempt
+        2 must stay heartbeated: the old attempt's bookkeeping used to remove the new one's
+        entry (both by task id), its lease expired while it ran, and a third attempt ran."""
+        lease = timedelta(seconds=1)
+        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=250))
+        first_may_end, second_started, second_may_end = (threading.Event() for _ in range(3))
+        first_ended_at: list[float] = []
+        attempts: list[int] = []
+
+        def stubborn(ctx, _payload: bytes) -> bytes:
+            attempts.append(ctx.attempt)
+            if ctx.attempt == 1:
+                assert first_may_end.wait(30), "the test never let attempt 1 end"
+                first_ended_at.append(time.monotonic())
+            elif ctx.attempt == 2:
+                second_started.set()
+                assert second_may_end.wait(30), "the test never let attempt 2 end"
+            return f"attempt {ctx.attempt}".encode()
+
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("stubborn", stubborn)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                task_id = client.enqueue_task(
+                    Task(type="stubborn", timeout=timedelta(seconds=4), max_retries=3)
+                )
+                assert second_started.wait(20), "the retry did not start"
+                first_may_end.set()
+                wait_for(lambda: first_ended_at, what="attempt 1's thread to end")
+                # Attempt 2 outlives two leases after attempt 1's bookkeeping ended (its own
+                # timeout is 4 s): only heartbeats keep its lease.
+                wait_for(
+                    lambda: time.monotonic() - first_ended_at[0] > 2.5 * lease.total_seconds(),
+                    what="two and a half leases to pass",
+                )
+                second_may_end.set()
+                status = wait_final(client, task_id)
+        finally:
+            first_may_end.set()
+            second_may_end.set()
+            worker.stop()
+
+        assert status.state is TaskState.SUCCEEDED
+        assert status.result == b"attempt 2"
+        assert attempts == [1, 2]
+        assert [e.event for e in status.history] == [
+            "enqueued",
+            "started",
+            "timed_out",
+            "started",
+            "succeeded",
+        ]
+
+
 class TestTimeoutRetry:
     def test_timed_out_attempt_is_retried_when_retries_remain(self, server, client: Client) -> None:
         """A timed-out first attempt is retried; a quick second attempt succeeds."""

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -325,6 +326,67 @@ class TestProgress:
         assert status.progress_at >= status.started_at
         assert isinstance(seen.get("type_error"), TypeError)
         assert final.state is TaskState.SUCCEEDED
+
+
+class TestTextProtobufCannotCarry:
+    """A file name that did not decode (os.fsdecode) holds lone surrogates, which protobuf
+    refuses to encode. In a progress note it once ended the worker's heartbeat loop for good
+    (every lease of the worker expired from then on); in an error it lost the report."""
+
+    UNDECODABLE = os.fsdecode(b"caf\xe9.csv")
+
+    def test_an_undecodable_progress_note_keeps_the_heartbeats_going(self, start_server) -> None:
+        lease = timedelta(seconds=1)
+        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=250))
+        noted, may_end = threading.Event(), threading.Event()
+        attempts: list[int] = []
+
+        def reads_a_file(ctx: Any, _payload: bytes) -> bytes:
+            attempts.append(ctx.attempt)
+            ctx.heartbeat(f"reading {self.UNDECODABLE}")
+            noted.set()
+            assert may_end.wait(30), "the test never let the handler end"
+            return b"read"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler(TYPE, reads_a_file)
+        with running(worker), Client(server.address) as client:
+            try:
+                task_id = client.enqueue_task(Task(type=TYPE, timeout=timedelta(seconds=30)))
+                assert noted.wait(10), "the handler did not run"
+                progress = wait_for(
+                    lambda: client.get_task_status(task_id).progress,
+                    what="the progress note to reach the task",
+                )
+                # Three leases long: only heartbeats keep the attempt's lease.
+                noted_at = time.monotonic()
+                wait_for(
+                    lambda: time.monotonic() - noted_at > 3 * lease.total_seconds(),
+                    what="three leases to pass",
+                )
+            finally:
+                may_end.set()
+            status = wait_final(client, task_id)
+
+        assert progress == "reading caf\\udce9.csv"
+        assert status.state is TaskState.SUCCEEDED
+        assert attempts == [1]
+        assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
+
+    def test_an_undecodable_error_is_reported(self, server, client: Client) -> None:
+        worker = Worker(server.address, concurrency=1)
+
+        @worker.handler(TYPE)
+        def opens_a_file(_ctx: Any, _payload: bytes) -> bytes:
+            raise FileNotFoundError(f"no such file: {self.UNDECODABLE}")
+
+        with running(worker):
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            status = wait_final(client, task_id)
+
+        assert status.state is TaskState.FAILED
+        assert status.last_error == "FileNotFoundError: no such file: caf\\udce9.csv"
+        assert [e.event for e in status.history] == ["enqueued", "started", "failed"]
 
 
 class TestWorkersCommand:

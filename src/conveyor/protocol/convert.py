@@ -49,6 +49,20 @@ _NANOS_PER_MICRO: Final = 1_000
 _SECONDS_PER_DAY: Final = 86_400
 
 
+def wire_text(text: str) -> str:
+    r"""`text` as a protobuf string field can carry it.
+
+    Python strings may hold lone surrogates (a file name that did not decode, through
+    os.fsdecode, in an exception or a progress note), which protobuf refuses to encode.
+    They become backslash escapes (`\udce9`), readable and never failing the message.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def duration(value: timedelta) -> Duration:
     """A protobuf Duration for `value`."""
     micros = (value.days * _SECONDS_PER_DAY + value.seconds) * _MICROS_PER_SECOND

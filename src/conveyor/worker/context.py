@@ -128,6 +128,8 @@ class TaskContext:
         Leases are renewed by the worker anyway while the handler runs; call this from long
         handlers to make progress visible (`conveyor status`) and to renew at once after a
         long stretch. Safe from sync handlers (any thread) and async ones; never blocks.
+        Characters the wire cannot carry (lone surrogates, as in a file name that did not
+        decode) arrive as backslash escapes.
         """
         if details is not None and not isinstance(details, str):
             raise TypeError("heartbeat details must be a str (serialise structured data)")

@@ -133,7 +133,9 @@ def default_worker_id() -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    # wire_text: an error about a file whose name did not decode (os.fsdecode) carries lone
+    # surrogates, which protobuf refuses; the report must still go.
+    text = convert.wire_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -860,9 +862,9 @@ class _Runtime:
             self.begin(lease, traced=traced)
 
     def begin(self, lease: pb.Lease, *, traced: bool) -> None:
-        task_id = lease.task_id
+        task_id, lease_id = lease.task_id, lease.lease_id
         ctx = TaskContext(
-            _progress_sink=lambda details: self.report_progress(task_id, details),
+            _progress_sink=lambda details: self.report_progress(task_id, lease_id, details),
             task_id=task_id,
             task_type=lease.type,
             attempt=lease.attempt,
@@ -872,6 +874,9 @@ class _Runtime:
             worker_id=self.worker.worker_id,
         )
         attempt = _Attempt(lease=lease, ctx=ctx, traced=traced)
+        # Replaces an earlier attempt of the same task that is still winding down here (a
+        # sync handler past its timeout, a lease lost and the task leased to us again):
+        # that one holds no lease any more, so only this one is heartbeated.
         self.attempts[task_id] = attempt
         self.busy += 1
         attempt.holds_slot = True
@@ -934,7 +939,10 @@ class _Runtime:
             self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
         finally:
             attempt.settled.set()
-            self.attempts.pop(lease.task_id, None)
+            # Only our own entry: a newer attempt of the same task may have replaced it, and
+            # removing that one would stop its heartbeats while its handler runs.
+            if self.attempts.get(lease.task_id) is attempt:
+                del self.attempts[lease.task_id]
             self.free_slot(attempt)
             self.metrics.attempt_ended()
 
@@ -1110,46 +1118,71 @@ class _Runtime:
             try:
                 await self.reports.send(request)
             except _Unreachable as exc:
-                if self.loop.time() >= give_up_at:
-                    self.metrics.reports_failed.inc()
-                    attempt.ctx.logger.error(  # noqa: TRY400 - no traceback to add
-                        "could not report the outcome: %s", exc, extra={"event": "report_failed"}
-                    )
-                    return
-                await asyncio.sleep(exc.retry_in or next(delays))
+                retry_in = exc.retry_in or next(delays)
+                failure: object = exc
             except (grpc.aio.AioRpcError, Refused) as exc:
-                if (
-                    exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-                    and request.outcome == pb.OUTCOME_SUCCEEDED
-                ):
-                    # The result itself was refused (too large): the attempt failed, and
-                    # running it again would produce the same result.
-                    request = self.outcome(
-                        attempt,
-                        pb.OUTCOME_FAILED,
-                        error=f"InvalidTask: the result was refused: {exc.details()}",
-                        non_retryable=True,
-                    )
+                if exc.code() not in TRANSIENT_CODES:
+                    replacement = self._after_refusal(attempt, request, exc)
+                    if replacement is None:
+                        return
+                    request = replacement
                     continue
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    self.metrics.reports_rejected.inc()
-                    attempt.ctx.logger.info(
-                        "outcome refused, the lease is no longer ours: %s",
-                        exc.details(),
-                        extra={"event": "report_rejected"},
-                    )
-                    return
-                self.metrics.reports_failed.inc()
-                attempt.ctx.logger.error(  # noqa: TRY400 - the status says it all
-                    "the outcome was refused: %s %s",
-                    exc.code().name,
-                    exc.details(),
-                    extra={"event": "report_failed"},
+                # The server answered this report alone with UNAVAILABLE (its database
+                # failed the statement: a timeout, a lost connection). The outcome stands
+                # and goes again, as when no server answered: it used to be dropped as
+                # refused, and the lease expired into a retry of a finished attempt.
+                retry_in, failure = next(delays), f"{exc.code().name} {exc.details()}"
+                attempt.ctx.logger.info(
+                    "the server could not record the outcome yet (%s); sending it again",
+                    failure,
+                    extra={"event": "report_retried"},
                 )
-                return
             else:
                 attempt.reported = True
                 return
+            if self.loop.time() >= give_up_at:
+                self.metrics.reports_failed.inc()
+                attempt.ctx.logger.error(
+                    "could not report the outcome: %s", failure, extra={"event": "report_failed"}
+                )
+                return
+            await asyncio.sleep(retry_in)
+
+    def _after_refusal(
+        self,
+        attempt: _Attempt,
+        request: pb.ReportResultRequest,
+        refusal: grpc.aio.AioRpcError | Refused,
+    ) -> pb.ReportResultRequest | None:
+        """The report to send instead of one the server refused for good, or None."""
+        if (
+            refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and request.outcome == pb.OUTCOME_SUCCEEDED
+        ):
+            # The result itself was refused (too large): the attempt failed, and running
+            # it again would produce the same result.
+            return self.outcome(
+                attempt,
+                pb.OUTCOME_FAILED,
+                error=f"InvalidTask: the result was refused: {refusal.details()}",
+                non_retryable=True,
+            )
+        if refusal.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            self.metrics.reports_rejected.inc()
+            attempt.ctx.logger.info(
+                "outcome refused, the lease is no longer ours: %s",
+                refusal.details(),
+                extra={"event": "report_rejected"},
+            )
+            return None
+        self.metrics.reports_failed.inc()
+        attempt.ctx.logger.error(
+            "the outcome was refused: %s %s",
+            refusal.code().name,
+            refusal.details(),
+            extra={"event": "report_failed"},
+        )
+        return None
 
     # --- heartbeats -----------------------------------------------------------------------
 
@@ -1165,74 +1198,86 @@ class _Runtime:
                 async with asyncio.timeout(self.heartbeat_interval.total_seconds()):
                     await self.heartbeat_now.wait()
             self.heartbeat_now.clear()
-            # Attempts stopped or reported no longer hold a lease worth extending.
-            # Sorted by task id, the order in which bulk cancels and retries lock rows, so a
-            # heartbeat and an operator's action do not deadlock on the same tasks.
-            held = sorted(
-                (a for a in self.attempts.values() if a.stop_reason is None and not a.reported),
-                key=lambda a: a.lease.task_id,
-            )
-            sent_progress = {a: a.progress for a in held if a.progress is not None}
-            request = pb.HeartbeatRequest(
-                worker_id=self.worker.worker_id,
-                leases=[
-                    pb.LeaseRef(
-                        task_id=a.lease.task_id,
-                        lease_id=a.lease.lease_id,
-                        progress=a.progress or "",
-                        has_progress=a.progress is not None,
-                    )
-                    for a in held
-                ],
-                draining=self.draining,
-                in_flight=self.busy,
-                loop_lag_ms=self.watchdog.take_max_lag_ms() if self.watchdog else 0,
-            )
             try:
-                # Short deadline: a heartbeat that cannot get through must be noticed well
-                # within the lease, not after a long call timeout.
-                response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
-            except (_Unreachable, grpc.aio.AioRpcError) as exc:
-                self.metrics.heartbeat_failures.inc()
-                silent_for = self.loop.time() - last_success
-                self.log.warning(
-                    "heartbeat failed (%s); silent for %.1fs",
-                    exc,
-                    silent_for,
-                    extra={"event": "heartbeat_failed"},
-                )
-                if silent_for >= self.lease_duration.total_seconds():
-                    for attempt in held:
-                        self.abandon(attempt, "lease_lost")
-                continue
-            last_success = self.loop.time()
-            for attempt, progress in sent_progress.items():
-                if attempt.progress == progress:
-                    attempt.progress = None
-            for stop in response.stop:
-                stopped = self.attempts.get(stop.task_id)
-                if (
-                    stopped is not None
-                    and stopped.lease.lease_id == stop.lease_id
-                    and not stopped.reported
-                ):
-                    cancelled = stop.reason == pb.STOP_REASON_CANCELLED
-                    self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
+                last_success = await self.beat(last_success)
+            except Exception:
+                # Nothing watches this task: had it ended, every lease of this worker would
+                # have expired from then on while its handlers ran (a progress note that
+                # protobuf could not encode once did that). One beat is lost, not the loop.
+                self.log.exception("heartbeat failed", extra={"event": "worker_bug"})
             await asyncio.sleep(MIN_HEARTBEAT_SPACING)
 
-    def report_progress(self, task_id: str, details: str | None) -> None:
+    async def beat(self, last_success: float) -> float:
+        """One heartbeat for the leases held; when the servers last heard one."""
+        assert self.loop is not None  # noqa: S101
+        # Attempts stopped or reported no longer hold a lease worth extending.
+        # Sorted by task id, the order in which bulk cancels and retries lock rows, so a
+        # heartbeat and an operator's action do not deadlock on the same tasks.
+        held = sorted(
+            (a for a in self.attempts.values() if a.stop_reason is None and not a.reported),
+            key=lambda a: a.lease.task_id,
+        )
+        sent_progress = {a: a.progress for a in held if a.progress is not None}
+        request = pb.HeartbeatRequest(
+            worker_id=self.worker.worker_id,
+            leases=[
+                pb.LeaseRef(
+                    task_id=a.lease.task_id,
+                    lease_id=a.lease.lease_id,
+                    progress=a.progress or "",
+                    has_progress=a.progress is not None,
+                )
+                for a in held
+            ],
+            draining=self.draining,
+            in_flight=self.busy,
+            loop_lag_ms=self.watchdog.take_max_lag_ms() if self.watchdog else 0,
+        )
+        try:
+            # Short deadline: a heartbeat that cannot get through must be noticed well
+            # within the lease, not after a long call timeout.
+            response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
+        except (_Unreachable, grpc.aio.AioRpcError) as exc:
+            self.metrics.heartbeat_failures.inc()
+            silent_for = self.loop.time() - last_success
+            self.log.warning(
+                "heartbeat failed (%s); silent for %.1fs",
+                exc,
+                silent_for,
+                extra={"event": "heartbeat_failed"},
+            )
+            if silent_for >= self.lease_duration.total_seconds():
+                for attempt in held:
+                    self.abandon(attempt, "lease_lost")
+            return last_success
+        for attempt, progress in sent_progress.items():
+            if attempt.progress == progress:
+                attempt.progress = None
+        for stop in response.stop:
+            stopped = self.attempts.get(stop.task_id)
+            if (
+                stopped is not None
+                and stopped.lease.lease_id == stop.lease_id
+                and not stopped.reported
+            ):
+                cancelled = stop.reason == pb.STOP_REASON_CANCELLED
+                self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
+        return self.loop.time()
+
+    def report_progress(self, task_id: str, lease_id: str, details: str | None) -> None:
         """Thread-safe: ctx.heartbeat(details) from a handler."""
         loop = self.loop
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._record_progress, task_id, details)
+            loop.call_soon_threadsafe(self._record_progress, task_id, lease_id, details)
 
-    def _record_progress(self, task_id: str, details: str | None) -> None:
+    def _record_progress(self, task_id: str, lease_id: str, details: str | None) -> None:
         attempt = self.attempts.get(task_id)
-        if attempt is None:
-            return
+        if attempt is None or attempt.lease.lease_id != lease_id:
+            return  # the attempt is over, or a newer one of the same task runs
         if details is not None:
+            details = convert.wire_text(details)
             codec = self.worker.codec
             attempt.progress = (
                 seal_text(codec, details, field="progress", task_id=task_id)
