@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 from conveyor.errors import InvalidTask
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.server.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAYLOAD_BYTES
+from conveyor.server.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAYLOAD_BYTES, MIN_MESSAGE_BYTES
 from conveyor.server.enqueue_stream import MAX_UNANSWERED
 from conveyor.types import (
     normalize_task_id,
@@ -485,8 +485,9 @@ def test_task_service(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
 # answered; a half-close ends it OK, every request answered.
 
 ENQUEUE_STREAM_METHOD = "EnqueueStream"  # TaskService's one stream (test_every_rpc_is_fuzzed)
-# The server's message limit (app.py, MIN_MESSAGE_BYTES): a request over it breaks the call.
-RECEIVE_LIMIT = 16 * 1024 * 1024
+# The server's message limit (its payload limit is the default, so the floor): a request over
+# it breaks the call.
+RECEIVE_LIMIT = MIN_MESSAGE_BYTES
 
 request_numbers = st.one_of(st.sampled_from([0, 1, 2, U64]), st.integers(1, 3), uint64s)
 distinct_numbers = st.one_of(st.sampled_from([1, 2, U64]), st.integers(1, U64))

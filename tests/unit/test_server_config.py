@@ -8,7 +8,7 @@ import pytest
 
 from conveyor.client.channel import RetryPolicy, parse_addresses
 from conveyor.errors import ConfigError
-from conveyor.server.config import ServerConfig, split_host_port
+from conveyor.server.config import MIN_MESSAGE_BYTES, ServerConfig, split_host_port
 
 
 class TestServerConfig:
@@ -17,6 +17,17 @@ class TestServerConfig:
         config = ServerConfig(database_url="postgresql://localhost/x")
         assert config.lease_ttl == timedelta(seconds=30)
         assert config.max_payload_bytes == 1024 * 1024
+
+    @pytest.mark.parametrize("max_payload_bytes", [1, 1024 * 1024, 8 * 1024 * 1024, 2**30])
+    def test_a_message_of_leases_holds_at_least_one_largest_payload(
+        self, max_payload_bytes: int
+    ) -> None:
+        """Leases are sent in messages of at most `lease_message_bytes`, never fewer than one."""
+        config = ServerConfig(
+            database_url="postgresql://localhost/x", max_payload_bytes=max_payload_bytes
+        )
+        assert config.max_message_bytes >= MIN_MESSAGE_BYTES
+        assert max_payload_bytes < config.lease_message_bytes < config.max_message_bytes
 
     @pytest.mark.parametrize(
         ("overrides", "fragment"),

@@ -57,8 +57,6 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-# Room for a full batch of maximum-size payloads; per-task limits are checked in the service.
-MIN_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class ConveyorServer:
@@ -143,7 +141,9 @@ class ConveyorServer:
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         self.notifier.start()
         self.elector.start()
-        message_bytes = max(MIN_MESSAGE_BYTES, self.config.max_payload_bytes * 2 + 1024 * 1024)
+        # Per-task limits are checked in the services; this bounds whole messages, and the
+        # lease deliveries size their messages by it too (config.lease_message_bytes).
+        message_bytes = self.config.max_message_bytes
         self._grpc = grpc.aio.server(
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
             options=[

@@ -30,6 +30,12 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
 DEFAULT_RETRY_BACKOFF_BASE: Final = timedelta(seconds=1)
 DEFAULT_RETRY_BACKOFF_CAP: Final = timedelta(minutes=5)
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+# The smallest gRPC message a server sends and receives: room for a client's enqueue request
+# (up to 8 MiB) and for batches of leases of ordinary payloads.
+MIN_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+# Room a message of leases leaves below the gRPC limit. Each lease is counted with its tag and
+# length prefix, so this only covers the message's own framing, with plenty to spare.
+LEASE_MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
 DEFAULT_MAX_BATCH: Final = 1000
 DEFAULT_MAX_LEASE_WAIT: Final = timedelta(seconds=30)
 DEFAULT_MAX_LEASE_BATCH: Final = 256
@@ -193,6 +199,20 @@ class ServerConfig:
                 "; ".join(problems) + ". Configure TLS (--tls-cert, --tls-key) and tokens "
                 "(--tokens-file), or pass --insecure if this network is trusted"
             )
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The gRPC send and receive limit: a whole task and its result fit in one message."""
+        return max(MIN_MESSAGE_BYTES, self.max_payload_bytes * 2 + 1024 * 1024)
+
+    @property
+    def lease_message_bytes(self) -> int:
+        """How many bytes of leases one message may carry, safely within `max_message_bytes`.
+
+        A claim takes up to `max_lease_batch` tasks whatever their payloads, so its leases
+        travel in as many messages as this allows; one lease always fits.
+        """
+        return self.max_message_bytes - LEASE_MESSAGE_HEADROOM_BYTES
 
     @property
     def tls(self) -> bool:

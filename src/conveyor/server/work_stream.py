@@ -11,18 +11,21 @@ stream message 0.15-0.25 ms (docs/performance.md, "Calls and messages"). A task 
 lease call and a report call now needs three messages, and a lease reaches its worker
 without a round trip of call set-up.
 
-Delivery: leases the stream claimed but had not started writing when the call ended are
-handed back at once, like those of a cancelled long poll. A lease whose message was being
-written when the call broke is in the same place as a unary reply lost on the way: its lease
-expires and the task is retried, and fencing keeps whatever the worker did from counting
-twice. The stream ends OK when the worker half-closes (it is leaving) or the server drains;
-batches of outcomes received by then are applied and answered first.
+Delivery: a claim's leases go out in messages bounded by bytes as well as by count, each
+within the server's gRPC send limit (large payloads make several). Leases the stream
+claimed but had not started writing when the call ended are handed back at once, like those
+of a cancelled long poll. A lease whose message was being written when the call broke is in
+the same place as a unary reply lost on the way: its lease expires and the task is retried,
+and fencing keeps whatever the worker did from counting twice. The stream ends OK when the
+worker half-closes (it is leaving) or the server drains; batches of outcomes received by
+then are applied and answered first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask
@@ -167,29 +170,41 @@ class WorkStream:
             await self._deliver(rows)
 
     async def _deliver(self, rows: list[Any]) -> None:
-        """Send leases; hand them back if the call ends before their message is written."""
-        message = pb.WorkResponse(leases=[self._service.lease_message(row) for row in rows])
+        """Send leases; hand them back if the call ends before their message is written.
+
+        A claim's leases go in as many messages as the server's send limit needs (one,
+        unless payloads are large): a message over it fails to write, and its leases would
+        be handed back and claimed again, for ever.
+        """
+        batches = self._service.lease_batches(rows)
+        # Batches whose write has begun: from then on the write's outcome settles them.
+        started = 0
         try:
-            await self._write_lock.acquire()
-        except asyncio.CancelledError:
-            self._hand_back(rows)  # nothing was written
+            for batch_rows, leases in batches:
+                async with self._write_lock:
+                    # Shielded, and waited for even when this task is cancelled (the stream
+                    # ending): grpc goes on with a write it has started and refuses any
+                    # other on the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) until it
+                    # completes, so an abandoned one lost the answers to batches still
+                    # being applied. A stress test saw about one stream in 600 end OK
+                    # without them. Once started, the write's own outcome settles its
+                    # leases (sent, or handed back), whatever happens here.
+                    write = asyncio.ensure_future(
+                        self._context.write(pb.WorkResponse(leases=leases))
+                    )
+                    started += 1
+                    write.add_done_callback(functools.partial(self._settle, rows=batch_rows))
+                    try:
+                        await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        await asyncio.wait({write})
+                        raise
+        except BaseException:
+            # Cancelled, or the call is over: nothing of the batches not begun was written.
+            unsent = [row for batch_rows, _ in batches[started:] for row in batch_rows]
+            if unsent:
+                self._hand_back(unsent)
             raise
-        try:
-            # Shielded, and waited for even when this task is cancelled (the stream
-            # ending): grpc goes on with a write it has started and refuses any other on
-            # the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) until it completes, so an
-            # abandoned one lost the answers to batches still being applied. A stress test
-            # saw about one stream in 600 end OK without them. Once started, the write's
-            # own outcome settles its leases (sent, or handed back), whatever happens here.
-            write = asyncio.ensure_future(self._context.write(message))
-            write.add_done_callback(lambda written: self._settle(written, rows))
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                await asyncio.wait({write})
-                raise
-        finally:
-            self._write_lock.release()
 
     def _settle(self, write: asyncio.Future[None], rows: list[Any]) -> None:
         if write.cancelled() or write.exception() is not None:

@@ -55,6 +55,13 @@ REPORT_CONCURRENCY: Final = 4
 # worker keeps its id for its whole life, and a new one is a new entry: at this many the
 # memory is cleared and refilled from the database, one lookup per live worker.
 MAX_REMEMBERED_OWNERS: Final = 10_000
+# A lease's bytes in a message beyond its own size: its field tag and length prefix.
+LEASE_FRAMING_BYTES: Final = 6
+# Why leases a LeaseTasks claim took went back to the queue (the `released` event's detail).
+REPLY_FULL: Final = (
+    "lease not delivered: the long poll's reply had no room left for it under the server's "
+    "message size limit"
+)
 
 
 def _clean_error(error: str) -> str:
@@ -188,7 +195,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         give_up_at = asyncio.get_running_loop().time() + wait.total_seconds()
         rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
-        return pb.LeaseTasksResponse(leases=[self.lease_message(row) for row in rows])
+        batches = self.lease_batches(rows)
+        if len(batches) > 1:
+            # One reply cannot be split: the leases past its room go back to the queue at
+            # once, with their attempt, and the worker's next poll claims them.
+            unsent = [row for batch_rows, _ in batches[1:] for row in batch_rows]
+            self.handoff.hand_back(unsent, worker_id, REPLY_FULL)
+        return pb.LeaseTasksResponse(leases=batches[0][1] if batches else [])
 
     async def lease(
         self, worker_id: str, task_types: list[str], limit: int, *, give_up_at: float | None
@@ -335,6 +348,31 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 )
         if rows:
             self.notifier.wake()
+
+    def lease_batches(self, rows: list[Any]) -> list[tuple[list[Any], list[pb.Lease]]]:
+        """Leased rows as the worker receives them, in order, grouped to fit one message each.
+
+        A claim is capped by count, not by bytes: a few large payloads would make one
+        message over the gRPC send limit, whose write fails, and the same claim would
+        repeat for ever. A lease alone always gets a group of its own: the limit holds one.
+        """
+        budget = self.config.lease_message_bytes
+        batches: list[tuple[list[Any], list[pb.Lease]]] = []
+        batch_rows: list[Any] = []
+        leases: list[pb.Lease] = []
+        size = 0
+        for row in rows:
+            lease = self.lease_message(row)
+            lease_bytes = lease.ByteSize() + LEASE_FRAMING_BYTES
+            if leases and size + lease_bytes > budget:
+                batches.append((batch_rows, leases))
+                batch_rows, leases, size = [], [], 0
+            batch_rows.append(row)
+            leases.append(lease)
+            size += lease_bytes
+        if leases:
+            batches.append((batch_rows, leases))
+        return batches
 
     @staticmethod
     def lease_message(row: Any) -> pb.Lease:
