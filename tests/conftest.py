@@ -32,6 +32,7 @@ import asyncpg
 import pytest
 from helpers import (
     REPO_ROOT,
+    AppRole,
     Db,
     Ledger,
     ServerProcess,
@@ -39,6 +40,7 @@ from helpers import (
     process_env,
     run_sql,
     with_database,
+    with_user,
 )
 
 from conveyor.server.app import ConveyorServer
@@ -121,6 +123,38 @@ def empty_database_url(pg_cluster: PostgresCluster) -> Iterator[str]:
 
 
 @pytest.fixture
+def app_role(pg_cluster: PostgresCluster) -> Iterator[AppRole]:
+    """A role that is not a superuser and its own migrated database (see AppRole)."""
+    name = f"conveyor_app_{uuid.uuid4().hex[:12]}"
+    run_sql(
+        pg_cluster.admin_url,
+        f'CREATE ROLE "{name}" LOGIN',
+        f'CREATE DATABASE "{name}" OWNER "{name}"',
+    )
+    role = AppRole(
+        name=name,
+        url=with_user(with_database(pg_cluster.admin_url, name), name),
+        admin_url=with_database(pg_cluster.admin_url, name),
+    )
+
+    async def migrate_as_the_role() -> None:
+        conn = await asyncpg.connect(role.url)
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate_as_the_role())
+    yield role
+    with contextlib.suppress(Exception):
+        run_sql(
+            pg_cluster.admin_url,
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+            f'DROP ROLE IF EXISTS "{name}"',
+        )
+
+
+@pytest.fixture
 def db(database_url: str) -> Db:
     """Direct access to this test's database."""
     return Db(database_url)
@@ -129,8 +163,11 @@ def db(database_url: str) -> Db:
 # --- servers ------------------------------------------------------------------------------
 
 
-def server_config_for_tests(database_url: str, **overrides: Any) -> ServerConfig:
-    """Settings for test servers: ephemeral ports, quick loops, otherwise the defaults."""
+def server_config_for_tests(database_url: str, /, **overrides: Any) -> ServerConfig:
+    """Settings for test servers: ephemeral ports, quick loops, otherwise the defaults.
+
+    An override may name another `database_url` (a server running as another role).
+    """
     config = ServerConfig(
         database_url=database_url,
         grpc_listen="127.0.0.1:0",
@@ -202,7 +239,8 @@ class ServerThread:
 
 @pytest.fixture
 def start_server(database_url: str) -> Iterator[Callable[..., ServerThread]]:
-    """Start in-process servers on this test's database: `start_server(lease_ttl=...)`."""
+    """Start in-process servers on this test's database: `start_server(lease_ttl=...)`
+    (`database_url=...` for another one)."""
     started: list[ServerThread] = []
 
     def start(**overrides: Any) -> ServerThread:

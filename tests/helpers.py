@@ -88,6 +88,13 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+def with_user(url: str, user: str) -> str:
+    """`url` connecting as `user`, without a password (the test cluster trusts local users)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
 def run_sql(url: str, *statements: str) -> None:
     """Run statements on `url` with a throwaway connection."""
 
@@ -141,6 +148,48 @@ class Db:
         return self.fetch(
             "SELECT * FROM conveyor_task_history WHERE task_id = $1::uuid ORDER BY id", task_id
         )
+
+
+@dataclass
+class AppRole:
+    """A login role that is not a superuser, with a migrated database it owns.
+
+    PostgreSQL applies CONNECTION LIMIT and NOLOGIN only to roles that are not superusers,
+    so a test that makes the database refuse a server runs the server as this role and
+    keeps the superuser (`admin_url`, same database) to look and to act meanwhile.
+    """
+
+    name: str
+    url: str
+    admin_url: str
+
+    @contextlib.contextmanager
+    def refused(self, refuse: str, restore: str) -> Iterator[None]:
+        """`ALTER ROLE ... <refuse>` and end the role's sessions; `<restore>` afterwards.
+
+        `refuse` is e.g. "CONNECTION LIMIT 0" (new connections fail with 53300, too many
+        connections) or "NOLOGIN" (28000, the role may not log in).
+        """
+        run_sql(self.admin_url, f'ALTER ROLE "{self.name}" {refuse}')
+        try:
+            # A connection that passed its login check just before the ALTER may appear a
+            # moment later: terminate until none is left.
+            wait_for(
+                lambda: self._terminate_sessions() == 0,
+                timeout=10,
+                what=f"every session of {self.name} to end",
+            )
+            yield
+        finally:
+            run_sql(self.admin_url, f'ALTER ROLE "{self.name}" {restore}')
+
+    def _terminate_sessions(self) -> int:
+        """Terminate the role's sessions; how many there were."""
+        terminated = Db(self.admin_url).fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            self.name,
+        )
+        return len(terminated)
 
 
 def conveyor_command(*args: str) -> list[str]:

@@ -1,12 +1,28 @@
-"""The server's connection pool hands back clean connections without a reset round trip."""
+"""The server's connection pool: clean connections back without a reset round trip, and a
+database that refuses to serve seen as unavailable (UNAVAILABLE to callers, who retry)."""
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import grpc
+import pytest
+from helpers import AppRole, Db, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor import Client, RetryPolicy, Task
+from conveyor.breaker import BreakerPolicy
+from conveyor.errors import ServerUnavailable
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.config import ServerConfig
 from conveyor.server.database import Database
+
+TOO_MANY_CONNECTIONS = ("CONNECTION LIMIT 0", "CONNECTION LIMIT -1")
 
 
 def test_a_transaction_left_open_is_rolled_back_before_reuse(database_url) -> None:
@@ -34,3 +50,80 @@ def test_a_transaction_left_open_is_rolled_back_before_reuse(database_url) -> No
     in_transaction, exists = asyncio.run(scenario())
     assert in_transaction is False
     assert exists == 0
+
+
+def rpc_count(http_url: str, method: str, code: str) -> float:
+    """How many calls of `method` the server answered with `code` (from its /metrics)."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "conveyor_rpc_duration_seconds_count"
+        and sample.labels == {"method": method, "code": code}
+    )
+
+
+class TestDatabaseRefusingConnections:
+    def test_calls_answer_unavailable_and_a_client_rides_the_refusal_out(
+        self, app_role: AppRole, start_server
+    ) -> None:
+        """With PostgreSQL refusing new connections (53300, too many connections: the storm
+        after a restart), a call answers UNAVAILABLE, not INTERNAL, so clients retry: an
+        enqueue sent during the refusal succeeds once connections are accepted again."""
+        server = start_server(database_url=app_role.url, db_breaker_reset=timedelta(seconds=0.2))
+        quick = BreakerPolicy(failure_threshold=5, reset_timeout=timedelta(seconds=0.2))
+        patient = RetryPolicy(
+            total_timeout=timedelta(seconds=20), backoff_cap=timedelta(seconds=0.2)
+        )
+        task_id = str(uuid.uuid4())
+        with (
+            grpc.insecure_channel(server.address) as channel,
+            Client(server.address, retry=patient, breaker=quick) as client,
+            ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+            with app_role.refused(*TOO_MANY_CONNECTIONS):
+                with pytest.raises(grpc.RpcError) as caught:
+                    pb_grpc.TaskServiceStub(channel).GetTask(
+                        pb.GetTaskRequest(task_id=str(uuid.uuid4())), timeout=10
+                    )
+                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+
+                enqueued = pool.submit(client.enqueue_task, Task(type="refused.job", id=task_id))
+                wait_for(
+                    lambda: rpc_count(server.http_url, "EnqueueTasks", "UNAVAILABLE") >= 1,
+                    timeout=10,
+                    what="the enqueue to be refused as UNAVAILABLE at least once",
+                )
+                assert not enqueued.done()
+            assert enqueued.result(timeout=20) == task_id
+        assert Db(app_role.admin_url).task(task_id)["state"] == "queued"
+
+    def test_a_connection_to_a_read_only_server_is_replaced(self, app_role: AppRole) -> None:
+        """A write refused as read-only (25006: the session is on a standby, as after a
+        failover) is UNAVAILABLE, and the connection that got it is dropped, so the retry
+        runs on a new connection, which reaches the primary, instead of reusing the
+        read-only session."""
+        admin = Db(app_role.admin_url)
+        admin.execute(f'ALTER ROLE "{app_role.name}" SET default_transaction_read_only = on')
+
+        async def scenario() -> int:
+            database = Database(ServerConfig(database_url=app_role.url, pool_max_size=1))
+            await database.connect(startup_timeout=timedelta(seconds=10))
+            try:
+                # The failover is over for new sessions; the pooled one is still read-only.
+                await asyncio.to_thread(
+                    admin.execute,
+                    f'ALTER ROLE "{app_role.name}" RESET default_transaction_read_only',
+                )
+                with pytest.raises(ServerUnavailable, match="ReadOnlySQLTransactionError"):
+                    async with database.connection() as conn:
+                        await conn.execute("CREATE TABLE written (x int)")
+                async with database.connection() as conn:
+                    await conn.execute("CREATE TABLE written (x int)")
+                    return int(await conn.fetchval("SELECT count(*) FROM written"))
+            finally:
+                await database.close()
+
+        assert asyncio.run(scenario()) == 0

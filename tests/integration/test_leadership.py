@@ -23,7 +23,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
+from helpers import AppRole, Db, enqueue_and_claim, wait_for
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -496,3 +496,54 @@ class TestReservedPool:
 
         assert outcome == [], f"the heartbeat was refused: {outcome}"
         assert took < 1.0, f"the heartbeat took {took:.2f}s"
+
+
+def leads(server) -> bool:
+    """Whether the server's elector says it leads (asked on the server's own loop)."""
+
+    async def ask() -> bool:
+        return bool(server.server.elector.is_leader)
+
+    return bool(server.call(ask))
+
+
+class TestDatabaseRefusingTheServer:
+    @pytest.mark.parametrize(
+        ("refuse", "restore"),
+        [
+            pytest.param("CONNECTION LIMIT 0", "CONNECTION LIMIT -1", id="too-many-connections"),
+            pytest.param("NOLOGIN", "LOGIN", id="login-refused"),
+        ],
+    )
+    def test_the_elector_outlives_the_refusal_and_the_reaper_catches_up(
+        self, app_role: AppRole, start_server, refuse: str, restore: str
+    ) -> None:
+        """While PostgreSQL refuses the server's connections for longer than the leader's
+        TTL (53300, too many connections: the storm after a restart; 28000, a role that
+        may not log in: a configuration error), the elector keeps campaigning. Once
+        connections are accepted again the server leads again, and the reaper re-queues a
+        lease that expired during the refusal."""
+        server = start_server(
+            database_url=app_role.url,
+            leader_ttl=timedelta(seconds=1.5),
+            leader_retry_interval=timedelta(milliseconds=100),
+            db_breaker_reset=timedelta(milliseconds=200),
+        )
+        wait_for(lambda: leads(server), timeout=5, what="the server to lead")
+        admin = Db(app_role.admin_url)
+        with app_role.refused(refuse, restore):
+            # No renewal got through for a whole TTL: the server stepped down.
+            wait_for(lambda: not leads(server), timeout=10, what="the server to step down")
+            task_id = str(uuid.uuid4())
+            run_on_connection(
+                app_role.admin_url,
+                lambda conn: enqueue_and_claim(conn, TYPE, [task_id], "vanished-worker"),
+            )
+            expire_lease(admin, task_id)
+        wait_for(lambda: leads(server), timeout=10, what="the server to lead again")
+        wait_for(
+            lambda: admin.task(task_id)["state"] == "queued",
+            timeout=10,
+            what="the expired lease to be reaped",
+        )
+        assert admin.events(task_id)[-1]["event"] == "lease_expired"

@@ -116,6 +116,43 @@ class TestLeaderElectorLifecycle:
         assert terms == sorted(terms)
         assert len(set(terms)) == len(terms)
 
+    async def test_a_failing_change_listener_ends_neither_renewals_nor_the_resignation(
+        self, database: Database
+    ) -> None:
+        """A leadership listener that raises is logged: the elector keeps renewing its role
+        and still resigns it on stop."""
+        changes: list[LeaderProof | None] = []
+
+        def broken_listener(proof: LeaderProof | None) -> None:
+            changes.append(proof)
+            raise RuntimeError("the listener is broken")
+
+        elector = LeaderElector(
+            database=database,
+            server_id="broken-listener",
+            ttl=timedelta(seconds=1.5),
+            retry_interval=timedelta(milliseconds=50),
+            on_change=broken_listener,
+        )
+        elector.start()
+        try:
+            await async_wait_for(lambda: elector.is_leader, timeout=5, what="the election")
+            elected = await elector.current_leader()
+            assert elected is not None
+
+            async def renewed() -> bool:
+                leader = await elector.current_leader()
+                return leader is not None and leader.expires_at > elected.expires_at
+
+            await async_wait_for(renewed, timeout=5, what="a renewal after the election")
+        finally:
+            await asyncio.wait_for(elector.stop(), 5)
+        resigned = await elector.current_leader()
+        assert resigned is not None
+        assert (resigned.holder, resigned.active) == ("broken-listener", False)
+        assert changes[0] is not None
+        assert changes[-1] is None
+
 
 class RecordingDuty(LeaderDuty):
     name = "recording"

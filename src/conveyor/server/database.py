@@ -3,7 +3,8 @@
 Bounded pools, timeouts, a circuit breaker, and error translation.
 
 Every statement runs with a statement timeout, every pool acquire with a deadline, and
-every driver exception that means "the database is not reachable right now" becomes
+every driver exception that means "the database cannot serve us right now" (unreachable,
+out of connections, shutting down, read-only: `UNAVAILABLE_ERRORS`) becomes
 `ServerUnavailable`, which gRPC callers see as UNAVAILABLE and retry. Two pools: the main
 one for requests, and a small reserved one (`priority_connection`) for leader elections and
 worker heartbeats, so a burst of producers cannot starve the calls that keep leases alive.
@@ -37,20 +38,49 @@ Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.server.database")
 
-# Exceptions that mean the database (or our connection to it) is unavailable, as opposed
-# to a bad query. asyncpg raises OSError subclasses for refused connections.
+# Exceptions that mean "the database cannot serve us right now", as opposed to a bad query
+# or a bad configuration: callers see UNAVAILABLE and retry, and the breaker counts a
+# failure. By SQLSTATE class, and why each is transient:
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    # Refused, reset or timed-out connections (asyncpg raises OSError subclasses and
+    # TimeoutError for these), and 08xxx, the connection failed or was dropped.
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.QueryCanceledError,
+    # 53xxx: PostgreSQL is short of something. Above all 53300, too many connections
+    # (max_connections or the role's CONNECTION LIMIT): every server reconnecting at once
+    # after a restart or a switchover meets it for a few seconds. Also out of memory or
+    # disk: either frees up with load or an operator, and retrying later is what we want.
+    asyncpg.InsufficientResourcesError,
+    # 57P01 terminated by an administrator or a fast shutdown, 57P02 a crashed backend made
+    # the server restart, 57P03 starting up or in recovery, 57P05 an idle session ended:
+    # the session is gone and a new connection succeeds once the server is up.
     asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.IdleSessionTimeoutError,
+    # 25P03: our idle_in_transaction_session_timeout ended a session whose call stalled;
+    # the transaction was rolled back and the call can run again on a new one.
+    asyncpg.IdleInTransactionSessionTimeoutError,
+    # 57014: statement_timeout; the database is too slow to answer right now.
+    asyncpg.QueryCanceledError,
+    # 25006: a write reached a server that is read-only, a standby after a failover or a
+    # demoted primary. Transient once the URL leads to the new primary; the connection
+    # that got it is dropped (see `_acquire`), or the pool would keep reusing it.
+    asyncpg.ReadOnlySQLTransactionError,
     # A connection whose backend was terminated mid-operation can report its broken state
     # this way ("cannot switch to state ..."), on the next statement or on release.
     asyncpg.InternalClientError,
 )
+# Not in the list, on purpose: 28000/28P01 (the role may not log in, a wrong password) and
+# 3D000 (no such database) are configuration errors that no retry fixes until an operator
+# acts. As UNAVAILABLE, clients and workers would retry them quietly, and the breaker would
+# report the database as down; they stay errors, answered INTERNAL and logged with their
+# traceback on every call. The elector and the maintenance loops log them and carry on
+# (leadership.py, service.py), so the cluster recovers by itself once they are fixed. Nor
+# 57P04 (the database was dropped), 54xxx (a statement over a program limit: the same one
+# fails the same way), or the classes of a bad query or bad data (22, 23, 42).
 
 # The database is fine but this transaction lost a race (two statements locking the same
 # rows in different orders, or a serialization conflict): retrying the call succeeds, so
@@ -192,6 +222,12 @@ class Database:
             yield conn
         except UNAVAILABLE_ERRORS as exc:
             self.breaker.record_failure()
+            if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                # This session is on a server that takes no writes, and stays there (a
+                # demoted primary need not restart, and a setting like
+                # default_transaction_read_only holds for the session): only a new
+                # connection can reach the primary the URL now leads to.
+                conn.terminate()
             raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
         except CONFLICT_ERRORS as exc:
             self.breaker.record_success()

@@ -15,6 +15,11 @@ term even if it still believes it leads.
 The elector also steps down on its own when it has not renewed for a whole TTL (measured
 on the local monotonic clock from the last successful renewal), which keeps a partitioned
 leader from running loops that the database would refuse anyway.
+
+No error ends the campaign: a round that fails in any way (the database unavailable,
+refusing the login, a bug) is logged and the next one runs after the usual interval. Were
+the loop to end, this server would never lead again, and if every server's did (a
+connection storm after a PostgreSQL restart), nothing would reap expired leases any more.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class LeaderElector:
         self._renewed_at = 0.0
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        # The kind of unexpected error the previous round ended with, if it did.
+        self._unexpected: type[Exception] | None = None
         self.started = asyncio.Event()
 
     @property
@@ -105,20 +112,48 @@ class LeaderElector:
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await runner
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # `_run` survives its rounds' errors; should one end it all the same, the
+                # resignation below must still run, or the others wait out the TTL.
+                log.exception(
+                    "the leader election loop had failed", extra={"event": "election_error"}
+                )
         if resign and self._leadership is not None:
-            with contextlib.suppress(ConveyorError):
-                async with self._database.priority_connection() as conn:
-                    await queries.leader_resign(conn, name=MAINTENANCE_ROLE, holder=self.server_id)
-                log.info("resigned leadership", extra={"event": "leader_resigned"})
+            await self._resign()
         self._set(None, reason="stopped")
         self.started.clear()
+
+    async def _resign(self) -> None:
+        try:
+            async with self._database.priority_connection() as conn:
+                await queries.leader_resign(conn, name=MAINTENANCE_ROLE, holder=self.server_id)
+        except Exception as exc:
+            log.warning(
+                "could not resign leadership (%s: %s); another server takes over when the "
+                "role expires",
+                type(exc).__name__,
+                exc,
+                extra={"event": "leader_resign_failed"},
+            )
+        else:
+            log.info("resigned leadership", extra={"event": "leader_resigned"})
 
     async def _run(self) -> None:
         self.started.set()
         while True:
-            await self._campaign()
+            try:
+                await self._campaign()
+            except Exception as exc:
+                # Whatever failed, the round's renewal did not happen (or is not known to
+                # have): the role is kept only as long as the last renewal proves it.
+                self._log_unexpected(exc)
+                self._step_down_if_lapsed()
+            else:
+                self._unexpected = None
             interval = (
                 self.ttl.total_seconds() / 3
                 if self._leadership is not None
@@ -140,14 +175,40 @@ class LeaderElector:
                 )
         except ConveyorError as exc:
             log.warning("leader election round failed: %s", exc, extra={"event": "election_failed"})
-            # A leader that cannot renew keeps its role only until the lease would lapse.
-            _ = self.leadership
+            self._step_down_if_lapsed()
             return
         if row is None:
             self._set(None, reason="another server holds the role")
             return
         self._renewed_at = attempt_started
         self._set(LeaderProof(holder=self.server_id, term=int(row["term"])), reason="elected")
+
+    def _step_down_if_lapsed(self) -> None:
+        """After a failed round: a leader keeps its role only until its lease would lapse.
+
+        The last successful renewal proves the term until then (measured from before that
+        renewal was sent, so the database's lease lasts at least as long), and every
+        leader-only write is fenced by the database in any case.
+        """
+        _ = self.leadership
+
+    def _log_unexpected(self, exc: Exception) -> None:
+        """Log a round's unexpected error loudly; its traceback once per streak of a kind.
+
+        A follower campaigns every second: a configuration error (a refused login) would
+        otherwise repeat the same traceback every second for as long as it lasts.
+        """
+        repeated = type(exc) is self._unexpected
+        self._unexpected = type(exc)
+        log.error(
+            "leader election round failed unexpectedly (%s: %s); campaigning on",
+            type(exc).__name__,
+            exc,
+            exc_info=None if repeated else exc,
+            # Not `election_failed` (the database unavailable, a warning): this one
+            # needs a person, a bug or a configuration error such as a refused login.
+            extra={"event": "election_error"},
+        )
 
     def _set(self, leadership: LeaderProof | None, *, reason: str) -> None:
         if leadership == self._leadership:
@@ -168,7 +229,14 @@ class LeaderElector:
                 extra={"event": "leader_lost", "term": previous.term},
             )
         if self._on_change is not None:
-            self._on_change(leadership)
+            try:
+                self._on_change(leadership)
+            except Exception:
+                # A listener (the metrics) must not leave the elector half-updated or end
+                # its loop: the role is what the database said, whatever the listener did.
+                log.exception(
+                    "a leadership change listener failed", extra={"event": "election_error"}
+                )
 
     async def current_leader(self) -> LeaderInfo | None:
         """Who leads according to the database (None before any election).

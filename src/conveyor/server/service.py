@@ -64,8 +64,14 @@ class PeriodicService:
             try:
                 await self.tick()
             except Exception as exc:
+                # Named by type too: a driver error's text alone (or a bare TimeoutError's
+                # empty one) does not say whether the database was down or refused us.
                 log.warning(
-                    "%s tick failed: %s", self.name, exc, extra={"event": "maintenance_error"}
+                    "%s tick failed (%s: %s)",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "maintenance_error"},
                 )
             self.ticks += 1
             await asyncio.sleep(self.interval.total_seconds())
