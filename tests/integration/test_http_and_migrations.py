@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import wait_final, wait_for
+from helpers import AppRole, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Client, Task, Worker, __version__
@@ -81,6 +81,27 @@ class TestReadyz:
         assert document["checks"]["draining"] is True
         # Alive is not the same as ready.
         assert get_json(f"{server.http_url}/healthz")[0] == 200
+
+    def test_readyz_is_503_with_the_reason_when_the_login_is_refused(
+        self, app_role: AppRole, start_server
+    ) -> None:
+        """A refused login (28000) is a configuration error, not "unavailable", but the
+        server is no more ready for it: 503 with the reason, as /status says too. Both
+        caught only Conveyor's own errors and answered 500."""
+        server = start_server(database_url=app_role.url)
+        assert get_json(f"{server.http_url}/readyz")[0] == 200
+        with app_role.refused("NOLOGIN", "LOGIN"):
+            status, document = get_json(f"{server.http_url}/readyz")
+            status_code, status_document = get_json(f"{server.http_url}/status")
+        assert status == 503
+        assert document["ready"] is False
+        assert "InvalidAuthorizationSpecificationError" in document["checks"]["database"]
+        assert status_code == 200
+        assert "InvalidAuthorizationSpecificationError" in status_document["database"]
+        wait_for(
+            lambda: get_json(f"{server.http_url}/readyz")[0] == 200,
+            what="the server to be ready again once the role may log in",
+        )
 
 
 def sampled_status(server, condition) -> dict:

@@ -268,6 +268,14 @@ class ConveyorServer:
                 await queries.task_ready_notify(conn)
         except ConveyorError as exc:
             log.debug("could not publish a wake-up: %s", exc, extra={"event": "notify_failed"})
+        except Exception as exc:
+            # A configuration error (the role may not log in): a background task whose
+            # failure nobody awaits, so say it here; the 1 s fallback poll covers the wake-up.
+            log.warning(
+                "could not publish a wake-up: %s",
+                _described(exc),
+                extra={"event": "notify_failed"},
+            )
 
     async def wait_stopped(self) -> None:
         """Return once the server has stopped completely."""
@@ -284,6 +292,10 @@ class ConveyorServer:
             checks["database"] = "ok"
         except ConveyorError as exc:
             checks["database"] = exc.message
+        except Exception as exc:
+            # Not "unavailable" (the role may not log in, the database is gone: errors no
+            # retry fixes), but no more ready for it: 503 with the reason, not a 500.
+            checks["database"] = _described(exc)
         ready = checks["database"] == "ok" and not self.worker_service.draining
         return ready, checks
 
@@ -312,6 +324,8 @@ class ConveyorServer:
             document["database"] = "ok"
         except ConveyorError as exc:
             document["database"] = exc.message
+        except Exception as exc:  # as in `readiness`
+            document["database"] = _described(exc)
         return document
 
     async def cluster_status(self) -> ClusterStatus:
@@ -346,3 +360,8 @@ class ConveyorServer:
         """Prometheus text for /metrics."""
         self.metrics.db_pool_in_use.set(self.database.pool_in_use())
         return self.metrics.render()
+
+
+def _described(exc: Exception) -> str:
+    """An unexpected database error for an operator: its kind and its message."""
+    return f"{type(exc).__name__}: {exc}"
