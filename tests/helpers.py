@@ -72,6 +72,21 @@ def metric_by_label(http_url: str, sample: str, label: str) -> dict[str, float]:
     }
 
 
+def rpc_count(http_url: str, method: str, code: str) -> float:
+    """How many calls of `method` the server answered with `code` (from its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+        body = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "conveyor_rpc_duration_seconds_count"
+        and sample.labels == {"method": method, "code": code}
+    )
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as sock:

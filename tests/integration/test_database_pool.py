@@ -4,15 +4,13 @@ database that refuses to serve seen as unavailable (UNAVAILABLE to callers, who 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import grpc
 import pytest
-from helpers import AppRole, Db, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import AppRole, Db, rpc_count, wait_for
 
 from conveyor import Client, RetryPolicy, Task
 from conveyor.breaker import BreakerPolicy
@@ -50,19 +48,6 @@ def test_a_transaction_left_open_is_rolled_back_before_reuse(database_url) -> No
     in_transaction, exists = asyncio.run(scenario())
     assert in_transaction is False
     assert exists == 0
-
-
-def rpc_count(http_url: str, method: str, code: str) -> float:
-    """How many calls of `method` the server answered with `code` (from its /metrics)."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.name == "conveyor_rpc_duration_seconds_count"
-        and sample.labels == {"method": method, "code": code}
-    )
 
 
 class TestDatabaseRefusingConnections:

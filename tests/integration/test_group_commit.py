@@ -7,6 +7,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from helpers import rpc_count
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import AsyncClient, Client, Task
@@ -39,16 +40,7 @@ def _group_delta(http_url: str, before: tuple[float, float]) -> tuple[float, flo
 
 def invalid_enqueue_calls(http_url: str) -> float:
     """EnqueueTasks calls the server answered INVALID_ARGUMENT."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return sum(
-        found.value
-        for family in text_string_to_metric_families(body)
-        for found in family.samples
-        if found.name == "conveyor_rpc_duration_seconds_count"
-        and found.labels.get("method") == "EnqueueTasks"
-        and found.labels.get("code") == "INVALID_ARGUMENT"
-    )
+    return rpc_count(http_url, "EnqueueTasks", "INVALID_ARGUMENT")
 
 
 def test_concurrent_single_enqueue_calls_share_statements(server, db) -> None:

@@ -455,6 +455,16 @@ def many_running(pg_cluster) -> Iterator[str]:
         yield url
 
 
+def report_arguments(name: str, leases: list[Any], worker_id: str) -> tuple[Any, ...]:
+    """The parameters of a report batch (`task_succeed_many`) or a heartbeat
+    (`task_lease_extend`) naming `leases` (rows of id and lease_id) for `worker_id`."""
+    count = len(leases)
+    ids, lease_ids = [row["id"] for row in leases], [row["lease_id"] for row in leases]
+    if name == "task_succeed_many":
+        return (ids, lease_ids, [None] * count, [False] * count, [worker_id] * count)
+    return (ids, lease_ids, 30.0, 10.0, [None] * count, worker_id)
+
+
 class TestBatchesByTask:
     @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
     @pytest.mark.parametrize("count", [1, 64, 100, 500])
@@ -475,17 +485,7 @@ class TestBatchesByTask:
         finally:
             await conn.close()
         assert len(leases) == count
-        ids, lease_ids = [row["id"] for row in leases], [row["lease_id"] for row in leases]
-        args = {
-            "task_succeed_many": (
-                ids,
-                lease_ids,
-                [None] * count,
-                [False] * count,
-                ["worker-4"] * count,
-            ),
-            "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * count, "worker-4"),
-        }[name]
+        args = report_arguments(name, leases, "worker-4")
         plan = await explain(many_running, SQL[name], *args, plan_mode=plan_mode)
         assert_tasks_read_by_primary_key(plan)
 
@@ -513,17 +513,8 @@ class TestSmallBatchesKeepTheirPlan:
                 count,
             )
             ids, lease_ids = [row["id"] for row in leases], [row["lease_id"] for row in leases]
-            args = {
-                # Fenced out (another worker's name): the executions change nothing.
-                "task_succeed_many": (
-                    ids,
-                    lease_ids,
-                    [None] * count,
-                    [False] * count,
-                    ["worker-0"] * count,
-                ),
-                "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * count, "worker-0"),
-            }[name]
+            # Fenced out (another worker's name): the executions change nothing.
+            args = report_arguments(name, leases, "worker-0")
             statement = await conn.prepare(SQL[name])
             for _ in range(self.EXECUTIONS):
                 await statement.fetch(*args)

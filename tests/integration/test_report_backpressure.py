@@ -26,16 +26,24 @@ TYPE = "backpressure.job"
 LOCK_KEY = 4242
 CONCURRENCY = 2
 REPORTING_LIMIT = 2 * CONCURRENCY
-STALL_SQL = f"""
-CREATE FUNCTION backpressure_stall() RETURNS trigger LANGUAGE plpgsql AS $$
+
+
+def stall_sql(name: str, state: str, task_type: str) -> str:
+    """A trigger that makes each update of a `task_type` task to `state` wait for the
+    advisory lock the test holds (`advisory_lock_held`), while every other write goes on."""
+    return f"""
+CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared({LOCK_KEY});
     RETURN NEW;
 END $$;
-CREATE TRIGGER backpressure_stall BEFORE UPDATE ON conveyor_tasks FOR EACH ROW
-    WHEN (NEW.state = 'succeeded' AND NEW.type = '{TYPE}')
-    EXECUTE FUNCTION backpressure_stall();
+CREATE TRIGGER {name} BEFORE UPDATE ON conveyor_tasks FOR EACH ROW
+    WHEN (NEW.state = '{state}' AND NEW.type = '{task_type}')
+    EXECUTE FUNCTION {name}();
 """
+
+
+STALL_SQL = stall_sql("backpressure_stall", "succeeded", TYPE)
 
 
 @contextmanager
@@ -98,16 +106,7 @@ def test_a_worker_whose_reports_stall_stops_leasing_after_two_slot_fulls(server,
 
 
 REFUSED_TYPE = "refused.job"
-STALL_FAILURES_SQL = f"""
-CREATE FUNCTION refused_stall() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock_shared({LOCK_KEY});
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refused_stall BEFORE UPDATE ON conveyor_tasks FOR EACH ROW
-    WHEN (NEW.state = 'failed' AND NEW.type = '{REFUSED_TYPE}')
-    EXECUTE FUNCTION refused_stall();
-"""
+STALL_FAILURES_SQL = stall_sql("refused_stall", "failed", REFUSED_TYPE)
 
 
 def test_a_report_answered_unavailable_alone_is_sent_again(

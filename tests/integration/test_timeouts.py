@@ -12,6 +12,8 @@ from helpers import wait_final, wait_for
 from conveyor import Client, Task, TaskState, Worker
 
 SHORT = timedelta(milliseconds=300)
+# The history of a task whose first attempt timed out and whose retry succeeded.
+TIMED_OUT_THEN_SUCCEEDED = ["enqueued", "started", "timed_out", "started", "succeeded"]
 
 
 class TestAsyncHandlerTimeout:
@@ -214,13 +216,7 @@ class TestTheSameTaskTwiceOnOneWorker:
         assert status.state is TaskState.SUCCEEDED
         assert status.result == b"attempt 2"
         assert attempts == [1, 2]
-        assert [e.event for e in status.history] == [
-            "enqueued",
-            "started",
-            "timed_out",
-            "started",
-            "succeeded",
-        ]
+        assert [e.event for e in status.history] == TIMED_OUT_THEN_SUCCEEDED
 
 
 class TestTimeoutRetry:
@@ -250,13 +246,7 @@ class TestTimeoutRetry:
         assert status.result == b"second time lucky"
         with lock:
             assert attempts == [1, 2]
-        assert [e.event for e in status.history] == [
-            "enqueued",
-            "started",
-            "timed_out",
-            "started",
-            "succeeded",
-        ]
+        assert [e.event for e in status.history] == TIMED_OUT_THEN_SUCCEEDED
         timed_out = status.history[2]
         assert timed_out.attempt == 1
         assert timed_out.state is TaskState.QUEUED
