@@ -13,7 +13,7 @@ import pytest
 from helpers import AppRole, Db, rpc_count, wait_for
 
 from conveyor import Client, RetryPolicy, Task
-from conveyor.breaker import BreakerPolicy
+from conveyor.breaker import BreakerPolicy, BreakerState
 from conveyor.errors import ServerUnavailable
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -112,3 +112,51 @@ class TestDatabaseRefusingConnections:
                 await database.close()
 
         assert asyncio.run(scenario()) == 0
+
+
+class TestTheDatabaseBreakerSettlesEveryProbe:
+    def test_a_probe_refused_for_its_login_lets_the_server_back_in_once_fixed(
+        self, app_role: AppRole, start_server
+    ) -> None:
+        """The database breaker opens while PostgreSQL refuses connections; its probe then
+        meets a refused login (28000, not an "unavailable" error). The probe must settle the
+        breaker: it used to leave it half-open with a probe in flight for good, and the
+        server answered "circuit open" for ever, long after the login was allowed again."""
+        server = start_server(
+            database_url=app_role.url,
+            db_breaker_failures=2,
+            db_breaker_reset=timedelta(seconds=0.2),
+        )
+        breaker = server.server.database.breaker
+        missing = str(uuid.uuid4())
+
+        def get_task() -> grpc.StatusCode:
+            try:
+                pb_grpc.TaskServiceStub(channel).GetTask(
+                    pb.GetTaskRequest(task_id=missing), timeout=10
+                )
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        with grpc.insecure_channel(server.address) as channel:
+            with app_role.refused(*TOO_MANY_CONNECTIONS):
+                wait_for(
+                    lambda: (
+                        get_task() is grpc.StatusCode.UNAVAILABLE
+                        and breaker.state is not BreakerState.CLOSED
+                    ),
+                    what="the database breaker to open",
+                )
+                with app_role.refused("NOLOGIN", "LOGIN"):
+                    # Probes now meet the refused login.
+                    wait_for(
+                        lambda: get_task() is grpc.StatusCode.INTERNAL,
+                        what="a probe to meet the refused login",
+                    )
+            # Connections and logins are allowed again: calls reach the database.
+            wait_for(
+                lambda: get_task() is grpc.StatusCode.NOT_FOUND,
+                what="the server to reach the database again",
+            )
+        assert breaker.state is BreakerState.CLOSED

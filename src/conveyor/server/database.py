@@ -232,8 +232,13 @@ class Database:
         except CONFLICT_ERRORS as exc:
             self.breaker.record_success()
             raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
+        except asyncio.CancelledError:
+            # The call gave up before PostgreSQL answered: nothing was learned, and if this
+            # call was the breaker's probe, the next call probes.
+            self.breaker.record_abandoned()
+            raise
         except BaseException:
-            # Any other outcome (a business error, a cancelled call) means PostgreSQL answered.
+            # Any other outcome (a business error) means PostgreSQL answered.
             self.breaker.record_success()
             raise
         else:
@@ -279,6 +284,16 @@ class Database:
         except UNAVAILABLE_ERRORS as exc:
             self.breaker.record_failure()
             raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+        except asyncio.CancelledError:
+            # Every outcome settles the breaker: a probe left in flight would refuse every
+            # call from then on, and the server would never reach the database again.
+            self.breaker.record_abandoned()
+            raise
+        except Exception:
+            # PostgreSQL answered, with an error no retry fixes (the role may not log in,
+            # no such database): it is reachable, and the call fails with that error.
+            self.breaker.record_success()
+            raise
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
