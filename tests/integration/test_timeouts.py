@@ -173,8 +173,8 @@ class TestTheSameTaskTwiceOnOneWorker:
         the same worker and starts beside it. When attempt 1's thread ends at last, attempt
         2 must stay heartbeated: the old attempt's bookkeeping used to remove the new one's
         entry (both by task id), its lease expired while it ran, and a third attempt ran."""
-        lease = timedelta(seconds=1)
-        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=250))
+        lease = timedelta(seconds=1.5)
+        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=300))
         first_may_end, second_started, second_may_end = (threading.Event() for _ in range(3))
         first_ended_at: list[float] = []
         attempts: list[int] = []
@@ -195,16 +195,16 @@ class TestTheSameTaskTwiceOnOneWorker:
         try:
             with Client(server.address) as client:
                 task_id = client.enqueue_task(
-                    Task(type="stubborn", timeout=timedelta(seconds=4), max_retries=3)
+                    Task(type="stubborn", timeout=timedelta(seconds=5), max_retries=3)
                 )
                 assert second_started.wait(20), "the retry did not start"
                 first_may_end.set()
                 wait_for(lambda: first_ended_at, what="attempt 1's thread to end")
                 # Attempt 2 outlives two leases after attempt 1's bookkeeping ended (its own
-                # timeout is 4 s): only heartbeats keep its lease.
+                # timeout is 5 s): only heartbeats keep its lease.
                 wait_for(
-                    lambda: time.monotonic() - first_ended_at[0] > 2.5 * lease.total_seconds(),
-                    what="two and a half leases to pass",
+                    lambda: time.monotonic() - first_ended_at[0] > 2 * lease.total_seconds(),
+                    what="two leases to pass",
                 )
                 second_may_end.set()
                 status = wait_final(client, task_id)
@@ -217,6 +217,57 @@ class TestTheSameTaskTwiceOnOneWorker:
         assert status.result == b"attempt 2"
         assert attempts == [1, 2]
         assert [e.event for e in status.history] == TIMED_OUT_THEN_SUCCEEDED
+
+    def test_an_attempt_whose_task_comes_back_to_its_worker_is_stopped(
+        self, start_server, db
+    ) -> None:
+        """The server reaps a lease (a heartbeat came too late) and the same worker leases
+        the task again before any heartbeat tells it the first lease is gone. The first
+        attempt must stop then: it used to run on beside the second (the same task twice at
+        once on one worker) until its own timeout, since the new attempt had replaced it."""
+        server = start_server(
+            lease_ttl=timedelta(seconds=60), heartbeat_interval=timedelta(seconds=30)
+        )
+        first_cancelled, second_started = threading.Event(), threading.Event()
+
+        async def long_job(ctx, _payload: bytes) -> bytes:
+            if ctx.attempt == 1:
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    first_cancelled.set()
+                    raise
+            second_started.set()
+            return f"attempt {ctx.attempt}".encode()
+
+        worker = Worker(server.address, concurrency=2)
+        worker.register_handler("long", long_job)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                task_id = client.enqueue_task(Task(type="long", timeout=timedelta(minutes=2)))
+                wait_for(lambda: db.task(task_id)["state"] == "running", what="attempt 1")
+                db.execute(
+                    "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
+                    "WHERE id = $1::uuid",
+                    task_id,
+                )  # as a lease whose heartbeat came too late; the reaper takes it back
+                assert second_started.wait(10), "the task did not come back to the worker"
+                # At once, not at the next heartbeat (30 s away).
+                assert first_cancelled.wait(5), "attempt 1 ran on beside attempt 2"
+                status = wait_final(client, task_id)
+        finally:
+            worker.stop()
+
+        assert status.state is TaskState.SUCCEEDED
+        assert status.result == b"attempt 2"
+        assert [e.event for e in status.history] == [
+            "enqueued",
+            "started",
+            "lease_expired",
+            "started",
+            "succeeded",
+        ]
 
 
 class TestTimeoutRetry:

@@ -336,8 +336,8 @@ class TestTextProtobufCannotCarry:
     UNDECODABLE = os.fsdecode(b"caf\xe9.csv")
 
     def test_an_undecodable_progress_note_keeps_the_heartbeats_going(self, start_server) -> None:
-        lease = timedelta(seconds=1)
-        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=250))
+        lease = timedelta(seconds=1.5)
+        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=300))
         noted, may_end = threading.Event(), threading.Event()
         attempts: list[int] = []
 

@@ -388,9 +388,10 @@ WITH named AS (
     WHERE t.id = current.id AND t.lease_id = current.lease_id  -- locked and checked above
     RETURNING t.id, t.lease_id
 )
--- By lease, not by task: a worker may name a task's old lease beside its new one (the task
--- was reaped while the old attempt ran on, then leased to the same worker again), and the
--- old one must be told to stop although the task's current lease was extended.
+-- By lease, not by task: a heartbeat may name a task's old lease beside its new one (the
+-- task was reaped while the old attempt ran on, then leased to the same worker again), and
+-- the old one must be told to stop although the task's current lease was extended. (The
+-- worker of this repository stops the old attempt itself when the task comes back to it.)
 SELECT named.task_id, named.lease_id, t.state
 FROM named LEFT JOIN conveyor_tasks AS t ON t.id = named.task_id
 WHERE (named.task_id, named.lease_id) NOT IN (SELECT id, lease_id FROM extended);

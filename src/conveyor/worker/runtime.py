@@ -874,9 +874,13 @@ class _Runtime:
             worker_id=self.worker.worker_id,
         )
         attempt = _Attempt(lease=lease, ctx=ctx, traced=traced)
-        # Replaces an earlier attempt of the same task that is still winding down here (a
-        # sync handler past its timeout, a lease lost and the task leased to us again):
-        # that one holds no lease any more, so only this one is heartbeated.
+        earlier = self.attempts.get(task_id)
+        if earlier is not None and earlier.lease.lease_id != lease_id:
+            # The task was leased to us again, so the server has taken the earlier lease
+            # back (reaped, or released by the sweeper) even if no heartbeat has said so
+            # yet: that attempt is stopped, and only this one is heartbeated from now on.
+            # (A sync handler past its timeout is already stopped and winds down alone.)
+            self.abandon(earlier, "lease_lost")
         self.attempts[task_id] = attempt
         self.busy += 1
         attempt.holds_slot = True
@@ -1203,8 +1207,10 @@ class _Runtime:
             except Exception:
                 # Nothing watches this task: had it ended, every lease of this worker would
                 # have expired from then on while its handlers ran (a progress note that
-                # protobuf could not encode once did that). One beat is lost, not the loop.
+                # protobuf could not encode once did that). One beat is lost, not the loop,
+                # and a lease's worth of lost beats stops the attempts as silence does.
                 self.log.exception("heartbeat failed", extra={"event": "worker_bug"})
+                self.stop_if_silent(last_success)
             await asyncio.sleep(MIN_HEARTBEAT_SPACING)
 
     async def beat(self, last_success: float) -> float:
@@ -1239,16 +1245,13 @@ class _Runtime:
             response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
         except (_Unreachable, grpc.aio.AioRpcError) as exc:
             self.metrics.heartbeat_failures.inc()
-            silent_for = self.loop.time() - last_success
             self.log.warning(
                 "heartbeat failed (%s); silent for %.1fs",
                 exc,
-                silent_for,
+                self.loop.time() - last_success,
                 extra={"event": "heartbeat_failed"},
             )
-            if silent_for >= self.lease_duration.total_seconds():
-                for attempt in held:
-                    self.abandon(attempt, "lease_lost")
+            self.stop_if_silent(last_success, held)
             return last_success
         for attempt, progress in sent_progress.items():
             if attempt.progress == progress:
@@ -1263,6 +1266,19 @@ class _Runtime:
                 cancelled = stop.reason == pb.STOP_REASON_CANCELLED
                 self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
         return self.loop.time()
+
+    def stop_if_silent(self, last_success: float, held: list[_Attempt] | None = None) -> None:
+        """Stop `held` (by default every attempt holding a lease) after a lease of silence.
+
+        With no heartbeat through for a whole lease duration, their leases may be gone.
+        """
+        assert self.loop is not None  # noqa: S101
+        if self.loop.time() - last_success < self.lease_duration.total_seconds():
+            return
+        if held is None:
+            held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
+        for attempt in held:
+            self.abandon(attempt, "lease_lost")
 
     def report_progress(self, task_id: str, lease_id: str, details: str | None) -> None:
         """Thread-safe: ctx.heartbeat(details) from a handler."""
