@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from conveyor.client.channel import RetryPolicy, parse_addresses
 from conveyor.errors import ConfigError
-from conveyor.server.config import MIN_MESSAGE_BYTES, ServerConfig, split_host_port
+from conveyor.protocol.limits import PEER_MESSAGE_BYTES
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server.config import (
+    MAX_PAYLOAD_BYTES_LIMIT,
+    MIN_MESSAGE_BYTES,
+    ServerConfig,
+    split_host_port,
+)
+from conveyor.server.task_service import MAX_TRACE_ENTRIES, MAX_TRACE_KEY, MAX_TRACE_VALUE
+from conveyor.server.worker_service import WorkerService, lease_size_bound
 
 
 class TestServerConfig:
@@ -18,7 +29,9 @@ class TestServerConfig:
         assert config.lease_ttl == timedelta(seconds=30)
         assert config.max_payload_bytes == 1024 * 1024
 
-    @pytest.mark.parametrize("max_payload_bytes", [1, 1024 * 1024, 8 * 1024 * 1024, 2**30])
+    @pytest.mark.parametrize(
+        "max_payload_bytes", [1, 1024 * 1024, 8 * 1024 * 1024, MAX_PAYLOAD_BYTES_LIMIT]
+    )
     def test_a_message_of_leases_holds_at_least_one_largest_payload(
         self, max_payload_bytes: int
     ) -> None:
@@ -28,6 +41,8 @@ class TestServerConfig:
         )
         assert config.max_message_bytes >= MIN_MESSAGE_BYTES
         assert max_payload_bytes < config.lease_message_bytes < config.max_message_bytes
+        # ... and every message fits in what workers and clients accept.
+        assert config.max_message_bytes <= PEER_MESSAGE_BYTES
 
     @pytest.mark.parametrize(
         ("overrides", "fragment"),
@@ -37,6 +52,7 @@ class TestServerConfig:
             ({"heartbeat_interval": timedelta(seconds=20)}, "half of lease_ttl"),
             ({"retry_backoff_cap": timedelta(milliseconds=1)}, "retry_backoff_cap"),
             ({"max_payload_bytes": 0}, "max_payload_bytes"),
+            ({"max_payload_bytes": MAX_PAYLOAD_BYTES_LIMIT + 1}, "one message a worker accepts"),
             ({"max_enqueue_streams_per_token": 0}, "max_enqueue_streams_per_token"),
             ({"grpc_listen": "nonsense"}, "HOST:PORT"),
             ({"http_listen": "host:99999"}, "HOST:PORT"),
@@ -97,3 +113,31 @@ class TestRetryPolicy:
         """A zero total timeout is a configuration error."""
         with pytest.raises(ConfigError):
             RetryPolicy(total_timeout=timedelta(0))
+
+
+class TestLeaseSizeBound:
+    @pytest.mark.parametrize("payload_bytes", [0, 100, 3 * 1024 * 1024])
+    @pytest.mark.parametrize("text", ["ascii", 'é€😀"\\'])
+    def test_the_bound_covers_the_largest_lease(self, payload_bytes: int, text: str) -> None:
+        """Leases are packed into messages by `lease_size_bound`, not by encoding them: it must
+        be at least the encoded size, with every other field as large as it may be (a type of
+        128 characters, 8 trace entries of 64 and 512 characters, non-ASCII ones included)."""
+        now = datetime.now(UTC)
+        entries = {
+            f"{index}{text * 64}"[:MAX_TRACE_KEY]: (text * 512)[:MAX_TRACE_VALUE]
+            for index in range(MAX_TRACE_ENTRIES)
+        }
+        row = {
+            "id": uuid.uuid4(),
+            "lease_id": uuid.uuid4(),
+            "type": "t" * 128,
+            "payload": b"p" * payload_bytes,
+            "attempt": 2**32 - 1,
+            "max_retries": 2**32 - 1,
+            "timeout": timedelta(days=3650),
+            "lease_expires_at": now,
+            "deadline_at": now,
+            "trace_context": json.dumps(entries, sort_keys=True),
+        }
+        in_a_message = pb.LeaseTasksResponse(leases=[WorkerService.lease_message(row)])
+        assert in_a_message.ByteSize() <= lease_size_bound(row)

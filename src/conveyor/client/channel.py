@@ -31,6 +31,7 @@ import grpc.aio
 from conveyor.auth import is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
+from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ TLS_CERT_ENV: Final = "CONVEYOR_TLS_CERT"
 TLS_KEY_ENV: Final = "CONVEYOR_TLS_KEY"
 TLS_SERVER_NAME_ENV: Final = "CONVEYOR_TLS_SERVER_NAME"
 INSECURE_ENV: Final = "CONVEYOR_INSECURE"
-MESSAGE_BYTES: Final = 64 * 1024 * 1024
+MESSAGE_BYTES: Final = PEER_MESSAGE_BYTES
 # The least deadline any call (or request on a stream) is given, even when its retry budget
 # is nearly spent: enough for an answer from a server that is up.
 MIN_CALL_TIMEOUT: Final = 0.05

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
+from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
 
 if TYPE_CHECKING:
@@ -33,6 +34,12 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 # The smallest gRPC message a server sends and receives: room for a client's enqueue request
 # (up to 8 MiB) and for batches of leases of ordinary payloads.
 MIN_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+# Room in a message for everything of a task but its payload (or result), which may each be
+# up to max_payload_bytes: ids, type, trace context, timestamps.
+MESSAGE_OVERHEAD_BYTES: Final = 1024 * 1024
+# The largest max_payload_bytes: a message of a task with its largest payload and result must
+# fit in what workers and clients accept.
+MAX_PAYLOAD_BYTES_LIMIT: Final = (PEER_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES) // 2
 # Room a message of leases leaves below the gRPC limit. Each lease is counted with its tag and
 # length prefix, so this only covers the message's own framing, with plenty to spare.
 LEASE_MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
@@ -203,7 +210,7 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         """The gRPC send and receive limit: a whole task and its result fit in one message."""
-        return max(MIN_MESSAGE_BYTES, self.max_payload_bytes * 2 + 1024 * 1024)
+        return max(MIN_MESSAGE_BYTES, self.max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES)
 
     @property
     def lease_message_bytes(self) -> int:
@@ -287,6 +294,13 @@ class ServerConfig:
             raise ConfigError("leader_retry_interval must be shorter than leader_ttl")
 
     def _check_counts(self) -> None:
+        if self.max_payload_bytes > MAX_PAYLOAD_BYTES_LIMIT:
+            raise ConfigError(
+                f"max_payload_bytes must be at most {MAX_PAYLOAD_BYTES_LIMIT} "
+                f"({MAX_PAYLOAD_BYTES_LIMIT // (1024 * 1024)} MiB): a task with its payload "
+                "and its result must fit in one message a worker accepts (store larger "
+                "payloads elsewhere and pass a key)"
+            )
         for name, number in (
             ("max_payload_bytes", self.max_payload_bytes),
             ("max_batch", self.max_batch),
