@@ -455,6 +455,17 @@ def many_running(pg_cluster) -> Iterator[str]:
         yield url
 
 
+async def worker_4_leases(conn: asyncpg.Connection, count: int) -> list[asyncpg.Record]:
+    """`count` of the running tasks (id, lease_id) that `many_running` gives worker-4."""
+    return list(
+        await conn.fetch(
+            "SELECT id, lease_id FROM conveyor_tasks "
+            "WHERE state = 'running' AND worker_id = 'worker-4' LIMIT $1",
+            count,
+        )
+    )
+
+
 def report_arguments(name: str, leases: list[Any], worker_id: str) -> tuple[Any, ...]:
     """The parameters of a report batch (`task_succeed_many`) or a heartbeat
     (`task_lease_extend`) naming `leases` (rows of id and lease_id) for `worker_id`."""
@@ -477,11 +488,7 @@ class TestBatchesByTask:
         through the reaper's index and hash them (5-7 ms for 100 reports against 2-3)."""
         conn = await asyncpg.connect(many_running)
         try:
-            leases = await conn.fetch(
-                "SELECT id, lease_id FROM conveyor_tasks "
-                "WHERE state = 'running' AND worker_id = 'worker-4' LIMIT $1",
-                count,
-            )
+            leases = await worker_4_leases(conn, count)
         finally:
             await conn.close()
         assert len(leases) == count
@@ -507,11 +514,7 @@ class TestSmallBatchesKeepTheirPlan:
         """After the fifth execution on a connection, every one runs the cached plan."""
         conn = await asyncpg.connect(many_running)
         try:
-            leases = await conn.fetch(
-                "SELECT id, lease_id FROM conveyor_tasks "
-                "WHERE state = 'running' AND worker_id = 'worker-4' LIMIT $1",
-                count,
-            )
+            leases = await worker_4_leases(conn, count)
             ids, lease_ids = [row["id"] for row in leases], [row["lease_id"] for row in leases]
             # Fenced out (another worker's name): the executions change nothing.
             args = report_arguments(name, leases, "worker-0")
