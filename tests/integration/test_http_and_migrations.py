@@ -7,18 +7,20 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from helpers import AppRole, wait_final, wait_for
+from helpers import AppRole, running, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor import Client, Task, Worker, __version__
+from conveyor import Client, Task, TaskState, Worker, __version__
 from conveyor.errors import PermanentFailure, SchemaMismatch
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
-from conveyor.storage import migrate
+from conveyor.storage import migrate, queries
+from conveyor.types import new_task_id
 
 ALL_VERSIONS = [m.version for m in migrate.available_migrations()]
 
@@ -217,6 +219,68 @@ class TestMetrics:
         client.enqueue_task(task)
         _, _, body = http_get(f"{server.http_url}/metrics")
         assert sample(body, "conveyor_tasks_enqueued_total", type="metrics.once") == 1
+
+    def test_outcomes_count_what_became_of_the_task_whoever_noticed(
+        self, server, client: Client, db
+    ) -> None:
+        """A task that times out on each of its two attempts is retried once and then fails
+        for good; a task whose worker vanished on its only attempt fails for good too. The
+        outcomes say so, whether the worker reported the timeout or the reaper found the
+        lease expired, and the causes are counted apart. The outcome label used to name the
+        cause instead, so tasks that died by timeout or lost lease never counted as failed
+        (and the documented failure-ratio alert missed them)."""
+
+        async def slow(_ctx: Any, _payload: bytes) -> bytes:
+            await asyncio.sleep(30)
+            return b"never"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("outcome.slow", slow)
+        with running(worker):
+            slow_id = client.enqueue_task(
+                Task(type="outcome.slow", timeout=timedelta(milliseconds=300), max_retries=1)
+            )
+            assert wait_final(client, slow_id).state is TaskState.FAILED
+        # A lease whose worker went silent, found by the reaper on the last attempt.
+        vanished_id = new_task_id()
+        asyncio.run(claimed_by_a_worker_that_vanishes(db.url, vanished_id))
+        db.execute(
+            "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
+            "WHERE id = $1::uuid",
+            vanished_id,
+        )
+        assert wait_final(client, vanished_id).state is TaskState.FAILED
+
+        _, _, body = http_get(f"{server.http_url}/metrics")
+        outcomes = "conveyor_task_outcomes_total"
+        cut_short = "conveyor_attempts_cut_short_total"
+        assert sample(body, outcomes, type="outcome.slow", outcome="retried") == 1
+        assert sample(body, outcomes, type="outcome.slow", outcome="failed") == 1
+        assert sample(body, cut_short, type="outcome.slow", reason="timed_out") == 2
+        assert sample(body, outcomes, type="outcome.vanished", outcome="failed") == 1
+        assert sample(body, cut_short, type="outcome.vanished", reason="lease_expired") == 1
+        for cause in ("timed_out", "lease_expired"):
+            for task_type in ("outcome.slow", "outcome.vanished"):
+                assert sample(body, outcomes, type=task_type, outcome=cause) is None
+
+
+async def claimed_by_a_worker_that_vanishes(url: str, task_id: str) -> None:
+    """Enqueue a task with no retries and claim it as a worker that is never heard of again."""
+    conn = await asyncpg.connect(url)
+    try:
+        task = queries.NewTask(task_id, "outcome.vanished", b"", timedelta(minutes=1), 0)
+        assert await queries.task_insert_many(conn, [task]) == [True]
+        claimed = await queries.task_claim(
+            conn,
+            task_types=["outcome.vanished"],
+            limit=1,
+            worker_id="vanished-worker",
+            lease_ttl=timedelta(seconds=30),
+            deadline_grace=timedelta(seconds=5),
+        )
+        assert [str(row["id"]) for row in claimed] == [task_id]
+    finally:
+        await conn.close()
 
 
 # --- migrations ---------------------------------------------------------------------------

@@ -45,11 +45,24 @@ class ServerMetrics:
             ["type"],
             registry=self.registry,
         )
+        # By what became of the task, whoever noticed: a timeout the worker reported and one
+        # the reaper found are the same outcome. (The label once named the cause instead for
+        # timeouts and lost leases, so a task that timed out on its last attempt was never
+        # counted as failed, and a failure-ratio alert missed it.)
         self.task_outcomes = Counter(
             "conveyor_task_outcomes_total",
-            "Attempt outcomes applied: succeeded, failed, retried, timed_out, lease_expired, "
-            "released, cancelled.",
+            "What became of the task after an attempt: succeeded; failed (for good, whatever "
+            "ended the attempt); retried (queued again for another attempt); released (queued "
+            "again, the attempt not spent); cancelled.",
             ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.attempts_cut_short = Counter(
+            "conveyor_attempts_cut_short_total",
+            "Attempts that ended without their handler's outcome: timed_out (past the task's "
+            "timeout, stopped by the worker or found by the reaper), lease_expired (the worker "
+            "went silent). What became of their tasks is in conveyor_task_outcomes_total.",
+            ["type", "reason"],
             registry=self.registry,
         )
         self.stale_completions = Counter(
@@ -228,6 +241,10 @@ class ServerMetrics:
         self._task_outcomes(label, outcome).inc()
         if ran_for is not None:
             self._task_duration(label, outcome).observe(max(ran_for, 0.0))
+
+    def count_cut_short(self, task_type: str, reason: str) -> None:
+        """Count an attempt that ended without its handler's outcome (`reason`)."""
+        self.attempts_cut_short.labels(self.type_label(task_type), reason).inc()
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""

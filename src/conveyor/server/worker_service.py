@@ -662,9 +662,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 retryable=not request.non_retryable,
                 backoff=self._backoff,
             )
-            label = event if row is None or row["state"] == "failed" else "retried"
-            if row is not None and label == "retried":
-                self.notifier.wake_after(row["retry_in"])
+            label = "failed" if row is None or row["state"] == "failed" else "retried"
+            if row is not None:
+                if label == "retried":
+                    self.notifier.wake_after(row["retry_in"])
+                if event == "timed_out":
+                    self.metrics.count_cut_short(row["type"], "timed_out")
         elif outcome == pb.OUTCOME_RELEASED:
             row = await queries.task_release(
                 conn,

@@ -54,9 +54,11 @@ class LeaseReaper(LeaderDuty):
                     conn, limit=BATCH_SIZE, backoff=self._backoff, leader=leader
                 )
             for row in rows:
-                outcome = "timed_out" if row["timed_out"] else "lease_expired"
+                cause = "timed_out" if row["timed_out"] else "lease_expired"
+                self._metrics.count_cut_short(row["type"], cause)
                 self._metrics.task_outcomes.labels(
-                    self._metrics.type_label(row["type"]), outcome
+                    self._metrics.type_label(row["type"]),
+                    "failed" if row["state"] == "failed" else "retried",
                 ).inc()
                 if row["state"] == "queued":
                     self._notifier.wake_after(row["retry_in"])
@@ -65,7 +67,7 @@ class LeaseReaper(LeaderDuty):
                     row["id"],
                     row["state"],
                     extra={
-                        "event": outcome,
+                        "event": cause,
                         "task_id": str(row["id"]),
                         "task_type": row["type"],
                         "attempt": row["attempt"],
