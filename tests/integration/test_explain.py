@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 from datetime import timedelta
 
+import asyncpg
 import pytest
 from helpers import conveyor_command, process_env, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.errors import InvalidTask, TaskNotFound
+from conveyor.storage import queries
+from conveyor.types import new_task_id
 
 
 def text(reasons: list[str]) -> str:
@@ -116,3 +120,45 @@ class TestExplainCli:
         lines = result.stdout.splitlines()
         assert lines[0] == "- next in line for type 'explain.cli'"
         assert any("no live worker handles type 'explain.cli'" in line for line in lines)
+
+
+class TestExplainAnExpiredLease:
+    @pytest.mark.parametrize(
+        ("max_retries", "fate"),
+        [(2, "re-queue it"), (0, "fail it (this was its last attempt)")],
+    )
+    def test_the_reapers_next_step_depends_on_the_attempts_left(
+        self, start_server, db, max_retries: int, fate: str
+    ) -> None:
+        """A running task whose lease expired is re-queued by the reaper while it has
+        attempts left, and failed on its last one; the explanation said re-queued always."""
+        server = start_server(reaper_interval=timedelta(hours=1))  # the reaper waits
+        task_id = new_task_id()
+
+        async def claim_then_vanish() -> None:
+            conn = await asyncpg.connect(db.url)
+            try:
+                task = queries.NewTask(
+                    task_id, "explain.lost", b"", timedelta(minutes=1), max_retries
+                )
+                await queries.task_insert_many(conn, [task])
+                await queries.task_claim(
+                    conn,
+                    task_types=["explain.lost"],
+                    limit=1,
+                    worker_id="vanished-worker",
+                    lease_ttl=timedelta(seconds=30),
+                    deadline_grace=timedelta(seconds=5),
+                )
+            finally:
+                await conn.close()
+
+        asyncio.run(claim_then_vanish())
+        db.execute(
+            "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
+            "WHERE id = $1::uuid",
+            task_id,
+        )
+        with Client(server.address) as client:
+            reasons = text(client.explain_task(task_id))
+        assert f"the leader's reaper will {fate} at its next round" in reasons

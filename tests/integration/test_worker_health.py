@@ -416,3 +416,21 @@ class TestWorkersCommand:
 
         assert as_table.returncode == 0, as_table.stderr
         assert worker.worker_id in as_table.stdout, as_table.stdout
+
+
+class TestAGoodbyeIsFinal:
+    def test_a_late_draining_heartbeat_leaves_a_stopped_worker_stopped(self, server, db) -> None:
+        """A worker's last heartbeat (draining) may still be in flight on another server when
+        its goodbye commits. It must not bring the worker back as draining: the sweeper then
+        marked it lost 15 s later, counting a clean stop as a lost worker."""
+        with stubs(server.address) as (_, workers):
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id="w-goodbye", host="h", pid=1, task_types=[TYPE], concurrency=1
+                ),
+                timeout=10,
+            )
+            workers.UnregisterWorker(pb.UnregisterWorkerRequest(worker_id="w-goodbye"), timeout=10)
+            workers.Heartbeat(pb.HeartbeatRequest(worker_id="w-goodbye", draining=True), timeout=10)
+        state = db.fetchval("SELECT state FROM conveyor_workers WHERE id = 'w-goodbye'")
+        assert state == "stopped"

@@ -75,8 +75,14 @@ def _running(row: Any) -> list[str]:
     )
     lease_left = row["lease_left"]
     if lease_left is not None and lease_left < 0:
+        # On the last attempt the reaper fails the task rather than queueing it again.
+        fate = (
+            "fail it (this was its last attempt)"
+            if row["attempt"] > row["max_retries"]
+            else "re-queue it"
+        )
         reasons.append(
-            f"its lease expired {_ago(-lease_left)} ago: the leader's reaper will re-queue it "
+            f"its lease expired {_ago(-lease_left)} ago: the leader's reaper will {fate} "
             "at its next round"
         )
     else:

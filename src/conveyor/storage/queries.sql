@@ -542,10 +542,12 @@ SELECT principal FROM conveyor_workers WHERE id = $1;
 -- name: worker_touch
 -- $1 id, $2 draining, $3 in flight, $4 loop lag (ms).
 -- A heartbeat from a worker that was swept as lost revives it: it is demonstrably alive
--- (its old leases stay lost; fencing refuses them).
+-- (its old leases stay lost; fencing refuses them). A stopped worker stays stopped, even
+-- for a draining heartbeat that commits after its goodbye (in flight on another server):
+-- revived as draining, the sweeper would have marked it lost 15 s later.
 UPDATE conveyor_workers
 SET last_heartbeat_at = now(),
-    state = CASE WHEN $2 THEN 'draining' WHEN state = 'stopped' THEN state ELSE 'active' END,
+    state = CASE WHEN state = 'stopped' THEN state WHEN $2 THEN 'draining' ELSE 'active' END,
     in_flight = $3,
     loop_lag_ms = $4
 WHERE id = $1;
