@@ -100,6 +100,12 @@ def test_a_worker_whose_reports_stall_stops_leasing_after_two_slot_fulls(server,
                 held = count("running")
                 assert REPORTING_LIMIT <= held <= REPORTING_LIMIT + CONCURRENCY - 1
                 assert count("queued") == len(ids) - held
+                # Slots held, not outcomes travelling: never above the worker's slots.
+                in_flight = worker.metrics.registry.get_sample_value(
+                    "conveyor_worker_tasks_in_flight"
+                )
+                assert in_flight is not None
+                assert in_flight <= CONCURRENCY
         # The lock is gone: the stalled reports commit, and the worker takes the rest.
         for task_id in ids:
             assert wait_final(client, task_id).state == TaskState.SUCCEEDED

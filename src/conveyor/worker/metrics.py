@@ -131,7 +131,7 @@ class WorkerMetrics:
         self._tasks_leased(task_type).inc()
 
     def attempt_ended(self) -> None:
-        """One attempt counted by `attempt_started` has ended."""
+        """One attempt counted by `attempt_started` has given its slot back."""
         self.tasks_in_flight.dec()
 
     def observe_handler(self, task_type: str, outcome: str, seconds: float) -> None:

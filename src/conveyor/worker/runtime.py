@@ -948,7 +948,6 @@ class _Runtime:
             if self.attempts.get(lease.task_id) is attempt:
                 del self.attempts[lease.task_id]
             self.free_slot(attempt)
-            self.metrics.attempt_ended()
 
     @staticmethod
     def handler_stopped(attempt: _Attempt) -> bool:
@@ -962,6 +961,9 @@ class _Runtime:
         if attempt.holds_slot:
             attempt.holds_slot = False
             self.busy -= 1
+            # The gauge counts slots held, as its help says, not outcomes still travelling:
+            # those may be two slot-fulls more (REPORTING_SLOT_FULLS).
+            self.metrics.attempt_ended()
             self.wake_lease_loop()
 
     def wake_lease_loop(self) -> None:
