@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -384,6 +385,27 @@ def writes_blocked(database_url: str) -> Iterator[None]:
     finally:
         loop.run_until_complete(conn.close())
         loop.close()
+
+
+async def claimed_by_a_worker_that_vanishes(
+    url: str, task_id: str, task_type: str, *, max_retries: int
+) -> None:
+    """Enqueue a task and claim it, at statement level, as a worker never heard of again."""
+    conn = await asyncpg.connect(url)
+    try:
+        task = queries.NewTask(task_id, task_type, b"", timedelta(minutes=1), max_retries)
+        assert await queries.task_insert_many(conn, [task]) == [True]
+        claimed = await queries.task_claim(
+            conn,
+            task_types=[task_type],
+            limit=1,
+            worker_id="vanished-worker",
+            lease_ttl=DEFAULT_LEASE_TTL,
+            deadline_grace=DEFAULT_DEADLINE_GRACE,
+        )
+        assert [str(row["id"]) for row in claimed] == [task_id]
+    finally:
+        await conn.close()
 
 
 async def enqueue_and_claim(

@@ -7,13 +7,17 @@ import subprocess
 import threading
 from datetime import timedelta
 
-import asyncpg
 import pytest
-from helpers import conveyor_command, process_env, wait_final, wait_for
+from helpers import (
+    claimed_by_a_worker_that_vanishes,
+    conveyor_command,
+    process_env,
+    wait_final,
+    wait_for,
+)
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.errors import InvalidTask, TaskNotFound
-from conveyor.storage import queries
 from conveyor.types import new_task_id
 
 
@@ -135,25 +139,11 @@ class TestExplainAnExpiredLease:
         server = start_server(reaper_interval=timedelta(hours=1))  # the reaper waits
         task_id = new_task_id()
 
-        async def claim_then_vanish() -> None:
-            conn = await asyncpg.connect(db.url)
-            try:
-                task = queries.NewTask(
-                    task_id, "explain.lost", b"", timedelta(minutes=1), max_retries
-                )
-                await queries.task_insert_many(conn, [task])
-                await queries.task_claim(
-                    conn,
-                    task_types=["explain.lost"],
-                    limit=1,
-                    worker_id="vanished-worker",
-                    lease_ttl=timedelta(seconds=30),
-                    deadline_grace=timedelta(seconds=5),
-                )
-            finally:
-                await conn.close()
-
-        asyncio.run(claim_then_vanish())
+        asyncio.run(
+            claimed_by_a_worker_that_vanishes(
+                db.url, task_id, "explain.lost", max_retries=max_retries
+            )
+        )
         db.execute(
             "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
             "WHERE id = $1::uuid",

@@ -12,14 +12,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import AppRole, running, wait_final, wait_for
+from helpers import AppRole, claimed_by_a_worker_that_vanishes, running, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Client, Task, TaskState, Worker, __version__
 from conveyor.errors import PermanentFailure, SchemaMismatch
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
-from conveyor.storage import migrate, queries
+from conveyor.storage import migrate
 from conveyor.types import new_task_id
 
 ALL_VERSIONS = [m.version for m in migrate.available_migrations()]
@@ -243,7 +243,11 @@ class TestMetrics:
             assert wait_final(client, slow_id).state is TaskState.FAILED
         # A lease whose worker went silent, found by the reaper on the last attempt.
         vanished_id = new_task_id()
-        asyncio.run(claimed_by_a_worker_that_vanishes(db.url, vanished_id))
+        asyncio.run(
+            claimed_by_a_worker_that_vanishes(
+                db.url, vanished_id, "outcome.vanished", max_retries=0
+            )
+        )
         db.execute(
             "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
             "WHERE id = $1::uuid",
@@ -262,25 +266,6 @@ class TestMetrics:
         for cause in ("timed_out", "lease_expired"):
             for task_type in ("outcome.slow", "outcome.vanished"):
                 assert sample(body, outcomes, type=task_type, outcome=cause) is None
-
-
-async def claimed_by_a_worker_that_vanishes(url: str, task_id: str) -> None:
-    """Enqueue a task with no retries and claim it as a worker that is never heard of again."""
-    conn = await asyncpg.connect(url)
-    try:
-        task = queries.NewTask(task_id, "outcome.vanished", b"", timedelta(minutes=1), 0)
-        assert await queries.task_insert_many(conn, [task]) == [True]
-        claimed = await queries.task_claim(
-            conn,
-            task_types=["outcome.vanished"],
-            limit=1,
-            worker_id="vanished-worker",
-            lease_ttl=timedelta(seconds=30),
-            deadline_grace=timedelta(seconds=5),
-        )
-        assert [str(row["id"]) for row in claimed] == [task_id]
-    finally:
-        await conn.close()
 
 
 # --- migrations ---------------------------------------------------------------------------
