@@ -29,6 +29,11 @@ TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
 
 
+# The history of a task whose first attempt lost its lease (its worker died, hung or was cut
+# off) and whose second attempt, after the reaper queued it again, succeeded.
+RERUN_AFTER_LEASE_EXPIRED = ["enqueued", "started", "lease_expired", "started", "succeeded"]
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = ""
 ) -> Any:
