@@ -220,31 +220,39 @@ class Database:
         conn = await self._checkout(pool)
         try:
             yield conn
-        except UNAVAILABLE_ERRORS as exc:
-            self.breaker.record_failure()
+        except BaseException as exc:
+            self._settle_breaker(exc)
             if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
                 # This session is on a server that takes no writes, and stays there (a
                 # demoted primary need not restart, and a setting like
                 # default_transaction_read_only holds for the session): only a new
                 # connection can reach the primary the URL now leads to.
                 conn.terminate()
-            raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
-        except CONFLICT_ERRORS as exc:
-            self.breaker.record_success()
-            raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
-        except asyncio.CancelledError:
-            # The call gave up before PostgreSQL answered: nothing was learned, and if this
-            # call was the breaker's probe, the next call probes.
-            self.breaker.record_abandoned()
-            raise
-        except BaseException:
-            # Any other outcome (a business error) means PostgreSQL answered.
-            self.breaker.record_success()
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise _unavailable(exc) from exc
+            if isinstance(exc, CONFLICT_ERRORS):
+                raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
             raise
         else:
             self.breaker.record_success()
         finally:
             await self._release(pool, conn)
+
+    def _settle_breaker(self, error: BaseException) -> None:
+        """Give the breaker the verdict of a call to the database that raised `error`.
+
+        Every outcome settles it, or a probe left in flight would refuse every call from
+        then on and the server would never reach the database again: an unavailable error
+        is a failure; a call cancelled before PostgreSQL answered taught nothing (a probe
+        is released, the next call probes); anything else is an answer (a business error, a
+        lost race, a login refused: the database is reachable).
+        """
+        if isinstance(error, UNAVAILABLE_ERRORS):
+            self.breaker.record_failure()
+        elif isinstance(error, asyncio.CancelledError):
+            self.breaker.record_abandoned()
+        else:
+            self.breaker.record_success()
 
     @staticmethod
     async def _release(pool: asyncpg.Pool[asyncpg.Record], conn: Any) -> None:
@@ -281,18 +289,10 @@ class Database:
             raise ServerUnavailable(
                 f"database unavailable: connect timed out ({timeout:g}s)"
             ) from exc
-        except UNAVAILABLE_ERRORS as exc:
-            self.breaker.record_failure()
-            raise ServerUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
-        except asyncio.CancelledError:
-            # Every outcome settles the breaker: a probe left in flight would refuse every
-            # call from then on, and the server would never reach the database again.
-            self.breaker.record_abandoned()
-            raise
-        except Exception:
-            # PostgreSQL answered, with an error no retry fixes (the role may not log in,
-            # no such database): it is reachable, and the call fails with that error.
-            self.breaker.record_success()
+        except BaseException as exc:
+            self._settle_breaker(exc)
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise _unavailable(exc) from exc
             raise
 
     @contextlib.asynccontextmanager
@@ -316,3 +316,8 @@ class Database:
                 await asyncio.wait_for(pool.close(), timeout=5)
             except TimeoutError:
                 pool.terminate()
+
+
+def _unavailable(error: BaseException) -> ServerUnavailable:
+    """What callers see of a database error in UNAVAILABLE_ERRORS: retry later."""
+    return ServerUnavailable(f"database unavailable: {type(error).__name__}: {error}")
