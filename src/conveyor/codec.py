@@ -44,6 +44,7 @@ _TAG_BYTES: Final = 16
 # What sealing adds to a payload, at most: magic, key id, nonce and tag.
 SEALED_OVERHEAD: Final = len(SEALED_MAGIC) + 1 + 32 + _NONCE_BYTES + _TAG_BYTES
 _KEY_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_URL_SAFE_TO_STANDARD: Final = str.maketrans("-_", "+/")
 
 
 class SealError(ConveyorError):
@@ -175,14 +176,24 @@ class AesGcmCodec:
         if not raw:
             return None
         keys: list[tuple[str, bytes]] = []
-        for item in raw.split(","):
+        for position, item in enumerate(raw.split(","), start=1):
             key_id, sep, encoded = item.strip().partition("=")
+            # The messages never repeat the item: a mistyped separator or a stray character
+            # would put the key itself on stderr and into whatever collects the logs. They
+            # name the item's position, and its id once the id is known to be one.
+            if not sep or not _KEY_ID.match(key_id):
+                raise ConfigError(
+                    f"{KEYS_ENV}: item {position} is not id=BASE64KEY (the id: 1-32 "
+                    "characters of [A-Za-z0-9_.-], then '=', then the key in base64)"
+                )
             try:
-                key = base64.b64decode(encoded, validate=True) if sep else b""
+                # Either base64 alphabet: URL-safe keys are what many tools print, and the
+                # two differ only in two characters, so a key cannot mean two things.
+                key = base64.b64decode(encoded.translate(_URL_SAFE_TO_STANDARD), validate=True)
             except (binascii.Error, ValueError):
-                key = b""
-            if not key:
-                raise ConfigError(f"{KEYS_ENV}: expected id=BASE64KEY items, got {item.strip()!r}")
+                raise ConfigError(
+                    f"{KEYS_ENV}: the key of item {position} ({key_id}) is not valid base64"
+                ) from None
             keys.append((key_id, key))
         return cls(keys)
 

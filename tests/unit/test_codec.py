@@ -97,8 +97,34 @@ class TestKeys:
         assert codec is not None
         assert codec.current_key_id == "k2"
         monkeypatch.setenv("CONVEYOR_PAYLOAD_KEYS", "k1=not-base64!")
-        with pytest.raises(ConfigError, match="id=BASE64KEY"):
+        with pytest.raises(ConfigError, match=r"key of item 1 \(k1\) is not valid base64"):
             AesGcmCodec.from_env()
+
+    def test_a_url_safe_key_is_accepted(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        key = bytes([0xFB]) * 32  # its base64 has '+' and '/', its URL-safe form '-' and '_'
+        monkeypatch.setenv("CONVEYOR_PAYLOAD_KEYS", f"k1={base64.urlsafe_b64encode(key).decode()}")
+        from_url_safe = AesGcmCodec.from_env()
+        assert from_url_safe is not None
+        sealed = AesGcmCodec([("k1", key)]).seal(b"data", field="payload", task_id=TASK)
+        assert from_url_safe.open(sealed, field="payload", task_id=TASK) == b"data"
+
+    @pytest.mark.parametrize(
+        ("template", "message"),
+        [
+            ("k2:{key}", "item 1 is not id=BASE64KEY"),  # a colon for the '='
+            ("k1={key}x", r"key of item 1 \(k1\)"),  # a stray character after the key
+            ("k1={key},k2 {key}", "item 2 is not id=BASE64KEY"),
+        ],
+    )
+    def test_a_malformed_item_is_named_without_its_key(
+        self, monkeypatch: pytest.MonkeyPatch, template: str, message: str
+    ) -> None:
+        key = base64.b64encode(AesGcmCodec.new_key()).decode()
+        monkeypatch.setenv("CONVEYOR_PAYLOAD_KEYS", template.format(key=key))
+        with pytest.raises(ConfigError, match=message) as refused:
+            AesGcmCodec.from_env()
+        # Not the key, nor any long piece of it.
+        assert key[:12] not in str(refused.value)
 
 
 class TestText:
