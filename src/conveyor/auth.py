@@ -183,7 +183,10 @@ class TokenEntry:
             f'sha256 = "{self.sha256}"',
         ]
         if self.expires_at is not None:
-            lines.append(f"expires = {self.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+            # In UTC, whatever offset the file gave: formatting the local time and appending
+            # Z moved an expiry by its offset each time the file was rewritten (a revoke).
+            expires_utc = self.expires_at.astimezone(UTC)
+            lines.append(f"expires = {expires_utc.strftime('%Y-%m-%dT%H:%M:%SZ')}")
         if self.task_types is not None:
             types = ", ".join(f'"{task_type}"' for task_type in sorted(self.task_types))
             lines.append(f"task_types = [{types}]")

@@ -231,6 +231,23 @@ class TestSecurityCommands:
         assert_ok(run("token", "revoke", "--file", str(tokens), producer.split("_")[1]))
         assert "app" not in assert_ok(run("token", "list", "--file", str(tokens)))
 
+    def test_create_appends_to_a_hand_edited_file_and_list_shows_utc(self, tmp_path) -> None:
+        tokens = tmp_path / "tokens.toml"
+        # Edited by hand: a comment, and no newline at the end.
+        tokens.write_text("# conveyor tokens, managed by hand")
+        assert_ok(run("token", "create", "--file", str(tokens), "--name", "ops", "--role", "admin"))
+        with tokens.open("a") as file:
+            file.write(
+                '\n[[token]]\nid = "0a1b2c3d"\nname = "tokyo"\nrole = "viewer"\n'
+                f'sha256 = "{"0" * 64}"\nexpires = 2030-01-31T00:00:00+09:00'
+            )
+        assert_ok(
+            run("token", "create", "--file", str(tokens), "--name", "app", "--role", "producer")
+        )
+        listed = assert_ok(run("token", "list", "--file", str(tokens))).splitlines()
+        assert [line.split()[2] for line in listed] == ["ops", "tokyo", "app"]
+        assert "expires 2030-01-30 15:00 UTC" in listed[1]
+
     def test_worker_token_limited_to_types_and_bad_arguments(self, tmp_path) -> None:
         tokens = tmp_path / "tokens.toml"
         assert_ok(

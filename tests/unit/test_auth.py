@@ -59,6 +59,17 @@ class TestTokens:
         (parsed,) = TokenRegistry.from_toml(entry.as_toml()).entries()
         assert parsed == entry
 
+    @pytest.mark.parametrize("offset", ["+09:00", "-05:30", "Z"])
+    def test_an_expiry_with_an_offset_keeps_its_instant_when_rewritten(self, offset: str) -> None:
+        # `token revoke` rewrites every other entry with as_toml.
+        text = (
+            '[[token]]\nid = "0a1b2c3d"\nname = "ops"\nrole = "admin"\n'
+            f'sha256 = "{"0" * 64}"\nexpires = 2030-01-31T00:00:00{offset}\n'
+        )
+        (read,) = TokenRegistry.from_toml(text).entries()
+        (rewritten,) = TokenRegistry.from_toml(read.as_toml()).entries()
+        assert rewritten.expires_at == read.expires_at
+
     @pytest.mark.parametrize(
         ("text", "message"),
         [

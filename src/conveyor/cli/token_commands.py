@@ -69,7 +69,8 @@ def create(
     task_types: tuple[str, ...],
 ) -> None:
     """Add a token to the tokens file and print it (once: only its digest is kept)."""
-    registry = _read(tokens_file) if tokens_file.exists() else TokenRegistry([])
+    existing = _read_text(tokens_file) if tokens_file.exists() else ""
+    TokenRegistry.from_toml(existing, str(tokens_file))  # a file already unreadable is refused
     expires_at = (
         datetime.now(UTC).replace(microsecond=0) + timedelta(days=expires_in_days)
         if expires_in_days is not None
@@ -78,14 +79,22 @@ def create(
     secret, entry = new_token(
         name, Role(role), expires_at=expires_at, task_types=task_types or None
     )
-    TokenRegistry([*registry.entries(), entry])  # refuses a clashing id before writing
+    # A file the operator edited may end without a newline (after a comment, the new table's
+    # header would be commented out) or with a blank line of its own.
+    separator = "\n" if existing and not existing.endswith("\n") else ""
+    if existing.strip():
+        separator += "\n"
+    # The file as it will read after the append, checked before writing: a clashing id or
+    # anything else that would leave it unreadable (servers keep their old tokens and the
+    # next start fails) is refused with the file untouched.
+    TokenRegistry.from_toml(existing + separator + entry.as_toml(), str(tokens_file))
     # Appending keeps the file's owner and mode, so servers running as another user can
     # still read it. A new file is created private: the digests grant nothing, but the names
     # and roles are nobody's business.
     try:
         descriptor = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(descriptor, "a") as file:
-            file.write(("\n" if registry.entries() else "") + entry.as_toml())
+            file.write(separator + entry.as_toml())
     except OSError as exc:
         raise ConfigError(f"cannot write {tokens_file}: {exc.strerror}") from None
     click.echo(secret)
@@ -102,7 +111,11 @@ def list_tokens(tokens_file: Path) -> None:
     """List the tokens in the file (ids, names, roles, expiry: never secrets)."""
     now = datetime.now(UTC)
     for entry in _read(tokens_file).entries():
-        expiry = "never" if entry.expires_at is None else f"{entry.expires_at:%Y-%m-%d %H:%M}"
+        expiry = (
+            "never"
+            if entry.expires_at is None
+            else f"{entry.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        )
         if entry.expires_at is not None and entry.expires_at <= now:
             expiry += " (expired)"
         types = ",".join(sorted(entry.task_types)) if entry.task_types else "*"
@@ -154,11 +167,14 @@ def _replace(path: Path, text: str) -> None:
         ) from None
 
 
-def _read(path: Path) -> TokenRegistry:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text, so not a tokens file") from None
-    return TokenRegistry.from_toml(text, str(path))
+
+
+def _read(path: Path) -> TokenRegistry:
+    return TokenRegistry.from_toml(_read_text(path), str(path))
