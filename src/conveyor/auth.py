@@ -265,7 +265,8 @@ class TokenRegistry:
             raise Unauthenticated("the token is not valid")
         if entry.expires_at is not None and (now or datetime.now(UTC)) >= entry.expires_at:
             raise Unauthenticated(
-                f"token {entry.token_id} expired at {entry.expires_at:%Y-%m-%d %H:%M} UTC"
+                f"token {entry.token_id} expired at "
+                f"{entry.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
             )
         return entry.principal()
 

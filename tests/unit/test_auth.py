@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import pytest
@@ -58,6 +58,14 @@ class TestTokens:
         )
         (parsed,) = TokenRegistry.from_toml(entry.as_toml()).entries()
         assert parsed == entry
+
+    def test_an_expiry_with_an_offset_is_reported_in_utc(self) -> None:
+        token, entry = new_token(
+            "a", Role.VIEWER, expires_at=datetime(2030, 1, 31, tzinfo=timezone(timedelta(hours=9)))
+        )
+        registry = TokenRegistry([entry])
+        with pytest.raises(Unauthenticated, match="expired at 2030-01-30 15:00 UTC"):
+            registry.authenticate(token, now=datetime(2031, 1, 1, tzinfo=UTC))
 
     @pytest.mark.parametrize("offset", ["+09:00", "-05:30", "Z"])
     def test_an_expiry_with_an_offset_keeps_its_instant_when_rewritten(self, offset: str) -> None:
@@ -237,3 +245,13 @@ class TestClearTextTokens:
         Client("10.0.0.5:50051").close()
         monkeypatch.setenv("CONVEYOR_INSECURE", "1")
         Client("10.0.0.5:50051", token=token).close()
+
+    def test_credentials_never_show_the_secret(self) -> None:
+        from conveyor.client.channel import Credentials  # noqa: PLC0415 - the client side
+
+        token, entry = new_token("app", Role.WORKER)
+        secret = token.rsplit("_", 1)[1]
+        shown = repr(Credentials.resolve(token=token, tls=False))
+        assert secret not in shown
+        assert f"cvy_{entry.token_id}_" in shown  # which token it is, without the secret
+        assert "'...'" in repr(Credentials(token="not-a-conveyor-token"))  # noqa: S106

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal, overload
 import grpc
 import grpc.aio
 
-from conveyor.auth import is_loopback
+from conveyor.auth import TOKEN_PATTERN, is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
@@ -134,6 +134,17 @@ class Credentials:
     # Send the token in clear text to other machines anyway (CONVEYOR_INSECURE=1): a network
     # that is trusted, or encrypted by something else (a service mesh).
     insecure: bool = False
+
+    def __repr__(self) -> str:
+        """The credentials without the token's secret."""
+        # Never the secret: a worker's credentials are public (`worker.credentials`), and a
+        # debug print, a log line or an error reporter capturing locals would leak it. The
+        # token's id (`cvy_<id>_...`) is enough to tell which token it is.
+        match = TOKEN_PATTERN.match(self.token or "")
+        token = (
+            "None" if self.token is None else f"'cvy_{match.group(1)}_...'" if match else "'...'"
+        )
+        return f"Credentials(token={token}, tls={self.tls!r}, insecure={self.insecure})"
 
     @classmethod
     def resolve(cls, token: str | None = None, tls: TlsConfig | bool | None = None) -> Credentials:
