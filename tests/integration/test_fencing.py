@@ -720,7 +720,9 @@ class TestReportResultsBatch:
         calls = {
             sample.labels["method"]: sample.value
             for sample in samples
-            if sample.name == "conveyor_rpc_duration_seconds_count"
+            # Requests, and long polls (LeaseTasks) from the histogram of long calls.
+            if sample.name
+            in ("conveyor_rpc_duration_seconds_count", "conveyor_long_rpc_duration_seconds_count")
             and sample.labels["code"] == "OK"
         }
         batches = {

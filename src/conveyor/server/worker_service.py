@@ -188,7 +188,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             lease_duration=convert.duration(self.config.lease_ttl),
         )
 
-    @rpc_method("LeaseTasks")
+    @rpc_method("LeaseTasks", long_poll=True)
     async def LeaseTasks(  # noqa: N802 - gRPC method name
         self, request: pb.LeaseTasksRequest, context: Any
     ) -> pb.LeaseTasksResponse:
