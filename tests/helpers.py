@@ -33,6 +33,12 @@ REPO_ROOT = TESTS_DIR.parent
 # off) and whose second attempt, after the reaper queued it again, succeeded.
 RERUN_AFTER_LEASE_EXPIRED = ["enqueued", "started", "lease_expired", "started", "succeeded"]
 
+# The environment of a process run under `faketime` (the fixture): only its wall clock is
+# skewed. libfaketime otherwise also shifts CLOCK_MONOTONIC, which for a negative offset
+# yields values unrelated to the real monotonic clock; skew between machines is about wall
+# clocks, and monotonic clocks are never compared across processes.
+FAKETIME_ENV = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
 
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = ""

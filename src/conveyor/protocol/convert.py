@@ -205,6 +205,7 @@ def worker_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
         last_heartbeat_at=timestamp(info.last_heartbeat_at),
         in_flight=info.in_flight,
         loop_lag_ms=info.loop_lag_ms,
+        silent_for=duration(info.silent_for) if info.silent_for is not None else None,
     )
 
 
@@ -222,6 +223,9 @@ def worker_from_pb(info: pb.WorkerInfo) -> WorkerInfo:
         last_heartbeat_at=from_timestamp(info.last_heartbeat_at),
         in_flight=info.in_flight,
         loop_lag_ms=info.loop_lag_ms,
+        silent_for=timedelta(seconds=seconds(info.silent_for))
+        if info.HasField("silent_for")
+        else None,
     )
 
 

@@ -1502,6 +1502,7 @@ class WorkerInfo(_message.Message):
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     LOOP_LAG_MS_FIELD_NUMBER: _builtins.int
+    SILENT_FOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     host: _builtins.str
     pid: _builtins.int
@@ -1517,6 +1518,13 @@ class WorkerInfo(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_heartbeat_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def silent_for(self) -> _duration_pb2.Duration:
+        """How long since its last heartbeat, by the database's clock (which also judges when a
+        worker is lost): an age to show without comparing the reader's clock with
+        last_heartbeat_at. Unset from servers older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -1531,10 +1539,11 @@ class WorkerInfo(_message.Message):
         last_heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
         in_flight: _builtins.int = ...,
         loop_lag_ms: _builtins.int = ...,
+        silent_for: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "silent_for", b"silent_for", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "host", b"host", "id", b"id", "in_flight", b"in_flight", "last_heartbeat_at", b"last_heartbeat_at", "loop_lag_ms", b"loop_lag_ms", "pid", b"pid", "started_at", b"started_at", "state", b"state", "task_types", b"task_types", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "host", b"host", "id", b"id", "in_flight", b"in_flight", "last_heartbeat_at", b"last_heartbeat_at", "loop_lag_ms", b"loop_lag_ms", "pid", b"pid", "silent_for", b"silent_for", "started_at", b"started_at", "state", b"state", "task_types", b"task_types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
