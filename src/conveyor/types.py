@@ -317,6 +317,8 @@ class ClusterStatus:
     retried_last_minute: int
     started_last_minute: int
     paused_types: tuple[PausedType, ...]
+    # What the *_last_minute counts cover: whole buckets of the history, 55 to 60 seconds.
+    last_minute_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

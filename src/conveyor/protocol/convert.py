@@ -313,6 +313,7 @@ def cluster_status_to_pb(status: ClusterStatus) -> pb.GetStatusResponse:
         retried_last_minute=status.retried_last_minute,
         started_last_minute=status.started_last_minute,
         paused_types=[paused_type_to_pb(paused) for paused in status.paused_types],
+        last_minute_seconds=status.last_minute_seconds,
     )
 
 
@@ -341,4 +342,6 @@ def cluster_status_from_pb(message: pb.GetStatusResponse) -> ClusterStatus:
         retried_last_minute=message.retried_last_minute,
         started_last_minute=message.started_last_minute,
         paused_types=tuple(paused_type_from_pb(item) for item in message.paused_types),
+        # 0 from a server older than the field; its counts covered about a minute.
+        last_minute_seconds=message.last_minute_seconds or 60.0,
     )

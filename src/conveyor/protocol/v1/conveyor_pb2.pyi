@@ -1373,6 +1373,7 @@ class GetStatusResponse(_message.Message):
     RETRIED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     STARTED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     PAUSED_TYPES_FIELD_NUMBER: _builtins.int
+    LAST_MINUTE_SECONDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     server_id: _builtins.str
     """The server that answered."""
@@ -1384,6 +1385,11 @@ class GetStatusResponse(_message.Message):
     failed_last_minute: _builtins.int
     retried_last_minute: _builtins.int
     started_last_minute: _builtins.int
+    last_minute_seconds: _builtins.float
+    """The seconds the *_last_minute counts cover: whole 5-second buckets of the history,
+    55 to 60 (/status's window_seconds); rates divide by this. 0 from servers older than
+    this field.
+    """
     @_builtins.property
     def sampled_at(self) -> _timestamp_pb2.Timestamp:
         """When the numbers below were sampled (every server samples on an interval)."""
@@ -1412,10 +1418,11 @@ class GetStatusResponse(_message.Message):
         retried_last_minute: _builtins.int = ...,
         started_last_minute: _builtins.int = ...,
         paused_types: _abc.Iterable[Global___PausedType] | None = ...,
+        last_minute_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
