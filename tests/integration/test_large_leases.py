@@ -87,3 +87,7 @@ def test_a_long_poll_replies_with_what_fits_and_requeues_the_rest(
     # next start is attempt 1 again (checked above).
     assert released, [status.history for status in statuses]
     assert all(event.detail == REPLY_FULL and event.attempt == 1 for event in released)
+    # Counted as what became of those tasks, as a worker's hand-back is (they were not).
+    outcomes = metric_by_label(server.http_url, "conveyor_task_outcomes_total", "outcome")
+    assert outcomes.get("released") == len(released), outcomes
+    assert outcomes.get("succeeded") == TASKS, outcomes

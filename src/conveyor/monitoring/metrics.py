@@ -70,7 +70,8 @@ class ServerMetrics:
             "conveyor_task_outcomes_total",
             "What became of the task after an attempt: succeeded; failed (for good, whatever "
             "ended the attempt); retried (queued again for another attempt); released (queued "
-            "again, the attempt not spent); cancelled.",
+            "again, the attempt not spent, by its worker or by the server for a lease it "
+            "could not deliver); cancelled.",
             ["type", "outcome"],
             registry=self.registry,
         )

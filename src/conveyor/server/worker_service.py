@@ -350,16 +350,23 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         worker_id: str,
         reason: str = "lease not delivered: the worker went away during the claim",
     ) -> None:
-        """Hand back leases that never reached their worker: queued again at once."""
+        """Hand back leases that never reached their worker: queued again at once.
+
+        Each is counted `released`, as a worker's own hand-back is: it is what became of
+        the task (queued again, its attempt not spent), whoever handed it back. None (the
+        lease was never committed, or is no longer current) is not a hand-back.
+        """
         async with self.database.connection() as conn:
             for row in rows:
-                await queries.task_release(
+                released = await queries.task_release(
                     conn,
                     task_id=str(row["id"]),
                     lease_id=str(row["lease_id"]),
                     worker_id=worker_id,
                     reason=reason,
                 )
+                if released is not None:
+                    self.metrics.observe_outcome(released["type"], "released", None)
         if rows:
             self.notifier.wake()
 
