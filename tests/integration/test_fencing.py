@@ -785,7 +785,12 @@ class TestALeaseIdAloneIsNoLease:
                 assert row is None
             else:
                 row = await queries.task_release(
-                    conn, task_id=task_id, lease_id=lease_id, worker_id="w-odd", reason="back"
+                    conn,
+                    task_id=task_id,
+                    lease_id=lease_id,
+                    worker_id="w-odd",
+                    reason="back",
+                    delivered=True,
                 )
                 assert row is None
             state = await conn.fetchval(

@@ -195,7 +195,9 @@ def test_a_lease_its_poll_never_took_goes_back_counted_as_released(quiet_server,
     """An enqueue leases its task to a waiting poll whose call is cancelled while the
     enqueue's statement runs: the desk hands the lease back (POLL_ENDED), and that counts as
     `released` in conveyor_task_outcomes_total, as a worker's own hand-back does. It was not
-    counted: the task went back to the queue with no outcome to show for it."""
+    counted: the task went back to the queue with no outcome to show for it. Its queue wait
+    is observed once, when a lease that reaches a worker starts it, from its enqueue: it
+    was measured from the hand-back."""
     gone = fleet.workers.LeaseTasks.future(
         fleet.register("handoff-gone", "handoff.gone"), timeout=LONG_POLL + 10
     )
@@ -229,3 +231,12 @@ def test_a_lease_its_poll_never_took_goes_back_counted_as_released(quiet_server,
         lambda: outcomes(quiet_server.http_url).get("released") == 1,
         what="the hand-back to be counted as released",
     )
+    # The lease that went back never started; the one that does is the task's one start,
+    # and its wait runs from the enqueue, not from the hand-back.
+    assert fleet.poll("handoff-next", "handoff.gone").result(timeout=10) == [task_id]
+    task = db.task(task_id)
+    wait = "conveyor_task_queue_wait_seconds"
+    assert metric_by_label(quiet_server.http_url, f"{wait}_count", "type") == {"handoff.gone": 1}
+    observed = metric_by_label(quiet_server.http_url, f"{wait}_sum", "type")["handoff.gone"]
+    waited = (task["started_at"] - task["created_at"]).total_seconds()
+    assert observed == pytest.approx(waited, abs=1e-5)

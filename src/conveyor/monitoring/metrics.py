@@ -122,7 +122,8 @@ class ServerMetrics:
         )
         self.queue_wait = Histogram(
             "conveyor_task_queue_wait_seconds",
-            "Time from a task becoming available (enqueue, or end of backoff) to its start.",
+            "Time from a task becoming available (enqueue, end of backoff, a worker's "
+            "release) to its start, a lease sent to a worker; once per start.",
             ["type"],
             buckets=_TASK_BUCKETS,
             registry=self.registry,
