@@ -430,3 +430,16 @@ def server_process(
         ).start()
 
     return start
+
+
+@pytest.fixture
+def faketime() -> str:
+    """The `faketime` command, to run a process with a skewed clock (`FAKETIME_ENV`); the
+    test is skipped when it is not installed.
+
+    .ci/run installs it (Debian package `faketime`); locally: apt-get install -y faketime.
+    """
+    path = shutil.which("faketime")
+    if path is None:
+        pytest.skip("faketime is not installed (apt-get install -y faketime)")
+    return path

@@ -33,6 +33,12 @@ REPO_ROOT = TESTS_DIR.parent
 # off) and whose second attempt, after the reaper queued it again, succeeded.
 RERUN_AFTER_LEASE_EXPIRED = ["enqueued", "started", "lease_expired", "started", "succeeded"]
 
+# The environment of a process run under `faketime` (the fixture): only its wall clock is
+# skewed. libfaketime otherwise also shifts CLOCK_MONOTONIC, which for a negative offset
+# yields values unrelated to the real monotonic clock; skew between machines is about wall
+# clocks, and monotonic clocks are never compared across processes.
+FAKETIME_ENV = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
 
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = ""
@@ -78,8 +84,11 @@ def metric_by_label(http_url: str, sample: str, label: str) -> dict[str, float]:
     }
 
 
-def rpc_count(http_url: str, method: str, code: str) -> float:
-    """How many calls of `method` the server answered with `code` (from its /metrics)."""
+def rpc_count(
+    http_url: str, method: str, code: str, histogram: str = "conveyor_rpc_duration_seconds"
+) -> float:
+    """How many calls of `method` the server answered with `code` (from its /metrics), as
+    counted by `histogram` (conveyor_long_rpc_duration_seconds for streams and long polls)."""
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
     with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
@@ -88,8 +97,7 @@ def rpc_count(http_url: str, method: str, code: str) -> float:
         sample.value
         for family in text_string_to_metric_families(body)
         for sample in family.samples
-        if sample.name == "conveyor_rpc_duration_seconds_count"
-        and sample.labels == {"method": method, "code": code}
+        if sample.name == f"{histogram}_count" and sample.labels == {"method": method, "code": code}
     )
 
 

@@ -40,8 +40,8 @@ class Fleet:
         self.channel.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def poll(self, worker_id: str, task_type: str, max_tasks: int = 4) -> Future[list[str]]:
-        """Register `worker_id` and start one long poll; its future gives the leased ids."""
+    def register(self, worker_id: str, task_type: str, max_tasks: int = 4) -> pb.LeaseTasksRequest:
+        """Register `worker_id`; the long poll it makes (for a call the test may cancel)."""
         self.workers.RegisterWorker(
             pb.RegisterWorkerRequest(
                 worker_id=worker_id,
@@ -53,12 +53,16 @@ class Fleet:
             ),
             timeout=10,
         )
-        request = pb.LeaseTasksRequest(
+        return pb.LeaseTasksRequest(
             worker_id=worker_id,
             task_types=[task_type],
             max_tasks=max_tasks,
             wait=Duration(seconds=LONG_POLL),
         )
+
+    def poll(self, worker_id: str, task_type: str, max_tasks: int = 4) -> Future[list[str]]:
+        """Register `worker_id` and start one long poll; its future gives the leased ids."""
+        request = self.register(worker_id, task_type, max_tasks)
 
         def call() -> list[str]:
             response = self.workers.LeaseTasks(request, timeout=LONG_POLL + 10)

@@ -317,6 +317,8 @@ class ClusterStatus:
     retried_last_minute: int
     started_last_minute: int
     paused_types: tuple[PausedType, ...]
+    # What the *_last_minute counts cover: whole buckets of the history, 55 to 60 seconds.
+    last_minute_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +327,9 @@ class WorkerInfo:
 
     `state` is active, draining (stopping gracefully), lost (missed its heartbeats) or
     stopped. `loop_lag_ms` is the longest its event loop was blocked between its last two
-    heartbeats: a large value means an async handler runs blocking code.
+    heartbeats: a large value means an async handler runs blocking code. `silent_for` is
+    how long ago `last_heartbeat_at` was by the database's clock, when the listing was
+    read (None from a server older than this field): the reader's own clock may be off.
     """
 
     id: str
@@ -339,3 +343,4 @@ class WorkerInfo:
     last_heartbeat_at: datetime
     in_flight: int
     loop_lag_ms: int
+    silent_for: timedelta | None = None

@@ -21,7 +21,6 @@ the moment the affected tasks ran again elsewhere, a new leader led, /readyz ans
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -95,18 +94,6 @@ def cluster(
             f"{len(summary.violations)} invariant violation(s):\n"
             + "\n".join(summary.violations[:40])
         )
-
-
-@pytest.fixture
-def faketime() -> str:
-    """The `faketime` command; the scenario is skipped when it is not installed.
-
-    .ci/run installs it (Debian package `faketime`); locally: apt-get install -y faketime.
-    """
-    path = shutil.which("faketime")
-    if path is None:
-        pytest.skip("faketime is not installed (apt-get install -y faketime)")
-    return path
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:

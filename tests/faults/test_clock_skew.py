@@ -6,12 +6,10 @@ once, with no false lease expiry, even tasks that outlive the 4 s lease many tim
 heartbeats.
 
 Processes run as `faketime -f "+10m" <argv>` (Debian package `faketime`; the scenario is
-skipped when it is missing, and .ci/run installs it). FAKETIME_DONT_FAKE_MONOTONIC=1: only
-the wall clock is skewed. libfaketime otherwise also shifts CLOCK_MONOTONIC, which for a
-negative offset yields values unrelated to the real monotonic clock; what the scenario is
-about is wall-clock skew between machines, and monotonic clocks are never compared across
-processes. `faketime` forks its command and does not forward signals, so these processes
-are signalled through their real PID (`faults.cluster.real_pid`).
+skipped when it is missing, and .ci/run installs it), with only the wall clock skewed
+(`helpers.FAKETIME_ENV` says why). `faketime` forks its command and does not forward
+signals, so these processes are signalled through their real PID
+(`faults.cluster.real_pid`).
 """
 
 from __future__ import annotations
@@ -21,12 +19,11 @@ from datetime import datetime
 
 import pytest
 from faults.cluster import LEASE_TTL
-from helpers import wait_for
+from helpers import FAKETIME_ENV, wait_for
 
 from conveyor import Task
 
 SKEW = 600.0
-FAKETIME_ENV = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def prefix(faketime: str, offset: str) -> list[str]:

@@ -142,11 +142,13 @@ def open_enqueue_streams(http_url: str, token: str | None = None) -> float:
 
 
 def rpc_counts(http_url: str, token: str | None = None) -> dict[tuple[str, str], float]:
-    """`conveyor_rpc_duration_seconds_count` by (method, code)."""
+    """Calls by (method, code): requests from `conveyor_rpc_duration_seconds_count`, streams
+    (EnqueueStream) from `conveyor_long_rpc_duration_seconds_count`."""
     return {
         (s.labels["method"], s.labels["code"]): s.value
         for s in scrape(http_url, token)
-        if s.name == "conveyor_rpc_duration_seconds_count"
+        if s.name
+        in ("conveyor_rpc_duration_seconds_count", "conveyor_long_rpc_duration_seconds_count")
     }
 
 

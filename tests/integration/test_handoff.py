@@ -4,7 +4,8 @@ Real server, real PostgreSQL, raw gRPC long polls (as test_wake_rounds.py). The 
 poll is set to a minute, so a poll's lease comes from the enqueue or a wake-up, never from
 a poll that happened to run. What must hold: the task is leased by the enqueue's own
 statement (no claim, `started_at` = `created_at`, a `started` event), and only when that
-keeps FIFO order and pauses; a task the handoff cannot take is queued as before.
+keeps FIFO order and pauses; a task the handoff cannot take is queued as before; a lease
+whose poll went away meanwhile goes back to the queue, counted as released.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from datetime import timedelta
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import wait_for
-from long_polls import Fleet, claims
+from helpers import metric_by_label, rpc_count, wait_for, writes_blocked
+from long_polls import LONG_POLL, Fleet, claims
 
 from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server.handoff import POLL_ENDED
+
+LONG_CALLS = "conveyor_long_rpc_duration_seconds"
 
 
 @pytest.fixture
@@ -39,6 +43,11 @@ def waiting(server, polls: int) -> None:
         lambda: claims(server.http_url).get("empty", 0) >= polls,
         what=f"{polls} long polls to be waiting",
     )
+
+
+def outcomes(http_url: str) -> dict[str, float]:
+    """conveyor_task_outcomes_total by outcome (one type per test)."""
+    return metric_by_label(http_url, "conveyor_task_outcomes_total", "outcome")
 
 
 def enqueue_many(fleet: Fleet, task_type: str, count: int) -> list[str]:
@@ -180,3 +189,54 @@ def test_without_handoff_the_poll_claims(start_server, db) -> None:
         assert task["started_at"] > task["created_at"]
     finally:
         fleet.close()
+
+
+def test_a_lease_its_poll_never_took_goes_back_counted_as_released(quiet_server, fleet, db) -> None:
+    """An enqueue leases its task to a waiting poll whose call is cancelled while the
+    enqueue's statement runs: the desk hands the lease back (POLL_ENDED), and that counts as
+    `released` in conveyor_task_outcomes_total, as a worker's own hand-back does. It was not
+    counted: the task went back to the queue with no outcome to show for it. Its queue wait
+    is observed once, when a lease that reaches a worker starts it, from its enqueue: it
+    was measured from the hand-back."""
+    gone = fleet.workers.LeaseTasks.future(
+        fleet.register("handoff-gone", "handoff.gone"), timeout=LONG_POLL + 10
+    )
+    waiting(quiet_server, 1)
+    with writes_blocked(db.url):
+        enqueued = fleet.pool.submit(fleet.enqueue, "handoff.gone")
+        wait_for(
+            lambda: (
+                db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                >= 1
+            ),
+            what="the enqueue's statement, the poll's offer reserved, to wait on the lock",
+        )
+        gone.cancel()
+        wait_for(
+            lambda: rpc_count(quiet_server.http_url, "LeaseTasks", "CANCELLED", LONG_CALLS) == 1,
+            what="the server to see the poll's call end",
+        )
+    task_id = enqueued.result(timeout=10)
+    wait_for(lambda: db.task(task_id)["state"] == "queued", what="the lease to be handed back")
+    events = [(e["event"], e["worker_id"], e["detail"]) for e in db.events(task_id)]
+    assert events == [
+        ("enqueued", None, None),
+        ("started", "handoff-gone", None),
+        ("released", "handoff-gone", POLL_ENDED),
+    ]
+    wait_for(
+        lambda: outcomes(quiet_server.http_url).get("released") == 1,
+        what="the hand-back to be counted as released",
+    )
+    # The lease that went back never started; the one that does is the task's one start,
+    # and its wait runs from the enqueue, not from the hand-back.
+    assert fleet.poll("handoff-next", "handoff.gone").result(timeout=10) == [task_id]
+    task = db.task(task_id)
+    wait = "conveyor_task_queue_wait_seconds"
+    assert metric_by_label(quiet_server.http_url, f"{wait}_count", "type") == {"handoff.gone": 1}
+    observed = metric_by_label(quiet_server.http_url, f"{wait}_sum", "type")["handoff.gone"]
+    waited = (task["started_at"] - task["created_at"]).total_seconds()
+    assert observed == pytest.approx(waited, abs=1e-5)

@@ -11,12 +11,23 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
-from helpers import AppRole, claimed_by_a_worker_that_vanishes, running, wait_final, wait_for
+from google.protobuf.duration_pb2 import Duration
+from helpers import (
+    AppRole,
+    claimed_by_a_worker_that_vanishes,
+    rpc_count,
+    running,
+    wait_final,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Client, Task, TaskState, Worker, __version__
 from conveyor.errors import PermanentFailure, SchemaMismatch
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
 from conveyor.storage import migrate
@@ -211,6 +222,62 @@ class TestMetrics:
         )
         assert count == 1
         assert sample(body, "conveyor_tasks_enqueued_total", type="metrics.t") == 3
+
+    def test_streams_and_long_polls_are_timed_apart_from_request_latency(self, server) -> None:
+        """A Work stream lasts as long as its worker stays, an enqueue stream as long as its
+        producer enqueues, a LeaseTasks long poll as long as it waits for a task: seconds to
+        days, not request latency. They are counted, by code, in
+        conveyor_long_rpc_duration_seconds, whose buckets reach a day, and not in
+        conveyor_rpc_duration_seconds, whose buckets stop at 5 s: there they all landed in
+        +Inf, and its quantiles were theirs. An enqueue stream's requests still count there,
+        as EnqueueTasks calls."""
+        long_calls = "conveyor_long_rpc_duration_seconds"
+        with Client(server.address) as client:  # enqueues on an enqueue stream
+            task_id = client.enqueue_task(Task(type="metrics.long"))
+            worker = Worker(server.address, concurrency=1)  # leases on a Work stream
+            worker.register_handler("metrics.long", lambda _ctx, _p: b"")
+            with running(worker):
+                wait_final(client, task_id)
+        channel = grpc.insecure_channel(server.address)
+        try:
+            workers = pb_grpc.WorkerServiceStub(channel)
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id="w-long-poll", host="h", pid=1, task_types=["idle"], concurrency=1
+                ),
+                timeout=10,
+            )
+            polled = workers.LeaseTasks(
+                pb.LeaseTasksRequest(
+                    worker_id="w-long-poll",
+                    task_types=["idle"],
+                    max_tasks=1,
+                    wait=Duration(nanos=200_000_000),
+                ),
+                timeout=10,
+            )
+            assert not polled.leases
+        finally:
+            channel.close()
+        for method in ("Work", "EnqueueStream", "LeaseTasks"):
+            wait_for(
+                lambda method=method: rpc_count(server.http_url, method, "OK", long_calls) >= 1,
+                what=f"the {method} call to be counted in {long_calls}",
+            )
+        _, _, body = http_get(f"{server.http_url}/metrics")
+        families = {family.name: family for family in text_string_to_metric_families(body)}
+        latency = {s.labels["method"] for s in families["conveyor_rpc_duration_seconds"].samples}
+        assert latency.isdisjoint({"Work", "EnqueueStream", "LeaseTasks"}), latency
+        assert (
+            sample(body, "conveyor_rpc_duration_seconds_count", method="EnqueueTasks", code="OK")
+            == 1
+        )
+        buckets = [
+            float(s.labels["le"])
+            for s in families[long_calls].samples
+            if s.name == f"{long_calls}_bucket" and s.labels["le"] != "+Inf"
+        ]
+        assert max(buckets) >= 24 * 3600, buckets
 
     def test_idempotent_repeat_is_not_counted(self, server, client: Client) -> None:
         """Enqueueing an existing id again does not raise conveyor_tasks_enqueued_total."""

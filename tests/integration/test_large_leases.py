@@ -6,12 +6,14 @@ server may send in one message. Before the fix the write failed and the same cla
 for ever, with no handler run; on LeaseTasks the leases expired and each cycle spent an
 attempt. What must hold: every task runs once and succeeds on its first attempt, on the
 Work stream (the claim goes out in several messages) and on long polls (the reply carries
-what fits, the rest goes straight back to the queue with its attempt).
+what fits, the rest goes straight back to the queue with its attempt, counted as released);
+either way each task's queue wait is observed once, from its enqueue to the start that ran
+it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from helpers import metric_by_label, wait_final
@@ -32,7 +34,16 @@ TASKS = 8
 CONCURRENCY = 10  # room for every task: one claim takes them all
 
 
-def run_large_tasks(server: ServerThread) -> list[object]:
+def assert_each_wait_observed_once(server: ServerThread, statuses: list[Any]) -> None:
+    """One queue-wait observation per task, from its enqueue to the start that ran it."""
+    counts = metric_by_label(server.http_url, "conveyor_task_queue_wait_seconds_count", "type")
+    sums = metric_by_label(server.http_url, "conveyor_task_queue_wait_seconds_sum", "type")
+    assert counts["large"] == TASKS, counts
+    waited = sum((s.started_at - s.created_at).total_seconds() for s in statuses)
+    assert sums["large"] == pytest.approx(waited, abs=1e-4), (sums, waited)
+
+
+def run_large_tasks(server: ServerThread) -> list[Any]:
     """Enqueue the tasks, then start a worker (so one claim takes all); their final states."""
     with Client(server.address) as client:
         ids = client.enqueue_tasks(
@@ -73,6 +84,7 @@ def test_the_work_stream_sends_a_large_claim_in_several_messages(
         assert [event.event for event in status.history] == ["enqueued", "started", "succeeded"]
     messages = metric_by_label(server.http_url, "conveyor_work_stream_messages_total", "kind")
     assert messages["leases"] >= 2, messages
+    assert_each_wait_observed_once(server, statuses)
 
 
 def test_a_long_poll_replies_with_what_fits_and_requeues_the_rest(
@@ -87,3 +99,11 @@ def test_a_long_poll_replies_with_what_fits_and_requeues_the_rest(
     # next start is attempt 1 again (checked above).
     assert released, [status.history for status in statuses]
     assert all(event.detail == REPLY_FULL and event.attempt == 1 for event in released)
+    # Counted as what became of those tasks, as a worker's hand-back is (they were not).
+    outcomes = metric_by_label(server.http_url, "conveyor_task_outcomes_total", "outcome")
+    assert outcomes.get("released") == len(released), outcomes
+    assert outcomes.get("succeeded") == TASKS, outcomes
+    # A lease handed back never started: the task's wait is observed once, when it does,
+    # and runs from its enqueue (it was observed for both leases, the second from the
+    # hand-back).
+    assert_each_wait_observed_once(server, statuses)

@@ -308,9 +308,9 @@ class TestServersWithoutTheStream:
             # Counted under its own code, not as a stream that served and ended OK (after
             # the status has gone out: wait for it).
             assert server.server is not None
-            refused = server.server.metrics.rpc_duration.labels("Work", "UNIMPLEMENTED")
+            refused = server.server.metrics.long_rpc_duration.labels("Work", "UNIMPLEMENTED")
             wait_for(lambda: refused._sum.get() > 0, what="the refusal to be counted")
-            served = server.server.metrics.rpc_duration.labels("Work", "OK")
+            served = server.server.metrics.long_rpc_duration.labels("Work", "OK")
             assert served._sum.get() == 0
         finally:
             channel.close()

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,7 +23,14 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import enqueue_and_claim, process_env, running, wait_final, wait_for
+from helpers import (
+    FAKETIME_ENV,
+    enqueue_and_claim,
+    process_env,
+    running,
+    wait_final,
+    wait_for,
+)
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -416,6 +424,39 @@ class TestWorkersCommand:
 
         assert as_table.returncode == 0, as_table.stderr
         assert worker.worker_id in as_table.stdout, as_table.stdout
+
+    def test_heartbeat_ages_do_not_depend_on_the_operators_clock(self, server, faketime) -> None:
+        """Run on a machine whose clock is 10 minutes ahead, `conveyor workers` shows a live
+        worker's last heartbeat seconds ago, not 10 minutes: the age is the server's
+        (`silent_for`, by the database's clock, which also judges when a worker is lost).
+        It was the operator's clock minus the server's timestamp."""
+        worker = Worker(server.address, concurrency=1, worker_id=f"cli-{uuid.uuid4().hex[:8]}")
+        worker.register_handler(TYPE, lambda _ctx, payload: payload)
+        env = process_env(COLUMNS="250", **FAKETIME_ENV)
+        skewed = [faketime, "-f", "+10m", sys.executable, "-m", "conveyor", "workers"]
+        skewed += ["--server", server.address]
+        with running(worker):
+            as_table = subprocess.run(
+                skewed, capture_output=True, text=True, timeout=60, env=env, check=False
+            )
+            as_json = subprocess.run(
+                [*skewed, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                check=False,
+            )
+
+        # Well under the 600 s of skew; a live worker heartbeats every few seconds.
+        assert as_table.returncode == 0, as_table.stderr
+        (row,) = [line for line in as_table.stdout.splitlines() if worker.worker_id in line]
+        ago = re.search(r"(\d+\.\d)s ago", row)
+        assert ago is not None, row
+        assert float(ago[1]) < 60, row
+        assert as_json.returncode == 0, as_json.stderr
+        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)}
+        assert 0 <= listed[worker.worker_id]["silent_for_seconds"] < 60, listed
 
 
 class TestAGoodbyeIsFinal:

@@ -23,7 +23,7 @@ from conveyor.cli.params import BoundedFloat
 from conveyor.cli.task_commands import open_client, server_option
 
 if TYPE_CHECKING:
-    from conveyor.types import ClusterStatus
+    from conveyor.types import ClusterStatus, WorkerInfo
 
 # An event loop blocked this long between two heartbeats is flagged in the listing.
 BLOCKED_LOOP_MS = 1000
@@ -38,6 +38,13 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
     with open_client(server) as client:
         found = client.list_workers(include_stopped=include_stopped)
     now = datetime.now(UTC)
+
+    def silent_for(w: WorkerInfo) -> float:
+        # The server's age, by the database's clock: this machine's clock may be off.
+        # A server older than `silent_for` leaves only the timestamp to compare with it.
+        silent = w.silent_for if w.silent_for is not None else now - w.last_heartbeat_at
+        return max(silent.total_seconds(), 0.0)
+
     if as_json:
         click.echo(
             json.dumps(
@@ -53,6 +60,7 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
                         "version": w.version,
                         "started_at": w.started_at.isoformat(),
                         "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
+                        "silent_for_seconds": round(silent_for(w), 3),
                         "loop_lag_ms": w.loop_lag_ms,
                     }
                     for w in found
@@ -65,7 +73,6 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
     for column in ("id", "state", "host:pid", "types", "in flight", "last heartbeat", "loop"):
         table.add_column(column)
     for w in found:
-        silent = (now - w.last_heartbeat_at).total_seconds()
         loop = f"[red]blocked {w.loop_lag_ms} ms[/]" if w.loop_lag_ms >= BLOCKED_LOOP_MS else "ok"
         table.add_row(
             w.id,
@@ -73,7 +80,7 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
             f"{w.host}:{w.pid}",
             ", ".join(w.task_types),
             f"{w.in_flight}/{w.concurrency}",
-            f"{silent:.1f}s ago",
+            f"{silent_for(w):.1f}s ago",
             loop,
         )
     output.console().print(table)
@@ -101,8 +108,10 @@ def resume(task_type: str, server: str | None) -> None:
 
 
 def _throughput(status: ClusterStatus) -> float:
-    # The same definition as /status: tasks finished per second over the last minute.
-    return round((status.succeeded_last_minute + status.failed_last_minute) / 60, 3)
+    # The same definition as /status: tasks finished per second over the last minute, as
+    # long as the server's sample of it was (55 to 60 s), so both show the same number.
+    finished = status.succeeded_last_minute + status.failed_last_minute
+    return round(finished / status.last_minute_seconds, 3)
 
 
 def stats_document(status: ClusterStatus) -> dict[str, Any]:
@@ -141,6 +150,7 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
             "failed": status.failed_last_minute,
             "retried": status.retried_last_minute,
             "started": status.started_last_minute,
+            "window_seconds": round(status.last_minute_seconds, 3),
             "throughput_per_second": _throughput(status),
         },
     }

@@ -21,6 +21,9 @@ MAX_TYPE_LABELS: Final = 1000
 OTHER_TYPES: Final = "(other)"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Long polls wait up to max_lease_wait (30 s), enqueue streams stay while their producer
+# enqueues, Work streams for a worker's whole stay: seconds to days.
+_LONG_CALL_BUCKETS = (0.1, 1, 5, 15, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 # Tasks run from milliseconds to hours.
 _TASK_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 
@@ -32,11 +35,25 @@ class ServerMetrics:
         """Create the metrics in a private registry."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._type_labels: set[str] = set()
+        # Request latency only. Streams and long polls last as long as there is nothing to
+        # do, not as long as the server takes: here (as they once were) they all landed in
+        # +Inf, and the quantiles of each method and of all of them together were theirs.
         self.rpc_duration = Histogram(
             "conveyor_rpc_duration_seconds",
-            "Server-side duration of gRPC calls, by method and status code.",
+            "Server-side latency of gRPC requests, by method and status code: unary calls "
+            "and each request on an enqueue stream (as EnqueueTasks). Streams and long polls "
+            "are in conveyor_long_rpc_duration_seconds.",
             ["method", "code"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.long_rpc_duration = Histogram(
+            "conveyor_long_rpc_duration_seconds",
+            "Server-side duration of the calls that stay open while there is nothing to do, "
+            "by method and status code: Work and EnqueueStream streams (a worker's or a "
+            "producer's stay) and LeaseTasks long polls (their wait).",
+            ["method", "code"],
+            buckets=_LONG_CALL_BUCKETS,
             registry=self.registry,
         )
         self.tasks_enqueued = Counter(
@@ -53,7 +70,8 @@ class ServerMetrics:
             "conveyor_task_outcomes_total",
             "What became of the task after an attempt: succeeded; failed (for good, whatever "
             "ended the attempt); retried (queued again for another attempt); released (queued "
-            "again, the attempt not spent); cancelled.",
+            "again, the attempt not spent, by its worker or by the server for a lease it "
+            "could not deliver); cancelled.",
             ["type", "outcome"],
             registry=self.registry,
         )
@@ -104,7 +122,8 @@ class ServerMetrics:
         )
         self.queue_wait = Histogram(
             "conveyor_task_queue_wait_seconds",
-            "Time from a task becoming available (enqueue, or end of backoff) to its start.",
+            "Time from a task becoming available (enqueue, end of backoff, a worker's "
+            "release) to its start, a lease sent to a worker; once per start.",
             ["type"],
             buckets=_TASK_BUCKETS,
             registry=self.registry,
@@ -208,6 +227,7 @@ class ServerMetrics:
         )
         # The per-task and per-call series, through their children (LabelledChildren).
         self._rpc_duration = LabelledChildren(self.rpc_duration)
+        self._long_rpc_duration = LabelledChildren(self.long_rpc_duration)
         self._queue_wait = LabelledChildren(self.queue_wait)
         self._task_outcomes = LabelledChildren(self.task_outcomes)
         self._task_duration = LabelledChildren(self.task_duration)
@@ -246,9 +266,10 @@ class ServerMetrics:
         """Count an attempt that ended without its handler's outcome (`reason`)."""
         self.attempts_cut_short.labels(self.type_label(task_type), reason).inc()
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """Record one finished RPC."""
-        self._rpc_duration(method, code).observe(seconds)
+    def observe_rpc(self, method: str, code: str, seconds: float, *, long_lived: bool) -> None:
+        """Record one finished RPC: a request, or (`long_lived`) a stream or a long poll."""
+        children = self._long_rpc_duration if long_lived else self._rpc_duration
+        children(method, code).observe(seconds)
 
     def set_leadership(self, proof: object | None) -> None:
         """Track leadership changes (`proof` has a `term` while leading, None otherwise)."""

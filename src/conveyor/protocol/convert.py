@@ -205,6 +205,7 @@ def worker_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
         last_heartbeat_at=timestamp(info.last_heartbeat_at),
         in_flight=info.in_flight,
         loop_lag_ms=info.loop_lag_ms,
+        silent_for=duration(info.silent_for) if info.silent_for is not None else None,
     )
 
 
@@ -222,6 +223,9 @@ def worker_from_pb(info: pb.WorkerInfo) -> WorkerInfo:
         last_heartbeat_at=from_timestamp(info.last_heartbeat_at),
         in_flight=info.in_flight,
         loop_lag_ms=info.loop_lag_ms,
+        silent_for=timedelta(seconds=seconds(info.silent_for))
+        if info.HasField("silent_for")
+        else None,
     )
 
 
@@ -309,6 +313,7 @@ def cluster_status_to_pb(status: ClusterStatus) -> pb.GetStatusResponse:
         retried_last_minute=status.retried_last_minute,
         started_last_minute=status.started_last_minute,
         paused_types=[paused_type_to_pb(paused) for paused in status.paused_types],
+        last_minute_seconds=status.last_minute_seconds,
     )
 
 
@@ -337,4 +342,6 @@ def cluster_status_from_pb(message: pb.GetStatusResponse) -> ClusterStatus:
         retried_last_minute=message.retried_last_minute,
         started_last_minute=message.started_last_minute,
         paused_types=tuple(paused_type_from_pb(item) for item in message.paused_types),
+        # 0 from a server older than the field; its counts covered about a minute.
+        last_minute_seconds=message.last_minute_seconds or 60.0,
     )

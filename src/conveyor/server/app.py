@@ -354,6 +354,7 @@ class ConveyorServer:
             retried_last_minute=last_minute.get("retried", 0),
             started_last_minute=last_minute.get("started", 0),
             paused_types=tuple(paused),
+            last_minute_seconds=snapshot.last_minute_seconds,
         )
 
     def metrics_text(self) -> bytes:

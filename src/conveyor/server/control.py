@@ -260,6 +260,7 @@ class TaskControl:
                 last_heartbeat_at=row["last_heartbeat_at"],
                 in_flight=row["in_flight"],
                 loop_lag_ms=row["loop_lag_ms"],
+                silent_for=row["silent_for"],
             )
             for row in rows
         ]

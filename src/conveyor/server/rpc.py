@@ -1,8 +1,10 @@
 """The RPC boundary, where errors become gRPC statuses.
 
-Every servicer method runs inside `rpc_method`, which admits the caller through the
-servicer's gate (authentication and role, see `security.Gate`), times the call, and turns
-typed errors and driver failures into gRPC statuses with a one-line message.
+Every servicer method runs inside `rpc_method` (`stream_method` for streams), which admits
+the caller through the servicer's gate (authentication and role, see `security.Gate`),
+times the call, and turns typed errors and driver failures into gRPC statuses with a
+one-line message. Streams and long polls are timed in a histogram of their own: they last
+as long as there is nothing to do, and would swamp the latency of the requests.
 
 A client therefore never sees a stack trace: INVALID_ARGUMENT, NOT_FOUND,
 FAILED_PRECONDITION and UNAVAILABLE carry Conveyor's own messages, and anything unforeseen
@@ -121,23 +123,36 @@ def _admit(gate: Gate, name: str, request: object, context: Any) -> object | Non
 
 
 async def _answer(
-    service: Any, name: str, request: object, context: Any, body: Callable[[], Awaitable[Response]]
+    service: Any,
+    name: str,
+    request: object,
+    context: Any,
+    body: Callable[[], Awaitable[Response]],
+    *,
+    long_lived: bool,
 ) -> Response:
     """Run `body()`, one call's work, behind the gate; its errors become statuses."""
-    outcome = await attempt(service, name, request, context, body)
+    outcome = await attempt(service, name, request, context, body, long_lived=long_lived)
     if isinstance(outcome, Refusal):
         await context.abort(outcome.code, outcome.message)
     return outcome  # type: ignore[return-value]  # abort raised for a Refusal
 
 
 async def attempt(
-    service: Any, name: str, request: object, context: Any, body: Callable[[], Awaitable[Response]]
+    service: Any,
+    name: str,
+    request: object,
+    context: Any,
+    body: Callable[[], Awaitable[Response]],
+    *,
+    long_lived: bool = False,
 ) -> Response | Refusal:
     """Run `body()` as RPC `name` would be: its response, or the status it ends with.
 
     The gate, the metrics and the error translation of a call, for a unary method and for
     each request on a stream (`enqueue_stream.py`), which answers a refusal with a message
-    instead of ending the call.
+    instead of ending the call. `long_lived`: a stream or a long poll, timed apart from
+    the requests.
     """
     metrics: ServerMetrics = service.metrics
     gate: Gate = service.gate
@@ -170,16 +185,20 @@ async def attempt(
     finally:
         if caller is not None:
             leave_call(caller)
-        metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+        metrics.observe_rpc(name, code.name, time.perf_counter() - started, long_lived=long_lived)
 
 
 def rpc_method(
-    name: str,
+    name: str, *, long_poll: bool = False
 ) -> Callable[
     [Callable[[Any, Request, Any], Awaitable[Response]]],
     Callable[[Any, Request, Any], Awaitable[Response]],
 ]:
-    """Decorate a servicer method: metrics, error translation, no tracebacks on the wire."""
+    """Decorate a servicer method: metrics, error translation, no tracebacks on the wire.
+
+    `long_poll`: the method waits for something to happen (LeaseTasks), so its duration is
+    not latency and is timed with the streams.
+    """
 
     def decorate(
         method: Callable[[Any, Request, Any], Awaitable[Response]],
@@ -187,7 +206,12 @@ def rpc_method(
         @functools.wraps(method)
         async def wrapper(self: Any, request: Request, context: Any) -> Response:
             return await _answer(
-                self, name, request, context, lambda: method(self, request, context)
+                self,
+                name,
+                request,
+                context,
+                lambda: method(self, request, context),
+                long_lived=long_poll,
             )
 
         return wrapper
@@ -209,7 +233,7 @@ def stream_method(
     ) -> Callable[[Any, Any, Any], Awaitable[None]]:
         @functools.wraps(method)
         async def wrapper(self: Any, _requests: object, context: Any) -> None:
-            await _answer(self, name, None, context, lambda: method(self, context))
+            await _answer(self, name, None, context, lambda: method(self, context), long_lived=True)
 
         return wrapper
 

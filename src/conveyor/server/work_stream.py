@@ -213,6 +213,7 @@ class WorkStream:
             self._hand_back(rows)
         else:
             self._counted["leases"].inc()
+            self._service.observe_starts(rows)
 
     def _hand_back(self, rows: list[Any]) -> None:
         # Through the desk: in the background, so no cancellation interrupts it halfway,

@@ -188,7 +188,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             lease_duration=convert.duration(self.config.lease_ttl),
         )
 
-    @rpc_method("LeaseTasks")
+    @rpc_method("LeaseTasks", long_poll=True)
     async def LeaseTasks(  # noqa: N802 - gRPC method name
         self, request: pb.LeaseTasksRequest, context: Any
     ) -> pb.LeaseTasksResponse:
@@ -215,7 +215,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             # once, with their attempt, and the worker's next poll claims them.
             unsent = [row for batch_rows, _ in batches[1:] for row in batch_rows]
             self.handoff.hand_back(unsent, worker_id, REPLY_FULL)
-        return pb.LeaseTasksResponse(leases=batches[0][1] if batches else [])
+        if not batches:
+            return pb.LeaseTasksResponse()
+        sent_rows, leases = batches[0]
+        self.observe_starts(sent_rows)
+        return pb.LeaseTasksResponse(leases=leases)
 
     async def lease(
         self, worker_id: str, task_types: list[str], limit: int, *, give_up_at: float | None
@@ -244,8 +248,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     self.metrics.count_claim("handed_over")
             if rows:
                 failpoints.trigger(self.config.failpoints, "lease.after_claim")
-                for row in rows:
-                    self.metrics.observe_queue_wait(row["type"], row["waited"])
                 return rows
             woken = self.notifier.generation != generation
         return []
@@ -350,18 +352,39 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         worker_id: str,
         reason: str = "lease not delivered: the worker went away during the claim",
     ) -> None:
-        """Hand back leases that never reached their worker: queued again at once."""
+        """Hand back leases that never reached their worker: queued again at once.
+
+        Each is counted `released`, as a worker's own hand-back is: it is what became of
+        the task (queued again, its attempt not spent), whoever handed it back. None (the
+        lease was never committed, or is no longer current) is not a hand-back.
+        """
         async with self.database.connection() as conn:
             for row in rows:
-                await queries.task_release(
+                released = await queries.task_release(
                     conn,
                     task_id=str(row["id"]),
                     lease_id=str(row["lease_id"]),
                     worker_id=worker_id,
                     reason=reason,
+                    delivered=False,
                 )
+                if released is not None:
+                    self.metrics.observe_outcome(released["type"], "released", None)
         if rows:
             self.notifier.wake()
+
+    def observe_starts(self, rows: list[Any]) -> None:
+        """Observe the queue wait of leased rows sent to their worker: each starts its task.
+
+        Not at the claim: a lease the server cannot deliver is handed back
+        (`release_undelivered`) and its task claimed again, and observing both leases
+        counted one wait twice, the second from the hand-back. The lease that goes out is
+        the start; the hand-back keeps the task's available_at, so its one observation is
+        the whole wait. (A reply lost on the way cannot be told from one delivered: that
+        lease expires, and the retry is a start of its own.)
+        """
+        for row in rows:
+            self.metrics.observe_queue_wait(row["type"], row["waited"])
 
     def lease_batches(self, rows: list[Any]) -> list[tuple[list[Any], list[pb.Lease]]]:
         """Leased rows as the worker receives them, in order, grouped to fit one message each.
@@ -675,6 +698,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 lease_id=lease_id,
                 worker_id=request.worker_id,
                 reason=_clean_error(request.error or "handed back by the worker"),
+                delivered=True,
             )
             label = "released"
             if row is not None:

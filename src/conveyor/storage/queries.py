@@ -318,11 +318,15 @@ async def task_fail(
 
 
 async def task_release(
-    conn: Any, *, task_id: str, lease_id: str, worker_id: str, reason: str
+    conn: Any, *, task_id: str, lease_id: str, worker_id: str, reason: str, delivered: bool
 ) -> asyncpg.Record | None:
-    """Hand a lease back without spending its attempt. None: the lease is not current."""
+    """Hand a lease back without spending its attempt. None: the lease is not current.
+
+    `delivered`: the lease reached its worker (false: the server hands back a lease it
+    could not deliver, and the task keeps its place in time; see the SQL).
+    """
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason, worker_id
+        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason, worker_id, delivered
     )
     return row
 

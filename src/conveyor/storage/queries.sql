@@ -320,11 +320,15 @@ SELECT type, state, available_at, ran_for,
 FROM done;
 
 -- name: task_release
--- $1 task id, $2 lease id, $3 reason, $4 the holding worker's id. Hands a lease back without
--- spending the attempt.
+-- $1 task id, $2 lease id, $3 reason, $4 the holding worker's id, $5 whether the lease
+-- reached its worker. Hands a lease back without spending the attempt. A delivered lease
+-- started the task, which is available again from now. An undelivered one (the server hands
+-- it back) started nothing: the task keeps its available_at, so the wait of the start that
+-- does come (task_claim's `waited`) runs from when it first became available.
 WITH done AS (
     UPDATE conveyor_tasks
-    SET state = 'queued', attempt = attempt - 1, available_at = now(),
+    SET state = 'queued', attempt = attempt - 1,
+        available_at = CASE WHEN $5::boolean THEN now() ELSE available_at END,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     -- The lease and its expiry: the task is running (see task_succeed).
     WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4

@@ -1373,6 +1373,7 @@ class GetStatusResponse(_message.Message):
     RETRIED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     STARTED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     PAUSED_TYPES_FIELD_NUMBER: _builtins.int
+    LAST_MINUTE_SECONDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     server_id: _builtins.str
     """The server that answered."""
@@ -1384,6 +1385,11 @@ class GetStatusResponse(_message.Message):
     failed_last_minute: _builtins.int
     retried_last_minute: _builtins.int
     started_last_minute: _builtins.int
+    last_minute_seconds: _builtins.float
+    """The seconds the *_last_minute counts cover: whole 5-second buckets of the history,
+    55 to 60 (/status's window_seconds); rates divide by this. 0 from servers older than
+    this field.
+    """
     @_builtins.property
     def sampled_at(self) -> _timestamp_pb2.Timestamp:
         """When the numbers below were sampled (every server samples on an interval)."""
@@ -1412,10 +1418,11 @@ class GetStatusResponse(_message.Message):
         retried_last_minute: _builtins.int = ...,
         started_last_minute: _builtins.int = ...,
         paused_types: _abc.Iterable[Global___PausedType] | None = ...,
+        last_minute_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1502,6 +1509,7 @@ class WorkerInfo(_message.Message):
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     LOOP_LAG_MS_FIELD_NUMBER: _builtins.int
+    SILENT_FOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     host: _builtins.str
     pid: _builtins.int
@@ -1517,6 +1525,13 @@ class WorkerInfo(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_heartbeat_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def silent_for(self) -> _duration_pb2.Duration:
+        """How long since its last heartbeat, by the database's clock (which also judges when a
+        worker is lost): an age to show without comparing the reader's clock with
+        last_heartbeat_at. Unset from servers older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -1531,10 +1546,11 @@ class WorkerInfo(_message.Message):
         last_heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
         in_flight: _builtins.int = ...,
         loop_lag_ms: _builtins.int = ...,
+        silent_for: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "silent_for", b"silent_for", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "host", b"host", "id", b"id", "in_flight", b"in_flight", "last_heartbeat_at", b"last_heartbeat_at", "loop_lag_ms", b"loop_lag_ms", "pid", b"pid", "started_at", b"started_at", "state", b"state", "task_types", b"task_types", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "host", b"host", "id", b"id", "in_flight", b"in_flight", "last_heartbeat_at", b"last_heartbeat_at", "loop_lag_ms", b"loop_lag_ms", "pid", b"pid", "silent_for", b"silent_for", "started_at", b"started_at", "state", b"state", "task_types", b"task_types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
