@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from conveyor.breaker import BreakerPolicy, CircuitBreaker
+from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import ServerUnavailable
 from conveyor.storage import migrate
 
@@ -212,16 +212,17 @@ class Database:
     async def _acquire(self, pool: asyncpg.Pool[asyncpg.Record] | None) -> AsyncIterator[Any]:
         if pool is None:
             raise ServerUnavailable("the server is not connected to PostgreSQL")
-        if not self.breaker.allow():
+        permit = self.breaker.allow()
+        if permit is None:
             raise ServerUnavailable(
                 "database unavailable (circuit open after repeated failures; next probe in "
                 f"{self.breaker.retry_in():.1f}s)"
             )
-        conn = await self._checkout(pool)
+        conn = await self._checkout(pool, permit)
         try:
             yield conn
         except BaseException as exc:
-            self._settle_breaker(exc)
+            self._settle_breaker(permit, exc)
             if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
                 # This session is on a server that takes no writes, and stays there (a
                 # demoted primary need not restart, and a setting like
@@ -234,11 +235,11 @@ class Database:
                 raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
             raise
         else:
-            self.breaker.record_success()
+            self.breaker.record_success(permit)
         finally:
             await self._release(pool, conn)
 
-    def _settle_breaker(self, error: BaseException) -> None:
+    def _settle_breaker(self, permit: Permit, error: BaseException) -> None:
         """Give the breaker the verdict of a call to the database that raised `error`.
 
         Every outcome settles it, or a probe left in flight would refuse every call from
@@ -248,11 +249,11 @@ class Database:
         lost race, a login refused: the database is reachable).
         """
         if isinstance(error, UNAVAILABLE_ERRORS):
-            self.breaker.record_failure()
+            self.breaker.record_failure(permit)
         elif isinstance(error, asyncio.CancelledError):
-            self.breaker.record_abandoned()
+            self.breaker.record_abandoned(permit)
         else:
-            self.breaker.record_success()
+            self.breaker.record_success(permit)
 
     @staticmethod
     async def _release(pool: asyncpg.Pool[asyncpg.Record], conn: Any) -> None:
@@ -271,7 +272,7 @@ class Database:
                 extra={"event": "connection_dropped"},
             )
 
-    async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record]) -> Any:
+    async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record], permit: Permit) -> Any:
         """A connection from `pool`; a full pool is "busy", not "database down"."""
         timeout = self._config.pool_acquire_timeout.total_seconds()
         try:
@@ -281,16 +282,16 @@ class Database:
                 # Every connection is in use: local contention. Counting it against the
                 # database would let a burst of producers open the breaker and cut off
                 # the heartbeats and elections the reserved pool exists to protect.
-                self.breaker.record_success()
+                self.breaker.record_success(permit)
                 raise ServerUnavailable(
                     f"server busy: no database connection free within {timeout:g}s"
                 ) from exc
-            self.breaker.record_failure()
+            self.breaker.record_failure(permit)
             raise ServerUnavailable(
                 f"database unavailable: connect timed out ({timeout:g}s)"
             ) from exc
         except BaseException as exc:
-            self._settle_breaker(exc)
+            self._settle_breaker(permit, exc)
             if isinstance(exc, UNAVAILABLE_ERRORS):
                 raise _unavailable(exc) from exc
             raise
