@@ -70,12 +70,14 @@ def lease_size_bound(row: Any) -> int:
     """At least the bytes a leased row's `Lease` takes in a message, without encoding it.
 
     `ByteSize()` would serialise the payload once more before gRPC does: 0.7 ms a MiB, which
-    a claim of 256 large payloads would spend on the event loop. The trace context is stored
-    as JSON whose text is at least as long as its encoded strings (non-ASCII characters are
-    escaped in it), so its length bounds them.
+    a claim of 256 large payloads would spend on the event loop. The trace context comes as
+    the JSON text of the stored jsonb, which holds every key and value as its UTF-8 bytes
+    and more (quotes, separators, escapes), so its length in bytes bounds them; in
+    characters it does not, as PostgreSQL writes non-ASCII characters unescaped.
     """
     trace_context = row["trace_context"]
-    return len(row["payload"]) + len(trace_context or "") + LEASE_BYTES_BESIDES
+    trace_bytes = len(trace_context.encode()) if trace_context else 0
+    return len(row["payload"]) + trace_bytes + LEASE_BYTES_BESIDES
 
 
 def _clean_error(error: str) -> str:
