@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
+from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL, ServerConfig
+from conveyor.server.worker_service import LEASE_BYTES_BESIDES
 from conveyor.storage.queries import SQL
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
@@ -50,6 +51,8 @@ TASK_TIMEOUT_S: Final = DEFAULT_TIMEOUT.total_seconds()
 TASK_MAX_RETRIES: Final = DEFAULT_MAX_RETRIES
 LEASE_TTL_S: Final = DEFAULT_LEASE_TTL.total_seconds()
 DEADLINE_GRACE_S: Final = DEFAULT_DEADLINE_GRACE.total_seconds()
+# The claim's byte bound as a server with the default settings passes it: one message.
+LEASE_MESSAGE_BYTES: Final = ServerConfig(database_url="postgresql:///bench").lease_message_bytes
 
 # The parameter types each statement is expected to declare (`$N::type` in its text).
 # Parameters used without a cast (LIMIT $2, worker_id = $3) are listed as None.
@@ -62,7 +65,7 @@ SIGNATURES: Final[dict[str, dict[int, str | None]]] = {
         5: "integer[]",
         6: "text[]",
     },
-    "task_claim": {1: "text[]", 2: None, 3: None, 4: None, 5: None},
+    "task_claim": {1: "text[]", 2: None, 3: None, 4: None, 5: None, 6: "bigint", 7: "integer"},
     "task_succeed_many": {1: "uuid[]", 2: "uuid[]", 3: "bytea[]", 4: "boolean[]", 5: "text[]"},
 }
 
@@ -158,7 +161,7 @@ def insert_many(task_type: str, count: str, ids: str | None = None) -> str:
 
 def claim(task_type: str, limit: str, worker_id: str) -> str:
     """task_claim of up to `limit` tasks of `task_type` for `worker_id` (SQL expressions),
-    with the server's default lease and grace."""
+    with the server's default lease, grace and message size."""
     return bind(
         "task_claim",
         {
@@ -167,6 +170,8 @@ def claim(task_type: str, limit: str, worker_id: str) -> str:
             3: worker_id,
             4: f"{LEASE_TTL_S!r}::float8",
             5: f"{DEADLINE_GRACE_S!r}::float8",
+            6: f"{LEASE_MESSAGE_BYTES}::bigint",
+            7: f"{LEASE_BYTES_BESIDES}::integer",
         },
     )
 

@@ -79,6 +79,7 @@ from conveyor.client.channel import CHANNEL_OPTIONS
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.worker_service import LEASE_BYTES_BESIDES
 from conveyor.storage.queries import SQL
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -613,7 +614,8 @@ async def claim_plan(conn: asyncpg.Connection, limit: int) -> dict[str, Any]:
                 raw = await conn.fetchval(
                     "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE w4_claim("
                     f"ARRAY[{types}], {limit}, 'w4-explain',"
-                    f" {conveyor_sql.LEASE_TTL_S}, {conveyor_sql.DEADLINE_GRACE_S})"
+                    f" {conveyor_sql.LEASE_TTL_S}, {conveyor_sql.DEADLINE_GRACE_S},"
+                    f" {conveyor_sql.LEASE_MESSAGE_BYTES}, {LEASE_BYTES_BESIDES})"
                 )
             finally:
                 # The plan is what is measured: the tasks it claimed stay queued.

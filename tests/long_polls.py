@@ -8,7 +8,9 @@ hold several waiting polls and see which one gets which task; `claims` reads
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -29,8 +31,8 @@ def claims(http_url: str) -> dict[str, float]:
 class Fleet:
     """Raw long polls against one server, each from its own registered worker."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.channel = grpc.insecure_channel(address, options=options)
         self.tasks = pb_grpc.TaskServiceStub(self.channel)
         self.workers = pb_grpc.WorkerServiceStub(self.channel)
         self.pool = ThreadPoolExecutor(max_workers=WAITERS + 2)

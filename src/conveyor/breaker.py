@@ -10,6 +10,12 @@ refused connection); an answer of any kind, even an error status, proves the pee
     half-open --probe fails--> open (for another reset_timeout)
     half-open --probe abandoned (its caller gave up first)--> half-open, the next call probes
 
+`allow` hands each call it lets through a `Permit`, and the call's outcome is recorded with
+it: the probe's permit is its own, so only the probe settles the half-open state. Once the
+breaker has opened, the outcomes of calls let through before (still in flight then) change
+nothing: an abandoned one used to free the probe's place while the probe still ran, and a
+second probe went out beside it.
+
 Thread-safe: the sync Client may be shared by threads.
 """
 
@@ -54,6 +60,21 @@ class BreakerPolicy:
             raise ConfigError("reset_timeout must be positive")
 
 
+class Permit:
+    """Leave for one call, from `CircuitBreaker.allow`; its outcome is recorded with it.
+
+    Compared by identity. Calls let through while the breaker is closed share one permit (the
+    hot path allocates nothing); each probe gets a new one, which the breaker keeps while
+    the probe is in flight.
+    """
+
+    __slots__ = ()
+
+
+# The permit of every call let through while a breaker is closed.
+_CLOSED = Permit()
+
+
 class CircuitBreaker:
     """Counts consecutive failures to one peer and fails fast while it is open."""
 
@@ -67,7 +88,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
-        self._probe_in_flight = False
+        self._probe: Permit | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -90,41 +111,55 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout.total_seconds() - self._clock())
 
-    def allow(self) -> bool:
-        """Whether a call may go out now; in half-open, only one probe at a time."""
+    def allow(self) -> Permit | None:
+        """A permit for a call to go out now, or None; in half-open, one probe at a time."""
         with self._lock:
             state = self._current_state()
             if state is BreakerState.CLOSED:
-                return True
-            if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+                return _CLOSED
+            if state is BreakerState.HALF_OPEN and self._probe is None:
                 self._state = BreakerState.HALF_OPEN
-                self._probe_in_flight = True
-                return True
-            return False
+                self._probe = Permit()
+                return self._probe
+            return None
 
-    def record_success(self) -> None:
-        """The peer answered: close the breaker."""
+    def record_success(self, permit: Permit) -> None:
+        """The peer answered the call `permit` let through: close the breaker."""
         with self._lock:
+            if not self._settles(permit):
+                return
             self._state = BreakerState.CLOSED
             self._failures = 0
-            self._probe_in_flight = False
+            self._probe = None
 
-    def record_abandoned(self) -> None:
+    def record_abandoned(self, permit: Permit) -> None:
         """The call ended before any answer (its caller was cancelled): nothing was learned.
 
-        A probe in flight is released, so that the next call probes. Without this a
+        If it was the probe, its place is freed, so that the next call probes. Without this a
         cancelled probe left the breaker half-open with a probe "in flight" for ever, and
         refused every call to the peer from then on.
         """
         with self._lock:
-            self._probe_in_flight = False
+            if permit is self._probe:
+                self._probe = None
 
-    def record_failure(self) -> None:
+    def record_failure(self, permit: Permit) -> None:
         """The peer could not be reached; open after enough consecutive failures."""
         with self._lock:
+            if not self._settles(permit):
+                return
             self._failures += 1
-            probing = self._state is BreakerState.HALF_OPEN
-            self._probe_in_flight = False
+            probing = permit is self._probe
+            self._probe = None
             if probing or self._failures >= self.policy.failure_threshold:
                 self._state = BreakerState.OPEN
                 self._opened_at = self._clock()
+
+    def _settles(self, permit: Permit) -> bool:
+        """Whether the outcome of the call `permit` let through may move the breaker.
+
+        When closed, every call's does; otherwise only the probe's. A call let through
+        before the breaker opened tells of the peer as it was then: the breaker has since
+        opened on later failures, and its probe is what finds out whether the peer is back.
+        """
+        return permit is self._probe or self._state is BreakerState.CLOSED

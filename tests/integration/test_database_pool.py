@@ -8,6 +8,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import pytest
 from helpers import AppRole, Db, rpc_count, wait_for
@@ -18,7 +19,7 @@ from conveyor.errors import ServerUnavailable
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.config import ServerConfig
-from conveyor.server.database import Database
+from conveyor.server.database import Database, is_unavailable
 
 TOO_MANY_CONNECTIONS = ("CONNECTION LIMIT 0", "CONNECTION LIMIT -1")
 
@@ -160,3 +161,63 @@ class TestTheDatabaseBreakerSettlesEveryProbe:
                 what="the server to reach the database again",
             )
         assert breaker.state is BreakerState.CLOSED
+
+
+class TestShortOfResources:
+    """Class 53: which shortages a retry can outlast (UNAVAILABLE) and which it cannot."""
+
+    def test_a_configured_limit_is_an_error_not_unavailable(self, database_url) -> None:
+        """A statement over a configured limit (53400 configuration_limit_exceeded, here
+        temp_file_limit, provoked for real) fails the same way each time it runs, until an
+        operator raises the setting: it must reach the caller as the error it is, not as
+        UNAVAILABLE that clients retry until their budget runs out, and the database,
+        which answered, must not count as down (one failure opens this breaker)."""
+
+        async def scenario() -> BreakerState:
+            database = Database(
+                ServerConfig(database_url=database_url, pool_max_size=1, db_breaker_failures=1)
+            )
+            await database.connect(startup_timeout=timedelta(seconds=30))
+
+            async def sort_past_the_limit() -> None:
+                async with database.transaction() as conn:
+                    await conn.execute("SET LOCAL work_mem = '64kB'")
+                    await conn.execute("SET LOCAL temp_file_limit = '64kB'")
+                    # A sort of a few MB spills to disk, past 64 kB of temporary files.
+                    await conn.fetchval(
+                        "SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) AS g"
+                        " ORDER BY g DESC OFFSET 0) AS sorted"
+                    )
+
+            try:
+                with pytest.raises(
+                    asyncpg.ConfigurationLimitExceededError, match="temp_file_limit"
+                ):
+                    await sort_past_the_limit()
+                return database.breaker.state
+            finally:
+                await database.close()
+
+        assert asyncio.run(scenario()) is BreakerState.CLOSED
+
+    @pytest.mark.parametrize(
+        ("error", "unavailable"),
+        [
+            # Shortages that free up with load, a checkpoint or an operator, whatever the
+            # statement: shared memory segments or worker slots, disk, memory (of the
+            # server, or the lock table all sessions share), connection slots.
+            (asyncpg.InsufficientResourcesError, True),
+            (asyncpg.DiskFullError, True),
+            (asyncpg.OutOfMemoryError, True),
+            (asyncpg.TooManyConnectionsError, True),
+            # A configured cap on what one statement may use: the same statement meets it
+            # again.
+            (asyncpg.ConfigurationLimitExceededError, False),
+        ],
+    )
+    def test_which_shortages_are_unavailable(
+        self, error: type[asyncpg.PostgresError], unavailable: bool
+    ) -> None:
+        """The classifier on asyncpg's own exception classes for each SQLSTATE of class 53
+        (only 53400 and 53300 can be provoked here without starving the test machine)."""
+        assert is_unavailable(error("short")) is unavailable

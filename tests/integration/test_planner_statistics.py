@@ -87,6 +87,8 @@ async def test_a_burst_of_enqueues_is_analyzed_and_the_claim_reads_its_index(
                 "worker-1",
                 30.0,
                 10.0,
+                16 * 1024 * 1024,
+                1024,
             )
         finally:
             await transaction.rollback()

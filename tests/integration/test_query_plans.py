@@ -25,6 +25,7 @@ from conveyor.storage.queries import FIRST_PAGE, SQL
 from conveyor.types import TaskState
 
 ALL_STATES = [state.value for state in TaskState]
+REPLY_BYTES = 16 * 1024 * 1024
 
 BIG_TABLES = frozenset({"conveyor_tasks", "conveyor_task_events"})
 
@@ -211,7 +212,8 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
     """Realistic parameters for each per-task query (see the casts in queries.sql)."""
     running, lease = seeded.running_id, seeded.running_lease_id
     return {
-        "task_claim": (["a", "b"], 10, "worker-1", 30.0, 10.0),
+        # Bounded by a reply's bytes, as the server claims (16 MiB, 1 KiB a lease).
+        "task_claim": (["a", "b"], 10, "worker-1", 30.0, 10.0, REPLY_BYTES, 1024),
         # Two new tasks, the first offered to a waiting worker (the FIFO probe per type).
         "task_insert_leasing": (
             [str(uuid.uuid4()), str(uuid.uuid4())],
@@ -397,6 +399,9 @@ def one_type(pg_cluster) -> Iterator[str]:
 
 
 class TestClaimUnderASkewedBacklog:
+    # No bound, a reply's bytes, and a bound the oldest task alone passes: the bound is
+    # applied to the candidates the index gave, and must not change how they are found.
+    @pytest.mark.parametrize("max_bytes", [None, REPLY_BYTES, 1])
     @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
     @pytest.mark.parametrize(
         ("backlog", "wanted"),
@@ -409,7 +414,13 @@ class TestClaimUnderASkewedBacklog:
         ],
     )
     async def test_the_claim_probes_its_index_whatever_the_backlog(
-        self, skewed: str, one_type: str, backlog: str, plan_mode: str, wanted: list[str]
+        self,
+        skewed: str,
+        one_type: str,
+        backlog: str,
+        plan_mode: str,
+        wanted: list[str],
+        max_bytes: int | None,
     ) -> None:
         """A worker for a quiet type never scans the busy type's backlog, in the custom plan
         and in the generic plan asyncpg's prepared statements may switch to."""
@@ -421,6 +432,8 @@ class TestClaimUnderASkewedBacklog:
             "worker-1",
             30.0,
             10.0,
+            max_bytes,
+            1024,
             plan_mode=plan_mode,
         )
         used = indexes_used(plan)

@@ -9,7 +9,7 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from conveyor.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from conveyor.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Permit
 from conveyor.client.channel import AddressRing, RetryLoop, RetryPolicy
 from conveyor.errors import ConfigError, LimitExceeded
 
@@ -33,83 +33,132 @@ def breaker(clock: FakeClock) -> CircuitBreaker:
     return CircuitBreaker(policy, clock=clock)
 
 
+def let_through(breaker: CircuitBreaker) -> Permit:
+    """The permit of a call the breaker must let through."""
+    permit = breaker.allow()
+    assert permit is not None
+    return permit
+
+
+def fail_calls(breaker: CircuitBreaker, count: int) -> None:
+    """`count` calls, each let through and failed in turn."""
+    for _ in range(count):
+        breaker.record_failure(let_through(breaker))
+
+
+def open_and_time_out(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    """Open the breaker (threshold 3) and let its reset timeout (10 s) pass."""
+    fail_calls(breaker, 3)
+    clock.now += 10
+
+
 class TestCircuitBreaker:
     def test_stays_closed_below_the_threshold(self, breaker: CircuitBreaker) -> None:
         """Two failures out of a threshold of three keep calls flowing."""
-        breaker.record_failure()
-        breaker.record_failure()
+        fail_calls(breaker, 2)
         assert breaker.state is BreakerState.CLOSED
-        assert breaker.allow()
+        assert breaker.allow() is not None
 
     def test_opens_after_consecutive_failures_and_fails_fast(self, breaker: CircuitBreaker) -> None:
         """Three consecutive failures open it; calls are refused until the timeout."""
-        for _ in range(3):
-            breaker.record_failure()
+        fail_calls(breaker, 3)
         assert breaker.state is BreakerState.OPEN
-        assert not breaker.allow()
+        assert breaker.allow() is None
         assert breaker.retry_in() == pytest.approx(10)
 
     def test_a_success_resets_the_count(self, breaker: CircuitBreaker) -> None:
         """Failures must be consecutive: a success in between starts the count again."""
-        breaker.record_failure()
-        breaker.record_failure()
-        breaker.record_success()
-        breaker.record_failure()
-        breaker.record_failure()
+        fail_calls(breaker, 2)
+        breaker.record_success(let_through(breaker))
+        fail_calls(breaker, 2)
         assert breaker.state is BreakerState.CLOSED
 
     def test_half_open_lets_exactly_one_probe_through(
         self, breaker: CircuitBreaker, clock: FakeClock
     ) -> None:
         """After the reset timeout one call probes; others still fail fast."""
-        for _ in range(3):
-            breaker.record_failure()
-        clock.now += 10
+        open_and_time_out(breaker, clock)
         assert breaker.state is BreakerState.HALF_OPEN
-        assert breaker.allow()
-        assert not breaker.allow()
+        assert breaker.allow() is not None
+        assert breaker.allow() is None
 
     def test_successful_probe_closes(self, breaker: CircuitBreaker, clock: FakeClock) -> None:
         """A probe that gets an answer closes the breaker."""
-        for _ in range(3):
-            breaker.record_failure()
-        clock.now += 10
-        assert breaker.allow()
-        breaker.record_success()
+        open_and_time_out(breaker, clock)
+        breaker.record_success(let_through(breaker))
         assert breaker.state is BreakerState.CLOSED
-        assert breaker.allow()
+        assert breaker.allow() is not None
 
     def test_failed_probe_reopens_for_a_full_timeout(
         self, breaker: CircuitBreaker, clock: FakeClock
     ) -> None:
         """One failed probe is enough to open again, and the timer restarts."""
-        for _ in range(3):
-            breaker.record_failure()
-        clock.now += 10
-        assert breaker.allow()
-        breaker.record_failure()
+        open_and_time_out(breaker, clock)
+        breaker.record_failure(let_through(breaker))
         assert breaker.state is BreakerState.OPEN
         clock.now += 9
-        assert not breaker.allow()
+        assert breaker.allow() is None
         clock.now += 1
-        assert breaker.allow()
+        assert breaker.allow() is not None
 
     def test_an_abandoned_probe_lets_the_next_call_probe(
         self, breaker: CircuitBreaker, clock: FakeClock
     ) -> None:
         """A probe whose caller gave up taught nothing: the next call probes instead.
         Before record_abandoned, the breaker waited for the lost probe's verdict for ever."""
-        for _ in range(3):
-            breaker.record_failure()
-        clock.now += 10
-        assert breaker.allow()
-        assert not breaker.allow()
-        breaker.record_abandoned()
+        open_and_time_out(breaker, clock)
+        probe = let_through(breaker)
+        assert breaker.allow() is None
+        breaker.record_abandoned(probe)
         assert breaker.state is BreakerState.HALF_OPEN
-        assert breaker.allow()
-        assert not breaker.allow()
-        breaker.record_success()
+        second_probe = let_through(breaker)
+        assert breaker.allow() is None
+        breaker.record_success(second_probe)
         assert breaker.state is BreakerState.CLOSED
+
+    def test_an_abandoned_call_that_was_not_the_probe_leaves_the_probe_alone(
+        self, breaker: CircuitBreaker, clock: FakeClock
+    ) -> None:
+        """A call let through before the breaker opened, and given up while the probe runs,
+        must not free the probe's place. It did (record_abandoned freed whatever probe was in
+        flight), and the next call went out as a second probe beside the first."""
+        slow = let_through(breaker)
+        open_and_time_out(breaker, clock)
+        probe = let_through(breaker)
+        breaker.record_abandoned(slow)
+        assert breaker.allow() is None
+        breaker.record_success(probe)
+        assert breaker.state is BreakerState.CLOSED
+
+    def test_outcomes_of_calls_from_before_the_breaker_opened_leave_the_probe_to_decide(
+        self, breaker: CircuitBreaker, clock: FakeClock
+    ) -> None:
+        """A late failure of a call let through while closed used to open the half-open
+        breaker again and free the probe's place (a second probe went out a timeout later,
+        the first one still running); a late success closed it. Only the probe decides."""
+        late_failure, late_success = let_through(breaker), let_through(breaker)
+        open_and_time_out(breaker, clock)
+        probe = let_through(breaker)
+        breaker.record_failure(late_failure)
+        breaker.record_success(late_success)
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert breaker.allow() is None
+        breaker.record_failure(probe)
+        assert breaker.state is BreakerState.OPEN
+        assert breaker.retry_in() == pytest.approx(10)
+
+    def test_a_settled_probe_counts_as_any_call_afterwards(
+        self, breaker: CircuitBreaker, clock: FakeClock
+    ) -> None:
+        """A Work stream records its opening (the probe's success) and later how it broke,
+        with the same permit: the later failure counts like any call's."""
+        open_and_time_out(breaker, clock)
+        stream = let_through(breaker)
+        breaker.record_success(stream)
+        breaker.record_abandoned(stream)  # frees no probe: there is none
+        fail_calls(breaker, 2)
+        breaker.record_failure(stream)
+        assert breaker.state is BreakerState.OPEN
 
     @pytest.mark.parametrize(
         "settings", [{"failure_threshold": 0}, {"reset_timeout": timedelta(0)}]
@@ -141,18 +190,23 @@ class TestBackpressureAndTheBreaker:
         ring.breakers["a:1"] = CircuitBreaker(
             BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(seconds=1)), clock=clock
         )
-        ring.record("a:1", reachable=False)
+        first = ring.pick()
+        assert first is not None
+        ring.record(first, reachable=False)
         assert ring.pick() is None  # open
         clock.now += 2
         loop = RetryLoop(ring, RetryPolicy(), "GetTask", clock=clock)
-        address, _ = loop.step()
-        assert address == "a:1"  # the half-open probe
+        probe, _ = loop.step()
+        assert probe is not None
+        assert probe.address == "a:1"  # the half-open probe
         loop.failed(
-            "a:1",
+            probe,
             _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!"),
         )
         assert ring.breakers["a:1"].state is BreakerState.CLOSED
-        assert ring.pick() == "a:1"
+        after = ring.pick()
+        assert after is not None
+        assert after.address == "a:1"
 
     def test_backpressure_is_retried_then_raised_as_limit_exceeded(self, clock: FakeClock) -> None:
         ring = AddressRing(["a:1"])
@@ -160,14 +214,16 @@ class TestBackpressureAndTheBreaker:
             ring, RetryPolicy(total_timeout=timedelta(seconds=1)), "GetTask", clock=clock
         )
         refusal = _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "request rate limit of 1/s")
-        loop.failed("a:1", refusal)  # within the budget: retried
+        pick = ring.pick()
+        assert pick is not None
+        loop.failed(pick, refusal)  # within the budget: retried
         clock.now += 5
         with pytest.raises(LimitExceeded, match="request rate limit"):
-            loop.failed("a:1", refusal)
+            loop.failed(pick, refusal)
         # A message too large for gRPC is RESOURCE_EXHAUSTED too, but no retry will help.
         with pytest.raises(LimitExceeded, match="larger than max"):
             RetryLoop(ring, RetryPolicy(), "EnqueueTasks", clock=clock).failed(
-                "a:1",
+                pick,
                 _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
             )
 
@@ -192,10 +248,10 @@ class TestAddressRingAcrossThreads:
 
         def calls(seed: int) -> None:
             for call in range(self.CALLS):
-                address = ring.pick()
-                if address is not None:
+                pick = ring.pick()
+                if pick is not None:
                     # Fail every third call: each opens its breaker, which half-opens.
-                    ring.record(address, reachable=(call + seed) % 3 != 0)
+                    ring.record(pick, reachable=(call + seed) % 3 != 0)
 
         threads = [threading.Thread(target=calls, args=(n,)) for n in range(self.THREADS)]
         previous = sys.getswitchinterval()
@@ -209,5 +265,5 @@ class TestAddressRingAcrossThreads:
             sys.setswitchinterval(previous)
         assert not any(thread.is_alive() for thread in threads)
         # The reset timeout (1 µs) has passed: an open breaker lets a probe through now.
-        stuck = [address for address in addresses if not ring.breakers[address].allow()]
+        stuck = [address for address in addresses if ring.breakers[address].allow() is None]
         assert stuck == []

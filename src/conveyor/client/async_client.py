@@ -110,21 +110,21 @@ class AsyncClient:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         attempts = RetryLoop(self._ring, self._retry, method, clock=asyncio.get_running_loop().time)
         while True:
-            address, pause = attempts.step()
-            if address is None:
+            pick, pause = attempts.step()
+            if pick is None:
                 await asyncio.sleep(pause)
                 continue
             try:
-                response = await attempt(address, attempts.call_timeout())
+                response = await attempt(pick.address, attempts.call_timeout())
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
-                attempts.failed(address, exc)
+                attempts.failed(pick, exc)
                 continue
             except BaseException:
                 # Cancelled (an asyncio.timeout around the call, a task being stopped): the
                 # breaker must not wait for ever for this call's verdict if it was a probe.
-                attempts.abandoned(address)
+                attempts.abandoned(pick)
                 raise
-            attempts.succeeded(address)
+            attempts.succeeded(pick)
             return response
 
     async def enqueue_task(self, task: Task) -> str:

@@ -23,13 +23,13 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, overload
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, overload
 
 import grpc
 import grpc.aio
 
 from conveyor.auth import TOKEN_PATTERN, is_loopback
-from conveyor.breaker import BreakerPolicy, CircuitBreaker
+from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
@@ -260,6 +260,17 @@ class RetryPolicy:
             ceiling = min(cap, ceiling * 2)
 
 
+class Pick(NamedTuple):
+    """Where one call goes: an address, and the permit its breaker let the call through with.
+
+    The call's outcome goes back with both (`AddressRing.record`, `AddressRing.abandon`),
+    so that it reaches that address's breaker and, if the call was the probe, settles it.
+    """
+
+    address: str
+    permit: Permit
+
+
 class AddressRing:
     """The addresses in rotation, each with its circuit breaker.
 
@@ -291,13 +302,14 @@ class AddressRing:
         self._index = (self._index + 1) % len(self.addresses)
         return self.addresses[self._index]
 
-    def pick(self) -> str | None:
+    def pick(self) -> Pick | None:
         """The first address from the current one whose breaker lets a call through."""
         with self._lock:
             for _ in self.addresses:
                 address = self.addresses[self._index]
-                if self.breakers[address].allow():
-                    return address
+                permit = self.breakers[address].allow()
+                if permit is not None:
+                    return Pick(address, permit)
                 self._advance()
         return None
 
@@ -305,20 +317,21 @@ class AddressRing:
         """Seconds until some open breaker lets a probe through."""
         return min(breaker.retry_in() for breaker in self.breakers.values())
 
-    def record(self, address: str, *, reachable: bool) -> None:
-        """Feed a call's outcome to the address's breaker; move on after a failure."""
+    def record(self, pick: Pick, *, reachable: bool) -> None:
+        """Feed a call's outcome to its address's breaker; move on after a failure."""
+        address, permit = pick
         breaker = self.breakers[address]
         if reachable:
-            breaker.record_success()
+            breaker.record_success(permit)
             return
-        breaker.record_failure()
+        breaker.record_failure(permit)
         with self._lock:
             if address == self.addresses[self._index]:
                 self._advance()
 
-    def abandon(self, address: str) -> None:
-        """A call to `address` ended with no answer because its caller gave up."""
-        self.breakers[address].record_abandoned()
+    def abandon(self, pick: Pick) -> None:
+        """A call ended with no answer because its caller gave up."""
+        self.breakers[pick.address].record_abandoned(pick.permit)
 
 
 def is_transient(error: grpc.RpcError) -> bool:
@@ -350,14 +363,14 @@ class RetryLoop:
         self._delays = policy.delays()
         self._sleep = 0.0
 
-    def step(self) -> tuple[str | None, float]:
-        """(address, 0) to call now, or (None, seconds) to sleep before asking again."""
+    def step(self) -> tuple[Pick | None, float]:
+        """(where to call, 0) to call now, or (None, seconds) to sleep before asking again."""
         if self._sleep > 0:
             delay, self._sleep = self._sleep, 0.0
             return None, delay
-        address = self._ring.pick()
-        if address is not None:
-            return address, 0.0
+        pick = self._ring.pick()
+        if pick is not None:
+            return pick, 0.0
         wait = self._ring.next_probe_in()
         if self._clock() + wait >= self._give_up_at:
             raise CircuitOpen(
@@ -372,30 +385,30 @@ class RetryLoop:
         remaining = self._give_up_at - self._clock()
         return min(self._policy.call_timeout.total_seconds(), max(remaining, MIN_CALL_TIMEOUT))
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, pick: Pick) -> None:
         """The call got an answer."""
-        self._ring.record(address, reachable=True)
+        self._ring.record(pick, reachable=True)
 
-    def abandoned(self, address: str) -> None:
+    def abandoned(self, pick: Pick) -> None:
         """The call ended with no answer and no error of its own (the caller was cancelled)."""
-        self._ring.abandon(address)
+        self._ring.abandon(pick)
 
-    def failed(self, address: str, error: grpc.RpcError) -> None:
+    def failed(self, pick: Pick, error: grpc.RpcError) -> None:
         """Record a failed call; raise the typed error unless it is worth retrying."""
         if is_backpressure(error.code(), error.details()):
             # The server answered "not now" (rate or concurrency limit). It is reachable:
             # record so, or a breaker whose probe this was would stay half open for good.
             # Then wait and ask again while the budget lasts.
-            self._ring.record(address, reachable=True)
+            self._ring.record(pick, reachable=True)
             delay = next(self._delays)
             if self._clock() + delay >= self._give_up_at:
                 raise translate(error)
             self._sleep = delay
             return
         if not is_transient(error):
-            self._ring.record(address, reachable=True)  # the server answered
+            self._ring.record(pick, reachable=True)  # the server answered
             raise translate(error)
-        self._ring.record(address, reachable=False)
+        self._ring.record(pick, reachable=False)
         delay = next(self._delays)
         if self._clock() + delay >= self._give_up_at:
             raise ServerUnavailable(

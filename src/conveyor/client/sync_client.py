@@ -137,20 +137,20 @@ class Client:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         attempts = RetryLoop(self._ring, self._retry, method, clock=time.monotonic)
         while True:
-            address, pause = attempts.step()
-            if address is None:
+            pick, pause = attempts.step()
+            if pick is None:
                 time.sleep(pause)
                 continue
             try:
-                response = attempt(address, attempts.call_timeout())
+                response = attempt(pick.address, attempts.call_timeout())
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
-                attempts.failed(address, exc)
+                attempts.failed(pick, exc)
                 continue
             except BaseException:
                 # Interrupted (KeyboardInterrupt): a probe's breaker must not wait for ever.
-                attempts.abandoned(address)
+                attempts.abandoned(pick)
                 raise
-            attempts.succeeded(address)
+            attempts.succeeded(pick)
             return response
 
     def enqueue_task(self, task: Task) -> str:

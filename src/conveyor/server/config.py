@@ -216,8 +216,9 @@ class ServerConfig:
     def lease_message_bytes(self) -> int:
         """How many bytes of leases one message may carry, safely within `max_message_bytes`.
 
-        A claim takes up to `max_lease_batch` tasks whatever their payloads, so its leases
-        travel in as many messages as this allows; one lease always fits.
+        A claim takes up to `max_lease_batch` tasks, no more than fit this many bytes (the
+        oldest always: one lease always fits), and its leases travel in as many messages
+        as this allows should the estimate fall short.
         """
         return self.max_message_bytes - LEASE_MESSAGE_HEADROOM_BYTES
 

@@ -4,7 +4,7 @@ Bounded pools, timeouts, a circuit breaker, and error translation.
 
 Every statement runs with a statement timeout, every pool acquire with a deadline, and
 every driver exception that means "the database cannot serve us right now" (unreachable,
-out of connections, shutting down, read-only: `UNAVAILABLE_ERRORS`) becomes
+out of connections, shutting down, read-only: `is_unavailable`) becomes
 `ServerUnavailable`, which gRPC callers see as UNAVAILABLE and retry. Two pools: the main
 one for requests, and a small reserved one (`priority_connection`) for leader elections and
 worker heartbeats, so a burst of producers cannot starve the calls that keep leases alive.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from conveyor.breaker import BreakerPolicy, CircuitBreaker
+from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import ServerUnavailable
 from conveyor.storage import migrate
 
@@ -39,8 +39,9 @@ Result = TypeVar("Result")
 log = logging.getLogger("conveyor.server.database")
 
 # Exceptions that mean "the database cannot serve us right now", as opposed to a bad query
-# or a bad configuration: callers see UNAVAILABLE and retry, and the breaker counts a
-# failure. By SQLSTATE class, and why each is transient:
+# or a bad configuration (less PERSISTENT_ERRORS: ask `is_unavailable`): callers see
+# UNAVAILABLE and retry, and the breaker counts a failure. By SQLSTATE class, and why each
+# is transient:
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # Refused, reset or timed-out connections (asyncpg raises OSError subclasses and
     # TimeoutError for these), and 08xxx, the connection failed or was dropped.
@@ -48,10 +49,15 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    # 53xxx: PostgreSQL is short of something. Above all 53300, too many connections
-    # (max_connections or the role's CONNECTION LIMIT): every server reconnecting at once
-    # after a restart or a switchover meets it for a few seconds. Also out of memory or
-    # disk: either frees up with load or an operator, and retrying later is what we want.
+    # 53xxx: PostgreSQL is short of something all sessions share, which frees up with
+    # load, a checkpoint or an operator, whatever the statement: above all 53300, too many
+    # connections (max_connections or the role's CONNECTION LIMIT), which every server
+    # reconnecting at once after a restart or a switchover meets for a few seconds; 53100
+    # disk full; 53200 out of memory (the server's, or the lock table's "out of shared
+    # memory", shared by every session; no Conveyor statement needs much of either alone,
+    # its batches and payloads being bounded); 53000 and codes PostgreSQL may add to the
+    # class (shared memory segments, background worker slots). Except 53400: see
+    # PERSISTENT_ERRORS.
     asyncpg.InsufficientResourcesError,
     # 57P01 terminated by an administrator or a fast shutdown, 57P02 a crashed backend made
     # the server restart, 57P03 starting up or in recovery, 57P05 an idle session ended:
@@ -73,6 +79,7 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # this way ("cannot switch to state ..."), on the next statement or on release.
     asyncpg.InternalClientError,
 )
+
 # Not in the list, on purpose: 28000/28P01 (the role may not log in, a wrong password) and
 # 3D000 (no such database) are configuration errors that no retry fixes until an operator
 # acts. As UNAVAILABLE, clients and workers would retry them quietly, and the breaker would
@@ -81,6 +88,19 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 # (leadership.py, service.py), so the cluster recovers by itself once they are fixed. Nor
 # 57P04 (the database was dropped), 54xxx (a statement over a program limit: the same one
 # fails the same way), or the classes of a bad query or bad data (22, 23, 42).
+
+# Errors of a class in UNAVAILABLE_ERRORS that are not "right now": 53400
+# (configuration_limit_exceeded) is a configured cap on what one statement may use, such
+# as temp_file_limit on its temporary files. The same statement meets it again on every
+# retry until an operator raises the setting, so it stays an error (INTERNAL, logged), and
+# the database, which answered, is not counted as down.
+PERSISTENT_ERRORS: tuple[type[BaseException], ...] = (asyncpg.ConfigurationLimitExceededError,)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot serve us right now: retry later."""
+    return isinstance(error, UNAVAILABLE_ERRORS) and not isinstance(error, PERSISTENT_ERRORS)
+
 
 # The database is fine but this transaction lost a race (two statements locking the same
 # rows in different orders, or a serialization conflict): retrying the call succeeds, so
@@ -148,6 +168,8 @@ class Database:
                 self._priority_pool = await self._create_pool(self._config.priority_pool_size)
                 break
             except UNAVAILABLE_ERRORS as exc:
+                if not is_unavailable(exc):
+                    raise
                 if loop.time() + delay > give_up_at:
                     raise ServerUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
                 log.warning(
@@ -212,33 +234,34 @@ class Database:
     async def _acquire(self, pool: asyncpg.Pool[asyncpg.Record] | None) -> AsyncIterator[Any]:
         if pool is None:
             raise ServerUnavailable("the server is not connected to PostgreSQL")
-        if not self.breaker.allow():
+        permit = self.breaker.allow()
+        if permit is None:
             raise ServerUnavailable(
                 "database unavailable (circuit open after repeated failures; next probe in "
                 f"{self.breaker.retry_in():.1f}s)"
             )
-        conn = await self._checkout(pool)
+        conn = await self._checkout(pool, permit)
         try:
             yield conn
         except BaseException as exc:
-            self._settle_breaker(exc)
+            self._settle_breaker(permit, exc)
             if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
                 # This session is on a server that takes no writes, and stays there (a
                 # demoted primary need not restart, and a setting like
                 # default_transaction_read_only holds for the session): only a new
                 # connection can reach the primary the URL now leads to.
                 conn.terminate()
-            if isinstance(exc, UNAVAILABLE_ERRORS):
+            if is_unavailable(exc):
                 raise _unavailable(exc) from exc
             if isinstance(exc, CONFLICT_ERRORS):
                 raise ServerUnavailable(f"transaction conflict, retry: {exc}") from exc
             raise
         else:
-            self.breaker.record_success()
+            self.breaker.record_success(permit)
         finally:
             await self._release(pool, conn)
 
-    def _settle_breaker(self, error: BaseException) -> None:
+    def _settle_breaker(self, permit: Permit, error: BaseException) -> None:
         """Give the breaker the verdict of a call to the database that raised `error`.
 
         Every outcome settles it, or a probe left in flight would refuse every call from
@@ -247,12 +270,12 @@ class Database:
         is released, the next call probes); anything else is an answer (a business error, a
         lost race, a login refused: the database is reachable).
         """
-        if isinstance(error, UNAVAILABLE_ERRORS):
-            self.breaker.record_failure()
+        if is_unavailable(error):
+            self.breaker.record_failure(permit)
         elif isinstance(error, asyncio.CancelledError):
-            self.breaker.record_abandoned()
+            self.breaker.record_abandoned(permit)
         else:
-            self.breaker.record_success()
+            self.breaker.record_success(permit)
 
     @staticmethod
     async def _release(pool: asyncpg.Pool[asyncpg.Record], conn: Any) -> None:
@@ -271,7 +294,7 @@ class Database:
                 extra={"event": "connection_dropped"},
             )
 
-    async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record]) -> Any:
+    async def _checkout(self, pool: asyncpg.Pool[asyncpg.Record], permit: Permit) -> Any:
         """A connection from `pool`; a full pool is "busy", not "database down"."""
         timeout = self._config.pool_acquire_timeout.total_seconds()
         try:
@@ -281,17 +304,17 @@ class Database:
                 # Every connection is in use: local contention. Counting it against the
                 # database would let a burst of producers open the breaker and cut off
                 # the heartbeats and elections the reserved pool exists to protect.
-                self.breaker.record_success()
+                self.breaker.record_success(permit)
                 raise ServerUnavailable(
                     f"server busy: no database connection free within {timeout:g}s"
                 ) from exc
-            self.breaker.record_failure()
+            self.breaker.record_failure(permit)
             raise ServerUnavailable(
                 f"database unavailable: connect timed out ({timeout:g}s)"
             ) from exc
         except BaseException as exc:
-            self._settle_breaker(exc)
-            if isinstance(exc, UNAVAILABLE_ERRORS):
+            self._settle_breaker(permit, exc)
+            if is_unavailable(exc):
                 raise _unavailable(exc) from exc
             raise
 
@@ -319,5 +342,5 @@ class Database:
 
 
 def _unavailable(error: BaseException) -> ServerUnavailable:
-    """What callers see of a database error in UNAVAILABLE_ERRORS: retry later."""
+    """What callers see of a database error that `is_unavailable`: retry later."""
     return ServerUnavailable(f"database unavailable: {type(error).__name__}: {error}")

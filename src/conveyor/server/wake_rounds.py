@@ -7,7 +7,8 @@ enqueue, a storm that grows with the fleet. Instead the woken calls take turns, 
 remembers which task types a claim found empty:
 
 - a claim that got fewer tasks than it asked for has seen every claimable task of its types
-  (as of that claim), so those types are *drained* for the rest of the round;
+  (as of that claim), so those types are *drained* for the rest of the round; unless it
+  stopped at the bytes its reply can carry (`task_claim`'s `more`), having left tasks;
 - a woken call whose types are all drained goes back to waiting without a statement;
 - any other woken call claims in its turn (a full batch means more may remain, so the next
   call claims too).
@@ -62,7 +63,7 @@ class WakeRounds:
             if self.drained(task_types):
                 return generation, None
             rows = await claim()
-            if len(rows) < limit:
+            if len(rows) < limit and not (rows and rows[0]["more"]):
                 self._drained.update(task_types)
             return generation, rows
 

@@ -11,8 +11,13 @@ stream message 0.15-0.25 ms (docs/performance.md, "Calls and messages"). A task 
 lease call and a report call now needs three messages, and a lease reaches its worker
 without a round trip of call set-up.
 
-Delivery: a claim's leases go out in messages bounded by bytes as well as by count, each
-within the server's gRPC send limit (large payloads make several). Leases the stream
+Delivery: a claim takes at most one message's worth of leases (`task_claim`'s byte
+bound, the one a `LeaseTasks` reply needs), though a stream could write any claim as
+several messages: a claim of 256 large payloads would hold them all in the server's memory
+while they were written one by one, and the last ones' lease clocks would run all that
+while. Large payloads cost one more claim per message, small ones nothing (the bound does
+not bind). The leases are still packed into messages within the server's gRPC send limit
+(`lease_batches`), should the claim's estimate or a handoff pass it. Leases the stream
 claimed but had not started writing when the call ended are handed back at once, like those
 of a cancelled long poll. A lease whose message was being written when the call broke is in
 the same place as a unary reply lost on the way: its lease expires and the task is retried,
@@ -172,9 +177,10 @@ class WorkStream:
     async def _deliver(self, rows: list[Any]) -> None:
         """Send leases; hand them back if the call ends before their message is written.
 
-        A claim's leases go in as many messages as the server's send limit needs (one,
-        unless payloads are large): a message over it fails to write, and its leases would
-        be handed back and claimed again, for ever.
+        A claim's leases go in as many messages as the server's send limit needs: one, as
+        the claim is bounded by it, unless its estimate fell short or a handoff brought
+        more. A message over the limit fails to write, and its leases would be handed back
+        and claimed again, for ever.
         """
         batches = self._service.lease_batches(rows)
         # Batches whose write has begun: from then on the write's outcome settles them.

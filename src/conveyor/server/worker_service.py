@@ -70,12 +70,15 @@ def lease_size_bound(row: Any) -> int:
     """At least the bytes a leased row's `Lease` takes in a message, without encoding it.
 
     `ByteSize()` would serialise the payload once more before gRPC does: 0.7 ms a MiB, which
-    a claim of 256 large payloads would spend on the event loop. The trace context is stored
-    as JSON whose text is at least as long as its encoded strings (non-ASCII characters are
-    escaped in it), so its length bounds them.
+    a claim of 256 large payloads would spend on the event loop. The trace context comes as
+    the JSON text of the stored jsonb, which holds every key and value as its UTF-8 bytes
+    and more (quotes, separators, escapes), so its length in bytes bounds them; in
+    characters it does not, as PostgreSQL writes non-ASCII characters unescaped. The claim
+    (`task_claim`) makes the same estimate in SQL, to take only what a message carries.
     """
     trace_context = row["trace_context"]
-    return len(row["payload"]) + len(trace_context or "") + LEASE_BYTES_BESIDES
+    trace_bytes = len(trace_context.encode()) if trace_context else 0
+    return len(row["payload"]) + trace_bytes + LEASE_BYTES_BESIDES
 
 
 def _clean_error(error: str) -> str:
@@ -211,8 +214,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
         batches = self.lease_batches(rows)
         if len(batches) > 1:
-            # One reply cannot be split: the leases past its room go back to the queue at
-            # once, with their attempt, and the worker's next poll claims them.
+            # One reply cannot be split. The claim took only what fits it, by the same
+            # estimate, so this is the safety net (a handoff's leases come by count): the
+            # leases past its room go back to the queue at once, with their attempt, and
+            # the worker's next poll claims them.
             unsent = [row for batch_rows, _ in batches[1:] for row in batch_rows]
             self.handoff.hand_back(unsent, worker_id, REPLY_FULL)
         if not batches:
@@ -336,6 +341,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             raise
 
     async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
+        # Bounded by one message's bytes, for the Work stream too (see work_stream.py):
+        # no claim takes a lease its message cannot carry.
         async with self.database.connection() as conn:
             return await queries.task_claim(
                 conn,
@@ -344,6 +351,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 worker_id=worker_id,
                 lease_ttl=self.config.lease_ttl,
                 deadline_grace=self.config.deadline_grace,
+                max_bytes=self.config.lease_message_bytes,
+                bytes_per_lease=LEASE_BYTES_BESIDES,
             )
 
     async def release_undelivered(
@@ -389,9 +398,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def lease_batches(self, rows: list[Any]) -> list[tuple[list[Any], list[pb.Lease]]]:
         """Leased rows as the worker receives them, in order, grouped to fit one message each.
 
-        A claim is capped by count, not by bytes: a few large payloads would make one
-        message over the gRPC send limit, whose write fails, and the same claim would
-        repeat for ever. A lease alone always gets a group of its own: the limit holds one.
+        A claim stops at one message's bytes by the same estimate, so its rows make one
+        group; a handoff's are capped by count only. Without this, a few large payloads
+        could make one message over the gRPC send limit, whose write fails, and the same
+        claim would repeat for ever. A lease alone always gets a group of its own: the
+        limit holds one.
         """
         budget = self.config.lease_message_bytes
         batches: list[tuple[list[Any], list[pb.Lease]]] = []

@@ -267,8 +267,15 @@ async def task_claim(
     worker_id: str,
     lease_ttl: timedelta,
     deadline_grace: timedelta,
+    max_bytes: int | None = None,
+    bytes_per_lease: int = 0,
 ) -> list[asyncpg.Record]:
-    """Lease up to `limit` of the oldest available tasks of the given types."""
+    """Lease up to `limit` of the oldest available tasks of the given types.
+
+    With `max_bytes`, only as many of them as fit that many bytes, each counted as its
+    payload, its trace context's JSON text and `bytes_per_lease`; the oldest always. Each
+    row's `more` says whether tasks were left for want of room.
+    """
     return list(
         await conn.fetch(
             SQL["task_claim"],
@@ -277,6 +284,8 @@ async def task_claim(
             worker_id,
             _seconds(lease_ttl),
             _seconds(deadline_grace),
+            max_bytes,
+            bytes_per_lease,
         )
     )
 

@@ -161,15 +161,28 @@ FROM given AS g LEFT JOIN inserted AS i ON i.id = g.id
 ORDER BY g.ord;
 
 -- name: task_claim
--- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s).
+-- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s),
+-- $6 the bytes the leases may take in one message (NULL: no bound), $7 a lease's bytes
+-- besides its payload and its trace context's JSON text.
 -- Oldest first within each type (one range of (type, state, seq) per type), then oldest
 -- overall.
 -- Paused types are skipped (a primary-key probe each).
+-- Bounded by bytes as well as by count: the oldest candidates whose leases, estimated as
+-- the server's lease_size_bound estimates them, fit $6 together (always the oldest one,
+-- which fits any message alone), so a claim takes nothing its message cannot carry.
+-- Neither size reads a TOASTed value: octet_length of a bytea reads the length from its
+-- TOAST pointer, and a trace context is small. The candidates are locked before they are
+-- measured (FOR UPDATE takes no window function at its own level), so candidates past the
+-- bound stay locked, untouched, until the claim commits; another claim skips them meanwhile.
+-- `more` (on every row): a candidate was left for want of room, so tasks remain ready and
+-- the claim has not drained its types (wake_rounds.py).
 WITH candidates AS (
-    SELECT c.id, c.seq
+    SELECT c.id, c.seq, c.lease_bytes
     FROM unnest($1::text[]) AS wanted (type)
     CROSS JOIN LATERAL (
-        SELECT t.id, t.seq
+        SELECT t.id, t.seq,
+               octet_length(t.payload) + coalesce(octet_length(t.trace_context::text), 0)
+                   + $7::integer AS lease_bytes
         FROM conveyor_tasks AS t
         WHERE t.state = 'queued' AND t.type = wanted.type AND t.available_at <= now()
         ORDER BY t.seq
@@ -179,6 +192,15 @@ WITH candidates AS (
     WHERE NOT EXISTS (SELECT 1 FROM conveyor_paused_types AS p WHERE p.type = wanted.type)
     ORDER BY c.seq
     LIMIT $2
+), fitting AS (
+    -- A prefix in seq order: the running sum (bigint, of integers) only grows, so FIFO
+    -- holds.
+    SELECT id
+    FROM (SELECT id,
+                 sum(lease_bytes) OVER (ORDER BY seq) AS through,
+                 row_number() OVER (ORDER BY seq) AS position
+          FROM candidates) AS measured
+    WHERE position = 1 OR $6::bigint IS NULL OR through <= $6::bigint
 ), claimed AS (
     UPDATE conveyor_tasks AS t
     SET state = 'running',
@@ -190,8 +212,8 @@ WITH candidates AS (
         lease_expires_at = least(
             now() + make_interval(secs => $4), now() + t.timeout + make_interval(secs => $5)
         )
-    FROM candidates
-    WHERE t.id = candidates.id
+    FROM fitting
+    WHERE t.id = fitting.id
     RETURNING t.id, t.seq, t.type, t.payload, t.attempt, t.max_retries, t.timeout,
               t.lease_id, t.lease_expires_at, t.deadline_at, t.trace_context::text AS trace_context,
               -- queue wait: from becoming available (enqueue, or end of backoff) to start
@@ -201,7 +223,8 @@ WITH candidates AS (
     SELECT id, 'started', 'running', attempt, $3 FROM claimed
 )
 SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at,
-       waited, trace_context
+       waited, trace_context,
+       (SELECT count(*) FROM candidates) > (SELECT count(*) FROM fitting) AS more
 FROM claimed
 ORDER BY seq;
 

@@ -525,18 +525,19 @@ class _Runtime:
             _Unreachable: no server answered (the next call goes to the next server).
             grpc.aio.AioRpcError: the server answered with an error status.
         """
-        address = self.ring.pick()
-        if address is None:
+        pick = self.ring.pick()
+        if pick is None:
             raise _Unreachable(
                 "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
             )
+        address = pick.address
         try:
             response = await getattr(self.stub(address), method)(
                 request, timeout=timeout, metadata=self.metadata
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
-                self.ring.record(address, reachable=False)
+                self.ring.record(pick, reachable=False)
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
             if is_backpressure(exc.code(), exc.details()):
                 # "Not now" from a server that answered: its breaker hears it is reachable
@@ -544,16 +545,16 @@ class _Runtime:
                 # retries an _Unreachable after its own jittered backoff (a report within
                 # its lease, a heartbeat at its next beat), so an overloaded server is not
                 # hammered in step.
-                self.ring.record(address, reachable=True)
+                self.ring.record(pick, reachable=True)
                 raise _Unreachable(f"{address}: {exc.details()}") from exc
-            self.ring.record(address, reachable=True)
+            self.ring.record(pick, reachable=True)
             raise
         except BaseException:
             # Cancelled before an answer (a long poll when the worker stops): if the call
             # was the breaker's probe, the next one probes instead of none ever again.
-            self.ring.abandon(address)
+            self.ring.abandon(pick)
             raise
-        self.ring.record(address, reachable=True)
+        self.ring.record(pick, reachable=True)
         return response
 
     # --- main -----------------------------------------------------------------------------
@@ -705,11 +706,12 @@ class _Runtime:
             grpc.aio.AioRpcError: the server refused the stream.
         """
         assert self.slot_freed is not None  # noqa: S101
-        address = self.ring.pick()
-        if address is None:
+        pick = self.ring.pick()
+        if pick is None:
             raise _Unreachable(
                 "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
             )
+        address = pick.address
         # No request iterator: grpc.aio then lets us write and read as we go.
         call = self.stub(address).Work(metadata=self.metadata)  # type: ignore[call-arg]
         stream = WorkStream(call, self.on_leases)
@@ -724,14 +726,14 @@ class _Runtime:
             except BaseException as exc:
                 if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
                     # Stopped while opening: the breaker's probe, if this was one, ends.
-                    self.ring.record(address, reachable=False)
+                    self.ring.record(pick, reachable=False)
                 raise
-            self.ring.record(address, reachable=True)
+            self.ring.record(pick, reachable=True)
             self.stream = stream
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
-            self.ring.record(address, reachable=exc.code() not in TRANSIENT_CODES)
+            self.ring.record(pick, reachable=exc.code() not in TRANSIENT_CODES)
             if exc.code() in TRANSIENT_CODES:
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
             if exc.code() == grpc.StatusCode.INTERNAL:
@@ -740,7 +742,7 @@ class _Runtime:
                 raise _Unreachable(f"{address}: {exc.details()}") from exc
             raise
         except StreamEnded as exc:
-            self.ring.record(address, reachable=False)
+            self.ring.record(pick, reachable=False)
             raise _Unreachable(f"{address}: {exc}") from exc
         finally:
             if self.stream is stream:
