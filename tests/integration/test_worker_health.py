@@ -33,6 +33,7 @@ from helpers import (
 )
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.storage import queries
@@ -334,6 +335,63 @@ class TestProgress:
         assert status.progress_at >= status.started_at
         assert isinstance(seen.get("type_error"), TypeError)
         assert final.state is TaskState.SUCCEEDED
+
+
+class TestLeasesPerHeartbeat:
+    def test_the_server_refuses_a_heartbeat_naming_too_many_leases(self, server) -> None:
+        """One worker token once slowed every worker's beats with 50,000 refs a call."""
+        refs = [
+            pb.LeaseRef(task_id=task_id, lease_id=str(uuid.uuid4()))
+            for task_id in new_task_ids(MAX_HEARTBEAT_LEASES + 1)
+        ]
+        with stubs(server.address) as (_, workers):
+            workers.RegisterWorker(
+                pb.RegisterWorkerRequest(worker_id="w-many", task_types=[TYPE], concurrency=1),
+                timeout=10,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                workers.Heartbeat(pb.HeartbeatRequest(worker_id="w-many", leases=refs), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"the limit is {MAX_HEARTBEAT_LEASES}" in (refused.value.details() or "")
+            # At the limit: answered (none of these leases exists, so each is to stop).
+            beat = workers.Heartbeat(
+                pb.HeartbeatRequest(worker_id="w-many", leases=refs[:MAX_HEARTBEAT_LEASES]),
+                timeout=30,
+            )
+            assert len(beat.stop) == MAX_HEARTBEAT_LEASES
+
+    def test_a_worker_holding_more_splits_its_beat(
+        self, server, client: Client, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Five leases, two a call: every one is still heartbeated (its progress arrives)."""
+        # The server runs in this process: both ends take the lower limit.
+        monkeypatch.setattr("conveyor.worker.runtime.MAX_HEARTBEAT_LEASES", 2)
+        monkeypatch.setattr("conveyor.server.worker_service.MAX_HEARTBEAT_LEASES", 2)
+        release = threading.Event()
+
+        def handler(ctx: Any, payload: bytes) -> bytes:
+            ctx.heartbeat(f"holding {payload.decode()}")
+            assert release.wait(30), "the test never released the handler"
+            return b"ok"
+
+        worker = Worker(server.address, concurrency=5)
+        worker.register_handler(TYPE, handler)
+        with running(worker):
+            try:
+                ids = client.enqueue_tasks(
+                    [Task(type=TYPE, payload=str(n).encode()) for n in range(5)]
+                )
+                for n, task_id in enumerate(ids):
+                    wait_for(
+                        lambda task_id=task_id, n=n: (
+                            client.get_task_status(task_id).progress == f"holding {n}"
+                        ),
+                        timeout=15,
+                        what=f"task {n}'s progress to arrive by heartbeat",
+                    )
+            finally:
+                release.set()
+            assert all(wait_final(client, i).state is TaskState.SUCCEEDED for i in ids)
 
 
 class TestTextProtobufCannotCarry:

@@ -22,6 +22,7 @@ import grpc
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
+from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -444,6 +445,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     ) -> pb.HeartbeatResponse:
         """Extend the named leases; tell the worker which ones it must stop."""
         worker_id = _worker_id(request.worker_id)
+        if len(request.leases) > MAX_HEARTBEAT_LEASES:
+            # Each lease is a row locked on the reserved pool that leader elections share:
+            # an unbounded list from one worker token slowed every other worker's beats.
+            raise InvalidTask(
+                f"{len(request.leases)} leases in one heartbeat; the limit is "
+                f"{MAX_HEARTBEAT_LEASES} (a worker holding more splits its beat)"
+            )
         leases = [
             (
                 normalize_task_id(ref.task_id),

@@ -67,6 +67,7 @@ from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
+from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -1228,39 +1229,45 @@ class _Runtime:
             key=lambda a: a.lease.task_id,
         )
         sent_progress = {a: a.progress for a in held if a.progress is not None}
-        request = pb.HeartbeatRequest(
-            worker_id=self.worker.worker_id,
-            leases=[
-                pb.LeaseRef(
-                    task_id=a.lease.task_id,
-                    lease_id=a.lease.lease_id,
-                    progress=a.progress or "",
-                    has_progress=a.progress is not None,
-                )
-                for a in held
-            ],
-            draining=self.draining,
-            in_flight=self.busy,
-            loop_lag_ms=self.watchdog.take_max_lag_ms() if self.watchdog else 0,
-        )
-        try:
-            # Short deadline: a heartbeat that cannot get through must be noticed well
-            # within the lease, not after a long call timeout.
-            response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
-        except (_Unreachable, grpc.aio.AioRpcError) as exc:
-            self.metrics.heartbeat_failures.inc()
-            self.log.warning(
-                "heartbeat failed (%s); silent for %.1fs",
-                exc,
-                self.loop.time() - last_success,
-                extra={"event": "heartbeat_failed"},
+        loop_lag_ms = self.watchdog.take_max_lag_ms() if self.watchdog else 0
+        stops: list[pb.LeaseToStop] = []
+        # The server takes at most MAX_HEARTBEAT_LEASES leases a call; more go in several
+        # calls, in task id order still (and one call when nothing is held).
+        for start in range(0, max(1, len(held)), MAX_HEARTBEAT_LEASES):
+            request = pb.HeartbeatRequest(
+                worker_id=self.worker.worker_id,
+                leases=[
+                    pb.LeaseRef(
+                        task_id=a.lease.task_id,
+                        lease_id=a.lease.lease_id,
+                        progress=a.progress or "",
+                        has_progress=a.progress is not None,
+                    )
+                    for a in held[start : start + MAX_HEARTBEAT_LEASES]
+                ],
+                draining=self.draining,
+                in_flight=self.busy,
+                loop_lag_ms=loop_lag_ms,
             )
-            self.stop_if_silent(last_success, held)
-            return last_success
+            try:
+                # Short deadline: a heartbeat that cannot get through must be noticed well
+                # within the lease, not after a long call timeout.
+                response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
+            except (_Unreachable, grpc.aio.AioRpcError) as exc:
+                self.metrics.heartbeat_failures.inc()
+                self.log.warning(
+                    "heartbeat failed (%s); silent for %.1fs",
+                    exc,
+                    self.loop.time() - last_success,
+                    extra={"event": "heartbeat_failed"},
+                )
+                self.stop_if_silent(last_success, held)
+                return last_success
+            stops.extend(response.stop)
         for attempt, progress in sent_progress.items():
             if attempt.progress == progress:
                 attempt.progress = None
-        for stop in response.stop:
+        for stop in stops:
             stopped = self.attempts.get(stop.task_id)
             if (
                 stopped is not None
