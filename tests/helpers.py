@@ -70,16 +70,24 @@ async def async_wait_for(
         await asyncio.sleep(interval)
 
 
-def metric_by_label(http_url: str, sample: str, label: str) -> dict[str, float]:
-    """One sample of a server's /metrics, by the value of one label: {label value: value}."""
+def metric_samples(http_url: str, token: str | None = None) -> list[Any]:
+    """Every sample of a server's /metrics (a server with tokens asks for one)."""
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{http_url}/metrics", headers=headers)  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         body = response.read().decode()
+    return [sample for family in text_string_to_metric_families(body) for sample in family.samples]
+
+
+def metric_by_label(
+    http_url: str, sample: str, label: str, token: str | None = None
+) -> dict[str, float]:
+    """One sample of a server's /metrics, by the value of one label: {label value: value}."""
     return {
         found.labels[label]: found.value
-        for family in text_string_to_metric_families(body)
-        for found in family.samples
+        for found in metric_samples(http_url, token)
         if found.name == sample
     }
 
@@ -89,14 +97,9 @@ def rpc_count(
 ) -> float:
     """How many calls of `method` the server answered with `code` (from its /metrics), as
     counted by `histogram` (conveyor_long_rpc_duration_seconds for streams and long polls)."""
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
     return sum(
         sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
+        for sample in metric_samples(http_url)
         if sample.name == f"{histogram}_count" and sample.labels == {"method": method, "code": code}
     )
 

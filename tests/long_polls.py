@@ -23,9 +23,9 @@ LONG_POLL = 30  # seconds each test poll may wait on the server
 WAITERS = 8
 
 
-def claims(http_url: str) -> dict[str, float]:
+def claims(http_url: str, token: str | None = None) -> dict[str, float]:
     """conveyor_lease_claims_total by result."""
-    return metric_by_label(http_url, "conveyor_lease_claims_total", "result")
+    return metric_by_label(http_url, "conveyor_lease_claims_total", "result", token)
 
 
 class Fleet:

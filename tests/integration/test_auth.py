@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import wait_final, wait_for
+from long_polls import claims
 from work_streams import RawStream
 
 from conveyor import Client, Task, TaskState, Worker
@@ -384,6 +385,52 @@ class TestWorkerBinding:
             assert ended.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             stream.close()
+
+    def test_a_long_poll_whose_token_is_revoked_meanwhile_gets_no_task(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
+    ) -> None:
+        """A poll waits up to 30 s after its admission: a task that arrives after the token
+        was revoked must not reach it, and goes back to the queue for another worker."""
+        workers, tasks = stubs
+        token, producer = tokens.add("fleet", Role.WORKER), tokens.add("app", Role.PRODUCER)
+        admin = tokens.add("ops", Role.ADMIN)
+        self.register(workers, token, "worker-revoked")
+        poll = workers.LeaseTasks.future(
+            pb.LeaseTasksRequest(
+                worker_id="worker-revoked",
+                task_types=["t"],
+                max_tasks=1,
+                wait=Duration(seconds=20),
+            ),
+            metadata=bearer(token),
+            timeout=30,
+        )
+        try:
+            wait_for(
+                lambda: claims(secured.http_url, admin).get("empty", 0) >= 1,
+                what="the long poll to be waiting",
+            )
+            tokens.remove(token)
+            task_id = str(uuid.uuid4())
+            tasks.EnqueueTasks(
+                pb.EnqueueTasksRequest(tasks=[spec(task_id)]), metadata=bearer(producer), timeout=10
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                poll.result(timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            poll.cancel()
+        with Client(secured.address, token=admin) as client:
+            status = wait_for(
+                lambda: (
+                    (s := client.get_task_status(task_id, history=True)).state is TaskState.QUEUED
+                    and s.history[-1].event == "released"
+                    and s
+                ),
+                what="the lease to go back to the queue",
+            )
+        assert status.attempts == 0  # the attempt went back with the lease
+        assert "token was refused" in (status.history[-1].detail or "")
 
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]

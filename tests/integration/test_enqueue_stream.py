@@ -22,7 +22,6 @@ import gc
 import random
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -33,7 +32,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
-from helpers import async_wait_for, wait_for, writes_blocked
+from helpers import async_wait_for, metric_samples, wait_for, writes_blocked
 from work_streams import ENDED, RawCall, RawEnqueueStream
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task
@@ -125,13 +124,7 @@ def rows(db: Any, ids: list[str]) -> list[Any]:
 
 def scrape(http_url: str, token: str | None = None) -> list[Any]:
     """Every sample of a server's /metrics (a server with tokens asks for one)."""
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"{http_url}/metrics", headers=headers)  # noqa: S310
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        body = response.read().decode()
-    return [sample for family in text_string_to_metric_families(body) for sample in family.samples]
+    return metric_samples(http_url, token)
 
 
 def open_enqueue_streams(http_url: str, token: str | None = None) -> float:

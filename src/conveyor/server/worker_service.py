@@ -61,6 +61,10 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
 LEASE_BYTES_BESIDES: Final = 1024
 # Why leases a LeaseTasks claim took went back to the queue (the `released` event's detail).
+CALLER_REFUSED: Final = (
+    "lease not delivered: the worker's token was refused (revoked, expired or narrowed) "
+    "before its long poll answered"
+)
 REPLY_FULL: Final = (
     "lease not delivered: the long poll's reply had no room left for it under the server's "
     "message size limit"
@@ -213,6 +217,17 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         give_up_at = asyncio.get_running_loop().time() + wait.total_seconds()
         rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
+        if rows and self.gate.authenticating:
+            # The caller was admitted when the poll began, up to max_lease_wait ago. A token
+            # revoked, expired or narrowed since must not receive payloads (the Work stream
+            # admits its caller again every second for the same reason).
+            try:
+                self.gate.admit("LeaseTasks", context.invocation_metadata).require_task_types(
+                    task_types
+                )
+            except Exception:
+                self.handoff.hand_back(rows, worker_id, CALLER_REFUSED)
+                raise
         batches = self.lease_batches(rows)
         if len(batches) > 1:
             # One reply cannot be split. The claim took only what fits it, by the same
