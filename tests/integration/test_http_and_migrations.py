@@ -30,7 +30,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import ServerConfig
-from conveyor.storage import migrate
+from conveyor.storage import migrate, queries
 from conveyor.types import new_task_id
 
 ALL_VERSIONS = [m.version for m in migrate.available_migrations()]
@@ -399,6 +399,35 @@ class TestMigrate:
                 )
                 == 100
             )
+        finally:
+            await conn.close()
+
+    async def test_tasks_finished_before_the_marks_existed_are_still_pruned(
+        self, empty_database_url
+    ) -> None:
+        """A database upgraded to 0013 holds tasks no leader has marked: the mark the
+        migration seeds must let the pruner reach them at once, not a retention later."""
+        await migrate_once(empty_database_url)
+        conn = await asyncpg.connect(empty_database_url)
+        try:
+            # Back to the schema before 0013, with a week and a day of finished tasks.
+            await conn.execute("DROP TABLE conveyor_seq_marks")
+            await conn.execute("DELETE FROM conveyor_schema_migrations WHERE version = 13")
+            await conn.execute(
+                "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, state, "
+                "finished_at) SELECT gen_random_uuid(), 'old', '', interval '60 seconds', 0, "
+                "'cancelled', now() - interval '8 days' FROM generate_series(1, 50)"
+            )
+            assert [m.version for m in await migrate.migrate(conn)] == [13]
+            await conn.execute(
+                "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
+                "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')"
+            )
+            leader = queries.LeaderProof("server-1", 1)
+            pruned = await queries.task_prune_finished(
+                conn, retention=timedelta(days=7), limit=1000, leader=leader
+            )
+            assert pruned == {"cancelled": 50}
         finally:
             await conn.close()
 

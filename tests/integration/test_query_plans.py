@@ -785,3 +785,64 @@ class TestExplainChangesNothing:
         for name in PER_TASK_QUERIES:
             await explain(seeded.url, SQL[name], *params[name])
         assert await snapshot() == before
+
+
+def prune_tasks_sql(count: int, finished_ago: str) -> str:
+    """Insert `count` cancelled tasks that finished `finished_ago` (an interval literal)."""
+    return (
+        "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, state, "  # noqa: S608 - test constants
+        f"finished_at) SELECT gen_random_uuid(), 'prune', '', interval '60 seconds', 0, "
+        f"'cancelled', now() - interval '{finished_ago}' FROM generate_series(1, {count})"
+    )
+
+
+class TestPruneReadsWhatItDeletes:
+    """A retention batch once walked every finished task younger than the cutoff (358 ms at
+    1.2 million, under the leader row's lock that elections wait for); the queue-position
+    marks (migration 0013) stop it where nothing can be old enough."""
+
+    OLD, YOUNG = 500, 20_000
+
+    def test_a_batch_reads_the_old_tasks_not_the_young_ones(self, pg_cluster) -> None:
+        async def prune(url: str) -> tuple[Any, int]:
+            conn = await asyncpg.connect(url)
+            try:
+                raw = await conn.fetchval(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_prune_finished"],
+                    3600.0,
+                    1000,
+                    "server-1",
+                    1,
+                )
+                left = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
+            finally:
+                await conn.close()
+            return json.loads(raw) if isinstance(raw, str) else raw, left
+
+        with seeded_database(
+            pg_cluster,
+            "prune",
+            prune_tasks_sql(self.OLD, "2 hours"),
+            # What the leader's round recorded after those tasks were enqueued, aged with them.
+            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
+            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
+            prune_tasks_sql(self.YOUNG, "10 minutes"),
+            "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
+            "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
+            "ANALYZE conveyor_tasks",
+        ) as url:
+            plan, left = asyncio.run(prune(url))
+        # Rows of conveyor_tasks the search looked at, by whatever path (a sequential scan,
+        # or any index but the primary key, which the deletes probe).
+        read = sum(
+            (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+            for node in plan_nodes(plan)
+            if (node["Node Type"] == "Seq Scan" and node["Relation Name"] == "conveyor_tasks")
+            or (
+                node.get("Index Name", "").startswith("conveyor_tasks_")
+                and node["Index Name"] != "conveyor_tasks_pkey"
+            )
+        )
+        assert left == self.YOUNG  # the old ones went, in one batch
+        # The old tasks, and not the young ones behind them (20,500 before the marks).
+        assert self.OLD <= read < self.OLD + 100, json.dumps(plan, indent=1)

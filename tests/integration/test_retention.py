@@ -1,8 +1,9 @@
 """Retention: the leader deletes finished tasks, with their history, once old enough.
 
 Tasks are finished through the API (cancelled), then some are aged by moving their
-finished_at back in the database; the pruner must delete exactly those, with their history,
-and leave live tasks and recently finished ones alone.
+finished_at back in the database (and the leader's queue-position marks with them); the
+pruner must delete exactly those, with their history, and leave live tasks and recently
+finished ones alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def test_old_finished_tasks_are_pruned_with_their_history(start_server, db) -> N
         client.cancel_tasks(finished, reason="finished for the test")
         live = client.enqueue_tasks([Task(type="keep.t") for _ in range(2)])
         aged, recent = finished[:4], finished[4:]
+        # Two hours pass for the aged tasks, and so for the queue-position marks the leader
+        # records (a prune reaches only tasks enqueued before a mark older than its cutoff):
+        # once a mark covers every task here, all the marks move back with the tasks.
+        last_seq = db.fetchval("SELECT max(seq) FROM conveyor_tasks")
+        wait_for(
+            lambda: db.fetchval("SELECT max(seq) FROM conveyor_seq_marks") >= last_seq,
+            what="the leader to mark the queue past these tasks",
+        )
+        db.execute(
+            "UPDATE conveyor_seq_marks SET marked_at = marked_at - interval '2 hours' "
+            "WHERE marked_at > '-infinity'"
+        )
         db.execute(
             "UPDATE conveyor_tasks SET finished_at = now() - interval '2 hours' "
             "WHERE id = ANY($1::uuid[])",
@@ -58,6 +71,18 @@ def test_old_finished_tasks_are_pruned_with_their_history(start_server, db) -> N
         }
         assert {client.get_task_status(task_id).state for task_id in live} == {TaskState.QUEUED}
     assert pruned_metric(server.http_url, "cancelled") == 4
+    # Of the marks older than the cutoff, only the one a prune uses is kept (and the seed
+    # migration 0013 dated -infinity is gone with the others).
+    wait_for(
+        lambda: (
+            db.fetchval(
+                "SELECT count(*) FROM conveyor_seq_marks "
+                "WHERE marked_at <= now() - interval '1 hour'"
+            )
+            == 1
+        ),
+        what="the leader to drop the marks no prune needs",
+    )
 
 
 def test_retention_is_on_by_default_and_can_be_turned_off(start_server) -> None:

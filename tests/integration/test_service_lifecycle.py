@@ -223,6 +223,11 @@ SELECT gen_random_uuid(), 'prune.me', 'succeeded', 1, 3, interval '60 seconds',
        now() - interval '9 days', now() - interval '8 days', 'w', ''
 FROM generate_series(1, $1)
 """
+# The queue-position mark the leader would have recorded after enqueueing them, as old.
+OLD_FINISHED_MARK = """
+INSERT INTO conveyor_seq_marks (marked_at, seq)
+SELECT now() - interval '8 days', max(seq) FROM conveyor_tasks
+"""
 
 
 class PrunerThatLosesTheLead(RetentionPruner):
@@ -285,6 +290,7 @@ class TestLeaderDutyBatches:
         async with leading(database, "pruner") as elector:
             async with database.connection() as conn:
                 await conn.execute(OLD_FINISHED, retention.BATCH_SIZE + 100)
+                await conn.execute(OLD_FINISHED_MARK)
             pruner = pruner_class(
                 timedelta(hours=1), timedelta(days=7), database, elector, ServerMetrics()
             )

@@ -710,6 +710,11 @@ async def task_prune_finished(
     return pruned
 
 
+async def seq_mark_record(conn: Any, *, retention: timedelta, leader: LeaderProof) -> None:
+    """Leader only: mark where the queue order stands now, for task_prune_finished."""
+    await conn.execute(SQL["seq_mark_record"], _seconds(retention), leader.holder, leader.term)
+
+
 @dataclass(frozen=True, slots=True)
 class Success:
     """One success report for `task_succeed_many`."""

@@ -510,17 +510,27 @@ GROUP BY type;
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
 -- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
 -- (state, seq) index, with their history (by its primary key, in the same statement).
+-- The walk stops at the seq of the newest mark (seq_mark_record) at or before the cutoff:
+-- any task that finished before the cutoff drew its seq before it, so nothing past that
+-- seq can be old enough, and a batch reads the tasks it deletes, not every finished task
+-- (migration 0013). No mark that old yet: nothing to prune.
 -- Returns the deleted states.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
     FOR SHARE
+), bound AS (
+    SELECT m.seq FROM conveyor_seq_marks AS m
+    WHERE m.marked_at <= now() - make_interval(secs => $1)
+    ORDER BY m.marked_at DESC
+    LIMIT 1
 ), doomed AS (
     SELECT old.id
     FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) AS final (state)
     CROSS JOIN LATERAL (
         SELECT t.id, t.seq FROM conveyor_tasks AS t
         WHERE t.state = final.state
+          AND t.seq <= (SELECT seq FROM bound)
           AND t.finished_at < now() - make_interval(secs => $1)
           AND EXISTS (SELECT 1 FROM leader)
         ORDER BY t.seq
@@ -540,6 +550,29 @@ DELETE FROM conveyor_tasks
 -- over a scan of the whole table.
 WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
 RETURNING state;
+
+-- name: seq_mark_record
+-- $1 retention (s), $2 leader id, $3 leader term. Leader only, fenced. Marks where the
+-- queue order stands now (the seq sequence's last value: every seq drawn before this
+-- statement is at most that), for task_prune_finished's bound, and drops the marks older
+-- than the one a prune uses now: a prune's cutoff only moves forward (a longer retention
+-- later finds nothing older than the shorter one left).
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $2 AND term = $3 AND expires_at > now()
+    FOR SHARE
+), in_use AS (
+    SELECT max(marked_at) AS marked_at FROM conveyor_seq_marks
+    WHERE marked_at <= now() - make_interval(secs => $1)
+), trimmed AS (
+    DELETE FROM conveyor_seq_marks
+    WHERE marked_at < (SELECT marked_at FROM in_use) AND EXISTS (SELECT 1 FROM leader)
+)
+INSERT INTO conveyor_seq_marks (marked_at, seq)
+SELECT now(),
+       coalesce(pg_sequence_last_value(pg_get_serial_sequence('conveyor_tasks', 'seq')::regclass), 0)
+WHERE EXISTS (SELECT 1 FROM leader)
+ON CONFLICT (marked_at) DO NOTHING;
 
 -- name: worker_register
 -- $1 id, $2 host, $3 pid, $4 task types, $5 concurrency, $6 version, $7 principal (NULL when

@@ -2,7 +2,10 @@
 
 A task that succeeded, failed or was cancelled more than `retention` ago (7 days by
 default) is deleted with its history, in batches, oldest first, each batch one short
-fenced statement (it writes nothing unless this server still holds its term). Keeping the
+fenced statement (it writes nothing unless this server still holds its term) that reads
+the tasks it deletes and not every finished one: each round marks the queue position
+(seq) it has reached, and a batch stops at the newest mark older than the cutoff, since a
+task that finished before then was enqueued before it. Keeping the
 hot table to live tasks and recent history is what keeps every per-task query fast at any
 age of the deployment; operators who need the history longer export it first or raise
 the retention (`--retention-days`, 0 to keep everything).
@@ -51,7 +54,10 @@ class RetentionPruner(LeaderDuty):
         self._metrics = metrics
 
     async def lead(self, leader: LeaderProof) -> None:
-        """Delete old finished tasks, a batch at a time."""
+        """Mark where the queue stands, then delete old finished tasks, a batch at a time."""
+        async with self._database.connection() as conn:
+            # What bounds each batch's walk a retention from now (migration 0013).
+            await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
         for _ in range(MAX_BATCHES_PER_ROUND):
             async with self._database.connection() as conn:
                 pruned = await queries.task_prune_finished(
