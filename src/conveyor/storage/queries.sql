@@ -433,12 +433,23 @@ WITH leader AS (
     WHERE name = 'maintenance' AND holder = $4 AND term = $5 AND expires_at > now()
     FOR SHARE
 ), expired AS (
-    SELECT id, deadline_at <= now() AS timed_out
-    FROM conveyor_tasks
-    WHERE state = 'running' AND lease_expires_at < now() AND EXISTS (SELECT 1 FROM leader)
-    ORDER BY lease_expires_at
+    -- `timed_out` only if the worker was heard from (a heartbeat, or its goodbye) at or
+    -- after the deadline: it was alive while the attempt ran past its timeout. Finding
+    -- the lease expired after the deadline is no evidence of that: a lease runs to
+    -- deadline + grace, and the sweeper waits worker_lost_after (15 s) before ending a
+    -- silent worker's leases, so a worker that died up to 15 s before its deadline (any
+    -- death, for timeouts under 15 s) is found after it. No row for the worker (it never
+    -- registered, so its heartbeats were never recorded) is no evidence either. The state
+    -- plays no part: a draining worker heartbeats, a stopped one said goodbye at
+    -- last_heartbeat_at, a lost one went silent then. A primary-key probe per reaped task.
+    SELECT t.id,
+           coalesce((SELECT w.last_heartbeat_at >= t.deadline_at
+                     FROM conveyor_workers AS w WHERE w.id = t.worker_id), false) AS timed_out
+    FROM conveyor_tasks AS t
+    WHERE t.state = 'running' AND t.lease_expires_at < now() AND EXISTS (SELECT 1 FROM leader)
+    ORDER BY t.lease_expires_at
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF t SKIP LOCKED
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN t.attempt < t.max_retries + 1
