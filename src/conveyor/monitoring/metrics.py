@@ -220,6 +220,15 @@ class ServerMetrics:
             "behind its contents.",
             registry=self.registry,
         )
+        # Apart from the ANALYZEs that ran, so a dashboard of those stays true: a skipped
+        # one gathered nothing.
+        self.task_table_analyze_skipped = Counter(
+            "conveyor_task_table_analyze_skipped_total",
+            "ANALYZEs of conveyor_tasks the leader attempted that PostgreSQL skipped, by "
+            "reason: locked (another session held the table) or refused (any other warning).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_connections_in_use",
             "Database connections checked out of this server's pool.",

@@ -935,6 +935,8 @@ WHERE s.relid = 'conveyor_tasks'::regclass;
 
 -- name: task_table_analyze
 -- Gathers conveyor_tasks' planner statistics now (a sample of 30,000 rows at the default
--- statistics target); skips the table rather than wait while autovacuum works on it.
+-- statistics target); skips the table rather than wait while autovacuum works on it. A
+-- skip is no error: PostgreSQL only sends a WARNING (SQLSTATE 55P03), which the caller
+-- watches for (queries.task_table_analyze).
 ANALYZE (SKIP_LOCKED) conveyor_tasks;
 
