@@ -214,6 +214,13 @@ class ServerMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.workers_pruned = Counter(
+            "conveyor_workers_pruned_total",
+            "Stopped and lost workers deleted by the leader once silent longer than the "
+            "worker retention, by state.",
+            ["state"],
+            registry=self.registry,
+        )
         self.task_table_analyzed = Counter(
             "conveyor_task_table_analyzed_total",
             "ANALYZEs of conveyor_tasks run by the leader because its planner statistics fell "

@@ -498,6 +498,22 @@ async def worker_sweep_lost(
     )
 
 
+async def worker_prune_gone(
+    conn: Any, *, retention: timedelta, limit: int, leader: LeaderProof
+) -> dict[str, int]:
+    """Leader only: delete up to `limit` gone workers silent longer than `retention`.
+
+    Gone: stopped or lost. Returns how many of each state were deleted.
+    """
+    rows = await conn.fetch(
+        SQL["worker_prune_gone"], _seconds(retention), limit, leader.holder, leader.term
+    )
+    pruned: dict[str, int] = {}
+    for row in rows:
+        pruned[row["state"]] = pruned.get(row["state"], 0) + 1
+    return pruned
+
+
 async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[asyncpg.Record]:
     """Workers, newest first; stopped ones only if asked."""
     return list(await conn.fetch(SQL["worker_list"], include_stopped, limit))

@@ -628,6 +628,36 @@ WITH leader AS (
 SELECT lost.id, (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
 FROM lost;
 
+-- name: worker_prune_gone
+-- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
+-- Deletes up to $2 workers that stopped or were lost and were last heard from more than
+-- $1 seconds ago, longest silent first. Returns the deleted workers' states.
+-- Nothing refers to a worker's row: tasks and their history keep its id as text, and the
+-- reaper and task_explain read a missing row as an unknown worker (the reaper's rows are
+-- long gone by then: a worker's leases end within a lease of its last heartbeat). A
+-- sequential scan, on purpose: the table holds the live workers and those gone within
+-- $1, and an index on last_heartbeat_at would make every heartbeat (worker_touch) update
+-- an index entry instead of a heap-only tuple. The sweeper scans it every second anyway.
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
+    FOR SHARE
+), doomed AS (
+    -- Skips a row a registration or a heartbeat holds: it is coming back to life.
+    SELECT id
+    FROM conveyor_workers
+    WHERE state IN ('stopped', 'lost')
+      AND last_heartbeat_at < now() - make_interval(secs => $1)
+      AND EXISTS (SELECT 1 FROM leader)
+    ORDER BY last_heartbeat_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_workers
+-- An array, not a join: primary-key probes, never a second scan of the table.
+WHERE id = ANY (ARRAY(SELECT id FROM doomed))
+RETURNING state;
+
 -- name: worker_list
 SELECT id, host, pid, task_types, concurrency, version, state, started_at, last_heartbeat_at,
        in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for
