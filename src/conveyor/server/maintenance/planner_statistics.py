@@ -77,6 +77,9 @@ class PlannerStatistics(LeaderDuty):
         async with self._database.connection() as conn:
             changes = await queries.task_table_changes(conn)
             if changes is None or not stale(changes["changed"], changes["analyzed_rows"]):
+                # Someone else's ANALYZE (autovacuum's, after its VACUUM) may have ended a
+                # run of skips: the next one starts a new run, told again.
+                self._skipped_for_lock = 0
                 return
             # Set before the statement: one that fails (a statement timeout) is not tried
             # again at every round either.
