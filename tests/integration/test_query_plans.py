@@ -724,11 +724,14 @@ class TestSpecificIndexes:
         assert "conveyor_tasks_type_state_seq_idx" in indexes_used(plan), json.dumps(plan, indent=1)
 
     async def test_reaper_uses_the_lease_expiry_index(self, seeded: Seeded) -> None:
-        """task_reap_expired finds expired leases through conveyor_tasks_lease_expiry_idx."""
+        """task_reap_expired finds expired leases through conveyor_tasks_lease_expiry_idx, and
+        looks up each one's worker (was it heard from after the deadline?) by primary key."""
         plan = await explain(
             seeded.url, SQL["task_reap_expired"], *parameters(seeded)["task_reap_expired"]
         )
-        assert "conveyor_tasks_lease_expiry_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+        used = indexes_used(plan)
+        assert "conveyor_tasks_lease_expiry_idx" in used, json.dumps(plan, indent=1)
+        assert "conveyor_workers_pkey" in used, json.dumps(plan, indent=1)
 
     @pytest.mark.parametrize("name", ["task_list_by_state", "task_list_by_type_and_state"])
     async def test_listings_read_the_index_in_queue_order(self, seeded: Seeded, name: str) -> None:

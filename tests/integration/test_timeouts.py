@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, timedelta
 
-from helpers import RERUN_AFTER_LEASE_EXPIRED, wait_final, wait_for
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from helpers import RERUN_AFTER_LEASE_EXPIRED, metric_samples, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 SHORT = timedelta(milliseconds=300)
 # The history of a task whose first attempt timed out and whose retry succeeded.
@@ -326,3 +333,136 @@ class TestDeadline:
         expected = status.started_at.astimezone(UTC) + timeout
         assert abs((deadline - expected).total_seconds()) < 2, (deadline, expected)
         assert timedelta(seconds=80) < seen["time_left"] <= timeout
+
+
+def cut_short(http_url: str) -> dict[tuple[str, str], float]:
+    """conveyor_attempts_cut_short_total by (type, reason), from a server's /metrics."""
+    return {
+        (sample.labels["type"], sample.labels["reason"]): sample.value
+        for sample in metric_samples(http_url)
+        if sample.name == "conveyor_attempts_cut_short_total"
+    }
+
+
+@contextlib.contextmanager
+def worker_stub(address: str) -> Iterator[pb_grpc.WorkerServiceStub]:
+    """A raw WorkerService stub on a channel closed afterwards."""
+    channel = grpc.insecure_channel(address)
+    try:
+        yield pb_grpc.WorkerServiceStub(channel)
+    finally:
+        channel.close()
+
+
+class TestWhatTheReaperCallsAnExpiredLease:
+    """The reaper records `timed_out` only for an attempt whose worker was still heard from
+    at or after the deadline; a lease that ran out because its worker went silent first is
+    `lease_expired`, even when the reaper only finds it after the deadline (the lease lasts
+    until deadline + grace, and the sweeper waits 15 s of silence before ending it)."""
+
+    def test_a_worker_killed_before_the_deadline_is_lease_expired(
+        self, start_server, spawn_worker, ledger, db
+    ) -> None:
+        """kill -9 a real `conveyor worker` process while its handler runs a task with a 5 s
+        timeout. Its lease then runs to the deadline plus the grace, and the reaper takes the
+        task back after the deadline: that was recorded as `timed_out` ("attempt exceeded its
+        timeout ... and its worker did not report it") and counted as a timeout, though the
+        worker died long before the attempt could time out."""
+        server = start_server(deadline_grace=timedelta(seconds=1))
+        worker = spawn_worker(server.address, concurrency=1)
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(
+                Task(type="sleep", payload=b"60", timeout=timedelta(seconds=5), max_retries=0)
+            )
+            wait_for(
+                lambda: [row for row in ledger.started() if row["task_id"] == task_id],
+                what="the handler to start",
+            )
+            worker.signal(signal.SIGKILL)
+            worker.wait(10)
+            [before] = db.fetch(
+                "SELECT t.state, t.deadline_at, w.last_heartbeat_at < t.deadline_at AS silent "
+                "FROM conveyor_tasks AS t JOIN conveyor_workers AS w ON w.id = t.worker_id "
+                "WHERE t.id = $1::uuid",
+                task_id,
+            )
+            # The scenario: the worker's last word came before the deadline, and nothing
+            # was reported (the kill came first).
+            assert (before["state"], before["silent"]) == ("running", True), dict(before)
+            status = wait_final(client, task_id)
+
+        events = db.events(task_id)
+        assert [e["event"] for e in events] == ["enqueued", "started", "lease_expired"]
+        # Found after the deadline: the case that used to be called a timeout.
+        assert events[-1]["at"] >= before["deadline_at"]
+        assert status.state is TaskState.FAILED
+        assert status.last_error is not None
+        assert status.last_error.startswith("LeaseExpired"), status.last_error
+        assert cut_short(server.http_url) == {("sleep", "lease_expired"): 1.0}
+
+    def test_a_live_worker_overrunning_is_timed_out_a_silent_one_lease_expired(
+        self, start_server, db
+    ) -> None:
+        """Two raw-gRPC workers lease a task each, with a 1 s timeout, and neither reports.
+        One goes on heartbeating past the deadline (a handler it cannot stop, a report it
+        cannot send): its attempt timed out. The other never says another word after its
+        lease: it was gone before the deadline, and its lease ran out. The reaper finds both
+        leases expired after the deadline, and used to call both timeouts."""
+        server = start_server(deadline_grace=timedelta(seconds=1))
+        with Client(server.address) as client, worker_stub(server.address) as workers:
+            leases = {}
+            for worker_id in ("w-overruns", "w-silent"):
+                task_type = f"reap.{worker_id}"
+                client.enqueue_task(
+                    Task(type=task_type, timeout=timedelta(seconds=1), max_retries=0)
+                )
+                workers.RegisterWorker(
+                    pb.RegisterWorkerRequest(
+                        worker_id=worker_id, host="h", pid=1, task_types=[task_type], concurrency=1
+                    ),
+                    timeout=10,
+                )
+                [leases[worker_id]] = workers.LeaseTasks(
+                    pb.LeaseTasksRequest(
+                        worker_id=worker_id,
+                        task_types=[task_type],
+                        max_tasks=1,
+                        wait=Duration(seconds=5),
+                    ),
+                    timeout=15,
+                ).leases
+            overrun = leases["w-overruns"]
+            stop = threading.Event()
+
+            def beat() -> None:
+                # The worker's own rhythm, not a wait for anything: a beat every 200 ms.
+                while not stop.wait(0.2):
+                    workers.Heartbeat(
+                        pb.HeartbeatRequest(
+                            worker_id="w-overruns",
+                            leases=[
+                                pb.LeaseRef(task_id=overrun.task_id, lease_id=overrun.lease_id)
+                            ],
+                        ),
+                        timeout=10,
+                    )
+
+            beating = threading.Thread(target=beat, daemon=True)
+            beating.start()
+            try:
+                overran = wait_final(client, overrun.task_id)
+                silent = wait_final(client, leases["w-silent"].task_id)
+            finally:
+                stop.set()
+                beating.join(15)
+
+        assert [e.event for e in overran.history] == ["enqueued", "started", "timed_out"]
+        assert overran.last_error is not None
+        assert overran.last_error.startswith("TimeoutError"), overran.last_error
+        assert [e.event for e in silent.history] == ["enqueued", "started", "lease_expired"]
+        assert silent.last_error is not None
+        assert silent.last_error.startswith("LeaseExpired: worker w-silent"), silent.last_error
+        assert cut_short(server.http_url) == {
+            ("reap.w-overruns", "timed_out"): 1.0,
+            ("reap.w-silent", "lease_expired"): 1.0,
+        }

@@ -236,6 +236,15 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     "(0: keep them forever).",
 )
 @click.option(
+    "--worker-retention-hours",
+    type=BoundedFloat(min=0),
+    default=24.0,
+    show_default=True,
+    envvar="CONVEYOR_WORKER_RETENTION_HOURS",
+    help="Delete stopped and lost workers this many hours after they were last heard from "
+    "(0: keep them forever).",
+)
+@click.option(
     "--group-commit/--no-group-commit",
     default=True,
     show_default=True,
@@ -355,6 +364,7 @@ def server(
     leader_ttl: float,
     reaper_interval: float,
     retention_days: float,
+    worker_retention_hours: float,
     group_commit: bool,
     handoff: bool,
     work_stream: bool,
@@ -399,6 +409,9 @@ def server(
             leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
             reaper_interval=timedelta(seconds=reaper_interval),
             retention=timedelta(days=retention_days) if retention_days else None,
+            worker_retention=(
+                timedelta(hours=worker_retention_hours) if worker_retention_hours else None
+            ),
             group_commit=group_commit,
             handoff=handoff,
             work_stream=work_stream,

@@ -214,10 +214,26 @@ class ServerMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.workers_pruned = Counter(
+            "conveyor_workers_pruned_total",
+            "Stopped and lost workers deleted by the leader once silent longer than the "
+            "worker retention, by state.",
+            ["state"],
+            registry=self.registry,
+        )
         self.task_table_analyzed = Counter(
             "conveyor_task_table_analyzed_total",
             "ANALYZEs of conveyor_tasks run by the leader because its planner statistics fell "
             "behind its contents.",
+            registry=self.registry,
+        )
+        # Apart from the ANALYZEs that ran, so a dashboard of those stays true: a skipped
+        # one gathered nothing.
+        self.task_table_analyze_skipped = Counter(
+            "conveyor_task_table_analyze_skipped_total",
+            "ANALYZEs of conveyor_tasks the leader attempted that PostgreSQL skipped, by "
+            "reason: locked (another session held the table) or refused (any other warning).",
+            ["reason"],
             registry=self.registry,
         )
         self.db_pool_in_use = Gauge(

@@ -37,6 +37,7 @@ from conveyor.server.leadership import LeaderElector
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.planner_statistics import PlannerStatistics
 from conveyor.server.maintenance.retention import RetentionPruner
+from conveyor.server.maintenance.worker_retention import WorkerPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
 from conveyor.server.rpc import add_service
@@ -115,6 +116,16 @@ class ConveyorServer:
                 RetentionPruner(
                     config.retention_interval,
                     config.retention,
+                    self.database,
+                    self.elector,
+                    self.metrics,
+                )
+            )
+        if config.worker_retention is not None:
+            self.maintenance.append(
+                WorkerPruner(
+                    config.retention_interval,
+                    config.worker_retention,
                     self.database,
                     self.elector,
                     self.metrics,

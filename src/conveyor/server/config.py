@@ -68,6 +68,11 @@ DEFAULT_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
 # enough to inspect last week's failures, short enough that the hot table stays small.
 DEFAULT_RETENTION: Final = timedelta(days=7)
 DEFAULT_RETENTION_INTERVAL: Final = timedelta(seconds=30)
+# Stopped and lost workers are deleted this long after they were last heard from. Every
+# worker process registers a fresh id, so without it the table (and `conveyor workers`, and
+# the sweeper's scan of it every second) grows for ever; a day keeps a dead worker in view
+# long enough to look into it. Tasks keep their worker ids as text, so nothing needs the row.
+DEFAULT_WORKER_RETENTION: Final = timedelta(hours=24)
 DEFAULT_TOKENS_CHECK_INTERVAL: Final = timedelta(seconds=2)
 # Producer and operator requests per second per token, per server process. A client joins
 # concurrent enqueues into one request, so this is thousands of tasks a second; it exists
@@ -156,6 +161,8 @@ class ServerConfig:
     # None: keep finished tasks forever.
     retention: timedelta | None = DEFAULT_RETENTION
     retention_interval: timedelta = DEFAULT_RETENTION_INTERVAL
+    # None: keep stopped and lost workers' rows forever.
+    worker_retention: timedelta | None = DEFAULT_WORKER_RETENTION
     # Security (docs/security.md). Accepted tokens, re-read when the file changes; None turns
     # authentication off, which only a loopback server or an --insecure one may do.
     tokens_file: Path | None = None
@@ -291,6 +298,10 @@ class ServerConfig:
             )
         if self.retention is not None and self.retention <= timedelta(0):
             raise ConfigError("retention must be positive (or None to keep finished tasks)")
+        if self.worker_retention is not None and self.worker_retention <= timedelta(0):
+            raise ConfigError(
+                "worker_retention must be positive (or None to keep stopped and lost workers)"
+            )
         if self.leader_retry_interval >= self.leader_ttl:
             raise ConfigError("leader_retry_interval must be shorter than leader_ttl")
 

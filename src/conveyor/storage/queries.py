@@ -498,6 +498,22 @@ async def worker_sweep_lost(
     )
 
 
+async def worker_prune_gone(
+    conn: Any, *, retention: timedelta, limit: int, leader: LeaderProof
+) -> dict[str, int]:
+    """Leader only: delete up to `limit` gone workers silent longer than `retention`.
+
+    Gone: stopped or lost. Returns how many of each state were deleted.
+    """
+    rows = await conn.fetch(
+        SQL["worker_prune_gone"], _seconds(retention), limit, leader.holder, leader.term
+    )
+    pruned: dict[str, int] = {}
+    for row in rows:
+        pruned[row["state"]] = pruned.get(row["state"], 0) + 1
+    return pruned
+
+
 async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[asyncpg.Record]:
     """Workers, newest first; stopped ones only if asked."""
     return list(await conn.fetch(SQL["worker_list"], include_stopped, limit))
@@ -748,6 +764,47 @@ async def task_table_changes(conn: Any) -> asyncpg.Record:
     return row
 
 
-async def task_table_analyze(conn: Any) -> None:
-    """Gather conveyor_tasks' planner statistics now (skipped if autovacuum holds it)."""
-    await conn.execute(SQL["task_table_analyze"])
+# SQLSTATE lock_not_available: what PostgreSQL's warning carries when ANALYZE (SKIP_LOCKED)
+# skips a table another session holds (autovacuum, a VACUUM, CREATE INDEX CONCURRENTLY).
+LOCK_NOT_AVAILABLE: Final = "55P03"
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzeSkipped:
+    """PostgreSQL's warning for an ANALYZE that skipped the table and gathered nothing."""
+
+    sqlstate: str
+    message: str
+
+    @property
+    def locked(self) -> bool:
+        """Skipped for a lock another session held: a moment later it may go through."""
+        return self.sqlstate == LOCK_NOT_AVAILABLE
+
+
+async def task_table_analyze(conn: Any) -> AnalyzeSkipped | None:
+    """Gather conveyor_tasks' planner statistics now; None if it did, else why it did not.
+
+    `ANALYZE (SKIP_LOCKED)` that cannot lock the table (autovacuum holds it), or may not
+    analyze it (the role does not own it), succeeds all the same, having done nothing: it
+    says so only with a WARNING. So the warnings of this one statement are collected as
+    they arrive, in band, before its completion (asyncpg schedules a log listener when it
+    reads the notice, ahead of waking this coroutine with the result, which follows the
+    notice on the wire). Reading `pg_stat_user_tables.last_analyze` afterwards instead
+    would depend on the statistics system: before PostgreSQL 15 the collector publishes
+    it up to half a second later (or drops it), and an autovacuum ANALYZE finishing
+    meanwhile would be mistaken for this one.
+    """
+    warnings: list[AnalyzeSkipped] = []
+
+    def collect(_conn: Any, message: Any) -> None:
+        # severity_en: never translated (lc_messages), unlike severity.
+        if message.severity_en == "WARNING":
+            warnings.append(AnalyzeSkipped(str(message.sqlstate), str(message.message)))
+
+    conn.add_log_listener(collect)
+    try:
+        await conn.execute(SQL["task_table_analyze"])
+    finally:
+        conn.remove_log_listener(collect)
+    return warnings[0] if warnings else None

@@ -433,12 +433,23 @@ WITH leader AS (
     WHERE name = 'maintenance' AND holder = $4 AND term = $5 AND expires_at > now()
     FOR SHARE
 ), expired AS (
-    SELECT id, deadline_at <= now() AS timed_out
-    FROM conveyor_tasks
-    WHERE state = 'running' AND lease_expires_at < now() AND EXISTS (SELECT 1 FROM leader)
-    ORDER BY lease_expires_at
+    -- `timed_out` only if the worker was heard from (a heartbeat, or its goodbye) at or
+    -- after the deadline: it was alive while the attempt ran past its timeout. Finding
+    -- the lease expired after the deadline is no evidence of that: a lease runs to
+    -- deadline + grace, and the sweeper waits worker_lost_after (15 s) before ending a
+    -- silent worker's leases, so a worker that died up to 15 s before its deadline (any
+    -- death, for timeouts under 15 s) is found after it. No row for the worker (it never
+    -- registered, so its heartbeats were never recorded) is no evidence either. The state
+    -- plays no part: a draining worker heartbeats, a stopped one said goodbye at
+    -- last_heartbeat_at, a lost one went silent then. A primary-key probe per reaped task.
+    SELECT t.id,
+           coalesce((SELECT w.last_heartbeat_at >= t.deadline_at
+                     FROM conveyor_workers AS w WHERE w.id = t.worker_id), false) AS timed_out
+    FROM conveyor_tasks AS t
+    WHERE t.state = 'running' AND t.lease_expires_at < now() AND EXISTS (SELECT 1 FROM leader)
+    ORDER BY t.lease_expires_at
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF t SKIP LOCKED
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN t.attempt < t.max_retries + 1
@@ -649,6 +660,36 @@ WITH leader AS (
 )
 SELECT lost.id, (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
 FROM lost;
+
+-- name: worker_prune_gone
+-- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
+-- Deletes up to $2 workers that stopped or were lost and were last heard from more than
+-- $1 seconds ago, longest silent first. Returns the deleted workers' states.
+-- Nothing refers to a worker's row: tasks and their history keep its id as text, and the
+-- reaper and task_explain read a missing row as an unknown worker (the reaper's rows are
+-- long gone by then: a worker's leases end within a lease of its last heartbeat). A
+-- sequential scan, on purpose: the table holds the live workers and those gone within
+-- $1, and an index on last_heartbeat_at would make every heartbeat (worker_touch) update
+-- an index entry instead of a heap-only tuple. The sweeper scans it every second anyway.
+WITH leader AS (
+    SELECT 1 FROM conveyor_leader
+    WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
+    FOR SHARE
+), doomed AS (
+    -- Skips a row a registration or a heartbeat holds: it is coming back to life.
+    SELECT id
+    FROM conveyor_workers
+    WHERE state IN ('stopped', 'lost')
+      AND last_heartbeat_at < now() - make_interval(secs => $1)
+      AND EXISTS (SELECT 1 FROM leader)
+    ORDER BY last_heartbeat_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_workers
+-- An array, not a join: primary-key probes, never a second scan of the table.
+WHERE id = ANY (ARRAY(SELECT id FROM doomed))
+RETURNING state;
 
 -- name: worker_list
 SELECT id, host, pid, task_types, concurrency, version, state, started_at, last_heartbeat_at,
@@ -957,6 +998,8 @@ WHERE s.relid = 'conveyor_tasks'::regclass;
 
 -- name: task_table_analyze
 -- Gathers conveyor_tasks' planner statistics now (a sample of 30,000 rows at the default
--- statistics target); skips the table rather than wait while autovacuum works on it.
+-- statistics target); skips the table rather than wait while autovacuum works on it. A
+-- skip is no error: PostgreSQL only sends a WARNING (SQLSTATE 55P03), which the caller
+-- watches for (queries.task_table_analyze).
 ANALYZE (SKIP_LOCKED) conveyor_tasks;
 

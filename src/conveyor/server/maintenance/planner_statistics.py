@@ -14,6 +14,14 @@ rows it counted, and at least `MIN_CHANGED_ROWS`; never more often than
 `MIN_ANALYZE_INTERVAL`, so a busy steady table costs an ANALYZE (a 30,000-row sample,
 tens of milliseconds) every so often, not every second. Any server may run it; the leader
 alone does, to do it once.
+
+`ANALYZE (SKIP_LOCKED)` skips the table while another session holds it (autovacuum
+vacuuming it, a VACUUM, CREATE INDEX CONCURRENTLY) and says so only with a WARNING. Such a
+skip gathered nothing: it is counted apart (conveyor_task_table_analyze_skipped_total,
+`locked`) and tried again at the next look, `reaper_interval` later, rather than after
+`MIN_ANALYZE_INTERVAL` (a skip costs nothing to speak of: no sample was read). Any other
+warning (the server's role may not analyze the table) is `refused`, and tried again no
+sooner than an ANALYZE that ran: it will not go away by itself.
 """
 
 from __future__ import annotations
@@ -54,10 +62,13 @@ class PlannerStatistics(LeaderDuty):
         elector: LeaderElector,
         metrics: ServerMetrics,
     ) -> None:
-        """Look every `reaper_interval`; count each ANALYZE in `metrics`."""
+        """Look every `reaper_interval`; count each ANALYZE, and each skipped one, in `metrics`."""
         super().__init__(config.reaper_interval, database, elector)
         self._metrics = metrics
         self._last_analyze = float("-inf")
+        # ANALYZEs skipped for a lock since the last one that ran: only the first is logged
+        # at INFO (while autovacuum works on a big table, the leader tries every round).
+        self._skipped_for_lock = 0
 
     async def lead(self, leader: LeaderProof) -> None:  # noqa: ARG002 - ANALYZE is not fenced
         """ANALYZE conveyor_tasks if its statistics fell behind."""
@@ -66,16 +77,58 @@ class PlannerStatistics(LeaderDuty):
         async with self._database.connection() as conn:
             changes = await queries.task_table_changes(conn)
             if changes is None or not stale(changes["changed"], changes["analyzed_rows"]):
+                # Someone else's ANALYZE (autovacuum's, after its VACUUM) may have ended a
+                # run of skips: the next one starts a new run, told again.
+                self._skipped_for_lock = 0
                 return
-            self._last_analyze = time.monotonic()
-            await queries.task_table_analyze(conn)
+            # Set before the statement: one that fails (a statement timeout) is not tried
+            # again at every round either.
+            previous, self._last_analyze = self._last_analyze, time.monotonic()
+            skipped = await queries.task_table_analyze(conn)
+        if skipped is not None:
+            self._skipped(skipped, previous)
+            return
         self._metrics.task_table_analyzed.inc()
+        after = (
+            f", after {self._skipped_for_lock} attempt(s) skipped for a lock"
+            if self._skipped_for_lock
+            else ""
+        )
+        self._skipped_for_lock = 0
         log.info(
             "gathered the task table's planner statistics: %d rows changed since the last, "
-            "which counted %d",
+            "which counted %d%s",
             changes["changed"],
             changes["analyzed_rows"],
+            after,
             extra={"event": "task_table_analyzed"},
+        )
+
+    def _skipped(self, skipped: queries.AnalyzeSkipped, previous: float) -> None:
+        """Count and log an ANALYZE that PostgreSQL skipped; arrange when to try again."""
+        if not skipped.locked:
+            self._metrics.task_table_analyze_skipped.labels("refused").inc()
+            log.warning(
+                "could not gather the task table's planner statistics: PostgreSQL skipped "
+                "it (%s: %s); trying again in %ds",
+                skipped.sqlstate,
+                skipped.message,
+                MIN_ANALYZE_INTERVAL,
+                extra={"event": "task_table_analyze_skipped", "reason": "refused"},
+            )
+            return
+        self._metrics.task_table_analyze_skipped.labels("locked").inc()
+        # Nothing was gathered: the statistics are as stale as before, so try again at the
+        # next round instead of waiting out the interval an ANALYZE that ran would earn.
+        self._last_analyze = previous
+        self._skipped_for_lock += 1
+        log.log(
+            logging.INFO if self._skipped_for_lock == 1 else logging.DEBUG,
+            "could not gather the task table's planner statistics yet: another session "
+            "holds the table (autovacuum?) and PostgreSQL skipped it (%s); trying again "
+            "every round",
+            skipped.message,
+            extra={"event": "task_table_analyze_skipped", "reason": "locked"},
         )
 
 
