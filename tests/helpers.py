@@ -389,18 +389,24 @@ def running(worker: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def writes_blocked(database_url: str) -> Iterator[None]:
-    """Hold a SHARE lock on conveyor_tasks: reads go on, every insert and update of a task
-    waits until the block ends."""
+def holding(database_url: str, locking_sql: str) -> Iterator[None]:
+    """Run `locking_sql` in a transaction of another session, kept open (its locks held)
+    until the block ends, then rolled back."""
     loop = asyncio.new_event_loop()
     conn = loop.run_until_complete(asyncpg.connect(database_url))
     try:
-        loop.run_until_complete(conn.execute("BEGIN; LOCK TABLE conveyor_tasks IN SHARE MODE"))
+        loop.run_until_complete(conn.execute(f"BEGIN; {locking_sql}"))
         yield
         loop.run_until_complete(conn.execute("ROLLBACK"))
     finally:
         loop.run_until_complete(conn.close())
         loop.close()
+
+
+def writes_blocked(database_url: str) -> contextlib.AbstractContextManager[None]:
+    """Hold a SHARE lock on conveyor_tasks: reads go on, every insert and update of a task
+    waits until the block ends."""
+    return holding(database_url, "LOCK TABLE conveyor_tasks IN SHARE MODE")
 
 
 async def claimed_by_a_worker_that_vanishes(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 import urllib.request
@@ -23,8 +24,9 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import AppRole, Db, enqueue_and_claim, wait_for
+from helpers import AppRole, Db, enqueue_and_claim, holding, wait_for
 
+from conveyor import Client, Task
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.storage import queries
@@ -223,6 +225,53 @@ class TestTwoServers:
         assert len({term for term, _ in terms}) == len(terms)
         row = db.fetch("SELECT holder, term FROM conveyor_leader WHERE name = 'maintenance'")[0]
         assert (row["holder"], row["term"]) == (server_id(follower), takeover["leader"]["term"])
+
+    def test_a_leader_statement_stuck_on_a_lock_gives_up_before_the_role_lapses(
+        self, start_server, db, database_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every leader-only statement holds the leader row FOR SHARE, and renewals wait for
+        it: a prune stuck behind a lock once held it past the TTL, the role lapsed and no
+        server could take it while the statement waited (maintenance audit). A statement
+        now gives up after a third of the TTL, and the leader renews in between."""
+        caplog.set_level(logging.INFO, logger="conveyor")
+        server = start_server(
+            leader_ttl=timedelta(seconds=3),
+            leader_retry_interval=timedelta(milliseconds=200),
+            retention=timedelta(seconds=1),
+            retention_interval=timedelta(milliseconds=200),
+            statement_timeout=timedelta(seconds=30),
+        )
+        elector = server.server.elector
+        proof = wait_for(lambda: elector.leadership, what="the server to lead")
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="stuck.prune"))
+            client.cancel_task(task_id)
+
+        def stuck_prunes() -> int:
+            return sum(
+                1
+                for record in caplog.records
+                if getattr(record, "event", None) == "maintenance_error"
+                and record.getMessage().startswith("retention tick failed")
+            )
+
+        # Another session holds the task's history row: the prune's delete waits on it.
+        with holding(
+            database_url,
+            f"SELECT 1 FROM conveyor_task_events WHERE task_id = '{task_id}' FOR UPDATE",  # noqa: S608 - a task id
+        ):
+            wait_for(
+                lambda: stuck_prunes() >= 3,
+                timeout=20,
+                what="three prunes to give up on the lock (3 s of waiting, the TTL)",
+            )
+            assert elector.leadership == proof
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "leader_lost"]
+        # With the lock gone, the next prune goes through.
+        wait_for(
+            lambda: db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE id = $1", task_id) == 0,
+            what="the task to be pruned",
+        )
 
     def test_resignation_notify_wakes_the_follower_without_waiting_for_its_retry(
         self, start_server

@@ -181,7 +181,10 @@ class LeaderElector:
             self._set(None, reason="another server holds the role")
             return
         self._renewed_at = attempt_started
-        self._set(LeaderProof(holder=self.server_id, term=int(row["term"])), reason="elected")
+        proof = LeaderProof(
+            holder=self.server_id, term=int(row["term"]), statement_timeout=self.ttl / 3
+        )
+        self._set(proof, reason="elected")
 
     def _step_down_if_lapsed(self) -> None:
         """After a failed round: a leader keeps its role only until its lease would lapse.

@@ -388,10 +388,30 @@ async def task_lease_extend(
 
 @dataclass(frozen=True, slots=True)
 class LeaderProof:
-    """The (holder, term) a leader-only statement must still hold to write anything."""
+    """The (holder, term) a leader-only statement must still hold to write anything.
+
+    `statement_timeout`: how long one leader-only statement may run. Each holds the leader
+    row FOR SHARE (the fence) until it ends, and the elections and renewals of every server
+    wait for that lock: a statement slower than the leader's TTL would let the role lapse
+    with no server able to take it, and stop all maintenance until it ended. The elector
+    sets a third of the TTL (its renewal interval); None leaves the server's timeout.
+    """
 
     holder: str
     term: int
+    statement_timeout: timedelta | None = None
+
+
+async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: Any) -> Any:
+    """Run the leader-only statement `sql` (by `conn.<method>`) within the leader's budget."""
+    if leader.statement_timeout is None:
+        return await getattr(conn, method)(sql, *args)
+    async with conn.transaction():
+        await conn.execute(
+            SQL["statement_timeout_set_local"],
+            str(max(1, int(leader.statement_timeout.total_seconds() * 1000))),
+        )
+        return await getattr(conn, method)(sql, *args)
 
 
 async def task_reap_expired(
@@ -399,7 +419,10 @@ async def task_reap_expired(
 ) -> list[asyncpg.Record]:
     """Leader only: return up to `limit` tasks with expired leases to the queue (or fail them)."""
     return list(
-        await conn.fetch(
+        await _fenced(
+            conn,
+            "fetch",
+            leader,
             SQL["task_reap_expired"],
             limit,
             _seconds(backoff.base),
@@ -494,7 +517,15 @@ async def worker_sweep_lost(
 ) -> list[asyncpg.Record]:
     """Leader only: mark silent workers lost and end their leases; (id, leases) per worker."""
     return list(
-        await conn.fetch(SQL["worker_sweep_lost"], _seconds(silence), leader.holder, leader.term)
+        await _fenced(
+            conn,
+            "fetch",
+            leader,
+            SQL["worker_sweep_lost"],
+            _seconds(silence),
+            leader.holder,
+            leader.term,
+        )
     )
 
 
@@ -505,8 +536,15 @@ async def worker_prune_gone(
 
     Gone: stopped or lost. Returns how many of each state were deleted.
     """
-    rows = await conn.fetch(
-        SQL["worker_prune_gone"], _seconds(retention), limit, leader.holder, leader.term
+    rows = await _fenced(
+        conn,
+        "fetch",
+        leader,
+        SQL["worker_prune_gone"],
+        _seconds(retention),
+        limit,
+        leader.holder,
+        leader.term,
     )
     pruned: dict[str, int] = {}
     for row in rows:
@@ -717,8 +755,15 @@ async def task_prune_finished(
     conn: Any, *, retention: timedelta, limit: int, leader: LeaderProof
 ) -> dict[str, int]:
     """Leader only: delete up to `limit` tasks finished longer ago than `retention`."""
-    rows = await conn.fetch(
-        SQL["task_prune_finished"], _seconds(retention), limit, leader.holder, leader.term
+    rows = await _fenced(
+        conn,
+        "fetch",
+        leader,
+        SQL["task_prune_finished"],
+        _seconds(retention),
+        limit,
+        leader.holder,
+        leader.term,
     )
     pruned: dict[str, int] = {}
     for row in rows:
@@ -728,7 +773,15 @@ async def task_prune_finished(
 
 async def seq_mark_record(conn: Any, *, retention: timedelta, leader: LeaderProof) -> None:
     """Leader only: mark where the queue order stands now, for task_prune_finished."""
-    await conn.execute(SQL["seq_mark_record"], _seconds(retention), leader.holder, leader.term)
+    await _fenced(
+        conn,
+        "execute",
+        leader,
+        SQL["seq_mark_record"],
+        _seconds(retention),
+        leader.holder,
+        leader.term,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -517,6 +517,11 @@ FROM (
 ) AS live
 GROUP BY type;
 
+-- name: statement_timeout_set_local
+-- $1 milliseconds. The statement timeout of the rest of this transaction only (a leader-only
+-- statement's budget: queries.LeaderProof).
+SELECT set_config('statement_timeout', $1, true);
+
 -- name: task_prune_finished
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
 -- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
