@@ -432,6 +432,26 @@ class TestWorkerBinding:
         assert status.attempts == 0  # the attempt went back with the lease
         assert "token was refused" in (status.history[-1].detail or "")
 
+    def test_a_worker_whose_row_was_deleted_is_told_to_register_again(
+        self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any], db: Any
+    ) -> None:
+        """Deleted after a long silence (worker retention), a worker id has no principal:
+        its heartbeat is answered `unregistered`, not refused, so the worker registers
+        again instead of being refused until it restarts."""
+        workers, _ = stubs
+        token = tokens.add("fleet", Role.WORKER)
+        self.register(workers, token, "worker-gone")
+        db.execute("DELETE FROM conveyor_workers WHERE id = 'worker-gone'")
+        beat = workers.Heartbeat(
+            pb.HeartbeatRequest(worker_id="worker-gone"), metadata=bearer(token), timeout=10
+        )
+        assert beat.unregistered
+        self.register(workers, token, "worker-gone")
+        beat = workers.Heartbeat(
+            pb.HeartbeatRequest(worker_id="worker-gone"), metadata=bearer(token), timeout=10
+        )
+        assert not beat.unregistered
+
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
     ) -> None:

@@ -186,3 +186,23 @@ async def test_the_prune_is_fenced_and_works_in_bounded_batches_oldest_first(
         assert [row["id"] for row in remaining] == ["lost-recently", "silent-active"]
     finally:
         await conn.close()
+
+
+def test_a_worker_whose_row_was_deleted_registers_again(start_server, db) -> None:
+    """A worker silent longer than the retention (a machine suspended for a day) comes back
+    to find its row gone: its next heartbeat is told so, and it registers again."""
+    server = start_server()
+    worker = Worker(server.address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    with running(worker):
+        row = "SELECT state FROM conveyor_workers WHERE id = $1"
+        wait_for(lambda: db.fetchval(row, worker.worker_id) == "active", what="registration")
+        db.execute("DELETE FROM conveyor_workers WHERE id = $1", worker.worker_id)
+        wait_for(
+            lambda: db.fetchval(row, worker.worker_id) == "active",
+            timeout=15,
+            what="the worker to register again",
+        )
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, payload=b"still working"))
+            assert wait_final(client, task_id).result == b"still working"

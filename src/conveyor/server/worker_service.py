@@ -475,11 +475,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
             for ref in request.leases
         ]
-        if self.gate.authenticating:
-            await self._check_owner(worker_id, priority=True)
+        if self.gate.authenticating and not await self._check_owner(
+            worker_id, priority=True, unregistered_ok=True
+        ):
+            # No row, so no principal to hold the leases to: nothing is extended, and the
+            # worker is told to register again (its row was deleted after a long silence).
+            return pb.HeartbeatResponse(unregistered=True)
         # The reserved pool: a heartbeat that waits behind producers costs leases.
         async with self.database.priority_connection() as conn:
-            await queries.worker_touch(
+            known = await queries.worker_touch(
                 conn,
                 worker_id=worker_id,
                 draining=request.draining,
@@ -509,7 +513,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     task_id=str(row["task_id"]), lease_id=str(row["lease_id"]), reason=reason
                 )
             )
-        return pb.HeartbeatResponse(stop=stop)
+        return pb.HeartbeatResponse(stop=stop, unregistered=not known)
 
     @rpc_method("ReportResult")
     async def ReportResult(  # noqa: N802 - gRPC method name
@@ -756,18 +760,23 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
 
-    async def _check_owner(self, worker_id: str, *, priority: bool = False) -> None:
+    async def _check_owner(
+        self, worker_id: str, *, priority: bool = False, unregistered_ok: bool = False
+    ) -> bool:
         """PermissionDenied unless the caller is the principal `worker_id` belongs to.
 
         The owner is remembered; a remembered owner that is not the caller is looked up
         again before refusing, since another server may have let the caller take the id
-        meanwhile (one registered while authentication was off).
+        meanwhile (one registered while authentication was off). `unregistered_ok`: an
+        unknown worker id returns False instead of being refused (a heartbeat answers it).
         """
         if self._owners.get(worker_id) == caller().name:
-            return
+            return True
         connection = self.database.priority_connection() if priority else self.database.connection()
         async with connection as conn:
             registered, principal = await queries.worker_principal(conn, worker_id=worker_id)
+        if not registered and unregistered_ok:
+            return False
         if not registered:
             raise PermissionDenied(
                 f"worker {worker_id} is not registered; call RegisterWorker first"
@@ -779,6 +788,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 f"worker {worker_id} was registered by another principal; a worker calls "
                 "with the credentials it registered with"
             )
+        return True
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:

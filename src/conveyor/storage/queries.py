@@ -502,9 +502,10 @@ async def worker_principal(conn: Any, *, worker_id: str) -> tuple[bool, str | No
 
 async def worker_touch(
     conn: Any, *, worker_id: str, draining: bool, in_flight: int, loop_lag_ms: int
-) -> None:
-    """Record a heartbeat and what the worker says about itself."""
-    await conn.execute(SQL["worker_touch"], worker_id, draining, in_flight, loop_lag_ms)
+) -> bool:
+    """Record a heartbeat and what the worker says about itself; False: no such worker."""
+    known = await conn.fetchval(SQL["worker_touch"], worker_id, draining, in_flight, loop_lag_ms)
+    return known is not None
 
 
 async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:

@@ -626,7 +626,9 @@ SET last_heartbeat_at = now(),
     state = CASE WHEN state = 'stopped' THEN state WHEN $2 THEN 'draining' ELSE 'active' END,
     in_flight = $3,
     loop_lag_ms = $4
-WHERE id = $1;
+WHERE id = $1
+-- No row: the worker is unknown (deleted after a long silence), and must register again.
+RETURNING true AS known;
 
 -- name: worker_set_state
 UPDATE conveyor_workers SET state = $2, last_heartbeat_at = now() WHERE id = $1;

@@ -642,6 +642,25 @@ class _Runtime:
             extra={"event": "worker_registered"},
         )
 
+    async def register_again(self) -> None:
+        """Register once more: the servers deleted this worker's row after a long silence.
+
+        A worker that was partitioned or suspended for longer than the worker retention (a
+        day by default) comes back to find itself unknown; with tokens its calls would be
+        refused as unregistered until a restart. One attempt per heartbeat that says so.
+        """
+        self.log.warning(
+            "the servers no longer know this worker (deleted after a long silence): "
+            "registering again",
+            extra={"event": "worker_reregistering"},
+        )
+        try:
+            await self.register()
+        except Exception as exc:  # the next heartbeat says so again, and this runs again
+            self.log.warning(
+                "registering again failed: %s", exc, extra={"event": "worker_reregister_failed"}
+            )
+
     # --- leasing --------------------------------------------------------------------------
 
     async def lease_loop(self) -> None:
@@ -1264,6 +1283,8 @@ class _Runtime:
                 self.stop_if_silent(last_success, held)
                 return last_success
             stops.extend(response.stop)
+            if response.unregistered:
+                await self.register_again()
         for attempt, progress in sent_progress.items():
             if attempt.progress == progress:
                 attempt.progress = None

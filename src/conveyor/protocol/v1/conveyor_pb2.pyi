@@ -828,16 +828,23 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STOP_FIELD_NUMBER: _builtins.int
+    UNREGISTERED_FIELD_NUMBER: _builtins.int
+    unregistered: _builtins.bool
+    """The servers have no record of this worker: its row was deleted after a long silence
+    (worker retention). The worker registers again; until then nothing was recorded and no
+    lease extended.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseToStop]: ...
     def __init__(
         self,
         *,
         stop: _abc.Iterable[Global___LeaseToStop] | None = ...,
+        unregistered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop", "unregistered", b"unregistered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
