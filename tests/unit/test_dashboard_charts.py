@@ -132,3 +132,41 @@ class TestPayloadPreview:
     )
     def test_text_when_printable_else_hex(self, head, size, expected) -> None:
         assert payload_preview(head, size) == expected
+
+
+def test_the_workers_page_shows_heartbeat_ages_by_the_databases_clock() -> None:
+    """The server's clock may be off from the database's: the age the database measured
+    (silent_for) is shown, not this clock against the stored time."""
+    from conveyor.monitoring.dashboard.views import _environment  # noqa: PLC0415
+    from conveyor.types import WorkerInfo  # noqa: PLC0415
+
+    worker = WorkerInfo(
+        id="w-1",
+        host="h",
+        pid=1,
+        task_types=("t",),
+        concurrency=4,
+        version="1",
+        state="active",
+        started_at=datetime.now(UTC) - timedelta(hours=1),
+        # Ten minutes ago by this clock, which runs ten minutes ahead of the database's.
+        last_heartbeat_at=datetime.now(UTC) - timedelta(minutes=10),
+        in_flight=0,
+        loop_lag_ms=0,
+        silent_for=timedelta(seconds=2),
+    )
+    page = (
+        _environment()
+        .get_template("workers.html")
+        .render(
+            workers=[worker],
+            now=datetime.now(UTC),
+            refresh=None,
+            notice=None,
+            user=None,
+            page="workers",
+            visit=None,
+        )
+    )
+    assert "2.0s ago" in page
+    assert "10.0m ago" not in page

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -43,7 +43,6 @@ from conveyor.types import TASK_TYPE_PATTERN, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from datetime import timedelta
 
     from conveyor.auth import TokenEntry
     from conveyor.types import (
@@ -112,10 +111,12 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _since(moment: datetime | None) -> str:
+def _since(moment: datetime | timedelta | None) -> str:
+    """How long ago: a moment (by this server's clock), or an age measured elsewhere."""
     if moment is None:
         return "-"
-    return _age(max((datetime.now(UTC) - moment).total_seconds(), 0)) + " ago"
+    ago = moment if isinstance(moment, timedelta) else datetime.now(UTC) - moment
+    return _age(max(ago.total_seconds(), 0)) + " ago"
 
 
 def _unsealed(text: str | None) -> str | None:
