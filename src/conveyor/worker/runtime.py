@@ -1280,7 +1280,11 @@ class _Runtime:
                     self.loop.time() - last_success,
                     extra={"event": "heartbeat_failed"},
                 )
-                self.stop_if_silent(last_success, held)
+                # The calls before this one got through: their stop orders hold (a task
+                # cancelled, a lease lost) whatever became of the rest of the beat, and only
+                # the leases not heartbeated may have gone silent.
+                self.apply_stops(stops)
+                self.stop_if_silent(last_success, held[start:])
                 return last_success
             stops.extend(response.stop)
             if response.unregistered:
@@ -1288,6 +1292,11 @@ class _Runtime:
         for attempt, progress in sent_progress.items():
             if attempt.progress == progress:
                 attempt.progress = None
+        self.apply_stops(stops)
+        return self.loop.time()
+
+    def apply_stops(self, stops: list[pb.LeaseToStop]) -> None:
+        """Stop the attempts a heartbeat's answer named (only the lease it named)."""
         for stop in stops:
             stopped = self.attempts.get(stop.task_id)
             if (
@@ -1297,7 +1306,6 @@ class _Runtime:
             ):
                 cancelled = stop.reason == pb.STOP_REASON_CANCELLED
                 self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
-        return self.loop.time()
 
     def stop_if_silent(self, last_success: float, held: list[_Attempt] | None = None) -> None:
         """Stop `held` (by default every attempt holding a lease) after a lease of silence.
