@@ -452,6 +452,49 @@ class TestWorkerBinding:
         )
         assert not beat.unregistered
 
+    def test_an_id_taken_over_after_its_row_was_deleted_is_refused_to_its_old_owner(
+        self,
+        secured: ServerThread,
+        tokens: Tokens,
+        stubs: tuple[Any, Any],
+        start_server: Callable[..., ServerThread],
+        db: Any,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A server remembers each worker's owner; once the leader deletes a gone worker's
+        row, another principal may register the id elsewhere, and the server that
+        remembered the old owner must not let it act as that worker for ever."""
+        monkeypatch.setattr("conveyor.server.worker_service.OWNER_MEMORY_SECONDS", 0.5)
+        other = start_server(
+            tokens_file=tokens.path, tokens_check_interval=timedelta(milliseconds=20)
+        )
+        team_a, team_b = tokens.add("team-a", Role.WORKER), tokens.add("team-b", Role.WORKER)
+        channel = grpc.insecure_channel(other.address)
+        try:
+            workers_b = pb_grpc.WorkerServiceStub(channel)
+            workers_a, _ = stubs
+            self.register(workers_a, team_a, "w-fixed")  # the first server remembers team-a
+            db.execute("DELETE FROM conveyor_workers WHERE id = 'w-fixed'")  # as the leader would
+            self.register(workers_b, team_b, "w-fixed")  # taken over on the other server
+
+            def refused_to_team_a() -> bool:
+                try:
+                    workers_a.Heartbeat(
+                        pb.HeartbeatRequest(worker_id="w-fixed"),
+                        metadata=bearer(team_a),
+                        timeout=10,
+                    )
+                except grpc.RpcError as exc:
+                    return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                return False
+
+            wait_for(refused_to_team_a, timeout=10, what="the first server to forget team-a")
+        finally:
+            channel.close()
+        assert db.fetchval("SELECT principal FROM conveyor_workers WHERE id = 'w-fixed'") == (
+            "team-b"
+        )
+
     def test_two_tokens_of_one_principal_share_its_workers(
         self, secured: ServerThread, tokens: Tokens, stubs: tuple[Any, Any]
     ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -56,6 +57,11 @@ REPORT_CONCURRENCY: Final = 4
 # worker keeps its id for its whole life, and a new one is a new entry: at this many the
 # memory is cleared and refilled from the database, one lookup per live worker.
 MAX_REMEMBERED_OWNERS: Final = 10_000
+# How long an owner is remembered. The leader deletes a gone worker's row after the worker
+# retention, and another principal may then register its id: a server that remembered the
+# old owner for ever would go on letting it act as that worker (heartbeats, leases), on
+# someone else's id. A minute costs one lookup per worker a minute.
+OWNER_MEMORY_SECONDS: Final = 60.0
 # A bound on a lease's bytes in a message besides its payload and its trace context's JSON
 # text (`lease_size_bound`): ids, the type (at most 128 characters), numbers, timestamps,
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
@@ -128,7 +134,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.wake_rounds = WakeRounds(lambda: notifier.generation)
         self.metrics = metrics
         self.draining = False
-        self._owners: dict[str, str] = {}
+        # Worker id -> (principal, until when by the monotonic clock).
+        self._owners: dict[str, tuple[str, float]] = {}
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
@@ -770,7 +777,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         meanwhile (one registered while authentication was off). `unregistered_ok`: an
         unknown worker id returns False instead of being refused (a heartbeat answers it).
         """
-        if self._owners.get(worker_id) == caller().name:
+        remembered = self._owners.get(worker_id)
+        if (
+            remembered is not None
+            and remembered[0] == caller().name
+            and remembered[1] > time.monotonic()
+        ):
             return True
         connection = self.database.priority_connection() if priority else self.database.connection()
         async with connection as conn:
@@ -793,7 +805,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:
             self._owners.clear()
-        self._owners[worker_id] = principal
+        self._owners[worker_id] = (principal, time.monotonic() + OWNER_MEMORY_SECONDS)
 
 
 def _refused(exc: ConveyorError) -> pb.ReportOutcome:
