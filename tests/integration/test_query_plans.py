@@ -265,7 +265,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_seq_last": (),
         "task_payload_get": (seeded.succeeded_id,),
         "task_payload_head": (seeded.succeeded_id, 2000),
-        "task_prune_finished": (1800.0, 1000, "server-1", 1),
+        "task_prune_finished": (1800.0, 1000, "server-1", 1, 90.0),
         "task_event_buckets": (datetime.now(UTC) - timedelta(seconds=20), 5.0),
     }
 
@@ -806,8 +806,12 @@ class TestPruneReadsWhatItDeletes:
 
     OLD, YOUNG = 500, 20_000
 
-    def test_a_batch_reads_the_old_tasks_not_the_young_ones(self, pg_cluster) -> None:
-        async def prune(url: str) -> tuple[Any, int]:
+    @staticmethod
+    def prune(pg_cluster: Any, mark_sql: str, mark_slack: float) -> tuple[int, int]:
+        """Seed the old finished tasks, a mark, the young ones; one batch of a 1-hour
+        retention: (rows of conveyor_tasks it read, tasks left)."""
+
+        async def run(url: str) -> tuple[Any, int]:
             conn = await asyncpg.connect(url)
             try:
                 raw = await conn.fetchval(
@@ -816,6 +820,7 @@ class TestPruneReadsWhatItDeletes:
                     1000,
                     "server-1",
                     1,
+                    mark_slack,
                 )
                 left = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
             finally:
@@ -825,16 +830,14 @@ class TestPruneReadsWhatItDeletes:
         with seeded_database(
             pg_cluster,
             "prune",
-            prune_tasks_sql(self.OLD, "2 hours"),
-            # What the leader's round recorded after those tasks were enqueued, aged with them.
-            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
-            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
-            prune_tasks_sql(self.YOUNG, "10 minutes"),
+            prune_tasks_sql(TestPruneReadsWhatItDeletes.OLD, "2 hours"),
+            mark_sql,
+            prune_tasks_sql(TestPruneReadsWhatItDeletes.YOUNG, "10 minutes"),
             "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
             "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
             "ANALYZE conveyor_tasks",
         ) as url:
-            plan, left = asyncio.run(prune(url))
+            plan, left = asyncio.run(run(url))
         # Rows of conveyor_tasks the search looked at, by whatever path (a sequential scan,
         # or any index but the primary key, which the deletes probe).
         read = sum(
@@ -846,6 +849,30 @@ class TestPruneReadsWhatItDeletes:
                 and node["Index Name"] != "conveyor_tasks_pkey"
             )
         )
+        return round(read), left
+
+    def test_a_batch_reads_the_old_tasks_not_the_young_ones(self, pg_cluster) -> None:
+        # What the leader's round recorded after the old tasks were enqueued, aged with them:
+        # 30 minutes before the cutoff, within the slack of an hour.
+        read, left = self.prune(
+            pg_cluster,
+            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
+            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
+            mark_slack=3600.0,
+        )
         assert left == self.YOUNG  # the old ones went, in one batch
         # The old tasks, and not the young ones behind them (20,500 before the marks).
-        assert self.OLD <= read < self.OLD + 100, json.dumps(plan, indent=1)
+        assert self.OLD <= read < self.OLD + 100
+
+    def test_after_a_gap_in_the_marks_the_old_tasks_are_not_left_waiting(self, pg_cluster) -> None:
+        """The newest mark is a month old (retention was off since): stopping there would
+        leave the old tasks for a whole retention more. The walk goes on to the sequence's
+        last value instead, and reads the young tasks too, until marks catch up."""
+        read, left = self.prune(
+            pg_cluster,
+            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
+            "VALUES (now() - interval '30 days', 0)",
+            mark_slack=90.0,
+        )
+        assert left == self.YOUNG
+        assert read >= self.OLD + self.YOUNG

@@ -11,13 +11,14 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, overload
 
 import asyncpg
 
 if TYPE_CHECKING:
-    from datetime import datetime, timedelta
+    from datetime import datetime
 
 _NAME_LINE: Final = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -402,16 +403,31 @@ class LeaderProof:
     statement_timeout: timedelta | None = None
 
 
+class LeaderStatementGaveUp(Exception):
+    """A leader-only statement ran out of its budget (`LeaderProof.statement_timeout`).
+
+    Not the database's unavailability: it answered, and the statement chose to stop (stuck
+    behind a lock, or slow), so the database breaker does not count it and the duty's next
+    round tries again.
+    """
+
+
 async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: Any) -> Any:
     """Run the leader-only statement `sql` (by `conn.<method>`) within the leader's budget."""
-    if leader.statement_timeout is None:
+    budget = leader.statement_timeout
+    if budget is None:
         return await getattr(conn, method)(sql, *args)
-    async with conn.transaction():
-        await conn.execute(
-            SQL["statement_timeout_set_local"],
-            str(max(1, int(leader.statement_timeout.total_seconds() * 1000))),
-        )
-        return await getattr(conn, method)(sql, *args)
+    try:
+        async with conn.transaction():
+            await conn.fetchval(
+                SQL["statement_timeout_set_local"], max(1, int(budget.total_seconds() * 1000))
+            )
+            return await getattr(conn, method)(sql, *args)
+    except asyncpg.QueryCanceledError as exc:
+        raise LeaderStatementGaveUp(
+            f"a leader-only statement gave up within its budget of {budget.total_seconds():g}s "
+            f"(it holds the leader row the elections wait for): {exc}"
+        ) from exc
 
 
 async def task_reap_expired(
@@ -753,9 +769,18 @@ async def task_payload_head(conn: Any, *, task_id: str, length: int) -> asyncpg.
 
 
 async def task_prune_finished(
-    conn: Any, *, retention: timedelta, limit: int, leader: LeaderProof
+    conn: Any,
+    *,
+    retention: timedelta,
+    limit: int,
+    leader: LeaderProof,
+    mark_slack: timedelta = timedelta(minutes=5),
 ) -> dict[str, int]:
-    """Leader only: delete up to `limit` tasks finished longer ago than `retention`."""
+    """Leader only: delete up to `limit` tasks finished longer ago than `retention`.
+
+    `mark_slack`: how old (past the cutoff) the newest mark may be and still bound the walk;
+    a few rounds of marks (see the statement).
+    """
     rows = await _fenced(
         conn,
         "fetch",
@@ -765,6 +790,7 @@ async def task_prune_finished(
         limit,
         leader.holder,
         leader.term,
+        _seconds(mark_slack),
     )
     pruned: dict[str, int] = {}
     for row in rows:

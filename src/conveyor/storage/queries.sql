@@ -519,27 +519,49 @@ GROUP BY type;
 
 -- name: statement_timeout_set_local
 -- $1 milliseconds. The statement timeout of the rest of this transaction only (a leader-only
--- statement's budget: queries.LeaderProof).
-SELECT set_config('statement_timeout', $1, true);
+-- statement's budget: queries.LeaderProof), never longer than the session's own (0: none).
+SELECT set_config('statement_timeout',
+                  (CASE WHEN s.ms = 0 THEN $1::integer ELSE least($1::integer, s.ms) END)::text,
+                  true)
+FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_timeout') AS s;
 
 -- name: task_prune_finished
--- $1 retention (s), $2 batch size, $3 leader id, $4 leader term. Leader only, fenced.
+-- $1 retention (s), $2 batch size, $3 leader id, $4 leader term, $5 how far (s) before the
+-- cutoff the newest mark may be for the walk to stop there. Leader only, fenced.
 -- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
 -- (state, seq) index, with their history (by its primary key, in the same statement).
--- The walk stops at the seq of the newest mark (seq_mark_record) at or before the cutoff:
--- any task that finished before the cutoff drew its seq before it, so nothing past that
--- seq can be old enough, and a batch reads the tasks it deletes, not every finished task
--- (migration 0013). No mark that old yet: nothing to prune.
+-- The walk stops at a mark's seq (seq_mark_record; migration 0013), so that a batch reads
+-- the tasks it deletes, not every finished task. A task that finished before the cutoff
+-- drew its seq before it, so:
+-- - the newest mark at or before the cutoff covers the tasks that finished before that
+--   mark: when it is recent (within $5 of the cutoff, as every round marks), the others
+--   wait at most that long, and the walk reads hardly a task it does not delete;
+-- - after a gap in the marks (retention off for a while, a leader that did not mark), that
+--   mark is old, and stopping there would leave the gap's tasks for a whole retention:
+--   the walk goes to the oldest mark after the cutoff instead, or the sequence's last value
+--   if there is none, and reads the young tasks up to there until the marks catch up.
 -- Returns the deleted states.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
     FOR SHARE
-), bound AS (
-    SELECT m.seq FROM conveyor_seq_marks AS m
+), before_cutoff AS (
+    SELECT m.marked_at, m.seq FROM conveyor_seq_marks AS m
     WHERE m.marked_at <= now() - make_interval(secs => $1)
     ORDER BY m.marked_at DESC
     LIMIT 1
+), bound AS (
+    SELECT CASE
+        WHEN b.marked_at >= now() - make_interval(secs => $1 + $5) THEN b.seq
+        ELSE coalesce(
+            (SELECT m.seq FROM conveyor_seq_marks AS m
+             WHERE m.marked_at > now() - make_interval(secs => $1)
+             ORDER BY m.marked_at
+             LIMIT 1),
+            pg_sequence_last_value(pg_get_serial_sequence('conveyor_tasks', 'seq')::regclass)
+        )
+    END AS seq
+    FROM (SELECT) AS one LEFT JOIN before_cutoff AS b ON true
 ), doomed AS (
     SELECT old.id
     FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) AS final (state)

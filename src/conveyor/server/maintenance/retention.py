@@ -61,7 +61,13 @@ class RetentionPruner(LeaderDuty):
         for _ in range(MAX_BATCHES_PER_ROUND):
             async with self._database.connection() as conn:
                 pruned = await queries.task_prune_finished(
-                    conn, retention=self._retention, limit=BATCH_SIZE, leader=leader
+                    conn,
+                    retention=self._retention,
+                    limit=BATCH_SIZE,
+                    leader=leader,
+                    # Three rounds of marks: a round or two missed (a tick failed, the lead
+                    # moved) still stops at the newest mark.
+                    mark_slack=3 * self.interval,
                 )
             for state, count in pruned.items():
                 self._metrics.tasks_pruned.labels(state).inc(count)
