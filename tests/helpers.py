@@ -19,8 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import pytest
 
+from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
 from conveyor.storage import queries
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
@@ -376,6 +378,16 @@ class ServerProcess:
         status = self.stop()
         self.start(timeout=timeout)
         return status
+
+
+@contextlib.contextmanager
+def worker_stub(address: str) -> Iterator[pb_grpc.WorkerServiceStub]:
+    """A raw WorkerService stub on a channel closed afterwards."""
+    channel = grpc.insecure_channel(address)
+    try:
+        yield pb_grpc.WorkerServiceStub(channel)
+    finally:
+        channel.close()
 
 
 @contextlib.contextmanager

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, timedelta
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
-from helpers import RERUN_AFTER_LEASE_EXPIRED, metric_samples, wait_final, wait_for
+from helpers import RERUN_AFTER_LEASE_EXPIRED, metric_samples, wait_final, wait_for, worker_stub
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 SHORT = timedelta(milliseconds=300)
 # The history of a task whose first attempt timed out and whose retry succeeded.
@@ -342,16 +338,6 @@ def cut_short(http_url: str) -> dict[tuple[str, str], float]:
         for sample in metric_samples(http_url)
         if sample.name == "conveyor_attempts_cut_short_total"
     }
-
-
-@contextlib.contextmanager
-def worker_stub(address: str) -> Iterator[pb_grpc.WorkerServiceStub]:
-    """A raw WorkerService stub on a channel closed afterwards."""
-    channel = grpc.insecure_channel(address)
-    try:
-        yield pb_grpc.WorkerServiceStub(channel)
-    finally:
-        channel.close()
 
 
 class TestWhatTheReaperCallsAnExpiredLease:

@@ -9,32 +9,18 @@ in bounded batches, fenced by its term, while the tasks they ran stay readable.
 
 from __future__ import annotations
 
-import contextlib
 import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
-import grpc
-from helpers import metric_samples, running, wait_final, wait_for
+from helpers import metric_samples, running, wait_final, wait_for, worker_stub
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.storage import queries
 
 TYPE = "workers.job"
-
-
-@contextlib.contextmanager
-def worker_stub(address: str) -> Iterator[pb_grpc.WorkerServiceStub]:
-    """A raw WorkerService stub on a channel closed afterwards."""
-    channel = grpc.insecure_channel(address)
-    try:
-        yield pb_grpc.WorkerServiceStub(channel)
-    finally:
-        channel.close()
 
 
 def pruned(http_url: str) -> dict[str, float]:

@@ -99,3 +99,35 @@ class LeaderDuty(PeriodicService):
     def leading(self) -> LeaderProof | None:
         """The current proof of leadership, or None once this server no longer leads."""
         return self._elector.leadership
+
+
+class BatchedLeaderDuty(LeaderDuty):
+    """A LeaderDuty whose round is batches of one fenced statement each (reap, prune).
+
+    The round goes on while a batch comes back full and this server still leads (the proof
+    is taken again before each batch), for at most `max_batches` batches (None: until a
+    batch comes back short), so a backlog is worked off over several rounds rather than in
+    one long burst of writes.
+    """
+
+    batch_size: int
+    max_batches: int | None = None
+
+    async def lead(self, leader: LeaderProof) -> None:
+        """`prepare`, then batches while they come back full and this server leads."""
+        await self.prepare(leader)
+        batches = 0
+        while self.max_batches is None or batches < self.max_batches:
+            handled = await self.batch(leader)
+            batches += 1
+            next_leader = self.leading()
+            if handled < self.batch_size or next_leader is None:
+                return
+            leader = next_leader
+
+    async def prepare(self, leader: LeaderProof) -> None:
+        """Before the round's batches: nothing unless a duty needs it."""
+
+    async def batch(self, leader: LeaderProof) -> int:
+        """One batch; how many rows it handled (fewer than `batch_size`: the round ends)."""
+        raise NotImplementedError

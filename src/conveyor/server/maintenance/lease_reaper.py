@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import LeaderDuty
+from conveyor.server.service import BatchedLeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -25,10 +25,11 @@ log = logging.getLogger("conveyor.server.reaper")
 BATCH_SIZE: Final = 500
 
 
-class LeaseReaper(LeaderDuty):
+class LeaseReaper(BatchedLeaderDuty):
     """Requeues (or fails) tasks whose lease ran out."""
 
     name = "lease-reaper"
+    batch_size = BATCH_SIZE
 
     def __init__(
         self,
@@ -46,35 +47,31 @@ class LeaseReaper(LeaderDuty):
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
 
-    async def lead(self, leader: LeaderProof) -> None:
-        """Reap until no expired lease is left (in batches)."""
-        while True:
-            async with self._database.connection() as conn:
-                rows = await queries.task_reap_expired(
-                    conn, limit=BATCH_SIZE, backoff=self._backoff, leader=leader
-                )
-            for row in rows:
-                cause = "timed_out" if row["timed_out"] else "lease_expired"
-                self._metrics.count_cut_short(row["type"], cause)
-                self._metrics.task_outcomes.labels(
-                    self._metrics.type_label(row["type"]),
-                    "failed" if row["state"] == "failed" else "retried",
-                ).inc()
-                if row["state"] == "queued":
-                    self._notifier.wake_after(row["retry_in"])
-                log.info(
-                    "lease of task %s expired; task is now %s",
-                    row["id"],
-                    row["state"],
-                    extra={
-                        "event": cause,
-                        "task_id": str(row["id"]),
-                        "task_type": row["type"],
-                        "attempt": row["attempt"],
-                        "worker_id": row["worker_id"],
-                    },
-                )
-            next_leader = self.leading()
-            if len(rows) < BATCH_SIZE or next_leader is None:
-                return
-            leader = next_leader
+    async def batch(self, leader: LeaderProof) -> int:
+        """Reap a batch of expired leases; how many (the round goes on while none is left)."""
+        async with self._database.connection() as conn:
+            rows = await queries.task_reap_expired(
+                conn, limit=BATCH_SIZE, backoff=self._backoff, leader=leader
+            )
+        for row in rows:
+            cause = "timed_out" if row["timed_out"] else "lease_expired"
+            self._metrics.count_cut_short(row["type"], cause)
+            self._metrics.task_outcomes.labels(
+                self._metrics.type_label(row["type"]),
+                "failed" if row["state"] == "failed" else "retried",
+            ).inc()
+            if row["state"] == "queued":
+                self._notifier.wake_after(row["retry_in"])
+            log.info(
+                "lease of task %s expired; task is now %s",
+                row["id"],
+                row["state"],
+                extra={
+                    "event": cause,
+                    "task_id": str(row["id"]),
+                    "task_type": row["type"],
+                    "attempt": row["attempt"],
+                    "worker_id": row["worker_id"],
+                },
+            )
+        return len(rows)

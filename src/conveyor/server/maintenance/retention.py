@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import LeaderDuty
+from conveyor.server.service import BatchedLeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -35,10 +35,12 @@ BATCH_SIZE: Final = 1000
 MAX_BATCHES_PER_ROUND: Final = 20
 
 
-class RetentionPruner(LeaderDuty):
+class RetentionPruner(BatchedLeaderDuty):
     """Deletes finished tasks older than the retention (if this server leads)."""
 
     name = "retention"
+    batch_size = BATCH_SIZE
+    max_batches = MAX_BATCHES_PER_ROUND
 
     def __init__(
         self,
@@ -53,33 +55,31 @@ class RetentionPruner(LeaderDuty):
         self._retention = retention
         self._metrics = metrics
 
-    async def lead(self, leader: LeaderProof) -> None:
-        """Mark where the queue stands, then delete old finished tasks, a batch at a time."""
+    async def prepare(self, leader: LeaderProof) -> None:
+        """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
         async with self._database.connection() as conn:
-            # What bounds each batch's walk a retention from now (migration 0013).
             await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
-        for _ in range(MAX_BATCHES_PER_ROUND):
-            async with self._database.connection() as conn:
-                pruned = await queries.task_prune_finished(
-                    conn,
-                    retention=self._retention,
-                    limit=BATCH_SIZE,
-                    leader=leader,
-                    # Three rounds of marks: a round or two missed (a tick failed, the lead
-                    # moved) still stops at the newest mark.
-                    mark_slack=3 * self.interval,
-                )
-            for state, count in pruned.items():
-                self._metrics.tasks_pruned.labels(state).inc(count)
-            total = sum(pruned.values())
-            if total:
-                log.info(
-                    "pruned %d finished task(s) older than %s",
-                    total,
-                    self._retention,
-                    extra={"event": "tasks_pruned"},
-                )
-            next_leader = self.leading()
-            if total < BATCH_SIZE or next_leader is None:
-                return
-            leader = next_leader
+
+    async def batch(self, leader: LeaderProof) -> int:
+        """Delete a batch of old finished tasks; how many."""
+        async with self._database.connection() as conn:
+            pruned = await queries.task_prune_finished(
+                conn,
+                retention=self._retention,
+                limit=BATCH_SIZE,
+                leader=leader,
+                # Three rounds of marks: a round or two missed (a tick failed, the lead
+                # moved) still stops at the newest mark.
+                mark_slack=3 * self.interval,
+            )
+        for state, count in pruned.items():
+            self._metrics.tasks_pruned.labels(state).inc(count)
+        total = sum(pruned.values())
+        if total:
+            log.info(
+                "pruned %d finished task(s) older than %s",
+                total,
+                self._retention,
+                extra={"event": "tasks_pruned"},
+            )
+        return total

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from conveyor.server.service import LeaderDuty
+from conveyor.server.service import BatchedLeaderDuty
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -33,10 +33,12 @@ BATCH_SIZE: Final = 1000
 MAX_BATCHES_PER_ROUND: Final = 20
 
 
-class WorkerPruner(LeaderDuty):
+class WorkerPruner(BatchedLeaderDuty):
     """Deletes workers stopped or lost longer than the worker retention (if this server leads)."""
 
     name = "worker-retention"
+    batch_size = BATCH_SIZE
+    max_batches = MAX_BATCHES_PER_ROUND
 
     def __init__(
         self,
@@ -51,24 +53,20 @@ class WorkerPruner(LeaderDuty):
         self._retention = retention
         self._metrics = metrics
 
-    async def lead(self, leader: LeaderProof) -> None:
-        """Delete gone workers, a batch at a time."""
-        for _ in range(MAX_BATCHES_PER_ROUND):
-            async with self._database.connection() as conn:
-                pruned = await queries.worker_prune_gone(
-                    conn, retention=self._retention, limit=BATCH_SIZE, leader=leader
-                )
-            for state, count in pruned.items():
-                self._metrics.workers_pruned.labels(state).inc(count)
-            total = sum(pruned.values())
-            if total:
-                log.info(
-                    "deleted %d worker(s) stopped or lost more than %s ago",
-                    total,
-                    self._retention,
-                    extra={"event": "workers_pruned"},
-                )
-            next_leader = self.leading()
-            if total < BATCH_SIZE or next_leader is None:
-                return
-            leader = next_leader
+    async def batch(self, leader: LeaderProof) -> int:
+        """Delete a batch of gone workers; how many."""
+        async with self._database.connection() as conn:
+            pruned = await queries.worker_prune_gone(
+                conn, retention=self._retention, limit=BATCH_SIZE, leader=leader
+            )
+        for state, count in pruned.items():
+            self._metrics.workers_pruned.labels(state).inc(count)
+        total = sum(pruned.values())
+        if total:
+            log.info(
+                "deleted %d worker(s) stopped or lost more than %s ago",
+                total,
+                self._retention,
+                extra={"event": "workers_pruned"},
+            )
+        return total
