@@ -22,6 +22,8 @@ from conveyor.storage import queries
 if TYPE_CHECKING:
     from datetime import timedelta
 
+    from prometheus_client import Counter
+
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
     from conveyor.server.leadership import LeaderElector
@@ -35,10 +37,9 @@ BATCH_SIZE: Final = 1000
 MAX_BATCHES_PER_ROUND: Final = 20
 
 
-class RetentionPruner(BatchedLeaderDuty):
-    """Deletes finished tasks older than the retention (if this server leads)."""
+class Pruner(BatchedLeaderDuty):
+    """Deletes, in fenced batches, what is older than a retention (tasks, workers)."""
 
-    name = "retention"
     batch_size = BATCH_SIZE
     max_batches = MAX_BATCHES_PER_ROUND
 
@@ -50,10 +51,27 @@ class RetentionPruner(BatchedLeaderDuty):
         elector: LeaderElector,
         metrics: ServerMetrics,
     ) -> None:
-        """Prune every `interval` what finished more than `retention` ago."""
+        """Prune every `interval` what is older than `retention`."""
         super().__init__(interval, database, elector)
         self._retention = retention
         self._metrics = metrics
+
+    def tally(self, pruned: dict[str, int], counter: Counter, event: str, what: str) -> int:
+        """Count a batch's deletions by state and log them; how many in all."""
+        for state, count in pruned.items():
+            counter.labels(state).inc(count)
+        total = sum(pruned.values())
+        if total:
+            log.info(
+                "deleted %d %s older than %s", total, what, self._retention, extra={"event": event}
+            )
+        return total
+
+
+class RetentionPruner(Pruner):
+    """Deletes finished tasks older than the retention (if this server leads)."""
+
+    name = "retention"
 
     async def prepare(self, leader: LeaderProof) -> None:
         """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
@@ -72,14 +90,4 @@ class RetentionPruner(BatchedLeaderDuty):
                 # moved) still stops at the newest mark.
                 mark_slack=3 * self.interval,
             )
-        for state, count in pruned.items():
-            self._metrics.tasks_pruned.labels(state).inc(count)
-        total = sum(pruned.values())
-        if total:
-            log.info(
-                "pruned %d finished task(s) older than %s",
-                total,
-                self._retention,
-                extra={"event": "tasks_pruned"},
-            )
-        return total
+        return self.tally(pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)")
