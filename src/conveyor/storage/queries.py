@@ -412,6 +412,13 @@ class LeaderStatementGaveUp(Exception):
     """
 
 
+async def statement_timeout_set_local(conn: Any, *, budget: timedelta) -> None:
+    """Within a transaction: its statements may run `budget` (at most the session's own)."""
+    await conn.fetchval(
+        SQL["statement_timeout_set_local"], max(1, int(budget.total_seconds() * 1000))
+    )
+
+
 async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: Any) -> Any:
     """Run the leader-only statement `sql` (by `conn.<method>`) within the leader's budget."""
     budget = leader.statement_timeout
@@ -419,9 +426,7 @@ async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: 
         return await getattr(conn, method)(sql, *args)
     try:
         async with conn.transaction():
-            await conn.fetchval(
-                SQL["statement_timeout_set_local"], max(1, int(budget.total_seconds() * 1000))
-            )
+            await statement_timeout_set_local(conn, budget=budget)
             return await getattr(conn, method)(sql, *args)
     except asyncpg.QueryCanceledError as exc:
         raise LeaderStatementGaveUp(
