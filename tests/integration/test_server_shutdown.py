@@ -23,6 +23,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import wait_for
 
+from conveyor.errors import ConfigError
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.app import SERVICE_NAMES, ConveyorServer
@@ -257,3 +258,11 @@ class TestStopIsIdempotent:
         repeat_took, shutdowns = asyncio.run(scenario())
         assert shutdowns == 1
         assert repeat_took < 0.5
+
+
+def test_a_second_server_on_a_port_in_use_is_refused(start_server) -> None:
+    """gRPC's default SO_REUSEPORT let a second server bind a port already served, and the
+    kernel split the connections between the two (each on its own database)."""
+    first = start_server()
+    with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the port is in use"):
+        start_server(grpc_listen=f"127.0.0.1:{first.server.grpc_port}")

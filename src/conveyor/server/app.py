@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor import __version__
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConfigError, ConveyorError
 from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
 from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
@@ -165,6 +165,10 @@ class ConveyorServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC sets SO_REUSEPORT by default, so a second server started on a port in
+                # use bound it too, without an error, and the kernel split the connections
+                # between them: a client saw one server's database, then the other's.
+                ("grpc.so_reuseport", 0),
             ],
         )
         add_service(self._grpc, self.task_service, "TaskService")
@@ -174,13 +178,19 @@ class ConveyorServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        self.grpc_port = (
-            self._grpc.add_secure_port(self.config.grpc_listen, credentials)
-            if credentials is not None
-            else self._grpc.add_insecure_port(self.config.grpc_listen)
-        )
+        try:
+            self.grpc_port = (
+                self._grpc.add_secure_port(self.config.grpc_listen, credentials)
+                if credentials is not None
+                else self._grpc.add_insecure_port(self.config.grpc_listen)
+            )
+        except RuntimeError:  # grpcio's "Failed to bind to address ..."
+            self.grpc_port = 0
         if not self.grpc_port:
-            raise ConveyorError(f"cannot listen on {self.config.grpc_listen}")
+            raise ConfigError(
+                f"cannot listen on {self.config.grpc_listen}: the port is in use (another "
+                "server?) or the address is not this machine's"
+            )
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
