@@ -145,7 +145,7 @@ def list_tasks(
     as_json: bool,
     server: str | None,
 ) -> None:
-    """List tasks, newest first, one page at a time."""
+    """List tasks, newest queue position first (a retry renews it), one page at a time."""
     with open_client(server) as client:
         page = client.list_tasks(
             states=states or None, type=task_type, limit=limit, page_token=page_token
