@@ -99,8 +99,15 @@ class TestTaskCommands:
             (("status", "not-a-uuid"), "malformed task id"),
             (("cancel", "not-a-uuid"), "malformed task id"),
             (("enqueue", "x", "--payload-file", "/nonexistent"), "cannot read /nonexistent"),
+            (
+                ("enqueue", "x", "--timeout", "700000"),
+                "error: timeout may be at most 7 days (604800 s), got 700000 s",
+            ),
         ],
-        ids=["bad-type", "negative-timeout", "status-bad-id", "cancel-bad-id", "missing-file"],
+        ids=[
+            *("bad-type", "negative-timeout", "status-bad-id", "cancel-bad-id", "missing-file"),
+            "timeout-over-the-limit",
+        ],
     )
     def test_bad_input_is_one_error_line(self, server, db, args, expected):
         line = assert_one_error_line(run(*args, "--server", server.address))

@@ -80,7 +80,7 @@ def enqueue(
     task = Task(
         type=task_type,
         payload=data,
-        timeout=timedelta(seconds=timeout) if timeout > 0 else timeout,
+        timeout=timeout,  # seconds: Task checks the range and says what is wrong
         max_retries=max_retries,
         id=task_id,
     )
