@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,7 @@ def open_client(server: str | None) -> Client:
     what is left of it), so a slow bulk action under a short budget ends unanswered.
     """
     retry_for = click.get_current_context().meta.get(RETRY_FOR_KEY, DEFAULT_RETRY_FOR)
-    return Client(server, retry=RetryPolicy(total_timeout=timedelta(seconds=retry_for)))
+    return Client(server, retry=RetryPolicy(total_timeout=retry_for))
 
 
 @click.command()

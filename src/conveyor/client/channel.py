@@ -33,6 +33,7 @@ from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
+from conveyor.types import as_duration
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -229,9 +230,21 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
     return addresses
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+_DEFAULT_CALL_TIMEOUT: Final = timedelta(seconds=10)
+_DEFAULT_TOTAL_TIMEOUT: Final = timedelta(seconds=30)
+_DEFAULT_BACKOFF_BASE: Final = timedelta(milliseconds=50)
+_DEFAULT_BACKOFF_CAP: Final = timedelta(seconds=2)
+
+
+# init=False: the constructor takes seconds as well as timedeltas, as Task's timeout does,
+# and stores timedeltas, so that the attributes keep one type for whoever reads them.
+@dataclass(frozen=True, slots=True, init=False)
 class RetryPolicy:
     """How long to keep retrying transient failures, and how to space the attempts.
+
+    Each duration is a timedelta or a number of seconds (`RetryPolicy(total_timeout=5)`),
+    stored as a timedelta; one that is not positive, not finite or absurdly long raises
+    ConfigError.
 
     Attributes:
         call_timeout: Deadline of each attempt.
@@ -240,16 +253,27 @@ class RetryPolicy:
         backoff_cap: Largest backoff ceiling.
     """
 
-    call_timeout: timedelta = timedelta(seconds=10)
-    total_timeout: timedelta = timedelta(seconds=30)
-    backoff_base: timedelta = timedelta(milliseconds=50)
-    backoff_cap: timedelta = timedelta(seconds=2)
+    call_timeout: timedelta
+    total_timeout: timedelta
+    backoff_base: timedelta
+    backoff_cap: timedelta
 
-    def __post_init__(self) -> None:
-        """Reject non-positive durations."""
-        for name in ("call_timeout", "total_timeout", "backoff_base", "backoff_cap"):
-            if getattr(self, name) <= timedelta(0):
-                raise ConfigError(f"{name} must be positive")
+    def __init__(
+        self,
+        *,
+        call_timeout: timedelta | float = _DEFAULT_CALL_TIMEOUT,
+        total_timeout: timedelta | float = _DEFAULT_TOTAL_TIMEOUT,
+        backoff_base: timedelta | float = _DEFAULT_BACKOFF_BASE,
+        backoff_cap: timedelta | float = _DEFAULT_BACKOFF_CAP,
+    ) -> None:
+        """Take each duration as a timedelta or seconds; ConfigError for an impossible one."""
+        for name, value in (
+            ("call_timeout", call_timeout),
+            ("total_timeout", total_timeout),
+            ("backoff_base", backoff_base),
+            ("backoff_cap", backoff_cap),
+        ):
+            object.__setattr__(self, name, as_duration(value, name, ConfigError))
 
     def delays(self) -> Iterator[float]:
         """Seconds to sleep before each retry: exponential ceiling, full jitter."""
