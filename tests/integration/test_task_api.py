@@ -7,9 +7,12 @@ arrives on the wire (INVALID_ARGUMENT / NOT_FOUND with a one-line message, never
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 import urllib.request
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +22,13 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task, TaskState
-from conveyor.errors import InvalidTask, ServerUnavailable, TaskAlreadyFinished, TaskNotFound
+from conveyor.errors import (
+    ConfigError,
+    InvalidTask,
+    ServerUnavailable,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
@@ -554,3 +563,56 @@ class TestClientConstruction:
             assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
             assert client._channels
         assert client._channels == {}
+
+
+class TestAsyncClientAcrossEventLoops:
+    """grpc.aio channels belong to the loop they were opened on. An AsyncClient follows its
+    loop: once that loop has closed (one `asyncio.run()` after another, a loop per test), it
+    drops the old loop's connections and opens new ones; a loop that is still open keeps
+    them, and another loop is refused with ConfigError."""
+
+    def test_one_client_serves_one_asyncio_run_after_another(self, server) -> None:
+        """Used to raise RuntimeError('Event loop is closed') in the second run, and in
+        close()."""
+        client = AsyncClient(server.address, retry=RetryPolicy(total_timeout=10))
+
+        async def enqueue_and_read() -> TaskState:
+            # An enqueue (on the client's enqueue stream) and a call: both kinds of
+            # connection state the client keeps per loop.
+            task_id = await client.enqueue_task(Task(type="t"))
+            return (await client.get_task_status(task_id)).state
+
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        first_channels = [weakref.ref(channel) for channel in client._channels.values()]
+        assert first_channels
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        # The first loop's channels were dropped, and grpc released them without an error
+        # (pytest turns one raised while collecting them into a failure).
+        gc.collect()
+        assert [ref() for ref in first_channels] == [None] * len(first_channels)
+        # Closed on yet another loop, the connections of the second one (now closed) are
+        # dropped: close() must not raise because their loop is gone.
+        asyncio.run(client.close())
+        assert client._channels == {}
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        asyncio.run(client.close())
+
+    def test_a_loop_still_open_keeps_the_client_and_another_is_refused(self, server) -> None:
+        """Two open loops cannot share the client's connections: ConfigError, not a hang or
+        a RuntimeError from grpc; closing it on its own loop frees it for another."""
+        client = AsyncClient(server.address, retry=RetryPolicy(total_timeout=10))
+        first = asyncio.new_event_loop()
+        try:
+            task_id = first.run_until_complete(client.enqueue_task(Task(type="t")))
+            with pytest.raises(ConfigError, match="belongs to another event loop"):
+                asyncio.run(client.get_task_status(task_id))
+            with pytest.raises(ConfigError, match="belongs to another event loop"):
+                asyncio.run(client.close())
+            # Still whole on its own loop.
+            status = first.run_until_complete(client.get_task_status(task_id))
+            assert status.state is TaskState.QUEUED
+            first.run_until_complete(client.close())
+        finally:
+            first.close()
+        assert asyncio.run(client.get_task_status(task_id)).state is TaskState.QUEUED
+        asyncio.run(client.close())
