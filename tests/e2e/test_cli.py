@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
 
@@ -113,6 +114,44 @@ class TestTaskCommands:
         line = assert_one_error_line(run(*args, "--server", server.address))
         assert expected in line
         assert db.fetchval("SELECT count(*) FROM conveyor_tasks") == 0
+
+    def test_payload_bytes_that_are_not_utf8_are_enqueued_as_given(self, server, db):
+        r"""`--payload $'\xff\xfe'`: Python hands the command each byte that does not decode
+        as a lone surrogate, which used to end in a UnicodeEncodeError traceback; the
+        payload is the bytes given, text and not text alike."""
+        payload = b"caf\xc3\xa9 \xff\xfe\x80"
+        argv = conveyor_command("enqueue", "demo.echo", "--server", server.address)
+        result = subprocess.run(
+            [*argv, b"--payload", payload],
+            env=process_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        task_id = assert_ok(result).strip()
+        assert bytes(db.task(task_id)["payload"]) == payload
+
+    def test_a_surrogate_no_byte_decodes_to_is_one_error_line(self):
+        """Only a program that calls the CLI with arguments of its own can pass one (argv
+        always decodes back to bytes): InvalidTask's one line, not a UnicodeEncodeError."""
+        program = (
+            "from conveyor.cli.main import cli; "
+            "cli(['enqueue', 'x', '--payload', 'a\\ud800b', '--server', '127.0.0.1:1'], "
+            "prog_name='conveyor')"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            env=process_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert assert_one_error_line(result) == (
+            "error: --payload holds '\\ud800', which is no character and no byte of the "
+            "command line; give binary payloads with --payload-file"
+        )
 
     def test_status_of_unknown_task(self, server):
         task_id = str(uuid.uuid4())

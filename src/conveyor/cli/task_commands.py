@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,11 @@ def open_client(server: str | None) -> Client:
 
 @click.command()
 @click.argument("task_type", metavar="TYPE")
-@click.option("--payload", default=None, help="Payload as text (UTF-8).")
+@click.option(
+    "--payload",
+    default=None,
+    help="Payload: the argument's bytes as given (text as typed, normally UTF-8).",
+)
 @click.option(
     "--payload-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -75,7 +80,7 @@ def enqueue(
     if payload_file is not None:
         data = _read_stdin() if str(payload_file) == "-" else _read(payload_file)
     else:
-        data = (payload or "").encode()
+        data = _argument_bytes(payload or "", "--payload")
     task = Task(
         type=task_type,
         payload=data,
@@ -85,6 +90,25 @@ def enqueue(
     )
     with open_client(server) as client:
         click.echo(client.enqueue_task(task))
+
+
+def _argument_bytes(text: str, option: str) -> bytes:
+    r"""The bytes an argument was given as on the command line.
+
+    Python decodes argv with the locale's encoding and keeps each byte that does not
+    decode as a lone surrogate (surrogateescape): `--payload $'\xff\xfe'` arrives as
+    '\udcff\udcfe', which str.encode() refuses with a UnicodeEncodeError. os.fsencode
+    reverses the decoding exactly, so the payload is the bytes that were typed, valid text
+    or not. Only a caller that builds the arguments itself (another program calling
+    `cli.main`) can pass a surrogate that no byte decodes to.
+    """
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise InvalidTask(
+            f"{option} holds {text[exc.start : exc.end]!r}, which is no character and no "
+            "byte of the command line; give binary payloads with --payload-file"
+        ) from None
 
 
 def _read_stdin() -> bytes:
