@@ -181,12 +181,15 @@ class TestTaskCommands:
         )
         from_option = time.monotonic() - began
         assert "127.0.0.1:1" in line
+        # Why, too: it used to end at "failed repeatedly; next probe in 4.7s".
+        assert "Connection refused" in line
         began = time.monotonic()
         line = assert_one_error_line(
             run("status", str(uuid.uuid4()), "--server", "127.0.0.1:1", CONVEYOR_RETRY_FOR="1")
         )
         from_environment = time.monotonic() - began
         assert "127.0.0.1:1" in line
+        assert "Connection refused" in line
         # Within its budget, not the default 30 s (27 s here before the setting existed). It
         # may end sooner: once the breaker's next probe falls past the budget, it gives up.
         assert from_option < 12, from_option

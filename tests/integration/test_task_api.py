@@ -22,7 +22,9 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor import AsyncClient, Client, RetryPolicy, Task, TaskState
+from conveyor.breaker import BreakerPolicy
 from conveyor.errors import (
+    CircuitOpen,
     ConfigError,
     InvalidTask,
     ServerUnavailable,
@@ -532,6 +534,24 @@ class TestUnreachableServer:
             with pytest.raises(ServerUnavailable):
                 await client.get_task_status(str(uuid.uuid4()))
         assert time.monotonic() - started < 5
+
+    def test_a_circuit_open_error_says_why_the_servers_failed(self) -> None:
+        """Once every breaker is open the client fails fast with CircuitOpen; its message
+        used to say only that, with no cause. It names the last failure's status (here a
+        refused connection), also for a later call that fails at once on the open breaker.
+
+        One failure opens the breaker, for longer than the budget: each call ends with
+        CircuitOpen (with more, backoff could outlast the budget first: ServerUnavailable).
+        """
+        opens_at_once = BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(seconds=30))
+        with Client("127.0.0.1:1", retry=FAST_GIVE_UP, breaker=opens_at_once) as client:
+            for _ in range(2):
+                with pytest.raises(CircuitOpen) as caught:
+                    client.get_task_status(str(uuid.uuid4()))
+                message = caught.value.message
+                assert "every server (127.0.0.1:1) failed repeatedly" in message
+                assert "last failure (127.0.0.1:1): UNAVAILABLE: " in message
+                assert "Connection refused" in message
 
 
 class TestClientConstruction:

@@ -311,6 +311,9 @@ class AddressRing:
         self.breakers = {address: CircuitBreaker(breaker) for address in self.addresses}
         self._index = random.randrange(len(self.addresses))
         self._lock = threading.Lock()
+        # The address and status ("CODE: details") of the latest call that reached no
+        # server: when every breaker is open, the error says why, not only that they are.
+        self.last_failure: tuple[str, str] | None = None
 
     @property
     def current(self) -> str:
@@ -341,8 +344,11 @@ class AddressRing:
         """Seconds until some open breaker lets a probe through."""
         return min(breaker.retry_in() for breaker in self.breakers.values())
 
-    def record(self, pick: Pick, *, reachable: bool) -> None:
-        """Feed a call's outcome to its address's breaker; move on after a failure."""
+    def record(self, pick: Pick, *, reachable: bool, cause: str | None = None) -> None:
+        """Feed a call's outcome to its address's breaker; move on after a failure.
+
+        `cause`: what the failed call said (its status), kept as `last_failure`.
+        """
         address, permit = pick
         breaker = self.breakers[address]
         if reachable:
@@ -350,6 +356,8 @@ class AddressRing:
             return
         breaker.record_failure(permit)
         with self._lock:
+            if cause:
+                self.last_failure = (address, cause)
             if address == self.addresses[self._index]:
                 self._advance()
 
@@ -397,9 +405,11 @@ class RetryLoop:
             return pick, 0.0
         wait = self._ring.next_probe_in()
         if self._clock() + wait >= self._give_up_at:
+            last = self._ring.last_failure
             raise CircuitOpen(
                 f"{self._method}: every server ({', '.join(self._ring.addresses)}) failed "
-                f"repeatedly; next probe in {wait:.1f}s",
+                f"repeatedly; next probe in {wait:.1f}s"
+                + (f"; last failure ({last[0]}): {last[1]}" if last else ""),
                 retry_in=wait,
             )
         return None, max(wait, 0.01)
@@ -432,7 +442,7 @@ class RetryLoop:
         if not is_transient(error):
             self._ring.record(pick, reachable=True)  # the server answered
             raise translate(error)
-        self._ring.record(pick, reachable=False)
+        self._ring.record(pick, reachable=False, cause=f"{error.code().name}: {error.details()}")
         delay = next(self._delays)
         if self._clock() + delay >= self._give_up_at:
             raise ServerUnavailable(
