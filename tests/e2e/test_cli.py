@@ -264,7 +264,9 @@ class TestSecurityCommands:
         ]
         server = start_server(tokens_file=tokens)
         denied = assert_one_error_line(run("enqueue", "t", "--server", server.address))
-        assert "no token" in denied
+        # Where the CLI reads a token from, not the raw "send 'authorization: Bearer ...'".
+        assert denied.startswith("error: no token: ")
+        assert "set CONVEYOR_TOKEN to the token, or CONVEYOR_TOKEN_FILE to a file" in denied
         task_id = assert_ok(
             run("enqueue", "t", "--server", server.address, CONVEYOR_TOKEN=producer)
         ).strip()

@@ -19,7 +19,7 @@ from helpers import wait_final, wait_for
 from long_polls import claims
 from work_streams import RawStream
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import AsyncClient, Client, Task, TaskState, Worker
 from conveyor.auth import Role, TokenEntry, new_token
 from conveyor.errors import ConfigError, PermissionDenied, Unauthenticated
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -135,6 +135,32 @@ class TestAuthentication:
         assert secured.server is not None
         refusals = secured.server.metrics.auth_refusals.labels("unauthenticated")._value.get()
         assert refusals >= 4
+
+    async def test_a_client_without_a_token_is_told_where_to_give_one(
+        self, secured: ServerThread
+    ) -> None:
+        """The server's "no token: send 'authorization: Bearer <token>'" is for raw gRPC
+        callers; a client that sent none names the variables it reads a token from. On
+        the enqueue stream and on a call, from both clients."""
+        expected = (
+            "no token: the server requires one; set CONVEYOR_TOKEN to the token, or "
+            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... to the client)"
+        )
+        task_id = str(uuid.uuid4())
+        with Client(secured.address) as client:
+            with pytest.raises(Unauthenticated) as caught:
+                client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected
+            with pytest.raises(Unauthenticated) as caught:
+                client.get_task_status(task_id)
+            assert caught.value.message == expected
+        async with AsyncClient(secured.address) as async_client:
+            with pytest.raises(Unauthenticated) as caught:
+                await async_client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected
+            with pytest.raises(Unauthenticated) as caught:
+                await async_client.get_task_status(task_id)
+            assert caught.value.message == expected
 
     def test_a_token_added_to_the_file_works_and_a_removed_one_stops_without_restart(
         self, secured: ServerThread, tokens: Tokens

@@ -156,7 +156,13 @@ class AsyncClient:
     ) -> Response:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         self._on_running_loop()
-        attempts = RetryLoop(self._ring, self._retry, method, clock=asyncio.get_running_loop().time)
+        attempts = RetryLoop(
+            self._ring,
+            self._retry,
+            method,
+            clock=asyncio.get_running_loop().time,
+            token_sent=self._metadata is not None,
+        )
         while True:
             pick, pause = attempts.step()
             if pick is None:

@@ -30,7 +30,13 @@ import grpc.aio
 
 from conveyor.auth import TOKEN_PATTERN, is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
-from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
+from conveyor.errors import (
+    CircuitOpen,
+    ConfigError,
+    ConveyorError,
+    ServerUnavailable,
+    Unauthenticated,
+)
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.types import as_duration
@@ -385,11 +391,13 @@ class RetryLoop:
         method: str,
         *,
         clock: Callable[[], float],
+        token_sent: bool = True,
     ) -> None:
-        """Start the retry budget now."""
+        """Start the retry budget now; `token_sent`: whether the calls carry a token."""
         self._ring = ring
         self._policy = policy
         self._method = method
+        self._token_sent = token_sent
         self._clock = clock
         self._give_up_at = clock() + policy.total_timeout.total_seconds()
         self._delays = policy.delays()
@@ -436,12 +444,12 @@ class RetryLoop:
             self._ring.record(pick, reachable=True)
             delay = next(self._delays)
             if self._clock() + delay >= self._give_up_at:
-                raise translate(error)
+                raise translate(error, token_sent=self._token_sent)
             self._sleep = delay
             return
         if not is_transient(error):
             self._ring.record(pick, reachable=True)  # the server answered
-            raise translate(error)
+            raise translate(error, token_sent=self._token_sent)
         self._ring.record(pick, reachable=False, cause=f"{error.code().name}: {error.details()}")
         delay = next(self._delays)
         if self._clock() + delay >= self._give_up_at:
@@ -454,6 +462,18 @@ class RetryLoop:
         self._sleep = delay
 
 
-def translate(error: grpc.RpcError) -> ConveyorError:
-    """The typed Conveyor error for a failed call."""
-    return error_from_status(error.code(), error.details())
+# The server's "no token" is worded for whoever calls it, raw gRPC included ("send
+# 'authorization: Bearer <token>'"); a client that sent none tells its user where it
+# looks for one.
+NO_TOKEN: Final = (
+    f"no token: the server requires one; set {TOKEN_ENV} to the token, or "
+    f"{TOKEN_FILE_ENV} to a file that holds it (or pass token=... to the client)"
+)
+
+
+def translate(error: grpc.RpcError, *, token_sent: bool = True) -> ConveyorError:
+    """The typed Conveyor error for a failed call (`token_sent`: whether it carried one)."""
+    code = error.code()
+    if code is grpc.StatusCode.UNAUTHENTICATED and not token_sent:
+        return Unauthenticated(NO_TOKEN)
+    return error_from_status(code, error.details())
