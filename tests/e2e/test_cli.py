@@ -153,6 +153,23 @@ class TestTaskCommands:
             "command line; give binary payloads with --payload-file"
         )
 
+    def test_a_server_older_than_the_cli_is_named_as_the_likely_cause(
+        self, server_without_the_methods
+    ):
+        """Not `error: UNIMPLEMENTED: Method not found!`: which call the server lacks, and
+        that it is probably older than this CLI (see test_task_api.py for the clients)."""
+        address = server_without_the_methods
+        for args, method in (
+            (("status", str(uuid.uuid4())), "GetTask"),
+            (("enqueue", "t"), "EnqueueTasks"),
+            (("workers",), "ListWorkers"),
+        ):
+            line = assert_one_error_line(run(*args, "--server", address))
+            assert line.startswith(
+                f"error: UNIMPLEMENTED: the server has no {method} call: it is probably older "
+                "than this client (conveyor "
+            ), line
+
     def test_status_of_unknown_task(self, server):
         task_id = str(uuid.uuid4())
         line = assert_one_error_line(run("status", task_id, "--server", server.address))

@@ -21,7 +21,8 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor import AsyncClient, Client, RetryPolicy, Task, TaskState
+import conveyor
+from conveyor import AsyncClient, Client, ConveyorError, RetryPolicy, Task, TaskState
 from conveyor.breaker import BreakerPolicy
 from conveyor.errors import (
     CircuitOpen,
@@ -552,6 +553,34 @@ class TestUnreachableServer:
                 assert "every server (127.0.0.1:1) failed repeatedly" in message
                 assert "last failure (127.0.0.1:1): UNAVAILABLE: " in message
                 assert "Connection refused" in message
+
+
+class TestServerOlderThanTheClient:
+    async def test_a_missing_method_is_said_to_need_a_newer_server(
+        self, server_without_the_methods: str
+    ) -> None:
+        """It used to read `UNIMPLEMENTED: Method not found!`, naming neither the call nor
+        the likely cause. An enqueue goes as a call once the stream is refused: the error
+        names EnqueueTasks, the operation asked for."""
+        address = server_without_the_methods
+        expected = (
+            "UNIMPLEMENTED: the server has no {} call: it is probably older than this client "
+            f"(conveyor {conveyor.__version__}); upgrade the server (it said: Method not found!)"
+        )
+        with Client(address) as client:
+            with pytest.raises(ConveyorError) as caught:
+                client.get_task_status(str(uuid.uuid4()))
+            assert caught.value.message == expected.format("GetTask")
+            with pytest.raises(ConveyorError) as caught:
+                client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected.format("EnqueueTasks")
+        async with AsyncClient(address) as async_client:
+            with pytest.raises(ConveyorError) as caught:
+                await async_client.explain_task(str(uuid.uuid4()))
+            assert caught.value.message == expected.format("ExplainTask")
+            with pytest.raises(ConveyorError) as caught:
+                await async_client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected.format("EnqueueTasks")
 
 
 class TestClientConstruction:

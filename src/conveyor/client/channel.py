@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal, NamedTuple, overload
 import grpc
 import grpc.aio
 
+from conveyor import __version__
 from conveyor.auth import TOKEN_PATTERN, is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import (
@@ -444,12 +445,12 @@ class RetryLoop:
             self._ring.record(pick, reachable=True)
             delay = next(self._delays)
             if self._clock() + delay >= self._give_up_at:
-                raise translate(error, token_sent=self._token_sent)
+                raise translate(error, method=self._method, token_sent=self._token_sent)
             self._sleep = delay
             return
         if not is_transient(error):
             self._ring.record(pick, reachable=True)  # the server answered
-            raise translate(error, token_sent=self._token_sent)
+            raise translate(error, method=self._method, token_sent=self._token_sent)
         self._ring.record(pick, reachable=False, cause=f"{error.code().name}: {error.details()}")
         delay = next(self._delays)
         if self._clock() + delay >= self._give_up_at:
@@ -471,9 +472,23 @@ NO_TOKEN: Final = (
 )
 
 
-def translate(error: grpc.RpcError, *, token_sent: bool = True) -> ConveyorError:
-    """The typed Conveyor error for a failed call (`token_sent`: whether it carried one)."""
-    code = error.code()
+# What grpc answers for a method the server does not register: from a Conveyor server, one
+# of a release older than this client's.
+GRPC_METHOD_NOT_FOUND: Final = "Method not found!"
+
+
+def translate(
+    error: grpc.RpcError, *, method: str | None = None, token_sent: bool = True
+) -> ConveyorError:
+    """The typed Conveyor error for a failed call of `method` (which carried a token or not)."""
+    code, details = error.code(), error.details()
     if code is grpc.StatusCode.UNAUTHENTICATED and not token_sent:
         return Unauthenticated(NO_TOKEN)
-    return error_from_status(code, error.details())
+    if code is grpc.StatusCode.UNIMPLEMENTED and details == GRPC_METHOD_NOT_FOUND and method:
+        # Still a plain ConveyorError whose message starts with the code, as documented
+        # for unexpected statuses; the rest says what to do about it.
+        return ConveyorError(
+            f"UNIMPLEMENTED: the server has no {method} call: it is probably older than "
+            f"this client (conveyor {__version__}); upgrade the server (it said: {details})"
+        )
+    return error_from_status(code, details)
