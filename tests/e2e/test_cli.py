@@ -279,6 +279,9 @@ class TestSecurityCommands:
             ["admin", "ops"],
             ["producer", "app"],
         ]
+        viewer = assert_ok(
+            run("token", "create", "--file", str(tokens), "--name", "dash", "--role", "viewer")
+        ).strip()
         server = start_server(tokens_file=tokens)
         denied = assert_one_error_line(run("enqueue", "t", "--server", server.address))
         # Where the CLI reads a token from, not the raw "send 'authorization: Bearer ...'".
@@ -295,6 +298,13 @@ class TestSecurityCommands:
         )
         assert "permission" in assert_one_error_line(
             run("tasks", "list", "--server", server.address, CONVEYOR_TOKEN=producer)
+        )
+        # The operation asked for, not the enqueue stream the client carries it on.
+        assert assert_one_error_line(
+            run("enqueue", "t", "--server", server.address, CONVEYOR_TOKEN=viewer)
+        ) == (
+            "error: EnqueueTasks needs the enqueue permission, which the viewer role of 'dash' "
+            "does not have"
         )
         assert_ok(run("token", "revoke", "--file", str(tokens), producer.split("_")[1]))
         assert "app" not in assert_ok(run("token", "list", "--file", str(tokens)))

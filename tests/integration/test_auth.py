@@ -245,6 +245,28 @@ class TestRoles:
         denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
         assert denied >= 7
 
+    async def test_a_refused_enqueue_names_enqueue_tasks_not_the_client_s_stream(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """A viewer's enqueue was refused on the enqueue stream the client opens for it:
+        "EnqueueStream needs the enqueue permission ...", a call the user never made. The
+        refusal names EnqueueTasks, from both clients, and again on a second try."""
+        viewer = tokens.add("grafana", Role.VIEWER)
+        expected = (
+            "EnqueueTasks needs the enqueue permission, which the viewer role of 'grafana' "
+            "does not have"
+        )
+        with Client(secured.address, token=viewer) as client:
+            for _ in range(2):
+                with pytest.raises(PermissionDenied) as caught:
+                    client.enqueue_task(Task(type="t"))
+                assert caught.value.message == expected
+        async with AsyncClient(secured.address, token=viewer) as async_client:
+            for _ in range(2):
+                with pytest.raises(PermissionDenied) as caught:
+                    await async_client.enqueue_task(Task(type="t"))
+                assert caught.value.message == expected
+
     def test_a_worker_with_a_worker_token_runs_tasks(
         self, secured: ServerThread, tokens: Tokens
     ) -> None:
