@@ -144,7 +144,7 @@ class TestAuthentication:
         the enqueue stream and on a call, from both clients."""
         expected = (
             "no token: the server requires one; set CONVEYOR_TOKEN to the token, or "
-            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... to the client)"
+            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... in code)"
         )
         task_id = str(uuid.uuid4())
         with Client(secured.address) as client:
@@ -299,6 +299,20 @@ class TestRoles:
             with pytest.raises(PermissionDenied, match=message):
                 worker.start()
             worker.stop()
+
+    def test_a_worker_without_a_token_is_told_where_to_give_one(
+        self, secured: ServerThread
+    ) -> None:
+        """As a client is (`conveyor worker` prints it): not the raw gRPC wording."""
+        worker = Worker(secured.address)
+        worker.register_handler("resize_image", lambda _ctx, payload: payload)
+        with pytest.raises(Unauthenticated) as caught:
+            worker.start()
+        worker.stop()
+        assert caught.value.message == (
+            "no token: the server requires one; set CONVEYOR_TOKEN to the token, or "
+            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... in code)"
+        )
 
 
 class TestWorkerBinding:

@@ -22,7 +22,15 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 import conveyor
-from conveyor import AsyncClient, Client, ConveyorError, RetryPolicy, Task, TaskState
+from conveyor import (
+    AsyncClient,
+    Client,
+    ConveyorError,
+    RetryPolicy,
+    Task,
+    TaskState,
+    Worker,
+)
 from conveyor.breaker import BreakerPolicy
 from conveyor.errors import (
     CircuitOpen,
@@ -581,6 +589,17 @@ class TestServerOlderThanTheClient:
             with pytest.raises(ConveyorError) as caught:
                 await async_client.enqueue_task(Task(type="t"))
             assert caught.value.message == expected.format("EnqueueTasks")
+
+    def test_a_worker_is_told_the_same(self, server_without_the_methods: str) -> None:
+        worker = Worker(server_without_the_methods)
+        worker.register_handler("t", lambda _ctx, payload: payload)
+        with pytest.raises(ConveyorError) as caught:
+            worker.start()
+        worker.stop()
+        assert caught.value.message.startswith(
+            "UNIMPLEMENTED: the server has no RegisterWorker call: it is probably older than "
+            "this client"
+        )
 
 
 class TestClientConstruction:

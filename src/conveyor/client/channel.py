@@ -468,7 +468,7 @@ class RetryLoop:
 # looks for one.
 NO_TOKEN: Final = (
     f"no token: the server requires one; set {TOKEN_ENV} to the token, or "
-    f"{TOKEN_FILE_ENV} to a file that holds it (or pass token=... to the client)"
+    f"{TOKEN_FILE_ENV} to a file that holds it (or pass token=... in code)"
 )
 
 
