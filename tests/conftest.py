@@ -23,6 +23,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -257,6 +258,22 @@ def start_server(database_url: str) -> Iterator[Callable[..., ServerThread]]:
 def server(start_server: Callable[..., ServerThread]) -> ServerThread:
     """One in-process server with test settings."""
     return start_server()
+
+
+@pytest.fixture
+def server_without_the_methods() -> Iterator[str]:
+    """The address of a real gRPC server on loopback that registers none of Conveyor's
+    methods: it answers every call as a Conveyor server older than the method does (grpc's
+    UNIMPLEMENTED "Method not found!")."""
+    import grpc  # noqa: PLC0415 - only the tests that use raw servers need it
+
+    bare = grpc.server(ThreadPoolExecutor(max_workers=2))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        bare.stop(grace=None)
 
 
 @pytest.fixture

@@ -8,15 +8,22 @@ to whatever arrives on the wire.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final
+from decimal import Decimal
+from typing import TYPE_CHECKING, Final
 
 from conveyor.errors import InvalidTask
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from conveyor.errors import ConveyorError
 
 TASK_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 DEFAULT_TIMEOUT = timedelta(minutes=5)
@@ -111,18 +118,76 @@ def validate_task_type(task_type: object) -> str:
     return task_type
 
 
+# The most any duration may be: whole days, so the limit reads well and is exact in seconds
+# (timedelta.max itself is a float that rounds up past it).
+LARGEST_DURATION: Final = timedelta(days=999_999_999)
+_UNITS: Final = (("day", 86_400), ("hour", 3_600), ("minute", 60))
+# Whole numbers of seconds below this are shown in full, larger ones in scientific notation.
+_SHOWN_IN_FULL: Final = 10**15
+
+
+def _seconds_text(seconds: float) -> str:
+    """A number of seconds as given: whole ones in full unless huge, fractions as repr."""
+    whole = isinstance(seconds, int) or seconds.is_integer()
+    if whole and abs(seconds) < _SHOWN_IN_FULL:
+        return f"{int(seconds)} s"
+    # An int too large for a float formats through Decimal, which takes any int.
+    return f"{Decimal(seconds):.3g} s" if isinstance(seconds, int) else f"{seconds!r} s"
+
+
+def readable_duration(value: timedelta) -> str:
+    """`value` as people write it: "7 days", "90 minutes", "2.5 s" (not "7 days, 0:00:00")."""
+    seconds = value.total_seconds()
+    for unit, size in _UNITS:
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}" + ("s" if count != 1 else "")
+    return _seconds_text(seconds)
+
+
+def as_duration(
+    value: object,
+    name: str,
+    error: Callable[[str], ConveyorError],
+    *,
+    maximum: timedelta = LARGEST_DURATION,
+) -> timedelta:
+    """Seconds (an int or a float) or a timedelta, as a positive timedelta up to `maximum`.
+
+    Whatever else raises `error(message)`, never a ValueError or an OverflowError from
+    `timedelta`: not a number, nan or an infinity, zero or less, or more than `maximum`.
+    A number is checked before it becomes a timedelta, whose constructor fails on nan
+    (ValueError) and on anything past 999999999 days (OverflowError); an int is compared
+    as it is, since a huge one does not convert to a float either.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
+        kind = type(value).__name__
+        raise error(f"{name} must be a timedelta or a number of seconds, not {kind}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{name} must be a finite number of seconds, got {value}")
+    if isinstance(value, timedelta):
+        positive, too_long, shown = value > _NO_TIME, value > maximum, readable_duration(value)
+    else:
+        positive, too_long = value > 0, value > maximum.total_seconds()
+        shown = _seconds_text(value)
+    if not positive:
+        raise error(f"{name} must be positive, got {shown}")
+    if too_long:
+        limit = f"{readable_duration(maximum)} ({_seconds_text(maximum.total_seconds())})"
+        raise error(f"{name} may be at most {limit}, got {shown}")
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if not delta:  # positive, but rounded to 0 microseconds: no time at all
+        raise error(f"{name} must be at least a microsecond, got {shown}")
+    return delta
+
+
+def _invalid_timeout(message: str) -> InvalidTask:
+    return InvalidTask(message, field="timeout")
+
+
 def validate_timeout(timeout: object) -> timedelta:
-    """Coerce seconds or a timedelta to a positive timedelta, or raise InvalidTask."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
-        raise InvalidTask("timeout must be a timedelta or a number of seconds", field="timeout")
-    value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
-    if value <= _NO_TIME:
-        raise InvalidTask(
-            f"timeout must be positive, got {value.total_seconds()}s", field="timeout"
-        )
-    if value > MAX_TIMEOUT:
-        raise InvalidTask(f"timeout may be at most {MAX_TIMEOUT}", field="timeout")
-    return value
+    """Coerce seconds or a timedelta to a positive timedelta up to 7 days, else InvalidTask."""
+    return as_duration(timeout, "timeout", _invalid_timeout, maximum=MAX_TIMEOUT)
 
 
 def validate_max_retries(max_retries: object) -> int:

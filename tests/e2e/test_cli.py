@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
 
@@ -99,13 +100,75 @@ class TestTaskCommands:
             (("status", "not-a-uuid"), "malformed task id"),
             (("cancel", "not-a-uuid"), "malformed task id"),
             (("enqueue", "x", "--payload-file", "/nonexistent"), "cannot read /nonexistent"),
+            (
+                ("enqueue", "x", "--timeout", "700000"),
+                "error: timeout may be at most 7 days (604800 s), got 700000 s",
+            ),
         ],
-        ids=["bad-type", "negative-timeout", "status-bad-id", "cancel-bad-id", "missing-file"],
+        ids=[
+            *("bad-type", "negative-timeout", "status-bad-id", "cancel-bad-id", "missing-file"),
+            "timeout-over-the-limit",
+        ],
     )
     def test_bad_input_is_one_error_line(self, server, db, args, expected):
         line = assert_one_error_line(run(*args, "--server", server.address))
         assert expected in line
         assert db.fetchval("SELECT count(*) FROM conveyor_tasks") == 0
+
+    def test_payload_bytes_that_are_not_utf8_are_enqueued_as_given(self, server, db):
+        r"""`--payload $'\xff\xfe'`: Python hands the command each byte that does not decode
+        as a lone surrogate, which used to end in a UnicodeEncodeError traceback; the
+        payload is the bytes given, text and not text alike."""
+        payload = b"caf\xc3\xa9 \xff\xfe\x80"
+        argv = conveyor_command("enqueue", "demo.echo", "--server", server.address)
+        result = subprocess.run(
+            [*argv, b"--payload", payload],
+            env=process_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        task_id = assert_ok(result).strip()
+        assert bytes(db.task(task_id)["payload"]) == payload
+
+    def test_a_surrogate_no_byte_decodes_to_is_one_error_line(self):
+        """Only a program that calls the CLI with arguments of its own can pass one (argv
+        always decodes back to bytes): InvalidTask's one line, not a UnicodeEncodeError."""
+        program = (
+            "from conveyor.cli.main import cli; "
+            "cli(['enqueue', 'x', '--payload', 'a\\ud800b', '--server', '127.0.0.1:1'], "
+            "prog_name='conveyor')"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            env=process_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert assert_one_error_line(result) == (
+            "error: --payload holds '\\ud800', which is no character and no byte of the "
+            "command line; give binary payloads with --payload-file"
+        )
+
+    def test_a_server_older_than_the_cli_is_named_as_the_likely_cause(
+        self, server_without_the_methods
+    ):
+        """Not `error: UNIMPLEMENTED: Method not found!`: which call the server lacks, and
+        that it is probably older than this CLI (see test_task_api.py for the clients)."""
+        address = server_without_the_methods
+        for args, method in (
+            (("status", str(uuid.uuid4())), "GetTask"),
+            (("enqueue", "t"), "EnqueueTasks"),
+            (("workers",), "ListWorkers"),
+        ):
+            line = assert_one_error_line(run(*args, "--server", address))
+            assert line.startswith(
+                f"error: UNIMPLEMENTED: the server has no {method} call: it is probably older "
+                "than this client (conveyor "
+            ), line
 
     def test_status_of_unknown_task(self, server):
         task_id = str(uuid.uuid4())
@@ -135,12 +198,15 @@ class TestTaskCommands:
         )
         from_option = time.monotonic() - began
         assert "127.0.0.1:1" in line
+        # Why, too: it used to end at "failed repeatedly; next probe in 4.7s".
+        assert "Connection refused" in line
         began = time.monotonic()
         line = assert_one_error_line(
             run("status", str(uuid.uuid4()), "--server", "127.0.0.1:1", CONVEYOR_RETRY_FOR="1")
         )
         from_environment = time.monotonic() - began
         assert "127.0.0.1:1" in line
+        assert "Connection refused" in line
         # Within its budget, not the default 30 s (27 s here before the setting existed). It
         # may end sooner: once the breaker's next probe falls past the budget, it gives up.
         assert from_option < 12, from_option
@@ -213,9 +279,14 @@ class TestSecurityCommands:
             ["admin", "ops"],
             ["producer", "app"],
         ]
+        viewer = assert_ok(
+            run("token", "create", "--file", str(tokens), "--name", "dash", "--role", "viewer")
+        ).strip()
         server = start_server(tokens_file=tokens)
         denied = assert_one_error_line(run("enqueue", "t", "--server", server.address))
-        assert "no token" in denied
+        # Where the CLI reads a token from, not the raw "send 'authorization: Bearer ...'".
+        assert denied.startswith("error: no token: ")
+        assert "set CONVEYOR_TOKEN to the token, or CONVEYOR_TOKEN_FILE to a file" in denied
         task_id = assert_ok(
             run("enqueue", "t", "--server", server.address, CONVEYOR_TOKEN=producer)
         ).strip()
@@ -227,6 +298,13 @@ class TestSecurityCommands:
         )
         assert "permission" in assert_one_error_line(
             run("tasks", "list", "--server", server.address, CONVEYOR_TOKEN=producer)
+        )
+        # The operation asked for, not the enqueue stream the client carries it on.
+        assert assert_one_error_line(
+            run("enqueue", "t", "--server", server.address, CONVEYOR_TOKEN=viewer)
+        ) == (
+            "error: EnqueueTasks needs the enqueue permission, which the viewer role of 'dash' "
+            "does not have"
         )
         assert_ok(run("token", "revoke", "--file", str(tokens), producer.split("_")[1]))
         assert "app" not in assert_ok(run("token", "list", "--file", str(tokens)))

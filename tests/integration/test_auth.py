@@ -19,7 +19,7 @@ from helpers import wait_final, wait_for
 from long_polls import claims
 from work_streams import RawStream
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import AsyncClient, Client, Task, TaskState, Worker
 from conveyor.auth import Role, TokenEntry, new_token
 from conveyor.errors import ConfigError, PermissionDenied, Unauthenticated
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -136,6 +136,32 @@ class TestAuthentication:
         refusals = secured.server.metrics.auth_refusals.labels("unauthenticated")._value.get()
         assert refusals >= 4
 
+    async def test_a_client_without_a_token_is_told_where_to_give_one(
+        self, secured: ServerThread
+    ) -> None:
+        """The server's "no token: send 'authorization: Bearer <token>'" is for raw gRPC
+        callers; a client that sent none names the variables it reads a token from. On
+        the enqueue stream and on a call, from both clients."""
+        expected = (
+            "no token: the server requires one; set CONVEYOR_TOKEN to the token, or "
+            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... in code)"
+        )
+        task_id = str(uuid.uuid4())
+        with Client(secured.address) as client:
+            with pytest.raises(Unauthenticated) as caught:
+                client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected
+            with pytest.raises(Unauthenticated) as caught:
+                client.get_task_status(task_id)
+            assert caught.value.message == expected
+        async with AsyncClient(secured.address) as async_client:
+            with pytest.raises(Unauthenticated) as caught:
+                await async_client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected
+            with pytest.raises(Unauthenticated) as caught:
+                await async_client.get_task_status(task_id)
+            assert caught.value.message == expected
+
     def test_a_token_added_to_the_file_works_and_a_removed_one_stops_without_restart(
         self, secured: ServerThread, tokens: Tokens
     ) -> None:
@@ -219,6 +245,28 @@ class TestRoles:
         denied = secured.server.metrics.auth_refusals.labels("permission_denied")._value.get()
         assert denied >= 7
 
+    async def test_a_refused_enqueue_names_enqueue_tasks_not_the_client_s_stream(
+        self, secured: ServerThread, tokens: Tokens
+    ) -> None:
+        """A viewer's enqueue was refused on the enqueue stream the client opens for it:
+        "EnqueueStream needs the enqueue permission ...", a call the user never made. The
+        refusal names EnqueueTasks, from both clients, and again on a second try."""
+        viewer = tokens.add("grafana", Role.VIEWER)
+        expected = (
+            "EnqueueTasks needs the enqueue permission, which the viewer role of 'grafana' "
+            "does not have"
+        )
+        with Client(secured.address, token=viewer) as client:
+            for _ in range(2):
+                with pytest.raises(PermissionDenied) as caught:
+                    client.enqueue_task(Task(type="t"))
+                assert caught.value.message == expected
+        async with AsyncClient(secured.address, token=viewer) as async_client:
+            for _ in range(2):
+                with pytest.raises(PermissionDenied) as caught:
+                    await async_client.enqueue_task(Task(type="t"))
+                assert caught.value.message == expected
+
     def test_a_worker_with_a_worker_token_runs_tasks(
         self, secured: ServerThread, tokens: Tokens
     ) -> None:
@@ -251,6 +299,20 @@ class TestRoles:
             with pytest.raises(PermissionDenied, match=message):
                 worker.start()
             worker.stop()
+
+    def test_a_worker_without_a_token_is_told_where_to_give_one(
+        self, secured: ServerThread
+    ) -> None:
+        """As a client is (`conveyor worker` prints it): not the raw gRPC wording."""
+        worker = Worker(secured.address)
+        worker.register_handler("resize_image", lambda _ctx, payload: payload)
+        with pytest.raises(Unauthenticated) as caught:
+            worker.start()
+        worker.stop()
+        assert caught.value.message == (
+            "no token: the server requires one; set CONVEYOR_TOKEN to the token, or "
+            "CONVEYOR_TOKEN_FILE to a file that holds it (or pass token=... in code)"
+        )
 
 
 class TestWorkerBinding:

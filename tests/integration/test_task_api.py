@@ -7,9 +7,12 @@ arrives on the wire (INVALID_ARGUMENT / NOT_FOUND with a one-line message, never
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 import urllib.request
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,8 +21,25 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor import AsyncClient, Client, RetryPolicy, Task, TaskState
-from conveyor.errors import InvalidTask, ServerUnavailable, TaskAlreadyFinished, TaskNotFound
+import conveyor
+from conveyor import (
+    AsyncClient,
+    Client,
+    ConveyorError,
+    RetryPolicy,
+    Task,
+    TaskState,
+    Worker,
+)
+from conveyor.breaker import BreakerPolicy
+from conveyor.errors import (
+    CircuitOpen,
+    ConfigError,
+    InvalidTask,
+    ServerUnavailable,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
@@ -524,6 +544,63 @@ class TestUnreachableServer:
                 await client.get_task_status(str(uuid.uuid4()))
         assert time.monotonic() - started < 5
 
+    def test_a_circuit_open_error_says_why_the_servers_failed(self) -> None:
+        """Once every breaker is open the client fails fast with CircuitOpen; its message
+        used to say only that, with no cause. It names the last failure's status (here a
+        refused connection), also for a later call that fails at once on the open breaker.
+
+        One failure opens the breaker, for longer than the budget: each call ends with
+        CircuitOpen (with more, backoff could outlast the budget first: ServerUnavailable).
+        """
+        opens_at_once = BreakerPolicy(failure_threshold=1, reset_timeout=timedelta(seconds=30))
+        with Client("127.0.0.1:1", retry=FAST_GIVE_UP, breaker=opens_at_once) as client:
+            for _ in range(2):
+                with pytest.raises(CircuitOpen) as caught:
+                    client.get_task_status(str(uuid.uuid4()))
+                message = caught.value.message
+                assert "every server (127.0.0.1:1) failed repeatedly" in message
+                assert "last failure (127.0.0.1:1): UNAVAILABLE: " in message
+                assert "Connection refused" in message
+
+
+class TestServerOlderThanTheClient:
+    async def test_a_missing_method_is_said_to_need_a_newer_server(
+        self, server_without_the_methods: str
+    ) -> None:
+        """It used to read `UNIMPLEMENTED: Method not found!`, naming neither the call nor
+        the likely cause. An enqueue goes as a call once the stream is refused: the error
+        names EnqueueTasks, the operation asked for."""
+        address = server_without_the_methods
+        expected = (
+            "UNIMPLEMENTED: the server has no {} call: it is probably older than this client "
+            f"(conveyor {conveyor.__version__}); upgrade the server (it said: Method not found!)"
+        )
+        with Client(address) as client:
+            with pytest.raises(ConveyorError) as caught:
+                client.get_task_status(str(uuid.uuid4()))
+            assert caught.value.message == expected.format("GetTask")
+            with pytest.raises(ConveyorError) as caught:
+                client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected.format("EnqueueTasks")
+        async with AsyncClient(address) as async_client:
+            with pytest.raises(ConveyorError) as caught:
+                await async_client.explain_task(str(uuid.uuid4()))
+            assert caught.value.message == expected.format("ExplainTask")
+            with pytest.raises(ConveyorError) as caught:
+                await async_client.enqueue_task(Task(type="t"))
+            assert caught.value.message == expected.format("EnqueueTasks")
+
+    def test_a_worker_is_told_the_same(self, server_without_the_methods: str) -> None:
+        worker = Worker(server_without_the_methods)
+        worker.register_handler("t", lambda _ctx, payload: payload)
+        with pytest.raises(ConveyorError) as caught:
+            worker.start()
+        worker.stop()
+        assert caught.value.message.startswith(
+            "UNIMPLEMENTED: the server has no RegisterWorker call: it is probably older than "
+            "this client"
+        )
+
 
 class TestClientConstruction:
     def test_comma_separated_addresses(self) -> None:
@@ -554,3 +631,56 @@ class TestClientConstruction:
             assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
             assert client._channels
         assert client._channels == {}
+
+
+class TestAsyncClientAcrossEventLoops:
+    """grpc.aio channels belong to the loop they were opened on. An AsyncClient follows its
+    loop: once that loop has closed (one `asyncio.run()` after another, a loop per test), it
+    drops the old loop's connections and opens new ones; a loop that is still open keeps
+    them, and another loop is refused with ConfigError."""
+
+    def test_one_client_serves_one_asyncio_run_after_another(self, server) -> None:
+        """Used to raise RuntimeError('Event loop is closed') in the second run, and in
+        close()."""
+        client = AsyncClient(server.address, retry=RetryPolicy(total_timeout=10))
+
+        async def enqueue_and_read() -> TaskState:
+            # An enqueue (on the client's enqueue stream) and a call: both kinds of
+            # connection state the client keeps per loop.
+            task_id = await client.enqueue_task(Task(type="t"))
+            return (await client.get_task_status(task_id)).state
+
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        first_channels = [weakref.ref(channel) for channel in client._channels.values()]
+        assert first_channels
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        # The first loop's channels were dropped, and grpc released them without an error
+        # (pytest turns one raised while collecting them into a failure).
+        gc.collect()
+        assert [ref() for ref in first_channels] == [None] * len(first_channels)
+        # Closed on yet another loop, the connections of the second one (now closed) are
+        # dropped: close() must not raise because their loop is gone.
+        asyncio.run(client.close())
+        assert client._channels == {}
+        assert asyncio.run(enqueue_and_read()) is TaskState.QUEUED
+        asyncio.run(client.close())
+
+    def test_a_loop_still_open_keeps_the_client_and_another_is_refused(self, server) -> None:
+        """Two open loops cannot share the client's connections: ConfigError, not a hang or
+        a RuntimeError from grpc; closing it on its own loop frees it for another."""
+        client = AsyncClient(server.address, retry=RetryPolicy(total_timeout=10))
+        first = asyncio.new_event_loop()
+        try:
+            task_id = first.run_until_complete(client.enqueue_task(Task(type="t")))
+            with pytest.raises(ConfigError, match="belongs to another event loop"):
+                asyncio.run(client.get_task_status(task_id))
+            with pytest.raises(ConfigError, match="belongs to another event loop"):
+                asyncio.run(client.close())
+            # Still whole on its own loop.
+            status = first.run_until_complete(client.get_task_status(task_id))
+            assert status.state is TaskState.QUEUED
+            first.run_until_complete(client.close())
+        finally:
+            first.close()
+        assert asyncio.run(client.get_task_status(task_id)).state is TaskState.QUEUED
+        asyncio.run(client.close())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -113,6 +114,52 @@ class TestRetryPolicy:
         """A zero total timeout is a configuration error."""
         with pytest.raises(ConfigError):
             RetryPolicy(total_timeout=timedelta(0))
+
+    def test_durations_may_be_seconds_as_a_task_timeout_may(self) -> None:
+        """`RetryPolicy(total_timeout=5)` is 5 seconds, kept as a timedelta, as
+        `Task(timeout=5)` is; it used to raise TypeError comparing an int with a timedelta.
+        """
+        policy = RetryPolicy(call_timeout=0.5, total_timeout=5, backoff_base=0.1, backoff_cap=1)
+        assert policy == RetryPolicy(
+            call_timeout=timedelta(milliseconds=500),
+            total_timeout=timedelta(seconds=5),
+            backoff_base=timedelta(milliseconds=100),
+            backoff_cap=timedelta(seconds=1),
+        )
+        assert policy.total_timeout.total_seconds() == 5
+        assert dataclasses.replace(policy, total_timeout=7).total_timeout == timedelta(seconds=7)
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            pytest.param(0, "total_timeout must be positive, got 0 s", id="zero"),
+            pytest.param(-1.5, "total_timeout must be positive, got -1.5 s", id="negative"),
+            pytest.param(
+                float("nan"), "total_timeout must be a finite number of seconds, got nan", id="nan"
+            ),
+            pytest.param(
+                float("inf"), "total_timeout must be a finite number of seconds, got inf", id="inf"
+            ),
+            pytest.param(
+                1e300,
+                "total_timeout may be at most 999999999 days (86399999913600 s), got 1e+300 s",
+                id="1e300",
+            ),
+            pytest.param(
+                "5", "total_timeout must be a timedelta or a number of seconds, not str", id="str"
+            ),
+            pytest.param(
+                True,
+                "total_timeout must be a timedelta or a number of seconds, not bool",
+                id="bool",
+            ),
+        ],
+    )
+    def test_impossible_durations_are_config_errors(self, value: object, message: str) -> None:
+        """Never a TypeError, ValueError or OverflowError: a ConfigError naming the field."""
+        with pytest.raises(ConfigError) as raised:
+            RetryPolicy(total_timeout=value)  # type: ignore[arg-type]
+        assert raised.value.message == message
 
 
 class TestLeaseSizeBound:

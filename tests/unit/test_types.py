@@ -57,6 +57,38 @@ class TestTaskValidation:
             Task(type="t", timeout=timeout)  # type: ignore[arg-type]
         assert raised.value.field == "timeout"
 
+    @pytest.mark.parametrize(
+        ("timeout", "message"),
+        [
+            pytest.param(float("nan"), "must be a finite number of seconds, got nan", id="nan"),
+            pytest.param(float("inf"), "must be a finite number of seconds, got inf", id="inf"),
+            pytest.param(float("-inf"), "must be a finite number of seconds, got -inf", id="-inf"),
+            pytest.param(1e20, "may be at most 7 days (604800 s), got 1e+20 s", id="1e20"),
+            pytest.param(
+                10**400, "may be at most 7 days (604800 s), got 1.00e+400 s", id="10**400"
+            ),
+            pytest.param(-1e20, "must be positive, got -1e+20 s", id="-1e20"),
+            pytest.param(700000, "may be at most 7 days (604800 s), got 700000 s", id="700000"),
+            pytest.param(
+                timedelta(days=8), "may be at most 7 days (604800 s), got 8 days", id="8d"
+            ),
+            pytest.param(1e-7, "must be at least a microsecond, got 1e-07 s", id="1e-7"),
+            pytest.param("30", "must be a timedelta or a number of seconds, not str", id="str"),
+        ],
+    )
+    def test_timeouts_no_timedelta_can_hold_are_invalid_tasks(
+        self, timeout: object, message: str
+    ) -> None:
+        """nan, infinities and huge numbers raise InvalidTask, not ValueError/OverflowError.
+
+        `timedelta(seconds=...)` raises ValueError for nan and OverflowError past 999999999
+        days; the limit reads "7 days", not timedelta's "7 days, 0:00:00".
+        """
+        with pytest.raises(InvalidTask) as raised:
+            Task(type="t", timeout=timeout)  # type: ignore[arg-type]
+        assert raised.value.message == f"timeout {message}"
+        assert raised.value.field == "timeout"
+
     @pytest.mark.parametrize("value", [-1, 1001, 1.5, True, "3"])
     def test_bad_max_retries_is_rejected(self, value: object) -> None:
         """max_retries must be an int between 0 and 1000."""

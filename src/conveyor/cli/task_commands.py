@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +39,16 @@ def open_client(server: str | None) -> Client:
     what is left of it), so a slow bulk action under a short budget ends unanswered.
     """
     retry_for = click.get_current_context().meta.get(RETRY_FOR_KEY, DEFAULT_RETRY_FOR)
-    return Client(server, retry=RetryPolicy(total_timeout=timedelta(seconds=retry_for)))
+    return Client(server, retry=RetryPolicy(total_timeout=retry_for))
 
 
 @click.command()
 @click.argument("task_type", metavar="TYPE")
-@click.option("--payload", default=None, help="Payload as text (UTF-8).")
+@click.option(
+    "--payload",
+    default=None,
+    help="Payload: the argument's bytes as given (text as typed, normally UTF-8).",
+)
 @click.option(
     "--payload-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -76,16 +80,35 @@ def enqueue(
     if payload_file is not None:
         data = _read_stdin() if str(payload_file) == "-" else _read(payload_file)
     else:
-        data = (payload or "").encode()
+        data = _argument_bytes(payload or "", "--payload")
     task = Task(
         type=task_type,
         payload=data,
-        timeout=timedelta(seconds=timeout) if timeout > 0 else timeout,
+        timeout=timeout,  # seconds: Task checks the range and says what is wrong
         max_retries=max_retries,
         id=task_id,
     )
     with open_client(server) as client:
         click.echo(client.enqueue_task(task))
+
+
+def _argument_bytes(text: str, option: str) -> bytes:
+    r"""The bytes an argument was given as on the command line.
+
+    Python decodes argv with the locale's encoding and keeps each byte that does not
+    decode as a lone surrogate (surrogateescape): `--payload $'\xff\xfe'` arrives as
+    '\udcff\udcfe', which str.encode() refuses with a UnicodeEncodeError. os.fsencode
+    reverses the decoding exactly, so the payload is the bytes that were typed, valid text
+    or not. Only a caller that builds the arguments itself (another program calling
+    `cli.main`) can pass a surrogate that no byte decodes to.
+    """
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise InvalidTask(
+            f"{option} holds {text[exc.start : exc.end]!r}, which is no character and no "
+            "byte of the command line; give binary payloads with --payload-file"
+        ) from None
 
 
 def _read_stdin() -> bytes:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+import threading
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import grpc
 
@@ -22,7 +23,7 @@ from conveyor.client.enqueue_stream import (
     StreamEnded,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError, ServerUnavailable
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -38,12 +39,25 @@ if TYPE_CHECKING:
 
 Response = TypeVar("Response")
 
+ANOTHER_LOOP: Final = (
+    "this AsyncClient belongs to another event loop, which is still open: its connections "
+    "(grpc.aio channels) work only on the loop they were opened on. Use one AsyncClient per "
+    "event loop, or close() it on its loop before using it on another"
+)
+
 
 class AsyncClient:
     """Enqueue tasks, read their status, cancel them, from asyncio code.
 
     Takes the same arguments as `Client` and behaves the same way; use it with
     `async with AsyncClient(...) as client:` or call `await client.close()`.
+
+    Its connections (grpc.aio channels) belong to the event loop they were opened on, the
+    loop of the client's first call. Once that loop has closed (one `asyncio.run()` after
+    another, a test framework's loop per test), the next call on another loop drops them
+    and opens new ones. While it is open, a call from another loop raises ConfigError:
+    share a client between the coroutines of one loop, not between loops (close it on its
+    loop first to move it to another).
     """
 
     def __init__(
@@ -69,14 +83,47 @@ class AsyncClient:
         # the time noted here, to a server that does not serve the stream.
         self._enqueue_streams: dict[str, EnqueueStream] = {}
         self._calls_only_until: dict[str, float] = {}
+        self._enqueues = self._group_commit()
+        # The loop the channels, streams and waiting enqueues above belong to (None before
+        # the first call and after close()); the lock makes a move to another loop whole.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+
+    def _group_commit(self) -> GroupCommit[pb.EnqueueTasksRequest, str]:
         # Enqueues from concurrent coroutines that wait while others are in flight go
         # together in one request: a web app's handlers each enqueue one task, and a
         # round trip per task would cap them at a few hundred a second.
-        self._enqueues: GroupCommit[pb.EnqueueTasksRequest, str] = GroupCommit(
+        return GroupCommit(
             self._send_enqueue,
             stopped=lambda: ServerUnavailable("the client was closed"),
             **core.ENQUEUE_JOINING,
         )
+
+    def _on_running_loop(self) -> None:
+        """Tie the connections to the running loop, or ConfigError if another one has them.
+
+        A closed loop's channels and streams can never be used or closed again (each would
+        raise RuntimeError: Event loop is closed): they are dropped, unawaited, and grpc
+        releases each channel when it is collected.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        with self._loop_lock:
+            if self._loop is not None and self._loop is not loop:
+                if not self._loop.is_closed():
+                    raise ConfigError(ANOTHER_LOOP)
+                self._drop_connections()
+            self._loop = loop
+
+    def _drop_connections(self) -> None:
+        """Forget every channel, stream and waiting enqueue (their loop is closed)."""
+        self._channels.clear()
+        self._stubs.clear()
+        self._enqueue_streams.clear()
+        # Times of the old loop's clock, which the next loop's need not share.
+        self._calls_only_until.clear()
+        self._enqueues = self._group_commit()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -108,7 +155,14 @@ class AsyncClient:
         self, method: str, attempt: Callable[[str, float], Awaitable[Response]]
     ) -> Response:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
-        attempts = RetryLoop(self._ring, self._retry, method, clock=asyncio.get_running_loop().time)
+        self._on_running_loop()
+        attempts = RetryLoop(
+            self._ring,
+            self._retry,
+            method,
+            clock=asyncio.get_running_loop().time,
+            token_sent=self._metadata is not None,
+        )
         while True:
             pick, pause = attempts.step()
             if pick is None:
@@ -133,6 +187,7 @@ class AsyncClient:
 
     async def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
         """Enqueue many tasks in as few round trips as possible; return their ids in order."""
+        self._on_running_loop()
         ids: list[str] = []
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
@@ -288,7 +343,21 @@ class AsyncClient:
         return bool(response.changed)
 
     async def close(self) -> None:
-        """Close every channel; enqueues still waiting fail with ServerUnavailable."""
+        """Close every channel; enqueues still waiting fail with ServerUnavailable.
+
+        On a loop other than the client's: if the client's loop has closed, its
+        connections are dropped (they cannot be closed any more, and grpc releases them),
+        never an error; if it is still open, ConfigError, as for any call.
+        """
+        loop = asyncio.get_running_loop()
+        with self._loop_lock:
+            owner = self._loop
+            if owner is not None and owner is not loop:
+                if not owner.is_closed():
+                    raise ConfigError(ANOTHER_LOOP)
+                self._drop_connections()
+                self._loop = None
+                return
         await self._enqueues.close()
         for stream in self._enqueue_streams.values():
             await stream.close()
@@ -297,6 +366,8 @@ class AsyncClient:
             await channel.close(grace=None)
         self._channels.clear()
         self._stubs.clear()
+        # Closed on its loop: the next call may come from any loop.
+        self._loop = None
 
     async def __aenter__(self) -> Self:
         """Use as an async context manager; closes on exit."""

@@ -28,11 +28,19 @@ from typing import TYPE_CHECKING, Final, Literal, NamedTuple, overload
 import grpc
 import grpc.aio
 
+from conveyor import __version__
 from conveyor.auth import TOKEN_PATTERN, is_loopback
 from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
-from conveyor.errors import CircuitOpen, ConfigError, ConveyorError, ServerUnavailable
+from conveyor.errors import (
+    CircuitOpen,
+    ConfigError,
+    ConveyorError,
+    ServerUnavailable,
+    Unauthenticated,
+)
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
+from conveyor.types import as_duration
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -229,9 +237,21 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
     return addresses
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+_DEFAULT_CALL_TIMEOUT: Final = timedelta(seconds=10)
+_DEFAULT_TOTAL_TIMEOUT: Final = timedelta(seconds=30)
+_DEFAULT_BACKOFF_BASE: Final = timedelta(milliseconds=50)
+_DEFAULT_BACKOFF_CAP: Final = timedelta(seconds=2)
+
+
+# init=False: the constructor takes seconds as well as timedeltas, as Task's timeout does,
+# and stores timedeltas, so that the attributes keep one type for whoever reads them.
+@dataclass(frozen=True, slots=True, init=False)
 class RetryPolicy:
     """How long to keep retrying transient failures, and how to space the attempts.
+
+    Each duration is a timedelta or a number of seconds (`RetryPolicy(total_timeout=5)`),
+    stored as a timedelta; one that is not positive, not finite or absurdly long raises
+    ConfigError.
 
     Attributes:
         call_timeout: Deadline of each attempt.
@@ -240,16 +260,27 @@ class RetryPolicy:
         backoff_cap: Largest backoff ceiling.
     """
 
-    call_timeout: timedelta = timedelta(seconds=10)
-    total_timeout: timedelta = timedelta(seconds=30)
-    backoff_base: timedelta = timedelta(milliseconds=50)
-    backoff_cap: timedelta = timedelta(seconds=2)
+    call_timeout: timedelta
+    total_timeout: timedelta
+    backoff_base: timedelta
+    backoff_cap: timedelta
 
-    def __post_init__(self) -> None:
-        """Reject non-positive durations."""
-        for name in ("call_timeout", "total_timeout", "backoff_base", "backoff_cap"):
-            if getattr(self, name) <= timedelta(0):
-                raise ConfigError(f"{name} must be positive")
+    def __init__(
+        self,
+        *,
+        call_timeout: timedelta | float = _DEFAULT_CALL_TIMEOUT,
+        total_timeout: timedelta | float = _DEFAULT_TOTAL_TIMEOUT,
+        backoff_base: timedelta | float = _DEFAULT_BACKOFF_BASE,
+        backoff_cap: timedelta | float = _DEFAULT_BACKOFF_CAP,
+    ) -> None:
+        """Take each duration as a timedelta or seconds; ConfigError for an impossible one."""
+        for name, value in (
+            ("call_timeout", call_timeout),
+            ("total_timeout", total_timeout),
+            ("backoff_base", backoff_base),
+            ("backoff_cap", backoff_cap),
+        ):
+            object.__setattr__(self, name, as_duration(value, name, ConfigError))
 
     def delays(self) -> Iterator[float]:
         """Seconds to sleep before each retry: exponential ceiling, full jitter."""
@@ -287,6 +318,9 @@ class AddressRing:
         self.breakers = {address: CircuitBreaker(breaker) for address in self.addresses}
         self._index = random.randrange(len(self.addresses))
         self._lock = threading.Lock()
+        # The address and status ("CODE: details") of the latest call that reached no
+        # server: when every breaker is open, the error says why, not only that they are.
+        self.last_failure: tuple[str, str] | None = None
 
     @property
     def current(self) -> str:
@@ -317,8 +351,11 @@ class AddressRing:
         """Seconds until some open breaker lets a probe through."""
         return min(breaker.retry_in() for breaker in self.breakers.values())
 
-    def record(self, pick: Pick, *, reachable: bool) -> None:
-        """Feed a call's outcome to its address's breaker; move on after a failure."""
+    def record(self, pick: Pick, *, reachable: bool, cause: str | None = None) -> None:
+        """Feed a call's outcome to its address's breaker; move on after a failure.
+
+        `cause`: what the failed call said (its status), kept as `last_failure`.
+        """
         address, permit = pick
         breaker = self.breakers[address]
         if reachable:
@@ -326,6 +363,8 @@ class AddressRing:
             return
         breaker.record_failure(permit)
         with self._lock:
+            if cause:
+                self.last_failure = (address, cause)
             if address == self.addresses[self._index]:
                 self._advance()
 
@@ -353,11 +392,13 @@ class RetryLoop:
         method: str,
         *,
         clock: Callable[[], float],
+        token_sent: bool = True,
     ) -> None:
-        """Start the retry budget now."""
+        """Start the retry budget now; `token_sent`: whether the calls carry a token."""
         self._ring = ring
         self._policy = policy
         self._method = method
+        self._token_sent = token_sent
         self._clock = clock
         self._give_up_at = clock() + policy.total_timeout.total_seconds()
         self._delays = policy.delays()
@@ -373,9 +414,11 @@ class RetryLoop:
             return pick, 0.0
         wait = self._ring.next_probe_in()
         if self._clock() + wait >= self._give_up_at:
+            last = self._ring.last_failure
             raise CircuitOpen(
                 f"{self._method}: every server ({', '.join(self._ring.addresses)}) failed "
-                f"repeatedly; next probe in {wait:.1f}s",
+                f"repeatedly; next probe in {wait:.1f}s"
+                + (f"; last failure ({last[0]}): {last[1]}" if last else ""),
                 retry_in=wait,
             )
         return None, max(wait, 0.01)
@@ -402,13 +445,13 @@ class RetryLoop:
             self._ring.record(pick, reachable=True)
             delay = next(self._delays)
             if self._clock() + delay >= self._give_up_at:
-                raise translate(error)
+                raise translate(error, method=self._method, token_sent=self._token_sent)
             self._sleep = delay
             return
         if not is_transient(error):
             self._ring.record(pick, reachable=True)  # the server answered
-            raise translate(error)
-        self._ring.record(pick, reachable=False)
+            raise translate(error, method=self._method, token_sent=self._token_sent)
+        self._ring.record(pick, reachable=False, cause=f"{error.code().name}: {error.details()}")
         delay = next(self._delays)
         if self._clock() + delay >= self._give_up_at:
             raise ServerUnavailable(
@@ -420,6 +463,32 @@ class RetryLoop:
         self._sleep = delay
 
 
-def translate(error: grpc.RpcError) -> ConveyorError:
-    """The typed Conveyor error for a failed call."""
-    return error_from_status(error.code(), error.details())
+# The server's "no token" is worded for whoever calls it, raw gRPC included ("send
+# 'authorization: Bearer <token>'"); a client that sent none tells its user where it
+# looks for one.
+NO_TOKEN: Final = (
+    f"no token: the server requires one; set {TOKEN_ENV} to the token, or "
+    f"{TOKEN_FILE_ENV} to a file that holds it (or pass token=... in code)"
+)
+
+
+# What grpc answers for a method the server does not register: from a Conveyor server, one
+# of a release older than this client's.
+GRPC_METHOD_NOT_FOUND: Final = "Method not found!"
+
+
+def translate(
+    error: grpc.RpcError, *, method: str | None = None, token_sent: bool = True
+) -> ConveyorError:
+    """The typed Conveyor error for a failed call of `method` (which carried a token or not)."""
+    code, details = error.code(), error.details()
+    if code is grpc.StatusCode.UNAUTHENTICATED and not token_sent:
+        return Unauthenticated(NO_TOKEN)
+    if code is grpc.StatusCode.UNIMPLEMENTED and details == GRPC_METHOD_NOT_FOUND and method:
+        # Still a plain ConveyorError whose message starts with the code, as documented
+        # for unexpected statuses; the rest says what to do about it.
+        return ConveyorError(
+            f"UNIMPLEMENTED: the server has no {method} call: it is probably older than "
+            f"this client (conveyor {__version__}); upgrade the server (it said: {details})"
+        )
+    return error_from_status(code, details)

@@ -50,9 +50,13 @@ if TYPE_CHECKING:
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 METHOD: Final = "/conveyor.v1.TaskService/EnqueueStream"
-# After a server answers UNIMPLEMENTED (it predates the stream, has it off, or will not give
-# the token another), enqueues to it go as calls for this long before the stream is tried
-# again.
+# After a server refuses a stream with one of these (UNIMPLEMENTED: it predates the stream,
+# has it off, or will not give the token another; PERMISSION_DENIED: the token may not
+# enqueue, which a call says in its own words), enqueues to it go as calls for
+# STREAM_RETRY_AFTER seconds before the stream is tried again.
+AS_CALLS_AFTER: Final = frozenset(
+    {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED}
+)
 STREAM_RETRY_AFTER: Final = 60.0
 # How long closing a client waits for the server to end its streams OK after the client
 # half-closes them, before it cancels them.
@@ -95,6 +99,11 @@ class EnqueueRoute:
       as an `EnqueueTasks` call, and so do the next ones to that server for
       `STREAM_RETRY_AFTER`: it may be upgraded meanwhile in a rolling deploy, or the
       token's other streams may have ended.
+    - A stream refused with PERMISSION_DENIED (the token's role may not enqueue) is
+      handled the same way: the call gets the refusal the user should see, naming
+      `EnqueueTasks`, the operation they asked for, not the stream the client chose to
+      carry it ("EnqueueStream needs the enqueue permission ..."); and until the role
+      changes, a call is the one round trip a refused enqueue needs.
     - A stream that had been open a while may have been ended by its server for being idle
       just as the request went (`enqueue_stream_idle`): that is no failure of the server,
       and must cost neither a backoff nor a mark against its circuit breaker, so the
@@ -129,7 +138,7 @@ class EnqueueRoute:
         if error.server_closed and not stream_was_new and not self._sent_again:
             self._sent_again = True
             return
-        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+        if error.code() in AS_CALLS_AFTER:
             self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
             return
         raise error

@@ -135,7 +135,13 @@ class Client:
 
     def _retrying(self, method: str, attempt: Callable[[str, float], Response]) -> Response:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
-        attempts = RetryLoop(self._ring, self._retry, method, clock=time.monotonic)
+        attempts = RetryLoop(
+            self._ring,
+            self._retry,
+            method,
+            clock=time.monotonic,
+            token_sent=self._metadata is not None,
+        )
         while True:
             pick, pause = attempts.step()
             if pick is None:

@@ -62,13 +62,14 @@ from conveyor.client.channel import (
     RetryPolicy,
     TlsConfig,
     parse_addresses,
+    translate,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
 from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
-from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
+from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.worker.context import TaskContext
@@ -622,7 +623,11 @@ class _Runtime:
                 response = await self.call("RegisterWorker", request)
                 break
             except grpc.aio.AioRpcError as exc:
-                raise error_from_status(exc.code(), exc.details()) from None
+                # As the clients word it: a missing token names where a token is read from,
+                # a server too old for the call says so.
+                raise translate(
+                    exc, method="RegisterWorker", token_sent=self.metadata is not None
+                ) from None
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at or self.stop_event.is_set():
                     raise ServerUnavailable(

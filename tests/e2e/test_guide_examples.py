@@ -1,0 +1,75 @@
+"""docs/getting-started.md's Python examples, run as written against a real server and worker.
+
+The worker module ("Writing a worker"), the Client example and the AsyncClient example
+("The Python client") are taken from the guide with only their placeholder addresses
+replaced, so the guide cannot drift from what the library does: an example that no longer
+runs, or a comment that says a line prints what it does not, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO_ROOT, conveyor_command, process_env
+
+GUIDE = REPO_ROOT / "docs" / "getting-started.md"
+# A print whose comment says what it prints: `print(...)  # what it prints`.
+COMMENTED_PRINT = re.compile(r"^\s*print\(.*\)  # (?P<printed>.+)$", re.MULTILINE)
+
+
+def guide_block(marker: str) -> str:
+    """The one ```python block of the guide that contains `marker`."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"{len(found)} python blocks of {GUIDE.name} contain {marker!r}"
+    return found[0]
+
+
+def run_python(source: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", source],
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_the_python_client_examples_run_and_print_what_their_comments_say(
+    server, processes, tmp_path
+):
+    """The guide's Client example printed `succeeded ...`, not the `TaskState.SUCCEEDED ...`
+    its comment said (TaskState is a StrEnum), and its AsyncClient example only defined
+    `main()`: run as written, it did nothing."""
+    package = tmp_path / "myapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text(guide_block("worker = Worker("))
+    processes(
+        conveyor_command("worker", "myapp.tasks:worker", "--server", server.address),
+        name="guide-worker",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), process_env()["PYTHONPATH"]]),
+    )
+
+    example = guide_block('with Client("localhost:50051") as client:')
+    said = [match["printed"] for match in COMMENTED_PRINT.finditer(example)]
+    assert said, "the Client example has no commented print to check"
+    printed = run_python(example.replace("localhost:50051", server.address)).stdout
+    lines = printed.splitlines()
+    # The commented prints come first (the history lines and the last one follow).
+    assert lines[: len(said)] == said, printed
+    assert lines[-1].startswith("too late: task "), printed
+    assert lines[-1].endswith(" already finished (succeeded)"), printed
+
+    example = guide_block("async with AsyncClient(")
+    printed = run_python(example.replace("host1:50051,host2:50051", server.address)).stdout
+    # As its comment says: the worker may have taken the task already.
+    assert printed.strip() in {"queued", "running"}, printed
