@@ -166,19 +166,26 @@ def as_duration(
     if isinstance(value, float) and not math.isfinite(value):
         raise error(f"{name} must be a finite number of seconds, got {value}")
     if isinstance(value, timedelta):
-        positive, too_long, shown = value > _NO_TIME, value > maximum, readable_duration(value)
+        positive, too_long = value > _NO_TIME, value > maximum
     else:
         positive, too_long = value > 0, value > maximum.total_seconds()
-        shown = _seconds_text(value)
+    delta = (
+        value
+        if isinstance(value, timedelta)
+        else timedelta(seconds=value)
+        if positive and not too_long
+        else _NO_TIME
+    )
+    if positive and not too_long and delta:
+        return delta  # the common case, with no message built for it
+    shown = readable_duration(value) if isinstance(value, timedelta) else _seconds_text(value)
     if not positive:
         raise error(f"{name} must be positive, got {shown}")
     if too_long:
         limit = f"{readable_duration(maximum)} ({_seconds_text(maximum.total_seconds())})"
         raise error(f"{name} may be at most {limit}, got {shown}")
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if not delta:  # positive, but rounded to 0 microseconds: no time at all
-        raise error(f"{name} must be at least a microsecond, got {shown}")
-    return delta
+    # Positive, but rounded to 0 microseconds: no time at all.
+    raise error(f"{name} must be at least a microsecond, got {shown}")
 
 
 def _invalid_timeout(message: str) -> InvalidTask:
