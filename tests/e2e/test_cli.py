@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 
 import pytest
-from helpers import conveyor_command, free_port, process_env, wait_final
+from helpers import assert_ok, assert_one_error_line, free_port, wait_final
+from helpers import run_cli as run
 
 from conveyor import Task, TaskState
 from conveyor.storage import migrate
 
 COMMANDS = ("server", "migrate", "worker", "enqueue", "status", "cancel", "dev", "token")
-
-
-def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `conveyor ARGS...` to completion and capture its output."""
-    return subprocess.run(
-        conveyor_command(*args),
-        env=process_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit status 1, nothing on stdout, exactly one `error: ...` line on stderr."""
-    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow

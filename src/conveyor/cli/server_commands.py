@@ -14,10 +14,16 @@ import asyncpg
 import click
 
 from conveyor import event_loop
-from conveyor.cli.database_option import database_url_option, resolve_database
+from conveyor.cli.database_option import (
+    EMBEDDED_DATA_DIR,
+    database_url_option,
+    embedded_postgres,
+    resolve_database,
+    start_embedded,
+)
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError, ServerUnavailable
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
@@ -34,6 +40,7 @@ from conveyor.server.config import (
     default_server_id,
 )
 from conveyor.storage import migrate
+from conveyor.storage.embedded import ClusterInUse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -386,7 +393,7 @@ def server(
     On a loopback address it needs nothing more. On any other address it refuses to start
     without TLS and tokens (docs/security.md), unless told --insecure.
     """
-    url, embedded = resolve_database(database_url)
+    url, embedded = resolve_database(database_url, "server")
     try:
         config = ServerConfig(
             database_url=url,
@@ -443,7 +450,7 @@ def server(
 @database_url_option
 def migrate_command(database_url: str | None) -> None:
     """Apply pending schema migrations (idempotent; safe from several processes at once)."""
-    url, embedded = resolve_database(database_url)
+    url, embedded = resolve_database(database_url, "migrate")
 
     async def run() -> list[migrate.Migration]:
         try:
@@ -478,9 +485,27 @@ def migrate_command(database_url: str | None) -> None:
 )
 def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
     """Run everything locally: embedded PostgreSQL, a server and a demo worker."""
+    embedded = embedded_postgres("dev")
+    try:
+        # A second `conveyor dev` here would share the first one's database and demo task
+        # types, and fight it for the ports: refuse it, naming the one that runs.
+        embedded.claim(exclusive=True)
+    except ClusterInUse as exc:
+        raise ConfigError(
+            f"{exc.owner} is already running in this directory, with the embedded "
+            f"PostgreSQL in {EMBEDDED_DATA_DIR}/: stop it first, or start this one from "
+            "another directory"
+        ) from None
+    try:
+        _dev(embedded, grpc_listen, http_listen, concurrency)
+    finally:
+        _stop_embedded(embedded)
+
+
+def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurrency: int) -> None:
     from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only
 
-    url, embedded = resolve_database(None)
+    url = start_embedded(embedded)
     config = ServerConfig(
         database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
     )
@@ -514,4 +539,3 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
         )
     finally:
         demo.stop(timeout=timedelta(seconds=10))
-        _stop_embedded(embedded)
