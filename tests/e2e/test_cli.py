@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 
@@ -156,6 +157,44 @@ class TestServerCommands:
         )
         line = assert_one_error_line(result)
         assert "conveyor migrate" in line
+
+    @pytest.mark.parametrize("listener", ["gRPC", "HTTP"])
+    def test_server_on_a_port_in_use_is_one_error_line(self, database_url, listener):
+        """Before: an OSError traceback (HTTP) or gRPC's RuntimeError "Failed to bind"."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            taken = f"127.0.0.1:{holder.getsockname()[1]}"
+            listen = {"gRPC": f"127.0.0.1:{free_port()}", "HTTP": f"127.0.0.1:{free_port()}"}
+            listen[listener] = taken
+            result = run(
+                "server",
+                "--database-url",
+                database_url,
+                "--grpc-listen",
+                listen["gRPC"],
+                "--http-listen",
+                listen["HTTP"],
+                timeout=30,
+            )
+        line = assert_one_error_line(result)
+        assert line == f"error: cannot listen on {taken} for {listener}: address already in use"
+
+    def test_server_on_the_grpc_port_of_a_running_server_is_refused(self, server, database_url):
+        """gRPC binds with SO_REUSEPORT unless told not to: before, a second server on the
+        port of a first started without a word, and the two shared its connections."""
+        result = run(
+            "server",
+            "--database-url",
+            database_url,
+            "--grpc-listen",
+            server.address,
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+            timeout=30,
+        )
+        line = assert_one_error_line(result)
+        assert line == f"error: cannot listen on {server.address} for gRPC: address already in use"
 
     def test_worker_with_unknown_module(self):
         line = assert_one_error_line(

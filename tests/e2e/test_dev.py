@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +182,28 @@ class TestOneClusterOwner:
         second.child.signal(signal.SIGINT)
         assert second.child.wait(60) == 0, second.output()
         assert not cluster_running(project)
+
+
+@pytest.mark.slow
+def test_dev_on_a_port_in_use_is_one_error_line_before_anything_starts(project):
+    """Before: an OSError traceback from aiohttp, after PostgreSQL had been started (a
+    second `conveyor dev` on the default ports died this way)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        result = run_cli(
+            "dev",
+            "--grpc-listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            taken,
+            cwd=project,
+            timeout=60,
+        )
+    try:
+        line = assert_one_error_line(result)
+        assert line == f"error: cannot listen on {taken} for HTTP: address already in use"
+        assert not (project / EMBEDDED_DATA_DIR).exists()
+    finally:
+        stop_cluster_left_in(project)

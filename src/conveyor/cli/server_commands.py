@@ -39,6 +39,7 @@ from conveyor.server.config import (
     ServerConfig,
     default_server_id,
 )
+from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
 
@@ -505,6 +506,9 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
 def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurrency: int) -> None:
     from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only
 
+    # Before PostgreSQL starts (the server checks again): a port in use is one line, at once.
+    for what, address in (("gRPC", grpc_listen), ("HTTP", http_listen)):
+        check_can_listen(address, what)
     url = start_embedded(embedded)
     config = ServerConfig(
         database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
