@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from helpers import assert_ok, assert_one_error_line, free_port, wait_final
+from helpers import assert_ok, assert_one_error_line, free_port, wait_final, with_user
 from helpers import run_cli as run
 
 from conveyor import Task, TaskState
@@ -157,6 +157,66 @@ class TestServerCommands:
         )
         line = assert_one_error_line(result)
         assert "conveyor migrate" in line
+
+    @pytest.mark.parametrize(
+        ("url", "expected"),
+        [
+            ("notaurl", "expected postgresql://"),
+            ("postgresql://localhost/conveyor?sslmode=bogus", "`sslmode` parameter must be"),
+            ("postgresql://localhost:99999/conveyor", "port '99999' is not a number"),
+        ],
+        ids=["not-a-url", "bad-sslmode", "port-out-of-range"],
+    )
+    @pytest.mark.parametrize("command", ["migrate", "server"])
+    def test_a_malformed_database_url_fails_at_once_in_one_line(self, command, url, expected):
+        """Before: migrate printed asyncpg's ClientConfigurationError traceback, and server
+        retried for 30 s ("database not reachable") as if the database were down; port
+        99999 was taken modulo 65536 and refused as port 34463."""
+        began = time.monotonic()
+        line = assert_one_error_line(
+            run(
+                command,
+                "--database-url",
+                url,
+                *(
+                    ("--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen", "127.0.0.1:0")
+                    if command == "server"
+                    else ()
+                ),
+                timeout=60,
+            )
+        )
+        assert line.startswith("error: invalid database URL: "), line
+        assert expected in line
+        # At once: a process start, not a start-up timeout of retries.
+        assert time.monotonic() - began < 10
+
+    @pytest.mark.parametrize(
+        "refused",
+        [
+            lambda url: with_user(url, f"nosuchrole_{uuid.uuid4().hex[:8]}"),
+            lambda url: f"{url}&no_such_setting=1" if "?" in url else f"{url}?no_such_setting=1",
+        ],
+        ids=["unknown-role", "unknown-setting"],
+    )
+    def test_server_refused_by_postgresql_fails_at_once_in_one_line(self, database_url, refused):
+        """PostgreSQL answered no (no such role, an unknown setting in the URL): no retry can
+        fix it. Before: the server printed asyncpg's traceback."""
+        began = time.monotonic()
+        line = assert_one_error_line(
+            run(
+                "server",
+                "--database-url",
+                refused(database_url),
+                "--grpc-listen",
+                f"127.0.0.1:{free_port()}",
+                "--http-listen",
+                "127.0.0.1:0",
+                timeout=60,
+            )
+        )
+        assert line.startswith("error: PostgreSQL refused the connection: "), line
+        assert time.monotonic() - began < 10
 
     @pytest.mark.parametrize("listener", ["gRPC", "HTTP"])
     def test_server_on_a_port_in_use_is_one_error_line(self, database_url, listener):

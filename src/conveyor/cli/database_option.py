@@ -11,6 +11,7 @@ from typing import Final
 
 import click
 
+from conveyor.server.config import check_database_url
 from conveyor.storage.embedded import EmbeddedPostgres
 
 EMBEDDED_DATA_DIR: Final = Path(".conveyor") / "pgdata"
@@ -37,6 +38,8 @@ def resolve_database(url: str | None, command: str) -> tuple[str, EmbeddedPostgr
     as it is: this command leaves it running when it ends.
     """
     if url:
+        # Before anything starts: a malformed URL is one line now, not a traceback later.
+        check_database_url(url)
         return url, None
     embedded = embedded_postgres(command)
     return start_embedded(embedded), embedded

@@ -23,7 +23,7 @@ from conveyor.cli.database_option import (
 )
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
-from conveyor.errors import ConfigError, ServerUnavailable
+from conveyor.errors import ConfigError
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
@@ -39,6 +39,7 @@ from conveyor.server.config import (
     ServerConfig,
     default_server_id,
 )
+from conveyor.server.database import connect_failure
 from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
@@ -456,8 +457,11 @@ def migrate_command(database_url: str | None) -> None:
     async def run() -> list[migrate.Migration]:
         try:
             conn = await asyncpg.connect(url, timeout=10)
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise ServerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        except Exception as exc:
+            failure = connect_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
         try:
             return await migrate.migrate(conn)
         finally:
