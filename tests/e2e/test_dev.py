@@ -8,9 +8,11 @@ second `conveyor dev` there is refused instead of taking it over.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    Db,
     assert_ok,
     assert_one_error_line,
     conveyor_command,
@@ -81,6 +84,18 @@ def stop_cluster_left_in(directory: Path) -> None:
     shutil.rmtree(directory / ".conveyor", ignore_errors=True)
 
 
+@contextlib.contextmanager
+def database_of(directory: Path) -> Iterator[Db]:
+    """The database of a `conveyor dev` that has stopped, read directly (its cluster is
+    started for the block, and stopped after)."""
+    embedded = EmbeddedPostgres(directory / EMBEDDED_DATA_DIR)
+    url = embedded.start()
+    try:
+        yield Db(url)
+    finally:
+        embedded.stop()
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The directory `conveyor dev` runs in (its data goes to ./.conveyor/ there)."""
@@ -119,6 +134,18 @@ def start_dev(processes: Callable[..., Any]) -> Iterator[Callable[..., DevProces
         dev.child.stop()
     for directory in {dev.directory for dev in started}:
         stop_cluster_left_in(directory)
+
+
+def running_task(dev: DevProcess, seconds: float) -> tuple[str, str]:
+    """Enqueue demo.sleep for `seconds`; once the demo worker runs it, (task id, worker id)."""
+    with Client(dev.address) as client:
+        task_id = client.enqueue_task(Task(type="demo.sleep", payload=f"{seconds:g}".encode()))
+        status = wait_for(
+            lambda: (s := client.get_task_status(task_id)).state is TaskState.RUNNING and s,
+            timeout=30,
+            what="the demo worker to run the task",
+        )
+    return task_id, status.worker_id
 
 
 def echo_succeeds(dev: DevProcess) -> None:
@@ -207,3 +234,67 @@ def test_dev_on_a_port_in_use_is_one_error_line_before_anything_starts(project):
         assert not (project / EMBEDDED_DATA_DIR).exists()
     finally:
         stop_cluster_left_in(project)
+
+
+@pytest.mark.slow
+class TestCtrlC:
+    """Ctrl-C stops the demo worker first: it drains, hands back what still runs, and
+    unregisters while the server can take its reports; then the server stops."""
+
+    def test_ctrl_c_hands_back_a_running_task_before_the_server_stops(self, project, start_dev):
+        """Before: the server stopped 10 s after Ctrl-C while the worker drained for 30 s,
+        the worker's reports and hand-back then failed, the process took ~22 s to exit, and
+        the task was left running, to come back as lease_expired with an attempt spent."""
+        from conveyor.cli.server_commands import DEV_DRAIN_TIMEOUT  # noqa: PLC0415
+
+        drain = DEV_DRAIN_TIMEOUT.total_seconds()
+        dev = start_dev(project)
+        long_task, worker_id = running_task(dev, 60)
+        short_task, _ = running_task(dev, 2)
+
+        signalled = time.monotonic()
+        dev.child.signal(signal.SIGINT)
+        assert dev.child.wait(drain + 10) == 0, dev.output()
+        took = time.monotonic() - signalled
+        # The long task was given the drain timeout to finish.
+        assert took >= drain - 0.5, f"exited after {took:.1f}s, before the drain was over"
+
+        with database_of(project) as db:
+            released = db.task(long_task)
+            assert (released["state"], released["attempt"]) == ("queued", 0), dev.output()
+            assert [e["event"] for e in db.events(long_task)] == [
+                "enqueued",
+                "started",
+                "released",
+            ]
+            # The short one finished within the drain, and its outcome got through.
+            assert db.task(short_task)["state"] == "succeeded"
+            # The worker said goodbye to a server that was still there.
+            assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker_id) == (
+                "stopped"
+            )
+
+    def test_a_second_ctrl_c_hands_back_at_once(self, project, start_dev):
+        """Before: a second Ctrl-C was ignored, and the exit took as long as the first."""
+        dev = start_dev(project)
+        task_id, worker_id = running_task(dev, 60)
+
+        dev.child.signal(signal.SIGINT)
+        wait_for(
+            lambda: "conveyor.worker: draining" in dev.output(),
+            timeout=10,
+            what="the demo worker to start draining",
+        )
+        signalled = time.monotonic()
+        dev.child.signal(signal.SIGINT)
+        assert dev.child.wait(20) == 0, dev.output()
+        took = time.monotonic() - signalled
+        assert took < 5, f"exited {took:.1f}s after the second Ctrl-C"
+
+        with database_of(project) as db:
+            released = db.task(task_id)
+            assert (released["state"], released["attempt"]) == ("queued", 0), dev.output()
+            assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+            assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker_id) == (
+                "stopped"
+            )

@@ -8,7 +8,7 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import asyncpg
 import click
@@ -55,10 +55,15 @@ async def _serve(
     on_started: Callable[[ConveyorServer], None] | None = None,
     before_stop: Callable[[], None] | None = None,
     *,
+    on_second_signal: Callable[[], None] | None = None,
     announce: bool = True,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Callbacks run in a thread: they may block on this loop.
+    """Serve until SIGINT/SIGTERM, then stop.
 
+    `on_started` and `before_stop` run in a thread (they may block on this loop), one after
+    the other: `before_stop` runs to its end before the server stops, so what it stops (the
+    dev's demo worker) can still report to the server. `on_second_signal` runs on the loop
+    when a second SIGINT/SIGTERM comes while stopping; without it, that signal is ignored.
     `announce=False` skips the one-line banner, for JSON logs: every stderr line must be a
     JSON object there, and the server logs the same facts as a record anyway.
     """
@@ -67,36 +72,43 @@ async def _serve(
     # Handlers first: a SIGTERM that arrives while the server starts (or just after it
     # says it has) must still stop it gracefully, not kill it.
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await server.start()
 
-    async def shut_down() -> None:
+    def on_signal() -> None:
+        if not stop_requested.is_set():
+            stop_requested.set()
+        elif on_second_signal is not None:
+            on_second_signal()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await server.start()
+    try:
+        if announce:
+            click.echo(
+                f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
+                f"{server.grpc_port}"
+                + (
+                    f", HTTP on {'https' if config.tls else 'http'}://"
+                    f"{_host(config.http_listen)}:{server.http_port}/status"
+                    if config.http_listen
+                    else ""
+                ),
+                err=True,
+            )
+        if on_started is not None and not stop_requested.is_set():
+            await loop.run_in_executor(None, on_started, server)
         await stop_requested.wait()
         if before_stop is not None:
             await loop.run_in_executor(None, before_stop)
+    finally:
+        # Also when a callback failed: the server stops as it would at a signal.
         await server.stop()
 
-    stopping = asyncio.ensure_future(shut_down())
-    if announce:
-        click.echo(
-            f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
-            f"{server.grpc_port}"
-            + (
-                f", HTTP on {'https' if config.tls else 'http'}://"
-                f"{_host(config.http_listen)}:{server.http_port}/status"
-                if config.http_listen
-                else ""
-            ),
-            err=True,
-        )
-    if on_started is not None:
-        await loop.run_in_executor(None, on_started, server)
-    await server.wait_stopped()
-    if stop_requested.is_set():
-        await stopping  # let the shutdown it started finish
-    else:
-        stopping.cancel()
+
+# How long Ctrl-C on `conveyor dev` lets running demo tasks finish before handing them back
+# (a worker's default is 30 s): quick enough to restart at once, and nothing is lost, since
+# a handed-back task is queued again without spending an attempt.
+DEV_DRAIN_TIMEOUT: Final = timedelta(seconds=10)
 
 
 def _failpoints_from_env() -> frozenset[str]:
@@ -518,6 +530,7 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
         database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
     )
     demo = build_demo_worker(concurrency=concurrency)
+    demo.configure(drain_timeout=DEV_DRAIN_TIMEOUT)
 
     def start_demo(server: ConveyorServer) -> None:
         demo.configure(server=f"127.0.0.1:{server.grpc_port}")
@@ -535,15 +548,31 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
             err=True,
         )
 
+    def stop_demo() -> None:
+        click.echo(
+            f"\nStopping: running tasks get {DEV_DRAIN_TIMEOUT.total_seconds():g} s to finish, "
+            "then are handed back to the queue (Ctrl-C again: hand them back now).",
+            err=True,
+        )
+        # Returns once the worker has drained, handed the rest back and unregistered (or
+        # after the drain timeout plus a margin for that): only then does the server stop,
+        # so that every outcome and hand-back reaches it rather than ending lease_expired.
+        demo.stop()
+
+    def hand_back_now() -> None:
+        click.echo("Handing the running tasks back now.", err=True)
+        demo.hand_back_now()
+
     tune_for_long_running_process()
     try:
-        # The worker stops first, while the server can still take its handed-back leases.
         event_loop.run(
             _serve(
                 config,
                 on_started=start_demo,
-                before_stop=lambda: demo.stop(timeout=timedelta(seconds=10)),
+                before_stop=stop_demo,
+                on_second_signal=hand_back_now,
             )
         )
     finally:
+        # A no-op after stop_demo; stops the worker if the server failed under it.
         demo.stop(timeout=timedelta(seconds=10))
