@@ -309,13 +309,14 @@ class ChildProcess:
     argv: list[str]
     log_path: Path
     env: dict[str, str]
+    cwd: Path = REPO_ROOT
     process: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
 
     def start(self) -> ChildProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO_ROOT
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
         )
         return self
 
@@ -357,13 +358,15 @@ def processes(
 ) -> Iterator[Callable[..., ChildProcess]]:
     """Start child processes that are stopped (SIGTERM, then SIGKILL) after the test.
 
-    `processes(argv, name="worker-1", **env)`; their combined output is attached to the
-    test report when the test fails.
+    `processes(argv, name="worker-1", cwd=None, **env)` (cwd: the repository root by
+    default); their combined output is attached to the test report when the test fails.
     """
     children: list[ChildProcess] = []
 
-    def spawn(argv: list[str], *, name: str, **env: str) -> ChildProcess:
-        child = ChildProcess(argv, tmp_path / f"{name}.log", process_env(**env)).start()
+    def spawn(argv: list[str], *, name: str, cwd: Path | None = None, **env: str) -> ChildProcess:
+        child = ChildProcess(
+            argv, tmp_path / f"{name}.log", process_env(**env), cwd=cwd or REPO_ROOT
+        ).start()
         children.append(child)
         return child
 

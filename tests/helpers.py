@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -238,6 +239,39 @@ def process_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def run_cli(
+    *args: str, timeout: float = 60, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `conveyor ARGS...` to completion (in `cwd`, the repository root by default) and
+    capture its output."""
+    return subprocess.run(
+        conveyor_command(*args),
+        env=process_env(**env),
+        cwd=cwd or REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit status 0; the standard output."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit status 1, nothing on stdout, exactly one `error: ...` line on stderr."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 @dataclass

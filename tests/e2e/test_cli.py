@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
-from helpers import conveyor_command, free_port, process_env, wait_final
+from helpers import (
+    assert_ok,
+    assert_one_error_line,
+    conveyor_command,
+    free_port,
+    process_env,
+    wait_final,
+    with_user,
+)
+from helpers import run_cli as run
 
 from conveyor import Task, TaskState
 from conveyor.storage import migrate
 
 COMMANDS = ("server", "migrate", "worker", "enqueue", "status", "cancel", "dev", "token")
-
-
-def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `conveyor ARGS...` to completion and capture its output."""
-    return subprocess.run(
-        conveyor_command(*args),
-        env=process_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit status 1, nothing on stdout, exactly one `error: ...` line on stderr."""
-    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow
@@ -250,6 +232,104 @@ class TestServerCommands:
         )
         line = assert_one_error_line(result)
         assert "conveyor migrate" in line
+
+    @pytest.mark.parametrize(
+        ("url", "expected"),
+        [
+            ("notaurl", "expected postgresql://"),
+            ("postgresql://localhost/conveyor?sslmode=bogus", "`sslmode` parameter must be"),
+            ("postgresql://localhost:99999/conveyor", "port '99999' is not a number"),
+        ],
+        ids=["not-a-url", "bad-sslmode", "port-out-of-range"],
+    )
+    @pytest.mark.parametrize("command", ["migrate", "server"])
+    def test_a_malformed_database_url_fails_at_once_in_one_line(self, command, url, expected):
+        """Before: migrate printed asyncpg's ClientConfigurationError traceback, and server
+        retried for 30 s ("database not reachable") as if the database were down; port
+        99999 was taken modulo 65536 and refused as port 34463."""
+        began = time.monotonic()
+        line = assert_one_error_line(
+            run(
+                command,
+                "--database-url",
+                url,
+                *(
+                    ("--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen", "127.0.0.1:0")
+                    if command == "server"
+                    else ()
+                ),
+                timeout=60,
+            )
+        )
+        assert line.startswith("error: invalid database URL: "), line
+        assert expected in line
+        # At once: a process start, not a start-up timeout of retries.
+        assert time.monotonic() - began < 10
+
+    @pytest.mark.parametrize(
+        "refused",
+        [
+            lambda url: with_user(url, f"nosuchrole_{uuid.uuid4().hex[:8]}"),
+            lambda url: f"{url}&no_such_setting=1" if "?" in url else f"{url}?no_such_setting=1",
+        ],
+        ids=["unknown-role", "unknown-setting"],
+    )
+    def test_server_refused_by_postgresql_fails_at_once_in_one_line(self, database_url, refused):
+        """PostgreSQL answered no (no such role, an unknown setting in the URL): no retry can
+        fix it. Before: the server printed asyncpg's traceback."""
+        began = time.monotonic()
+        line = assert_one_error_line(
+            run(
+                "server",
+                "--database-url",
+                refused(database_url),
+                "--grpc-listen",
+                f"127.0.0.1:{free_port()}",
+                "--http-listen",
+                "127.0.0.1:0",
+                timeout=60,
+            )
+        )
+        assert line.startswith("error: PostgreSQL refused the connection: "), line
+        assert time.monotonic() - began < 10
+
+    @pytest.mark.parametrize("listener", ["gRPC", "HTTP"])
+    def test_server_on_a_port_in_use_is_one_error_line(self, database_url, listener):
+        """Before: an OSError traceback (HTTP) or gRPC's RuntimeError "Failed to bind"."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            taken = f"127.0.0.1:{holder.getsockname()[1]}"
+            listen = {"gRPC": f"127.0.0.1:{free_port()}", "HTTP": f"127.0.0.1:{free_port()}"}
+            listen[listener] = taken
+            result = run(
+                "server",
+                "--database-url",
+                database_url,
+                "--grpc-listen",
+                listen["gRPC"],
+                "--http-listen",
+                listen["HTTP"],
+                timeout=30,
+            )
+        line = assert_one_error_line(result)
+        assert line == f"error: cannot listen on {taken} for {listener}: address already in use"
+
+    def test_server_on_the_grpc_port_of_a_running_server_is_refused(self, server, database_url):
+        """gRPC binds with SO_REUSEPORT unless told not to: before, a second server on the
+        port of a first started without a word, and the two shared its connections."""
+        result = run(
+            "server",
+            "--database-url",
+            database_url,
+            "--grpc-listen",
+            server.address,
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+            timeout=30,
+        )
+        line = assert_one_error_line(result)
+        assert line == f"error: cannot listen on {server.address} for gRPC: address already in use"
 
     def test_worker_with_unknown_module(self):
         line = assert_one_error_line(

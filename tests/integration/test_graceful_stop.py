@@ -111,6 +111,43 @@ class TestHandBackOnStop:
         assert status.worker_id == second.worker_id
         assert seen_attempts == [1]
 
+    def test_hand_back_now_ends_a_stop_that_waits_for_the_drain(
+        self, server, client: Client, db
+    ) -> None:
+        """A stop() blocked on a 60 s drain in one thread returns as soon as another thread
+        calls hand_back_now(): the task is handed back at once, attempt unspent, and the
+        worker unregisters (what a second Ctrl-C on `conveyor dev` does)."""
+        started = threading.Event()
+
+        async def endless(ctx, payload):
+            started.set()
+            await asyncio.sleep(60)
+            return b"never"
+
+        worker = Worker(server.address, concurrency=1, drain_timeout=timedelta(seconds=60))
+        worker.register_handler("endless", endless)
+        worker.start()
+        stopping = threading.Thread(target=worker.stop)
+        try:
+            task_id = client.enqueue_task(Task(type="endless"))
+            wait_for(started.is_set, timeout=10, what="the handler to start")
+            stopping.start()
+            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            assert stopping.is_alive()
+            began = time.monotonic()
+            worker.hand_back_now()
+            stopping.join(10)
+            took = time.monotonic() - began
+        finally:
+            worker.stop()
+        assert not stopping.is_alive()
+        assert took < 5, f"stop returned {took:.1f}s after hand_back_now"
+        assert worker.running is False
+        row = db.task(task_id)
+        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+        assert worker_state(db, worker) == "stopped"
+
     def test_stop_hands_back_a_sync_handler_without_waiting_for_its_thread(
         self, server, client: Client, db
     ) -> None:

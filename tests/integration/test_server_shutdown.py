@@ -264,5 +264,5 @@ def test_a_second_server_on_a_port_in_use_is_refused(start_server) -> None:
     """gRPC's default SO_REUSEPORT let a second server bind a port already served, and the
     kernel split the connections between the two (each on its own database)."""
     first = start_server()
-    with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the port is in use"):
+    with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ for gRPC"):
         start_server(grpc_listen=f"127.0.0.1:{first.server.grpc_port}")

@@ -67,6 +67,33 @@ class TestServerConfig:
         with pytest.raises(ConfigError, match=fragment):
             ServerConfig(**settings)  # type: ignore[arg-type]
 
+    def test_database_urls_are_checked_before_anything_connects(self) -> None:
+        """Every form asyncpg takes is accepted; a URL it would refuse, or whose port it
+        would take modulo 65536, is a ConfigError that does not repeat the URL (it may hold
+        a password). Before, ServerConfig took any text."""
+        for url in [
+            "postgresql://localhost/x",
+            "postgres://user:se%40cret@db.example.com:5432/conveyor?sslmode=require",
+            "postgresql://[::1]:5432,[fe80::1]/x",
+            "postgresql://h1:5432,h2:5433/x?target_session_attrs=read-write",
+            "postgresql:///x?host=/tmp/cvpg-1/data&port=5432",
+            "postgresql://",
+        ]:
+            assert ServerConfig(database_url=url).database_url == url
+        for url, fragment in [
+            ("notaurl", "expected postgresql://"),
+            ("http://se:cret@localhost/x", "expected postgresql://"),
+            ("postgresql://localhost:99999/x", "port '99999'"),
+            ("postgresql://se:cret@h1:5432,h2:0/x", "port '0'"),
+            ("postgresql://[::1]:port/x", "port 'port'"),
+            ("postgresql:///x?host=/tmp/s&port=65536", "port '65536'"),
+            ("postgresql://[::1/x", "invalid database URL"),
+        ]:
+            with pytest.raises(ConfigError, match=fragment) as raised:
+                ServerConfig(database_url=url)
+            assert raised.value.message.startswith("invalid database URL: ")
+            assert "cret" not in raised.value.message
+
     def test_listen_addresses_split_into_host_and_port(self) -> None:
         """IPv6 brackets are removed; an empty host means every interface."""
         assert split_host_port("127.0.0.1:50051") == ("127.0.0.1", 50051)

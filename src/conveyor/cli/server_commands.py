@@ -8,16 +8,22 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import asyncpg
 import click
 
 from conveyor import event_loop
-from conveyor.cli.database_option import database_url_option, resolve_database
+from conveyor.cli.database_option import (
+    EMBEDDED_DATA_DIR,
+    database_url_option,
+    embedded_postgres,
+    resolve_database,
+    start_embedded,
+)
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
@@ -33,7 +39,10 @@ from conveyor.server.config import (
     ServerConfig,
     default_server_id,
 )
+from conveyor.server.database import connect_failure
+from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
+from conveyor.storage.embedded import ClusterInUse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,10 +55,15 @@ async def _serve(
     on_started: Callable[[ConveyorServer], None] | None = None,
     before_stop: Callable[[], None] | None = None,
     *,
+    on_second_signal: Callable[[], None] | None = None,
     announce: bool = True,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Callbacks run in a thread: they may block on this loop.
+    """Serve until SIGINT/SIGTERM, then stop.
 
+    `on_started` and `before_stop` run in a thread (they may block on this loop), one after
+    the other: `before_stop` runs to its end before the server stops, so what it stops (the
+    dev's demo worker) can still report to the server. `on_second_signal` runs on the loop
+    when a second SIGINT/SIGTERM comes while stopping; without it, that signal is ignored.
     `announce=False` skips the one-line banner, for JSON logs: every stderr line must be a
     JSON object there, and the server logs the same facts as a record anyway.
     """
@@ -58,36 +72,43 @@ async def _serve(
     # Handlers first: a SIGTERM that arrives while the server starts (or just after it
     # says it has) must still stop it gracefully, not kill it.
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await server.start()
 
-    async def shut_down() -> None:
+    def on_signal() -> None:
+        if not stop_requested.is_set():
+            stop_requested.set()
+        elif on_second_signal is not None:
+            on_second_signal()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await server.start()
+    try:
+        if announce:
+            click.echo(
+                f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
+                f"{server.grpc_port}"
+                + (
+                    f", HTTP on {'https' if config.tls else 'http'}://"
+                    f"{_host(config.http_listen)}:{server.http_port}/status"
+                    if config.http_listen
+                    else ""
+                ),
+                err=True,
+            )
+        if on_started is not None and not stop_requested.is_set():
+            await loop.run_in_executor(None, on_started, server)
         await stop_requested.wait()
         if before_stop is not None:
             await loop.run_in_executor(None, before_stop)
+    finally:
+        # Also when a callback failed: the server stops as it would at a signal.
         await server.stop()
 
-    stopping = asyncio.ensure_future(shut_down())
-    if announce:
-        click.echo(
-            f"Conveyor server {config.server_id}: gRPC on {_host(config.grpc_listen)}:"
-            f"{server.grpc_port}"
-            + (
-                f", HTTP on {'https' if config.tls else 'http'}://"
-                f"{_host(config.http_listen)}:{server.http_port}/status"
-                if config.http_listen
-                else ""
-            ),
-            err=True,
-        )
-    if on_started is not None:
-        await loop.run_in_executor(None, on_started, server)
-    await server.wait_stopped()
-    if stop_requested.is_set():
-        await stopping  # let the shutdown it started finish
-    else:
-        stopping.cancel()
+
+# How long Ctrl-C on `conveyor dev` lets running demo tasks finish before handing them back
+# (a worker's default is 30 s): quick enough to restart at once, and nothing is lost, since
+# a handed-back task is queued again without spending an attempt.
+DEV_DRAIN_TIMEOUT: Final = timedelta(seconds=10)
 
 
 def _failpoints_from_env() -> frozenset[str]:
@@ -386,7 +407,7 @@ def server(
     On a loopback address it needs nothing more. On any other address it refuses to start
     without TLS and tokens (docs/security.md), unless told --insecure.
     """
-    url, embedded = resolve_database(database_url)
+    url, embedded = resolve_database(database_url, "server")
     try:
         config = ServerConfig(
             database_url=url,
@@ -443,13 +464,16 @@ def server(
 @database_url_option
 def migrate_command(database_url: str | None) -> None:
     """Apply pending schema migrations (idempotent; safe from several processes at once)."""
-    url, embedded = resolve_database(database_url)
+    url, embedded = resolve_database(database_url, "migrate")
 
     async def run() -> list[migrate.Migration]:
         try:
             conn = await asyncpg.connect(url, timeout=10)
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise ServerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        except Exception as exc:
+            failure = connect_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
         try:
             return await migrate.migrate(conn)
         finally:
@@ -478,13 +502,35 @@ def migrate_command(database_url: str | None) -> None:
 )
 def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
     """Run everything locally: embedded PostgreSQL, a server and a demo worker."""
+    embedded = embedded_postgres("dev")
+    try:
+        # A second `conveyor dev` here would share the first one's database and demo task
+        # types, and fight it for the ports: refuse it, naming the one that runs.
+        embedded.claim(exclusive=True)
+    except ClusterInUse as exc:
+        raise ConfigError(
+            f"{exc.owner} is already running in this directory, with the embedded "
+            f"PostgreSQL in {EMBEDDED_DATA_DIR}/: stop it first, or start this one from "
+            "another directory"
+        ) from None
+    try:
+        _dev(embedded, grpc_listen, http_listen, concurrency)
+    finally:
+        _stop_embedded(embedded)
+
+
+def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurrency: int) -> None:
     from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only
 
-    url, embedded = resolve_database(None)
+    # Before PostgreSQL starts (the server checks again): a port in use is one line, at once.
+    for what, address in (("gRPC", grpc_listen), ("HTTP", http_listen)):
+        check_can_listen(address, what)
+    url = start_embedded(embedded)
     config = ServerConfig(
         database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
     )
     demo = build_demo_worker(concurrency=concurrency)
+    demo.configure(drain_timeout=DEV_DRAIN_TIMEOUT)
 
     def start_demo(server: ConveyorServer) -> None:
         demo.configure(server=f"127.0.0.1:{server.grpc_port}")
@@ -502,16 +548,31 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
             err=True,
         )
 
+    def stop_demo() -> None:
+        click.echo(
+            f"\nStopping: running tasks get {DEV_DRAIN_TIMEOUT.total_seconds():g} s to finish, "
+            "then are handed back to the queue (Ctrl-C again: hand them back now).",
+            err=True,
+        )
+        # Returns once the worker has drained, handed the rest back and unregistered (or
+        # after the drain timeout plus a margin for that): only then does the server stop,
+        # so that every outcome and hand-back reaches it rather than ending lease_expired.
+        demo.stop()
+
+    def hand_back_now() -> None:
+        click.echo("Handing the running tasks back now.", err=True)
+        demo.hand_back_now()
+
     tune_for_long_running_process()
     try:
-        # The worker stops first, while the server can still take its handed-back leases.
         event_loop.run(
             _serve(
                 config,
                 on_started=start_demo,
-                before_stop=lambda: demo.stop(timeout=timedelta(seconds=10)),
+                before_stop=stop_demo,
+                on_second_signal=hand_back_now,
             )
         )
     finally:
+        # A no-op after stop_demo; stops the worker if the server failed under it.
         demo.stop(timeout=timedelta(seconds=10))
-        _stop_embedded(embedded)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor import __version__
-from conveyor.errors import ConfigError, ConveyorError
+from conveyor.errors import ConveyorError
 from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
 from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
@@ -34,6 +34,7 @@ from conveyor.server.control import TaskControl
 from conveyor.server.dashboard_backend import DashboardBackend
 from conveyor.server.database import Database
 from conveyor.server.leadership import LeaderElector
+from conveyor.server.listeners import cannot_listen, check_can_listen
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.planner_statistics import PlannerStatistics
 from conveyor.server.maintenance.retention import RetentionPruner
@@ -49,6 +50,7 @@ from conveyor.storage import migrate, queries
 from conveyor.types import ClusterStatus
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("conveyor.server")
@@ -147,9 +149,32 @@ class ConveyorServer:
         """Connect, check the schema, and start serving."""
         from datetime import timedelta  # noqa: PLC0415 - keep the import list short
 
-        # Certificates first: a bad file is a one-line ConfigError before anything starts.
+        # Certificates and addresses first: a bad file or a port in use is a one-line
+        # ConfigError before anything starts.
         credentials, ssl_context = tls_material(self.config)
+        for what, address in self._listeners():
+            check_can_listen(address, what)
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
+        try:
+            await self._start_serving(credentials, ssl_context)
+        except BaseException:
+            # Whatever did start (the gRPC server, the elector) stops, rather than being
+            # left to the garbage collector after the loop is closed.
+            await self.stop()
+            raise
+
+    def _listeners(self) -> list[tuple[str, str]]:
+        """(what, HOST:PORT) of every address this server listens on."""
+        listeners = [("gRPC", self.config.grpc_listen)]
+        if self.config.http_listen is not None:
+            listeners.append(("HTTP", self.config.http_listen))
+        if self.config.metrics_listen is not None:
+            listeners.append(("metrics", self.config.metrics_listen))
+        return listeners
+
+    async def _start_serving(
+        self, credentials: grpc.ServerCredentials | None, ssl_context: ssl.SSLContext | None
+    ) -> None:
         self.notifier.start()
         self.elector.start()
         # Per-task limits are checked in the services; this bounds whole messages, and the
@@ -165,9 +190,8 @@ class ConveyorServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-                # gRPC sets SO_REUSEPORT by default, so a second server started on a port in
-                # use bound it too, without an error, and the kernel split the connections
-                # between them: a client saw one server's database, then the other's.
+                # gRPC sets SO_REUSEPORT by default on Linux: a second server on the same
+                # port would start without a word and take some of this one's connections.
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -184,13 +208,10 @@ class ConveyorServer:
                 if credentials is not None
                 else self._grpc.add_insecure_port(self.config.grpc_listen)
             )
-        except RuntimeError:  # grpcio's "Failed to bind to address ..."
+        except RuntimeError:  # "Failed to bind", without the reason (gRPC logs it)
             self.grpc_port = 0
         if not self.grpc_port:
-            raise ConfigError(
-                f"cannot listen on {self.config.grpc_listen}: the port is in use (another "
-                "server?) or the address is not this machine's"
-            )
+            raise cannot_listen(self.config.grpc_listen, "gRPC", "the address cannot be bound")
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -217,13 +238,15 @@ class ConveyorServer:
                 metrics=self.config.metrics_listen is None,
             )
             self._http = HttpServer(app, host, port, ssl_context=ssl_context)
-            self.http_port = await self._http.start()
+            self.http_port = await _listen(self._http, self.config.http_listen, "HTTP")
         if self.config.metrics_listen is not None:
             host, port = split_host_port(self.config.metrics_listen)
             self._metrics_http = HttpServer(
                 create_metrics_app(self), host, port, ssl_context=ssl_context
             )
-            self.metrics_port = await self._metrics_http.start()
+            self.metrics_port = await _listen(
+                self._metrics_http, self.config.metrics_listen, "metrics"
+            )
         for service in self.maintenance:
             service.start()
         log.info(
@@ -387,3 +410,11 @@ class ConveyorServer:
 def _described(exc: Exception) -> str:
     """An unexpected database error for an operator: its kind and its message."""
     return f"{type(exc).__name__}: {exc}"
+
+
+async def _listen(http: HttpServer, address: str, what: str) -> int:
+    """Start `http`; its port. A bind that fails is a ConfigError naming the address."""
+    try:
+        return await http.start()
+    except OSError as exc:
+        raise cannot_listen(address, what, exc) from None

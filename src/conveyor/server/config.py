@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final
+from urllib.parse import parse_qs, urlsplit
 
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
@@ -193,6 +194,7 @@ class ServerConfig:
         """Reject impossible combinations before anything starts."""
         if not self.database_url:
             raise ConfigError("database_url is required")
+        check_database_url(self.database_url)
         self._check_durations()
         self._check_counts()
         unknown = self.failpoints - failpoints.KNOWN
@@ -338,3 +340,42 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:  # noqa: PLR2004
         raise ConfigError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" means all interfaces
+
+
+DATABASE_URL_FORM: Final = (
+    "postgresql://[USER[:PASSWORD]@][HOST][:PORT][/DATABASE][?OPTION=VALUE&...]"
+)
+MAX_PORT: Final = 65535
+
+
+def check_database_url(url: str) -> None:
+    """Raise ConfigError for a database URL no connection could use, before anything starts.
+
+    asyncpg reads the URL only when it connects, and reports most mistakes then (the server
+    and `conveyor migrate` make those a ConfigError too, see server/database.py): this
+    checks the form, so a command fails before it does anything else, and the ports, which
+    asyncpg takes modulo 65536 (port 99999 connected to port 34463). The messages never
+    repeat the URL: it may hold a password.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 host
+        raise ConfigError(f"invalid database URL: {exc}") from None
+    if parts.scheme.lower() not in {"postgresql", "postgres"}:
+        raise ConfigError(f"invalid database URL: expected {DATABASE_URL_FORM}")
+    ports = [_port_of(host) for host in parts.netloc.rpartition("@")[2].split(",")]
+    for value in parse_qs(parts.query).get("port", []):
+        ports.extend(value.split(","))
+    for port in ports:
+        if port and not (port.isdigit() and 1 <= int(port) <= MAX_PORT):
+            raise ConfigError(
+                f"invalid database URL: port {port!r} is not a number from 1 to {MAX_PORT}"
+            )
+
+
+def _port_of(host: str) -> str:
+    """The port of one HOST[:PORT] of a URL ("" when none), IPv6 hosts in brackets."""
+    if host.startswith("["):
+        after = host.partition("]")[2]
+        return after[1:] if after.startswith(":") else ""
+    return host.rpartition(":")[2] if ":" in host else ""

