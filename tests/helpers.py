@@ -20,10 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import grpc
 import pytest
 
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
 from conveyor.storage import queries
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
@@ -415,8 +413,15 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def worker_stub(address: str) -> Iterator[pb_grpc.WorkerServiceStub]:
+def worker_stub(address: str) -> Iterator[Any]:
     """A raw WorkerService stub on a channel closed afterwards."""
+    # Imported here, not at the top: this module is imported (by conftest) before anything
+    # imports conveyor, and grpc imported before conveyor keeps its fork handlers on
+    # (test_fork_safety: 14 of 200 children of a fork beside an open stream segfaulted).
+    import grpc  # noqa: PLC0415
+
+    from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc  # noqa: PLC0415
+
     channel = grpc.insecure_channel(address)
     try:
         yield pb_grpc.WorkerServiceStub(channel)
