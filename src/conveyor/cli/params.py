@@ -4,6 +4,10 @@
 line: click's FloatRange lets `nan`, `inf` and numbers like 1e300 through, which no setting
 can mean and which then fail deep inside (`timedelta` overflows) with a traceback instead
 of a usage error.
+
+Unbounded, it describes no range in `--help`: click would print "x<=None". The options that
+leave the range to the code they feed (`enqueue --timeout`, checked by `Task` with its own
+message) say the limits in their help text instead.
 """
 
 from __future__ import annotations
@@ -26,3 +30,9 @@ class BoundedFloat(click.FloatRange):
         if not math.isfinite(number) or abs(number) > LARGEST:
             self.fail(f"{value!r} is not a finite number up to {LARGEST:g}", param, ctx)
         return number
+
+    def _describe_range(self) -> str:
+        """The range note `--help` prints, or none when neither end is bounded."""
+        if self.min is None and self.max is None:
+            return ""
+        return super()._describe_range()

@@ -60,7 +60,7 @@ def open_client(server: str | None) -> Client:
     type=BoundedFloat(),
     default=300.0,
     show_default=True,
-    help="Seconds allowed per attempt.",
+    help="Seconds allowed per attempt: more than 0, at most 7 days.",
 )
 @click.option("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, show_default=True)
 @click.option("--id", "task_id", default=None, help="Task id (UUID); generated if absent.")
