@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -22,10 +23,13 @@ import asyncpg
 import pytest
 from helpers import async_wait_for, with_user
 
+from conveyor.server.maintenance import planner_statistics
 from conveyor.server.maintenance.planner_statistics import (
+    MAX_REFUSED_INTERVAL,
     MIN_ANALYZE_INTERVAL,
     MIN_CHANGED_ROWS,
     STALE_FRACTION,
+    refused_interval,
     stale,
 )
 from conveyor.storage.queries import SQL
@@ -140,6 +144,26 @@ def counted(server: Any, name: str, **labels: str) -> float:
     return server.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+class MovedClock:
+    """Stands in for the planner module's `time`: the real monotonic clock, moved on by hand.
+
+    The planner reads it once a round, so its reads count the leader's rounds.
+    """
+
+    def __init__(self) -> None:
+        self.moved = 0.0
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return time.monotonic() + self.moved
+
+    async def rounds(self, count: int) -> None:
+        """Wait until the planner has looked `count` more times."""
+        until = self.reads + count
+        await async_wait_for(lambda: self.reads >= until, timeout=10, what=f"{count} rounds")
+
+
 def planner_messages(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
     return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
 
@@ -208,13 +232,21 @@ async def test_an_analyze_skipped_for_a_lock_is_counted_apart_and_tried_again_ne
 
 
 async def test_an_analyze_the_role_may_not_run_is_counted_as_refused(
-    start_server: Any, database_url: str, caplog: pytest.LogCaptureFixture
+    start_server: Any,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A server whose role may read and write the tables but does not own conveyor_tasks:
     its ANALYZE is skipped with a WARNING ("permission denied to analyze", or "only table
     or database owner can analyze it" before PostgreSQL 17) and gathers nothing. It used to
-    be counted and logged as gathered; now it is `refused`, with PostgreSQL's warning."""
+    be counted and logged as gathered; now it is `refused`, with PostgreSQL's warning. It
+    also used to be tried, and warned of, every MIN_ANALYZE_INTERVAL forever: each refusal
+    now doubles the wait (the planner's clock is moved on by hand rather than waited for)."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
+    clock = MovedClock()
+    monkeypatch.setattr(planner_statistics, "time", clock)
+    refused = "conveyor_task_table_analyze_skipped_total"
     role = f"conveyor_no_analyze_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(database_url)
     try:
@@ -230,12 +262,20 @@ async def test_an_analyze_the_role_may_not_run_is_counted_as_refused(
         try:
             await insert_burst(database_url)
             await async_wait_for(
-                lambda: (
-                    counted(server, "conveyor_task_table_analyze_skipped_total", reason="refused")
-                    >= 1
-                ),
+                lambda: counted(server, refused, reason="refused") >= 1,
                 timeout=15,
                 what="the leader's ANALYZE to be refused",
+            )
+            # Not tried again after MIN_ANALYZE_INTERVAL (10 rounds of 100 ms observed)...
+            clock.moved += MIN_ANALYZE_INTERVAL * 1.5
+            await clock.rounds(10)
+            assert counted(server, refused, reason="refused") == 1
+            # ...but after twice that.
+            clock.moved += MIN_ANALYZE_INTERVAL * 0.6
+            await async_wait_for(
+                lambda: counted(server, refused, reason="refused") >= 2,
+                timeout=5,
+                what="the refused ANALYZE to be tried again after twice the interval",
             )
             assert counted(server, "conveyor_task_table_analyzed_total") == 0
             assert await admin.fetchval(TYPE_STATISTICS) is None
@@ -249,6 +289,9 @@ async def test_an_analyze_the_role_may_not_run_is_counted_as_refused(
     messages = planner_messages(caplog)
     assert not [m for _, m in messages if m.startswith("gathered")], messages
     warned = [m for level, m in messages if level == logging.WARNING]
-    assert warned, messages
+    assert len(warned) == 2, messages
     assert warned[0].startswith("could not gather the task table's planner statistics"), warned
     assert "analyze" in warned[0], warned
+    assert warned[0].endswith("trying again in 20s"), warned
+    assert warned[1].endswith("trying again in 40s"), warned
+    assert refused_interval(MAX_REFUSED_INTERVAL * 0.75) == MAX_REFUSED_INTERVAL

@@ -20,8 +20,10 @@ vacuuming it, a VACUUM, CREATE INDEX CONCURRENTLY) and says so only with a WARNI
 skip gathered nothing: it is counted apart (conveyor_task_table_analyze_skipped_total,
 `locked`) and tried again at the next look, `reaper_interval` later, rather than after
 `MIN_ANALYZE_INTERVAL` (a skip costs nothing to speak of: no sample was read). Any other
-warning (the server's role may not analyze the table) is `refused`, and tried again no
-sooner than an ANALYZE that ran: it will not go away by itself.
+warning (the server's role may not analyze the table) is `refused`: it will not go away by
+itself (until an administrator grants the role what it needs), so each refusal doubles the
+wait before the next try, from `MIN_ANALYZE_INTERVAL` up to `MAX_REFUSED_INTERVAL`, and the
+log's warnings thin out to one an hour instead of one every ten seconds forever.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ STALE_FRACTION: Final = 0.2
 # Fewer changed rows than this never matter to a plan.
 MIN_CHANGED_ROWS: Final = 10_000
 MIN_ANALYZE_INTERVAL: Final = 10.0
+# The longest wait between tries while PostgreSQL refuses the role its ANALYZE: a grant
+# made meanwhile is noticed within the hour.
+MAX_REFUSED_INTERVAL: Final = 3600.0
 
 
 class PlannerStatistics(LeaderDuty):
@@ -66,13 +71,15 @@ class PlannerStatistics(LeaderDuty):
         super().__init__(config.reaper_interval, database, elector)
         self._metrics = metrics
         self._last_analyze = float("-inf")
+        # The wait after the last ANALYZE tried: MIN_ANALYZE_INTERVAL, longer while refused.
+        self._interval = MIN_ANALYZE_INTERVAL
         # ANALYZEs skipped for a lock since the last one that ran: only the first is logged
         # at INFO (while autovacuum works on a big table, the leader tries every round).
         self._skipped_for_lock = 0
 
     async def lead(self, leader: LeaderProof) -> None:  # noqa: ARG002 - ANALYZE is not fenced
         """ANALYZE conveyor_tasks if its statistics fell behind."""
-        if time.monotonic() - self._last_analyze < MIN_ANALYZE_INTERVAL:
+        if time.monotonic() - self._last_analyze < self._interval:
             return
         async with self._database.connection() as conn:
             changes = await queries.task_table_changes(conn)
@@ -89,6 +96,7 @@ class PlannerStatistics(LeaderDuty):
             self._skipped(skipped, previous)
             return
         self._metrics.task_table_analyzed.inc()
+        self._interval = MIN_ANALYZE_INTERVAL
         after = (
             f", after {self._skipped_for_lock} attempt(s) skipped for a lock"
             if self._skipped_for_lock
@@ -108,12 +116,13 @@ class PlannerStatistics(LeaderDuty):
         """Count and log an ANALYZE that PostgreSQL skipped; arrange when to try again."""
         if not skipped.locked:
             self._metrics.task_table_analyze_skipped.labels("refused").inc()
+            self._interval = refused_interval(self._interval)
             log.warning(
                 "could not gather the task table's planner statistics: PostgreSQL skipped "
                 "it (%s: %s); trying again in %ds",
                 skipped.sqlstate,
                 skipped.message,
-                MIN_ANALYZE_INTERVAL,
+                self._interval,
                 extra={"event": "task_table_analyze_skipped", "reason": "refused"},
             )
             return
@@ -135,3 +144,8 @@ class PlannerStatistics(LeaderDuty):
 def stale(changed: int, analyzed_rows: int) -> bool:
     """Whether `changed` rows since an ANALYZE that counted `analyzed_rows` call for another."""
     return changed >= max(MIN_CHANGED_ROWS, STALE_FRACTION * analyzed_rows)
+
+
+def refused_interval(interval: float) -> float:
+    """The wait before the next try after a refused ANALYZE that followed a wait of `interval`."""
+    return min(interval * 2, MAX_REFUSED_INTERVAL)
