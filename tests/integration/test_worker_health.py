@@ -33,9 +33,11 @@ from helpers import (
 )
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.errors import ServerUnavailable
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.worker_service import WorkerService
 from conveyor.storage import queries
 from conveyor.types import new_task_ids
 
@@ -392,6 +394,54 @@ class TestLeasesPerHeartbeat:
             finally:
                 release.set()
             assert all(wait_final(client, i).state is TaskState.SUCCEEDED for i in ids)
+
+    def test_a_stop_order_holds_when_a_later_call_of_the_beat_fails(
+        self, start_server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Four leases, two a call. The server answers the first call of each beat, which
+        names a cancelled task, and fails the second (an injected UNAVAILABLE). The worker
+        once returned on the failure without acting on the first call's answer: the
+        cancelled handler ran on until a whole lease of silence. It now stops at once."""
+        monkeypatch.setattr("conveyor.worker.runtime.MAX_HEARTBEAT_LEASES", 2)
+        monkeypatch.setattr("conveyor.server.worker_service.MAX_HEARTBEAT_LEASES", 2)
+        ids = sorted(new_task_ids(4))  # a beat's calls go in task id order
+        later_call = set(ids[2:])
+        beating = WorkerService.Heartbeat
+
+        async def second_call_fails(
+            service: WorkerService, request: pb.HeartbeatRequest, context: Any
+        ) -> pb.HeartbeatResponse:
+            if any(lease.task_id in later_call for lease in request.leases):
+                raise ServerUnavailable("injected: the beat's second call fails")
+            return await beating(service, request, context)
+
+        monkeypatch.setattr(WorkerService, "Heartbeat", second_call_fails)
+        lease = timedelta(seconds=60)  # silence would stop nothing within the test
+        server = start_server(lease_ttl=lease, heartbeat_interval=timedelta(milliseconds=200))
+        contexts: dict[str, Any] = {}
+        release = threading.Event()
+
+        def handler(ctx: Any, _payload: bytes) -> bytes:
+            contexts[ctx.task_id] = ctx
+            assert release.wait(30), "the test never released the handler"
+            return b"ok"
+
+        worker = Worker(server.address, concurrency=4)
+        worker.register_handler(TYPE, handler)
+        with running(worker), Client(server.address) as client:
+            try:
+                client.enqueue_tasks([Task(type=TYPE, id=task_id) for task_id in ids])
+                wait_for(lambda: len(contexts) == 4, timeout=15, what="all four handlers")
+                client.cancel_task(ids[0])
+                wait_for(
+                    contexts[ids[0]].cancelled.is_set,
+                    timeout=10,
+                    what="the cancelled handler to be told, though its beat's second call failed",
+                )
+                assert not any(contexts[i].cancelled.is_set() for i in ids[1:])
+            finally:
+                release.set()
+            assert client.get_task_status(ids[0]).state is TaskState.CANCELLED
 
 
 class TestTextProtobufCannotCarry:
