@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from conveyor import errors
+from conveyor.breaker import BreakerPolicy
 from conveyor.client.async_client import AsyncClient
 from conveyor.client.channel import RetryPolicy, TlsConfig
 from conveyor.client.sync_client import Client
@@ -46,6 +47,7 @@ from conveyor.worker.runtime import Worker
 __all__ = [
     "AesGcmCodec",
     "AsyncClient",
+    "BreakerPolicy",
     "BulkResult",
     "Client",
     "ClusterStatus",

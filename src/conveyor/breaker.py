@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from conveyor.errors import ConfigError
+from conveyor.types import as_duration
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,19 +46,39 @@ class BreakerState(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+# init=False: the constructor takes seconds as well as a timedelta, as RetryPolicy does,
+# and stores a timedelta.
+@dataclass(frozen=True, slots=True, init=False)
 class BreakerPolicy:
-    """When a breaker opens and how long it stays open."""
+    """When a breaker opens and how long it stays open.
 
-    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
-    reset_timeout: timedelta = DEFAULT_RESET_TIMEOUT
+    Attributes:
+        failure_threshold: Consecutive failures that open the breaker (at least 1).
+        reset_timeout: How long it stays open before a probe; a timedelta or seconds.
+    """
 
-    def __post_init__(self) -> None:
-        """Reject thresholds below one and non-positive timeouts."""
-        if self.failure_threshold < 1:
-            raise ConfigError("failure_threshold must be at least 1")
-        if self.reset_timeout <= timedelta(0):
-            raise ConfigError("reset_timeout must be positive")
+    failure_threshold: int
+    reset_timeout: timedelta
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        reset_timeout: timedelta | float = DEFAULT_RESET_TIMEOUT,
+    ) -> None:
+        """ConfigError for a threshold below one or an impossible timeout."""
+        if (
+            isinstance(failure_threshold, bool)
+            or not isinstance(failure_threshold, int)
+            or failure_threshold < 1
+        ):
+            raise ConfigError(
+                f"failure_threshold must be a whole number of at least 1, got {failure_threshold!r}"
+            )
+        object.__setattr__(self, "failure_threshold", failure_threshold)
+        object.__setattr__(
+            self, "reset_timeout", as_duration(reset_timeout, "reset_timeout", ConfigError)
+        )
 
 
 class Permit:

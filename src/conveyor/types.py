@@ -151,11 +151,13 @@ def as_duration(
     error: Callable[[str], ConveyorError],
     *,
     maximum: timedelta = LARGEST_DURATION,
+    zero_allowed: bool = False,
 ) -> timedelta:
     """Seconds (an int or a float) or a timedelta, as a positive timedelta up to `maximum`.
 
     Whatever else raises `error(message)`, never a ValueError or an OverflowError from
-    `timedelta`: not a number, nan or an infinity, zero or less, or more than `maximum`.
+    `timedelta`: not a number, nan or an infinity, zero or less (less than zero if
+    `zero_allowed`: a drain that may take no time), or more than `maximum`.
     A number is checked before it becomes a timedelta, whose constructor fails on nan
     (ValueError) and on anything past 999999999 days (OverflowError); an int is compared
     as it is, since a huge one does not convert to a float either.
@@ -169,18 +171,21 @@ def as_duration(
         positive, too_long = value > _NO_TIME, value > maximum
     else:
         positive, too_long = value > 0, value > maximum.total_seconds()
+    in_range = (positive or (zero_allowed and not value)) and not too_long
     delta = (
         value
         if isinstance(value, timedelta)
         else timedelta(seconds=value)
-        if positive and not too_long
+        if in_range
         else _NO_TIME
     )
-    if positive and not too_long and delta:
+    if in_range and (delta or zero_allowed):
         return delta  # the common case, with no message built for it
     shown = readable_duration(value) if isinstance(value, timedelta) else _seconds_text(value)
-    if not positive:
+    if not positive and not zero_allowed:
         raise error(f"{name} must be positive, got {shown}")
+    if not in_range and not too_long:
+        raise error(f"{name} must not be negative, got {shown}")
     if too_long:
         limit = f"{readable_duration(maximum)} ({_seconds_text(maximum.total_seconds())})"
         raise error(f"{name} may be at most {limit}, got {shown}")

@@ -64,7 +64,8 @@ class TestHandBackOnStop:
                 raise
             return b"never"
 
-        worker = Worker(server.address, concurrency=1, drain_timeout=timedelta(milliseconds=300))
+        # Seconds, as Task's timeout and RetryPolicy take them (once timedelta only).
+        worker = Worker(server.address, concurrency=1, drain_timeout=0.3)
         worker.register_handler("endless", endless)
         worker.start()
         try:
@@ -368,7 +369,7 @@ class TestConfiguration:
         began = time.monotonic()
         try:
             with pytest.raises(ServerUnavailable):
-                worker.start(timeout=timedelta(seconds=1))
+                worker.start(timeout=1)
             took = time.monotonic() - began
             assert worker.running is False
         finally:

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "conveyor"
 ALLOWED = {
     "types": {"errors"},
     "errors": set(),
-    "breaker": {"errors"},
+    "breaker": {"errors", "types"},
     "logs": {"errors"},
     "group_commit": set(),
     "metric_children": set(),

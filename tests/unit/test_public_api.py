@@ -10,6 +10,7 @@ from conveyor import errors
 EXPECTED_EXPORTS = [
     "AesGcmCodec",
     "AsyncClient",
+    "BreakerPolicy",
     "BulkResult",
     "Client",
     "ClusterStatus",

@@ -72,6 +72,7 @@ from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.types import as_duration
 from conveyor.worker.context import TaskContext
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
@@ -254,8 +255,8 @@ class Worker:
         server: str | Sequence[str] | None = None,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
-        drain_timeout: timedelta = DEFAULT_DRAIN_TIMEOUT,
-        lease_wait: timedelta = DEFAULT_LEASE_WAIT,
+        drain_timeout: timedelta | float = DEFAULT_DRAIN_TIMEOUT,
+        lease_wait: timedelta | float = DEFAULT_LEASE_WAIT,
         worker_id: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = DEFAULT_METRICS_HOST,
@@ -291,8 +292,8 @@ class Worker:
         *,
         server: str | Sequence[str] | None = None,
         concurrency: int | None = None,
-        drain_timeout: timedelta | None = None,
-        lease_wait: timedelta | None = None,
+        drain_timeout: timedelta | float | None = None,
+        lease_wait: timedelta | float | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
         token: str | None = None,
@@ -302,7 +303,7 @@ class Worker:
 
         `server=None` keeps the current addresses once set (reads CONVEYOR_SERVER at first),
         and likewise for `token` and `tls` (which read CONVEYOR_TOKEN and CONVEYOR_TLS*);
-        any other None keeps the current value.
+        any other None keeps the current value. Durations are a timedelta or seconds.
         """
         if getattr(self, "_thread", None) is not None:
             raise ConfigError("configure() must be called before start()")
@@ -313,13 +314,11 @@ class Worker:
         if concurrency is not None:
             self.concurrency = _checked_concurrency(concurrency)
         if drain_timeout is not None:
-            if drain_timeout < timedelta(0):
-                raise ConfigError("drain_timeout must not be negative")
-            self.drain_timeout = drain_timeout
+            self.drain_timeout = as_duration(
+                drain_timeout, "drain_timeout", ConfigError, zero_allowed=True
+            )
         if lease_wait is not None:
-            if lease_wait <= timedelta(0):
-                raise ConfigError("lease_wait must be positive")
-            self.lease_wait = lease_wait
+            self.lease_wait = as_duration(lease_wait, "lease_wait", ConfigError)
         if metrics_port is not None:
             self.metrics_port = _checked_port(metrics_port)
         if metrics_host is not None:
@@ -340,21 +339,23 @@ class Worker:
 
     # --- life cycle ---------------------------------------------------------------------
 
-    def start(self, timeout: timedelta = DEFAULT_START_TIMEOUT) -> None:
+    def start(self, timeout: timedelta | float = DEFAULT_START_TIMEOUT) -> None:
         """Start in a background thread; return once registered with a server and leasing.
 
         Raises:
             ConfigError: no handler is registered, the worker was already started, or the
                 metrics port cannot be bound.
-            ServerUnavailable: no server accepted the registration within `timeout`.
+            ServerUnavailable: no server accepted the registration within `timeout` (a
+                timedelta or seconds).
         """
+        start_timeout = as_duration(timeout, "timeout", ConfigError)
         if not self.registry.task_types():
             raise ConfigError("register at least one handler before starting the worker")
         if self._thread is not None:
             raise ConfigError("this worker was already started")
         self._serve_metrics()
         try:
-            self._runtime = _Runtime(self, timeout)
+            self._runtime = _Runtime(self, start_timeout)
             self._thread = threading.Thread(
                 target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
             )
@@ -409,15 +410,20 @@ class Worker:
         self._start_error = error
         self._started.set()
 
-    def stop(self, timeout: timedelta | None = None) -> None:
+    def stop(self, timeout: timedelta | float | None = None) -> None:
         """Stop gracefully: stop leasing, drain, hand back the rest, unregister.
 
-        Blocks until done, or until `timeout` (default: drain_timeout plus a margin).
+        Blocks until done, or until `timeout` (a timedelta or seconds; default: drain_timeout
+        plus a margin).
         """
+        limit = (
+            as_duration(timeout, "timeout", ConfigError, zero_allowed=True)
+            if timeout is not None
+            else self.drain_timeout + timedelta(seconds=15)
+        )
         if self._thread is None or self._runtime is None:
             return
         self._runtime.request_stop()
-        limit = timeout if timeout is not None else self.drain_timeout + timedelta(seconds=15)
         self._thread.join(limit.total_seconds())
 
     def hand_back_now(self) -> None:

@@ -1,0 +1,100 @@
+"""Every duration in the public API is a timedelta or a number of seconds, checked alike.
+
+`Task(timeout=5)` and `RetryPolicy(total_timeout=5)` took seconds; `Worker(drain_timeout=5)`,
+`worker.stop(5)` and `BreakerPolicy(reset_timeout=5)` did not, and failed later with an
+AttributeError (`int` has no `total_seconds`) or a TypeError comparing an int with a
+timedelta. Each now takes either, stores a timedelta, and refuses an impossible one with a
+ConfigError naming the setting.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from conveyor import BreakerPolicy, Worker
+from conveyor.errors import ConfigError
+from conveyor.types import as_duration
+
+
+class TestZeroAllowed:
+    @pytest.mark.parametrize("value", [0, 0.0, timedelta(0)])
+    def test_zero_is_no_time(self, value: object) -> None:
+        assert as_duration(value, "drain", ConfigError, zero_allowed=True) == timedelta(0)
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            (-1, "drain must not be negative, got -1 s"),
+            (timedelta(seconds=-2), "drain must not be negative, got -2 s"),
+            (float("nan"), "drain must be a finite number of seconds, got nan"),
+            (1e300, "drain may be at most 999999999 days"),
+        ],
+    )
+    def test_what_is_still_refused(self, value: object, message: str) -> None:
+        with pytest.raises(ConfigError) as raised:
+            as_duration(value, "drain", ConfigError, zero_allowed=True)
+        assert raised.value.message.startswith(message)
+
+    def test_without_it_zero_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match="drain must be positive, got 0 s"):
+            as_duration(0, "drain", ConfigError)
+
+
+class TestBreakerPolicy:
+    def test_reset_timeout_in_seconds(self) -> None:
+        assert BreakerPolicy(reset_timeout=2.5).reset_timeout == timedelta(seconds=2.5)
+        assert BreakerPolicy(failure_threshold=2, reset_timeout=1) == BreakerPolicy(
+            failure_threshold=2, reset_timeout=timedelta(seconds=1)
+        )
+
+    @pytest.mark.parametrize(
+        ("settings", "message"),
+        [
+            ({"reset_timeout": -1}, "reset_timeout must be positive, got -1 s"),
+            ({"reset_timeout": "5"}, "reset_timeout must be a timedelta or a number of seconds"),
+            ({"failure_threshold": 2.5}, "failure_threshold must be a whole number of at least 1"),
+            ({"failure_threshold": True}, "failure_threshold must be a whole number of at least 1"),
+        ],
+    )
+    def test_impossible_policies_name_the_setting(
+        self, settings: dict[str, object], message: str
+    ) -> None:
+        with pytest.raises(ConfigError) as raised:
+            BreakerPolicy(**settings)  # type: ignore[arg-type]
+        assert raised.value.message.startswith(message)
+
+
+class TestWorkerDurations:
+    def test_seconds_are_stored_as_timedeltas(self) -> None:
+        worker = Worker("127.0.0.1:1", drain_timeout=0, lease_wait=2.5)
+        assert worker.drain_timeout == timedelta(0)
+        assert worker.lease_wait == timedelta(seconds=2.5)
+        worker.configure(drain_timeout=7)
+        assert worker.drain_timeout == timedelta(seconds=7)
+
+    @pytest.mark.parametrize(
+        ("settings", "message"),
+        [
+            ({"drain_timeout": -1}, "drain_timeout must not be negative, got -1 s"),
+            ({"lease_wait": 0}, "lease_wait must be positive, got 0 s"),
+            ({"lease_wait": float("inf")}, "lease_wait must be a finite number of seconds"),
+        ],
+    )
+    def test_impossible_settings_are_config_errors(
+        self, settings: dict[str, object], message: str
+    ) -> None:
+        with pytest.raises(ConfigError) as raised:
+            Worker("127.0.0.1:1", **settings)  # type: ignore[arg-type]
+        assert raised.value.message.startswith(message)
+
+    def test_start_and_stop_check_their_timeouts_first(self) -> None:
+        worker = Worker("127.0.0.1:1")
+        worker.register_handler("mine", lambda _ctx, _payload: None)
+        with pytest.raises(ConfigError, match="timeout must be positive, got 0 s"):
+            worker.start(timeout=0)
+        with pytest.raises(ConfigError, match="timeout must not be negative, got -1 s"):
+            worker.stop(-1)
+        worker.stop(0)  # never started: nothing to stop, and no error
+        assert worker.running is False
