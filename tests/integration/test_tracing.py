@@ -9,6 +9,7 @@ sync handlers running in threads alike.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ import pytest
 from helpers import wait_final
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.client.tracing import trimmed_tracestate
 from conveyor.errors import InvalidTask
 from conveyor.protocol import status as status_mapping
+from conveyor.protocol.limits import MAX_TRACE_VALUE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
@@ -160,6 +163,57 @@ class TestWhatTravels:
         assert stored is not None
         assert '"traceparent"' in stored
         assert "baggage" not in stored
+
+    def test_a_long_upstream_tracestate_is_trimmed_not_fatal(
+        self, spans, tracer, client, worker, db
+    ) -> None:
+        """W3C lets an upstream service send 32 vendors' entries; the server stores up to
+        MAX_TRACE_VALUE characters of it. A traced enqueue under such a parent used to fail
+        with InvalidTask on every call; the client now trims the tracestate as W3C says
+        (members over 128 characters first, then from the end), and the trace goes on."""
+        propagate = pytest.importorskip("opentelemetry.propagate")
+        context = pytest.importorskip("opentelemetry.context")
+        members = [f"vendor{n}=" + "a" * 140 for n in range(5)]  # 5 x 148 characters
+        members[1] = "short=kept"
+        headers = {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": ",".join(members),
+        }
+        assert len(headers["tracestate"]) > MAX_TRACE_VALUE
+        token = context.attach(propagate.extract(headers))
+        try:
+            with tracer.start_as_current_span("upstream request"):
+                task_id = client.enqueue_task(Task(type="trace.async", payload=b"x"))
+        finally:
+            context.detach(token)
+        assert wait_final(client, task_id).state is TaskState.SUCCEEDED
+        stored = json.loads(
+            db.fetchval(
+                "SELECT trace_context::text FROM conveyor_tasks WHERE id = $1::uuid", task_id
+            )
+        )
+        kept = stored["tracestate"].split(",")
+        assert len(stored["tracestate"]) <= MAX_TRACE_VALUE
+        assert "short=kept" in kept
+        assert kept == [m for m in members if m in kept]  # whole members, in their order
+        (process,) = by_name(spans, "process trace.async")
+        assert process.context.trace_id == int(headers["traceparent"][3:35], 16)
+
+    @pytest.mark.parametrize(
+        ("value", "trimmed"),
+        [
+            ("a=1, b=2", "a=1,b=2"),
+            ("a=" + "x" * 600, ""),
+            (",".join([f"v{n}=" + "x" * 100 for n in range(6)]), None),
+        ],
+        ids=["short-as-is", "one-huge-member-dropped", "dropped-from-the-end"],
+    )
+    def test_trimming_follows_w3c(self, value: str, trimmed: str | None) -> None:
+        result = trimmed_tracestate(value)
+        if trimmed is not None:
+            assert result == trimmed
+        else:
+            assert result == ",".join(value.split(",")[:4])  # 4 x 105 + 3 commas fit
 
 
 class TestServerLimits:

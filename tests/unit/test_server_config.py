@@ -11,7 +11,12 @@ import pytest
 
 from conveyor.client.channel import RetryPolicy, parse_addresses
 from conveyor.errors import ConfigError
-from conveyor.protocol.limits import PEER_MESSAGE_BYTES
+from conveyor.protocol.limits import (
+    MAX_TRACE_ENTRIES,
+    MAX_TRACE_KEY,
+    MAX_TRACE_VALUE,
+    PEER_MESSAGE_BYTES,
+)
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.config import (
     MAX_PAYLOAD_BYTES_LIMIT,
@@ -19,7 +24,6 @@ from conveyor.server.config import (
     ServerConfig,
     split_host_port,
 )
-from conveyor.server.task_service import MAX_TRACE_ENTRIES, MAX_TRACE_KEY, MAX_TRACE_VALUE
 from conveyor.server.worker_service import WorkerService, lease_size_bound
 
 

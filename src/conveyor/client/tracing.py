@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from conveyor.protocol.limits import MAX_TRACE_VALUE
+
 try:
     from opentelemetry import propagate, trace
 except ImportError:  # the optional extra is not installed
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 TRACER_NAME = "conveyor"
 TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 MAX_NAMED_TYPES = 5
+# W3C's size past which a tracestate list member is the first to be dropped.
+_LONG_MEMBER = 128
 
 
 def enabled() -> bool:
@@ -64,7 +68,34 @@ def enqueue_span(task_types: Iterable[str], count: int) -> Iterator[dict[str, st
         propagate.inject(carrier)
         # Only the W3C trace context travels: baggage can be large and is the producer's
         # business, and every entry is stored with the task and sent with each lease.
-        yield {key: value for key, value in carrier.items() if key in TRACE_KEYS}
+        context = {key: value for key, value in carrier.items() if key in TRACE_KEYS}
+        if len(context.get("tracestate", "")) > MAX_TRACE_VALUE:
+            trimmed = trimmed_tracestate(context["tracestate"])
+            if trimmed:
+                context["tracestate"] = trimmed
+            else:
+                del context["tracestate"]
+        yield context
+
+
+def trimmed_tracestate(value: str, limit: int = MAX_TRACE_VALUE) -> str:
+    """A `tracestate` cut to `limit` characters the way W3C Trace Context allows.
+
+    An upstream service may hand on up to 32 vendors' entries, far more than a task stores
+    (the server refuses a longer value, and a traced enqueue failed on every call). W3C
+    says what to drop: list members over 128 characters first, then members from the end,
+    the least recently added. Members are kept whole; "" when none fits.
+    """
+    members = [member.strip() for member in value.split(",") if member.strip()]
+    size = len(",".join(members))
+    for index in reversed(range(len(members))):
+        if size <= limit:
+            break
+        if len(members[index]) > _LONG_MEMBER:
+            size -= len(members.pop(index)) + (1 if members else 0)
+    while members and size > limit:
+        size -= len(members.pop()) + (1 if members else 0)
+    return ",".join(members)
 
 
 @contextlib.contextmanager

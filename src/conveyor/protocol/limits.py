@@ -8,6 +8,11 @@ by this (`ServerConfig` refuses a larger one).
 A heartbeat names at most `MAX_HEARTBEAT_LEASES` leases: the server refuses more, since
 each is a locked row on the pool heartbeats share with leader elections, and a worker
 holding more splits its beat into several calls.
+
+A task's trace context (the producer's W3C `traceparent` and `tracestate`, stored with the
+task and sent with each lease) has at most `MAX_TRACE_ENTRIES` entries, keys up to
+`MAX_TRACE_KEY` characters and values up to `MAX_TRACE_VALUE`, which is W3C's own bound
+for `tracestate` (a client trims a longer one as W3C says, rather than fail the enqueue).
 """
 
 from __future__ import annotations
@@ -16,3 +21,7 @@ from typing import Final
 
 PEER_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 MAX_HEARTBEAT_LEASES: Final = 10_000
+# W3C trace context needs two entries (traceparent, tracestate); room for a few more.
+MAX_TRACE_ENTRIES: Final = 8
+MAX_TRACE_KEY: Final = 64
+MAX_TRACE_VALUE: Final = 512

@@ -19,6 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
+from conveyor.protocol.limits import MAX_TRACE_ENTRIES, MAX_TRACE_KEY, MAX_TRACE_VALUE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
@@ -50,11 +51,6 @@ if TYPE_CHECKING:
     from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.tasks")
-
-# W3C trace context needs two entries (traceparent, tracestate); room for a few more.
-MAX_TRACE_ENTRIES: Final = 8
-MAX_TRACE_KEY: Final = 64
-MAX_TRACE_VALUE: Final = 512
 
 # Task ids already in the canonical form `normalize_task_id` returns (lower-case hex with
 # dashes), joined by commas: true of every batch the Python clients send, so the server
