@@ -226,6 +226,47 @@ class TestTwoServers:
         row = db.fetch("SELECT holder, term FROM conveyor_leader WHERE name = 'maintenance'")[0]
         assert (row["holder"], row["term"]) == (server_id(follower), takeover["leader"]["term"])
 
+    def test_two_processes_with_one_server_id_never_lead_in_the_same_term(
+        self, start_server, db
+    ) -> None:
+        """A fixed --server-id (a StatefulSet's pod name) given to two live processes: both
+        used to renew the role as "its holder", both led in term 1 and both passed the
+        (holder, term) fence. Renewal now names the term the process won, so the second
+        one follows; once the first stops, the second leads in a new term, so the first's
+        proof no longer passes the fence."""
+        settings = {
+            "server_id": f"fixed-{uuid.uuid4().hex[:6]}",
+            "leader_ttl": timedelta(seconds=2),
+            "leader_retry_interval": timedelta(milliseconds=100),
+        }
+        first = start_server(**settings)
+        wait_for(lambda: leads(first), timeout=5, what="the first process to lead")
+        first_term = status(first)["leader"]["term"]
+        second = start_server(**settings)
+        wait_for(
+            lambda: status(second)["listening_for_notifications"],
+            timeout=5,
+            what="the second process to LISTEN",
+        )
+        # Many of the second's campaign rounds (every 100 ms) and the first's renewals
+        # (every ttl/3) later, the first still leads alone, in the same term.
+        renewed_at = db.fetchval("SELECT expires_at FROM conveyor_leader")
+        wait_for(
+            lambda: db.fetchval("SELECT expires_at FROM conveyor_leader") > renewed_at,
+            timeout=5,
+            what="a renewal by the first process",
+        )
+        assert leads(first)
+        assert not leads(second)
+        assert db.fetchval("SELECT term FROM conveyor_leader") == first_term
+
+        first.stop()
+        wait_for(lambda: leads(second), timeout=5, what="the second process to take over")
+        second_term = status(second)["leader"]["term"]
+        assert second_term > first_term
+        # Two terms, each one process's: the fence (holder, term) tells them apart.
+        assert db.fetchval("SELECT count(*) FROM conveyor_leader_terms") == 2
+
     def test_a_leader_statement_stuck_on_a_lock_gives_up_before_the_role_lapses(
         self, start_server, db, database_url: str, caplog: pytest.LogCaptureFixture
     ) -> None:

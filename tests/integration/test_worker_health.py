@@ -88,7 +88,7 @@ class TestSweeper:
                 "WHERE id = 'w-gone'"
             )
             elected = await queries.leader_attempt_elect(
-                conn, name="maintenance", holder="sweep-test", ttl=timedelta(seconds=30)
+                conn, name="maintenance", holder="sweep-test", ttl=timedelta(seconds=30), term=None
             )
             assert elected is not None
             leader = queries.LeaderProof("sweep-test", elected["term"])

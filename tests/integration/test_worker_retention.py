@@ -140,7 +140,7 @@ async def test_the_prune_is_fenced_and_works_in_bounded_batches_oldest_first(
             "                 now() - interval '1 minute'"
         )
         elected = await queries.leader_attempt_elect(
-            conn, name="maintenance", holder="prune-test", ttl=timedelta(minutes=1)
+            conn, name="maintenance", holder="prune-test", ttl=timedelta(minutes=1), term=None
         )
         assert elected is not None
         term = int(elected["term"])

@@ -123,14 +123,16 @@ class LeaderElector:
                     "the leader election loop had failed", extra={"event": "election_error"}
                 )
         if resign and self._leadership is not None:
-            await self._resign()
+            await self._resign(self._leadership.term)
         self._set(None, reason="stopped")
         self.started.clear()
 
-    async def _resign(self) -> None:
+    async def _resign(self, term: int) -> None:
         try:
             async with self._database.priority_connection() as conn:
-                await queries.leader_resign(conn, name=MAINTENANCE_ROLE, holder=self.server_id)
+                await queries.leader_resign(
+                    conn, name=MAINTENANCE_ROLE, holder=self.server_id, term=term
+                )
         except Exception as exc:
             log.warning(
                 "could not resign leadership (%s: %s); another server takes over when the "
@@ -168,10 +170,17 @@ class LeaderElector:
 
     async def _campaign(self) -> None:
         attempt_started = time.monotonic()
+        # Renewed only in the term this process won: another process started with the
+        # same server id (a fixed --server-id) must not lead beside it in the same term.
+        held = self.leadership
         try:
             async with self._database.priority_connection() as conn:
                 row = await queries.leader_attempt_elect(
-                    conn, name=MAINTENANCE_ROLE, holder=self.server_id, ttl=self.ttl
+                    conn,
+                    name=MAINTENANCE_ROLE,
+                    holder=self.server_id,
+                    ttl=self.ttl,
+                    term=held.term if held is not None else None,
                 )
         except ConveyorError as exc:
             log.warning("leader election round failed: %s", exc, extra={"event": "election_failed"})

@@ -580,18 +580,18 @@ async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[a
 
 
 async def leader_attempt_elect(
-    conn: Any, *, name: str, holder: str, ttl: timedelta
+    conn: Any, *, name: str, holder: str, ttl: timedelta, term: int | None
 ) -> asyncpg.Record | None:
-    """Take or renew the role; the row (term, expires_at) if `holder` leads afterwards."""
+    """Take the role, or renew it in `term`; the row (term, expires_at) if `holder` leads."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["leader_attempt_elect"], name, holder, _seconds(ttl)
+        SQL["leader_attempt_elect"], name, holder, _seconds(ttl), term
     )
     return row
 
 
-async def leader_resign(conn: Any, *, name: str, holder: str) -> None:
-    """Give the role up now (if held) and wake the other servers."""
-    await conn.execute(SQL["leader_resign"], name, holder)
+async def leader_resign(conn: Any, *, name: str, holder: str, term: int) -> None:
+    """Give the role up now (if `holder` holds it in `term`) and wake the other servers."""
+    await conn.execute(SQL["leader_resign"], name, holder, term)
 
 
 async def leader_get(conn: Any, *, name: str) -> asyncpg.Record | None:

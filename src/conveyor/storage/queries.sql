@@ -729,20 +729,24 @@ ORDER BY started_at DESC
 LIMIT $2;
 
 -- name: leader_attempt_elect
--- $1 role, $2 holder, $3 ttl (s). Takes the role if it is free or expired; renews it if
--- $2 holds it. The term grows whenever the holder changes or the lease had lapsed. Returns
--- the term when $2 leads afterwards, no row otherwise.
+-- $1 role, $2 holder, $3 ttl (s), $4 the term $2 leads in as far as it knows (NULL: none).
+-- Takes the role if it is free or expired; renews it only if $2 holds it in term $4, so
+-- two processes given the same server id never share a term: the one that did not win it
+-- waits for the role to expire, and then leads in a new term that fences the other out.
+-- The term grows whenever the role changes hands or the lease had lapsed. Returns the term
+-- when $2 leads afterwards, no row otherwise.
 WITH attempt AS (
     INSERT INTO conveyor_leader AS l (name, holder, term, elected_at, expires_at)
     VALUES ($1, $2, 1, now(), now() + make_interval(secs => $3))
     ON CONFLICT (name) DO UPDATE
     SET holder = excluded.holder,
-        term = CASE WHEN l.holder = excluded.holder AND l.expires_at > now()
+        term = CASE WHEN l.holder = excluded.holder AND l.term = $4 AND l.expires_at > now()
                     THEN l.term ELSE l.term + 1 END,
-        elected_at = CASE WHEN l.holder = excluded.holder AND l.expires_at > now()
+        elected_at = CASE WHEN l.holder = excluded.holder AND l.term = $4
+                               AND l.expires_at > now()
                           THEN l.elected_at ELSE now() END,
         expires_at = excluded.expires_at
-    WHERE l.expires_at <= now() OR l.holder = excluded.holder
+    WHERE l.expires_at <= now() OR (l.holder = excluded.holder AND l.term = $4)
     RETURNING l.name, l.holder, l.term, l.elected_at, l.expires_at
 ), new_term AS (
     -- Only a new term is recorded; a duplicate (name, term) would be an error, not hidden.
@@ -752,9 +756,10 @@ WITH attempt AS (
 SELECT term, expires_at FROM attempt;
 
 -- name: leader_resign
--- $1 role, $2 holder. Ends the lease now and tells the other servers to campaign at once.
+-- $1 role, $2 holder, $3 term. Ends the lease now and tells the other servers to campaign
+-- at once (only the term's own lease: not another process's under the same server id).
 WITH resigned AS (
-    UPDATE conveyor_leader SET expires_at = now() WHERE name = $1 AND holder = $2
+    UPDATE conveyor_leader SET expires_at = now() WHERE name = $1 AND holder = $2 AND term = $3
     RETURNING name
 )
 SELECT pg_notify('conveyor_leader_resigned', '') FROM resigned;
