@@ -84,7 +84,7 @@ class TestHandBackOnStop:
         assert saw_cancelled.is_set()
         assert row["state"] == "queued"
         assert row["attempt"] == 0
-        assert row["lease_id"] is None
+        assert row["lease_expires_at"] is None
         events = db.events(task_id)
         assert [e["event"] for e in events] == ["enqueued", "started", "released"]
         assert events[-1]["state"] == "queued"
@@ -145,7 +145,7 @@ class TestHandBackOnStop:
         assert took < 5, f"stop returned {took:.1f}s after hand_back_now"
         assert worker.running is False
         row = db.task(task_id)
-        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
         assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
         assert worker_state(db, worker) == "stopped"
 

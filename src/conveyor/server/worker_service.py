@@ -4,7 +4,9 @@ Fencing lives here: a heartbeat or report names (task_id, lease_id), and the SQL
 only while that lease is the task's current one. A report for a lease that was revoked
 (cancel), expired (reaper) or replaced (another attempt) is refused with
 FAILED_PRECONDITION and leaves the task untouched, so a late or duplicate worker can never
-overwrite the outcome of the attempt that replaced it. Reports and heartbeats are fenced by
+overwrite the outcome of the attempt that replaced it. A report that repeats the one that
+settled its task (same lease, same worker, same outcome: its first answer was lost) is
+answered as applied instead, and changes nothing. Reports and heartbeats are fenced by
 the holding worker's id as well, and with authentication on, a worker id belongs to the
 principal that registered it: no other credentials can lease, heartbeat or report for it.
 """
@@ -581,11 +583,19 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     outcomes[index] = pb.ReportOutcome(code=0, state=pb.TASK_STATE_SUCCEEDED)
             # One lookup for all the refused: a call of a thousand stale (or forged)
             # reports must not cost a thousand queries.
-            reasons = await self._refusals(
-                [(success.task_id, success.lease_id) for _, success in refused], worker_id
+            reasons = await self._unapplied(
+                [
+                    (success.task_id, success.lease_id, pb.OUTCOME_SUCCEEDED)
+                    for _, success in refused
+                ],
+                worker_id,
             )
             for (index, _), reason in zip(refused, reasons, strict=True):
-                outcomes[index] = _refused(reason)
+                outcomes[index] = (
+                    _refused(reason)
+                    if isinstance(reason, ConveyorError)
+                    else pb.ReportOutcome(code=0, state=convert.STATE_TO_PB[reason])
+                )
 
         await asyncio.gather(
             *([together()] if successes else []),
@@ -646,30 +656,53 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             async with self.database.connection() as conn:
                 row = await self._apply(conn, request, task_id, lease_id)
         if row is None:
-            raise await self._refusal(task_id, lease_id, request.worker_id)
+            (reason,) = await self._unapplied(
+                [(task_id, lease_id, request.outcome)], request.worker_id
+            )
+            if isinstance(reason, ConveyorError):
+                raise reason
+            return pb.ReportResultResponse(state=convert.STATE_TO_PB[reason])
         state = TaskState(row["state"])
         return pb.ReportResultResponse(state=convert.STATE_TO_PB[state])
 
-    async def _refusal(self, task_id: str, lease_id: str, worker_id: str) -> ConveyorError:
-        """Why a report was not applied: the task is unknown, or the lease is not current."""
-        (reason,) = await self._refusals([(task_id, lease_id)], worker_id)
-        return reason
+    async def _unapplied(
+        self, reports: Sequence[tuple[str, str, pb.Outcome.ValueType]], worker_id: str
+    ) -> list[ConveyorError | TaskState]:
+        """What to answer each (task id, lease id, outcome) report that was not applied.
 
-    async def _refusals(
-        self, reports: Sequence[tuple[str, str]], worker_id: str
-    ) -> list[ConveyorError]:
-        """Why each (task id, lease id) report was not applied, in one query."""
+        In one query. The task's state when the report repeats the one that settled the
+        task (its first send was applied and the answer lost: a stream broken after the
+        commit, a deadline shorter than the commit): that is answered as applied, not
+        counted or logged as a fencing refusal. Otherwise the error: the task is unknown,
+        or the lease is not current.
+        """
         if not reports:
             return []
         async with self.database.connection() as conn:
             current = await queries.task_briefs_get(
-                conn, task_ids=[task_id for task_id, _ in reports]
+                conn, task_ids=[task_id for task_id, _, _ in reports]
             )
-        reasons: list[ConveyorError] = []
-        for task_id, lease_id in reports:
+        reasons: list[ConveyorError | TaskState] = []
+        for task_id, lease_id, outcome in reports:
             task = current.get(task_id)
             if task is None:
                 reasons.append(TaskNotFound(task_id=task_id))
+                continue
+            if _repeats_settlement(task, lease_id, outcome, worker_id):
+                log.info(
+                    "a report for task %s repeated the outcome its lease %s already settled; "
+                    "answered as applied",
+                    task_id,
+                    lease_id,
+                    extra={
+                        "event": "report_repeated",
+                        "task_id": task_id,
+                        "task_type": task["type"],
+                        "attempt": task["attempt"],
+                        "worker_id": worker_id,
+                    },
+                )
+                reasons.append(TaskState(task["state"]))
                 continue
             self.metrics.stale_completions.inc()
             log.info(
@@ -806,6 +839,33 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:
             self._owners.clear()
         self._owners[worker_id] = (principal, time.monotonic() + OWNER_MEMORY_SECONDS)
+
+
+# The event each outcome records in the history (task_succeed, task_fail, task_release).
+_OUTCOME_EVENTS: Final = {
+    pb.OUTCOME_SUCCEEDED: "succeeded",
+    pb.OUTCOME_FAILED: "failed",
+    pb.OUTCOME_TIMED_OUT: "timed_out",
+    pb.OUTCOME_RELEASED: "released",
+}
+
+
+def _repeats_settlement(
+    task: Any, lease_id: str, outcome: pb.Outcome.ValueType, worker_id: str
+) -> bool:
+    """Whether a report not applied repeats the very one that settled `task`.
+
+    The lease id a report keeps on the row names the lease that settled the last attempt
+    (task_briefs_get); with the same worker, and the task's latest event the one this
+    outcome records, nothing has happened to the task since that report was applied.
+    """
+    settled = task["settled_lease_id"]
+    return (
+        settled is not None
+        and str(settled) == lease_id
+        and task["worker_id"] == worker_id
+        and task["last_event"] == _OUTCOME_EVENTS.get(outcome)
+    )
 
 
 def _refused(exc: ConveyorError) -> pb.ReportOutcome:

@@ -643,7 +643,7 @@ async def task_states_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, st
 
 
 async def task_briefs_get(conn: Any, *, task_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
-    """(type, state, attempt) of each of `task_ids` that exists, by id."""
+    """Each of `task_ids` that exists, by id: why reports naming it were not applied."""
     rows = await conn.fetch(SQL["task_briefs_get"], _uuids(task_ids))
     return {str(row["id"]): row for row in rows}
 

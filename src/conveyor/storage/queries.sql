@@ -240,10 +240,15 @@ ORDER BY seq;
 -- entries too, for each report instead of one primary-key probe (docs/performance.md,
 -- "The tenth round"). The expiry is what the CHECK needs: a lease id alone on a task in
 -- another state would pass it.
+-- Every report (this one, task_succeed_many, task_fail, task_release) clears the expiry and
+-- keeps the lease id: the row then says which lease settled the task's last attempt, at no
+-- cost of its own, so that a worker sending an applied outcome again (its answer was lost)
+-- is told it was applied rather than refused as stale (task_briefs_get). A claim replaces
+-- the lease id; the reaper, cancels and operator retries clear it.
 WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'succeeded', finished_at = now(), result = $3, last_error = NULL,
-        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+        lease_expires_at = NULL, deadline_at = NULL
     WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id,
               extract(epoch FROM now() - started_at)::float8 AS ran_for
@@ -295,7 +300,7 @@ WITH input AS (
     UPDATE conveyor_tasks AS t
     SET state = 'succeeded', finished_at = now(),
         result = CASE WHEN target.has_result THEN target.result END, last_error = NULL,
-        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+        lease_expires_at = NULL, deadline_at = NULL
     FROM target
     -- The rows are locked and checked above. Saying `state = 'running'` again here would let
     -- the planner scan every running task through the reaper's index instead of probing.
@@ -328,7 +333,7 @@ WITH done AS (
             ELSE t.available_at END,
         finished_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1 THEN NULL ELSE now() END,
         last_error = $3,
-        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+        lease_expires_at = NULL, deadline_at = NULL
     -- The lease and its expiry: the task is running (see task_succeed).
     WHERE t.id = $1 AND t.lease_id = $2 AND t.lease_expires_at IS NOT NULL AND t.worker_id = $8
     RETURNING t.id, t.type, t.state, t.attempt, t.worker_id, t.available_at,
@@ -352,7 +357,7 @@ WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'queued', attempt = attempt - 1,
         available_at = CASE WHEN $5::boolean THEN now() ELSE available_at END,
-        lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+        lease_expires_at = NULL, deadline_at = NULL
     -- The lease and its expiry: the task is running (see task_succeed).
     WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
     RETURNING id, type, state, attempt, worker_id
@@ -856,8 +861,18 @@ SELECT count(*) FROM conveyor_tasks WHERE type = $2 AND state = ANY ($1::conveyo
 SELECT id, state FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
 
 -- name: task_briefs_get
--- $1 task ids. Type, state and attempt of each that exists: why reports were refused.
-SELECT id, type, state, attempt FROM conveyor_tasks WHERE id = ANY ($1::uuid[]);
+-- $1 task ids. Of each that exists, why reports naming it were not applied: its type, state
+-- and attempt; the lease whose report settled its last attempt (`settled_lease_id`: the
+-- lease id a report keeps, with no expiry; NULL while it runs, and after a reap, a cancel
+-- or an operator's retry), the worker that held it, and the task's latest event. A report
+-- of that lease by that worker whose outcome recorded that event is a repeat of the one
+-- applied. One primary-key probe per task, and the newest of its events through
+-- (task_id, id); only refused reports come here.
+SELECT t.id, t.type, t.state, t.attempt, t.worker_id,
+       CASE WHEN t.lease_expires_at IS NULL THEN t.lease_id END AS settled_lease_id,
+       (SELECT e.event FROM conveyor_task_events AS e
+        WHERE e.task_id = t.id ORDER BY e.id DESC LIMIT 1) AS last_event
+FROM conveyor_tasks AS t WHERE t.id = ANY ($1::uuid[]);
 
 -- name: task_retry_many
 -- $1 task ids, $2 detail, $3 states it applies to (failed and/or cancelled), $4 actor. Those
@@ -887,7 +902,7 @@ WITH target AS (
     UPDATE conveyor_tasks AS t
     SET state = 'queued', attempt = 0, seq = renumbered.new_seq, available_at = now(),
         started_at = NULL, finished_at = NULL, worker_id = NULL, result = NULL,
-        progress = NULL, progress_at = NULL
+        progress = NULL, progress_at = NULL, lease_id = NULL
     FROM renumbered
     WHERE t.id = renumbered.id
     RETURNING t.id, t.type
