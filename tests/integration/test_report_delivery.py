@@ -9,24 +9,21 @@
   as applied, not counted and logged as a fencing rejection.
 
 Real servers, real workers, real PostgreSQL; the connections are cut by a FaultProxy
-(faults/proxy.py) and commits are held back by a trigger waiting on an advisory lock.
+(faults/proxy.py) and commits are held back by a lock the test holds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
-import asyncpg
 import pytest
 from faults.proxy import FaultProxy
-from helpers import running, wait_final, wait_for
+from helpers import holding, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.storage.queries import SQL
 
 TYPE = "delivery.job"
 # Short leases keep every scenario well under half a minute: a report that waits for its
@@ -40,11 +37,106 @@ def events_of(caplog: pytest.LogCaptureFixture, *names: str) -> list[logging.Log
     return [r for r in caplog.records if getattr(r, "event", None) in names]
 
 
+# --- results too large to travel together, or at all ----------------------------------------
+
+
+@pytest.mark.parametrize("work_stream", [False, True], ids=["calls", "stream"])
+def test_results_too_large_for_one_message_together_are_all_delivered(
+    start_server, caplog: pytest.LogCaptureFixture, work_stream: bool
+) -> None:
+    """Thirty results of about 1 MB finish together: more than the server's 16 MiB message.
+
+    The batch used to be refused whole (RESOURCE_EXHAUSTED) and every outcome in it
+    dropped (by calls), or it broke the Work stream and the leases in flight with it.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(work_stream=work_stream, lease_ttl=LEASE, heartbeat_interval=BEAT)
+    count = 30
+    all_running = threading.Barrier(count)
+    worker = Worker(server.address, concurrency=count)
+
+    @worker.handler(TYPE)
+    def big(_ctx, _payload: bytes) -> bytes:
+        all_running.wait(20)  # finish together, so their reports queue up together
+        return b"r" * 1_000_000
+
+    with Client(server.address) as client, running(worker):
+        ids = client.enqueue_tasks([Task(type=TYPE, max_retries=0) for _ in range(count)])
+        statuses = [wait_final(client, task_id, timeout=20) for task_id in ids]
+
+    assert [(s.state, s.attempts) for s in statuses] == [(TaskState.SUCCEEDED, 1)] * count
+    assert all(s.result == b"r" * 1_000_000 for s in statuses)
+    assert not events_of(caplog, "report_failed", "lease_refused")
+
+
+@pytest.mark.parametrize("work_stream", [False, True], ids=["calls", "stream"])
+def test_a_result_larger_than_a_message_fails_the_task_as_refused(
+    start_server, caplog: pytest.LogCaptureFixture, work_stream: bool
+) -> None:
+    """A 20 MiB result cannot travel in the server's 16 MiB message.
+
+    Like a result over the payload limit, it fails the task at once, for good, saying
+    why. It used to be dropped at every attempt (breaking the Work stream each time), and
+    the task ended FAILED "LeaseExpired" after running every attempt in full.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(work_stream=work_stream, lease_ttl=LEASE, heartbeat_interval=BEAT)
+    runs: list[int] = []
+    worker = Worker(server.address, concurrency=1)
+
+    @worker.handler(TYPE)
+    def huge(ctx, _payload: bytes) -> bytes:
+        runs.append(ctx.attempt)
+        return b"x" * (20 * MIB)
+
+    with Client(server.address) as client, running(worker):
+        task_id = client.enqueue_task(Task(type=TYPE, max_retries=1))
+        status = wait_final(client, task_id, timeout=20)
+
+    assert (status.state, status.attempts, runs) == (TaskState.FAILED, 1, [1])
+    assert status.last_error.startswith("InvalidTask: the result was refused: result is "), (
+        status.last_error
+    )
+    assert "larger than" in status.last_error
+    assert not events_of(caplog, "report_failed", "lease_refused")
+
+
+def test_an_error_message_larger_than_a_message_is_reported_as_its_size(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's exception with a 20 MiB message: the failure is still recorded (with a
+    note of the message's size instead of the message), not dropped into a lease expiry."""
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(lease_ttl=LEASE, heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1)
+
+    @worker.handler(TYPE)
+    def wordy(_ctx, _payload: bytes) -> bytes:
+        raise ValueError("x" * (20 * MIB))
+
+    with Client(server.address) as client, running(worker):
+        task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+        status = wait_final(client, task_id, timeout=20)
+
+    assert (status.state, status.attempts) == (TaskState.FAILED, 1)
+    assert status.last_error.startswith(
+        f"the attempt's error message ({20 * MIB + len('ValueError: ')} characters) was larger "
+        "than the server takes in one message"
+    ), status.last_error
+    assert [e.event for e in status.history] == ["enqueued", "started", "failed"]
+    assert not events_of(caplog, "report_failed", "lease_refused")
+
+
 # --- an answer lost after the outcome was applied -------------------------------------------
 
+# Held by the test: a report's statement waits for it before it touches the task (it writes
+# the history too), while heartbeats, which write no history, go on.
+HISTORY_LOCKED = "LOCK TABLE conveyor_task_events IN SHARE MODE"
+
+
 LOCK_KEY = 4343
-# Each success of a TYPE task waits for the advisory lock the test holds: the report is
-# applied only when the test lets it, after its answer's way back was cut.
+# Each success of a TYPE task, once it holds the task's row, waits for the advisory lock the
+# test holds: a second send of the outcome then waits for the first to commit.
 STALL_SUCCESS_SQL = f"""
 CREATE FUNCTION delivery_stall() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -57,45 +149,47 @@ CREATE TRIGGER delivery_stall BEFORE UPDATE ON conveyor_tasks FOR EACH ROW
 """
 
 
-@contextmanager
-def advisory_lock_held(url: str) -> Iterator[None]:
-    """Hold the exclusive advisory lock on a connection of its own until the block ends."""
-    locked, release = threading.Event(), threading.Event()
+def success_waiting(db) -> int:
+    """How many success statements wait for a lock.
 
-    async def hold() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
-            locked.set()
-            await asyncio.to_thread(release.wait, 60)
-        finally:
-            await conn.close()
-
-    holder = threading.Thread(target=asyncio.run, args=(hold(),))
-    holder.start()
-    assert locked.wait(10), "could not take the advisory lock"
-    try:
-        yield
-    finally:
-        release.set()
-        holder.join(10)
+    Told by their opening comment: pg_stat_activity keeps only the first kilobyte of a
+    statement, and heartbeats wait for the task's row too.
+    """
+    opening = SQL["task_succeed_many"][:60]
+    return db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND starts_with(query, $1)",
+        opening,
+    )
 
 
-@pytest.mark.parametrize("work_stream", [False, True], ids=["calls", "stream"])
-def test_a_retried_report_whose_first_send_was_applied_is_answered_as_applied(
-    start_server, db, caplog: pytest.LogCaptureFixture, work_stream: bool
+def assert_answered_as_applied(
+    status, caplog: pytest.LogCaptureFixture, worker: Worker, server
 ) -> None:
-    """The connection breaks while the server commits the outcome; the worker sends it again.
+    assert status.state is TaskState.SUCCEEDED
+    assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
+    assert events_of(caplog, "report_repeated")
+    assert not events_of(caplog, "report_rejected", "stale_report_rejected", "report_failed")
+    assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_rejected_total") == 0
+    stale = server.server.metrics.registry.get_sample_value(
+        "conveyor_stale_completions_rejected_total"
+    )
+    assert stale == 0
 
-    The second send finds the task already finished by this very lease. It used to be
-    refused as stale: the worker counted a rejected report and logged the outcome as
-    refused, and the server counted a stale completion, for a task that succeeded
-    normally (alerts on either fired around every server restart).
+
+def test_a_report_sent_again_after_the_stream_broke_during_its_commit_is_answered_as_applied(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection is reset while the server commits the outcome; the worker sends it
+    again (by call, then on a new stream) and finds the task finished by this very lease.
+
+    It used to be refused as stale: the worker counted a rejected report and logged the
+    outcome as refused, and the server counted a stale completion, for a task that
+    succeeded normally (alerts on either fired around server restarts).
     """
     caplog.set_level(logging.INFO, logger="conveyor")
-    server = start_server(work_stream=work_stream)
+    server = start_server()
     assert server.server is not None
-    db.execute(STALL_SUCCESS_SQL)
     started, release = threading.Event(), threading.Event()
     with FaultProxy(server.address, name="link") as link:
         worker = Worker(link.address, concurrency=1)
@@ -110,15 +204,9 @@ def test_a_retried_report_whose_first_send_was_applied_is_answered_as_applied(
             task_id = client.enqueue_task(Task(type=TYPE))
             wait_for(started.is_set, what="the handler to start")
             try:
-                with advisory_lock_held(db.url):
+                with holding(db.url, HISTORY_LOCKED):
                     release.set()
-                    wait_for(
-                        lambda: db.fetchval(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
-                        ),
-                        what="the success to wait for the lock",
-                    )
+                    wait_for(lambda: success_waiting(db), what="the commit to wait for the lock")
                     # The answer's way back is cut while the commit waits.
                     link.partition("reset")
                 wait_for(lambda: db.task(task_id)["state"] == "succeeded", what="the commit")
@@ -130,11 +218,41 @@ def test_a_retried_report_whose_first_send_was_applied_is_answered_as_applied(
             )
             status = wait_final(client, task_id)
 
-    assert status.state is TaskState.SUCCEEDED
-    assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
-    assert not events_of(caplog, "report_rejected", "stale_report_rejected", "report_failed")
-    assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_rejected_total") == 0
-    stale = server.server.metrics.registry.get_sample_value(
-        "conveyor_stale_completions_rejected_total"
-    )
-    assert stale == 0
+    assert_answered_as_applied(status, caplog, worker, server)
+
+
+@pytest.mark.slow
+def test_a_report_sent_again_after_its_call_timed_out_during_the_commit_is_answered_as_applied(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """By calls (a server without the Work stream): the commit outlasts the call's 10 s
+    deadline, the worker sends the outcome again, and the second send finds it applied."""
+    caplog.set_level(logging.INFO, logger="conveyor")
+    # Statements may run longer than a call's deadline, as a slow commit does.
+    server = start_server(work_stream=False, statement_timeout=timedelta(seconds=60))
+    assert server.server is not None
+    db.execute(STALL_SUCCESS_SQL)
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(server.address, concurrency=1)
+
+    @worker.handler(TYPE)
+    def job(_ctx, _payload: bytes) -> bytes:
+        started.set()
+        release.wait(30)
+        return b"fine"
+
+    with Client(server.address) as client, running(worker):
+        task_id = client.enqueue_task(Task(type=TYPE))
+        wait_for(started.is_set, what="the handler to start")
+        with holding(db.url, f"SELECT pg_advisory_lock({LOCK_KEY})"):
+            release.set()
+            # The first send waits for the lock past its deadline; the second send's
+            # statement then waits for the task's row, which the first holds.
+            wait_for(lambda: success_waiting(db) >= 2, what="the worker to send again")
+        status = wait_final(client, task_id)
+        wait_for(
+            lambda: events_of(caplog, "report_repeated", "stale_report_rejected"),
+            what="the worker's second send to be answered",
+        )
+
+    assert_answered_as_applied(status, caplog, worker, server)

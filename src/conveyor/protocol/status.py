@@ -56,6 +56,14 @@ TRANSIENT_CODES: Final = frozenset(
 # retry will fix; these two refusals are backpressure, and a later retry is what they ask.
 RATE_LIMIT_PREFIX: Final = "request rate limit"
 _CONCURRENCY_LIMIT: Final = "Concurrent RPC limit exceeded!"
+# In "Received message larger than max (N vs. M)" (the receiver's limit) and "Sent message
+# larger than max (N vs. M)" (the sender's own).
+_TOO_LARGE: Final = "message larger than max"
+
+
+def is_too_large(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether a refusal is gRPC's own for a message over a size limit (either end's)."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (details or "")
 
 
 def is_backpressure(code: grpc.StatusCode, details: str | None) -> bool:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
-from conveyor.protocol.limits import PEER_MESSAGE_BYTES
+from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ DEFAULT_RETRY_BACKOFF_CAP: Final = timedelta(minutes=5)
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 # The smallest gRPC message a server sends and receives: room for a client's enqueue request
 # (up to 8 MiB) and for batches of leases of ordinary payloads.
-MIN_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+MIN_MESSAGE_BYTES: Final = MIN_SERVER_MESSAGE_BYTES
 # Room in a message for everything of a task but its payload (or result), which may each be
 # up to max_payload_bytes: ids, type, trace context, timestamps.
 MESSAGE_OVERHEAD_BYTES: Final = 1024 * 1024

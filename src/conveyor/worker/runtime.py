@@ -69,14 +69,14 @@ from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
-from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure
+from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure, is_too_large
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import as_duration
 from conveyor.worker.context import TaskContext
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
-from conveyor.worker.reporting import Refused, ReportBatcher
+from conveyor.worker.reporting import Refused, ReportBatcher, report_bytes, too_large_to_share
 from conveyor.worker.watchdog import LoopWatchdog
 from conveyor.worker.work_stream import StreamEnded, WorkStream
 
@@ -859,9 +859,18 @@ class _Runtime:
         task.add_done_callback(self.hand_backs.discard)
 
     async def report_call(self, method: str, request: Any) -> Any:
-        """The report batcher's call: on the Work stream when one is open."""
+        """The report batcher's call: on the Work stream when one is open.
+
+        A lone report too large to share a message goes by call: over the server's message
+        limit, it would end the stream, and the leases in flight on it, instead of one call.
+        """
         stream = self.stream
-        if method != "ReportResults" or stream is None or not stream.writable:
+        if (
+            method != "ReportResults"
+            or stream is None
+            or not stream.writable
+            or too_large_to_share(request.reports)
+        ):
             return await self.call(method, request)
         try:
             return await stream.report(request, grant=self.room(stream.unfilled))
@@ -1225,6 +1234,10 @@ class _Runtime:
                 error=f"InvalidTask: the result was refused: {refusal.details()}",
                 non_retryable=True,
             )
+        if is_too_large(refusal.code(), refusal.details()):
+            replacement = self._shrunk(attempt, request, refusal.details() or "")
+            if replacement is not None:
+                return replacement
         if refusal.code() == grpc.StatusCode.FAILED_PRECONDITION:
             self.metrics.reports_rejected.inc()
             attempt.ctx.logger.info(
@@ -1241,6 +1254,37 @@ class _Runtime:
             extra={"event": "report_failed"},
         )
         return None
+
+    def _shrunk(
+        self, attempt: _Attempt, request: pb.ReportResultRequest, details: str
+    ) -> pb.ReportResultRequest | None:
+        """The report to send instead of one larger than the server takes in a message.
+
+        A result that large fails the attempt for good, as one over the payload limit does
+        (the server refuses it before it looks at the payload limit); an error text that
+        large is replaced by a note of its size. None: the report has nothing to shrink.
+        """
+        if request.outcome == pb.OUTCOME_SUCCEEDED:
+            replacement = self.outcome(
+                attempt,
+                pb.OUTCOME_FAILED,
+                error=(
+                    f"InvalidTask: the result was refused: result is {len(request.result)} "
+                    f"bytes, larger than the server takes in one message ({details})"
+                ),
+                non_retryable=True,
+            )
+        else:
+            replacement = self.outcome(
+                attempt,
+                request.outcome,
+                error=(
+                    f"the attempt's error message ({len(request.error)} characters) was "
+                    f"larger than the server takes in one message ({details})"
+                ),
+                non_retryable=request.non_retryable,
+            )
+        return replacement if report_bytes(replacement) < report_bytes(request) else None
 
     # --- heartbeats -----------------------------------------------------------------------
 
