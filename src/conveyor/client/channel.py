@@ -194,23 +194,36 @@ class Credentials:
         """The metadata every call carries (the bearer token), or None."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
-    def channel_options(self) -> list[tuple[str, object]]:
-        """CHANNEL_OPTIONS, plus the expected server name when TLS overrides it."""
+    def channel_options(
+        self, overrides: Sequence[tuple[str, object]] = ()
+    ) -> list[tuple[str, object]]:
+        """CHANNEL_OPTIONS, `overrides` replacing theirs; with TLS, the expected server name."""
+        replaced = {name for name, _ in overrides}
+        options: list[tuple[str, object]] = [
+            option for option in CHANNEL_OPTIONS if option[0] not in replaced
+        ]
+        options.extend(overrides)
         if self.tls is not None and self.tls.server_name:
-            return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.tls.server_name)]
-        return list(CHANNEL_OPTIONS)
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return options
 
     @overload
-    def open_channel(self, address: str, *, aio: Literal[True]) -> grpc.aio.Channel: ...
+    def open_channel(
+        self, address: str, *, aio: Literal[True], options: Sequence[tuple[str, object]] = ()
+    ) -> grpc.aio.Channel: ...
     @overload
-    def open_channel(self, address: str, *, aio: Literal[False]) -> grpc.Channel: ...
-    def open_channel(self, address: str, *, aio: bool) -> grpc.aio.Channel | grpc.Channel:
-        """A channel to `address`, over TLS if configured.
+    def open_channel(
+        self, address: str, *, aio: Literal[False], options: Sequence[tuple[str, object]] = ()
+    ) -> grpc.Channel: ...
+    def open_channel(
+        self, address: str, *, aio: bool, options: Sequence[tuple[str, object]] = ()
+    ) -> grpc.aio.Channel | grpc.Channel:
+        """A channel to `address`, over TLS if configured; `options` replace the defaults'.
 
         A token is never sent in clear text to another machine unless told so: a client
         that forgot its TLS settings gets a ConfigError here, not a leaked credential.
         """
-        options = self.channel_options()
+        options = self.channel_options(options)
         self.check(address)
         if self.tls is None:
             if aio:

@@ -59,6 +59,7 @@ from conveyor.client import tracing
 from conveyor.client.channel import (
     AddressRing,
     Credentials,
+    Pick,
     RetryPolicy,
     TlsConfig,
     parse_addresses,
@@ -120,14 +121,31 @@ STREAM_LEAVE_TIMEOUT: Final = 3.0
 HAND_BACK_TRIES: Final = 3
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
+# The worker's channels ping their server after 10 s without hearing from it, and give the
+# connection up when a ping is not answered within 5 s: a connection that died silently (a
+# black hole, a NAT entry or a load balancer forgetting it) fails the Work stream on it
+# within 15 s, not after a minute of leases and outcomes sent nowhere. Servers accept
+# pings every 5 s (older ones too), and pings go on while the stream carries no data. The
+# wait for the answer is gRPC's ping timeout (a minute by default), which recent gRPC
+# applies to keepalive pings instead of their own timeout: both are set.
+WORKER_CHANNEL_OPTIONS: Final = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 class _Unreachable(Exception):
     """No server answered: a transient gRPC failure, or every server's breaker is open."""
 
-    def __init__(self, detail: str, retry_in: float | None = None) -> None:
+    def __init__(
+        self, detail: str, retry_in: float | None = None, address: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.retry_in = retry_in
+        # The server that gave no answer (None: none was called, or it answered "not now").
+        self.address = address
 
 
 def default_worker_id() -> str:
@@ -210,6 +228,9 @@ class _Attempt:
     progress: str | None = None
     # Set once the outcome is reported (or known to be unreportable): the lease is settled.
     settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # When the lease was taken or last extended, by the loop's clock (when the extending
+    # heartbeat left): the lease is known to last until then plus a lease duration.
+    lease_renewed_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def stop(self, reason: str) -> None:
@@ -487,9 +508,12 @@ class _Runtime:
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
         self.reports = ReportBatcher(worker.worker_id, self.report_call)
-        # The open Work stream, if any (see worker/work_stream.py), and when to try one
-        # again after a server without it.
+        # The open Work stream, if any (see worker/work_stream.py), the call's pick (its
+        # server), whether a heartbeat to that server just went unanswered, and when to try
+        # a stream again after a server without it.
         self.stream: WorkStream | None = None
+        self.stream_pick: Pick | None = None
+        self.stream_silent = False
         self.streams_retry_at = 0.0
         # Leases that arrived after draining began, being handed back.
         self.hand_backs: set[asyncio.Task[None]] = set()
@@ -539,7 +563,9 @@ class _Runtime:
         # One stub per channel: building one per call showed up in profiles (~2 %).
         stub = self.stubs.get(address)
         if stub is None:
-            channel = self.worker.credentials.open_channel(address, aio=True)
+            channel = self.worker.credentials.open_channel(
+                address, aio=True, options=WORKER_CHANNEL_OPTIONS
+            )
             self.channels[address] = channel
             stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
         return stub
@@ -551,6 +577,13 @@ class _Runtime:
             _Unreachable: no server answered (the next call goes to the next server).
             grpc.aio.AioRpcError: the server answered with an error status.
         """
+        response, _ = await self.call_at(method, request, timeout=timeout)
+        return response
+
+    async def call_at(
+        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT
+    ) -> tuple[Any, str]:
+        """`call`, and the address of the server that answered."""
         pick = self.ring.pick()
         if pick is None:
             raise _Unreachable(
@@ -564,7 +597,9 @@ class _Runtime:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 self.ring.record(pick, reachable=False)
-                raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+                raise _Unreachable(
+                    f"{address}: {exc.code().name} {exc.details()}", address=address
+                ) from exc
             if is_backpressure(exc.code(), exc.details()):
                 # "Not now" from a server that answered: its breaker hears it is reachable
                 # (a probe must not stay in flight for ever), and every caller of `call`
@@ -581,7 +616,7 @@ class _Runtime:
             self.ring.abandon(pick)
             raise
         self.ring.record(pick, reachable=True)
-        return response
+        return response, address
 
     # --- main -----------------------------------------------------------------------------
 
@@ -779,24 +814,21 @@ class _Runtime:
                     self.ring.record(pick, reachable=False)
                 raise
             self.ring.record(pick, reachable=True)
-            self.stream = stream
+            self.stream, self.stream_pick, self.stream_silent = stream, pick, False
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
             self.ring.record(pick, reachable=exc.code() not in TRANSIENT_CODES)
-            if exc.code() in TRANSIENT_CODES:
+            if _replaceable(exc):
                 raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
-            if exc.code() == grpc.StatusCode.INTERNAL:
-                # grpc.aio turns a write that raced the server's end of the call into
-                # INTERNAL (grpc/grpc#43486): a stream to replace, not a refusal.
-                raise _Unreachable(f"{address}: {exc.details()}") from exc
             raise
         except StreamEnded as exc:
-            self.ring.record(pick, reachable=False)
+            if stream.abandoned is None:  # an abandoning worker has told the ring already
+                self.ring.record(pick, reachable=False)
             raise _Unreachable(f"{address}: {exc}") from exc
         finally:
             if self.stream is stream:
-                self.stream = None
+                self.stream, self.stream_pick = None, None
             stream.close()
             if granting is not None:
                 granting.cancel()
@@ -873,9 +905,52 @@ class _Runtime:
         ):
             return await self.call(method, request)
         try:
-            return await stream.report(request, grant=self.room(stream.unfilled))
+            # A deadline as a ReportResults call has: a stream whose connection died
+            # silently looks open, and its batch would wait for keepalive to say otherwise.
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await stream.report(request, grant=self.room(stream.unfilled))
+        except TimeoutError:
+            why = f"a batch of outcomes had no answer within {CALL_TIMEOUT:g}s"
+            if self.stream is stream:
+                self.abandon_stream(why)
+            raise _Unreachable(why) from None
         except StreamEnded as exc:
             raise _Unreachable(str(exc)) from exc
+
+    def abandon_stream(self, why: str) -> None:
+        """Give up on the open Work stream: its server stopped answering on it.
+
+        Its unanswered batches fail as unreachable, and each report goes again by call; the
+        ring moves past the stream's server first, so they go to another server if there is
+        one. The lease loop then opens a new stream, there too.
+        """
+        stream, pick = self.stream, self.stream_pick
+        if stream is None or pick is None or stream.abandoned is not None:
+            return
+        self.log.warning(
+            "giving up on the Work stream to %s: %s",
+            pick.address,
+            why,
+            extra={"event": "stream_abandoned"},
+        )
+        self.ring.record(pick, reachable=False, cause=why)
+        stream.abandon(why)
+
+    def note_heartbeat(self, address: str, *, answered: bool) -> None:
+        """Replace the Work stream when a heartbeat to its server failed and another answers.
+
+        A heartbeat shares the stream's connection: no answer from the stream's server says
+        the stream may be dead as well, and an answer from elsewhere says where to lease
+        and report instead. Until then the worker waited for the stream's own failure
+        (keepalive, or a batch's deadline), and an idle worker leased nothing meanwhile.
+        """
+        pick = self.stream_pick
+        if pick is None:
+            return
+        if address == pick.address:
+            self.stream_silent = not answered
+        elif answered and self.stream_silent:
+            self.abandon_stream(f"heartbeats to it failed while {address} answered")
 
     async def stop_leasing(self, leasing: asyncio.Task[None]) -> None:
         """Take no more leases: half-close the stream, whose end also ends the lease loop.
@@ -1177,9 +1252,15 @@ class _Runtime:
         )
 
     async def report(self, attempt: _Attempt, request: pb.ReportResultRequest) -> None:
-        """Send the outcome, retrying transient failures while the lease can still be valid."""
+        """Send the outcome, retrying transient failures while the lease can still be valid.
+
+        Until the lease's known expiry: its latest extension plus a lease duration. The
+        attempt is heartbeated while its report is retried, so a report that cannot get
+        through to one server is retried for as long as another keeps the lease alive; it
+        used to be given up one lease after its first send, whatever the heartbeats did.
+        """
         assert self.loop is not None  # noqa: S101
-        give_up_at = self.loop.time() + self.lease_duration.total_seconds()
+        lease = self.lease_duration.total_seconds()
         delays = self.retry.delays()
         while True:
             try:
@@ -1207,7 +1288,7 @@ class _Runtime:
             else:
                 attempt.reported = True
                 return
-            if self.loop.time() >= give_up_at:
+            if self.loop.time() >= attempt.lease_renewed_at + lease:
                 self.metrics.reports_failed.inc()
                 attempt.ctx.logger.error(
                     "could not report the outcome: %s", failure, extra={"event": "report_failed"}
@@ -1327,6 +1408,7 @@ class _Runtime:
         # The server takes at most MAX_HEARTBEAT_LEASES leases a call; more go in several
         # calls, in task id order still (and one call when nothing is held).
         for start in range(0, max(1, len(held)), MAX_HEARTBEAT_LEASES):
+            chunk = held[start : start + MAX_HEARTBEAT_LEASES]
             request = pb.HeartbeatRequest(
                 worker_id=self.worker.worker_id,
                 leases=[
@@ -1336,17 +1418,22 @@ class _Runtime:
                         progress=a.progress or "",
                         has_progress=a.progress is not None,
                     )
-                    for a in held[start : start + MAX_HEARTBEAT_LEASES]
+                    for a in chunk
                 ],
                 draining=self.draining,
                 in_flight=self.busy,
                 loop_lag_ms=loop_lag_ms,
             )
+            sent_at = self.loop.time()
             try:
                 # Short deadline: a heartbeat that cannot get through must be noticed well
                 # within the lease, not after a long call timeout.
-                response = await self.call("Heartbeat", request, timeout=self.heartbeat_timeout())
+                response, address = await self.call_at(
+                    "Heartbeat", request, timeout=self.heartbeat_timeout()
+                )
             except (_Unreachable, grpc.aio.AioRpcError) as exc:
+                if isinstance(exc, _Unreachable) and exc.address is not None:
+                    self.note_heartbeat(exc.address, answered=False)
                 self.metrics.heartbeat_failures.inc()
                 self.log.warning(
                     "heartbeat failed (%s); silent for %.1fs",
@@ -1360,7 +1447,12 @@ class _Runtime:
                 self.apply_stops(stops)
                 self.stop_if_silent(last_success, held[start:])
                 return last_success
+            self.note_heartbeat(address, answered=True)
             stops.extend(response.stop)
+            stopped = {(stop.task_id, stop.lease_id) for stop in response.stop}
+            for attempt in chunk:
+                if (attempt.lease.task_id, attempt.lease.lease_id) not in stopped:
+                    attempt.lease_renewed_at = sent_at
             if response.unregistered:
                 await self.register_again()
         for attempt, progress in sent_progress.items():
@@ -1465,6 +1557,13 @@ class _Runtime:
         settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
         if settled or self.hand_backs:
             await asyncio.wait([*settled, *self.hand_backs], timeout=15)
+
+
+def _replaceable(ended: grpc.aio.AioRpcError) -> bool:
+    """Whether a Work stream that ended with this status is to be replaced, not a refusal."""
+    # grpc.aio turns a write that raced the server's end of the call into INTERNAL
+    # (grpc/grpc#43486).
+    return ended.code() in TRANSIENT_CODES or ended.code() == grpc.StatusCode.INTERNAL
 
 
 _REPORTED_OUTCOMES: Final = {

@@ -6,7 +6,9 @@ class keeps the stream's books: how much room granted here is still unfilled (`u
 which the runtime counts as taken, so a worker never holds more leases than it has room
 for), and which outcome batches await their answer. When the call ends, for any reason,
 every unanswered batch fails as unreachable, and the runtime retries each report on its own
-path, as after a failed `ReportResults` call.
+path, as after a failed `ReportResults` call. The runtime may also give up on a call that
+stopped answering (`abandon`): a connection that died silently looks open until keepalive
+says otherwise, and what waits on it must not wait that long.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class WorkStream:
         self.unfilled = 0
         # False once the worker has half-closed (it is leaving) or the call has ended.
         self.writable = True
+        # Why the worker gave up on the call (`abandon`), or None.
+        self.abandoned: str | None = None
 
     async def open(self, worker_id: str, task_types: Sequence[str], grant: int) -> None:
         """Send the first message; wait for the server's empty one saying it accepted."""
@@ -98,22 +102,42 @@ class WorkStream:
                 await self._call.done_writing()
 
     async def read_all(self) -> None:
-        """Read until the call ends: OK returns; an error status raises AioRpcError."""
+        """Read until the call ends: OK returns; an error status raises AioRpcError.
+
+        Raises StreamEnded once the call was abandoned.
+        """
         try:
             # grpc.aio's read() gives EOF only for a call that ended OK, and raises the
             # status of one that did not.
             while (response := await self._call.read()) is not EOF:
                 self._take(response)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            # A call cancelled here (`abandon`) ends its read with a CancelledError, which is
+            # not this task being cancelled, or with CANCELLED: both are the abandonment.
+            task = asyncio.current_task()
+            if self.abandoned is None or (task is not None and task.cancelling()):
+                raise
+            raise StreamEnded(f"the Work stream was abandoned: {self.abandoned}") from None
         finally:
             self.close()
 
-    def close(self) -> None:
+    def abandon(self, why: str) -> None:
+        """Give up on the call (it stopped answering): fail its batches, cancel it.
+
+        `read_all` then raises StreamEnded, and the runtime opens another stream.
+        """
+        if self.abandoned is None:
+            self.abandoned = why
+        self.close(f"the Work stream was abandoned before the answer: {why}")
+        self._call.cancel()
+
+    def close(self, why: str = "the Work stream ended before the answer") -> None:
         """The call is over: fail every unanswered batch, refuse new writes."""
         self.writable = False
         self.unfilled = 0
         for answer in self._answers.values():
             if not answer.done():
-                answer.set_exception(StreamEnded("the Work stream ended before the answer"))
+                answer.set_exception(StreamEnded(why))
         self._answers.clear()
 
     def _take(self, response: pb.WorkResponse) -> None:
