@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 from faults.proxy import FaultProxy
-from helpers import holding, running, wait_final, wait_for
+from helpers import free_port, holding, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.storage.queries import SQL
@@ -35,6 +36,176 @@ MIB = 1024 * 1024
 
 def events_of(caplog: pytest.LogCaptureFixture, *names: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", None) in names]
+
+
+# --- a stream that dies silently -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_outcome_on_a_silently_dead_stream_goes_through_another_server(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server A is cut off by a black hole while the handler runs; B is healthy.
+
+    The outcome used to sit on A's dead stream until the lease ran out after its first
+    send, then was dropped: the task ended FAILED "LeaseExpired" although the handler had
+    succeeded, and the worker leased nothing meanwhile. Now the worker gives up on the
+    stream once heartbeats to A fail while B answers (or the batch's deadline passes),
+    reports through B, and leases there.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    a = start_server(lease_ttl=LEASE, heartbeat_interval=BEAT)
+    b_address = f"127.0.0.1:{free_port()}"
+    started, release = threading.Event(), threading.Event()
+    with FaultProxy(a.address, name="link-a") as link:
+        worker = Worker([link.address, b_address], concurrency=1)
+
+        @worker.handler(TYPE)
+        def job(_ctx, payload: bytes) -> bytes:
+            started.set()
+            release.wait(30)
+            return payload.upper()
+
+        try:
+            with running(worker):
+                # B listens only now, so the worker registered and opened its stream on A.
+                assert a.server is not None
+                wait_for(lambda: len(a.server.worker_service.streams) == 1, what="stream on A")
+                b = start_server(grpc_listen=b_address, lease_ttl=LEASE, heartbeat_interval=BEAT)
+                assert b.server is not None
+                with Client(b.address) as client:
+                    first = client.enqueue_task(Task(type=TYPE, payload=b"first", max_retries=0))
+                    wait_for(started.is_set, what="the handler to start")
+                    link.partition("blackhole")
+                    cut_at = time.monotonic()
+                    release.set()
+                    status = wait_final(client, first, timeout=LEASE.total_seconds() * 2)
+                    delivered_after = time.monotonic() - cut_at
+                    # The worker leases again, from B, at once.
+                    later = client.enqueue_task(Task(type=TYPE, payload=b"later", max_retries=0))
+                    later_status = wait_final(client, later, timeout=5)
+                    assert len(b.server.worker_service.streams) == 1
+        finally:
+            link.heal()
+
+    assert status.state is TaskState.SUCCEEDED, status.last_error
+    assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
+    assert status.result == b"FIRST"
+    assert delivered_after < LEASE.total_seconds(), delivered_after
+    assert later_status.state is TaskState.SUCCEEDED
+    assert later_status.attempts == 1
+    assert not events_of(caplog, "report_failed", "report_rejected", "stale_report_rejected")
+
+
+@pytest.mark.slow
+def test_a_server_stops_claiming_for_a_worker_whose_connection_died_silently(
+    start_server,
+) -> None:
+    """A keeps no Work stream, and claims nothing, for a worker it can no longer reach.
+
+    Without keepalive pings a silently dead connection looked alive to A for half a minute
+    and more: A claimed new tasks into it up to the worker's free room, and each sat
+    `running` for a whole lease and then went back with an attempt spent.
+    """
+    keepalive = timedelta(seconds=1)
+    a = start_server(
+        lease_ttl=LEASE,
+        heartbeat_interval=BEAT,
+        keepalive_interval=keepalive,
+        keepalive_timeout=keepalive,
+    )
+    b_address = f"127.0.0.1:{free_port()}"
+    started, release = threading.Event(), threading.Event()
+    with FaultProxy(a.address, name="link-a") as link:
+        worker = Worker([link.address, b_address], concurrency=4)
+
+        @worker.handler(TYPE)
+        def job(_ctx, payload: bytes) -> bytes:
+            if payload == b"first":
+                started.set()
+                release.wait(30)
+            return payload.upper()
+
+        try:
+            with running(worker):
+                assert a.server is not None
+                streams_on_a = a.server.worker_service.streams
+                wait_for(lambda: len(streams_on_a) == 1, what="stream on A")
+                b = start_server(grpc_listen=b_address, lease_ttl=LEASE, heartbeat_interval=BEAT)
+                with Client(b.address) as client:
+                    first = client.enqueue_task(Task(type=TYPE, payload=b"first"))
+                    wait_for(started.is_set, what="the handler to start")
+                    link.partition("blackhole")
+                    cut_at = time.monotonic()
+                    # Pings every second, answered within a second: A notices in two or
+                    # three seconds; the bound leaves room for a loaded machine.
+                    wait_for(
+                        lambda: not streams_on_a,
+                        timeout=(keepalive * 2).total_seconds() + 4,
+                        what="A to end the stream of the worker it can no longer reach",
+                    )
+                    noticed_after = time.monotonic() - cut_at
+                    later = [
+                        client.enqueue_task(Task(type=TYPE, payload=b"later%d" % i))
+                        for i in range(3)
+                    ]
+                    # Run at once, through B: none was claimed into the dead connection.
+                    statuses = [wait_final(client, task_id, timeout=5) for task_id in later]
+                    release.set()
+                    first_status = wait_final(client, first, timeout=10)
+        finally:
+            link.heal()
+
+    assert noticed_after < (keepalive * 2).total_seconds() + 4
+    assert [(s.state, s.attempts) for s in statuses] == [(TaskState.SUCCEEDED, 1)] * 3
+    assert (first_status.state, first_status.attempts) == (TaskState.SUCCEEDED, 1)
+
+
+@pytest.mark.slow
+def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch of outcomes on the Work stream gets the deadline a ReportResults call has.
+
+    Here the server takes longer than that to commit it (a lock holds the commit). The
+    worker gives the stream up, sends the outcome by call, and leases on a new stream; the
+    second send finds the outcome applied. A batch on the stream used to wait as long as
+    the stream looked open, however long that was.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    # Statements may run longer than a call's deadline, as a slow commit does.
+    server = start_server(statement_timeout=timedelta(seconds=60))
+    assert server.server is not None
+    db.execute(STALL_SUCCESS_SQL)
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(server.address, concurrency=1)
+
+    @worker.handler(TYPE)
+    def job(_ctx, payload: bytes) -> bytes:
+        if payload == b"first":
+            started.set()
+            release.wait(30)
+        return payload.upper()
+
+    with Client(server.address) as client, running(worker):
+        first = client.enqueue_task(Task(type=TYPE, payload=b"first"))
+        wait_for(started.is_set, what="the handler to start")
+        with holding(db.url, f"SELECT pg_advisory_lock({LOCK_KEY})"):
+            release.set()
+            wait_for(
+                lambda: events_of(caplog, "stream_abandoned"),
+                timeout=15,
+                what="the worker to give up on the stream",
+            )
+            wait_for(lambda: success_waiting(db) >= 2, what="the outcome to be sent by call")
+        status = wait_final(client, first)
+        later = client.enqueue_task(Task(type=TYPE, payload=b"later"))
+        later_status = wait_final(client, later, timeout=10)
+
+    (abandoned,) = events_of(caplog, "stream_abandoned")
+    assert "a batch of outcomes had no answer within 10s" in abandoned.getMessage()
+    assert_answered_as_applied(status, caplog, worker, server)
+    assert (later_status.state, later_status.attempts) == (TaskState.SUCCEEDED, 1)
 
 
 # --- results too large to travel together, or at all ----------------------------------------

@@ -30,6 +30,8 @@ from conveyor.server.config import (
     DEFAULT_ENQUEUE_STREAM_IDLE,
     DEFAULT_GRPC_LISTEN,
     DEFAULT_HTTP_LISTEN,
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_RPCS,
     DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN,
@@ -300,6 +302,23 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     "with its next enqueue).",
 )
 @click.option(
+    "--keepalive-interval",
+    type=BoundedFloat(min=0, min_open=True),
+    default=DEFAULT_KEEPALIVE_INTERVAL.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    help="Ping a client or worker after this long without hearing from it.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=BoundedFloat(min=0, min_open=True),
+    default=DEFAULT_KEEPALIVE_TIMEOUT.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    help="Drop a peer's connection (its calls, a worker's Work stream) when a ping is not "
+    "answered within this.",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -391,6 +410,8 @@ def server(
     work_stream: bool,
     enqueue_stream: bool,
     enqueue_stream_idle: float,
+    keepalive_interval: float,
+    keepalive_timeout: float,
     metrics_listen: str | None,
     tokens_file: Path | None,
     tls_cert: Path | None,
@@ -438,6 +459,8 @@ def server(
             work_stream=work_stream,
             enqueue_stream=enqueue_stream,
             enqueue_stream_idle=timedelta(seconds=enqueue_stream_idle),
+            keepalive_interval=timedelta(seconds=keepalive_interval),
+            keepalive_timeout=timedelta(seconds=keepalive_timeout),
             metrics_listen=metrics_listen,
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,

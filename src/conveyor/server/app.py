@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -186,8 +186,17 @@ class ConveyorServer:
                 ("grpc.max_concurrent_streams", self.config.max_streams_per_connection),
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
+                # Pings find a peer that went away without a word (see keepalive_interval):
+                # its calls end, and a worker's Work stream stops claiming for it. They go
+                # on while a stream carries no data (max_pings_without_data 0). Recent gRPC
+                # waits for a keepalive ping's answer for its ping timeout (a minute by
+                # default), not for the keepalive timeout: both are set.
+                ("grpc.keepalive_time_ms", _grpc_ms(self.config.keepalive_interval)),
+                ("grpc.keepalive_timeout_ms", _grpc_ms(self.config.keepalive_timeout)),
+                ("grpc.http2.ping_timeout_ms", _grpc_ms(self.config.keepalive_timeout)),
+                ("grpc.http2.max_pings_without_data", 0),
+                # Workers ping every 10 s (clients every 20 s); more often than this counts
+                # as abuse, and gRPC ends the connection of a peer that keeps at it.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 # gRPC sets SO_REUSEPORT by default on Linux: a second server on the same
@@ -405,6 +414,11 @@ class ConveyorServer:
         """Prometheus text for /metrics."""
         self.metrics.db_pool_in_use.set(self.database.pool_in_use())
         return self.metrics.render()
+
+
+def _grpc_ms(duration: timedelta) -> int:
+    """A duration as the whole milliseconds a gRPC option takes (a C int, at least 1)."""
+    return max(1, min(2**31 - 1, round(duration.total_seconds() * 1000)))
 
 
 def _described(exc: Exception) -> str:

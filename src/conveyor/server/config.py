@@ -92,6 +92,12 @@ DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN: Final = 1_000
 # enqueueing every few seconds keeps its stream, short enough that clients that went quiet
 # (or were dropped unclosed) give their calls back within a minute.
 DEFAULT_ENQUEUE_STREAM_IDLE: Final = timedelta(seconds=60)
+# HTTP/2 keepalive pings to every peer: one after this long with nothing heard from it, and
+# a peer that does not answer within the timeout is gone, its calls with it. A worker whose
+# connection died silently (a black hole, a forgotten NAT entry) used to keep its Work
+# stream here for half a minute and more, and the stream claimed tasks into it.
+DEFAULT_KEEPALIVE_INTERVAL: Final = timedelta(seconds=5)
+DEFAULT_KEEPALIVE_TIMEOUT: Final = timedelta(seconds=5)
 
 
 def default_server_id() -> str:
@@ -156,6 +162,10 @@ class ServerConfig:
     # An enqueue stream with no request for this long is ended OK (server/enqueue_stream.py):
     # idle clients must not hold calls under max_concurrent_rpcs for good.
     enqueue_stream_idle: timedelta = DEFAULT_ENQUEUE_STREAM_IDLE
+    # Keepalive pings to clients and workers (see DEFAULT_KEEPALIVE_INTERVAL): a dead peer
+    # is noticed within about their sum, and its Work stream ends, leasing no more.
+    keepalive_interval: timedelta = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_timeout: timedelta = DEFAULT_KEEPALIVE_TIMEOUT
     # With tokens, the enqueue streams one token may hold open on this server (one per
     # client); a client refused a stream enqueues with calls. None: no cap.
     max_enqueue_streams_per_token: int | None = DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN
@@ -285,6 +295,8 @@ class ServerConfig:
             "retention_interval": self.retention_interval,
             "tokens_check_interval": self.tokens_check_interval,
             "enqueue_stream_idle": self.enqueue_stream_idle,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_timeout": self.keepalive_timeout,
         }
         for name, value in positive.items():
             if value <= timedelta(0):
