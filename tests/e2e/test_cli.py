@@ -202,7 +202,16 @@ class TestTaskCommands:
         assert "--retry-for" in result.stderr
         assert "Traceback" not in result.stderr
 
-    @pytest.mark.parametrize("option", ["--enqueue-stream-idle", "--lease-ttl", "--rate-limit"])
+    @pytest.mark.parametrize(
+        "option",
+        [
+            "--enqueue-stream-idle",
+            "--lease-ttl",
+            "--rate-limit",
+            "--keepalive-interval",
+            "--keepalive-timeout",
+        ],
+    )
     def test_server_durations_and_rates_refuse_non_finite_numbers(self, option):
         result = run("server", option, "inf")
         assert result.returncode == 2, result.stderr

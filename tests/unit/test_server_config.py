@@ -59,6 +59,8 @@ class TestServerConfig:
             ({"max_payload_bytes": 0}, "max_payload_bytes"),
             ({"max_payload_bytes": MAX_PAYLOAD_BYTES_LIMIT + 1}, "one message a worker accepts"),
             ({"max_enqueue_streams_per_token": 0}, "max_enqueue_streams_per_token"),
+            ({"keepalive_interval": timedelta(0)}, "keepalive_interval"),
+            ({"keepalive_timeout": timedelta(seconds=-1)}, "keepalive_timeout"),
             ({"grpc_listen": "nonsense"}, "HOST:PORT"),
             ({"http_listen": "host:99999"}, "HOST:PORT"),
         ],
