@@ -21,7 +21,10 @@ not bind). The leases are still packed into messages within the server's gRPC se
 claimed but had not started writing when the call ended are handed back at once, like those
 of a cancelled long poll. A lease whose message was being written when the call broke is in
 the same place as a unary reply lost on the way: its lease expires and the task is retried,
-and fencing keeps whatever the worker did from counting twice. The stream ends OK when the
+and fencing keeps whatever the worker did from counting twice. A worker whose connection
+dies without a word looks present until the server's keepalive pings go unanswered
+(`keepalive_interval` + `keepalive_timeout`, 10 s by default); gRPC then ends the call as
+broken, and the stream claims nothing more for it. The stream ends OK when the
 worker half-closes (it is leaving) or the server drains; batches of outcomes received by
 then are applied and answered first.
 """
