@@ -215,6 +215,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if self.gate.authenticating:
             caller().require_task_types(task_types)
             await self._check_owner(worker_id)
+        if self.draining:
+            # UNAVAILABLE, as Work answers: an empty reply at once sent the worker straight
+            # back for another (an audit counted 2,670 polls a second from one worker),
+            # where this moves it to another server, after a backoff.
+            raise server_stopping()
         limit = min(request.max_tasks, self.config.max_lease_batch)
         wait = (
             convert.from_duration(request.wait, field="wait")
@@ -224,6 +229,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         give_up_at = asyncio.get_running_loop().time() + wait.total_seconds()
         rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
+        if not rows and self.draining:
+            raise server_stopping()  # the drain began while the poll waited
         if rows and self.gate.authenticating:
             # The caller was admitted when the poll began, up to max_lease_wait ago. A token
             # revoked, expired or narrowed since must not receive payloads (the Work stream
