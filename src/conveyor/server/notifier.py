@@ -177,9 +177,12 @@ class TaskNotifier:
                 conn = await asyncpg.connect(self._url, server_settings=self._settings, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notification)
-                if self._on_leader_resigned is not None:
-                    await conn.add_listener(LEADER_CHANNEL, self._on_leader_notification)
+                # Bounded as the pings below are: a connection gone silent just after it
+                # opened would otherwise hold the LISTEN until TCP gave up, minutes on.
+                async with asyncio.timeout(5):
+                    await conn.add_listener(CHANNEL, self._on_notification)
+                    if self._on_leader_resigned is not None:
+                        await conn.add_listener(LEADER_CHANNEL, self._on_leader_notification)
                 self.listening.set()
                 delay = 0.1
                 # Tasks may have become available while we were not listening.
