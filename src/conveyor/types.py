@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -116,6 +117,57 @@ def validate_task_type(task_type: object) -> str:
             f"task type {task_type!r} may only contain letters, digits and _ . : -", field="type"
         )
     return task_type
+
+
+# A worker's id, host and version are free text the worker chooses, shown in logs, in the
+# CLI and on the dashboard. Control and format characters (newline, ESC, bidi overrides)
+# and the Unicode line and paragraph separators would forge log lines or rewrite what an
+# operator's terminal shows, so none of them is accepted.
+UNPRINTABLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+MAX_WORKER_ID_LENGTH: Final = 200
+MAX_WORKER_HOST_LENGTH: Final = 255
+MAX_WORKER_VERSION_LENGTH: Final = 64
+
+
+def first_unprintable(text: str) -> int | None:
+    """The position of the first control, format or line-separator character, or None."""
+    if text.isprintable():  # no character of the categories (nor any other non-printing)
+        return None
+    for index, char in enumerate(text):
+        if unicodedata.category(char) in UNPRINTABLE_CATEGORIES:
+            return index
+    return None
+
+
+def printable(text: str, replacement: str = "?") -> str:
+    """`text` with each control, format or line-separator character replaced."""
+    if first_unprintable(text) is None:
+        return text
+    return "".join(
+        replacement if unicodedata.category(char) in UNPRINTABLE_CATEGORIES else char
+        for char in text
+    )
+
+
+def check_printable(value: str, field: str) -> str:
+    """Return `value`, or raise InvalidTask naming `field` and the first bad character."""
+    index = first_unprintable(value)
+    if index is not None:
+        raise InvalidTask(
+            f"{field} must not contain control or format characters (newline, escape, "
+            f"bidi override...); it has U+{ord(value[index]):04X} at position {index}",
+            field=field,
+        )
+    return value
+
+
+def validate_worker_id(worker_id: str) -> str:
+    """Return `worker_id` if a worker may go by it, else raise InvalidTask."""
+    if not worker_id or len(worker_id) > MAX_WORKER_ID_LENGTH:
+        raise InvalidTask(
+            f"worker_id must be 1 to {MAX_WORKER_ID_LENGTH} characters", field="worker_id"
+        )
+    return check_printable(worker_id, "worker_id")
 
 
 # The most any duration may be: whole days, so the limit reads well and is exact in seconds

@@ -34,7 +34,15 @@ from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
 from conveyor.server.work_stream import WorkStream
 from conveyor.storage import queries
-from conveyor.types import TaskState, normalize_task_id, validate_task_type
+from conveyor.types import (
+    MAX_WORKER_HOST_LENGTH,
+    MAX_WORKER_VERSION_LENGTH,
+    TaskState,
+    check_printable,
+    normalize_task_id,
+    validate_task_type,
+    validate_worker_id,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -46,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.server.workers")
 
-MAX_WORKER_ID_LENGTH: Final = 200
 MAX_ERROR_LENGTH: Final = 8000
 MAX_TASK_TYPES: Final = 1000
 MAX_REPORTS_PER_CALL: Final = 1000
@@ -101,9 +108,14 @@ def _clean_error(error: str) -> str:
 
 
 def _worker_id(value: str) -> str:
-    if not value or len(value) > MAX_WORKER_ID_LENGTH or "\x00" in value:
-        raise InvalidTask(f"worker_id must be 1 to {MAX_WORKER_ID_LENGTH} characters")
-    return value
+    # Checked on every call, not only at registration: the id is logged and shown, and a
+    # call naming an id no worker could register must not write it anywhere.
+    return validate_worker_id(value)
+
+
+def _label(value: str, field: str, limit: int) -> str:
+    """A worker's host or version: for people to read, so printable, and cut to `limit`."""
+    return check_printable(value, field)[:limit] or "unknown"
 
 
 def _task_types(values: Sequence[str]) -> list[str]:
@@ -167,6 +179,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """Record (or refresh) a worker as active."""
         worker_id = _worker_id(request.worker_id)
         task_types = _task_types(request.task_types)
+        host = _label(request.host, "host", MAX_WORKER_HOST_LENGTH)
+        version = _label(request.version, "version", MAX_WORKER_VERSION_LENGTH)
         if request.concurrency < 1:
             raise InvalidTask("concurrency must be at least 1")
         principal = caller() if self.gate.authenticating else None
@@ -176,12 +190,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             registered = await queries.worker_register(
                 conn,
                 worker_id=worker_id,
-                # For people to read; PostgreSQL text cannot hold NUL.
-                host=request.host[:255].replace("\x00", "\\x00") or "unknown",
+                host=host,
                 pid=min(request.pid, 2**31 - 1),
                 task_types=task_types,
                 concurrency=min(request.concurrency, 2**31 - 1),
-                version=request.version[:64].replace("\x00", "\\x00") or "unknown",
+                version=version,
                 principal=principal.name if principal is not None else None,
                 gone_after=self.config.worker_lost_after,
             )

@@ -65,14 +65,20 @@ from conveyor.client.channel import (
     translate,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
-from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
+from conveyor.errors import ConfigError, InvalidTask, PermanentFailure, ServerUnavailable
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
-from conveyor.types import as_duration
+from conveyor.types import (
+    MAX_WORKER_HOST_LENGTH,
+    MAX_WORKER_VERSION_LENGTH,
+    as_duration,
+    printable,
+    validate_worker_id,
+)
 from conveyor.worker.context import TaskContext
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
@@ -130,9 +136,32 @@ class _Unreachable(Exception):
         self.retry_in = retry_in
 
 
+# The hostname's share of a default worker id: the id's limit (200) less "-<pid>-<6 hex>",
+# with room to spare.
+_ID_HOST_LENGTH: Final = 150
+
+
+def host_name() -> str:
+    """This machine's name as servers accept it: printable, within the host limit.
+
+    A hostname's control or format characters become "?": an unusual hostname must never
+    stop a worker from registering.
+    """
+    return printable(socket.gethostname())[:MAX_WORKER_HOST_LENGTH] or "unknown"
+
+
 def default_worker_id() -> str:
     """host-pid-random: unique per process and readable in `conveyor workers`."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{host_name()[:_ID_HOST_LENGTH]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _checked_worker_id(worker_id: object) -> str:
+    if not isinstance(worker_id, str):
+        raise ConfigError(f"worker_id must be a string, not {type(worker_id).__name__}")
+    try:
+        return validate_worker_id(worker_id)
+    except InvalidTask as exc:  # the server would refuse it at registration
+        raise ConfigError(exc.message) from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -231,7 +260,8 @@ class Worker:
         drain_timeout: How long `stop` lets in-flight attempts finish before handing
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
-        worker_id: Defaults to host-pid-random.
+        worker_id: Defaults to host-pid-random. Up to 200 characters, none of them a
+            control or format character (ConfigError otherwise).
         metrics_port: Serve Prometheus metrics at http://metrics_host:metrics_port/metrics
             while the worker runs (None: do not serve; 0: any free port). After `start`,
             this attribute holds the port actually bound.
@@ -267,7 +297,7 @@ class Worker:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
         self.codec = codec if codec is not None else AesGcmCodec.from_env()
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = _checked_worker_id(worker_id) if worker_id else default_worker_id()
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
         self.configure(
@@ -635,11 +665,11 @@ class _Runtime:
         assert self.stop_event is not None  # noqa: S101
         request = pb.RegisterWorkerRequest(
             worker_id=self.worker.worker_id,
-            host=socket.gethostname(),
+            host=host_name(),
             pid=os.getpid(),
             task_types=self.worker.registry.task_types(),
             concurrency=self.worker.concurrency,
-            version=__version__,
+            version=printable(__version__)[:MAX_WORKER_VERSION_LENGTH],
         )
         give_up_at = self.loop.time() + self.start_timeout.total_seconds()
         delays = self.retry.delays()
