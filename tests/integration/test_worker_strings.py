@@ -13,9 +13,9 @@ import uuid
 
 import grpc
 import pytest
-from helpers import running, worker_stub
+from helpers import run_cli, running, worker_stub
 
-from conveyor import Worker
+from conveyor import Task, Worker
 from conveyor.errors import ConfigError
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
@@ -114,3 +114,59 @@ class TestTheWorkersOwnDefaults:
         """Worker(worker_id=...) says what is wrong when it is built, not at registration."""
         with pytest.raises(ConfigError, match="worker_id"):
             Worker("localhost:1", worker_id=worker_id)
+
+
+# Stored before the server refused such ids, or by a server older than that: rich markup
+# that does not parse ([/] closes nothing), markup that does (a hyperlink, blinking), an
+# OSC title change with BEL, a clear screen, a bidi override.
+HOSTILE_ID = "[/]evil[link=https://evil.example]w3[/link][blink]x\x1b]0;PWNED\x07\x1b[2J\u202e"
+HOSTILE_HOST = "h[/]\x1b[31mred"
+SHOWN_ID = "[/]evil[link=https://evil.example]w3[/link][blink]x"
+
+
+class TestTheCliShowsAWorkersTextAsText:
+    def test_rows_stored_before_the_check_are_shown_escaped(self, server, client, db) -> None:
+        """`conveyor workers`, `tasks list`, `tasks show` and `status --history` show a
+        hostile worker id and host literally, brackets and all, with its control
+        characters as escapes. They crashed with a MarkupError traceback (exit 1) on
+        `[/]`, turned `[link=...]` into a hyperlink, and wrote ESC to the terminal."""
+        task_id = client.enqueue_task(Task(type=TYPE, payload=b"x"))
+        worker_id = f"w-{uuid.uuid4().hex[:8]}"
+        with worker_stub(server.address) as stub:
+            assert register(stub, worker_id=worker_id) is None
+            leased = stub.LeaseTasks(
+                pb.LeaseTasksRequest(worker_id=worker_id, task_types=[TYPE], max_tasks=1),
+                timeout=10,
+            )
+        assert [lease.task_id for lease in leased.leases] == [task_id]
+        db.execute(
+            "UPDATE conveyor_workers SET id = $2, host = $3, version = $3 WHERE id = $1",
+            worker_id,
+            HOSTILE_ID,
+            HOSTILE_HOST,
+        )
+        db.execute("UPDATE conveyor_tasks SET worker_id = $1 WHERE id = $2", HOSTILE_ID, task_id)
+        db.execute(
+            "UPDATE conveyor_task_events SET worker_id = $1 WHERE task_id = $2", HOSTILE_ID, task_id
+        )
+
+        commands = [
+            ("workers",),
+            ("tasks", "list"),
+            ("tasks", "show", task_id),
+            ("status", task_id, "--history"),
+        ]
+        for command in commands:
+            result = run_cli(*command, "--server", server.address, COLUMNS="400")
+            shown = f"conveyor {' '.join(command)}: exit {result.returncode}\n{result.stderr}"
+            assert result.returncode == 0, shown
+            assert "Traceback" not in result.stderr, shown
+            assert "\x1b" not in result.stdout, shown
+            assert "\x07" not in result.stdout, shown
+            assert "\u202e" not in result.stdout, shown
+            # Literally, with its escapes: nothing was read as markup.
+            assert f"{SHOWN_ID}\\x1b]0;PWNED\\x07\\x1b[2J\\u202e" in result.stdout, (
+                shown + result.stdout
+            )
+        workers = run_cli("workers", "--server", server.address, COLUMNS="400")
+        assert "h[/]\\x1b[31mred:1" in workers.stdout, workers.stdout

@@ -73,15 +73,17 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
     for column in ("id", "state", "host:pid", "types", "in flight", "last heartbeat", "loop"):
         table.add_column(column)
     for w in found:
-        loop = f"[red]blocked {w.loop_lag_ms} ms[/]" if w.loop_lag_ms >= BLOCKED_LOOP_MS else "ok"
-        table.add_row(
-            w.id,
-            w.state,
-            f"{w.host}:{w.pid}",
-            ", ".join(w.task_types),
-            f"{w.in_flight}/{w.concurrency}",
-            f"{silent_for(w):.1f}s ago",
-            loop,
+        blocked = w.loop_lag_ms >= BLOCKED_LOOP_MS
+        # Id, host, state, types and version are the worker's own words: plain text only.
+        output.row(
+            table,
+            output.plain(w.id),
+            output.plain(w.state),
+            output.plain(f"{w.host}:{w.pid}"),
+            output.plain(", ".join(w.task_types)),
+            output.plain(f"{w.in_flight}/{w.concurrency}"),
+            output.plain(f"{silent_for(w):.1f}s ago"),
+            Text(f"blocked {w.loop_lag_ms} ms", style="red") if blocked else Text("ok"),
         )
     output.console().print(table)
 
@@ -158,20 +160,21 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
 
 def render_stats(status: ClusterStatus) -> Group:
     """The stats view: who leads, the queue by type, workers, the last minute."""
-    # Built from Text parts, not markup: a server id is free text chosen by the operator.
+    # Built from Text parts, not markup, and inert: a server id is free text chosen by the
+    # operator, a pause reason by whoever paused.
     header = Text()
     if status.leader_id:
-        header.append("leader ").append(status.leader_id, style="bold")
+        header.append("leader ").append(output.inert(status.leader_id), style="bold")
         header.append(f" (term {status.leader_term})")
     else:
         header.append("no active leader", style="red")
         header.append(f" (last term {status.leader_term})")
-    header.append(f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}")
+    answered = f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}"
     sampled = f"sampled {output.when(status.sampled_at)}" if status.sampled_at else "no sample yet"
-    header.append(f" · version {status.version} · {sampled}")
+    header.append(output.inert(f"{answered} · version {status.version} · {sampled}"))
     reasons = {
-        paused.type: "; ".join(
-            filter(None, (paused.reason, paused.paused_by and f"by {paused.paused_by}"))
+        paused.type: output.inert(
+            "; ".join(filter(None, (paused.reason, paused.paused_by and f"by {paused.paused_by}")))
         )
         for paused in status.paused_types
     }
@@ -185,11 +188,12 @@ def render_stats(status: ClusterStatus) -> Group:
         if item.paused:
             paused = Text("paused", style="yellow")
             paused.append(f" ({reasons[item.type]})" if reasons.get(item.type) else "")
-        queue.add_row(
-            item.type,
-            str(item.queued),
-            str(item.running),
-            f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-",
+        output.row(
+            queue,
+            output.plain(item.type),
+            output.plain(item.queued),
+            output.plain(item.running),
+            output.plain(f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-"),
             paused,
         )
     workers = ", ".join(f"{count} {state}" for state, count in sorted(status.workers.items()))
@@ -201,7 +205,7 @@ def render_stats(status: ClusterStatus) -> Group:
     return Group(
         header,
         queue if status.types else Text("no queued or running tasks, no paused types"),
-        Text(f"workers: {workers or 'none registered'}"),
+        output.plain(f"workers: {workers or 'none registered'}"),
         Text(minute),
     )
 

@@ -185,19 +185,22 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
     summary = Table.grid(padding=(0, 2))
     for key, value in status_document(found).items():
         if key != "history" and value is not None:
-            summary.add_row(f"[bold]{key}[/]", output.plain(value))
+            output.row(summary, output.label(key), output.plain(value))
     console.print(summary)
     if history:
         table = Table(title="history")
         for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
             table.add_column(column)
         for event in found.history:
-            table.add_row(
-                event.at.isoformat(timespec="milliseconds"),
-                event.event,
-                event.state.value,
-                str(event.attempt),
-                event.worker_id or "",
+            # The worker id is the worker's own choice, possibly stored before the server
+            # refused control characters in one: every cell goes in as plain text.
+            output.row(
+                table,
+                output.plain(event.at.isoformat(timespec="milliseconds")),
+                output.plain(event.event),
+                output.plain(event.state.value),
+                output.plain(event.attempt),
+                output.plain(event.worker_id),
                 output.plain(event.detail),
                 output.plain(event.actor),
             )
