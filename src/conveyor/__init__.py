@@ -40,6 +40,7 @@ from conveyor.types import (
     TaskStatus,
     TypeStatus,
     WorkerInfo,
+    WorkerPage,
 )
 from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
@@ -66,6 +67,7 @@ __all__ = [
     "TypeStatus",
     "Worker",
     "WorkerInfo",
+    "WorkerPage",
     "__version__",
     "configure_logging",
     "errors",

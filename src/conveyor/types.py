@@ -450,6 +450,11 @@ class ClusterStatus:
     last_minute_seconds: float = 60.0
 
 
+# A live worker whose event loop was blocked this long between two heartbeats is in trouble:
+# the workers listing shows it first, with lost workers, and flags it.
+BLOCKED_LOOP_MS: Final = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A registered worker as the server last heard of it.
@@ -473,3 +478,18 @@ class WorkerInfo:
     in_flight: int
     loop_lag_ms: int
     silent_for: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPage:
+    """One page of the workers listing.
+
+    Workers in trouble come first (lost, or an event loop blocked for `BLOCKED_LOOP_MS` or
+    more), then the newest. `total` is how many workers the listing holds in all its pages,
+    read with this page (None from a server older than it); `next_page_token` is None on
+    the last page, else pass it back for the next one.
+    """
+
+    workers: tuple[WorkerInfo, ...]
+    total: int | None
+    next_page_token: str | None

@@ -26,6 +26,7 @@ checks that memory stays bounded over a few thousand hostile requests.
 
 from __future__ import annotations
 
+import base64
 import gc
 import itertools
 import random
@@ -1354,8 +1355,32 @@ def pause_requests(draw: st.DrawFn) -> pb.PauseTypeRequest:
     )
 
 
+def _worker_token(flag: str, micros: str, worker_id: str) -> str:
+    """A workers-listing page token as the server makes them, of any parts."""
+    key = f"{flag}:{micros}:{worker_id}".encode(errors="surrogatepass")
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+# Tokens the server made (valid parts) and forged ones: flags other than 0/1, times past
+# datetime's range, NUL and hostile text in the id, and text that is no base64 at all.
+worker_page_tokens = st.one_of(
+    st.just(""),
+    hostile_text,
+    st.builds(
+        _worker_token,
+        st.sampled_from(["0", "1", "2", "", "true"]),
+        st.one_of(st.integers(0, 10**20).map(str), st.sampled_from(["-1", "1e9", "", "٣"])),
+        st.one_of(st.sampled_from(["w", "", "w\x00"]), hostile_text),
+    ),
+)
+
 ADMIN_REQUESTS: dict[str, st.SearchStrategy[Any]] = {
-    "ListWorkers": st.builds(pb.ListWorkersRequest, include_stopped=st.booleans(), limit=uint32s),
+    "ListWorkers": st.builds(
+        pb.ListWorkersRequest,
+        include_stopped=st.booleans(),
+        limit=uint32s,
+        page_token=worker_page_tokens,
+    ),
     "GetLeader": st.just(pb.GetLeaderRequest()),
     "ExplainTask": st.builds(
         pb.ExplainTaskRequest, task_id=st.one_of(st.integers(0, 10**6).map(POOL.task_id), ids)
@@ -1395,12 +1420,22 @@ def test_admin_service(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
         )
     )
     @example(case=("ListTasks", pb.ListTasksRequest(limit=U32, page_token=str(I64 + 1))))
+    # A workers' page token past datetime's range, or naming an id with NUL.
+    @example(
+        case=("ListWorkers", pb.ListWorkersRequest(page_token=_worker_token("1", "9" * 20, "w")))
+    )
+    @example(
+        case=("ListWorkers", pb.ListWorkersRequest(page_token=_worker_token("0", "1", "w\x00")))
+    )
     def hostile(case: tuple[str, Any]) -> None:
         kind, request = case
         code, response, details = stubs.call(getattr(stubs.admin, kind), request)
         assert_documented(code, details, kind)
         if kind == "ListTasks" and response is not None:
             assert len(response.tasks) <= min(request.limit or 50, 1000)
+        if kind == "ListWorkers" and response is not None:
+            assert len(response.workers) <= min(request.limit or 500, 10_000)
+            assert response.HasField("total")
         if kind in {"RetryTasks", "CancelTasks"} and request.HasField("filter"):
             beyond = max(request.through_seq, request.after_seq) > I64
             if beyond:

@@ -21,22 +21,39 @@ from rich.text import Text
 from conveyor.cli import output
 from conveyor.cli.params import BoundedFloat
 from conveyor.cli.task_commands import open_client, server_option
+from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE, MAX_WORKERS_PER_PAGE
+from conveyor.types import BLOCKED_LOOP_MS
 
 if TYPE_CHECKING:
     from conveyor.types import ClusterStatus, WorkerInfo
 
-# An event loop blocked this long between two heartbeats is flagged in the listing.
-BLOCKED_LOOP_MS = 1000
-
 
 @click.command()
 @click.option("--all", "include_stopped", is_flag=True, help="Include stopped workers.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_WORKERS_PER_PAGE),
+    default=DEFAULT_WORKERS_PER_PAGE,
+    show_default=True,
+    help="Workers per page.",
+)
+@click.option(
+    "--page-token", default=None, metavar="TOKEN", help="Continue where the last page ended."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option
-def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
-    """List registered workers: state, load, last heartbeat, event-loop health."""
+def workers(
+    include_stopped: bool, limit: int, page_token: str | None, as_json: bool, server: str | None
+) -> None:
+    """List registered workers: state, load, last heartbeat, event-loop health.
+
+    Lost workers and blocked event loops first, then the newest, one page at a time.
+    """
     with open_client(server) as client:
-        found = client.list_workers(include_stopped=include_stopped)
+        page = client.list_workers_page(
+            include_stopped=include_stopped, limit=limit, page_token=page_token
+        )
+    found = page.workers
     now = datetime.now(UTC)
 
     def silent_for(w: WorkerInfo) -> float:
@@ -46,35 +63,35 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
         return max(silent.total_seconds(), 0.0)
 
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "id": w.id,
-                        "host": w.host,
-                        "pid": w.pid,
-                        "state": w.state,
-                        "task_types": list(w.task_types),
-                        "concurrency": w.concurrency,
-                        "in_flight": w.in_flight,
-                        "version": w.version,
-                        "started_at": w.started_at.isoformat(),
-                        "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
-                        "silent_for_seconds": round(silent_for(w), 3),
-                        "loop_lag_ms": w.loop_lag_ms,
-                    }
-                    for w in found
-                ],
-                indent=2,
-            )
-        )
+        document = {
+            "workers": [
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "task_types": list(w.task_types),
+                    "concurrency": w.concurrency,
+                    "in_flight": w.in_flight,
+                    "version": w.version,
+                    "started_at": w.started_at.isoformat(),
+                    "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
+                    "silent_for_seconds": round(silent_for(w), 3),
+                    "loop_lag_ms": w.loop_lag_ms,
+                }
+                for w in found
+            ],
+            "total": page.total,
+            "next_page_token": page.next_page_token,
+        }
+        click.echo(json.dumps(document, indent=2))
         return
-    table = Table(title=f"{len(found)} worker(s)")
+    table = Table(title=f"{len(found)} worker(s), lost and blocked first")
     for column in ("id", "state", "host:pid", "types", "in flight", "last heartbeat", "loop"):
         table.add_column(column)
     for w in found:
         blocked = w.loop_lag_ms >= BLOCKED_LOOP_MS
-        # Id, host, state, types and version are the worker's own words: plain text only.
+        # The id, host and types are the worker's own words: plain text only.
         output.row(
             table,
             output.plain(w.id),
@@ -86,6 +103,22 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
             Text(f"blocked {w.loop_lag_ms} ms", style="red") if blocked else Text("ok"),
         )
     output.console().print(table)
+    # On stderr: the table on stdout stays the table, for a pipe as for a person.
+    left_out = _left_out(len(found), limit, page.total, page.next_page_token)
+    if left_out:
+        click.echo(left_out, err=True)
+
+
+def _left_out(shown: int, limit: int, total: int | None, next_page_token: str | None) -> str:
+    """What a page of the workers listing leaves out, in words; "" when nothing."""
+    more = f"; more: add --page-token {next_page_token}" if next_page_token else ""
+    if total is None:  # a server older than the count
+        if shown < limit:
+            return ""
+        return f"showing {shown} workers; there may be more (the server does not count them)"
+    if shown >= total:
+        return ""
+    return f"showing {shown} of {total} workers{more}"
 
 
 @click.command()

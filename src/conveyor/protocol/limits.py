@@ -5,6 +5,9 @@ its own limit from its payload limit (`ServerConfig.max_message_bytes`), and a m
 sends a worker must fit in the worker's limit too, so the server's payload limit is bounded
 by this (`ServerConfig` refuses a larger one).
 
+A page of the workers listing (ListWorkers) holds `DEFAULT_WORKERS_PER_PAGE` workers
+unless the caller asks for another number, and at most `MAX_WORKERS_PER_PAGE`.
+
 A heartbeat names at most `MAX_HEARTBEAT_LEASES` leases: the server refuses more, since
 each is a locked row on the pool heartbeats share with leader elections, and a worker
 holding more splits its beat into several calls.
@@ -25,3 +28,5 @@ MAX_HEARTBEAT_LEASES: Final = 10_000
 MAX_TRACE_ENTRIES: Final = 8
 MAX_TRACE_KEY: Final = 64
 MAX_TRACE_VALUE: Final = 512
+DEFAULT_WORKERS_PER_PAGE: Final = 500
+MAX_WORKERS_PER_PAGE: Final = 10_000

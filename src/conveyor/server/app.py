@@ -220,7 +220,7 @@ class ConveyorServer:
             authenticate = self.gate.authenticate if self.gate.authenticating else None
             dashboard = (
                 Dashboard(
-                    DashboardBackend(self.control, self.stats, self.cluster_status),
+                    DashboardBackend(self.control, self.stats, self.cluster_status, self.database),
                     allowed_hosts=self.config.dashboard_allowed_hosts,
                     authenticate=authenticate,
                     token_entry=token_entries(self.gate.tokens.current)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Final, overload
 
 import asyncpg
 
+from conveyor.types import BLOCKED_LOOP_MS
+
 if TYPE_CHECKING:
     from datetime import datetime
 
@@ -574,9 +576,41 @@ async def worker_prune_gone(
     return pruned
 
 
-async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[asyncpg.Record]:
-    """Workers, newest first; stopped ones only if asked."""
-    return list(await conn.fetch(SQL["worker_list"], include_stopped, limit))
+@dataclass(frozen=True, slots=True)
+class WorkerListPosition:
+    """Where a page of `worker_list` ended: its last worker's sort key."""
+
+    troubled: bool
+    started_at: datetime
+    id: str
+
+
+async def worker_list(
+    conn: Any,
+    *,
+    include_stopped: bool,
+    limit: int,
+    after: WorkerListPosition | None = None,
+    blocked_loop_ms: int = BLOCKED_LOOP_MS,
+) -> list[asyncpg.Record]:
+    """Workers in trouble first, then newest first, after `after`; stopped ones if asked."""
+    return list(
+        await conn.fetch(
+            SQL["worker_list"],
+            include_stopped,
+            limit,
+            blocked_loop_ms,
+            after.troubled if after is not None else None,
+            after.started_at if after is not None else None,
+            after.id if after is not None else None,
+        )
+    )
+
+
+async def worker_list_count(conn: Any, *, include_stopped: bool) -> int:
+    """How many workers `worker_list` lists in all its pages."""
+    count: int = await conn.fetchval(SQL["worker_list_count"], include_stopped)
+    return count
 
 
 async def leader_attempt_elect(

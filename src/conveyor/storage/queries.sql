@@ -721,12 +721,32 @@ WHERE id = ANY (ARRAY(SELECT id FROM doomed))
 RETURNING state;
 
 -- name: worker_list
+-- $1 include stopped workers, $2 at most this many, $3 the loop lag (ms) that counts as a
+-- blocked event loop, $4 $5 $6 the (troubled, started_at, id) of the previous page's last
+-- worker, all NULL for the first page.
+-- Workers in trouble (lost, or a live one with a blocked event loop) first, then newest
+-- first: they are what an operator looks for, and a page limit must not hide them. Keyset
+-- pages, every key descending: the next page holds the rows whose key is below the last
+-- one's. A worker whose trouble starts or ends between two pages may be listed twice or
+-- not at all. The table holds a row per worker of the last day (worker retention): sorted
+-- whole, as before.
 SELECT id, host, pid, task_types, concurrency, version, state, started_at, last_heartbeat_at,
-       in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for
-FROM conveyor_workers
-WHERE $1 OR state IN ('active', 'draining', 'lost')
-ORDER BY started_at DESC
+       in_flight, loop_lag_ms, silent_for, troubled
+FROM (
+    SELECT id, host, pid, task_types, concurrency, version, state, started_at,
+           last_heartbeat_at, in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for,
+           state = 'lost' OR (state IN ('active', 'draining') AND loop_lag_ms >= $3)
+               AS troubled
+    FROM conveyor_workers
+    WHERE $1 OR state IN ('active', 'draining', 'lost')
+) AS listed
+WHERE $4::boolean IS NULL OR (troubled, started_at, id) < ($4::boolean, $5::timestamptz, $6::text)
+ORDER BY troubled DESC, started_at DESC, id DESC
 LIMIT $2;
+
+-- name: worker_list_count
+-- $1 include stopped workers. How many workers worker_list lists in all its pages.
+SELECT count(*) FROM conveyor_workers WHERE $1 OR state IN ('active', 'draining', 'lost');
 
 -- name: leader_attempt_elect
 -- $1 role, $2 holder, $3 ttl (s), $4 the term $2 leads in as far as it knows (NULL: none).

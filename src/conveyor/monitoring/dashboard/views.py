@@ -50,7 +50,7 @@ if TYPE_CHECKING:
         ClusterStatus,
         TaskDetail,
         TaskPage,
-        WorkerInfo,
+        WorkerPage,
     )
 
 PAGE_SIZE: Final = 50
@@ -78,8 +78,8 @@ class DashboardSource(Protocol):
         """A task with history, payload and explanation."""
         ...
 
-    async def workers(self) -> list[WorkerInfo]:
-        """Registered workers that are not stopped."""
+    async def workers(self) -> WorkerPage:
+        """The first page of registered workers that are not stopped, with their total."""
         ...
 
     async def retry_task(self, task_id: str, *, actor: str) -> BulkResult:
@@ -632,12 +632,14 @@ class Dashboard:
         )
 
     async def workers(self, _request: web.Request, visit: Visit) -> web.Response:
-        """Workers with their state, load and last heartbeat."""
+        """Workers with their state, load and last heartbeat; says so when some are left out."""
+        listing = await self._source.workers()
         return self._render(
             "workers.html",
             visit=visit,
             page="workers",
-            workers=await self._source.workers(),
+            workers=listing.workers,
+            total=listing.total,
             refresh="/ui/workers",
         )
 
