@@ -12,7 +12,7 @@ ConveyorError
 ├── LimitExceeded          a configured limit refused the request (rate, streams)
 ├── ServerUnavailable      no server answered in time (network, restart, database down)
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
-├── SchemaMismatch         the database schema is older or newer than this release
+├── SchemaMismatch         this release cannot run on the database's schema
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
 ```

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from helpers import (
+    Db,
     assert_ok,
     assert_one_error_line,
     conveyor_command,
@@ -219,6 +220,21 @@ class TestServerCommands:
         assert out.splitlines()[0] == "applied 0001_initial"
         out = assert_ok(run("migrate", "--database-url", empty_database_url))
         assert out.splitlines() == [f"schema is up to date (version {migrations[-1].version})"]
+
+    def test_migrate_leaves_a_compatible_newer_schema_alone(self, database_url):
+        """A rollback's (or an old deploy job's) `migrate` after a newer release migrated."""
+        latest = migrate.latest_version()
+        Db(database_url).execute(
+            "INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema) "
+            "VALUES ($1, 'next', $2)",
+            latest + 1,
+            latest,
+        )
+        out = assert_ok(run("migrate", "--database-url", database_url))
+        assert out == (
+            f"nothing to apply: the schema is version {latest + 1}, newer than this Conveyor "
+            f"({latest}), and its newer migrations all say this release runs correctly on it\n"
+        )
 
     def test_server_refuses_an_unmigrated_database(self, empty_database_url):
         result = run(

@@ -466,7 +466,7 @@ def migrate_command(database_url: str | None) -> None:
     """Apply pending schema migrations (idempotent; safe from several processes at once)."""
     url, embedded = resolve_database(database_url, "migrate")
 
-    async def run() -> list[migrate.Migration]:
+    async def run() -> tuple[list[migrate.Migration], int]:
         try:
             conn = await asyncpg.connect(url, timeout=10)
         except Exception as exc:
@@ -475,19 +475,24 @@ def migrate_command(database_url: str | None) -> None:
                 raise
             raise failure from exc
         try:
-            return await migrate.migrate(conn)
+            return await migrate.migrate(conn), await migrate.check_schema(conn)
         finally:
             await conn.close()
 
     try:
-        applied = asyncio.run(run())
+        applied, version = asyncio.run(run())
     finally:
         _stop_embedded(embedded)
-    if applied:
-        for migration in applied:
-            click.echo(f"applied {migration.version:04d}_{migration.name}")
-    else:
-        click.echo(f"schema is up to date (version {migrate.latest_version()})")
+    for migration in applied:
+        click.echo(f"applied {migration.label}")
+    latest = migrate.latest_version()
+    if version > latest:
+        click.echo(
+            f"nothing to apply: the schema is version {version}, newer than this Conveyor "
+            f"({latest}), and its newer migrations all say this release runs correctly on it"
+        )
+    elif not applied:
+        click.echo(f"schema is up to date (version {version})")
 
 
 @click.command()

@@ -210,12 +210,19 @@ class Database:
                 applied = await migrate.migrate(conn)
                 for migration in applied:
                     log.info(
-                        "applied migration %04d_%s",
-                        migration.version,
-                        migration.name,
+                        "applied migration %s",
+                        migration.label,
                         extra={"event": "migration_applied"},
                     )
-            await migrate.check_schema(conn)
+            version = await migrate.check_schema(conn)
+        if version > migrate.latest_version():
+            log.info(
+                "the database schema is version %d, newer than this server's %d; its newer "
+                "migrations all say this release runs correctly on it",
+                version,
+                migrate.latest_version(),
+                extra={"event": "schema_newer_compatible"},
+            )
 
     async def _create_pool(self, size: int) -> asyncpg.Pool[asyncpg.Record]:
         return await asyncpg.create_pool(

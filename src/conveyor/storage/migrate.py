@@ -1,27 +1,41 @@
 """Schema migrations: numbered, forward-only `.sql` files applied once and recorded in a ledger.
 
 `migrate` takes a transaction-scoped advisory lock first, so any number of processes may run
-it at once: one applies, the others wait and then find nothing left to do. `check_schema` is
-what a server runs at start: it refuses an unmigrated database and one migrated by a newer
-Conveyor, instead of failing later on a missing column.
+it at once: one applies, the others wait and then find nothing left to do. `check_schema`
+is what a server runs at start and on every readiness probe: it refuses an unmigrated
+database, one that lacks this release's migrations, and a newer schema unless each newer
+migration recorded that servers of this release run correctly on it (each file's
+`-- oldest-compatible-schema: N` header, kept in the ledger, since a server cannot read the
+files of a release newer than itself).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import SchemaMismatch
+from conveyor.errors import ConfigError, SchemaMismatch
 from conveyor.storage import queries
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.resources.abc import Traversable
+    from pathlib import Path
 
 log = logging.getLogger("conveyor.storage.migrate")
 
 # Arbitrary but fixed: "conveyor" in ASCII, so it will not collide with an application's lock.
 _MIGRATION_LOCK_KEY: Final = 0x636F6E7665796F72
 _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# In a migration's leading comment block: the oldest schema version whose servers still run
+# correctly once this migration is applied. Without it, only servers that know the migration
+# may run on it: the safe default, since a server cannot tell what a migration it has never
+# seen changed.
+_COMPATIBILITY_HEADER: Final = re.compile(r"^--\s*oldest-compatible-schema:\s*(\S*)\s*$")
 
 _LEDGER_DDL: Final = """
 CREATE TABLE IF NOT EXISTS conveyor_schema_migrations (
@@ -32,7 +46,26 @@ CREATE TABLE IF NOT EXISTS conveyor_schema_migrations (
 """
 _LEDGER_EXISTS: Final = "SELECT to_regclass('conveyor_schema_migrations') IS NOT NULL"
 _LEDGER_VERSIONS: Final = "SELECT version FROM conveyor_schema_migrations ORDER BY version"
+# The compatibility column exists from migration 0014 on: read through to_jsonb, the same
+# statement reads a ledger with or without it (NULL without).
+_LEDGER_ROWS: Final = """
+SELECT m.version, m.name,
+       (to_jsonb(m) ->> 'oldest_compatible_schema')::integer AS oldest_compatible_schema
+FROM conveyor_schema_migrations AS m
+ORDER BY m.version
+"""
+_LEDGER_HAS_COMPATIBILITY: Final = """
+SELECT EXISTS (
+    SELECT FROM pg_attribute
+    WHERE attrelid = 'conveyor_schema_migrations'::regclass
+      AND attname = 'oldest_compatible_schema' AND NOT attisdropped
+)
+"""
 _LEDGER_RECORD: Final = "INSERT INTO conveyor_schema_migrations (version, name) VALUES ($1, $2)"
+_LEDGER_RECORD_WITH_COMPATIBILITY: Final = """
+INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema)
+VALUES ($1, $2, $3)
+"""
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
 
 
@@ -43,23 +76,76 @@ class Migration:
     version: int
     name: str
     sql: str
+    # Servers whose own latest migration is at least this run correctly once it is applied.
+    oldest_compatible_schema: int
+
+    @property
+    def label(self) -> str:
+        """The file's name without `.sql`, as the CLI and logs print it."""
+        return f"{self.version:04d}_{self.name}"
 
 
-def available_migrations() -> list[Migration]:
-    """Every migration shipped with this release, in order."""
-    folder = resources.files("conveyor.storage").joinpath("migrations")
+@dataclass(frozen=True, slots=True)
+class _LedgerRow:
+    version: int
+    name: str
+    # NULL in a ledger from before 0014, and in rows it did not fill.
+    oldest_compatible_schema: int | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
+
+
+def available_migrations(migrations_dir: Path | None = None) -> list[Migration]:
+    """Every migration shipped with this release (or in `migrations_dir`), in order.
+
+    Raise ConfigError for a malformed compatibility header.
+    """
+    return list(_load_migrations(migrations_dir))
+
+
+def latest_version(migrations_dir: Path | None = None) -> int:
+    """The schema version this release expects."""
+    return _load_migrations(migrations_dir)[-1].version
+
+
+@functools.cache
+def _load_migrations(migrations_dir: Path | None) -> tuple[Migration, ...]:
+    # Cached: every readiness probe checks the schema against the files.
+    folder: Traversable | Path = (
+        resources.files("conveyor.storage").joinpath("migrations")
+        if migrations_dir is None
+        else migrations_dir
+    )
     found = []
     for entry in folder.iterdir():
         match = _FILE_NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+            version = int(match[1])
+            sql = entry.read_text(encoding="utf-8")
+            oldest_compatible = _oldest_compatible(entry.name, version, sql)
+            found.append(Migration(version, match[2], sql, oldest_compatible))
     found.sort(key=lambda m: m.version)
-    return found
+    return tuple(found)
 
 
-def latest_version() -> int:
-    """The schema version this release expects."""
-    return available_migrations()[-1].version
+def _oldest_compatible(file_name: str, version: int, sql: str) -> int:
+    headers = []
+    for line in sql.splitlines():
+        if line.strip() and not line.startswith("--"):
+            break  # the leading comment block ends at the first statement
+        match = _COMPATIBILITY_HEADER.match(line)
+        if match:
+            headers.append(match[1])
+    if not headers:
+        return version
+    if len(headers) > 1 or not headers[0].isdigit() or not 1 <= int(headers[0]) <= version:
+        raise ConfigError(
+            f"migration {file_name}: its header must hold one line "
+            f"'-- oldest-compatible-schema: N' with N from 1 to {version}"
+        )
+    return int(headers[0])
 
 
 async def applied_versions(conn: Any) -> list[int]:
@@ -69,12 +155,26 @@ async def applied_versions(conn: Any) -> list[int]:
     return [row["version"] for row in await conn.fetch(_LEDGER_VERSIONS)]
 
 
-async def migrate(conn: Any) -> list[Migration]:
+async def _ledger(conn: Any) -> list[_LedgerRow]:
+    if not await conn.fetchval(_LEDGER_EXISTS):
+        return []
+    return [
+        _LedgerRow(row["version"], row["name"], row["oldest_compatible_schema"])
+        for row in await conn.fetch(_LEDGER_ROWS)
+    ]
+
+
+async def migrate(
+    conn: Any,
+    *,
+    migrations_dir: Path | None = None,
+) -> list[Migration]:
     """Apply every pending migration in one transaction; return those applied.
 
+    A newer schema that this release may run on (see `check_schema`) has nothing to apply.
     Then, if any was applied, refresh the task table's planner statistics.
     """
-    pending = await _apply_pending(conn)
+    pending = await _apply_pending(conn, available_migrations(migrations_dir))
     if pending:
         # After the migrations commit: one may change what the planner should know of the
         # task table (0011 pins an estimate that counts from the next ANALYZE). Outside
@@ -90,42 +190,88 @@ async def migrate(conn: Any) -> list[Migration]:
     return pending
 
 
-async def _apply_pending(conn: Any) -> list[Migration]:
+async def _apply_pending(conn: Any, migrations: Sequence[Migration]) -> list[Migration]:
     async with conn.transaction():
         await conn.execute(_LOCK, _MIGRATION_LOCK_KEY)
         await conn.execute(_LEDGER_DDL)
-        done = set(await applied_versions(conn))
-        newer = [v for v in done if v > latest_version()]
-        if newer:
-            raise SchemaMismatch(
-                f"the database has schema version {max(newer)}, newer than this Conveyor "
-                f"({latest_version()}); upgrade Conveyor instead of migrating"
-            )
-        pending = [m for m in available_migrations() if m.version not in done]
+        ledger = await _ledger(conn)
+        latest = migrations[-1].version
+        if ledger:
+            highest = ledger[-1].version
+            if highest > latest:
+                incompatible = _incompatible(ledger, latest)
+                if incompatible:
+                    raise SchemaMismatch(
+                        _newer_message(highest, latest, incompatible)
+                        + ": upgrade Conveyor instead of migrating"
+                    )
+                return []
+        done = {row.version for row in ledger}
+        pending = [m for m in migrations if m.version not in done]
         for migration in pending:
             await conn.execute(migration.sql)
-            await conn.execute(_LEDGER_RECORD, migration.version, migration.name)
+            if await conn.fetchval(_LEDGER_HAS_COMPATIBILITY):
+                await conn.execute(
+                    _LEDGER_RECORD_WITH_COMPATIBILITY,
+                    migration.version,
+                    migration.name,
+                    migration.oldest_compatible_schema,
+                )
+            else:
+                await conn.execute(_LEDGER_RECORD, migration.version, migration.name)
         return pending
 
 
-async def check_schema(conn: Any) -> int:
-    """Return the schema version, or raise SchemaMismatch if it is not this release's."""
-    versions = await applied_versions(conn)
-    expected = latest_version()
-    if not versions:
+async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
+    """Return the database's schema version; SchemaMismatch if this release cannot run on it.
+
+    It can when the ledger's newest migration is this release's, or newer ones that each
+    recorded being compatible with this release's schema. It cannot on an unmigrated
+    database or one missing some of this release's migrations.
+    """
+    ledger = await _ledger(conn)
+    migrations = available_migrations(migrations_dir)
+    expected = migrations[-1].version
+    if not ledger:
         raise SchemaMismatch(
             "the database has no Conveyor schema: run `conveyor migrate` "
             "(or start the server with --migrate)"
         )
-    current = max(versions)
-    if current > expected:
-        raise SchemaMismatch(
-            f"the database schema is version {current}, newer than this Conveyor expects "
-            f"({expected}): upgrade Conveyor"
-        )
+    current = ledger[-1].version
     if current < expected:
         raise SchemaMismatch(
             f"the database schema is version {current}, older than this Conveyor expects "
             f"({expected}): run `conveyor migrate` (or start the server with --migrate)"
         )
+    if current > expected:
+        incompatible = _incompatible(ledger, expected)
+        if incompatible:
+            raise SchemaMismatch(
+                _newer_message(current, expected, incompatible) + ": upgrade Conveyor"
+            )
     return current
+
+
+def _incompatible(ledger: Sequence[_LedgerRow], latest: int) -> list[_LedgerRow]:
+    """The applied migrations newer than `latest` that servers of `latest` may not run on."""
+    return [
+        row
+        for row in ledger
+        if row.version > latest
+        and (row.oldest_compatible_schema is None or row.oldest_compatible_schema > latest)
+    ]
+
+
+def _newer_message(current: int, expected: int, incompatible: Sequence[_LedgerRow]) -> str:
+    first = incompatible[0]
+    needs = (
+        f"it needs servers of schema {first.oldest_compatible_schema} or newer"
+        if first.oldest_compatible_schema is not None
+        else "its ledger row does not say which servers can run on it"
+    )
+    others = f" (and {len(incompatible) - 1} more)" if len(incompatible) > 1 else ""
+    return (
+        f"the database schema is version {current}, newer than this Conveyor expects "
+        f"({expected}), and migration {first.label}{others} is not compatible with this "
+        f"release ({needs})"
+    )
