@@ -5,13 +5,14 @@ previous release meet a newer schema. They stay ready (and may restart) when eve
 migration recorded in the ledger that they run correctly on it, and go unready with the
 reason otherwise. "A newer release" is played by this release's migrations plus one more,
 in a folder of the test's own; the servers are real servers of this release on a real
-PostgreSQL.
+PostgreSQL. The ledger itself must hold exactly the migrations' versions and names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from importlib import resources
@@ -218,3 +219,45 @@ class TestLedgerRecordsCompatibility:
     ) -> None:
         migrate_with(database_url, compatible_release(tmp_path))
         assert ledger_rows(db)[NEXT] == ("adds_a_table", THIS_RELEASE)
+
+
+class TestLedgerMustMatchTheFiles:
+    def test_a_gap_in_the_ledger_is_refused(self, start_server, database_url, db) -> None:
+        """Before: only max(version) was compared, so a server started on a database that
+        lacked 0005, and migrate() then applied 0005 after 0013 (and failed half way)."""
+        db.execute("DELETE FROM conveyor_schema_migrations WHERE version = 5")
+        expected = f"records versions 1-4, 6-{THIS_RELEASE}, not 1 to {THIS_RELEASE} (it lacks 5)"
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            check_with(database_url)
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            start_server()
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            migrate_with(database_url, None)
+        # Nothing applied out of order: 0005's constraint change was not run again.
+        assert 5 not in ledger_rows(db)
+
+    def test_a_gap_among_newer_migrations_is_refused(self, database_url, db, tmp_path) -> None:
+        migrate_with(database_url, compatible_release(tmp_path))
+        db.execute(
+            "INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema) "
+            "VALUES ($1, 'later', $2)",
+            NEXT + 2,
+            THIS_RELEASE,
+        )
+        with pytest.raises(SchemaMismatch, match=f"it lacks {NEXT + 1}"):
+            check_with(database_url)
+
+    def test_a_ledger_numbered_differently_is_refused(self, start_server, database_url, db) -> None:
+        """Before: names were recorded but never read; a development build that numbered
+        0005 and 0006 the other way round passed the check."""
+        db.execute("UPDATE conveyor_schema_migrations SET name = 'bulk_enqueue' WHERE version = 5")
+        expected = (
+            "records version 5 as 0005_bulk_enqueue, but this Conveyor's migration 5 is "
+            "0005_lean_history"
+        )
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            check_with(database_url)
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            start_server()
+        with pytest.raises(SchemaMismatch, match=re.escape(expected)):
+            migrate_with(database_url, None)

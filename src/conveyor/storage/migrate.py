@@ -3,10 +3,10 @@
 `migrate` takes a transaction-scoped advisory lock first, so any number of processes may run
 it at once: one applies, the others wait and then find nothing left to do. `check_schema`
 is what a server runs at start and on every readiness probe: it refuses an unmigrated
-database, one that lacks this release's migrations, and a newer schema unless each newer
-migration recorded that servers of this release run correctly on it (each file's
-`-- oldest-compatible-schema: N` header, kept in the ledger, since a server cannot read the
-files of a release newer than itself).
+database, one that lacks this release's migrations, a ledger that does not match the
+migration files, and a newer schema unless each newer migration recorded that servers of
+this release run correctly on it (each file's `-- oldest-compatible-schema: N` header, kept
+in the ledger, since a server cannot read the files of a release newer than itself).
 """
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema)
 VALUES ($1, $2, $3)
 """
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
+# No checksum of each file's content is recorded or compared. Databases deployed so far
+# could not be checked against one: 0001, 0004, 0011 and 0012 were edited after they were
+# first committed, so a database migrated by an earlier build ran other text than today's
+# files, and the checksum recorded for it now would be either a claim nobody verified (the
+# current files' hash) or nothing. And a mismatch found by a server at start has no remedy
+# in the operator's hands: the fix is in the release (a comment reworded in a shipped file
+# would stop every server). So the files are kept unchanged where that can be enforced, at
+# build time: tests/unit/test_migration_files.py pins each shipped file's hash, and at run
+# time the ledger must hold exactly the versions and names of the files (below).
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +109,8 @@ class _LedgerRow:
 def available_migrations(migrations_dir: Path | None = None) -> list[Migration]:
     """Every migration shipped with this release (or in `migrations_dir`), in order.
 
-    Raise ConfigError for a malformed compatibility header.
+    Raise ConfigError for a folder that is not a valid series: versions not 1, 2, 3...,
+    a `.sql` file whose name is not `NNNN_name.sql`, a malformed compatibility header.
     """
     return list(_load_migrations(migrations_dir))
 
@@ -120,13 +130,25 @@ def _load_migrations(migrations_dir: Path | None) -> tuple[Migration, ...]:
     )
     found = []
     for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
         match = _FILE_NAME.match(entry.name)
-        if match:
-            version = int(match[1])
-            sql = entry.read_text(encoding="utf-8")
-            oldest_compatible = _oldest_compatible(entry.name, version, sql)
-            found.append(Migration(version, match[2], sql, oldest_compatible))
+        if match is None:
+            raise ConfigError(
+                f"migration file {entry.name} in {folder} is not named NNNN_name.sql "
+                "(four digits, then lower-case letters, digits and underscores)"
+            )
+        version = int(match[1])
+        sql = entry.read_text(encoding="utf-8")
+        oldest_compatible = _oldest_compatible(entry.name, version, sql)
+        found.append(Migration(version, match[2], sql, oldest_compatible))
     found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise ConfigError(
+            f"the migrations in {folder} must be numbered 1, 2, 3... without a gap or a "
+            f"duplicate; found {', '.join(map(str, versions)) or 'none'}"
+        )
     return tuple(found)
 
 
@@ -197,6 +219,7 @@ async def _apply_pending(conn: Any, migrations: Sequence[Migration]) -> list[Mig
         ledger = await _ledger(conn)
         latest = migrations[-1].version
         if ledger:
+            _check_ledger(ledger, migrations)
             highest = ledger[-1].version
             if highest > latest:
                 incompatible = _incompatible(ledger, latest)
@@ -206,8 +229,9 @@ async def _apply_pending(conn: Any, migrations: Sequence[Migration]) -> list[Mig
                         + ": upgrade Conveyor instead of migrating"
                     )
                 return []
-        done = {row.version for row in ledger}
-        pending = [m for m in migrations if m.version not in done]
+        done = ledger[-1].version if ledger else 0
+        # The ledger was checked to hold exactly 1..done: what is left comes after it.
+        pending = [m for m in migrations if m.version > done]
         for migration in pending:
             await conn.execute(migration.sql)
             if await conn.fetchval(_LEDGER_HAS_COMPATIBILITY):
@@ -225,9 +249,10 @@ async def _apply_pending(conn: Any, migrations: Sequence[Migration]) -> list[Mig
 async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
     """Return the database's schema version; SchemaMismatch if this release cannot run on it.
 
-    It can when the ledger's newest migration is this release's, or newer ones that each
-    recorded being compatible with this release's schema. It cannot on an unmigrated
-    database or one missing some of this release's migrations.
+    It can when the ledger holds exactly this release's migrations (same versions, same
+    names), or those and newer ones each recorded as compatible with this release's
+    schema. It cannot on an unmigrated database, one missing some of this release's
+    migrations, or a ledger with a gap or another name for a version.
     """
     ledger = await _ledger(conn)
     migrations = available_migrations(migrations_dir)
@@ -237,6 +262,7 @@ async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
             "the database has no Conveyor schema: run `conveyor migrate` "
             "(or start the server with --migrate)"
         )
+    _check_ledger(ledger, migrations)
     current = ledger[-1].version
     if current < expected:
         raise SchemaMismatch(
@@ -250,6 +276,32 @@ async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
                 _newer_message(current, expected, incompatible) + ": upgrade Conveyor"
             )
     return current
+
+
+def _check_ledger(ledger: Sequence[_LedgerRow], migrations: Sequence[Migration]) -> None:
+    """Refuse a ledger that is not exactly versions 1..highest, named as the files are."""
+    recorded = {row.version for row in ledger}
+    highest = ledger[-1].version
+    missing = [version for version in range(1, highest + 1) if version not in recorded]
+    if missing or ledger[0].version < 1:
+        lacking = f" (it lacks {_ranges(missing)})" if missing else ""
+        raise SchemaMismatch(
+            f"the database's migration ledger (conveyor_schema_migrations) records versions "
+            f"{_ranges([row.version for row in ledger])}, not 1 to {highest}{lacking}: "
+            "migrations are applied in order, so the database was not migrated by `conveyor "
+            "migrate` alone (a partial restore, an edited ledger); compare its schema with the "
+            "migration files and repair the ledger before running a server or migrating"
+        )
+    named = {m.version: m.name for m in migrations}
+    for row in ledger:
+        expected = named.get(row.version)
+        if expected is not None and row.name != expected:
+            raise SchemaMismatch(
+                f"the database's migration ledger records version {row.version} as "
+                f"{row.label}, but this Conveyor's migration {row.version} is "
+                f"{row.version:04d}_{expected}: the database was migrated by another "
+                "build of Conveyor, numbered differently; its schema is not this one's"
+            )
 
 
 def _incompatible(ledger: Sequence[_LedgerRow], latest: int) -> list[_LedgerRow]:
@@ -275,3 +327,14 @@ def _newer_message(current: int, expected: int, incompatible: Sequence[_LedgerRo
         f"({expected}), and migration {first.label}{others} is not compatible with this "
         f"release ({needs})"
     )
+
+
+def _ranges(versions: Sequence[int]) -> str:
+    """`1-4, 6, 9-10` for [1, 2, 3, 4, 6, 9, 10]."""
+    spans: list[list[int]] = []
+    for version in sorted(versions):
+        if spans and version == spans[-1][1] + 1:
+            spans[-1][1] = version
+        else:
+            spans.append([version, version])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
