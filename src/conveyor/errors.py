@@ -13,6 +13,7 @@ ConveyorError
 ├── ServerUnavailable      no server answered in time (network, restart, database down)
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
 ├── SchemaMismatch         this release cannot run on the database's schema
+├── MigrationBlocked       a migration waited too long for a table lock; nothing was applied
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
 ```
@@ -103,6 +104,10 @@ class CircuitOpen(ServerUnavailable):
 
 class SchemaMismatch(ConveyorError):
     """The database schema does not match this version of Conveyor."""
+
+
+class MigrationBlocked(ConveyorError):
+    """A migration gave up waiting for a table lock; nothing was applied."""
 
 
 class HandlerError(ConveyorError):

@@ -1,28 +1,35 @@
 """Schema migrations: numbered, forward-only `.sql` files applied once and recorded in a ledger.
 
 `migrate` takes a transaction-scoped advisory lock first, so any number of processes may run
-it at once: one applies, the others wait and then find nothing left to do. `check_schema`
-is what a server runs at start and on every readiness probe: it refuses an unmigrated
-database, one that lacks this release's migrations, a ledger that does not match the
-migration files, and a newer schema unless each newer migration recorded that servers of
-this release run correctly on it (each file's `-- oldest-compatible-schema: N` header, kept
-in the ledger, since a server cannot read the files of a release newer than itself).
+it at once: one applies, the others wait and then find nothing left to do. It waits for a
+table lock a few seconds at a time (every claim and enqueue queues behind a waiting
+migration), retries, and gives up naming the sessions in its way. `check_schema` is what a
+server runs at start and on every readiness probe: it refuses an unmigrated database, one
+that lacks this release's migrations, a ledger that does not match the migration files, and
+a newer schema unless each newer migration recorded that servers of this release run
+correctly on it (each file's `-- oldest-compatible-schema: N` header, kept in the ledger,
+since a server cannot read the files of a release newer than itself).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import ConfigError, SchemaMismatch
+import asyncpg
+
+from conveyor.errors import ConfigError, MigrationBlocked, SchemaMismatch
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
     from importlib.resources.abc import Traversable
     from pathlib import Path
 
@@ -36,6 +43,18 @@ _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # may run on it: the safe default, since a server cannot tell what a migration it has never
 # seen changed.
 _COMPATIBILITY_HEADER: Final = re.compile(r"^--\s*oldest-compatible-schema:\s*(\S*)\s*$")
+
+# A migration waits this long for a table lock before its transaction is rolled back and
+# tried again: every claim, enqueue and report on that table queues behind the waiting
+# migration, so the wait is the longest the queue stalls for each attempt.
+DEFAULT_LOCK_TIMEOUT: Final = timedelta(seconds=2)
+# Attempts before giving up. Between them the migration waits as long as its lock timeout,
+# then twice that, and so on (capped), while traffic flows: with the defaults, the queue
+# stalls for at most 10 s spread over about 40 s before `migrate` fails.
+DEFAULT_LOCK_ATTEMPTS: Final = 5
+_LONGEST_RETRY_DELAY: Final = 30.0
+# How often a second session looks at what the migration waits for, to name it on failure.
+_BLOCKER_SAMPLE_SECONDS: Final = 0.25
 
 _LEDGER_DDL: Final = """
 CREATE TABLE IF NOT EXISTS conveyor_schema_migrations (
@@ -67,6 +86,17 @@ INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema)
 VALUES ($1, $2, $3)
 """
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
+_SET_LOCK_TIMEOUT: Final = "SELECT set_config('lock_timeout', $1, true)"
+# Who holds what the migration's session waits for. Without pg_read_all_stats, the state and
+# times of another role's sessions read as NULL.
+_BLOCKERS: Final = """
+SELECT a.pid, a.application_name, a.state,
+       extract(epoch FROM now() - a.xact_start)::float8 AS transaction_seconds
+FROM pg_stat_activity AS a
+WHERE a.pid = ANY (pg_blocking_pids($1))
+ORDER BY a.pid
+"""
+
 # No checksum of each file's content is recorded or compared. Databases deployed so far
 # could not be checked against one: 0001, 0004, 0011 and 0012 were edited after they were
 # first committed, so a database migrated by an earlier build ran other text than today's
@@ -104,6 +134,25 @@ class _LedgerRow:
     @property
     def label(self) -> str:
         return f"{self.version:04d}_{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    """A session holding a lock a migration waited for."""
+
+    pid: int
+    application_name: str | None
+    state: str | None
+    transaction_seconds: float | None
+
+    def describe(self) -> str:
+        """`pid 123 (application 'pg_dump', idle in transaction, transaction open 2 h 5 min)`."""
+        details = [f"application {self.application_name!r}" if self.application_name else None]
+        details.append(self.state)
+        if self.transaction_seconds is not None:
+            details.append(f"transaction open {_duration(self.transaction_seconds)}")
+        known = [detail for detail in details if detail]
+        return f"pid {self.pid}" + (f" ({', '.join(known)})" if known else "")
 
 
 def available_migrations(migrations_dir: Path | None = None) -> list[Migration]:
@@ -190,13 +239,22 @@ async def migrate(
     conn: Any,
     *,
     migrations_dir: Path | None = None,
+    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
+    attempts: int = DEFAULT_LOCK_ATTEMPTS,
+    observer: Any = None,
 ) -> list[Migration]:
     """Apply every pending migration in one transaction; return those applied.
 
-    A newer schema that this release may run on (see `check_schema`) has nothing to apply.
+    Each attempt waits at most `lock_timeout` for any table lock; after `attempts` such
+    waits it raises MigrationBlocked, having applied nothing. `observer`, a second
+    connection to the same database, names the sessions it waited for in that error. A
+    newer schema that this release may run on (see `check_schema`) has nothing to apply.
     Then, if any was applied, refresh the task table's planner statistics.
     """
-    pending = await _apply_pending(conn, available_migrations(migrations_dir))
+    if lock_timeout <= timedelta(0) or attempts < 1:
+        raise ConfigError("the lock timeout must be positive and the attempts at least 1")
+    migrations = available_migrations(migrations_dir)
+    pending = await _apply_with_retries(conn, migrations, lock_timeout, attempts, observer)
     if pending:
         # After the migrations commit: one may change what the planner should know of the
         # task table (0011 pins an estimate that counts from the next ANALYZE). Outside
@@ -212,38 +270,153 @@ async def migrate(
     return pending
 
 
-async def _apply_pending(conn: Any, migrations: Sequence[Migration]) -> list[Migration]:
-    async with conn.transaction():
-        await conn.execute(_LOCK, _MIGRATION_LOCK_KEY)
-        await conn.execute(_LEDGER_DDL)
-        ledger = await _ledger(conn)
-        latest = migrations[-1].version
-        if ledger:
-            _check_ledger(ledger, migrations)
-            highest = ledger[-1].version
-            if highest > latest:
-                incompatible = _incompatible(ledger, latest)
-                if incompatible:
-                    raise SchemaMismatch(
-                        _newer_message(highest, latest, incompatible)
-                        + ": upgrade Conveyor instead of migrating"
+class _LockWaitTimedOut(Exception):
+    def __init__(self, waiting: str) -> None:
+        super().__init__(waiting)
+        self.waiting = waiting
+
+
+async def _apply_with_retries(
+    conn: Any,
+    migrations: Sequence[Migration],
+    lock_timeout: timedelta,
+    attempts: int,
+    observer: Any,
+) -> list[Migration]:
+    blockers: list[Blocker] = []
+    delay = lock_timeout.total_seconds()
+    for attempt in range(1, attempts + 1):
+        try:
+            async with _watching_blockers(observer, conn, lock_timeout, blockers):
+                return await _apply_pending(conn, migrations, lock_timeout)
+        except _LockWaitTimedOut as timed_out:
+            if attempt == attempts:
+                raise MigrationBlocked(
+                    _blocked_message(timed_out.waiting, lock_timeout, attempts, blockers)
+                ) from None
+            log.warning(
+                "%s waited %s for a lock (attempt %d of %d); nothing applied, trying again "
+                "in %.1f s",
+                timed_out.waiting,
+                _duration(lock_timeout.total_seconds()),
+                attempt,
+                attempts,
+                delay,
+                extra={"event": "migration_lock_timeout"},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LONGEST_RETRY_DELAY)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _apply_pending(
+    conn: Any, migrations: Sequence[Migration], lock_timeout: timedelta
+) -> list[Migration]:
+    waiting = "the migration ledger"
+    try:
+        async with conn.transaction():
+            # The advisory lock first, with no lock timeout: another `migrate` holding it
+            # may be applying a long migration, and this one has to wait for it.
+            await conn.execute(_LOCK, _MIGRATION_LOCK_KEY)
+            await conn.execute(_SET_LOCK_TIMEOUT, f"{_milliseconds(lock_timeout)}ms")
+            await conn.execute(_LEDGER_DDL)
+            ledger = await _ledger(conn)
+            latest = migrations[-1].version
+            if ledger:
+                _check_ledger(ledger, migrations)
+                highest = ledger[-1].version
+                if highest > latest:
+                    incompatible = _incompatible(ledger, latest)
+                    if incompatible:
+                        raise SchemaMismatch(
+                            _newer_message(highest, latest, incompatible)
+                            + ": upgrade Conveyor instead of migrating"
+                        )
+                    return []
+            done = ledger[-1].version if ledger else 0
+            # The ledger was checked to hold exactly 1..done: what is left comes after it.
+            pending = [m for m in migrations if m.version > done]
+            for migration in pending:
+                waiting = f"migration {migration.label}"
+                await conn.execute(migration.sql)
+                if await conn.fetchval(_LEDGER_HAS_COMPATIBILITY):
+                    await conn.execute(
+                        _LEDGER_RECORD_WITH_COMPATIBILITY,
+                        migration.version,
+                        migration.name,
+                        migration.oldest_compatible_schema,
                     )
-                return []
-        done = ledger[-1].version if ledger else 0
-        # The ledger was checked to hold exactly 1..done: what is left comes after it.
-        pending = [m for m in migrations if m.version > done]
-        for migration in pending:
-            await conn.execute(migration.sql)
-            if await conn.fetchval(_LEDGER_HAS_COMPATIBILITY):
-                await conn.execute(
-                    _LEDGER_RECORD_WITH_COMPATIBILITY,
-                    migration.version,
-                    migration.name,
-                    migration.oldest_compatible_schema,
-                )
-            else:
-                await conn.execute(_LEDGER_RECORD, migration.version, migration.name)
-        return pending
+                else:
+                    await conn.execute(_LEDGER_RECORD, migration.version, migration.name)
+            return pending
+    except asyncpg.LockNotAvailableError:
+        raise _LockWaitTimedOut(waiting) from None
+
+
+@contextlib.asynccontextmanager
+async def _watching_blockers(
+    observer: Any, conn: Any, lock_timeout: timedelta, seen: list[Blocker]
+) -> AsyncIterator[None]:
+    """While the block runs, keep in `seen` the last sessions found blocking `conn`.
+
+    A lock wait that timed out has ended, and with it what pg_blocking_pids could tell: so
+    another session samples it while it lasts.
+    """
+    if observer is None:
+        yield
+        return
+    pid = conn.get_server_pid()
+    interval = min(_BLOCKER_SAMPLE_SECONDS, lock_timeout.total_seconds() / 4)
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            rows = await observer.fetch(_BLOCKERS, pid)
+            if rows:
+                seen[:] = [
+                    Blocker(r["pid"], r["application_name"], r["state"], r["transaction_seconds"])
+                    for r in rows
+                ]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await watcher
+        except Exception as exc:
+            # Only the error message loses its detail: the migration's outcome stands.
+            log.debug("could not look for the sessions blocking the migration: %s", exc)
+
+
+def _blocked_message(
+    waiting: str, lock_timeout: timedelta, attempts: int, blockers: Sequence[Blocker]
+) -> str:
+    waits = (
+        f"{attempts} waits of {_duration(lock_timeout.total_seconds())} each timed out"
+        if attempts > 1
+        else f"a wait of {_duration(lock_timeout.total_seconds())} timed out"
+    )
+    if blockers:
+        them = "it" if len(blockers) == 1 else "them"
+        terminate = ", ".join(f"pg_terminate_backend({blocker.pid})" for blocker in blockers)
+        who = (
+            f"blocked by {'; '.join(blocker.describe() for blocker in blockers)}: let {them} "
+            f"finish (a backup, a long query) or end {them} with SELECT {terminate}, then "
+            "migrate again"
+        )
+    else:
+        who = (
+            "the sessions in its way were not identified (look in pg_locks for those holding "
+            "Conveyor's tables); migrate again once no long transaction uses them"
+        )
+    return (
+        f"{waiting} could not get its table lock: {waits} (claims and enqueues queue behind "
+        f"a waiting migration, so it waits no longer), nothing was applied; {who}"
+    )
 
 
 async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
@@ -338,3 +511,18 @@ def _ranges(versions: Sequence[int]) -> str:
         else:
             spans.append([version, version])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _milliseconds(duration: timedelta) -> int:
+    return max(1, round(duration.total_seconds() * 1000))
+
+
+def _duration(seconds: float) -> str:
+    """`0.3 s`, `45 s`, `4 min 10 s`, `2 h 5 min`."""
+    minutes, whole_seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {whole_seconds} s"
+    return f"{round(seconds, 1):g} s"
