@@ -17,6 +17,8 @@ from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
+from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
+from conveyor.storage.migrate import DEFAULT_LOCK_TIMEOUT as DEFAULT_MIGRATE_LOCK_TIMEOUT
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -117,6 +119,10 @@ class ServerConfig:
     dashboard_allowed_hosts: frozenset[str] = frozenset()
     server_id: str = field(default_factory=default_server_id)
     migrate: bool = False
+    # With `migrate`: how long each attempt waits for a table lock, and how many attempts
+    # (see storage/migrate.py), as `conveyor migrate` does by default.
+    migrate_lock_timeout: timedelta = DEFAULT_MIGRATE_LOCK_TIMEOUT
+    migrate_lock_attempts: int = DEFAULT_MIGRATE_LOCK_ATTEMPTS
     lease_ttl: timedelta = DEFAULT_LEASE_TTL
     deadline_grace: timedelta = DEFAULT_DEADLINE_GRACE
     heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL
@@ -285,6 +291,7 @@ class ServerConfig:
             "retention_interval": self.retention_interval,
             "tokens_check_interval": self.tokens_check_interval,
             "enqueue_stream_idle": self.enqueue_stream_idle,
+            "migrate_lock_timeout": self.migrate_lock_timeout,
         }
         for name, value in positive.items():
             if value <= timedelta(0):
@@ -324,6 +331,7 @@ class ServerConfig:
             ("db_breaker_failures", self.db_breaker_failures),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs),
             ("max_streams_per_connection", self.max_streams_per_connection),
+            ("migrate_lock_attempts", self.migrate_lock_attempts),
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
