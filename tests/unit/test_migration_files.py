@@ -12,9 +12,11 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from asyncpg import ServerVersion
 
 from conveyor.errors import ConfigError
 from conveyor.storage import migrate
+from conveyor.storage.migrate import check_postgres_version
 
 # sha256 of every shipped migration. A new migration adds its line; an existing line never
 # changes: a database that ran the old text would not be migrated again, and would differ
@@ -128,3 +130,30 @@ class TestSeries:
         folder = series(tmp_path / "m", files)
         with pytest.raises(ConfigError, match=complaint.replace(".", r"\.")):
             migrate.available_migrations(folder)
+
+
+class TestPostgresVersion:
+    """PostgreSQL 13 and 14 are past their end of life, and the stats sampler's `date_bin`
+    does not exist on 13: a server there failed every sample, late and quietly. Too old a
+    database is refused with one clear line instead (what asyncpg reports of the server it
+    connected to is all the check reads)."""
+
+    class _Connected:
+        def __init__(self, version: str) -> None:
+            major, minor = (int(part) for part in version.split("."))
+            self._version = ServerVersion(major, minor, 0, "final", 0)
+
+        def get_server_version(self) -> ServerVersion:
+            return self._version
+
+    @pytest.mark.parametrize("version", ["13.16", "14.13"])
+    def test_older_than_15_is_refused(self, version: str) -> None:
+        with pytest.raises(ConfigError) as raised:
+            check_postgres_version(self._Connected(version))
+        assert raised.value.message == (
+            f"PostgreSQL {version} is too old: Conveyor needs PostgreSQL 15 or newer"
+        )
+
+    @pytest.mark.parametrize("version", ["15.0", "18.1"])
+    def test_15_and_newer_pass(self, version: str) -> None:
+        check_postgres_version(self._Connected(version))

@@ -43,6 +43,8 @@ _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # may run on it: the safe default, since a server cannot tell what a migration it has never
 # seen changed.
 _COMPATIBILITY_HEADER: Final = re.compile(r"^--\s*oldest-compatible-schema:\s*(\S*)\s*$")
+# The oldest PostgreSQL major version a server or `conveyor migrate` runs on.
+MIN_POSTGRES_MAJOR: Final = 15
 
 # A migration waits this long for a table lock before its transaction is rolled back and
 # tried again: every claim, enqueue and report on that table queues behind the waiting
@@ -253,6 +255,7 @@ async def migrate(
     """
     if lock_timeout <= timedelta(0) or attempts < 1:
         raise ConfigError("the lock timeout must be positive and the attempts at least 1")
+    check_postgres_version(conn)
     migrations = available_migrations(migrations_dir)
     pending = await _apply_with_retries(conn, migrations, lock_timeout, attempts, observer)
     if pending:
@@ -427,6 +430,7 @@ async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
     schema. It cannot on an unmigrated database, one missing some of this release's
     migrations, or a ledger with a gap or another name for a version.
     """
+    check_postgres_version(conn)
     ledger = await _ledger(conn)
     migrations = available_migrations(migrations_dir)
     expected = migrations[-1].version
@@ -449,6 +453,23 @@ async def check_schema(conn: Any, *, migrations_dir: Path | None = None) -> int:
                 _newer_message(current, expected, incompatible) + ": upgrade Conveyor"
             )
     return current
+
+
+def check_postgres_version(conn: Any) -> None:
+    """ConfigError unless the database is PostgreSQL `MIN_POSTGRES_MAJOR` or newer.
+
+    15 is the oldest major version still supported by the PostgreSQL project (13 ended in
+    November 2025, 14 in November 2026) and the oldest Conveyor is tested on. Older ones
+    fail in ways found late: the stats sampler's `date_bin` is 14's, so on 13 every
+    sample failed and /status, the queue gauges and `conveyor stats` never filled. The
+    version comes with the connection (no round trip), so readiness probes may ask.
+    """
+    version = conn.get_server_version()
+    if version.major < MIN_POSTGRES_MAJOR:
+        raise ConfigError(
+            f"PostgreSQL {version.major}.{version.minor} is too old: Conveyor needs "
+            f"PostgreSQL {MIN_POSTGRES_MAJOR} or newer"
+        )
 
 
 def _check_ledger(ledger: Sequence[_LedgerRow], migrations: Sequence[Migration]) -> None:
