@@ -354,8 +354,10 @@ class Dashboard:
         post: list[tuple[str, Handler, Permission]] = [
             ("/ui/tasks/{task_id}/retry", self.retry, operate),
             ("/ui/tasks/{task_id}/cancel", self.cancel, operate),
-            ("/ui/types/{task_type}/pause", self.pause, operate),
-            ("/ui/types/{task_type}/resume", self.resume, operate),
+            # The type is a form field, not a path segment: browsers resolve `.` and `..`
+            # segments (valid type names) away before the form is sent.
+            ("/ui/types/pause", self.pause, operate),
+            ("/ui/types/resume", self.resume, operate),
         ]
         if self._sessions is not None:
             # Anyone signed in may sign out; the CSRF token still guards it.
@@ -670,15 +672,15 @@ class Dashboard:
         raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
     async def pause(self, request: web.Request, visit: Visit) -> web.StreamResponse:
-        """Pause a type, then back to the overview."""
-        task_type = request.match_info["task_type"]
+        """Pause the type the form names, then back to the overview."""
+        task_type = await _form_type(request)
         changed = await self._source.pause_type(task_type, actor=visit.actor)
         notice = "paused" if changed else "already-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
 
     async def resume(self, request: web.Request, visit: Visit) -> web.StreamResponse:
-        """Resume a type, then back to the overview."""
-        task_type = request.match_info["task_type"]
+        """Resume the type the form names, then back to the overview."""
+        task_type = await _form_type(request)
         changed = await self._source.resume_type(task_type, actor=visit.actor)
         notice = "resumed" if changed else "not-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
@@ -689,6 +691,14 @@ def _action_name(request: web.Request) -> str:
     if request.method == "POST":
         return request.path.rsplit("/", 1)[-1] or "this action"
     return "viewing the dashboard"
+
+
+async def _form_type(request: web.Request) -> str:
+    """The task type a pause or resume form names (checked by the action itself)."""
+    task_type = (await _form(request)).get("type", "")
+    if not task_type:
+        raise InvalidTask("no task type given: the form's `type` field is empty", field="type")
+    return task_type
 
 
 async def _form(request: web.Request) -> dict[str, str]:
