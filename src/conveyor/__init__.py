@@ -32,6 +32,7 @@ from conveyor.logs import configure_logging
 from conveyor.types import (
     BulkResult,
     ClusterStatus,
+    OtherTypes,
     PausedType,
     Task,
     TaskEvent,
@@ -54,6 +55,7 @@ __all__ = [
     "ClusterStatus",
     "ConveyorError",
     "LogContextFilter",
+    "OtherTypes",
     "PausedType",
     "PayloadCodec",
     "RetryPolicy",

@@ -430,8 +430,29 @@ class TypeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class OtherTypes:
+    """The live queue of the types a status does not list one by one, summed.
+
+    A status lists the types that most need attention (see `ClusterStatus`); `types` more
+    have live tasks, `queued` and `running` of them, the oldest queued `oldest_queued_seconds`
+    ago.
+    """
+
+    types: int = 0
+    queued: int = 0
+    running: int = 0
+    oldest_queued_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterStatus:
-    """The numbers behind `/status`, as one server sampled them at `sampled_at`."""
+    """The numbers behind `/status`, as one server sampled them at `sampled_at`.
+
+    `types` is bounded: it lists the types that most need attention (the oldest queued
+    task first, then the most queued, then the most running; up to the server's bound, a
+    thousand by default) and every paused type; `other_types` sums the rest. `queued` and
+    `running` are the exact totals of both.
+    """
 
     version: str
     server_id: str
@@ -448,6 +469,23 @@ class ClusterStatus:
     paused_types: tuple[PausedType, ...]
     # What the *_last_minute counts cover: whole buckets of the history, 55 to 60 seconds.
     last_minute_seconds: float = 60.0
+    other_types: OtherTypes = OtherTypes()
+
+    @property
+    def queued(self) -> int:
+        """Queued tasks of every type, listed or not."""
+        return sum(item.queued for item in self.types) + self.other_types.queued
+
+    @property
+    def running(self) -> int:
+        """Running tasks of every type, listed or not."""
+        return sum(item.running for item in self.types) + self.other_types.running
+
+    @property
+    def oldest_queued_seconds(self) -> float:
+        """How long the oldest available queued task of any type has waited."""
+        listed = (item.oldest_queued_seconds for item in self.types)
+        return max([self.other_types.oldest_queued_seconds, *listed])
 
 
 # A live worker whose event loop was blocked this long between two heartbeats is in trouble:

@@ -146,7 +146,12 @@ class TestStatus:
     def test_status_of_an_empty_queue(self, server) -> None:
         """With no tasks, /status reports an empty queue and no throughput."""
         document = sampled_status(server, lambda _d: True)
-        assert document["queue"] == {"queued": 0, "running": 0, "by_type": {}}
+        assert document["queue"] == {
+            "queued": 0,
+            "running": 0,
+            "by_type": {},
+            "other_types": {"types": 0, "queued": 0, "running": 0, "oldest_queued_seconds": 0},
+        }
         assert document["last_minute"]["throughput_per_second"] == 0
         assert document["last_minute"]["failure_rate"] == 0
 

@@ -240,7 +240,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
         "task_lock_for_cancel": (seeded.queued_id,),
         "worker_sweep_lost": (15.0, "server-1", 1),
-        "task_live_stats": (),
+        "task_live_stats": (1000, ["a"]),
         "task_explain": (seeded.queued_id, 15.0),
         "task_list_by_state": (["failed", "succeeded"], FIRST_PAGE, 51),
         "task_list_by_type_and_state": (list(ALL_STATES), FIRST_PAGE, 51, "a"),
@@ -764,6 +764,54 @@ class TestSpecificIndexes:
         """Queries on one task by id go through conveyor_tasks_pkey."""
         plan = await explain(seeded.url, SQL[name], *parameters(seeded)[name])
         assert "conveyor_tasks_pkey" in indexes_used(plan), json.dumps(plan, indent=1)
+
+
+# 5,000 types of 4 queued tasks each; the type of task g is spam.(g % 5000), and the larger
+# g, the older the task: the oldest tasks are of spam.0, spam.4999, spam.4998, ...
+SEED_MANY_TYPES = """
+INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, available_at)
+SELECT gen_random_uuid(), 'spam.' || (g % 5000), '', interval '60 seconds', 3,
+       now() - g * interval '1 millisecond'
+FROM generate_series(1, 20000) AS g
+"""
+
+
+@pytest.fixture(scope="module")
+def many_types(pg_cluster) -> Iterator[str]:
+    """SEED_MANY_TYPES, analysed."""
+    statements = (SEED_MANY_TYPES, "ANALYZE conveyor_tasks")
+    with seeded_database(pg_cluster, "many_types", *statements) as url:
+        yield url
+
+
+class TestLiveStatsAreBounded:
+    async def test_a_top_n_sort_names_the_types_and_one_row_sums_the_rest(
+        self, many_types: str
+    ) -> None:
+        """task_live_stats names $1 types by need, plus those asked for, through a top-N
+        sort (only $1 rows in memory), and sums the others in one row: a flood of types
+        costs the sampler a bounded answer, and the totals stay exact."""
+        conn = await asyncpg.connect(many_types)
+        try:
+            args = (100, ["spam.2500"])
+            raw = await conn.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_live_stats"], *args
+            )
+            rows = await conn.fetch(SQL["task_live_stats"], *args)
+        finally:
+            await conn.close()
+        plan = json.loads(raw) if isinstance(raw, str) else raw
+        sorts = [node.get("Sort Method") for node in plan_nodes(plan) if "Sort Method" in node]
+        assert "top-N heapsort" in sorts, json.dumps(plan, indent=1)
+        named = {row["type"]: row for row in rows if row["type"] is not None}
+        (other,) = [row for row in rows if row["type"] is None]
+        oldest = {"spam.0", *(f"spam.{5000 - i}" for i in range(1, 100))}
+        assert set(named) == {*oldest, "spam.2500"}
+        assert all(row["queued"] == 4 and row["types"] == 1 for row in named.values())
+        assert (other["types"], other["queued"], other["running"]) == (4899, 4899 * 4, 0)
+        assert other["oldest_queued_seconds"] < min(
+            row["oldest_queued_seconds"] for name, row in named.items() if name in oldest
+        )
 
 
 class TestExplainChangesNothing:

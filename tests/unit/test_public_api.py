@@ -16,6 +16,7 @@ EXPECTED_EXPORTS = [
     "ClusterStatus",
     "ConveyorError",
     "LogContextFilter",
+    "OtherTypes",
     "PausedType",
     "PayloadCodec",
     "RetryPolicy",

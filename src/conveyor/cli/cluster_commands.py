@@ -170,6 +170,13 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
             }
             for item in status.types
         ],
+        # The types the server did not list one by one (it lists a bounded number), summed.
+        "other_types": {
+            "types": status.other_types.types,
+            "queued": status.other_types.queued,
+            "running": status.other_types.running,
+            "oldest_queued_seconds": status.other_types.oldest_queued_seconds,
+        },
         "paused_types": [
             {
                 "type": item.type,
@@ -229,6 +236,16 @@ def render_stats(status: ClusterStatus) -> Group:
             output.plain(f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-"),
             paused,
         )
+    other = status.other_types
+    if other.types:
+        output.row(
+            queue,
+            Text(f"{other.types} more types", style="italic"),
+            output.plain(other.queued),
+            output.plain(other.running),
+            output.plain(f"{other.oldest_queued_seconds:.1f}s" if other.queued else "-"),
+            Text(""),
+        )
     workers = ", ".join(f"{count} {state}" for state, count in sorted(status.workers.items()))
     minute = (
         f"last minute: {status.succeeded_last_minute} succeeded, "
@@ -237,7 +254,9 @@ def render_stats(status: ClusterStatus) -> Group:
     )
     return Group(
         header,
-        queue if status.types else Text("no queued or running tasks, no paused types"),
+        queue
+        if status.types or other.types
+        else Text("no queued or running tasks, no paused types"),
         output.plain(f"workers: {workers or 'none registered'}"),
         Text(minute),
     )

@@ -399,6 +399,7 @@ class ConveyorServer:
             started_last_minute=last_minute.get("started", 0),
             paused_types=tuple(paused),
             last_minute_seconds=snapshot.last_minute_seconds,
+            other_types=snapshot.other,
         )
 
     def metrics_text(self) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
@@ -485,9 +485,15 @@ async def task_explain(conn: Any, *, task_id: str, live_within: timedelta) -> as
     return row
 
 
-async def task_live_stats(conn: Any) -> list[asyncpg.Record]:
-    """Per type: queued, running, oldest available queued age (s)."""
-    return list(await conn.fetch(SQL["task_live_stats"]))
+async def task_live_stats(
+    conn: Any, *, named: int, also: Collection[str] = ()
+) -> list[asyncpg.Record]:
+    """Per type: queued, running, oldest available queued age (s), `types` (1).
+
+    Only the `named` most pressing types, the paused ones and those in `also`; one more
+    row, of type None, sums all the others (`types` of them), if there are any.
+    """
+    return list(await conn.fetch(SQL["task_live_stats"], named, list(also)))
 
 
 async def worker_register(

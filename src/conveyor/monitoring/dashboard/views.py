@@ -39,7 +39,7 @@ from conveyor.errors import (
 from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
 from conveyor.monitoring.dashboard.sessions import COOKIE_NAME, DEFAULT_LIFETIME, Sessions
 from conveyor.monitoring.preview import as_text
-from conveyor.types import TASK_TYPE_PATTERN, TaskState
+from conveyor.types import TASK_TYPE_PATTERN, OtherTypes, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -50,11 +50,15 @@ if TYPE_CHECKING:
         ClusterStatus,
         TaskDetail,
         TaskPage,
+        TypeStatus,
         WorkerPage,
     )
 
 PAGE_SIZE: Final = 50
 PAYLOAD_PREVIEW: Final = 2000
+# Rows of the overview's queue by type, besides the paused types (always listed, so each
+# can be resumed from there): a page redrawn every 10 s is no place for a thousand.
+OVERVIEW_TYPES: Final = 100
 
 
 class DashboardSource(Protocol):
@@ -232,6 +236,32 @@ def _notice(request: web.Request) -> str | None:
         return None
     task_type = request.query.get("type", "")
     return template.format(type=task_type if TASK_TYPE_PATTERN.fullmatch(task_type) else "the type")
+
+
+def _need(item: TypeStatus) -> tuple[float, int, int, str]:
+    """Sort key: the types that most need attention first, as the server ranks them."""
+    return (-item.oldest_queued_seconds, -item.queued, -item.running, item.type)
+
+
+def overview_types(status: ClusterStatus) -> tuple[list[TypeStatus], OtherTypes]:
+    """The overview's rows by name, and the sum of all the types it does not list.
+
+    Listed: the OVERVIEW_TYPES types of `status` that most need attention, and every
+    paused type. Summed: the others, whether `status` listed them or not.
+    """
+    ranked = sorted(status.types, key=_need)
+    shown = [item for rank, item in enumerate(ranked) if rank < OVERVIEW_TYPES or item.paused]
+    hidden = [item for item in ranked[OVERVIEW_TYPES:] if not item.paused]
+    other = status.other_types
+    summed = OtherTypes(
+        types=other.types + len(hidden),
+        queued=other.queued + sum(item.queued for item in hidden),
+        running=other.running + sum(item.running for item in hidden),
+        oldest_queued_seconds=max(
+            [other.oldest_queued_seconds, *(item.oldest_queued_seconds for item in hidden)]
+        ),
+    )
+    return sorted(shown, key=lambda item: item.type), summed
 
 
 def _host_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
@@ -565,16 +595,19 @@ class Dashboard:
         minutes = self._source.chart_minutes()
         now = datetime.now(UTC)
         finished = status.succeeded_last_minute + status.failed_last_minute
+        types, other_types = overview_types(status)
         return self._render(
             "overview.html",
             visit=visit,
             page="overview",
             status=status,
+            types=types,
+            other_types=other_types,
             chart=throughput_chart(minutes, now=now),
             failures=failure_chart(minutes, now=now),
-            queued=sum(item.queued for item in status.types),
-            running=sum(item.running for item in status.types),
-            oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
+            queued=status.queued,
+            running=status.running,
+            oldest=status.oldest_queued_seconds,
             failure_rate=status.failed_last_minute / finished if finished else 0.0,
             notice=_notice(request),
             refresh="/ui",

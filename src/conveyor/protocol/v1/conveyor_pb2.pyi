@@ -1344,6 +1344,37 @@ class TypeStatus(_message.Message):
 Global___TypeStatus: _TypeAlias = TypeStatus  # noqa: Y015
 
 @_typing.final
+class OtherTypes(_message.Message):
+    """The live queue of the types a GetStatusResponse does not list one by one, summed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_SECONDS_FIELD_NUMBER: _builtins.int
+    types: _builtins.int
+    """How many types."""
+    queued: _builtins.int
+    running: _builtins.int
+    oldest_queued_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        types: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+        oldest_queued_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_seconds", b"oldest_queued_seconds", "queued", b"queued", "running", b"running", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OtherTypes: _TypeAlias = OtherTypes  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1381,6 +1412,7 @@ class GetStatusResponse(_message.Message):
     STARTED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     PAUSED_TYPES_FIELD_NUMBER: _builtins.int
     LAST_MINUTE_SECONDS_FIELD_NUMBER: _builtins.int
+    OTHER_TYPES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     server_id: _builtins.str
     """The server that answered."""
@@ -1402,13 +1434,24 @@ class GetStatusResponse(_message.Message):
         """When the numbers below were sampled (every server samples on an interval)."""
 
     @_builtins.property
-    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]: ...
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]:
+        """Bounded: the types that most need attention (oldest queued task first, then most
+        queued, then most running; up to the server's bound, 1000 by default) and every paused
+        type. The others are summed in other_types.
+        """
+
     @_builtins.property
     def workers(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Workers by state: active, draining, lost, stopped."""
 
     @_builtins.property
     def paused_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedType]: ...
+    @_builtins.property
+    def other_types(self) -> Global___OtherTypes:
+        """The types not listed in `types`, summed (none from servers older than this field,
+        which listed every type).
+        """
+
     def __init__(
         self,
         *,
@@ -1426,10 +1469,11 @@ class GetStatusResponse(_message.Message):
         started_last_minute: _builtins.int = ...,
         paused_types: _abc.Iterable[Global___PausedType] | None = ...,
         last_minute_seconds: _builtins.float = ...,
+        other_types: Global___OtherTypes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["other_types", b"other_types", "sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "other_types", b"other_types", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
