@@ -365,6 +365,9 @@ class TaskStatus:
     progress_at: datetime | None = None
     # Only when asked for (`get_task_status(payload=True)`).
     payload: bytes | None = None
+    # Events left out of `history` between its first event and the rest: a history is read
+    # bounded, its first event and the latest ones.
+    history_omitted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +379,9 @@ class TaskDetail:
     paused: PausedType | None
     # `status.payload` holds only the payload's first bytes; this is its whole size.
     payload_size: int = 0
+    # With events left out of `status.history`: the id to read the events before, a page
+    # further back (`TaskControl.task_detail(before=...)`).
+    older_history: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

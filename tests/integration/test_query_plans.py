@@ -228,7 +228,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
             [str(uuid.uuid4()), None],
         ),
         "task_get": (seeded.succeeded_id,),
-        "task_event_list": (seeded.succeeded_id,),
+        "task_event_list": (seeded.succeeded_id, 100, 512 * 1024, None),
         "task_succeed": (running, lease, b"result", "worker-1"),
         "task_succeed_many": ([running], [lease], [b"result"], [True], ["worker-1"]),
         "task_fail": (

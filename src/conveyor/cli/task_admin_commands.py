@@ -20,7 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.task_commands import open_client, server_option, status_document
+from conveyor.cli.task_commands import (
+    omitted_caption,
+    open_client,
+    server_option,
+    status_document,
+)
 from conveyor.client.sync_client import Client
 from conveyor.types import TaskState, normalize_task_id
 
@@ -55,7 +60,7 @@ def _attempts(status: TaskStatus) -> str:
 def _listing_document(status: TaskStatus) -> dict[str, Any]:
     document = status_document(status)
     # A listing carries neither; null would read as "no history" and "no result".
-    del document["history"], document["result"]
+    del document["history"], document["history_omitted"], document["result"]
     return document
 
 
@@ -216,7 +221,7 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
     console.print("\n[bold]why[/]")
     for reason in reasons:
         console.print(output.plain(f"- {reason}"))
-    timeline = Table(title="timeline")
+    timeline = Table(title="timeline", caption=omitted_caption(found))
     for column in ("at", "event", "state", "attempt", "worker", "detail"):
         timeline.add_column(column)
     for event in found.history:

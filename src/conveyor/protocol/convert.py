@@ -153,6 +153,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
             )
             for event in info.history
         ),
+        history_omitted=info.history_omitted,
     )
 
 
@@ -189,6 +190,7 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
             )
             for event in status.history
         ],
+        history_omitted=status.history_omitted,
     )
 
 

@@ -62,9 +62,9 @@ class DashboardBackend:
             TaskFilter(states=states, task_type=task_type), limit=limit, page_token=page_token
         )
 
-    async def task_detail(self, task_id: str) -> TaskDetail:
-        """A task with history, payload and explanation."""
-        return await self._control.task_detail(task_id)
+    async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
+        """A task with payload, explanation and a page of its history."""
+        return await self._control.task_detail(task_id, before=before)
 
     async def workers(self) -> WorkerPage:
         """The first page of registered workers that are not stopped, with their total."""

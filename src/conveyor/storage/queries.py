@@ -462,9 +462,17 @@ async def task_get(conn: Any, *, task_id: str) -> asyncpg.Record | None:
     return row
 
 
-async def task_event_list(conn: Any, *, task_id: str) -> list[asyncpg.Record]:
-    """A task's history, oldest first."""
-    return list(await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id)))
+async def task_event_list(
+    conn: Any, *, task_id: str, limit: int, max_bytes: int, before: int | None = None
+) -> list[asyncpg.Record]:
+    """A task's first event and its latest (before the event `before`), oldest first.
+
+    At most `limit` latest events, within about `max_bytes` of text (the latest one always).
+    Each row has the event's `id` and the `total` number of the task's events.
+    """
+    return list(
+        await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id), limit, max_bytes, before)
+    )
 
 
 async def task_ready_notify(conn: Any) -> None:

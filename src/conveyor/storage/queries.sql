@@ -487,10 +487,40 @@ FROM conveyor_tasks
 WHERE id = $1;
 
 -- name: task_event_list
--- The history view: the `enqueued` event comes from the task row (migration 0009).
-SELECT at, event, state, attempt, worker_id, detail, actor
-FROM conveyor_task_history
-WHERE task_id = $1
+-- $1 task id, $2 most events, $3 most bytes of their text, $4 only events before this id
+-- (NULL: up to the latest). A task's history, oldest first, bounded however long it grew
+-- (a task handed back over and over): its first event, always, and the latest events
+-- before $4, as many as fit both bounds (the latest one always). `total` counts the task's
+-- events before $4 (every one without $4) and `id` orders them, for the reader to say how
+-- many it left out and to ask for the ones before. The history view: the `enqueued` event comes from the task row
+-- (migration 0009). Each half reads the (task_id, id) primary key from one end.
+WITH latest AS (
+    SELECT id, at, event, state, attempt, worker_id, detail, actor,
+           sum(octet_length(coalesce(detail, '')) + octet_length(coalesce(worker_id, ''))
+               + octet_length(coalesce(actor, '')) + 64) OVER (ORDER BY id DESC) AS bytes
+    FROM (
+        SELECT * FROM conveyor_task_history
+        WHERE task_id = $1 AND ($4::bigint IS NULL OR id < $4::bigint)
+        ORDER BY id DESC
+        LIMIT $2
+    ) AS page
+), first AS (
+    SELECT id, at, event, state, attempt, worker_id, detail, actor
+    FROM conveyor_task_history
+    WHERE task_id = $1
+    ORDER BY id
+    LIMIT 1
+)
+SELECT shown.*,
+       (SELECT count(*) FROM conveyor_task_history
+        WHERE task_id = $1 AND ($4::bigint IS NULL OR id < $4::bigint)) AS total
+FROM (
+    SELECT * FROM first
+    UNION
+    SELECT id, at, event, state, attempt, worker_id, detail, actor
+    FROM latest
+    WHERE bytes <= $3 OR bytes = (SELECT min(bytes) FROM latest)
+) AS shown
 ORDER BY id;
 
 -- name: task_live_stats

@@ -78,8 +78,8 @@ class DashboardSource(Protocol):
         """One page of tasks, newest first."""
         ...
 
-    async def task_detail(self, task_id: str) -> TaskDetail:
-        """A task with history, payload and explanation."""
+    async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
+        """A task with payload, explanation and a page of its history (see TaskControl)."""
         ...
 
     async def workers(self) -> WorkerPage:
@@ -645,9 +645,17 @@ class Dashboard:
         )
 
     async def task(self, request: web.Request, visit: Visit) -> web.Response:
-        """One task: timeline chart, explanation, payload, history, actions."""
-        detail = await self._source.task_detail(request.match_info["task_id"])
+        """One task: timeline chart, explanation, payload, history, actions.
+
+        The history is its first event and a page of the latest ones; `?before=ID` (the
+        page's "older" link) shows the page before. The timeline draws the page.
+        """
+        before = _history_page(request.query.get("before"))
+        detail = await self._source.task_detail(request.match_info["task_id"], before=before)
         status = detail.status
+        # With events left out, the first event (the enqueue) is far from the rest: the
+        # chart spans the page alone, or the omitted time would look like one long wait.
+        drawn = status.history[1:] if status.history_omitted else status.history
         kind, preview = payload_preview(status.payload, detail.payload_size)
         return self._render(
             "task.html",
@@ -656,8 +664,9 @@ class Dashboard:
             task=status,
             detail=detail,
             timeline=task_timeline(
-                status.history, now=datetime.now(UTC), live=not status.state.is_final
+                drawn, now=datetime.now(UTC), live=before is None and not status.state.is_final
             ),
+            older_page=before is not None,
             payload_kind=kind,
             payload_preview=preview,
             payload_size=detail.payload_size,
@@ -717,6 +726,15 @@ class Dashboard:
         changed = await self._source.resume_type(task_type, actor=visit.actor)
         notice = "resumed" if changed else "not-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
+
+
+def _history_page(value: str | None) -> int | None:
+    """The `before` of a task page's URL: an event id, or None for the latest events."""
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:  # noqa: PLR2004 - the digits of a bigint
+        raise InvalidTask("`before` must be an event id, as in the page's own links")
+    return int(value)
 
 
 def _action_name(request: web.Request) -> str:

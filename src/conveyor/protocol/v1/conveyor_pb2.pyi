@@ -233,6 +233,7 @@ class TaskInfo(_message.Message):
     PROGRESS_AT_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HAS_PAYLOAD_FIELD_NUMBER: _builtins.int
+    HISTORY_OMITTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     state: Global___TaskState.ValueType
@@ -247,6 +248,11 @@ class TaskInfo(_message.Message):
     payload: _builtins.bytes
     """Only when asked (GetTaskRequest.include_payload)."""
     has_payload: _builtins.bool
+    history_omitted: _builtins.int
+    """Events of the history left out between its first event and the rest: a history is
+    bounded (its first event and the latest ones, up to 1000 and about 512 KiB). 0 from
+    servers older than this field, which sent every event.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -283,10 +289,11 @@ class TaskInfo(_message.Message):
         progress_at: _timestamp_pb2.Timestamp | None = ...,
         payload: _builtins.bytes = ...,
         has_payload: _builtins.bool = ...,
+        history_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "progress_at", b"progress_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "history_omitted", b"history_omitted", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +412,7 @@ class GetTaskRequest(_message.Message):
     INCLUDE_PAYLOAD_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     include_history: _builtins.bool
+    """The task's first event and its latest ones (see TaskInfo.history_omitted)."""
     include_payload: _builtins.bool
     def __init__(
         self,
