@@ -791,6 +791,7 @@ class TestALeaseIdAloneIsNoLease:
                     worker_id="w-odd",
                     reason="back",
                     delivered=True,
+                    max_releases=1000,
                 )
                 assert row is None
             state = await conn.fetchval(

@@ -1,7 +1,9 @@
-"""A task's history has no end of its own; what is read and shown of it has.
+"""A task's history has no end of its own; what is read and shown of it has, and a loop of
+hand-backs ends.
 
 A worker that leases a task and hands it back adds two events a cycle, and a release does
-not spend an attempt. GetTask (so `conveyor tasks show` and `conveyor status --history`)
+not spend an attempt: the MAX_RELEASES-th release since the last operator retry fails the
+task with a clear error. GetTask (so `conveyor tasks show` and `conveyor status --history`)
 sends the first event and the latest ones, within a count and a byte budget, saying how
 many it left out; a task's dashboard page shows the first event and a page of the latest,
 with a link to the page before, and its timeline draws a handed-back attempt on one row.
@@ -17,12 +19,13 @@ import urllib.request
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from helpers import assert_ok, run_cli, worker_stub
+from helpers import assert_ok, metric_samples, run_cli, worker_stub
 
-from conveyor import Client, Task
+from conveyor import Client, Task, TaskState
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.control import HISTORY_PAGE
 from conveyor.server.task_service import HISTORY_BYTES, HISTORY_EVENTS
+from conveyor.server.worker_service import MAX_RELEASES
 
 TYPE = "bounded.history"
 WORKER = "w-release"
@@ -115,3 +118,39 @@ def test_events_with_long_details_are_bounded_by_bytes(server, client: Client) -
     assert status.history_omitted == 1 + 2 * 40 - len(status.history)
     assert status.history_omitted > 0
     assert status.history[-1].event == "released"
+
+
+def outcomes(http_url: str) -> dict[str, float]:
+    """conveyor_task_outcomes_total of TYPE, by outcome."""
+    return {
+        sample.labels["outcome"]: sample.value
+        for sample in metric_samples(http_url)
+        if sample.name == "conveyor_task_outcomes_total" and sample.labels["type"] == TYPE
+    }
+
+
+def test_a_task_handed_back_over_and_over_fails_at_the_limit(server, client: Client) -> None:
+    """Releases spend no attempt, so nothing else would end the loop: the MAX_RELEASES-th
+    fails the task, saying why; an operator's retry starts the count again."""
+    task_id = client.enqueue_task(Task(type=TYPE, payload=b"x", max_retries=0))
+    release_over_and_over(server.address, MAX_RELEASES - 1, reason="draining")
+    assert client.get_task_status(task_id).state is TaskState.QUEUED
+    release_over_and_over(server.address, 1, reason="draining")
+
+    status = client.get_task_status(task_id, history=True)
+    assert status.state is TaskState.FAILED
+    assert status.finished_at is not None
+    assert status.last_error == (
+        f"handed back {MAX_RELEASES} times without finishing (the limit): the worker or the "
+        "server could not run it; the last time: draining"
+    )
+    last = status.history[-1]
+    assert (last.event, last.state) == ("released", TaskState.FAILED)
+    assert last.detail == status.last_error
+    assert outcomes(server.http_url) == {"released": MAX_RELEASES - 1, "failed": 1}
+    explained = client.explain_task(task_id)
+    assert f"last error: {status.last_error}" in explained
+
+    assert client.retry_tasks([task_id]).changed == 1
+    release_over_and_over(server.address, 1)
+    assert client.get_task_status(task_id).state is TaskState.QUEUED

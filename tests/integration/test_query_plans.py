@@ -234,7 +234,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_fail": (
             *(running, lease, "ValueError: boom", "failed", True, 1.0, 300.0, "worker-1"),
         ),
-        "task_release": (running, lease, "handed back", "worker-1", True),
+        "task_release": (running, lease, "handed back", "worker-1", True, 1000),
         "task_cancel": (seeded.queued_id, "cancelled while queued", "ops (token 6f0c3b1a)"),
         "task_lease_extend": ([running], [lease], 30.0, 10.0, ["50%"], "worker-1"),
         "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
@@ -609,7 +609,7 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
             "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * 64, "worker-4"),
             "task_succeed": (one, lease, None, "worker-4"),
             "task_fail": (one, lease, "ValueError: boom", "failed", True, 1.0, 300.0, "worker-4"),
-            "task_release": (one, lease, "handed back", "worker-4", True),
+            "task_release": (one, lease, "handed back", "worker-4", True, 1000),
         }[name]
         plan = await explain(running_unseen, SQL[name], *args, plan_mode=plan_mode)
         assert_tasks_read_by_primary_key(plan)

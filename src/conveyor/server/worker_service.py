@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.workers")
 
 MAX_ERROR_LENGTH: Final = 8000
+# A release spends no attempt, so nothing else ends a loop of leases and hand-backs (a
+# fleet crash-looping through graceful stops, a task no worker can take, a hostile worker),
+# and each cycle writes two history rows for good. The release that reaches this many since
+# the task's last operator retry fails the task, saying why.
+MAX_RELEASES: Final = 1000
 MAX_TASK_TYPES: Final = 1000
 MAX_REPORTS_PER_CALL: Final = 1000
 # Outcomes other than success (failures, releases) of one ReportResults call applied at
@@ -105,6 +110,11 @@ def _clean_error(error: str) -> str:
     if len(cleaned) > MAX_ERROR_LENGTH:
         cleaned = cleaned[:MAX_ERROR_LENGTH] + "... (truncated)"
     return cleaned or "error"
+
+
+def _release_label(row: Any) -> str:
+    """The outcome of a release: `released`, or `failed` once it reached MAX_RELEASES."""
+    return "failed" if row["state"] == "failed" else "released"
 
 
 def _worker_id(value: str) -> str:
@@ -419,9 +429,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     worker_id=worker_id,
                     reason=reason,
                     delivered=False,
+                    max_releases=MAX_RELEASES,
                 )
                 if released is not None:
-                    self.metrics.observe_outcome(released["type"], "released", None)
+                    self.metrics.observe_outcome(released["type"], _release_label(released), None)
         if rows:
             self.notifier.wake()
 
@@ -764,10 +775,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 worker_id=request.worker_id,
                 reason=_clean_error(request.error or "handed back by the worker"),
                 delivered=True,
+                max_releases=MAX_RELEASES,
             )
             label = "released"
             if row is not None:
-                self.notifier.wake()
+                label = _release_label(row)
+                if label == "released":
+                    self.notifier.wake()
         else:
             raise InvalidTask(f"unknown outcome {outcome}")
         if row is not None:

@@ -330,15 +330,29 @@ async def task_fail(
 
 
 async def task_release(
-    conn: Any, *, task_id: str, lease_id: str, worker_id: str, reason: str, delivered: bool
+    conn: Any,
+    *,
+    task_id: str,
+    lease_id: str,
+    worker_id: str,
+    reason: str,
+    delivered: bool,
+    max_releases: int,
 ) -> asyncpg.Record | None:
     """Hand a lease back without spending its attempt. None: the lease is not current.
 
     `delivered`: the lease reached its worker (false: the server hands back a lease it
-    could not deliver, and the task keeps its place in time; see the SQL).
+    could not deliver, and the task keeps its place in time; see the SQL). The
+    `max_releases`th release since the task's last operator retry fails it (state failed).
     """
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason, worker_id, delivered
+        SQL["task_release"],
+        uuid.UUID(task_id),
+        uuid.UUID(lease_id),
+        reason,
+        worker_id,
+        delivered,
+        max_releases,
     )
     return row
 

@@ -344,23 +344,45 @@ FROM done;
 
 -- name: task_release
 -- $1 task id, $2 lease id, $3 reason, $4 the holding worker's id, $5 whether the lease
--- reached its worker. Hands a lease back without spending the attempt. A delivered lease
--- started the task, which is available again from now. An undelivered one (the server hands
--- it back) started nothing: the task keeps its available_at, so the wait of the start that
--- does come (task_claim's `waited`) runs from when it first became available.
-WITH done AS (
+-- reached its worker, $6 the most releases a series of attempts may have. Hands a lease
+-- back without spending the attempt. A delivered lease started the task, which is
+-- available again from now. An undelivered one (the server hands it back) started nothing:
+-- the task keeps its available_at, so the wait of the start that does come (task_claim's
+-- `waited`) runs from when it first became available. Since a release spends nothing,
+-- nothing else ends a loop of leases and hand-backs, each writing two history rows: the
+-- $6th release since the task's last operator retry fails the task instead, saying why
+-- (one probe of the task's history by its primary key, a few rows for any task not near
+-- the limit).
+WITH released_before AS (
+    SELECT count(*) AS releases
+    FROM conveyor_task_events AS e
+    WHERE e.task_id = $1 AND e.event = 'released'
+      AND e.id > coalesce((SELECT max(r.id) FROM conveyor_task_events AS r
+                           WHERE r.task_id = $1 AND r.event = 'retried'), 0)
+), done AS (
     UPDATE conveyor_tasks
-    SET state = 'queued', attempt = attempt - 1,
+    SET state = CASE WHEN r.releases + 1 < $6 THEN 'queued' ELSE 'failed'
+                END::conveyor_task_state,
+        attempt = attempt - 1,
         available_at = CASE WHEN $5::boolean THEN now() ELSE available_at END,
+        finished_at = CASE WHEN r.releases + 1 < $6 THEN NULL ELSE now() END,
+        last_error = CASE WHEN r.releases + 1 < $6 THEN last_error
+            ELSE format('handed back %s times without finishing (the limit): the worker or '
+                        'the server could not run it; the last time: %s', $6::integer, $3::text)
+            END,
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
+    FROM released_before AS r
     -- The lease and its expiry: the task is running (see task_succeed).
     WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
-    RETURNING id, type, state, attempt, worker_id
+    RETURNING id, type, state, attempt, worker_id, last_error
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
-    SELECT id, 'released', state, attempt + 1, worker_id, $3 FROM done
+    SELECT id, 'released', state, attempt + 1, worker_id,
+           CASE WHEN state = 'failed' THEN last_error ELSE $3::text END
+    FROM done
 ), wake AS (
-    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
+    SELECT pg_notify('conveyor_task_ready', '')
+    FROM (SELECT 1 FROM done WHERE state = 'queued' LIMIT 1) AS any_done
 )
 SELECT type, state, (SELECT count(*) FROM wake) AS woken FROM done;
 
