@@ -26,7 +26,6 @@ from conveyor.types import (
     TaskDetail,
     TaskPage,
     TaskState,
-    WorkerInfo,
     normalize_task_id,
     validate_task_type,
 )
@@ -261,28 +260,6 @@ class TaskControl:
             # The oldest event of the page after the first: where the page before ends.
             older_history=events[1]["id"] if status.history_omitted else None,
         )
-
-    async def workers(self, *, include_stopped: bool, limit: int) -> list[WorkerInfo]:
-        """Registered workers, newest first (stopped ones only if asked)."""
-        async with self._database.connection() as conn:
-            rows = await queries.worker_list(conn, include_stopped=include_stopped, limit=limit)
-        return [
-            WorkerInfo(
-                id=row["id"],
-                host=row["host"],
-                pid=row["pid"],
-                task_types=tuple(row["task_types"]),
-                concurrency=row["concurrency"],
-                version=row["version"],
-                state=row["state"],
-                started_at=row["started_at"],
-                last_heartbeat_at=row["last_heartbeat_at"],
-                in_flight=row["in_flight"],
-                loop_lag_ms=row["loop_lag_ms"],
-                silent_for=row["silent_for"],
-            )
-            for row in rows
-        ]
 
     async def paused_types(self) -> list[PausedType]:
         """Every paused type, by name."""
