@@ -435,8 +435,10 @@ class TestHardening:
         assert "--dashboard-allowed-host" in body
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
             assert fetch(f"{server.http_url}/ui", headers={"Host": host})[0] == 200, host
-        # The monitoring endpoints are not the dashboard's: scrapers use any name.
-        assert fetch(f"{server.http_url}/metrics", headers={"Host": "prom.internal"})[0] == 200
+        # Without tokens /status and /metrics are checked the same way
+        # (test_http_hardening.py); the probes are not: they reveal nothing.
+        assert fetch(f"{server.http_url}/metrics", headers={"Host": "prom.internal"})[0] == 421
+        assert fetch(f"{server.http_url}/healthz", headers={"Host": "prom.internal"})[0] == 200
 
     def test_a_listed_host_name_is_served(self, start_server) -> None:
         server = start_server(dashboard_allowed_hosts=frozenset({"queue.internal"}))

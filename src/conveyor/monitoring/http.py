@@ -4,11 +4,13 @@
 credentials, and they reveal only whether this server can serve. With authentication on,
 /status and /metrics need `Authorization: Bearer <token>` of a role that may read the
 cluster, refused with a JSON body (401 for no or a bad token, 403 for a role without the
-permission). /metrics may instead be served alone on an address of its own
-(`create_metrics_app`), typically one only the cluster's scraper can reach, without a token.
-Each address is served by an `HttpServer`, over TLS when given an SSL context. This module
-knows nothing of the database or gRPC: the server hands it a `StatusSource` that answers the
-questions, and an `authenticate` callable that turns a token into a principal.
+permission). Without it they answer only to the names `hosts` allows (421 otherwise), as
+the dashboard does, so a web page cannot read them through DNS rebinding. /metrics may
+instead be served alone on an address of its own (`create_metrics_app`), typically one only
+the cluster's scraper can reach, without a token or a name check. Each address is served
+by an `HttpServer`, over TLS when given an SSL context. This module knows nothing of the
+database or gRPC: the server hands it a `StatusSource` that answers the questions, and an
+`authenticate` callable that turns a token into a principal.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from conveyor.auth import Permission, bearer_token
 from conveyor.errors import Unauthenticated
+from conveyor.monitoring.hosts import host_allowed
 
 if TYPE_CHECKING:
     import ssl
@@ -85,18 +88,40 @@ def _bearer_protected(
     return protected
 
 
+def _host_checked(
+    endpoint: Callable[[web.Request], Awaitable[web.Response]],
+    allowed_hosts: frozenset[str],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`endpoint`, answered only under a name no rebinding page can have (see `hosts`)."""
+
+    async def checked(request: web.Request) -> web.Response:
+        if not host_allowed(request.host, allowed_hosts):
+            return _refusal(
+                421,
+                "misdirected_request",
+                f"{request.path} is not served under the name {request.host!r}. Ask for it "
+                "by IP address, localhost or this machine's host name, or start the server "
+                "with --dashboard-allowed-host NAME.",
+            )
+        return await endpoint(request)
+
+    return checked
+
+
 def create_app(
     source: StatusSource,
     dashboard: Dashboard | None = None,
     *,
     authenticate: Callable[[str | None], Principal] | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
     metrics: bool = True,
 ) -> web.Application:
     """The aiohttp application serving the monitoring endpoints (and /ui if given a source).
 
     `authenticate` (a token to its principal, raising Unauthenticated) puts /status and
-    /metrics behind a bearer token; None leaves them open. `metrics` False leaves /metrics
-    out, for a server that serves it on an address of its own.
+    /metrics behind a bearer token; None leaves them open to requests that name the server
+    by IP address, localhost or one of `allowed_hosts` (lower case). `metrics` False leaves
+    /metrics out, for a server that serves it on an address of its own.
     """
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -119,7 +144,10 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     for path, handler in protected:
         app.router.add_get(
-            path, handler if authenticate is None else _bearer_protected(handler, authenticate)
+            path,
+            _host_checked(handler, allowed_hosts)
+            if authenticate is None
+            else _bearer_protected(handler, authenticate),
         )
     if dashboard is not None:
         dashboard.register(app)

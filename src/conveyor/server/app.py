@@ -25,6 +25,7 @@ from conveyor import __version__
 from conveyor.errors import ConveyorError
 from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
+from conveyor.monitoring.hosts import this_machines_names
 from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -218,10 +219,13 @@ class ConveyorServer:
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
             authenticate = self.gate.authenticate if self.gate.authenticating else None
+            # The names the dashboard, and without tokens /status and /metrics, answer to
+            # besides IP addresses and localhost (against DNS rebinding: monitoring/hosts.py).
+            allowed_hosts = self.config.dashboard_allowed_hosts | this_machines_names()
             dashboard = (
                 Dashboard(
                     DashboardBackend(self.control, self.stats, self.cluster_status, self.database),
-                    allowed_hosts=self.config.dashboard_allowed_hosts,
+                    allowed_hosts=allowed_hosts,
                     authenticate=authenticate,
                     token_entry=token_entries(self.gate.tokens.current)
                     if self.gate.tokens is not None
@@ -235,6 +239,7 @@ class ConveyorServer:
                 self,
                 dashboard,
                 authenticate=authenticate,
+                allowed_hosts=allowed_hosts,
                 metrics=self.config.metrics_listen is None,
             )
             self._http = HttpServer(app, host, port, ssl_context=ssl_context)

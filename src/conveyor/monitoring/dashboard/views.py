@@ -16,7 +16,6 @@ this module knows nothing of the database or gRPC.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from conveyor.errors import (
 )
 from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
 from conveyor.monitoring.dashboard.sessions import COOKIE_NAME, DEFAULT_LIFETIME, Sessions
+from conveyor.monitoring.hosts import host_allowed
 from conveyor.monitoring.preview import as_text
 from conveyor.types import TASK_TYPE_PATTERN, OtherTypes, TaskState
 
@@ -264,26 +264,6 @@ def overview_types(status: ClusterStatus) -> tuple[list[TypeStatus], OtherTypes]
     return sorted(shown, key=lambda item: item.type), summed
 
 
-def _host_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
-    """Whether the Host header names this dashboard, which defeats DNS rebinding.
-
-    A rebinding attack reaches a loopback dashboard under the attacker's own domain name;
-    an IP literal or `localhost` cannot be such a name, and other names must be listed
-    (`--dashboard-allowed-host`).
-    """
-    try:
-        hostname = urlsplit(f"//{request.host}").hostname or ""
-    except ValueError:  # not even a well-formed authority
-        return False
-    if hostname == "localhost" or hostname in allowed:
-        return True
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    return True
-
-
 def _http_status(error: ConveyorError) -> int:
     if isinstance(error, TaskNotFound):
         return 404
@@ -439,7 +419,7 @@ class Dashboard:
         then, with logins on and unless the route is open, the session and a POST's CSRF
         token.
         """
-        if not _host_allowed(request, self._allowed_hosts):
+        if not host_allowed(request.host, self._allowed_hosts):
             return self._error(
                 421,
                 f"This dashboard is not served under the name {request.host!r}. Open it by "
