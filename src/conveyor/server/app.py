@@ -42,6 +42,7 @@ from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_retention import WorkerPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
+from conveyor.server.open_files import raise_open_files_limit
 from conveyor.server.rpc import add_service
 from conveyor.server.security import Gate, tls_material
 from conveyor.server.stats_sampler import StatsSampler
@@ -155,6 +156,7 @@ class ConveyorServer:
         credentials, ssl_context = tls_material(self.config)
         for what, address in self._listeners():
             check_can_listen(address, what)
+        raise_open_files_limit()
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         try:
             await self._start_serving(credentials, ssl_context)
@@ -242,12 +244,24 @@ class ConveyorServer:
                 allowed_hosts=allowed_hosts,
                 metrics=self.config.metrics_listen is None,
             )
-            self._http = HttpServer(app, host, port, ssl_context=ssl_context)
+            self._http = HttpServer(
+                app,
+                host,
+                port,
+                ssl_context=ssl_context,
+                limits=self.config.http_limits,
+                on_dropped=self.metrics.count_http_connection_dropped,
+            )
             self.http_port = await _listen(self._http, self.config.http_listen, "HTTP")
         if self.config.metrics_listen is not None:
             host, port = split_host_port(self.config.metrics_listen)
             self._metrics_http = HttpServer(
-                create_metrics_app(self), host, port, ssl_context=ssl_context
+                create_metrics_app(self),
+                host,
+                port,
+                ssl_context=ssl_context,
+                limits=self.config.http_limits,
+                on_dropped=self.metrics.count_http_connection_dropped,
             )
             self.metrics_port = await _listen(
                 self._metrics_http, self.config.metrics_listen, "metrics"

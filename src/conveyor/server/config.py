@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
+from conveyor.monitoring.http import HttpLimits
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
 from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
@@ -117,6 +118,9 @@ class ServerConfig:
     # Host names (besides IP addresses and localhost) the dashboard answers to; any other
     # Host header is refused, which defeats DNS rebinding against a loopback dashboard.
     dashboard_allowed_hosts: frozenset[str] = frozenset()
+    # What one client may hold on the HTTP and metrics addresses: connections, and how long
+    # a request may take to arrive and to be answered (monitoring/http.py).
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     server_id: str = field(default_factory=default_server_id)
     migrate: bool = False
     # With `migrate`: how long each attempt waits for a table lock, and how many attempts
