@@ -3,15 +3,18 @@
 Real servers (in-process, and a real `conveyor server` process), real PostgreSQL, raw
 sockets where a well-behaved HTTP client would not do what is under test: connections that
 send nothing or half a request, bodies that never finish, more connections than allowed.
-Also: without tokens /status and /metrics answer only to names a DNS-rebinding page cannot
+Also: /metrics is rendered off the event loop and shared by the scrapes that come together,
+and without tokens /status and /metrics answer only to names a DNS-rebinding page cannot
 have, while /healthz and /readyz stay open to any name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from typing import Any
 
 import pytest
 from helpers import metric_by_label, wait_for
+from prometheus_client.core import GaugeMetricFamily
 
 from conveyor import Client, Task
 from conveyor.auth import Role, new_token
@@ -223,6 +227,61 @@ class TestOpenFilesLimit:
             assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class _Probe:
+    """A collector on the server's registry: it notes each render, and can hold one up."""
+
+    def __init__(self) -> None:
+        self.renders = 0
+        self.on_the_event_loop: list[bool] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("probe_renders", "Renders so far.")]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        try:
+            asyncio.get_running_loop()
+            self.on_the_event_loop.append(True)
+        except RuntimeError:
+            self.on_the_event_loop.append(False)
+        self.renders += 1
+        self.release.wait(30)
+        return [GaugeMetricFamily("probe_renders", "Renders so far.", value=self.renders)]
+
+
+class TestMetricsRendering:
+    def test_scrapes_are_rendered_off_the_loop_and_share_one_render(self, server) -> None:
+        probe = _Probe()
+        server.server.metrics.registry.register(probe)
+        http = http_server(server)
+        probe.release.clear()
+        bodies: list[str] = []
+
+        def scrape() -> None:
+            bodies.append(get(f"{server.http_url}/metrics")[2])
+
+        scrapers = [threading.Thread(target=scrape) for _ in range(8)]
+        try:
+            for thread in scrapers:
+                thread.start()
+            # All eight wait for the one render; the event loop is free meanwhile.
+            wait_for(lambda: http.busy_connections == 8, what="8 scrapes in progress")
+            with Client(server.address) as client:
+                client.enqueue_task(Task(type="render.t"))
+        finally:
+            probe.release.set()
+            for thread in scrapers:
+                thread.join(30)
+        assert probe.on_the_event_loop == [False]
+        assert len(bodies) == 8
+        assert len(set(bodies)) == 1
+        assert "probe_renders 1.0" in bodies[0]
+        # A scrape right after is served the same render.
+        assert get(f"{server.http_url}/metrics")[2] == bodies[0]
+        assert probe.renders == 1
 
 
 class TestHostCheckWithoutTokens:

@@ -7,7 +7,8 @@ cluster, refused with a JSON body (401 for no or a bad token, 403 for a role wit
 permission). Without it they answer only to the names `hosts` allows (421 otherwise), as
 the dashboard does, so a web page cannot read them through DNS rebinding. /metrics may
 instead be served alone on an address of its own (`create_metrics_app`), typically one only
-the cluster's scraper can reach, without a token or a name check.
+the cluster's scraper can reach, without a token or a name check. /metrics is rendered in a
+thread, and one render serves every scrape that arrives while it is fresh (`SharedRender`).
 Each address is served by an `HttpServer`, over TLS when given an SSL context, which bounds
 what a client can hold there (`HttpLimits`): a connection must send its request within
 seconds, have it answered within seconds more, and may idle between requests for a few
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.http")
 
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# A render is reused for this long at least, and for twice as long as it took if that is
+# longer: however often /metrics is asked for, rendering takes at most a third of a core.
+METRICS_FRESH_FOR: Final = 1.0
 # How often a warning about refused connections may be logged.
 REFUSAL_LOG_INTERVAL: Final = 60.0
 
@@ -61,14 +65,53 @@ class StatusSource(Protocol):
         """The JSON document behind /status."""
         ...
 
-    def metrics_text(self) -> bytes:
-        """Prometheus text exposition."""
+    async def metrics_text(self) -> bytes:
+        """Prometheus text exposition (rendered off the event loop: it can take a while)."""
         ...
 
 
+class SharedRender:
+    """The /metrics body, rendered once for every scrape that arrives while it is fresh.
+
+    At the type-label bound a render takes most of a second of pure Python: each scrape
+    rendering its own would let a client scraping in a loop keep a core busy. Scrapes that
+    arrive during a render wait for it; those that arrive after it, for METRICS_FRESH_FOR
+    seconds or twice the render's time, get its bytes. A failed render is not kept.
+    """
+
+    def __init__(self, render: Callable[[], Awaitable[bytes]]) -> None:
+        """Bodies come from `render`."""
+        self._render = render
+        self._body = b""
+        self._fresh_until = float("-inf")
+        self._running: asyncio.Future[bytes] | None = None
+
+    async def body(self) -> bytes:
+        """A body rendered at most a moment ago."""
+        if time.monotonic() < self._fresh_until:
+            return self._body
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._refresh())
+        # A scrape whose client hangs up must not cancel the render the others wait for.
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> bytes:
+        started = time.monotonic()
+        try:
+            body = await self._render()
+        finally:
+            self._running = None
+        finished = time.monotonic()
+        self._body = body
+        self._fresh_until = finished + max(METRICS_FRESH_FOR, 2 * (finished - started))
+        return body
+
+
 def _metrics_endpoint(source: StatusSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    shared = SharedRender(source.metrics_text)
+
     async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=source.metrics_text())
+        response = web.Response(body=await shared.body())
         response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
         return response
 

@@ -310,5 +310,5 @@ class ServerMetrics:
         self.http_connections_dropped.labels(reason).inc()
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric; safe to call from any thread."""
         return generate_latest(self.registry)

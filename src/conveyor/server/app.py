@@ -421,10 +421,14 @@ class ConveyorServer:
             other_types=snapshot.other,
         )
 
-    def metrics_text(self) -> bytes:
-        """Prometheus text for /metrics."""
+    async def metrics_text(self) -> bytes:
+        """Prometheus text for /metrics, rendered in a thread.
+
+        At the type-label bound a render takes most of a second of pure Python, which on
+        the event loop would hold up every RPC for as long.
+        """
         self.metrics.db_pool_in_use.set(self.database.pool_in_use())
-        return self.metrics.render()
+        return await asyncio.to_thread(self.metrics.render)
 
 
 def _described(exc: Exception) -> str:
