@@ -65,7 +65,13 @@ from conveyor.client.channel import (
     translate,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
-from conveyor.errors import ConfigError, InvalidTask, PermanentFailure, ServerUnavailable
+from conveyor.errors import (
+    ConfigError,
+    InvalidTask,
+    PermanentFailure,
+    ServerUnavailable,
+    WorkerCrashed,
+)
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
@@ -87,7 +93,7 @@ from conveyor.worker.watchdog import LoopWatchdog
 from conveyor.worker.work_stream import StreamEnded, WorkStream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from concurrent.futures import Future
 
     from conveyor.worker.registry import Handler, RegisteredHandler
@@ -148,6 +154,25 @@ def host_name() -> str:
     stop a worker from registering.
     """
     return printable(socket.gethostname())[:MAX_WORKER_HOST_LENGTH] or "unknown"
+
+
+class _HandlerExited(Exception):
+    """An async handler raised SystemExit or KeyboardInterrupt (argparse on a bad payload does).
+
+    asyncio lets those two out of a task and out of the event loop itself, which ended the
+    whole worker; wrapped, they fail the attempt as they do in a sync handler's thread.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+async def _guarded(handler_call: Awaitable[Any]) -> Any:
+    try:
+        return await handler_call
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _HandlerExited(exc) from exc
 
 
 def default_worker_id() -> str:
@@ -315,6 +340,8 @@ class Worker:
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._start_error: BaseException | None = None
+        # What ended the worker's event loop while it ran, if anything did: `run` raises it.
+        self._crash: BaseException | None = None
         self._runtime: _Runtime | None = None
 
     def configure(
@@ -428,6 +455,7 @@ class Worker:
                 if not self._started.is_set():
                     self._start_error = exc
                 else:
+                    self._crash = exc
                     log.exception("worker crashed", extra={"event": "worker_crashed"})
             finally:
                 # Scrapes keep working through the drain; the endpoint goes with the worker.
@@ -476,7 +504,12 @@ class Worker:
         return self._runtime.busy_threads if self._runtime else 0
 
     def run(self) -> None:
-        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits)."""
+        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits).
+
+        Raises:
+            WorkerCrashed: the worker's event loop ended on an error it could not handle
+                (`conveyor worker` then exits with status 1).
+        """
         stop_requested = threading.Event()
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -503,6 +536,10 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self._crash is not None:
+            raise WorkerCrashed(
+                f"worker {self.worker_id} crashed: {_describe(self._crash)}"
+            ) from self._crash
 
 
 class _Runtime:
@@ -1108,6 +1145,8 @@ class _Runtime:
         error: BaseException | None = (
             asyncio.CancelledError() if future.cancelled() else future.exception()
         )
+        if isinstance(error, _HandlerExited):
+            error = error.original
         if error is not None and attempt.stop_reason == "shutdown":
             # Stopped by the shutdown before it could finish: hand the task back.
             return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
@@ -1146,8 +1185,9 @@ class _Runtime:
                 unopened.set_exception(exc)
                 return unopened
         if handler.is_async:
-            coroutine: Coroutine[Any, Any, Any] = handler.fn(attempt.ctx, payload)
-            return asyncio.ensure_future(coroutine)
+            return self.loop.create_task(
+                _guarded(handler.fn(attempt.ctx, payload)), name=f"handler-{attempt.lease.task_id}"
+            )
         self.busy_threads += 1
         self.metrics.sync_handlers_running.inc()
         # ThreadPoolExecutor does not carry context variables into its threads: run the
