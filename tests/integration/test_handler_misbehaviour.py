@@ -15,7 +15,7 @@ import threading
 import pytest
 from helpers import running, wait_final, wait_for
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import AesGcmCodec, Client, Task, TaskState, Worker
 
 
 def events(db, task_id: str) -> list[str]:
@@ -79,3 +79,136 @@ class TestExitingHandlers:
             assert worker.running
         assert status.state is TaskState.FAILED
         assert status.last_error == "SystemExit: 3"
+
+
+WORKING_CODEC = AesGcmCodec([("k1", AesGcmCodec.new_key())])
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        return self.detail  # type: ignore[attr-defined]  # never set: AttributeError
+
+
+class FailingCodec:
+    """A custom PayloadCodec whose key service is down for opening, or for sealing."""
+
+    def __init__(self, *, opens: bool, seals: bool) -> None:
+        self.opens, self.seals = opens, seals
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        if not self.seals:
+            raise RuntimeError("key service unreachable (seal)")
+        return WORKING_CODEC.seal(data, field=field, task_id=task_id)
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        if not self.opens:
+            raise RuntimeError("key service unreachable (open)")
+        return WORKING_CODEC.open(data, field=field, task_id=task_id)
+
+
+def released_view(_ctx, _payload) -> memoryview:
+    view = memoryview(b"result")
+    view.release()
+    return view
+
+
+class TestErrorsAroundTheHandler:
+    """Each of these once left the attempt unreported: it sat `running` for a whole lease
+    and was then recorded as `LeaseExpired: worker W stopped renewing its lease`."""
+
+    def test_an_async_handler_with_the_wrong_signature_fails_like_a_sync_one(
+        self, server, client: Client
+    ) -> None:
+        worker = Worker(server.address, concurrency=2)
+
+        @worker.handler("async.arity")
+        async def async_arity(payload):  # ctx forgotten
+            return payload
+
+        @worker.handler("sync.arity")
+        def sync_arity(payload):
+            return payload
+
+        with running(worker):
+            async_id = client.enqueue_task(Task(type="async.arity", max_retries=0))
+            sync_id = client.enqueue_task(Task(type="sync.arity", max_retries=0))
+            async_status = wait_final(client, async_id, timeout=15)
+            sync_status = wait_final(client, sync_id, timeout=15)
+        assert sync_status.state is TaskState.FAILED
+        assert async_status.state is TaskState.FAILED
+        assert async_status.last_error == (
+            "TypeError: TestErrorsAroundTheHandler.test_an_async_handler_with_the_wrong_"
+            "signature_fails_like_a_sync_one.<locals>.async_arity() takes 1 positional "
+            "argument but 2 were given"
+        )
+        assert async_status.attempts == 1
+
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    def test_an_exception_whose_message_cannot_be_read_is_reported(
+        self, server, client: Client, kind: str
+    ) -> None:
+        worker = Worker(server.address, concurrency=1)
+
+        def raise_it(_ctx, _payload):
+            raise Unprintable
+
+        async def raise_it_async(_ctx, _payload):
+            raise Unprintable
+
+        worker.register_handler("unprintable", raise_it if kind == "sync" else raise_it_async)
+        with running(worker):
+            status = wait_final(
+                client, client.enqueue_task(Task(type="unprintable", max_retries=0)), timeout=15
+            )
+        assert status.state is TaskState.FAILED
+        assert status.last_error == ("Unprintable (its message could not be read: AttributeError)")
+
+    def test_a_result_that_cannot_be_read_fails_the_attempt(self, server, client: Client) -> None:
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("released", released_view)
+        with running(worker):
+            status = wait_final(
+                client, client.enqueue_task(Task(type="released", max_retries=0)), timeout=15
+            )
+        assert status.state is TaskState.FAILED
+        assert status.last_error == "ValueError: operation forbidden on released memoryview object"
+
+    def test_a_codec_that_cannot_open_fails_the_attempt(self, server, client: Client) -> None:
+        ran: list[bytes] = []
+        worker = Worker(server.address, concurrency=1, codec=FailingCodec(opens=False, seals=True))
+        worker.register_handler("job", lambda _ctx, payload: ran.append(payload))
+        # The error is sealed, as any handler's would be: read it back through the codec.
+        reader = Client(server.address, codec=WORKING_CODEC)
+        with running(worker), reader:
+            status = wait_final(
+                reader, client.enqueue_task(Task(type="job", max_retries=0)), timeout=15
+            )
+        assert status.state is TaskState.FAILED
+        assert status.last_error == "RuntimeError: key service unreachable (open)"
+        assert ran == []
+
+    def test_a_codec_that_cannot_seal_fails_the_attempt_saying_so_in_the_clear(
+        self, server, client: Client
+    ) -> None:
+        """The result and the error cannot be sealed: the report carries the codec's own
+        error unsealed, never the message it was to seal."""
+        worker = Worker(server.address, concurrency=1, codec=FailingCodec(opens=True, seals=False))
+
+        @worker.handler("job")
+        def job(_ctx, _payload):
+            raise ValueError("card 4111 declined")
+
+        worker.register_handler("ok", lambda _ctx, _payload: b"secret result")
+        with running(worker):
+            failed = wait_final(
+                client, client.enqueue_task(Task(type="job", max_retries=0)), timeout=15
+            )
+            succeeded = wait_final(
+                client, client.enqueue_task(Task(type="ok", max_retries=0)), timeout=15
+            )
+        expected = (
+            "the worker could not seal the outcome: RuntimeError: key service unreachable (seal)"
+        )
+        assert (failed.state, failed.last_error) == (TaskState.FAILED, expected)
+        assert (succeeded.state, succeeded.last_error) == (TaskState.FAILED, expected)
+        assert succeeded.result is None

@@ -190,10 +190,17 @@ def _checked_worker_id(worker_id: object) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as "ExceptionType: message", whatever the exception's `__str__` does."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception as unprintable:  # a handler's exception, any bug in it
+        # The attempt must still be reported: a raising __str__ once left it to expire.
+        return f"{name} (its message could not be read: {type(unprintable).__name__})"
     # wire_text: an error about a file whose name did not decode (os.fsdecode) carries lone
     # surrogates, which protobuf refuses; the report must still go.
-    text = convert.wire_text(str(exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = convert.wire_text(text)
+    return f"{name}: {text}" if text else name
 
 
 def _updated_credentials(
@@ -1113,7 +1120,33 @@ class _Runtime:
             await asyncio.wait({attempt.handler_future})
 
     async def run_handler(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
-        """Run the handler under its timeout; return the report to send (None: send none)."""
+        """Run the handler under its timeout; return the report to send (None: send none).
+
+        Whatever fails around the handler (a codec that raises, a result that cannot be
+        read) fails the attempt with a report naming the error: left unreported, the
+        attempt was recorded as a lease expiry that blamed a healthy worker.
+        """
+        try:
+            return await self.run_handler_unguarded(attempt)
+        except Exception as exc:
+            error = _describe(exc)
+            attempt.ctx.logger.exception(
+                "attempt failed around its handler: %s", error, extra={"event": "worker_bug"}
+            )
+            if attempt.stop_reason in ("cancelled", "lease_lost"):
+                return None
+            try:
+                return self.outcome(attempt, pb.OUTCOME_FAILED, error=error)
+            except Exception as sealing:  # the codec fails us: say so in the clear
+                # Its own error, not the message it could not seal, which may be secret.
+                return self.outcome(
+                    attempt,
+                    pb.OUTCOME_FAILED,
+                    error=f"the worker could not seal the outcome: {_describe(sealing)}",
+                    seal=False,
+                )
+
+    async def run_handler_unguarded(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
         lease = attempt.lease
         handler = self.worker.registry.get(lease.type)
         if handler is None:  # never leased in practice: we only ask for registered types
@@ -1167,7 +1200,7 @@ class _Runtime:
             )
         try:
             result = _result_bytes(future.result())
-        except TypeError as exc:
+        except Exception as exc:  # also a buffer that cannot be read (ValueError)
             return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
@@ -1175,18 +1208,22 @@ class _Runtime:
         assert self.loop is not None  # noqa: S101
         payload = attempt.lease.payload
         codec = self.worker.codec
-        if codec is not None:
-            try:
+        try:
+            if codec is not None:
                 payload = codec.open(payload, field="payload", task_id=attempt.lease.task_id)
-            except SealError as exc:
-                # A failed attempt like a handler's exception: retried, perhaps on a worker
-                # that has the key, and the error says which key was missing.
-                unopened: asyncio.Future[Any] = self.loop.create_future()
-                unopened.set_exception(exc)
-                return unopened
+            if handler.is_async:
+                # Called here, not in the task: a call that fails before a coroutine exists
+                # (the handler takes other arguments) fails the attempt like a sync one.
+                handler_call = handler.fn(attempt.ctx, payload)
+        except Exception as exc:  # whatever the codec or the call raised
+            # A failed attempt like a handler's exception: retried (perhaps on a worker that
+            # has the key), and the error says what went wrong (which key was missing).
+            unopened: asyncio.Future[Any] = self.loop.create_future()
+            unopened.set_exception(exc)
+            return unopened
         if handler.is_async:
             return self.loop.create_task(
-                _guarded(handler.fn(attempt.ctx, payload)), name=f"handler-{attempt.lease.task_id}"
+                _guarded(handler_call), name=f"handler-{attempt.lease.task_id}"
             )
         self.busy_threads += 1
         self.metrics.sync_handlers_running.inc()
