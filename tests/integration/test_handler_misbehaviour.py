@@ -9,8 +9,10 @@ expiry that blames a healthy worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
+from datetime import timedelta
 
 import pytest
 from helpers import running, wait_final, wait_for
@@ -212,3 +214,84 @@ class TestErrorsAroundTheHandler:
         assert (failed.state, failed.last_error) == (TaskState.FAILED, expected)
         assert (succeeded.state, succeeded.last_error) == (TaskState.FAILED, expected)
         assert succeeded.result is None
+
+
+def handler_runs(worker: Worker, task_type: str, outcome: str) -> float:
+    """How many runs of `task_type` the worker counted with `outcome`."""
+    value = worker.metrics.registry.get_sample_value(
+        "conveyor_worker_handler_duration_seconds_count", {"type": task_type, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+class TestAsyncHandlersIgnoringCancellation:
+    def test_one_running_at_stop_is_handed_back_and_the_worker_thread_ends(
+        self, server, client: Client, db, caplog
+    ) -> None:
+        """It once held its task unreleased until the lease expired (spending an attempt),
+        and kept the worker's thread, loop and metrics endpoint alive for ever."""
+        started = threading.Event()
+        worker = Worker(server.address, concurrency=1, drain_timeout=0.5)
+
+        @worker.handler("stubborn")
+        async def stubborn(_ctx, _payload):
+            started.set()
+            while True:
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    continue
+
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="stubborn", max_retries=0, timeout=300))
+            wait_for(started.is_set, what="the handler to start")
+        finally:
+            worker.stop(timeout=30)
+        assert not worker.running
+        row = db.task(task_id)
+        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert events(db, task_id) == ["enqueued", "started", "released"]
+        assert (
+            db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
+            == "stopped"
+        )
+        logged = {getattr(record, "event", None) for record in caplog.records}
+        assert {"handler_ignores_cancellation", "loop_closed_with_tasks"} <= logged
+
+    def test_one_cancelled_sends_no_timeout_report(self, start_server) -> None:
+        """Cancelled, then past its timeout while it swallows the cancellation: the worker
+        once reported it TIMED_OUT (refused by fencing) and logged a spurious timeout."""
+        server = start_server(heartbeat_interval=timedelta(milliseconds=300))
+        started = threading.Event()
+        release = threading.Event()
+        worker = Worker(server.address, concurrency=1)
+
+        @worker.handler("swallows")
+        async def swallows(_ctx, _payload):
+            started.set()
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+            return b"late"
+
+        with running(worker), Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="swallows", timeout=1))
+            wait_for(started.is_set, what="the handler to start")
+            client.cancel_task(task_id)
+            # One run is counted per attempt, with the outcome the worker settled it with.
+            wait_for(
+                lambda: (
+                    handler_runs(worker, "swallows", "cancelled")
+                    + handler_runs(worker, "swallows", "timed_out")
+                ),
+                what="the attempt to be settled",
+            )
+            release.set()
+            rejected = worker.metrics.registry.get_sample_value(
+                "conveyor_worker_reports_rejected_total"
+            )
+            assert handler_runs(worker, "swallows", "timed_out") == 0
+            assert handler_runs(worker, "swallows", "cancelled") == 1
+            assert not rejected
+            assert client.get_task_status(task_id).state is TaskState.CANCELLED

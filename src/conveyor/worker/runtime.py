@@ -130,6 +130,12 @@ STREAM_LEAVE_TIMEOUT: Final = 3.0
 # Attempts to hand back a lease that arrived after draining began, before leaving it to
 # expire.
 HAND_BACK_TRIES: Final = 3
+# How long an async handler cancelled at shutdown gets to end before its task is handed back
+# without it (it swallows its cancellation): its result still counts if it ends within this.
+SHUTDOWN_CANCEL_GRACE: Final = 1.0
+# How long the tasks left on the worker's loop when it stops get to end after their
+# cancellation, before the loop closes without them (see event_loop.run).
+LOOP_CLOSE_GRACE: Final = 2.0
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
 
@@ -272,6 +278,9 @@ class _Attempt:
     # Set once the outcome is reported (or known to be unreportable): the lease is settled.
     settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Wakes the runner waiting for the handler (see _finished_within): a stopped attempt is
+    # settled without waiting for a handler that ignores its cancellation.
+    wake_runner: Callable[[], None] | None = field(default=None, repr=False)
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -279,6 +288,8 @@ class _Attempt:
         self.ctx.cancelled.set()
         if self.handler_future is not None and not self.handler_future.done():
             self.handler_future.cancel()
+        if self.wake_runner is not None:
+            self.wake_runner()
 
 
 class Worker:
@@ -457,7 +468,9 @@ class Worker:
         # and handler threads get a copy of their attempt's context.
         with log_context(worker_id=self.worker_id):
             try:
-                event_loop.run(self._runtime.main(self._on_started))
+                # Bounded: an async handler that swallows its cancellation must not keep
+                # this thread (and the metrics endpoint it stops) alive for ever.
+                event_loop.run(self._runtime.main(self._on_started), close_within=LOOP_CLOSE_GRACE)
             except BaseException as exc:
                 if not self._started.is_set():
                     self._start_error = exc
@@ -1151,10 +1164,15 @@ class _Runtime:
         handler = self.worker.registry.get(lease.type)
         if handler is None:  # never leased in practice: we only ask for registered types
             return self.outcome(attempt, pb.OUTCOME_RELEASED, error="no handler on this worker")
+        if attempt.stop_reason is not None:
+            # Stopped before its handler started (the drain came first): nothing ran.
+            return self.handed_back(attempt) if attempt.stop_reason == "shutdown" else None
         timeout = convert.seconds(lease.timeout)
-        attempt.handler_future = self.launch(handler, attempt)
-        if await _finished_within(attempt.handler_future, timeout):
-            return self.settle(attempt, attempt.handler_future)
+        future = attempt.handler_future = self.launch(handler, attempt)
+        if await _finished_within(future, timeout, attempt):
+            return self.settle(attempt, future)
+        if attempt.stop_reason is not None:
+            return await self.settle_stopped(attempt, future)
         attempt.stop("timeout")
         self.log.warning(
             "task %s attempt %d timed out after %gs",
@@ -1169,6 +1187,24 @@ class _Runtime:
             error=f"TimeoutError: the handler ran past its timeout of {timeout:g}s",
         )
 
+    async def settle_stopped(
+        self, attempt: _Attempt, future: asyncio.Future[Any]
+    ) -> pb.ReportResultRequest | None:
+        """The report for an attempt the worker stopped while its async handler runs on."""
+        if attempt.stop_reason != "shutdown":
+            # Cancelled, or its lease lost, and the handler ignores its cancellation: the
+            # lease is gone, so nothing may be reported, its timeout included.
+            return None
+        if await _finished_within(future, SHUTDOWN_CANCEL_GRACE):
+            return self.settle(attempt, future)
+        # Waiting for it would keep the task from being handed back at all: the drain gives
+        # up on the reports, and the lease would expire, spending an attempt.
+        attempt.ctx.logger.warning(
+            "the handler ignores its cancellation: handing its task back without it",
+            extra={"event": "handler_ignores_cancellation"},
+        )
+        return self.handed_back(attempt)
+
     def settle(
         self, attempt: _Attempt, future: asyncio.Future[Any]
     ) -> pb.ReportResultRequest | None:
@@ -1182,7 +1218,7 @@ class _Runtime:
             error = error.original
         if error is not None and attempt.stop_reason == "shutdown":
             # Stopped by the shutdown before it could finish: hand the task back.
-            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+            return self.handed_back(attempt)
         if error is not None:
             # Includes a handler cancelled by something other than this worker: that is a
             # failed attempt like any other, retried within max_retries.
@@ -1203,6 +1239,10 @@ class _Runtime:
         except Exception as exc:  # also a buffer that cannot be read (ValueError)
             return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
+
+    def handed_back(self, attempt: _Attempt) -> pb.ReportResultRequest:
+        """The report that hands the attempt's task back at shutdown, attempt unspent."""
+        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         assert self.loop is not None  # noqa: S101
@@ -1538,8 +1578,10 @@ _REPORTED_OUTCOMES: Final = {
 }
 
 
-async def _finished_within(future: asyncio.Future[Any], timeout: float) -> bool:
-    """Wait until `future` is done or `timeout` seconds pass; whether it is done.
+async def _finished_within(
+    future: asyncio.Future[Any], timeout: float, attempt: _Attempt | None = None
+) -> bool:
+    """Wait until `future` is done, `timeout` passes or `attempt` is stopped; if it is done.
 
     `asyncio.wait({future}, timeout=...)` for one future, without its set, its per-call
     checks and its counter: it ran once per attempt. The future is not cancelled either way.
@@ -1555,11 +1597,15 @@ async def _finished_within(future: asyncio.Future[Any], timeout: float) -> bool:
 
     timer = loop.call_later(timeout, wake)
     future.add_done_callback(wake)
+    if attempt is not None:
+        attempt.wake_runner = wake
     try:
         await waiter
     finally:
         timer.cancel()
         future.remove_done_callback(wake)
+        if attempt is not None:
+            attempt.wake_runner = None
     return future.done()
 
 
