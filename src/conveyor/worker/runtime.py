@@ -64,7 +64,15 @@ from conveyor.client.channel import (
     parse_addresses,
     translate,
 )
-from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
+from conveyor.codec import (
+    KEYS_ENV,
+    AesGcmCodec,
+    PayloadCodec,
+    SealError,
+    is_sealed,
+    seal_text,
+    sealed_key_id,
+)
 from conveyor.errors import (
     ConfigError,
     InvalidTask,
@@ -255,6 +263,25 @@ def _result_bytes(value: object) -> bytes | None:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"handler returned {type(value).__name__}; return bytes or None")
+
+
+def _opened_payload(codec: PayloadCodec | None, payload: bytes, task_id: str) -> bytes:
+    """The payload as the handler gets it.
+
+    Raises:
+        SealError: it is sealed with a key this worker does not have.
+    """
+    if codec is not None:
+        return codec.open(payload, field="payload", task_id=task_id)
+    if is_sealed(payload):
+        # Handed to the handler, ciphertext was taken for the payload (and a "result" made
+        # of it reported): one pod deployed without the keys.
+        raise SealError(
+            f"the payload of task {task_id} was sealed with key {sealed_key_id(payload)!r}, "
+            f"which this worker does not have (it has no payload keys: set {KEYS_ENV} or "
+            "give the Worker a codec)"
+        )
+    return payload
 
 
 @dataclass(eq=False)
@@ -1246,11 +1273,10 @@ class _Runtime:
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         assert self.loop is not None  # noqa: S101
-        payload = attempt.lease.payload
         codec = self.worker.codec
+        payload = attempt.lease.payload
         try:
-            if codec is not None:
-                payload = codec.open(payload, field="payload", task_id=attempt.lease.task_id)
+            payload = _opened_payload(codec, payload, attempt.lease.task_id)
             if handler.is_async:
                 # Called here, not in the task: a call that fails before a coroutine exists
                 # (the handler takes other arguments) fails the attempt like a sync one.
