@@ -8,6 +8,8 @@ by a signal must come promptly and exit 0 whatever the worker was doing.
 from __future__ import annotations
 
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import conveyor_command, wait_final, wait_for
@@ -15,6 +17,7 @@ from helpers import conveyor_command, wait_final, wait_for
 from conveyor import Task, TaskState
 
 E2E_APPS = "misbehaving_workers"
+E2E_DIR = Path(__file__).parent
 
 
 def active_workers(db) -> int:
@@ -53,3 +56,25 @@ def test_a_crashed_worker_exits_with_status_1(server, client, db, processes, e2e
     assert worker.wait(30) == 1, worker.output()
     assert "error: worker " in worker.output()
     assert "crashed: SystemExit: 3" in worker.output()
+
+
+@pytest.mark.slow
+def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_handler(
+    server, client, processes, e2e_pythonpath
+):
+    """`worker.run()` embedded in a program: its handler never returns and ignores its
+    cancellation. run() returns after the drain, and the program exits with it (the
+    handler's thread was joined at interpreter exit, so it never exited)."""
+    program = processes(
+        [sys.executable, str(E2E_DIR / f"{E2E_APPS}.py"), server.address],
+        name="embedded-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    task_id = client.enqueue_task(Task(type="stuck"))
+    wait_for(lambda: "handler started" in program.output(), timeout=30, what="the handler")
+    program.signal(signal.SIGTERM)
+    assert program.wait(15) == 0, program.output()
+    assert "run() returned; busy_threads = 1" in program.output()
+    # Handed back at the drain, attempt unspent.
+    status = client.get_task_status(task_id, history=True)
+    assert [event.event for event in status.history] == ["enqueued", "started", "released"]

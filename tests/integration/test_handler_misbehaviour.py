@@ -295,3 +295,42 @@ class TestAsyncHandlersIgnoringCancellation:
             assert handler_runs(worker, "swallows", "cancelled") == 1
             assert not rejected
             assert client.get_task_status(task_id).state is TaskState.CANCELLED
+
+
+class TestSyncHandlersIgnoringCancellation:
+    def test_busy_threads_fall_when_they_return_after_the_worker_stopped(
+        self, server, client: Client
+    ) -> None:
+        """The count was decremented on the worker's loop, so a thread that returned after
+        the loop closed left busy_threads() and the gauge stuck: code polling
+        busy_threads() after stop() to wait for stragglers waited for ever."""
+        started = threading.Event()
+        release = threading.Event()
+        worker = Worker(server.address, concurrency=1, drain_timeout=0.2)
+
+        @worker.handler("stubborn")
+        def stubborn(_ctx, _payload):
+            started.set()
+            release.wait(30)  # ignores ctx.cancelled
+
+        def gauge() -> float | None:
+            return worker.metrics.registry.get_sample_value("conveyor_worker_sync_handlers_running")
+
+        worker.start()
+        try:
+            client.enqueue_task(Task(type="stubborn"))
+            wait_for(started.is_set, what="the handler to start")
+        finally:
+            worker.stop()
+        try:
+            assert not worker.running
+            assert (worker.busy_threads(), gauge()) == (1, 1.0)
+        finally:
+            release.set()
+        wait_for(lambda: worker.busy_threads() == 0, what="busy_threads() to fall")
+        assert gauge() == 0.0
+        assert not [
+            thread
+            for thread in threading.enumerate()
+            if thread.name.startswith("conveyor-handler") and not thread.daemon
+        ]

@@ -1,8 +1,8 @@
 """Worker: leases tasks over gRPC, runs their handlers, heartbeats, and shuts down gracefully.
 
 The worker runs an asyncio event loop in a background thread (or in the caller's thread
-under `run`). Async handlers run on that loop; sync handlers run in a thread pool of
-`concurrency` threads. Three activities share the loop:
+under `run`). Async handlers run on that loop; sync handlers run on up to `concurrency`
+daemon threads (worker/handler_threads.py). Three activities share the loop:
 
 - the lease loop long-polls `LeaseTasks` for as many tasks as it has free slots (never
   more: no prefetch hoarding);
@@ -47,7 +47,6 @@ import signal
 import socket
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -94,6 +93,7 @@ from conveyor.types import (
     validate_worker_id,
 )
 from conveyor.worker.context import TaskContext
+from conveyor.worker.handler_threads import HandlerThreads
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
 from conveyor.worker.reporting import Refused, ReportBatcher
@@ -547,7 +547,11 @@ class Worker:
         return self._started.is_set() and not self._stopped.is_set()
 
     def busy_threads(self) -> int:
-        """Sync handlers still running (e.g. past their timeout, ignoring cancellation)."""
+        """Sync handlers still running (e.g. past their timeout, ignoring cancellation).
+
+        Falls as their threads return, also after `stop`: those threads are daemons, so
+        the process may exit without waiting for them (their tasks are already settled).
+        """
         return self._runtime.busy_threads if self._runtime else 0
 
     def run(self) -> None:
@@ -612,12 +616,13 @@ class _Runtime:
         # outcome is still being delivered (they hold a lease, not a slot).
         self.busy = 0
         self.unreported = 0
+        # Sync handlers whose thread has not returned; counted in those threads, so that
+        # the count still falls after the event loop has closed.
         self.busy_threads = 0
+        self.threads_lock = threading.Lock()
         self.heartbeat_interval = FALLBACK_HEARTBEAT_INTERVAL
         self.lease_duration = FALLBACK_LEASE_DURATION
-        self.pool = ThreadPoolExecutor(
-            max_workers=worker.concurrency, thread_name_prefix="conveyor-handler"
-        )
+        self.pool = HandlerThreads(worker.concurrency, name_prefix="conveyor-handler")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event: asyncio.Event | None = None
         # Set by `hand_back_now`: the drain stops waiting for the running handlers.
@@ -734,8 +739,9 @@ class _Runtime:
         if self.watchdog is not None:
             self.watchdog.stop()
         await self.close_channels()
-        # Threads of sync handlers that ignore cancellation are left to finish on their own.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Threads of sync handlers that ignore cancellation are left to finish on their own
+        # (daemon threads: they do not keep the process from exiting).
+        self.pool.shutdown()
         self.log.info("stopped", extra={"event": "worker_stopped"})
 
     async def close_channels(self) -> None:
@@ -1291,25 +1297,24 @@ class _Runtime:
             return self.loop.create_task(
                 _guarded(handler_call), name=f"handler-{attempt.lease.task_id}"
             )
-        self.busy_threads += 1
+        with self.threads_lock:
+            self.busy_threads += 1
         self.metrics.sync_handlers_running.inc()
-        # ThreadPoolExecutor does not carry context variables into its threads: run the
-        # handler in a copy of this attempt's, so its own log lines carry the task fields.
+        # Threads do not inherit context variables: run the handler in a copy of this
+        # attempt's, so its own log lines carry the task fields.
         thread_future = self.pool.submit(
             contextvars.copy_context().run, handler.fn, attempt.ctx, payload
         )
-        thread_future.add_done_callback(lambda _f: self._thread_done())
+        # Added before the loop's own callback (wrap_future): once the loop sees the
+        # handler done, the count has fallen.
+        thread_future.add_done_callback(self._thread_done)
         attempt.thread_future = thread_future
         return asyncio.wrap_future(thread_future, loop=self.loop)
 
-    def _thread_done(self) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._decrement_threads)
-
-    def _decrement_threads(self) -> None:
-        self.busy_threads -= 1
+    def _thread_done(self, _future: Future[Any]) -> None:
+        """In the handler's thread: it may return long after the loop has closed."""
+        with self.threads_lock:
+            self.busy_threads -= 1
         self.metrics.sync_handlers_running.dec()
 
     def outcome(
