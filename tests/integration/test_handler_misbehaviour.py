@@ -334,3 +334,48 @@ class TestSyncHandlersIgnoringCancellation:
             for thread in threading.enumerate()
             if thread.name.startswith("conveyor-handler") and not thread.daemon
         ]
+
+
+class TestStopFromInsideAHandler:
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    def test_stop_returns_at_once_and_the_handlers_outcome_counts(
+        self, server, client: Client, db, kind: str
+    ) -> None:
+        """stop() joined the worker's thread: from an async handler that raised
+        RuntimeError (cannot join current thread) and failed the task; from a sync one it
+        blocked until the drain timeout, and the handler's task was handed back."""
+        calls: list[BaseException | None] = []
+        worker = Worker(server.address, concurrency=1, drain_timeout=20)
+
+        def stop_from_inside() -> None:
+            try:
+                worker.stop()
+            except BaseException as exc:
+                calls.append(exc)
+                raise
+            calls.append(None)
+
+        def sync_stopper(_ctx, _payload):
+            stop_from_inside()
+            return b"stopped myself"
+
+        async def async_stopper(_ctx, _payload):
+            stop_from_inside()
+            return b"stopped myself"
+
+        worker.register_handler("stopper", sync_stopper if kind == "sync" else async_stopper)
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="stopper", max_retries=0))
+            # Well within the 20 s drain: the handler did not wait for itself.
+            wait_for(lambda: not worker.running, timeout=10, what="the worker to stop")
+        finally:
+            worker.stop()
+        assert calls == [None]
+        status = client.get_task_status(task_id, history=True)
+        assert (status.state, status.result) == (TaskState.SUCCEEDED, b"stopped myself")
+        assert [event.event for event in status.history] == ["enqueued", "started", "succeeded"]
+        assert (
+            db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
+            == "stopped"
+        )

@@ -146,6 +146,11 @@ SHUTDOWN_CANCEL_GRACE: Final = 1.0
 LOOP_CLOSE_GRACE: Final = 2.0
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
+# The worker whose attempt the current code runs in: set in each attempt's runner, so its
+# handler sees it, in the worker's thread (async) or its own (sync, a copy of the context).
+_HANDLER_OF: Final[contextvars.ContextVar[Worker | None]] = contextvars.ContextVar(
+    "conveyor_handler_of", default=None
+)
 
 
 class _Unreachable(Exception):
@@ -519,17 +524,23 @@ class Worker:
         """Stop gracefully: stop leasing, drain, hand back the rest, unregister.
 
         Blocks until done, or until `timeout` (a timedelta or seconds; default: drain_timeout
-        plus a margin).
+        plus a margin). Called from inside one of this worker's handlers (async or sync),
+        it asks for the stop and returns at once: waiting would wait for that very handler.
+        The stop then completes after the handler returns, and its outcome is reported as
+        usual (the drain waits for it like for any other).
         """
         limit = (
             as_duration(timeout, "timeout", ConfigError, zero_allowed=True)
             if timeout is not None
             else self.drain_timeout + timedelta(seconds=15)
         )
-        if self._thread is None or self._runtime is None:
+        runtime, thread = self._runtime, self._thread
+        if runtime is None:
             return
-        self._runtime.request_stop()
-        self._thread.join(limit.total_seconds())
+        runtime.request_stop()
+        if thread is None or thread is threading.current_thread() or _HANDLER_OF.get() is self:
+            return
+        thread.join(limit.total_seconds())
 
     def hand_back_now(self) -> None:
         """Thread-safe: end the drain at once; stop the running handlers, hand their tasks back.
@@ -1072,6 +1083,7 @@ class _Runtime:
             attempt=lease.attempt,
             lease_id=lease.lease_id,
         )
+        _HANDLER_OF.set(self.worker)
         try:
             self.log.debug("task started", extra={"event": "task_started"})
             started = self.loop.time()
