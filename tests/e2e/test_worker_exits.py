@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import conveyor_command, wait_final, wait_for
+from helpers import conveyor_command, free_port, wait_final, wait_for
 
 from conveyor import Task, TaskState
 
@@ -78,3 +79,27 @@ def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_h
     # Handed back at the drain, attempt unspent.
     status = client.get_task_status(task_id, history=True)
     assert [event.event for event in status.history] == ["enqueued", "started", "released"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
+    sig, processes, e2e_pythonpath
+):
+    """The signal was only noted until start() gave up: the worker went on retrying its
+    registration for its whole 30 s, past an orchestrator's grace period, and exited 1."""
+    worker = processes(
+        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", f"127.0.0.1:{free_port()}"),
+        name="unregistered-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    wait_for(
+        lambda: "no server accepted the worker yet" in worker.output(),
+        timeout=30,
+        what="the worker to retry its registration",
+    )
+    signalled_at = time.monotonic()
+    worker.signal(sig)
+    assert worker.wait(15) == 0, worker.output()
+    assert time.monotonic() - signalled_at < 5, worker.output()
+    assert "stopped before any server accepted the worker" in worker.output()

@@ -393,6 +393,8 @@ class Worker:
         # What ended the worker's event loop while it ran, if anything did: `run` raises it.
         self._crash: BaseException | None = None
         self._runtime: _Runtime | None = None
+        # A signal under `run` that came before `start` made the runtime: it stops at once.
+        self._stop_at_start = False
 
     def configure(
         self,
@@ -449,6 +451,9 @@ class Worker:
     def start(self, timeout: timedelta | float = DEFAULT_START_TIMEOUT) -> None:
         """Start in a background thread; return once registered with a server and leasing.
 
+        A `stop` (or, under `run`, a signal) while it registers ends the registration at
+        once: it then returns without starting, and `running` is False.
+
         Raises:
             ConfigError: no handler is registered, the worker was already started, or the
                 metrics port cannot be bound.
@@ -463,6 +468,8 @@ class Worker:
         self._serve_metrics()
         try:
             self._runtime = _Runtime(self, start_timeout)
+            if self._stop_at_start:
+                self._runtime.request_stop()
             self._thread = threading.Thread(
                 target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
             )
@@ -587,6 +594,12 @@ class Worker:
                 extra={"event": "stop_requested", "worker_id": self.worker_id},
             )
             stop_requested.set()
+            # Also while `start` registers (the servers may be down): it gives up at once
+            # instead of when its timeout runs out, past an orchestrator's grace period.
+            if self._runtime is not None:
+                self._runtime.request_stop()
+            else:
+                self._stop_at_start = True
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -641,6 +654,10 @@ class _Runtime:
         self.slot_freed: asyncio.Event | None = None
         self.heartbeat_now: asyncio.Event | None = None
         self.draining = False
+        # What `request_stop` asked for, kept for `main` to read once its loop exists: a
+        # request made before then (right after `start` began) was dropped.
+        self.stop_requested = False
+        self.hand_back_requested = False
         self.watchdog: LoopWatchdog | None = None
         self.log = log
         self.metrics = worker.metrics
@@ -657,6 +674,11 @@ class _Runtime:
 
         `hand_back`: without waiting for the running handlers (`Worker.hand_back_now`).
         """
+        # Recorded before the loop is looked at: `main` reads these after setting the loop,
+        # so a request finding no loop yet is seen there.
+        self.stop_requested = True
+        if hand_back:
+            self.hand_back_requested = True
         loop, event, cut = self.loop, self.stop_event, self.drain_cut
         if loop is None or event is None or cut is None or loop.is_closed():
             return
@@ -721,10 +743,20 @@ class _Runtime:
         self.drain_cut = asyncio.Event()
         self.slot_freed = asyncio.Event()
         self.heartbeat_now = asyncio.Event()
+        if self.stop_requested:
+            self.stop_event.set()
+        if self.hand_back_requested:
+            self.drain_cut.set()
         try:
-            await self.register()
+            registered = await self.register_unless_stopped()
         except BaseException as exc:
             on_started(exc)
+            await self.close_channels()
+            return
+        if not registered:
+            self.log.info(
+                "stopped before any server accepted the worker", extra={"event": "worker_stopped"}
+            )
             await self.close_channels()
             return
         self.watchdog = LoopWatchdog(self.loop, on_lag=self.metrics.event_loop_lag.set)
@@ -761,6 +793,41 @@ class _Runtime:
         self.channels.clear()
         self.stubs.clear()
 
+    async def register_unless_stopped(self) -> bool:
+        """Register, unless a stop is requested first; whether the worker registered.
+
+        Raises:
+            ConveyorError: as `register`, when no stop was requested.
+        """
+        assert self.stop_event is not None  # noqa: S101
+        registering = asyncio.create_task(self.register(), name="register")
+        stopping = asyncio.create_task(self.stop_event.wait(), name="stop-while-registering")
+        try:
+            await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            registering.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if registering.done():
+            failure = registering.exception()
+            if failure is None:
+                return True
+            if not self.stop_event.is_set():
+                raise failure
+            return False  # it gave up because of the stop
+        registering.cancel()
+        await asyncio.wait({registering})
+        # The call cancelled may have reached a server that registered the worker: without
+        # a goodbye, its row would stay active until the servers mark it lost.
+        with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
+            await self.call(
+                "UnregisterWorker",
+                pb.UnregisterWorkerRequest(worker_id=self.worker.worker_id),
+                timeout=1,
+            )
+        return False
+
     async def register(self) -> None:
         assert self.loop is not None  # noqa: S101
         assert self.stop_event is not None  # noqa: S101
@@ -774,6 +841,7 @@ class _Runtime:
         )
         give_up_at = self.loop.time() + self.start_timeout.total_seconds()
         delays = self.retry.delays()
+        retrying = False
         while True:
             try:
                 response = await self.call("RegisterWorker", request)
@@ -790,6 +858,14 @@ class _Runtime:
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
                         f"worker within {self.start_timeout.total_seconds():g}s: {exc}"
                     ) from None
+                if not retrying:
+                    retrying = True
+                    self.log.warning(
+                        "no server accepted the worker yet (%s); trying again for up to %.0fs",
+                        exc,
+                        give_up_at - self.loop.time(),
+                        extra={"event": "worker_register_retrying"},
+                    )
                 await asyncio.sleep(exc.retry_in or next(delays))
         if response.HasField("heartbeat_interval"):
             self.heartbeat_interval = response.heartbeat_interval.ToTimedelta()
