@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import threading
 from datetime import timedelta
@@ -18,6 +19,7 @@ import pytest
 from helpers import running, wait_final, wait_for
 
 from conveyor import AesGcmCodec, Client, Task, TaskState, Worker
+from conveyor.client import tracing
 
 
 def events(db, task_id: str) -> list[str]:
@@ -379,3 +381,39 @@ class TestStopFromInsideAHandler:
             db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
             == "stopped"
         )
+
+
+class TestTheLeaseLoopSurvives:
+    @pytest.mark.parametrize("work_stream", [True, False], ids=["stream", "long-poll"])
+    def test_an_unexpected_error_taking_work_is_logged_and_leasing_goes_on(
+        self, start_server, caplog, monkeypatch, work_stream: bool
+    ) -> None:
+        """An error nothing expected (here OpenTelemetry failing once as the leases come
+        in) ended the lease loop, which nothing awaits: the worker went on heartbeating,
+        looking healthy, and never leased again."""
+        caplog.set_level(logging.INFO, logger="conveyor")
+        server = start_server(
+            work_stream=work_stream,
+            lease_ttl=timedelta(seconds=2),
+            heartbeat_interval=timedelta(milliseconds=500),
+        )
+        failures = [RuntimeError("tracer provider exploded")]
+        enabled = tracing.enabled
+
+        def fails_once() -> bool:
+            # In the worker only: the test's own client asks too, as it enqueues.
+            if failures and threading.current_thread().name.startswith("conveyor-worker"):
+                raise failures.pop()
+            return enabled()
+
+        monkeypatch.setattr(tracing, "enabled", fails_once)
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("job", lambda _ctx, payload: payload)
+        with running(worker), Client(server.address) as client:
+            first = client.enqueue_task(Task(type="job", payload=b"first"))
+            wait_for(lambda: not failures, what="the failure")
+            second = client.enqueue_task(Task(type="job", payload=b"second"))
+            assert wait_final(client, second).result == b"second"
+            # The first one's lease was lost with the failure: it ran again after it expired.
+            assert wait_final(client, first).result == b"first"
+        assert "taking work failed; trying again" in caplog.text

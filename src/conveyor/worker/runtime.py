@@ -935,6 +935,14 @@ class _Runtime:
                 )
                 await asyncio.sleep(next(delays))
                 continue
+            except Exception:
+                # Nothing awaits this task until the worker stops: had it ended, the worker
+                # would have gone on heartbeating, looking healthy, while leasing nothing.
+                self.log.exception(
+                    "taking work failed; trying again", extra={"event": "worker_bug"}
+                )
+                await asyncio.sleep(next(delays))
+                continue
             # A stream that ended OK (the server drains) is replaced at once, on the next
             # server, unless it was short-lived: a server ending streams as they come must
             # not be hammered.
