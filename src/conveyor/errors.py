@@ -14,6 +14,7 @@ ConveyorError
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
 ├── SchemaMismatch         this release cannot run on the database's schema
 ├── MigrationBlocked       a migration waited too long for a table lock; nothing was applied
+├── WorkerCrashed          a worker's event loop ended on an error it could not handle
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
 ```
@@ -108,6 +109,10 @@ class SchemaMismatch(ConveyorError):
 
 class MigrationBlocked(ConveyorError):
     """A migration gave up waiting for a table lock; nothing was applied."""
+
+
+class WorkerCrashed(ConveyorError):
+    """The worker stopped on an unexpected error, without draining or handing its tasks back."""
 
 
 class HandlerError(ConveyorError):

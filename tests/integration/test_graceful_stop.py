@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import timedelta
 
 import pytest
-from helpers import wait_final, wait_for
+from helpers import free_port, wait_final, wait_for
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import Client, Task, TaskState, Worker, event_loop
 from conveyor.errors import ConfigError, ServerUnavailable
+
+
+def logged_events(caplog) -> set[str]:
+    return {getattr(record, "event", "") for record in caplog.records}
 
 
 def worker_state(db, worker: Worker) -> str | None:
@@ -375,3 +380,79 @@ class TestConfiguration:
         finally:
             worker.stop()
         assert took < 10
+
+
+class TestStopWhileRegistering:
+    def test_stop_during_registration_ends_start_at_once(self, caplog) -> None:
+        """With no server up, start() retries for its whole timeout; a stop() meanwhile
+        made it raise ServerUnavailable at its next retry. Now it returns at once, not
+        started."""
+        caplog.set_level(logging.INFO, logger="conveyor")
+        worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
+        worker.register_handler("anything", lambda _ctx, _payload: None)
+        failures: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                worker.start(timeout=60)
+            except BaseException as exc:
+                failures.append(exc)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        try:
+            wait_for(
+                lambda: "worker_register_retrying" in logged_events(caplog),
+                what="the worker to retry its registration",
+            )
+            began = time.monotonic()
+            worker.stop()
+            starting.join(10)
+            took = time.monotonic() - began
+        finally:
+            worker.stop()
+            starting.join(70)
+        assert not starting.is_alive()
+        assert failures == []
+        assert took < 3, f"start() returned {took:.1f}s after stop()"
+        assert worker.running is False
+        assert "stopped before any server accepted the worker" in caplog.text
+
+    def test_a_stop_before_the_workers_loop_exists_is_not_lost(self, monkeypatch) -> None:
+        """A stop() in the moment between the worker's thread starting and its event loop
+        existing was dropped: start() went on registering (here, for its whole 60 s)."""
+        in_thread = threading.Event()
+        proceed = threading.Event()
+        make_loop = event_loop.loop_factory() or asyncio.new_event_loop
+
+        def held_loop() -> asyncio.AbstractEventLoop:
+            in_thread.set()
+            proceed.wait(30)
+            return make_loop()
+
+        monkeypatch.setattr(event_loop, "loop_factory", lambda: held_loop)
+        worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
+        worker.register_handler("anything", lambda _ctx, _payload: None)
+        failures: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                worker.start(timeout=60)
+            except BaseException as exc:
+                failures.append(exc)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        try:
+            wait_for(in_thread.is_set, what="the worker's thread to start")
+            worker.stop(timeout=0)  # the loop does not exist yet: nothing to wait for
+            proceed.set()
+            starting.join(10)
+            returned_at_once = not starting.is_alive()
+        finally:
+            proceed.set()
+            worker.stop()
+            starting.join(70)
+        assert returned_at_once
+        assert failures == []
+        assert worker.running is False

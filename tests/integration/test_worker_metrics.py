@@ -258,8 +258,9 @@ class TestLiveGauges:
             )
             assert wait_final(client, task_id).state is TaskState.SUCCEEDED
 
-    def test_breaker_gauge_opens_and_a_failed_start_closes_the_endpoint(self) -> None:
-        """Nothing listens at the server address: its breaker opens; start then gives up."""
+    def test_breaker_gauge_opens_and_a_start_that_ends_closes_the_endpoint(self) -> None:
+        """Nothing listens at the server address: its breaker opens; a stop then ends the
+        start (it returns without starting), and the endpoint goes with it."""
         address = f"127.0.0.1:{free_port()}"
         worker = Worker(address, metrics_port=0)
         worker.register_handler(OK, ok)
@@ -287,9 +288,17 @@ class TestLiveGauges:
             worker.stop()
             starter.join(30)
         assert not starter.is_alive()
-        assert len(failure) == 1
-        assert isinstance(failure[0], ServerUnavailable)
+        assert failure == []
+        assert not worker.running
         assert refuses_connections(port)
+
+    def test_a_failed_start_closes_the_endpoint(self) -> None:
+        worker = Worker(f"127.0.0.1:{free_port()}", metrics_port=0)
+        worker.register_handler(OK, ok)
+        with pytest.raises(ServerUnavailable):
+            worker.start(timeout=timedelta(seconds=1))
+        assert worker.metrics_port
+        assert refuses_connections(worker.metrics_port)
 
 
 class TestHeldConnections:
