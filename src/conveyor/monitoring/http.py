@@ -47,9 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.http")
 
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-# A render is reused for this long at least, and for twice as long as it took if that is
-# longer: however often /metrics is asked for, rendering takes at most a third of a core.
-METRICS_FRESH_FOR: Final = 1.0
 # How often a warning about refused connections may be logged.
 REFUSAL_LOG_INTERVAL: Final = 60.0
 
@@ -75,8 +72,11 @@ class SharedRender:
 
     At the type-label bound a render takes most of a second of pure Python: each scrape
     rendering its own would let a client scraping in a loop keep a core busy. Scrapes that
-    arrive during a render wait for it; those that arrive after it, for METRICS_FRESH_FOR
-    seconds or twice the render's time, get its bytes. A failed render is not kept.
+    arrive during a render wait for it; those that arrive after it, for twice as long as it
+    took, get its bytes: however often /metrics is asked for, rendering takes at most a third
+    of a core, and a cheap render (a few types: about a millisecond) is as fresh as before. A
+    failed render is not kept. (A floor of a second once made a scrape right after an
+    action miss it.)
     """
 
     def __init__(self, render: Callable[[], Awaitable[bytes]]) -> None:
@@ -103,7 +103,7 @@ class SharedRender:
             self._running = None
         finished = time.monotonic()
         self._body = body
-        self._fresh_until = finished + max(METRICS_FRESH_FOR, 2 * (finished - started))
+        self._fresh_until = finished + 2 * (finished - started)
         return body
 
 
