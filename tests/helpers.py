@@ -144,7 +144,8 @@ def run_sql(url: str, *statements: str) -> None:
 
 # Takes a migrated database back to schema 11, so that `migrate` has 0012 to apply: a DROP
 # INDEX on conveyor_tasks, which needs the table's ACCESS EXCLUSIVE lock. Undoes 0014 (the
-# ledger's compatibility column), 0013 (the marks table) and 0012 (the index it drops).
+# ledger's compatibility column), 0013 (the marks table) and 0012 (the index it drops);
+# 0015 is left applied (an enum value cannot be dropped), and is written to run again.
 BACK_TO_SCHEMA_11: Final = (
     "ALTER TABLE conveyor_schema_migrations DROP COLUMN IF EXISTS oldest_compatible_schema",
     "DROP TABLE conveyor_seq_marks",

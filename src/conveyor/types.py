@@ -37,13 +37,21 @@ _SHOWN_ID_LENGTH = 64  # of a malformed id, in error messages
 
 
 class TaskState(enum.StrEnum):
-    """Where a task is in its life. QUEUED and RUNNING are live; the rest are final."""
+    """Where a task is in its life. QUEUED and RUNNING are live; the rest are final.
+
+    A QUEUED task may be waiting out a retry backoff until its `available_at`: stored as
+    `scheduled`, out of the queue the claim reads (migration 0015), and read back as QUEUED.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+    @classmethod
+    def _missing_(cls, value: object) -> TaskState | None:
+        return cls.QUEUED if value == "scheduled" else None
 
     @property
     def is_final(self) -> bool:

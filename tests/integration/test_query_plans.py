@@ -267,6 +267,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_payload_head": (seeded.succeeded_id, 2000),
         "task_prune_finished": (1800.0, 1000, "server-1", 1, 90.0),
         "task_event_buckets": (datetime.now(UTC) - timedelta(seconds=20), 5.0),
+        "task_promote_due": (1000,),
     }
 
 
@@ -300,6 +301,7 @@ PER_TASK_QUERIES = [
     "task_payload_head",
     "task_prune_finished",
     "task_event_buckets",
+    "task_promote_due",
 ]
 
 
@@ -927,3 +929,126 @@ class TestPruneReadsWhatItDeletes:
         # Past the stale mark, through the young tasks (PostgreSQL 15 rounds each loop's
         # average row count to a whole number, so allow for that).
         assert read >= self.YOUNG
+
+
+def scheduled_sql(task_type: str, count: int, due_in: str) -> str:
+    """Insert `count` tasks of `task_type` waiting out a retry backoff that ends in `due_in`."""
+    return (
+        "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, state, attempt, "  # noqa: S608 - test constants
+        f"available_at) SELECT gen_random_uuid(), '{task_type}', '', interval '60 seconds', 3, "
+        f"'scheduled', 1, now() + interval '{due_in}' FROM generate_series(1, {count})"
+    )
+
+
+def rows_read(plan: Any) -> int:
+    """Rows of conveyor_tasks a plan looked at through its indexes or a sequential scan
+    (the primary key's probes of rows already found are not counted)."""
+    return round(
+        sum(
+            (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+            for node in plan_nodes(plan)
+            if (node["Node Type"] == "Seq Scan" and node["Relation Name"] == "conveyor_tasks")
+            or (
+                node.get("Index Name", "").startswith("conveyor_tasks_")
+                and node["Index Name"] != "conveyor_tasks_pkey"
+            )
+        )
+    )
+
+
+async def explain_analyze(url: str, sql: str, *args: Any) -> Any:
+    """EXPLAIN (ANALYZE, FORMAT JSON) in a transaction that is rolled back."""
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+        finally:
+            await transaction.rollback()
+    finally:
+        await conn.close()
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+STORM = 20_000
+
+
+@pytest.fixture(scope="module")
+def retry_storm(pg_cluster) -> Iterator[str]:
+    """A downstream outage's shape: 20,000 tasks of `storm` waiting out their backoff ahead
+    of 100 that are available, 20,000 of `outage` with none available, and 100 of `due`
+    whose backoff has just ended among 20,000 still waiting."""
+    with seeded_database(
+        pg_cluster,
+        "storm",
+        scheduled_sql("storm", STORM, "5 minutes"),
+        "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
+        "SELECT gen_random_uuid(), 'storm', '', interval '60 seconds', 3 "
+        "FROM generate_series(1, 100)",
+        scheduled_sql("outage", STORM, "5 minutes"),
+        scheduled_sql("due", 100, "-1 second"),
+        scheduled_sql("due", STORM, "5 minutes"),
+        "ANALYZE conveyor_tasks",
+    ) as url:
+        yield url
+
+
+class TestARetryStormStaysOutOfTheQueue:
+    """Tasks waiting out a backoff were `queued` with a future `available_at`, at the head of
+    their type's range of (type, state, seq): a claim walked past every one of them (34 ms
+    for a claim of 10 behind 300,000, 109 ms when none was available), and so did a handed-
+    over enqueue's FIFO check. As `scheduled` (migration 0015) they are out of that range."""
+
+    async def test_a_claim_reads_the_available_tasks_not_the_backlog(
+        self, retry_storm: str
+    ) -> None:
+        plan = await explain_analyze(
+            retry_storm, SQL["task_claim"], ["storm"], 10, "worker-1", 30.0, 10.0, None, 1024
+        )
+        assert rows_read(plan) <= 20, json.dumps(plan, indent=1)
+
+    async def test_a_claim_that_finds_nothing_reads_nothing(self, retry_storm: str) -> None:
+        plan = await explain_analyze(
+            retry_storm, SQL["task_claim"], ["outage"], 10, "worker-1", 30.0, 10.0, None, 1024
+        )
+        assert rows_read(plan) <= 2, json.dumps(plan, indent=1)
+
+    async def test_a_handed_over_enqueue_does_not_walk_the_backlog(self, retry_storm: str) -> None:
+        plan = await explain_analyze(
+            retry_storm,
+            SQL["task_insert_leasing"],
+            [str(uuid.uuid4())],
+            ["outage"],
+            [b"payload"],
+            [60.0],
+            [3],
+            [None],
+            ["worker-1"],
+            30.0,
+            10.0,
+            [str(uuid.uuid4())],
+        )
+        assert rows_read(plan) <= 5, json.dumps(plan, indent=1)
+
+    async def test_promotion_reads_the_due_tasks_through_its_index(self, retry_storm: str) -> None:
+        plan = await explain_analyze(retry_storm, SQL["task_promote_due"], 1000)
+        assert "conveyor_tasks_scheduled_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+        assert rows_read(plan) <= 110, json.dumps(plan, indent=1)
+        conn = await asyncpg.connect(retry_storm)
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                assert await conn.fetchval(SQL["task_promote_due"], 1000) == 100
+                # In their place: the promoted tasks keep their seq, ahead of any enqueued
+                # after them, and none still in backoff moved.
+                queued = await conn.fetchval(
+                    "SELECT count(*) FROM conveyor_tasks WHERE type = 'due' AND state = 'queued' "
+                    "AND available_at <= now()"
+                )
+                assert queued == 100
+            finally:
+                await transaction.rollback()
+        finally:
+            await conn.close()

@@ -178,7 +178,7 @@ class TestSweeper:
             expired = db.events(task_id)[-1]
             assert (expired["event"], expired["state"], expired["worker_id"]) == (
                 "lease_expired",
-                "queued",
+                "scheduled",  # waiting out its backoff; publicly QUEUED
                 "w-silent",
             )
 

@@ -328,7 +328,9 @@ def assert_invariants(db: LiveDb) -> None:
         CROSS JOIN LATERAL (SELECT e.event, e.state, e.attempt, e.worker_id
                             FROM conveyor_task_history AS e WHERE e.task_id = t.id
                             ORDER BY e.id DESC LIMIT 1) AS last
-        WHERE last.state <> t.state
+        -- A retry's backoff ends with no history row (its public state stays QUEUED): a
+        -- queued task whose last row left it `scheduled` has been promoted.
+        WHERE (last.state <> t.state AND NOT (last.state = 'scheduled' AND t.state = 'queued'))
            OR (t.state = 'running' AND (last.event <> 'started' OR last.attempt <> t.attempt
                                         OR last.worker_id IS DISTINCT FROM t.worker_id))
         """
@@ -1479,7 +1481,7 @@ def snapshot(db: LiveDb, task_ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def guarded(stubs: Stubs) -> Guarded:
+def guarded(stubs: Stubs, security_db: LiveDb) -> Guarded:
     """Six tasks leased by worker A: one succeeded, one failed for good, one waiting to be
     retried, three still running; and a worker B holding a genuine lease of its own."""
     suffix = uuid.uuid4().hex[:8]
@@ -1529,6 +1531,18 @@ def guarded(stubs: Stubs) -> Guarded:
     report(task_ids[0], pb.OUTCOME_SUCCEEDED, result=b"A's result", has_result=True)
     report(task_ids[1], pb.OUTCOME_FAILED, error="A failed it", non_retryable=True)
     report(task_ids[2], pb.OUTCOME_FAILED, error="A will retry it")
+    # Its backoff (at most 400 ms here) ends by itself, moving it from `scheduled` into the
+    # queue: wait for that, so that the snapshots before and after the forgeries compare
+    # what only they could have changed.
+    wait_for(
+        lambda: (
+            security_db.fetch(
+                "SELECT state::text FROM conveyor_tasks WHERE id = $1::uuid", task_ids[2]
+            )[0]["state"]
+            == "queued"
+        ),
+        what="the retried task's backoff to end",
+    )
     return Guarded(task_type, victim, intruder, task_ids, by_task, intruder_lease)
 
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.server")
 
+# Due retries moved into the queue per statement: a storm's worth goes in a few of them,
+# each a short transaction.
+PROMOTE_BATCH: Final = 1000
+
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["TaskService"].full_name,
     pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
@@ -83,7 +87,7 @@ class ConveyorServer:
         self.notifier = TaskNotifier(
             config.database_url,
             self.database.server_settings(),
-            publish=self._publish_ready,
+            promote_due=self._promote_due,
             on_leader_resigned=self.elector.wake,
             own_backends=self.database.backend_pids,
         )
@@ -324,21 +328,34 @@ class ConveyorServer:
             if self._metrics_http is not None:
                 await self._metrics_http.stop()
 
-    async def _publish_ready(self) -> None:
-        """NOTIFY every server (this one included) that tasks became available."""
+    async def _promote_due(self) -> bool:
+        """Move the retries whose backoff ended into the queue, and NOTIFY every server.
+
+        True if any moved. A background task whose failure nobody awaits: it says so here,
+        and the leader's next reaper round promotes what is due.
+        """
         try:
             async with self.database.connection() as conn:
-                await queries.task_ready_notify(conn)
+                promoted = 0
+                while True:
+                    batch = await queries.task_promote_due(conn, limit=PROMOTE_BATCH)
+                    promoted += batch
+                    if batch < PROMOTE_BATCH:
+                        break
+                if promoted:
+                    await queries.task_ready_notify(conn)
         except ConveyorError as exc:
-            log.debug("could not publish a wake-up: %s", exc, extra={"event": "notify_failed"})
+            log.debug("could not promote due retries: %s", exc, extra={"event": "notify_failed"})
+            return False
         except Exception as exc:
-            # A configuration error (the role may not log in): a background task whose
-            # failure nobody awaits, so say it here; the 1 s fallback poll covers the wake-up.
+            # A configuration error (the role may not log in).
             log.warning(
-                "could not publish a wake-up: %s",
+                "could not promote due retries: %s",
                 _described(exc),
                 extra={"event": "notify_failed"},
             )
+            return False
+        return promoted > 0
 
     async def wait_stopped(self) -> None:
         """Return once the server has stopped completely."""

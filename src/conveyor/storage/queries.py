@@ -454,7 +454,7 @@ async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: 
 async def task_reap_expired(
     conn: Any, *, limit: int, backoff: Backoff, leader: LeaderProof
 ) -> list[asyncpg.Record]:
-    """Leader only: return up to `limit` tasks with expired leases to the queue (or fail them)."""
+    """Leader only: schedule up to `limit` tasks with expired leases for a retry (or fail them)."""
     return list(
         await _fenced(
             conn,
@@ -468,6 +468,12 @@ async def task_reap_expired(
             leader.term,
         )
     )
+
+
+async def task_promote_due(conn: Any, *, limit: int) -> int:
+    """Move up to `limit` scheduled tasks whose backoff has ended into the queue; how many."""
+    promoted: int = await conn.fetchval(SQL["task_promote_due"], limit)
+    return promoted
 
 
 async def task_get(conn: Any, *, task_id: str) -> asyncpg.Record | None:
@@ -668,11 +674,24 @@ async def worker_count_by_state(conn: Any) -> dict[str, int]:
     return {row["state"]: row["workers"] for row in rows}
 
 
+def _stored_states(states: Sequence[str]) -> list[str]:
+    """The states as stored: `queued` is also `scheduled`, a queued task in retry backoff.
+
+    The public QUEUED covers both (migration 0015); only the claim tells them apart.
+    """
+    stored = list(states)
+    if "queued" in stored and "scheduled" not in stored:
+        stored.append("scheduled")
+    return stored
+
+
 async def task_list_by_state(
     conn: Any, *, states: Sequence[str], before_seq: int, limit: int
 ) -> list[asyncpg.Record]:
     """Tasks in `states` with seq below `before_seq`, newest first."""
-    return list(await conn.fetch(SQL["task_list_by_state"], list(states), before_seq, limit))
+    return list(
+        await conn.fetch(SQL["task_list_by_state"], _stored_states(states), before_seq, limit)
+    )
 
 
 async def task_list_by_type_and_state(
@@ -681,20 +700,22 @@ async def task_list_by_type_and_state(
     """Tasks of `task_type` in `states` with seq below `before_seq`, newest first."""
     return list(
         await conn.fetch(
-            SQL["task_list_by_type_and_state"], list(states), before_seq, limit, task_type
+            SQL["task_list_by_type_and_state"], _stored_states(states), before_seq, limit, task_type
         )
     )
 
 
 async def task_count_by_state(conn: Any, *, states: Sequence[str]) -> int:
     """How many tasks are in `states`."""
-    count: int = await conn.fetchval(SQL["task_count_by_state"], list(states))
+    count: int = await conn.fetchval(SQL["task_count_by_state"], _stored_states(states))
     return count
 
 
 async def task_count_by_type_and_state(conn: Any, *, states: Sequence[str], task_type: str) -> int:
     """How many tasks of `task_type` are in `states`."""
-    count: int = await conn.fetchval(SQL["task_count_by_type_and_state"], list(states), task_type)
+    count: int = await conn.fetchval(
+        SQL["task_count_by_type_and_state"], _stored_states(states), task_type
+    )
     return count
 
 
@@ -720,7 +741,9 @@ async def task_retry_many(
 ) -> list[asyncpg.Record]:
     """Re-queue the tasks among `task_ids` in `states`; returns (id, type) of each."""
     return list(
-        await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail, list(states), actor)
+        await conn.fetch(
+            SQL["task_retry_many"], _uuids(task_ids), detail, _stored_states(states), actor
+        )
     )
 
 
@@ -734,7 +757,9 @@ async def task_cancel_many(
 ) -> list[asyncpg.Record]:
     """Cancel the tasks among `task_ids` in `states`; returns (id, type) of each."""
     return list(
-        await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail, list(states), actor)
+        await conn.fetch(
+            SQL["task_cancel_many"], _uuids(task_ids), detail, _stored_states(states), actor
+        )
     )
 
 
@@ -750,7 +775,7 @@ async def task_list_oldest_by_state(
     """(id, seq) of tasks in `states` with after_seq < seq <= through_seq, oldest first."""
     return list(
         await conn.fetch(
-            SQL["task_list_oldest_by_state"], list(states), after_seq, through_seq, limit
+            SQL["task_list_oldest_by_state"], _stored_states(states), after_seq, through_seq, limit
         )
     )
 
@@ -768,7 +793,7 @@ async def task_list_oldest_by_type_and_state(
     return list(
         await conn.fetch(
             SQL["task_list_oldest_by_type_and_state"],
-            list(states),
+            _stored_states(states),
             after_seq,
             through_seq,
             limit,

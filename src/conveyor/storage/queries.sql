@@ -315,12 +315,13 @@ ORDER BY input.ord;
 -- name: task_fail
 -- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
 -- $6 backoff base (s), $7 backoff cap (s), $8 the reporting worker's id.
--- Retries while attempts remain: back to queued after an exponential backoff with jitter
--- (half fixed, half random, so the delay still grows while retries spread out).
+-- Retries while attempts remain: scheduled, for an exponential backoff with jitter (half
+-- fixed, half random, so the delay still grows while retries spread out), after which
+-- task_promote_due puts it back in the queue (migration 0015).
 WITH done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN $5 AND t.attempt < t.max_retries + 1
-                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+                     THEN 'scheduled' ELSE 'failed' END::conveyor_task_state,
         available_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1
             THEN now() + make_interval(
                 secs => least($7::float8, $6::float8 * power(2, t.attempt - 1))
@@ -395,7 +396,7 @@ WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'cancelled', finished_at = now(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND state IN ('queued', 'running')
+    WHERE id = $1 AND state IN ('queued', 'scheduled', 'running')
     RETURNING id, state, attempt, worker_id
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
@@ -448,8 +449,9 @@ WHERE (named.task_id, named.lease_id) NOT IN (SELECT id, lease_id FROM extended)
 -- name: task_reap_expired
 -- $1 batch size, $2 backoff base (s), $3 backoff cap (s), $4 leader id, $5 leader term.
 -- Leader only: writes nothing unless ($4, $5) still holds the maintenance role.
--- Running tasks whose lease ran out go back to the queue (or fail, out of attempts).
--- The history says whether the attempt outlived its timeout or its worker went silent.
+-- Running tasks whose lease ran out are scheduled for a retry after backoff, as a failed
+-- attempt is (or fail, out of attempts). The history says whether the attempt outlived
+-- its timeout or its worker went silent.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $4 AND term = $5 AND expires_at > now()
@@ -475,7 +477,7 @@ WITH leader AS (
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN t.attempt < t.max_retries + 1
-                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+                     THEN 'scheduled' ELSE 'failed' END::conveyor_task_state,
         available_at = CASE WHEN t.attempt < t.max_retries + 1
             THEN now() + make_interval(
                 secs => least($3::float8, $2::float8 * power(2, t.attempt - 1))
@@ -501,6 +503,27 @@ WITH leader AS (
 SELECT id, type, state, timed_out, attempt, worker_id,
        extract(epoch FROM available_at - now())::float8 AS retry_in
 FROM done;
+
+-- name: task_promote_due
+-- $1 batch size. Scheduled tasks whose backoff has ended join their type's queue, in their
+-- place (their seq): the server that scheduled a retry runs this when its timer fires, and
+-- the leader at each reaper round for timers lost with their server. Any server may run it
+-- at any time: SKIP LOCKED, and the state is checked. No history row: the task's public
+-- state (QUEUED) does not change. Reads conveyor_tasks_scheduled_idx, whose predicate
+-- (`state > 'cancelled'`, see migration 0015) the second condition repeats.
+WITH due AS (
+    SELECT id FROM conveyor_tasks
+    WHERE state = 'scheduled' AND state > 'cancelled' AND available_at <= now()
+    ORDER BY available_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE conveyor_tasks AS t SET state = 'queued'
+    FROM due
+    WHERE t.id = due.id
+    RETURNING t.id
+)
+SELECT count(*) AS promoted FROM done;
 
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
@@ -547,9 +570,10 @@ ORDER BY id;
 
 -- name: task_live_stats
 -- $1 how many types to name by need, $2 types to name anyway. Per type: queued (available
--- now or waiting for a backoff), running, and how long the oldest available queued task
--- has waited. Each half reads only live rows (the queued range of (state, seq), the partial
--- index of running tasks), however many finished tasks the table holds. Named are the $1
+-- now, or scheduled: waiting for a backoff), running, and how long the oldest available
+-- queued task has waited. Each part reads only live rows (the queued and scheduled ranges
+-- of (state, seq), the partial index of running tasks), however many finished tasks the
+-- table holds. Named are the $1
 -- types an operator most needs to see, by oldest queued age, then queued, then running
 -- (then name, so the choice is stable), every paused type and the types of $2; all other
 -- types come summed in one row whose type is NULL, `types` saying how many. So the totals
@@ -568,11 +592,16 @@ WITH live AS MATERIALIZED (
         WHERE state = 'queued'
         GROUP BY type
         UNION ALL
+        SELECT type, count(*), 0, 0
+        FROM conveyor_tasks
+        WHERE state = 'scheduled'
+        GROUP BY type
+        UNION ALL
         SELECT type, 0, count(*), 0
         FROM conveyor_tasks
         WHERE state = 'running'
         GROUP BY type
-    ) AS halves
+    ) AS parts
     GROUP BY type
 ), named AS (
     (SELECT type FROM live ORDER BY oldest DESC, queued DESC, running DESC, type LIMIT $1)
@@ -1005,7 +1034,8 @@ WITH target AS (
     CROSS JOIN LATERAL (
         SELECT c.id, c.state FROM conveyor_tasks AS c WHERE c.id = named.id FOR UPDATE
     ) AS t
-    WHERE t.state = ANY ($3::conveyor_task_state[]) AND t.state IN ('queued', 'running')
+    WHERE t.state = ANY ($3::conveyor_task_state[])
+      AND t.state IN ('queued', 'scheduled', 'running')
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = 'cancelled', finished_at = now(),
@@ -1105,7 +1135,8 @@ SELECT now();
 SELECT date_bin(make_interval(secs => $2), at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
        count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE state = 'failed') AS failed,
-       count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
+       count(*) FILTER (WHERE state IN ('queued', 'scheduled')
+                        AND event IN ('failed', 'timed_out', 'lease_expired'))
            AS retried,
        count(*) FILTER (WHERE event = 'started') AS started
 FROM conveyor_task_events
