@@ -7,12 +7,14 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from helpers import free_port, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker, event_loop
 from conveyor.errors import ConfigError, ServerUnavailable
+from conveyor.worker import runtime
 
 
 def logged_events(caplog) -> set[str]:
@@ -456,3 +458,47 @@ class TestStopWhileRegistering:
         assert returned_at_once
         assert failures == []
         assert worker.running is False
+
+
+class TestLongPollReplyAtStop:
+    def test_leases_arriving_as_the_worker_stops_are_handed_back(
+        self, start_server, db, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A LeaseTasks reply and the stop landing in the same loop iteration: the stop
+        cancelled the lease loop before it resumed, the reply's leases were dropped, and
+        each task sat `running` until its lease expired, an attempt spent (FAILED with
+        max_retries=0, never having run). The interleaving is forced: once a reply with
+        leases arrives, the stop is requested and the lease loop cancelled before it resumes
+        with it. (Before the fix the call ran in the lease loop itself, so this test fails
+        there by running the handler rather than by losing the lease.)"""
+        server = start_server(work_stream=False)
+        original = runtime._Runtime.call
+        armed = threading.Event()
+
+        async def call(self: Any, method: str, request: Any, **options: Any) -> Any:
+            response = await original(self, method, request, **options)
+            if method == "LeaseTasks" and response.leases and armed.is_set():
+                armed.clear()
+                # What stop_leasing() does, at the worst moment: the reply is in, and the
+                # lease loop is cancelled before it resumes with it.
+                self.request_stop()
+                (lease_loop,) = [t for t in asyncio.all_tasks() if t.get_name() == "lease-loop"]
+                lease_loop.cancel()
+            return response
+
+        monkeypatch.setattr(runtime._Runtime, "call", call)
+        ran: list[str] = []
+        worker = Worker(server.address, concurrency=1, lease_wait=5)
+        worker.register_handler("race.t", lambda ctx, _payload: ran.append(ctx.task_id))
+        worker.start()
+        try:
+            armed.set()
+            with Client(server.address) as client:
+                task_id = client.enqueue_task(Task(type="race.t", max_retries=0))
+            wait_for(lambda: not worker.running, timeout=30, what="the worker to stop")
+        finally:
+            worker.stop()
+        assert ran == []
+        row = db.task(task_id)
+        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert [e["event"] for e in db.events(task_id)][-1] == "released"

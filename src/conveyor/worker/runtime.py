@@ -1121,9 +1121,22 @@ class _Runtime:
             max_tasks=room,
             wait=convert.duration(wait),
         )
-        response = await self.call(
-            "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
+        poll = asyncio.ensure_future(
+            self.call("LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT)
         )
+        try:
+            response = await asyncio.shield(poll)
+        except asyncio.CancelledError:
+            # The worker stops. Its reply may have arrived in the same loop iteration as the
+            # cancellation: its leases were claimed for this worker and no one would run or
+            # hand them back (each waited out its lease and lost an attempt). A poll still
+            # waiting is cancelled; its server hands back what it could not deliver.
+            if poll.done() and not poll.cancelled() and poll.exception() is None:
+                for lease in poll.result().leases:
+                    self.hand_back(lease)
+            else:
+                poll.cancel()
+            raise
         traced = tracing.enabled() if response.leases else False
         for lease in response.leases:
             self.begin(lease, traced=traced)
