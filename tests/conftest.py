@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL, a database per test, real servers and worker processes.
 
-PostgreSQL: `CONVEYOR_TEST_DATABASE_URL` (an admin URL to any PostgreSQL >= 13) when set,
+PostgreSQL: `CONVEYOR_TEST_DATABASE_URL` (an admin URL to any PostgreSQL >= 15) when set,
 else an embedded PostgreSQL 18 started once per session. A template database is migrated
 once; each test gets `CREATE DATABASE ... TEMPLATE` (fast, isolated).
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -140,6 +140,21 @@ def run_sql(url: str, *statements: str) -> None:
             await conn.close()
 
     asyncio.run(go())
+
+
+# Takes a migrated database back to schema 11, so that `migrate` has 0012 to apply: a DROP
+# INDEX on conveyor_tasks, which needs the table's ACCESS EXCLUSIVE lock. Undoes 0014 (the
+# ledger's compatibility column), 0013 (the marks table) and 0012 (the index it drops);
+# 0015 is left applied (an enum value cannot be dropped), and is written to run again.
+BACK_TO_SCHEMA_11: Final = (
+    "ALTER TABLE conveyor_schema_migrations DROP COLUMN IF EXISTS oldest_compatible_schema",
+    "DROP TABLE conveyor_seq_marks",
+    (
+        "CREATE INDEX conveyor_tasks_running_worker_idx ON conveyor_tasks (worker_id) "
+        "WHERE state = 'running'"
+    ),
+    "DELETE FROM conveyor_schema_migrations WHERE version >= 12",
+)
 
 
 class Db:
@@ -440,21 +455,25 @@ def running(worker: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def holding(database_url: str, locking_sql: str) -> Iterator[None]:
+def holding(
+    database_url: str, locking_sql: str, *, application_name: str = "conveyor tests"
+) -> Iterator[int]:
     """Run `locking_sql` in a transaction of another session, kept open (its locks held)
-    until the block ends, then rolled back."""
+    until the block ends, then rolled back. Yields that session's backend pid."""
     loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(asyncpg.connect(database_url))
+    conn = loop.run_until_complete(
+        asyncpg.connect(database_url, server_settings={"application_name": application_name})
+    )
     try:
         loop.run_until_complete(conn.execute(f"BEGIN; {locking_sql}"))
-        yield
+        yield conn.get_server_pid()
         loop.run_until_complete(conn.execute("ROLLBACK"))
     finally:
         loop.run_until_complete(conn.close())
         loop.close()
 
 
-def writes_blocked(database_url: str) -> contextlib.AbstractContextManager[None]:
+def writes_blocked(database_url: str) -> contextlib.AbstractContextManager[int]:
     """Hold a SHARE lock on conveyor_tasks: reads go on, every insert and update of a task
     waits until the block ends."""
     return holding(database_url, "LOCK TABLE conveyor_tasks IN SHARE MODE")

@@ -32,6 +32,7 @@ from conveyor.logs import configure_logging
 from conveyor.types import (
     BulkResult,
     ClusterStatus,
+    OtherTypes,
     PausedType,
     Task,
     TaskEvent,
@@ -40,6 +41,7 @@ from conveyor.types import (
     TaskStatus,
     TypeStatus,
     WorkerInfo,
+    WorkerPage,
 )
 from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import Worker
@@ -53,6 +55,7 @@ __all__ = [
     "ClusterStatus",
     "ConveyorError",
     "LogContextFilter",
+    "OtherTypes",
     "PausedType",
     "PayloadCodec",
     "RetryPolicy",
@@ -66,6 +69,7 @@ __all__ = [
     "TypeStatus",
     "Worker",
     "WorkerInfo",
+    "WorkerPage",
     "__version__",
     "configure_logging",
     "errors",

@@ -12,7 +12,9 @@ ConveyorError
 ├── LimitExceeded          a configured limit refused the request (rate, streams)
 ├── ServerUnavailable      no server answered in time (network, restart, database down)
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
-├── SchemaMismatch         the database schema is older or newer than this release
+├── SchemaMismatch         this release cannot run on the database's schema
+├── MigrationBlocked       a migration waited too long for a table lock; nothing was applied
+├── WorkerCrashed          a worker's event loop ended on an error it could not handle
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
 ```
@@ -103,6 +105,14 @@ class CircuitOpen(ServerUnavailable):
 
 class SchemaMismatch(ConveyorError):
     """The database schema does not match this version of Conveyor."""
+
+
+class MigrationBlocked(ConveyorError):
+    """A migration gave up waiting for a table lock; nothing was applied."""
+
+
+class WorkerCrashed(ConveyorError):
+    """The worker stopped on an unexpected error, without draining or handing its tasks back."""
 
 
 class HandlerError(ConveyorError):

@@ -7,7 +7,10 @@ task (`log_context` binds them around a block), and
 `ContextFilter`, installed on the output handler, copies them onto every record emitted
 meanwhile, including records from the user's own loggers inside a handler. `JsonFormatter`
 writes one JSON object per line; `TextFormatter` is the human format with the task fields
-appended. `configure_logging` is what the `conveyor` CLI calls; applications that configure
+appended. Neither lets a message break its line: a message may carry what a worker or a
+handler chose (a worker id, an error), and a newline in it would forge a log line of its
+own, so the text format shows control and format characters as escapes, as JSON does.
+`configure_logging` is what the `conveyor` CLI calls; applications that configure
 logging themselves add `ContextFilter` to their handlers to get the same fields.
 """
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import json
 import logging
 import sys
+import unicodedata
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
@@ -48,6 +53,30 @@ _RECORD_ATTRIBUTES: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), No
 }
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# What a text log line shows as escapes: control characters (CR and LF start a forged line,
+# ESC rewrites a terminal), format characters (bidi overrides reorder a line) and the
+# Unicode line and paragraph separators. Tab stays.
+_ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# JSON escapes C0 controls itself; these it writes raw (ensure_ascii=False), and a shipper
+# that splits lines the way str.splitlines() does would split a line at each.
+_JSON_LINE_BREAKS: Final = {
+    ord("\x85"): "\\u0085",
+    ord("\u2028"): "\\u2028",
+    ord("\u2029"): "\\u2029",
+}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control, format and line-separator characters as backslash escapes."""
+    if text.isprintable():  # none of them (the common case, checked in C)
+        return text
+    return "".join(
+        char
+        if char == "\t" or unicodedata.category(char) not in _ESCAPED_CATEGORIES
+        else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 @contextlib.contextmanager
@@ -170,7 +199,7 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             document["stack"] = self.formatStack(record.stack_info)
         # json.dumps escapes newlines, so a multi-line message or traceback stays one line.
-        return json.dumps(document, default=str, ensure_ascii=False)
+        return json.dumps(document, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
 
 
 class TextFormatter(logging.Formatter):
@@ -182,6 +211,11 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - stdlib name
         """The line without the traceback, which `format` appends after the task fields."""
+        message = escape_controls(record.message)
+        if message is not record.message:
+            # A copy: other handlers format the same record, and the record is the caller's.
+            record = copy.copy(record)
+            record.message = message
         line = super().formatMessage(record)
         task_id = getattr(record, "task_id", None)
         if task_id is None:

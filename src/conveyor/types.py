@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -36,13 +37,21 @@ _SHOWN_ID_LENGTH = 64  # of a malformed id, in error messages
 
 
 class TaskState(enum.StrEnum):
-    """Where a task is in its life. QUEUED and RUNNING are live; the rest are final."""
+    """Where a task is in its life. QUEUED and RUNNING are live; the rest are final.
+
+    A QUEUED task may be waiting out a retry backoff until its `available_at`: stored as
+    `scheduled`, out of the queue the claim reads (migration 0015), and read back as QUEUED.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+    @classmethod
+    def _missing_(cls, value: object) -> TaskState | None:
+        return cls.QUEUED if value == "scheduled" else None
 
     @property
     def is_final(self) -> bool:
@@ -116,6 +125,57 @@ def validate_task_type(task_type: object) -> str:
             f"task type {task_type!r} may only contain letters, digits and _ . : -", field="type"
         )
     return task_type
+
+
+# A worker's id, host and version are free text the worker chooses, shown in logs, in the
+# CLI and on the dashboard. Control and format characters (newline, ESC, bidi overrides)
+# and the Unicode line and paragraph separators would forge log lines or rewrite what an
+# operator's terminal shows, so none of them is accepted.
+UNPRINTABLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+MAX_WORKER_ID_LENGTH: Final = 200
+MAX_WORKER_HOST_LENGTH: Final = 255
+MAX_WORKER_VERSION_LENGTH: Final = 64
+
+
+def first_unprintable(text: str) -> int | None:
+    """The position of the first control, format or line-separator character, or None."""
+    if text.isprintable():  # no character of the categories (nor any other non-printing)
+        return None
+    for index, char in enumerate(text):
+        if unicodedata.category(char) in UNPRINTABLE_CATEGORIES:
+            return index
+    return None
+
+
+def printable(text: str, replacement: str = "?") -> str:
+    """`text` with each control, format or line-separator character replaced."""
+    if first_unprintable(text) is None:
+        return text
+    return "".join(
+        replacement if unicodedata.category(char) in UNPRINTABLE_CATEGORIES else char
+        for char in text
+    )
+
+
+def check_printable(value: str, field: str) -> str:
+    """Return `value`, or raise InvalidTask naming `field` and the first bad character."""
+    index = first_unprintable(value)
+    if index is not None:
+        raise InvalidTask(
+            f"{field} must not contain control or format characters (newline, escape, "
+            f"bidi override...); it has U+{ord(value[index]):04X} at position {index}",
+            field=field,
+        )
+    return value
+
+
+def validate_worker_id(worker_id: str) -> str:
+    """Return `worker_id` if a worker may go by it, else raise InvalidTask."""
+    if not worker_id or len(worker_id) > MAX_WORKER_ID_LENGTH:
+        raise InvalidTask(
+            f"worker_id must be 1 to {MAX_WORKER_ID_LENGTH} characters", field="worker_id"
+        )
+    return check_printable(worker_id, "worker_id")
 
 
 # The most any duration may be: whole days, so the limit reads well and is exact in seconds
@@ -313,6 +373,9 @@ class TaskStatus:
     progress_at: datetime | None = None
     # Only when asked for (`get_task_status(payload=True)`).
     payload: bytes | None = None
+    # Events left out of `history` between its first event and the rest: a history is read
+    # bounded, its first event and the latest ones.
+    history_omitted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +387,9 @@ class TaskDetail:
     paused: PausedType | None
     # `status.payload` holds only the payload's first bytes; this is its whole size.
     payload_size: int = 0
+    # With events left out of `status.history`: the id to read the events before, a page
+    # further back (`TaskControl.task_detail(before=...)`).
+    older_history: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,8 +444,29 @@ class TypeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class OtherTypes:
+    """The live queue of the types a status does not list one by one, summed.
+
+    A status lists the types that most need attention (see `ClusterStatus`); `types` more
+    have live tasks, `queued` and `running` of them, the oldest queued `oldest_queued_seconds`
+    ago.
+    """
+
+    types: int = 0
+    queued: int = 0
+    running: int = 0
+    oldest_queued_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterStatus:
-    """The numbers behind `/status`, as one server sampled them at `sampled_at`."""
+    """The numbers behind `/status`, as one server sampled them at `sampled_at`.
+
+    `types` is bounded: it lists the types that most need attention (the oldest queued
+    task first, then the most queued, then the most running; up to the server's bound, a
+    thousand by default) and every paused type; `other_types` sums the rest. `queued` and
+    `running` are the exact totals of both.
+    """
 
     version: str
     server_id: str
@@ -396,6 +483,28 @@ class ClusterStatus:
     paused_types: tuple[PausedType, ...]
     # What the *_last_minute counts cover: whole buckets of the history, 55 to 60 seconds.
     last_minute_seconds: float = 60.0
+    other_types: OtherTypes = OtherTypes()
+
+    @property
+    def queued(self) -> int:
+        """Queued tasks of every type, listed or not."""
+        return sum(item.queued for item in self.types) + self.other_types.queued
+
+    @property
+    def running(self) -> int:
+        """Running tasks of every type, listed or not."""
+        return sum(item.running for item in self.types) + self.other_types.running
+
+    @property
+    def oldest_queued_seconds(self) -> float:
+        """How long the oldest available queued task of any type has waited."""
+        listed = (item.oldest_queued_seconds for item in self.types)
+        return max([self.other_types.oldest_queued_seconds, *listed])
+
+
+# A live worker whose event loop was blocked this long between two heartbeats is in trouble:
+# the workers listing shows it first, with lost workers, and flags it.
+BLOCKED_LOOP_MS: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,3 +530,18 @@ class WorkerInfo:
     in_flight: int
     loop_lag_ms: int
     silent_for: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPage:
+    """One page of the workers listing.
+
+    Workers in trouble come first (lost, or an event loop blocked for `BLOCKED_LOOP_MS` or
+    more), then the newest. `total` is how many workers the listing holds in all its pages,
+    read with this page (None from a server older than it); `next_page_token` is None on
+    the last page, else pass it back for the next one.
+    """
+
+    workers: tuple[WorkerInfo, ...]
+    total: int | None
+    next_page_token: str | None

@@ -11,11 +11,15 @@ import uuid
 
 import pytest
 from helpers import (
+    BACK_TO_SCHEMA_11,
+    Db,
     assert_ok,
     assert_one_error_line,
     conveyor_command,
     free_port,
+    holding,
     process_env,
+    run_sql,
     wait_final,
     with_user,
 )
@@ -228,6 +232,55 @@ class TestServerCommands:
         assert out.splitlines()[0] == "applied 0001_initial"
         out = assert_ok(run("migrate", "--database-url", empty_database_url))
         assert out.splitlines() == [f"schema is up to date (version {migrations[-1].version})"]
+
+    def test_migrate_behind_a_long_transaction_gives_up_and_applies_nothing(self, database_url):
+        """Before: `conveyor migrate` waited behind the transaction as long as it ran (a
+        pg_dump: hours), and every claim and enqueue waited behind it."""
+        run_sql(database_url, *BACK_TO_SCHEMA_11)
+        backup = (
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM conveyor_tasks"
+        )
+        with holding(database_url, backup, application_name="pg_dump") as backup_pid:
+            result = run(
+                "migrate",
+                "--database-url",
+                database_url,
+                "--lock-timeout",
+                "0.2",
+                "--lock-attempts",
+                "2",
+            )
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        *retries, error = result.stderr.splitlines()
+        # One warning per attempt that is tried again, then the error in one line.
+        assert len(retries) == 1, result.stderr
+        assert (
+            "0012_no_running_worker_index waited 0.2 s for a lock (attempt 1 of 2)" in (retries[0])
+        )
+        assert error.startswith(
+            "error: migration 0012_no_running_worker_index could not get its table lock: "
+            "2 waits of 0.2 s each timed out"
+        ), error
+        assert f"blocked by pid {backup_pid} (application 'pg_dump', idle in transaction" in error
+        assert f"SELECT pg_terminate_backend({backup_pid})" in error
+        versions = Db(database_url).fetch("SELECT version FROM conveyor_schema_migrations")
+        assert sorted(row["version"] for row in versions) == list(range(1, 12))
+
+    def test_migrate_leaves_a_compatible_newer_schema_alone(self, database_url):
+        """A rollback's (or an old deploy job's) `migrate` after a newer release migrated."""
+        latest = migrate.latest_version()
+        Db(database_url).execute(
+            "INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema) "
+            "VALUES ($1, 'next', $2)",
+            latest + 1,
+            latest,
+        )
+        out = assert_ok(run("migrate", "--database-url", database_url))
+        assert out == (
+            f"nothing to apply: the schema is version {latest + 1}, newer than this Conveyor "
+            f"({latest}), and its newer migrations all say this release runs correctly on it\n"
+        )
 
     def test_server_refuses_an_unmigrated_database(self, empty_database_url):
         result = run(

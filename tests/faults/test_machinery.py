@@ -144,7 +144,7 @@ def run(attempt: int, lease: str | None = None) -> dict:
 RECOVERED = [
     event("enqueued", "queued", 0),
     event("started", "running", 1),
-    event("lease_expired", "queued", 1),
+    event("lease_expired", "scheduled", 1),
     event("started", "running", 2),
     event("succeeded", "succeeded", 2),
 ]
@@ -197,7 +197,7 @@ class TestInvariantChecker:
         history = [
             event("enqueued", "queued", 0),
             event("started", "running", 1),
-            event("failed", "queued", 1),
+            event("failed", "scheduled", 1),
             event("started", "running", 1),
             event("succeeded", "succeeded", 1),
         ]

@@ -7,11 +7,13 @@ each action in the database as the Client sees it), which is fast and needs no b
 
 from __future__ import annotations
 
+import html
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from html.parser import HTMLParser
 
 import pytest
 from helpers import wait_final, wait_for
@@ -29,10 +31,14 @@ _opener = urllib.request.build_opener(_NoRedirect)
 
 
 def fetch(
-    url: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    form: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], str]:
-    """(status, headers, body) without following redirects."""
-    data = b"" if method == "POST" else None
+    """(status, headers, body) without following redirects; a POST sends `form`, if any."""
+    data = urllib.parse.urlencode(form or {}).encode() if method == "POST" else None
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
     try:
         with _opener.open(request, timeout=10) as response:
@@ -40,6 +46,54 @@ def fetch(
     except urllib.error.HTTPError as error:
         with error:
             return error.code, dict(error.headers), error.read().decode()
+
+
+class _Forms(HTMLParser):
+    """The forms of a page as a browser sees them: action, and fields in document order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self.forms.append((named.get("action", ""), []))
+        elif tag == "input" and self.forms and "name" in named:
+            self.forms[-1][1].append((named["name"], named.get("value", "")))
+
+
+def submit_form(page_url: str, form_html: str) -> tuple[int, dict[str, str], str]:
+    """Submit the one form in `form_html` exactly as a browser would from `page_url`.
+
+    The action is resolved against the page's URL (which removes `.` and `..` segments),
+    the fields are sent url-encoded in document order, and the Origin is the page's.
+    """
+    parser = _Forms()
+    parser.feed(form_html)
+    [(action, fields)] = parser.forms
+    target = urllib.parse.urljoin(page_url, action)
+    origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(page_url))
+    request = urllib.request.Request(  # noqa: S310 - the test server
+        target,
+        data=urllib.parse.urlencode(fields).encode(),
+        method="POST",
+        headers={"Origin": origin, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    try:
+        with _opener.open(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read().decode()
+
+
+def type_row(body: str, task_type: str) -> str | None:
+    """The overview's table row of `task_type`, if listed."""
+    row = re.search(
+        f'<tr data-type="{re.escape(html.escape(task_type))}">(.*?)</tr>', body, re.DOTALL
+    )
+    return row.group(1) if row else None
 
 
 def row_ids(body: str) -> list[str]:
@@ -84,7 +138,8 @@ class TestPages:
         held = re.search(r'<tr data-type="ui.held">(.*?)</tr>', body, re.DOTALL)
         assert held is not None
         assert "paused" in held.group(1)
-        assert 'action="/ui/types/ui.held/resume"' in held.group(1)
+        assert 'action="/ui/types/resume"' in held.group(1)
+        assert '<input type="hidden" name="type" value="ui.held">' in held.group(1)
         assert "<svg" in body
         assert "Outcomes per minute" in body
 
@@ -283,15 +338,50 @@ class TestActions:
         assert client.get_task_status(task_id).state is TaskState.QUEUED
 
     def test_pause_and_resume_a_type(self, server, client) -> None:
-        status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.p/pause", method="POST")
+        status, headers, _ = fetch(
+            f"{server.http_url}/ui/types/pause", method="POST", form={"type": "ui.p"}
+        )
         assert (status, headers["Location"]) == (303, "/ui?notice=paused&type=ui.p")
         _, _, page = fetch(f"{server.http_url}{headers['Location']}")
         assert "Paused ui.p." in page
         assert [p.type for p in client.get_status().paused_types] == ["ui.p"]
         assert client.get_status().paused_types[0].reason == "paused from the dashboard"
-        status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.p/resume", method="POST")
+        status, headers, _ = fetch(
+            f"{server.http_url}/ui/types/resume", method="POST", form={"type": "ui.p"}
+        )
         assert (status, headers["Location"]) == (303, "/ui?notice=resumed&type=ui.p")
         assert client.get_status().paused_types == ()
+
+    def test_every_valid_type_can_be_paused_and_resumed_from_the_overview(
+        self, server, client
+    ) -> None:
+        """Types made of dots are valid: their forms must not carry them in the path,
+        which browsers resolve (`/ui/types/../pause` is posted to `/ui/pause`)."""
+        names = (".", "..", "a:b-c_d.e")
+        client.enqueue_tasks([Task(type=name) for name in names])
+        page_url = f"{server.http_url}/ui"
+
+        def rows(button: str) -> dict[str, str] | None:
+            body = fetch(page_url)[2]
+            found = {name: type_row(body, name) for name in names}
+            if all(row and f">{button}</button>" in row for row in found.values()):
+                return {name: row for name, row in found.items() if row}
+            return None
+
+        for button, notice in (("Pause", "paused"), ("Resume", "resumed")):
+            for name, row in wait_for(lambda b=button: rows(b), what=f"{button} buttons").items():
+                form = re.search(r"<form .*?</form>", row, re.DOTALL)
+                assert form is not None
+                status, headers, _ = submit_form(page_url, form.group(0))
+                location = urllib.parse.urlsplit(headers.get("Location", ""))
+                query = dict(urllib.parse.parse_qsl(location.query))
+                assert (status, location.path, query) == (
+                    303,
+                    "/ui",
+                    {"notice": notice, "type": name},
+                ), name
+            paused = {item.type for item in client.get_status().paused_types}
+            assert paused == (set(names) if button == "Pause" else set())
 
     def test_a_post_from_another_site_is_refused(self, server, client) -> None:
         """A cross-site form cannot act through an operator's browser."""
@@ -314,9 +404,11 @@ class TestActions:
         assert client.get_task_status(task_id).state is TaskState.CANCELLED
 
     def test_invalid_type_name_is_a_400_page(self, server) -> None:
-        status, _, body = fetch(f"{server.http_url}/ui/types/bad%20type/pause", method="POST")
-        assert status == 400
-        assert 'id="error-message"' in body
+        for form in ({"type": "bad type"}, {"type": ""}, {}):
+            status, _, body = fetch(f"{server.http_url}/ui/types/pause", method="POST", form=form)
+            assert status == 400, form
+            assert 'id="error-message"' in body, form
+        assert "the form&#39;s `type` field is empty" in body
 
 
 class TestDisabled:
@@ -343,8 +435,10 @@ class TestHardening:
         assert "--dashboard-allowed-host" in body
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
             assert fetch(f"{server.http_url}/ui", headers={"Host": host})[0] == 200, host
-        # The monitoring endpoints are not the dashboard's: scrapers use any name.
-        assert fetch(f"{server.http_url}/metrics", headers={"Host": "prom.internal"})[0] == 200
+        # Without tokens /status and /metrics are checked the same way
+        # (test_http_hardening.py); the probes are not: they reveal nothing.
+        assert fetch(f"{server.http_url}/metrics", headers={"Host": "prom.internal"})[0] == 421
+        assert fetch(f"{server.http_url}/healthz", headers={"Host": "prom.internal"})[0] == 200
 
     def test_a_listed_host_name_is_served(self, start_server) -> None:
         server = start_server(dashboard_allowed_hosts=frozenset({"queue.internal"}))
@@ -358,7 +452,9 @@ class TestHardening:
             assert headers["X-Frame-Options"] == "DENY", path
             assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
             assert headers["Cache-Control"] == "no-store", path
-        status, headers, _ = fetch(f"{server.http_url}/ui/types/ui.h/pause", method="POST")
+        status, headers, _ = fetch(
+            f"{server.http_url}/ui/types/pause", method="POST", form={"type": "ui.h"}
+        )
         assert status == 303
         assert headers["X-Frame-Options"] == "DENY"
 

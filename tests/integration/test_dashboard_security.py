@@ -212,7 +212,8 @@ class TestLogin:
         assert 'href="/ui/tasks"' not in page.body  # no navigation before logging in
         assert fetch(f"{base}/ui/static/style.css").status == 200
         # An action without a session does nothing and asks for a login too.
-        assert is_login_redirect(fetch(f"{base}/ui/types/sec.p/pause", method="POST"))
+        pause = fetch(f"{base}/ui/types/pause", method="POST", form={"type": "sec.p"})
+        assert is_login_redirect(pause)
         assert paused_types(db) == []
 
     def test_admin_logs_in_and_sees_the_actions(self, secured, tokens, db) -> None:
@@ -512,7 +513,9 @@ class TestActions:
             assert CSRF_REFUSAL in answer.body, what
             assert task_state(db, task_id) == before, what
         for action in ("pause", "resume"):
-            answer = fetch(f"{base}/ui/types/sec.idle/{action}", method="POST", cookie=alice)
+            answer = fetch(
+                f"{base}/ui/types/{action}", method="POST", cookie=alice, form={"type": "sec.idle"}
+            )
             assert answer.status == 403
         assert paused_types(db) == []
         # With the right token every action works.
@@ -524,12 +527,16 @@ class TestActions:
         )
         assert retry.location == f"/ui/tasks/{task_id}?notice=retried"
         pause = fetch(
-            f"{base}/ui/types/sec.idle/pause", method="POST", cookie=alice, form={"csrf": csrf}
+            f"{base}/ui/types/pause",
+            method="POST",
+            cookie=alice,
+            form={"csrf": csrf, "type": "sec.idle"},
         )
         assert pause.location == "/ui?notice=paused&type=sec.idle"
         assert paused_types(db) == ["sec.idle"]
         overview = fetch(f"{base}/ui", cookie=alice)
-        assert 'action="/ui/types/sec.idle/resume"' in overview.body
+        assert 'action="/ui/types/resume"' in overview.body
+        assert 'name="type" value="sec.idle"' in overview.body
         assert f'name="csrf" value="{csrf}"' in overview.body
 
     def test_a_viewer_cannot_act_even_with_a_valid_csrf_token(self, secured, tokens, db) -> None:
@@ -541,10 +548,15 @@ class TestActions:
         for path in (
             f"/ui/tasks/{task_id}/cancel",
             f"/ui/tasks/{task_id}/retry",
-            "/ui/types/sec.idle/pause",
-            "/ui/types/sec.idle/resume",
+            "/ui/types/pause",
+            "/ui/types/resume",
         ):
-            answer = fetch(f"{base}{path}", method="POST", cookie=vera, form={"csrf": csrf})
+            answer = fetch(
+                f"{base}{path}",
+                method="POST",
+                cookie=vera,
+                form={"csrf": csrf, "type": "sec.idle"},
+            )
             assert answer.status == 403, path
             assert "operate permission" in answer.body, path
             assert "viewer role of &#39;vera&#39;" in answer.body, path
@@ -711,6 +723,7 @@ def hostile_requests(draw: st.DrawFn, csrf: str) -> tuple[str, str, bytes, dict[
             "csrf": draw(st.sampled_from([csrf, ""])) if draw(st.booleans()) else draw(component),
             "token": draw(component),
             "next": draw(component),
+            "type": draw(component),
         }
         body = "&".join(f"{name}={value}" for name, value in fields.items()).encode()
         if draw(st.integers(0, 5)) == 0:
@@ -720,8 +733,7 @@ def hostile_requests(draw: st.DrawFn, csrf: str) -> tuple[str, str, bytes, dict[
             headers["Content-Type"] = content_type
         path = {
             "action": f"/ui/tasks/{draw(component) or 'x'}/{draw(st.sampled_from(ACTIONS))}",
-            "type-action": f"/ui/types/{draw(component) or 'x'}/"
-            f"{draw(st.sampled_from(TYPE_ACTIONS))}",
+            "type-action": f"/ui/types/{draw(st.sampled_from(TYPE_ACTIONS))}",
             "login": "/ui/login",
             "logout": "/ui/logout",
         }[kind]

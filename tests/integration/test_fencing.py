@@ -201,7 +201,8 @@ class TestExpiredLeaseIsFenced:
 
         wait_for(requeued, timeout=10, what="the reaper to requeue the expired lease")
         expired_event = db.events(task_id)[-1]
-        assert (expired_event["event"], expired_event["state"]) == ("lease_expired", "queued")
+        # The retry waited out its backoff as `scheduled` (publicly QUEUED), then queued.
+        assert (expired_event["event"], expired_event["state"]) == ("lease_expired", "scheduled")
         assert expired_event["worker_id"] == "worker-old"
 
         second = stubs.lease_one("worker-new")
@@ -681,7 +682,7 @@ class TestReportResultsBatch:
         assert outcomes[1].state == pb.TASK_STATE_QUEUED  # a retry is scheduled
         assert "no longer current" in outcomes[2].message
         assert snapshot(db, first.task_id)["state"] == "succeeded"
-        assert snapshot(db, second.task_id)["state"] == "queued"
+        assert snapshot(db, second.task_id)["state"] == "scheduled"  # publicly QUEUED
         assert snapshot(db, third.task_id)["state"] == "running"  # neither report applied
 
     @pytest.mark.parametrize("work_stream", [True, False], ids=["stream", "calls"])
@@ -795,6 +796,7 @@ class TestALeaseIdAloneIsNoLease:
                     worker_id="w-odd",
                     reason="back",
                     delivered=True,
+                    max_releases=1000,
                 )
                 assert row is None
             state = await conn.fetchval(

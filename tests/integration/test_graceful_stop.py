@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from helpers import wait_final, wait_for
+from helpers import free_port, wait_final, wait_for
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import Client, Task, TaskState, Worker, event_loop
 from conveyor.errors import ConfigError, ServerUnavailable
+from conveyor.worker import runtime
+
+
+def logged_events(caplog) -> set[str]:
+    return {getattr(record, "event", "") for record in caplog.records}
 
 
 def worker_state(db, worker: Worker) -> str | None:
@@ -375,3 +382,123 @@ class TestConfiguration:
         finally:
             worker.stop()
         assert took < 10
+
+
+class TestStopWhileRegistering:
+    def test_stop_during_registration_ends_start_at_once(self, caplog) -> None:
+        """With no server up, start() retries for its whole timeout; a stop() meanwhile
+        made it raise ServerUnavailable at its next retry. Now it returns at once, not
+        started."""
+        caplog.set_level(logging.INFO, logger="conveyor")
+        worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
+        worker.register_handler("anything", lambda _ctx, _payload: None)
+        failures: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                worker.start(timeout=60)
+            except BaseException as exc:
+                failures.append(exc)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        try:
+            wait_for(
+                lambda: "worker_register_retrying" in logged_events(caplog),
+                what="the worker to retry its registration",
+            )
+            began = time.monotonic()
+            worker.stop()
+            starting.join(10)
+            took = time.monotonic() - began
+        finally:
+            worker.stop()
+            starting.join(70)
+        assert not starting.is_alive()
+        assert failures == []
+        assert took < 3, f"start() returned {took:.1f}s after stop()"
+        assert worker.running is False
+        assert "stopped before any server accepted the worker" in caplog.text
+
+    def test_a_stop_before_the_workers_loop_exists_is_not_lost(self, monkeypatch) -> None:
+        """A stop() in the moment between the worker's thread starting and its event loop
+        existing was dropped: start() went on registering (here, for its whole 60 s)."""
+        in_thread = threading.Event()
+        proceed = threading.Event()
+        make_loop = event_loop.loop_factory() or asyncio.new_event_loop
+
+        def held_loop() -> asyncio.AbstractEventLoop:
+            in_thread.set()
+            proceed.wait(30)
+            return make_loop()
+
+        monkeypatch.setattr(event_loop, "loop_factory", lambda: held_loop)
+        worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
+        worker.register_handler("anything", lambda _ctx, _payload: None)
+        failures: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                worker.start(timeout=60)
+            except BaseException as exc:
+                failures.append(exc)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        try:
+            wait_for(in_thread.is_set, what="the worker's thread to start")
+            worker.stop(timeout=0)  # the loop does not exist yet: nothing to wait for
+            proceed.set()
+            starting.join(10)
+            returned_at_once = not starting.is_alive()
+        finally:
+            proceed.set()
+            worker.stop()
+            starting.join(70)
+        assert returned_at_once
+        assert failures == []
+        assert worker.running is False
+
+
+class TestLongPollReplyAtStop:
+    def test_leases_arriving_as_the_worker_stops_are_handed_back(
+        self, start_server, db, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A LeaseTasks reply and the stop landing in the same loop iteration: the stop
+        cancelled the lease loop before it resumed, the reply's leases were dropped, and
+        each task sat `running` until its lease expired, an attempt spent (FAILED with
+        max_retries=0, never having run). The interleaving is forced: once a reply with
+        leases arrives, the stop is requested and the lease loop cancelled before it resumes
+        with it. (Before the fix the call ran in the lease loop itself, so this test fails
+        there by running the handler rather than by losing the lease.)"""
+        server = start_server(work_stream=False)
+        original = runtime._Runtime.call
+        armed = threading.Event()
+
+        async def call(self: Any, method: str, request: Any, **options: Any) -> Any:
+            response = await original(self, method, request, **options)
+            if method == "LeaseTasks" and response.leases and armed.is_set():
+                armed.clear()
+                # What stop_leasing() does, at the worst moment: the reply is in, and the
+                # lease loop is cancelled before it resumes with it.
+                self.request_stop()
+                (lease_loop,) = [t for t in asyncio.all_tasks() if t.get_name() == "lease-loop"]
+                lease_loop.cancel()
+            return response
+
+        monkeypatch.setattr(runtime._Runtime, "call", call)
+        ran: list[str] = []
+        worker = Worker(server.address, concurrency=1, lease_wait=5)
+        worker.register_handler("race.t", lambda ctx, _payload: ran.append(ctx.task_id))
+        worker.start()
+        try:
+            armed.set()
+            with Client(server.address) as client:
+                task_id = client.enqueue_task(Task(type="race.t", max_retries=0))
+            wait_for(lambda: not worker.running, timeout=30, what="the worker to stop")
+        finally:
+            worker.stop()
+        assert ran == []
+        row = db.task(task_id)
+        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert [e["event"] for e in db.events(task_id)][-1] == "released"

@@ -131,7 +131,8 @@ PATHS = {
         [
             ("enqueued", "queued"),
             ("started", "running"),
-            ("failed", "queued"),
+            # Stored as waiting out its backoff; read back publicly as QUEUED.
+            ("failed", "scheduled"),
             ("started", "running"),
             ("succeeded", "succeeded"),
         ],

@@ -146,7 +146,12 @@ class TestStatus:
     def test_status_of_an_empty_queue(self, server) -> None:
         """With no tasks, /status reports an empty queue and no throughput."""
         document = sampled_status(server, lambda _d: True)
-        assert document["queue"] == {"queued": 0, "running": 0, "by_type": {}}
+        assert document["queue"] == {
+            "queued": 0,
+            "running": 0,
+            "by_type": {},
+            "other_types": {"types": 0, "queued": 0, "running": 0, "oldest_queued_seconds": 0},
+        }
         assert document["last_minute"]["throughput_per_second"] == 0
         assert document["last_minute"]["failure_rate"] == 0
 
@@ -354,6 +359,21 @@ async def migrate_once(url: str) -> list[int]:
         await conn.close()
 
 
+async def record_future_migration(url: str) -> None:
+    """Record in the ledger a migration of a newer release that only servers knowing it
+    may run on (as one without a compatibility header is recorded)."""
+    future = ALL_VERSIONS[-1] + 1
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema) "
+            "VALUES ($1, 'future', $1)",
+            future,
+        )
+    finally:
+        await conn.close()
+
+
 class TestMigrate:
     async def test_concurrent_migrations_apply_once(self, empty_database_url) -> None:
         """Five concurrent migrate() calls: one applies every version, the others nothing."""
@@ -410,15 +430,20 @@ class TestMigrate:
         await migrate_once(empty_database_url)
         conn = await asyncpg.connect(empty_database_url)
         try:
-            # Back to the schema before 0013, with a week and a day of finished tasks.
+            # Back to the schema before 0013 (and 0014, which only adds a ledger column),
+            # with a week and a day of finished tasks.
             await conn.execute("DROP TABLE conveyor_seq_marks")
-            await conn.execute("DELETE FROM conveyor_schema_migrations WHERE version = 13")
+            await conn.execute(
+                "ALTER TABLE conveyor_schema_migrations DROP COLUMN oldest_compatible_schema"
+            )
+            await conn.execute("DELETE FROM conveyor_schema_migrations WHERE version >= 13")
             await conn.execute(
                 "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, state, "
                 "finished_at) SELECT gen_random_uuid(), 'old', '', interval '60 seconds', 0, "
                 "'cancelled', now() - interval '8 days' FROM generate_series(1, 50)"
             )
-            assert [m.version for m in await migrate.migrate(conn)] == [13]
+            # 0015 runs again: its enum value and index are there already, as written for.
+            assert [m.version for m in await migrate.migrate(conn)] == [13, 14, 15]
             await conn.execute(
                 "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
                 "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')"
@@ -443,13 +468,12 @@ class TestMigrate:
             await conn.close()
 
     async def test_migrate_refuses_a_newer_database(self, empty_database_url) -> None:
-        """migrate() on a database with a newer ledger entry raises SchemaMismatch."""
+        """migrate() on a database migrated by a newer release that this one cannot run on
+        raises SchemaMismatch."""
         await migrate_once(empty_database_url)
+        await record_future_migration(empty_database_url)
         conn = await asyncpg.connect(empty_database_url)
         try:
-            await conn.execute(
-                "INSERT INTO conveyor_schema_migrations (version, name) VALUES (999, 'future')"
-            )
             with pytest.raises(SchemaMismatch, match="newer"):
                 await migrate.migrate(conn)
         finally:
@@ -491,13 +515,7 @@ class TestServerSchemaCheck:
     async def test_newer_database_is_refused(self, empty_database_url) -> None:
         """A server on a database migrated by a newer Conveyor fails with 'newer'."""
         await migrate_once(empty_database_url)
-        conn = await asyncpg.connect(empty_database_url)
-        try:
-            await conn.execute(
-                "INSERT INTO conveyor_schema_migrations (version, name) VALUES (999, 'future')"
-            )
-        finally:
-            await conn.close()
+        await record_future_migration(empty_database_url)
         server = ConveyorServer(bare_config(empty_database_url))
         try:
             with pytest.raises(SchemaMismatch) as caught:
@@ -505,7 +523,7 @@ class TestServerSchemaCheck:
         finally:
             await server.stop()
         assert "newer" in caught.value.message
-        assert "999" in caught.value.message
+        assert f"version {ALL_VERSIONS[-1] + 1}" in caught.value.message
 
     async def test_migrated_database_starts_without_the_flag(self, database_url) -> None:
         """A server on an already migrated database starts without migrate=True."""

@@ -400,7 +400,8 @@ class TestFencedMaintenanceWrites:
         )
         for lease in (reaped_lease, swept_lease):
             row = db.task(lease.task_id)
-            assert (row["state"], row["lease_id"]) == ("queued", None)
+            # Scheduled for its retry (publicly QUEUED), with no lease.
+            assert (row["state"], row["lease_id"]) == ("scheduled", None)
             assert db.events(lease.task_id)[-1]["event"] == "lease_expired"
 
     def test_expired_leader_lease_writes_nothing(self, db, database_url: str) -> None:
@@ -475,8 +476,9 @@ class TestFencedMaintenanceWrites:
         assert sorted(str(r["id"]) for r in reap(database_url, proof)) == sorted(
             [reaped_id, swept_id]
         )
-        assert db.task(reaped_id)["state"] == "queued"
-        assert db.task(swept_id)["state"] == "queued"
+        # Both scheduled for their retry (publicly QUEUED).
+        assert db.task(reaped_id)["state"] == "scheduled"
+        assert db.task(swept_id)["state"] == "scheduled"
 
 
 class TestReservedPool:

@@ -126,6 +126,27 @@ class TestPayloadEncryption:
             status.last_error or ""  # type: ignore[attr-defined]
         )
 
+    def test_a_worker_without_any_codec_fails_the_attempt_and_names_the_key(
+        self, server: ServerThread, monkeypatch
+    ) -> None:
+        """One pod deployed without the keys once ran handlers on the ciphertext and
+        reported their garbage as results, unsealed."""
+        monkeypatch.delenv("CONVEYOR_PAYLOAD_KEYS", raising=False)
+        worker = run_worker(server, None)
+        try:
+            with Client(server.address, codec=AesGcmCodec([NEW_KEY])) as client:
+                task_id = client.enqueue_task(Task(type="echo", payload=SECRET, max_retries=0))
+                status = wait_final(client, task_id)
+        finally:
+            worker.stop()
+        assert status.state is TaskState.FAILED  # type: ignore[attr-defined]
+        assert status.last_error == (  # type: ignore[attr-defined]
+            f"SealError: the payload of task {task_id} was sealed with key 'k2', which this "
+            "worker does not have (it has no payload keys: set CONVEYOR_PAYLOAD_KEYS or give "
+            "the Worker a codec)"
+        )
+        assert status.result is None  # type: ignore[attr-defined]
+
     def test_keys_rotate_without_losing_tasks(self, server: ServerThread) -> None:
         """Sealed under k1, enqueued before the rotation, run by a worker holding [k2, k1]."""
         with Client(server.address, codec=AesGcmCodec([OLD_KEY])) as old_client:

@@ -228,19 +228,19 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
             [str(uuid.uuid4()), None],
         ),
         "task_get": (seeded.succeeded_id,),
-        "task_event_list": (seeded.succeeded_id,),
+        "task_event_list": (seeded.succeeded_id, 100, 512 * 1024, None),
         "task_succeed": (running, lease, b"result", "worker-1"),
         "task_succeed_many": ([running], [lease], [b"result"], [True], ["worker-1"]),
         "task_fail": (
             *(running, lease, "ValueError: boom", "failed", True, 1.0, 300.0, "worker-1"),
         ),
-        "task_release": (running, lease, "handed back", "worker-1", True),
+        "task_release": (running, lease, "handed back", "worker-1", True, 1000),
         "task_cancel": (seeded.queued_id, "cancelled while queued", "ops (token 6f0c3b1a)"),
         "task_lease_extend": ([running], [lease], 30.0, 10.0, ["50%"], "worker-1"),
         "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
         "task_lock_for_cancel": (seeded.queued_id,),
         "worker_sweep_lost": (15.0, "server-1", 1),
-        "task_live_stats": (),
+        "task_live_stats": (1000, ["a"]),
         "task_explain": (seeded.queued_id, 15.0),
         "task_list_by_state": (["failed", "succeeded"], FIRST_PAGE, 51),
         "task_list_by_type_and_state": (list(ALL_STATES), FIRST_PAGE, 51, "a"),
@@ -267,6 +267,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_payload_head": (seeded.succeeded_id, 2000),
         "task_prune_finished": (1800.0, 1000, "server-1", 1, 90.0),
         "task_event_buckets": (datetime.now(UTC) - timedelta(seconds=20), 5.0),
+        "task_promote_due": (1000,),
     }
 
 
@@ -300,6 +301,7 @@ PER_TASK_QUERIES = [
     "task_payload_head",
     "task_prune_finished",
     "task_event_buckets",
+    "task_promote_due",
 ]
 
 
@@ -609,7 +611,7 @@ class TestReportsWhenTheStatisticsSawNothingRunning:
             "task_lease_extend": (ids, lease_ids, 30.0, 10.0, [None] * 64, "worker-4"),
             "task_succeed": (one, lease, None, "worker-4"),
             "task_fail": (one, lease, "ValueError: boom", "failed", True, 1.0, 300.0, "worker-4"),
-            "task_release": (one, lease, "handed back", "worker-4", True),
+            "task_release": (one, lease, "handed back", "worker-4", True, 1000),
         }[name]
         plan = await explain(running_unseen, SQL[name], *args, plan_mode=plan_mode)
         assert_tasks_read_by_primary_key(plan)
@@ -766,6 +768,54 @@ class TestSpecificIndexes:
         assert "conveyor_tasks_pkey" in indexes_used(plan), json.dumps(plan, indent=1)
 
 
+# 5,000 types of 4 queued tasks each; the type of task g is spam.(g % 5000), and the larger
+# g, the older the task: the oldest tasks are of spam.0, spam.4999, spam.4998, ...
+SEED_MANY_TYPES = """
+INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, available_at)
+SELECT gen_random_uuid(), 'spam.' || (g % 5000), '', interval '60 seconds', 3,
+       now() - g * interval '1 millisecond'
+FROM generate_series(1, 20000) AS g
+"""
+
+
+@pytest.fixture(scope="module")
+def many_types(pg_cluster) -> Iterator[str]:
+    """SEED_MANY_TYPES, analysed."""
+    statements = (SEED_MANY_TYPES, "ANALYZE conveyor_tasks")
+    with seeded_database(pg_cluster, "many_types", *statements) as url:
+        yield url
+
+
+class TestLiveStatsAreBounded:
+    async def test_a_top_n_sort_names_the_types_and_one_row_sums_the_rest(
+        self, many_types: str
+    ) -> None:
+        """task_live_stats names $1 types by need, plus those asked for, through a top-N
+        sort (only $1 rows in memory), and sums the others in one row: a flood of types
+        costs the sampler a bounded answer, and the totals stay exact."""
+        conn = await asyncpg.connect(many_types)
+        try:
+            args = (100, ["spam.2500"])
+            raw = await conn.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_live_stats"], *args
+            )
+            rows = await conn.fetch(SQL["task_live_stats"], *args)
+        finally:
+            await conn.close()
+        plan = json.loads(raw) if isinstance(raw, str) else raw
+        sorts = [node.get("Sort Method") for node in plan_nodes(plan) if "Sort Method" in node]
+        assert "top-N heapsort" in sorts, json.dumps(plan, indent=1)
+        named = {row["type"]: row for row in rows if row["type"] is not None}
+        (other,) = [row for row in rows if row["type"] is None]
+        oldest = {"spam.0", *(f"spam.{5000 - i}" for i in range(1, 100))}
+        assert set(named) == {*oldest, "spam.2500"}
+        assert all(row["queued"] == 4 and row["types"] == 1 for row in named.values())
+        assert (other["types"], other["queued"], other["running"]) == (4899, 4899 * 4, 0)
+        assert other["oldest_queued_seconds"] < min(
+            row["oldest_queued_seconds"] for name, row in named.items() if name in oldest
+        )
+
+
 class TestExplainChangesNothing:
     async def test_data_is_unchanged_after_explaining_every_query(self, seeded: Seeded) -> None:
         """EXPLAINing the data-modifying queries (rolled back) leaves every row as it was."""
@@ -879,3 +929,126 @@ class TestPruneReadsWhatItDeletes:
         # Past the stale mark, through the young tasks (PostgreSQL 15 rounds each loop's
         # average row count to a whole number, so allow for that).
         assert read >= self.YOUNG
+
+
+def scheduled_sql(task_type: str, count: int, due_in: str) -> str:
+    """Insert `count` tasks of `task_type` waiting out a retry backoff that ends in `due_in`."""
+    return (
+        "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries, state, attempt, "  # noqa: S608 - test constants
+        f"available_at) SELECT gen_random_uuid(), '{task_type}', '', interval '60 seconds', 3, "
+        f"'scheduled', 1, now() + interval '{due_in}' FROM generate_series(1, {count})"
+    )
+
+
+def rows_read(plan: Any) -> int:
+    """Rows of conveyor_tasks a plan looked at through its indexes or a sequential scan
+    (the primary key's probes of rows already found are not counted)."""
+    return round(
+        sum(
+            (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+            for node in plan_nodes(plan)
+            if (node["Node Type"] == "Seq Scan" and node["Relation Name"] == "conveyor_tasks")
+            or (
+                node.get("Index Name", "").startswith("conveyor_tasks_")
+                and node["Index Name"] != "conveyor_tasks_pkey"
+            )
+        )
+    )
+
+
+async def explain_analyze(url: str, sql: str, *args: Any) -> Any:
+    """EXPLAIN (ANALYZE, FORMAT JSON) in a transaction that is rolled back."""
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+        finally:
+            await transaction.rollback()
+    finally:
+        await conn.close()
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+STORM = 20_000
+
+
+@pytest.fixture(scope="module")
+def retry_storm(pg_cluster) -> Iterator[str]:
+    """A downstream outage's shape: 20,000 tasks of `storm` waiting out their backoff ahead
+    of 100 that are available, 20,000 of `outage` with none available, and 100 of `due`
+    whose backoff has just ended among 20,000 still waiting."""
+    with seeded_database(
+        pg_cluster,
+        "storm",
+        scheduled_sql("storm", STORM, "5 minutes"),
+        "INSERT INTO conveyor_tasks (id, type, payload, timeout, max_retries) "
+        "SELECT gen_random_uuid(), 'storm', '', interval '60 seconds', 3 "
+        "FROM generate_series(1, 100)",
+        scheduled_sql("outage", STORM, "5 minutes"),
+        scheduled_sql("due", 100, "-1 second"),
+        scheduled_sql("due", STORM, "5 minutes"),
+        "ANALYZE conveyor_tasks",
+    ) as url:
+        yield url
+
+
+class TestARetryStormStaysOutOfTheQueue:
+    """Tasks waiting out a backoff were `queued` with a future `available_at`, at the head of
+    their type's range of (type, state, seq): a claim walked past every one of them (34 ms
+    for a claim of 10 behind 300,000, 109 ms when none was available), and so did a handed-
+    over enqueue's FIFO check. As `scheduled` (migration 0015) they are out of that range."""
+
+    async def test_a_claim_reads_the_available_tasks_not_the_backlog(
+        self, retry_storm: str
+    ) -> None:
+        plan = await explain_analyze(
+            retry_storm, SQL["task_claim"], ["storm"], 10, "worker-1", 30.0, 10.0, None, 1024
+        )
+        assert rows_read(plan) <= 20, json.dumps(plan, indent=1)
+
+    async def test_a_claim_that_finds_nothing_reads_nothing(self, retry_storm: str) -> None:
+        plan = await explain_analyze(
+            retry_storm, SQL["task_claim"], ["outage"], 10, "worker-1", 30.0, 10.0, None, 1024
+        )
+        assert rows_read(plan) <= 2, json.dumps(plan, indent=1)
+
+    async def test_a_handed_over_enqueue_does_not_walk_the_backlog(self, retry_storm: str) -> None:
+        plan = await explain_analyze(
+            retry_storm,
+            SQL["task_insert_leasing"],
+            [str(uuid.uuid4())],
+            ["outage"],
+            [b"payload"],
+            [60.0],
+            [3],
+            [None],
+            ["worker-1"],
+            30.0,
+            10.0,
+            [str(uuid.uuid4())],
+        )
+        assert rows_read(plan) <= 5, json.dumps(plan, indent=1)
+
+    async def test_promotion_reads_the_due_tasks_through_its_index(self, retry_storm: str) -> None:
+        plan = await explain_analyze(retry_storm, SQL["task_promote_due"], 1000)
+        assert "conveyor_tasks_scheduled_idx" in indexes_used(plan), json.dumps(plan, indent=1)
+        assert rows_read(plan) <= 110, json.dumps(plan, indent=1)
+        conn = await asyncpg.connect(retry_storm)
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                assert await conn.fetchval(SQL["task_promote_due"], 1000) == 100
+                # In their place: the promoted tasks keep their seq, ahead of any enqueued
+                # after them, and none still in backoff moved.
+                queued = await conn.fetchval(
+                    "SELECT count(*) FROM conveyor_tasks WHERE type = 'due' AND state = 'queued' "
+                    "AND available_at <= now()"
+                )
+                assert queued == 100
+            finally:
+                await transaction.rollback()
+        finally:
+            await conn.close()

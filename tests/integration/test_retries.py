@@ -274,3 +274,62 @@ class TestHandlerReturnValues:
         assert status.state is TaskState.SUCCEEDED
         assert status.result == b"xyz!"
         assert isinstance(status.result, bytes)
+
+
+class TestScheduledRetries:
+    """A retry waits out its backoff as `scheduled`, out of the queue the claim reads
+    (migration 0015), and joins the queue when the backoff ends."""
+
+    def test_the_retry_is_scheduled_in_between_and_publicly_queued(
+        self, start_server, client: Client, db
+    ) -> None:
+        """Between the attempts the task is stored `scheduled` (the claim's range holds
+        only available tasks) and reads as QUEUED; the server's own timer promotes it (a
+        reaper round a minute long leaves it nothing to do)."""
+        server = start_server(
+            retry_backoff_base=timedelta(seconds=2),
+            retry_backoff_cap=timedelta(seconds=2),
+            reaper_interval=timedelta(minutes=1),
+        )
+
+        def fails_once(ctx, _payload):
+            if ctx.attempt == 1:
+                raise RuntimeError("first attempt fails")
+            return b"second"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("scheduled.retry", fails_once)
+        worker.start()
+        try:
+            task_id = client.enqueue_task(Task(type="scheduled.retry"))
+            wait_for(
+                lambda: db.task(task_id)["state"] == "scheduled",
+                what="the failed attempt's retry to be scheduled",
+            )
+            assert client.get_task_status(task_id).state is TaskState.QUEUED
+            status = wait_final(client, task_id)
+        finally:
+            worker.stop()
+        assert (status.state, status.attempts, status.result) == (TaskState.SUCCEEDED, 2, b"second")
+
+    def test_the_leader_promotes_a_retry_whose_timer_was_lost(
+        self, start_server, client: Client, db
+    ) -> None:
+        """The server that scheduled a retry promotes it when its backoff ends; one that
+        died took that timer with it. The leader's reaper round promotes what is due."""
+        server = start_server(reaper_interval=timedelta(milliseconds=100))
+        task_id = client.enqueue_task(Task(type="scheduled.lost"))
+        # As a failure report leaves it, on a server that then died before its timer fired.
+        db.execute(
+            "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
+            "available_at = now() - interval '1 second' WHERE id = $1::uuid",
+            task_id,
+        )
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("scheduled.lost", lambda _ctx, _payload: b"ran")
+        worker.start()
+        try:
+            status = wait_final(client, task_id, timeout=15)
+        finally:
+            worker.stop()
+        assert (status.state, status.result) == (TaskState.SUCCEEDED, b"ran")

@@ -178,7 +178,7 @@ class TestSweeper:
             expired = db.events(task_id)[-1]
             assert (expired["event"], expired["state"], expired["worker_id"]) == (
                 "lease_expired",
-                "queued",
+                "scheduled",  # waiting out its backoff; publicly QUEUED
                 "w-silent",
             )
 
@@ -522,7 +522,7 @@ class TestWorkersCommand:
             )
 
         assert as_json.returncode == 0, as_json.stderr
-        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)}
+        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)["workers"]}
         assert worker.worker_id in listed, listed
         entry = listed[worker.worker_id]
         assert entry["state"] == "active"
@@ -563,7 +563,7 @@ class TestWorkersCommand:
         assert ago is not None, row
         assert float(ago[1]) < 60, row
         assert as_json.returncode == 0, as_json.stderr
-        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)}
+        listed = {entry["id"]: entry for entry in json.loads(as_json.stdout)["workers"]}
         assert 0 <= listed[worker.worker_id]["silent_for_seconds"] < 60, listed
 
 

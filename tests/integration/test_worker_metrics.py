@@ -9,12 +9,15 @@ serves the same from a real process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -24,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Client, Task, TaskContext, TaskState, Worker
 from conveyor.errors import ServerUnavailable
-from conveyor.worker.metrics import OUTCOMES
+from conveyor.worker.metrics import OUTCOMES, MetricsServer, WorkerMetrics
 
 OK, FAIL, SLOW = "metrics.ok", "metrics.fail", "metrics.slow"
 
@@ -255,8 +258,9 @@ class TestLiveGauges:
             )
             assert wait_final(client, task_id).state is TaskState.SUCCEEDED
 
-    def test_breaker_gauge_opens_and_a_failed_start_closes_the_endpoint(self) -> None:
-        """Nothing listens at the server address: its breaker opens; start then gives up."""
+    def test_breaker_gauge_opens_and_a_start_that_ends_closes_the_endpoint(self) -> None:
+        """Nothing listens at the server address: its breaker opens; a stop then ends the
+        start (it returns without starting), and the endpoint goes with it."""
         address = f"127.0.0.1:{free_port()}"
         worker = Worker(address, metrics_port=0)
         worker.register_handler(OK, ok)
@@ -284,9 +288,69 @@ class TestLiveGauges:
             worker.stop()
             starter.join(30)
         assert not starter.is_alive()
-        assert len(failure) == 1
-        assert isinstance(failure[0], ServerUnavailable)
+        assert failure == []
+        assert not worker.running
         assert refuses_connections(port)
+
+    def test_a_failed_start_closes_the_endpoint(self) -> None:
+        worker = Worker(f"127.0.0.1:{free_port()}", metrics_port=0)
+        worker.register_handler(OK, ok)
+        with pytest.raises(ServerUnavailable):
+            worker.start(timeout=timedelta(seconds=1))
+        assert worker.metrics_port
+        assert refuses_connections(worker.metrics_port)
+
+
+class TestHeldConnections:
+    """A client cannot pile up threads and open files in the worker through its endpoint."""
+
+    @pytest.fixture
+    def endpoint(self, request: pytest.FixtureRequest) -> Iterator[tuple[MetricsServer, int]]:
+        limits = request.param
+        server = MetricsServer(WorkerMetrics().registry, "127.0.0.1", 0, **limits)
+        port = server.start()
+        yield server, port
+        server.stop()
+
+    @pytest.mark.parametrize("endpoint", [{"connection_deadline": 0.5}], indirect=True)
+    def test_a_connection_is_closed_at_its_deadline(self, endpoint) -> None:
+        _, port = endpoint
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as silent,
+            socket.create_connection(("127.0.0.1", port), timeout=10) as half,
+        ):
+            half.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            for sock in (silent, half):
+                # A read returns once the endpoint has closed the connection.
+                assert sock.recv(1) == b""
+        assert scrape(port).value("conveyor_worker_slots") == 0
+
+    @pytest.mark.parametrize(
+        "endpoint", [{"max_connections": 2, "connection_deadline": 60}], indirect=True
+    )
+    def test_past_the_limit_a_connection_is_refused(self, endpoint) -> None:
+        _, port = endpoint
+        with contextlib.ExitStack() as held:
+            for _ in range(2):
+                sock = held.enter_context(socket.create_connection(("127.0.0.1", port)))
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            # Answered before anything is read: a client that has already sent its request
+            # may see a reset instead, so this one sends nothing.
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as refused,
+                refused.makefile("rb") as stream,
+            ):
+                reply = stream.read()
+            assert reply.startswith(b"HTTP/1.0 503 Service Unavailable\r\n"), reply
+        wait_for(lambda: _scrapes(port), what="a scrape once the held connections are gone")
+
+
+def _scrapes(port: int) -> bool:
+    try:
+        scrape(port)
+    except urllib.error.HTTPError:
+        return False
+    return True
 
 
 class TestCli:

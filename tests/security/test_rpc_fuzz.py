@@ -26,11 +26,13 @@ checks that memory stays bounded over a few thousand hostile requests.
 
 from __future__ import annotations
 
+import base64
 import gc
 import itertools
 import random
 import threading
 import time
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -326,7 +328,9 @@ def assert_invariants(db: LiveDb) -> None:
         CROSS JOIN LATERAL (SELECT e.event, e.state, e.attempt, e.worker_id
                             FROM conveyor_task_history AS e WHERE e.task_id = t.id
                             ORDER BY e.id DESC LIMIT 1) AS last
-        WHERE last.state <> t.state
+        -- A retry's backoff ends with no history row (its public state stays QUEUED): a
+        -- queued task whose last row left it `scheduled` has been promoted.
+        WHERE (last.state <> t.state AND NOT (last.state = 'scheduled' AND t.state = 'queued'))
            OR (t.state = 'running' AND (last.event <> 'started' OR last.attempt <> t.attempt
                                         OR last.worker_id IS DISTINCT FROM t.worker_id))
         """
@@ -961,17 +965,17 @@ def test_worker_service(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
     "fields", [{"host": "h\x00st"}, {"version": "v\x00"}], ids=["host", "version"]
 )
 def test_register_worker_with_nul_in_host_or_version(stubs: Stubs, fields: dict[str, str]) -> None:
-    """Host and version are for people to read: a NUL is escaped (it once answered INTERNAL)."""
+    """Host and version are for people to read: a NUL, like any control character, is
+    refused with INVALID_ARGUMENT naming the field (it once answered INTERNAL)."""
     worker_id = f"nul-{uuid.uuid4().hex[:8]}"
     request = pb.RegisterWorkerRequest(
         worker_id=worker_id, task_types=["fuzz.x"], concurrency=1, **fields
     )
     code, _, details = stubs.call(stubs.workers.RegisterWorker, request)
-    assert code == grpc.StatusCode.OK, (code, details)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert details.startswith(f"{next(iter(fields))} must not contain control"), details
     _, listed, _ = stubs.call(stubs.admin.ListWorkers, pb.ListWorkersRequest(limit=1000))
-    (worker,) = [w for w in listed.workers if w.id == worker_id]
-    shown = worker.host if "host" in fields else worker.version
-    assert shown == next(iter(fields.values())).replace("\x00", "\\x00")
+    assert worker_id not in [w.id for w in listed.workers]
     stubs.assert_serving()
 
 
@@ -989,14 +993,18 @@ def _code_of(value: int) -> tuple[int, str]:
 # stream, then a half-close (after a moment, now and then, for leases to come), and every
 # response read until the call ends. The server's rules (work_stream.py, WorkRequest's
 # comments) say how it must end: the opening message names a worker (1 to 200 characters,
-# no NUL) and 1 to 1000 valid task types; no later message names another worker; the room
-# granted and not yet filled stays within MAX_CREDIT; a batch of reports has a reports_id
-# other than 0 and at most 1000 reports. Anything else is refused INVALID_ARGUMENT; a
-# stream that keeps them all ends OK when the worker half-closes, every batch answered.
+# no control or format character) and 1 to 1000 valid task types; no later message names
+# another worker; the room granted and not yet filled stays within MAX_CREDIT; a batch of
+# reports has a reports_id other than 0 and at most 1000 reports. Anything else is refused
+# INVALID_ARGUMENT; a stream that keeps them all ends OK when the worker half-closes, every
+# batch answered.
 
 WORK_METHOD = "Work"  # WorkerService's one stream (test_every_rpc_is_fuzzed)
 WORK_TYPE = "fuzz.work"  # kept stocked with queued tasks, for the streams to lease
 MAX_WORKER_ID = 200
+# Newline, ESC, bidi overrides, line separators: not in a worker id (they forge log lines
+# and rewrite terminals).
+UNPRINTABLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
 MAX_TASK_TYPES = 1000
 MAX_CREDIT = 100_000  # room for leases on one stream (grants less the leases sent)
 WORK_STOCK = 10  # queued tasks of WORK_TYPE before each example, at least
@@ -1078,7 +1086,9 @@ class WorkExpected:
 def opening_is_valid(opening: pb.WorkRequest) -> bool:
     """Whether a stream's first message names a worker and its task types as LeaseTasks'."""
     worker_id, types = opening.worker_id, opening.task_types
-    if not 0 < len(worker_id) <= MAX_WORKER_ID or "\x00" in worker_id:
+    if not 0 < len(worker_id) <= MAX_WORKER_ID or any(
+        unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in worker_id
+    ):
         return False
     if not 0 < len(types) <= MAX_TASK_TYPES:
         return False
@@ -1347,8 +1357,32 @@ def pause_requests(draw: st.DrawFn) -> pb.PauseTypeRequest:
     )
 
 
+def _worker_token(flag: str, micros: str, worker_id: str) -> str:
+    """A workers-listing page token as the server makes them, of any parts."""
+    key = f"{flag}:{micros}:{worker_id}".encode(errors="surrogatepass")
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+# Tokens the server made (valid parts) and forged ones: flags other than 0/1, times past
+# datetime's range, NUL and hostile text in the id, and text that is no base64 at all.
+worker_page_tokens = st.one_of(
+    st.just(""),
+    hostile_text,
+    st.builds(
+        _worker_token,
+        st.sampled_from(["0", "1", "2", "", "true"]),
+        st.one_of(st.integers(0, 10**20).map(str), st.sampled_from(["-1", "1e9", "", "٣"])),
+        st.one_of(st.sampled_from(["w", "", "w\x00"]), hostile_text),
+    ),
+)
+
 ADMIN_REQUESTS: dict[str, st.SearchStrategy[Any]] = {
-    "ListWorkers": st.builds(pb.ListWorkersRequest, include_stopped=st.booleans(), limit=uint32s),
+    "ListWorkers": st.builds(
+        pb.ListWorkersRequest,
+        include_stopped=st.booleans(),
+        limit=uint32s,
+        page_token=worker_page_tokens,
+    ),
     "GetLeader": st.just(pb.GetLeaderRequest()),
     "ExplainTask": st.builds(
         pb.ExplainTaskRequest, task_id=st.one_of(st.integers(0, 10**6).map(POOL.task_id), ids)
@@ -1388,12 +1422,22 @@ def test_admin_service(stubs: Stubs, security_db: LiveDb, world: Pool) -> None:
         )
     )
     @example(case=("ListTasks", pb.ListTasksRequest(limit=U32, page_token=str(I64 + 1))))
+    # A workers' page token past datetime's range, or naming an id with NUL.
+    @example(
+        case=("ListWorkers", pb.ListWorkersRequest(page_token=_worker_token("1", "9" * 20, "w")))
+    )
+    @example(
+        case=("ListWorkers", pb.ListWorkersRequest(page_token=_worker_token("0", "1", "w\x00")))
+    )
     def hostile(case: tuple[str, Any]) -> None:
         kind, request = case
         code, response, details = stubs.call(getattr(stubs.admin, kind), request)
         assert_documented(code, details, kind)
         if kind == "ListTasks" and response is not None:
             assert len(response.tasks) <= min(request.limit or 50, 1000)
+        if kind == "ListWorkers" and response is not None:
+            assert len(response.workers) <= min(request.limit or 500, 10_000)
+            assert response.HasField("total")
         if kind in {"RetryTasks", "CancelTasks"} and request.HasField("filter"):
             beyond = max(request.through_seq, request.after_seq) > I64
             if beyond:
@@ -1437,7 +1481,7 @@ def snapshot(db: LiveDb, task_ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def guarded(stubs: Stubs) -> Guarded:
+def guarded(stubs: Stubs, security_db: LiveDb) -> Guarded:
     """Six tasks leased by worker A: one succeeded, one failed for good, one waiting to be
     retried, three still running; and a worker B holding a genuine lease of its own."""
     suffix = uuid.uuid4().hex[:8]
@@ -1487,6 +1531,18 @@ def guarded(stubs: Stubs) -> Guarded:
     report(task_ids[0], pb.OUTCOME_SUCCEEDED, result=b"A's result", has_result=True)
     report(task_ids[1], pb.OUTCOME_FAILED, error="A failed it", non_retryable=True)
     report(task_ids[2], pb.OUTCOME_FAILED, error="A will retry it")
+    # Its backoff (at most 400 ms here) ends by itself, moving it from `scheduled` into the
+    # queue: wait for that, so that the snapshots before and after the forgeries compare
+    # what only they could have changed.
+    wait_for(
+        lambda: (
+            security_db.fetch(
+                "SELECT state::text FROM conveyor_tasks WHERE id = $1::uuid", task_ids[2]
+            )[0]["state"]
+            == "queued"
+        ),
+        what="the retried task's backoff to end",
+    )
     return Guarded(task_type, victim, intruder, task_ids, by_task, intruder_lease)
 
 

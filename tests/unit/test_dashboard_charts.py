@@ -112,6 +112,31 @@ class TestTaskTimeline:
         assert "cancelled" in chart.shapes[0].title
         assert [row.text for row in chart.rows] == ["queue"]
 
+    def test_an_attempt_handed_back_and_started_again_keeps_its_row(self) -> None:
+        """A release spends no attempt: the next start is the same attempt, on the same row,
+        so a task handed back over and over is one row. A failure moves on to a new row."""
+        events = [event(0, "enqueued", TaskState.QUEUED)]
+        for cycle in range(3):
+            events.append(event(1 + 2 * cycle, "started", TaskState.RUNNING, 1))
+            events.append(event(2 + 2 * cycle, "released", TaskState.QUEUED, 1))
+        events += [
+            event(7, "started", TaskState.RUNNING, 1),
+            event(8, "failed", TaskState.QUEUED, 1, "ValueError: x"),
+            event(9, "started", TaskState.RUNNING, 2),
+            event(10, "succeeded", TaskState.SUCCEEDED, 2),
+        ]
+        chart = task_timeline(events, now=NOW, live=False)
+        assert [row.text for row in chart.rows] == [
+            "queue",
+            "attempt 1 · w-1 · 4 starts",
+            "attempt 2 · w-1",
+        ]
+        bars = [(shape.kind, shape.y) for shape in chart.shapes if shape.kind != "waiting"]
+        attempt_1 = bars[0][1]
+        assert bars[:4] == [("released", attempt_1)] * 3 + [("failed", attempt_1)]
+        assert bars[4][0] == "succeeded"
+        assert bars[4][1] > attempt_1
+
     def test_no_events_draws_nothing(self) -> None:
         assert task_timeline([], now=NOW, live=True).shapes == ()
 

@@ -140,6 +140,17 @@ class TestJsonFormatter:
         assert document["exception"].endswith("ValueError: bad input\non two lines")
         assert document["event"] == "boom"
 
+    def test_unicode_line_separators_are_escaped(self, as_json: Captured) -> None:
+        """json.dumps writes U+2028, U+2029 and U+0085 raw (non-ASCII is kept as is); a
+        shipper splitting on Unicode line boundaries split the line there."""
+        as_json.logger.info("a\u2028b\u2029c\x85d é")
+        raw = as_json.stream.getvalue()
+        assert len(raw.splitlines()) == 1
+        assert "\\u2028" in raw
+        assert "é" in raw
+        [document] = as_json.documents()
+        assert document["message"] == "a\u2028b\u2029c\x85d é"
+
     def test_no_exception_key_without_an_exception(self, as_json: Captured) -> None:
         as_json.logger.info("fine")
         [document] = as_json.documents()
@@ -178,6 +189,30 @@ class TestTextFormatter:
         assert lines[0].endswith(f"failed task={TASK['task_id']} type=send_email attempt=2")
         assert lines[1] == "Traceback (most recent call last):"
         assert lines[-1] == "RuntimeError: kaput"
+
+    def test_a_message_cannot_forge_a_line(self, as_text: Captured) -> None:
+        """A newline or CR in a message (a worker id, an error) became a line of its own
+        that looked like any other: now every control and format character is an escape."""
+        forged = "w1\n2025-01-15 10:04:05,123 INFO    conveyor.server.control: type billing resumed"
+        as_text.logger.info("worker %s stopped", forged)
+        as_text.logger.info("a\rb\x1b[2Jc\u202ed\u2028e\x85f\tg")
+        first, second = as_text.lines()
+        assert first.endswith(f"worker {forged.replace(chr(10), chr(92) + 'n')} stopped")
+        assert second.endswith("a\\rb\\x1b[2Jc\\u202ed\\u2028e\\x85f\tg")
+
+    def test_escaping_leaves_the_record_alone(self, as_text: Captured) -> None:
+        """Other handlers of the same record (JSON, a test's caplog) see the message as
+        logged."""
+        seen = []
+        spy = logging.Handler()
+        spy.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+        as_text.logger.addHandler(spy)
+        try:
+            as_text.logger.info("x\ny")
+        finally:
+            as_text.logger.removeHandler(spy)
+        assert as_text.lines()[0].endswith("x\\ny")
+        assert seen == ["x\ny"]
 
 
 class TestContext:

@@ -164,3 +164,36 @@ class TestTaskState:
             TaskState.FAILED,
             TaskState.CANCELLED,
         }
+
+
+class TestPrintable:
+    """Worker ids, hosts and versions: free text that must not hold control characters."""
+
+    @pytest.mark.parametrize(
+        ("text", "position"),
+        [
+            ("web-1-4242-a1b2c3", None),
+            ("hôte 工場 ✓ [b]", None),
+            ("tab\there", 3),
+            ("line\nforged", 4),
+            ("\x1b[2J", 0),
+            ("abc\u202e", 3),  # a bidi override
+            ("a\u2029b", 1),  # the paragraph separator
+            ("a\u00a0b", None),  # a no-break space is printable, if not isprintable()
+        ],
+    )
+    def test_first_unprintable(self, text: str, position: int | None) -> None:
+        assert types_module.first_unprintable(text) == position
+
+    def test_printable_replaces_each_bad_character(self) -> None:
+        assert types_module.printable("box\x1b[2J\u202e\u00a0x") == "box?[2J?\u00a0x"
+        text = "already fine"
+        assert types_module.printable(text) is text
+
+    def test_a_worker_id_names_the_field_and_the_character(self) -> None:
+        with pytest.raises(InvalidTask, match=r"worker_id must not .* U\+000A at position 1"):
+            types_module.validate_worker_id("w\nx")
+        with pytest.raises(InvalidTask, match="1 to 200 characters") as refused:
+            types_module.validate_worker_id("w" * 201)
+        assert refused.value.field == "worker_id"
+        assert types_module.validate_worker_id("w" * 200) == "w" * 200

@@ -21,22 +21,39 @@ from rich.text import Text
 from conveyor.cli import output
 from conveyor.cli.params import BoundedFloat
 from conveyor.cli.task_commands import open_client, server_option
+from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE, MAX_WORKERS_PER_PAGE
+from conveyor.types import BLOCKED_LOOP_MS
 
 if TYPE_CHECKING:
     from conveyor.types import ClusterStatus, WorkerInfo
 
-# An event loop blocked this long between two heartbeats is flagged in the listing.
-BLOCKED_LOOP_MS = 1000
-
 
 @click.command()
 @click.option("--all", "include_stopped", is_flag=True, help="Include stopped workers.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_WORKERS_PER_PAGE),
+    default=DEFAULT_WORKERS_PER_PAGE,
+    show_default=True,
+    help="Workers per page.",
+)
+@click.option(
+    "--page-token", default=None, metavar="TOKEN", help="Continue where the last page ended."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option
-def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
-    """List registered workers: state, load, last heartbeat, event-loop health."""
+def workers(
+    include_stopped: bool, limit: int, page_token: str | None, as_json: bool, server: str | None
+) -> None:
+    """List registered workers: state, load, last heartbeat, event-loop health.
+
+    Lost workers and blocked event loops first, then the newest, one page at a time.
+    """
     with open_client(server) as client:
-        found = client.list_workers(include_stopped=include_stopped)
+        page = client.list_workers_page(
+            include_stopped=include_stopped, limit=limit, page_token=page_token
+        )
+    found = page.workers
     now = datetime.now(UTC)
 
     def silent_for(w: WorkerInfo) -> float:
@@ -46,44 +63,62 @@ def workers(include_stopped: bool, as_json: bool, server: str | None) -> None:
         return max(silent.total_seconds(), 0.0)
 
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "id": w.id,
-                        "host": w.host,
-                        "pid": w.pid,
-                        "state": w.state,
-                        "task_types": list(w.task_types),
-                        "concurrency": w.concurrency,
-                        "in_flight": w.in_flight,
-                        "version": w.version,
-                        "started_at": w.started_at.isoformat(),
-                        "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
-                        "silent_for_seconds": round(silent_for(w), 3),
-                        "loop_lag_ms": w.loop_lag_ms,
-                    }
-                    for w in found
-                ],
-                indent=2,
-            )
-        )
+        document = {
+            "workers": [
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "task_types": list(w.task_types),
+                    "concurrency": w.concurrency,
+                    "in_flight": w.in_flight,
+                    "version": w.version,
+                    "started_at": w.started_at.isoformat(),
+                    "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
+                    "silent_for_seconds": round(silent_for(w), 3),
+                    "loop_lag_ms": w.loop_lag_ms,
+                }
+                for w in found
+            ],
+            "total": page.total,
+            "next_page_token": page.next_page_token,
+        }
+        click.echo(json.dumps(document, indent=2))
         return
-    table = Table(title=f"{len(found)} worker(s)")
+    table = Table(title=f"{len(found)} worker(s), lost and blocked first")
     for column in ("id", "state", "host:pid", "types", "in flight", "last heartbeat", "loop"):
         table.add_column(column)
     for w in found:
-        loop = f"[red]blocked {w.loop_lag_ms} ms[/]" if w.loop_lag_ms >= BLOCKED_LOOP_MS else "ok"
-        table.add_row(
-            w.id,
-            w.state,
-            f"{w.host}:{w.pid}",
-            ", ".join(w.task_types),
-            f"{w.in_flight}/{w.concurrency}",
-            f"{silent_for(w):.1f}s ago",
-            loop,
+        blocked = w.loop_lag_ms >= BLOCKED_LOOP_MS
+        # The id, host and types are the worker's own words: plain text only.
+        output.row(
+            table,
+            output.plain(w.id),
+            output.plain(w.state),
+            output.plain(f"{w.host}:{w.pid}"),
+            output.plain(", ".join(w.task_types)),
+            output.plain(f"{w.in_flight}/{w.concurrency}"),
+            output.plain(f"{silent_for(w):.1f}s ago"),
+            Text(f"blocked {w.loop_lag_ms} ms", style="red") if blocked else Text("ok"),
         )
     output.console().print(table)
+    # On stderr: the table on stdout stays the table, for a pipe as for a person.
+    left_out = _left_out(len(found), limit, page.total, page.next_page_token)
+    if left_out:
+        click.echo(left_out, err=True)
+
+
+def _left_out(shown: int, limit: int, total: int | None, next_page_token: str | None) -> str:
+    """What a page of the workers listing leaves out, in words; "" when nothing."""
+    more = f"; more: add --page-token {next_page_token}" if next_page_token else ""
+    if total is None:  # a server older than the count
+        if shown < limit:
+            return ""
+        return f"showing {shown} workers; there may be more (the server does not count them)"
+    if shown >= total:
+        return ""
+    return f"showing {shown} of {total} workers{more}"
 
 
 @click.command()
@@ -135,6 +170,13 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
             }
             for item in status.types
         ],
+        # The types the server did not list one by one (it lists a bounded number), summed.
+        "other_types": {
+            "types": status.other_types.types,
+            "queued": status.other_types.queued,
+            "running": status.other_types.running,
+            "oldest_queued_seconds": status.other_types.oldest_queued_seconds,
+        },
         "paused_types": [
             {
                 "type": item.type,
@@ -158,20 +200,21 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
 
 def render_stats(status: ClusterStatus) -> Group:
     """The stats view: who leads, the queue by type, workers, the last minute."""
-    # Built from Text parts, not markup: a server id is free text chosen by the operator.
+    # Built from Text parts, not markup, and inert: a server id is free text chosen by the
+    # operator, a pause reason by whoever paused.
     header = Text()
     if status.leader_id:
-        header.append("leader ").append(status.leader_id, style="bold")
+        header.append("leader ").append(output.inert(status.leader_id), style="bold")
         header.append(f" (term {status.leader_term})")
     else:
         header.append("no active leader", style="red")
         header.append(f" (last term {status.leader_term})")
-    header.append(f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}")
+    answered = f" · answered by {status.server_id}{' (leader)' if status.is_leader else ''}"
     sampled = f"sampled {output.when(status.sampled_at)}" if status.sampled_at else "no sample yet"
-    header.append(f" · version {status.version} · {sampled}")
+    header.append(output.inert(f"{answered} · version {status.version} · {sampled}"))
     reasons = {
-        paused.type: "; ".join(
-            filter(None, (paused.reason, paused.paused_by and f"by {paused.paused_by}"))
+        paused.type: output.inert(
+            "; ".join(filter(None, (paused.reason, paused.paused_by and f"by {paused.paused_by}")))
         )
         for paused in status.paused_types
     }
@@ -185,12 +228,23 @@ def render_stats(status: ClusterStatus) -> Group:
         if item.paused:
             paused = Text("paused", style="yellow")
             paused.append(f" ({reasons[item.type]})" if reasons.get(item.type) else "")
-        queue.add_row(
-            item.type,
-            str(item.queued),
-            str(item.running),
-            f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-",
+        output.row(
+            queue,
+            output.plain(item.type),
+            output.plain(item.queued),
+            output.plain(item.running),
+            output.plain(f"{item.oldest_queued_seconds:.1f}s" if item.queued else "-"),
             paused,
+        )
+    other = status.other_types
+    if other.types:
+        output.row(
+            queue,
+            Text(f"{other.types} more types", style="italic"),
+            output.plain(other.queued),
+            output.plain(other.running),
+            output.plain(f"{other.oldest_queued_seconds:.1f}s" if other.queued else "-"),
+            Text(""),
         )
     workers = ", ".join(f"{count} {state}" for state, count in sorted(status.workers.items()))
     minute = (
@@ -200,8 +254,10 @@ def render_stats(status: ClusterStatus) -> Group:
     )
     return Group(
         header,
-        queue if status.types else Text("no queued or running tasks, no paused types"),
-        Text(f"workers: {workers or 'none registered'}"),
+        queue
+        if status.types or other.types
+        else Text("no queued or running tasks, no paused types"),
+        output.plain(f"workers: {workers or 'none registered'}"),
         Text(minute),
     )
 

@@ -47,6 +47,8 @@ def resolve_database(url: str | None, command: str) -> tuple[str, EmbeddedPostgr
 
 def start_embedded(embedded: EmbeddedPostgres) -> str:
     """Start (or join) `embedded`, saying which on stderr; its URL."""
+    # Before saying which cluster is used: one that cannot be used is one error line.
+    embedded.check_version()
     where = f"No database URL given: using the embedded PostgreSQL in {EMBEDDED_DATA_DIR}/"
     if embedded.claim():
         click.echo(f"{where} (data survives restarts; pass --database-url for your own).", err=True)

@@ -1,9 +1,11 @@
 """Shared output helpers of the operator commands: the console, times, payload previews, errors.
 
 Every command that prints a table takes its console from `console()`, formats times with
-`when()`, wraps text that came from users or handlers in `plain()` so rich never reads it
-as markup, and reports a bad request with `fail()`: one `error: ...` line on stderr and
-exit status 1, the same contract ConveyorGroup gives typed errors.
+`when()`, adds rows with `row()`, which takes `Text` cells only (text from the server,
+users, handlers or workers goes in through `plain()`, so rich never reads it as markup and
+no escape sequence reaches the terminal), and reports a bad request with `fail()`: one
+`error: ...` line on stderr and exit status 1, the same contract ConveyorGroup gives typed
+errors.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import os
 import sys
 import unicodedata
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 from conveyor.codec import is_sealed, sealed_key_id
 from conveyor.monitoring.preview import as_text
@@ -79,14 +84,36 @@ def inert(text: str) -> str:
     )
 
 
-def plain(value: object, *, fold: bool = False) -> Text:
+def plain(value: object, *, fold: bool = False, style: str = "") -> Text:
     """Text rich prints as is: a payload or an error may hold `[tags]` or escapes (`inert`).
 
     With `fold`, a word longer than the line (a hex dump) is broken across lines instead
-    of being cut with an ellipsis.
+    of being cut with an ellipsis. `style` applies to the whole text (never parsed from it).
     """
     text = "" if value is None else inert(str(value))
-    return Text(text, overflow="fold" if fold else None)
+    return Text(text, style=style, overflow="fold" if fold else None)
+
+
+def label(text: str) -> Text:
+    """A fixed label in bold (a row's key in a summary)."""
+    return Text(text, style="bold")
+
+
+def row(table: Table, *cells: Text) -> None:
+    """Add a row of `Text` cells to `table`; a `str` cell is a TypeError.
+
+    rich reads a `str` cell as markup: a worker id such as `[/]x` made every listing it
+    appeared in crash, `[link=...]` made a hyperlink, and ESC went to the terminal. Tables
+    are built through here only (tests/unit/test_cli_output.py checks), so a new column
+    cannot show server text any other way than through `plain()` or a styled `Text`.
+    """
+    for cell in cells:
+        if not isinstance(cell, Text):
+            raise TypeError(
+                f"table cell {cell!r} is a {type(cell).__name__}, not rich Text: "
+                "wrap it in output.plain()"
+            )
+    table.add_row(*cells)
 
 
 def truncate(text: str | None, width: int) -> str:

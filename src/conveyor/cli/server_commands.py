@@ -485,32 +485,69 @@ def server(
 
 @click.command("migrate")
 @database_url_option
-def migrate_command(database_url: str | None) -> None:
+@click.option(
+    "--lock-timeout",
+    type=BoundedFloat(min=0.001),
+    default=migrate.DEFAULT_LOCK_TIMEOUT.total_seconds(),
+    show_default=True,
+    help="Seconds each attempt waits for a table lock. Claims and enqueues on that table "
+    "queue behind a waiting migration, so keep it short.",
+)
+@click.option(
+    "--lock-attempts",
+    type=click.IntRange(min=1),
+    default=migrate.DEFAULT_LOCK_ATTEMPTS,
+    show_default=True,
+    help="Attempts before giving up (waiting longer after each), naming the sessions in "
+    "the way; nothing is applied then.",
+)
+def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts: int) -> None:
     """Apply pending schema migrations (idempotent; safe from several processes at once)."""
     url, embedded = resolve_database(database_url, "migrate")
 
-    async def run() -> list[migrate.Migration]:
+    async def connect() -> asyncpg.Connection[asyncpg.Record]:
         try:
-            conn = await asyncpg.connect(url, timeout=10)
+            return await asyncpg.connect(
+                url, timeout=10, server_settings={"application_name": "conveyor migrate"}
+            )
         except Exception as exc:
             failure = connect_failure(exc)
             if failure is None:
                 raise
             raise failure from exc
+
+    async def run() -> tuple[list[migrate.Migration], int]:
+        conn = await connect()
         try:
-            return await migrate.migrate(conn)
+            # A second session only looks at what the migration waits for, to name it.
+            observer = await connect()
+            try:
+                applied = await migrate.migrate(
+                    conn,
+                    lock_timeout=timedelta(seconds=lock_timeout),
+                    attempts=lock_attempts,
+                    observer=observer,
+                )
+            finally:
+                await observer.close()
+            return applied, await migrate.check_schema(conn)
         finally:
             await conn.close()
 
     try:
-        applied = asyncio.run(run())
+        applied, version = asyncio.run(run())
     finally:
         _stop_embedded(embedded)
-    if applied:
-        for migration in applied:
-            click.echo(f"applied {migration.version:04d}_{migration.name}")
-    else:
-        click.echo(f"schema is up to date (version {migrate.latest_version()})")
+    for migration in applied:
+        click.echo(f"applied {migration.label}")
+    latest = migrate.latest_version()
+    if version > latest:
+        click.echo(
+            f"nothing to apply: the schema is version {version}, newer than this Conveyor "
+            f"({latest}), and its newer migrations all say this release runs correctly on it"
+        )
+    elif not applied:
+        click.echo(f"schema is up to date (version {version})")
 
 
 @click.command()

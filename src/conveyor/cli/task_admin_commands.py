@@ -20,7 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.task_commands import open_client, server_option, status_document
+from conveyor.cli.task_commands import (
+    omitted_caption,
+    open_client,
+    server_option,
+    status_document,
+)
 from conveyor.client.sync_client import Client
 from conveyor.types import TaskState, normalize_task_id
 
@@ -55,7 +60,7 @@ def _attempts(status: TaskStatus) -> str:
 def _listing_document(status: TaskStatus) -> dict[str, Any]:
     document = status_document(status)
     # A listing carries neither; null would read as "no history" and "no result".
-    del document["history"], document["result"]
+    del document["history"], document["history_omitted"], document["result"]
     return document
 
 
@@ -101,18 +106,22 @@ def _task_table(statuses: Sequence[TaskStatus], width: int) -> Table:
         else:
             table.add_column(name, no_wrap=True)
     for status in statuses:
-        cells: dict[str, str | Text] = {
-            "id": status.id,
-            "type": status.type,
+        cells = {
+            "id": output.plain(status.id),
+            "type": output.plain(status.type),
             "state": _state(status.state),
-            "attempts": _attempts(status),
-            "created": output.short_when(status.created_at, today),
-            "started\nfinished": f"{output.short_when(status.started_at, today)}\n"
-            f"{output.short_when(status.finished_at, today)}",
-            "worker": status.worker_id or "",
+            "attempts": output.plain(_attempts(status)),
+            "created": output.plain(output.short_when(status.created_at, today)),
+            "started\nfinished": output.plain(
+                f"{output.short_when(status.started_at, today)}\n"
+                f"{output.short_when(status.finished_at, today)}"
+            ),
+            # The worker's own choice of id, possibly stored before the server refused
+            # control characters in one.
+            "worker": output.plain(status.worker_id),
             "last error": output.plain(output.truncate(status.last_error, ERROR_WIDTH)),
         }
-        table.add_row(*(cells[name] for name in columns))
+        output.row(table, *(cells[name] for name in columns))
     return table
 
 
@@ -161,7 +170,7 @@ def list_tasks(
     console.print(_task_table(page.tasks, console.width))
     if page.next_page_token:
         console.print(
-            f"more: add --page-token {page.next_page_token} (with the same filters)",
+            output.plain(f"more: add --page-token {page.next_page_token} (with the same filters)"),
             highlight=False,
         )
 
@@ -201,27 +210,28 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
     ]
     for key, value in rows:
         if value is not None:
-            summary.add_row(f"[bold]{key}[/]", output.plain(value))
+            output.row(summary, output.label(key), output.plain(value))
     for key, shown in (("payload", payload), ("result", result)):
         if shown is not None:
-            summary.add_row(f"[bold]{key}[/]", output.describe_preview(shown))
+            output.row(summary, output.label(key), output.plain(output.describe_preview(shown)))
             if shown["size"]:
-                summary.add_row("", output.plain(shown["preview"], fold=True))
+                output.row(summary, Text(""), output.plain(shown["preview"], fold=True))
     console = output.console()
     console.print(summary)
     console.print("\n[bold]why[/]")
     for reason in reasons:
         console.print(output.plain(f"- {reason}"))
-    timeline = Table(title="timeline")
+    timeline = Table(title="timeline", caption=omitted_caption(found))
     for column in ("at", "event", "state", "attempt", "worker", "detail"):
         timeline.add_column(column)
     for event in found.history:
-        timeline.add_row(
-            output.when(event.at, precise=True),
-            event.event,
+        output.row(
+            timeline,
+            output.plain(output.when(event.at, precise=True)),
+            output.plain(event.event),
             _state(event.state),
-            str(event.attempt),
-            event.worker_id or "",
+            output.plain(event.attempt),
+            output.plain(event.worker_id),
             output.plain(event.detail),
         )
     console.print(timeline)

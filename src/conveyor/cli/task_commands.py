@@ -163,13 +163,28 @@ def status_document(status: TaskStatus) -> dict[str, Any]:
             }
             for event in status.history
         ],
+        # Events left out between the first one in `history` and the rest (a long history
+        # is sent as its first event and the latest ones).
+        "history_omitted": status.history_omitted,
     }
+
+
+def omitted_caption(status: TaskStatus) -> str | None:
+    """What a history table says of the events the server left out, if it left any."""
+    count = status.history_omitted
+    if not count:
+        return None
+    return f"{count} event{'s' if count != 1 else ''} between the first and the next not shown"
 
 
 @click.command()
 @click.argument("task_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--history", is_flag=True, help="Include every event of the task.")
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Include the task's history (its first event and up to 1000 latest ones).",
+)
 @server_option
 def status(task_id: str, as_json: bool, history: bool, server: str | None) -> None:
     """Show a task's state (and its history)."""
@@ -179,25 +194,29 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
         document = status_document(found)
         if not history:
             document.pop("history")
+            document.pop("history_omitted")
         click.echo(json.dumps(document, indent=2))
         return
     console = output.console()
     summary = Table.grid(padding=(0, 2))
     for key, value in status_document(found).items():
-        if key != "history" and value is not None:
-            summary.add_row(f"[bold]{key}[/]", output.plain(value))
+        if key not in ("history", "history_omitted") and value is not None:
+            output.row(summary, output.label(key), output.plain(value))
     console.print(summary)
     if history:
-        table = Table(title="history")
+        table = Table(title="history", caption=omitted_caption(found))
         for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
             table.add_column(column)
         for event in found.history:
-            table.add_row(
-                event.at.isoformat(timespec="milliseconds"),
-                event.event,
-                event.state.value,
-                str(event.attempt),
-                event.worker_id or "",
+            # The worker id is the worker's own choice, possibly stored before the server
+            # refused control characters in one: every cell goes in as plain text.
+            output.row(
+                table,
+                output.plain(event.at.isoformat(timespec="milliseconds")),
+                output.plain(event.event),
+                output.plain(event.state.value),
+                output.plain(event.attempt),
+                output.plain(event.worker_id),
                 output.plain(event.detail),
                 output.plain(event.actor),
             )

@@ -25,6 +25,7 @@ from conveyor.client.enqueue_stream import (
 from conveyor.codec import AesGcmCodec, PayloadCodec
 from conveyor.errors import ConfigError, ServerUnavailable
 from conveyor.group_commit import GroupCommit
+from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
@@ -35,7 +36,15 @@ if TYPE_CHECKING:
 
     from conveyor.breaker import BreakerPolicy
     from conveyor.client.core import StatesArg
-    from conveyor.types import BulkResult, ClusterStatus, Task, TaskPage, TaskStatus, WorkerInfo
+    from conveyor.types import (
+        BulkResult,
+        ClusterStatus,
+        Task,
+        TaskPage,
+        TaskStatus,
+        WorkerInfo,
+        WorkerPage,
+    )
 
 Response = TypeVar("Response")
 
@@ -236,12 +245,32 @@ class AsyncClient:
         return core.status_from_response(await self._call("CancelTask", request), self._codec)
 
     async def list_workers(
-        self, *, include_stopped: bool = False, limit: int = 500
+        self, *, include_stopped: bool = False, limit: int = DEFAULT_WORKERS_PER_PAGE
     ) -> list[WorkerInfo]:
-        """Registered workers, newest first (stopped ones only if asked)."""
-        request = core.list_workers_request(include_stopped=include_stopped, limit=limit)
+        """Up to `limit` registered workers (stopped ones only if asked), in trouble first.
+
+        Lost workers and those with a blocked event loop come first, then the newest.
+        `list_workers_page` says how many there are in all and pages through them.
+        """
+        page = await self.list_workers_page(include_stopped=include_stopped, limit=limit)
+        return list(page.workers)
+
+    async def list_workers_page(
+        self,
+        *,
+        include_stopped: bool = False,
+        limit: int = DEFAULT_WORKERS_PER_PAGE,
+        page_token: str | None = None,
+    ) -> WorkerPage:
+        """One page of registered workers, as `list_workers` orders them, with the total.
+
+        Pass `next_page_token` back for the next page. A server caps a page at 10,000.
+        """
+        request = core.list_workers_request(
+            include_stopped=include_stopped, limit=limit, page_token=page_token
+        )
         response = await self._call("ListWorkers", request, service="AdminService")
-        return core.workers_from_response(response)
+        return core.worker_page_from_response(response)
 
     async def explain_task(self, task_id: str) -> list[str]:
         """Why the task is where it is, in plain sentences, most important first."""

@@ -22,6 +22,7 @@ from conveyor.types import (
     TaskState,
     TaskStatus,
     WorkerInfo,
+    WorkerPage,
     new_task_ids,
     normalize_task_id,
     validate_task_type,
@@ -252,16 +253,29 @@ def _opened_text(
         return text
 
 
-def list_workers_request(*, include_stopped: bool, limit: int) -> pb.ListWorkersRequest:
+def list_workers_request(
+    *, include_stopped: bool, limit: int, page_token: str | None = None
+) -> pb.ListWorkersRequest:
     """A ListWorkers request."""
     if limit < 1:
-        raise InvalidTask("limit must be at least 1")
-    return pb.ListWorkersRequest(include_stopped=include_stopped, limit=limit)
+        raise InvalidTask("limit must be at least 1", field="limit")
+    return pb.ListWorkersRequest(
+        include_stopped=include_stopped, limit=limit, page_token=page_token or ""
+    )
 
 
 def workers_from_response(response: pb.ListWorkersResponse) -> list[WorkerInfo]:
     """The workers carried by a response."""
     return [convert.worker_from_pb(info) for info in response.workers]
+
+
+def worker_page_from_response(response: pb.ListWorkersResponse) -> WorkerPage:
+    """A page of the workers listing; `total` is None from a server older than it."""
+    return WorkerPage(
+        workers=tuple(workers_from_response(response)),
+        total=response.total if response.HasField("total") else None,
+        next_page_token=response.next_page_token or None,
+    )
 
 
 def explain_request(task_id: str) -> pb.ExplainTaskRequest:

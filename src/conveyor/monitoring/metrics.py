@@ -241,6 +241,17 @@ class ServerMetrics:
             "Database connections checked out of this server's pool.",
             registry=self.registry,
         )
+        self.http_connections_dropped = Counter(
+            "conveyor_http_connections_dropped_total",
+            "HTTP connections closed or refused by a limit, by reason: request_head_timeout "
+            "(no complete request in time), answer_timeout (not answered in time, or the "
+            "client did not read the answer), evicted (closed while idle to make room for a "
+            "new one) or refused (503: every connection was busy with a request).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("request_head_timeout", "answer_timeout", "evicted", "refused"):
+            self.http_connections_dropped.labels(reason)
         # The per-task and per-call series, through their children (LabelledChildren).
         self._rpc_duration = LabelledChildren(self.rpc_duration)
         self._long_rpc_duration = LabelledChildren(self.long_rpc_duration)
@@ -294,6 +305,10 @@ class ServerMetrics:
         if term is not None:
             self.leader_term.set(term)
 
+    def count_http_connection_dropped(self, reason: str) -> None:
+        """Count an HTTP connection a limit closed or refused (see monitoring/http.py)."""
+        self.http_connections_dropped.labels(reason).inc()
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric; safe to call from any thread."""
         return generate_latest(self.registry)

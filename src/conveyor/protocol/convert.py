@@ -17,6 +17,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.types import (
     BulkResult,
     ClusterStatus,
+    OtherTypes,
     PausedType,
     Task,
     TaskEvent,
@@ -152,6 +153,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
             )
             for event in info.history
         ),
+        history_omitted=info.history_omitted,
     )
 
 
@@ -188,6 +190,7 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
             )
             for event in status.history
         ],
+        history_omitted=status.history_omitted,
     )
 
 
@@ -314,6 +317,12 @@ def cluster_status_to_pb(status: ClusterStatus) -> pb.GetStatusResponse:
         started_last_minute=status.started_last_minute,
         paused_types=[paused_type_to_pb(paused) for paused in status.paused_types],
         last_minute_seconds=status.last_minute_seconds,
+        other_types=pb.OtherTypes(
+            types=status.other_types.types,
+            queued=status.other_types.queued,
+            running=status.other_types.running,
+            oldest_queued_seconds=status.other_types.oldest_queued_seconds,
+        ),
     )
 
 
@@ -344,4 +353,10 @@ def cluster_status_from_pb(message: pb.GetStatusResponse) -> ClusterStatus:
         paused_types=tuple(paused_type_from_pb(item) for item in message.paused_types),
         # 0 from a server older than the field; its counts covered about a minute.
         last_minute_seconds=message.last_minute_seconds or 60.0,
+        other_types=OtherTypes(
+            types=message.other_types.types,
+            queued=message.other_types.queued,
+            running=message.other_types.running,
+            oldest_queued_seconds=message.other_types.oldest_queued_seconds,
+        ),
     )

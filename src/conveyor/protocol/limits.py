@@ -8,6 +8,9 @@ A client or worker does not know a given server's limit, only that it is at leas
 `MIN_SERVER_MESSAGE_BYTES`: requests that join many items (enqueues, outcome reports) are
 cut well below it.
 
+A page of the workers listing (ListWorkers) holds `DEFAULT_WORKERS_PER_PAGE` workers
+unless the caller asks for another number, and at most `MAX_WORKERS_PER_PAGE`.
+
 A heartbeat names at most `MAX_HEARTBEAT_LEASES` leases: the server refuses more, since
 each is a locked row on the pool heartbeats share with leader elections, and a worker
 holding more splits its beat into several calls.
@@ -29,3 +32,5 @@ MAX_HEARTBEAT_LEASES: Final = 10_000
 MAX_TRACE_ENTRIES: Final = 8
 MAX_TRACE_KEY: Final = 64
 MAX_TRACE_VALUE: Final = 512
+DEFAULT_WORKERS_PER_PAGE: Final = 500
+MAX_WORKERS_PER_PAGE: Final = 10_000

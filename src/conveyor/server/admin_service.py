@@ -1,8 +1,9 @@
 """AdminService: what operators ask of and do to the cluster over gRPC.
 
 Reads (workers, leadership, status, task listings, explanations) and actions (retry,
-cancel, pause, resume). The rules live in `TaskControl`, shared with the dashboard; this
-module only translates between protobuf and it.
+cancel, pause, resume). The rules live in `TaskControl` and, for the workers listing,
+`worker_listing`, both shared with the dashboard; this module only translates between
+protobuf and them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.protocol import convert
+from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server import worker_listing
 from conveyor.server.control import BulkProgress, BulkScope, TaskControl, TaskFilter
 from conveyor.server.rpc import rpc_method
 from conveyor.server.security import OPEN_GATE, Gate, caller
@@ -25,8 +28,6 @@ if TYPE_CHECKING:
     from conveyor.server.leadership import LeaderElector
     from conveyor.types import ClusterStatus
 
-DEFAULT_WORKER_LIMIT: Final = 500
-MAX_WORKER_LIMIT: Final = 10_000
 DEFAULT_TASK_PAGE: Final = 50
 
 
@@ -64,10 +65,18 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def ListWorkers(  # noqa: N802 - gRPC method name
         self, request: pb.ListWorkersRequest, context: Any
     ) -> pb.ListWorkersResponse:
-        """Registered workers, newest first (stopped ones only if asked)."""
-        limit = min(request.limit or DEFAULT_WORKER_LIMIT, MAX_WORKER_LIMIT)
-        workers = await self.control.workers(include_stopped=request.include_stopped, limit=limit)
-        return pb.ListWorkersResponse(workers=[convert.worker_to_pb(info) for info in workers])
+        """One page of registered workers, those in trouble first, with the total."""
+        page = await worker_listing.list_workers(
+            self.database,
+            include_stopped=request.include_stopped,
+            limit=request.limit or DEFAULT_WORKERS_PER_PAGE,
+            page_token=request.page_token,
+        )
+        return pb.ListWorkersResponse(
+            workers=[convert.worker_to_pb(info) for info in page.workers],
+            total=page.total,
+            next_page_token=page.next_page_token or "",
+        )
 
     @rpc_method("GetLeader")
     async def GetLeader(  # noqa: N802 - gRPC method name

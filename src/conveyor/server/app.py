@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -25,6 +25,7 @@ from conveyor import __version__
 from conveyor.errors import ConveyorError
 from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
+from conveyor.monitoring.hosts import this_machines_names
 from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -41,6 +42,7 @@ from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.maintenance.worker_retention import WorkerPruner
 from conveyor.server.maintenance.worker_sweeper import WorkerSweeper
 from conveyor.server.notifier import TaskNotifier
+from conveyor.server.open_files import raise_open_files_limit
 from conveyor.server.rpc import add_service
 from conveyor.server.security import Gate, tls_material
 from conveyor.server.stats_sampler import StatsSampler
@@ -54,6 +56,10 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("conveyor.server")
+
+# Due retries moved into the queue per statement: a storm's worth goes in a few of them,
+# each a short transaction.
+PROMOTE_BATCH: Final = 1000
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["TaskService"].full_name,
@@ -81,7 +87,7 @@ class ConveyorServer:
         self.notifier = TaskNotifier(
             config.database_url,
             self.database.server_settings(),
-            publish=self._publish_ready,
+            promote_due=self._promote_due,
             on_leader_resigned=self.elector.wake,
             own_backends=self.database.backend_pids,
         )
@@ -154,6 +160,7 @@ class ConveyorServer:
         credentials, ssl_context = tls_material(self.config)
         for what, address in self._listeners():
             check_can_listen(address, what)
+        raise_open_files_limit()
         await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
         try:
             await self._start_serving(credentials, ssl_context)
@@ -227,10 +234,13 @@ class ConveyorServer:
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
             authenticate = self.gate.authenticate if self.gate.authenticating else None
+            # The names the dashboard, and without tokens /status and /metrics, answer to
+            # besides IP addresses and localhost (against DNS rebinding: monitoring/hosts.py).
+            allowed_hosts = self.config.dashboard_allowed_hosts | this_machines_names()
             dashboard = (
                 Dashboard(
-                    DashboardBackend(self.control, self.stats, self.cluster_status),
-                    allowed_hosts=self.config.dashboard_allowed_hosts,
+                    DashboardBackend(self.control, self.stats, self.cluster_status, self.database),
+                    allowed_hosts=allowed_hosts,
                     authenticate=authenticate,
                     token_entry=token_entries(self.gate.tokens.current)
                     if self.gate.tokens is not None
@@ -244,14 +254,27 @@ class ConveyorServer:
                 self,
                 dashboard,
                 authenticate=authenticate,
+                allowed_hosts=allowed_hosts,
                 metrics=self.config.metrics_listen is None,
             )
-            self._http = HttpServer(app, host, port, ssl_context=ssl_context)
+            self._http = HttpServer(
+                app,
+                host,
+                port,
+                ssl_context=ssl_context,
+                limits=self.config.http_limits,
+                on_dropped=self.metrics.count_http_connection_dropped,
+            )
             self.http_port = await _listen(self._http, self.config.http_listen, "HTTP")
         if self.config.metrics_listen is not None:
             host, port = split_host_port(self.config.metrics_listen)
             self._metrics_http = HttpServer(
-                create_metrics_app(self), host, port, ssl_context=ssl_context
+                create_metrics_app(self),
+                host,
+                port,
+                ssl_context=ssl_context,
+                limits=self.config.http_limits,
+                on_dropped=self.metrics.count_http_connection_dropped,
             )
             self.metrics_port = await _listen(
                 self._metrics_http, self.config.metrics_listen, "metrics"
@@ -314,21 +337,34 @@ class ConveyorServer:
             if self._metrics_http is not None:
                 await self._metrics_http.stop()
 
-    async def _publish_ready(self) -> None:
-        """NOTIFY every server (this one included) that tasks became available."""
+    async def _promote_due(self) -> bool:
+        """Move the retries whose backoff ended into the queue, and NOTIFY every server.
+
+        True if any moved. A background task whose failure nobody awaits: it says so here,
+        and the leader's next reaper round promotes what is due.
+        """
         try:
             async with self.database.connection() as conn:
-                await queries.task_ready_notify(conn)
+                promoted = 0
+                while True:
+                    batch = await queries.task_promote_due(conn, limit=PROMOTE_BATCH)
+                    promoted += batch
+                    if batch < PROMOTE_BATCH:
+                        break
+                if promoted:
+                    await queries.task_ready_notify(conn)
         except ConveyorError as exc:
-            log.debug("could not publish a wake-up: %s", exc, extra={"event": "notify_failed"})
+            log.debug("could not promote due retries: %s", exc, extra={"event": "notify_failed"})
+            return False
         except Exception as exc:
-            # A configuration error (the role may not log in): a background task whose
-            # failure nobody awaits, so say it here; the 1 s fallback poll covers the wake-up.
+            # A configuration error (the role may not log in).
             log.warning(
-                "could not publish a wake-up: %s",
+                "could not promote due retries: %s",
                 _described(exc),
                 extra={"event": "notify_failed"},
             )
+            return False
+        return promoted > 0
 
     async def wait_stopped(self) -> None:
         """Return once the server has stopped completely."""
@@ -408,12 +444,17 @@ class ConveyorServer:
             started_last_minute=last_minute.get("started", 0),
             paused_types=tuple(paused),
             last_minute_seconds=snapshot.last_minute_seconds,
+            other_types=snapshot.other,
         )
 
-    def metrics_text(self) -> bytes:
-        """Prometheus text for /metrics."""
+    async def metrics_text(self) -> bytes:
+        """Prometheus text for /metrics, rendered in a thread.
+
+        At the type-label bound a render takes most of a second of pure Python, which on
+        the event loop would hold up every RPC for as long.
+        """
         self.metrics.db_pool_in_use.set(self.database.pool_in_use())
-        return self.metrics.render()
+        return await asyncio.to_thread(self.metrics.render)
 
 
 def _grpc_ms(duration: timedelta) -> int:

@@ -15,8 +15,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
+from conveyor.monitoring.http import HttpLimits
 from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
+from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
+from conveyor.storage.migrate import DEFAULT_LOCK_TIMEOUT as DEFAULT_MIGRATE_LOCK_TIMEOUT
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -121,8 +124,15 @@ class ServerConfig:
     # Host names (besides IP addresses and localhost) the dashboard answers to; any other
     # Host header is refused, which defeats DNS rebinding against a loopback dashboard.
     dashboard_allowed_hosts: frozenset[str] = frozenset()
+    # What one client may hold on the HTTP and metrics addresses: connections, and how long
+    # a request may take to arrive and to be answered (monitoring/http.py).
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     server_id: str = field(default_factory=default_server_id)
     migrate: bool = False
+    # With `migrate`: how long each attempt waits for a table lock, and how many attempts
+    # (see storage/migrate.py), as `conveyor migrate` does by default.
+    migrate_lock_timeout: timedelta = DEFAULT_MIGRATE_LOCK_TIMEOUT
+    migrate_lock_attempts: int = DEFAULT_MIGRATE_LOCK_ATTEMPTS
     lease_ttl: timedelta = DEFAULT_LEASE_TTL
     deadline_grace: timedelta = DEFAULT_DEADLINE_GRACE
     heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL
@@ -297,6 +307,7 @@ class ServerConfig:
             "enqueue_stream_idle": self.enqueue_stream_idle,
             "keepalive_interval": self.keepalive_interval,
             "keepalive_timeout": self.keepalive_timeout,
+            "migrate_lock_timeout": self.migrate_lock_timeout,
         }
         for name, value in positive.items():
             if value <= timedelta(0):
@@ -336,6 +347,7 @@ class ServerConfig:
             ("db_breaker_failures", self.db_breaker_failures),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs),
             ("max_streams_per_connection", self.max_streams_per_connection),
+            ("migrate_lock_attempts", self.migrate_lock_attempts),
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")

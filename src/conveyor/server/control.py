@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask, TaskNotFound
 from conveyor.server.explanation import explain
-from conveyor.server.task_service import status_from_row
+from conveyor.server.task_service import HISTORY_BYTES, status_from_row
 from conveyor.storage import queries
 from conveyor.types import (
     BulkResult,
@@ -26,7 +26,6 @@ from conveyor.types import (
     TaskDetail,
     TaskPage,
     TaskState,
-    WorkerInfo,
     normalize_task_id,
     validate_task_type,
 )
@@ -55,8 +54,13 @@ BULK_CALL_BUDGET: Final = 2.0
 MAX_REASON: Final = 1000
 # Of a payload, the dashboard shows this much (and its size).
 PAYLOAD_PREVIEW_BYTES: Final = 2000
+# Of a history, the dashboard shows the first event and a page of the latest ones (within
+# GetTask's byte budget): a history has no end of its own, a page must.
+HISTORY_PAGE: Final = 100
 # Queue positions are PostgreSQL bigints; the wire's uint64 reaches twice as far.
 MAX_QUEUE_POSITION: Final = 2**63 - 1
+# History event ids are PostgreSQL bigints too.
+MAX_EVENT_ID: Final = 2**63 - 1
 
 RETRYABLE: Final = (TaskState.FAILED, TaskState.CANCELLED)
 CANCELLABLE: Final = (TaskState.QUEUED, TaskState.RUNNING)
@@ -213,9 +217,15 @@ class TaskControl:
             raise TaskNotFound(task_id=task_id)
         return TaskState(row["state"]), explain(row)
 
-    async def task_detail(self, task_id: str) -> TaskDetail:
-        """Everything about one task, read from one snapshot so the parts agree."""
+    async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
+        """Everything about one task, read from one snapshot so the parts agree.
+
+        Its history: the first event and the HISTORY_PAGE latest ones, or, with `before`
+        (a detail's `older_history`), those before that event.
+        """
         task_id = normalize_task_id(task_id)
+        if before is not None and not 0 < before <= MAX_EVENT_ID:
+            raise InvalidTask("the history page is not an event of this task", field="before")
         async with (
             self._database.connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -223,7 +233,13 @@ class TaskControl:
             row = await queries.task_get(conn, task_id=task_id)
             if row is None:
                 raise TaskNotFound(task_id=task_id)
-            events = await queries.task_event_list(conn, task_id=task_id)
+            events = await queries.task_event_list(
+                conn,
+                task_id=task_id,
+                limit=HISTORY_PAGE,
+                max_bytes=HISTORY_BYTES,
+                before=before,
+            )
             payload = await queries.task_payload_head(
                 conn, task_id=task_id, length=PAYLOAD_PREVIEW_BYTES
             )
@@ -241,29 +257,9 @@ class TaskControl:
             explanation=tuple(explain(why)) if why is not None else (),
             paused=paused,
             payload_size=payload["size"] if payload else 0,
+            # The oldest event of the page after the first: where the page before ends.
+            older_history=events[1]["id"] if status.history_omitted else None,
         )
-
-    async def workers(self, *, include_stopped: bool, limit: int) -> list[WorkerInfo]:
-        """Registered workers, newest first (stopped ones only if asked)."""
-        async with self._database.connection() as conn:
-            rows = await queries.worker_list(conn, include_stopped=include_stopped, limit=limit)
-        return [
-            WorkerInfo(
-                id=row["id"],
-                host=row["host"],
-                pid=row["pid"],
-                task_types=tuple(row["task_types"]),
-                concurrency=row["concurrency"],
-                version=row["version"],
-                state=row["state"],
-                started_at=row["started_at"],
-                last_heartbeat_at=row["last_heartbeat_at"],
-                in_flight=row["in_flight"],
-                loop_lag_ms=row["loop_lag_ms"],
-                silent_for=row["silent_for"],
-            )
-            for row in rows
-        ]
 
     async def paused_types(self) -> list[PausedType]:
         """Every paused type, by name."""

@@ -1,19 +1,24 @@
-"""DashboardBackend: answers the dashboard's questions from TaskControl and the stats sampler.
+"""DashboardBackend: answers the dashboard's questions from the server's own parts.
 
 The dashboard (in `monitoring`) knows nothing of the database; this adapter gives it the
-same operations AdminService offers over gRPC, and records that an action came from it.
+same operations AdminService offers over gRPC (TaskControl for tasks and types,
+`worker_listing` for workers, the stats sampler for numbers), and records that an action
+came from it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
+from conveyor.server import worker_listing
 from conveyor.server.control import BulkScope, TaskControl, TaskFilter
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from datetime import datetime
 
+    from conveyor.server.database import Database
     from conveyor.server.stats_sampler import StatsSampler
     from conveyor.types import (
         BulkResult,
@@ -21,10 +26,8 @@ if TYPE_CHECKING:
         TaskDetail,
         TaskPage,
         TaskState,
-        WorkerInfo,
+        WorkerPage,
     )
-
-WORKER_LIMIT: Final = 500
 
 
 class DashboardBackend:
@@ -35,11 +38,13 @@ class DashboardBackend:
         control: TaskControl,
         stats: StatsSampler,
         cluster_status: Callable[[], Awaitable[ClusterStatus]],
+        database: Database,
     ) -> None:
-        """Read through `control` and the sampler's last snapshot."""
+        """Read through `control`, the sampler's last snapshot and (workers) `database`."""
         self._control = control
         self._stats = stats
         self._cluster_status = cluster_status
+        self._database = database
 
     async def cluster_status(self) -> ClusterStatus:
         """The status numbers (sampled)."""
@@ -57,13 +62,15 @@ class DashboardBackend:
             TaskFilter(states=states, task_type=task_type), limit=limit, page_token=page_token
         )
 
-    async def task_detail(self, task_id: str) -> TaskDetail:
-        """A task with history, payload and explanation."""
-        return await self._control.task_detail(task_id)
+    async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
+        """A task with payload, explanation and a page of its history."""
+        return await self._control.task_detail(task_id, before=before)
 
-    async def workers(self) -> list[WorkerInfo]:
-        """Registered workers that are not stopped."""
-        return await self._control.workers(include_stopped=False, limit=WORKER_LIMIT)
+    async def workers(self) -> WorkerPage:
+        """The first page of registered workers that are not stopped, with their total."""
+        return await worker_listing.list_workers(
+            self._database, include_stopped=False, limit=DEFAULT_WORKERS_PER_PAGE
+        )
 
     async def retry_task(self, task_id: str, *, actor: str) -> BulkResult:
         """Retry one failed or cancelled task."""

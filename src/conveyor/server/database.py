@@ -207,15 +207,53 @@ class Database:
                 delay = min(delay * 2, 2.0)
         async with self.connection() as conn:
             if self._config.migrate:
-                applied = await migrate.migrate(conn)
+                # The pooled connection only watches: it names the sessions a migration
+                # waits for, should it give up.
+                applied = await self._migrate(observer=conn)
                 for migration in applied:
                     log.info(
-                        "applied migration %04d_%s",
-                        migration.version,
-                        migration.name,
+                        "applied migration %s",
+                        migration.label,
                         extra={"event": "migration_applied"},
                     )
-            await migrate.check_schema(conn)
+            version = await migrate.check_schema(conn)
+        if version > migrate.latest_version():
+            log.info(
+                "the database schema is version %d, newer than this server's %d; its newer "
+                "migrations all say this release runs correctly on it",
+                version,
+                migrate.latest_version(),
+                extra={"event": "schema_newer_compatible"},
+            )
+
+    async def _migrate(self, *, observer: Any) -> list[migrate.Migration]:
+        """Apply pending migrations on a connection of their own, as `conveyor migrate` does.
+
+        Not a pooled one: its statement timeout would end a migration that rightly takes
+        longer (re-checking a constraint over a large table) and fail the start. A lock wait
+        is bounded by the migration's own lock timeout instead.
+        """
+        settings = {**self.server_settings(), "statement_timeout": "0"}
+        try:
+            conn = await asyncpg.connect(
+                self._config.database_url,
+                server_settings=settings,
+                timeout=self._config.pool_acquire_timeout.total_seconds(),
+            )
+        except Exception as exc:
+            failure = connect_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        try:
+            return await migrate.migrate(
+                conn,
+                lock_timeout=self._config.migrate_lock_timeout,
+                attempts=self._config.migrate_lock_attempts,
+                observer=observer,
+            )
+        finally:
+            await conn.close()
 
     async def _create_pool(self, size: int) -> asyncpg.Pool[asyncpg.Record]:
         return await asyncpg.create_pool(

@@ -97,7 +97,7 @@ def _running(row: Any) -> list[str]:
 def explain(row: Any) -> list[str]:
     """Sentences explaining a task's state, most important first."""
     state = row["state"]
-    if state == "queued":
+    if state in ("queued", "scheduled"):
         return _queued(row)
     if state == "running":
         return _running(row)

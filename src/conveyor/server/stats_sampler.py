@@ -9,7 +9,10 @@ one), not the whole last minute; at a few thousand tasks a second that is the di
 between reading a quarter and all of a minute's history on every tick. It then sets the
 gauges and keeps the snapshot that `/status` serves. A scrape or a status request
 therefore costs no query, however often it comes. Runs on every server (each exports its
-own /metrics); the queries read only live rows and the recent history.
+own /metrics); the queries read only live rows and the recent history. The live queue is
+read by type only for the types named (see NAMED_TYPES), the others summed in the database
+into one `OtherTypes`: a producer that invents a type per task makes neither a sample nor
+anything built from it grow, and the totals stay exact.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.monitoring.metrics import MAX_TYPE_LABELS, OTHER_TYPES
 from conveyor.server.service import PeriodicService
 from conveyor.storage import queries
-from conveyor.types import TypeStatus
+from conveyor.types import OtherTypes, TypeStatus
 
 if TYPE_CHECKING:
     from conveyor.monitoring.metrics import ServerMetrics
@@ -33,16 +37,28 @@ BUCKET: Final = timedelta(seconds=5)
 SETTLE_DELAY: Final = timedelta(seconds=10)
 CHART_WINDOW: Final = timedelta(hours=1)
 OUTCOMES: Final = ("succeeded", "failed", "retried", "started")
+# The types a sample names by need: as many as the metrics may label, so that a deployment
+# with fewer types sees every one. Which ones: the oldest queued task first (a type nobody
+# serves, or that is paused, keeps ageing), then the most queued, then the most running
+# (see `task_live_stats`). Named on top of these: every paused type, and every type that
+# has gauges of its own in this server's metrics (so each series stays exact, and a type
+# seen before a flood of new ones keeps its row): at most twice this many, plus the paused.
+NAMED_TYPES: Final = MAX_TYPE_LABELS
 
 
 @dataclass
 class StatsSnapshot:
-    """The last sample; `taken_at` is 0 before the first one."""
+    """The last sample; `taken_at` is 0 before the first one.
+
+    `queued`, `running` and `oldest_queued_seconds` are by named type; `other` sums the
+    types not named.
+    """
 
     taken_at: float = 0.0
     queued: dict[str, int] = field(default_factory=dict)
     running: dict[str, int] = field(default_factory=dict)
     oldest_queued_seconds: dict[str, float] = field(default_factory=dict)
+    other: OtherTypes = field(default_factory=OtherTypes)
     workers: dict[str, int] = field(default_factory=dict)
     last_minute: dict[str, int] = field(default_factory=dict)
     # What `last_minute` covers: the buckets of the last minute, the oldest one only in
@@ -53,11 +69,15 @@ class StatsSnapshot:
     minutes: dict[datetime, dict[str, int]] = field(default_factory=dict)
 
     def types(self) -> list[str]:
-        """Every type with live tasks or paused, by name."""
+        """Every named type with live tasks, and every paused type, by name."""
         return sorted(set(self.queued) | set(self.running) | set(self.paused))
 
     def type_statuses(self, paused: set[str]) -> tuple[TypeStatus, ...]:
-        """The live queue of each type, with `paused` (read fresher than this sample)."""
+        """The live queue of each named type, with `paused` (read fresher than this sample).
+
+        A type paused since the sample, and not named in it, shows no tasks until the next
+        sample: they are still counted in `other`.
+        """
         return tuple(
             TypeStatus(
                 type=name,
@@ -75,8 +95,8 @@ class StatsSnapshot:
         return {
             "sampled_at": self.taken_at or None,
             "queue": {
-                "queued": sum(self.queued.values()),
-                "running": sum(self.running.values()),
+                "queued": sum(self.queued.values()) + self.other.queued,
+                "running": sum(self.running.values()) + self.other.running,
                 "by_type": {
                     task_type: {
                         "queued": self.queued.get(task_type, 0),
@@ -88,9 +108,17 @@ class StatsSnapshot:
                     }
                     for task_type in self.types()
                 },
+                "other_types": {
+                    "types": self.other.types,
+                    "queued": self.other.queued,
+                    "running": self.other.running,
+                    "oldest_queued_seconds": round(self.other.oldest_queued_seconds, 3),
+                },
             },
             "paused_types": sorted(self.paused),
-            "oldest_queued_seconds": round(max(self.oldest_queued_seconds.values(), default=0), 3),
+            "oldest_queued_seconds": round(
+                max([self.other.oldest_queued_seconds, *self.oldest_queued_seconds.values()]), 3
+            ),
             "workers": self.workers,
             "last_minute": {
                 **self.last_minute,
@@ -132,7 +160,9 @@ class StatsSampler(PeriodicService):
     async def tick(self) -> None:
         """Take one sample."""
         async with self._database.connection() as conn:
-            live = await queries.task_live_stats(conn)
+            live = await queries.task_live_stats(
+                conn, named=NAMED_TYPES, also=self._known_types - {OTHER_TYPES}
+            )
             workers = await queries.worker_count_by_state(conn)
             paused = await queries.paused_type_list(conn)
             now = await queries.database_now(conn)
@@ -146,11 +176,21 @@ class StatsSampler(PeriodicService):
                 minute[outcome] += counts[outcome]
                 if start >= window_start:
                     last_minute[outcome] += counts[outcome]
+        named = [row for row in live if row["type"] is not None]
+        other = next((row for row in live if row["type"] is None), None)
         snapshot = StatsSnapshot(
             taken_at=time.time(),
-            queued={row["type"]: row["queued"] for row in live},
-            running={row["type"]: row["running"] for row in live},
-            oldest_queued_seconds={row["type"]: row["oldest_queued_seconds"] for row in live},
+            queued={row["type"]: row["queued"] for row in named},
+            running={row["type"]: row["running"] for row in named},
+            oldest_queued_seconds={row["type"]: row["oldest_queued_seconds"] for row in named},
+            other=OtherTypes(
+                types=other["types"],
+                queued=other["queued"],
+                running=other["running"],
+                oldest_queued_seconds=other["oldest_queued_seconds"],
+            )
+            if other is not None
+            else OtherTypes(),
             workers=workers,
             last_minute=last_minute,
             last_minute_seconds=max((now - window_start).total_seconds(), 1.0),
@@ -181,11 +221,15 @@ class StatsSampler(PeriodicService):
     def _publish(self, snapshot: StatsSnapshot) -> None:
         metrics = self._metrics
         label = metrics.type_label
-        # By label: types past the metrics' bound are summed into one series (the oldest
-        # age is their oldest).
+        # By label: types past the metrics' bound, and those the sample did not name, are
+        # summed into one series (the oldest age is their oldest).
         queued: dict[str, int] = {}
         running: dict[str, int] = {}
         oldest: dict[str, float] = {}
+        if snapshot.other.types:
+            queued[OTHER_TYPES] = snapshot.other.queued
+            running[OTHER_TYPES] = snapshot.other.running
+            oldest[OTHER_TYPES] = snapshot.other.oldest_queued_seconds
         paused: set[str] = {label(task_type) for task_type in snapshot.paused}
         for task_type, count in snapshot.queued.items():
             queued[label(task_type)] = queued.get(label(task_type), 0) + count

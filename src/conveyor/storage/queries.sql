@@ -320,12 +320,13 @@ ORDER BY input.ord;
 -- name: task_fail
 -- $1 task id, $2 lease id, $3 error, $4 event ('failed' or 'timed_out'), $5 retryable,
 -- $6 backoff base (s), $7 backoff cap (s), $8 the reporting worker's id.
--- Retries while attempts remain: back to queued after an exponential backoff with jitter
--- (half fixed, half random, so the delay still grows while retries spread out).
+-- Retries while attempts remain: scheduled, for an exponential backoff with jitter (half
+-- fixed, half random, so the delay still grows while retries spread out), after which
+-- task_promote_due puts it back in the queue (migration 0015).
 WITH done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN $5 AND t.attempt < t.max_retries + 1
-                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+                     THEN 'scheduled' ELSE 'failed' END::conveyor_task_state,
         available_at = CASE WHEN $5 AND t.attempt < t.max_retries + 1
             THEN now() + make_interval(
                 secs => least($7::float8, $6::float8 * power(2, t.attempt - 1))
@@ -349,23 +350,45 @@ FROM done;
 
 -- name: task_release
 -- $1 task id, $2 lease id, $3 reason, $4 the holding worker's id, $5 whether the lease
--- reached its worker. Hands a lease back without spending the attempt. A delivered lease
--- started the task, which is available again from now. An undelivered one (the server hands
--- it back) started nothing: the task keeps its available_at, so the wait of the start that
--- does come (task_claim's `waited`) runs from when it first became available.
-WITH done AS (
+-- reached its worker, $6 the most releases a series of attempts may have. Hands a lease
+-- back without spending the attempt. A delivered lease started the task, which is
+-- available again from now. An undelivered one (the server hands it back) started nothing:
+-- the task keeps its available_at, so the wait of the start that does come (task_claim's
+-- `waited`) runs from when it first became available. Since a release spends nothing,
+-- nothing else ends a loop of leases and hand-backs, each writing two history rows: the
+-- $6th release since the task's last operator retry fails the task instead, saying why
+-- (one probe of the task's history by its primary key, a few rows for any task not near
+-- the limit).
+WITH released_before AS (
+    SELECT count(*) AS releases
+    FROM conveyor_task_events AS e
+    WHERE e.task_id = $1 AND e.event = 'released'
+      AND e.id > coalesce((SELECT max(r.id) FROM conveyor_task_events AS r
+                           WHERE r.task_id = $1 AND r.event = 'retried'), 0)
+), done AS (
     UPDATE conveyor_tasks
-    SET state = 'queued', attempt = attempt - 1,
+    SET state = CASE WHEN r.releases + 1 < $6 THEN 'queued' ELSE 'failed'
+                END::conveyor_task_state,
+        attempt = attempt - 1,
         available_at = CASE WHEN $5::boolean THEN now() ELSE available_at END,
+        finished_at = CASE WHEN r.releases + 1 < $6 THEN NULL ELSE now() END,
+        last_error = CASE WHEN r.releases + 1 < $6 THEN last_error
+            ELSE format('handed back %s times without finishing (the limit): the worker or '
+                        'the server could not run it; the last time: %s', $6::integer, $3::text)
+            END,
         lease_expires_at = NULL, deadline_at = NULL
+    FROM released_before AS r
     -- The lease and its expiry: the task is running (see task_succeed).
     WHERE id = $1 AND lease_id = $2 AND lease_expires_at IS NOT NULL AND worker_id = $4
-    RETURNING id, type, state, attempt, worker_id
+    RETURNING id, type, state, attempt, worker_id, last_error
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
-    SELECT id, 'released', state, attempt + 1, worker_id, $3 FROM done
+    SELECT id, 'released', state, attempt + 1, worker_id,
+           CASE WHEN state = 'failed' THEN last_error ELSE $3::text END
+    FROM done
 ), wake AS (
-    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
+    SELECT pg_notify('conveyor_task_ready', '')
+    FROM (SELECT 1 FROM done WHERE state = 'queued' LIMIT 1) AS any_done
 )
 SELECT type, state, (SELECT count(*) FROM wake) AS woken FROM done;
 
@@ -378,7 +401,7 @@ WITH done AS (
     UPDATE conveyor_tasks
     SET state = 'cancelled', finished_at = now(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
-    WHERE id = $1 AND state IN ('queued', 'running')
+    WHERE id = $1 AND state IN ('queued', 'scheduled', 'running')
     RETURNING id, state, attempt, worker_id
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
@@ -431,8 +454,9 @@ WHERE (named.task_id, named.lease_id) NOT IN (SELECT id, lease_id FROM extended)
 -- name: task_reap_expired
 -- $1 batch size, $2 backoff base (s), $3 backoff cap (s), $4 leader id, $5 leader term.
 -- Leader only: writes nothing unless ($4, $5) still holds the maintenance role.
--- Running tasks whose lease ran out go back to the queue (or fail, out of attempts).
--- The history says whether the attempt outlived its timeout or its worker went silent.
+-- Running tasks whose lease ran out are scheduled for a retry after backoff, as a failed
+-- attempt is (or fail, out of attempts). The history says whether the attempt outlived
+-- its timeout or its worker went silent.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $4 AND term = $5 AND expires_at > now()
@@ -458,7 +482,7 @@ WITH leader AS (
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = CASE WHEN t.attempt < t.max_retries + 1
-                     THEN 'queued' ELSE 'failed' END::conveyor_task_state,
+                     THEN 'scheduled' ELSE 'failed' END::conveyor_task_state,
         available_at = CASE WHEN t.attempt < t.max_retries + 1
             THEN now() + make_interval(
                 secs => least($3::float8, $2::float8 * power(2, t.attempt - 1))
@@ -485,6 +509,27 @@ SELECT id, type, state, timed_out, attempt, worker_id,
        extract(epoch FROM available_at - now())::float8 AS retry_in
 FROM done;
 
+-- name: task_promote_due
+-- $1 batch size. Scheduled tasks whose backoff has ended join their type's queue, in their
+-- place (their seq): the server that scheduled a retry runs this when its timer fires, and
+-- the leader at each reaper round for timers lost with their server. Any server may run it
+-- at any time: SKIP LOCKED, and the state is checked. No history row: the task's public
+-- state (QUEUED) does not change. Reads conveyor_tasks_scheduled_idx, whose predicate
+-- (`state > 'cancelled'`, see migration 0015) the second condition repeats.
+WITH due AS (
+    SELECT id FROM conveyor_tasks
+    WHERE state = 'scheduled' AND state > 'cancelled' AND available_at <= now()
+    ORDER BY available_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE conveyor_tasks AS t SET state = 'queued'
+    FROM due
+    WHERE t.id = due.id
+    RETURNING t.id
+)
+SELECT count(*) AS promoted FROM done;
+
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
        finished_at, last_error, worker_id, result, progress, progress_at
@@ -492,35 +537,91 @@ FROM conveyor_tasks
 WHERE id = $1;
 
 -- name: task_event_list
--- The history view: the `enqueued` event comes from the task row (migration 0009).
-SELECT at, event, state, attempt, worker_id, detail, actor
-FROM conveyor_task_history
-WHERE task_id = $1
+-- $1 task id, $2 most events, $3 most bytes of their text, $4 only events before this id
+-- (NULL: up to the latest). A task's history, oldest first, bounded however long it grew
+-- (a task handed back over and over): its first event, always, and the latest events
+-- before $4, as many as fit both bounds (the latest one always). `total` counts the task's
+-- events before $4 (every one without $4) and `id` orders them, for the reader to say how
+-- many it left out and to ask for the ones before. The history view: the `enqueued` event comes from the task row
+-- (migration 0009). Each half reads the (task_id, id) primary key from one end.
+WITH latest AS (
+    SELECT id, at, event, state, attempt, worker_id, detail, actor,
+           sum(octet_length(coalesce(detail, '')) + octet_length(coalesce(worker_id, ''))
+               + octet_length(coalesce(actor, '')) + 64) OVER (ORDER BY id DESC) AS bytes
+    FROM (
+        SELECT * FROM conveyor_task_history
+        WHERE task_id = $1 AND ($4::bigint IS NULL OR id < $4::bigint)
+        ORDER BY id DESC
+        LIMIT $2
+    ) AS page
+), first AS (
+    SELECT id, at, event, state, attempt, worker_id, detail, actor
+    FROM conveyor_task_history
+    WHERE task_id = $1
+    ORDER BY id
+    LIMIT 1
+)
+SELECT shown.*,
+       (SELECT count(*) FROM conveyor_task_history
+        WHERE task_id = $1 AND ($4::bigint IS NULL OR id < $4::bigint)) AS total
+FROM (
+    SELECT * FROM first
+    UNION
+    SELECT id, at, event, state, attempt, worker_id, detail, actor
+    FROM latest
+    WHERE bytes <= $3 OR bytes = (SELECT min(bytes) FROM latest)
+) AS shown
 ORDER BY id;
 
 -- name: task_live_stats
--- Per type: queued (available now or waiting for a backoff), running, and how long the
--- oldest available queued task has waited. Each half reads only live rows (the queued
--- range of (state, seq), the partial index of running tasks), however many finished tasks
--- the table holds.
-SELECT type,
-       sum(queued)::bigint AS queued,
-       sum(running)::bigint AS running,
-       max(oldest)::float8 AS oldest_queued_seconds
-FROM (
-    SELECT type, count(*) AS queued, 0 AS running,
-           coalesce(extract(epoch FROM now() - min(available_at)
-                    FILTER (WHERE available_at <= now())), 0) AS oldest
-    FROM conveyor_tasks
-    WHERE state = 'queued'
+-- $1 how many types to name by need, $2 types to name anyway. Per type: queued (available
+-- now, or scheduled: waiting for a backoff), running, and how long the oldest available
+-- queued task has waited. Each part reads only live rows (the queued and scheduled ranges
+-- of (state, seq), the partial index of running tasks), however many finished tasks the
+-- table holds. Named are the $1
+-- types an operator most needs to see, by oldest queued age, then queued, then running
+-- (then name, so the choice is stable), every paused type and the types of $2; all other
+-- types come summed in one row whose type is NULL, `types` saying how many. So the totals
+-- stay exact and the answer bounded, however many types producers invent (a top-N sort
+-- keeps only $1 rows in memory).
+WITH live AS MATERIALIZED (
+    SELECT type,
+           sum(queued)::bigint AS queued,
+           sum(running)::bigint AS running,
+           max(oldest)::float8 AS oldest
+    FROM (
+        SELECT type, count(*) AS queued, 0 AS running,
+               coalesce(extract(epoch FROM now() - min(available_at)
+                        FILTER (WHERE available_at <= now())), 0) AS oldest
+        FROM conveyor_tasks
+        WHERE state = 'queued'
+        GROUP BY type
+        UNION ALL
+        SELECT type, count(*), 0, 0
+        FROM conveyor_tasks
+        WHERE state = 'scheduled'
+        GROUP BY type
+        UNION ALL
+        SELECT type, 0, count(*), 0
+        FROM conveyor_tasks
+        WHERE state = 'running'
+        GROUP BY type
+    ) AS parts
     GROUP BY type
-    UNION ALL
-    SELECT type, 0, count(*), 0
-    FROM conveyor_tasks
-    WHERE state = 'running'
-    GROUP BY type
-) AS live
-GROUP BY type;
+), named AS (
+    (SELECT type FROM live ORDER BY oldest DESC, queued DESC, running DESC, type LIMIT $1)
+    UNION
+    SELECT type FROM conveyor_paused_types
+    UNION
+    SELECT unnest($2::text[])
+)
+SELECT named.type,
+       sum(live.queued)::bigint AS queued,
+       sum(live.running)::bigint AS running,
+       max(live.oldest)::float8 AS oldest_queued_seconds,
+       count(*)::bigint AS types
+FROM live LEFT JOIN named ON named.type = live.type
+GROUP BY named.type;
 
 -- name: statement_timeout_set_local
 -- $1 milliseconds. The statement timeout of the rest of this transaction only (a leader-only
@@ -726,12 +827,32 @@ WHERE id = ANY (ARRAY(SELECT id FROM doomed))
 RETURNING state;
 
 -- name: worker_list
+-- $1 include stopped workers, $2 at most this many, $3 the loop lag (ms) that counts as a
+-- blocked event loop, $4 $5 $6 the (troubled, started_at, id) of the previous page's last
+-- worker, all NULL for the first page.
+-- Workers in trouble (lost, or a live one with a blocked event loop) first, then newest
+-- first: they are what an operator looks for, and a page limit must not hide them. Keyset
+-- pages, every key descending: the next page holds the rows whose key is below the last
+-- one's. A worker whose trouble starts or ends between two pages may be listed twice or
+-- not at all. The table holds a row per worker of the last day (worker retention): sorted
+-- whole, as before.
 SELECT id, host, pid, task_types, concurrency, version, state, started_at, last_heartbeat_at,
-       in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for
-FROM conveyor_workers
-WHERE $1 OR state IN ('active', 'draining', 'lost')
-ORDER BY started_at DESC
+       in_flight, loop_lag_ms, silent_for, troubled
+FROM (
+    SELECT id, host, pid, task_types, concurrency, version, state, started_at,
+           last_heartbeat_at, in_flight, loop_lag_ms, now() - last_heartbeat_at AS silent_for,
+           state = 'lost' OR (state IN ('active', 'draining') AND loop_lag_ms >= $3)
+               AS troubled
+    FROM conveyor_workers
+    WHERE $1 OR state IN ('active', 'draining', 'lost')
+) AS listed
+WHERE $4::boolean IS NULL OR (troubled, started_at, id) < ($4::boolean, $5::timestamptz, $6::text)
+ORDER BY troubled DESC, started_at DESC, id DESC
 LIMIT $2;
+
+-- name: worker_list_count
+-- $1 include stopped workers. How many workers worker_list lists in all its pages.
+SELECT count(*) FROM conveyor_workers WHERE $1 OR state IN ('active', 'draining', 'lost');
 
 -- name: leader_attempt_elect
 -- $1 role, $2 holder, $3 ttl (s), $4 the term $2 leads in as far as it knows (NULL: none).
@@ -928,7 +1049,8 @@ WITH target AS (
     CROSS JOIN LATERAL (
         SELECT c.id, c.state FROM conveyor_tasks AS c WHERE c.id = named.id FOR UPDATE
     ) AS t
-    WHERE t.state = ANY ($3::conveyor_task_state[]) AND t.state IN ('queued', 'running')
+    WHERE t.state = ANY ($3::conveyor_task_state[])
+      AND t.state IN ('queued', 'scheduled', 'running')
 ), done AS (
     UPDATE conveyor_tasks AS t
     SET state = 'cancelled', finished_at = now(),
@@ -1028,7 +1150,8 @@ SELECT now();
 SELECT date_bin(make_interval(secs => $2), at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
        count(*) FILTER (WHERE event = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE state = 'failed') AS failed,
-       count(*) FILTER (WHERE state = 'queued' AND event IN ('failed', 'timed_out', 'lease_expired'))
+       count(*) FILTER (WHERE state IN ('queued', 'scheduled')
+                        AND event IN ('failed', 'timed_out', 'lease_expired'))
            AS retried,
        count(*) FILTER (WHERE event = 'started') AS started
 FROM conveyor_task_events

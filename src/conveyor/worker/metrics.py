@@ -2,26 +2,31 @@
 
 Each Worker has its own registry (not the global default), so several workers can live in
 one process, as they do in tests, and an application can serve a worker's registry itself.
-`MetricsServer` is prometheus_client's own small HTTP server on that registry, started and
-stopped with the worker. Labels are bounded: task types are the ones registered on the
-worker, outcomes a fixed list, addresses the worker's configured servers.
+`MetricsServer` is a small thread-per-connection HTTP server (prometheus_client's WSGI app)
+on that registry, started and stopped with the worker, with a deadline per connection and a
+cap on connections. Labels are bounded: task types are the ones registered on the worker,
+outcomes a fixed list, addresses the worker's configured servers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from conveyor.breaker import BreakerState
 from conveyor.errors import ConfigError
 from conveyor.metric_children import LabelledChildren
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Mapping, Sequence
-    from wsgiref.simple_server import WSGIServer
 
     from conveyor.breaker import CircuitBreaker
 
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
 # cancelled    the task was cancelled meanwhile (the server said so on a heartbeat);
 # lease_lost   the lease ended meanwhile (expired, taken over, or no heartbeat got through).
 OUTCOMES: Final = ("succeeded", "failed", "timed_out", "released", "cancelled", "lease_lost")
+
+# What one client may hold on the metrics endpoint: a scraper needs one connection for
+# milliseconds; more, or longer, is a client up to no good.
+MAX_CONNECTIONS: Final = 32
+CONNECTION_DEADLINE: Final = 10.0
 
 # Tasks run from milliseconds to hours (the same buckets as the server's task durations).
 _TASK_BUCKETS: Final = (0.005, 0.025, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
@@ -143,15 +153,122 @@ def _is_open(breaker: CircuitBreaker) -> float:
     return float(breaker.state is not BreakerState.CLOSED)
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server for one registry, on one address, until stopped."""
+class _QuietHandler(WSGIRequestHandler):
+    """One scrape; nothing logged per request (a scrape every 15 s would flood stderr)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        """Nothing listens until `start`."""
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """Log nothing."""
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, as prometheus_client's own server, within limits.
+
+    prometheus_client's `start_http_server` holds a connection, and the thread serving
+    it, for as long as the client keeps it open without finishing its request: a client
+    could pile up threads and file descriptors in the worker's process until it could
+    open no connection to the servers. Here each connection has a deadline for the whole
+    exchange, enforced between accepts (`service_actions`), and past a number of open
+    connections a new one is answered 503 and closed.
+    """
+
+    daemon_threads = True
+    # Stopping must not wait for the threads: the deadline ends them soon enough.
+    block_on_close = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        *,
+        max_connections: int,
+        deadline: float,
+    ) -> None:
+        """Bind and listen on `address` (of `family`) at once."""
+        self.address_family = family
+        self._max_connections = max_connections
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        # Open connections, and when each must be done by (time.monotonic()).
+        self._due: dict[socket.socket, float] = {}
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread of its own, or refuse it past the limit."""
+        with self._lock:
+            admitted = len(self._due) < self._max_connections
+            if admitted:
+                self._due[request] = time.monotonic() + self._deadline
+        if not admitted:
+            with contextlib.suppress(OSError):
+                request.sendall(_REFUSAL)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        """The connection is done with: forget it and close it."""
+        with self._lock:
+            self._due.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Cut off connections past their deadline (their threads then end)."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [sock for sock, due in self._due.items() if due <= now]
+        for sock in overdue:
+            _cut_off(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (cut off, reset): nothing to print to stderr."""
+
+    def cut_off_all(self) -> None:
+        """End every connection still open (stopping)."""
+        with self._lock:
+            connections = list(self._due)
+        for sock in connections:
+            _cut_off(sock)
+
+
+def _cut_off(sock: socket.socket) -> None:
+    # shutdown, not close: the serving thread still uses the socket, and a read or write
+    # blocked in that thread returns at once.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_REFUSAL_BODY: Final = b"too many connections to the metrics endpoint; try again later\n"
+_REFUSAL: Final = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: "
+    + str(len(_REFUSAL_BODY)).encode()
+    + b"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    + _REFUSAL_BODY
+)
+
+
+class MetricsServer:
+    """An HTTP server for one registry's metrics, on one address, until stopped."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        connection_deadline: float = CONNECTION_DEADLINE,
+    ) -> None:
+        """Nothing listens until `start`.
+
+        At most `max_connections` are served at once; each is closed
+        `connection_deadline` seconds after it was accepted, finished or not.
+        """
         self._registry = registry
         self._host = host
         self._port = port
-        self._server: WSGIServer | None = None
+        self._max_connections = max_connections
+        self._connection_deadline = connection_deadline
+        self._server: _MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> int:
@@ -161,22 +278,40 @@ class MetricsServer:
             ConfigError: the address cannot be bound (in use, or not this machine's).
         """
         try:
-            self._server, self._thread = start_http_server(
-                self._port, addr=self._host, registry=self._registry
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            server = _MetricsHTTPServer(
+                (str(sockaddr[0]), self._port),
+                family,
+                max_connections=self._max_connections,
+                deadline=self._connection_deadline,
             )
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve worker metrics on {self._host}:{self._port}: {exc}"
             ) from exc
-        return int(self._server.server_port)
+        server.set_app(make_wsgi_app(self._registry))
+        # Deadlines are checked between polls: a poll interval well below them.
+        poll_interval = min(0.5, self._connection_deadline / 4)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            args=(poll_interval,),
+            name="conveyor-worker-metrics",
+            daemon=True,
+        )
+        self._server = server
+        self._thread.start()
+        return int(server.server_port)
 
     def stop(self) -> None:
-        """Stop listening and wait for the server thread (it ends within one poll interval)."""
+        """Stop listening, end open connections, and wait for the server thread."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is None:
             return
         server.shutdown()
+        server.cut_off_all()
         server.server_close()
         if thread is not None:
             thread.join(5)

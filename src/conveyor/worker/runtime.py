@@ -1,8 +1,8 @@
 """Worker: leases tasks over gRPC, runs their handlers, heartbeats, and shuts down gracefully.
 
 The worker runs an asyncio event loop in a background thread (or in the caller's thread
-under `run`). Async handlers run on that loop; sync handlers run in a thread pool of
-`concurrency` threads. Three activities share the loop:
+under `run`). Async handlers run on that loop; sync handlers run on up to `concurrency`
+daemon threads (worker/handler_threads.py). Three activities share the loop:
 
 - the lease loop long-polls `LeaseTasks` for as many tasks as it has free slots (never
   more: no prefetch hoarding);
@@ -47,7 +47,6 @@ import signal
 import socket
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -65,16 +64,37 @@ from conveyor.client.channel import (
     parse_addresses,
     translate,
 )
-from conveyor.codec import AesGcmCodec, PayloadCodec, SealError, seal_text
-from conveyor.errors import ConfigError, PermanentFailure, ServerUnavailable
+from conveyor.codec import (
+    KEYS_ENV,
+    AesGcmCodec,
+    PayloadCodec,
+    SealError,
+    is_sealed,
+    seal_text,
+    sealed_key_id,
+)
+from conveyor.errors import (
+    ConfigError,
+    InvalidTask,
+    PermanentFailure,
+    ServerUnavailable,
+    WorkerCrashed,
+)
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure, is_too_large
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
-from conveyor.types import as_duration
+from conveyor.types import (
+    MAX_WORKER_HOST_LENGTH,
+    MAX_WORKER_VERSION_LENGTH,
+    as_duration,
+    printable,
+    validate_worker_id,
+)
 from conveyor.worker.context import TaskContext
+from conveyor.worker.handler_threads import HandlerThreads
 from conveyor.worker.metrics import MetricsServer, WorkerMetrics
 from conveyor.worker.registry import HandlerRegistry
 from conveyor.worker.reporting import Refused, ReportBatcher, report_bytes, too_large_to_share
@@ -82,7 +102,7 @@ from conveyor.worker.watchdog import LoopWatchdog
 from conveyor.worker.work_stream import StreamEnded, WorkStream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from concurrent.futures import Future
 
     from conveyor.worker.registry import Handler, RegisteredHandler
@@ -119,6 +139,12 @@ STREAM_LEAVE_TIMEOUT: Final = 3.0
 # Attempts to hand back a lease that arrived after draining began, before leaving it to
 # expire.
 HAND_BACK_TRIES: Final = 3
+# How long an async handler cancelled at shutdown gets to end before its task is handed back
+# without it (it swallows its cancellation): its result still counts if it ends within this.
+SHUTDOWN_CANCEL_GRACE: Final = 1.0
+# How long the tasks left on the worker's loop when it stops get to end after their
+# cancellation, before the loop closes without them (see event_loop.run).
+LOOP_CLOSE_GRACE: Final = 2.0
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
 # The worker's channels ping their server after 10 s without hearing from it, and give the
@@ -134,6 +160,11 @@ WORKER_CHANNEL_OPTIONS: Final = (
     ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
+# The worker whose attempt the current code runs in: set in each attempt's runner, so its
+# handler sees it, in the worker's thread (async) or its own (sync, a copy of the context).
+_HANDLER_OF: Final[contextvars.ContextVar[Worker | None]] = contextvars.ContextVar(
+    "conveyor_handler_of", default=None
+)
 
 
 class _Unreachable(Exception):
@@ -148,16 +179,65 @@ class _Unreachable(Exception):
         self.address = address
 
 
+# The hostname's share of a default worker id: the id's limit (200) less "-<pid>-<6 hex>",
+# with room to spare.
+_ID_HOST_LENGTH: Final = 150
+
+
+def host_name() -> str:
+    """This machine's name as servers accept it: printable, within the host limit.
+
+    A hostname's control or format characters become "?": an unusual hostname must never
+    stop a worker from registering.
+    """
+    return printable(socket.gethostname())[:MAX_WORKER_HOST_LENGTH] or "unknown"
+
+
+class _HandlerExited(Exception):
+    """An async handler raised SystemExit or KeyboardInterrupt (argparse on a bad payload does).
+
+    asyncio lets those two out of a task and out of the event loop itself, which ended the
+    whole worker; wrapped, they fail the attempt as they do in a sync handler's thread.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+async def _guarded(handler_call: Awaitable[Any]) -> Any:
+    try:
+        return await handler_call
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _HandlerExited(exc) from exc
+
+
 def default_worker_id() -> str:
     """host-pid-random: unique per process and readable in `conveyor workers`."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{host_name()[:_ID_HOST_LENGTH]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _checked_worker_id(worker_id: object) -> str:
+    if not isinstance(worker_id, str):
+        raise ConfigError(f"worker_id must be a string, not {type(worker_id).__name__}")
+    try:
+        return validate_worker_id(worker_id)
+    except InvalidTask as exc:  # the server would refuse it at registration
+        raise ConfigError(exc.message) from None
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as "ExceptionType: message", whatever the exception's `__str__` does."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception as unprintable:  # a handler's exception, any bug in it
+        # The attempt must still be reported: a raising __str__ once left it to expire.
+        return f"{name} (its message could not be read: {type(unprintable).__name__})"
     # wire_text: an error about a file whose name did not decode (os.fsdecode) carries lone
     # surrogates, which protobuf refuses; the report must still go.
-    text = convert.wire_text(str(exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = convert.wire_text(text)
+    return f"{name}: {text}" if text else name
 
 
 def _updated_credentials(
@@ -208,6 +288,25 @@ def _result_bytes(value: object) -> bytes | None:
     raise TypeError(f"handler returned {type(value).__name__}; return bytes or None")
 
 
+def _opened_payload(codec: PayloadCodec | None, payload: bytes, task_id: str) -> bytes:
+    """The payload as the handler gets it.
+
+    Raises:
+        SealError: it is sealed with a key this worker does not have.
+    """
+    if codec is not None:
+        return codec.open(payload, field="payload", task_id=task_id)
+    if is_sealed(payload):
+        # Handed to the handler, ciphertext was taken for the payload (and a "result" made
+        # of it reported): one pod deployed without the keys.
+        raise SealError(
+            f"the payload of task {task_id} was sealed with key {sealed_key_id(payload)!r}, "
+            f"which this worker does not have (it has no payload keys: set {KEYS_ENV} or "
+            "give the Worker a codec)"
+        )
+    return payload
+
+
 @dataclass(eq=False)
 class _Attempt:
     """One leased attempt in this worker."""
@@ -232,6 +331,9 @@ class _Attempt:
     # heartbeat left): the lease is known to last until then plus a lease duration.
     lease_renewed_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Wakes the runner waiting for the handler (see _finished_within): a stopped attempt is
+    # settled without waiting for a handler that ignores its cancellation.
+    wake_runner: Callable[[], None] | None = field(default=None, repr=False)
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -239,6 +341,8 @@ class _Attempt:
         self.ctx.cancelled.set()
         if self.handler_future is not None and not self.handler_future.done():
             self.handler_future.cancel()
+        if self.wake_runner is not None:
+            self.wake_runner()
 
 
 class Worker:
@@ -252,7 +356,8 @@ class Worker:
         drain_timeout: How long `stop` lets in-flight attempts finish before handing
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
-        worker_id: Defaults to host-pid-random.
+        worker_id: Defaults to host-pid-random. Up to 200 characters, none of them a
+            control or format character (ConfigError otherwise).
         metrics_port: Serve Prometheus metrics at http://metrics_host:metrics_port/metrics
             while the worker runs (None: do not serve; 0: any free port). After `start`,
             this attribute holds the port actually bound.
@@ -288,7 +393,7 @@ class Worker:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
         self.codec = codec if codec is not None else AesGcmCodec.from_env()
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = _checked_worker_id(worker_id) if worker_id else default_worker_id()
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
         self.configure(
@@ -306,7 +411,11 @@ class Worker:
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._start_error: BaseException | None = None
+        # What ended the worker's event loop while it ran, if anything did: `run` raises it.
+        self._crash: BaseException | None = None
         self._runtime: _Runtime | None = None
+        # A signal under `run` that came before `start` made the runtime: it stops at once.
+        self._stop_at_start = False
 
     def configure(
         self,
@@ -363,6 +472,9 @@ class Worker:
     def start(self, timeout: timedelta | float = DEFAULT_START_TIMEOUT) -> None:
         """Start in a background thread; return once registered with a server and leasing.
 
+        A `stop` (or, under `run`, a signal) while it registers ends the registration at
+        once: it then returns without starting, and `running` is False.
+
         Raises:
             ConfigError: no handler is registered, the worker was already started, or the
                 metrics port cannot be bound.
@@ -377,6 +489,8 @@ class Worker:
         self._serve_metrics()
         try:
             self._runtime = _Runtime(self, start_timeout)
+            if self._stop_at_start:
+                self._runtime.request_stop()
             self._thread = threading.Thread(
                 target=self._thread_main, name=f"conveyor-worker-{self.worker_id}", daemon=True
             )
@@ -414,11 +528,14 @@ class Worker:
         # and handler threads get a copy of their attempt's context.
         with log_context(worker_id=self.worker_id):
             try:
-                event_loop.run(self._runtime.main(self._on_started))
+                # Bounded: an async handler that swallows its cancellation must not keep
+                # this thread (and the metrics endpoint it stops) alive for ever.
+                event_loop.run(self._runtime.main(self._on_started), close_within=LOOP_CLOSE_GRACE)
             except BaseException as exc:
                 if not self._started.is_set():
                     self._start_error = exc
                 else:
+                    self._crash = exc
                     log.exception("worker crashed", extra={"event": "worker_crashed"})
             finally:
                 # Scrapes keep working through the drain; the endpoint goes with the worker.
@@ -435,17 +552,23 @@ class Worker:
         """Stop gracefully: stop leasing, drain, hand back the rest, unregister.
 
         Blocks until done, or until `timeout` (a timedelta or seconds; default: drain_timeout
-        plus a margin).
+        plus a margin). Called from inside one of this worker's handlers (async or sync),
+        it asks for the stop and returns at once: waiting would wait for that very handler.
+        The stop then completes after the handler returns, and its outcome is reported as
+        usual (the drain waits for it like for any other).
         """
         limit = (
             as_duration(timeout, "timeout", ConfigError, zero_allowed=True)
             if timeout is not None
             else self.drain_timeout + timedelta(seconds=15)
         )
-        if self._thread is None or self._runtime is None:
+        runtime, thread = self._runtime, self._thread
+        if runtime is None:
             return
-        self._runtime.request_stop()
-        self._thread.join(limit.total_seconds())
+        runtime.request_stop()
+        if thread is None or thread is threading.current_thread() or _HANDLER_OF.get() is self:
+            return
+        thread.join(limit.total_seconds())
 
     def hand_back_now(self) -> None:
         """Thread-safe: end the drain at once; stop the running handlers, hand their tasks back.
@@ -463,11 +586,20 @@ class Worker:
         return self._started.is_set() and not self._stopped.is_set()
 
     def busy_threads(self) -> int:
-        """Sync handlers still running (e.g. past their timeout, ignoring cancellation)."""
+        """Sync handlers still running (e.g. past their timeout, ignoring cancellation).
+
+        Falls as their threads return, also after `stop`: those threads are daemons, so
+        the process may exit without waiting for them (their tasks are already settled).
+        """
         return self._runtime.busy_threads if self._runtime else 0
 
     def run(self) -> None:
-        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits)."""
+        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits).
+
+        Raises:
+            WorkerCrashed: the worker's event loop ended on an error it could not handle
+                (`conveyor worker` then exits with status 1).
+        """
         stop_requested = threading.Event()
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -483,6 +615,12 @@ class Worker:
                 extra={"event": "stop_requested", "worker_id": self.worker_id},
             )
             stop_requested.set()
+            # Also while `start` registers (the servers may be down): it gives up at once
+            # instead of when its timeout runs out, past an orchestrator's grace period.
+            if self._runtime is not None:
+                self._runtime.request_stop()
+            else:
+                self._stop_at_start = True
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -494,6 +632,10 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self._crash is not None:
+            raise WorkerCrashed(
+                f"worker {self.worker_id} crashed: {_describe(self._crash)}"
+            ) from self._crash
 
 
 class _Runtime:
@@ -522,12 +664,13 @@ class _Runtime:
         # outcome is still being delivered (they hold a lease, not a slot).
         self.busy = 0
         self.unreported = 0
+        # Sync handlers whose thread has not returned; counted in those threads, so that
+        # the count still falls after the event loop has closed.
         self.busy_threads = 0
+        self.threads_lock = threading.Lock()
         self.heartbeat_interval = FALLBACK_HEARTBEAT_INTERVAL
         self.lease_duration = FALLBACK_LEASE_DURATION
-        self.pool = ThreadPoolExecutor(
-            max_workers=worker.concurrency, thread_name_prefix="conveyor-handler"
-        )
+        self.pool = HandlerThreads(worker.concurrency, name_prefix="conveyor-handler")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event: asyncio.Event | None = None
         # Set by `hand_back_now`: the drain stops waiting for the running handlers.
@@ -535,6 +678,10 @@ class _Runtime:
         self.slot_freed: asyncio.Event | None = None
         self.heartbeat_now: asyncio.Event | None = None
         self.draining = False
+        # What `request_stop` asked for, kept for `main` to read once its loop exists: a
+        # request made before then (right after `start` began) was dropped.
+        self.stop_requested = False
+        self.hand_back_requested = False
         self.watchdog: LoopWatchdog | None = None
         self.log = log
         self.metrics = worker.metrics
@@ -551,6 +698,11 @@ class _Runtime:
 
         `hand_back`: without waiting for the running handlers (`Worker.hand_back_now`).
         """
+        # Recorded before the loop is looked at: `main` reads these after setting the loop,
+        # so a request finding no loop yet is seen there.
+        self.stop_requested = True
+        if hand_back:
+            self.hand_back_requested = True
         loop, event, cut = self.loop, self.stop_event, self.drain_cut
         if loop is None or event is None or cut is None or loop.is_closed():
             return
@@ -626,10 +778,20 @@ class _Runtime:
         self.drain_cut = asyncio.Event()
         self.slot_freed = asyncio.Event()
         self.heartbeat_now = asyncio.Event()
+        if self.stop_requested:
+            self.stop_event.set()
+        if self.hand_back_requested:
+            self.drain_cut.set()
         try:
-            await self.register()
+            registered = await self.register_unless_stopped()
         except BaseException as exc:
             on_started(exc)
+            await self.close_channels()
+            return
+        if not registered:
+            self.log.info(
+                "stopped before any server accepted the worker", extra={"event": "worker_stopped"}
+            )
             await self.close_channels()
             return
         self.watchdog = LoopWatchdog(self.loop, on_lag=self.metrics.event_loop_lag.set)
@@ -655,8 +817,9 @@ class _Runtime:
         if self.watchdog is not None:
             self.watchdog.stop()
         await self.close_channels()
-        # Threads of sync handlers that ignore cancellation are left to finish on their own.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Threads of sync handlers that ignore cancellation are left to finish on their own
+        # (daemon threads: they do not keep the process from exiting).
+        self.pool.shutdown()
         self.log.info("stopped", extra={"event": "worker_stopped"})
 
     async def close_channels(self) -> None:
@@ -665,19 +828,55 @@ class _Runtime:
         self.channels.clear()
         self.stubs.clear()
 
+    async def register_unless_stopped(self) -> bool:
+        """Register, unless a stop is requested first; whether the worker registered.
+
+        Raises:
+            ConveyorError: as `register`, when no stop was requested.
+        """
+        assert self.stop_event is not None  # noqa: S101
+        registering = asyncio.create_task(self.register(), name="register")
+        stopping = asyncio.create_task(self.stop_event.wait(), name="stop-while-registering")
+        try:
+            await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            registering.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if registering.done():
+            failure = registering.exception()
+            if failure is None:
+                return True
+            if not self.stop_event.is_set():
+                raise failure
+            return False  # it gave up because of the stop
+        registering.cancel()
+        await asyncio.wait({registering})
+        # The call cancelled may have reached a server that registered the worker: without
+        # a goodbye, its row would stay active until the servers mark it lost.
+        with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
+            await self.call(
+                "UnregisterWorker",
+                pb.UnregisterWorkerRequest(worker_id=self.worker.worker_id),
+                timeout=1,
+            )
+        return False
+
     async def register(self) -> None:
         assert self.loop is not None  # noqa: S101
         assert self.stop_event is not None  # noqa: S101
         request = pb.RegisterWorkerRequest(
             worker_id=self.worker.worker_id,
-            host=socket.gethostname(),
+            host=host_name(),
             pid=os.getpid(),
             task_types=self.worker.registry.task_types(),
             concurrency=self.worker.concurrency,
-            version=__version__,
+            version=printable(__version__)[:MAX_WORKER_VERSION_LENGTH],
         )
         give_up_at = self.loop.time() + self.start_timeout.total_seconds()
         delays = self.retry.delays()
+        retrying = False
         while True:
             try:
                 response = await self.call("RegisterWorker", request)
@@ -694,6 +893,14 @@ class _Runtime:
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
                         f"worker within {self.start_timeout.total_seconds():g}s: {exc}"
                     ) from None
+                if not retrying:
+                    retrying = True
+                    self.log.warning(
+                        "no server accepted the worker yet (%s); trying again for up to %.0fs",
+                        exc,
+                        give_up_at - self.loop.time(),
+                        extra={"event": "worker_register_retrying"},
+                    )
                 await asyncio.sleep(exc.retry_in or next(delays))
         if response.HasField("heartbeat_interval"):
             self.heartbeat_interval = response.heartbeat_interval.ToTimedelta()
@@ -760,6 +967,14 @@ class _Runtime:
                     exc.code().name,
                     exc.details(),
                     extra={"event": "lease_refused"},
+                )
+                await asyncio.sleep(next(delays))
+                continue
+            except Exception:
+                # Nothing awaits this task until the worker stops: had it ended, the worker
+                # would have gone on heartbeating, looking healthy, while leasing nothing.
+                self.log.exception(
+                    "taking work failed; trying again", extra={"event": "worker_bug"}
                 )
                 await asyncio.sleep(next(delays))
                 continue
@@ -990,9 +1205,22 @@ class _Runtime:
             max_tasks=room,
             wait=convert.duration(wait),
         )
-        response = await self.call(
-            "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT
+        poll = asyncio.ensure_future(
+            self.call("LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT)
         )
+        try:
+            response = await asyncio.shield(poll)
+        except asyncio.CancelledError:
+            # The worker stops. Its reply may have arrived in the same loop iteration as the
+            # cancellation: its leases were claimed for this worker and no one would run or
+            # hand them back (each waited out its lease and lost an attempt). A poll still
+            # waiting is cancelled; its server hands back what it could not deliver.
+            if poll.done() and not poll.cancelled() and poll.exception() is None:
+                for lease in poll.result().leases:
+                    self.hand_back(lease)
+            else:
+                poll.cancel()
+            raise
         traced = tracing.enabled() if response.leases else False
         for lease in response.leases:
             self.begin(lease, traced=traced)
@@ -1036,6 +1264,7 @@ class _Runtime:
             attempt=lease.attempt,
             lease_id=lease.lease_id,
         )
+        _HANDLER_OF.set(self.worker)
         try:
             self.log.debug("task started", extra={"event": "task_started"})
             started = self.loop.time()
@@ -1130,15 +1359,46 @@ class _Runtime:
             await asyncio.wait({attempt.handler_future})
 
     async def run_handler(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
-        """Run the handler under its timeout; return the report to send (None: send none)."""
+        """Run the handler under its timeout; return the report to send (None: send none).
+
+        Whatever fails around the handler (a codec that raises, a result that cannot be
+        read) fails the attempt with a report naming the error: left unreported, the
+        attempt was recorded as a lease expiry that blamed a healthy worker.
+        """
+        try:
+            return await self.run_handler_unguarded(attempt)
+        except Exception as exc:
+            error = _describe(exc)
+            attempt.ctx.logger.exception(
+                "attempt failed around its handler: %s", error, extra={"event": "worker_bug"}
+            )
+            if attempt.stop_reason in ("cancelled", "lease_lost"):
+                return None
+            try:
+                return self.outcome(attempt, pb.OUTCOME_FAILED, error=error)
+            except Exception as sealing:  # the codec fails us: say so in the clear
+                # Its own error, not the message it could not seal, which may be secret.
+                return self.outcome(
+                    attempt,
+                    pb.OUTCOME_FAILED,
+                    error=f"the worker could not seal the outcome: {_describe(sealing)}",
+                    seal=False,
+                )
+
+    async def run_handler_unguarded(self, attempt: _Attempt) -> pb.ReportResultRequest | None:
         lease = attempt.lease
         handler = self.worker.registry.get(lease.type)
         if handler is None:  # never leased in practice: we only ask for registered types
             return self.outcome(attempt, pb.OUTCOME_RELEASED, error="no handler on this worker")
+        if attempt.stop_reason is not None:
+            # Stopped before its handler started (the drain came first): nothing ran.
+            return self.handed_back(attempt) if attempt.stop_reason == "shutdown" else None
         timeout = convert.seconds(lease.timeout)
-        attempt.handler_future = self.launch(handler, attempt)
-        if await _finished_within(attempt.handler_future, timeout):
-            return self.settle(attempt, attempt.handler_future)
+        future = attempt.handler_future = self.launch(handler, attempt)
+        if await _finished_within(future, timeout, attempt):
+            return self.settle(attempt, future)
+        if attempt.stop_reason is not None:
+            return await self.settle_stopped(attempt, future)
         attempt.stop("timeout")
         self.log.warning(
             "task %s attempt %d timed out after %gs",
@@ -1153,6 +1413,24 @@ class _Runtime:
             error=f"TimeoutError: the handler ran past its timeout of {timeout:g}s",
         )
 
+    async def settle_stopped(
+        self, attempt: _Attempt, future: asyncio.Future[Any]
+    ) -> pb.ReportResultRequest | None:
+        """The report for an attempt the worker stopped while its async handler runs on."""
+        if attempt.stop_reason != "shutdown":
+            # Cancelled, or its lease lost, and the handler ignores its cancellation: the
+            # lease is gone, so nothing may be reported, its timeout included.
+            return None
+        if await _finished_within(future, SHUTDOWN_CANCEL_GRACE):
+            return self.settle(attempt, future)
+        # Waiting for it would keep the task from being handed back at all: the drain gives
+        # up on the reports, and the lease would expire, spending an attempt.
+        attempt.ctx.logger.warning(
+            "the handler ignores its cancellation: handing its task back without it",
+            extra={"event": "handler_ignores_cancellation"},
+        )
+        return self.handed_back(attempt)
+
     def settle(
         self, attempt: _Attempt, future: asyncio.Future[Any]
     ) -> pb.ReportResultRequest | None:
@@ -1162,9 +1440,11 @@ class _Runtime:
         error: BaseException | None = (
             asyncio.CancelledError() if future.cancelled() else future.exception()
         )
+        if isinstance(error, _HandlerExited):
+            error = error.original
         if error is not None and attempt.stop_reason == "shutdown":
             # Stopped by the shutdown before it could finish: hand the task back.
-            return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+            return self.handed_back(attempt)
         if error is not None:
             # Includes a handler cancelled by something other than this worker: that is a
             # failed attempt like any other, retried within max_retries.
@@ -1182,45 +1462,52 @@ class _Runtime:
             )
         try:
             result = _result_bytes(future.result())
-        except TypeError as exc:
+        except Exception as exc:  # also a buffer that cannot be read (ValueError)
             return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
+    def handed_back(self, attempt: _Attempt) -> pb.ReportResultRequest:
+        """The report that hands the attempt's task back at shutdown, attempt unspent."""
+        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         assert self.loop is not None  # noqa: S101
-        payload = attempt.lease.payload
         codec = self.worker.codec
-        if codec is not None:
-            try:
-                payload = codec.open(payload, field="payload", task_id=attempt.lease.task_id)
-            except SealError as exc:
-                # A failed attempt like a handler's exception: retried, perhaps on a worker
-                # that has the key, and the error says which key was missing.
-                unopened: asyncio.Future[Any] = self.loop.create_future()
-                unopened.set_exception(exc)
-                return unopened
+        payload = attempt.lease.payload
+        try:
+            payload = _opened_payload(codec, payload, attempt.lease.task_id)
+            if handler.is_async:
+                # Called here, not in the task: a call that fails before a coroutine exists
+                # (the handler takes other arguments) fails the attempt like a sync one.
+                handler_call = handler.fn(attempt.ctx, payload)
+        except Exception as exc:  # whatever the codec or the call raised
+            # A failed attempt like a handler's exception: retried (perhaps on a worker that
+            # has the key), and the error says what went wrong (which key was missing).
+            unopened: asyncio.Future[Any] = self.loop.create_future()
+            unopened.set_exception(exc)
+            return unopened
         if handler.is_async:
-            coroutine: Coroutine[Any, Any, Any] = handler.fn(attempt.ctx, payload)
-            return asyncio.ensure_future(coroutine)
-        self.busy_threads += 1
+            return self.loop.create_task(
+                _guarded(handler_call), name=f"handler-{attempt.lease.task_id}"
+            )
+        with self.threads_lock:
+            self.busy_threads += 1
         self.metrics.sync_handlers_running.inc()
-        # ThreadPoolExecutor does not carry context variables into its threads: run the
-        # handler in a copy of this attempt's, so its own log lines carry the task fields.
+        # Threads do not inherit context variables: run the handler in a copy of this
+        # attempt's, so its own log lines carry the task fields.
         thread_future = self.pool.submit(
             contextvars.copy_context().run, handler.fn, attempt.ctx, payload
         )
-        thread_future.add_done_callback(lambda _f: self._thread_done())
+        # Added before the loop's own callback (wrap_future): once the loop sees the
+        # handler done, the count has fallen.
+        thread_future.add_done_callback(self._thread_done)
         attempt.thread_future = thread_future
         return asyncio.wrap_future(thread_future, loop=self.loop)
 
-    def _thread_done(self) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._decrement_threads)
-
-    def _decrement_threads(self) -> None:
-        self.busy_threads -= 1
+    def _thread_done(self, _future: Future[Any]) -> None:
+        """In the handler's thread: it may return long after the loop has closed."""
+        with self.threads_lock:
+            self.busy_threads -= 1
         self.metrics.sync_handlers_running.dec()
 
     def outcome(
@@ -1574,8 +1861,10 @@ _REPORTED_OUTCOMES: Final = {
 }
 
 
-async def _finished_within(future: asyncio.Future[Any], timeout: float) -> bool:
-    """Wait until `future` is done or `timeout` seconds pass; whether it is done.
+async def _finished_within(
+    future: asyncio.Future[Any], timeout: float, attempt: _Attempt | None = None
+) -> bool:
+    """Wait until `future` is done, `timeout` passes or `attempt` is stopped; if it is done.
 
     `asyncio.wait({future}, timeout=...)` for one future, without its set, its per-call
     checks and its counter: it ran once per attempt. The future is not cancelled either way.
@@ -1591,11 +1880,15 @@ async def _finished_within(future: asyncio.Future[Any], timeout: float) -> bool:
 
     timer = loop.call_later(timeout, wake)
     future.add_done_callback(wake)
+    if attempt is not None:
+        attempt.wake_runner = wake
     try:
         await waiter
     finally:
         timer.cancel()
         future.remove_done_callback(wake)
+        if attempt is not None:
+            attempt.wake_runner = None
     return future.done()
 
 

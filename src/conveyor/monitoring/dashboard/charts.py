@@ -180,6 +180,11 @@ class _TimelineBuilder:
         self.waiting: datetime | None = None
         # (start, row) of the attempt in progress
         self.running: tuple[datetime, int] | None = None
+        # (attempt, row) of an attempt handed back (released): not spent, so its next
+        # start is the same attempt again and is drawn on the same row. A task handed back
+        # over and over is one row, not a row per hand-back.
+        self.handed_back: tuple[int, int] | None = None
+        self.starts: dict[int, int] = {}
 
     def add(self, row: int, start: datetime, end: datetime, kind: str, title: str) -> None:
         seconds = (end - start).total_seconds()
@@ -200,8 +205,17 @@ class _TimelineBuilder:
                 self.add(0, self.waiting, event.at, "waiting", "queued")
                 self.waiting = None
             label = f"attempt {event.attempt} · {event.worker_id or '?'}"
-            self.rows.append(Tick((len(self.rows) + 0.5) * ROW_HEIGHT, label))
-            self.running = (event.at, len(self.rows) - 1)
+            if self.handed_back is not None and self.handed_back[0] == event.attempt:
+                row = self.handed_back[1]
+                self.starts[row] += 1
+                label += f" · {self.starts[row]} starts"
+                self.rows[row] = Tick(self.rows[row].position, label)
+            else:
+                row = len(self.rows)
+                self.starts[row] = 1
+                self.rows.append(Tick((row + 0.5) * ROW_HEIGHT, label))
+            self.running = (event.at, row)
+            self.handed_back = None
         elif self.running is not None and event.event in ATTEMPT_ENDINGS:
             # A worker with a codec seals its errors; the hover says so instead of base64.
             shown = "(encrypted)" if event.detail and is_sealed_text(event.detail) else event.detail
@@ -209,6 +223,8 @@ class _TimelineBuilder:
             start, row = self.running
             self.add(row, start, event.at, event.event, f"{event.event}{detail}")
             self.running = None
+            if event.event == "released":
+                self.handed_back = (event.attempt, row)
         elif event.event == "cancelled" and self.waiting is not None:
             self.add(0, self.waiting, event.at, "waiting", "queued, then cancelled")
             self.waiting = None
@@ -228,7 +244,9 @@ def task_timeline(events: Sequence[TaskEvent], *, now: datetime, live: bool) -> 
     """A row per attempt, plus a `queue` row for the time spent waiting between them.
 
     An attempt runs from its `started` event to the event that ended it (coloured by that
-    event); a live task's open period runs to `now`.
+    event); a live task's open period runs to `now`. An attempt handed back and started
+    again keeps its row. The rows are as many as the attempts in `events`, which a caller
+    bounds (the dashboard draws a page of the history).
     """
     if not events:
         return Chart(width=CHART_WIDTH, height=ROW_HEIGHT, shapes=())

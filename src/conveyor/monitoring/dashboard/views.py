@@ -16,7 +16,6 @@ this module knows nothing of the database or gRPC.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,8 +37,9 @@ from conveyor.errors import (
 )
 from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, throughput_chart
 from conveyor.monitoring.dashboard.sessions import COOKIE_NAME, DEFAULT_LIFETIME, Sessions
+from conveyor.monitoring.hosts import host_allowed
 from conveyor.monitoring.preview import as_text
-from conveyor.types import TASK_TYPE_PATTERN, TaskState
+from conveyor.types import TASK_TYPE_PATTERN, OtherTypes, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -50,11 +50,15 @@ if TYPE_CHECKING:
         ClusterStatus,
         TaskDetail,
         TaskPage,
-        WorkerInfo,
+        TypeStatus,
+        WorkerPage,
     )
 
 PAGE_SIZE: Final = 50
 PAYLOAD_PREVIEW: Final = 2000
+# Rows of the overview's queue by type, besides the paused types (always listed, so each
+# can be resumed from there): a page redrawn every 10 s is no place for a thousand.
+OVERVIEW_TYPES: Final = 100
 
 
 class DashboardSource(Protocol):
@@ -74,12 +78,12 @@ class DashboardSource(Protocol):
         """One page of tasks, newest first."""
         ...
 
-    async def task_detail(self, task_id: str) -> TaskDetail:
-        """A task with history, payload and explanation."""
+    async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
+        """A task with payload, explanation and a page of its history (see TaskControl)."""
         ...
 
-    async def workers(self) -> list[WorkerInfo]:
-        """Registered workers that are not stopped."""
+    async def workers(self) -> WorkerPage:
+        """The first page of registered workers that are not stopped, with their total."""
         ...
 
     async def retry_task(self, task_id: str, *, actor: str) -> BulkResult:
@@ -234,24 +238,30 @@ def _notice(request: web.Request) -> str | None:
     return template.format(type=task_type if TASK_TYPE_PATTERN.fullmatch(task_type) else "the type")
 
 
-def _host_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
-    """Whether the Host header names this dashboard, which defeats DNS rebinding.
+def _need(item: TypeStatus) -> tuple[float, int, int, str]:
+    """Sort key: the types that most need attention first, as the server ranks them."""
+    return (-item.oldest_queued_seconds, -item.queued, -item.running, item.type)
 
-    A rebinding attack reaches a loopback dashboard under the attacker's own domain name;
-    an IP literal or `localhost` cannot be such a name, and other names must be listed
-    (`--dashboard-allowed-host`).
+
+def overview_types(status: ClusterStatus) -> tuple[list[TypeStatus], OtherTypes]:
+    """The overview's rows by name, and the sum of all the types it does not list.
+
+    Listed: the OVERVIEW_TYPES types of `status` that most need attention, and every
+    paused type. Summed: the others, whether `status` listed them or not.
     """
-    try:
-        hostname = urlsplit(f"//{request.host}").hostname or ""
-    except ValueError:  # not even a well-formed authority
-        return False
-    if hostname == "localhost" or hostname in allowed:
-        return True
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    return True
+    ranked = sorted(status.types, key=_need)
+    shown = [item for rank, item in enumerate(ranked) if rank < OVERVIEW_TYPES or item.paused]
+    hidden = [item for item in ranked[OVERVIEW_TYPES:] if not item.paused]
+    other = status.other_types
+    summed = OtherTypes(
+        types=other.types + len(hidden),
+        queued=other.queued + sum(item.queued for item in hidden),
+        running=other.running + sum(item.running for item in hidden),
+        oldest_queued_seconds=max(
+            [other.oldest_queued_seconds, *(item.oldest_queued_seconds for item in hidden)]
+        ),
+    )
+    return sorted(shown, key=lambda item: item.type), summed
 
 
 def _http_status(error: ConveyorError) -> int:
@@ -354,8 +364,10 @@ class Dashboard:
         post: list[tuple[str, Handler, Permission]] = [
             ("/ui/tasks/{task_id}/retry", self.retry, operate),
             ("/ui/tasks/{task_id}/cancel", self.cancel, operate),
-            ("/ui/types/{task_type}/pause", self.pause, operate),
-            ("/ui/types/{task_type}/resume", self.resume, operate),
+            # The type is a form field, not a path segment: browsers resolve `.` and `..`
+            # segments (valid type names) away before the form is sent.
+            ("/ui/types/pause", self.pause, operate),
+            ("/ui/types/resume", self.resume, operate),
         ]
         if self._sessions is not None:
             # Anyone signed in may sign out; the CSRF token still guards it.
@@ -407,7 +419,7 @@ class Dashboard:
         then, with logins on and unless the route is open, the session and a POST's CSRF
         token.
         """
-        if not _host_allowed(request, self._allowed_hosts):
+        if not host_allowed(request.host, self._allowed_hosts):
             return self._error(
                 421,
                 f"This dashboard is not served under the name {request.host!r}. Open it by "
@@ -563,16 +575,19 @@ class Dashboard:
         minutes = self._source.chart_minutes()
         now = datetime.now(UTC)
         finished = status.succeeded_last_minute + status.failed_last_minute
+        types, other_types = overview_types(status)
         return self._render(
             "overview.html",
             visit=visit,
             page="overview",
             status=status,
+            types=types,
+            other_types=other_types,
             chart=throughput_chart(minutes, now=now),
             failures=failure_chart(minutes, now=now),
-            queued=sum(item.queued for item in status.types),
-            running=sum(item.running for item in status.types),
-            oldest=max((item.oldest_queued_seconds for item in status.types), default=0.0),
+            queued=status.queued,
+            running=status.running,
+            oldest=status.oldest_queued_seconds,
             failure_rate=status.failed_last_minute / finished if finished else 0.0,
             notice=_notice(request),
             refresh="/ui",
@@ -610,9 +625,17 @@ class Dashboard:
         )
 
     async def task(self, request: web.Request, visit: Visit) -> web.Response:
-        """One task: timeline chart, explanation, payload, history, actions."""
-        detail = await self._source.task_detail(request.match_info["task_id"])
+        """One task: timeline chart, explanation, payload, history, actions.
+
+        The history is its first event and a page of the latest ones; `?before=ID` (the
+        page's "older" link) shows the page before. The timeline draws the page.
+        """
+        before = _history_page(request.query.get("before"))
+        detail = await self._source.task_detail(request.match_info["task_id"], before=before)
         status = detail.status
+        # With events left out, the first event (the enqueue) is far from the rest: the
+        # chart spans the page alone, or the omitted time would look like one long wait.
+        drawn = status.history[1:] if status.history_omitted else status.history
         kind, preview = payload_preview(status.payload, detail.payload_size)
         return self._render(
             "task.html",
@@ -621,8 +644,9 @@ class Dashboard:
             task=status,
             detail=detail,
             timeline=task_timeline(
-                status.history, now=datetime.now(UTC), live=not status.state.is_final
+                drawn, now=datetime.now(UTC), live=before is None and not status.state.is_final
             ),
+            older_page=before is not None,
             payload_kind=kind,
             payload_preview=preview,
             payload_size=detail.payload_size,
@@ -632,12 +656,14 @@ class Dashboard:
         )
 
     async def workers(self, _request: web.Request, visit: Visit) -> web.Response:
-        """Workers with their state, load and last heartbeat."""
+        """Workers with their state, load and last heartbeat; says so when some are left out."""
+        listing = await self._source.workers()
         return self._render(
             "workers.html",
             visit=visit,
             page="workers",
-            workers=await self._source.workers(),
+            workers=listing.workers,
+            total=listing.total,
             refresh="/ui/workers",
         )
 
@@ -668,18 +694,27 @@ class Dashboard:
         raise web.HTTPSeeOther(f"/ui/tasks/{quote(task_id, safe='')}?notice={notice}")
 
     async def pause(self, request: web.Request, visit: Visit) -> web.StreamResponse:
-        """Pause a type, then back to the overview."""
-        task_type = request.match_info["task_type"]
+        """Pause the type the form names, then back to the overview."""
+        task_type = await _form_type(request)
         changed = await self._source.pause_type(task_type, actor=visit.actor)
         notice = "paused" if changed else "already-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
 
     async def resume(self, request: web.Request, visit: Visit) -> web.StreamResponse:
-        """Resume a type, then back to the overview."""
-        task_type = request.match_info["task_type"]
+        """Resume the type the form names, then back to the overview."""
+        task_type = await _form_type(request)
         changed = await self._source.resume_type(task_type, actor=visit.actor)
         notice = "resumed" if changed else "not-paused"
         raise web.HTTPSeeOther(f"/ui?{urlencode({'notice': notice, 'type': task_type})}")
+
+
+def _history_page(value: str | None) -> int | None:
+    """The `before` of a task page's URL: an event id, or None for the latest events."""
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:  # noqa: PLR2004 - the digits of a bigint
+        raise InvalidTask("`before` must be an event id, as in the page's own links")
+    return int(value)
 
 
 def _action_name(request: web.Request) -> str:
@@ -687,6 +722,14 @@ def _action_name(request: web.Request) -> str:
     if request.method == "POST":
         return request.path.rsplit("/", 1)[-1] or "this action"
     return "viewing the dashboard"
+
+
+async def _form_type(request: web.Request) -> str:
+    """The task type a pause or resume form names (checked by the action itself)."""
+    task_type = (await _form(request)).get("type", "")
+    if not task_type:
+        raise InvalidTask("no task type given: the form's `type` field is empty", field="type")
+    return task_type
 
 
 async def _form(request: web.Request) -> dict[str, str]:

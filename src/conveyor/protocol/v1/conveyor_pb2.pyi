@@ -233,6 +233,7 @@ class TaskInfo(_message.Message):
     PROGRESS_AT_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HAS_PAYLOAD_FIELD_NUMBER: _builtins.int
+    HISTORY_OMITTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     state: Global___TaskState.ValueType
@@ -247,6 +248,11 @@ class TaskInfo(_message.Message):
     payload: _builtins.bytes
     """Only when asked (GetTaskRequest.include_payload)."""
     has_payload: _builtins.bool
+    history_omitted: _builtins.int
+    """Events of the history left out between its first event and the rest: a history is
+    bounded (its first event and the latest ones, up to 1000 and about 512 KiB). 0 from
+    servers older than this field, which sent every event.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -283,10 +289,11 @@ class TaskInfo(_message.Message):
         progress_at: _timestamp_pb2.Timestamp | None = ...,
         payload: _builtins.bytes = ...,
         has_payload: _builtins.bool = ...,
+        history_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "progress_at", b"progress_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "history_omitted", b"history_omitted", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +412,7 @@ class GetTaskRequest(_message.Message):
     INCLUDE_PAYLOAD_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     include_history: _builtins.bool
+    """The task's first event and its latest ones (see TaskInfo.history_omitted)."""
     include_payload: _builtins.bool
     def __init__(
         self,
@@ -1344,6 +1352,37 @@ class TypeStatus(_message.Message):
 Global___TypeStatus: _TypeAlias = TypeStatus  # noqa: Y015
 
 @_typing.final
+class OtherTypes(_message.Message):
+    """The live queue of the types a GetStatusResponse does not list one by one, summed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_SECONDS_FIELD_NUMBER: _builtins.int
+    types: _builtins.int
+    """How many types."""
+    queued: _builtins.int
+    running: _builtins.int
+    oldest_queued_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        types: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+        oldest_queued_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_seconds", b"oldest_queued_seconds", "queued", b"queued", "running", b"running", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OtherTypes: _TypeAlias = OtherTypes  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1381,6 +1420,7 @@ class GetStatusResponse(_message.Message):
     STARTED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     PAUSED_TYPES_FIELD_NUMBER: _builtins.int
     LAST_MINUTE_SECONDS_FIELD_NUMBER: _builtins.int
+    OTHER_TYPES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     server_id: _builtins.str
     """The server that answered."""
@@ -1402,13 +1442,24 @@ class GetStatusResponse(_message.Message):
         """When the numbers below were sampled (every server samples on an interval)."""
 
     @_builtins.property
-    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]: ...
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]:
+        """Bounded: the types that most need attention (oldest queued task first, then most
+        queued, then most running; up to the server's bound, 1000 by default) and every paused
+        type. The others are summed in other_types.
+        """
+
     @_builtins.property
     def workers(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Workers by state: active, draining, lost, stopped."""
 
     @_builtins.property
     def paused_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedType]: ...
+    @_builtins.property
+    def other_types(self) -> Global___OtherTypes:
+        """The types not listed in `types`, summed (none from servers older than this field,
+        which listed every type).
+        """
+
     def __init__(
         self,
         *,
@@ -1426,10 +1477,11 @@ class GetStatusResponse(_message.Message):
         started_last_minute: _builtins.int = ...,
         paused_types: _abc.Iterable[Global___PausedType] | None = ...,
         last_minute_seconds: _builtins.float = ...,
+        other_types: Global___OtherTypes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["other_types", b"other_types", "sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_last_minute", b"failed_last_minute", "is_leader", b"is_leader", "last_minute_seconds", b"last_minute_seconds", "leader_id", b"leader_id", "leader_term", b"leader_term", "other_types", b"other_types", "paused_types", b"paused_types", "retried_last_minute", b"retried_last_minute", "sampled_at", b"sampled_at", "server_id", b"server_id", "started_last_minute", b"started_last_minute", "succeeded_last_minute", b"succeeded_last_minute", "types", b"types", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1481,21 +1533,33 @@ Global___ExplainTaskResponse: _TypeAlias = ExplainTaskResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):
+    """Workers in trouble first (lost, or an event loop blocked for a second or more), then
+    newest first. A worker whose trouble starts or ends while a client pages may be listed
+    twice or not at all.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_STOPPED_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     include_stopped: _builtins.bool
     limit: _builtins.int
+    """Workers per page: 0 means 500; at most 10000."""
+    page_token: _builtins.str
+    """A previous response's next_page_token, to continue after its last worker; empty for
+    the first page.
+    """
     def __init__(
         self,
         *,
         include_stopped: _builtins.bool = ...,
         limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_stopped", b"include_stopped", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_stopped", b"include_stopped", "limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1568,18 +1632,30 @@ class ListWorkersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """How many workers the listing holds in all its pages, read with this page. Unset from
+    servers older than this field.
+    """
+    next_page_token: _builtins.str
+    """Set when more workers follow: pass it back as page_token."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]: ...
     def __init__(
         self,
         *,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        total: _builtins.int | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_total", b"_total", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total", b"_total", "next_page_token", b"next_page_token", "total", b"total", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__total: _TypeAlias = _typing.Literal["total"]  # noqa: Y015
+    _WhichOneofArgType__total: _TypeAlias = _typing.Literal["_total", b"_total"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total) -> _WhichOneofReturnType__total | None: ...
 
 Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
 

@@ -1,7 +1,8 @@
-"""Lease reaper: returns running tasks whose lease expired to the queue, or fails them.
+"""Lease reaper: schedules running tasks whose lease expired for a retry, or fails them.
 
 Leader only. Each round is one statement fenced by the leader's term (see leadership.py):
-a server that lost the role, even without knowing it yet, writes nothing.
+a server that lost the role, even without knowing it yet, writes nothing. Each round also
+promotes the retries whose backoff has ended into the queue (see notifier.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class LeaseReaper(BatchedLeaderDuty):
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
 
+    async def prepare(self, leader: LeaderProof) -> None:  # noqa: ARG002 - not fenced
+        """Promote the retries that are due, whichever server scheduled them.
+
+        Each server promotes its own retries when their backoff ends (`wake_after`); a
+        server that died took those timers with it, and this round finds their tasks
+        within `reaper_interval` of becoming due.
+        """
+        self._notifier.wake_after(0)
+
     async def batch(self, leader: LeaderProof) -> int:
         """Reap a batch of expired leases; how many (the round goes on while none is left)."""
         async with self._database.connection() as conn:
@@ -60,7 +70,7 @@ class LeaseReaper(BatchedLeaderDuty):
                 self._metrics.type_label(row["type"]),
                 "failed" if row["state"] == "failed" else "retried",
             ).inc()
-            if row["state"] == "queued":
+            if row["state"] == "scheduled":
                 self._notifier.wake_after(row["retry_in"])
             log.info(
                 "lease of task %s expired; task is now %s",

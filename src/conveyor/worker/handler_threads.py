@@ -1,0 +1,91 @@
+"""HandlerThreads: the daemon threads a worker runs its sync handlers on.
+
+A sync handler cannot be interrupted; one that ignores `ctx.cancelled` runs on after its
+task was handed back at the drain. `concurrent.futures.ThreadPoolExecutor` joins its
+threads when the interpreter exits, so such a handler kept a program that embeds a worker
+(`worker.run()` returns after its drain) from exiting for as long as it ran: for ever, for
+one that never returns. These threads are daemons, reused like a pool's and never more
+than `max_threads`: the process exits without them, as `conveyor worker` always did.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+Result = TypeVar("Result")
+
+
+@dataclass(eq=False, slots=True)
+class _Work:
+    future: Future[Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args)
+        except BaseException as exc:  # SystemExit too: the attempt fails, not the thread
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class HandlerThreads:
+    """Runs functions on up to `max_threads` daemon threads, started as they are needed."""
+
+    def __init__(self, max_threads: int, name_prefix: str) -> None:
+        """No thread starts before the first `submit`."""
+        self._max_threads = max_threads
+        self._name_prefix = name_prefix
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        # Released by a thread each time it finishes a function: a thread free to take
+        # the next one exists when it can be acquired.
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Result], /, *args: Any) -> Future[Result]:
+        """Run `fn(*args)` on one of the threads; its future."""
+        future: Future[Result] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the handler threads are shut down")
+            self._work.put(_Work(future, fn, args))
+            if not self._idle.acquire(blocking=False) and self._threads < self._max_threads:
+                self._threads += 1
+                threading.Thread(
+                    target=self._serve, name=f"{self._name_prefix}_{self._threads}", daemon=True
+                ).start()
+        return future
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; without waiting, end each thread once it is free."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        while True:
+            try:
+                work = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if work is not None:
+                work.future.cancel()
+        for _ in range(threads):
+            self._work.put(None)
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            work.run()
+            # Not kept while waiting: it holds the handler's payload and result.
+            del work
+            self._idle.release()

@@ -1,0 +1,105 @@
+"""How a worker process ends: its exit status says whether it stopped or crashed.
+
+The workers are in tests/e2e/misbehaving_workers.py. A supervisor restarts a worker on a
+non-zero status (`Restart=on-failure`), so a crash must not exit 0, and a stop asked for
+by a signal must come promptly and exit 0 whatever the worker was doing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import conveyor_command, free_port, wait_final, wait_for
+
+from conveyor import Task, TaskState
+
+E2E_APPS = "misbehaving_workers"
+E2E_DIR = Path(__file__).parent
+
+
+def active_workers(db) -> int:
+    return db.fetchval("SELECT count(*) FROM conveyor_workers WHERE state = 'active'")
+
+
+@pytest.mark.slow
+def test_an_async_handler_calling_sys_exit_fails_its_task_and_the_worker_runs_on(
+    server, client, db, processes, e2e_pythonpath
+):
+    worker = processes(
+        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", server.address),
+        name="exiting-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    wait_for(lambda: active_workers(db) == 1, timeout=30, what="the worker to register")
+    bad = wait_final(client, client.enqueue_task(Task(type="parse", payload=b"--n nan")))
+    good = wait_final(client, client.enqueue_task(Task(type="parse", payload=b"--n 7")))
+    assert (bad.state, bad.last_error) == (TaskState.FAILED, "SystemExit: 2")
+    assert (good.state, good.result) == (TaskState.SUCCEEDED, b"7")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_exits_with_status_1(server, client, db, processes, e2e_pythonpath):
+    """An exit from outside any handler still ends the worker's loop: the process says so
+    with status 1 and one error line (it exited 0, and supervisors did not restart it)."""
+    worker = processes(
+        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", server.address),
+        name="crashing-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    wait_for(lambda: active_workers(db) == 1, timeout=30, what="the worker to register")
+    client.enqueue_task(Task(type="crash"))
+    assert worker.wait(30) == 1, worker.output()
+    assert "error: worker " in worker.output()
+    assert "crashed: SystemExit: 3" in worker.output()
+
+
+@pytest.mark.slow
+def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_handler(
+    server, client, processes, e2e_pythonpath
+):
+    """`worker.run()` embedded in a program: its handler never returns and ignores its
+    cancellation. run() returns after the drain, and the program exits with it (the
+    handler's thread was joined at interpreter exit, so it never exited)."""
+    program = processes(
+        [sys.executable, str(E2E_DIR / f"{E2E_APPS}.py"), server.address],
+        name="embedded-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    task_id = client.enqueue_task(Task(type="stuck"))
+    wait_for(lambda: "handler started" in program.output(), timeout=30, what="the handler")
+    program.signal(signal.SIGTERM)
+    assert program.wait(15) == 0, program.output()
+    assert "run() returned; busy_threads = 1" in program.output()
+    # Handed back at the drain, attempt unspent.
+    status = client.get_task_status(task_id, history=True)
+    assert [event.event for event in status.history] == ["enqueued", "started", "released"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
+    sig, processes, e2e_pythonpath
+):
+    """The signal was only noted until start() gave up: the worker went on retrying its
+    registration for its whole 30 s, past an orchestrator's grace period, and exited 1."""
+    worker = processes(
+        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", f"127.0.0.1:{free_port()}"),
+        name="unregistered-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    wait_for(
+        lambda: "no server accepted the worker yet" in worker.output(),
+        timeout=30,
+        what="the worker to retry its registration",
+    )
+    signalled_at = time.monotonic()
+    worker.signal(sig)
+    assert worker.wait(15) == 0, worker.output()
+    assert time.monotonic() - signalled_at < 5, worker.output()
+    assert "stopped before any server accepted the worker" in worker.output()
