@@ -500,5 +500,5 @@ class TestLongPollReplyAtStop:
             worker.stop()
         assert ran == []
         row = db.task(task_id)
-        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
         assert [e["event"] for e in db.events(task_id)][-1] == "released"

@@ -252,7 +252,7 @@ class TestAsyncHandlersIgnoringCancellation:
             worker.stop(timeout=30)
         assert not worker.running
         row = db.task(task_id)
-        assert (row["state"], row["attempt"], row["lease_id"]) == ("queued", 0, None)
+        assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
         assert events(db, task_id) == ["enqueued", "started", "released"]
         assert (
             db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
