@@ -27,6 +27,31 @@ from conveyor import Client, Task, TaskState, Worker
 from conveyor.storage.queries import SQL
 
 TYPE = "delivery.job"
+
+
+def held_worker(
+    address: str | list[str],
+    *,
+    concurrency: int = 1,
+    only: bytes | None = None,
+    result: bytes | None = None,
+) -> tuple[Worker, threading.Event, threading.Event]:
+    """A worker whose handler, once started (on `only`'s payload, if given), waits for the
+    test to set `release`; it returns `result`, else the payload in capitals.
+    Returns (worker, started, release)."""
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(address, concurrency=concurrency)
+
+    @worker.handler(TYPE)
+    def job(_ctx: object, payload: bytes) -> bytes:
+        if only is None or payload == only:
+            started.set()
+            release.wait(30)
+        return payload.upper() if result is None else result
+
+    return worker, started, release
+
+
 # Short leases keep every scenario well under half a minute: a report that waits for its
 # dead stream until the lease runs out fails these tests within six seconds of the cut.
 LEASE = timedelta(seconds=6)
@@ -56,15 +81,8 @@ def test_an_outcome_on_a_silently_dead_stream_goes_through_another_server(
     caplog.set_level(logging.INFO, logger="conveyor")
     a = start_server(lease_ttl=LEASE, heartbeat_interval=BEAT)
     b_address = f"127.0.0.1:{free_port()}"
-    started, release = threading.Event(), threading.Event()
     with FaultProxy(a.address, name="link-a") as link:
-        worker = Worker([link.address, b_address], concurrency=1)
-
-        @worker.handler(TYPE)
-        def job(_ctx, payload: bytes) -> bytes:
-            started.set()
-            release.wait(30)
-            return payload.upper()
+        worker, started, release = held_worker([link.address, b_address])
 
         try:
             with running(worker):
@@ -115,16 +133,10 @@ def test_a_server_stops_claiming_for_a_worker_whose_connection_died_silently(
         keepalive_timeout=keepalive,
     )
     b_address = f"127.0.0.1:{free_port()}"
-    started, release = threading.Event(), threading.Event()
     with FaultProxy(a.address, name="link-a") as link:
-        worker = Worker([link.address, b_address], concurrency=4)
-
-        @worker.handler(TYPE)
-        def job(_ctx, payload: bytes) -> bytes:
-            if payload == b"first":
-                started.set()
-                release.wait(30)
-            return payload.upper()
+        worker, started, release = held_worker(
+            [link.address, b_address], concurrency=4, only=b"first"
+        )
 
         try:
             with running(worker):
@@ -177,15 +189,7 @@ def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
     server = start_server(statement_timeout=timedelta(seconds=60))
     assert server.server is not None
     db.execute(STALL_SUCCESS_SQL)
-    started, release = threading.Event(), threading.Event()
-    worker = Worker(server.address, concurrency=1)
-
-    @worker.handler(TYPE)
-    def job(_ctx, payload: bytes) -> bytes:
-        if payload == b"first":
-            started.set()
-            release.wait(30)
-        return payload.upper()
+    worker, started, release = held_worker(server.address, only=b"first")
 
     with Client(server.address) as client, running(worker):
         first = client.enqueue_task(Task(type=TYPE, payload=b"first"))
@@ -361,15 +365,8 @@ def test_a_report_sent_again_after_the_stream_broke_during_its_commit_is_answere
     caplog.set_level(logging.INFO, logger="conveyor")
     server = start_server()
     assert server.server is not None
-    started, release = threading.Event(), threading.Event()
     with FaultProxy(server.address, name="link") as link:
-        worker = Worker(link.address, concurrency=1)
-
-        @worker.handler(TYPE)
-        def job(_ctx, _payload: bytes) -> bytes:
-            started.set()
-            release.wait(30)
-            return b"fine"
+        worker, started, release = held_worker(link.address, result=b"fine")
 
         with Client(server.address) as client, running(worker):
             task_id = client.enqueue_task(Task(type=TYPE))
@@ -403,14 +400,7 @@ def test_a_report_sent_again_after_its_call_timed_out_during_the_commit_is_answe
     server = start_server(work_stream=False, statement_timeout=timedelta(seconds=60))
     assert server.server is not None
     db.execute(STALL_SUCCESS_SQL)
-    started, release = threading.Event(), threading.Event()
-    worker = Worker(server.address, concurrency=1)
-
-    @worker.handler(TYPE)
-    def job(_ctx, _payload: bytes) -> bytes:
-        started.set()
-        release.wait(30)
-        return b"fine"
+    worker, started, release = held_worker(server.address, result=b"fine")
 
     with Client(server.address) as client, running(worker):
         task_id = client.enqueue_task(Task(type=TYPE))
