@@ -343,7 +343,8 @@ async def w1(
             # a core, taken from the drain it measures), where the peers' harness reads a
             # file. This stops at the first unfinished task it finds in (state, seq).
             left = await conn.fetchval(
-                "SELECT EXISTS (SELECT FROM conveyor_tasks WHERE state IN ('queued', 'running'))"
+                "SELECT EXISTS (SELECT FROM conveyor_tasks "
+                "WHERE state IN ('queued', 'scheduled', 'running'))"
             )
             if not left:
                 break

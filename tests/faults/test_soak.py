@@ -235,7 +235,8 @@ def test_soak(cluster):
     wait_for(
         lambda: (
             cluster.db.fetchval(
-                "SELECT count(*) FROM conveyor_tasks WHERE state IN ('queued', 'running')"
+                "SELECT count(*) FROM conveyor_tasks "
+                "WHERE state IN ('queued', 'scheduled', 'running')"
             )
             == 0
         ),

@@ -83,6 +83,25 @@ class TestExplainQueued:
         assert "waiting for its retry backoff" in reasons[0]
         assert "ValueError: try later" in reasons[0]
 
+    def test_a_retry_due_but_not_yet_promoted_says_what_moves_it(self, start_server, db) -> None:
+        """A retry whose backoff ended stays `scheduled` until a promotion moves it into the
+        queue (its server's timer, the leader's next round). Left there (here: no timer,
+        the leader's round a minute away), it was explained as "next in line"; it now says
+        what it waits for and where to look when it waits too long."""
+        server = start_server(reaper_interval=timedelta(minutes=1))
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="explain.due"))
+            db.execute(
+                "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
+                "available_at = now() - interval '90 seconds' WHERE id = $1::uuid",
+                task_id,
+            )
+            reasons = client.explain_task(task_id)
+            assert client.get_task_status(task_id).state is TaskState.QUEUED
+        assert reasons[0].startswith("its retry backoff ended 9"), reasons  # 90.0s and a bit
+        assert "retry_promotion_failed" in reasons[0]
+        assert "next in line" not in text(reasons)
+
 
 class TestExplainFinished:
     def test_finished_tasks_are_explained_by_their_outcome(self, server, client: Client) -> None:

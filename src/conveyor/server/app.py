@@ -338,32 +338,27 @@ class ConveyorServer:
                 await self._metrics_http.stop()
 
     async def _promote_due(self) -> bool:
-        """Move the retries whose backoff ended into the queue, and NOTIFY every server.
+        """Move the retries whose backoff ended into the queue; True if any moved.
 
-        True if any moved. A background task whose failure nobody awaits: it says so here,
-        and the leader's next reaper round promotes what is due.
+        Each batch NOTIFYs every server in its own transaction. A background task whose
+        failure nobody awaits: it says so here, as a warning (a retry left `scheduled` is
+        stuck until a promotion succeeds), and the leader's next reaper round tries again.
         """
+        promoted = 0
         try:
             async with self.database.connection() as conn:
-                promoted = 0
                 while True:
                     batch = await queries.task_promote_due(conn, limit=PROMOTE_BATCH)
                     promoted += batch
                     if batch < PROMOTE_BATCH:
                         break
-                if promoted:
-                    await queries.task_ready_notify(conn)
-        except ConveyorError as exc:
-            log.debug("could not promote due retries: %s", exc, extra={"event": "notify_failed"})
-            return False
         except Exception as exc:
-            # A configuration error (the role may not log in).
             log.warning(
-                "could not promote due retries: %s",
-                _described(exc),
-                extra={"event": "notify_failed"},
+                "could not move due retries into the queue: %s; the leader's next reaper "
+                "round tries again",
+                exc if isinstance(exc, ConveyorError) else _described(exc),
+                extra={"event": "retry_promotion_failed"},
             )
-            return False
         return promoted > 0
 
     async def wait_stopped(self) -> None:

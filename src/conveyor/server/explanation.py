@@ -36,6 +36,15 @@ def _queued(row: Any) -> list[str]:
             f"{_ago(row['available_in'])}, after attempt {row['attempt']} of "
             f"{row['max_retries'] + 1} ended ({row['last_event']}): {row['last_error'] or '-'}"
         )
+    elif row["state"] == "scheduled":
+        # Due, but not yet moved into the queue: the scheduling server's timer or the
+        # leader's next round does that; overdue by more than a round means neither ran.
+        reasons.append(
+            f"its retry backoff ended {_ago(-row['available_in'])} ago and it joins the queue "
+            "at the next promotion (its server's timer, or the leader's next reaper round): "
+            "long overdue, look for a server without a leader or failing to promote "
+            "(`retry_promotion_failed` in its log)"
+        )
     elif row["ahead"]:
         reasons.append(
             f"waiting behind {row['ahead']} older available task(s) of type {task_type!r} "

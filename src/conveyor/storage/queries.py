@@ -471,7 +471,7 @@ async def task_reap_expired(
 
 
 async def task_promote_due(conn: Any, *, limit: int) -> int:
-    """Move up to `limit` scheduled tasks whose backoff has ended into the queue; how many."""
+    """Move up to `limit` due scheduled tasks into the queue (NOTIFY if any); how many."""
     promoted: int = await conn.fetchval(SQL["task_promote_due"], limit)
     return promoted
 

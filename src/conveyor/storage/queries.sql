@@ -527,8 +527,11 @@ WITH due AS (
     FROM due
     WHERE t.id = due.id
     RETURNING t.id
+), wake AS (
+    -- In the same transaction as the promotion, as every writer that makes tasks available.
+    SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
 )
-SELECT count(*) AS promoted FROM done;
+SELECT count(*) AS promoted, (SELECT count(*) FROM wake) AS woken FROM done;
 
 -- name: task_get
 SELECT id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
