@@ -752,7 +752,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             reasons.append(
                 LeaseLost(
                     f"lease {lease_id} of task {task_id} is no longer current "
-                    f"(the task is {task['state']}); the outcome was not applied"
+                    f"(the task is {TaskState(task['state'])}); the outcome was not applied"
                 )
             )
         return reasons
