@@ -15,6 +15,7 @@ import json
 import resource
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from conveyor import Client, Task
 from conveyor.auth import Role, new_token
-from conveyor.monitoring.http import HttpLimits
+from conveyor.monitoring.http import EXPENSIVE_RENDER, HttpLimits
 
 QUICK = timedelta(milliseconds=500)
 
@@ -234,6 +235,7 @@ class _Probe:
 
     def __init__(self) -> None:
         self.renders = 0
+        self.started = float("inf")  # when the latest render began (time.monotonic)
         self.on_the_event_loop: list[bool] = []
         self.release = threading.Event()
         self.release.set()
@@ -248,6 +250,7 @@ class _Probe:
         except RuntimeError:
             self.on_the_event_loop.append(False)
         self.renders += 1
+        self.started = time.monotonic()
         self.release.wait(30)
         return [GaugeMetricFamily("probe_renders", "Renders so far.", value=self.renders)]
 
@@ -271,6 +274,11 @@ class TestMetricsRendering:
             wait_for(lambda: http.busy_connections == 8, what="8 scrapes in progress")
             with Client(server.address) as client:
                 client.enqueue_task(Task(type="render.t"))
+            # An expensive render (a second here): the scrapes that follow reuse it.
+            wait_for(
+                lambda: time.monotonic() - probe.started >= 10 * EXPENSIVE_RENDER,
+                what="the render to have taken long",
+            )
         finally:
             probe.release.set()
             for thread in scrapers:
@@ -279,7 +287,7 @@ class TestMetricsRendering:
         assert len(bodies) == 8
         assert len(set(bodies)) == 1
         assert "probe_renders 1.0" in bodies[0]
-        # A scrape right after is served the same render.
+        # A scrape right after is served the same render (it took a second: reused for two).
         assert get(f"{server.http_url}/metrics")[2] == bodies[0]
         assert probe.renders == 1
 

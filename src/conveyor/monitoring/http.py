@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.http")
 
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# A /metrics render at least this long is reused by the scrapes that follow it (SharedRender).
+EXPENSIVE_RENDER: Final = 0.1
 # How often a warning about refused connections may be logged.
 REFUSAL_LOG_INTERVAL: Final = 60.0
 
@@ -72,11 +74,12 @@ class SharedRender:
 
     At the type-label bound a render takes most of a second of pure Python: each scrape
     rendering its own would let a client scraping in a loop keep a core busy. Scrapes that
-    arrive during a render wait for it; those that arrive after it, for twice as long as it
-    took, get its bytes: however often /metrics is asked for, rendering takes at most a third
-    of a core, and a cheap render (a few types: about a millisecond) is as fresh as before. A
-    failed render is not kept. (A floor of a second once made a scrape right after an
-    action miss it.)
+    arrive during a render wait for it. A render that took EXPENSIVE_RENDER or more is also
+    served to the scrapes that arrive for twice as long as it took: however often /metrics
+    is asked for, such renders take at most a third of a core. A cheaper one (a few types:
+    about a millisecond) is not kept, so a scrape right after an action sees it (a reuse of
+    a second, and then of twice any render's time, made tests read counters that had not
+    moved yet). A failed render is not kept.
     """
 
     def __init__(self, render: Callable[[], Awaitable[bytes]]) -> None:
@@ -103,7 +106,9 @@ class SharedRender:
             self._running = None
         finished = time.monotonic()
         self._body = body
-        self._fresh_until = finished + 2 * (finished - started)
+        took = finished - started
+        if took >= EXPENSIVE_RENDER:
+            self._fresh_until = finished + 2 * took
         return body
 
 
