@@ -25,6 +25,21 @@ def worker_state(db, worker: Worker) -> str | None:
     return db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
 
 
+def start_in_background(worker: Worker) -> tuple[threading.Thread, list[BaseException]]:
+    """`worker.start(timeout=60)` on a thread of its own: (the thread, what start raised)."""
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            worker.start(timeout=60)
+        except BaseException as exc:
+            failures.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    return starting, failures
+
+
 class TestDrainOnStop:
     def test_stop_lets_a_short_in_flight_task_finish(self, server, client: Client, db) -> None:
         """stop() with a 5 s drain timeout waits for a 0.5 s task, which ends SUCCEEDED."""
@@ -392,16 +407,7 @@ class TestStopWhileRegistering:
         caplog.set_level(logging.INFO, logger="conveyor")
         worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
         worker.register_handler("anything", lambda _ctx, _payload: None)
-        failures: list[BaseException] = []
-
-        def start() -> None:
-            try:
-                worker.start(timeout=60)
-            except BaseException as exc:
-                failures.append(exc)
-
-        starting = threading.Thread(target=start)
-        starting.start()
+        starting, failures = start_in_background(worker)
         try:
             wait_for(
                 lambda: "worker_register_retrying" in logged_events(caplog),
@@ -435,16 +441,7 @@ class TestStopWhileRegistering:
         monkeypatch.setattr(event_loop, "loop_factory", lambda: held_loop)
         worker = Worker(f"127.0.0.1:{free_port()}", concurrency=1)
         worker.register_handler("anything", lambda _ctx, _payload: None)
-        failures: list[BaseException] = []
-
-        def start() -> None:
-            try:
-                worker.start(timeout=60)
-            except BaseException as exc:
-                failures.append(exc)
-
-        starting = threading.Thread(target=start)
-        starting.start()
+        starting, failures = start_in_background(worker)
         try:
             wait_for(in_thread.is_set, what="the worker's thread to start")
             worker.stop(timeout=0)  # the loop does not exist yet: nothing to wait for

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 from conveyor.codec import is_sealed, sealed_key_id
 from conveyor.monitoring.preview import as_text
+from conveyor.types import UNPRINTABLE_CATEGORIES
 
 # Piped output has no terminal width to fit: rich's fallback of 80 columns would fold task
 # ids in the middle, which breaks grep and copy-paste. COLUMNS still wins when set.
@@ -71,14 +72,15 @@ def iso(value: datetime | None) -> str | None:
 
 
 def inert(text: str) -> str:
-    """`text` with terminal control and bidi-format characters shown as escapes.
+    """`text` with terminal control, bidi-format and line-separator characters as escapes.
 
     Error messages, progress reports and history details come from handlers: an escape
-    sequence in one must not clear the operator's screen or rewrite what it shows.
+    sequence in one must not clear the operator's screen or rewrite what it shows. The
+    characters are the ones the server refuses in worker-supplied text.
     """
     return "".join(
         char
-        if char in "\t\n" or unicodedata.category(char) not in ("Cc", "Cf")
+        if char in "\t\n" or unicodedata.category(char) not in UNPRINTABLE_CATEGORIES
         else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
