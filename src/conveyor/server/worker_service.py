@@ -76,6 +76,9 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 # old owner for ever would go on letting it act as that worker (heartbeats, leases), on
 # someone else's id. A minute costs one lookup per worker a minute.
 OWNER_MEMORY_SECONDS: Final = 60.0
+# Workers whose latest claim stopped at its reply's bytes with tasks left (see `lease`): at
+# this many the memory is cleared, which costs each of them one claim it could have skipped.
+MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 # A bound on a lease's bytes in a message besides its payload and its trace context's JSON
 # text (`lease_size_bound`): ids, the type (at most 128 characters), numbers, timestamps,
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
@@ -160,6 +163,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.draining = False
         # Worker id -> (principal, until when by the monotonic clock).
         self._owners: dict[str, tuple[str, float]] = {}
+        # Workers whose latest claim left tasks for want of room in its reply (`more`).
+        self._left_more: set[str] = set()
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
@@ -291,12 +296,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """
         loop = asyncio.get_running_loop()
         poll_interval = self.config.poll_interval.total_seconds()
-        woken, first = False, True
+        # The worker's previous claim stopped at its reply's bytes and left tasks ready. A
+        # concurrent claim that skipped them while that claim held them locked may have
+        # marked the types drained since, and the first claim skipped for it would leave
+        # them waiting for the fallback poll though the worker has room: claim them now.
+        left_more = worker_id in self._left_more
+        self._left_more.discard(worker_id)
+        woken, first = False, not left_more
         while not self.draining:
             generation, claimed = await self._look(
-                worker_id, task_types, limit, woken=woken, first=first
+                worker_id, task_types, limit, woken=woken, may_skip=first
             )
             first = False
+            if claimed and claimed[0]["more"]:
+                self._remember_left_more(worker_id)
             rows = claimed or []
             self.metrics.count_claim("skipped" if claimed is None else "tasks" if rows else "empty")
             if not rows:
@@ -344,15 +357,18 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.metrics.work_streams.dec()
 
     async def _look(
-        self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, first: bool
+        self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, may_skip: bool
     ) -> tuple[int, list[Any] | None]:
-        """Claim, or skip a claim that would find nothing: (generation, rows or None)."""
+        """Claim, or skip a claim that would find nothing: (generation, rows or None).
+
+        `may_skip`: a poll's first claim, skipped if its types are drained this round.
+        """
         if woken:
             # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
             return await self.wake_rounds.claim(
                 task_types, limit, lambda: self._claim(worker_id, task_types, limit)
             )
-        if first and self.wake_rounds.drained(task_types):
+        if may_skip and self.wake_rounds.drained(task_types):
             # Nothing new since a claim found these types empty: wait for a wake-up.
             return self.notifier.generation, None
         generation = self.notifier.generation
@@ -868,6 +884,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 "with the credentials it registered with"
             )
         return True
+
+    def _remember_left_more(self, worker_id: str) -> None:
+        if len(self._left_more) >= MAX_REMEMBERED_LEFTOVERS:
+            self._left_more.clear()
+        self._left_more.add(worker_id)
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:
