@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from conveyor.codec import MAX_SEALED_TEXT, is_sealed_text
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
@@ -56,7 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.server.workers")
 
-MAX_ERROR_LENGTH: Final = 8000
+# What the server keeps of a worker's error, progress or release reason; a worker's sealed
+# text is made to fit it whole (`seal_text`).
+MAX_ERROR_LENGTH: Final = MAX_SEALED_TEXT
 # A release spends no attempt, so nothing else ends a loop of leases and hand-backs (a
 # fleet crash-looping through graceful stops, a task no worker can take, a hostile worker),
 # and each cycle writes two history rows for good. The release that reaches this many since
@@ -109,10 +112,21 @@ def lease_size_bound(row: Any) -> int:
     return len(row["payload"]) + trace_bytes + LEASE_BYTES_BESIDES
 
 
-def _clean_error(error: str) -> str:
-    # PostgreSQL text cannot hold NUL; an error string is for humans, so trim it too.
+def _clean_error(error: str, field: str = "error") -> str:
+    """A worker's text (`field`: error, progress, reason) as the database keeps it.
+
+    PostgreSQL text cannot hold NUL; the text is for humans, so it is cut to
+    MAX_ERROR_LENGTH. A sealed text is never cut, since nobody could open what is left:
+    one too long (a codec with more overhead than the worker's `seal_text` allows for, or
+    another client) is replaced by a plain note saying so, and the report is applied.
+    """
     cleaned = error.replace("\x00", "\\x00")
     if len(cleaned) > MAX_ERROR_LENGTH:
+        if is_sealed_text(cleaned):
+            return (
+                f"sealed {field} of {len(cleaned)} characters was too long to keep "
+                f"(limit {MAX_ERROR_LENGTH}); its text is lost"
+            )
         cleaned = cleaned[:MAX_ERROR_LENGTH] + "... (truncated)"
     return cleaned or "error"
 
@@ -527,7 +541,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             (
                 normalize_task_id(ref.task_id),
                 normalize_task_id(ref.lease_id),
-                _clean_error(ref.progress) if ref.has_progress else None,
+                _clean_error(ref.progress, "progress") if ref.has_progress else None,
             )
             for ref in request.leases
         ]
@@ -822,7 +836,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 task_id=task_id,
                 lease_id=lease_id,
                 worker_id=request.worker_id,
-                reason=_clean_error(request.error or "handed back by the worker"),
+                reason=_clean_error(request.error or "handed back by the worker", "reason"),
                 delivered=True,
                 max_releases=MAX_RELEASES,
             )
