@@ -131,11 +131,6 @@ def _clean_error(error: str, field: str = "error") -> str:
     return cleaned or "error"
 
 
-def _release_label(row: Any) -> str:
-    """The outcome of a release: `released`, or `failed` once it reached MAX_RELEASES."""
-    return "failed" if row["state"] == "failed" else "released"
-
-
 def _worker_id(value: str) -> str:
     # Checked on every call, not only at registration: the id is logged and shown, and a
     # call naming an id no worker could register must not write it anywhere.
@@ -464,7 +459,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     max_releases=MAX_RELEASES,
                 )
                 if released is not None:
-                    self.metrics.observe_outcome(released["type"], _release_label(released), None)
+                    self.metrics.observe_outcome(
+                        released["type"],
+                        queries.attempt_outcome(released["state"], "released"),
+                        None,
+                    )
         if rows:
             self.notifier.wake()
 
@@ -824,8 +823,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 retryable=not request.non_retryable,
                 backoff=self._backoff,
             )
-            label = "failed" if row is None or row["state"] == "failed" else "retried"
             if row is not None:
+                label = queries.attempt_outcome(row["state"], "retried")
                 if label == "retried":
                     self.notifier.wake_after(row["retry_in"])
                 if event == "timed_out":
@@ -840,9 +839,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 delivered=True,
                 max_releases=MAX_RELEASES,
             )
-            label = "released"
             if row is not None:
-                label = _release_label(row)
+                label = queries.attempt_outcome(row["state"], "released")
                 if label == "released":
                     self.notifier.wake()
         else:
