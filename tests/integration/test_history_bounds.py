@@ -131,7 +131,8 @@ def outcomes(http_url: str) -> dict[str, float]:
 
 def test_a_task_handed_back_over_and_over_fails_at_the_limit(server, client: Client) -> None:
     """Releases spend no attempt, so nothing else would end the loop: the MAX_RELEASES-th
-    fails the task, saying why; an operator's retry starts the count again."""
+    fails the task, saying why, on the attempt it was on (not one less: a failed task with
+    0 attempts says it never ran); an operator's retry starts the count again."""
     task_id = client.enqueue_task(Task(type=TYPE, payload=b"x", max_retries=0))
     release_over_and_over(server.address, MAX_RELEASES - 1, reason="draining")
     assert client.get_task_status(task_id).state is TaskState.QUEUED
@@ -140,16 +141,20 @@ def test_a_task_handed_back_over_and_over_fails_at_the_limit(server, client: Cli
     status = client.get_task_status(task_id, history=True)
     assert status.state is TaskState.FAILED
     assert status.finished_at is not None
+    assert status.attempts == 1
     assert status.last_error == (
         f"handed back {MAX_RELEASES} times without finishing (the limit): the worker or the "
         "server could not run it; the last time: draining"
     )
     last = status.history[-1]
-    assert (last.event, last.state) == ("released", TaskState.FAILED)
+    assert (last.event, last.state, last.attempt) == ("released", TaskState.FAILED, 1)
     assert last.detail == status.last_error
+    # The history's releases all name the attempt their `started` event named.
+    assert {event.attempt for event in status.history if event.event != "enqueued"} == {1}
     assert outcomes(server.http_url) == {"released": MAX_RELEASES - 1, "failed": 1}
     explained = client.explain_task(task_id)
     assert f"last error: {status.last_error}" in explained
+    assert explained[0].startswith("failed for good after 1 attempt(s)")
 
     assert client.retry_tasks([task_id]).changed == 1
     release_over_and_over(server.address, 1)

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
-from helpers import Db, metric_by_label, wait_final, wait_for
+from helpers import Db, holding, metric_by_label, wait_final, wait_for
 from long_polls import Fleet, claims
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.client.channel import CHANNEL_OPTIONS
+from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.worker_service import LEASE_BYTES_BESIDES, lease_size_bound
 from conveyor.storage import queries
 
@@ -171,6 +172,73 @@ def test_a_claim_stopped_by_its_reply_size_leaves_the_rest_to_the_next_woken_pol
     db = Db(database_url)
     for task in tasks:
         assert [row["event"] for row in db.events(task.id)] == ["enqueued", "started"]
+
+
+LEFTOVER_LOCKED = (
+    "SELECT 1 FROM conveyor_tasks WHERE type = 'large.left' AND state = 'queued' FOR UPDATE"
+)
+
+
+def test_a_poll_after_a_claim_that_left_tasks_claims_them_despite_a_drained_round(
+    start_server: Callable[..., ServerThread], database_url: str
+) -> None:
+    """A claim stopped at its reply's bytes leaves tasks (`more`) locked until it commits;
+    a concurrent claim of the same type skips them, gets fewer than it asked for and marks
+    the type drained for the round. The first worker polls again at once for the rest, and
+    that poll's first claim must not be skipped for the drained mark: the tasks would wait
+    for the fallback poll (a minute here) although the worker has room. The window is held
+    open by the test's own lock on the leftover task, as the first claim's lock holds it."""
+    server = start_server(
+        max_payload_bytes=4 * MIB,
+        poll_interval=timedelta(minutes=1),
+        handoff=False,
+        lease_ttl=LONG,
+    )
+    assert 5 * PAYLOAD_BYTES < server.config.lease_message_bytes < 6 * PAYLOAD_BYTES
+    tasks = [
+        queries.NewTask(str(uuid.uuid4()), "large.left", bytes([n]) * PAYLOAD_BYTES, LONG, 0)
+        for n in range(6)
+    ]
+    insert_in_one_commit(database_url, tasks)
+    fleet = Fleet(server.address, options=CHANNEL_OPTIONS)
+    try:
+        poll = fleet.register("left-1", "large.left", max_tasks=8)
+        first = fleet.workers.LeaseTasks(poll, timeout=20)
+        assert [lease.task_id for lease in first.leases] == [task.id for task in tasks[:5]]
+        leftover = tasks[5].id
+        # The one task of the type still queued is the leftover.
+        with holding(database_url, LEFTOVER_LOCKED):
+            before = claims(server.http_url).get("empty", 0)
+            other = fleet.poll("left-2", "large.left", max_tasks=8)
+            wait_for(
+                lambda: claims(server.http_url).get("empty", 0) >= before + 1,
+                what="the second worker's first claim, empty: the leftover is locked",
+            )
+            # A wake-up for another type: the second poll claims in the new round, finds
+            # nothing again and marks large.left drained.
+            fleet.enqueue("large.elsewhere")
+            wait_for(
+                lambda: claims(server.http_url).get("empty", 0) >= before + 2,
+                what="the second worker's woken claim, empty",
+            )
+        # Nothing wakes the polls now: a first claim skipped for the drained mark would
+        # wait out the poll's 10 s (or, with a longer wait, the minute's fallback poll).
+        skipped = claims(server.http_url).get("skipped", 0)
+        again = replace_wait(poll, seconds=10)
+        leased = fleet.workers.LeaseTasks(again, timeout=20)
+        assert [lease.task_id for lease in leased.leases] == [leftover]
+        assert claims(server.http_url).get("skipped", 0) == skipped
+        assert not other.done()
+    finally:
+        fleet.close()
+
+
+def replace_wait(request: pb.LeaseTasksRequest, *, seconds: int) -> pb.LeaseTasksRequest:
+    """The same long poll, waiting at most `seconds` on the server."""
+    shorter = pb.LeaseTasksRequest()
+    shorter.CopyFrom(request)
+    shorter.wait.FromTimedelta(timedelta(seconds=seconds))
+    return shorter
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ saying which key it lacks; and keys must rotate without losing a task.
 
 from __future__ import annotations
 
+import re
 import threading
 import urllib.request
 from datetime import timedelta
@@ -176,3 +177,59 @@ class TestPayloadEncryption:
         # The worker sealed the result; the plain client shows it sealed, not garbled.
         assert is_sealed(status.result or b"")  # type: ignore[attr-defined]
         assert bytes(db.task(task_id)["payload"]) == SECRET
+
+
+class BulkyCodec:
+    """AesGcmCodec's seal and 7,000 bytes more (a wrapped key, say): even an empty message
+    seals to more text than the server keeps, which `seal_text` cannot cut to fit."""
+
+    OVERHEAD = b"k" * 7000
+
+    def __init__(self) -> None:
+        self.inner = AesGcmCodec([NEW_KEY])
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        return self.inner.seal(data, field=field, task_id=task_id) + self.OVERHEAD
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        return self.inner.open(data.removesuffix(self.OVERHEAD), field=field, task_id=task_id)
+
+
+TOO_LONG = re.compile(
+    r"sealed (error|progress) of \d{4,} characters was too long to keep \(limit 8000\); "
+    r"its text is lost"
+)
+
+
+def test_a_sealed_text_too_long_to_keep_is_replaced_not_cut(server: ServerThread, db: Db) -> None:
+    """A cut seal cannot be opened: what was left of it was stored as if it were sealed, and
+    every reader failed on it. The server stores a plain note instead, for errors and
+    progress alike, and still applies the report: the failure is retried, then final."""
+    codec = BulkyCodec()
+    worker = Worker(server.address, codec=codec)
+    progressed = threading.Event()
+
+    def report_then_fail(ctx: TaskContext, _payload: bytes) -> bytes:
+        ctx.heartbeat("halfway")
+        progressed.wait(20)
+        raise ValueError("could not process it")
+
+    worker.register_handler("bulky", report_then_fail)
+    worker.start()
+    try:
+        with Client(server.address, codec=codec) as client:
+            task_id = client.enqueue_task(Task(type="bulky", payload=b"x", max_retries=1))
+            stored = wait_for(lambda: db.task(task_id)["progress"], what="the progress")
+            assert TOO_LONG.fullmatch(stored), stored
+            assert client.get_task_status(task_id).progress == stored
+            progressed.set()
+            status = wait_final(client, task_id)
+    finally:
+        progressed.set()
+        worker.stop()
+    assert status.state is TaskState.FAILED  # type: ignore[attr-defined]
+    assert status.attempts == 2  # type: ignore[attr-defined]
+    assert TOO_LONG.fullmatch(status.last_error or ""), status.last_error  # type: ignore[attr-defined]
+    failures = [e for e in status.history if e.event == "failed"]  # type: ignore[attr-defined]
+    assert [e.state for e in failures] == [TaskState.QUEUED, TaskState.FAILED]
+    assert all(TOO_LONG.fullmatch(e.detail or "") for e in failures), failures

@@ -270,7 +270,7 @@ class TestLeaderDutyBatches:
             async with database.connection() as conn:
                 await conn.execute(EXPIRED_LEASES, lease_reaper.BATCH_SIZE + 100)
             config = ServerConfig(database_url=database.url, http_listen=None)
-            notifier = TaskNotifier(database.url, database.server_settings())
+            notifier = TaskNotifier(database.url, database.server_settings(), nothing_due)
             reaper = reaper_class(config, database, ServerMetrics(), notifier, elector)
             proof = elector.leadership
             assert proof is not None
@@ -300,12 +300,17 @@ class TestLeaderDutyBatches:
         assert await count(database, "SELECT count(*) FROM conveyor_tasks") == left
 
 
+async def nothing_due() -> bool:
+    """A server's promotion of due retries when none is due: these tests schedule none."""
+    return False
+
+
 class TestNotifierLifecycle:
     async def test_start_stop_cycles_listen_each_time(self, database: Database) -> None:
         """Each cycle establishes LISTEN; stop() wakes waiters and leaves no task."""
         before = len(asyncio.all_tasks())
         for _ in range(10):
-            notifier = TaskNotifier(database.url, database.server_settings())
+            notifier = TaskNotifier(database.url, database.server_settings(), nothing_due)
             await notifier.stop()
             notifier.start()
             notifier.start()

@@ -4,7 +4,8 @@ TaskNotifier coalesces wake-ups due close together into one timer. It used to fi
 first and drop every other one due within the next 5 ms: a retry woken up to 5 ms early is
 not yet claimable, the claim that missed it marked its type drained for the round, and the
 retry waited for the fallback poll, a whole `poll_interval`, instead of milliseconds. A
-real event loop, no database: the timer is all that is under test.
+real event loop, no database: the timer is all that is under test, so the promotion it
+runs moves nothing and reports that it moved some (the server's wakes only then).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import pytest
 from conveyor.server.notifier import COALESCE_WAKE_UPS, TaskNotifier
 
 
+async def promoted_some() -> bool:
+    return True
+
+
 async def wake_times(dues: list[float], watch_for: float) -> list[float]:
     """When the notifier woke its waiters (seconds since the wake-ups were scheduled)."""
-    notifier = TaskNotifier("postgresql://unused", {})
+    notifier = TaskNotifier("postgresql://unused", {}, promoted_some)
     loop = asyncio.get_running_loop()
     start = loop.time()
     for due in dues:

@@ -52,16 +52,15 @@ class TaskNotifier:
         self,
         database_url: str,
         server_settings: dict[str, str],
-        promote_due: Callable[[], Awaitable[bool]] | None = None,
+        promote_due: Callable[[], Awaitable[bool]],
         on_leader_resigned: Callable[[], None] | None = None,
         own_backends: Container[int] = frozenset(),
     ) -> None:
         """Nothing connects until `start`.
 
         `promote_due` moves the retries whose backoff ended into the queue and NOTIFYs every
-        server; True if it moved any (None: only wake, as tests of the timer do).
-        `on_leader_resigned` is called
-        when a leader gives up its role, so this server can campaign at once.
+        server; True if it moved any. `on_leader_resigned` is called when a leader gives up
+        its role, so this server can campaign at once.
         `own_backends` holds the backend pids of this server's own connections: their task
         notifications are echoes of wake-ups this server already gave its long polls.
         """
@@ -123,18 +122,15 @@ class TaskNotifier:
         now = loop.time()
         while self._due and self._due[0] <= now:
             heapq.heappop(self._due)
-        if self._promote_due is None:
-            self.wake()
-        else:
-            task = asyncio.ensure_future(self._promote_then_wake(self._promote_due))
-            self._promoting.add(task)
-            task.add_done_callback(self._promoting.discard)
+        task = asyncio.ensure_future(self._promote_then_wake())
+        self._promoting.add(task)
+        task.add_done_callback(self._promoting.discard)
         self._arm(loop)
 
-    async def _promote_then_wake(self, promote_due: Callable[[], Awaitable[bool]]) -> None:
+    async def _promote_then_wake(self) -> None:
         # The local polls are woken once the promotion has committed: woken before, their
         # claims would not see the tasks, and would take the type for drained.
-        if await promote_due():
+        if await self._promote_due():
             self.wake()
 
     async def wait(

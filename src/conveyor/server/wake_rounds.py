@@ -17,8 +17,11 @@ A round is one notifier generation: a newer wake-up (new tasks committed after t
 claims looked) starts a fresh round with nothing drained, so no task is left waiting for a
 wake-up that was skipped. A long poll's first claim is skipped too when the current round
 has already drained its types (a worker polls again as soon as it receives its leases, and
-that claim would find nothing); otherwise it claims directly, as do the fallback polls
-(`poll_interval`), which cover tasks that became available without a wake-up.
+that claim would find nothing), unless the same worker's previous claim said `more`: the
+tasks it left were locked until it committed, and a concurrent claim that skipped them may
+have marked their types drained (`WorkerService.lease`). Otherwise it claims directly, as
+do the fallback polls (`poll_interval`), which cover tasks that became available without a
+wake-up.
 The cost is that woken claims in one server run in sequence; they would contend for the
 same rows and CPU if run together.
 """

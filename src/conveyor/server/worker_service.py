@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from conveyor.codec import MAX_SEALED_TEXT, is_sealed_text
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated
 from conveyor.protocol import convert
@@ -56,7 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.server.workers")
 
-MAX_ERROR_LENGTH: Final = 8000
+# What the server keeps of a worker's error, progress or release reason; a worker's sealed
+# text is made to fit it whole (`seal_text`).
+MAX_ERROR_LENGTH: Final = MAX_SEALED_TEXT
 # A release spends no attempt, so nothing else ends a loop of leases and hand-backs (a
 # fleet crash-looping through graceful stops, a task no worker can take, a hostile worker),
 # and each cycle writes two history rows for good. The release that reaches this many since
@@ -76,6 +79,9 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 # old owner for ever would go on letting it act as that worker (heartbeats, leases), on
 # someone else's id. A minute costs one lookup per worker a minute.
 OWNER_MEMORY_SECONDS: Final = 60.0
+# Workers whose latest claim stopped at its reply's bytes with tasks left (see `lease`): at
+# this many the memory is cleared, which costs each of them one claim it could have skipped.
+MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 # A bound on a lease's bytes in a message besides its payload and its trace context's JSON
 # text (`lease_size_bound`): ids, the type (at most 128 characters), numbers, timestamps,
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
@@ -106,17 +112,23 @@ def lease_size_bound(row: Any) -> int:
     return len(row["payload"]) + trace_bytes + LEASE_BYTES_BESIDES
 
 
-def _clean_error(error: str) -> str:
-    # PostgreSQL text cannot hold NUL; an error string is for humans, so trim it too.
+def _clean_error(error: str, field: str = "error") -> str:
+    """A worker's text (`field`: error, progress, reason) as the database keeps it.
+
+    PostgreSQL text cannot hold NUL; the text is for humans, so it is cut to
+    MAX_ERROR_LENGTH. A sealed text is never cut, since nobody could open what is left:
+    one too long (a codec with more overhead than the worker's `seal_text` allows for, or
+    another client) is replaced by a plain note saying so, and the report is applied.
+    """
     cleaned = error.replace("\x00", "\\x00")
     if len(cleaned) > MAX_ERROR_LENGTH:
+        if is_sealed_text(cleaned):
+            return (
+                f"sealed {field} of {len(cleaned)} characters was too long to keep "
+                f"(limit {MAX_ERROR_LENGTH}); its text is lost"
+            )
         cleaned = cleaned[:MAX_ERROR_LENGTH] + "... (truncated)"
     return cleaned or "error"
-
-
-def _release_label(row: Any) -> str:
-    """The outcome of a release: `released`, or `failed` once it reached MAX_RELEASES."""
-    return "failed" if row["state"] == "failed" else "released"
 
 
 def _worker_id(value: str) -> str:
@@ -160,6 +172,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.draining = False
         # Worker id -> (principal, until when by the monotonic clock).
         self._owners: dict[str, tuple[str, float]] = {}
+        # Workers whose latest claim left tasks for want of room in its reply (`more`).
+        self._left_more: set[str] = set()
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
@@ -291,12 +305,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """
         loop = asyncio.get_running_loop()
         poll_interval = self.config.poll_interval.total_seconds()
-        woken, first = False, True
+        # The worker's previous claim stopped at its reply's bytes and left tasks ready. A
+        # concurrent claim that skipped them while that claim held them locked may have
+        # marked the types drained since, and the first claim skipped for it would leave
+        # them waiting for the fallback poll though the worker has room: claim them now.
+        left_more = worker_id in self._left_more
+        self._left_more.discard(worker_id)
+        woken, first = False, not left_more
         while not self.draining:
             generation, claimed = await self._look(
-                worker_id, task_types, limit, woken=woken, first=first
+                worker_id, task_types, limit, woken=woken, may_skip=first
             )
             first = False
+            if claimed and claimed[0]["more"]:
+                self._remember_left_more(worker_id)
             rows = claimed or []
             self.metrics.count_claim("skipped" if claimed is None else "tasks" if rows else "empty")
             if not rows:
@@ -344,15 +366,18 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.metrics.work_streams.dec()
 
     async def _look(
-        self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, first: bool
+        self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, may_skip: bool
     ) -> tuple[int, list[Any] | None]:
-        """Claim, or skip a claim that would find nothing: (generation, rows or None)."""
+        """Claim, or skip a claim that would find nothing: (generation, rows or None).
+
+        `may_skip`: a poll's first claim, skipped if its types are drained this round.
+        """
         if woken:
             # Woken with the other waiting polls: claim in turn (see wake_rounds.py).
             return await self.wake_rounds.claim(
                 task_types, limit, lambda: self._claim(worker_id, task_types, limit)
             )
-        if first and self.wake_rounds.drained(task_types):
+        if may_skip and self.wake_rounds.drained(task_types):
             # Nothing new since a claim found these types empty: wait for a wake-up.
             return self.notifier.generation, None
         generation = self.notifier.generation
@@ -434,7 +459,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     max_releases=MAX_RELEASES,
                 )
                 if released is not None:
-                    self.metrics.observe_outcome(released["type"], _release_label(released), None)
+                    self.metrics.observe_outcome(
+                        released["type"],
+                        queries.attempt_outcome(released["state"], "released"),
+                        None,
+                    )
         if rows:
             self.notifier.wake()
 
@@ -511,7 +540,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             (
                 normalize_task_id(ref.task_id),
                 normalize_task_id(ref.lease_id),
-                _clean_error(ref.progress) if ref.has_progress else None,
+                _clean_error(ref.progress, "progress") if ref.has_progress else None,
             )
             for ref in request.leases
         ]
@@ -794,8 +823,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 retryable=not request.non_retryable,
                 backoff=self._backoff,
             )
-            label = "failed" if row is None or row["state"] == "failed" else "retried"
             if row is not None:
+                label = queries.attempt_outcome(row["state"], "retried")
                 if label == "retried":
                     self.notifier.wake_after(row["retry_in"])
                 if event == "timed_out":
@@ -806,13 +835,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 task_id=task_id,
                 lease_id=lease_id,
                 worker_id=request.worker_id,
-                reason=_clean_error(request.error or "handed back by the worker"),
+                reason=_clean_error(request.error or "handed back by the worker", "reason"),
                 delivered=True,
                 max_releases=MAX_RELEASES,
             )
-            label = "released"
             if row is not None:
-                label = _release_label(row)
+                label = queries.attempt_outcome(row["state"], "released")
                 if label == "released":
                     self.notifier.wake()
         else:
@@ -868,6 +896,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 "with the credentials it registered with"
             )
         return True
+
+    def _remember_left_more(self, worker_id: str) -> None:
+        if len(self._left_more) >= MAX_REMEMBERED_LEFTOVERS:
+            self._left_more.clear()
+        self._left_more.add(worker_id)
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:

@@ -357,6 +357,16 @@ async def task_release(
     return row
 
 
+def attempt_outcome(state: str, otherwise: str) -> str:
+    """What became of an attempt, as the outcome metrics name it.
+
+    From the task's state after the statement that ended the attempt (task_fail,
+    task_release, task_reap_expired): `failed` when that statement failed the task for
+    good, else `otherwise` (`retried`, `released`).
+    """
+    return "failed" if state == "failed" else otherwise
+
+
 async def task_lock_for_cancel(conn: Any, *, task_id: str) -> asyncpg.Record | None:
     """Lock a task row for the rest of the transaction. None: no such task."""
     row: asyncpg.Record | None = await conn.fetchrow(

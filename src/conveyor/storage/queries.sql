@@ -358,7 +358,8 @@ FROM done;
 -- nothing else ends a loop of leases and hand-backs, each writing two history rows: the
 -- $6th release since the task's last operator retry fails the task instead, saying why
 -- (one probe of the task's history by its primary key, a few rows for any task not near
--- the limit).
+-- the limit). That release keeps the attempt: the task ends on the attempt it was on, and
+-- a failed task with 0 attempts would tell `explain` and GetTask it never ran.
 WITH released_before AS (
     SELECT count(*) AS releases
     FROM conveyor_task_events AS e
@@ -369,7 +370,7 @@ WITH released_before AS (
     UPDATE conveyor_tasks
     SET state = CASE WHEN r.releases + 1 < $6 THEN 'queued' ELSE 'failed'
                 END::conveyor_task_state,
-        attempt = attempt - 1,
+        attempt = CASE WHEN r.releases + 1 < $6 THEN attempt - 1 ELSE attempt END,
         available_at = CASE WHEN $5::boolean THEN now() ELSE available_at END,
         finished_at = CASE WHEN r.releases + 1 < $6 THEN NULL ELSE now() END,
         last_error = CASE WHEN r.releases + 1 < $6 THEN last_error
@@ -383,8 +384,9 @@ WITH released_before AS (
     RETURNING id, type, state, attempt, worker_id, last_error
 ), history AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail)
-    SELECT id, 'released', state, attempt + 1, worker_id,
-           CASE WHEN state = 'failed' THEN last_error ELSE $3::text END
+    -- The attempt the lease belonged to, as its `started` event says.
+    SELECT id, 'released', state, CASE WHEN state = 'failed' THEN attempt ELSE attempt + 1 END,
+           worker_id, CASE WHEN state = 'failed' THEN last_error ELSE $3::text END
     FROM done
 ), wake AS (
     SELECT pg_notify('conveyor_task_ready', '')

@@ -68,7 +68,7 @@ class LeaseReaper(BatchedLeaderDuty):
             self._metrics.count_cut_short(row["type"], cause)
             self._metrics.task_outcomes.labels(
                 self._metrics.type_label(row["type"]),
-                "failed" if row["state"] == "failed" else "retried",
+                queries.attempt_outcome(row["state"], "retried"),
             ).inc()
             if row["state"] == "scheduled":
                 self._notifier.wake_after(row["retry_in"])
