@@ -651,11 +651,12 @@ class _Runtime:
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
         self.reports = ReportBatcher(worker.worker_id, self.report_call)
         # The open Work stream, if any (see worker/work_stream.py), the call's pick (its
-        # server), whether a heartbeat to that server just went unanswered, and when to try
-        # a stream again after a server without it.
+        # server), when the latest heartbeat to that server that went unanswered was sent
+        # (None: the latest one was answered), and when to try a stream again after a
+        # server without it.
         self.stream: WorkStream | None = None
         self.stream_pick: Pick | None = None
-        self.stream_silent = False
+        self.stream_silent_since: float | None = None
         self.streams_retry_at = 0.0
         # Leases that arrived after draining began, being handed back.
         self.hand_backs: set[asyncio.Task[None]] = set()
@@ -1029,7 +1030,7 @@ class _Runtime:
                     self.ring.record(pick, reachable=False)
                 raise
             self.ring.record(pick, reachable=True)
-            self.stream, self.stream_pick, self.stream_silent = stream, pick, False
+            self.stream, self.stream_pick, self.stream_silent_since = stream, pick, None
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
@@ -1151,21 +1152,35 @@ class _Runtime:
         self.ring.record(pick, reachable=False, cause=why)
         stream.abandon(why)
 
-    def note_heartbeat(self, address: str, *, answered: bool) -> None:
-        """Replace the Work stream when a heartbeat to its server failed and another answers.
+    def note_heartbeat(self, address: str, *, answered: bool, sent_at: float) -> None:
+        """Replace the Work stream when its server went silent and another server answers.
 
         A heartbeat shares the stream's connection: no answer from the stream's server says
         the stream may be dead as well, and an answer from elsewhere says where to lease
         and report instead. Until then the worker waited for the stream's own failure
         (keepalive, or a batch's deadline), and an idle worker leased nothing meanwhile.
+
+        Silent means the stream, too, has carried nothing since that heartbeat was sent: a
+        heartbeat fails alone (its deadline passed while the server's database was slow,
+        or the server answered UNAVAILABLE because its statement failed). One such failure
+        used to cancel a healthy stream, and the leases on their way in it were lost,
+        each an attempt spent and a lease's wait.
         """
-        pick = self.stream_pick
-        if pick is None:
+        stream, pick = self.stream, self.stream_pick
+        if stream is None or pick is None:
             return
         if address == pick.address:
-            self.stream_silent = not answered
-        elif answered and self.stream_silent:
-            self.abandon_stream(f"heartbeats to it failed while {address} answered")
+            self.stream_silent_since = None if answered else sent_at
+            return
+        silent_since = self.stream_silent_since
+        if not answered or silent_since is None:
+            return
+        if stream.last_received >= silent_since:
+            self.stream_silent_since = None  # it was heard from: alive
+            return
+        self.abandon_stream(
+            f"a heartbeat to it failed, it carried nothing since, and {address} answered"
+        )
 
     async def stop_leasing(self, leasing: asyncio.Task[None]) -> None:
         """Take no more leases: half-close the stream, whose end also ends the lease loop.
@@ -1720,7 +1735,7 @@ class _Runtime:
                 )
             except (_Unreachable, grpc.aio.AioRpcError) as exc:
                 if isinstance(exc, _Unreachable) and exc.address is not None:
-                    self.note_heartbeat(exc.address, answered=False)
+                    self.note_heartbeat(exc.address, answered=False, sent_at=sent_at)
                 self.metrics.heartbeat_failures.inc()
                 self.log.warning(
                     "heartbeat failed (%s); silent for %.1fs",
@@ -1734,7 +1749,7 @@ class _Runtime:
                 self.apply_stops(stops)
                 self.stop_if_silent(last_success, held[start:])
                 return last_success
-            self.note_heartbeat(address, answered=True)
+            self.note_heartbeat(address, answered=True, sent_at=sent_at)
             stops.extend(response.stop)
             stopped = {(stop.task_id, stop.lease_id) for stop in response.stop}
             for attempt in chunk:

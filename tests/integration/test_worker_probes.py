@@ -1,0 +1,115 @@
+"""A worker's breakers, heartbeats and Work stream when a server falters for a moment.
+
+- One heartbeat to the stream's server that fails while the stream is still heard from
+  does not make the worker give the stream up (and lose the leases on their way in it).
+
+Real servers, real workers, real PostgreSQL; slow statements come from locks the test
+holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from helpers import holding, running, wait_final, wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.client import channel as channel_module
+from conveyor.worker.context import TaskContext
+
+TYPE = "probes.job"
+BEAT = timedelta(seconds=1)
+# Held by the test: every heartbeat waits for its worker's row (worker_touch).
+WORKER_ROWS_LOCKED = "SELECT 1 FROM conveyor_workers FOR UPDATE"
+
+
+def events_of(caplog: pytest.LogCaptureFixture, *names: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) in names]
+
+
+def held_worker(address: str | list[str]) -> tuple[Worker, threading.Event, threading.Event]:
+    """A worker whose handler, on the payload b"held", waits for the test to set `release`.
+    Returns (worker, started, release)."""
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(address, concurrency=2)
+
+    @worker.handler(TYPE)
+    def job(_ctx: TaskContext, payload: bytes) -> bytes:
+        if payload == b"held":
+            started.set()
+            release.wait(30)
+        return payload.upper()
+
+    return worker, started, release
+
+
+@pytest.fixture
+def first_address_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every AddressRing start at its first address instead of a random one."""
+    fake = SimpleNamespace(randrange=lambda _n: 0, uniform=random.uniform)
+    monkeypatch.setattr(channel_module, "random", fake)
+
+
+# --- a heartbeat that fails alone -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_failed_heartbeat_does_not_abandon_a_stream_that_is_heard_from(
+    start_server, db, caplog: pytest.LogCaptureFixture, first_address_first: None
+) -> None:
+    """A heartbeat to A fails (its statement times out behind a lock) while A's stream
+    delivers a lease; the next heartbeat goes to B, which answers.
+
+    The worker used to cancel the stream on A at B's answer, although A had just sent a
+    lease on it: leases on their way in the stream were lost, each an attempt spent and a
+    lease's wait. The stream is given up only if it, too, has carried nothing since.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    a = start_server(heartbeat_interval=BEAT, statement_timeout=timedelta(milliseconds=500))
+    b = start_server(heartbeat_interval=BEAT)
+    assert a.server is not None
+    worker, started, release = held_worker([a.address, b.address])
+    with Client(a.address) as client, running(worker):
+        streams_on_a = a.server.worker_service.streams
+        wait_for(lambda: len(streams_on_a) == 1, what="the worker's stream on A")
+        (stream,) = streams_on_a
+        with holding(db.url, WORKER_ROWS_LOCKED):
+            wait_for(
+                lambda: events_of(caplog, "heartbeat_failed"),
+                timeout=10,
+                what="a heartbeat to A to fail behind the lock",
+            )
+            # A lease arrives on A's stream after that heartbeat was sent.
+            held = client.enqueue_task(Task(type=TYPE, payload=b"held"))
+            wait_for(started.is_set, what="the lease on A's stream to start its handler")
+        # The next heartbeats go to B and are answered.
+        two_more_heartbeats(db, worker.worker_id)
+        release.set()
+        status = wait_final(client, held, timeout=10)
+        assert streams_on_a == {stream}
+
+    assert not events_of(caplog, "stream_abandoned")
+    assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 1)
+
+
+def two_more_heartbeats(db, worker_id: str) -> None:
+    """Wait until two heartbeats of the worker commit after this call: the answer of any
+    heartbeat in flight at the call was read by the worker before the second was sent."""
+    for _ in range(2):
+        before = last_heartbeat(db, worker_id)
+        wait_for(lambda: last_heartbeat(db, worker_id) > before, timeout=10, what="a heartbeat")  # noqa: B023
+
+
+def last_heartbeat(db, worker_id: str) -> float:
+    """When the worker's latest heartbeat committed (seconds since the epoch)."""
+    return float(
+        db.fetchval(
+            "SELECT extract(epoch FROM last_heartbeat_at) FROM conveyor_workers WHERE id = $1",
+            worker_id,
+        )
+    )
