@@ -1,10 +1,13 @@
 """A worker's breakers, heartbeats and Work stream when a server falters for a moment.
 
+- After an outage the breaker's probe is a heartbeat, never a long poll: a long poll as the
+  probe held the half-open state for its whole wait, and heartbeats to the only server were
+  refused meanwhile.
 - One heartbeat to the stream's server that fails while the stream is still heard from
   does not make the worker give the stream up (and lose the leases on their way in it).
 
-Real servers, real workers, real PostgreSQL; slow statements come from locks the test
-holds.
+Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
+(faults/proxy.py), slow statements from locks the test holds.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+from faults.proxy import FaultProxy
 from helpers import holding, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
+from conveyor.breaker import DEFAULT_RESET_TIMEOUT
 from conveyor.client import channel as channel_module
 from conveyor.worker.context import TaskContext
 
@@ -30,6 +35,13 @@ WORKER_ROWS_LOCKED = "SELECT 1 FROM conveyor_workers FOR UPDATE"
 
 def events_of(caplog: pytest.LogCaptureFixture, *names: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", None) in names]
+
+
+def breaker_open(worker: Worker, address: str) -> bool:
+    value = worker.metrics.registry.get_sample_value(
+        "conveyor_worker_server_breaker_open", {"address": address}
+    )
+    return value == 1
 
 
 def held_worker(address: str | list[str]) -> tuple[Worker, threading.Event, threading.Event]:
@@ -53,6 +65,44 @@ def first_address_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every AddressRing start at its first address instead of a random one."""
     fake = SimpleNamespace(randrange=lambda _n: 0, uniform=random.uniform)
     monkeypatch.setattr(channel_module, "random", fake)
+
+
+# --- the probe after an outage --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_long_poll_is_never_the_probe_of_a_half_open_breaker(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The only server is cut off until the worker's breaker opens, then comes back.
+
+    The lease loop, sleeping exactly until the breaker let a probe through, used to send
+    its LeaseTasks long poll as the probe: it waited its whole `lease_wait` for a task, and
+    the breaker stayed half-open meanwhile, refusing every heartbeat ("every server's
+    circuit breaker is open") while the leases of running tasks ran out. Now the long poll
+    asks for a heartbeat to probe, and the breaker closes within a beat.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(work_stream=False, heartbeat_interval=BEAT)
+    with FaultProxy(server.address, name="link") as link:
+        worker = Worker(link.address, concurrency=1, lease_wait=30)
+        worker.register_handler(TYPE, lambda _ctx, payload: payload.upper())
+        with running(worker), Client(server.address) as client:
+            # Told that this server has no Work stream, the worker long-polls from now on.
+            wait_for(lambda: events_of(caplog, "stream_unsupported"), what="long polls")
+            link.partition("reset")
+            wait_for(lambda: breaker_open(worker, link.address), what="the breaker to open")
+            link.heal()
+            # Open for its reset timeout, then one probe: a heartbeat answers within a beat.
+            wait_for(
+                lambda: not breaker_open(worker, link.address),
+                timeout=DEFAULT_RESET_TIMEOUT.total_seconds() + 4,
+                what="the breaker to close after the outage",
+            )
+            task_id = client.enqueue_task(Task(type=TYPE, payload=b"after"))
+            status = wait_final(client, task_id, timeout=10)
+
+    assert (status.state, status.result) == (TaskState.SUCCEEDED, b"AFTER")
 
 
 # --- a heartbeat that fails alone -----------------------------------------------------------

@@ -132,6 +132,10 @@ REPORTING_SLOT_FULLS: Final = 2
 # off), the worker long-polls for this long before trying the stream again, so a rolling
 # upgrade of the servers reaches workers without restarting them.
 STREAM_RETRY_AFTER: Final = 60.0
+# How often the lease loop looks again while a server's breaker is half-open and its probe, a
+# heartbeat, is on its way: a long poll or a stream's opening is never the probe (see
+# breaker.py), as it may wait for its answer much longer than the heartbeats may.
+HALF_OPEN_RECHECK: Final = 0.25
 # How long a stopping worker waits for its server to end the Work stream it half-closed
 # (answering the outcomes on it, handing back leases it had claimed but not sent). A server
 # that does not answer within this is unreachable: the outcomes are retried by call.
@@ -723,25 +727,29 @@ class _Runtime:
             stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
         return stub
 
-    async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
-        """One RPC on a server whose breaker allows it.
+    async def call(
+        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
+    ) -> Any:
+        """One RPC on a server whose breaker allows it (`probe`: see `call_at`).
 
         Raises:
             _Unreachable: no server answered (the next call goes to the next server).
             grpc.aio.AioRpcError: the server answered with an error status.
         """
-        response, _ = await self.call_at(method, request, timeout=timeout)
+        response, _ = await self.call_at(method, request, timeout=timeout, probe=probe)
         return response
 
     async def call_at(
-        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT
+        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
     ) -> tuple[Any, str]:
-        """`call`, and the address of the server that answered."""
-        pick = self.ring.pick()
+        """`call`, and the address of the server that answered.
+
+        `probe=False`: a call that may wait long for its answer goes only to a server whose
+        breaker is closed (see `refused`).
+        """
+        pick = self.ring.pick(probe=probe)
         if pick is None:
-            raise _Unreachable(
-                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
-            )
+            raise self.refused(probe=probe)
         address = pick.address
         try:
             response = await getattr(self.stub(address), method)(
@@ -770,6 +778,25 @@ class _Runtime:
             raise
         self.ring.record(pick, reachable=True)
         return response, address
+
+    def refused(self, *, probe: bool) -> _Unreachable:
+        """The error of a call that no server's breaker let through.
+
+        A call that may not probe (a long poll, a stream's opening) and finds a breaker
+        half-open asks for a heartbeat now, which probes: a short call settles the
+        half-open state within its deadline. As the probe, a long poll held it for up to
+        its whole wait, and the heartbeats and reports to a lone server were refused
+        meanwhile, while the leases they would have kept ran out.
+        """
+        retry_in = self.ring.next_probe_in()
+        if not probe and retry_in <= 0:
+            if self.heartbeat_now is not None:
+                self.heartbeat_now.set()
+            return _Unreachable(
+                "no server's circuit breaker is closed yet; a heartbeat probes first",
+                retry_in=HALF_OPEN_RECHECK,
+            )
+        return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
 
     # --- main -----------------------------------------------------------------------------
 
@@ -1007,29 +1034,18 @@ class _Runtime:
             grpc.aio.AioRpcError: the server refused the stream.
         """
         assert self.slot_freed is not None  # noqa: S101
-        pick = self.ring.pick()
+        # Never the breaker's probe: an opening may wait (a server slow to accept, or gone
+        # silent), and the heartbeats would be refused meanwhile.
+        pick = self.ring.pick(probe=False)
         if pick is None:
-            raise _Unreachable(
-                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
-            )
+            raise self.refused(probe=False)
         address = pick.address
         # No request iterator: grpc.aio then lets us write and read as we go.
         call = self.stub(address).Work(metadata=self.metadata)  # type: ignore[call-arg]
         stream = WorkStream(call, self.on_leases)
         granting: asyncio.Task[None] | None = None
         try:
-            try:
-                await stream.open(
-                    self.worker.worker_id,
-                    self.worker.registry.task_types(),
-                    self.room(stream.unfilled),
-                )
-            except BaseException as exc:
-                if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
-                    # Stopped while opening: the breaker's probe, if this was one, ends.
-                    self.ring.record(pick, reachable=False)
-                raise
-            self.ring.record(pick, reachable=True)
+            await self.open_stream(stream, pick)
             self.stream, self.stream_pick, self.stream_silent_since = stream, pick, None
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
@@ -1049,6 +1065,22 @@ class _Runtime:
             if granting is not None:
                 granting.cancel()
             call.cancel()  # type: ignore[no-untyped-call]
+
+    async def open_stream(self, stream: WorkStream, pick: Pick) -> None:
+        """Open the stream; its server's breaker hears whether the server answered."""
+        try:
+            await stream.open(self.worker.worker_id, self.worker.registry.task_types(), self.room())
+        except asyncio.CancelledError:
+            # Stopped while opening: nothing was learned of the server. Counted as a
+            # failure, it moved the ring and could open the breaker, and the worker's last
+            # calls (hand-backs, its goodbye) found every breaker open.
+            self.ring.abandon(pick)
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
+                self.ring.record(pick, reachable=False)
+            raise
+        self.ring.record(pick, reachable=True)
 
     async def grant_loop(self, stream: WorkStream) -> None:
         """Grant the room slots free up, when no outcome report carries it first."""
@@ -1221,7 +1253,9 @@ class _Runtime:
             wait=convert.duration(wait),
         )
         poll = asyncio.ensure_future(
-            self.call("LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT)
+            self.call(
+                "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT, probe=False
+            )
         )
         try:
             response = await asyncio.shield(poll)
