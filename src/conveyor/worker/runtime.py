@@ -321,6 +321,9 @@ class _Attempt:
     thread_future: Future[Any] | None = None
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
+    # Set once the attempt's outcome is known and being reported: stopping it changes
+    # nothing any more, and the server's word on its lease comes with the report's answer.
+    finished: bool = False
     reported: bool = False
     # Whether the attempt still counts against `concurrency`: from its lease until its
     # handler has stopped, not until its outcome is delivered.
@@ -1338,6 +1341,7 @@ class _Runtime:
             self.metrics.observe_handler(lease.type, outcome, took)
             if outcome == "succeeded":
                 self.log.debug("task succeeded in %.3fs", took, extra={"event": "task_succeeded"})
+            attempt.finished = report is not None
             if report is not None and self.handler_stopped(attempt):
                 # The handler is done: its slot can run the next task while the outcome
                 # travels to the server and is committed. The lease stays ours (and
@@ -1798,12 +1802,18 @@ class _Runtime:
         return self.loop.time()
 
     def apply_stops(self, stops: list[pb.LeaseToStop]) -> None:
-        """Stop the attempts a heartbeat's answer named (only the lease it named)."""
+        """Stop the attempts a heartbeat's answer named (only the lease it named).
+
+        Not an attempt whose outcome is already being reported: a heartbeat that named its
+        lease and was answered after the outcome committed says the lease is over, as it
+        is, and the worker warned "its lease was lost" of a task that had succeeded.
+        """
         for stop in stops:
             stopped = self.attempts.get(stop.task_id)
             if (
                 stopped is not None
                 and stopped.lease.lease_id == stop.lease_id
+                and not stopped.finished
                 and not stopped.reported
             ):
                 cancelled = stop.reason == pb.STOP_REASON_CANCELLED
