@@ -5,6 +5,7 @@
   refused meanwhile.
 - One heartbeat to the stream's server that fails while the stream is still heard from
   does not make the worker give the stream up (and lose the leases on their way in it).
+- An attempt whose bookkeeping fails is reported failed at once, not left to expire.
 
 Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
 (faults/proxy.py), slow statements from locks the test holds.
@@ -163,3 +164,45 @@ def last_heartbeat(db, worker_id: str) -> float:
             worker_id,
         )
     )
+
+
+# --- bookkeeping that fails -----------------------------------------------------------------
+
+
+class ErrorSealingFails:
+    """A codec whose key service refuses error texts (results and payloads pass as they are)."""
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        if field == "error":
+            raise RuntimeError("the key service refused the request")
+        return data
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        return data
+
+
+def test_an_attempt_whose_settling_fails_is_reported_failed_at_once(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses the result as too large; the worker's replacement report (failed,
+    saying why) cannot be sealed, as the codec raises.
+
+    The attempt was left unreported: the task sat `running` for its whole lease and then
+    failed as "lease expired", blaming the worker. Now it fails at once, saying the worker
+    could not settle it, and the worker counts the report as failed.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(
+        heartbeat_interval=BEAT, lease_ttl=timedelta(seconds=30), max_payload_bytes=1024
+    )
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails())
+    worker.register_handler(TYPE, lambda _ctx, _payload: b"r" * 2048)
+    with Client(server.address) as client, running(worker):
+        task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+        status = wait_final(client, task_id, timeout=10)
+
+    assert status.state is TaskState.FAILED
+    assert "could not settle the attempt (RuntimeError)" in (status.last_error or "")
+    assert "refused the request" not in (status.last_error or "")
+    assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_failed_total") == 1
+    assert events_of(caplog, "worker_bug")

@@ -1117,13 +1117,21 @@ class _Runtime:
 
     def hand_back(self, lease: pb.Lease) -> None:
         """Release a lease that arrived too late to run (the worker drains)."""
-        request = pb.ReportResultRequest(
-            worker_id=self.worker.worker_id,
-            task_id=lease.task_id,
-            lease_id=lease.lease_id,
-            outcome=pb.OUTCOME_RELEASED,
-            error="handed back unstarted: the worker is stopping",
+        self.send_alone(
+            pb.ReportResultRequest(
+                worker_id=self.worker.worker_id,
+                task_id=lease.task_id,
+                lease_id=lease.lease_id,
+                outcome=pb.OUTCOME_RELEASED,
+                error="handed back unstarted: the worker is stopping",
+            )
         )
+
+    def send_alone(self, request: pb.ReportResultRequest) -> None:
+        """Deliver one outcome by ReportResult calls, a few tries, in the background.
+
+        The drain waits for these (`hand_backs`) before the worker says goodbye.
+        """
 
         async def release() -> None:
             delays = self.retry.delays()
@@ -1357,8 +1365,9 @@ class _Runtime:
                 await self.report(attempt, report)
             attempt.settled.set()
             await self.handler_ended(attempt)
-        except Exception:
+        except Exception as exc:
             self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
+            self.salvage(attempt, exc)
         finally:
             attempt.settled.set()
             # Only our own entry: a newer attempt of the same task may have replaced it, and
@@ -1366,6 +1375,33 @@ class _Runtime:
             if self.attempts.get(lease.task_id) is attempt:
                 del self.attempts[lease.task_id]
             self.free_slot(attempt)
+
+    def salvage(self, attempt: _Attempt, failure: Exception) -> None:
+        """Settle an attempt whose bookkeeping failed (a bug, or a codec that raised).
+
+        Its task is reported failed (handed back when the worker is stopping), by calls of
+        its own: left unreported, it sat `running` until its lease expired, and that
+        expiry was blamed on the worker. Without the failure's message, which may hold
+        what the codec was to seal: the worker's log has it.
+        """
+        if attempt.reported or attempt.stop_reason in ("cancelled", "lease_lost"):
+            return  # delivered, or the lease is gone: nothing may be reported
+        self.metrics.reports_failed.inc()
+        if attempt.stop_reason == "shutdown":
+            request = self.outcome(
+                attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False
+            )
+        else:
+            request = self.outcome(
+                attempt,
+                pb.OUTCOME_FAILED,
+                error=(
+                    f"the worker could not settle the attempt ({type(failure).__name__}); "
+                    "its log says why"
+                ),
+                seal=False,
+            )
+        self.send_alone(request)
 
     @staticmethod
     def handler_stopped(attempt: _Attempt) -> bool:
