@@ -11,7 +11,11 @@ refused connection); an answer of any kind, even an error status, proves the pee
     half-open --probe abandoned (its caller gave up first)--> half-open, the next call probes
 
 `allow` hands each call it lets through a `Permit`, and the call's outcome is recorded with
-it: the probe's permit is its own, so only the probe settles the half-open state. Once the
+it: the probe's permit is its own, so only the probe settles the half-open state. A call
+that may wait a long time before its answer (a long poll, a stream's opening) asks with
+`probe=False`: it goes out only while the breaker is closed, and leaves the probe to a
+short call. As the probe it held the half-open state for as long as it waited (up to a
+long poll's 20 s), and every other call to the peer was refused meanwhile. Once the
 breaker has opened, the outcomes of calls let through before (still in flight then) change
 nothing: an abandoned one used to free the probe's place while the probe still ran, and a
 second probe went out beside it.
@@ -132,13 +136,16 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout.total_seconds() - self._clock())
 
-    def allow(self) -> Permit | None:
-        """A permit for a call to go out now, or None; in half-open, one probe at a time."""
+    def allow(self, *, probe: bool = True) -> Permit | None:
+        """A permit for a call to go out now, or None; in half-open, one probe at a time.
+
+        `probe=False`: only while closed (the call would hold the probe's place too long).
+        """
         with self._lock:
             state = self._current_state()
             if state is BreakerState.CLOSED:
                 return _CLOSED
-            if state is BreakerState.HALF_OPEN and self._probe is None:
+            if probe and state is BreakerState.HALF_OPEN and self._probe is None:
                 self._state = BreakerState.HALF_OPEN
                 self._probe = Permit()
                 return self._probe

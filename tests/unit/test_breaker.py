@@ -267,3 +267,21 @@ class TestAddressRingAcrossThreads:
         # The reset timeout (1 µs) has passed: an open breaker lets a probe through now.
         stuck = [address for address in addresses if ring.breakers[address].allow() is None]
         assert stuck == []
+
+
+def test_a_call_that_may_not_probe_goes_out_only_while_closed() -> None:
+    """A long poll asks with probe=False: it never holds the half-open probe's place, which
+    a short call (a heartbeat) takes; once that probe closes the breaker, it goes out."""
+    now = [0.0]
+    breaker = CircuitBreaker(
+        BreakerPolicy(failure_threshold=1, reset_timeout=5), clock=lambda: now[0]
+    )
+    assert breaker.allow(probe=False) is not None
+    breaker.record_failure(breaker.allow())
+    assert breaker.allow(probe=False) is None  # open
+    now[0] = 5.0
+    assert breaker.allow(probe=False) is None  # half-open: the place stays free
+    probe = breaker.allow()
+    assert probe is not None
+    breaker.record_success(probe)
+    assert breaker.allow(probe=False) is not None

@@ -349,12 +349,15 @@ class AddressRing:
         self._index = (self._index + 1) % len(self.addresses)
         return self.addresses[self._index]
 
-    def pick(self) -> Pick | None:
-        """The first address from the current one whose breaker lets a call through."""
+    def pick(self, *, probe: bool = True) -> Pick | None:
+        """The first address from the current one whose breaker lets a call through.
+
+        `probe=False`: only an address whose breaker is closed (see `CircuitBreaker.allow`).
+        """
         with self._lock:
             for _ in self.addresses:
                 address = self.addresses[self._index]
-                permit = self.breakers[address].allow()
+                permit = self.breakers[address].allow(probe=probe)
                 if permit is not None:
                     return Pick(address, permit)
                 self._advance()

@@ -96,7 +96,8 @@ class WorkerMetrics:
         self.reports_failed = Counter(
             "conveyor_worker_reports_failed_total",
             "Outcome reports that could not be delivered: no server answered within the "
-            "lease, or a server refused the report for another reason.",
+            "lease, a server refused the report for another reason, or the worker failed "
+            "to settle the attempt (reported failed instead; its log says why).",
             registry=self.registry,
         )
         self.heartbeat_failures = Counter(

@@ -132,6 +132,10 @@ REPORTING_SLOT_FULLS: Final = 2
 # off), the worker long-polls for this long before trying the stream again, so a rolling
 # upgrade of the servers reaches workers without restarting them.
 STREAM_RETRY_AFTER: Final = 60.0
+# How often the lease loop looks again while a server's breaker is half-open and its probe, a
+# heartbeat, is on its way: a long poll or a stream's opening is never the probe (see
+# breaker.py), as it may wait for its answer much longer than the heartbeats may.
+HALF_OPEN_RECHECK: Final = 0.25
 # How long a stopping worker waits for its server to end the Work stream it half-closed
 # (answering the outcomes on it, handing back leases it had claimed but not sent). A server
 # that does not answer within this is unreachable: the outcomes are retried by call.
@@ -317,6 +321,9 @@ class _Attempt:
     thread_future: Future[Any] | None = None
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
+    # Set once the attempt's outcome is known and being reported: stopping it changes
+    # nothing any more, and the server's word on its lease comes with the report's answer.
+    finished: bool = False
     reported: bool = False
     # Whether the attempt still counts against `concurrency`: from its lease until its
     # handler has stopped, not until its outcome is delivered.
@@ -651,11 +658,12 @@ class _Runtime:
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
         self.reports = ReportBatcher(worker.worker_id, self.report_call)
         # The open Work stream, if any (see worker/work_stream.py), the call's pick (its
-        # server), whether a heartbeat to that server just went unanswered, and when to try
-        # a stream again after a server without it.
+        # server), when the latest heartbeat to that server that went unanswered was sent
+        # (None: the latest one was answered), and when to try a stream again after a
+        # server without it.
         self.stream: WorkStream | None = None
         self.stream_pick: Pick | None = None
-        self.stream_silent = False
+        self.stream_silent_since: float | None = None
         self.streams_retry_at = 0.0
         # Leases that arrived after draining began, being handed back.
         self.hand_backs: set[asyncio.Task[None]] = set()
@@ -722,25 +730,29 @@ class _Runtime:
             stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
         return stub
 
-    async def call(self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
-        """One RPC on a server whose breaker allows it.
+    async def call(
+        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
+    ) -> Any:
+        """One RPC on a server whose breaker allows it (`probe`: see `call_at`).
 
         Raises:
             _Unreachable: no server answered (the next call goes to the next server).
             grpc.aio.AioRpcError: the server answered with an error status.
         """
-        response, _ = await self.call_at(method, request, timeout=timeout)
+        response, _ = await self.call_at(method, request, timeout=timeout, probe=probe)
         return response
 
     async def call_at(
-        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT
+        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
     ) -> tuple[Any, str]:
-        """`call`, and the address of the server that answered."""
-        pick = self.ring.pick()
+        """`call`, and the address of the server that answered.
+
+        `probe=False`: a call that may wait long for its answer goes only to a server whose
+        breaker is closed (see `refused`).
+        """
+        pick = self.ring.pick(probe=probe)
         if pick is None:
-            raise _Unreachable(
-                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
-            )
+            raise self.refused(probe=probe)
         address = pick.address
         try:
             response = await getattr(self.stub(address), method)(
@@ -769,6 +781,25 @@ class _Runtime:
             raise
         self.ring.record(pick, reachable=True)
         return response, address
+
+    def refused(self, *, probe: bool) -> _Unreachable:
+        """The error of a call that no server's breaker let through.
+
+        A call that may not probe (a long poll, a stream's opening) and finds a breaker
+        half-open asks for a heartbeat now, which probes: a short call settles the
+        half-open state within its deadline. As the probe, a long poll held it for up to
+        its whole wait, and the heartbeats and reports to a lone server were refused
+        meanwhile, while the leases they would have kept ran out.
+        """
+        retry_in = self.ring.next_probe_in()
+        if not probe and retry_in <= 0:
+            if self.heartbeat_now is not None:
+                self.heartbeat_now.set()
+            return _Unreachable(
+                "no server's circuit breaker is closed yet; a heartbeat probes first",
+                retry_in=HALF_OPEN_RECHECK,
+            )
+        return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
 
     # --- main -----------------------------------------------------------------------------
 
@@ -1006,30 +1037,19 @@ class _Runtime:
             grpc.aio.AioRpcError: the server refused the stream.
         """
         assert self.slot_freed is not None  # noqa: S101
-        pick = self.ring.pick()
+        # Never the breaker's probe: an opening may wait (a server slow to accept, or gone
+        # silent), and the heartbeats would be refused meanwhile.
+        pick = self.ring.pick(probe=False)
         if pick is None:
-            raise _Unreachable(
-                "every server's circuit breaker is open", retry_in=self.ring.next_probe_in()
-            )
+            raise self.refused(probe=False)
         address = pick.address
         # No request iterator: grpc.aio then lets us write and read as we go.
         call = self.stub(address).Work(metadata=self.metadata)  # type: ignore[call-arg]
         stream = WorkStream(call, self.on_leases)
         granting: asyncio.Task[None] | None = None
         try:
-            try:
-                await stream.open(
-                    self.worker.worker_id,
-                    self.worker.registry.task_types(),
-                    self.room(stream.unfilled),
-                )
-            except BaseException as exc:
-                if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
-                    # Stopped while opening: the breaker's probe, if this was one, ends.
-                    self.ring.record(pick, reachable=False)
-                raise
-            self.ring.record(pick, reachable=True)
-            self.stream, self.stream_pick, self.stream_silent = stream, pick, False
+            await self.open_stream(stream, pick)
+            self.stream, self.stream_pick, self.stream_silent_since = stream, pick, None
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
@@ -1048,6 +1068,22 @@ class _Runtime:
             if granting is not None:
                 granting.cancel()
             call.cancel()  # type: ignore[no-untyped-call]
+
+    async def open_stream(self, stream: WorkStream, pick: Pick) -> None:
+        """Open the stream; its server's breaker hears whether the server answered."""
+        try:
+            await stream.open(self.worker.worker_id, self.worker.registry.task_types(), self.room())
+        except asyncio.CancelledError:
+            # Stopped while opening: nothing was learned of the server. Counted as a
+            # failure, it moved the ring and could open the breaker, and the worker's last
+            # calls (hand-backs, its goodbye) found every breaker open.
+            self.ring.abandon(pick)
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, grpc.aio.AioRpcError | StreamEnded):
+                self.ring.record(pick, reachable=False)
+            raise
+        self.ring.record(pick, reachable=True)
 
     async def grant_loop(self, stream: WorkStream) -> None:
         """Grant the room slots free up, when no outcome report carries it first."""
@@ -1081,13 +1117,21 @@ class _Runtime:
 
     def hand_back(self, lease: pb.Lease) -> None:
         """Release a lease that arrived too late to run (the worker drains)."""
-        request = pb.ReportResultRequest(
-            worker_id=self.worker.worker_id,
-            task_id=lease.task_id,
-            lease_id=lease.lease_id,
-            outcome=pb.OUTCOME_RELEASED,
-            error="handed back unstarted: the worker is stopping",
+        self.send_alone(
+            pb.ReportResultRequest(
+                worker_id=self.worker.worker_id,
+                task_id=lease.task_id,
+                lease_id=lease.lease_id,
+                outcome=pb.OUTCOME_RELEASED,
+                error="handed back unstarted: the worker is stopping",
+            )
         )
+
+    def send_alone(self, request: pb.ReportResultRequest) -> None:
+        """Deliver one outcome by ReportResult calls, a few tries, in the background.
+
+        The drain waits for these (`hand_backs`) before the worker says goodbye.
+        """
 
         async def release() -> None:
             delays = self.retry.delays()
@@ -1151,21 +1195,35 @@ class _Runtime:
         self.ring.record(pick, reachable=False, cause=why)
         stream.abandon(why)
 
-    def note_heartbeat(self, address: str, *, answered: bool) -> None:
-        """Replace the Work stream when a heartbeat to its server failed and another answers.
+    def note_heartbeat(self, address: str, *, answered: bool, sent_at: float) -> None:
+        """Replace the Work stream when its server went silent and another server answers.
 
         A heartbeat shares the stream's connection: no answer from the stream's server says
         the stream may be dead as well, and an answer from elsewhere says where to lease
         and report instead. Until then the worker waited for the stream's own failure
         (keepalive, or a batch's deadline), and an idle worker leased nothing meanwhile.
+
+        Silent means the stream, too, has carried nothing since that heartbeat was sent: a
+        heartbeat fails alone (its deadline passed while the server's database was slow,
+        or the server answered UNAVAILABLE because its statement failed). One such failure
+        used to cancel a healthy stream, and the leases on their way in it were lost,
+        each an attempt spent and a lease's wait.
         """
-        pick = self.stream_pick
-        if pick is None:
+        stream, pick = self.stream, self.stream_pick
+        if stream is None or pick is None:
             return
         if address == pick.address:
-            self.stream_silent = not answered
-        elif answered and self.stream_silent:
-            self.abandon_stream(f"heartbeats to it failed while {address} answered")
+            self.stream_silent_since = None if answered else sent_at
+            return
+        silent_since = self.stream_silent_since
+        if not answered or silent_since is None:
+            return
+        if stream.last_received >= silent_since:
+            self.stream_silent_since = None  # it was heard from: alive
+            return
+        self.abandon_stream(
+            f"a heartbeat to it failed, it carried nothing since, and {address} answered"
+        )
 
     async def stop_leasing(self, leasing: asyncio.Task[None]) -> None:
         """Take no more leases: half-close the stream, whose end also ends the lease loop.
@@ -1206,7 +1264,9 @@ class _Runtime:
             wait=convert.duration(wait),
         )
         poll = asyncio.ensure_future(
-            self.call("LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT)
+            self.call(
+                "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT, probe=False
+            )
         )
         try:
             response = await asyncio.shield(poll)
@@ -1289,6 +1349,7 @@ class _Runtime:
             self.metrics.observe_handler(lease.type, outcome, took)
             if outcome == "succeeded":
                 self.log.debug("task succeeded in %.3fs", took, extra={"event": "task_succeeded"})
+            attempt.finished = report is not None
             if report is not None and self.handler_stopped(attempt):
                 # The handler is done: its slot can run the next task while the outcome
                 # travels to the server and is committed. The lease stays ours (and
@@ -1304,8 +1365,9 @@ class _Runtime:
                 await self.report(attempt, report)
             attempt.settled.set()
             await self.handler_ended(attempt)
-        except Exception:
+        except Exception as exc:
             self.log.exception("attempt bookkeeping failed", extra={"event": "worker_bug"})
+            self.salvage(attempt, exc)
         finally:
             attempt.settled.set()
             # Only our own entry: a newer attempt of the same task may have replaced it, and
@@ -1313,6 +1375,33 @@ class _Runtime:
             if self.attempts.get(lease.task_id) is attempt:
                 del self.attempts[lease.task_id]
             self.free_slot(attempt)
+
+    def salvage(self, attempt: _Attempt, failure: Exception) -> None:
+        """Settle an attempt whose bookkeeping failed (a bug, or a codec that raised).
+
+        Its task is reported failed (handed back when the worker is stopping), by calls of
+        its own: left unreported, it sat `running` until its lease expired, and that
+        expiry was blamed on the worker. Without the failure's message, which may hold
+        what the codec was to seal: the worker's log has it.
+        """
+        if attempt.reported or attempt.stop_reason in ("cancelled", "lease_lost"):
+            return  # delivered, or the lease is gone: nothing may be reported
+        self.metrics.reports_failed.inc()
+        if attempt.stop_reason == "shutdown":
+            request = self.outcome(
+                attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False
+            )
+        else:
+            request = self.outcome(
+                attempt,
+                pb.OUTCOME_FAILED,
+                error=(
+                    f"the worker could not settle the attempt ({type(failure).__name__}); "
+                    "its log says why"
+                ),
+                seal=False,
+            )
+        self.send_alone(request)
 
     @staticmethod
     def handler_stopped(attempt: _Attempt) -> bool:
@@ -1720,7 +1809,7 @@ class _Runtime:
                 )
             except (_Unreachable, grpc.aio.AioRpcError) as exc:
                 if isinstance(exc, _Unreachable) and exc.address is not None:
-                    self.note_heartbeat(exc.address, answered=False)
+                    self.note_heartbeat(exc.address, answered=False, sent_at=sent_at)
                 self.metrics.heartbeat_failures.inc()
                 self.log.warning(
                     "heartbeat failed (%s); silent for %.1fs",
@@ -1734,7 +1823,7 @@ class _Runtime:
                 self.apply_stops(stops)
                 self.stop_if_silent(last_success, held[start:])
                 return last_success
-            self.note_heartbeat(address, answered=True)
+            self.note_heartbeat(address, answered=True, sent_at=sent_at)
             stops.extend(response.stop)
             stopped = {(stop.task_id, stop.lease_id) for stop in response.stop}
             for attempt in chunk:
@@ -1749,12 +1838,18 @@ class _Runtime:
         return self.loop.time()
 
     def apply_stops(self, stops: list[pb.LeaseToStop]) -> None:
-        """Stop the attempts a heartbeat's answer named (only the lease it named)."""
+        """Stop the attempts a heartbeat's answer named (only the lease it named).
+
+        Not an attempt whose outcome is already being reported: a heartbeat that named its
+        lease and was answered after the outcome committed says the lease is over, as it
+        is, and the worker warned "its lease was lost" of a task that had succeeded.
+        """
         for stop in stops:
             stopped = self.attempts.get(stop.task_id)
             if (
                 stopped is not None
                 and stopped.lease.lease_id == stop.lease_id
+                and not stopped.finished
                 and not stopped.reported
             ):
                 cancelled = stop.reason == pb.STOP_REASON_CANCELLED

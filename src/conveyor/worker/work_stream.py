@@ -8,7 +8,9 @@ for), and which outcome batches await their answer. When the call ends, for any 
 every unanswered batch fails as unreachable, and the runtime retries each report on its own
 path, as after a failed `ReportResults` call. The runtime may also give up on a call that
 stopped answering (`abandon`): a connection that died silently looks open until keepalive
-says otherwise, and what waits on it must not wait that long.
+says otherwise, and what waits on it must not wait that long. `last_received` tells
+whether the call is still heard from: a stream that carried a message since a heartbeat to
+its server failed is alive, whatever became of that heartbeat.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class WorkStream:
         self.writable = True
         # Why the worker gave up on the call (`abandon`), or None.
         self.abandoned: str | None = None
+        # When the last message from the server arrived (the loop's clock; -inf: none yet).
+        self.last_received = float("-inf")
 
     async def open(self, worker_id: str, task_types: Sequence[str], grant: int) -> None:
         """Send the first message; wait for the server's empty one saying it accepted."""
@@ -141,6 +145,7 @@ class WorkStream:
         self._answers.clear()
 
     def _take(self, response: pb.WorkResponse) -> None:
+        self.last_received = asyncio.get_running_loop().time()
         if response.leases:
             # A server never sends more than was granted; never count below zero if one did.
             self.unfilled = max(0, self.unfilled - len(response.leases))

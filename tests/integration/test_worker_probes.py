@@ -1,0 +1,208 @@
+"""A worker's breakers, heartbeats and Work stream when a server falters for a moment.
+
+- After an outage the breaker's probe is a heartbeat, never a long poll: a long poll as the
+  probe held the half-open state for its whole wait, and heartbeats to the only server were
+  refused meanwhile.
+- One heartbeat to the stream's server that fails while the stream is still heard from
+  does not make the worker give the stream up (and lose the leases on their way in it).
+- An attempt whose bookkeeping fails is reported failed at once, not left to expire.
+
+Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
+(faults/proxy.py), slow statements from locks the test holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from faults.proxy import FaultProxy
+from helpers import holding, running, wait_final, wait_for
+
+from conveyor import Client, Task, TaskState, Worker
+from conveyor.breaker import DEFAULT_RESET_TIMEOUT
+from conveyor.client import channel as channel_module
+from conveyor.worker.context import TaskContext
+
+TYPE = "probes.job"
+BEAT = timedelta(seconds=1)
+# Held by the test: every heartbeat waits for its worker's row (worker_touch).
+WORKER_ROWS_LOCKED = "SELECT 1 FROM conveyor_workers FOR UPDATE"
+
+
+def events_of(caplog: pytest.LogCaptureFixture, *names: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) in names]
+
+
+def breaker_open(worker: Worker, address: str) -> bool:
+    value = worker.metrics.registry.get_sample_value(
+        "conveyor_worker_server_breaker_open", {"address": address}
+    )
+    return value == 1
+
+
+def held_worker(address: str | list[str]) -> tuple[Worker, threading.Event, threading.Event]:
+    """A worker whose handler, on the payload b"held", waits for the test to set `release`.
+    Returns (worker, started, release)."""
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(address, concurrency=2)
+
+    @worker.handler(TYPE)
+    def job(_ctx: TaskContext, payload: bytes) -> bytes:
+        if payload == b"held":
+            started.set()
+            release.wait(30)
+        return payload.upper()
+
+    return worker, started, release
+
+
+@pytest.fixture
+def first_address_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every AddressRing start at its first address instead of a random one."""
+    fake = SimpleNamespace(randrange=lambda _n: 0, uniform=random.uniform)
+    monkeypatch.setattr(channel_module, "random", fake)
+
+
+# --- the probe after an outage --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_long_poll_is_never_the_probe_of_a_half_open_breaker(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The only server is cut off until the worker's breaker opens, then comes back.
+
+    The lease loop, sleeping exactly until the breaker let a probe through, used to send
+    its LeaseTasks long poll as the probe: it waited its whole `lease_wait` for a task, and
+    the breaker stayed half-open meanwhile, refusing every heartbeat ("every server's
+    circuit breaker is open") while the leases of running tasks ran out. Now the long poll
+    asks for a heartbeat to probe, and the breaker closes within a beat.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(work_stream=False, heartbeat_interval=BEAT)
+    with FaultProxy(server.address, name="link") as link:
+        worker = Worker(link.address, concurrency=1, lease_wait=30)
+        worker.register_handler(TYPE, lambda _ctx, payload: payload.upper())
+        with running(worker), Client(server.address) as client:
+            # Told that this server has no Work stream, the worker long-polls from now on.
+            wait_for(lambda: events_of(caplog, "stream_unsupported"), what="long polls")
+            link.partition("reset")
+            wait_for(lambda: breaker_open(worker, link.address), what="the breaker to open")
+            link.heal()
+            # Open for its reset timeout, then one probe: a heartbeat answers within a beat.
+            wait_for(
+                lambda: not breaker_open(worker, link.address),
+                timeout=DEFAULT_RESET_TIMEOUT.total_seconds() + 4,
+                what="the breaker to close after the outage",
+            )
+            task_id = client.enqueue_task(Task(type=TYPE, payload=b"after"))
+            status = wait_final(client, task_id, timeout=10)
+
+    assert (status.state, status.result) == (TaskState.SUCCEEDED, b"AFTER")
+
+
+# --- a heartbeat that fails alone -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_failed_heartbeat_does_not_abandon_a_stream_that_is_heard_from(
+    start_server, db, caplog: pytest.LogCaptureFixture, first_address_first: None
+) -> None:
+    """A heartbeat to A fails (its statement times out behind a lock) while A's stream
+    delivers a lease; the next heartbeat goes to B, which answers.
+
+    The worker used to cancel the stream on A at B's answer, although A had just sent a
+    lease on it: leases on their way in the stream were lost, each an attempt spent and a
+    lease's wait. The stream is given up only if it, too, has carried nothing since.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    a = start_server(heartbeat_interval=BEAT, statement_timeout=timedelta(milliseconds=500))
+    b = start_server(heartbeat_interval=BEAT)
+    assert a.server is not None
+    worker, started, release = held_worker([a.address, b.address])
+    with Client(a.address) as client, running(worker):
+        streams_on_a = a.server.worker_service.streams
+        wait_for(lambda: len(streams_on_a) == 1, what="the worker's stream on A")
+        (stream,) = streams_on_a
+        with holding(db.url, WORKER_ROWS_LOCKED):
+            wait_for(
+                lambda: events_of(caplog, "heartbeat_failed"),
+                timeout=10,
+                what="a heartbeat to A to fail behind the lock",
+            )
+            # A lease arrives on A's stream after that heartbeat was sent.
+            held = client.enqueue_task(Task(type=TYPE, payload=b"held"))
+            wait_for(started.is_set, what="the lease on A's stream to start its handler")
+        # The next heartbeats go to B and are answered.
+        two_more_heartbeats(db, worker.worker_id)
+        release.set()
+        status = wait_final(client, held, timeout=10)
+        assert streams_on_a == {stream}
+
+    assert not events_of(caplog, "stream_abandoned")
+    assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 1)
+
+
+def two_more_heartbeats(db, worker_id: str) -> None:
+    """Wait until two heartbeats of the worker commit after this call: the answer of any
+    heartbeat in flight at the call was read by the worker before the second was sent."""
+    for _ in range(2):
+        before = last_heartbeat(db, worker_id)
+        wait_for(lambda: last_heartbeat(db, worker_id) > before, timeout=10, what="a heartbeat")  # noqa: B023
+
+
+def last_heartbeat(db, worker_id: str) -> float:
+    """When the worker's latest heartbeat committed (seconds since the epoch)."""
+    return float(
+        db.fetchval(
+            "SELECT extract(epoch FROM last_heartbeat_at) FROM conveyor_workers WHERE id = $1",
+            worker_id,
+        )
+    )
+
+
+# --- bookkeeping that fails -----------------------------------------------------------------
+
+
+class ErrorSealingFails:
+    """A codec whose key service refuses error texts (results and payloads pass as they are)."""
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        if field == "error":
+            raise RuntimeError("the key service refused the request")
+        return data
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        return data
+
+
+def test_an_attempt_whose_settling_fails_is_reported_failed_at_once(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses the result as too large; the worker's replacement report (failed,
+    saying why) cannot be sealed, as the codec raises.
+
+    The attempt was left unreported: the task sat `running` for its whole lease and then
+    failed as "lease expired", blaming the worker. Now it fails at once, saying the worker
+    could not settle it, and the worker counts the report as failed.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(
+        heartbeat_interval=BEAT, lease_ttl=timedelta(seconds=30), max_payload_bytes=1024
+    )
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails())
+    worker.register_handler(TYPE, lambda _ctx, _payload: b"r" * 2048)
+    with Client(server.address) as client, running(worker):
+        task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+        status = wait_final(client, task_id, timeout=10)
+
+    assert status.state is TaskState.FAILED
+    assert "could not settle the attempt (RuntimeError)" in (status.last_error or "")
+    assert "refused the request" not in (status.last_error or "")
+    assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_failed_total") == 1
+    assert events_of(caplog, "worker_bug")
