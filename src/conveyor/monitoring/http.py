@@ -443,6 +443,13 @@ class _Connections:
             self._refusal_logged_at = now
 
 
+def _answer_of(raised: web.HTTPException) -> web.Response:
+    """The response a raised HTTP exception stands for (aiohttp deprecates returning one)."""
+    return web.Response(
+        status=raised.status, reason=raised.reason, headers=raised.headers, body=raised.body
+    )
+
+
 @web.middleware
 async def _within_deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time a request from its head to its answer, written here so the writing is timed too."""
@@ -455,6 +462,11 @@ async def _within_deadlines(request: web.Request, handler: Handler) -> web.Strea
     try:
         try:
             response = await handler(request)
+        except web.HTTPException as raised:
+            # The dashboard's redirects and the router's 404s are raised: left to aiohttp,
+            # they were written after `request_answered` below, while the connection counted
+            # as idle (evictable, under the keep-alive timer). Written here like the others.
+            response = _answer_of(raised)
         except ConnectionError:
             if request.transport is not None:
                 raise
