@@ -300,6 +300,46 @@ class TestRaisedAnswers:
         assert dropped_by == ["refused"]
 
 
+@pytest.mark.slow
+class TestLimitsFromTheCommandLine:
+    """`conveyor server --http-*`: each limit reaches the server (a real process). Each is
+    checked well within its default, which would let the connection be."""
+
+    def test_a_connection_cap_of_2(self, server_process) -> None:
+        process = server_process("--http-max-connections", "2")
+        held = [connect(process.http_port, HALF_A_HEAD) for _ in range(2)]
+        # The third connection closes the longest-waiting one (256 would leave it be).
+        assert get(f"{process.http_url}/healthz")[0] == 200
+        wait_for(lambda: closed_by_server(held[0]), timeout=5, what="the first one evicted")
+        assert not closed_by_server(held[1])
+
+    def test_the_deadlines(self, server_process, tmp_path: Path) -> None:
+        token, entry = new_token("ops", Role.ADMIN)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(entry.as_toml())
+        process = server_process(
+            "--tokens-file",
+            str(tokens),
+            "--http-request-head-timeout",
+            "0.5",
+            "--http-answer-timeout",
+            "0.5",
+            "--http-keepalive-timeout",
+            "0.5",
+        )
+        silent = connect(process.http_port)
+        wait_for(lambda: closed_by_server(silent), timeout=5, what="the silent one closed")
+        kept = connect(process.http_port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200"), "no answer to /healthz"
+        wait_for(lambda: closed_by_server(kept), timeout=5, what="the idle one closed")
+        slow = login_with_a_body_that_never_ends(process.http_port)
+        wait_for(lambda: closed_by_server(slow), timeout=5, what="the slow request cut off")
+        counts = metric_by_label(
+            process.http_url, "conveyor_http_connections_dropped_total", "reason", token
+        )
+        assert (counts["request_head_timeout"], counts["answer_timeout"]) == (1, 1), counts
+
+
 class TestOpenFilesLimit:
     def test_the_server_raises_its_soft_limit_to_the_hard_one(self, start_server) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
