@@ -21,7 +21,6 @@ turns a token into a principal.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from conveyor.auth import Permission, bearer_token
 from conveyor.errors import ConfigError, Unauthenticated
+from conveyor.http_refusal import connection_refusal
 from conveyor.monitoring.hosts import host_allowed
 
 if TYPE_CHECKING:
@@ -260,18 +260,8 @@ class HttpLimits:
 
 
 # The answer to a connection past the limit, written before anything is read from it.
-_REFUSAL_BODY: Final = json.dumps(
-    {
-        "error": "unavailable",
-        "message": "this server holds as many HTTP connections as it may; try again later",
-    }
-).encode()
-_REFUSAL: Final = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n\r\n" + _REFUSAL_BODY
+_REFUSAL: Final = connection_refusal(
+    "this server holds as many HTTP connections as it may; try again later"
 )
 
 
