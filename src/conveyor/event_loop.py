@@ -26,10 +26,13 @@ Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.event_loop")
 
-# Tasks that outlived their loop (they ignored their cancellation). Referenced for ever, so
-# that they are never destroyed half-way: their coroutines would be closed by the garbage
-# collector at any moment, in any thread, running the user's `finally` blocks there.
-_ABANDONED: list[asyncio.Task[Any]] = []
+# Tasks left behind when their loop closed (they ignored their cancellation), referenced
+# while they are pending so that they are never destroyed half-way: their coroutines would
+# be closed by the garbage collector at any moment, in any thread, running the user's
+# `finally` blocks there. One that ends while the loop finishes closing (its async
+# generators) is dropped then; it used to be kept for the life of the process too. One still
+# pending once the loop is closed can never run again, and is kept.
+_ABANDONED: set[asyncio.Task[Any]] = set()
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -98,4 +101,6 @@ def _abandon_pending(tasks: set[asyncio.Task[Any]]) -> None:
         ", ".join(sorted(task.get_name() for task in pending)),
         extra={"event": "loop_closed_with_tasks"},
     )
-    _ABANDONED.extend(pending)
+    for task in pending:
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)

@@ -1,17 +1,17 @@
 """Structured logging: the task context of log records, the text and JSON formats, and setup.
 
-This leaf module owns how Conveyor's log lines look and what they carry. A context variable
-holds the fields of the work in progress (`worker_id`, `task_id`, `task_type`, `attempt`,
-`lease_id`); the worker binds them with `bind_task_fields` in each attempt's own asyncio
-task (`log_context` binds them around a block), and
-`ContextFilter`, installed on the output handler, copies them onto every record emitted
-meanwhile, including records from the user's own loggers inside a handler. `JsonFormatter`
-writes one JSON object per line; `TextFormatter` is the human format with the task fields
-appended. Neither lets a message break its line: a message may carry what a worker or a
-handler chose (a worker id, an error), and a newline in it would forge a log line of its
-own, so the text format shows control and format characters as escapes, as JSON does.
-`configure_logging` is what the `conveyor` CLI calls; applications that configure
-logging themselves add `ContextFilter` to their handlers to get the same fields.
+This module (it needs only `types`) owns how Conveyor's log lines look and what they
+carry. A context variable holds the fields of the work in progress (`worker_id`,
+`task_id`, `task_type`, `attempt`, `lease_id`); the worker binds them with
+`bind_task_fields` in each attempt's own asyncio task (`log_context` binds them around a
+block), and `ContextFilter`, installed on the output handler, copies them onto every record
+emitted meanwhile, including records from the user's own loggers inside a handler.
+`JsonFormatter` writes one JSON object per line; `TextFormatter` is the human format with
+the task fields appended. Neither lets a message break its line: a message may carry what a
+worker or a handler chose (a worker id, an error), and a newline in it would forge a log
+line of its own, so the text format shows control and format characters as escapes, as
+JSON does. `configure_logging` is what the `conveyor` CLI calls; applications that
+configure logging themselves add `ContextFilter` to their handlers to get the same fields.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import unicodedata
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
+
+from conveyor.types import UNPRINTABLE_CATEGORIES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, MutableMapping
@@ -54,10 +56,6 @@ _RECORD_ATTRIBUTES: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), No
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
-# What a text log line shows as escapes: control characters (CR and LF start a forged line,
-# ESC rewrites a terminal), format characters (bidi overrides reorder a line) and the
-# Unicode line and paragraph separators. Tab stays.
-_ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
 # JSON escapes C0 controls itself; these it writes raw (ensure_ascii=False), and a shipper
 # that splits lines the way str.splitlines() does would split a line at each.
 _JSON_LINE_BREAKS: Final = {
@@ -68,12 +66,17 @@ _JSON_LINE_BREAKS: Final = {
 
 
 def escape_controls(text: str) -> str:
-    """`text` with control, format and line-separator characters as backslash escapes."""
+    """`text` with control, format and line-separator characters as backslash escapes.
+
+    Those are the characters no worker text may hold (`types.UNPRINTABLE_CATEGORIES`): CR
+    and LF start a forged line, ESC rewrites a terminal, bidi overrides reorder a line.
+    Tab stays.
+    """
     if text.isprintable():  # none of them (the common case, checked in C)
         return text
     return "".join(
         char
-        if char == "\t" or unicodedata.category(char) not in _ESCAPED_CATEGORIES
+        if char == "\t" or unicodedata.category(char) not in UNPRINTABLE_CATEGORIES
         else char.encode("unicode_escape").decode("ascii")
         for char in text
     )

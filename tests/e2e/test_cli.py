@@ -214,6 +214,9 @@ class TestTaskCommands:
             "--rate-limit",
             "--keepalive-interval",
             "--keepalive-timeout",
+            "--http-request-head-timeout",
+            "--http-answer-timeout",
+            "--http-keepalive-timeout",
         ],
     )
     def test_server_durations_and_rates_refuse_non_finite_numbers(self, option):
@@ -221,6 +224,29 @@ class TestTaskCommands:
         assert result.returncode == 2, result.stderr
         assert option in result.stderr
         assert "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [
+            ("--http-max-connections", "0"),
+            ("--http-max-connections", "many"),
+            ("--http-request-head-timeout", "0"),
+            ("--http-answer-timeout", "-1"),
+            ("--http-keepalive-timeout", "nan"),
+        ],
+    )
+    def test_server_http_limits_refuse_what_would_serve_nothing(self, option, value):
+        """A usage error naming the option, from the flag or its environment variable."""
+        # Should the value get through, the server fails at once on its bad address (exit
+        # 1), instead of serving on the default ports with an embedded database.
+        nowhere = ("--database-url", "postgresql://127.0.0.1:1/x", "--grpc-listen", "nowhere")
+        from_flag = run("server", *nowhere, option, value, timeout=20)
+        variable = "CONVEYOR_" + option.removeprefix("--").replace("-", "_").upper()
+        from_environment = run("server", *nowhere, timeout=20, **{variable: value})
+        for result in (from_flag, from_environment):
+            assert result.returncode == 2, result.stderr
+            assert option in result.stderr
+            assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

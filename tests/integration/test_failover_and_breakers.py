@@ -312,3 +312,70 @@ class TestFailoverMidStream:
         assert [payloads[task_id] for task_id in ids] == [
             str(index).encode() for index in range(total)
         ]
+
+
+# Each enqueue after the cut may wait this long for an answer: far longer than keepalive
+# needs, so that only keepalive can end the wait early.
+PATIENT_RETRY = RetryPolicy(call_timeout=timedelta(seconds=40), total_timeout=timedelta(seconds=60))
+# What the producer clients' pings promise, as the worker's do: a ping after 10 s without a
+# word from the server, given up after 5 s more. The rest is room for a loaded machine.
+DEAD_CONNECTION_NOTICED_WITHIN = 15 + 5
+
+
+@pytest.mark.slow
+class TestSilentlyDeadConnection:
+    """Server A's link becomes a black hole (no FIN, no RST) between two enqueues.
+
+    The producer clients' pings used to wait for an answer for gRPC's ping timeout, a
+    minute (recent gRPC does not apply the keepalive timeout alone), after 20 s without a
+    word: the enqueue hung until its own deadline, the whole 40 s here. Now the connection
+    is given up within the worker's bound and the enqueue goes to server B.
+    """
+
+    def test_client(self, start_server, db, first_address_first: None) -> None:
+        server_a, server_b = start_server(), start_server()
+        with FaultProxy(server_a.address, name="link-a") as link:
+            try:
+                with Client([link.address, server_b.address], retry=PATIENT_RETRY) as client:
+                    client.enqueue_task(Task(type=TYPE, payload=b"before"))
+                    link.partition("blackhole")
+                    cut_at = time.monotonic()
+                    client.enqueue_task(Task(type=TYPE, payload=b"after"))
+                    took = time.monotonic() - cut_at
+                    final_address = client._ring.current
+            finally:
+                link.heal()
+
+        self.check(took, final_address, server_b.address, payloads_in(db))
+
+    async def test_async_client(self, start_server, db, first_address_first: None) -> None:
+        server_a, server_b = start_server(), start_server()
+        with FaultProxy(server_a.address, name="link-a") as link:
+            try:
+                async with AsyncClient(
+                    [link.address, server_b.address], retry=PATIENT_RETRY
+                ) as client:
+                    await client.enqueue_task(Task(type=TYPE, payload=b"before"))
+                    link.partition("blackhole")
+                    cut_at = time.monotonic()
+                    await client.enqueue_task(Task(type=TYPE, payload=b"after"))
+                    took = time.monotonic() - cut_at
+                    final_address = client._ring.current
+            finally:
+                link.heal()
+
+        # The db fixture runs its own event loop: not on this one.
+        payloads = await asyncio.to_thread(payloads_in, db)
+        self.check(took, final_address, server_b.address, payloads)
+
+    @staticmethod
+    def check(took: float, final_address: str, address_b: str, payloads: list[bytes]) -> None:
+        """The enqueue went to B within the bound, and each task exists once."""
+        assert took < DEAD_CONNECTION_NOTICED_WITHIN, f"the enqueue took {took:.1f}s"
+        assert final_address == address_b
+        assert payloads == [b"after", b"before"]
+
+
+def payloads_in(db: Any) -> list[bytes]:
+    """Every task's payload, in order."""
+    return [bytes(r["payload"]) for r in db.fetch("SELECT payload FROM conveyor_tasks ORDER BY 1")]

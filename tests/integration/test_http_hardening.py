@@ -11,6 +11,7 @@ have, while /healthz and /readyz stay open to any name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import socket
@@ -18,18 +19,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from helpers import metric_by_label, wait_for
 from prometheus_client.core import GaugeMetricFamily
 
 from conveyor import Client, Task
 from conveyor.auth import Role, new_token
-from conveyor.monitoring.http import EXPENSIVE_RENDER, HttpLimits
+from conveyor.monitoring.http import EXPENSIVE_RENDER, HttpLimits, HttpServer
 
 QUICK = timedelta(milliseconds=500)
 
@@ -215,6 +217,127 @@ class TestConnectionLimit:
             while _opened:
                 _opened.pop().close()
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
+def serving(
+    app: web.Application, limits: HttpLimits, on_dropped: Callable[[str], None]
+) -> Iterator[tuple[HttpServer, int]]:
+    """`app` behind an HttpServer on 127.0.0.1, on an event loop of its own thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="http-loop", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[HttpServer, int]:
+        http = HttpServer(app, "127.0.0.1", 0, limits=limits, on_dropped=on_dropped)
+        return http, await http.start()
+
+    http, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield http, port
+    finally:
+        asyncio.run_coroutine_threadsafe(http.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class TestRaisedAnswers:
+    # Far more than the socket buffers hold: the client that does not read holds the write.
+    BIG = 8 * 1024 * 1024
+
+    @pytest.mark.parametrize("raised", [web.HTTPSeeOther, web.HTTPNotFound])
+    def test_a_raised_answer_is_written_while_its_connection_counts_as_busy(
+        self, raised: type[web.HTTPException]
+    ) -> None:
+        """The dashboard's POST/redirect/GET raises its 303, the router raises 404s.
+
+        Such answers used to be written after the connection was counted idle again, under
+        the keep-alive timer instead of the answer deadline: a new connection past the limit
+        closed this one in the middle of its answer (as "evicted"). Now it stays busy until
+        its answer is written, and the new connection is refused instead.
+        """
+
+        async def raising(_request: web.Request) -> web.Response:
+            if raised is web.HTTPSeeOther:
+                raise web.HTTPSeeOther("/elsewhere", text="x" * self.BIG)
+            raise raised(text="x" * self.BIG)
+
+        async def fine(_request: web.Request) -> web.Response:
+            return web.Response(text="fine")
+
+        app = web.Application()
+        app.router.add_get("/raised", raising)
+        app.router.add_get("/fine", fine)
+        dropped_by: list[str] = []
+        limits = HttpLimits(max_connections=1, answer_timeout=timedelta(seconds=30))
+        with serving(app, limits, dropped_by.append) as (http, port):
+            slow = socket.socket()
+            try:
+                slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                slow.settimeout(10)
+                slow.connect(("127.0.0.1", port))
+                slow.sendall(
+                    b"GET /raised HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
+                # The answer has begun; the rest waits for this client to read it.
+                first = slow.recv(12)
+                busy_meanwhile = http.busy_connections
+                other = answer(
+                    connect(
+                        port, b"GET /fine HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                    )
+                )
+                whole = first + answer(slow)
+            finally:
+                slow.close()  # before the server stops: it would wait for the answer's end
+
+        assert busy_meanwhile == 1
+        assert other.startswith(b"HTTP/1.1 503 "), other[:100]
+        head, _, body = whole.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % raised.status_code), head
+        assert len(body) == self.BIG, f"the answer was cut off after {len(body)} bytes"
+        assert dropped_by == ["refused"]
+
+
+@pytest.mark.slow
+class TestLimitsFromTheCommandLine:
+    """`conveyor server --http-*`: each limit reaches the server (a real process). Each is
+    checked well within its default, which would let the connection be."""
+
+    def test_a_connection_cap_of_2(self, server_process) -> None:
+        process = server_process("--http-max-connections", "2")
+        held = [connect(process.http_port, HALF_A_HEAD) for _ in range(2)]
+        # The third connection closes the longest-waiting one (256 would leave it be).
+        assert get(f"{process.http_url}/healthz")[0] == 200
+        wait_for(lambda: closed_by_server(held[0]), timeout=5, what="the first one evicted")
+        assert not closed_by_server(held[1])
+
+    def test_the_deadlines(self, server_process, tmp_path: Path) -> None:
+        token, entry = new_token("ops", Role.ADMIN)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(entry.as_toml())
+        process = server_process(
+            "--tokens-file",
+            str(tokens),
+            "--http-request-head-timeout",
+            "0.5",
+            "--http-answer-timeout",
+            "0.5",
+            "--http-keepalive-timeout",
+            "0.5",
+        )
+        silent = connect(process.http_port)
+        wait_for(lambda: closed_by_server(silent), timeout=5, what="the silent one closed")
+        kept = connect(process.http_port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200"), "no answer to /healthz"
+        wait_for(lambda: closed_by_server(kept), timeout=5, what="the idle one closed")
+        slow = login_with_a_body_that_never_ends(process.http_port)
+        wait_for(lambda: closed_by_server(slow), timeout=5, what="the slow request cut off")
+        counts = metric_by_label(
+            process.http_url, "conveyor_http_connections_dropped_total", "reason", token
+        )
+        assert (counts["request_head_timeout"], counts["answer_timeout"]) == (1, 1), counts
 
 
 class TestOpenFilesLimit:

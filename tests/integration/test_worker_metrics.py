@@ -341,7 +341,13 @@ class TestHeldConnections:
                 refused.makefile("rb") as stream,
             ):
                 reply = stream.read()
-            assert reply.startswith(b"HTTP/1.0 503 Service Unavailable\r\n"), reply
+            # The server's HTTP addresses' refusal, word for word but the message.
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), reply
+            assert b"\r\nRetry-After: 1\r\n" in head + b"\r\n", reply
+            refusal = json.loads(body)
+            assert refusal["error"] == "unavailable", refusal
+            assert "metrics endpoint holds as many connections" in refusal["message"], refusal
         wait_for(lambda: _scrapes(port), what="a scrape once the held connections are gone")
 
 

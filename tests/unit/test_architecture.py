@@ -1,10 +1,10 @@
 """Structural rules of the codebase, checked rather than hoped for.
 
-Imports flow one way: `types`, `errors`, `breaker`, `logs`, `group_commit` and
-`metric_children` are leaves; `codec` needs only `errors`, `auth` only `errors` and
-`types`; `storage` and `protocol` import only leaves; `client` and `worker` never import
-`storage` or `server`; `monitoring` imports only leaves, `auth` and `codec`; `cli` sits on
-top. SQL lives only in `storage/`.
+Imports flow one way: `types`, `errors`, `breaker`, `group_commit`, `metric_children` and
+`http_refusal` are leaves; `logs` needs only `errors` and `types`, `codec` only `errors`,
+`auth` only `errors` and `types`; `storage` and `protocol` import only leaves; `client`
+and `worker` never import `storage` or `server`; `monitoring` imports only leaves, `auth`
+and `codec`; `cli` sits on top. SQL lives only in `storage/`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,23 @@ ALLOWED = {
     "types": {"errors"},
     "errors": set(),
     "breaker": {"errors", "types"},
-    "logs": {"errors"},
+    # types imports only errors: no cycle.
+    "logs": {"errors", "types"},
     "group_commit": set(),
     "metric_children": set(),
+    "http_refusal": set(),
     "event_loop": set(),
     "auth": {"errors", "types"},
     "codec": {"errors"},
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
-    "monitoring": {"types", "errors", "logs", "auth", "codec", "metric_children"},
+    "monitoring": {"types", "errors", "logs", "auth", "codec", "metric_children", "http_refusal"},
     "client": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "codec", "auth"),
     },
     "worker": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
-        *("codec", "auth", "metric_children", "event_loop"),
+        *("codec", "auth", "metric_children", "event_loop", "http_refusal"),
     },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
@@ -81,7 +83,7 @@ def source_files() -> list[Path]:
         or path.name
         in {
             *("types.py", "errors.py", "breaker.py", "logs.py", "group_commit.py"),
-            *("auth.py", "codec.py"),
+            *("auth.py", "codec.py", "http_refusal.py"),
         }
     ]
 
@@ -128,6 +130,22 @@ class TestSqlLivesInStorage:
             if "_pb2" not in path.name and not ast.get_docstring(ast.parse(path.read_text()))
         ]
         assert not undocumented
+
+
+class TestOneSpelling:
+    def test_the_unprintable_categories_are_spelled_only_in_types(self) -> None:
+        """What no worker text may hold, and what a log line escapes, is one set.
+
+        logs.py kept a copy of `types.UNPRINTABLE_CATEGORIES` (logs could import only
+        errors); two copies drift apart, and a character one refuses the other would print.
+        """
+        spelled = sorted(
+            str(path.relative_to(PACKAGE))
+            for path in source_files()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and node.value == "Zl"
+        )
+        assert spelled == ["types.py"]
 
 
 class TestNoUnsafeDeserialisation:

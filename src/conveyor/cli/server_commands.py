@@ -25,6 +25,7 @@ from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
 from conveyor.errors import ConfigError
 from conveyor.logs import LOG_FORMAT_KEY
+from conveyor.monitoring.http import HttpLimits
 from conveyor.server.app import ConveyorServer
 from conveyor.server.config import (
     DEFAULT_ENQUEUE_STREAM_IDLE,
@@ -105,6 +106,10 @@ async def _serve(
     finally:
         # Also when a callback failed: the server stops as it would at a signal.
         await server.stop()
+
+
+# The --http-* options' defaults: HttpLimits' own.
+_HTTP_DEFAULTS: Final = HttpLimits()
 
 
 # How long Ctrl-C on `conveyor dev` lets running demo tasks finish before handing them back
@@ -326,6 +331,44 @@ def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
     help="Serve /metrics on this address instead, without a token (an internal network).",
 )
 @click.option(
+    "--http-max-connections",
+    type=click.IntRange(min=1),
+    default=_HTTP_DEFAULTS.max_connections,
+    show_default=True,
+    envvar="CONVEYOR_HTTP_MAX_CONNECTIONS",
+    help="Connections open at once on each HTTP address (this one and --metrics-listen). "
+    "Past it a new one closes the longest idle one, or is refused (503) when all are busy.",
+)
+@click.option(
+    "--http-request-head-timeout",
+    type=BoundedFloat(min=0, min_open=True),
+    default=_HTTP_DEFAULTS.request_head_timeout.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    envvar="CONVEYOR_HTTP_REQUEST_HEAD_TIMEOUT",
+    help="Close an HTTP connection that has not sent its request line and headers within "
+    "this (TLS handshake included).",
+)
+@click.option(
+    "--http-answer-timeout",
+    type=BoundedFloat(min=0, min_open=True),
+    default=_HTTP_DEFAULTS.answer_timeout.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    envvar="CONVEYOR_HTTP_ANSWER_TIMEOUT",
+    help="Close an HTTP connection whose request is not answered within this (its body "
+    "read, the answer written to the client).",
+)
+@click.option(
+    "--http-keepalive-timeout",
+    type=BoundedFloat(min=0, min_open=True),
+    default=_HTTP_DEFAULTS.keepalive_timeout.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    envvar="CONVEYOR_HTTP_KEEPALIVE_TIMEOUT",
+    help="Close a kept-alive HTTP connection idle for this long between requests.",
+)
+@click.option(
     "--tokens-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -413,6 +456,10 @@ def server(
     keepalive_interval: float,
     keepalive_timeout: float,
     metrics_listen: str | None,
+    http_max_connections: int,
+    http_request_head_timeout: float,
+    http_answer_timeout: float,
+    http_keepalive_timeout: float,
     tokens_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -462,6 +509,12 @@ def server(
             keepalive_interval=timedelta(seconds=keepalive_interval),
             keepalive_timeout=timedelta(seconds=keepalive_timeout),
             metrics_listen=metrics_listen,
+            http_limits=HttpLimits(
+                max_connections=http_max_connections,
+                request_head_timeout=timedelta(seconds=http_request_head_timeout),
+                answer_timeout=timedelta(seconds=http_answer_timeout),
+                keepalive_timeout=timedelta(seconds=http_keepalive_timeout),
+            ),
             tokens_file=tokens_file,
             tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,
             tls_cert_file=tls_cert,

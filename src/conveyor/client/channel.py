@@ -61,13 +61,26 @@ MESSAGE_BYTES: Final = PEER_MESSAGE_BYTES
 # is nearly spent: enough for an answer from a server that is up.
 MIN_CALL_TIMEOUT: Final = 0.05
 
+# Every channel to a server, a producer client's as a worker's, pings it after 10 s without
+# hearing from it and gives the connection up when a ping is not answered within 5 s: a
+# connection that died silently (a black hole, a NAT entry or a load balancer forgetting it)
+# fails the calls on it within 15 s, and they go to the next server. Servers accept pings
+# every 5 s, and pings go on while no call is open or a stream carries no data. The wait
+# for the answer is gRPC's ping timeout (a minute by default), which recent gRPC applies to
+# keepalive pings instead of their own timeout: both are set. (A producer's used to ping
+# after 20 s and set only the keepalive timeout: an enqueue on a dead connection hung until
+# its deadline.)
+KEEPALIVE_OPTIONS: Final = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
 CHANNEL_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
     ("grpc.max_send_message_length", MESSAGE_BYTES),
-    # Keepalive pings notice a half-open connection (a server that vanished without FIN).
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *KEEPALIVE_OPTIONS,
     # Reconnect quickly after a server restart; our own retry loop adds the jitter.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),

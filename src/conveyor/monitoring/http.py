@@ -21,7 +21,6 @@ turns a token into a principal.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from conveyor.auth import Permission, bearer_token
 from conveyor.errors import ConfigError, Unauthenticated
+from conveyor.http_refusal import connection_refusal
 from conveyor.monitoring.hosts import host_allowed
 
 if TYPE_CHECKING:
@@ -260,18 +260,8 @@ class HttpLimits:
 
 
 # The answer to a connection past the limit, written before anything is read from it.
-_REFUSAL_BODY: Final = json.dumps(
-    {
-        "error": "unavailable",
-        "message": "this server holds as many HTTP connections as it may; try again later",
-    }
-).encode()
-_REFUSAL: Final = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n\r\n" + _REFUSAL_BODY
+_REFUSAL: Final = connection_refusal(
+    "this server holds as many HTTP connections as it may; try again later"
 )
 
 
@@ -443,6 +433,13 @@ class _Connections:
             self._refusal_logged_at = now
 
 
+def _answer_of(raised: web.HTTPException) -> web.Response:
+    """The response a raised HTTP exception stands for (aiohttp deprecates returning one)."""
+    return web.Response(
+        status=raised.status, reason=raised.reason, headers=raised.headers, body=raised.body
+    )
+
+
 @web.middleware
 async def _within_deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time a request from its head to its answer, written here so the writing is timed too."""
@@ -455,6 +452,11 @@ async def _within_deadlines(request: web.Request, handler: Handler) -> web.Strea
     try:
         try:
             response = await handler(request)
+        except web.HTTPException as raised:
+            # The dashboard's redirects and the router's 404s are raised: left to aiohttp,
+            # they were written after `request_answered` below, while the connection counted
+            # as idle (evictable, under the keep-alive timer). Written here like the others.
+            response = _answer_of(raised)
         except ConnectionError:
             if request.transport is not None:
                 raise

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 
 from conveyor.breaker import BreakerState
 from conveyor.errors import ConfigError
+from conveyor.http_refusal import connection_refusal
 from conveyor.metric_children import LabelledChildren
 
 if TYPE_CHECKING:
@@ -238,12 +239,9 @@ def _cut_off(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-_REFUSAL_BODY: Final = b"too many connections to the metrics endpoint; try again later\n"
-_REFUSAL: Final = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: "
-    + str(len(_REFUSAL_BODY)).encode()
-    + b"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-    + _REFUSAL_BODY
+# The answer to a connection past the limit, as the server's HTTP addresses answer theirs.
+_REFUSAL: Final = connection_refusal(
+    "this worker's metrics endpoint holds as many connections as it may; try again later"
 )
 
 
