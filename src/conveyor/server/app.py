@@ -202,7 +202,7 @@ class ConveyorServer:
                 ("grpc.keepalive_timeout_ms", _grpc_ms(self.config.keepalive_timeout)),
                 ("grpc.http2.ping_timeout_ms", _grpc_ms(self.config.keepalive_timeout)),
                 ("grpc.http2.max_pings_without_data", 0),
-                # Workers ping every 10 s (clients every 20 s); more often than this counts
+                # Workers and clients ping every 10 s; more often than this counts
                 # as abuse, and gRPC ends the connection of a peer that keeps at it.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),

@@ -151,19 +151,6 @@ SHUTDOWN_CANCEL_GRACE: Final = 1.0
 LOOP_CLOSE_GRACE: Final = 2.0
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
-# The worker's channels ping their server after 10 s without hearing from it, and give the
-# connection up when a ping is not answered within 5 s: a connection that died silently (a
-# black hole, a NAT entry or a load balancer forgetting it) fails the Work stream on it
-# within 15 s, not after a minute of leases and outcomes sent nowhere. Servers accept
-# pings every 5 s (older ones too), and pings go on while the stream carries no data. The
-# wait for the answer is gRPC's ping timeout (a minute by default), which recent gRPC
-# applies to keepalive pings instead of their own timeout: both are set.
-WORKER_CHANNEL_OPTIONS: Final = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-)
 # The worker whose attempt the current code runs in: set in each attempt's runner, so its
 # handler sees it, in the worker's thread (async) or its own (sync, a copy of the context).
 _HANDLER_OF: Final[contextvars.ContextVar[Worker | None]] = contextvars.ContextVar(
@@ -723,9 +710,9 @@ class _Runtime:
         # One stub per channel: building one per call showed up in profiles (~2 %).
         stub = self.stubs.get(address)
         if stub is None:
-            channel = self.worker.credentials.open_channel(
-                address, aio=True, options=WORKER_CHANNEL_OPTIONS
-            )
+            # The shared channel options (client/channel.py): among them the keepalive
+            # that ends a silently dead Work stream within 15 s.
+            channel = self.worker.credentials.open_channel(address, aio=True)
             self.channels[address] = channel
             stub = self.stubs[address] = pb_grpc.WorkerServiceStub(channel)
         return stub
