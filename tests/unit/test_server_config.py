@@ -119,9 +119,12 @@ class TestAddresses:
         monkeypatch.setenv("CONVEYOR_SERVER", "h1:1,h2:2")
         assert parse_addresses(None) == ["h1:1", "h2:2"]
 
-    @pytest.mark.parametrize("bad", ["", "nohost", "host:", "host:port", ":123"])
+    @pytest.mark.parametrize(
+        "bad",
+        ["", "nohost", "host:", "host:port", ":123", "host:0", "host:65536", "host:117587", "h:²"],
+    )
     def test_malformed_addresses_raise_config_error(self, bad: str) -> None:
-        """Addresses must be HOST:PORT."""
+        """Addresses must be HOST:PORT, the port within 1-65535 (gRPC would wrap it)."""
         with pytest.raises(ConfigError):
             parse_addresses(bad)
 

@@ -248,6 +248,9 @@ class Credentials:
         return grpc.secure_channel(address, credentials, options=options)
 
 
+MAX_PORT: Final = 65_535
+
+
 def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
     """Normalise one address, a comma-separated list, or a sequence; None reads the env."""
     if server is None:
@@ -258,8 +261,11 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
         raise ConfigError("no server address given")
     for address in addresses:
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
+        if not sep or not host or not (port.isascii() and port.isdigit()):
             raise ConfigError(f"server address must be HOST:PORT, got {address!r}")
+        # gRPC takes the port modulo 65,536: 117587 dialled 52051, someone else's port.
+        if not 1 <= int(port) <= MAX_PORT:
+            raise ConfigError(f"server address {address!r}: the port must be 1-{MAX_PORT}")
     return addresses
 
 
