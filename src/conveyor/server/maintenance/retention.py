@@ -5,7 +5,9 @@ default) is deleted with its history, in batches, oldest first, each batch one s
 fenced statement (it writes nothing unless this server still holds its term) that reads
 the tasks it deletes and not every finished one: each round marks the queue position
 (seq) it has reached, and a batch stops at the newest mark older than the cutoff, since a
-task that finished before then was enqueued before it. Keeping the
+task that finished before then was enqueued before it; within a round, each batch goes on
+where the previous one's walk reached, so tasks with an old position that finished late
+are read once a round, not once a batch. Keeping the
 hot table to live tasks and recent history is what keeps every per-task query fast at any
 age of the deployment; operators who need the history longer export it first or raise
 the retention (`--retention-days`, 0 to keep everything).
@@ -73,15 +75,29 @@ class RetentionPruner(Pruner):
 
     name = "retention"
 
+    def __init__(
+        self,
+        interval: timedelta,
+        retention: timedelta,
+        database: Database,
+        elector: LeaderElector,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Prune every `interval` tasks finished `retention` ago."""
+        super().__init__(interval, retention, database, elector, metrics)
+        # The round's previous batch (where its walk reached), None before its first.
+        self._walk: queries.PruneBatch | None = None
+
     async def prepare(self, leader: LeaderProof) -> None:
         """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
+        self._walk = None
         async with self._database.connection() as conn:
             await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
 
     async def batch(self, leader: LeaderProof) -> int:
-        """Delete a batch of old finished tasks; how many."""
+        """Delete a batch of old finished tasks, on from the previous batch's; how many."""
         async with self._database.connection() as conn:
-            pruned = await queries.task_prune_finished(
+            self._walk = await queries.task_prune_finished(
                 conn,
                 retention=self._retention,
                 limit=BATCH_SIZE,
@@ -89,5 +105,8 @@ class RetentionPruner(Pruner):
                 # Three rounds of marks: a round or two missed (a tick failed, the lead
                 # moved) still stops at the newest mark.
                 mark_slack=3 * self.interval,
+                after=self._walk,
             )
-        return self.tally(pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)")
+        return self.tally(
+            self._walk.pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)"
+        )
