@@ -449,10 +449,10 @@ class TestMigrate:
                 "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')"
             )
             leader = queries.LeaderProof("server-1", 1)
-            pruned = await queries.task_prune_finished(
+            batch = await queries.task_prune_finished(
                 conn, retention=timedelta(days=7), limit=1000, leader=leader
             )
-            assert pruned == {"cancelled": 50}
+            assert batch.pruned == {"cancelled": 50}
         finally:
             await conn.close()
 

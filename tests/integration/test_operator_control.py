@@ -5,6 +5,7 @@ a real server, real PostgreSQL and real workers.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from helpers import async_wait_for, free_port, running, wait_final, wait_for
@@ -492,6 +494,66 @@ class TestRetryByIds:
         # The same ids without the unknown one do apply: the refusals above were no accident.
         assert client.retry_tasks([cancelled_id]).changed_ids == (cancelled_id,)
         assert client.cancel_tasks([queued_id]).changed_ids == (queued_id,)
+
+    @pytest.mark.parametrize("action", ["retry", "cancel"])
+    def test_an_id_deleted_while_the_call_waits_for_its_row_is_not_found(
+        self, client: Client, db, action: str
+    ) -> None:
+        """Retention deletes one of the ids between the call's first read (no locks) and
+        its action, which waits for the row and then finds none: the call answered for
+        both ids as matched, but named the deleted one neither changed nor skipped. It is
+        now as unknown as if it had gone before the call, and nothing changes."""
+        deleted_id, kept_id = client.enqueue_tasks([Task(type="rs.gone") for _ in range(2)])
+        if action == "retry":
+            client.cancel_tasks([deleted_id, kept_id])
+        deleting, commit = threading.Event(), threading.Event()
+
+        async def delete_as_retention_does() -> None:
+            conn = await asyncpg.connect(db.url)
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "DELETE FROM conveyor_task_events WHERE task_id = $1::uuid", deleted_id
+                    )
+                    await conn.execute("DELETE FROM conveyor_tasks WHERE id = $1::uuid", deleted_id)
+                    deleting.set()
+                    await asyncio.to_thread(commit.wait, 30)
+            finally:
+                await conn.close()
+
+        deleter = threading.Thread(target=asyncio.run, args=(delete_as_retention_does(),))
+        deleter.start()
+        try:
+            assert deleting.wait(10)
+            call = client.retry_tasks if action == "retry" else client.cancel_tasks
+            outcome: dict[str, Any] = {}
+
+            def act() -> None:
+                try:
+                    outcome["result"] = call([deleted_id, kept_id])
+                except TaskNotFound as exc:
+                    outcome["error"] = exc
+
+            acting = threading.Thread(target=act)
+            acting.start()
+            wait_for(
+                lambda: db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ),
+                what="the action to wait for the deleted task's row",
+            )
+        finally:
+            commit.set()
+            deleter.join(10)
+        acting.join(10)
+        assert "result" not in outcome, outcome.get("result")
+        assert deleted_id in str(outcome["error"])
+        kept = client.get_task_status(kept_id, history=True)
+        expected = ["enqueued", "cancelled"] if action == "retry" else ["enqueued"]
+        assert events(kept) == expected
+        # Without the deleted id, the same call applies.
+        assert call([kept_id]).changed_ids == (kept_id,)
 
     def test_ids_and_a_filter_together_or_neither_are_invalid(
         self, client: Client, admin_stub

@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from helpers import run_sql, with_database
 
+from conveyor.storage import queries
 from conveyor.storage.queries import FIRST_PAGE, SQL
 from conveyor.types import TaskState
 
@@ -273,7 +274,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_seq_last": (),
         "task_payload_get": (seeded.succeeded_id,),
         "task_payload_head": (seeded.succeeded_id, 2000),
-        "task_prune_finished": (1800.0, 1000, "server-1", 1, 90.0),
+        "task_prune_finished": (1800.0, 1000, "server-1", 1, 90.0, [0, 0, 0]),
         "task_event_buckets": (datetime.now(UTC) - timedelta(seconds=20), 5.0),
         "task_promote_due": (1000,),
     }
@@ -879,6 +880,7 @@ class TestPruneReadsWhatItDeletes:
                     "server-1",
                     1,
                     mark_slack,
+                    [0, 0, 0],
                 )
                 left = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
             finally:
@@ -928,6 +930,76 @@ class TestPruneReadsWhatItDeletes:
         # Past the stale mark, through the young tasks (PostgreSQL 15 rounds each loop's
         # average row count to a whole number, so allow for that).
         assert read >= self.YOUNG
+
+    def test_a_rounds_next_batch_does_not_read_again_what_the_first_skipped(
+        self, pg_cluster
+    ) -> None:
+        """Tasks with an old seq that finished late (a backlog drained, or a type paused,
+        for longer than the retention) come first in their state's walk, young, before the
+        old ones: every batch read them all again (at a million, 0.3-0.8 s a batch under
+        the leader row's lock). A round's next batch goes on where the previous one's walk
+        reached, and reads what it deletes."""
+        batch = 200
+
+        async def run(url: str) -> tuple[int, int, int]:
+            conn = await asyncpg.connect(url)
+            try:
+                leader = queries.LeaderProof("server-1", 1)
+                first = await queries.task_prune_finished(
+                    conn,
+                    retention=timedelta(hours=1),
+                    limit=batch,
+                    leader=leader,
+                    mark_slack=timedelta(hours=1),
+                )
+                assert first.pruned == {"cancelled": batch}
+                arguments = [3600.0, batch, "server-1", 1, 3600.0]
+
+                async def measured(after: list[int]) -> int:
+                    """Rows the next batch reads, starting after `after`; rolled back, so
+                    each start is measured on the same rows."""
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        raw = await conn.fetchval(
+                            "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_prune_finished"],
+                            *arguments,
+                            after,
+                        )
+                        left = await conn.fetchval(
+                            "SELECT count(*) FROM conveyor_tasks "
+                            "WHERE finished_at < now() - interval '1 hour'"
+                        )
+                    finally:
+                        await transaction.rollback()
+                    assert left == self.OLD - 2 * batch
+                    return rows_read(json.loads(raw) if isinstance(raw, str) else raw)
+
+                from_the_start = await measured([0, 0, 0])
+                carried_on = await measured(
+                    [first.reached[state] for state in queries.PRUNED_STATES]
+                )
+            finally:
+                await conn.close()
+            return from_the_start, carried_on, len(first.reached)
+
+        with seeded_database(
+            pg_cluster,
+            "prune_late",
+            prune_tasks_sql(self.YOUNG, "10 minutes"),
+            prune_tasks_sql(self.OLD, "2 hours"),
+            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
+            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
+            "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
+            "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
+            "ANALYZE conveyor_tasks",
+        ) as url:
+            from_the_start, carried_on, states = asyncio.run(run(url))
+        assert states == len(queries.PRUNED_STATES)
+        # From the start of the walk: the young ones again, then the batch.
+        assert from_the_start >= self.YOUNG
+        # On from the first batch: the batch, and a few rows for PostgreSQL 15's rounding.
+        assert batch - 10 <= carried_on < batch + 50
 
 
 def scheduled_sql(task_type: str, count: int, due_in: str) -> str:

@@ -382,6 +382,13 @@ class TaskControl:
             now = await queries.task_states_get(
                 conn, task_ids=[task_id for task_id in ids if task_id not in changed]
             )
+            # Deleted since the first read, which locks nothing (retention's delete,
+            # committed while the action waited for the row): as unknown as if it had
+            # gone before the call, and the call changes nothing, rather than answering
+            # for fewer tasks than it matched.
+            gone = [task_id for task_id in ids if task_id not in changed and task_id not in now]
+            if gone:
+                raise TaskNotFound(task_id=gone[0])
         self._after_change(action, rows)
         return BulkResult(
             matched=len(ids),

@@ -9,6 +9,7 @@ nothing unless this server leads, with the proof its fenced statements carry.
 
     stopped --start()--> running --stop()--> stopped
                             |  every `interval`: tick(); errors logged, never fatal
+                            |  (a batched duty that left work behind: after a short pause)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
     from conveyor.storage.queries import LeaderProof
 
 log = logging.getLogger("conveyor.server.service")
+
+# Between two rounds of a batched duty when the first left work behind (a retention
+# backlog): long enough that the elector's renewal, which waits for the share lock every
+# fenced batch holds on the leader row, and the other duties' statements get in, short
+# enough that a backlog is deleted at about the database's pace (see retention.py).
+CATCH_UP_PAUSE: Final = 0.5
 
 
 class PeriodicService:
@@ -43,6 +50,10 @@ class PeriodicService:
     async def tick(self) -> None:
         """One round of work."""
         raise NotImplementedError
+
+    def next_round_in(self) -> float:
+        """Seconds until the next round: `interval`, unless a kind of loop has work left."""
+        return self.interval.total_seconds()
 
     def start(self) -> None:
         """Start the loop (a second call does nothing)."""
@@ -74,7 +85,7 @@ class PeriodicService:
                     extra={"event": "maintenance_error"},
                 )
             self.ticks += 1
-            await asyncio.sleep(self.interval.total_seconds())
+            await asyncio.sleep(self.next_round_in())
 
 
 class LeaderDuty(PeriodicService):
@@ -106,22 +117,45 @@ class BatchedLeaderDuty(LeaderDuty):
 
     The round goes on while a batch comes back full and this server still leads (the proof
     is taken again before each batch), for at most `max_batches` batches (None: until a
-    batch comes back short), so a backlog is worked off over several rounds rather than in
-    one long burst of writes.
+    batch comes back short). A round that stops at `max_batches` with its last batch full
+    leaves work behind (`behind`): the next round starts after `CATCH_UP_PAUSE`, not after
+    `interval`, so a backlog is worked off in rounds of bounded length, with a breath
+    between them, at whatever rate the database sustains rather than at one round per
+    interval.
     """
 
     batch_size: int
     max_batches: int | None = None
 
+    def __init__(self, interval: timedelta, database: Database, elector: LeaderElector) -> None:
+        """Every `interval` (or sooner, while behind), batches while this server leads."""
+        super().__init__(interval, database, elector)
+        self.behind = False
+
+    async def tick(self) -> None:
+        """One round; `behind` says whether it stopped with full batches still coming."""
+        # A round that failed, or that another server led, leaves nothing known behind.
+        self.behind = False
+        await super().tick()
+
+    def next_round_in(self) -> float:
+        """`interval`, or `CATCH_UP_PAUSE` (if shorter) after a round that left work behind."""
+        if self.behind:
+            return min(CATCH_UP_PAUSE, self.interval.total_seconds())
+        return self.interval.total_seconds()
+
     async def lead(self, leader: LeaderProof) -> None:
         """`prepare`, then batches while they come back full and this server leads."""
         await self.prepare(leader)
         batches = 0
-        while self.max_batches is None or batches < self.max_batches:
+        while True:
             handled = await self.batch(leader)
             batches += 1
             next_leader = self.leading()
             if handled < self.batch_size or next_leader is None:
+                return
+            if self.max_batches is not None and batches >= self.max_batches:
+                self.behind = True
                 return
             leader = next_leader
 

@@ -870,6 +870,21 @@ async def task_payload_head(conn: Any, *, task_id: str, length: int) -> asyncpg.
     return row
 
 
+# The final states in the order task_prune_finished walks them (its $6 array).
+PRUNED_STATES: Final = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class PruneBatch:
+    """What one task_prune_finished batch did: tasks deleted, and where each walk reached.
+
+    Both by final state; the round's next batch goes on after `reached`.
+    """
+
+    pruned: dict[str, int]
+    reached: dict[str, int]
+
+
 async def task_prune_finished(
     conn: Any,
     *,
@@ -877,11 +892,13 @@ async def task_prune_finished(
     limit: int,
     leader: LeaderProof,
     mark_slack: timedelta = timedelta(minutes=5),
-) -> dict[str, int]:
+    after: PruneBatch | None = None,
+) -> PruneBatch:
     """Leader only: delete up to `limit` tasks finished longer ago than `retention`.
 
     `mark_slack`: how old (past the cutoff) the newest mark may be and still bound the walk;
-    a few rounds of marks (see the statement).
+    a few rounds of marks (see the statement). `after`: the round's previous batch, whose
+    walk this one goes on from (None at a round's start).
     """
     rows = await _fenced(
         conn,
@@ -893,11 +910,12 @@ async def task_prune_finished(
         leader.holder,
         leader.term,
         _seconds(mark_slack),
+        [after.reached.get(state, 0) if after is not None else 0 for state in PRUNED_STATES],
     )
-    pruned: dict[str, int] = {}
-    for row in rows:
-        pruned[row["state"]] = pruned.get(row["state"], 0) + 1
-    return pruned
+    return PruneBatch(
+        pruned={row["state"]: row["deleted"] for row in rows if row["deleted"]},
+        reached={row["state"]: row["reached"] for row in rows},
+    )
 
 
 async def seq_mark_record(conn: Any, *, retention: timedelta, leader: LeaderProof) -> None:

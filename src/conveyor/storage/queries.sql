@@ -638,9 +638,11 @@ FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_tim
 
 -- name: task_prune_finished
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term, $5 how far (s) before the
--- cutoff the newest mark may be for the walk to stop there. Leader only, fenced.
--- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
--- (state, seq) index, with their history (by its primary key, in the same statement).
+-- cutoff the newest mark may be for the walk to stop there, $6 per final state (succeeded,
+-- failed, cancelled) the seq its walk goes on after (0 at a round's start). Leader only,
+-- fenced. Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first
+-- through the (state, seq) index, with their history (by its primary key, in the same
+-- statement).
 -- The walk stops at a mark's seq (seq_mark_record; migration 0013), so that a batch reads
 -- the tasks it deletes, not every finished task. A task that finished before the cutoff
 -- drew its seq before it, so:
@@ -651,7 +653,13 @@ FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_tim
 --   mark is old, and stopping there would leave the gap's tasks for a whole retention:
 --   the walk goes to the oldest mark after the cutoff instead, or the sequence's last value
 --   if there is none, and reads the young tasks up to there until the marks catch up.
--- Returns the deleted states.
+-- Below the bound, the walk still reads the tasks with an old seq that finished late (a
+-- backlog drained, or a type paused, for longer than the retention: millions, after an
+-- outage), and skips them as young. It does so once per round, not once per batch: each
+-- batch starts where the previous one reached ($6).
+-- Returns one row per final state: how many of its tasks were deleted, and the seq its walk
+-- reached (the next batch's $6): the last one deleted, or the bound when the walk read all
+-- there was up to it.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
@@ -673,12 +681,17 @@ WITH leader AS (
         )
     END AS seq
     FROM (SELECT) AS one LEFT JOIN before_cutoff AS b ON true
-), doomed AS (
-    SELECT old.id
-    FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) AS final (state)
+), final AS (
+    SELECT f.state, f.i, ($6::bigint[])[f.i] AS after
+    FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) WITH ORDINALITY
+         AS f (state, i)
+), walked AS (
+    SELECT final.i, old.id, old.seq
+    FROM final
     CROSS JOIN LATERAL (
         SELECT t.id, t.seq FROM conveyor_tasks AS t
         WHERE t.state = final.state
+          AND t.seq > final.after
           AND t.seq <= (SELECT seq FROM bound)
           AND t.finished_at < now() - make_interval(secs => $1)
           AND EXISTS (SELECT 1 FROM leader)
@@ -686,19 +699,37 @@ WITH leader AS (
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ) AS old
-    ORDER BY old.seq
+), doomed AS (
+    SELECT i, id, seq FROM walked
+    ORDER BY seq
     LIMIT $2
 ), doomed_ids AS (
     SELECT ARRAY(SELECT id FROM doomed) AS ids
 ), history AS (
     DELETE FROM conveyor_task_events
     WHERE task_id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
+), deleted AS (
+    DELETE FROM conveyor_tasks
+    -- An array, not IN (subquery): the deletes are then primary-key probes, never a hash
+    -- join over a scan of the whole table.
+    WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
+    RETURNING state
 )
-DELETE FROM conveyor_tasks
--- An array, not IN (subquery): the deletes are then primary-key probes, never a hash join
--- over a scan of the whole table.
-WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
-RETURNING state;
+SELECT final.state::text AS state,
+       (SELECT count(*) FROM deleted AS d WHERE d.state = final.state) AS deleted,
+       CASE
+           WHEN NOT EXISTS (SELECT 1 FROM leader) THEN final.after
+           -- Fewer than a batch found, and all of them deleted: nothing is left to read
+           -- up to the bound this round (what lies below it is young, or was locked by
+           -- another statement: the next round reads it again).
+           WHEN (SELECT count(*) FROM walked AS w WHERE w.i = final.i) < $2
+                AND (SELECT count(*) FROM walked AS w WHERE w.i = final.i)
+                    = (SELECT count(*) FROM doomed AS d WHERE d.i = final.i)
+               THEN greatest(final.after, coalesce((SELECT seq FROM bound), final.after))
+           ELSE coalesce((SELECT max(d.seq) FROM doomed AS d WHERE d.i = final.i), final.after)
+       END AS reached
+FROM final
+ORDER BY final.i;
 
 -- name: seq_mark_record
 -- $1 retention (s), $2 leader id, $3 leader term. Leader only, fenced. Marks where the

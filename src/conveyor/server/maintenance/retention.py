@@ -5,15 +5,21 @@ default) is deleted with its history, in batches, oldest first, each batch one s
 fenced statement (it writes nothing unless this server still holds its term) that reads
 the tasks it deletes and not every finished one: each round marks the queue position
 (seq) it has reached, and a batch stops at the newest mark older than the cutoff, since a
-task that finished before then was enqueued before it. Keeping the
-hot table to live tasks and recent history is what keeps every per-task query fast at any
-age of the deployment; operators who need the history longer export it first or raise
-the retention (`--retention-days`, 0 to keep everything).
+task that finished before then was enqueued before it; within a round, each batch goes on
+where the previous one's walk reached, so tasks with an old position that finished late
+are read once a round, not once a batch. A round is at most `MAX_BATCHES_PER_ROUND`
+batches; one that ends on a full batch is followed by the next after a short pause, not
+after `retention_interval`, and `conveyor_tasks_prune_behind_seconds` says for how long
+rounds have been ending so. Keeping the hot table to live tasks and recent history is what
+keeps every per-task query fast at any age of the deployment; operators who need the
+history longer export it first or raise the retention (`--retention-days`, 0 to keep
+everything).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Final
 
 from conveyor.server.service import BatchedLeaderDuty
@@ -32,8 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.server.retention")
 
 BATCH_SIZE: Final = 1000
-# Batches per round: a backlog of old tasks (a first run on a long-lived database) is
-# worked off over several rounds, never in one long burst of deletes.
+# Batches per round: a backlog of old tasks (a first run on a long-lived database, or more
+# tasks finishing than a round deletes) is worked off over several rounds a short pause
+# apart (BatchedLeaderDuty), never in one long burst of deletes.
 MAX_BATCHES_PER_ROUND: Final = 20
 
 
@@ -73,15 +80,55 @@ class RetentionPruner(Pruner):
 
     name = "retention"
 
+    def __init__(
+        self,
+        interval: timedelta,
+        retention: timedelta,
+        database: Database,
+        elector: LeaderElector,
+        metrics: ServerMetrics,
+    ) -> None:
+        """Prune every `interval` (sooner while behind) tasks finished `retention` ago."""
+        super().__init__(interval, retention, database, elector, metrics)
+        # The round's previous batch (where its walk reached), None before its first.
+        self._walk: queries.PruneBatch | None = None
+        # When rounds started ending with old tasks left (monotonic), None while caught up.
+        self._behind_since: float | None = None
+
+    async def tick(self) -> None:
+        """One round, then whether it left old tasks behind (the gauge, a log line)."""
+        started = time.monotonic()
+        await super().tick()
+        self._track_backlog(started)
+
+    def _track_backlog(self, round_started: float) -> None:
+        if self.behind and self._behind_since is None:
+            self._behind_since = round_started
+            log.info(
+                "retention is behind: a round ended with old finished tasks left; the next "
+                "round starts without waiting for the retention interval",
+                extra={"event": "retention_behind"},
+            )
+        elif not self.behind and self._behind_since is not None:
+            log.info(
+                "retention caught up after %.0f s behind",
+                time.monotonic() - self._behind_since,
+                extra={"event": "retention_caught_up"},
+            )
+            self._behind_since = None
+        behind_for = 0.0 if self._behind_since is None else time.monotonic() - self._behind_since
+        self._metrics.tasks_prune_behind.set(behind_for)
+
     async def prepare(self, leader: LeaderProof) -> None:
         """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
+        self._walk = None
         async with self._database.connection() as conn:
             await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
 
     async def batch(self, leader: LeaderProof) -> int:
-        """Delete a batch of old finished tasks; how many."""
+        """Delete a batch of old finished tasks, on from the previous batch's; how many."""
         async with self._database.connection() as conn:
-            pruned = await queries.task_prune_finished(
+            self._walk = await queries.task_prune_finished(
                 conn,
                 retention=self._retention,
                 limit=BATCH_SIZE,
@@ -89,5 +136,8 @@ class RetentionPruner(Pruner):
                 # Three rounds of marks: a round or two missed (a tick failed, the lead
                 # moved) still stops at the newest mark.
                 mark_slack=3 * self.interval,
+                after=self._walk,
             )
-        return self.tally(pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)")
+        return self.tally(
+            self._walk.pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)"
+        )
