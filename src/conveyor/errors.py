@@ -20,7 +20,10 @@ ConveyorError
 ```
 
 Each class's docstring is its default message; context is kept in attributes so callers
-never parse strings. The gRPC mapping of these classes lives in `conveyor.protocol.status`.
+never parse strings. Any of them raised by `enqueue_tasks` carries `committed_ids`: a call
+of more than 1,000 tasks (or about 8 MiB) goes as several requests that commit one by one,
+and those ids are the tasks that exist although the call failed. The gRPC mapping of
+these classes lives in `conveyor.protocol.status`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from __future__ import annotations
 
 class ConveyorError(Exception):
     """Conveyor failed."""
+
+    # Set by `enqueue_tasks` when it fails after some of its requests committed: the ids of
+    # the tasks they created, in the order of the caller's list (empty otherwise).
+    committed_ids: tuple[str, ...] = ()
 
     def __init__(self, message: str | None = None) -> None:
         """Use the class docstring as the message when none is given."""

@@ -11,7 +11,7 @@ import pytest
 
 from conveyor.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Permit
 from conveyor.client.channel import AddressRing, RetryLoop, RetryPolicy
-from conveyor.errors import ConfigError, LimitExceeded
+from conveyor.errors import ConfigError, InvalidTask, LimitExceeded
 
 
 class FakeClock:
@@ -220,8 +220,9 @@ class TestBackpressureAndTheBreaker:
         clock.now += 5
         with pytest.raises(LimitExceeded, match="request rate limit"):
             loop.failed(pick, refusal)
-        # A message too large for gRPC is RESOURCE_EXHAUSTED too, but no retry will help.
-        with pytest.raises(LimitExceeded, match="larger than max"):
+        # A message too large for gRPC is RESOURCE_EXHAUSTED too, but no retry will help:
+        # the request is invalid for that server.
+        with pytest.raises(InvalidTask, match="larger than max"):
             RetryLoop(ring, RetryPolicy(), "EnqueueTasks", clock=clock).failed(
                 pick,
                 _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),

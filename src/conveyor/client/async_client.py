@@ -23,7 +23,7 @@ from conveyor.client.enqueue_stream import (
     StreamEnded,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
-from conveyor.errors import ConfigError, ServerUnavailable
+from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -31,7 +31,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from types import TracebackType
 
     from conveyor.breaker import BreakerPolicy
@@ -67,6 +67,10 @@ class AsyncClient:
     and opens new ones. While it is open, a call from another loop raises ConfigError:
     share a client between the coroutines of one loop, not between loops (close it on its
     loop first to move it to another).
+
+    Unlike `Client`, a closed AsyncClient opens new connections on its next call: closing
+    it on its loop is how it moves to another loop (see above). Calls in flight when it
+    closes finish, or raise ServerUnavailable ("the client was closed") without retrying.
     """
 
     def __init__(
@@ -93,6 +97,9 @@ class AsyncClient:
         self._enqueue_streams: dict[str, EnqueueStream] = {}
         self._calls_only_until: dict[str, float] = {}
         self._enqueues = self._group_commit()
+        # How many times close() ran: a call that was in flight then ends instead of
+        # opening the connections again for its retry.
+        self._closes = 0
         # The loop the channels, streams and waiting enqueues above belong to (None before
         # the first call and after close()); the lock makes a move to another loop whole.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -165,6 +172,7 @@ class AsyncClient:
     ) -> Response:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
         self._on_running_loop()
+        closes = self._closes
         attempts = RetryLoop(
             self._ring,
             self._retry,
@@ -180,6 +188,10 @@ class AsyncClient:
             try:
                 response = await attempt(pick.address, attempts.call_timeout())
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
+                if self._closes != closes:
+                    # close() ended it: no retry reopens what close() closed.
+                    attempts.abandoned(pick)
+                    raise ServerUnavailable("the client was closed during the call") from None
                 attempts.failed(pick, exc)
                 continue
             except BaseException:
@@ -194,14 +206,23 @@ class AsyncClient:
         """Enqueue one task; return its id."""
         return (await self.enqueue_tasks([task]))[0]
 
-    async def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
-        """Enqueue many tasks in as few round trips as possible; return their ids in order."""
+    async def enqueue_tasks(self, tasks: Iterable[Task]) -> list[str]:
+        """Enqueue many tasks in as few round trips as possible; return their ids in order.
+
+        As `Client.enqueue_tasks`: requests of up to 1,000 tasks each commit on their own,
+        and an error carries the ids committed before it (`committed_ids`).
+        """
         self._on_running_loop()
+        tasks = core.task_list(tasks)
         ids: list[str] = []
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
             for request in core.enqueue_batches(tasks, trace_context, self._codec):
-                ids.extend(await self._enqueues.submit(request))
+                try:
+                    ids.extend(await self._enqueues.submit(request))
+                except ConveyorError as exc:
+                    core.failed_part(exc, len(ids), ids)
+                    raise
         return ids
 
     async def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
@@ -215,7 +236,7 @@ class AsyncClient:
     ) -> pb.EnqueueTasksResponse:
         """One attempt: on the address's enqueue stream, or as a call (see EnqueueRoute)."""
         loop = asyncio.get_running_loop()
-        route = EnqueueRoute(self._calls_only_until, address, loop.time(), timeout)
+        route = EnqueueRoute(self._calls_only_until, address, loop.time(), timeout, request)
         while route.on_stream():
             stream = self._enqueue_streams.get(address)
             stream_was_new = stream is None or stream.ended
@@ -387,6 +408,7 @@ class AsyncClient:
                 self._drop_connections()
                 self._loop = None
                 return
+        self._closes += 1
         await self._enqueues.close()
         for stream in self._enqueue_streams.values():
             await stream.close()

@@ -7,12 +7,14 @@ functions, so their behaviour cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, TypedDict
 
 from conveyor.codec import SEALED_OVERHEAD, PayloadCodec, SealError, open_text
-from conveyor.errors import InvalidTask
+from conveyor.errors import ConveyorError, InvalidTask
 from conveyor.protocol import convert
+from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.types import (
     BulkResult,
@@ -53,6 +55,32 @@ _TEMPLATE_LIMIT: Final = 1024
 _templates: dict[tuple[str, timedelta, int], pb.TaskSpec] = {}
 
 
+def task_list(tasks: Iterable[Task]) -> list[Task]:
+    """The caller's tasks as a list (any iterable will do: a generator is read once)."""
+    if tasks is None or isinstance(tasks, (Task, str, bytes)):
+        raise InvalidTask(
+            f"tasks must be a list (or other iterable) of conveyor.Task, got "
+            f"{type(tasks).__name__}; enqueue_task takes a single Task",
+            field="tasks",
+        )
+    try:
+        return list(tasks)
+    except TypeError:
+        raise InvalidTask(
+            f"tasks must be a list (or other iterable) of conveyor.Task, got "
+            f"{type(tasks).__name__}",
+            field="tasks",
+        ) from None
+
+
+def _check_tasks(tasks: Sequence[Task]) -> None:
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise InvalidTask(
+                f"tasks[{index}]: expected a conveyor.Task, got {type(task).__name__}"
+            )
+
+
 def enqueue_request(
     tasks: Sequence[Task],
     trace_context: dict[str, str] | None = None,
@@ -65,9 +93,7 @@ def enqueue_request(
     """
     if not tasks:
         raise InvalidTask("no tasks to enqueue")
-    for task in tasks:
-        if not isinstance(task, Task):
-            raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
+    _check_tasks(tasks)
     # Built in place: each spec is a copy of a template holding what tasks usually share
     # (type, timeout, retries, trace context), then gets its id and payload. A batch of
     # 1000 tasks costs about 1.5 ms here (ids included), against 9 with a TaskSpec and a
@@ -96,7 +122,22 @@ def enqueue_request(
             spec.payload = codec.seal(task.payload, field="payload", task_id=spec.id)
         elif task.payload:
             spec.payload = task.payload
+    _check_request_size(request)
     return request
+
+
+def _check_request_size(request: pb.EnqueueTasksRequest) -> None:
+    # gRPC would refuse to send it with its own words ("CLIENT: Sent message larger than
+    # max"), after the work of serialising it; no server accepts it either.
+    size = request.ByteSize()
+    if size > PEER_MESSAGE_BYTES:
+        raise InvalidTask(
+            f"the enqueue request is {size} bytes; a Conveyor client sends at most "
+            f"{PEER_MESSAGE_BYTES} bytes in one message, and a server accepts a payload of "
+            f"its max_payload_bytes only (1 MiB by default): store large data elsewhere "
+            f"and pass a reference in the payload",
+            field="payload",
+        )
 
 
 def enqueue_batches(
@@ -111,9 +152,7 @@ def enqueue_batches(
     """
     if len(tasks) == 1:  # one task goes alone, however large
         return [enqueue_request(tasks, trace_context, codec)]
-    for task in tasks:
-        if not isinstance(task, Task):
-            raise InvalidTask(f"expected a conveyor.Task, got {type(task).__name__}")
+    _check_tasks(tasks)
     each = (
         _TASK_FRAMING_BYTES
         + (SEALED_OVERHEAD if codec is not None else 0)
@@ -138,6 +177,25 @@ def enqueue_batches(
         size += task_size
     requests.append(enqueue_request(tasks[start:], trace_context, codec))
     return requests
+
+
+# How the server names a task of a request in an error: by its index in that request.
+_TASK_INDEX: Final = re.compile(r"^tasks\[(\d+)\]")
+
+
+def failed_part(error: ConveyorError, offset: int, committed: list[str]) -> ConveyorError:
+    """`error`, raised by the request starting at the caller's task `offset`, as the caller's.
+
+    The server numbers a bad task within its request; the caller knows it by its place in
+    the whole list. The requests before this one committed (`committed`, their ids): the
+    error carries them, so the caller can tell which tasks exist.
+    """
+    if offset:
+        message = _TASK_INDEX.sub(lambda m: f"tasks[{int(m.group(1)) + offset}]", error.message)
+        if message != error.message:
+            error.args = (message, *error.args[1:])
+    error.committed_ids = tuple(committed)
+    return error
 
 
 # A request's share of MAX_REQUEST_BYTES when calls are joined into one (see
@@ -257,8 +315,7 @@ def list_workers_request(
     *, include_stopped: bool, limit: int, page_token: str | None = None
 ) -> pb.ListWorkersRequest:
     """A ListWorkers request."""
-    if limit < 1:
-        raise InvalidTask("limit must be at least 1", field="limit")
+    limit = checked_limit(limit, least=1, most=MAX_PAGE_LIMIT)
     return pb.ListWorkersRequest(
         include_stopped=include_stopped, limit=limit, page_token=page_token or ""
     )
@@ -283,15 +340,40 @@ def explain_request(task_id: str) -> pb.ExplainTaskRequest:
     return pb.ExplainTaskRequest(task_id=normalize_task_id(task_id))
 
 
+# The largest `limit` each request's field carries (uint32 for pages, uint64 for bulk).
+MAX_PAGE_LIMIT: Final = 2**32 - 1
+MAX_BULK_LIMIT: Final = 2**64 - 1
+
+
+def checked_limit(limit: object, *, least: int, most: int) -> int:
+    """`limit` if it is a whole number from `least` to `most`; InvalidTask if not."""
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise InvalidTask(f"limit must be an int, got {type(limit).__name__}", field="limit")
+    if not least <= limit <= most:
+        raise InvalidTask(f"limit must be from {least} to {most}, got {limit}", field="limit")
+    return limit
+
+
 def _states(states: StatesArg) -> list[TaskState]:
     if states is None:
         return []
-    items = [states] if isinstance(states, (TaskState, str)) else list(states)
+    if isinstance(states, (TaskState, str)):
+        items: list[TaskState | str] = [states]
+    else:
+        try:
+            items = list(states)
+        except TypeError:
+            known = ", ".join(state.value for state in TaskState)
+            raise InvalidTask(
+                f"states must be a task state or a list of them ({known}), got "
+                f"{type(states).__name__}",
+                field="states",
+            ) from None
     parsed = []
     for item in items:
         try:
             parsed.append(TaskState(item))
-        except ValueError:
+        except (ValueError, TypeError):
             known = ", ".join(state.value for state in TaskState)
             raise InvalidTask(f"unknown task state {item!r} (one of {known})") from None
     return parsed
@@ -309,8 +391,7 @@ def list_tasks_request(
     states: StatesArg, task_type: str | None, limit: int, page_token: str | None
 ) -> pb.ListTasksRequest:
     """A ListTasks request."""
-    if limit < 1:
-        raise InvalidTask("limit must be at least 1")
+    limit = checked_limit(limit, least=1, most=MAX_PAGE_LIMIT)
     return pb.ListTasksRequest(
         filter=task_filter(states, task_type), limit=limit, page_token=page_token or ""
     )
@@ -340,8 +421,7 @@ def bulk_request(
     """A retry or cancel request: by ids, or by a filter when no ids are given."""
     if isinstance(task_ids, str):
         raise InvalidTask("task_ids must be a list of ids, not one string")
-    if limit < 0:
-        raise InvalidTask("limit must not be negative")
+    limit = checked_limit(limit, least=0, most=MAX_BULK_LIMIT)
     by_filter = states is not None or task_type is not None
     if task_ids and by_filter:
         raise InvalidTask("give either task ids or a filter (states/type), not both")

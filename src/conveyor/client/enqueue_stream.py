@@ -11,7 +11,14 @@ which `RetryLoop` treats exactly as a failed call.
 When the call ends, for any reason, every unanswered request fails with `StreamEnded`
 (transient, UNAVAILABLE, when the server ended it OK because it had been idle or is
 stopping), and the client sends it again: at once on a new stream if the server ended one
-that had been open a while (it may just have been idle), else through its retry loop.
+that had been open a while (it may just have been idle), else through its retry loop. A
+stream the server had accepted and that then ended with an error (gRPC's own, such as a
+message over the server's size limit, or a request breaking the protocol) says nothing
+about the other requests on it, which may belong to other threads or coroutines: they are
+sent again too (once at once on a new stream, then through the retry loop), never failed
+with a status about someone else's message. A request larger than every server accepts
+(`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an `EnqueueTasks`
+call, so that a server's refusal of it reaches its caller only.
 Enqueues are idempotent per task id, so a request applied twice creates its tasks once. A
 request with no answer within its deadline ends the stream too, as a call's deadline ends
 the call, so a server that stopped answering is not used again through a stale stream.
@@ -41,7 +48,8 @@ import grpc
 
 from conveyor.client.channel import MIN_CALL_TIMEOUT
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED
-from conveyor.protocol.status import AnsweredStatus, code_from_number
+from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES
+from conveyor.protocol.status import TRANSIENT_CODES, AnsweredStatus, code_from_number
 from conveyor.protocol.stream_writes import write_message
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 
@@ -67,6 +75,10 @@ GRPC_WRITE_RACE: Final = "Internal error from Core"
 # retry loop sends it again if it is not sent again at once (EnqueueRoute).
 SERVER_ENDED_CODE: Final = grpc.StatusCode.UNAVAILABLE
 SERVER_ENDED: Final = "the server ended it (it was idle, or the server is stopping); retry"
+# The largest request that goes on a stream: every server accepts a message this large,
+# with room for the stream's own envelope (the request's number and framing). A larger one
+# would end the whole call with RESOURCE_EXHAUSTED on a server with the smallest limit.
+STREAM_REQUEST_BYTES: Final = MIN_SERVER_MESSAGE_BYTES - 1024
 
 
 class RequestFailed(AnsweredStatus):
@@ -79,12 +91,24 @@ class StreamEnded(RequestFailed):
     `server_closed`: the server ended a stream it had accepted, because it had been idle or
     because the server drains (or a write raced that end). A request that was written just
     then is worth sending again at once on a new stream (`EnqueueRoute`).
+
+    `broken`: a stream the server had accepted ended with an error about the call, not
+    about this request (which may be another caller's); the request is sent again at once
+    on a new stream, even a stream opened for it.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, *, server_closed: bool = False) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        server_closed: bool = False,
+        broken: bool = False,
+    ) -> None:
         """Keep the status and how the stream ended."""
         super().__init__(code, details)
         self.server_closed = server_closed
+        self.broken = broken
 
 
 class EnqueueRoute:
@@ -109,11 +133,20 @@ class EnqueueRoute:
       and must cost neither a backoff nor a mark against its circuit breaker, so the
       request goes again at once on a new stream, once. A new stream to a server that is
       draining is refused at the door, and that failure counts as any other.
+    - A request over `STREAM_REQUEST_BYTES` goes as a call: a server whose message limit
+      it exceeds ends the call carrying it, and the stream is every caller's.
+    - A stream that broke after the server accepted it (`StreamEnded.broken`) failed the
+      request for no fault of its own: it goes again at once on a new stream, once.
     - Any other end of the stream fails the attempt, for the retry loop to judge.
     """
 
     def __init__(
-        self, calls_only_until: dict[str, float], address: str, now: float, timeout: float
+        self,
+        calls_only_until: dict[str, float],
+        address: str,
+        now: float,
+        timeout: float,
+        request: pb.EnqueueTasksRequest,
     ) -> None:
         """Start an attempt at `now` (the client's clock) with `timeout` seconds for it."""
         self._calls_only_until = calls_only_until
@@ -121,10 +154,11 @@ class EnqueueRoute:
         self._now = now
         self._deadline = now + timeout
         self._sent_again = False
+        self._too_large = request.ByteSize() > STREAM_REQUEST_BYTES
 
     def on_stream(self) -> bool:
         """Whether the request goes (again) on the stream rather than as a call."""
-        return self._calls_only_until.get(self._address, 0.0) <= self._now
+        return not self._too_large and self._calls_only_until.get(self._address, 0.0) <= self._now
 
     def send_timeout(self, now: float) -> float:
         """What is left of the attempt's time, at least `MIN_CALL_TIMEOUT`."""
@@ -135,7 +169,8 @@ class EnqueueRoute:
 
         Whether it goes again on a new stream or as a call, `on_stream` says.
         """
-        if error.server_closed and not stream_was_new and not self._sent_again:
+        resend = error.broken or (error.server_closed and not stream_was_new)
+        if resend and not self._sent_again:
             self._sent_again = True
             return
         if error.code() in AS_CALLS_AFTER:
@@ -252,7 +287,7 @@ class EnqueueStream:
                     answer.set_result(reply)
             ended = _ended(SERVER_ENDED_CODE, SERVER_ENDED, server_closed=True)
         except grpc.aio.AioRpcError as exc:
-            ended = _ended_by(exc.code(), exc.details() or "")
+            ended = _ended_by(exc.code(), exc.details() or "", accepted=self._accepted)
         except asyncio.CancelledError:
             pass  # closed, or the call cancelled after a deadline
         finally:
@@ -366,7 +401,7 @@ class BlockingEnqueueStream:
             if code is grpc.StatusCode.CANCELLED:
                 ended = _ended(grpc.StatusCode.UNAVAILABLE, "the client closed it")
             else:
-                ended = _ended_by(code, exc.details() or "")
+                ended = _ended_by(code, exc.details() or "", accepted=self._accepted.is_set())
         finally:
             with self._lock:
                 self._ended = self._ended or ended
@@ -386,8 +421,21 @@ def _response(reply: pb.EnqueueStreamResponse) -> pb.EnqueueTasksResponse:
     return reply.response
 
 
-def _ended_by(code: grpc.StatusCode, details: str) -> StreamEnded:
-    """How a call that ended with this status fails its unanswered requests."""
+def _ended_by(code: grpc.StatusCode, details: str, *, accepted: bool) -> StreamEnded:
+    """How a call that ended with this status fails its unanswered requests.
+
+    A stream refused at the door (not `accepted`) fails them with the refusal: it concerns
+    every request this client sends there (its token, its role, a draining server).
+    """
+    if accepted and code not in TRANSIENT_CODES and details != GRPC_WRITE_RACE:
+        # The server read some message it could not take (gRPC's size limit, a request
+        # breaking the protocol) and ended the call: the requests left unanswered are not
+        # to blame, and may be other callers'. Enqueues are idempotent per id: resend.
+        return _ended(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the call broke ({code.name}: {details}); the request is sent again",
+            broken=True,
+        )
     if code is grpc.StatusCode.INTERNAL and details == GRPC_WRITE_RACE:
         # A write raced the server's end of the call (grpc/grpc#36066, see the module's
         # docstring): the stream broke; what it carried is sent again. An INTERNAL the
@@ -409,7 +457,12 @@ def _accepts(metadata: Any) -> bool:
     return any(key == ENQUEUE_STREAM_ACCEPTED for key, _ in metadata or ())
 
 
-def _ended(code: grpc.StatusCode, how: str, *, server_closed: bool = False) -> StreamEnded:
+def _ended(
+    code: grpc.StatusCode, how: str, *, server_closed: bool = False, broken: bool = False
+) -> StreamEnded:
     return StreamEnded(
-        code, f"the enqueue stream ended before the answer: {how}", server_closed=server_closed
+        code,
+        f"the enqueue stream ended before the answer: {how}",
+        server_closed=server_closed,
+        broken=broken,
     )

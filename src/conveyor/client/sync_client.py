@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import grpc
 
@@ -24,7 +25,7 @@ from conveyor.client.enqueue_stream import (
     StreamEnded,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
 from conveyor.group_commit import BlockingGroupCommit
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -32,7 +33,7 @@ from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.types import validate_task_type
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from types import TracebackType
 
     from conveyor.breaker import BreakerPolicy
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
     )
 
 Response = TypeVar("Response")
+
+CLOSED: Final = "this Client is closed: create a new one (a closed client opens no connections)"
+FORKED: Final = (
+    "a Client cannot be used across fork(): create one in the child (this one was created "
+    "in process {pid}, and its connections belong to that process)"
+)
 
 
 class Client:
@@ -76,6 +83,11 @@ class Client:
     Share one client between threads: enqueues made while others are in flight go
     together in one request. Such an enqueue first waits for a request in flight, so in an
     outage it can take up to twice `retry.total_timeout` to raise.
+
+    After `close()`, every call raises ConfigError, and calls still in flight on other
+    threads finish or raise it too: a closed client opens no connection again. A client
+    belongs to the process that created it: a forked child gets ConfigError at once, and
+    creates its own.
     """
 
     def __init__(
@@ -101,6 +113,8 @@ class Client:
         # Enqueues go on one stream per server, as in AsyncClient (see enqueue_stream.py).
         self._enqueue_streams: dict[str, BlockingEnqueueStream] = {}
         self._calls_only_until: dict[str, float] = {}
+        self._closed = False
+        self._pid = os.getpid()
         # A client dropped without close() (one per web request, say) must not leave its
         # streams' threads and calls behind: they do not refer to the client, so it is
         # collected, and this ends them.
@@ -113,9 +127,19 @@ class Client:
             **core.ENQUEUE_JOINING,
         )
 
+    def _check_usable(self) -> None:
+        """Raise ConfigError if the client was closed, or is used in a forked child."""
+        if self._pid != os.getpid():
+            # The parent's channels cannot work here (gRPC's fork support is off): calls
+            # would wait out the whole retry budget, then blame the server.
+            raise ConfigError(FORKED.format(pid=self._pid))
+        if self._closed:
+            raise ConfigError(CLOSED)
+
     def _channel(self, address: str) -> grpc.Channel:
         # Threads may share a client: one channel per address, never two (the caller holds
-        # the lock).
+        # the lock). A closed client opens none, even for a retry of a call in flight.
+        self._check_usable()
         channel = self._channels.get(address)
         if channel is None:
             channel = self._credentials.open_channel(address, aio=False)
@@ -144,6 +168,7 @@ class Client:
 
     def _retrying(self, method: str, attempt: Callable[[str, float], Response]) -> Response:
         """`attempt(address, timeout)` until it answers, as `RetryLoop` decides."""
+        self._check_usable()
         attempts = RetryLoop(
             self._ring,
             self._retry,
@@ -159,11 +184,19 @@ class Client:
             try:
                 response = attempt(pick.address, attempts.call_timeout())
             except grpc.RpcError as exc:  # a failed call, or a request failed on a stream
+                if self._closed:
+                    # close() ended it (CANCELLED, or the stream closed): not the server.
+                    attempts.abandoned(pick)
+                    raise ConfigError(CLOSED) from None
                 attempts.failed(pick, exc)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 # Interrupted (KeyboardInterrupt): a probe's breaker must not wait for ever.
                 attempts.abandoned(pick)
+                if self._closed and isinstance(exc, Exception):
+                    # grpc's "Cannot invoke RPC on closed channel!" to a call that had its
+                    # stub before close().
+                    raise ConfigError(CLOSED) from exc
                 raise
             attempts.succeeded(pick)
             return response
@@ -172,13 +205,25 @@ class Client:
         """Enqueue one task; return its id."""
         return self.enqueue_tasks([task])[0]
 
-    def enqueue_tasks(self, tasks: Sequence[Task]) -> list[str]:
-        """Enqueue many tasks in as few round trips as possible; return their ids in order."""
+    def enqueue_tasks(self, tasks: Iterable[Task]) -> list[str]:
+        """Enqueue many tasks in as few round trips as possible; return their ids in order.
+
+        Tasks go in requests of up to 1,000 (and about 8 MiB), each committed on its own.
+        If one fails, the error names the task by its place in `tasks`, and its
+        `committed_ids` are the tasks the requests before it created: set ids on your
+        tasks, or enqueue only the others, before trying again.
+        """
+        self._check_usable()
+        tasks = core.task_list(tasks)
         ids: list[str] = []
         types = (getattr(task, "type", "?") for task in tasks)
         with tracing.enqueue_span(types, len(tasks)) as trace_context:
             for request in core.enqueue_batches(tasks, trace_context, self._codec):
-                ids.extend(self._enqueues.submit(request))
+                try:
+                    ids.extend(self._enqueues.submit(request))
+                except ConveyorError as exc:
+                    core.failed_part(exc, len(ids), ids)
+                    raise
         return ids
 
     def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
@@ -190,9 +235,10 @@ class Client:
         self, address: str, request: pb.EnqueueTasksRequest, timeout: float
     ) -> pb.EnqueueTasksResponse:
         """One attempt, as `AsyncClient._enqueue_once` makes it."""
-        route = EnqueueRoute(self._calls_only_until, address, time.monotonic(), timeout)
+        route = EnqueueRoute(self._calls_only_until, address, time.monotonic(), timeout, request)
         while route.on_stream():
             with self._channels_lock:
+                self._check_usable()
                 stream = self._enqueue_streams.get(address)
                 stream_was_new = stream is None or stream.ended
                 if stream is None or stream.ended:
@@ -347,8 +393,14 @@ class Client:
         return bool(response.changed)
 
     def close(self) -> None:
-        """Close every channel."""
+        """Close every channel; later calls, and retries of calls in flight, raise ConfigError.
+
+        In a forked child it only marks this copy closed: the connections are the parent's.
+        """
         with self._channels_lock:
+            self._closed = True
+            if self._pid != os.getpid():
+                return
             channels = list(self._channels.values())
             streams = list(self._enqueue_streams.values())
             self._channels.clear()

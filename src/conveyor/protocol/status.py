@@ -8,6 +8,7 @@ validation or from a server two hops away.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import grpc
@@ -61,9 +62,48 @@ _CONCURRENCY_LIMIT: Final = "Concurrent RPC limit exceeded!"
 _TOO_LARGE: Final = "message larger than max"
 
 
+# gRPC's wording, e.g. "SERVER: Received message larger than max (20971587 vs. 16777216)".
+_TOO_LARGE_DETAILS: Final = re.compile(
+    r"(?:(?P<end>CLIENT|SERVER): )?(?P<way>Received|Sent) message larger than max "
+    r"\((?P<size>\d+) vs\. (?P<limit>\d+)\)"
+)
+
+
 def is_too_large(code: grpc.StatusCode, details: str | None) -> bool:
     """Whether a refusal is gRPC's own for a message over a size limit (either end's)."""
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (details or "")
+
+
+def too_large_error(details: str) -> ConveyorError:
+    """The error for gRPC's refusal of a message over a size limit, in Conveyor's words.
+
+    A request too large (the server received it, or this end would not send it) is an
+    InvalidTask, like a payload over the server's payload limit: the same cause, and no
+    retry will help. An answer too large for this end (a page of tasks with large
+    payloads) is a LimitExceeded: ask for less.
+    """
+    found = _TOO_LARGE_DETAILS.search(details)
+    if found is None:
+        return InvalidTask(
+            f"the message is larger than the server or this client accepts ({details}); "
+            f"send smaller payloads"
+        )
+    size, limit = found["size"], found["limit"]
+    # The server receiving, or a client sending: a request (a worker's report included).
+    about_request = (found["end"] == "SERVER") == (found["way"] == "Received")
+    if found["end"] is None or about_request:
+        whose = "the server's" if found["way"] == "Received" else "this client's"
+        return InvalidTask(
+            f"the request is {size} bytes, over {whose} message limit of {limit} bytes: a "
+            f"task's payload "
+            f"must fit in the server's payload limit (max_payload_bytes, 1 MiB by default); "
+            f"store large data elsewhere and pass a reference in the payload",
+            field="payload",
+        )
+    return LimitExceeded(
+        f"the server's answer is {size} bytes, over this client's message limit of {limit} "
+        f"bytes: ask for less (a smaller limit, or without payloads)"
+    )
 
 
 def is_backpressure(code: grpc.StatusCode, details: str | None) -> bool:
@@ -103,6 +143,8 @@ _ERROR_FOR_CODE: Final[dict[grpc.StatusCode, type[ConveyorError]]] = {
 def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorError:
     """The typed error a client raises for a non-OK status."""
     message = details or code.name
+    if is_too_large(code, details):
+        return too_large_error(message)
     simple = _ERROR_FOR_CODE.get(code)
     if simple is not None:
         return simple(message)

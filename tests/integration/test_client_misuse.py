@@ -1,0 +1,340 @@
+"""The producer clients under misuse and odd load: what each caller sees, against real servers.
+
+One caller's request too large for a server must fail that caller only, never the other
+threads or coroutines sharing the client's enqueue stream. An `enqueue_tasks` of several
+requests that fails half way names the caller's task and says which tasks exist. A
+payload too large for the server's messages is an InvalidTask in plain words, like one over
+its payload limit. A closed `Client` stays closed, a forked child is told at once that it
+cannot use its parent's client, and bad arguments get typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from conveyor import AsyncClient, Client, Task, TaskState
+from conveyor.client.core import enqueue_request
+from conveyor.client.enqueue_stream import StreamEnded
+from conveyor.errors import ConfigError, ConveyorError, InvalidTask
+from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
+from tests.helpers import Db, wait_for
+
+# A payload over every server's smallest message limit (16 MiB), under the client's own.
+OVERSIZED = 20 * 1024 * 1024
+SMALL_THREADS = 4
+BIG_ATTEMPTS = 3
+
+
+def small_batch() -> list[Task]:
+    # Large enough that requests stay in flight on the stream while the big one goes.
+    return [Task(type="misuse.small", payload=b"p" * 100_000) for _ in range(20)]
+
+
+def stored(db: Db, task_type: str) -> list[str]:
+    rows = db.fetch("SELECT id::text FROM conveyor_tasks WHERE type = $1", task_type)
+    return [row[0] for row in rows]
+
+
+def assert_each_acknowledged_task_stored_once(db: Db, acked: list[str]) -> None:
+    in_db = stored(db, "misuse.small")
+    assert len(acked) == len(set(acked)), "an id was acknowledged twice"
+    assert sorted(in_db) == sorted(acked), "stored tasks differ from acknowledged ones"
+
+
+class TestOversizedEnqueueBesideOthers:
+    """Used to: the 20 MiB request went on the shared enqueue stream, the server's gRPC
+    ended the whole call with RESOURCE_EXHAUSTED, and the other callers' requests on it
+    failed with LimitExceeded "Received message larger than max" about a message that was
+    not theirs, some of them committed all the same."""
+
+    def test_sync_only_the_oversized_caller_fails(self, server: Any, db: Db) -> None:
+        with Client(server.address) as client:
+            client.enqueue_task(Task(type="misuse.warm"))
+            stop = threading.Event()
+            acked: list[str] = []
+            failures: list[str] = []
+            rounds = collections.Counter[int]()
+
+            def small(n: int) -> None:
+                while not stop.is_set():
+                    try:
+                        acked.extend(client.enqueue_tasks(small_batch()))
+                    except ConveyorError as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                    rounds[n] += 1
+
+            threads = [threading.Thread(target=small, args=(n,)) for n in range(SMALL_THREADS)]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(lambda: len(rounds) == SMALL_THREADS, what="every thread enqueuing")
+                big_errors = []
+                for _ in range(BIG_ATTEMPTS):
+                    with pytest.raises(InvalidTask) as caught:
+                        client.enqueue_task(Task(type="misuse.big", payload=b"x" * OVERSIZED))
+                    big_errors.append(caught.value.message)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+        assert failures == []
+        assert all(f"{MIN_SERVER_MESSAGE_BYTES} bytes" in message for message in big_errors)
+        assert_each_acknowledged_task_stored_once(db, acked)
+        assert stored(db, "misuse.big") == []
+
+    async def test_async_only_the_oversized_caller_fails(self, server: Any, db: Db) -> None:
+        async with AsyncClient(server.address) as client:
+            await client.enqueue_task(Task(type="misuse.warm"))
+            stop = asyncio.Event()
+            acked: list[str] = []
+            failures: list[str] = []
+            started = asyncio.Event()
+
+            async def small() -> None:
+                while not stop.is_set():
+                    try:
+                        acked.extend(await client.enqueue_tasks(small_batch()))
+                    except ConveyorError as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                    started.set()
+
+            runners = [asyncio.create_task(small()) for _ in range(SMALL_THREADS)]
+            try:
+                await asyncio.wait_for(started.wait(), 20)
+                for _ in range(BIG_ATTEMPTS):
+                    with pytest.raises(InvalidTask, match=f"{MIN_SERVER_MESSAGE_BYTES} bytes"):
+                        await client.enqueue_task(Task(type="misuse.big", payload=b"x" * OVERSIZED))
+            finally:
+                stop.set()
+                await asyncio.gather(*runners)
+        assert failures == []
+        await asyncio.to_thread(assert_each_acknowledged_task_stored_once, db, acked)
+
+    def test_requests_left_by_a_stream_broken_by_another_are_sent_again(
+        self, server: Any, db: Db
+    ) -> None:
+        """The second half of the fix: should a message break the stream all the same
+        (here written on the client's stream directly), the requests it leaves unanswered
+        are sent again, and each is stored once."""
+        big_request = enqueue_request([Task(type="misuse.big", payload=b"x" * OVERSIZED)])
+        with Client(server.address) as client:
+            client.enqueue_task(Task(type="misuse.warm"))
+            stop = threading.Event()
+            acked: list[str] = []
+            failures: list[str] = []
+            rounds = collections.Counter[int]()
+
+            def small(n: int) -> None:
+                while not stop.is_set():
+                    try:
+                        acked.extend(client.enqueue_tasks(small_batch()))
+                    except ConveyorError as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                    rounds[n] += 1
+
+            threads = [threading.Thread(target=small, args=(n,)) for n in range(SMALL_THREADS)]
+            for thread in threads:
+                thread.start()
+            breaks = 0
+            try:
+                wait_for(lambda: len(rounds) == SMALL_THREADS, what="every thread enqueuing")
+                while breaks < BIG_ATTEMPTS:
+                    stream = wait_for(
+                        lambda: next(
+                            (s for s in client._enqueue_streams.values() if not s.ended), None
+                        ),
+                        what="an open enqueue stream",
+                    )
+                    with pytest.raises(StreamEnded):
+                        stream.send(big_request, 20)
+                    breaks += 1
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+        assert failures == []
+        assert_each_acknowledged_task_stored_once(db, acked)
+
+
+class TestEnqueueOfSeveralRequests:
+    """Used to: tasks[1500] was reported as tasks[500], and nothing said that the first
+    1,000 tasks had been created."""
+
+    @staticmethod
+    def tasks() -> list[Task]:
+        tasks = [Task(type="misuse.part") for _ in range(2500)]
+        tasks[1500] = Task(type="misuse.part", payload=b"x" * (1024 * 1024 + 1))
+        return tasks
+
+    def test_sync_error_names_the_callers_index_and_the_committed_ids(
+        self, server: Any, db: Db
+    ) -> None:
+        with (
+            Client(server.address) as client,
+            pytest.raises(InvalidTask, match=r"^tasks\[1500\]: payload is") as caught,
+        ):
+            client.enqueue_tasks(self.tasks())
+        committed = caught.value.committed_ids
+        assert len(committed) == 1000
+        assert sorted(stored(db, "misuse.part")) == sorted(committed)
+
+    async def test_async_error_names_the_callers_index_and_the_committed_ids(
+        self, server: Any, db: Db
+    ) -> None:
+        async with AsyncClient(server.address) as client:
+            with pytest.raises(InvalidTask, match=r"^tasks\[1500\]: payload is") as caught:
+                await client.enqueue_tasks(self.tasks())
+        committed = caught.value.committed_ids
+        assert len(committed) == 1000
+        in_db = await asyncio.to_thread(stored, db, "misuse.part")
+        assert sorted(in_db) == sorted(committed)
+
+
+class TestPayloadOverMessageLimits:
+    """Used to: LimitExceeded "SERVER: Received message larger than max (...)" for 20 MiB
+    and "CLIENT: Sent message larger than max" for 70 MiB, where 1 MiB + 1 byte gave an
+    InvalidTask naming the payload limit."""
+
+    def test_over_the_servers_message_limit(self, server: Any) -> None:
+        with Client(server.address) as client, pytest.raises(InvalidTask) as caught:
+            client.enqueue_task(Task(type="misuse.big", payload=b"x" * OVERSIZED))
+        message = caught.value.message
+        assert f"over the server's message limit of {MIN_SERVER_MESSAGE_BYTES} bytes" in message
+        assert "max_payload_bytes" in message
+
+    def test_over_the_clients_message_limit_is_refused_before_sending(self, server: Any) -> None:
+        with Client(server.address) as client:
+            with pytest.raises(InvalidTask, match=f"at most {PEER_MESSAGE_BYTES} bytes"):
+                client.enqueue_task(Task(type="misuse.big", payload=b"x" * (70 * 1024 * 1024)))
+            assert client._channels == {}  # nothing went to the server
+
+
+class TestClosedClient:
+    """Used to: calls in flight on other threads reopened a channel and an enqueue stream
+    (its reader thread running) after close() returned, and later calls reopened silently."""
+
+    def test_close_stays_closed(self, server: Any) -> None:
+        client = Client(server.address)
+        client.enqueue_task(Task(type="misuse.t"))
+        stop = threading.Event()
+        outcomes = collections.Counter[str]()
+        streams: list[Any] = []
+
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    client.enqueue_tasks([Task(type="misuse.t") for _ in range(50)])
+                    client.get_task_status(client.enqueue_task(Task(type="misuse.t")))
+                    outcomes["ok"] += 1
+                except ConfigError as exc:
+                    outcomes[type(exc).__name__] += 1
+                    return
+                except Exception as exc:
+                    outcomes[f"{type(exc).__name__}: {exc}"] += 1
+                    return
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: outcomes["ok"] >= 16, what="calls in flight")
+            streams.extend(client._enqueue_streams.values())
+            client.close()
+        finally:
+            for thread in threads:
+                thread.join(timeout=30)
+            stop.set()
+        assert set(outcomes) <= {"ok", "ConfigError"}, outcomes
+        assert outcomes["ConfigError"] == len(threads)
+        assert client._channels == {}
+        assert client._enqueue_streams == {}
+        wait_for(lambda: not any(s._reader.is_alive() for s in streams), what="readers ending")
+        with pytest.raises(ConfigError, match="this Client is closed"):
+            client.enqueue_task(Task(type="misuse.after"))
+        with pytest.raises(ConfigError, match="this Client is closed"):
+            client.get_status()
+        assert client._channels == {}
+        assert client._enqueue_streams == {}
+
+
+class TestForkedChild:
+    """Used to: the child waited out the whole retry budget (30 s by default), then raised
+    ServerUnavailable "the server did not accept the enqueue stream"."""
+
+    def test_child_is_told_at_once(self, server: Any) -> None:
+        client = Client(server.address)
+        client.get_task_status(client.enqueue_task(Task(type="misuse.parent")))
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it saw, then leave without cleanup
+            try:
+                os.close(read_end)
+                started = time.monotonic()
+                try:
+                    client.enqueue_task(Task(type="misuse.child"))
+                    said = "no error"
+                except BaseException as exc:
+                    said = f"{type(exc).__name__}: {exc}"
+                os.write(write_end, f"{time.monotonic() - started:.2f} {said}".encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        try:
+            wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, what="the child exiting")
+            with os.fdopen(read_end, "rb") as pipe:
+                elapsed, said = pipe.read().decode().split(" ", 1)
+        finally:
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        assert said.startswith("ConfigError: a Client cannot be used across fork()"), said
+        assert float(elapsed) < 1
+        # The parent's client is untouched.
+        assert client.get_task_status(client.enqueue_task(Task(type="misuse.parent")))
+        client.close()
+
+
+class TestBadArguments:
+    """Used to: raw TypeError / ValueError from deep inside the client or protobuf."""
+
+    def test_sync(self, server: Any) -> None:
+        with Client(server.address) as client:
+            ids = client.enqueue_tasks(Task(type="misuse.gen") for _ in range(3))
+            assert len(ids) == 3
+            with pytest.raises(InvalidTask, match="got NoneType"):
+                client.enqueue_tasks(None)  # type: ignore[arg-type]
+            with pytest.raises(InvalidTask, match="enqueue_task takes a single Task"):
+                client.enqueue_tasks(Task(type="misuse.one"))  # type: ignore[arg-type]
+            with pytest.raises(InvalidTask, match="limit must be an int, got str"):
+                client.list_tasks(limit="5")  # type: ignore[arg-type]
+            with pytest.raises(InvalidTask, match="limit must be from 1 to"):
+                client.list_tasks(limit=10**12)
+            with pytest.raises(InvalidTask, match="limit must be from 1 to"):
+                client.list_workers(limit=10**12)
+            with pytest.raises(InvalidTask, match="limit must be from 0 to"):
+                client.retry_tasks(states="failed", limit=10**20)
+            with pytest.raises(InvalidTask, match="states must be a task state"):
+                client.list_tasks(states=3)  # type: ignore[arg-type]
+            assert client.list_tasks(states=[TaskState.QUEUED], limit=10).tasks
+
+    async def test_async(self, server: Any) -> None:
+        async with AsyncClient(server.address) as client:
+            ids = await client.enqueue_tasks(Task(type="misuse.gen") for _ in range(3))
+            assert len(ids) == 3
+            with pytest.raises(InvalidTask, match="got NoneType"):
+                await client.enqueue_tasks(None)  # type: ignore[arg-type]
+            with pytest.raises(InvalidTask, match="limit must be an int, got bool"):
+                await client.list_tasks(limit=True)
+            with pytest.raises(InvalidTask, match="limit must be from 1 to"):
+                await client.list_workers(limit=10**12)
+            with pytest.raises(InvalidTask, match="states must be a task state"):
+                await client.list_tasks(states=3)  # type: ignore[arg-type]
