@@ -419,11 +419,64 @@ class TestServerCommands:
         line = assert_one_error_line(result)
         assert line == f"error: cannot listen on {server.address} for gRPC: address already in use"
 
+    def test_server_timing_flags_that_disagree_are_named_as_flags(self):
+        """Before: "heartbeat_interval must be at most half of lease_ttl", internal names."""
+        line = assert_one_error_line(
+            run("server", "--lease-ttl", "3", "--heartbeat-interval", "5", timeout=30)
+        )
+        assert line.startswith(
+            "error: --heartbeat-interval (5) must be at most half of --lease-ttl (3)"
+        )
+
     def test_worker_with_unknown_module(self):
         line = assert_one_error_line(
             run("worker", "nosuchmodule:worker", "--server", "127.0.0.1:1")
         )
         assert "nosuchmodule" in line
+
+    def test_worker_with_a_broken_module_names_the_file_and_line(self, tmp_path):
+        """Before: a SyntaxError was a traceback, and an ImportError inside the module one
+        line that did not say which file failed."""
+        package = tmp_path / "myapp"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        (package / "syntax.py").write_text("worker = None\ndef broken(:\n")
+        (package / "imports.py").write_text('"""Tasks."""\n\nimport nonexistent_mod\n')
+        (package / "fails.py").write_text("def setup():\n    return 1 / 0\n\n\nsetup()\n")
+        for spec, expected in (
+            (
+                "myapp.syntax:worker",
+                (
+                    "error: cannot import 'myapp.syntax': SyntaxError: invalid syntax "
+                    "(at myapp/syntax.py:2)"
+                ),
+            ),
+            (
+                "myapp.imports:worker",
+                (
+                    "error: cannot import 'myapp.imports': ModuleNotFoundError: No module named "
+                    "'nonexistent_mod' (at myapp/imports.py:3)"
+                ),
+            ),
+            (
+                "myapp.fails:worker",
+                (
+                    "error: cannot import 'myapp.fails': ZeroDivisionError: division by zero "
+                    "(at myapp/fails.py:2)"
+                ),
+            ),
+            (
+                "myapp.missing:worker",
+                "error: cannot import 'myapp.missing': No module named 'myapp.missing'",
+            ),
+        ):
+            result = run("worker", spec, "--server", "127.0.0.1:1", cwd=tmp_path)
+            assert assert_one_error_line(result) == expected
+
+    def test_log_level_and_format_in_upper_case_from_the_environment(self):
+        """Before: CONVEYOR_LOG_LEVEL=DEBUG was a usage error (exit 2)."""
+        result = run("token", "--help", CONVEYOR_LOG_LEVEL="DEBUG", CONVEYOR_LOG_FORMAT="JSON")
+        assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.slow

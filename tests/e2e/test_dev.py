@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from conveyor.storage.embedded import EmbeddedPostgres
 
 # What `conveyor dev` prints once its server and demo worker are up.
 RUNNING_BANNER = "Conveyor is running."
+E2E_DIR = Path(__file__).parent
 
 
 @dataclass
@@ -82,6 +84,16 @@ def stop_cluster_left_in(directory: Path) -> None:
         embedded.start()  # owns it: whatever started it has been stopped
         embedded.stop(mode="immediate")
     shutil.rmtree(directory / ".conveyor", ignore_errors=True)
+
+
+def postmaster_started(directory: Path) -> bool:
+    """Whether the embedded PostgreSQL of `directory` has been started, initdb done: its
+    postmaster.pid names a pid (initdb's standalone backend writes its own negated)."""
+    try:
+        text = (directory / EMBEDDED_DATA_DIR / "postmaster.pid").read_text()
+    except FileNotFoundError:
+        return False
+    return text.partition("\n")[0].strip().isdigit()
 
 
 @contextlib.contextmanager
@@ -329,3 +341,143 @@ class TestCtrlC:
             assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker_id) == (
                 "stopped"
             )
+
+
+def dev_listen_args() -> tuple[str, ...]:
+    return (
+        "--grpc-listen",
+        f"127.0.0.1:{free_port()}",
+        "--http-listen",
+        f"127.0.0.1:{free_port()}",
+    )
+
+
+@pytest.mark.slow
+def test_a_postgresql_that_does_not_start_is_a_few_lines_naming_its_log(project):
+    """A broken postgresql.conf (or a data directory PostgreSQL cannot use). Before: the
+    library's dump of the whole server log, every earlier run included, then a traceback
+    ending in CalledProcessError, from `dev`, `server` and `migrate` alike."""
+    data_dir = (project / EMBEDDED_DATA_DIR).resolve()
+    embedded = EmbeddedPostgres(data_dir)
+    embedded.start()
+    embedded.stop()
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("shared_buffers = nonsense\n")
+
+    for command in (("migrate",), ("server", *dev_listen_args()), ("dev", *dev_listen_args())):
+        result = run_cli(*command, cwd=project, timeout=60)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith("No database URL given"), result.stderr
+        assert lines[1:] == [
+            (
+                f"error: the embedded PostgreSQL in {data_dir} did not start: pg_ctl exited "
+                "with status 1; its log says:"
+            ),
+            '  LOG:  invalid value for parameter "shared_buffers": "nonsense"',
+            f'  FATAL:  configuration file "{data_dir}/postgresql.conf" contains errors',
+            f"The whole log is {data_dir}/log.",
+        ], (command, result.stderr)
+    assert not cluster_running(project)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_while_dev_starts_stops_its_postgresql(project, processes, sig):
+    """Signalled as soon as its PostgreSQL has started, before the server runs. Before:
+    SIGTERM and SIGHUP killed it outright, leaving that PostgreSQL running for ever; Ctrl-C
+    said "Aborted!" and exited 1 (and 0 once it was up). Now: stopped, exit 0."""
+    dev = processes(conveyor_command("dev", *dev_listen_args()), name="dev", cwd=project)
+    try:
+        wait_for(
+            lambda: postmaster_started(project),
+            timeout=60,
+            interval=0.005,
+            what="conveyor dev to start its PostgreSQL",
+        )
+        dev.signal(sig)
+        assert dev.wait(60) == 0, dev.output()
+        assert not cluster_running(project), dev.output()
+        assert "Traceback" not in dev.output()
+    finally:
+        dev.stop()
+        stop_cluster_left_in(project)
+
+
+@pytest.mark.slow
+def test_sighup_stops_a_running_dev_gracefully(project, start_dev):
+    """A closed terminal or a dropped SSH session. Before: killed at once, its PostgreSQL
+    left running and its demo worker's tasks to come back lease_expired."""
+    dev = start_dev(project)
+    task_id, worker_id = running_task(dev, 60)
+    dev.child.signal(signal.SIGHUP)
+    # A terminal that closes may send a second SIGHUP: still the graceful stop, no skip.
+    wait_for(
+        lambda: "conveyor.worker: draining" in dev.output(),
+        timeout=10,
+        what="the demo worker to start draining",
+    )
+    dev.child.signal(signal.SIGHUP)
+    assert dev.child.wait(30) == 0, dev.output()
+    assert "Handing the running tasks back now" not in dev.output()
+    assert not cluster_running(project)
+    with database_of(project) as db:
+        assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+        assert db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker_id) == (
+            "stopped"
+        )
+
+
+@pytest.mark.slow
+def test_dev_exits_1_when_its_demo_worker_crashes(project, processes, e2e_pythonpath):
+    """Like `conveyor worker`. Before: dev served on without a worker, every new task
+    queued for ever, the crash only a traceback in the scrolling log."""
+    grpc_port = free_port()
+    dev = processes(
+        [
+            sys.executable,
+            str(E2E_DIR / "crashing_dev.py"),
+            "dev",
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        name="crashing-dev",
+        cwd=project,
+        PYTHONPATH=e2e_pythonpath,
+    )
+    try:
+        running = DevProcess(dev, project, grpc_port).wait_running()
+        with Client(running.address) as client:
+            client.enqueue_task(Task(type="demo.crash"))
+        assert dev.wait(30) == 1, dev.output()
+        last = dev.output().splitlines()[-1]
+        assert last == (
+            "error: the demo worker crashed (its traceback is above, after 'worker "
+            "crashed'); stopped the server and the embedded PostgreSQL"
+        )
+        assert not cluster_running(project)
+    finally:
+        dev.stop()
+        stop_cluster_left_in(project)
+
+
+def test_dev_on_an_address_other_machines_reach_is_refused_before_anything_starts(project):
+    """Before: PostgreSQL started, then the server refused, advising --tls-cert,
+    --tokens-file or --insecure, none of which `dev` has."""
+    port = free_port()
+    for args in (
+        ("--grpc-listen", f"0.0.0.0:{port}", "--http-listen", f"127.0.0.1:{free_port()}"),
+        ("--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen", f":{port}"),
+    ):
+        line = assert_one_error_line(run_cli("dev", *args, cwd=project, timeout=30))
+        flag, address = (args[0], args[1]) if args[1].startswith("0.") else (args[2], args[3])
+        assert line == (
+            f"error: {flag} {address}: conveyor dev serves this machine only (it has no TLS "
+            f"or tokens), so it listens on a loopback address such as 127.0.0.1:{port}; to "
+            "serve other machines, run `conveyor server` with TLS and tokens "
+            "(docs/security.md)"
+        )
+    assert not (project / ".conveyor").exists()

@@ -12,6 +12,7 @@ import re
 import select
 import signal
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -295,12 +296,13 @@ class TestRetryAndCancel:
             strict=True,
         ):
             assert one_error_line(result) == f"error: {expected}"
+        # Declining is the operator's choice, not an error (it was `error:` and status 1).
         declined = run_on_terminal(*args, answer="n")
-        assert declined.returncode == 1, declined
+        assert declined.returncode == 0, declined
         assert declined.stdout == "3 task(s) match: state queued or running, type bulk.idle\n"
-        assert declined.stderr == (
-            "Cancel 3 task(s)? [y/N]: error: not confirmed; no task cancelled\n"
-        )
+        assert declined.stderr == "Cancel 3 task(s)? [y/N]: not confirmed; no task cancelled\n"
+        # Ctrl-C at the question: status 130, as for any interrupted command (it was 1).
+        assert interrupted_at_the_question(*args) == 130
         assert states(client, everything) == [TaskState.QUEUED] * 5
 
         out = ok(*args, "--yes", "--reason", "bad batch")
@@ -338,6 +340,41 @@ def run_on_terminal(*args: str, answer: str) -> subprocess.CompletedProcess[str]
         os.write(controller, f"{answer}\n".encode())
         return run(*args, stdin=terminal)
     finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+def interrupted_at_the_question(*args: str) -> int:
+    """Run `conveyor ARGS...` on a terminal, Ctrl-C (SIGINT) it at its [y/N]; its status."""
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen(
+        conveyor_command(*args),
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=process_env(),
+    )
+    try:
+        assert child.stderr is not None
+        asked = b""
+        deadline = time.monotonic() + 30
+        while b"[y/N]" not in asked:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no question asked: {asked!r}"
+            if select.select([child.stderr], [], [], remaining)[0]:
+                chunk = os.read(child.stderr.fileno(), 4096)
+                assert chunk, f"exited without asking: {asked!r}"
+                asked += chunk
+        child.send_signal(signal.SIGINT)
+        status = child.wait(30)
+        assert child.stderr.read().decode().strip() == "Aborted!"
+        return status
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stderr is not None:
+            child.stderr.close()
         os.close(terminal)
         os.close(controller)
 

@@ -1,4 +1,4 @@
-"""A worker process asked to stop by SIGTERM or SIGINT drains, hands back the rest, exits 0.
+"""A worker process asked to stop by SIGTERM, SIGINT or SIGHUP drains, hands back the rest, exits 0.
 
 The worker is `drain_workers:worker` (tests/e2e/drain_workers.py): the usual test handlers
 with a 3-second drain timeout. A short task finishes within the drain; a long one is handed
@@ -20,10 +20,16 @@ DRAIN_TIMEOUT = 3.0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("sig", "times"),
+    [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGHUP, 2)],
+    ids=["SIGTERM", "SIGINT", "SIGHUP-twice"],
+)
 def test_signal_drains_short_task_and_hands_back_long_one(
-    sig, server, client, db, ledger, processes, e2e_pythonpath
+    sig, times, server, client, db, ledger, processes, e2e_pythonpath
 ):
+    """SIGHUP (a closed terminal, which may send it twice) too: before, it killed the
+    worker, and its tasks came back lease_expired, each with an attempt spent."""
     worker = processes(
         conveyor_command(
             "worker", "drain_workers:worker", "--server", server.address, "--concurrency", "2"
@@ -44,7 +50,8 @@ def test_signal_drains_short_task_and_hands_back_long_one(
 
     signalled_at = time.monotonic()
     signalled_wall = time.time()
-    worker.signal(sig)
+    for _ in range(times):
+        worker.signal(sig)
 
     # The long task is handed back once the drain timeout is over: queued again, well
     # before its 30-second lease could expire.

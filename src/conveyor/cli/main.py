@@ -1,21 +1,25 @@
 """The `conveyor` click group.
 
 It wires the command modules together and turns every Conveyor error into one line on
-stderr and exit status 1 (never a traceback). Command modules are imported only when their
-command runs: an operator command need not load the server stack (aiohttp, the dashboard,
-asyncpg), which halves the start-up time of every `conveyor tasks ...` call.
+stderr and exit status 1 (never a traceback), and an interrupted command (Ctrl-C) into
+"Aborted!" and status 128 + the signal's number, 130 for Ctrl-C, as a shell reports a
+process killed by that signal. Command modules are imported only when their command
+runs: an operator command need not load the server stack (aiohttp, the dashboard, asyncpg),
+which halves the start-up time of every `conveyor tasks ...` call.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import signal
 from typing import Any, Final, cast
 
 import click
 
 from conveyor import __version__
 from conveyor.cli.params import BoundedFloat
+from conveyor.cli.stop_signals import StopSignal
 from conveyor.client.channel import RetryPolicy
 from conveyor.errors import ConveyorError
 from conveyor.logs import LOG_FORMAT_KEY, LOG_FORMATS, LogFormat, configure_logging
@@ -39,6 +43,8 @@ COMMANDS: Final = {
 # ctx.meta key of `--retry-for`, read by the commands that call a server (open_client).
 RETRY_FOR_KEY: Final = "conveyor.retry_for"
 DEFAULT_RETRY_FOR: Final = RetryPolicy().total_timeout.total_seconds()
+# An interrupted command exits with this plus the signal's number (130 for Ctrl-C).
+INTERRUPTED_BASE: Final = 128
 
 
 class ConveyorGroup(click.Group):
@@ -56,33 +62,55 @@ class ConveyorGroup(click.Group):
         module_name, attribute = target.split(":")
         module = importlib.import_module(f"conveyor.cli.{module_name}")
         command: click.Command = getattr(module, attribute)
+        _show_envvars(command)
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; map typed errors to `error: ...` and exit 1."""
+        """Run the command; map typed errors to `error: ...` and exit 1, Ctrl-C to 130."""
         try:
             return super().invoke(ctx)
         except ConveyorError as exc:
             click.echo(f"error: {exc.message}", err=True)
             ctx.exit(1)
+        except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+            # click would say "Aborted!" with status 1, the status of an error.
+            signum = exc.signum if isinstance(exc, StopSignal) else signal.SIGINT
+            click.echo("\nAborted!", err=True)
+            ctx.exit(INTERRUPTED_BASE + signum)
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Let `--help` name the environment variable of every option that reads one.
+
+    Here rather than `show_envvar=True` on each option: no option can then forget it.
+    """
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _show_envvars(sub)
 
 
 @click.group(cls=ConveyorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="conveyor")
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    # Either case: CONVEYOR_LOG_LEVEL=DEBUG is how deployments usually spell it.
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
     show_default=True,
     envvar="CONVEYOR_LOG_LEVEL",
+    show_envvar=True,
     help="Log verbosity.",
 )
 @click.option(
     "--log-format",
-    type=click.Choice(LOG_FORMATS),
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
     default="text",
     show_default=True,
     envvar="CONVEYOR_LOG_FORMAT",
+    show_envvar=True,
     help="Log lines on stderr: text for people, json for one JSON object per line.",
 )
 @click.option(
@@ -91,6 +119,7 @@ class ConveyorGroup(click.Group):
     default=DEFAULT_RETRY_FOR,
     show_default=True,
     envvar="CONVEYOR_RETRY_FOR",
+    show_envvar=True,
     metavar="SECONDS",
     help="How long a command that calls a server may wait for its answers, retries "
     "included, before it gives up (not `conveyor worker`, which retries for as long as "

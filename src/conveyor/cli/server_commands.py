@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from datetime import timedelta
@@ -14,6 +15,7 @@ import asyncpg
 import click
 
 from conveyor import event_loop
+from conveyor.auth import is_loopback
 from conveyor.cli.database_option import (
     EMBEDDED_DATA_DIR,
     database_url_option,
@@ -23,6 +25,11 @@ from conveyor.cli.database_option import (
 )
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
+from conveyor.cli.stop_signals import (
+    StopSignal,
+    ignore_stop_signals,
+    raise_on_stop_signals,
+)
 from conveyor.errors import ConfigError
 from conveyor.logs import LOG_FORMAT_KEY
 from conveyor.monitoring.http import HttpLimits
@@ -41,6 +48,7 @@ from conveyor.server.config import (
     DEFAULT_RATE_LIMIT,
     ServerConfig,
     default_server_id,
+    split_host_port,
 )
 from conveyor.server.database import connect_failure
 from conveyor.server.listeners import check_can_listen
@@ -52,6 +60,11 @@ if TYPE_CHECKING:
 
     from conveyor.storage.embedded import EmbeddedPostgres
 
+log = logging.getLogger("conveyor.cli.server")
+
+# How often `_serve` asks its `watch` whether something it depends on has failed.
+WATCH_INTERVAL: Final = 0.5
+
 
 async def _serve(
     config: ServerConfig,
@@ -60,8 +73,9 @@ async def _serve(
     *,
     on_second_signal: Callable[[], None] | None = None,
     announce: bool = True,
+    watch: Callable[[], str | None] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then stop.
+    """Serve until SIGINT/SIGTERM/SIGHUP, then stop.
 
     `on_started` and `before_stop` run in a thread (they may block on this loop), one after
     the other: `before_stop` runs to its end before the server stops, so what it stops (the
@@ -69,6 +83,9 @@ async def _serve(
     when a second SIGINT/SIGTERM comes while stopping; without it, that signal is ignored.
     `announce=False` skips the one-line banner, for JSON logs: every stderr line must be a
     JSON object there, and the server logs the same facts as a record anyway.
+    `watch`, asked every WATCH_INTERVAL seconds once `on_started` has run, returns why
+    serving cannot go on (the dev's demo worker crashed): the server then stops without
+    `before_stop`, and ConfigError(that reason) is raised.
     """
     server = ConveyorServer(config)
     loop = asyncio.get_running_loop()
@@ -76,14 +93,16 @@ async def _serve(
     # says it has) must still stop it gracefully, not kill it.
     stop_requested = asyncio.Event()
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if not stop_requested.is_set():
             stop_requested.set()
-        elif on_second_signal is not None:
+        # A closed terminal may send SIGHUP twice: that is no call to skip the drain.
+        elif on_second_signal is not None and sig != signal.SIGHUP:
             on_second_signal()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    failure: str | None = None
     await server.start()
     try:
         if announce:
@@ -100,12 +119,30 @@ async def _serve(
             )
         if on_started is not None and not stop_requested.is_set():
             await loop.run_in_executor(None, on_started, server)
-        await stop_requested.wait()
-        if before_stop is not None:
+        failure = await _until_stop(stop_requested, watch)
+        if before_stop is not None and failure is None:
             await loop.run_in_executor(None, before_stop)
     finally:
         # Also when a callback failed: the server stops as it would at a signal.
         await server.stop()
+    if failure is not None:
+        raise ConfigError(failure)
+
+
+async def _until_stop(
+    stop_requested: asyncio.Event, watch: Callable[[], str | None] | None
+) -> str | None:
+    """Wait for a stop signal, or for `watch` to say why serving cannot go on (returned)."""
+    if watch is None:
+        await stop_requested.wait()
+        return None
+    while not stop_requested.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_requested.wait(), WATCH_INTERVAL)
+        failure = None if stop_requested.is_set() else watch()
+        if failure is not None:
+            return failure
+    return None
 
 
 # The --http-* options' defaults: HttpLimits' own.
@@ -135,9 +172,19 @@ def _host(listen: str | None) -> str:
 
 
 def _stop_embedded(embedded: EmbeddedPostgres | None) -> None:
+    # Whatever brought us here, a signal must not stop PostgreSQL's stop half way.
+    ignore_stop_signals()
     if embedded is not None:
         with contextlib.suppress(Exception):
             embedded.stop()
+
+
+def _stopped_while_starting(stop: StopSignal) -> None:
+    log.info(
+        "received %s while starting: stopped what had started",
+        signal.Signals(stop.signum).name,
+        extra={"event": "stopped_while_starting"},
+    )
 
 
 @click.command()
@@ -475,8 +522,17 @@ def server(
     On a loopback address it needs nothing more. On any other address it refuses to start
     without TLS and tokens (docs/security.md), unless told --insecure.
     """
-    url, embedded = resolve_database(database_url, "server")
+    # Before the embedded PostgreSQL starts: a stop signal from now on stops it too.
+    raise_on_stop_signals()
+    if heartbeat_interval is not None and heartbeat_interval * 2 > lease_ttl:
+        raise ConfigError(
+            f"--heartbeat-interval ({heartbeat_interval:g}) must be at most half of "
+            f"--lease-ttl ({lease_ttl:g}), or a single lost heartbeat would cost a worker "
+            "its leases"
+        )
+    embedded: EmbeddedPostgres | None = None
     try:
+        url, embedded = resolve_database(database_url, "server")
         config = ServerConfig(
             database_url=url,
             grpc_listen=grpc_listen,
@@ -532,6 +588,8 @@ def server(
         json_logs = click.get_current_context().meta.get(LOG_FORMAT_KEY) == "json"
         tune_for_long_running_process()
         event_loop.run(_serve(config, announce=not json_logs))
+    except StopSignal as stop:
+        _stopped_while_starting(stop)
     finally:
         _stop_embedded(embedded)
 
@@ -556,6 +614,9 @@ def server(
 )
 def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts: int) -> None:
     """Apply pending schema migrations (idempotent; safe from several processes at once)."""
+    # A stop signal interrupts the migration (its transaction rolls back), and stops the
+    # embedded PostgreSQL this command started.
+    raise_on_stop_signals()
     url, embedded = resolve_database(database_url, "migrate")
 
     async def connect() -> asyncpg.Connection[asyncpg.Record]:
@@ -604,8 +665,20 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
 
 
 @click.command()
-@click.option("--grpc-listen", default=DEFAULT_GRPC_LISTEN, show_default=True, metavar="HOST:PORT")
-@click.option("--http-listen", default=DEFAULT_HTTP_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option(
+    "--grpc-listen",
+    default=DEFAULT_GRPC_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="gRPC address (a loopback one: dev has no TLS or tokens).",
+)
+@click.option(
+    "--http-listen",
+    default=DEFAULT_HTTP_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="HTTP address of /status, /metrics and the /ui dashboard (a loopback one).",
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
@@ -614,7 +687,14 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
     help="Concurrency of the demo worker.",
 )
 def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
-    """Run everything locally: embedded PostgreSQL, a server and a demo worker."""
+    """Run everything locally: embedded PostgreSQL, a server and a demo worker.
+
+    Stops gracefully on SIGINT (Ctrl-C), SIGTERM or SIGHUP, and exits 1 if the demo
+    worker crashes.
+    """
+    # Before anything starts: a stop signal from now on stops what has started.
+    raise_on_stop_signals()
+    _check_dev_listen(grpc_listen, http_listen)
     embedded = embedded_postgres("dev")
     try:
         # A second `conveyor dev` here would share the first one's database and demo task
@@ -628,8 +708,27 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
         ) from None
     try:
         _dev(embedded, grpc_listen, http_listen, concurrency)
+    except StopSignal as stop:
+        _stopped_while_starting(stop)
     finally:
         _stop_embedded(embedded)
+
+
+def _check_dev_listen(grpc_listen: str, http_listen: str) -> None:
+    """Refuse an address other machines could reach: dev serves without TLS or tokens.
+
+    The server would refuse it too, but only after PostgreSQL had started, and advising
+    flags that `dev` does not have.
+    """
+    for flag, address in (("--grpc-listen", grpc_listen), ("--http-listen", http_listen)):
+        host, port = split_host_port(address)
+        if not is_loopback(host):
+            raise ConfigError(
+                f"{flag} {address}: conveyor dev serves this machine only (it has no TLS "
+                f"or tokens), so it listens on a loopback address such as 127.0.0.1:{port}; "
+                "to serve other machines, run `conveyor server` with TLS and tokens "
+                "(docs/security.md)"
+            )
 
 
 def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurrency: int) -> None:
@@ -662,19 +761,32 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
         )
 
     def stop_demo() -> None:
-        click.echo(
-            f"\nStopping: running tasks get {DEV_DRAIN_TIMEOUT.total_seconds():g} s to finish, "
-            "then are handed back to the queue (Ctrl-C again: hand them back now).",
-            err=True,
-        )
+        # After a SIGHUP the terminal may be gone: the stop must go on without this line.
+        with contextlib.suppress(OSError):
+            click.echo(
+                f"\nStopping: running tasks get {DEV_DRAIN_TIMEOUT.total_seconds():g} s to "
+                "finish, then are handed back to the queue (Ctrl-C again: hand them back now).",
+                err=True,
+            )
         # Returns once the worker has drained, handed the rest back and unregistered (or
         # after the drain timeout plus a margin for that): only then does the server stop,
         # so that every outcome and hand-back reaches it rather than ending lease_expired.
         demo.stop()
 
     def hand_back_now() -> None:
-        click.echo("Handing the running tasks back now.", err=True)
+        with contextlib.suppress(OSError):
+            click.echo("Handing the running tasks back now.", err=True)
         demo.hand_back_now()
+
+    def demo_crashed() -> str | None:
+        # Like `conveyor worker`, whose crash is exit 1: a dev that served on without its
+        # worker left every new task queued for ever, the crash a traceback in the scroll.
+        if demo.running:
+            return None
+        return (
+            "the demo worker crashed (its traceback is above, after 'worker crashed'); "
+            "stopped the server and the embedded PostgreSQL"
+        )
 
     tune_for_long_running_process()
     try:
@@ -684,8 +796,10 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
                 on_started=start_demo,
                 before_stop=stop_demo,
                 on_second_signal=hand_back_now,
+                watch=demo_crashed,
             )
         )
     finally:
+        ignore_stop_signals()
         # A no-op after stop_demo; stops the worker if the server failed under it.
         demo.stop(timeout=timedelta(seconds=10))

