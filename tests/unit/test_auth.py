@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -255,3 +256,20 @@ class TestClearTextTokens:
         assert secret not in shown
         assert f"cvy_{entry.token_id}_" in shown  # which token it is, without the secret
         assert "'...'" in repr(Credentials(token="not-a-conveyor-token"))  # noqa: S106
+
+    def test_an_empty_token_is_called_empty_naming_its_file(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """Not "not printable ASCII": an empty token file says which file is empty."""
+        from conveyor.client.channel import Credentials  # noqa: PLC0415 - the client side
+
+        empty = tmp_path / "token"
+        empty.write_text("\n")
+        monkeypatch.delenv("CONVEYOR_TOKEN", raising=False)
+        monkeypatch.setenv("CONVEYOR_TOKEN_FILE", str(empty))
+        with pytest.raises(ConfigError, match=re.escape(f"the token file '{empty}' is empty")):
+            Credentials.resolve(tls=False)
+        with pytest.raises(ConfigError, match="the token is empty"):
+            Credentials.resolve(token=" ", tls=False)  # noqa: S106 - not a secret
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            Credentials.resolve(token="tab\there", tls=False)  # noqa: S106 - not a secret

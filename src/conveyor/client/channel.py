@@ -176,13 +176,19 @@ class Credentials:
         """
         if token is None:
             token = os.environ.get(TOKEN_ENV) or None
-        if token is None and os.environ.get(TOKEN_FILE_ENV):
+        token_from_file = token is None and bool(os.environ.get(TOKEN_FILE_ENV))
+        if token_from_file:
             content = _read_pem(os.environ[TOKEN_FILE_ENV], "token file") or b""
             token = content.decode(errors="replace")
         if token is not None:
             token = token.strip()
+            if not token:
+                source = os.environ[TOKEN_FILE_ENV] if token_from_file else None
+                raise ConfigError(
+                    f"the token file {source!r} is empty" if source else "the token is empty"
+                )
             # A header value must be visible ASCII; anything else is a pasting accident.
-            if not token or not all(33 <= ord(c) < 127 for c in token):  # noqa: PLR2004
+            if not all(33 <= ord(c) < 127 for c in token):  # noqa: PLR2004
                 raise ConfigError("the token must be printable ASCII with no spaces")
         settings = (
             TlsConfig.from_env() if tls is None else TlsConfig() if tls is True else tls or None
