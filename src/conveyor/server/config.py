@@ -286,7 +286,8 @@ class ServerConfig:
         ]
         if not missing:
             return []
-        return [*exposed, f"without {' and '.join(missing)}"]
+        # One sentence: "... not a loopback address, and the server has no TLS or authentication".
+        return [*exposed[:-1], f"{exposed[-1]}, and the server has no {' or '.join(missing)}"]
 
     def _check_durations(self) -> None:
         positive = {
