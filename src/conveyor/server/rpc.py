@@ -14,10 +14,14 @@ is logged here with its traceback and answered INTERNAL.
 except for requests that do not decode (corrupt bytes, invalid UTF-8 in a string field):
 grpc.aio would answer those UNKNOWN before any of our code ran, and here they reach
 `rpc_method` as `Malformed` and are answered INVALID_ARGUMENT like any other bad input.
+`outliving_the_call` runs a write and its counting to their end when the call that asked
+for it is cancelled meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -45,6 +49,25 @@ EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+Result = TypeVar("Result")
+
+
+async def outliving_the_call(work: Awaitable[Result]) -> Result:
+    """`work`'s result, with `work` run to its end even if the call awaiting it is cancelled.
+
+    For a write and the metrics that count it: a call cancelled (deadline, client gone)
+    while its statement runs may still have it commit, and the client's retry is then an
+    idempotent repeat that is not counted, so the write must count itself whatever becomes
+    of the call. A cancelled call waits for the work, then ends cancelled.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Its error, if any, is nobody's to answer: the caller is gone.
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def server_stopping() -> ServerUnavailable:

@@ -13,10 +13,20 @@ own /metrics); the queries read only live rows and the recent history. The live 
 read by type only for the types named (see NAMED_TYPES), the others summed in the database
 into one `OtherTypes`: a producer that invents a type per task makes neither a sample nor
 anything built from it grow, and the totals stay exact.
+
+While sampling fails or hangs (the database unreachable from this server, its pool
+exhausted), the sampled gauges are withdrawn once the last sample is `stale_after` old:
+a value this server no longer knows must not stand beside the fresh ones of the others,
+where a frozen high queue would win the `max` the documented alerts take across servers.
+`conveyor_stats_sampled_timestamp_seconds` stays, with the time of the last sample, as
+the staleness signal (the `ConveyorStatsStale` alert); the next sample brings back every
+series.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +54,13 @@ OUTCOMES: Final = ("succeeded", "failed", "retried", "started")
 # has gauges of its own in this server's metrics (so each series stays exact, and a type
 # seen before a flood of new ones keeps its row): at most twice this many, plus the paused.
 NAMED_TYPES: Final = MAX_TYPE_LABELS
+# A sample this many intervals old is stale, and its gauges are withdrawn: one slow or
+# failed sample is not enough (a series that blinks out resets the `for:` of every alert
+# on it), three in a row are. At least STALE_AFTER_AT_LEAST, for short test intervals.
+STALE_AFTER_INTERVALS: Final = 3
+STALE_AFTER_AT_LEAST: Final = timedelta(seconds=5)
+
+log = logging.getLogger("conveyor.server.stats")
 
 
 @dataclass
@@ -152,13 +169,75 @@ class StatsSampler(PeriodicService):
         self._database = database
         self._metrics = metrics
         self.snapshot = StatsSnapshot()
+        self.stale_after = max(interval * STALE_AFTER_INTERVALS, STALE_AFTER_AT_LEAST)
+        # When the gauges were last set, by the event loop's clock; None before the first
+        # sample and while they are withdrawn.
+        self._published_at: float | None = None
         self._known_types: set[str] = set()
         self._buckets: dict[datetime, dict[str, int]] = {}
         # Every bucket before this one has been read after it ended: it is final.
         self._settled: datetime | None = None
 
     async def tick(self) -> None:
-        """Take one sample."""
+        """Take one sample and publish it; withdraw the gauges once the last one is stale.
+
+        Also while the sample hangs (a lock, a pool with no connection free): the gauges
+        go at `stale_after`, not when a statement timeout finally ends the tick.
+        """
+        sampling = asyncio.ensure_future(self._sample())
+        try:
+            if self._published_at is not None:
+                fresh_for = self._published_at + self.stale_after.total_seconds()
+                await asyncio.wait(
+                    {sampling}, timeout=max(fresh_for - asyncio.get_running_loop().time(), 0.0)
+                )
+                if not sampling.done():
+                    self._withdraw()
+            snapshot = await sampling
+        except Exception:
+            if self._stale():
+                self._withdraw()
+            raise
+        finally:
+            sampling.cancel()  # only if this tick was cancelled (the sampler stops)
+        self._publish(snapshot)
+        self.snapshot = snapshot
+
+    def _stale(self) -> bool:
+        """Whether the published gauges are `stale_after` old."""
+        return (
+            self._published_at is not None
+            and asyncio.get_running_loop().time() - self._published_at
+            >= self.stale_after.total_seconds()
+        )
+
+    def _withdraw(self) -> None:
+        """Stop exporting the sampled gauges until the next sample (see the module's doc).
+
+        Removed rather than set to NaN: Prometheus marks a series that leaves the
+        exposition stale at once, so queries and alerts see no value from this server, as
+        from a server that is down; a NaN would be charted and aggregated as a value.
+        """
+        if self._published_at is None:
+            return
+        log.warning(
+            "the stats sample is over %.0fs old; the sampled gauges are withdrawn until the "
+            "next sample",
+            self.stale_after.total_seconds(),
+            extra={"event": "stats_stale"},
+        )
+        self._published_at = None
+        metrics = self._metrics
+        for gauge in (
+            metrics.tasks_by_state,
+            metrics.oldest_queued,
+            metrics.workers_by_state,
+            metrics.type_paused,
+        ):
+            gauge.clear()
+
+    async def _sample(self) -> StatsSnapshot:
+        """Read one sample from the database."""
         async with self._database.connection() as conn:
             live = await queries.task_live_stats(
                 conn, named=NAMED_TYPES, also=self._known_types - {OTHER_TYPES}
@@ -178,7 +257,7 @@ class StatsSampler(PeriodicService):
                     last_minute[outcome] += counts[outcome]
         named = [row for row in live if row["type"] is not None]
         other = next((row for row in live if row["type"] is None), None)
-        snapshot = StatsSnapshot(
+        return StatsSnapshot(
             taken_at=time.time(),
             queued={row["type"]: row["queued"] for row in named},
             running={row["type"]: row["running"] for row in named},
@@ -197,8 +276,6 @@ class StatsSampler(PeriodicService):
             paused={row["type"]: row["reason"] for row in paused},
             minutes=minutes,
         )
-        self._publish(snapshot)
-        self.snapshot = snapshot
 
     async def _sample_buckets(self, conn: Any, now: datetime) -> None:
         """Bring the outcome buckets of the last CHART_WINDOW up to date.
@@ -247,3 +324,4 @@ class StatsSampler(PeriodicService):
         for state in ("active", "draining", "lost", "stopped"):
             metrics.workers_by_state.labels(state).set(snapshot.workers.get(state, 0))
         metrics.last_sample.set(snapshot.taken_at)
+        self._published_at = asyncio.get_running_loop().time()

@@ -24,7 +24,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.enqueue_stream import EnqueueStream
-from conveyor.server.rpc import rpc_method, server_stopping, stream_method
+from conveyor.server.rpc import outliving_the_call, rpc_method, server_stopping, stream_method
 from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.storage import queries
 from conveyor.types import (
@@ -185,7 +185,19 @@ class TaskService(pb_grpc.TaskServiceServicer):
             # step between the commit and the claim is part of a new task's start latency.
             # Other servers hear the NOTIFY the insert sent.
             self.notifier.wake()
+            self._count_created(batch, created)
         return created
+
+    def _count_created(self, batch: queries.NewTasks, created: Sequence[bool]) -> None:
+        """Count the tasks a committed insert created, by type.
+
+        Here, where the write completes, not in the call that asked for it: a call
+        cancelled (deadline, client gone) while its tasks sat in a shared write never
+        resumes, yet the write commits, and the client's retry is an idempotent repeat,
+        not counted. Counted by the caller, those tasks were counted nowhere.
+        """
+        for task_type, count in Counter(compress(batch.types, created)).items():
+            self.metrics.count_enqueued(task_type, count)
 
     async def _insert_and_hand_over(
         self, conn: Any, batch: queries.NewTasks, offers: list[Offer | None]
@@ -231,7 +243,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
         desk.settle(offers, delivered)
         if any(row is not None and row["created"] and not row["leased"] for row in delivered):
             self.notifier.wake()
-        return [row is not None and bool(row["created"]) for row in delivered]
+        created = [row is not None and bool(row["created"]) for row in delivered]
+        self._count_created(batch, created)
+        return created
 
     @staticmethod
     def _first_occurrences(batch: queries.NewTasks, rows: Sequence[Any]) -> list[Any]:
@@ -458,15 +472,13 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 f"{len(request.tasks)} tasks in one call; the limit is {self.config.max_batch}"
             )
         batch = self._parse_batch(request.tasks)
+        # Either way the insert counts what it created (`_count_created`), even for a
+        # call cancelled meanwhile: the group commit's write outlives its callers.
         if self.config.group_commit:
             created = await self.group_commit.submit(batch)
         else:
-            async with self.database.connection() as conn:
-                created = await self._insert_and_wake(conn, batch)
+            created = await outliving_the_call(self.database.bind(self._insert_and_wake)(batch))
         failpoints.trigger(self.config.failpoints, "enqueue.after_commit")
-        if any(created):
-            for task_type, count in Counter(compress(batch.types, created)).items():
-                self.metrics.count_enqueued(task_type, count)
         return pb.EnqueueTasksResponse(task_ids=batch.ids, created=created)
 
     @rpc_method("GetTask")

@@ -32,7 +32,14 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 from conveyor.server import failpoints
 from conveyor.server.handoff import HandoffDesk
-from conveyor.server.rpc import EOF, Malformed, rpc_method, server_stopping, stream_method
+from conveyor.server.rpc import (
+    EOF,
+    Malformed,
+    outliving_the_call,
+    rpc_method,
+    server_stopping,
+    stream_method,
+)
 from conveyor.server.security import OPEN_GATE, Gate, caller
 from conveyor.server.wake_rounds import WakeRounds
 from conveyor.server.work_stream import WorkStream
@@ -183,7 +190,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.handoff = HandoffDesk(self.release_undelivered)
         # Successes reported at the same time share one statement and one commit.
         self.succeed_commit: GroupCommit[Sequence[queries.Success], Any] = GroupCommit(
-            database.bind(queries.task_succeed_many),
+            database.bind(self._succeed_and_count),
             combine=concatenated,
             count=len,
             stopped=server_stopping,
@@ -713,8 +720,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 [queries.Success(task_id, lease_id, request.worker_id, result)]
             )
         else:
-            async with self.database.connection() as conn:
-                row = await self._apply(conn, request, task_id, lease_id)
+            # Run to its end even if this call is cancelled: `_apply` counts the outcome
+            # it commits, and the retry of a committed outcome is not counted.
+            row = await outliving_the_call(self._apply_alone(request, task_id, lease_id))
         if row is None:
             (reason,) = await self._unapplied(
                 [(task_id, lease_id, request.outcome)], request.worker_id
@@ -788,15 +796,34 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     async def _succeed_many(self, successes: list[queries.Success]) -> list[Any]:
         """Successes, applied together with those reported meanwhile: each row, or None."""
-        rows = await self.succeed_commit.submit(successes)
+        return await self.succeed_commit.submit(successes)
+
+    async def _succeed_and_count(
+        self, conn: Any, successes: Sequence[queries.Success]
+    ) -> list[Any]:
+        """The group commit's write: apply `successes` and count those applied; row or None.
+
+        Counted here, where the write completes, not by the calls that reported them: a
+        call cancelled (deadline, client gone) while its reports sat in a shared write
+        never resumes, yet the write commits, and the worker's retry repeats a settlement,
+        which is answered as applied and not counted. Counted by the caller, those
+        successes were counted nowhere.
+        """
         applied: list[Any] = []
-        for row in rows:
-            if not row["applied"]:
+        for row in await queries.task_succeed_many(conn, successes):
+            if row["applied"]:
+                self.metrics.observe_outcome(row["type"], "succeeded", row["ran_for"])
+                applied.append(row)
+            else:
                 applied.append(None)
-                continue
-            self.metrics.observe_outcome(row["type"], "succeeded", row["ran_for"])
-            applied.append(row)
         return applied
+
+    async def _apply_alone(
+        self, request: pb.ReportResultRequest, task_id: str, lease_id: str
+    ) -> Any:
+        """`_apply` on a pooled connection of its own."""
+        async with self.database.connection() as conn:
+            return await self._apply(conn, request, task_id, lease_id)
 
     async def _apply(
         self, conn: Any, request: pb.ReportResultRequest, task_id: str, lease_id: str
