@@ -60,12 +60,17 @@ def test_a_crashed_worker_exits_with_status_1(server, client, db, processes, e2e
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "times"), [(signal.SIGTERM, 1), (signal.SIGHUP, 2)], ids=["SIGTERM", "SIGHUP-twice"]
+)
 def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_handler(
-    server, client, processes, e2e_pythonpath
+    sig, times, server, client, processes, e2e_pythonpath
 ):
     """`worker.run()` embedded in a program: its handler never returns and ignores its
     cancellation. run() returns after the drain, and the program exits with it (the
-    handler's thread was joined at interpreter exit, so it never exited)."""
+    handler's thread was joined at interpreter exit, so it never exited). SIGHUP, twice as
+    a closed terminal may send it, drains too: it used to kill the program, and the task
+    came back lease_expired with an attempt spent."""
     program = processes(
         [sys.executable, str(E2E_DIR / f"{E2E_APPS}.py"), server.address],
         name="embedded-worker",
@@ -73,7 +78,8 @@ def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_h
     )
     task_id = client.enqueue_task(Task(type="stuck"))
     wait_for(lambda: "handler started" in program.output(), timeout=30, what="the handler")
-    program.signal(signal.SIGTERM)
+    for _ in range(times):
+        program.signal(sig)
     assert program.wait(15) == 0, program.output()
     assert "run() returned; busy_threads = 1" in program.output()
     # Handed back at the drain, attempt unspent.

@@ -11,12 +11,8 @@ short in turn. The exit statuses this leads to are in docs/getting-started.md.
 
 from __future__ import annotations
 
-import os
 import signal
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from types import FrameType
+from typing import Final
 
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -58,27 +54,3 @@ def ignore_stop_signals() -> None:
 
 def _ignore(_signum: int, _frame: object) -> None:
     """Ignore the signal."""
-
-
-def hangup_as_terminate() -> None:
-    """SIGHUP does what SIGTERM does at the moment it comes (a graceful stop, once started).
-
-    Only the first one: a closed terminal may send two (the kernel, then the shell), and a
-    second SIGTERM means "stop now, without draining".
-    """
-    forwarded = False
-
-    def on_hangup(signum: int, frame: FrameType | None) -> None:
-        nonlocal forwarded
-        if forwarded:
-            return
-        forwarded = True
-        handler = signal.getsignal(signal.SIGTERM)
-        if callable(handler):
-            handler(signum, frame)
-        elif handler != signal.SIG_IGN:
-            # Nothing handles SIGTERM yet (nothing has started): end as SIGHUP always did.
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGHUP)
-
-    signal.signal(signal.SIGHUP, on_hangup)

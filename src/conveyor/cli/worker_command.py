@@ -16,7 +16,6 @@ from pathlib import Path
 import click
 
 from conveyor.cli.gc_policy import tune_for_long_running_process
-from conveyor.cli.stop_signals import hangup_as_terminate
 from conveyor.errors import ConfigError
 from conveyor.worker.runtime import Worker
 
@@ -121,9 +120,6 @@ def worker(
     metrics_host: str | None,
 ) -> None:
     """Run the Worker at MODULE:ATTR until SIGINT, SIGTERM or SIGHUP, then stop gracefully."""
-    # A closed terminal or a dropped SSH session: drain and hand back as on SIGTERM, rather
-    # than die and leave the running tasks to come back lease_expired, an attempt spent.
-    hangup_as_terminate()
     found = load_worker(spec)
     found.configure(
         server=server,

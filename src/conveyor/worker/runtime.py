@@ -588,7 +588,12 @@ class Worker:
         return self._runtime.busy_threads if self._runtime else 0
 
     def run(self) -> None:
-        """Start, block until SIGINT or SIGTERM, then stop gracefully (a second signal exits).
+        """Start, block until SIGINT, SIGTERM or SIGHUP, then stop gracefully.
+
+        A second SIGINT or SIGTERM exits at once, without draining; a second SIGHUP changes
+        nothing, since a closed terminal may send two (the kernel's, then the shell's).
+        SIGHUP (a closed terminal, a dropped SSH session) used to kill the process by its
+        default action, and its running tasks came back `lease_expired`, an attempt spent.
 
         Raises:
             WorkerCrashed: the worker's event loop ended on an error it could not handle
@@ -616,7 +621,7 @@ class Worker:
             else:
                 self._stop_at_start = True
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = _take_stop_signals(on_signal, stop_requested)
         try:
             self.start()
             while not stop_requested.wait(0.5):
@@ -630,6 +635,29 @@ class Worker:
             raise WorkerCrashed(
                 f"worker {self.worker_id} crashed: {_describe(self._crash)}"
             ) from self._crash
+
+
+def _take_stop_signals(
+    on_stop: Callable[[int, Any], None], stopping: threading.Event
+) -> dict[signal.Signals, Any]:
+    """Send SIGINT, SIGTERM and the first SIGHUP to `on_stop`; return the handlers replaced.
+
+    Only the first SIGHUP: a closed terminal may send two, and `on_stop` takes a second
+    signal for "exit without draining".
+    """
+
+    def on_hangup(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            on_stop(signum, frame)
+
+    handlers: dict[signal.Signals, Callable[[int, Any], None]] = {
+        signal.SIGINT: on_stop,
+        signal.SIGTERM: on_stop,
+    }
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:
+        handlers[hangup] = on_hangup
+    return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
 
 
 class _Runtime:
