@@ -209,6 +209,18 @@ def test_a_directory_of_another_major_version_is_refused_naming_the_choices(data
     assert (data_dir / "PG_VERSION").read_text() == f"{older}\n"
 
 
+def test_a_file_where_the_data_directory_goes_is_named(tmp_path: Path) -> None:
+    """`.conveyor` left as a file: the error said only "File exists" of the owner file."""
+    blocker = tmp_path / ".conveyor"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as raised:
+        EmbeddedPostgres(blocker / "pgdata").start()
+    assert raised.value.message == (
+        f"cannot use {blocker / 'pgdata'}: {blocker} exists and is not a directory"
+    )
+    assert blocker.is_file()
+
+
 def test_start_returns_no_url_that_does_not_answer(data_dir):
     """A postmaster that is there but does not answer (here: stopped with SIGSTOP) is an
     error naming the log, not a URL. Before: start() returned it."""

@@ -138,6 +138,11 @@ class EmbeddedPostgres:
         try:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.owner_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileExistsError, NotADirectoryError) as exc:
+            # mkdir's "File exists" for a directory that is a file named nothing useful.
+            raise ConfigError(
+                f"cannot use {self.data_dir}: {exc.filename} exists and is not a directory"
+            ) from exc
         except OSError as exc:
             raise ConfigError(f"cannot use {self.owner_file}: {exc.strerror}") from exc
         try:
