@@ -443,6 +443,7 @@ class TestServerCommands:
         (package / "syntax.py").write_text("worker = None\ndef broken(:\n")
         (package / "imports.py").write_text('"""Tasks."""\n\nimport nonexistent_mod\n')
         (package / "fails.py").write_text("def setup():\n    return 1 / 0\n\n\nsetup()\n")
+        (package / "exits.py").write_text("import sys\n\nsys.exit(3)\n")
         for spec, expected in (
             (
                 "myapp.syntax:worker",
@@ -464,6 +465,11 @@ class TestServerCommands:
                     "error: cannot import 'myapp.fails': ZeroDivisionError: division by zero "
                     "(at myapp/fails.py:2)"
                 ),
+            ),
+            (
+                # Before: the command ended with status 3 and no word.
+                "myapp.exits:worker",
+                "error: cannot import 'myapp.exits': SystemExit: 3 (at myapp/exits.py:3)",
             ),
             (
                 "myapp.missing:worker",

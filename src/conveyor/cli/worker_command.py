@@ -34,7 +34,9 @@ def load_worker(spec: str) -> Worker:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    # SystemExit too: a module calling sys.exit() as it is imported (an argparse run at
+    # import time) ended the command silently, with the module's status.
+    except (Exception, SystemExit) as exc:
         raise ConfigError(_import_failure(module_name, exc)) from exc
     try:
         found = getattr(module, attribute)
@@ -45,7 +47,7 @@ def load_worker(spec: str) -> Worker:
     return found
 
 
-def _import_failure(module_name: str, exc: Exception) -> str:
+def _import_failure(module_name: str, exc: BaseException) -> str:
     """Why `module_name` could not be imported, in one line naming the file:line at fault.
 
     No traceback: the error is in the user's module (or in one it imports), whose file and
