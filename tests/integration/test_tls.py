@@ -17,7 +17,7 @@ from helpers import conveyor_command, process_env, wait_final
 
 from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
 from conveyor.auth import Role, new_token
-from conveyor.errors import ServerUnavailable
+from conveyor.errors import ConfigError, ServerUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -188,3 +188,14 @@ class TestBadFiles:
             assert result.stderr.startswith("error: "), result.stderr
             assert message in result.stderr
             assert "Traceback" not in result.stderr
+
+    def test_a_client_ca_that_is_not_pem_is_a_config_error_at_once(
+        self, start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path
+    ) -> None:
+        """Before: gRPC logged its own complaint on each connection attempt, and the call
+        failed as ServerUnavailable once its whole retry budget was spent."""
+        server = start_server(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)
+        garbage = tmp_path / "ca.pem"
+        garbage.write_text("not a certificate")
+        with pytest.raises(ConfigError, match="is not in PEM format"):
+            enqueue(server.address, TlsConfig(ca_file=garbage))

@@ -134,13 +134,22 @@ class TlsConfig:
         )
 
 
-def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+def _read_file(path: str | Path | None, what: str) -> bytes | None:
     if path is None:
         return None
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+    # gRPC takes any bytes here, logs its own complaint on every connection attempt, and
+    # the calls fail as unreachable until their whole retry budget is spent.
+    content = _read_file(path, what)
+    if content is not None and b"-----BEGIN " not in content:
+        raise ConfigError(f"the {what} {path} is not in PEM format (no '-----BEGIN' line)")
+    return content
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +187,7 @@ class Credentials:
             token = os.environ.get(TOKEN_ENV) or None
         token_from_file = token is None and bool(os.environ.get(TOKEN_FILE_ENV))
         if token_from_file:
-            content = _read_pem(os.environ[TOKEN_FILE_ENV], "token file") or b""
+            content = _read_file(os.environ[TOKEN_FILE_ENV], "token file") or b""
             token = content.decode(errors="replace")
         if token is not None:
             token = token.strip()
