@@ -109,3 +109,24 @@ def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
     assert worker.wait(15) == 0, worker.output()
     assert time.monotonic() - signalled_at < 5, worker.output()
     assert "stopped before any server accepted the worker" in worker.output()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_while_the_module_imports_exits_0(sig, processes, tmp_path):
+    """An application's imports can take seconds. A stop signal then ended the command by
+    the signal's default action (143, 129): a supervisor took that for a crash."""
+    (tmp_path / "slow_app.py").write_text(
+        "import sys, time\n"
+        "print('importing', flush=True)\n"
+        "time.sleep(60)  # an application's slow imports\n"
+    )
+    worker = processes(
+        conveyor_command("worker", "slow_app:worker", "--server", f"127.0.0.1:{free_port()}"),
+        name="slow-import-worker",
+        cwd=tmp_path,
+    )
+    wait_for(lambda: "importing" in worker.output(), timeout=30, what="the module to import")
+    worker.signal(sig)
+    assert worker.wait(15) == 0, worker.output()
+    assert "while loading slow_app:worker" in worker.output()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 from conveyor.cli.gc_policy import tune_for_long_running_process
+from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
 from conveyor.worker.runtime import Worker
 
@@ -122,14 +124,27 @@ def worker(
     metrics_host: str | None,
 ) -> None:
     """Run the Worker at MODULE:ATTR until SIGINT, SIGTERM or SIGHUP, then stop gracefully."""
-    found = load_worker(spec)
-    found.configure(
-        server=server,
-        concurrency=concurrency,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-    )
-    tune_for_long_running_process()
+    # While the module imports (an application's imports can take seconds), a stop signal
+    # ends the command as a stop: status 0, as once the worker runs (`Worker.run` takes the
+    # signals over). Nothing has started yet, so there is nothing to stop.
+    raise_on_stop_signals()
+    try:
+        found = load_worker(spec)
+        found.configure(
+            server=server,
+            concurrency=concurrency,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+        tune_for_long_running_process()
+    except StopSignal as stop:
+        log.info(
+            "received %s while loading %s: exiting",
+            signal.Signals(stop.signum).name,
+            spec,
+            extra={"event": "stopped_while_starting"},
+        )
+        return
     found.run()
     stuck = found.busy_threads()
     if stuck:
