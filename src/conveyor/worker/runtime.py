@@ -773,20 +773,30 @@ class _Runtime:
         """The error of a call that no server's breaker let through.
 
         A call that may not probe (a long poll, a stream's opening) and finds a breaker
-        half-open asks for a heartbeat now, which probes: a short call settles the
-        half-open state within its deadline. As the probe, a long poll held it for up to
-        its whole wait, and the heartbeats and reports to a lone server were refused
-        meanwhile, while the leases they would have kept ran out.
+        half-open with its probe's place free asks for a heartbeat now, which probes: a
+        short call settles the half-open state within its deadline. While another call
+        holds the probe, it only looks again a little later. As the probe, a long poll held
+        it for up to its whole wait, and the heartbeats and reports to a lone server were
+        refused meanwhile, while the leases they would have kept ran out.
         """
         retry_in = self.ring.next_probe_in()
-        if not probe and retry_in <= 0:
+        if retry_in > 0:
+            return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
+        if not probe and any(b.probe_free() for b in self.ring.breakers.values()):
             if self.heartbeat_now is not None:
                 self.heartbeat_now.set()
             return _Unreachable(
                 "no server's circuit breaker is closed yet; a heartbeat probes first",
                 retry_in=HALF_OPEN_RECHECK,
             )
-        return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
+        # Another call (a report, a hand-back) holds the probe. A heartbeat asked for now
+        # would be refused too: it used to be asked for at every recheck, and each failed
+        # at once, a warning and a counted heartbeat failure every 0.25 s until the probe
+        # was answered.
+        return _Unreachable(
+            "no server's circuit breaker is closed; a probe is in flight",
+            retry_in=HALF_OPEN_RECHECK if not probe else 0.0,
+        )
 
     # --- main -----------------------------------------------------------------------------
 
