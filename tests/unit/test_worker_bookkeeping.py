@@ -162,4 +162,3 @@ async def test_no_heartbeat_is_forced_while_another_call_holds_the_probe(
         await runtime.close_channels()
         runtime.pool.shutdown()
         listener.close()
-

@@ -143,6 +143,9 @@ STREAM_LEAVE_TIMEOUT: Final = 3.0
 # Attempts to hand back a lease that arrived after draining began, before leaving it to
 # expire.
 HAND_BACK_TRIES: Final = 3
+# How long a stopping worker waits, after the drain, for the outcomes of the attempts it
+# stopped and for its hand-backs to reach a server, before it says goodbye regardless.
+HAND_BACK_WAIT: Final = 15.0
 # How long an async handler cancelled at shutdown gets to end before its task is handed back
 # without it (it swallows its cancellation): its result still counts if it ends within this.
 SHUTDOWN_CANCEL_GRACE: Final = 1.0
@@ -1934,8 +1937,16 @@ class _Runtime:
         # Each stopped attempt reports RELEASED from its own runner. Wait for the reports,
         # not for sync threads that ignore cancellation: their leases are already handed back.
         settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
-        if settled or self.hand_backs:
-            await asyncio.wait([*settled, *self.hand_backs], timeout=15)
+        assert self.loop is not None  # noqa: S101 - set in main()
+        give_up_at = self.loop.time() + HAND_BACK_WAIT
+        waiting: list[asyncio.Future[Any]] = [*settled, *self.hand_backs]
+        # Again for the hand-backs started meanwhile: an attempt whose bookkeeping fails as
+        # it ends is salvaged by a hand-back of its own (`salvage`), begun after the list
+        # above was taken. Not waited for, it was cut off when the worker said goodbye and
+        # closed its channels, and the task waited for its lease to expire.
+        while waiting and (left := give_up_at - self.loop.time()) > 0:
+            await asyncio.wait(waiting, timeout=left)
+            waiting = [task for task in self.hand_backs if not task.done()]
 
 
 def _replaceable(ended: grpc.aio.AioRpcError) -> bool:
