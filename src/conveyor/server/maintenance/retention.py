@@ -98,10 +98,21 @@ class RetentionPruner(Pruner):
     async def tick(self) -> None:
         """One round, then whether it left old tasks behind (the gauge, a log line)."""
         started = time.monotonic()
-        await super().tick()
-        self._track_backlog(started)
+        try:
+            await super().tick()
+        finally:
+            # Also after a round that failed: the gauge goes on counting a backlog that is
+            # still there, instead of standing still at its value of the last round.
+            self._track_backlog(started)
 
     def _track_backlog(self, round_started: float) -> None:
+        if not self.led:
+            # Another server leads: a backlog is its to report. This one stops counting
+            # without saying retention caught up (it used to, when it lost the lead while
+            # behind, although nothing had caught up).
+            self._behind_since = None
+            self._metrics.tasks_prune_behind.set(0)
+            return
         if self.behind and self._behind_since is None:
             self._behind_since = round_started
             log.info(
