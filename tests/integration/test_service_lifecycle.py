@@ -393,6 +393,27 @@ class TestRetentionBacklog:
         finally:
             await database.close()
 
+    async def test_catching_up_records_one_queue_mark_per_interval(
+        self, database: Database
+    ) -> None:
+        """Three rounds in a row, each behind (as a backlog is worked off, a second or so
+        apart): each used to record a queue-position mark, kept for the whole retention.
+        Now only the first does, as the next are within the retention interval of it."""
+        async with leading(database, "pruner") as elector:
+            async with database.connection() as conn:
+                await conn.execute(OLD_FINISHED, 3 * retention.BATCH_SIZE + 100)
+                await conn.execute(OLD_FINISHED_MARK)
+            pruner = OneBatchPruner(
+                timedelta(hours=1), timedelta(days=7), database, elector, ServerMetrics()
+            )
+            for _ in range(3):
+                await pruner.tick()
+                assert pruner.behind
+        recent_marks = (
+            "SELECT count(*) FROM conveyor_seq_marks WHERE marked_at > now() - interval '1 hour'"
+        )
+        assert await count(database, recent_marks) == 1
+
 
 async def nothing_due() -> bool:
     """A server's promotion of due retries when none is due: these tests schedule none."""

@@ -131,10 +131,15 @@ class RetentionPruner(Pruner):
         self._metrics.tasks_prune_behind.set(behind_for)
 
     async def prepare(self, leader: LeaderProof) -> None:
-        """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
+        """Mark where the queue stands (a retention from now, it bounds a batch's walk).
+
+        At most one mark per `interval`: rounds catching up on a backlog come faster.
+        """
         self._walk = None
         async with self._database.connection() as conn:
-            await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
+            await queries.seq_mark_record(
+                conn, retention=self._retention, leader=leader, spacing=self.interval
+            )
 
     async def batch(self, leader: LeaderProof) -> int:
         """Delete a batch of old finished tasks, on from the previous batch's; how many."""
