@@ -136,6 +136,14 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout.total_seconds() - self._clock())
 
+    def probe_free(self) -> bool:
+        """Whether a call asking now would be the probe: half-open, and no probe in flight.
+
+        `state` says half-open whether or not another call already holds the probe.
+        """
+        with self._lock:
+            return self._current_state() is BreakerState.HALF_OPEN and self._probe is None
+
     def allow(self, *, probe: bool = True) -> Permit | None:
         """A permit for a call to go out now, or None; in half-open, one probe at a time.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ from conveyor.server.maintenance import lease_reaper, retention
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
 from conveyor.server.maintenance.retention import RetentionPruner
 from conveyor.server.notifier import TaskNotifier
-from conveyor.server.service import LeaderDuty, PeriodicService
+from conveyor.server.service import CATCH_UP_PAUSE, LeaderDuty, PeriodicService
 from conveyor.storage.queries import LeaderProof
 
 CYCLES = 50
@@ -298,6 +299,120 @@ class TestLeaderDutyBatches:
             assert proof is not None
             await pruner.lead(proof)
         assert await count(database, "SELECT count(*) FROM conveyor_tasks") == left
+
+
+class OneBatchPruner(RetentionPruner):
+    """A real pruner whose rounds are one batch: 1,100 tasks past the retention leave it
+    behind after a round."""
+
+    max_batches = 1
+
+
+def behind_gauge(metrics: ServerMetrics) -> float | None:
+    return metrics.registry.get_sample_value("conveyor_tasks_prune_behind_seconds")
+
+
+def retention_events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        event
+        for r in caplog.records
+        if (event := getattr(r, "event", "")) in ("retention_behind", "retention_caught_up")
+    ]
+
+
+class TestRetentionBacklog:
+    async def test_losing_the_lead_while_behind_is_not_catching_up(
+        self, database: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The leader's round leaves old tasks behind; then another server leads.
+
+        The next round, not led, used to reset `behind` and log "retention caught up",
+        though nothing had. Now this server stops counting without saying so, and waits a
+        whole interval for its next round."""
+        caplog.set_level(logging.INFO, logger="conveyor.server.retention")
+        metrics = ServerMetrics()
+        async with leading(database, "pruner") as elector:
+            async with database.connection() as conn:
+                await conn.execute(OLD_FINISHED, retention.BATCH_SIZE + 100)
+                await conn.execute(OLD_FINISHED_MARK)
+            pruner = OneBatchPruner(
+                timedelta(hours=1), timedelta(days=7), database, elector, metrics
+            )
+            await pruner.tick()
+            assert pruner.behind
+            assert retention_events(caplog) == ["retention_behind"]
+        assert elector.leadership is None
+        await pruner.tick()
+
+        assert retention_events(caplog) == ["retention_behind"]
+        assert pruner.next_round_in() == timedelta(hours=1).total_seconds()
+        assert behind_gauge(metrics) == 0
+
+    async def test_a_failed_round_while_behind_keeps_the_backlog_and_comes_again_soon(
+        self, database_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The leader's round leaves old tasks behind; its next round fails midway (its
+        delete times out behind a lock the test holds).
+
+        `behind` was reset at the round's start and the gauge skipped: the next round came
+        a whole interval later although the backlog was still there, and the gauge stood
+        still. Now the round after a failure comes after the catch-up pause, and the gauge
+        goes on counting."""
+        caplog.set_level(logging.INFO, logger="conveyor.server.retention")
+        config = ServerConfig(
+            database_url=database_url,
+            http_listen=None,
+            statement_timeout=timedelta(milliseconds=300),
+        )
+        database = Database(config)
+        await database.connect(startup_timeout=timedelta(seconds=10))
+        metrics = ServerMetrics()
+        try:
+            async with leading(database, "pruner") as elector:
+                async with database.connection() as conn:
+                    await conn.execute(OLD_FINISHED, retention.BATCH_SIZE + 100)
+                    await conn.execute(OLD_FINISHED_MARK)
+                pruner = OneBatchPruner(
+                    timedelta(hours=1), timedelta(days=7), database, elector, metrics
+                )
+                await pruner.tick()
+                assert pruner.behind
+                after_first = behind_gauge(metrics)
+                assert after_first is not None
+                async with database.connection() as locker, locker.transaction():
+                    await locker.execute("LOCK TABLE conveyor_seq_marks IN ACCESS EXCLUSIVE MODE")
+                    with pytest.raises(Exception, match="statement timeout"):
+                        await pruner.tick()
+
+                assert pruner.behind
+                assert pruner.next_round_in() == CATCH_UP_PAUSE
+                gauge = behind_gauge(metrics)
+                assert gauge is not None
+                assert gauge > after_first
+                assert retention_events(caplog) == ["retention_behind"]
+        finally:
+            await database.close()
+
+    async def test_catching_up_records_one_queue_mark_per_interval(
+        self, database: Database
+    ) -> None:
+        """Three rounds in a row, each behind (as a backlog is worked off, a second or so
+        apart): each used to record a queue-position mark, kept for the whole retention.
+        Now only the first does, as the next are within the retention interval of it."""
+        async with leading(database, "pruner") as elector:
+            async with database.connection() as conn:
+                await conn.execute(OLD_FINISHED, 3 * retention.BATCH_SIZE + 100)
+                await conn.execute(OLD_FINISHED_MARK)
+            pruner = OneBatchPruner(
+                timedelta(hours=1), timedelta(days=7), database, elector, ServerMetrics()
+            )
+            for _ in range(3):
+                await pruner.tick()
+                assert pruner.behind
+        recent_marks = (
+            "SELECT count(*) FROM conveyor_seq_marks WHERE marked_at > now() - interval '1 hour'"
+        )
+        assert await count(database, recent_marks) == 1
 
 
 async def nothing_due() -> bool:

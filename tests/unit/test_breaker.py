@@ -286,3 +286,21 @@ def test_a_call_that_may_not_probe_goes_out_only_while_closed() -> None:
     assert probe is not None
     breaker.record_success(probe)
     assert breaker.allow(probe=False) is not None
+
+
+def test_probe_free_only_while_half_open_with_no_probe_in_flight(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """`state` says half-open whether or not a probe is out; `probe_free` tells them apart
+    (a worker asks for a heartbeat to probe only when it would be the probe)."""
+    assert not breaker.probe_free()  # closed
+    for _ in range(3):
+        breaker.record_failure(let_through(breaker))
+    assert not breaker.probe_free()  # open
+    clock.now += 10
+    assert breaker.probe_free()
+    probe = let_through(breaker)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.probe_free()
+    breaker.record_abandoned(probe)
+    assert breaker.probe_free()

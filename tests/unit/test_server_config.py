@@ -54,7 +54,10 @@ class TestServerConfig:
         [
             ({"database_url": ""}, "database_url"),
             ({"lease_ttl": timedelta(0)}, "lease_ttl"),
-            ({"heartbeat_interval": timedelta(seconds=20)}, "half of lease_ttl"),
+            (
+                {"heartbeat_interval": timedelta(seconds=20)},
+                r"heartbeat_interval \(20s\) must be at most half of lease_ttl \(30s\)",
+            ),
             ({"retry_backoff_cap": timedelta(milliseconds=1)}, "retry_backoff_cap"),
             ({"max_payload_bytes": 0}, "max_payload_bytes"),
             ({"max_payload_bytes": MAX_PAYLOAD_BYTES_LIMIT + 1}, "one message a worker accepts"),

@@ -19,9 +19,11 @@ import pytest
 from helpers import async_wait_for
 
 from conveyor import Worker
+from conveyor.breaker import BreakerPolicy, BreakerState
+from conveyor.client.channel import AddressRing
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.worker.runtime import _Runtime
+from conveyor.worker.runtime import _Runtime, _Unreachable
 
 TYPE = "books.job"
 
@@ -90,3 +92,73 @@ async def test_a_stop_order_for_an_attempt_being_reported_is_not_a_lost_lease(
         )
         await runtime.close_channels()
         runtime.pool.shutdown()
+
+
+def silent_address() -> tuple[socket.socket, str]:
+    """A socket that listens and never answers: a call to it waits for its whole deadline.
+
+    Returns (the socket, to close when done; its address).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_no_heartbeat_is_forced_while_another_call_holds_the_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The only server's breaker is half-open and a report holds the probe, waiting for an
+    answer that does not come; meanwhile the lease loop looks again and again.
+
+    The lease loop used to ask for a heartbeat at each look (every 0.25 s): each was refused
+    at once, "every server's circuit breaker is open", a warning and a counted heartbeat
+    failure each time. Now it waits for the probe's answer without asking.
+    """
+    caplog.set_level(logging.WARNING, logger="conveyor")
+    listener, address = silent_address()
+    worker = Worker(address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    runtime = await started_runtime(worker)
+    # Only the forced heartbeats may fall within the test, not the regular ones.
+    runtime.heartbeat_interval = timedelta(minutes=10)
+    runtime.ring = AddressRing([address], BreakerPolicy(reset_timeout=0.1))
+    breaker = runtime.ring.breakers[address]
+    loops: list[asyncio.Task[None]] = []
+    try:
+        for _ in range(breaker.policy.failure_threshold):
+            permit = breaker.allow()
+            assert permit is not None
+            breaker.record_failure(permit)
+        await async_wait_for(
+            lambda: breaker.state is BreakerState.HALF_OPEN, timeout=5, what="half-open"
+        )
+        report = pb.ReportResultRequest(
+            worker_id=worker.worker_id, task_id="t1", lease_id="l1", outcome=pb.OUTCOME_RELEASED
+        )
+        # Created first, so it runs first and takes the probe before the loops look.
+        held = asyncio.create_task(runtime.call("ReportResult", report, timeout=1.5))
+        loops = [
+            asyncio.create_task(runtime.heartbeat_loop()),
+            asyncio.create_task(runtime.lease_loop()),
+        ]
+        await async_wait_for(
+            lambda: not breaker.probe_free(), timeout=5, what="the report to take the probe"
+        )
+        refusal = runtime.refused(probe=False)
+        assert "a probe is in flight" in str(refusal)
+
+        with pytest.raises(_Unreachable, match="DEADLINE_EXCEEDED"):
+            await held
+        failures = worker.metrics.registry.get_sample_value(
+            "conveyor_worker_heartbeat_failures_total"
+        )
+        assert not failures
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "heartbeat_failed"]
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await runtime.close_channels()
+        runtime.pool.shutdown()
+        listener.close()

@@ -47,6 +47,7 @@ from conveyor.server.config import (
     DEFAULT_MAX_LEASE_WAIT,
     DEFAULT_RATE_LIMIT,
     ServerConfig,
+    check_heartbeat_interval,
     default_server_id,
     split_host_port,
 )
@@ -524,11 +525,14 @@ def server(
     """
     # Before the embedded PostgreSQL starts: a stop signal from now on stops it too.
     raise_on_stop_signals()
-    if heartbeat_interval is not None and heartbeat_interval * 2 > lease_ttl:
-        raise ConfigError(
-            f"--heartbeat-interval ({heartbeat_interval:g}) must be at most half of "
-            f"--lease-ttl ({lease_ttl:g}), or a single lost heartbeat would cost a worker "
-            "its leases"
+    # Checked again by ServerConfig, but here in the flags' names, and before any database
+    # starts.
+    if heartbeat_interval is not None:
+        check_heartbeat_interval(
+            timedelta(seconds=heartbeat_interval),
+            timedelta(seconds=lease_ttl),
+            names=("--heartbeat-interval", "--lease-ttl"),
+            unit="",
         )
     embedded: EmbeddedPostgres | None = None
     try:

@@ -317,11 +317,7 @@ class ServerConfig:
             raise ConfigError("deadline_grace and max_lease_wait must not be negative")
         if self.retry_backoff_cap < self.retry_backoff_base:
             raise ConfigError("retry_backoff_cap must be at least retry_backoff_base")
-        if self.heartbeat_interval * 2 > self.lease_ttl:
-            raise ConfigError(
-                "heartbeat_interval must be at most half of lease_ttl, or a single lost "
-                "heartbeat would cost a worker its leases"
-            )
+        check_heartbeat_interval(self.heartbeat_interval, self.lease_ttl)
         if self.retention is not None and self.retention <= timedelta(0):
             raise ConfigError("retention must be positive (or None to keep finished tasks)")
         if self.worker_retention is not None and self.worker_retention <= timedelta(0):
@@ -357,6 +353,27 @@ class ServerConfig:
             raise ConfigError("max_enqueue_streams_per_token must be at least 1 (None: no cap)")
         if self.rate_limit is not None and (self.rate_limit <= 0 or self.rate_burst < 1):
             raise ConfigError("rate_limit must be positive and rate_burst at least 1")
+
+
+def check_heartbeat_interval(
+    heartbeat_interval: timedelta,
+    lease_ttl: timedelta,
+    *,
+    names: tuple[str, str] = ("heartbeat_interval", "lease_ttl"),
+    unit: str = "s",
+) -> None:
+    """ConfigError unless the heartbeat interval is at most half of the lease TTL.
+
+    `names` and `unit`: how the two were given, for the message (the CLI names its flags,
+    which take plain seconds).
+    """
+    if heartbeat_interval * 2 > lease_ttl:
+        interval_name, ttl_name = names
+        raise ConfigError(
+            f"{interval_name} ({heartbeat_interval.total_seconds():g}{unit}) must be at most "
+            f"half of {ttl_name} ({lease_ttl.total_seconds():g}{unit}), or a single lost "
+            "heartbeat would cost a worker its leases"
+        )
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -131,12 +131,27 @@ class BatchedLeaderDuty(LeaderDuty):
         """Every `interval` (or sooner, while behind), batches while this server leads."""
         super().__init__(interval, database, elector)
         self.behind = False
+        # Whether the latest round was this server's from start to end (it led throughout).
+        self.led = False
 
     async def tick(self) -> None:
-        """One round; `behind` says whether it stopped with full batches still coming."""
-        # A round that failed, or that another server led, leaves nothing known behind.
-        self.behind = False
-        await super().tick()
+        """One round; `behind` says whether it stopped with full batches still coming.
+
+        Known only from rounds this server leads: one another server leads leaves it False.
+        A round that fails midway leaves it as it was: a backlog found before is still
+        there, and the next round comes after the catch-up pause, not a whole interval.
+        """
+        leader = self._elector.leadership
+        self.led = leader is not None
+        if leader is None:
+            self.behind = False
+            return
+        was_behind, self.behind = self.behind, False
+        try:
+            await self.lead(leader)
+        except BaseException:
+            self.behind = was_behind
+            raise
 
     def next_round_in(self) -> float:
         """`interval`, or `CATCH_UP_PAUSE` (if shorter) after a round that left work behind."""
@@ -152,7 +167,11 @@ class BatchedLeaderDuty(LeaderDuty):
             handled = await self.batch(leader)
             batches += 1
             next_leader = self.leading()
-            if handled < self.batch_size or next_leader is None:
+            if handled < self.batch_size:
+                return
+            if next_leader is None:
+                # The lead moved mid-round: what is left is the new leader's to find.
+                self.led = False
                 return
             if self.max_batches is not None and batches >= self.max_batches:
                 self.behind = True

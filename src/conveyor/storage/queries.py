@@ -918,8 +918,13 @@ async def task_prune_finished(
     )
 
 
-async def seq_mark_record(conn: Any, *, retention: timedelta, leader: LeaderProof) -> None:
-    """Leader only: mark where the queue order stands now, for task_prune_finished."""
+async def seq_mark_record(
+    conn: Any, *, retention: timedelta, leader: LeaderProof, spacing: timedelta
+) -> None:
+    """Leader only: mark where the queue order stands now, for task_prune_finished.
+
+    No mark when the newest is younger than `spacing`.
+    """
     await _fenced(
         conn,
         "execute",
@@ -928,6 +933,7 @@ async def seq_mark_record(conn: Any, *, retention: timedelta, leader: LeaderProo
         _seconds(retention),
         leader.holder,
         leader.term,
+        _seconds(spacing),
     )
 
 

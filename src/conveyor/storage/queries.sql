@@ -732,11 +732,14 @@ FROM final
 ORDER BY final.i;
 
 -- name: seq_mark_record
--- $1 retention (s), $2 leader id, $3 leader term. Leader only, fenced. Marks where the
--- queue order stands now (the seq sequence's last value: every seq drawn before this
--- statement is at most that), for task_prune_finished's bound, and drops the marks older
--- than the one a prune uses now: a prune's cutoff only moves forward (a longer retention
--- later finds nothing older than the shorter one left).
+-- $1 retention (s), $2 leader id, $3 leader term, $4 spacing (s). Leader only, fenced.
+-- Marks where the queue order stands now (the seq sequence's last value: every seq drawn
+-- before this statement is at most that), for task_prune_finished's bound, unless the
+-- newest mark is younger than $4 (the retention interval): rounds catching up on a backlog
+-- run a second or so apart, and a mark each, kept for the whole retention, piled up
+-- hundreds of thousands over a backlog of days. Also drops the marks older than the one a
+-- prune uses now: a prune's cutoff only moves forward (a longer retention later finds
+-- nothing older than the shorter one left).
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $2 AND term = $3 AND expires_at > now()
@@ -752,6 +755,9 @@ INSERT INTO conveyor_seq_marks (marked_at, seq)
 SELECT now(),
        coalesce(pg_sequence_last_value(pg_get_serial_sequence('conveyor_tasks', 'seq')::regclass), 0)
 WHERE EXISTS (SELECT 1 FROM leader)
+  AND NOT EXISTS (
+      SELECT 1 FROM conveyor_seq_marks WHERE marked_at > now() - make_interval(secs => $4)
+  )
 ON CONFLICT (marked_at) DO NOTHING;
 
 -- name: worker_register

@@ -143,6 +143,9 @@ STREAM_LEAVE_TIMEOUT: Final = 3.0
 # Attempts to hand back a lease that arrived after draining began, before leaving it to
 # expire.
 HAND_BACK_TRIES: Final = 3
+# How long a stopping worker waits, after the drain, for the outcomes of the attempts it
+# stopped and for its hand-backs to reach a server, before it says goodbye regardless.
+HAND_BACK_WAIT: Final = 15.0
 # How long an async handler cancelled at shutdown gets to end before its task is handed back
 # without it (it swallows its cancellation): its result still counts if it ends within this.
 SHUTDOWN_CANCEL_GRACE: Final = 1.0
@@ -801,20 +804,30 @@ class _Runtime:
         """The error of a call that no server's breaker let through.
 
         A call that may not probe (a long poll, a stream's opening) and finds a breaker
-        half-open asks for a heartbeat now, which probes: a short call settles the
-        half-open state within its deadline. As the probe, a long poll held it for up to
-        its whole wait, and the heartbeats and reports to a lone server were refused
-        meanwhile, while the leases they would have kept ran out.
+        half-open with its probe's place free asks for a heartbeat now, which probes: a
+        short call settles the half-open state within its deadline. While another call
+        holds the probe, it only looks again a little later. As the probe, a long poll held
+        it for up to its whole wait, and the heartbeats and reports to a lone server were
+        refused meanwhile, while the leases they would have kept ran out.
         """
         retry_in = self.ring.next_probe_in()
-        if not probe and retry_in <= 0:
+        if retry_in > 0:
+            return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
+        if not probe and any(b.probe_free() for b in self.ring.breakers.values()):
             if self.heartbeat_now is not None:
                 self.heartbeat_now.set()
             return _Unreachable(
                 "no server's circuit breaker is closed yet; a heartbeat probes first",
                 retry_in=HALF_OPEN_RECHECK,
             )
-        return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
+        # Another call (a report, a hand-back) holds the probe. A heartbeat asked for now
+        # would be refused too: it used to be asked for at every recheck, and each failed
+        # at once, a warning and a counted heartbeat failure every 0.25 s until the probe
+        # was answered.
+        return _Unreachable(
+            "no server's circuit breaker is closed; a probe is in flight",
+            retry_in=HALF_OPEN_RECHECK if not probe else 0.0,
+        )
 
     # --- main -----------------------------------------------------------------------------
 
@@ -1952,8 +1965,16 @@ class _Runtime:
         # Each stopped attempt reports RELEASED from its own runner. Wait for the reports,
         # not for sync threads that ignore cancellation: their leases are already handed back.
         settled = [asyncio.create_task(a.settled.wait()) for a in remaining]
-        if settled or self.hand_backs:
-            await asyncio.wait([*settled, *self.hand_backs], timeout=15)
+        assert self.loop is not None  # noqa: S101 - set in main()
+        give_up_at = self.loop.time() + HAND_BACK_WAIT
+        waiting: list[asyncio.Future[Any]] = [*settled, *self.hand_backs]
+        # Again for the hand-backs started meanwhile: an attempt whose bookkeeping fails as
+        # it ends is salvaged by a hand-back of its own (`salvage`), begun after the list
+        # above was taken. Not waited for, it was cut off when the worker said goodbye and
+        # closed its channels, and the task waited for its lease to expire.
+        while waiting and (left := give_up_at - self.loop.time()) > 0:
+            await asyncio.wait(waiting, timeout=left)
+            waiting = [task for task in self.hand_backs if not task.done()]
 
 
 def _replaceable(ended: grpc.aio.AioRpcError) -> bool:

@@ -98,10 +98,21 @@ class RetentionPruner(Pruner):
     async def tick(self) -> None:
         """One round, then whether it left old tasks behind (the gauge, a log line)."""
         started = time.monotonic()
-        await super().tick()
-        self._track_backlog(started)
+        try:
+            await super().tick()
+        finally:
+            # Also after a round that failed: the gauge goes on counting a backlog that is
+            # still there, instead of standing still at its value of the last round.
+            self._track_backlog(started)
 
     def _track_backlog(self, round_started: float) -> None:
+        if not self.led:
+            # Another server leads: a backlog is its to report. This one stops counting
+            # without saying retention caught up (it used to, when it lost the lead while
+            # behind, although nothing had caught up).
+            self._behind_since = None
+            self._metrics.tasks_prune_behind.set(0)
+            return
         if self.behind and self._behind_since is None:
             self._behind_since = round_started
             log.info(
@@ -120,10 +131,15 @@ class RetentionPruner(Pruner):
         self._metrics.tasks_prune_behind.set(behind_for)
 
     async def prepare(self, leader: LeaderProof) -> None:
-        """Mark where the queue stands (a retention from now, it bounds a batch's walk)."""
+        """Mark where the queue stands (a retention from now, it bounds a batch's walk).
+
+        At most one mark per `interval`: rounds catching up on a backlog come faster.
+        """
         self._walk = None
         async with self._database.connection() as conn:
-            await queries.seq_mark_record(conn, retention=self._retention, leader=leader)
+            await queries.seq_mark_record(
+                conn, retention=self._retention, leader=leader, spacing=self.interval
+            )
 
     async def batch(self, leader: LeaderProof) -> int:
         """Delete a batch of old finished tasks, on from the previous batch's; how many."""
