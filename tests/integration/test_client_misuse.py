@@ -15,16 +15,19 @@ import collections
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from conveyor import AsyncClient, Client, Task, TaskState
+from conveyor.breaker import BreakerPolicy
+from conveyor.client.channel import RetryPolicy
 from conveyor.client.core import enqueue_request
 from conveyor.client.enqueue_stream import StreamEnded
-from conveyor.errors import ConfigError, ConveyorError, InvalidTask
+from conveyor.errors import ConfigError, ConveyorError, InvalidTask, ServerUnavailable
 from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
-from tests.helpers import Db, wait_for
+from tests.helpers import Db, async_wait_for, free_port, wait_for
 
 # A payload over every server's smallest message limit (16 MiB), under the client's own.
 OVERSIZED = 20 * 1024 * 1024
@@ -262,6 +265,45 @@ class TestClosedClient:
             client.get_status()
         assert client._channels == {}
         assert client._enqueue_streams == {}
+
+
+class TestClosedAsyncClient:
+    """Used to: a call waiting between attempts (a backoff) when close() ran woke up and
+    opened a channel, and for an enqueue a stream with its reader task, after close()
+    returned; nothing closed them, and with a server answering by then the call even
+    succeeded through them. Now it ends with ServerUnavailable and opens nothing; a call
+    made after close() still opens connections (how a client moves to another loop)."""
+
+    @pytest.mark.parametrize("kind", ["call", "enqueue"])
+    async def test_a_call_waiting_to_retry_does_not_reopen_a_closed_client(
+        self, start_server: Any, kind: str
+    ) -> None:
+        address = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+        client = AsyncClient(
+            address,
+            retry=RetryPolicy(total_timeout=60, backoff_base=3, backoff_cap=3),
+            breaker=BreakerPolicy(failure_threshold=1000),
+        )
+        if kind == "call":
+            in_flight = asyncio.create_task(client.get_task_status(str(uuid.uuid4())))
+        else:
+            in_flight = asyncio.create_task(client.enqueue_task(Task(type="misuse.t")))
+        # Its first attempt failed: the call now waits out its backoff.
+        await async_wait_for(lambda: client._ring.last_failure, what="a failed first attempt")
+        # A server answers there before the backoff ends.
+        await asyncio.to_thread(start_server, grpc_listen=address)
+        await client.close()
+        # The call ends on its own ("... during the call"); a waiting enqueue is failed
+        # by close() itself.
+        with pytest.raises(ServerUnavailable, match="the client was closed"):
+            await in_flight
+        assert client._channels == {}
+        assert client._enqueue_streams == {}
+        # A call made after close() opens new connections, as documented.
+        task_id = await client.enqueue_task(Task(type="misuse.t"))
+        assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
+        await client.close()
+        assert client._channels == {}
 
 
 class TestForkedChild:
