@@ -18,14 +18,25 @@ import time
 import uuid
 from typing import Any
 
+import grpc
 import pytest
 
 from conveyor import AsyncClient, Client, Task, TaskState
 from conveyor.breaker import BreakerPolicy
-from conveyor.client.channel import RetryPolicy
+from conveyor.client.channel import RetryLoop, RetryPolicy
 from conveyor.client.core import enqueue_request
-from conveyor.client.enqueue_stream import StreamEnded
-from conveyor.errors import ConfigError, ConveyorError, InvalidTask, ServerUnavailable
+from conveyor.client.enqueue_stream import (
+    BlockingEnqueueStream,
+    EnqueueRoute,
+    RequestFailed,
+    StreamEnded,
+)
+from conveyor.errors import (
+    ConfigError,
+    ConveyorError,
+    InvalidTask,
+    ServerUnavailable,
+)
 from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
 from tests.helpers import Db, async_wait_for, free_port, wait_for
 
@@ -38,6 +49,10 @@ BIG_ATTEMPTS = 3
 def small_batch() -> list[Task]:
     # Large enough that requests stay in flight on the stream while the big one goes.
     return [Task(type="misuse.small", payload=b"p" * 100_000) for _ in range(20)]
+
+
+def small_request() -> Any:
+    return enqueue_request([Task(type="misuse.small")])
 
 
 def stored(db: Db, task_type: str) -> list[str]:
@@ -164,6 +179,48 @@ class TestOversizedEnqueueBesideOthers:
                     thread.join()
         assert failures == []
         assert_each_acknowledged_task_stored_once(db, acked)
+
+
+class TestStreamBrokenAgain:
+    """Used to: a stream that broke (a non-transient end after the server accepted it)
+    failed its requests with a transient UNAVAILABLE. After the one resend, the retry loop
+    sent them again until its budget ran out, breaking the shared stream each time and
+    marking the server unreachable, and the caller got ServerUnavailable or CircuitOpen
+    instead of the real status.
+
+    No public call puts a request that breaks the stream on it (a request that large goes
+    as a call), so the stream is broken as in the test above, by writing that request on
+    the client's stream directly, and the attempt's route (EnqueueRoute) and retry loop
+    (RetryLoop) judge what the real stream raised, as `Client._enqueue_once` does."""
+
+    def test_the_second_break_raises_the_servers_status(self, server: Any) -> None:
+        breaking = enqueue_request([Task(type="misuse.big", payload=b"x" * OVERSIZED)])
+        with Client(server.address) as client:
+            address = server.address
+            route = EnqueueRoute(
+                client._calls_only_until, address, time.monotonic(), 20, small_request()
+            )
+            errors = []
+            for _ in range(2):
+                stream = BlockingEnqueueStream(client._channel(address), client._metadata)
+                with pytest.raises(StreamEnded) as ended:
+                    stream.send(breaking, 20)
+                errors.append(ended.value)
+                stream.close()
+            assert errors[0].broken is not None
+            route.stream_ended(errors[0], stream_was_new=True)  # sent again at once
+            with pytest.raises(RequestFailed) as failed:
+                route.stream_ended(errors[1], stream_was_new=True)
+            assert failed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Received message larger than max" in failed.value.details()
+            attempts = RetryLoop(client._ring, RetryPolicy(), "EnqueueTasks", clock=time.monotonic)
+            pick, _ = attempts.step()
+            assert pick is not None
+            with pytest.raises(InvalidTask, match="over the server's message limit"):
+                attempts.failed(pick, failed.value)
+            # The server answered: its breaker counts no failure.
+            assert client._ring.breakers[address]._failures == 0
+            assert client._ring.last_failure is None
 
 
 class TestEnqueueOfSeveralRequests:

@@ -15,8 +15,10 @@ that had been open a while (it may just have been idle), else through its retry 
 stream the server had accepted and that then ended with an error (gRPC's own, such as a
 message over the server's size limit, or a request breaking the protocol) says nothing
 about the other requests on it, which may belong to other threads or coroutines: they are
-sent again too (once at once on a new stream, then through the retry loop), never failed
-with a status about someone else's message. A request larger than every server accepts
+sent again at once on a new stream, once. Should that one break too, each fails with the
+status the server ended it with (through the retry loop, as a call's error): retried as
+transient, a request that breaks every stream it goes on broke the stream shared by every
+caller until the retry budget ran out. A request larger than every server accepts
 (`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an `EnqueueTasks`
 call, so that a server's refusal of it reaches its caller only.
 Enqueues are idempotent per task id, so a request applied twice creates its tasks once. A
@@ -94,7 +96,9 @@ class StreamEnded(RequestFailed):
 
     `broken`: a stream the server had accepted ended with an error about the call, not
     about this request (which may be another caller's); the request is sent again at once
-    on a new stream, even a stream opened for it.
+    on a new stream, even a stream opened for it. `broken` is then the status the call
+    ended with (`code()` says UNAVAILABLE, for the resend), raised as it is should the new
+    stream break too (`EnqueueRoute`).
     """
 
     def __init__(
@@ -103,7 +107,7 @@ class StreamEnded(RequestFailed):
         details: str,
         *,
         server_closed: bool = False,
-        broken: bool = False,
+        broken: RequestFailed | None = None,
     ) -> None:
         """Keep the status and how the stream ended."""
         super().__init__(code, details)
@@ -136,7 +140,12 @@ class EnqueueRoute:
     - A request over `STREAM_REQUEST_BYTES` goes as a call: a server whose message limit
       it exceeds ends the call carrying it, and the stream is every caller's.
     - A stream that broke after the server accepted it (`StreamEnded.broken`) failed the
-      request for no fault of its own: it goes again at once on a new stream, once.
+      request for no fault of its own: it goes again at once on a new stream, once. Should
+      that one break too, the attempt fails with the status the server ended it with, not
+      a transient UNAVAILABLE: the retry loop would break the stream again and again (the
+      other callers' requests on it each time) until its budget ran out, mark the server
+      as unreachable when it answered, and end with ServerUnavailable or CircuitOpen in
+      place of the real error.
     - Any other end of the stream fails the attempt, for the retry loop to judge.
     """
 
@@ -169,13 +178,15 @@ class EnqueueRoute:
 
         Whether it goes again on a new stream or as a call, `on_stream` says.
         """
-        resend = error.broken or (error.server_closed and not stream_was_new)
+        resend = error.broken is not None or (error.server_closed and not stream_was_new)
         if resend and not self._sent_again:
             self._sent_again = True
             return
         if error.code() in AS_CALLS_AFTER:
             self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
             return
+        if error.broken is not None:
+            raise error.broken
         raise error
 
 
@@ -434,7 +445,7 @@ def _ended_by(code: grpc.StatusCode, details: str, *, accepted: bool) -> StreamE
         return _ended(
             grpc.StatusCode.UNAVAILABLE,
             f"the call broke ({code.name}: {details}); the request is sent again",
-            broken=True,
+            broken=RequestFailed(code, f"the enqueue stream broke: {details}"),
         )
     if code is grpc.StatusCode.INTERNAL and details == GRPC_WRITE_RACE:
         # A write raced the server's end of the call (grpc/grpc#36066, see the module's
@@ -458,7 +469,11 @@ def _accepts(metadata: Any) -> bool:
 
 
 def _ended(
-    code: grpc.StatusCode, how: str, *, server_closed: bool = False, broken: bool = False
+    code: grpc.StatusCode,
+    how: str,
+    *,
+    server_closed: bool = False,
+    broken: RequestFailed | None = None,
 ) -> StreamEnded:
     return StreamEnded(
         code,
