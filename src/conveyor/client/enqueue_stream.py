@@ -163,7 +163,10 @@ class EnqueueRoute:
         self._now = now
         self._deadline = now + timeout
         self._sent_again = False
-        self._too_large = request.ByteSize() > STREAM_REQUEST_BYTES
+        # Only a lone task can be this large: requests of several are cut (enqueue_batches)
+        # and joined (request_weight) at about MAX_REQUEST_BYTES, half this. Measuring a
+        # request is a full encode, paid for every attempt.
+        self._too_large = len(request.tasks) == 1 and request.ByteSize() > STREAM_REQUEST_BYTES
 
     def on_stream(self) -> bool:
         """Whether the request goes (again) on the stream rather than as a call."""
