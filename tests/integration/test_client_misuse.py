@@ -18,17 +18,15 @@ import time
 import uuid
 from typing import Any
 
-import grpc
 import pytest
 
 from conveyor import AsyncClient, Client, Task, TaskState
 from conveyor.breaker import BreakerPolicy
-from conveyor.client.channel import RetryLoop, RetryPolicy
+from conveyor.client.channel import RetryPolicy
 from conveyor.client.core import enqueue_request
 from conveyor.client.enqueue_stream import (
     BlockingEnqueueStream,
     EnqueueRoute,
-    RequestFailed,
     StreamEnded,
 )
 from conveyor.errors import (
@@ -183,44 +181,37 @@ class TestOversizedEnqueueBesideOthers:
 
 class TestStreamBrokenAgain:
     """Used to: a stream that broke (a non-transient end after the server accepted it)
-    failed its requests with a transient UNAVAILABLE. After the one resend, the retry loop
-    sent them again until its budget ran out, breaking the shared stream each time and
-    marking the server unreachable, and the caller got ServerUnavailable or CircuitOpen
-    instead of the real status.
+    failed its requests with a transient UNAVAILABLE. After the one resend on a new stream,
+    the retry loop sent them again on new streams until its budget ran out: a request that
+    breaks every stream broke the one the other callers share each time, marked the
+    server unreachable, and its caller got ServerUnavailable or CircuitOpen instead of the
+    real status. Now a request whose stream breaks again goes as a call of its own.
 
-    No public call puts a request that breaks the stream on it (a request that large goes
-    as a call), so the stream is broken as in the test above, by writing that request on
-    the client's stream directly, and the attempt's route (EnqueueRoute) and retry loop
-    (RetryLoop) judge what the real stream raised, as `Client._enqueue_once` does."""
+    No public call puts a request that breaks the stream on it (one that large goes as a
+    call), so the streams are broken as in the test above, by writing that request on a
+    stream of the client's directly; the attempt's route (EnqueueRoute) and retry loop
+    (RetryLoop) then judge what the real streams raised, as `Client._enqueue_once` does."""
 
-    def test_the_second_break_raises_the_servers_status(self, server: Any) -> None:
+    def test_a_request_whose_stream_breaks_again_goes_as_a_call(self, server: Any, db: Db) -> None:
         breaking = enqueue_request([Task(type="misuse.big", payload=b"x" * OVERSIZED)])
+        request = small_request()
         with Client(server.address) as client:
             address = server.address
-            route = EnqueueRoute(
-                client._calls_only_until, address, time.monotonic(), 20, small_request()
-            )
-            errors = []
+            route = EnqueueRoute(client._calls_only_until, address, time.monotonic(), 20, request)
             for _ in range(2):
+                assert route.on_stream()
                 stream = BlockingEnqueueStream(client._channel(address), client._metadata)
                 with pytest.raises(StreamEnded) as ended:
                     stream.send(breaking, 20)
-                errors.append(ended.value)
                 stream.close()
-            assert errors[0].broken is not None
-            route.stream_ended(errors[0], stream_was_new=True)  # sent again at once
-            with pytest.raises(RequestFailed) as failed:
-                route.stream_ended(errors[1], stream_was_new=True)
-            assert failed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "Received message larger than max" in failed.value.details()
-            attempts = RetryLoop(client._ring, RetryPolicy(), "EnqueueTasks", clock=time.monotonic)
-            pick, _ = attempts.step()
-            assert pick is not None
-            with pytest.raises(InvalidTask, match="over the server's message limit"):
-                attempts.failed(pick, failed.value)
-            # The server answered: its breaker counts no failure.
+                assert ended.value.broken
+                route.stream_ended(ended.value, stream_was_new=True)
+            # Not a third stream, nor a failure for the retry loop: a call of its own, whose
+            # answer is the server's about this request alone.
+            assert not route.on_stream()
+            response = client._stub(address).EnqueueTasks(request, timeout=20)
+            assert stored(db, "misuse.small") == list(response.task_ids)
             assert client._ring.breakers[address]._failures == 0
-            assert client._ring.last_failure is None
 
 
 class TestEnqueueOfSeveralRequests:

@@ -15,12 +15,13 @@ that had been open a while (it may just have been idle), else through its retry 
 stream the server had accepted and that then ended with an error (gRPC's own, such as a
 message over the server's size limit, or a request breaking the protocol) says nothing
 about the other requests on it, which may belong to other threads or coroutines: they are
-sent again at once on a new stream, once. Should that one break too, each fails with the
-status the server ended it with (through the retry loop, as a call's error): retried as
-transient, a request that breaks every stream it goes on broke the stream shared by every
-caller until the retry budget ran out. A request larger than every server accepts
-(`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an `EnqueueTasks`
-call, so that a server's refusal of it reaches its caller only.
+sent again at once on a new stream, once. Should that one break too, each goes as an
+`EnqueueTasks` call of its own: the request that breaks every stream it goes on gets the
+server's status for it alone, and the others go through. (Retried as transient, such a
+request broke the stream shared by every caller until the retry budget ran out, and its
+caller got ServerUnavailable in place of the real error.) A request larger than every
+server accepts (`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an
+`EnqueueTasks` call, so that a server's refusal of it reaches its caller only.
 Enqueues are idempotent per task id, so a request applied twice creates its tasks once. A
 request with no answer within its deadline ends the stream too, as a call's deadline ends
 the call, so a server that stopped answering is not used again through a stale stream.
@@ -96,9 +97,7 @@ class StreamEnded(RequestFailed):
 
     `broken`: a stream the server had accepted ended with an error about the call, not
     about this request (which may be another caller's); the request is sent again at once
-    on a new stream, even a stream opened for it. `broken` is then the status the call
-    ended with (`code()` says UNAVAILABLE, for the resend), raised as it is should the new
-    stream break too (`EnqueueRoute`).
+    on a new stream, even a stream opened for it, and as a call should that one break too.
     """
 
     def __init__(
@@ -107,7 +106,7 @@ class StreamEnded(RequestFailed):
         details: str,
         *,
         server_closed: bool = False,
-        broken: RequestFailed | None = None,
+        broken: bool = False,
     ) -> None:
         """Keep the status and how the stream ended."""
         super().__init__(code, details)
@@ -141,11 +140,12 @@ class EnqueueRoute:
       it exceeds ends the call carrying it, and the stream is every caller's.
     - A stream that broke after the server accepted it (`StreamEnded.broken`) failed the
       request for no fault of its own: it goes again at once on a new stream, once. Should
-      that one break too, the attempt fails with the status the server ended it with, not
-      a transient UNAVAILABLE: the retry loop would break the stream again and again (the
-      other callers' requests on it each time) until its budget ran out, mark the server
-      as unreachable when it answered, and end with ServerUnavailable or CircuitOpen in
-      place of the real error.
+      that one break too, it goes as a call, which carries it alone: if it is the request
+      that breaks the stream, the call ends with the server's status for it (for the
+      retry loop to judge, as any call's, and the server answered: its breaker counts no
+      failure); if not, it goes through. Failed as a transient UNAVAILABLE instead, it
+      was sent again and again on new streams until the retry budget ran out, each time
+      breaking the stream the other callers share and marking the server unreachable.
     - Any other end of the stream fails the attempt, for the retry loop to judge.
     """
 
@@ -163,6 +163,7 @@ class EnqueueRoute:
         self._now = now
         self._deadline = now + timeout
         self._sent_again = False
+        self._as_call = False
         # Only a lone task can be this large: requests of several are cut (enqueue_batches)
         # and joined (request_weight) at about MAX_REQUEST_BYTES, half this. Measuring a
         # request is a full encode, paid for every attempt.
@@ -170,7 +171,11 @@ class EnqueueRoute:
 
     def on_stream(self) -> bool:
         """Whether the request goes (again) on the stream rather than as a call."""
-        return not self._too_large and self._calls_only_until.get(self._address, 0.0) <= self._now
+        return (
+            not self._too_large
+            and not self._as_call
+            and self._calls_only_until.get(self._address, 0.0) <= self._now
+        )
 
     def send_timeout(self, now: float) -> float:
         """What is left of the attempt's time, at least `MIN_CALL_TIMEOUT`."""
@@ -181,15 +186,16 @@ class EnqueueRoute:
 
         Whether it goes again on a new stream or as a call, `on_stream` says.
         """
-        resend = error.broken is not None or (error.server_closed and not stream_was_new)
+        resend = error.broken or (error.server_closed and not stream_was_new)
         if resend and not self._sent_again:
             self._sent_again = True
             return
         if error.code() in AS_CALLS_AFTER:
             self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
             return
-        if error.broken is not None:
-            raise error.broken
+        if error.broken:
+            self._as_call = True
+            return
         raise error
 
 
@@ -448,7 +454,7 @@ def _ended_by(code: grpc.StatusCode, details: str, *, accepted: bool) -> StreamE
         return _ended(
             grpc.StatusCode.UNAVAILABLE,
             f"the call broke ({code.name}: {details}); the request is sent again",
-            broken=RequestFailed(code, f"the enqueue stream broke: {details}"),
+            broken=True,
         )
     if code is grpc.StatusCode.INTERNAL and details == GRPC_WRITE_RACE:
         # A write raced the server's end of the call (grpc/grpc#36066, see the module's
@@ -472,11 +478,7 @@ def _accepts(metadata: Any) -> bool:
 
 
 def _ended(
-    code: grpc.StatusCode,
-    how: str,
-    *,
-    server_closed: bool = False,
-    broken: RequestFailed | None = None,
+    code: grpc.StatusCode, how: str, *, server_closed: bool = False, broken: bool = False
 ) -> StreamEnded:
     return StreamEnded(
         code,
