@@ -15,16 +15,28 @@ import collections
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from conveyor import AsyncClient, Client, Task, TaskState
+from conveyor.breaker import BreakerPolicy
+from conveyor.client.channel import RetryPolicy
 from conveyor.client.core import enqueue_request
-from conveyor.client.enqueue_stream import StreamEnded
-from conveyor.errors import ConfigError, ConveyorError, InvalidTask
+from conveyor.client.enqueue_stream import (
+    BlockingEnqueueStream,
+    EnqueueRoute,
+    StreamEnded,
+)
+from conveyor.errors import (
+    ConfigError,
+    ConveyorError,
+    InvalidTask,
+    ServerUnavailable,
+)
 from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
-from tests.helpers import Db, wait_for
+from tests.helpers import Db, async_wait_for, free_port, wait_for
 
 # A payload over every server's smallest message limit (16 MiB), under the client's own.
 OVERSIZED = 20 * 1024 * 1024
@@ -35,6 +47,10 @@ BIG_ATTEMPTS = 3
 def small_batch() -> list[Task]:
     # Large enough that requests stay in flight on the stream while the big one goes.
     return [Task(type="misuse.small", payload=b"p" * 100_000) for _ in range(20)]
+
+
+def small_request() -> Any:
+    return enqueue_request([Task(type="misuse.small")])
 
 
 def stored(db: Db, task_type: str) -> list[str]:
@@ -163,6 +179,41 @@ class TestOversizedEnqueueBesideOthers:
         assert_each_acknowledged_task_stored_once(db, acked)
 
 
+class TestStreamBrokenAgain:
+    """Used to: a stream that broke (a non-transient end after the server accepted it)
+    failed its requests with a transient UNAVAILABLE. After the one resend on a new stream,
+    the retry loop sent them again on new streams until its budget ran out: a request that
+    breaks every stream broke the one the other callers share each time, marked the
+    server unreachable, and its caller got ServerUnavailable or CircuitOpen instead of the
+    real status. Now a request whose stream breaks again goes as a call of its own.
+
+    No public call puts a request that breaks the stream on it (one that large goes as a
+    call), so the streams are broken as in the test above, by writing that request on a
+    stream of the client's directly; the attempt's route (EnqueueRoute) and retry loop
+    (RetryLoop) then judge what the real streams raised, as `Client._enqueue_once` does."""
+
+    def test_a_request_whose_stream_breaks_again_goes_as_a_call(self, server: Any, db: Db) -> None:
+        breaking = enqueue_request([Task(type="misuse.big", payload=b"x" * OVERSIZED)])
+        request = small_request()
+        with Client(server.address) as client:
+            address = server.address
+            route = EnqueueRoute(client._calls_only_until, address, time.monotonic(), 20, request)
+            for _ in range(2):
+                assert route.on_stream()
+                stream = BlockingEnqueueStream(client._channel(address), client._metadata)
+                with pytest.raises(StreamEnded) as ended:
+                    stream.send(breaking, 20)
+                stream.close()
+                assert ended.value.broken
+                route.stream_ended(ended.value, stream_was_new=True)
+            # Not a third stream, nor a failure for the retry loop: a call of its own, whose
+            # answer is the server's about this request alone.
+            assert not route.on_stream()
+            response = client._stub(address).EnqueueTasks(request, timeout=20)
+            assert stored(db, "misuse.small") == list(response.task_ids)
+            assert client._ring.breakers[address]._failures == 0
+
+
 class TestEnqueueOfSeveralRequests:
     """Used to: tasks[1500] was reported as tasks[500], and nothing said that the first
     1,000 tasks had been created."""
@@ -262,6 +313,45 @@ class TestClosedClient:
             client.get_status()
         assert client._channels == {}
         assert client._enqueue_streams == {}
+
+
+class TestClosedAsyncClient:
+    """Used to: a call waiting between attempts (a backoff) when close() ran woke up and
+    opened a channel, and for an enqueue a stream with its reader task, after close()
+    returned; nothing closed them, and with a server answering by then the call even
+    succeeded through them. Now it ends with ServerUnavailable and opens nothing; a call
+    made after close() still opens connections (how a client moves to another loop)."""
+
+    @pytest.mark.parametrize("kind", ["call", "enqueue"])
+    async def test_a_call_waiting_to_retry_does_not_reopen_a_closed_client(
+        self, start_server: Any, kind: str
+    ) -> None:
+        address = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+        client = AsyncClient(
+            address,
+            retry=RetryPolicy(total_timeout=60, backoff_base=3, backoff_cap=3),
+            breaker=BreakerPolicy(failure_threshold=1000),
+        )
+        if kind == "call":
+            in_flight = asyncio.create_task(client.get_task_status(str(uuid.uuid4())))
+        else:
+            in_flight = asyncio.create_task(client.enqueue_task(Task(type="misuse.t")))
+        # Its first attempt failed: the call now waits out its backoff.
+        await async_wait_for(lambda: client._ring.last_failure, what="a failed first attempt")
+        # A server answers there before the backoff ends.
+        await asyncio.to_thread(start_server, grpc_listen=address)
+        await client.close()
+        # The call ends on its own ("... during the call"); a waiting enqueue is failed
+        # by close() itself.
+        with pytest.raises(ServerUnavailable, match="the client was closed"):
+            await in_flight
+        assert client._channels == {}
+        assert client._enqueue_streams == {}
+        # A call made after close() opens new connections, as documented.
+        task_id = await client.enqueue_task(Task(type="misuse.t"))
+        assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
+        await client.close()
+        assert client._channels == {}
 
 
 class TestForkedChild:

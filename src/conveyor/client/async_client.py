@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 Response = TypeVar("Response")
 
+CLOSED_DURING_CALL: Final = "the client was closed during the call"
 ANOTHER_LOOP: Final = (
     "this AsyncClient belongs to another event loop, which is still open: its connections "
     "(grpc.aio channels) work only on the loop they were opened on. Use one AsyncClient per "
@@ -70,7 +71,8 @@ class AsyncClient:
 
     Unlike `Client`, a closed AsyncClient opens new connections on its next call: closing
     it on its loop is how it moves to another loop (see above). Calls in flight when it
-    closes finish, or raise ServerUnavailable ("the client was closed") without retrying.
+    closes finish, or raise ServerUnavailable ("the client was closed during the call")
+    without retrying: only a call made after close() opens connections again.
     """
 
     def __init__(
@@ -181,6 +183,10 @@ class AsyncClient:
             token_sent=self._metadata is not None,
         )
         while True:
+            # A call that was waiting (a backoff, a breaker's probe) when close() ran ends
+            # here: its next attempt would open a channel, and for an enqueue a stream with
+            # its reader task, that nothing closes any more.
+            self._check_open(closes)
             pick, pause = attempts.step()
             if pick is None:
                 await asyncio.sleep(pause)
@@ -191,7 +197,7 @@ class AsyncClient:
                 if self._closes != closes:
                     # close() ended it: no retry reopens what close() closed.
                     attempts.abandoned(pick)
-                    raise ServerUnavailable("the client was closed during the call") from None
+                    raise ServerUnavailable(CLOSED_DURING_CALL) from None
                 attempts.failed(pick, exc)
                 continue
             except BaseException:
@@ -201,6 +207,11 @@ class AsyncClient:
                 raise
             attempts.succeeded(pick)
             return response
+
+    def _check_open(self, closes: int) -> None:
+        """Raise ServerUnavailable if close() ran since the call began (`closes` then)."""
+        if self._closes != closes:
+            raise ServerUnavailable(CLOSED_DURING_CALL)
 
     async def enqueue_task(self, task: Task) -> str:
         """Enqueue one task; return its id."""
@@ -226,18 +237,25 @@ class AsyncClient:
         return ids
 
     async def _send_enqueue(self, request: pb.EnqueueTasksRequest) -> Sequence[str]:
+        closes = self._closes
         response = await self._retrying(
-            "EnqueueTasks", lambda address, timeout: self._enqueue_once(address, request, timeout)
+            "EnqueueTasks",
+            lambda address, timeout: self._enqueue_once(address, request, timeout, closes),
         )
         return response.task_ids
 
     async def _enqueue_once(
-        self, address: str, request: pb.EnqueueTasksRequest, timeout: float
+        self, address: str, request: pb.EnqueueTasksRequest, timeout: float, closes: int
     ) -> pb.EnqueueTasksResponse:
-        """One attempt: on the address's enqueue stream, or as a call (see EnqueueRoute)."""
+        """One attempt: on the address's enqueue stream, or as a call (see EnqueueRoute).
+
+        `closes` is the client's count of close() when the enqueue began: a stream that
+        ends after that (close() ends them all) is not opened again.
+        """
         loop = asyncio.get_running_loop()
         route = EnqueueRoute(self._calls_only_until, address, loop.time(), timeout, request)
         while route.on_stream():
+            self._check_open(closes)
             stream = self._enqueue_streams.get(address)
             stream_was_new = stream is None or stream.ended
             if stream is None or stream.ended:
@@ -247,6 +265,7 @@ class AsyncClient:
                 return await stream.send(request, route.send_timeout(loop.time()))
             except StreamEnded as exc:
                 route.stream_ended(exc, stream_was_new)
+        self._check_open(closes)
         response: pb.EnqueueTasksResponse = await self._stub(address).EnqueueTasks(
             request, timeout=timeout, metadata=self._metadata
         )

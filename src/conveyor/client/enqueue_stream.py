@@ -15,10 +15,13 @@ that had been open a while (it may just have been idle), else through its retry 
 stream the server had accepted and that then ended with an error (gRPC's own, such as a
 message over the server's size limit, or a request breaking the protocol) says nothing
 about the other requests on it, which may belong to other threads or coroutines: they are
-sent again too (once at once on a new stream, then through the retry loop), never failed
-with a status about someone else's message. A request larger than every server accepts
-(`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an `EnqueueTasks`
-call, so that a server's refusal of it reaches its caller only.
+sent again at once on a new stream, once. Should that one break too, each goes as an
+`EnqueueTasks` call of its own: the request that breaks every stream it goes on gets the
+server's status for it alone, and the others go through. (Retried as transient, such a
+request broke the stream shared by every caller until the retry budget ran out, and its
+caller got ServerUnavailable in place of the real error.) A request larger than every
+server accepts (`STREAM_REQUEST_BYTES`) never goes on the shared stream: it goes as an
+`EnqueueTasks` call, so that a server's refusal of it reaches its caller only.
 Enqueues are idempotent per task id, so a request applied twice creates its tasks once. A
 request with no answer within its deadline ends the stream too, as a call's deadline ends
 the call, so a server that stopped answering is not used again through a stale stream.
@@ -94,7 +97,7 @@ class StreamEnded(RequestFailed):
 
     `broken`: a stream the server had accepted ended with an error about the call, not
     about this request (which may be another caller's); the request is sent again at once
-    on a new stream, even a stream opened for it.
+    on a new stream, even a stream opened for it, and as a call should that one break too.
     """
 
     def __init__(
@@ -136,7 +139,13 @@ class EnqueueRoute:
     - A request over `STREAM_REQUEST_BYTES` goes as a call: a server whose message limit
       it exceeds ends the call carrying it, and the stream is every caller's.
     - A stream that broke after the server accepted it (`StreamEnded.broken`) failed the
-      request for no fault of its own: it goes again at once on a new stream, once.
+      request for no fault of its own: it goes again at once on a new stream, once. Should
+      that one break too, it goes as a call, which carries it alone: if it is the request
+      that breaks the stream, the call ends with the server's status for it (for the
+      retry loop to judge, as any call's, and the server answered: its breaker counts no
+      failure); if not, it goes through. Failed as a transient UNAVAILABLE instead, it
+      was sent again and again on new streams until the retry budget ran out, each time
+      breaking the stream the other callers share and marking the server unreachable.
     - Any other end of the stream fails the attempt, for the retry loop to judge.
     """
 
@@ -154,11 +163,19 @@ class EnqueueRoute:
         self._now = now
         self._deadline = now + timeout
         self._sent_again = False
-        self._too_large = request.ByteSize() > STREAM_REQUEST_BYTES
+        self._as_call = False
+        # Only a lone task can be this large: requests of several are cut (enqueue_batches)
+        # and joined (request_weight) at about MAX_REQUEST_BYTES, half this. Measuring a
+        # request is a full encode, paid for every attempt.
+        self._too_large = len(request.tasks) == 1 and request.ByteSize() > STREAM_REQUEST_BYTES
 
     def on_stream(self) -> bool:
         """Whether the request goes (again) on the stream rather than as a call."""
-        return not self._too_large and self._calls_only_until.get(self._address, 0.0) <= self._now
+        return (
+            not self._too_large
+            and not self._as_call
+            and self._calls_only_until.get(self._address, 0.0) <= self._now
+        )
 
     def send_timeout(self, now: float) -> float:
         """What is left of the attempt's time, at least `MIN_CALL_TIMEOUT`."""
@@ -175,6 +192,9 @@ class EnqueueRoute:
             return
         if error.code() in AS_CALLS_AFTER:
             self._calls_only_until[self._address] = self._now + STREAM_RETRY_AFTER
+            return
+        if error.broken:
+            self._as_call = True
             return
         raise error
 
