@@ -114,6 +114,7 @@ def test_retention_is_on_by_default_and_can_be_turned_off(start_server) -> None:
     assert "retention" not in [s.name for s in kept.server.maintenance]
 
 
+@pytest.mark.slow  # about 14 s: the first round comes one 12 s interval after start
 def test_a_backlog_larger_than_a_round_is_pruned_without_waiting_out_the_interval(
     start_server, db, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -33,6 +33,7 @@ def sampled(http_url: str) -> dict[str, list[Any]]:
     return found
 
 
+@pytest.mark.slow  # about 5 s each: the gauges go once the last sample is 5 s old
 @pytest.mark.parametrize(
     "statement_timeout",
     [
