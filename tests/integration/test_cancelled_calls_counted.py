@@ -92,6 +92,14 @@ def claimed(database_url: str, task_type: str, worker_id: str) -> tuple[str, str
     return task_id, lease_id
 
 
+def register(stub: Any, task_type: str) -> None:
+    """Register the tests' worker, for `task_type`, so that its reports are its own."""
+    stub.RegisterWorker(
+        pb.RegisterWorkerRequest(worker_id="cut-off-worker", task_types=[task_type], concurrency=1),
+        timeout=10,
+    )
+
+
 def test_an_enqueue_cut_off_by_its_deadline_is_counted_once(
     server: Any, db: Db, database_url: str
 ) -> None:
@@ -137,12 +145,7 @@ def test_a_success_report_cut_off_by_its_deadline_is_counted_once(
         result=b"done",
     )
     with worker_stub(server.address) as stub:
-        stub.RegisterWorker(
-            pb.RegisterWorkerRequest(
-                worker_id="cut-off-worker", task_types=["cut-off-success"], concurrency=1
-            ),
-            timeout=10,
-        )
+        register(stub, "cut-off-success")
         cut_off_while_blocked(
             db,
             database_url,
@@ -180,12 +183,7 @@ def test_a_failure_report_cut_off_by_its_deadline_is_counted_once(
         non_retryable=True,
     )
     with worker_stub(server.address) as stub:
-        stub.RegisterWorker(
-            pb.RegisterWorkerRequest(
-                worker_id="cut-off-worker", task_types=["cut-off-failure"], concurrency=1
-            ),
-            timeout=10,
-        )
+        register(stub, "cut-off-failure")
         # Not waiting for the server's cancellation: the outcome's statement now outlives
         # the call, which ends only once it has committed.
         cut_off_while_blocked(
