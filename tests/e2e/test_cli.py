@@ -248,6 +248,15 @@ class TestTaskCommands:
             assert option in result.stderr
             assert "Traceback" not in result.stderr
 
+    @pytest.mark.parametrize("value", ["-1", "nan", "1e300"])
+    def test_dev_drain_timeout_refuses_what_is_no_duration(self, value):
+        # Should the value get through, dev fails at once on its address (exit 1) instead
+        # of starting an embedded PostgreSQL.
+        result = run("dev", "--grpc-listen", "0.0.0.0:1", "--drain-timeout", value, timeout=20)
+        assert result.returncode == 2, result.stderr
+        assert "--drain-timeout" in result.stderr
+        assert "Traceback" not in result.stderr
+
 
 @pytest.mark.slow
 class TestServerCommands:

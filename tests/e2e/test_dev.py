@@ -124,7 +124,7 @@ def start_dev(processes: Callable[..., Any]) -> Iterator[Callable[..., DevProces
     """
     started: list[DevProcess] = []
 
-    def start(directory: Path, *, name: str = "dev") -> DevProcess:
+    def start(directory: Path, *args: str, name: str = "dev") -> DevProcess:
         grpc_port = free_port()
         child = processes(
             conveyor_command(
@@ -133,6 +133,7 @@ def start_dev(processes: Callable[..., Any]) -> Iterator[Callable[..., DevProces
                 f"127.0.0.1:{grpc_port}",
                 "--http-listen",
                 f"127.0.0.1:{free_port()}",
+                *args,
             ),
             name=name,
             cwd=directory,
@@ -409,8 +410,10 @@ def test_a_stop_signal_while_dev_starts_stops_its_postgresql(project, processes,
 def test_sighup_stops_a_running_dev_gracefully(project, start_dev):
     """A closed terminal or a dropped SSH session. Before: killed at once, its PostgreSQL
     left running and its demo worker's tasks to come back lease_expired."""
-    dev = start_dev(project)
+    # A drain shorter than the default 10 s: the hand-back after it is what is checked.
+    dev = start_dev(project, "--drain-timeout", "1")
     task_id, worker_id = running_task(dev, 60)
+    signalled = time.monotonic()
     dev.child.signal(signal.SIGHUP)
     # A terminal that closes may send a second SIGHUP: still the graceful stop, no skip.
     wait_for(
@@ -420,6 +423,9 @@ def test_sighup_stops_a_running_dev_gracefully(project, start_dev):
     )
     dev.child.signal(signal.SIGHUP)
     assert dev.child.wait(30) == 0, dev.output()
+    took = time.monotonic() - signalled
+    assert took < 8, f"exited {took:.1f}s after SIGHUP, with a drain of 1 s"
+    assert "running tasks get 1 s to finish" in dev.output()
     assert "Handing the running tasks back now" not in dev.output()
     assert not cluster_running(project)
     with database_of(project) as db:

@@ -690,7 +690,16 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
     show_default=True,
     help="Concurrency of the demo worker.",
 )
-def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
+@click.option(
+    "--drain-timeout",
+    type=BoundedFloat(min=0),
+    default=DEV_DRAIN_TIMEOUT.total_seconds(),
+    show_default=True,
+    metavar="SECONDS",
+    help="On Ctrl-C, how long the demo worker's running tasks get to finish before they are "
+    "handed back to the queue (0: hand them back at once).",
+)
+def dev(grpc_listen: str, http_listen: str, concurrency: int, drain_timeout: float) -> None:
     """Run everything locally: embedded PostgreSQL, a server and a demo worker.
 
     Stops gracefully on SIGINT (Ctrl-C), SIGTERM or SIGHUP, and exits 1 if the demo
@@ -711,7 +720,7 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int) -> None:
             "another directory"
         ) from None
     try:
-        _dev(embedded, grpc_listen, http_listen, concurrency)
+        _dev(embedded, grpc_listen, http_listen, concurrency, timedelta(seconds=drain_timeout))
     except StopSignal as stop:
         _stopped_while_starting(stop)
     finally:
@@ -735,7 +744,13 @@ def _check_dev_listen(grpc_listen: str, http_listen: str) -> None:
             )
 
 
-def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurrency: int) -> None:
+def _dev(
+    embedded: EmbeddedPostgres,
+    grpc_listen: str,
+    http_listen: str,
+    concurrency: int,
+    drain_timeout: timedelta,
+) -> None:
     from conveyor.cli.demo_worker import build_demo_worker  # noqa: PLC0415 - dev only
 
     # Before PostgreSQL starts (the server checks again): a port in use is one line, at once.
@@ -746,7 +761,7 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
         database_url=url, grpc_listen=grpc_listen, http_listen=http_listen, migrate=True
     )
     demo = build_demo_worker(concurrency=concurrency)
-    demo.configure(drain_timeout=DEV_DRAIN_TIMEOUT)
+    demo.configure(drain_timeout=drain_timeout)
 
     def start_demo(server: ConveyorServer) -> None:
         demo.configure(server=f"127.0.0.1:{server.grpc_port}")
@@ -768,7 +783,7 @@ def _dev(embedded: EmbeddedPostgres, grpc_listen: str, http_listen: str, concurr
         # After a SIGHUP the terminal may be gone: the stop must go on without this line.
         with contextlib.suppress(OSError):
             click.echo(
-                f"\nStopping: running tasks get {DEV_DRAIN_TIMEOUT.total_seconds():g} s to "
+                f"\nStopping: running tasks get {drain_timeout.total_seconds():g} s to "
                 "finish, then are handed back to the queue (Ctrl-C again: hand them back now).",
                 err=True,
             )
