@@ -289,10 +289,9 @@ class TestCtrlC:
         """Before: the server stopped 10 s after Ctrl-C while the worker drained for 30 s,
         the worker's reports and hand-back then failed, the process took ~22 s to exit, and
         the task was left running, to come back as lease_expired with an attempt spent."""
-        from conveyor.cli.server_commands import DEV_DRAIN_TIMEOUT  # noqa: PLC0415
-
-        drain = DEV_DRAIN_TIMEOUT.total_seconds()
-        dev = start_dev(project)
+        # Shorter than the default 10 s, still longer than the short task's 2 s.
+        drain = 4.0
+        dev = start_dev(project, "--drain-timeout", f"{drain:g}")
         long_task, worker_id = running_task(dev, 60)
         short_task, _ = running_task(dev, 2)
 
