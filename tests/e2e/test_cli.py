@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from helpers import (
@@ -68,6 +69,13 @@ class TestTaskCommands:
         assert document["state"] == "queued"
         assert [event["event"] for event in document["history"]] == ["enqueued"]
         assert document["history"][0]["state"] == "queued"
+
+        # For people, time reads as in every other table: UTC with a Z, milliseconds.
+        shown = assert_ok(run("status", task_id, "--history", "--server", server.address))
+        created = datetime.fromisoformat(document["created_at"]).astimezone(UTC)
+        in_tables = created.isoformat(sep=" ", timespec="milliseconds")[:-6] + "Z"
+        assert shown.count(in_tables) == 3, shown  # created, available, the enqueued event
+        assert "+00:00" not in shown
 
         out = assert_ok(run("cancel", task_id, "--server", server.address))
         assert out.split() == [task_id, "cancelled"]

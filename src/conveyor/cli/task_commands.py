@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 from rich.table import Table
@@ -122,15 +122,16 @@ def _read(path: Path) -> bytes:
         raise InvalidTask(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def _preview(data: bytes | None, limit: int = 200) -> str | None:
     if data is None:
         return None
     text = data[:limit].decode("utf-8", errors="backslashreplace")
     return text + ("..." if len(data) > limit else "")
+
+
+_TIMESTAMPS: Final = frozenset(
+    {"created_at", "available_at", "started_at", "finished_at", "progress_at"}
+)
 
 
 def status_document(status: TaskStatus) -> dict[str, Any]:
@@ -142,18 +143,18 @@ def status_document(status: TaskStatus) -> dict[str, Any]:
         "attempts": status.attempts,
         "max_retries": status.max_retries,
         "timeout_seconds": status.timeout.total_seconds(),
-        "created_at": _iso(status.created_at),
-        "available_at": _iso(status.available_at),
-        "started_at": _iso(status.started_at),
-        "finished_at": _iso(status.finished_at),
+        "created_at": output.iso(status.created_at),
+        "available_at": output.iso(status.available_at),
+        "started_at": output.iso(status.started_at),
+        "finished_at": output.iso(status.finished_at),
         "worker_id": status.worker_id,
         "last_error": status.last_error,
         "progress": status.progress,
-        "progress_at": _iso(status.progress_at),
+        "progress_at": output.iso(status.progress_at),
         "result": _preview(status.result, limit=10_000),
         "history": [
             {
-                "at": _iso(event.at),
+                "at": output.iso(event.at),
                 "event": event.event,
                 "state": event.state.value,
                 "attempt": event.attempt,
@@ -200,8 +201,11 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
     console = output.console()
     summary = Table.grid(padding=(0, 2))
     for key, value in status_document(found).items():
-        if key not in ("history", "history_omitted") and value is not None:
-            output.row(summary, output.label(key), output.plain(value))
+        if key in ("history", "history_omitted") or value is None:
+            continue
+        # As every other table shows time: UTC, "Z", no "T" (the JSON keeps ISO 8601).
+        shown = output.when(getattr(found, key), precise=True) if key in _TIMESTAMPS else value
+        output.row(summary, output.label(key), output.plain(shown))
     console.print(summary)
     if history:
         table = Table(title="history", caption=omitted_caption(found))
@@ -212,7 +216,7 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
             # refused control characters in one: every cell goes in as plain text.
             output.row(
                 table,
-                output.plain(event.at.isoformat(timespec="milliseconds")),
+                output.plain(output.when(event.at, precise=True)),
                 output.plain(event.event),
                 output.plain(event.state.value),
                 output.plain(event.attempt),
