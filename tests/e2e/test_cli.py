@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from helpers import (
     process_env,
     run_sql,
     wait_final,
+    wait_for,
     with_user,
 )
 from helpers import run_cli as run
@@ -495,6 +497,34 @@ class TestServerCommands:
         ):
             result = run("worker", spec, "--server", "127.0.0.1:1", cwd=tmp_path)
             assert assert_one_error_line(result) == expected
+
+    def test_worker_call_timeout_is_the_deadline_of_its_calls(self, processes):
+        """Before: a worker's calls waited 10 s for their answer, and no flag changed it.
+
+        The server here never answers (the kernel accepts the connection; nothing reads
+        it): the worker's registration gives up after the deadline it was given, and tries
+        again. With the old 10 s the first give-up could not come within the wait below.
+        """
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            address = f"127.0.0.1:{silent.getsockname()[1]}"
+            worker = processes(
+                conveyor_command(
+                    "worker", "worker_apps:worker", "--server", address, "--call-timeout", "0.5"
+                ),
+                name="worker-with-a-short-deadline",
+            )
+            wait_for(
+                lambda: "DEADLINE_EXCEEDED" in worker.output(),
+                timeout=8,
+                what="the registration to give up after its 0.5 s deadline",
+            )
+            worker.signal(signal.SIGTERM)
+            assert worker.wait(30) == 0, worker.output()
+        assert f"no server accepted the worker yet ({address}: DEADLINE_EXCEEDED" in (
+            worker.output()
+        )
 
     def test_log_level_and_format_in_upper_case_from_the_environment(self):
         """Before: CONVEYOR_LOG_LEVEL=DEBUG was a usage error (exit 2)."""

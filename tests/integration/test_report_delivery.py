@@ -25,6 +25,7 @@ from helpers import free_port, holding, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.storage.queries import SQL
+from conveyor.worker.runtime import CALL_TIMEOUT
 
 TYPE = "delivery.job"
 
@@ -35,12 +36,13 @@ def held_worker(
     concurrency: int = 1,
     only: bytes | None = None,
     result: bytes | None = None,
+    call_timeout: timedelta | float = CALL_TIMEOUT,
 ) -> tuple[Worker, threading.Event, threading.Event]:
     """A worker whose handler, once started (on `only`'s payload, if given), waits for the
     test to set `release`; it returns `result`, else the payload in capitals.
     Returns (worker, started, release)."""
     started, release = threading.Event(), threading.Event()
-    worker = Worker(address, concurrency=concurrency)
+    worker = Worker(address, concurrency=concurrency, call_timeout=call_timeout)
 
     @worker.handler(TYPE)
     def job(_ctx: object, payload: bytes) -> bytes:
@@ -56,6 +58,11 @@ def held_worker(
 # dead stream until the lease runs out fails these tests within six seconds of the cut.
 LEASE = timedelta(seconds=6)
 BEAT = timedelta(seconds=1)
+# The workers' call deadline in the tests that wait one out (10 s by default), so that each
+# takes a second or two instead of ten; they wait for its effect for at most half the
+# default, so a worker that kept the default deadline fails them.
+CALL_DEADLINE = timedelta(seconds=1)
+WITHIN_DEADLINE_AND_RETRY = 5.0
 MIB = 1024 * 1024
 
 
@@ -177,7 +184,8 @@ def test_a_server_stops_claiming_for_a_worker_whose_connection_died_silently(
 def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
     start_server, db, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A batch of outcomes on the Work stream gets the deadline a ReportResults call has.
+    """A batch of outcomes on the Work stream gets the deadline a ReportResults call has:
+    the worker's `call_timeout`.
 
     Here the server takes longer than that to commit it (a lock holds the commit). The
     worker gives the stream up, sends the outcome by call, and leases on a new stream; the
@@ -189,7 +197,9 @@ def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
     server = start_server(statement_timeout=timedelta(seconds=60))
     assert server.server is not None
     db.execute(STALL_SUCCESS_SQL)
-    worker, started, release = held_worker(server.address, only=b"first")
+    worker, started, release = held_worker(
+        server.address, only=b"first", call_timeout=CALL_DEADLINE
+    )
 
     with Client(server.address) as client, running(worker):
         first = client.enqueue_task(Task(type=TYPE, payload=b"first"))
@@ -198,7 +208,7 @@ def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
             release.set()
             wait_for(
                 lambda: events_of(caplog, "stream_abandoned"),
-                timeout=15,
+                timeout=WITHIN_DEADLINE_AND_RETRY,
                 what="the worker to give up on the stream",
             )
             wait_for(lambda: success_waiting(db) >= 2, what="the outcome to be sent by call")
@@ -207,7 +217,7 @@ def test_a_batch_unanswered_on_the_stream_past_a_call_deadline_goes_by_call(
         later_status = wait_final(client, later, timeout=10)
 
     (abandoned,) = events_of(caplog, "stream_abandoned")
-    assert "a batch of outcomes had no answer within 10s" in abandoned.getMessage()
+    assert "a batch of outcomes had no answer within 1s" in abandoned.getMessage()
     assert_answered_as_applied(status, caplog, worker, server)
     assert (later_status.state, later_status.attempts) == (TaskState.SUCCEEDED, 1)
 
@@ -393,14 +403,17 @@ def test_a_report_sent_again_after_the_stream_broke_during_its_commit_is_answere
 def test_a_report_sent_again_after_its_call_timed_out_during_the_commit_is_answered_as_applied(
     start_server, db, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """By calls (a server without the Work stream): the commit outlasts the call's 10 s
-    deadline, the worker sends the outcome again, and the second send finds it applied."""
+    """By calls (a server without the Work stream): the commit outlasts the call's
+    deadline (the worker's `call_timeout`), the worker sends the outcome again, and the
+    second send finds it applied."""
     caplog.set_level(logging.INFO, logger="conveyor")
     # Statements may run longer than a call's deadline, as a slow commit does.
     server = start_server(work_stream=False, statement_timeout=timedelta(seconds=60))
     assert server.server is not None
     db.execute(STALL_SUCCESS_SQL)
-    worker, started, release = held_worker(server.address, result=b"fine")
+    worker, started, release = held_worker(
+        server.address, result=b"fine", call_timeout=CALL_DEADLINE
+    )
 
     with Client(server.address) as client, running(worker):
         task_id = client.enqueue_task(Task(type=TYPE))
@@ -409,7 +422,11 @@ def test_a_report_sent_again_after_its_call_timed_out_during_the_commit_is_answe
             release.set()
             # The first send waits for the lock past its deadline; the second send's
             # statement then waits for the task's row, which the first holds.
-            wait_for(lambda: success_waiting(db) >= 2, what="the worker to send again")
+            wait_for(
+                lambda: success_waiting(db) >= 2,
+                timeout=WITHIN_DEADLINE_AND_RETRY,
+                what="the worker to send again",
+            )
         status = wait_final(client, task_id)
         wait_for(
             lambda: events_of(caplog, "report_repeated", "stale_report_rejected"),

@@ -89,6 +89,43 @@ class TestWorkerDurations:
             Worker("127.0.0.1:1", **settings)  # type: ignore[arg-type]
         assert raised.value.message.startswith(message)
 
+    def test_call_timeout_in_seconds_or_as_a_timedelta(self) -> None:
+        """Before: a worker's calls had a fixed 10 s deadline, which no setting changed."""
+        assert Worker("127.0.0.1:1").call_timeout == timedelta(seconds=10)
+        worker = Worker("127.0.0.1:1", call_timeout=2.5)
+        assert worker.call_timeout == timedelta(seconds=2.5)
+        worker.configure(call_timeout=timedelta(minutes=1))
+        assert worker.call_timeout == timedelta(minutes=1)
+        worker.configure(concurrency=2)  # None keeps it
+        assert worker.call_timeout == timedelta(minutes=1)
+        for bound in (0.5, 3600):
+            assert Worker("127.0.0.1:1", call_timeout=bound).call_timeout.total_seconds() == bound
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            (0, "call_timeout must be positive, got 0 s"),
+            (-1, "call_timeout must be positive, got -1 s"),
+            (float("nan"), "call_timeout must be a finite number of seconds, got nan"),
+            ("10", "call_timeout must be a timedelta or a number of seconds, not str"),
+            (True, "call_timeout must be a timedelta or a number of seconds, not bool"),
+            (0.1, "call_timeout must be at least 0.5 s, got 0.1 s"),
+            (timedelta(milliseconds=499), "call_timeout must be at least 0.5 s, got 0.499 s"),
+            (3601, "call_timeout may be at most 1 hour (3600 s), got 3601 s"),
+            # gRPC would have made this a deadline already passed: every call failed at once.
+            (1e12, "call_timeout may be at most 1 hour (3600 s)"),
+        ],
+    )
+    def test_impossible_call_timeouts_are_config_errors(self, value: object, message: str) -> None:
+        with pytest.raises(ConfigError) as raised:
+            Worker("127.0.0.1:1", call_timeout=value)  # type: ignore[arg-type]
+        assert raised.value.message.startswith(message), raised.value.message
+        worker = Worker("127.0.0.1:1", call_timeout=3)
+        with pytest.raises(ConfigError) as raised:
+            worker.configure(call_timeout=value)  # type: ignore[arg-type]
+        assert raised.value.message.startswith(message), raised.value.message
+        assert worker.call_timeout == timedelta(seconds=3)
+
     def test_start_and_stop_check_their_timeouts_first(self) -> None:
         worker = Worker("127.0.0.1:1")
         worker.register_handler("mine", lambda _ctx, _payload: None)

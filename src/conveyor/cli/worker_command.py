@@ -1,7 +1,7 @@
 """`conveyor worker MODULE:ATTR`: import a Worker from user code and run it until signalled.
 
-The command's flags override the Worker's own settings: servers, concurrency, and the
-address of its Prometheus metrics endpoint.
+The command's flags override the Worker's own settings: servers, concurrency, the deadline
+of its calls, and the address of its Prometheus metrics endpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 import click
 
 from conveyor.cli.gc_policy import tune_for_long_running_process
+from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
-from conveyor.worker.runtime import Worker
+from conveyor.worker.runtime import LONGEST_CALL_TIMEOUT, SHORTEST_CALL_TIMEOUT, Worker
 
 log = logging.getLogger("conveyor.cli.worker")
 
@@ -103,6 +104,18 @@ def _shown(filename: str) -> str:
     help="Most tasks in flight (overrides the Worker's).",
 )
 @click.option(
+    "--call-timeout",
+    # The Worker's own bounds: a value it would refuse is a usage error naming the flag.
+    type=BoundedFloat(
+        min=SHORTEST_CALL_TIMEOUT.total_seconds(), max=LONGEST_CALL_TIMEOUT.total_seconds()
+    ),
+    default=None,
+    envvar="CONVEYOR_WORKER_CALL_TIMEOUT",
+    metavar="SECONDS",
+    help="Deadline of each call to a server (default 10; overrides the Worker's). "
+    "Shorter fails over sooner, longer suits a slow link.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(min=0, max=65535),
     default=None,
@@ -120,6 +133,7 @@ def worker(
     spec: str,
     server: str | None,
     concurrency: int | None,
+    call_timeout: float | None,
     metrics_port: int | None,
     metrics_host: str | None,
 ) -> None:
@@ -133,6 +147,7 @@ def worker(
         found.configure(
             server=server,
             concurrency=concurrency,
+            call_timeout=call_timeout,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )

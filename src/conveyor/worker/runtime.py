@@ -118,7 +118,18 @@ DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 # Used until the server tells us its own values at registration.
 FALLBACK_HEARTBEAT_INTERVAL: Final = timedelta(seconds=3)
 FALLBACK_LEASE_DURATION: Final = timedelta(seconds=30)
+# The deadline of each call a worker makes (its `call_timeout`) unless it is given another.
 CALL_TIMEOUT: Final = 10.0
+# The shortest call_timeout: a call carries a round trip and the server's statements, a
+# report's commit among them, and every one that outlives its deadline counts against its
+# server's breaker, so a shorter deadline fails a healthy server over on any hiccup. It is
+# also the floor of a heartbeat's deadline (`heartbeat_timeout`), which thus never exceeds
+# the worker's call_timeout.
+SHORTEST_CALL_TIMEOUT: Final = timedelta(seconds=0.5)
+# The longest call_timeout: gRPC turns a deadline more than about 7.4e9 s away (its clock
+# in nanoseconds overflows) into one already passed, and every call failed at once with
+# DEADLINE_EXCEEDED; and a call unanswered for an hour is lost anyway.
+LONGEST_CALL_TIMEOUT: Final = timedelta(hours=1)
 # A handler calling ctx.heartbeat() in a tight loop must not flood the server.
 MIN_HEARTBEAT_SPACING: Final = 0.2
 # How many slot-fulls of outcomes may be on their way to the server before the worker
@@ -260,6 +271,16 @@ def _checked_concurrency(concurrency: object) -> int:
     return concurrency
 
 
+def _checked_call_timeout(call_timeout: object) -> timedelta:
+    checked = as_duration(call_timeout, "call_timeout", ConfigError, maximum=LONGEST_CALL_TIMEOUT)
+    if checked < SHORTEST_CALL_TIMEOUT:
+        shortest = SHORTEST_CALL_TIMEOUT.total_seconds()
+        raise ConfigError(
+            f"call_timeout must be at least {shortest:g} s, got {checked.total_seconds():g} s"
+        )
+    return checked
+
+
 def _checked_host(host: object) -> str:
     if not isinstance(host, str) or not host:
         raise ConfigError("metrics_host must be a non-empty string")
@@ -353,6 +374,11 @@ class Worker:
         drain_timeout: How long `stop` lets in-flight attempts finish before handing
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
+        call_timeout: The deadline of each call to a server (10 s): a report, a
+            registration, a batch of outcomes on the Work stream, and what a long poll may
+            take beyond its `lease_wait`; a heartbeat gets a quarter of the lease, at most
+            this. When it passes, the call goes again, to the next server if there is one:
+            shorter fails over sooner, longer suits a slow link. From 0.5 s to an hour.
         worker_id: Defaults to host-pid-random. Up to 200 characters, none of them a
             control or format character (ConfigError otherwise).
         metrics_port: Serve Prometheus metrics at http://metrics_host:metrics_port/metrics
@@ -380,6 +406,7 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         drain_timeout: timedelta | float = DEFAULT_DRAIN_TIMEOUT,
         lease_wait: timedelta | float = DEFAULT_LEASE_WAIT,
+        call_timeout: timedelta | float = CALL_TIMEOUT,
         worker_id: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = DEFAULT_METRICS_HOST,
@@ -398,6 +425,7 @@ class Worker:
             concurrency=concurrency,
             drain_timeout=drain_timeout,
             lease_wait=lease_wait,
+            call_timeout=call_timeout,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             token=token,
@@ -421,6 +449,7 @@ class Worker:
         concurrency: int | None = None,
         drain_timeout: timedelta | float | None = None,
         lease_wait: timedelta | float | None = None,
+        call_timeout: timedelta | float | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
         token: str | None = None,
@@ -446,6 +475,8 @@ class Worker:
             )
         if lease_wait is not None:
             self.lease_wait = as_duration(lease_wait, "lease_wait", ConfigError)
+        if call_timeout is not None:
+            self.call_timeout = _checked_call_timeout(call_timeout)
         if metrics_port is not None:
             self.metrics_port = _checked_port(metrics_port)
         if metrics_host is not None:
@@ -674,6 +705,7 @@ class _Runtime:
         self.retry = RetryPolicy()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self.call_timeout = worker.call_timeout.total_seconds()
         self.reports = ReportBatcher(worker.worker_id, self.report_call)
         # The open Work stream, if any (see worker/work_stream.py), the call's pick (its
         # server), when the latest heartbeat to that server that went unanswered was sent
@@ -749,9 +781,11 @@ class _Runtime:
         return stub
 
     async def call(
-        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
+        self, method: str, request: Any, *, timeout: float | None = None, probe: bool = True
     ) -> Any:
         """One RPC on a server whose breaker allows it (`probe`: see `call_at`).
+
+        `timeout`: the call's deadline in seconds, the worker's `call_timeout` by default.
 
         Raises:
             _Unreachable: no server answered (the next call goes to the next server).
@@ -761,7 +795,7 @@ class _Runtime:
         return response
 
     async def call_at(
-        self, method: str, request: Any, *, timeout: float = CALL_TIMEOUT, probe: bool = True
+        self, method: str, request: Any, *, timeout: float | None = None, probe: bool = True
     ) -> tuple[Any, str]:
         """`call`, and the address of the server that answered.
 
@@ -774,7 +808,9 @@ class _Runtime:
         address = pick.address
         try:
             response = await getattr(self.stub(address), method)(
-                request, timeout=timeout, metadata=self.metadata
+                request,
+                timeout=self.call_timeout if timeout is None else timeout,
+                metadata=self.metadata,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
@@ -1194,10 +1230,10 @@ class _Runtime:
         try:
             # A deadline as a ReportResults call has: a stream whose connection died
             # silently looks open, and its batch would wait for keepalive to say otherwise.
-            async with asyncio.timeout(CALL_TIMEOUT):
+            async with asyncio.timeout(self.call_timeout):
                 return await stream.report(request, grant=self.room(stream.unfilled))
         except TimeoutError:
-            why = f"a batch of outcomes had no answer within {CALL_TIMEOUT:g}s"
+            why = f"a batch of outcomes had no answer within {self.call_timeout:g}s"
             if self.stream is stream:
                 self.abandon_stream(why)
             raise _Unreachable(why) from None
@@ -1293,7 +1329,7 @@ class _Runtime:
         )
         poll = asyncio.ensure_future(
             self.call(
-                "LeaseTasks", request, timeout=wait.total_seconds() + CALL_TIMEOUT, probe=False
+                "LeaseTasks", request, timeout=wait.total_seconds() + self.call_timeout, probe=False
             )
         )
         try:
@@ -1920,8 +1956,9 @@ class _Runtime:
             self.heartbeat_now.set()
 
     def heartbeat_timeout(self) -> float:
-        """Deadline of one heartbeat call: a quarter of the lease, at most CALL_TIMEOUT."""
-        return max(0.5, min(CALL_TIMEOUT, self.lease_duration.total_seconds() / 4))
+        """Deadline of one heartbeat call: a quarter of the lease, at most `call_timeout`."""
+        shortest = SHORTEST_CALL_TIMEOUT.total_seconds()
+        return max(shortest, min(self.call_timeout, self.lease_duration.total_seconds() / 4))
 
     def abandon(self, attempt: _Attempt, reason: str) -> None:
         if attempt.stop_reason is not None:
