@@ -5,7 +5,9 @@
   refused meanwhile.
 - One heartbeat to the stream's server that fails while the stream is still heard from
   does not make the worker give the stream up (and lose the leases on their way in it).
-- An attempt whose bookkeeping fails is reported failed at once, not left to expire.
+- An attempt whose bookkeeping fails is reported failed at once, not left to expire; while
+  the worker stops, the drain neither waits out its timeout for it nor loses its task, and
+  a task handed back at stop stays handed back when the codec cannot seal.
 
 Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
 (faults/proxy.py), slow statements from locks the test holds.
@@ -13,6 +15,8 @@ Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -206,3 +210,146 @@ def test_an_attempt_whose_settling_fails_is_reported_failed_at_once(
     assert "refused the request" not in (status.last_error or "")
     assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_failed_total") == 1
     assert events_of(caplog, "worker_bug")
+
+
+# --- bookkeeping that fails while the worker stops ------------------------------------------
+
+
+def worker_state(db, worker: Worker) -> str | None:
+    return db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
+
+
+def salvaged(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether an attempt's bookkeeping failed, and the attempt was salvaged."""
+    return any(
+        r.getMessage() == "attempt bookkeeping failed" for r in events_of(caplog, "worker_bug")
+    )
+
+
+def stop_in_background(worker: Worker) -> threading.Thread:
+    """`worker.stop()` on a thread of its own (its join waits up to 30 s)."""
+    stopping = threading.Thread(target=worker.stop, kwargs={"timeout": 30}, daemon=True)
+    stopping.start()
+    return stopping
+
+
+def test_an_attempt_salvaged_during_the_drain_neither_holds_up_the_stop_nor_is_lost(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker drains (60 s allowed) while a handler runs; the handler then returns a
+    result the server refuses as too large, and the worker's replacement report (failed,
+    saying why) cannot be sealed: the attempt's bookkeeping fails, and it is salvaged.
+
+    The drain must end with the attempt, not wait out its timeout, and the salvaged
+    attempt's report must reach the server before the worker says goodbye.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT, max_payload_bytes=1024)
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=60)
+
+    @worker.handler(TYPE)
+    def job(_ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        release.wait(30)
+        return b"r" * 2048
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+            stopping = stop_in_background(worker)
+            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            release.set()
+            stopping.join(15)
+            status = client.get_task_status(task_id)
+    finally:
+        release.set()
+        worker.stop()
+
+    assert not stopping.is_alive(), "the drain waited for its timeout"
+    assert worker.running is False
+    assert status.state is TaskState.FAILED
+    assert "could not settle the attempt (RuntimeError)" in (status.last_error or "")
+    assert worker_state(db, worker) == "stopped"
+    assert salvaged(caplog)
+
+
+def test_an_attempt_salvaged_after_the_drain_stopped_it_is_handed_back(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The drain is cut short (`hand_back_now`); the async handler, cancelled, finishes
+    anyway with a result the server refuses as too large, and the replacement report
+    cannot be sealed: the attempt, stopped for the shutdown, is salvaged.
+
+    It is handed back, attempt unspent, before the worker says goodbye.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT, max_payload_bytes=1024)
+    started = threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=60)
+
+    @worker.handler(TYPE)
+    async def job(_ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        # Finishes its work when cancelled: its result still counts within the grace.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        return b"r" * 2048
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+            stopping = stop_in_background(worker)
+            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            worker.hand_back_now()
+            stopping.join(15)
+    finally:
+        worker.stop()
+
+    assert not stopping.is_alive()
+    assert worker.running is False
+    row = db.task(task_id)
+    assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
+    assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+    assert worker_state(db, worker) == "stopped"
+    assert salvaged(caplog)
+
+
+def test_a_task_handed_back_at_stop_is_not_failed_by_a_codec_that_cannot_seal(
+    start_server, db
+) -> None:
+    """The drain ends with a handler still running, and the codec cannot seal error texts
+    (its key service is down).
+
+    The hand-back's note ("worker shutting down") was sealed like a handler's error: the
+    codec raised, and the attempt was reported failed instead of handed back, an attempt
+    spent at every stop (the task failed for good without retries left). The note is the
+    worker's own and says nothing of the task: it goes unsealed, and the task is queued
+    again, attempt unspent.
+    """
+    server = start_server(heartbeat_interval=BEAT)
+    started = threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=0)
+
+    @worker.handler(TYPE)
+    def job(ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        ctx.cancelled.wait(30)
+        return b"stopped"
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+    finally:
+        worker.stop(timeout=15)
+
+    assert worker.running is False
+    row = db.task(task_id)
+    assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
+    assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]

@@ -1416,9 +1416,7 @@ class _Runtime:
             return  # delivered, or the lease is gone: nothing may be reported
         self.metrics.reports_failed.inc()
         if attempt.stop_reason == "shutdown":
-            request = self.outcome(
-                attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False
-            )
+            request = self.handed_back(attempt)
         else:
             request = self.outcome(
                 attempt,
@@ -1584,8 +1582,13 @@ class _Runtime:
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
     def handed_back(self, attempt: _Attempt) -> pb.ReportResultRequest:
-        """The report that hands the attempt's task back at shutdown, attempt unspent."""
-        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+        """The report that hands the attempt's task back at shutdown, attempt unspent.
+
+        Its note is the worker's own and says nothing of the task: unsealed. Sealed, a codec
+        that could not seal (its key service down) failed the hand-back, and the attempt was
+        reported failed instead: an attempt spent at every stop.
+        """
+        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False)
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         assert self.loop is not None  # noqa: S101
