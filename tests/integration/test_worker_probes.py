@@ -5,18 +5,22 @@
   refused meanwhile.
 - One heartbeat to the stream's server that fails while the stream is still heard from
   does not make the worker give the stream up (and lose the leases on their way in it).
+- A Work stream opening cancelled because the worker stops counts as no breaker failure:
+  the worker's goodbye still reaches its only server.
 - An attempt whose bookkeeping fails is reported failed at once, not left to expire; while
   the worker stops, the drain neither waits out its timeout for it nor loses its task, and
   a task handed back at stop stays handed back when the codec cannot seal.
 
 Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
-(faults/proxy.py), slow statements from locks the test holds.
+(faults/proxy.py), slow statements from locks the test holds, a slow stream opening from a
+server whose stream holds back its first answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -28,8 +32,12 @@ from faults.proxy import FaultProxy
 from helpers import holding, running, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
-from conveyor.breaker import DEFAULT_RESET_TIMEOUT
+from conveyor.breaker import DEFAULT_RESET_TIMEOUT, BreakerPolicy, BreakerState
 from conveyor.client import channel as channel_module
+from conveyor.client.channel import AddressRing
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server import work_stream as server_work_stream
+from conveyor.worker import runtime as runtime_module
 from conveyor.worker.context import TaskContext
 
 TYPE = "probes.job"
@@ -353,3 +361,56 @@ def test_a_task_handed_back_at_stop_is_not_failed_by_a_codec_that_cannot_seal(
     row = db.task(task_id)
     assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
     assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+
+
+# --- a stream opening cancelled by the stop -------------------------------------------------
+
+
+def test_a_stream_opening_cancelled_by_the_stop_is_no_breaker_failure(
+    start_server, db, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only server holds back its answer to the worker's Work stream (the stream's
+    first message arrived, the empty answer that accepts it does not come); the worker is
+    stopped meanwhile, which cancels the opening.
+
+    The cancelled opening proves nothing about the server: counted as a failure, it moved
+    the server's breaker towards open, and the hand-backs and the goodbye that follow could
+    meet "every server's circuit breaker is open" (here at once: the worker's breakers open
+    at the first failure). Now it is abandoned: the breaker has counted nothing, and the
+    goodbye reaches the server.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    first_message, answer = threading.Event(), threading.Event()
+    serve = server_work_stream.WorkStream.serve
+
+    async def serve_late(self: server_work_stream.WorkStream, first: pb.WorkRequest) -> None:
+        first_message.set()
+        await asyncio.to_thread(answer.wait, 30)
+        await serve(self, first)
+
+    monkeypatch.setattr(server_work_stream.WorkStream, "serve", serve_late)
+    # Breakers that open at the first failure: one miscounted call is enough to shut the
+    # worker's goodbye out, and any later answer cannot hide the count.
+    monkeypatch.setattr(
+        runtime_module,
+        "AddressRing",
+        functools.partial(AddressRing, breaker=BreakerPolicy(failure_threshold=1)),
+    )
+    server = start_server(heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    worker.start()
+    try:
+        wait_for(first_message.is_set, what="the stream's first message on the server")
+        worker.stop(timeout=20)
+    finally:
+        answer.set()
+        worker.stop()
+
+    assert worker.running is False
+    assert worker_state(db, worker) == "stopped"
+    assert worker._runtime is not None
+    breaker = worker._runtime.ring.breakers[server.address]
+    assert (breaker.state, breaker._failures) == (BreakerState.CLOSED, 0)
+    assert not [r for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert not events_of(caplog, "heartbeat_failed")
