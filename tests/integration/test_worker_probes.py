@@ -7,6 +7,8 @@
   does not make the worker give the stream up (and lose the leases on their way in it).
 - A Work stream opening cancelled because the worker stops counts as no breaker failure:
   the worker's goodbye still reaches its only server.
+- A heartbeat that the worker's own breaker refuses, because another call holds the
+  half-open probe, waits for the probe instead of counting as a failed heartbeat.
 - An attempt whose bookkeeping fails is reported failed at once, not left to expire; while
   the worker stops, the drain neither waits out its timeout for it nor loses its task, and
   a task handed back at stop stays handed back when the codec cannot seal.
@@ -27,18 +29,21 @@ import threading
 from datetime import timedelta
 from types import SimpleNamespace
 
+import asyncpg
 import pytest
 from faults.proxy import FaultProxy
-from helpers import holding, running, wait_final, wait_for
+from helpers import async_wait_for, holding, running, started_runtime, wait_final, wait_for
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import AsyncClient, Client, Task, TaskState, Worker
 from conveyor.breaker import DEFAULT_RESET_TIMEOUT, BreakerPolicy, BreakerState
 from conveyor.client import channel as channel_module
 from conveyor.client.channel import AddressRing
+from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server import work_stream as server_work_stream
 from conveyor.worker import runtime as runtime_module
 from conveyor.worker.context import TaskContext
+from conveyor.worker.runtime import _Unreachable
 
 TYPE = "probes.job"
 BEAT = timedelta(seconds=1)
@@ -414,3 +419,108 @@ def test_a_stream_opening_cancelled_by_the_stop_is_no_breaker_failure(
     assert (breaker.state, breaker._failures) == (BreakerState.CLOSED, 0)
     assert not [r for r in caplog.records if "circuit breaker" in r.getMessage()]
     assert not events_of(caplog, "heartbeat_failed")
+
+
+# --- a heartbeat while another call holds the probe -----------------------------------------
+
+
+async def test_a_heartbeat_refused_for_a_probe_in_flight_is_no_failure(
+    start_server, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The only server's breaker is half-open, and a report holds its probe: the report's
+    statement waits behind the test's lock on its task. A regular heartbeat comes meanwhile.
+
+    The worker's own breaker refused that heartbeat, and the worker took the refusal for a
+    failure: a `heartbeat_failed` warning, a count in `heartbeat_failures_total`, and no
+    heartbeat until the next interval, although the server was up all along. Now the
+    heartbeat waits for the probe to settle and goes as soon as the breaker closes; past a
+    heartbeat's deadline it is deferred, and counted as nothing.
+
+    The worker's runtime is driven by the test, on a real server: a breaker open, half-open
+    and holding a probe at the moments the test needs cannot be had from its loops.
+    """
+    caplog.set_level(logging.DEBUG, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    runtime = await started_runtime(worker)
+    # Opens at the first failure, and is half-open soon after.
+    runtime.ring = AddressRing(
+        [server.address], BreakerPolicy(failure_threshold=1, reset_timeout=0.2)
+    )
+    breaker = runtime.ring.breakers[server.address]
+    locks = await asyncpg.connect(database_url)
+    reporting: asyncio.Task[pb.ReportResultResponse] | None = None
+    try:
+        await runtime.register()
+        async with AsyncClient(server.address) as client:
+            task_id = await client.enqueue_task(Task(type=TYPE))
+        leased = await runtime.call(
+            "LeaseTasks",
+            pb.LeaseTasksRequest(
+                worker_id=worker.worker_id,
+                task_types=[TYPE],
+                max_tasks=1,
+                wait=convert.duration(timedelta(seconds=5)),
+            ),
+        )
+        (lease,) = leased.leases
+        # A real failure opens the breaker: a heartbeat whose statement waits behind the
+        # lock on the worker's row, past its deadline.
+        async with locks.transaction():
+            await locks.execute(WORKER_ROWS_LOCKED)
+            with pytest.raises(_Unreachable, match="DEADLINE_EXCEEDED"):
+                await runtime.call(
+                    "Heartbeat", pb.HeartbeatRequest(worker_id=worker.worker_id), timeout=0.3
+                )
+        await async_wait_for(breaker.probe_free, timeout=5, what="the breaker to be half-open")
+        holding_the_task = locks.transaction()
+        await holding_the_task.start()
+        await locks.execute("SELECT 1 FROM conveyor_tasks WHERE id = $1::uuid FOR UPDATE", task_id)
+        reporting = asyncio.create_task(
+            runtime.call(
+                "ReportResult",
+                pb.ReportResultRequest(
+                    worker_id=worker.worker_id,
+                    task_id=lease.task_id,
+                    lease_id=lease.lease_id,
+                    outcome=pb.OUTCOME_SUCCEEDED,
+                ),
+            )
+        )
+        await async_wait_for(
+            lambda: breaker.state is BreakerState.HALF_OPEN and not breaker.probe_free(),
+            timeout=5,
+            what="the report to hold the probe",
+        )
+
+        # Past its deadline (a quarter lease: 0.5 s here) with the probe still out.
+        runtime.lease_duration = timedelta(seconds=2)
+        before = runtime.loop.time()
+        assert await runtime.beat(before) == before
+        assert not events_of(caplog, "heartbeat_failed")
+        assert events_of(caplog, "heartbeat_deferred")
+        assert not reporting.done()
+
+        # The probe is answered while the heartbeat waits: it goes at once.
+        runtime.lease_duration = timedelta(seconds=30)
+        beating = asyncio.create_task(runtime.beat(before))
+        await async_wait_for(
+            lambda: len(events_of(caplog, "heartbeat_waiting_for_probe")) == 2 or beating.done(),
+            timeout=5,
+            what="the heartbeat to wait for the probe",
+        )
+        await holding_the_task.rollback()
+        await reporting  # answered: the probe settled, and closed the breaker
+        assert await asyncio.wait_for(beating, timeout=5) > before
+        assert breaker.state is BreakerState.CLOSED
+    finally:
+        await locks.close()
+        if reporting is not None:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+        await runtime.close_channels()
+        runtime.pool.shutdown()
+
+    assert not events_of(caplog, "heartbeat_failed")
+    assert not worker.metrics.registry.get_sample_value("conveyor_worker_heartbeat_failures_total")
