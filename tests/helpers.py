@@ -25,6 +25,7 @@ import pytest
 from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
 from conveyor.storage import queries
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from conveyor.worker.runtime import Worker, _Runtime
 
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
@@ -521,3 +522,16 @@ async def enqueue_and_claim(
     leases = {str(row["id"]): str(row["lease_id"]) for row in claimed}
     assert sorted(leases) == sorted(ids)
     return leases
+
+
+async def started_runtime(worker: Worker) -> _Runtime:
+    """The runtime of `worker` as its `main` sets it up, without its registration or loops:
+    a test drives its calls, heartbeats and attempts itself."""
+    runtime = _Runtime(worker, timedelta(seconds=1))
+    runtime.loop = asyncio.get_running_loop()
+    runtime.stop_event = asyncio.Event()
+    runtime.drain_cut = asyncio.Event()
+    runtime.slot_freed = asyncio.Event()
+    runtime.heartbeat_now = asyncio.Event()
+    runtime.call_settled = asyncio.Event()
+    return runtime

@@ -5,28 +5,45 @@
   refused meanwhile.
 - One heartbeat to the stream's server that fails while the stream is still heard from
   does not make the worker give the stream up (and lose the leases on their way in it).
-- An attempt whose bookkeeping fails is reported failed at once, not left to expire.
+- A Work stream opening cancelled because the worker stops counts as no breaker failure:
+  the worker's goodbye still reaches its only server.
+- A heartbeat that the worker's own breaker refuses, because another call holds the
+  half-open probe, waits for the probe instead of counting as a failed heartbeat.
+- An attempt whose bookkeeping fails is reported failed at once, not left to expire; while
+  the worker stops, the drain neither waits out its timeout for it nor loses its task, and
+  a task handed back at stop stays handed back when the codec cannot seal.
 
 Real servers, real workers, real PostgreSQL; outages come from a FaultProxy
-(faults/proxy.py), slow statements from locks the test holds.
+(faults/proxy.py), slow statements from locks the test holds, a slow stream opening from a
+server whose stream holds back its first answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import random
 import threading
 from datetime import timedelta
 from types import SimpleNamespace
 
+import asyncpg
 import pytest
 from faults.proxy import FaultProxy
-from helpers import holding, running, wait_final, wait_for
+from helpers import async_wait_for, holding, running, started_runtime, wait_final, wait_for
 
-from conveyor import Client, Task, TaskState, Worker
-from conveyor.breaker import DEFAULT_RESET_TIMEOUT
+from conveyor import AsyncClient, Client, Task, TaskState, Worker
+from conveyor.breaker import DEFAULT_RESET_TIMEOUT, BreakerPolicy, BreakerState
 from conveyor.client import channel as channel_module
+from conveyor.client.channel import AddressRing
+from conveyor.protocol import convert
+from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server import work_stream as server_work_stream
+from conveyor.worker import runtime as runtime_module
 from conveyor.worker.context import TaskContext
+from conveyor.worker.runtime import _Unreachable
 
 TYPE = "probes.job"
 BEAT = timedelta(seconds=1)
@@ -206,3 +223,304 @@ def test_an_attempt_whose_settling_fails_is_reported_failed_at_once(
     assert "refused the request" not in (status.last_error or "")
     assert worker.metrics.registry.get_sample_value("conveyor_worker_reports_failed_total") == 1
     assert events_of(caplog, "worker_bug")
+
+
+# --- bookkeeping that fails while the worker stops ------------------------------------------
+
+
+def worker_state(db, worker: Worker) -> str | None:
+    return db.fetchval("SELECT state FROM conveyor_workers WHERE id = $1", worker.worker_id)
+
+
+def salvaged(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether an attempt's bookkeeping failed, and the attempt was salvaged."""
+    return any(
+        r.getMessage() == "attempt bookkeeping failed" for r in events_of(caplog, "worker_bug")
+    )
+
+
+def stop_in_background(worker: Worker) -> threading.Thread:
+    """`worker.stop()` on a thread of its own (its join waits up to 30 s)."""
+    stopping = threading.Thread(target=worker.stop, kwargs={"timeout": 30}, daemon=True)
+    stopping.start()
+    return stopping
+
+
+def test_an_attempt_salvaged_during_the_drain_neither_holds_up_the_stop_nor_is_lost(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker drains (60 s allowed) while a handler runs; the handler then returns a
+    result the server refuses as too large, and the worker's replacement report (failed,
+    saying why) cannot be sealed: the attempt's bookkeeping fails, and it is salvaged.
+
+    The drain must end with the attempt, not wait out its timeout, and the salvaged
+    attempt's report must reach the server before the worker says goodbye.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT, max_payload_bytes=1024)
+    started, release = threading.Event(), threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=60)
+
+    @worker.handler(TYPE)
+    def job(_ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        release.wait(30)
+        return b"r" * 2048
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+            stopping = stop_in_background(worker)
+            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            release.set()
+            stopping.join(15)
+            status = client.get_task_status(task_id)
+    finally:
+        release.set()
+        worker.stop()
+
+    assert not stopping.is_alive(), "the drain waited for its timeout"
+    assert worker.running is False
+    assert status.state is TaskState.FAILED
+    assert "could not settle the attempt (RuntimeError)" in (status.last_error or "")
+    assert worker_state(db, worker) == "stopped"
+    assert salvaged(caplog)
+
+
+def test_an_attempt_salvaged_after_the_drain_stopped_it_is_handed_back(
+    start_server, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The drain is cut short (`hand_back_now`); the async handler, cancelled, finishes
+    anyway with a result the server refuses as too large, and the replacement report
+    cannot be sealed: the attempt, stopped for the shutdown, is salvaged.
+
+    It is handed back, attempt unspent, before the worker says goodbye.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT, max_payload_bytes=1024)
+    started = threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=60)
+
+    @worker.handler(TYPE)
+    async def job(_ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        # Finishes its work when cancelled: its result still counts within the grace.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        return b"r" * 2048
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+            stopping = stop_in_background(worker)
+            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            worker.hand_back_now()
+            stopping.join(15)
+    finally:
+        worker.stop()
+
+    assert not stopping.is_alive()
+    assert worker.running is False
+    row = db.task(task_id)
+    assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
+    assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+    assert worker_state(db, worker) == "stopped"
+    assert salvaged(caplog)
+
+
+def test_a_task_handed_back_at_stop_is_not_failed_by_a_codec_that_cannot_seal(
+    start_server, db
+) -> None:
+    """The drain ends with a handler still running, and the codec cannot seal error texts
+    (its key service is down).
+
+    The hand-back's note ("worker shutting down") was sealed like a handler's error: the
+    codec raised, and the attempt was reported failed instead of handed back, an attempt
+    spent at every stop (the task failed for good without retries left). The note is the
+    worker's own and says nothing of the task: it goes unsealed, and the task is queued
+    again, attempt unspent.
+    """
+    server = start_server(heartbeat_interval=BEAT)
+    started = threading.Event()
+    worker = Worker(server.address, concurrency=1, codec=ErrorSealingFails(), drain_timeout=0)
+
+    @worker.handler(TYPE)
+    def job(ctx: TaskContext, _payload: bytes) -> bytes:
+        started.set()
+        ctx.cancelled.wait(30)
+        return b"stopped"
+
+    worker.start()
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+            wait_for(started.is_set, what="the handler to start")
+    finally:
+        worker.stop(timeout=15)
+
+    assert worker.running is False
+    row = db.task(task_id)
+    assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
+    assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
+
+
+# --- a stream opening cancelled by the stop -------------------------------------------------
+
+
+def test_a_stream_opening_cancelled_by_the_stop_is_no_breaker_failure(
+    start_server, db, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only server holds back its answer to the worker's Work stream (the stream's
+    first message arrived, the empty answer that accepts it does not come); the worker is
+    stopped meanwhile, which cancels the opening.
+
+    The cancelled opening proves nothing about the server: counted as a failure, it moved
+    the server's breaker towards open, and the hand-backs and the goodbye that follow could
+    meet "every server's circuit breaker is open" (here at once: the worker's breakers open
+    at the first failure). Now it is abandoned: the breaker has counted nothing, and the
+    goodbye reaches the server.
+    """
+    caplog.set_level(logging.INFO, logger="conveyor")
+    first_message, answer = threading.Event(), threading.Event()
+    serve = server_work_stream.WorkStream.serve
+
+    async def serve_late(self: server_work_stream.WorkStream, first: pb.WorkRequest) -> None:
+        first_message.set()
+        await asyncio.to_thread(answer.wait, 30)
+        await serve(self, first)
+
+    monkeypatch.setattr(server_work_stream.WorkStream, "serve", serve_late)
+    # Breakers that open at the first failure: one miscounted call is enough to shut the
+    # worker's goodbye out, and any later answer cannot hide the count.
+    monkeypatch.setattr(
+        runtime_module,
+        "AddressRing",
+        functools.partial(AddressRing, breaker=BreakerPolicy(failure_threshold=1)),
+    )
+    server = start_server(heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    worker.start()
+    try:
+        wait_for(first_message.is_set, what="the stream's first message on the server")
+        worker.stop(timeout=20)
+    finally:
+        answer.set()
+        worker.stop()
+
+    assert worker.running is False
+    assert worker_state(db, worker) == "stopped"
+    assert worker._runtime is not None
+    breaker = worker._runtime.ring.breakers[server.address]
+    assert (breaker.state, breaker._failures) == (BreakerState.CLOSED, 0)
+    assert not [r for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert not events_of(caplog, "heartbeat_failed")
+
+
+# --- a heartbeat while another call holds the probe -----------------------------------------
+
+
+async def test_a_heartbeat_refused_for_a_probe_in_flight_is_no_failure(
+    start_server, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The only server's breaker is half-open, and a report holds its probe: the report's
+    statement waits behind the test's lock on its task. A regular heartbeat comes meanwhile.
+
+    The worker's own breaker refused that heartbeat, and the worker took the refusal for a
+    failure: a `heartbeat_failed` warning, a count in `heartbeat_failures_total`, and no
+    heartbeat until the next interval, although the server was up all along. Now the
+    heartbeat waits for the probe to settle and goes as soon as the breaker closes; past a
+    heartbeat's deadline it is deferred, and counted as nothing.
+
+    The worker's runtime is driven by the test, on a real server: a breaker open, half-open
+    and holding a probe at the moments the test needs cannot be had from its loops.
+    """
+    caplog.set_level(logging.DEBUG, logger="conveyor")
+    server = start_server(heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    runtime = await started_runtime(worker)
+    # Opens at the first failure, and is half-open soon after.
+    runtime.ring = AddressRing(
+        [server.address], BreakerPolicy(failure_threshold=1, reset_timeout=0.2)
+    )
+    breaker = runtime.ring.breakers[server.address]
+    locks = await asyncpg.connect(database_url)
+    reporting: asyncio.Task[pb.ReportResultResponse] | None = None
+    try:
+        await runtime.register()
+        async with AsyncClient(server.address) as client:
+            task_id = await client.enqueue_task(Task(type=TYPE))
+        leased = await runtime.call(
+            "LeaseTasks",
+            pb.LeaseTasksRequest(
+                worker_id=worker.worker_id,
+                task_types=[TYPE],
+                max_tasks=1,
+                wait=convert.duration(timedelta(seconds=5)),
+            ),
+        )
+        (lease,) = leased.leases
+        # A real failure opens the breaker: a heartbeat whose statement waits behind the
+        # lock on the worker's row, past its deadline.
+        async with locks.transaction():
+            await locks.execute(WORKER_ROWS_LOCKED)
+            with pytest.raises(_Unreachable, match="DEADLINE_EXCEEDED"):
+                await runtime.call(
+                    "Heartbeat", pb.HeartbeatRequest(worker_id=worker.worker_id), timeout=0.3
+                )
+        await async_wait_for(breaker.probe_free, timeout=5, what="the breaker to be half-open")
+        holding_the_task = locks.transaction()
+        await holding_the_task.start()
+        await locks.execute("SELECT 1 FROM conveyor_tasks WHERE id = $1::uuid FOR UPDATE", task_id)
+        reporting = asyncio.create_task(
+            runtime.call(
+                "ReportResult",
+                pb.ReportResultRequest(
+                    worker_id=worker.worker_id,
+                    task_id=lease.task_id,
+                    lease_id=lease.lease_id,
+                    outcome=pb.OUTCOME_SUCCEEDED,
+                ),
+            )
+        )
+        await async_wait_for(
+            lambda: breaker.state is BreakerState.HALF_OPEN and not breaker.probe_free(),
+            timeout=5,
+            what="the report to hold the probe",
+        )
+
+        # Past its deadline (a quarter lease: 0.5 s here) with the probe still out.
+        runtime.lease_duration = timedelta(seconds=2)
+        before = runtime.loop.time()
+        assert await runtime.beat(before) == before
+        assert not events_of(caplog, "heartbeat_failed")
+        assert events_of(caplog, "heartbeat_deferred")
+        assert not reporting.done()
+
+        # The probe is answered while the heartbeat waits: it goes at once.
+        runtime.lease_duration = timedelta(seconds=30)
+        beating = asyncio.create_task(runtime.beat(before))
+        await async_wait_for(
+            lambda: len(events_of(caplog, "heartbeat_waiting_for_probe")) == 2 or beating.done(),
+            timeout=5,
+            what="the heartbeat to wait for the probe",
+        )
+        await holding_the_task.rollback()
+        await reporting  # answered: the probe settled, and closed the breaker
+        assert await asyncio.wait_for(beating, timeout=5) > before
+        assert breaker.state is BreakerState.CLOSED
+    finally:
+        await locks.close()
+        if reporting is not None:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+        await runtime.close_channels()
+        runtime.pool.shutdown()
+
+    assert not events_of(caplog, "heartbeat_failed")
+    assert not worker.metrics.registry.get_sample_value("conveyor_worker_heartbeat_failures_total")

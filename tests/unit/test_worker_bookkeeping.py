@@ -16,14 +16,14 @@ import socket
 from datetime import timedelta
 
 import pytest
-from helpers import async_wait_for
+from helpers import async_wait_for, started_runtime
 
 from conveyor import Worker
 from conveyor.breaker import BreakerPolicy, BreakerState
 from conveyor.client.channel import AddressRing
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.worker.runtime import _Runtime, _Unreachable
+from conveyor.worker.runtime import _Unreachable
 
 TYPE = "books.job"
 
@@ -44,17 +44,6 @@ def lease(task_id: str) -> pb.Lease:
         max_retries=3,
         timeout=convert.duration(timedelta(seconds=30)),
     )
-
-
-async def started_runtime(worker: Worker) -> _Runtime:
-    """The runtime as `main` sets it up once registered, without its loops."""
-    runtime = _Runtime(worker, timedelta(seconds=1))
-    runtime.loop = asyncio.get_running_loop()
-    runtime.stop_event = asyncio.Event()
-    runtime.drain_cut = asyncio.Event()
-    runtime.slot_freed = asyncio.Event()
-    runtime.heartbeat_now = asyncio.Event()
-    return runtime
 
 
 async def test_a_stop_order_for_an_attempt_being_reported_is_not_a_lost_lease(

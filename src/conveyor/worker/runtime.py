@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from conveyor import __version__, event_loop
+from conveyor.breaker import BreakerState
 from conveyor.client import tracing
 from conveyor.client.channel import (
     AddressRing,
@@ -176,12 +177,20 @@ class _Unreachable(Exception):
     """No server answered: a transient gRPC failure, or every server's breaker is open."""
 
     def __init__(
-        self, detail: str, retry_in: float | None = None, address: str | None = None
+        self,
+        detail: str,
+        retry_in: float | None = None,
+        address: str | None = None,
+        *,
+        probe_held: bool = False,
     ) -> None:
         super().__init__(detail)
         self.retry_in = retry_in
         # The server that gave no answer (None: none was called, or it answered "not now").
         self.address = address
+        # No server was called only because other calls hold the half-open breakers'
+        # probes: this worker's own breakers refused, which says nothing of the servers.
+        self.probe_held = probe_held
 
 
 # The hostname's share of a default worker id: the id's limit (200) less "-<pid>-<6 hex>",
@@ -735,6 +744,8 @@ class _Runtime:
         self.drain_cut: asyncio.Event | None = None
         self.slot_freed: asyncio.Event | None = None
         self.heartbeat_now: asyncio.Event | None = None
+        # Set whenever a call's outcome reaches its breaker (see `probe_settled`).
+        self.call_settled: asyncio.Event | None = None
         self.draining = False
         # What `request_stop` asked for, kept for `main` to read once its loop exists: a
         # request made before then (right after `start` began) was dropped.
@@ -805,6 +816,18 @@ class _Runtime:
         pick = self.ring.pick(probe=probe)
         if pick is None:
             raise self.refused(probe=probe)
+        try:
+            return await self.call_picked(pick, method, request, timeout)
+        finally:
+            # Its breaker has heard how the call went: a heartbeat waiting for a probe to
+            # settle (`probe_settled`) looks again.
+            if self.call_settled is not None:
+                self.call_settled.set()
+
+    async def call_picked(
+        self, pick: Pick, method: str, request: Any, timeout: float
+    ) -> tuple[Any, str]:
+        """`call_at` on the server `pick` names; its breaker hears the outcome."""
         address = pick.address
         try:
             response = await getattr(self.stub(address), method)(
@@ -863,7 +886,46 @@ class _Runtime:
         return _Unreachable(
             "no server's circuit breaker is closed; a probe is in flight",
             retry_in=HALF_OPEN_RECHECK if not probe else 0.0,
+            probe_held=True,
         )
+
+    def probes_held(self) -> bool:
+        """Whether every server's breaker refuses a call, some only for a probe in flight.
+
+        Those are half-open, and another call holds their probe; the others are open.
+        """
+        held = False
+        for breaker in self.ring.breakers.values():
+            state = breaker.state
+            if state is BreakerState.CLOSED or breaker.probe_free():
+                return False
+            held = held or state is BreakerState.HALF_OPEN
+        return held
+
+    async def probe_settled(self) -> None:
+        """Wait, for up to a heartbeat's deadline, while `probes_held`.
+
+        A heartbeat asking meanwhile is refused by this worker's own breakers, which says
+        nothing of the servers: it used to be counted and logged as a failed heartbeat, and
+        then waited a whole interval, although the probe (a report, a hand-back) was often
+        answered within milliseconds and the breaker closed.
+        """
+        assert self.loop is not None  # noqa: S101
+        assert self.call_settled is not None  # noqa: S101
+        if not self.probes_held():
+            return
+        self.log.debug(
+            "the heartbeat waits: another call holds the probe of every half-open breaker",
+            extra={"event": "heartbeat_waiting_for_probe"},
+        )
+        give_up_at = self.loop.time() + self.heartbeat_timeout()
+        while self.probes_held() and (left := give_up_at - self.loop.time()) > 0:
+            self.call_settled.clear()
+            # Also until an open breaker turns half-open: its probe is free for the heartbeat.
+            reopening = [r for b in self.ring.breakers.values() if (r := b.retry_in()) > 0]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min([left, *reopening])):
+                    await self.call_settled.wait()
 
     # --- main -----------------------------------------------------------------------------
 
@@ -873,6 +935,7 @@ class _Runtime:
         self.drain_cut = asyncio.Event()
         self.slot_freed = asyncio.Event()
         self.heartbeat_now = asyncio.Event()
+        self.call_settled = asyncio.Event()
         if self.stop_requested:
             self.stop_event.set()
         if self.hand_back_requested:
@@ -1452,9 +1515,7 @@ class _Runtime:
             return  # delivered, or the lease is gone: nothing may be reported
         self.metrics.reports_failed.inc()
         if attempt.stop_reason == "shutdown":
-            request = self.outcome(
-                attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False
-            )
+            request = self.handed_back(attempt)
         else:
             request = self.outcome(
                 attempt,
@@ -1620,8 +1681,13 @@ class _Runtime:
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
     def handed_back(self, attempt: _Attempt) -> pb.ReportResultRequest:
-        """The report that hands the attempt's task back at shutdown, attempt unspent."""
-        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down")
+        """The report that hands the attempt's task back at shutdown, attempt unspent.
+
+        Its note is the worker's own and says nothing of the task: unsealed. Sealed, a codec
+        that could not seal (its key service down) failed the hand-back, and the attempt was
+        reported failed instead: an attempt spent at every stop.
+        """
+        return self.outcome(attempt, pb.OUTCOME_RELEASED, error="worker shutting down", seal=False)
 
     def launch(self, handler: RegisteredHandler, attempt: _Attempt) -> asyncio.Future[Any]:
         assert self.loop is not None  # noqa: S101
@@ -1864,6 +1930,7 @@ class _Runtime:
                 in_flight=self.busy,
                 loop_lag_ms=loop_lag_ms,
             )
+            await self.probe_settled()
             sent_at = self.loop.time()
             try:
                 # Short deadline: a heartbeat that cannot get through must be noticed well
@@ -1872,18 +1939,28 @@ class _Runtime:
                     "Heartbeat", request, timeout=self.heartbeat_timeout()
                 )
             except (_Unreachable, grpc.aio.AioRpcError) as exc:
-                if isinstance(exc, _Unreachable) and exc.address is not None:
-                    self.note_heartbeat(exc.address, answered=False, sent_at=sent_at)
-                self.metrics.heartbeat_failures.inc()
-                self.log.warning(
-                    "heartbeat failed (%s); silent for %.1fs",
-                    exc,
-                    self.loop.time() - last_success,
-                    extra={"event": "heartbeat_failed"},
-                )
+                if isinstance(exc, _Unreachable) and exc.probe_held:
+                    # The probe is still out: no server was called, so none is blamed.
+                    self.log.info(
+                        "heartbeat deferred (%s); silent for %.1fs",
+                        exc,
+                        self.loop.time() - last_success,
+                        extra={"event": "heartbeat_deferred"},
+                    )
+                else:
+                    if isinstance(exc, _Unreachable) and exc.address is not None:
+                        self.note_heartbeat(exc.address, answered=False, sent_at=sent_at)
+                    self.metrics.heartbeat_failures.inc()
+                    self.log.warning(
+                        "heartbeat failed (%s); silent for %.1fs",
+                        exc,
+                        self.loop.time() - last_success,
+                        extra={"event": "heartbeat_failed"},
+                    )
                 # The calls before this one got through: their stop orders hold (a task
                 # cancelled, a lease lost) whatever became of the rest of the beat, and only
-                # the leases not heartbeated may have gone silent.
+                # the leases not heartbeated may have gone silent (deferred or failed, no
+                # heartbeat extended them).
                 self.apply_stops(stops)
                 self.stop_if_silent(last_success, held[start:])
                 return last_success
