@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -354,6 +355,45 @@ class TestClosedAsyncClient:
         assert client._channels == {}
 
 
+def outcome(step: Callable[[], object]) -> str:
+    """How long `step` took and what it raised: "0.01 ConfigError: ...", or "no error"."""
+    started = time.monotonic()
+    try:
+        step()
+        said = "no error"
+    except BaseException as exc:
+        said = f"{type(exc).__name__}: {exc}"
+    return f"{time.monotonic() - started:.2f} {said}"
+
+
+def in_a_forked_child(*steps: Callable[[], object]) -> list[tuple[float, str]]:
+    """Fork; the child runs `steps` in turn and reports each `outcome`, then leaves without
+    cleanup. Each step's (seconds, what it raised), as the child reported them."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read_end)
+            os.write(write_end, "\n".join(outcome(step) for step in steps).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, what="the child exiting")
+        with os.fdopen(read_end, "rb") as pipe:
+            lines = pipe.read().decode().splitlines()
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    return [(float(elapsed), said) for elapsed, said in (line.split(" ", 1) for line in lines)]
+
+
+ASYNC_FORKED = "ConfigError: an AsyncClient cannot be used across fork(): create one in the child"
+
+
 class TestForkedChild:
     """Used to: the child waited out the whole retry budget (30 s by default), then raised
     ServerUnavailable "the server did not accept the enqueue stream"."""
@@ -361,36 +401,66 @@ class TestForkedChild:
     def test_child_is_told_at_once(self, server: Any) -> None:
         client = Client(server.address)
         client.get_task_status(client.enqueue_task(Task(type="misuse.parent")))
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report what it saw, then leave without cleanup
-            try:
-                os.close(read_end)
-                started = time.monotonic()
-                try:
-                    client.enqueue_task(Task(type="misuse.child"))
-                    said = "no error"
-                except BaseException as exc:
-                    said = f"{type(exc).__name__}: {exc}"
-                os.write(write_end, f"{time.monotonic() - started:.2f} {said}".encode())
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        try:
-            wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, what="the child exiting")
-            with os.fdopen(read_end, "rb") as pipe:
-                elapsed, said = pipe.read().decode().split(" ", 1)
-        finally:
-            try:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+        ((elapsed, said),) = in_a_forked_child(
+            lambda: client.enqueue_task(Task(type="misuse.child"))
+        )
         assert said.startswith("ConfigError: a Client cannot be used across fork()"), said
-        assert float(elapsed) < 1
+        assert elapsed < 1
         # The parent's client is untouched.
         assert client.get_task_status(client.enqueue_task(Task(type="misuse.parent")))
         client.close()
+
+    def test_async_client_made_at_import_is_refused_in_the_child(self, server: Any) -> None:
+        """A prefork web server's worker with the AsyncClient its parent made at import,
+        used on the worker's own event loop. Used to: the child opened connections of its
+        own in grpc's copied state (its fork support is off), and the call hung: still
+        there after 20 s, with a retry budget of 5 s."""
+        client = AsyncClient(server.address, retry=RetryPolicy(total_timeout=5))
+
+        def enqueue() -> str:
+            return asyncio.run(client.enqueue_task(Task(type="misuse.child")))
+
+        said = in_a_forked_child(
+            enqueue,
+            lambda: asyncio.run(client.get_task_status(str(uuid.uuid4()))),
+            lambda: asyncio.run(client.close()),
+            enqueue,
+        )
+        assert [text.split(" (")[0] for _, text in said] == [
+            ASYNC_FORKED,
+            ASYNC_FORKED,
+            "no error",  # close() marks the child's copy closed, and touches nothing else
+            ASYNC_FORKED,
+        ], said
+        assert all(elapsed < 1 for elapsed, _ in said), said
+        assert f"created in process {os.getpid()}" in said[0][1]
+
+        # The parent's client is untouched.
+        async def use() -> None:
+            async with client:
+                task_id = await client.enqueue_task(Task(type="misuse.parent"))
+                assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
+
+        asyncio.run(use())
+
+    async def test_async_client_in_use_on_the_parents_loop_is_refused_in_the_child(
+        self, server: Any
+    ) -> None:
+        """Used to: ConfigError blaming "another event loop, which is still open" (the
+        parent's, as the child's copy of it looked), and close() in the child raised it
+        too."""
+        client = AsyncClient(server.address)
+        task_id = await client.enqueue_task(Task(type="misuse.parent"))
+        said = in_a_forked_child(
+            lambda: asyncio.run(client.get_task_status(task_id)),
+            lambda: asyncio.run(client.close()),
+        )
+        assert [text.split(" (")[0] for _, text in said] == [ASYNC_FORKED, "no error"], said
+        # The parent's client goes on, on its loop, with the connections it had.
+        channels = dict(client._channels)
+        assert (await client.get_task_status(task_id)).state is TaskState.QUEUED
+        assert client._channels == channels
+        await client.close()
 
 
 class TestBadArguments:

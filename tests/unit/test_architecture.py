@@ -147,6 +147,18 @@ class TestOneSpelling:
         )
         assert spelled == ["types.py"]
 
+    def test_the_largest_port_is_defined_only_in_the_protocol_limits(self) -> None:
+        """The client's address check and the server's URL check each had a `MAX_PORT`."""
+        defined = sorted(
+            str(path.relative_to(PACKAGE))
+            for path in source_files()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Assign | ast.AnnAssign)
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name) and target.id == "MAX_PORT"
+        )
+        assert defined == ["protocol/limits.py"]
+
 
 class TestNoUnsafeDeserialisation:
     # Payloads are opaque bytes to the server, and nothing in Conveyor turns bytes from the

@@ -73,6 +73,11 @@ class AsyncClient:
     it on its loop is how it moves to another loop (see above). Calls in flight when it
     closes finish, or raise ServerUnavailable ("the client was closed during the call")
     without retrying: only a call made after close() opens connections again.
+
+    As a `Client` does, it belongs to the process that created it: in a forked child (a
+    prefork web server's worker that inherits a client made at import) every call raises
+    ConfigError at once, whatever its event loop, and `close()` only marks the child's copy
+    closed. Create one in the child.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class AsyncClient:
         # the first call and after close()); the lock makes a move to another loop whole.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._owner = core.OwningProcess("an AsyncClient")
 
     def _group_commit(self) -> GroupCommit[pb.EnqueueTasksRequest, str]:
         # Enqueues from concurrent coroutines that wait while others are in flight go
@@ -122,8 +128,11 @@ class AsyncClient:
 
         A closed loop's channels and streams can never be used or closed again (each would
         raise RuntimeError: Event loop is closed): they are dropped, unawaited, and grpc
-        releases each channel when it is collected.
+        releases each channel when it is collected. In a forked child, ConfigError at once:
+        the parent's loop looks open there (a call blamed "another event loop"), and
+        connections opened there never answer (a call waited out its retry budget).
         """
+        self._owner.check()
         loop = asyncio.get_running_loop()
         if loop is self._loop:
             return
@@ -416,8 +425,12 @@ class AsyncClient:
 
         On a loop other than the client's: if the client's loop has closed, its
         connections are dropped (they cannot be closed any more, and grpc releases them),
-        never an error; if it is still open, ConfigError, as for any call.
+        never an error; if it is still open, ConfigError, as for any call. In a forked
+        child it only marks this copy closed: the connections are the parent's.
         """
+        if self._owner.forked:
+            self._closes += 1
+            return
         loop = asyncio.get_running_loop()
         with self._loop_lock:
             owner = self._loop

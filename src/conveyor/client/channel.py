@@ -38,7 +38,7 @@ from conveyor.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from conveyor.protocol.limits import PEER_MESSAGE_BYTES
+from conveyor.protocol.limits import MAX_PORT, PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.types import as_duration
 
@@ -261,9 +261,6 @@ class Credentials:
         if aio:
             return grpc.aio.secure_channel(address, credentials, options=options)
         return grpc.secure_channel(address, credentials, options=options)
-
-
-MAX_PORT: Final = 65_535
 
 
 def parse_addresses(server: str | Sequence[str] | None) -> list[str]:

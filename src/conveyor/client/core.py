@@ -1,18 +1,20 @@
 """The I/O-free core shared by `Client` and `AsyncClient`.
 
-Request building, response conversion and error translation. Both clients call the same
+Request building, response conversion and error translation, and `OwningProcess`, which
+tells a forked child that its parent's client is not its own. Both clients call the same
 functions, so their behaviour cannot drift apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, TypedDict
 
 from conveyor.codec import SEALED_OVERHEAD, PayloadCodec, SealError, open_text
-from conveyor.errors import ConveyorError, InvalidTask
+from conveyor.errors import ConfigError, ConveyorError, InvalidTask
 from conveyor.protocol import convert
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -499,3 +501,33 @@ class BulkTally:
 def status_from_get_status(response: pb.GetStatusResponse) -> ClusterStatus:
     """The cluster status carried by a GetStatus response."""
     return convert.cluster_status_from_pb(response)
+
+
+FORKED: Final = (
+    "{client} cannot be used across fork(): create one in the child (this one was created "
+    "in process {pid}, and its connections belong to that process)"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OwningProcess:
+    """The process a client was created in: its connections work there and nowhere else.
+
+    gRPC's fork support is off (see conveyor/__init__.py), so a forked child's copies of
+    its parent's channels never answer: a call waited out the whole retry budget (30 s by
+    default), then blamed the server. `check` says so at once instead.
+    """
+
+    # How the error names the client: "a Client", "an AsyncClient".
+    client: str
+    pid: int = dataclasses.field(default_factory=os.getpid)
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a child forked since the client was created."""
+        return self.pid != os.getpid()
+
+    def check(self) -> None:
+        """Raise ConfigError in a forked child."""
+        if self.forked:
+            raise ConfigError(FORKED.format(client=self.client, pid=self.pid))

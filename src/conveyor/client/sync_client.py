@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -51,10 +50,6 @@ if TYPE_CHECKING:
 Response = TypeVar("Response")
 
 CLOSED: Final = "this Client is closed: create a new one (a closed client opens no connections)"
-FORKED: Final = (
-    "a Client cannot be used across fork(): create one in the child (this one was created "
-    "in process {pid}, and its connections belong to that process)"
-)
 
 
 class Client:
@@ -114,7 +109,7 @@ class Client:
         self._enqueue_streams: dict[str, BlockingEnqueueStream] = {}
         self._calls_only_until: dict[str, float] = {}
         self._closed = False
-        self._pid = os.getpid()
+        self._owner = core.OwningProcess("a Client")
         # A client dropped without close() (one per web request, say) must not leave its
         # streams' threads and calls behind: they do not refer to the client, so it is
         # collected, and this ends them.
@@ -129,10 +124,7 @@ class Client:
 
     def _check_usable(self) -> None:
         """Raise ConfigError if the client was closed, or is used in a forked child."""
-        if self._pid != os.getpid():
-            # The parent's channels cannot work here (gRPC's fork support is off): calls
-            # would wait out the whole retry budget, then blame the server.
-            raise ConfigError(FORKED.format(pid=self._pid))
+        self._owner.check()
         if self._closed:
             raise ConfigError(CLOSED)
 
@@ -399,7 +391,7 @@ class Client:
         """
         with self._channels_lock:
             self._closed = True
-            if self._pid != os.getpid():
+            if self._owner.forked:
                 return
             channels = list(self._channels.values())
             streams = list(self._enqueue_streams.values())

@@ -19,6 +19,10 @@ A task's trace context (the producer's W3C `traceparent` and `tracestate`, store
 task and sent with each lease) has at most `MAX_TRACE_ENTRIES` entries, keys up to
 `MAX_TRACE_KEY` characters and values up to `MAX_TRACE_VALUE`, which is W3C's own bound
 for `tracestate` (a client trims a longer one as W3C says, rather than fail the enqueue).
+
+A TCP port is at most `MAX_PORT`. gRPC and asyncpg both take a larger one modulo 65,536 and
+dial someone else's port, so a client's server addresses, a server's database URL and its
+listen addresses are checked against this one bound before anything connects or listens.
 """
 
 from __future__ import annotations
@@ -34,3 +38,4 @@ MAX_TRACE_KEY: Final = 64
 MAX_TRACE_VALUE: Final = 512
 DEFAULT_WORKERS_PER_PAGE: Final = 500
 MAX_WORKERS_PER_PAGE: Final = 10_000
+MAX_PORT: Final = 65_535

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 from conveyor.auth import is_loopback
 from conveyor.errors import ConfigError
 from conveyor.monitoring.http import HttpLimits
-from conveyor.protocol.limits import MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
+from conveyor.protocol.limits import MAX_PORT, MIN_SERVER_MESSAGE_BYTES, PEER_MESSAGE_BYTES
 from conveyor.server import failpoints
 from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
 from conveyor.storage.migrate import DEFAULT_LOCK_TIMEOUT as DEFAULT_MIGRATE_LOCK_TIMEOUT
@@ -379,7 +379,7 @@ def check_heartbeat_interval(
 def split_host_port(address: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets), or raise ConfigError."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:  # noqa: PLR2004
+    if not sep or not port.isdigit() or not 0 <= int(port) <= MAX_PORT:
         raise ConfigError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" means all interfaces
 
@@ -387,7 +387,6 @@ def split_host_port(address: str) -> tuple[str, int]:
 DATABASE_URL_FORM: Final = (
     "postgresql://[USER[:PASSWORD]@][HOST][:PORT][/DATABASE][?OPTION=VALUE&...]"
 )
-MAX_PORT: Final = 65535
 
 
 def check_database_url(url: str) -> None:

@@ -199,7 +199,9 @@ class HandoffDesk:
             async with asyncio.timeout(timeout):
                 while self._unsettled or self._releasing:
                     if self._releasing:
-                        await asyncio.gather(*self._releasing, return_exceptions=True)
+                        # Not gather(): when the timeout ends the wait, gather cancelled
+                        # the hand-backs it waited for, half way through their leases.
+                        await asyncio.wait(set(self._releasing))
                     else:
                         self._quiet.clear()
                         await self._quiet.wait()

@@ -58,15 +58,21 @@ async def outliving_the_call(work: Awaitable[Result]) -> Result:
     For a write and the metrics that count it: a call cancelled (deadline, client gone)
     while its statement runs may still have it commit, and the client's retry is then an
     idempotent repeat that is not counted, so the write must count itself whatever becomes
-    of the call. A cancelled call waits for the work, then ends cancelled.
+    of the call. A cancelled call waits for the work, then ends cancelled; cancelled again
+    while it waits (the server stopping as well), it still waits.
     """
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        # Its error, if any, is nobody's to answer: the caller is gone.
-        with contextlib.suppress(Exception):
-            await task
+        # Not `await task`: a further cancellation reached the work through it, and a
+        # claim's hand-back stopped between two leases, leaving the rest to expire.
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            # Its error, if any, is nobody's to answer: the caller is gone.
+            task.exception()
         raise
 
 

@@ -94,6 +94,7 @@ MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
 LEASE_BYTES_BESIDES: Final = 1024
 # Why leases a LeaseTasks claim took went back to the queue (the `released` event's detail).
+WORKER_WENT_AWAY: Final = "lease not delivered: the worker went away during the claim"
 CALLER_REFUSED: Final = (
     "lease not delivered: the worker's token was refused (revoked, expired or narrowed) "
     "before its long poll answered"
@@ -418,14 +419,19 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
         # If the caller goes away (worker stopping, deadline) while the claim is in flight,
         # the claim may still commit. Shield it, and hand back whatever it leased, so no
-        # task waits for a lease expiry because a reply could not be delivered.
+        # task waits for a lease expiry because a reply could not be delivered. The
+        # hand-back outlives the call too: a call cancelled again meanwhile (the server
+        # stopping as well) used to stop it between two leases, and the rest waited for
+        # their expiry, each at the cost of an attempt.
         claim = asyncio.ensure_future(self._claim_now(worker_id, task_types, limit))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
-            rows = await claim
-            await self.release_undelivered(rows, worker_id)
+            await outliving_the_call(self._hand_back_claimed(claim, worker_id))
             raise
+
+    async def _hand_back_claimed(self, claim: asyncio.Future[list[Any]], worker_id: str) -> None:
+        await self.release_undelivered(await claim, worker_id)
 
     async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
         # Bounded by one message's bytes, for the Work stream too (see work_stream.py):
@@ -446,7 +452,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self,
         rows: list[Any],
         worker_id: str,
-        reason: str = "lease not delivered: the worker went away during the claim",
+        reason: str = WORKER_WENT_AWAY,
     ) -> None:
         """Hand back leases that never reached their worker: queued again at once.
 
