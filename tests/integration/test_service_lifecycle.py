@@ -415,6 +415,100 @@ class TestRetentionBacklog:
         assert await count(database, recent_marks) == 1
 
 
+# `count` tasks that finished `ago`, each with its started and outcome events; their state
+# goes round `states` (the tasks side by side in the queue order). Returns their ids.
+FINISHED_WITH_HISTORY = """
+WITH t AS (
+  INSERT INTO conveyor_tasks (
+      id, type, state, attempt, max_retries, timeout, started_at, finished_at, worker_id,
+      payload
+  )
+  SELECT gen_random_uuid(), 'prune.me',
+         ($2::conveyor_task_state[])[1 + g % cardinality($2::conveyor_task_state[])],
+         1, 3, interval '60 seconds', now() - $3::interval, now() - $3::interval, 'w', ''
+  FROM generate_series(1, $1) AS g
+  RETURNING id, state
+), history AS (
+  INSERT INTO conveyor_task_events (task_id, event, state, attempt)
+  SELECT id, e, state, 1 FROM t CROSS JOIN unnest(ARRAY['started', state::text]) AS e
+)
+SELECT id::text FROM t
+"""
+
+
+class SmallReadsPruner(RetentionPruner):
+    """A real pruner with small numbers: batches of 5 that read at most 10 tasks of each
+    state, three batches a round."""
+
+    batch_size = 5
+    read_limit = 10
+    max_batches = 3
+
+
+class TestRetentionReadLimit:
+    async def test_old_tasks_behind_many_late_finished_ones_are_pruned_and_the_young_kept(
+        self, database: Database
+    ) -> None:
+        """Tasks enqueued long ago that finished late (young: a type paused, or a backlog
+        drained, for longer than the retention) come first in the walk, the old ones behind
+        them. A round's first batch read all the young ones in one statement, and past a few
+        million it ran out of the leader's statement budget every round. Now each batch
+        reads at most its read limit per state, the round goes on after one that stopped
+        there as after a full batch, and the next round goes on with the walk: the old tasks
+        are deleted with their history, the young kept, over several rounds."""
+
+        async def ids(count: int, states: list[str], ago: timedelta) -> set[str]:
+            async with database.connection() as conn:
+                rows = await conn.fetch(FINISHED_WITH_HISTORY, count, states, ago)
+            return {row["id"] for row in rows}
+
+        metrics = ServerMetrics()
+        async with leading(database, "pruner") as elector:
+            # An old one first, then 120 young ones of two states, then old ones of three.
+            old = await ids(1, ["failed"], timedelta(days=8))
+            young = await ids(120, ["succeeded", "failed"], timedelta(days=1))
+            old |= await ids(21, ["succeeded", "failed", "cancelled"], timedelta(days=8))
+            async with database.connection() as conn:
+                await conn.execute(OLD_FINISHED_MARK)
+            pruner = SmallReadsPruner(
+                timedelta(hours=1), timedelta(days=7), database, elector, metrics
+            )
+            await pruner.tick()
+            # Three batches of at most 10 a state, each saying there is more: the first old
+            # task went, and the cancelled ones (no young one of theirs ahead of them), but
+            # the walks of the other two states are not yet past the young ones.
+            assert pruner.behind
+            left_by_state = "SELECT state::text, count(*) FROM conveyor_tasks GROUP BY state"
+            async with database.connection() as conn:
+                first_round_left = dict(list(row) for row in await conn.fetch(left_by_state))
+            assert first_round_left == {"succeeded": 60 + 7, "failed": 60 + 7}
+            rounds = 1
+            while pruner.behind:
+                assert rounds < 20, "retention did not get past the young tasks"
+                await pruner.tick()
+                rounds += 1
+        left = await count(database, "SELECT count(*) FROM conveyor_tasks")
+        async with database.connection() as conn:
+            kept = {row["id"] for row in await conn.fetch("SELECT id::text FROM conveyor_tasks")}
+            histories = await conn.fetchval(
+                "SELECT count(DISTINCT task_id) FROM conveyor_task_events"
+            )
+        assert (kept, left) == (young, len(young))
+        assert histories == len(young)
+        pruned = {
+            state: metrics.registry.get_sample_value(
+                "conveyor_tasks_pruned_total", {"state": state}
+            )
+            for state in ("succeeded", "failed", "cancelled")
+        }
+        assert sum(value or 0 for value in pruned.values()) == len(old)
+        # Past 60 young ones of each of two states at 10 a batch and 3 a round (each round
+        # going on from the last: starting over, none would get past 30), then 22 old ones
+        # at 5 a batch: several rounds, the last of them caught up.
+        assert rounds >= 3
+        assert behind_gauge(metrics) == 0
+
+
 async def nothing_due() -> bool:
     """A server's promotion of due retries when none is due: these tests schedule none."""
     return False

@@ -217,8 +217,8 @@ class ServerMetrics:
         self.tasks_prune_behind = Gauge(
             "conveyor_tasks_prune_behind_seconds",
             "How long the retention has been behind: seconds since its first round, of those "
-            "in a row, that ended with old finished tasks left over (0: the last round deleted "
-            "every one it found). Leader only.",
+            "in a row, that ended with old finished tasks left over or more to read (0: the "
+            "last round deleted every one it found). Leader only.",
             registry=self.registry,
         )
         self.workers_pruned = Counter(

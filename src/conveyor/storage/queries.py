@@ -874,15 +874,24 @@ async def task_payload_head(conn: Any, *, task_id: str, length: int) -> asyncpg.
 PRUNED_STATES: Final = ("succeeded", "failed", "cancelled")
 
 
+# How many of each final state's tasks one task_prune_finished batch may read, in batches
+# (its $7 is this times its size): enough that a stretch of mostly old tasks still fills a
+# batch, few enough that a batch among millions of young ones is a few milliseconds.
+PRUNE_READ_BATCHES: Final = 10
+
+
 @dataclass(frozen=True, slots=True)
 class PruneBatch:
     """What one task_prune_finished batch did: tasks deleted, and where each walk reached.
 
-    Both by final state; the round's next batch goes on after `reached`.
+    Both by final state; the round's next batch goes on after `reached`. `more`: a walk
+    stopped at the batch's read limit with tasks after it, so there is more to do even if
+    the batch deleted fewer than a batch (the young tasks it read and skipped).
     """
 
     pruned: dict[str, int]
     reached: dict[str, int]
+    more: bool = False
 
 
 async def task_prune_finished(
@@ -893,13 +902,23 @@ async def task_prune_finished(
     leader: LeaderProof,
     mark_slack: timedelta = timedelta(minutes=5),
     after: PruneBatch | None = None,
+    read_limit: int | None = None,
 ) -> PruneBatch:
     """Leader only: delete up to `limit` tasks finished longer ago than `retention`.
 
     `mark_slack`: how old (past the cutoff) the newest mark may be and still bound the walk;
-    a few rounds of marks (see the statement). `after`: the round's previous batch, whose
-    walk this one goes on from (None at a round's start).
+    a few rounds of marks (see the statement). `after`: the walk's previous batch, which
+    this one goes on from (None to start from the beginning). `read_limit`: how many tasks of
+    each final state the batch may read (None: `PRUNE_READ_BATCHES` times `limit`); at
+    least `limit`, or ValueError.
     """
+    if read_limit is None:
+        read_limit = PRUNE_READ_BATCHES * limit
+    if limit < 1 or read_limit < limit:
+        raise ValueError(
+            f"a prune batch needs a size of at least 1 and a read limit of at least its size "
+            f"(got {limit} and {read_limit})"
+        )
     rows = await _fenced(
         conn,
         "fetch",
@@ -911,10 +930,12 @@ async def task_prune_finished(
         leader.term,
         _seconds(mark_slack),
         [after.reached.get(state, 0) if after is not None else 0 for state in PRUNED_STATES],
+        read_limit,
     )
     return PruneBatch(
         pruned={row["state"]: row["deleted"] for row in rows if row["deleted"]},
         reached={row["state"]: row["reached"] for row in rows},
+        more=any(row["more"] for row in rows),
     )
 
 

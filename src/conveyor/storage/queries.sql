@@ -639,10 +639,10 @@ FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_tim
 -- name: task_prune_finished
 -- $1 retention (s), $2 batch size, $3 leader id, $4 leader term, $5 how far (s) before the
 -- cutoff the newest mark may be for the walk to stop there, $6 per final state (succeeded,
--- failed, cancelled) the seq its walk goes on after (0 at a round's start). Leader only,
--- fenced. Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first
--- through the (state, seq) index, with their history (by its primary key, in the same
--- statement).
+-- failed, cancelled) the seq its walk goes on after (0 at a round's start), $7 how many of
+-- each state's tasks past there the batch may read (at least $2). Leader only, fenced.
+-- Deletes up to $2 tasks that finished more than $1 seconds ago, oldest first through the
+-- (state, seq) index, with their history (by its primary key, in the same statement).
 -- The walk stops at a mark's seq (seq_mark_record; migration 0013), so that a batch reads
 -- the tasks it deletes, not every finished task. A task that finished before the cutoff
 -- drew its seq before it, so:
@@ -655,11 +655,18 @@ FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_tim
 --   if there is none, and reads the young tasks up to there until the marks catch up.
 -- Below the bound, the walk still reads the tasks with an old seq that finished late (a
 -- backlog drained, or a type paused, for longer than the retention: millions, after an
--- outage), and skips them as young. It does so once per round, not once per batch: each
--- batch starts where the previous one reached ($6).
--- Returns one row per final state: how many of its tasks were deleted, and the seq its walk
--- reached (the next batch's $6): the last one deleted, or the bound when the walk read all
--- there was up to it.
+-- outage), and skips them as young. Each batch starts where the previous one reached ($6),
+-- so they are read once, not once per batch; and a batch reads at most $7 of them per
+-- state: the walk also stops at the seq of the $7th task past its start (found in the
+-- index alone, `capped`), so that a batch stays a short statement under the leader row's
+-- lock however many there are (all of them, in one batch, passed the leader's statement
+-- budget at about 8 million). The caller passes a few batches' worth (ten,
+-- queries.PRUNE_READ_BATCHES): a window of mostly old tasks still yields a full batch, and
+-- reading it (index entries, then at most $7 rows) costs a batch a few milliseconds.
+-- Returns one row per final state: how many of its tasks were deleted, the seq its walk
+-- reached (the next batch's $6): the last one deleted, or where it stopped when it read all
+-- there was up to there; and whether that was the read limit ($7) with more tasks after it
+-- (`more`): the batch then has more to do, as after a full one, even if it deleted none.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $3 AND term = $4 AND expires_at > now()
@@ -685,14 +692,27 @@ WITH leader AS (
     SELECT f.state, f.i, ($6::bigint[])[f.i] AS after
     FROM unnest('{succeeded,failed,cancelled}'::conveyor_task_state[]) WITH ORDINALITY
          AS f (state, i)
+), capped AS (
+    -- Per state, the seq of the $7th task past where the walk goes on (NULL: fewer).
+    SELECT final.i,
+           (SELECT t.seq FROM conveyor_tasks AS t
+            WHERE t.state = final.state
+              AND t.seq > final.after
+              AND t.seq <= (SELECT seq FROM bound)
+              AND EXISTS (SELECT 1 FROM leader)
+            ORDER BY t.seq
+            OFFSET $7 - 1
+            LIMIT 1) AS seq
+    FROM final
 ), walked AS (
     SELECT final.i, old.id, old.seq
     FROM final
+    JOIN capped ON capped.i = final.i
     CROSS JOIN LATERAL (
         SELECT t.id, t.seq FROM conveyor_tasks AS t
         WHERE t.state = final.state
           AND t.seq > final.after
-          AND t.seq <= (SELECT seq FROM bound)
+          AND t.seq <= coalesce(capped.seq, (SELECT seq FROM bound))
           AND t.finished_at < now() - make_interval(secs => $1)
           AND EXISTS (SELECT 1 FROM leader)
         ORDER BY t.seq
@@ -714,22 +734,29 @@ WITH leader AS (
     -- join over a scan of the whole table.
     WHERE id = ANY ((SELECT ids FROM doomed_ids)::uuid[])
     RETURNING state
+), walks AS (
+    SELECT final.state, final.i, final.after, capped.seq AS capped,
+           -- Fewer than a batch found, and all of them deleted: nothing is left to read up
+           -- to where the walk stopped (what lies below is young, or was locked by another
+           -- statement: the next walk from the start reads it again).
+           (SELECT count(*) FROM walked AS w WHERE w.i = final.i) < $2
+           AND (SELECT count(*) FROM walked AS w WHERE w.i = final.i)
+               = (SELECT count(*) FROM doomed AS d WHERE d.i = final.i) AS read_all
+    FROM final JOIN capped ON capped.i = final.i
 )
-SELECT final.state::text AS state,
-       (SELECT count(*) FROM deleted AS d WHERE d.state = final.state) AS deleted,
+SELECT walks.state::text AS state,
+       (SELECT count(*) FROM deleted AS d WHERE d.state = walks.state) AS deleted,
        CASE
-           WHEN NOT EXISTS (SELECT 1 FROM leader) THEN final.after
-           -- Fewer than a batch found, and all of them deleted: nothing is left to read
-           -- up to the bound this round (what lies below it is young, or was locked by
-           -- another statement: the next round reads it again).
-           WHEN (SELECT count(*) FROM walked AS w WHERE w.i = final.i) < $2
-                AND (SELECT count(*) FROM walked AS w WHERE w.i = final.i)
-                    = (SELECT count(*) FROM doomed AS d WHERE d.i = final.i)
-               THEN greatest(final.after, coalesce((SELECT seq FROM bound), final.after))
-           ELSE coalesce((SELECT max(d.seq) FROM doomed AS d WHERE d.i = final.i), final.after)
-       END AS reached
-FROM final
-ORDER BY final.i;
+           WHEN NOT EXISTS (SELECT 1 FROM leader) THEN walks.after
+           WHEN walks.read_all
+               THEN greatest(walks.after,
+                             coalesce(walks.capped, (SELECT seq FROM bound), walks.after))
+           ELSE coalesce((SELECT max(d.seq) FROM doomed AS d WHERE d.i = walks.i), walks.after)
+       END AS reached,
+       (EXISTS (SELECT 1 FROM leader) AND walks.read_all AND walks.capped IS NOT NULL
+        AND walks.capped < (SELECT seq FROM bound)) AS more
+FROM walks
+ORDER BY walks.i;
 
 -- name: seq_mark_record
 -- $1 retention (s), $2 leader id, $3 leader term, $4 spacing (s). Leader only, fenced.

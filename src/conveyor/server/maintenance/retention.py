@@ -5,15 +5,17 @@ default) is deleted with its history, in batches, oldest first, each batch one s
 fenced statement (it writes nothing unless this server still holds its term) that reads
 the tasks it deletes and not every finished one: each round marks the queue position
 (seq) it has reached, and a batch stops at the newest mark older than the cutoff, since a
-task that finished before then was enqueued before it; within a round, each batch goes on
-where the previous one's walk reached, so tasks with an old position that finished late
-are read once a round, not once a batch. A round is at most `MAX_BATCHES_PER_ROUND`
-batches; one that ends on a full batch is followed by the next after a short pause, not
-after `retention_interval`, and `conveyor_tasks_prune_behind_seconds` says for how long
-rounds have been ending so. Keeping the hot table to live tasks and recent history is what
-keeps every per-task query fast at any age of the deployment; operators who need the
-history longer export it first or raise the retention (`--retention-days`, 0 to keep
-everything).
+task that finished before then was enqueued before it; each batch goes on where the
+previous one's walk reached, so tasks with an old position that finished late are read
+once a walk, not once a batch, and a batch reads at most a few batches' worth of them
+(however many there are, each batch stays a short statement): a batch that stopped at
+that limit counts as full, as there is more to read. A round is at most
+`MAX_BATCHES_PER_ROUND` batches; one that ends on a full batch is followed by the next
+after a short pause, not after `retention_interval`, going on with the same walk, and
+`conveyor_tasks_prune_behind_seconds` says for how long rounds have been ending so.
+Keeping the hot table to live tasks and recent history is what keeps every per-task query
+fast at any age of the deployment; operators who need the history longer export it first
+or raise the retention (`--retention-days`, 0 to keep everything).
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class RetentionPruner(Pruner):
     """Deletes finished tasks older than the retention (if this server leads)."""
 
     name = "retention"
+    # Tasks of each final state one batch may read (None: queries.PRUNE_READ_BATCHES
+    # batches' worth).
+    read_limit: int | None = None
 
     def __init__(
         self,
@@ -90,7 +95,8 @@ class RetentionPruner(Pruner):
     ) -> None:
         """Prune every `interval` (sooner while behind) tasks finished `retention` ago."""
         super().__init__(interval, retention, database, elector, metrics)
-        # The round's previous batch (where its walk reached), None before its first.
+        # The previous batch (where its walk reached), None before a walk's first: a round
+        # goes on with the walk of the round before when that one ended behind.
         self._walk: queries.PruneBatch | None = None
         # When rounds started ending with old tasks left (monotonic), None while caught up.
         self._behind_since: float | None = None
@@ -104,6 +110,13 @@ class RetentionPruner(Pruner):
             # Also after a round that failed: the gauge goes on counting a backlog that is
             # still there, instead of standing still at its value of the last round.
             self._track_backlog(started)
+            if not (self.led and self.behind):
+                # The walk reached the end (or the lead moved): the next round starts
+                # afresh, and finds what has grown old below where this one went. A round
+                # that left work behind is followed by one that goes on with its walk:
+                # starting over, each would read again the same young tasks, as many as
+                # its batches may read, and never get past more of them than that.
+                self._walk = None
 
     def _track_backlog(self, round_started: float) -> None:
         if not self.led:
@@ -116,8 +129,9 @@ class RetentionPruner(Pruner):
         if self.behind and self._behind_since is None:
             self._behind_since = round_started
             log.info(
-                "retention is behind: a round ended with old finished tasks left; the next "
-                "round starts without waiting for the retention interval",
+                "retention is behind: a round ended with old finished tasks left, or more "
+                "to read past young ones; the next round starts without waiting for the "
+                "retention interval",
                 extra={"event": "retention_behind"},
             )
         elif not self.behind and self._behind_since is not None:
@@ -135,25 +149,30 @@ class RetentionPruner(Pruner):
 
         At most one mark per `interval`: rounds catching up on a backlog come faster.
         """
-        self._walk = None
         async with self._database.connection() as conn:
             await queries.seq_mark_record(
                 conn, retention=self._retention, leader=leader, spacing=self.interval
             )
 
     async def batch(self, leader: LeaderProof) -> int:
-        """Delete a batch of old finished tasks, on from the previous batch's; how many."""
+        """Delete a batch of old finished tasks, on from the previous batch's; how many.
+
+        A batch that stopped at its read limit with more to read counts as full (it
+        returns `batch_size`): it deleted fewer only because young tasks came first.
+        """
         async with self._database.connection() as conn:
             self._walk = await queries.task_prune_finished(
                 conn,
                 retention=self._retention,
-                limit=BATCH_SIZE,
+                limit=self.batch_size,
                 leader=leader,
                 # Three rounds of marks: a round or two missed (a tick failed, the lead
                 # moved) still stops at the newest mark.
                 mark_slack=3 * self.interval,
                 after=self._walk,
+                read_limit=self.read_limit,
             )
-        return self.tally(
+        deleted = self.tally(
             self._walk.pruned, self._metrics.tasks_pruned, "tasks_pruned", "finished task(s)"
         )
+        return self.batch_size if self._walk.more else deleted
