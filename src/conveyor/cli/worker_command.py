@@ -20,6 +20,7 @@ from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
+from conveyor.protocol.limits import MAX_PORT
 from conveyor.worker.runtime import LONGEST_CALL_TIMEOUT, SHORTEST_CALL_TIMEOUT, Worker
 
 log = logging.getLogger("conveyor.cli.worker")
@@ -117,7 +118,7 @@ def _shown(filename: str) -> str:
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
+    type=click.IntRange(min=0, max=MAX_PORT),
     default=None,
     envvar="CONVEYOR_WORKER_METRICS_PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port, logged).",

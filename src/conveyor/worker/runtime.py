@@ -83,7 +83,7 @@ from conveyor.errors import (
 )
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
-from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
+from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES, MAX_PORT
 from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure, is_too_large
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -299,8 +299,8 @@ def _checked_host(host: object) -> str:
 def _checked_port(port: object) -> int:
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConfigError("metrics_port must be an integer")
-    if not 0 <= port <= 65535:  # noqa: PLR2004 - the TCP port range
-        raise ConfigError(f"metrics_port must be between 0 and 65535, got {port}")
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"metrics_port must be between 0 and {MAX_PORT}, got {port}")
     return port
 
 
@@ -825,7 +825,7 @@ class _Runtime:
                 self.call_settled.set()
 
     async def call_picked(
-        self, pick: Pick, method: str, request: Any, timeout: float
+        self, pick: Pick, method: str, request: Any, timeout: float | None
     ) -> tuple[Any, str]:
         """`call_at` on the server `pick` names; its breaker hears the outcome."""
         address = pick.address
