@@ -528,10 +528,5 @@ async def started_runtime(worker: Worker) -> _Runtime:
     """The runtime of `worker` as its `main` sets it up, without its registration or loops:
     a test drives its calls, heartbeats and attempts itself."""
     runtime = _Runtime(worker, timedelta(seconds=1))
-    runtime.loop = asyncio.get_running_loop()
-    runtime.stop_event = asyncio.Event()
-    runtime.drain_cut = asyncio.Event()
-    runtime.slot_freed = asyncio.Event()
-    runtime.heartbeat_now = asyncio.Event()
-    runtime.call_settled = asyncio.Event()
+    runtime.bind_to_running_loop()
     return runtime

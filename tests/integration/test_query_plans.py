@@ -849,6 +849,24 @@ class TestExplainChangesNothing:
         assert await snapshot() == before
 
 
+def late_then_old_database(
+    pg_cluster: Any, name: str, late: int, old: int
+) -> contextlib.AbstractContextManager[str]:
+    """`late` tasks finished 10 minutes ago ahead of `old` ones finished 2 hours ago (by
+    queue position), a queue-position mark 90 minutes back, and this test's leader."""
+    return seeded_database(
+        pg_cluster,
+        name,
+        prune_tasks_sql(late, "10 minutes"),
+        prune_tasks_sql(old, "2 hours"),
+        "INSERT INTO conveyor_seq_marks (marked_at, seq) "
+        "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
+        "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
+        "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
+        "ANALYZE conveyor_tasks",
+    )
+
+
 def prune_tasks_sql(count: int, finished_ago: str) -> str:
     """Insert `count` cancelled tasks that finished `finished_ago` (an interval literal)."""
     return (
@@ -990,17 +1008,7 @@ class TestPruneReadsWhatItDeletes:
                 await conn.close()
             return from_the_start, carried_on, len(first.reached)
 
-        with seeded_database(
-            pg_cluster,
-            "prune_late",
-            prune_tasks_sql(self.YOUNG, "10 minutes"),
-            prune_tasks_sql(self.OLD, "2 hours"),
-            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
-            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
-            "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
-            "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
-            "ANALYZE conveyor_tasks",
-        ) as url:
+        with late_then_old_database(pg_cluster, "prune_late", self.YOUNG, self.OLD) as url:
             from_the_start, carried_on, states = asyncio.run(run(url))
         assert states == len(queries.PRUNED_STATES)
         # From the start of the walk: the young ones again, then the batch.
@@ -1072,17 +1080,7 @@ class TestPruneReadLimit:
                 await conn.close()
             return batches, walks, old_left, young_left
 
-        with seeded_database(
-            pg_cluster,
-            "prune_capped",
-            prune_tasks_sql(self.LATE, "10 minutes"),
-            prune_tasks_sql(self.OLD, "2 hours"),
-            "INSERT INTO conveyor_seq_marks (marked_at, seq) "
-            "SELECT now() - interval '90 minutes', max(seq) FROM conveyor_tasks",
-            "INSERT INTO conveyor_leader (name, holder, term, expires_at) "
-            "VALUES ('maintenance', 'server-1', 1, now() + interval '1 hour')",
-            "ANALYZE conveyor_tasks",
-        ) as url:
+        with late_then_old_database(pg_cluster, "prune_capped", self.LATE, self.OLD) as url:
             batches, walks, old_left, young_left = asyncio.run(run(url))
         # Each batch: at most the read limit twice (in the index alone to find where the
         # limit falls, then the walk up to there), and a few rows for empty states.

@@ -246,6 +246,18 @@ def stop_in_background(worker: Worker) -> threading.Thread:
     return stopping
 
 
+def draining_with_one_task(
+    client: Client, db, worker: Worker, started: threading.Event
+) -> tuple[str, threading.Thread]:
+    """Enqueue one task for the started `worker`; once its handler runs, stop the worker in
+    the background, and return when it drains: the task's id and the stopping thread."""
+    task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+    wait_for(started.is_set, what="the handler to start")
+    stopping = stop_in_background(worker)
+    wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+    return task_id, stopping
+
+
 def test_an_attempt_salvaged_during_the_drain_neither_holds_up_the_stop_nor_is_lost(
     start_server, db, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -270,10 +282,7 @@ def test_an_attempt_salvaged_during_the_drain_neither_holds_up_the_stop_nor_is_l
     worker.start()
     try:
         with Client(server.address) as client:
-            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
-            wait_for(started.is_set, what="the handler to start")
-            stopping = stop_in_background(worker)
-            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            task_id, stopping = draining_with_one_task(client, db, worker, started)
             release.set()
             stopping.join(15)
             status = client.get_task_status(task_id)
@@ -314,10 +323,7 @@ def test_an_attempt_salvaged_after_the_drain_stopped_it_is_handed_back(
     worker.start()
     try:
         with Client(server.address) as client:
-            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
-            wait_for(started.is_set, what="the handler to start")
-            stopping = stop_in_background(worker)
-            wait_for(lambda: worker_state(db, worker) == "draining", what="the drain to begin")
+            task_id, stopping = draining_with_one_task(client, db, worker, started)
             worker.hand_back_now()
             stopping.join(15)
     finally:

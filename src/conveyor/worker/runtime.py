@@ -929,7 +929,11 @@ class _Runtime:
 
     # --- main -----------------------------------------------------------------------------
 
-    async def main(self, on_started: Callable[[BaseException | None], None]) -> None:
+    def bind_to_running_loop(self) -> None:
+        """Make the loop-bound state (the loop, the events) on the running loop.
+
+        A stop or hand-back requested before the loop existed takes effect here.
+        """
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         self.drain_cut = asyncio.Event()
@@ -940,6 +944,12 @@ class _Runtime:
             self.stop_event.set()
         if self.hand_back_requested:
             self.drain_cut.set()
+
+    async def main(self, on_started: Callable[[BaseException | None], None]) -> None:
+        self.bind_to_running_loop()
+        assert self.loop is not None  # noqa: S101
+        assert self.stop_event is not None  # noqa: S101
+        assert self.heartbeat_now is not None  # noqa: S101
         try:
             registered = await self.register_unless_stopped()
         except BaseException as exc:
