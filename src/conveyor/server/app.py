@@ -442,14 +442,15 @@ class ConveyorServer:
             other_types=snapshot.other,
         )
 
-    async def metrics_text(self) -> bytes:
-        """Prometheus text for /metrics, rendered in a thread.
+    def metrics_text(self) -> bytes:
+        """Prometheus text for /metrics; the HTTP endpoint calls it in a thread.
 
         At the type-label bound a render takes most of a second of pure Python, which on
-        the event loop would hold up every RPC for as long.
+        the event loop would hold up every RPC for as long. (The pool's in-use count is a
+        read of its connection list: a gauge may read it from another thread.)
         """
         self.metrics.db_pool_in_use.set(self.database.pool_in_use())
-        return await asyncio.to_thread(self.metrics.render)
+        return self.metrics.render()
 
 
 def _grpc_ms(duration: timedelta) -> int:
