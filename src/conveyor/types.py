@@ -178,9 +178,13 @@ def validate_worker_id(worker_id: str) -> str:
     return check_printable(worker_id, "worker_id")
 
 
-# The most any duration may be: whole days, so the limit reads well and is exact in seconds
-# (timedelta.max itself is a float that rounds up past it).
-LARGEST_DURATION: Final = timedelta(days=999_999_999)
+# The most any duration may be: 100 years, the longest wait that every timer a duration
+# reaches still takes. gRPC makes a deadline absolute nanoseconds in an int64, which
+# overflows in 2262: a call given 1e10 s failed at once with DEADLINE_EXCEEDED. A thread's
+# join or lock wait takes at most threading.TIMEOUT_MAX (292 years here), and
+# `Worker.stop(timeout=1e10)` raised OverflowError from its join. Whole days, so that the
+# limit reads well and is exact in seconds.
+LARGEST_DURATION: Final = timedelta(days=36_500)
 _UNITS: Final = (("day", 86_400), ("hour", 3_600), ("minute", 60))
 # Whole numbers of seconds below this are shown in full, larger ones in scientific notation.
 _SHOWN_IN_FULL: Final = 10**15

@@ -9,13 +9,15 @@ ConfigError naming the setting.
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
+import grpc
 import pytest
 
-from conveyor import BreakerPolicy, Worker
+from conveyor import BreakerPolicy, RetryPolicy, Worker
 from conveyor.errors import ConfigError
-from conveyor.types import as_duration
+from conveyor.types import LARGEST_DURATION, as_duration
 
 
 class TestZeroAllowed:
@@ -29,7 +31,7 @@ class TestZeroAllowed:
             (-1, "drain must not be negative, got -1 s"),
             (timedelta(seconds=-2), "drain must not be negative, got -2 s"),
             (float("nan"), "drain must be a finite number of seconds, got nan"),
-            (1e300, "drain may be at most 999999999 days"),
+            (1e300, "drain may be at most 36500 days"),
         ],
     )
     def test_what_is_still_refused(self, value: object, message: str) -> None:
@@ -135,3 +137,37 @@ class TestWorkerDurations:
             worker.stop(-1)
         worker.stop(0)  # never started: nothing to stop, and no error
         assert worker.running is False
+
+
+class TestLongestDurations:
+    """Whatever a duration may be, every timer it can reach still takes it.
+
+    Up to 999,999,999 days were accepted, but gRPC makes a deadline absolute nanoseconds
+    in an int64 (a call given 1e10 s failed at once with DEADLINE_EXCEEDED) and a thread's
+    join raises OverflowError past threading.TIMEOUT_MAX.
+    """
+
+    def test_the_largest_duration_is_a_live_grpc_deadline(self) -> None:
+        # Port 1 on loopback refuses the connection: a live deadline ends the call with
+        # UNAVAILABLE, one that overflowed with DEADLINE_EXCEEDED before it was tried.
+        with grpc.insecure_channel("127.0.0.1:1") as channel:
+            call = channel.unary_unary("/conveyor.v1.Nothing/Nothing")
+            with pytest.raises(grpc.RpcError) as raised:
+                call(b"", timeout=LARGEST_DURATION.total_seconds())
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+    def test_the_largest_duration_is_a_thread_wait(self) -> None:
+        assert LARGEST_DURATION.total_seconds() <= threading.TIMEOUT_MAX
+        lock = threading.Lock()
+        assert lock.acquire(timeout=LARGEST_DURATION.total_seconds())
+
+    @pytest.mark.parametrize("value", [1e10, timedelta(days=40_000)])
+    def test_a_longer_one_is_refused(self, value: object) -> None:
+        with pytest.raises(ConfigError, match="stop may be at most 36500 days"):
+            as_duration(value, "stop", ConfigError)
+
+    def test_a_client_call_timeout_is_at_most_an_hour(self) -> None:
+        assert RetryPolicy(call_timeout=3600).call_timeout == timedelta(hours=1)
+        with pytest.raises(ConfigError, match="call_timeout may be at most 1 hour"):
+            RetryPolicy(call_timeout=3601)
+        assert RetryPolicy(total_timeout=timedelta(days=365)).total_timeout.days == 365

@@ -20,8 +20,8 @@ from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
-from conveyor.protocol.limits import MAX_PORT
-from conveyor.worker.runtime import LONGEST_CALL_TIMEOUT, SHORTEST_CALL_TIMEOUT, Worker
+from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT
+from conveyor.worker.runtime import SHORTEST_CALL_TIMEOUT, Worker
 
 log = logging.getLogger("conveyor.cli.worker")
 

@@ -38,7 +38,7 @@ from conveyor.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from conveyor.protocol.limits import MAX_PORT, PEER_MESSAGE_BYTES
+from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT, PEER_MESSAGE_BYTES
 from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
 from conveyor.types import as_duration
 
@@ -294,8 +294,8 @@ class RetryPolicy:
     """How long to keep retrying transient failures, and how to space the attempts.
 
     Each duration is a timedelta or a number of seconds (`RetryPolicy(total_timeout=5)`),
-    stored as a timedelta; one that is not positive, not finite or absurdly long raises
-    ConfigError.
+    stored as a timedelta; one that is not positive, not finite or too long (a call_timeout
+    over an hour, any other over 100 years) raises ConfigError.
 
     Attributes:
         call_timeout: Deadline of each attempt.
@@ -318,8 +318,12 @@ class RetryPolicy:
         backoff_cap: timedelta | float = _DEFAULT_BACKOFF_CAP,
     ) -> None:
         """Take each duration as a timedelta or seconds; ConfigError for an impossible one."""
+        object.__setattr__(
+            self,
+            "call_timeout",
+            as_duration(call_timeout, "call_timeout", ConfigError, maximum=LONGEST_CALL_TIMEOUT),
+        )
         for name, value in (
-            ("call_timeout", call_timeout),
             ("total_timeout", total_timeout),
             ("backoff_base", backoff_base),
             ("backoff_cap", backoff_cap),

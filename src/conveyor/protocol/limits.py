@@ -23,10 +23,14 @@ for `tracestate` (a client trims a longer one as W3C says, rather than fail the 
 A TCP port is at most `MAX_PORT`. gRPC and asyncpg both take a larger one modulo 65,536 and
 dial someone else's port, so a client's server addresses, a server's database URL and its
 listen addresses are checked against this one bound before anything connects or listens.
+
+A client's or a worker's own deadline for one call (their `call_timeout`) is at most
+`LONGEST_CALL_TIMEOUT`: a call unanswered for an hour is lost anyway.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Final
 
 PEER_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -39,3 +43,4 @@ MAX_TRACE_VALUE: Final = 512
 DEFAULT_WORKERS_PER_PAGE: Final = 500
 MAX_WORKERS_PER_PAGE: Final = 10_000
 MAX_PORT: Final = 65_535
+LONGEST_CALL_TIMEOUT: Final = timedelta(hours=1)

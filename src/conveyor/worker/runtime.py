@@ -83,7 +83,7 @@ from conveyor.errors import (
 )
 from conveyor.logs import ContextAdapter, bind_task_fields, log_context
 from conveyor.protocol import convert
-from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES, MAX_PORT
+from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_HEARTBEAT_LEASES, MAX_PORT
 from conveyor.protocol.status import TRANSIENT_CODES, is_backpressure, is_too_large
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
@@ -127,10 +127,6 @@ CALL_TIMEOUT: Final = 10.0
 # also the floor of a heartbeat's deadline (`heartbeat_timeout`), which thus never exceeds
 # the worker's call_timeout.
 SHORTEST_CALL_TIMEOUT: Final = timedelta(seconds=0.5)
-# The longest call_timeout: gRPC turns a deadline more than about 7.4e9 s away (its clock
-# in nanoseconds overflows) into one already passed, and every call failed at once with
-# DEADLINE_EXCEEDED; and a call unanswered for an hour is lost anyway.
-LONGEST_CALL_TIMEOUT: Final = timedelta(hours=1)
 # A handler calling ctx.heartbeat() in a tight loop must not flood the server.
 MIN_HEARTBEAT_SPACING: Final = 0.2
 # How many slot-fulls of outcomes may be on their way to the server before the worker
