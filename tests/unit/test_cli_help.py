@@ -39,4 +39,12 @@ def test_enqueue_timeout_help_states_its_limits() -> None:
     output = CliRunner().invoke(cli, ["enqueue", "--help"], terminal_width=200).output
     line = next(line for line in output.splitlines() if "--timeout" in line)
     assert "more than 0, at most 7 days" in line
-    assert "[default: 300.0]" in line
+    assert "[default: 300.0; 0<x<=604800.0]" in line
+
+
+def test_server_heartbeat_interval_help_states_the_bound_enforced() -> None:
+    """The help said "at most lease-ttl / 3" (the default's share) while the limit the server
+    enforces (check_heartbeat_interval) is half of the lease."""
+    output = CliRunner().invoke(cli, ["server", "--help"], terminal_width=200).output
+    entry = " ".join(output.split("--heartbeat-interval", 1)[1].split("\n  --", 1)[0].split())
+    assert "at most lease-ttl / 2" in entry, entry

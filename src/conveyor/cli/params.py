@@ -5,9 +5,10 @@ line: click's FloatRange lets `nan`, `inf` and numbers like 1e300 through, which
 can mean and which then fail deep inside (`timedelta` overflows) with a traceback instead
 of a usage error.
 
-Unbounded, it describes no range in `--help`: click would print "x<=None". The options that
-leave the range to the code they feed (`enqueue --timeout`, checked by `Task` with its own
-message) say the limits in their help text instead.
+Unbounded, it describes no range in `--help`: click would print "x<=None". An option whose
+value a component checks again (`enqueue --timeout` by `Task`, `worker --call-timeout` by
+`Worker`) takes that component's bounds, so an out-of-range value is a usage error naming
+the flag (exit 2) rather than the component's `error:` line (exit 1).
 """
 
 from __future__ import annotations

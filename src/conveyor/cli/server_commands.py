@@ -45,7 +45,9 @@ from conveyor.server.config import (
     DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN,
     DEFAULT_MAX_LEASE_BATCH,
     DEFAULT_MAX_LEASE_WAIT,
+    DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RATE_LIMIT,
+    MAX_PAYLOAD_BYTES_LIMIT,
     ServerConfig,
     check_heartbeat_interval,
     default_server_id,
@@ -55,6 +57,7 @@ from conveyor.server.database import connect_failure
 from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
+from conveyor.types import LARGEST_DURATION
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -249,8 +252,10 @@ def _stopped_while_starting(stop: StopSignal) -> None:
 )
 @click.option(
     "--max-payload-bytes",
-    type=click.IntRange(min=1),
-    default=1024 * 1024,
+    # ServerConfig's bound: a larger value is a usage error naming the flag, before any
+    # database starts.
+    type=click.IntRange(1, MAX_PAYLOAD_BYTES_LIMIT),
+    default=DEFAULT_MAX_PAYLOAD_BYTES,
     show_default=True,
     help="Largest payload (and result) accepted.",
 )
@@ -279,7 +284,8 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     "--heartbeat-interval",
     type=BoundedFloat(min=0.01),
     default=None,
-    help="Seconds between worker heartbeats (default: 3, at most lease-ttl / 3).",
+    help="Seconds between worker heartbeats (default: 3, or lease-ttl / 3 if less); at most "
+    "lease-ttl / 2.",
 )
 @click.option(
     "--worker-lost-after",
@@ -302,9 +308,11 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     show_default=True,
     help="Seconds between lease-reaper and sweeper rounds.",
 )
+# Retention bounds: every duration is at most LARGEST_DURATION, and 1e9 days (BoundedFloat's
+# own bound) overflowed timedelta with a traceback.
 @click.option(
     "--retention-days",
-    type=BoundedFloat(min=0),
+    type=BoundedFloat(min=0, max=LARGEST_DURATION / timedelta(days=1)),
     default=7.0,
     show_default=True,
     envvar="CONVEYOR_RETENTION_DAYS",
@@ -313,7 +321,7 @@ def _stopped_while_starting(stop: StopSignal) -> None:
 )
 @click.option(
     "--worker-retention-hours",
-    type=BoundedFloat(min=0),
+    type=BoundedFloat(min=0, max=LARGEST_DURATION / timedelta(hours=1)),
     default=24.0,
     show_default=True,
     envvar="CONVEYOR_WORKER_RETENTION_HOURS",

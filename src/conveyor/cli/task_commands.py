@@ -17,7 +17,13 @@ from conveyor.cli.params import BoundedFloat
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
 from conveyor.errors import InvalidTask
-from conveyor.types import DEFAULT_MAX_RETRIES, Task
+from conveyor.types import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    MAX_RETRIES_LIMIT,
+    MAX_TIMEOUT,
+    Task,
+)
 
 if TYPE_CHECKING:
     from conveyor.types import TaskStatus
@@ -55,14 +61,21 @@ def open_client(server: str | None) -> Client:
     default=None,
     help="Read the payload from a file ('-' for stdin).",
 )
+# Task's own bounds: a value it would refuse is a usage error naming the flag (exit 2).
 @click.option(
     "--timeout",
-    type=BoundedFloat(),
-    default=300.0,
+    type=BoundedFloat(min=0, min_open=True, max=MAX_TIMEOUT.total_seconds()),
+    default=DEFAULT_TIMEOUT.total_seconds(),
     show_default=True,
     help="Seconds allowed per attempt: more than 0, at most 7 days.",
 )
-@click.option("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, show_default=True)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, MAX_RETRIES_LIMIT),
+    default=DEFAULT_MAX_RETRIES,
+    show_default=True,
+    help="Attempts after the first one.",
+)
 @click.option("--id", "task_id", default=None, help="Task id (UUID); generated if absent.")
 @server_option
 def enqueue(
@@ -84,7 +97,7 @@ def enqueue(
     task = Task(
         type=task_type,
         payload=data,
-        timeout=timeout,  # seconds: Task checks the range and says what is wrong
+        timeout=timeout,  # seconds
         max_retries=max_retries,
         id=task_id,
     )
