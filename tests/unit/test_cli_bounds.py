@@ -3,13 +3,15 @@
 `enqueue --max-retries` and `--timeout` (checked by `Task`) and `server --max-payload-bytes`
 (checked by `ServerConfig`) were accepted by click and refused later, with an `error:` line
 and exit 1, while the command reference promises exit 2 for a value out of range;
-`server --retention-days 1e9` overflowed `timedelta` with a traceback. Each option now
-declares its component's bounds, so click refuses the value, names the flag and shows the
-range in `--help`.
+`server --retention-days 1e9` overflowed `timedelta` with a traceback, and `migrate
+--lock-timeout` over PostgreSQL's own bound (about 24.8 days) failed in the database. Each
+option now declares its component's bounds, so click refuses the value, names the flag and
+shows the range in `--help`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import click
@@ -17,7 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from conveyor.cli.main import cli
+from conveyor.errors import ConfigError
 from conveyor.server.config import MAX_PAYLOAD_BYTES_LIMIT
+from conveyor.storage.migrate import LONGEST_LOCK_TIMEOUT, migrate
 from conveyor.types import LARGEST_DURATION, MAX_RETRIES_LIMIT, MAX_TIMEOUT
 
 # Should a value get through, the command fails at once on what follows (exit 1): the
@@ -25,10 +29,12 @@ from conveyor.types import LARGEST_DURATION, MAX_RETRIES_LIMIT, MAX_TIMEOUT
 # non-loopback address without TLS. Nothing starts an embedded PostgreSQL.
 ENQUEUE = ("--retry-for", "0.5", "enqueue", "x", "--server", "127.0.0.1:1")
 SERVER = ("server", "--database-url", "postgresql://127.0.0.1:1/x", "--grpc-listen", "nowhere:1")
+MIGRATE = ("migrate", "--database-url", "postgresql://127.0.0.1:1/x")
 
 MAX_TIMEOUT_SECONDS = MAX_TIMEOUT.total_seconds()
 LARGEST_DAYS = LARGEST_DURATION / timedelta(days=1)
 LARGEST_HOURS = LARGEST_DURATION / timedelta(hours=1)
+LONGEST_LOCK_SECONDS = LONGEST_LOCK_TIMEOUT.total_seconds()
 
 
 def _option(command_path: tuple[str, ...], name: str) -> click.Option:
@@ -71,6 +77,11 @@ class TestOutOfRangeIsAUsageError:
                 "--worker-retention-hours",
                 f"0<=x<={LARGEST_HOURS}",
             ),
+            (
+                (*MIGRATE, "--lock-timeout", str(LONGEST_LOCK_SECONDS + 1)),
+                "--lock-timeout",
+                f"0.001<=x<={LONGEST_LOCK_SECONDS}",
+            ),
         ],
         ids=[
             "max-retries-negative",
@@ -81,6 +92,7 @@ class TestOutOfRangeIsAUsageError:
             "max-payload-bytes-over",
             "retention-days-overflow",
             "worker-retention-hours-over",
+            "lock-timeout-over-postgresql-limit",
         ],
     )
     def test_the_value_is_refused_naming_the_flag_and_its_range(
@@ -118,6 +130,7 @@ class TestTheBoundsAreTheComponentsOwn:
             (("server",), "--max-payload-bytes", ("1", str(MAX_PAYLOAD_BYTES_LIMIT))),
             (("server",), "--retention-days", ("0", str(LARGEST_DAYS))),
             (("server",), "--worker-retention-hours", ("0", str(LARGEST_HOURS))),
+            (("migrate",), "--lock-timeout", ("0.001", str(LONGEST_LOCK_SECONDS))),
         ],
     )
     def test_each_end_of_the_range_is_accepted(
@@ -127,3 +140,11 @@ class TestTheBoundsAreTheComponentsOwn:
         option = _option(command, name)
         for edge in edges:
             assert option.type.convert(edge, option, None) == float(edge)
+
+
+class TestMigrateLockTimeout:
+    @pytest.mark.parametrize("lock_timeout", [timedelta(0), LONGEST_LOCK_TIMEOUT * 2])
+    def test_migrate_refuses_what_postgresql_would(self, lock_timeout: timedelta) -> None:
+        """Checked before any statement: the connection is never used."""
+        with pytest.raises(ConfigError, match=r"at most 2147483\.647 s"):
+            asyncio.run(migrate(None, lock_timeout=lock_timeout))

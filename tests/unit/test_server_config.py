@@ -49,6 +49,14 @@ class TestServerConfig:
         # ... and every message fits in what workers and clients accept.
         assert config.max_message_bytes <= PEER_MESSAGE_BYTES
 
+    def test_a_payload_limit_over_the_ceiling_names_it_exactly(self) -> None:
+        """The ceiling is 31.5 MiB; the message rounded it down to "31 MiB"."""
+        with pytest.raises(ConfigError, match=r"at most 33030144 \(31\.5 MiB\)"):
+            ServerConfig(
+                database_url="postgresql://localhost/x",
+                max_payload_bytes=MAX_PAYLOAD_BYTES_LIMIT + 1,
+            )
+
     @pytest.mark.parametrize(
         ("overrides", "fragment"),
         [

@@ -610,7 +610,7 @@ def server(
 @database_url_option
 @click.option(
     "--lock-timeout",
-    type=BoundedFloat(min=0.001),
+    type=BoundedFloat(min=0.001, max=migrate.LONGEST_LOCK_TIMEOUT.total_seconds()),
     default=migrate.DEFAULT_LOCK_TIMEOUT.total_seconds(),
     show_default=True,
     help="Seconds each attempt waits for a table lock. Claims and enqueues on that table "

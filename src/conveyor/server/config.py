@@ -331,7 +331,7 @@ class ServerConfig:
         if self.max_payload_bytes > MAX_PAYLOAD_BYTES_LIMIT:
             raise ConfigError(
                 f"max_payload_bytes must be at most {MAX_PAYLOAD_BYTES_LIMIT} "
-                f"({MAX_PAYLOAD_BYTES_LIMIT // (1024 * 1024)} MiB): a task with its payload "
+                f"({MAX_PAYLOAD_BYTES_LIMIT / (1024 * 1024):g} MiB): a task with its payload "
                 "and its result must fit in one message a worker accepts (store larger "
                 "payloads elsewhere and pass a key)"
             )

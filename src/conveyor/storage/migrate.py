@@ -50,6 +50,9 @@ MIN_POSTGRES_MAJOR: Final = 15
 # tried again: every claim, enqueue and report on that table queues behind the waiting
 # migration, so the wait is the longest the queue stalls for each attempt.
 DEFAULT_LOCK_TIMEOUT: Final = timedelta(seconds=2)
+# PostgreSQL's own bound for `lock_timeout` (INT_MAX milliseconds, about 24.8 days): a longer
+# one failed the migration with the server's "outside the valid range" error.
+LONGEST_LOCK_TIMEOUT: Final = timedelta(milliseconds=2**31 - 1)
 # Attempts before giving up. Between them the migration waits as long as its lock timeout,
 # then twice that, and so on (capped), while traffic flows: with the defaults, the queue
 # stalls for at most 10 s spread over about 40 s before `migrate` fails.
@@ -253,8 +256,12 @@ async def migrate(
     newer schema that this release may run on (see `check_schema`) has nothing to apply.
     Then, if any was applied, refresh the task table's planner statistics.
     """
-    if lock_timeout <= timedelta(0) or attempts < 1:
-        raise ConfigError("the lock timeout must be positive and the attempts at least 1")
+    if not timedelta(0) < lock_timeout <= LONGEST_LOCK_TIMEOUT or attempts < 1:
+        raise ConfigError(
+            "the lock timeout must be positive and at most "
+            f"{LONGEST_LOCK_TIMEOUT.total_seconds()} s (PostgreSQL's limit), and the "
+            "attempts at least 1"
+        )
     check_postgres_version(conn)
     migrations = available_migrations(migrations_dir)
     pending = await _apply_with_retries(conn, migrations, lock_timeout, attempts, observer)
