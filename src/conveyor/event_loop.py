@@ -10,14 +10,28 @@ A worker's loop also runs its users' async handlers, and `asyncio.run` waits wit
 for a task that swallows its cancellation when the loop closes: `run(main, close_within=N)`
 gives the tasks left at the end N seconds to finish after their cancellation, then closes
 the loop without them.
+
+grpc.aio serves every event loop of a process from one completion queue: a batch (a read,
+a status, a unary call) started on a loop reports to that loop, through whichever bound
+loop reads the queue, even after its task was cancelled. A loop closed while grpc still
+owes it such a completion makes the loop that receives it raise `RuntimeError: Event loop
+is closed` (logged with its traceback), and stop handling the rest of the queue until the
+next completion wakes it: in `conveyor dev`, the server's loop, after the demo worker's
+loop closed on a crash. So `run(main, close_within=N)` also waits, N seconds at most,
+until grpc has handed the loop every completion it owes it; what was cut (a call cancelled
+by the tasks' cancellation, or a channel closed) ends within milliseconds. Closing the
+channels is not enough: a channel's close cancels its calls and returns, and the
+cancellations complete afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
-from typing import TYPE_CHECKING, Any, TypeVar
+import sys
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -25,6 +39,9 @@ if TYPE_CHECKING:
 Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.event_loop")
+
+# How often a closing loop looks again whether grpc still owes it completions.
+GRPC_SETTLE_POLL: Final = 0.005
 
 # Tasks left behind when their loop closed (they ignored their cancellation), referenced
 # while they are pending so that they are never destroyed half-way: their coroutines would
@@ -51,7 +68,8 @@ def run(main: Coroutine[Any, Any, Result], *, close_within: float | None = None)
     """`asyncio.run(main)` on the loop `loop_factory` picks.
 
     `close_within`: how long the tasks still running when `main` ends get to finish after
-    their cancellation before the loop closes without them (None: as long as they take).
+    their cancellation before the loop closes without them (None: as long as they take),
+    and then how long grpc gets to hand the loop the completions it still owes it.
     """
     if close_within is None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -66,6 +84,7 @@ def run(main: Coroutine[Any, Any, Result], *, close_within: float | None = None)
             shutting = loop.create_task(loop.shutdown_asyncgens())
             loop.run_until_complete(asyncio.wait({shutting}, timeout=close_within))
             _abandon_pending({shutting})
+            _settle_grpc(loop, close_within)
         finally:
             # Shuts the default executor down without waiting for its threads (a blocking
             # call a handler ran in it may never return).
@@ -104,3 +123,45 @@ def _abandon_pending(tasks: set[asyncio.Task[Any]]) -> None:
     for task in pending:
         _ABANDONED.add(task)
         task.add_done_callback(_ABANDONED.discard)
+
+
+def _settle_grpc(loop: asyncio.AbstractEventLoop, within: float) -> None:
+    """Run `loop` until grpc owes it no completion, or for `within` seconds at most."""
+
+    async def settled() -> int:
+        deadline = loop.time() + within
+        # Polled: grpc signals a completion to its own callback only.
+        while (owed := _grpc_owes(loop)) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(GRPC_SETTLE_POLL)
+        return owed
+
+    owed = loop.run_until_complete(settled())
+    if owed:
+        log.warning(
+            "closing the event loop while grpc still owes it %d completion(s) (calls left "
+            "open): grpc will fail to deliver them, and log 'Event loop is closed'",
+            owed,
+            extra={"event": "loop_closed_with_grpc_calls"},
+        )
+
+
+def _grpc_owes(loop: asyncio.AbstractEventLoop) -> int:
+    """How many of grpc's batches in flight report to `loop`.
+
+    grpc.aio has no API for this. Each batch in flight is a CallbackWrapper (which Core
+    holds a reference to until it hands the completion to the loop) referring to a future
+    of the loop that started it. A scan of the heap, done only while a loop closes.
+    """
+    cygrpc = sys.modules.get("grpc._cython.cygrpc")
+    wrapper_type = getattr(cygrpc, "CallbackWrapper", None)
+    if wrapper_type is None:
+        return 0
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if type(obj) is wrapper_type
+        and any(
+            isinstance(ref, asyncio.Future) and ref.get_loop() is loop
+            for ref in gc.get_referents(obj)
+        )
+    )

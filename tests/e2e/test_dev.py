@@ -437,7 +437,9 @@ def test_sighup_stops_a_running_dev_gracefully(project, start_dev):
 @pytest.mark.slow
 def test_dev_exits_1_when_its_demo_worker_crashes(project, processes, e2e_pythonpath):
     """Like `conveyor worker`. Before: dev served on without a worker, every new task
-    queued for ever, the crash only a traceback in the scrolling log."""
+    queued for ever, the crash only a traceback in the scrolling log. The crash's is the
+    only traceback: the server's loop also logged grpc's 'Event loop is closed', for the
+    completions of the worker's calls that came after the worker's loop had closed."""
     grpc_port = free_port()
     dev = processes(
         [
@@ -463,6 +465,8 @@ def test_dev_exits_1_when_its_demo_worker_crashes(project, processes, e2e_python
             "error: the demo worker crashed (its traceback is above, after 'worker "
             "crashed'); stopped the server and the embedded PostgreSQL"
         )
+        assert dev.output().count("Traceback") == 1, dev.output()
+        assert "Event loop is closed" not in dev.output()
         assert not cluster_running(project)
     finally:
         dev.stop()
