@@ -375,7 +375,6 @@ async def w1(
 async def w2(
     cluster: Cluster, conn: asyncpg.Connection, args: argparse.Namespace
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     with common.timing_file() as timings:
         async with AsyncClient(cluster.address) as client:
             # The workers inherit the timing file's path (common.TIMING_ENV).
@@ -384,23 +383,22 @@ async def w2(
             await wait_finished(conn, len(warm), 30)
             await asyncio.sleep(1.0)
             idle = cluster.rss()
-            total = int(args.rate * args.seconds)
             calls: list[asyncio.Task[str]] = []
-            enqueued_at: dict[int, float] = {}
-            cpu_before = cluster.cpu()
-            producer_before = time.process_time()
-            started = loop.time()
-            for index in range(total):
-                delay = started + index / args.rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                # Stamped as the peers stamp (peers/common.py): just before the call.
-                enqueued_at[index] = time.time()
+
+            async def send(index: int) -> None:
+                # Open loop: the call is started, not awaited, so the next goes out on time
+                # however long this one takes (the peers' producers wait for each call).
                 task = Task(type=TIMED_TYPE, payload=str(index).encode())
                 calls.append(asyncio.create_task(client.enqueue_task(task)))
+
+            cpu_before = cluster.cpu()
+            producer_before = time.process_time()
+            # Paced and stamped as the peers are (peers/common.py): just before the call.
+            sent = await common.paced_async(args.rate, args.seconds, send)
+            enqueued_at = sent.enqueued_at
+            total = len(enqueued_at)
             ids = await asyncio.gather(*calls)
-            sent_for = loop.time() - started
-            await wait_finished(conn, len(warm) + total, args.seconds + 60)
+            await wait_finished(conn, len(warm) + total, common.POST_LOAD_WAIT)
             cpu_after = cluster.cpu()
             cpu_after["producer"] = time.process_time() - producer_before
             cpu_before["producer"] = 0.0
@@ -434,7 +432,8 @@ async def w2(
             "claim_to_handler": step(lambda i: stamps[i][1], lambda i: ran[i][0]),
         },
         "tasks": len(rows),
-        "achieved_rate": round(total / sent_for, 1),
+        "achieved_rate": sent.achieved_rate,
+        "worst_late_ms": round(sent.worst_late * 1000, 1),
         # CPU per task while the load ran, by process group (the producer is this process).
         "cpu_us_per_task": cpu_per_task(cpu_before, cpu_after, total),
         "idle_server_rss_mib": idle["server_rss_mib"],

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
@@ -47,6 +48,9 @@ CONCURRENT_PRODUCERS = 32
 WORKER_PROCESSES = 2
 DEFAULT_HARD_TIMEOUT = 600.0
 WATCHDOG_GRACE = 20.0  # seconds past the hard timeout before the watchdog thread steps in
+# W2, every system (conveyor_workloads.py too): how long after the last send the tasks may
+# take to finish. A task not finished by then is lost, and a run that lost one has failed.
+POST_LOAD_WAIT = 60.0
 
 
 # --- Arguments and output ----------------------------------------------------------------
@@ -260,11 +264,11 @@ def w1_result(path: Path, expected: int) -> dict[str, Any]:
     }
 
 
-def w2_result(path: Path, enqueued_at: dict[int, float]) -> dict[str, Any]:
-    """Enqueue->start and enqueue->finish percentiles, in milliseconds."""
+def w2_result(path: Path, sent: Sent) -> dict[str, Any]:
+    """Enqueue->start and enqueue->finish percentiles in milliseconds, and the rate sent."""
     timings = read_timings(path)
     start_ms, finish_ms = [], []
-    for task_id, before_enqueue in enqueued_at.items():
+    for task_id, before_enqueue in sent.enqueued_at.items():
         if task_id in timings:
             started, finished = timings[task_id]
             start_ms.append((started - before_enqueue) * 1000)
@@ -273,9 +277,11 @@ def w2_result(path: Path, enqueued_at: dict[int, float]) -> dict[str, Any]:
         "start_ms": percentiles(start_ms),
         "finish_ms": percentiles(finish_ms),
         "tasks": len(start_ms),
+        "achieved_rate": sent.achieved_rate,
+        "worst_late_ms": round(sent.worst_late * 1000, 1),
     }
-    if len(start_ms) < len(enqueued_at):
-        result["lost"] = len(enqueued_at) - len(start_ms)
+    if len(start_ms) < len(sent.enqueued_at):
+        result["lost"] = len(sent.enqueued_at) - len(start_ms)
     return result
 
 
@@ -287,40 +293,70 @@ def throughput(count: int, elapsed: float) -> dict[str, Any]:
 # --- Producers ---------------------------------------------------------------------------
 
 
-def _schedule(rate: float, seconds: float) -> Iterator[tuple[int, float]]:
-    """(i, seconds to wait before call i) for ``rate`` calls a second over ``seconds``.
+@dataclass
+class Sent:
+    """What a W2 producer sent: each task's send time, and how far the sends fell behind."""
 
-    Open loop: the schedule does not slip when a call is slow (late calls go out at once).
+    enqueued_at: dict[int, float] = field(default_factory=dict)  # i -> time.time() before call
+    worst_late: float = 0.0  # seconds: the latest send past its scheduled time
+
+    @property
+    def achieved_rate(self) -> float | None:
+        """Sends per second between the first send and the last (None for fewer than 2).
+
+        A producer that waits for each call sends slower than the target when a call takes
+        longer than the interval; this is the rate it really sent at.
+        """
+        if len(self.enqueued_at) < 2:
+            return None
+        stamps = self.enqueued_at.values()
+        span = max(stamps) - min(stamps)
+        return round((len(self.enqueued_at) - 1) / span, 1) if span > 0 else None
+
+    def stamp(self, i: int, due: float) -> None:
+        """Record that call ``i``, due at monotonic time ``due``, goes out now."""
+        self.worst_late = max(self.worst_late, time.monotonic() - due)
+        self.enqueued_at[i] = time.time()
+
+
+def _schedule(rate: float, seconds: float) -> Iterator[tuple[int, float]]:
+    """(i, monotonic time call i is due) for ``rate`` calls a second over ``seconds``.
+
+    The schedule does not slip when a call is slow: a late call goes out at once and the
+    next keeps its own time. A producer that waits for each call still cannot send more
+    than one call per call's duration; :class:`Sent` shows what it achieved.
     """
     t0 = time.monotonic()
     for i in range(int(rate * seconds)):
-        yield i, t0 + i / rate - time.monotonic()
+        yield i, t0 + i / rate
 
 
-def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> dict[int, float]:
-    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``; return i -> time before call."""
-    enqueued_at: dict[int, float] = {}
-    for i, delay in _schedule(rate, seconds):
+def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> Sent:
+    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``, one call at a time."""
+    sent = Sent()
+    for i, due in _schedule(rate, seconds):
+        delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        enqueued_at[i] = time.time()
+        sent.stamp(i, due)
         enqueue(i)
-    return enqueued_at
+    return sent
 
 
 async def paced_async(
     rate: float, seconds: float, enqueue: Callable[[int], Awaitable[object]]
-) -> dict[int, float]:
+) -> Sent:
     """The asyncio twin of :func:`paced`."""
     import asyncio  # noqa: PLC0415 - only the asyncio adapters need it
 
-    enqueued_at: dict[int, float] = {}
-    for i, delay in _schedule(rate, seconds):
+    sent = Sent()
+    for i, due in _schedule(rate, seconds):
+        delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        enqueued_at[i] = time.time()
+        sent.stamp(i, due)
         await enqueue(i)
-    return enqueued_at
+    return sent
 
 
 def sequential(seconds: float, enqueue: Callable[[int], object]) -> dict[str, Any]:
@@ -583,9 +619,9 @@ def run_sync_workload(
             if wait_for_tasks(path, 20, 60, procs.check_alive) < 20:
                 raise RuntimeError("workers did not start")
             time.sleep(2)  # let every worker process come up
-            enqueued_at = paced(args.rate, args.seconds, enqueue)
-            wait_for_tasks(path, len(enqueued_at) + 20, 30, procs.check_alive)
-            return w2_result(path, enqueued_at)
+            sent = paced(args.rate, args.seconds, enqueue)
+            wait_for_tasks(path, len(sent.enqueued_at) + 20, POST_LOAD_WAIT, procs.check_alive)
+            return w2_result(path, sent)
     if workload == "w3-single":
         return sequential(args.seconds, enqueue)
     if workload == "w3-concurrent":

@@ -110,16 +110,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with common.timing_file() as path, common.Processes() as procs:
                 start_workers(procs, args)
                 await warm_up(queries, path, procs)
-                enqueued_at = await common.paced_async(
+                sent = await common.paced_async(
                     args.rate,
                     args.seconds,
                     lambda i: queries.enqueue(ENTRYPOINT, str(i).encode()),
                 )
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(
-                    None, common.wait_for_tasks, path, len(enqueued_at) + 20, 30, procs.check_alive
+                    None,
+                    common.wait_for_tasks,
+                    path,
+                    len(sent.enqueued_at) + 20,
+                    common.POST_LOAD_WAIT,
+                    procs.check_alive,
                 )
-                return common.w2_result(path, enqueued_at)
+                return common.w2_result(path, sent)
         if workload == "w3-single":
             return await common.sequential_async(
                 args.seconds, lambda i: queries.enqueue(ENTRYPOINT, str(i).encode())

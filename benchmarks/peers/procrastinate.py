@@ -101,11 +101,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if await wait_for(path, 20, 60, procs) < 20:
                     raise RuntimeError("workers did not start")
                 await asyncio.sleep(2)  # let the slower worker reach its LISTEN too
-                enqueued_at = await common.paced_async(
+                sent = await common.paced_async(
                     args.rate, args.seconds, lambda i: noop.defer_async(task_id=i)
                 )
-                await wait_for(path, len(enqueued_at) + 20, 30, procs)
-                return common.w2_result(path, enqueued_at)
+                await wait_for(path, len(sent.enqueued_at) + 20, common.POST_LOAD_WAIT, procs)
+                return common.w2_result(path, sent)
         if workload == "w3-single":
             return await common.sequential_async(
                 args.seconds, lambda i: noop.defer_async(task_id=i)
