@@ -402,7 +402,8 @@ async def w2(
             cpu_after = cluster.cpu()
             cpu_after["producer"] = time.process_time() - producer_before
             cpu_before["producer"] = 0.0
-            ran = common.read_timings(timings)
+            reader = common.TimingReader(timings)
+            ran = reader.read()
     rows = await conn.fetch(
         "SELECT payload, extract(epoch FROM created_at) AS created,"
         " extract(epoch FROM started_at) AS started, extract(epoch FROM finished_at) AS finished"
@@ -432,6 +433,7 @@ async def w2(
             "claim_to_handler": step(lambda i: stamps[i][1], lambda i: ran[i][0]),
         },
         "tasks": len(rows),
+        "duplicates": reader.duplicates,
         "achieved_rate": sent.achieved_rate,
         "worst_late_ms": round(sent.worst_late * 1000, 1),
         # CPU per task while the load ran, by process group (the producer is this process).

@@ -464,6 +464,9 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 return {key: found}
         return {"error": "no runs"}
     summary: dict[str, Any] = {"failed_runs": len(runs) - len(good)}
+    duplicates = sum(r.get("duplicates", 0) for r in good)
+    if duplicates:
+        summary["duplicates"] = duplicates
     if workload.kind in ("scale", "limit"):
         summary.update(spread_tree(good))
         return summary
@@ -567,6 +570,8 @@ def table_for(
         label = system + (f" [red]({failed} failed)[/]" if failed else "")
         if workload.kind == "latency" and sent_short(workload, summary):
             label += " [yellow]*[/]"
+        if summary.get("duplicates"):
+            label += " [yellow]†[/]"
         table.add_row(label, *values, *ratio_cells(workload, system, summaries))
     return table
 
@@ -577,6 +582,25 @@ def sent_short(workload: Workload, summary: dict[str, Any]) -> bool:
     if sent is None or sent["n"] < summary.get("good_runs", sent["n"]):
         return True
     return bool(sent["min"] < W2_RATE_TOLERANCE * w2_rate(workload))
+
+
+def row_notes(workload: Workload, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The footnotes of the rows marked in :func:`table_for`."""
+    notes = []
+    short = shortfall_note(workload, summaries)
+    if short is not None:
+        notes.append(short)
+    repeated = [
+        f"{system} ({summary['duplicates']:,} over the runs)"
+        for system, summary in summaries.items()
+        if summary.get("duplicates")
+    ]
+    if repeated:
+        notes.append(
+            f"[yellow]† ran some tasks more than once: {', '.join(repeated)}; each task's "
+            "first run is the one timed[/]"
+        )
+    return notes
 
 
 def shortfall_note(workload: Workload, summaries: dict[str, dict[str, Any]]) -> str | None:
@@ -991,8 +1015,7 @@ def run_workloads(
         if workload.kind in ("throughput", "latency"):
             console.print(table_for(workload, summaries, args))
             console.print(caption(workload))
-            note = shortfall_note(workload, summaries)
-            if note is not None:
+            for note in row_notes(workload, summaries):
                 console.print(note)
             console.print()
     return results

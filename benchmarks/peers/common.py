@@ -205,35 +205,52 @@ def timing_file() -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def read_timings(path: Path) -> dict[int, tuple[float, float]]:
-    """Task id -> (start, finish), from complete lines only."""
-    timings: dict[int, tuple[float, float]] = {}
-    with path.open("rb") as f:
-        data = f.read()
-    for line in data.split(b"\n"):
-        parts = line.split()
-        if len(parts) == 3:
-            timings[int(parts[0])] = (float(parts[1]), float(parts[2]))
-    return timings
+class TimingReader:
+    """The timing file read as it grows: each task's first line, and how many lines repeat one.
 
+    A task whose line appears twice ran twice (a redelivery). Its first run is the one
+    timed, and the repeats are counted, not taken for other tasks. Each read parses only
+    the lines added since the last, so polling a long run costs the machine little.
+    """
 
-def count_lines(path: Path) -> int:
-    """The number of complete timing lines written so far."""
-    with path.open("rb") as f:
-        return f.read().count(b"\n")
+    def __init__(self, path: Path) -> None:
+        """Start at the beginning of ``path``."""
+        self.path = path
+        self.offset = 0
+        self.timings: dict[int, tuple[float, float]] = {}
+        self.duplicates = 0
+
+    def read(self) -> dict[int, tuple[float, float]]:
+        """Task id -> (start, finish), from the complete lines written so far."""
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        self.offset += complete
+        for line in data[:complete].split(b"\n"):
+            parts = line.split()
+            if len(parts) == 3:
+                task_id = int(parts[0])
+                if task_id in self.timings:
+                    self.duplicates += 1
+                else:
+                    self.timings[task_id] = (float(parts[1]), float(parts[2]))
+        return self.timings
 
 
 def wait_for_tasks(
     path: Path, expected: int, timeout: float, alive: Callable[[], None] | None = None
 ) -> int:
-    """Wait until ``expected`` timing lines exist or ``timeout`` passes; return the count.
+    """Wait until ``expected`` distinct tasks ran or ``timeout`` passes; return how many ran.
 
+    Distinct task ids, not lines: a task run twice must not stand in for one never run.
     ``alive`` is called on each poll and should raise if the workers died.
     """
+    reader = TimingReader(path)
     deadline = time.monotonic() + timeout
     last_count, last_progress = -1, time.monotonic()
     while True:
-        count = count_lines(path)
+        count = len(reader.read())
         if count >= expected:
             return count
         now = time.monotonic()
@@ -252,7 +269,8 @@ def wait_for_tasks(
 
 def w1_result(path: Path, expected: int) -> dict[str, Any]:
     """Tasks/s from the first task start to the last task finish."""
-    timings = read_timings(path)
+    reader = TimingReader(path)
+    timings = reader.read()
     if len(timings) < expected:
         raise RuntimeError(f"only {len(timings)} of {expected} tasks completed")
     first_start = min(start for start, _ in timings.values())
@@ -261,12 +279,14 @@ def w1_result(path: Path, expected: int) -> dict[str, Any]:
         "tasks_per_second": round(len(timings) / (last_finish - first_start), 1),
         "tasks": len(timings),
         "seconds": round(last_finish - first_start, 3),
+        "duplicates": reader.duplicates,
     }
 
 
 def w2_result(path: Path, sent: Sent) -> dict[str, Any]:
     """Enqueue->start and enqueue->finish percentiles in milliseconds, and the rate sent."""
-    timings = read_timings(path)
+    reader = TimingReader(path)
+    timings = reader.read()
     start_ms, finish_ms = [], []
     for task_id, before_enqueue in sent.enqueued_at.items():
         if task_id in timings:
@@ -279,6 +299,7 @@ def w2_result(path: Path, sent: Sent) -> dict[str, Any]:
         "tasks": len(start_ms),
         "achieved_rate": sent.achieved_rate,
         "worst_late_ms": round(sent.worst_late * 1000, 1),
+        "duplicates": reader.duplicates,
     }
     if len(start_ms) < len(sent.enqueued_at):
         result["lost"] = len(sent.enqueued_at) - len(start_ms)
