@@ -360,6 +360,9 @@ async def w1(
         " count(*) FILTER (WHERE state = 'succeeded') AS ok FROM conveyor_tasks"
     )
     assert row is not None  # an aggregate always returns its row
+    if row["ok"] != args.tasks:
+        # The drain stops when nothing is left to run: a failed task must not pass as drained.
+        raise RuntimeError(f"{row['ok']} of {args.tasks} tasks succeeded")
     elapsed = (row["last"] - row["first"]).total_seconds()
     return {
         "tasks_per_second": round(args.tasks / elapsed, 1),
