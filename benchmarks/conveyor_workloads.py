@@ -88,6 +88,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import conveyor_sql  # noqa: E402 - benchmarks/ is not a package
 from apps import NOOP_TYPE, TIMED_TYPE  # noqa: E402
 from peers import common  # noqa: E402
+from peers.common import percentiles  # noqa: E402 - nearest rank, as the peers report
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,21 +159,6 @@ def is_ready(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
         return bool(response.status == 200)
     return False
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50/p95/p99 with linear interpolation between the closest ranks."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
-
-    def at(q: float) -> float:
-        position = q * (len(ordered) - 1)
-        low = int(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-    return {name: round(at(q), 2) for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
 
 
 class Cluster:
@@ -382,9 +368,15 @@ async def w2(
         async with AsyncClient(cluster.address) as client:
             # The workers inherit the timing file's path (common.TIMING_ENV).
             await cluster.start_workers(client, args.worker_processes, args.concurrency)
-            warm = await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(50)])
-            await wait_finished(conn, len(warm), 30)
-            await asyncio.sleep(1.0)
+            # The peers' warm-up (peers/common.py): timed tasks with ids below zero.
+            warm = await client.enqueue_tasks(
+                [
+                    Task(type=TIMED_TYPE, payload=str(index).encode())
+                    for index in range(-common.WARM_UP_TASKS, 0)
+                ]
+            )
+            await wait_finished(conn, len(warm), common.WARM_UP_TIMEOUT)
+            await asyncio.sleep(common.WARM_UP_SETTLE)
             idle = cluster.rss()
             calls: list[asyncio.Task[str]] = []
 

@@ -51,6 +51,11 @@ WATCHDOG_GRACE = 20.0  # seconds past the hard timeout before the watchdog threa
 # W2, every system (conveyor_workloads.py too): how long after the last send the tasks may
 # take to finish. A task not finished by then is lost, and a run that lost one has failed.
 POST_LOAD_WAIT = 60.0
+# W2's warm-up, every system: this many timed tasks (ids below zero, left out of the result)
+# run before the load, then a pause so the slower worker process is up too.
+WARM_UP_TASKS = 20
+WARM_UP_SETTLE = 2.0
+WARM_UP_TIMEOUT = 60.0
 
 
 # --- Arguments and output ----------------------------------------------------------------
@@ -635,13 +640,15 @@ def run_sync_workload(
     if workload == "w2":
         with timing_file() as path, Processes() as procs:
             start_workers(procs)
-            for i in range(-20, 0):
+            for i in range(-WARM_UP_TASKS, 0):
                 enqueue(i)
-            if wait_for_tasks(path, 20, 60, procs.check_alive) < 20:
+            ready = wait_for_tasks(path, WARM_UP_TASKS, WARM_UP_TIMEOUT, procs.check_alive)
+            if ready < WARM_UP_TASKS:
                 raise RuntimeError("workers did not start")
-            time.sleep(2)  # let every worker process come up
+            time.sleep(WARM_UP_SETTLE)
             sent = paced(args.rate, args.seconds, enqueue)
-            wait_for_tasks(path, len(sent.enqueued_at) + 20, POST_LOAD_WAIT, procs.check_alive)
+            expected = len(sent.enqueued_at) + WARM_UP_TASKS
+            wait_for_tasks(path, expected, POST_LOAD_WAIT, procs.check_alive)
             return w2_result(path, sent)
     if workload == "w3-single":
         return sequential(args.seconds, enqueue)

@@ -75,12 +75,19 @@ async def enqueue_batch(queries: Queries, ids: list[int]) -> None:
 
 async def warm_up(queries: Queries, path: Path, procs: common.Processes) -> None:
     """Wait until the workers run tasks (ids below zero, ignored by the w2 result)."""
-    await enqueue_batch(queries, list(range(-20, 0)))
+    await enqueue_batch(queries, list(range(-common.WARM_UP_TASKS, 0)))
     loop = asyncio.get_running_loop()
-    done = await loop.run_in_executor(None, common.wait_for_tasks, path, 20, 60, procs.check_alive)
-    if done < 20:
+    done = await loop.run_in_executor(
+        None,
+        common.wait_for_tasks,
+        path,
+        common.WARM_UP_TASKS,
+        common.WARM_UP_TIMEOUT,
+        procs.check_alive,
+    )
+    if done < common.WARM_UP_TASKS:
         raise RuntimeError("workers did not start")
-    await asyncio.sleep(2)  # let the slower worker reach its LISTEN too
+    await asyncio.sleep(common.WARM_UP_SETTLE)  # let the slower worker reach its LISTEN too
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +127,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     None,
                     common.wait_for_tasks,
                     path,
-                    len(sent.enqueued_at) + 20,
+                    len(sent.enqueued_at) + common.WARM_UP_TASKS,
                     common.POST_LOAD_WAIT,
                     procs.check_alive,
                 )
