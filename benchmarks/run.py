@@ -881,6 +881,24 @@ def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
     return table
 
 
+# The settings that make a commit durable: every system is measured with them on.
+DURABLE_SETTINGS = ("fsync", "synchronous_commit")
+
+
+def check_durable(base_url: str) -> None:
+    """Exit with an error unless the database commits durably (a --pg-url may not)."""
+    off = [
+        f"{name}={value}"
+        for name in DURABLE_SETTINGS
+        if (value := asyncio.run(admin(base_url, f"SHOW {name}"))) != "on"
+    ]
+    if off:
+        sys.exit(
+            f"refusing to run: the benchmark needs durable commits, but this PostgreSQL has "
+            f"{', '.join(off)} (set {' and '.join(DURABLE_SETTINGS)} to on)"
+        )
+
+
 def machine_info(base_url: str, redis: Redis | None) -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError):
@@ -1028,6 +1046,7 @@ def main() -> None:
         reexec_under_postgres()
     if not base_url:
         sys.exit("no PostgreSQL: CONVEYOR_TEST_DATABASE_URL is not set")
+    check_durable(base_url)
 
     redis: Redis | None = None
     if any(s in REDIS_SYSTEMS for s in args.systems):

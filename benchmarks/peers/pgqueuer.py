@@ -7,12 +7,19 @@ rather than through ``pgq run``, whose log-level option breaks with typer 0.29.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":
     # This file shadows the `pgqueuer` package when run as a script: import from benchmarks/.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# Logged tables, as every system here is durable: an inherited PGQUEUER_DURABILITY (or its
+# legacy spelling DURABILITY) of volatile or balanced would make some UNLOGGED. Set before
+# pgqueuer reads its settings; the workers inherit it.
+os.environ["PGQUEUER_DURABILITY"] = "durable"
+os.environ.pop("DURABILITY", None)
 
 import asyncio
 import time
