@@ -409,6 +409,9 @@ def run_once(
     name = f"bench_{system}_{workload.key.replace('-', '_')}_{repeat}"
     asyncio.run(admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     asyncio.run(admin(base_url, f'CREATE DATABASE "{name}"'))
+    # Write out the previous run's dirty pages and the new database's now, or the checkpoint
+    # they bring on lands in this run's measurement.
+    asyncio.run(admin(base_url, "CHECKPOINT"))
     if redis is not None:
         redis.command("FLUSHALL")
     redis_url = redis.url if redis is not None else "redis://127.0.0.1:1/0"
