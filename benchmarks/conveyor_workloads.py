@@ -97,8 +97,8 @@ CONVEYOR = Path(sys.executable).parent / "conveyor"
 WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk", "w4")
 BULK_BATCH = 1000
 PRODUCERS = 32
-# Workers sized for the machine: one process per core, each with this many slots.
-DEFAULT_WORKER_PROCESSES = max(1, os.cpu_count() or 1)
+# As many worker processes as every peer runs (peers/common.py), each with this many slots.
+DEFAULT_WORKER_PROCESSES = common.WORKER_PROCESSES
 DEFAULT_CONCURRENCY = 64
 START_TIMEOUT = 60.0
 # W4: tasks per backlog statement (one transaction each); the probe and the drain.

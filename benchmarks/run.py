@@ -77,6 +77,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from peers.common import WORKER_PROCESSES
 from rich.console import Console
 from rich.table import Table
 
@@ -114,7 +115,7 @@ WORKLOADS = {
             "w1",
             "W1 end to end: {tasks:,} no-op tasks enqueued in bulk, then drained (tasks/s)",
             "throughput",
-            "target: >= 1.0x PgQueuer (2 worker processes)",
+            "target: >= 1.0x PgQueuer",
         ),
         Workload(
             "burst",
@@ -1072,7 +1073,8 @@ def main() -> None:
             f"W2: {args.w2_seconds:g} s, "
             f"W3: {args.w3_seconds:g} s, W4: {W4_SMALL:,} and {args.w4_queued:,} queued, "
             f"{args.w4_probes} probes, {args.w4_drain:,} drained, pgbench: "
-            f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}\n"
+            f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}; "
+            f"worker processes: {WORKER_PROCESSES} for every system\n"
         )
         results = run_workloads(args, base_url, redis)
         # The floor, W4 and the pgbench limit compare across workloads: printed once all
@@ -1105,6 +1107,7 @@ def main() -> None:
                 "pgbench_clients": args.pgbench_clients,
                 "systems": args.systems,
                 "conveyor_args": args.conveyor_args,
+                "worker_processes": WORKER_PROCESSES,
             },
             "results": results,
         }

@@ -45,7 +45,9 @@ WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk")
 TIMING_ENV = "PEER_BENCH_TIMING_FILE"
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1]
 CONCURRENT_PRODUCERS = 32
-WORKER_PROCESSES = 2
+# Worker processes, the same number for every system (conveyor_workloads.py too): one per
+# core, and at least 2 so a single-core machine still runs several; run.py prints it.
+WORKER_PROCESSES = max(2, os.cpu_count() or 1)
 DEFAULT_HARD_TIMEOUT = 600.0
 WATCHDOG_GRACE = 20.0  # seconds past the hard timeout before the watchdog thread steps in
 # W2, every system (conveyor_workloads.py too): how long after the last send the tasks may

@@ -1,8 +1,9 @@
 """PgQueuer 1.6 peer: asyncpg, the schema installed from Python, workers started from Python.
 
-Workers: 2 processes, each a ``QueueManager`` run as ``pgq run`` runs it (``pgqueuer.run`` on
-uvloop, its defaults: batch size 10, no concurrency limit). They are started from Python
-rather than through ``pgq run``, whose log-level option breaks with typer 0.29.
+Workers: ``WORKER_PROCESSES`` processes (peers/common.py), each a ``QueueManager`` run as
+``pgq run`` runs it (``pgqueuer.run`` on uvloop, its defaults: batch size 10, no concurrency
+limit). They are started from Python rather than through ``pgq run``, whose log-level option
+breaks with typer 0.29.
 """
 
 from __future__ import annotations

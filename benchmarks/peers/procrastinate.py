@@ -1,7 +1,8 @@
 """Procrastinate 3.10 peer: psycopg 3 connector, schema applied from Python.
 
-Workers: 2 processes, each ``App.run_worker_async`` with LISTEN/NOTIFY on (the default) and
-``concurrency`` WORKER_CONCURRENCY. Bulk enqueue is ``Task.batch_defer_async``.
+Workers: ``WORKER_PROCESSES`` processes (peers/common.py), each ``App.run_worker_async`` with
+LISTEN/NOTIFY on (the default) and ``concurrency`` WORKER_CONCURRENCY. Bulk enqueue is
+``Task.batch_defer_async``.
 """
 
 from __future__ import annotations
