@@ -201,6 +201,11 @@ W4_SMALL = 10_000
 # A W2 run that sent below this fraction of its target rate is marked: its latencies are
 # those of a lighter load than the row's title says.
 W2_RATE_TOLERANCE = 0.95
+# An adapter's own --timeout is the harness's bound less this margin, so it stops itself and
+# its workers (which run in their own sessions, out of reach of the harness's kill) first.
+ADAPTER_TIMEOUT_MARGIN = 60.0
+# On the bound, an adapter gets SIGTERM (it stops its workers, up to 15 s) before SIGKILL.
+TERMINATE_GRACE = 20.0
 W4_TARGET = 1.5  # the issue: lease latency at 1M queued within 1.5x of that at 10k
 POSTGRESQL = "postgresql"  # the pseudo-system of the pgbench row: the database alone
 # The pseudo-system of the w3-floor row: Conveyor's transport and insert without Conveyor.
@@ -368,6 +373,7 @@ def run_system(
     else:
         argv = [sys.executable, str(script), "--workload", workload.contract]
         argv += ["--pg-url", pg_url, "--redis-url", redis_url, *extra]
+        argv += ["--timeout", f"{max(timeout - ADAPTER_TIMEOUT_MARGIN, timeout / 2):g}"]
     if system == "conveyor":
         argv += args.conveyor_args
     # Its own session, so a run that overstays is stopped with every process it started.
@@ -383,9 +389,15 @@ def run_system(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # SIGTERM first: the adapter then stops the workers it started in their own sessions.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=TERMINATE_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
         return {"error": f"timed out after {timeout:.0f}s", "stderr_tail": stderr[-2000:]}
     if process.returncode != 0:
         return {
