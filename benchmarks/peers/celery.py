@@ -49,6 +49,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run one workload."""
     common.flush_redis(args.redis_url)
     app.conf.broker_url = args.redis_url
+    # The producer side only: w3-concurrent's producers would otherwise queue for the
+    # default pool of 10 broker connections.
+    app.conf.broker_pool_limit = common.CONCURRENT_PRODUCERS
 
     def start_workers(procs: common.Processes) -> None:
         procs.start(
