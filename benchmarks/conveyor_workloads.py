@@ -11,13 +11,15 @@ its last stdout line, as benchmarks/peers/<system>.py do:
 - w1: 20,000 no-op tasks enqueued in bulk (batches of 1,000) with no worker running, then
   the workers start; `tasks_per_second` = tasks / (last finished_at - first started_at),
   both read from the database.
-- w2: one enqueue at a time at a fixed rate (open loop: each call is sent at its scheduled
-  time whether or not the previous one has returned) for S seconds while the workers run.
-  Timed as the peers are (peers/common.py): `start_ms` is the p50/p95/p99 from the
-  producer's time.time() just before the call to the handler's first line (the `bench.timed`
-  handler appends it to a timing file); `finish_ms` runs to the outcome's durable record
-  (finished_at; PostgreSQL's clock is the machine's). `steps_ms` splits the start latency
-  at the insert's and the claim's transactions (created_at, started_at).
+- w2: single enqueues at a fixed rate (open loop: each call is sent at its scheduled time
+  whether or not the previous one has returned; the peers' producers wait for each call)
+  for S seconds while the workers run, after the peers' warm-up. Paced and stamped by the
+  peers' code (peers/common.py): `start_ms` is the p50/p95/p99 from the producer's
+  time.time() just before the call to the handler's first line (the `bench.timed` handler
+  appends it to a timing file); `finish_ms` runs to finished_at, now() of the transaction
+  that records the outcome (its start: the commit follows; PostgreSQL's clock is the
+  machine's). `achieved_rate` is the rate sent from first to last send. `steps_ms` splits
+  the start latency at the insert's and the claim's transactions (created_at, started_at).
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
   tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed;
@@ -416,8 +418,8 @@ async def w2(
 
     return {
         # What the peers report: the producer's clock just before the call, to the
-        # handler's first line (start) and to the outcome's durable record (finish; the
-        # peers' finish is their function's return, which is earlier).
+        # handler's first line (start) and to finished_at (finish: the start of the
+        # outcome's transaction; the peers' finish is their function's return, earlier).
         "start_ms": percentiles([(ran[i][0] - at) * 1000 for i, at in enqueued_at.items()]),
         "finish_ms": percentiles([(finished[i] - at) * 1000 for i, at in enqueued_at.items()]),
         # Where the start latency goes (the database's clock is the machine's): the call
