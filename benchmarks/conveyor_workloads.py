@@ -11,13 +11,15 @@ its last stdout line, as benchmarks/peers/<system>.py do:
 - w1: 20,000 no-op tasks enqueued in bulk (batches of 1,000) with no worker running, then
   the workers start; `tasks_per_second` = tasks / (last finished_at - first started_at),
   both read from the database.
-- w2: one enqueue at a time at a fixed rate (open loop: each call is sent at its scheduled
-  time whether or not the previous one has returned) for S seconds while the workers run.
-  Timed as the peers are (peers/common.py): `start_ms` is the p50/p95/p99 from the
-  producer's time.time() just before the call to the handler's first line (the `bench.timed`
-  handler appends it to a timing file); `finish_ms` runs to the outcome's durable record
-  (finished_at; PostgreSQL's clock is the machine's). `steps_ms` splits the start latency
-  at the insert's and the claim's transactions (created_at, started_at).
+- w2: single enqueues at a fixed rate (open loop: each call is sent at its scheduled time
+  whether or not the previous one has returned; the peers' producers wait for each call)
+  for S seconds while the workers run, after the peers' warm-up. Paced and stamped by the
+  peers' code (peers/common.py): `start_ms` is the p50/p95/p99 from the producer's
+  time.time() just before the call to the handler's first line (the `bench.timed` handler
+  appends it to a timing file); `finish_ms` runs to finished_at, now() of the transaction
+  that records the outcome (its start: the commit follows; PostgreSQL's clock is the
+  machine's). `achieved_rate` is the rate sent from first to last send. `steps_ms` splits
+  the start latency at the insert's and the claim's transactions (created_at, started_at).
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
   tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed;
@@ -88,6 +90,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import conveyor_sql  # noqa: E402 - benchmarks/ is not a package
 from apps import NOOP_TYPE, TIMED_TYPE  # noqa: E402
 from peers import common  # noqa: E402
+from peers.common import percentiles  # noqa: E402 - nearest rank, as the peers report
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,8 +99,8 @@ CONVEYOR = Path(sys.executable).parent / "conveyor"
 WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk", "w4")
 BULK_BATCH = 1000
 PRODUCERS = 32
-# Workers sized for the machine: one process per core, each with this many slots.
-DEFAULT_WORKER_PROCESSES = max(1, os.cpu_count() or 1)
+# As many worker processes as every peer runs (peers/common.py), each with this many slots.
+DEFAULT_WORKER_PROCESSES = common.WORKER_PROCESSES
 DEFAULT_CONCURRENCY = 64
 START_TIMEOUT = 60.0
 # W4: tasks per backlog statement (one transaction each); the probe and the drain.
@@ -158,21 +161,6 @@ def is_ready(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
         return bool(response.status == 200)
     return False
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50/p95/p99 with linear interpolation between the closest ranks."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
-
-    def at(q: float) -> float:
-        position = q * (len(ordered) - 1)
-        low = int(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-    return {name: round(at(q), 2) for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
 
 
 class Cluster:
@@ -360,6 +348,9 @@ async def w1(
         " count(*) FILTER (WHERE state = 'succeeded') AS ok FROM conveyor_tasks"
     )
     assert row is not None  # an aggregate always returns its row
+    if row["ok"] != args.tasks:
+        # The drain stops when nothing is left to run: a failed task must not pass as drained.
+        raise RuntimeError(f"{row['ok']} of {args.tasks} tasks succeeded")
     elapsed = (row["last"] - row["first"]).total_seconds()
     return {
         "tasks_per_second": round(args.tasks / elapsed, 1),
@@ -375,36 +366,41 @@ async def w1(
 async def w2(
     cluster: Cluster, conn: asyncpg.Connection, args: argparse.Namespace
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     with common.timing_file() as timings:
         async with AsyncClient(cluster.address) as client:
             # The workers inherit the timing file's path (common.TIMING_ENV).
             await cluster.start_workers(client, args.worker_processes, args.concurrency)
-            warm = await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(50)])
-            await wait_finished(conn, len(warm), 30)
-            await asyncio.sleep(1.0)
+            # The peers' warm-up (peers/common.py): timed tasks with ids below zero.
+            warm = await client.enqueue_tasks(
+                [
+                    Task(type=TIMED_TYPE, payload=str(index).encode())
+                    for index in range(-common.WARM_UP_TASKS, 0)
+                ]
+            )
+            await wait_finished(conn, len(warm), common.WARM_UP_TIMEOUT)
+            await asyncio.sleep(common.WARM_UP_SETTLE)
             idle = cluster.rss()
-            total = int(args.rate * args.seconds)
             calls: list[asyncio.Task[str]] = []
-            enqueued_at: dict[int, float] = {}
-            cpu_before = cluster.cpu()
-            producer_before = time.process_time()
-            started = loop.time()
-            for index in range(total):
-                delay = started + index / args.rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                # Stamped as the peers stamp (peers/common.py): just before the call.
-                enqueued_at[index] = time.time()
+
+            async def send(index: int) -> None:
+                # Open loop: the call is started, not awaited, so the next goes out on time
+                # however long this one takes (the peers' producers wait for each call).
                 task = Task(type=TIMED_TYPE, payload=str(index).encode())
                 calls.append(asyncio.create_task(client.enqueue_task(task)))
+
+            cpu_before = cluster.cpu()
+            producer_before = time.process_time()
+            # Paced and stamped as the peers are (peers/common.py): just before the call.
+            sent = await common.paced_async(args.rate, args.seconds, send)
+            enqueued_at = sent.enqueued_at
+            total = len(enqueued_at)
             ids = await asyncio.gather(*calls)
-            sent_for = loop.time() - started
-            await wait_finished(conn, len(warm) + total, args.seconds + 60)
+            await wait_finished(conn, len(warm) + total, common.POST_LOAD_WAIT)
             cpu_after = cluster.cpu()
             cpu_after["producer"] = time.process_time() - producer_before
             cpu_before["producer"] = 0.0
-            ran = common.read_timings(timings)
+            reader = common.TimingReader(timings)
+            ran = reader.read()
     rows = await conn.fetch(
         "SELECT payload, extract(epoch FROM created_at) AS created,"
         " extract(epoch FROM started_at) AS started, extract(epoch FROM finished_at) AS finished"
@@ -422,8 +418,8 @@ async def w2(
 
     return {
         # What the peers report: the producer's clock just before the call, to the
-        # handler's first line (start) and to the outcome's durable record (finish; the
-        # peers' finish is their function's return, which is earlier).
+        # handler's first line (start) and to finished_at (finish: the start of the
+        # outcome's transaction; the peers' finish is their function's return, earlier).
         "start_ms": percentiles([(ran[i][0] - at) * 1000 for i, at in enqueued_at.items()]),
         "finish_ms": percentiles([(finished[i] - at) * 1000 for i, at in enqueued_at.items()]),
         # Where the start latency goes (the database's clock is the machine's): the call
@@ -434,7 +430,9 @@ async def w2(
             "claim_to_handler": step(lambda i: stamps[i][1], lambda i: ran[i][0]),
         },
         "tasks": len(rows),
-        "achieved_rate": round(total / sent_for, 1),
+        "duplicates": reader.duplicates,
+        "achieved_rate": sent.achieved_rate,
+        "worst_late_ms": round(sent.worst_late * 1000, 1),
         # CPU per task while the load ran, by process group (the producer is this process).
         "cpu_us_per_task": cpu_per_task(cpu_before, cpu_after, total),
         "idle_server_rss_mib": idle["server_rss_mib"],

@@ -17,9 +17,11 @@ definitions:
         w3-bulk} --pg-url URL --redis-url URL [--tasks N] [--rate R] [--seconds S]
 
 prints one JSON object on its last stdout line: `{"tasks_per_second": x}` (w1, w3-*),
-`{"start_ms": {"p50", "p95", "p99"}, "finish_ms": {...}}` (w2), or `{"unsupported": why}`.
-Conveyor's own side is benchmarks/conveyor_workloads.py (its docstring defines the
-workloads). A system whose script is missing or fails is shown as n/a with the error.
+`{"start_ms": {"p50", "p95", "p99"}, "finish_ms": {...}, "achieved_rate": sends/s}` (w2,
+with `lost` when tasks did not run), or `{"unsupported": why}`. Conveyor's own side is
+benchmarks/conveyor_workloads.py (its docstring defines the workloads). A system whose
+script is missing or fails is shown as n/a with the error; a W2 run that lost tasks counts
+as failed, and a W2 row that sent below 95% of its rate is marked with a footnote.
 
 Workloads: W1 end to end (20,000 no-op tasks enqueued in bulk, then drained; first start
 to last finish), W2 latency (one enqueue at a time at 200/s and 1,000/s while workers run;
@@ -75,6 +77,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from peers.common import WORKER_PROCESSES
 from rich.console import Console
 from rich.table import Table
 
@@ -112,7 +115,7 @@ WORKLOADS = {
             "w1",
             "W1 end to end: {tasks:,} no-op tasks enqueued in bulk, then drained (tasks/s)",
             "throughput",
-            "target: >= 1.0x PgQueuer (2 worker processes)",
+            "target: >= 1.0x PgQueuer",
         ),
         Workload(
             "burst",
@@ -195,6 +198,14 @@ WORKLOADS = {
     )
 }
 W4_SMALL = 10_000
+# A W2 run that sent below this fraction of its target rate is marked: its latencies are
+# those of a lighter load than the row's title says.
+W2_RATE_TOLERANCE = 0.95
+# An adapter's own --timeout is the harness's bound less this margin, so it stops itself and
+# its workers (which run in their own sessions, out of reach of the harness's kill) first.
+ADAPTER_TIMEOUT_MARGIN = 60.0
+# On the bound, an adapter gets SIGTERM (it stops its workers, up to 15 s) before SIGKILL.
+TERMINATE_GRACE = 20.0
 W4_TARGET = 1.5  # the issue: lease latency at 1M queued within 1.5x of that at 10k
 POSTGRESQL = "postgresql"  # the pseudo-system of the pgbench row: the database alone
 # The pseudo-system of the w3-floor row: Conveyor's transport and insert without Conveyor.
@@ -315,7 +326,7 @@ def contract_args(workload: Workload, args: argparse.Namespace) -> tuple[list[st
         tasks = args.burst_tasks if workload.key == "burst" else args.tasks
         return ["--tasks", str(tasks)], args.w1_timeout
     if workload.contract == "w2":
-        rate = workload.key.split("-")[1]
+        rate = f"{w2_rate(workload):g}"
         return ["--rate", rate, "--seconds", f"{args.w2_seconds:g}"], args.w2_seconds + 240
     if workload.contract == "w4":
         queued = W4_SMALL if workload.key == "w4-10k" else args.w4_queued
@@ -326,6 +337,11 @@ def contract_args(workload: Workload, args: argparse.Namespace) -> tuple[list[st
         extra = ["--seconds", f"{args.pgbench_seconds:g}", "--clients", str(args.pgbench_clients)]
         return extra, 2 * args.pgbench_seconds + 180
     return ["--seconds", f"{args.w3_seconds:g}"], args.w3_seconds + 180
+
+
+def w2_rate(workload: Workload) -> float:
+    """The target enqueue rate of a W2 row ("w2-1000": 1,000 a second)."""
+    return float(workload.key.split("-")[1])
 
 
 def last_json_line(stdout: str) -> dict[str, Any]:
@@ -357,6 +373,7 @@ def run_system(
     else:
         argv = [sys.executable, str(script), "--workload", workload.contract]
         argv += ["--pg-url", pg_url, "--redis-url", redis_url, *extra]
+        argv += ["--timeout", f"{max(timeout - ADAPTER_TIMEOUT_MARGIN, timeout / 2):g}"]
     if system == "conveyor":
         argv += args.conveyor_args
     # Its own session, so a run that overstays is stopped with every process it started.
@@ -372,9 +389,15 @@ def run_system(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # SIGTERM first: the adapter then stops the workers it started in their own sessions.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=TERMINATE_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
         return {"error": f"timed out after {timeout:.0f}s", "stderr_tail": stderr[-2000:]}
     if process.returncode != 0:
         return {
@@ -399,6 +422,9 @@ def run_once(
     name = f"bench_{system}_{workload.key.replace('-', '_')}_{repeat}"
     asyncio.run(admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     asyncio.run(admin(base_url, f'CREATE DATABASE "{name}"'))
+    # Write out the previous run's dirty pages and the new database's now, or the checkpoint
+    # they bring on lands in this run's measurement.
+    asyncio.run(admin(base_url, "CHECKPOINT"))
     if redis is not None:
         redis.command("FLUSHALL")
     redis_url = redis.url if redis is not None else "redis://127.0.0.1:1/0"
@@ -408,6 +434,12 @@ def run_once(
     finally:
         asyncio.run(admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     result["wall_seconds"] = round(time.monotonic() - started, 1)
+    if result.get("lost") and "error" not in result:
+        # Its percentiles cover only the tasks that ran, and would read as a complete run's.
+        result["error"] = (
+            f"lost {result['lost']:,} of {result['lost'] + result.get('tasks', 0):,} tasks "
+            "(not run within the wait after the last send)"
+        )
     return result
 
 
@@ -448,6 +480,9 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 return {key: found}
         return {"error": "no runs"}
     summary: dict[str, Any] = {"failed_runs": len(runs) - len(good)}
+    duplicates = sum(r.get("duplicates", 0) for r in good)
+    if duplicates:
+        summary["duplicates"] = duplicates
     if workload.kind in ("scale", "limit"):
         summary.update(spread_tree(good))
         return summary
@@ -456,6 +491,7 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         for key in ("start_ms", "finish_ms"):
             summary[key] = {p: spread([r[key][p] for r in good]) for p in LATENCY_PERCENTILES}
+        summary["good_runs"] = len(good)
         rates = [r["achieved_rate"] for r in good if r.get("achieved_rate") is not None]
         if rates:
             summary["achieved_rate"] = spread(rates)
@@ -548,14 +584,69 @@ def table_for(
             values.append(fmt(sent["median"]) if sent else "-")
         failed = summary["failed_runs"]
         label = system + (f" [red]({failed} failed)[/]" if failed else "")
+        if workload.kind == "latency" and sent_short(workload, summary):
+            label += " [yellow]*[/]"
+        if summary.get("duplicates"):
+            label += " [yellow]†[/]"
         table.add_row(label, *values, *ratio_cells(workload, system, summaries))
     return table
+
+
+def sent_short(workload: Workload, summary: dict[str, Any]) -> bool:
+    """Whether any run of a W2 cell sent below the tolerance, or did not say what it sent."""
+    sent = summary.get("achieved_rate")
+    if sent is None or sent["n"] < summary.get("good_runs", sent["n"]):
+        return True
+    return bool(sent["min"] < W2_RATE_TOLERANCE * w2_rate(workload))
+
+
+def row_notes(workload: Workload, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The footnotes of the rows marked in :func:`table_for`."""
+    notes = []
+    short = shortfall_note(workload, summaries)
+    if short is not None:
+        notes.append(short)
+    repeated = [
+        f"{system} ({summary['duplicates']:,} over the runs)"
+        for system, summary in summaries.items()
+        if summary.get("duplicates")
+    ]
+    if repeated:
+        notes.append(
+            f"[yellow]† ran some tasks more than once: {', '.join(repeated)}; each task's "
+            "first run is the one timed[/]"
+        )
+    return notes
+
+
+def shortfall_note(workload: Workload, summaries: dict[str, dict[str, Any]]) -> str | None:
+    """The footnote for the W2 rows marked by :func:`sent_short`."""
+    if workload.kind != "latency":
+        return None
+    short = []
+    for system, summary in summaries.items():
+        if "error" in summary or "unsupported" in summary:
+            continue
+        if sent_short(workload, summary):
+            sent = summary.get("achieved_rate")
+            low = f"{fmt(sent['min'])}/s at the lowest" if sent else "rate not reported"
+            short.append(f"{system} ({low})")
+    if not short:
+        return None
+    return (
+        f"[yellow]* sent below {W2_RATE_TOLERANCE:.0%} of the target rate "
+        f"({fmt(w2_rate(workload))}/s): {', '.join(short)}; its latencies are of a lighter "
+        "load[/]"
+    )
 
 
 def caption(workload: Workload) -> str:
     text = "median (min-max) over the repeats; ratio: how many times better Conveyor is"
     if workload.kind == "latency":
-        text += " (on start p50, p99); sent/s: the enqueue rate achieved"
+        text += (
+            " (on start p50, p99); sent/s: the enqueue rate achieved, first send to last"
+            " (Conveyor's producer is open loop; the peers' send one call at a time)"
+        )
     return f"[dim]{text}[/]" + (f"\n[dim]{workload.target}[/]" if workload.target else "")
 
 
@@ -806,6 +897,24 @@ def memory_table(results: dict[str, dict[str, Any]]) -> Table | None:
     return table
 
 
+# The settings that make a commit durable: every system is measured with them on.
+DURABLE_SETTINGS = ("fsync", "synchronous_commit")
+
+
+def check_durable(base_url: str) -> None:
+    """Exit with an error unless the database commits durably (a --pg-url may not)."""
+    off = [
+        f"{name}={value}"
+        for name in DURABLE_SETTINGS
+        if (value := asyncio.run(admin(base_url, f"SHOW {name}"))) != "on"
+    ]
+    if off:
+        sys.exit(
+            f"refusing to run: the benchmark needs durable commits, but this PostgreSQL has "
+            f"{', '.join(off)} (set {' and '.join(DURABLE_SETTINGS)} to on)"
+        )
+
+
 def machine_info(base_url: str, redis: Redis | None) -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError):
@@ -940,6 +1049,8 @@ def run_workloads(
         if workload.kind in ("throughput", "latency"):
             console.print(table_for(workload, summaries, args))
             console.print(caption(workload))
+            for note in row_notes(workload, summaries):
+                console.print(note)
             console.print()
     return results
 
@@ -951,6 +1062,7 @@ def main() -> None:
         reexec_under_postgres()
     if not base_url:
         sys.exit("no PostgreSQL: CONVEYOR_TEST_DATABASE_URL is not set")
+    check_durable(base_url)
 
     redis: Redis | None = None
     if any(s in REDIS_SYSTEMS for s in args.systems):
@@ -973,7 +1085,8 @@ def main() -> None:
             f"W2: {args.w2_seconds:g} s, "
             f"W3: {args.w3_seconds:g} s, W4: {W4_SMALL:,} and {args.w4_queued:,} queued, "
             f"{args.w4_probes} probes, {args.w4_drain:,} drained, pgbench: "
-            f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}\n"
+            f"{args.pgbench_seconds:g} s per mode; systems: {', '.join(args.systems)}; "
+            f"worker processes: {WORKER_PROCESSES} for every system\n"
         )
         results = run_workloads(args, base_url, redis)
         # The floor, W4 and the pgbench limit compare across workloads: printed once all
@@ -1006,6 +1119,7 @@ def main() -> None:
                 "pgbench_clients": args.pgbench_clients,
                 "systems": args.systems,
                 "conveyor_args": args.conveyor_args,
+                "worker_processes": WORKER_PROCESSES,
             },
             "results": results,
         }
@@ -1040,7 +1154,8 @@ def brief(result: dict[str, Any]) -> str:
     start, finish = result["start_ms"], result["finish_ms"]
     return (
         f"start p50 {start['p50']} p99 {start['p99']} ms, finish p50 {finish['p50']} "
-        f"p99 {finish['p99']} ms ({result['wall_seconds']} s)"
+        f"p99 {finish['p99']} ms, sent {result.get('achieved_rate')}/s "
+        f"({result['wall_seconds']} s)"
     )
 
 

@@ -1,6 +1,6 @@
 """Celery 5.7 peer: Redis broker, ``task_acks_late=True``, no result backend.
 
-Workers: one ``celery worker`` with the prefork pool and concurrency 2 (2 worker processes),
+Workers: one ``celery worker`` with the prefork pool and concurrency ``WORKER_PROCESSES``,
 prefetch multiplier left at its default (4), gossip, mingle and heartbeats off (they only
 slow start-up). Celery has no bulk enqueue (a ``group`` publishes its messages one by one), so
 w1 pre-queues with single ``delay`` calls and w3-bulk is unsupported.
@@ -49,6 +49,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run one workload."""
     common.flush_redis(args.redis_url)
     app.conf.broker_url = args.redis_url
+    # The producer side only: w3-concurrent's producers would otherwise queue for the
+    # default pool of 10 broker connections.
+    app.conf.broker_pool_limit = common.CONCURRENT_PRODUCERS
 
     def start_workers(procs: common.Processes) -> None:
         procs.start(

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
@@ -44,9 +45,19 @@ WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk")
 TIMING_ENV = "PEER_BENCH_TIMING_FILE"
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1]
 CONCURRENT_PRODUCERS = 32
-WORKER_PROCESSES = 2
+# Worker processes, the same number for every system (conveyor_workloads.py too): one per
+# core, and at least 2 so a single-core machine still runs several; run.py prints it.
+WORKER_PROCESSES = max(2, os.cpu_count() or 1)
 DEFAULT_HARD_TIMEOUT = 600.0
 WATCHDOG_GRACE = 20.0  # seconds past the hard timeout before the watchdog thread steps in
+# W2, every system (conveyor_workloads.py too): how long after the last send the tasks may
+# take to finish. A task not finished by then is lost, and a run that lost one has failed.
+POST_LOAD_WAIT = 60.0
+# W2's warm-up, every system: this many timed tasks (ids below zero, left out of the result)
+# run before the load, then a pause so the slower worker process is up too.
+WARM_UP_TASKS = 20
+WARM_UP_SETTLE = 2.0
+WARM_UP_TIMEOUT = 60.0
 
 
 # --- Arguments and output ----------------------------------------------------------------
@@ -201,35 +212,52 @@ def timing_file() -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def read_timings(path: Path) -> dict[int, tuple[float, float]]:
-    """Task id -> (start, finish), from complete lines only."""
-    timings: dict[int, tuple[float, float]] = {}
-    with path.open("rb") as f:
-        data = f.read()
-    for line in data.split(b"\n"):
-        parts = line.split()
-        if len(parts) == 3:
-            timings[int(parts[0])] = (float(parts[1]), float(parts[2]))
-    return timings
+class TimingReader:
+    """The timing file read as it grows: each task's first line, and how many lines repeat one.
 
+    A task whose line appears twice ran twice (a redelivery). Its first run is the one
+    timed, and the repeats are counted, not taken for other tasks. Each read parses only
+    the lines added since the last, so polling a long run costs the machine little.
+    """
 
-def count_lines(path: Path) -> int:
-    """The number of complete timing lines written so far."""
-    with path.open("rb") as f:
-        return f.read().count(b"\n")
+    def __init__(self, path: Path) -> None:
+        """Start at the beginning of ``path``."""
+        self.path = path
+        self.offset = 0
+        self.timings: dict[int, tuple[float, float]] = {}
+        self.duplicates = 0
+
+    def read(self) -> dict[int, tuple[float, float]]:
+        """Task id -> (start, finish), from the complete lines written so far."""
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        self.offset += complete
+        for line in data[:complete].split(b"\n"):
+            parts = line.split()
+            if len(parts) == 3:
+                task_id = int(parts[0])
+                if task_id in self.timings:
+                    self.duplicates += 1
+                else:
+                    self.timings[task_id] = (float(parts[1]), float(parts[2]))
+        return self.timings
 
 
 def wait_for_tasks(
     path: Path, expected: int, timeout: float, alive: Callable[[], None] | None = None
 ) -> int:
-    """Wait until ``expected`` timing lines exist or ``timeout`` passes; return the count.
+    """Wait until ``expected`` distinct tasks ran or ``timeout`` passes; return how many ran.
 
+    Distinct task ids, not lines: a task run twice must not stand in for one never run.
     ``alive`` is called on each poll and should raise if the workers died.
     """
+    reader = TimingReader(path)
     deadline = time.monotonic() + timeout
     last_count, last_progress = -1, time.monotonic()
     while True:
-        count = count_lines(path)
+        count = len(reader.read())
         if count >= expected:
             return count
         now = time.monotonic()
@@ -248,7 +276,8 @@ def wait_for_tasks(
 
 def w1_result(path: Path, expected: int) -> dict[str, Any]:
     """Tasks/s from the first task start to the last task finish."""
-    timings = read_timings(path)
+    reader = TimingReader(path)
+    timings = reader.read()
     if len(timings) < expected:
         raise RuntimeError(f"only {len(timings)} of {expected} tasks completed")
     first_start = min(start for start, _ in timings.values())
@@ -257,14 +286,16 @@ def w1_result(path: Path, expected: int) -> dict[str, Any]:
         "tasks_per_second": round(len(timings) / (last_finish - first_start), 1),
         "tasks": len(timings),
         "seconds": round(last_finish - first_start, 3),
+        "duplicates": reader.duplicates,
     }
 
 
-def w2_result(path: Path, enqueued_at: dict[int, float]) -> dict[str, Any]:
-    """Enqueue->start and enqueue->finish percentiles, in milliseconds."""
-    timings = read_timings(path)
+def w2_result(path: Path, sent: Sent) -> dict[str, Any]:
+    """Enqueue->start and enqueue->finish percentiles in milliseconds, and the rate sent."""
+    reader = TimingReader(path)
+    timings = reader.read()
     start_ms, finish_ms = [], []
-    for task_id, before_enqueue in enqueued_at.items():
+    for task_id, before_enqueue in sent.enqueued_at.items():
         if task_id in timings:
             started, finished = timings[task_id]
             start_ms.append((started - before_enqueue) * 1000)
@@ -273,9 +304,12 @@ def w2_result(path: Path, enqueued_at: dict[int, float]) -> dict[str, Any]:
         "start_ms": percentiles(start_ms),
         "finish_ms": percentiles(finish_ms),
         "tasks": len(start_ms),
+        "achieved_rate": sent.achieved_rate,
+        "worst_late_ms": round(sent.worst_late * 1000, 1),
+        "duplicates": reader.duplicates,
     }
-    if len(start_ms) < len(enqueued_at):
-        result["lost"] = len(enqueued_at) - len(start_ms)
+    if len(start_ms) < len(sent.enqueued_at):
+        result["lost"] = len(sent.enqueued_at) - len(start_ms)
     return result
 
 
@@ -287,40 +321,70 @@ def throughput(count: int, elapsed: float) -> dict[str, Any]:
 # --- Producers ---------------------------------------------------------------------------
 
 
-def _schedule(rate: float, seconds: float) -> Iterator[tuple[int, float]]:
-    """(i, seconds to wait before call i) for ``rate`` calls a second over ``seconds``.
+@dataclass
+class Sent:
+    """What a W2 producer sent: each task's send time, and how far the sends fell behind."""
 
-    Open loop: the schedule does not slip when a call is slow (late calls go out at once).
+    enqueued_at: dict[int, float] = field(default_factory=dict)  # i -> time.time() before call
+    worst_late: float = 0.0  # seconds: the latest send past its scheduled time
+
+    @property
+    def achieved_rate(self) -> float | None:
+        """Sends per second between the first send and the last (None for fewer than 2).
+
+        A producer that waits for each call sends slower than the target when a call takes
+        longer than the interval; this is the rate it really sent at.
+        """
+        if len(self.enqueued_at) < 2:
+            return None
+        stamps = self.enqueued_at.values()
+        span = max(stamps) - min(stamps)
+        return round((len(self.enqueued_at) - 1) / span, 1) if span > 0 else None
+
+    def stamp(self, i: int, due: float) -> None:
+        """Record that call ``i``, due at monotonic time ``due``, goes out now."""
+        self.worst_late = max(self.worst_late, time.monotonic() - due)
+        self.enqueued_at[i] = time.time()
+
+
+def _schedule(rate: float, seconds: float) -> Iterator[tuple[int, float]]:
+    """(i, monotonic time call i is due) for ``rate`` calls a second over ``seconds``.
+
+    The schedule does not slip when a call is slow: a late call goes out at once and the
+    next keeps its own time. A producer that waits for each call still cannot send more
+    than one call per call's duration; :class:`Sent` shows what it achieved.
     """
     t0 = time.monotonic()
     for i in range(int(rate * seconds)):
-        yield i, t0 + i / rate - time.monotonic()
+        yield i, t0 + i / rate
 
 
-def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> dict[int, float]:
-    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``; return i -> time before call."""
-    enqueued_at: dict[int, float] = {}
-    for i, delay in _schedule(rate, seconds):
+def paced(rate: float, seconds: float, enqueue: Callable[[int], object]) -> Sent:
+    """Call ``enqueue(i)`` at ``rate`` per second for ``seconds``, one call at a time."""
+    sent = Sent()
+    for i, due in _schedule(rate, seconds):
+        delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        enqueued_at[i] = time.time()
+        sent.stamp(i, due)
         enqueue(i)
-    return enqueued_at
+    return sent
 
 
 async def paced_async(
     rate: float, seconds: float, enqueue: Callable[[int], Awaitable[object]]
-) -> dict[int, float]:
+) -> Sent:
     """The asyncio twin of :func:`paced`."""
     import asyncio  # noqa: PLC0415 - only the asyncio adapters need it
 
-    enqueued_at: dict[int, float] = {}
-    for i, delay in _schedule(rate, seconds):
+    sent = Sent()
+    for i, due in _schedule(rate, seconds):
+        delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        enqueued_at[i] = time.time()
+        sent.stamp(i, due)
         await enqueue(i)
-    return enqueued_at
+    return sent
 
 
 def sequential(seconds: float, enqueue: Callable[[int], object]) -> dict[str, Any]:
@@ -578,14 +642,16 @@ def run_sync_workload(
     if workload == "w2":
         with timing_file() as path, Processes() as procs:
             start_workers(procs)
-            for i in range(-20, 0):
+            for i in range(-WARM_UP_TASKS, 0):
                 enqueue(i)
-            if wait_for_tasks(path, 20, 60, procs.check_alive) < 20:
+            ready = wait_for_tasks(path, WARM_UP_TASKS, WARM_UP_TIMEOUT, procs.check_alive)
+            if ready < WARM_UP_TASKS:
                 raise RuntimeError("workers did not start")
-            time.sleep(2)  # let every worker process come up
-            enqueued_at = paced(args.rate, args.seconds, enqueue)
-            wait_for_tasks(path, len(enqueued_at) + 20, 30, procs.check_alive)
-            return w2_result(path, enqueued_at)
+            time.sleep(WARM_UP_SETTLE)
+            sent = paced(args.rate, args.seconds, enqueue)
+            expected = len(sent.enqueued_at) + WARM_UP_TASKS
+            wait_for_tasks(path, expected, POST_LOAD_WAIT, procs.check_alive)
+            return w2_result(path, sent)
     if workload == "w3-single":
         return sequential(args.seconds, enqueue)
     if workload == "w3-concurrent":

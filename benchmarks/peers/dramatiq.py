@@ -1,6 +1,6 @@
 """Dramatiq 2.2 peer: Redis broker, default middleware.
 
-Workers: the ``dramatiq`` CLI with 2 processes x 8 threads (its defaults on this machine).
+Workers: the ``dramatiq`` CLI with ``WORKER_PROCESSES`` processes x 8 threads (its defaults).
 Dramatiq has no bulk enqueue (``group`` sends its messages one by one), so w1 pre-queues
 with single ``send`` calls and w3-bulk is unsupported.
 """

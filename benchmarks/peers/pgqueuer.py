@@ -1,18 +1,26 @@
 """PgQueuer 1.6 peer: asyncpg, the schema installed from Python, workers started from Python.
 
-Workers: 2 processes, each a ``QueueManager`` run as ``pgq run`` runs it (``pgqueuer.run`` on
-uvloop, its defaults: batch size 10, no concurrency limit). They are started from Python
-rather than through ``pgq run``, whose log-level option breaks with typer 0.29.
+Workers: ``WORKER_PROCESSES`` processes (peers/common.py), each a ``QueueManager`` run as
+``pgq run`` runs it (``pgqueuer.run`` on uvloop, its defaults: batch size 10, no concurrency
+limit). They are started from Python rather than through ``pgq run``, whose log-level option
+breaks with typer 0.29.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":
     # This file shadows the `pgqueuer` package when run as a script: import from benchmarks/.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# Logged tables, as every system here is durable: an inherited PGQUEUER_DURABILITY (or its
+# legacy spelling DURABILITY) of volatile or balanced would make some UNLOGGED. Set before
+# pgqueuer reads its settings; the workers inherit it.
+os.environ["PGQUEUER_DURABILITY"] = "durable"
+os.environ.pop("DURABILITY", None)
 
 import asyncio
 import time
@@ -75,12 +83,19 @@ async def enqueue_batch(queries: Queries, ids: list[int]) -> None:
 
 async def warm_up(queries: Queries, path: Path, procs: common.Processes) -> None:
     """Wait until the workers run tasks (ids below zero, ignored by the w2 result)."""
-    await enqueue_batch(queries, list(range(-20, 0)))
+    await enqueue_batch(queries, list(range(-common.WARM_UP_TASKS, 0)))
     loop = asyncio.get_running_loop()
-    done = await loop.run_in_executor(None, common.wait_for_tasks, path, 20, 60, procs.check_alive)
-    if done < 20:
+    done = await loop.run_in_executor(
+        None,
+        common.wait_for_tasks,
+        path,
+        common.WARM_UP_TASKS,
+        common.WARM_UP_TIMEOUT,
+        procs.check_alive,
+    )
+    if done < common.WARM_UP_TASKS:
         raise RuntimeError("workers did not start")
-    await asyncio.sleep(2)  # let the slower worker reach its LISTEN too
+    await asyncio.sleep(common.WARM_UP_SETTLE)  # let the slower worker reach its LISTEN too
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,16 +125,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with common.timing_file() as path, common.Processes() as procs:
                 start_workers(procs, args)
                 await warm_up(queries, path, procs)
-                enqueued_at = await common.paced_async(
+                sent = await common.paced_async(
                     args.rate,
                     args.seconds,
                     lambda i: queries.enqueue(ENTRYPOINT, str(i).encode()),
                 )
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(
-                    None, common.wait_for_tasks, path, len(enqueued_at) + 20, 30, procs.check_alive
+                    None,
+                    common.wait_for_tasks,
+                    path,
+                    len(sent.enqueued_at) + common.WARM_UP_TASKS,
+                    common.POST_LOAD_WAIT,
+                    procs.check_alive,
                 )
-                return common.w2_result(path, enqueued_at)
+                return common.w2_result(path, sent)
         if workload == "w3-single":
             return await common.sequential_async(
                 args.seconds, lambda i: queries.enqueue(ENTRYPOINT, str(i).encode())

@@ -1,7 +1,8 @@
 """Procrastinate 3.10 peer: psycopg 3 connector, schema applied from Python.
 
-Workers: 2 processes, each ``App.run_worker_async`` with LISTEN/NOTIFY on (the default) and
-``concurrency`` WORKER_CONCURRENCY. Bulk enqueue is ``Task.batch_defer_async``.
+Workers: ``WORKER_PROCESSES`` processes (peers/common.py), each ``App.run_worker_async`` with
+LISTEN/NOTIFY on (the default) and ``concurrency`` WORKER_CONCURRENCY. Bulk enqueue is
+``Task.batch_defer_async``.
 """
 
 from __future__ import annotations
@@ -97,15 +98,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if workload == "w2":
             with common.timing_file() as path, common.Processes() as procs:
                 start_workers(procs, args)
-                await noop.batch_defer_async(*({"task_id": i} for i in range(-20, 0)))
-                if await wait_for(path, 20, 60, procs) < 20:
+                warm = range(-common.WARM_UP_TASKS, 0)
+                await noop.batch_defer_async(*({"task_id": i} for i in warm))
+                ready = await wait_for(path, len(warm), common.WARM_UP_TIMEOUT, procs)
+                if ready < len(warm):
                     raise RuntimeError("workers did not start")
-                await asyncio.sleep(2)  # let the slower worker reach its LISTEN too
-                enqueued_at = await common.paced_async(
+                await asyncio.sleep(common.WARM_UP_SETTLE)  # the slower worker's LISTEN too
+                sent = await common.paced_async(
                     args.rate, args.seconds, lambda i: noop.defer_async(task_id=i)
                 )
-                await wait_for(path, len(enqueued_at) + 20, 30, procs)
-                return common.w2_result(path, enqueued_at)
+                expected = len(sent.enqueued_at) + len(warm)
+                await wait_for(path, expected, common.POST_LOAD_WAIT, procs)
+                return common.w2_result(path, sent)
         if workload == "w3-single":
             return await common.sequential_async(
                 args.seconds, lambda i: noop.defer_async(task_id=i)
