@@ -40,8 +40,11 @@ Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.event_loop")
 
-# How often a closing loop looks again whether grpc still owes it completions.
+# How soon a closing loop looks again whether grpc still owes it completions, doubling up
+# to the longest: each look scans the whole heap, which in a large application takes
+# milliseconds, so a call left open must not make the close a busy loop of scans.
 GRPC_SETTLE_POLL: Final = 0.005
+GRPC_SETTLE_POLL_LONGEST: Final = 0.1
 
 # Tasks left behind when their loop closed (they ignored their cancellation), referenced
 # while they are pending so that they are never destroyed half-way: their coroutines would
@@ -130,9 +133,11 @@ def _settle_grpc(loop: asyncio.AbstractEventLoop, within: float) -> None:
 
     async def settled() -> int:
         deadline = loop.time() + within
+        pause = GRPC_SETTLE_POLL
         # Polled: grpc signals a completion to its own callback only.
-        while (owed := _grpc_owes(loop)) and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(GRPC_SETTLE_POLL)
+        while (owed := _grpc_owes(loop)) and loop.time() < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, GRPC_SETTLE_POLL_LONGEST)
         return owed
 
     owed = loop.run_until_complete(settled())
