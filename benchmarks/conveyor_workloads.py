@@ -11,8 +11,8 @@ its last stdout line, as benchmarks/peers/<system>.py do:
 - w1: 20,000 no-op tasks enqueued in bulk (batches of 1,000) with no worker running, then
   the workers start; `tasks_per_second` = tasks / (last finished_at - first started_at),
   both read from the database.
-- w2: single enqueues at a fixed rate (open loop: each call is sent at its scheduled time
-  whether or not the previous one has returned; the peers' producers wait for each call)
+- w2: single enqueues at a fixed rate (open loop, as the peers' producers: each call is sent
+  at its scheduled time whether or not the previous one has returned, up to 32 at once)
   for S seconds while the workers run, after the peers' warm-up. Paced and stamped by the
   peers' code (peers/common.py): `start_ms` is the p50/p95/p99 from the producer's
   time.time() just before the call to the handler's first line (the `bench.timed` handler
@@ -380,21 +380,19 @@ async def w2(
             await wait_finished(conn, len(warm), common.WARM_UP_TIMEOUT)
             await asyncio.sleep(common.WARM_UP_SETTLE)
             idle = cluster.rss()
-            calls: list[asyncio.Task[str]] = []
+            ids: list[str] = []
 
             async def send(index: int) -> None:
-                # Open loop: the call is started, not awaited, so the next goes out on time
-                # however long this one takes (the peers' producers wait for each call).
                 task = Task(type=TIMED_TYPE, payload=str(index).encode())
-                calls.append(asyncio.create_task(client.enqueue_task(task)))
+                ids.append(await client.enqueue_task(task))
 
             cpu_before = cluster.cpu()
             producer_before = time.process_time()
-            # Paced and stamped as the peers are (peers/common.py): just before the call.
+            # Paced, stamped and bounded as the peers are (peers/common.py): open loop, up to
+            # W2_IN_FLIGHT calls at once, each stamped just before it starts.
             sent = await common.paced_async(args.rate, args.seconds, send)
             enqueued_at = sent.enqueued_at
             total = len(enqueued_at)
-            ids = await asyncio.gather(*calls)
             await wait_finished(conn, len(warm) + total, common.POST_LOAD_WAIT)
             cpu_after = cluster.cpu()
             cpu_after["producer"] = time.process_time() - producer_before

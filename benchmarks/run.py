@@ -24,11 +24,11 @@ script is missing or fails is shown as n/a with the error; a W2 run that lost ta
 as failed, and a W2 row that sent below 95% of its rate is marked with a footnote.
 
 Workloads: W1 end to end (20,000 no-op tasks enqueued in bulk, then drained; first start
-to last finish), W2 latency (one enqueue at a time at 200/s and 1,000/s while workers run;
-enqueue->start and enqueue->finish percentiles), W3 enqueue (sequential single calls, 32
-concurrent single-task producers, the bulk API). Prints a table per workload, with each
-value's median and spread over the repeats and the ratio to Conveyor, and writes
-benchmarks/results/latest.json.
+to last finish), W2 latency (one task per call at 200/s and 1,000/s while workers run,
+every producer open loop; enqueue->start and enqueue->finish percentiles), W3 enqueue
+(sequential single calls, 32 concurrent single-task producers, the bulk API). Prints a
+table per workload, with each value's median and spread over the repeats and the ratio to
+Conveyor, and writes benchmarks/results/latest.json.
 
 One row has fewer peers: `burst`, W1 with `--burst-tasks` (150,000) tasks, run by Conveyor
 and PgQueuer only (Procrastinate, Celery and Dramatiq would take minutes a run). It finds
@@ -645,7 +645,7 @@ def caption(workload: Workload) -> str:
     if workload.kind == "latency":
         text += (
             " (on start p50, p99); sent/s: the enqueue rate achieved, first send to last"
-            " (Conveyor's producer is open loop; the peers' send one call at a time)"
+            " (every producer is open loop: each call at its time, up to 32 at once)"
         )
     return f"[dim]{text}[/]" + (f"\n[dim]{workload.target}[/]" if workload.target else "")
 

@@ -125,11 +125,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with common.timing_file() as path, common.Processes() as procs:
                 start_workers(procs, args)
                 await warm_up(queries, path, procs)
-                sent = await common.paced_async(
-                    args.rate,
-                    args.seconds,
-                    lambda i: queries.enqueue(ENTRYPOINT, str(i).encode()),
-                )
+                # Open loop: calls overlap, so each needs a connection of its own.
+                async with asyncpg.create_pool(
+                    args.pg_url, min_size=common.W2_IN_FLIGHT, max_size=common.W2_IN_FLIGHT
+                ) as pool:
+                    pooled = Queries(AsyncpgPoolDriver(pool))
+                    sent = await common.paced_async(
+                        args.rate,
+                        args.seconds,
+                        lambda i: pooled.enqueue(ENTRYPOINT, str(i).encode()),
+                    )
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(
                     None,

@@ -81,7 +81,10 @@ async def wait_for(path: Path, count: int, timeout: float, procs: common.Process
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run one workload."""
-    pool_size = common.CONCURRENT_PRODUCERS if args.workload == "w3-concurrent" else None
+    # Calls overlap in w2 (open loop) and w3-concurrent: a connection for each.
+    pool_size = {"w2": common.W2_IN_FLIGHT, "w3-concurrent": common.CONCURRENT_PRODUCERS}.get(
+        args.workload
+    )
     app, noop = make_app(args.pg_url, pool_size)
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
