@@ -56,16 +56,16 @@ class OpenCalls:
         with self.lock:
             self.open -= 1
 
+    async def slow_enqueue(self, _i: int) -> None:
+        """An async enqueue that takes SLOW_CALL, counted while open."""
+        self.enter()
+        await asyncio.sleep(SLOW_CALL)
+        self.leave()
+
 
 def test_the_async_pacer_sends_on_schedule_whatever_each_call_takes() -> None:
     calls = OpenCalls()
-
-    async def slow_enqueue(_i: int) -> None:
-        calls.enter()
-        await asyncio.sleep(SLOW_CALL)
-        calls.leave()
-
-    sent = asyncio.run(common.paced_async(RATE, SECONDS, slow_enqueue))
+    sent = asyncio.run(common.paced_async(RATE, SECONDS, calls.slow_enqueue))
     assert sorted(sent.enqueued_at) == list(range(CALLS))
     assert sent.achieved_rate is not None
     assert sent.achieved_rate > RATE / 2
@@ -75,13 +75,7 @@ def test_the_async_pacer_sends_on_schedule_whatever_each_call_takes() -> None:
 
 def test_the_async_pacer_never_has_more_than_its_bound_open() -> None:
     calls = OpenCalls()
-
-    async def slow_enqueue(_i: int) -> None:
-        calls.enter()
-        await asyncio.sleep(SLOW_CALL)
-        calls.leave()
-
-    sent = asyncio.run(common.paced_async(RATE, SECONDS, slow_enqueue, in_flight=3))
+    sent = asyncio.run(common.paced_async(RATE, SECONDS, calls.slow_enqueue, in_flight=3))
     assert calls.most == 3
     assert len(sent.enqueued_at) == CALLS
     # Three slots of 50 ms carry 60 calls/s: the sends fell behind, and the result says so.
