@@ -77,7 +77,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from peers.common import WORKER_PROCESSES
+from peers.common import W2_IN_FLIGHT, WORKER_PROCESSES
 from rich.console import Console
 from rich.table import Table
 
@@ -645,7 +645,7 @@ def caption(workload: Workload) -> str:
     if workload.kind == "latency":
         text += (
             " (on start p50, p99); sent/s: the enqueue rate achieved, first send to last"
-            " (every producer is open loop: each call at its time, up to 32 at once)"
+            f" (every producer is open loop: each call at its time, up to {W2_IN_FLIGHT} at once)"
         )
     return f"[dim]{text}[/]" + (f"\n[dim]{workload.target}[/]" if workload.target else "")
 

@@ -61,7 +61,7 @@ WARM_UP_TIMEOUT = 60.0
 # W2, every system: the producer is open loop, each call sent at its scheduled time with up
 # to this many in flight, as many as W3's concurrent producers. A producer that waited for
 # each call sent below the rate once a call outlasted the interval (PgQueuer's "1,000/s"
-# went out at 416-768/s), and the delay of the calls it held back was never measured.
+# went out at 372-768/s), and the delay of the calls it held back was never measured.
 W2_IN_FLIGHT = CONCURRENT_PRODUCERS
 
 
@@ -402,16 +402,24 @@ class _ProducerThreads:
         self._threads = [threading.Thread(target=self._produce, daemon=True) for _ in range(count)]
         for thread in self._threads:
             thread.start()
-        self._ready.wait()  # every thread has its enqueue function
+        try:
+            self._ready.wait()  # every thread has its enqueue function
+        except threading.BrokenBarrierError:
+            # A thread could not build its enqueue function: say why, not that the barrier
+            # broke (the other threads leave the broken barrier too).
+            raise RuntimeError(f"a producer failed: {self.errors[0]!r}") from self.errors[0]
 
     def _produce(self) -> None:
         try:
             enqueue = self.make_enqueue()
-        except BaseException as exc:
+        except BaseException as exc:  # raised by __init__, in the caller's thread
             self.errors.append(exc)
             self._ready.abort()
-            raise
-        self._ready.wait()
+            return
+        try:
+            self._ready.wait()
+        except threading.BrokenBarrierError:
+            return  # another thread could not start: the run is over before it began
         while (call := self.due_calls.get()) is not None:
             i, due = call
             with self._stamp_lock:

@@ -121,3 +121,11 @@ def test_a_failed_call_fails_the_run_after_the_others_went_out() -> None:
     with pytest.raises(RuntimeError, match="broker gone"):
         common.paced(RATE, 0.1, make_enqueue, in_flight=2)
     assert sorted(done) == [i for i in range(int(RATE * 0.1)) if i != 3]
+
+
+def test_a_producer_that_cannot_start_fails_the_run_with_its_own_error() -> None:
+    def make_enqueue() -> object:
+        raise ConnectionRefusedError("no broker")
+
+    with pytest.raises(RuntimeError, match="no broker"):
+        common.paced(RATE, 0.1, make_enqueue, in_flight=2)
