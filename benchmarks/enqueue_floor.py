@@ -10,16 +10,31 @@ shows how far Conveyor is from the best any implementation of it could do here.
 A child process serves one bidirectional grpc.aio method on Conveyor's event loop (uvloop,
 as the server). For each message, an `EnqueueStreamRequest` carrying one task exactly as
 `AsyncClient` sends it, it runs Conveyor's own one-task insert (`task_insert_one`, from
-queries.sql, on the migrated schema) on a connection from an asyncpg pool, and answers with
-an `EnqueueStreamResponse`. This process sends the next request when the answer arrives,
-as W3 single does (on the standard asyncio loop, as its producer). Nothing else: no
-authentication gate, metrics, group commit, handoff, retries, deadlines or circuit
-breakers. Any design with a Python gRPC server between the producer and PostgreSQL pays
-about this much at least, so a target above this floor is out of the design's reach on this
-machine, whatever Conveyor's own code does.
+queries.sql, on the migrated schema) on a connection of its own, and answers with an
+`EnqueueStreamResponse`. (Until the nineteenth session it took a connection from an
+asyncpg pool with asyncpg's default reset on release: a round trip more per enqueue than
+Conveyor makes, so the floor measured 920-1,000/s where a connection of its own does
+1,260-1,300; docs/performance.md, "The nineteenth round".) This process sends the next
+request when the answer arrives, as W3 single does (on the standard asyncio loop, as its
+producer). Nothing else: no authentication gate, metrics, group commit, handoff,
+retries, deadlines or circuit breakers. Any design with a Python gRPC server between the
+producer and PostgreSQL pays about this much at least, so a target above this floor is out
+of the design's reach on this machine, whatever Conveyor's own code does.
+
+The floor's two parts are also timed alone, each as fast as it goes here: the transport (the
+same server answering the same request without the insert: a message each way on an open
+stream) and the insert with its commit (the same statement, one after another, from one
+asyncpg connection on uvloop, with no gRPC at all). A sequential enqueue needs both, one
+after the other, whatever the design: its task is inserted after its request arrives and
+answered after its commit. So the sum of their times per call is the least an enqueue
+takes here (`bound_per_second` is its inverse), even for a server that ran no code at all
+between the two parts. A sequential target above that bound cannot be met on this machine
+by any design that puts a Python gRPC server between the producer and PostgreSQL and
+commits each enqueue before answering it.
 
 Prints one JSON object on its last stdout line, as the workload scripts do:
-`tasks_per_second`, and the client's and the server's CPU per enqueue in µs.
+`tasks_per_second`, the client's and the server's CPU per enqueue in µs, and the parts
+alone: `transport_alone_us`, `insert_alone_us` (wall time per call) and `bound_per_second`.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from conveyor.storage import migrate, queries
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, new_task_ids
 
 METHOD = "/Floor/Enqueue"
+ECHO_METHOD = "/Floor/Echo"
 WARM_UP = 200
 START_TIMEOUT = 30.0
 
@@ -64,31 +80,40 @@ def serve(pg_url: str, port_file: str) -> None:
                 timeout=spec.timeout.ToTimedelta(),
                 max_retries=spec.max_retries,
             )
-            async with pool.acquire() as conn:
-                created = await queries.task_insert_one(conn, task)
+            created = await queries.task_insert_one(conn, task)
             response = pb.EnqueueTasksResponse(task_ids=[spec.id], created=[created])
             await context.write(
                 pb.EnqueueStreamResponse(request_id=request.request_id, response=response)
             )
 
+    async def echo(_requests: Any, context: Any) -> None:
+        """The transport alone: the enqueue's answer, without its insert."""
+        while (request := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            spec = request.request.tasks[0]
+            response = pb.EnqueueTasksResponse(task_ids=[spec.id], created=[True])
+            await context.write(
+                pb.EnqueueStreamResponse(request_id=request.request_id, response=response)
+            )
+
     async def main() -> None:
-        nonlocal pool
-        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
+        nonlocal conn
+        conn = await asyncpg.connect(pg_url)
         server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(
-            enqueue,
-            request_deserializer=pb.EnqueueStreamRequest.FromString,
-            response_serializer=pb.EnqueueStreamResponse.SerializeToString,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("Floor", {"Enqueue": handler}),)
-        )
+        handlers = {
+            name: grpc.stream_stream_rpc_method_handler(
+                behaviour,
+                request_deserializer=pb.EnqueueStreamRequest.FromString,
+                response_serializer=pb.EnqueueStreamResponse.SerializeToString,
+            )
+            for name, behaviour in (("Enqueue", enqueue), ("Echo", echo))
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("Floor", handlers),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         Path(port_file).write_text(str(port))  # noqa: ASYNC240 - once, before any client
         await server.wait_for_termination()
 
-    pool: Any = None
+    conn: Any = None
     event_loop.run(main())
 
 
@@ -100,13 +125,44 @@ def request(number: int, timeout: Duration) -> pb.EnqueueStreamRequest:
     return pb.EnqueueStreamRequest(request_id=number, request=pb.EnqueueTasksRequest(tasks=[spec]))
 
 
-async def produce(address: str, server_pid: int, seconds: float) -> dict[str, float]:
-    """Sequential enqueues for `seconds`: the rate, and CPU per enqueue on both ends."""
+def new_task() -> queries.NewTask:
+    """The row the floor server inserts for `request`'s task."""
+    return queries.NewTask(
+        id=new_task_ids(1)[0],
+        type=NOOP_TYPE,
+        payload=b"",
+        timeout=DEFAULT_TIMEOUT,
+        max_retries=DEFAULT_MAX_RETRIES,
+    )
+
+
+async def insert_alone(pg_url: str, seconds: float) -> float:
+    """µs of wall time per sequential insert and commit, with no gRPC on the way."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(WARM_UP):
+            await queries.task_insert_one(conn, new_task())
+        count = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while time.perf_counter() < deadline:
+            if not await queries.task_insert_one(conn, new_task()):
+                raise RuntimeError("the insert created no task")
+            count += 1
+        return (time.perf_counter() - started) * 1e6 / count
+    finally:
+        await conn.close()
+
+
+async def produce(
+    address: str, server_pid: int, seconds: float, method: str = METHOD
+) -> dict[str, float]:
+    """Sequential exchanges for `seconds`: the rate, and CPU per exchange on both ends."""
     timeout = Duration()
     timeout.FromTimedelta(DEFAULT_TIMEOUT)
     async with grpc.aio.insecure_channel(address) as channel:
         call: Any = channel.stream_stream(  # type: ignore[call-arg]
-            METHOD,
+            method,
             request_serializer=pb.EnqueueStreamRequest.SerializeToString,
             response_deserializer=pb.EnqueueStreamResponse.FromString,
         )()
@@ -135,6 +191,7 @@ async def produce(address: str, server_pid: int, seconds: float) -> dict[str, fl
     wall = meter.result["wall_us"] / 1e6
     return {
         "tasks_per_second": round(count / wall, 1),
+        "wall_us_per_task": round(meter.result["wall_us"] / count, 1),
         "tasks": count,
         "client_cpu_us_per_task": round(meter.result["client_cpu_us"] / count, 1),
         "server_cpu_us_per_task": round(meter.result["server_cpu_us"] / count, 1),
@@ -173,10 +230,22 @@ def main() -> None:
             address = f"127.0.0.1:{port_file.read_text()}"
             # The standard loop, as conveyor_workloads.py's producer runs on.
             result = asyncio.run(produce(address, server.pid, args.seconds))
+            # The parts alone, for the bound: each on the loop that serves it best (uvloop
+            # would only make the transport's client cheaper; the bound stays a bound).
+            echo = asyncio.run(produce(address, server.pid, args.seconds, ECHO_METHOD))
         finally:
             server.terminate()
             server.wait(timeout=10)
-    print(json.dumps({**result, "seconds": args.seconds, "cores": os.cpu_count()}))
+    insert_us = event_loop.run(insert_alone(args.pg_url, args.seconds))
+    transport_us = echo["wall_us_per_task"]
+    parts = {
+        "transport_alone_us": transport_us,
+        "transport_client_cpu_us": echo["client_cpu_us_per_task"],
+        "transport_server_cpu_us": echo["server_cpu_us_per_task"],
+        "insert_alone_us": round(insert_us, 1),
+        "bound_per_second": round(1e6 / (transport_us + insert_us), 1),
+    }
+    print(json.dumps({**result, **parts, "seconds": args.seconds, "cores": os.cpu_count()}))
 
 
 if __name__ == "__main__":
