@@ -9,32 +9,12 @@ and to result files written before the bound existed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from bench_modules import load_bench_module
 from rich.console import Console
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load_run() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))  # run.py imports its siblings (peers.common)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_run", BENCHMARKS / "run.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-run = load_run()
+run = load_bench_module("run.py", "bench_run")
 
 
 def floor_run(tasks_per_second: float, transport_us: float, insert_us: float) -> dict[str, Any]:

@@ -10,14 +10,11 @@ the run instead of shrinking it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import threading
 import time
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_modules import load_bench_module
 
 RATE = 200.0
 SECONDS = 0.5
@@ -25,18 +22,7 @@ CALLS = int(RATE * SECONDS)
 SLOW_CALL = 0.05  # ten intervals at 200/s: a producer that waits for each call sends 20/s
 
 
-def load_common() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "common.py"
-    spec = importlib.util.spec_from_file_location("bench_peers_common", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-common = load_common()
+common = load_bench_module("peers/common.py", "bench_peers_common")
 
 
 class OpenCalls:
