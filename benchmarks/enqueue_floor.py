@@ -126,7 +126,7 @@ def request(number: int, timeout: Duration) -> pb.EnqueueStreamRequest:
 
 
 def new_task() -> queries.NewTask:
-    """The row the floor server inserts for `request`'s task."""
+    """A row like the one the floor server inserts for `request`'s task, with a new id."""
     return queries.NewTask(
         id=new_task_ids(1)[0],
         type=NOOP_TYPE,
@@ -230,8 +230,8 @@ def main() -> None:
             address = f"127.0.0.1:{port_file.read_text()}"
             # The standard loop, as conveyor_workloads.py's producer runs on.
             result = asyncio.run(produce(address, server.pid, args.seconds))
-            # The parts alone, for the bound: each on the loop that serves it best (uvloop
-            # would only make the transport's client cheaper; the bound stays a bound).
+            # The transport alone, its client on the standard loop as W3's producer is: the
+            # bound is that producer's (one on uvloop pays less for its end of the exchange).
             echo = asyncio.run(produce(address, server.pid, args.seconds, ECHO_METHOD))
         finally:
             server.terminate()
