@@ -70,30 +70,19 @@ START_TIMEOUT = 30.0
 def serve(pg_url: str, port_file: str) -> None:
     """The floor server: decode, insert with Conveyor's statement, answer; nothing more."""
 
-    async def enqueue(_requests: Any, context: Any) -> None:
-        while (request := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            spec = request.request.tasks[0]
-            task = queries.NewTask(
-                id=spec.id,
-                type=spec.type,
-                payload=spec.payload,
-                timeout=spec.timeout.ToTimedelta(),
-                max_retries=spec.max_retries,
-            )
-            created = await queries.task_insert_one(conn, task)
-            response = pb.EnqueueTasksResponse(task_ids=[spec.id], created=[created])
-            await context.write(
-                pb.EnqueueStreamResponse(request_id=request.request_id, response=response)
-            )
+    def answering(*, insert: bool) -> Any:
+        """The method: each request inserted and answered, or (the transport alone) answered."""
 
-    async def echo(_requests: Any, context: Any) -> None:
-        """The transport alone: the enqueue's answer, without its insert."""
-        while (request := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            spec = request.request.tasks[0]
-            response = pb.EnqueueTasksResponse(task_ids=[spec.id], created=[True])
-            await context.write(
-                pb.EnqueueStreamResponse(request_id=request.request_id, response=response)
-            )
+        async def method(_requests: Any, context: Any) -> None:
+            while (request := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                spec = request.request.tasks[0]
+                created = await queries.task_insert_one(conn, task_of(spec)) if insert else True
+                response = pb.EnqueueTasksResponse(task_ids=[spec.id], created=[created])
+                await context.write(
+                    pb.EnqueueStreamResponse(request_id=request.request_id, response=response)
+                )
+
+        return method
 
     async def main() -> None:
         nonlocal conn
@@ -105,7 +94,10 @@ def serve(pg_url: str, port_file: str) -> None:
                 request_deserializer=pb.EnqueueStreamRequest.FromString,
                 response_serializer=pb.EnqueueStreamResponse.SerializeToString,
             )
-            for name, behaviour in (("Enqueue", enqueue), ("Echo", echo))
+            for name, behaviour in (
+                ("Enqueue", answering(insert=True)),
+                ("Echo", answering(insert=False)),
+            )
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("Floor", handlers),))
         port = server.add_insecure_port("127.0.0.1:0")
@@ -117,22 +109,30 @@ def serve(pg_url: str, port_file: str) -> None:
     event_loop.run(main())
 
 
-def request(number: int, timeout: Duration) -> pb.EnqueueStreamRequest:
+def new_spec() -> pb.TaskSpec:
     """One task, as `AsyncClient.enqueue_task(Task(type=NOOP_TYPE))` sends it."""
-    spec = pb.TaskSpec(
+    timeout = Duration()
+    timeout.FromTimedelta(DEFAULT_TIMEOUT)
+    return pb.TaskSpec(
         id=new_task_ids(1)[0], type=NOOP_TYPE, timeout=timeout, max_retries=DEFAULT_MAX_RETRIES
     )
-    return pb.EnqueueStreamRequest(request_id=number, request=pb.EnqueueTasksRequest(tasks=[spec]))
 
 
-def new_task() -> queries.NewTask:
-    """A row like the one the floor server inserts for `request`'s task, with a new id."""
+def request(number: int) -> pb.EnqueueStreamRequest:
+    """Request `number` of a stream, carrying one new task."""
+    return pb.EnqueueStreamRequest(
+        request_id=number, request=pb.EnqueueTasksRequest(tasks=[new_spec()])
+    )
+
+
+def task_of(spec: pb.TaskSpec) -> queries.NewTask:
+    """The row the floor inserts for a task as the client sent it."""
     return queries.NewTask(
-        id=new_task_ids(1)[0],
-        type=NOOP_TYPE,
-        payload=b"",
-        timeout=DEFAULT_TIMEOUT,
-        max_retries=DEFAULT_MAX_RETRIES,
+        id=spec.id,
+        type=spec.type,
+        payload=spec.payload,
+        timeout=spec.timeout.ToTimedelta(),
+        max_retries=spec.max_retries,
     )
 
 
@@ -141,12 +141,12 @@ async def insert_alone(pg_url: str, seconds: float) -> float:
     conn = await asyncpg.connect(pg_url)
     try:
         for _ in range(WARM_UP):
-            await queries.task_insert_one(conn, new_task())
+            await queries.task_insert_one(conn, task_of(new_spec()))
         count = 0
         started = time.perf_counter()
         deadline = started + seconds
         while time.perf_counter() < deadline:
-            if not await queries.task_insert_one(conn, new_task()):
+            if not await queries.task_insert_one(conn, task_of(new_spec())):
                 raise RuntimeError("the insert created no task")
             count += 1
         return (time.perf_counter() - started) * 1e6 / count
@@ -158,8 +158,6 @@ async def produce(
     address: str, server_pid: int, seconds: float, method: str = METHOD
 ) -> dict[str, float]:
     """Sequential exchanges for `seconds`: the rate, and CPU per exchange on both ends."""
-    timeout = Duration()
-    timeout.FromTimedelta(DEFAULT_TIMEOUT)
     async with grpc.aio.insecure_channel(address) as channel:
         call: Any = channel.stream_stream(  # type: ignore[call-arg]
             method,
@@ -171,7 +169,7 @@ async def produce(
         async def exchange() -> None:
             nonlocal number
             number += 1
-            await call.write(request(number, timeout))
+            await call.write(request(number))
             answer = await call.read()
             if answer.request_id != number or not answer.response.created[0]:
                 raise RuntimeError(f"unexpected answer to request {number}: {answer}")

@@ -862,7 +862,7 @@ def floor_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
         table.add_row(
             "Conveyor W3 single", fmt_spread(conveyor["tasks_per_second"]), "", "", fraction
         )
-    # The floor's parts alone (older result files lack them): their sum bounds any design.
+    # The floor's parts alone (older result files lack them): their sum is the bound.
     transport, insert = med(summary, "transport_alone_us"), med(summary, "insert_alone_us")
     bound = med(summary, "bound_per_second")
     if transport and insert and bound:
