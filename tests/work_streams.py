@@ -30,11 +30,20 @@ class RawCall:
     `open_call` gets the iterator of requests and returns the call (a response iterator).
     """
 
-    def __init__(self, open_call: Callable[[Iterator[Any]], Any]) -> None:
+    def __init__(self, open_call: Callable[[Iterator[Any]], Any], *, reading: bool = True) -> None:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._responses: queue.Queue[Any] = queue.Queue()
         self.call = open_call(self._outgoing())
         self._reader = threading.Thread(target=self._read, daemon=True)
+        if reading:
+            self._reader.start()
+
+    def start_reading(self) -> None:
+        """Begin taking responses off the call (for a call opened with `reading=False`).
+
+        Until then nothing is read, so a server's write larger than the channel's HTTP/2
+        window stays in flight: how a test holds a server in the middle of a write.
+        """
         self._reader.start()
 
     def _outgoing(self) -> Any:
@@ -75,9 +84,12 @@ class RawCall:
 class RawStream(RawCall):
     """One Work call from a test: `send` requests, `take` responses as they come."""
 
-    def __init__(self, stub: pb_grpc.WorkerServiceStub, metadata: Any = None) -> None:
+    def __init__(
+        self, stub: pb_grpc.WorkerServiceStub, metadata: Any = None, *, reading: bool = True
+    ) -> None:
         super().__init__(
-            lambda requests: stub.Work(requests, timeout=CALL_TIMEOUT, metadata=metadata)
+            lambda requests: stub.Work(requests, timeout=CALL_TIMEOUT, metadata=metadata),
+            reading=reading,
         )
 
     def send(self, **fields: Any) -> None:

@@ -22,6 +22,8 @@ from work_streams import ENDED, RawStream
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
+from conveyor.server.handoff import POLL_ENDED
+from conveyor.server.work_stream import STREAM_ENDED
 
 
 @pytest.fixture
@@ -114,6 +116,89 @@ class TestLeasing:
             assert row["worker_id"] == worker_id
         finally:
             stream.close()
+
+
+# A lease message larger than the test channel's HTTP/2 window: with BDP probing off the
+# window stays at its initial 64 KiB, so the server's write of this lease stays in flight
+# until the test reads (and the server's default payload limit, 1 MiB, allows it).
+HELD_PAYLOAD = b"x" * (900 * 1024)
+
+
+@pytest.fixture
+def narrow_stubs(server):
+    channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
+    yield pb_grpc.TaskServiceStub(channel), pb_grpc.WorkerServiceStub(channel)
+    channel.close()
+
+
+def held_in_a_write(
+    server: Any, stubs: Any, task_type: str, grant: int
+) -> tuple[RawStream, str, str]:
+    """A stream whose server is writing it a large lease the test does not read yet.
+
+    Returns the stream, its worker and the large task. The claim is counted in the same
+    turn of the server's event loop that begins the write and puts the stream's remaining
+    room on offer, so any enqueue the server takes after the count finds that offer.
+    """
+    tasks, workers = stubs
+    worker_id = register(workers, task_type)
+    large = pb.TaskSpec(
+        id=str(uuid.uuid4()), type=task_type, payload=HELD_PAYLOAD, timeout=Duration(seconds=60)
+    )
+    tasks.EnqueueTasks(pb.EnqueueTasksRequest(tasks=[large]), timeout=10)
+    stream = RawStream(workers, reading=False)
+    stream.send(worker_id=worker_id, task_types=[task_type], grant=grant)
+    wait_for(lambda: claims(server.http_url).get("tasks") == 1, what="the large task's claim")
+    return stream, worker_id, large.id
+
+
+def claims(http_url: str) -> dict[str, float]:
+    return metric_by_label(http_url, "conveyor_lease_claims_total", "result")
+
+
+class TestOfferingWhileWriting:
+    """While a lease message is written, the stream's remaining room waits at the handoff
+    desk as a long poll's does: a task enqueued meanwhile is leased by its own insert, not
+    queued for a claim after the write (a fifth of the tasks at 1,000/s were)."""
+
+    def test_a_task_enqueued_during_a_write_is_handed_over_within_the_room(
+        self, server, narrow_stubs, db
+    ):
+        stream, worker_id, large = held_in_a_write(server, narrow_stubs, "ws.writing", grant=2)
+        try:
+            handed, queued = enqueue(narrow_stubs[0], "ws.writing", 2)
+            # One task of room was left: the first task is leased in its insert, the second
+            # is queued.
+            assert db.task(handed)["state"] == "running"
+            assert db.task(handed)["worker_id"] == worker_id
+            assert db.task(queued)["state"] == "queued"
+            stream.start_reading()
+            assert stream.take() == pb.WorkResponse()  # the stream accepted
+            assert [lease.task_id for lease in leases_until(stream, 2)] == [large, handed]
+            assert stream.nothing_within(0.3)
+            assert db.task(queued)["state"] == "queued"
+            assert claims(server.http_url).get("handed_over") == 1
+        finally:
+            stream.close()
+
+    def test_a_stream_ending_during_the_write_hands_back_what_its_offer_got(
+        self, server, narrow_stubs, db
+    ):
+        stream, worker_id, large = held_in_a_write(server, narrow_stubs, "ws.gone", grant=2)
+        (handed,) = enqueue(narrow_stubs[0], "ws.gone", 1)
+        assert db.task(handed)["worker_id"] == worker_id
+        stream.close()
+        # Neither lease reached the worker: both tasks are queued again at once, each with
+        # why, and no attempt is spent.
+        for task_id, reason in ((large, STREAM_ENDED), (handed, POLL_ENDED)):
+            wait_for(lambda t=task_id: db.task(t)["state"] == "queued", what="the hand-back")
+            events = [(e["event"], e["worker_id"], e["detail"]) for e in db.events(task_id)]
+            assert events == [
+                ("enqueued", None, None),
+                ("started", worker_id, None),
+                ("released", worker_id, reason),
+            ]
+            assert db.task(task_id)["attempt"] == 0
 
 
 class TestReports:

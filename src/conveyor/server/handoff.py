@@ -25,6 +25,9 @@ A reserved offer cannot be withdrawn until its enqueue's statement returns: the 
 known only then. A poll that stops waiting meanwhile (woken, timed out) waits for them; a
 poll whose call was cancelled abandons them, and the desk hands its leases back through
 `release` so no task waits for a lease expiry.
+
+A Work stream leaves an offer the same way while it writes a lease message and has room
+left (work_stream.py), and settles or abandons it as a poll does.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ log = logging.getLogger("conveyor.server.handoff")
 
 # Why a handed-over lease went back to the queue (the `released` event's detail).
 POLL_ENDED: Final = (
-    "lease not delivered: the worker's long poll ended before the enqueue that leased it "
-    "the task had committed"
+    "lease not delivered: the worker's long poll or Work stream ended before the lease an "
+    "enqueue handed it could be sent"
 )
 STATEMENT_FAILED: Final = "lease not delivered: the enqueue's statement failed as it ran"
 

@@ -2,7 +2,8 @@
 
 A worker grants room for leases (`grant`, a credit it adds to as its slots free up) and the
 stream leases that many tasks as they come, through the same long-poll machinery as
-`LeaseTasks` (claims, wake-ups, the handoff desk) but with no call per lease. Outcomes
+`LeaseTasks` (claims, wake-ups, the handoff desk) but with no call per lease, and with its
+remaining room on offer at the desk while it writes a lease message too. Outcomes
 arrive as numbered batches and are applied as `ReportResults` applies them; each batch is
 answered on the stream with its number, in whatever order the batches finish.
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.server import failpoints
 from conveyor.server.rpc import EOF, Malformed
 
 if TYPE_CHECKING:
@@ -174,8 +176,38 @@ class WorkStream:
             rows = await service.lease(self._worker_id, self._task_types, limit, give_up_at=None)
             if not rows:
                 return  # the server drains
-            self._credit -= len(rows)
+            while rows:
+                self._credit -= len(rows)
+                rows = await self._deliver_offering(rows)
+
+    async def _deliver_offering(self, rows: list[Any]) -> list[Any]:
+        """Deliver `rows` with the room left on offer at the desk meanwhile; what it got.
+
+        A write takes a few hundred microseconds, and without an offer at the desk for that
+        time an enqueue found none for this worker and queued its task for a claim (about
+        a fifth of the tasks at 1,000/s; docs/performance.md, "The twentieth round"). The
+        offer joins the desk behind those of idle polls, so a task goes to a worker that is
+        writing only when no other waits. It is settled as a long poll's is: a reserved
+        offer's rows are waited for, and abandoned to the desk (handed back) if the call
+        ends first.
+        """
+        service = self._service
+        desk = service.handoff
+        room = min(self._credit, service.config.max_lease_batch)
+        offer = desk.open(self._worker_id, self._task_types, room) if room > 0 else None
+        try:
             await self._deliver(rows)
+            pending = desk.close(offer) if offer is not None else None
+            # Shielded: the offer's own future, which a cancelled wait would cancel too.
+            handed: list[Any] = await asyncio.shield(pending) if pending is not None else []
+        except BaseException:
+            if offer is not None:
+                desk.close(offer, abandon=True)
+            raise
+        if handed:
+            service.metrics.count_claim("handed_over")
+            failpoints.trigger(service.config.failpoints, "lease.after_claim")
+        return handed
 
     async def _deliver(self, rows: list[Any]) -> None:
         """Send leases; hand them back if the call ends before their message is written.
