@@ -4,7 +4,8 @@ Start: database (schema checked) -> notifier -> leader election -> gRPC services
 maintenance loops (which act only while this server leads).
 Stop (SIGTERM): long polls answered at once and health NOT_SERVING -> leadership resigned
 (the next leader need not wait for the TTL) -> gRPC stops accepting and finishes in-flight
-calls within the grace period -> maintenance -> HTTP -> notifier -> database. Every step
+calls within the grace period -> the calls it cancelled have unwound and handed back the
+leases they could not send -> maintenance -> HTTP -> notifier -> database. Every step
 runs even if an earlier one failed. A stop before start, or a second stop, does nothing.
 """
 
@@ -323,7 +324,11 @@ class ConveyorServer:
             self._stopped.set()
 
     async def _hand_back_undelivered(self) -> None:
-        await self.worker_service.handoff.handed_back(self.config.shutdown_grace.total_seconds())
+        grace = self.config.shutdown_grace.total_seconds()
+        # The streams gRPC cancelled hand their unsent leases back as they unwind: first
+        # let them, then wait for those hand-backs with the rest.
+        await self.worker_service.streams_ended(grace)
+        await self.worker_service.handoff.handed_back(grace)
 
     async def _stop_grpc(self) -> None:
         if self._grpc is not None:

@@ -53,7 +53,7 @@ STATEMENT_FAILED: Final = "lease not delivered: the enqueue's statement failed a
 
 @dataclass(eq=False)
 class Offer:
-    """One waiting long poll: the tasks it would take, and where they are delivered."""
+    """A waiting long poll (or a writing stream's room): what it takes, where it goes."""
 
     worker_id: str
     task_types: frozenset[str]
@@ -67,7 +67,7 @@ class Offer:
 
 
 class HandoffDesk:
-    """The offers of this server's waiting long polls (all on one event loop)."""
+    """The offers of this server's waiting long polls and writing streams (one event loop)."""
 
     def __init__(self, release: Callable[[list[Any], str, str], Awaitable[None]]) -> None:
         """`release(rows, worker_id, reason)` hands back leases no poll can deliver."""
@@ -86,7 +86,10 @@ class HandoffDesk:
         self.closed = False
 
     def open(self, worker_id: str, task_types: Sequence[str], limit: int) -> Offer:
-        """Leave an offer for a poll about to wait; `close` it when the wait ends."""
+        """Leave an offer for a poll about to wait; `close` it when the wait ends.
+
+        A Work stream leaves one for its remaining room while it writes a lease message.
+        """
         offer = Offer(worker_id, frozenset(task_types), limit)
         if not self.closed:
             for task_type in offer.task_types:
@@ -171,9 +174,10 @@ class HandoffDesk:
     def close(self, offer: Offer, *, abandon: bool = False) -> asyncio.Future[list[Any]] | None:
         """Withdraw an offer; its pending delivery if an enqueue has reserved it.
 
-        With `abandon` (the poll's call is gone) a pending delivery is handed back when it
-        arrives, and None is returned. Await a returned delivery through asyncio.shield: it
-        is the offer's own future, and a cancelled wait must not cancel it.
+        With `abandon` (the poll's or the stream's call is gone) a pending delivery is
+        handed back when it arrives, and None is returned. Await a returned delivery through
+        asyncio.shield: it is the offer's own future, and a cancelled wait must not cancel
+        it.
         """
         if offer.reserved == 0:
             self._withdraw(offer)

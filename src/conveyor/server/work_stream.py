@@ -186,10 +186,10 @@ class WorkStream:
         A write takes a few hundred microseconds, and without an offer at the desk for that
         time an enqueue found none for this worker and queued its task for a claim (about
         a fifth of the tasks at 1,000/s; docs/performance.md, "The twentieth round"). The
-        offer joins the desk behind those of idle polls, so a task goes to a worker that is
-        writing only when no other waits. It is settled as a long poll's is: a reserved
-        offer's rows are waited for, and abandoned to the desk (handed back) if the call
-        ends first.
+        offer joins the desk behind the polls already waiting, which get the next tasks
+        first. It is settled as a long poll's is: a reserved offer's rows are waited for,
+        and abandoned to the desk (handed back) if the call ends first; a stopping server
+        waits for the stream to unwind before its hand-backs (`streams_ended`).
         """
         service = self._service
         desk = service.handoff

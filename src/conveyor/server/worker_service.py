@@ -14,6 +14,7 @@ principal that registered it: no other credentials can lease, heartbeat or repor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -185,8 +186,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
-        # The Work calls open here (see work_stream.py), so draining can end them.
+        # The Work calls open here (see work_stream.py), so draining can end them, and an
+        # event set while there are none (what a stopping server waits for: `streams_ended`).
         self.streams: set[WorkStream] = set()
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
         # Enqueues lease tasks straight to the polls waiting here (see handoff.py).
         self.handoff = HandoffDesk(self.release_undelivered)
         # Successes reported at the same time share one statement and one commit.
@@ -366,12 +370,29 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             raise server_stopping()
         stream = WorkStream(self, context, worker_id, task_types)
         self.streams.add(stream)
+        self._no_streams.clear()
         self.metrics.work_streams.inc()
         try:
             await stream.serve(first)
         finally:
             self.streams.discard(stream)
+            if not self.streams:
+                self._no_streams.set()
             self.metrics.work_streams.dec()
+
+    async def streams_ended(self, timeout: float) -> None:
+        """Until every Work call on this server has ended (at most `timeout` seconds).
+
+        gRPC's stop cancels the calls still open when its grace runs out and returns before
+        their handlers have unwound; a stream hands back the leases it had not sent as it
+        unwinds (those of a write the cancelling failed, and those an enqueue handed to its
+        offer meanwhile). A stopping server waits for this before it waits for the
+        hand-backs, or they would start after that wait, find the pool closing, and leave
+        their tasks to a lease expiry, at the cost of an attempt.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._no_streams.wait()
 
     async def _look(
         self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, may_skip: bool
