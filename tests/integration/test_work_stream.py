@@ -137,8 +137,8 @@ def held_in_a_write(
     """A stream whose server is writing it a large lease the test does not read yet.
 
     Returns the stream, its worker and the large task. The claim is counted in the same
-    turn of the server's event loop that begins the write and puts the stream's remaining
-    room on offer, so any enqueue the server takes after the count finds that offer.
+    turn of the server's event loop that puts the stream's remaining room on offer and
+    schedules the write, so any enqueue the server takes after the count finds that offer.
     """
     tasks, workers = stubs
     worker_id = register(workers, task_type)
