@@ -11,6 +11,7 @@ real worker then long-polls and still finishes its tasks.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -160,6 +161,11 @@ class TestOfferingWhileWriting:
     """While a lease message is written, the stream's remaining room waits at the handoff
     desk as a long poll's does: a task enqueued meanwhile is leased by its own insert, not
     queued for a claim after the write (a fifth of the tasks at 1,000/s were)."""
+
+    @pytest.fixture
+    def server(self, start_server):
+        # The held write never finishes: a stop waits out all of its grace.
+        return start_server(shutdown_grace=timedelta(milliseconds=500))
 
     def test_a_task_enqueued_during_a_write_is_handed_over_within_the_room(
         self, server, narrow_stubs, db
