@@ -11,6 +11,7 @@ real worker then long-polls and still finishes its tasks.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -27,11 +28,16 @@ from conveyor.server.handoff import POLL_ENDED
 from conveyor.server.work_stream import STREAM_ENDED
 
 
-@pytest.fixture
-def stubs(server):
-    channel = grpc.insecure_channel(server.address)
+def stubs_on(server: Any, options: list[tuple[str, Any]] | None = None) -> Iterator[Any]:
+    """The task and worker stubs on one channel to `server`, closed after the test."""
+    channel = grpc.insecure_channel(server.address, options=options)
     yield pb_grpc.TaskServiceStub(channel), pb_grpc.WorkerServiceStub(channel)
     channel.close()
+
+
+@pytest.fixture
+def stubs(server):
+    yield from stubs_on(server)
 
 
 def register(workers: pb_grpc.WorkerServiceStub, task_type: str) -> str:
@@ -127,9 +133,7 @@ HELD_PAYLOAD = b"x" * (900 * 1024)
 
 @pytest.fixture
 def narrow_stubs(server):
-    channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
-    yield pb_grpc.TaskServiceStub(channel), pb_grpc.WorkerServiceStub(channel)
-    channel.close()
+    yield from stubs_on(server, [("grpc.http2.bdp_probe", 0)])
 
 
 def held_in_a_write(
