@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -111,6 +112,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def signal_a_thread_other_than_main(pid: int, sig: int) -> str:
+    """Send `sig` to one thread of process `pid` that is not its main thread; return its name.
+
+    The kernel gives a process's signal to whichever of its threads it likes, mostly the
+    main one: this is the other case, on purpose (Linux's tgkill, glibc 2.30+).
+    """
+    tids = (int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir())
+    threads = sorted(tid for tid in tids if tid != pid)
+    if not threads:
+        raise AssertionError(f"process {pid} runs no thread besides its main one")
+    tid = threads[-1]
+    name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig}) failed")
+    return name
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------

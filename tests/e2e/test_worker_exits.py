@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import conveyor_command, free_port, wait_final, wait_for
+from helpers import (
+    conveyor_command,
+    free_port,
+    signal_a_thread_other_than_main,
+    wait_final,
+    wait_for,
+)
 
 from conveyor import Task, TaskState
 
@@ -109,6 +115,57 @@ def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
     assert worker.wait(15) == 0, worker.output()
     assert time.monotonic() - signalled_at < 5, worker.output()
     assert "stopped before any server accepted the worker" in worker.output()
+
+
+@pytest.mark.slow
+def test_a_signal_caught_by_another_thread_while_registering_stops_it_at_once(
+    processes, e2e_pythonpath
+):
+    """Python runs signal handlers in the main thread only, and start() blocked it with no
+    timeout: a SIGINT the kernel gave to a gRPC thread went unseen until start() gave up."""
+    worker = processes(
+        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", f"127.0.0.1:{free_port()}"),
+        name="unregistered-worker",
+        PYTHONPATH=e2e_pythonpath,
+    )
+    wait_for(
+        lambda: "no server accepted the worker yet" in worker.output(),
+        timeout=30,
+        what="the worker to retry its registration",
+    )
+    signalled_at = time.monotonic()
+    thread = signal_a_thread_other_than_main(worker.pid, signal.SIGINT)
+    assert worker.wait(15) == 0, f"signalled thread {thread!r}\n{worker.output()}"
+    assert time.monotonic() - signalled_at < 5, worker.output()
+    assert "stopped before any server accepted the worker" in worker.output()
+
+
+@pytest.mark.slow
+def test_a_second_signal_caught_by_another_thread_during_the_drain_exits_at_once(
+    server, client, ledger, processes, e2e_pythonpath
+):
+    """The drain's wait blocked the main thread the same way: a second signal caught by
+    another thread waited for the drain to end, where it promises to exit at once."""
+    worker = processes(
+        conveyor_command("worker", "drain_workers:worker", "--server", server.address),
+        name="draining-worker",
+        CONVEYOR_TEST_LEDGER=str(ledger.path),
+        PYTHONPATH=e2e_pythonpath,
+    )
+    long = client.enqueue_task(Task(type="sleep", payload=b"60"))
+    wait_for(
+        lambda: long in {row["task_id"] for row in ledger.started()},
+        timeout=30,
+        what="the task to start",
+    )
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping gracefully" in worker.output(), timeout=10, what="the drain")
+    signalled_at = time.monotonic()
+    signal_a_thread_other_than_main(worker.pid, signal.SIGTERM)
+    # Status 1 is the exit at once; the drain (3 s) would have ended it with 0.
+    assert worker.wait(15) == 1, worker.output()
+    assert time.monotonic() - signalled_at < 2, worker.output()
+    assert "second signal: exiting without draining" in worker.output()
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -160,6 +161,13 @@ SHUTDOWN_CANCEL_GRACE: Final = 1.0
 # How long the tasks left on the worker's loop when it stops get to end after their
 # cancellation, before the loop closes without them (see event_loop.run).
 LOOP_CLOSE_GRACE: Final = 2.0
+# The longest the thread that calls start() or stop() blocks at a time. Python runs its signal
+# handlers only in the main thread, once it is back in its own code, and the kernel may give a
+# process's signal to any of its threads (gRPC's, the worker's): then nothing wakes a main
+# thread blocked with no timeout. Under `run`, a SIGINT caught by a gRPC thread while start()
+# waited for a server went unseen until start() gave up, 30 s later, and a second one during
+# the drain waited for the drain's end instead of exiting at once.
+SIGNAL_CHECK_INTERVAL: Final = 0.2
 # What an untraced attempt runs its handler in: no span, and no generator to make one.
 _NO_SPAN: Final = contextlib.nullcontext()
 # The worker whose attempt the current code runs in: set in each attempt's runner, so its
@@ -533,9 +541,10 @@ class Worker:
             if self._metrics_server is not None:
                 self._metrics_server.stop()
             raise
-        self._started.wait()
+        _wait_seeing_signals(self._started.wait, self._started.is_set)
         if self._start_error is not None:
-            self._thread.join()
+            thread = self._thread
+            _wait_seeing_signals(thread.join, lambda: not thread.is_alive())
             raise self._start_error
 
     def _serve_metrics(self) -> None:
@@ -601,7 +610,7 @@ class Worker:
         runtime.request_stop()
         if thread is None or thread is threading.current_thread() or _HANDLER_OF.get() is self:
             return
-        thread.join(limit.total_seconds())
+        _wait_seeing_signals(thread.join, lambda: not thread.is_alive(), limit.total_seconds())
 
     def hand_back_now(self) -> None:
         """Thread-safe: end the drain at once; stop the running handlers, hand their tasks back.
@@ -674,6 +683,21 @@ class Worker:
             raise WorkerCrashed(
                 f"worker {self.worker_id} crashed: {_describe(self._crash)}"
             ) from self._crash
+
+
+def _wait_seeing_signals(
+    wait: Callable[[float], object], done: Callable[[], bool], timeout: float | None = None
+) -> None:
+    """`wait(seconds)` until `done()` or `timeout` seconds, a slice at a time.
+
+    The signal handlers of `run` get to run between the slices (see SIGNAL_CHECK_INTERVAL).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done():
+        left = SIGNAL_CHECK_INTERVAL if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            return
+        wait(min(left, SIGNAL_CHECK_INTERVAL))
 
 
 def _take_stop_signals(
