@@ -49,6 +49,10 @@ from conveyor.server.config import ServerConfig
 from conveyor.storage import migrate
 from conveyor.storage.embedded import EmbeddedPostgres
 
+# Loaded here, not in faults/conftest.py: the results table is printed by the process that
+# prints the summary, which under pytest-xdist runs no test and so loads no conftest below.
+pytest_plugins = ("faults.results",)
+
 
 @dataclass
 class PostgresCluster:
@@ -56,7 +60,9 @@ class PostgresCluster:
 
     admin_url: str
     embedded: EmbeddedPostgres | None
-    template: str = "conveyor_test_template"
+    # One per pytest-xdist worker ("gw0", "gw1"...): the workers of one run share an
+    # external PostgreSQL, and each drops and rebuilds its template as it starts.
+    template: str = f"conveyor_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 
     def restart(self) -> None:
         """Stop and start the cluster (embedded only)."""

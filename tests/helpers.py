@@ -268,6 +268,10 @@ def conveyor_command(*args: str) -> list[str]:
 def process_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: tests/ importable, unbuffered output."""
     env = dict(os.environ)
+    # The CLI fits its tables to COLUMNS when set; pytest-xdist's workers have it set (80),
+    # a plain run does not. A test that wants a width says so in `extra`.
+    for terminal_size in ("COLUMNS", "LINES"):
+        env.pop(terminal_size, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

@@ -8,7 +8,8 @@ by PID (SIGKILL, SIGSTOP/SIGCONT, SIGTERM), PostgreSQL is stopped or its backend
 terminated, and the proxy delays, stalls or partitions the worker links.
 
 `check_invariants` is what every scenario must leave true (see its docstring); the
-`cluster` fixture in conftest.py runs it after each scenario and keeps a row of `RESULTS`.
+`cluster` fixture in conftest.py runs it after each scenario and keeps a row of the
+results table (faults/results.py).
 
 Quick server settings (`QUICK_SERVER_ARGS`), chosen so that every recovery path takes
 seconds instead of the production tens of seconds, with the same ratios as the defaults:
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from faults.proxy import FaultProxy
-from helpers import REPO_ROOT, Db, Ledger, ServerProcess, conveyor_command, wait_for
+from helpers import Db, Ledger, ServerProcess, conveyor_command, wait_for
 
 from conveyor import Client, Task
 from conveyor.client.channel import RetryPolicy
@@ -90,10 +91,6 @@ OUTCOME_STATES = {
 }
 WAITING_STATES = frozenset({"queued", "scheduled"})
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
-ARTIFACT = REPO_ROOT / "test-artifacts" / "faults.json"
-# One row per scenario run, printed and saved by pytest_terminal_summary (conftest.py).
-RESULTS: list[dict[str, Any]] = []
 
 
 # --- processes ------------------------------------------------------------------------------

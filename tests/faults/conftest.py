@@ -8,8 +8,8 @@ failure in the history, attempts within 1 + max_retries, one leader per term), a
 results table is kept, and everything is stopped: workers with SIGKILL (the scenario is
 over; a drain would only cost time), proxies, clients, then servers with SIGTERM.
 
-At the end of the run `pytest_terminal_summary` prints the results table and writes it as
-JSON to test-artifacts/faults.json (git-ignored). Columns: tasks (rows in conveyor_tasks),
+At the end of the run faults/results.py prints the results table and writes it as JSON to
+test-artifacts/faults.json (git-ignored). Columns: tasks (rows in conveyor_tasks),
 executions (ledger 'start' rows: real handler runs), duplicates (executions beyond the
 first of each task; each must be explained by an expiry, release or failure in the task's
 history), lost (acknowledged tasks missing or not final within the bound), recover (s)
@@ -20,20 +20,13 @@ the moment the affected tasks ran again elsewhere, a new leader led, /readyz ans
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from faults.cluster import (
-    ARTIFACT,
-    FINAL_STATE_TIMEOUT,
-    RESULTS,
-    Cluster,
-    Summary,
-    check_invariants,
-)
-from helpers import REPO_ROOT, Db, Ledger
+from faults.cluster import FINAL_STATE_TIMEOUT, Cluster, Summary, check_invariants
+from faults.results import RESULT_PROPERTY
+from helpers import Db, Ledger
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -71,53 +64,29 @@ def cluster(
             summary = check_invariants(db, ledger, cluster.acked, timeout=FINAL_STATE_TIMEOUT)
         finally:
             cluster.stop_everything()
-            RESULTS.append(
-                {
-                    "scenario": name,
-                    "tasks": summary.tasks,
-                    "executions": summary.executions,
-                    "duplicates": summary.duplicates,
-                    "lost": summary.lost,
-                    "recover_s": (
-                        None
-                        if cluster.recovery_seconds is None
-                        else round(cluster.recovery_seconds, 2)
-                    ),
-                    "result": "failed" if summary.violations else outcome,
-                    "violations": len(summary.violations),
-                    "seconds": round(time.monotonic() - started, 1),
-                    "notes": "; ".join(cluster.notes),
-                }
+            request.node.user_properties.append(
+                (
+                    RESULT_PROPERTY,
+                    {
+                        "scenario": name,
+                        "tasks": summary.tasks,
+                        "executions": summary.executions,
+                        "duplicates": summary.duplicates,
+                        "lost": summary.lost,
+                        "recover_s": (
+                            None
+                            if cluster.recovery_seconds is None
+                            else round(cluster.recovery_seconds, 2)
+                        ),
+                        "result": "failed" if summary.violations else outcome,
+                        "violations": len(summary.violations),
+                        "seconds": round(time.monotonic() - started, 1),
+                        "notes": "; ".join(cluster.notes),
+                    },
+                )
             )
     if summary.violations:
         pytest.fail(
             f"{len(summary.violations)} invariant violation(s):\n"
             + "\n".join(summary.violations[:40])
         )
-
-
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    columns = ("scenario", "tasks", "executions", "duplicates", "lost", "recover_s", "result")
-    headers = ("scenario", "tasks", "executions", "duplicates", "lost", "recover (s)", "result")
-    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-
-    def line(values: list[str] | tuple[str, ...]) -> str:
-        return "  ".join(
-            value.ljust(width) if i == 0 else value.rjust(width)
-            for i, (value, width) in enumerate(zip(values, widths, strict=True))
-        )
-
-    return [line(headers), *(line(row) for row in cells)]
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print the results table and write it to test-artifacts/faults.json."""
-    if not RESULTS:
-        return
-    terminalreporter.write_sep("=", "fault injection results")
-    for text in _table(RESULTS):
-        terminalreporter.write_line(text)
-    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    ARTIFACT.write_text(json.dumps({"results": RESULTS}, indent=2) + "\n")
-    terminalreporter.write_line(f"written to {ARTIFACT.relative_to(REPO_ROOT)}")
