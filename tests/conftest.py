@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import pytest
@@ -383,6 +383,16 @@ def processes(
     if report is not None and report.failed:
         for child in children:
             sys.stderr.write(f"\n----- output of {child.log_path.name} -----\n{child.output()}")
+
+
+# Files whose tests take far longer than any other's (the soak: a minute), started first so
+# that under pytest-xdist no process is left running one alone at the end of the run.
+LONGEST_FILES: Final = ("faults/test_soak.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests of LONGEST_FILES to the front; the rest keep their order."""
+    items.sort(key=lambda item: not item.path.as_posix().endswith(LONGEST_FILES))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
