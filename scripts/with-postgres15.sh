@@ -15,6 +15,10 @@
 #                   server (PostgreSQL refuses to run as root). Default: `postgres`
 #                   if that user exists, else `conveyor-ci`, created if missing.
 #                   When not run as root, the server runs as the calling user.
+#   PG15_MAX_CONNECTIONS
+#                   the cluster's max_connections (default 100, PostgreSQL's own).
+#                   .ci/run raises it: the test suite's processes share the cluster,
+#                   each test with servers of its own, up to 23 connections each.
 #   PG15_EXTRA_ARGS extra `postgres` options, word-split, for profiling (for example
 #                   "-c shared_preload_libraries=pg_stat_statements"). Never set by CI.
 set -euo pipefail
@@ -126,6 +130,10 @@ as_pg "$PG15_BINDIR/initdb" -D "$pg_data" -A trust -U "$os_user" \
     die "initdb failed"
 }
 
+# PostgreSQL's own default unless the caller needs more (the benchmarks keep the default).
+max_connections="${PG15_MAX_CONNECTIONS:-100}"
+[[ "$max_connections" =~ ^[1-9][0-9]*$ ]] || die "PG15_MAX_CONNECTIONS must be a positive integer, got '$max_connections'"
+
 # The socket directory goes in the config file (paths are quoted there, not by a shell).
 socket_dir_conf="${pg_tmp//\'/\'\'}"
 as_pg tee -a "$pg_data/postgresql.conf" >/dev/null <<EOF
@@ -133,6 +141,7 @@ as_pg tee -a "$pg_data/postgresql.conf" >/dev/null <<EOF
 # --- added by scripts/with-postgres15.sh ---
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$socket_dir_conf'
+max_connections = $max_connections
 EOF
 
 free_port() {
