@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -90,6 +91,18 @@ class Driver:
 
     def events(self) -> list[tuple[str, str]]:
         return [(row["event"], row["state"]) for row in self.db.events(self.task_id)]
+
+
+# A retry's backoff long enough that the state a failure leaves (scheduled) is still there
+# when the driver reads it: with the tests' usual 50 ms (at least 25 with its jitter) the
+# promotion back to queued could come first on a loaded machine. The next lease's long poll
+# waits out this backoff (0.5-1 s).
+RETRY_BACKOFF = timedelta(seconds=1)
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Any]) -> Any:
+    return start_server(retry_backoff_base=RETRY_BACKOFF, retry_backoff_cap=RETRY_BACKOFF)
 
 
 @pytest.fixture

@@ -83,10 +83,15 @@ async def test_a_burst_of_enqueues_is_analyzed_and_the_claim_reads_its_index(
             )
             is not None
         )
-        analyzed = server.server.metrics.registry.get_sample_value(
-            "conveyor_task_table_analyzed_total"
+        # Counted once the statement has returned to the server, which may be a moment
+        # after its statistics became visible here.
+        analyzed = await async_wait_for(
+            lambda: server.server.metrics.registry.get_sample_value(
+                "conveyor_task_table_analyzed_total"
+            ),
+            timeout=5,
+            what="the ANALYZE to be counted",
         )
-        assert analyzed is not None
         assert analyzed >= 1
         transaction = conn.transaction()
         await transaction.start()
