@@ -1,8 +1,9 @@
 """Shared fixtures: a real PostgreSQL, a database per test, real servers and worker processes.
 
 PostgreSQL: `CONVEYOR_TEST_DATABASE_URL` (an admin URL to any PostgreSQL >= 15) when set,
-else an embedded PostgreSQL 18 started once per session. A template database is migrated
-once; each test gets `CREATE DATABASE ... TEMPLATE` (fast, isolated).
+else an embedded PostgreSQL 18 started once per test process (`make test` runs 4, through
+pytest-xdist). A template database is migrated once per process; each test gets
+`CREATE DATABASE ... TEMPLATE` (fast, isolated).
 
 Servers run in-process on a background thread with their own event loop (`server`
 fixture, or `start_server(**config)` for custom settings); `ServerProcess` runs one as a
