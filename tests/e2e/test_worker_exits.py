@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -93,13 +94,34 @@ def test_a_program_running_a_worker_exits_after_the_drain_without_a_stuck_sync_h
     assert [event.event for event in status.history] == ["enqueued", "started", "released"]
 
 
+def to_the_process(worker: Any, sig: int) -> str:
+    """Signal the process, as kill(1) does (the kernel mostly picks its main thread)."""
+    worker.signal(sig)
+    return "the process"
+
+
+def to_another_thread(worker: Any, sig: int) -> str:
+    """Signal one of its other threads, which the kernel may also pick."""
+    return f"thread {signal_a_thread_other_than_main(worker.pid, sig)!r}"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("sig", "send"),
+    [
+        (signal.SIGTERM, to_the_process),
+        (signal.SIGINT, to_the_process),
+        (signal.SIGINT, to_another_thread),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGINT-to-another-thread"],
+)
 def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
-    sig, processes, e2e_pythonpath
+    sig, send, processes, e2e_pythonpath
 ):
     """The signal was only noted until start() gave up: the worker went on retrying its
-    registration for its whole 30 s, past an orchestrator's grace period, and exited 1."""
+    registration for its whole 30 s, past an orchestrator's grace period, and exited 1.
+    Later, caught by another thread, it went unseen the same way: Python runs signal
+    handlers in the main thread only, and start() blocked it with no timeout."""
     worker = processes(
         conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", f"127.0.0.1:{free_port()}"),
         name="unregistered-worker",
@@ -111,31 +133,8 @@ def test_a_signal_while_no_server_accepts_the_worker_stops_it_at_once(
         what="the worker to retry its registration",
     )
     signalled_at = time.monotonic()
-    worker.signal(sig)
-    assert worker.wait(15) == 0, worker.output()
-    assert time.monotonic() - signalled_at < 5, worker.output()
-    assert "stopped before any server accepted the worker" in worker.output()
-
-
-@pytest.mark.slow
-def test_a_signal_caught_by_another_thread_while_registering_stops_it_at_once(
-    processes, e2e_pythonpath
-):
-    """Python runs signal handlers in the main thread only, and start() blocked it with no
-    timeout: a SIGINT the kernel gave to a gRPC thread went unseen until start() gave up."""
-    worker = processes(
-        conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", f"127.0.0.1:{free_port()}"),
-        name="unregistered-worker",
-        PYTHONPATH=e2e_pythonpath,
-    )
-    wait_for(
-        lambda: "no server accepted the worker yet" in worker.output(),
-        timeout=30,
-        what="the worker to retry its registration",
-    )
-    signalled_at = time.monotonic()
-    thread = signal_a_thread_other_than_main(worker.pid, signal.SIGINT)
-    assert worker.wait(15) == 0, f"signalled thread {thread!r}\n{worker.output()}"
+    receiver = send(worker, sig)
+    assert worker.wait(15) == 0, f"signalled {receiver}\n{worker.output()}"
     assert time.monotonic() - signalled_at < 5, worker.output()
     assert "stopped before any server accepted the worker" in worker.output()
 
