@@ -24,8 +24,8 @@ dev: $(STAMP)  ## Run Conveyor locally: embedded PostgreSQL, a server and a demo
 
 # The suite waits on processes, sockets and clocks far more than it computes: run in one
 # process it kept a third of one core busy. So it runs in 4 processes even on 2 cores (10:26
-# to 4:05 on 2 cores), each file whole in one of them, so a file's shared fixtures start
-# once and its tests keep their order. TEST_PROCESSES=0 runs everything in this process.
+# in one process, 4:05 in 4), each file whole in one of them, so a file's shared fixtures
+# start once and its tests keep their order. TEST_PROCESSES=0 runs everything in this one.
 TEST_PROCESSES ?= 4
 
 test-processes:  # for .ci/run, whose PostgreSQL 15 pass runs in as many
