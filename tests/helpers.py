@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
+import itertools
 import os
 import signal
 import socket
@@ -107,11 +109,46 @@ def rpc_count(
     )
 
 
+# Ports that free_port hands out: below the kernel's ephemeral range, where bind(("", 0))
+# and outgoing connections take theirs, each test process (pytest-xdist's gw0, gw1...) in a
+# block of its own. A port picked with bind(0) and closed again is free only until another
+# process binds port 0: under xdist, a server's HTTP port was taken by another process's
+# gRPC server before it could listen, and its /readyz answered in HTTP/2 frames.
+FIRST_FREE_PORT: Final = 10_000
+
+
+@functools.cache
+def _free_port_block() -> range:
+    try:
+        ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        end = int(ephemeral[0])
+    except (OSError, ValueError, IndexError):
+        end = 32_768  # Linux's default
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (end - FIRST_FREE_PORT) // max(processes, 1)
+    start = FIRST_FREE_PORT + index * size
+    return range(start, start + size)
+
+
+@functools.cache
+def _free_port_candidates() -> Iterator[int]:
+    return itertools.cycle(_free_port_block())
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, which no other test process hands out (see
+    FIRST_FREE_PORT); a process's own ports come round again only after its whole block."""
+    block = _free_port_block()
+    for _ in block:
+        port = next(_free_port_candidates())
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or in TIME_WAIT: the next one
+            return port
+    raise AssertionError(f"no free port in {block}")
 
 
 def signal_a_thread_other_than_main(pid: int, sig: int) -> str:
