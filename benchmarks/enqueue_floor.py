@@ -69,6 +69,7 @@ START_TIMEOUT = 30.0
 
 def serve(pg_url: str, port_file: str) -> None:
     """The floor server: decode, insert with Conveyor's statement, answer; nothing more."""
+    conn: Any = None  # the server's one connection, opened by main()
 
     def answering(*, insert: bool) -> Any:
         """The method: each request inserted and answered, or (the transport alone) answered."""
@@ -105,7 +106,6 @@ def serve(pg_url: str, port_file: str) -> None:
         Path(port_file).write_text(str(port))  # noqa: ASYNC240 - once, before any client
         await server.wait_for_termination()
 
-    conn: Any = None
     event_loop.run(main())
 
 

@@ -569,7 +569,9 @@ async def concurrent_async(
     return throughput(sum(counts), time.monotonic() - t0)
 
 
-def bulk(seconds: float, batch_size: int, enqueue_batch: Callable[[list[int]], None]) -> dict:
+def bulk(
+    seconds: float, batch_size: int, enqueue_batch: Callable[[list[int]], None]
+) -> dict[str, Any]:
     """Bulk enqueues of ``batch_size`` tasks, one after another, for ``seconds``."""
     count = 0
     t0 = time.monotonic()
