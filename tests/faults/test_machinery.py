@@ -15,6 +15,7 @@ import uuid
 import pytest
 from faults.cluster import check_executions, check_history
 from faults.proxy import FaultProxy
+from helpers import free_port
 
 
 @pytest.fixture
@@ -119,10 +120,9 @@ class TestFaultProxy:
                 round_trip(again, b"after")
 
     def test_target_down_resets_the_client(self):
-        with socket.create_server(("127.0.0.1", 0)) as placeholder:
-            port = placeholder.getsockname()[1]
+        # Nothing listens there (free_port: no other test process's server is given it).
         with (
-            FaultProxy(f"127.0.0.1:{port}") as proxy,
+            FaultProxy(f"127.0.0.1:{free_port()}") as proxy,
             pytest.raises(ConnectionResetError),
             connect(proxy) as sock,
         ):

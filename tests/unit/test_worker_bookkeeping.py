@@ -16,7 +16,7 @@ import socket
 from datetime import timedelta
 
 import pytest
-from helpers import async_wait_for, started_runtime
+from helpers import async_wait_for, free_port, started_runtime
 
 from conveyor import Worker
 from conveyor.breaker import BreakerPolicy, BreakerState
@@ -29,10 +29,12 @@ TYPE = "books.job"
 
 
 def dead_address() -> str:
-    """An address nothing listens on: every call fails at once with UNAVAILABLE."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    """An address nothing listens on: every call fails at once with UNAVAILABLE.
+
+    From `free_port`, not a port the kernel picked and released: another test process's
+    server, bound to port 0, could be given that one next.
+    """
+    return f"127.0.0.1:{free_port()}"
 
 
 def lease(task_id: str) -> pb.Lease:
