@@ -22,7 +22,9 @@ its last stdout line, as benchmarks/peers/<system>.py do:
   the start latency at the insert's and the claim's transactions (created_at, started_at).
 - w3-single: sequential `enqueue_task` calls for S seconds; w3-concurrent: 32 coroutines
   calling `enqueue_task` on one client for S seconds; w3-bulk: `enqueue_tasks` of 1,000
-  tasks in a loop for S seconds. `tasks_per_second` = tasks acknowledged / elapsed;
+  tasks in a loop for S seconds; w3-single-blocking: w3-single through the blocking
+  `Client` (README's example) on a thread, Conveyor only (run.py does not run it; the peers
+  have no second client to compare). `tasks_per_second` = tasks acknowledged / elapsed;
   `cpu_us_per_task` splits the CPU the enqueues took between the server, PostgreSQL and
   the producer (this process).
 - w4: scale. A backlog of `--queued` tasks (1,000,000; run.py also runs 10,000 to compare),
@@ -76,7 +78,7 @@ from typing import IO, TYPE_CHECKING, Any
 import asyncpg
 import grpc
 
-from conveyor import AsyncClient, Task, __version__
+from conveyor import AsyncClient, Client, Task, __version__
 from conveyor.client.channel import CHANNEL_OPTIONS
 from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -96,7 +98,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 CONVEYOR = Path(sys.executable).parent / "conveyor"
-WORKLOADS = ("w1", "w2", "w3-single", "w3-concurrent", "w3-bulk", "w4")
+WORKLOADS = ("w1", "w2", "w3-single", "w3-single-blocking", "w3-concurrent", "w3-bulk", "w4")
 BULK_BATCH = 1000
 PRODUCERS = 32
 # As many worker processes as every peer runs (peers/common.py), each with this many slots.
@@ -438,38 +440,65 @@ async def w2(
     }
 
 
+def enqueue_blocking_until(client: Client, until: float) -> int:
+    """w3-single through the blocking client, until `time.monotonic()` reaches `until`.
+
+    Run on a thread of its own, as a web app's request handler would call it.
+    """
+    count = 0
+    while time.monotonic() < until:
+        client.enqueue_task(Task(type=NOOP_TYPE))
+        count += 1
+    return count
+
+
+async def enqueue_until(
+    workload: str, client: AsyncClient, blocking_client: Client | None, deadline: float
+) -> int:
+    """Enqueue as `workload` says until the loop's clock reaches `deadline`; how many."""
+    loop = asyncio.get_running_loop()
+
+    async def single() -> int:
+        count = 0
+        while loop.time() < deadline:
+            await client.enqueue_task(Task(type=NOOP_TYPE))
+            count += 1
+        return count
+
+    async def bulk() -> int:
+        count = 0
+        while loop.time() < deadline:
+            await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(BULK_BATCH)])
+            count += BULK_BATCH
+        return count
+
+    if workload == "w3-single":
+        return await single()
+    if workload == "w3-concurrent":
+        return sum(await asyncio.gather(*(single() for _ in range(PRODUCERS))))
+    if workload == "w3-single-blocking":
+        if blocking_client is None:
+            raise ValueError("w3-single-blocking needs a blocking Client")
+        until = time.monotonic() + (deadline - loop.time())
+        return await asyncio.to_thread(enqueue_blocking_until, blocking_client, until)
+    return await bulk()
+
+
 async def w3(
     cluster: Cluster, conn: asyncpg.Connection, args: argparse.Namespace
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    async with AsyncClient(cluster.address) as client:
+    async with AsyncClient(cluster.address) as client, contextlib.AsyncExitStack() as closing:
         await client.enqueue_task(Task(type=NOOP_TYPE))  # opens the channel
+        blocking_client = None
+        if args.workload == "w3-single-blocking":
+            blocking_client = closing.enter_context(Client(cluster.address))
+            await asyncio.to_thread(blocking_client.enqueue_task, Task(type=NOOP_TYPE))
         before = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
         cpu_before = cluster.cpu()
         producer_before = time.process_time()
         started = loop.time()
-        deadline = started + args.seconds
-
-        async def single() -> int:
-            count = 0
-            while loop.time() < deadline:
-                await client.enqueue_task(Task(type=NOOP_TYPE))
-                count += 1
-            return count
-
-        async def bulk() -> int:
-            count = 0
-            while loop.time() < deadline:
-                await client.enqueue_tasks([Task(type=NOOP_TYPE) for _ in range(BULK_BATCH)])
-                count += BULK_BATCH
-            return count
-
-        if args.workload == "w3-single":
-            done = await single()
-        elif args.workload == "w3-concurrent":
-            done = sum(await asyncio.gather(*(single() for _ in range(PRODUCERS))))
-        else:
-            done = await bulk()
+        done = await enqueue_until(args.workload, client, blocking_client, started + args.seconds)
         elapsed = loop.time() - started
         cpu_after = cluster.cpu()
         cpu_after["producer"] = time.process_time() - producer_before
