@@ -4,7 +4,9 @@ A claim whose call is cancelled (the worker went away) hands back what it leased
 again at once, attempt unspent, counted `released`. The server stopping cancels the call
 again: the hand-back used to stop there, between two leases, and the others waited for
 their lease to expire (30 s), each at the cost of an attempt. A stopping server also waits
-for the handoff desk's hand-backs, and used to cancel them when its wait ran out.
+for the handoff desk's hand-backs, and used to cancel them when its wait ran out. An
+enqueue that leases its task to a waiting poll delivers that lease however often its write
+is cancelled.
 
 Real server, real PostgreSQL. Each test holds the hand-back's statements behind a lock on
 the task table, cancels (or gives up waiting) while they wait, lifts the lock, and reads
@@ -34,6 +36,7 @@ LOCK = "LOCK TABLE conveyor_tasks IN SHARE MODE"
 # (it keeps their first kilobyte).
 CLAIM_STATEMENT = queries.SQL["task_claim"][:200]
 RELEASE_STATEMENT = queries.SQL["task_release"][:200]
+HANDOFF_STATEMENT = queries.SQL["task_insert_leasing"][:200]
 # Under the lease's 30 s: a lease that expired is not what these tests look for.
 HAND_BACK_TIMEOUT = 10.0
 
@@ -211,3 +214,58 @@ async def test_a_stopping_server_that_stops_waiting_lets_the_hand_backs_finish(
         what="every lease handed back",
     )
     assert released_count(server, task_type) == len(leases)
+
+
+async def test_an_enqueue_cancelled_twice_while_handing_over_still_delivers_its_lease(
+    server: Any, sessions: Sessions
+) -> None:
+    """The insert that leases a new task to a waiting poll runs to its end, and the poll
+    gets the lease, however often the write carrying it is cancelled meanwhile. Used to: a
+    second cancellation reached the statement, which neither delivered its lease nor
+    handed it back, and the poll waited for an answer that never came."""
+    task_type = "hand-back.handoff"
+    task_id = str(uuid.uuid4())
+    watcher = await sessions.open()
+    workers = server.server.worker_service
+    desk = workers.handoff
+    enqueues = server.server.task_service.group_commit
+
+    async def start_poll() -> asyncio.Task[list[Any]]:
+        return asyncio.ensure_future(workers.lease(WORKER, [task_type], 1, give_up_at=None))
+
+    poll = await on_server(server, start_poll)
+    await async_wait_for(lambda: task_type in desk._open, what="the poll's offer at the desk")
+    blocker = await sessions.open()
+    await blocker.execute(f"BEGIN; {LOCK}")
+
+    async def start_enqueue() -> asyncio.Future[list[bool]]:
+        batch = queries.NewTasks.of(
+            [queries.NewTask(task_id, task_type, b"", DEFAULT_TIMEOUT, DEFAULT_MAX_RETRIES)]
+        )
+        return asyncio.ensure_future(enqueues.submit(batch))
+
+    enqueue = await on_server(server, start_enqueue)
+    await async_wait_for(
+        lambda: waiting_behind(watcher, blocker.get_server_pid(), HANDOFF_STATEMENT),
+        what="the handing-over insert waiting for the lock",
+    )
+    # The write's own task (the group commit's flush), cancelled as closing the group
+    # commit cancels it, and again while the insert still waits.
+    (flush,) = enqueues._flushes
+    await cancel(server, flush, times=2)
+    await blocker.execute("ROLLBACK")
+
+    await async_wait_for(poll.done, timeout=HAND_BACK_TIMEOUT, what="the poll's answer")
+    (leased,) = poll.result()
+    assert str(leased["id"]) == task_id
+    row = await watcher.fetchrow(
+        "SELECT state, lease_id, worker_id FROM conveyor_tasks WHERE id = $1", task_id
+    )
+    assert (row["state"], str(row["lease_id"]), row["worker_id"]) == (
+        "running",
+        str(leased["lease_id"]),
+        WORKER,
+    )
+    await async_wait_for(lambda: desk._unsettled == 0, what="the desk to be settled")
+    await async_wait_for(enqueue.done, what="the enqueue to end")
+    assert enqueue.cancelled() or enqueue.exception() is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -206,32 +205,28 @@ class TaskService(pb_grpc.TaskServiceServicer):
         desk = self.handoff
         assert desk is not None  # noqa: S101 - only called with offers from it
         lease_ids = [str(uuid.uuid4()) if offer is not None else None for offer in offers]
-        # Shielded: a statement that may commit leases must end in their delivery or their
-        # hand-back, even if this call is cancelled (as the claim is, worker_service.py).
-        statement = asyncio.ensure_future(
-            queries.task_insert_leasing(
-                conn,
-                batch,
-                offered_to=[offer.worker_id if offer else None for offer in offers],
-                lease_ids=lease_ids,
-                lease_ttl=self.config.lease_ttl,
-                deadline_grace=self.config.deadline_grace,
-            )
-        )
-        try:
-            rows = await asyncio.shield(statement)
-        except asyncio.CancelledError:
+
+        async def insert_and_settle() -> list[bool]:
             try:
-                rows = await statement
-            except Exception:
+                rows = await queries.task_insert_leasing(
+                    conn,
+                    batch,
+                    offered_to=[offer.worker_id if offer else None for offer in offers],
+                    lease_ids=lease_ids,
+                    lease_ttl=self.config.lease_ttl,
+                    deadline_grace=self.config.deadline_grace,
+                )
+            except BaseException:
                 desk.settle_unknown(offers, batch.ids, lease_ids)
-            else:
-                self._settle(desk, offers, batch, rows)
-            raise
-        except Exception:
-            desk.settle_unknown(offers, batch.ids, lease_ids)
-            raise
-        return self._settle(desk, offers, batch, rows)
+                raise
+            return self._settle(desk, offers, batch, rows)
+
+        # A statement that may commit leases must end in their delivery or their hand-back
+        # even if this call is cancelled (as the claim is, worker_service.py), and cancelled
+        # again while it waits: awaited a second time, the statement was cancelled through
+        # that await, and neither settled it (its polls waited without end, and a stopping
+        # server for the desk's whole timeout).
+        return await outliving_the_call(insert_and_settle())
 
     def _settle(
         self, desk: HandoffDesk, offers: list[Offer | None], batch: queries.NewTasks, rows: Any
