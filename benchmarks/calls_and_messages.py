@@ -51,7 +51,7 @@ from grpclib.server import Server as GrpclibServer
 from conveyor import event_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
 WARM_UP = 100
 RESULTS = Path(__file__).parent / "results" / "calls_and_messages.json"
@@ -160,17 +160,25 @@ async def async_unary(channel: grpc.aio.Channel, meter: Meter) -> dict[str, floa
     return meter.result
 
 
-async def async_stream(channel: grpc.aio.Channel, meter: Meter) -> dict[str, float]:
-    call: Any = channel.stream_stream("/Echo/Stream", _same, _same)()  # type: ignore[call-arg]
+async def stream_exchanges(
+    meter: Meter, send: Callable[[bytes], Awaitable[Any]], receive: Callable[[], Awaitable[Any]]
+) -> dict[str, float]:
+    """A message each way on an open stream, `meter.count` times after a warm-up."""
     for _ in range(WARM_UP):
-        await call.write(meter.payload)
-        await call.read()
+        await send(meter.payload)
+        await receive()
     with meter:
         for _ in range(meter.count):
-            await call.write(meter.payload)
-            await call.read()
-    await call.done_writing()
+            await send(meter.payload)
+            await receive()
     return meter.result
+
+
+async def async_stream(channel: grpc.aio.Channel, meter: Meter) -> dict[str, float]:
+    call: Any = channel.stream_stream("/Echo/Stream", _same, _same)()  # type: ignore[call-arg]
+    result = await stream_exchanges(meter, call.write, call.read)
+    await call.done_writing()
+    return result
 
 
 def sync_unary(channel: grpc.Channel, meter: Meter) -> dict[str, float]:
@@ -222,17 +230,11 @@ async def grpclib_stream(address: str, meter: Meter) -> dict[str, float]:
     try:
         method: Any = StreamStreamMethod(channel, "/Echo/Stream", None, None)  # type: ignore[arg-type]
         async with method.open() as call:
-            for _ in range(WARM_UP):
-                await call.send_message(meter.payload)
-                await call.recv_message()
-            with meter:
-                for _ in range(meter.count):
-                    await call.send_message(meter.payload)
-                    await call.recv_message()
+            result = await stream_exchanges(meter, call.send_message, call.recv_message)
             await call.end()
     finally:
         channel.close()
-    return meter.result
+    return result
 
 
 EchoServer = tuple[str, int]  # address, pid
