@@ -60,13 +60,26 @@ Call = TypeVar("Call", bound=_Call[Any, Any])
 def _take_group(waiting: list[Call], max_weight: int) -> list[Call]:
     """The calls at the head of `waiting` that fit in one write (at least one), removed."""
     group: list[Call] = []
-    weight = 0
-    while waiting:
-        if group and weight + waiting[0].weight > max_weight:
-            break
-        group.append(waiting.pop(0))
-        weight += group[-1].weight
+    _move_group(waiting, group, max_weight)
     return group
+
+
+def _move_group(waiting: list[Call], group: list[Call], max_weight: int) -> None:
+    """Move the calls at the head of `waiting` that fit in one write (at least one) to `group`.
+
+    In two steps that each complete or do not start, for a thread that an interrupt
+    (KeyboardInterrupt) may stop between any two: a call is always in `waiting` or in
+    `group` (at worst in both for a moment), never lost to both, and `group` is what the
+    caller settles or puts back.
+    """
+    count, weight = 0, 0
+    for call in waiting:
+        if count and weight + call.weight > max_weight:
+            break
+        count += 1
+        weight += call.weight
+    group.extend(waiting[:count])
+    del waiting[:count]
 
 
 def _answers(group: list[Call], rows: Sequence[Row]) -> Iterator[tuple[Call, list[Row]]]:
@@ -248,17 +261,19 @@ class BlockingGroupCommit(Generic[Batch, Row]):
         *,
         combine: Callable[[list[Batch]], Batch],
         count: Callable[[Batch], int],
-        stopped: Callable[[], Exception],
         weigh: Callable[[Batch], int] | None = None,
         split_on: Callable[[Exception], bool] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_weight: int = DEFAULT_MAX_WEIGHT,
     ) -> None:
-        """The arguments of `GroupCommit`, with a blocking `write`."""
+        """The arguments of `GroupCommit`, with a blocking `write`.
+
+        No `stopped`: there is nothing to close, and a write interrupted in its leading
+        thread is sent again by the next leader, not failed (`_requeue_unanswered`).
+        """
         self._write = write
         self._combine = combine
         self._count = count
-        self._stopped = stopped
         self._weigh = weigh or count
         self._split_on = split_on
         self._max_in_flight = max_in_flight
@@ -303,15 +318,41 @@ class BlockingGroupCommit(Generic[Batch, Row]):
     def _lead(self, own: _Blocked[Batch, Row]) -> None:
         try:
             while not own.done:
-                with self._lock:
-                    group = _take_group(self._waiting, self._max_weight)
-                if not group:
-                    break  # another leader holds our call: wait for its answer
-                self._run(group)
+                group: list[_Blocked[Batch, Row]] = []
+                try:
+                    with self._lock:
+                        _move_group(self._waiting, group, self._max_weight)
+                    if not group:
+                        break  # another leader holds our call: wait for its answer
+                    self._write_group(group)
+                finally:
+                    self._requeue_unanswered(group, own)
         finally:
             with self._lock:
                 own.leads = False
                 self._hand_on_slot()
+
+    def _requeue_unanswered(
+        self, group: list[_Blocked[Batch, Row]], own: _Blocked[Batch, Row]
+    ) -> None:
+        """Put the other threads' calls of an interrupted write back at the head of the queue.
+
+        A write is interrupted only by what interrupts its leading thread (KeyboardInterrupt),
+        most likely while it waits for the answer, with the request already sent: the
+        tasks of the other calls in it may well have committed. They were failed with
+        ServerUnavailable, and the retry that error invites created the tasks a second
+        time under new ids. Now the next leader sends them again, the same tasks, which
+        the server creates once. The interrupted thread's own call leaves with it.
+        """
+        if all(call.done for call in group):
+            return  # the common case: the write answered every call
+        with self._lock:
+            unanswered = [
+                call
+                for call in group
+                if not call.done and call is not own and call not in self._waiting
+            ]
+            self._waiting[:0] = unanswered
 
     def _hand_on_slot(self) -> None:
         """Free a slot and give it to the oldest call waiting without one (lock held)."""
@@ -322,25 +363,15 @@ class BlockingGroupCommit(Generic[Batch, Row]):
             successor.leads = True
             successor.woken.set()
 
-    def _run(self, group: list[_Blocked[Batch, Row]]) -> None:
-        """Write `group` and answer each of its calls, whatever happens."""
-        try:
-            self._write_group(group)
-        finally:
-            # Interrupted half way (KeyboardInterrupt in the leading thread): the others
-            # must not wait for an answer that will not come.
-            unanswered = [call for call in group if not call.done]
-            if unanswered:
-                self._settle(unanswered, error=self._stopped())
-
     def _write_group(self, group: list[_Blocked[Batch, Row]]) -> None:
+        """Write `group` and answer each of its calls (unless interrupted: `_lead`)."""
         try:
             batch = group[0].batch if len(group) == 1 else self._combine([c.batch for c in group])
             answers = list(_answers(group, self._write(batch)))
         except Exception as exc:
             if len(group) > 1 and self._split_on is not None and self._split_on(exc):
                 for call in group:
-                    self._run([call])
+                    self._write_group([call])
                 return
             self._settle(group, error=exc)
             return

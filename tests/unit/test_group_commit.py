@@ -172,10 +172,17 @@ class BlockingStore:
         return [(item, True) for item in batch]
 
 
+def blocking_options(*, split: bool = False, **changes: Any) -> dict[str, Any]:
+    """`options`, less `stopped`: a BlockingGroupCommit has nothing to close."""
+    settings = {**options(split=split), **changes}
+    del settings["stopped"]
+    return settings
+
+
 def blocking_commit(
     store: BlockingStore, *, split: bool = False
 ) -> BlockingGroupCommit[Sequence[str], tuple[str, bool]]:
-    return BlockingGroupCommit(store.write, **options(split=split))
+    return BlockingGroupCommit(store.write, **blocking_options(split=split))
 
 
 def run_threads(
@@ -190,7 +197,7 @@ def run_threads(
     def call(batch: list[str]) -> None:
         try:
             answers[threading.current_thread().name] = commit.submit(batch)
-        except Exception as exc:
+        except BaseException as exc:  # KeyboardInterrupt too: a test interrupts a leader
             answers[threading.current_thread().name] = exc
 
     store.gate.clear()
@@ -219,6 +226,31 @@ def test_threads_that_wait_together_share_a_write_led_by_the_oldest() -> None:
     assert answers == {"A": [("a", True)], "B": [("b", True), ("c", True)], "C": [("d", True)]}
     # A wrote only its own call and returned; B, the oldest waiting, led the next write.
     assert store.writes == [("A", ["a"]), ("B", ["b", "c", "d"])]
+
+
+def test_a_write_interrupted_in_its_leading_thread_is_sent_again_for_the_others() -> None:
+    """B leads a write that carries C's call too, and is interrupted (KeyboardInterrupt)
+    with the request sent: C's call goes again, led by C, and is answered. It used to be
+    failed with ServerUnavailable, though its rows may have been written: the retry that
+    error invites wrote them twice."""
+    store = BlockingStore()
+    interrupted: list[str] = []
+
+    def write(batch: Sequence[str]) -> list[tuple[str, bool]]:
+        rows = store.write(batch)
+        if threading.current_thread().name == "B" and not interrupted:
+            interrupted.append("B")
+            raise KeyboardInterrupt
+        return rows
+
+    commit = BlockingGroupCommit(write, **blocking_options())
+    answers = run_threads(commit, store, {"A": ["a"], "B": ["b"], "C": ["c"]})
+    assert isinstance(answers["B"], KeyboardInterrupt)
+    assert answers["A"] == [("a", True)]
+    assert answers["C"] == [("c", True)]
+    assert store.writes == [("A", ["a"]), ("B", ["b", "c"]), ("C", ["c"])]
+    assert commit._in_flight == 0
+    assert not commit._waiting
 
 
 def test_threads_get_their_own_errors_when_split_on_says_so() -> None:
@@ -294,7 +326,7 @@ def test_many_threads_with_two_slots_hand_every_slot_back() -> None:
         time.sleep(jitter.random() / 2000)
         return store.write(batch)
 
-    commit = BlockingGroupCommit(write, **{**options(), "max_in_flight": 2})
+    commit = BlockingGroupCommit(write, **blocking_options(max_in_flight=2))
     answers: list[list[tuple[str, bool]]] = []
 
     def producer(index: int) -> None:

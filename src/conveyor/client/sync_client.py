@@ -24,7 +24,7 @@ from conveyor.client.enqueue_stream import (
     StreamEnded,
 )
 from conveyor.codec import AesGcmCodec, PayloadCodec
-from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
+from conveyor.errors import ConfigError, ConveyorError
 from conveyor.group_commit import BlockingGroupCommit
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -118,7 +118,6 @@ class Client:
         # one request, as in AsyncClient (see conveyor/group_commit.py).
         self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
             self._send_enqueue,
-            stopped=lambda: ServerUnavailable("another thread's enqueue was interrupted"),
             **core.ENQUEUE_JOINING,
         )
 
@@ -389,10 +388,13 @@ class Client:
 
         In a forked child it only marks this copy closed: the connections are the parent's.
         """
+        if self._owner.forked:
+            # Without the lock: a thread of the parent may have held it at the fork (every
+            # enqueue takes it to find its stream), and no thread here will release it.
+            self._closed = True
+            return
         with self._channels_lock:
             self._closed = True
-            if self._owner.forked:
-                return
             channels = list(self._channels.values())
             streams = list(self._enqueue_streams.values())
             self._channels.clear()
