@@ -1762,11 +1762,7 @@ class _Runtime:
         # handler done, the count has fallen.
         thread_future.add_done_callback(self._thread_done)
         attempt.thread_future = thread_future
-        handler_future = asyncio.wrap_future(thread_future, loop=self.loop)
-        # settle() may read the thread's own future instead: the copy's error, unread, was
-        # logged as "never retrieved" when it was collected.
-        handler_future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return handler_future
+        return asyncio.wrap_future(thread_future, loop=self.loop)
 
     def _thread_done(self, _future: Future[Any]) -> None:
         """In the handler's thread: it may return long after the loop has closed."""
