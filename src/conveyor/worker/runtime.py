@@ -376,11 +376,6 @@ class _Attempt:
             self.wake_runner()
 
 
-def _thread_returned(attempt: _Attempt) -> bool:
-    """Whether the attempt's sync handler has returned or raised in its thread."""
-    return attempt.thread_future is not None and attempt.thread_future.done()
-
-
 class Worker:
     """Runs handlers for the task types registered on it.
 
@@ -1644,7 +1639,7 @@ class _Runtime:
             return self.handed_back(attempt) if attempt.stop_reason == "shutdown" else None
         timeout = convert.seconds(lease.timeout)
         future = attempt.handler_future = self.launch(handler, attempt)
-        if await _finished_within(future, timeout, attempt) or _thread_returned(attempt):
+        if await _finished_within(future, timeout, attempt):
             return self.settle(attempt, future)
         if attempt.stop_reason is not None:
             return await self.settle_stopped(attempt, future)
@@ -1681,17 +1676,11 @@ class _Runtime:
         return self.handed_back(attempt)
 
     def settle(
-        self, attempt: _Attempt, future: asyncio.Future[Any] | Future[Any]
+        self, attempt: _Attempt, future: asyncio.Future[Any]
     ) -> pb.ReportResultRequest | None:
         """The report for a handler that has returned, raised or been cancelled."""
         if attempt.stop_reason in ("cancelled", "lease_lost"):
             return None  # the lease is gone; nothing may be reported
-        if attempt.thread_future is not None and attempt.thread_future.done():
-            # A sync handler's own future is the truth. The loop's copy of it (wrap_future)
-            # hears of the thread's end a callback later, and a stop in between (the drain,
-            # the timeout) cancelled the copy of a handler that had returned: its success
-            # was handed back, and the task ran again.
-            future = attempt.thread_future
         error: BaseException | None = (
             asyncio.CancelledError() if future.cancelled() else future.exception()
         )
