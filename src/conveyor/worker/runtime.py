@@ -345,6 +345,9 @@ class _Attempt:
     thread_future: Future[Any] | None = None
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
+    # Whether its sync handler had already returned (or raised) when it was stopped: see
+    # stop(). Its outcome is then the handler's own, not the stop's.
+    ended_before_stop: bool = False
     # Set once the attempt's outcome is known and being reported: stopping it changes
     # nothing any more, and the server's word on its lease comes with the report's answer.
     finished: bool = False
@@ -369,11 +372,26 @@ class _Attempt:
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            # The loop hears of a sync handler's end a callback after its thread returns
+            # (wrap_future). A stop in between must not cancel the loop's copy: the drain
+            # handed back a task whose handler had succeeded, and it ran again.
+            self.ended_before_stop = self.thread_future is not None and self.thread_future.done()
         self.ctx.cancelled.set()
-        if self.handler_future is not None and not self.handler_future.done():
-            self.handler_future.cancel()
+        handler = self.handler_future
+        if handler is not None and not handler.done():
+            if self.ended_before_stop:
+                # Read even when nothing is reported (cancelled, lease lost), so that an
+                # error in it is not logged as "never retrieved".
+                handler.add_done_callback(_mark_read)
+            else:
+                handler.cancel()
         if self.wake_runner is not None:
             self.wake_runner()
+
+
+def _mark_read(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class Worker:
@@ -1644,6 +1662,10 @@ class _Runtime:
         if attempt.stop_reason is not None:
             return await self.settle_stopped(attempt, future)
         attempt.stop("timeout")
+        if attempt.ended_before_stop:
+            # It returned as its timeout came: its outcome is on its way to the loop.
+            await asyncio.wait({future})
+            return self.settle(attempt, future)
         self.log.warning(
             "task %s attempt %d timed out after %gs",
             lease.task_id,
@@ -1686,7 +1708,11 @@ class _Runtime:
         )
         if isinstance(error, _HandlerExited):
             error = error.original
-        if error is not None and attempt.stop_reason == "shutdown":
+        if (
+            error is not None
+            and attempt.stop_reason == "shutdown"
+            and not attempt.ended_before_stop
+        ):
             # Stopped by the shutdown before it could finish: hand the task back.
             return self.handed_back(attempt)
         if error is not None:
