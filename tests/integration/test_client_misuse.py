@@ -354,6 +354,41 @@ class TestClosedAsyncClient:
         await client.close()
         assert client._channels == {}
 
+    async def test_a_call_made_while_close_runs_neither_breaks_it_nor_is_left_behind(
+        self, start_server: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Used to: close() iterated over the client's channels while awaiting each one's
+        close, and a call made meanwhile that opened a connection to another server made it
+        raise "dictionary changed size during iteration", leaving the rest open."""
+        first, second = start_server(), start_server()
+        client = AsyncClient([first.address, second.address])
+        task_id = await client.enqueue_task(Task(type="misuse.t"))
+        used = client._ring.current
+        closing_begun, go_on = asyncio.Event(), asyncio.Event()
+        channel = client._channels[used]
+        real_close = channel.close
+
+        async def held_close(grace: float | None = None) -> None:
+            closing_begun.set()
+            await go_on.wait()
+            await real_close(grace)
+
+        monkeypatch.setattr(channel, "close", held_close)
+        closing = asyncio.create_task(client.close())
+        await asyncio.wait_for(closing_begun.wait(), timeout=10)
+        client._ring.advance()  # the call goes to the other server: a new connection
+        status = await client.get_task_status(task_id)
+        go_on.set()
+        await asyncio.wait_for(closing, timeout=10)
+
+        assert status.state is TaskState.QUEUED
+        # The call's own connection stays open until the next close(), on this loop.
+        assert list(client._channels) == [client._ring.current]
+        assert client._ring.current != used
+        await client.close()
+        assert client._channels == {}
+        assert client._loop is None
+
 
 def outcome(step: Callable[[], object]) -> str:
     """How long `step` took and what it raised: "0.01 ConfigError: ...", or "no error"."""

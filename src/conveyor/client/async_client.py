@@ -442,15 +442,22 @@ class AsyncClient:
                 return
         self._closes += 1
         await self._enqueues.close()
-        for stream in self._enqueue_streams.values():
-            await stream.close()
+        # Taken out before the first wait: a call made meanwhile (after close() began, so
+        # it goes on) opens connections of its own, and iterating over the dicts it grows
+        # raised "dictionary changed size during iteration".
+        streams = list(self._enqueue_streams.values())
+        channels = list(self._channels.values())
         self._enqueue_streams.clear()
-        for channel in self._channels.values():
-            await channel.close(grace=None)
         self._channels.clear()
         self._stubs.clear()
-        # Closed on its loop: the next call may come from any loop.
-        self._loop = None
+        for stream in streams:
+            await stream.close()
+        for channel in channels:
+            await channel.close(grace=None)
+        if not self._channels:
+            # Closed on its loop: the next call may come from any loop. Not while a call
+            # made meanwhile holds connections on this one: the next close() closes them.
+            self._loop = None
 
     async def __aenter__(self) -> Self:
         """Use as an async context manager; closes on exit."""
