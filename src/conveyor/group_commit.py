@@ -151,6 +151,7 @@ class GroupCommit(Generic[Batch, Row]):
         self._in_flight = 0
         # References to the running flushes (asyncio keeps only weak ones).
         self._flushes: set[asyncio.Task[None]] = set()
+        self._unstarted: set[asyncio.Task[None]] = set()
 
     async def submit(self, batch: Batch) -> list[Row]:
         """Write `batch` (committed when this returns); its rows, in order."""
@@ -162,7 +163,8 @@ class GroupCommit(Generic[Batch, Row]):
             # write that carries other callers' rows.
             flush = asyncio.get_running_loop().create_task(self._flush())
             self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
+            self._unstarted.add(flush)
+            flush.add_done_callback(self._flush_done)
         try:
             # Not shielded: a caller that gives up cancels only its own answer, which the
             # write then leaves alone (it answers only futures that are not done).
@@ -184,10 +186,20 @@ class GroupCommit(Generic[Batch, Row]):
         await asyncio.gather(*flushes, return_exceptions=True)
         self._fail(self._waiting, self._stopped())
         self._waiting.clear()
-        # A flush cancelled before it started never ran the `finally` that frees its slot.
-        self._in_flight = 0
+
+    def _flush_done(self, flush: asyncio.Task[None]) -> None:
+        self._flushes.discard(flush)
+        if flush in self._unstarted:
+            # Cancelled before it started, it never ran the `finally` that frees its slot.
+            # (close() used to reset the count instead, which also zeroed the slot of a
+            # flush started by a call made during the close.)
+            self._unstarted.discard(flush)
+            self._in_flight -= 1
 
     async def _flush(self) -> None:
+        # Freed in the `finally` below, in the step that ends the flush, not a callback
+        # later: a call arriving in between would find no slot and no flush to carry it.
+        self._unstarted.discard(asyncio.current_task())
         try:
             while self._waiting:
                 await self._run(_take_group(self._waiting, self._max_weight))

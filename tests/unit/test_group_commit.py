@@ -294,6 +294,34 @@ def test_close_before_a_flush_starts_frees_its_slot() -> None:
     asyncio.run(scenario())
 
 
+def test_a_call_made_while_close_runs_keeps_the_count_of_writes_in_flight() -> None:
+    """A call arrives after close() cancelled the write in flight and before close() has
+    resumed: it starts a flush of its own. close() used to reset the count of writes in
+    flight to zero, that flush's end took it below zero, and from then on one more write
+    than `max_in_flight` could run at once."""
+
+    async def scenario() -> None:
+        store, commit, in_flight = await first_write_held(["a"])
+        (flush,) = commit._flushes
+        during_close: list[asyncio.Future[list[tuple[str, bool]]]] = []
+        # Registered before close()'s own wait on the flush: it runs first.
+        flush.add_done_callback(
+            lambda _: during_close.append(asyncio.ensure_future(commit.submit(["b"])))
+        )
+        await commit.close()
+        with pytest.raises(ServerUnavailable, match="stopped"):
+            await in_flight
+        with pytest.raises(ServerUnavailable, match="stopped"):
+            await during_close[0]
+        await asyncio.wait_for(asyncio.gather(*commit._flushes), 5)
+        assert commit._in_flight == 0
+        store.gate.set()
+        assert await asyncio.wait_for(commit.submit(["c"]), 5) == [("c", True)]
+        assert commit._in_flight == 0
+
+    asyncio.run(scenario())
+
+
 def test_close_during_a_split_answers_every_call_of_the_group() -> None:
     async def scenario() -> list[object]:
         store, commit, first = await first_write_held(
