@@ -14,6 +14,7 @@ from helpers import free_port, wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker, event_loop
 from conveyor.errors import ConfigError, ServerUnavailable
+from conveyor.server.worker_service import WorkerService
 from conveyor.worker import runtime
 
 
@@ -207,6 +208,46 @@ class TestHandBackOnStop:
         assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
         # The thread's late return reports nothing: the lease was handed back.
         assert db.task(task_id)["state"] == "queued"
+
+    @pytest.mark.slow
+    def test_stop_waits_out_every_step_after_the_drain_by_default(
+        self, start_server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server holds the hand-back and the goodbye: the worker waits `HAND_BACK_WAIT`
+        for the one and `GOODBYE_TIMEOUT` for the other, 18 s after a drain of 0 s.
+        `stop()` used to wait 15 s beyond the drain by default and returned with the worker
+        still running; a process that exited then cut its hand-backs off."""
+        held = threading.Event()
+
+        def holding_answer(method: Any) -> Any:
+            async def held_method(self: Any, request: Any, context: Any) -> Any:
+                await asyncio.to_thread(held.wait, 60)
+                return await method(self, request, context)
+
+            return held_method
+
+        for name in ("ReportResult", "ReportResults", "UnregisterWorker"):
+            method = getattr(WorkerService, name)
+            monkeypatch.setattr(WorkerService, name, holding_answer(method))
+        server = start_server()
+        started = threading.Event()
+
+        def until_stopped(ctx, _payload):
+            started.set()
+            ctx.cancelled.wait(60)
+
+        worker = Worker(server.address, concurrency=1, drain_timeout=0)
+        worker.register_handler("held.hand_back", until_stopped)
+        worker.start()
+        try:
+            with Client(server.address) as client:
+                client.enqueue_task(Task(type="held.hand_back"))
+            wait_for(started.is_set, timeout=10, what="the handler to start")
+            worker.stop()
+            assert worker.running is False
+        finally:
+            held.set()
+            worker.stop()
 
 
 class TestNoLeasingAfterStop:

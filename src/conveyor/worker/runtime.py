@@ -155,12 +155,28 @@ HAND_BACK_TRIES: Final = 3
 # How long a stopping worker waits, after the drain, for the outcomes of the attempts it
 # stopped and for its hand-backs to reach a server, before it says goodbye regardless.
 HAND_BACK_WAIT: Final = 15.0
+# How long a stopping worker waits for its heartbeat loop to end, and for the server to
+# answer its goodbye (UnregisterWorker), before it goes on stopping regardless.
+HEARTBEAT_END_WAIT: Final = 5.0
+GOODBYE_TIMEOUT: Final = 3.0
 # How long an async handler cancelled at shutdown gets to end before its task is handed back
 # without it (it swallows its cancellation): its result still counts if it ends within this.
 SHUTDOWN_CANCEL_GRACE: Final = 1.0
 # How long the tasks left on the worker's loop when it stops get to end after their
 # cancellation, before the loop closes without them (see event_loop.run).
 LOOP_CLOSE_GRACE: Final = 2.0
+# How long Worker.stop() waits, by default, beyond the drain: each bounded step that
+# follows it at most, and 2 s for closing the channels and the thread's exit. It was 15 s,
+# less than these steps may take, and a stop that returned early let the process exit with
+# hand-backs still on their way: their tasks waited for their leases to expire.
+STOP_WAIT_BEYOND_DRAIN: Final = (
+    STREAM_LEAVE_TIMEOUT
+    + HAND_BACK_WAIT
+    + HEARTBEAT_END_WAIT
+    + GOODBYE_TIMEOUT
+    + LOOP_CLOSE_GRACE
+    + 2.0
+)
 # The longest the thread that calls start() or stop() blocks at a time. Python runs its signal
 # handlers only in the main thread, once it is back in its own code, and the kernel may give a
 # process's signal to any of its threads (gRPC's, the worker's): then nothing wakes a main
@@ -620,7 +636,7 @@ class Worker:
         limit = (
             as_duration(timeout, "timeout", ConfigError, zero_allowed=True)
             if timeout is not None
-            else self.drain_timeout + timedelta(seconds=15)
+            else self.drain_timeout + timedelta(seconds=STOP_WAIT_BEYOND_DRAIN)
         )
         runtime, thread = self._runtime, self._thread
         if runtime is None:
@@ -1013,12 +1029,12 @@ class _Runtime:
         await self.drain()
         heartbeat.cancel()
         # Bounded: whatever the heartbeat loop is doing, the worker must finish stopping.
-        await asyncio.wait({heartbeat}, timeout=5)
+        await asyncio.wait({heartbeat}, timeout=HEARTBEAT_END_WAIT)
         with contextlib.suppress(grpc.aio.AioRpcError, _Unreachable):
             await self.call(
                 "UnregisterWorker",
                 pb.UnregisterWorkerRequest(worker_id=self.worker.worker_id),
-                timeout=3,
+                timeout=GOODBYE_TIMEOUT,
             )
         if self.watchdog is not None:
             self.watchdog.stop()
