@@ -28,6 +28,7 @@ import random
 import threading
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import asyncpg
 import pytest
@@ -42,6 +43,7 @@ from conveyor.protocol import convert
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server import work_stream as server_work_stream
 from conveyor.worker import runtime as runtime_module
+from conveyor.worker import work_stream as worker_work_stream
 from conveyor.worker.context import TaskContext
 from conveyor.worker.runtime import _Unreachable
 
@@ -425,6 +427,60 @@ def test_a_stream_opening_cancelled_by_the_stop_is_no_breaker_failure(
     assert (breaker.state, breaker._failures) == (BreakerState.CLOSED, 0)
     assert not [r for r in caplog.records if "circuit breaker" in r.getMessage()]
     assert not events_of(caplog, "heartbeat_failed")
+
+
+def test_leases_sent_on_a_stream_still_opening_at_the_stop_are_handed_back(
+    start_server, db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server has accepted the worker's Work stream and leased it a task on it, but the
+    worker has not yet read the acceptance when it is stopped.
+
+    The stop cancelled the opening: the lease the server had committed and sent was never
+    read, and its task sat `running` until the lease expired, an attempt spent. Now the
+    stop waits (up to STREAM_LEAVE_TIMEOUT) for the opening to end, then half-closes the
+    stream as it does an open one: the lease is read and handed back, attempt unspent.
+    """
+    read_acceptance = threading.Event()
+    real_open = worker_work_stream.WorkStream.open
+
+    async def open_reading_late(self: Any, *args: Any) -> None:
+        call = self._call
+        self._call = SimpleNamespace(
+            write=call.write,
+            done_writing=call.done_writing,
+            read=lambda: held_read(call),
+        )
+        try:
+            await real_open(self, *args)
+        finally:
+            self._call = call
+
+    async def held_read(call: Any) -> Any:
+        await asyncio.to_thread(read_acceptance.wait, 30)
+        return await call.read()
+
+    monkeypatch.setattr(worker_work_stream.WorkStream, "open", open_reading_late)
+    server = start_server(heartbeat_interval=BEAT)
+    worker = Worker(server.address, concurrency=1, drain_timeout=0)
+    worker.register_handler(TYPE, lambda _ctx, payload: payload)
+    worker.start()
+    stopping = threading.Thread(target=worker.stop, kwargs={"timeout": 30})
+    try:
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type=TYPE, max_retries=0))
+        wait_for(lambda: db.task(task_id)["state"] == "running", what="the lease on the stream")
+        stopping.start()
+        wait_for(lambda: worker._runtime.draining, what="the worker to drain")
+    finally:
+        read_acceptance.set()
+        if stopping.is_alive():
+            stopping.join(30)
+        worker.stop()
+
+    assert worker.running is False
+    row = db.task(task_id)
+    assert (row["state"], row["attempt"], row["lease_expires_at"]) == ("queued", 0, None)
+    assert [e["event"] for e in db.events(task_id)] == ["enqueued", "started", "released"]
 
 
 # --- a heartbeat while another call holds the probe -----------------------------------------

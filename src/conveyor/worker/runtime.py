@@ -778,6 +778,9 @@ class _Runtime:
         self.stream_pick: Pick | None = None
         self.stream_silent_since: float | None = None
         self.streams_retry_at = 0.0
+        # Set while a Work stream is being opened; set when the opening ends either way
+        # (then `stream` is the stream, if it opened). See stop_leasing.
+        self.stream_opening: asyncio.Event | None = None
         # Leases that arrived after draining began, being handed back.
         self.hand_backs: set[asyncio.Task[None]] = set()
         self.attempts: dict[str, _Attempt] = {}
@@ -1238,9 +1241,14 @@ class _Runtime:
         call = self.stub(address).Work(metadata=self.metadata)  # type: ignore[call-arg]
         stream = WorkStream(call, self.on_leases)
         granting: asyncio.Task[None] | None = None
+        opening = self.stream_opening = asyncio.Event()
         try:
-            await self.open_stream(stream, pick)
-            self.stream, self.stream_pick, self.stream_silent_since = stream, pick, None
+            try:
+                await self.open_stream(stream, pick)
+                self.stream, self.stream_pick, self.stream_silent_since = stream, pick, None
+            finally:
+                self.stream_opening = None
+                opening.set()
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
@@ -1422,14 +1430,20 @@ class _Runtime:
         Outcomes already sent on the stream are answered before the server ends it; those
         of attempts still running go by ReportResults.
         """
-        stream = self.stream
-        if stream is not None:
+        opening = self.stream_opening
+        if self.stream is not None or opening is not None:
             # Whatever half-closing raises (grpc.aio has several ways to say the call is
             # over), the worker goes on stopping.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(STREAM_LEAVE_TIMEOUT):
-                    await stream.leave()
-                    await asyncio.wait({leasing})
+                    if opening is not None:
+                        # Not cancelled: the server may have accepted the stream and sent
+                        # leases on it already. Cancelled, they were never read, and their
+                        # tasks waited for the leases to expire, an attempt spent.
+                        await opening.wait()
+                    if (stream := self.stream) is not None:
+                        await stream.leave()
+                        await asyncio.wait({leasing})
         leasing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await leasing
