@@ -384,7 +384,7 @@ def test_a_stream_opening_cancelled_by_the_stop_is_no_breaker_failure(
 ) -> None:
     """The only server holds back its answer to the worker's Work stream (the stream's
     first message arrived, the empty answer that accepts it does not come); the worker is
-    stopped meanwhile, which cancels the opening.
+    stopped meanwhile, which cancels the opening once STREAM_LEAVE_TIMEOUT has passed.
 
     The cancelled opening proves nothing about the server: counted as a failure, it moved
     the server's breaker towards open, and the hand-backs and the goodbye that follow could
