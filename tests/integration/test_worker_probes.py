@@ -33,7 +33,15 @@ from typing import Any
 import asyncpg
 import pytest
 from faults.proxy import FaultProxy
-from helpers import async_wait_for, holding, running, started_runtime, wait_final, wait_for
+from helpers import (
+    async_wait_for,
+    free_port,
+    holding,
+    running,
+    started_runtime,
+    wait_final,
+    wait_for,
+)
 
 from conveyor import AsyncClient, Client, Task, TaskState, Worker
 from conveyor.breaker import DEFAULT_RESET_TIMEOUT, BreakerPolicy, BreakerState
@@ -586,3 +594,33 @@ async def test_a_heartbeat_refused_for_a_probe_in_flight_is_no_failure(
 
     assert not events_of(caplog, "heartbeat_failed")
     assert not worker.metrics.registry.get_sample_value("conveyor_worker_heartbeat_failures_total")
+
+
+# --- closing the channels while a hand-back opens one ----------------------------------------
+
+
+async def test_closing_the_channels_survives_a_channel_opened_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hand-back the stopping worker gave up waiting for goes on retrying, and may open
+    a channel to another server while the worker closes its channels. close_channels
+    iterated over the dict while awaiting each close: the new entry made it raise
+    "dictionary changed size during iteration", out of the worker's last step."""
+    first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    worker = Worker([first, second], concurrency=1)
+    runtime = await started_runtime(worker)
+    runtime.stub(first)
+    channel = runtime.channels[first]
+    real_close = channel.close
+
+    async def close_while_a_call_opens_another(grace: float | None = None) -> None:
+        runtime.stub(second)  # what a retrying hand-back's call does meanwhile
+        await real_close(grace)
+
+    monkeypatch.setattr(channel, "close", close_while_a_call_opens_another)
+    await runtime.close_channels()
+
+    # The late channel stays, for the call that opened it; the next close takes it.
+    assert list(runtime.channels) == [second]
+    await runtime.close_channels()
+    assert runtime.channels == {}

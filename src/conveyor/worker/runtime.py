@@ -1048,10 +1048,14 @@ class _Runtime:
         self.log.info("stopped", extra={"event": "worker_stopped"})
 
     async def close_channels(self) -> None:
-        for channel in self.channels.values():
-            await channel.close(grace=None)
+        # Taken out before the first wait: a hand-back still retrying (given up on, not
+        # cancelled) may open a channel to another server meanwhile, and iterating over
+        # the dict it grows raised "dictionary changed size during iteration".
+        channels = list(self.channels.values())
         self.channels.clear()
         self.stubs.clear()
+        for channel in channels:
+            await channel.close(grace=None)
 
     async def register_unless_stopped(self) -> bool:
         """Register, unless a stop is requested first; whether the worker registered.
