@@ -328,6 +328,25 @@ class TestServerCommands:
             f"({latest}), and its newer migrations all say this release runs correctly on it\n"
         )
 
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["dev", "--grpc-listen", "127.0.0.1:\N{SUPERSCRIPT TWO}"],
+            [
+                "server",
+                "--database-url",
+                "postgresql://c@127.0.0.1:1/c",
+                "--http-listen",
+                ":\u0668",
+            ],
+        ],
+        ids=["dev", "server"],
+    )
+    def test_a_listen_port_of_other_digits_is_one_error_line(self, args, tmp_path):
+        """Before: "²" passed str.isdigit() and int() raised ValueError, a traceback."""
+        line = assert_one_error_line(run(*args, cwd=tmp_path, timeout=60))
+        assert "expected HOST:PORT" in line, line
+
     def test_server_refuses_an_unmigrated_database(self, empty_database_url):
         result = run(
             "server",
@@ -347,8 +366,11 @@ class TestServerCommands:
             ("notaurl", "expected postgresql://"),
             ("postgresql://localhost/conveyor?sslmode=bogus", "`sslmode` parameter must be"),
             ("postgresql://localhost:99999/conveyor", "port '99999' is not a number"),
+            # Digits to str.isdigit(): "²" made int() raise (a traceback), "٨٠" read as 80.
+            ("postgresql://localhost:\N{SUPERSCRIPT TWO}/conveyor", "is not a number"),
+            ("postgresql://localhost/conveyor?port=\u0668\u0660", "is not a number"),
         ],
-        ids=["not-a-url", "bad-sslmode", "port-out-of-range"],
+        ids=["not-a-url", "bad-sslmode", "port-out-of-range", "superscript-port", "arabic-port"],
     )
     @pytest.mark.parametrize("command", ["migrate", "server"])
     def test_a_malformed_database_url_fails_at_once_in_one_line(self, command, url, expected):
@@ -583,6 +605,27 @@ class TestSecurityCommands:
         )
         assert_ok(run("token", "revoke", "--file", str(tokens), producer.split("_")[1]))
         assert "app" not in assert_ok(run("token", "list", "--file", str(tokens)))
+
+    def test_a_name_with_a_final_newline_is_refused_and_revoke_leaves_the_file_alone(
+        self, tmp_path
+    ) -> None:
+        """A hand-edited name "keep\\n" (a TOML escape) passed the name check (`$` matches
+        before a final newline); `revoke` then wrote the name back with a raw line break,
+        a file no server could read, and said it had revoked the token. The servers kept
+        their old tokens, the revoked one included."""
+        tokens = tmp_path / "tokens.toml"
+        for name in ("keep", "gone"):
+            assert_ok(
+                run("token", "create", "--file", str(tokens), "--name", name, "--role", "admin")
+            )
+        gone = assert_ok(run("token", "list", "--file", str(tokens))).splitlines()[1].split()[0]
+        tokens.write_text(tokens.read_text().replace('name = "keep"', 'name = "keep\\n"'))
+        edited = tokens.read_text()
+
+        for command in (("list",), ("revoke", gone)):
+            line = assert_one_error_line(run("token", *command, "--file", str(tokens)))
+            assert "token name must be" in line, line
+        assert tokens.read_text() == edited
 
     def test_create_appends_to_a_hand_edited_file_and_list_shows_utc(self, tmp_path) -> None:
         tokens = tmp_path / "tokens.toml"

@@ -117,6 +117,13 @@ class TestServerConfig:
         assert split_host_port("[::1]:8080") == ("::1", 8080)
         assert split_host_port(":8080") == ("0.0.0.0", 8080)  # noqa: S104
 
+    @pytest.mark.parametrize("port", ["\N{SUPERSCRIPT TWO}", "\u0668\u0660"])
+    def test_a_port_of_digits_other_than_ascii_is_refused(self, port: str) -> None:
+        """str.isdigit() takes both: "²" made int() raise ValueError (a traceback out of
+        the CLI), and "٨٠" was read as port 80."""
+        with pytest.raises(ConfigError, match="expected HOST:PORT"):
+            split_host_port(f"127.0.0.1:{port}")
+
 
 class TestAddresses:
     def test_comma_separated_addresses_are_split(self) -> None:

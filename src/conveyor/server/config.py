@@ -379,7 +379,9 @@ def check_heartbeat_interval(
 def split_host_port(address: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets), or raise ConfigError."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= MAX_PORT:
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses (a traceback), and
+    # "٨٠", which it reads as 80.
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= MAX_PORT:
         raise ConfigError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" means all interfaces
 
@@ -408,7 +410,7 @@ def check_database_url(url: str) -> None:
     for value in parse_qs(parts.query).get("port", []):
         ports.extend(value.split(","))
     for port in ports:
-        if port and not (port.isdigit() and 1 <= int(port) <= MAX_PORT):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= MAX_PORT):
             raise ConfigError(
                 f"invalid database URL: port {port!r} is not a number from 1 to {MAX_PORT}"
             )

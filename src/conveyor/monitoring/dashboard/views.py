@@ -712,7 +712,8 @@ def _history_page(value: str | None) -> int | None:
     """The `before` of a task page's URL: an event id, or None for the latest events."""
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:  # noqa: PLR2004 - the digits of a bigint
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses (a 500 here).
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:  # noqa: PLR2004 - bigint digits
         raise InvalidTask("`before` must be an event id, as in the page's own links")
     return int(value)
 
