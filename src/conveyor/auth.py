@@ -39,8 +39,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 TOKEN_PREFIX: Final = "cvy"  # noqa: S105 - a prefix, not a secret
-TOKEN_PATTERN: Final = re.compile(r"^cvy_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
+# Used with fullmatch: `$` also matches before a final newline, and a name "keep\n" from a
+# hand-edited file passed, then broke the file `token revoke` wrote back.
+TOKEN_PATTERN: Final = re.compile(r"cvy_([0-9a-f]{8})_([A-Za-z0-9_-]{43})")
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 # How often a TokenFile looks at its file for changes by default; a rotated token is live
 # within this. A look is one stat() call, made by the next request after the interval.
 RELOAD_CHECK_SECONDS: Final = 2.0
@@ -257,7 +259,7 @@ class TokenRegistry:
         """
         if not token:
             raise Unauthenticated("no token: send 'authorization: Bearer <token>'")
-        match = TOKEN_PATTERN.match(token)
+        match = TOKEN_PATTERN.fullmatch(token)
         entry = self._entries.get(match.group(1)) if match else None
         # Compare even when the id is unknown, so both failures take the same time.
         expected = entry.sha256 if entry is not None else _NO_DIGEST
@@ -385,7 +387,7 @@ def bearer_token(value: str | None) -> str | None:
 
 
 def _check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(
             f"token name must be 1-64 characters of letters, digits and _.:@-, got {name!r}"
         )

@@ -43,7 +43,7 @@ _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
 # What sealing adds to a payload, at most: magic, key id, nonce and tag.
 SEALED_OVERHEAD: Final = len(SEALED_MAGIC) + 1 + 32 + _NONCE_BYTES + _TAG_BYTES
-_KEY_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_KEY_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # fullmatch: `$` allows a final newline
 _URL_SAFE_TO_STANDARD: Final = str.maketrans("-_", "+/")
 
 
@@ -152,7 +152,7 @@ class AesGcmCodec:
             raise ConfigError("AesGcmCodec needs at least one key")
         self._ciphers: dict[str, AESGCM] = {}
         for key_id, key in keys:
-            if not _KEY_ID.match(key_id):
+            if not _KEY_ID.fullmatch(key_id):
                 raise ConfigError(
                     f"key id must be 1-32 characters of [A-Za-z0-9_.-], got {key_id!r}"
                 )
@@ -181,7 +181,7 @@ class AesGcmCodec:
             # The messages never repeat the item: a mistyped separator or a stray character
             # would put the key itself on stderr and into whatever collects the logs. They
             # name the item's position, and its id once the id is known to be one.
-            if not sep or not _KEY_ID.match(key_id):
+            if not sep or not _KEY_ID.fullmatch(key_id):
                 raise ConfigError(
                     f"{KEYS_ENV}: item {position} is not id=BASE64KEY (the id: 1-32 "
                     "characters of [A-Za-z0-9_.-], then '=', then the key in base64)"

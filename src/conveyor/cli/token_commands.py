@@ -134,7 +134,11 @@ def revoke(tokens_file: Path, token_id: str) -> None:
     kept = [entry for entry in registry.entries() if entry.token_id != token_id]
     if len(kept) == len(registry.entries()):
         raise ConfigError(f"no token with id {token_id!r} in {tokens_file}")
-    _replace(tokens_file, "\n".join(entry.as_toml() for entry in kept))
+    text = "\n".join(entry.as_toml() for entry in kept)
+    # Checked before it replaces the file, as `create` checks: a file the servers cannot
+    # read leaves them on their old tokens, the one just revoked included.
+    TokenRegistry.from_toml(text, str(tokens_file))
+    _replace(tokens_file, text)
     click.echo(f"token {token_id} revoked", err=True)
 
 

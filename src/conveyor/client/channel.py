@@ -170,7 +170,7 @@ class Credentials:
         # Never the secret: a worker's credentials are public (`worker.credentials`), and a
         # debug print, a log line or an error reporter capturing locals would leak it. The
         # token's id (`cvy_<id>_...`) is enough to tell which token it is.
-        match = TOKEN_PATTERN.match(self.token or "")
+        match = TOKEN_PATTERN.fullmatch(self.token or "")
         token = (
             "None" if self.token is None else f"'cvy_{match.group(1)}_...'" if match else "'...'"
         )
