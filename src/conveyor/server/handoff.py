@@ -223,9 +223,16 @@ class HandoffDesk:
         Tracked: a stopping server waits for it (`handed_back`) before closing its pool.
         The Work streams hand back through here too.
         """
-        task = asyncio.ensure_future(self._release(rows, worker_id, reason))
-        self._releasing.add(task)
-        task.add_done_callback(self._released)
+        self.track(asyncio.ensure_future(self._release(rows, worker_id, reason)))
+
+    def track(self, hand_back: asyncio.Task[None]) -> None:
+        """A hand-back run elsewhere (a cancelled long poll's claim), waited for likewise.
+
+        Untracked, a stopping server closed its pool under it: the release failed, and the
+        leases, never delivered, waited for their expiry at the cost of an attempt.
+        """
+        self._releasing.add(hand_back)
+        hand_back.add_done_callback(self._released)
 
     def _released(self, task: asyncio.Task[None]) -> None:
         self._releasing.discard(task)

@@ -444,15 +444,25 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         # hand-back outlives the call too: a call cancelled again meanwhile (the server
         # stopping as well) used to stop it between two leases, and the rest waited for
         # their expiry, each at the cost of an attempt.
+        # Tracked by the handoff desk as well, so that a stopping server waits for it before
+        # it closes its pool (the desk's own hand-backs are waited for the same way).
         claim = asyncio.ensure_future(self._claim_now(worker_id, task_types, limit))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
-            await outliving_the_call(self._hand_back_claimed(claim, worker_id))
+            hand_back = asyncio.ensure_future(self._hand_back_claimed(claim, worker_id))
+            self.handoff.track(hand_back)
+            await outliving_the_call(hand_back)
             raise
 
     async def _hand_back_claimed(self, claim: asyncio.Future[list[Any]], worker_id: str) -> None:
-        await self.release_undelivered(await claim, worker_id)
+        try:
+            rows = await claim
+        except Exception:
+            # The claim's own error: nothing was leased, and the call that would have
+            # answered it is gone. (Raised, the desk logged it as a failed hand-back.)
+            return
+        await self.release_undelivered(rows, worker_id)
 
     async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
         # Bounded by one message's bytes, for the Work stream too (see work_stream.py):
