@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 import urllib.request
 import uuid
@@ -347,6 +348,53 @@ class TestTwoServers:
         # Without the wake-up the follower would campaign next ~9 s after it started.
         assert took < 1.5, f"takeover took {took:.2f}s: the NOTIFY did not wake the follower"
         assert takeover["leader"]["term"] == old_term + 1
+
+    def test_a_resignation_heard_during_the_followers_campaign_still_wakes_it(
+        self, start_server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The leader resigns while the follower's campaign statement is on its way back
+        (it found the role held). The follower cleared its wake-up after the campaign, so
+        the NOTIFY heard meanwhile was lost, and it waited out its retry interval (9 s here)
+        instead of taking over at once. Found by a review."""
+        settings = {
+            "leader_ttl": timedelta(seconds=10),
+            "leader_retry_interval": timedelta(seconds=9),
+        }
+        leader = start_server(**settings)
+        wait_for(lambda: status(leader)["is_leader"], timeout=5, what="the first server to lead")
+        follower = start_server(**settings)
+        wait_for(
+            lambda: status(follower)["listening_for_notifications"],
+            timeout=5,
+            what="the follower to LISTEN",
+        )
+        held, release = threading.Event(), threading.Event()
+        hold_next = threading.Event()
+        elect = queries.leader_attempt_elect
+
+        async def elect_then_hold(conn: Any, **params: Any) -> Any:
+            row = await elect(conn, **params)
+            if params["holder"] == server_id(follower) and hold_next.is_set():
+                hold_next.clear()
+                held.set()
+                await asyncio.to_thread(release.wait, 30)
+            return row
+
+        monkeypatch.setattr(queries, "leader_attempt_elect", elect_then_hold)
+        hold_next.set()
+        follower.server.elector.wake()  # its next campaign now, not in 9 s
+        try:
+            wait_for(held.is_set, timeout=5, what="the follower's campaign to find the role held")
+            leader.stop()  # resigns: the NOTIFY reaches the follower during its campaign
+            wait_for(
+                follower.server.elector._wake.is_set, timeout=5, what="the follower to hear it"
+            )
+        finally:
+            release.set()
+        released_at = time.monotonic()
+        wait_for(lambda: status(follower)["is_leader"], timeout=12, what="the takeover")
+        took = time.monotonic() - released_at
+        assert took < 1.5, f"takeover took {took:.2f}s: the wake-up was lost"
 
 
 class TestFencedMaintenanceWrites:

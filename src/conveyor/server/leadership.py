@@ -147,6 +147,10 @@ class LeaderElector:
     async def _run(self) -> None:
         self.started.set()
         while True:
+            # Cleared before the campaign, not after: a resignation heard while the campaign
+            # ran (it found the role still held) was lost, and the follower waited out its
+            # retry interval instead of campaigning again at once.
+            self._wake.clear()
             try:
                 await self._campaign()
             except Exception as exc:
@@ -161,7 +165,6 @@ class LeaderElector:
                 if self._leadership is not None
                 else self._retry_interval.total_seconds()
             )
-            self._wake.clear()
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that arrives as the event fires, and stop() would then hang.
             with contextlib.suppress(TimeoutError):
