@@ -62,6 +62,24 @@ def metric_value(server, name: str) -> float:
     return float(match[1])
 
 
+def leader_and_listening_follower(start_server: Any) -> tuple[Any, Any]:
+    """A leader, and a follower that LISTENs, both campaigning only every 9 s (a 10 s TTL):
+    a quick takeover is a NOTIFY's doing."""
+    settings = {
+        "leader_ttl": timedelta(seconds=10),
+        "leader_retry_interval": timedelta(seconds=9),
+    }
+    leader = start_server(**settings)
+    wait_for(lambda: status(leader)["is_leader"], timeout=5, what="the first server to lead")
+    follower = start_server(**settings)
+    wait_for(
+        lambda: status(follower)["listening_for_notifications"],
+        timeout=5,
+        what="the follower to LISTEN",
+    )
+    return leader, follower
+
+
 @contextlib.contextmanager
 def channel_to(address: str) -> Iterator[grpc.Channel]:
     """A raw channel that is closed afterwards."""
@@ -321,18 +339,7 @@ class TestTwoServers:
         self, start_server
     ) -> None:
         """With a 9 s campaign interval, the follower still takes over at once: NOTIFY woke it."""
-        settings = {
-            "leader_ttl": timedelta(seconds=10),
-            "leader_retry_interval": timedelta(seconds=9),
-        }
-        leader = start_server(**settings)
-        wait_for(lambda: status(leader)["is_leader"], timeout=5, what="the first server to lead")
-        follower = start_server(**settings)
-        wait_for(
-            lambda: status(follower)["listening_for_notifications"],
-            timeout=5,
-            what="the follower to LISTEN",
-        )
+        leader, follower = leader_and_listening_follower(start_server)
         assert status(follower)["is_leader"] is False
         old_term = status(leader)["leader"]["term"]
 
@@ -356,18 +363,7 @@ class TestTwoServers:
         (it found the role held). The follower cleared its wake-up after the campaign, so
         the NOTIFY heard meanwhile was lost, and it waited out its retry interval (9 s here)
         instead of taking over at once. Found by a review."""
-        settings = {
-            "leader_ttl": timedelta(seconds=10),
-            "leader_retry_interval": timedelta(seconds=9),
-        }
-        leader = start_server(**settings)
-        wait_for(lambda: status(leader)["is_leader"], timeout=5, what="the first server to lead")
-        follower = start_server(**settings)
-        wait_for(
-            lambda: status(follower)["listening_for_notifications"],
-            timeout=5,
-            what="the follower to LISTEN",
-        )
+        leader, follower = leader_and_listening_follower(start_server)
         held, release = threading.Event(), threading.Event()
         hold_next = threading.Event()
         elect = queries.leader_attempt_elect
