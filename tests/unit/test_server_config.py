@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -116,6 +117,21 @@ class TestServerConfig:
         assert split_host_port("127.0.0.1:50051") == ("127.0.0.1", 50051)
         assert split_host_port("[::1]:8080") == ("::1", 8080)
         assert split_host_port(":8080") == ("0.0.0.0", 8080)  # noqa: S104
+
+    @pytest.mark.parametrize(
+        ("server_id", "expected"),
+        [
+            ("", "1 to 200 characters"),
+            ("s" * 201, "1 to 200 characters"),
+            ("a\nERROR forged line", "U+000A at position 1"),
+            ("a\u202eb", "U+202E at position 1"),
+        ],
+    )
+    def test_a_server_id_is_printable_and_bounded(self, server_id: str, expected: str) -> None:
+        """It goes into log lines, /status and the leader row: one with a newline forged a
+        log line, and one of any length bloated them all."""
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            ServerConfig(database_url="postgresql://localhost/c", server_id=server_id)
 
     @pytest.mark.parametrize("port", ["\N{SUPERSCRIPT TWO}", "\u0668\u0660"])
     def test_a_port_of_digits_other_than_ascii_is_refused(self, port: str) -> None:

@@ -483,7 +483,11 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     envvar="CONVEYOR_INSECURE",
     help="Serve a non-loopback address without TLS or tokens (a trusted network only).",
 )
-@click.option("--server-id", default=None, help="This server's id (default: host-pid-random).")
+@click.option(
+    "--server-id",
+    default=None,
+    help="This server's id: 1-200 printable characters (default: host-pid-random).",
+)
 def server(
     database_url: str | None,
     grpc_listen: str,

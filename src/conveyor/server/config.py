@@ -20,6 +20,7 @@ from conveyor.protocol.limits import MAX_PORT, MIN_SERVER_MESSAGE_BYTES, PEER_ME
 from conveyor.server import failpoints
 from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
 from conveyor.storage.migrate import DEFAULT_LOCK_TIMEOUT as DEFAULT_MIGRATE_LOCK_TIMEOUT
+from conveyor.types import first_unprintable, printable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -105,7 +106,22 @@ DEFAULT_KEEPALIVE_TIMEOUT: Final = timedelta(seconds=5)
 
 def default_server_id() -> str:
     """host-pid-random: unique per process, readable in logs."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return printable(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+# As long as a worker id may be. The id goes into log lines, /status, the leader row and
+# `conveyor servers`: one with a newline forged log lines, and one of any length bloated all.
+MAX_SERVER_ID_LENGTH: Final = 200
+
+
+def _check_server_id(server_id: str) -> None:
+    if not 1 <= len(server_id) <= MAX_SERVER_ID_LENGTH:
+        raise ConfigError(f"server_id must be 1 to {MAX_SERVER_ID_LENGTH} characters")
+    if (index := first_unprintable(server_id)) is not None:
+        raise ConfigError(
+            "server_id must not contain control or format characters (newline, escape, "
+            f"bidi override...); it has U+{ord(server_id[index]):04X} at position {index}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,6 +231,7 @@ class ServerConfig:
         if not self.database_url:
             raise ConfigError("database_url is required")
         check_database_url(self.database_url)
+        _check_server_id(self.server_id)
         self._check_durations()
         self._check_counts()
         unknown = self.failpoints - failpoints.KNOWN
