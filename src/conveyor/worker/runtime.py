@@ -11,8 +11,9 @@ daemon threads (worker/handler_threads.py). Three activities share the loop:
   outcome is being committed (reports of attempts that finished together share one
   `ReportResults` call); at most `concurrency` outcomes may be in delivery at once;
 - the heartbeat loop extends the leases of running attempts and stops those the server
-  says are cancelled or lost. If no heartbeat gets through for a whole lease duration,
-  the worker stops its own handlers: it can no longer claim to hold their leases.
+  says are cancelled or lost. A handler whose lease has gone a whole lease duration
+  without a heartbeat getting through is stopped by the worker itself: it can no longer
+  claim to hold that lease.
 
 Life cycle:
 
@@ -2087,17 +2088,23 @@ class _Runtime:
                 self.abandon(stopped, "cancelled" if cancelled else "lease_lost")
 
     def stop_if_silent(self, last_success: float, held: list[_Attempt] | None = None) -> None:
-        """Stop `held` (by default every attempt holding a lease) after a lease of silence.
+        """Stop the attempts of `held` whose lease may be gone after a lease of silence.
 
-        With no heartbeat through for a whole lease duration, their leases may be gone.
+        `held` is by default every attempt holding a lease; of those, each whose own lease
+        has gone a whole lease duration without being granted or renewed is stopped. Not
+        by the worker's silence alone: a lease the Work stream granted during a heartbeat
+        outage is good for a whole lease, and was stopped at the next failed beat, its
+        outcome lost, its task run again.
         """
         assert self.loop is not None  # noqa: S101
-        if self.loop.time() - last_success < self.lease_duration.total_seconds():
-            return
+        now, lease = self.loop.time(), self.lease_duration.total_seconds()
+        if now - last_success < lease:
+            return  # the common case: every lease was renewed since
         if held is None:
             held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
         for attempt in held:
-            self.abandon(attempt, "lease_lost")
+            if now - attempt.lease_renewed_at >= lease:
+                self.abandon(attempt, "lease_lost")
 
     def report_progress(self, task_id: str, lease_id: str, details: str | None) -> None:
         """Thread-safe: ctx.heartbeat(details) from a handler."""
