@@ -28,6 +28,9 @@ these classes lives in `conveyor.protocol.status`.
 
 from __future__ import annotations
 
+import re
+from typing import Final, Self
+
 
 class ConveyorError(Exception):
     """Conveyor failed."""
@@ -59,6 +62,12 @@ class InvalidTask(ConveyorError):
         self.field = field
 
 
+# The default messages below, read back by `from_message`: only the message crosses the
+# wire (a gRPC status), and a client rebuilt the error with every attribute None.
+_NOT_FOUND: Final = re.compile(r"task (\S+) not found")
+_ALREADY_FINISHED: Final = re.compile(r"task (\S+) already finished \((\w+)\)")
+
+
 class TaskNotFound(ConveyorError):
     """No task has this id."""
 
@@ -66,6 +75,12 @@ class TaskNotFound(ConveyorError):
         """Keep the id that was looked up."""
         super().__init__(message or (f"task {task_id} not found" if task_id else None))
         self.task_id = task_id
+
+    @classmethod
+    def from_message(cls, message: str) -> Self:
+        """The error a server sent as `message`, its id read back from the default text."""
+        found = _NOT_FOUND.fullmatch(message)
+        return cls(message, task_id=found[1] if found else None)
 
 
 class TaskAlreadyFinished(ConveyorError):
@@ -79,6 +94,14 @@ class TaskAlreadyFinished(ConveyorError):
         super().__init__(message or default)
         self.task_id = task_id
         self.state = state
+
+    @classmethod
+    def from_message(cls, message: str) -> Self:
+        """The error a server sent as `message`, its id and state read back from the text."""
+        found = _ALREADY_FINISHED.fullmatch(message)
+        if found is None:
+            return cls(message)
+        return cls(message, task_id=found[1], state=found[2])
 
 
 class LeaseLost(ConveyorError):

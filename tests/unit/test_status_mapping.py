@@ -30,6 +30,26 @@ class TestErrorStatusRoundTrip:
         assert type(received) is type(error)
         assert error.message in received.message
 
+    @pytest.mark.parametrize(
+        ("error", "attributes"),
+        [
+            (errors.TaskNotFound(task_id="t-1"), {"task_id": "t-1"}),
+            (
+                errors.TaskAlreadyFinished(task_id="t-2", state="failed"),
+                {"task_id": "t-2", "state": "failed"},
+            ),
+            # Another text (an older server's) keeps the message and leaves them unknown.
+            (errors.TaskNotFound("no such task"), {"task_id": None}),
+            (errors.TaskAlreadyFinished("done"), {"task_id": None, "state": None}),
+        ],
+    )
+    def test_the_context_attributes_survive_the_wire(
+        self, error: errors.ConveyorError, attributes: dict[str, str | None]
+    ) -> None:
+        """Only the message crosses: the attributes were None on the client's side."""
+        received = error_from_status(*status_for(error))
+        assert {name: getattr(received, name) for name in attributes} == attributes
+
     def test_unmapped_codes_become_a_plain_conveyor_error_with_the_code_name(self) -> None:
         """INTERNAL and friends surface as ConveyorError naming the code."""
         received = error_from_status(grpc.StatusCode.INTERNAL, "boom")

@@ -9,7 +9,7 @@ validation or from a server two hops away.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -26,6 +26,9 @@ from conveyor.errors import (
     TaskNotFound,
     Unauthenticated,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
     InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
@@ -131,9 +134,9 @@ def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
 
 # Codes that carry exactly one error class each (FAILED_PRECONDITION and UNAVAILABLE need
 # a closer look, below).
-_ERROR_FOR_CODE: Final[dict[grpc.StatusCode, type[ConveyorError]]] = {
+_ERROR_FOR_CODE: Final[dict[grpc.StatusCode, Callable[[str], ConveyorError]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidTask,
-    grpc.StatusCode.NOT_FOUND: TaskNotFound,
+    grpc.StatusCode.NOT_FOUND: TaskNotFound.from_message,  # with the id it names
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
@@ -152,7 +155,7 @@ def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorErr
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_LEASE_LOST_PREFIX):
             return LeaseLost(message.removeprefix(_LEASE_LOST_PREFIX))
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_ALREADY_FINISHED_PREFIX):
-            return TaskAlreadyFinished(message.removeprefix(_ALREADY_FINISHED_PREFIX))
+            return TaskAlreadyFinished.from_message(message.removeprefix(_ALREADY_FINISHED_PREFIX))
         case grpc.StatusCode.UNAVAILABLE | grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"{code.name}: {message}")
         case _:
