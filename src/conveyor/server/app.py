@@ -18,9 +18,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from conveyor import __version__
 from conveyor.errors import ConveyorError
@@ -46,6 +45,7 @@ from conveyor.server.notifier import TaskNotifier
 from conveyor.server.open_files import raise_open_files_limit
 from conveyor.server.rpc import add_service
 from conveyor.server.security import Gate, tls_material
+from conveyor.server.standard_services import GatedHealth, GatedReflection
 from conveyor.server.stats_sampler import StatsSampler
 from conveyor.server.task_service import TaskService
 from conveyor.server.worker_service import WorkerService
@@ -140,7 +140,7 @@ class ConveyorServer:
                     self.metrics,
                 )
             )
-        self.health = health_aio.HealthServicer()
+        self.health = GatedHealth(self.gate)
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._started_at = time.time()
@@ -216,8 +216,11 @@ class ConveyorServer:
         add_service(self._grpc, self.worker_service, "WorkerService")
         add_service(self._grpc, self.admin_service, "AdminService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            GatedReflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.gate
+            ),
+            self._grpc,
         )
         try:
             self.grpc_port = (

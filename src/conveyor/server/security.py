@@ -164,13 +164,7 @@ class Gate:
         permission = permission_for(rpc)
         principal = ANONYMOUS
         if self.tokens is not None:
-            token = None
-            # Read only here: without tokens, no call pays for copying its metadata.
-            for key, value in metadata() or ():
-                if key == AUTHORIZATION and isinstance(value, str):
-                    token = bearer_token(value)
-                    break
-            principal = self.authenticate(token)
+            principal = self.identify(metadata)
             try:
                 principal.require(permission, rpc)
             except PermissionDenied as exc:
@@ -190,6 +184,18 @@ class Gate:
                     f"{_who(principal)} exceeded; retry in {wait * 1000:.0f} ms"
                 )
         return principal
+
+    def identify(
+        self, metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None]
+    ) -> Principal:
+        """The principal of the call's bearer token; Unauthenticated if it has none valid."""
+        token = None
+        # Read only when asked: without tokens, no call pays for copying its metadata.
+        for key, value in metadata() or ():
+            if key == AUTHORIZATION and isinstance(value, str):
+                token = bearer_token(value)
+                break
+        return self.authenticate(token)
 
     def note_denied(self, rpc: str, refusal: PermissionDenied, principal: Principal) -> None:
         """Count and log a PermissionDenied, whatever refused it (role, task types, worker).
