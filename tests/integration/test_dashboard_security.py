@@ -190,6 +190,15 @@ def paused_types(db: Db) -> list[str]:
     return [row["type"] for row in db.fetch("SELECT type FROM conveyor_paused_types")]
 
 
+def permission_denials(server: Any) -> float:
+    """conveyor_auth_refusals_total{reason="permission_denied"}: valid tokens refused for
+    their role. Over HTTP they went uncounted (and unlogged) until a review found it."""
+    value = server.server.metrics.registry.get_sample_value(
+        "conveyor_auth_refusals_total", {"reason": "permission_denied"}
+    )
+    return value or 0.0
+
+
 def is_login_redirect(answer: Answer) -> bool:
     return answer.status == 303 and (answer.location or "").startswith("/ui/login")
 
@@ -259,8 +268,10 @@ class TestLogin:
     def test_roles_that_cannot_read_the_cluster_cannot_log_in(
         self, secured, tokens, name, role
     ) -> None:
+        before = permission_denials(secured)
         answer = fetch(f"{secured.http_url}/ui/login", method="POST", form={"token": tokens[name]})
         assert answer.status == 403
+        assert permission_denials(secured) == before + 1
         assert f"The {role} role of &#39;{name}&#39; cannot use the dashboard" in answer.body
         assert "viewer or admin token" in answer.body
         assert COOKIE_NAME not in answer.set_cookie()
@@ -545,6 +556,7 @@ class TestActions:
         before = task_state(db, task_id)
         vera = login(base, tokens["vera"])
         csrf = fetch(f"{base}/ui/tasks/{task_id}", cookie=vera).csrf()  # the logout form's
+        denied = permission_denials(secured)
         for path in (
             f"/ui/tasks/{task_id}/cancel",
             f"/ui/tasks/{task_id}/retry",
@@ -560,6 +572,7 @@ class TestActions:
             assert answer.status == 403, path
             assert "operate permission" in answer.body, path
             assert "viewer role of &#39;vera&#39;" in answer.body, path
+        assert permission_denials(secured) == denied + 4
         assert task_state(db, task_id) == before
         assert paused_types(db) == []
 
@@ -605,12 +618,14 @@ class TestMonitoringEndpoints:
             document = json.loads(answer.body)
             assert document["error"] == "unauthenticated"
             assert expected in document["message"], header
+        denied = permission_denials(secured)
         for name in ("billing", "mailer"):
             answer = fetch(url, headers={"Authorization": f"Bearer {tokens[name]}"})
             assert answer.status == 403, name
             document = json.loads(answer.body)
             assert document["error"] == "permission_denied"
             assert "read_cluster" in document["message"]
+        assert permission_denials(secured) == denied + 2
         for name in ("vera", "alice"):
             answer = fetch(url, headers={"Authorization": f"Bearer {tokens[name]}"})
             assert answer.status == 200, name

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from aiohttp import web
 
 from conveyor.auth import Permission, bearer_token
-from conveyor.errors import ConfigError, Unauthenticated
+from conveyor.errors import ConfigError, PermissionDenied, Unauthenticated
 from conveyor.http_refusal import connection_refusal
 from conveyor.monitoring.hosts import host_allowed
 
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
     from conveyor.auth import Principal
     from conveyor.monitoring.dashboard.views import Dashboard
+
+    # Told of a valid token refused for its role: what was asked, the refusal, who asked.
+    OnDenied = Callable[[str, PermissionDenied, Principal], None]
 
 log = logging.getLogger("conveyor.server.http")
 
@@ -139,6 +142,7 @@ def _refusal(status: int, error: str, message: str) -> web.Response:
 def _bearer_protected(
     endpoint: Callable[[web.Request], Awaitable[web.Response]],
     authenticate: Callable[[str | None], Principal],
+    on_denied: OnDenied | None,
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """`endpoint`, answered only for a bearer token of a role that may read the cluster."""
 
@@ -147,13 +151,12 @@ def _bearer_protected(
             principal = authenticate(bearer_token(request.headers.get("Authorization")))
         except Unauthenticated as exc:
             return _refusal(401, "unauthenticated", exc.message)
-        if not principal.may(Permission.READ_CLUSTER):
-            return _refusal(
-                403,
-                "permission_denied",
-                f"{request.path} needs the {Permission.READ_CLUSTER.value} permission, which "
-                f"the {principal.role.value} role of {principal.name!r} does not have",
-            )
+        try:
+            principal.require(Permission.READ_CLUSTER, request.path)
+        except PermissionDenied as exc:
+            if on_denied is not None:
+                on_denied(request.path, exc, principal)
+            return _refusal(403, "permission_denied", exc.message)
         return await endpoint(request)
 
     return protected
@@ -184,15 +187,18 @@ def create_app(
     dashboard: Dashboard | None = None,
     *,
     authenticate: Callable[[str | None], Principal] | None = None,
+    on_denied: OnDenied | None = None,
     allowed_hosts: frozenset[str] = frozenset(),
     metrics: bool = True,
 ) -> web.Application:
     """The aiohttp application serving the monitoring endpoints (and /ui if given a source).
 
     `authenticate` (a token to its principal, raising Unauthenticated) puts /status and
-    /metrics behind a bearer token; None leaves them open to requests that name the server
-    by IP address, localhost or one of `allowed_hosts` (lower case). `metrics` False leaves
-    /metrics out, for a server that serves it on an address of its own.
+    /metrics behind a bearer token, and `on_denied` hears of each valid token refused for
+    its role (the server's gate counts and logs it, as for an RPC); None leaves them open
+    to requests that name the server by IP address, localhost or one of `allowed_hosts`
+    (lower case). `metrics` False leaves /metrics out, for a server that serves it on an
+    address of its own.
     """
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -218,7 +224,7 @@ def create_app(
             path,
             _host_checked(handler, allowed_hosts)
             if authenticate is None
-            else _bearer_protected(handler, authenticate),
+            else _bearer_protected(handler, authenticate, on_denied),
         )
     if dashboard is not None:
         dashboard.register(app)

@@ -238,6 +238,8 @@ class ConveyorServer:
         if self.config.http_listen is not None:
             host, port = split_host_port(self.config.http_listen)
             authenticate = self.gate.authenticate if self.gate.authenticating else None
+            # A token refused for its role over HTTP is counted and logged as over gRPC.
+            on_denied = self.gate.note_denied if self.gate.authenticating else None
             # The names the dashboard, and without tokens /status and /metrics, answer to
             # besides IP addresses and localhost (against DNS rebinding: monitoring/hosts.py).
             allowed_hosts = self.config.dashboard_allowed_hosts | this_machines_names()
@@ -246,6 +248,7 @@ class ConveyorServer:
                     DashboardBackend(self.control, self.stats, self.cluster_status, self.database),
                     allowed_hosts=allowed_hosts,
                     authenticate=authenticate,
+                    on_denied=on_denied,
                     token_entry=token_entries(self.gate.tokens.current)
                     if self.gate.tokens is not None
                     else None,
@@ -258,6 +261,7 @@ class ConveyorServer:
                 self,
                 dashboard,
                 authenticate=authenticate,
+                on_denied=on_denied,
                 allowed_hosts=allowed_hosts,
                 metrics=self.config.metrics_listen is None,
             )

@@ -324,6 +324,7 @@ class Dashboard:
         *,
         allowed_hosts: frozenset[str] = frozenset(),
         authenticate: Callable[[str | None], Principal] | None = None,
+        on_denied: Callable[[str, PermissionDenied, Principal], None] | None = None,
         token_entry: Callable[[str], TokenEntry | None] | None = None,
         session_secret: bytes | None = None,
         session_lifetime: timedelta = DEFAULT_LIFETIME,
@@ -332,13 +333,15 @@ class Dashboard:
 
         With `authenticate` (a token to its principal, raising Unauthenticated) the dashboard
         asks for a login, and `token_entry` (a token id to its current entry in the tokens
-        file) is required to check sessions. Sessions are signed with `session_secret`;
+        file) is required to check sessions; `on_denied` hears of each logged-in visitor or
+        token refused for its role. Sessions are signed with `session_secret`;
         None draws a random one, so sessions then last only as long as this process.
         """
         self._source = source
         self._allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
         self._templates = _environment()
         self._authenticate = authenticate
+        self._on_denied = on_denied
         self._sessions: Sessions | None = None
         if authenticate is not None:
             if token_entry is None:
@@ -408,9 +411,15 @@ class Dashboard:
                     admitted.require(permission, _action_name(request))
                 return await handler(request, admitted)
             except ConveyorError as exc:
+                if isinstance(exc, PermissionDenied) and admitted.principal is not None:
+                    self._denied(_action_name(request), exc, admitted.principal)
                 return self._error(_http_status(exc), exc.message, admitted)
 
         return guarded
+
+    def _denied(self, action: str, refusal: PermissionDenied, principal: Principal) -> None:
+        if self._on_denied is not None:
+            self._on_denied(action, refusal, principal)
 
     async def _admit(self, request: web.Request, needs_session: bool) -> Visit | web.Response:
         """The visit a request makes, or the answer that turns it away.
@@ -516,6 +525,11 @@ class Dashboard:
                 401, next_path=next_path, error=f"Not logged in: {exc.message}."
             )
         if not principal.may(Permission.READ_CLUSTER):
+            self._denied(
+                "the dashboard's login",
+                PermissionDenied(f"the {principal.role.value} role cannot use the dashboard"),
+                principal,
+            )
             return self._login_form(
                 403,
                 next_path=next_path,
