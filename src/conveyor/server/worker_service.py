@@ -191,6 +191,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.streams: set[WorkStream] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
+        # Claims running (long polls' and streams' alike), and an event set while there
+        # are none: a claim cancelled by the stop hands its leases back as it unwinds.
+        self._claims = 0
+        self._no_claims = asyncio.Event()
+        self._no_claims.set()
         # Enqueues lease tasks straight to the polls waiting here (see handoff.py).
         self.handoff = HandoffDesk(self.release_undelivered)
         # Successes reported at the same time share one statement and one commit.
@@ -381,7 +386,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.metrics.work_streams.dec()
 
     async def streams_ended(self, timeout: float) -> None:
-        """Until every Work call on this server has ended (at most `timeout` seconds).
+        """Until every Work call and every claim on this server has ended (at most `timeout`).
 
         gRPC's stop cancels the calls still open when its grace runs out and returns before
         their handlers have unwound; a stream hands back the leases it had not sent as it
@@ -393,6 +398,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._no_streams.wait()
+                # A long poll's claim likewise: cancelled by the stop, it hands back what it
+                # claimed once the claim commits, and that hand-back too must start before
+                # the wait for hand-backs (it used to start after, and find the pool closed).
+                await self._no_claims.wait()
 
     async def _look(
         self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, may_skip: bool
@@ -447,6 +456,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         # Tracked by the handoff desk as well, so that a stopping server waits for it before
         # it closes its pool (the desk's own hand-backs are waited for the same way).
         claim = asyncio.ensure_future(self._claim_now(worker_id, task_types, limit))
+        self._claims += 1
+        self._no_claims.clear()
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -454,6 +465,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.handoff.track(hand_back)
             await outliving_the_call(hand_back)
             raise
+        finally:
+            self._claims -= 1
+            if not self._claims:
+                self._no_claims.set()
 
     async def _hand_back_claimed(self, claim: asyncio.Future[list[Any]], worker_id: str) -> None:
         try:
