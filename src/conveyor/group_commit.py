@@ -35,10 +35,25 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_IN_FLIGHT: Final = 2
 DEFAULT_MAX_WEIGHT: Final = 5000
+# What one joined write of tasks carries at most, besides its rows: about this many bytes
+# of payloads or results. Joined by count alone, a burst of large ones (a thousand of 1 MiB)
+# made one statement whose array PostgreSQL could not allocate (1 GB), and every caller in
+# it failed. See `rows_and_bytes`.
+MAX_JOINED_BYTES: Final = 64 * 1024 * 1024
+_BYTES_PER_WEIGHT: Final = MAX_JOINED_BYTES // DEFAULT_MAX_WEIGHT
 
 Batch = TypeVar("Batch")
 Row = TypeVar("Row")
 Item = TypeVar("Item")
+
+
+def rows_and_bytes(rows: int, size: int) -> int:
+    """A batch's weight: its rows, plus one for every share of MAX_JOINED_BYTES it holds.
+
+    With DEFAULT_MAX_WEIGHT, a joined write then carries at most that many rows and about
+    MAX_JOINED_BYTES of data; small tasks weigh about their rows.
+    """
+    return rows + size // _BYTES_PER_WEIGHT
 
 
 def concatenated(parts: list[Sequence[Item]]) -> list[Item]:

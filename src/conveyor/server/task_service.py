@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
-from conveyor.group_commit import DEFAULT_MAX_WEIGHT, GroupCommit
+from conveyor.group_commit import GroupCommit, rows_and_bytes
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
 from conveyor.protocol.limits import MAX_TRACE_ENTRIES, MAX_TRACE_KEY, MAX_TRACE_VALUE
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -62,20 +62,14 @@ _CANONICAL_LENGTH: Final = 37
 # Bound on the caches of validated task types and timeouts (cleared when full): a few
 # distinct values are the norm, and a client sending endless new ones must not grow them.
 _CACHE_LIMIT: Final = 1024
+
+
 # What GetTask sends of a task's history: its first event and the latest ones, this many at
 # most, within about this many bytes. A history has no end of its own (a task handed back
 # over and over), and the reply must fit in a message beside a payload and a result.
-# What one joined insert carries at most, besides its rows (DEFAULT_MAX_WEIGHT): about this
-# many payload bytes. Joined by count alone, a burst of large enqueues (a thousand of 1 MiB)
-# made one statement whose payload array PostgreSQL could not allocate (1 GB), and every
-# caller in it failed; each row weighs one more for every share of this its payload takes.
-MAX_JOINED_PAYLOAD_BYTES: Final = 64 * 1024 * 1024
-_PAYLOAD_BYTES_PER_WEIGHT: Final = MAX_JOINED_PAYLOAD_BYTES // DEFAULT_MAX_WEIGHT
-
-
 def enqueue_weight(batch: queries.NewTasks) -> int:
-    """A batch's share of a joined insert: its rows, plus its payloads' share of the bytes."""
-    return len(batch) + sum(map(len, batch.payloads)) // _PAYLOAD_BYTES_PER_WEIGHT
+    """A batch's share of a joined insert: its rows and its payloads' bytes (group_commit)."""
+    return rows_and_bytes(len(batch), sum(map(len, batch.payloads)))
 
 
 HISTORY_EVENTS: Final = 1000

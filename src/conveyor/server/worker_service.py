@@ -25,7 +25,7 @@ import grpc
 
 from conveyor.codec import MAX_SEALED_TEXT, is_sealed_text
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
-from conveyor.group_commit import GroupCommit, concatenated
+from conveyor.group_commit import GroupCommit, concatenated, rows_and_bytes
 from conveyor.protocol import convert
 from conveyor.protocol.limits import MAX_HEARTBEAT_LEASES
 from conveyor.protocol.status import status_for
@@ -159,6 +159,10 @@ def _task_types(values: Sequence[str]) -> list[str]:
     return sorted({validate_task_type(value) for value in values})
 
 
+def _success_weight(successes: Sequence[queries.Success]) -> int:
+    return rows_and_bytes(len(successes), sum(len(s.result or b"") for s in successes))
+
+
 class WorkerService(pb_grpc.WorkerServiceServicer):
     """The workers' API."""
 
@@ -198,11 +202,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._no_claims.set()
         # Enqueues lease tasks straight to the polls waiting here (see handoff.py).
         self.handoff = HandoffDesk(self.release_undelivered)
-        # Successes reported at the same time share one statement and one commit.
+        # Successes reported at the same time share one statement and one commit, bounded
+        # by their results' bytes as well as their count (see group_commit.rows_and_bytes).
         self.succeed_commit: GroupCommit[Sequence[queries.Success], Any] = GroupCommit(
             database.bind(self._succeed_and_count),
             combine=concatenated,
             count=len,
+            weigh=_success_weight,
             stopped=server_stopping,
             observe_group=metrics.report_group_size.observe,
         )
