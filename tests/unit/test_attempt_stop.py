@@ -94,3 +94,26 @@ async def test_the_unreported_error_of_a_returned_thread_is_not_logged_as_never_
     gc.collect()
 
     assert "never retrieved" not in caplog.text
+
+
+async def test_the_error_an_async_handler_ends_with_after_its_stop_is_read(caplog) -> None:
+    """Its cleanup raised on the cancellation, and nothing reports a cancelled attempt:
+    asyncio logged "Task exception was never retrieved" (found by a review)."""
+
+    async def cleanup_fails_on_cancel() -> bytes:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup after the cancellation failed") from None
+        return b"never"
+
+    handler = asyncio.ensure_future(cleanup_fails_on_cancel())
+    await asyncio.sleep(0)  # let it start waiting
+    attempt = attempt_of(None, handler)
+
+    attempt.stop("cancelled")
+    await asyncio.wait({handler}, timeout=10)
+    del attempt, handler
+    gc.collect()
+
+    assert "never retrieved" not in caplog.text

@@ -396,11 +396,11 @@ class _Attempt:
         self.ctx.cancelled.set()
         handler = self.handler_future
         if handler is not None and not handler.done():
-            if self.ended_before_stop:
-                # Read even when nothing is reported (cancelled, lease lost), so that an
-                # error in it is not logged as "never retrieved".
-                handler.add_done_callback(_mark_read)
-            else:
+            # Read even when nothing is reported (cancelled, lease lost), so that an error
+            # it ends with (a sync handler's own, an async one's cleanup that raised on its
+            # cancellation) is not logged as "never retrieved".
+            handler.add_done_callback(_mark_read)
+            if not self.ended_before_stop:
                 handler.cancel()
         if self.wake_runner is not None:
             self.wake_runner()
