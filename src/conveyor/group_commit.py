@@ -130,6 +130,13 @@ class _Waiting(_Call[Batch, Row]):
     )
 
 
+@dataclass(eq=False)
+class _FlushRun:
+    """Whether a flush has started (and so will free its own slot)."""
+
+    started: bool = False
+
+
 class GroupCommit(Generic[Batch, Row]):
     """Coalesces concurrent calls of one write into shared executions."""
 
@@ -166,7 +173,6 @@ class GroupCommit(Generic[Batch, Row]):
         self._in_flight = 0
         # References to the running flushes (asyncio keeps only weak ones).
         self._flushes: set[asyncio.Task[None]] = set()
-        self._unstarted: set[asyncio.Task[None]] = set()
 
     async def submit(self, batch: Batch) -> list[Row]:
         """Write `batch` (committed when this returns); its rows, in order."""
@@ -176,10 +182,10 @@ class GroupCommit(Generic[Batch, Row]):
             self._in_flight += 1
             # Its own task: a caller that gives up (cancelled call) must not abandon the
             # write that carries other callers' rows.
-            flush = asyncio.get_running_loop().create_task(self._flush())
+            run = _FlushRun()
+            flush = asyncio.get_running_loop().create_task(self._flush(run))
             self._flushes.add(flush)
-            self._unstarted.add(flush)
-            flush.add_done_callback(self._flush_done)
+            flush.add_done_callback(lambda done: self._flush_done(done, run))
         try:
             # Not shielded: a caller that gives up cancels only its own answer, which the
             # write then leaves alone (it answers only futures that are not done).
@@ -202,19 +208,20 @@ class GroupCommit(Generic[Batch, Row]):
         self._fail(self._waiting, self._stopped())
         self._waiting.clear()
 
-    def _flush_done(self, flush: asyncio.Task[None]) -> None:
+    def _flush_done(self, flush: asyncio.Task[None], run: _FlushRun) -> None:
         self._flushes.discard(flush)
-        if flush in self._unstarted:
+        if not run.started:
             # Cancelled before it started, it never ran the `finally` that frees its slot.
             # (close() used to reset the count instead, which also zeroed the slot of a
             # flush started by a call made during the close.)
-            self._unstarted.discard(flush)
             self._in_flight -= 1
 
-    async def _flush(self) -> None:
-        # Freed in the `finally` below, in the step that ends the flush, not a callback
-        # later: a call arriving in between would find no slot and no flush to carry it.
-        self._unstarted.discard(asyncio.current_task())
+    async def _flush(self, run: _FlushRun) -> None:
+        # Its slot is freed in the `finally` below, in the step that ends the flush, not a
+        # callback later: a call arriving in between would find no slot and no flush to
+        # carry it. Marked on an object of its own, not by its task: under an eager task
+        # factory the flush starts before create_task has returned its task.
+        run.started = True
         try:
             while self._waiting:
                 await self._run(_take_group(self._waiting, self._max_weight))
