@@ -117,3 +117,15 @@ async def test_the_error_an_async_handler_ends_with_after_its_stop_is_read(caplo
     gc.collect()
 
     assert "never retrieved" not in caplog.text
+
+
+async def test_an_async_handler_that_ended_before_the_stop_counts_as_ended_first() -> None:
+    """As a sync one does: its own outcome is reported (a failure is not handed back)."""
+    handler: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    handler.set_exception(RuntimeError("failed before the drain"))
+    attempt = attempt_of(None, handler)
+
+    attempt.stop("shutdown")
+
+    assert attempt.ended_before_stop
+    assert isinstance(handler.exception(), RuntimeError)

@@ -391,8 +391,12 @@ class _Attempt:
             self.stop_reason = reason
             # The loop hears of a sync handler's end a callback after its thread returns
             # (wrap_future). A stop in between must not cancel the loop's copy: the drain
-            # handed back a task whose handler had succeeded, and it ran again.
-            self.ended_before_stop = self.thread_future is not None and self.thread_future.done()
+            # handed back a task whose handler had succeeded, and it ran again. An async
+            # handler that ended before the stop is reported as it ended, likewise.
+            thread, handler = self.thread_future, self.handler_future
+            self.ended_before_stop = (
+                thread.done() if thread is not None else handler is not None and handler.done()
+            )
         self.ctx.cancelled.set()
         handler = self.handler_future
         if handler is not None and not handler.done():
