@@ -389,6 +389,27 @@ class TestClosedAsyncClient:
         assert client._channels == {}
         assert client._loop is None
 
+    async def test_a_channel_opened_after_close_ties_the_client_to_its_loop_again(
+        self, server: Any
+    ) -> None:
+        """A call that began while close() ran goes on (it is not the closed one), and its
+        next attempt may open a channel after close() has let go of the loop. That channel
+        is this loop's: a call from another loop used to take it for its own (found by a
+        review); now it is told the client belongs to another loop."""
+        client = AsyncClient(server.address)
+        task_id = await client.enqueue_task(Task(type="misuse.t"))
+        await client.close()
+        assert client._loop is None
+        client._channel(server.address)  # the late call's next attempt
+        assert client._loop is asyncio.get_running_loop()
+
+        def from_another_loop() -> str:
+            return outcome(lambda: asyncio.run(client.get_task_status(task_id)))
+
+        assert "another event loop" in await asyncio.to_thread(from_another_loop)
+        await client.close()
+        assert client._channels == {}
+
 
 def outcome(step: Callable[[], object]) -> str:
     """How long `step` took and what it raised: "0.01 ConfigError: ...", or "no error"."""

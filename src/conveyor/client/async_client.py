@@ -155,6 +155,10 @@ class AsyncClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
+            # Ties the client to this loop again: a call that began while close() ran may
+            # open a channel after close() let go of the loop, and a call from another loop
+            # then took that channel for its own.
+            self._on_running_loop()
             channel = self._credentials.open_channel(address, aio=True)
             self._channels[address] = channel
         return channel
