@@ -8,7 +8,9 @@ request, numbered by the client, and is applied exactly as the unary call applie
 admitted by the gate (token, role, rate limit: so a revoked token or an empty bucket
 refuses the next request, not the next stream), validated, committed through the group
 commit, timed and counted as an `EnqueueTasks` call. Its answer carries its number and
-the status the call would have ended with; a refused request does not end the stream.
+the status the call would have ended with; a refused request does not end the stream,
+unless it was refused UNAUTHENTICATED: a token no longer valid gets its answer, and then
+the stream ends OK, so that it cannot hold a call slot with requests that are all refused.
 
 Requests are applied concurrently, as concurrent calls would be, up to
 `MAX_UNANSWERED`; beyond that the stream stops reading, and HTTP/2 flow control holds the
@@ -27,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, Final
+
+import grpc
 
 from conveyor.errors import InvalidTask
 from conveyor.protocol.v1 import conveyor_pb2 as pb
@@ -136,6 +140,11 @@ class EnqueueStream:
             reply = pb.EnqueueStreamResponse(
                 request_id=request_id, code=outcome.code.value[0], message=outcome.message
             )
+            if outcome.code == grpc.StatusCode.UNAUTHENTICATED:
+                # The token is no longer valid (revoked, expired): answer, then end the
+                # stream OK. Kept open, each refused request restarted its idle clock, and
+                # a revoked token held its streams' call slots for as long as it liked.
+                self._stopped.set()
         else:
             reply = pb.EnqueueStreamResponse(request_id=request_id, response=outcome)
         self._in_use.discard(request_id)
