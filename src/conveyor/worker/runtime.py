@@ -229,15 +229,25 @@ def host_name() -> str:
 
 
 class _HandlerExited(Exception):
-    """An async handler raised SystemExit or KeyboardInterrupt (argparse on a bad payload does).
+    """A handler raised what asyncio cannot carry as an attempt's error.
 
-    asyncio lets those two out of a task and out of the event loop itself, which ended the
-    whole worker; wrapped, they fail the attempt as they do in a sync handler's thread.
+    An async handler's SystemExit or KeyboardInterrupt (argparse on a bad payload raises
+    them): asyncio lets those two out of a task and out of the event loop itself, which
+    ended the whole worker. A sync handler's StopIteration (`next()` on an empty iterator):
+    asyncio refuses to set it on the loop's copy of the thread's future, which then never
+    completed, and the attempt held its slot for good. Wrapped, each fails the attempt.
     """
 
     def __init__(self, original: BaseException) -> None:
         super().__init__(repr(original))
         self.original = original
+
+
+def _call_sync(fn: Callable[..., Any], ctx: TaskContext, payload: bytes) -> Any:
+    try:
+        return fn(ctx, payload)
+    except StopIteration as exc:
+        raise _HandlerExited(exc) from exc
 
 
 async def _guarded(handler_call: Awaitable[Any]) -> Any:
@@ -1702,9 +1712,9 @@ class _Runtime:
             return await self.settle_stopped(attempt, future)
         attempt.stop("timeout")
         if attempt.ended_before_stop:
-            # It returned as its timeout came: its outcome is on its way to the loop.
-            await asyncio.wait({future})
-            return self.settle(attempt, future)
+            # It returned as its timeout came: report its own outcome, read from the
+            # thread's future (the loop's copy hears of it a callback later, if ever).
+            return self.settle(attempt, attempt.thread_future or future)
         self.log.warning(
             "task %s attempt %d timed out after %gs",
             lease.task_id,
@@ -1726,6 +1736,9 @@ class _Runtime:
             # Cancelled, or its lease lost, and the handler ignores its cancellation: the
             # lease is gone, so nothing may be reported, its timeout included.
             return None
+        if attempt.ended_before_stop and attempt.thread_future is not None:
+            # A sync handler that had returned: its outcome, from the thread's own future.
+            return self.settle(attempt, attempt.thread_future)
         if await _finished_within(future, SHUTDOWN_CANCEL_GRACE):
             return self.settle(attempt, future)
         # Waiting for it would keep the task from being handed back at all: the drain gives
@@ -1737,7 +1750,7 @@ class _Runtime:
         return self.handed_back(attempt)
 
     def settle(
-        self, attempt: _Attempt, future: asyncio.Future[Any]
+        self, attempt: _Attempt, future: asyncio.Future[Any] | Future[Any]
     ) -> pb.ReportResultRequest | None:
         """The report for a handler that has returned, raised or been cancelled."""
         if attempt.stop_reason in ("cancelled", "lease_lost"):
@@ -1810,7 +1823,7 @@ class _Runtime:
         # Threads do not inherit context variables: run the handler in a copy of this
         # attempt's, so its own log lines carry the task fields.
         thread_future = self.pool.submit(
-            contextvars.copy_context().run, handler.fn, attempt.ctx, payload
+            contextvars.copy_context().run, _call_sync, handler.fn, attempt.ctx, payload
         )
         # Added before the loop's own callback (wrap_future): once the loop sees the
         # handler done, the count has fallen.
