@@ -91,6 +91,18 @@ MAX_SEALED_TEXT: Final = 8000
 FIRST_CUT_BYTES: Final = 5900
 
 
+def kept_text(text: str) -> str:
+    """A worker's unsealed text (an error, a progress note) cut to what the server keeps.
+
+    Cut before it is sent, not only by the server: a progress note of megabytes made every
+    heartbeat that carried it too large for the server to read, and the worker, silent for
+    a whole lease, lost the leases of all its tasks.
+    """
+    if len(text) <= MAX_SEALED_TEXT:
+        return text
+    return text[:MAX_SEALED_TEXT] + "... (truncated)"
+
+
 def seal_text(codec: PayloadCodec, text: str, *, field: str, task_id: str) -> str:
     """A message sealed into text (errors are text in the database), cut to fit.
 

@@ -12,6 +12,7 @@ from conveyor.codec import (
     SealError,
     is_sealed,
     is_sealed_text,
+    kept_text,
     open_text,
     seal_text,
     sealed_key_id,
@@ -173,3 +174,11 @@ class TestLongText:
         sealed = seal_text(codec, "x" * 9000, field="error", task_id=TASK)
         assert len(sealed) <= 8000
         assert set(open_text(codec, sealed, field="error", task_id=TASK)) == {"x"}
+
+    def test_an_unsealed_text_is_cut_to_what_the_server_keeps(self) -> None:
+        """Before it is sent: a progress note of megabytes made every heartbeat that carried
+        it too large for the server, and the worker lost every lease it held."""
+        assert kept_text("short") == "short"
+        assert kept_text("x" * 8000) == "x" * 8000
+        cut = kept_text("x" * 20_000_000)
+        assert cut == "x" * 8000 + "... (truncated)"

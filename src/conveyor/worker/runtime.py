@@ -73,6 +73,7 @@ from conveyor.codec import (
     PayloadCodec,
     SealError,
     is_sealed,
+    kept_text,
     seal_text,
     sealed_key_id,
 )
@@ -281,7 +282,8 @@ def _describe(exc: BaseException) -> str:
         return f"{name} (its message could not be read: {type(unprintable).__name__})"
     # wire_text: an error about a file whose name did not decode (os.fsdecode) carries lone
     # surrogates, which protobuf refuses; the report must still go.
-    text = convert.wire_text(text)
+    # Cut to what the server keeps: a message of megabytes made the report too large to go.
+    text = kept_text(convert.wire_text(text))
     return f"{name}: {text}" if text else name
 
 
@@ -2141,7 +2143,7 @@ class _Runtime:
             attempt.progress = (
                 seal_text(codec, details, field="progress", task_id=task_id)
                 if codec is not None
-                else details
+                else kept_text(details)
             )
         if self.heartbeat_now is not None:
             self.heartbeat_now.set()
