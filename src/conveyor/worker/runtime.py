@@ -481,7 +481,10 @@ class Worker:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
         self.codec = codec if codec is not None else AesGcmCodec.from_env()
-        self.worker_id = _checked_worker_id(worker_id) if worker_id else default_worker_id()
+        # `is not None`: "", 0 or False are no worker id, refused rather than replaced.
+        self.worker_id = (
+            _checked_worker_id(worker_id) if worker_id is not None else default_worker_id()
+        )
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
         self.configure(
@@ -1124,8 +1127,13 @@ class _Runtime:
         delays = self.retry.delays()
         retrying = False
         while True:
+            # Each call within what is left of start_timeout: a server that accepts the
+            # connection and never answers held start(timeout=1) for the whole call_timeout.
+            left = max(SHORTEST_CALL_TIMEOUT.total_seconds(), give_up_at - self.loop.time())
             try:
-                response = await self.call("RegisterWorker", request)
+                response = await self.call(
+                    "RegisterWorker", request, timeout=min(self.call_timeout, left)
+                )
                 break
             except grpc.aio.AioRpcError as exc:
                 # As the clients word it: a missing token names where a token is read from,
