@@ -505,6 +505,36 @@ def worker_stub(address: str) -> Iterator[Any]:
         channel.close()
 
 
+def succeed_as_a_worker(address: str, task_type: str, worker_id: str = "w1") -> None:
+    """Register `worker_id`, lease the one task of `task_type` and report it succeeded."""
+    from google.protobuf.duration_pb2 import Duration  # noqa: PLC0415 - see worker_stub
+
+    from conveyor.protocol.v1 import conveyor_pb2 as pb  # noqa: PLC0415
+
+    with worker_stub(address) as workers:
+        workers.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                worker_id=worker_id, host="h", pid=1, task_types=[task_type], concurrency=1
+            ),
+            timeout=10,
+        )
+        [lease] = workers.LeaseTasks(
+            pb.LeaseTasksRequest(
+                worker_id=worker_id, task_types=[task_type], max_tasks=1, wait=Duration(seconds=5)
+            ),
+            timeout=15,
+        ).leases
+        workers.ReportResult(
+            pb.ReportResultRequest(
+                worker_id=worker_id,
+                task_id=lease.task_id,
+                lease_id=lease.lease_id,
+                outcome=pb.OUTCOME_SUCCEEDED,
+            ),
+            timeout=10,
+        )
+
+
 @contextlib.contextmanager
 def running(worker: Any) -> Iterator[Any]:
     """Start an in-process `conveyor.Worker`; stop it afterwards whatever happens."""

@@ -5,7 +5,7 @@ strings": `TaskNotFound.task_id`, and `TaskAlreadyFinished.task_id` and `.state`
 state that made the cancel impossible). The server raises them with those attributes set,
 but only the status's message crosses the wire: the clients rebuilt the error from it with
 every attribute None (found by a review). `error_from_status` now reads them back from the
-errors' own default text.
+errors' own default text. (The sync cancel is checked in test_task_api.py.)
 """
 
 from __future__ import annotations
@@ -14,55 +14,11 @@ import asyncio
 import uuid
 from typing import Any
 
-import grpc
 import pytest
-from google.protobuf.duration_pb2 import Duration
+from helpers import succeed_as_a_worker
 
 from conveyor import AsyncClient, Client, Task
 from conveyor.errors import TaskAlreadyFinished, TaskNotFound
-from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
-
-
-def succeed_through_a_worker(address: str, task_type: str) -> None:
-    """Lease the one task of `task_type` as a worker would, and report it succeeded."""
-    channel = grpc.insecure_channel(address)
-    try:
-        workers = pb_grpc.WorkerServiceStub(channel)
-        workers.RegisterWorker(
-            pb.RegisterWorkerRequest(
-                worker_id="w-context", host="h", pid=1, task_types=[task_type], concurrency=1
-            ),
-            timeout=10,
-        )
-        [lease] = workers.LeaseTasks(
-            pb.LeaseTasksRequest(
-                worker_id="w-context", task_types=[task_type], max_tasks=1, wait=Duration(seconds=5)
-            ),
-            timeout=15,
-        ).leases
-        workers.ReportResult(
-            pb.ReportResultRequest(
-                worker_id="w-context",
-                task_id=lease.task_id,
-                lease_id=lease.lease_id,
-                outcome=pb.OUTCOME_SUCCEEDED,
-            ),
-            timeout=10,
-        )
-    finally:
-        channel.close()
-
-
-def test_sync_cancel_of_a_succeeded_task_says_its_id_and_state(server: Any, client: Client) -> None:
-    task_id = client.enqueue_task(Task(type="context.finished"))
-    succeed_through_a_worker(server.address, "context.finished")
-    with pytest.raises(TaskAlreadyFinished) as caught:
-        client.cancel_task(task_id)
-    assert (caught.value.task_id, caught.value.state) == (task_id, "succeeded"), (
-        f"TaskAlreadyFinished carried task_id={caught.value.task_id!r}, "
-        f"state={caught.value.state!r}; message: {caught.value.message!r}"
-    )
 
 
 def test_sync_unknown_task_says_its_id(client: Client) -> None:
@@ -77,7 +33,7 @@ def test_sync_unknown_task_says_its_id(client: Client) -> None:
 async def test_async_cancel_of_a_succeeded_task_says_its_id_and_state(server: Any) -> None:
     async with AsyncClient(server.address) as client:
         task_id = await client.enqueue_task(Task(type="context.finished"))
-        await asyncio.to_thread(succeed_through_a_worker, server.address, "context.finished")
+        await asyncio.to_thread(succeed_as_a_worker, server.address, "context.finished")
         with pytest.raises(TaskAlreadyFinished) as caught:
             await client.cancel_task(task_id)
     assert (caught.value.task_id, caught.value.state) == (task_id, "succeeded"), (

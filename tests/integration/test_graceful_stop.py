@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -425,9 +426,20 @@ class TestConfiguration:
         finally:
             worker.stop()
 
-    def test_starting_with_no_server_raises_server_unavailable(self) -> None:
-        """start() raises ServerUnavailable when no server answers within its timeout."""
-        worker = Worker("127.0.0.1:1")
+    @pytest.mark.parametrize("server", ["nothing listens", "never answers"])
+    def test_starting_with_no_server_raises_server_unavailable(self, server: str) -> None:
+        """start() raises ServerUnavailable when no server answers within its timeout.
+
+        Also when a server accepts the connection and never answers (a hung process, a
+        blackholed link): each registration call had the whole call_timeout, and
+        start(timeout=1) returned after it (found by a review). Now each call gets what is
+        left of start's timeout.
+        """
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        if server == "never answers":
+            silent.listen(16)  # never accepted: the kernel completes the handshake
+        worker = Worker(f"127.0.0.1:{silent.getsockname()[1]}", call_timeout=30)
         worker.register_handler("mine", lambda _ctx, _payload: None)
         began = time.monotonic()
         try:
@@ -437,7 +449,8 @@ class TestConfiguration:
             assert worker.running is False
         finally:
             worker.stop()
-        assert took < 10
+            silent.close()
+        assert took < 10, f"start(timeout=1) took {took:.1f}s"
 
 
 class TestStopWhileRegistering:

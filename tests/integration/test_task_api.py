@@ -20,6 +20,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from helpers import succeed_as_a_worker
 
 import conveyor
 from conveyor import (
@@ -41,7 +42,6 @@ from conveyor.errors import (
     TaskNotFound,
 )
 from conveyor.protocol.v1 import conveyor_pb2 as pb
-from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 
 def is_uuid(value: object) -> bool:
@@ -480,38 +480,12 @@ class TestCancel:
     def test_cancelling_a_finished_task_raises(self, server, client: Client) -> None:
         """cancel_task on a succeeded task raises TaskAlreadyFinished and leaves it succeeded."""
         task_id = client.enqueue_task(Task(type="finish.me"))
-        channel = grpc.insecure_channel(server.address)
-        try:
-            workers = pb_grpc.WorkerServiceStub(channel)
-            workers.RegisterWorker(
-                pb.RegisterWorkerRequest(
-                    worker_id="w1", host="h", pid=1, task_types=["finish.me"], concurrency=1
-                ),
-                timeout=10,
-            )
-            [lease] = workers.LeaseTasks(
-                pb.LeaseTasksRequest(
-                    worker_id="w1",
-                    task_types=["finish.me"],
-                    max_tasks=1,
-                    wait=Duration(seconds=2),
-                ),
-                timeout=10,
-            ).leases
-            workers.ReportResult(
-                pb.ReportResultRequest(
-                    worker_id="w1",
-                    task_id=lease.task_id,
-                    lease_id=lease.lease_id,
-                    outcome=pb.OUTCOME_SUCCEEDED,
-                ),
-                timeout=10,
-            )
-        finally:
-            channel.close()
+        succeed_as_a_worker(server.address, "finish.me")
         with pytest.raises(TaskAlreadyFinished) as caught:
             client.cancel_task(task_id)
         assert "succeeded" in caught.value.message
+        # The attributes too, though only the message crosses the wire (test_error_context).
+        assert (caught.value.task_id, caught.value.state) == (task_id, "succeeded")
         assert client.get_task_status(task_id).state is TaskState.SUCCEEDED
 
 
