@@ -83,6 +83,27 @@ class PayloadCodec(Protocol):
         ...
 
 
+def chosen_codec(codec: object) -> PayloadCodec | None:
+    """The codec a client or worker was given, else the one CONVEYOR_PAYLOAD_KEYS describes.
+
+    ConfigError for what cannot be one: the class rather than an instance, or anything
+    without seal() and open(). Accepted, every payload failed when it was sealed or opened,
+    each task spending its attempts on a mistake in the worker's or client's set-up.
+    """
+    if codec is None:
+        return AesGcmCodec.from_env()
+    if isinstance(codec, type) or not all(
+        callable(getattr(codec, method, None)) for method in ("seal", "open")
+    ):
+        shown = codec.__name__ if isinstance(codec, type) else type(codec).__name__
+        raise ConfigError(
+            f"codec must be an object with seal() and open() methods, such as "
+            f"AesGcmCodec([...]); got {shown}"
+            + (" (the class itself, not an instance)" if isinstance(codec, type) else "")
+        )
+    return codec  # type: ignore[return-value]  # checked above: it has both methods
+
+
 # The server keeps this many characters of an error or a progress report; a sealed message
 # must fit whole, since a cut seal cannot be opened.
 MAX_SEALED_TEXT: Final = 8000

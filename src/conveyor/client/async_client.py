@@ -22,7 +22,7 @@ from conveyor.client.enqueue_stream import (
     EnqueueStream,
     StreamEnded,
 )
-from conveyor.codec import AesGcmCodec, PayloadCodec
+from conveyor.codec import PayloadCodec, chosen_codec
 from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
 from conveyor.group_commit import GroupCommit
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
@@ -95,7 +95,7 @@ class AsyncClient:
         self._credentials = Credentials.resolve(token, tls)
         self._credentials.check(*self._ring.addresses)
         self._metadata = self._credentials.metadata
-        self._codec = codec if codec is not None else AesGcmCodec.from_env()
+        self._codec = chosen_codec(codec)
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}

@@ -183,6 +183,8 @@ class Credentials:
         `tls=False` turns TLS off whatever the environment says; `tls=True` uses the
         system's trusted roots.
         """
+        if token is not None and not isinstance(token, str):
+            raise ConfigError(f"the token must be a string, not {type(token).__name__}")
         if token is None:
             token = os.environ.get(TOKEN_ENV) or None
         token_from_file = token is None and bool(os.environ.get(TOKEN_FILE_ENV))

@@ -23,7 +23,7 @@ from conveyor.client.enqueue_stream import (
     EnqueueRoute,
     StreamEnded,
 )
-from conveyor.codec import AesGcmCodec, PayloadCodec
+from conveyor.codec import PayloadCodec, chosen_codec
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.group_commit import BlockingGroupCommit
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE
@@ -100,7 +100,7 @@ class Client:
         self._credentials = Credentials.resolve(token, tls)
         self._credentials.check(*self._ring.addresses)
         self._metadata = self._credentials.metadata
-        self._codec = codec if codec is not None else AesGcmCodec.from_env()
+        self._codec = chosen_codec(codec)
         self._retry = retry or RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}

@@ -69,9 +69,9 @@ from conveyor.client.channel import (
 )
 from conveyor.codec import (
     KEYS_ENV,
-    AesGcmCodec,
     PayloadCodec,
     SealError,
+    chosen_codec,
     is_sealed,
     kept_text,
     seal_text,
@@ -305,11 +305,16 @@ def _updated_credentials(
     )
 
 
+# The most handlers one worker may run at once: each sync one is a thread. A larger value
+# was accepted, and 2**32 failed only at start(), with protobuf's ValueError.
+MAX_CONCURRENCY: Final = 10_000
+
+
 def _checked_concurrency(concurrency: object) -> int:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int):
         raise ConfigError("concurrency must be an integer")
-    if concurrency < 1:
-        raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
     return concurrency
 
 
@@ -433,8 +438,8 @@ class Worker:
     Args:
         server: "host:port", "host1:port,host2:port" or a list; defaults to the
             CONVEYOR_SERVER environment variable, then localhost:50051.
-        concurrency: Most handlers running at once (a finished attempt whose outcome is
-            still being delivered holds its lease but not a slot).
+        concurrency: Most handlers running at once, 1 to 10,000 (a finished attempt whose
+            outcome is still being delivered holds its lease but not a slot).
         drain_timeout: How long `stop` lets in-flight attempts finish before handing
             them back.
         lease_wait: How long one lease long poll waits on the server for work.
@@ -480,7 +485,7 @@ class Worker:
     ) -> None:
         """Configure the worker; nothing connects until `start` or `run`."""
         self.registry = HandlerRegistry()
-        self.codec = codec if codec is not None else AesGcmCodec.from_env()
+        self.codec = chosen_codec(codec)
         # `is not None`: "", 0 or False are no worker id, refused rather than replaced.
         self.worker_id = (
             _checked_worker_id(worker_id) if worker_id is not None else default_worker_id()
