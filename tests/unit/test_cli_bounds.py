@@ -23,6 +23,7 @@ from conveyor.errors import ConfigError
 from conveyor.server.config import MAX_PAYLOAD_BYTES_LIMIT
 from conveyor.storage.migrate import LONGEST_LOCK_TIMEOUT, migrate
 from conveyor.types import LARGEST_DURATION, MAX_RETRIES_LIMIT, MAX_TIMEOUT
+from conveyor.worker.runtime import MAX_CONCURRENCY
 
 # Should a value get through, the command fails at once on what follows (exit 1): the
 # client has no server to reach in under a second, the server has no database and a
@@ -82,6 +83,16 @@ class TestOutOfRangeIsAUsageError:
                 "--lock-timeout",
                 f"0.001<=x<={LONGEST_LOCK_SECONDS}",
             ),
+            (
+                ("worker", "x:y", "--concurrency", str(MAX_CONCURRENCY + 1)),
+                "--concurrency",
+                f"1<=x<={MAX_CONCURRENCY}",
+            ),
+            (
+                ("dev", "--concurrency", str(MAX_CONCURRENCY + 1)),
+                "--concurrency",
+                f"1<=x<={MAX_CONCURRENCY}",
+            ),
         ],
         ids=[
             "max-retries-negative",
@@ -93,6 +104,8 @@ class TestOutOfRangeIsAUsageError:
             "retention-days-overflow",
             "worker-retention-hours-over",
             "lock-timeout-over-postgresql-limit",
+            "worker-concurrency-over",
+            "dev-concurrency-over",
         ],
     )
     def test_the_value_is_refused_naming_the_flag_and_its_range(

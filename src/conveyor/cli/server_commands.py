@@ -58,6 +58,7 @@ from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
 from conveyor.types import LARGEST_DURATION
+from conveyor.worker.runtime import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -697,7 +698,7 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONCURRENCY),
     default=4,
     show_default=True,
     help="Concurrency of the demo worker.",

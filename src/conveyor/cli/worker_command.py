@@ -21,7 +21,7 @@ from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
 from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT
-from conveyor.worker.runtime import SHORTEST_CALL_TIMEOUT, Worker
+from conveyor.worker.runtime import MAX_CONCURRENCY, SHORTEST_CALL_TIMEOUT, Worker
 
 log = logging.getLogger("conveyor.cli.worker")
 
@@ -100,7 +100,7 @@ def _shown(filename: str) -> str:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONCURRENCY),
     default=None,
     help="Most tasks in flight (overrides the Worker's).",
 )
