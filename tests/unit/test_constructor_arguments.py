@@ -68,3 +68,20 @@ def test_concurrency_out_of_range_is_refused(concurrency: int) -> None:
 
 def test_the_largest_concurrency_is_taken() -> None:
     assert Worker(ADDRESS, concurrency=MAX_CONCURRENCY).concurrency == MAX_CONCURRENCY
+
+
+def test_a_handler_class_is_refused_and_its_instance_taken() -> None:
+    """A class with an async __call__ was taken for an async handler; calling it only built
+    an instance, and every attempt failed awaiting it (found by the same review)."""
+
+    class Sender:
+        async def __call__(self, _ctx: object, payload: bytes) -> bytes:
+            return payload
+
+    worker = Worker(ADDRESS)
+    with pytest.raises(ConfigError, match="is the class Sender: register an instance"):
+        worker.register_handler("send", Sender)
+    worker.register_handler("send", Sender())
+    registered = worker.registry.get("send")
+    assert registered is not None
+    assert registered.is_async

@@ -43,6 +43,13 @@ class HandlerRegistry:
             raise ConfigError(f"cannot register a handler: {exc.message}") from None
         if not callable(fn):
             raise ConfigError(f"the handler for {task_type!r} is not callable")
+        if isinstance(fn, type):
+            # Calling a class builds an instance: with an async __call__ it was taken for an
+            # async handler and every attempt failed awaiting the instance.
+            raise ConfigError(
+                f"the handler for {task_type!r} is the class {fn.__name__}: register an "
+                "instance of it, or a function"
+            )
         if task_type in self._handlers:
             raise ConfigError(f"a handler for {task_type!r} is already registered")
         is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
