@@ -29,7 +29,7 @@ import contextlib
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from conveyor.errors import ConfigError, ConveyorError
 
@@ -101,7 +101,7 @@ def chosen_codec(codec: object) -> PayloadCodec | None:
             f"AesGcmCodec([...]); got {shown}"
             + (" (the class itself, not an instance)" if isinstance(codec, type) else "")
         )
-    return codec  # type: ignore[return-value]  # checked above: it has both methods
+    return cast("PayloadCodec", codec)  # checked above: it has both methods
 
 
 # The server keeps this many characters of an error or a progress report; a sealed message

@@ -13,7 +13,7 @@ leases (never delivered) were left to expire, each at the cost of an attempt:
 - the server's own stop cancelled the call: gRPC's stop returns before the handlers it
   cancelled have unwound, so the hand-back started after the stop's wait for hand-backs
   (now the stop waits for the claims in flight, as it waits for the Work streams:
-  `WorkerService.streams_ended`).
+  `WorkerService.calls_unwound`).
 
 Real server, real PostgreSQL. The claim is held behind a table lock, lifted as soon as the
 stop either waits for hand-backs in flight (what a server that knows of this one does) or

@@ -332,9 +332,9 @@ class ConveyorServer:
 
     async def _hand_back_undelivered(self) -> None:
         grace = self.config.shutdown_grace.total_seconds()
-        # The streams gRPC cancelled hand their unsent leases back as they unwind: first
-        # let them, then wait for those hand-backs with the rest.
-        await self.worker_service.streams_ended(grace)
+        # The streams and long-poll claims gRPC cancelled hand their unsent leases back as
+        # they unwind: first let them, then wait for those hand-backs with the rest.
+        await self.worker_service.calls_unwound(grace)
         await self.worker_service.handoff.handed_back(grace)
 
     async def _stop_grpc(self) -> None:

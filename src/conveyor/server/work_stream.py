@@ -189,7 +189,7 @@ class WorkStream:
         offer joins the desk behind the polls already waiting, which get the next tasks
         first. It is settled as a long poll's is: a reserved offer's rows are waited for,
         and abandoned to the desk (handed back) if the call ends first; a stopping server
-        waits for the stream to unwind before its hand-backs (`streams_ended`).
+        waits for the stream to unwind before its hand-backs (`calls_unwound`).
         """
         service = self._service
         desk = service.handoff

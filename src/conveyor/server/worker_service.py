@@ -191,7 +191,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
         # The Work calls open here (see work_stream.py), so draining can end them, and an
-        # event set while there are none (what a stopping server waits for: `streams_ended`).
+        # event set while there are none (what a stopping server waits for: `calls_unwound`).
         self.streams: set[WorkStream] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
@@ -391,8 +391,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 self._no_streams.set()
             self.metrics.work_streams.dec()
 
-    async def streams_ended(self, timeout: float) -> None:
-        """Until every Work call and every claim on this server has ended (at most `timeout`).
+    async def calls_unwound(self, timeout: float) -> None:
+        """Until every Work call and every claim on this server has unwound (at most `timeout`).
 
         gRPC's stop cancels the calls still open when its grace runs out and returns before
         their handlers have unwound; a stream hands back the leases it had not sent as it

@@ -379,8 +379,8 @@ class _Attempt:
     thread_future: Future[Any] | None = None
     # Why the worker stopped this attempt early: "cancelled", "lease_lost" or "shutdown".
     stop_reason: str | None = None
-    # Whether its sync handler had already returned (or raised) when it was stopped: see
-    # stop(). Its outcome is then the handler's own, not the stop's.
+    # Whether its handler had already returned (or raised) when it was stopped: see stop().
+    # Its outcome is then the handler's own, not the stop's.
     ended_before_stop: bool = False
     # Set once the attempt's outcome is known and being reported: stopping it changes
     # nothing any more, and the server's word on its lease comes with the report's answer.
@@ -1751,9 +1751,9 @@ class _Runtime:
             # Cancelled, or its lease lost, and the handler ignores its cancellation: the
             # lease is gone, so nothing may be reported, its timeout included.
             return None
-        if attempt.ended_before_stop and attempt.thread_future is not None:
-            # A sync handler that had returned: its outcome, from the thread's own future.
-            return self.settle(attempt, attempt.thread_future)
+        if attempt.ended_before_stop:
+            # It had returned: its own outcome (a sync one's from the thread's future).
+            return self.settle(attempt, attempt.thread_future or future)
         if await _finished_within(future, SHUTDOWN_CANCEL_GRACE):
             return self.settle(attempt, future)
         # Waiting for it would keep the task from being handed back at all: the drain gives
