@@ -1,9 +1,10 @@
 """A call cancelled while its write waits still has the write counted, exactly once.
 
-The write (an insert, an outcome) may commit after the call that asked for it was cancelled
-(its deadline passed while the database was slow), and the client's retry is then an
-idempotent repeat, which is not counted. Each test blocks writes with a SHARE lock on the
-task table, lets the call's deadline pass while its statement waits, releases the lock,
+The write (an insert, an outcome, a cancel, a batch of an operator's bulk cancel) may
+commit after the call that asked for it was cancelled (its deadline passed while the
+database was slow), and the client's retry is then an idempotent repeat, which is not
+counted. Each test blocks writes with a SHARE lock on the task table, lets the call's
+deadline pass while its statement waits, releases the lock,
 retries as a client would, and reads the server's counters.
 """
 
@@ -204,3 +205,94 @@ def test_a_failure_report_cut_off_by_its_deadline_is_counted_once(
     )
     assert failed == 1
     assert metric_sum(server.http_url, "conveyor_task_duration_seconds_count", **labels) == 1
+
+
+def queued(server: Any, task_type: str, count: int = 1) -> list[str]:
+    """Enqueue `count` tasks of `task_type`, with no worker for them: they stay queued."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    with grpc.insecure_channel(server.address) as channel:
+        pb_grpc.TaskServiceStub(channel).EnqueueTasks(
+            pb.EnqueueTasksRequest(
+                tasks=[
+                    pb.TaskSpec(id=task_id, type=task_type, timeout=Duration(seconds=60))
+                    for task_id in ids
+                ]
+            ),
+            timeout=10,
+        )
+    return ids
+
+
+def cancels_counted(server: Any, task_type: str) -> float:
+    return metric_sum(
+        server.http_url, "conveyor_task_outcomes_total", type=task_type, outcome="cancelled"
+    )
+
+
+def test_a_cancel_cut_off_by_its_deadline_lands_and_is_counted_once(
+    server: Any, db: Db, database_url: str
+) -> None:
+    (task_id,) = queued(server, "cut-off-cancel")
+    request = pb.CancelTaskRequest(task_id=task_id)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TaskServiceStub(channel)
+        cut_off_while_blocked(
+            db,
+            database_url,
+            server,
+            "CancelTask",
+            lambda timeout: stub.CancelTask.future(request, timeout=timeout),
+            # Not waiting for the server's cancellation: the cancel outlives the call,
+            # which ends only once it has committed (a cancel cut off during its COMMIT
+            # could land uncounted).
+            server_cancels_first=False,
+        )
+        wait_for(
+            lambda: db.task(task_id)["state"] == "cancelled",
+            what="the cut-off cancel to commit",
+        )
+        retry = stub.CancelTask(request, timeout=10)
+    assert retry.task.state == pb.TASK_STATE_CANCELLED  # a no-op, rightly not counted again
+    cancelled = wait_for(
+        lambda: cancels_counted(server, "cut-off-cancel"), what="the cancel to be counted"
+    )
+    assert cancelled == 1
+
+
+@pytest.mark.parametrize("by", ["ids", "filter"])
+def test_a_bulk_cancel_cut_off_by_its_deadline_is_counted_once(
+    server: Any, db: Db, database_url: str, by: str
+) -> None:
+    task_type = f"cut-off-bulk-{by}"
+    ids = queued(server, task_type, count=3)
+    request = (
+        pb.BulkTaskRequest(task_ids=ids)
+        if by == "ids"
+        else pb.BulkTaskRequest(filter=pb.TaskFilter(type=task_type))
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.AdminServiceStub(channel)
+        cut_off_while_blocked(
+            db,
+            database_url,
+            server,
+            "CancelTasks",
+            lambda timeout: stub.CancelTasks.future(request, timeout=timeout),
+            server_cancels_first=False,
+        )
+        wait_for(
+            lambda: (
+                db.fetchval(
+                    "SELECT count(*) FROM conveyor_tasks WHERE type = $1 AND state = 'cancelled'",
+                    task_type,
+                )
+                == len(ids)
+            ),
+            what="the cut-off batch to commit",
+        )
+        retry = stub.CancelTasks(request, timeout=10)
+    assert retry.changed == 0  # nothing left to cancel
+    cancelled = wait_for(lambda: cancels_counted(server, task_type), what="the cancels counted")
+    assert cancelled == len(ids)
+    actions = metric_sum(server.http_url, "conveyor_operator_actions_total", action="cancel")
+    assert actions >= len(ids)  # other tests' actions share the server's counter

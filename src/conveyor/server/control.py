@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask, TaskNotFound
 from conveyor.server.explanation import explain
+from conveyor.server.rpc import outliving_the_call
 from conveyor.server.task_service import HISTORY_BYTES, status_from_row
 from conveyor.storage import queries
 from conveyor.types import (
@@ -351,7 +352,6 @@ class TaskControl:
             )
         result = progress.result
         if result.changed:
-            self._metrics.operator_actions.labels(action).inc(result.changed)
             log.info("%s applied to %d task(s)", action, result.changed, extra={"event": action})
         return progress
 
@@ -366,30 +366,36 @@ class TaskControl:
         if len(task_ids) > MAX_IDS:
             raise InvalidTask(f"{len(task_ids)} task ids in one call; the limit is {MAX_IDS}")
         ids = list(dict.fromkeys(normalize_task_id(task_id) for task_id in task_ids))
-        async with self._database.transaction() as conn:
-            known = await queries.task_states_get(conn, task_ids=ids)
-            missing = [task_id for task_id in ids if task_id not in known]
-            if missing:
-                raise TaskNotFound(task_id=missing[0])
-            rows = await apply(
-                conn,
-                task_ids=ids,
-                detail=detail,
-                states=[state.value for state in applicable],
-            )
-            changed = {str(row["id"]) for row in rows}
-            # Read again under the action's locks: the state that made each one not apply.
-            now = await queries.task_states_get(
-                conn, task_ids=[task_id for task_id in ids if task_id not in changed]
-            )
-            # Deleted since the first read, which locks nothing (retention's delete,
-            # committed while the action waited for the row): as unknown as if it had
-            # gone before the call, and the call changes nothing, rather than answering
-            # for fewer tasks than it matched.
-            gone = [task_id for task_id in ids if task_id not in changed and task_id not in now]
-            if gone:
-                raise TaskNotFound(task_id=gone[0])
-        self._after_change(action, rows)
+
+        async def apply_and_count() -> tuple[set[str], dict[str, str]]:
+            async with self._database.transaction() as conn:
+                known = await queries.task_states_get(conn, task_ids=ids)
+                missing = [task_id for task_id in ids if task_id not in known]
+                if missing:
+                    raise TaskNotFound(task_id=missing[0])
+                rows = await apply(
+                    conn,
+                    task_ids=ids,
+                    detail=detail,
+                    states=[state.value for state in applicable],
+                )
+                changed = {str(row["id"]) for row in rows}
+                # Read again under the action's locks: the state that made each one not
+                # apply.
+                now = await queries.task_states_get(
+                    conn, task_ids=[task_id for task_id in ids if task_id not in changed]
+                )
+                # Deleted since the first read, which locks nothing (retention's delete,
+                # committed while the action waited for the row): as unknown as if it had
+                # gone before the call, and the call changes nothing, rather than answering
+                # for fewer tasks than it matched.
+                gone = [task_id for task_id in ids if task_id not in changed and task_id not in now]
+                if gone:
+                    raise TaskNotFound(task_id=gone[0])
+            self._after_change(action, rows)
+            return changed, now
+
+        changed, now = await outliving_the_call(apply_and_count())
         return BulkResult(
             matched=len(ids),
             changed=len(changed),
@@ -442,28 +448,38 @@ class TaskControl:
                     complete=False,
                 )
             batch = BULK_BATCH if not limit else min(BULK_BATCH, limit - changed)
-            async with self._database.transaction() as conn:
-                rows = await _list_oldest(
-                    conn,
-                    states=state_names,
-                    task_type=task_type,
-                    after_seq=cursor,
-                    through_seq=ceiling,
-                    limit=batch,
-                )
-                if not rows:
-                    break
-                cursor = rows[-1]["seq"]
-                # `apply` re-checks each state under its row lock: a task that left the
-                # filtered states since it was listed is left alone.
-                done = await apply(
-                    conn,
-                    task_ids=[str(row["id"]) for row in rows],
-                    detail=detail,
-                    states=state_names,
-                )
-            self._after_change(action, done)
-            changed += len(done)
+
+            async def apply_batch(after_seq: int, size: int) -> tuple[int, int] | None:
+                """The batch's last queue position and how many it changed; None: no tasks."""
+                async with self._database.transaction() as conn:
+                    rows = await _list_oldest(
+                        conn,
+                        states=state_names,
+                        task_type=task_type,
+                        after_seq=after_seq,
+                        through_seq=ceiling,
+                        limit=size,
+                    )
+                    if not rows:
+                        return None
+                    # `apply` re-checks each state under its row lock: a task that left
+                    # the filtered states since it was listed is left alone.
+                    done = await apply(
+                        conn,
+                        task_ids=[str(row["id"]) for row in rows],
+                        detail=detail,
+                        states=state_names,
+                    )
+                self._after_change(action, done)
+                return int(rows[-1]["seq"]), len(done)
+
+            # Each batch runs to its end and is counted even if the call is cancelled
+            # meanwhile; the walk then stops at the batch's end.
+            applied = await outliving_the_call(apply_batch(cursor, batch))
+            if applied is None:
+                break
+            cursor, done_count = applied
+            changed += done_count
         return BulkProgress(
             BulkResult(matched=changed, changed=changed),
             through_seq=ceiling,
@@ -471,8 +487,14 @@ class TaskControl:
         )
 
     def _after_change(self, action: str, rows: Sequence[asyncpg.Record]) -> None:
+        """Count what one committed statement of `action` changed, and wake for retries.
+
+        Called where the write commits, inside `outliving_the_call`: a call cancelled
+        while its COMMIT was in flight still counts what it changed.
+        """
         if not rows:
             return
+        self._metrics.operator_actions.labels(action).inc(len(rows))
         if action == "retry":
             self._notifier.wake()
         else:

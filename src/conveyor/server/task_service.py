@@ -509,12 +509,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         status = replace(status_from_row(row, events), payload=payload)
         return pb.GetTaskResponse(task=convert.status_to_info(status))
 
-    @rpc_method("CancelTask")
-    async def CancelTask(  # noqa: N802 - gRPC method name
-        self, request: pb.CancelTaskRequest, context: Any
-    ) -> pb.CancelTaskResponse:
-        """Cancel a queued or running task. Cancelling a cancelled task is a no-op."""
-        task_id = normalize_task_id(request.task_id)
+    async def _cancel_and_count(self, task_id: str) -> Any:
+        """Cancel `task_id` unless it is final, count the cancel; the task's row after."""
         async with self.database.transaction() as conn:
             locked = await queries.task_lock_for_cancel(conn, task_id=task_id)
             if locked is None:
@@ -539,4 +535,18 @@ class TaskService(pb_grpc.TaskServiceServicer):
             self.metrics.task_outcomes.labels(
                 self.metrics.type_label(row["type"]), "cancelled"
             ).inc()
+        return row
+
+    @rpc_method("CancelTask")
+    async def CancelTask(  # noqa: N802 - gRPC method name
+        self, request: pb.CancelTaskRequest, context: Any
+    ) -> pb.CancelTaskResponse:
+        """Cancel a queued or running task. Cancelling a cancelled task is a no-op."""
+        task_id = normalize_task_id(request.task_id)
+        # Run to its end even if the call is cancelled meanwhile (deadline, client gone):
+        # cut off while its COMMIT was in flight, the cancel could land uncounted in
+        # conveyor_task_outcomes_total, and the client's retry then finds it cancelled
+        # already, a no-op that counts nothing. Enqueues and reports outlive their calls
+        # for the same reason.
+        row = await outliving_the_call(self._cancel_and_count(task_id))
         return pb.CancelTaskResponse(task=convert.status_to_info(status_from_row(row)))
