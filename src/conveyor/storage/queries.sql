@@ -399,15 +399,19 @@ SELECT id, state, attempt, worker_id FROM conveyor_tasks WHERE id = $1 FOR UPDAT
 
 -- name: task_cancel
 -- $1 task id, $2 detail, $3 actor. Only called on a live task locked by task_lock_for_cancel.
+-- Stamped with the clock, not now(): now() is when the transaction began, before it waited
+-- for the row's lock, and a claim that held the lock meanwhile wrote `started` later than
+-- that; the timeline then read `cancelled` before `started` (task_cancel_many likewise).
 WITH done AS (
     UPDATE conveyor_tasks
-    SET state = 'cancelled', finished_at = now(),
+    SET state = 'cancelled', finished_at = clock_timestamp(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     WHERE id = $1 AND state IN ('queued', 'scheduled', 'running')
-    RETURNING id, state, attempt, worker_id
+    RETURNING id, state, attempt, worker_id, finished_at
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
-    SELECT id, 'cancelled', state, attempt, worker_id, $2, $3 FROM done
+    INSERT INTO conveyor_task_events
+        (task_id, event, state, attempt, worker_id, detail, actor, at)
+    SELECT id, 'cancelled', state, attempt, worker_id, $2, $3, finished_at FROM done
 )
 SELECT state FROM done;
 
@@ -1089,16 +1093,19 @@ WITH target AS (
     SELECT id, nextval(pg_get_serial_sequence('conveyor_tasks', 'seq')) AS new_seq
     FROM (SELECT id, seq FROM target ORDER BY seq) AS oldest_first
 ), done AS (
+    -- The clock, not now(): after the row locks, so that `retried` follows the cancel
+    -- this retry may have waited for (see task_cancel).
     UPDATE conveyor_tasks AS t
-    SET state = 'queued', attempt = 0, seq = renumbered.new_seq, available_at = now(),
+    SET state = 'queued', attempt = 0, seq = renumbered.new_seq,
+        available_at = clock_timestamp(),
         started_at = NULL, finished_at = NULL, worker_id = NULL, result = NULL,
         progress = NULL, progress_at = NULL, lease_id = NULL
     FROM renumbered
     WHERE t.id = renumbered.id
-    RETURNING t.id, t.type
+    RETURNING t.id, t.type, t.available_at
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail, actor)
-    SELECT id, 'retried', 'queued', 0, $2, $4 FROM done
+    INSERT INTO conveyor_task_events (task_id, event, state, attempt, detail, actor, at)
+    SELECT id, 'retried', 'queued', 0, $2, $4, available_at FROM done
 ), wake AS (
     SELECT pg_notify('conveyor_task_ready', '') FROM (SELECT 1 FROM done LIMIT 1) AS any_done
 )
@@ -1121,15 +1128,17 @@ WITH target AS (
     WHERE t.state = ANY ($3::conveyor_task_state[])
       AND t.state IN ('queued', 'scheduled', 'running')
 ), done AS (
+    -- The clock, not now(): after the row locks (see task_cancel).
     UPDATE conveyor_tasks AS t
-    SET state = 'cancelled', finished_at = now(),
+    SET state = 'cancelled', finished_at = clock_timestamp(),
         lease_id = NULL, lease_expires_at = NULL, deadline_at = NULL
     FROM target
     WHERE t.id = target.id
-    RETURNING t.id, t.type, t.attempt, t.worker_id
+    RETURNING t.id, t.type, t.attempt, t.worker_id, t.finished_at
 ), history AS (
-    INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id, detail, actor)
-    SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2, $4 FROM done
+    INSERT INTO conveyor_task_events
+        (task_id, event, state, attempt, worker_id, detail, actor, at)
+    SELECT id, 'cancelled', 'cancelled', attempt, worker_id, $2, $4, finished_at FROM done
 )
 SELECT id, type FROM done;
 
