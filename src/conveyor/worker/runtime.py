@@ -1117,7 +1117,11 @@ class _Runtime:
             )
         return False
 
-    async def register(self) -> None:
+    async def register(self, within: float | None = None) -> None:
+        """Register with a server, retrying unreachable ones for up to `within` seconds.
+
+        `within`: start_timeout unless given.
+        """
         assert self.loop is not None  # noqa: S101
         assert self.stop_event is not None  # noqa: S101
         request = pb.RegisterWorkerRequest(
@@ -1128,7 +1132,9 @@ class _Runtime:
             concurrency=self.worker.concurrency,
             version=printable(__version__)[:MAX_WORKER_VERSION_LENGTH],
         )
-        give_up_at = self.loop.time() + self.start_timeout.total_seconds()
+        give_up_at = self.loop.time() + (
+            self.start_timeout.total_seconds() if within is None else within
+        )
         delays = self.retry.delays()
         retrying = False
         while True:
@@ -1148,9 +1154,10 @@ class _Runtime:
                 ) from None
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at or self.stop_event.is_set():
+                    waited = self.start_timeout.total_seconds() if within is None else within
                     raise ServerUnavailable(
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
-                        f"worker within {self.start_timeout.total_seconds():g}s: {exc}"
+                        f"worker within {waited:g}s: {exc}"
                     ) from None
                 if not retrying:
                     retrying = True
@@ -1178,7 +1185,9 @@ class _Runtime:
 
         A worker that was partitioned or suspended for longer than the worker retention (a
         day by default) comes back to find itself unknown; with tokens its calls would be
-        refused as unregistered until a restart. One attempt per heartbeat that says so.
+        refused as unregistered until a restart. One attempt per heartbeat that says so,
+        bounded as a heartbeat is: it runs inside the beat, and the leases granted since
+        must not wait start_timeout for their next one.
         """
         self.log.warning(
             "the servers no longer know this worker (deleted after a long silence): "
@@ -1186,7 +1195,7 @@ class _Runtime:
             extra={"event": "worker_reregistering"},
         )
         try:
-            await self.register()
+            await self.register(within=self.heartbeat_timeout())
         except Exception as exc:  # the next heartbeat says so again, and this runs again
             self.log.warning(
                 "registering again failed: %s", exc, extra={"event": "worker_reregister_failed"}
@@ -2034,6 +2043,7 @@ class _Runtime:
         sent_progress = {a: a.progress for a in held if a.progress is not None}
         loop_lag_ms = self.watchdog.take_max_lag_ms() if self.watchdog else 0
         stops: list[pb.LeaseToStop] = []
+        unregistered = False
         # The server takes at most MAX_HEARTBEAT_LEASES leases a call; more go in several
         # calls, in task id order still (and one call when nothing is held).
         for start in range(0, max(1, len(held)), MAX_HEARTBEAT_LEASES):
@@ -2093,8 +2103,9 @@ class _Runtime:
             for attempt in chunk:
                 if (attempt.lease.task_id, attempt.lease.lease_id) not in stopped:
                     attempt.lease_renewed_at = sent_at
-            if response.unregistered:
-                await self.register_again()
+            unregistered = unregistered or response.unregistered
+        if unregistered:  # once a beat, however many calls it took
+            await self.register_again()
         for attempt, progress in sent_progress.items():
             if attempt.progress == progress:
                 attempt.progress = None
