@@ -20,6 +20,7 @@ import pytest
 from helpers import conveyor_command, process_env, wait_final, wait_for
 
 from conveyor import Task, TaskState
+from conveyor.errors import InvalidTask
 
 UNHANDLED = "nobody.handles"
 
@@ -497,3 +498,60 @@ class TestPauseResumeAndStats:
                 process.stderr.close()
             os.close(controller)
         assert b"no queued or running tasks" in seen
+
+
+class TestReasonsAndActors:
+    # "café outage" typed on a Latin-1 terminal: Python hands the byte 0xe9 to the program
+    # as a lone surrogate (surrogateescape), which protobuf refused with a traceback.
+    LATIN1_REASON = os.fsdecode(b"caf\xe9 outage")
+
+    def test_a_reason_that_is_not_utf8_is_a_usage_error(self, client):
+        queued = enqueue(client, "reason.not.text")
+        cancelled = enqueue(client, "reason.not.text.cancelled")
+        client.cancel_task(cancelled)
+        by_id, pause, by_filter = run_all(
+            ("tasks", "cancel", queued, "--reason", self.LATIN1_REASON),
+            ("pause", "reason.not.text", "--reason", self.LATIN1_REASON),
+            # Refused before the count and its confirmation, not after.
+            ("tasks", "retry", "--type", "reason.not.text.cancelled", "--yes",
+             "--reason", self.LATIN1_REASON),
+        )  # fmt: skip
+        for result in (by_id, pause, by_filter):
+            assert result.returncode == 2, result.stderr
+            assert result.stdout == ""
+            assert "Invalid value for '--reason': '\\udce9' is not a character" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert states(client, [queued, cancelled]) == [TaskState.QUEUED, TaskState.CANCELLED]
+        assert client.resume_type("reason.not.text") is False  # it was never paused
+
+    def test_the_clients_refuse_a_reason_that_is_not_text(self, client):
+        task_id = enqueue(client, "reason.not.text.client")
+        for call in (
+            lambda: client.cancel_tasks([task_id], reason=self.LATIN1_REASON),
+            lambda: client.retry_tasks(type="reason.not.text.client", reason=self.LATIN1_REASON),
+            lambda: client.pause_type("reason.not.text.client", reason=self.LATIN1_REASON),
+            lambda: client.cancel_tasks([task_id], reason=None),
+        ):
+            with pytest.raises(InvalidTask, match="reason"):
+                call()
+        assert states(client, [task_id]) == [TaskState.QUEUED]
+
+    def test_show_and_status_name_who_acted(self, client):
+        """docs/security.md ("Audit: who did what"): both timelines have a `by` column."""
+        task_id = enqueue(client, "actor.shown")
+        client.cancel_tasks([task_id], reason="duplicate order")
+        for args in (("tasks", "show", task_id), ("status", task_id, "--history")):
+            result = subprocess.run(
+                conveyor_command(*args),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env={**process_env(), "COLUMNS": "250"},
+                timeout=60,
+                check=False,
+            )
+            out = succeeded(result)
+            cancel_row = next(
+                line for line in out.splitlines() if "duplicate order" in line and "│" in line
+            )
+            assert "anonymous" in cancel_row, out  # the actor, with authentication off

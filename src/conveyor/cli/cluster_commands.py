@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.params import BoundedFloat
+from conveyor.cli.params import BoundedFloat, WireText
 from conveyor.cli.task_commands import open_client, server_option
 from conveyor.protocol.limits import DEFAULT_WORKERS_PER_PAGE, MAX_WORKERS_PER_PAGE
 from conveyor.types import BLOCKED_LOOP_MS
@@ -123,7 +123,12 @@ def _left_out(shown: int, limit: int, total: int | None, next_page_token: str | 
 
 @click.command()
 @click.argument("task_type", metavar="TYPE")
-@click.option("--reason", default="", help="Why; shown by `tasks explain`, `tasks show`, `stats`.")
+@click.option(
+    "--reason",
+    default="",
+    type=WireText(),
+    help="Why; shown by `tasks explain`, `tasks show`, `stats`.",
+)
 @server_option
 def pause(task_type: str, reason: str, server: str | None) -> None:
     """Stop leasing tasks of TYPE; running ones finish, queued ones wait."""

@@ -37,3 +37,28 @@ class BoundedFloat(click.FloatRange):
         if self.min is None and self.max is None:
             return ""
         return super()._describe_range()
+
+
+class WireText(click.types.StringParamType):
+    """Text that can travel to a server: a usage error for bytes that are not UTF-8.
+
+    Python hands a command-line argument that is not valid in the locale's encoding to the
+    program as lone surrogates (surrogateescape), which no protobuf string can hold: sent
+    as they are, they ended in a traceback, for a bulk action after its confirmation.
+    """
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The text as given, if it encodes as UTF-8."""
+        value = super().convert(value, param, ctx)
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            self.fail(
+                f"{value[exc.start : exc.end]!r} is not a character (bytes that are not "
+                "UTF-8?); give it as text",
+                param,
+                ctx,
+            )
+        return value

@@ -20,8 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
+from conveyor.cli.params import WireText
 from conveyor.cli.task_commands import (
-    omitted_caption,
+    history_table,
     open_client,
     server_option,
     status_document,
@@ -221,19 +222,7 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
     console.print("\n[bold]why[/]")
     for reason in reasons:
         console.print(output.plain(f"- {reason}"))
-    timeline = Table(title="timeline", caption=omitted_caption(found))
-    for column in ("at", "event", "state", "attempt", "worker", "detail"):
-        timeline.add_column(column)
-    for event in found.history:
-        output.row(
-            timeline,
-            output.plain(output.when(event.at, precise=True)),
-            output.plain(event.event),
-            _state(event.state),
-            output.plain(event.attempt),
-            output.plain(event.worker_id),
-            output.plain(event.detail),
-        )
+    timeline = history_table(found, title="timeline", state=_state)
     console.print(timeline)
 
 
@@ -286,7 +275,7 @@ def _bulk_command(action: Action, help_text: str) -> click.Command:
         default=None,
         help="With a filter: act on at most N tasks, oldest first (queue order).",
     )
-    @click.option("--reason", default="", help="Recorded in each task's history.")
+    @click.option("--reason", default="", type=WireText(), help="Recorded in each task's history.")
     @click.option("--yes", "-y", is_flag=True, help="Act on a filter's tasks without asking.")
     @server_option
     def command(

@@ -26,7 +26,11 @@ from conveyor.types import (
 )
 
 if TYPE_CHECKING:
-    from conveyor.types import TaskStatus
+    from collections.abc import Callable
+
+    from rich.text import Text
+
+    from conveyor.types import TaskState, TaskStatus
 
 server_option = click.option(
     "--server",
@@ -191,6 +195,33 @@ def omitted_caption(status: TaskStatus) -> str | None:
     return f"{count} event{'s' if count != 1 else ''} between the first and the next not shown"
 
 
+def history_table(
+    found: TaskStatus, *, title: str, state: Callable[[TaskState], Text] | None = None
+) -> Table:
+    """A task's history as a table: when, what, by which worker, and who asked (`by`).
+
+    `state`: how a state is shown (plain text unless given). Shared by `status --history`
+    and `tasks show`, so that both name the actor of an operator's action.
+    """
+    table = Table(title=title, caption=omitted_caption(found))
+    for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
+        table.add_column(column)
+    for event in found.history:
+        # The worker id is the worker's own choice, possibly stored before the server
+        # refused control characters in one: every cell goes in as plain text.
+        output.row(
+            table,
+            output.plain(output.when(event.at, precise=True)),
+            output.plain(event.event),
+            state(event.state) if state is not None else output.plain(event.state.value),
+            output.plain(event.attempt),
+            output.plain(event.worker_id),
+            output.plain(event.detail),
+            output.plain(event.actor),
+        )
+    return table
+
+
 @click.command()
 @click.argument("task_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -221,22 +252,7 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
         output.row(summary, output.label(key), output.plain(shown))
     console.print(summary)
     if history:
-        table = Table(title="history", caption=omitted_caption(found))
-        for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
-            table.add_column(column)
-        for event in found.history:
-            # The worker id is the worker's own choice, possibly stored before the server
-            # refused control characters in one: every cell goes in as plain text.
-            output.row(
-                table,
-                output.plain(output.when(event.at, precise=True)),
-                output.plain(event.event),
-                output.plain(event.state.value),
-                output.plain(event.attempt),
-                output.plain(event.worker_id),
-                output.plain(event.detail),
-                output.plain(event.actor),
-            )
+        table = history_table(found, title="history")
         console.print(table)
 
 

@@ -366,6 +366,26 @@ def checked_limit(limit: object, *, least: int, most: int) -> int:
     return limit
 
 
+def checked_reason(reason: object) -> str:
+    """`reason` if it is text that can travel (UTF-8); InvalidTask if not.
+
+    A command-line argument that is not UTF-8 arrives as lone surrogates (surrogateescape),
+    which protobuf refused with a UnicodeEncodeError traceback; after a bulk action's
+    confirmation, too.
+    """
+    if not isinstance(reason, str):
+        raise InvalidTask(f"reason must be a str, got {type(reason).__name__}", field="reason")
+    try:
+        reason.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidTask(
+            f"reason holds {reason[exc.start : exc.end]!r}, which is not a character (bytes "
+            "that are not UTF-8?); give the reason as text",
+            field="reason",
+        ) from None
+    return reason
+
+
 def _states(states: StatesArg) -> list[TaskState]:
     if states is None:
         return []
@@ -441,7 +461,7 @@ def bulk_request(
         raise InvalidTask("give task ids, or a filter: states and/or type")
     if as_of is not None and (task_ids or not as_of.isascii() or not as_of.isdigit()):
         raise InvalidTask("as_of is the as_of of a dry run's result, and only with a filter")
-    request = pb.BulkTaskRequest(dry_run=dry_run, limit=limit, reason=reason)
+    request = pb.BulkTaskRequest(dry_run=dry_run, limit=limit, reason=checked_reason(reason))
     if task_ids:
         request.task_ids.extend(normalize_task_id(task_id) for task_id in task_ids)
     else:

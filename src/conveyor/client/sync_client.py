@@ -373,7 +373,9 @@ class Client:
 
     def pause_type(self, task_type: str, *, reason: str = "") -> bool:
         """Stop leasing `task_type` (running tasks finish); False if already paused."""
-        request = pb.PauseTypeRequest(type=validate_task_type(task_type), reason=reason)
+        request = pb.PauseTypeRequest(
+            type=validate_task_type(task_type), reason=core.checked_reason(reason)
+        )
         response = self._call("PauseType", request, service="AdminService")
         return bool(response.changed)
 
