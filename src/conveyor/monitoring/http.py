@@ -54,6 +54,9 @@ PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 EXPENSIVE_RENDER: Final = 0.1
 # How often a warning about refused connections may be logged.
 REFUSAL_LOG_INTERVAL: Final = 60.0
+# How long a stop lets the requests in progress finish (a scrape, a page being rendered)
+# before it closes their connections.
+HTTP_STOP_GRACE: Final = 2.0
 
 
 class StatusSource(Protocol):
@@ -497,8 +500,12 @@ class HttpServer:
         ssl_context: ssl.SSLContext | None = None,
         limits: HttpLimits | None = None,
         on_dropped: Callable[[str], None] | None = None,
+        stop_grace: float = HTTP_STOP_GRACE,
     ) -> None:
         """Nothing listens until `start`; with `ssl_context` the address speaks HTTPS.
+
+        `stop_grace`: how long `stop` lets the requests in progress finish before it
+        closes their connections.
 
         `on_dropped` is told of each connection a limit closed or refused, by reason:
         `request_head_timeout`, `answer_timeout`, `evicted` (closed for a new one while it
@@ -511,6 +518,10 @@ class HttpServer:
             app,
             access_log=None,
             keepalive_timeout=self.limits.keepalive_timeout.total_seconds(),
+            # aiohttp waits 60 s by default: a client that announced a body and stalled
+            # (or one whose unread body aiohttp lingers over) held a stopping server until
+            # the answer timeout cut it off, 30 s, past a typical termination grace period.
+            shutdown_timeout=stop_grace,
         )
         self._host = host
         self._port = port

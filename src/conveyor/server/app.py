@@ -26,7 +26,12 @@ from conveyor.errors import ConveyorError
 from conveyor.monitoring.dashboard.sessions import token_entries
 from conveyor.monitoring.dashboard.views import Dashboard
 from conveyor.monitoring.hosts import this_machines_names
-from conveyor.monitoring.http import HttpServer, create_app, create_metrics_app
+from conveyor.monitoring.http import (
+    HTTP_STOP_GRACE,
+    HttpServer,
+    create_app,
+    create_metrics_app,
+)
 from conveyor.monitoring.metrics import ServerMetrics
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.admin_service import AdminService
@@ -272,6 +277,7 @@ class ConveyorServer:
                 ssl_context=ssl_context,
                 limits=self.config.http_limits,
                 on_dropped=self.metrics.count_http_connection_dropped,
+                stop_grace=self._http_stop_grace(),
             )
             self.http_port = await _listen(self._http, self.config.http_listen, "HTTP")
         if self.config.metrics_listen is not None:
@@ -283,6 +289,7 @@ class ConveyorServer:
                 ssl_context=ssl_context,
                 limits=self.config.http_limits,
                 on_dropped=self.metrics.count_http_connection_dropped,
+                stop_grace=self._http_stop_grace(),
             )
             self.metrics_port = await _listen(
                 self._metrics_http, self.config.metrics_listen, "metrics"
@@ -341,13 +348,21 @@ class ConveyorServer:
         if self._grpc is not None:
             await self._grpc.stop(self.config.shutdown_grace.total_seconds())
 
+    def _http_stop_grace(self) -> float:
+        """How long a stop lets an HTTP request finish.
+
+        A page or a scrape takes milliseconds, and nothing a monitoring client asked for
+        is worth holding a stopping server for the whole shutdown_grace.
+        """
+        return min(self.config.shutdown_grace.total_seconds(), HTTP_STOP_GRACE)
+
     async def _stop_http(self) -> None:
-        try:
-            if self._http is not None:
-                await self._http.stop()
-        finally:
-            if self._metrics_http is not None:
-                await self._metrics_http.stop()
+        # Together: each may wait its grace for a request in progress.
+        listeners = [http for http in (self._http, self._metrics_http) if http is not None]
+        results = await asyncio.gather(*(http.stop() for http in listeners), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _promote_due(self) -> bool:
         """Move the retries whose backoff ended into the queue; True if any moved.
