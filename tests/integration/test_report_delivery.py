@@ -336,13 +336,14 @@ def success_waiting(db) -> int:
     """How many success statements wait for a lock.
 
     Told by their opening comment: pg_stat_activity keeps only the first kilobyte of a
-    statement, and heartbeats wait for the task's row too.
+    statement, and heartbeats wait for the task's row too. The joined write skips a row
+    another statement holds, and that success is then applied alone (`task_succeed`).
     """
-    opening = SQL["task_succeed_many"][:60]
     return db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND starts_with(query, $1)",
-        opening,
+        "AND (starts_with(query, $1) OR starts_with(query, $2))",
+        SQL["task_succeed_many"][:60],
+        SQL["task_succeed"][:60],
     )
 
 

@@ -96,6 +96,9 @@ MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 LEASE_BYTES_BESIDES: Final = 1024
 # Why leases a LeaseTasks claim took went back to the queue (the `released` event's detail).
 WORKER_WENT_AWAY: Final = "lease not delivered: the worker went away during the claim"
+# What the joined success write answers for a report it left alone because another
+# transaction held the task's row (see `_succeed_many`).
+_BUSY: Final = object()
 CALLER_REFUSED: Final = (
     "lease not delivered: the worker's token was refused (revoked, expired or narrowed) "
     "before its long poll answered"
@@ -624,7 +627,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 in_flight=min(request.in_flight, 2**31 - 1),
                 loop_lag_ms=min(request.loop_lag_ms, 2**31 - 1),
             )
-            lost = (
+            unextended = (
                 await queries.task_lease_extend(
                     conn,
                     worker_id=worker_id,
@@ -636,7 +639,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 else []
             )
         stop = []
-        for row in lost:
+        not_extended = []
+        for row in unextended:
+            if row["busy"]:
+                # Another transaction holds the row: not extended, not lost either.
+                not_extended.append(
+                    pb.LeaseRef(task_id=str(row["task_id"]), lease_id=str(row["lease_id"]))
+                )
+                continue
             reason = (
                 pb.STOP_REASON_CANCELLED
                 if row["state"] == TaskState.CANCELLED.value
@@ -647,7 +657,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     task_id=str(row["task_id"]), lease_id=str(row["lease_id"]), reason=reason
                 )
             )
-        return pb.HeartbeatResponse(stop=stop, unregistered=not known)
+        return pb.HeartbeatResponse(stop=stop, unregistered=not known, not_extended=not_extended)
 
     @rpc_method("ReportResult")
     async def ReportResult(  # noqa: N802 - gRPC method name
@@ -853,8 +863,35 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return reasons
 
     async def _succeed_many(self, successes: list[queries.Success]) -> list[Any]:
-        """Successes, applied together with those reported meanwhile: each row, or None."""
-        return await self.succeed_commit.submit(successes)
+        """Successes, applied together with those reported meanwhile: each row, or None.
+
+        A success the joined write left alone because another transaction held its row
+        (`_BUSY`) is applied by itself afterwards: it waits for that lock on a connection
+        of its own, while the group commit goes on with everyone else's.
+        """
+        rows = await self.succeed_commit.submit(successes)
+        busy = [index for index, row in enumerate(rows) if row is _BUSY]
+        if busy:
+            alone = await asyncio.gather(
+                *(outliving_the_call(self._succeed_alone(successes[index])) for index in busy)
+            )
+            for index, row in zip(busy, alone, strict=True):
+                rows[index] = row
+        return rows
+
+    async def _succeed_alone(self, success: queries.Success) -> Any:
+        """Apply one success in a statement of its own, and count it; its row, or None."""
+        async with self.database.connection() as conn:
+            row = await queries.task_succeed(
+                conn,
+                task_id=success.task_id,
+                lease_id=success.lease_id,
+                worker_id=success.worker_id,
+                result=success.result,
+            )
+        if row is not None:
+            self.metrics.observe_outcome(row["type"], "succeeded", row["ran_for"])
+        return row
 
     async def _succeed_and_count(
         self, conn: Any, successes: Sequence[queries.Success]
@@ -873,7 +910,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 self.metrics.observe_outcome(row["type"], "succeeded", row["ran_for"])
                 applied.append(row)
             else:
-                applied.append(None)
+                applied.append(_BUSY if row["busy"] else None)
         return applied
 
     async def _apply_alone(

@@ -398,7 +398,9 @@ async def task_lease_extend(
     The ids must be canonical (`normalize_task_id`): asyncpg parses them in C, and more
     strictly than `uuid.UUID`, which would cost more than the rest of the call.
 
-    Returns (task_id, lease_id, state) of the named leases no longer held.
+    Returns (task_id, lease_id, state, busy) of the named leases not extended: lost
+    (`busy` false), or left alone this time because another transaction holds the task's
+    row (`busy` true).
     """
     return list(
         await conn.fetch(
@@ -969,7 +971,9 @@ class Success:
 
 
 async def task_succeed_many(conn: Any, reports: Sequence[Success]) -> list[asyncpg.Record]:
-    """Apply success reports in one statement; one (task_id, applied, type, ...) per report.
+    """Apply success reports in one statement; one (task_id, applied, busy, ...) per report.
+
+    `busy`: not applied because another transaction holds the task's row; apply it alone.
 
     The ids must be canonical (`normalize_task_id`), as for `task_lease_extend`.
     """

@@ -263,7 +263,12 @@ SELECT type, state, ran_for FROM done;
 -- workers' ids, one element per report. Applies every success whose lease is current, in
 -- one statement (group commit of concurrent reports). Returns one row per input, in input
 -- order: `applied` says whether that report took effect (false: fencing refused it, or an
--- earlier report of the same task with a current lease in this statement already did).
+-- earlier report of the same task with a current lease in this statement already did), and
+-- `busy` that it was not applied because another transaction holds the task's row, whose
+-- lease this statement's snapshot still saw current: the caller applies that one alone
+-- (task_succeed), which waits for the lock on a connection of its own. SKIP LOCKED: a
+-- joined write that waited for a row locked elsewhere (an operator's open transaction)
+-- held every success joined to it, and the group commit's slots, until the lock went.
 -- Rows are locked in task id order, the lock order of every multi-row writer, so
 -- concurrent statements do not deadlock.
 WITH input AS (
@@ -293,7 +298,7 @@ WITH input AS (
         WHERE t.id = input.task_id AND t.lease_id = input.lease_id
           AND t.lease_expires_at IS NOT NULL  -- with the lease, 'running' (task_succeed)
           AND t.worker_id = input.worker_id
-        FOR UPDATE
+        FOR UPDATE SKIP LOCKED
     ) AS t
     ORDER BY input.task_id, input.ord
 ), done AS (
@@ -311,7 +316,16 @@ WITH input AS (
     INSERT INTO conveyor_task_events (task_id, event, state, attempt, worker_id)
     SELECT id, 'succeeded', state, attempt, worker_id FROM done
 )
-SELECT input.task_id, done.id IS NOT NULL AS applied, done.type, done.state, done.ran_for
+SELECT input.task_id, done.id IS NOT NULL AS applied, done.type, done.state, done.ran_for,
+       -- CASE, so that an applied report (nearly all) reads nothing more.
+       CASE WHEN done.id IS NOT NULL THEN false
+            ELSE NOT EXISTS (SELECT FROM done AS d WHERE d.id = input.task_id)
+                 AND EXISTS (
+                     SELECT FROM conveyor_tasks AS s
+                     WHERE s.id = input.task_id AND s.lease_id = input.lease_id
+                       AND s.lease_expires_at IS NOT NULL AND s.worker_id = input.worker_id
+                 )
+       END AS busy
 FROM input
 LEFT JOIN target ON target.ord = input.ord
 LEFT JOIN done ON done.id = target.id
@@ -419,7 +433,14 @@ SELECT state FROM done;
 -- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s),
 -- $4 grace after deadline (s), $6 the heartbeating worker's id.
 -- Extends the leases that are still current, unexpired and held by that worker; returns every named lease that
--- is not, with the task's state (cancelled, or anything else: the lease was lost).
+-- is not, with the task's state (cancelled, or anything else: the lease was lost), and
+-- `busy` true for a lease left alone because another transaction holds its row's lock.
+-- SKIP LOCKED: waiting for that lock held up the whole beat, so a row locked by another
+-- session (an operator's psql, a long transaction) cost every other lease of the worker
+-- its renewal; they expired and ran again. A busy lease is neither extended nor lost: the
+-- row as this statement's snapshot saw it still holds the lease, and the next beat tries
+-- again (or finds it lost, if the locker cancelled the task or the lease changed under the
+-- lock meanwhile).
 WITH named AS (
     -- Arrays through scalar subqueries, as in task_succeed_many and for the same reason: a
     -- heartbeat of a few leases was planned anew at every execution.
@@ -436,7 +457,7 @@ WITH named AS (
         WHERE t.id = named.task_id AND t.lease_id = named.lease_id
           AND t.lease_expires_at > now()  -- with the lease, 'running' (task_succeed)
           AND t.worker_id = $6
-        FOR UPDATE
+        FOR UPDATE SKIP LOCKED
     ) AS t
 ), extended AS (
     UPDATE conveyor_tasks AS t
@@ -453,7 +474,9 @@ WITH named AS (
 -- task was reaped while the old attempt ran on, then leased to the same worker again), and
 -- the old one must be told to stop although the task's current lease was extended. (The
 -- worker of this repository stops the old attempt itself when the task comes back to it.)
-SELECT named.task_id, named.lease_id, t.state
+SELECT named.task_id, named.lease_id, t.state,
+       coalesce(t.lease_id = named.lease_id AND t.worker_id = $6
+                AND t.lease_expires_at > now(), false) AS busy
 FROM named LEFT JOIN conveyor_tasks AS t ON t.id = named.task_id
 WHERE (named.task_id, named.lease_id) NOT IN (SELECT id, lease_id FROM extended);
 

@@ -2099,9 +2099,12 @@ class _Runtime:
                 return last_success
             self.note_heartbeat(address, answered=True, sent_at=sent_at)
             stops.extend(response.stop)
-            stopped = {(stop.task_id, stop.lease_id) for stop in response.stop}
+            unrenewed = {(stop.task_id, stop.lease_id) for stop in response.stop}
+            # Left alone because another transaction held the task's row: not renewed, so
+            # a lease that stays so for a whole lease is stopped as a silent one is.
+            unrenewed.update((ref.task_id, ref.lease_id) for ref in response.not_extended)
             for attempt in chunk:
-                if (attempt.lease.task_id, attempt.lease.lease_id) not in stopped:
+                if (attempt.lease.task_id, attempt.lease.lease_id) not in unrenewed:
                     attempt.lease_renewed_at = sent_at
             unregistered = unregistered or response.unregistered
         if unregistered:  # once a beat, however many calls it took
@@ -2110,6 +2113,7 @@ class _Runtime:
             if attempt.progress == progress:
                 attempt.progress = None
         self.apply_stops(stops)
+        self.stop_unrenewed(held)
         return self.loop.time()
 
     def apply_stops(self, stops: list[pb.LeaseToStop]) -> None:
@@ -2140,13 +2144,27 @@ class _Runtime:
         outcome lost, its task run again.
         """
         assert self.loop is not None  # noqa: S101
-        now, lease = self.loop.time(), self.lease_duration.total_seconds()
-        if now - last_success < lease:
+        if self.loop.time() - last_success < self.lease_duration.total_seconds():
             return  # the common case: every lease was renewed since
         if held is None:
             held = [a for a in self.attempts.values() if a.stop_reason is None and not a.reported]
+        self.stop_unrenewed(held)
+
+    def stop_unrenewed(self, held: list[_Attempt]) -> None:
+        """Stop each attempt of `held` whose lease went a whole lease without renewal.
+
+        After a failed beat (`stop_if_silent`), and after an answered one for the leases it
+        left alone because another transaction held their rows: such a lease may have
+        expired under that lock, and the task then runs elsewhere.
+        """
+        assert self.loop is not None  # noqa: S101
+        now, lease = self.loop.time(), self.lease_duration.total_seconds()
         for attempt in held:
-            if now - attempt.lease_renewed_at >= lease:
+            if (
+                attempt.stop_reason is None
+                and not attempt.reported
+                and now - attempt.lease_renewed_at >= lease
+            ):
                 self.abandon(attempt, "lease_lost")
 
     def report_progress(self, task_id: str, lease_id: str, details: str | None) -> None:

@@ -837,6 +837,7 @@ class HeartbeatResponse(_message.Message):
 
     STOP_FIELD_NUMBER: _builtins.int
     UNREGISTERED_FIELD_NUMBER: _builtins.int
+    NOT_EXTENDED_FIELD_NUMBER: _builtins.int
     unregistered: _builtins.bool
     """The servers have no record of this worker: its row was deleted after a long silence
     (worker retention). The worker registers again; until then nothing was recorded and no
@@ -844,15 +845,24 @@ class HeartbeatResponse(_message.Message):
     """
     @_builtins.property
     def stop(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseToStop]: ...
+    @_builtins.property
+    def not_extended(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
+        """Leases this beat left alone because another transaction held their task's row (an
+        operator's session, a cancel or a report in progress): neither extended nor lost
+        (only task_id and lease_id are set). The next beat tries again; meanwhile the worker
+        counts them as not renewed.
+        """
+
     def __init__(
         self,
         *,
         stop: _abc.Iterable[Global___LeaseToStop] | None = ...,
         unregistered: _builtins.bool = ...,
+        not_extended: _abc.Iterable[Global___LeaseRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop", "unregistered", b"unregistered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_extended", b"not_extended", "stop", b"stop", "unregistered", b"unregistered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
