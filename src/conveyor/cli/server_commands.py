@@ -265,7 +265,10 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     type=click.IntRange(min=1),
     default=DEFAULT_MAX_BATCH,
     show_default=True,
-    help="Most tasks in one enqueue call (clients split larger batches themselves).",
+    help=(
+        "Most tasks in one enqueue call. The Python clients split larger batches into calls "
+        "of 1,000, so a lower limit refuses their larger enqueue_tasks calls."
+    ),
 )
 @click.option(
     "--max-lease-wait",
