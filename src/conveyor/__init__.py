@@ -17,7 +17,10 @@ __version__ = "0.1.0"
 # (subprocess with `user=` or `preexec_fn`, which cannot use vfork) ran grpc's child
 # handlers, which restart its threads and call into the half-copied interpreter: 34 of 300
 # such forks segfaulted before their exec in a test. Python's grpc has its own fork support
-# off by default, so a child could never use the parent's channels anyway; nothing is lost.
+# off by default, so a child could never use the parent's channels anyway. The cost: a child
+# forked while the parent held connections cannot connect at all, and is told so
+# (client/channel.py, `_forked`); 'spawn' and 'forkserver' children, and children of a
+# parent that had not connected yet, are unaffected.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from conveyor import errors

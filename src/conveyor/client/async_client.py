@@ -77,7 +77,8 @@ class AsyncClient:
     As a `Client` does, it belongs to the process that created it: in a forked child (a
     prefork web server's worker that inherits a client made at import) every call raises
     ConfigError at once, whatever its event loop, and `close()` only marks the child's copy
-    closed. Create one in the child.
+    closed. Create one in the child; it works only if the parent held no connections
+    when it forked (otherwise ConfigError: gRPC cannot connect from such a child).
     """
 
     def __init__(

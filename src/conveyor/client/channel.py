@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -251,18 +252,62 @@ class Credentials:
         """A channel to `address`, over TLS if configured; `options` replace the defaults'.
 
         A token is never sent in clear text to another machine unless told so: a client
-        that forgot its TLS settings gets a ConfigError here, not a leaked credential.
+        that forgot its TLS settings gets a ConfigError here, not a leaked credential. In
+        a child forked while its parent held connections, ConfigError (see `_forked`).
         """
         options = self.channel_options(options)
         self.check(address)
+        if _forked_from is not None:
+            raise ConfigError(FORKED_WITH_CONNECTIONS.format(parent=_forked_from))
+        channel: grpc.aio.Channel | grpc.Channel
         if self.tls is None:
-            if aio:
-                return grpc.aio.insecure_channel(address, options=options)
-            return grpc.insecure_channel(address, options=options)
-        credentials = self.tls.channel_credentials()
-        if aio:
-            return grpc.aio.secure_channel(address, credentials, options=options)
-        return grpc.secure_channel(address, credentials, options=options)
+            channel = (
+                grpc.aio.insecure_channel(address, options=options)
+                if aio
+                else grpc.insecure_channel(address, options=options)
+            )
+        else:
+            credentials = self.tls.channel_credentials()
+            channel = (
+                grpc.aio.secure_channel(address, credentials, options=options)
+                if aio
+                else grpc.secure_channel(address, credentials, options=options)
+            )
+        _open_channels.add(channel)
+        return channel
+
+
+FORKED_WITH_CONNECTIONS: Final = (
+    "this process was forked from process {parent} while that one held gRPC connections "
+    "(an open Client, AsyncClient or Worker), and gRPC cannot connect from such a child: "
+    "its calls would hang. Start child processes with the 'spawn' or 'forkserver' method, "
+    "or open connections only after the fork (in a prefork web server: a client made at "
+    "import is fine, but used first in each worker, never in the parent)"
+)
+# The channels this process opened and still holds (a channel closed and released by its
+# client leaves the set when it is collected).
+_open_channels: weakref.WeakSet[grpc.aio.Channel | grpc.Channel] = weakref.WeakSet()
+# The parent's pid if this process was forked while the parent held channels.
+_forked_from: int | None = None
+
+
+def _forked() -> None:
+    """In a forked child: remember whether the parent held connections when it forked.
+
+    gRPC's fork support is off (conveyor/__init__.py), and a child forked while its parent
+    had live channels inherits gRPC's state without the threads that run it: a new channel
+    in the child never connected, an enqueue waited out its whole retry budget and blamed
+    the server, and a unary call hung past its deadline. A parent that never connected
+    leaves gRPC idle, and the child's own clients work. (One that closed its clients
+    before forking mostly does too, but gRPC winds down on a thread of its own, and a
+    fork right after a close could still catch it running: not a way to rely on.)
+    """
+    global _forked_from  # noqa: PLW0603 - the process's own fact, set once at fork
+    if _forked_from is None and len(_open_channels):
+        _forked_from = os.getppid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def parse_addresses(server: str | Sequence[str] | None) -> list[str]:

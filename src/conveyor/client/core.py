@@ -525,7 +525,8 @@ def status_from_get_status(response: pb.GetStatusResponse) -> ClusterStatus:
 
 FORKED: Final = (
     "{client} cannot be used across fork(): create one in the child (this one was created "
-    "in process {pid}, and its connections belong to that process)"
+    "in process {pid}, and its connections belong to that process; a child forked while "
+    "they were open cannot connect at all, so start children with 'spawn' or 'forkserver')"
 )
 
 

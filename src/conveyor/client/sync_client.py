@@ -82,7 +82,9 @@ class Client:
     After `close()`, every call raises ConfigError, and calls still in flight on other
     threads finish or raise it too: a closed client opens no connection again. A client
     belongs to the process that created it: a forked child gets ConfigError at once, and
-    creates its own.
+    creates its own, which works only if this process held no connections when it forked
+    (otherwise ConfigError again: gRPC cannot connect from such a child; use the 'spawn'
+    or 'forkserver' start method).
     """
 
     def __init__(
