@@ -34,7 +34,7 @@ from conveyor.server.database import UNAVAILABLE_ERRORS
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Container
+    from collections.abc import Awaitable, Callable, Container, Iterable
 
 log = logging.getLogger("conveyor.server.notifier")
 
@@ -134,17 +134,17 @@ class TaskNotifier:
             self.wake()
 
     async def wait(
-        self, since: int, timeout: float, until: asyncio.Future[Any] | None = None
+        self, since: int, timeout: float, until: Iterable[asyncio.Future[Any]] = ()
     ) -> None:
         """Return at the next wake-up after generation `since`, or after `timeout` seconds.
 
-        With `until`, return as soon as that future is done, too.
+        Return as soon as any future of `until` is done, too.
         """
         if self._generation != since:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
-        waited: set[asyncio.Future[Any]] = {waiter} if until is None else {waiter, until}
+        waited: set[asyncio.Future[Any]] = {waiter, *until}
         try:
             # asyncio.wait neither cancels what it waits for nor swallows a cancellation
             # of its caller (wait_for can, on Python 3.11).

@@ -190,6 +190,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._owners: dict[str, tuple[str, float]] = {}
         # Workers whose latest claim left tasks for want of room in its reply (`more`).
         self._left_more: set[str] = set()
+        # Workers whose heartbeat said they drain, and the wake-ups of their long polls
+        # waiting here: such a poll ends at once, empty. Left to wait out its `wait`, it
+        # held the stopping worker until that cancelled it, and a reply on its way at that
+        # moment was lost: its leases expired, each at the cost of an attempt.
+        self._leaving: set[str] = set()
+        self._waiting_polls: dict[str, set[asyncio.Future[None]]] = {}
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
         )
@@ -257,6 +263,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
         if principal is not None:
             self._remember_owner(worker_id, principal.name)
+        self._leaving.discard(worker_id)  # registered again: it leases again
         log.info(
             "worker %s registered for %s",
             worker_id,
@@ -338,7 +345,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         left_more = worker_id in self._left_more
         self._left_more.discard(worker_id)
         woken, first = False, not left_more
-        while not self.draining:
+        while not self.draining and worker_id not in self._leaving:
             generation, claimed = await self._look(
                 worker_id, task_types, limit, woken=woken, may_skip=first
             )
@@ -440,12 +447,16 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         waiting first waits for those rows, and one whose call is cancelled abandons them
         to the desk, which hands them back.
         """
+        if worker_id in self._leaving:
+            return []
+        leaving = asyncio.get_running_loop().create_future()
+        self._waiting_polls.setdefault(worker_id, set()).add(leaving)
         offer = self.handoff.open(worker_id, task_types, limit)
         try:
             await self.notifier.wait(
                 generation,
                 min(remaining, self.config.poll_interval.total_seconds()),
-                until=offer.delivered,
+                until=(offer.delivered, leaving),
             )
             pending = self.handoff.close(offer)
             # Shielded: the delivery is the offer's own future, which a cancelled wait
@@ -454,6 +465,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         except asyncio.CancelledError:
             self.handoff.close(offer, abandon=True)
             raise
+        finally:
+            polls = self._waiting_polls.get(worker_id)
+            if polls is not None:
+                polls.discard(leaving)
+                if not polls:
+                    del self._waiting_polls[worker_id]
 
     async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
         # If the caller goes away (worker stopping, deadline) while the claim is in flight,
@@ -618,6 +635,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             # No row, so no principal to hold the leases to: nothing is extended, and the
             # worker is told to register again (its row was deleted after a long silence).
             return pb.HeartbeatResponse(unregistered=True)
+        if request.draining:
+            self._worker_leaving(worker_id)
         # The reserved pool: a heartbeat that waits behind producers costs leases.
         async with self.database.priority_connection() as conn:
             known = await queries.worker_touch(
@@ -981,6 +1000,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             await self._check_owner(worker_id)
         async with self.database.connection() as conn:
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
+        self._leaving.discard(worker_id)
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
 
@@ -1018,6 +1038,16 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 "with the credentials it registered with"
             )
         return True
+
+    def _worker_leaving(self, worker_id: str) -> None:
+        """The worker drains: end its long polls waiting here, and take no more from it."""
+        if worker_id not in self._leaving:
+            if len(self._leaving) >= MAX_REMEMBERED_LEFTOVERS:
+                self._leaving.clear()
+            self._leaving.add(worker_id)
+        for waiting in self._waiting_polls.pop(worker_id, ()):
+            if not waiting.done():
+                waiting.set_result(None)
 
     def _remember_left_more(self, worker_id: str) -> None:
         if len(self._left_more) >= MAX_REMEMBERED_LEFTOVERS:
