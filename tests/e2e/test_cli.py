@@ -521,6 +521,27 @@ class TestServerCommands:
             result = run("worker", spec, "--server", "127.0.0.1:1", cwd=tmp_path)
             assert assert_one_error_line(result) == expected
 
+    @pytest.mark.parametrize(
+        ("source", "env"),
+        [
+            ("import json\n\nSETTINGS = json.loads('{')\n", {}),
+            # Worker() on line 3 reads CONVEYOR_TOKEN_FILE, which names a missing file.
+            (
+                "from conveyor import Worker\n\nworker = Worker()\n",
+                {"CONVEYOR_TOKEN_FILE": "/nonexistent/token"},
+            ),
+        ],
+        ids=["the-standard-library-raises", "conveyor-raises"],
+    )
+    def test_a_library_raising_at_import_names_the_users_line(self, source, env, tmp_path):
+        """Before: the line named the library's file (json/decoder.py:353,
+        conveyor/client/channel.py:144), not the line of the user's module that called it."""
+        (tmp_path / "app_with_a_bad_line.py").write_text(source)
+        result = run(
+            "worker", "app_with_a_bad_line:worker", "--server", "127.0.0.1:1", cwd=tmp_path, **env
+        )
+        assert "(at app_with_a_bad_line.py:3)" in assert_one_error_line(result)
+
     def test_worker_call_timeout_is_the_deadline_of_its_calls(self, processes):
         """Before: a worker's calls waited 10 s for their answer, and no flag changed it.
 

@@ -11,11 +11,14 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
 import traceback
 from pathlib import Path
+from typing import Final
 
 import click
 
+import conveyor
 from conveyor.cli.gc_policy import tune_for_long_running_process
 from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
@@ -66,18 +69,40 @@ def _import_failure(module_name: str, exc: BaseException) -> str:
         where = f"{_shown(exc.filename)}:{exc.lineno}"
         what = f"{type(exc).__name__}: {exc.msg}"
     else:
-        user_frames = [
+        frames = [
             frame
             for frame in traceback.extract_tb(exc.__traceback__)
             if not frame.filename.startswith("<")
             and Path(frame.filename) != Path(__file__)
             and Path(frame.filename).parent != Path(importlib.__file__).parent
         ]
-        where = (
-            f"{_shown(user_frames[-1].filename)}:{user_frames[-1].lineno}" if user_frames else ""
-        )
+        # The innermost frame of the user's own code: an error raised inside the standard
+        # library or Conveyor (json.loads, Worker() reading a token file) named that
+        # library's file, not the line of the user's module that called it.
+        own = [frame for frame in frames if not _library_file(frame.filename)]
+        at = (own or frames)[-1] if frames else None
+        where = f"{_shown(at.filename)}:{at.lineno}" if at is not None else ""
         what = f"{type(exc).__name__}: {exc}"
     return f"cannot import {module_name!r}: {what}" + (f" (at {where})" if where else "")
+
+
+def _library_file(filename: str) -> bool:
+    """Whether `filename` is the standard library's, an installed package's or Conveyor's."""
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(directory) for directory in _LIBRARY_DIRECTORIES)
+
+
+# Where library code lives: the standard library, installed packages, and Conveyor itself
+# (which an editable install keeps outside site-packages).
+_LIBRARY_DIRECTORIES: Final = tuple(
+    {
+        *(
+            Path(sysconfig.get_paths()[name]).resolve()
+            for name in ("stdlib", "platstdlib", "purelib", "platlib")
+        ),
+        Path(conveyor.__file__).resolve().parent,
+    }
+)
 
 
 def _shown(filename: str) -> str:
