@@ -14,6 +14,7 @@ ConveyorError
 │   └── CircuitOpen        every server's circuit breaker is open: failing fast
 ├── SchemaMismatch         this release cannot run on the database's schema
 ├── MigrationBlocked       a migration waited too long for a table lock; nothing was applied
+├── MigrationFailed        PostgreSQL refused a migration's statement; nothing was applied
 ├── WorkerCrashed          a worker's event loop ended on an error it could not handle
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
@@ -139,6 +140,10 @@ class SchemaMismatch(ConveyorError):
 
 class MigrationBlocked(ConveyorError):
     """A migration gave up waiting for a table lock; nothing was applied."""
+
+
+class MigrationFailed(ConveyorError):
+    """A migration's statement failed in PostgreSQL; nothing was applied."""
 
 
 class WorkerCrashed(ConveyorError):

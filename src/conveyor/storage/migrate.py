@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
-from conveyor.errors import ConfigError, MigrationBlocked, SchemaMismatch
+from conveyor.errors import ConfigError, MigrationBlocked, MigrationFailed, SchemaMismatch
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS conveyor_schema_migrations (
 )
 """
 _LEDGER_EXISTS: Final = "SELECT to_regclass('conveyor_schema_migrations') IS NOT NULL"
+_TASKS_EXIST: Final = "SELECT to_regclass('conveyor_tasks') IS NOT NULL"
 _LEDGER_VERSIONS: Final = "SELECT version FROM conveyor_schema_migrations ORDER BY version"
 # The compatibility column exists from migration 0014 on: read through to_jsonb, the same
 # statement reads a ledger with or without it (NULL without).
@@ -343,12 +344,20 @@ async def _apply_pending(
                             + ": upgrade Conveyor instead of migrating"
                         )
                     return []
+            elif await conn.fetchval(_TASKS_EXIST):
+                # Running 0001 again failed on its first CREATE, as a traceback.
+                raise SchemaMismatch(
+                    "Conveyor's tables exist but the migration ledger "
+                    "(conveyor_schema_migrations) is empty: a partial restore, or a ledger "
+                    "truncated by hand? Restore the ledger's rows with the tables; nothing "
+                    "was applied"
+                )
             done = ledger[-1].version if ledger else 0
             # The ledger was checked to hold exactly 1..done: what is left comes after it.
             pending = [m for m in migrations if m.version > done]
             for migration in pending:
                 waiting = f"migration {migration.label}"
-                await conn.execute(migration.sql)
+                await _run(conn, migration)
                 if await conn.fetchval(_LEDGER_HAS_COMPATIBILITY):
                     await conn.execute(
                         _LEDGER_RECORD_WITH_COMPATIBILITY,
@@ -361,6 +370,26 @@ async def _apply_pending(
             return pending
     except asyncpg.LockNotAvailableError:
         raise _LockWaitTimedOut(waiting) from None
+
+
+async def _run(conn: Any, migration: Migration) -> None:
+    """Run one migration's statements; MigrationFailed, naming it, if PostgreSQL refuses.
+
+    The whole run is one transaction, so a refusal applies nothing: not this migration,
+    nor those before it in the run. A lock wait that timed out is left to the caller,
+    which tries again.
+    """
+    try:
+        await conn.execute(migration.sql)
+    except asyncpg.LockNotAvailableError:
+        raise
+    except asyncpg.PostgresError as exc:
+        # As the CLI and a server starting with --migrate say it: one line, no traceback
+        # (the role not owning the tables was the common case, as a deploy job's).
+        raise MigrationFailed(
+            f"migration {migration.label} failed: {exc} (SQLSTATE {exc.sqlstate}); "
+            "nothing was applied"
+        ) from exc
 
 
 @contextlib.asynccontextmanager
