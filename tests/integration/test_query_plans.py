@@ -1229,3 +1229,136 @@ class TestARetryStormStaysOutOfTheQueue:
                 await transaction.rollback()
         finally:
             await conn.close()
+
+
+# --- At a million tasks ------------------------------------------------------------------
+# The per-task queries use an index also at a million tasks in mixed states (and their
+# history), in custom and generic plans, and those that act on one task or a bounded batch
+# read a bounded number of rows.
+
+MILLION_TASKS = """
+INSERT INTO conveyor_tasks (
+    id, type, state, attempt, max_retries, timeout, created_at, available_at, started_at,
+    finished_at, worker_id, lease_id, lease_expires_at, deadline_at, payload, result
+)
+SELECT
+    gen_random_uuid(),
+    CASE WHEN g % 10 < 7 THEN 'a' WHEN g % 10 < 9 THEN 'b' ELSE 'c' END,
+    s.state::conveyor_task_state,
+    CASE WHEN s.state = 'queued' THEN 0 ELSE 1 END,
+    3,
+    interval '60 seconds',
+    now() - interval '3 days' + g * interval '200 milliseconds',
+    CASE WHEN s.state = 'scheduled' THEN now() + interval '1 minute'
+         ELSE now() - interval '3 days' + g * interval '200 milliseconds' END,
+    CASE WHEN s.state NOT IN ('queued') THEN now() - interval '1 hour' END,
+    CASE WHEN s.state IN ('succeeded', 'failed', 'cancelled')
+         THEN now() - interval '3 days' + g * interval '200 milliseconds' END,
+    CASE WHEN s.state <> 'queued' THEN 'worker-' || (g % 50) END,
+    CASE WHEN s.state = 'running' THEN gen_random_uuid() END,
+    CASE WHEN s.state = 'running' AND g % 2 = 0 THEN now() - interval '5 seconds'
+         WHEN s.state = 'running' THEN now() + interval '1 hour' END,
+    CASE WHEN s.state = 'running' THEN now() + interval '2 hours' END,
+    convert_to('payload ' || g, 'UTF8'),
+    NULL
+FROM generate_series(1, 1000000) AS g
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN g % 100 < 70 THEN 'succeeded'
+                WHEN g % 100 < 80 THEN 'failed'
+                WHEN g % 100 < 85 THEN 'cancelled'
+                WHEN g % 100 < 95 THEN 'queued'
+                WHEN g % 100 < 97 THEN 'scheduled'
+                ELSE 'running' END AS state
+) AS s
+"""
+
+MILLION_EVENTS = """
+INSERT INTO conveyor_task_events (task_id, at, event, state, attempt, worker_id)
+SELECT t.id, t.created_at + e.n * interval '1 second',
+       (ARRAY['started', 'succeeded'])[e.n], t.state, 1, t.worker_id
+FROM conveyor_tasks AS t
+CROSS JOIN generate_series(1, 2) AS e (n)
+WHERE t.state <> 'queued'
+"""
+
+
+@pytest.fixture(scope="module")
+def million(pg_cluster) -> Iterator[Seeded]:
+    statements = (
+        MILLION_TASKS,
+        MILLION_EVENTS,
+        "VACUUM ANALYZE conveyor_tasks",
+        "VACUUM ANALYZE conveyor_task_events",
+    )
+    with seeded_database(pg_cluster, "million", *statements) as url:
+
+        async def pick() -> Seeded:
+            conn = await asyncpg.connect(url)
+            try:
+                queued = await conn.fetchval(
+                    "SELECT id FROM conveyor_tasks WHERE state = 'queued' LIMIT 1"
+                )
+                running = await conn.fetchrow(
+                    "SELECT id, lease_id FROM conveyor_tasks WHERE state = 'running' "
+                    "AND lease_expires_at > now() LIMIT 1"
+                )
+                succeeded = await conn.fetchval(
+                    "SELECT id FROM conveyor_tasks WHERE state = 'succeeded' LIMIT 1"
+                )
+            finally:
+                await conn.close()
+            return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
+
+        yield asyncio.run(pick())
+
+
+def big_table_rows_read(plan: Any) -> int:
+    """Rows of the big tables a plan read, through an index or a scan, filtered or not."""
+    total = 0
+    for node in plan_nodes(plan):
+        if node.get("Relation Name") in BIG_TABLES or "Index Name" in node:
+            total += int(node.get("Actual Rows", 0)) * int(node.get("Actual Loops", 1))
+            total += int(node.get("Rows Removed by Filter", 0))
+    return total
+
+
+# Queries that act on one task or a bounded batch: they must read a bounded number of rows
+# whatever the table holds. (Listings of a state, counts and live stats read their range.)
+BOUNDED = [
+    "task_claim",
+    "task_insert_leasing",
+    "task_get",
+    "task_event_list",
+    "task_succeed",
+    "task_succeed_many",
+    "task_fail",
+    "task_release",
+    "task_cancel",
+    "task_lease_extend",
+    "task_reap_expired",
+    "task_lock_for_cancel",
+    "task_states_get",
+    "task_briefs_get",
+    "task_retry_many",
+    "task_cancel_many",
+    "task_payload_get",
+    "task_payload_head",
+    "task_promote_due",
+    "task_prune_finished",
+]
+
+
+@pytest.mark.slow  # a million tasks built for it
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("name", PER_TASK_QUERIES)
+async def test_no_sequential_scan_at_a_million(million, name, plan_mode) -> None:
+    plan = await explain(million.url, SQL[name], *parameters(million)[name], plan_mode=plan_mode)
+    assert seq_scans_on_big_tables(plan) == [], json.dumps(plan, indent=1)[:20000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BOUNDED)
+async def test_bounded_queries_read_few_rows_at_a_million(million, name) -> None:
+    plan = await explain(million.url, SQL[name], *parameters(million)[name], analyze=True)
+    read = big_table_rows_read(plan)
+    assert read < 50_000, (read, plan[0].get("Execution Time"), json.dumps(plan, indent=1)[:20000])
