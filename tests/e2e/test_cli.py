@@ -469,6 +469,21 @@ class TestServerCommands:
         assert line.startswith(
             "error: --heartbeat-interval (5) must be at most half of --lease-ttl (3)"
         )
+        line = assert_one_error_line(
+            run(
+                "server",
+                "--lease-ttl",
+                "40",
+                "--heartbeat-interval",
+                "16",
+                "--worker-lost-after",
+                "15",
+                timeout=30,
+            )
+        )
+        assert line.startswith(
+            "error: --worker-lost-after (15) must be at least twice --heartbeat-interval (16)"
+        )
 
     def test_worker_with_unknown_module(self):
         line = assert_one_error_line(

@@ -123,7 +123,9 @@ class TestSweeper:
     ) -> None:
         """A worker silent past worker_lost_after is lost; its task is requeued long before 30 s."""
         server = start_server(
-            worker_lost_after=timedelta(seconds=1), reaper_interval=timedelta(milliseconds=100)
+            worker_lost_after=timedelta(seconds=1),
+            heartbeat_interval=timedelta(milliseconds=400),
+            reaper_interval=timedelta(milliseconds=100),
         )
         with stubs(server.address) as (tasks, workers):
             task_id = str(uuid.uuid4())

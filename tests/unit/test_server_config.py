@@ -23,6 +23,7 @@ from conveyor.server.config import (
     MAX_PAYLOAD_BYTES_LIMIT,
     MIN_MESSAGE_BYTES,
     ServerConfig,
+    default_worker_lost_after,
     split_host_port,
 )
 from conveyor.server.worker_service import WorkerService, lease_size_bound
@@ -58,6 +59,16 @@ class TestServerConfig:
                 max_payload_bytes=MAX_PAYLOAD_BYTES_LIMIT + 1,
             )
 
+    def test_a_raised_heartbeat_interval_raises_the_default_worker_lost_after(self) -> None:
+        assert default_worker_lost_after(timedelta(seconds=3)) == timedelta(seconds=15)
+        assert default_worker_lost_after(timedelta(seconds=16)) == timedelta(seconds=80)
+        ServerConfig(  # accepted: five beats
+            database_url="postgresql://localhost/x",
+            lease_ttl=timedelta(seconds=40),
+            heartbeat_interval=timedelta(seconds=16),
+            worker_lost_after=default_worker_lost_after(timedelta(seconds=16)),
+        )
+
     @pytest.mark.parametrize(
         ("overrides", "fragment"),
         [
@@ -66,6 +77,12 @@ class TestServerConfig:
             (
                 {"heartbeat_interval": timedelta(seconds=20)},
                 r"heartbeat_interval \(20s\) must be at most half of lease_ttl \(30s\)",
+            ),
+            (
+                # Healthy workers were marked lost between two heartbeats, and their tasks
+                # ran again until their attempts ran out.
+                {"heartbeat_interval": timedelta(seconds=16), "lease_ttl": timedelta(seconds=40)},
+                r"worker_lost_after \(15s\) must be at least twice heartbeat_interval \(16s\)",
             ),
             ({"retry_backoff_cap": timedelta(milliseconds=1)}, "retry_backoff_cap"),
             ({"max_payload_bytes": 0}, "max_payload_bytes"),

@@ -50,7 +50,9 @@ from conveyor.server.config import (
     MAX_PAYLOAD_BYTES_LIMIT,
     ServerConfig,
     check_heartbeat_interval,
+    check_worker_lost_after,
     default_server_id,
+    default_worker_lost_after,
     split_host_port,
 )
 from conveyor.server.database import connect_failure
@@ -294,9 +296,9 @@ def _stopped_while_starting(stop: StopSignal) -> None:
 @click.option(
     "--worker-lost-after",
     type=BoundedFloat(min=0.01),
-    default=15.0,
-    show_default=True,
-    help="Seconds of heartbeat silence before a worker is lost.",
+    default=None,
+    help="Seconds of heartbeat silence before a worker is lost (default: 15, or 5 heartbeat "
+    "intervals if more); at least 2 heartbeat intervals.",
 )
 @click.option(
     "--leader-ttl",
@@ -507,7 +509,7 @@ def server(
     max_lease_wait: float,
     max_lease_batch: int,
     heartbeat_interval: float | None,
-    worker_lost_after: float,
+    worker_lost_after: float | None,
     leader_ttl: float,
     reaper_interval: float,
     retention_days: float,
@@ -550,6 +552,17 @@ def server(
             names=("--heartbeat-interval", "--lease-ttl"),
             unit="",
         )
+    heartbeat_interval = heartbeat_interval or min(3.0, lease_ttl / 3)
+    if worker_lost_after is None:
+        worker_lost_after = default_worker_lost_after(
+            timedelta(seconds=heartbeat_interval)
+        ).total_seconds()
+    check_worker_lost_after(
+        timedelta(seconds=worker_lost_after),
+        timedelta(seconds=heartbeat_interval),
+        names=("--worker-lost-after", "--heartbeat-interval"),
+        unit="",
+    )
     embedded: EmbeddedPostgres | None = None
     try:
         url, embedded = resolve_database(database_url, "server")
@@ -562,7 +575,7 @@ def server(
             # The embedded cluster is private to this machine: keep it migrated.
             migrate=apply_migrations or embedded is not None,
             lease_ttl=timedelta(seconds=lease_ttl),
-            heartbeat_interval=timedelta(seconds=heartbeat_interval or min(3.0, lease_ttl / 3)),
+            heartbeat_interval=timedelta(seconds=heartbeat_interval),
             retry_backoff_base=timedelta(seconds=retry_backoff_base),
             retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
             max_payload_bytes=max_payload_bytes,

@@ -335,6 +335,7 @@ class ServerConfig:
         if self.retry_backoff_cap < self.retry_backoff_base:
             raise ConfigError("retry_backoff_cap must be at least retry_backoff_base")
         check_heartbeat_interval(self.heartbeat_interval, self.lease_ttl)
+        check_worker_lost_after(self.worker_lost_after, self.heartbeat_interval)
         if self.retention is not None and self.retention <= timedelta(0):
             raise ConfigError("retention must be positive (or None to keep finished tasks)")
         if self.worker_retention is not None and self.worker_retention <= timedelta(0):
@@ -390,6 +391,38 @@ def check_heartbeat_interval(
             f"{interval_name} ({heartbeat_interval.total_seconds():g}{unit}) must be at most "
             f"half of {ttl_name} ({lease_ttl.total_seconds():g}{unit}), or a single lost "
             "heartbeat would cost a worker its leases"
+        )
+
+
+def default_worker_lost_after(heartbeat_interval: timedelta) -> timedelta:
+    """worker_lost_after when not given: 15 s, or five heartbeat intervals if longer.
+
+    Five beats, as the defaults are (3 s and 15 s), so that a raised interval raises it
+    with it.
+    """
+    return max(DEFAULT_WORKER_LOST_AFTER, heartbeat_interval * 5)
+
+
+def check_worker_lost_after(
+    worker_lost_after: timedelta,
+    heartbeat_interval: timedelta,
+    *,
+    names: tuple[str, str] = ("worker_lost_after", "heartbeat_interval"),
+    unit: str = "s",
+) -> None:
+    """ConfigError unless a worker is lost only after at least two heartbeat intervals.
+
+    A heartbeat interval raised past worker_lost_after (operations.md advises raising it
+    for thousands of workers) made the sweeper mark every healthy worker lost between two
+    of its heartbeats: its leases were taken back and its tasks ran again, until their
+    attempts ran out.
+    """
+    if worker_lost_after < heartbeat_interval * 2:
+        lost_name, interval_name = names
+        raise ConfigError(
+            f"{lost_name} ({worker_lost_after.total_seconds():g}{unit}) must be at least "
+            f"twice {interval_name} ({heartbeat_interval.total_seconds():g}{unit}), or a "
+            "worker that is alive would be marked lost between two of its heartbeats"
         )
 
 
