@@ -537,6 +537,30 @@ class TestServerCommands:
             assert assert_one_error_line(result) == expected
 
     @pytest.mark.parametrize(
+        "source",
+        [
+            # An exception whose message cannot be read.
+            (
+                "class Broken(Exception):\n    def __str__(self):\n        raise ValueError\n\n"
+                "raise Broken()\n"
+            ),
+            # Cancelled asyncio code run at import.
+            "import asyncio\n\nraise asyncio.CancelledError('setup was cancelled')\n",
+            # A library's own BaseException.
+            "class Stop(BaseException):\n    pass\n\nraise Stop('from a library')\n",
+        ],
+        ids=["unreadable-message", "cancelled-error", "base-exception"],
+    )
+    def test_any_import_failure_is_one_error_line(self, source, tmp_path):
+        """Before: each of these was a traceback of this command, although an error is
+        "printed as one line, never a traceback" (getting-started.md)."""
+        (tmp_path / "fails_oddly.py").write_text(source)
+        result = run("worker", "fails_oddly:worker", "--server", "127.0.0.1:1", cwd=tmp_path)
+        line = assert_one_error_line(result)
+        assert line.startswith("error: cannot import 'fails_oddly': "), line
+        assert "(at fails_oddly.py:" in line, line
+
+    @pytest.mark.parametrize(
         ("source", "env"),
         [
             ("import json\n\nSETTINGS = json.loads('{')\n", {}),

@@ -24,7 +24,12 @@ from conveyor.cli.params import BoundedFloat
 from conveyor.cli.stop_signals import StopSignal, raise_on_stop_signals
 from conveyor.errors import ConfigError
 from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT
-from conveyor.worker.runtime import MAX_CONCURRENCY, SHORTEST_CALL_TIMEOUT, Worker
+from conveyor.worker.runtime import (
+    MAX_CONCURRENCY,
+    SHORTEST_CALL_TIMEOUT,
+    Worker,
+    describe_error,
+)
 
 log = logging.getLogger("conveyor.cli.worker")
 
@@ -41,9 +46,13 @@ def load_worker(spec: str) -> Worker:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    # SystemExit too: a module calling sys.exit() as it is imported (an argparse run at
-    # import time) ended the command silently, with the module's status.
-    except (Exception, SystemExit) as exc:
+    # Any BaseException but an interrupt (a stop signal is one): a module calling
+    # sys.exit() as it is imported (an argparse run at import time) ended the command
+    # silently, with the module's status, and asyncio.CancelledError or a library's own
+    # BaseException was a traceback.
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise ConfigError(_import_failure(module_name, exc)) from exc
     try:
         found = getattr(module, attribute)
@@ -82,7 +91,8 @@ def _import_failure(module_name: str, exc: BaseException) -> str:
         own = [frame for frame in frames if not _library_file(frame.filename)]
         at = (own or frames)[-1] if frames else None
         where = f"{_shown(at.filename)}:{at.lineno}" if at is not None else ""
-        what = f"{type(exc).__name__}: {exc}"
+        # An exception whose message cannot be read was a traceback of this command.
+        what = describe_error(exc)
     return f"cannot import {module_name!r}: {what}" + (f" (at {where})" if where else "")
 
 

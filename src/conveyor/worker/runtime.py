@@ -272,7 +272,7 @@ def _checked_worker_id(worker_id: object) -> str:
         raise ConfigError(exc.message) from None
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """The error as "ExceptionType: message", whatever the exception's `__str__` does."""
     name = type(exc).__name__
     try:
@@ -740,7 +740,7 @@ class Worker:
                 signal.signal(sig, handler)
         if self._crash is not None:
             raise WorkerCrashed(
-                f"worker {self.worker_id} crashed: {_describe(self._crash)}"
+                f"worker {self.worker_id} crashed: {describe_error(self._crash)}"
             ) from self._crash
 
 
@@ -1712,7 +1712,7 @@ class _Runtime:
         try:
             return await self.run_handler_unguarded(attempt)
         except Exception as exc:
-            error = _describe(exc)
+            error = describe_error(exc)
             attempt.ctx.logger.exception(
                 "attempt failed around its handler: %s", error, extra={"event": "worker_bug"}
             )
@@ -1725,7 +1725,7 @@ class _Runtime:
                 return self.outcome(
                     attempt,
                     pb.OUTCOME_FAILED,
-                    error=f"the worker could not seal the outcome: {_describe(sealing)}",
+                    error=f"the worker could not seal the outcome: {describe_error(sealing)}",
                     seal=False,
                 )
 
@@ -1804,12 +1804,12 @@ class _Runtime:
             # Includes a handler cancelled by something other than this worker: that is a
             # failed attempt like any other, retried within max_retries.
             attempt.ctx.logger.info(
-                "attempt failed: %s", _describe(error), extra={"event": "task_attempt_failed"}
+                "attempt failed: %s", describe_error(error), extra={"event": "task_attempt_failed"}
             )
             return self.outcome(
                 attempt,
                 pb.OUTCOME_FAILED,
-                error=_describe(error),
+                error=describe_error(error),
                 non_retryable=isinstance(error, PermanentFailure),
                 # Which key is missing is no secret, and must be readable by whoever has
                 # to deploy that key (this worker could not seal it for them anyway).
@@ -1818,7 +1818,7 @@ class _Runtime:
         try:
             result = _result_bytes(future.result())
         except Exception as exc:  # also a buffer that cannot be read (ValueError)
-            return self.outcome(attempt, pb.OUTCOME_FAILED, error=_describe(exc))
+            return self.outcome(attempt, pb.OUTCOME_FAILED, error=describe_error(exc))
         return self.outcome(attempt, pb.OUTCOME_SUCCEEDED, result=result)
 
     def handed_back(self, attempt: _Attempt) -> pb.ReportResultRequest:
