@@ -7,6 +7,7 @@ as `conveyor worker conveyor.cli.demo_worker:worker`.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING
 
 from conveyor.errors import PermanentFailure
@@ -27,7 +28,10 @@ async def sleep(ctx: TaskContext, payload: bytes) -> bytes:
     try:
         seconds = float(payload or b"1")
     except ValueError:
-        raise PermanentFailure("demo.sleep expects a number of seconds as its payload") from None
+        seconds = math.nan
+    # nan failed on asyncio.sleep and was retried; -5 "slept"; inf slept to the timeout.
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise PermanentFailure("demo.sleep expects a number of seconds as its payload")
     await asyncio.sleep(seconds)
     return f"slept {seconds:g}s on attempt {ctx.attempt}".encode()
 
