@@ -190,11 +190,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._owners: dict[str, tuple[str, float]] = {}
         # Workers whose latest claim left tasks for want of room in its reply (`more`).
         self._left_more: set[str] = set()
-        # Workers whose heartbeat said they drain, and the wake-ups of their long polls
-        # waiting here: such a poll ends at once, empty. Left to wait out its `wait`, it
-        # held the stopping worker until that cancelled it, and a reply on its way at that
-        # moment was lost: its leases expired, each at the cost of an attempt.
-        self._leaving: set[str] = set()
+        # The long polls waiting here, by worker: a heartbeat that says the worker drains
+        # ends them at once, empty. Left to wait out its `wait`, such a poll held the
+        # stopping worker until that cancelled it, and a reply on its way at that moment
+        # was lost: its leases expired, each at the cost of an attempt. Only the polls
+        # waiting then: nothing is remembered of the worker, whose id a restarted worker
+        # may reuse (a stable id), and whose polls must not be refused for it.
         self._waiting_polls: dict[str, set[asyncio.Future[None]]] = {}
         self._backoff = queries.Backoff(
             base=config.retry_backoff_base, cap=config.retry_backoff_cap
@@ -263,7 +264,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
         if principal is not None:
             self._remember_owner(worker_id, principal.name)
-        self._leaving.discard(worker_id)  # registered again: it leases again
         log.info(
             "worker %s registered for %s",
             worker_id,
@@ -345,7 +345,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         left_more = worker_id in self._left_more
         self._left_more.discard(worker_id)
         woken, first = False, not left_more
-        while not self.draining and worker_id not in self._leaving:
+        while not self.draining:
             generation, claimed = await self._look(
                 worker_id, task_types, limit, woken=woken, may_skip=first
             )
@@ -358,7 +358,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 remaining = poll_interval if give_up_at is None else give_up_at - loop.time()
                 if remaining <= 0:
                     break
-                rows = await self._wait(worker_id, task_types, limit, generation, remaining)
+                waited = await self._wait(worker_id, task_types, limit, generation, remaining)
+                if waited is None:
+                    return []  # the worker drains: its poll ends, empty
+                rows = waited
                 if rows:
                     self.metrics.count_claim("handed_over")
             if rows:
@@ -439,16 +442,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     async def _wait(
         self, worker_id: str, task_types: list[str], limit: int, generation: int, remaining: float
-    ) -> list[Any]:
+    ) -> list[Any] | None:
         """Wait for a wake-up or a poll interval; the leases an enqueue handed over meanwhile.
 
         While it waits the poll has an offer at the handoff desk (see handoff.py). An offer
         an enqueue has reserved is settled by that enqueue's statement, so a poll that stops
         waiting first waits for those rows, and one whose call is cancelled abandons them
-        to the desk, which hands them back.
+        to the desk, which hands them back. None: the worker's heartbeat said it drains
+        (`_worker_leaving`), and nothing was handed over; the poll ends.
         """
-        if worker_id in self._leaving:
-            return []
         leaving = asyncio.get_running_loop().create_future()
         self._waiting_polls.setdefault(worker_id, set()).add(leaving)
         offer = self.handoff.open(worker_id, task_types, limit)
@@ -459,9 +461,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 until=(offer.delivered, leaving),
             )
             pending = self.handoff.close(offer)
+            if pending is None:
+                return None if leaving.done() else []
             # Shielded: the delivery is the offer's own future, which a cancelled wait
             # would cancel too, and the desk could then not hand its leases back.
-            return await asyncio.shield(pending) if pending is not None else []
+            return await asyncio.shield(pending)
         except asyncio.CancelledError:
             self.handoff.close(offer, abandon=True)
             raise
@@ -1000,7 +1004,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             await self._check_owner(worker_id)
         async with self.database.connection() as conn:
             await queries.worker_set_state(conn, worker_id=worker_id, state="stopped")
-        self._leaving.discard(worker_id)
         log.info("worker %s stopped", worker_id, extra={"event": "worker_stopped"})
         return pb.UnregisterWorkerResponse()
 
@@ -1040,11 +1043,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return True
 
     def _worker_leaving(self, worker_id: str) -> None:
-        """The worker drains: end its long polls waiting here, and take no more from it."""
-        if worker_id not in self._leaving:
-            if len(self._leaving) >= MAX_REMEMBERED_LEFTOVERS:
-                self._leaving.clear()
-            self._leaving.add(worker_id)
+        """The worker drains: end its long polls waiting here (see `_waiting_polls`)."""
         for waiting in self._waiting_polls.pop(worker_id, ()):
             if not waiting.done():
                 waiting.set_result(None)

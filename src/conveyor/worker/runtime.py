@@ -1472,7 +1472,7 @@ class _Runtime:
 
         Outcomes already sent on the stream are answered before the server ends it; those
         of attempts still running go by ReportResults. A long poll in flight is let end:
-        its server answers it at once, empty, once the draining heartbeat has arrived, and
+        its server answers it at once, empty, when the draining heartbeat arrives, and
         a reply with leases is handed back (`on_leases`). Cancelled instead, a reply on its
         way at that moment was lost, and its leases expired, each at the cost of an
         attempt (one stop in two or three under load).
