@@ -229,7 +229,9 @@ class TestTheSameTaskTwiceOnOneWorker:
         attempt must stop then: it used to run on beside the second (the same task twice at
         once on one worker) until its own timeout, since the new attempt had replaced it."""
         server = start_server(
-            lease_ttl=timedelta(seconds=60), heartbeat_interval=timedelta(seconds=30)
+            lease_ttl=timedelta(seconds=60),
+            heartbeat_interval=timedelta(seconds=30),
+            worker_lost_after=timedelta(seconds=150),
         )
         first_cancelled, second_started = threading.Event(), threading.Event()
 

@@ -186,7 +186,9 @@ class TestCountsMatchWhatRan:
     def test_a_report_refused_by_fencing_is_counted(self, start_server) -> None:
         """The handler finishes after its task was cancelled, before any heartbeat says so."""
         # Heartbeats 15 s apart: the handler returns long before one can stop it.
-        server = start_server(heartbeat_interval=timedelta(seconds=15))
+        server = start_server(
+            heartbeat_interval=timedelta(seconds=15), worker_lost_after=timedelta(seconds=75)
+        )
         release = threading.Event()
 
         def finishes_when_released(_ctx: TaskContext, _payload: bytes) -> bytes:
