@@ -685,3 +685,33 @@ class TestDatabaseRefusingTheServer:
             what="the expired lease to be reaped",
         )
         assert admin.events(task_id)[-1]["event"] == "lease_expired"
+
+
+def test_a_leader_only_transaction_left_idle_ends_within_its_budget(db: Db) -> None:
+    """A leader frozen between its statement and its COMMIT (SIGSTOP, a paused VM) kept the
+    leader row locked, and every election waited behind it until the session's own idle
+    timeout (30 s) ended it: a CI run saw the takeover miss its bound that way. The budget
+    set for a leader-only statement now bounds the idle transaction too."""
+
+    async def leave_idle() -> asyncpg.Connection:
+        conn = await asyncpg.connect(db.url)
+        transaction = conn.transaction()
+        await transaction.start()
+        await queries.statement_timeout_set_local(conn, budget=timedelta(milliseconds=300))
+        await conn.fetchval("SELECT 1 FROM conveyor_leader FOR SHARE")
+        # The connection stays open, its transaction idle, as a frozen leader's would.
+        return conn
+
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(leave_idle())
+    pid = conn.get_server_pid()
+    try:
+        wait_for(
+            lambda: not db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid),
+            timeout=10,
+            what="PostgreSQL to end the idle leader-only transaction",
+        )
+    finally:
+        with contextlib.suppress(Exception):  # the server may have ended it already
+            loop.run_until_complete(conn.close(timeout=5))
+        loop.close()

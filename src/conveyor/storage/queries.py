@@ -441,7 +441,8 @@ class LeaderStatementGaveUp(Exception):
 
 
 async def statement_timeout_set_local(conn: Any, *, budget: timedelta) -> None:
-    """Within a transaction: its statements may run `budget` (at most the session's own)."""
+    """Within a transaction: its statements may run `budget` (at most the session's own),
+    and it may sit idle as long."""
     await conn.fetchval(
         SQL["statement_timeout_set_local"], max(1, int(budget.total_seconds() * 1000))
     )

@@ -657,10 +657,15 @@ GROUP BY named.type;
 
 -- name: statement_timeout_set_local
 -- $1 milliseconds. The statement timeout of the rest of this transaction only (a leader-only
--- statement's budget: queries.LeaderProof), never longer than the session's own (0: none).
+-- statement's budget: queries.LeaderProof), never longer than the session's own (0: none);
+-- and as long for the transaction to sit idle. A leader frozen (SIGSTOP, a VM paused)
+-- between its statement and its COMMIT kept the leader row locked, and every election
+-- waited behind it, until the session's own idle timeout ended it (30 s): its successor
+-- took over that late instead of within the leader's TTL.
 SELECT set_config('statement_timeout',
                   (CASE WHEN s.ms = 0 THEN $1::integer ELSE least($1::integer, s.ms) END)::text,
-                  true)
+                  true),
+       set_config('idle_in_transaction_session_timeout', $1::integer::text, true)
 FROM (SELECT setting::integer AS ms FROM pg_settings WHERE name = 'statement_timeout') AS s;
 
 -- name: task_prune_finished
