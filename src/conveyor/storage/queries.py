@@ -441,8 +441,10 @@ class LeaderStatementGaveUp(Exception):
 
 
 async def statement_timeout_set_local(conn: Any, *, budget: timedelta) -> None:
-    """Within a transaction: its statements may run `budget` (at most the session's own),
-    and it may sit idle as long."""
+    """Within a transaction: its statements may run `budget`, and it may sit idle as long.
+
+    The statements' budget is never longer than the session's own statement timeout.
+    """
     await conn.fetchval(
         SQL["statement_timeout_set_local"], max(1, int(budget.total_seconds() * 1000))
     )
