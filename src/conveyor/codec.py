@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 SEALED_MAGIC: Final = b"\x00cvy-aesgcm1\x00"
 SEALED_TEXT_PREFIX: Final = "cvy-sealed:v1:"
+# How the server's own words (the dashboard, a task's explanation) show a sealed text.
+SEALED_TEXT_SHOWN_AS: Final = "(encrypted by the worker)"
 KEYS_ENV: Final = "CONVEYOR_PAYLOAD_KEYS"
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
@@ -49,6 +51,16 @@ _URL_SAFE_TO_STANDARD: Final = str.maketrans("-_", "+/")
 
 class SealError(ConveyorError):
     """Sealed data could not be opened: an unknown key, or data altered or moved."""
+
+
+def size_limit(data: bytes, limit: int) -> int:
+    """The most bytes `data` may have under a payload limit of `limit`.
+
+    A sealed payload or result may be larger by the seal's overhead: the limit is on what
+    the producer (or the handler) gave, and a producer whose payloads were accepted was
+    refused once it sealed them, with a size it never sent.
+    """
+    return limit + SEALED_OVERHEAD if is_sealed(data) else limit
 
 
 def is_sealed(data: bytes) -> bool:
@@ -222,7 +234,9 @@ class AesGcmCodec:
             try:
                 # Either base64 alphabet: URL-safe keys are what many tools print, and the
                 # two differ only in two characters, so a key cannot mean two things.
-                key = base64.b64decode(encoded.translate(_URL_SAFE_TO_STANDARD), validate=True)
+                # Padding optional: secrets.token_urlsafe(32) and JWK values leave it out.
+                standard = encoded.translate(_URL_SAFE_TO_STANDARD)
+                key = base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
             except (binascii.Error, ValueError):
                 raise ConfigError(
                     f"{KEYS_ENV}: the key of item {position} ({key_id}) is not valid base64"

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from conveyor.codec import SEALED_TEXT_SHOWN_AS, is_sealed_text
+
+
+def _text(text: str | None) -> str:
+    """A task's error, detail or progress as a sentence shows it: `-` for none.
+
+    Sealed by the worker, as the dashboard shows it: the server has no key, and the base64
+    of up to 8,000 characters read as noise (a client with the key opens the task's status).
+    """
+    if not text:
+        return "-"
+    return SEALED_TEXT_SHOWN_AS if is_sealed_text(text) else text
+
 
 def _ago(seconds: float | None) -> str:
     if seconds is None:
@@ -34,7 +47,7 @@ def _queued(row: Any) -> list[str]:
         reasons.append(
             f"waiting for its retry backoff: it becomes available in "
             f"{_ago(row['available_in'])}, after attempt {row['attempt']} of "
-            f"{row['max_retries'] + 1} ended ({row['last_event']}): {row['last_error'] or '-'}"
+            f"{row['max_retries'] + 1} ended ({row['last_event']}): {_text(row['last_error'])}"
         )
     elif row["state"] == "scheduled":
         # Due, but not yet moved into the queue: the scheduling server's timer or the
@@ -65,7 +78,7 @@ def _queued(row: Any) -> list[str]:
     if row["last_event"] in ("lease_expired", "released", "timed_out") and not row["backing_off"]:
         reasons.append(
             f"its previous attempt ended with {row['last_event']}: "
-            f"{row['last_detail'] or '-'}; it was re-queued"
+            f"{_text(row['last_detail'])}; it was re-queued"
         )
     return reasons
 
@@ -97,7 +110,7 @@ def _running(row: Any) -> list[str]:
     else:
         reasons.append(f"its lease runs for {_ago(lease_left)} more unless renewed")
     if row["progress"] is not None:
-        reasons.append(f"last progress report: {row['progress']}")
+        reasons.append(f"last progress report: {_text(row['progress'])}")
     if row["paused_at"] is not None:
         reasons.append(_paused(row, "this attempt may finish, but no new one starts"))
     return reasons
@@ -116,6 +129,6 @@ def explain(row: Any) -> list[str]:
     if state == "failed":
         return [
             f"failed for good {attempts}, at {row['finished_at'].isoformat()}",
-            f"last error: {row['last_error'] or '-'}",
+            f"last error: {_text(row['last_error'])}",
         ]
-    return [f"cancelled at {row['finished_at'].isoformat()}: {row['last_detail'] or '-'}"]
+    return [f"cancelled at {row['finished_at'].isoformat()}: {_text(row['last_detail'])}"]

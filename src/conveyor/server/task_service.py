@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from conveyor.codec import size_limit
 from conveyor.errors import InvalidTask, TaskAlreadyFinished, TaskNotFound
 from conveyor.group_commit import GroupCommit, rows_and_bytes
 from conveyor.protocol import ENQUEUE_STREAM_ACCEPTED, convert
@@ -374,7 +375,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             raise InvalidTask("task id is required (clients generate a UUIDv7)", field="id")
         if not spec.HasField("timeout"):
             raise InvalidTask("timeout is required", field="timeout")
-        if len(spec.payload) > self.config.max_payload_bytes:
+        if len(spec.payload) > size_limit(spec.payload, self.config.max_payload_bytes):
             self.metrics.limit_refusals.labels("payload_size").inc()
             raise InvalidTask(
                 f"payload is {len(spec.payload)} bytes; the limit is "

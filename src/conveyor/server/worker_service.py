@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from conveyor.codec import MAX_SEALED_TEXT, is_sealed_text
+from conveyor.codec import MAX_SEALED_TEXT, is_sealed_text, size_limit
 from conveyor.errors import ConveyorError, InvalidTask, LeaseLost, PermissionDenied, TaskNotFound
 from conveyor.group_commit import GroupCommit, concatenated, rows_and_bytes
 from conveyor.protocol import convert
@@ -794,7 +794,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """The report's task and lease ids, canonical; InvalidTask for a malformed report."""
         task_id = normalize_task_id(request.task_id)
         lease_id = normalize_task_id(request.lease_id)
-        if len(request.result) > self.config.max_payload_bytes:
+        if len(request.result) > size_limit(request.result, self.config.max_payload_bytes):
             self.metrics.limit_refusals.labels("payload_size").inc()
             raise InvalidTask(
                 f"result is {len(request.result)} bytes; the limit is "

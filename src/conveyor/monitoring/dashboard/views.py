@@ -26,7 +26,7 @@ import jinja2
 from aiohttp import web
 
 from conveyor.auth import ANONYMOUS, Permission, Principal
-from conveyor.codec import is_sealed, is_sealed_text, sealed_key_id
+from conveyor.codec import SEALED_TEXT_SHOWN_AS, is_sealed, is_sealed_text, sealed_key_id
 from conveyor.errors import (
     ConveyorError,
     InvalidTask,
@@ -126,7 +126,7 @@ def _since(moment: datetime | timedelta | None) -> str:
 def _unsealed(text: str | None) -> str | None:
     # A worker with a codec seals its error messages: say so rather than show base64.
     if text and is_sealed_text(text):
-        return "(encrypted by the worker)"  # an error or a progress report
+        return SEALED_TEXT_SHOWN_AS  # an error or a progress report
     return text
 
 
