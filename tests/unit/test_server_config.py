@@ -88,6 +88,9 @@ class TestServerConfig:
             ({"max_payload_bytes": 0}, "max_payload_bytes"),
             ({"max_payload_bytes": MAX_PAYLOAD_BYTES_LIMIT + 1}, "one message a worker accepts"),
             ({"max_enqueue_streams_per_token": 0}, "max_enqueue_streams_per_token"),
+            # A client's status call and a worker's heartbeats waited behind the stream each
+            # keeps open, past their deadlines.
+            ({"max_streams_per_connection": 1}, "max_streams_per_connection must be at least 8"),
             ({"keepalive_interval": timedelta(0)}, "keepalive_interval"),
             ({"keepalive_timeout": timedelta(seconds=-1)}, "keepalive_timeout"),
             ({"grpc_listen": "nonsense"}, "HOST:PORT"),

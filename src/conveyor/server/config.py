@@ -89,6 +89,11 @@ DEFAULT_RATE_BURST: Final = 4000.0
 # without bound.
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 10_000
 DEFAULT_MAX_STREAMS_PER_CONNECTION: Final = 256
+# The least: each client keeps an enqueue stream open on its connection, and each worker a
+# Work stream, for as long as they run. With one, nothing else got through (a client's
+# status call timed out; a worker's heartbeats did, its leases expired and its tasks ran
+# again); a few more leave room for the calls beside them.
+MIN_STREAMS_PER_CONNECTION: Final = 8
 # A token may hold a tenth of a server's call slots with enqueue streams: far more than the
 # clients of any one application need (one per Client), and too few to lock workers out.
 DEFAULT_MAX_ENQUEUE_STREAMS_PER_TOKEN: Final = 1_000
@@ -361,11 +366,16 @@ class ServerConfig:
             ("priority_pool_size", self.priority_pool_size),
             ("db_breaker_failures", self.db_breaker_failures),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs),
-            ("max_streams_per_connection", self.max_streams_per_connection),
             ("migrate_lock_attempts", self.migrate_lock_attempts),
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_streams_per_connection < MIN_STREAMS_PER_CONNECTION:
+            raise ConfigError(
+                f"max_streams_per_connection must be at least {MIN_STREAMS_PER_CONNECTION}: "
+                "every client and worker keeps a stream open on its connection, and calls "
+                "beside it need room"
+            )
         streams_cap = self.max_enqueue_streams_per_token
         if streams_cap is not None and streams_cap < 1:
             raise ConfigError("max_enqueue_streams_per_token must be at least 1 (None: no cap)")
