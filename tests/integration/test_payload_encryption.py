@@ -7,13 +7,14 @@ saying which key it lacks; and keys must rotate without losing a task.
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 import urllib.request
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from helpers import wait_final, wait_for
+from helpers import run_cli, running, wait_final, wait_for
 
 from conveyor import AesGcmCodec, Client, Task, TaskContext, TaskState, Worker
 from conveyor.codec import is_sealed, is_sealed_text
@@ -233,3 +234,20 @@ def test_a_sealed_text_too_long_to_keep_is_replaced_not_cut(server: ServerThread
     failures = [e for e in status.history if e.event == "failed"]  # type: ignore[attr-defined]
     assert [e.state for e in failures] == [TaskState.QUEUED, TaskState.FAILED]
     assert all(TOO_LONG.fullmatch(e.detail or "") for e in failures), failures
+
+
+def test_the_cli_shows_a_task_sealed_with_a_key_it_lacks(server: ServerThread) -> None:
+    """Before: with CONVEYOR_PAYLOAD_KEYS holding other keys than the task's (an old key
+    retired from the set, another producer's), `status` and `tasks show` failed with
+    'sealed with key k1, which this codec does not have' and showed nothing of the task."""
+    worker = Worker(server.address, codec=AesGcmCodec([OLD_KEY]))
+    worker.register_handler("sealed.for.others", lambda _ctx, payload: payload[::-1])
+    with Client(server.address, codec=AesGcmCodec([OLD_KEY])) as producer, running(worker):
+        task_id = producer.enqueue_task(Task(type="sealed.for.others", payload=SECRET))
+        assert wait_final(producer, task_id).state is TaskState.SUCCEEDED
+    only_new = {"CONVEYOR_PAYLOAD_KEYS": f"k2={base64.b64encode(NEW_KEY[1]).decode()}"}
+    for command in (("status", task_id, "--json"), ("tasks", "show", task_id)):
+        result = run_cli(*command, "--server", server.address, **only_new)
+        assert result.returncode == 0, result.stderr
+        assert "sealed with key k1" in result.stdout, result.stdout
+        assert "succeeded" in result.stdout

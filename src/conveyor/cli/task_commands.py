@@ -16,6 +16,7 @@ from conveyor.cli.main import DEFAULT_RETRY_FOR, RETRY_FOR_KEY
 from conveyor.cli.params import BoundedFloat
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
+from conveyor.codec import AesGcmCodec, SealError, is_sealed, sealed_key_id
 from conveyor.errors import InvalidTask
 from conveyor.types import (
     DEFAULT_MAX_RETRIES,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from rich.text import Text
 
+    from conveyor.codec import PayloadCodec
     from conveyor.types import TaskState, TaskStatus
 
 server_option = click.option(
@@ -46,10 +48,42 @@ def open_client(server: str | None) -> Client:
 
     A script that checks on a server wants its answer in the time it chose, not the
     library's 30 s. The budget bounds each call too (RetryLoop gives a call no more than
-    what is left of it), so a slow bulk action under a short budget ends unanswered.
+    what is left of it), so a slow bulk action under a short budget ends unanswered. The
+    payload codec of CONVEYOR_PAYLOAD_KEYS, if any, shows what it cannot open as sealed
+    (`SealedShown`).
     """
     retry_for = click.get_current_context().meta.get(RETRY_FOR_KEY, DEFAULT_RETRY_FOR)
-    return Client(server, retry=RetryPolicy(total_timeout=retry_for))
+    codec = AesGcmCodec.from_env()
+    return Client(
+        server,
+        retry=RetryPolicy(total_timeout=retry_for),
+        codec=SealedShown(codec) if codec is not None else None,
+    )
+
+
+class SealedShown:
+    """A codec for commands that show tasks: what it cannot open is shown as sealed.
+
+    A payload or result sealed with a key this process lacks (one retired from its set,
+    another producer's) made `status` and `tasks show` fail as a whole, with no state,
+    attempts or error shown; now it is previewed as "sealed with key ID", as it is when the
+    process has no keys at all. Sealing (`enqueue`) is the codec's own.
+    """
+
+    def __init__(self, codec: PayloadCodec) -> None:
+        """Wrap the codec of CONVEYOR_PAYLOAD_KEYS."""
+        self._codec = codec
+
+    def seal(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """Seal as the codec does."""
+        return self._codec.seal(data, field=field, task_id=task_id)
+
+    def open(self, data: bytes, *, field: str, task_id: str) -> bytes:
+        """Open as the codec does; `data` still sealed if it cannot."""
+        try:
+            return self._codec.open(data, field=field, task_id=task_id)
+        except SealError:
+            return data
 
 
 @click.command()
@@ -142,6 +176,8 @@ def _read(path: Path) -> bytes:
 def _preview(data: bytes | None, limit: int = 200) -> str | None:
     if data is None:
         return None
+    if is_sealed(data):  # with no key for it here: its escaped bytes said nothing
+        return f"sealed with key {sealed_key_id(data) or '?'}"
     text = data[:limit].decode("utf-8", errors="backslashreplace")
     return text + ("..." if len(data) > limit else "")
 
