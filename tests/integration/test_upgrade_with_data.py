@@ -49,6 +49,39 @@ INSERT INTO conveyor_tasks (id, type, state, attempt, max_retries, timeout, crea
 VALUES ($1::uuid, $2, $3::conveyor_task_state, $4, 3, interval '1 min',
     now() - $5::interval, now() - $5::interval + $6::interval, $7, $8, $9, $10, $11, $12, $13, '')
 """
+
+
+async def insert_task(
+    conn: asyncpg.Connection,
+    task_id: str,
+    task_type: str,
+    state: str,
+    *,
+    attempt: int = 0,
+    age: timedelta = timedelta(hours=1),
+    available_after: timedelta = timedelta(0),
+    worker_id: str | None = None,
+    last_error: str | None = None,
+) -> None:
+    """A task row as an older release wrote it: enqueued `age` ago, no lease."""
+    await conn.execute(
+        TASK,
+        task_id,
+        task_type,
+        state,
+        attempt,
+        age,
+        available_after,
+        None,
+        None,
+        worker_id,
+        None,
+        None,
+        None,
+        last_error,
+    )
+
+
 EVENT = """
 INSERT INTO conveyor_task_events (task_id, at, event, state, attempt, worker_id)
 VALUES ($1::uuid, now() - $2::interval, $3, $4::conveyor_task_state, $5, $6)
@@ -74,39 +107,18 @@ def seed(url: str, level: int) -> dict[str, str]:
         conn = await asyncpg.connect(url)
         try:
             d = timedelta(days=30)
-            z = timedelta(0)
-            await conn.execute(
-                TASK,
-                ids["queued"],
-                "up.q",
-                "queued",
-                0,
-                timedelta(hours=1),
-                z,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+            await insert_task(conn, ids["queued"], "up.q", "queued")
             # An older release's retry waiting out its backoff: queued, due in 2 s.
-            await conn.execute(
-                TASK,
+            await insert_task(
+                conn,
                 ids["backoff"],
                 "up.b",
                 "queued",
-                1,
-                timedelta(minutes=1),
-                timedelta(minutes=1, seconds=2),
-                None,
-                None,
-                "w-old",
-                None,
-                None,
-                None,
-                "ValueError: x",
+                attempt=1,
+                age=timedelta(minutes=1),
+                available_after=timedelta(minutes=1, seconds=2),
+                worker_id="w-old",
+                last_error="ValueError: x",
             )
             await conn.execute(
                 "INSERT INTO conveyor_tasks (id, type, state, attempt, max_retries, timeout, "
@@ -125,21 +137,14 @@ def seed(url: str, level: int) -> dict[str, str]:
                 ("old_failed", "failed", d),
                 ("old_cancelled", "cancelled", d),
             ):
-                await conn.execute(
-                    TASK,
+                await insert_task(
+                    conn,
                     ids[name],
                     "up.f",
                     state,
-                    1,
-                    age + timedelta(hours=1),
-                    z,
-                    None,
-                    None,
-                    "w-gone",
-                    None,
-                    None,
-                    None,
-                    None,
+                    attempt=1,
+                    age=age + timedelta(hours=1),
+                    worker_id="w-gone",
                 )
                 await conn.execute(
                     "UPDATE conveyor_tasks SET started_at = now() - $2::interval, "
@@ -153,22 +158,7 @@ def seed(url: str, level: int) -> dict[str, str]:
                     )
                 await conn.execute(EVENT, ids[name], age, "started", "running", 1, "w-gone")
                 await conn.execute(EVENT, ids[name], age, state, state, 1, "w-gone")
-            await conn.execute(
-                TASK,
-                ids["paused"],
-                "up.p",
-                "queued",
-                0,
-                timedelta(hours=1),
-                z,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+            await insert_task(conn, ids["paused"], "up.p", "queued")
             await conn.execute(
                 "INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version, "
                 "state, started_at, last_heartbeat_at) VALUES "
