@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from conveyor.server.config import DEFAULT_DEADLINE_GRACE, DEFAULT_LEASE_TTL
-from conveyor.storage import queries
+from conveyor.storage import migrate, queries
 from conveyor.types import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from conveyor.worker.runtime import Worker, _Runtime
 
@@ -620,3 +620,16 @@ async def started_runtime(worker: Worker) -> _Runtime:
     runtime = _Runtime(worker, timedelta(seconds=1))
     runtime.bind_to_running_loop()
     return runtime
+
+
+def migrate_with(url: str, folder: Path | None) -> list[int]:
+    """The versions `migrate` applies from `folder` (None: this release's migrations)."""
+
+    async def go() -> list[int]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [m.version for m in await migrate.migrate(conn, migrations_dir=folder)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import Db, wait_final
+from helpers import Db, migrate_with, wait_final
 
 from conveyor import Client, Task, TaskState
 from conveyor.errors import SchemaMismatch
@@ -84,19 +84,6 @@ def incompatible_release(tmp_path: Path) -> Path:
         "ALTER TABLE conveyor_workers ADD COLUMN zone text;\n",
         "needs_new_servers",
     )
-
-
-def migrate_with(url: str, folder: Path | None) -> list[int]:
-    """The versions `migrate` applies from `folder` (None: this release's migrations)."""
-
-    async def go() -> list[int]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [m.version for m in await migrate.migrate(conn, migrations_dir=folder)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
 
 
 def check_with(url: str) -> int:

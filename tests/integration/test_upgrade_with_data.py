@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import Db, succeed_as_a_worker, wait_for
+from helpers import Db, migrate_with, succeed_as_a_worker, wait_for
 
 from conveyor import Client, TaskState
 from conveyor.storage import migrate
@@ -29,17 +29,6 @@ def release_up_to(folder: Path, level: int) -> Path:
         if entry.name.endswith(".sql") and int(entry.name[:4]) <= level:
             (folder / entry.name).write_text(entry.read_text(encoding="utf-8"), encoding="utf-8")
     return folder
-
-
-def migrate_with(url: str, folder: Path | None) -> list[int]:
-    async def go() -> list[int]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [m.version for m in await migrate.migrate(conn, migrations_dir=folder)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
 
 
 TASK = """
