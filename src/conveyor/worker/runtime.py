@@ -1132,9 +1132,8 @@ class _Runtime:
             concurrency=self.worker.concurrency,
             version=printable(__version__)[:MAX_WORKER_VERSION_LENGTH],
         )
-        give_up_at = self.loop.time() + (
-            self.start_timeout.total_seconds() if within is None else within
-        )
+        within = self.start_timeout.total_seconds() if within is None else within
+        give_up_at = self.loop.time() + within
         delays = self.retry.delays()
         retrying = False
         while True:
@@ -1154,10 +1153,9 @@ class _Runtime:
                 ) from None
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at or self.stop_event.is_set():
-                    waited = self.start_timeout.total_seconds() if within is None else within
                     raise ServerUnavailable(
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
-                        f"worker within {waited:g}s: {exc}"
+                        f"worker within {within:g}s: {exc}"
                     ) from None
                 if not retrying:
                     retrying = True
