@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.codec import SEALED_TEXT_SHOWN_AS, is_sealed_text
+from conveyor.codec import shown_text
 
 
 def _text(text: str | None) -> str:
     """A task's error, detail or progress as a sentence shows it: `-` for none.
 
-    Sealed by the worker, as the dashboard shows it: the server has no key, and the base64
-    of up to 8,000 characters read as noise (a client with the key opens the task's status).
+    Sealed by the worker, as the dashboard shows it (a client with the key opens the task's
+    status).
     """
-    if not text:
-        return "-"
-    return SEALED_TEXT_SHOWN_AS if is_sealed_text(text) else text
+    return shown_text(text) or "-"
 
 
 def _ago(seconds: float | None) -> str:

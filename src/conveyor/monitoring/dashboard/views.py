@@ -26,7 +26,7 @@ import jinja2
 from aiohttp import web
 
 from conveyor.auth import ANONYMOUS, Permission, Principal
-from conveyor.codec import SEALED_TEXT_SHOWN_AS, is_sealed, is_sealed_text, sealed_key_id
+from conveyor.codec import is_sealed, sealed_key_id, shown_text
 from conveyor.errors import (
     ConveyorError,
     InvalidTask,
@@ -123,13 +123,6 @@ def _since(moment: datetime | timedelta | None) -> str:
     return _age(max(ago.total_seconds(), 0)) + " ago"
 
 
-def _unsealed(text: str | None) -> str | None:
-    # A worker with a codec seals its error messages: say so rather than show base64.
-    if text and is_sealed_text(text):
-        return SEALED_TEXT_SHOWN_AS  # an error or a progress report
-    return text
-
-
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
@@ -161,7 +154,7 @@ def _environment() -> jinja2.Environment:
     environment.filters["age"] = _age
     environment.filters["since"] = _since
     environment.filters["when"] = _when
-    environment.filters["unsealed"] = _unsealed
+    environment.filters["unsealed"] = shown_text
     return environment
 
 
