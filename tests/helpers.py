@@ -358,7 +358,10 @@ class Ledger:
         if not self.path.exists():
             return []
         rows = []
-        for line in self.path.read_text().splitlines():
+        text = self.path.read_text()
+        # Read while workers append: a last line without its newline is still being
+        # written (a CI run read one torn in half), and is read next time.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.strip():
                 event, task_id, attempt, lease_id, pid, at = line.split("\t")
                 rows.append(
