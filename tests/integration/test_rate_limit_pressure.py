@@ -30,7 +30,10 @@ def serve(start_server: Callable[..., ServerThread], tmp_path: Path) -> tuple[An
     token, entry = new_token("app", Role.PRODUCER)
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(entry.as_toml())
-    return start_server(tokens_file=tokens, rate_limit=40.0, rate_burst=2.0), token
+    # One request at a time, four a second: a request sent right after another is refused
+    # however the client joins its enqueues (at 40/s a loaded run once sent so few
+    # joined requests that none was).
+    return start_server(tokens_file=tokens, rate_limit=4.0, rate_burst=1.0), token
 
 
 async def test_async_coroutines_under_the_rate_limit_store_each_task_once(
