@@ -41,8 +41,9 @@ class ConveyorError(Exception):
     committed_ids: tuple[str, ...] = ()
 
     def __init__(self, message: str | None = None) -> None:
-        """Use the class docstring as the message when none is given."""
-        super().__init__(message or (type(self).__doc__ or type(self).__name__).strip())
+        """Use the class docstring's first line as the message when none is given."""
+        summary = (type(self).__doc__ or type(self).__name__).strip().partition("\n")[0]
+        super().__init__(message or summary)
 
     @property
     def message(self) -> str:
@@ -118,7 +119,17 @@ class PermissionDenied(ConveyorError):
 
 
 class LimitExceeded(ConveyorError):
-    """A configured limit refused the request; retry later or send less."""
+    """A configured limit refused the request; retry later or send less.
+
+    Attributes:
+        retry_in: Seconds until the server would admit a request again, when it said
+            (a rate limit does); 0.0 when it did not.
+    """
+
+    def __init__(self, message: str | None = None, *, retry_in: float = 0.0) -> None:
+        """Keep the server's hint of when to retry."""
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 class ServerUnavailable(ConveyorError):

@@ -40,7 +40,12 @@ from conveyor.errors import (
     Unauthenticated,
 )
 from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT, PEER_MESSAGE_BYTES
-from conveyor.protocol.status import TRANSIENT_CODES, error_from_status, is_backpressure
+from conveyor.protocol.status import (
+    TRANSIENT_CODES,
+    error_from_status,
+    is_backpressure,
+    retry_hint,
+)
 from conveyor.types import as_duration
 
 if TYPE_CHECKING:
@@ -539,9 +544,12 @@ class RetryLoop:
         if is_backpressure(error.code(), error.details()):
             # The server answered "not now" (rate or concurrency limit). It is reachable:
             # record so, or a breaker whose probe this was would stay half open for good.
-            # Then wait and ask again while the budget lasts.
+            # Then wait and ask again while the budget lasts: at least as long as the
+            # server said its limit needs (a retry sooner is refused for certain, and
+            # costs the server another refusal), plus the jittered backoff, so that
+            # callers refused together do not all come back at the same moment.
             self._ring.record(pick, reachable=True)
-            delay = next(self._delays)
+            delay = retry_hint(error.details()) + next(self._delays)
             if self._clock() + delay >= self._give_up_at:
                 raise translate(error, method=self._method, token_sent=self._token_sent)
             self._sleep = delay

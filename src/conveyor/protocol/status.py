@@ -8,6 +8,7 @@ validation or from a server two hops away.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Final
 
@@ -59,6 +60,10 @@ TRANSIENT_CODES: Final = frozenset(
 # RESOURCE_EXHAUSTED is also what gRPC answers for a message over its size limit, which no
 # retry will fix; these two refusals are backpressure, and a later retry is what they ask.
 RATE_LIMIT_PREFIX: Final = "request rate limit"
+# A rate refusal ends with when the caller's next request would be admitted; the clients
+# wait at least that long before asking again (and no budget is spent on a retry that is
+# sure to be refused). In the message, not trailing metadata, for the reason above.
+_RETRY_HINT: Final = re.compile(r"; retry in (?P<ms>\d+) ms$")
 _CONCURRENCY_LIMIT: Final = "Concurrent RPC limit exceeded!"
 # In "Received message larger than max (N vs. M)" (the receiver's limit) and "Sent message
 # larger than max (N vs. M)" (the sender's own).
@@ -109,6 +114,20 @@ def too_large_error(details: str) -> ConveyorError:
     )
 
 
+def rate_limit_refusal(limit: str, wait: float) -> str:
+    """The message of a rate refusal: `limit` refused, a request admitted in `wait` seconds.
+
+    The hint is rounded up, so that a caller waiting it out finds a request's worth there.
+    """
+    return f"{RATE_LIMIT_PREFIX} {limit} exceeded; retry in {math.ceil(wait * 1000)} ms"
+
+
+def retry_hint(details: str | None) -> float:
+    """Seconds a refusal asks its caller to wait before retrying; 0.0 if it names none."""
+    found = _RETRY_HINT.search(details or "")
+    return int(found["ms"]) / 1000 if found else 0.0
+
+
 def is_backpressure(code: grpc.StatusCode, details: str | None) -> bool:
     """Whether a refusal means "not now": the server's rate or concurrency limit."""
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
@@ -132,6 +151,10 @@ def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
+def _limit_exceeded(message: str) -> LimitExceeded:
+    return LimitExceeded(message, retry_in=retry_hint(message))
+
+
 # Codes that carry exactly one error class each (FAILED_PRECONDITION and UNAVAILABLE need
 # a closer look, below).
 _ERROR_FOR_CODE: Final[dict[grpc.StatusCode, Callable[[str], ConveyorError]]] = {
@@ -139,7 +162,7 @@ _ERROR_FOR_CODE: Final[dict[grpc.StatusCode, Callable[[str], ConveyorError]]] = 
     grpc.StatusCode.NOT_FOUND: TaskNotFound.from_message,  # with the id it names
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _limit_exceeded,
 }
 
 

@@ -38,7 +38,7 @@ from conveyor.auth import (
     permission_for,
 )
 from conveyor.errors import ConfigError, LimitExceeded, PermissionDenied, Unauthenticated
-from conveyor.protocol.status import RATE_LIMIT_PREFIX
+from conveyor.protocol.status import rate_limit_refusal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -180,8 +180,8 @@ class Gate:
                 if self._metrics is not None:
                     self._metrics.limit_refusals.labels("request_rate").inc()
                 raise LimitExceeded(
-                    f"{RATE_LIMIT_PREFIX} of {self._limiter.rate:g}/s for "
-                    f"{_who(principal)} exceeded; retry in {wait * 1000:.0f} ms"
+                    rate_limit_refusal(f"of {self._limiter.rate:g}/s for {_who(principal)}", wait),
+                    retry_in=wait,
                 )
         return principal
 
