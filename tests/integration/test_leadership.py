@@ -478,6 +478,7 @@ class TestFencedMaintenanceWrites:
                     version="t",
                     principal=None,
                     gone_after=timedelta(seconds=15),
+                    lease_ttl=timedelta(seconds=30),
                 )
             claimed = [
                 await queries.task_claim(

@@ -33,7 +33,7 @@ NEXT = THIS_RELEASE + 1
 # The oldest schema whose servers each migration is recorded as tolerating: its own
 # version (no older server), except those below. 0014 fills in 0001-0013 (its comments say
 # why each), and its own header says 13.
-RECORDED_COMPATIBILITY = {version: version for version in range(1, 16)} | {
+RECORDED_COMPATIBILITY = {version: version for version in range(1, 17)} | {
     3: 2,
     6: 5,
     9: 8,
@@ -42,6 +42,7 @@ RECORDED_COMPATIBILITY = {version: version for version in range(1, 16)} | {
     12: 11,
     13: 12,
     14: 13,
+    16: 15,
 }
 
 
@@ -194,9 +195,9 @@ class TestLedgerRecordsCompatibility:
     def test_upgrading_from_schema_13_records_the_same(self, database_url, db) -> None:
         """0014 fills in the rows of the migrations before it, as a new database gets them."""
         db.execute("ALTER TABLE conveyor_schema_migrations DROP COLUMN oldest_compatible_schema")
-        # 0015 is written to be applied again (its enum value and index exist already).
+        # 0015 and 0016 are written to be applied again (what they add exists already).
         db.execute("DELETE FROM conveyor_schema_migrations WHERE version >= 14")
-        assert migrate_with(database_url, None) == [14, 15]
+        assert migrate_with(database_url, None) == [14, 15, 16]
         rows = ledger_rows(db)
         assert {version: oldest for version, (_, oldest) in rows.items()} == (
             RECORDED_COMPATIBILITY

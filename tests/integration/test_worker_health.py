@@ -78,7 +78,8 @@ class TestSweeper:
                 concurrency=3,
                 version="test",
                 principal=None,
-                gone_after=timedelta(hours=1),
+                gone_after=timedelta(seconds=15),
+                lease_ttl=timedelta(seconds=30),
             )
             assert registered
             ids = new_task_ids(3)

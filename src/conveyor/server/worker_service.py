@@ -256,6 +256,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 version=version,
                 principal=principal.name if principal is not None else None,
                 gone_after=self.config.worker_lost_after,
+                lease_ttl=self.config.lease_ttl,
             )
         if not registered:
             raise PermissionDenied(

@@ -550,8 +550,14 @@ async def worker_register(
     version: str,
     principal: str | None,
     gone_after: timedelta,
+    lease_ttl: timedelta,
 ) -> bool:
-    """Insert or refresh a worker as active; False if the id belongs to another principal."""
+    """Insert or refresh a worker as active; False if the id belongs to another principal.
+
+    `gone_after` and `lease_ttl`: the silence after which this server deems the worker lost
+    and the lease length it tells the worker; kept with the worker, every server leases to
+    it and sweeps it by them at least (migration 0016).
+    """
     row = await conn.fetchrow(
         SQL["worker_register"],
         worker_id,
@@ -562,6 +568,7 @@ async def worker_register(
         version,
         principal,
         _seconds(gone_after),
+        _seconds(lease_ttl),
     )
     return row is not None
 

@@ -89,7 +89,8 @@ SELECT EXISTS (SELECT FROM inserted) AS created, (SELECT count(*) FROM wake) AS 
 
 -- name: task_insert_leasing
 -- The parameters of task_insert_skipping_taken, then $7 the worker each task is offered to
--- (NULL: none), $8 lease ttl (s), $9 grace after deadline (s), $10 the lease id each
+-- (NULL: none), $8 lease ttl (s; longer if the worker registered with a longer one, as in
+-- task_claim), $9 grace after deadline (s), $10 the lease id each
 -- offered task gets (made by the server, so it can hand the lease back by that id if it
 -- cannot tell whether the statement committed). Inserts like
 -- task_insert_skipping_taken, but a task offered to a worker (a long poll of this server
@@ -136,7 +137,10 @@ WITH given AS (
            CASE WHEN o.type IS NULL THEN NULL ELSE now() END,
            CASE WHEN o.type IS NULL THEN NULL ELSE now() + g.timeout END,
            CASE WHEN o.type IS NULL THEN NULL ELSE least(
-               now() + make_interval(secs => $8), now() + g.timeout + make_interval(secs => $9)
+               now() + greatest(make_interval(secs => $8),
+                                (SELECT w.lease_ttl FROM conveyor_workers AS w
+                                 WHERE w.id = g.worker_id)),
+               now() + g.timeout + make_interval(secs => $9)
            ) END
     FROM given AS g
     LEFT JOIN open_types AS o ON o.type = g.type AND g.worker_id IS NOT NULL
@@ -176,7 +180,12 @@ ORDER BY g.ord;
 -- bound stay locked, untouched, until the claim commits; another claim skips them meanwhile.
 -- `more` (on every row): a candidate was left for want of room, so tasks remain ready and
 -- the claim has not drained its types (wake_rounds.py).
-WITH candidates AS (
+-- A lease is $4, or longer if the worker registered with a longer one (its heartbeats are
+-- paced for that: migration 0016).
+WITH lease_length AS (
+    SELECT greatest(make_interval(secs => $4),
+                    (SELECT w.lease_ttl FROM conveyor_workers AS w WHERE w.id = $3)) AS lease
+), candidates AS (
     SELECT c.id, c.seq, c.lease_bytes
     FROM unnest($1::text[]) AS wanted (type)
     CROSS JOIN LATERAL (
@@ -210,7 +219,7 @@ WITH candidates AS (
         started_at = now(),
         deadline_at = now() + t.timeout,
         lease_expires_at = least(
-            now() + make_interval(secs => $4), now() + t.timeout + make_interval(secs => $5)
+            now() + (SELECT lease FROM lease_length), now() + t.timeout + make_interval(secs => $5)
         )
     FROM fitting
     WHERE t.id = fitting.id
@@ -430,8 +439,9 @@ WITH done AS (
 SELECT state FROM done;
 
 -- name: task_lease_extend
--- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s),
--- $4 grace after deadline (s), $6 the heartbeating worker's id.
+-- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s;
+-- longer if the worker registered with a longer one, as in task_claim), $4 grace after
+-- deadline (s), $6 the heartbeating worker's id.
 -- Extends the leases that are still current, unexpired and held by that worker; returns every named lease that
 -- is not, with the task's state (cancelled, or anything else: the lease was lost), and
 -- `busy` true for a lease left alone because another transaction holds its row's lock.
@@ -462,7 +472,9 @@ WITH named AS (
 ), extended AS (
     UPDATE conveyor_tasks AS t
     SET lease_expires_at = least(
-            now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
+            now() + greatest(make_interval(secs => $3),
+                             (SELECT w.lease_ttl FROM conveyor_workers AS w WHERE w.id = $6)),
+            t.deadline_at + make_interval(secs => $4)
         ),
         progress = coalesce(current.progress, t.progress),
         progress_at = CASE WHEN current.progress IS NULL THEN t.progress_at ELSE now() END
@@ -826,13 +838,16 @@ ON CONFLICT (marked_at) DO NOTHING;
 -- principal changes nothing and returns no row. An id registered while authentication was
 -- off belongs to nobody and may be taken, once its worker is gone (stopped, lost, or silent
 -- that long): a live one is not handed to whoever asks first. With authentication off, ids
--- are not bound at all.
-INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version, principal)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+-- are not bound at all. $9 the lease length this server tells the worker: with $8, the
+-- worker's own pace, by which every server leases to it and the leader sweeps it.
+INSERT INTO conveyor_workers (id, host, pid, task_types, concurrency, version, principal,
+                              lease_ttl, lost_after)
+VALUES ($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $9), make_interval(secs => $8))
 ON CONFLICT (id) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, task_types = excluded.task_types,
     concurrency = excluded.concurrency, version = excluded.version,
-    state = 'active', last_heartbeat_at = now(), principal = excluded.principal
+    state = 'active', last_heartbeat_at = now(), principal = excluded.principal,
+    lease_ttl = excluded.lease_ttl, lost_after = excluded.lost_after
 WHERE excluded.principal IS NULL
    OR conveyor_workers.principal = excluded.principal
    OR (conveyor_workers.principal IS NULL
@@ -876,6 +891,8 @@ WITH leader AS (
     SET state = 'lost'
     WHERE state IN ('active', 'draining')
       AND last_heartbeat_at < now() - make_interval(secs => $1)
+      -- Nor before the silence its own server allows (a longer heartbeat interval).
+      AND (lost_after IS NULL OR last_heartbeat_at < now() - lost_after)
       AND EXISTS (SELECT 1 FROM leader)
     RETURNING id
 ), releasable AS (

@@ -1,0 +1,21 @@
+-- oldest-compatible-schema: 15
+-- Each worker row keeps the lease length and the silence allowance of the server it
+-- registered with, so that every server judges the worker by the pace it was told.
+--
+-- A server tells a registering worker its own heartbeat interval and lease length, and
+-- the worker keeps them. The other servers leased to it, renewed its leases and (the
+-- leader) swept it as lost by their own settings. So a rolling restart that raised
+-- --heartbeat-interval (operations.md advises it for thousands of workers) had the old
+-- leader sweep every worker that registered with a restarted server: beating every 20 s as
+-- told, each was "lost" after the old 15 s of silence, and its leases ended with it (a task
+-- with no retries left failed unrun to its end, one with retries ran again). Likewise a
+-- lease claimed on a server with a shorter --lease-ttl could expire before the first beat.
+--
+-- Now a lease is at least the length the worker registered with (claims, handed-over
+-- enqueues and renewals: a primary-key probe of this table per statement), and the sweep
+-- waits for at least the silence the worker's own server allows. NULL (a worker registered
+-- by a server of an earlier release): the judging server's settings, as before.
+--
+-- Servers of schema 15 run on this unchanged: they neither write nor read the columns.
+ALTER TABLE conveyor_workers ADD COLUMN IF NOT EXISTS lease_ttl interval;
+ALTER TABLE conveyor_workers ADD COLUMN IF NOT EXISTS lost_after interval;
