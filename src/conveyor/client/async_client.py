@@ -16,6 +16,7 @@ from conveyor.client.channel import (
     RetryPolicy,
     TlsConfig,
     parse_addresses,
+    retry_policy,
 )
 from conveyor.client.enqueue_stream import (
     EnqueueRoute,
@@ -97,7 +98,7 @@ class AsyncClient:
         self._credentials.check(*self._ring.addresses)
         self._metadata = self._credentials.metadata
         self._codec = chosen_codec(codec)
-        self._retry = retry or RetryPolicy()
+        self._retry = retry_policy(retry)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
         # Enqueues go on one stream per server (see enqueue_stream.py), or as calls, until

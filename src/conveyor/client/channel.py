@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -207,6 +208,12 @@ class Credentials:
             # A header value must be visible ASCII; anything else is a pasting accident.
             if not all(33 <= ord(c) < 127 for c in token):  # noqa: PLR2004
                 raise ConfigError("the token must be printable ASCII with no spaces")
+        if tls is not None and not isinstance(tls, (TlsConfig, bool)):
+            # A string read from the environment ("true") was taken as settings, and every
+            # call then failed with an AttributeError.
+            raise ConfigError(
+                f"tls must be a TlsConfig, True, False or None, got {type(tls).__name__}"
+            )
         settings = (
             TlsConfig.from_env() if tls is None else TlsConfig() if tls is True else tls or None
         )
@@ -319,7 +326,17 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
     """Normalise one address, a comma-separated list, or a sequence; None reads the env."""
     if server is None:
         server = os.environ.get(SERVER_ENV) or DEFAULT_SERVER
-    raw = server.split(",") if isinstance(server, str) else list(server)
+    if isinstance(server, str):
+        raw = server.split(",")
+    elif isinstance(server, (bytes, bytearray)) or not isinstance(server, Iterable):
+        raise ConfigError(
+            f"server must be HOST:PORT, a comma-separated list of them or a list, got "
+            f"{type(server).__name__}"
+        )
+    else:
+        raw = list(server)
+    if not all(isinstance(address, str) for address in raw):
+        raise ConfigError("every server address must be a str (HOST:PORT)")
     addresses = [address.strip() for address in raw if address.strip()]
     if not addresses:
         raise ConfigError("no server address given")
@@ -391,6 +408,20 @@ class RetryPolicy:
             ceiling = min(cap, ceiling * 2)
 
 
+def retry_policy(retry: RetryPolicy | None) -> RetryPolicy:
+    """A client's retry policy: `retry`, or the default; ConfigError for anything else."""
+    if retry is None:
+        return RetryPolicy()
+    if not isinstance(retry, RetryPolicy):
+        # RetryPolicy(total_timeout=...) takes seconds; the client's argument does not,
+        # and a number there failed every call later with an AttributeError.
+        raise ConfigError(
+            f"retry must be a RetryPolicy (e.g. RetryPolicy(total_timeout=30)), got "
+            f"{type(retry).__name__}"
+        )
+    return retry
+
+
 class Pick(NamedTuple):
     """Where one call goes: an address, and the permit its breaker let the call through with.
 
@@ -414,6 +445,10 @@ class AddressRing:
 
     def __init__(self, addresses: Sequence[str], breaker: BreakerPolicy | None = None) -> None:
         """Start at a random address so clients spread across servers."""
+        if breaker is not None and not isinstance(breaker, BreakerPolicy):
+            # Taken as is, it failed with an AttributeError at the first failed call: in
+            # an outage, where the caller's handling of ServerUnavailable was due.
+            raise ConfigError(f"breaker must be a BreakerPolicy, got {type(breaker).__name__}")
         self.addresses = list(addresses)
         self.breakers = {address: CircuitBreaker(breaker) for address in self.addresses}
         self._index = random.randrange(len(self.addresses))

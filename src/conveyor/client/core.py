@@ -267,7 +267,9 @@ ENQUEUE_JOINING: Final[EnqueueJoining] = {
 def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:
     """A GetTask request for a validated id."""
     return pb.GetTaskRequest(
-        task_id=normalize_task_id(task_id), include_history=history, include_payload=payload
+        task_id=normalize_task_id(task_id),
+        include_history=checked_flag(history, "history"),
+        include_payload=checked_flag(payload, "payload"),
     )
 
 
@@ -329,7 +331,9 @@ def list_workers_request(
     """A ListWorkers request."""
     limit = checked_limit(limit, least=1, most=MAX_PAGE_LIMIT)
     return pb.ListWorkersRequest(
-        include_stopped=include_stopped, limit=limit, page_token=page_token or ""
+        include_stopped=checked_flag(include_stopped, "include_stopped"),
+        limit=limit,
+        page_token=checked_page_token(page_token),
     )
 
 
@@ -355,6 +359,27 @@ def explain_request(task_id: str) -> pb.ExplainTaskRequest:
 # The largest `limit` each request's field carries (uint32 for pages, uint64 for bulk).
 MAX_PAGE_LIMIT: Final = 2**32 - 1
 MAX_BULK_LIMIT: Final = 2**64 - 1
+
+
+# Protobuf's own refusal of a wrong type is a TypeError naming a message field the caller
+# never saw ("bad argument type for built-in operation"); these name the argument.
+def checked_flag(value: object, name: str) -> bool:
+    """`value` if it is a bool; InvalidTask if not (a "yes" is no flag)."""
+    if not isinstance(value, bool):
+        raise InvalidTask(f"{name} must be True or False, got {type(value).__name__}", field=name)
+    return value
+
+
+def checked_page_token(token: object) -> str:
+    """A page token as sent: "" for none; InvalidTask if it is not a str."""
+    if token is None:
+        return ""
+    if not isinstance(token, str):
+        raise InvalidTask(
+            f"page_token must be the str of a page's next_page_token, got {type(token).__name__}",
+            field="page_token",
+        )
+    return token
 
 
 def checked_limit(limit: object, *, least: int, most: int) -> int:
@@ -401,6 +426,13 @@ def _states(states: StatesArg) -> list[TaskState]:
                 f"{type(states).__name__}",
                 field="states",
             ) from None
+    if not items:
+        # Read as "no filter", it would match every state: a bulk cancel given an empty
+        # selection (no box ticked) cancelled every queued and running task.
+        raise InvalidTask(
+            "states is empty: give at least one state, or leave states out for every state",
+            field="states",
+        )
     parsed = []
     for item in items:
         try:
@@ -425,7 +457,9 @@ def list_tasks_request(
     """A ListTasks request."""
     limit = checked_limit(limit, least=1, most=MAX_PAGE_LIMIT)
     return pb.ListTasksRequest(
-        filter=task_filter(states, task_type), limit=limit, page_token=page_token or ""
+        filter=task_filter(states, task_type),
+        limit=limit,
+        page_token=checked_page_token(page_token),
     )
 
 
@@ -451,17 +485,24 @@ def bulk_request(
     as_of: str | None = None,
 ) -> pb.BulkTaskRequest:
     """A retry or cancel request: by ids, or by a filter when no ids are given."""
-    if isinstance(task_ids, str):
-        raise InvalidTask("task_ids must be a list of ids, not one string")
+    if isinstance(task_ids, (str, bytes)) or not isinstance(task_ids, Iterable):
+        raise InvalidTask(
+            f"task_ids must be a list of ids, got {type(task_ids).__name__}", field="task_ids"
+        )
+    task_ids = list(task_ids)
     limit = checked_limit(limit, least=0, most=MAX_BULK_LIMIT)
     by_filter = states is not None or task_type is not None
     if task_ids and by_filter:
         raise InvalidTask("give either task ids or a filter (states/type), not both")
     if not task_ids and not by_filter:
         raise InvalidTask("give task ids, or a filter: states and/or type")
-    if as_of is not None and (task_ids or not as_of.isascii() or not as_of.isdigit()):
+    if as_of is not None and (
+        task_ids or not isinstance(as_of, str) or not as_of.isascii() or not as_of.isdigit()
+    ):
         raise InvalidTask("as_of is the as_of of a dry run's result, and only with a filter")
-    request = pb.BulkTaskRequest(dry_run=dry_run, limit=limit, reason=checked_reason(reason))
+    request = pb.BulkTaskRequest(
+        dry_run=checked_flag(dry_run, "dry_run"), limit=limit, reason=checked_reason(reason)
+    )
     if task_ids:
         request.task_ids.extend(normalize_task_id(task_id) for task_id in task_ids)
     else:

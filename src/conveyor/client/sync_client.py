@@ -17,6 +17,7 @@ from conveyor.client.channel import (
     RetryPolicy,
     TlsConfig,
     parse_addresses,
+    retry_policy,
 )
 from conveyor.client.enqueue_stream import (
     BlockingEnqueueStream,
@@ -103,7 +104,7 @@ class Client:
         self._credentials.check(*self._ring.addresses)
         self._metadata = self._credentials.metadata
         self._codec = chosen_codec(codec)
-        self._retry = retry or RetryPolicy()
+        self._retry = retry_policy(retry)
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
         self._channels_lock = threading.Lock()

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 
     from conveyor.worker.context import TaskContext
 
-    SyncHandler = Callable[[TaskContext, bytes], bytes | None]
-    AsyncHandler = Callable[[TaskContext, bytes], Awaitable[bytes | None]]
+    # What a handler may return: bytes-like (the result) or None (no result).
+    HandlerResult = bytes | bytearray | memoryview | None
+    SyncHandler = Callable[[TaskContext, bytes], HandlerResult]
+    AsyncHandler = Callable[[TaskContext, bytes], Awaitable[HandlerResult]]
     Handler = SyncHandler | AsyncHandler
 
 

@@ -51,7 +51,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 
@@ -110,6 +110,9 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from conveyor.worker.registry import Handler, RegisteredHandler
+
+# A decorated handler keeps its own type (a team's tests call it directly).
+HandlerT = TypeVar("HandlerT", bound="Handler")
 
 # Records carry the bound log context even where no ContextFilter is installed.
 log = ContextAdapter(logging.getLogger("conveyor.worker"))
@@ -555,13 +558,25 @@ class Worker:
             self.metrics_host = _checked_host(metrics_host)
 
     def register_handler(self, task_type: str, fn: Handler) -> None:
-        """Run `fn(ctx, payload) -> bytes | None` for tasks of `task_type`."""
+        """Run `fn(ctx, payload) -> bytes | None` for tasks of `task_type`.
+
+        Raises:
+            ConfigError: the type is taken or invalid, `fn` is not a handler, or the worker
+                was already started (it told the servers its types when it registered).
+        """
+        if self._thread is not None:
+            # Accepted, the type was never leased: its tasks stayed queued for good while
+            # this worker, which "handles" them, ran idle.
+            raise ConfigError(
+                f"cannot register a handler for {task_type!r}: the worker was already "
+                "started; register every handler before start()"
+            )
         self.registry.register(task_type, fn)
 
-    def handler(self, task_type: str) -> Callable[[Handler], Handler]:
-        """Decorator form of `register_handler`."""
+    def handler(self, task_type: str) -> Callable[[HandlerT], HandlerT]:
+        """Decorator form of `register_handler`; the function keeps its own type."""
 
-        def decorate(fn: Handler) -> Handler:
+        def decorate(fn: HandlerT) -> HandlerT:
             self.register_handler(task_type, fn)
             return fn
 
