@@ -31,7 +31,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from conveyor.errors import ConfigError, ConveyorError
+from conveyor.errors import ConfigError, SealError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,10 +47,6 @@ _TAG_BYTES: Final = 16
 SEALED_OVERHEAD: Final = len(SEALED_MAGIC) + 1 + 32 + _NONCE_BYTES + _TAG_BYTES
 _KEY_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # fullmatch: `$` allows a final newline
 _URL_SAFE_TO_STANDARD: Final = str.maketrans("-_", "+/")
-
-
-class SealError(ConveyorError):
-    """Sealed data could not be opened: an unknown key, or data altered or moved."""
 
 
 def size_limit(data: bytes, limit: int) -> int:

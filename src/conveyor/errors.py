@@ -15,6 +15,7 @@ ConveyorError
 ├── SchemaMismatch         this release cannot run on the database's schema
 ├── MigrationBlocked       a migration waited too long for a table lock; nothing was applied
 ├── MigrationFailed        PostgreSQL refused a migration's statement; nothing was applied
+├── SealError              a sealed payload or result could not be opened (key, tampering)
 ├── WorkerCrashed          a worker's event loop ended on an error it could not handle
 └── HandlerError           raised *by handlers*: fail the attempt with a clean message
     └── PermanentFailure   fail the task for good, without spending the remaining retries
@@ -155,6 +156,10 @@ class MigrationBlocked(ConveyorError):
 
 class MigrationFailed(ConveyorError):
     """A migration's statement failed in PostgreSQL; nothing was applied."""
+
+
+class SealError(ConveyorError):
+    """Sealed data could not be opened: an unknown key, or data altered or moved."""
 
 
 class WorkerCrashed(ConveyorError):

@@ -16,8 +16,8 @@ from conveyor.cli.main import DEFAULT_RETRY_FOR, RETRY_FOR_KEY
 from conveyor.cli.params import BoundedFloat
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
-from conveyor.codec import AesGcmCodec, SealError, is_sealed, sealed_key_id
-from conveyor.errors import InvalidTask
+from conveyor.codec import AesGcmCodec, is_sealed, sealed_key_id
+from conveyor.errors import InvalidTask, SealError
 from conveyor.types import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,

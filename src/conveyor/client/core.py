@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, TypedDict
 
-from conveyor.codec import SEALED_OVERHEAD, PayloadCodec, SealError, open_text
-from conveyor.errors import ConfigError, ConveyorError, InvalidTask
+from conveyor.codec import SEALED_OVERHEAD, PayloadCodec, open_text
+from conveyor.errors import ConfigError, ConveyorError, InvalidTask, SealError
 from conveyor.protocol import convert
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.v1 import conveyor_pb2 as pb

@@ -70,7 +70,6 @@ from conveyor.client.channel import (
 from conveyor.codec import (
     KEYS_ENV,
     PayloadCodec,
-    SealError,
     chosen_codec,
     is_sealed,
     kept_text,
@@ -81,6 +80,7 @@ from conveyor.errors import (
     ConfigError,
     InvalidTask,
     PermanentFailure,
+    SealError,
     ServerUnavailable,
     WorkerCrashed,
 )
