@@ -43,6 +43,7 @@ from conveyor.errors import (
 from conveyor.protocol.limits import LONGEST_CALL_TIMEOUT, MAX_PORT, PEER_MESSAGE_BYTES
 from conveyor.protocol.status import (
     TRANSIENT_CODES,
+    blamed_by,
     error_from_status,
     is_backpressure,
     retry_hint,
@@ -632,4 +633,4 @@ def translate(
             f"UNIMPLEMENTED: the server has no {method} call: it is probably older than "
             f"this client (conveyor {__version__}); upgrade the server (it said: {details})"
         )
-    return error_from_status(code, details)
+    return error_from_status(code, details, blamed_by(error))

@@ -437,7 +437,7 @@ class BlockingEnqueueStream:
 def _response(reply: pb.EnqueueStreamResponse) -> pb.EnqueueTasksResponse:
     """The answer's response, or its status raised as RequestFailed."""
     if reply.code:
-        raise RequestFailed(code_from_number(reply.code), reply.message)
+        raise RequestFailed(code_from_number(reply.code), reply.message, reply.field)
     return reply.response
 
 

@@ -47,6 +47,10 @@ ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
 # FAILED_PRECONDITION is shared by two errors; a prefix in the message tells them apart
 # without a second channel (trailing metadata would do, but is easy for proxies to drop).
 _LEASE_LOST_PREFIX: Final = "lease lost: "
+# The field an INVALID_ARGUMENT blames (InvalidTask.field), as trailing metadata of a call
+# and `field` of an enqueue stream's answer. Losing it to a proxy loses only the attribute:
+# the message names the field too.
+FIELD_METADATA: Final = "conveyor-field"
 _ALREADY_FINISHED_PREFIX: Final = "already finished: "
 
 # Worth retrying on another server. CANCELLED is here because Conveyor's clients never
@@ -135,6 +139,23 @@ def is_backpressure(code: grpc.StatusCode, details: str | None) -> bool:
     )
 
 
+def blamed_field(error: ConveyorError) -> str | None:
+    """The field an error blames, to travel beside its status (FIELD_METADATA)."""
+    return error.field if isinstance(error, InvalidTask) else None
+
+
+def blamed_by(error: grpc.RpcError) -> str | None:
+    """The field a failed call or answered status blames (FIELD_METADATA), if any."""
+    if isinstance(error, AnsweredStatus):
+        return error.field
+    trailing = getattr(error, "trailing_metadata", None)
+    # Pairs, whatever grpc's stubs say (a sync call's are named tuples, aio's a Metadata).
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == FIELD_METADATA and isinstance(value, str):
+            return value
+    return None
+
+
 def status_for(error: ConveyorError) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message that carry `error` over the wire."""
     for cls in type(error).__mro__:
@@ -166,14 +187,19 @@ _ERROR_FOR_CODE: Final[dict[grpc.StatusCode, Callable[[str], ConveyorError]]] = 
 }
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None) -> ConveyorError:
-    """The typed error a client raises for a non-OK status."""
+def error_from_status(
+    code: grpc.StatusCode, details: str | None, field: str | None = None
+) -> ConveyorError:
+    """The typed error a client raises for a non-OK status (`field`: what it blames)."""
     message = details or code.name
     if is_too_large(code, details):
         return too_large_error(message)
     simple = _ERROR_FOR_CODE.get(code)
     if simple is not None:
-        return simple(message)
+        error = simple(message)
+        if field and isinstance(error, InvalidTask):
+            error.field = field
+        return error
     match code:
         case grpc.StatusCode.FAILED_PRECONDITION if message.startswith(_LEASE_LOST_PREFIX):
             return LeaseLost(message.removeprefix(_LEASE_LOST_PREFIX))
@@ -197,14 +223,15 @@ class AnsweredStatus(grpc.RpcError):
     """A status the server answered for one item of a batch or a stream, not for a call.
 
     Shaped like a failed call's error (`code()`, `details()`), so whatever handles a failed
-    call handles it the same way.
+    call handles it the same way; `field` is what a call carries in its trailing metadata.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        """Keep the status."""
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None) -> None:
+        """Keep the status, and the field it blames if it names one."""
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
+        self.field = field
 
     def code(self) -> grpc.StatusCode:
         """The status code."""

@@ -138,7 +138,10 @@ class EnqueueStream:
         )
         if isinstance(outcome, Refusal):
             reply = pb.EnqueueStreamResponse(
-                request_id=request_id, code=outcome.code.value[0], message=outcome.message
+                request_id=request_id,
+                code=outcome.code.value[0],
+                message=outcome.message,
+                field=outcome.field or "",
             )
             if outcome.code == grpc.StatusCode.UNAUTHENTICATED:
                 # The token is no longer valid (revoked, expired): answer, then end the

@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from conveyor.errors import ConveyorError, InvalidTask, PermissionDenied, ServerUnavailable
-from conveyor.protocol.status import status_for
+from conveyor.protocol.status import FIELD_METADATA, blamed_field, status_for
 from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.server.security import caller as current_caller
 from conveyor.server.security import enter_call, leave_call
@@ -94,12 +94,17 @@ class Malformed:
 class Refusal:
     """The status a request is answered with instead of a response."""
 
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "field", "message")
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        """Keep the status."""
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        """Keep the status, and the field it blames (InvalidTask.field) if any."""
         self.code = code
         self.message = message
+        self.field = field
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The field, for the call's trailing metadata."""
+        return ((FIELD_METADATA, self.field),) if self.field else ()
 
 
 def _decoder(message_type: Any) -> Callable[[bytes], Any]:
@@ -163,7 +168,9 @@ async def _answer(
     """Run `body()`, one call's work, behind the gate; its errors become statuses."""
     outcome = await attempt(service, name, request, context, body, long_lived=long_lived)
     if isinstance(outcome, Refusal):
-        await context.abort(outcome.code, outcome.message)
+        await context.abort(
+            outcome.code, outcome.message, trailing_metadata=outcome.trailing_metadata()
+        )
     return outcome  # type: ignore[return-value]  # abort raised for a Refusal
 
 
@@ -199,7 +206,7 @@ async def attempt(
         code, message = status_for(exc)
         if isinstance(exc, ServerUnavailable):
             log.warning("%s unavailable: %s", name, exc, extra={"event": "rpc_unavailable"})
-        return Refusal(code, message)
+        return Refusal(code, message, blamed_field(exc))
     except grpc.aio.AbortError:
         # Aborted inside the method (an RPC it does not serve here): count its own code.
         code = context.code() or grpc.StatusCode.UNKNOWN

@@ -379,12 +379,17 @@ class EnqueueStreamResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     code: _builtins.int
     """The request's gRPC status code (0: OK, and `response` is set) and, when
     not OK, its message: what an EnqueueTasks call would have ended with.
     """
     message: _builtins.str
+    field: _builtins.str
+    """For INVALID_ARGUMENT, the field it blames when one is to blame (a call's
+    answer carries it as the trailing metadata "conveyor-field").
+    """
     @_builtins.property
     def response(self) -> Global___EnqueueTasksResponse: ...
     def __init__(
@@ -394,10 +399,11 @@ class EnqueueStreamResponse(_message.Message):
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         response: Global___EnqueueTasksResponse | None = ...,
+        field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
