@@ -33,12 +33,16 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from conveyor.errors import ConfigError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
 Result = TypeVar("Result")
 
 log = logging.getLogger("conveyor.event_loop")
+
+EVENT_LOOP_ENV: Final = "CONVEYOR_EVENT_LOOP"
 
 # How soon a closing loop looks again whether grpc still owes it completions, doubling up
 # to the longest: each look scans the whole heap, which in a large application takes
@@ -57,7 +61,12 @@ _ABANDONED: set[asyncio.Task[Any]] = set()
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The loop factory to run on: uvloop's, or None for asyncio's own loop."""
-    if os.environ.get("CONVEYOR_EVENT_LOOP", "").strip().lower() == "asyncio":
+    raw = os.environ.get(EVENT_LOOP_ENV, "")
+    chosen = raw.strip().lower()
+    if chosen not in {"", "asyncio", "uvloop"}:
+        # A typo ("asycnio") ran uvloop without a word.
+        raise ConfigError(f"{EVENT_LOOP_ENV}={raw!r}: expected asyncio or uvloop")
+    if chosen == "asyncio":
         return None
     try:
         import uvloop  # noqa: PLC0415 - optional: absent on Windows

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final
 
-from conveyor.errors import InvalidTask
+from conveyor.errors import ConfigError, InvalidTask
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -131,7 +131,10 @@ def validate_task_type(task_type: object) -> str:
 # CLI and on the dashboard. Control and format characters (newline, ESC, bidi overrides)
 # and the Unicode line and paragraph separators would forge log lines or rewrite what an
 # operator's terminal shows, so none of them is accepted.
-UNPRINTABLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# "Cs": a lone surrogate, what Python makes of bytes that are not UTF-8 in an argument or
+# an environment variable; it cannot be sent (a worker id failed at start with a raw
+# UnicodeEncodeError, a server id as the connections' application_name for half a minute).
+UNPRINTABLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 MAX_WORKER_ID_LENGTH: Final = 200
 MAX_WORKER_HOST_LENGTH: Final = 255
 MAX_WORKER_VERSION_LENGTH: Final = 64
@@ -207,6 +210,19 @@ def readable_duration(value: timedelta) -> str:
             count = int(seconds // size)
             return f"{count} {unit}" + ("s" if count != 1 else "")
     return _seconds_text(seconds)
+
+
+def utf8_text(text: str, what: str) -> str:
+    """`text` if it can be sent (UTF-8); ConfigError naming `what` if not.
+
+    Bytes that are not UTF-8 in an argument or environment variable reach Python as lone
+    surrogates, which grpc, asyncpg and the resolver refused with tracebacks.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} holds bytes that are not UTF-8 text") from None
+    return text
 
 
 def as_duration(

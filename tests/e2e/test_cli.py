@@ -342,10 +342,14 @@ class TestServerCommands:
         ],
         ids=["dev", "server"],
     )
-    def test_a_listen_port_of_other_digits_is_one_error_line(self, args, tmp_path):
-        """Before: "²" passed str.isdigit() and int() raised ValueError, a traceback."""
-        line = assert_one_error_line(run(*args, cwd=tmp_path, timeout=60))
-        assert "expected HOST:PORT" in line, line
+    def test_a_listen_port_of_other_digits_is_a_usage_error(self, args, tmp_path):
+        """Before: "²" passed str.isdigit() and int() raised ValueError, a traceback. A
+        usage error naming the flag, before any database starts."""
+        result = run(*args, cwd=tmp_path, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"Invalid value for {args[-2]}: expected HOST:PORT" in result.stderr
+        assert not (tmp_path / ".conveyor").exists()
 
     def test_server_refuses_an_unmigrated_database(self, empty_database_url):
         result = run(

@@ -47,6 +47,7 @@ from conveyor.server.config import (
     DEFAULT_MAX_LEASE_WAIT,
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RATE_LIMIT,
+    MAX_CONCURRENT_RPCS,
     MAX_PAYLOAD_BYTES_LIMIT,
     ServerConfig,
     check_heartbeat_interval,
@@ -171,7 +172,16 @@ def _failpoints_from_env() -> frozenset[str]:
 def _session_secret() -> bytes | None:
     """CONVEYOR_SESSION_SECRET: dashboard sessions valid on every server that shares it."""
     secret = os.environ.get("CONVEYOR_SESSION_SECRET", "")
-    return secret.encode() if secret else None
+    if not secret:
+        return None
+    try:
+        return secret.encode()
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 reach Python as lone surrogates: a traceback, before.
+        raise ConfigError(
+            "CONVEYOR_SESSION_SECRET holds bytes that are not UTF-8 text; give it as text "
+            "(for one, the output of `openssl rand -hex 32`)"
+        ) from None
 
 
 def _host(listen: str | None) -> str:
@@ -223,7 +233,8 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     multiple=True,
     metavar="NAME",
     envvar="CONVEYOR_DASHBOARD_ALLOWED_HOSTS",
-    help="A host name the dashboard may be opened under (repeatable; IP addresses and "
+    help="A host name the dashboard may be opened under (repeatable, or several separated by "
+    "commas or spaces; IP addresses and "
     "localhost always work). Other names are refused, against DNS rebinding.",
 )
 @click.option(
@@ -470,7 +481,7 @@ def _stopped_while_starting(stop: StopSignal) -> None:
 )
 @click.option(
     "--max-concurrent-rpcs",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONCURRENT_RPCS),
     default=DEFAULT_MAX_CONCURRENT_RPCS,
     show_default=True,
     help="Calls in progress on this server at once (each worker holds one long poll).",
@@ -562,6 +573,11 @@ def server(
         timedelta(seconds=heartbeat_interval),
         names=("--worker-lost-after", "--heartbeat-interval"),
         unit="",
+    )
+    _check_listen(
+        ("--grpc-listen", grpc_listen),
+        ("--http-listen", http_listen),
+        ("--metrics-listen (CONVEYOR_METRICS_LISTEN)", metrics_listen),
     )
     embedded: EmbeddedPostgres | None = None
     try:
@@ -756,13 +772,29 @@ def dev(grpc_listen: str, http_listen: str, concurrency: int, drain_timeout: flo
         _stop_embedded(embedded)
 
 
+def _check_listen(*addresses: tuple[str, str | None]) -> None:
+    """A usage error naming the flag of an address that is not HOST:PORT.
+
+    Before any database starts; ServerConfig would say only "expected HOST:PORT", of one
+    of three addresses (one perhaps from the environment).
+    """
+    for flag, address in addresses:
+        if address:
+            try:
+                split_host_port(address)
+            except ConfigError as exc:
+                raise click.BadParameter(exc.message, param_hint=flag) from None
+
+
 def _check_dev_listen(grpc_listen: str, http_listen: str) -> None:
     """Refuse an address other machines could reach: dev serves without TLS or tokens.
 
     The server would refuse it too, but only after PostgreSQL had started, and advising
     flags that `dev` does not have.
     """
-    for flag, address in (("--grpc-listen", grpc_listen), ("--http-listen", http_listen)):
+    pairs = (("--grpc-listen", grpc_listen), ("--http-listen", http_listen))
+    _check_listen(*pairs)
+    for flag, address in pairs:
         host, port = split_host_port(address)
         if not is_loopback(host):
             raise ConfigError(

@@ -48,7 +48,7 @@ from conveyor.protocol.status import (
     is_backpressure,
     retry_hint,
 )
-from conveyor.types import as_duration
+from conveyor.types import as_duration, utf8_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +96,25 @@ CHANNEL_OPTIONS: Final = [
 ]
 
 
+# The words click takes for a boolean flag (the server's CONVEYOR_INSECURE is one).
+_TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE_WORDS: Final = frozenset({"", "0", "false", "f", "no", "n", "off"})
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable; ConfigError for any other value.
+
+    Anything but a yes used to read as no: CONVEYOR_TLS=required talked plain text.
+    """
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 1, true, yes or on (or 0, false, no, off)")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TlsConfig:
     """TLS towards the servers.
@@ -118,12 +137,14 @@ class TlsConfig:
         """A client certificate needs its key, and the other way round."""
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("a TLS client certificate needs its key (cert_file and key_file)")
+        if self.server_name is not None:
+            utf8_text(self.server_name, f"the TLS server name ({TLS_SERVER_NAME_ENV})")
 
     @classmethod
     def from_env(cls) -> TlsConfig | None:
         """The TLS settings in CONVEYOR_TLS*, or None if they ask for none."""
         ca, cert, key = (os.environ.get(n) or None for n in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV))
-        wanted = os.environ.get(TLS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+        wanted = env_flag(TLS_ENV)
         if not (wanted or ca or cert or key):
             return None
         return cls(
@@ -218,7 +239,7 @@ class Credentials:
         settings = (
             TlsConfig.from_env() if tls is None else TlsConfig() if tls is True else tls or None
         )
-        insecure = os.environ.get(INSECURE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+        insecure = env_flag(INSECURE_ENV)
         return cls(token=token, tls=settings, insecure=insecure)
 
     def check(self, *addresses: str) -> None:
@@ -338,6 +359,8 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
         raw = list(server)
     if not all(isinstance(address, str) for address in raw):
         raise ConfigError("every server address must be a str (HOST:PORT)")
+    for address in raw:
+        utf8_text(address, f"the server address {address!r}")
     addresses = [address.strip() for address in raw if address.strip()]
     if not addresses:
         raise ConfigError("no server address given")

@@ -6,6 +6,7 @@ Only `conveyor.cli` reads the environment; everything else receives this object.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from conveyor.protocol.limits import MAX_PORT, MIN_SERVER_MESSAGE_BYTES, PEER_ME
 from conveyor.server import failpoints
 from conveyor.storage.migrate import DEFAULT_LOCK_ATTEMPTS as DEFAULT_MIGRATE_LOCK_ATTEMPTS
 from conveyor.storage.migrate import DEFAULT_LOCK_TIMEOUT as DEFAULT_MIGRATE_LOCK_TIMEOUT
-from conveyor.types import first_unprintable, printable
+from conveyor.types import first_unprintable, printable, utf8_text
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -88,6 +89,8 @@ DEFAULT_RATE_BURST: Final = 4000.0
 # per connection. Beyond them gRPC answers RESOURCE_EXHAUSTED at once instead of queueing
 # without bound.
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 10_000
+# gRPC keeps the cap in a C int: beyond it the server failed with an OverflowError.
+MAX_CONCURRENT_RPCS: Final = 2**31 - 1
 DEFAULT_MAX_STREAMS_PER_CONNECTION: Final = 256
 # The least: each client keeps an enqueue stream open on its connection, and each worker a
 # Work stream, for as long as they run. With one, nothing else got through (a client's
@@ -237,6 +240,20 @@ class ServerConfig:
             raise ConfigError("database_url is required")
         check_database_url(self.database_url)
         _check_server_id(self.server_id)
+        # Host headers are compared in lower case, without a trailing dot; a name listed
+        # as "Queue.Internal" opened the dashboard but got 421 on /status and /metrics. A
+        # list in one string, commas or spaces between (CONVEYOR_SERVER's form), is split:
+        # kept whole, it matched no name, and every name in it was refused.
+        object.__setattr__(
+            self,
+            "dashboard_allowed_hosts",
+            frozenset(
+                name.lower().rstrip(".")
+                for entry in self.dashboard_allowed_hosts
+                for name in re.split(r"[\s,]+", entry)
+                if name.strip(".")
+            ),
+        )
         self._check_durations()
         self._check_counts()
         unknown = self.failpoints - failpoints.KNOWN
@@ -370,6 +387,8 @@ class ServerConfig:
         ):
             if number < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
+            raise ConfigError(f"max_concurrent_rpcs must be at most {MAX_CONCURRENT_RPCS}")
         if self.max_streams_per_connection < MIN_STREAMS_PER_CONNECTION:
             raise ConfigError(
                 f"max_streams_per_connection must be at least {MIN_STREAMS_PER_CONNECTION}: "
@@ -460,6 +479,7 @@ def check_database_url(url: str) -> None:
     asyncpg takes modulo 65536 (port 99999 connected to port 34463). The messages never
     repeat the URL: it may hold a password.
     """
+    utf8_text(url, "the database URL")
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed [ of an IPv6 host

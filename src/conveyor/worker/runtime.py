@@ -95,6 +95,7 @@ from conveyor.types import (
     MAX_WORKER_VERSION_LENGTH,
     as_duration,
     printable,
+    utf8_text,
     validate_worker_id,
 )
 from conveyor.worker.context import TaskContext
@@ -334,7 +335,7 @@ def _checked_call_timeout(call_timeout: object) -> timedelta:
 def _checked_host(host: object) -> str:
     if not isinstance(host, str) or not host:
         raise ConfigError("metrics_host must be a non-empty string")
-    return host
+    return utf8_text(host, "metrics_host")
 
 
 def _checked_port(port: object) -> int:
