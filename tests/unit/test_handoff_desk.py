@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from typing import Any
 
 from conveyor.server.handoff import POLL_ENDED, STATEMENT_FAILED, HandoffDesk
+
+LEASE = timedelta(seconds=30)
 
 
 class Released:
@@ -35,9 +38,9 @@ def run(test: Any) -> None:
 def test_tasks_go_to_the_longest_waiting_poll_of_their_type_up_to_its_limit() -> None:
     async def test() -> None:
         desk = HandoffDesk(Released())
-        first = desk.open("w1", ["a"], 2)
-        other_type = desk.open("w2", ["b"], 5)
-        second = desk.open("w3", ["a", "b"], 1)
+        first = desk.open("w1", ["a"], 2, LEASE)
+        other_type = desk.open("w2", ["b"], 5, LEASE)
+        second = desk.open("w3", ["a", "b"], 1, LEASE)
         chosen = desk.reserve(["a", "a", "a", "b", "c"])
         assert chosen == [first, first, second, other_type, None]
         # Reserved offers take nothing from the next enqueue, even with room left.
@@ -49,7 +52,7 @@ def test_tasks_go_to_the_longest_waiting_poll_of_their_type_up_to_its_limit() ->
 def test_settle_delivers_each_poll_its_leased_rows_and_nothing_for_the_queued() -> None:
     async def test() -> None:
         desk = HandoffDesk(Released())
-        offer = desk.open("w1", ["a"], 3)
+        offer = desk.open("w1", ["a"], 3, LEASE)
         chosen = desk.reserve(["a", "a", "a"])
         desk.settle(chosen, [row("t1"), row("t2", leased=False), row("t3")])
         pending = desk.close(offer)
@@ -66,7 +69,7 @@ def test_a_failed_statement_hands_every_offered_lease_back_and_delivers_nothing(
     async def test() -> None:
         released = Released()
         desk = HandoffDesk(released)
-        offer = desk.open("w1", ["a"], 2)
+        offer = desk.open("w1", ["a"], 2, LEASE)
         chosen = desk.reserve(["a", "b", "a"])
         desk.settle_unknown(chosen, ["t1", "t2", "t3"], ["l1", None, "l3"])
         pending = desk.close(offer)
@@ -84,7 +87,7 @@ def test_a_failed_statement_hands_every_offered_lease_back_and_delivers_nothing(
 def test_a_poll_that_stops_waiting_first_waits_for_its_reserved_rows() -> None:
     async def test() -> None:
         desk = HandoffDesk(Released())
-        offer = desk.open("w1", ["a"], 1)
+        offer = desk.open("w1", ["a"], 1, LEASE)
         chosen = desk.reserve(["a"])
         pending = desk.close(offer)  # woken by something else while the insert runs
         assert pending is not None
@@ -99,7 +102,7 @@ def test_leases_of_an_abandoned_poll_are_handed_back() -> None:
     async def test() -> None:
         released = Released()
         desk = HandoffDesk(released)
-        offer = desk.open("w1", ["a"], 2)
+        offer = desk.open("w1", ["a"], 2, LEASE)
         chosen = desk.reserve(["a", "a"])
         assert desk.close(offer, abandon=True) is None  # the poll's call was cancelled
         desk.settle(chosen, [row("t1"), row("t2", leased=False)])
@@ -115,7 +118,7 @@ def test_rows_delivered_to_a_poll_cancelled_before_it_read_them_are_handed_back(
     async def test() -> None:
         released = Released()
         desk = HandoffDesk(released)
-        offer = desk.open("w1", ["a"], 1)
+        offer = desk.open("w1", ["a"], 1, LEASE)
         desk.settle(desk.reserve(["a"]), [row("t1")])
         assert desk.close(offer, abandon=True) is None
         await desk.handed_back(5)
@@ -127,13 +130,13 @@ def test_rows_delivered_to_a_poll_cancelled_before_it_read_them_are_handed_back(
 def test_a_closed_or_draining_desk_reserves_nothing() -> None:
     async def test() -> None:
         desk = HandoffDesk(Released())
-        offer = desk.open("w1", ["a"], 1)
+        offer = desk.open("w1", ["a"], 1, LEASE)
         assert desk.close(offer) is None
         assert desk.reserve(["a"]) == [None]
-        desk.open("w2", ["a"], 1)
+        desk.open("w2", ["a"], 1, LEASE)
         desk.close_all()
         assert desk.reserve(["a"]) == [None]
-        desk.open("w3", ["a"], 1)  # a poll arriving while the server drains
+        desk.open("w3", ["a"], 1, LEASE)  # a poll arriving while the server drains
         assert desk.reserve(["a"]) == [None]
 
     run(test)
@@ -147,7 +150,7 @@ def test_a_poll_cancelled_while_it_waits_for_its_delivery_hands_the_leases_back(
     async def test() -> None:
         released = Released()
         desk = HandoffDesk(released)
-        offer = desk.open("w1", ["a"], 1)
+        offer = desk.open("w1", ["a"], 1, LEASE)
         chosen = desk.reserve(["a"])
         pending = desk.close(offer)
         assert pending is not None
@@ -178,7 +181,7 @@ def test_a_poll_cancelled_while_it_waits_for_its_delivery_hands_the_leases_back(
 def test_a_stopping_server_waits_for_reserved_offers_to_settle() -> None:
     async def test() -> None:
         desk = HandoffDesk(Released())
-        desk.open("w1", ["a"], 1)
+        desk.open("w1", ["a"], 1, LEASE)
         chosen = desk.reserve(["a"])
         stopping = asyncio.ensure_future(desk.handed_back(30))
         await asyncio.sleep(0)
@@ -194,7 +197,7 @@ def test_waiting_for_settlement_is_bounded() -> None:
 
     async def test() -> None:
         desk = HandoffDesk(Released())
-        desk.open("w1", ["a"], 1)
+        desk.open("w1", ["a"], 1, LEASE)
         desk.reserve(["a"])
         await asyncio.wait_for(desk.handed_back(0.05), 5)
 

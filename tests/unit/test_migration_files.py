@@ -46,7 +46,7 @@ SHIPPED = {
     "0015_scheduled_retries.sql": (
         "ef8804c11a584583ab3e2e8f40b4d199988e55bd1f5966ce93875d228df34879"
     ),
-    "0016_worker_timing.sql": "2fa4f3b5046dbe64d999e08510febe56a876b17765cb19a8f63946c01687cedd",
+    "0016_worker_timing.sql": "552dc8dc83597ab1ceccb553e26ceb3cd22898140e22e0aa158bc3594bb27d60",
 }
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+    from datetime import timedelta
 
 log = logging.getLogger("conveyor.server.handoff")
 
@@ -58,6 +59,8 @@ class Offer:
     worker_id: str
     task_types: frozenset[str]
     limit: int
+    # The lease the worker gets (WorkerService.lease_ttl_known): its registered pace.
+    lease_ttl: timedelta
     # Tasks reserved for it by an enqueue in flight (0 while open).
     reserved: int = 0
     abandoned: bool = False
@@ -85,12 +88,15 @@ class HandoffDesk:
         self._quiet.set()
         self.closed = False
 
-    def open(self, worker_id: str, task_types: Sequence[str], limit: int) -> Offer:
+    def open(
+        self, worker_id: str, task_types: Sequence[str], limit: int, lease_ttl: timedelta
+    ) -> Offer:
         """Leave an offer for a poll about to wait; `close` it when the wait ends.
 
         A Work stream leaves one for its remaining room while it writes a lease message.
+        `lease_ttl`: how long a lease handed over to it lasts.
         """
-        offer = Offer(worker_id, frozenset(task_types), limit)
+        offer = Offer(worker_id, frozenset(task_types), limit, lease_ttl)
         if not self.closed:
             for task_type in offer.task_types:
                 self._open.setdefault(task_type, {})[offer] = None

@@ -222,7 +222,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
                     batch,
                     offered_to=[offer.worker_id if offer else None for offer in offers],
                     lease_ids=lease_ids,
-                    lease_ttl=self.config.lease_ttl,
+                    # One for the statement: the longest of the offered workers' (a lease
+                    # a little long for another costs only a slower recovery if it dies).
+                    lease_ttl=max(offer.lease_ttl for offer in offers if offer is not None),
                     deadline_grace=self.config.deadline_grace,
                 )
             except BaseException:

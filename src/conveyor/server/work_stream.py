@@ -194,7 +194,16 @@ class WorkStream:
         service = self._service
         desk = service.handoff
         room = min(self._credit, service.config.max_lease_batch)
-        offer = desk.open(self._worker_id, self._task_types, room) if room > 0 else None
+        offer = (
+            desk.open(
+                self._worker_id,
+                self._task_types,
+                room,
+                service.lease_ttl_known(self._worker_id),
+            )
+            if room > 0
+            else None
+        )
         try:
             await self._deliver(rows)
             pending = desk.close(offer) if offer is not None else None

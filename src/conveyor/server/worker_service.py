@@ -87,6 +87,8 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 # old owner for ever would go on letting it act as that worker (heartbeats, leases), on
 # someone else's id. A minute costs one lookup per worker a minute.
 OWNER_MEMORY_SECONDS: Final = 60.0
+# How long a worker's registered lease is trusted without a heartbeat bringing it again.
+PACE_MEMORY_SECONDS: Final = 60.0
 # Workers whose latest claim stopped at its reply's bytes with tasks left (see `lease`): at
 # this many the memory is cleared, which costs each of them one claim it could have skipped.
 MAX_REMEMBERED_LEFTOVERS: Final = 10_000
@@ -188,6 +190,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.draining = False
         # Worker id -> (principal, until when by the monotonic clock).
         self._owners: dict[str, tuple[str, float]] = {}
+        # Worker id -> (the lease it registered with, until when): see `lease_ttl_for`.
+        self._paces: dict[str, tuple[timedelta, float]] = {}
         # Workers whose latest claim left tasks for want of room in its reply (`more`).
         self._left_more: set[str] = set()
         # The long polls waiting here, by worker: a heartbeat that says the worker drains
@@ -265,6 +269,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
         if principal is not None:
             self._remember_owner(worker_id, principal.name)
+        self._remember_pace(worker_id, self.config.lease_ttl)
         log.info(
             "worker %s registered for %s",
             worker_id,
@@ -454,7 +459,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """
         leaving = asyncio.get_running_loop().create_future()
         self._waiting_polls.setdefault(worker_id, set()).add(leaving)
-        offer = self.handoff.open(worker_id, task_types, limit)
+        offer = self.handoff.open(worker_id, task_types, limit, self.lease_ttl_known(worker_id))
         try:
             await self.notifier.wait(
                 generation,
@@ -514,12 +519,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         # Bounded by one message's bytes, for the Work stream too (see work_stream.py):
         # no claim takes a lease its message cannot carry.
         async with self.database.connection() as conn:
+            lease_ttl = await self.lease_ttl_for(worker_id, conn)
             return await queries.task_claim(
                 conn,
                 task_types=task_types,
                 limit=limit,
                 worker_id=worker_id,
-                lease_ttl=self.config.lease_ttl,
+                lease_ttl=lease_ttl,
                 deadline_grace=self.config.deadline_grace,
                 max_bytes=self.config.lease_message_bytes,
                 bytes_per_lease=LEASE_BYTES_BESIDES,
@@ -644,19 +650,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self._worker_leaving(worker_id)
         # The reserved pool: a heartbeat that waits behind producers costs leases.
         async with self.database.priority_connection() as conn:
-            known = await queries.worker_touch(
+            touched = await queries.worker_touch(
                 conn,
                 worker_id=worker_id,
                 draining=request.draining,
                 in_flight=min(request.in_flight, 2**31 - 1),
                 loop_lag_ms=min(request.loop_lag_ms, 2**31 - 1),
             )
+            self._remember_pace(worker_id, touched.lease_ttl)
             unextended = (
                 await queries.task_lease_extend(
                     conn,
                     worker_id=worker_id,
                     leases=leases,
-                    lease_ttl=self.config.lease_ttl,
+                    lease_ttl=self.lease_ttl_known(worker_id),
                     deadline_grace=self.config.deadline_grace,
                 )
                 if leases
@@ -681,7 +688,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     task_id=str(row["task_id"]), lease_id=str(row["lease_id"]), reason=reason
                 )
             )
-        return pb.HeartbeatResponse(stop=stop, unregistered=not known, not_extended=not_extended)
+        return pb.HeartbeatResponse(
+            stop=stop, unregistered=not touched.known, not_extended=not_extended
+        )
 
     @rpc_method("ReportResult")
     async def ReportResult(  # noqa: N802 - gRPC method name
@@ -1058,6 +1067,41 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if len(self._owners) >= MAX_REMEMBERED_OWNERS:
             self._owners.clear()
         self._owners[worker_id] = (principal, time.monotonic() + OWNER_MEMORY_SECONDS)
+
+    def lease_ttl_known(self, worker_id: str) -> timedelta:
+        """The lease to give `worker_id`, as far as this server remembers its pace.
+
+        The longer of this server's --lease-ttl and the lease the worker registered with:
+        servers may differ during a rolling change of settings, and the worker paces its
+        heartbeats for the lease it was told (migration 0016). Kept in memory, filled by
+        registrations, heartbeats and `lease_ttl_for`, so that no statement per task reads
+        the worker's row (a subquery in the handoff's insert doubled its time).
+        """
+        remembered = self._paces.get(worker_id)
+        if remembered is None:
+            return self.config.lease_ttl
+        return max(self.config.lease_ttl, remembered[0])
+
+    async def lease_ttl_for(self, worker_id: str, conn: Any) -> timedelta:
+        """`lease_ttl_known`, after reading the worker's row if not heard of for a while.
+
+        A worker registered through another server, whose heartbeats go elsewhere, is read
+        here at most once every PACE_MEMORY_SECONDS: it may have registered again
+        meanwhile, with another server's lease.
+        """
+        remembered = self._paces.get(worker_id)
+        if remembered is None or remembered[1] < time.monotonic():
+            lease_ttl = await queries.worker_lease_ttl(conn, worker_id=worker_id)
+            self._remember_pace(worker_id, lease_ttl)
+        return self.lease_ttl_known(worker_id)
+
+    def _remember_pace(self, worker_id: str, lease_ttl: timedelta | None) -> None:
+        if len(self._paces) >= MAX_REMEMBERED_OWNERS:
+            self._paces.clear()
+        self._paces[worker_id] = (
+            lease_ttl or self.config.lease_ttl,
+            time.monotonic() + PACE_MEMORY_SECONDS,
+        )
 
 
 # The event each outcome records in the history (task_succeed, task_fail, task_release).

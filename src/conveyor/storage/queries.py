@@ -579,12 +579,26 @@ async def worker_principal(conn: Any, *, worker_id: str) -> tuple[bool, str | No
     return (row is not None, row["principal"] if row is not None else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """What a heartbeat's worker_touch learned: whether the worker is known, and its lease."""
+
+    known: bool
+    lease_ttl: timedelta | None
+
+
 async def worker_touch(
     conn: Any, *, worker_id: str, draining: bool, in_flight: int, loop_lag_ms: int
-) -> bool:
-    """Record a heartbeat and what the worker says about itself; False: no such worker."""
-    known = await conn.fetchval(SQL["worker_touch"], worker_id, draining, in_flight, loop_lag_ms)
-    return known is not None
+) -> Touched:
+    """Record a heartbeat and what the worker says about itself."""
+    row = await conn.fetchrow(SQL["worker_touch"], worker_id, draining, in_flight, loop_lag_ms)
+    return Touched(row is not None, row["lease_ttl"] if row is not None else None)
+
+
+async def worker_lease_ttl(conn: Any, *, worker_id: str) -> timedelta | None:
+    """The lease length the worker registered with; None if unknown or not recorded."""
+    ttl: timedelta | None = await conn.fetchval(SQL["worker_lease_ttl"], worker_id)
+    return ttl
 
 
 async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:

@@ -89,8 +89,8 @@ SELECT EXISTS (SELECT FROM inserted) AS created, (SELECT count(*) FROM wake) AS 
 
 -- name: task_insert_leasing
 -- The parameters of task_insert_skipping_taken, then $7 the worker each task is offered to
--- (NULL: none), $8 lease ttl (s; longer if the worker registered with a longer one, as in
--- task_claim), $9 grace after deadline (s), $10 the lease id each
+-- (NULL: none), $8 lease ttl (s: the longest of the offered workers', see
+-- worker_lease_ttl), $9 grace after deadline (s), $10 the lease id each
 -- offered task gets (made by the server, so it can hand the lease back by that id if it
 -- cannot tell whether the statement committed). Inserts like
 -- task_insert_skipping_taken, but a task offered to a worker (a long poll of this server
@@ -137,10 +137,7 @@ WITH given AS (
            CASE WHEN o.type IS NULL THEN NULL ELSE now() END,
            CASE WHEN o.type IS NULL THEN NULL ELSE now() + g.timeout END,
            CASE WHEN o.type IS NULL THEN NULL ELSE least(
-               now() + greatest(make_interval(secs => $8),
-                                (SELECT w.lease_ttl FROM conveyor_workers AS w
-                                 WHERE w.id = g.worker_id)),
-               now() + g.timeout + make_interval(secs => $9)
+               now() + make_interval(secs => $8), now() + g.timeout + make_interval(secs => $9)
            ) END
     FROM given AS g
     LEFT JOIN open_types AS o ON o.type = g.type AND g.worker_id IS NOT NULL
@@ -165,7 +162,8 @@ FROM given AS g LEFT JOIN inserted AS i ON i.id = g.id
 ORDER BY g.ord;
 
 -- name: task_claim
--- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s), $5 grace after deadline (s),
+-- $1 task types, $2 max tasks, $3 worker id, $4 lease ttl (s: the worker's, see
+-- worker_lease_ttl), $5 grace after deadline (s),
 -- $6 the bytes the leases may take in one message (NULL: no bound), $7 a lease's bytes
 -- besides its payload and its trace context's JSON text.
 -- Oldest first within each type (one range of (type, state, seq) per type), then oldest
@@ -180,12 +178,7 @@ ORDER BY g.ord;
 -- bound stay locked, untouched, until the claim commits; another claim skips them meanwhile.
 -- `more` (on every row): a candidate was left for want of room, so tasks remain ready and
 -- the claim has not drained its types (wake_rounds.py).
--- A lease is $4, or longer if the worker registered with a longer one (its heartbeats are
--- paced for that: migration 0016).
-WITH lease_length AS (
-    SELECT greatest(make_interval(secs => $4),
-                    (SELECT w.lease_ttl FROM conveyor_workers AS w WHERE w.id = $3)) AS lease
-), candidates AS (
+WITH candidates AS (
     SELECT c.id, c.seq, c.lease_bytes
     FROM unnest($1::text[]) AS wanted (type)
     CROSS JOIN LATERAL (
@@ -219,7 +212,7 @@ WITH lease_length AS (
         started_at = now(),
         deadline_at = now() + t.timeout,
         lease_expires_at = least(
-            now() + (SELECT lease FROM lease_length), now() + t.timeout + make_interval(secs => $5)
+            now() + make_interval(secs => $4), now() + t.timeout + make_interval(secs => $5)
         )
     FROM fitting
     WHERE t.id = fitting.id
@@ -439,9 +432,9 @@ WITH done AS (
 SELECT state FROM done;
 
 -- name: task_lease_extend
--- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s;
--- longer if the worker registered with a longer one, as in task_claim), $4 grace after
--- deadline (s), $6 the heartbeating worker's id.
+-- $1 task ids, $2 lease ids, $5 progress reports (NULL: none), pairwise; $3 lease ttl (s:
+-- the worker's, see worker_lease_ttl), $4 grace after deadline (s), $6 the heartbeating
+-- worker's id.
 -- Extends the leases that are still current, unexpired and held by that worker; returns every named lease that
 -- is not, with the task's state (cancelled, or anything else: the lease was lost), and
 -- `busy` true for a lease left alone because another transaction holds its row's lock.
@@ -472,9 +465,7 @@ WITH named AS (
 ), extended AS (
     UPDATE conveyor_tasks AS t
     SET lease_expires_at = least(
-            now() + greatest(make_interval(secs => $3),
-                             (SELECT w.lease_ttl FROM conveyor_workers AS w WHERE w.id = $6)),
-            t.deadline_at + make_interval(secs => $4)
+            now() + make_interval(secs => $3), t.deadline_at + make_interval(secs => $4)
         ),
         progress = coalesce(current.progress, t.progress),
         progress_at = CASE WHEN current.progress IS NULL THEN t.progress_at ELSE now() END
@@ -872,7 +863,17 @@ SET last_heartbeat_at = now(),
     loop_lag_ms = $4
 WHERE id = $1
 -- No row: the worker is unknown (deleted after a long silence), and must register again.
-RETURNING true AS known;
+-- lease_ttl: the lease it registered with (worker_lease_ttl).
+RETURNING true AS known, lease_ttl;
+
+-- name: worker_lease_ttl
+-- $1 id. The lease length the worker registered with (NULL: registered by a server of an
+-- earlier release, or unknown). A server leases to the worker, and renews its leases, for
+-- the longer of that and its own --lease-ttl: servers may differ during a rolling change of
+-- settings, and the worker paces its heartbeats for the lease it was told (migration 0016).
+-- Read on a claim of a worker the server has not heard of for a minute; a heartbeat
+-- brings it along (worker_touch), so that no statement per task joins this table.
+SELECT lease_ttl FROM conveyor_workers WHERE id = $1;
 
 -- name: worker_set_state
 UPDATE conveyor_workers SET state = $2, last_heartbeat_at = now() WHERE id = $1;

@@ -12,9 +12,10 @@
 -- lease claimed on a server with a shorter --lease-ttl could expire before the first beat.
 --
 -- Now a lease is at least the length the worker registered with (claims, handed-over
--- enqueues and renewals: a primary-key probe of this table per statement), and the sweep
--- waits for at least the silence the worker's own server allows. NULL (a worker registered
--- by a server of an earlier release): the judging server's settings, as before.
+-- enqueues and renewals; servers keep it in memory, brought by heartbeats, or read once a
+-- minute per worker: worker_lease_ttl), and the sweep waits for at least the silence the
+-- worker's own server allows. NULL (a worker registered by a server of an earlier
+-- release): the judging server's settings, as before.
 --
 -- Servers of schema 15 run on this unchanged: they neither write nor read the columns.
 ALTER TABLE conveyor_workers ADD COLUMN IF NOT EXISTS lease_ttl interval;
