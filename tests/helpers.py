@@ -337,6 +337,20 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+def server_argv(database_url: str, *extra: str) -> list[str]:
+    """`conveyor server` arguments on ephemeral loopback ports, then `extra`."""
+    return [
+        "server",
+        "--database-url",
+        database_url,
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
 def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     """Exit status 1, nothing on stdout, exactly one `error: ...` line on stderr."""
     assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"

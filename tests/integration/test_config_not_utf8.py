@@ -14,6 +14,7 @@ import time
 
 import pytest
 from helpers import run_cli as run
+from helpers import server_argv
 
 BAD = "\udcff"  # the byte 0xff as Python hands it over
 
@@ -38,13 +39,7 @@ class TestServer:
     def test_session_secret_not_utf8(self, database_url):
         """CONVEYOR_SESSION_SECRET=$'\\xff': `secret.encode()` raised UnicodeEncodeError."""
         result, elapsed = timed(
-            "server",
-            "--database-url",
-            database_url,
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
+            *server_argv(database_url),
             CONVEYOR_SESSION_SECRET=f"secret{BAD}",
         )
         err = assert_clear_error(result, elapsed=elapsed)
@@ -55,15 +50,11 @@ class TestServer:
         character) and became the connections' application_name: every connection attempt
         logged an asyncpg traceback for half a minute, then 'cannot reach PostgreSQL'."""
         result, elapsed = timed(
-            "server",
-            "--database-url",
-            database_url,
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--server-id",
-            f"srv{BAD}",
+            *server_argv(
+                database_url,
+                "--server-id",
+                f"srv{BAD}",
+            ),
         )
         err = assert_clear_error(result, elapsed=elapsed)
         assert "server" in err.lower()

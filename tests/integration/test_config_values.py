@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import run_cli as run
+from helpers import server_argv
 
 from conveyor import Worker
 from conveyor.errors import ConfigError
@@ -20,18 +21,7 @@ class TestServerFlags:
         """`--max-concurrent-rpcs 3000000000` passed IntRange(min=1) and ServerConfig (no
         upper bound), then grpc's _ConcurrentRpcLimiter raised OverflowError: a traceback
         after the database pools had been opened."""
-        result = run(
-            "server",
-            "--database-url",
-            database_url,
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--max-concurrent-rpcs",
-            "3000000000",
-            timeout=60,
-        )
+        result = run(*server_argv(database_url, "--max-concurrent-rpcs", "3000000000"), timeout=60)
         err = assert_no_traceback_error(result)
         assert "--max-concurrent-rpcs" in err or "max_concurrent_rpcs" in err, err
 
