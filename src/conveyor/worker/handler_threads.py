@@ -53,6 +53,8 @@ class HandlerThreads:
         self._lock = threading.Lock()
         self._threads = 0
         self._closed = False
+        # Functions running now: the watchdog names them when the event loop starves.
+        self.running = 0
 
     def submit(self, fn: Callable[..., Result], /, *args: Any) -> Future[Result]:
         """Run `fn(*args)` on one of the threads; its future."""
@@ -85,7 +87,13 @@ class HandlerThreads:
 
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
-            work.run()
+            with self._lock:
+                self.running += 1
+            try:
+                work.run()
+            finally:
+                with self._lock:
+                    self.running -= 1
             # Not kept while waiting: it holds the handler's payload and result.
             del work
             self._idle.release()

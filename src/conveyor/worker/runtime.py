@@ -1060,7 +1060,12 @@ class _Runtime:
             )
             await self.close_channels()
             return
-        self.watchdog = LoopWatchdog(self.loop, on_lag=self.metrics.event_loop_lag.set)
+        pool = self.pool
+        self.watchdog = LoopWatchdog(
+            self.loop,
+            on_lag=self.metrics.event_loop_lag.set,
+            sync_handlers_running=lambda: pool.running,
+        )
         self.watchdog.start()
         on_started(None)
         heartbeat = asyncio.create_task(self.heartbeat_loop(), name="heartbeat")
