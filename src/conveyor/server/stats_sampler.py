@@ -237,8 +237,16 @@ class StatsSampler(PeriodicService):
             gauge.clear()
 
     async def _sample(self) -> StatsSnapshot:
-        """Read one sample from the database."""
-        async with self._database.connection() as conn:
+        """Read one sample from the database, from one snapshot.
+
+        Separate statements let a pause commit between the counts and the paused list: the
+        type was then summed among the others and listed too, counted twice (a CI run of
+        test_type_bounds found it).
+        """
+        async with (
+            self._database.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             live = await queries.task_live_stats(
                 conn, named=NAMED_TYPES, also=self._known_types - {OTHER_TYPES}
             )
