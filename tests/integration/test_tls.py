@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trustme
-from helpers import conveyor_command, process_env, wait_final
+from helpers import conveyor_command, process_env, server_argv, wait_final
 
 from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
 from conveyor.auth import Role, new_token
@@ -166,17 +166,13 @@ class TestBadFiles:
         ):
             result = subprocess.run(
                 conveyor_command(
-                    "server",
-                    "--database-url",
-                    database_url,
-                    "--grpc-listen",
-                    "127.0.0.1:0",
-                    "--http-listen",
-                    "127.0.0.1:0",
-                    *(
-                        f"--{key.removesuffix('_file').replace('_', '-')}={value}"
-                        for key, value in options.items()
-                    ),
+                    *server_argv(
+                        database_url,
+                        *(
+                            f"--{key.removesuffix('_file').replace('_', '-')}={value}"
+                            for key, value in options.items()
+                        ),
+                    )
                 ),
                 env=process_env(),
                 capture_output=True,
