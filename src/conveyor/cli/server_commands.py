@@ -60,7 +60,7 @@ from conveyor.server.database import connect_failure
 from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
-from conveyor.types import LARGEST_DURATION
+from conveyor.types import LARGEST_DURATION, utf8_text
 from conveyor.worker.runtime import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
@@ -172,16 +172,8 @@ def _failpoints_from_env() -> frozenset[str]:
 def _session_secret() -> bytes | None:
     """CONVEYOR_SESSION_SECRET: dashboard sessions valid on every server that shares it."""
     secret = os.environ.get("CONVEYOR_SESSION_SECRET", "")
-    if not secret:
-        return None
-    try:
-        return secret.encode()
-    except UnicodeEncodeError:
-        # Bytes that are not UTF-8 reach Python as lone surrogates: a traceback, before.
-        raise ConfigError(
-            "CONVEYOR_SESSION_SECRET holds bytes that are not UTF-8 text; give it as text "
-            "(for one, the output of `openssl rand -hex 32`)"
-        ) from None
+    # Bytes that are not UTF-8 reach Python as lone surrogates: a traceback, before.
+    return utf8_text(secret, "CONVEYOR_SESSION_SECRET").encode() if secret else None
 
 
 def _host(listen: str | None) -> str:

@@ -357,9 +357,9 @@ def parse_addresses(server: str | Sequence[str] | None) -> list[str]:
         )
     else:
         raw = list(server)
-    if not all(isinstance(address, str) for address in raw):
-        raise ConfigError("every server address must be a str (HOST:PORT)")
     for address in raw:
+        if not isinstance(address, str):
+            raise ConfigError("every server address must be a str (HOST:PORT)")
         utf8_text(address, f"the server address {address!r}")
     addresses = [address.strip() for address in raw if address.strip()]
     if not addresses:

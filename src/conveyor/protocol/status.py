@@ -47,11 +47,11 @@ ERROR_STATUS: Final[dict[type[ConveyorError], grpc.StatusCode]] = {
 # FAILED_PRECONDITION is shared by two errors; a prefix in the message tells them apart
 # without a second channel (trailing metadata would do, but is easy for proxies to drop).
 _LEASE_LOST_PREFIX: Final = "lease lost: "
+_ALREADY_FINISHED_PREFIX: Final = "already finished: "
 # The field an INVALID_ARGUMENT blames (InvalidTask.field), as trailing metadata of a call
 # and `field` of an enqueue stream's answer. Losing it to a proxy loses only the attribute:
 # the message names the field too.
 FIELD_METADATA: Final = "conveyor-field"
-_ALREADY_FINISHED_PREFIX: Final = "already finished: "
 
 # Worth retrying on another server. CANCELLED is here because Conveyor's clients never
 # cancel their own calls: a CANCELLED status comes from a server that is shutting down and
