@@ -26,7 +26,7 @@ from conveyor.protocol.v1 import conveyor_pb2 as pb
 from conveyor.protocol.v1 import conveyor_pb2_grpc as pb_grpc
 
 POOL = [f"soak-type-{i}" for i in range(300)]
-CAPPED = ("worker_service._owners", "worker_service._paces")
+CAPPED = ("worker_service._owners.entries", "worker_service._paces.entries")
 
 
 def container_sizes(root: Any, depth: int = 6) -> dict[str, int]:

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import grpc
 
@@ -168,6 +168,38 @@ def _success_weight(successes: Sequence[queries.Success]) -> int:
     return rows_and_bytes(len(successes), sum(len(s.result or b"") for s in successes))
 
 
+Remembered = TypeVar("Remembered")
+
+
+class RememberedPerWorker(Generic[Remembered]):
+    """One value per worker id, each for a while, at most MAX_REMEMBERED_OWNERS at once.
+
+    At that many the memory is cleared whole: it costs each worker one lookup, and keeps
+    a server from remembering every worker id it ever saw.
+    """
+
+    def __init__(self) -> None:
+        """Remember nothing yet."""
+        # Worker id -> (the value, until when by the monotonic clock).
+        self.entries: dict[str, tuple[Remembered, float]] = {}
+
+    def get(self, worker_id: str, *, expired_too: bool = False) -> Remembered | None:
+        """The value remembered for `worker_id`; None if none, or if it expired.
+
+        `expired_too`: an expired value too, rather than None.
+        """
+        found = self.entries.get(worker_id)
+        if found is None or (not expired_too and found[1] <= time.monotonic()):
+            return None
+        return found[0]
+
+    def put(self, worker_id: str, value: Remembered, seconds: float) -> None:
+        """Remember `value` for `worker_id` for `seconds`."""
+        if len(self.entries) >= MAX_REMEMBERED_OWNERS:
+            self.entries.clear()
+        self.entries[worker_id] = (value, time.monotonic() + seconds)
+
+
 class WorkerService(pb_grpc.WorkerServiceServicer):
     """The workers' API."""
 
@@ -188,10 +220,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self.wake_rounds = WakeRounds(lambda: notifier.generation)
         self.metrics = metrics
         self.draining = False
-        # Worker id -> (principal, until when by the monotonic clock).
-        self._owners: dict[str, tuple[str, float]] = {}
-        # Worker id -> (the lease it registered with, until when): see `lease_ttl_for`.
-        self._paces: dict[str, tuple[timedelta, float]] = {}
+        # Each worker's principal, and the lease it registered with (`lease_ttl_for`).
+        self._owners: RememberedPerWorker[str] = RememberedPerWorker()
+        self._paces: RememberedPerWorker[timedelta] = RememberedPerWorker()
         # Workers whose latest claim left tasks for want of room in its reply (`more`).
         self._left_more: set[str] = set()
         # The long polls waiting here, by worker: a heartbeat that says the worker drains
@@ -1027,12 +1058,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         meanwhile (one registered while authentication was off). `unregistered_ok`: an
         unknown worker id returns False instead of being refused (a heartbeat answers it).
         """
-        remembered = self._owners.get(worker_id)
-        if (
-            remembered is not None
-            and remembered[0] == caller().name
-            and remembered[1] > time.monotonic()
-        ):
+        if self._owners.get(worker_id) == caller().name:
             return True
         connection = self.database.priority_connection() if priority else self.database.connection()
         async with connection as conn:
@@ -1064,9 +1090,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._left_more.add(worker_id)
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
-        if len(self._owners) >= MAX_REMEMBERED_OWNERS:
-            self._owners.clear()
-        self._owners[worker_id] = (principal, time.monotonic() + OWNER_MEMORY_SECONDS)
+        self._owners.put(worker_id, principal, OWNER_MEMORY_SECONDS)
 
     def lease_ttl_known(self, worker_id: str) -> timedelta:
         """The lease to give `worker_id`, as far as this server remembers its pace.
@@ -1077,10 +1101,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         registrations, heartbeats and `lease_ttl_for`, so that no statement per task reads
         the worker's row (a subquery in the handoff's insert doubled its time).
         """
-        remembered = self._paces.get(worker_id)
-        if remembered is None:
-            return self.config.lease_ttl
-        return max(self.config.lease_ttl, remembered[0])
+        remembered = self._paces.get(worker_id, expired_too=True)
+        return (
+            self.config.lease_ttl if remembered is None else max(self.config.lease_ttl, remembered)
+        )
 
     async def lease_ttl_for(self, worker_id: str, conn: Any) -> timedelta:
         """`lease_ttl_known`, after reading the worker's row if not heard of for a while.
@@ -1089,19 +1113,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         here at most once every PACE_MEMORY_SECONDS: it may have registered again
         meanwhile, with another server's lease.
         """
-        remembered = self._paces.get(worker_id)
-        if remembered is None or remembered[1] < time.monotonic():
+        if self._paces.get(worker_id) is None:
             lease_ttl = await queries.worker_lease_ttl(conn, worker_id=worker_id)
             self._remember_pace(worker_id, lease_ttl)
         return self.lease_ttl_known(worker_id)
 
     def _remember_pace(self, worker_id: str, lease_ttl: timedelta | None) -> None:
-        if len(self._paces) >= MAX_REMEMBERED_OWNERS:
-            self._paces.clear()
-        self._paces[worker_id] = (
-            lease_ttl or self.config.lease_ttl,
-            time.monotonic() + PACE_MEMORY_SECONDS,
-        )
+        self._paces.put(worker_id, lease_ttl or self.config.lease_ttl, PACE_MEMORY_SECONDS)
 
 
 # The event each outcome records in the history (task_succeed, task_fail, task_release).
