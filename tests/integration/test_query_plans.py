@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -88,30 +88,40 @@ def seeded(pg_cluster) -> Iterator[Seeded]:
     statements = (SEED_TASKS, SEED_EVENTS, "ANALYZE conveyor_tasks", "ANALYZE conveyor_task_events")
     with seeded_database(pg_cluster, "plans", *statements) as url:
 
-        async def pick() -> Seeded:
-            conn = await asyncpg.connect(url)
-            try:
-                counts = {
-                    row["state"]: row["n"]
-                    for row in await conn.fetch(
-                        "SELECT state::text, count(*) AS n FROM conveyor_tasks GROUP BY state"
-                    )
-                }
-                assert counts == {"succeeded": 19750, "queued": 200, "running": 50}
-                queued = await conn.fetchval(
-                    "SELECT id FROM conveyor_tasks WHERE state = 'queued' LIMIT 1"
+        async def check(conn: Any) -> None:
+            counts = {
+                row["state"]: row["n"]
+                for row in await conn.fetch(
+                    "SELECT state::text, count(*) AS n FROM conveyor_tasks GROUP BY state"
                 )
-                running = await conn.fetchrow(
-                    "SELECT id, lease_id FROM conveyor_tasks WHERE state = 'running' LIMIT 1"
-                )
-                succeeded = await conn.fetchval(
-                    "SELECT id FROM conveyor_tasks WHERE state = 'succeeded' LIMIT 1"
-                )
-            finally:
-                await conn.close()
-            return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
+            }
+            assert counts == {"succeeded": 19750, "queued": 200, "running": 50}
 
-        yield asyncio.run(pick())
+        yield asyncio.run(pick_tasks(url, check=check))
+
+
+async def pick_tasks(
+    url: str, *, check: Callable[[Any], Awaitable[None]] | None = None, live_lease: str = ""
+) -> Seeded:
+    """One task of each state of a seeded database, after `check(conn)` if given.
+
+    `live_lease`: " AND lease_expires_at > now()" to pick a running task with a live lease.
+    """
+    conn = await asyncpg.connect(url)
+    try:
+        if check is not None:
+            await check(conn)
+        queued = await conn.fetchval("SELECT id FROM conveyor_tasks WHERE state = 'queued' LIMIT 1")
+        running = await conn.fetchrow(
+            "SELECT id, lease_id FROM conveyor_tasks WHERE state = 'running'"  # noqa: S608
+            f"{live_lease} LIMIT 1"
+        )
+        succeeded = await conn.fetchval(
+            "SELECT id FROM conveyor_tasks WHERE state = 'succeeded' LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
 
 
 def plan_nodes(node: Any) -> Iterator[dict[str, Any]]:
@@ -1291,25 +1301,7 @@ def million(pg_cluster) -> Iterator[Seeded]:
         "VACUUM ANALYZE conveyor_task_events",
     )
     with seeded_database(pg_cluster, "million", *statements) as url:
-
-        async def pick() -> Seeded:
-            conn = await asyncpg.connect(url)
-            try:
-                queued = await conn.fetchval(
-                    "SELECT id FROM conveyor_tasks WHERE state = 'queued' LIMIT 1"
-                )
-                running = await conn.fetchrow(
-                    "SELECT id, lease_id FROM conveyor_tasks WHERE state = 'running' "
-                    "AND lease_expires_at > now() LIMIT 1"
-                )
-                succeeded = await conn.fetchval(
-                    "SELECT id FROM conveyor_tasks WHERE state = 'succeeded' LIMIT 1"
-                )
-            finally:
-                await conn.close()
-            return Seeded(url, queued, running["id"], running["lease_id"], succeeded)
-
-        yield asyncio.run(pick())
+        yield asyncio.run(pick_tasks(url, live_lease=" AND lease_expires_at > now()"))
 
 
 def big_table_rows_read(plan: Any) -> int:

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 SHORT = timedelta(seconds=4)  # the server the worker did not register with
 LONG = timedelta(seconds=40)  # the one it did
 TYPE = "pace.t"
+# The settings of the server the worker registers with: a long lease, slow beats.
+PATIENT: dict[str, Any] = {
+    "lease_ttl": LONG,
+    "heartbeat_interval": timedelta(seconds=10),
+    "worker_lost_after": timedelta(seconds=50),
+}
 
 
 def stubs(address: str) -> tuple[Any, Any, grpc.Channel]:
@@ -59,11 +65,7 @@ def test_a_lease_is_as_long_as_the_worker_registered_with(
     start_server: Callable[..., ServerThread], db: Any
 ) -> None:
     short = start_server(lease_ttl=SHORT, heartbeat_interval=timedelta(seconds=1))
-    long = start_server(
-        lease_ttl=LONG,
-        heartbeat_interval=timedelta(seconds=10),
-        worker_lost_after=timedelta(seconds=50),
-    )
+    long = start_server(**PATIENT)
     at_long, _, long_channel = stubs(long.address)
     at_short, tasks, short_channel = stubs(short.address)
     try:
@@ -124,18 +126,14 @@ def state(db: Any, worker_id: str) -> str:
 def test_the_leader_waits_for_the_silence_the_workers_server_allows(
     start_server: Callable[..., ServerThread], db: Any
 ) -> None:
-    # The leader allows 2 s of silence; the slow-beating worker's server, 30.
+    # The leader allows 2 s of silence; the slow-beating worker's server, 50.
     leader = start_server(
         lease_ttl=SHORT,
         heartbeat_interval=timedelta(seconds=0.5),
         worker_lost_after=timedelta(seconds=2),
     )
     wait_for(lambda: leader.server is not None and leader.server.elector.is_leader, what="a leader")
-    patient = start_server(
-        lease_ttl=LONG,
-        heartbeat_interval=timedelta(seconds=10),
-        worker_lost_after=timedelta(seconds=30),
-    )
+    patient = start_server(**PATIENT)
     at_patient, _, patient_channel = stubs(patient.address)
     at_leader, _, leader_channel = stubs(leader.address)
     try:
@@ -144,14 +142,14 @@ def test_the_leader_waits_for_the_silence_the_workers_server_allows(
                 pb.RegisterWorkerRequest(worker_id=worker_id, task_types=[TYPE], concurrency=1),
                 timeout=10,
             )
-        # Both silent for 10 s: past the leader's own 2 s, within the slow one's 30. The
+        # Both silent for 10 s: past the leader's own 2 s, within the slow one's 50. The
         # sweep that takes the quick one (one statement for all) leaves the slow one.
         for worker_id in ("w-slow-beat", "w-quick-beat"):
             silence(db, worker_id, 10)
         wait_for(lambda: state(db, "w-quick-beat") == "lost", what="a sweep after the silence")
         assert state(db, "w-slow-beat") == "active"
         # Past its own server's allowance, it is lost too.
-        silence(db, "w-slow-beat", 31)
+        silence(db, "w-slow-beat", 51)
         wait_for(lambda: state(db, "w-slow-beat") == "lost", what="the worker to be swept")
     finally:
         patient_channel.close()
