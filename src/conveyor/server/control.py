@@ -227,10 +227,7 @@ class TaskControl:
         task_id = normalize_task_id(task_id)
         if before is not None and not 0 < before <= MAX_EVENT_ID:
             raise InvalidTask("the history page is not an event of this task", field="before")
-        async with (
-            self._database.connection() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
+        async with self._database.snapshot() as conn:
             row = await queries.task_get(conn, task_id=task_id)
             if row is None:
                 raise TaskNotFound(task_id=task_id)

@@ -389,6 +389,19 @@ class Database:
         async with self.connection() as conn, conn.transaction():
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Any]:
+        """A pooled connection in a read-only repeatable-read transaction.
+
+        For several reads that must agree: each sees the same snapshot, and no write
+        committed between them.
+        """
+        async with (
+            self.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield conn
+
     def pool_in_use(self) -> int:
         """Connections currently checked out of the pool."""
         if self._pool is None:

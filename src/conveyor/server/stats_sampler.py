@@ -243,10 +243,7 @@ class StatsSampler(PeriodicService):
         type was then summed among the others and listed too, counted twice (a CI run of
         test_type_bounds found it).
         """
-        async with (
-            self._database.connection() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
+        async with self._database.snapshot() as conn:
             live = await queries.task_live_stats(
                 conn, named=NAMED_TYPES, also=self._known_types - {OTHER_TYPES}
             )

@@ -493,16 +493,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
     ) -> pb.GetTaskResponse:
         """One task, with its history if asked."""
         task_id = normalize_task_id(request.task_id)
+        # One snapshot for the row, its history and its payload: separate statements let a
+        # report commit in between, and a status said RUNNING with a history that ended in
+        # `succeeded` (as the dashboard's task page reads them). A lone read needs none.
         several_reads = request.include_history or request.include_payload
-        async with contextlib.AsyncExitStack() as reads:
-            conn = await reads.enter_async_context(self.database.connection())
-            if several_reads:
-                # One snapshot for the row, its history and its payload: separate statements
-                # let a report commit in between, and a status said RUNNING with a history
-                # that ended in `succeeded` (as the dashboard's task page already reads).
-                await reads.enter_async_context(
-                    conn.transaction(isolation="repeatable_read", readonly=True)
-                )
+        reading = self.database.snapshot() if several_reads else self.database.connection()
+        async with reading as conn:
             row = await queries.task_get(conn, task_id=task_id)
             if row is None:
                 raise TaskNotFound(task_id=task_id)

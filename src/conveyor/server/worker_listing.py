@@ -94,10 +94,7 @@ async def list_workers(
     limit = min(limit, MAX_WORKERS_PER_PAGE)
     after = parse_page_token(page_token)
     # One snapshot: the total agrees with the page ("500 of 520", never "500 of 498").
-    async with (
-        database.connection() as conn,
-        conn.transaction(isolation="repeatable_read", readonly=True),
-    ):
+    async with database.snapshot() as conn:
         rows = await queries.worker_list(
             conn,
             include_stopped=include_stopped,
