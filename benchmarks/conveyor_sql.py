@@ -176,9 +176,10 @@ def claim(task_type: str, limit: str, worker_id: str) -> str:
     )
 
 
-# The claim's last lines, its projection of the rows it claimed (everything before it, the
-# claim's work, runs whatever the projection reads: data-modifying CTEs always run whole).
-_CLAIM_PROJECTION: Final = re.compile(r"\nSELECT [^;]*\nFROM claimed\nORDER BY seq;?\s*$")
+# The claim's last lines, its projection of the rows it claimed and its probe for held rows
+# when it claimed none, which pgbench's single client never meets (everything before them,
+# the claim's work, runs whatever the projection reads: data-modifying CTEs always run whole).
+_CLAIM_PROJECTION: Final = re.compile(r"\nSELECT [^;]*\nFROM claimed\n[^;]*ORDER BY seq;?\s*$")
 
 
 def claim_as_arrays(task_type: str, limit: str, worker_id: str) -> str:

@@ -603,7 +603,7 @@ async def claimed_by_a_worker_that_vanishes(
             lease_ttl=DEFAULT_LEASE_TTL,
             deadline_grace=DEFAULT_DEADLINE_GRACE,
         )
-        assert [str(row["id"]) for row in claimed] == [task_id]
+        assert [str(row["id"]) for row in claimed.rows] == [task_id]
     finally:
         await conn.close()
 
@@ -626,7 +626,7 @@ async def enqueue_and_claim(
         lease_ttl=DEFAULT_LEASE_TTL,
         deadline_grace=DEFAULT_DEADLINE_GRACE,
     )
-    leases = {str(row["id"]): str(row["lease_id"]) for row in claimed}
+    leases = {str(row["id"]): str(row["lease_id"]) for row in claimed.rows}
     assert sorted(leases) == sorted(ids)
     return leases
 

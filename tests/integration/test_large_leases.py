@@ -179,15 +179,16 @@ LEFTOVER_LOCKED = (
 )
 
 
-def test_a_poll_after_a_claim_that_left_tasks_claims_them_despite_a_drained_round(
+def test_a_claim_that_finds_the_leftovers_held_claims_them_as_soon_as_they_are_free(
     start_server: Callable[..., ServerThread], database_url: str
 ) -> None:
     """A claim stopped at its reply's bytes leaves tasks (`more`) locked until it commits;
-    a concurrent claim of the same type skips them, gets fewer than it asked for and marks
-    the type drained for the round. The first worker polls again at once for the rest, and
-    that poll's first claim must not be skipped for the drained mark: the tasks would wait
-    for the fallback poll (a minute here) although the worker has room. The window is held
-    open by the test's own lock on the leftover task, as the first claim's lock holds it."""
+    a concurrent claim of the same type skips them and gets nothing. That claim says its
+    tasks were held: it does not mark the type drained for the round (the woken polls would
+    skip their claims and the tasks would wait for the fallback poll, a minute here, though
+    a worker has room), and its poll claims again within milliseconds, not at the next
+    wake-up. The window is held open by the test's own lock on the leftover task, as the
+    first claim's lock holds it."""
     server = start_server(
         max_payload_bytes=4 * MIB,
         poll_interval=timedelta(minutes=1),
@@ -208,27 +209,25 @@ def test_a_poll_after_a_claim_that_left_tasks_claims_them_despite_a_drained_roun
         leftover = tasks[5].id
         # The one task of the type still queued is the leftover.
         with holding(database_url, LEFTOVER_LOCKED):
-            before = claims(server.http_url).get("empty", 0)
+            before = claims(server.http_url)
             other = fleet.poll("left-2", "large.left", max_tasks=8)
-            wait_for(
-                lambda: claims(server.http_url).get("empty", 0) >= before + 1,
-                what="the second worker's first claim, empty: the leftover is locked",
-            )
-            # A wake-up for another type: the second poll claims in the new round, finds
-            # nothing again and marks large.left drained.
+            # A wake-up for another type: the second poll claims in the new round and finds
+            # the leftover held again.
             fleet.enqueue("large.elsewhere")
             wait_for(
-                lambda: claims(server.http_url).get("empty", 0) >= before + 2,
-                what="the second worker's woken claim, empty",
+                lambda: claims(server.http_url).get("held", 0) >= before.get("held", 0) + 3,
+                what="the second worker's claims to find the leftover held, again and again",
             )
-        # Nothing wakes the polls now: a first claim skipped for the drained mark would
-        # wait out the poll's 10 s (or, with a longer wait, the minute's fallback poll).
+            assert claims(server.http_url).get("empty", 0) == before.get("empty", 0)
+            assert not other.done()
+        # Nothing wakes the polls now; the lock is gone and the held claim looks again.
+        wait_for(other.done, timeout=5, what="the second poll to lease the leftover")
+        assert other.result() == [leftover]
+        # The round was never drained: a fresh poll claims (and finds nothing), none skipped.
         skipped = claims(server.http_url).get("skipped", 0)
-        again = replace_wait(poll, seconds=10)
-        leased = fleet.workers.LeaseTasks(again, timeout=20)
-        assert [lease.task_id for lease in leased.leases] == [leftover]
+        again = replace_wait(poll, seconds=1)
+        assert list(fleet.workers.LeaseTasks(again, timeout=20).leases) == []
         assert claims(server.http_url).get("skipped", 0) == skipped
-        assert not other.done()
     finally:
         fleet.close()
 
@@ -265,15 +264,17 @@ def test_the_claim_takes_the_oldest_tasks_that_fit_its_bytes(
                 queries.NewTask(str(uuid.uuid4()), "sized", b"x" * size, LONG, 0) for size in sizes
             ]
             assert await queries.task_insert_many(conn, tasks) == [True] * len(tasks)
-            rows = await queries.task_claim(
-                conn,
-                task_types=["sized"],
-                limit=10,
-                worker_id="w",
-                lease_ttl=LONG,
-                deadline_grace=LONG,
-                max_bytes=max_bytes,
-            )
+            rows = (
+                await queries.task_claim(
+                    conn,
+                    task_types=["sized"],
+                    limit=10,
+                    worker_id="w",
+                    lease_ttl=LONG,
+                    deadline_grace=LONG,
+                    max_bytes=max_bytes,
+                )
+            ).rows
             assert [str(row["id"]) for row in rows] == [task.id for task in tasks[:taken]]
             return rows
         finally:
@@ -301,7 +302,7 @@ def test_the_claim_counts_a_lease_as_the_server_packs_it(
                 for _ in range(2)
             ]
             assert await queries.task_insert_many(conn, tasks) == [True] * len(tasks)
-            return await queries.task_claim(
+            claimed = await queries.task_claim(
                 conn,
                 task_types=["traced"],
                 limit=10,
@@ -311,6 +312,7 @@ def test_the_claim_counts_a_lease_as_the_server_packs_it(
                 max_bytes=2 * lease_bytes + room,
                 bytes_per_lease=LEASE_BYTES_BESIDES,
             )
+            return claimed.rows
         finally:
             await conn.close()
 

@@ -491,7 +491,7 @@ class TestFencedMaintenanceWrites:
                 )
                 for worker_id in ("w-reap", "w-sweep")
             ]
-            return str(claimed[0][0]["id"]), str(claimed[1][0]["id"])
+            return str(claimed[0].rows[0]["id"]), str(claimed[1].rows[0]["id"])
 
         reaped_id, swept_id = run_on_connection(database_url, seed)
         expire_lease(db, reaped_id)

@@ -150,7 +150,7 @@ class TestMigrateBehindALongTransaction:
                     ),
                     timeout=10,
                 )
-                assert len(claimed) == 1
+                assert len(claimed.rows) == 1
                 assert not migration.done()
             applied = await asyncio.wait_for(migration, timeout=30)
             assert [m.version for m in applied] == list(range(12, LATEST + 1))

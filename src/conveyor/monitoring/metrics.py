@@ -184,8 +184,10 @@ class ServerMetrics:
         self.lease_claims = Counter(
             "conveyor_lease_claims_total",
             "Claims made for LeaseTasks long polls and Work streams, by result: tasks (leased "
-            "some), empty (found none), skipped (woken for types another claim had just found "
-            "empty), handed_over (no claim: an enqueue leased its tasks to the waiting poll).",
+            "some), empty (found none), held (found ready tasks locked by another claim; it "
+            "claims again in milliseconds), skipped (woken for types another claim had just "
+            "found empty), handed_over (no claim: an enqueue leased its tasks to the waiting "
+            "poll).",
             ["result"],
             registry=self.registry,
         )

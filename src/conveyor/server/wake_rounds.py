@@ -8,7 +8,8 @@ remembers which task types a claim found empty:
 
 - a claim that got fewer tasks than it asked for has seen every claimable task of its types
   (as of that claim), so those types are *drained* for the rest of the round; unless it
-  stopped at the bytes its reply can carry (`task_claim`'s `more`), having left tasks;
+  stopped at the bytes its reply can carry (`task_claim`'s `more`), having left tasks, or
+  it found ready tasks locked by another claim (`held`), which may not take them;
 - a woken call whose types are all drained goes back to waiting without a statement;
 - any other woken call claims in its turn (a full batch means more may remain, so the next
   call claims too).
@@ -17,11 +18,12 @@ A round is one notifier generation: a newer wake-up (new tasks committed after t
 claims looked) starts a fresh round with nothing drained, so no task is left waiting for a
 wake-up that was skipped. A long poll's first claim is skipped too when the current round
 has already drained its types (a worker polls again as soon as it receives its leases, and
-that claim would find nothing), unless the same worker's previous claim said `more`: the
-tasks it left were locked until it committed, and a concurrent claim that skipped them may
-have marked their types drained (`WorkerService.lease`). Otherwise it claims directly, as
-do the fallback polls (`poll_interval`), which cover tasks that became available without a
-wake-up.
+that claim would find nothing). Otherwise it claims directly, as do the fallback polls
+(`poll_interval`), which cover tasks that became available without a wake-up. A claim that
+skipped ready tasks another claim had locked never marks its types drained (`held`): the
+other claim may leave them (it stopped at its reply's bytes, or it serves several types
+and took older tasks of another), and the poll claims again within milliseconds
+(`WorkerService.lease`).
 The cost is that woken claims in one server run in sequence; they would contend for the
 same rows and CPU if run together.
 """
@@ -29,10 +31,12 @@ same rows and CPU if run together.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+    from conveyor.storage.queries import Claim
 
 
 class WakeRounds:
@@ -49,12 +53,12 @@ class WakeRounds:
         self,
         task_types: Sequence[str],
         limit: int,
-        claim: Callable[[], Awaitable[list[Any]]],
-    ) -> tuple[int, list[Any] | None]:
+        claim: Callable[[], Awaitable[Claim]],
+    ) -> tuple[int, Claim | None]:
         """Run `claim` in turn unless its types are drained this round.
 
         Returns the generation the decision belongs to (wait for a wake-up after it) and
-        the claimed rows, or None when the claim was skipped.
+        the claim, or None when it was skipped.
         """
         async with self._turn:
             # Read under the lock: a wake-up that arrived while this call waited for its
@@ -65,10 +69,11 @@ class WakeRounds:
                 self._drained = set()
             if self.drained(task_types):
                 return generation, None
-            rows = await claim()
-            if len(rows) < limit and not (rows and rows[0]["more"]):
+            claimed = await claim()
+            rows = claimed.rows
+            if len(rows) < limit and not (rows and rows[0]["more"]) and not claimed.held:
                 self._drained.update(task_types)
-            return generation, rows
+            return generation, claimed
 
     def drained(self, task_types: Sequence[str]) -> bool:
         """Whether a claim since the latest wake-up found every one of `task_types` empty."""

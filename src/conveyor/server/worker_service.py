@@ -89,13 +89,18 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 OWNER_MEMORY_SECONDS: Final = 60.0
 # How long a worker's registered lease is trusted without a heartbeat bringing it again.
 PACE_MEMORY_SECONDS: Final = 60.0
-# Workers whose latest claim stopped at its reply's bytes with tasks left (see `lease`): at
-# this many the memory is cleared, which costs each of them one claim it could have skipped.
-MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 # A bound on a lease's bytes in a message besides its payload and its trace context's JSON
 # text (`lease_size_bound`): ids, the type (at most 128 characters), numbers, timestamps,
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
 LEASE_BYTES_BESIDES: Final = 1024
+# A claim that found its types' ready tasks locked by another claim (`held`) claims again
+# after this long, doubled for each such claim in a row up to the cap: the other claim
+# holds them for the length of its statement, milliseconds, and then either took them or
+# let them go. A poll interval (1 s) was what such a poll used to wait, and a worker kept
+# for one type beside a busy worker that also serves it waited 1-3 s with a task ready.
+# The cap bounds the statements a long hold costs (a bulk cancel's, say): 20 a second.
+HELD_RETRY_FIRST_SECONDS: Final = 0.002
+HELD_RETRY_MAX_SECONDS: Final = 0.05
 # Why leases a LeaseTasks claim took went back to the queue (the `released` event's detail).
 WORKER_WENT_AWAY: Final = "lease not delivered: the worker went away during the claim"
 # What the joined success write answers for a report it left alone because another
@@ -223,8 +228,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         # Each worker's principal, and the lease it registered with (`lease_ttl_for`).
         self._owners: RememberedPerWorker[str] = RememberedPerWorker()
         self._paces: RememberedPerWorker[timedelta] = RememberedPerWorker()
-        # Workers whose latest claim left tasks for want of room in its reply (`more`).
-        self._left_more: set[str] = set()
         # The long polls waiting here, by worker: a heartbeat that says the worker drains
         # ends them at once, empty. Left to wait out its `wait`, such a poll held the
         # stopping worker until that cancelled it, and a reply on its way at that moment
@@ -375,26 +378,27 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """
         loop = asyncio.get_running_loop()
         poll_interval = self.config.poll_interval.total_seconds()
-        # The worker's previous claim stopped at its reply's bytes and left tasks ready. A
-        # concurrent claim that skipped them while that claim held them locked may have
-        # marked the types drained since, and the first claim skipped for it would leave
-        # them waiting for the fallback poll though the worker has room: claim them now.
-        left_more = worker_id in self._left_more
-        self._left_more.discard(worker_id)
-        woken, first = False, not left_more
+        woken, first = False, True
+        held_retry = HELD_RETRY_FIRST_SECONDS
         while not self.draining:
-            generation, claimed = await self._look(
+            generation, claim = await self._look(
                 worker_id, task_types, limit, woken=woken, may_skip=first
             )
             first = False
-            if claimed and claimed[0]["more"]:
-                self._remember_left_more(worker_id)
-            rows = claimed or []
-            self.metrics.count_claim("skipped" if claimed is None else "tasks" if rows else "empty")
+            rows = [] if claim is None else claim.rows
+            held = claim is not None and claim.held
+            self.metrics.count_claim(
+                "skipped" if claim is None else "tasks" if rows else "held" if held else "empty"
+            )
             if not rows:
                 remaining = poll_interval if give_up_at is None else give_up_at - loop.time()
                 if remaining <= 0:
                     break
+                if held:
+                    # Ready tasks another claim had locked: look again in milliseconds, not
+                    # after a wake-up that has already come and gone.
+                    remaining = min(remaining, held_retry)
+                    held_retry = min(2 * held_retry, HELD_RETRY_MAX_SECONDS)
                 waited = await self._wait(worker_id, task_types, limit, generation, remaining)
                 if waited is None:
                     return []  # the worker drains: its poll ends, empty
@@ -461,8 +465,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     async def _look(
         self, worker_id: str, task_types: list[str], limit: int, *, woken: bool, may_skip: bool
-    ) -> tuple[int, list[Any] | None]:
-        """Claim, or skip a claim that would find nothing: (generation, rows or None).
+    ) -> tuple[int, queries.Claim | None]:
+        """Claim, or skip a claim that would find nothing: (generation, claim or None).
 
         `may_skip`: a poll's first claim, skipped if its types are drained this round.
         """
@@ -513,7 +517,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 if not polls:
                     del self._waiting_polls[worker_id]
 
-    async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
+    async def _claim(self, worker_id: str, task_types: list[str], limit: int) -> queries.Claim:
         # If the caller goes away (worker stopping, deadline) while the claim is in flight,
         # the claim may still commit. Shield it, and hand back whatever it leased, so no
         # task waits for a lease expiry because a reply could not be delivered. The
@@ -537,16 +541,18 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if not self._claims:
                 self._no_claims.set()
 
-    async def _hand_back_claimed(self, claim: asyncio.Future[list[Any]], worker_id: str) -> None:
+    async def _hand_back_claimed(
+        self, claim: asyncio.Future[queries.Claim], worker_id: str
+    ) -> None:
         try:
-            rows = await claim
+            claimed = await claim
         except Exception:
             # The claim's own error: nothing was leased, and the call that would have
             # answered it is gone. (Raised, the desk logged it as a failed hand-back.)
             return
-        await self.release_undelivered(rows, worker_id)
+        await self.release_undelivered(claimed.rows, worker_id)
 
-    async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> list[Any]:
+    async def _claim_now(self, worker_id: str, task_types: list[str], limit: int) -> queries.Claim:
         # Bounded by one message's bytes, for the Work stream too (see work_stream.py):
         # no claim takes a lease its message cannot carry.
         async with self.database.connection() as conn:
@@ -1083,11 +1089,6 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         for waiting in self._waiting_polls.pop(worker_id, ()):
             if not waiting.done():
                 waiting.set_result(None)
-
-    def _remember_left_more(self, worker_id: str) -> None:
-        if len(self._left_more) >= MAX_REMEMBERED_LEFTOVERS:
-            self._left_more.clear()
-        self._left_more.add(worker_id)
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         self._owners.put(worker_id, principal, OWNER_MEMORY_SECONDS)

@@ -262,6 +262,18 @@ async def task_insert_leasing(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim statement leased.
+
+    `held`: it leased nothing, though a task of its types was ready: another claim had the
+    ready ones locked, and they may be free again within milliseconds.
+    """
+
+    rows: list[asyncpg.Record]
+    held: bool = False
+
+
 async def task_claim(
     conn: Any,
     *,
@@ -272,25 +284,26 @@ async def task_claim(
     deadline_grace: timedelta,
     max_bytes: int | None = None,
     bytes_per_lease: int = 0,
-) -> list[asyncpg.Record]:
+) -> Claim:
     """Lease up to `limit` of the oldest available tasks of the given types.
 
     With `max_bytes`, only as many of them as fit that many bytes, each counted as its
     payload, its trace context's JSON text and `bytes_per_lease`; the oldest always. Each
     row's `more` says whether tasks were left for want of room.
     """
-    return list(
-        await conn.fetch(
-            SQL["task_claim"],
-            list(task_types),
-            limit,
-            worker_id,
-            _seconds(lease_ttl),
-            _seconds(deadline_grace),
-            max_bytes,
-            bytes_per_lease,
-        )
+    rows = await conn.fetch(
+        SQL["task_claim"],
+        list(task_types),
+        limit,
+        worker_id,
+        _seconds(lease_ttl),
+        _seconds(deadline_grace),
+        max_bytes,
+        bytes_per_lease,
     )
+    if len(rows) == 1 and rows[0]["held"]:
+        return Claim([], held=True)
+    return Claim(list(rows))
 
 
 async def task_succeed(

@@ -178,6 +178,11 @@ ORDER BY g.ord;
 -- bound stay locked, untouched, until the claim commits; another claim skips them meanwhile.
 -- `more` (on every row): a candidate was left for want of room, so tasks remain ready and
 -- the claim has not drained its types (wake_rounds.py).
+-- A claim that leased nothing returns one row of NULLs but `held` instead, when a task of
+-- its types was ready in its snapshot: another claim had it locked (a worker serving
+-- several types locks candidates of each and keeps the oldest overall), so the types are
+-- not drained and the poll claims again soon (WorkerService.lease). The probe runs only
+-- then (its subplan's one-time filter reads `claimed` first), one index descent per type.
 WITH candidates AS (
     SELECT c.id, c.seq, c.lease_bytes
     FROM unnest($1::text[]) AS wanted (type)
@@ -226,8 +231,23 @@ WITH candidates AS (
 )
 SELECT id, type, payload, attempt, max_retries, timeout, lease_id, lease_expires_at, deadline_at,
        waited, trace_context,
-       (SELECT count(*) FROM candidates) > (SELECT count(*) FROM fitting) AS more
+       (SELECT count(*) FROM candidates) > (SELECT count(*) FROM fitting) AS more,
+       false AS held, seq
 FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false, true, NULL
+WHERE NOT EXISTS (SELECT 1 FROM claimed)
+  AND EXISTS (
+    SELECT 1
+    FROM unnest($1::text[]) AS wanted (type)
+    CROSS JOIN LATERAL (
+        SELECT 1
+        FROM conveyor_tasks AS t
+        WHERE t.state = 'queued' AND t.type = wanted.type AND t.available_at <= now()
+        LIMIT 1
+    ) AS ready
+    WHERE NOT EXISTS (SELECT 1 FROM conveyor_paused_types AS p WHERE p.type = wanted.type)
+  )
 ORDER BY seq;
 
 -- name: task_succeed
