@@ -107,6 +107,17 @@ async def async_log_line(ctx: TaskContext, payload: bytes) -> bytes:
     return payload
 
 
+def burn(ctx: TaskContext, payload: bytes) -> bytes:
+    """Pure-Python work, holding the GIL but between its switches, for float(payload) s."""
+    record("start", ctx)
+    end = time.monotonic() + float(payload)
+    spins = 0
+    while time.monotonic() < end:
+        spins += 1
+    record("end", ctx)
+    return str(spins).encode()
+
+
 def build(concurrency: int = 4) -> Worker:
     worker = Worker(concurrency=concurrency)
     for name, fn in {
@@ -120,6 +131,7 @@ def build(concurrency: int = 4) -> Worker:
         "fail_once": fail_once,
         "log_line": log_line,
         "async_log_line": async_log_line,
+        "burn": burn,
     }.items():
         worker.register_handler(name, fn)
     return worker

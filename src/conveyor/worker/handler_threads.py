@@ -6,20 +6,34 @@ threads when the interpreter exits, so such a handler kept a program that embeds
 (`worker.run()` returns after its drain) from exiting for as long as it ran: for ever, for
 one that never returns. These threads are daemons, reused like a pool's and never more
 than `max_threads`: the process exits without them, as `conveyor worker` always did.
+
+They share the interpreter's lock (the GIL) with the worker's event loop, which sends the
+heartbeats. Python hands the lock to a waiting thread every switch interval (5 ms by
+default), and the waiter that gets it is any of them: with dozens of handlers doing
+pure-Python work, a thread waking from a wait (the loop after its poll, gRPC's) went seconds
+without it, and the worker, silent, was marked lost and its tasks ran again (64 such
+handlers: no heartbeat for over 10 s). So the first handler thread lowers the interval to
+`SWITCH_INTERVAL` for the process, unless it is lower already: the loop then beats on time
+(3-4 s apart with a 3 s interval, same test), for 0-3 % less pure-Python throughput when
+threads contend, and nothing when they do not (docs/operations.md, "Sizing concurrency").
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 Result = TypeVar("Result")
+
+# Seconds; see the module's docstring.
+SWITCH_INTERVAL: Final = 0.0005
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +78,8 @@ class HandlerThreads:
                 raise RuntimeError("the handler threads are shut down")
             self._work.put(_Work(future, fn, args))
             if not self._idle.acquire(blocking=False) and self._threads < self._max_threads:
+                if not self._threads and sys.getswitchinterval() > SWITCH_INTERVAL:
+                    sys.setswitchinterval(SWITCH_INTERVAL)
                 self._threads += 1
                 threading.Thread(
                     target=self._serve, name=f"{self._name_prefix}_{self._threads}", daemon=True
