@@ -15,6 +15,7 @@ from conveyor.client.channel import (
     RetryLoop,
     RetryPolicy,
     TlsConfig,
+    adoptable_after_fork,
     parse_addresses,
     retry_policy,
 )
@@ -119,6 +120,15 @@ class AsyncClient:
         # "Event loop is closed" tracebacks); a call leaves nothing behind.
         self._outlived_a_loop = False
         self._owner = core.OwningProcess("an AsyncClient")
+        adoptable_after_fork(self)
+
+    def adopt_if_unused(self) -> None:
+        """Internal (channel.Adoptable): a forked child takes over a client never used."""
+        if self._loop is not None or self._channels or self._closes:
+            return
+        self._loop_lock = threading.Lock()
+        self._enqueues = self._group_commit()
+        self._owner.adopt()
 
     def _group_commit(self) -> GroupCommit[pb.EnqueueTasksRequest, str]:
         # Enqueues from concurrent coroutines that wait while others are in flight go

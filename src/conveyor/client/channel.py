@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, NamedTuple, overload
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol, overload
 
 import grpc
 import grpc.aio
@@ -339,9 +339,36 @@ def _forked() -> None:
     global _forked_from  # noqa: PLW0603 - the process's own fact, set once at fork
     if _forked_from is None and len(_open_channels):
         _forked_from = os.getppid()
+    if _forked_from is None:
+        for client in list(_adoptable):
+            client.adopt_if_unused()
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+class Adoptable(Protocol):
+    """A client a forked child may take over if its parent never used it."""
+
+    def adopt_if_unused(self) -> None:
+        """In a forked child, with this thread alone: take the client over if it is unused.
+
+        Its locks are made anew: a parent's thread starting its first call at the fork
+        may have held one, and no thread here would release it.
+        """
+
+
+# Clients a forked child may adopt: a prefork web server's master (gunicorn --preload)
+# imports the app, which makes its client at import, and forks the workers that call it.
+# Only a child of a parent that held no connections (`_forked`): one that did leaves
+# gRPC's state unusable in the child, and its clients refuse at once. Weak: a client
+# dropped is forgotten.
+_adoptable: weakref.WeakSet[Adoptable] = weakref.WeakSet()
+
+
+def adoptable_after_fork(client: Adoptable) -> None:
+    """Let a child forked from this process adopt `client` if it is unused then."""
+    _adoptable.add(client)
 
 
 def parse_addresses(server: str | Sequence[str] | None) -> list[str]:

@@ -565,19 +565,22 @@ def status_from_get_status(response: pb.GetStatusResponse) -> ClusterStatus:
 
 
 FORKED: Final = (
-    "{client} cannot be used across fork(): create one in the child (this one was created "
-    "in process {pid}, and its connections belong to that process; a child forked while "
-    "they were open cannot connect at all, so start children with 'spawn' or 'forkserver')"
+    "{client} cannot be used across fork(): it was created in process {pid}, which held "
+    "gRPC connections when it forked, and a child of such a process cannot connect at all "
+    "(gRPC's limit). Start children with the 'spawn' or 'forkserver' method, or connect "
+    "only after the fork (in a prefork web server: a client made at import is fine if the "
+    "parent never calls it)"
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class OwningProcess:
-    """The process a client was created in: its connections work there and nowhere else.
+    """The process a client belongs to: its connections work there and nowhere else.
 
     gRPC's fork support is off (see conveyor/__init__.py), so a forked child's copies of
     its parent's channels never answer: a call waited out the whole retry budget (30 s by
-    default), then blamed the server. `check` says so at once instead.
+    default), then blamed the server. `check` says so at once instead. A child of a parent
+    that held no connections adopts the clients it inherits unused (`channel.Adoptable`).
     """
 
     # How the error names the client: "a Client", "an AsyncClient".
@@ -593,3 +596,7 @@ class OwningProcess:
         """Raise ConfigError in a forked child."""
         if self.forked:
             raise ConfigError(FORKED.format(client=self.client, pid=self.pid))
+
+    def adopt(self) -> None:
+        """Belong to this process from now on."""
+        self.pid = os.getpid()

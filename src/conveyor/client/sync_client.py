@@ -16,6 +16,7 @@ from conveyor.client.channel import (
     RetryLoop,
     RetryPolicy,
     TlsConfig,
+    adoptable_after_fork,
     parse_addresses,
     retry_policy,
 )
@@ -119,10 +120,19 @@ class Client:
         weakref.finalize(self, _drop_streams, self._enqueue_streams)
         # Threads that enqueue while this client's requests are in flight go together in
         # one request, as in AsyncClient (see conveyor/group_commit.py).
-        self._enqueues: BlockingGroupCommit[pb.EnqueueTasksRequest, str] = BlockingGroupCommit(
-            self._send_enqueue,
-            **core.ENQUEUE_JOINING,
-        )
+        self._enqueues = self._group_commit()
+        adoptable_after_fork(self)
+
+    def _group_commit(self) -> BlockingGroupCommit[pb.EnqueueTasksRequest, str]:
+        return BlockingGroupCommit(self._send_enqueue, **core.ENQUEUE_JOINING)
+
+    def adopt_if_unused(self) -> None:
+        """Internal (channel.Adoptable): a forked child takes over a client never used."""
+        if self._channels or self._enqueue_streams or self._closed:
+            return
+        self._channels_lock = threading.Lock()
+        self._enqueues = self._group_commit()
+        self._owner.adopt()
 
     def _check_usable(self) -> None:
         """Raise ConfigError if the client was closed, or is used in a forked child."""
