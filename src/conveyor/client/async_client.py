@@ -231,9 +231,19 @@ class AsyncClient:
                     raise ServerUnavailable(CLOSED_DURING_CALL) from None
                 attempts.failed(pick, exc)
                 continue
+            except asyncio.CancelledError:
+                attempts.abandoned(pick)
+                current = asyncio.current_task()
+                if self._closes != closes and current is not None and not current.cancelling():
+                    # close() cancelled the call (a channel closed without grace cancels
+                    # its calls, and grpc.aio raises CancelledError in their callers), not
+                    # anyone's cancel of this task: a web framework's request handler would
+                    # otherwise be taken for cancelled, its TaskGroup torn down.
+                    raise ServerUnavailable(CLOSED_DURING_CALL) from None
+                raise
             except BaseException:
-                # Cancelled (an asyncio.timeout around the call, a task being stopped): the
-                # breaker must not wait for ever for this call's verdict if it was a probe.
+                # The breaker must not wait for ever for this call's verdict if it was a
+                # probe.
                 attempts.abandoned(pick)
                 raise
             attempts.succeeded(pick)
