@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, cast
 
 import grpc
 
@@ -165,8 +166,11 @@ class Client:
     def _call(self, method: str, request: Any, service: str = "TaskService") -> Any:
         return self._retrying(
             method,
-            lambda address, timeout: getattr(self._stub(address, service), method)(
-                request, timeout=timeout, metadata=self._metadata
+            lambda address, timeout: _off_the_main_thread(
+                getattr(self._stub(address, service), method),
+                request,
+                timeout=timeout,
+                metadata=self._metadata,
             ),
         )
 
@@ -432,6 +436,34 @@ class Client:
     ) -> None:
         """Close the client."""
         self.close()
+
+
+def _off_the_main_thread(call: Callable[..., Response], *args: Any, **kwargs: Any) -> Response:
+    """`call(*args, **kwargs)`, on a thread of its own when called on the main thread.
+
+    Python delivers signals to the main thread, and a KeyboardInterrupt raised there inside
+    grpc's blocking call can land between a lock's acquisition and the `with` that would
+    release it (`threading.Condition.__enter__` is Python code): the channel's lock stayed
+    held, and every later call on the client hung past its deadline (a Ctrl-C storm over
+    get_task_status in a review, 3 of 3 runs). The caller waits on a SimpleQueue instead,
+    whose get() an interrupt leaves clean; the call runs on to its deadline, unread. Other
+    threads never take signals, and call inline.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return call(*args, **kwargs)
+    outcome: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            outcome.put((True, call(*args, **kwargs)))
+        except BaseException as exc:  # re-raised in the caller
+            outcome.put((False, exc))
+
+    threading.Thread(target=run, name="conveyor-call", daemon=True).start()
+    answered, value = outcome.get()
+    if answered:
+        return cast("Response", value)
+    raise value
 
 
 def _drop_streams(streams: dict[str, BlockingEnqueueStream]) -> None:
