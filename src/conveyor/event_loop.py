@@ -76,12 +76,25 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def run(main: Coroutine[Any, Any, Result], *, close_within: float | None = None) -> Result:
+def run(
+    main: Coroutine[Any, Any, Result],
+    *,
+    close_within: float | None = None,
+    on_exit_from_task: Callable[[BaseException], None] | None = None,
+) -> Result:
     """`asyncio.run(main)` on the loop `loop_factory` picks.
 
     `close_within`: how long the tasks still running when `main` ends get to finish after
     their cancellation before the loop closes without them (None: as long as they take),
     and then how long grpc gets to hand the loop the completions it still owes it.
+
+    `on_exit_from_task` (with `close_within`): asyncio lets a SystemExit or
+    KeyboardInterrupt raised in any task out of the loop, having set it on that task, and
+    the loop stops with `main` still running. Given, it is told of such an exception and
+    the loop runs on (as asyncio.Runner does after a KeyboardInterrupt): whoever awaits the
+    task gets the exception. A worker's loop runs in a thread of its own, which no signal
+    reaches, so there they come from handlers' code: sys.exit in a task a handler started
+    (asyncio.wait_for, gather, a TaskGroup) ended the whole worker.
     """
     if close_within is None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -89,7 +102,14 @@ def run(main: Coroutine[Any, Any, Result], *, close_within: float | None = None)
     factory = loop_factory()
     loop = factory() if factory is not None else asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(main)
+        running = loop.create_task(main)
+        while True:
+            try:
+                return loop.run_until_complete(running)
+            except (SystemExit, KeyboardInterrupt) as exc:
+                if on_exit_from_task is None or running.done():
+                    raise
+                on_exit_from_task(exc)
     finally:
         try:
             _cancel_remaining(loop, close_within)

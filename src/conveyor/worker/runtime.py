@@ -262,6 +262,17 @@ async def _guarded(handler_call: Awaitable[Any]) -> Any:
         raise _HandlerExited(exc) from exc
 
 
+def _exit_from_a_handlers_task(exc: BaseException) -> None:
+    # The handler that awaits the task fails with it (`_guarded`); one that did not await
+    # it loses nothing but this warning.
+    log.warning(
+        "a task started by a handler raised %s; the worker goes on (a handler awaiting "
+        "that task fails its attempt with it)",
+        describe_error(exc),
+        extra={"event": "handler_task_exited"},
+    )
+
+
 def default_worker_id() -> str:
     """host-pid-random: unique per process and readable in `conveyor workers`."""
     return f"{host_name()[:_ID_HOST_LENGTH]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -647,7 +658,11 @@ class Worker:
             try:
                 # Bounded: an async handler that swallows its cancellation must not keep
                 # this thread (and the metrics endpoint it stops) alive for ever.
-                event_loop.run(self._runtime.main(self._on_started), close_within=LOOP_CLOSE_GRACE)
+                event_loop.run(
+                    self._runtime.main(self._on_started),
+                    close_within=LOOP_CLOSE_GRACE,
+                    on_exit_from_task=_exit_from_a_handlers_task,
+                )
             except BaseException as exc:
                 if not self._started.is_set():
                     self._start_error = exc
