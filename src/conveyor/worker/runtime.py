@@ -249,17 +249,53 @@ class _HandlerExited(Exception):
 
 
 def _call_sync(fn: Callable[..., Any], ctx: TaskContext, payload: bytes) -> Any:
+    pid = os.getpid()
     try:
-        return fn(ctx, payload)
+        result = fn(ctx, payload)
     except StopIteration as exc:
+        _leave_if_forked(pid, ctx, failed=True)
         raise _HandlerExited(exc) from exc
+    except BaseException:
+        _leave_if_forked(pid, ctx, failed=True)
+        raise
+    _leave_if_forked(pid, ctx, failed=False)
+    return result
 
 
-async def _guarded(handler_call: Awaitable[Any]) -> Any:
+async def _guarded(handler_call: Awaitable[Any], ctx: TaskContext) -> Any:
+    pid = os.getpid()
     try:
-        return await handler_call
+        result = await handler_call
     except (SystemExit, KeyboardInterrupt) as exc:
+        _leave_if_forked(pid, ctx, failed=True)
         raise _HandlerExited(exc) from exc
+    except BaseException:
+        _leave_if_forked(pid, ctx, failed=True)
+        raise
+    _leave_if_forked(pid, ctx, failed=False)
+    return result
+
+
+def _leave_if_forked(pid: int, ctx: TaskContext, *, failed: bool) -> None:
+    """End a child a handler forked that returned (or raised) into the worker's code.
+
+    Such a child is a copy of the worker: its thread (the handler's, or for an async
+    handler the event loop's) went on to report the attempt and ran the loop's heartbeats
+    and leases over the parent's connections, which broke them (the parent was marked
+    lost); a sync handler's child waited for more work for ever. It exits at once, as a
+    multiprocessing child does after its target, without the parent's exit handlers or
+    buffered output.
+    """
+    if os.getpid() == pid:
+        return
+    with contextlib.suppress(OSError):
+        os.write(
+            2,
+            f"conveyor: process {os.getpid()}, forked by the handler of task {ctx.task_id} "
+            f"(type {ctx.task_type}), returned into the worker instead of calling os._exit(); "
+            "it exits\n".encode(errors="replace"),
+        )
+    os._exit(1 if failed else 0)
 
 
 def _exit_from_a_handlers_task(exc: BaseException) -> None:
@@ -738,8 +774,22 @@ class Worker:
                 (`conveyor worker` then exits with status 1).
         """
         stop_requested = threading.Event()
+        worker_pid = os.getpid()
 
         def on_signal(signum: int, _frame: object) -> None:
+            if os.getpid() != worker_pid:
+                # A child a handler forked (multiprocessing's fork method) inherits these
+                # handlers, and is no worker: Process.terminate() logged "stopping
+                # gracefully" in the worker's name, and the child ran on. It gets what a
+                # Python program starts with (the handlers before `run` may be
+                # `conveyor worker`'s own) and takes the signal as that says.
+                for sig in previous:
+                    signal.signal(
+                        sig,
+                        signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL,
+                    )
+                signal.raise_signal(signum)
+                return
             if stop_requested.is_set():
                 log.warning(
                     "second signal: exiting without draining",
@@ -1882,7 +1932,7 @@ class _Runtime:
             return unopened
         if handler.is_async:
             return self.loop.create_task(
-                _guarded(handler_call), name=f"handler-{attempt.lease.task_id}"
+                _guarded(handler_call, attempt.ctx), name=f"handler-{attempt.lease.task_id}"
             )
         with self.threads_lock:
             self.busy_threads += 1
