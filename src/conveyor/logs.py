@@ -229,11 +229,25 @@ class TextFormatter(logging.Formatter):
         )
 
 
+class _StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose failures never reach the code that logged.
+
+    logging reports a line it could not write by printing to sys.stderr, and lets out any
+    error but OSError doing so. With the stream closed (a handler closed sys.stderr), every
+    log call raised ValueError: a worker's attempt ended in a log line before its report,
+    and its task waited for a lease expiry that blamed a healthy worker.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        with contextlib.suppress(Exception):
+            super().handleError(record)
+
+
 def make_handler(fmt: LogFormat = "text", stream: IO[str] | None = None) -> logging.Handler:
     """A stream handler with the chosen format and the context filter."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     return handler
