@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -650,3 +651,31 @@ def migrate_with(url: str, folder: Path | None) -> list[int]:
             await conn.close()
 
     return asyncio.run(go())
+
+
+# Earlier states of this repository that the compatibility tests run against, as the
+# releases before this one (there are no tagged releases yet): the newest commit of
+# 2026-11-29 (schema 6: long-polling workers, no tokens) and of 2026-12-02 (schema 15: the
+# Work and enqueue streams, the schema before 0016's).
+OLD_LONG_POLL_RELEASE = "5d0b54e"
+OLD_SCHEMA_15_RELEASE = "2852336"
+
+
+def old_release(rev: str) -> Path:
+    """The sources of an earlier commit of this repository, extracted once per machine.
+
+    Skips the test where the clone's history lacks it (a shallow clone).
+    """
+    root = Path(tempfile.gettempdir()) / f"conveyor-release-{rev}"
+    if (root / "src" / "conveyor").is_dir():
+        return root
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", rev], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"this clone's history lacks {rev}: {archive.stderr.decode().strip()}")
+    partial = Path(tempfile.mkdtemp(prefix=f"conveyor-release-{rev}-"))
+    subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
+    with contextlib.suppress(OSError):  # another test process extracted it meanwhile
+        partial.rename(root)
+    return root

@@ -399,6 +399,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     # after a wake-up that has already come and gone.
                     remaining = min(remaining, held_retry)
                     held_retry = min(2 * held_retry, HELD_RETRY_MAX_SECONDS)
+                elif claim is not None:
+                    held_retry = HELD_RETRY_FIRST_SECONDS  # a new hold starts short again
                 waited = await self._wait(worker_id, task_types, limit, generation, remaining)
                 if waited is None:
                     return []  # the worker drains: its poll ends, empty
