@@ -19,7 +19,7 @@ build_demo_worker = demo_worker.build_demo_worker
 
 async def crash(_ctx: TaskContext, _payload: bytes) -> bytes:
     """End the worker's event loop on an error it cannot handle."""
-    asyncio.get_running_loop().call_soon(sys.exit, 3)
+    asyncio.get_running_loop().stop()  # its run_until_complete then raises RuntimeError
     return b"crash scheduled"
 
 

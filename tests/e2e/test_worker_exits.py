@@ -52,7 +52,7 @@ def test_an_async_handler_calling_sys_exit_fails_its_task_and_the_worker_runs_on
 
 @pytest.mark.slow
 def test_a_crashed_worker_exits_with_status_1(server, client, db, processes, e2e_pythonpath):
-    """An exit from outside any handler still ends the worker's loop: the process says so
+    """A handler that stops the worker's event loop ends the worker: the process says so
     with status 1 and one error line (it exited 0, and supervisors did not restart it)."""
     worker = processes(
         conveyor_command("worker", f"{E2E_APPS}:exiting", "--server", server.address),
@@ -63,7 +63,7 @@ def test_a_crashed_worker_exits_with_status_1(server, client, db, processes, e2e
     client.enqueue_task(Task(type="crash"))
     assert worker.wait(30) == 1, worker.output()
     assert "error: worker " in worker.output()
-    assert "crashed: SystemExit: 3" in worker.output()
+    assert "crashed: RuntimeError: Event loop stopped before Future completed." in worker.output()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import pytest
 from helpers import wait_for
@@ -20,7 +19,7 @@ from conveyor import Client, Task, TaskContext, Worker
 
 async def crash(_ctx: TaskContext, _payload: bytes) -> bytes:
     """End the worker's event loop on an error it cannot handle (outside any handler)."""
-    asyncio.get_running_loop().call_soon(sys.exit, 3)
+    asyncio.get_running_loop().stop()  # its run_until_complete then raises RuntimeError
     return b"crash scheduled"
 
 

@@ -122,7 +122,7 @@ class AsyncClient:
         self._owner = core.OwningProcess("an AsyncClient")
         adoptable_after_fork(self)
 
-    def adopt_if_unused(self) -> None:
+    def _adopt_if_unused(self) -> None:
         """Internal (channel.Adoptable): a forked child takes over a client never used."""
         if self._loop is not None or self._channels or self._closes:
             return

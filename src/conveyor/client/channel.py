@@ -341,7 +341,7 @@ def _forked() -> None:
         _forked_from = os.getppid()
     if _forked_from is None:
         for client in list(_adoptable):
-            client.adopt_if_unused()
+            client._adopt_if_unused()  # noqa: SLF001 - the clients' own hook, kept off their API
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -350,7 +350,7 @@ os.register_at_fork(after_in_child=_forked)
 class Adoptable(Protocol):
     """A client a forked child may take over if its parent never used it."""
 
-    def adopt_if_unused(self) -> None:
+    def _adopt_if_unused(self) -> None:
         """In a forked child, with this thread alone: take the client over if it is unused.
 
         Its locks are made anew: a parent's thread starting its first call at the fork

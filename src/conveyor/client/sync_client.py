@@ -127,7 +127,7 @@ class Client:
     def _group_commit(self) -> BlockingGroupCommit[pb.EnqueueTasksRequest, str]:
         return BlockingGroupCommit(self._send_enqueue, **core.ENQUEUE_JOINING)
 
-    def adopt_if_unused(self) -> None:
+    def _adopt_if_unused(self) -> None:
         """Internal (channel.Adoptable): a forked child takes over a client never used."""
         if self._channels or self._enqueue_streams or self._closed:
             return

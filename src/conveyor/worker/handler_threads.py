@@ -13,9 +13,10 @@ default), and the waiter that gets it is any of them: with dozens of handlers do
 pure-Python work, a thread waking from a wait (the loop after its poll, gRPC's) went seconds
 without it, and the worker, silent, was marked lost and its tasks ran again (64 such
 handlers: no heartbeat for over 10 s). So the first handler thread lowers the interval to
-`SWITCH_INTERVAL` for the process, unless it is lower already: the loop then beats on time
-(3-4 s apart with a 3 s interval, same test), for 0-3 % less pure-Python throughput when
-threads contend, and nothing when they do not (docs/operations.md, "Sizing concurrency").
+`SWITCH_INTERVAL` for the process, unless it is lower already: the loop's heartbeats then
+go out, up to about 5 s late on a loaded machine (3.3-5 s apart with a 3 s interval, same
+test), for 0-3 % less pure-Python throughput when threads contend, and nothing when they
+do not (docs/operations.md, "Sizing concurrency").
 """
 
 from __future__ import annotations
