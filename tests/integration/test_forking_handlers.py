@@ -113,6 +113,7 @@ def child_pid(out: Path) -> int:
     return int(wait_for(noted, what="the child's pid").split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_type", ["fork.async", "fork.sync"])
 def test_a_forked_child_returning_into_the_worker_is_no_second_worker(
     start_server: Any, db: Any, tmp_path: Path, processes: Any, task_type: str
@@ -154,6 +155,7 @@ def test_a_forked_child_returning_into_the_worker_is_no_second_worker(
                 os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_multiprocessing_child_of_a_handler_ends_on_terminate(
     server: Any, client: Any, tmp_path: Path, processes: Any
 ) -> None:
