@@ -124,7 +124,7 @@ class AsyncClient:
 
     def _adopt_if_unused(self) -> None:
         """Internal (channel.Adoptable): a forked child takes over a client never used."""
-        if self._loop is not None or self._channels or self._closes:
+        if self._owner.called or self._closes:
             return
         self._loop_lock = threading.Lock()
         self._enqueues = self._group_commit()

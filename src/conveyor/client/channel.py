@@ -351,10 +351,12 @@ class Adoptable(Protocol):
     """A client a forked child may take over if its parent never used it."""
 
     def _adopt_if_unused(self) -> None:
-        """In a forked child, with this thread alone: take the client over if it is unused.
+        """In a forked child, with this thread alone: take the client over if no call began.
 
-        Its locks are made anew: a parent's thread starting its first call at the fork
-        may have held one, and no thread here would release it.
+        A call that began in the parent may hold locks, its own or Python's (the import
+        lock, while grpc imports its channel module), that no thread here would release:
+        a child that adopted such a client hung on its first call. Its own locks are made
+        anew regardless.
         """
 
 

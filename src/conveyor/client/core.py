@@ -586,6 +586,10 @@ class OwningProcess:
     # How the error names the client: "a Client", "an AsyncClient".
     client: str
     pid: int = dataclasses.field(default_factory=os.getpid)
+    # Whether a call began in this process: from then on, a thread of it may hold a lock
+    # (Python's import lock, as grpc imports its channel module on the first channel) that
+    # a forked child would never see released, so the child must not adopt the client.
+    called: bool = False
 
     @property
     def forked(self) -> bool:
@@ -593,9 +597,10 @@ class OwningProcess:
         return self.pid != os.getpid()
 
     def check(self) -> None:
-        """Raise ConfigError in a forked child."""
+        """Raise ConfigError in a forked child; otherwise note that a call began."""
         if self.forked:
             raise ConfigError(FORKED.format(client=self.client, pid=self.pid))
+        self.called = True
 
     def adopt(self) -> None:
         """Belong to this process from now on."""

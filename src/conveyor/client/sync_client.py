@@ -129,7 +129,7 @@ class Client:
 
     def _adopt_if_unused(self) -> None:
         """Internal (channel.Adoptable): a forked child takes over a client never used."""
-        if self._channels or self._enqueue_streams or self._closed:
+        if self._owner.called or self._closed:
             return
         self._channels_lock = threading.Lock()
         self._enqueues = self._group_commit()

@@ -18,12 +18,16 @@ A round is one notifier generation: a newer wake-up (new tasks committed after t
 claims looked) starts a fresh round with nothing drained, so no task is left waiting for a
 wake-up that was skipped. A long poll's first claim is skipped too when the current round
 has already drained its types (a worker polls again as soon as it receives its leases, and
-that claim would find nothing). Otherwise it claims directly, as do the fallback polls
-(`poll_interval`), which cover tasks that became available without a wake-up. A claim that
-skipped ready tasks another claim had locked never marks its types drained (`held`): the
-other claim may leave them (it stopped at its reply's bytes, or it serves several types
-and took older tasks of another), and the poll claims again within milliseconds
-(`WorkerService.lease`).
+that claim would find nothing), unless the same worker's previous claim said `more`: the
+tasks it left were locked until it committed, and a concurrent claim that skipped them and
+leased others may have marked their types drained (`WorkerService.lease`). Otherwise it
+claims directly, as do the fallback polls (`poll_interval`), which cover tasks that became
+available without a wake-up. A claim that leased nothing though ready tasks were locked by
+another claim (`held`) never marks its types drained: the other claim may leave them (it
+stopped at its reply's bytes, or it serves several types and took older tasks of another),
+and the poll claims again within milliseconds (`WorkerService.lease`). Only a claim that
+leased nothing is probed for `held`; one that leased some and skipped held tasks still
+marks its types drained.
 The cost is that woken claims in one server run in sequence; they would contend for the
 same rows and CPU if run together.
 """

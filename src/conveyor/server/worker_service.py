@@ -89,6 +89,9 @@ MAX_REMEMBERED_OWNERS: Final = 10_000
 OWNER_MEMORY_SECONDS: Final = 60.0
 # How long a worker's registered lease is trusted without a heartbeat bringing it again.
 PACE_MEMORY_SECONDS: Final = 60.0
+# Workers whose latest claim stopped at its reply's bytes with tasks left (see `lease`): at
+# this many the memory is cleared, which costs each of them one claim it could have skipped.
+MAX_REMEMBERED_LEFTOVERS: Final = 10_000
 # A bound on a lease's bytes in a message besides its payload and its trace context's JSON
 # text (`lease_size_bound`): ids, the type (at most 128 characters), numbers, timestamps,
 # the trace context map's framing (at most 8 entries) and the lease's own tag and length.
@@ -228,6 +231,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         # Each worker's principal, and the lease it registered with (`lease_ttl_for`).
         self._owners: RememberedPerWorker[str] = RememberedPerWorker()
         self._paces: RememberedPerWorker[timedelta] = RememberedPerWorker()
+        # Workers whose latest claim left tasks for want of room in its reply (`more`).
+        self._left_more: set[str] = set()
         # The long polls waiting here, by worker: a heartbeat that says the worker drains
         # ends them at once, empty. Left to wait out its `wait`, such a poll held the
         # stopping worker until that cancelled it, and a reply on its way at that moment
@@ -378,7 +383,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         """
         loop = asyncio.get_running_loop()
         poll_interval = self.config.poll_interval.total_seconds()
-        woken, first = False, True
+        # The worker's previous claim stopped at its reply's bytes and left tasks ready. A
+        # concurrent claim that skipped them while that claim held them locked, and leased
+        # others, may have marked the types drained since (a claim that leased some is not
+        # probed for `held`), and the first claim skipped for it would leave them waiting
+        # for the fallback poll though the worker has room: claim them now.
+        left_more = worker_id in self._left_more
+        self._left_more.discard(worker_id)
+        woken, first = False, not left_more
         held_retry = HELD_RETRY_FIRST_SECONDS
         while not self.draining:
             generation, claim = await self._look(
@@ -386,6 +398,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             )
             first = False
             rows = [] if claim is None else claim.rows
+            if rows and rows[0]["more"]:
+                self._remember_left_more(worker_id)
             held = claim is not None and claim.held
             self.metrics.count_claim(
                 "skipped" if claim is None else "tasks" if rows else "held" if held else "empty"
@@ -1091,6 +1105,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         for waiting in self._waiting_polls.pop(worker_id, ()):
             if not waiting.done():
                 waiting.set_result(None)
+
+    def _remember_left_more(self, worker_id: str) -> None:
+        if len(self._left_more) >= MAX_REMEMBERED_LEFTOVERS:
+            self._left_more.clear()
+        self._left_more.add(worker_id)
 
     def _remember_owner(self, worker_id: str, principal: str) -> None:
         self._owners.put(worker_id, principal, OWNER_MEMORY_SECONDS)
