@@ -25,6 +25,7 @@ from conveyor import Client, Task, TaskState
 
 APP = textwrap.dedent(
     """
+    import asyncio
     import multiprocessing
     import os
     import time
@@ -47,6 +48,17 @@ APP = textwrap.dedent(
     async def fork_async(ctx, payload):
         if os.fork() == 0:
             note(f"child {os.getpid()}")
+            return b"from the child"  # the bug: no os._exit()
+        return b"from the parent"
+
+
+    @worker.handler("fork.async.await")
+    async def fork_async_await(ctx, payload):
+        if os.fork() == 0:
+            note(f"child {os.getpid()}")
+            # Meanwhile the child's copy of the worker's loop runs the worker's heartbeats
+            # and polls on the parent's connections.
+            await asyncio.sleep(4)
             return b"from the child"  # the bug: no os._exit()
         return b"from the parent"
 
@@ -114,7 +126,7 @@ def child_pid(out: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task_type", ["fork.async", "fork.sync"])
+@pytest.mark.parametrize("task_type", ["fork.async", "fork.async.await", "fork.sync"])
 def test_a_forked_child_returning_into_the_worker_is_no_second_worker(
     start_server: Any, db: Any, tmp_path: Path, processes: Any, task_type: str
 ) -> None:
@@ -133,11 +145,10 @@ def test_a_forked_child_returning_into_the_worker_is_no_second_worker(
             assert status.result == b"from the parent"
             assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
 
-            # The child is not left running the worker's code.
-            wait_for(lambda: not alive(child), timeout=10, what=f"the forked child {child} to exit")
             # The real worker stays healthy: for longer than the server takes to call a
-            # silent worker lost, every task runs at once, on one attempt.
-            until = time.monotonic() + 5
+            # silent worker lost (and than a child that awaits lives), every task runs at
+            # once, on one attempt.
+            until = time.monotonic() + 6
             while time.monotonic() < until:
                 noop = wait_final(
                     client, client.enqueue_task(Task(type="noop", max_retries=0)), timeout=10
@@ -148,6 +159,8 @@ def test_a_forked_child_returning_into_the_worker_is_no_second_worker(
                     None,
                 )
                 assert db.fetchval("SELECT state FROM conveyor_workers") == "active"
+            # The child is not left running the worker's code.
+            wait_for(lambda: not alive(child), timeout=10, what=f"the forked child {child} to exit")
             assert worker.process.poll() is None
             assert "returned into the worker instead of calling os._exit()" in worker.output()
         finally:
