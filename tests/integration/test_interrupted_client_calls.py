@@ -34,6 +34,10 @@ SCRIPT = textwrap.dedent(
 
     client = Client(sys.argv[1])
     task_id = client.enqueue_task(Task(type="embedding.interrupted"))  # the stream is open
+    if sys.argv[2] == "get_task_status":
+        call = lambda: client.get_task_status(task_id)
+    else:
+        call = lambda: client.enqueue_task(Task(type="embedding.interrupted"))
     main = threading.main_thread().ident
     stop = threading.Event()
 
@@ -49,7 +53,7 @@ SCRIPT = textwrap.dedent(
     until = time.monotonic() + 8
     while time.monotonic() < until:
         try:
-            client.get_task_status(task_id)
+            call()
             answered += 1
         except KeyboardInterrupt:
             interrupted += 1
@@ -65,6 +69,7 @@ SCRIPT = textwrap.dedent(
     outcome = {}
     def probe() -> None:
         try:
+            outcome["enqueued"] = bool(client.enqueue_task(Task(type="embedding.interrupted")))
             outcome["state"] = client.get_task_status(task_id).state.name
         except BaseException as exc:
             outcome["error"] = repr(exc)
@@ -78,10 +83,15 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_the_client_still_answers_after_interrupted_calls(server: Any) -> None:
+@pytest.mark.parametrize("interrupted_call", ["get_task_status", "enqueue_task"])
+def test_the_client_still_answers_after_interrupted_calls(
+    server: Any, interrupted_call: str
+) -> None:
+    """get_task_status is a unary call (made from a thread of its own on the main thread);
+    enqueue_task goes on the enqueue stream through the group commit."""
     try:
         result = subprocess.run(
-            [sys.executable, "-c", SCRIPT, server.address],
+            [sys.executable, "-c", SCRIPT, server.address, interrupted_call],
             capture_output=True,
             text=True,
             timeout=45,
@@ -91,5 +101,7 @@ def test_the_client_still_answers_after_interrupted_calls(server: Any) -> None:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         raise AssertionError(f"the process never exited; it said: {out!r}") from None
     assert "interrupted 0," not in result.stdout, "no call was interrupted: nothing was tested"
-    assert "after: {'state': 'QUEUED'}" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "after: {'enqueued': True, 'state': 'QUEUED'}" in result.stdout, (
+        result.stdout + result.stderr[-2000:]
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The sync Client on the main thread under Ctrl-C, and clients adopted across forks.
+"""Clients adopted across forks: children, grandchildren, and a fork during a first call.
 
 Each case runs in a fresh interpreter (this test process holds gRPC connections).
 """
@@ -11,70 +11,6 @@ import textwrap
 from typing import Any
 
 import pytest
-
-STORM = textwrap.dedent(
-    """
-    import random, signal, sys, threading, time
-    from conveyor import Client, Task
-
-    client = Client(sys.argv[1])
-    task_id = client.enqueue_task(Task(type="embedding.interrupted"))
-    main = threading.main_thread().ident
-    stop = threading.Event()
-
-    def interrupt():
-        rnd = random.Random(1)
-        while not stop.is_set():
-            time.sleep(rnd.uniform(0.0002, 0.004))
-            signal.pthread_kill(main, signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt, daemon=True)
-    interrupter.start()
-    interrupted = answered = 0
-    until = time.monotonic() + 8
-    while time.monotonic() < until:
-        try:
-            client.enqueue_task(Task(type="embedding.interrupted"))
-            answered += 1
-        except KeyboardInterrupt:
-            interrupted += 1
-    stop.set()
-    while interrupter.is_alive():
-        try:
-            interrupter.join()
-        except KeyboardInterrupt:
-            pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print(f"interrupted {interrupted}, answered {answered}", flush=True)
-    outcome = {}
-    def probe():
-        try:
-            outcome["id"] = client.enqueue_task(Task(type="embedding.interrupted"))
-            outcome["status"] = client.get_task_status(task_id).state.name
-        except BaseException as exc:
-            outcome["error"] = repr(exc)
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
-    prober.join(40)
-    print("after:", outcome or "no answer in 40 s", flush=True)
-    """
-)
-
-
-@pytest.mark.slow
-def test_the_client_still_enqueues_after_a_ctrl_c_storm_over_enqueues(server: Any) -> None:
-    """As test_interrupted_client_calls, over enqueue_task (its stream and group commit,
-    not the unary path `_off_the_main_thread` covers). Passes; nothing covered it."""
-    result = subprocess.run(
-        [sys.executable, "-c", STORM, server.address],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-    )
-    assert "interrupted 0," not in result.stdout, "nothing was interrupted"
-    assert "'status': 'QUEUED'" in result.stdout, result.stdout + result.stderr[-2000:]
-
 
 FORK_TREE = textwrap.dedent(
     """
