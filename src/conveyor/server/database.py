@@ -179,6 +179,11 @@ class Database:
             "statement_timeout": str(timeout_ms),
             # A crashed server must not hold row locks: idle transactions are ended.
             "idle_in_transaction_session_timeout": str(max(timeout_ms, 1000) * 3),
+            # The statement timeout bounds every wait for a row lock. A role's own
+            # lock_timeout (ALTER ROLE ... SET lock_timeout) made such a wait fail with
+            # 55P03, which no caller retries: a cancel answered INTERNAL, and a report or
+            # heartbeat waiting behind an operator's action could be lost.
+            "lock_timeout": "0",
         }
 
     async def connect(self, *, startup_timeout: timedelta) -> None:

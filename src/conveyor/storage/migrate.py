@@ -370,6 +370,18 @@ async def _apply_pending(
             return pending
     except asyncpg.LockNotAvailableError:
         raise _LockWaitTimedOut(waiting) from None
+    except asyncpg.PostgresConnectionError:
+        raise
+    except asyncpg.PostgresError as exc:
+        # Refused before any migration ran (a migration's own refusal is MigrationFailed
+        # already, from `_run`): creating or reading the ledger, as a role without CREATE
+        # on the schema (PostgreSQL 15's default for `public`) or a read-only session is.
+        # It was an asyncpg traceback.
+        raise MigrationFailed(
+            f"PostgreSQL refused {waiting}: {exc} (SQLSTATE {exc.sqlstate}); nothing "
+            "was applied. The role that migrates needs CREATE on the schema (or to own "
+            "the database) and a read-write session"
+        ) from None
 
 
 async def _run(conn: Any, migration: Migration) -> None:
