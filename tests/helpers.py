@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import functools
 import itertools
+import json
 import os
 import signal
 import socket
@@ -74,6 +75,16 @@ async def async_wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
         await asyncio.sleep(interval)
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a GET, including error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
 
 
 def metric_samples(http_url: str, token: str | None = None) -> list[Any]:

@@ -9,12 +9,9 @@ as real `conveyor server` processes with PYTHONPATH at their sources.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from helpers import (
     REPO_ROOT,
     Ledger,
     ServerProcess,
+    get_json,
     old_release,
     wait_final,
     wait_for,
@@ -53,15 +51,6 @@ def old_server(processes, database_url: str, rev: str, *extra: str, name: str) -
 
 def new_server(processes, database_url: str, *extra: str, name: str) -> ServerProcess:
     return ServerProcess(processes, database_url, extra_args=tuple(extra), name=name)
-
-
-def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 APP = """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from helpers import (
     AppRole,
     claimed_by_a_worker_that_vanishes,
+    get_json,
     rpc_count,
     running,
     wait_final,
@@ -53,11 +53,6 @@ def sample(body: str, name: str, **labels: str) -> float | None:
             if found.name == name and found.labels == labels:
                 return found.value
     return None
-
-
-def get_json(url: str) -> tuple[int, Any]:
-    status, _, body = http_get(url)
-    return status, json.loads(body)
 
 
 # --- HTTP ---------------------------------------------------------------------------------
