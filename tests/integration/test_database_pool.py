@@ -91,18 +91,15 @@ class TestDatabaseRefusingConnections:
         failover) is UNAVAILABLE, and the connection that got it is dropped, so the retry
         runs on a new connection, which reaches the primary, instead of reusing the
         read-only session."""
-        admin = Db(app_role.admin_url)
-        admin.execute(f'ALTER ROLE "{app_role.name}" SET default_transaction_read_only = on')
 
         async def scenario() -> int:
             database = Database(ServerConfig(database_url=app_role.url, pool_max_size=1))
             await database.connect(startup_timeout=timedelta(seconds=10))
             try:
-                # The failover is over for new sessions; the pooled one is still read-only.
-                await asyncio.to_thread(
-                    admin.execute,
-                    f'ALTER ROLE "{app_role.name}" RESET default_transaction_read_only',
-                )
+                # The pool's one session turns read-only, as on a demoted primary; a new
+                # session would be writable (the failover is over for new sessions).
+                async with database.connection() as conn:
+                    await conn.execute("SET default_transaction_read_only = on")
                 with pytest.raises(ServerUnavailable, match="ReadOnlySQLTransactionError"):
                     async with database.connection() as conn:
                         await conn.execute("CREATE TABLE written (x int)")

@@ -271,7 +271,7 @@ class TestLeaderDutyBatches:
             async with database.connection() as conn:
                 await conn.execute(EXPIRED_LEASES, lease_reaper.BATCH_SIZE + 100)
             config = ServerConfig(database_url=database.url, http_listen=None)
-            notifier = TaskNotifier(database.url, database.server_settings(), nothing_due)
+            notifier = TaskNotifier(database.url, database.connect_options(), nothing_due)
             reaper = reaper_class(config, database, ServerMetrics(), notifier, elector)
             proof = elector.leadership
             assert proof is not None
@@ -519,7 +519,7 @@ class TestNotifierLifecycle:
         """Each cycle establishes LISTEN; stop() wakes waiters and leaves no task."""
         before = len(asyncio.all_tasks())
         for _ in range(10):
-            notifier = TaskNotifier(database.url, database.server_settings(), nothing_due)
+            notifier = TaskNotifier(database.url, database.connect_options(), nothing_due)
             await notifier.stop()
             notifier.start()
             notifier.start()

@@ -92,7 +92,7 @@ class ConveyorServer:
         )
         self.notifier = TaskNotifier(
             config.database_url,
-            self.database.server_settings(),
+            self.database.connect_options(),
             promote_due=self._promote_due,
             on_leader_resigned=self.elector.wake,
             own_backends=self.database.backend_pids,
@@ -400,6 +400,7 @@ class ConveyorServer:
         try:
             async with self.database.connection() as conn:
                 checks["schema_version"] = await migrate.check_schema(conn)
+                await self.database.require_writable(conn)
             checks["database"] = "ok"
         except ConveyorError as exc:
             checks["database"] = exc.message

@@ -19,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import uuid
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from conveyor.breaker import BreakerPolicy, CircuitBreaker, Permit
 from conveyor.errors import ConfigError, ConveyorError, ServerUnavailable
-from conveyor.storage import migrate
+from conveyor.storage import migrate, queries
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
-    from datetime import timedelta
 
     from conveyor.server.config import ServerConfig
 
@@ -108,21 +111,57 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(error, UNAVAILABLE_ERRORS) and not isinstance(error, PERSISTENT_ERRORS)
 
 
+# Why a writable session cannot be had: the URL leads to a standby, or to a primary that
+# was demoted, or sessions start read-only.
+_READ_ONLY = "PostgreSQL is read-only (a standby, or default_transaction_read_only is on)"
+
+
 def connect_failure(error: Exception) -> ConveyorError | None:
     """What a failed attempt to connect means, for the operator.
 
     ServerUnavailable when a later attempt may succeed (refused, timed out, starting up,
-    too many connections): worth retrying. ConfigError when none will until someone changes
-    the URL or the database: a malformed URL or connection option (asyncpg raises a
-    ValueError for those), or PostgreSQL answering no (the role may not log in, no such
-    database, an unknown setting in the URL). None for anything else.
+    too many connections, only a standby): worth retrying. ConfigError when none will until
+    someone changes the URL or the database (see `_refused_for_good`). None for anything
+    else.
     """
-    if isinstance(error, ValueError):
-        return ConfigError(f"invalid database URL: {error}")
+    refused = _refused_for_good(error)
+    if refused is not None:
+        return refused
+    if isinstance(error, asyncpg.TargetServerAttributeNotMatched):
+        # Transient: a failover in progress promotes one of them.
+        return ServerUnavailable(f"{_READ_ONLY}: {error}")
     if is_unavailable(error):
         return ServerUnavailable(f"cannot reach PostgreSQL: {error}")
     if isinstance(error, asyncpg.PostgresError):
         return ConfigError(f"PostgreSQL refused the connection: {error}")
+    return None
+
+
+def _refused_for_good(error: Exception) -> ConfigError | None:
+    """A connection failure no retry fixes that `is_unavailable` would call transient.
+
+    A malformed URL or connection option (asyncpg raises a ValueError for those), SSL asked
+    for and not offered, or a setting in the URL that a pooler does not pass on.
+    """
+    if isinstance(error, ValueError):
+        return ConfigError(f"invalid database URL: {error}")
+    if isinstance(error, ConnectionError) and "rejected SSL upgrade" in str(error):
+        # sslmode=require (or verify-*) in the URL, and a server with SSL off: every
+        # attempt is refused the same way until one of the two changes.
+        return ConfigError(
+            f"{error}: the database URL asks for SSL (sslmode) and the server does not "
+            "offer it; enable ssl on the server, or change sslmode in the URL"
+        )
+    if isinstance(error, asyncpg.ProtocolViolationError) and "startup parameter" in str(error):
+        # A pooling proxy (PgBouncer) refusing a setting the URL's query string asks for:
+        # asyncpg sends every query parameter it does not know as a session setting. The
+        # proxy's other refusals share this SQLSTATE (08P01) and are transient (it cannot
+        # reach PostgreSQL, no more connections allowed), so only this one is matched.
+        return ConfigError(
+            f"the database refused the connection: {error}; a connection pooler passes on "
+            "only a few session settings: remove it from the database URL's query string, "
+            "or set it on the role (ALTER ROLE ... SET)"
+        )
     return None
 
 
@@ -148,6 +187,18 @@ async def _end_open_transaction(conn: Any) -> None:
         await conn.execute("ROLLBACK")
 
 
+# How long the session check lets one read wait for a second connection's transaction
+# (see Database._require_own_sessions). A read of a setting on an open session takes well
+# under a millisecond; one held up this long was waiting for a backend the proxy shares.
+_SESSION_CHECK_WAIT = timedelta(seconds=5)
+
+_SHARED_SESSIONS = (
+    "the database URL leads to a connection pooler that shares PostgreSQL sessions "
+    "between clients ({detail}); Conveyor's servers need a session each: point them at "
+    "PostgreSQL itself, or at a pool in session mode (PgBouncer: pool_mode = session)"
+)
+
+
 class Database:
     """A pool of connections, created by `connect` and closed by `close`."""
 
@@ -159,6 +210,8 @@ class Database:
         # PostgreSQL backend pids of the pooled connections: a NOTIFY from one of them was
         # sent by this server, which has already woken its own long polls.
         self.backend_pids: set[int] = set()
+        # Why the database was last unavailable, for the messages of an open breaker.
+        self._last_failure = "none yet"
         self.breaker = CircuitBreaker(
             BreakerPolicy(
                 failure_threshold=config.db_breaker_failures,
@@ -171,20 +224,50 @@ class Database:
         """The database URL (for the LISTEN connection)."""
         return self._config.database_url
 
-    def server_settings(self) -> dict[str, str]:
-        """Session settings for every connection Conveyor opens."""
-        timeout_ms = int(self._config.statement_timeout.total_seconds() * 1000)
+    def connect_options(self) -> dict[str, Any]:
+        """Options for every connection the server opens (`asyncpg.connect`'s keywords).
+
+        Startup parameters: only the session's name. Its timeouts are set once it is open
+        (`configure_session`): a pooling proxy refuses startup parameters it does not pass
+        on itself (stock PgBouncer answers "unsupported startup parameter:
+        statement_timeout" to all but a few), and application_name is one every proxy
+        passes on.
+
+        And a writable server: `target_session_attrs=read-write` unless the URL or
+        PGTARGETSESSIONATTRS chooses otherwise. A server needs a primary, and a URL listing
+        several hosts (a primary and its standbys) then connects to whichever is the primary
+        now, after a failover too; a standby alone is "unavailable" until it is promoted,
+        instead of each write failing on it.
+        """
+        chosen = "target_session_attrs" in parse_qs(urlsplit(self.url).query) or os.environ.get(
+            "PGTARGETSESSIONATTRS"
+        )
         return {
-            "application_name": f"conveyor-server {self._config.server_id}"[:63],
-            "statement_timeout": str(timeout_ms),
-            # A crashed server must not hold row locks: idle transactions are ended.
-            "idle_in_transaction_session_timeout": str(max(timeout_ms, 1000) * 3),
-            # The statement timeout bounds every wait for a row lock. A role's own
-            # lock_timeout (ALTER ROLE ... SET lock_timeout) made such a wait fail with
-            # 55P03, which no caller retries: a cancel answered INTERNAL, and a report or
-            # heartbeat waiting behind an operator's action could be lost.
-            "lock_timeout": "0",
+            "server_settings": {
+                "application_name": f"conveyor-server {self._config.server_id}"[:63]
+            },
+            "target_session_attrs": None if chosen else "read-write",
         }
+
+    async def configure_session(
+        self, conn: Any, *, statement_timeout: timedelta | None = None
+    ) -> int:
+        """Apply the server's session settings to a new connection; its backend's pid.
+
+        Every statement runs under the statement timeout (`statement_timeout`, zero for
+        none, overrides the configured one); a crashed or stalled server must not hold row
+        locks, so an idle transaction ends after three of them (at least 3 s); and the
+        statement timeout alone bounds every wait for a row lock: a role's own lock_timeout
+        (ALTER ROLE ... SET lock_timeout) made such a wait fail with 55P03, which no caller
+        retries, so a cancel answered INTERNAL and a report or heartbeat waiting behind an
+        operator's action could be lost.
+        """
+        configured = self._config.statement_timeout
+        return await queries.session_configure(
+            conn,
+            statement_timeout=configured if statement_timeout is None else statement_timeout,
+            idle_in_transaction_timeout=max(configured, timedelta(seconds=1)) * 3,
+        )
 
     async def connect(self, *, startup_timeout: timedelta) -> None:
         """Open the pool, retrying while the database starts; check (or apply) the schema."""
@@ -210,6 +293,7 @@ class Database:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        await self._require_own_sessions()
         async with self.connection() as conn:
             if self._config.migrate:
                 # The pooled connection only watches: it names the sessions a migration
@@ -231,6 +315,58 @@ class Database:
                 extra={"event": "schema_newer_compatible"},
             )
 
+    @staticmethod
+    async def require_writable(conn: Any) -> None:
+        """Raise ServerUnavailable if `conn`'s session can write nothing.
+
+        A demoted primary, or a standby the URL led to (asyncpg checks only when it
+        connects). The connection is dropped, as one refused a write is (`_acquire`), so
+        the next one goes where the URL leads now.
+        """
+        if await queries.session_read_only(conn):
+            conn.terminate()
+            raise ServerUnavailable(f"{_READ_ONLY}: no task can be enqueued, claimed or finished")
+
+    async def _require_own_sessions(self) -> None:
+        """Refuse to serve through a proxy that shares one session between clients.
+
+        Conveyor needs each connection to be a session of its own: its timeouts are session
+        settings, the notifier's LISTEN must stay on its backend, and asyncpg's prepared
+        statements live in the session. Behind PgBouncer in transaction or statement pooling
+        mode none of that holds, and nothing fails at once: the timeouts are silently
+        missing, notifications go astray (or to another client), and calls fail later,
+        under load, with "prepared statement ... does not exist". So this looks first, in
+        a few round trips: a marker set in one session; a second connection then takes a
+        backend inside a transaction (a proxy hands it the one the first just left, its
+        most recently used); and the first reads its marker back. Its own session still
+        has it; a shared backend does not, or makes the read wait for the transaction.
+        """
+        marker = uuid.uuid4().hex
+        wait = _SESSION_CHECK_WAIT.total_seconds()
+        async with self.connection() as probe, self.priority_connection() as other:
+            try:
+                await queries.session_mark(probe, marker=marker)
+                async with other.transaction():
+                    await queries.database_ping(other)
+                    reading = asyncio.ensure_future(queries.session_marked(probe))
+                    done, _ = await asyncio.wait({reading}, timeout=wait)
+                waited = not done
+                seen = await asyncio.wait_for(reading, timeout=wait)
+            except asyncpg.PostgresConnectionError as exc:
+                if "pooling mode" not in str(exc):
+                    raise
+                # PgBouncer's statement pooling refuses the transaction and closes the
+                # connection, saying "transaction blocks not allowed in statement pooling
+                # mode" (08P01, which asyncpg reports as the connection lost).
+                raise ConfigError(_SHARED_SESSIONS.format(detail=str(exc))) from exc
+        if waited or seen != marker:
+            detail = (
+                "a read in one session waited for another client's transaction"
+                if waited
+                else "a setting made in one session was gone from it on the next statement"
+            )
+            raise ConfigError(_SHARED_SESSIONS.format(detail=detail))
+
     async def _migrate(self, *, observer: Any) -> list[migrate.Migration]:
         """Apply pending migrations on a connection of their own, as `conveyor migrate` does.
 
@@ -238,11 +374,10 @@ class Database:
         longer (re-checking a constraint over a large table) and fail the start. A lock wait
         is bounded by the migration's own lock timeout instead.
         """
-        settings = {**self.server_settings(), "statement_timeout": "0"}
         try:
             conn = await asyncpg.connect(
                 self._config.database_url,
-                server_settings=settings,
+                **self.connect_options(),
                 timeout=self._config.pool_acquire_timeout.total_seconds(),
             )
         except Exception as exc:
@@ -251,6 +386,7 @@ class Database:
                 raise
             raise failure from exc
         try:
+            await self.configure_session(conn, statement_timeout=timedelta(0))
             return await migrate.migrate(
                 conn,
                 lock_timeout=self._config.migrate_lock_timeout,
@@ -265,15 +401,20 @@ class Database:
             self._config.database_url,
             min_size=1,
             max_size=size,
-            server_settings=self.server_settings(),
+            **self.connect_options(),
             timeout=self._config.pool_acquire_timeout.total_seconds(),
             reset=_end_open_transaction,
-            init=self._track_backend,
+            init=self._prepare_connection,
         )
 
-    async def _track_backend(self, conn: Any) -> None:
-        """Remember the PostgreSQL backend of each pooled connection while it is open."""
-        pid = conn.get_server_pid()
+    async def _prepare_connection(self, conn: Any) -> None:
+        """Configure a new pooled connection, and remember its backend while it is open.
+
+        The pid PostgreSQL reports, not the connection's `get_server_pid()`: behind a
+        pooling proxy that is the proxy's stand-in, never a NOTIFY's sender, and the
+        notifier would take this server's own notifications for another's.
+        """
+        pid = await self.configure_session(conn)
         self.backend_pids.add(pid)
         conn.add_termination_listener(lambda _conn: self.backend_pids.discard(pid))
 
@@ -307,8 +448,8 @@ class Database:
         permit = self.breaker.allow()
         if permit is None:
             raise ServerUnavailable(
-                "database unavailable (circuit open after repeated failures; next probe in "
-                f"{self.breaker.retry_in():.1f}s)"
+                "database unavailable (circuit open after repeated failures, the last: "
+                f"{self._last_failure}; next probe in {self.breaker.retry_in():.1f}s)"
             )
         conn = await self._checkout(pool, permit)
         try:
@@ -341,6 +482,7 @@ class Database:
         lost race, a login refused: the database is reachable).
         """
         if is_unavailable(error):
+            self._last_failure = _reason(error)
             self.breaker.record_failure(permit)
         elif isinstance(error, asyncio.CancelledError):
             self.breaker.record_abandoned(permit)
@@ -378,10 +520,9 @@ class Database:
                 raise ServerUnavailable(
                     f"server busy: no database connection free within {timeout:g}s"
                 ) from exc
+            self._last_failure = f"connect timed out ({timeout:g}s)"
             self.breaker.record_failure(permit)
-            raise ServerUnavailable(
-                f"database unavailable: connect timed out ({timeout:g}s)"
-            ) from exc
+            raise ServerUnavailable(f"database unavailable: {self._last_failure}") from exc
         except BaseException as exc:
             self._settle_breaker(permit, exc)
             if is_unavailable(exc):
@@ -426,4 +567,11 @@ class Database:
 
 def _unavailable(error: BaseException) -> ServerUnavailable:
     """What callers see of a database error that `is_unavailable`: retry later."""
-    return ServerUnavailable(f"database unavailable: {type(error).__name__}: {error}")
+    return ServerUnavailable(f"database unavailable: {_reason(error)}")
+
+
+def _reason(error: BaseException) -> str:
+    """A database error that `is_unavailable`, for an operator."""
+    if isinstance(error, asyncpg.TargetServerAttributeNotMatched):
+        return f"{_READ_ONLY}: {error}"
+    return f"{type(error).__name__}: {error}"

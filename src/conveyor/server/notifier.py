@@ -34,7 +34,7 @@ from conveyor.server.database import UNAVAILABLE_ERRORS
 from conveyor.storage import queries
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Container, Iterable
+    from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
 
 log = logging.getLogger("conveyor.server.notifier")
 
@@ -51,7 +51,7 @@ class TaskNotifier:
     def __init__(
         self,
         database_url: str,
-        server_settings: dict[str, str],
+        connect_options: Mapping[str, Any],
         promote_due: Callable[[], Awaitable[bool]],
         on_leader_resigned: Callable[[], None] | None = None,
         own_backends: Container[int] = frozenset(),
@@ -65,7 +65,7 @@ class TaskNotifier:
         notifications are echoes of wake-ups this server already gave its long polls.
         """
         self._url = database_url
-        self._settings = server_settings
+        self._connect_options = connect_options
         self._promote_due = promote_due
         self._on_leader_resigned = on_leader_resigned
         self._own_backends = own_backends
@@ -186,7 +186,7 @@ class TaskNotifier:
         while True:
             conn: Any = None
             try:
-                conn = await asyncpg.connect(self._url, server_settings=self._settings, timeout=5)
+                conn = await asyncpg.connect(self._url, **self._connect_options, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 # Bounded as the pings below are: a connection gone silent just after it

@@ -131,6 +131,10 @@ def _seconds(value: timedelta) -> float:
     return value.total_seconds()
 
 
+def _milliseconds(value: timedelta) -> int:
+    return int(value.total_seconds() * 1000)
+
+
 def _uuids(values: Sequence[str]) -> list[uuid.UUID]:
     return [uuid.UUID(v) for v in values]
 
@@ -531,6 +535,35 @@ async def task_ready_notify(conn: Any) -> None:
 async def database_ping(conn: Any, *, timeout: float | None = None) -> None:
     """A trivial round trip: raises if the connection is unusable."""
     await conn.fetchval(SQL["database_ping"], timeout=timeout)
+
+
+async def session_configure(
+    conn: Any, *, statement_timeout: timedelta, idle_in_transaction_timeout: timedelta
+) -> int:
+    """Set the session's timeouts (zero: none), clear its role's lock_timeout; its pid."""
+    pid: int = await conn.fetchval(
+        SQL["session_configure"],
+        f"{_milliseconds(statement_timeout)}ms",
+        f"{_milliseconds(idle_in_transaction_timeout)}ms",
+    )
+    return pid
+
+
+async def session_read_only(conn: Any) -> bool:
+    """Whether this session can write nothing (a standby, default_transaction_read_only)."""
+    read_only: bool = await conn.fetchval(SQL["session_read_only"])
+    return read_only
+
+
+async def session_mark(conn: Any, *, marker: str) -> None:
+    """Leave `marker` in the session, for `session_marked` to find."""
+    await conn.fetchval(SQL["session_mark"], marker)
+
+
+async def session_marked(conn: Any) -> str | None:
+    """The session's marker (None: this session never set one)."""
+    marker: str | None = await conn.fetchval(SQL["session_marked"])
+    return marker or None
 
 
 async def task_explain(conn: Any, *, task_id: str, live_within: timedelta) -> asyncpg.Record | None:

@@ -1044,6 +1044,26 @@ SELECT pg_notify('conveyor_task_ready', '');
 -- name: database_ping
 SELECT 1;
 
+-- name: session_configure
+-- The server's session settings, applied once a connection is open (see
+-- Database.connect_options for why not as startup parameters), and the session's backend
+-- pid: the one a NOTIFY it sends carries, which a pooling proxy's BackendKeyData is not.
+SELECT pg_backend_pid(),
+       set_config('statement_timeout', $1, false),
+       set_config('idle_in_transaction_session_timeout', $2, false),
+       set_config('lock_timeout', '0', false);
+
+-- name: session_read_only
+-- A standby in recovery, or default_transaction_read_only on: no write would succeed.
+SELECT current_setting('transaction_read_only') = 'on';
+
+-- name: session_mark
+-- The pooling check's marker: a setting that lives exactly as long as the session.
+SELECT set_config('conveyor.session_probe', $1, false);
+
+-- name: session_marked
+SELECT current_setting('conveyor.session_probe', true);
+
 -- name: task_explain
 -- $1 task id, $2 worker silence (s) after which a worker does not count as live.
 -- Everything `conveyor tasks explain` needs, in one round trip. The position counts read
