@@ -32,6 +32,19 @@ def connect_database(url: str, **settings: object) -> Database:
     return Database(ServerConfig(database_url=url, **settings))  # type: ignore[arg-type]
 
 
+def start_and_stop(url: str) -> None:
+    """Open a server's connections to `url` as a starting server does, then close them."""
+
+    async def scenario() -> None:
+        database = connect_database(url)
+        try:
+            await database.connect(startup_timeout=timedelta(seconds=30))
+        finally:
+            await database.close()
+
+    asyncio.run(scenario())
+
+
 class TestSessionPooling:
     def test_servers_behind_pgbouncer_run_tasks_end_to_end(
         self, database_url: str, start_server
@@ -101,17 +114,10 @@ class TestPoolersThatShareSessions:
         """Transaction and statement pooling: ConfigError at once, naming session mode;
         nothing retried for the start-up timeout."""
 
-        async def scenario() -> None:
-            database = connect_database(bouncer.url)
-            try:
-                await database.connect(startup_timeout=timedelta(seconds=30))
-            finally:
-                await database.close()
-
         with PgBouncer(database_url, pool_mode=pool_mode) as bouncer:
             started = time.monotonic()
             with pytest.raises(ConfigError, match="pool_mode = session") as refused:
-                asyncio.run(scenario())
+                start_and_stop(bouncer.url)
             assert time.monotonic() - started < 15
         assert "shares PostgreSQL sessions between clients" in str(refused.value)
 
@@ -119,18 +125,11 @@ class TestPoolersThatShareSessions:
         """With one PostgreSQL connection for all clients (default_pool_size = 1), the
         check's read waits for the other client's transaction: that is sharing too."""
 
-        async def scenario() -> None:
-            database = connect_database(bouncer.url)
-            try:
-                await database.connect(startup_timeout=timedelta(seconds=30))
-            finally:
-                await database.close()
-
         with (
             PgBouncer(database_url, pool_mode="transaction", pool_size=1) as bouncer,
             pytest.raises(ConfigError, match="waited for another client's transaction"),
         ):
-            asyncio.run(scenario())
+            start_and_stop(bouncer.url)
 
 
 class TestUrlsAPoolerRefuses:
@@ -139,17 +138,10 @@ class TestUrlsAPoolerRefuses:
         (08P01, like its transient refusals): a ConfigError saying where to set it, not
         a start-up timeout of retries."""
 
-        async def scenario() -> None:
-            database = connect_database(f"{bouncer.url}?search_path=public")
-            try:
-                await database.connect(startup_timeout=timedelta(seconds=30))
-            finally:
-                await database.close()
-
         with PgBouncer(database_url) as bouncer:
             started = time.monotonic()
             with pytest.raises(ConfigError, match=r"ALTER ROLE \.\.\. SET"):
-                asyncio.run(scenario())
+                start_and_stop(f"{bouncer.url}?search_path=public")
             assert time.monotonic() - started < 15
 
 
