@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import wait_final, wait_for
+from helpers import Db, assert_one_error_line, run_cli, wait_final, wait_for
 from pgbouncer import PgBouncer, available
 
 from conveyor import Client, Task, TaskState, Worker
@@ -130,6 +130,17 @@ class TestPoolersThatShareSessions:
             pytest.raises(ConfigError, match="waited for another client's transaction"),
         ):
             start_and_stop(bouncer.url)
+
+    @pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
+    def test_migrate_refuses_too(self, empty_database_url: str, pool_mode: str) -> None:
+        """`conveyor migrate` through them: one error line, nothing applied. Through
+        transaction pooling its first run used to apply, and the next failed with
+        DuplicatePreparedStatement, blamed on the role's rights; through statement pooling
+        it was a traceback."""
+        with PgBouncer(empty_database_url, pool_mode=pool_mode) as bouncer:
+            line = assert_one_error_line(run_cli("migrate", "--database-url", bouncer.url))
+        assert "pool_mode = session" in line
+        assert Db(empty_database_url).fetchval("SELECT to_regclass('conveyor_tasks')") is None
 
 
 class TestUrlsAPoolerRefuses:

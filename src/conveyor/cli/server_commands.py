@@ -56,7 +56,7 @@ from conveyor.server.config import (
     default_worker_lost_after,
     split_host_port,
 )
-from conveyor.server.database import connect_failure
+from conveyor.server.database import connect_failure, require_own_sessions
 from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
@@ -674,9 +674,11 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
     async def run() -> tuple[list[migrate.Migration], int]:
         conn = await connect()
         try:
-            # A second session only looks at what the migration waits for, to name it.
+            # A second session only looks at what the migration waits for, to name it;
+            # first, it shows whether the two are sessions of their own.
             observer = await connect()
             try:
+                await require_own_sessions(conn, observer)
                 applied = await migrate.migrate(
                     conn,
                     lock_timeout=timedelta(seconds=lock_timeout),

@@ -188,15 +188,56 @@ async def _end_open_transaction(conn: Any) -> None:
 
 
 # How long the session check lets one read wait for a second connection's transaction
-# (see Database._require_own_sessions). A read of a setting on an open session takes well
+# (see require_own_sessions). A read of a setting on an open session takes well
 # under a millisecond; one held up this long was waiting for a backend the proxy shares.
 _SESSION_CHECK_WAIT = timedelta(seconds=5)
 
 _SHARED_SESSIONS = (
     "the database URL leads to a connection pooler that shares PostgreSQL sessions "
-    "between clients ({detail}); Conveyor's servers need a session each: point them at "
+    "between clients ({detail}); Conveyor needs a session per connection: point it at "
     "PostgreSQL itself, or at a pool in session mode (PgBouncer: pool_mode = session)"
 )
+
+
+async def require_own_sessions(probe: Any, other: Any) -> None:
+    """ConfigError if `probe` and `other` do not each have a PostgreSQL session of their own.
+
+    Conveyor needs each connection to be a session of its own: the server's timeouts are
+    session settings, the notifier's LISTEN must stay on its backend, and asyncpg's
+    prepared statements live in the session. Behind PgBouncer in transaction or statement
+    pooling mode none of that holds, and nothing fails at once: the timeouts are silently
+    missing, notifications go astray (or to another client), and calls fail later, under
+    load, with "prepared statement ... does not exist" (`conveyor migrate` the second time
+    it ran). So this looks first, in a few round trips: a marker set in one session; the
+    other connection then takes a backend inside a transaction (a proxy hands it the one
+    the first just left, its most recently used); and the first reads its marker back. Its
+    own session still has it; a shared backend does not, or makes the read wait for the
+    transaction.
+    """
+    marker = uuid.uuid4().hex
+    wait = _SESSION_CHECK_WAIT.total_seconds()
+    try:
+        await queries.session_mark(probe, marker=marker)
+        async with other.transaction():
+            await queries.database_ping(other)
+            reading = asyncio.ensure_future(queries.session_marked(probe))
+            done, _ = await asyncio.wait({reading}, timeout=wait)
+        waited = not done
+        seen = await asyncio.wait_for(reading, timeout=wait)
+    except asyncpg.PostgresConnectionError as exc:
+        if "pooling mode" not in str(exc):
+            raise
+        # PgBouncer's statement pooling refuses the transaction and closes the connection,
+        # saying "transaction blocks not allowed in statement pooling mode" (08P01, which
+        # asyncpg reports as the connection lost).
+        raise ConfigError(_SHARED_SESSIONS.format(detail=str(exc))) from exc
+    if waited or seen != marker:
+        detail = (
+            "a read in one session waited for another client's transaction"
+            if waited
+            else "a setting made in one session was gone from it on the next statement"
+        )
+        raise ConfigError(_SHARED_SESSIONS.format(detail=detail))
 
 
 class Database:
@@ -328,44 +369,9 @@ class Database:
             raise ServerUnavailable(f"{_READ_ONLY}: no task can be enqueued, claimed or finished")
 
     async def _require_own_sessions(self) -> None:
-        """Refuse to serve through a proxy that shares one session between clients.
-
-        Conveyor needs each connection to be a session of its own: its timeouts are session
-        settings, the notifier's LISTEN must stay on its backend, and asyncpg's prepared
-        statements live in the session. Behind PgBouncer in transaction or statement pooling
-        mode none of that holds, and nothing fails at once: the timeouts are silently
-        missing, notifications go astray (or to another client), and calls fail later,
-        under load, with "prepared statement ... does not exist". So this looks first, in
-        a few round trips: a marker set in one session; a second connection then takes a
-        backend inside a transaction (a proxy hands it the one the first just left, its
-        most recently used); and the first reads its marker back. Its own session still
-        has it; a shared backend does not, or makes the read wait for the transaction.
-        """
-        marker = uuid.uuid4().hex
-        wait = _SESSION_CHECK_WAIT.total_seconds()
+        """Refuse to serve through a proxy that shares one session between clients."""
         async with self.connection() as probe, self.priority_connection() as other:
-            try:
-                await queries.session_mark(probe, marker=marker)
-                async with other.transaction():
-                    await queries.database_ping(other)
-                    reading = asyncio.ensure_future(queries.session_marked(probe))
-                    done, _ = await asyncio.wait({reading}, timeout=wait)
-                waited = not done
-                seen = await asyncio.wait_for(reading, timeout=wait)
-            except asyncpg.PostgresConnectionError as exc:
-                if "pooling mode" not in str(exc):
-                    raise
-                # PgBouncer's statement pooling refuses the transaction and closes the
-                # connection, saying "transaction blocks not allowed in statement pooling
-                # mode" (08P01, which asyncpg reports as the connection lost).
-                raise ConfigError(_SHARED_SESSIONS.format(detail=str(exc))) from exc
-        if waited or seen != marker:
-            detail = (
-                "a read in one session waited for another client's transaction"
-                if waited
-                else "a setting made in one session was gone from it on the next statement"
-            )
-            raise ConfigError(_SHARED_SESSIONS.format(detail=detail))
+            await require_own_sessions(probe, other)
 
     async def _migrate(self, *, observer: Any) -> list[migrate.Migration]:
         """Apply pending migrations on a connection of their own, as `conveyor migrate` does.
