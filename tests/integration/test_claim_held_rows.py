@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 from helpers import wait_for
 
@@ -19,7 +20,9 @@ from conveyor import Client, Task, Worker
 
 
 def test_a_dedicated_worker_is_not_left_idle_by_a_generalists_held_rows(start_server, db):
-    server = start_server()
+    # A long poll interval keeps the failure (a specialist waiting one out) far from what a
+    # loaded machine does to a healthy run: a CI run once saw a 0.54 s gap with 1 s polls.
+    server = start_server(poll_interval=timedelta(seconds=3))
     lock = threading.Lock()
     started: dict[str, float] = {}
     ended: dict[str, float] = {}
@@ -83,7 +86,7 @@ def test_a_dedicated_worker_is_not_left_idle_by_a_generalists_held_rows(start_se
     finally:
         generalist.stop()
         specialist.stop()
-    assert left > 0, "the backlog ran out before the test ended: it measured nothing"
     assert gaps, "no second task waited for the specialist"
-    # A lone specialist starts its next task within milliseconds; a poll interval is 1 s.
-    assert max(gaps) < 0.5, f"the specialist idled with a task ready: {sorted(gaps)}"
+    # A lone specialist starts its next task within milliseconds; a poll interval is 3 s.
+    assert max(gaps) < 1.5, f"the specialist idled with a task ready: {sorted(gaps)}"
+    assert left > 0, "the backlog ran out before the test ended: it measured nothing"

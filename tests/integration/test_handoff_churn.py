@@ -17,6 +17,7 @@ attempt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import threading
 import time
@@ -37,12 +38,14 @@ TYPES = ("zz.a", "zz.b")
 CHURN_SECONDS = 6.0
 
 
-def _producer(address: str, stop: threading.Event, seed: int) -> None:
+def _producer(address: str, stop: threading.Event, seed: int, flowing: threading.Event) -> None:
     rng = random.Random(seed)
     channel = grpc.insecure_channel(address)
     tasks = pb_grpc.TaskServiceStub(channel)
     try:
         while not stop.is_set():
+            if not flowing.wait(timeout=0.1):
+                continue
             specs = [
                 pb.TaskSpec(
                     id=str(uuid.uuid4()),
@@ -135,8 +138,10 @@ def test_no_lease_is_stranded_under_churn(start_server, db) -> None:
         return found > 0
 
     stop = threading.Event()
+    flowing = threading.Event()
+    flowing.set()
     consumers = [
-        *((_producer, n) for n in range(4)),
+        *((functools.partial(_producer, flowing=flowing), n) for n in range(4)),
         *((_stream_consumer, 100 + n) for n in range(6)),
         *((_poll_consumer, 200 + n) for n in range(3)),
     ]
@@ -147,8 +152,22 @@ def test_no_lease_is_stranded_under_churn(start_server, db) -> None:
     for thread in threads:
         thread.start()
     stop.wait(CHURN_SECONDS)
-    # The churn must reach the handoff (tasks leased by their own insert) to test it; on a
-    # loaded machine six seconds once did not, so it goes on until one has.
+    # The churn must reach the handoff (tasks leased by their own insert) to test it. A task
+    # is handed over only when no older one is queued, and on a loaded machine the
+    # producers can outrun the consumers for the whole churn (twice in CI, the second time
+    # for 36 s): then the producers wait while the consumers empty the queue, and go on.
+    if not handed_over():
+        flowing.clear()
+        with contextlib.suppress(pytest.fail.Exception):
+            wait_for(
+                lambda: (
+                    db.fetchval("SELECT count(*) FROM conveyor_tasks WHERE state = 'queued'") == 0
+                ),
+                timeout=30,
+                interval=0.2,
+                what="the consumers to empty the queue",
+            )
+        flowing.set()
     with contextlib.suppress(pytest.fail.Exception):
         wait_for(handed_over, timeout=30, interval=0.2, what="a task handed over")
     stop.set()
