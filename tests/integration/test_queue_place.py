@@ -16,9 +16,11 @@ from conveyor import Client, Task, TaskState, Worker
 class TestRetryFifo:
     def test_a_due_retry_starts_before_younger_queued_tasks(self, start_server, client, db):
         """A retried task keeps its seq: once due it starts before younger queued tasks."""
+        # The backoff must outlast the polls that see A scheduled and B running: with
+        # 200 ms, a loaded CI machine once missed the window (A was due and ran again first).
         server = start_server(
-            retry_backoff_base=timedelta(milliseconds=200),
-            retry_backoff_cap=timedelta(milliseconds=200),
+            retry_backoff_base=timedelta(seconds=2),
+            retry_backoff_cap=timedelta(seconds=2),
         )
         order: list[tuple[str, int]] = []
         gate = threading.Event()
