@@ -14,12 +14,21 @@ import asyncio
 import time
 from datetime import timedelta
 
+import asyncpg
 import pytest
-from helpers import Db, assert_one_error_line, run_cli, wait_final, wait_for
+from helpers import (
+    BACK_TO_SCHEMA_11,
+    Db,
+    assert_one_error_line,
+    run_cli,
+    run_sql,
+    wait_final,
+    wait_for,
+)
 from pgbouncer import PgBouncer, available
 
 from conveyor import Client, Task, TaskState, Worker
-from conveyor.errors import ConfigError
+from conveyor.errors import ConfigError, MigrationBlocked
 from conveyor.server.config import ServerConfig
 from conveyor.server.database import Database
 from conveyor.storage import migrate
@@ -123,11 +132,12 @@ class TestPoolersThatShareSessions:
 
     def test_a_single_server_connection_per_pool_is_found_too(self, database_url: str) -> None:
         """With one PostgreSQL connection for all clients (default_pool_size = 1), the
-        check's read waits for the other client's transaction: that is sharing too."""
+        check's read waits for the other client's transaction, then runs on its backend:
+        that is sharing too (the marker, set on that same backend, survives)."""
 
         with (
             PgBouncer(database_url, pool_mode="transaction", pool_size=1) as bouncer,
-            pytest.raises(ConfigError, match="waited for another client's transaction"),
+            pytest.raises(ConfigError, match="ran on the same PostgreSQL backend"),
         ):
             start_and_stop(bouncer.url)
 
@@ -171,3 +181,35 @@ def test_pgbouncer_in_front_of_a_fresh_database_migrates_it(empty_database_url: 
 
     with PgBouncer(empty_database_url) as bouncer:
         assert asyncio.run(scenario()) == migrate.latest_version()
+
+
+def test_migrate_through_pgbouncer_names_the_session_in_its_way(database_url: str) -> None:
+    """A migration blocked by a long transaction names it, through PgBouncer too: it used
+    to look for what blocked the pooler's stand-in pid, found nothing, and named nobody."""
+    run_sql(database_url, *BACK_TO_SCHEMA_11)
+
+    async def scenario() -> tuple[str, int]:
+        backup = await asyncpg.connect(
+            database_url, server_settings={"application_name": "nightly backup"}
+        )
+        conn = await asyncpg.connect(bouncer.url)
+        observer = await asyncpg.connect(bouncer.url)
+        try:
+            await backup.execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM conveyor_tasks"
+            )
+            with pytest.raises(MigrationBlocked) as caught:
+                await migrate.migrate(
+                    conn,
+                    lock_timeout=timedelta(milliseconds=200),
+                    attempts=1,
+                    observer=observer,
+                )
+            return caught.value.message, backup.get_server_pid()
+        finally:
+            for each in (observer, conn, backup):
+                await each.close()
+
+    with PgBouncer(database_url) as bouncer:
+        message, backup_pid = asyncio.run(scenario())
+    assert f"blocked by pid {backup_pid} (application 'nightly backup'" in message

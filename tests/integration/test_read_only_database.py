@@ -13,7 +13,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from helpers import Db, get_json, run_sql, wait_for
+from helpers import Db, assert_ok, get_json, run_cli, run_sql, wait_for
 from pgbouncer import PgBouncer, available
 
 from conveyor import Client, Task
@@ -59,6 +59,19 @@ def test_a_url_whose_first_host_is_read_only_serves_from_the_writable_one(
         finally:
             server.stop()
     assert Db(database_url).task(task_id)["state"] == "queued"
+
+
+@pytest.mark.skipif(not available(), reason="pgbouncer is not installed")
+def test_migrate_through_such_a_url_migrates_the_writable_host(
+    database_url: str, empty_database_url: str
+) -> None:
+    """`conveyor migrate` takes the same URL the servers do, and migrates the primary: it
+    used to connect to the first host that answered, and fail there as read-only."""
+    read_only_by_default(database_url)
+    with PgBouncer(database_url, serve_database=database_name(database_url)) as old:
+        url = two_hosts(old.port, empty_database_url)
+        assert "applied 0001" in assert_ok(run_cli("migrate", "--database-url", url))
+    assert Db(empty_database_url).fetchval("SELECT to_regclass('conveyor_tasks')") is not None
 
 
 def test_readyz_is_503_while_its_session_is_read_only(start_server) -> None:

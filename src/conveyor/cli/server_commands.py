@@ -56,7 +56,7 @@ from conveyor.server.config import (
     default_worker_lost_after,
     split_host_port,
 )
-from conveyor.server.database import connect_failure, require_own_sessions
+from conveyor.server.database import connect_failure, require_own_sessions, writable_target
 from conveyor.server.listeners import check_can_listen
 from conveyor.storage import migrate
 from conveyor.storage.embedded import ClusterInUse
@@ -663,7 +663,10 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
     async def connect() -> asyncpg.Connection[asyncpg.Record]:
         try:
             return await asyncpg.connect(
-                url, timeout=10, server_settings={"application_name": "conveyor migrate"}
+                url,
+                timeout=10,
+                server_settings={"application_name": "conveyor migrate"},
+                **writable_target(url),
             )
         except Exception as exc:
             failure = connect_failure(exc)

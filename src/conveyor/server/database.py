@@ -138,10 +138,11 @@ def connect_failure(error: Exception) -> ConveyorError | None:
 
 
 def _refused_for_good(error: Exception) -> ConfigError | None:
-    """A connection failure no retry fixes that `is_unavailable` would call transient.
+    """A connection failure no retry fixes (None: not one of these).
 
     A malformed URL or connection option (asyncpg raises a ValueError for those), SSL asked
-    for and not offered, or a setting in the URL that a pooler does not pass on.
+    for and not offered, or a setting in the URL that a pooler does not pass on: the last
+    two are errors `is_unavailable` would call transient.
     """
     if isinstance(error, ValueError):
         return ConfigError(f"invalid database URL: {error}")
@@ -187,16 +188,32 @@ async def _end_open_transaction(conn: Any) -> None:
         await conn.execute("ROLLBACK")
 
 
-# How long the session check lets one read wait for a second connection's transaction
-# (see require_own_sessions). A read of a setting on an open session takes well
-# under a millisecond; one held up this long was waiting for a backend the proxy shares.
-_SESSION_CHECK_WAIT = timedelta(seconds=5)
+# How long the session check lets its read wait before it ends the other connection's
+# transaction (see require_own_sessions): a read of a setting takes well under a
+# millisecond on a session of its own; one that waits this long may be waiting for the
+# backend that transaction holds, which is then shared. Only what the read then returns
+# decides, not the wait: a slow database is not taken for a pooler.
+_SESSION_CHECK_WAIT = timedelta(seconds=2)
 
 _SHARED_SESSIONS = (
     "the database URL leads to a connection pooler that shares PostgreSQL sessions "
     "between clients ({detail}); Conveyor needs a session per connection: point it at "
     "PostgreSQL itself, or at a pool in session mode (PgBouncer: pool_mode = session)"
 )
+
+
+def writable_target(url: str) -> dict[str, Any]:
+    """asyncpg.connect's keywords for a connection to `url` that must write.
+
+    `target_session_attrs=read-write`, unless the URL or PGTARGETSESSIONATTRS chooses
+    (nothing then: asyncpg reads them). Servers and migrations need a primary, and a URL
+    listing several hosts (a primary and its standbys) then connects to whichever is the
+    primary now, after a failover too; a standby alone is "unavailable" until it is
+    promoted, instead of each write failing on it.
+    """
+    if "target_session_attrs" in parse_qs(urlsplit(url).query):
+        return {}
+    return {} if os.environ.get("PGTARGETSESSIONATTRS") else {"target_session_attrs": "read-write"}
 
 
 async def require_own_sessions(probe: Any, other: Any) -> None:
@@ -208,22 +225,27 @@ async def require_own_sessions(probe: Any, other: Any) -> None:
     pooling mode none of that holds, and nothing fails at once: the timeouts are silently
     missing, notifications go astray (or to another client), and calls fail later, under
     load, with "prepared statement ... does not exist" (`conveyor migrate` the second time
-    it ran). So this looks first, in a few round trips: a marker set in one session; the
-    other connection then takes a backend inside a transaction (a proxy hands it the one
-    the first just left, its most recently used); and the first reads its marker back. Its
-    own session still has it; a shared backend does not, or makes the read wait for the
-    transaction.
+    it ran). So this looks first, in a few round trips: a marker set in `probe`'s session;
+    `other` then takes a backend inside a transaction (a pooler hands it the one `probe`
+    just left, its most recently used); and `probe` reads its marker back, with its
+    backend's pid. Its own session still has the marker, on a backend other than
+    `other`'s. A shared one has lost it, or (a pooler with one backend for all) makes the
+    read wait until `other`'s transaction ends and then runs on that same backend.
     """
     marker = uuid.uuid4().hex
-    wait = _SESSION_CHECK_WAIT.total_seconds()
+    reading: asyncio.Future[tuple[str | None, int]] | None = None
     try:
         await queries.session_mark(probe, marker=marker)
         async with other.transaction():
-            await queries.database_ping(other)
+            others_pid = await queries.session_backend_pid(other)
             reading = asyncio.ensure_future(queries.session_marked(probe))
-            done, _ = await asyncio.wait({reading}, timeout=wait)
-        waited = not done
-        seen = await asyncio.wait_for(reading, timeout=wait)
+            await asyncio.wait({reading}, timeout=_SESSION_CHECK_WAIT.total_seconds())
+        seen, probes_pid = await reading
+    except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError) as exc:
+        # A statement prepared on one backend and run on another (26000), or prepared
+        # again on a backend another client had prepared it on (42P05): transaction
+        # pooling, met before the marker could tell.
+        raise ConfigError(_SHARED_SESSIONS.format(detail=str(exc).splitlines()[0])) from exc
     except asyncpg.PostgresConnectionError as exc:
         if "pooling mode" not in str(exc):
             raise
@@ -231,13 +253,24 @@ async def require_own_sessions(probe: Any, other: Any) -> None:
         # saying "transaction blocks not allowed in statement pooling mode" (08P01, which
         # asyncpg reports as the connection lost).
         raise ConfigError(_SHARED_SESSIONS.format(detail=str(exc))) from exc
-    if waited or seen != marker:
-        detail = (
-            "a read in one session waited for another client's transaction"
-            if waited
-            else "a setting made in one session was gone from it on the next statement"
+    finally:
+        if reading is not None and not reading.done():
+            # Never leave a query running on a connection that goes back to its pool.
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+    if seen != marker:
+        raise ConfigError(
+            _SHARED_SESSIONS.format(
+                detail="a setting made in one session was gone from it on the next statement"
+            )
         )
-        raise ConfigError(_SHARED_SESSIONS.format(detail=detail))
+    if probes_pid == others_pid:
+        raise ConfigError(
+            _SHARED_SESSIONS.format(
+                detail=f"two connections ran on the same PostgreSQL backend, pid {others_pid}"
+            )
+        )
 
 
 class Database:
@@ -274,20 +307,13 @@ class Database:
         statement_timeout" to all but a few), and application_name is one every proxy
         passes on.
 
-        And a writable server: `target_session_attrs=read-write` unless the URL or
-        PGTARGETSESSIONATTRS chooses otherwise. A server needs a primary, and a URL listing
-        several hosts (a primary and its standbys) then connects to whichever is the primary
-        now, after a failover too; a standby alone is "unavailable" until it is promoted,
-        instead of each write failing on it.
+        And a writable server (`writable_target`).
         """
-        chosen = "target_session_attrs" in parse_qs(urlsplit(self.url).query) or os.environ.get(
-            "PGTARGETSESSIONATTRS"
-        )
         return {
             "server_settings": {
                 "application_name": f"conveyor-server {self._config.server_id}"[:63]
             },
-            "target_session_attrs": None if chosen else "read-write",
+            **writable_target(self.url),
         }
 
     async def configure_session(

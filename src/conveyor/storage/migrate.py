@@ -92,6 +92,7 @@ INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema)
 VALUES ($1, $2, $3)
 """
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
+_BACKEND_PID: Final = "SELECT pg_backend_pid()"
 _SET_LOCK_TIMEOUT: Final = "SELECT set_config('lock_timeout', $1, true)"
 # Who holds what the migration's session waits for. Without pg_read_all_stats, the state and
 # times of another role's sessions read as NULL.
@@ -416,7 +417,9 @@ async def _watching_blockers(
     if observer is None:
         yield
         return
-    pid = conn.get_server_pid()
+    # PostgreSQL's pid for the session, not get_server_pid(): behind a pooler that is the
+    # pooler's stand-in, which pg_blocking_pids knows nothing of.
+    pid = await conn.fetchval(_BACKEND_PID)
     interval = min(_BLOCKER_SAMPLE_SECONDS, lock_timeout.total_seconds() / 4)
     stop = asyncio.Event()
 

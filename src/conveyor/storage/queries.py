@@ -560,10 +560,16 @@ async def session_mark(conn: Any, *, marker: str) -> None:
     await conn.fetchval(SQL["session_mark"], marker)
 
 
-async def session_marked(conn: Any) -> str | None:
-    """The session's marker (None: this session never set one)."""
-    marker: str | None = await conn.fetchval(SQL["session_marked"])
-    return marker or None
+async def session_marked(conn: Any) -> tuple[str | None, int]:
+    """The session's marker (None: this session never set one), and its backend's pid."""
+    row = await conn.fetchrow(SQL["session_marked"])
+    return row["marker"] or None, row["pid"]
+
+
+async def session_backend_pid(conn: Any) -> int:
+    """The pid of the PostgreSQL backend this statement runs on."""
+    pid: int = await conn.fetchval(SQL["session_backend_pid"])
+    return pid
 
 
 async def task_explain(conn: Any, *, task_id: str, live_within: timedelta) -> asyncpg.Record | None:

@@ -1062,7 +1062,10 @@ SELECT current_setting('transaction_read_only') = 'on';
 SELECT set_config('conveyor.session_probe', $1, false);
 
 -- name: session_marked
-SELECT current_setting('conveyor.session_probe', true);
+SELECT current_setting('conveyor.session_probe', true) AS marker, pg_backend_pid() AS pid;
+
+-- name: session_backend_pid
+SELECT pg_backend_pid();
 
 -- name: task_explain
 -- $1 task id, $2 worker silence (s) after which a worker does not count as live.
