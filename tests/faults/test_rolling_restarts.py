@@ -376,5 +376,8 @@ def test_all_servers_restarted_at_once(rolling: Cluster) -> None:
         },
     )
     assert not problems, summary + "\n" + "\n".join(problems[:40])
-    assert first_ack - back < 5, summary
-    assert first_run < 5, summary
+    # Typically 0.4-1.1 s and 1.6-2.3 s; a loaded CI machine once took 5.2 s to run the
+    # first task. What this guards against is workers waiting out a lease (30 s) or a long
+    # backoff, so the bound leaves room for a slow machine.
+    assert first_ack - back < 8, summary
+    assert first_run < 8, summary

@@ -91,6 +91,14 @@ def proc(pid: int) -> dict[str, int]:
     }
 
 
+def server_connections(db) -> int:
+    """The server's PostgreSQL connections (its pools and its LISTEN), one file each."""
+    return db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'conveyor-server %'"
+    )
+
+
 def unfinished(db) -> int:
     return db.fetchval(
         "SELECT count(*) FROM conveyor_tasks WHERE state IN ('queued','scheduled','running')"
@@ -171,6 +179,7 @@ def test_a_worker_process_levels_off_over_many_tasks(server_process, processes, 
                 **settled_probe,
                 "server": proc(server.pid),
                 "worker": proc(worker.pid),
+                "server_database_connections": server_connections(db),
             }
             samples.append(sample)
     settled, last = samples[1], samples[-1]
@@ -181,6 +190,11 @@ def test_a_worker_process_levels_off_over_many_tasks(server_process, processes, 
     assert last["threads"] <= 16 + 10, shown
     assert last["gc_objects"] <= settled["gc_objects"] + 200, shown
     assert last["rss_kb"] - settled["rss_kb"] < 8_000, shown
-    assert last["server"]["fds"] <= settled["server"]["fds"] + 3, shown
+    # Its pools open connections as load asks (up to 23) and keep them: a loaded CI machine
+    # once saw one more after round 2. What else it holds open must not grow.
+    assert (
+        last["server"]["fds"] - last["server_database_connections"]
+        <= settled["server"]["fds"] - settled["server_database_connections"] + 3
+    ), shown
     assert last["server"]["threads"] <= settled["server"]["threads"], shown
     assert last["server"]["rss_kb"] - settled["server"]["rss_kb"] < 15_000, shown
