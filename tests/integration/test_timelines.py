@@ -192,8 +192,9 @@ def test_cancel_in_every_state_and_operator_retry(fast_server: Any, db: Any) -> 
             permanent = client.enqueue_task(Task(type="permanent_fail"))
             wait_final(client, permanent)
             client.retry_tasks([queued, running, permanent], reason="again")
+            # The retried `running` sleeps its 30 s again: its wait needs more than that.
             for task_id in (queued, running):
-                wait_final(client, task_id)
+                wait_final(client, task_id, timeout=60)
             wait_for(
                 lambda: (
                     db.task(permanent)["state"] == "failed"
