@@ -17,6 +17,7 @@ import pytest
 
 from conveyor import BreakerPolicy, RetryPolicy, Worker
 from conveyor.errors import ConfigError
+from conveyor.storage.queries import milliseconds
 from conveyor.types import LARGEST_DURATION, as_duration
 
 
@@ -171,3 +172,21 @@ class TestLongestDurations:
         with pytest.raises(ConfigError, match="call_timeout may be at most 1 hour"):
             RetryPolicy(call_timeout=3601)
         assert RetryPolicy(total_timeout=timedelta(days=365)).total_timeout.days == 365
+
+
+class TestPostgresTimeoutSettings:
+    """A duration becomes a PostgreSQL timeout setting in whole milliseconds, where 0 means
+    no limit: so a positive duration under a millisecond must not round down to none (the
+    server's statement timeout used `int()` of it, and 0.4 ms would have meant forever)."""
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (timedelta(0), 0),
+            (timedelta(microseconds=400), 1),
+            (timedelta(microseconds=1600), 2),
+            (timedelta(seconds=30), 30_000),
+        ],
+    )
+    def test_whole_milliseconds(self, value: timedelta, expected: int) -> None:
+        assert milliseconds(value) == expected

@@ -92,7 +92,6 @@ INSERT INTO conveyor_schema_migrations (version, name, oldest_compatible_schema)
 VALUES ($1, $2, $3)
 """
 _LOCK: Final = "SELECT pg_advisory_xact_lock($1)"
-_BACKEND_PID: Final = "SELECT pg_backend_pid()"
 _SET_LOCK_TIMEOUT: Final = "SELECT set_config('lock_timeout', $1, true)"
 # Who holds what the migration's session waits for. Without pg_read_all_stats, the state and
 # times of another role's sessions read as NULL.
@@ -330,7 +329,7 @@ async def _apply_pending(
             # The advisory lock first, with no lock timeout: another `migrate` holding it
             # may be applying a long migration, and this one has to wait for it.
             await conn.execute(_LOCK, _MIGRATION_LOCK_KEY)
-            await conn.execute(_SET_LOCK_TIMEOUT, f"{_milliseconds(lock_timeout)}ms")
+            await conn.execute(_SET_LOCK_TIMEOUT, f"{queries.milliseconds(lock_timeout)}ms")
             await conn.execute(_LEDGER_DDL)
             ledger = await _ledger(conn)
             latest = migrations[-1].version
@@ -419,7 +418,7 @@ async def _watching_blockers(
         return
     # PostgreSQL's pid for the session, not get_server_pid(): behind a pooler that is the
     # pooler's stand-in, which pg_blocking_pids knows nothing of.
-    pid = await conn.fetchval(_BACKEND_PID)
+    pid = await queries.session_backend_pid(conn)
     interval = min(_BLOCKER_SAMPLE_SECONDS, lock_timeout.total_seconds() / 4)
     stop = asyncio.Event()
 
@@ -583,10 +582,6 @@ def _ranges(versions: Sequence[int]) -> str:
         else:
             spans.append([version, version])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def _milliseconds(duration: timedelta) -> int:
-    return max(1, round(duration.total_seconds() * 1000))
 
 
 def _duration(seconds: float) -> str:

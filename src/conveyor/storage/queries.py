@@ -131,8 +131,15 @@ def _seconds(value: timedelta) -> float:
     return value.total_seconds()
 
 
-def _milliseconds(value: timedelta) -> int:
-    return int(value.total_seconds() * 1000)
+def milliseconds(value: timedelta) -> int:
+    """`value` as a PostgreSQL timeout setting's whole milliseconds.
+
+    Zero means no limit to PostgreSQL, so a positive duration shorter than a millisecond
+    rounds up to 1 rather than down to none.
+    """
+    if value <= timedelta(0):
+        return 0
+    return max(1, round(value.total_seconds() * 1000))
 
 
 def _uuids(values: Sequence[str]) -> list[uuid.UUID]:
@@ -543,8 +550,8 @@ async def session_configure(
     """Set the session's timeouts (zero: none), clear its role's lock_timeout; its pid."""
     pid: int = await conn.fetchval(
         SQL["session_configure"],
-        f"{_milliseconds(statement_timeout)}ms",
-        f"{_milliseconds(idle_in_transaction_timeout)}ms",
+        f"{milliseconds(statement_timeout)}ms",
+        f"{milliseconds(idle_in_transaction_timeout)}ms",
     )
     return pid
 
