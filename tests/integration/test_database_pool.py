@@ -218,3 +218,51 @@ class TestShortOfResources:
         """The classifier on asyncpg's own exception classes for each SQLSTATE of class 53
         (only 53400 and 53300 can be provoked here without starving the test machine)."""
         assert is_unavailable(error("short")) is unavailable
+
+
+class _SessionsDroppedOnceAfterConnecting(Database):
+    """A server's database that ends the server's sessions once, after its pools opened and
+    before its start-up checks ran: as a restart, a failover or an operator's
+    pg_terminate_backend does in the second after a server first reached it. The pools
+    still hold the connections; the checks find them dead."""
+
+    dropped = 0
+
+    async def _require_own_sessions(self) -> None:
+        if not self.dropped:
+            self.dropped = await _terminate_sessions_of(
+                self._config.database_url, f"conveyor-server {self._config.server_id}"
+            )
+        await super()._require_own_sessions()
+
+
+async def _terminate_sessions_of(database_url: str, application_name: str) -> int:
+    operator = await asyncpg.connect(database_url)
+    try:
+        ended: int = await operator.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1",
+            application_name,
+        )
+        return ended
+    finally:
+        await operator.close()
+
+
+def test_a_session_lost_during_the_start_up_checks_is_retried(database_url) -> None:
+    """Only the first connection used to be retried: a session lost in the checks after it
+    (sessions of its own, the migration, the schema) ended the start with "cannot reach
+    PostgreSQL", with the database back at once and most of the start-up timeout left."""
+
+    async def scenario() -> int:
+        database = _SessionsDroppedOnceAfterConnecting(ServerConfig(database_url=database_url))
+        try:
+            await database.connect(startup_timeout=timedelta(seconds=30))
+            async with database.connection() as conn:
+                served: int = await conn.fetchval("SELECT count(*) FROM conveyor_tasks")
+            assert database.dropped >= 2  # one in each pool
+            return served
+        finally:
+            await database.close()
+
+    assert asyncio.run(scenario()) == 0

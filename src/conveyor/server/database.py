@@ -337,29 +337,65 @@ class Database:
         )
 
     async def connect(self, *, startup_timeout: timedelta) -> None:
-        """Open the pool, retrying while the database starts; check (or apply) the schema."""
+        """Open the pool and check (or apply) the schema, retrying while the database starts.
+
+        Every step is retried while the failure is one a later attempt may fix, not only
+        the first connection: a database that answered once and then restarted, failed
+        over or dropped the session (an operator's pg_terminate_backend, a pooler's
+        restart) while the server checked it used to end the start with "cannot reach
+        PostgreSQL", though it was back a second later.
+        """
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + startup_timeout.total_seconds()
         delay = 0.1
         while True:
             try:
-                self._pool = await self._create_pool(self._config.pool_max_size)
-                self._priority_pool = await self._create_pool(self._config.priority_pool_size)
+                await self._open_pools()
+                version = await self._check_database()
                 break
-            except Exception as exc:
-                # Only what a later attempt may fix is retried: a malformed URL or a refused
-                # login fails at once, rather than after the whole start-up timeout.
-                failure = connect_failure(exc)
-                if failure is None:
+            except ServerUnavailable as exc:
+                # Only what a later attempt may fix is retried: a malformed URL, a refused
+                # login or a schema mismatch fails at once, not after the start-up timeout.
+                if loop.time() + delay > give_up_at:
                     raise
-                if not isinstance(failure, ServerUnavailable) or loop.time() + delay > give_up_at:
-                    raise failure from exc
                 log.warning(
                     "database not reachable, retrying",
-                    extra={"event": "database_retry", "error": str(exc)},
+                    extra={"event": "database_retry", "error": exc.message},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if version > migrate.latest_version():
+            log.info(
+                "the database schema is version %d, newer than this server's %d; its newer "
+                "migrations all say this release runs correctly on it",
+                version,
+                migrate.latest_version(),
+                extra={"event": "schema_newer_compatible"},
+            )
+
+    async def _open_pools(self) -> None:
+        """Open the two pools, those not opened by an earlier attempt.
+
+        A failure to connect is what `connect_failure` says it is: ServerUnavailable when a
+        later attempt may succeed.
+        """
+        try:
+            if self._pool is None:
+                self._pool = await self._create_pool(self._config.pool_max_size)
+            if self._priority_pool is None:
+                self._priority_pool = await self._create_pool(self._config.priority_pool_size)
+        except Exception as exc:
+            failure = connect_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    async def _check_database(self) -> int:
+        """Refuse a pooler that shares sessions; migrate if asked; the schema's version.
+
+        A failure to reach the database in any of these surfaces as ServerUnavailable
+        (`_acquire`), which `connect` retries.
+        """
         await self._require_own_sessions()
         async with self.connection() as conn:
             if self._config.migrate:
@@ -372,15 +408,7 @@ class Database:
                         migration.label,
                         extra={"event": "migration_applied"},
                     )
-            version = await migrate.check_schema(conn)
-        if version > migrate.latest_version():
-            log.info(
-                "the database schema is version %d, newer than this server's %d; its newer "
-                "migrations all say this release runs correctly on it",
-                version,
-                migrate.latest_version(),
-                extra={"event": "schema_newer_compatible"},
-            )
+            return await migrate.check_schema(conn)
 
     @staticmethod
     async def require_writable(conn: Any) -> None:
