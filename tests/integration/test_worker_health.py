@@ -341,6 +341,38 @@ class TestProgress:
         assert isinstance(seen.get("type_error"), TypeError)
         assert final.state is TaskState.SUCCEEDED
 
+    @pytest.mark.parametrize("kind", ["def", "async def"])
+    def test_the_last_note_before_returning_is_kept(
+        self, server, client: Client, kind: str
+    ) -> None:
+        """A handler that reports "3 of 3 pages" and returns finishes before the next
+        heartbeat, and heartbeats leave a finished attempt out: the note was never stored,
+        and the task that succeeded said "2 of 3 pages" (found following getting-started's
+        `reports.render`). An async handler's note was not even recorded before its
+        outcome was sent."""
+
+        def pages(ctx: Any) -> None:
+            for page in range(1, 4):
+                ctx.heartbeat(f"{page} of 3 pages")
+
+        def sync_handler(ctx: Any, _payload: bytes) -> bytes:
+            pages(ctx)
+            return b"ok"
+
+        async def async_handler(ctx: Any, _payload: bytes) -> bytes:
+            pages(ctx)
+            return b"ok"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler(TYPE, sync_handler if kind == "def" else async_handler)
+        with running(worker):
+            task_ids = client.enqueue_tasks([Task(type=TYPE) for _ in range(3)])
+            finals = [wait_final(client, task_id) for task_id in task_ids]
+
+        assert [(f.state, f.progress) for f in finals] == [
+            (TaskState.SUCCEEDED, "3 of 3 pages")
+        ] * 3
+
 
 class TestLeasesPerHeartbeat:
     def test_the_server_refuses_a_heartbeat_naming_too_many_leases(self, server) -> None:

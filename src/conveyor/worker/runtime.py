@@ -1991,6 +1991,8 @@ class _Runtime:
         used to be given up one lease after its first send, whatever the heartbeats did.
         """
         assert self.loop is not None  # noqa: S101
+        if attempt.progress is not None:
+            await self.send_last_progress(attempt)
         lease = self.lease_duration.total_seconds()
         delays = self.retry.delays()
         while True:
@@ -2141,21 +2143,7 @@ class _Runtime:
         # calls, in task id order still (and one call when nothing is held).
         for start in range(0, max(1, len(held)), MAX_HEARTBEAT_LEASES):
             chunk = held[start : start + MAX_HEARTBEAT_LEASES]
-            request = pb.HeartbeatRequest(
-                worker_id=self.worker.worker_id,
-                leases=[
-                    pb.LeaseRef(
-                        task_id=a.lease.task_id,
-                        lease_id=a.lease.lease_id,
-                        progress=a.progress or "",
-                        has_progress=a.progress is not None,
-                    )
-                    for a in chunk
-                ],
-                draining=self.draining,
-                in_flight=self.busy,
-                loop_lag_ms=loop_lag_ms,
-            )
+            request = self.heartbeat_request(chunk, loop_lag_ms)
             await self.probe_settled()
             sent_at = self.loop.time()
             try:
@@ -2208,6 +2196,51 @@ class _Runtime:
         self.apply_stops(stops)
         self.stop_unrenewed(held)
         return self.loop.time()
+
+    def heartbeat_request(self, attempts: list[_Attempt], loop_lag_ms: int) -> pb.HeartbeatRequest:
+        """A heartbeat for the leases of `attempts`, with their progress notes not yet sent."""
+        return pb.HeartbeatRequest(
+            worker_id=self.worker.worker_id,
+            leases=[
+                pb.LeaseRef(
+                    task_id=a.lease.task_id,
+                    lease_id=a.lease.lease_id,
+                    progress=a.progress or "",
+                    has_progress=a.progress is not None,
+                )
+                for a in attempts
+            ],
+            draining=self.draining,
+            in_flight=self.busy,
+            loop_lag_ms=loop_lag_ms,
+        )
+
+    async def send_last_progress(self, attempt: _Attempt) -> None:
+        """Record the progress note an attempt made after its last heartbeat, before its outcome.
+
+        A handler that reports progress and then returns (a last "6 of 6 pages") finishes
+        before the next heartbeat, and heartbeats leave an attempt out once it finishes: the
+        note was never stored, and the finished task showed the one before it. One
+        heartbeat call for that lease first, then; the outcome does not wait on it beyond
+        a heartbeat's deadline, and its failure loses only the note (logged).
+        """
+        progress = attempt.progress
+        loop_lag_ms = self.watchdog.take_max_lag_ms() if self.watchdog else 0
+        try:
+            await self.call_at(
+                "Heartbeat",
+                self.heartbeat_request([attempt], loop_lag_ms),
+                timeout=self.heartbeat_timeout(),
+            )
+        except (_Unreachable, grpc.aio.AioRpcError) as exc:
+            attempt.ctx.logger.info(
+                "the attempt's last progress note was not recorded: %s",
+                exc,
+                extra={"event": "progress_not_recorded"},
+            )
+            return
+        if attempt.progress == progress:
+            attempt.progress = None
 
     def apply_stops(self, stops: list[pb.LeaseToStop]) -> None:
         """Stop the attempts a heartbeat's answer named (only the lease it named).
@@ -2264,6 +2297,12 @@ class _Runtime:
         """Thread-safe: ctx.heartbeat(details) from a handler."""
         loop = self.loop
         if loop is None or loop.is_closed():
+            return
+        if _running_loop() is loop:
+            # An async handler: recorded now, for a handler that returns next finishes
+            # before a callback scheduled here would run, and its outcome would be sent
+            # without the note (`send_last_progress`).
+            self._record_progress(task_id, lease_id, details)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._record_progress, task_id, lease_id, details)
@@ -2394,3 +2433,11 @@ def _outcome_label(attempt: _Attempt, report: pb.ReportResultRequest | None) -> 
         # Nothing may be reported only when the lease went away under the handler.
         return "cancelled" if attempt.stop_reason == "cancelled" else "lease_lost"
     return _REPORTED_OUTCOMES.get(report.outcome, "failed")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
