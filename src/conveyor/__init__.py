@@ -22,6 +22,12 @@ __version__ = "0.1.0"
 # (client/channel.py, `_forked`); 'spawn' and 'forkserver' children, and children of a
 # parent that had not connected yet, are unaffected.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# And its C core's own log lines at ERROR, unless the application chose: left unset, grpc
+# prints INFO lines to stderr (a TLS handshake that failed, once per reconnection attempt;
+# a fork), which buried the CLI's one-line `error:` under eight of them. Read once, when grpc
+# is imported, so here: the CLI's modules are imported after this package's, and grpc
+# with it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from conveyor import errors
 from conveyor.breaker import BreakerPolicy

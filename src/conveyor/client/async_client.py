@@ -212,6 +212,7 @@ class AsyncClient:
             method,
             clock=asyncio.get_running_loop().time,
             token_sent=self._metadata is not None,
+            tls=self._credentials.tls is not None,
         )
         while True:
             # A call that was waiting (a backoff, a breaker's probe) when close() ran ends

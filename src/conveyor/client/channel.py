@@ -564,6 +564,28 @@ class AddressRing:
         self.breakers[pick.address].record_abandoned(pick.permit)
 
 
+def tls_hint(failure: str, *, tls: bool | None) -> str:
+    """What to check when a connection failed in a way a TLS mismatch causes ('' if not).
+
+    gRPC names neither side's setting: a client with TLS meeting a server without it, or a
+    certificate it cannot verify, reads "Tls handshake failed"; a client without TLS
+    meeting a server with it, "Socket closed" (which a server that died mid-call also
+    says, hence the "if").
+    """
+    if "handshake" in failure.lower():
+        return (
+            " (the TLS handshake failed: the server may not use TLS, or its certificate is "
+            f"not signed by the CA this client trusts: {TLS_CA_ENV}, or "
+            "tls=TlsConfig(ca_file=...))"
+        )
+    if tls is False and "Socket closed" in failure:
+        return (
+            f" (if the server uses TLS: set {TLS_CA_ENV} to the CA that signed its "
+            f"certificate, or {TLS_ENV}=1 for one the system trusts; or pass tls=...)"
+        )
+    return ""
+
+
 def is_transient(error: grpc.RpcError) -> bool:
     """Whether a failed call may succeed if retried (possibly on another server)."""
     return error.code() in TRANSIENT_CODES
@@ -584,12 +606,18 @@ class RetryLoop:
         *,
         clock: Callable[[], float],
         token_sent: bool = True,
+        tls: bool | None = None,
     ) -> None:
-        """Start the retry budget now; `token_sent`: whether the calls carry a token."""
+        """Start the retry budget now; `token_sent`: whether the calls carry a token.
+
+        `tls`: whether the calls use TLS (None: not known), for the hint a connection
+        refused at the TLS layer gets.
+        """
         self._ring = ring
         self._policy = policy
         self._method = method
         self._token_sent = token_sent
+        self._tls = tls
         self._clock = clock
         self._give_up_at = clock() + policy.total_timeout.total_seconds()
         self._delays = policy.delays()
@@ -609,7 +637,8 @@ class RetryLoop:
             raise CircuitOpen(
                 f"{self._method}: every server ({', '.join(self._ring.addresses)}) failed "
                 f"repeatedly; next probe in {wait:.1f}s"
-                + (f"; last failure ({last[0]}): {last[1]}" if last else ""),
+                + (f"; last failure ({last[0]}): {last[1]}" if last else "")
+                + tls_hint(last[1] if last else "", tls=self._tls),
                 retry_in=wait,
             )
         return None, max(wait, 0.01)
@@ -652,7 +681,7 @@ class RetryLoop:
                 f"no Conveyor server answered {self._method} within "
                 f"{self._policy.total_timeout.total_seconds():g}s "
                 f"(tried {', '.join(self._ring.addresses)}): "
-                f"{error.details()}"
+                f"{error.details()}" + tls_hint(error.details() or "", tls=self._tls)
             ) from None
         self._sleep = delay
 

@@ -183,6 +183,7 @@ class Client:
             method,
             clock=time.monotonic,
             token_sent=self._metadata is not None,
+            tls=self._credentials.tls is not None,
         )
         while True:
             pick, pause = attempts.step()
