@@ -757,3 +757,12 @@ class TestSecurityCommands:
         )
         assert "not a loopback address" in line
         assert "--insecure" in line
+
+    def test_without_a_database_url_it_refuses_before_the_embedded_postgres_starts(
+        self, tmp_path
+    ) -> None:
+        """The refusal came after "No database URL given: using the embedded PostgreSQL"
+        and the embedded cluster's start: every setting is now checked first."""
+        line = assert_one_error_line(run("server", "--grpc-listen", "0.0.0.0:0", cwd=tmp_path))
+        assert "not a loopback address" in line
+        assert not (tmp_path / ".conveyor").exists()

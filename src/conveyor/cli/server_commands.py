@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ if TYPE_CHECKING:
     from conveyor.storage.embedded import EmbeddedPostgres
 
 log = logging.getLogger("conveyor.cli.server")
+# The database URL a server's settings are checked with before the embedded PostgreSQL
+# starts (a well-formed URL; never connected to: the cluster's own replaces it).
+_EMBEDDED_NOT_STARTED: Final = "postgresql:///conveyor-embedded-not-started"
 
 # How often `_serve` asks its `watch` whether something it depends on has failed.
 WATCH_INTERVAL: Final = 0.5
@@ -571,60 +575,66 @@ def server(
         ("--http-listen", http_listen),
         ("--metrics-listen (CONVEYOR_METRICS_LISTEN)", metrics_listen),
     )
+    # Every setting is checked before any database starts: an address the server may not
+    # listen on without TLS used to be refused only after the embedded PostgreSQL had
+    # been chosen and started. The embedded cluster's URL is known once it runs.
+    config = ServerConfig(
+        database_url=database_url or _EMBEDDED_NOT_STARTED,
+        grpc_listen=grpc_listen,
+        http_listen=http_listen,
+        dashboard=dashboard,
+        dashboard_allowed_hosts=frozenset(dashboard_allowed_hosts),
+        migrate=apply_migrations,
+        lease_ttl=timedelta(seconds=lease_ttl),
+        heartbeat_interval=timedelta(seconds=heartbeat_interval),
+        retry_backoff_base=timedelta(seconds=retry_backoff_base),
+        retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
+        max_payload_bytes=max_payload_bytes,
+        max_batch=max_batch,
+        max_lease_wait=timedelta(seconds=max_lease_wait),
+        max_lease_batch=max_lease_batch,
+        worker_lost_after=timedelta(seconds=worker_lost_after),
+        leader_ttl=timedelta(seconds=leader_ttl),
+        leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
+        reaper_interval=timedelta(seconds=reaper_interval),
+        retention=timedelta(days=retention_days) if retention_days else None,
+        worker_retention=(
+            timedelta(hours=worker_retention_hours) if worker_retention_hours else None
+        ),
+        group_commit=group_commit,
+        handoff=handoff,
+        work_stream=work_stream,
+        enqueue_stream=enqueue_stream,
+        enqueue_stream_idle=timedelta(seconds=enqueue_stream_idle),
+        keepalive_interval=timedelta(seconds=keepalive_interval),
+        keepalive_timeout=timedelta(seconds=keepalive_timeout),
+        metrics_listen=metrics_listen,
+        http_limits=HttpLimits(
+            max_connections=http_max_connections,
+            request_head_timeout=timedelta(seconds=http_request_head_timeout),
+            answer_timeout=timedelta(seconds=http_answer_timeout),
+            keepalive_timeout=timedelta(seconds=http_keepalive_timeout),
+        ),
+        tokens_file=tokens_file,
+        tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,
+        tls_cert_file=tls_cert,
+        tls_key_file=tls_key,
+        tls_client_ca_file=tls_client_ca,
+        insecure=insecure,
+        rate_limit=rate_limit or None,
+        rate_burst=max(1.0, rate_limit * 2),
+        max_concurrent_rpcs=max_concurrent_rpcs,
+        max_enqueue_streams_per_token=max_enqueue_streams_per_token or None,
+        session_secret=_session_secret(),
+        server_id=server_id or default_server_id(),
+        failpoints=_failpoints_from_env(),
+    )
     embedded: EmbeddedPostgres | None = None
     try:
         url, embedded = resolve_database(database_url, "server")
-        config = ServerConfig(
-            database_url=url,
-            grpc_listen=grpc_listen,
-            http_listen=http_listen,
-            dashboard=dashboard,
-            dashboard_allowed_hosts=frozenset(dashboard_allowed_hosts),
-            # The embedded cluster is private to this machine: keep it migrated.
-            migrate=apply_migrations or embedded is not None,
-            lease_ttl=timedelta(seconds=lease_ttl),
-            heartbeat_interval=timedelta(seconds=heartbeat_interval),
-            retry_backoff_base=timedelta(seconds=retry_backoff_base),
-            retry_backoff_cap=timedelta(seconds=max(retry_backoff_cap, retry_backoff_base)),
-            max_payload_bytes=max_payload_bytes,
-            max_batch=max_batch,
-            max_lease_wait=timedelta(seconds=max_lease_wait),
-            max_lease_batch=max_lease_batch,
-            worker_lost_after=timedelta(seconds=worker_lost_after),
-            leader_ttl=timedelta(seconds=leader_ttl),
-            leader_retry_interval=timedelta(seconds=min(1.0, leader_ttl / 4)),
-            reaper_interval=timedelta(seconds=reaper_interval),
-            retention=timedelta(days=retention_days) if retention_days else None,
-            worker_retention=(
-                timedelta(hours=worker_retention_hours) if worker_retention_hours else None
-            ),
-            group_commit=group_commit,
-            handoff=handoff,
-            work_stream=work_stream,
-            enqueue_stream=enqueue_stream,
-            enqueue_stream_idle=timedelta(seconds=enqueue_stream_idle),
-            keepalive_interval=timedelta(seconds=keepalive_interval),
-            keepalive_timeout=timedelta(seconds=keepalive_timeout),
-            metrics_listen=metrics_listen,
-            http_limits=HttpLimits(
-                max_connections=http_max_connections,
-                request_head_timeout=timedelta(seconds=http_request_head_timeout),
-                answer_timeout=timedelta(seconds=http_answer_timeout),
-                keepalive_timeout=timedelta(seconds=http_keepalive_timeout),
-            ),
-            tokens_file=tokens_file,
-            tokens_toml=os.environ.get("CONVEYOR_TOKENS") or None,
-            tls_cert_file=tls_cert,
-            tls_key_file=tls_key,
-            tls_client_ca_file=tls_client_ca,
-            insecure=insecure,
-            rate_limit=rate_limit or None,
-            rate_burst=max(1.0, rate_limit * 2),
-            max_concurrent_rpcs=max_concurrent_rpcs,
-            max_enqueue_streams_per_token=max_enqueue_streams_per_token or None,
-            session_secret=_session_secret(),
-            server_id=server_id or default_server_id(),
-            failpoints=_failpoints_from_env(),
+        # The embedded cluster is private to this machine: keep it migrated.
+        config = dataclasses.replace(
+            config, database_url=url, migrate=apply_migrations or embedded is not None
         )
         json_logs = click.get_current_context().meta.get(LOG_FORMAT_KEY) == "json"
         tune_for_long_running_process()
