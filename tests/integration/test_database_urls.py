@@ -50,3 +50,20 @@ def test_sslmode_require_against_a_server_without_ssl_is_one_error_line_at_once(
             line = assert_one_error_line(run_cli(*args))
             assert "asks for SSL (sslmode) and the server does not offer it" in line
         assert time.monotonic() - started < 25
+
+
+@pytest.mark.parametrize(
+    ("netloc", "named"),
+    [
+        ("db.example.invalid", "host db.example.invalid "),
+        ("db1.invalid:5432,db2.invalid:5433", "hosts db1.invalid, db2.invalid "),
+    ],
+)
+def test_a_host_that_does_not_resolve_is_named(netloc: str, named: str) -> None:
+    """The resolver's own words ("Name or service not known") named no host, which left a
+    newcomer with a URL from a secret store guessing which part was wrong. (.invalid
+    never resolves: RFC 6761.)"""
+    line = assert_one_error_line(
+        run_cli("migrate", "--database-url", f"postgresql://conveyor:secret@{netloc}/conveyor")
+    )
+    assert f"the database URL's {named}did not resolve" in line

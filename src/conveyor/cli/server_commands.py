@@ -679,7 +679,7 @@ def migrate_command(database_url: str | None, lock_timeout: float, lock_attempts
                 **writable_target(url),
             )
         except Exception as exc:
-            failure = connect_failure(exc)
+            failure = connect_failure(exc, url)
             if failure is None:
                 raise
             raise failure from exc

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -116,17 +117,25 @@ def is_unavailable(error: BaseException) -> bool:
 _READ_ONLY = "PostgreSQL is read-only (a standby, or default_transaction_read_only is on)"
 
 
-def connect_failure(error: Exception) -> ConveyorError | None:
-    """What a failed attempt to connect means, for the operator.
+def connect_failure(error: Exception, url: str | None = None) -> ConveyorError | None:
+    """What a failed attempt to connect to `url` means, for the operator.
 
     ServerUnavailable when a later attempt may succeed (refused, timed out, starting up,
-    too many connections, only a standby): worth retrying. ConfigError when none will until
-    someone changes the URL or the database (see `_refused_for_good`). None for anything
-    else.
+    too many connections, only a standby, a host name that does not resolve yet): worth
+    retrying. ConfigError when none will until someone changes the URL or the database
+    (see `_refused_for_good`). None for anything else.
     """
     refused = _refused_for_good(error)
     if refused is not None:
         return refused
+    if isinstance(error, socket.gaierror) and url is not None:
+        # The resolver's words ("Name or service not known") name no host; a refused
+        # connection's do (asyncpg's "Connect call failed ('10.0.0.5', 5432)").
+        hosts = _url_hosts(url)
+        which = "hosts" if "," in hosts else "host"
+        return ServerUnavailable(
+            f"cannot reach PostgreSQL: the database URL's {which} {hosts} did not resolve ({error})"
+        )
     if isinstance(error, asyncpg.TargetServerAttributeNotMatched):
         # Transient: a failover in progress promotes one of them.
         return ServerUnavailable(f"{_READ_ONLY}: {error}")
@@ -135,6 +144,19 @@ def connect_failure(error: Exception) -> ConveyorError | None:
     if isinstance(error, asyncpg.PostgresError):
         return ConfigError(f"PostgreSQL refused the connection: {error}")
     return None
+
+
+def _url_hosts(url: str) -> str:
+    """The host names a database URL lists, for a message (`db1, db2`)."""
+    parts = urlsplit(url)
+    named = [
+        entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+        for entry in parts.netloc.rpartition("@")[2].split(",")
+        if entry
+    ]
+    for listed in parse_qs(parts.query).get("host", []):
+        named.extend(host for host in listed.split(",") if host)
+    return ", ".join(named) or "(none: a local socket)"
 
 
 def _refused_for_good(error: Exception) -> ConfigError | None:
@@ -385,7 +407,7 @@ class Database:
             if self._priority_pool is None:
                 self._priority_pool = await self._create_pool(self._config.priority_pool_size)
         except Exception as exc:
-            failure = connect_failure(exc)
+            failure = connect_failure(exc, self._config.database_url)
             if failure is None:
                 raise
             raise failure from exc
@@ -441,7 +463,7 @@ class Database:
                 timeout=self._config.pool_acquire_timeout.total_seconds(),
             )
         except Exception as exc:
-            failure = connect_failure(exc)
+            failure = connect_failure(exc, self._config.database_url)
             if failure is None:
                 raise
             raise failure from exc
