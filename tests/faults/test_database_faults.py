@@ -158,3 +158,51 @@ def test_terminate_every_server_backend(cluster):
     assert status.result == b"prompt"
     assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
     assert worker.process.poll() is None
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_worker_lost_after_costs_no_attempt(cluster, pg_cluster):
+    """PostgreSQL down for longer than `--worker-lost-after` (12 s against 8: above the 5 s a
+    worker's breaker waits before it calls a failing server again, and a heartbeat
+    interval, as the defaults are), shorter than a lease (30 s), with tasks running that
+    finish during the outage.
+
+    No heartbeat lands while the database is down, and the first sweep after it used to
+    mark every worker lost ("missed its heartbeats for 8s; marked lost, N lease(s)
+    released"): the finished outcomes were refused and every task ran a second time (found
+    by an operator's walkthrough with an 18.6 s stop). Silence now counts only while the
+    leader reaches the database: every task runs once, on its first attempt.
+    """
+    if pg_cluster.embedded is None:
+        pytest.skip("stopping PostgreSQL needs the embedded cluster")
+    server = cluster.server(
+        "--lease-ttl", "30", "--worker-lost-after", "8", "--heartbeat-interval", "0.5"
+    )
+    worker = cluster.worker(server, concurrency=8)
+    cluster.wait_registered(worker)
+    client = cluster.client(server)
+    task_ids = cluster.enqueue(client, [Task(type="sleep", payload=b"2") for _ in range(8)])
+    wait_for(
+        lambda: len(cluster.ledger.started()) == len(task_ids),
+        timeout=20,
+        what="every task to start",
+    )
+    down_at = time.monotonic()
+    pg_cluster.embedded.stop(mode="fast")
+    try:
+        wait_for(
+            lambda: len(cluster.ledger.finished()) == len(task_ids),
+            timeout=15,
+            what="the handlers to finish while PostgreSQL is down",
+        )
+        # The fault itself: PostgreSQL stays down past the silence that marks a worker lost.
+        time.sleep(max(0.0, down_at + 12.0 - time.monotonic()))
+    finally:
+        pg_cluster.embedded.start()
+    finals = [wait_final(client, task_id, timeout=60) for task_id in task_ids]
+
+    assert [(f.state, f.attempts) for f in finals] == [(TaskState.SUCCEEDED, 1)] * len(task_ids)
+    assert len(cluster.ledger.started()) == len(task_ids), "a task ran twice"
+    events = {event.event for final in finals for event in final.history}
+    assert "lease_expired" not in events
+    assert cluster.db.fetchval("SELECT count(*) FROM conveyor_workers WHERE state = 'lost'") == 0

@@ -141,7 +141,9 @@ def sweep(url: str, proof: queries.LeaderProof) -> list[asyncpg.Record]:
     """Call the fenced sweeper statement with `proof` (silence: 10 min)."""
     return run_on_connection(
         url,
-        lambda conn: queries.worker_sweep_lost(conn, silence=timedelta(minutes=10), leader=proof),
+        lambda conn: queries.worker_sweep_lost(
+            conn, silence=timedelta(minutes=10), leader=proof, reachable_for=timedelta(hours=1)
+        ),
     )
 
 

@@ -258,7 +258,7 @@ def parameters(seeded: Seeded) -> dict[str, tuple[Any, ...]]:
         "task_lease_extend": ([running], [lease], 30.0, 10.0, ["50%"], "worker-1"),
         "task_reap_expired": (500, 1.0, 300.0, "server-1", 1),
         "task_lock_for_cancel": (seeded.queued_id,),
-        "worker_sweep_lost": (15.0, "server-1", 1),
+        "worker_sweep_lost": (15.0, "server-1", 1, 3600.0),
         "task_live_stats": (1000, ["a"]),
         "task_explain": (seeded.queued_id, 15.0),
         "task_list_by_state": (["failed", "succeeded"], FIRST_PAGE, 51),

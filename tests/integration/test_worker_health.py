@@ -100,7 +100,12 @@ class TestSweeper:
                     "SELECT 1 FROM conveyor_tasks WHERE id = $1::uuid FOR UPDATE", ids[1]
                 )
                 swept = await asyncio.wait_for(
-                    queries.worker_sweep_lost(conn, silence=timedelta(seconds=15), leader=leader),
+                    queries.worker_sweep_lost(
+                        conn,
+                        silence=timedelta(seconds=15),
+                        leader=leader,
+                        reachable_for=timedelta(hours=1),
+                    ),
                     timeout=10,
                 )
             finally:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -308,6 +309,9 @@ class Database:
         self.backend_pids: set[int] = set()
         # Why the database was last unavailable, for the messages of an open breaker.
         self._last_failure = "none yet"
+        # When (time.monotonic) the database was last found unreachable or refused by the
+        # open breaker, or the server connected: see `reachable_for`.
+        self._unreachable_at: float | None = None
         self.breaker = CircuitBreaker(
             BreakerPolicy(
                 failure_threshold=config.db_breaker_failures,
@@ -374,6 +378,8 @@ class Database:
             try:
                 await self._open_pools()
                 version = await self._check_database()
+                # The count of `reachable_for` starts here.
+                self._unreachable_at = time.monotonic()
                 break
             except ServerUnavailable as exc:
                 # Only what a later attempt may fix is retried: a malformed URL, a refused
@@ -394,6 +400,17 @@ class Database:
                 migrate.latest_version(),
                 extra={"event": "schema_newer_compatible"},
             )
+
+    def reachable_for(self) -> timedelta:
+        """How long this server has reached the database without a failure.
+
+        Since it connected (zero before), or since the last call that found the database
+        unreachable or was refused by the open breaker. The worker sweeper counts a
+        worker's silence only within it.
+        """
+        if self._unreachable_at is None:
+            return timedelta(0)
+        return timedelta(seconds=max(0.0, time.monotonic() - self._unreachable_at))
 
     async def _open_pools(self) -> None:
         """Open the two pools, those not opened by an earlier attempt.
@@ -529,6 +546,7 @@ class Database:
             raise ServerUnavailable("the server is not connected to PostgreSQL")
         permit = self.breaker.allow()
         if permit is None:
+            self._unreachable_at = time.monotonic()
             raise ServerUnavailable(
                 "database unavailable (circuit open after repeated failures, the last: "
                 f"{self._last_failure}; next probe in {self.breaker.retry_in():.1f}s)"
@@ -565,6 +583,7 @@ class Database:
         """
         if is_unavailable(error):
             self._last_failure = _reason(error)
+            self._unreachable_at = time.monotonic()
             self.breaker.record_failure(permit)
         elif isinstance(error, asyncio.CancelledError):
             self.breaker.record_abandoned(permit)
@@ -603,6 +622,7 @@ class Database:
                     f"server busy: no database connection free within {timeout:g}s"
                 ) from exc
             self._last_failure = f"connect timed out ({timeout:g}s)"
+            self._unreachable_at = time.monotonic()
             self.breaker.record_failure(permit)
             raise ServerUnavailable(f"database unavailable: {self._last_failure}") from exc
         except BaseException as exc:

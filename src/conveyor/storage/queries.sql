@@ -900,9 +900,13 @@ UPDATE conveyor_workers SET state = $2, last_heartbeat_at = now() WHERE id = $1;
 
 -- name: worker_sweep_lost
 -- $1 silence (s) after which an active or draining worker is presumed lost, $2 leader id,
--- $3 leader term. Leader only. Marks silent workers lost and ends their leases now, so the
--- reaper's next round requeues their tasks instead of waiting out the lease. Fencing keeps
--- this safe if the worker was only slow: its next report or heartbeat is refused.
+-- $3 leader term, $4 how long (s) the leader has reached the database without a failure.
+-- Leader only. Marks silent workers lost and ends their leases now, so the reaper's next
+-- round requeues their tasks instead of waiting out the lease. Fencing keeps this safe if
+-- the worker was only slow: its next report or heartbeat is refused. Silence counts only
+-- while the database could be reached ($4): no heartbeat lands while it is down, and after
+-- an outage longer than the silence every worker alive would have been marked lost, its
+-- finished work refused and run again.
 WITH leader AS (
     SELECT 1 FROM conveyor_leader
     WHERE name = 'maintenance' AND holder = $2 AND term = $3 AND expires_at > now()
@@ -914,6 +918,8 @@ WITH leader AS (
       AND last_heartbeat_at < now() - make_interval(secs => $1)
       -- Nor before the silence its own server allows (a longer heartbeat interval).
       AND (lost_after IS NULL OR last_heartbeat_at < now() - lost_after)
+      -- Nor before the database has been reachable for that long.
+      AND make_interval(secs => $4) > greatest(make_interval(secs => $1), lost_after)
       AND EXISTS (SELECT 1 FROM leader)
     RETURNING id
 ), releasable AS (

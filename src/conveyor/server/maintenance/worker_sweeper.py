@@ -4,6 +4,12 @@ Leader only, fenced by the leader's term. Ending a lost worker's leases at once 
 waiting out the lease) is what makes recovery fast; it is safe because of fencing: if the
 worker was merely slow, its next heartbeat learns the leases are gone and its reports are
 refused, so no attempt gets two outcomes.
+
+Silence is counted only while the database could be reached, as this server saw it: a
+database that was down or cut off for longer than `worker_lost_after` took every heartbeat
+with it, and the first sweep after it marked every worker lost, healthy ones included;
+their finished work was refused and run again (found by stopping PostgreSQL for 18 s under
+load). Each failure to reach the database starts that count again (`Database.reachable_for`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ class WorkerSweeper(LeaderDuty):
     async def lead(self, leader: LeaderProof) -> None:
         """Mark silent workers lost."""
         async with self._database.connection() as conn:
-            lost = await queries.worker_sweep_lost(conn, silence=self._silence, leader=leader)
+            lost = await queries.worker_sweep_lost(
+                conn,
+                silence=self._silence,
+                leader=leader,
+                reachable_for=self._database.reachable_for(),
+            )
         for row in lost:
             log.warning(
                 "worker %s missed its heartbeats for %ss; marked lost, %d lease(s) released",
