@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trustme
-from helpers import conveyor_command, process_env, server_argv, wait_final
+from helpers import (
+    assert_one_error_line,
+    conveyor_command,
+    process_env,
+    run_cli,
+    server_argv,
+    wait_final,
+)
 
 from conveyor import Client, RetryPolicy, Task, TaskState, TlsConfig, Worker
 from conveyor.auth import Role, new_token
@@ -102,28 +109,24 @@ class TestServerTls:
         assert "CONVEYOR_TLS_CA" in untrusted.value.message
 
     def test_the_cli_says_a_handshake_failed_in_one_line(
-        self, tls_server: ServerThread, pki: Pki
+        self, tls_server: ServerThread, pki: Pki, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """gRPC's C core printed a line of its own per reconnection attempt (eight in 30 s)
         above the CLI's `error:` line, unless GRPC_VERBOSITY was set: the CLI set it after
         `conveyor`, and grpc with it, had been imported. Run without it here, as a shell
         would."""
-        env = process_env(CONVEYOR_TLS_CA=str(pki.other_ca))
-        env.pop("GRPC_VERBOSITY", None)
-        result = subprocess.run(
-            conveyor_command(
-                "--retry-for=2", "status", str(uuid.uuid4()), "--server", tls_server.address
-            ),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+        line = assert_one_error_line(
+            run_cli(
+                "--retry-for=2",
+                "status",
+                str(uuid.uuid4()),
+                "--server",
+                tls_server.address,
+                CONVEYOR_TLS_CA=str(pki.other_ca),
+            )
         )
-        assert result.returncode == 1, result.stderr
-        assert result.stderr.startswith("error: "), result.stderr
-        assert result.stderr.count("\n") == 1, result.stderr
-        assert "the TLS handshake failed" in result.stderr
+        assert "the TLS handshake failed" in line
 
     def test_tls_settings_come_from_the_environment(
         self, tls_server: ServerThread, pki: Pki, monkeypatch: pytest.MonkeyPatch
