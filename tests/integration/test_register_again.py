@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
     from conftest import ServerThread
 
-LEASE = timedelta(seconds=4)
+# Long enough for a loaded machine (at 4 s a heartbeat's deadline, a quarter of it, was
+# 1 s, and a CI run saw one beat time out and the lease expire), shorter than the 10 s the
+# registration used to hold the beats for.
+LEASE = timedelta(seconds=8)
 
 
 def failed_registrations(caplog: pytest.LogCaptureFixture) -> int:
