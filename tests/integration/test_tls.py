@@ -7,6 +7,7 @@ would hand them to `conveyor server --tls-cert/--tls-key/--tls-client-ca`.
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -159,6 +160,29 @@ class TestServerTls:
             worker.stop()
         assert status.state is TaskState.SUCCEEDED
         assert status.result == b"SECRET"
+
+    def test_a_worker_that_does_not_trust_the_certificate_is_told_so(
+        self, tls_server: ServerThread, pki: Pki
+    ) -> None:
+        """The worker's start failure carries the clients' hint: its own words were gRPC's
+        alone, and "Tls handshake failed" or "Socket closed" name no setting to check.
+
+        Refused at once, the calls open the breaker: start(timeout=1) then slept until its
+        next probe and gave up after five seconds, saying only "every server's circuit
+        breaker is open". It now gives up on time, with the failure that opened it."""
+        for tls, hint in (
+            (TlsConfig(ca_file=pki.other_ca), "the TLS handshake failed"),
+            (False, "if the server uses TLS: set CONVEYOR_TLS_CA"),
+        ):
+            worker = Worker(tls_server.address, tls=tls)
+            worker.register_handler("t", lambda _ctx, payload: payload)
+            began = time.monotonic()
+            with pytest.raises(ServerUnavailable) as refused:
+                worker.start(timeout=1)
+            took = time.monotonic() - began
+            assert "accepted the worker" in refused.value.message
+            assert hint in refused.value.message
+            assert took < 4, f"start(timeout=1) took {took:.1f}s"
 
 
 class TestMutualTls:

@@ -196,5 +196,8 @@ def test_a_worker_process_levels_off_over_many_tasks(server_process, processes, 
         last["server"]["fds"] - last["server_database_connections"]
         <= settled["server"]["fds"] - settled["server_database_connections"] + 3
     ), shown
-    assert last["server"]["threads"] <= settled["server"]["threads"], shown
+    # gRPC's EventEngine pool adds a thread when all of its are busy for a while (its
+    # "lifeguard" does) and retires idle ones later: a loaded CI machine saw 23 -> 25. A
+    # thread kept per task or per call would be thousands more over three rounds.
+    assert last["server"]["threads"] <= settled["server"]["threads"] + 4, shown
     assert last["server"]["rss_kb"] - settled["server"]["rss_kb"] < 15_000, shown

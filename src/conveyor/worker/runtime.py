@@ -65,6 +65,7 @@ from conveyor.client.channel import (
     RetryPolicy,
     TlsConfig,
     parse_addresses,
+    tls_hint,
     translate,
 )
 from conveyor.codec import (
@@ -1000,10 +1001,9 @@ class _Runtime:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
-                self.ring.record(pick, reachable=False)
-                raise _Unreachable(
-                    f"{address}: {exc.code().name} {exc.details()}", address=address
-                ) from exc
+                cause = f"{exc.code().name} {exc.details()}"
+                self.ring.record(pick, reachable=False, cause=cause)
+                raise _Unreachable(f"{address}: {cause}", address=address) from exc
             if is_backpressure(exc.code(), exc.details()):
                 # "Not now" from a server that answered: its breaker hears it is reachable
                 # (a probe must not stay in flight for ever), and every caller of `call`
@@ -1034,7 +1034,14 @@ class _Runtime:
         """
         retry_in = self.ring.next_probe_in()
         if retry_in > 0:
-            return _Unreachable("every server's circuit breaker is open", retry_in=retry_in)
+            # With the failure that opened them: "the breaker is open" alone leaves an
+            # operator to guess at the cause (a refused port, a TLS handshake, a deadline).
+            last = self.ring.last_failure
+            return _Unreachable(
+                "every server's circuit breaker is open"
+                + (f"; last failure ({last[0]}): {last[1]}" if last else ""),
+                retry_in=retry_in,
+            )
         if not probe and any(b.probe_free() for b in self.ring.breakers.values()):
             if self.heartbeat_now is not None:
                 self.heartbeat_now.set()
@@ -1239,9 +1246,12 @@ class _Runtime:
                 ) from None
             except _Unreachable as exc:
                 if self.loop.time() >= give_up_at or self.stop_event.is_set():
+                    # Worded as the clients word it: gRPC's "Tls handshake failed" or
+                    # "Socket closed" names neither side's TLS setting.
                     raise ServerUnavailable(
                         f"no Conveyor server at {', '.join(self.ring.addresses)} accepted the "
                         f"worker within {within:g}s: {exc}"
+                        + tls_hint(str(exc), tls=self.worker.credentials.tls is not None)
                     ) from None
                 if not retrying:
                     retrying = True
@@ -1251,7 +1261,11 @@ class _Runtime:
                         give_up_at - self.loop.time(),
                         extra={"event": "worker_register_retrying"},
                     )
-                await asyncio.sleep(exc.retry_in or next(delays))
+                # Never past the deadline: an open breaker's next probe (seconds away) made
+                # start(timeout=1) give up after five.
+                await asyncio.sleep(
+                    min(exc.retry_in or next(delays), max(0.0, give_up_at - self.loop.time()))
+                )
         if response.HasField("heartbeat_interval"):
             self.heartbeat_interval = response.heartbeat_interval.ToTimedelta()
         if response.HasField("lease_duration"):
@@ -1379,13 +1393,14 @@ class _Runtime:
             granting = asyncio.create_task(self.grant_loop(stream), name="grant-loop")
             await stream.read_all()
         except grpc.aio.AioRpcError as exc:
-            self.ring.record(pick, reachable=exc.code() not in TRANSIENT_CODES)
+            cause = f"{exc.code().name} {exc.details()}"
+            self.ring.record(pick, reachable=exc.code() not in TRANSIENT_CODES, cause=cause)
             if _replaceable(exc):
-                raise _Unreachable(f"{address}: {exc.code().name} {exc.details()}") from exc
+                raise _Unreachable(f"{address}: {cause}") from exc
             raise
         except StreamEnded as exc:
             if stream.abandoned is None:  # an abandoning worker has told the ring already
-                self.ring.record(pick, reachable=False)
+                self.ring.record(pick, reachable=False, cause=str(exc))
             raise _Unreachable(f"{address}: {exc}") from exc
         finally:
             if self.stream is stream:
