@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
 
     client = Client(sys.argv[1])
     task_id = client.enqueue_task(Task(type="embedding.interrupted"))  # the stream is open
+    # (or, where the server has none, the client now makes its enqueues as unary calls)
     if sys.argv[2] == "get_task_status":
         call = lambda: client.get_task_status(task_id)
     else:
@@ -96,12 +97,24 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("interrupted_call", ["get_task_status", "enqueue_task"])
+@pytest.mark.parametrize(
+    ("interrupted_call", "enqueue_stream"),
+    [
+        ("get_task_status", True),
+        ("enqueue_task", True),
+        # A server without the enqueue stream: enqueues fall back to the unary EnqueueTasks,
+        # which ran on the main thread and, interrupted, hung the later calls as above.
+        ("enqueue_task", False),
+    ],
+    ids=["get_task_status", "enqueue_task", "enqueue_task-unary"],
+)
 def test_the_client_still_answers_after_interrupted_calls(
-    server: Any, interrupted_call: str
+    start_server: Any, interrupted_call: str, enqueue_stream: bool
 ) -> None:
     """get_task_status is a unary call (made from a thread of its own on the main thread);
-    enqueue_task goes on the enqueue stream through the group commit."""
+    enqueue_task goes on the enqueue stream through the group commit, or, where the server
+    has none, on the unary call (from a thread of its own too)."""
+    server = start_server(enqueue_stream=enqueue_stream)
     try:
         result = subprocess.run(
             [sys.executable, "-c", SCRIPT, server.address, interrupted_call],

@@ -257,8 +257,10 @@ class Client:
                 return stream.send(request, route.send_timeout(time.monotonic()))
             except StreamEnded as exc:
                 route.stream_ended(exc, stream_was_new)
-        response: pb.EnqueueTasksResponse = self._stub(address).EnqueueTasks(
-            request, timeout=timeout, metadata=self._metadata
+        # The unary fallback is a blocking grpc call like `_call`'s, so it runs off the
+        # main thread for the same reason (see `_off_the_main_thread`).
+        response: pb.EnqueueTasksResponse = _off_the_main_thread(
+            self._stub(address).EnqueueTasks, request, timeout=timeout, metadata=self._metadata
         )
         return response
 
