@@ -388,15 +388,25 @@ class BlockingEnqueueStream:
     def close(self) -> None:
         """Half-close, so the server ends the call OK; cancel it if that takes too long.
 
-        Requests still unanswered fail with StreamEnded.
+        Requests still unanswered fail with StreamEnded. Nothing, in a forked child (see
+        `drop`).
         """
+        if os.getpid() != self._pid:
+            return
         self._outgoing.put(None)
         self._reader.join(timeout=CLOSE_TIMEOUT)
         self.drop()
         self._reader.join(timeout=CLOSE_TIMEOUT)
 
     def drop(self) -> None:
-        """End the call without waiting for anything (a client forgotten unclosed)."""
+        """End the call without waiting for anything (a client forgotten unclosed).
+
+        In a forked child it does nothing: the call belongs to the parent's gRPC core,
+        whose threads the child lacks, and cancelling it there hung the child's exit
+        (a client's finalizer runs at interpreter shutdown; a review, 20 of 20 forks).
+        """
+        if os.getpid() != self._pid:
+            return
         self._outgoing.put(None)
         self._call.cancel()
 
