@@ -259,6 +259,28 @@ class TestTaskCommands:
             assert option in result.stderr
             assert "Traceback" not in result.stderr
 
+    @pytest.mark.parametrize(
+        ("args", "option"),
+        [
+            # Bytes that are not UTF-8 (Python hands them over as lone surrogates): exit 1
+            # with a client-side message, or protobuf's traceback before that.
+            (("tasks", "list", "--page-token", "\udcff"), "--page-token"),
+            (("workers", "list", "--page-token", "\udcff"), "--page-token"),
+            # Past the request's uint64: exit 1, as if the server had refused it.
+            (("tasks", "cancel", "--state", "queued", "--limit", str(2**64), "-y"), "--limit"),
+            (("tasks", "retry", "--state", "failed", "--limit", str(2**64), "-y"), "--limit"),
+        ],
+        ids=["tasks-page-token", "workers-page-token", "cancel-limit", "retry-limit"],
+    )
+    def test_task_and_worker_listings_and_bulk_actions_refuse_what_cannot_travel(
+        self, args, option
+    ):
+        """A usage error (exit 2) naming the option, before anything is sent."""
+        result = run(*args, "--server", "127.0.0.1:1")
+        assert result.returncode == 2, result.stderr
+        assert option in result.stderr
+        assert "Traceback" not in result.stderr
+
     @pytest.mark.parametrize("value", ["-1", "nan", "1e300"])
     def test_dev_drain_timeout_refuses_what_is_no_duration(self, value):
         # Should the value get through, dev fails at once on its address (exit 1) instead

@@ -98,6 +98,9 @@ class TestSettingsOfTheWrongKind:
             Worker("127.0.0.1:1", tls="true")  # type: ignore[arg-type]
 
 
+NOT_UTF8 = "\udcff"  # the byte 0xff, as Python hands over a command-line argument
+
+
 class TestArgumentsOfTheWrongKind:
     """Each names the argument, as `limit`, `reason` and a malformed id already did."""
 
@@ -122,6 +125,20 @@ class TestArgumentsOfTheWrongKind:
             pytest.param(lambda c: c.list_tasks(page_token=5), "page_token", id="token=5"),
             pytest.param(
                 lambda c: c.list_workers_page(page_token=5), "page_token", id="workers token=5"
+            ),
+            # Bytes that are not UTF-8, as a command line hands them over: protobuf's
+            # UnicodeEncodeError, and a traceback from `conveyor tasks list --page-token`.
+            pytest.param(
+                lambda c: c.list_tasks(page_token=NOT_UTF8), "page_token", id="token not UTF-8"
+            ),
+            pytest.param(
+                lambda c: c.list_workers_page(page_token=NOT_UTF8),
+                "page_token",
+                id="workers token not UTF-8",
+            ),
+            # as_of travels as a uint64: a longer number was protobuf's ValueError.
+            pytest.param(
+                lambda c: c.retry_tasks(states="failed", as_of=str(2**64)), None, id="as_of=2**64"
             ),
         ],
     )

@@ -38,7 +38,11 @@ if TYPE_CHECKING:
     help="Workers per page.",
 )
 @click.option(
-    "--page-token", default=None, metavar="TOKEN", help="Continue where the last page ended."
+    "--page-token",
+    default=None,
+    type=WireText(),
+    metavar="TOKEN",
+    help="Continue where the last page ended.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option

@@ -27,6 +27,7 @@ from conveyor.cli.task_commands import (
     server_option,
     status_document,
 )
+from conveyor.client.core import MAX_BULK_LIMIT
 from conveyor.client.sync_client import Client
 from conveyor.types import TaskState, normalize_task_id
 
@@ -143,7 +144,11 @@ def _task_table(statuses: Sequence[TaskStatus], width: int) -> Table:
     help="Tasks per page.",
 )
 @click.option(
-    "--page-token", default=None, metavar="TOKEN", help="Continue where the last page ended."
+    "--page-token",
+    default=None,
+    type=WireText(),
+    metavar="TOKEN",
+    help="Continue where the last page ended.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option
@@ -271,7 +276,8 @@ def _bulk_command(action: Action, help_text: str) -> click.Command:
     @click.option("--type", "task_type", default=None, metavar="TYPE", help="Only tasks of TYPE.")
     @click.option(
         "--limit",
-        type=click.IntRange(min=1),
+        # Bounded as the request's field is: a larger N was an error exit, not a usage one.
+        type=click.IntRange(1, MAX_BULK_LIMIT),
         default=None,
         help="With a filter: act on at most N tasks, oldest first (queue order).",
     )

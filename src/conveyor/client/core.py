@@ -379,7 +379,8 @@ def checked_page_token(token: object) -> str:
             f"page_token must be the str of a page's next_page_token, got {type(token).__name__}",
             field="page_token",
         )
-    return token
+    # From a command line, bytes that are not UTF-8 arrive as lone surrogates.
+    return _sendable_text(token, "page_token", "give a page's next_page_token as it was")
 
 
 def checked_limit(limit: object, *, least: int, most: int) -> int:
@@ -400,15 +401,20 @@ def checked_reason(reason: object) -> str:
     """
     if not isinstance(reason, str):
         raise InvalidTask(f"reason must be a str, got {type(reason).__name__}", field="reason")
+    return _sendable_text(reason, "reason", "give the reason as text")
+
+
+def _sendable_text(text: str, field: str, advice: str) -> str:
+    """`text` if protobuf can send it (UTF-8); InvalidTask naming `field` if not."""
     try:
-        reason.encode()
+        text.encode()
     except UnicodeEncodeError as exc:
         raise InvalidTask(
-            f"reason holds {reason[exc.start : exc.end]!r}, which is not a character (bytes "
-            "that are not UTF-8?); give the reason as text",
-            field="reason",
+            f"{field} holds {text[exc.start : exc.end]!r}, which is not a character (bytes "
+            f"that are not UTF-8?); {advice}",
+            field=field,
         ) from None
-    return reason
+    return text
 
 
 def _states(states: StatesArg) -> list[TaskState]:
@@ -497,7 +503,12 @@ def bulk_request(
     if not task_ids and not by_filter:
         raise InvalidTask("give task ids, or a filter: states and/or type")
     if as_of is not None and (
-        task_ids or not isinstance(as_of, str) or not as_of.isascii() or not as_of.isdigit()
+        task_ids
+        or not isinstance(as_of, str)
+        or not as_of.isascii()
+        or not as_of.isdigit()
+        # through_seq is a uint64: a longer number would be protobuf's ValueError.
+        or int(as_of) > MAX_BULK_LIMIT
     ):
         raise InvalidTask("as_of is the as_of of a dry run's result, and only with a filter")
     request = pb.BulkTaskRequest(
