@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from helpers import running, wait_for
 
-from conveyor import AsyncClient, Client, Task, TaskState, Worker
+from conveyor import AsyncClient, Client, Task, TaskState, TlsConfig, Worker
 from conveyor.errors import ConfigError, InvalidTask
 
 
@@ -96,6 +96,21 @@ class TestSettingsOfTheWrongKind:
     def test_worker_tls(self) -> None:
         with pytest.raises(ConfigError, match="tls must be a TlsConfig"):
             Worker("127.0.0.1:1", tls="true")  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        ("settings", "message"),
+        [
+            # An AttributeError from the name's UTF-8 check.
+            ({"server_name": 5}, "server_name must be a str"),
+            # A TypeError from pathlib at the client's first call.
+            ({"ca_file": 5}, "ca_file must be a path"),
+            ({"cert_file": b"c.pem", "key_file": "k.pem"}, "cert_file must be a path"),
+        ],
+        ids=["server_name=5", "ca_file=5", "cert_file=bytes"],
+    )
+    def test_tls_config(self, settings: dict[str, Any], message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            TlsConfig(**settings)
 
 
 NOT_UTF8 = "\udcff"  # the byte 0xff, as Python hands over a command-line argument

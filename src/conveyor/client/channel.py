@@ -134,7 +134,19 @@ class TlsConfig:
     server_name: str | None = None
 
     def __post_init__(self) -> None:
-        """A client certificate needs its key, and the other way round."""
+        """Paths are paths, a name is text; a client certificate needs its key, and back."""
+        # Checked here, not at the first call: a number given as a path was a TypeError
+        # from inside pathlib there, and a number as the name an AttributeError at once.
+        for field in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ConfigError(
+                    f"TlsConfig.{field} must be a path (str or Path), got {type(value).__name__}"
+                )
+        if self.server_name is not None and not isinstance(self.server_name, str):
+            raise ConfigError(
+                f"TlsConfig.server_name must be a str, got {type(self.server_name).__name__}"
+            )
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("a TLS client certificate needs its key (cert_file and key_file)")
         if self.server_name is not None:
