@@ -635,6 +635,33 @@ class TestServerCommands:
             worker.output()
         )
 
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_a_server_waiting_for_its_database_stops_at_a_signal(self, processes, sig):
+        """Before: the signal was ignored while the start retried an unreachable database,
+        which ended 30 s later with exit 1; operations.md promised exit 0 at any stage."""
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+            nowhere = f"postgresql://conveyor@127.0.0.1:{closed.getsockname()[1]}/conveyor"
+            server = processes(
+                conveyor_command(
+                    *("server", "--database-url", nowhere),
+                    *("--grpc-listen", f"127.0.0.1:{free_port()}"),
+                    *("--http-listen", f"127.0.0.1:{free_port()}"),
+                ),
+                name="server-without-its-database",
+            )
+            wait_for(
+                lambda: "database not reachable, retrying" in server.output(),
+                timeout=20,
+                what="the server to be retrying its database",
+            )
+            signalled = time.monotonic()
+            server.signal(sig)
+            assert server.wait(30) == 0, server.output()
+        assert time.monotonic() - signalled < 10, server.output()
+        assert "stopped while starting" in server.output()
+        assert "Traceback" not in server.output()
+
     def test_log_level_and_format_in_upper_case_from_the_environment(self):
         """Before: CONVEYOR_LOG_LEVEL=DEBUG was a usage error (exit 2)."""
         result = run("token", "--help", CONVEYOR_LOG_LEVEL="DEBUG", CONVEYOR_LOG_FORMAT="JSON")

@@ -115,7 +115,13 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
     failure: str | None = None
-    await server.start()
+    if not await _started_unless_stopped(server, stop_requested):
+        log.info(
+            "conveyor server %s stopped while starting",
+            config.server_id,
+            extra={"event": "stopped_while_starting"},
+        )
+        return
     try:
         if announce:
             click.echo(
@@ -139,6 +145,29 @@ async def _serve(
         await server.stop()
     if failure is not None:
         raise ConfigError(failure)
+
+
+async def _started_unless_stopped(server: ConveyorServer, stop_requested: asyncio.Event) -> bool:
+    """Start `server`; False if a stop signal came first, and the start was abandoned.
+
+    A start waits up to its start-up timeout for an unreachable database: the signal that
+    an operator (or systemd, or Kubernetes) sends meanwhile stops it at once, with status
+    0, as at any other stage; it used to be ignored until the start gave up, exit 1.
+    """
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        # The start closes what it had opened as it unwinds (ConveyorServer.start).
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return False
+    starting.result()  # its failure, if it failed
+    return True
 
 
 async def _until_stop(

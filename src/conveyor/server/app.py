@@ -167,7 +167,13 @@ class ConveyorServer:
         for what, address in self._listeners():
             check_can_listen(address, what)
         raise_open_files_limit()
-        await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
+        try:
+            await self.database.connect(startup_timeout=timedelta(seconds=startup_timeout))
+        except BaseException:
+            # Failed, or cancelled while it retried (a stop asked for during start-up): the
+            # pools that did open close now.
+            await self.database.close()
+            raise
         try:
             await self._start_serving(credentials, ssl_context)
         except BaseException:
