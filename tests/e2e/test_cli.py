@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 
@@ -661,6 +663,38 @@ class TestServerCommands:
         assert time.monotonic() - signalled < 10, server.output()
         assert "stopped while starting" in server.output()
         assert "Traceback" not in server.output()
+
+    @pytest.mark.parametrize(
+        ("variable", "served"),
+        [(None, True), ("1", True), ("0", False), ("", False)],
+        ids=["unset", "1", "0", "empty"],
+    )
+    def test_conveyor_dashboard_reads_empty_as_no(self, processes, database_url, variable, served):
+        """Before: `CONVEYOR_DASHBOARD=` served the dashboard (click reads an empty
+        variable as unset), while operations.md says a yes/no variable's empty is no."""
+        http = f"127.0.0.1:{free_port()}"
+        env = {} if variable is None else {"CONVEYOR_DASHBOARD": variable}
+        server = processes(
+            conveyor_command(
+                *("server", "--database-url", database_url),
+                *("--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen", http),
+            ),
+            name="server-dashboard",
+            **env,
+        )
+
+        def ui_status() -> int | None:
+            try:
+                with urllib.request.urlopen(f"http://{http}/ui", timeout=2) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as refused:
+                return refused.code
+            except (urllib.error.URLError, OSError):
+                assert server.process.poll() is None, server.output()
+                return None
+
+        status = wait_for(ui_status, timeout=30, what="the server's HTTP address to answer")
+        assert (status == 200) is served, (status, server.output())
 
     def test_log_level_and_format_in_upper_case_from_the_environment(self):
         """Before: CONVEYOR_LOG_LEVEL=DEBUG was a usage error (exit 2)."""

@@ -147,6 +147,20 @@ async def _serve(
         raise ConfigError(failure)
 
 
+def _empty_variable_is_no(ctx: click.Context, name: str, value: bool) -> bool:
+    """`value`, or False when its variable is set but empty (`CONVEYOR_DASHBOARD=`).
+
+    Click reads an empty variable as unset, so a flag on by default stayed on; a yes/no
+    variable here reads empty as no (operations.md), as CONVEYOR_TLS does.
+    """
+    param = next(p for p in ctx.command.params if p.name == name)
+    variable = param.envvar if isinstance(param.envvar, str) else None
+    from_default = ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
+    if from_default and variable is not None and os.environ.get(variable) == "":
+        return False
+    return value
+
+
 async def _started_unless_stopped(server: ConveyorServer, stop_requested: asyncio.Event) -> bool:
     """Start `server`; False if a stop signal came first, and the start was abandoned.
 
@@ -250,6 +264,7 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     default=True,
     show_default=True,
     envvar="CONVEYOR_DASHBOARD",
+    callback=lambda ctx, _param, value: _empty_variable_is_no(ctx, "dashboard", value),
     help="Serve the /ui dashboard on the HTTP address (with a login when --tokens-file is given).",
 )
 @click.option(
