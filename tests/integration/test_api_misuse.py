@@ -155,6 +155,9 @@ class TestArgumentsOfTheWrongKind:
             pytest.param(
                 lambda c: c.retry_tasks(states="failed", as_of=str(2**64)), None, id="as_of=2**64"
             ),
+            pytest.param(
+                lambda c: c.retry_tasks(states="failed", as_of="9" * 5000), None, id="as_of=9*5000"
+            ),
         ],
     )
     def test_is_an_invalid_task_naming_it(self, client: Client, call: Any, field: Any) -> None:

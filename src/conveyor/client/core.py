@@ -507,7 +507,9 @@ def bulk_request(
         or not isinstance(as_of, str)
         or not as_of.isascii()
         or not as_of.isdigit()
-        # through_seq is a uint64: a longer number would be protobuf's ValueError.
+        # through_seq is a uint64: a larger number would be protobuf's ValueError (and
+        # one of over 4,300 digits int()'s own).
+        or len(as_of) > len(str(MAX_BULK_LIMIT))
         or int(as_of) > MAX_BULK_LIMIT
     ):
         raise InvalidTask("as_of is the as_of of a dry run's result, and only with a filter")

@@ -402,8 +402,9 @@ class BlockingEnqueueStream:
         """End the call without waiting for anything (a client forgotten unclosed).
 
         In a forked child it does nothing: the call belongs to the parent's gRPC core,
-        whose threads the child lacks, and cancelling it there hung the child's exit
-        (a client's finalizer runs at interpreter shutdown; a review, 20 of 20 forks).
+        whose threads the child lacks, and cancelling it there could hang the child's
+        exit (the client's finalizer runs at interpreter shutdown): about one exit in forty
+        here, and every one whose fork came while a thread of the parent held the call.
         """
         if os.getpid() != self._pid:
             return
