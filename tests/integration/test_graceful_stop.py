@@ -71,6 +71,70 @@ class TestDrainOnStop:
         assert [e.event for e in status.history] == ["enqueued", "started", "succeeded"]
 
 
+class TestNothingLeftToDrain:
+    """An attempt already settled (timed out, or its task cancelled) whose handler ignores
+    its cancellation has nothing left to report: the drain does not wait for it.
+
+    It used to wait on the attempt's runner, which waits for the handler (to keep its
+    concurrency slot): every such stop took the whole drain timeout, then logged
+    "handing back task" for a task already failed or cancelled.
+    """
+
+    DRAIN = timedelta(seconds=20)
+
+    @pytest.mark.parametrize("how", ["timed out", "cancelled"])
+    def test_a_sync_handler_past_its_attempt(self, server, client: Client, caplog, how) -> None:
+        heard, release = threading.Event(), threading.Event()
+
+        def stubborn(ctx, _payload):
+            ctx.cancelled.wait(30)
+            heard.set()
+            release.wait(30)  # ignores ctx.cancelled on purpose
+            return b"too late"
+
+        self.assert_stop_is_prompt(server, client, caplog, how, stubborn, heard.is_set, release.set)
+
+    @pytest.mark.parametrize("how", ["timed out", "cancelled"])
+    def test_an_async_handler_past_its_attempt(self, server, client: Client, caplog, how) -> None:
+        heard, release = threading.Event(), threading.Event()
+
+        async def stubborn(_ctx, _payload):
+            while not release.is_set():  # swallows every cancellation on purpose
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    heard.set()
+            return b"too late"
+
+        self.assert_stop_is_prompt(server, client, caplog, how, stubborn, heard.is_set, release.set)
+
+    def assert_stop_is_prompt(self, server, client, caplog, how, handler, heard, release):
+        caplog.set_level(logging.INFO, logger="conveyor")
+        worker = Worker(server.address, concurrency=1, drain_timeout=self.DRAIN)
+        worker.register_handler("past.attempt", handler)
+        worker.start()
+        try:
+            timeout = timedelta(seconds=1) if how == "timed out" else timedelta(minutes=5)
+            task_id = client.enqueue_task(Task(type="past.attempt", timeout=timeout, max_retries=0))
+            if how == "cancelled":
+                wait_for(
+                    lambda: client.get_task_status(task_id).state is TaskState.RUNNING,
+                    what="the handler to start",
+                )
+                client.cancel_task(task_id)
+            wait_for(heard, timeout=20, what="the handler to hear of its attempt's end")
+            began = time.monotonic()
+            worker.stop()
+            stop_took = time.monotonic() - began
+        finally:
+            release()
+            worker.stop()
+        assert stop_took < self.DRAIN.total_seconds() / 2, stop_took
+        final = {"timed out": TaskState.FAILED, "cancelled": TaskState.CANCELLED}[how]
+        assert wait_final(client, task_id).state is final
+        assert "task_released" not in logged_events(caplog)
+
+
 class TestHandBackOnStop:
     def test_stop_hands_back_a_long_task_without_spending_its_attempt(
         self, server, client: Client, db

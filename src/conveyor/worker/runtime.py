@@ -2358,21 +2358,30 @@ class _Runtime:
     # --- shutdown -------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        runners = [a.runner for a in self.attempts.values() if a.runner is not None]
-        if runners:
+        # The drain waits for outcomes, not for handlers: an attempt already settled (timed
+        # out, or its task cancelled) whose handler ignores its cancellation has nothing
+        # left to report. Waiting on its runner, which waits for that handler, kept every
+        # such stop for the whole drain timeout, and then logged a hand-back that sent
+        # nothing.
+        unsettled = [a for a in self.attempts.values() if a.runner and not a.settled.is_set()]
+        if unsettled:
             assert self.drain_cut is not None  # noqa: S101 - set in main()
-            # Until every runner is done, the drain timeout passes, or `hand_back_now`.
-            # Waiting on the waits leaves the runners themselves running when this ends.
-            finished = asyncio.ensure_future(asyncio.wait(runners))
+            # Until every attempt is settled, the drain timeout passes, or `hand_back_now`.
+            settling = [asyncio.ensure_future(a.settled.wait()) for a in unsettled]
+            all_settled = asyncio.ensure_future(asyncio.wait(settling))
             cut = asyncio.ensure_future(self.drain_cut.wait())
             await asyncio.wait(
-                {finished, cut},
+                {all_settled, cut},
                 timeout=self.worker.drain_timeout.total_seconds(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            finished.cancel()
-            cut.cancel()
-        remaining = [a for a in self.attempts.values() if a.runner and not a.runner.done()]
+            for waiter in (all_settled, cut, *settling):
+                waiter.cancel()
+        remaining = [
+            a
+            for a in self.attempts.values()
+            if a.runner and not a.runner.done() and not a.settled.is_set()
+        ]
         for attempt in remaining:
             with self.attempt_log_context(attempt):
                 self.log.info(
