@@ -118,6 +118,13 @@ def burn(ctx: TaskContext, payload: bytes) -> bytes:
     return str(spins).encode()
 
 
+async def block_the_loop(ctx: TaskContext, payload: bytes) -> bytes:
+    """An async handler doing blocking work: the worker's event loop stops for float(payload) s."""
+    record("start", ctx)
+    time.sleep(float(payload))  # noqa: ASYNC251 - blocking the loop is the point
+    return b""
+
+
 def build(concurrency: int = 4) -> Worker:
     worker = Worker(concurrency=concurrency)
     for name, fn in {
@@ -138,3 +145,7 @@ def build(concurrency: int = 4) -> Worker:
 
 
 worker = build()
+
+# For a stop that cannot end: its one handler blocks the event loop, its drain is short.
+loop_blocker = Worker(concurrency=1, drain_timeout=1)
+loop_blocker.register_handler("block_the_loop", block_the_loop)

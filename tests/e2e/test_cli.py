@@ -609,6 +609,26 @@ class TestServerCommands:
         )
         assert "(at app_with_a_bad_line.py:3)" in assert_one_error_line(result)
 
+    @pytest.mark.slow
+    def test_a_worker_whose_stop_cannot_end_exits_1_saying_why(self, server, client, processes):
+        """Before: an async handler blocking the event loop kept the stop from ending, and
+        `conveyor worker` exited 0 after the stop's wait without a word, its task left to
+        its lease."""
+        worker = processes(
+            conveyor_command("worker", "worker_apps:loop_blocker", "--server", server.address),
+            name="worker-with-a-blocked-loop",
+        )
+        task_id = client.enqueue_task(Task(type="block_the_loop", payload=b"300"))
+        wait_for(
+            lambda: client.get_task_status(task_id).state is TaskState.RUNNING,
+            timeout=30,
+            what="the handler to block the worker's loop",
+        )
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(120) == 1, worker.output()
+        assert "did not stop: its event loop is blocked" in worker.output()
+        assert "stop_timed_out" in worker.output() or "did not stop within" in worker.output()
+
     def test_worker_call_timeout_is_the_deadline_of_its_calls(self, processes):
         """Before: a worker's calls waited 10 s for their answer, and no flag changed it.
 

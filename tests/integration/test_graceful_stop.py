@@ -517,6 +517,56 @@ class TestConfiguration:
         assert took < 10, f"start(timeout=1) took {took:.1f}s"
 
 
+class TestMisuse:
+    def test_handler_without_its_type_is_a_config_error(self) -> None:
+        """`@worker.handler` without `("type")` registered nothing and replaced the function
+        with the decorator: that type's tasks stayed queued for good, without a word."""
+        worker = Worker("127.0.0.1:1")
+        with pytest.raises(ConfigError, match=r"@worker.handler\('task.type'\)"):
+
+            @worker.handler  # type: ignore[arg-type]
+            def send(_ctx, _payload):
+                return None
+
+        assert worker.registry.task_types() == []
+
+    def test_run_on_another_thread_is_a_config_error(self) -> None:
+        """It was signal.signal's ValueError, "signal only works in main thread"."""
+        worker = Worker("127.0.0.1:1")
+        worker.register_handler("mine", lambda _ctx, _payload: None)
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except BaseException as exc:
+                raised.append(exc)
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        runner.join(30)
+        assert len(raised) == 1
+        assert isinstance(raised[0], ConfigError), raised
+        assert "call start() and stop()" in str(raised[0])
+
+    def test_a_start_that_failed_can_be_tried_again(self, start_server) -> None:
+        """The second start() said "this worker was already started", though it never ran:
+        a loop retrying while the servers come up could never succeed."""
+        port = free_port()
+        worker = Worker(f"127.0.0.1:{port}")
+        worker.register_handler("mine", lambda _ctx, _payload: None)
+        try:
+            with pytest.raises(ServerUnavailable):
+                worker.start(timeout=0.5)
+            assert worker.running is False
+            start_server(grpc_listen=f"127.0.0.1:{port}")
+            worker.start(timeout=30)
+            assert worker.running is True
+        finally:
+            worker.stop()
+        assert worker.running is False
+
+
 class TestStopWhileRegistering:
     def test_stop_during_registration_ends_start_at_once(self, caplog) -> None:
         """With no server up, start() retries for its whole timeout; a stop() meanwhile

@@ -624,6 +624,13 @@ class Worker:
 
     def handler(self, task_type: str) -> Callable[[HandlerT], HandlerT]:
         """Decorator form of `register_handler`; the function keeps its own type."""
+        if not isinstance(task_type, str):
+            # `@worker.handler` without its type: the function became the "type", the
+            # decorator replaced it, and nothing was registered, without a word.
+            raise ConfigError(
+                "worker.handler takes the task type: write @worker.handler('task.type'), "
+                f"not @worker.handler (got {type(task_type).__name__})"
+            )
 
         def decorate(fn: HandlerT) -> HandlerT:
             self.register_handler(task_type, fn)
@@ -668,7 +675,13 @@ class Worker:
         if self._start_error is not None:
             thread = self._thread
             _wait_seeing_signals(thread.join, lambda: not thread.is_alive())
-            raise self._start_error
+            error = self._start_error
+            # Nothing runs any more: a later start() begins afresh (a loop that retries
+            # while the servers come up), rather than "already started".
+            self._thread = self._runtime = self._metrics_server = self._start_error = None
+            self._started.clear()
+            self._stopped.clear()
+            raise error
 
     def _serve_metrics(self) -> None:
         if self.metrics_port is None:
@@ -738,6 +751,14 @@ class Worker:
         if thread is None or thread is threading.current_thread() or _HANDLER_OF.get() is self:
             return
         _wait_seeing_signals(thread.join, lambda: not thread.is_alive(), limit.total_seconds())
+        if thread.is_alive():
+            log.error(
+                "the worker did not stop within %gs: its event loop is blocked (an async "
+                "handler doing blocking work?); the tasks it had not handed back come back "
+                "when their leases expire",
+                limit.total_seconds(),
+                extra={"event": "stop_timed_out", "worker_id": self.worker_id},
+            )
 
     def hand_back_now(self) -> None:
         """Thread-safe: end the drain at once; stop the running handlers, hand their tasks back.
@@ -771,8 +792,10 @@ class Worker:
         default action, and its running tasks came back `lease_expired`, an attempt spent.
 
         Raises:
-            WorkerCrashed: the worker's event loop ended on an error it could not handle
-                (`conveyor worker` then exits with status 1).
+            WorkerCrashed: the worker's event loop ended on an error it could not handle, or
+                did not stop within `stop`'s wait (`conveyor worker` then exits with
+                status 1).
+            ConfigError: called on a thread other than the main one.
         """
         stop_requested = threading.Event()
         worker_pid = os.getpid()
@@ -810,6 +833,12 @@ class Worker:
             else:
                 self._stop_at_start = True
 
+        if threading.current_thread() is not threading.main_thread():
+            # signal.signal's own ValueError said only "signal only works in main thread".
+            raise ConfigError(
+                "Worker.run() takes the stop signals, which only the main thread can; "
+                "on another thread, call start() and stop()"
+            )
         previous = _take_stop_signals(on_signal, stop_requested)
         try:
             self.start()
@@ -820,10 +849,21 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        self._raise_unless_stopped_cleanly()
+
+    def _raise_unless_stopped_cleanly(self) -> None:
+        """WorkerCrashed if the worker crashed, or has not stopped (see `run`)."""
         if self._crash is not None:
             raise WorkerCrashed(
                 f"worker {self.worker_id} crashed: {describe_error(self._crash)}"
             ) from self._crash
+        if self._thread is not None and self._thread.is_alive():
+            # `conveyor worker` exited 0 without a word, its tasks left to their leases.
+            raise WorkerCrashed(
+                f"worker {self.worker_id} did not stop: its event loop is blocked (an async "
+                "handler doing blocking work?); its tasks in flight come back when their "
+                "leases expire"
+            )
 
 
 def _wait_seeing_signals(
