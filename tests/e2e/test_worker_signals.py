@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
-from helpers import conveyor_command, wait_final, wait_for
+from helpers import conveyor_command, server_argv, wait_final, wait_for
 
 from conveyor import Task, TaskState
 
@@ -93,3 +94,37 @@ def test_signal_drains_short_task_and_hands_back_long_one(
     assert state == "stopped"
     # Nothing else picked the long task up meanwhile: it waits for the next worker.
     assert client.get_task_status(long).state is TaskState.QUEUED
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals process `pid` ignores (SIG_IGN), from the kernel's own account."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    raise AssertionError(f"no SigIgn line for process {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["worker", "server"])
+def test_under_nohup_sighup_stays_ignored_and_sigterm_still_stops(
+    command, server, client, database_url, processes
+):
+    """`nohup conveyor worker ...` stopped at the SIGHUP nohup was to shield it from: the
+    stop handlers replaced the signal's inherited SIG_IGN. A signal ignored when the command
+    starts now stays ignored, as the kernel reports once the command serves."""
+    if command == "worker":
+        argv = conveyor_command("worker", "worker_apps:worker", "--server", server.address)
+    else:
+        argv = conveyor_command(*server_argv(database_url))
+    child = processes(["nohup", *argv], name=f"nohup-{command}")  # nohup execs: same pid
+    if command == "worker":
+        task_id = client.enqueue_task(Task(type="noop"))
+        assert wait_final(client, task_id).state is TaskState.SUCCEEDED
+    else:
+        wait_for(lambda: "Conveyor server" in child.output(), timeout=30, what="the banner")
+    ignored = ignored_signals(child.pid)
+    assert signal.SIGHUP in ignored
+    assert signal.SIGTERM not in ignored
+    child.signal(signal.SIGTERM)
+    assert child.wait(60) == 0, child.output()

@@ -30,6 +30,7 @@ from conveyor.cli.stop_signals import (
     StopSignal,
     ignore_stop_signals,
     raise_on_stop_signals,
+    stop_signals_taken,
 )
 from conveyor.errors import ConfigError
 from conveyor.logs import LOG_FORMAT_KEY
@@ -112,7 +113,7 @@ async def _serve(
         elif on_second_signal is not None and sig != signal.SIGHUP:
             on_second_signal()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in stop_signals_taken():
         loop.add_signal_handler(sig, on_signal, sig)
     failure: str | None = None
     if not await _started_unless_stopped(server, stop_requested):

@@ -39,8 +39,18 @@ def raise_on_stop_signals() -> None:
             raised = True
             raise StopSignal(signum)
 
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals_taken():
         signal.signal(sig, on_signal)
+
+
+def stop_signals_taken() -> tuple[signal.Signals, ...]:
+    """The stop signals a command takes: those not ignored when it starts.
+
+    `nohup` (SIGHUP) and a shell's background job (SIGINT) start a process with the signal
+    ignored, and ask it to keep it so, as Python itself does for SIGINT: the worker used to
+    stop at the SIGHUP nohup was meant to shield it from.
+    """
+    return tuple(sig for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN)
 
 
 def ignore_stop_signals() -> None:
@@ -48,7 +58,7 @@ def ignore_stop_signals() -> None:
 
     A Python handler, not SIG_IGN, which the programs run meanwhile (pg_ctl) would inherit.
     """
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals_taken():
         signal.signal(sig, _ignore)
 
 

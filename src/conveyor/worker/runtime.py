@@ -901,7 +901,13 @@ def _take_stop_signals(
     hangup = getattr(signal, "SIGHUP", None)  # not on Windows
     if hangup is not None:
         handlers[hangup] = on_hangup
-    return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    # A signal ignored when this starts stays ignored: `nohup` (SIGHUP) and a shell's
+    # background job (SIGINT) ask for that, and Python keeps an ignored SIGINT so too.
+    return {
+        sig: signal.signal(sig, handler)
+        for sig, handler in handlers.items()
+        if signal.getsignal(sig) != signal.SIG_IGN
+    }
 
 
 class _Runtime:
