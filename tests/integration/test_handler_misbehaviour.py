@@ -177,6 +177,34 @@ class TestErrorsAroundTheHandler:
         assert status.state is TaskState.FAILED
         assert status.last_error == "ValueError: operation forbidden on released memoryview object"
 
+    def test_a_sync_wrapper_around_an_async_handler_is_told_how_to_fix_it(
+        self, server, client: Client, recwarn: pytest.WarningsRecorder
+    ) -> None:
+        """A plain-def decorator around an async handler returns its coroutine: the attempt
+        said only "handler returned coroutine; return bytes or None", beside Python's
+        "coroutine ... was never awaited" warning."""
+
+        def logged(fn):
+            def wrapper(ctx, payload):  # a plain def: calling fn only makes a coroutine
+                return fn(ctx, payload)
+
+            return wrapper
+
+        async def send(_ctx, _payload):
+            return b"sent"
+
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("wrapped", logged(send))
+        with running(worker):
+            status = wait_final(
+                client, client.enqueue_task(Task(type="wrapped", max_retries=0)), timeout=15
+            )
+        assert status.state is TaskState.FAILED
+        assert status.last_error is not None
+        assert status.last_error.startswith("TypeError: handler returned a coroutine, never")
+        assert "must be async def and await it" in status.last_error
+        assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
     def test_a_codec_that_cannot_open_fails_the_attempt(self, server, client: Client) -> None:
         ran: list[bytes] = []
         worker = Worker(server.address, concurrency=1, codec=FailingCodec(opens=False, seals=True))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import os
 import signal
@@ -399,6 +400,13 @@ def _result_bytes(value: object) -> bytes | None:
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
+    if inspect.iscoroutine(value):
+        # Closed, so Python does not add "never awaited" to the log: the message says it.
+        value.close()
+        raise TypeError(
+            "handler returned a coroutine, never awaited: a plain def wrapping an async def "
+            "(a decorator?) must be async def and await it, or register the async def itself"
+        )
     raise TypeError(f"handler returned {type(value).__name__}; return bytes or None")
 
 
