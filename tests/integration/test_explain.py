@@ -102,6 +102,24 @@ class TestExplainQueued:
         assert "retry_promotion_failed" in reasons[0]
         assert "next in line" not in text(reasons)
 
+    def test_a_retry_just_due_is_not_called_overdue(self, start_server, db) -> None:
+        """In the moment between a backoff's end and its promotion (a timer's few
+        milliseconds), explain said "long overdue, look for a server without a leader": a
+        false alarm for most retries looked at as their backoff ended. It is overdue only a
+        reaper round (and a margin) past its time."""
+        server = start_server(reaper_interval=timedelta(minutes=1))
+        with Client(server.address) as client:
+            task_id = client.enqueue_task(Task(type="explain.just_due"))
+            db.execute(
+                "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
+                "available_at = now() WHERE id = $1::uuid",
+                task_id,
+            )
+            reasons = client.explain_task(task_id)
+        assert reasons[0].startswith("its retry backoff ended"), reasons
+        assert "joins the queue at the next promotion" in reasons[0]
+        assert "overdue" not in text(reasons)
+
 
 class TestExplainFinished:
     def test_finished_tasks_are_explained_by_their_outcome(self, server, client: Client) -> None:

@@ -106,7 +106,11 @@ class ConveyorServer:
             handoff=self.worker_service.handoff if config.handoff else None,
         )
         self.control = TaskControl(
-            self.database, self.notifier, self.metrics, config.worker_lost_after
+            self.database,
+            self.notifier,
+            self.metrics,
+            config.worker_lost_after,
+            config.reaper_interval,
         )
         self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
         self.admin_service = AdminService(

@@ -174,12 +174,14 @@ class TaskControl:
         notifier: TaskNotifier,
         metrics: ServerMetrics,
         worker_lost_after: timedelta,
+        reaper_interval: timedelta,
     ) -> None:
         """Wire to the database; `notifier` wakes local long polls after a retry or resume."""
         self._database = database
         self._notifier = notifier
         self._metrics = metrics
         self._worker_lost_after = worker_lost_after
+        self._promotion_round = reaper_interval.total_seconds()
 
     # --- reading -------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class TaskControl:
             )
         if row is None:
             raise TaskNotFound(task_id=task_id)
-        return TaskState(row["state"]), explain(row)
+        return TaskState(row["state"]), explain(row, promotion_round=self._promotion_round)
 
     async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
         """Everything about one task, read from one snapshot so the parts agree.
@@ -252,7 +254,11 @@ class TaskControl:
             )
         return TaskDetail(
             status=replace(status, payload=payload["head"] if payload else None),
-            explanation=tuple(explain(why)) if why is not None else (),
+            explanation=(
+                tuple(explain(why, promotion_round=self._promotion_round))
+                if why is not None
+                else ()
+            ),
             paused=paused,
             payload_size=payload["size"] if payload else 0,
             # The oldest event of the page after the first: where the page before ends.
