@@ -137,6 +137,37 @@ class TestTaskTimeline:
         assert bars[4][0] == "succeeded"
         assert bars[4][1] > attempt_1
 
+    def test_each_bar_names_its_worker_and_a_row_every_worker_that_started_it(self) -> None:
+        """Handed back on one worker and started again on another, the row was labelled
+        with the second worker only, over both bars, and no bar said which it ran on."""
+        events = [
+            event(0, "enqueued", TaskState.QUEUED),
+            TaskEvent(T0 + timedelta(seconds=1), "started", TaskState.RUNNING, 1, "w-a", None),
+            TaskEvent(T0 + timedelta(seconds=2), "released", TaskState.QUEUED, 1, "w-a", None),
+            TaskEvent(T0 + timedelta(seconds=3), "started", TaskState.RUNNING, 1, "w-b", None),
+            TaskEvent(T0 + timedelta(seconds=4), "succeeded", TaskState.SUCCEEDED, 1, "w-b", None),
+        ]
+        chart = task_timeline(events, now=NOW, live=False)
+        assert [row.text for row in chart.rows] == ["queue", "attempt 1 · w-a, w-b · 2 starts"]
+        bars = [shape.title for shape in chart.shapes if shape.kind != "waiting"]
+        assert bars[0].startswith("released on w-a")
+        assert bars[1].startswith("succeeded on w-b")
+
+    def test_a_retried_series_does_not_share_the_handed_back_attempts_row(self) -> None:
+        """Released, cancelled, retried by an operator: the new series' attempt 1 was drawn
+        on the old attempt 1's row, as if it were that attempt started again."""
+        events = [
+            event(0, "enqueued", TaskState.QUEUED),
+            event(1, "started", TaskState.RUNNING, 1),
+            event(2, "released", TaskState.QUEUED, 1),
+            event(3, "cancelled", TaskState.CANCELLED, 1),
+            event(4, "retried", TaskState.QUEUED, 0),
+            event(5, "started", TaskState.RUNNING, 1),
+            event(6, "succeeded", TaskState.SUCCEEDED, 1),
+        ]
+        chart = task_timeline(events, now=NOW, live=False)
+        assert [row.text for row in chart.rows] == ["queue", "attempt 1 · w-1", "attempt 1 · w-1"]
+
     def test_no_events_draws_nothing(self) -> None:
         assert task_timeline([], now=NOW, live=True).shapes == ()
 

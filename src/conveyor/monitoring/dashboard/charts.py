@@ -178,13 +178,16 @@ class _TimelineBuilder:
         self.rows = [Tick(ROW_HEIGHT / 2, "queue")]
         self.shapes: list[Shape] = []
         self.waiting: datetime | None = None
-        # (start, row) of the attempt in progress
-        self.running: tuple[datetime, int] | None = None
+        # (start, row, worker) of the attempt in progress
+        self.running: tuple[datetime, int, str] | None = None
         # (attempt, row) of an attempt handed back (released): not spent, so its next
         # start is the same attempt again and is drawn on the same row. A task handed back
         # over and over is one row, not a row per hand-back.
         self.handed_back: tuple[int, int] | None = None
         self.starts: dict[int, int] = {}
+        # Each row's workers, in the order they started it: a handed-back attempt may start
+        # again elsewhere, and the row named only the latest, with every bar under it.
+        self.workers: dict[int, list[str]] = {}
 
     def add(self, row: int, start: datetime, end: datetime, kind: str, title: str) -> None:
         seconds = (end - start).total_seconds()
@@ -204,38 +207,50 @@ class _TimelineBuilder:
             if self.waiting is not None:
                 self.add(0, self.waiting, event.at, "waiting", "queued")
                 self.waiting = None
-            label = f"attempt {event.attempt} · {event.worker_id or '?'}"
+            worker = event.worker_id or "?"
             if self.handed_back is not None and self.handed_back[0] == event.attempt:
                 row = self.handed_back[1]
                 self.starts[row] += 1
-                label += f" · {self.starts[row]} starts"
+                if worker not in self.workers[row]:
+                    self.workers[row].append(worker)
+                label = (
+                    f"attempt {event.attempt} · {', '.join(self.workers[row])} · "
+                    f"{self.starts[row]} starts"
+                )
                 self.rows[row] = Tick(self.rows[row].position, label)
             else:
                 row = len(self.rows)
                 self.starts[row] = 1
-                self.rows.append(Tick((row + 0.5) * ROW_HEIGHT, label))
-            self.running = (event.at, row)
+                self.workers[row] = [worker]
+                self.rows.append(
+                    Tick((row + 0.5) * ROW_HEIGHT, f"attempt {event.attempt} · {worker}")
+                )
+            self.running = (event.at, row, worker)
             self.handed_back = None
         elif self.running is not None and event.event in ATTEMPT_ENDINGS:
             # A worker with a codec seals its errors; the hover says so instead of base64.
             shown = "(encrypted)" if event.detail and is_sealed_text(event.detail) else event.detail
             detail = f": {shown}" if shown else ""
-            start, row = self.running
-            self.add(row, start, event.at, event.event, f"{event.event}{detail}")
+            start, row, worker = self.running
+            self.add(row, start, event.at, event.event, f"{event.event} on {worker}{detail}")
             self.running = None
             if event.event == "released":
                 self.handed_back = (event.attempt, row)
         elif event.event == "cancelled" and self.waiting is not None:
             self.add(0, self.waiting, event.at, "waiting", "queued, then cancelled")
             self.waiting = None
+        if event.event in ("retried", "cancelled"):
+            # A new series of attempts, or none: a later "attempt 1" is not the one handed
+            # back, and was drawn on its row.
+            self.handed_back = None
         if event.state.value == "queued" and self.waiting is None:
             self.waiting = event.at
 
     def finish(self, now: datetime) -> None:
         """Draw what is still open up to `now` (a live task)."""
         if self.running is not None:
-            start, row = self.running
-            self.add(row, start, now, "running", "running")
+            start, row, worker = self.running
+            self.add(row, start, now, "running", f"running on {worker}")
         if self.waiting is not None:
             self.add(0, self.waiting, now, "waiting", "queued")
 
