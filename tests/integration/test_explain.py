@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import threading
 from datetime import timedelta
@@ -136,6 +137,11 @@ class TestExplainFinished:
         cancelled = client.enqueue_task(Task(type="explain.never"))
         client.cancel_task(cancelled)
         assert client.explain_task(cancelled)[0].startswith("cancelled at")
+        # In the CLI's and the dashboard's style, not ISO 8601's (a review's finding).
+        assert re.search(
+            r"at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC$",
+            client.explain_task(done)[0],
+        ), client.explain_task(done)
 
     def test_unknown_and_malformed_ids_are_typed_errors(self, client: Client) -> None:
         """NOT_FOUND and INVALID_ARGUMENT come back as TaskNotFound and InvalidTask."""

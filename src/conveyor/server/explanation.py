@@ -8,6 +8,7 @@ silent, and so on. Pure: no I/O, so every branch is tested without a database.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from conveyor.codec import shown_text
@@ -32,10 +33,18 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
+def _at(moment: datetime) -> str:
+    """A time as the CLI and the dashboard show it: UTC, to the millisecond.
+
+    Not ISO 8601's `2026-12-05T08:22:20.068422+00:00`, which no other view of a task used.
+    """
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+
+
 def _paused(row: Any, consequence: str) -> str:
     why = f" ({row['paused_reason']})" if row["paused_reason"] else ""
     return (
-        f"its type {row['type']!r} is paused{why} since {row['paused_at'].isoformat()}: "
+        f"its type {row['type']!r} is paused{why} since {_at(row['paused_at'])}: "
         f"{consequence} until `conveyor resume {row['type']}`"
     )
 
@@ -138,10 +147,10 @@ def explain(row: Any, *, promotion_round: float) -> list[str]:
         return _running(row)
     attempts = f"after {row['attempt']} attempt(s)"
     if state == "succeeded":
-        return [f"succeeded {attempts}, at {row['finished_at'].isoformat()}"]
+        return [f"succeeded {attempts}, at {_at(row['finished_at'])}"]
     if state == "failed":
         return [
-            f"failed for good {attempts}, at {row['finished_at'].isoformat()}",
+            f"failed for good {attempts}, at {_at(row['finished_at'])}",
             f"last error: {_text(row['last_error'])}",
         ]
-    return [f"cancelled at {row['finished_at'].isoformat()}: {_text(row['last_detail'])}"]
+    return [f"cancelled at {_at(row['finished_at'])}: {_text(row['last_detail'])}"]
