@@ -55,6 +55,26 @@ class TestExplainQueued:
             gate.set()
             worker.stop()
 
+    def test_a_worker_silent_past_the_lease_is_not_live(self, start_server, db) -> None:
+        """With a lease shorter than `worker_lost_after`, a worker killed a lease ago (its
+        row still active, its leases expired) was still "1 live worker" for its type."""
+        server = start_server(
+            lease_ttl=timedelta(seconds=4), heartbeat_interval=timedelta(seconds=1)
+        )
+        worker = Worker(server.address, concurrency=1)
+        worker.register_handler("explain.silent", lambda _ctx, _p: b"")
+        worker.start()
+        worker.stop()
+        # As a worker killed 6 s ago leaves it: active, silent past its 4 s lease.
+        db.execute(
+            "UPDATE conveyor_workers SET state = 'active', "
+            "last_heartbeat_at = now() - interval '6 seconds' WHERE id = $1",
+            worker.worker_id,
+        )
+        with Client(server.address) as client:
+            reasons = text(client.explain_task(client.enqueue_task(Task(type="explain.silent"))))
+        assert "no live worker handles type 'explain.silent'" in reasons
+
     def test_a_task_waiting_out_its_backoff_says_when_it_becomes_available(
         self, start_server
     ) -> None:

@@ -109,8 +109,9 @@ class ConveyorServer:
             self.database,
             self.notifier,
             self.metrics,
-            config.worker_lost_after,
-            config.reaper_interval,
+            worker_lost_after=config.worker_lost_after,
+            reaper_interval=config.reaper_interval,
+            lease_ttl=config.lease_ttl,
         )
         self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
         self.admin_service = AdminService(

@@ -173,14 +173,20 @@ class TaskControl:
         database: Database,
         notifier: TaskNotifier,
         metrics: ServerMetrics,
+        *,
         worker_lost_after: timedelta,
         reaper_interval: timedelta,
+        lease_ttl: timedelta,
     ) -> None:
         """Wire to the database; `notifier` wakes local long polls after a retry or resume."""
         self._database = database
         self._notifier = notifier
         self._metrics = metrics
-        self._worker_lost_after = worker_lost_after
+        # A worker counts as live for explain while heard from within both: silent past
+        # its lease, its leases are expiring whatever the sweep has yet to say, and with a
+        # lease shorter than `worker_lost_after` a killed worker was still "1 live worker"
+        # for its own re-queued task (a review: 8 s of it with a 6 s lease).
+        self._live_within = min(worker_lost_after, lease_ttl)
         self._promotion_round = reaper_interval.total_seconds()
 
     # --- reading -------------------------------------------------------------------------
@@ -213,9 +219,7 @@ class TaskControl:
         """A task's state and why it is there, in sentences (one indexed query)."""
         task_id = normalize_task_id(task_id)
         async with self._database.connection() as conn:
-            row = await queries.task_explain(
-                conn, task_id=task_id, live_within=self._worker_lost_after
-            )
+            row = await queries.task_explain(conn, task_id=task_id, live_within=self._live_within)
         if row is None:
             raise TaskNotFound(task_id=task_id)
         return TaskState(row["state"]), explain(row, promotion_round=self._promotion_round)
@@ -243,9 +247,7 @@ class TaskControl:
             payload = await queries.task_payload_head(
                 conn, task_id=task_id, length=PAYLOAD_PREVIEW_BYTES
             )
-            why = await queries.task_explain(
-                conn, task_id=task_id, live_within=self._worker_lost_after
-            )
+            why = await queries.task_explain(conn, task_id=task_id, live_within=self._live_within)
         status = status_from_row(row, events)
         paused = None
         if why is not None and why["paused_at"] is not None:
