@@ -26,6 +26,21 @@ def text(reasons: list[str]) -> str:
     return "\n".join(reasons)
 
 
+def explain_a_due_retry(start_server, db, *, due_for: timedelta) -> tuple[list[str], TaskState]:
+    """Explain a retry left `scheduled`, due for `due_for`, with no
+    promotion coming soon (the leader's round a minute away); (reasons, its state)."""
+    server = start_server(reaper_interval=timedelta(minutes=1))
+    with Client(server.address) as client:
+        task_id = client.enqueue_task(Task(type="explain.due"))
+        db.execute(
+            "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
+            "available_at = now() - $2::interval WHERE id = $1::uuid",
+            task_id,
+            due_for,
+        )
+        return client.explain_task(task_id), client.get_task_status(task_id).state
+
+
 class TestExplainQueued:
     def test_a_task_behind_others_with_no_worker_says_both(self, client: Client) -> None:
         """Position in the queue and the missing worker are both named."""
@@ -109,16 +124,8 @@ class TestExplainQueued:
         queue (its server's timer, the leader's next round). Left there (here: no timer,
         the leader's round a minute away), it was explained as "next in line"; it now says
         what it waits for and where to look when it waits too long."""
-        server = start_server(reaper_interval=timedelta(minutes=1))
-        with Client(server.address) as client:
-            task_id = client.enqueue_task(Task(type="explain.due"))
-            db.execute(
-                "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
-                "available_at = now() - interval '90 seconds' WHERE id = $1::uuid",
-                task_id,
-            )
-            reasons = client.explain_task(task_id)
-            assert client.get_task_status(task_id).state is TaskState.QUEUED
+        reasons, state = explain_a_due_retry(start_server, db, due_for=timedelta(seconds=90))
+        assert state is TaskState.QUEUED
         assert reasons[0].startswith("its retry backoff ended 9"), reasons  # 90.0s and a bit
         assert "retry_promotion_failed" in reasons[0]
         assert "next in line" not in text(reasons)
@@ -128,15 +135,7 @@ class TestExplainQueued:
         milliseconds), explain said "long overdue, look for a server without a leader": a
         false alarm for most retries looked at as their backoff ended. It is overdue only a
         reaper round (and a margin) past its time."""
-        server = start_server(reaper_interval=timedelta(minutes=1))
-        with Client(server.address) as client:
-            task_id = client.enqueue_task(Task(type="explain.just_due"))
-            db.execute(
-                "UPDATE conveyor_tasks SET state = 'scheduled', attempt = 1, "
-                "available_at = now() WHERE id = $1::uuid",
-                task_id,
-            )
-            reasons = client.explain_task(task_id)
+        reasons, _state = explain_a_due_retry(start_server, db, due_for=timedelta(0))
         assert reasons[0].startswith("its retry backoff ended"), reasons
         assert "joins the queue at the next promotion" in reasons[0]
         assert "overdue" not in text(reasons)
