@@ -148,16 +148,14 @@ async def _serve(
         raise ConfigError(failure)
 
 
-def _empty_variable_is_no(ctx: click.Context, name: str, value: bool) -> bool:
-    """`value`, or False when its variable is set but empty (`CONVEYOR_DASHBOARD=`).
+def _empty_variable_is_no(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """`value`, or False when the flag's variable is set but empty (`CONVEYOR_DASHBOARD=`).
 
     Click reads an empty variable as unset, so a flag on by default stayed on; a yes/no
     variable here reads empty as no (operations.md), as CONVEYOR_TLS does.
     """
-    param = next(p for p in ctx.command.params if p.name == name)
-    variable = param.envvar if isinstance(param.envvar, str) else None
-    from_default = ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
-    if from_default and variable is not None and os.environ.get(variable) == "":
+    from_default = ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.DEFAULT
+    if from_default and isinstance(param.envvar, str) and os.environ.get(param.envvar) == "":
         return False
     return value
 
@@ -265,7 +263,7 @@ def _stopped_while_starting(stop: StopSignal) -> None:
     default=True,
     show_default=True,
     envvar="CONVEYOR_DASHBOARD",
-    callback=lambda ctx, _param, value: _empty_variable_is_no(ctx, "dashboard", value),
+    callback=_empty_variable_is_no,
     help="Serve the /ui dashboard on the HTTP address (with a login when --tokens-file is given).",
 )
 @click.option(

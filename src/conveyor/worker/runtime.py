@@ -395,6 +395,13 @@ def _checked_port(port: object) -> int:
     return port
 
 
+# Why a stop did not end, said by `stop`'s log line and by `run`'s WorkerCrashed.
+_LOOP_BLOCKED: Final = (
+    "its event loop is blocked (an async handler doing blocking work?); its tasks in flight "
+    "come back when their leases expire"
+)
+
+
 def _result_bytes(value: object) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -761,10 +768,9 @@ class Worker:
         _wait_seeing_signals(thread.join, lambda: not thread.is_alive(), limit.total_seconds())
         if thread.is_alive():
             log.error(
-                "the worker did not stop within %gs: its event loop is blocked (an async "
-                "handler doing blocking work?); the tasks it had not handed back come back "
-                "when their leases expire",
+                "the worker did not stop within %gs: %s",
                 limit.total_seconds(),
+                _LOOP_BLOCKED,
                 extra={"event": "stop_timed_out", "worker_id": self.worker_id},
             )
 
@@ -867,11 +873,7 @@ class Worker:
             ) from self._crash
         if self._thread is not None and self._thread.is_alive():
             # `conveyor worker` exited 0 without a word, its tasks left to their leases.
-            raise WorkerCrashed(
-                f"worker {self.worker_id} did not stop: its event loop is blocked (an async "
-                "handler doing blocking work?); its tasks in flight come back when their "
-                "leases expire"
-            )
+            raise WorkerCrashed(f"worker {self.worker_id} did not stop: {_LOOP_BLOCKED}")
 
 
 def _wait_seeing_signals(
