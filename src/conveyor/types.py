@@ -396,6 +396,9 @@ class TaskStatus:
     # Events left out of `history` between its first event and the rest: a history is read
     # bounded, its first event and the latest ones.
     history_omitted: int = 0
+    # Only when asked (`get_task_status(explain=True)`): why the task is where it is, most
+    # important first, read with the rest of this status so that the two agree.
+    explanation: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,6 +140,12 @@ def test_new_worker_and_client_against_a_schema_15_server(
         failed = wait_final(client, failing)
         assert failed.state is TaskState.FAILED
         assert failed.attempts == 2
+        # GetTask carries the explanation since this server's release: the client asks
+        # the older server for it on its own (ExplainTask), instead of leaving it out.
+        explained = client.get_task_status(failing, explain=True)
+        assert explained.explanation[0].startswith("failed for good after 2 attempt(s)"), (
+            explained.explanation
+        )
         with pytest.raises(TaskAlreadyFinished):
             client.cancel_task(ok[0])
         with pytest.raises(TaskNotFound):

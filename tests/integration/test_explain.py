@@ -17,7 +17,7 @@ from helpers import (
     wait_for,
 )
 
-from conveyor import Client, Task, TaskState, Worker
+from conveyor import AsyncClient, Client, Task, TaskState, Worker
 from conveyor.errors import InvalidTask, TaskNotFound
 from conveyor.types import new_task_id
 
@@ -161,6 +161,26 @@ class TestExplainFinished:
             r"at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC$",
             client.explain_task(done)[0],
         ), client.explain_task(done)
+
+    def test_a_status_carries_its_explanation_when_asked(self, server, client: Client) -> None:
+        """`get_task_status(explain=True)` on both clients: explain_task's sentences, read
+        with the status in one call; without `explain`, none."""
+        cancelled = client.enqueue_task(Task(type="explain.never"))
+        client.cancel_task(cancelled)
+        reasons = client.explain_task(cancelled)
+        assert reasons[0].startswith("cancelled at")
+        assert client.get_task_status(cancelled, explain=True).explanation == tuple(reasons)
+        assert client.get_task_status(cancelled, history=True).explanation == ()
+
+        async def read_async() -> tuple[tuple[str, ...], tuple[str, ...]]:
+            async with AsyncClient(server.address) as async_client:
+                asked = await async_client.get_task_status(cancelled, explain=True)
+                plain = await async_client.get_task_status(cancelled)
+            return asked.explanation, plain.explanation
+
+        assert asyncio.run(read_async()) == (tuple(reasons), ())
+        with pytest.raises(InvalidTask, match="explain must be True or False"):
+            client.get_task_status(cancelled, explain="yes")  # type: ignore[arg-type]
 
     def test_unknown_and_malformed_ids_are_typed_errors(self, client: Client) -> None:
         """NOT_FOUND and INVALID_ARGUMENT come back as TaskNotFound and InvalidTask."""

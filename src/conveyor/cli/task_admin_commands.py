@@ -188,15 +188,15 @@ def list_tasks(
 def show(task_id: str, as_json: bool, server: str | None) -> None:
     """Show a task: its fields, payload, why it is where it is, and its timeline."""
     with open_client(server) as client:
-        found = client.get_task_status(task_id, history=True, payload=True)
-        reasons = client.explain_task(task_id)
+        # One call: the fields, the timeline and the explanation are one snapshot.
+        found = client.get_task_status(task_id, history=True, payload=True, explain=True)
     payload = output.preview(found.payload or b"")
     result = output.preview(found.result)
     if as_json:
         document = status_document(found)
         document["result"] = result
         document["payload"] = payload
-        document["explanation"] = reasons
+        document["explanation"] = list(found.explanation)
         click.echo(json.dumps(document, indent=2))
         return
     summary = Table.grid(padding=(0, 2))
@@ -225,7 +225,7 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
     console = output.console()
     console.print(summary)
     console.print("\n[bold]why[/]")
-    for reason in reasons:
+    for reason in found.explanation:
         console.print(output.plain(f"- {reason}"))
     timeline = history_table(found, title="timeline", state=_state)
     console.print(timeline)

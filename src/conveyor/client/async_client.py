@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
@@ -314,12 +315,21 @@ class AsyncClient:
         return response
 
     async def get_task_status(
-        self, task_id: str, *, history: bool = False, payload: bool = False
+        self, task_id: str, *, history: bool = False, payload: bool = False, explain: bool = False
     ) -> TaskStatus:
-        """The task's current status (with its event history and payload if asked)."""
-        request = core.get_request(task_id, history=history, payload=payload)
-        response = await self._call("GetTask", request)
-        return core.status_from_response(response, self._codec)
+        """The task's current status, with its event history, payload and explanation if asked.
+
+        The explanation (`explain_task`'s sentences) is read with the rest of the status, so
+        the two agree even while the task moves on.
+        """
+        request = core.get_request(task_id, history=history, payload=payload, explain=explain)
+        status = core.status_from_response(await self._call("GetTask", request), self._codec)
+        if explain and not status.explanation:
+            # A server older than the explanation in GetTask (it is never empty when asked):
+            # read it on its own, as clients did before.
+            reasons = await self.explain_task(task_id)
+            status = dataclasses.replace(status, explanation=tuple(reasons))
+        return status
 
     async def cancel_task(self, task_id: str) -> TaskStatus:
         """Cancel a queued or running task; raises TaskAlreadyFinished if it has finished."""

@@ -264,12 +264,15 @@ ENQUEUE_JOINING: Final[EnqueueJoining] = {
 }
 
 
-def get_request(task_id: str, *, history: bool, payload: bool = False) -> pb.GetTaskRequest:
+def get_request(
+    task_id: str, *, history: bool, payload: bool = False, explain: bool = False
+) -> pb.GetTaskRequest:
     """A GetTask request for a validated id."""
     return pb.GetTaskRequest(
         task_id=normalize_task_id(task_id),
         include_history=checked_flag(history, "history"),
         include_payload=checked_flag(payload, "payload"),
+        include_explanation=checked_flag(explain, "explain"),
     )
 
 

@@ -154,6 +154,7 @@ def status_from_info(info: pb.TaskInfo) -> TaskStatus:
             for event in info.history
         ),
         history_omitted=info.history_omitted,
+        explanation=tuple(info.explanation),
     )
 
 
@@ -191,6 +192,7 @@ def status_to_info(status: TaskStatus) -> pb.TaskInfo:
             for event in status.history
         ],
         history_omitted=status.history_omitted,
+        explanation=status.explanation,
     )
 
 

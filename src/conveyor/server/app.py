@@ -39,6 +39,7 @@ from conveyor.server.config import ServerConfig, split_host_port
 from conveyor.server.control import TaskControl
 from conveyor.server.dashboard_backend import DashboardBackend
 from conveyor.server.database import Database
+from conveyor.server.explanation import Explainer
 from conveyor.server.leadership import LeaderElector
 from conveyor.server.listeners import cannot_listen, check_can_listen
 from conveyor.server.maintenance.lease_reaper import LeaseReaper
@@ -98,21 +99,20 @@ class ConveyorServer:
             own_backends=self.database.backend_pids,
         )
         self.worker_service = WorkerService(config, self.database, self.notifier, self.metrics)
+        explainer = Explainer.from_settings(
+            worker_lost_after=config.worker_lost_after,
+            lease_ttl=config.lease_ttl,
+            reaper_interval=config.reaper_interval,
+        )
         self.task_service = TaskService(
             config,
             self.database,
             self.notifier,
             self.metrics,
+            explainer=explainer,
             handoff=self.worker_service.handoff if config.handoff else None,
         )
-        self.control = TaskControl(
-            self.database,
-            self.notifier,
-            self.metrics,
-            worker_lost_after=config.worker_lost_after,
-            reaper_interval=config.reaper_interval,
-            lease_ttl=config.lease_ttl,
-        )
+        self.control = TaskControl(self.database, self.notifier, self.metrics, explainer=explainer)
         self.stats = StatsSampler(config.stats_interval, self.database, self.metrics)
         self.admin_service = AdminService(
             self.database,

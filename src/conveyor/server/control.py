@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import InvalidTask, TaskNotFound
-from conveyor.server.explanation import explain
 from conveyor.server.rpc import outliving_the_call
 from conveyor.server.task_service import HISTORY_BYTES, status_from_row
 from conveyor.storage import queries
@@ -33,12 +32,12 @@ from conveyor.types import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
-    from datetime import timedelta
 
     import asyncpg
 
     from conveyor.monitoring.metrics import ServerMetrics
     from conveyor.server.database import Database
+    from conveyor.server.explanation import Explainer
     from conveyor.server.notifier import TaskNotifier
 
 log = logging.getLogger("conveyor.server.control")
@@ -174,20 +173,13 @@ class TaskControl:
         notifier: TaskNotifier,
         metrics: ServerMetrics,
         *,
-        worker_lost_after: timedelta,
-        reaper_interval: timedelta,
-        lease_ttl: timedelta,
+        explainer: Explainer,
     ) -> None:
         """Wire to the database; `notifier` wakes local long polls after a retry or resume."""
         self._database = database
         self._notifier = notifier
         self._metrics = metrics
-        # A worker counts as live for explain while heard from within both: silent past
-        # its lease, its leases are expiring whatever the sweep has yet to say, and with a
-        # lease shorter than `worker_lost_after` a killed worker was still "1 live worker"
-        # for its own re-queued task (a review: 8 s of it with a 6 s lease).
-        self._live_within = min(worker_lost_after, lease_ttl)
-        self._promotion_round = reaper_interval.total_seconds()
+        self._explainer = explainer
 
     # --- reading -------------------------------------------------------------------------
 
@@ -219,10 +211,11 @@ class TaskControl:
         """A task's state and why it is there, in sentences (one indexed query)."""
         task_id = normalize_task_id(task_id)
         async with self._database.connection() as conn:
-            row = await queries.task_explain(conn, task_id=task_id, live_within=self._live_within)
-        if row is None:
+            explained = await self._explainer.read(conn, task_id)
+        if explained is None:
             raise TaskNotFound(task_id=task_id)
-        return TaskState(row["state"]), explain(row, promotion_round=self._promotion_round)
+        row, reasons = explained
+        return TaskState(row["state"]), reasons
 
     async def task_detail(self, task_id: str, *, before: int | None = None) -> TaskDetail:
         """Everything about one task, read from one snapshot so the parts agree.
@@ -247,8 +240,9 @@ class TaskControl:
             payload = await queries.task_payload_head(
                 conn, task_id=task_id, length=PAYLOAD_PREVIEW_BYTES
             )
-            why = await queries.task_explain(conn, task_id=task_id, live_within=self._live_within)
+            explained = await self._explainer.read(conn, task_id)
         status = status_from_row(row, events)
+        why, reasons = explained if explained is not None else (None, [])
         paused = None
         if why is not None and why["paused_at"] is not None:
             paused = PausedType(
@@ -256,11 +250,7 @@ class TaskControl:
             )
         return TaskDetail(
             status=replace(status, payload=payload["head"] if payload else None),
-            explanation=(
-                tuple(explain(why, promotion_round=self._promotion_round))
-                if why is not None
-                else ()
-            ),
+            explanation=tuple(reasons),
             paused=paused,
             payload_size=payload["size"] if payload else 0,
             # The oldest event of the page after the first: where the page before ends.

@@ -4,14 +4,18 @@
 question operators ask most ("why isn't this task running?"): waiting behind older tasks,
 no live worker for its type, waiting out a retry backoff, running on a worker that went
 silent, and so on. Pure: no I/O, so every branch is tested without a database.
+`Explainer` holds the cluster's timings the sentences depend on, and reads the row on its
+caller's connection, so an explanation can share a snapshot with the rest of a reply.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from conveyor.codec import shown_text
+from conveyor.storage import queries
 
 # Beyond a reaper round, how late a due retry may be moved into the queue (a busy leader,
 # a slow statement) before it is called overdue.
@@ -154,3 +158,31 @@ def explain(row: Any, *, promotion_round: float) -> list[str]:
             f"last error: {_text(row['last_error'])}",
         ]
     return [f"cancelled at {_at(row['finished_at'])}: {_text(row['last_detail'])}"]
+
+
+@dataclass(frozen=True, slots=True)
+class Explainer:
+    """`explain` with this server's timings (see `from_settings`)."""
+
+    # A worker counts as live while heard from within this.
+    live_within: timedelta
+    # The seconds between the leader's promotions of due retries.
+    promotion_round: float
+
+    @classmethod
+    def from_settings(
+        cls, *, worker_lost_after: timedelta, lease_ttl: timedelta, reaper_interval: timedelta
+    ) -> Explainer:
+        """The explainer for a server with these settings."""
+        # Live means heard from within both: silent past its lease, a worker's leases are
+        # expiring whatever the sweep has yet to say, and with a lease shorter than
+        # `worker_lost_after` a killed worker was still "1 live worker" for its own
+        # re-queued task (a review: 8 s of it with a 6 s lease).
+        return cls(min(worker_lost_after, lease_ttl), reaper_interval.total_seconds())
+
+    async def read(self, conn: Any, task_id: str) -> tuple[Any, list[str]] | None:
+        """The task's `task_explain` row and its sentences; None when there is no task."""
+        row = await queries.task_explain(conn, task_id=task_id, live_within=self.live_within)
+        if row is None:
+            return None
+        return row, explain(row, promotion_round=self.promotion_round)

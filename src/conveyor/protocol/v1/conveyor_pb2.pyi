@@ -234,6 +234,7 @@ class TaskInfo(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HAS_PAYLOAD_FIELD_NUMBER: _builtins.int
     HISTORY_OMITTED_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     state: Global___TaskState.ValueType
@@ -267,6 +268,13 @@ class TaskInfo(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]: ...
     @_builtins.property
     def progress_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def explanation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only when asked (GetTaskRequest.include_explanation): why the task is where it is,
+        as ExplainTask says it, read in the same snapshot as the rest of this message, so
+        the two agree. Never empty when asked, except from servers older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -290,10 +298,11 @@ class TaskInfo(_message.Message):
         payload: _builtins.bytes = ...,
         has_payload: _builtins.bool = ...,
         history_omitted: _builtins.int = ...,
+        explanation: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "progress_at", b"progress_at", "started_at", b"started_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "history_omitted", b"history_omitted", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "available_at", b"available_at", "created_at", b"created_at", "explanation", b"explanation", "finished_at", b"finished_at", "has_payload", b"has_payload", "has_result", b"has_result", "history", b"history", "history_omitted", b"history_omitted", "id", b"id", "last_error", b"last_error", "max_retries", b"max_retries", "payload", b"payload", "progress", b"progress", "progress_at", b"progress_at", "result", b"result", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,20 +425,24 @@ class GetTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_HISTORY_FIELD_NUMBER: _builtins.int
     INCLUDE_PAYLOAD_FIELD_NUMBER: _builtins.int
+    INCLUDE_EXPLANATION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     include_history: _builtins.bool
     """The task's first event and its latest ones (see TaskInfo.history_omitted)."""
     include_payload: _builtins.bool
+    include_explanation: _builtins.bool
+    """TaskInfo.explanation (`conveyor tasks show`)."""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         include_history: _builtins.bool = ...,
         include_payload: _builtins.bool = ...,
+        include_explanation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_history", b"include_history", "include_payload", b"include_payload", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_explanation", b"include_explanation", "include_history", b"include_history", "include_payload", b"include_payload", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
