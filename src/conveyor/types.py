@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Final
 
 from conveyor.errors import ConfigError, InvalidTask
+from conveyor.text import not_utf8
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -218,10 +219,8 @@ def utf8_text(text: str, what: str) -> str:
     Bytes that are not UTF-8 in an argument or environment variable reach Python as lone
     surrogates, which grpc, asyncpg and the resolver refused with tracebacks.
     """
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise ConfigError(f"{what} holds bytes that are not UTF-8 text") from None
+    if not_utf8(text) is not None:
+        raise ConfigError(f"{what} holds bytes that are not UTF-8 text")
     return text
 
 

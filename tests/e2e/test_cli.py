@@ -74,10 +74,10 @@ class TestTaskCommands:
         assert [event["event"] for event in document["history"]] == ["enqueued"]
         assert document["history"][0]["state"] == "queued"
 
-        # For people, time reads as in every other table: UTC with a Z, milliseconds.
+        # For people, time reads as in every other view: UTC, milliseconds (conveyor.text).
         shown = assert_ok(run("status", task_id, "--history", "--server", server.address))
         created = datetime.fromisoformat(document["created_at"]).astimezone(UTC)
-        in_tables = created.isoformat(sep=" ", timespec="milliseconds")[:-6] + "Z"
+        in_tables = created.isoformat(sep=" ", timespec="milliseconds")[:-6] + " UTC"
         assert shown.count(in_tables) == 3, shown  # created, available, the enqueued event
         assert "+00:00" not in shown
 

@@ -178,7 +178,7 @@ class TestListAndShow:
         ):
             assert expected in out
         timeline = out.split("timeline", 1)[1]
-        events = re.findall(r"\d\d\.\d{3}Z\W+(\w+)", timeline)
+        events = re.findall(r"\d\d\.\d{3} UTC\W+(\w+)", timeline)
         assert events == ["enqueued", "started", "failed"], timeline
 
         document = json.loads(succeeded(show_failed_json))

@@ -19,7 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "conveyor"
 
 # layer -> the conveyor layers it may import (besides itself)
 ALLOWED = {
-    "types": {"errors"},
+    # How every view writes a time, and whether text can travel: below everything.
+    "text": set(),
+    "types": {"errors", "text"},
     "errors": set(),
     "breaker": {"errors", "types"},
     # types imports only errors: no cycle.
@@ -32,9 +34,12 @@ ALLOWED = {
     "codec": {"errors"},
     "storage": {"types", "errors", "logs"},
     "protocol": {"types", "errors", "logs"},
-    "monitoring": {"types", "errors", "logs", "auth", "codec", "metric_children", "http_refusal"},
+    "monitoring": {
+        *("types", "errors", "logs", "auth", "codec", "metric_children", "http_refusal", "text"),
+    },
     "client": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "codec", "auth"),
+        "text",
     },
     "worker": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "client"),
@@ -42,11 +47,11 @@ ALLOWED = {
     },
     "server": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "auth", "codec", "metric_children"),
+        *("monitoring", "auth", "codec", "metric_children", "text"),
     },
     "cli": {
         *("types", "errors", "logs", "breaker", "group_commit", "protocol", "storage"),
-        *("monitoring", "client", "worker", "server", "auth", "codec", "event_loop"),
+        *("monitoring", "client", "worker", "server", "auth", "codec", "event_loop", "text"),
     },
 }
 

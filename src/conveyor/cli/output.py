@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 from conveyor.codec import is_sealed, sealed_key_id
 from conveyor.monitoring.preview import as_text
+from conveyor.text import utc_time
 from conveyor.types import UNPRINTABLE_CATEGORIES
 
 # Piped output has no terminal width to fit: rich's fallback of 80 columns would fold task
@@ -48,12 +49,7 @@ def fail(message: str) -> NoReturn:
 
 def when(value: datetime | None, *, precise: bool = False) -> str:
     """A timestamp in UTC for tables: seconds, or milliseconds when `precise`; "-" if None."""
-    if value is None:
-        return "-"
-    shown = value.astimezone(UTC).isoformat(
-        sep=" ", timespec="milliseconds" if precise else "seconds"
-    )
-    return shown.removesuffix("+00:00") + "Z"
+    return "-" if value is None else utc_time(value, precise=precise)
 
 
 def short_when(value: datetime | None, today: datetime) -> str:

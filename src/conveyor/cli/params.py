@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import click
 
+from conveyor.text import not_utf8
+
 # Beyond any setting: 31 years in seconds, a billion requests a second.
 LARGEST: Final = 1e9
 
@@ -52,12 +54,10 @@ class WireText(click.types.StringParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The text as given, if it encodes as UTF-8."""
         value = super().convert(value, param, ctx)
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
+        bad = not_utf8(value)
+        if bad is not None:
             self.fail(
-                f"{value[exc.start : exc.end]!r} is not a character (bytes that are not "
-                "UTF-8?); give it as text",
+                f"{bad!r} is not a character (bytes that are not UTF-8?); give it as text",
                 param,
                 ctx,
             )

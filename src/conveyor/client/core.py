@@ -18,6 +18,7 @@ from conveyor.errors import ConfigError, ConveyorError, InvalidTask, SealError
 from conveyor.protocol import convert
 from conveyor.protocol.limits import PEER_MESSAGE_BYTES
 from conveyor.protocol.v1 import conveyor_pb2 as pb
+from conveyor.text import not_utf8
 from conveyor.types import (
     BulkResult,
     ClusterStatus,
@@ -409,14 +410,13 @@ def checked_reason(reason: object) -> str:
 
 def _sendable_text(text: str, field: str, advice: str) -> str:
     """`text` if protobuf can send it (UTF-8); InvalidTask naming `field` if not."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
+    bad = not_utf8(text)
+    if bad is not None:
         raise InvalidTask(
-            f"{field} holds {text[exc.start : exc.end]!r}, which is not a character (bytes "
-            f"that are not UTF-8?); {advice}",
+            f"{field} holds {bad!r}, which is not a character (bytes that are not UTF-8?); "
+            f"{advice}",
             field=field,
-        ) from None
+        )
     return text
 
 

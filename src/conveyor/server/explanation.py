@@ -11,11 +11,14 @@ caller's connection, so an explanation can share a snapshot with the rest of a r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.codec import shown_text
 from conveyor.storage import queries
+from conveyor.text import utc_time
+
+if TYPE_CHECKING:
+    from datetime import datetime, timedelta
 
 # Beyond a reaper round, how late a due retry may be moved into the queue (a busy leader,
 # a slow statement) before it is called overdue.
@@ -38,11 +41,8 @@ def _ago(seconds: float | None) -> str:
 
 
 def _at(moment: datetime) -> str:
-    """A time as the CLI and the dashboard show it: UTC, to the millisecond.
-
-    Not ISO 8601's `2026-12-05T08:22:20.068422+00:00`, which no other view of a task used.
-    """
-    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    """A moment as every view shows it, to the millisecond."""
+    return utc_time(moment, precise=True)
 
 
 def _paused(row: Any, consequence: str) -> str:

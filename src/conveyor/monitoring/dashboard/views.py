@@ -39,6 +39,7 @@ from conveyor.monitoring.dashboard.charts import failure_chart, task_timeline, t
 from conveyor.monitoring.dashboard.sessions import COOKIE_NAME, DEFAULT_LIFETIME, Sessions
 from conveyor.monitoring.hosts import host_allowed
 from conveyor.monitoring.preview import as_text
+from conveyor.text import utc_time
 from conveyor.types import TASK_TYPE_PATTERN, OtherTypes, TaskState
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def _since(moment: datetime | timedelta | None) -> str:
 
 
 def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+    return "-" if moment is None else utc_time(moment)
 
 
 def payload_preview(head: bytes | None, size: int) -> tuple[str, str]:
