@@ -80,6 +80,12 @@ class TestTaskCommands:
         in_tables = created.isoformat(sep=" ", timespec="milliseconds")[:-6] + " UTC"
         assert shown.count(in_tables) == 3, shown  # created, available, the enqueued event
         assert "+00:00" not in shown
+        # Whole in a narrow terminal too: the history's time was cut to `2026-12-…` /
+        # `12:13:37…` / `UTC` at 80 columns and lost its minutes at 60.
+        narrow = assert_ok(
+            run("status", task_id, "--history", "--server", server.address, COLUMNS="60")
+        )
+        assert narrow.count(in_tables) == 3, narrow
 
         out = assert_ok(run("cancel", task_id, "--server", server.address))
         assert out.split() == [task_id, "cancelled"]

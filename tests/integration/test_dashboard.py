@@ -20,6 +20,7 @@ from helpers import wait_final, wait_for
 
 from conveyor import Client, Task, TaskState, Worker
 from conveyor.errors import PermanentFailure
+from conveyor.text import utc_time
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -251,6 +252,11 @@ class TestTaskDetail:
         events = re.findall(r'<tr data-event="(\w+)">', body)
         assert events == [event.event for event in final.history]
         assert "succeeded after 2 attempt(s)" in body
+        # Its times as the CLI and the explanation write them, to the millisecond: one
+        # copied from `tasks show` is found here (the page showed whole seconds).
+        assert final.finished_at is not None
+        finished = utc_time(final.finished_at, precise=True)
+        assert body.count(finished) == 3, finished  # Finished, the last event, why
         assert "hello dashboard" in body
         assert 'id="retry"' not in body
         assert 'id="cancel"' not in body

@@ -251,3 +251,35 @@ def test_the_cli_shows_a_task_sealed_with_a_key_it_lacks(server: ServerThread) -
         assert result.returncode == 0, result.stderr
         assert "sealed with key k1" in result.stdout, result.stdout
         assert "succeeded" in result.stdout
+    # What it says of the payload: it has no key for it, whether the variable is unset or
+    # (as here) holds others; it said "set CONVEYOR_PAYLOAD_KEYS to open" though it was set.
+    assert "CONVEYOR_PAYLOAD_KEYS holds no key that opens it" in result.stdout, result.stdout
+
+
+def test_the_cli_shows_a_sealed_error_as_the_other_views_do(server: ServerThread) -> None:
+    """Without the key, `tasks show`, `status --history` and `tasks list` printed the raw
+    `cvy-sealed:v1:...` base64 of a worker's sealed error, where the same page's "why", the
+    explanation and the dashboard say "(encrypted by the worker)"; with the key, opened."""
+    worker = Worker(server.address, codec=AesGcmCodec([OLD_KEY]))
+
+    def fail(_ctx: TaskContext, _payload: bytes) -> bytes:
+        raise ValueError("card declined")
+
+    worker.register_handler("sealed.error", fail)
+    with Client(server.address, codec=AesGcmCodec([OLD_KEY])) as producer, running(worker):
+        task_id = producer.enqueue_task(Task(type="sealed.error", max_retries=0))
+        assert wait_final(producer, task_id).state is TaskState.FAILED
+    with_key = {"CONVEYOR_PAYLOAD_KEYS": f"k1={base64.b64encode(OLD_KEY[1]).decode()}"}
+    commands = (
+        ("tasks", "show", task_id),
+        ("status", task_id, "--history"),
+        ("tasks", "list", "--type", "sealed.error"),
+    )
+    for command in commands:
+        without = run_cli(*command, "--server", server.address, COLUMNS="200")
+        assert without.returncode == 0, without.stderr
+        assert "cvy-sealed" not in without.stdout, without.stdout
+        assert "(encrypted by the worker)" in without.stdout, without.stdout
+        opened = run_cli(*command, "--server", server.address, COLUMNS="200", **with_key)
+        assert opened.returncode == 0, opened.stderr
+        assert "ValueError: card declined" in opened.stdout, opened.stdout

@@ -148,8 +148,10 @@ def describe_preview(shown: dict[str, Any]) -> str:
     size = shown["size"]
     if not size:
         return "empty"
-    kind = {"utf-8": "UTF-8 text", "sealed": "encrypted (set CONVEYOR_PAYLOAD_KEYS to open)"}.get(
-        shown["encoding"], "binary, shown as hex"
-    )
+    kind = {
+        "utf-8": "UTF-8 text",
+        # Whether the variable is unset or holds other keys: it has no key for this one.
+        "sealed": "encrypted, and CONVEYOR_PAYLOAD_KEYS holds no key that opens it",
+    }.get(shown["encoding"], "binary, shown as hex")
     cut = f", first {PREVIEW_BYTES} shown" if shown["truncated"] else ""
     return f"{size} byte(s), {kind}{cut}"

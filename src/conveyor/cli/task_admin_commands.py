@@ -29,6 +29,7 @@ from conveyor.cli.task_commands import (
 )
 from conveyor.client.core import MAX_BULK_LIMIT
 from conveyor.client.sync_client import Client
+from conveyor.codec import shown_text
 from conveyor.types import TaskState, normalize_task_id
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def _task_table(statuses: Sequence[TaskStatus], width: int) -> Table:
             # The worker's own choice of id, possibly stored before the server refused
             # control characters in one.
             "worker": output.plain(status.worker_id),
-            "last error": output.plain(output.truncate(status.last_error, ERROR_WIDTH)),
+            "last error": output.plain(output.truncate(shown_text(status.last_error), ERROR_WIDTH)),
         }
         output.row(table, *(cells[name] for name in columns))
     return table
@@ -211,8 +212,8 @@ def show(task_id: str, as_json: bool, server: str | None) -> None:
         ("started", output.when(found.started_at, precise=True)),
         ("finished", output.when(found.finished_at, precise=True)),
         ("worker", found.worker_id),
-        ("last error", found.last_error),
-        ("progress", found.progress),
+        ("last error", shown_text(found.last_error)),
+        ("progress", shown_text(found.progress)),
     ]
     for key, value in rows:
         if value is not None:

@@ -16,7 +16,7 @@ from conveyor.cli.main import DEFAULT_RETRY_FOR, RETRY_FOR_KEY
 from conveyor.cli.params import BoundedFloat
 from conveyor.client.channel import RetryPolicy
 from conveyor.client.sync_client import Client
-from conveyor.codec import AesGcmCodec, is_sealed, sealed_key_id
+from conveyor.codec import AesGcmCodec, is_sealed, sealed_key_id, shown_text
 from conveyor.errors import InvalidTask, SealError
 from conveyor.types import (
     DEFAULT_MAX_RETRIES,
@@ -185,6 +185,8 @@ def _preview(data: bytes | None, limit: int = 200) -> str | None:
 _TIMESTAMPS: Final = frozenset(
     {"created_at", "available_at", "started_at", "finished_at", "progress_at"}
 )
+# Fields a worker may have sealed with its codec (what the client could not open stays so).
+_HANDLER_TEXT: Final = frozenset({"last_error", "progress"})
 
 
 def status_document(status: TaskStatus) -> dict[str, Any]:
@@ -240,7 +242,10 @@ def history_table(
     and `tasks show`, so that both name the actor of an operator's action.
     """
     table = Table(title=title, caption=omitted_caption(found))
-    for column in ("at", "event", "state", "attempt", "worker", "detail", "by"):
+    # The time whole on one line however narrow the terminal (the other columns wrap):
+    # cut, it lost its milliseconds at 80 columns and its minutes at 60.
+    table.add_column("at", no_wrap=True, min_width=len(output.when(found.created_at, precise=True)))
+    for column in ("event", "state", "attempt", "worker", "detail", "by"):
         table.add_column(column)
     for event in found.history:
         # The worker id is the worker's own choice, possibly stored before the server
@@ -252,7 +257,7 @@ def history_table(
             state(event.state) if state is not None else output.plain(event.state.value),
             output.plain(event.attempt),
             output.plain(event.worker_id),
-            output.plain(event.detail),
+            output.plain(shown_text(event.detail)),
             output.plain(event.actor),
         )
     return table
@@ -283,8 +288,13 @@ def status(task_id: str, as_json: bool, history: bool, server: str | None) -> No
     for key, value in status_document(found).items():
         if key in ("history", "history_omitted") or value is None:
             continue
-        # As every other table shows time: UTC, "Z", no "T" (the JSON keeps ISO 8601).
-        shown = output.when(getattr(found, key), precise=True) if key in _TIMESTAMPS else value
+        # As every other view shows time (conveyor.text; the JSON keeps ISO 8601), and a
+        # handler's sealed text as the explanation and the dashboard do (the JSON keeps it).
+        shown: object = value
+        if key in _TIMESTAMPS:
+            shown = output.when(getattr(found, key), precise=True)
+        elif key in _HANDLER_TEXT:
+            shown = shown_text(value)
         output.row(summary, output.label(key), output.plain(shown))
     console.print(summary)
     if history:

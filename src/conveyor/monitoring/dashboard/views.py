@@ -124,8 +124,9 @@ def _since(moment: datetime | timedelta | None) -> str:
     return _age(max(ago.total_seconds(), 0)) + " ago"
 
 
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else utc_time(moment)
+def _when(moment: datetime | None, *, precise: bool = False) -> str:
+    """A moment as every view shows it; a task's own times `precise`, as the CLI's."""
+    return "-" if moment is None else utc_time(moment, precise=precise)
 
 
 def payload_preview(head: bytes | None, size: int) -> tuple[str, str]:
