@@ -8,6 +8,7 @@ task exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import urllib.request
 import uuid
@@ -184,7 +185,9 @@ class TestReportWithUnknownLease:
 
 
 class TestExpiredLeaseIsFenced:
-    def test_old_worker_cannot_complete_a_reclaimed_task(self, server, stubs: Stubs, db) -> None:
+    def test_old_worker_cannot_complete_a_reclaimed_task(
+        self, server, stubs: Stubs, db, caplog: pytest.LogCaptureFixture
+    ) -> None:
         """After the reaper requeues an expired lease, only the new lease's report counts."""
         [task_id] = stubs.enqueue()
         first = stubs.lease_one("worker-old")
@@ -213,6 +216,7 @@ class TestExpiredLeaseIsFenced:
         beat = stubs.heartbeat("worker-old", first)
         assert [(s.task_id, s.reason) for s in beat.stop] == [(task_id, pb.STOP_REASON_LEASE_LOST)]
 
+        caplog.set_level(logging.INFO, logger="conveyor.server")
         stale_before = metric_value(server.http_url, STALE_METRIC)
         error = rpc_error(
             stubs.report, "worker-old", first, pb.OUTCOME_SUCCEEDED, result=b"old", has_result=True
@@ -222,6 +226,13 @@ class TestExpiredLeaseIsFenced:
         stale_after = metric_value(server.http_url, STALE_METRIC)
         assert stale_after >= 1
         assert stale_after == stale_before + 1
+        # The log names the task's attempt as the current one: logged as `attempt`, it
+        # read as the stale report's (attempt 2 for attempt 1's report).
+        [refusal] = [
+            r for r in caplog.records if getattr(r, "event", "") == "stale_report_rejected"
+        ]
+        assert (refusal.current_attempt, hasattr(refusal, "attempt")) == (2, False)
+        assert "is running, attempt 2" in refusal.getMessage()
         row = db.task(task_id)
         assert (row["state"], str(row["lease_id"]), row["result"]) == (
             "running",

@@ -928,15 +928,19 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 continue
             self.metrics.stale_completions.inc()
             log.info(
-                "rejected a report for task %s: lease %s is not current (task is %s)",
+                "rejected a report for task %s: lease %s is not current (task is %s, "
+                "attempt %d)",
                 task_id,
                 lease_id,
                 task["state"],
+                task["attempt"],
                 extra={
                     "event": "stale_report_rejected",
                     "task_id": task_id,
                     "task_type": task["type"],
-                    "attempt": task["attempt"],
+                    # The task's attempt now, not the report's: a stale lease's attempt is
+                    # an older one (logged as `attempt`, it named the wrong one).
+                    "current_attempt": task["attempt"],
                     "worker_id": worker_id,
                 },
             )
