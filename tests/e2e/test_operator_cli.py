@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,22 @@ class TestRetryAndCancel:
             *[TaskState.QUEUED] * 2,
         ]
 
+    def test_tasks_that_move_on_after_the_count_are_said(self, server, client):
+        """Counted, then one was cancelled by its producer while the operator read the
+        question: the action leaves it alone and says so (it printed "3 task(s) match" and
+        "2 task(s) cancelled", with nothing to say where the third went)."""
+        targets = [enqueue(client, "bulk.moving") for _ in range(3)]
+        with at_the_question("tasks", "cancel", "--type", "bulk.moving") as (child, terminal):
+            client.cancel_task(targets[1])
+            os.write(terminal, b"y\n")
+            out, _ = child.communicate(timeout=30)
+        assert child.returncode == 0
+        assert out.decode().splitlines() == [
+            "3 task(s) match: state queued or running, type bulk.moving",
+            "2 task(s) cancelled; 1 no longer queued or running by then, left alone",
+        ]
+        assert states(client, targets) == [TaskState.CANCELLED] * 3
+
 
 def run_on_terminal(*args: str, answer: str) -> subprocess.CompletedProcess[str]:
     """Run `conveyor ARGS...` with a terminal on stdin that has `answer` typed into it."""
@@ -356,13 +373,15 @@ def reading_stdin(pid: int) -> bool:
     return len(fields) > 1 and fields[1] == "0x0"
 
 
-def interrupted_at_the_question(*args: str) -> int:
-    """Run `conveyor ARGS...` on a terminal, Ctrl-C (SIGINT) it at its [y/N]; its status."""
+@contextlib.contextmanager
+def at_the_question(*args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run `conveyor ARGS...` on a terminal until it waits for the answer to its [y/N]:
+    the process (stdout and stderr piped) and the terminal's controlling end to answer on."""
     controller, terminal = pty.openpty()
     child = subprocess.Popen(
         conveyor_command(*args),
         stdin=terminal,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=process_env(),
     )
@@ -384,18 +403,26 @@ def interrupted_at_the_question(*args: str) -> int:
         wait_for(
             lambda: reading_stdin(child.pid), timeout=30, what="the command to read its answer"
         )
-        child.send_signal(signal.SIGINT)
-        status = child.wait(30)
-        assert child.stderr.read().decode().strip() == "Aborted!"
-        return status
+        yield child, controller
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-        if child.stderr is not None:
-            child.stderr.close()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
         os.close(terminal)
         os.close(controller)
+
+
+def interrupted_at_the_question(*args: str) -> int:
+    """Run `conveyor ARGS...` on a terminal, Ctrl-C (SIGINT) it at its [y/N]; its status."""
+    with at_the_question(*args) as (child, _terminal):
+        child.send_signal(signal.SIGINT)
+        status = child.wait(30)
+        assert child.stderr is not None
+        assert child.stderr.read().decode().strip() == "Aborted!"
+        return status
 
 
 @pytest.mark.slow

@@ -371,7 +371,13 @@ def _by_filter(
         reason=reason,
         as_of=counted.as_of,
     )
-    click.echo(f"{result.changed} task(s) {action.past}")
+    moved_on = matched - result.changed
+    click.echo(
+        f"{result.changed} task(s) {action.past}"
+        # Counted, then changed state before the action reached them (finished, say, while
+        # the operator read the question): left alone, and said, so the numbers add up.
+        + (f"; {moved_on} no longer {chosen} by then, left alone" if moved_on > 0 else "")
+    )
 
 
 retry = _bulk_command(
