@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conveyor.cli.main import cli
+from conveyor.client.core import MAX_BULK_LIMIT
 from conveyor.errors import ConfigError
 from conveyor.server.config import MAX_PAYLOAD_BYTES_LIMIT
 from conveyor.storage.migrate import LONGEST_LOCK_TIMEOUT, migrate
@@ -31,6 +32,7 @@ from conveyor.worker.runtime import MAX_CONCURRENCY
 ENQUEUE = ("--retry-for", "0.5", "enqueue", "x", "--server", "127.0.0.1:1")
 SERVER = ("server", "--database-url", "postgresql://127.0.0.1:1/x", "--grpc-listen", "nowhere:1")
 MIGRATE = ("migrate", "--database-url", "postgresql://127.0.0.1:1/x")
+BULK = ("--retry-for", "0.5", "tasks", "cancel", "--type", "x", "--server", "127.0.0.1:1")
 
 MAX_TIMEOUT_SECONDS = MAX_TIMEOUT.total_seconds()
 LARGEST_DAYS = LARGEST_DURATION / timedelta(days=1)
@@ -93,6 +95,13 @@ class TestOutOfRangeIsAUsageError:
                 "--concurrency",
                 f"1<=x<={MAX_CONCURRENCY}",
             ),
+            ((*BULK, "--limit", "0"), "--limit", "x>=1"),
+            # Its top, a uint64's, goes unnamed in --help ([x>=1]); an error names it.
+            (
+                (*BULK, "--limit", str(MAX_BULK_LIMIT + 1)),
+                "--limit",
+                f"is more than a request can carry ({MAX_BULK_LIMIT})",
+            ),
         ],
         ids=[
             "max-retries-negative",
@@ -106,6 +115,8 @@ class TestOutOfRangeIsAUsageError:
             "lock-timeout-over-postgresql-limit",
             "worker-concurrency-over",
             "dev-concurrency-over",
+            "bulk-limit-zero",
+            "bulk-limit-over-uint64",
         ],
     )
     def test_the_value_is_refused_naming_the_flag_and_its_range(

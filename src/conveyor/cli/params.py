@@ -41,6 +41,24 @@ class BoundedFloat(click.FloatRange):
         return super()._describe_range()
 
 
+class WireCount(click.IntRange):
+    """An IntRange whose top is a wire limit (a uint64 field's) that no one reaches.
+
+    Bounded, so that a larger number is a usage error rather than the server's, with a
+    `--help` that names only the bottom: `[1<=x<=18446744073709551615]` told nobody anything.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Parse and range-check as IntRange does, in words that fit the unnamed top."""
+        number = click.INT.convert(value, param, ctx)
+        if self.max is not None and number > self.max:
+            self.fail(f"{number} is more than a request can carry ({self.max})", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return f"x>={self.min}"
+
+
 class WireText(click.types.StringParamType):
     """Text that can travel to a server: a usage error for bytes that are not UTF-8.
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import output
-from conveyor.cli.params import WireText
+from conveyor.cli.params import WireCount, WireText
 from conveyor.cli.task_commands import (
     history_table,
     open_client,
@@ -278,7 +278,7 @@ def _bulk_command(action: Action, help_text: str) -> click.Command:
     @click.option(
         "--limit",
         # Bounded as the request's field is: a larger N was an error exit, not a usage one.
-        type=click.IntRange(1, MAX_BULK_LIMIT),
+        type=WireCount(1, MAX_BULK_LIMIT),
         default=None,
         help="With a filter: act on at most N tasks, oldest first (queue order).",
     )

@@ -928,8 +928,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 continue
             self.metrics.stale_completions.inc()
             log.info(
-                "rejected a report for task %s: lease %s is not current (task is %s, "
-                "attempt %d)",
+                "rejected a report for task %s: lease %s is not current (task is %s, attempt %d)",
                 task_id,
                 lease_id,
                 task["state"],
