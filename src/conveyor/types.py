@@ -538,6 +538,8 @@ class WorkerInfo:
     heartbeats: a large value means an async handler runs blocking code. `silent_for` is
     how long ago `last_heartbeat_at` was by the database's clock, when the listing was
     read (None from a server older than this field): the reader's own clock may be off.
+    `in_flight` is the attempts its last heartbeat said were running; 0 once it is lost or
+    stopped, since its leases ended then.
     """
 
     id: str

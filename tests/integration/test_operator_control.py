@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from helpers import async_wait_for, free_port, running, wait_final, wait_for
+from helpers import async_wait_for, free_port, get_json, running, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import conveyor
@@ -936,6 +936,27 @@ class TestPauseResume:
         ]
         assert client.resume_type("op.plain") is True
         assert client.resume_type("op.plain") is False
+
+    def test_status_shows_a_pause_at_once_as_the_other_views_do(self, start_server) -> None:
+        """/status took paused types from its stats sample, so a pause showed there up to a
+        sample late while `conveyor stats`, GetStatus and the dashboard showed it at once.
+        With a sample an hour apart, a pause and a resume show at once all the same."""
+        server = start_server(stats_interval=timedelta(hours=1))
+        url = f"{server.http_url}/status"
+
+        def paused_in_status() -> tuple[list[str], dict[str, bool]]:
+            code, document = get_json(url)
+            assert code == 200, document
+            by_type = document["queue"]["by_type"]
+            return document["paused_types"], {name: row["paused"] for name, row in by_type.items()}
+
+        with Client(server.address) as client:
+            assert paused_in_status() == ([], {})
+            assert client.pause_type("op.status.pause") is True
+            assert paused_in_status() == (["op.status.pause"], {"op.status.pause": True})
+            assert [item.type for item in client.get_status().paused_types] == ["op.status.pause"]
+            assert client.resume_type("op.status.pause") is True
+            assert paused_in_status() == ([], {})
 
 
 # --- status and payloads ------------------------------------------------------------------

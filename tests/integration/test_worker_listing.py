@@ -76,6 +76,25 @@ class TestPages:
         assert [w.id for w in page.workers] == [ids[1], ids[0], ids[9]]
         assert page.total == 10
 
+    def test_a_lost_or_stopped_worker_has_nothing_in_flight(self, server, db, client) -> None:
+        """Its row keeps its last heartbeat's count (3 of 4 here), but its leases ended when
+        it was lost or stopped: the listing said "3/4" of a worker lost 11 minutes before."""
+        ids = seed_workers(db, 4)
+        for worker_id, state in zip(ids, ("active", "draining", "lost", "stopped"), strict=True):
+            db.execute(
+                "UPDATE conveyor_workers SET state = $2, in_flight = 3, concurrency = 4 "
+                "WHERE id = $1",
+                worker_id,
+                state,
+            )
+        listed = {w.id: (w.state, w.in_flight) for w in client.list_workers(include_stopped=True)}
+        assert listed == {
+            ids[0]: ("active", 3),
+            ids[1]: ("draining", 3),
+            ids[2]: ("lost", 0),
+            ids[3]: ("stopped", 0),
+        }
+
     def test_a_malformed_page_token_is_refused(self, server, client) -> None:
         for token in ("junk!", "bm90IGEgdG9rZW4", "MTox", "x" * 5000):
             with pytest.raises(InvalidTask, match="malformed page token"):

@@ -423,7 +423,12 @@ class ConveyorServer:
         return ready, checks
 
     async def status(self) -> dict[str, Any]:
-        """Version, identity, leadership, and the last stats sample (no query per request)."""
+        """Version, identity, and the last stats sample; leadership and paused types read now.
+
+        Read as `cluster_status` reads them (two small queries per request): a pause
+        showed here up to a sample late, while `conveyor stats` and the dashboard showed it
+        at once. Without the database, the sample's own list stands in.
+        """
         document: dict[str, Any] = {
             "version": __version__,
             "server_id": self.config.server_id,
@@ -432,9 +437,11 @@ class ConveyorServer:
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "draining": self.worker_service.draining,
             "listening_for_notifications": self.notifier.listening.is_set(),
-            **self.stats.snapshot.as_status(),
         }
+        snapshot = self.stats.snapshot
+        paused: set[str] | None = None
         try:
+            paused = {item.type for item in await self.control.paused_types()}
             leader = await self.elector.current_leader()
             if leader is not None:
                 document["leader"] = {
@@ -449,6 +456,7 @@ class ConveyorServer:
             document["database"] = exc.message
         except Exception as exc:  # as in `readiness`
             document["database"] = _described(exc)
+        document.update(snapshot.as_status(paused))
         return document
 
     async def cluster_status(self) -> ClusterStatus:

@@ -78,16 +78,12 @@ class StatsSnapshot:
     other: OtherTypes = field(default_factory=OtherTypes)
     workers: dict[str, int] = field(default_factory=dict)
     last_minute: dict[str, int] = field(default_factory=dict)
-    # What `last_minute` covers: the buckets of the last minute, the oldest one only in
-    # part, so between RATE_WINDOW - BUCKET and RATE_WINDOW.
+    # What `last_minute` covers: the whole buckets of the last minute and the current one
+    # so far, so between RATE_WINDOW - BUCKET and RATE_WINDOW.
     last_minute_seconds: float = RATE_WINDOW.total_seconds()
     paused: dict[str, str | None] = field(default_factory=dict)
     # Minute start -> outcome -> count, oldest first, over CHART_WINDOW.
     minutes: dict[datetime, dict[str, int]] = field(default_factory=dict)
-
-    def types(self) -> list[str]:
-        """Every named type with live tasks, and every paused type, by name."""
-        return sorted(set(self.queued) | set(self.running) | set(self.paused))
 
     def type_statuses(self, paused: set[str]) -> tuple[TypeStatus, ...]:
         """The live queue of each named type, with `paused` (read fresher than this sample).
@@ -106,8 +102,14 @@ class StatsSnapshot:
             for name in sorted(set(self.queued) | set(self.running) | paused)
         )
 
-    def as_status(self) -> dict[str, Any]:
-        """The `/status` fields built from this sample."""
+    def as_status(self, paused: set[str] | None = None) -> dict[str, Any]:
+        """The `/status` fields built from this sample, with `paused` if read fresher.
+
+        As in `type_statuses`: a type paused since the sample, and not named in it, shows
+        no tasks until the next sample.
+        """
+        if paused is None:
+            paused = set(self.paused)
         finished = self.last_minute.get("succeeded", 0) + self.last_minute.get("failed", 0)
         return {
             "sampled_at": self.taken_at or None,
@@ -121,9 +123,9 @@ class StatsSnapshot:
                         "oldest_queued_seconds": round(
                             self.oldest_queued_seconds.get(task_type, 0.0), 3
                         ),
-                        "paused": task_type in self.paused,
+                        "paused": task_type in paused,
                     }
-                    for task_type in self.types()
+                    for task_type in sorted(set(self.queued) | set(self.running) | paused)
                 },
                 "other_types": {
                     "types": self.other.types,
@@ -132,7 +134,7 @@ class StatsSnapshot:
                     "oldest_queued_seconds": round(self.other.oldest_queued_seconds, 3),
                 },
             },
-            "paused_types": sorted(self.paused),
+            "paused_types": sorted(paused),
             "oldest_queued_seconds": round(
                 max([self.other.oldest_queued_seconds, *self.oldest_queued_seconds.values()]), 3
             ),

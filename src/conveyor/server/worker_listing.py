@@ -79,7 +79,10 @@ def worker_from_row(row: Any) -> WorkerInfo:
         state=row["state"],
         started_at=row["started_at"],
         last_heartbeat_at=row["last_heartbeat_at"],
-        in_flight=row["in_flight"],
+        # A lost or stopped worker holds no lease: the sweeper ended a lost one's, a stopping
+        # one handed its back. Its last heartbeat's count read as tasks still running on it
+        # ("3/4" for a worker lost 11 minutes before, in a review).
+        in_flight=row["in_flight"] if row["state"] in ("active", "draining") else 0,
         loop_lag_ms=row["loop_lag_ms"],
         silent_for=row["silent_for"],
     )
