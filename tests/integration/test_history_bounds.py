@@ -123,11 +123,13 @@ def test_events_with_long_details_are_bounded_by_bytes(server, client: Client) -
 
 
 def outcomes(http_url: str) -> dict[str, float]:
-    """conveyor_task_outcomes_total of TYPE, by outcome."""
+    """conveyor_task_outcomes_total of TYPE, by outcome, those counted (all start at 0)."""
     return {
         sample.labels["outcome"]: sample.value
         for sample in metric_samples(http_url)
-        if sample.name == "conveyor_task_outcomes_total" and sample.labels["type"] == TYPE
+        if sample.name == "conveyor_task_outcomes_total"
+        and sample.labels["type"] == TYPE
+        and sample.value
     }
 
 

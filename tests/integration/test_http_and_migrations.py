@@ -17,6 +17,7 @@ from helpers import (
     AppRole,
     claimed_by_a_worker_that_vanishes,
     get_json,
+    metric_samples,
     rpc_count,
     running,
     wait_final,
@@ -222,6 +223,48 @@ class TestMetrics:
         )
         assert count == 1
         assert sample(body, "conveyor_tasks_enqueued_total", type="metrics.t") == 3
+
+    def test_a_types_counters_start_at_zero_before_its_first_outcome(self, server) -> None:
+        """A series that first appears at 1 has no rise for rate() or increase() to see,
+        so the failure-ratio alert missed each type's first failure on each server. The
+        counters of a type now exist at 0 from its worker's registration on."""
+        counters = (
+            "conveyor_task_outcomes_total",
+            "conveyor_attempts_cut_short_total",
+            "conveyor_tasks_enqueued_total",
+        )
+
+        def of_the_type() -> dict[tuple[str, str], float]:
+            return {
+                (found.name, found.labels.get("outcome") or found.labels.get("reason") or ""): (
+                    found.value
+                )
+                for found in metric_samples(server.http_url)
+                if found.name in counters and found.labels.get("type") == "zero.t"
+            }
+
+        worker = Worker(server.address, concurrency=1)
+
+        def fail(_ctx: Any, _payload: bytes) -> bytes:
+            raise PermanentFailure("no")
+
+        worker.register_handler("zero.t", fail)
+        with running(worker):
+            before = of_the_type()
+            with Client(server.address) as client:
+                wait_final(client, client.enqueue_task(Task(type="zero.t")))
+            after = of_the_type()
+        outcomes = ("succeeded", "failed", "retried", "released", "cancelled")
+        assert before == {
+            **{("conveyor_task_outcomes_total", outcome): 0.0 for outcome in outcomes},
+            ("conveyor_attempts_cut_short_total", "timed_out"): 0.0,
+            ("conveyor_attempts_cut_short_total", "lease_expired"): 0.0,
+            ("conveyor_tasks_enqueued_total", ""): 0.0,
+        }
+        assert {key: value for key, value in after.items() if value} == {
+            ("conveyor_task_outcomes_total", "failed"): 1.0,
+            ("conveyor_tasks_enqueued_total", ""): 1.0,
+        }
 
     def test_streams_and_long_polls_are_timed_apart_from_request_latency(self, server) -> None:
         """A Work stream lasts as long as its worker stays, an enqueue stream as long as its

@@ -334,11 +334,11 @@ class TestDeadline:
 
 
 def cut_short(http_url: str) -> dict[tuple[str, str], float]:
-    """conveyor_attempts_cut_short_total by (type, reason), from a server's /metrics."""
+    """conveyor_attempts_cut_short_total by (type, reason), those counted (all start at 0)."""
     return {
         (sample.labels["type"], sample.labels["reason"]): sample.value
         for sample in metric_samples(http_url)
-        if sample.name == "conveyor_attempts_cut_short_total"
+        if sample.name == "conveyor_attempts_cut_short_total" and sample.value
     }
 
 

@@ -10,15 +10,21 @@ otherwise grow every server's memory (and every scrape) for good.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from conveyor.metric_children import LabelledChildren
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 MAX_TYPE_LABELS: Final = 1000
 # Not a valid task type name, so it cannot be mistaken for one.
 OTHER_TYPES: Final = "(other)"
+# The label values of conveyor_task_outcomes_total and conveyor_attempts_cut_short_total.
+TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "released", "cancelled")
+CUT_SHORT_REASONS: Final = ("timed_out", "lease_expired")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Long polls wait up to max_lease_wait (30 s), enqueue streams stay while their producer
@@ -276,8 +282,28 @@ class ServerMetrics:
             return task_type
         if len(self._type_labels) < MAX_TYPE_LABELS:
             self._type_labels.add(task_type)
+            self._start_at_zero(task_type)
             return task_type
         return OTHER_TYPES
+
+    def know_types(self, task_types: Iterable[str]) -> None:
+        """Start the counters of `task_types` (a registering worker's) at zero now."""
+        for task_type in task_types:
+            self.type_label(task_type)
+
+    def _start_at_zero(self, label: str) -> None:
+        """A type's counters, at zero from the moment this server first meets the type.
+
+        A series that first appears at 1 has no rise for rate() or increase() to see: the
+        failure-ratio alert (operations.md) missed each type's first failure on each server.
+        A type is met at its first enqueue here or when a worker for it registers here,
+        usually long before its first outcome.
+        """
+        self._tasks_enqueued(label)
+        for outcome in TASK_OUTCOMES:
+            self._task_outcomes(label, outcome)
+        for reason in CUT_SHORT_REASONS:
+            self.attempts_cut_short.labels(label, reason)
 
     def count_enqueued(self, task_type: str, count: int) -> None:
         """Count `count` tasks of `task_type` created by one enqueue."""

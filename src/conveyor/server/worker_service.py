@@ -309,6 +309,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if principal is not None:
             self._remember_owner(worker_id, principal.name)
         self._remember_pace(worker_id, self.config.lease_ttl)
+        self.metrics.know_types(task_types)
         log.info(
             "worker %s registered for %s",
             worker_id,
