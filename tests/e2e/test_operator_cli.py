@@ -476,6 +476,7 @@ class TestPauseResumeAndStats:
             "started": 1,
             "window_seconds": window,
             "throughput_per_second": round(1 / window, 3),
+            "failure_rate": 0.0,
         }
         assert document["is_leader"] is True
         assert document["leader_id"] == document["server_id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from helpers import (
     get_json,
     metric_samples,
     rpc_count,
+    run_cli,
     running,
     wait_final,
     wait_for,
@@ -177,6 +179,9 @@ class TestStatus:
         assert 55 <= minute["window_seconds"] <= 60
         assert abs(minute["throughput_per_second"] - 4 / minute["window_seconds"]) <= 0.001
         assert document["workers"].get("stopped") == 1
+        # `conveyor stats --json` gives the same failure rate (it had none).
+        stats = json.loads(run_cli("stats", "--json", "--server", server.address).stdout)
+        assert stats["last_minute"]["failure_rate"] == 0.25
 
 
 class TestSampledMetrics:

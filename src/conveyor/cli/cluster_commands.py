@@ -161,6 +161,7 @@ def _throughput(status: ClusterStatus) -> float:
 def stats_document(status: ClusterStatus) -> dict[str, Any]:
     """The JSON form of a status, as printed by `conveyor stats --json`."""
     reasons = {paused.type: paused.reason for paused in status.paused_types}
+    finished = status.succeeded_last_minute + status.failed_last_minute
     return {
         "version": status.version,
         "server_id": status.server_id,
@@ -203,6 +204,8 @@ def stats_document(status: ClusterStatus) -> dict[str, Any]:
             "started": status.started_last_minute,
             "window_seconds": round(status.last_minute_seconds, 3),
             "throughput_per_second": _throughput(status),
+            # As /status has it: the failed share of the finished (0 with none finished).
+            "failure_rate": round(status.failed_last_minute / finished, 4) if finished else 0.0,
         },
     }
 
