@@ -234,3 +234,23 @@ class TestExplainAnExpiredLease:
         with Client(server.address) as client:
             reasons = text(client.explain_task(task_id))
         assert f"the leader's reaper will {fate} at its next round" in reasons
+        assert "overdue" not in reasons  # a second late, inside the reaper's round
+
+    def test_a_lease_expired_for_longer_than_a_round_is_overdue(self, start_server, db) -> None:
+        """Past a reaper round (and the margin) no reaper ran: during a leader gap it said
+        "the leader's reaper will re-queue it at its next round" though no server led (a
+        review: 8 s of it). Here the round is an hour, and the lease expired two ago."""
+        server = start_server(reaper_interval=timedelta(hours=1))
+        task_id = new_task_id()
+        asyncio.run(
+            claimed_by_a_worker_that_vanishes(db.url, task_id, "explain.gap", max_retries=2)
+        )
+        db.execute(
+            "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '2 hours' "
+            "WHERE id = $1::uuid",
+            task_id,
+        )
+        with Client(server.address) as client:
+            reasons = text(client.explain_task(task_id))
+        assert "the leader's reaper will re-queue it at its next round: long overdue" in reasons
+        assert "look for a cluster without a leader" in reasons

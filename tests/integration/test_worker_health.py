@@ -125,9 +125,10 @@ class TestSweeper:
             await conn.close()
 
     def test_silent_worker_is_marked_lost_and_its_lease_released_early(
-        self, start_server, db
+        self, start_server, db, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A worker silent past worker_lost_after is lost; its task is requeued long before 30 s."""
+        caplog.set_level(logging.WARNING, logger="conveyor.server.sweeper")
         server = start_server(
             worker_lost_after=timedelta(seconds=1),
             heartbeat_interval=timedelta(milliseconds=400),
@@ -172,6 +173,12 @@ class TestSweeper:
                 timeout=10,
                 what="the silent worker to be marked lost",
             )
+            # The log says how long it was silent, not the threshold (every line read
+            # "15.0s" in a review, for silences of 15.5 to 20 s).
+            [lost] = [r for r in caplog.records if getattr(r, "event", "") == "worker_lost"]
+            silent = float(re.search(r"was silent for ([\d.]+)s", lost.getMessage())[1])
+            assert silent >= 1.0, lost.getMessage()
+            assert "(lost after 1.0s)" in lost.getMessage()
 
             def requeued() -> bool:
                 row = db.task(task_id)

@@ -105,7 +105,7 @@ def _queued(row: Any, promotion_round: float) -> list[str]:
     return reasons
 
 
-def _running(row: Any) -> list[str]:
+def _running(row: Any, promotion_round: float) -> list[str]:
     reasons = [
         (
             f"running attempt {row['attempt']} of {row['max_retries'] + 1} on worker "
@@ -125,10 +125,18 @@ def _running(row: Any) -> list[str]:
             if row["attempt"] > row["max_retries"]
             else "re-queue it"
         )
-        reasons.append(
+        sentence = (
             f"its lease expired {_ago(-lease_left)} ago: the leader's reaper will {fate} "
             "at its next round"
         )
+        # As for a due retry: past a round and the margin, no reaper ran (a leader gap
+        # read "will re-queue it" for 8 s while no server led, in a review).
+        if -lease_left > promotion_round + PROMOTION_MARGIN:
+            sentence += (
+                ": long overdue, look for a cluster without a leader (`conveyor stats` names "
+                "it) or a reaper failing (its log)"
+            )
+        reasons.append(sentence)
     else:
         reasons.append(f"its lease runs for {_ago(lease_left)} more unless renewed")
     if row["progress"] is not None:
@@ -148,7 +156,7 @@ def explain(row: Any, *, promotion_round: float) -> list[str]:
     if state in ("queued", "scheduled"):
         return _queued(row, promotion_round)
     if state == "running":
-        return _running(row)
+        return _running(row, promotion_round)
     attempts = f"after {row['attempt']} attempt(s)"
     if state == "succeeded":
         return [f"succeeded {attempts}, at {_at(row['finished_at'])}"]

@@ -668,7 +668,7 @@ async def worker_set_state(conn: Any, *, worker_id: str, state: str) -> None:
 async def worker_sweep_lost(
     conn: Any, *, silence: timedelta, leader: LeaderProof, reachable_for: timedelta
 ) -> list[asyncpg.Record]:
-    """Leader only: mark silent workers lost and end their leases; (id, leases) per worker.
+    """Leader only: mark silent workers lost and end their leases; (id, silent_for, leases) each.
 
     `reachable_for`: how long the leader has reached the database without a failure; a
     worker's silence counts only within it.

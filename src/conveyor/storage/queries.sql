@@ -921,7 +921,9 @@ WITH leader AS (
       -- Nor before the database has been reachable for that long.
       AND make_interval(secs => $4) > greatest(make_interval(secs => $1), lost_after)
       AND EXISTS (SELECT 1 FROM leader)
-    RETURNING id
+    -- How long it was silent, for the log (the threshold understated it by up to a round,
+    -- or more for a worker with a longer allowance of its own).
+    RETURNING id, extract(epoch FROM now() - last_heartbeat_at)::float8 AS silent_for
 ), releasable AS (
     -- Skips a row another statement holds (a late report or heartbeat of the worker, an
     -- operator's cancel): never waits, so it cannot deadlock with them, and the reaper ends
@@ -938,7 +940,8 @@ WITH leader AS (
     WHERE t.id = releasable.id
     RETURNING t.worker_id
 )
-SELECT lost.id, (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
+SELECT lost.id, lost.silent_for,
+       (SELECT count(*) FROM released WHERE released.worker_id = lost.id) AS leases
 FROM lost;
 
 -- name: worker_prune_gone

@@ -50,8 +50,10 @@ class WorkerSweeper(LeaderDuty):
             )
         for row in lost:
             log.warning(
-                "worker %s missed its heartbeats for %ss; marked lost, %d lease(s) released",
+                "worker %s was silent for %.1fs (lost after %ss); marked lost, %d lease(s) "
+                "released",
                 row["id"],
+                row["silent_for"],
                 self._silence.total_seconds(),
                 row["leases"],
                 extra={"event": "worker_lost", "worker_id": row["id"]},
