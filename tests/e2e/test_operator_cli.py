@@ -347,7 +347,10 @@ class TestRetryAndCancel:
         assert child.returncode == 0
         assert out.decode().splitlines() == [
             "3 task(s) match: state queued or running, type bulk.moving",
-            "2 task(s) cancelled; 1 no longer queued or running by then, left alone",
+            (
+                "2 task(s) cancelled; 1 no longer queued or running by then (changed, or "
+                "deleted by retention), left alone"
+            ),
         ]
         assert states(client, targets) == [TaskState.CANCELLED] * 3
 

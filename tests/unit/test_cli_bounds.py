@@ -172,3 +172,20 @@ class TestMigrateLockTimeout:
         """Checked before any statement: the connection is never used."""
         with pytest.raises(ConfigError, match=r"at most 2147483\.647 s"):
             asyncio.run(migrate(None, lock_timeout=lock_timeout))
+
+
+def test_nan_is_refused_as_not_a_number_not_by_another_limit() -> None:
+    """It said "not a finite number up to 1e+09", a limit that is not the option's."""
+    result = CliRunner().invoke(cli, [*SERVER, "--retention-days", "nan"])
+    assert result.exit_code == 2, result.output
+    assert "'nan' is not a finite number" in result.stderr
+    assert "1e+09" not in result.stderr
+
+
+def test_a_retention_too_small_to_keep_says_so_and_how_to_keep_everything() -> None:
+    """1e-12 days rounds to no time at all: refused, but no longer as "not positive (or
+    None ...)", which read as wrong for a positive value and named a Python spelling."""
+    result = CliRunner().invoke(cli, [*SERVER, "--retention-days", "1e-12"])
+    assert result.exit_code == 1, result.output
+    assert "rounds to 0" in result.stderr
+    assert "--retention-days 0" in result.stderr

@@ -30,7 +30,10 @@ class BoundedFloat(click.FloatRange):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """Parse and range-check as FloatRange does, then refuse what no setting can be."""
         number = super().convert(value, param, ctx)
-        if not math.isfinite(number) or abs(number) > LARGEST:
+        if not math.isfinite(number):
+            # Before the range: "up to 1e+09" named a limit that is not the option's.
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if abs(number) > LARGEST:
             self.fail(f"{value!r} is not a finite number up to {LARGEST:g}", param, ctx)
         return number
 

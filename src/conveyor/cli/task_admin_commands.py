@@ -376,7 +376,12 @@ def _by_filter(
         f"{result.changed} task(s) {action.past}"
         # Counted, then changed state before the action reached them (finished, say, while
         # the operator read the question): left alone, and said, so the numbers add up.
-        + (f"; {moved_on} no longer {chosen} by then, left alone" if moved_on > 0 else "")
+        + (
+            f"; {moved_on} no longer {chosen} by then (changed, or deleted by retention), "
+            "left alone"
+            if moved_on > 0
+            else ""
+        )
     )
 
 

@@ -359,10 +359,16 @@ class ServerConfig:
         check_heartbeat_interval(self.heartbeat_interval, self.lease_ttl)
         check_worker_lost_after(self.worker_lost_after, self.heartbeat_interval)
         if self.retention is not None and self.retention <= timedelta(0):
-            raise ConfigError("retention must be positive (or None to keep finished tasks)")
+            raise ConfigError(
+                f"retention must be positive, got {self.retention} (a value too small for a "
+                "microsecond rounds to 0); to keep finished tasks for good: retention=None, "
+                "--retention-days 0"
+            )
         if self.worker_retention is not None and self.worker_retention <= timedelta(0):
             raise ConfigError(
-                "worker_retention must be positive (or None to keep stopped and lost workers)"
+                f"worker_retention must be positive, got {self.worker_retention}; to keep "
+                "stopped and lost workers for good: worker_retention=None, "
+                "--worker-retention-hours 0"
             )
         if self.leader_retry_interval >= self.leader_ttl:
             raise ConfigError("leader_retry_interval must be shorter than leader_ttl")
