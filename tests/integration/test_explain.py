@@ -41,6 +41,23 @@ def explain_a_due_retry(start_server, db, *, due_for: timedelta) -> tuple[list[s
         return client.explain_task(task_id), client.get_task_status(task_id).state
 
 
+def explain_an_expired_lease(start_server, db, *, max_retries: int, expired_for: timedelta) -> str:
+    """Explain a running task whose worker vanished, its lease expired `expired_for` ago,
+    with the reaper's round an hour long (so it waits); the reasons as one text."""
+    server = start_server(reaper_interval=timedelta(hours=1))
+    task_id = new_task_id()
+    asyncio.run(
+        claimed_by_a_worker_that_vanishes(db.url, task_id, "explain.lost", max_retries=max_retries)
+    )
+    db.execute(
+        "UPDATE conveyor_tasks SET lease_expires_at = now() - $2::interval WHERE id = $1::uuid",
+        task_id,
+        expired_for,
+    )
+    with Client(server.address) as client:
+        return text(client.explain_task(task_id))
+
+
 class TestExplainQueued:
     def test_a_task_behind_others_with_no_worker_says_both(self, client: Client) -> None:
         """Position in the queue and the missing worker are both named."""
@@ -218,21 +235,9 @@ class TestExplainAnExpiredLease:
     ) -> None:
         """A running task whose lease expired is re-queued by the reaper while it has
         attempts left, and failed on its last one; the explanation said re-queued always."""
-        server = start_server(reaper_interval=timedelta(hours=1))  # the reaper waits
-        task_id = new_task_id()
-
-        asyncio.run(
-            claimed_by_a_worker_that_vanishes(
-                db.url, task_id, "explain.lost", max_retries=max_retries
-            )
+        reasons = explain_an_expired_lease(
+            start_server, db, max_retries=max_retries, expired_for=timedelta(seconds=1)
         )
-        db.execute(
-            "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '1 second' "
-            "WHERE id = $1::uuid",
-            task_id,
-        )
-        with Client(server.address) as client:
-            reasons = text(client.explain_task(task_id))
         assert f"the leader's reaper will {fate} at its next round" in reasons
         assert "overdue" not in reasons  # a second late, inside the reaper's round
 
@@ -240,17 +245,8 @@ class TestExplainAnExpiredLease:
         """Past a reaper round (and the margin) no reaper ran: during a leader gap it said
         "the leader's reaper will re-queue it at its next round" though no server led (a
         review: 8 s of it). Here the round is an hour, and the lease expired two ago."""
-        server = start_server(reaper_interval=timedelta(hours=1))
-        task_id = new_task_id()
-        asyncio.run(
-            claimed_by_a_worker_that_vanishes(db.url, task_id, "explain.gap", max_retries=2)
+        reasons = explain_an_expired_lease(
+            start_server, db, max_retries=2, expired_for=timedelta(hours=2)
         )
-        db.execute(
-            "UPDATE conveyor_tasks SET lease_expires_at = now() - interval '2 hours' "
-            "WHERE id = $1::uuid",
-            task_id,
-        )
-        with Client(server.address) as client:
-            reasons = text(client.explain_task(task_id))
         assert "the leader's reaper will re-queue it at its next round: long overdue" in reasons
         assert "look for a cluster without a leader" in reasons
